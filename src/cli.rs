@@ -1,0 +1,143 @@
+//! The command line: `z4j-agentd run` (and `--help`, `--version`).
+//!
+//! Parsing and usage errors exit 64 (EX_USAGE); signals are turned into the
+//! daemon's shutdown token and settings channel here, so the daemon itself
+//! never reads global state.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio::sync::{oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, HostEnv, LogFormat, Options};
+
+/// One daemon per host between Python task processes and a z4j brain:
+/// a local socket, a durable SQLite spool, one signed WebSocket.
+#[derive(Parser)]
+#[command(name = "z4j-agentd", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon in the foreground (under systemd, a container, or a shell).
+    Run(Box<Options>),
+}
+
+/// Exit code for usage and configuration errors (EX_USAGE).
+pub const EXIT_USAGE: u8 = 64;
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return match e.kind() {
+                clap::error::ErrorKind::DisplayHelp
+                | clap::error::ErrorKind::DisplayVersion
+                | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+                    ExitCode::SUCCESS
+                }
+                _ => ExitCode::from(EXIT_USAGE),
+            };
+        }
+    };
+    match cli.command {
+        Command::Run(options) => run(*options),
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    match config.log_format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn run(options: Options) -> ExitCode {
+    let config = match options.resolve(HostEnv::from_process()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("z4j-agentd: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    init_logging(&config);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("z4j-agentd")
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("z4j-agentd: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(async move {
+        let (settings_tx, settings_rx) = watch::channel(config.uplink.clone());
+        let shutdown = CancellationToken::new();
+        let signals = tokio::spawn(handle_signals(options, settings_tx, shutdown.clone()));
+        let (ready_tx, _ready_rx) = oneshot::channel();
+        let result = crate::daemon::run(config, settings_rx, shutdown, Some(ready_tx)).await;
+        signals.abort();
+        match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = %e, "z4j-agentd cannot start");
+                eprintln!("z4j-agentd: {e}");
+                ExitCode::from(e.exit_code())
+            }
+        }
+    })
+}
+
+/// SIGTERM/SIGINT: graceful stop, a second one exits at once.
+/// SIGHUP: re-read the configuration and secret files, then reconnect.
+async fn handle_signals(
+    options: Options,
+    settings: watch::Sender<crate::config::UplinkSettings>,
+    shutdown: CancellationToken,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+            _ = hup.recv() => {
+                match options.resolve(HostEnv::from_process()) {
+                    Ok(c) => {
+                        tracing::info!("SIGHUP: configuration and secret files re-read");
+                        let _ = settings.send(c.uplink);
+                    }
+                    Err(e) => tracing::error!(error = %e, "SIGHUP: the new configuration is invalid; keeping the current one"),
+                }
+                continue;
+            }
+        }
+        if shutdown.is_cancelled() {
+            tracing::warn!("second signal: exiting now; undelivered events stay in the spool");
+            std::process::exit(1);
+        }
+        shutdown.cancel();
+    }
+}

@@ -1,0 +1,198 @@
+//! A small async client for the local socket (native MessagePack framing).
+//!
+//! For Rust producers, the load generator and the tests. Python and shell
+//! producers use the same contract (`docs/local-protocol.md`).
+
+use std::io;
+use std::path::Path;
+
+use serde::Serialize;
+use thiserror::Error;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+
+use crate::protocol::Value;
+
+/// One task event as a producer sends it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    /// Task engine, e.g. `celery`.
+    pub engine: String,
+    /// Event kind, e.g. `task.received`.
+    pub kind: String,
+    /// Task id (`""` for worker events).
+    pub task_id: String,
+    /// ISO-8601 time; the daemon stamps the receive time when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub occurred_at: Option<String>,
+    /// Kind-specific data (`task_name`, `queue`, `args`, `result`...).
+    pub data: serde_json::Value,
+}
+
+/// Client failures.
+#[derive(Debug, Error)]
+pub enum ClientError {
+    /// Socket I/O.
+    #[error("local socket: {0}")]
+    Io(#[from] io::Error),
+    /// The daemon refused something.
+    #[error("the daemon refused it: {code}: {message}")]
+    Refused {
+        /// Error code.
+        code: String,
+        /// Error message.
+        message: String,
+    },
+    /// An unexpected reply.
+    #[error("unexpected reply from the daemon: {0}")]
+    Protocol(String),
+}
+
+/// A connection to the daemon.
+pub struct Client {
+    rd: BufReader<OwnedReadHalf>,
+    wr: OwnedWriteHalf,
+    next_ack: u64,
+    buf: Vec<u8>,
+}
+
+#[derive(Serialize)]
+struct EventsMsg<'a> {
+    r#type: &'static str,
+    events: &'a [Event],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ack_id: Option<u64>,
+}
+
+impl Client {
+    /// Connects to the daemon's socket.
+    pub async fn connect(path: impl AsRef<Path>) -> Result<Client, ClientError> {
+        let stream = UnixStream::connect(path).await?;
+        let (rd, wr) = stream.into_split();
+        Ok(Client {
+            rd: BufReader::new(rd),
+            wr,
+            next_ack: 1,
+            buf: Vec::new(),
+        })
+    }
+
+    async fn write_msg<T: Serialize>(&mut self, msg: &T) -> Result<(), ClientError> {
+        self.buf.clear();
+        self.buf.extend_from_slice(&[0, 0, 0, 0]);
+        rmp_serde::encode::write_named(&mut self.buf, msg)
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let len = (self.buf.len() - 4) as u32;
+        self.buf[..4].copy_from_slice(&len.to_be_bytes());
+        self.wr.write_all(&self.buf).await?;
+        Ok(())
+    }
+
+    /// Reads one reply.
+    pub async fn read_reply(&mut self) -> Result<Value, ClientError> {
+        let mut len = [0u8; 4];
+        self.rd.read_exact(&mut len).await?;
+        let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+        self.rd.read_exact(&mut body).await?;
+        rmp_serde::from_slice(&body).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    /// Registers this process (`hello`).
+    pub async fn hello(&mut self, process: &str, engines: &[&str]) -> Result<(), ClientError> {
+        let mut m = Value::empty_map();
+        m.insert("type", "hello");
+        m.insert("process", process);
+        m.insert("pid", std::process::id() as u64);
+        m.insert(
+            "engines",
+            Value::Array(engines.iter().map(|e| Value::from(*e)).collect()),
+        );
+        self.write_msg(&m).await
+    }
+
+    /// Sends events without waiting (fire-and-forget).
+    pub async fn send(&mut self, events: &[Event]) -> Result<(), ClientError> {
+        self.write_msg(&EventsMsg {
+            r#type: "events",
+            events,
+            ack_id: None,
+        })
+        .await
+    }
+
+    /// Sends events and waits until the daemon committed them to its spool;
+    /// returns how many were stored. A refused event is an error.
+    pub async fn send_durable(&mut self, events: &[Event]) -> Result<u64, ClientError> {
+        let ack_id = self.send_with_ack(events).await?;
+        self.wait_ack(ack_id).await
+    }
+
+    /// Sends events asking for a durable ack; returns the `ack_id` to wait for
+    /// with [`Client::wait_ack`] (so several batches can be in flight).
+    pub async fn send_with_ack(&mut self, events: &[Event]) -> Result<u64, ClientError> {
+        let ack_id = self.next_ack;
+        self.next_ack += 1;
+        self.write_msg(&EventsMsg {
+            r#type: "events",
+            events,
+            ack_id: Some(ack_id),
+        })
+        .await?;
+        Ok(ack_id)
+    }
+
+    /// Waits for the ack of `ack_id`; returns the stored count.
+    pub async fn wait_ack(&mut self, ack_id: u64) -> Result<u64, ClientError> {
+        loop {
+            let reply = self.read_reply().await?;
+            match reply.get("type").and_then(Value::as_str) {
+                Some("ack") if reply.get("ack_id").and_then(Value::as_u64) == Some(ack_id) => {
+                    return Ok(reply.get("stored").and_then(Value::as_u64).unwrap_or(0));
+                }
+                Some("ack") => continue,
+                Some("error") => {
+                    return Err(ClientError::Refused {
+                        code: reply
+                            .get("code")
+                            .and_then(Value::as_str)
+                            .unwrap_or("")
+                            .to_string(),
+                        message: reply
+                            .get("message")
+                            .and_then(Value::as_str)
+                            .unwrap_or("")
+                            .to_string(),
+                    })
+                }
+                other => return Err(ClientError::Protocol(format!("{other:?}"))),
+            }
+        }
+    }
+
+    /// Asks for the daemon's counters (`stats`).
+    pub async fn stats(&mut self) -> Result<Value, ClientError> {
+        let mut m = Value::empty_map();
+        m.insert("type", "stats");
+        self.write_msg(&m).await?;
+        loop {
+            let reply = self.read_reply().await?;
+            if reply.get("type").and_then(Value::as_str) == Some("stats") {
+                return Ok(reply);
+            }
+        }
+    }
+
+    /// Round trip (`ping` -> `pong`).
+    pub async fn ping(&mut self) -> Result<(), ClientError> {
+        let mut m = Value::empty_map();
+        m.insert("type", "ping");
+        self.write_msg(&m).await?;
+        loop {
+            let reply = self.read_reply().await?;
+            if reply.get("type").and_then(Value::as_str) == Some("pong") {
+                return Ok(());
+            }
+        }
+    }
+}

@@ -1,0 +1,1029 @@
+//! Configuration: command-line flags > `Z4J_*` environment > optional TOML
+//! config file > defaults.
+//!
+//! Invariants:
+//! * every problem is reported as one [`ConfigError`] that names the key
+//!   (the environment variable, which is also what the flag and the file
+//!   key are derived from) and says what to change; the binary exits 64;
+//! * secrets (the token and the HMAC secret) live only in [`Secret`] and
+//!   [`SigningKey`], whose `Debug` output is redacted, and are never put into
+//!   an error message;
+//! * secrets may come from the variable itself, from `*_FILE` paths, or from
+//!   `$CREDENTIALS_DIRECTORY/token` and `$CREDENTIALS_DIRECTORY/hmac_secret`
+//!   (systemd `LoadCredential=`); they are re-read on SIGHUP.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Args;
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::protocol::SigningKey;
+use crate::spool::{Overflow, Synchronous};
+
+/// A bad configuration value: names the key and says what is wrong.
+#[derive(Debug, Error)]
+#[error("config error: {key}: {message}")]
+pub struct ConfigError {
+    /// The environment variable name of the offending key (`Z4J_BRAIN_URL`).
+    pub key: &'static str,
+    /// What is wrong and what to change. Never contains a secret.
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(key: &'static str, message: impl Into<String>) -> Self {
+        ConfigError {
+            key,
+            message: message.into(),
+        }
+    }
+}
+
+/// A secret string (the agent token). `Debug` and `Display` never show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: String) -> Self {
+        Secret(value)
+    }
+    /// The secret itself, for the one place that must send it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One JSON object per line (for journald/log shippers).
+    Json,
+    /// Human-readable text.
+    Text,
+}
+
+/// Options shared by every subcommand that reads the daemon's configuration.
+/// Each flag also reads the environment variable named in its help, and
+/// falls back to the same key (lowercase, without `Z4J_`) in the config file.
+// No `Debug`: the struct holds the raw token and secret.
+#[derive(Clone, Default, Args)]
+pub struct Options {
+    /// TOML config file; keys are the lowercase names of the variables
+    /// without the `Z4J_` prefix (e.g. `brain_url = "https://..."`).
+    #[arg(long, env = "Z4J_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+
+    /// Base URL of the z4j brain (http://, https://, ws:// or wss://).
+    #[arg(long, env = "Z4J_BRAIN_URL", value_name = "URL")]
+    pub brain_url: Option<String>,
+
+    /// Agent bearer token minted by the brain. Prefer --token-file.
+    #[arg(long, env = "Z4J_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+    pub token: Option<String>,
+
+    /// File holding the agent token.
+    #[arg(long, env = "Z4J_TOKEN_FILE", value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
+
+    /// Per-project HMAC secret (URL-safe base64 of at least 32 bytes). Prefer --hmac-secret-file.
+    #[arg(
+        long,
+        env = "Z4J_HMAC_SECRET",
+        hide_env_values = true,
+        value_name = "SECRET"
+    )]
+    pub hmac_secret: Option<String>,
+
+    /// File holding the HMAC secret.
+    #[arg(long, env = "Z4J_HMAC_SECRET_FILE", value_name = "PATH")]
+    pub hmac_secret_file: Option<PathBuf>,
+
+    /// Project slug (informational: the brain derives the project from the token).
+    #[arg(long, env = "Z4J_PROJECT_ID", value_name = "SLUG")]
+    pub project_id: Option<String>,
+
+    /// Name shown as the agent's host label in the brain (default: the host name).
+    #[arg(long, env = "Z4J_AGENT_NAME", value_name = "NAME")]
+    pub agent_name: Option<String>,
+
+    /// Deployment environment label (informational).
+    #[arg(long, env = "Z4J_ENVIRONMENT", value_name = "NAME")]
+    pub environment: Option<String>,
+
+    /// Allow plain ws:// to a host that is not loopback (never use in production).
+    #[arg(long, env = "Z4J_DEV_MODE", value_name = "BOOL")]
+    pub dev_mode: Option<String>,
+
+    /// Worker slot of this daemon's connection (default: agentd-<host name>).
+    /// Stable across restarts so a restart replaces its own slot.
+    #[arg(long, env = "Z4J_WORKER_ID", value_name = "ID")]
+    pub worker_id: Option<String>,
+
+    /// Engines advertised even when no local client registered them (comma-separated).
+    #[arg(long, env = "Z4J_ENGINES", value_name = "LIST")]
+    pub engines: Option<String>,
+
+    /// Extra CA certificate (PEM) trusted for wss://, in addition to the system store.
+    #[arg(long, env = "Z4J_CA_FILE", value_name = "PATH")]
+    pub ca_file: Option<PathBuf>,
+
+    /// The spool file (default: $STATE_DIRECTORY/buffer.sqlite, else ~/.z4j/agentd.sqlite).
+    #[arg(long, env = "Z4J_BUFFER_PATH", value_name = "PATH")]
+    pub buffer_path: Option<PathBuf>,
+
+    /// Spool bound in events (default 1000000).
+    #[arg(long, env = "Z4J_BUFFER_MAX_EVENTS", value_name = "N")]
+    pub buffer_max_events: Option<String>,
+
+    /// Spool bound in bytes of event data (default 536870912 = 512 MiB).
+    #[arg(long, env = "Z4J_BUFFER_MAX_BYTES", value_name = "N")]
+    pub buffer_max_bytes: Option<String>,
+
+    /// What to do when the spool is full: drop_oldest (default), drop_newest or block.
+    #[arg(long, env = "Z4J_BUFFER_OVERFLOW", value_name = "POLICY")]
+    pub buffer_overflow: Option<String>,
+
+    /// SQLite synchronous mode of the spool: normal (default) or full.
+    #[arg(long, env = "Z4J_BUFFER_SYNCHRONOUS", value_name = "MODE")]
+    pub buffer_synchronous: Option<String>,
+
+    /// Local socket (default: $RUNTIME_DIRECTORY/agent.sock, else
+    /// $XDG_RUNTIME_DIR/z4j/agent.sock, else $TMPDIR/z4j-<uid>/agent.sock).
+    #[arg(long, env = "Z4J_SOCKET_PATH", value_name = "PATH")]
+    pub socket_path: Option<PathBuf>,
+
+    /// Mode of the local socket, octal (default 0660).
+    #[arg(long, env = "Z4J_SOCKET_MODE", value_name = "OCTAL")]
+    pub socket_mode: Option<String>,
+
+    /// Only these uids may write to the socket (comma-separated; default: anyone who can open it).
+    #[arg(long, env = "Z4J_ALLOWED_UIDS", value_name = "LIST")]
+    pub allowed_uids: Option<String>,
+
+    /// Only these gids may write to the socket (comma-separated).
+    #[arg(long, env = "Z4J_ALLOWED_GIDS", value_name = "LIST")]
+    pub allowed_gids: Option<String>,
+
+    /// Most local connections at once (default 1024).
+    #[arg(long, env = "Z4J_MAX_CLIENTS", value_name = "N")]
+    pub max_clients: Option<String>,
+
+    /// Most events per event_batch frame (default 250, at most 5000).
+    #[arg(long, env = "Z4J_BATCH_MAX_EVENTS", value_name = "N")]
+    pub batch_max_events: Option<String>,
+
+    /// Un-acknowledged event_batch frames in flight (default 2).
+    #[arg(long, env = "Z4J_INFLIGHT_FRAMES", value_name = "N")]
+    pub inflight_frames: Option<String>,
+
+    /// Seconds to wait for an event_batch_ack before re-sending the frame (default 60).
+    #[arg(long, env = "Z4J_ACK_TIMEOUT_SECONDS", value_name = "SECONDS")]
+    pub ack_timeout_seconds: Option<String>,
+
+    /// Seconds to drain the spool to the brain on SIGTERM before exiting (default 10).
+    #[arg(long, env = "Z4J_SHUTDOWN_GRACE_SECONDS", value_name = "SECONDS")]
+    pub shutdown_grace_seconds: Option<String>,
+
+    /// Log format: text (default) or json.
+    #[arg(long, env = "Z4J_LOG_FORMAT", value_name = "FORMAT")]
+    pub log_format: Option<String>,
+
+    /// Log level or tracing filter (default info).
+    #[arg(long, env = "Z4J_LOG_LEVEL", value_name = "LEVEL")]
+    pub log_level: Option<String>,
+}
+
+/// The config file: the same keys as [`Options`], all optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileOptions {
+    brain_url: Option<String>,
+    token_file: Option<PathBuf>,
+    hmac_secret_file: Option<PathBuf>,
+    project_id: Option<String>,
+    agent_name: Option<String>,
+    environment: Option<String>,
+    dev_mode: Option<toml::Value>,
+    worker_id: Option<String>,
+    engines: Option<toml::Value>,
+    ca_file: Option<PathBuf>,
+    buffer_path: Option<PathBuf>,
+    buffer_max_events: Option<toml::Value>,
+    buffer_max_bytes: Option<toml::Value>,
+    buffer_overflow: Option<String>,
+    buffer_synchronous: Option<String>,
+    socket_path: Option<PathBuf>,
+    socket_mode: Option<toml::Value>,
+    allowed_uids: Option<toml::Value>,
+    allowed_gids: Option<toml::Value>,
+    max_clients: Option<toml::Value>,
+    batch_max_events: Option<toml::Value>,
+    inflight_frames: Option<toml::Value>,
+    ack_timeout_seconds: Option<toml::Value>,
+    shutdown_grace_seconds: Option<toml::Value>,
+    log_format: Option<String>,
+    log_level: Option<String>,
+}
+
+/// Values that come from the process environment other than `Z4J_*` keys.
+/// Passed in (not read globally) so tests can set them per case.
+#[derive(Debug, Clone, Default)]
+pub struct HostEnv {
+    /// `$HOME`.
+    pub home: Option<PathBuf>,
+    /// `$Z4J_HOME` (replaces `~/.z4j`).
+    pub z4j_home: Option<PathBuf>,
+    /// `$STATE_DIRECTORY` (systemd `StateDirectory=`), first entry.
+    pub state_directory: Option<PathBuf>,
+    /// `$RUNTIME_DIRECTORY` (systemd `RuntimeDirectory=`), first entry.
+    pub runtime_directory: Option<PathBuf>,
+    /// `$XDG_RUNTIME_DIR`.
+    pub xdg_runtime_dir: Option<PathBuf>,
+    /// `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential=`).
+    pub credentials_directory: Option<PathBuf>,
+    /// `$TMPDIR`, default `/tmp`.
+    pub tmpdir: PathBuf,
+    /// Our effective uid.
+    pub uid: u32,
+    /// The host name.
+    pub hostname: String,
+}
+
+impl HostEnv {
+    /// Reads the real process environment.
+    pub fn from_process() -> Self {
+        fn path_var(name: &str) -> Option<PathBuf> {
+            std::env::var_os(name)
+                .filter(|v| !v.is_empty())
+                .map(|v| {
+                    // systemd joins several directories with ':'; the first is ours.
+                    let s = v.to_string_lossy().into_owned();
+                    PathBuf::from(s.split(':').next().unwrap_or_default())
+                })
+        }
+        HostEnv {
+            home: path_var("HOME"),
+            z4j_home: path_var("Z4J_HOME"),
+            state_directory: path_var("STATE_DIRECTORY"),
+            runtime_directory: path_var("RUNTIME_DIRECTORY"),
+            xdg_runtime_dir: path_var("XDG_RUNTIME_DIR"),
+            credentials_directory: path_var("CREDENTIALS_DIRECTORY"),
+            tmpdir: path_var("TMPDIR").unwrap_or_else(|| PathBuf::from("/tmp")),
+            uid: current_uid(),
+            hostname: hostname::get()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "localhost".to_string()),
+        }
+    }
+
+    /// `$Z4J_HOME`, else `~/.z4j`.
+    pub fn z4j_dir(&self) -> Option<PathBuf> {
+        self.z4j_home
+            .clone()
+            .or_else(|| self.home.as_ref().map(|h| h.join(".z4j")))
+    }
+
+    /// `$TMPDIR/z4j-<uid>`.
+    pub fn tmp_private_dir(&self) -> PathBuf {
+        self.tmpdir.join(format!("z4j-{}", self.uid))
+    }
+}
+
+/// Our effective uid, read from the owner of a file we just created would
+/// need I/O; `/proc/self` is owned by the effective uid on Linux.
+pub fn current_uid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0)
+}
+
+/// Where to connect: the brain's agent WebSocket endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrainEndpoint {
+    /// The base URL as configured, without a trailing `/`.
+    pub base_url: String,
+    /// The WebSocket URL (`ws[s]://host:port/ws/agent`).
+    pub ws_url: String,
+    /// Host part, for logs and TLS.
+    pub host: String,
+    /// Whether the connection uses TLS.
+    pub tls: bool,
+}
+
+/// Settings of the uplink that SIGHUP may change.
+#[derive(Debug, Clone)]
+pub struct UplinkSettings {
+    /// The brain.
+    pub endpoint: BrainEndpoint,
+    /// Bearer token.
+    pub token: Secret,
+    /// HMAC signing key.
+    pub key: SigningKey,
+    /// Worker slot of our one connection.
+    pub worker_id: String,
+    /// Host label sent in `hello.host.name`.
+    pub agent_name: String,
+    /// Engines advertised even without local clients.
+    pub static_engines: Vec<String>,
+    /// Extra CA file for TLS.
+    pub ca_file: Option<PathBuf>,
+    /// Most events per frame.
+    pub batch_max_events: usize,
+    /// Frames in flight.
+    pub inflight_frames: usize,
+    /// Re-send a frame after this long without its ack.
+    pub ack_timeout: Duration,
+}
+
+/// The whole validated configuration of `z4j-agentd run`.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Uplink settings.
+    pub uplink: UplinkSettings,
+    /// Project slug, informational.
+    pub project_id: Option<String>,
+    /// Environment label, informational.
+    pub environment: Option<String>,
+    /// Whether dev mode was set.
+    pub dev_mode: bool,
+    /// Explicit spool path, if any (resolution and the clamp happen in `spool::path`).
+    pub buffer_path: Option<PathBuf>,
+    /// Spool bound in events.
+    pub buffer_max_events: u64,
+    /// Spool bound in bytes.
+    pub buffer_max_bytes: u64,
+    /// Overflow policy.
+    pub buffer_overflow: Overflow,
+    /// SQLite synchronous mode.
+    pub buffer_synchronous: Synchronous,
+    /// Explicit socket path, if any.
+    pub socket_path: Option<PathBuf>,
+    /// Socket file mode.
+    pub socket_mode: u32,
+    /// Allowed peer uids (empty = any).
+    pub allowed_uids: Vec<u32>,
+    /// Allowed peer gids (empty = any).
+    pub allowed_gids: Vec<u32>,
+    /// Most local connections.
+    pub max_clients: usize,
+    /// Drain grace on shutdown.
+    pub shutdown_grace: Duration,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Log filter.
+    pub log_level: String,
+    /// The environment this was resolved against.
+    pub host: HostEnv,
+}
+
+/// Where one value came from, in precedence order.
+fn pick<T>(flag_or_env: Option<T>, file: Option<T>) -> Option<T> {
+    flag_or_env.or(file)
+}
+
+fn non_empty(s: Option<String>) -> Option<String> {
+    s.filter(|v| !v.trim().is_empty())
+}
+
+fn non_empty_path(p: Option<PathBuf>) -> Option<PathBuf> {
+    p.filter(|v| !v.as_os_str().is_empty())
+}
+
+/// A TOML scalar given where we expect a string-like value.
+fn toml_scalar(v: Option<toml::Value>) -> Option<String> {
+    v.map(|v| match v {
+        toml::Value::String(s) => s,
+        toml::Value::Array(items) => items
+            .into_iter()
+            .map(|i| match i {
+                toml::Value::String(s) => s,
+                other => other.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join(","),
+        other => other.to_string(),
+    })
+}
+
+fn parse_bool(key: &'static str, v: &str) -> Result<bool, ConfigError> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(ConfigError::new(
+            key,
+            format!("expected true or false, got {v:?}"),
+        )),
+    }
+}
+
+fn parse_num<T: std::str::FromStr>(
+    key: &'static str,
+    v: Option<String>,
+    default: T,
+    min: T,
+    max: T,
+) -> Result<T, ConfigError>
+where
+    T: PartialOrd + fmt::Display + Copy,
+{
+    let Some(v) = v else { return Ok(default) };
+    let n: T = v.trim().replace('_', "").parse().map_err(|_| {
+        ConfigError::new(key, format!("expected a whole number, got {v:?}"))
+    })?;
+    if n < min || n > max {
+        return Err(ConfigError::new(
+            key,
+            format!("must be between {min} and {max}, got {n}"),
+        ));
+    }
+    Ok(n)
+}
+
+fn parse_id_list(key: &'static str, v: Option<String>) -> Result<Vec<u32>, ConfigError> {
+    let Some(v) = v else { return Ok(Vec::new()) };
+    v.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<u32>().map_err(|_| {
+                ConfigError::new(
+                    key,
+                    format!("expected numeric ids separated by commas, got {s:?}"),
+                )
+            })
+        })
+        .collect()
+}
+
+/// Parses and checks the brain URL, applying the `ws://` loopback rule.
+pub fn parse_brain_url(raw: &str, dev_mode: bool) -> Result<BrainEndpoint, ConfigError> {
+    const KEY: &str = "Z4J_BRAIN_URL";
+    let trimmed = raw.trim().trim_end_matches('/');
+    let url = url::Url::parse(trimmed).map_err(|e| {
+        ConfigError::new(
+            KEY,
+            format!("not a valid URL ({e}); expected e.g. https://z4j.example.com"),
+        )
+    })?;
+    let (tls, ws_scheme) = match url.scheme() {
+        "https" | "wss" => (true, "wss"),
+        "http" | "ws" => (false, "ws"),
+        other => {
+            return Err(ConfigError::new(
+                KEY,
+                format!("scheme {other:?} is not supported; use https:// (or http:// for a brain on this host)"),
+            ))
+        }
+    };
+    let host = url
+        .host_str()
+        .ok_or_else(|| ConfigError::new(KEY, "the URL has no host"))?
+        .to_string();
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(ConfigError::new(
+            KEY,
+            "credentials in the URL are not allowed; use Z4J_TOKEN_FILE",
+        ));
+    }
+    let bare_host = host.trim_start_matches('[').trim_end_matches(']');
+    let loopback = matches!(bare_host, "localhost" | "127.0.0.1" | "::1");
+    if !tls && !loopback && !dev_mode {
+        return Err(ConfigError::new(
+            KEY,
+            format!(
+                "plain ws:// to {host} would send the token unencrypted; use https:// \
+                 (only localhost, 127.0.0.1 and ::1 may use http://), or set Z4J_DEV_MODE=true for a test setup"
+            ),
+        ));
+    }
+    let path = url.path().trim_end_matches('/');
+    let port = url.port().map(|p| format!(":{p}")).unwrap_or_default();
+    let host_for_url = if bare_host.contains(':') {
+        format!("[{bare_host}]")
+    } else {
+        bare_host.to_string()
+    };
+    let base_scheme = if tls { "https" } else { "http" };
+    Ok(BrainEndpoint {
+        base_url: format!("{base_scheme}://{host_for_url}{port}{path}"),
+        ws_url: format!("{ws_scheme}://{host_for_url}{port}{path}/ws/agent"),
+        host: bare_host.to_string(),
+        tls,
+    })
+}
+
+fn read_secret_file(key: &'static str, path: &Path) -> Result<String, ConfigError> {
+    let raw = std::fs::read_to_string(path).map_err(|e| {
+        ConfigError::new(
+            key,
+            format!("cannot read {}: {e}; check the path and that this user may read it", path.display()),
+        )
+    })?;
+    let v = raw.trim().to_string();
+    if v.is_empty() {
+        return Err(ConfigError::new(key, format!("{} is empty", path.display())));
+    }
+    Ok(v)
+}
+
+/// Resolves one secret: the value itself, else its `*_FILE`, else the systemd credential.
+fn resolve_secret(
+    value: Option<String>,
+    value_key: &'static str,
+    file: Option<PathBuf>,
+    file_key: &'static str,
+    credential_name: &str,
+    host: &HostEnv,
+) -> Result<Option<String>, ConfigError> {
+    if let Some(v) = value {
+        return Ok(Some(v.trim().to_string()));
+    }
+    if let Some(path) = file {
+        return read_secret_file(file_key, &path).map(Some);
+    }
+    if let Some(dir) = &host.credentials_directory {
+        let path = dir.join(credential_name);
+        if path.exists() {
+            return read_secret_file(value_key, &path).map(Some);
+        }
+    }
+    Ok(None)
+}
+
+fn load_file(path: &Path) -> Result<FileOptions, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigError::new("Z4J_CONFIG", format!("cannot read {}: {e}", path.display()))
+    })?;
+    toml::from_str(&text).map_err(|e| {
+        ConfigError::new(
+            "Z4J_CONFIG",
+            format!("{} is not valid: {}", path.display(), e.message()),
+        )
+    })
+}
+
+impl Options {
+    /// Validates everything `run` needs. `require_brain` is false for
+    /// commands that can work without a brain (e.g. `doctor` reporting it).
+    pub fn resolve(&self, host: HostEnv) -> Result<Config, ConfigError> {
+        let file = match non_empty_path(self.config.clone()) {
+            Some(p) => load_file(&p)?,
+            None => FileOptions::default(),
+        };
+
+        let dev_mode = match pick(non_empty(self.dev_mode.clone()), toml_scalar(file.dev_mode)) {
+            Some(v) => parse_bool("Z4J_DEV_MODE", &v)?,
+            None => false,
+        };
+
+        let brain_url = pick(non_empty(self.brain_url.clone()), file.brain_url).ok_or_else(|| {
+            ConfigError::new(
+                "Z4J_BRAIN_URL",
+                "is required; set it to the brain's base URL, e.g. https://z4j.example.com",
+            )
+        })?;
+        let endpoint = parse_brain_url(&brain_url, dev_mode)?;
+
+        let token = resolve_secret(
+            non_empty(self.token.clone()),
+            "Z4J_TOKEN",
+            pick(non_empty_path(self.token_file.clone()), file.token_file),
+            "Z4J_TOKEN_FILE",
+            "token",
+            &host,
+        )?
+        .ok_or_else(|| {
+            ConfigError::new(
+                "Z4J_TOKEN",
+                "is required; set Z4J_TOKEN_FILE to a file holding the agent token minted in the brain",
+            )
+        })?;
+        if token.chars().any(|c| c.is_control() || c == ' ') {
+            return Err(ConfigError::new(
+                "Z4J_TOKEN",
+                "contains whitespace or control characters; paste the token exactly as minted",
+            ));
+        }
+
+        let secret = resolve_secret(
+            non_empty(self.hmac_secret.clone()),
+            "Z4J_HMAC_SECRET",
+            pick(
+                non_empty_path(self.hmac_secret_file.clone()),
+                file.hmac_secret_file,
+            ),
+            "Z4J_HMAC_SECRET_FILE",
+            "hmac_secret",
+            &host,
+        )?
+        .ok_or_else(|| {
+            ConfigError::new(
+                "Z4J_HMAC_SECRET",
+                "is required; set Z4J_HMAC_SECRET_FILE to a file holding the project's hmac_secret",
+            )
+        })?;
+        let key = SigningKey::from_base64(&secret)
+            .map_err(|e| ConfigError::new("Z4J_HMAC_SECRET", e.to_string()))?;
+
+        let project_id = pick(non_empty(self.project_id.clone()), file.project_id);
+        if let Some(p) = &project_id {
+            if p.len() > 63 {
+                return Err(ConfigError::new(
+                    "Z4J_PROJECT_ID",
+                    format!("must be at most 63 characters, got {}", p.len()),
+                ));
+            }
+        }
+        let agent_name = pick(non_empty(self.agent_name.clone()), file.agent_name)
+            .unwrap_or_else(|| host.hostname.clone());
+        if agent_name.chars().count() > 64 {
+            return Err(ConfigError::new(
+                "Z4J_AGENT_NAME",
+                "must be at most 64 characters",
+            ));
+        }
+        let worker_id = pick(non_empty(self.worker_id.clone()), file.worker_id)
+            .unwrap_or_else(|| format!("agentd-{}", host.hostname));
+        if worker_id.len() > 128 {
+            return Err(ConfigError::new(
+                "Z4J_WORKER_ID",
+                "must be at most 128 bytes",
+            ));
+        }
+        let static_engines: Vec<String> =
+            pick(non_empty(self.engines.clone()), toml_scalar(file.engines))
+                .map(|v| {
+                    v.split(',')
+                        .map(|s| s.trim().to_string())
+                        .filter(|s| !s.is_empty())
+                        .collect()
+                })
+                .unwrap_or_default();
+        if let Some(bad) = static_engines.iter().find(|e| e.len() > 40) {
+            return Err(ConfigError::new(
+                "Z4J_ENGINES",
+                format!("engine name {bad:?} is longer than 40 characters"),
+            ));
+        }
+        let ca_file = pick(non_empty_path(self.ca_file.clone()), file.ca_file);
+        if let Some(ca) = &ca_file {
+            if !ca.is_file() {
+                return Err(ConfigError::new(
+                    "Z4J_CA_FILE",
+                    format!("{} does not exist or is not a file", ca.display()),
+                ));
+            }
+        }
+
+        let buffer_max_events = parse_num(
+            "Z4J_BUFFER_MAX_EVENTS",
+            pick(
+                non_empty(self.buffer_max_events.clone()),
+                toml_scalar(file.buffer_max_events),
+            ),
+            1_000_000u64,
+            1_000,
+            1_000_000_000,
+        )?;
+        let buffer_max_bytes = parse_num(
+            "Z4J_BUFFER_MAX_BYTES",
+            pick(
+                non_empty(self.buffer_max_bytes.clone()),
+                toml_scalar(file.buffer_max_bytes),
+            ),
+            512 * 1024 * 1024u64,
+            1024 * 1024,
+            1 << 40,
+        )?;
+        let buffer_overflow = match pick(
+            non_empty(self.buffer_overflow.clone()),
+            file.buffer_overflow,
+        )
+        .as_deref()
+        .map(str::trim)
+        {
+            None | Some("drop_oldest") => Overflow::DropOldest,
+            Some("drop_newest") => Overflow::DropNewest,
+            Some("block") => Overflow::Block,
+            Some(other) => {
+                return Err(ConfigError::new(
+                    "Z4J_BUFFER_OVERFLOW",
+                    format!("expected drop_oldest, drop_newest or block, got {other:?}"),
+                ))
+            }
+        };
+        let buffer_synchronous = match pick(
+            non_empty(self.buffer_synchronous.clone()),
+            file.buffer_synchronous,
+        )
+        .map(|s| s.trim().to_ascii_lowercase())
+        .as_deref()
+        {
+            None | Some("normal") => Synchronous::Normal,
+            Some("full") => Synchronous::Full,
+            Some(other) => {
+                return Err(ConfigError::new(
+                    "Z4J_BUFFER_SYNCHRONOUS",
+                    format!("expected normal or full, got {other:?}"),
+                ))
+            }
+        };
+        let socket_mode = match pick(
+            non_empty(self.socket_mode.clone()),
+            toml_scalar(file.socket_mode),
+        ) {
+            None => 0o660,
+            Some(v) => {
+                let m = u32::from_str_radix(v.trim().trim_start_matches("0o"), 8).map_err(|_| {
+                    ConfigError::new(
+                        "Z4J_SOCKET_MODE",
+                        format!("expected an octal mode such as 0660, got {v:?}"),
+                    )
+                })?;
+                if m & !0o777 != 0 || m & 0o600 != 0o600 {
+                    return Err(ConfigError::new(
+                        "Z4J_SOCKET_MODE",
+                        format!("{v} must be a permission mode that keeps owner read/write, e.g. 0660"),
+                    ));
+                }
+                m
+            }
+        };
+        let allowed_uids = parse_id_list(
+            "Z4J_ALLOWED_UIDS",
+            pick(
+                non_empty(self.allowed_uids.clone()),
+                toml_scalar(file.allowed_uids),
+            ),
+        )?;
+        let allowed_gids = parse_id_list(
+            "Z4J_ALLOWED_GIDS",
+            pick(
+                non_empty(self.allowed_gids.clone()),
+                toml_scalar(file.allowed_gids),
+            ),
+        )?;
+        let max_clients = parse_num(
+            "Z4J_MAX_CLIENTS",
+            pick(
+                non_empty(self.max_clients.clone()),
+                toml_scalar(file.max_clients),
+            ),
+            1024usize,
+            1,
+            65_536,
+        )?;
+        let batch_max_events = parse_num(
+            "Z4J_BATCH_MAX_EVENTS",
+            pick(
+                non_empty(self.batch_max_events.clone()),
+                toml_scalar(file.batch_max_events),
+            ),
+            250usize,
+            1,
+            crate::protocol::MAX_EVENTS_PER_FRAME,
+        )?;
+        let inflight_frames = parse_num(
+            "Z4J_INFLIGHT_FRAMES",
+            pick(
+                non_empty(self.inflight_frames.clone()),
+                toml_scalar(file.inflight_frames),
+            ),
+            2usize,
+            1,
+            16,
+        )?;
+        let ack_timeout_seconds = parse_num(
+            "Z4J_ACK_TIMEOUT_SECONDS",
+            pick(
+                non_empty(self.ack_timeout_seconds.clone()),
+                toml_scalar(file.ack_timeout_seconds),
+            ),
+            60u64,
+            1,
+            3600,
+        )?;
+        let shutdown_grace_seconds = parse_num(
+            "Z4J_SHUTDOWN_GRACE_SECONDS",
+            pick(
+                non_empty(self.shutdown_grace_seconds.clone()),
+                toml_scalar(file.shutdown_grace_seconds),
+            ),
+            10u64,
+            0,
+            3600,
+        )?;
+        let log_format = match pick(non_empty(self.log_format.clone()), file.log_format)
+            .map(|s| s.trim().to_ascii_lowercase())
+            .as_deref()
+        {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                return Err(ConfigError::new(
+                    "Z4J_LOG_FORMAT",
+                    format!("expected text or json, got {other:?}"),
+                ))
+            }
+        };
+        let log_level = pick(non_empty(self.log_level.clone()), file.log_level)
+            .unwrap_or_else(|| "info".to_string())
+            .trim()
+            .to_ascii_lowercase();
+        if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
+            return Err(ConfigError::new(
+                "Z4J_LOG_LEVEL",
+                format!("expected error, warn, info, debug or trace, got {log_level:?}"),
+            ));
+        }
+
+        Ok(Config {
+            uplink: UplinkSettings {
+                endpoint,
+                token: Secret::new(token),
+                key,
+                worker_id,
+                agent_name,
+                static_engines,
+                ca_file,
+                batch_max_events,
+                inflight_frames,
+                ack_timeout: Duration::from_secs(ack_timeout_seconds),
+            },
+            project_id,
+            environment: pick(non_empty(self.environment.clone()), file.environment),
+            dev_mode,
+            buffer_path: pick(non_empty_path(self.buffer_path.clone()), file.buffer_path),
+            buffer_max_events,
+            buffer_max_bytes,
+            buffer_overflow,
+            buffer_synchronous,
+            socket_path: pick(non_empty_path(self.socket_path.clone()), file.socket_path),
+            socket_mode,
+            allowed_uids,
+            allowed_gids,
+            max_clients,
+            shutdown_grace: Duration::from_secs(shutdown_grace_seconds),
+            log_format,
+            log_level,
+            host,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "mVtpP-Iz85lBRJdiBbQ9KzZo4cCi7lxIHt-j7T6yOGU=";
+
+    fn base() -> Options {
+        Options {
+            brain_url: Some("http://127.0.0.1:7711".into()),
+            token: Some("tok-abc".into()),
+            hmac_secret: Some(SECRET.into()),
+            ..Options::default()
+        }
+    }
+
+    fn host() -> HostEnv {
+        HostEnv {
+            home: Some("/home/u".into()),
+            tmpdir: "/tmp".into(),
+            uid: 1000,
+            hostname: "web-1".into(),
+            ..HostEnv::default()
+        }
+    }
+
+    #[test]
+    fn defaults_resolve() {
+        let c = base().resolve(host()).unwrap();
+        assert_eq!(c.uplink.endpoint.ws_url, "ws://127.0.0.1:7711/ws/agent");
+        assert_eq!(c.uplink.worker_id, "agentd-web-1");
+        assert_eq!(c.uplink.agent_name, "web-1");
+        assert_eq!(c.socket_mode, 0o660);
+        assert_eq!(c.buffer_overflow, Overflow::DropOldest);
+        assert_eq!(c.uplink.batch_max_events, 250);
+    }
+
+    #[test]
+    fn https_becomes_wss_and_keeps_path() {
+        let e = parse_brain_url("https://z4j.example.com/base/", false).unwrap();
+        assert_eq!(e.ws_url, "wss://z4j.example.com/base/ws/agent");
+        assert!(e.tls);
+    }
+
+    #[test]
+    fn plain_ws_to_remote_host_refused_without_dev_mode() {
+        let err = parse_brain_url("http://brain.internal:7711", false).unwrap_err();
+        assert_eq!(err.key, "Z4J_BRAIN_URL");
+        assert!(err.message.contains("Z4J_DEV_MODE"), "{}", err.message);
+        assert!(parse_brain_url("http://brain.internal:7711", true).is_ok());
+        for ok in ["http://localhost:1", "http://127.0.0.1:1", "http://[::1]:1"] {
+            assert!(parse_brain_url(ok, false).is_ok(), "{ok}");
+        }
+    }
+
+    #[test]
+    fn short_secret_refused_without_echoing_it() {
+        let mut o = base();
+        o.hmac_secret = Some("c2hvcnQtc2VjcmV0".into()); // "short-secret"
+        let err = o.resolve(host()).unwrap_err();
+        assert_eq!(err.key, "Z4J_HMAC_SECRET");
+        assert!(!err.to_string().contains("c2hvcnQtc2VjcmV0"));
+    }
+
+    #[test]
+    fn missing_token_names_the_key() {
+        let mut o = base();
+        o.token = None;
+        let err = o.resolve(host()).unwrap_err();
+        assert_eq!(err.key, "Z4J_TOKEN");
+    }
+
+    #[test]
+    fn secrets_from_files_and_credentials_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("token"), "from-cred\n").unwrap();
+        std::fs::write(dir.path().join("hmac_secret"), format!("{SECRET}\n")).unwrap();
+        let mut o = base();
+        o.token = None;
+        o.hmac_secret = None;
+        let mut h = host();
+        h.credentials_directory = Some(dir.path().to_path_buf());
+        let c = o.resolve(h.clone()).unwrap();
+        assert_eq!(c.uplink.token.expose(), "from-cred");
+
+        let tf = dir.path().join("tok2");
+        std::fs::write(&tf, "from-file").unwrap();
+        o.token_file = Some(tf);
+        let c = o.resolve(h).unwrap();
+        assert_eq!(c.uplink.token.expose(), "from-file");
+    }
+
+    #[test]
+    fn flags_beat_file_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agentd.toml");
+        std::fs::write(
+            &path,
+            "agent_name = \"from-file\"\nbatch_max_events = 100\nengines = [\"celery\", \"rq\"]\n",
+        )
+        .unwrap();
+        let mut o = base();
+        o.config = Some(path);
+        o.agent_name = Some("from-flag".into());
+        let c = o.resolve(host()).unwrap();
+        assert_eq!(c.uplink.agent_name, "from-flag");
+        assert_eq!(c.uplink.batch_max_events, 100);
+        assert_eq!(c.uplink.static_engines, vec!["celery", "rq"]);
+    }
+
+    #[test]
+    fn unknown_file_key_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agentd.toml");
+        std::fs::write(&path, "brain_ulr = \"x\"\n").unwrap();
+        let mut o = base();
+        o.config = Some(path);
+        let err = o.resolve(host()).unwrap_err();
+        assert_eq!(err.key, "Z4J_CONFIG");
+        assert!(err.message.contains("brain_ulr"), "{}", err.message);
+    }
+
+    #[test]
+    fn bad_numbers_and_enums_name_their_key() {
+        let mut o = base();
+        o.batch_max_events = Some("9000".into());
+        assert_eq!(o.resolve(host()).unwrap_err().key, "Z4J_BATCH_MAX_EVENTS");
+        let mut o = base();
+        o.buffer_overflow = Some("drop_everything".into());
+        assert_eq!(o.resolve(host()).unwrap_err().key, "Z4J_BUFFER_OVERFLOW");
+        let mut o = base();
+        o.socket_mode = Some("0999".into());
+        assert_eq!(o.resolve(host()).unwrap_err().key, "Z4J_SOCKET_MODE");
+        let mut o = base();
+        o.log_format = Some("xml".into());
+        assert_eq!(o.resolve(host()).unwrap_err().key, "Z4J_LOG_FORMAT");
+    }
+
+    #[test]
+    fn debug_output_has_no_secret() {
+        let c = base().resolve(host()).unwrap();
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("tok-abc"));
+        assert!(!dbg.contains(SECRET));
+    }
+}

@@ -1,0 +1,226 @@
+//! Wiring: startup order, readiness, shutdown and reload.
+//!
+//! Start: resolve and open the spool (recovering what a previous run left),
+//! bind the socket, report `READY=1`, then start the uplink. The brain being
+//! down never delays readiness: applications can write while it is away.
+//!
+//! Stop (the `shutdown` token): `STOPPING=1`, stop accepting, let open
+//! connections finish what they sent, commit, drain to the brain within the
+//! grace period, close the WebSocket with 1000, close the spool. Nothing is
+//! global: the caller owns the shutdown token and the settings channel
+//! (SIGHUP sends new settings on it), so tests run whole daemons in-process.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::sync::{oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, UplinkSettings};
+use crate::ingest::{self, Ingest, IngestConfig, IngestError};
+use crate::spool::path::{self, PathError};
+use crate::spool::{Spool, SpoolConfig, SpoolError};
+use crate::status::Status;
+use crate::uplink::Uplink;
+
+/// Startup failures.
+#[derive(Debug, Error)]
+pub enum DaemonError {
+    /// The spool path was refused.
+    #[error(transparent)]
+    Path(#[from] PathError),
+    /// The spool could not be opened.
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+    /// The socket could not be bound.
+    #[error(transparent)]
+    Ingest(#[from] IngestError),
+}
+
+impl DaemonError {
+    /// Process exit code: 64 for a configuration problem, 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            DaemonError::Path(_) => 64,
+            _ => 1,
+        }
+    }
+}
+
+/// What a started daemon reports to its caller once it accepts clients.
+#[derive(Clone)]
+pub struct Ready {
+    /// The spool file in use.
+    pub spool_path: PathBuf,
+    /// The socket path in use.
+    pub socket_path: PathBuf,
+    /// The shared status (for tests and the admin side).
+    pub status: Arc<Status>,
+}
+
+/// Runs the daemon until `shutdown` is cancelled and the drain finished.
+pub async fn run(
+    config: Config,
+    settings: watch::Receiver<UplinkSettings>,
+    shutdown: CancellationToken,
+    ready: Option<oneshot::Sender<Ready>>,
+) -> Result<(), DaemonError> {
+    let location = path::resolve(config.buffer_path.as_deref(), &config.host)?;
+    if let Some(from) = &location.fell_back_from {
+        tracing::warn!(
+            wanted = %from.display(),
+            using = %location.path.display(),
+            "spool directory not writable; using the private fallback directory instead (set Z4J_BUFFER_PATH or Z4J_HOME, or StateDirectory= under systemd, to keep the spool across reboots)"
+        );
+    }
+    let spool_config = SpoolConfig {
+        path: location.path.clone(),
+        max_events: config.buffer_max_events,
+        max_bytes: config.buffer_max_bytes,
+        overflow: config.buffer_overflow,
+        synchronous: config.buffer_synchronous,
+    };
+    let spool = tokio::task::spawn_blocking(move || Spool::open(spool_config))
+        .await
+        .expect("spool open does not panic")?;
+    let spool_handle = spool.handle();
+    let recovered = spool_handle
+        .stats()
+        .depth
+        .load(std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(
+        spool = %location.path.display(),
+        recovered_events = recovered,
+        "spool open"
+    );
+
+    let socket_path = config
+        .socket_path
+        .clone()
+        .unwrap_or_else(|| ingest::default_socket_path(&config.host));
+    if config.socket_path.is_none() && config.host.runtime_directory.is_none() && config.host.xdg_runtime_dir.is_none() {
+        // The default lives in our private tmp directory; make sure it is ours.
+        path::ensure_private_tmp_dir(&config.host.tmp_private_dir(), config.host.uid)?;
+    }
+    let listener = match ingest::bind(&socket_path, config.socket_mode) {
+        Ok(l) => l,
+        Err(e) => {
+            spool.close().await;
+            return Err(e.into());
+        }
+    };
+    tracing::info!(
+        socket = %socket_path.display(),
+        mode = format!("{:04o}", config.socket_mode),
+        "listening for local clients"
+    );
+
+    let status = Arc::new(Status::new());
+    let ingest = Ingest::new(
+        IngestConfig {
+            socket_path: socket_path.clone(),
+            socket_mode: config.socket_mode,
+            allowed_uids: config.allowed_uids.clone(),
+            allowed_gids: config.allowed_gids.clone(),
+            max_clients: config.max_clients,
+            max_message_bytes: ingest::DEFAULT_MAX_MESSAGE_BYTES,
+            max_event_bytes: crate::protocol::DEFAULT_MAX_FRAME_BYTES
+                - ingest::FRAME_ENVELOPE_RESERVE,
+        },
+        spool_handle.clone(),
+        status.clone(),
+    );
+    let ingest_stop = CancellationToken::new();
+    let ingest_task = tokio::spawn(ingest.serve(listener, ingest_stop.clone()));
+
+    notify(&[sd_notify::NotifyState::Ready]);
+    if let Some(tx) = ready {
+        let _ = tx.send(Ready {
+            spool_path: location.path.clone(),
+            socket_path: socket_path.clone(),
+            status: status.clone(),
+        });
+    }
+    tracing::info!(
+        brain = %config.uplink.endpoint.base_url,
+        worker_id = %config.uplink.worker_id,
+        "z4j-agentd {} ready",
+        env!("CARGO_PKG_VERSION")
+    );
+
+    let drain = CancellationToken::new();
+    let stop = CancellationToken::new();
+    let uplink = Uplink::new(
+        settings,
+        spool_handle.clone(),
+        status.clone(),
+        drain.clone(),
+        stop.clone(),
+    );
+    let mut uplink_task = tokio::spawn(uplink.run());
+    let status_task = tokio::spawn(report_status(status.clone(), spool_handle.clone(), shutdown.clone()));
+
+    shutdown.cancelled().await;
+    notify(&[
+        sd_notify::NotifyState::Stopping,
+        sd_notify::NotifyState::Status("stopping: finishing client messages and draining the spool"),
+    ]);
+    tracing::info!("shutting down: no new clients; finishing what connected clients sent");
+    ingest_stop.cancel();
+    let _ = ingest_task.await;
+    let depth = spool_handle
+        .stats()
+        .depth
+        .load(std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(
+        spool_depth = depth,
+        grace_s = config.shutdown_grace.as_secs(),
+        "draining the spool to the brain"
+    );
+    drain.cancel();
+    if tokio::time::timeout(config.shutdown_grace, &mut uplink_task)
+        .await
+        .is_err()
+    {
+        stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), uplink_task).await;
+    }
+    status_task.abort();
+    let left = spool_handle
+        .stats()
+        .depth
+        .load(std::sync::atomic::Ordering::Relaxed);
+    spool.close().await;
+    tracing::info!(undelivered_events_kept = left, "stopped");
+    Ok(())
+}
+
+fn notify(state: &[sd_notify::NotifyState]) {
+    let _ = sd_notify::notify(state);
+}
+
+/// Keeps `systemctl status` informative: one STATUS= line every few seconds.
+async fn report_status(status: Arc<Status>, spool: crate::spool::SpoolHandle, shutdown: CancellationToken) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let st = spool.stats();
+        let line = format!(
+            "brain {}; spool {} events; dropped {}; clients {}",
+            status.uplink().state.as_str(),
+            st.depth.load(std::sync::atomic::Ordering::Relaxed),
+            st.dropped_oldest_total.load(std::sync::atomic::Ordering::Relaxed)
+                + st.refused_full_total.load(std::sync::atomic::Ordering::Relaxed),
+            status.clients().len()
+        );
+        notify(&[sd_notify::NotifyState::Status(&line)]);
+    }
+}

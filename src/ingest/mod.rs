@@ -1,0 +1,649 @@
+//! The local socket: applications write task events here.
+//!
+//! Owns binding (replacing a stale socket file, refusing when a live daemon
+//! answers), the accept loop, one task per connection, peer credentials and
+//! the uid/gid allow-list, and turning client messages into spool appends.
+//!
+//! Invariants:
+//! * the accept loop never waits on a client: each connection runs in its
+//!   own task, with bounded buffers, and replies go through a bounded queue
+//!   that drops (and counts) replies to a client that does not read;
+//! * a durable `ack` is written only after the spool committed the events;
+//! * a refused event gets an `error` reply with a code and a message that
+//!   says what to change, is counted, and the connection goes on.
+//!
+//! The message contract is documented in `docs/local-protocol.md`.
+
+pub mod framing;
+pub mod validate;
+
+use std::collections::VecDeque;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+use time::OffsetDateTime;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::protocol::Value;
+use crate::spool::{AppendOutcome, Overflow, SpoolError, SpoolHandle};
+use crate::status::{ClientInfo, Status};
+use framing::{Decoded, Decoder, Framing};
+use validate::{normalize_event, Refusal};
+
+/// Ingest settings.
+#[derive(Debug, Clone)]
+pub struct IngestConfig {
+    /// The socket path.
+    pub socket_path: PathBuf,
+    /// Its mode.
+    pub socket_mode: u32,
+    /// Allowed peer uids (empty = any).
+    pub allowed_uids: Vec<u32>,
+    /// Allowed peer gids (empty = any).
+    pub allowed_gids: Vec<u32>,
+    /// Most connections at once.
+    pub max_clients: usize,
+    /// Largest message a client may send (a batch of events).
+    pub max_message_bytes: usize,
+    /// Largest single event, canonical bytes (fits one brain frame).
+    pub max_event_bytes: usize,
+}
+
+/// Default bound of one client message.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+/// Room left in a brain frame for the signed envelope around the events.
+pub const FRAME_ENVELOPE_RESERVE: usize = 4 * 1024;
+
+/// Binding problems.
+#[derive(Debug, Error)]
+pub enum IngestError {
+    /// Another daemon answers on the socket.
+    #[error("another z4j-agentd is already listening on {0}; stop it first, or set Z4J_SOCKET_PATH to a different path")]
+    AlreadyRunning(String),
+    /// Something that is not a socket is in the way.
+    #[error("{0} exists and is not a socket; remove it or set Z4J_SOCKET_PATH to a different path")]
+    NotASocket(String),
+    /// An I/O failure while binding.
+    #[error("cannot bind the local socket {path}: {source}; check that the directory exists and this user may write to it")]
+    Bind {
+        /// The socket path.
+        path: String,
+        /// The failure.
+        source: std::io::Error,
+    },
+}
+
+/// Resolves the default socket path (see the architecture brief).
+pub fn default_socket_path(host: &crate::config::HostEnv) -> PathBuf {
+    if let Some(r) = &host.runtime_directory {
+        r.join("agent.sock")
+    } else if let Some(x) = &host.xdg_runtime_dir {
+        x.join("z4j").join("agent.sock")
+    } else {
+        host.tmp_private_dir().join("agent.sock")
+    }
+}
+
+/// Binds the socket: replaces a stale file, refuses when a daemon answers.
+/// The socket is bound under a temporary name, given its mode, then renamed
+/// into place, so it never exists with the wrong mode.
+pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, IngestError> {
+    let text = path.display().to_string();
+    if let Some(dir) = path.parent() {
+        if !dir.exists() {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o750)
+                .create(dir)
+                .map_err(|source| IngestError::Bind {
+                    path: text.clone(),
+                    source,
+                })?;
+        }
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) => {
+            use std::os::unix::fs::FileTypeExt;
+            if !meta.file_type().is_socket() {
+                return Err(IngestError::NotASocket(text));
+            }
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(_) => return Err(IngestError::AlreadyRunning(text)),
+                Err(_) => {
+                    tracing::info!(socket = %text, "replacing the stale socket of a daemon that is gone");
+                }
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => return Err(IngestError::Bind { path: text, source }),
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let std_listener =
+        std::os::unix::net::UnixListener::bind(&tmp).map_err(|source| IngestError::Bind {
+            path: text.clone(),
+            source,
+        })?;
+    let finish = || -> std::io::Result<()> {
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+        std::fs::rename(&tmp, path)?;
+        std_listener.set_nonblocking(true)
+    };
+    if let Err(source) = finish() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(IngestError::Bind { path: text, source });
+    }
+    UnixListener::from_std(std_listener).map_err(|source| IngestError::Bind { path: text, source })
+}
+
+/// Everything a connection task needs.
+pub struct Ingest {
+    config: IngestConfig,
+    spool: SpoolHandle,
+    status: Arc<Status>,
+    next_id: AtomicU64,
+}
+
+/// Replies queued per connection before they are dropped.
+const REPLY_QUEUE: usize = 256;
+/// Appends of one connection waiting for their commit before it stops reading.
+const MAX_PENDING_APPENDS: usize = 64;
+/// On shutdown, how long a connection may keep delivering what it already sent.
+const DRAIN_READ_TIMEOUT: Duration = Duration::from_millis(200);
+
+impl Ingest {
+    /// Creates the ingest side.
+    pub fn new(config: IngestConfig, spool: SpoolHandle, status: Arc<Status>) -> Arc<Self> {
+        Arc::new(Ingest {
+            config,
+            spool,
+            status,
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    /// Accepts connections until `shutdown`, then lets open connections
+    /// finish what they sent and returns once all of them are done.
+    pub async fn serve(self: Arc<Self>, listener: UnixListener, shutdown: CancellationToken) {
+        let slots = Arc::new(Semaphore::new(self.config.max_clients));
+        let mut tasks = JoinSet::new();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        let Ok(permit) = slots.clone().try_acquire_owned() else {
+                            self.status.refuse("too_many_clients", 1);
+                            tasks.spawn(refuse_connection(stream, self.config.max_clients));
+                            continue;
+                        };
+                        let me = self.clone();
+                        let token = shutdown.clone();
+                        tasks.spawn(async move {
+                            me.connection(stream, token).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(e) => {
+                        // EMFILE and friends: log, pause briefly, keep accepting.
+                        tracing::warn!(error = %e, "accept failed on the local socket");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            }
+        }
+        drop(listener);
+        let _ = std::fs::remove_file(&self.config.socket_path);
+        while tasks.join_next().await.is_some() {}
+    }
+
+    async fn connection(self: Arc<Self>, stream: UnixStream, shutdown: CancellationToken) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let cred = stream.peer_cred().ok();
+        let (uid, gid, pid) = cred
+            .map(|c| (c.uid(), c.gid(), c.pid()))
+            .unwrap_or((u32::MAX, u32::MAX, None));
+        let (mut rd, wr) = stream.into_split();
+
+        // The first byte decides the framing.
+        let mut first = [0u8; 1];
+        let n = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = rd.read(&mut first) => match r { Ok(n) => n, Err(_) => return },
+        };
+        if n == 0 {
+            return;
+        }
+        let framing = Framing::detect(first[0]);
+        let (reply_tx, reply_rx) = mpsc::channel::<Vec<u8>>(REPLY_QUEUE);
+        let writer = tokio::spawn(write_replies(wr, reply_rx));
+        let replies = Replies {
+            tx: reply_tx,
+            framing,
+            status: self.status.clone(),
+        };
+
+        let allowed = (self.config.allowed_uids.is_empty()
+            || self.config.allowed_uids.contains(&uid))
+            && (self.config.allowed_gids.is_empty() || self.config.allowed_gids.contains(&gid));
+        if !allowed {
+            self.status.refuse("not_allowed", 1);
+            tracing::warn!(uid, gid, pid, "refused a local client whose uid/gid is not allowed");
+            replies.error(
+                "not_allowed",
+                &format!("uid {uid} / gid {gid} may not write to this daemon; add it to Z4J_ALLOWED_UIDS or Z4J_ALLOWED_GIDS"),
+                None,
+                None,
+            );
+            drop(replies);
+            let _ = writer.await;
+            return;
+        }
+
+        self.status.client_connected(
+            id,
+            ClientInfo {
+                pid,
+                uid,
+                gid,
+                framing: framing.as_str(),
+                ..ClientInfo::default()
+            },
+        );
+        tracing::debug!(client = id, pid, uid, framing = framing.as_str(), "client connected");
+
+        let mut session = Session {
+            ingest: &self,
+            id,
+            replies,
+            pending: VecDeque::new(),
+        };
+        let mut decoder = Decoder::new(framing, self.config.max_message_bytes);
+        decoder.feed(&first);
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut draining = false;
+        'conn: loop {
+            // Handle everything already buffered.
+            loop {
+                match decoder.next() {
+                    Ok(Some(Decoded::Message(v))) => session.message(v).await,
+                    Ok(Some(Decoded::Invalid(e))) => {
+                        self.status.refuse(e.code, 1);
+                        session.replies.error(e.code, &e.message, None, None);
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.status.refuse(e.code, 1);
+                        session.replies.error(e.code, &e.message, None, None);
+                        break 'conn;
+                    }
+                }
+                if session.pending.len() >= MAX_PENDING_APPENDS {
+                    session.settle_front().await;
+                }
+            }
+            if draining {
+                match tokio::time::timeout(DRAIN_READ_TIMEOUT, rd.read(&mut buf)).await {
+                    Ok(Ok(n)) if n > 0 => decoder.feed(&buf[..n]),
+                    _ => break,
+                }
+                continue;
+            }
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled(), if !draining => { draining = true; }
+                settled = async { (&mut session.pending.front_mut().expect("guarded").rx).await }, if session.pending.front().is_some_and(|p| p.rx_active) => {
+                    let p = session.pending.pop_front().expect("guarded");
+                    session.settled(p, settled.unwrap_or(Err(SpoolError::Closed))).await;
+                }
+                r = rd.read(&mut buf) => match r {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => decoder.feed(&buf[..n]),
+                },
+            }
+        }
+        while !session.pending.is_empty() {
+            session.settle_front().await;
+        }
+        self.status.client_disconnected(id);
+        drop(session);
+        let _ = writer.await;
+        tracing::debug!(client = id, "client disconnected");
+    }
+}
+
+async fn refuse_connection(stream: UnixStream, max: usize) {
+    let (mut rd, mut wr) = stream.into_split();
+    let mut first = [0u8; 1];
+    let framing = match tokio::time::timeout(Duration::from_secs(1), rd.read(&mut first)).await {
+        Ok(Ok(1)) => Framing::detect(first[0]),
+        _ => Framing::JsonLines,
+    };
+    let mut m = Value::empty_map();
+    m.insert("type", "error");
+    m.insert("code", "too_many_clients");
+    m.insert(
+        "message",
+        format!("the daemon already serves {max} connections (Z4J_MAX_CLIENTS); reuse one connection per process"),
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), wr.write_all(&framing.encode(&m))).await;
+}
+
+async fn write_replies(mut wr: tokio::net::unix::OwnedWriteHalf, mut rx: mpsc::Receiver<Vec<u8>>) {
+    while let Some(bytes) = rx.recv().await {
+        if wr.write_all(&bytes).await.is_err() {
+            // The client went away; keep draining so senders never block.
+            while rx.recv().await.is_some() {}
+            return;
+        }
+    }
+    let _ = wr.shutdown().await;
+}
+
+/// The reply side of one connection.
+struct Replies {
+    tx: mpsc::Sender<Vec<u8>>,
+    framing: Framing,
+    status: Arc<Status>,
+}
+
+impl Replies {
+    fn send(&self, v: &Value) {
+        if self.tx.try_send(self.framing.encode(v)).is_err() {
+            self.status.replies_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn error(&self, code: &str, message: &str, ack_id: Option<&Value>, index: Option<usize>) {
+        let mut m = Value::empty_map();
+        m.insert("type", "error");
+        m.insert("code", code);
+        m.insert("message", message);
+        if let Some(a) = ack_id {
+            m.insert("ack_id", a.clone());
+        }
+        if let Some(i) = index {
+            m.insert("index", i as u64);
+        }
+        self.send(&m);
+    }
+}
+
+/// One append waiting for its commit, in arrival order.
+struct Pending {
+    rx: oneshot::Receiver<Result<AppendOutcome, SpoolError>>,
+    /// False for entries that only carry an ack (nothing was stored).
+    rx_active: bool,
+    ack_id: Option<Value>,
+    /// Kept only under the `block` policy, to retry what did not fit.
+    retry: Option<Vec<Vec<u8>>>,
+    /// Events stored by earlier attempts of this message (`block`).
+    stored_before: usize,
+}
+
+struct Session<'a> {
+    ingest: &'a Ingest,
+    id: u64,
+    replies: Replies,
+    pending: VecDeque<Pending>,
+}
+
+impl Session<'_> {
+    async fn message(&mut self, msg: Value) {
+        let status = &self.ingest.status;
+        let ack_id = msg.get("ack_id").cloned();
+        let Some(kind) = msg.get("type").and_then(Value::as_str).map(str::to_owned) else {
+            status.refuse("bad_message", 1);
+            let what = if matches!(msg, Value::Map(_)) {
+                "a message needs a string \"type\" (event, events, hello, ping, stats)".to_string()
+            } else {
+                format!("a message must be a map, got {}", msg.type_name())
+            };
+            self.replies.error("bad_message", &what, ack_id.as_ref(), None);
+            return;
+        };
+        match kind.as_str() {
+            "event" => {
+                let now = OffsetDateTime::now_utc();
+                status.events_received.fetch_add(1, Ordering::Relaxed);
+                let (records, _) = self.validate(vec![msg], now, ack_id.as_ref(), false);
+                self.store(records, ack_id).await;
+            }
+            "events" => {
+                let now = OffsetDateTime::now_utc();
+                let mut msg = msg;
+                let events = match msg.remove("events") {
+                    Some(Value::Array(items)) => items,
+                    other => {
+                        status.refuse("bad_message", 1);
+                        self.replies.error(
+                            "bad_message",
+                            &format!(
+                                "\"events\" must be a list of events, got {}",
+                                other.map(|v| v.type_name()).unwrap_or("nothing")
+                            ),
+                            ack_id.as_ref(),
+                            None,
+                        );
+                        return;
+                    }
+                };
+                status
+                    .events_received
+                    .fetch_add(events.len() as u64, Ordering::Relaxed);
+                let (records, _) = self.validate(events, now, ack_id.as_ref(), true);
+                self.store(records, ack_id).await;
+            }
+            "hello" => {
+                self.hello(&msg);
+                if let Some(a) = ack_id {
+                    let mut m = Value::empty_map();
+                    m.insert("type", "hello_ack");
+                    m.insert("ack_id", a);
+                    m.insert("version", env!("CARGO_PKG_VERSION"));
+                    m.insert("max_event_bytes", self.ingest.config.max_event_bytes as u64);
+                    m.insert(
+                        "max_message_bytes",
+                        self.ingest.config.max_message_bytes as u64,
+                    );
+                    self.replies.send(&m);
+                }
+            }
+            "ping" => {
+                let mut m = Value::empty_map();
+                m.insert("type", "pong");
+                if let Some(a) = ack_id {
+                    m.insert("ack_id", a);
+                }
+                self.replies.send(&m);
+            }
+            "stats" => {
+                let mut m = status.report(self.ingest.spool.stats());
+                if let Some(a) = ack_id {
+                    m.insert("ack_id", a);
+                }
+                self.replies.send(&m);
+            }
+            other => {
+                status.refuse("unknown_type", 1);
+                self.replies.error(
+                    "unknown_type",
+                    &format!(
+                        "unknown message type {other:?}; this daemon accepts event, events, hello, ping and stats"
+                    ),
+                    ack_id.as_ref(),
+                    None,
+                );
+            }
+        }
+    }
+
+    fn validate(
+        &self,
+        events: Vec<Value>,
+        now: OffsetDateTime,
+        ack_id: Option<&Value>,
+        indexed: bool,
+    ) -> (Vec<Vec<u8>>, usize) {
+        let mut records = Vec::with_capacity(events.len());
+        let mut refused = 0;
+        for (i, e) in events.into_iter().enumerate() {
+            match normalize_event(e, now, self.ingest.config.max_event_bytes) {
+                Ok(r) => records.push(r),
+                Err(Refusal { code, message }) => {
+                    refused += 1;
+                    self.ingest.status.refuse(code, 1);
+                    self.replies
+                        .error(code, &message, ack_id, indexed.then_some(i));
+                }
+            }
+        }
+        let n = records.len() as u64;
+        self.ingest
+            .status
+            .update_client(self.id, |c| c.events_received += n);
+        (records, refused)
+    }
+
+    async fn store(&mut self, records: Vec<Vec<u8>>, ack_id: Option<Value>) {
+        if records.is_empty() {
+            if ack_id.is_some() {
+                // Keep acks in order behind earlier appends.
+                let (tx, rx) = oneshot::channel();
+                let _ = tx.send(Ok(AppendOutcome::default()));
+                self.pending.push_back(Pending {
+                    rx,
+                    rx_active: true,
+                    ack_id,
+                    retry: None,
+                    stored_before: 0,
+                });
+            }
+            return;
+        }
+        self.ingest
+            .status
+            .events_accepted
+            .fetch_add(records.len() as u64, Ordering::Relaxed);
+        let retry = (self.ingest.spool.overflow() == Overflow::Block).then(|| records.clone());
+        match self.ingest.spool.append(records).await {
+            Ok(rx) => self.pending.push_back(Pending {
+                rx,
+                rx_active: true,
+                ack_id,
+                retry,
+                stored_before: 0,
+            }),
+            Err(e) => {
+                self.ingest.status.refuse(e.code(), 1);
+                self.replies
+                    .error(e.code(), &e.to_string(), ack_id.as_ref(), None);
+            }
+        }
+    }
+
+    async fn settle_front(&mut self) {
+        if let Some(mut p) = self.pending.pop_front() {
+            let r = (&mut p.rx).await.unwrap_or(Err(SpoolError::Closed));
+            self.settled(p, r).await;
+        }
+    }
+
+    async fn settled(&mut self, mut p: Pending, r: Result<AppendOutcome, SpoolError>) {
+        match r {
+            Ok(o) if o.refused_full > 0 && p.retry.is_some() => {
+                // `block`: wait for room, then retry what did not fit. This
+                // connection reads nothing meanwhile, which is the back-pressure.
+                let mut rest = p.retry.take().unwrap_or_default();
+                rest.drain(..o.stored.min(rest.len()));
+                let stored_before = p.stored_before + o.stored;
+                let spool = &self.ingest.spool;
+                let _ = tokio::time::timeout(Duration::from_millis(250), spool.space_freed().notified()).await;
+                match spool.append(rest.clone()).await {
+                    Ok(rx) => {
+                        self.pending.push_front(Pending {
+                            rx,
+                            rx_active: true,
+                            ack_id: p.ack_id,
+                            retry: Some(rest),
+                            stored_before,
+                        });
+                        // Settle it before anything later, to keep acks in order.
+                        Box::pin(self.settle_front()).await;
+                    }
+                    Err(e) => self.replies.error(e.code(), &e.to_string(), p.ack_id.as_ref(), None),
+                }
+            }
+            Ok(o) => {
+                if o.refused_full > 0 {
+                    self.replies.error(
+                        "spool_full",
+                        &format!(
+                            "the spool is full (Z4J_BUFFER_OVERFLOW=drop_newest): {} of {} events were not stored; the brain is not keeping up or is unreachable",
+                            o.refused_full,
+                            o.refused_full + o.stored
+                        ),
+                        p.ack_id.as_ref(),
+                        None,
+                    );
+                }
+                if let Some(a) = p.ack_id {
+                    let mut m = Value::empty_map();
+                    m.insert("type", "ack");
+                    m.insert("ack_id", a);
+                    m.insert("stored", (p.stored_before + o.stored) as u64);
+                    self.replies.send(&m);
+                }
+            }
+            Err(e) => {
+                let n = p.retry.as_ref().map(Vec::len).unwrap_or(1) as u64;
+                self.ingest.status.refuse(e.code(), n);
+                self.replies
+                    .error(e.code(), &e.to_string(), p.ack_id.as_ref(), None);
+            }
+        }
+    }
+
+    fn hello(&self, msg: &Value) {
+        let str_field = |k: &str| msg.get(k).and_then(Value::as_str).map(str::to_owned);
+        let engines: Vec<String> = msg
+            .get("engines")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty() && s.len() <= 40)
+                    .take(64)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let process = str_field("process");
+        let framework = str_field("framework");
+        let worker_role = str_field("worker_role");
+        tracing::info!(
+            client = self.id,
+            process = process.as_deref().unwrap_or("-"),
+            engines = ?engines,
+            "client registered"
+        );
+        self.ingest.status.update_client(self.id, |c| {
+            c.process = process;
+            c.framework = framework;
+            c.worker_role = worker_role;
+            c.engines = engines;
+        });
+    }
+}

@@ -1,0 +1,311 @@
+//! Validation and normalisation of one event, done once, at ingest.
+//!
+//! The result is the canonical JSON (sorted keys, Python float rendering)
+//! of exactly the object the brain will receive:
+//! `{"data":{..},"engine":..,"id":..,"kind":..,"occurred_at":..,"task_id":..}`.
+//! It is stored as-is in the spool and concatenated into frames later, so a
+//! replay after a reconnect is byte-identical and the brain's dedup holds
+//! (`occurred_at` is stamped here when absent, the id is assigned here).
+
+use time::OffsetDateTime;
+
+use crate::protocol::{canonical, replay, Value, KNOWN_KINDS, LEGACY_SCHEDULE_KINDS};
+
+/// Why one event was refused: a stable code and a message saying what to change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// Stable machine-readable reason (also the metric label).
+    pub code: &'static str,
+    /// What is wrong and what to change.
+    pub message: String,
+}
+
+impl Refusal {
+    pub(crate) fn new(code: &'static str, message: impl Into<String>) -> Self {
+        Refusal {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Longest engine name the brain accepts.
+const MAX_ENGINE_CHARS: usize = 40;
+/// Longest task id the brain accepts.
+const MAX_TASK_ID_CHARS: usize = 200;
+
+/// Formats a UTC timestamp the way z4j's Python agent does
+/// (`2026-11-22T23:29:59.500000+00:00`).
+pub fn format_occurred_at(t: OffsetDateTime) -> String {
+    let t = t.to_offset(time::UtcOffset::UTC);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}+00:00",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.microsecond()
+    )
+}
+
+fn take_string(map: &mut Value, key: &str) -> Result<Option<String>, Refusal> {
+    match map.remove(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Str(s)) => Ok(Some(s)),
+        Some(other) => Err(Refusal::new(
+            "invalid_event",
+            format!("`{key}` must be a string, got {}", other.type_name()),
+        )),
+    }
+}
+
+/// Normalises one event (a map, already decoded; the message-level keys
+/// `type` and `ack_id` are ignored) into its canonical bytes.
+pub fn normalize_event(
+    mut event: Value,
+    received_at: OffsetDateTime,
+    max_event_bytes: usize,
+) -> Result<Vec<u8>, Refusal> {
+    if !matches!(event, Value::Map(_)) {
+        return Err(Refusal::new(
+            "invalid_event",
+            format!("an event must be a map, got {}", event.type_name()),
+        ));
+    }
+    let engine = take_string(&mut event, "engine")?
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| {
+            Refusal::new(
+                "invalid_event",
+                "`engine` is required: the task engine's name, e.g. \"celery\"",
+            )
+        })?;
+    if engine.chars().count() > MAX_ENGINE_CHARS {
+        return Err(Refusal::new(
+            "invalid_event",
+            format!("`engine` must be at most {MAX_ENGINE_CHARS} characters"),
+        ));
+    }
+
+    let kind = take_string(&mut event, "kind")?
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| {
+            Refusal::new(
+                "invalid_event",
+                "`kind` is required, e.g. \"task.received\"",
+            )
+        })?;
+    if LEGACY_SCHEDULE_KINDS.contains(&kind.as_str()) {
+        return Err(Refusal::new(
+            "legacy_kind",
+            format!(
+                "kind {kind:?} is a legacy schedule event that z4j brains 1.13+ refuse (they stop acknowledging the whole batch); do not send it"
+            ),
+        ));
+    }
+    if !KNOWN_KINDS.contains(&kind.as_str()) {
+        return Err(Refusal::new(
+            "unknown_kind",
+            format!(
+                "kind {kind:?} is not one the brain knows; use one of: {}",
+                KNOWN_KINDS.join(", ")
+            ),
+        ));
+    }
+
+    let task_id = take_string(&mut event, "task_id")?.unwrap_or_default();
+    if kind.starts_with("task.") && task_id.trim().is_empty() {
+        return Err(Refusal::new(
+            "invalid_event",
+            format!("`task_id` is required for {kind} events"),
+        ));
+    }
+    if task_id.chars().count() > MAX_TASK_ID_CHARS {
+        return Err(Refusal::new(
+            "invalid_event",
+            format!("`task_id` must be at most {MAX_TASK_ID_CHARS} characters"),
+        ));
+    }
+
+    let occurred_at = match event.remove("occurred_at") {
+        None | Some(Value::Null) => format_occurred_at(received_at),
+        Some(Value::Str(s)) => match replay::parse_iso8601_assume_utc(s.trim()) {
+            Some(t) => format_occurred_at(t),
+            None => {
+                return Err(Refusal::new(
+                    "invalid_event",
+                    format!(
+                        "`occurred_at` {s:?} is not an ISO-8601 timestamp; send e.g. \"2026-11-22T23:29:59.500000+00:00\", a unix time in seconds, or omit it"
+                    ),
+                ))
+            }
+        },
+        Some(v @ (Value::Int(_) | Value::UInt(_) | Value::Float(_))) => {
+            let secs = v.as_f64().unwrap_or(f64::NAN);
+            let nanos = (secs * 1e9).round();
+            match OffsetDateTime::from_unix_timestamp_nanos(nanos as i128) {
+                Ok(t) if secs.is_finite() && secs >= 0.0 => format_occurred_at(t),
+                _ => {
+                    return Err(Refusal::new(
+                        "invalid_event",
+                        format!("`occurred_at` {secs} is not a valid unix time in seconds"),
+                    ))
+                }
+            }
+        }
+        Some(other) => {
+            return Err(Refusal::new(
+                "invalid_event",
+                format!(
+                    "`occurred_at` must be an ISO-8601 string or a unix time, got {}",
+                    other.type_name()
+                ),
+            ))
+        }
+    };
+
+    let id = match take_string(&mut event, "id")? {
+        None => uuid::Uuid::now_v7().hyphenated().to_string(),
+        Some(s) => match uuid::Uuid::parse_str(s.trim()) {
+            Ok(u) if !u.is_nil() && !u.is_max() => u.hyphenated().to_string(),
+            _ => {
+                return Err(Refusal::new(
+                    "invalid_event",
+                    format!("`id` {s:?} is not a UUID; omit it and the daemon assigns one"),
+                ))
+            }
+        },
+    };
+
+    let data = match event.remove("data") {
+        None | Some(Value::Null) => Value::empty_map(),
+        Some(m @ Value::Map(_)) => m,
+        Some(other) => {
+            return Err(Refusal::new(
+                "invalid_event",
+                format!("`data` must be a map, got {}", other.type_name()),
+            ))
+        }
+    };
+
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(b"{\"data\":");
+    canonical::write_value(&data, &mut out)
+        .map_err(|e| Refusal::new("invalid_event", format!("`data`: {e}")))?;
+    out.extend_from_slice(b",\"engine\":");
+    canonical::write_str(&engine, &mut out);
+    out.extend_from_slice(b",\"id\":");
+    canonical::write_str(&id, &mut out);
+    out.extend_from_slice(b",\"kind\":");
+    canonical::write_str(&kind, &mut out);
+    out.extend_from_slice(b",\"occurred_at\":");
+    canonical::write_str(&occurred_at, &mut out);
+    out.extend_from_slice(b",\"task_id\":");
+    canonical::write_str(&task_id, &mut out);
+    out.push(b'}');
+
+    if out.len() > max_event_bytes {
+        return Err(Refusal::new(
+            "event_too_large",
+            format!(
+                "the event is {} bytes once encoded, but one brain frame holds at most {} bytes of events; trim `data` (large args, results or tracebacks)",
+                out.len(),
+                max_event_bytes
+            ),
+        ));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now() -> OffsetDateTime {
+        OffsetDateTime::from_unix_timestamp_nanos(1_795_390_199_500_000_000).unwrap()
+    }
+
+    fn json(s: &str) -> Value {
+        serde_json::from_str(s).unwrap()
+    }
+
+    fn norm(s: &str) -> Result<String, Refusal> {
+        normalize_event(json(s), now(), 1 << 20).map(|b| String::from_utf8(b).unwrap())
+    }
+
+    #[test]
+    fn full_event_is_rendered_canonically() {
+        let out = norm(
+            r#"{"type":"event","ack_id":7,"engine":" celery ","kind":"task.received","task_id":"t-1",
+                "occurred_at":"2026-11-22T23:29:59.5Z","id":"7D9C2B1E-4F3A-4C2D-8E1F-0A1B2C3D4E5F",
+                "data":{"z":"é","a":null,"args":[1.5,1e-05,100.0]}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            out,
+            r#"{"data":{"a":null,"args":[1.5,1e-05,100.0],"z":"é"},"engine":"celery","id":"7d9c2b1e-4f3a-4c2d-8e1f-0a1b2c3d4e5f","kind":"task.received","occurred_at":"2026-11-22T23:29:59.500000+00:00","task_id":"t-1"}"#
+        );
+    }
+
+    #[test]
+    fn missing_occurred_at_and_id_are_assigned_once() {
+        let out = norm(r#"{"engine":"rq","kind":"task.started","task_id":"x"}"#).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["occurred_at"], format_occurred_at(now()));
+        let id = uuid::Uuid::parse_str(v["id"].as_str().unwrap()).unwrap();
+        assert_eq!(id.get_version_num(), 7);
+        assert_eq!(v["data"], serde_json::json!({}));
+    }
+
+    #[test]
+    fn naive_and_offset_times_become_utc() {
+        let a = norm(r#"{"engine":"e","kind":"task.sent","task_id":"x","occurred_at":"2026-11-22T10:00:00"}"#).unwrap();
+        assert!(a.contains("\"occurred_at\":\"2026-11-22T10:00:00.000000+00:00\""), "{a}");
+        let b = norm(r#"{"engine":"e","kind":"task.sent","task_id":"x","occurred_at":"2026-11-22T12:00:00.25+02:00"}"#).unwrap();
+        assert!(b.contains("\"occurred_at\":\"2026-11-22T10:00:00.250000+00:00\""), "{b}");
+        let c = norm(r#"{"engine":"e","kind":"task.sent","task_id":"x","occurred_at":1795390199.5}"#).unwrap();
+        assert!(c.contains("\"occurred_at\":\"2026-11-22T23:29:59.500000+00:00\""), "{c}");
+    }
+
+    #[test]
+    fn refusals_say_what_to_change() {
+        let cases = [
+            (r#"{"kind":"task.sent","task_id":"x"}"#, "invalid_event", "engine"),
+            (r#"{"engine":"  ","kind":"task.sent","task_id":"x"}"#, "invalid_event", "engine"),
+            (r#"{"engine":"e","task_id":"x"}"#, "invalid_event", "kind"),
+            (r#"{"engine":"e","kind":"task.exploded","task_id":"x"}"#, "unknown_kind", "task.received"),
+            (r#"{"engine":"e","kind":"schedule.snapshot"}"#, "legacy_kind", "legacy"),
+            (r#"{"engine":"e","kind":"task.sent"}"#, "invalid_event", "task_id"),
+            (r#"{"engine":"e","kind":"task.sent","task_id":5}"#, "invalid_event", "string"),
+            (r#"{"engine":"e","kind":"task.sent","task_id":"x","data":[1]}"#, "invalid_event", "map"),
+            (r#"{"engine":"e","kind":"task.sent","task_id":"x","id":"nope"}"#, "invalid_event", "UUID"),
+            (r#"{"engine":"e","kind":"task.sent","task_id":"x","occurred_at":"yesterday"}"#, "invalid_event", "ISO-8601"),
+        ];
+        for (input, code, hint) in cases {
+            let r = norm(input).unwrap_err();
+            assert_eq!(r.code, code, "{input}: {}", r.message);
+            assert!(r.message.contains(hint), "{input}: {}", r.message);
+        }
+    }
+
+    #[test]
+    fn worker_events_need_no_task_id() {
+        let out = norm(r#"{"engine":"celery","kind":"worker.online","data":{"worker":"w1"}}"#).unwrap();
+        assert!(out.ends_with("\"task_id\":\"\"}"), "{out}");
+    }
+
+    #[test]
+    fn too_large_is_refused_with_sizes() {
+        let big = format!(
+            r#"{{"engine":"e","kind":"task.sent","task_id":"x","data":{{"blob":"{}"}}}}"#,
+            "a".repeat(2000)
+        );
+        let r = normalize_event(json(&big), now(), 1000).unwrap_err();
+        assert_eq!(r.code, "event_too_large");
+        assert!(r.message.contains("1000"), "{}", r.message);
+    }
+}

@@ -1,0 +1,32 @@
+//! z4j-agentd: one daemon per host between Python task processes and a z4j brain.
+//!
+//! Data flow (each step is a module):
+//!
+//! ```text
+//! app processes --unix socket--> ingest --> spool (SQLite WAL, group commit)
+//!                                              | oldest first
+//!                                              v
+//! z4j brain <====== protocol v2, HMAC ====== uplink (one WebSocket)
+//! ```
+//!
+//! * [`config`]: flags > environment > config file, secrets from files, validation.
+//! * [`protocol`]: z4j protocol v2 frames, canonical JSON, HMAC signer/verifier,
+//!   replay guard. Pure: no I/O.
+//! * [`ingest`]: the local socket, framing, validation and normalisation of events.
+//! * [`spool`]: the durable queue in SQLite.
+//! * [`uplink`]: the one connection to the brain.
+//! * [`status`]: counters, connection state and clients an operator can see.
+//! * [`daemon`]: wiring, startup order and shutdown; [`cli`]: flags and signals.
+//! * [`client`]: a small client for the local socket, used by Rust producers,
+//!   the examples and the tests.
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod daemon;
+pub mod ingest;
+pub mod protocol;
+pub mod spool;
+pub mod status;
+pub mod uplink;

@@ -1,0 +1,899 @@
+//! The durable queue between ingest and the uplink: one SQLite file in WAL mode.
+//!
+//! Design:
+//! * One writer thread owns the only connection. Every request (append,
+//!   read, ack, snapshot) goes through one bounded channel, so there is no
+//!   lock contention and callers get back-pressure when the disk is slow.
+//! * Group commit: the writer takes everything that queued up while the
+//!   last transaction ran and applies it in one transaction; appends are
+//!   answered only after that commit, so "stored" always means "on disk"
+//!   (to the `synchronous` level configured).
+//! * Rows are the canonical JSON of one normalised event (rendered once at
+//!   ingest), keyed by an `AUTOINCREMENT` id, so ids only grow: the uplink
+//!   reads "everything after id X" and an in-flight frame always covers a
+//!   contiguous id range.
+//! * Events leave only on the brain's ack ([`SpoolHandle::ack`]) or by the
+//!   overflow policy, and every such drop is counted (lifetime counter kept
+//!   in the `meta` table, so restarts do not reset it).
+//! * Crash safety is SQLite's: a committed transaction survives a kill of the
+//!   process at any point; nothing is held only in memory once acknowledged.
+//! * One daemon per spool: an exclusive lock on `<spool>.lock`, which also
+//!   records the holder's pid for the error message of a second daemon.
+
+pub mod path;
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rusqlite::{params, Connection, OptionalExtension};
+use thiserror::Error;
+use tokio::sync::{mpsc, oneshot, Notify};
+
+/// What to do with new events when the spool is at its bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    /// Delete the oldest stored events to make room (default). Keeps the
+    /// freshest picture of the fleet; the loss is counted and reported.
+    DropOldest,
+    /// Refuse the new events with a `spool_full` error. Keeps history;
+    /// producers see the refusal and the count.
+    DropNewest,
+    /// Stop reading from the producer until space frees up. Nothing is
+    /// lost, but producers that wait on the socket slow down.
+    Block,
+}
+
+/// SQLite `synchronous` level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Synchronous {
+    /// Survives a process crash; an OS crash may lose the last commits.
+    Normal,
+    /// Also survives power loss, at the cost of an fsync per commit.
+    Full,
+}
+
+/// Spool settings.
+#[derive(Debug, Clone)]
+pub struct SpoolConfig {
+    /// The SQLite file (already resolved and clamped by [`path`]).
+    pub path: PathBuf,
+    /// Bound in events.
+    pub max_events: u64,
+    /// Bound in bytes of event bodies.
+    pub max_bytes: u64,
+    /// Overflow policy.
+    pub overflow: Overflow,
+    /// SQLite synchronous mode.
+    pub synchronous: Synchronous,
+}
+
+/// Spool failures.
+#[derive(Debug, Clone, Error)]
+pub enum SpoolError {
+    /// Another daemon holds the spool.
+    #[error("spool {path} is in use by another z4j-agentd (pid {pid}); stop it, or give this one its own Z4J_BUFFER_PATH")]
+    Locked {
+        /// The spool file.
+        path: String,
+        /// The holder, as recorded in the lock file.
+        pid: String,
+    },
+    /// The file could not be opened or prepared.
+    #[error("cannot open spool {path}: {message}")]
+    Open {
+        /// The spool file.
+        path: String,
+        /// What went wrong and what to do.
+        message: String,
+    },
+    /// A SQLite error while running (its message).
+    #[error("spool error: {0}")]
+    Sqlite(String),
+    /// The disk is full; nothing of the failed transaction was stored.
+    #[error("the spool's disk is full; free space on the spool's filesystem (nothing of this batch was stored)")]
+    DiskFull,
+    /// The writer thread is gone (shutdown).
+    #[error("the spool is closed")]
+    Closed,
+}
+
+impl SpoolError {
+    /// A short stable label for metrics and error codes.
+    pub fn code(&self) -> &'static str {
+        match self {
+            SpoolError::Locked { .. } => "spool_locked",
+            SpoolError::Open { .. } => "spool_open",
+            SpoolError::Sqlite(_) => "spool_error",
+            SpoolError::DiskFull => "spool_disk_full",
+            SpoolError::Closed => "spool_closed",
+        }
+    }
+
+    fn from_sqlite(e: rusqlite::Error) -> Self {
+        if let rusqlite::Error::SqliteFailure(f, _) = &e {
+            if f.code == rusqlite::ErrorCode::DiskFull {
+                return SpoolError::DiskFull;
+            }
+        }
+        SpoolError::Sqlite(e.to_string())
+    }
+}
+
+/// The result of one append request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AppendOutcome {
+    /// Events committed.
+    pub stored: usize,
+    /// Events refused because the spool was full (`drop_newest`/`block`).
+    pub refused_full: usize,
+}
+
+/// One stored event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    /// Its spool id (grows monotonically).
+    pub id: i64,
+    /// Canonical JSON of the normalised event.
+    pub body: Vec<u8>,
+}
+
+/// A point-in-time view of the spool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Snapshot {
+    /// Events waiting for the brain's ack.
+    pub depth: u64,
+    /// Bytes of those events.
+    pub bytes: u64,
+    /// When the oldest of them was stored (unix ms).
+    pub oldest_stored_ms: Option<i64>,
+}
+
+/// Live counters, readable without a round trip to the writer.
+#[derive(Debug, Default)]
+pub struct SpoolStats {
+    /// Events stored and not yet acknowledged by the brain.
+    pub depth: AtomicU64,
+    /// Their bytes.
+    pub bytes: AtomicU64,
+    /// Events ever committed by this process.
+    pub stored_total: AtomicU64,
+    /// Events deleted on the brain's ack by this process.
+    pub acked_total: AtomicU64,
+    /// Oldest events evicted by `drop_oldest` (lifetime of the spool file).
+    pub dropped_oldest_total: AtomicU64,
+    /// New events refused because the spool was full.
+    pub refused_full_total: AtomicU64,
+    /// Events refused because the disk was full or SQLite failed.
+    pub write_failed_total: AtomicU64,
+    /// Transactions committed.
+    pub commits_total: AtomicU64,
+}
+
+enum Op {
+    Append {
+        events: Vec<Vec<u8>>,
+        reply: oneshot::Sender<Result<AppendOutcome, SpoolError>>,
+    },
+    ReadAfter {
+        after_id: i64,
+        max_events: usize,
+        max_bytes: usize,
+        reply: oneshot::Sender<Result<Vec<StoredEvent>, SpoolError>>,
+    },
+    ReadRange {
+        first: i64,
+        last: i64,
+        reply: oneshot::Sender<Result<Vec<StoredEvent>, SpoolError>>,
+    },
+    Ack {
+        first: i64,
+        last: i64,
+        reply: oneshot::Sender<Result<u64, SpoolError>>,
+    },
+    Snapshot {
+        reply: oneshot::Sender<Result<Snapshot, SpoolError>>,
+    },
+    Close,
+}
+
+/// A cheap, cloneable handle to the spool's writer.
+#[derive(Clone)]
+pub struct SpoolHandle {
+    tx: mpsc::Sender<Op>,
+    stats: Arc<SpoolStats>,
+    new_events: Arc<Notify>,
+    space_freed: Arc<Notify>,
+    overflow: Overflow,
+}
+
+/// Requests waiting in the channel before callers feel back-pressure.
+const QUEUE_DEPTH: usize = 1024;
+/// Most events applied in one transaction (bounds commit latency).
+const MAX_EVENTS_PER_COMMIT: usize = 32_768;
+/// At most one eviction WARNING per this interval.
+const EVICTION_WARN_EVERY: Duration = Duration::from_secs(10);
+
+impl SpoolHandle {
+    /// Queues events for the next group commit. Await the returned receiver
+    /// for the outcome; it resolves only after the commit.
+    pub async fn append(
+        &self,
+        events: Vec<Vec<u8>>,
+    ) -> Result<oneshot::Receiver<Result<AppendOutcome, SpoolError>>, SpoolError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Op::Append { events, reply })
+            .await
+            .map_err(|_| SpoolError::Closed)?;
+        Ok(rx)
+    }
+
+    /// Appends and waits for the commit.
+    pub async fn append_durable(&self, events: Vec<Vec<u8>>) -> Result<AppendOutcome, SpoolError> {
+        self.append(events)
+            .await?
+            .await
+            .map_err(|_| SpoolError::Closed)?
+    }
+
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, SpoolError>>) -> Op,
+    ) -> Result<T, SpoolError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| SpoolError::Closed)?;
+        rx.await.map_err(|_| SpoolError::Closed)?
+    }
+
+    /// The oldest events with id greater than `after_id`, up to `max_events`
+    /// and about `max_bytes` (at least one event when any exists).
+    pub async fn read_after(
+        &self,
+        after_id: i64,
+        max_events: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredEvent>, SpoolError> {
+        self.call(|reply| Op::ReadAfter {
+            after_id,
+            max_events,
+            max_bytes,
+            reply,
+        })
+        .await
+    }
+
+    /// The events still stored with ids in `first..=last`.
+    pub async fn read_range(&self, first: i64, last: i64) -> Result<Vec<StoredEvent>, SpoolError> {
+        self.call(|reply| Op::ReadRange { first, last, reply })
+            .await
+    }
+
+    /// Deletes the events with ids in `first..=last` (the brain acked them).
+    /// Returns how many were still there.
+    pub async fn ack(&self, first: i64, last: i64) -> Result<u64, SpoolError> {
+        self.call(|reply| Op::Ack { first, last, reply }).await
+    }
+
+    /// Depth, bytes and the age of the oldest event.
+    pub async fn snapshot(&self) -> Result<Snapshot, SpoolError> {
+        self.call(|reply| Op::Snapshot { reply }).await
+    }
+
+    /// Live counters.
+    pub fn stats(&self) -> &SpoolStats {
+        &self.stats
+    }
+
+    /// Signalled after a commit that stored new events.
+    pub fn new_events(&self) -> &Notify {
+        &self.new_events
+    }
+
+    /// Signalled after events were deleted (for the `block` policy).
+    pub fn space_freed(&self) -> &Notify {
+        &self.space_freed
+    }
+
+    /// The configured overflow policy.
+    pub fn overflow(&self) -> Overflow {
+        self.overflow
+    }
+}
+
+/// The open spool: the handle plus the writer thread and the lock.
+pub struct Spool {
+    handle: SpoolHandle,
+    thread: Option<std::thread::JoinHandle<()>>,
+    _lock: File,
+    path: PathBuf,
+}
+
+impl Spool {
+    /// Opens (creating if needed) and recovers the spool, then starts the
+    /// writer thread. Blocking: call before the async work starts or from
+    /// `spawn_blocking`.
+    pub fn open(config: SpoolConfig) -> Result<Spool, SpoolError> {
+        let path_text = config.path.display().to_string();
+        let lock = acquire_lock(&config.path)?;
+        create_private_file(&config.path).map_err(|e| SpoolError::Open {
+            path: path_text.clone(),
+            message: format!("{e}; check the directory's owner and mode"),
+        })?;
+        let conn = Connection::open(&config.path).map_err(|e| SpoolError::Open {
+            path: path_text.clone(),
+            message: e.to_string(),
+        })?;
+        let state = Writer::prepare(conn, &config).map_err(|e| SpoolError::Open {
+            path: path_text.clone(),
+            message: format!(
+                "{e}; if the file is damaged, move it aside (e.g. `mv {p} {p}.broken`) and start again",
+                p = path_text
+            ),
+        })?;
+        let stats = state.stats.clone();
+        let new_events = Arc::new(Notify::new());
+        let space_freed = Arc::new(Notify::new());
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let handle = SpoolHandle {
+            tx,
+            stats,
+            new_events: new_events.clone(),
+            space_freed: space_freed.clone(),
+            overflow: config.overflow,
+        };
+        let thread = std::thread::Builder::new()
+            .name("z4j-spool".into())
+            .spawn(move || state.run(rx, new_events, space_freed))
+            .map_err(|e| SpoolError::Open {
+                path: path_text,
+                message: format!("cannot start the writer thread: {e}"),
+            })?;
+        Ok(Spool {
+            handle,
+            thread: Some(thread),
+            _lock: lock,
+            path: config.path,
+        })
+    }
+
+    /// A handle for producers and the uplink.
+    pub fn handle(&self) -> SpoolHandle {
+        self.handle.clone()
+    }
+
+    /// The spool file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Finishes queued requests, stops the writer and releases the lock.
+    pub async fn close(mut self) {
+        let _ = self.handle.tx.send(Op::Close).await;
+        if let Some(t) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+    }
+}
+
+fn lock_path(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".lock");
+    PathBuf::from(s)
+}
+
+fn acquire_lock(path: &Path) -> Result<File, SpoolError> {
+    let lp = lock_path(path);
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&lp)
+        .map_err(|e| SpoolError::Open {
+            path: path.display().to_string(),
+            message: format!("cannot create lock file {}: {e}", lp.display()),
+        })?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            let pid = pid.trim();
+            return Err(SpoolError::Locked {
+                path: path.display().to_string(),
+                pid: if pid.is_empty() { "unknown".into() } else { pid.to_string() },
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(SpoolError::Open {
+                path: path.display().to_string(),
+                message: format!("cannot lock {}: {e}", lp.display()),
+            })
+        }
+    }
+    let _ = file.set_len(0);
+    let _ = file.rewind();
+    let _ = writeln!(file, "{}", std::process::id());
+    let _ = file.flush();
+    Ok(file)
+}
+
+/// Creates the database file 0600 before SQLite does, so it (and the
+/// `-wal`/`-shm` files SQLite derives from it) never exist with a wider mode.
+fn create_private_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    match OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            // An existing spool keeps working, but is tightened to 0600.
+            let meta = std::fs::metadata(path)?;
+            if meta.permissions().mode() & 0o077 != 0 {
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+            }
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// State owned by the writer thread.
+struct Writer {
+    conn: Connection,
+    config: SpoolConfig,
+    stats: Arc<SpoolStats>,
+    depth: u64,
+    bytes: u64,
+    dropped_oldest: u64,
+    last_eviction_warn: Option<Instant>,
+    evicted_since_warn: u64,
+    /// Whether the current transaction deleted anything (wakes `block` waiters).
+    freed: bool,
+}
+
+impl Writer {
+    fn prepare(conn: Connection, config: &SpoolConfig) -> Result<Writer, rusqlite::Error> {
+        conn.busy_timeout(Duration::from_secs(5))?;
+        let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(rusqlite::Error::InvalidParameterName(format!(
+                "the filesystem does not support WAL mode (got {mode})"
+            )));
+        }
+        conn.execute_batch(match config.synchronous {
+            Synchronous::Normal => "PRAGMA synchronous=NORMAL;",
+            Synchronous::Full => "PRAGMA synchronous=FULL;",
+        })?;
+        conn.execute_batch(
+            "PRAGMA temp_store=MEMORY;
+             CREATE TABLE IF NOT EXISTS events (
+                 id INTEGER PRIMARY KEY AUTOINCREMENT,
+                 stored_ms INTEGER NOT NULL,
+                 body BLOB NOT NULL
+             );
+             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);",
+        )?;
+        let (depth, bytes): (i64, i64) = conn.query_row(
+            "SELECT count(*), coalesce(sum(length(body)), 0) FROM events",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        let dropped_oldest: i64 = conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'dropped_oldest_total'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or(0);
+        let stats = Arc::new(SpoolStats::default());
+        stats.depth.store(depth as u64, Ordering::Relaxed);
+        stats.bytes.store(bytes as u64, Ordering::Relaxed);
+        stats
+            .dropped_oldest_total
+            .store(dropped_oldest as u64, Ordering::Relaxed);
+        Ok(Writer {
+            conn,
+            config: config.clone(),
+            stats,
+            depth: depth as u64,
+            bytes: bytes as u64,
+            dropped_oldest: dropped_oldest as u64,
+            last_eviction_warn: None,
+            evicted_since_warn: 0,
+            freed: false,
+        })
+    }
+
+    fn run(mut self, mut rx: mpsc::Receiver<Op>, new_events: Arc<Notify>, space_freed: Arc<Notify>) {
+        let mut ops = Vec::new();
+        'outer: while let Some(first) = rx.blocking_recv() {
+            ops.push(first);
+            let mut events_in_batch = ops_event_count(&ops);
+            while events_in_batch < MAX_EVENTS_PER_COMMIT {
+                match rx.try_recv() {
+                    Ok(op) => {
+                        events_in_batch += ops_event_count(std::slice::from_ref(&op));
+                        ops.push(op);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let closing = ops.iter().any(|o| matches!(o, Op::Close));
+            let (stored_any, freed_any) = self.apply(&mut ops);
+            if stored_any {
+                new_events.notify_one();
+            }
+            if freed_any {
+                space_freed.notify_waiters();
+            }
+            if closing {
+                break 'outer;
+            }
+        }
+        // Fold the WAL back so the next start opens quickly; failure is harmless.
+        let _ = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+    }
+
+    /// Applies one group of requests: writes in one transaction, publishes
+    /// the counters, then replies, then serves reads (which therefore see
+    /// this commit).
+    fn apply(&mut self, ops: &mut Vec<Op>) -> (bool, bool) {
+        let before = (self.depth, self.bytes, self.dropped_oldest);
+        self.freed = false;
+        let mut outcomes: Vec<AppendOutcome> = Vec::new();
+        let mut ack_counts: Vec<u64> = Vec::new();
+        let result = self.write_all(ops, &mut outcomes, &mut ack_counts);
+        if result.is_err() {
+            // Nothing of this transaction is on disk.
+            (self.depth, self.bytes, self.dropped_oldest) = before;
+            self.freed = false;
+            outcomes.clear();
+            ack_counts.clear();
+        } else if ops.iter().any(|o| matches!(o, Op::Append { .. } | Op::Ack { .. })) {
+            self.stats.commits_total.fetch_add(1, Ordering::Relaxed);
+        }
+        let stored: u64 = outcomes.iter().map(|o| o.stored as u64).sum();
+        let refused: u64 = outcomes.iter().map(|o| o.refused_full as u64).sum();
+        self.stats.stored_total.fetch_add(stored, Ordering::Relaxed);
+        self.stats.refused_full_total.fetch_add(refused, Ordering::Relaxed);
+        self.stats
+            .acked_total
+            .fetch_add(ack_counts.iter().sum(), Ordering::Relaxed);
+        self.stats.depth.store(self.depth, Ordering::Relaxed);
+        self.stats.bytes.store(self.bytes, Ordering::Relaxed);
+        self.stats
+            .dropped_oldest_total
+            .store(self.dropped_oldest, Ordering::Relaxed);
+
+        match result {
+            Ok(()) => {
+                let mut outcomes = outcomes.into_iter();
+                let mut acks = ack_counts.into_iter();
+                for op in ops.drain(..) {
+                    match op {
+                        Op::Append { reply, .. } => {
+                            let _ = reply.send(Ok(outcomes.next().unwrap_or_default()));
+                        }
+                        Op::Ack { reply, .. } => {
+                            let _ = reply.send(Ok(acks.next().unwrap_or(0)));
+                        }
+                        other => self.read(other),
+                    }
+                }
+            }
+            Err(e) => {
+                let kind = SpoolError::from_sqlite(e);
+                tracing::error!(error = %kind, "spool write failed; the batch was not stored");
+                for op in ops.drain(..) {
+                    match op {
+                        Op::Append { events, reply } => {
+                            self.stats
+                                .write_failed_total
+                                .fetch_add(events.len() as u64, Ordering::Relaxed);
+                            let _ = reply.send(Err(kind.clone()));
+                        }
+                        Op::Ack { reply, .. } => {
+                            let _ = reply.send(Err(kind.clone()));
+                        }
+                        other => self.read(other),
+                    }
+                }
+            }
+        }
+        (stored > 0, self.freed)
+    }
+
+    fn write_all(
+        &mut self,
+        ops: &[Op],
+        outcomes: &mut Vec<AppendOutcome>,
+        ack_counts: &mut Vec<u64>,
+    ) -> Result<(), rusqlite::Error> {
+        let has_writes = ops
+            .iter()
+            .any(|o| matches!(o, Op::Append { .. } | Op::Ack { .. }));
+        if !has_writes {
+            return Ok(());
+        }
+        let dropped_before = self.dropped_oldest;
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        let r = (|| {
+            let now = now_ms();
+            for op in ops {
+                match op {
+                    Op::Append { events, .. } => {
+                        let o = self.append_one(events, now)?;
+                        outcomes.push(o);
+                    }
+                    Op::Ack { first, last, .. } => {
+                        let n = self.delete_range(*first, *last)?;
+                        ack_counts.push(n);
+                    }
+                    _ => {}
+                }
+            }
+            if self.dropped_oldest != dropped_before {
+                self.conn.execute(
+                    "INSERT INTO meta(key, value) VALUES ('dropped_oldest_total', ?1)
+                     ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    params![self.dropped_oldest as i64],
+                )?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = r.and_then(|()| self.conn.execute_batch("COMMIT")) {
+            let _ = self.conn.execute_batch("ROLLBACK");
+            return Err(e);
+        }
+        let evicted = self.dropped_oldest - dropped_before;
+        if evicted > 0 {
+            self.warn_eviction(evicted);
+        }
+        Ok(())
+    }
+
+    fn warn_eviction(&mut self, evicted: u64) {
+        self.evicted_since_warn += evicted;
+        let due = self
+            .last_eviction_warn
+            .is_none_or(|t| t.elapsed() >= EVICTION_WARN_EVERY);
+        if due {
+            tracing::warn!(
+                evicted = self.evicted_since_warn,
+                dropped_total = self.dropped_oldest,
+                max_events = self.config.max_events,
+                max_bytes = self.config.max_bytes,
+                "spool full: dropped the oldest events to make room; the brain is not keeping up or is unreachable (raise Z4J_BUFFER_MAX_EVENTS / Z4J_BUFFER_MAX_BYTES to keep more)"
+            );
+            self.last_eviction_warn = Some(Instant::now());
+            self.evicted_since_warn = 0;
+        }
+    }
+
+    fn append_one(&mut self, events: &[Vec<u8>], now: i64) -> Result<AppendOutcome, rusqlite::Error> {
+        let max_events = self.config.max_events;
+        let max_bytes = self.config.max_bytes;
+        let mut accept: &[Vec<u8>] = events;
+        let mut refused = 0usize;
+        let total_bytes: u64 = events.iter().map(|e| e.len() as u64).sum();
+        match self.config.overflow {
+            Overflow::DropOldest => {
+                // A batch larger than the whole bound keeps its newest part.
+                let mut skip = 0usize;
+                let mut b = total_bytes;
+                while skip < accept.len()
+                    && ((accept.len() - skip) as u64 > max_events || b > max_bytes)
+                {
+                    b -= accept[skip].len() as u64;
+                    skip += 1;
+                }
+                if skip > 0 {
+                    self.dropped_oldest += skip as u64;
+                    accept = &accept[skip..];
+                }
+                let need_events = (self.depth + accept.len() as u64).saturating_sub(max_events);
+                let need_bytes = (self.bytes + b).saturating_sub(max_bytes);
+                if need_events > 0 || need_bytes > 0 {
+                    self.evict_oldest(need_events, need_bytes)?;
+                }
+            }
+            Overflow::DropNewest | Overflow::Block => {
+                let mut n = 0usize;
+                let mut b = 0u64;
+                for e in accept {
+                    if self.depth + n as u64 + 1 > max_events
+                        || self.bytes + b + e.len() as u64 > max_bytes
+                    {
+                        break;
+                    }
+                    n += 1;
+                    b += e.len() as u64;
+                }
+                refused = accept.len() - n;
+                accept = &accept[..n];
+            }
+        }
+        let mut stmt = self
+            .conn
+            .prepare_cached("INSERT INTO events(stored_ms, body) VALUES (?1, ?2)")?;
+        for body in accept {
+            stmt.execute(params![now, body])?;
+            self.depth += 1;
+            self.bytes += body.len() as u64;
+        }
+        Ok(AppendOutcome {
+            stored: accept.len(),
+            refused_full: refused,
+        })
+    }
+
+    fn evict_oldest(&mut self, need_events: u64, need_bytes: u64) -> Result<(), rusqlite::Error> {
+        let mut freed_events = 0u64;
+        let mut freed_bytes = 0u64;
+        let mut last_id: Option<i64> = None;
+        {
+            let mut stmt = self
+                .conn
+                .prepare_cached("SELECT id, length(body) FROM events WHERE id > ?1 ORDER BY id LIMIT 1024")?;
+            while freed_events < need_events || freed_bytes < need_bytes {
+                let mut rows = stmt.query(params![last_id.unwrap_or(0)])?;
+                let mut any = false;
+                while let Some(row) = rows.next()? {
+                    any = true;
+                    let id: i64 = row.get(0)?;
+                    let len: i64 = row.get(1)?;
+                    last_id = Some(id);
+                    freed_events += 1;
+                    freed_bytes += len as u64;
+                    if freed_events >= need_events && freed_bytes >= need_bytes {
+                        break;
+                    }
+                }
+                if !any {
+                    break;
+                }
+            }
+        }
+        if let Some(last) = last_id {
+            self.conn
+                .prepare_cached("DELETE FROM events WHERE id <= ?1")?
+                .execute(params![last])?;
+            self.depth -= freed_events.min(self.depth);
+            self.bytes -= freed_bytes.min(self.bytes);
+            self.dropped_oldest += freed_events;
+            self.freed = true;
+        }
+        Ok(())
+    }
+
+    fn delete_range(&mut self, first: i64, last: i64) -> Result<u64, rusqlite::Error> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("DELETE FROM events WHERE id BETWEEN ?1 AND ?2 RETURNING length(body)")?;
+        let mut rows = stmt.query(params![first, last])?;
+        let mut n = 0u64;
+        let mut b = 0u64;
+        while let Some(row) = rows.next()? {
+            let len: i64 = row.get(0)?;
+            n += 1;
+            b += len as u64;
+        }
+        self.depth -= n.min(self.depth);
+        self.bytes -= b.min(self.bytes);
+        self.freed |= n > 0;
+        Ok(n)
+    }
+
+    fn read(&mut self, op: Op) {
+        match op {
+            Op::ReadAfter {
+                after_id,
+                max_events,
+                max_bytes,
+                reply,
+            } => {
+                let _ = reply.send(
+                    self.read_after(after_id, max_events, max_bytes)
+                        .map_err(SpoolError::from_sqlite),
+                );
+            }
+            Op::ReadRange { first, last, reply } => {
+                let _ = reply.send(
+                    self.read_range(first, last)
+                        .map_err(SpoolError::from_sqlite),
+                );
+            }
+            Op::Snapshot { reply } => {
+                let oldest = self
+                    .conn
+                    .query_row(
+                        "SELECT stored_ms FROM events ORDER BY id LIMIT 1",
+                        [],
+                        |r| r.get::<_, i64>(0),
+                    )
+                    .optional()
+                    .map_err(SpoolError::from_sqlite);
+                let _ = reply.send(oldest.map(|oldest_stored_ms| Snapshot {
+                    depth: self.depth,
+                    bytes: self.bytes,
+                    oldest_stored_ms,
+                }));
+            }
+            Op::Append { .. } | Op::Ack { .. } | Op::Close => {}
+        }
+    }
+
+    fn read_after(
+        &mut self,
+        after_id: i64,
+        max_events: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredEvent>, rusqlite::Error> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT id, body FROM events WHERE id > ?1 ORDER BY id LIMIT ?2")?;
+        let mut rows = stmt.query(params![after_id, max_events as i64])?;
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        while let Some(row) = rows.next()? {
+            let body: Vec<u8> = row.get(1)?;
+            if !out.is_empty() && bytes + body.len() + 1 > max_bytes {
+                break;
+            }
+            bytes += body.len() + 1;
+            out.push(StoredEvent {
+                id: row.get(0)?,
+                body,
+            });
+        }
+        Ok(out)
+    }
+
+    fn read_range(&mut self, first: i64, last: i64) -> Result<Vec<StoredEvent>, rusqlite::Error> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT id, body FROM events WHERE id BETWEEN ?1 AND ?2 ORDER BY id")?;
+        let rows = stmt.query_map(params![first, last], |row| {
+            Ok(StoredEvent {
+                id: row.get(0)?,
+                body: row.get(1)?,
+            })
+        })?;
+        rows.collect()
+    }
+}
+
+fn ops_event_count(ops: &[Op]) -> usize {
+    ops.iter()
+        .map(|o| match o {
+            Op::Append { events, .. } => events.len(),
+            _ => 1,
+        })
+        .sum()
+}
+
+#[cfg(test)]
+mod tests;

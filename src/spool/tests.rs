@@ -1,0 +1,216 @@
+use super::*;
+
+fn config(dir: &Path) -> SpoolConfig {
+    SpoolConfig {
+        path: dir.join("spool.sqlite"),
+        max_events: 1_000,
+        max_bytes: 1 << 20,
+        overflow: Overflow::DropOldest,
+        synchronous: Synchronous::Normal,
+    }
+}
+
+fn ev(i: usize) -> Vec<u8> {
+    format!("{{\"n\":{i}}}").into_bytes()
+}
+
+#[tokio::test]
+async fn append_read_ack_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(config(dir.path())).unwrap();
+    let h = spool.handle();
+    let o = h.append_durable((0..10).map(ev).collect()).await.unwrap();
+    assert_eq!(o, AppendOutcome { stored: 10, refused_full: 0 });
+    assert_eq!(h.stats().depth.load(Ordering::Relaxed), 10);
+
+    let first = h.read_after(0, 4, usize::MAX).await.unwrap();
+    assert_eq!(first.len(), 4);
+    assert_eq!(first[0].body, ev(0));
+    let rest = h.read_after(first[3].id, 100, usize::MAX).await.unwrap();
+    assert_eq!(rest.len(), 6);
+
+    assert_eq!(h.ack(first[0].id, first[3].id).await.unwrap(), 4);
+    // A second ack of the same range deletes nothing and does not underflow.
+    assert_eq!(h.ack(first[0].id, first[3].id).await.unwrap(), 0);
+    let snap = h.snapshot().await.unwrap();
+    assert_eq!(snap.depth, 6);
+    assert!(snap.oldest_stored_ms.is_some());
+    assert_eq!(h.read_range(first[0].id, rest[1].id).await.unwrap().len(), 2);
+    spool.close().await;
+}
+
+#[tokio::test]
+async fn read_respects_byte_budget_but_returns_at_least_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(config(dir.path())).unwrap();
+    let h = spool.handle();
+    h.append_durable(vec![vec![b'x'; 100], vec![b'y'; 100], vec![b'z'; 100]])
+        .await
+        .unwrap();
+    assert_eq!(h.read_after(0, 10, 10).await.unwrap().len(), 1);
+    assert_eq!(h.read_after(0, 10, 205).await.unwrap().len(), 2);
+    spool.close().await;
+}
+
+#[tokio::test]
+async fn concurrent_appends_share_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(SpoolConfig {
+        max_events: 1_000_000,
+        ..config(dir.path())
+    })
+    .unwrap();
+    let h = spool.handle();
+    // Queue many requests before awaiting any: the writer must fold them
+    // into far fewer transactions than requests.
+    let mut pending = Vec::new();
+    for i in 0..500 {
+        pending.push(h.append(vec![ev(i)]).await.unwrap());
+    }
+    for p in pending {
+        assert_eq!(p.await.unwrap().unwrap().stored, 1);
+    }
+    let commits = h.stats().commits_total.load(Ordering::Relaxed);
+    assert_eq!(h.stats().stored_total.load(Ordering::Relaxed), 500);
+    assert!(commits < 500, "500 appends took {commits} commits: no group commit");
+    spool.close().await;
+}
+
+#[tokio::test]
+async fn drop_oldest_evicts_and_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(config(dir.path())).unwrap();
+    let h = spool.handle();
+    for chunk in 0..6 {
+        h.append_durable((chunk * 1000..(chunk + 1) * 1000).map(ev).collect())
+            .await
+            .unwrap();
+    }
+    assert_eq!(h.stats().depth.load(Ordering::Relaxed), 1000);
+    assert_eq!(h.stats().dropped_oldest_total.load(Ordering::Relaxed), 5000);
+    let oldest = h.read_after(0, 1, usize::MAX).await.unwrap();
+    assert_eq!(oldest[0].body, ev(5000), "the newest 1000 are kept");
+    spool.close().await;
+
+    // The lifetime counter survives a restart.
+    let spool = Spool::open(config(dir.path())).unwrap();
+    assert_eq!(
+        spool.handle().stats().dropped_oldest_total.load(Ordering::Relaxed),
+        5000
+    );
+    assert_eq!(spool.handle().stats().depth.load(Ordering::Relaxed), 1000);
+    spool.close().await;
+}
+
+#[tokio::test]
+async fn byte_bound_evicts_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(SpoolConfig {
+        max_bytes: 1 << 20,
+        max_events: 1_000_000,
+        ..config(dir.path())
+    })
+    .unwrap();
+    let h = spool.handle();
+    for _ in 0..3 {
+        h.append_durable(vec![vec![b'a'; 400 * 1024]]).await.unwrap();
+    }
+    assert_eq!(h.stats().depth.load(Ordering::Relaxed), 2);
+    assert!(h.stats().bytes.load(Ordering::Relaxed) <= 1 << 20);
+    assert_eq!(h.stats().dropped_oldest_total.load(Ordering::Relaxed), 1);
+    spool.close().await;
+}
+
+#[tokio::test]
+async fn drop_newest_refuses_and_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(SpoolConfig {
+        overflow: Overflow::DropNewest,
+        ..config(dir.path())
+    })
+    .unwrap();
+    let h = spool.handle();
+    let o = h.append_durable((0..1500).map(ev).collect()).await.unwrap();
+    assert_eq!(o, AppendOutcome { stored: 1000, refused_full: 500 });
+    assert_eq!(h.stats().refused_full_total.load(Ordering::Relaxed), 500);
+    let oldest = h.read_after(0, 1, usize::MAX).await.unwrap();
+    assert_eq!(oldest[0].body, ev(0), "history is kept");
+    spool.close().await;
+}
+
+#[tokio::test]
+async fn ids_keep_growing_after_the_spool_empties() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(config(dir.path())).unwrap();
+    let h = spool.handle();
+    h.append_durable(vec![ev(1)]).await.unwrap();
+    let a = h.read_after(0, 10, usize::MAX).await.unwrap();
+    h.ack(a[0].id, a[0].id).await.unwrap();
+    h.append_durable(vec![ev(2)]).await.unwrap();
+    let b = h.read_after(a[0].id, 10, usize::MAX).await.unwrap();
+    assert_eq!(b.len(), 1, "a reader positioned after the old id still sees the new event");
+    assert!(b[0].id > a[0].id);
+    spool.close().await;
+}
+
+#[tokio::test]
+async fn committed_events_survive_an_unclean_stop() {
+    // What a crash leaves behind is the files as they are on disk at that
+    // instant: copy them while the spool is open and busy, never closed.
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(config(dir.path())).unwrap();
+    let h = spool.handle();
+    for i in 0..20 {
+        h.append_durable(vec![ev(i)]).await.unwrap();
+    }
+    let crash = tempfile::tempdir().unwrap();
+    for suffix in ["", "-wal", "-shm"] {
+        let src = dir.path().join(format!("spool.sqlite{suffix}"));
+        if src.exists() {
+            std::fs::copy(&src, crash.path().join(format!("spool.sqlite{suffix}"))).unwrap();
+        }
+    }
+    let recovered = Spool::open(config(crash.path())).unwrap();
+    let rh = recovered.handle();
+    assert_eq!(rh.stats().depth.load(Ordering::Relaxed), 20);
+    let all = rh.read_after(0, 100, usize::MAX).await.unwrap();
+    assert_eq!(all.iter().map(|e| e.body.clone()).collect::<Vec<_>>(), (0..20).map(ev).collect::<Vec<_>>());
+    recovered.close().await;
+    spool.close().await;
+}
+
+#[tokio::test]
+async fn second_spool_on_the_same_file_names_the_holder() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(config(dir.path())).unwrap();
+    let err = Spool::open(config(dir.path())).err().expect("must be refused");
+    let msg = err.to_string();
+    assert!(matches!(err, SpoolError::Locked { .. }), "{msg}");
+    assert!(msg.contains(&std::process::id().to_string()), "{msg}");
+    spool.close().await;
+    // Released on close.
+    Spool::open(config(dir.path())).unwrap().close().await;
+}
+
+#[tokio::test]
+async fn files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(config(dir.path())).unwrap();
+    spool.handle().append_durable(vec![ev(1)]).await.unwrap();
+    for suffix in ["", "-wal", "-shm", ".lock"] {
+        let p = dir.path().join(format!("spool.sqlite{suffix}"));
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{} has mode {mode:o}", p.display());
+    }
+    spool.close().await;
+}
+
+#[tokio::test]
+async fn a_file_that_is_not_a_database_gets_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("spool.sqlite"), vec![b'#'; 4096]).unwrap();
+    let err = Spool::open(config(dir.path())).err().expect("must fail");
+    let msg = err.to_string();
+    assert!(msg.contains("move it aside"), "{msg}");
+}

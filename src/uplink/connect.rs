@@ -1,0 +1,273 @@
+//! Dialling the brain: TLS (system trust store plus an optional CA file),
+//! the WebSocket upgrade with the bearer token, and the `hello` /
+//! `hello_ack` handshake.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use time::OffsetDateTime;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
+
+use super::backoff::{classify_close, describe_close, FailureClass};
+use crate::config::UplinkSettings;
+use crate::protocol::{self, Value};
+
+/// The connected socket type.
+pub(crate) type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Time allowed for TCP + TLS + upgrade.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time allowed for `hello_ack` (the reference agent waits 10 s).
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A failed attempt, classified.
+#[derive(Debug)]
+pub(crate) struct Failure {
+    pub class: FailureClass,
+    pub error: String,
+}
+
+impl Failure {
+    fn new(class: FailureClass, error: impl Into<String>) -> Self {
+        Failure {
+            class,
+            error: error.into(),
+        }
+    }
+}
+
+/// What the brain told us in `hello_ack`.
+#[derive(Debug, Clone)]
+pub(crate) struct HelloAck {
+    pub agent_id: String,
+    pub project_id: String,
+    pub session_id: String,
+    pub heartbeat_interval: Duration,
+    pub max_frame_bytes: usize,
+    pub brain_version: String,
+    /// Brain clock minus ours, seconds.
+    pub clock_skew_seconds: Option<f64>,
+}
+
+/// Builds the rustls client config: system roots plus `ca_file`.
+pub(crate) fn tls_config(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for cert in native.certs {
+        let _ = roots.add(cert);
+    }
+    if let Some(path) = ca_file {
+        use rustls_pki_types::pem::PemObject;
+        let certs = rustls_pki_types::CertificateDer::pem_file_iter(path)
+            .map_err(|e| format!("cannot read Z4J_CA_FILE {}: {e}", path.display()))?;
+        let mut added = 0;
+        for cert in certs {
+            let cert = cert.map_err(|e| format!("Z4J_CA_FILE {}: {e}", path.display()))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("Z4J_CA_FILE {}: {e}", path.display()))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(format!(
+                "Z4J_CA_FILE {} holds no PEM certificate",
+                path.display()
+            ));
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(config)
+}
+
+/// Opens the WebSocket with the bearer token.
+pub(crate) async fn open(settings: &UplinkSettings) -> Result<Ws, Failure> {
+    let mut request = settings
+        .endpoint
+        .ws_url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| Failure::new(FailureClass::Incompatible, format!("bad brain URL: {e}")))?;
+    let mut auth = HeaderValue::from_str(&format!("Bearer {}", settings.token.expose()))
+        .map_err(|_| Failure::new(FailureClass::Auth, "the token contains characters that cannot be sent in a header"))?;
+    auth.set_sensitive(true);
+    request.headers_mut().insert("Authorization", auth);
+    request.headers_mut().insert(
+        "User-Agent",
+        HeaderValue::from_static(concat!("z4j-agentd/", env!("CARGO_PKG_VERSION"))),
+    );
+    let connector = if settings.endpoint.tls {
+        let cfg = tls_config(settings.ca_file.as_deref())
+            .map_err(|e| Failure::new(FailureClass::Connection, e))?;
+        Some(Connector::Rustls(Arc::new(cfg)))
+    } else {
+        Some(Connector::Plain)
+    };
+    let ws_config = WebSocketConfig::default()
+        .max_message_size(Some(16 << 20))
+        .max_frame_size(Some(16 << 20));
+    let connect =
+        tokio_tungstenite::connect_async_tls_with_config(request, Some(ws_config), true, connector);
+    match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+        Err(_) => Err(Failure::new(
+            FailureClass::Connection,
+            format!(
+                "no answer from {} within {}s",
+                settings.endpoint.ws_url,
+                CONNECT_TIMEOUT.as_secs()
+            ),
+        )),
+        Ok(Err(e)) => Err(classify_ws_error(e, &settings.endpoint.ws_url)),
+        Ok(Ok((ws, _response))) => Ok(ws),
+    }
+}
+
+fn classify_ws_error(e: WsError, url: &str) -> Failure {
+    match e {
+        WsError::Http(resp) => {
+            let code = resp.status().as_u16();
+            let class = if code == 401 || code == 403 {
+                FailureClass::Auth
+            } else {
+                FailureClass::Connection
+            };
+            Failure::new(class, format!("{url} answered HTTP {code} instead of a WebSocket upgrade"))
+        }
+        WsError::Tls(t) => Failure::new(
+            FailureClass::Connection,
+            format!("TLS with {url} failed: {t}; if the brain uses a private CA, set Z4J_CA_FILE"),
+        ),
+        WsError::Io(io) => Failure::new(FailureClass::Connection, format!("cannot reach {url}: {io}")),
+        other => Failure::new(FailureClass::Connection, format!("WebSocket to {url} failed: {other}")),
+    }
+}
+
+/// Sends `hello` and waits for `hello_ack`.
+pub(crate) async fn handshake(
+    ws: &mut Ws,
+    settings: &UplinkSettings,
+    engines: &[String],
+    started_at: OffsetDateTime,
+) -> Result<HelloAck, Failure> {
+    let mut payload = Value::empty_map();
+    payload.insert("protocol_version", protocol::PROTOCOL_VERSION);
+    payload.insert("agent_version", env!("CARGO_PKG_VERSION"));
+    payload.insert("framework", "z4j-agentd");
+    payload.insert(
+        "engines",
+        Value::Array(engines.iter().map(|e| Value::from(e.as_str())).collect()),
+    );
+    payload.insert("schedulers", Value::Array(Vec::new()));
+    payload.insert("capabilities", Value::empty_map());
+    let mut host = Value::empty_map();
+    host.insert("name", settings.agent_name.as_str());
+    payload.insert("host", host);
+    payload.insert("worker_id", settings.worker_id.as_str());
+    payload.insert("worker_role", "other");
+    payload.insert("worker_pid", std::process::id() as i64);
+    payload.insert("worker_started_at", protocol::format_ts(started_at));
+    payload.insert("runtime_features", Value::Array(Vec::new()));
+    let now = OffsetDateTime::now_utc();
+    let hello = protocol::hello_frame(
+        &protocol::new_frame_id("hello_"),
+        &protocol::format_ts(now),
+        &payload,
+    );
+    ws.send(Message::binary(hello))
+        .await
+        .map_err(|e| Failure::new(FailureClass::Connection, format!("sending hello failed: {e}")))?;
+
+    let reply = tokio::time::timeout(HELLO_TIMEOUT, async {
+        loop {
+            match ws.next().await {
+                None => return Err(Failure::new(FailureClass::Connection, "the brain closed the connection during the handshake")),
+                Some(Err(e)) => return Err(Failure::new(FailureClass::Connection, format!("handshake failed: {e}"))),
+                Some(Ok(Message::Binary(b))) => return Ok(b.to_vec()),
+                Some(Ok(Message::Text(t))) => return Ok(t.as_bytes().to_vec()),
+                Some(Ok(Message::Close(frame))) => {
+                    let code = frame.as_ref().map(|f| u16::from(f.code)).unwrap_or(1005);
+                    return Err(Failure::new(
+                        classify_close(code),
+                        format!("the brain closed the handshake with {code}: {}", describe_close(code)),
+                    ));
+                }
+                Some(Ok(_)) => continue,
+            }
+        }
+    })
+    .await
+    .map_err(|_| {
+        Failure::new(
+            FailureClass::Connection,
+            format!("no hello_ack within {}s", HELLO_TIMEOUT.as_secs()),
+        )
+    })??;
+
+    let received_at = OffsetDateTime::now_utc();
+    let ack = protocol::parse_unsigned(&reply)
+        .map_err(|e| Failure::new(FailureClass::Protocol, format!("bad hello_ack: {e}")))?;
+    if ack.get("type").and_then(Value::as_str) != Some("hello_ack") {
+        return Err(Failure::new(
+            FailureClass::Protocol,
+            format!(
+                "expected hello_ack, got {:?}",
+                ack.get("type").and_then(Value::as_str).unwrap_or("?")
+            ),
+        ));
+    }
+    let p = ack
+        .get("payload")
+        .ok_or_else(|| Failure::new(FailureClass::Protocol, "hello_ack without payload"))?;
+    let field = |k: &str| -> Result<String, Failure> {
+        p.get(k)
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .ok_or_else(|| Failure::new(FailureClass::Protocol, format!("hello_ack without {k}")))
+    };
+    if let Some(v) = p.get("protocol_version").and_then(Value::as_str) {
+        if v != protocol::PROTOCOL_VERSION {
+            return Err(Failure::new(
+                FailureClass::Incompatible,
+                format!("the brain answered protocol version {v:?}; this daemon speaks \"2\""),
+            ));
+        }
+    }
+    let clock_skew_seconds = ack
+        .get("ts")
+        .and_then(Value::as_str)
+        .and_then(protocol::parse_iso8601)
+        .map(|brain| (brain - received_at).as_seconds_f64());
+    Ok(HelloAck {
+        agent_id: field("agent_id")?,
+        project_id: field("project_id")?,
+        session_id: field("session_id")?,
+        heartbeat_interval: Duration::from_secs(
+            p.get("heartbeat_interval_seconds")
+                .and_then(Value::as_u64)
+                .filter(|s| (1..=3600).contains(s))
+                .unwrap_or(10),
+        ),
+        max_frame_bytes: p
+            .get("max_frame_size_bytes")
+            .and_then(Value::as_u64)
+            .map(|n| n as usize)
+            .filter(|n| *n >= 16 * 1024)
+            .unwrap_or(protocol::DEFAULT_MAX_FRAME_BYTES),
+        brain_version: p
+            .get("brain_version")
+            .and_then(Value::as_str)
+            .unwrap_or("unknown")
+            .to_string(),
+        clock_skew_seconds,
+    })
+}

@@ -1,0 +1,162 @@
+//! The one connection to the brain.
+//!
+//! State machine ([`UplinkState`]): `Connecting` -> `Handshaking` ->
+//! `Connected` -> (`Backoff` -> `Connecting`)..., `Stopped` at shutdown.
+//!
+//! Invariants:
+//! * exactly one WebSocket at a time, always with the configured
+//!   `worker_id`, so a restart replaces its own slot and never a sibling's;
+//! * every frame after `hello` is signed for the current session; frames are
+//!   built from the spool at send time, so a re-send (ack timeout or a new
+//!   session) is always re-signed with a fresh `ts`, `nonce` and `seq`;
+//! * events are deleted from the spool only when the brain's
+//!   `event_batch_ack` names the frame that carried them;
+//! * every inbound frame is verified (HMAC + replay guard) before it is
+//!   acted on; a failure ends the session;
+//! * at most `inflight_frames` un-acked `event_batch` frames, so heartbeats
+//!   are not queued behind minutes of brain work.
+
+pub mod backoff;
+mod connect;
+mod session;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::UplinkSettings;
+use crate::spool::SpoolHandle;
+use crate::status::{Status, UplinkState};
+use backoff::{Backoff, FailureClass};
+
+/// How a session or connection attempt ended.
+#[derive(Debug)]
+pub(crate) enum SessionEnd {
+    /// Shutdown finished (drained or the grace period ran out).
+    Shutdown,
+    /// The settings changed (SIGHUP): reconnect now.
+    Reload,
+    /// A failure: back off by class.
+    Failed {
+        /// Backoff class.
+        class: FailureClass,
+        /// What happened, free of secrets.
+        error: String,
+        /// Whether the handshake had succeeded (resets the backoff).
+        handshook: bool,
+    },
+}
+
+/// The uplink task.
+pub struct Uplink {
+    settings: watch::Receiver<UplinkSettings>,
+    spool: SpoolHandle,
+    status: Arc<Status>,
+    /// Set when the daemon starts shutting down: deliver what is left, then stop.
+    drain: CancellationToken,
+    /// Set when the grace period is over: close now.
+    stop: CancellationToken,
+    /// Highest spool id ever put on the wire, to tell first sends from re-sends.
+    max_forwarded_id: i64,
+}
+
+impl Uplink {
+    /// Creates the uplink; call [`Uplink::run`] to start it.
+    pub fn new(
+        settings: watch::Receiver<UplinkSettings>,
+        spool: SpoolHandle,
+        status: Arc<Status>,
+        drain: CancellationToken,
+        stop: CancellationToken,
+    ) -> Self {
+        Uplink {
+            settings,
+            spool,
+            status,
+            drain,
+            stop,
+            max_forwarded_id: 0,
+        }
+    }
+
+    /// Connects, forwards, reconnects with backoff, until shut down.
+    pub async fn run(mut self) {
+        let mut backoff = Backoff::new();
+        loop {
+            if self.stop.is_cancelled() || (self.drain.is_cancelled() && self.spool_is_empty()) {
+                break;
+            }
+            self.settings.mark_unchanged();
+            let end = self.connect_and_serve().await;
+            match end {
+                SessionEnd::Shutdown => break,
+                SessionEnd::Reload => {
+                    tracing::info!("configuration reloaded; reconnecting to the brain");
+                    backoff.reset();
+                    continue;
+                }
+                SessionEnd::Failed {
+                    class,
+                    error,
+                    handshook,
+                } => {
+                    if handshook {
+                        backoff.reset();
+                    }
+                    let delay = backoff.next_delay(class, &mut rand::rng());
+                    let streak = backoff.streak(class);
+                    self.status.set_uplink_state(UplinkState::Backoff);
+                    self.status
+                        .update_uplink(|u| u.last_error = Some(error.clone()));
+                    if streak == 1 || streak % 10 == 0 {
+                        tracing::warn!(
+                            class = class.as_str(),
+                            failures = streak,
+                            retry_in_ms = delay.as_millis() as u64,
+                            error = %error,
+                            "brain connection failed"
+                        );
+                    } else {
+                        tracing::debug!(class = class.as_str(), failures = streak, error = %error, "brain connection failed again");
+                    }
+                    if !self.wait_backoff(delay).await {
+                        break;
+                    }
+                }
+            }
+        }
+        self.status.set_uplink_state(UplinkState::Stopped);
+    }
+
+    fn spool_is_empty(&self) -> bool {
+        self.spool
+            .stats()
+            .depth
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 0
+    }
+
+    /// Sleeps out a backoff delay; returns false when the uplink must stop.
+    async fn wait_backoff(&mut self, delay: Duration) -> bool {
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        let draining_already = self.drain.is_cancelled();
+        loop {
+            tokio::select! {
+                _ = &mut sleep => return true,
+                _ = self.stop.cancelled() => return false,
+                changed = self.settings.changed() => {
+                    if changed.is_err() { return false; }
+                    tracing::info!("configuration reloaded; reconnecting to the brain now");
+                    return true;
+                }
+                // On shutdown, one more attempt at once if there is something to deliver.
+                _ = self.drain.cancelled(), if !draining_already => {
+                    return !self.spool_is_empty();
+                }
+            }
+        }
+    }
+}

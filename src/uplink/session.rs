@@ -1,0 +1,551 @@
+//! One established session: fill the in-flight window from the spool, match
+//! acks, re-send on ack timeout, heartbeat, answer commands, and drain on
+//! shutdown.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use time::OffsetDateTime;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+
+use super::backoff::{classify_close, describe_close, FailureClass};
+use super::connect::{self, HelloAck, Ws};
+use super::{SessionEnd, Uplink};
+use crate::protocol::{self, SessionBinding, Signer, Value, Verifier};
+use crate::spool::StoredEvent;
+use crate::status::UplinkState;
+
+/// One `event_batch` frame waiting for its ack.
+struct InFlight {
+    frame_id: String,
+    first_id: i64,
+    last_id: i64,
+    events: usize,
+    sent_at: Instant,
+}
+
+/// Clock skew past which the brain refuses every signed frame.
+const FATAL_SKEW_SECONDS: f64 = 60.0;
+/// Clock skew worth a warning.
+const WARN_SKEW_SECONDS: f64 = 30.0;
+
+struct Session<'a> {
+    up: &'a mut Uplink,
+    ws: Ws,
+    signer: Signer,
+    verifier: Verifier,
+    ack: HelloAck,
+    inflight: VecDeque<InFlight>,
+    /// Highest spool id sent in this session.
+    cursor: i64,
+    connected_at: Instant,
+    connected_at_wall: OffsetDateTime,
+    last_flush_at: Option<OffsetDateTime>,
+    frame_buf: Vec<u8>,
+    payload_buf: Vec<u8>,
+    batch_max_events: usize,
+    inflight_frames: usize,
+    ack_timeout: Duration,
+    host_label: String,
+    engines: Vec<String>,
+}
+
+fn failed(class: FailureClass, error: impl Into<String>) -> SessionEnd {
+    SessionEnd::Failed {
+        class,
+        error: error.into(),
+        handshook: true,
+    }
+}
+
+impl Uplink {
+    /// One connection attempt and, when it succeeds, the whole session.
+    pub(crate) async fn connect_and_serve(&mut self) -> SessionEnd {
+        let settings = self.settings.borrow().clone();
+        self.status.set_uplink_state(UplinkState::Connecting);
+        let mut ws = tokio::select! {
+            r = connect::open(&settings) => match r {
+                Ok(ws) => ws,
+                Err(f) => return SessionEnd::Failed { class: f.class, error: f.error, handshook: false },
+            },
+            _ = self.stop.cancelled() => return SessionEnd::Shutdown,
+        };
+        self.status.set_uplink_state(UplinkState::Handshaking);
+        let engines = self.status.engines_union(&settings.static_engines);
+        let started_at = OffsetDateTime::now_utc() - self.status.started.elapsed();
+        let ack = match connect::handshake(&mut ws, &settings, &engines, started_at).await {
+            Ok(a) => a,
+            Err(f) => {
+                return SessionEnd::Failed {
+                    class: f.class,
+                    error: f.error,
+                    handshook: false,
+                }
+            }
+        };
+        let binding = SessionBinding::new(
+            ack.agent_id.clone(),
+            ack.project_id.clone(),
+            ack.session_id.clone(),
+        );
+        self.status.connects.fetch_add(1, Ordering::Relaxed);
+        self.status.update_uplink(|u| {
+            u.session_id = Some(ack.session_id.clone());
+            u.clock_skew_seconds = ack.clock_skew_seconds;
+            u.last_error = None;
+        });
+        self.status.set_uplink_state(UplinkState::Connected);
+        tracing::info!(
+            brain = %settings.endpoint.base_url,
+            brain_version = %ack.brain_version,
+            agent_id = %ack.agent_id,
+            session_id = %ack.session_id,
+            worker_id = %settings.worker_id,
+            engines = ?engines,
+            max_frame_bytes = ack.max_frame_bytes,
+            "connected to the brain"
+        );
+        if let Some(skew) = ack.clock_skew_seconds {
+            if skew.abs() > FATAL_SKEW_SECONDS {
+                tracing::error!(
+                    clock_skew_seconds = skew,
+                    "this host's clock is more than 60 s away from the brain's: the brain will refuse every signed frame (close 4403); fix time sync (chrony/systemd-timesyncd) on this host or the brain"
+                );
+            } else if skew.abs() > WARN_SKEW_SECONDS {
+                tracing::warn!(
+                    clock_skew_seconds = skew,
+                    "this host's clock is more than 30 s away from the brain's; past 60 s every signed frame is refused"
+                );
+            }
+        }
+        let session = Session {
+            signer: Signer::new(settings.key.clone(), binding.clone()),
+            verifier: Verifier::new(settings.key.clone(), binding),
+            ws,
+            ack,
+            inflight: VecDeque::new(),
+            cursor: 0,
+            connected_at: Instant::now(),
+            connected_at_wall: OffsetDateTime::now_utc(),
+            last_flush_at: None,
+            frame_buf: Vec::new(),
+            payload_buf: Vec::new(),
+            batch_max_events: settings.batch_max_events,
+            inflight_frames: settings.inflight_frames,
+            ack_timeout: settings.ack_timeout,
+            host_label: settings.agent_name.clone(),
+            engines,
+            up: self,
+        };
+        session.run().await
+    }
+}
+
+impl Session<'_> {
+    async fn run(mut self) -> SessionEnd {
+        if let Err(e) = self.send_heartbeat().await {
+            return e;
+        }
+        let mut heartbeat = tokio::time::interval(self.ack.heartbeat_interval);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        heartbeat.reset();
+        let mut ack_check = tokio::time::interval(Duration::from_secs(1));
+        ack_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut draining = self.up.drain.is_cancelled();
+        loop {
+            if let Err(e) = self.fill_window().await {
+                return e;
+            }
+            if draining && self.inflight.is_empty() && self.spool_depth() == 0 {
+                tracing::info!("spool drained to the brain");
+                return self.close_clean().await;
+            }
+            let window_open = self.inflight.len() < self.inflight_frames;
+            tokio::select! {
+                _ = self.up.stop.cancelled() => {
+                    if self.spool_depth() > 0 {
+                        tracing::warn!(
+                            spool_depth = self.spool_depth(),
+                            "shutdown grace period over; undelivered events stay in the spool for the next start"
+                        );
+                    }
+                    return self.close_clean().await;
+                }
+                _ = self.up.drain.cancelled(), if !draining => { draining = true; }
+                changed = self.up.settings.changed() => {
+                    let _ = changed;
+                    let _ = self.close_clean().await;
+                    return SessionEnd::Reload;
+                }
+                msg = self.ws.next() => {
+                    if let Err(e) = self.inbound(msg).await { return e; }
+                }
+                _ = heartbeat.tick() => {
+                    if let Err(e) = self.send_heartbeat().await { return e; }
+                }
+                _ = ack_check.tick() => {
+                    if let Err(e) = self.resend_overdue().await { return e; }
+                }
+                _ = self.up.spool.new_events().notified(), if window_open => {}
+            }
+        }
+    }
+
+    fn spool_depth(&self) -> u64 {
+        self.up.spool.stats().depth.load(Ordering::Relaxed)
+    }
+
+    async fn close_clean(&mut self) -> SessionEnd {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            self.ws.close(Some(CloseFrame {
+                code: CloseCode::Normal,
+                reason: "z4j-agentd stopping".into(),
+            })),
+        )
+        .await;
+        // Read until the brain's close arrives so the close handshake completes.
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while let Some(Ok(_)) = self.ws.next().await {}
+        })
+        .await;
+        SessionEnd::Shutdown
+    }
+
+    async fn send(&mut self, bytes: Vec<u8>) -> Result<(), SessionEnd> {
+        self.ws
+            .send(Message::binary(bytes))
+            .await
+            .map_err(|e| failed(FailureClass::Connection, format!("sending to the brain failed: {e}")))
+    }
+
+    /// Room for events in one frame, after the signed envelope.
+    fn event_budget(&self) -> usize {
+        self.ack
+            .max_frame_bytes
+            .saturating_sub(protocol::frame_overhead_bytes() + 64)
+    }
+
+    async fn fill_window(&mut self) -> Result<(), SessionEnd> {
+        while self.inflight.len() < self.inflight_frames {
+            let budget = self.event_budget();
+            let events = self
+                .up
+                .spool
+                .read_after(self.cursor, self.batch_max_events, budget)
+                .await
+                .map_err(|e| failed(FailureClass::Connection, format!("reading the spool failed: {e}")))?;
+            if events.is_empty() {
+                return Ok(());
+            }
+            let first = events[0].id;
+            let last = events[events.len() - 1].id;
+            self.cursor = last;
+            if events.len() == 1 && events[0].body.len() + 2 > budget {
+                // Accepted at ingest under a larger limit than this brain's
+                // frame size: it can never be delivered. Drop and count it.
+                self.up
+                    .status
+                    .events_undeliverable
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    event_bytes = events[0].body.len(),
+                    max_frame_bytes = self.ack.max_frame_bytes,
+                    "dropped an event larger than the brain's frame limit"
+                );
+                let _ = self.up.spool.ack(first, last).await;
+                continue;
+            }
+            let n = events.len();
+            let frame_id = self.send_batch(&events).await?;
+            let first_time = last > self.up.max_forwarded_id;
+            if first_time {
+                let new = events.iter().filter(|e| e.id > self.up.max_forwarded_id).count();
+                self.up
+                    .status
+                    .events_forwarded
+                    .fetch_add(new as u64, Ordering::Relaxed);
+                self.up
+                    .status
+                    .events_resent
+                    .fetch_add((n - new) as u64, Ordering::Relaxed);
+                self.up.max_forwarded_id = last;
+            } else {
+                self.up
+                    .status
+                    .events_resent
+                    .fetch_add(n as u64, Ordering::Relaxed);
+            }
+            self.inflight.push_back(InFlight {
+                frame_id,
+                first_id: first,
+                last_id: last,
+                events: n,
+                sent_at: Instant::now(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Signs and sends one `event_batch` of stored events; returns its id.
+    async fn send_batch(&mut self, events: &[StoredEvent]) -> Result<String, SessionEnd> {
+        let frame_id = protocol::new_frame_id("ev_");
+        self.payload_buf.clear();
+        let bodies: Vec<&[u8]> = events.iter().map(|e| e.body.as_slice()).collect();
+        protocol::event_batch_payload(&bodies, &mut self.payload_buf);
+        let mut frame = std::mem::take(&mut self.frame_buf);
+        frame.clear();
+        self.signer.sign_into(
+            "event_batch",
+            &frame_id,
+            &self.payload_buf,
+            OffsetDateTime::now_utc(),
+            &protocol::new_nonce(),
+            &mut frame,
+        );
+        let result = self.send(frame.clone()).await;
+        self.frame_buf = frame;
+        result?;
+        self.last_flush_at = Some(OffsetDateTime::now_utc());
+        Ok(frame_id)
+    }
+
+    async fn resend_overdue(&mut self) -> Result<(), SessionEnd> {
+        let overdue = self
+            .inflight
+            .iter()
+            .position(|f| f.sent_at.elapsed() >= self.ack_timeout);
+        let Some(i) = overdue else { return Ok(()) };
+        let (first, last, old_id) = {
+            let f = &self.inflight[i];
+            (f.first_id, f.last_id, f.frame_id.clone())
+        };
+        let events = self
+            .up
+            .spool
+            .read_range(first, last)
+            .await
+            .map_err(|e| failed(FailureClass::Connection, format!("reading the spool failed: {e}")))?;
+        if events.is_empty() {
+            // Evicted meanwhile (spool overflow): nothing left to deliver.
+            self.inflight.remove(i);
+            return Ok(());
+        }
+        tracing::warn!(
+            frame_id = %old_id,
+            events = events.len(),
+            ack_timeout_s = self.ack_timeout.as_secs(),
+            "no ack from the brain in time; re-sending the frame (re-signed)"
+        );
+        let new_id = self.send_batch(&events).await?;
+        self.up
+            .status
+            .events_resent
+            .fetch_add(events.len() as u64, Ordering::Relaxed);
+        let f = &mut self.inflight[i];
+        f.frame_id = new_id;
+        f.sent_at = Instant::now();
+        f.events = events.len();
+        Ok(())
+    }
+
+    async fn inbound(
+        &mut self,
+        msg: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
+    ) -> Result<(), SessionEnd> {
+        let bytes = match msg {
+            None => return Err(failed(FailureClass::Connection, "the brain closed the connection")),
+            Some(Err(e)) => return Err(failed(FailureClass::Connection, format!("connection to the brain lost: {e}"))),
+            Some(Ok(Message::Binary(b))) => b.to_vec(),
+            Some(Ok(Message::Text(t))) => t.as_bytes().to_vec(),
+            Some(Ok(Message::Close(frame))) => {
+                let code = frame.as_ref().map(|f| u16::from(f.code)).unwrap_or(1005);
+                if code == 4002 {
+                    tracing::error!(
+                        worker_id = %self.up.settings.borrow().worker_id,
+                        "another process connected to the brain with this daemon's worker_id and took over its slot (close 4002); give each daemon its own Z4J_WORKER_ID"
+                    );
+                }
+                return Err(failed(
+                    classify_close(code),
+                    format!("the brain closed the connection with {code}: {}", describe_close(code)),
+                ));
+            }
+            Some(Ok(_)) => return Ok(()),
+        };
+        let frame = self
+            .verifier
+            .verify(&bytes, OffsetDateTime::now_utc())
+            .map_err(|e| {
+                failed(
+                    FailureClass::Protocol,
+                    format!("a frame from the brain failed verification ({e}); reconnecting"),
+                )
+            })?;
+        match frame.frame_type.as_str() {
+            "event_batch_ack" => self.on_ack(&frame.payload).await,
+            "command" => self.on_command(&frame.id, &frame.payload).await,
+            "error" => {
+                let code = frame.payload.get("code").and_then(Value::as_str).unwrap_or("");
+                let message = frame.payload.get("message").and_then(Value::as_str).unwrap_or("");
+                let fatal = frame.payload.get("fatal").and_then(Value::as_bool).unwrap_or(false);
+                if fatal {
+                    let class = match code {
+                        "scheduler_upgrade_required" | "agent_incompatible" | "protocol_incompatible" => {
+                            FailureClass::Incompatible
+                        }
+                        _ => FailureClass::Protocol,
+                    };
+                    Err(failed(class, format!("the brain reported a fatal error {code}: {message}")))
+                } else {
+                    tracing::warn!(code, message, "the brain reported an error");
+                    Ok(())
+                }
+            }
+            other => {
+                tracing::debug!(frame_type = other, "ignoring a frame type this daemon does not use");
+                Ok(())
+            }
+        }
+    }
+
+    async fn on_ack(&mut self, payload: &Value) -> Result<(), SessionEnd> {
+        let Some(acked) = payload.get("acked_id").and_then(Value::as_str) else {
+            return Ok(());
+        };
+        let Some(i) = self.inflight.iter().position(|f| f.frame_id == acked) else {
+            tracing::debug!(acked_id = acked, "ack for a frame no longer in flight (already re-sent or acked)");
+            return Ok(());
+        };
+        let f = self.inflight.remove(i).expect("position is valid");
+        let latency = f.sent_at.elapsed();
+        self.up
+            .spool
+            .ack(f.first_id, f.last_id)
+            .await
+            .map_err(|e| failed(FailureClass::Connection, format!("deleting acked events failed: {e}")))?;
+        self.up
+            .status
+            .update_uplink(|u| u.last_ack_at = Some(OffsetDateTime::now_utc()));
+        let accepted = payload.get("accepted").and_then(Value::as_u64).unwrap_or(0);
+        tracing::debug!(
+            frame_id = acked,
+            events = f.events,
+            accepted,
+            latency_ms = latency.as_millis() as u64,
+            "batch acknowledged"
+        );
+        Ok(())
+    }
+
+    /// No local command routing yet: answer at once so the brain does not
+    /// wait for its timeout, naming what could not run where.
+    async fn on_command(&mut self, id: &str, payload: &Value) -> Result<(), SessionEnd> {
+        let action = payload.get("action").and_then(Value::as_str).unwrap_or("?");
+        let engine = payload
+            .get("target")
+            .and_then(|t| t.get("engine"))
+            .and_then(Value::as_str)
+            .or_else(|| payload.get("parameters").and_then(|p| p.get("engine")).and_then(Value::as_str))
+            .unwrap_or("?");
+        let claim = payload.get("delivery_claim_token").cloned().unwrap_or(Value::Null);
+        let mut ack = Value::empty_map();
+        ack.insert("delivery_claim_token", claim.clone());
+        let frame = self.signer.sign_value(
+            "command_ack",
+            id,
+            &ack,
+            OffsetDateTime::now_utc(),
+            &protocol::new_nonce(),
+        );
+        self.send(frame).await?;
+        let mut result = Value::empty_map();
+        result.insert("status", "failed");
+        result.insert("result", Value::Null);
+        result.insert(
+            "error",
+            format!(
+                "z4j-agentd on {}: no local process registered engine {engine:?} with action {action:?}",
+                self.host_label
+            ),
+        );
+        result.insert("delivery_claim_token", claim);
+        let frame = self.signer.sign_value(
+            "command_result",
+            id,
+            &result,
+            OffsetDateTime::now_utc(),
+            &protocol::new_nonce(),
+        );
+        tracing::warn!(command_id = id, action, engine, "command refused: no local process can run it");
+        self.send(frame).await
+    }
+
+    async fn send_heartbeat(&mut self) -> Result<(), SessionEnd> {
+        let snapshot = self.up.spool.snapshot().await.ok();
+        let depth = snapshot.map(|s| s.depth).unwrap_or_else(|| self.spool_depth());
+        let st = self.up.spool.stats();
+        let dropped = st.dropped_oldest_total.load(Ordering::Relaxed)
+            + st.refused_full_total.load(Ordering::Relaxed)
+            + self.up.status.events_undeliverable.load(Ordering::Relaxed);
+        let now = OffsetDateTime::now_utc();
+
+        let mut hb = Value::empty_map();
+        hb.insert("buffer_size", depth.min(10_000_000));
+        hb.insert(
+            "last_flush_at",
+            self.last_flush_at
+                .map(|t| Value::from(protocol::format_ts(t)))
+                .unwrap_or(Value::Null),
+        );
+        hb.insert("dropped_events", dropped.min(10_000_000));
+        hb.insert("adapter_health", Value::empty_map());
+        let frame = self.signer.sign_value(
+            "heartbeat",
+            &protocol::new_frame_id("hb_"),
+            &hb,
+            now,
+            &protocol::new_nonce(),
+        );
+        self.send(frame).await?;
+
+        let mut st_payload = Value::empty_map();
+        st_payload.insert("buffer_depth", depth);
+        st_payload.insert(
+            "buffer_oldest_age_seconds",
+            snapshot
+                .and_then(|s| s.oldest_stored_ms)
+                .map(|ms| {
+                    let now_ms = (now.unix_timestamp_nanos() / 1_000_000) as i64;
+                    Value::Float(((now_ms - ms).max(0) as f64) / 1000.0)
+                })
+                .unwrap_or(Value::Null),
+        );
+        st_payload.insert("agent_version", env!("CARGO_PKG_VERSION"));
+        st_payload.insert("protocol_version", protocol::PROTOCOL_VERSION);
+        st_payload.insert(
+            "engines",
+            Value::Array(self.engines.iter().take(32).map(|e| Value::from(e.as_str())).collect()),
+        );
+        st_payload.insert(
+            "current_session_age_seconds",
+            Value::Float(self.connected_at.elapsed().as_secs_f64()),
+        );
+        st_payload.insert(
+            "last_successful_connect_at",
+            protocol::format_ts(self.connected_at_wall),
+        );
+        let frame = self.signer.sign_value(
+            "agent_status",
+            &protocol::new_frame_id("as_"),
+            &st_payload,
+            now,
+            &protocol::new_nonce(),
+        );
+        self.send(frame).await
+    }
+}
