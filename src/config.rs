@@ -263,13 +263,11 @@ impl HostEnv {
     /// Reads the real process environment.
     pub fn from_process() -> Self {
         fn path_var(name: &str) -> Option<PathBuf> {
-            std::env::var_os(name)
-                .filter(|v| !v.is_empty())
-                .map(|v| {
-                    // systemd joins several directories with ':'; the first is ours.
-                    let s = v.to_string_lossy().into_owned();
-                    PathBuf::from(s.split(':').next().unwrap_or_default())
-                })
+            std::env::var_os(name).filter(|v| !v.is_empty()).map(|v| {
+                // systemd joins several directories with ':'; the first is ours.
+                let s = v.to_string_lossy().into_owned();
+                PathBuf::from(s.split(':').next().unwrap_or_default())
+            })
         }
         HostEnv {
             home: path_var("HOME"),
@@ -305,7 +303,9 @@ impl HostEnv {
 /// need I/O; `/proc/self` is owned by the effective uid on Linux.
 pub fn current_uid() -> u32 {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0)
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(0)
 }
 
 /// Where to connect: the brain's agent WebSocket endpoint.
@@ -438,9 +438,11 @@ where
     T: PartialOrd + fmt::Display + Copy,
 {
     let Some(v) = v else { return Ok(default) };
-    let n: T = v.trim().replace('_', "").parse().map_err(|_| {
-        ConfigError::new(key, format!("expected a whole number, got {v:?}"))
-    })?;
+    let n: T = v
+        .trim()
+        .replace('_', "")
+        .parse()
+        .map_err(|_| ConfigError::new(key, format!("expected a whole number, got {v:?}")))?;
     if n < min || n > max {
         return Err(ConfigError::new(
             key,
@@ -527,12 +529,18 @@ fn read_secret_file(key: &'static str, path: &Path) -> Result<String, ConfigErro
     let raw = std::fs::read_to_string(path).map_err(|e| {
         ConfigError::new(
             key,
-            format!("cannot read {}: {e}; check the path and that this user may read it", path.display()),
+            format!(
+                "cannot read {}: {e}; check the path and that this user may read it",
+                path.display()
+            ),
         )
     })?;
     let v = raw.trim().to_string();
     if v.is_empty() {
-        return Err(ConfigError::new(key, format!("{} is empty", path.display())));
+        return Err(ConfigError::new(
+            key,
+            format!("{} is empty", path.display()),
+        ));
     }
     Ok(v)
 }
@@ -587,12 +595,13 @@ impl Options {
             None => false,
         };
 
-        let brain_url = pick(non_empty(self.brain_url.clone()), file.brain_url).ok_or_else(|| {
-            ConfigError::new(
-                "Z4J_BRAIN_URL",
-                "is required; set it to the brain's base URL, e.g. https://z4j.example.com",
-            )
-        })?;
+        let brain_url =
+            pick(non_empty(self.brain_url.clone()), file.brain_url).ok_or_else(|| {
+                ConfigError::new(
+                    "Z4J_BRAIN_URL",
+                    "is required; set it to the brain's base URL, e.g. https://z4j.example.com",
+                )
+            })?;
         let endpoint = parse_brain_url(&brain_url, dev_mode)?;
 
         let token = resolve_secret(
@@ -745,16 +754,19 @@ impl Options {
         ) {
             None => 0o660,
             Some(v) => {
-                let m = u32::from_str_radix(v.trim().trim_start_matches("0o"), 8).map_err(|_| {
-                    ConfigError::new(
-                        "Z4J_SOCKET_MODE",
-                        format!("expected an octal mode such as 0660, got {v:?}"),
-                    )
-                })?;
+                let m =
+                    u32::from_str_radix(v.trim().trim_start_matches("0o"), 8).map_err(|_| {
+                        ConfigError::new(
+                            "Z4J_SOCKET_MODE",
+                            format!("expected an octal mode such as 0660, got {v:?}"),
+                        )
+                    })?;
                 if m & !0o777 != 0 || m & 0o600 != 0o600 {
                     return Err(ConfigError::new(
                         "Z4J_SOCKET_MODE",
-                        format!("{v} must be a permission mode that keeps owner read/write, e.g. 0660"),
+                        format!(
+                            "{v} must be a permission mode that keeps owner read/write, e.g. 0660"
+                        ),
                     ));
                 }
                 m

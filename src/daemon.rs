@@ -100,7 +100,10 @@ pub async fn run(
         .socket_path
         .clone()
         .unwrap_or_else(|| ingest::default_socket_path(&config.host));
-    if config.socket_path.is_none() && config.host.runtime_directory.is_none() && config.host.xdg_runtime_dir.is_none() {
+    if config.socket_path.is_none()
+        && config.host.runtime_directory.is_none()
+        && config.host.xdg_runtime_dir.is_none()
+    {
         // The default lives in our private tmp directory; make sure it is ours.
         path::ensure_private_tmp_dir(&config.host.tmp_private_dir(), config.host.uid)?;
     }
@@ -160,12 +163,18 @@ pub async fn run(
         stop.clone(),
     );
     let mut uplink_task = tokio::spawn(uplink.run());
-    let status_task = tokio::spawn(report_status(status.clone(), spool_handle.clone(), shutdown.clone()));
+    let status_task = tokio::spawn(report_status(
+        status.clone(),
+        spool_handle.clone(),
+        shutdown.clone(),
+    ));
 
     shutdown.cancelled().await;
     notify(&[
         sd_notify::NotifyState::Stopping,
-        sd_notify::NotifyState::Status("stopping: finishing client messages and draining the spool"),
+        sd_notify::NotifyState::Status(
+            "stopping: finishing client messages and draining the spool",
+        ),
     ]);
     tracing::info!("shutting down: no new clients; finishing what connected clients sent");
     ingest_stop.cancel();
@@ -202,7 +211,11 @@ fn notify(state: &[sd_notify::NotifyState]) {
 }
 
 /// Keeps `systemctl status` informative: one STATUS= line every few seconds.
-async fn report_status(status: Arc<Status>, spool: crate::spool::SpoolHandle, shutdown: CancellationToken) {
+async fn report_status(
+    status: Arc<Status>,
+    spool: crate::spool::SpoolHandle,
+    shutdown: CancellationToken,
+) {
     if std::env::var_os("NOTIFY_SOCKET").is_none() {
         return;
     }
@@ -217,8 +230,10 @@ async fn report_status(status: Arc<Status>, spool: crate::spool::SpoolHandle, sh
             "brain {}; spool {} events; dropped {}; clients {}",
             status.uplink().state.as_str(),
             st.depth.load(std::sync::atomic::Ordering::Relaxed),
-            st.dropped_oldest_total.load(std::sync::atomic::Ordering::Relaxed)
-                + st.refused_full_total.load(std::sync::atomic::Ordering::Relaxed),
+            st.dropped_oldest_total
+                .load(std::sync::atomic::Ordering::Relaxed)
+                + st.refused_full_total
+                    .load(std::sync::atomic::Ordering::Relaxed),
             status.clients().len()
         );
         notify(&[sd_notify::NotifyState::Status(&line)]);

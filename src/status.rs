@@ -53,6 +53,8 @@ pub struct UplinkStatus {
     pub since: OffsetDateTime,
     /// The last error, already free of secrets.
     pub last_error: Option<String>,
+    /// Backoff class of the last failure (`connection`, `protocol`, `auth`, `incompatible`).
+    pub last_failure_class: Option<&'static str>,
     /// Brain clock minus ours at the last handshake, in seconds.
     pub clock_skew_seconds: Option<f64>,
     /// Current session id.
@@ -130,6 +132,7 @@ impl Status {
                 state: UplinkState::Connecting,
                 since: OffsetDateTime::now_utc(),
                 last_error: None,
+                last_failure_class: None,
                 clock_skew_seconds: None,
                 session_id: None,
                 last_ack_at: None,
@@ -242,6 +245,10 @@ impl Status {
         m.insert(
             "last_error",
             u.last_error.map(Value::from).unwrap_or(Value::Null),
+        );
+        m.insert(
+            "last_failure_class",
+            u.last_failure_class.map(Value::from).unwrap_or(Value::Null),
         );
         m.insert(
             "clock_skew_seconds",

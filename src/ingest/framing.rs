@@ -270,7 +270,8 @@ mod tests {
     #[test]
     fn msgpack_nan_and_int_keys_are_refused() {
         let mut d = Decoder::new(Framing::MsgPack, 1024);
-        let nan = rmp_serde::to_vec(&(std::collections::BTreeMap::from([("x", f64::NAN)]))).unwrap();
+        let nan =
+            rmp_serde::to_vec(&(std::collections::BTreeMap::from([("x", f64::NAN)]))).unwrap();
         let mut f = (nan.len() as u32).to_be_bytes().to_vec();
         f.extend_from_slice(&nan);
         d.feed(&f);
@@ -281,7 +282,10 @@ mod tests {
         let got = messages(&mut d);
         assert_eq!(got.len(), 2);
         for g in got {
-            assert!(matches!(g, Decoded::Invalid(ref e) if e.code == "bad_message"), "{g:?}");
+            assert!(
+                matches!(g, Decoded::Invalid(ref e) if e.code == "bad_message"),
+                "{g:?}"
+            );
         }
     }
 
@@ -302,7 +306,9 @@ mod tests {
     fn over_long_json_line_is_skipped_once_and_memory_stays_bounded() {
         let mut d = Decoder::new(Framing::JsonLines, 100);
         d.feed(&[b'a'; 150]);
-        assert!(matches!(d.next().unwrap(), Some(Decoded::Invalid(ref e)) if e.code == "message_too_large"));
+        assert!(
+            matches!(d.next().unwrap(), Some(Decoded::Invalid(ref e)) if e.code == "message_too_large")
+        );
         assert_eq!(d.pending_bytes(), 0);
         d.feed(&[b'a'; 150]);
         assert!(d.next().unwrap().is_none(), "only one error per long line");

@@ -69,7 +69,9 @@ pub enum IngestError {
     #[error("another z4j-agentd is already listening on {0}; stop it first, or set Z4J_SOCKET_PATH to a different path")]
     AlreadyRunning(String),
     /// Something that is not a socket is in the way.
-    #[error("{0} exists and is not a socket; remove it or set Z4J_SOCKET_PATH to a different path")]
+    #[error(
+        "{0} exists and is not a socket; remove it or set Z4J_SOCKET_PATH to a different path"
+    )]
     NotASocket(String),
     /// An I/O failure while binding.
     #[error("cannot bind the local socket {path}: {source}; check that the directory exists and this user may write to it")]
@@ -212,9 +214,9 @@ impl Ingest {
     async fn connection(self: Arc<Self>, stream: UnixStream, shutdown: CancellationToken) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let cred = stream.peer_cred().ok();
-        let (uid, gid, pid) = cred
-            .map(|c| (c.uid(), c.gid(), c.pid()))
-            .unwrap_or((u32::MAX, u32::MAX, None));
+        let (uid, gid, pid) =
+            cred.map(|c| (c.uid(), c.gid(), c.pid()))
+                .unwrap_or((u32::MAX, u32::MAX, None));
         let (mut rd, wr) = stream.into_split();
 
         // The first byte decides the framing.
@@ -240,7 +242,12 @@ impl Ingest {
             && (self.config.allowed_gids.is_empty() || self.config.allowed_gids.contains(&gid));
         if !allowed {
             self.status.refuse("not_allowed", 1);
-            tracing::warn!(uid, gid, pid, "refused a local client whose uid/gid is not allowed");
+            tracing::warn!(
+                uid,
+                gid,
+                pid,
+                "refused a local client whose uid/gid is not allowed"
+            );
             replies.error(
                 "not_allowed",
                 &format!("uid {uid} / gid {gid} may not write to this daemon; add it to Z4J_ALLOWED_UIDS or Z4J_ALLOWED_GIDS"),
@@ -262,7 +269,13 @@ impl Ingest {
                 ..ClientInfo::default()
             },
         );
-        tracing::debug!(client = id, pid, uid, framing = framing.as_str(), "client connected");
+        tracing::debug!(
+            client = id,
+            pid,
+            uid,
+            framing = framing.as_str(),
+            "client connected"
+        );
 
         let mut session = Session {
             ingest: &self,
@@ -411,7 +424,8 @@ impl Session<'_> {
             } else {
                 format!("a message must be a map, got {}", msg.type_name())
             };
-            self.replies.error("bad_message", &what, ack_id.as_ref(), None);
+            self.replies
+                .error("bad_message", &what, ack_id.as_ref(), None);
             return;
         };
         match kind.as_str() {
@@ -570,7 +584,11 @@ impl Session<'_> {
                 rest.drain(..o.stored.min(rest.len()));
                 let stored_before = p.stored_before + o.stored;
                 let spool = &self.ingest.spool;
-                let _ = tokio::time::timeout(Duration::from_millis(250), spool.space_freed().notified()).await;
+                let _ = tokio::time::timeout(
+                    Duration::from_millis(250),
+                    spool.space_freed().notified(),
+                )
+                .await;
                 match spool.append(rest.clone()).await {
                     Ok(rx) => {
                         self.pending.push_front(Pending {
@@ -583,7 +601,9 @@ impl Session<'_> {
                         // Settle it before anything later, to keep acks in order.
                         Box::pin(self.settle_front()).await;
                     }
-                    Err(e) => self.replies.error(e.code(), &e.to_string(), p.ack_id.as_ref(), None),
+                    Err(e) => self
+                        .replies
+                        .error(e.code(), &e.to_string(), p.ack_id.as_ref(), None),
                 }
             }
             Ok(o) => {

@@ -264,26 +264,73 @@ mod tests {
     #[test]
     fn naive_and_offset_times_become_utc() {
         let a = norm(r#"{"engine":"e","kind":"task.sent","task_id":"x","occurred_at":"2026-11-22T10:00:00"}"#).unwrap();
-        assert!(a.contains("\"occurred_at\":\"2026-11-22T10:00:00.000000+00:00\""), "{a}");
+        assert!(
+            a.contains("\"occurred_at\":\"2026-11-22T10:00:00.000000+00:00\""),
+            "{a}"
+        );
         let b = norm(r#"{"engine":"e","kind":"task.sent","task_id":"x","occurred_at":"2026-11-22T12:00:00.25+02:00"}"#).unwrap();
-        assert!(b.contains("\"occurred_at\":\"2026-11-22T10:00:00.250000+00:00\""), "{b}");
-        let c = norm(r#"{"engine":"e","kind":"task.sent","task_id":"x","occurred_at":1795390199.5}"#).unwrap();
-        assert!(c.contains("\"occurred_at\":\"2026-11-22T23:29:59.500000+00:00\""), "{c}");
+        assert!(
+            b.contains("\"occurred_at\":\"2026-11-22T10:00:00.250000+00:00\""),
+            "{b}"
+        );
+        let c =
+            norm(r#"{"engine":"e","kind":"task.sent","task_id":"x","occurred_at":1795390199.5}"#)
+                .unwrap();
+        assert!(
+            c.contains("\"occurred_at\":\"2026-11-22T23:29:59.500000+00:00\""),
+            "{c}"
+        );
     }
 
     #[test]
     fn refusals_say_what_to_change() {
         let cases = [
-            (r#"{"kind":"task.sent","task_id":"x"}"#, "invalid_event", "engine"),
-            (r#"{"engine":"  ","kind":"task.sent","task_id":"x"}"#, "invalid_event", "engine"),
+            (
+                r#"{"kind":"task.sent","task_id":"x"}"#,
+                "invalid_event",
+                "engine",
+            ),
+            (
+                r#"{"engine":"  ","kind":"task.sent","task_id":"x"}"#,
+                "invalid_event",
+                "engine",
+            ),
             (r#"{"engine":"e","task_id":"x"}"#, "invalid_event", "kind"),
-            (r#"{"engine":"e","kind":"task.exploded","task_id":"x"}"#, "unknown_kind", "task.received"),
-            (r#"{"engine":"e","kind":"schedule.snapshot"}"#, "legacy_kind", "legacy"),
-            (r#"{"engine":"e","kind":"task.sent"}"#, "invalid_event", "task_id"),
-            (r#"{"engine":"e","kind":"task.sent","task_id":5}"#, "invalid_event", "string"),
-            (r#"{"engine":"e","kind":"task.sent","task_id":"x","data":[1]}"#, "invalid_event", "map"),
-            (r#"{"engine":"e","kind":"task.sent","task_id":"x","id":"nope"}"#, "invalid_event", "UUID"),
-            (r#"{"engine":"e","kind":"task.sent","task_id":"x","occurred_at":"yesterday"}"#, "invalid_event", "ISO-8601"),
+            (
+                r#"{"engine":"e","kind":"task.exploded","task_id":"x"}"#,
+                "unknown_kind",
+                "task.received",
+            ),
+            (
+                r#"{"engine":"e","kind":"schedule.snapshot"}"#,
+                "legacy_kind",
+                "legacy",
+            ),
+            (
+                r#"{"engine":"e","kind":"task.sent"}"#,
+                "invalid_event",
+                "task_id",
+            ),
+            (
+                r#"{"engine":"e","kind":"task.sent","task_id":5}"#,
+                "invalid_event",
+                "string",
+            ),
+            (
+                r#"{"engine":"e","kind":"task.sent","task_id":"x","data":[1]}"#,
+                "invalid_event",
+                "map",
+            ),
+            (
+                r#"{"engine":"e","kind":"task.sent","task_id":"x","id":"nope"}"#,
+                "invalid_event",
+                "UUID",
+            ),
+            (
+                r#"{"engine":"e","kind":"task.sent","task_id":"x","occurred_at":"yesterday"}"#,
+                "invalid_event",
+                "ISO-8601",
+            ),
         ];
         for (input, code, hint) in cases {
             let r = norm(input).unwrap_err();
@@ -294,7 +341,8 @@ mod tests {
 
     #[test]
     fn worker_events_need_no_task_id() {
-        let out = norm(r#"{"engine":"celery","kind":"worker.online","data":{"worker":"w1"}}"#).unwrap();
+        let out =
+            norm(r#"{"engine":"celery","kind":"worker.online","data":{"worker":"w1"}}"#).unwrap();
         assert!(out.ends_with("\"task_id\":\"\"}"), "{out}");
     }
 

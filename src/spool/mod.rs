@@ -410,7 +410,11 @@ fn acquire_lock(path: &Path) -> Result<File, SpoolError> {
             let pid = pid.trim();
             return Err(SpoolError::Locked {
                 path: path.display().to_string(),
-                pid: if pid.is_empty() { "unknown".into() } else { pid.to_string() },
+                pid: if pid.is_empty() {
+                    "unknown".into()
+                } else {
+                    pid.to_string()
+                },
             });
         }
         Err(std::fs::TryLockError::Error(e)) => {
@@ -525,7 +529,12 @@ impl Writer {
         })
     }
 
-    fn run(mut self, mut rx: mpsc::Receiver<Op>, new_events: Arc<Notify>, space_freed: Arc<Notify>) {
+    fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Op>,
+        new_events: Arc<Notify>,
+        space_freed: Arc<Notify>,
+    ) {
         let mut ops = Vec::new();
         'outer: while let Some(first) = rx.blocking_recv() {
             ops.push(first);
@@ -572,13 +581,18 @@ impl Writer {
             self.freed = false;
             outcomes.clear();
             ack_counts.clear();
-        } else if ops.iter().any(|o| matches!(o, Op::Append { .. } | Op::Ack { .. })) {
+        } else if ops
+            .iter()
+            .any(|o| matches!(o, Op::Append { .. } | Op::Ack { .. }))
+        {
             self.stats.commits_total.fetch_add(1, Ordering::Relaxed);
         }
         let stored: u64 = outcomes.iter().map(|o| o.stored as u64).sum();
         let refused: u64 = outcomes.iter().map(|o| o.refused_full as u64).sum();
         self.stats.stored_total.fetch_add(stored, Ordering::Relaxed);
-        self.stats.refused_full_total.fetch_add(refused, Ordering::Relaxed);
+        self.stats
+            .refused_full_total
+            .fetch_add(refused, Ordering::Relaxed);
         self.stats
             .acked_total
             .fetch_add(ack_counts.iter().sum(), Ordering::Relaxed);
@@ -693,7 +707,11 @@ impl Writer {
         }
     }
 
-    fn append_one(&mut self, events: &[Vec<u8>], now: i64) -> Result<AppendOutcome, rusqlite::Error> {
+    fn append_one(
+        &mut self,
+        events: &[Vec<u8>],
+        now: i64,
+    ) -> Result<AppendOutcome, rusqlite::Error> {
         let max_events = self.config.max_events;
         let max_bytes = self.config.max_bytes;
         let mut accept: &[Vec<u8>] = events;
@@ -755,9 +773,9 @@ impl Writer {
         let mut freed_bytes = 0u64;
         let mut last_id: Option<i64> = None;
         {
-            let mut stmt = self
-                .conn
-                .prepare_cached("SELECT id, length(body) FROM events WHERE id > ?1 ORDER BY id LIMIT 1024")?;
+            let mut stmt = self.conn.prepare_cached(
+                "SELECT id, length(body) FROM events WHERE id > ?1 ORDER BY id LIMIT 1024",
+            )?;
             while freed_events < need_events || freed_bytes < need_bytes {
                 let mut rows = stmt.query(params![last_id.unwrap_or(0)])?;
                 let mut any = false;
@@ -790,9 +808,9 @@ impl Writer {
     }
 
     fn delete_range(&mut self, first: i64, last: i64) -> Result<u64, rusqlite::Error> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("DELETE FROM events WHERE id BETWEEN ?1 AND ?2 RETURNING length(body)")?;
+        let mut stmt = self.conn.prepare_cached(
+            "DELETE FROM events WHERE id BETWEEN ?1 AND ?2 RETURNING length(body)",
+        )?;
         let mut rows = stmt.query(params![first, last])?;
         let mut n = 0u64;
         let mut b = 0u64;

@@ -191,7 +191,10 @@ fn create_private_dir(dir: &Path) -> Result<(), PathError> {
 
 /// Creates the directory if needed and proves it is writable with a probe file.
 fn prepare_writable_dir(dir: &Path) -> io::Result<()> {
-    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
     let probe = dir.join(format!(".z4j-agentd-probe-{}", std::process::id()));
     fs::write(&probe, b"")?;
     fs::remove_file(&probe)
@@ -346,7 +349,12 @@ mod tests {
         let h = host_in(t.path());
         let p = t.path().join("home/.z4j/custom.sqlite");
         let got = resolve(Some(&p), &h).unwrap().path;
-        assert_eq!(got, fs::canonicalize(t.path()).unwrap().join("home/.z4j/custom.sqlite"));
+        assert_eq!(
+            got,
+            fs::canonicalize(t.path())
+                .unwrap()
+                .join("home/.z4j/custom.sqlite")
+        );
     }
 
     #[test]

@@ -20,7 +20,13 @@ async fn append_read_ack_round_trip() {
     let spool = Spool::open(config(dir.path())).unwrap();
     let h = spool.handle();
     let o = h.append_durable((0..10).map(ev).collect()).await.unwrap();
-    assert_eq!(o, AppendOutcome { stored: 10, refused_full: 0 });
+    assert_eq!(
+        o,
+        AppendOutcome {
+            stored: 10,
+            refused_full: 0
+        }
+    );
     assert_eq!(h.stats().depth.load(Ordering::Relaxed), 10);
 
     let first = h.read_after(0, 4, usize::MAX).await.unwrap();
@@ -35,7 +41,10 @@ async fn append_read_ack_round_trip() {
     let snap = h.snapshot().await.unwrap();
     assert_eq!(snap.depth, 6);
     assert!(snap.oldest_stored_ms.is_some());
-    assert_eq!(h.read_range(first[0].id, rest[1].id).await.unwrap().len(), 2);
+    assert_eq!(
+        h.read_range(first[0].id, rest[1].id).await.unwrap().len(),
+        2
+    );
     spool.close().await;
 }
 
@@ -72,7 +81,10 @@ async fn concurrent_appends_share_commits() {
     }
     let commits = h.stats().commits_total.load(Ordering::Relaxed);
     assert_eq!(h.stats().stored_total.load(Ordering::Relaxed), 500);
-    assert!(commits < 500, "500 appends took {commits} commits: no group commit");
+    assert!(
+        commits < 500,
+        "500 appends took {commits} commits: no group commit"
+    );
     spool.close().await;
 }
 
@@ -95,7 +107,11 @@ async fn drop_oldest_evicts_and_counts() {
     // The lifetime counter survives a restart.
     let spool = Spool::open(config(dir.path())).unwrap();
     assert_eq!(
-        spool.handle().stats().dropped_oldest_total.load(Ordering::Relaxed),
+        spool
+            .handle()
+            .stats()
+            .dropped_oldest_total
+            .load(Ordering::Relaxed),
         5000
     );
     assert_eq!(spool.handle().stats().depth.load(Ordering::Relaxed), 1000);
@@ -113,7 +129,9 @@ async fn byte_bound_evicts_too() {
     .unwrap();
     let h = spool.handle();
     for _ in 0..3 {
-        h.append_durable(vec![vec![b'a'; 400 * 1024]]).await.unwrap();
+        h.append_durable(vec![vec![b'a'; 400 * 1024]])
+            .await
+            .unwrap();
     }
     assert_eq!(h.stats().depth.load(Ordering::Relaxed), 2);
     assert!(h.stats().bytes.load(Ordering::Relaxed) <= 1 << 20);
@@ -131,7 +149,13 @@ async fn drop_newest_refuses_and_counts() {
     .unwrap();
     let h = spool.handle();
     let o = h.append_durable((0..1500).map(ev).collect()).await.unwrap();
-    assert_eq!(o, AppendOutcome { stored: 1000, refused_full: 500 });
+    assert_eq!(
+        o,
+        AppendOutcome {
+            stored: 1000,
+            refused_full: 500
+        }
+    );
     assert_eq!(h.stats().refused_full_total.load(Ordering::Relaxed), 500);
     let oldest = h.read_after(0, 1, usize::MAX).await.unwrap();
     assert_eq!(oldest[0].body, ev(0), "history is kept");
@@ -148,7 +172,11 @@ async fn ids_keep_growing_after_the_spool_empties() {
     h.ack(a[0].id, a[0].id).await.unwrap();
     h.append_durable(vec![ev(2)]).await.unwrap();
     let b = h.read_after(a[0].id, 10, usize::MAX).await.unwrap();
-    assert_eq!(b.len(), 1, "a reader positioned after the old id still sees the new event");
+    assert_eq!(
+        b.len(),
+        1,
+        "a reader positioned after the old id still sees the new event"
+    );
     assert!(b[0].id > a[0].id);
     spool.close().await;
 }
@@ -174,7 +202,10 @@ async fn committed_events_survive_an_unclean_stop() {
     let rh = recovered.handle();
     assert_eq!(rh.stats().depth.load(Ordering::Relaxed), 20);
     let all = rh.read_after(0, 100, usize::MAX).await.unwrap();
-    assert_eq!(all.iter().map(|e| e.body.clone()).collect::<Vec<_>>(), (0..20).map(ev).collect::<Vec<_>>());
+    assert_eq!(
+        all.iter().map(|e| e.body.clone()).collect::<Vec<_>>(),
+        (0..20).map(ev).collect::<Vec<_>>()
+    );
     recovered.close().await;
     spool.close().await;
 }
@@ -183,7 +214,9 @@ async fn committed_events_survive_an_unclean_stop() {
 async fn second_spool_on_the_same_file_names_the_holder() {
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::open(config(dir.path())).unwrap();
-    let err = Spool::open(config(dir.path())).err().expect("must be refused");
+    let err = Spool::open(config(dir.path()))
+        .err()
+        .expect("must be refused");
     let msg = err.to_string();
     assert!(matches!(err, SpoolError::Locked { .. }), "{msg}");
     assert!(msg.contains(&std::process::id().to_string()), "{msg}");

@@ -149,7 +149,10 @@ mod tests {
         assert_eq!(ceilings, vec![1, 2, 4, 8, 16, 30, 30]);
         // Other classes keep their own streaks.
         assert_eq!(b.ceiling(FailureClass::Auth), Duration::from_secs(10));
-        assert_eq!(b.ceiling(FailureClass::Incompatible), Duration::from_secs(120));
+        assert_eq!(
+            b.ceiling(FailureClass::Incompatible),
+            Duration::from_secs(120)
+        );
         for _ in 0..10 {
             b.next_delay(FailureClass::Auth, &mut rng);
         }

@@ -56,7 +56,9 @@ pub(crate) struct HelloAck {
 }
 
 /// Builds the rustls client config: system roots plus `ca_file`.
-pub(crate) fn tls_config(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig, String> {
+pub(crate) fn tls_config(
+    ca_file: Option<&std::path::Path>,
+) -> Result<rustls::ClientConfig, String> {
     let mut roots = rustls::RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     for cert in native.certs {
@@ -98,8 +100,13 @@ pub(crate) async fn open(settings: &UplinkSettings) -> Result<Ws, Failure> {
         .as_str()
         .into_client_request()
         .map_err(|e| Failure::new(FailureClass::Incompatible, format!("bad brain URL: {e}")))?;
-    let mut auth = HeaderValue::from_str(&format!("Bearer {}", settings.token.expose()))
-        .map_err(|_| Failure::new(FailureClass::Auth, "the token contains characters that cannot be sent in a header"))?;
+    let mut auth =
+        HeaderValue::from_str(&format!("Bearer {}", settings.token.expose())).map_err(|_| {
+            Failure::new(
+                FailureClass::Auth,
+                "the token contains characters that cannot be sent in a header",
+            )
+        })?;
     auth.set_sensitive(true);
     request.headers_mut().insert("Authorization", auth);
     request.headers_mut().insert(
@@ -141,14 +148,23 @@ fn classify_ws_error(e: WsError, url: &str) -> Failure {
             } else {
                 FailureClass::Connection
             };
-            Failure::new(class, format!("{url} answered HTTP {code} instead of a WebSocket upgrade"))
+            Failure::new(
+                class,
+                format!("{url} answered HTTP {code} instead of a WebSocket upgrade"),
+            )
         }
         WsError::Tls(t) => Failure::new(
             FailureClass::Connection,
             format!("TLS with {url} failed: {t}; if the brain uses a private CA, set Z4J_CA_FILE"),
         ),
-        WsError::Io(io) => Failure::new(FailureClass::Connection, format!("cannot reach {url}: {io}")),
-        other => Failure::new(FailureClass::Connection, format!("WebSocket to {url} failed: {other}")),
+        WsError::Io(io) => Failure::new(
+            FailureClass::Connection,
+            format!("cannot reach {url}: {io}"),
+        ),
+        other => Failure::new(
+            FailureClass::Connection,
+            format!("WebSocket to {url} failed: {other}"),
+        ),
     }
 }
 
@@ -183,22 +199,38 @@ pub(crate) async fn handshake(
         &protocol::format_ts(now),
         &payload,
     );
-    ws.send(Message::binary(hello))
-        .await
-        .map_err(|e| Failure::new(FailureClass::Connection, format!("sending hello failed: {e}")))?;
+    ws.send(Message::binary(hello)).await.map_err(|e| {
+        Failure::new(
+            FailureClass::Connection,
+            format!("sending hello failed: {e}"),
+        )
+    })?;
 
     let reply = tokio::time::timeout(HELLO_TIMEOUT, async {
         loop {
             match ws.next().await {
-                None => return Err(Failure::new(FailureClass::Connection, "the brain closed the connection during the handshake")),
-                Some(Err(e)) => return Err(Failure::new(FailureClass::Connection, format!("handshake failed: {e}"))),
+                None => {
+                    return Err(Failure::new(
+                        FailureClass::Connection,
+                        "the brain closed the connection during the handshake",
+                    ))
+                }
+                Some(Err(e)) => {
+                    return Err(Failure::new(
+                        FailureClass::Connection,
+                        format!("handshake failed: {e}"),
+                    ))
+                }
                 Some(Ok(Message::Binary(b))) => return Ok(b.to_vec()),
                 Some(Ok(Message::Text(t))) => return Ok(t.as_bytes().to_vec()),
                 Some(Ok(Message::Close(frame))) => {
                     let code = frame.as_ref().map(|f| u16::from(f.code)).unwrap_or(1005);
                     return Err(Failure::new(
                         classify_close(code),
-                        format!("the brain closed the handshake with {code}: {}", describe_close(code)),
+                        format!(
+                            "the brain closed the handshake with {code}: {}",
+                            describe_close(code)
+                        ),
                     ));
                 }
                 Some(Ok(_)) => continue,

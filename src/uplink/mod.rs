@@ -108,8 +108,10 @@ impl Uplink {
                     let delay = backoff.next_delay(class, &mut rand::rng());
                     let streak = backoff.streak(class);
                     self.status.set_uplink_state(UplinkState::Backoff);
-                    self.status
-                        .update_uplink(|u| u.last_error = Some(error.clone()));
+                    self.status.update_uplink(|u| {
+                        u.last_error = Some(error.clone());
+                        u.last_failure_class = Some(class.as_str());
+                    });
                     if streak == 1 || streak % 10 == 0 {
                         tracing::warn!(
                             class = class.as_str(),

@@ -217,10 +217,12 @@ impl Session<'_> {
     }
 
     async fn send(&mut self, bytes: Vec<u8>) -> Result<(), SessionEnd> {
-        self.ws
-            .send(Message::binary(bytes))
-            .await
-            .map_err(|e| failed(FailureClass::Connection, format!("sending to the brain failed: {e}")))
+        self.ws.send(Message::binary(bytes)).await.map_err(|e| {
+            failed(
+                FailureClass::Connection,
+                format!("sending to the brain failed: {e}"),
+            )
+        })
     }
 
     /// Room for events in one frame, after the signed envelope.
@@ -238,7 +240,12 @@ impl Session<'_> {
                 .spool
                 .read_after(self.cursor, self.batch_max_events, budget)
                 .await
-                .map_err(|e| failed(FailureClass::Connection, format!("reading the spool failed: {e}")))?;
+                .map_err(|e| {
+                    failed(
+                        FailureClass::Connection,
+                        format!("reading the spool failed: {e}"),
+                    )
+                })?;
             if events.is_empty() {
                 return Ok(());
             }
@@ -264,7 +271,10 @@ impl Session<'_> {
             let frame_id = self.send_batch(&events).await?;
             let first_time = last > self.up.max_forwarded_id;
             if first_time {
-                let new = events.iter().filter(|e| e.id > self.up.max_forwarded_id).count();
+                let new = events
+                    .iter()
+                    .filter(|e| e.id > self.up.max_forwarded_id)
+                    .count();
                 self.up
                     .status
                     .events_forwarded
@@ -324,12 +334,12 @@ impl Session<'_> {
             let f = &self.inflight[i];
             (f.first_id, f.last_id, f.frame_id.clone())
         };
-        let events = self
-            .up
-            .spool
-            .read_range(first, last)
-            .await
-            .map_err(|e| failed(FailureClass::Connection, format!("reading the spool failed: {e}")))?;
+        let events = self.up.spool.read_range(first, last).await.map_err(|e| {
+            failed(
+                FailureClass::Connection,
+                format!("reading the spool failed: {e}"),
+            )
+        })?;
         if events.is_empty() {
             // Evicted meanwhile (spool overflow): nothing left to deliver.
             self.inflight.remove(i);
@@ -358,8 +368,18 @@ impl Session<'_> {
         msg: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
     ) -> Result<(), SessionEnd> {
         let bytes = match msg {
-            None => return Err(failed(FailureClass::Connection, "the brain closed the connection")),
-            Some(Err(e)) => return Err(failed(FailureClass::Connection, format!("connection to the brain lost: {e}"))),
+            None => {
+                return Err(failed(
+                    FailureClass::Connection,
+                    "the brain closed the connection",
+                ))
+            }
+            Some(Err(e)) => {
+                return Err(failed(
+                    FailureClass::Connection,
+                    format!("connection to the brain lost: {e}"),
+                ))
+            }
             Some(Ok(Message::Binary(b))) => b.to_vec(),
             Some(Ok(Message::Text(t))) => t.as_bytes().to_vec(),
             Some(Ok(Message::Close(frame))) => {
@@ -372,7 +392,10 @@ impl Session<'_> {
                 }
                 return Err(failed(
                     classify_close(code),
-                    format!("the brain closed the connection with {code}: {}", describe_close(code)),
+                    format!(
+                        "the brain closed the connection with {code}: {}",
+                        describe_close(code)
+                    ),
                 ));
             }
             Some(Ok(_)) => return Ok(()),
@@ -390,24 +413,42 @@ impl Session<'_> {
             "event_batch_ack" => self.on_ack(&frame.payload).await,
             "command" => self.on_command(&frame.id, &frame.payload).await,
             "error" => {
-                let code = frame.payload.get("code").and_then(Value::as_str).unwrap_or("");
-                let message = frame.payload.get("message").and_then(Value::as_str).unwrap_or("");
-                let fatal = frame.payload.get("fatal").and_then(Value::as_bool).unwrap_or(false);
+                let code = frame
+                    .payload
+                    .get("code")
+                    .and_then(Value::as_str)
+                    .unwrap_or("");
+                let message = frame
+                    .payload
+                    .get("message")
+                    .and_then(Value::as_str)
+                    .unwrap_or("");
+                let fatal = frame
+                    .payload
+                    .get("fatal")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
                 if fatal {
                     let class = match code {
-                        "scheduler_upgrade_required" | "agent_incompatible" | "protocol_incompatible" => {
-                            FailureClass::Incompatible
-                        }
+                        "scheduler_upgrade_required"
+                        | "agent_incompatible"
+                        | "protocol_incompatible" => FailureClass::Incompatible,
                         _ => FailureClass::Protocol,
                     };
-                    Err(failed(class, format!("the brain reported a fatal error {code}: {message}")))
+                    Err(failed(
+                        class,
+                        format!("the brain reported a fatal error {code}: {message}"),
+                    ))
                 } else {
                     tracing::warn!(code, message, "the brain reported an error");
                     Ok(())
                 }
             }
             other => {
-                tracing::debug!(frame_type = other, "ignoring a frame type this daemon does not use");
+                tracing::debug!(
+                    frame_type = other,
+                    "ignoring a frame type this daemon does not use"
+                );
                 Ok(())
             }
         }
@@ -418,7 +459,10 @@ impl Session<'_> {
             return Ok(());
         };
         let Some(i) = self.inflight.iter().position(|f| f.frame_id == acked) else {
-            tracing::debug!(acked_id = acked, "ack for a frame no longer in flight (already re-sent or acked)");
+            tracing::debug!(
+                acked_id = acked,
+                "ack for a frame no longer in flight (already re-sent or acked)"
+            );
             return Ok(());
         };
         let f = self.inflight.remove(i).expect("position is valid");
@@ -427,7 +471,12 @@ impl Session<'_> {
             .spool
             .ack(f.first_id, f.last_id)
             .await
-            .map_err(|e| failed(FailureClass::Connection, format!("deleting acked events failed: {e}")))?;
+            .map_err(|e| {
+                failed(
+                    FailureClass::Connection,
+                    format!("deleting acked events failed: {e}"),
+                )
+            })?;
         self.up
             .status
             .update_uplink(|u| u.last_ack_at = Some(OffsetDateTime::now_utc()));
@@ -450,9 +499,17 @@ impl Session<'_> {
             .get("target")
             .and_then(|t| t.get("engine"))
             .and_then(Value::as_str)
-            .or_else(|| payload.get("parameters").and_then(|p| p.get("engine")).and_then(Value::as_str))
+            .or_else(|| {
+                payload
+                    .get("parameters")
+                    .and_then(|p| p.get("engine"))
+                    .and_then(Value::as_str)
+            })
             .unwrap_or("?");
-        let claim = payload.get("delivery_claim_token").cloned().unwrap_or(Value::Null);
+        let claim = payload
+            .get("delivery_claim_token")
+            .cloned()
+            .unwrap_or(Value::Null);
         let mut ack = Value::empty_map();
         ack.insert("delivery_claim_token", claim.clone());
         let frame = self.signer.sign_value(
@@ -481,13 +538,20 @@ impl Session<'_> {
             OffsetDateTime::now_utc(),
             &protocol::new_nonce(),
         );
-        tracing::warn!(command_id = id, action, engine, "command refused: no local process can run it");
+        tracing::warn!(
+            command_id = id,
+            action,
+            engine,
+            "command refused: no local process can run it"
+        );
         self.send(frame).await
     }
 
     async fn send_heartbeat(&mut self) -> Result<(), SessionEnd> {
         let snapshot = self.up.spool.snapshot().await.ok();
-        let depth = snapshot.map(|s| s.depth).unwrap_or_else(|| self.spool_depth());
+        let depth = snapshot
+            .map(|s| s.depth)
+            .unwrap_or_else(|| self.spool_depth());
         let st = self.up.spool.stats();
         let dropped = st.dropped_oldest_total.load(Ordering::Relaxed)
             + st.refused_full_total.load(Ordering::Relaxed)
@@ -529,7 +593,13 @@ impl Session<'_> {
         st_payload.insert("protocol_version", protocol::PROTOCOL_VERSION);
         st_payload.insert(
             "engines",
-            Value::Array(self.engines.iter().take(32).map(|e| Value::from(e.as_str())).collect()),
+            Value::Array(
+                self.engines
+                    .iter()
+                    .take(32)
+                    .map(|e| Value::from(e.as_str()))
+                    .collect(),
+            ),
         );
         st_payload.insert(
             "current_session_age_seconds",

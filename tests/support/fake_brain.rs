@@ -1,0 +1,241 @@
+//! An in-process fake brain for faults the real one cannot produce on
+//! demand: withheld acks, bad signatures, chosen close codes.
+//!
+//! It speaks protocol v2 with the crate's own signer and verifier (the
+//! roles reversed), and records what it received.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures_util::{SinkExt, StreamExt};
+use time::OffsetDateTime;
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+use z4j_agentd::protocol::{self, SessionBinding, Signer, SigningKey, Value, Verifier};
+
+/// The HMAC secret of protocol doc section 4.4.
+pub const SECRET: &str = "mVtpP-Iz85lBRJdiBbQ9KzZo4cCi7lxIHt-j7T6yOGU=";
+/// The token the fake accepts.
+pub const TOKEN: &str = "fake-token-0123456789";
+
+/// What the fake does wrong, and when.
+#[derive(Debug, Clone, Default)]
+pub struct Behavior {
+    /// Do not ack the first N `event_batch` frames (over all connections).
+    pub withhold_acks: usize,
+    /// Sign the first N acks with the wrong key.
+    pub bad_signature_acks: usize,
+    /// Close every handshake with this code instead of `hello_ack`.
+    pub close_handshake_with: Option<u16>,
+}
+
+/// What the fake saw.
+#[derive(Debug, Default)]
+pub struct Seen {
+    /// Connections accepted.
+    pub connections: AtomicUsize,
+    /// `event_batch` frames received (including re-sends).
+    pub batches: AtomicUsize,
+    /// Acks sent (good or bad).
+    pub acks_sent: AtomicUsize,
+    /// Event ids received per batch, in order.
+    pub batch_event_ids: Mutex<Vec<Vec<String>>>,
+    /// Distinct event ids received.
+    pub event_ids: Mutex<BTreeSet<String>>,
+    /// Frame types received after the handshake.
+    pub frame_types: Mutex<Vec<String>>,
+    /// Authorization headers seen.
+    pub auth_headers: Mutex<Vec<String>>,
+    /// `hello` payloads seen.
+    pub hellos: Mutex<Vec<Value>>,
+    /// Close codes the daemon sent us.
+    pub client_close_codes: Mutex<Vec<u16>>,
+    /// Verification failures of the daemon's frames (must stay empty).
+    pub verify_failures: Mutex<Vec<String>>,
+}
+
+/// A running fake brain.
+pub struct FakeBrain {
+    /// `http://127.0.0.1:<port>`.
+    pub url: String,
+    /// What it saw.
+    pub seen: Arc<Seen>,
+}
+
+impl FakeBrain {
+    /// Starts the fake on a free loopback port.
+    pub async fn start(behavior: Behavior) -> FakeBrain {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let seen = Arc::new(Seen::default());
+        let key = SigningKey::from_base64(SECRET).unwrap();
+        let behavior = Arc::new(Mutex::new(behavior));
+        let s = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let n = s.connections.fetch_add(1, Ordering::SeqCst) + 1;
+                tokio::spawn(serve(tcp, n, key.clone(), behavior.clone(), s.clone()));
+            }
+        });
+        FakeBrain { url, seen }
+    }
+}
+
+async fn serve(
+    tcp: tokio::net::TcpStream,
+    conn_no: usize,
+    key: SigningKey,
+    behavior: Arc<Mutex<Behavior>>,
+    seen: Arc<Seen>,
+) {
+    let seen_hdr = seen.clone();
+    let callback = move |req: &Request, resp: Response| {
+        if let Some(v) = req.headers().get("authorization") {
+            seen_hdr
+                .auth_headers
+                .lock()
+                .unwrap()
+                .push(v.to_str().unwrap_or("").to_string());
+        }
+        Ok(resp)
+    };
+    let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(tcp, callback).await else {
+        return;
+    };
+    // hello
+    let Some(Ok(first)) = ws.next().await else {
+        return;
+    };
+    let hello: Value = serde_json::from_slice(&first.into_data()).unwrap();
+    seen.hellos
+        .lock()
+        .unwrap()
+        .push(hello.get("payload").cloned().unwrap_or(Value::Null));
+    let close_with = behavior.lock().unwrap().close_handshake_with;
+    if let Some(code) = close_with {
+        let _ = ws
+            .send(Message::Close(Some(CloseFrame {
+                code: CloseCode::from(code),
+                reason: "fake".into(),
+            })))
+            .await;
+        return;
+    }
+    let binding = SessionBinding::new(
+        "ea12aefd-04ac-43d0-af34-08b77434f37a",
+        "817e2571-38a5-4109-92c2-612c66108836",
+        format!("00000000-0000-4000-8000-{conn_no:012}"),
+    );
+    let mut ack = Value::empty_map();
+    ack.insert("v", 2i64);
+    ack.insert("type", "hello_ack");
+    ack.insert("id", "hack_fake");
+    ack.insert("ts", protocol::format_ts(OffsetDateTime::now_utc()));
+    let mut p = Value::empty_map();
+    p.insert("protocol_version", "2");
+    p.insert("brain_version", "fake");
+    p.insert("agent_id", binding.agent_id.as_str());
+    p.insert("project_id", binding.project_id.as_str());
+    p.insert("session_id", binding.session_id.as_str());
+    p.insert("heartbeat_interval_seconds", 10u64);
+    p.insert("max_frame_size_bytes", 1_048_576u64);
+    ack.insert("payload", p);
+    if ws
+        .send(Message::binary(serde_json::to_vec(&ack).unwrap()))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let mut verifier = Verifier::new(key.clone(), binding.clone());
+    let mut signer = Signer::new(key, binding.clone());
+    let wrong = SigningKey::from_bytes(&[7u8; 32]).unwrap();
+    let mut wrong_signer = Signer::new(wrong, binding);
+    while let Some(msg) = ws.next().await {
+        let bytes = match msg {
+            Ok(Message::Binary(b)) => b.to_vec(),
+            Ok(Message::Text(t)) => t.as_bytes().to_vec(),
+            Ok(Message::Close(f)) => {
+                seen.client_close_codes
+                    .lock()
+                    .unwrap()
+                    .push(f.map(|f| u16::from(f.code)).unwrap_or(1005));
+                return;
+            }
+            Ok(_) => continue,
+            Err(_) => return,
+        };
+        let frame = match verifier.verify(&bytes, OffsetDateTime::now_utc()) {
+            Ok(f) => f,
+            Err(e) => {
+                seen.verify_failures.lock().unwrap().push(e.to_string());
+                let _ = ws
+                    .send(Message::Close(Some(CloseFrame {
+                        code: CloseCode::from(4403),
+                        reason: "bad signature".into(),
+                    })))
+                    .await;
+                return;
+            }
+        };
+        seen.frame_types
+            .lock()
+            .unwrap()
+            .push(frame.frame_type.clone());
+        if frame.frame_type != "event_batch" {
+            continue;
+        }
+        seen.batches.fetch_add(1, Ordering::SeqCst);
+        let ids: Vec<String> = frame
+            .payload
+            .get("events")
+            .and_then(Value::as_array)
+            .unwrap_or(&[])
+            .iter()
+            .filter_map(|e| e.get("id").and_then(Value::as_str).map(str::to_owned))
+            .collect();
+        seen.event_ids.lock().unwrap().extend(ids.iter().cloned());
+        seen.batch_event_ids.lock().unwrap().push(ids.clone());
+        let (withhold, bad) = {
+            let mut b = behavior.lock().unwrap();
+            if b.withhold_acks > 0 {
+                b.withhold_acks -= 1;
+                (true, false)
+            } else if b.bad_signature_acks > 0 {
+                b.bad_signature_acks -= 1;
+                (false, true)
+            } else {
+                (false, false)
+            }
+        };
+        if withhold {
+            continue;
+        }
+        let mut payload = Value::empty_map();
+        payload.insert("acked_id", frame.id.as_str());
+        payload.insert("received", ids.len() as u64);
+        payload.insert("accepted", ids.len() as u64);
+        payload.insert("rejected", 0u64);
+        let s = if bad { &mut wrong_signer } else { &mut signer };
+        let out = s.sign_value(
+            "event_batch_ack",
+            &format!("eba_{}", frame.id),
+            &payload,
+            OffsetDateTime::now_utc(),
+            &protocol::new_nonce(),
+        );
+        seen.acks_sent.fetch_add(1, Ordering::SeqCst);
+        if ws.send(Message::binary(out)).await.is_err() {
+            return;
+        }
+    }
+}

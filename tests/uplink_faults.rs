@@ -1,0 +1,228 @@
+//! The uplink against a fake brain that misbehaves on purpose: withheld
+//! acks, bad signatures, close codes. Each test runs a whole daemon
+//! in-process.
+
+mod support;
+
+use std::time::Duration;
+
+use support::fake_brain::{Behavior, FakeBrain, TOKEN};
+use support::{event, options, wait_for, TestDaemon};
+use z4j_agentd::protocol::Value;
+
+/// Polls the daemon's `stats` until `cond` holds.
+async fn wait_stats(d: &TestDaemon, secs: u64, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
+    let mut c = d.client().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let s = c.stats().await.unwrap();
+        if cond(&s) {
+            return s;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {secs}s waiting for {what}; last stats: {s:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+fn num(s: &Value, k: &str) -> u64 {
+    s.get(k).and_then(Value::as_u64).unwrap_or(u64::MAX)
+}
+
+fn text<'a>(s: &'a Value, k: &str) -> &'a str {
+    s.get(k).and_then(Value::as_str).unwrap_or("")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_are_delivered_and_leave_the_spool_only_on_ack() {
+    let brain = FakeBrain::start(Behavior::default()).await;
+    let d = TestDaemon::start(options(&brain.url)).await;
+    let mut c = d.client().await;
+    let stored = c
+        .send_durable(&[event("t1", "task.received"), event("t1", "task.started")])
+        .await
+        .unwrap();
+    assert_eq!(stored, 2);
+    wait_stats(&d, 10, "both events acked", |s| {
+        num(s, "acked") == 2 && num(s, "spool_depth") == 0
+    })
+    .await;
+    assert_eq!(brain.seen.event_ids.lock().unwrap().len(), 2);
+    assert_eq!(
+        brain.seen.auth_headers.lock().unwrap().as_slice(),
+        &[format!("Bearer {TOKEN}")]
+    );
+    let hello = brain.seen.hellos.lock().unwrap()[0].clone();
+    assert_eq!(
+        hello.get("worker_id").and_then(Value::as_str),
+        Some("agentd-test")
+    );
+    assert!(brain.seen.verify_failures.lock().unwrap().is_empty());
+    let types = brain.seen.frame_types.lock().unwrap().clone();
+    assert!(types.contains(&"heartbeat".to_string()), "{types:?}");
+    assert!(types.contains(&"agent_status".to_string()), "{types:?}");
+    d.stop().await.unwrap();
+    let seen = brain.seen.clone();
+    wait_for(5, "close 1000 from the daemon", || {
+        seen.client_close_codes.lock().unwrap().contains(&1000)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn withheld_ack_makes_the_frame_go_again() {
+    let brain = FakeBrain::start(Behavior {
+        withhold_acks: 1,
+        ..Behavior::default()
+    })
+    .await;
+    let mut opts = options(&brain.url);
+    opts.ack_timeout_seconds = Some("1".into());
+    let d = TestDaemon::start(opts).await;
+    let mut c = d.client().await;
+    c.send_durable(&[event("t1", "task.received"), event("t1", "task.started")])
+        .await
+        .unwrap();
+    let s = wait_stats(&d, 15, "the re-sent frame acked", |s| {
+        num(s, "acked") == 2 && num(s, "spool_depth") == 0
+    })
+    .await;
+    assert_eq!(num(&s, "resent"), 2, "{s:?}");
+    let batches = brain.seen.batch_event_ids.lock().unwrap().clone();
+    assert_eq!(
+        batches.len(),
+        2,
+        "sent once, withheld, sent again: {batches:?}"
+    );
+    assert_eq!(batches[0], batches[1], "the same events go again");
+    assert_eq!(
+        brain
+            .seen
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "re-sent on the same session"
+    );
+    assert!(
+        brain.seen.verify_failures.lock().unwrap().is_empty(),
+        "re-sent frames are re-signed"
+    );
+    d.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_badly_signed_brain_frame_ends_the_session_and_nothing_is_lost() {
+    let brain = FakeBrain::start(Behavior {
+        bad_signature_acks: 1,
+        ..Behavior::default()
+    })
+    .await;
+    let d = TestDaemon::start(options(&brain.url)).await;
+    let mut c = d.client().await;
+    c.send_durable(&[event("t1", "task.received")])
+        .await
+        .unwrap();
+    let s = wait_stats(&d, 15, "delivery after reconnecting", |s| {
+        num(s, "acked") == 1 && num(s, "spool_depth") == 0
+    })
+    .await;
+    assert!(num(&s, "connects") >= 2, "{s:?}");
+    assert_eq!(text(&s, "last_failure_class"), "protocol", "{s:?}");
+    assert!(
+        brain
+            .seen
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst)
+            >= 2,
+        "the daemon reconnected"
+    );
+    let batches = brain.seen.batch_event_ids.lock().unwrap().clone();
+    assert_eq!(
+        batches.len(),
+        2,
+        "the unconfirmed event went again on the new session"
+    );
+    d.stop().await.unwrap();
+}
+
+async fn close_code_class(code: u16) -> String {
+    let brain = FakeBrain::start(Behavior {
+        close_handshake_with: Some(code),
+        ..Behavior::default()
+    })
+    .await;
+    let d = TestDaemon::start(options(&brain.url)).await;
+    let s = wait_stats(&d, 10, "a classified failure", |s| {
+        !text(s, "last_failure_class").is_empty() && text(s, "uplink_state") == "backoff"
+    })
+    .await;
+    let class = text(&s, "last_failure_class").to_string();
+    let error = text(&s, "last_error").to_string();
+    assert!(error.contains(&code.to_string()), "{error}");
+    assert!(!error.contains(TOKEN), "no secret in errors");
+    d.stop().await.unwrap();
+    class
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_close_code_gets_its_backoff_class() {
+    for (code, class) in [
+        (4401, "auth"),
+        (4403, "auth"),
+        (4003, "auth"),
+        (4426, "incompatible"),
+        (4427, "incompatible"),
+        (4400, "connection"),
+        (4002, "connection"),
+        (4429, "connection"),
+        (4408, "connection"),
+        (1011, "connection"),
+    ] {
+        assert_eq!(close_code_class(code).await, class, "close code {code}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_what_clients_sent_to_the_brain() {
+    let brain = FakeBrain::start(Behavior::default()).await;
+    let d = TestDaemon::start(options(&brain.url)).await;
+    let mut c = d.client().await;
+    let events: Vec<_> = (0..300)
+        .map(|i| event(&format!("t{i}"), "task.received"))
+        .collect();
+    c.send(&events).await.unwrap();
+    c.ping().await.unwrap();
+    d.stop().await.unwrap();
+    assert_eq!(brain.seen.event_ids.lock().unwrap().len(), 300);
+    assert!(brain
+        .seen
+        .client_close_codes
+        .lock()
+        .unwrap()
+        .contains(&1000));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn brain_down_does_not_delay_readiness_and_events_wait_in_the_spool() {
+    // Nothing listens on this port.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut opts = options(&format!("http://127.0.0.1:{port}"));
+    opts.shutdown_grace_seconds = Some("0".into());
+    let d = TestDaemon::start(opts).await;
+    let mut c = d.client().await;
+    assert_eq!(
+        c.send_durable(&[event("t1", "task.sent")]).await.unwrap(),
+        1
+    );
+    let s = wait_stats(&d, 10, "a connection failure", |s| {
+        text(s, "last_failure_class") == "connection"
+    })
+    .await;
+    assert_eq!(num(&s, "spool_depth"), 1);
+    d.stop().await.unwrap();
+}
