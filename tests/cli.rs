@@ -1,0 +1,421 @@
+//! The binary as an operator runs it: flags, exit codes, the socket and
+//! spool guards, signals, and what reaches the log.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use support::fake_brain::{SECRET, TOKEN};
+
+const BIN: &str = env!("CARGO_BIN_EXE_z4j-agentd");
+
+struct Env {
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("home")).unwrap();
+        std::fs::create_dir_all(dir.path().join("tmp")).unwrap();
+        Env { dir }
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("agent.sock")
+    }
+
+    /// A command with a clean environment: only what the test sets.
+    fn cmd(&self, brain_port: u16) -> Command {
+        let mut c = Command::new(BIN);
+        c.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", self.dir.path().join("home"))
+            .env("TMPDIR", self.dir.path().join("tmp"))
+            .env("Z4J_BRAIN_URL", format!("http://127.0.0.1:{brain_port}"))
+            .env("Z4J_TOKEN", TOKEN)
+            .env("Z4J_HMAC_SECRET", SECRET)
+            .env("Z4J_SOCKET_PATH", self.socket())
+            .env("Z4J_LOG_FORMAT", "json")
+            .env("Z4J_SHUTDOWN_GRACE_SECONDS", "1")
+            .arg("run");
+        c
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn output(mut c: Command) -> Output {
+    c.stdin(Stdio::null()).output().unwrap()
+}
+
+fn wait_socket(path: &Path, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if UnixStream::connect(path).is_ok() {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let mut err = String::new();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            panic!("daemon exited early ({status}): {err}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("socket {} never accepted", path.display());
+}
+
+fn jsonl_request(path: &Path, line: &str) -> serde_json::Value {
+    let mut s = UnixStream::connect(path).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(line.as_bytes()).unwrap();
+    s.write_all(b"\n").unwrap();
+    let mut reply = String::new();
+    BufReader::new(s).read_line(&mut reply).unwrap();
+    serde_json::from_str(&reply).unwrap()
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([&format!("-{sig}"), &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+}
+
+fn wait_exit(child: &mut Child, secs: u64) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "daemon did not exit within {secs}s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn version_and_help_document_every_option() {
+    let out = output({
+        let mut c = Command::new(BIN);
+        c.arg("--version");
+        c
+    });
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+
+    let out = output({
+        let mut c = Command::new(BIN);
+        c.args(["run", "--help"]);
+        c
+    });
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for var in [
+        "Z4J_BRAIN_URL",
+        "Z4J_TOKEN",
+        "Z4J_TOKEN_FILE",
+        "Z4J_HMAC_SECRET",
+        "Z4J_HMAC_SECRET_FILE",
+        "Z4J_PROJECT_ID",
+        "Z4J_AGENT_NAME",
+        "Z4J_ENVIRONMENT",
+        "Z4J_DEV_MODE",
+        "Z4J_BUFFER_PATH",
+        "Z4J_SOCKET_PATH",
+        "Z4J_LOG_FORMAT",
+        "Z4J_LOG_LEVEL",
+    ] {
+        assert!(help.contains(var), "--help does not mention {var}");
+    }
+}
+
+#[test]
+fn bad_config_exits_64_naming_the_key() {
+    let env = Env::new();
+    let cases: [(&str, &str, &str); 4] = [
+        (
+            "Z4J_BRAIN_URL",
+            "http://brain.example.com:7711",
+            "Z4J_DEV_MODE",
+        ),
+        ("Z4J_HMAC_SECRET", "dG9vLXNob3J0", "32"),
+        ("Z4J_BRAIN_URL", "ftp://x", "scheme"),
+        ("Z4J_LOG_FORMAT", "xml", "json"),
+    ];
+    for (key, value, hint) in cases {
+        let mut c = env.cmd(free_port());
+        c.env(key, value);
+        let out = output(c);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{key}={value}: {err}");
+        assert!(err.contains(key), "{key}: {err}");
+        assert!(err.contains(hint), "{key}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+        assert!(!err.contains(SECRET) && !err.contains(TOKEN));
+    }
+    let mut c = env.cmd(free_port());
+    c.env_remove("Z4J_TOKEN");
+    let out = output(c);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Z4J_TOKEN"));
+    // Unknown flags are usage errors too.
+    let mut c = env.cmd(free_port());
+    c.arg("--no-such-flag");
+    assert_eq!(output(c).status.code(), Some(64));
+}
+
+#[test]
+fn dev_mode_allows_plain_ws_to_another_host() {
+    let env = Env::new();
+    let mut c = env.cmd(free_port());
+    c.env("Z4J_BRAIN_URL", "http://brain.invalid:7711")
+        .env("Z4J_DEV_MODE", "true")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    wait_socket(&env.socket(), &mut child);
+    signal(&child, "TERM");
+    assert!(wait_exit(&mut child, 20).success());
+}
+
+#[test]
+fn socket_is_0660_stale_file_replaced_and_live_daemon_refused() {
+    let env = Env::new();
+    // A stale socket file left by a dead daemon.
+    drop(std::os::unix::net::UnixListener::bind(env.socket()).unwrap());
+    assert!(env.socket().exists());
+
+    let mut first = env.cmd(free_port());
+    first.stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut first = first.spawn().unwrap();
+    wait_socket(&env.socket(), &mut first);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(env.socket())
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o660);
+
+    // A second daemon on the same socket (own spool) exits naming the path.
+    let mut second = env.cmd(free_port());
+    second.env(
+        "Z4J_BUFFER_PATH",
+        env.dir
+            .path()
+            .join("tmp")
+            .join(format!("z4j-{}", z4j_agentd::config::current_uid()))
+            .join("other.sqlite"),
+    );
+    let out = output(second);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains(&env.socket().display().to_string()), "{err}");
+    assert!(err.contains("already listening"), "{err}");
+
+    // Still serving.
+    assert_eq!(
+        jsonl_request(&env.socket(), r#"{"type":"ping"}"#)["type"],
+        "pong"
+    );
+    signal(&first, "TERM");
+    assert!(wait_exit(&mut first, 20).success());
+    assert!(!env.socket().exists(), "socket removed on a clean stop");
+}
+
+#[test]
+fn second_daemon_on_the_same_spool_names_the_pid() {
+    let env = Env::new();
+    let mut first = env.cmd(free_port());
+    first.stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut first = first.spawn().unwrap();
+    wait_socket(&env.socket(), &mut first);
+    let mut second = env.cmd(free_port());
+    second.env("Z4J_SOCKET_PATH", env.dir.path().join("second.sock"));
+    let out = output(second);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains(&format!("pid {}", first.id())), "{err}");
+    signal(&first, "TERM");
+    assert!(wait_exit(&mut first, 20).success());
+}
+
+#[test]
+fn sigterm_exits_0_and_keeps_undelivered_events_for_the_next_start() {
+    let env = Env::new();
+    let mut c = env.cmd(free_port());
+    c.env("Z4J_SHUTDOWN_GRACE_SECONDS", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    wait_socket(&env.socket(), &mut child);
+    let ack = jsonl_request(
+        &env.socket(),
+        r#"{"type":"event","engine":"celery","kind":"task.sent","task_id":"t-1","ack_id":"a1"}"#,
+    );
+    assert_eq!(ack["type"], "ack");
+    assert_eq!(ack["ack_id"], "a1");
+    assert_eq!(ack["stored"], 1);
+    signal(&child, "TERM");
+    assert!(wait_exit(&mut child, 20).success());
+
+    let mut c = env.cmd(free_port());
+    c.stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    wait_socket(&env.socket(), &mut child);
+    let stats = jsonl_request(&env.socket(), r#"{"type":"stats"}"#);
+    assert_eq!(stats["spool_depth"], 1, "{stats}");
+    signal(&child, "INT");
+    assert!(wait_exit(&mut child, 20).success());
+}
+
+#[test]
+fn acked_events_survive_sigkill() {
+    let env = Env::new();
+    let mut c = env.cmd(free_port());
+    c.stdout(Stdio::null()).stderr(Stdio::null());
+    let mut child = c.spawn().unwrap();
+    wait_socket(&env.socket(), &mut child);
+    let mut s = UnixStream::connect(env.socket()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut rd = BufReader::new(s.try_clone().unwrap());
+    for i in 0..50 {
+        writeln!(
+            s,
+            r#"{{"type":"events","ack_id":{i},"events":[{{"engine":"rq","kind":"task.received","task_id":"k{i}"}},{{"engine":"rq","kind":"task.started","task_id":"k{i}"}}]}}"#
+        )
+        .unwrap();
+        let mut line = String::new();
+        rd.read_line(&mut line).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["stored"], 2, "{line}");
+    }
+    signal(&child, "KILL");
+    wait_exit(&mut child, 10);
+
+    let mut c = env.cmd(free_port());
+    c.stdout(Stdio::null()).stderr(Stdio::null());
+    let mut child = c.spawn().unwrap();
+    wait_socket(&env.socket(), &mut child);
+    let stats = jsonl_request(&env.socket(), r#"{"type":"stats"}"#);
+    assert_eq!(stats["spool_depth"], 100, "{stats}");
+    signal(&child, "KILL");
+    wait_exit(&mut child, 10);
+}
+
+#[test]
+fn refused_events_get_clear_errors_and_the_connection_goes_on() {
+    let env = Env::new();
+    let mut c = env.cmd(free_port());
+    c.stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    wait_socket(&env.socket(), &mut child);
+    let mut s = UnixStream::connect(env.socket()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut rd = BufReader::new(s.try_clone().unwrap());
+    let mut read = || -> serde_json::Value {
+        let mut reply = String::new();
+        rd.read_line(&mut reply).unwrap();
+        serde_json::from_str(&reply).unwrap()
+    };
+    let mut ask = |line: &str, read: &mut dyn FnMut() -> serde_json::Value| {
+        writeln!(s, "{line}").unwrap();
+        read()
+    };
+    // A refused event asking for an ack: the error, then the ack saying 0 stored.
+    let e = ask(
+        r#"{"type":"event","engine":"celery","kind":"schedule.created","ack_id":1}"#,
+        &mut read,
+    );
+    assert_eq!(
+        (e["type"].as_str(), e["code"].as_str()),
+        (Some("error"), Some("legacy_kind"))
+    );
+    assert_eq!(e["ack_id"], 1);
+    assert!(e["message"].as_str().unwrap().contains("legacy"), "{e}");
+    let a = read();
+    assert_eq!(
+        (a["type"].as_str(), a["stored"].as_u64()),
+        (Some("ack"), Some(0)),
+        "{a}"
+    );
+    let e = ask(
+        r#"{"type":"event","engine":"celery","kind":"task.bogus","task_id":"x"}"#,
+        &mut read,
+    );
+    assert_eq!(e["code"], "unknown_kind");
+    let e = ask(
+        r#"{"type":"event","engine":"celery","kind":"task.sent","task_id":"x","data":{"v":NaN}}"#,
+        &mut read,
+    );
+    assert_eq!(e["code"], "bad_message");
+    let e = ask("not json at all {", &mut read);
+    assert_eq!(e["code"], "bad_message");
+    let ok = ask(
+        r#"{"type":"event","engine":"celery","kind":"task.sent","task_id":"x","ack_id":"z"}"#,
+        &mut read,
+    );
+    assert_eq!(
+        (ok["type"].as_str(), ok["stored"].as_u64()),
+        (Some("ack"), Some(1))
+    );
+    let stats = ask(r#"{"type":"stats"}"#, &mut read);
+    assert_eq!(stats["refused_by_reason"]["legacy_kind"], 1, "{stats}");
+    assert_eq!(stats["refused_by_reason"]["unknown_kind"], 1, "{stats}");
+    assert!(
+        stats["refused_by_reason"]["bad_message"].as_u64().unwrap() >= 2,
+        "{stats}"
+    );
+    signal(&child, "TERM");
+    assert!(wait_exit(&mut child, 20).success());
+}
+
+#[test]
+fn the_log_never_contains_the_token_or_the_secret() {
+    let env = Env::new();
+    let mut c = env.cmd(free_port());
+    c.env("Z4J_LOG_LEVEL", "trace")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    wait_socket(&env.socket(), &mut child);
+    jsonl_request(
+        &env.socket(),
+        r#"{"type":"event","engine":"celery","kind":"task.sent","task_id":"t","ack_id":1}"#,
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    signal(&child, "TERM");
+    let out = child.wait_with_output().unwrap();
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(log.contains("ready"), "{log}");
+    assert!(!log.contains(TOKEN), "token leaked into the log");
+    assert!(!log.contains(SECRET), "secret leaked into the log");
+    assert!(
+        !log.contains(SECRET.trim_end_matches('=')),
+        "secret leaked into the log"
+    );
+}
