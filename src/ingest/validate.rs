@@ -61,6 +61,17 @@ fn take_string(map: &mut Value, key: &str) -> Result<Option<String>, Refusal> {
     }
 }
 
+/// A UUIDv7 from the receive time and the thread-local RNG (the `uuid`
+/// crate's own `now_v7` asks the kernel for entropy on every call).
+fn new_event_id(at: OffsetDateTime) -> String {
+    let ms = (at.unix_timestamp_nanos() / 1_000_000) as u64;
+    let random: [u8; 10] = rand::random();
+    uuid::Builder::from_unix_timestamp_millis(ms, &random)
+        .into_uuid()
+        .hyphenated()
+        .to_string()
+}
+
 /// Normalises one event (a map, already decoded; the message-level keys
 /// `type` and `ack_id` are ignored) into its canonical bytes.
 pub fn normalize_event(
@@ -169,7 +180,7 @@ pub fn normalize_event(
     };
 
     let id = match take_string(&mut event, "id")? {
-        None => uuid::Uuid::now_v7().hyphenated().to_string(),
+        None => new_event_id(received_at),
         Some(s) => match uuid::Uuid::parse_str(s.trim()) {
             Ok(u) if !u.is_nil() && !u.is_max() => u.hyphenated().to_string(),
             _ => {
