@@ -427,7 +427,7 @@ fn parse_bool(key: &'static str, v: &str) -> Result<bool, ConfigError> {
     }
 }
 
-fn parse_num<T: std::str::FromStr>(
+fn parse_num<T>(
     key: &'static str,
     v: Option<String>,
     default: T,
@@ -435,7 +435,7 @@ fn parse_num<T: std::str::FromStr>(
     max: T,
 ) -> Result<T, ConfigError>
 where
-    T: PartialOrd + fmt::Display + Copy,
+    T: std::str::FromStr + PartialOrd + fmt::Display + Copy,
 {
     let Some(v) = v else { return Ok(default) };
     let n: T = v

@@ -118,7 +118,7 @@ impl Decoder {
 
     /// The next complete item, `Ok(None)` when more bytes are needed, or a
     /// fatal error.
-    pub fn next(&mut self) -> Result<Option<Decoded>, FrameError> {
+    pub fn next_item(&mut self) -> Result<Option<Decoded>, FrameError> {
         match self.framing {
             Framing::MsgPack => self.next_msgpack(),
             Framing::JsonLines => Ok(self.next_json()),
@@ -221,7 +221,7 @@ mod tests {
 
     fn messages(d: &mut Decoder) -> Vec<Decoded> {
         let mut out = Vec::new();
-        while let Some(x) = d.next().unwrap() {
+        while let Some(x) = d.next_item().unwrap() {
             out.push(x);
         }
         out
@@ -239,10 +239,10 @@ mod tests {
         let mut d = Decoder::new(Framing::MsgPack, 1024);
         for b in &frame[..frame.len() - 1] {
             d.feed(std::slice::from_ref(b));
-            assert!(d.next().unwrap().is_none());
+            assert!(d.next_item().unwrap().is_none());
         }
         d.feed(&frame[frame.len() - 1..]);
-        match d.next().unwrap() {
+        match d.next_item().unwrap() {
             Some(Decoded::Message(v)) => assert_eq!(v.get("type").unwrap().as_str(), Some("ping")),
             other => panic!("{other:?}"),
         }
@@ -252,7 +252,7 @@ mod tests {
     fn huge_length_prefix_is_fatal_before_buffering() {
         let mut d = Decoder::new(Framing::MsgPack, 1024);
         d.feed(&[0xff, 0xff, 0xff, 0xff]);
-        let e = d.next().unwrap_err();
+        let e = d.next_item().unwrap_err();
         assert!(e.fatal);
         assert_eq!(e.code, "message_too_large");
     }
@@ -299,7 +299,7 @@ mod tests {
         assert!(matches!(&got[1], Decoded::Invalid(_)));
         assert!(matches!(&got[2], Decoded::Message(_)));
         d.feed(b"\"ping\"}\n");
-        assert!(matches!(d.next().unwrap(), Some(Decoded::Message(_))));
+        assert!(matches!(d.next_item().unwrap(), Some(Decoded::Message(_))));
     }
 
     #[test]
@@ -307,12 +307,15 @@ mod tests {
         let mut d = Decoder::new(Framing::JsonLines, 100);
         d.feed(&[b'a'; 150]);
         assert!(
-            matches!(d.next().unwrap(), Some(Decoded::Invalid(ref e)) if e.code == "message_too_large")
+            matches!(d.next_item().unwrap(), Some(Decoded::Invalid(ref e)) if e.code == "message_too_large")
         );
         assert_eq!(d.pending_bytes(), 0);
         d.feed(&[b'a'; 150]);
-        assert!(d.next().unwrap().is_none(), "only one error per long line");
+        assert!(
+            d.next_item().unwrap().is_none(),
+            "only one error per long line"
+        );
         d.feed(b"aaa\n{\"type\":\"ping\"}\n");
-        assert!(matches!(d.next().unwrap(), Some(Decoded::Message(_))));
+        assert!(matches!(d.next_item().unwrap(), Some(Decoded::Message(_))));
     }
 }

@@ -290,7 +290,7 @@ impl Ingest {
         'conn: loop {
             // Handle everything already buffered.
             loop {
-                match decoder.next() {
+                match decoder.next_item() {
                     Ok(Some(Decoded::Message(v))) => session.message(v).await,
                     Ok(Some(Decoded::Invalid(e))) => {
                         self.status.refuse(e.code, 1);

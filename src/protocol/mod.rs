@@ -21,13 +21,16 @@
 //!   escapes an event again.
 //! * **Verifying re-renders.** Inbound frames are parsed into [`Value`] and
 //!   rendered canonically before the MAC check, because the brain signs
-//!   Python's float rendering but sends pydantic's.
+//!   Python's float rendering but sends pydantic's. They are parsed with
+//!   [`json::parse`], not serde_json, whose default float parsing can be one
+//!   ULP off and would then break the MAC.
 //! * **One value type for both local wire formats.** [`Value`]'s
 //!   `Deserialize` accepts JSON and MessagePack and refuses exactly what
 //!   canonical JSON cannot represent (non-string keys, NaN/infinity, bytes).
 
 pub mod canonical;
 pub mod frames;
+pub mod json;
 pub mod replay;
 pub mod sign;
 pub mod value;

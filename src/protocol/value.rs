@@ -5,6 +5,9 @@
 //! * A [`Value`] decoded by serde never contains something the canonical JSON
 //!   writer would refuse or render differently from Python: map keys are
 //!   strings, floats are finite, there are no byte strings.
+//! * JSON decoded through serde_json (default features) may have floats one
+//!   ULP off the text (serde_json needs its `float_roundtrip` feature to be
+//!   exact); [`super::json::parse`] is exact and yields the same `Value`s.
 //! * Maps keep insertion order. A map may hold a key more than once (we do
 //!   not pay for a uniqueness check while decoding); the **last** occurrence
 //!   wins everywhere it matters ([`Value::get`], the canonical writer),

@@ -4,7 +4,8 @@
 //! Invariants:
 //! * The MAC is recomputed from the parsed **values**, re-rendered
 //!   canonically (never from the wire text), because the brain signs
-//!   Python's rendering but sends pydantic's (floats differ).
+//!   Python's rendering but sends pydantic's (floats differ). Parsing uses
+//!   [`super::json`], whose floats are exact like Python's.
 //! * Extra top-level keys are covered by the MAC, as on the brain.
 //! * The replay guard sees a frame only after its MAC checked out, so a
 //!   forged frame cannot advance `seq` or burn a nonce.
@@ -14,6 +15,7 @@ use time::OffsetDateTime;
 
 use super::canonical;
 use super::frames::ENVELOPE_VERSION;
+use super::json;
 use super::replay::{ReplayError, ReplayGuard};
 use super::sign::{SessionBinding, SigningKey};
 use super::value::Value;
@@ -170,8 +172,9 @@ pub fn parse_unsigned(wire: &[u8]) -> Result<Value, VerifyError> {
 }
 
 fn parse_object(wire: &[u8]) -> Result<Value, VerifyError> {
-    let frame: Value = serde_json::from_slice(wire)
-        .map_err(|e| VerifyError::Malformed(format!("not valid JSON: {e}")))?;
+    // Our parser, not serde_json: floats must parse exactly as in Python.
+    let frame =
+        json::parse(wire).map_err(|e| VerifyError::Malformed(format!("not valid JSON: {e}")))?;
     if !matches!(frame, Value::Map(_)) {
         return Err(VerifyError::Malformed(format!(
             "expected a JSON object, got {}",

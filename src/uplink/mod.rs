@@ -112,7 +112,7 @@ impl Uplink {
                         u.last_error = Some(error.clone());
                         u.last_failure_class = Some(class.as_str());
                     });
-                    if streak == 1 || streak % 10 == 0 {
+                    if streak == 1 || streak.is_multiple_of(10) {
                         tracing::warn!(
                             class = class.as_str(),
                             failures = streak,
@@ -145,20 +145,17 @@ impl Uplink {
         let sleep = tokio::time::sleep(delay);
         tokio::pin!(sleep);
         let draining_already = self.drain.is_cancelled();
-        loop {
-            tokio::select! {
-                _ = &mut sleep => return true,
-                _ = self.stop.cancelled() => return false,
-                changed = self.settings.changed() => {
-                    if changed.is_err() { return false; }
+        tokio::select! {
+            _ = &mut sleep => true,
+            _ = self.stop.cancelled() => false,
+            changed = self.settings.changed() => {
+                if changed.is_ok() {
                     tracing::info!("configuration reloaded; reconnecting to the brain now");
-                    return true;
                 }
-                // On shutdown, one more attempt at once if there is something to deliver.
-                _ = self.drain.cancelled(), if !draining_already => {
-                    return !self.spool_is_empty();
-                }
+                changed.is_ok()
             }
+            // On shutdown, one more attempt at once if there is something to deliver.
+            _ = self.drain.cancelled(), if !draining_already => !self.spool_is_empty(),
         }
     }
 }

@@ -5,6 +5,8 @@
 //! roles reversed), and records what it received.
 
 #![allow(dead_code)]
+// The handshake callback must return tungstenite's own (large) error type.
+#![allow(clippy::result_large_err)]
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
