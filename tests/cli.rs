@@ -419,3 +419,91 @@ fn the_log_never_contains_the_token_or_the_secret() {
         "secret leaked into the log"
     );
 }
+
+#[test]
+fn unwritable_home_falls_back_to_tmp_with_exactly_one_warning() {
+    let env = Env::new();
+    // A HOME under which ~/.z4j cannot be created.
+    let fake_home = env.dir.path().join("home-is-a-file");
+    std::fs::write(&fake_home, b"").unwrap();
+    let mut c = env.cmd(free_port());
+    c.env("HOME", &fake_home)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    wait_socket(&env.socket(), &mut child);
+    signal(&child, "TERM");
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let log = String::from_utf8_lossy(&out.stderr);
+    // The brain is not running in this test; its connection warning aside,
+    // the fallback is the one WARNING.
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("\"WARN\"") && !l.contains("brain connection failed"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{log}");
+    let tmp_spool = env
+        .dir
+        .path()
+        .join("tmp")
+        .join(format!("z4j-{}", z4j_agentd::config::current_uid()))
+        .join("agentd.sqlite");
+    assert!(
+        warnings[0].contains(&tmp_spool.display().to_string()),
+        "{}",
+        warnings[0]
+    );
+    assert!(
+        warnings[0].contains(&fake_home.join(".z4j/agentd.sqlite").display().to_string()),
+        "{}",
+        warnings[0]
+    );
+    assert!(tmp_spool.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_rereads_the_token_file_and_reconnects() {
+    use support::fake_brain::{Behavior, FakeBrain};
+    let brain = FakeBrain::start(Behavior::default()).await;
+    let env = Env::new();
+    let token_file = env.dir.path().join("token");
+    std::fs::write(&token_file, "first-token").unwrap();
+    let mut c = env.cmd(0);
+    c.env("Z4J_BRAIN_URL", &brain.url)
+        .env_remove("Z4J_TOKEN")
+        .env("Z4J_TOKEN_FILE", &token_file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    wait_socket(&env.socket(), &mut child);
+    let seen = brain.seen.clone();
+    support::wait_for(10, "first connection", || {
+        seen.auth_headers.lock().unwrap().len() == 1
+    })
+    .await;
+    std::fs::write(&token_file, "second-token").unwrap();
+    signal(&child, "HUP");
+    support::wait_for(10, "a reconnect with the new token", || {
+        seen.auth_headers.lock().unwrap().len() == 2
+    })
+    .await;
+    assert_eq!(
+        brain.seen.auth_headers.lock().unwrap().as_slice(),
+        &[
+            "Bearer first-token".to_string(),
+            "Bearer second-token".to_string()
+        ]
+    );
+    assert!(
+        brain
+            .seen
+            .client_close_codes
+            .lock()
+            .unwrap()
+            .contains(&1000),
+        "old session closed cleanly"
+    );
+    signal(&child, "TERM");
+    assert!(wait_exit(&mut child, 20).success());
+}
