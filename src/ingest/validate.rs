@@ -351,6 +351,16 @@ mod tests {
     }
 
     #[test]
+    fn json_floats_keep_every_digit() {
+        // Read with the default (fast) float parser this becomes ...0135.
+        let out = norm(
+            r#"{"engine":"e","kind":"task.sent","task_id":"x","data":{"f":958010263072.0137}}"#,
+        )
+        .unwrap();
+        assert!(out.contains("\"f\":958010263072.0137"), "{out}");
+    }
+
+    #[test]
     fn worker_events_need_no_task_id() {
         let out =
             norm(r#"{"engine":"celery","kind":"worker.online","data":{"worker":"w1"}}"#).unwrap();
