@@ -104,6 +104,8 @@ pub struct Status {
     pub replies_dropped: AtomicU64,
     /// Connections to the brain established.
     pub connects: AtomicU64,
+    /// Times a producer was held back because the spool was full (`block`).
+    pub producer_waits: AtomicU64,
     refused: Mutex<BTreeMap<&'static str, u64>>,
     uplink: Mutex<UplinkStatus>,
     clients: Mutex<BTreeMap<u64, ClientInfo>>,
@@ -127,6 +129,7 @@ impl Status {
             events_undeliverable: AtomicU64::new(0),
             replies_dropped: AtomicU64::new(0),
             connects: AtomicU64::new(0),
+            producer_waits: AtomicU64::new(0),
             refused: Mutex::new(BTreeMap::new()),
             uplink: Mutex::new(UplinkStatus {
                 state: UplinkState::Connecting,
@@ -255,6 +258,10 @@ impl Status {
             u.clock_skew_seconds.map(Value::from).unwrap_or(Value::Null),
         );
         m.insert("connects", self.connects.load(Ordering::Relaxed));
+        m.insert(
+            "producer_waits",
+            self.producer_waits.load(Ordering::Relaxed),
+        );
         m.insert("clients", self.clients.lock().unwrap().len() as u64);
         m
     }

@@ -226,3 +226,38 @@ async fn brain_down_does_not_delay_readiness_and_events_wait_in_the_spool() {
     assert_eq!(num(&s, "spool_depth"), 1);
     d.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_policy_holds_producers_back_and_loses_nothing() {
+    let brain = FakeBrain::start(Behavior {
+        // Hold the first frames back until the ack timeout, so the spool fills.
+        withhold_acks: 2,
+        ..Behavior::default()
+    })
+    .await;
+    let mut opts = options(&brain.url);
+    opts.buffer_max_events = Some("1000".into());
+    opts.buffer_overflow = Some("block".into());
+    opts.ack_timeout_seconds = Some("1".into());
+    let d = TestDaemon::start(opts).await;
+    let mut c = d.client().await;
+    let mut total = 0;
+    for b in 0..30 {
+        let events: Vec<_> = (0..100)
+            .map(|i| event(&format!("b{b}-{i}"), "task.received"))
+            .collect();
+        total += c.send_durable(&events).await.unwrap();
+    }
+    assert_eq!(total, 3000, "every event stored, none refused");
+    let s = wait_stats(&d, 30, "everything delivered", |s| {
+        num(s, "acked") == 3000 && num(s, "spool_depth") == 0
+    })
+    .await;
+    assert!(
+        num(&s, "producer_waits") > 0,
+        "the producer was held back: {s:?}"
+    );
+    assert_eq!(num(&s, "dropped"), 0, "{s:?}");
+    assert_eq!(brain.seen.event_ids.lock().unwrap().len(), 3000);
+    d.stop().await.unwrap();
+}

@@ -584,6 +584,10 @@ impl Session<'_> {
                 rest.drain(..o.stored.min(rest.len()));
                 let stored_before = p.stored_before + o.stored;
                 let spool = &self.ingest.spool;
+                self.ingest
+                    .status
+                    .producer_waits
+                    .fetch_add(1, Ordering::Relaxed);
                 let _ = tokio::time::timeout(
                     Duration::from_millis(250),
                     spool.space_freed().notified(),

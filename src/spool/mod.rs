@@ -588,7 +588,12 @@ impl Writer {
             self.stats.commits_total.fetch_add(1, Ordering::Relaxed);
         }
         let stored: u64 = outcomes.iter().map(|o| o.stored as u64).sum();
-        let refused: u64 = outcomes.iter().map(|o| o.refused_full as u64).sum();
+        // Under `block` the producer retries what did not fit: nothing is lost.
+        let refused: u64 = if self.config.overflow == Overflow::Block {
+            0
+        } else {
+            outcomes.iter().map(|o| o.refused_full as u64).sum()
+        };
         self.stats.stored_total.fetch_add(stored, Ordering::Relaxed);
         self.stats
             .refused_full_total
