@@ -106,6 +106,8 @@ pub struct Status {
     pub connects: AtomicU64,
     /// Times a producer was held back because the spool was full (`block`).
     pub producer_waits: AtomicU64,
+    /// Signalled when the set of connected clients or their engines changes.
+    pub clients_changed: tokio::sync::Notify,
     refused: Mutex<BTreeMap<&'static str, u64>>,
     uplink: Mutex<UplinkStatus>,
     clients: Mutex<BTreeMap<u64, ClientInfo>>,
@@ -130,6 +132,7 @@ impl Status {
             replies_dropped: AtomicU64::new(0),
             connects: AtomicU64::new(0),
             producer_waits: AtomicU64::new(0),
+            clients_changed: tokio::sync::Notify::new(),
             refused: Mutex::new(BTreeMap::new()),
             uplink: Mutex::new(UplinkStatus {
                 state: UplinkState::Connecting,
@@ -192,7 +195,15 @@ impl Status {
 
     /// Forgets a local connection.
     pub fn client_disconnected(&self, id: u64) {
-        self.clients.lock().unwrap().remove(&id);
+        let had_engines = self
+            .clients
+            .lock()
+            .unwrap()
+            .remove(&id)
+            .is_some_and(|c| !c.engines.is_empty());
+        if had_engines {
+            self.clients_changed.notify_one();
+        }
     }
 
     /// Connected clients.

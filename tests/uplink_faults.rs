@@ -261,3 +261,46 @@ async fn block_policy_holds_producers_back_and_loses_nothing() {
     assert_eq!(brain.seen.event_ids.lock().unwrap().len(), 3000);
     d.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engines_registered_by_clients_reach_the_brain_in_a_new_hello() {
+    let brain = FakeBrain::start(Behavior::default()).await;
+    let mut opts = options(&brain.url);
+    opts.engines = Some("huey".into());
+    let d = TestDaemon::start(opts).await;
+    wait_stats(&d, 10, "connected", |s| {
+        text(s, "uplink_state") == "connected"
+    })
+    .await;
+    let mut c = d.client().await;
+    c.hello("worker-1", &["celery", "rq"]).await.unwrap();
+    c.ping().await.unwrap();
+    let seen = brain.seen.clone();
+    wait_for(10, "a second hello", || {
+        seen.hellos.lock().unwrap().len() >= 2
+    })
+    .await;
+    let engines = |h: &Value| -> Vec<String> {
+        h.get("engines")
+            .and_then(Value::as_array)
+            .unwrap()
+            .iter()
+            .map(|e| e.as_str().unwrap().to_string())
+            .collect()
+    };
+    let hellos = brain.seen.hellos.lock().unwrap().clone();
+    assert_eq!(engines(&hellos[0]), vec!["huey"]);
+    assert_eq!(engines(&hellos[1]), vec!["celery", "huey", "rq"]);
+    assert_eq!(
+        hellos[1].get("worker_id"),
+        hellos[0].get("worker_id"),
+        "same slot"
+    );
+    assert!(brain
+        .seen
+        .client_close_codes
+        .lock()
+        .unwrap()
+        .contains(&1000));
+    d.stop().await.unwrap();
+}

@@ -663,11 +663,16 @@ impl Session<'_> {
             engines = ?engines,
             "client registered"
         );
+        let mut engines_changed = false;
         self.ingest.status.update_client(self.id, |c| {
             c.process = process;
             c.framework = framework;
             c.worker_role = worker_role;
+            engines_changed = c.engines != engines;
             c.engines = engines;
         });
+        if engines_changed {
+            self.ingest.status.clients_changed.notify_one();
+        }
     }
 }

@@ -38,6 +38,9 @@ pub(crate) enum SessionEnd {
     Shutdown,
     /// The settings changed (SIGHUP): reconnect now.
     Reload,
+    /// The engines registered by local clients changed: reconnect now so the
+    /// brain learns them from a new `hello` (the protocol has no other way).
+    Rehandshake,
     /// A failure: back off by class.
     Failed {
         /// Backoff class.
@@ -97,6 +100,7 @@ impl Uplink {
                     backoff.reset();
                     continue;
                 }
+                SessionEnd::Rehandshake => continue,
                 SessionEnd::Failed {
                     class,
                     error,

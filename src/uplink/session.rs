@@ -32,6 +32,10 @@ struct InFlight {
 const FATAL_SKEW_SECONDS: f64 = 60.0;
 /// Clock skew worth a warning.
 const WARN_SKEW_SECONDS: f64 = 30.0;
+/// How long the engines registered by clients must stay changed before the
+/// daemon re-handshakes (gunicorn restarting its workers should not cause a
+/// reconnect per worker).
+const REHANDSHAKE_DEBOUNCE: Duration = Duration::from_secs(2);
 
 struct Session<'a> {
     up: &'a mut Uplink,
@@ -52,6 +56,7 @@ struct Session<'a> {
     ack_timeout: Duration,
     host_label: String,
     engines: Vec<String>,
+    static_engines: Vec<String>,
 }
 
 fn failed(class: FailureClass, error: impl Into<String>) -> SessionEnd {
@@ -139,6 +144,7 @@ impl Uplink {
             ack_timeout: settings.ack_timeout,
             host_label: settings.agent_name.clone(),
             engines,
+            static_engines: settings.static_engines.clone(),
             up: self,
         };
         session.run().await
@@ -156,6 +162,9 @@ impl Session<'_> {
         let mut ack_check = tokio::time::interval(Duration::from_secs(1));
         ack_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut draining = self.up.drain.is_cancelled();
+        let rehandshake = tokio::time::sleep(Duration::from_secs(3600 * 24 * 365));
+        tokio::pin!(rehandshake);
+        let mut rehandshake_armed = false;
         loop {
             if let Err(e) = self.fill_window().await {
                 return e;
@@ -191,6 +200,26 @@ impl Session<'_> {
                     if let Err(e) = self.resend_overdue().await { return e; }
                 }
                 _ = self.up.spool.new_events().notified(), if window_open => {}
+                _ = self.up.status.clients_changed.notified() => {
+                    let now = self.up.status.engines_union(&self.static_engines);
+                    rehandshake_armed = now != self.engines;
+                    if rehandshake_armed {
+                        rehandshake.as_mut().reset(tokio::time::Instant::now() + REHANDSHAKE_DEBOUNCE);
+                    }
+                }
+                _ = &mut rehandshake, if rehandshake_armed => {
+                    let now = self.up.status.engines_union(&self.static_engines);
+                    rehandshake_armed = false;
+                    if now != self.engines && !draining {
+                        tracing::info!(
+                            advertised = ?self.engines,
+                            registered = ?now,
+                            "local clients changed the engines; reconnecting so the brain learns them"
+                        );
+                        let _ = self.close_clean().await;
+                        return SessionEnd::Rehandshake;
+                    }
+                }
             }
         }
     }
