@@ -1,0 +1,167 @@
+"""Fixtures for the end-to-end tests against a real z4j 1.13.0 brain.
+
+* `brain` (session): a throwaway brain on a free 127.0.0.1 port, own HOME
+  under the run directory; tests may stop and start it again (same HOME,
+  same port). Stopped at the end of the session, and at exit if pytest dies.
+* `agent` (function): a freshly minted agent token (+ per-project hmac secret).
+* `daemon_factory` (function): builds `z4j-agentd run` processes with their
+  own HOME and spool (`<home>/.z4j/agentd.sqlite`), socket and log file;
+  every daemon it made is stopped at teardown. `daemon` is one started daemon.
+* `all_daemons` (session): every daemon of the session, for log checks.
+
+Run directory: tests/e2e/.state/runs/<stamp>/ (brain HOME and log, daemon
+homes and logs, client stderr); the last few runs are kept for inspection.
+The daemon binary: $Z4J_AGENTD_BIN, default target/debug/z4j-agentd.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import brain as brainmod  # noqa: E402
+from harness import REPO, Daemon, reap_stale_daemon  # noqa: E402
+
+KEEP_RUNS = 5
+
+
+def pytest_configure(config):
+    # SIGTERM (CI cancel, timeout) -> KeyboardInterrupt: pytest unwinds and the
+    # atexit hooks below stop the brain and every daemon.
+    def _term(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _term)
+
+
+def _reap_and_prune(root: Path) -> None:
+    """Stop what an earlier, killed run left behind; keep the last few runs' files."""
+    runs = sorted(p for p in root.glob("*") if p.is_dir())
+    for run in runs:
+        if (run / "brain" / "brain.json").exists():
+            brainmod.Brain(run / "brain").stop()
+        for pidfile in run.glob("daemons/*/daemon.pid"):
+            reap_stale_daemon(pidfile)
+    for old in runs[:-KEEP_RUNS]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def run_dir() -> Path:
+    root = brainmod.STATE_ROOT / "runs"
+    root.mkdir(parents=True, exist_ok=True)
+    _reap_and_prune(root)
+    d = root / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    d.mkdir()
+    print(f"\n[e2e] run directory: {d}", file=sys.stderr)
+    return d
+
+
+@pytest.fixture(scope="session")
+def sock_dir():
+    # Unix socket paths are limited to 107 bytes: keep sockets under a short tmp dir.
+    d = Path(tempfile.mkdtemp(prefix="z4je2e-"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _venv_for_brain() -> Path:
+    # Running under a venv that already has the z4j CLI (normally the
+    # harness's own): use it. Otherwise create/check the harness venv.
+    here = Path(sys.prefix)
+    if (here / "bin" / "z4j").exists():
+        return here
+    return brainmod.ensure_venv()
+
+
+@pytest.fixture(scope="session")
+def brain(run_dir):
+    b = brainmod.Brain(run_dir / "brain", venv=_venv_for_brain())
+    atexit.register(b.stop)  # in case pytest itself is killed by an exception path
+    took = b.start()
+    print(f"[e2e] brain on {b.url} healthy after {took:.1f}s", file=sys.stderr)
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+@pytest.fixture(autouse=True)
+def _brain_running(request):
+    """A test that stops the brain and fails midway must not break the next one."""
+    if "brain" in request.fixturenames:
+        b = request.getfixturevalue("brain")
+        if not b.running():
+            b.start()
+    yield
+
+
+@pytest.fixture(scope="session")
+def daemon_bin() -> Path:
+    p = Path(os.environ.get("Z4J_AGENTD_BIN") or (REPO / "target" / "debug" / "z4j-agentd"))
+    if not p.is_absolute():
+        p = REPO / p
+    if not (p.is_file() and os.access(p, os.X_OK)):
+        pytest.fail(f"daemon binary {p} missing: run `cargo build --bin z4j-agentd` or set Z4J_AGENTD_BIN")
+    return p
+
+
+@pytest.fixture(scope="session")
+def all_daemons():
+    return []
+
+
+@pytest.fixture(scope="session")
+def minted_agents():
+    """Every agent minted this session (token + secret), for the secrets test."""
+    return []
+
+
+@pytest.fixture
+def agent(brain, request, minted_agents):
+    slug = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40]
+    a = brain.mint_agent(f"e2e-{slug}-{os.urandom(3).hex()}")
+    minted_agents.append(a)
+    return a
+
+
+@pytest.fixture
+def daemon_factory(brain, daemon_bin, run_dir, sock_dir, request, all_daemons):
+    made = []
+    test = re.sub(r"[^A-Za-z0-9_.-]+", "-", request.node.name)[:60]
+
+    def make(agent: dict, start: bool = True, **extra_env) -> Daemon:
+        n = len(made) + 1
+        d = Daemon(
+            daemon_bin,
+            workdir=run_dir / "daemons" / f"{test}-{n}",
+            socket_path=sock_dir / f"{len(all_daemons) + 1}.sock",
+            brain_url=brain.url,
+            agent=agent,
+            extra_env=extra_env,
+        )
+        made.append(d)
+        all_daemons.append(d)
+        if start:
+            d.start()
+        return d
+
+    atexit.register(lambda: [d.kill() for d in made])
+    yield make
+    for d in made:
+        d.stop()
+
+
+@pytest.fixture
+def daemon(daemon_factory, agent) -> Daemon:
+    return daemon_factory(agent)

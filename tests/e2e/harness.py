@@ -1,0 +1,424 @@
+"""Helpers for the end-to-end tests: the daemon process, its local socket,
+the example clients, and bounded polling of the brain (REST and its SQLite).
+
+Nothing here sleeps blindly: every wait polls a condition with a deadline
+and fails with what it saw last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+EXAMPLES = REPO / "examples"
+SEND_JSONL = EXAMPLES / "send_jsonl.py"
+SEND_MSGPACK = EXAMPLES / "send_msgpack.py"
+
+TERMINAL = {"success", "failure"}
+
+
+# ---------------------------------------------------------------- polling
+
+
+def wait_for(check: Callable[[], Tuple[bool, object]], timeout: float, what: str, interval: float = 0.25):
+    """Call `check()` -> (done, detail) until done; return detail.
+
+    Raises AssertionError after `timeout` seconds with the last detail.
+    """
+    deadline = time.monotonic() + timeout
+    detail: object = None
+    while True:
+        try:
+            done, detail = check()
+        except Exception as exc:  # a transient failure is a detail, not a verdict
+            done, detail = False, f"{type(exc).__name__}: {exc}"
+        if done:
+            return detail
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last seen: {detail}")
+        time.sleep(interval)
+
+
+# ---------------------------------------------------------------- local socket
+
+
+class SockClient:
+    """JSON-lines client for the daemon's socket (ping, stats)."""
+
+    def __init__(self, path: Path, timeout: float = 5.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(path))
+        self.buf = b""
+
+    def request(self, msg: dict) -> dict:
+        self.sock.sendall(json.dumps(msg).encode() + b"\n")
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("daemon closed the connection")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def sock_request(path: Path, msg: dict, timeout: float = 5.0) -> dict:
+    with SockClient(path, timeout) as c:
+        return c.request(msg)
+
+
+# ---------------------------------------------------------------- daemon
+
+
+class Daemon:
+    """One `z4j-agentd run` process (restartable on the same spool and socket)."""
+
+    def __init__(
+        self,
+        binary: Path,
+        workdir: Path,
+        socket_path: Path,
+        brain_url: str,
+        agent: dict,
+        extra_env: Optional[dict] = None,
+    ) -> None:
+        self.binary = Path(binary)
+        self.workdir = Path(workdir)
+        self.socket_path = Path(socket_path)
+        self.brain_url = brain_url
+        self.agent = agent
+        self.extra_env = dict(extra_env or {})
+        self.home = self.workdir / "home"
+        self.spool_dir = self.home / ".z4j"
+        self.buffer_path = self.spool_dir / "agentd.sqlite"
+        self.proc: Optional[subprocess.Popen] = None
+        self.logs: List[Path] = []
+        self.exit_codes: List[int] = []
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.home, 0o700)
+        os.chmod(self.spool_dir, 0o700)
+
+    def env(self) -> Dict[str, str]:
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(self.home),
+            "LANG": "C.UTF-8",
+            "RUST_BACKTRACE": "1",
+            "Z4J_BRAIN_URL": self.brain_url,
+            "Z4J_TOKEN": self.agent["token"],
+            "Z4J_HMAC_SECRET": self.agent["hmac_secret"],
+            "Z4J_PROJECT_ID": self.agent["project_slug"],
+            "Z4J_AGENT_NAME": self.agent["name"],
+            "Z4J_SOCKET_PATH": str(self.socket_path),
+            "Z4J_BUFFER_PATH": str(self.buffer_path),
+            "Z4J_LOG_FORMAT": "json",
+            "Z4J_LOG_LEVEL": "info",
+        }
+        env.update(self.extra_env)
+        return env
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self.proc.pid if self.proc else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self, ready_timeout: float = 30.0) -> "Daemon":
+        assert not self.alive(), "daemon already running"
+        log_path = self.workdir / f"daemon-{len(self.logs) + 1}.log"
+        self.logs.append(log_path)
+        with open(log_path, "wb") as logf:
+            self.proc = subprocess.Popen(
+                [str(self.binary), "run"],
+                env=self.env(),
+                cwd=str(self.workdir),
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        (self.workdir / "daemon.pid").write_text(f"{self.proc.pid} {self.binary}\n")
+        try:
+            wait_for(self._ready, ready_timeout, f"daemon pid {self.proc.pid} to answer ping on {self.socket_path}",
+                     interval=0.1)
+        except AssertionError as exc:
+            tail = self.log_tail()
+            self.kill()
+            raise AssertionError(f"{exc}\n--- daemon log tail ({log_path}) ---\n{tail}") from None
+        return self
+
+    def _ready(self):
+        if self.proc.poll() is not None:
+            raise AssertionError(f"daemon exited with {self.proc.returncode} before it was ready")
+        try:
+            reply = sock_request(self.socket_path, {"type": "ping"}, timeout=2.0)
+        except OSError as exc:
+            return False, f"{type(exc).__name__}: {exc}"
+        return reply.get("type") == "pong", reply
+
+    def stop(self, timeout: float = 30.0) -> Optional[int]:
+        """SIGTERM, wait up to `timeout`, then SIGKILL. Returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        rc = self.proc.returncode
+        self.exit_codes.append(rc)
+        self.proc = None
+        return rc
+
+    def kill(self) -> Optional[int]:
+        """SIGKILL (a crash): nothing gets a chance to flush."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        rc = self.proc.returncode
+        self.exit_codes.append(rc)
+        self.proc = None
+        return rc
+
+    def stats(self) -> dict:
+        reply = sock_request(self.socket_path, {"type": "stats"})
+        assert reply.get("type") == "stats", f"stats request answered with {reply}"
+        return reply
+
+    def wait_stats(self, pred: Callable[[dict], bool], timeout: float, what: str) -> dict:
+        def check():
+            s = self.stats()
+            return pred(s), s
+        return wait_for(check, timeout, what, interval=0.25)
+
+    def log_text(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in self.logs if p.exists())
+
+    def log_tail(self, n: int = 40) -> str:
+        if not self.logs or not self.logs[-1].exists():
+            return "(no log)"
+        return "\n".join(self.logs[-1].read_text(errors="replace").splitlines()[-n:])
+
+
+def reap_stale_daemon(pidfile: Path) -> None:
+    """Kill a daemon an earlier (killed) run left behind, if that pid is still it."""
+    try:
+        pid_s, binary = pidfile.read_text().split(maxsplit=1)
+        pid = int(pid_s)
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return
+    home = f"HOME={pidfile.parent / 'home'}".encode()
+    if argv[:2] == [binary.strip().encode(), b"run"] and home in env:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+# ---------------------------------------------------------------- clients
+
+
+class Client:
+    """One example sender process."""
+
+    def __init__(self, script: Path, socket_path: Path, args: Iterable[str], workdir: Path, name: str) -> None:
+        self.name = name
+        # send_jsonl.py is stdlib-only: run it with -S (no site-packages) to keep it honest.
+        flags = ["-S"] if script == SEND_JSONL else []
+        self.argv = [sys.executable, *flags, str(script), "--socket", str(socket_path), *map(str, args)]
+        self.stderr_path = Path(workdir) / f"client-{name}.stderr"
+        self._stderr = open(self.stderr_path, "wb")
+        self.proc = subprocess.Popen(
+            self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._stderr,
+            env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+        )
+
+    def wait(self, timeout: float = 120.0) -> dict:
+        """Wait for exit; assert status 0; return the JSON summary."""
+        try:
+            out, _ = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _ = self.proc.communicate()
+            raise AssertionError(f"client {self.name} still running after {timeout:.0f}s: {self.describe(out)}")
+        finally:
+            self._stderr.close()
+        summary = self.summary(out)
+        assert self.proc.returncode == 0, f"client {self.name} exited {self.proc.returncode}: {self.describe(out)}"
+        assert summary is not None, f"client {self.name} printed no summary: {self.describe(out)}"
+        return summary
+
+    @staticmethod
+    def summary(out: bytes) -> Optional[dict]:
+        lines = [ln for ln in out.decode(errors="replace").splitlines() if ln.strip()]
+        try:
+            return json.loads(lines[-1]) if lines else None
+        except ValueError:
+            return None
+
+    def describe(self, out: bytes) -> str:
+        err = self.stderr_path.read_text(errors="replace")[-2000:] if self.stderr_path.exists() else ""
+        return f"argv={self.argv[2:]} stdout={out.decode(errors='replace')[-1000:]!r} stderr={err!r}"
+
+
+def run_clients(clients: List[Client], timeout: float = 120.0) -> List[dict]:
+    return [c.wait(timeout) for c in clients]
+
+
+# ---------------------------------------------------------------- brain queries
+
+
+def hexid(agent_id: str) -> str:
+    """Brain SQLite stores UUIDs as 32 hex chars."""
+    return uuid.UUID(agent_id).hex
+
+
+def brain_db(brain, sql: str, args: tuple = ()) -> list:
+    """Read-only query against the running brain's SQLite file."""
+    con = sqlite3.connect(f"file:{brain.db_path}?mode=ro", uri=True, timeout=30)
+    try:
+        con.row_factory = sqlite3.Row
+        return [dict(r) for r in con.execute(sql, args).fetchall()]
+    finally:
+        con.close()
+
+
+def task_events(brain, slug: str, engine: str, task_id: str) -> list:
+    status, body = brain.api("GET", f"/api/v1/projects/{slug}/events",
+                             params={"engine": engine, "task_id": task_id, "limit": 100})
+    assert status == 200, f"GET events for {task_id}: HTTP {status} {body}"
+    return body["items"]
+
+
+def get_task(brain, slug: str, engine: str, task_id: str) -> Optional[dict]:
+    status, body = brain.api("GET", f"/api/v1/projects/{slug}/tasks/{engine}/{task_id}")
+    if status == 404:
+        return None
+    assert status == 200, f"GET task {task_id}: HTTP {status} {body}"
+    return body
+
+
+def wait_tasks_complete(brain, slug: str, engine: str, task_ids: List[str], timeout: float) -> Dict[str, list]:
+    """Poll REST until every task has its 3 lifecycle events; return events by task."""
+    pending = list(task_ids)
+    seen: Dict[str, list] = {}
+
+    def check():
+        for tid in list(pending):
+            evs = task_events(brain, slug, engine, tid)
+            if len(evs) >= 3:
+                seen[tid] = evs
+                pending.remove(tid)
+        return not pending, f"{len(pending)}/{len(task_ids)} tasks incomplete, e.g. {pending[:5]}"
+
+    wait_for(check, timeout, f"{len(task_ids)} tasks to reach the brain with 3 events each", interval=0.5)
+    return seen
+
+
+def verify_tasks(brain, slug: str, engine: str, summaries: List[dict], agent_id: str, worker: str) -> int:
+    """Check every task of every client summary in the brain, return how many.
+
+    Collects every problem before failing so one run shows all of them.
+    """
+    problems: List[str] = []
+    n = 0
+    for s in summaries:
+        failed = set(s["failed_tasks"])
+        for tid in s["tasks"]:
+            n += 1
+            want_state = "failure" if tid in failed else "success"
+            last_kind = "task.failed" if tid in failed else "task.succeeded"
+            t = get_task(brain, slug, engine, tid)
+            if t is None:
+                problems.append(f"{tid}: task missing")
+                continue
+            p = []
+            if t["state"] != want_state:
+                p.append(f"state {t['state']!r} != {want_state!r}")
+            if t["name"] != "app.tasks.add":
+                p.append(f"name {t['name']!r}")
+            if t["queue"] != "default":
+                p.append(f"queue {t['queue']!r}")
+            args = t.get("args")
+            if args != [1.5, 2] or not isinstance(args[0], float) or not isinstance(args[1], int):
+                p.append(f"args {json.dumps(args)} != [1.5, 2]")
+            kwargs = t.get("kwargs")
+            if kwargs != {"note": "héllo wörld ✓", "ratio": 0.1}:
+                p.append(f"kwargs {json.dumps(kwargs, ensure_ascii=False)}")
+            if t.get("worker_name") != worker:
+                p.append(f"worker_name {t.get('worker_name')!r} != {worker!r}")
+            if not isinstance(t.get("runtime_ms"), int):
+                p.append(f"runtime_ms {t.get('runtime_ms')!r}")
+            if want_state == "success":
+                if t.get("result") != {"sum": 3.5}:
+                    p.append(f"result {t.get('result')!r}")
+                if t.get("exception"):
+                    p.append(f"unexpected exception {t.get('exception')!r}")
+            else:
+                if "ValueError" not in (t.get("exception") or ""):
+                    p.append(f"exception {t.get('exception')!r}")
+                if "ValueError:" not in (t.get("traceback") or ""):
+                    p.append(f"traceback {t.get('traceback')!r}")
+            evs = task_events(brain, slug, engine, tid)
+            kinds = sorted(e["kind"] for e in evs)
+            want_kinds = sorted(["task.received", "task.started", last_kind])
+            if kinds != want_kinds:
+                p.append(f"event kinds {kinds} != {want_kinds}")
+            if len({e["id"] for e in evs}) != len(evs):
+                p.append("duplicate event ids")
+            if any(e["agent_id"] != agent_id for e in evs):
+                p.append(f"events from other agents: {[e['agent_id'] for e in evs]}")
+            rec = [e for e in evs if e["kind"] == "task.received"]
+            if rec:
+                payload = rec[0]["payload"]
+                if payload.get("args") != [1.5, 2] or payload.get("kwargs") != {"note": "héllo wörld ✓", "ratio": 0.1}:
+                    p.append(f"received payload {json.dumps(payload, ensure_ascii=False)}")
+            if p:
+                problems.append(f"{tid}: " + "; ".join(p))
+    assert not problems, f"{len(problems)} of {n} tasks wrong in the brain:\n  " + "\n  ".join(problems[:40])
+    return n
+
+
+def event_rows_by_task(brain, agent_id: str) -> Dict[str, Dict[str, int]]:
+    """From the brain DB: {task_id: {kind: rows}} for one agent."""
+    rows = brain_db(
+        brain,
+        "SELECT task_id, kind, COUNT(*) AS n FROM events WHERE agent_id = ? GROUP BY task_id, kind",
+        (hexid(agent_id),),
+    )
+    out: Dict[str, Dict[str, int]] = {}
+    for r in rows:
+        out.setdefault(r["task_id"], {})[r["kind"]] = r["n"]
+    return out
+
+
+def log_lines(text: str) -> List[str]:
+    return [ln for ln in text.splitlines() if ln.strip()]
