@@ -317,7 +317,7 @@ impl Ingest {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled(), if !draining => { draining = true; }
-                settled = async { (&mut session.pending.front_mut().expect("guarded").rx).await }, if session.pending.front().is_some_and(|p| p.rx_active) => {
+                settled = async { (&mut session.pending.front_mut().expect("guarded").rx).await }, if !session.pending.is_empty() => {
                     let p = session.pending.pop_front().expect("guarded");
                     session.settled(p, settled.unwrap_or(Err(SpoolError::Closed))).await;
                 }
@@ -397,8 +397,8 @@ impl Replies {
 /// One append waiting for its commit, in arrival order.
 struct Pending {
     rx: oneshot::Receiver<Result<AppendOutcome, SpoolError>>,
-    /// False for entries that only carry an ack (nothing was stored).
-    rx_active: bool,
+    /// Events in this append (0 for an ack-only entry).
+    events: usize,
     ack_id: Option<Value>,
     /// Kept only under the `block` policy, to retry what did not fit.
     retry: Option<Vec<Vec<u8>>>,
@@ -539,7 +539,7 @@ impl Session<'_> {
                 let _ = tx.send(Ok(AppendOutcome::default()));
                 self.pending.push_back(Pending {
                     rx,
-                    rx_active: true,
+                    events: 0,
                     ack_id,
                     retry: None,
                     stored_before: 0,
@@ -552,16 +552,17 @@ impl Session<'_> {
             .events_accepted
             .fetch_add(records.len() as u64, Ordering::Relaxed);
         let retry = (self.ingest.spool.overflow() == Overflow::Block).then(|| records.clone());
+        let events = records.len();
         match self.ingest.spool.append(records).await {
             Ok(rx) => self.pending.push_back(Pending {
                 rx,
-                rx_active: true,
+                events,
                 ack_id,
                 retry,
                 stored_before: 0,
             }),
             Err(e) => {
-                self.ingest.status.refuse(e.code(), 1);
+                self.ingest.status.refuse(e.code(), events as u64);
                 self.replies
                     .error(e.code(), &e.to_string(), ack_id.as_ref(), None);
             }
@@ -582,6 +583,7 @@ impl Session<'_> {
                 // connection reads nothing meanwhile, which is the back-pressure.
                 let mut rest = p.retry.take().unwrap_or_default();
                 rest.drain(..o.stored.min(rest.len()));
+                let events = rest.len();
                 let stored_before = p.stored_before + o.stored;
                 let spool = &self.ingest.spool;
                 self.ingest
@@ -597,7 +599,7 @@ impl Session<'_> {
                     Ok(rx) => {
                         self.pending.push_front(Pending {
                             rx,
-                            rx_active: true,
+                            events,
                             ack_id: p.ack_id,
                             retry: Some(rest),
                             stored_before,
@@ -632,8 +634,7 @@ impl Session<'_> {
                 }
             }
             Err(e) => {
-                let n = p.retry.as_ref().map(Vec::len).unwrap_or(1) as u64;
-                self.ingest.status.refuse(e.code(), n);
+                self.ingest.status.refuse(e.code(), p.events as u64);
                 self.replies
                     .error(e.code(), &e.to_string(), p.ack_id.as_ref(), None);
             }
