@@ -44,15 +44,50 @@ def pytest_configure(config):
     signal.signal(signal.SIGTERM, _term)
 
 
+def _proc_start_time(pid: int) -> str:
+    """Kernel start time of a process (field 22 of /proc/<pid>/stat), "" if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _owner_alive(run: Path) -> bool:
+    """Is the pytest session that made this run directory still running?
+
+    Several sessions may run at once (different brains, ports, sockets); only
+    the leftovers of a session that is gone may be reaped or deleted.
+    """
+    try:
+        pid_s, started = (run / "owner").read_text().split()
+        return _proc_start_time(int(pid_s)) == started
+    except (OSError, ValueError):
+        pass
+    # No owner file (yet): the directory name ends with the session's pid.
+    try:
+        pid = int(run.name.rsplit("-", 1)[1])
+        return b"pytest" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError, IndexError):
+        return False
+
+
 def _reap_and_prune(root: Path) -> None:
-    """Stop what an earlier, killed run left behind; keep the last few runs' files."""
+    """Stop what an earlier, killed session left behind; keep the last few runs' files."""
     runs = sorted(p for p in root.glob("*") if p.is_dir())
-    for run in runs:
+    dead = [run for run in runs if not _owner_alive(run)]
+    for run in dead:
         if (run / "brain" / "brain.json").exists():
             brainmod.Brain(run / "brain").stop()
         for pidfile in run.glob("daemons/*/daemon.pid"):
             reap_stale_daemon(pidfile)
-    for old in runs[:-KEEP_RUNS]:
+        try:
+            sock_dir = Path((run / "sock_dir").read_text().strip())
+            if sock_dir.name.startswith("z4je2e-"):
+                shutil.rmtree(sock_dir, ignore_errors=True)
+        except OSError:
+            pass
+    for old in dead[:-KEEP_RUNS]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -63,14 +98,16 @@ def run_dir() -> Path:
     _reap_and_prune(root)
     d = root / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     d.mkdir()
+    (d / "owner").write_text(f"{os.getpid()} {_proc_start_time(os.getpid())}\n")
     print(f"\n[e2e] run directory: {d}", file=sys.stderr)
     return d
 
 
 @pytest.fixture(scope="session")
-def sock_dir():
+def sock_dir(run_dir):
     # Unix socket paths are limited to 107 bytes: keep sockets under a short tmp dir.
     d = Path(tempfile.mkdtemp(prefix="z4je2e-"))
+    (run_dir / "sock_dir").write_text(f"{d}\n")  # so a later session can clean up after a killed one
     yield d
     shutil.rmtree(d, ignore_errors=True)
 
