@@ -49,7 +49,6 @@ struct Session<'a> {
     connected_at: Instant,
     connected_at_wall: OffsetDateTime,
     last_flush_at: Option<OffsetDateTime>,
-    frame_buf: Vec<u8>,
     payload_buf: Vec<u8>,
     batch_max_events: usize,
     inflight_frames: usize,
@@ -137,7 +136,6 @@ impl Uplink {
             connected_at: Instant::now(),
             connected_at_wall: OffsetDateTime::now_utc(),
             last_flush_at: None,
-            frame_buf: Vec::new(),
             payload_buf: Vec::new(),
             batch_max_events: settings.batch_max_events,
             inflight_frames: settings.inflight_frames,
@@ -336,19 +334,15 @@ impl Session<'_> {
         self.payload_buf.clear();
         let bodies: Vec<&[u8]> = events.iter().map(|e| e.body.as_slice()).collect();
         protocol::event_batch_payload(&bodies, &mut self.payload_buf);
-        let mut frame = std::mem::take(&mut self.frame_buf);
-        frame.clear();
-        self.signer.sign_into(
+        // The frame is handed to the socket, so it gets a fresh buffer each time.
+        let frame = self.signer.sign(
             "event_batch",
             &frame_id,
             &self.payload_buf,
             OffsetDateTime::now_utc(),
             &protocol::new_nonce(),
-            &mut frame,
         );
-        let result = self.send(frame.clone()).await;
-        self.frame_buf = frame;
-        result?;
+        self.send(frame).await?;
         self.last_flush_at = Some(OffsetDateTime::now_utc());
         Ok(frame_id)
     }
