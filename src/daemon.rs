@@ -124,7 +124,6 @@ pub async fn run(
     let ingest = Ingest::new(
         IngestConfig {
             socket_path: socket_path.clone(),
-            socket_mode: config.socket_mode,
             allowed_uids: config.allowed_uids.clone(),
             allowed_gids: config.allowed_gids.clone(),
             max_clients: config.max_clients,

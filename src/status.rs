@@ -92,8 +92,6 @@ pub struct Status {
     pub started: Instant,
     /// Events decoded from clients (valid or not).
     pub events_received: AtomicU64,
-    /// Events that passed validation and were handed to the spool.
-    pub events_accepted: AtomicU64,
     /// Events put into frames for the first time.
     pub events_forwarded: AtomicU64,
     /// Events re-sent (ack timeout or reconnect).
@@ -125,7 +123,6 @@ impl Status {
         Status {
             started: Instant::now(),
             events_received: AtomicU64::new(0),
-            events_accepted: AtomicU64::new(0),
             events_forwarded: AtomicU64::new(0),
             events_resent: AtomicU64::new(0),
             events_undeliverable: AtomicU64::new(0),

@@ -43,8 +43,6 @@ use validate::{normalize_event, Refusal};
 pub struct IngestConfig {
     /// The socket path.
     pub socket_path: PathBuf,
-    /// Its mode.
-    pub socket_mode: u32,
     /// Allowed peer uids (empty = any).
     pub allowed_uids: Vec<u32>,
     /// Allowed peer gids (empty = any).
@@ -547,10 +545,6 @@ impl Session<'_> {
             }
             return;
         }
-        self.ingest
-            .status
-            .events_accepted
-            .fetch_add(records.len() as u64, Ordering::Relaxed);
         let retry = (self.ingest.spool.overflow() == Overflow::Block).then(|| records.clone());
         let events = records.len();
         match self.ingest.spool.append(records).await {

@@ -168,8 +168,6 @@ pub struct SpoolStats {
     pub dropped_oldest_total: AtomicU64,
     /// New events refused because the spool was full.
     pub refused_full_total: AtomicU64,
-    /// Events refused because the disk was full or SQLite failed.
-    pub write_failed_total: AtomicU64,
     /// Transactions committed.
     pub commits_total: AtomicU64,
 }
@@ -313,7 +311,6 @@ pub struct Spool {
     handle: SpoolHandle,
     thread: Option<std::thread::JoinHandle<()>>,
     _lock: File,
-    path: PathBuf,
 }
 
 impl Spool {
@@ -360,18 +357,12 @@ impl Spool {
             handle,
             thread: Some(thread),
             _lock: lock,
-            path: config.path,
         })
     }
 
     /// A handle for producers and the uplink.
     pub fn handle(&self) -> SpoolHandle {
         self.handle.clone()
-    }
-
-    /// The spool file.
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Finishes queued requests, stops the writer and releases the lock.
@@ -628,10 +619,8 @@ impl Writer {
                 tracing::error!(error = %kind, "spool write failed; the batch was not stored");
                 for op in ops.drain(..) {
                     match op {
-                        Op::Append { events, reply } => {
-                            self.stats
-                                .write_failed_total
-                                .fetch_add(events.len() as u64, Ordering::Relaxed);
+                        // The producer counts these (refused_by_reason).
+                        Op::Append { reply, .. } => {
                             let _ = reply.send(Err(kind.clone()));
                         }
                         Op::Ack { reply, .. } => {
