@@ -1,9 +1,11 @@
-//! The command line: `z4j-agentd run` (and `--help`, `--version`).
+//! The command line: `z4j-agentd run`, `doctor`, `status` (and `--help`,
+//! `--version`).
 //!
 //! Parsing and usage errors exit 64 (EX_USAGE); signals are turned into the
 //! daemon's shutdown token and settings channel here, so the daemon itself
 //! never reads global state.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -25,6 +27,39 @@ struct Cli {
 enum Command {
     /// Run the daemon in the foreground (under systemd, a container, or a shell).
     Run(Box<Options>),
+    /// Check everything `run` needs, in order: config, spool directory,
+    /// socket, DNS, TCP, TLS, a signed round trip with the brain, the clock.
+    /// Run it as the service's user with the service's environment.
+    /// Exit 0 when every check passes, 1 when one fails.
+    Doctor(Box<DoctorArgs>),
+    /// Show what the running daemon is doing (asks it over its socket).
+    /// Exit 1 when no daemon answers.
+    Status(StatusArgs),
+}
+
+#[derive(clap::Args)]
+struct DoctorArgs {
+    #[command(flatten)]
+    options: Options,
+    /// Print one JSON object (schema in docs/doctor.md) instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Skip the round trip with the brain (the websocket and clock checks).
+    #[arg(long)]
+    no_websocket: bool,
+}
+
+#[derive(clap::Args)]
+struct StatusArgs {
+    /// The daemon's socket (default: the path `run` uses).
+    #[arg(long, env = "Z4J_SOCKET_PATH", value_name = "PATH")]
+    socket_path: Option<PathBuf>,
+    /// Read `socket_path` from this config file.
+    #[arg(long, env = "Z4J_CONFIG", value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Print the daemon's `stats` object as JSON (keys in docs/local-protocol.md).
+    #[arg(long)]
+    json: bool,
 }
 
 /// Exit code for usage and configuration errors (EX_USAGE).
@@ -48,6 +83,73 @@ pub fn main() -> ExitCode {
     };
     match cli.command {
         Command::Run(options) => run(*options),
+        Command::Doctor(args) => doctor(*args),
+        Command::Status(args) => status(args),
+    }
+}
+
+fn small_runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => Some(r),
+        Err(e) => {
+            eprintln!("z4j-agentd: cannot start the runtime: {e}");
+            None
+        }
+    }
+}
+
+fn doctor(args: DoctorArgs) -> ExitCode {
+    let Some(rt) = small_runtime() else {
+        return ExitCode::from(1);
+    };
+    let report = rt.block_on(crate::doctor::run(
+        &args.options,
+        HostEnv::from_process(),
+        !args.no_websocket,
+    ));
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report.to_value()).unwrap_or_default()
+        );
+    } else {
+        print!("{}", report.to_text());
+    }
+    if report.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+fn status(args: StatusArgs) -> ExitCode {
+    let host = HostEnv::from_process();
+    let path = match crate::admin::socket_path(args.socket_path, args.config.as_deref(), &host) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("z4j-agentd status: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let Some(rt) = small_runtime() else {
+        return ExitCode::from(1);
+    };
+    match rt.block_on(crate::admin::fetch(&path)) {
+        Ok(v) => {
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            } else {
+                print!("{}", crate::admin::render(&v));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("z4j-agentd status: {e}");
+            ExitCode::from(1)
+        }
     }
 }
 

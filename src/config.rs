@@ -201,6 +201,14 @@ pub struct Options {
     /// Log level or tracing filter (default info).
     #[arg(long, env = "Z4J_LOG_LEVEL", value_name = "LEVEL")]
     pub log_level: Option<String>,
+
+    /// Serve /metrics, /healthz and /readyz on this address (e.g. 127.0.0.1:9464). Off when unset.
+    #[arg(long, env = "Z4J_METRICS_ADDR", value_name = "HOST:PORT")]
+    pub metrics_addr: Option<String>,
+
+    /// Allow Z4J_METRICS_ADDR on a non-loopback address (e.g. a pod IP scraped by Prometheus).
+    #[arg(long, env = "Z4J_METRICS_ALLOW_REMOTE", value_name = "BOOL")]
+    pub metrics_allow_remote: Option<String>,
 }
 
 /// The config file: the same keys as [`Options`], all optional.
@@ -233,6 +241,8 @@ struct FileOptions {
     shutdown_grace_seconds: Option<toml::Value>,
     log_format: Option<String>,
     log_level: Option<String>,
+    metrics_addr: Option<String>,
+    metrics_allow_remote: Option<toml::Value>,
 }
 
 /// Values that come from the process environment other than `Z4J_*` keys.
@@ -383,6 +393,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Log filter.
     pub log_level: String,
+    /// Where to serve metrics and health, if anywhere.
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// The environment this was resolved against.
     pub host: HostEnv,
 }
@@ -581,7 +593,38 @@ fn load_file(path: &Path) -> Result<FileOptions, ConfigError> {
     })
 }
 
+/// A best-effort view of a few settings, for the doctor's header when the
+/// configuration does not resolve. Never holds secrets.
+#[derive(Debug, Clone, Default)]
+pub struct Peek {
+    /// `Z4J_BRAIN_URL` as given.
+    pub brain_url: Option<String>,
+    /// `Z4J_PROJECT_ID` as given.
+    pub project_id: Option<String>,
+    /// `Z4J_AGENT_NAME` as given.
+    pub agent_name: Option<String>,
+    /// `Z4J_BUFFER_PATH` as given.
+    pub buffer_path: Option<PathBuf>,
+    /// `Z4J_SOCKET_PATH` as given.
+    pub socket_path: Option<PathBuf>,
+}
+
 impl Options {
+    /// What flags, environment and (if readable) the config file say about
+    /// a few display settings, without validating anything.
+    pub fn peek(&self) -> Peek {
+        let file = non_empty_path(self.config.clone())
+            .and_then(|p| load_file(&p).ok())
+            .unwrap_or_default();
+        Peek {
+            brain_url: pick(non_empty(self.brain_url.clone()), file.brain_url),
+            project_id: pick(non_empty(self.project_id.clone()), file.project_id),
+            agent_name: pick(non_empty(self.agent_name.clone()), file.agent_name),
+            buffer_path: pick(non_empty_path(self.buffer_path.clone()), file.buffer_path),
+            socket_path: pick(non_empty_path(self.socket_path.clone()), file.socket_path),
+        }
+    }
+
     /// Validates everything `run` needs. `require_brain` is false for
     /// commands that can work without a brain (e.g. `doctor` reporting it).
     pub fn resolve(&self, host: HostEnv) -> Result<Config, ConfigError> {
@@ -859,6 +902,17 @@ impl Options {
                 format!("expected error, warn, info, debug or trace, got {log_level:?}"),
             ));
         }
+        let metrics_allow_remote = match pick(
+            non_empty(self.metrics_allow_remote.clone()),
+            toml_scalar(file.metrics_allow_remote),
+        ) {
+            Some(v) => parse_bool("Z4J_METRICS_ALLOW_REMOTE", &v)?,
+            None => false,
+        };
+        let metrics_addr = match pick(non_empty(self.metrics_addr.clone()), file.metrics_addr) {
+            None => None,
+            Some(v) => Some(parse_metrics_addr(v.trim(), metrics_allow_remote)?),
+        };
 
         Ok(Config {
             uplink: UplinkSettings {
@@ -889,9 +943,33 @@ impl Options {
             shutdown_grace: Duration::from_secs(shutdown_grace_seconds),
             log_format,
             log_level,
+            metrics_addr,
             host,
         })
     }
+}
+
+/// `HOST:PORT` for the metrics listener; loopback only unless allowed.
+fn parse_metrics_addr(v: &str, allow_remote: bool) -> Result<std::net::SocketAddr, ConfigError> {
+    let addr: std::net::SocketAddr = match v.strip_prefix("localhost:") {
+        Some(port) => format!("127.0.0.1:{port}").parse(),
+        None => v.parse(),
+    }
+    .map_err(|_| {
+        ConfigError::new(
+            "Z4J_METRICS_ADDR",
+            format!("expected an IP address and port such as 127.0.0.1:9464, got {v:?}"),
+        )
+    })?;
+    if !addr.ip().is_loopback() && !allow_remote {
+        return Err(ConfigError::new(
+            "Z4J_METRICS_ADDR",
+            format!(
+                "{addr} is not a loopback address; use 127.0.0.1:<port>, or set Z4J_METRICS_ALLOW_REMOTE=true to serve metrics beyond this host"
+            ),
+        ));
+    }
+    Ok(addr)
 }
 
 #[cfg(test)]
@@ -1037,5 +1115,46 @@ mod tests {
         let dbg = format!("{c:?}");
         assert!(!dbg.contains("tok-abc"));
         assert!(!dbg.contains(SECRET));
+    }
+
+    #[test]
+    fn metrics_listener_is_off_by_default_and_loopback_only() {
+        assert_eq!(base().resolve(host()).unwrap().metrics_addr, None);
+        let o = Options {
+            metrics_addr: Some("127.0.0.1:9464".into()),
+            ..base()
+        };
+        assert_eq!(
+            o.resolve(host()).unwrap().metrics_addr,
+            Some("127.0.0.1:9464".parse().unwrap())
+        );
+        let o = Options {
+            metrics_addr: Some("localhost:9464".into()),
+            ..base()
+        };
+        assert!(o.resolve(host()).unwrap().metrics_addr.is_some());
+        let o = Options {
+            metrics_addr: Some("0.0.0.0:9464".into()),
+            ..base()
+        };
+        let e = o.resolve(host()).unwrap_err();
+        assert_eq!(e.key, "Z4J_METRICS_ADDR");
+        assert!(
+            e.message.contains("Z4J_METRICS_ALLOW_REMOTE"),
+            "{}",
+            e.message
+        );
+        let o = Options {
+            metrics_addr: Some("0.0.0.0:9464".into()),
+            metrics_allow_remote: Some("true".into()),
+            ..base()
+        };
+        assert!(o.resolve(host()).unwrap().metrics_addr.is_some());
+        let o = Options {
+            metrics_addr: Some("9464".into()),
+            ..base()
+        };
+        let e = o.resolve(host()).unwrap_err();
+        assert!(e.message.contains("127.0.0.1:9464"), "{}", e.message);
     }
 }

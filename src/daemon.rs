@@ -22,7 +22,7 @@ use crate::config::{Config, UplinkSettings};
 use crate::ingest::{self, Ingest, IngestConfig, IngestError};
 use crate::spool::path::{self, PathError};
 use crate::spool::{Spool, SpoolConfig, SpoolError};
-use crate::status::Status;
+use crate::status::{DaemonInfo, Status};
 use crate::uplink::Uplink;
 
 /// Startup failures.
@@ -37,6 +37,16 @@ pub enum DaemonError {
     /// The socket could not be bound.
     #[error(transparent)]
     Ingest(#[from] IngestError),
+    /// The metrics listener could not be bound.
+    #[error(
+        "cannot serve metrics on {addr}: {source}; choose another Z4J_METRICS_ADDR or unset it"
+    )]
+    Metrics {
+        /// The configured address.
+        addr: std::net::SocketAddr,
+        /// The bind error.
+        source: std::io::Error,
+    },
 }
 
 impl DaemonError {
@@ -58,6 +68,8 @@ pub struct Ready {
     pub socket_path: PathBuf,
     /// The shared status (for tests and the admin side).
     pub status: Arc<Status>,
+    /// Where `/metrics` is served, when enabled (the bound port for `:0`).
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// Runs the daemon until `shutdown` is cancelled and the drain finished.
@@ -121,6 +133,15 @@ pub async fn run(
     );
 
     let status = Arc::new(Status::new());
+    status.set_info(DaemonInfo {
+        brain_url: config.uplink.endpoint.base_url.clone(),
+        worker_id: config.uplink.worker_id.clone(),
+        agent_name: config.uplink.agent_name.clone(),
+        static_engines: config.uplink.static_engines.clone(),
+        spool_path: location.path.display().to_string(),
+        socket_path: socket_path.display().to_string(),
+    });
+    status.sample(spool_handle.stats());
     let ingest = Ingest::new(
         IngestConfig {
             socket_path: socket_path.clone(),
@@ -137,12 +158,39 @@ pub async fn run(
     let ingest_stop = CancellationToken::new();
     let ingest_task = tokio::spawn(ingest.serve(listener, ingest_stop.clone()));
 
+    let metrics_stop = CancellationToken::new();
+    let metrics_addr = match config.metrics_addr {
+        None => None,
+        Some(addr) => match crate::metrics::serve(
+            addr,
+            status.clone(),
+            spool_handle.clone(),
+            socket_path.clone(),
+            metrics_stop.clone(),
+        )
+        .await
+        {
+            Ok(bound) => {
+                tracing::info!(addr = %bound, "serving /metrics, /healthz and /readyz");
+                Some(bound)
+            }
+            Err(source) => {
+                ingest_stop.cancel();
+                let _ = ingest_task.await;
+                let _ = std::fs::remove_file(&socket_path);
+                spool.close().await;
+                return Err(DaemonError::Metrics { addr, source });
+            }
+        },
+    };
+
     notify(&[sd_notify::NotifyState::Ready]);
     if let Some(tx) = ready {
         let _ = tx.send(Ready {
             spool_path: location.path.clone(),
             socket_path: socket_path.clone(),
             status: status.clone(),
+            metrics_addr,
         });
     }
     tracing::info!(
@@ -196,6 +244,7 @@ pub async fn run(
         let _ = tokio::time::timeout(Duration::from_secs(5), uplink_task).await;
     }
     status_task.abort();
+    metrics_stop.cancel();
     let left = spool_handle
         .stats()
         .depth
@@ -209,20 +258,26 @@ fn notify(state: &[sd_notify::NotifyState]) {
     let _ = sd_notify::notify(state);
 }
 
-/// Keeps `systemctl status` informative: one STATUS= line every few seconds.
+/// Samples the counters every second (for the rates `status` shows) and
+/// keeps `systemctl status` informative: one STATUS= line every 5 s.
 async fn report_status(
     status: Arc<Status>,
     spool: crate::spool::SpoolHandle,
     shutdown: CancellationToken,
 ) {
-    if std::env::var_os("NOTIFY_SOCKET").is_none() {
-        return;
-    }
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    let systemd = std::env::var_os("NOTIFY_SOCKET").is_some();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n: u64 = 0;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
+        }
+        status.sample(spool.stats());
+        n += 1;
+        if !systemd || n % 5 != 1 {
+            continue;
         }
         let st = spool.stats();
         let line = format!(

@@ -15,17 +15,23 @@
 //! * [`ingest`]: the local socket, framing, validation and normalisation of events.
 //! * [`spool`]: the durable queue in SQLite.
 //! * [`uplink`]: the one connection to the brain.
-//! * [`status`]: counters, connection state and clients an operator can see.
+//! * [`status`]: counters, connection state and clients an operator can see;
+//!   [`metrics`]: the optional `/metrics`, `/healthz`, `/readyz` listener.
+//! * [`doctor`]: `z4j-agentd doctor`, every probe from config to a signed
+//!   round trip with the brain.
 //! * [`daemon`]: wiring, startup order and shutdown; [`cli`]: flags and signals.
 //! * [`client`]: a small client for the local socket, used by Rust producers,
 //!   the examples and the tests.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod cli;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod doctor;
 pub mod ingest;
+pub mod metrics;
 pub mod protocol;
 pub mod spool;
 pub mod status;

@@ -6,11 +6,12 @@
 //! counted here (or in the spool's own counters, which [`Status::report`]
 //! merges), so the `stats` reply, the heartbeat and the logs agree.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::histogram::Histogram;
 use time::OffsetDateTime;
 
 use crate::protocol::Value;
@@ -61,7 +62,65 @@ pub struct UplinkStatus {
     pub session_id: Option<String>,
     /// When the last `event_batch_ack` arrived.
     pub last_ack_at: Option<OffsetDateTime>,
+    /// When the current session was established (None when not connected).
+    pub connected_at: Option<OffsetDateTime>,
+    /// `agent_id` from the last `hello_ack`.
+    pub agent_id: Option<String>,
+    /// `project_id` from the last `hello_ack`.
+    pub project_id: Option<String>,
+    /// `brain_version` from the last `hello_ack`.
+    pub brain_version: Option<String>,
+    /// The engines advertised in the last `hello`.
+    pub advertised_engines: Vec<String>,
 }
+
+/// Where this daemon runs and what it talks to; fixed at start, the brain
+/// settings refreshed on reload.
+#[derive(Debug, Clone, Default)]
+pub struct DaemonInfo {
+    /// The brain's base URL.
+    pub brain_url: String,
+    /// This daemon's worker slot at the brain.
+    pub worker_id: String,
+    /// The host label shown in the brain.
+    pub agent_name: String,
+    /// Engines configured statically (`Z4J_ENGINES`).
+    pub static_engines: Vec<String>,
+    /// The spool file.
+    pub spool_path: String,
+    /// The local socket.
+    pub socket_path: String,
+}
+
+/// Events per second over the sampling window.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Rates {
+    /// Seconds the rates cover (up to [`RATE_WINDOW`]).
+    pub window_seconds: f64,
+    /// Events received from local clients.
+    pub ingest: f64,
+    /// Events put on the wire for the first time.
+    pub forward: f64,
+    /// Events the brain acknowledged.
+    pub acked: f64,
+}
+
+/// The window over which `status` reports rates.
+pub const RATE_WINDOW: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    at: Instant,
+    received: u64,
+    forwarded: u64,
+    acked: u64,
+}
+
+/// Upper bounds (seconds) of the ack latency histogram: from a local
+/// brain's milliseconds to a loaded SQLite brain's tens of seconds.
+pub const ACK_LATENCY_BUCKETS: [f64; 16] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
 
 /// One connected local client.
 #[derive(Debug, Clone, Default)]
@@ -106,9 +165,14 @@ pub struct Status {
     pub producer_waits: AtomicU64,
     /// Signalled when the set of connected clients or their engines changes.
     pub clients_changed: tokio::sync::Notify,
+    /// Seconds from sending an `event_batch` to its `event_batch_ack`.
+    pub ack_latency: Histogram,
     refused: Mutex<BTreeMap<&'static str, u64>>,
+    failures: Mutex<BTreeMap<&'static str, u64>>,
     uplink: Mutex<UplinkStatus>,
     clients: Mutex<BTreeMap<u64, ClientInfo>>,
+    info: Mutex<DaemonInfo>,
+    samples: Mutex<VecDeque<Sample>>,
 }
 
 impl Default for Status {
@@ -130,7 +194,9 @@ impl Status {
             connects: AtomicU64::new(0),
             producer_waits: AtomicU64::new(0),
             clients_changed: tokio::sync::Notify::new(),
+            ack_latency: Histogram::new(ACK_LATENCY_BUCKETS),
             refused: Mutex::new(BTreeMap::new()),
+            failures: Mutex::new(BTreeMap::new()),
             uplink: Mutex::new(UplinkStatus {
                 state: UplinkState::Connecting,
                 since: OffsetDateTime::now_utc(),
@@ -139,8 +205,81 @@ impl Status {
                 clock_skew_seconds: None,
                 session_id: None,
                 last_ack_at: None,
+                connected_at: None,
+                agent_id: None,
+                project_id: None,
+                brain_version: None,
+                advertised_engines: Vec::new(),
             }),
             clients: Mutex::new(BTreeMap::new()),
+            info: Mutex::new(DaemonInfo::default()),
+            samples: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// Sets what this daemon is and talks to.
+    pub fn set_info(&self, info: DaemonInfo) {
+        *self.info.lock().unwrap() = info;
+    }
+
+    /// Updates what this daemon is and talks to.
+    pub fn update_info(&self, f: impl FnOnce(&mut DaemonInfo)) {
+        f(&mut self.info.lock().unwrap());
+    }
+
+    /// A copy of what this daemon is and talks to.
+    pub fn info(&self) -> DaemonInfo {
+        self.info.lock().unwrap().clone()
+    }
+
+    /// Counts a failed connection attempt or session under its backoff class.
+    pub fn record_failure(&self, class: &'static str) {
+        *self.failures.lock().unwrap().entry(class).or_default() += 1;
+    }
+
+    /// Failed connection attempts and sessions by backoff class.
+    pub fn failures(&self) -> BTreeMap<&'static str, u64> {
+        self.failures.lock().unwrap().clone()
+    }
+
+    /// Records the counters now, for [`Status::rates`]; call about once a second.
+    pub fn sample(&self, spool: &SpoolStats) {
+        self.sample_at(Instant::now(), spool.acked_total.load(Ordering::Relaxed));
+    }
+
+    fn sample_at(&self, at: Instant, acked: u64) {
+        let s = Sample {
+            at,
+            received: self.events_received.load(Ordering::Relaxed),
+            forwarded: self.events_forwarded.load(Ordering::Relaxed),
+            acked,
+        };
+        let mut q = self.samples.lock().unwrap();
+        q.push_back(s);
+        while q.len() > 2
+            && q.front()
+                .is_some_and(|f| at.duration_since(f.at) > RATE_WINDOW)
+        {
+            q.pop_front();
+        }
+    }
+
+    /// Events per second over the last [`RATE_WINDOW`] (or since start).
+    pub fn rates(&self) -> Rates {
+        let q = self.samples.lock().unwrap();
+        let (Some(first), Some(last)) = (q.front(), q.back()) else {
+            return Rates::default();
+        };
+        let secs = last.at.duration_since(first.at).as_secs_f64();
+        if secs <= 0.0 {
+            return Rates::default();
+        }
+        let per = |a: u64, b: u64| b.saturating_sub(a) as f64 / secs;
+        Rates {
+            window_seconds: secs,
+            ingest: per(first.received, last.received),
+            forward: per(first.forwarded, last.forwarded),
+            acked: per(first.acked, last.acked),
         }
     }
 
@@ -223,44 +362,93 @@ impl Status {
         all
     }
 
-    /// The `stats` reply: one flat map an operator or a test can read.
+    /// The `stats` reply: one map an operator, `z4j-agentd status` or a test
+    /// can read. Keys are documented in `docs/local-protocol.md`.
     pub fn report(&self, spool: &SpoolStats) -> Value {
         let u = self.uplink();
-        let dropped = spool.dropped_oldest_total.load(Ordering::Relaxed)
-            + spool.refused_full_total.load(Ordering::Relaxed)
-            + self.events_undeliverable.load(Ordering::Relaxed);
+        let info = self.info();
+        let now = OffsetDateTime::now_utc();
+        let opt_str = |v: Option<String>| v.map(Value::from).unwrap_or(Value::Null);
+        let opt_ts = |v: Option<OffsetDateTime>| {
+            v.map(|t| Value::from(crate::protocol::format_ts(t)))
+                .unwrap_or(Value::Null)
+        };
+        let opt_age = |v: Option<OffsetDateTime>| {
+            v.map(|t| Value::from(round3((now - t).as_seconds_f64().max(0.0))))
+                .unwrap_or(Value::Null)
+        };
+        let strings =
+            |v: &[String]| Value::Array(v.iter().map(|e| Value::from(e.as_str())).collect());
+        let counts = |m: BTreeMap<&'static str, u64>| {
+            let mut out = Value::empty_map();
+            for (k, v) in m {
+                out.insert(k, v);
+            }
+            out
+        };
+        let dropped_oldest = spool.dropped_oldest_total.load(Ordering::Relaxed);
+        let refused_full = spool.refused_full_total.load(Ordering::Relaxed);
+        let undeliverable = self.events_undeliverable.load(Ordering::Relaxed);
         let mut m = Value::empty_map();
         m.insert("type", "stats");
         m.insert("version", env!("CARGO_PKG_VERSION"));
+        m.insert("pid", std::process::id() as u64);
         m.insert("uptime_seconds", self.started.elapsed().as_secs());
+        m.insert("brain_url", info.brain_url.as_str());
+        m.insert("worker_id", info.worker_id.as_str());
+        m.insert("agent_name", info.agent_name.as_str());
+        m.insert("spool_path", info.spool_path.as_str());
+        m.insert("socket_path", info.socket_path.as_str());
         m.insert("spool_depth", spool.depth.load(Ordering::Relaxed));
         m.insert("spool_bytes", spool.bytes.load(Ordering::Relaxed));
+        m.insert(
+            "spool_oldest_age_seconds",
+            spool
+                .oldest_stored_ms()
+                .map(|ms| Value::from(round3(((unix_ms_now() - ms).max(0)) as f64 / 1000.0)))
+                .unwrap_or(Value::Null),
+        );
         m.insert("received", self.events_received.load(Ordering::Relaxed));
         m.insert("stored", spool.stored_total.load(Ordering::Relaxed));
         m.insert("forwarded", self.events_forwarded.load(Ordering::Relaxed));
         m.insert("resent", self.events_resent.load(Ordering::Relaxed));
         m.insert("acked", spool.acked_total.load(Ordering::Relaxed));
-        m.insert("dropped", dropped);
-        m.insert(
-            "dropped_oldest",
-            spool.dropped_oldest_total.load(Ordering::Relaxed),
-        );
+        m.insert("dropped", dropped_oldest + refused_full + undeliverable);
+        m.insert("dropped_oldest", dropped_oldest);
+        let mut dropped_by_reason = Value::empty_map();
+        dropped_by_reason.insert("oldest_evicted", dropped_oldest);
+        dropped_by_reason.insert("spool_full", refused_full);
+        dropped_by_reason.insert("undeliverable", undeliverable);
+        m.insert("dropped_by_reason", dropped_by_reason);
         m.insert("refused", self.refused_total());
-        let mut by_reason = Value::empty_map();
-        for (k, v) in self.refused() {
-            by_reason.insert(k, v);
-        }
-        m.insert("refused_by_reason", by_reason);
+        m.insert("refused_by_reason", counts(self.refused()));
+        m.insert(
+            "replies_dropped",
+            self.replies_dropped.load(Ordering::Relaxed),
+        );
+        let rates = self.rates();
+        let mut r = Value::empty_map();
+        r.insert("window_seconds", round3(rates.window_seconds));
+        r.insert("ingest_per_second", round3(rates.ingest));
+        r.insert("forward_per_second", round3(rates.forward));
+        r.insert("acked_per_second", round3(rates.acked));
+        m.insert("rates", r);
         m.insert("uplink_state", u.state.as_str());
         m.insert("uplink_since", crate::protocol::format_ts(u.since));
-        m.insert(
-            "last_error",
-            u.last_error.map(Value::from).unwrap_or(Value::Null),
-        );
+        m.insert("session_id", opt_str(u.session_id));
+        m.insert("session_started_at", opt_ts(u.connected_at));
+        m.insert("session_age_seconds", opt_age(u.connected_at));
+        m.insert("last_ack_at", opt_ts(u.last_ack_at));
+        m.insert("last_ack_age_seconds", opt_age(u.last_ack_at));
+        m.insert("agent_id", opt_str(u.agent_id));
+        m.insert("project_id", opt_str(u.project_id));
+        m.insert("brain_version", opt_str(u.brain_version));
+        m.insert("last_error", opt_str(u.last_error));
         m.insert(
             "last_failure_class",
             u.last_failure_class.map(Value::from).unwrap_or(Value::Null),
         );
+        m.insert("failures_by_class", counts(self.failures()));
         m.insert(
             "clock_skew_seconds",
             u.clock_skew_seconds.map(Value::from).unwrap_or(Value::Null),
@@ -270,7 +458,131 @@ impl Status {
             "producer_waits",
             self.producer_waits.load(Ordering::Relaxed),
         );
-        m.insert("clients", self.clients.lock().unwrap().len() as u64);
+        let clients = self.clients();
+        m.insert("clients", clients.len() as u64);
+        m.insert(
+            "client_list",
+            Value::Array(clients.iter().map(client_value).collect()),
+        );
+        m.insert(
+            "engines",
+            strings(&self.engines_union(&info.static_engines)),
+        );
+        m.insert("advertised_engines", strings(&u.advertised_engines));
         m
+    }
+}
+
+fn client_value(c: &ClientInfo) -> Value {
+    let mut v = Value::empty_map();
+    v.insert(
+        "pid",
+        c.pid.map(|p| Value::from(p as i64)).unwrap_or(Value::Null),
+    );
+    v.insert("uid", c.uid as u64);
+    v.insert("gid", c.gid as u64);
+    v.insert(
+        "process",
+        c.process.clone().map(Value::from).unwrap_or(Value::Null),
+    );
+    v.insert(
+        "framework",
+        c.framework.clone().map(Value::from).unwrap_or(Value::Null),
+    );
+    v.insert(
+        "engines",
+        Value::Array(c.engines.iter().map(|e| Value::from(e.as_str())).collect()),
+    );
+    v.insert(
+        "worker_role",
+        c.worker_role
+            .clone()
+            .map(Value::from)
+            .unwrap_or(Value::Null),
+    );
+    v.insert("framing", c.framing);
+    v.insert("events_received", c.events_received);
+    v
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// Wall-clock unix time in milliseconds (the spool's `stored_ms` clock).
+pub fn unix_ms_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_cover_the_window_and_forget_older_samples() {
+        let s = Status::new();
+        let t0 = Instant::now();
+        s.sample_at(t0, 0);
+        s.events_received.store(100, Ordering::Relaxed);
+        s.events_forwarded.store(50, Ordering::Relaxed);
+        s.sample_at(t0 + Duration::from_secs(10), 40);
+        let r = s.rates();
+        assert_eq!(r.window_seconds, 10.0);
+        assert_eq!((r.ingest, r.forward, r.acked), (10.0, 5.0, 4.0));
+        // 70 s later the first sample is out of the window.
+        s.events_received.store(700, Ordering::Relaxed);
+        s.sample_at(t0 + Duration::from_secs(70), 40);
+        let r = s.rates();
+        assert_eq!(r.window_seconds, 60.0);
+        assert_eq!(r.ingest, 10.0);
+        assert_eq!(r.acked, 0.0);
+    }
+
+    #[test]
+    fn no_rates_before_two_samples() {
+        let s = Status::new();
+        assert_eq!(s.rates(), Rates::default());
+        s.sample_at(Instant::now(), 0);
+        assert_eq!(s.rates(), Rates::default());
+    }
+
+    #[test]
+    fn report_lists_clients_and_failures() {
+        let s = Status::new();
+        s.client_connected(
+            1,
+            ClientInfo {
+                pid: Some(42),
+                uid: 1000,
+                engines: vec!["celery".into()],
+                framing: "jsonl",
+                ..Default::default()
+            },
+        );
+        s.record_failure("auth");
+        s.record_failure("auth");
+        s.update_info(|i| i.static_engines = vec!["rq".into()]);
+        let r = s.report(&SpoolStats::default());
+        assert_eq!(r.get("clients").and_then(Value::as_u64), Some(1));
+        let list = r.get("client_list").unwrap();
+        let Value::Array(items) = list else {
+            panic!("client_list is a list")
+        };
+        assert_eq!(items[0].get("pid").and_then(Value::as_i64), Some(42));
+        assert_eq!(
+            r.get("failures_by_class")
+                .and_then(|m| m.get("auth"))
+                .and_then(Value::as_u64),
+            Some(2)
+        );
+        let Some(Value::Array(engines)) = r.get("engines") else {
+            panic!("engines is a list")
+        };
+        let engines: Vec<&str> = engines.iter().filter_map(Value::as_str).collect();
+        assert_eq!(engines, ["celery", "rq"]);
+        assert_eq!(r.get("spool_oldest_age_seconds"), Some(&Value::Null));
     }
 }

@@ -26,7 +26,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -170,6 +170,20 @@ pub struct SpoolStats {
     pub refused_full_total: AtomicU64,
     /// Transactions committed.
     pub commits_total: AtomicU64,
+    /// When the oldest stored event was stored (unix ms; 0 when empty).
+    pub oldest_stored_ms: AtomicI64,
+    /// Whether the last write transaction failed (disk full, I/O error).
+    pub write_failing: AtomicBool,
+}
+
+impl SpoolStats {
+    /// When the oldest stored event was stored (unix ms), if any.
+    pub fn oldest_stored_ms(&self) -> Option<i64> {
+        match self.oldest_stored_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(ms),
+        }
+    }
 }
 
 enum Op {
@@ -195,6 +209,9 @@ enum Op {
     },
     Snapshot {
         reply: oneshot::Sender<Result<Snapshot, SpoolError>>,
+    },
+    Probe {
+        reply: oneshot::Sender<Result<(), SpoolError>>,
     },
     Close,
 }
@@ -283,6 +300,12 @@ impl SpoolHandle {
     /// Depth, bytes and the age of the oldest event.
     pub async fn snapshot(&self) -> Result<Snapshot, SpoolError> {
         self.call(|reply| Op::Snapshot { reply }).await
+    }
+
+    /// Proves the spool can still commit: one small write transaction
+    /// (a timestamp in the `meta` table), grouped with pending appends.
+    pub async fn probe(&self) -> Result<(), SpoolError> {
+        self.call(|reply| Op::Probe { reply }).await
     }
 
     /// Live counters.
@@ -501,7 +524,17 @@ impl Writer {
             )
             .optional()?
             .unwrap_or(0);
+        let oldest: Option<i64> = conn
+            .query_row(
+                "SELECT stored_ms FROM events ORDER BY id LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
         let stats = Arc::new(SpoolStats::default());
+        stats
+            .oldest_stored_ms
+            .store(oldest.unwrap_or(0), Ordering::Relaxed);
         stats.depth.store(depth as u64, Ordering::Relaxed);
         stats.bytes.store(bytes as u64, Ordering::Relaxed);
         stats
@@ -566,17 +599,18 @@ impl Writer {
         let mut outcomes: Vec<AppendOutcome> = Vec::new();
         let mut ack_counts: Vec<u64> = Vec::new();
         let result = self.write_all(ops, &mut outcomes, &mut ack_counts);
+        let wrote = ops.iter().any(is_write);
         if result.is_err() {
             // Nothing of this transaction is on disk.
             (self.depth, self.bytes, self.dropped_oldest) = before;
             self.freed = false;
             outcomes.clear();
             ack_counts.clear();
-        } else if ops
-            .iter()
-            .any(|o| matches!(o, Op::Append { .. } | Op::Ack { .. }))
-        {
+            self.stats.write_failing.store(true, Ordering::Relaxed);
+        } else if wrote {
             self.stats.commits_total.fetch_add(1, Ordering::Relaxed);
+            self.stats.write_failing.store(false, Ordering::Relaxed);
+            self.refresh_oldest();
         }
         let stored: u64 = outcomes.iter().map(|o| o.stored as u64).sum();
         // Under `block` the producer retries what did not fit: nothing is lost.
@@ -610,6 +644,9 @@ impl Writer {
                         Op::Ack { reply, .. } => {
                             let _ = reply.send(Ok(acks.next().unwrap_or(0)));
                         }
+                        Op::Probe { reply } => {
+                            let _ = reply.send(Ok(()));
+                        }
                         other => self.read(other),
                     }
                 }
@@ -626,6 +663,9 @@ impl Writer {
                         Op::Ack { reply, .. } => {
                             let _ = reply.send(Err(kind.clone()));
                         }
+                        Op::Probe { reply } => {
+                            let _ = reply.send(Err(kind.clone()));
+                        }
                         other => self.read(other),
                     }
                 }
@@ -640,10 +680,7 @@ impl Writer {
         outcomes: &mut Vec<AppendOutcome>,
         ack_counts: &mut Vec<u64>,
     ) -> Result<(), rusqlite::Error> {
-        let has_writes = ops
-            .iter()
-            .any(|o| matches!(o, Op::Append { .. } | Op::Ack { .. }));
-        if !has_writes {
+        if !ops.iter().any(is_write) {
             return Ok(());
         }
         let dropped_before = self.dropped_oldest;
@@ -659,6 +696,13 @@ impl Writer {
                     Op::Ack { first, last, .. } => {
                         let n = self.delete_range(*first, *last)?;
                         ack_counts.push(n);
+                    }
+                    Op::Probe { .. } => {
+                        self.conn.execute(
+                            "INSERT INTO meta(key, value) VALUES ('probed_ms', ?1)
+                             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                            params![now],
+                        )?;
                     }
                     _ => {}
                 }
@@ -681,6 +725,29 @@ impl Writer {
             self.warn_eviction(evicted);
         }
         Ok(())
+    }
+
+    /// Keeps [`SpoolStats::oldest_stored_ms`] current after a commit: a
+    /// lookup by primary key, only when the head of the queue may have moved.
+    fn refresh_oldest(&mut self) {
+        if self.depth == 0 {
+            self.stats.oldest_stored_ms.store(0, Ordering::Relaxed);
+            return;
+        }
+        if !self.freed && self.stats.oldest_stored_ms.load(Ordering::Relaxed) != 0 {
+            return;
+        }
+        if let Ok(Some(ms)) = self
+            .conn
+            .query_row(
+                "SELECT stored_ms FROM events ORDER BY id LIMIT 1",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()
+        {
+            self.stats.oldest_stored_ms.store(ms, Ordering::Relaxed);
+        }
     }
 
     fn warn_eviction(&mut self, evicted: u64) {
@@ -854,7 +921,7 @@ impl Writer {
                     oldest_stored_ms,
                 }));
             }
-            Op::Append { .. } | Op::Ack { .. } | Op::Close => {}
+            Op::Append { .. } | Op::Ack { .. } | Op::Probe { .. } | Op::Close => {}
         }
     }
 
@@ -896,6 +963,10 @@ impl Writer {
         })?;
         rows.collect()
     }
+}
+
+fn is_write(op: &Op) -> bool {
+    matches!(op, Op::Append { .. } | Op::Ack { .. } | Op::Probe { .. })
 }
 
 fn ops_event_count(ops: &[Op]) -> usize {

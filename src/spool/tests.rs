@@ -247,3 +247,55 @@ async fn a_file_that_is_not_a_database_gets_the_fix() {
     let msg = err.to_string();
     assert!(msg.contains("move it aside"), "{msg}");
 }
+
+#[tokio::test]
+async fn oldest_stored_time_follows_the_head_of_the_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(config(dir.path())).unwrap();
+    let h = spool.handle();
+    assert_eq!(h.stats().oldest_stored_ms(), None);
+    h.append_durable(vec![ev(0)]).await.unwrap();
+    let first = h
+        .stats()
+        .oldest_stored_ms()
+        .expect("set after the first append");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    h.append_durable(vec![ev(1)]).await.unwrap();
+    // A later append does not move the head.
+    assert_eq!(h.stats().oldest_stored_ms(), Some(first));
+    let all = h.read_after(0, 10, usize::MAX).await.unwrap();
+    h.ack(all[0].id, all[0].id).await.unwrap();
+    let second = h.stats().oldest_stored_ms().expect("one event left");
+    assert!(second > first, "the head moved to the second event");
+    assert_eq!(h.snapshot().await.unwrap().oldest_stored_ms, Some(second));
+    h.ack(all[1].id, all[1].id).await.unwrap();
+    assert_eq!(h.stats().oldest_stored_ms(), None);
+    spool.close().await;
+    // Reopening reads it back from the file.
+    let spool = Spool::open(config(dir.path())).unwrap();
+    assert_eq!(spool.handle().stats().oldest_stored_ms(), None);
+    spool.handle().append_durable(vec![ev(2)]).await.unwrap();
+    spool.close().await;
+    let spool = Spool::open(config(dir.path())).unwrap();
+    assert!(spool.handle().stats().oldest_stored_ms().is_some());
+    spool.close().await;
+}
+
+#[tokio::test]
+async fn probe_commits_and_clears_the_failing_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(config(dir.path())).unwrap();
+    let h = spool.handle();
+    h.stats().write_failing.store(true, Ordering::Relaxed);
+    h.probe().await.unwrap();
+    assert!(!h.stats().write_failing.load(Ordering::Relaxed));
+    // The probe is a real write: it lands in the file.
+    spool.close().await;
+    let conn = Connection::open(dir.path().join("spool.sqlite")).unwrap();
+    let probed: i64 = conn
+        .query_row("SELECT value FROM meta WHERE key = 'probed_ms'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert!(probed > 0);
+}

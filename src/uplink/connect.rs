@@ -31,6 +31,8 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) struct Failure {
     pub class: FailureClass,
     pub error: String,
+    /// The brain's close code, when it closed the connection.
+    pub close_code: Option<u16>,
 }
 
 impl Failure {
@@ -38,6 +40,7 @@ impl Failure {
         Failure {
             class,
             error: error.into(),
+            close_code: None,
         }
     }
 }
@@ -169,9 +172,12 @@ fn classify_ws_error(e: WsError, url: &str) -> Failure {
 }
 
 /// Sends `hello` and waits for `hello_ack`.
+/// `worker_id` names the slot at the brain: the daemon's own, or the
+/// doctor's, so a doctor run never displaces the daemon.
 pub(crate) async fn handshake(
     ws: &mut Ws,
     settings: &UplinkSettings,
+    worker_id: &str,
     engines: &[String],
     started_at: OffsetDateTime,
 ) -> Result<HelloAck, Failure> {
@@ -188,7 +194,7 @@ pub(crate) async fn handshake(
     let mut host = Value::empty_map();
     host.insert("name", settings.agent_name.as_str());
     payload.insert("host", host);
-    payload.insert("worker_id", settings.worker_id.as_str());
+    payload.insert("worker_id", worker_id);
     payload.insert("worker_role", "other");
     payload.insert("worker_pid", std::process::id() as i64);
     payload.insert("worker_started_at", protocol::format_ts(started_at));
@@ -225,13 +231,15 @@ pub(crate) async fn handshake(
                 Some(Ok(Message::Text(t))) => return Ok(t.as_bytes().to_vec()),
                 Some(Ok(Message::Close(frame))) => {
                     let code = frame.as_ref().map(|f| u16::from(f.code)).unwrap_or(1005);
-                    return Err(Failure::new(
+                    let mut f = Failure::new(
                         classify_close(code),
                         format!(
                             "the brain closed the handshake with {code}: {}",
                             describe_close(code)
                         ),
-                    ));
+                    );
+                    f.close_code = Some(code);
+                    return Err(f);
                 }
                 Some(Ok(_)) => continue,
             }

@@ -17,7 +17,7 @@
 //!   are not queued behind minutes of brain work.
 
 pub mod backoff;
-mod connect;
+pub(crate) mod connect;
 mod session;
 
 use std::sync::Arc;
@@ -96,11 +96,15 @@ impl Uplink {
             match end {
                 SessionEnd::Shutdown => break,
                 SessionEnd::Reload => {
+                    self.status.update_uplink(|u| u.connected_at = None);
                     tracing::info!("configuration reloaded; reconnecting to the brain");
                     backoff.reset();
                     continue;
                 }
-                SessionEnd::Rehandshake => continue,
+                SessionEnd::Rehandshake => {
+                    self.status.update_uplink(|u| u.connected_at = None);
+                    continue;
+                }
                 SessionEnd::Failed {
                     class,
                     error,
@@ -111,10 +115,12 @@ impl Uplink {
                     }
                     let delay = backoff.next_delay(class, &mut rand::rng());
                     let streak = backoff.streak(class);
+                    self.status.record_failure(class.as_str());
                     self.status.set_uplink_state(UplinkState::Backoff);
                     self.status.update_uplink(|u| {
                         u.last_error = Some(error.clone());
                         u.last_failure_class = Some(class.as_str());
+                        u.connected_at = None;
                     });
                     if streak == 1 || streak.is_multiple_of(10) {
                         tracing::warn!(
@@ -133,6 +139,7 @@ impl Uplink {
                 }
             }
         }
+        self.status.update_uplink(|u| u.connected_at = None);
         self.status.set_uplink_state(UplinkState::Stopped);
     }
 

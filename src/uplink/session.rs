@@ -70,6 +70,12 @@ impl Uplink {
     /// One connection attempt and, when it succeeds, the whole session.
     pub(crate) async fn connect_and_serve(&mut self) -> SessionEnd {
         let settings = self.settings.borrow().clone();
+        self.status.update_info(|i| {
+            i.brain_url = settings.endpoint.base_url.clone();
+            i.worker_id = settings.worker_id.clone();
+            i.agent_name = settings.agent_name.clone();
+            i.static_engines = settings.static_engines.clone();
+        });
         self.status.set_uplink_state(UplinkState::Connecting);
         let mut ws = tokio::select! {
             r = connect::open(&settings) => match r {
@@ -81,7 +87,15 @@ impl Uplink {
         self.status.set_uplink_state(UplinkState::Handshaking);
         let engines = self.status.engines_union(&settings.static_engines);
         let started_at = OffsetDateTime::now_utc() - self.status.started.elapsed();
-        let ack = match connect::handshake(&mut ws, &settings, &engines, started_at).await {
+        let ack = match connect::handshake(
+            &mut ws,
+            &settings,
+            &settings.worker_id,
+            &engines,
+            started_at,
+        )
+        .await
+        {
             Ok(a) => a,
             Err(f) => {
                 return SessionEnd::Failed {
@@ -101,6 +115,11 @@ impl Uplink {
             u.session_id = Some(ack.session_id.clone());
             u.clock_skew_seconds = ack.clock_skew_seconds;
             u.last_error = None;
+            u.connected_at = Some(OffsetDateTime::now_utc());
+            u.agent_id = Some(ack.agent_id.clone());
+            u.project_id = Some(ack.project_id.clone());
+            u.brain_version = Some(ack.brain_version.clone());
+            u.advertised_engines = engines.clone();
         });
         self.status.set_uplink_state(UplinkState::Connected);
         tracing::info!(
@@ -490,6 +509,7 @@ impl Session<'_> {
         };
         let f = self.inflight.remove(i).expect("position is valid");
         let latency = f.sent_at.elapsed();
+        self.up.status.ack_latency.observe(latency.as_secs_f64());
         self.up
             .spool
             .ack(f.first_id, f.last_id)

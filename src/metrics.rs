@@ -1,0 +1,429 @@
+//! The optional metrics and health listener (`Z4J_METRICS_ADDR`).
+//!
+//! * `/metrics`: Prometheus (OpenMetrics text) rendered by `prometheus-client`
+//!   from the daemon's own counters at scrape time, so `stats`, the heartbeat
+//!   and the metrics never disagree.
+//! * `/healthz`: the process is alive and serving.
+//! * `/readyz`: the spool commits a probe write and the local socket answers
+//!   a ping. The brain's connection is shown but not required: applications
+//!   can write while the brain is away, and the spool keeps their events.
+//!
+//! Names and meanings are documented in `docs/metrics.md`.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Registry, Unit};
+use tokio_util::sync::CancellationToken;
+
+use crate::protocol::Value;
+use crate::spool::SpoolHandle;
+use crate::status::{Status, UplinkState};
+
+/// Time allowed for each readiness check.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The OpenMetrics content type `prometheus-client` renders.
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Reads the daemon's counters at scrape time.
+struct DaemonCollector {
+    status: Arc<Status>,
+    spool: SpoolHandle,
+}
+
+impl fmt::Debug for DaemonCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("DaemonCollector")
+    }
+}
+
+fn counter(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: u64,
+) -> Result<(), fmt::Error> {
+    let c = ConstCounter::new(value);
+    c.encode(enc.encode_descriptor(name, help, None, c.metric_type())?)
+}
+
+fn counter_family<'a>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    label: &str,
+    values: impl IntoIterator<Item = (&'a str, u64)>,
+) -> Result<(), fmt::Error> {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (l, v) in values {
+        ConstCounter::new(v).encode(m.encode_family(&[(label, l)])?)?;
+    }
+    Ok(())
+}
+
+fn gauge<N>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    value: N,
+) -> Result<(), fmt::Error>
+where
+    ConstGauge<N>: EncodeMetric,
+{
+    let g = ConstGauge::new(value);
+    g.encode(enc.encode_descriptor(name, help, unit, g.metric_type())?)
+}
+
+const STATES: [UplinkState; 5] = [
+    UplinkState::Connecting,
+    UplinkState::Handshaking,
+    UplinkState::Connected,
+    UplinkState::Backoff,
+    UplinkState::Stopped,
+];
+
+const FAILURE_CLASSES: [&str; 4] = ["connection", "protocol", "auth", "incompatible"];
+
+impl Collector for DaemonCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let s = &self.status;
+        let sp = self.spool.stats();
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        let info = Info::new([("version", env!("CARGO_PKG_VERSION"))]);
+        info.encode(enc.encode_descriptor(
+            "build",
+            "The running z4j-agentd version.",
+            None,
+            info.metric_type(),
+        )?)?;
+        gauge(
+            &mut enc,
+            "uptime",
+            "Seconds since the daemon started.",
+            Some(&Unit::Seconds),
+            s.started.elapsed().as_secs_f64(),
+        )?;
+        counter(
+            &mut enc,
+            "events_received",
+            "Events decoded from local clients, valid or not.",
+            load(&s.events_received),
+        )?;
+        counter(
+            &mut enc,
+            "events_stored",
+            "Events committed to the spool by this process.",
+            load(&sp.stored_total),
+        )?;
+        counter(
+            &mut enc,
+            "events_forwarded",
+            "Events put on the wire to the brain for the first time.",
+            load(&s.events_forwarded),
+        )?;
+        counter(
+            &mut enc,
+            "events_resent",
+            "Events sent again after an ack timeout or a reconnect.",
+            load(&s.events_resent),
+        )?;
+        counter(
+            &mut enc,
+            "events_acked",
+            "Events the brain acknowledged (then deleted from the spool).",
+            load(&sp.acked_total),
+        )?;
+        counter_family(
+            &mut enc,
+            "events_dropped",
+            "Events lost by policy: oldest_evicted (drop_oldest made room), spool_full (drop_newest refused them), undeliverable (larger than the brain's frame limit).",
+            "reason",
+            [
+                ("oldest_evicted", load(&sp.dropped_oldest_total)),
+                ("spool_full", load(&sp.refused_full_total)),
+                ("undeliverable", load(&s.events_undeliverable)),
+            ],
+        )?;
+        let refused = s.refused();
+        counter_family(
+            &mut enc,
+            "refused",
+            "Events or messages refused at the socket, by the error code the client received.",
+            "reason",
+            refused.iter().map(|(k, v)| (*k, *v)),
+        )?;
+        counter(
+            &mut enc,
+            "replies_dropped",
+            "Replies not written because a client did not read them.",
+            load(&s.replies_dropped),
+        )?;
+        counter(
+            &mut enc,
+            "producer_waits",
+            "Times a producer was held back because the spool was full (block policy).",
+            load(&s.producer_waits),
+        )?;
+        counter(
+            &mut enc,
+            "brain_connects",
+            "Sessions established with the brain (hello_ack received).",
+            load(&s.connects),
+        )?;
+        let failures = s.failures();
+        counter_family(
+            &mut enc,
+            "brain_connection_failures",
+            "Failed connection attempts and ended sessions, by backoff class (each is followed by a reconnect).",
+            "class",
+            FAILURE_CLASSES
+                .iter()
+                .map(|c| (*c, failures.get(c).copied().unwrap_or(0))),
+        )?;
+        let lat = &s.ack_latency;
+        lat.encode(enc.encode_descriptor(
+            "brain_ack_latency",
+            "Seconds from sending an event_batch to the brain's event_batch_ack.",
+            Some(&Unit::Seconds),
+            lat.metric_type(),
+        )?)?;
+        let u = s.uplink();
+        gauge(
+            &mut enc,
+            "brain_connected",
+            "1 while a session with the brain is established.",
+            None,
+            i64::from(u.state == UplinkState::Connected),
+        )?;
+        let mut m = enc.encode_descriptor(
+            "brain_connection_state",
+            "1 for the uplink's current state, 0 for the others.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for st in STATES {
+            ConstGauge::new(i64::from(st == u.state))
+                .encode(m.encode_family(&[("state", st.as_str())])?)?;
+        }
+        if let Some(skew) = u.clock_skew_seconds {
+            gauge(
+                &mut enc,
+                "brain_clock_skew",
+                "Brain clock minus this host's at the last handshake; past 60 s the brain refuses signed frames.",
+                Some(&Unit::Seconds),
+                skew,
+            )?;
+        }
+        gauge(
+            &mut enc,
+            "spool_depth_events",
+            "Events stored and not yet acknowledged by the brain.",
+            None,
+            load(&sp.depth) as i64,
+        )?;
+        gauge(
+            &mut enc,
+            "spool",
+            "Bytes of the events waiting in the spool.",
+            Some(&Unit::Bytes),
+            load(&sp.bytes) as i64,
+        )?;
+        let oldest_age = sp
+            .oldest_stored_ms()
+            .map(|ms| (crate::status::unix_ms_now() - ms).max(0) as f64 / 1000.0)
+            .unwrap_or(0.0);
+        gauge(
+            &mut enc,
+            "spool_oldest_age",
+            "Age of the oldest event waiting in the spool (0 when empty).",
+            Some(&Unit::Seconds),
+            oldest_age,
+        )?;
+        gauge(
+            &mut enc,
+            "spool_write_failing",
+            "1 when the spool's last write transaction failed (disk full, I/O error).",
+            None,
+            i64::from(sp.write_failing.load(Ordering::Relaxed)),
+        )?;
+        counter(
+            &mut enc,
+            "spool_commits",
+            "Spool write transactions committed.",
+            load(&sp.commits_total),
+        )?;
+        gauge(
+            &mut enc,
+            "clients_connected",
+            "Local client connections open now.",
+            None,
+            s.clients().len() as i64,
+        )?;
+        Ok(())
+    }
+}
+
+/// What the HTTP handlers share.
+#[derive(Clone)]
+struct AppState {
+    registry: Arc<Registry>,
+    status: Arc<Status>,
+    spool: SpoolHandle,
+    socket_path: PathBuf,
+}
+
+async fn bind(
+    addr: SocketAddr,
+    status: Arc<Status>,
+    spool: SpoolHandle,
+    socket_path: PathBuf,
+) -> std::io::Result<(SocketAddr, impl std::future::Future<Output = ()>)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let mut registry = Registry::with_prefix("z4j_agentd");
+    registry.register_collector(Box::new(DaemonCollector {
+        status: status.clone(),
+        spool: spool.clone(),
+    }));
+    let state = AppState {
+        registry: Arc::new(registry),
+        status,
+        spool,
+        socket_path,
+    };
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(state);
+    Ok((local, async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "metrics listener stopped");
+        }
+    }))
+}
+
+/// Binds `addr` (so a taken or bad address fails the start) and serves in
+/// the background until `stop` is cancelled. Returns the bound address.
+pub async fn serve(
+    addr: SocketAddr,
+    status: Arc<Status>,
+    spool: SpoolHandle,
+    socket_path: PathBuf,
+    stop: CancellationToken,
+) -> std::io::Result<SocketAddr> {
+    let (local, server) = bind(addr, status, spool, socket_path).await?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = server => {}
+            _ = stop.cancelled() => {}
+        }
+    });
+    Ok(local)
+}
+
+async fn metrics(State(st): State<AppState>) -> Response {
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, &st.registry) {
+        Ok(()) => ([(header::CONTENT_TYPE, OPENMETRICS)], body).into_response(),
+        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "cannot render metrics\n").into_response(),
+    }
+}
+
+fn json(code: StatusCode, v: &Value) -> Response {
+    let mut body = serde_json::to_vec_pretty(v).unwrap_or_default();
+    body.push(b'\n');
+    (code, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+async fn healthz(State(st): State<AppState>) -> Response {
+    let mut v = Value::empty_map();
+    v.insert("status", "alive");
+    v.insert("version", env!("CARGO_PKG_VERSION"));
+    v.insert("uptime_seconds", st.status.started.elapsed().as_secs());
+    json(StatusCode::OK, &v)
+}
+
+/// One readiness check's outcome.
+fn check(ok: bool, message: String) -> Value {
+    let mut v = Value::empty_map();
+    v.insert("ok", ok);
+    v.insert("message", message);
+    v
+}
+
+async fn readyz(State(st): State<AppState>) -> Response {
+    let spool = match tokio::time::timeout(CHECK_TIMEOUT, st.spool.probe()).await {
+        Ok(Ok(())) => check(true, "a probe write committed".into()),
+        Ok(Err(e)) => check(false, format!("the spool cannot commit: {e}")),
+        Err(_) => check(
+            false,
+            format!(
+                "the spool did not commit a probe write within {}s",
+                CHECK_TIMEOUT.as_secs()
+            ),
+        ),
+    };
+    let socket = match tokio::time::timeout(CHECK_TIMEOUT, ping(&st.socket_path)).await {
+        Ok(Ok(())) => check(true, format!("{} answers a ping", st.socket_path.display())),
+        Ok(Err(e)) => check(
+            false,
+            format!("{} does not answer: {e}", st.socket_path.display()),
+        ),
+        Err(_) => check(
+            false,
+            format!(
+                "{} did not answer a ping within {}s",
+                st.socket_path.display(),
+                CHECK_TIMEOUT.as_secs()
+            ),
+        ),
+    };
+    let u = st.status.uplink();
+    let mut brain = Value::empty_map();
+    brain.insert("required", false);
+    brain.insert("connected", u.state == UplinkState::Connected);
+    brain.insert("state", u.state.as_str());
+    brain.insert(
+        "last_error",
+        u.last_error.map(Value::from).unwrap_or(Value::Null),
+    );
+    let ready = [&spool, &socket]
+        .iter()
+        .all(|c| matches!(c.get("ok"), Some(Value::Bool(true))));
+    let mut checks = Value::empty_map();
+    checks.insert("spool", spool);
+    checks.insert("socket", socket);
+    checks.insert("brain", brain);
+    let mut v = Value::empty_map();
+    v.insert("ready", ready);
+    v.insert("checks", checks);
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json(code, &v)
+}
+
+async fn ping(path: &std::path::Path) -> Result<(), crate::client::ClientError> {
+    let mut c = crate::client::Client::connect(path).await?;
+    c.ping().await
+}
