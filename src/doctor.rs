@@ -322,10 +322,11 @@ pub async fn run(options: &Options, host: HostEnv, websocket: bool) -> Report {
     if !push(&mut probes, dns) {
         return finish(header, probes);
     }
-    if !push(&mut probes, probe_tcp(&config, &addrs).await) {
+    let (tcp, reached) = probe_tcp(&config, &addrs).await;
+    if !push(&mut probes, tcp) {
         return finish(header, probes);
     }
-    if !push(&mut probes, probe_tls(&config, &addrs).await) {
+    if !push(&mut probes, probe_tls(&config, reached).await) {
         return finish(header, probes);
     }
     if !websocket {
@@ -878,7 +879,8 @@ async fn probe_dns(c: &Config) -> (Probe, Vec<SocketAddr>) {
     }
 }
 
-async fn probe_tcp(c: &Config, addrs: &[SocketAddr]) -> Probe {
+/// Returns the probe and the address that answered.
+async fn probe_tcp(c: &Config, addrs: &[SocketAddr]) -> (Probe, Option<SocketAddr>) {
     const NAME: &str = "tcp";
     let host = bare_host(c);
     let port = brain_port(c);
@@ -888,7 +890,7 @@ async fn probe_tcp(c: &Config, addrs: &[SocketAddr]) -> Probe {
         match tokio::time::timeout(NET_TIMEOUT, tokio::net::TcpStream::connect(addr)).await {
             Ok(Ok(_)) => {
                 let ms = started.elapsed().as_secs_f64() * 1000.0;
-                return Probe::ok(
+                let p = Probe::ok(
                     NAME,
                     format!("TCP connect to {host}:{port} ({}) in {ms:.1} ms", addr.ip()),
                 )
@@ -896,6 +898,7 @@ async fn probe_tcp(c: &Config, addrs: &[SocketAddr]) -> Probe {
                 .detail("port", port as u64)
                 .detail("address", addr.to_string())
                 .detail("connect_ms", (ms * 10.0).round() / 10.0);
+                return (p, Some(*addr));
             }
             Ok(Err(e)) => errors.push(format!("{addr}: {e}")),
             Err(_) => errors.push(format!(
@@ -904,7 +907,7 @@ async fn probe_tcp(c: &Config, addrs: &[SocketAddr]) -> Probe {
             )),
         }
     }
-    Probe::fail(
+    let p = Probe::fail(
         NAME,
         format!("TCP connect to {host}:{port} failed: {}", errors.join("; ")),
         format!(
@@ -912,12 +915,13 @@ async fn probe_tcp(c: &Config, addrs: &[SocketAddr]) -> Probe {
         ),
     )
     .detail("host", host.as_str())
-    .detail("port", port as u64)
+    .detail("port", port as u64);
+    (p, None)
 }
 
 // --------------------------------------------------------------------- tls
 
-async fn probe_tls(c: &Config, addrs: &[SocketAddr]) -> Probe {
+async fn probe_tls(c: &Config, reached: Option<SocketAddr>) -> Probe {
     const NAME: &str = "tls";
     if !c.uplink.endpoint.tls {
         return Probe::skip(
@@ -931,8 +935,8 @@ async fn probe_tls(c: &Config, addrs: &[SocketAddr]) -> Probe {
     let host = bare_host(c);
     let port = brain_port(c);
     let ca_file = c.uplink.ca_file.clone();
-    let Some(addr) = addrs.first().copied() else {
-        return Probe::fail(NAME, "no address to connect to", "see the dns probe");
+    let Some(addr) = reached else {
+        return Probe::fail(NAME, "no address to connect to", "see the tcp probe");
     };
     let h = host.clone();
     let result = tokio::task::spawn_blocking(move || tls_handshake(addr, &h, ca_file.as_deref()))

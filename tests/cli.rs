@@ -29,8 +29,13 @@ impl Env {
         self.dir.path().join("agent.sock")
     }
 
-    /// A command with a clean environment: only what the test sets.
+    /// `run` with a clean environment: only what the test sets.
     fn cmd(&self, brain_port: u16) -> Command {
+        self.sub(brain_port, "run")
+    }
+
+    /// A subcommand with a clean environment: only what the test sets.
+    fn sub(&self, brain_port: u16, sub: &str) -> Command {
         let mut c = Command::new(BIN);
         c.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
@@ -42,7 +47,7 @@ impl Env {
             .env("Z4J_SOCKET_PATH", self.socket())
             .env("Z4J_LOG_FORMAT", "json")
             .env("Z4J_SHUTDOWN_GRACE_SECONDS", "1")
-            .arg("run");
+            .arg(sub);
         c
     }
 }
@@ -506,4 +511,73 @@ async fn sighup_rereads_the_token_file_and_reconnects() {
     );
     signal(&child, "TERM");
     assert!(wait_exit(&mut child, 20).success());
+}
+
+#[test]
+fn status_without_a_daemon_exits_1_and_says_so() {
+    let env = Env::new();
+    let out = output(env.sub(free_port(), "status"));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no z4j-agentd answers on"), "{err}");
+    assert!(err.contains(&env.socket().display().to_string()), "{err}");
+}
+
+#[test]
+fn status_reads_a_running_daemon_as_text_and_json() {
+    let env = Env::new();
+    let mut child = env.cmd(free_port()).stderr(Stdio::null()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while UnixStream::connect(env.socket()).is_err() {
+        assert!(Instant::now() < deadline, "daemon listening in time");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let text = output(env.sub(free_port(), "status"));
+    let json = {
+        let mut c = env.sub(free_port(), "status");
+        c.arg("--json");
+        output(c)
+    };
+    let _ = Command::new("kill").arg(child.id().to_string()).status();
+    let _ = child.wait();
+    assert_eq!(text.status.code(), Some(0));
+    let t = String::from_utf8_lossy(&text.stdout);
+    assert!(t.contains(&format!("(pid {})", child.id())), "{t}");
+    assert!(t.contains("spool:    0 events"), "{t}");
+    assert!(t.contains("<- this status command"), "{t}");
+    assert_eq!(json.status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(v["type"], "stats");
+    assert_eq!(v["pid"], child.id());
+    assert_eq!(v["spool_depth"], 0);
+}
+
+#[test]
+fn doctor_exit_codes_follow_the_outcome() {
+    let env = Env::new();
+    // Usage error: 64.
+    let mut c = env.sub(free_port(), "doctor");
+    c.arg("--no-such-flag");
+    assert_eq!(output(c).status.code(), Some(64));
+    // A brain that is not there: 1, as JSON naming the tcp probe.
+    let mut c = env.sub(free_port(), "doctor");
+    c.arg("--json");
+    let out = output(c);
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["ok"], false);
+    let tcp = v["probes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "tcp")
+        .unwrap();
+    assert_eq!(tcp["status"], "fail");
+    // Text for the same run names the failed probe and prints a fix line.
+    let out = output(env.sub(free_port(), "doctor"));
+    assert_eq!(out.status.code(), Some(1));
+    let t = String::from_utf8_lossy(&out.stdout);
+    assert!(t.contains("[FAIL] tcp"), "{t}");
+    assert!(t.contains("fix: is the brain running"), "{t}");
+    assert!(!t.contains(TOKEN) && !t.contains(SECRET));
 }

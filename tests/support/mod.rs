@@ -23,6 +23,8 @@ pub struct TestDaemon {
     pub socket: PathBuf,
     pub spool: PathBuf,
     pub status: Arc<Status>,
+    pub metrics: Option<std::net::SocketAddr>,
+    pub host: HostEnv,
     pub shutdown: CancellationToken,
     pub task: JoinHandle<Result<(), DaemonError>>,
 }
@@ -54,7 +56,7 @@ impl TestDaemon {
             ..HostEnv::default()
         };
         std::fs::create_dir_all(&host.tmpdir).unwrap();
-        let config = opts.resolve(host).expect("valid test config");
+        let config = opts.resolve(host.clone()).expect("valid test config");
         let (_tx, rx) = watch::channel(config.uplink.clone());
         let shutdown = CancellationToken::new();
         let (ready_tx, ready_rx) = oneshot::channel();
@@ -72,6 +74,8 @@ impl TestDaemon {
             socket: ready.socket_path,
             spool: ready.spool_path,
             status: ready.status,
+            metrics: ready.metrics_addr,
+            host,
             shutdown,
             task,
         }
