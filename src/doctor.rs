@@ -688,7 +688,7 @@ async fn probe_socket(c: &Config, path: &Path) -> (Probe, DaemonView) {
             (with(Probe::ok(NAME, summary), extra), view)
         }
         Ok(Err(crate::client::ClientError::Io(e))) => {
-            (socket_io_failure(c, path, &text, meta, uid, e, &with), DaemonView::default())
+            (socket_io_failure(path, &text, meta, uid, e, &with), DaemonView::default())
         }
         Ok(Err(e)) => (
             with(
@@ -719,7 +719,6 @@ async fn probe_socket(c: &Config, path: &Path) -> (Probe, DaemonView) {
 }
 
 fn socket_io_failure(
-    c: &Config,
     path: &Path,
     text: &str,
     meta: Option<fs::Metadata>,
@@ -765,17 +764,12 @@ fn socket_io_failure(
         (io::ErrorKind::NotFound, None) => {
             let dir = path.parent().unwrap_or(Path::new("/"));
             let dir_text = dir.display().to_string();
-            let creatable = if dir.exists() {
-                let probe = dir.join(format!(".z4j-agentd-doctor-{}", std::process::id()));
-                fs::write(&probe, b"")
-                    .and_then(|()| fs::remove_file(&probe))
-                    .map_err(|e| e.to_string())
-            } else if c.socket_path.is_none() {
-                // The default directory is created by `run` under $TMPDIR or $XDG_RUNTIME_DIR.
-                Ok(())
-            } else {
-                Err("it does not exist".to_string())
-            };
+            // `run` creates missing directories: the nearest existing one must be writable.
+            let existing = dir.ancestors().find(|a| a.exists()).unwrap_or(Path::new("/"));
+            let probe = existing.join(format!(".z4j-agentd-doctor-{}", std::process::id()));
+            let creatable = fs::write(&probe, b"")
+                .and_then(|()| fs::remove_file(&probe))
+                .map_err(|e| format!("{}: {e}", existing.display()));
             match creatable {
                 Ok(()) => with(
                     Probe::warn(

@@ -190,8 +190,8 @@ impl Collector for DaemonCollector {
         let failures = s.failures();
         counter_family(
             &mut enc,
-            "brain_connection_failures",
-            "Failed connection attempts and ended sessions, by backoff class (each is followed by a reconnect).",
+            "brain_reconnects",
+            "Reconnects after a failed connection attempt or a failed session, by the failure's backoff class.",
             "class",
             FAILURE_CLASSES
                 .iter()

@@ -330,3 +330,21 @@ async fn plain_http_on_a_tls_url_is_a_handshake_failure() {
     );
     assert!(t.fix.as_deref().unwrap().contains("http://"));
 }
+
+#[tokio::test]
+async fn a_socket_path_nobody_can_create_fails_socket_and_a_creatable_one_warns() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = options("http://127.0.0.1:9");
+    o.socket_path = Some("/proc/z4j-agentd-nope/agent.sock".into());
+    let r = doctor::run(&o, host(dir.path()), false).await;
+    let s = probe(&r, "socket");
+    assert_eq!(s.status, ProbeStatus::Fail, "{}", r.to_text());
+    assert!(s.fix.as_deref().unwrap().contains("Z4J_SOCKET_PATH"));
+
+    // A missing directory `run` can create is fine: only "no daemon yet".
+    o.socket_path = Some(dir.path().join("run/z4j/agent.sock"));
+    let r = doctor::run(&o, host(dir.path()), false).await;
+    let s = probe(&r, "socket");
+    assert_eq!(s.status, ProbeStatus::Warn, "{}", r.to_text());
+    assert!(s.message.contains("no daemon is running"), "{}", s.message);
+}

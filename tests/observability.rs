@@ -159,7 +159,7 @@ async fn drops_and_connection_failures_show_while_the_brain_is_away() {
     );
     assert_eq!(m["z4j_agentd_spool_depth_events"], 1000.0);
     assert!(m["z4j_agentd_spool_bytes"] > 0.0);
-    assert!(m["z4j_agentd_brain_connection_failures_total{class=\"connection\"}"] >= 1.0);
+    assert!(m["z4j_agentd_brain_reconnects_total{class=\"connection\"}"] >= 1.0);
     assert_eq!(m["z4j_agentd_brain_connected"], 0.0);
 
     let s = c.stats().await.unwrap();
