@@ -659,8 +659,12 @@ async fn probe_socket(c: &Config, path: &Path) -> (Probe, DaemonView) {
             };
             // The doctor's own connection is one of the clients.
             let others = n("clients").saturating_sub(1);
+            let mode = meta
+                .as_ref()
+                .map(|m| format!(" (mode {:04o})", m.mode() & 0o7777))
+                .unwrap_or_default();
             let summary = format!(
-                "z4j-agentd {} (pid {}) answers on {text}: spool {} events, brain {}, {others} other client(s)",
+                "z4j-agentd {} (pid {}) answers on {text}{mode}: spool {} events, brain {}, {others} other client(s)",
                 s("version"),
                 n("pid"),
                 n("spool_depth"),
