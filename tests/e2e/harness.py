@@ -72,6 +72,16 @@ class SockClient:
         line, self.buf = self.buf.split(b"\n", 1)
         return json.loads(line)
 
+    def read(self) -> dict:
+        """The next reply, without sending anything (e.g. the ack that follows an error)."""
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("daemon closed the connection")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
     def close(self) -> None:
         self.sock.close()
 
@@ -422,3 +432,65 @@ def event_rows_by_task(brain, agent_id: str) -> Dict[str, Dict[str, int]]:
 
 def log_lines(text: str) -> List[str]:
     return [ln for ln in text.splitlines() if ln.strip()]
+
+
+# ---------------------------------------------------------------- CLI, HTTP, metrics
+
+
+def run_agentd(binary: Path, args: Iterable[str], env: Dict[str, str], cwd: Optional[Path] = None,
+               timeout: float = 60.0) -> subprocess.CompletedProcess:
+    """Run a one-shot `z4j-agentd <args>` (doctor, status, a `run` expected to exit); text output."""
+    argv = [str(binary), *map(str, args)]
+    try:
+        return subprocess.run(argv, env=env, cwd=str(cwd) if cwd else None, stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"{argv[1:]} still running after {timeout:.0f}s; stdout={exc.stdout!r} "
+                             f"stderr={exc.stderr!r}") from None
+
+
+def http_get(url: str, timeout: float = 5.0) -> Tuple[int, Dict[str, str], str]:
+    """GET -> (status, headers with lowercase names, body text); 4xx/5xx are answers, not exceptions."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read().decode()
+
+
+Labels = Tuple[Tuple[str, str], ...]
+
+
+def parse_metrics(text: str) -> Dict[Tuple[str, Labels], float]:
+    """OpenMetrics/Prometheus text -> {(name, sorted labels): value}; fails on any unparseable sample line."""
+    import re
+
+    sample = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)(?:\s+\S+)?$')
+    label = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"\s*(?:,|$)')
+    out: Dict[Tuple[str, Labels], float] = {}
+    for ln in text.splitlines():
+        if not ln.strip() or ln.startswith("#"):
+            continue
+        m = sample.match(ln)
+        assert m, f"metrics line does not parse as `name{{labels}} value`: {ln!r}"
+        name, labels_text, value = m.groups()
+        labels: List[Tuple[str, str]] = []
+        pos = 0
+        labels_text = labels_text or ""
+        while pos < len(labels_text):
+            lm = label.match(labels_text, pos)
+            assert lm, f"metrics labels do not parse: {ln!r}"
+            labels.append((lm.group(1), lm.group(2)))
+            pos = lm.end()
+        key = (name, tuple(sorted(labels)))
+        assert key not in out, f"duplicate metrics sample {ln!r}"
+        out[key] = float(value)
+    return out
+
+
+def metric(samples: Dict[Tuple[str, Labels], float], name: str, **labels: str) -> Optional[float]:
+    """The value of one sample, None when absent."""
+    return samples.get((name, tuple(sorted(labels.items()))))
