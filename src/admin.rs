@@ -164,6 +164,9 @@ pub fn render(v: &Value) -> String {
     );
     let state = s(v, "uplink_state");
     let mut line = format!("uplink:   {state} since {}", s(v, "uplink_since"));
+    if !matches!(v.get("disconnected_since"), None | Some(Value::Null)) {
+        let _ = write!(line, ", no session since {}", s(v, "disconnected_since"));
+    }
     if let Some(age) = f(v, "session_age_seconds") {
         let _ = write!(line, ", session {}", human_duration(age));
     }
@@ -187,8 +190,9 @@ pub fn render(v: &Value) -> String {
     }
     let _ = writeln!(
         o,
-        "          failures by class: {}; sessions established: {}",
+        "          failures by class: {}; in a row: {}; sessions established: {}",
         by_reason(v.get("failures_by_class")),
+        n(v, "failure_streak"),
         n(v, "connects")
     );
     let oldest = f(v, "spool_oldest_age_seconds")

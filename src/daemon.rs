@@ -287,6 +287,9 @@ async fn report_status(
             st.dropped_oldest_total
                 .load(std::sync::atomic::Ordering::Relaxed)
                 + st.refused_full_total
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                + status
+                    .events_undeliverable
                     .load(std::sync::atomic::Ordering::Relaxed),
             status.clients().len()
         );

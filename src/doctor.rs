@@ -682,7 +682,7 @@ async fn probe_socket(c: &Config, path: &Path) -> (Probe, DaemonView) {
                                 c.uplink.endpoint.base_url,
                                 c.uplink.worker_id
                             ),
-                            "run the doctor with the service's environment and config file (e.g. sudo -u <service user> env $(cat /etc/z4j-agentd/env) z4j-agentd doctor), so it checks what the daemon uses",
+                            "run the doctor as the service's user with the service's environment, config file and credentials (see \"Run the doctor first\" in docs/troubleshooting.md), so it checks what the daemon uses",
                         ),
                         extra,
                     ),
@@ -733,6 +733,14 @@ fn socket_io_failure(
     const NAME: &str = "socket";
     let start = "start the daemon (systemctl start z4j-agentd, or z4j-agentd run)";
     match (e.kind(), &meta) {
+        (io::ErrorKind::PermissionDenied, None) => with(
+            Probe::fail(
+                NAME,
+                format!("uid {uid} cannot reach {text}: a directory on the way is not searchable ({e})"),
+                "run the doctor as the daemon's user or a member of its group; applications need the same access to the socket's directory",
+            ),
+            Value::empty_map(),
+        ),
         (io::ErrorKind::PermissionDenied, Some(m)) => with(
             Probe::fail(
                 NAME,

@@ -56,6 +56,9 @@ pub struct UplinkStatus {
     pub last_error: Option<String>,
     /// Backoff class of the last failure (`connection`, `protocol`, `auth`, `incompatible`).
     pub last_failure_class: Option<&'static str>,
+    /// Failures of that class in a row, without a stable session between
+    /// them (the backoff grows with it).
+    pub failure_streak: u32,
     /// Brain clock minus ours at the last handshake, in seconds.
     pub clock_skew_seconds: Option<f64>,
     /// Current session id.
@@ -64,6 +67,9 @@ pub struct UplinkStatus {
     pub last_ack_at: Option<OffsetDateTime>,
     /// When the current session was established (None when not connected).
     pub connected_at: Option<OffsetDateTime>,
+    /// Since when there has been no session (None while connected): the
+    /// start of the outage, unlike `since`, which moves on every retry.
+    pub disconnected_since: Option<OffsetDateTime>,
     /// `agent_id` from the last `hello_ack`.
     pub agent_id: Option<String>,
     /// `project_id` from the last `hello_ack`.
@@ -202,10 +208,12 @@ impl Status {
                 since: OffsetDateTime::now_utc(),
                 last_error: None,
                 last_failure_class: None,
+                failure_streak: 0,
                 clock_skew_seconds: None,
                 session_id: None,
                 last_ack_at: None,
                 connected_at: None,
+                disconnected_since: Some(OffsetDateTime::now_utc()),
                 agent_id: None,
                 project_id: None,
                 brain_version: None,
@@ -302,8 +310,14 @@ impl Status {
     pub fn set_uplink_state(&self, state: UplinkState) {
         let mut u = self.uplink.lock().unwrap();
         if u.state != state {
+            let now = OffsetDateTime::now_utc();
             u.state = state;
-            u.since = OffsetDateTime::now_utc();
+            u.since = now;
+            if state == UplinkState::Connected {
+                u.disconnected_since = None;
+            } else if u.disconnected_since.is_none() {
+                u.disconnected_since = Some(now);
+            }
         }
     }
 
@@ -435,6 +449,7 @@ impl Status {
         m.insert("rates", r);
         m.insert("uplink_state", u.state.as_str());
         m.insert("uplink_since", crate::protocol::format_ts(u.since));
+        m.insert("disconnected_since", opt_ts(u.disconnected_since));
         m.insert("session_id", opt_str(u.session_id));
         m.insert("session_started_at", opt_ts(u.connected_at));
         m.insert("session_age_seconds", opt_age(u.connected_at));
@@ -449,6 +464,7 @@ impl Status {
             u.last_failure_class.map(Value::from).unwrap_or(Value::Null),
         );
         m.insert("failures_by_class", counts(self.failures()));
+        m.insert("failure_streak", u.failure_streak as u64);
         m.insert(
             "clock_skew_seconds",
             u.clock_skew_seconds.map(Value::from).unwrap_or(Value::Null),

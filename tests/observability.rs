@@ -291,3 +291,18 @@ async fn stats_carry_what_status_prints() {
     assert!(text.contains("uplink:   connected"), "{text}");
     d.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemons_own_user_is_allowed_whatever_the_allow_list_says() {
+    let brain = FakeBrain::start(Behavior::default()).await;
+    let mut o = with_metrics(options(&brain.url));
+    // An allow-list for application users that does not name the daemon's own.
+    o.allowed_uids = Some("54321".into());
+    let d = TestDaemon::start(o).await;
+    let mut c = d.client().await;
+    let s = c.stats().await.unwrap();
+    assert_eq!(s.get("refused").and_then(Value::as_u64), Some(0), "{s:?}");
+    let (code, body) = get(d.metrics.unwrap(), "/readyz").await;
+    assert_eq!(code, 200, "{body}");
+    d.stop().await.unwrap();
+}

@@ -128,7 +128,15 @@ async fn a_badly_signed_brain_frame_ends_the_session_and_nothing_is_lost() {
     })
     .await;
     assert!(num(&s, "connects") >= 2, "{s:?}");
-    assert_eq!(text(&s, "last_failure_class"), "protocol", "{s:?}");
+    // Counted under its class (the last error is cleared once reconnected).
+    assert_eq!(
+        s.get("failures_by_class")
+            .and_then(|m| m.get("protocol"))
+            .and_then(Value::as_u64),
+        Some(1),
+        "{s:?}"
+    );
+    assert_eq!(s.get("last_failure_class"), Some(&Value::Null), "{s:?}");
     assert!(
         brain
             .seen
@@ -302,5 +310,23 @@ async fn engines_registered_by_clients_reach_the_brain_in_a_new_hello() {
         .lock()
         .unwrap()
         .contains(&1000));
+    d.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_refused_right_after_the_handshake_back_off_instead_of_resetting() {
+    // As when another process holds the slot (4002) or the secret is wrong:
+    // the handshake works, the session does not. The backoff must grow.
+    let brain = FakeBrain::start(Behavior {
+        close_after_hello_with: Some(4002),
+        ..Behavior::default()
+    })
+    .await;
+    let d = TestDaemon::start(options(&brain.url)).await;
+    let s = wait_stats(&d, 15, "a second failure in a row", |s| {
+        num(s, "failure_streak") >= 2 && text(s, "last_failure_class") == "connection"
+    })
+    .await;
+    assert!(num(&s, "connects") >= 2, "{s:?}");
     d.stop().await.unwrap();
 }

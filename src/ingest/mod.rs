@@ -153,6 +153,8 @@ pub struct Ingest {
     spool: SpoolHandle,
     status: Arc<Status>,
     next_id: AtomicU64,
+    /// The daemon's effective uid (always allowed to connect).
+    own_uid: u32,
 }
 
 /// Replies queued per connection before they are dropped.
@@ -170,6 +172,7 @@ impl Ingest {
             spool,
             status,
             next_id: AtomicU64::new(1),
+            own_uid: crate::config::current_uid(),
         })
     }
 
@@ -235,9 +238,13 @@ impl Ingest {
             status: self.status.clone(),
         };
 
-        let allowed = (self.config.allowed_uids.is_empty()
-            || self.config.allowed_uids.contains(&uid))
-            && (self.config.allowed_gids.is_empty() || self.config.allowed_gids.contains(&gid));
+        // The daemon's own user and root are always allowed: they own the
+        // spool anyway, and `status`, `doctor` and `/readyz` connect as them.
+        let own = uid == self.own_uid || uid == 0;
+        let allowed = own
+            || ((self.config.allowed_uids.is_empty() || self.config.allowed_uids.contains(&uid))
+                && (self.config.allowed_gids.is_empty()
+                    || self.config.allowed_gids.contains(&gid)));
         if !allowed {
             self.status.refuse("not_allowed", 1);
             tracing::warn!(
@@ -601,9 +608,11 @@ impl Session<'_> {
                         // Settle it before anything later, to keep acks in order.
                         Box::pin(self.settle_front()).await;
                     }
-                    Err(e) => self
-                        .replies
-                        .error(e.code(), &e.to_string(), p.ack_id.as_ref(), None),
+                    Err(e) => {
+                        self.ingest.status.refuse(e.code(), events as u64);
+                        self.replies
+                            .error(e.code(), &e.to_string(), p.ack_id.as_ref(), None)
+                    }
                 }
             }
             Ok(o) => {

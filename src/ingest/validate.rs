@@ -123,7 +123,12 @@ pub fn normalize_event(
             "unknown_kind",
             format!(
                 "kind {kind:?} is not one the brain knows; use one of: {}",
-                KNOWN_KINDS.join(", ")
+                KNOWN_KINDS
+                    .iter()
+                    .filter(|k| !crate::protocol::frames::is_legacy_schedule_kind(k))
+                    .copied()
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         ));
     }

@@ -31,6 +31,10 @@ use crate::spool::SpoolHandle;
 use crate::status::{Status, UplinkState};
 use backoff::{Backoff, FailureClass};
 
+/// A session up at least this long counts as working: its failure resets
+/// the backoff. Shorter ones (refused right after the handshake) do not.
+pub const STABLE_SESSION: Duration = Duration::from_secs(30);
+
 /// How a session or connection attempt ended.
 #[derive(Debug)]
 pub(crate) enum SessionEnd {
@@ -47,8 +51,10 @@ pub(crate) enum SessionEnd {
         class: FailureClass,
         /// What happened, free of secrets.
         error: String,
-        /// Whether the handshake had succeeded (resets the backoff).
-        handshook: bool,
+        /// Whether the session had been up long enough to count as working
+        /// ([`STABLE_SESSION`]); only that resets the backoff, so a session
+        /// refused right after its handshake (wrong secret, 4002) backs off.
+        stable: bool,
     },
 }
 
@@ -108,9 +114,9 @@ impl Uplink {
                 SessionEnd::Failed {
                     class,
                     error,
-                    handshook,
+                    stable,
                 } => {
-                    if handshook {
+                    if stable {
                         backoff.reset();
                     }
                     let delay = backoff.next_delay(class, &mut rand::rng());
@@ -120,6 +126,7 @@ impl Uplink {
                     self.status.update_uplink(|u| {
                         u.last_error = Some(error.clone());
                         u.last_failure_class = Some(class.as_str());
+                        u.failure_streak = streak;
                         u.connected_at = None;
                     });
                     if streak == 1 || streak.is_multiple_of(10) {

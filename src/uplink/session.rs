@@ -62,7 +62,7 @@ fn failed(class: FailureClass, error: impl Into<String>) -> SessionEnd {
     SessionEnd::Failed {
         class,
         error: error.into(),
-        handshook: true,
+        stable: false,
     }
 }
 
@@ -80,7 +80,7 @@ impl Uplink {
         let mut ws = tokio::select! {
             r = connect::open(&settings) => match r {
                 Ok(ws) => ws,
-                Err(f) => return SessionEnd::Failed { class: f.class, error: f.error, handshook: false },
+                Err(f) => return SessionEnd::Failed { class: f.class, error: f.error, stable: false },
             },
             _ = self.stop.cancelled() => return SessionEnd::Shutdown,
         };
@@ -101,7 +101,7 @@ impl Uplink {
                 return SessionEnd::Failed {
                     class: f.class,
                     error: f.error,
-                    handshook: false,
+                    stable: false,
                 }
             }
         };
@@ -115,6 +115,7 @@ impl Uplink {
             u.session_id = Some(ack.session_id.clone());
             u.clock_skew_seconds = ack.clock_skew_seconds;
             u.last_error = None;
+            u.last_failure_class = None;
             u.connected_at = Some(OffsetDateTime::now_utc());
             u.agent_id = Some(ack.agent_id.clone());
             u.project_id = Some(ack.project_id.clone());
@@ -164,7 +165,15 @@ impl Uplink {
             static_engines: settings.static_engines.clone(),
             up: self,
         };
-        session.run().await
+        let up_since = Instant::now();
+        match session.run().await {
+            SessionEnd::Failed { class, error, .. } => SessionEnd::Failed {
+                class,
+                error,
+                stable: up_since.elapsed() >= super::STABLE_SESSION,
+            },
+            other => other,
+        }
     }
 }
 

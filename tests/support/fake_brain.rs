@@ -35,6 +35,9 @@ pub struct Behavior {
     pub bad_signature_acks: usize,
     /// Close every handshake with this code instead of `hello_ack`.
     pub close_handshake_with: Option<u16>,
+    /// Send `hello_ack`, then close at once with this code (as the brain
+    /// does on 4002, or 4403 after a badly signed first frame).
+    pub close_after_hello_with: Option<u16>,
 }
 
 /// What the fake saw.
@@ -156,6 +159,16 @@ async fn serve(
         .await
         .is_err()
     {
+        return;
+    }
+    let close_after = behavior.lock().unwrap().close_after_hello_with;
+    if let Some(code) = close_after {
+        let _ = ws
+            .send(Message::Close(Some(CloseFrame {
+                code: CloseCode::from(code),
+                reason: "fake".into(),
+            })))
+            .await;
         return;
     }
     let mut verifier = Verifier::new(key.clone(), binding.clone());
