@@ -48,13 +48,19 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
+# The daemon's environment: secrets from files, as under systemd. An array,
+# not a function, so `$!` below is the daemon's own pid (env execs it).
+AGENTD=(env -u Z4J_TOKEN -u Z4J_HMAC_SECRET HOME="$STATE/home"
+  Z4J_TOKEN_FILE="$STATE/token" Z4J_HMAC_SECRET_FILE="$STATE/hmac_secret"
+  Z4J_PROJECT_ID="$Z4J_PROJECT_SLUG" "$ROOT/target/release/z4j-agentd")
+
 say "starting z4j-agentd (socket $Z4J_SOCKET_PATH)"
-env -u Z4J_TOKEN -u Z4J_HMAC_SECRET HOME="$STATE/home" \
-  Z4J_TOKEN_FILE="$STATE/token" Z4J_HMAC_SECRET_FILE="$STATE/hmac_secret" \
-  Z4J_PROJECT_ID="$Z4J_PROJECT_SLUG" \
-  "$ROOT/target/release/z4j-agentd" run 2> >(tee "$STATE/agentd.log" >&2) &
+"${AGENTD[@]}" run 2> >(tee "$STATE/agentd.log" >&2) &
 DAEMON_PID=$!
 for _ in $(seq 100); do [[ -S "$Z4J_SOCKET_PATH" ]] && break; sleep 0.1; done
+
+say "z4j-agentd doctor: config, spool, socket, network, a signed round trip with the brain, clock"
+"${AGENTD[@]}" doctor || true
 
 say "three application processes send task lifecycles (JSON lines and MessagePack)"
 VPY="$Z4J_E2E_VENV/bin/python"
@@ -81,13 +87,8 @@ agents = [a for a in get(f"/api/v1/projects/{slug}/agents") if a["name"] == "$Z4
 print(f"  agent {agents[0]['name']}: {agents[0]['state']}" if agents else "  agent not found")
 PY
 
-printf '\n  {"type":"stats"} on the socket:\n  '
-python3 - <<PY
-import json, socket
-s = socket.socket(socket.AF_UNIX); s.connect("$Z4J_SOCKET_PATH")
-s.sendall(b'{"type":"stats"}\n'); d = json.loads(s.makefile().readline())
-print({k: d[k] for k in ("uplink_state", "received", "stored", "acked", "spool_depth", "dropped", "refused")})
-PY
+say "z4j-agentd status"
+"${AGENTD[@]}" status
 
 ADMIN_EMAIL=$(python3 -c "import json; print(json.load(open('$ADMIN_JSON'))['email'])" 2>/dev/null || echo "see $ADMIN_JSON")
 cat <<MSG
