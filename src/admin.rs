@@ -104,15 +104,19 @@ pub fn human_duration(secs: f64) -> String {
     }
 }
 
-fn human_bytes(b: u64) -> String {
-    if b < 1024 {
-        format!("{b} B")
-    } else if b < 1 << 20 {
-        format!("{:.1} KiB", b as f64 / 1024.0)
-    } else if b < 1 << 30 {
-        format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
+/// `512 B`, `3.0 MiB`.
+pub(crate) fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < UNITS.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n} B")
     } else {
-        format!("{:.2} GiB", b as f64 / (1 << 30) as f64)
+        format!("{v:.1} {}", UNITS[i])
     }
 }
 
@@ -313,6 +317,13 @@ mod tests {
         ] {
             assert!(text.contains(needle), "{needle:?} missing in:\n{text}");
         }
+    }
+
+    #[test]
+    fn sizes_read_well() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(3 << 20), "3.0 MiB");
+        assert_eq!(human_bytes(5 << 30), "5.0 GiB");
     }
 
     #[test]

@@ -29,6 +29,7 @@ use futures_util::{SinkExt, StreamExt};
 use time::OffsetDateTime;
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::admin::human_bytes;
 use crate::config::{Config, ConfigError, HostEnv, Options};
 use crate::protocol::{self, SessionBinding, Signer, Value, Verifier};
 use crate::spool::path::{self as spool_path, PathError};
@@ -582,21 +583,6 @@ fn read_lock_holder(spool: &Path) -> Option<u32> {
     let text = fs::read_to_string(PathBuf::from(lock)).ok()?;
     let pid: u32 = text.trim().parse().ok()?;
     Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
-}
-
-fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i < UNITS.len() - 1 {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[i])
-    }
 }
 
 // ------------------------------------------------------------------ socket
@@ -1439,11 +1425,5 @@ mod tests {
         assert_eq!(doctor_worker_id("agentd-web-1"), "agentd-web-1-doctor");
         let long = "x".repeat(128);
         assert_eq!(doctor_worker_id(&long).len(), 128);
-    }
-
-    #[test]
-    fn human_bytes_reads_well() {
-        assert_eq!(human_bytes(512), "512 B");
-        assert_eq!(human_bytes(3 << 20), "3.0 MiB");
     }
 }

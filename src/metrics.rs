@@ -245,10 +245,7 @@ impl Collector for DaemonCollector {
             Some(&Unit::Bytes),
             load(&sp.bytes) as i64,
         )?;
-        let oldest_age = sp
-            .oldest_stored_ms()
-            .map(|ms| (crate::status::unix_ms_now() - ms).max(0) as f64 / 1000.0)
-            .unwrap_or(0.0);
+        let oldest_age = sp.oldest_age_seconds().unwrap_or(0.0);
         gauge(
             &mut enc,
             "spool_oldest_age",

@@ -418,8 +418,8 @@ impl Status {
         m.insert(
             "spool_oldest_age_seconds",
             spool
-                .oldest_stored_ms()
-                .map(|ms| Value::from(round3(((unix_ms_now() - ms).max(0)) as f64 / 1000.0)))
+                .oldest_age_seconds()
+                .map(|a| Value::from(round3(a)))
                 .unwrap_or(Value::Null),
         );
         m.insert("received", self.events_received.load(Ordering::Relaxed));
@@ -523,14 +523,6 @@ fn client_value(c: &ClientInfo) -> Value {
 
 fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
-}
-
-/// Wall-clock unix time in milliseconds (the spool's `stored_ms` clock).
-pub fn unix_ms_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

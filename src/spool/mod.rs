@@ -184,6 +184,12 @@ impl SpoolStats {
             ms => Some(ms),
         }
     }
+
+    /// How long the oldest stored event has waited, in seconds, if any.
+    pub fn oldest_age_seconds(&self) -> Option<f64> {
+        self.oldest_stored_ms()
+            .map(|ms| (unix_ms_now() - ms).max(0) as f64 / 1000.0)
+    }
 }
 
 enum Op {
@@ -468,7 +474,8 @@ fn create_private_file(path: &Path) -> std::io::Result<()> {
     }
 }
 
-fn now_ms() -> i64 {
+/// Wall-clock unix time in milliseconds: the clock of `stored_ms`.
+pub fn unix_ms_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -686,7 +693,7 @@ impl Writer {
         let dropped_before = self.dropped_oldest;
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
         let r = (|| {
-            let now = now_ms();
+            let now = unix_ms_now();
             for op in ops {
                 match op {
                     Op::Append { events, .. } => {
