@@ -133,6 +133,11 @@ pub struct Options {
     #[arg(long, env = "Z4J_ENGINES", value_name = "LIST")]
     pub engines: Option<String>,
 
+    /// Actions advertised per engine before any client declares them, e.g.
+    /// `celery:cancel_task,retry_task;rq:cancel_task`.
+    #[arg(long, env = "Z4J_CAPABILITIES", value_name = "ENGINE:ACTIONS;...")]
+    pub capabilities: Option<String>,
+
     /// Extra CA certificate (PEM) trusted for wss://, in addition to the system store.
     #[arg(long, env = "Z4J_CA_FILE", value_name = "PATH")]
     pub ca_file: Option<PathBuf>,
@@ -224,6 +229,7 @@ struct FileOptions {
     dev_mode: Option<toml::Value>,
     worker_id: Option<String>,
     engines: Option<toml::Value>,
+    capabilities: Option<toml::Value>,
     ca_file: Option<PathBuf>,
     buffer_path: Option<PathBuf>,
     buffer_max_events: Option<toml::Value>,
@@ -346,6 +352,8 @@ pub struct UplinkSettings {
     pub agent_name: String,
     /// Engines advertised even without local clients.
     pub static_engines: Vec<String>,
+    /// Actions per engine advertised even without local clients.
+    pub static_capabilities: std::collections::BTreeMap<String, Vec<String>>,
     /// Extra CA file for TLS.
     pub ca_file: Option<PathBuf>,
     /// Most events per frame.
@@ -728,6 +736,8 @@ impl Options {
                 format!("engine name {bad:?} is longer than 40 characters"),
             ));
         }
+        let static_capabilities =
+            parse_capabilities(non_empty(self.capabilities.clone()), file.capabilities)?;
         let ca_file = pick(non_empty_path(self.ca_file.clone()), file.ca_file);
         if let Some(ca) = &ca_file {
             if !ca.is_file() {
@@ -922,6 +932,7 @@ impl Options {
                 worker_id,
                 agent_name,
                 static_engines,
+                static_capabilities,
                 ca_file,
                 batch_max_events,
                 inflight_frames,
@@ -947,6 +958,87 @@ impl Options {
             host,
         })
     }
+}
+
+/// `Z4J_CAPABILITIES` (`engine:action,action;engine:action`) or the config
+/// file's `[capabilities]` table (`engine = ["action", ...]`).
+fn parse_capabilities(
+    env: Option<String>,
+    file: Option<toml::Value>,
+) -> Result<std::collections::BTreeMap<String, Vec<String>>, ConfigError> {
+    const KEY: &str = "Z4J_CAPABILITIES";
+    let mut out: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    let mut add = |engine: &str, action: &str| -> Result<(), ConfigError> {
+        let (engine, action) = (engine.trim(), action.trim());
+        if engine.is_empty() || engine.len() > 40 {
+            return Err(ConfigError::new(
+                KEY,
+                format!("engine name {engine:?} must be 1 to 40 characters"),
+            ));
+        }
+        if action.is_empty() {
+            return Ok(());
+        }
+        if action == "retry_by_reference_v1" {
+            return Err(ConfigError::new(
+                KEY,
+                "retry_by_reference_v1 is advertised only when a connected client declares it (it can retry by reference); remove it here",
+            ));
+        }
+        out.entry(engine.to_string())
+            .or_default()
+            .push(action.to_string());
+        Ok(())
+    };
+    match (env, file) {
+        (Some(text), _) | (None, Some(toml::Value::String(text))) => {
+            for part in text.split(';').map(str::trim).filter(|p| !p.is_empty()) {
+                let (engine, actions) = part.split_once(':').ok_or_else(|| {
+                    ConfigError::new(
+                        KEY,
+                        format!("expected engine:action,action (e.g. celery:cancel_task,retry_task), got {part:?}"),
+                    )
+                })?;
+                for action in actions.split(',') {
+                    add(engine, action)?;
+                }
+            }
+        }
+        (None, Some(toml::Value::Table(t))) => {
+            for (engine, actions) in t {
+                let list = actions.as_array().ok_or_else(|| {
+                    ConfigError::new(
+                        KEY,
+                        format!("[capabilities] {engine} must be a list of action names"),
+                    )
+                })?;
+                for a in list {
+                    let a = a.as_str().ok_or_else(|| {
+                        ConfigError::new(
+                            KEY,
+                            format!("[capabilities] {engine} must list action names as strings"),
+                        )
+                    })?;
+                    add(&engine, a)?;
+                }
+            }
+        }
+        (None, Some(other)) => {
+            return Err(ConfigError::new(
+                KEY,
+                format!(
+                    "capabilities must be a table or a string, got {}",
+                    other.type_str()
+                ),
+            ))
+        }
+        (None, None) => {}
+    }
+    for actions in out.values_mut() {
+        actions.sort();
+        actions.dedup();
+    }
+    Ok(out)
 }
 
 /// `HOST:PORT` for the metrics listener; loopback only unless allowed.
@@ -1156,5 +1248,43 @@ mod tests {
         };
         let e = o.resolve(host()).unwrap_err();
         assert!(e.message.contains("127.0.0.1:9464"), "{}", e.message);
+    }
+
+    #[test]
+    fn static_capabilities_from_the_environment_or_the_file() {
+        let o = Options {
+            capabilities: Some("celery:cancel_task, retry_task; rq:cancel_task".into()),
+            ..base()
+        };
+        let c = o.resolve(host()).unwrap().uplink.static_capabilities;
+        assert_eq!(c["celery"], ["cancel_task", "retry_task"]);
+        assert_eq!(c["rq"], ["cancel_task"]);
+
+        let e = Options {
+            capabilities: Some("celery".into()),
+            ..base()
+        }
+        .resolve(host())
+        .unwrap_err();
+        assert_eq!(e.key, "Z4J_CAPABILITIES");
+        assert!(e.message.contains("celery:cancel_task"), "{}", e.message);
+
+        let e = Options {
+            capabilities: Some("celery:retry_by_reference_v1".into()),
+            ..base()
+        }
+        .resolve(host())
+        .unwrap_err();
+        assert!(e.message.contains("connected client"), "{}", e.message);
+
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("agentd.toml");
+        std::fs::write(&f, "[capabilities]\ncelery = [\"cancel_task\"]\n").unwrap();
+        let o = Options {
+            config: Some(f),
+            ..base()
+        };
+        let c = o.resolve(host()).unwrap().uplink.static_capabilities;
+        assert_eq!(c["celery"], ["cancel_task"]);
     }
 }

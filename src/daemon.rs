@@ -142,6 +142,7 @@ pub async fn run(
         socket_path: socket_path.display().to_string(),
     });
     status.sample(spool_handle.stats());
+    let (router, results) = crate::commands::Router::new(status.clone());
     let ingest = Ingest::new(
         IngestConfig {
             socket_path: socket_path.clone(),
@@ -154,6 +155,7 @@ pub async fn run(
         },
         spool_handle.clone(),
         status.clone(),
+        router.clone(),
     );
     let ingest_stop = CancellationToken::new();
     let ingest_task = tokio::spawn(ingest.serve(listener, ingest_stop.clone()));
@@ -208,6 +210,8 @@ pub async fn run(
         status.clone(),
         drain.clone(),
         stop.clone(),
+        router,
+        results,
     );
     let mut uplink_task = tokio::spawn(uplink.run());
     let status_task = tokio::spawn(report_status(

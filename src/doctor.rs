@@ -33,6 +33,7 @@ use crate::admin::human_bytes;
 use crate::config::{Config, ConfigError, HostEnv, Options};
 use crate::protocol::{self, SessionBinding, Signer, Value, Verifier};
 use crate::spool::path::{self as spool_path, PathError};
+use crate::status::Advertisement;
 use crate::uplink::backoff::describe_close;
 use crate::uplink::connect;
 
@@ -276,7 +277,8 @@ impl Report {
 /// What the running daemon told us over its socket.
 #[derive(Debug, Clone, Default)]
 struct DaemonView {
-    engines: Option<Vec<String>>,
+    /// What its `hello` advertises to the brain.
+    advertised: Option<Advertisement>,
 }
 
 /// Runs every probe. `websocket = false` is `--no-websocket`.
@@ -634,14 +636,18 @@ async fn probe_socket(c: &Config, path: &Path) -> (Probe, DaemonView) {
             extra.insert("spool_depth", n("spool_depth"));
             extra.insert("uplink_state", s("uplink_state"));
             extra.insert("other_clients", n("clients").saturating_sub(1));
-            let advertised = strings(stats.get("advertised_engines"));
-            let engines = if advertised.is_empty() {
-                strings(stats.get("engines"))
-            } else {
-                advertised
-            };
+            let mut capabilities = std::collections::BTreeMap::new();
+            if let Some(Value::Map(m)) = stats.get("advertised_capabilities") {
+                for (engine, actions) in m {
+                    capabilities.insert(engine.clone(), strings(Some(actions)));
+                }
+            }
             let view = DaemonView {
-                engines: Some(engines),
+                advertised: Some(Advertisement {
+                    engines: strings(stats.get("advertised_engines")),
+                    capabilities,
+                    runtime_features: strings(stats.get("advertised_runtime_features")),
+                }),
             };
             // The doctor's own connection is one of the clients.
             let others = n("clients").saturating_sub(1);
@@ -1129,11 +1135,12 @@ async fn probe_websocket(c: &Config, daemon: &DaemonView) -> (Probe, Option<conn
     const NAME: &str = "websocket";
     let settings = &c.uplink;
     let worker_id = doctor_worker_id(&settings.worker_id);
-    // Advertise what the daemon advertises: every hello overwrites the agent's engines.
-    let engines = daemon
-        .engines
-        .clone()
-        .unwrap_or_else(|| settings.static_engines.clone());
+    // Advertise what the daemon advertises: every hello overwrites the
+    // agent's engines and capabilities at the brain.
+    let advertised = daemon.advertised.clone().unwrap_or_else(|| {
+        crate::status::Status::new()
+            .advertisement(&settings.static_engines, &settings.static_capabilities)
+    });
     let started = Instant::now();
     let mut ws = match connect::open(settings).await {
         Ok(ws) => ws,
@@ -1152,7 +1159,7 @@ async fn probe_websocket(c: &Config, daemon: &DaemonView) -> (Probe, Option<conn
         &mut ws,
         settings,
         &worker_id,
-        &engines,
+        &advertised,
         OffsetDateTime::now_utc(),
     )
     .await
@@ -1198,10 +1205,8 @@ async fn probe_websocket(c: &Config, daemon: &DaemonView) -> (Probe, Option<conn
             .detail("project_id", ack.project_id.as_str())
             .detail("session_id", ack.session_id.as_str())
             .detail("brain_version", ack.brain_version.as_str())
-            .detail(
-                "engines",
-                Value::Array(engines.iter().map(|e| Value::from(e.as_str())).collect()),
-            )
+            .detail("engines", advertised.engines_value())
+            .detail("capabilities", advertised.capabilities_value())
             .detail("handshake_ms", (handshake_ms * 10.0).round() / 10.0)
     };
     if let Err(e) = ws.send(Message::binary(frame)).await {

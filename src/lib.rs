@@ -27,6 +27,7 @@
 pub mod admin;
 pub mod cli;
 pub mod client;
+pub mod commands;
 pub mod config;
 pub mod daemon;
 pub mod doctor;

@@ -76,8 +76,58 @@ pub struct UplinkStatus {
     pub project_id: Option<String>,
     /// `brain_version` from the last `hello_ack`.
     pub brain_version: Option<String>,
-    /// The engines advertised in the last `hello`.
-    pub advertised_engines: Vec<String>,
+    /// What the last `hello` advertised.
+    pub advertised: Advertisement,
+}
+
+/// What the daemon's `hello` tells the brain: the union of what connected
+/// clients declared, plus what is configured statically.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Advertisement {
+    /// Engines, sorted.
+    pub engines: Vec<String>,
+    /// Engine -> actions, sorted.
+    pub capabilities: BTreeMap<String, Vec<String>>,
+    /// Runtime features, sorted.
+    pub runtime_features: Vec<String>,
+}
+
+/// Never advertised: it asks the brain for the external scheduler protocol,
+/// which this daemon does not implement.
+pub const NEVER_ADVERTISED_FEATURES: &[&str] = &["external_schedule_protocol_v1"];
+
+impl Advertisement {
+    /// The `hello` payload fields.
+    pub fn engines_value(&self) -> Value {
+        Value::Array(
+            self.engines
+                .iter()
+                .map(|e| Value::from(e.as_str()))
+                .collect(),
+        )
+    }
+
+    /// `capabilities` as a map of lists.
+    pub fn capabilities_value(&self) -> Value {
+        let mut m = Value::empty_map();
+        for (engine, actions) in &self.capabilities {
+            m.insert(
+                engine,
+                Value::Array(actions.iter().map(|a| Value::from(a.as_str())).collect()),
+            );
+        }
+        m
+    }
+
+    /// `runtime_features` as a list.
+    pub fn runtime_features_value(&self) -> Value {
+        Value::Array(
+            self.runtime_features
+                .iter()
+                .map(|e| Value::from(e.as_str()))
+                .collect(),
+        )
+    }
 }
 
 /// Where this daemon runs and what it talks to; fixed at start, the brain
@@ -143,6 +193,10 @@ pub struct ClientInfo {
     pub framework: Option<String>,
     /// Engines from `hello`.
     pub engines: Vec<String>,
+    /// Engine -> actions from `hello` (`capabilities`).
+    pub capabilities: BTreeMap<String, Vec<String>>,
+    /// `runtime_features` from `hello`.
+    pub runtime_features: Vec<String>,
     /// Worker role from `hello`.
     pub worker_role: Option<String>,
     /// Framing: "msgpack" or "jsonl".
@@ -169,6 +223,12 @@ pub struct Status {
     pub connects: AtomicU64,
     /// Times a producer was held back because the spool was full (`block`).
     pub producer_waits: AtomicU64,
+    /// Commands received from the brain (re-deliveries not counted).
+    pub commands_received: AtomicU64,
+    /// Commands answered `success` by a local process.
+    pub commands_succeeded: AtomicU64,
+    /// Commands answered `failed` (by a process, or by the daemon when none could run it).
+    pub commands_failed: AtomicU64,
     /// Signalled when the set of connected clients or their engines changes.
     pub clients_changed: tokio::sync::Notify,
     /// Seconds from sending an `event_batch` to its `event_batch_ack`.
@@ -199,6 +259,9 @@ impl Status {
             replies_dropped: AtomicU64::new(0),
             connects: AtomicU64::new(0),
             producer_waits: AtomicU64::new(0),
+            commands_received: AtomicU64::new(0),
+            commands_succeeded: AtomicU64::new(0),
+            commands_failed: AtomicU64::new(0),
             clients_changed: tokio::sync::Notify::new(),
             ack_latency: Histogram::new(ACK_LATENCY_BUCKETS),
             refused: Mutex::new(BTreeMap::new()),
@@ -217,7 +280,7 @@ impl Status {
                 agent_id: None,
                 project_id: None,
                 brain_version: None,
-                advertised_engines: Vec::new(),
+                advertised: Advertisement::default(),
             }),
             clients: Mutex::new(BTreeMap::new()),
             info: Mutex::new(DaemonInfo::default()),
@@ -238,6 +301,20 @@ impl Status {
     /// A copy of what this daemon is and talks to.
     pub fn info(&self) -> DaemonInfo {
         self.info.lock().unwrap().clone()
+    }
+
+    /// Counts a command from the brain.
+    pub fn command_received(&self) {
+        self.commands_received.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a command's answer.
+    pub fn command_finished(&self, success: bool) {
+        if success {
+            self.commands_succeeded.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.commands_failed.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Counts a failed connection attempt or session under its backoff class.
@@ -345,12 +422,9 @@ impl Status {
 
     /// Forgets a local connection.
     pub fn client_disconnected(&self, id: u64) {
-        let had_engines = self
-            .clients
-            .lock()
-            .unwrap()
-            .remove(&id)
-            .is_some_and(|c| !c.engines.is_empty());
+        let had_engines = self.clients.lock().unwrap().remove(&id).is_some_and(|c| {
+            !c.engines.is_empty() || !c.capabilities.is_empty() || !c.runtime_features.is_empty()
+        });
         if had_engines {
             self.clients_changed.notify_one();
         }
@@ -359,6 +433,43 @@ impl Status {
     /// Connected clients.
     pub fn clients(&self) -> Vec<ClientInfo> {
         self.clients.lock().unwrap().values().cloned().collect()
+    }
+
+    /// What the `hello` must advertise now: the union over connected clients
+    /// plus the static configuration.
+    pub fn advertisement(
+        &self,
+        static_engines: &[String],
+        static_capabilities: &BTreeMap<String, Vec<String>>,
+    ) -> Advertisement {
+        let clients = self.clients.lock().unwrap();
+        let mut engines: Vec<String> = static_engines.to_vec();
+        let mut caps: BTreeMap<String, Vec<String>> = static_capabilities.clone();
+        let mut features: Vec<String> = Vec::new();
+        for c in clients.values() {
+            engines.extend(c.engines.iter().cloned());
+            for (engine, actions) in &c.capabilities {
+                caps.entry(engine.clone())
+                    .or_default()
+                    .extend(actions.iter().cloned());
+            }
+            features.extend(c.runtime_features.iter().cloned());
+        }
+        engines.extend(caps.keys().cloned());
+        engines.sort();
+        engines.dedup();
+        for actions in caps.values_mut() {
+            actions.sort();
+            actions.dedup();
+        }
+        features.retain(|f| !NEVER_ADVERTISED_FEATURES.contains(&f.as_str()));
+        features.sort();
+        features.dedup();
+        Advertisement {
+            engines,
+            capabilities: caps,
+            runtime_features: features,
+        }
     }
 
     /// The sorted union of engines registered by connected clients plus `extra`.
@@ -474,6 +585,11 @@ impl Status {
             "producer_waits",
             self.producer_waits.load(Ordering::Relaxed),
         );
+        let mut cmds = Value::empty_map();
+        cmds.insert("received", self.commands_received.load(Ordering::Relaxed));
+        cmds.insert("succeeded", self.commands_succeeded.load(Ordering::Relaxed));
+        cmds.insert("failed", self.commands_failed.load(Ordering::Relaxed));
+        m.insert("commands", cmds);
         let clients = self.clients();
         m.insert("clients", clients.len() as u64);
         m.insert(
@@ -484,7 +600,12 @@ impl Status {
             "engines",
             strings(&self.engines_union(&info.static_engines)),
         );
-        m.insert("advertised_engines", strings(&u.advertised_engines));
+        m.insert("advertised_engines", u.advertised.engines_value());
+        m.insert("advertised_capabilities", u.advertised.capabilities_value());
+        m.insert(
+            "advertised_runtime_features",
+            u.advertised.runtime_features_value(),
+        );
         m
     }
 }
@@ -509,6 +630,14 @@ fn client_value(c: &ClientInfo) -> Value {
         "engines",
         Value::Array(c.engines.iter().map(|e| Value::from(e.as_str())).collect()),
     );
+    let mut caps = Value::empty_map();
+    for (engine, actions) in &c.capabilities {
+        caps.insert(
+            engine,
+            Value::Array(actions.iter().map(|a| Value::from(a.as_str())).collect()),
+        );
+    }
+    v.insert("capabilities", caps);
     v.insert(
         "worker_role",
         c.worker_role

@@ -17,7 +17,7 @@
 pub mod framing;
 pub mod validate;
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -155,6 +155,8 @@ pub struct Ingest {
     next_id: AtomicU64,
     /// The daemon's effective uid (always allowed to connect).
     own_uid: u32,
+    /// Where commands from the brain are routed to connections.
+    router: Arc<crate::commands::Router>,
 }
 
 /// Replies queued per connection before they are dropped.
@@ -166,13 +168,19 @@ const DRAIN_READ_TIMEOUT: Duration = Duration::from_millis(200);
 
 impl Ingest {
     /// Creates the ingest side.
-    pub fn new(config: IngestConfig, spool: SpoolHandle, status: Arc<Status>) -> Arc<Self> {
+    pub fn new(
+        config: IngestConfig,
+        spool: SpoolHandle,
+        status: Arc<Status>,
+        router: Arc<crate::commands::Router>,
+    ) -> Arc<Self> {
         Arc::new(Ingest {
             config,
             spool,
             status,
             next_id: AtomicU64::new(1),
             own_uid: crate::config::current_uid(),
+            router,
         })
     }
 
@@ -285,6 +293,7 @@ impl Ingest {
         let mut session = Session {
             ingest: &self,
             id,
+            pid,
             replies,
             pending: VecDeque::new(),
         };
@@ -335,6 +344,7 @@ impl Ingest {
         while !session.pending.is_empty() {
             session.settle_front().await;
         }
+        self.router.disconnected(id);
         self.status.client_disconnected(id);
         drop(session);
         let _ = writer.await;
@@ -414,6 +424,7 @@ struct Pending {
 struct Session<'a> {
     ingest: &'a Ingest,
     id: u64,
+    pid: Option<i32>,
     replies: Replies,
     pending: VecDeque<Pending>,
 }
@@ -466,7 +477,7 @@ impl Session<'_> {
                 self.store(records, ack_id).await;
             }
             "hello" => {
-                self.hello(&msg);
+                self.hello(&msg, ack_id.as_ref());
                 if let Some(a) = ack_id {
                     let mut m = Value::empty_map();
                     m.insert("type", "hello_ack");
@@ -488,6 +499,21 @@ impl Session<'_> {
                 }
                 self.replies.send(&m);
             }
+            "command_result" => match self.ingest.router.on_result(self.id, &msg) {
+                Ok(()) => {
+                    if let Some(a) = ack_id {
+                        let mut m = Value::empty_map();
+                        m.insert("type", "ack");
+                        m.insert("ack_id", a);
+                        self.replies.send(&m);
+                    }
+                }
+                Err(r) => {
+                    status.refuse(r.code, 1);
+                    self.replies
+                        .error(r.code, &r.message, ack_id.as_ref(), None);
+                }
+            },
             "stats" => {
                 let mut m = status.report(self.ingest.spool.stats());
                 if let Some(a) = ack_id {
@@ -500,7 +526,7 @@ impl Session<'_> {
                 self.replies.error(
                     "unknown_type",
                     &format!(
-                        "unknown message type {other:?}; this daemon accepts event, events, hello, ping and stats"
+                        "unknown message type {other:?}; this daemon accepts event, events, hello, ping, stats and command_result"
                     ),
                     ack_id.as_ref(),
                     None,
@@ -644,20 +670,57 @@ impl Session<'_> {
         }
     }
 
-    fn hello(&self, msg: &Value) {
+    fn hello(&self, msg: &Value, ack_id: Option<&Value>) {
         let str_field = |k: &str| msg.get(k).and_then(Value::as_str).map(str::to_owned);
-        let engines: Vec<String> = msg
-            .get("engines")
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(Value::as_str)
-                    .map(|s| s.trim().to_string())
-                    .filter(|s| !s.is_empty() && s.len() <= 40)
-                    .take(64)
-                    .collect()
-            })
-            .unwrap_or_default();
+        let names = |v: Option<&Value>, max_len: usize| -> Vec<String> {
+            v.and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Value::as_str)
+                        .map(|s| s.trim().to_string())
+                        .filter(|s| !s.is_empty() && s.len() <= max_len)
+                        .take(64)
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let mut engines = names(msg.get("engines"), 40);
+        let mut capabilities: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        match msg.get("capabilities") {
+            None | Some(Value::Null) => {}
+            Some(Value::Map(entries)) => {
+                for (engine, actions) in entries.iter().take(64) {
+                    let engine = engine.trim();
+                    if engine.is_empty() || engine.len() > 40 || !matches!(actions, Value::Array(_))
+                    {
+                        self.replies.error(
+                            "bad_message",
+                            &format!("hello: capabilities must map engine names (1-40 characters) to lists of action names; {engine:?} was ignored"),
+                            ack_id,
+                            None,
+                        );
+                        continue;
+                    }
+                    let mut list = names(Some(actions), 80);
+                    list.sort();
+                    list.dedup();
+                    capabilities.insert(engine.to_string(), list);
+                }
+            }
+            Some(other) => self.replies.error(
+                "bad_message",
+                &format!(
+                    "hello: capabilities must be a map of engine -> list of actions, got {}",
+                    other.type_name()
+                ),
+                ack_id,
+                None,
+            ),
+        }
+        engines.extend(capabilities.keys().cloned());
+        engines.sort();
+        engines.dedup();
+        let runtime_features = names(msg.get("runtime_features"), 64);
         let process = str_field("process");
         let framework = str_field("framework");
         let worker_role = str_field("worker_role");
@@ -665,17 +728,32 @@ impl Session<'_> {
             client = self.id,
             process = process.as_deref().unwrap_or("-"),
             engines = ?engines,
+            capabilities = ?capabilities,
             "client registered"
         );
-        let mut engines_changed = false;
+        self.ingest.router.register(
+            self.id,
+            crate::commands::ClientHandle {
+                tx: self.replies.tx.clone(),
+                framing: self.replies.framing,
+                capabilities: capabilities.clone(),
+                pid: self.pid,
+                process: process.clone(),
+            },
+        );
+        let mut changed = false;
         self.ingest.status.update_client(self.id, |c| {
             c.process = process;
             c.framework = framework;
             c.worker_role = worker_role;
-            engines_changed = c.engines != engines;
+            changed = c.engines != engines
+                || c.capabilities != capabilities
+                || c.runtime_features != runtime_features;
             c.engines = engines;
+            c.capabilities = capabilities;
+            c.runtime_features = runtime_features;
         });
-        if engines_changed {
+        if changed {
             self.ingest.status.clients_changed.notify_one();
         }
     }

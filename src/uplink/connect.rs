@@ -178,19 +178,16 @@ pub(crate) async fn handshake(
     ws: &mut Ws,
     settings: &UplinkSettings,
     worker_id: &str,
-    engines: &[String],
+    advertised: &crate::status::Advertisement,
     started_at: OffsetDateTime,
 ) -> Result<HelloAck, Failure> {
     let mut payload = Value::empty_map();
     payload.insert("protocol_version", protocol::PROTOCOL_VERSION);
     payload.insert("agent_version", env!("CARGO_PKG_VERSION"));
     payload.insert("framework", "z4j-agentd");
-    payload.insert(
-        "engines",
-        Value::Array(engines.iter().map(|e| Value::from(e.as_str())).collect()),
-    );
+    payload.insert("engines", advertised.engines_value());
     payload.insert("schedulers", Value::Array(Vec::new()));
-    payload.insert("capabilities", Value::empty_map());
+    payload.insert("capabilities", advertised.capabilities_value());
     let mut host = Value::empty_map();
     host.insert("name", settings.agent_name.as_str());
     payload.insert("host", host);
@@ -198,7 +195,7 @@ pub(crate) async fn handshake(
     payload.insert("worker_role", "other");
     payload.insert("worker_pid", std::process::id() as i64);
     payload.insert("worker_started_at", protocol::format_ts(started_at));
-    payload.insert("runtime_features", Value::Array(Vec::new()));
+    payload.insert("runtime_features", advertised.runtime_features_value());
     let now = OffsetDateTime::now_utc();
     let hello = protocol::hello_frame(
         &protocol::new_frame_id("hello_"),

@@ -26,6 +26,9 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use std::collections::VecDeque;
+
+use crate::commands::{CommandResult, Results, Router};
 use crate::config::UplinkSettings;
 use crate::spool::SpoolHandle;
 use crate::status::{Status, UplinkState};
@@ -69,6 +72,12 @@ pub struct Uplink {
     stop: CancellationToken,
     /// Highest spool id ever put on the wire, to tell first sends from re-sends.
     max_forwarded_id: i64,
+    /// Routes the brain's commands to local processes.
+    router: Arc<Router>,
+    /// Answers from local processes, to send as `command_result`.
+    results: Results,
+    /// Answers whose send failed with the session; sent first on the next one.
+    unsent: VecDeque<CommandResult>,
 }
 
 impl Uplink {
@@ -79,6 +88,8 @@ impl Uplink {
         status: Arc<Status>,
         drain: CancellationToken,
         stop: CancellationToken,
+        router: Arc<Router>,
+        results: Results,
     ) -> Self {
         Uplink {
             settings,
@@ -87,6 +98,9 @@ impl Uplink {
             drain,
             stop,
             max_forwarded_id: 0,
+            router,
+            results,
+            unsent: VecDeque::new(),
         }
     }
 

@@ -2,7 +2,7 @@
 //! acks, re-send on ack timeout, heartbeat, answer commands, and drain on
 //! shutdown.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -15,9 +15,10 @@ use tokio_tungstenite::tungstenite::Message;
 use super::backoff::{classify_close, describe_close, FailureClass};
 use super::connect::{self, HelloAck, Ws};
 use super::{SessionEnd, Uplink};
+use crate::commands::{Command, CommandResult, Dispatch};
 use crate::protocol::{self, SessionBinding, Signer, Value, Verifier};
 use crate::spool::StoredEvent;
-use crate::status::UplinkState;
+use crate::status::{Advertisement, UplinkState};
 
 /// One `event_batch` frame waiting for its ack.
 struct InFlight {
@@ -54,8 +55,9 @@ struct Session<'a> {
     inflight_frames: usize,
     ack_timeout: Duration,
     host_label: String,
-    engines: Vec<String>,
+    advertised: Advertisement,
     static_engines: Vec<String>,
+    static_capabilities: BTreeMap<String, Vec<String>>,
 }
 
 fn failed(class: FailureClass, error: impl Into<String>) -> SessionEnd {
@@ -85,13 +87,15 @@ impl Uplink {
             _ = self.stop.cancelled() => return SessionEnd::Shutdown,
         };
         self.status.set_uplink_state(UplinkState::Handshaking);
-        let engines = self.status.engines_union(&settings.static_engines);
+        let advertised = self
+            .status
+            .advertisement(&settings.static_engines, &settings.static_capabilities);
         let started_at = OffsetDateTime::now_utc() - self.status.started.elapsed();
         let ack = match connect::handshake(
             &mut ws,
             &settings,
             &settings.worker_id,
-            &engines,
+            &advertised,
             started_at,
         )
         .await
@@ -120,7 +124,7 @@ impl Uplink {
             u.agent_id = Some(ack.agent_id.clone());
             u.project_id = Some(ack.project_id.clone());
             u.brain_version = Some(ack.brain_version.clone());
-            u.advertised_engines = engines.clone();
+            u.advertised = advertised.clone();
         });
         self.status.set_uplink_state(UplinkState::Connected);
         tracing::info!(
@@ -129,7 +133,8 @@ impl Uplink {
             agent_id = %ack.agent_id,
             session_id = %ack.session_id,
             worker_id = %settings.worker_id,
-            engines = ?engines,
+            engines = ?advertised.engines,
+            capabilities = ?advertised.capabilities,
             max_frame_bytes = ack.max_frame_bytes,
             "connected to the brain"
         );
@@ -161,8 +166,9 @@ impl Uplink {
             inflight_frames: settings.inflight_frames,
             ack_timeout: settings.ack_timeout,
             host_label: settings.agent_name.clone(),
-            engines,
+            advertised,
             static_engines: settings.static_engines.clone(),
+            static_capabilities: settings.static_capabilities.clone(),
             up: self,
         };
         let up_since = Instant::now();
@@ -181,6 +187,12 @@ impl Session<'_> {
     async fn run(mut self) -> SessionEnd {
         if let Err(e) = self.send_heartbeat().await {
             return e;
+        }
+        while let Some(r) = self.up.unsent.pop_front() {
+            if let Err(e) = self.send_result(&r).await {
+                self.up.unsent.push_front(r);
+                return e;
+            }
         }
         let mut heartbeat = tokio::time::interval(self.ack.heartbeat_interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -226,21 +238,27 @@ impl Session<'_> {
                     if let Err(e) = self.resend_overdue().await { return e; }
                 }
                 _ = self.up.spool.new_events().notified(), if window_open => {}
+                Some(r) = self.up.results.recv() => {
+                    if let Err(e) = self.send_result(&r).await {
+                        self.up.unsent.push_front(r);
+                        return e;
+                    }
+                }
                 _ = self.up.status.clients_changed.notified() => {
-                    let now = self.up.status.engines_union(&self.static_engines);
-                    rehandshake_armed = now != self.engines;
+                    let now = self.advertisement_now();
+                    rehandshake_armed = now != self.advertised;
                     if rehandshake_armed {
                         rehandshake.as_mut().reset(tokio::time::Instant::now() + REHANDSHAKE_DEBOUNCE);
                     }
                 }
                 _ = &mut rehandshake, if rehandshake_armed => {
-                    let now = self.up.status.engines_union(&self.static_engines);
+                    let now = self.advertisement_now();
                     rehandshake_armed = false;
-                    if now != self.engines && !draining {
+                    if now != self.advertised && !draining {
                         tracing::info!(
-                            advertised = ?self.engines,
+                            advertised = ?self.advertised,
                             registered = ?now,
-                            "local clients changed the engines; reconnecting so the brain learns them"
+                            "local clients changed their engines or capabilities; reconnecting so the brain learns them"
                         );
                         let _ = self.close_clean().await;
                         return SessionEnd::Rehandshake;
@@ -543,27 +561,19 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// No local command routing yet: answer at once so the brain does not
-    /// wait for its timeout, naming what could not run where.
+    fn advertisement_now(&self) -> Advertisement {
+        self.up
+            .status
+            .advertisement(&self.static_engines, &self.static_capabilities)
+    }
+
+    /// Acknowledges the command at once, then routes it to a local process
+    /// (its answer arrives later on the results channel) or answers it now
+    /// when no process can run it or it was answered before.
     async fn on_command(&mut self, id: &str, payload: &Value) -> Result<(), SessionEnd> {
-        let action = payload.get("action").and_then(Value::as_str).unwrap_or("?");
-        let engine = payload
-            .get("target")
-            .and_then(|t| t.get("engine"))
-            .and_then(Value::as_str)
-            .or_else(|| {
-                payload
-                    .get("parameters")
-                    .and_then(|p| p.get("engine"))
-                    .and_then(Value::as_str)
-            })
-            .unwrap_or("?");
-        let claim = payload
-            .get("delivery_claim_token")
-            .cloned()
-            .unwrap_or(Value::Null);
+        let cmd = Command::from_payload(id, payload);
         let mut ack = Value::empty_map();
-        ack.insert("delivery_claim_token", claim.clone());
+        ack.insert("delivery_claim_token", cmd.claim.clone());
         let frame = self.signer.sign_value(
             "command_ack",
             id,
@@ -572,42 +582,59 @@ impl Session<'_> {
             &protocol::new_nonce(),
         );
         self.send(frame).await?;
-        let mut result = Value::empty_map();
-        result.insert("status", "failed");
-        result.insert("result", Value::Null);
-        result.insert(
-            "error",
-            format!(
-                "z4j-agentd on {}: no local process registered engine {engine:?} with action {action:?}",
-                self.host_label
-            ),
-        );
-        result.insert("delivery_claim_token", claim);
+        match self.up.router.dispatch(&cmd, &self.host_label) {
+            Dispatch::Started { who } => {
+                tracing::info!(
+                    command_id = id,
+                    action = %cmd.action,
+                    engine = cmd.engine().unwrap_or("-"),
+                    to = %who,
+                    "command routed to a local process"
+                );
+                Ok(())
+            }
+            Dispatch::Failed(r) => {
+                tracing::warn!(
+                    command_id = id,
+                    action = %cmd.action,
+                    engine = cmd.engine().unwrap_or("-"),
+                    error = r.error.as_deref().unwrap_or(""),
+                    "command failed at once"
+                );
+                self.send_result(&r).await
+            }
+            Dispatch::DuplicateRunning => {
+                tracing::info!(
+                    command_id = id,
+                    "command delivered again while running; acknowledged, not run twice"
+                );
+                Ok(())
+            }
+            Dispatch::DuplicateDone(r) => {
+                tracing::info!(command_id = id, "command delivered again after its answer; acknowledged and answered again, not run twice");
+                self.send_result(&r).await
+            }
+        }
+    }
+
+    async fn send_result(&mut self, r: &CommandResult) -> Result<(), SessionEnd> {
         let frame = self.signer.sign_value(
             "command_result",
-            id,
-            &result,
+            &r.id,
+            &r.payload(),
             OffsetDateTime::now_utc(),
             &protocol::new_nonce(),
-        );
-        tracing::warn!(
-            command_id = id,
-            action,
-            engine,
-            "command refused: no local process can run it"
         );
         self.send(frame).await
     }
 
     async fn send_heartbeat(&mut self) -> Result<(), SessionEnd> {
-        let snapshot = self.up.spool.snapshot().await.ok();
-        let depth = snapshot
-            .map(|s| s.depth)
-            .unwrap_or_else(|| self.spool_depth());
+        let depth = self.spool_depth();
         let st = self.up.spool.stats();
         let dropped = st.dropped_oldest_total.load(Ordering::Relaxed)
             + st.refused_full_total.load(Ordering::Relaxed)
             + self.up.status.events_undeliverable.load(Ordering::Relaxed);
+        let oldest_age = st.oldest_age_seconds();
         let now = OffsetDateTime::now_utc();
 
         let mut hb = Value::empty_map();
@@ -633,20 +660,15 @@ impl Session<'_> {
         st_payload.insert("buffer_depth", depth);
         st_payload.insert(
             "buffer_oldest_age_seconds",
-            snapshot
-                .and_then(|s| s.oldest_stored_ms)
-                .map(|ms| {
-                    let now_ms = (now.unix_timestamp_nanos() / 1_000_000) as i64;
-                    Value::Float(((now_ms - ms).max(0) as f64) / 1000.0)
-                })
-                .unwrap_or(Value::Null),
+            oldest_age.map(Value::Float).unwrap_or(Value::Null),
         );
         st_payload.insert("agent_version", env!("CARGO_PKG_VERSION"));
         st_payload.insert("protocol_version", protocol::PROTOCOL_VERSION);
         st_payload.insert(
             "engines",
             Value::Array(
-                self.engines
+                self.advertised
+                    .engines
                     .iter()
                     .take(32)
                     .map(|e| Value::from(e.as_str()))

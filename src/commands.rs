@@ -1,0 +1,554 @@
+//! Commands from the brain, routed to the local process that can run them.
+//!
+//! The brain sends every command for this agent to the daemon's one
+//! connection; the [`Router`] hands each to one live local connection that
+//! declared the command's engine and action in its `hello`, relays that
+//! process's `command_result`, and guarantees an answer: when no process
+//! can run it, when the process disconnects, or when it does not answer
+//! within the command's `timeout_seconds` minus a margin, the brain gets a
+//! `failed` result that says why, instead of waiting for its own timeout.
+//!
+//! Routing policy: among the connections that declared the engine (the
+//! command's `target.engine`, else `parameters.engine`) with the action,
+//! the one with the fewest commands in progress; on a tie, the one
+//! connected longest. A command without an engine goes to any connection
+//! that declared the action. Delivery is at most once per command id:
+//! re-deliveries (same id within [`SEEN_FOR`]) are acknowledged again and
+//! answered with the result already known, never run twice.
+//!
+//! The local contract is documented in `docs/local-protocol.md`.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use crate::ingest::framing::Framing;
+use crate::protocol::Value;
+use crate::status::Status;
+
+/// How long a command id is remembered for de-duplication.
+pub const SEEN_FOR: Duration = Duration::from_secs(300);
+/// At most this many command ids are remembered (oldest forgotten first).
+pub const SEEN_MAX: usize = 10_000;
+/// The brain's limit on `command_result.error`.
+pub const MAX_ERROR_CHARS: usize = 8192;
+/// Largest `result` relayed (the whole frame must fit the brain's 1 MiB).
+pub const MAX_RESULT_BYTES: usize = 512 * 1024;
+/// Commands without `timeout_seconds` get the brain's default.
+const DEFAULT_TIMEOUT_SECONDS: u64 = 60;
+
+/// A command as the brain sent it.
+#[derive(Debug, Clone)]
+pub struct Command {
+    /// The command's UUID (the frame id).
+    pub id: String,
+    /// `payload.action`.
+    pub action: String,
+    /// `payload.target`.
+    pub target: Value,
+    /// `payload.parameters`.
+    pub parameters: Value,
+    /// `payload.timeout_seconds`.
+    pub timeout_seconds: u64,
+    /// `payload.delivery_claim_token`, echoed back.
+    pub claim: Value,
+}
+
+impl Command {
+    /// Reads a verified `command` frame's payload.
+    pub fn from_payload(id: &str, p: &Value) -> Command {
+        Command {
+            id: id.to_string(),
+            action: p
+                .get("action")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+            target: p.get("target").cloned().unwrap_or(Value::Null),
+            parameters: p.get("parameters").cloned().unwrap_or(Value::Null),
+            timeout_seconds: p
+                .get("timeout_seconds")
+                .and_then(Value::as_u64)
+                .filter(|t| *t > 0)
+                .unwrap_or(DEFAULT_TIMEOUT_SECONDS),
+            claim: p
+                .get("delivery_claim_token")
+                .cloned()
+                .unwrap_or(Value::Null),
+        }
+    }
+
+    /// The engine the command is for, if it names one.
+    pub fn engine(&self) -> Option<&str> {
+        self.target
+            .get("engine")
+            .and_then(Value::as_str)
+            .or_else(|| self.parameters.get("engine").and_then(Value::as_str))
+            .or_else(|| {
+                self.parameters
+                    .get("filter")
+                    .and_then(|f| f.get("engine"))
+                    .and_then(Value::as_str)
+            })
+            .filter(|e| !e.is_empty())
+    }
+
+    /// How long the local process gets: the brain's timeout minus a margin
+    /// (a tenth, between 2 and 10 s) so the `failed` answer arrives first.
+    pub fn local_budget(&self) -> Duration {
+        let total = Duration::from_secs(self.timeout_seconds);
+        let margin = (total / 10).clamp(Duration::from_secs(2), Duration::from_secs(10));
+        total.saturating_sub(margin).max(Duration::from_millis(500))
+    }
+}
+
+/// The answer relayed to the brain as `command_result`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommandResult {
+    /// The command id.
+    pub id: String,
+    /// `true` for `success`, `false` for `failed`.
+    pub success: bool,
+    /// An object or null.
+    pub result: Value,
+    /// Why it failed (at most [`MAX_ERROR_CHARS`]).
+    pub error: Option<String>,
+    /// The delivery claim token, echoed.
+    pub claim: Value,
+}
+
+impl CommandResult {
+    fn failed(cmd_id: &str, claim: &Value, error: String) -> CommandResult {
+        CommandResult {
+            id: cmd_id.to_string(),
+            success: false,
+            result: Value::Null,
+            error: Some(truncate(error, MAX_ERROR_CHARS)),
+            claim: claim.clone(),
+        }
+    }
+
+    /// The `command_result` payload.
+    pub fn payload(&self) -> Value {
+        let mut p = Value::empty_map();
+        p.insert("status", if self.success { "success" } else { "failed" });
+        p.insert("result", self.result.clone());
+        p.insert(
+            "error",
+            self.error.clone().map(Value::from).unwrap_or(Value::Null),
+        );
+        p.insert("delivery_claim_token", self.claim.clone());
+        p
+    }
+}
+
+fn truncate(mut s: String, max_chars: usize) -> String {
+    if let Some((i, _)) = s.char_indices().nth(max_chars) {
+        s.truncate(i);
+    }
+    s
+}
+
+/// What a local connection declared and how to reach it.
+#[derive(Clone)]
+pub struct ClientHandle {
+    /// The connection's reply queue.
+    pub tx: mpsc::Sender<Vec<u8>>,
+    /// Its framing.
+    pub framing: Framing,
+    /// Engine -> actions it runs.
+    pub capabilities: BTreeMap<String, Vec<String>>,
+    /// Peer pid, for messages.
+    pub pid: Option<i32>,
+    /// Process name from `hello`, for messages.
+    pub process: Option<String>,
+}
+
+impl ClientHandle {
+    fn describe(&self) -> String {
+        match (&self.pid, &self.process) {
+            (Some(p), Some(n)) => format!("pid {p} ({n})"),
+            (Some(p), None) => format!("pid {p}"),
+            (None, Some(n)) => format!("process {n}"),
+            (None, None) => "the local process".to_string(),
+        }
+    }
+
+    fn runs(&self, engine: Option<&str>, action: &str) -> bool {
+        match engine {
+            Some(e) => self
+                .capabilities
+                .get(e)
+                .is_some_and(|a| a.iter().any(|x| x == action)),
+            None => self
+                .capabilities
+                .values()
+                .any(|a| a.iter().any(|x| x == action)),
+        }
+    }
+}
+
+struct Conn {
+    handle: ClientHandle,
+    since: Instant,
+    running: usize,
+}
+
+struct Running {
+    conn: u64,
+    claim: Value,
+    who: String,
+}
+
+enum Seen {
+    Running,
+    Done(CommandResult),
+}
+
+#[derive(Default)]
+struct Inner {
+    conns: BTreeMap<u64, Conn>,
+    running: HashMap<String, Running>,
+    /// Command id -> when it was last recorded, and its state.
+    seen: HashMap<String, (Instant, Seen)>,
+    /// Ids in the order they were recorded (an id may appear again later;
+    /// only its latest entry counts).
+    seen_order: VecDeque<(Instant, String)>,
+}
+
+impl Inner {
+    fn remember(&mut self, id: &str, state: Seen, now: Instant) {
+        self.seen.insert(id.to_string(), (now, state));
+        self.seen_order.push_back((now, id.to_string()));
+        while let Some((at, old)) = self.seen_order.front() {
+            if now.duration_since(*at) <= SEEN_FOR && self.seen.len() <= SEEN_MAX {
+                break;
+            }
+            let (at, old) = (*at, old.clone());
+            self.seen_order.pop_front();
+            // Forget only the latest record of a command that is not running.
+            let latest = self.seen.get(&old).is_some_and(|(t, _)| *t == at);
+            if latest && !self.running.contains_key(&old) {
+                self.seen.remove(&old);
+            }
+        }
+    }
+
+    fn seen(&self, id: &str) -> Option<&Seen> {
+        self.seen.get(id).map(|(_, s)| s)
+    }
+}
+
+/// What [`Router::dispatch`] did with a command.
+#[derive(Debug, PartialEq)]
+pub enum Dispatch {
+    /// Handed to a local process; its result will arrive on the results channel.
+    Started {
+        /// Who runs it.
+        who: String,
+    },
+    /// Nobody can run it: answer at once with this.
+    Failed(CommandResult),
+    /// Seen before and still running: only re-acknowledge.
+    DuplicateRunning,
+    /// Seen before and answered: re-acknowledge and send this again.
+    DuplicateDone(CommandResult),
+}
+
+/// Routes commands to local connections and results back to the uplink.
+pub struct Router {
+    inner: Mutex<Inner>,
+    results: mpsc::UnboundedSender<CommandResult>,
+    status: Arc<Status>,
+}
+
+/// Local answers on their way to the brain.
+pub type Results = mpsc::UnboundedReceiver<CommandResult>;
+
+/// What a client's `command_result` message was refused for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResultRefusal {
+    /// Error code for the client.
+    pub code: &'static str,
+    /// What to change.
+    pub message: String,
+}
+
+impl Router {
+    /// A router and the receiving end of its results, for the uplink.
+    pub fn new(status: Arc<Status>) -> (Arc<Router>, Results) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (
+            Arc::new(Router {
+                inner: Mutex::new(Inner::default()),
+                results: tx,
+                status,
+            }),
+            rx,
+        )
+    }
+
+    /// Registers (or updates, on a later `hello`) a connection's capabilities.
+    pub fn register(&self, conn: u64, handle: ClientHandle) {
+        let mut inner = self.inner.lock().unwrap();
+        match inner.conns.get_mut(&conn) {
+            Some(c) => c.handle = handle,
+            None => {
+                inner.conns.insert(
+                    conn,
+                    Conn {
+                        handle,
+                        since: Instant::now(),
+                        running: 0,
+                    },
+                );
+            }
+        }
+    }
+
+    /// The connection is gone: every command it was running fails now.
+    pub fn disconnected(&self, conn: u64) {
+        let failed: Vec<CommandResult> = {
+            let mut inner = self.inner.lock().unwrap();
+            inner.conns.remove(&conn);
+            let ids: Vec<String> = inner
+                .running
+                .iter()
+                .filter(|(_, r)| r.conn == conn)
+                .map(|(id, _)| id.clone())
+                .collect();
+            ids.into_iter()
+                .filter_map(|id| {
+                    let r = inner.running.remove(&id)?;
+                    let res = CommandResult::failed(
+                        &id,
+                        &r.claim,
+                        format!(
+                            "{} disconnected from z4j-agentd before answering the command",
+                            r.who
+                        ),
+                    );
+                    inner.remember(&id, Seen::Done(res.clone()), Instant::now());
+                    Some(res)
+                })
+                .collect()
+        };
+        for r in failed {
+            tracing::warn!(command_id = %r.id, "command failed: the process running it disconnected");
+            self.finish(r);
+        }
+    }
+
+    fn finish(&self, r: CommandResult) {
+        self.status.command_finished(r.success);
+        let _ = self.results.send(r);
+    }
+
+    /// Takes a command from the brain. `host` names this host in errors.
+    pub fn dispatch(self: &Arc<Self>, cmd: &Command, host: &str) -> Dispatch {
+        let now = Instant::now();
+        let mut inner = self.inner.lock().unwrap();
+        match inner.seen(&cmd.id) {
+            Some(Seen::Running) => return Dispatch::DuplicateRunning,
+            Some(Seen::Done(r)) => return Dispatch::DuplicateDone(r.clone()),
+            None => {}
+        }
+        self.status.command_received();
+        let engine = cmd.engine();
+        let mut candidates: Vec<(usize, Instant, u64)> = inner
+            .conns
+            .iter()
+            .filter(|(_, c)| c.handle.runs(engine, &cmd.action))
+            .map(|(id, c)| (c.running, c.since, *id))
+            .collect();
+        candidates.sort();
+        let budget = cmd.local_budget();
+        let mut msg = Value::empty_map();
+        msg.insert("type", "command");
+        msg.insert("id", cmd.id.as_str());
+        msg.insert("action", cmd.action.as_str());
+        msg.insert("target", cmd.target.clone());
+        msg.insert("parameters", cmd.parameters.clone());
+        msg.insert("timeout_seconds", budget.as_secs_f64());
+        let mut full = Vec::new();
+        for (_, _, conn_id) in candidates {
+            let c = inner.conns.get_mut(&conn_id).expect("candidate exists");
+            let bytes = c.handle.framing.encode(&msg);
+            if c.handle.tx.try_send(bytes).is_err() {
+                full.push(c.handle.describe());
+                continue;
+            }
+            c.running += 1;
+            let who = c.handle.describe();
+            inner.running.insert(
+                cmd.id.clone(),
+                Running {
+                    conn: conn_id,
+                    claim: cmd.claim.clone(),
+                    who: who.clone(),
+                },
+            );
+            inner.remember(&cmd.id, Seen::Running, now);
+            drop(inner);
+            let router = Arc::clone(self);
+            let id = cmd.id.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(budget).await;
+                router.expire(&id, budget);
+            });
+            return Dispatch::Started { who };
+        }
+        let engine_text = engine
+            .map(|e| format!("engine {e:?}"))
+            .unwrap_or_else(|| "any engine".into());
+        let error = if full.is_empty() {
+            format!(
+                "z4j-agentd on {host}: no connected local process runs action {:?} for {engine_text}; start a worker that registers it (hello with capabilities)",
+                cmd.action
+            )
+        } else {
+            format!(
+                "z4j-agentd on {host}: the local processes that run action {:?} for {engine_text} are not reading their connection ({})",
+                cmd.action,
+                full.join(", ")
+            )
+        };
+        let r = CommandResult::failed(&cmd.id, &cmd.claim, error);
+        inner.remember(&cmd.id, Seen::Done(r.clone()), now);
+        drop(inner);
+        self.status.command_finished(false);
+        Dispatch::Failed(r)
+    }
+
+    /// The local budget ran out.
+    fn expire(&self, id: &str, budget: Duration) {
+        let r = {
+            let mut inner = self.inner.lock().unwrap();
+            let Some(run) = inner.running.remove(id) else {
+                return;
+            };
+            if let Some(c) = inner.conns.get_mut(&run.conn) {
+                c.running = c.running.saturating_sub(1);
+            }
+            let r = CommandResult::failed(
+                id,
+                &run.claim,
+                format!(
+                    "{} did not answer within {:.0} s (the command's timeout minus a margin)",
+                    run.who,
+                    budget.as_secs_f64()
+                ),
+            );
+            inner.remember(id, Seen::Done(r.clone()), Instant::now());
+            r
+        };
+        tracing::warn!(command_id = %id, "command failed: no answer in time");
+        self.finish(r);
+    }
+
+    /// A `command_result` message from connection `conn`.
+    pub fn on_result(&self, conn: u64, msg: &Value) -> Result<(), ResultRefusal> {
+        let Some(id) = msg.get("id").and_then(Value::as_str) else {
+            return Err(ResultRefusal {
+                code: "bad_command_result",
+                message: "a command_result needs the command's \"id\"".into(),
+            });
+        };
+        let parsed = parse_answer(id, msg);
+        let r = {
+            let mut inner = self.inner.lock().unwrap();
+            let Some(run) = inner.running.get(id) else {
+                return Err(ResultRefusal {
+                    code: "unknown_command",
+                    message: format!(
+                        "no command {id:?} is waiting for an answer (it was answered, timed out, or never sent here)"
+                    ),
+                });
+            };
+            if run.conn != conn {
+                return Err(ResultRefusal {
+                    code: "unknown_command",
+                    message: format!("command {id:?} was sent to another connection"),
+                });
+            }
+            let run = inner.running.remove(id).expect("present");
+            if let Some(c) = inner.conns.get_mut(&conn) {
+                c.running = c.running.saturating_sub(1);
+            }
+            let r = match &parsed {
+                Ok((success, result, error)) => CommandResult {
+                    id: id.to_string(),
+                    success: *success,
+                    result: result.clone(),
+                    error: error.clone(),
+                    claim: run.claim.clone(),
+                },
+                Err(why) => CommandResult::failed(
+                    id,
+                    &run.claim,
+                    format!(
+                        "{} answered with a malformed command_result: {why}",
+                        run.who
+                    ),
+                ),
+            };
+            inner.remember(id, Seen::Done(r.clone()), Instant::now());
+            r
+        };
+        self.finish(r);
+        parsed.map(|_| ()).map_err(|why| ResultRefusal {
+            code: "bad_command_result",
+            message: format!("{why}; the brain was told the command failed"),
+        })
+    }
+}
+
+/// Validates a client's answer: `(success, result, error)`.
+fn parse_answer(_id: &str, msg: &Value) -> Result<(bool, Value, Option<String>), String> {
+    let success = match msg.get("status").and_then(Value::as_str) {
+        Some("success") => true,
+        Some("failed") => false,
+        Some(other) => {
+            return Err(format!(
+                "\"status\" must be \"success\" or \"failed\", got {other:?}"
+            ))
+        }
+        None => return Err("\"status\" (\"success\" or \"failed\") is required".into()),
+    };
+    let result = match msg.get("result") {
+        None | Some(Value::Null) => Value::Null,
+        Some(v @ Value::Map(_)) => {
+            let size = crate::protocol::canonical::to_vec(v)
+                .map(|b| b.len())
+                .unwrap_or(usize::MAX);
+            if size > MAX_RESULT_BYTES {
+                return Err(format!(
+                    "\"result\" is {size} bytes; at most {MAX_RESULT_BYTES} fit in a frame to the brain"
+                ));
+            }
+            v.clone()
+        }
+        Some(other) => {
+            return Err(format!(
+                "\"result\" must be a map or null, got {}",
+                other.type_name()
+            ))
+        }
+    };
+    let error = match msg.get("error") {
+        None | Some(Value::Null) => None,
+        Some(Value::Str(s)) => Some(truncate(s.clone(), MAX_ERROR_CHARS)),
+        Some(other) => {
+            return Err(format!(
+                "\"error\" must be a string or null, got {}",
+                other.type_name()
+            ))
+        }
+    };
+    Ok((success, result, error))
+}
+
+#[cfg(test)]
+mod tests;
