@@ -240,6 +240,15 @@ pub fn render(v: &Value) -> String {
         n(v, "refused"),
         by_reason(v.get("refused_by_reason"))
     );
+    if let Some(c) = v.get("commands") {
+        let _ = writeln!(
+            o,
+            "commands: received {}, succeeded {}, failed {}",
+            n(c, "received"),
+            n(c, "succeeded"),
+            n(c, "failed")
+        );
+    }
     let _ = writeln!(
         o,
         "clients:  {} connected on {}",

@@ -55,6 +55,8 @@ pub struct Client {
     wr: OwnedWriteHalf,
     next_ack: u64,
     buf: Vec<u8>,
+    /// Commands that arrived while waiting for another reply.
+    commands: std::collections::VecDeque<Value>,
 }
 
 #[derive(Serialize)]
@@ -75,6 +77,7 @@ impl Client {
             wr,
             next_ack: 1,
             buf: Vec::new(),
+            commands: std::collections::VecDeque::new(),
         })
     }
 
@@ -89,8 +92,20 @@ impl Client {
         Ok(())
     }
 
-    /// Reads one reply.
+    /// Reads one reply; a `command` from the daemon is kept for
+    /// [`Client::next_command`] and the next message is read instead.
     pub async fn read_reply(&mut self) -> Result<Value, ClientError> {
+        loop {
+            let v = self.read_message().await?;
+            if v.get("type").and_then(Value::as_str) == Some("command") {
+                self.commands.push_back(v);
+                continue;
+            }
+            return Ok(v);
+        }
+    }
+
+    async fn read_message(&mut self) -> Result<Value, ClientError> {
         let mut len = [0u8; 4];
         self.rd.read_exact(&mut len).await?;
         let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
@@ -109,6 +124,98 @@ impl Client {
             Value::Array(engines.iter().map(|e| Value::from(*e)).collect()),
         );
         self.write_msg(&m).await
+    }
+
+    /// Sends any message as it is (for messages this client has no method for).
+    pub async fn write_raw(&mut self, msg: &Value) -> Result<(), ClientError> {
+        self.write_msg(msg).await
+    }
+
+    /// Registers this process with the actions it runs per engine
+    /// (`capabilities`), so the daemon routes the brain's commands to it;
+    /// waits for `hello_ack`.
+    pub async fn hello_with_capabilities(
+        &mut self,
+        process: &str,
+        capabilities: &[(&str, &[&str])],
+    ) -> Result<(), ClientError> {
+        let ack_id = self.next_ack;
+        self.next_ack += 1;
+        let mut caps = Value::empty_map();
+        for (engine, actions) in capabilities {
+            caps.insert(
+                *engine,
+                Value::Array(actions.iter().map(|a| Value::from(*a)).collect()),
+            );
+        }
+        let mut m = Value::empty_map();
+        m.insert("type", "hello");
+        m.insert("process", process);
+        m.insert(
+            "engines",
+            Value::Array(capabilities.iter().map(|(e, _)| Value::from(*e)).collect()),
+        );
+        m.insert("capabilities", caps);
+        m.insert("ack_id", ack_id);
+        self.write_msg(&m).await?;
+        loop {
+            let reply = self.read_reply().await?;
+            match reply.get("type").and_then(Value::as_str) {
+                Some("hello_ack")
+                    if reply.get("ack_id").and_then(Value::as_u64) == Some(ack_id) =>
+                {
+                    return Ok(())
+                }
+                Some("error") => return Err(refusal(&reply)),
+                _ => continue,
+            }
+        }
+    }
+
+    /// Waits for the next `command` the daemon routes to this connection.
+    pub async fn next_command(&mut self) -> Result<Value, ClientError> {
+        loop {
+            if let Some(c) = self.commands.pop_front() {
+                return Ok(c);
+            }
+            let v = self.read_message().await?;
+            if v.get("type").and_then(Value::as_str) == Some("command") {
+                return Ok(v);
+            }
+        }
+    }
+
+    /// Answers a command (`command_result`) and waits for the daemon's ack.
+    /// `result` must be a map (or `None`).
+    pub async fn command_result(
+        &mut self,
+        id: &str,
+        success: bool,
+        result: Option<Value>,
+        error: Option<&str>,
+    ) -> Result<(), ClientError> {
+        let ack_id = self.next_ack;
+        self.next_ack += 1;
+        let mut m = Value::empty_map();
+        m.insert("type", "command_result");
+        m.insert("id", id);
+        m.insert("status", if success { "success" } else { "failed" });
+        m.insert("result", result.unwrap_or(Value::Null));
+        m.insert("error", error.map(Value::from).unwrap_or(Value::Null));
+        m.insert("ack_id", ack_id);
+        self.write_msg(&m).await?;
+        loop {
+            let reply = self.read_reply().await?;
+            match reply.get("type").and_then(Value::as_str) {
+                Some("ack") if reply.get("ack_id").and_then(Value::as_u64) == Some(ack_id) => {
+                    return Ok(())
+                }
+                Some("error") if reply.get("ack_id").and_then(Value::as_u64) == Some(ack_id) => {
+                    return Err(refusal(&reply))
+                }
+                _ => continue,
+            }
+        }
     }
 
     /// Sends events without waiting (fire-and-forget).
@@ -151,20 +258,7 @@ impl Client {
                     return Ok(reply.get("stored").and_then(Value::as_u64).unwrap_or(0));
                 }
                 Some("ack") => continue,
-                Some("error") => {
-                    return Err(ClientError::Refused {
-                        code: reply
-                            .get("code")
-                            .and_then(Value::as_str)
-                            .unwrap_or("")
-                            .to_string(),
-                        message: reply
-                            .get("message")
-                            .and_then(Value::as_str)
-                            .unwrap_or("")
-                            .to_string(),
-                    })
-                }
+                Some("error") => return Err(refusal(&reply)),
                 other => return Err(ClientError::Protocol(format!("{other:?}"))),
             }
         }
@@ -194,5 +288,19 @@ impl Client {
                 return Ok(());
             }
         }
+    }
+}
+
+fn refusal(reply: &Value) -> ClientError {
+    let text = |k: &str| {
+        reply
+            .get(k)
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string()
+    };
+    ClientError::Refused {
+        code: text("code"),
+        message: text("message"),
     }
 }

@@ -181,6 +181,17 @@ impl Collector for DaemonCollector {
             "Times a producer was held back because the spool was full (block policy).",
             load(&s.producer_waits),
         )?;
+        counter_family(
+            &mut enc,
+            "commands",
+            "Commands from the brain by outcome: received (re-deliveries not counted), succeeded and failed (failed includes those no local process could run, timed out or lost with their process).",
+            "outcome",
+            [
+                ("received", load(&s.commands_received)),
+                ("succeeded", load(&s.commands_succeeded)),
+                ("failed", load(&s.commands_failed)),
+            ],
+        )?;
         counter(
             &mut enc,
             "brain_connects",

@@ -63,6 +63,8 @@ pub struct Seen {
     pub client_close_codes: Mutex<Vec<u16>>,
     /// Verification failures of the daemon's frames (must stay empty).
     pub verify_failures: Mutex<Vec<String>>,
+    /// `command_ack` and `command_result` frames: (type, id, payload).
+    pub command_frames: Mutex<Vec<(String, String, Value)>>,
 }
 
 /// A running fake brain.
@@ -71,6 +73,7 @@ pub struct FakeBrain {
     pub url: String,
     /// What it saw.
     pub seen: Arc<Seen>,
+    commands: tokio::sync::broadcast::Sender<(String, Value)>,
 }
 
 impl FakeBrain {
@@ -82,16 +85,47 @@ impl FakeBrain {
         let key = SigningKey::from_base64(SECRET).unwrap();
         let behavior = Arc::new(Mutex::new(behavior));
         let s = seen.clone();
+        let (commands, _) = tokio::sync::broadcast::channel(64);
+        let cmds = commands.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     return;
                 };
                 let n = s.connections.fetch_add(1, Ordering::SeqCst) + 1;
-                tokio::spawn(serve(tcp, n, key.clone(), behavior.clone(), s.clone()));
+                tokio::spawn(serve(
+                    tcp,
+                    n,
+                    key.clone(),
+                    behavior.clone(),
+                    s.clone(),
+                    cmds.subscribe(),
+                ));
             }
         });
-        FakeBrain { url, seen }
+        FakeBrain {
+            url,
+            seen,
+            commands,
+        }
+    }
+
+    /// Sends a signed `command` frame with this id and payload on every
+    /// open session.
+    pub fn send_command(&self, id: &str, payload: Value) {
+        let _ = self.commands.send((id.to_string(), payload));
+    }
+
+    /// The `command_ack` / `command_result` frames received for `id`.
+    pub fn command_frames(&self, id: &str) -> Vec<(String, Value)> {
+        self.seen
+            .command_frames
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, i, _)| i == id)
+            .map(|(t, _, p)| (t.clone(), p.clone()))
+            .collect()
     }
 }
 
@@ -101,6 +135,7 @@ async fn serve(
     key: SigningKey,
     behavior: Arc<Mutex<Behavior>>,
     seen: Arc<Seen>,
+    mut commands: tokio::sync::broadcast::Receiver<(String, Value)>,
 ) {
     let seen_hdr = seen.clone();
     let callback = move |req: &Request, resp: Response| {
@@ -175,7 +210,27 @@ async fn serve(
     let mut signer = Signer::new(key, binding.clone());
     let wrong = SigningKey::from_bytes(&[7u8; 32]).unwrap();
     let mut wrong_signer = Signer::new(wrong, binding);
-    while let Some(msg) = ws.next().await {
+    loop {
+        let msg = tokio::select! {
+            m = ws.next() => match m {
+                Some(m) => m,
+                None => return,
+            },
+            c = commands.recv() => {
+                let Ok((id, payload)) = c else { continue };
+                let frame = signer.sign_value(
+                    "command",
+                    &id,
+                    &payload,
+                    OffsetDateTime::now_utc(),
+                    &protocol::new_nonce(),
+                );
+                if ws.send(Message::binary(frame)).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
         let bytes = match msg {
             Ok(Message::Binary(b)) => b.to_vec(),
             Ok(Message::Text(t)) => t.as_bytes().to_vec(),
@@ -206,6 +261,13 @@ async fn serve(
             .lock()
             .unwrap()
             .push(frame.frame_type.clone());
+        if frame.frame_type.starts_with("command_") {
+            seen.command_frames.lock().unwrap().push((
+                frame.frame_type.clone(),
+                frame.id.clone(),
+                frame.payload.clone(),
+            ));
+        }
         if frame.frame_type != "event_batch" {
             continue;
         }
