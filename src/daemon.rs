@@ -138,6 +138,7 @@ pub async fn run(
         worker_id: config.uplink.worker_id.clone(),
         agent_name: config.uplink.agent_name.clone(),
         static_engines: config.uplink.static_engines.clone(),
+        static_capabilities: config.uplink.static_capabilities.clone(),
         spool_path: location.path.display().to_string(),
         socket_path: socket_path.display().to_string(),
     });

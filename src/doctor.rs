@@ -636,17 +636,19 @@ async fn probe_socket(c: &Config, path: &Path) -> (Probe, DaemonView) {
             extra.insert("spool_depth", n("spool_depth"));
             extra.insert("uplink_state", s("uplink_state"));
             extra.insert("other_clients", n("clients").saturating_sub(1));
+            // What the daemon advertises once its hello catches up with its
+            // clients: the doctor's hello must not take anything away.
             let mut capabilities = std::collections::BTreeMap::new();
-            if let Some(Value::Map(m)) = stats.get("advertised_capabilities") {
+            if let Some(Value::Map(m)) = stats.get("capabilities") {
                 for (engine, actions) in m {
                     capabilities.insert(engine.clone(), strings(Some(actions)));
                 }
             }
             let view = DaemonView {
                 advertised: Some(Advertisement {
-                    engines: strings(stats.get("advertised_engines")),
+                    engines: strings(stats.get("engines")),
                     capabilities,
-                    runtime_features: strings(stats.get("advertised_runtime_features")),
+                    runtime_features: strings(stats.get("runtime_features")),
                 }),
             };
             // The doctor's own connection is one of the clients.

@@ -142,6 +142,8 @@ pub struct DaemonInfo {
     pub agent_name: String,
     /// Engines configured statically (`Z4J_ENGINES`).
     pub static_engines: Vec<String>,
+    /// Actions per engine configured statically (`Z4J_CAPABILITIES`).
+    pub static_capabilities: BTreeMap<String, Vec<String>>,
     /// The spool file.
     pub spool_path: String,
     /// The local socket.
@@ -472,21 +474,6 @@ impl Status {
         }
     }
 
-    /// The sorted union of engines registered by connected clients plus `extra`.
-    pub fn engines_union(&self, extra: &[String]) -> Vec<String> {
-        let mut all: Vec<String> = self
-            .clients
-            .lock()
-            .unwrap()
-            .values()
-            .flat_map(|c| c.engines.iter().cloned())
-            .chain(extra.iter().cloned())
-            .collect();
-        all.sort();
-        all.dedup();
-        all
-    }
-
     /// The `stats` reply: one map an operator, `z4j-agentd status` or a test
     /// can read. Keys are documented in `docs/local-protocol.md`.
     pub fn report(&self, spool: &SpoolStats) -> Value {
@@ -502,8 +489,6 @@ impl Status {
             v.map(|t| Value::from(round3((now - t).as_seconds_f64().max(0.0))))
                 .unwrap_or(Value::Null)
         };
-        let strings =
-            |v: &[String]| Value::Array(v.iter().map(|e| Value::from(e.as_str())).collect());
         let counts = |m: BTreeMap<&'static str, u64>| {
             let mut out = Value::empty_map();
             for (k, v) in m {
@@ -596,10 +581,12 @@ impl Status {
             "client_list",
             Value::Array(clients.iter().map(client_value).collect()),
         );
-        m.insert(
-            "engines",
-            strings(&self.engines_union(&info.static_engines)),
-        );
+        // What the hello advertises once it catches up with the clients
+        // (the re-handshake is debounced), and what it advertised last.
+        let now = self.advertisement(&info.static_engines, &info.static_capabilities);
+        m.insert("engines", now.engines_value());
+        m.insert("capabilities", now.capabilities_value());
+        m.insert("runtime_features", now.runtime_features_value());
         m.insert("advertised_engines", u.advertised.engines_value());
         m.insert("advertised_capabilities", u.advertised.capabilities_value());
         m.insert(

@@ -56,6 +56,12 @@ async fn a_good_brain_passes_on_the_doctors_own_slot_beside_a_running_daemon() {
     })
     .await;
 
+    // A worker that runs cancel_task for celery is connected.
+    let mut worker = d.client().await;
+    worker
+        .hello_with_capabilities("celery-worker", &[("celery", &["cancel_task"])])
+        .await
+        .unwrap();
     o.socket_path = Some(d.socket.clone());
     let r = doctor::run(&o, d.host.clone(), true).await;
     assert!(r.ok(), "{}", r.to_text());
@@ -75,9 +81,14 @@ async fn a_good_brain_passes_on_the_doctors_own_slot_beside_a_running_daemon() {
     assert_eq!(probe(&r, "websocket").status, ProbeStatus::Ok);
     assert_eq!(probe(&r, "clock").status, ProbeStatus::Ok);
 
-    // The doctor said hello on its own slot, advertising the daemon's engines.
+    // The doctor said hello on its own slot, advertising what the daemon
+    // advertises (its engines and its worker's capabilities).
     let hellos = brain.seen.hellos.lock().unwrap().clone();
-    let last = hellos.last().unwrap();
+    let last = hellos
+        .iter()
+        .rev()
+        .find(|h| h.get("worker_id").and_then(Value::as_str) == Some("agentd-test-doctor"))
+        .unwrap();
     assert_eq!(
         last.get("worker_id").and_then(Value::as_str),
         Some("agentd-test-doctor")
@@ -85,7 +96,11 @@ async fn a_good_brain_passes_on_the_doctors_own_slot_beside_a_running_daemon() {
     let Some(Value::Array(engines)) = last.get("engines") else {
         panic!("engines list")
     };
-    assert_eq!(engines, &vec![Value::from("rq")]);
+    assert_eq!(engines, &vec![Value::from("celery"), Value::from("rq")]);
+    assert_eq!(
+        last.get("capabilities").and_then(|c| c.get("celery")),
+        Some(&Value::Array(vec![Value::from("cancel_task")]))
+    );
     // It proved the secret with a signed frame the fake verified.
     assert!(brain.seen.verify_failures.lock().unwrap().is_empty());
     assert!(brain
@@ -94,11 +109,20 @@ async fn a_good_brain_passes_on_the_doctors_own_slot_beside_a_running_daemon() {
         .lock()
         .unwrap()
         .contains(&"event_batch".to_string()));
-    // The daemon kept its one session.
-    assert_eq!(d.status.connects.load(Ordering::Relaxed), 1);
+    // The daemon was not displaced (it may re-handshake once to advertise
+    // its new worker, on its own slot).
+    assert!(d.status.failures().is_empty(), "{:?}", d.status.failures());
     assert_eq!(d.status.uplink().state, UplinkState::Connected);
-    // Two sessions in all: the daemon's and the doctor's.
-    assert_eq!(brain.seen.hellos.lock().unwrap().len(), 2);
+    // The doctor's session is the only one not on the daemon's slot.
+    let doctor_hellos = brain
+        .seen
+        .hellos
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|h| h.get("worker_id").and_then(Value::as_str) != Some("agentd-test"))
+        .count();
+    assert_eq!(doctor_hellos, 1);
     d.stop().await.unwrap();
 }
 

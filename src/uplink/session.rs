@@ -77,6 +77,7 @@ impl Uplink {
             i.worker_id = settings.worker_id.clone();
             i.agent_name = settings.agent_name.clone();
             i.static_engines = settings.static_engines.clone();
+            i.static_capabilities = settings.static_capabilities.clone();
         });
         self.status.set_uplink_state(UplinkState::Connecting);
         let mut ws = tokio::select! {
