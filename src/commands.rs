@@ -308,6 +308,34 @@ impl Router {
         }
     }
 
+    /// The daemon is stopping: every command still running fails now (with
+    /// that reason), so the uplink can answer the brain before it closes.
+    pub fn shutting_down(&self, host: &str) {
+        let failed: Vec<CommandResult> = {
+            let mut inner = self.inner.lock().unwrap();
+            let ids: Vec<String> = inner.running.keys().cloned().collect();
+            ids.into_iter()
+                .filter_map(|id| {
+                    let r = inner.running.remove(&id)?;
+                    let res = CommandResult::failed(
+                        &id,
+                        &r.claim,
+                        format!(
+                            "z4j-agentd on {host} is shutting down; {} had not answered yet",
+                            r.who
+                        ),
+                    );
+                    inner.remember(&id, Seen::Done(res.clone()), Instant::now());
+                    Some(res)
+                })
+                .collect()
+        };
+        for r in failed {
+            tracing::warn!(command_id = %r.id, "command failed: the daemon is shutting down");
+            self.finish(r);
+        }
+    }
+
     /// The connection is gone: every command it was running fails now.
     pub fn disconnected(&self, conn: u64) {
         let failed: Vec<CommandResult> = {

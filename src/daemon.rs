@@ -211,7 +211,7 @@ pub async fn run(
         status.clone(),
         drain.clone(),
         stop.clone(),
-        router,
+        router.clone(),
         results,
     );
     let mut uplink_task = tokio::spawn(uplink.run());
@@ -229,6 +229,7 @@ pub async fn run(
         ),
     ]);
     tracing::info!("shutting down: no new clients; finishing what connected clients sent");
+    router.shutting_down(&config.uplink.agent_name);
     ingest_stop.cancel();
     let _ = ingest_task.await;
     let depth = spool_handle

@@ -293,3 +293,24 @@ async fn capabilities_reach_the_brain_in_a_new_hello_without_forbidden_features(
     assert_eq!(engines, &vec![Value::from("celery"), Value::from("huey")]);
     d.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_still_running_at_shutdown_are_answered_before_the_close() {
+    let brain = FakeBrain::start(Behavior::default()).await;
+    let d = connected(&brain).await;
+    let mut worker = d.client().await;
+    worker
+        .hello_with_capabilities("slow-worker", &[("celery", &["cancel_task"])])
+        .await
+        .unwrap();
+    let id = "66666666-2222-4333-8444-555555555555";
+    brain.send_command(id, cancel("celery", "t-1"));
+    worker.next_command().await.unwrap();
+    d.stop().await.unwrap();
+    let f = brain.command_frames(id);
+    assert_eq!(f.len(), 2, "{f:?}");
+    assert_eq!(text(&f[1].1, "status"), "failed");
+    assert!(text(&f[1].1, "error").contains("is shutting down"), "{f:?}");
+    // And the daemon closed the session cleanly after it.
+    assert_eq!(*brain.seen.client_close_codes.lock().unwrap(), [1000]);
+}

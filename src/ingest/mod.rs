@@ -693,6 +693,7 @@ impl Session<'_> {
                     let engine = engine.trim();
                     if engine.is_empty() || engine.len() > 40 || !matches!(actions, Value::Array(_))
                     {
+                        self.ingest.status.refuse("bad_message", 1);
                         self.replies.error(
                             "bad_message",
                             &format!("hello: capabilities must map engine names (1-40 characters) to lists of action names; {engine:?} was ignored"),
@@ -707,15 +708,18 @@ impl Session<'_> {
                     capabilities.insert(engine.to_string(), list);
                 }
             }
-            Some(other) => self.replies.error(
-                "bad_message",
-                &format!(
-                    "hello: capabilities must be a map of engine -> list of actions, got {}",
-                    other.type_name()
-                ),
-                ack_id,
-                None,
-            ),
+            Some(other) => {
+                self.ingest.status.refuse("bad_message", 1);
+                self.replies.error(
+                    "bad_message",
+                    &format!(
+                        "hello: capabilities must be a map of engine -> list of actions, got {}",
+                        other.type_name()
+                    ),
+                    ack_id,
+                    None,
+                )
+            }
         }
         engines.extend(capabilities.keys().cloned());
         engines.sort();

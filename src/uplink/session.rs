@@ -189,11 +189,8 @@ impl Session<'_> {
         if let Err(e) = self.send_heartbeat().await {
             return e;
         }
-        while let Some(r) = self.up.unsent.pop_front() {
-            if let Err(e) = self.send_result(&r).await {
-                self.up.unsent.push_front(r);
-                return e;
-            }
+        if let Err(e) = self.flush_results().await {
+            return e;
         }
         let mut heartbeat = tokio::time::interval(self.ack.heartbeat_interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -209,12 +206,19 @@ impl Session<'_> {
                 return e;
             }
             if draining && self.inflight.is_empty() && self.spool_depth() == 0 {
+                // Answers still owed to the brain go out before the close.
+                if let Err(e) = self.flush_results().await {
+                    return e;
+                }
                 tracing::info!("spool drained to the brain");
                 return self.close_clean().await;
             }
             let window_open = self.inflight.len() < self.inflight_frames;
             tokio::select! {
                 _ = self.up.stop.cancelled() => {
+                    if let Err(e) = self.flush_results().await {
+                        return e;
+                    }
                     if self.spool_depth() > 0 {
                         tracing::warn!(
                             spool_depth = self.spool_depth(),
@@ -616,6 +620,22 @@ impl Session<'_> {
                 self.send_result(&r).await
             }
         }
+    }
+
+    /// Sends every answer waiting (from an earlier session or queued now).
+    async fn flush_results(&mut self) -> Result<(), SessionEnd> {
+        while let Some(r) = self
+            .up
+            .unsent
+            .pop_front()
+            .or_else(|| self.up.results.try_recv().ok())
+        {
+            if let Err(e) = self.send_result(&r).await {
+                self.up.unsent.push_front(r);
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 
     async fn send_result(&mut self, r: &CommandResult) -> Result<(), SessionEnd> {

@@ -21,7 +21,8 @@ binds 127.0.0.1 only (dev posture).
 
 The test venv (default `tests/e2e/.state/venv`, override with Z4J_E2E_VENV)
 is created on first use with `pip install z4j==1.13.0 websockets msgpack
-pytest` and reused afterwards.
+pytest celery` and reused afterwards (celery for `examples/celery_commands.py`);
+a venv made before one of these was added is topped up on the next use.
 
 CLI:
     brain.py venv                               create/check the venv, print its path
@@ -53,9 +54,9 @@ import brain_bootstrap as bb  # noqa: E402
 HERE = Path(__file__).resolve().parent
 STATE_ROOT = Path(os.environ.get("Z4J_E2E_STATE_ROOT", str(HERE / ".state")))
 Z4J_VERSION = "1.13.0"
-REQUIREMENTS = [f"z4j=={Z4J_VERSION}", "websockets", "msgpack", "pytest"]
+REQUIREMENTS = [f"z4j=={Z4J_VERSION}", "websockets", "msgpack", "pytest", "celery"]
 _CHECK = (
-    "import importlib.metadata as m, websockets, msgpack, pytest, sys; "
+    "import importlib.metadata as m, websockets, msgpack, pytest, celery, sys; "
     f"sys.exit(0 if m.version('z4j') == '{Z4J_VERSION}' else 3)"
 )
 

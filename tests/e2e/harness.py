@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -24,6 +26,7 @@ REPO = HERE.parents[1]
 EXAMPLES = REPO / "examples"
 SEND_JSONL = EXAMPLES / "send_jsonl.py"
 SEND_MSGPACK = EXAMPLES / "send_msgpack.py"
+CELERY_COMMANDS = EXAMPLES / "celery_commands.py"
 
 TERMINAL = {"success", "failure"}
 
@@ -301,6 +304,67 @@ class Client:
 
 def run_clients(clients: List[Client], timeout: float = 120.0) -> List[dict]:
     return [c.wait(timeout) for c in clients]
+
+
+class Service:
+    """A long-running client process (e.g. examples/celery_commands.py) whose
+    stdout lines are read as they come, with a deadline."""
+
+    def __init__(self, argv: List[str], workdir: Path, name: str, cwd: Optional[Path] = None) -> None:
+        self.name = name
+        self.argv = [str(a) for a in argv]
+        self.stderr_path = Path(workdir) / f"service-{name}.stderr"
+        self._stderr = open(self.stderr_path, "wb")
+        self.proc = subprocess.Popen(
+            self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._stderr,
+            cwd=str(cwd) if cwd else None,
+            # faulthandler: a process that hangs is made to print its stack (stop()).
+            env={**os.environ, "PYTHONIOENCODING": "utf-8", "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"},
+        )
+        self._lines: "queue.Queue[str]" = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for raw in self.proc.stdout:
+            self._lines.put(raw.decode(errors="replace").rstrip("\n"))
+
+    def next_json(self, timeout: float, what: str) -> dict:
+        """The next stdout line, parsed; fails after `timeout` with the process's stderr."""
+        try:
+            line = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"{self.name}: no stdout line within {timeout:.0f}s ({what}); "
+                                 f"exit={self.proc.poll()} stderr={self.stderr_tail()!r}") from None
+        return json.loads(line)
+
+    def pending_lines(self) -> List[str]:
+        """Stdout lines printed and not read yet."""
+        out = []
+        while True:
+            try:
+                out.append(self._lines.get_nowait())
+            except queue.Empty:
+                return out
+
+    def stderr_tail(self, n: int = 2000) -> str:
+        return self.stderr_path.read_text(errors="replace")[-n:] if self.stderr_path.exists() else ""
+
+    def stop(self, timeout: float = 10.0) -> Optional[int]:
+        """SIGTERM; after `timeout` SIGABRT (its Python stack goes to stderr), then SIGKILL.
+        Returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.send_signal(signal.SIGABRT)
+                try:
+                    self.proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(10)
+        self._stderr.close()
+        return self.proc.returncode
 
 
 # ---------------------------------------------------------------- brain queries

@@ -4,7 +4,7 @@
 #   tests/e2e/run.sh [pytest args...]      e.g. tests/e2e/run.sh -k restart -x
 #
 # 1. creates/reuses the test venv (tests/e2e/.state/venv, or $Z4J_E2E_VENV)
-#    with z4j==1.13.0, websockets, msgpack, pytest
+#    with z4j==1.13.0, websockets, msgpack, pytest, celery
 # 2. builds the daemon (`cargo build --bin z4j-agentd`) unless $Z4J_AGENTD_BIN
 #    names a binary to test
 # 3. runs pytest on tests/e2e from the repository root; exits with its status
