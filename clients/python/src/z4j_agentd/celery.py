@@ -1,0 +1,481 @@
+"""Celery: task lifecycle events from Celery's signals, and the brain's
+`cancel_task` and `retry_task` commands.
+
+    from celery import Celery
+    import z4j_agentd.celery
+
+    app = Celery("proj")
+    z4j_agentd.celery.install(app)
+
+Signals and events (engine `celery`, `task_id` the Celery task id, `worker`
+the worker's host name, e.g. `celery@web-1`):
+
+| signal | event | `data` |
+|---|---|---|
+| `task_received` | `task.received` | task_name, queue, worker, args, kwargs, parent_task_id, root_task_id |
+| `task_prerun` | `task.started` | task_name, queue, worker, args, kwargs |
+| `task_success` | `task.succeeded` | task_name, queue, worker, result, runtime_ms |
+| `task_failure` | `task.failed` | task_name, queue, worker, exception, exception_message, traceback, runtime_ms |
+| `task_retry` | `task.retried` | task_name, queue, worker, reason, retry_count |
+| `task_revoked` | `task.revoked` | task_name, queue, worker, terminated, signum, expired |
+
+`task_postrun` sends nothing: it forgets the start time kept since
+`task_prerun` (runtime_ms is measured from `task_prerun` to
+`task_success`/`task_failure`, in the process that ran the task).
+`task_received` and `task_revoked` run in the worker's main process;
+the others in the process that runs the task (a prefork child), whose own
+client the fork-safe `Client` gives it.
+
+Commands are served from the worker's main process only: the server starts
+on `worker_init` (or, when `install` ran during it, as Django's fixup does,
+on `worker_ready`), which Celery sends in the main process alone, and a
+forked pool child never inherits a command server. Web processes, `celery
+beat` and scripts that call `install` never serve commands.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback as _traceback
+from collections import OrderedDict
+from datetime import datetime, timezone
+from typing import Any, Dict, Optional, Tuple
+
+from ._jsonsafe import bounded, json_safe
+from .client import Client, get_client
+
+log = logging.getLogger("z4j_agentd.celery")
+
+ENGINE = "celery"
+#: A traceback is cut to this many characters (as z4j-celery does).
+MAX_TRACEBACK_CHARS = 4096
+#: args, kwargs and results longer than this as JSON are replaced by their start.
+MAX_VALUE_BYTES = 64 * 1024
+#: Tasks whose name, args and kwargs the serving process remembers for retry_task.
+REMEMBERED_TASKS = 10000
+#: Start times kept for runtime_ms before the oldest are forgotten.
+MAX_STARTED = 10000
+
+_CUT = "\n[... cut by z4j-agentd-client ...]\n"
+_PRIORITY_LABELS = {"critical": 9, "high": 6, "normal": 3, "low": 0}
+_ETA_MAX_PAST_SECONDS = 60
+_ETA_MAX_FUTURE_SECONDS = 365 * 24 * 3600
+
+
+def _get(obj: Any, name: str, default: Any = None) -> Any:
+    if obj is None:
+        return default
+    if isinstance(obj, dict):
+        return obj.get(name, default)
+    try:
+        return getattr(obj, name, default)
+    except Exception:
+        return default
+
+
+def _queue_of(request: Any) -> Optional[str]:
+    info = _get(request, "delivery_info")
+    if isinstance(info, dict):
+        queue = info.get("routing_key") or info.get("queue")
+        if isinstance(queue, str) and queue:
+            return queue
+    return None
+
+
+def _compact(data: Dict[str, Any], keep_none: Tuple[str, ...] = ()) -> Dict[str, Any]:
+    return {k: v for k, v in data.items() if v is not None or k in keep_none}
+
+
+class _Hooks:
+    """The signal receivers of one installation, and the command handlers."""
+
+    def __init__(self, app: Any, client: Optional[Client], serve_commands: bool) -> None:
+        self.app = app
+        #: The client given to install(); None means the default client,
+        #: looked up at each use, so a later z4j_agentd.configure() applies.
+        self.bound_client = client
+        self.serve_commands = serve_commands
+        self._started: "OrderedDict[str, float]" = OrderedDict()
+        self._started_lock = threading.Lock()
+        self._remembered: "OrderedDict[str, Dict[str, Any]]" = OrderedDict()
+        self._remembered_lock = threading.Lock()
+        self._connected: list = []
+        self._serving = False
+
+    # -- wiring ---------------------------------------------------------
+
+    def connect(self) -> None:
+        from celery import signals
+
+        pairs = [
+            (signals.task_received, self.on_task_received),
+            (signals.task_prerun, self.on_task_prerun),
+            (signals.task_success, self.on_task_success),
+            (signals.task_failure, self.on_task_failure),
+            (signals.task_retry, self.on_task_retry),
+            (signals.task_revoked, self.on_task_revoked),
+            (signals.task_postrun, self.on_task_postrun),
+            (signals.worker_init, self.on_worker_start),
+            (signals.worker_ready, self.on_worker_start),
+            (signals.worker_process_shutdown, self.on_process_shutdown),
+        ]
+        for signal, receiver in pairs:
+            signal.connect(receiver, weak=False)
+            self._connected.append((signal, receiver))
+
+    def disconnect(self) -> None:
+        for signal, receiver in self._connected:
+            try:
+                signal.disconnect(receiver)
+            except Exception:  # pragma: no cover
+                pass
+        self._connected.clear()
+
+    @property
+    def client(self) -> Client:
+        client = self.bound_client or get_client()
+        if ENGINE not in client._engines:
+            client._add_engine(ENGINE)
+        return client
+
+    def emit(self, kind: str, task_id: Any, data: Dict[str, Any]) -> None:
+        try:
+            self.client.emit(ENGINE, kind, str(task_id or ""), data)
+        except Exception:  # pragma: no cover - emit never raises; belt and braces
+            pass
+
+    # -- signal receivers (never raise into Celery) --------------------
+
+    def on_task_received(self, sender: Any = None, request: Any = None, **_: Any) -> None:
+        try:
+            if request is None:
+                return
+            task_id = _get(request, "id") or _get(request, "task_id")
+            name = _get(request, "name") or _get(request, "task_name") or _get(_get(request, "task"), "name")
+            args = _get(request, "args")
+            kwargs = _get(request, "kwargs")
+            queue = _queue_of(request)
+            parent = _get(request, "parent_id")
+            root = _get(request, "root_id")
+            self._remember(task_id, name, args, kwargs, queue)
+            self.emit("task.received", task_id, _compact({
+                "task_name": name,
+                "queue": queue,
+                "worker": _get(request, "hostname"),
+                "args": bounded(list(args) if isinstance(args, tuple) else args if args is not None else [],
+                                MAX_VALUE_BYTES),
+                "kwargs": bounded(kwargs if kwargs is not None else {}, MAX_VALUE_BYTES),
+                "parent_task_id": str(parent) if parent else None,
+                "root_task_id": str(root) if root else None,
+            }))
+        except Exception:
+            log.debug("z4j-agentd: task_received not recorded", exc_info=True)
+
+    def on_task_prerun(self, sender: Any = None, task_id: Any = None, task: Any = None,
+                       args: Any = None, kwargs: Any = None, **_: Any) -> None:
+        try:
+            task = task or sender
+            request = _get(task, "request")
+            task_id = task_id or _get(request, "id")
+            with self._started_lock:
+                self._started[str(task_id)] = time.monotonic()
+                while len(self._started) > MAX_STARTED:
+                    self._started.popitem(last=False)
+            self.emit("task.started", task_id, _compact({
+                "task_name": _get(task, "name"),
+                "queue": _queue_of(request),
+                "worker": _get(request, "hostname"),
+                "args": bounded(args if args is not None else [], MAX_VALUE_BYTES),
+                "kwargs": bounded(kwargs if kwargs is not None else {}, MAX_VALUE_BYTES),
+            }))
+        except Exception:
+            log.debug("z4j-agentd: task_prerun not recorded", exc_info=True)
+
+    def _runtime_ms(self, task_id: Any) -> Optional[int]:
+        with self._started_lock:
+            started = self._started.get(str(task_id))
+        if started is None:
+            return None
+        return max(0, int(round((time.monotonic() - started) * 1000)))
+
+    def on_task_success(self, sender: Any = None, result: Any = None, runtime: Any = None,
+                        **_: Any) -> None:
+        try:
+            request = _get(sender, "request")
+            task_id = _get(request, "id")
+            if isinstance(runtime, (int, float)) and not isinstance(runtime, bool) and runtime >= 0:
+                runtime_ms: Optional[int] = int(round(runtime * 1000))  # recent Celery passes its own measure
+            else:
+                runtime_ms = self._runtime_ms(task_id)
+            self.emit("task.succeeded", task_id, _compact({
+                "task_name": _get(sender, "name"),
+                "queue": _queue_of(request),
+                "worker": _get(request, "hostname"),
+                "result": bounded(result, MAX_VALUE_BYTES),
+                "runtime_ms": runtime_ms,
+            }, keep_none=("result",)))
+        except Exception:
+            log.debug("z4j-agentd: task_success not recorded", exc_info=True)
+
+    def on_task_failure(self, sender: Any = None, task_id: Any = None, exception: Any = None,
+                        args: Any = None, kwargs: Any = None, traceback: Any = None,
+                        einfo: Any = None, **_: Any) -> None:
+        try:
+            request = _get(sender, "request")
+            task_id = task_id or _get(request, "id")
+            tb_text = _get(einfo, "traceback")
+            if not isinstance(tb_text, str) or not tb_text:
+                if traceback is not None or exception is not None:
+                    tb_text = "".join(_traceback.format_exception(
+                        type(exception), exception, traceback if traceback is not None else
+                        getattr(exception, "__traceback__", None)))
+                else:
+                    tb_text = None
+            if tb_text and len(tb_text) > MAX_TRACEBACK_CHARS:
+                # Keep where it started and how it ended (the error line).
+                half = (MAX_TRACEBACK_CHARS - len(_CUT)) // 2
+                tb_text = tb_text[:half] + _CUT + tb_text[-half:]
+            self.emit("task.failed", task_id, _compact({
+                "task_name": _get(sender, "name"),
+                "queue": _queue_of(request),
+                "worker": _get(request, "hostname"),
+                "exception": type(exception).__name__ if exception is not None else None,
+                "exception_message": _exception_message(exception),
+                "traceback": tb_text,
+                "runtime_ms": self._runtime_ms(task_id),
+            }))
+        except Exception:
+            log.debug("z4j-agentd: task_failure not recorded", exc_info=True)
+
+    def on_task_retry(self, sender: Any = None, request: Any = None, reason: Any = None,
+                      einfo: Any = None, **_: Any) -> None:
+        try:
+            task_id = _get(request, "id")
+            retries = _get(request, "retries")
+            self.emit("task.retried", task_id, _compact({
+                "task_name": _get(sender, "name") or _get(request, "task"),
+                "queue": _queue_of(request),
+                "worker": _get(request, "hostname"),
+                "reason": _exception_message(reason) if reason is not None else None,
+                # The retry about to be sent is number retries + 1.
+                "retry_count": (retries if isinstance(retries, int) else 0) + 1,
+            }))
+        except Exception:
+            log.debug("z4j-agentd: task_retry not recorded", exc_info=True)
+
+    def on_task_revoked(self, sender: Any = None, request: Any = None, terminated: Any = False,
+                        signum: Any = None, expired: Any = False, **_: Any) -> None:
+        try:
+            task_id = _get(request, "id")
+            self.emit("task.revoked", task_id, _compact({
+                "task_name": _get(sender, "name") or _get(request, "task"),
+                "queue": _queue_of(request),
+                "worker": _get(request, "hostname"),
+                "terminated": bool(terminated),
+                "signum": int(signum) if signum is not None else None,
+                "expired": bool(expired),
+            }, keep_none=("signum",)))
+        except Exception:
+            log.debug("z4j-agentd: task_revoked not recorded", exc_info=True)
+
+    def on_task_postrun(self, sender: Any = None, task_id: Any = None, **_: Any) -> None:
+        with self._started_lock:
+            self._started.pop(str(task_id), None)
+
+    def on_worker_start(self, sender: Any = None, **_: Any) -> None:
+        if not self.serve_commands:
+            return
+        try:
+            self.start_serving()
+        except Exception:
+            log.exception("z4j-agentd: could not start serving Celery commands")
+
+    def on_process_shutdown(self, **_: Any) -> None:
+        # A pool child is exiting: hand over what its queue still holds
+        # (briefly when the daemon is away: the pool waits for this child).
+        try:
+            client = self.client
+            client.flush(timeout=1.0 if client._connected else 0.1)
+        except Exception:  # pragma: no cover
+            pass
+
+    # -- commands -------------------------------------------------------
+
+    def handlers(self) -> Dict[Tuple[str, str], Any]:
+        return {(ENGINE, "cancel_task"): self.cancel_task, (ENGINE, "retry_task"): self.retry_task}
+
+    def start_serving(self) -> None:
+        if self._serving:  # worker_init and worker_ready both call this
+            return
+        self._serving = True
+        self.client.serve(self.handlers(), capabilities={ENGINE: ["retry_by_reference_v1"]})
+
+    def _remember(self, task_id: Any, name: Any, args: Any, kwargs: Any, queue: Any) -> None:
+        if not task_id or not name:
+            return
+        with self._remembered_lock:
+            self._remembered[str(task_id)] = {
+                "task_name": name,
+                "args": list(args) if isinstance(args, (list, tuple)) else [],
+                "kwargs": dict(kwargs) if isinstance(kwargs, dict) else {},
+                "queue": queue,
+            }
+            self._remembered.move_to_end(str(task_id))
+            while len(self._remembered) > REMEMBERED_TASKS:
+                self._remembered.popitem(last=False)
+
+    def cancel_task(self, command: Dict[str, Any]) -> Dict[str, Any]:
+        params = command.get("parameters") or {}
+        task_id = params.get("task_id") or _task_id_of_target(command.get("target"))
+        if not isinstance(task_id, str) or not task_id:
+            raise ValueError("cancel_task needs parameters.task_id")
+        terminate = bool(params.get("terminate", False))
+        self.app.control.revoke(task_id, terminate=terminate)
+        return {"task_id": task_id, "revoked": True, "terminated": terminate}
+
+    def retry_task(self, command: Dict[str, Any]) -> Dict[str, Any]:
+        """Re-sends the task by reference: same name, the original args and
+        kwargs (or the operator's overrides), a new task id."""
+        params = command.get("parameters") or {}
+        task_id = params.get("task_id") or _task_id_of_target(command.get("target"))
+        if not isinstance(task_id, str) or not task_id:
+            raise ValueError("retry_task needs parameters.task_id")
+        with self._remembered_lock:
+            kept = dict(self._remembered.get(task_id) or {})
+        stored = _from_result_backend(self.app, task_id) if not kept else {}
+        name = params.get("task_name") or kept.get("task_name") or stored.get("task_name")
+        if not isinstance(name, str) or not name:
+            raise ValueError(
+                f"cannot retry {task_id}: its task name is unknown here (the brain sent none, this "
+                f"worker did not receive it, and the result backend does not keep it)")
+        args = _first_given(params.get("override_args"), params.get("args"), kept.get("args"), stored.get("args"))
+        kwargs = _first_given(params.get("override_kwargs"), params.get("kwargs"), kept.get("kwargs"),
+                              stored.get("kwargs"))
+        if args is None and kwargs is None and params.get("original_had_args") is not False:
+            raise ValueError(
+                f"cannot retry {task_id} by reference: its original arguments are not known here (this "
+                f"worker did not receive it and the result backend does not keep them; set "
+                f"result_extended=True, or give override_args/override_kwargs)")
+        options: Dict[str, Any] = {}
+        queue = kept.get("queue") or stored.get("queue")
+        if queue:
+            options["queue"] = queue
+        eta = params.get("eta")
+        if eta is not None:
+            options["eta"] = _eta_from_unix(eta)
+        elif params.get("eta_seconds") is not None:
+            options["countdown"] = max(0.0, float(params["eta_seconds"]))
+        priority = _priority(params.get("priority"))
+        if priority is not None:
+            options["priority"] = priority
+        result = self.app.send_task(name, args=list(args or []), kwargs=dict(kwargs or {}), **options)
+        new_id = _get(result, "id") or _get(result, "task_id")
+        return json_safe({"task_id": task_id, "new_task_id": str(new_id) if new_id else None,
+                          "task_name": name, "queue": queue, "priority": priority})
+
+
+def _exception_message(exc: Any) -> Optional[str]:
+    if exc is None:
+        return None
+    try:
+        return str(exc)[:MAX_TRACEBACK_CHARS]
+    except Exception:
+        return repr(exc)[:MAX_TRACEBACK_CHARS]
+
+
+def _task_id_of_target(target: Any) -> Optional[str]:
+    # The brain's target id is "<engine>:<task id>".
+    if isinstance(target, dict) and isinstance(target.get("id"), str):
+        ident = target["id"]
+        prefix = f"{ENGINE}:"
+        return ident[len(prefix):] if ident.startswith(prefix) else ident
+    return None
+
+
+def _first_given(*values: Any) -> Any:
+    for value in values:
+        if value is not None:
+            return value
+    return None
+
+
+def _from_result_backend(app: Any, task_id: str) -> Dict[str, Any]:
+    """Name, args and kwargs as the result backend keeps them
+    (`result_extended=True`); {} when it does not."""
+    try:
+        res = app.AsyncResult(task_id)
+        out = {"task_name": getattr(res, "name", None), "args": getattr(res, "args", None),
+               "kwargs": getattr(res, "kwargs", None), "queue": getattr(res, "queue", None)}
+        return {k: v for k, v in out.items() if v is not None}
+    except Exception:
+        return {}
+
+
+def _eta_from_unix(eta: Any) -> datetime:
+    when = datetime.fromtimestamp(float(eta), tz=timezone.utc)
+    delta = (when - datetime.now(timezone.utc)).total_seconds()
+    if delta < -_ETA_MAX_PAST_SECONDS:
+        raise ValueError(f"retry eta is {-delta:.0f} s in the past")
+    if delta > _ETA_MAX_FUTURE_SECONDS:
+        raise ValueError(f"retry eta is {delta:.0f} s in the future (at most 365 days)")
+    return when
+
+
+def _priority(value: Any) -> Optional[int]:
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if 0 <= value <= 255 else None
+    if isinstance(value, str):
+        return _PRIORITY_LABELS.get(value.strip().lower())
+    return None
+
+
+_installed: Optional[_Hooks] = None
+_install_lock = threading.Lock()
+
+
+def install(app: Any, client: Optional[Client] = None, *, serve_commands: bool = True) -> Client:
+    """Connects Celery's signals to `client`, which also declares the engine
+    `celery`. Without `client`, events go to the process's default client
+    as it is when each event happens (`z4j_agentd.get_client()`), so
+    `z4j_agentd.configure()` may run before or after `install`. With
+    `serve_commands`, a worker's main process serves `cancel_task` and
+    `retry_task` (see the module documentation).
+
+    Calling it again with the same app and client changes nothing; with
+    another app or client it replaces the previous installation. Returns
+    the client.
+    """
+    global _installed
+    with _install_lock:
+        previous = _installed
+        if previous is not None and previous.app is app and previous.bound_client is client:
+            previous.serve_commands = previous.serve_commands or serve_commands
+            return previous.client
+        if previous is not None:
+            previous.disconnect()
+        hooks = _Hooks(app, client, serve_commands)
+        hooks.connect()
+        _installed = hooks
+    return hooks.client
+
+
+def uninstall() -> None:
+    """Disconnects the signal receivers of `install` (tests, reloads). A
+    command server already started keeps running until its client closes."""
+    global _installed
+    with _install_lock:
+        if _installed is not None:
+            _installed.disconnect()
+            _installed = None
+
+
+def installed() -> Optional[_Hooks]:
+    """The current installation (its `client`, `app`, handlers), or None."""
+    return _installed
+
+
+__all__ = ["ENGINE", "install", "installed", "uninstall"]
