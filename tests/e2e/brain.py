@@ -21,8 +21,13 @@ binds 127.0.0.1 only (dev posture).
 
 The test venv (default `tests/e2e/.state/venv`, override with Z4J_E2E_VENV)
 is created on first use with `pip install z4j==1.13.0 websockets msgpack
-pytest celery` and reused afterwards (celery for `examples/celery_commands.py`);
-a venv made before one of these was added is topped up on the next use.
+pytest celery[redis] redis gunicorn flask` plus the repository's Python client
+as an editable install (`pip install -e clients/python[msgpack,celery]`), and
+reused afterwards (celery for `examples/celery_commands.py` and the real
+Celery worker of `test_celery.py`, gunicorn and flask for its web app). A venv
+made before one of these was added, whose `z4j_agentd` is not this
+repository's `clients/python`, or made before `clients/python/pyproject.toml`
+last changed, is topped up on the next use.
 
 CLI:
     brain.py venv                               create/check the venv, print its path
@@ -37,6 +42,7 @@ CLI:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import secrets
@@ -54,10 +60,20 @@ import brain_bootstrap as bb  # noqa: E402
 HERE = Path(__file__).resolve().parent
 STATE_ROOT = Path(os.environ.get("Z4J_E2E_STATE_ROOT", str(HERE / ".state")))
 Z4J_VERSION = "1.13.0"
-REQUIREMENTS = [f"z4j=={Z4J_VERSION}", "websockets", "msgpack", "pytest", "celery"]
+REQUIREMENTS = [f"z4j=={Z4J_VERSION}", "websockets", "msgpack", "pytest", "celery[redis]", "redis", "gunicorn",
+                "flask"]
+# The repository's Python client (import name z4j_agentd), installed editable
+# so the tests always run the working tree's code.
+CLIENT_DIR = HERE.parents[1] / "clients" / "python"
+CLIENT_EXTRAS = "msgpack,celery"
 _CHECK = (
-    "import importlib.metadata as m, websockets, msgpack, pytest, celery, sys; "
+    "import importlib.metadata as m, websockets, msgpack, pytest, celery, redis, gunicorn, flask, sys; "
     f"sys.exit(0 if m.version('z4j') == '{Z4J_VERSION}' else 3)"
+)
+# Run from / so that only an installed z4j_agentd can be imported.
+_CHECK_CLIENT = (
+    "import os, sys, z4j_agentd, z4j_agentd.celery, z4j_agentd.flask; "
+    "sys.exit(0 if os.path.realpath(z4j_agentd.__file__).startswith(os.path.realpath(sys.argv[1]) + os.sep) else 4)"
 )
 
 
@@ -72,28 +88,61 @@ def venv_path() -> Path:
     return Path(os.environ.get("Z4J_E2E_VENV") or (STATE_ROOT / "venv"))
 
 
+def _client_project() -> Optional[Path]:
+    """clients/python's project file, None when the working tree has no Python client."""
+    for name in ("pyproject.toml", "setup.py"):
+        if (CLIENT_DIR / name).is_file():
+            return CLIENT_DIR / name
+    return None
+
+
+def _requirements() -> tuple:
+    """(pip arguments, marker text): the marker changes whenever what to install does."""
+    args = list(REQUIREMENTS)
+    want = "\n".join(REQUIREMENTS) + "\n"
+    project = _client_project()
+    if project is not None:
+        args += ["-e", f"{CLIENT_DIR}[{CLIENT_EXTRAS}]"]
+        digest = hashlib.sha256(project.read_bytes()).hexdigest()[:16]
+        want += f"-e {CLIENT_DIR}[{CLIENT_EXTRAS}] {project.name}:{digest}\n"
+    return args, want
+
+
+def _venv_ok(py: Path) -> bool:
+    if subprocess.run([str(py), "-c", _CHECK], capture_output=True).returncode != 0:
+        return False
+    if _client_project() is None:
+        return True
+    return subprocess.run([str(py), "-c", _CHECK_CLIENT, str(CLIENT_DIR)], capture_output=True,
+                          cwd="/").returncode == 0
+
+
 def ensure_venv(path: Optional[Path] = None) -> Path:
     """Create (or repair) the test venv; return its directory. Idempotent."""
     path = Path(path or venv_path())
     py = path / "bin" / "python"
     marker = path / ".z4j-e2e-requirements"
-    want = "\n".join(REQUIREMENTS) + "\n"
-    if py.exists() and marker.exists() and marker.read_text() == want:
-        if subprocess.run([str(py), "-c", _CHECK], capture_output=True).returncode == 0:
-            return path
+    args, want = _requirements()
+    if py.exists() and marker.exists() and marker.read_text() == want and _venv_ok(py):
+        return path
     if not py.exists():
         base = os.environ.get("PYTHON") or _base_python()
         log(f"creating venv {path} with {base}")
         path.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run([base, "-m", "venv", str(path)], check=True)
-    log(f"pip install {' '.join(REQUIREMENTS)} into {path} (about 30 s)")
+    if _client_project() is None:
+        log(f"{CLIENT_DIR} has no pyproject.toml: the z4j_agentd client is not installed (test_celery.py fails)")
+    log(f"pip install {' '.join(args)} into {path} (about 30 s)")
     t0 = time.monotonic()
     subprocess.run(
-        [str(py), "-m", "pip", "install", "--disable-pip-version-check", "-q", *REQUIREMENTS],
+        [str(py), "-m", "pip", "install", "--disable-pip-version-check", "-q", *args],
         check=True,
     )
     if subprocess.run([str(py), "-c", _CHECK]).returncode != 0:
         raise SystemExit(f"venv {path} does not provide z4j=={Z4J_VERSION} after pip install")
+    if not _venv_ok(py):
+        raise SystemExit(f"venv {path}: z4j_agentd (with .celery and .flask) does not import from {CLIENT_DIR} "
+                         "after pip install -e")
     marker.write_text(want)
     log(f"venv ready in {time.monotonic() - t0:.0f}s")
     return path

@@ -8,6 +8,11 @@
   own HOME and spool (`<home>/.z4j/agentd.sqlite`), socket and log file;
   every daemon it made is stopped at teardown. `daemon` is one started daemon.
 * `all_daemons` (session): every daemon of the session, for log checks.
+* `redis_server` (session): a throwaway `redis-server` on a free 127.0.0.1
+  port, no persistence, for the Celery tests; `redis-server` missing fails
+  those tests (CI installs it). Stopped at the end of the session and at exit.
+* `background` (function): starts long-running processes (a Celery worker,
+  gunicorn) in their own process groups; every one is stopped at teardown.
 
 Run directory: tests/e2e/.state/runs/<stamp>/ (brain HOME and log, daemon
 homes and logs, client stderr); the last few runs are kept for inspection.
@@ -30,7 +35,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import brain as brainmod  # noqa: E402
-from harness import REPO, Daemon, reap_stale_daemon  # noqa: E402
+from harness import REPO, Background, Daemon, RedisServer, reap_marked, reap_stale_daemon  # noqa: E402
 
 KEEP_RUNS = 5
 
@@ -81,6 +86,7 @@ def _reap_and_prune(root: Path) -> None:
             brainmod.Brain(run / "brain").stop()
         for pidfile in run.glob("daemons/*/daemon.pid"):
             reap_stale_daemon(pidfile)
+        reap_marked(run)  # redis-server, Celery workers, gunicorn (and their children)
         try:
             sock_dir = Path((run / "sock_dir").read_text().strip())
             if sock_dir.name.startswith("z4je2e-"):
@@ -202,3 +208,40 @@ def daemon_factory(brain, daemon_bin, run_dir, sock_dir, request, all_daemons):
 @pytest.fixture
 def daemon(daemon_factory, agent) -> Daemon:
     return daemon_factory(agent)
+
+
+@pytest.fixture(scope="session")
+def redis_server(run_dir):
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed: the Celery tests need a real Redis broker "
+                    "(Debian/Ubuntu: apt-get install redis-server; .ci/run installs it)")
+    r = RedisServer(binary, run_dir / "redis", brainmod.free_port(), run_dir)
+    atexit.register(r.stop)
+    try:
+        r.wait_ready()
+    except AssertionError:
+        r.stop()
+        raise
+    print(f"[e2e] redis-server on 127.0.0.1:{r.port}", file=sys.stderr)
+    try:
+        yield r
+    finally:
+        r.stop()
+
+
+@pytest.fixture
+def background(run_dir):
+    """start(argv, workdir, name, env, cwd=None, stop_timeout=10.0) -> Background; all stopped at teardown."""
+    started = []
+
+    def start(argv, workdir, name, env, cwd=None, stop_timeout=10.0):
+        proc = Background(argv, workdir, name, env, run_dir=run_dir, cwd=cwd)
+        proc.stop_timeout = stop_timeout
+        started.append(proc)
+        return proc
+
+    atexit.register(lambda: [p.stop(timeout=0) for p in started])
+    yield start
+    for proc in reversed(started):
+        proc.stop(timeout=proc.stop_timeout)

@@ -367,6 +367,209 @@ class Service:
         return self.proc.returncode
 
 
+# ---------------------------------------------------------------- background services
+
+# Every Background process carries this variable (the run directory) and leaves a
+# `<name>.bg-pid` file, so a later session can find and kill what a killed session
+# left behind, pool children included (reap_marked).
+RUN_MARKER = "Z4J_E2E_RUN"
+
+
+def proc_start_time(pid: int) -> str:
+    """Kernel start time of a process (field 22 of /proc/<pid>/stat), "" if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def proc_ppid(pid: int) -> Optional[int]:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def reap_marked(run_dir: Path) -> List[int]:
+    """Kill what a Background of a dead session left: the process group of every
+    `*.bg-pid` file whose process is still that one (same start time), then every
+    process whose environment carries RUN_MARKER=<run_dir> (children whose leader
+    is gone; redis-server rewrites its environment, hence the pid files).
+    Returns the pids killed."""
+    killed = []
+    for pidfile in run_dir.rglob("*.bg-pid"):
+        try:
+            pid_s, started = pidfile.read_text().split()
+            pid = int(pid_s)
+        except (OSError, ValueError):
+            continue
+        if started and proc_start_time(pid) == started:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+                killed.append(pid)
+            except OSError:
+                pass
+    marker = f"{RUN_MARKER}={run_dir}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if marker in env:
+            try:
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed.append(int(entry.name))
+            except OSError:
+                pass
+    return killed
+
+
+class Background:
+    """A long-running server process (redis-server, a Celery worker, gunicorn) in
+    its own process group, stdout and stderr to `<workdir>/<name>.log`.
+
+    stop(): SIGTERM to the process, then SIGKILL to its whole group (pool
+    children included) after `timeout`; whatever of the group is left after
+    the process exited gets SIGKILL too.
+    """
+
+    def __init__(self, argv: List[str], workdir: Path, name: str, env: Dict[str, str],
+                 run_dir: Path, cwd: Optional[Path] = None) -> None:
+        self.name = name
+        self.argv = [str(a) for a in argv]
+        workdir = Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path = workdir / f"{name}.log"
+        env = {**env, RUN_MARKER: str(run_dir), "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
+        with open(self.log_path, "ab") as logf:
+            self.proc = subprocess.Popen(self.argv, env=env, cwd=str(cwd or workdir), stdin=subprocess.DEVNULL,
+                                         stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+        self.pid = self.proc.pid
+        # For a later session's reap_marked(), should this one be killed before its teardown.
+        (workdir / f"{name}.bg-pid").write_text(f"{self.pid} {proc_start_time(self.pid)}\n")
+
+    def alive(self) -> bool:
+        return not self._exited()
+
+    def group_pids(self) -> List[int]:
+        """Live processes of its process group (the process and its children)."""
+        out = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(entry / "stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == self.pid and fields[0] != "Z":
+                out.append(int(entry.name))
+        return out
+
+    def children(self) -> List[int]:
+        return [p for p in self.group_pids() if proc_ppid(p) == self.pid]
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-n:])
+
+    def check_alive(self) -> None:
+        if not self.alive():
+            rc = self.stop(timeout=0)
+            raise AssertionError(f"{self.name} exited with {rc}; log tail ({self.log_path}):\n{self.log_tail()}")
+
+    def _exited(self) -> bool:
+        """Has the process exited? Does not reap it: while it is a zombie its pid, and so its
+        process group id, cannot be reused, which keeps the killpg below safe."""
+        if self.proc.returncode is not None:
+            return True
+        try:
+            return os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        except ChildProcessError:
+            return True
+
+    def stop(self, timeout: float = 10.0, sig: int = signal.SIGTERM) -> Optional[int]:
+        """`sig` (SIGTERM) to the process; after `timeout` s, or once it exited, SIGKILL to
+        what is left of its group. Returns the process's exit status. Idempotent."""
+        if self.proc.returncode is None:
+            if not self._exited():
+                try:
+                    os.kill(self.pid, sig)
+                except ProcessLookupError:
+                    pass
+                deadline = time.monotonic() + timeout
+                while not self._exited() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+            try:
+                os.killpg(self.pid, signal.SIGKILL)  # leftovers (or everything, after the timeout)
+            except (ProcessLookupError, PermissionError):
+                pass
+            self.proc.wait(10)
+        return self.proc.returncode
+
+
+def resp(port: int, *commands: List[str], timeout: float = 5.0) -> List[bytes]:
+    """Redis commands over RESP on one connection, stdlib only; one raw reply line per command
+    (enough for status and integer replies)."""
+    payload = b""
+    for args in commands:
+        payload += f"*{len(args)}\r\n".encode()
+        for a in args:
+            payload += f"${len(a.encode())}\r\n".encode() + a.encode() + b"\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(payload)
+        buf = b""
+        while buf.count(b"\r\n") < len(commands):
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            buf += chunk
+    return buf.split(b"\r\n")[:len(commands)]
+
+
+class RedisServer:
+    """redis-server on 127.0.0.1:<port>, no persistence, its files in `workdir`."""
+
+    def __init__(self, binary: str, workdir: Path, port: int, run_dir: Path) -> None:
+        self.port = port
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.proc = Background(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--daemonize", "no", "--dir", str(self.workdir), "--logfile", ""],
+            self.workdir, "redis-server", env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"},
+            run_dir=run_dir)
+        self._next_db = 0
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        def check():
+            self.proc.check_alive()
+            reply = resp(self.port, ["PING"], timeout=1.0)
+            return reply == [b"+PONG"], reply
+
+        wait_for(check, timeout, f"redis-server on port {self.port} to answer PING", interval=0.1)
+
+    def fresh_db(self) -> int:
+        """A database index not used earlier in the session (0..15, then round again), emptied."""
+        db = self._next_db % 16
+        self._next_db += 1
+        replies = resp(self.port, ["SELECT", str(db)], ["FLUSHDB"])
+        assert replies == [b"+OK", b"+OK"], f"redis SELECT/FLUSHDB answered {replies}"
+        return db
+
+    def stop(self) -> Optional[int]:
+        return self.proc.stop(timeout=10)
+
+
 # ---------------------------------------------------------------- brain queries
 
 

@@ -46,7 +46,7 @@ def test_install_declares_the_engine_and_is_idempotent(eager_app):
     z4j_celery.install(eager_app, other)
     assert z4j_celery.installed().client is other  # replaced, not doubled
     eager_app.tasks["z4jtest.add"].delay(1, 2)
-    assert client.emitted == [] and other.kinds() == ["task.started", "task.succeeded"]
+    assert client.emitted == [] and other.kinds() == ["task.received", "task.started", "task.succeeded"]
 
 
 def test_install_defaults_to_the_default_client(eager_app, sock_path):
@@ -61,7 +61,7 @@ def test_install_without_a_client_follows_the_default_client(eager_app):
     later = RecordingClient()
     client_module._default = later  # as z4j_agentd.configure() after install() would
     eager_app.tasks["z4jtest.add"].delay(1, 1)
-    assert later.kinds() == ["task.started", "task.succeeded"] and later.engines == ["celery"]
+    assert later.kinds() == ["task.received", "task.started", "task.succeeded"] and later.engines == ["celery"]
 
 
 def test_eager_tasks_send_started_succeeded_failed_retried(eager_app):
@@ -70,10 +70,15 @@ def test_eager_tasks_send_started_succeeded_failed_retried(eager_app):
     assert eager_app.tasks["z4jtest.add"].delay(2, 3).get() == 5
     eager_app.tasks["z4jtest.fail"].delay()
     eager_app.tasks["z4jtest.flaky"].delay()
-    # Eager mode runs the task in-process: no task_received and no task_revoked.
-    assert client.kinds() == ["task.started", "task.succeeded", "task.started", "task.failed",
-                              "task.started", "task.retried", "task.started", "task.succeeded"]
-    started, succeeded, _, failed, _, retried, _, _ = client.emitted
+    # Eager mode runs the task in-process: no task_received signal and no
+    # task_revoked. The process that runs a task it did not receive sends
+    # task.received itself, once, before task.started.
+    assert client.kinds() == ["task.received", "task.started", "task.succeeded",
+                              "task.received", "task.started", "task.failed",
+                              "task.received", "task.started", "task.retried", "task.started",
+                              "task.succeeded"]
+    received, started, succeeded, _, _, failed, _, _, retried, _, _ = client.emitted
+    assert received["data"]["args"] == [2, 3] and received["task_id"] == started["task_id"]
     assert started["data"]["args"] == [2, 3] and started["data"]["task_name"] == "z4jtest.add"
     assert started["task_id"] == succeeded["task_id"]
     assert succeeded["data"]["result"] == 5 and isinstance(succeeded["data"]["runtime_ms"], int)
@@ -181,8 +186,11 @@ def test_prefork_worker(tmp_path, standin, sock_path):
 
         done = standin.wait_for(lambda: lifecycle(ok.id, "task.succeeded"), 30)
         failed = standin.wait_for(lambda: lifecycle(bad.id, "task.failed"), 30)
-        assert done["task.received"]["_pid"] == worker.pid  # the consumer, in the main process
-        assert done["task.received"]["data"]["args"] == [2, 3]
+        # task.received comes from the consumer (the main process) and again
+        # from the pool child just before task.started, on the child's connection.
+        received = [e for e in standin.events() if e["task_id"] == ok.id and e["kind"] == "task.received"]
+        assert {e["_pid"] for e in received} == {worker.pid, done["task.started"]["_pid"]}
+        assert all(e["data"]["args"] == [2, 3] for e in received)
         assert done["task.received"]["data"]["queue"] == "celery"
         child = done["task.started"]["_pid"]
         assert child != worker.pid and done["task.succeeded"]["_pid"] == child  # a pool child

@@ -24,7 +24,14 @@ the worker's host name, e.g. `celery@web-1`):
 `task_success`/`task_failure`, in the process that ran the task).
 `task_received` and `task_revoked` run in the worker's main process;
 the others in the process that runs the task (a prefork child), whose own
-client the fork-safe `Client` gives it.
+client the fork-safe `Client` gives it. Two processes mean two
+connections to the daemon, and the main process's `task.received` can
+then reach the brain after the child's `task.started`; the brain ignores
+such a late `received` for the task's row (its args and kwargs would be
+lost). So a process that runs a task it did not receive itself sends
+`task.received` again, just before `task.started`, on its own connection.
+The brain keeps one event per task, kind and second, so the two usually
+collapse into one; the row gets its arguments either way.
 
 Commands are served from the worker's main process only: the server starts
 on `worker_init` (or, when `install` ran during it, as Django's fixup does,
@@ -183,6 +190,24 @@ class _Hooks:
                 self._started[str(task_id)] = time.monotonic()
                 while len(self._started) > MAX_STARTED:
                     self._started.popitem(last=False)
+            with self._remembered_lock:
+                received_here = str(task_id) in self._remembered
+            if not received_here:
+                # Same connection as task.started, so it reaches the brain first.
+                parent = _get(request, "parent_id")
+                root = _get(request, "root_id")
+                self.emit("task.received", task_id, _compact({
+                    "task_name": _get(task, "name"),
+                    "queue": _queue_of(request),
+                    "worker": _get(request, "hostname"),
+                    "args": bounded(list(args) if isinstance(args, tuple) else args if args is not None else [],
+                                    MAX_VALUE_BYTES),
+                    "kwargs": bounded(kwargs if kwargs is not None else {}, MAX_VALUE_BYTES),
+                    "parent_task_id": str(parent) if parent else None,
+                    "root_task_id": str(root) if root else None,
+                }))
+                # Once per task in this process, retries included.
+                self._remember(task_id, _get(task, "name"), args, kwargs, _queue_of(request))
             self.emit("task.started", task_id, _compact({
                 "task_name": _get(task, "name"),
                 "queue": _queue_of(request),
