@@ -311,60 +311,49 @@ impl Router {
     /// The daemon is stopping: every command still running fails now (with
     /// that reason), so the uplink can answer the brain before it closes.
     pub fn shutting_down(&self, host: &str) {
-        let failed: Vec<CommandResult> = {
-            let mut inner = self.inner.lock().unwrap();
-            let ids: Vec<String> = inner.running.keys().cloned().collect();
-            ids.into_iter()
-                .filter_map(|id| {
-                    let r = inner.running.remove(&id)?;
-                    let res = CommandResult::failed(
-                        &id,
-                        &r.claim,
-                        format!(
-                            "z4j-agentd on {host} is shutting down; {} had not answered yet",
-                            r.who
-                        ),
-                    );
-                    inner.remember(&id, Seen::Done(res.clone()), Instant::now());
-                    Some(res)
-                })
-                .collect()
-        };
-        for r in failed {
-            tracing::warn!(command_id = %r.id, "command failed: the daemon is shutting down");
-            self.finish(r);
-        }
+        self.fail_running(
+            |_| true,
+            |who| format!("z4j-agentd on {host} is shutting down; {who} had not answered yet"),
+            "command failed: the daemon is shutting down",
+        );
     }
 
     /// The connection is gone: every command it was running fails now.
     pub fn disconnected(&self, conn: u64) {
+        self.inner.lock().unwrap().conns.remove(&conn);
+        self.fail_running(
+            |r| r.conn == conn,
+            |who| format!("{who} disconnected from z4j-agentd before answering the command"),
+            "command failed: the process running it disconnected",
+        );
+    }
+
+    /// Fails the running commands `which` selects, each with `why(who ran it)`.
+    fn fail_running(
+        &self,
+        which: impl Fn(&Running) -> bool,
+        why: impl Fn(&str) -> String,
+        log: &str,
+    ) {
         let failed: Vec<CommandResult> = {
             let mut inner = self.inner.lock().unwrap();
-            inner.conns.remove(&conn);
             let ids: Vec<String> = inner
                 .running
                 .iter()
-                .filter(|(_, r)| r.conn == conn)
+                .filter(|(_, r)| which(r))
                 .map(|(id, _)| id.clone())
                 .collect();
             ids.into_iter()
                 .filter_map(|id| {
                     let r = inner.running.remove(&id)?;
-                    let res = CommandResult::failed(
-                        &id,
-                        &r.claim,
-                        format!(
-                            "{} disconnected from z4j-agentd before answering the command",
-                            r.who
-                        ),
-                    );
+                    let res = CommandResult::failed(&id, &r.claim, why(&r.who));
                     inner.remember(&id, Seen::Done(res.clone()), Instant::now());
                     Some(res)
                 })
                 .collect()
         };
         for r in failed {
-            tracing::warn!(command_id = %r.id, "command failed: the process running it disconnected");
+            tracing::warn!(command_id = %r.id, "{log}");
             self.finish(r);
         }
     }
