@@ -283,6 +283,14 @@ fn tls_server(cert: &rcgen::CertifiedKey<rcgen::KeyPair>) -> u16 {
     port
 }
 
+/// The certificate as a PEM CA file (kept while the dir lives).
+fn ca_file(cert: &rcgen::CertifiedKey<rcgen::KeyPair>) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, cert.cert.pem()).unwrap();
+    (dir, ca)
+}
+
 async fn tls_doctor(port: u16, ca: Option<&Path>) -> Report {
     let mut o = options(&format!("https://localhost:{port}"));
     o.ca_file = ca.map(Path::to_path_buf);
@@ -308,9 +316,7 @@ async fn an_untrusted_certificate_fails_tls_and_points_at_the_ca_file() {
 async fn the_ca_file_makes_a_private_certificate_trusted() {
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
     let port = tls_server(&cert);
-    let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("ca.pem");
-    std::fs::write(&ca, cert.cert.pem()).unwrap();
+    let (_dir, ca) = ca_file(&cert);
     let r = tls_doctor(port, Some(&ca)).await;
     let t = probe(&r, "tls");
     assert_eq!(t.status, ProbeStatus::Ok, "{}", r.to_text());
@@ -326,9 +332,7 @@ async fn the_ca_file_makes_a_private_certificate_trusted() {
 async fn a_certificate_for_another_name_is_refused_by_name() {
     let cert = rcgen::generate_simple_self_signed(vec!["brain.example".to_string()]).unwrap();
     let port = tls_server(&cert);
-    let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("ca.pem");
-    std::fs::write(&ca, cert.cert.pem()).unwrap();
+    let (_dir, ca) = ca_file(&cert);
     let r = tls_doctor(port, Some(&ca)).await;
     let t = probe(&r, "tls");
     assert_eq!(t.status, ProbeStatus::Fail, "{}", r.to_text());
