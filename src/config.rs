@@ -405,6 +405,11 @@ pub struct Config {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// The environment this was resolved against.
     pub host: HostEnv,
+    /// The listening socket systemd passed (socket activation), if any;
+    /// set by `run`, never read from the configuration.
+    pub activated: Option<crate::systemd::Activated>,
+    /// systemd's watchdog timeout (`WATCHDOG_USEC`), if enabled; set by `run`.
+    pub watchdog: Option<Duration>,
 }
 
 /// Where one value came from, in precedence order.
@@ -956,6 +961,8 @@ impl Options {
             log_level,
             metrics_addr,
             host,
+            activated: None,
+            watchdog: None,
         })
     }
 }

@@ -19,7 +19,9 @@
 //!   [`metrics`]: the optional `/metrics`, `/healthz`, `/readyz` listener.
 //! * [`doctor`]: `z4j-agentd doctor`, every probe from config to a signed
 //!   round trip with the brain.
-//! * [`daemon`]: wiring, startup order and shutdown; [`cli`]: flags and signals.
+//! * [`daemon`]: wiring, startup order and shutdown; [`cli`]: flags and signals;
+//!   [`systemd`]: notify, the watchdog timeout and socket activation;
+//!   [`watchdog`]: `WATCHDOG=1` only while ingest, spool and uplink answer.
 //! * [`client`]: a small client for the local socket, used by Rust producers,
 //!   the examples and the tests.
 #![forbid(unsafe_code)]
@@ -36,4 +38,6 @@ pub mod metrics;
 pub mod protocol;
 pub mod spool;
 pub mod status;
+pub mod systemd;
 pub mod uplink;
+pub mod watchdog;

@@ -53,6 +53,10 @@ pub struct IngestConfig {
     pub max_message_bytes: usize,
     /// Largest single event, canonical bytes (fits one brain frame).
     pub max_event_bytes: usize,
+    /// Whether the socket file is ours to remove on exit. Not under socket
+    /// activation: the file and the listener belong to systemd, which keeps
+    /// queueing connections while the daemon restarts.
+    pub remove_socket_on_exit: bool,
 }
 
 /// Default bound of one client message.
@@ -185,13 +189,20 @@ impl Ingest {
     }
 
     /// Accepts connections until `shutdown`, then lets open connections
-    /// finish what they sent and returns once all of them are done.
-    pub async fn serve(self: Arc<Self>, listener: UnixListener, shutdown: CancellationToken) {
+    /// finish what they sent and returns once all of them are done. The
+    /// accept loop answers the watchdog through `beat`.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: UnixListener,
+        shutdown: CancellationToken,
+        mut beat: crate::watchdog::Beat,
+    ) {
         let slots = Arc::new(Semaphore::new(self.config.max_clients));
         let mut tasks = JoinSet::new();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
+                _ = beat.asked() => {}
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => {
                         let Ok(permit) = slots.clone().try_acquire_owned() else {
@@ -216,7 +227,9 @@ impl Ingest {
             }
         }
         drop(listener);
-        let _ = std::fs::remove_file(&self.config.socket_path);
+        if self.config.remove_socket_on_exit {
+            let _ = std::fs::remove_file(&self.config.socket_path);
+        }
         while tasks.join_next().await.is_some() {}
     }
 

@@ -219,6 +219,11 @@ enum Op {
     Probe {
         reply: oneshot::Sender<Result<(), SpoolError>>,
     },
+    /// Answered by the writer thread without I/O, after the requests queued
+    /// before it: proves the writer is not wedged (the watchdog).
+    Ping {
+        reply: oneshot::Sender<()>,
+    },
     Close,
 }
 
@@ -312,6 +317,18 @@ impl SpoolHandle {
     /// (a timestamp in the `meta` table), grouped with pending appends.
     pub async fn probe(&self) -> Result<(), SpoolError> {
         self.call(|reply| Op::Probe { reply }).await
+    }
+
+    /// Completes once the writer thread has served everything queued before
+    /// it; no I/O of its own. Waits forever on a wedged writer (that is the
+    /// point: the watchdog stops pinging).
+    pub async fn ping(&self) -> Result<(), SpoolError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Op::Ping { reply })
+            .await
+            .map_err(|_| SpoolError::Closed)?;
+        rx.await.map_err(|_| SpoolError::Closed)
     }
 
     /// Live counters.
@@ -927,6 +944,9 @@ impl Writer {
                     bytes: self.bytes,
                     oldest_stored_ms,
                 }));
+            }
+            Op::Ping { reply } => {
+                let _ = reply.send(());
             }
             Op::Append { .. } | Op::Ack { .. } | Op::Probe { .. } | Op::Close => {}
         }

@@ -78,6 +78,18 @@ pub struct Uplink {
     results: Results,
     /// Answers whose send failed with the session; sent first on the next one.
     unsent: VecDeque<CommandResult>,
+    /// Answers the watchdog from every wait of the uplink.
+    beat: crate::watchdog::Beat,
+}
+
+/// How the daemon steers the uplink's lifetime.
+pub struct Control {
+    /// Set when the daemon starts shutting down: deliver what is left, then stop.
+    pub drain: CancellationToken,
+    /// Set when the grace period is over: close now.
+    pub stop: CancellationToken,
+    /// Answers the watchdog from every wait of the uplink.
+    pub beat: crate::watchdog::Beat,
 }
 
 impl Uplink {
@@ -86,11 +98,11 @@ impl Uplink {
         settings: watch::Receiver<UplinkSettings>,
         spool: SpoolHandle,
         status: Arc<Status>,
-        drain: CancellationToken,
-        stop: CancellationToken,
+        control: Control,
         router: Arc<Router>,
         results: Results,
     ) -> Self {
+        let Control { drain, stop, beat } = control;
         Uplink {
             settings,
             spool,
@@ -101,6 +113,7 @@ impl Uplink {
             router,
             results,
             unsent: VecDeque::new(),
+            beat,
         }
     }
 
@@ -177,17 +190,20 @@ impl Uplink {
         let sleep = tokio::time::sleep(delay);
         tokio::pin!(sleep);
         let draining_already = self.drain.is_cancelled();
-        tokio::select! {
-            _ = &mut sleep => true,
-            _ = self.stop.cancelled() => false,
-            changed = self.settings.changed() => {
-                if changed.is_ok() {
-                    tracing::info!("configuration reloaded; reconnecting to the brain now");
+        loop {
+            tokio::select! {
+                _ = self.beat.asked() => continue,
+                _ = &mut sleep => return true,
+                _ = self.stop.cancelled() => return false,
+                changed = self.settings.changed() => {
+                    if changed.is_ok() {
+                        tracing::info!("configuration reloaded; reconnecting to the brain now");
+                    }
+                    return changed.is_ok();
                 }
-                changed.is_ok()
+                // On shutdown, one more attempt at once if there is something to deliver.
+                _ = self.drain.cancelled(), if !draining_already => return !self.spool_is_empty(),
             }
-            // On shutdown, one more attempt at once if there is something to deliver.
-            _ = self.drain.cancelled(), if !draining_already => !self.spool_is_empty(),
         }
     }
 }

@@ -80,26 +80,42 @@ impl Uplink {
             i.static_capabilities = settings.static_capabilities.clone();
         });
         self.status.set_uplink_state(UplinkState::Connecting);
-        let mut ws = tokio::select! {
-            r = connect::open(&settings) => match r {
-                Ok(ws) => ws,
-                Err(f) => return SessionEnd::Failed { class: f.class, error: f.error, stable: false },
-            },
-            _ = self.stop.cancelled() => return SessionEnd::Shutdown,
+        let stop = self.stop.clone();
+        let opened = self
+            .beat
+            .answering_while(async {
+                tokio::select! {
+                    r = connect::open(&settings) => Some(r),
+                    _ = stop.cancelled() => None,
+                }
+            })
+            .await;
+        let mut ws = match opened {
+            Some(Ok(ws)) => ws,
+            Some(Err(f)) => {
+                return SessionEnd::Failed {
+                    class: f.class,
+                    error: f.error,
+                    stable: false,
+                }
+            }
+            None => return SessionEnd::Shutdown,
         };
         self.status.set_uplink_state(UplinkState::Handshaking);
         let advertised = self
             .status
             .advertisement(&settings.static_engines, &settings.static_capabilities);
         let started_at = OffsetDateTime::now_utc() - self.status.started.elapsed();
-        let ack = match connect::handshake(
-            &mut ws,
-            &settings,
-            &settings.worker_id,
-            &advertised,
-            started_at,
-        )
-        .await
+        let ack = match self
+            .beat
+            .answering_while(connect::handshake(
+                &mut ws,
+                &settings,
+                &settings.worker_id,
+                &advertised,
+                started_at,
+            ))
+            .await
         {
             Ok(a) => a,
             Err(f) => {
@@ -215,6 +231,7 @@ impl Session<'_> {
             }
             let window_open = self.inflight.len() < self.inflight_frames;
             tokio::select! {
+                _ = self.up.beat.asked() => {}
                 _ = self.up.stop.cancelled() => {
                     if let Err(e) = self.flush_results().await {
                         return e;
@@ -294,13 +311,33 @@ impl Session<'_> {
         SessionEnd::Shutdown
     }
 
+    /// Sends one frame. A brain that stops reading (its socket buffer full)
+    /// ends the session after `ack_timeout`, like a missing ack would.
     async fn send(&mut self, bytes: Vec<u8>) -> Result<(), SessionEnd> {
-        self.ws.send(Message::binary(bytes)).await.map_err(|e| {
-            failed(
+        let limit = self.ack_timeout;
+        let sent = self
+            .up
+            .beat
+            .answering_while(tokio::time::timeout(
+                limit,
+                self.ws.send(Message::binary(bytes)),
+            ))
+            .await;
+        match sent {
+            Ok(r) => r.map_err(|e| {
+                failed(
+                    FailureClass::Connection,
+                    format!("sending to the brain failed: {e}"),
+                )
+            }),
+            Err(_) => Err(failed(
                 FailureClass::Connection,
-                format!("sending to the brain failed: {e}"),
-            )
-        })
+                format!(
+                    "the brain took no data for {} s; reconnecting",
+                    limit.as_secs()
+                ),
+            )),
+        }
     }
 
     /// Room for events in one frame, after the signed envelope.
