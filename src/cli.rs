@@ -168,13 +168,23 @@ fn init_logging(config: &Config) {
 }
 
 fn run(options: Options) -> ExitCode {
-    let config = match options.resolve(HostEnv::from_process()) {
+    // First, while the process has one thread: take what systemd passed.
+    let activated = match crate::systemd::Activation::from_env() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("z4j-agentd: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let mut config = match options.resolve(HostEnv::from_process()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("z4j-agentd: {e}");
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    config.activated = activated;
+    config.watchdog = crate::systemd::watchdog_timeout();
     init_logging(&config);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

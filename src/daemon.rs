@@ -24,6 +24,7 @@ use crate::spool::path::{self, PathError};
 use crate::spool::{Spool, SpoolConfig, SpoolError};
 use crate::status::{DaemonInfo, Status};
 use crate::uplink::Uplink;
+use crate::watchdog::Watchdog;
 
 /// Startup failures.
 #[derive(Debug, Error)]
@@ -108,29 +109,44 @@ pub async fn run(
         "spool open"
     );
 
-    let socket_path = config
+    let configured_socket = config
         .socket_path
         .clone()
         .unwrap_or_else(|| ingest::default_socket_path(&config.host));
-    if config.socket_path.is_none()
-        && config.host.runtime_directory.is_none()
-        && config.host.xdg_runtime_dir.is_none()
-    {
-        // The default lives in our private tmp directory; make sure it is ours.
-        path::ensure_private_tmp_dir(&config.host.tmp_private_dir(), config.host.uid)?;
-    }
-    let listener = match ingest::bind(&socket_path, config.socket_mode) {
-        Ok(l) => l,
-        Err(e) => {
-            spool.close().await;
-            return Err(e.into());
+    let (listener, socket_path) = match &config.activated {
+        Some(activated) => {
+            match take_activated(activated, config.socket_path.as_deref(), &configured_socket) {
+                Ok(taken) => taken,
+                Err(e) => {
+                    spool.close().await;
+                    return Err(e.into());
+                }
+            }
+        }
+        None => {
+            if config.socket_path.is_none()
+                && config.host.runtime_directory.is_none()
+                && config.host.xdg_runtime_dir.is_none()
+            {
+                // The default lives in our private tmp directory; make sure it is ours.
+                path::ensure_private_tmp_dir(&config.host.tmp_private_dir(), config.host.uid)?;
+            }
+            match ingest::bind(&configured_socket, config.socket_mode) {
+                Ok(l) => {
+                    tracing::info!(
+                        socket = %configured_socket.display(),
+                        mode = format!("{:04o}", config.socket_mode),
+                        "listening for local clients"
+                    );
+                    (l, configured_socket)
+                }
+                Err(e) => {
+                    spool.close().await;
+                    return Err(e.into());
+                }
+            }
         }
     };
-    tracing::info!(
-        socket = %socket_path.display(),
-        mode = format!("{:04o}", config.socket_mode),
-        "listening for local clients"
-    );
 
     let status = Arc::new(Status::new());
     status.set_info(DaemonInfo {
@@ -153,13 +169,19 @@ pub async fn run(
             max_message_bytes: ingest::DEFAULT_MAX_MESSAGE_BYTES,
             max_event_bytes: crate::protocol::DEFAULT_MAX_FRAME_BYTES
                 - ingest::FRAME_ENVELOPE_RESERVE,
+            remove_socket_on_exit: config.activated.is_none(),
         },
         spool_handle.clone(),
         status.clone(),
         router.clone(),
     );
+    // Every part answers the watchdog; without one the beats are never asked.
+    let mut watchdog = Watchdog::new();
+    let ingest_beat = watchdog.part("ingest");
+    let spool_beat = watchdog.part("spool");
+    let uplink_beat = watchdog.part("uplink");
     let ingest_stop = CancellationToken::new();
-    let ingest_task = tokio::spawn(ingest.serve(listener, ingest_stop.clone()));
+    let ingest_task = tokio::spawn(ingest.serve(listener, ingest_stop.clone(), ingest_beat));
 
     let metrics_stop = CancellationToken::new();
     let metrics_addr = match config.metrics_addr {
@@ -187,7 +209,37 @@ pub async fn run(
         },
     };
 
-    notify(&[sd_notify::NotifyState::Ready]);
+    let first_status = status_line(&status, spool_handle.stats());
+    notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&first_status),
+    ]);
+    let watchdog_stop = CancellationToken::new();
+    let spool_pinger = spool_handle.clone();
+    let spool_beat_task = tokio::spawn(spool_beat.answer_with(move || {
+        let spool = spool_pinger.clone();
+        async move { spool.ping().await.is_ok() }
+    }));
+    let watchdog_task = match config.watchdog {
+        Some(timeout) => {
+            let period = crate::watchdog::period(timeout);
+            tracing::info!(
+                watchdog_ms = timeout.as_millis() as u64,
+                ping_every_ms = period.as_millis() as u64,
+                "systemd watchdog on: WATCHDOG=1 only while ingest, spool and uplink answer"
+            );
+            Some(tokio::spawn(watchdog.run(
+                period,
+                watchdog_stop.clone(),
+                || notify(&[sd_notify::NotifyState::Watchdog]),
+                |_| {},
+            )))
+        }
+        None => {
+            drop(watchdog);
+            None
+        }
+    };
     if let Some(tx) = ready {
         let _ = tx.send(Ready {
             spool_path: location.path.clone(),
@@ -209,8 +261,11 @@ pub async fn run(
         settings,
         spool_handle.clone(),
         status.clone(),
-        drain.clone(),
-        stop.clone(),
+        crate::uplink::Control {
+            drain: drain.clone(),
+            stop: stop.clone(),
+            beat: uplink_beat,
+        },
         router.clone(),
         results,
     );
@@ -222,6 +277,12 @@ pub async fn run(
     ));
 
     shutdown.cancelled().await;
+    // systemd stops watching once the unit is stopping; so do we.
+    watchdog_stop.cancel();
+    if let Some(t) = watchdog_task {
+        let _ = t.await;
+    }
+    spool_beat_task.abort();
     notify(&[
         sd_notify::NotifyState::Stopping,
         sd_notify::NotifyState::Status(
@@ -260,12 +321,43 @@ pub async fn run(
     Ok(())
 }
 
-fn notify(state: &[sd_notify::NotifyState]) {
-    let _ = sd_notify::notify(state);
+use crate::systemd::notify;
+
+/// The listener systemd passed, ready for tokio, and where it lives.
+fn take_activated(
+    activated: &crate::systemd::Activated,
+    explicit: Option<&std::path::Path>,
+    configured: &std::path::Path,
+) -> Result<(tokio::net::UnixListener, PathBuf), IngestError> {
+    let path = activated
+        .path
+        .clone()
+        .unwrap_or_else(|| configured.to_path_buf());
+    let bind_error = |source| IngestError::Bind {
+        path: path.display().to_string(),
+        source,
+    };
+    let std_listener = activated.listener.try_clone().map_err(bind_error)?;
+    std_listener.set_nonblocking(true).map_err(bind_error)?;
+    let listener = tokio::net::UnixListener::from_std(std_listener).map_err(bind_error)?;
+    if activated.path.is_some() && explicit.is_some_and(|e| e != path) {
+        tracing::warn!(
+            activated = %path.display(),
+            configured = %configured.display(),
+            "the socket systemd passed is not at the configured socket path; serving the one systemd passed (align Z4J_SOCKET_PATH with ListenStream=)"
+        );
+    }
+    tracing::info!(
+        socket = %path.display(),
+        fd_name = activated.name.as_deref().unwrap_or(""),
+        "listening for local clients on the socket systemd passed (socket activation)"
+    );
+    Ok((listener, path))
 }
 
 /// Samples the counters every second (for the rates `status` shows) and
-/// keeps `systemctl status` informative: one STATUS= line every 5 s.
+/// keeps `systemctl status` informative: a STATUS= line whenever what it
+/// says changed, at most once a second.
 async fn report_status(
     status: Arc<Status>,
     spool: crate::spool::SpoolHandle,
@@ -274,31 +366,42 @@ async fn report_status(
     let systemd = std::env::var_os("NOTIFY_SOCKET").is_some();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut n: u64 = 0;
+    let mut last = String::new();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
         status.sample(spool.stats());
-        n += 1;
-        if !systemd || n % 5 != 1 {
+        if !systemd {
             continue;
         }
-        let st = spool.stats();
-        let line = format!(
-            "brain {}; spool {} events; dropped {}; clients {}",
-            status.uplink().state.as_str(),
-            st.depth.load(std::sync::atomic::Ordering::Relaxed),
-            st.dropped_oldest_total
-                .load(std::sync::atomic::Ordering::Relaxed)
-                + st.refused_full_total
-                    .load(std::sync::atomic::Ordering::Relaxed)
-                + status
-                    .events_undeliverable
-                    .load(std::sync::atomic::Ordering::Relaxed),
-            status.clients().len()
-        );
-        notify(&[sd_notify::NotifyState::Status(&line)]);
+        let line = status_line(&status, spool.stats());
+        if line != last {
+            notify(&[sd_notify::NotifyState::Status(&line)]);
+            last = line;
+        }
     }
+}
+
+/// What `systemctl status` shows on its Status: line.
+fn status_line(status: &Status, st: &crate::spool::SpoolStats) -> String {
+    let failing = if st.write_failing.load(std::sync::atomic::Ordering::Relaxed) {
+        " (spool writes failing)"
+    } else {
+        ""
+    };
+    format!(
+        "brain {}; spool {} events{failing}; dropped {}; clients {}",
+        status.uplink().state.as_str(),
+        st.depth.load(std::sync::atomic::Ordering::Relaxed),
+        st.dropped_oldest_total
+            .load(std::sync::atomic::Ordering::Relaxed)
+            + st.refused_full_total
+                .load(std::sync::atomic::Ordering::Relaxed)
+            + status
+                .events_undeliverable
+                .load(std::sync::atomic::Ordering::Relaxed),
+        status.clients().len()
+    )
 }

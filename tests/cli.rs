@@ -581,3 +581,158 @@ fn doctor_exit_codes_follow_the_outcome() {
     assert!(t.contains("fix: is the brain running"), "{t}");
     assert!(!t.contains(TOKEN) && !t.contains(SECRET));
 }
+
+/// Stands in for systemd's notify socket: collects every state line sent.
+struct NotifySocket {
+    path: PathBuf,
+    sock: std::os::unix::net::UnixDatagram,
+}
+
+impl NotifySocket {
+    fn new(env: &Env) -> NotifySocket {
+        let path = env.dir.path().join("notify.sock");
+        let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        NotifySocket { path, sock }
+    }
+
+    /// The state lines received within `window`, in order.
+    fn lines_for(&self, window: Duration) -> Vec<String> {
+        let deadline = Instant::now() + window;
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while Instant::now() < deadline {
+            if let Ok(n) = self.sock.recv(&mut buf) {
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                out.extend(text.lines().map(str::to_owned));
+            }
+        }
+        out
+    }
+
+    /// Reads until a line starting with `prefix` arrives; returns all lines.
+    fn until(&self, prefix: &str, secs: u64) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        let mut out = Vec::new();
+        while Instant::now() < deadline {
+            let got = self.lines_for(Duration::from_millis(50));
+            let done = got.iter().any(|l| l.starts_with(prefix));
+            out.extend(got);
+            if done {
+                return out;
+            }
+        }
+        panic!("no {prefix} within {secs}s; got {out:?}");
+    }
+}
+
+fn first(lines: &[String], prefix: &str) -> usize {
+    lines
+        .iter()
+        .position(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no {prefix} in {lines:?}"))
+}
+
+#[test]
+fn sd_notify_sends_ready_status_watchdog_and_stopping_in_order() {
+    let env = Env::new();
+    let notify = NotifySocket::new(&env);
+    let mut c = env.cmd(free_port());
+    c.env("NOTIFY_SOCKET", &notify.path)
+        .env("WATCHDOG_USEC", "400000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let mut lines = notify.until("READY=1", 10);
+    lines.extend(notify.lines_for(Duration::from_millis(1500)));
+    // READY=1 waits for the spool and the socket, never for the brain
+    // (nothing listens on its port here).
+    assert!(UnixStream::connect(env.socket()).is_ok());
+    signal(&child, "TERM");
+    lines.extend(notify.until("STOPPING=1", 10));
+    assert!(wait_exit(&mut child, 20).success());
+
+    let ready = first(&lines, "READY=1");
+    let status = first(&lines, "STATUS=");
+    let watchdog = first(&lines, "WATCHDOG=1");
+    let stopping = first(&lines, "STOPPING=1");
+    assert!(
+        ready < status && status < watchdog && watchdog < stopping,
+        "{lines:?}"
+    );
+    let status_line = &lines[status];
+    assert!(
+        status_line.contains("spool 0 events") && status_line.contains("brain "),
+        "{status_line}"
+    );
+    // Every 200 ms (half of 400 ms) for 1.5 s: at least 5 pings before the stop.
+    let pings = lines[..stopping]
+        .iter()
+        .filter(|l| *l == "WATCHDOG=1")
+        .count();
+    assert!(pings >= 5, "{pings} pings: {lines:?}");
+    assert!(
+        !lines[stopping..].iter().any(|l| l == "WATCHDOG=1"),
+        "no ping after STOPPING=1: {lines:?}"
+    );
+}
+
+#[test]
+fn watchdog_pings_stop_while_the_spool_writer_is_wedged_and_resume_after() {
+    let env = Env::new();
+    let notify = NotifySocket::new(&env);
+    let mut c = env.cmd(free_port());
+    c.env("NOTIFY_SOCKET", &notify.path)
+        .env("WATCHDOG_USEC", "1000000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    notify.until("WATCHDOG=1", 10);
+
+    // Another process takes the spool's write lock: the writer's next
+    // commit waits (up to its 5 s busy timeout) and answers nothing meanwhile.
+    let spool = env.dir.path().join("home/.z4j/agentd.sqlite");
+    let lock = rusqlite::Connection::open(&spool).unwrap();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let mut s = UnixStream::connect(env.socket()).unwrap();
+    writeln!(
+        s,
+        r#"{{"type":"event","engine":"celery","kind":"task.sent","task_id":"w-1"}}"#
+    )
+    .unwrap();
+    // A ping already on its way may still arrive; after one period, none.
+    notify.lines_for(Duration::from_millis(700));
+    let wedged = notify.lines_for(Duration::from_millis(3000));
+    assert!(
+        !wedged.iter().any(|l| l == "WATCHDOG=1"),
+        "pinged while the spool writer was wedged: {wedged:?}"
+    );
+    lock.execute_batch("ROLLBACK").unwrap();
+    drop(lock);
+    notify.until("WATCHDOG=1", 5);
+
+    signal(&child, "TERM");
+    let out = {
+        assert!(wait_exit(&mut child, 20).success());
+        let mut err = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        err
+    };
+    let stalled: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains("stopped answering"))
+        .collect();
+    assert_eq!(stalled.len(), 1, "{out}");
+    assert!(
+        stalled[0].contains("spool") && !stalled[0].contains("ingest"),
+        "{}",
+        stalled[0]
+    );
+    assert!(out.contains("every part answers again"), "{out}");
+}
