@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every test of z4j-agentd, in the order a failure is cheapest to read:
 #   1. cargo fmt --check and cargo clippy --all-targets -D warnings
-#   2. cargo test (unit tests, the fake-brain uplink tests, the binary tests)
+#   2. cargo test (unit tests, the fake-brain uplink tests, the binary tests),
+#      then systemd-analyze verify/security on the units in systemd/
 #   3. the Python client's unit tests (clients/python/run-tests.sh, which
 #      creates its own venv on first use)
 #   4. the end-to-end tests against a real z4j 1.13.0 brain (tests/e2e/run.sh,
@@ -16,6 +17,8 @@ echo "==> cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --quiet -- -D warnings
 echo "==> cargo test"
 cargo test --all-targets
+echo "==> systemd units: systemd-analyze verify and security"
+tests/systemd/check-units.sh
 echo "==> Python client unit tests"
 clients/python/run-tests.sh -q
 echo "==> end-to-end tests against a real z4j brain"
