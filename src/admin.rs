@@ -13,7 +13,8 @@ use crate::protocol::Value;
 const TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where `status` looks for the daemon: `--socket-path`/`Z4J_SOCKET_PATH`,
-/// else `socket_path` in the `--config` file, else the default `run` uses.
+/// else `socket_path` in the `--config` file, else the host-wide socket
+/// (`/run/z4j-agentd/agent.sock`) when it exists, else the default `run` uses.
 pub fn socket_path(
     explicit: Option<PathBuf>,
     config_file: Option<&Path>,
@@ -31,7 +32,7 @@ pub fn socket_path(
             return Ok(PathBuf::from(p));
         }
     }
-    Ok(crate::ingest::default_socket_path(host))
+    Ok(crate::ingest::client_socket_path(host))
 }
 
 /// Asks the daemon on `path` for its `stats`.

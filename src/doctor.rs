@@ -308,7 +308,7 @@ pub async fn run(options: &Options, host: HostEnv, websocket: bool) -> Report {
     let socket_path = config
         .socket_path
         .clone()
-        .unwrap_or_else(|| crate::ingest::default_socket_path(&config.host));
+        .unwrap_or_else(|| crate::ingest::client_socket_path(&config.host));
     header.socket_path = Some(socket_path.display().to_string());
     probes.push(config_ok(&config));
 

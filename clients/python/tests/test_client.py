@@ -11,16 +11,24 @@ from datetime import datetime, timezone
 import pytest
 
 import z4j_agentd
+from z4j_agentd import _wire as wire_module
 from z4j_agentd import client as client_module
 
 FRAMINGS = ["json"] + (["msgpack"] if client_module.codec_for("auto").name == "msgpack" else [])
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}\+00:00$")
 
 
-def test_default_socket_path(monkeypatch):
+def test_default_socket_path(monkeypatch, tmp_path):
     monkeypatch.setenv("Z4J_SOCKET_PATH", "/run/x/agent.sock")
     assert z4j_agentd.default_socket_path() == "/run/x/agent.sock"
     monkeypatch.delenv("Z4J_SOCKET_PATH")
+    # The host-wide daemon's socket wins when it exists.
+    system = tmp_path / "agent.sock"
+    system.touch()
+    monkeypatch.setattr(wire_module, "SYSTEM_SOCKET_PATH", str(system))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
+    assert z4j_agentd.default_socket_path() == str(system)
+    system.unlink()
     monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
     assert z4j_agentd.default_socket_path() == "/run/user/1000/z4j/agent.sock"
     monkeypatch.delenv("XDG_RUNTIME_DIR")

@@ -25,7 +25,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("command", choices=["ping", "stats"], help="what to ask the daemon")
     ap.add_argument("--socket", default=None, help="the daemon's socket (default: Z4J_SOCKET_PATH, "
-                    "else $XDG_RUNTIME_DIR/z4j/agent.sock, else $TMPDIR/z4j-<uid>/agent.sock)")
+                    "else /run/z4j-agentd/agent.sock if it exists, else $XDG_RUNTIME_DIR/z4j/agent.sock, "
+                    "else $TMPDIR/z4j-<uid>/agent.sock)")
     ap.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the answer (default 2)")
     args = ap.parse_args(argv)
     path = args.socket or default_socket_path()

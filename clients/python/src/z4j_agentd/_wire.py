@@ -25,17 +25,21 @@ except ImportError:  # pragma: no cover - depends on the environment
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
-def default_socket_path() -> str:
-    """`Z4J_SOCKET_PATH`, else `$XDG_RUNTIME_DIR/z4j/agent.sock`, else
-    `$TMPDIR/z4j-<uid>/agent.sock` (`/tmp/z4j-<uid>/agent.sock`).
+#: The host-wide daemon's socket, as the packages install it (z4j-agentd.socket).
+SYSTEM_SOCKET_PATH = "/run/z4j-agentd/agent.sock"
 
-    The daemon also uses `$RUNTIME_DIRECTORY/agent.sock` under systemd; that
-    variable is the service's own, so applications set `Z4J_SOCKET_PATH`
-    to reach such a daemon.
+
+def default_socket_path() -> str:
+    """`Z4J_SOCKET_PATH`, else the host-wide daemon's socket
+    `/run/z4j-agentd/agent.sock` when it exists, else
+    `$XDG_RUNTIME_DIR/z4j/agent.sock`, else `$TMPDIR/z4j-<uid>/agent.sock`
+    (`/tmp/z4j-<uid>/agent.sock`).
     """
     explicit = os.environ.get("Z4J_SOCKET_PATH")
     if explicit:
         return explicit
+    if os.path.exists(SYSTEM_SOCKET_PATH):
+        return SYSTEM_SOCKET_PATH
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime:
         return os.path.join(runtime, "z4j", "agent.sock")
