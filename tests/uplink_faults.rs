@@ -212,6 +212,45 @@ async fn shutdown_drains_what_clients_sent_to_the_brain() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_accepted_as_the_daemon_stops_still_gets_its_durable_ack() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let brain = FakeBrain::start(Behavior::default()).await;
+    let d = TestDaemon::start(options(&brain.url)).await;
+    // Accepted (the daemon counts it) but nothing written yet: the shape of
+    // a client that connected an instant before SIGTERM.
+    let mut s = tokio::net::UnixStream::connect(&d.socket).await.unwrap();
+    // The accept loop takes it at once; give the connection task time to
+    // start waiting for the first byte.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    d.shutdown.cancel();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    s.write_all(
+        br#"{"type":"event","engine":"celery","kind":"task.sent","task_id":"late-1","ack_id":"late"}"#,
+    )
+    .await
+    .unwrap();
+    s.write_all(b"\n").await.unwrap();
+    let mut line = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        BufReader::new(&mut s).read_line(&mut line),
+    )
+    .await
+    .expect("a reply in time")
+    .expect("no reset");
+    let reply: serde_json::Value = serde_json::from_str(&line).expect(&line);
+    assert_eq!(reply["type"], "ack", "{line}");
+    assert_eq!(reply["stored"], 1, "{line}");
+    tokio::time::timeout(Duration::from_secs(30), d.task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    // ...and it was delivered by the drain before the daemon exited.
+    assert_eq!(brain.seen.event_ids.lock().unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn brain_down_does_not_delay_readiness_and_events_wait_in_the_spool() {
     // Nothing listens on this port.
     let port = std::net::TcpListener::bind("127.0.0.1:0")

@@ -259,11 +259,19 @@ impl Ingest {
                 .unwrap_or((u32::MAX, u32::MAX, None));
         let (mut rd, wr) = stream.into_split();
 
-        // The first byte decides the framing.
+        // The first byte decides the framing. A connection accepted just as
+        // the daemon stops still gets what it sends within the drain window:
+        // closing it unread would reset a client that has already written.
         let mut first = [0u8; 1];
         let n = tokio::select! {
-            _ = shutdown.cancelled() => return,
+            biased;
             r = rd.read(&mut first) => match r { Ok(n) => n, Err(_) => return },
+            _ = shutdown.cancelled() => {
+                match tokio::time::timeout(DRAIN_READ_TIMEOUT, rd.read(&mut first)).await {
+                    Ok(Ok(n)) => n,
+                    _ => return,
+                }
+            }
         };
         if n == 0 {
             return;
