@@ -37,8 +37,17 @@ const MAX_TASK_ID_CHARS: usize = 200;
 /// Formats a UTC timestamp the way z4j's Python agent does
 /// (`2026-11-22T23:29:59.500000+00:00`).
 pub fn format_occurred_at(t: OffsetDateTime) -> String {
+    let mut out = Vec::with_capacity(32);
+    write_occurred_at(t, &mut out);
+    String::from_utf8(out).expect("digits and punctuation")
+}
+
+/// Appends [`format_occurred_at`]'s text to `out`, without allocating.
+fn write_occurred_at(t: OffsetDateTime, out: &mut Vec<u8>) {
+    use std::io::Write;
     let t = t.to_offset(time::UtcOffset::UTC);
-    format!(
+    let _ = write!(
+        out,
         "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}+00:00",
         t.year(),
         u8::from(t.month()),
@@ -47,11 +56,11 @@ pub fn format_occurred_at(t: OffsetDateTime) -> String {
         t.minute(),
         t.second(),
         t.microsecond()
-    )
+    );
 }
 
-fn take_string(map: &mut Value, key: &str) -> Result<Option<String>, Refusal> {
-    match map.remove(key) {
+fn string_field(value: Option<Value>, key: &str) -> Result<Option<String>, Refusal> {
+    match value {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Str(s)) => Ok(Some(s)),
         Some(other) => Err(Refusal::new(
@@ -61,32 +70,72 @@ fn take_string(map: &mut Value, key: &str) -> Result<Option<String>, Refusal> {
     }
 }
 
+/// `s` without surrounding whitespace, reusing its allocation when it has none.
+fn trimmed(s: String) -> String {
+    if s.trim().len() == s.len() {
+        s
+    } else {
+        s.trim().to_owned()
+    }
+}
+
+/// The fields of an event, taken from its map in one pass (for a key that
+/// appears twice, the last one counts). Other keys are ignored.
+#[derive(Default)]
+struct Fields {
+    engine: Option<Value>,
+    kind: Option<Value>,
+    task_id: Option<Value>,
+    occurred_at: Option<Value>,
+    id: Option<Value>,
+    data: Option<Value>,
+}
+
+impl Fields {
+    fn take(entries: Vec<(String, Value)>) -> Fields {
+        let mut f = Fields::default();
+        for (k, v) in entries {
+            let slot = match k.as_str() {
+                "engine" => &mut f.engine,
+                "kind" => &mut f.kind,
+                "task_id" => &mut f.task_id,
+                "occurred_at" => &mut f.occurred_at,
+                "id" => &mut f.id,
+                "data" => &mut f.data,
+                _ => continue,
+            };
+            *slot = Some(v);
+        }
+        f
+    }
+}
+
 /// A UUIDv7 from the receive time and the thread-local RNG (the `uuid`
 /// crate's own `now_v7` asks the kernel for entropy on every call).
-fn new_event_id(at: OffsetDateTime) -> String {
+fn new_event_id(at: OffsetDateTime) -> uuid::Uuid {
     let ms = (at.unix_timestamp_nanos() / 1_000_000) as u64;
     let random: [u8; 10] = rand::random();
-    uuid::Builder::from_unix_timestamp_millis(ms, &random)
-        .into_uuid()
-        .hyphenated()
-        .to_string()
+    uuid::Builder::from_unix_timestamp_millis(ms, &random).into_uuid()
 }
 
 /// Normalises one event (a map, already decoded; the message-level keys
 /// `type` and `ack_id` are ignored) into its canonical bytes.
 pub fn normalize_event(
-    mut event: Value,
+    event: Value,
     received_at: OffsetDateTime,
     max_event_bytes: usize,
 ) -> Result<Vec<u8>, Refusal> {
-    if !matches!(event, Value::Map(_)) {
-        return Err(Refusal::new(
-            "invalid_event",
-            format!("an event must be a map, got {}", event.type_name()),
-        ));
-    }
-    let engine = take_string(&mut event, "engine")?
-        .map(|s| s.trim().to_string())
+    let mut fields = match event {
+        Value::Map(entries) => Fields::take(entries),
+        other => {
+            return Err(Refusal::new(
+                "invalid_event",
+                format!("an event must be a map, got {}", other.type_name()),
+            ))
+        }
+    };
+    let engine = string_field(fields.engine.take(), "engine")?
+        .map(trimmed)
         .filter(|s| !s.is_empty())
         .ok_or_else(|| {
             Refusal::new(
@@ -101,8 +150,8 @@ pub fn normalize_event(
         ));
     }
 
-    let kind = take_string(&mut event, "kind")?
-        .map(|s| s.trim().to_string())
+    let kind = string_field(fields.kind.take(), "kind")?
+        .map(trimmed)
         .filter(|s| !s.is_empty())
         .ok_or_else(|| {
             Refusal::new(
@@ -133,7 +182,7 @@ pub fn normalize_event(
         ));
     }
 
-    let task_id = take_string(&mut event, "task_id")?.unwrap_or_default();
+    let task_id = string_field(fields.task_id.take(), "task_id")?.unwrap_or_default();
     if kind.starts_with("task.") && task_id.trim().is_empty() {
         return Err(Refusal::new(
             "invalid_event",
@@ -147,10 +196,10 @@ pub fn normalize_event(
         ));
     }
 
-    let occurred_at = match event.remove("occurred_at") {
-        None | Some(Value::Null) => format_occurred_at(received_at),
+    let occurred_at = match fields.occurred_at.take() {
+        None | Some(Value::Null) => received_at,
         Some(Value::Str(s)) => match replay::parse_iso8601_assume_utc(s.trim()) {
-            Some(t) => format_occurred_at(t),
+            Some(t) => t,
             None => {
                 return Err(Refusal::new(
                     "invalid_event",
@@ -164,7 +213,7 @@ pub fn normalize_event(
             let secs = v.as_f64().unwrap_or(f64::NAN);
             let nanos = (secs * 1e9).round();
             match OffsetDateTime::from_unix_timestamp_nanos(nanos as i128) {
-                Ok(t) if secs.is_finite() && secs >= 0.0 => format_occurred_at(t),
+                Ok(t) if secs.is_finite() && secs >= 0.0 => t,
                 _ => {
                     return Err(Refusal::new(
                         "invalid_event",
@@ -184,10 +233,10 @@ pub fn normalize_event(
         }
     };
 
-    let id = match take_string(&mut event, "id")? {
+    let id = match string_field(fields.id.take(), "id")? {
         None => new_event_id(received_at),
         Some(s) => match uuid::Uuid::parse_str(s.trim()) {
-            Ok(u) if !u.is_nil() && !u.is_max() => u.hyphenated().to_string(),
+            Ok(u) if !u.is_nil() && !u.is_max() => u,
             _ => {
                 return Err(Refusal::new(
                     "invalid_event",
@@ -197,7 +246,7 @@ pub fn normalize_event(
         },
     };
 
-    let data = match event.remove("data") {
+    let data = match fields.data.take() {
         None | Some(Value::Null) => Value::empty_map(),
         Some(m @ Value::Map(_)) => m,
         Some(other) => {
@@ -208,18 +257,25 @@ pub fn normalize_event(
         }
     };
 
-    let mut out = Vec::with_capacity(256);
+    // Room for a typical Celery event (about 460 bytes) without regrowing.
+    let mut out = Vec::with_capacity(640);
     out.extend_from_slice(b"{\"data\":");
     canonical::write_value(&data, &mut out)
         .map_err(|e| Refusal::new("invalid_event", format!("`data`: {e}")))?;
     out.extend_from_slice(b",\"engine\":");
     canonical::write_str(&engine, &mut out);
-    out.extend_from_slice(b",\"id\":");
-    canonical::write_str(&id, &mut out);
+    out.extend_from_slice(b",\"id\":\"");
+    out.extend_from_slice(
+        id.hyphenated()
+            .encode_lower(&mut uuid::Uuid::encode_buffer())
+            .as_bytes(),
+    );
+    out.push(b'"');
     out.extend_from_slice(b",\"kind\":");
     canonical::write_str(&kind, &mut out);
-    out.extend_from_slice(b",\"occurred_at\":");
-    canonical::write_str(&occurred_at, &mut out);
+    out.extend_from_slice(b",\"occurred_at\":\"");
+    write_occurred_at(occurred_at, &mut out);
+    out.push(b'"');
     out.extend_from_slice(b",\"task_id\":");
     canonical::write_str(&task_id, &mut out);
     out.push(b'}');
