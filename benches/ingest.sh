@@ -44,6 +44,7 @@ run_case "1 client, batch 100"           normal --clients 1 --events 200000 --du
 run_case "8 clients, batch 100"          normal --clients 8 --events 400000 --durable --batch 100
 run_case "8 clients, batch 100, FULL"    full   --clients 8 --events 400000 --durable --batch 100
 run_case "8 clients, 1 event/msg"        normal --clients 8 --events 200000 --durable --batch 1 --pipeline 16
+run_case "8 clients, 1 event/msg, steady 20,000/s" normal --clients 8 --events 300000 --durable --batch 1 --pipeline 1 --rate 20000
 run_case "8 clients, batch 100, 4.7 KB"  normal --clients 8 --events 100000 --durable --batch 100 --blob 4200
 run_case "8 clients, jsonl, batch 100"   normal --clients 8 --events 400000 --durable --batch 100 --framing jsonl
 

@@ -241,6 +241,13 @@ pub struct SpoolHandle {
 const QUEUE_DEPTH: usize = 1024;
 /// Most events applied in one transaction (bounds commit latency).
 const MAX_EVENTS_PER_COMMIT: usize = 32_768;
+/// Page size of a newly created spool file.
+const PAGE_SIZE: u32 = 16 * 1024;
+/// WAL pages between automatic checkpoints: about 40 MB at 16 KiB pages
+/// (10 MB in a spool created with 4 KiB pages).
+const WAL_AUTOCHECKPOINT_PAGES: u32 = 2_500;
+/// Size the WAL file is truncated to after a checkpoint.
+const WAL_SIZE_LIMIT_BYTES: u64 = 64 * 1024 * 1024;
 /// At most one eviction WARNING per this interval.
 const EVICTION_WARN_EVERY: Duration = Duration::from_secs(10);
 
@@ -516,6 +523,11 @@ struct Writer {
 impl Writer {
     fn prepare(conn: Connection, config: &SpoolConfig) -> Result<Writer, rusqlite::Error> {
         conn.busy_timeout(Duration::from_secs(5))?;
+        // 16 KiB pages for a new spool (an existing file keeps its size):
+        // about 35 events per page instead of 8, so fewer page splits, WAL
+        // frames and checksums per event; ingest with 8 clients went from
+        // about 280,000 to 470,000 events/s (BENCHMARKS.md).
+        conn.execute_batch(&format!("PRAGMA page_size={PAGE_SIZE};"))?;
         let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(rusqlite::Error::InvalidParameterName(format!(
@@ -526,6 +538,14 @@ impl Writer {
             Synchronous::Normal => "PRAGMA synchronous=NORMAL;",
             Synchronous::Full => "PRAGMA synchronous=FULL;",
         })?;
+        // Checkpoint every ~40 MB of WAL rather than SQLite's 4 MB: rows
+        // stored and deleted (acked) within one window are copied to the
+        // database once or not at all, and the checkpoint's fsync comes ten
+        // times less often (benchmarked in BENCHMARKS.md). The file is cut
+        // back to 64 MB after a checkpoint that emptied it.
+        conn.execute_batch(&format!(
+            "PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}; PRAGMA journal_size_limit={WAL_SIZE_LIMIT_BYTES};"
+        ))?;
         conn.execute_batch(
             "PRAGMA temp_store=MEMORY;
              CREATE TABLE IF NOT EXISTS events (
