@@ -146,57 +146,71 @@ fn prepare(args: &Args, index: usize, count: usize) -> Vec<(usize, Vec<u8>)> {
     out
 }
 
+/// One connection. With `--durable`, a reader task takes the acks as they
+/// come, so each latency is exactly write -> ack even at a fixed rate; the
+/// writer keeps at most `--pipeline` messages awaiting their ack.
 async fn client(args: Arc<Args>, messages: Vec<(usize, Vec<u8>)>) -> Vec<Duration> {
     let stream = UnixStream::connect(&args.socket).await.expect("connect");
     let (rd, mut wr) = stream.into_split();
-    let mut replies = Replies {
+    let mut replies = Some(Replies {
         framing: args.framing.clone(),
         rd: BufReader::new(rd),
         line: String::new(),
-    };
+    });
     let per_client_rate = if args.rate > 0 {
         Some(args.rate as f64 / args.clients as f64)
     } else {
         None
     };
-    let started = Instant::now();
-    let mut latencies = Vec::new();
-    let mut inflight: std::collections::VecDeque<Instant> = Default::default();
-    let mut sent = 0usize;
-    let total = messages.len();
-    for (i, (n, bytes)) in messages.into_iter().enumerate() {
-        if let Some(rate) = per_client_rate {
-            let due = started + Duration::from_secs_f64(sent as f64 / rate);
-            tokio::time::sleep_until(due.into()).await;
-        }
-        wr.write_all(&bytes).await.unwrap();
-        sent += n;
-        if args.durable {
-            inflight.push_back(Instant::now());
-            let last = i + 1 == total;
-            while inflight.len() >= args.pipeline.max(1) || (last && !inflight.is_empty()) {
+    let window = Arc::new(tokio::sync::Semaphore::new(args.pipeline.max(1)));
+    let (sent_at_tx, mut sent_at_rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+    let reader = if args.durable {
+        let window = window.clone();
+        let mut replies = replies.take().expect("not taken yet");
+        Some(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            while let Some(at) = sent_at_rx.recv().await {
                 let reply = replies.next().await;
                 assert_eq!(reply["type"], "ack", "unexpected reply: {reply}");
                 assert!(
                     reply["stored"].as_u64().unwrap_or(0) > 0,
                     "nothing stored: {reply}"
                 );
-                latencies.push(inflight.pop_front().unwrap().elapsed());
+                latencies.push(at.elapsed());
+                window.add_permits(1);
             }
+            latencies
+        }))
+    } else {
+        None
+    };
+    let started = Instant::now();
+    let mut sent = 0usize;
+    for (n, bytes) in messages {
+        if let Some(rate) = per_client_rate {
+            let due = started + Duration::from_secs_f64(sent as f64 / rate);
+            tokio::time::sleep_until(due.into()).await;
+        }
+        if args.durable {
+            window.acquire().await.expect("open").forget();
+            sent_at_tx.send(Instant::now()).expect("reader alive");
+        }
+        wr.write_all(&bytes).await.unwrap();
+        sent += n;
+    }
+    drop(sent_at_tx);
+    match reader {
+        Some(r) => r.await.expect("reader"),
+        None => {
+            let replies = replies.as_mut().expect("kept for fire-and-forget");
+            // Make sure everything was read by the daemon before we stop the clock.
+            wr.write_all(&encode(&args.framing, &serde_json::json!({"type": "ping"})))
+                .await
+                .unwrap();
+            while replies.next().await["type"] != "pong" {}
+            Vec::new()
         }
     }
-    if !args.durable {
-        // Make sure everything was read by the daemon before we stop the clock.
-        wr.write_all(&encode(&args.framing, &serde_json::json!({"type": "ping"})))
-            .await
-            .unwrap();
-        loop {
-            if replies.next().await["type"] == "pong" {
-                break;
-            }
-        }
-    }
-    latencies
 }
 
 /// (utime + stime) in seconds and (VmRSS, VmHWM) in kB, of `pid`.

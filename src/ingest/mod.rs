@@ -179,7 +179,16 @@ pub struct Ingest {
     own_uid: u32,
     /// Where commands from the brain are routed to connections.
     router: Arc<crate::commands::Router>,
+    /// KiB of decoded records, over all connections, handed to the spool
+    /// and not yet settled: bounds the daemon's memory when producers
+    /// outrun the disk.
+    in_flight: Arc<Semaphore>,
 }
+
+/// Records handed to the spool and not yet committed, over all connections
+/// (KiB). A connection that would exceed it first settles its own earlier
+/// messages, then waits: it stops reading, and its producer feels it.
+const IN_FLIGHT_KIB: usize = 8 * 1024;
 
 /// Replies queued per connection before they are dropped.
 const REPLY_QUEUE: usize = 256;
@@ -203,6 +212,7 @@ impl Ingest {
             next_id: AtomicU64::new(1),
             own_uid: crate::config::current_uid(),
             router,
+            in_flight: Arc::new(Semaphore::new(IN_FLIGHT_KIB)),
         })
     }
 
@@ -458,6 +468,8 @@ struct Pending {
     retry: Option<Vec<Vec<u8>>>,
     /// Events stored by earlier attempts of this message (`block`).
     stored_before: usize,
+    /// This message's share of [`IN_FLIGHT_KIB`], returned when it settles.
+    _budget: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 struct Session<'a> {
@@ -613,10 +625,12 @@ impl Session<'_> {
                     ack_id,
                     retry: None,
                     stored_before: 0,
+                    _budget: None,
                 });
             }
             return;
         }
+        let budget = self.reserve(&records).await;
         let retry = (self.ingest.spool.overflow() == Overflow::Block).then(|| records.clone());
         let events = records.len();
         match self.ingest.spool.append(records).await {
@@ -626,12 +640,39 @@ impl Session<'_> {
                 ack_id,
                 retry,
                 stored_before: 0,
+                _budget: budget,
             }),
             Err(e) => {
                 self.ingest.status.refuse(e.code(), events as u64);
                 self.replies
                     .error(e.code(), &e.to_string(), ack_id.as_ref(), None);
             }
+        }
+    }
+
+    /// Takes `records`' share of the in-flight budget. While it is short,
+    /// settle this connection's own earlier messages first (they hold part
+    /// of it), and only wait for the others' once none is left: whoever
+    /// waits holds nothing, so the budget always drains.
+    async fn reserve(&mut self, records: &[Vec<u8>]) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let bytes: usize = records.iter().map(Vec::len).sum();
+        let kib = (bytes / 1024 + 1).min(IN_FLIGHT_KIB) as u32;
+        loop {
+            match self.ingest.in_flight.clone().try_acquire_many_owned(kib) {
+                Ok(p) => return Some(p),
+                Err(tokio::sync::TryAcquireError::Closed) => return None,
+                Err(tokio::sync::TryAcquireError::NoPermits) => {}
+            }
+            if self.pending.is_empty() {
+                return self
+                    .ingest
+                    .in_flight
+                    .clone()
+                    .acquire_many_owned(kib)
+                    .await
+                    .ok();
+            }
+            self.settle_front().await;
         }
     }
 
@@ -669,6 +710,7 @@ impl Session<'_> {
                             ack_id: p.ack_id,
                             retry: Some(rest),
                             stored_before,
+                            _budget: p._budget,
                         });
                         // Settle it before anything later, to keep acks in order.
                         Box::pin(self.settle_front()).await;
