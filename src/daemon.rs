@@ -169,6 +169,7 @@ pub async fn run(
             max_message_bytes: ingest::DEFAULT_MAX_MESSAGE_BYTES,
             max_event_bytes: crate::protocol::DEFAULT_MAX_FRAME_BYTES
                 - ingest::FRAME_ENVELOPE_RESERVE,
+            partial_message_timeout: ingest::PARTIAL_MESSAGE_TIMEOUT,
             remove_socket_on_exit: config.activated.is_none(),
         },
         spool_handle.clone(),

@@ -53,11 +53,18 @@ pub struct IngestConfig {
     pub max_message_bytes: usize,
     /// Largest single event, canonical bytes (fits one brain frame).
     pub max_event_bytes: usize,
+    /// How long a connection may hold part of a message without sending
+    /// more before it gets `incomplete_message` and is closed. An idle
+    /// connection between messages is never timed out.
+    pub partial_message_timeout: Duration,
     /// Whether the socket file is ours to remove on exit. Not under socket
     /// activation: the file and the listener belong to systemd, which keeps
     /// queueing connections while the daemon restarts.
     pub remove_socket_on_exit: bool,
 }
+
+/// Default [`IngestConfig::partial_message_timeout`].
+pub const PARTIAL_MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Default bound of one client message.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
@@ -388,6 +395,23 @@ impl Ingest {
                     Ok(0) | Err(_) => break,
                     Ok(n) => decoder.feed(&buf[..n]),
                 },
+                // Restarted by every read: it fires only when part of a
+                // message sat here with no progress for the whole timeout.
+                _ = tokio::time::sleep(self.config.partial_message_timeout), if decoder.pending_bytes() > 0 => {
+                    let pending = decoder.pending_bytes();
+                    self.status.refuse("incomplete_message", 1);
+                    tracing::warn!(client = id, pid, pending_bytes = pending, "closed a local client that stopped in the middle of a message");
+                    session.replies.error(
+                        "incomplete_message",
+                        &format!(
+                            "{pending} bytes of a message arrived, then nothing for {} s; send whole messages (a 4-byte big-endian length and that many bytes of MessagePack, or one JSON object ending in a newline)",
+                            self.config.partial_message_timeout.as_secs_f64()
+                        ),
+                        None,
+                        None,
+                    );
+                    break 'conn;
+                }
             }
         }
         while !session.pending.is_empty() {
@@ -848,6 +872,177 @@ impl Session<'_> {
 mod tests {
     use super::*;
     use crate::config::HostEnv;
+    use crate::spool::{Spool, SpoolConfig, Synchronous};
+
+    /// A served ingest on a temp socket, with a short partial-message timeout.
+    async fn served(
+        dir: &std::path::Path,
+        timeout: Duration,
+    ) -> (PathBuf, Arc<Status>, Spool, CancellationToken) {
+        let spool = Spool::open(SpoolConfig {
+            path: dir.join("spool.sqlite"),
+            max_events: 1_000,
+            max_bytes: 1 << 20,
+            overflow: Overflow::DropOldest,
+            synchronous: Synchronous::Normal,
+        })
+        .unwrap();
+        let socket = dir.join("agent.sock");
+        let status = Arc::new(Status::new());
+        let (router, _results) = crate::commands::Router::new(status.clone());
+        let ingest = Ingest::new(
+            IngestConfig {
+                socket_path: socket.clone(),
+                allowed_uids: vec![],
+                allowed_gids: vec![],
+                max_clients: 8,
+                max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+                max_event_bytes: 64 * 1024,
+                partial_message_timeout: timeout,
+                remove_socket_on_exit: true,
+            },
+            spool.handle(),
+            status.clone(),
+            router,
+        );
+        let listener = bind(&socket, 0o600).unwrap();
+        let stop = CancellationToken::new();
+        tokio::spawn(ingest.serve(listener, stop.clone(), crate::watchdog::Beat::unwatched()));
+        (socket, status, spool, stop)
+    }
+
+    async fn read_one(s: &mut UnixStream) -> Value {
+        use tokio::io::AsyncReadExt;
+        let mut len = [0u8; 4];
+        s.read_exact(&mut len).await.unwrap();
+        let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+        s.read_exact(&mut body).await.unwrap();
+        rmp_serde::from_slice(&body).unwrap()
+    }
+
+    fn framed(msg: &serde_json::Value) -> Vec<u8> {
+        let body = rmp_serde::to_vec_named(msg).unwrap();
+        let mut out = (body.len() as u32).to_be_bytes().to_vec();
+        out.extend_from_slice(&body);
+        out
+    }
+
+    #[tokio::test]
+    async fn a_4_gib_length_prefix_is_refused_at_once_without_allocating() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().unwrap();
+        let (socket, status, spool, stop) = served(dir.path(), Duration::from_secs(30)).await;
+        let mut s = UnixStream::connect(&socket).await.unwrap();
+        s.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+        let reply = read_one(&mut s).await;
+        assert_eq!(
+            reply.get("code").and_then(Value::as_str),
+            Some("message_too_large")
+        );
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+            .await
+            .expect("the connection is closed")
+            .unwrap();
+        assert_eq!(status.refused().get("message_too_large"), Some(&1));
+        stop.cancel();
+        spool.close().await;
+    }
+
+    #[tokio::test]
+    async fn malformed_messagepack_gets_an_error_and_the_connection_goes_on() {
+        use tokio::io::AsyncWriteExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (socket, status, spool, stop) = served(dir.path(), Duration::from_secs(30)).await;
+        let mut s = UnixStream::connect(&socket).await.unwrap();
+        // A well-framed body that is not MessagePack (0xc1 is never used).
+        s.write_all(&[0, 0, 0, 3, 0xc1, 0xc1, 0xc1]).await.unwrap();
+        let reply = read_one(&mut s).await;
+        assert_eq!(
+            reply.get("code").and_then(Value::as_str),
+            Some("bad_message")
+        );
+        s.write_all(&framed(&serde_json::json!({"type": "ping"})))
+            .await
+            .unwrap();
+        let reply = read_one(&mut s).await;
+        assert_eq!(reply.get("type").and_then(Value::as_str), Some("pong"));
+        assert_eq!(status.refused().get("bad_message"), Some(&1));
+        stop.cancel();
+        spool.close().await;
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_limit_are_told_why_and_the_others_are_served() {
+        use tokio::io::AsyncWriteExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (socket, status, spool, stop) = served(dir.path(), Duration::from_secs(30)).await;
+        // The limit here is 8; open 40 at once.
+        let mut conns = Vec::new();
+        for _ in 0..40 {
+            let mut s = UnixStream::connect(&socket).await.unwrap();
+            s.write_all(&framed(&serde_json::json!({"type": "ping"})))
+                .await
+                .unwrap();
+            conns.push(s);
+        }
+        let (mut served_n, mut refused_n) = (0, 0);
+        for s in conns.iter_mut() {
+            let reply = tokio::time::timeout(Duration::from_secs(5), read_one(s))
+                .await
+                .expect("every connection gets an answer");
+            match reply.get("type").and_then(Value::as_str) {
+                Some("pong") => served_n += 1,
+                Some("error") => {
+                    assert_eq!(
+                        reply.get("code").and_then(Value::as_str),
+                        Some("too_many_clients")
+                    );
+                    refused_n += 1;
+                }
+                other => panic!("unexpected reply {other:?}"),
+            }
+        }
+        assert_eq!((served_n, refused_n), (8, 32));
+        assert_eq!(status.refused().get("too_many_clients"), Some(&32));
+        stop.cancel();
+        spool.close().await;
+    }
+
+    #[tokio::test]
+    async fn half_a_message_then_silence_gets_an_error_and_is_closed() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().unwrap();
+        let (socket, status, spool, stop) = served(dir.path(), Duration::from_millis(300)).await;
+        // A length prefix announcing 100 bytes, then 10 of them.
+        let mut half = UnixStream::connect(&socket).await.unwrap();
+        half.write_all(&100u32.to_be_bytes()).await.unwrap();
+        half.write_all(&[0x80; 10]).await.unwrap();
+        // An idle connection between messages is left alone.
+        let mut idle = crate::client::Client::connect(&socket).await.unwrap();
+        idle.ping().await.unwrap();
+
+        let mut reply = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), half.read_to_end(&mut reply))
+            .await
+            .expect("closed after the timeout")
+            .unwrap();
+        let body: Value = rmp_serde::from_slice(&reply[4..]).unwrap();
+        assert_eq!(
+            body.get("code").and_then(Value::as_str),
+            Some("incomplete_message")
+        );
+        let msg = body.get("message").and_then(Value::as_str).unwrap();
+        assert!(msg.contains("14 bytes") && msg.contains("length"), "{msg}");
+        assert_eq!(status.refused().get("incomplete_message"), Some(&1));
+
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        idle.ping()
+            .await
+            .expect("the idle connection is still served");
+        stop.cancel();
+        spool.close().await;
+    }
 
     #[test]
     fn clients_prefer_the_host_wide_socket_when_it_exists() {
