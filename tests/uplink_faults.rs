@@ -369,3 +369,93 @@ async fn sessions_refused_right_after_the_handshake_back_off_instead_of_resettin
     assert!(num(&s, "connects") >= 2, "{s:?}");
     d.stop().await.unwrap();
 }
+
+/// Sends `n` events from one client, durably, in messages of 50.
+async fn send_events(d: &TestDaemon, prefix: &str, n: usize) {
+    let mut c = d.client().await;
+    let events: Vec<_> = (0..n)
+        .map(|i| event(&format!("{prefix}{i}"), "task.received"))
+        .collect();
+    for chunk in events.chunks(50) {
+        c.send_durable(chunk).await.unwrap();
+    }
+}
+
+fn small_frames(url: &str) -> z4j_agentd::config::Options {
+    z4j_agentd::config::Options {
+        batch_max_events: Some("20".into()),
+        ..options(url)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicated_and_reordered_acks_are_harmless_and_nothing_is_lost() {
+    let brain = FakeBrain::start(Behavior {
+        duplicate_acks: 5,
+        reorder_acks: true,
+        ..Behavior::default()
+    })
+    .await;
+    let d = TestDaemon::start(small_frames(&brain.url)).await;
+    send_events(&d, "dr", 400).await;
+    let s = wait_stats(&d, 20, "every event acked", |s| {
+        num(s, "acked") == 400 && num(s, "spool_depth") == 0
+    })
+    .await;
+    // One session throughout: neither a duplicate nor a late ack is an error.
+    assert_eq!(num(&s, "connects"), 1, "{s:?}");
+    assert_eq!(num(&s, "resent"), 0, "{s:?}");
+    assert_eq!(brain.seen.event_ids.lock().unwrap().len(), 400);
+    assert!(brain.seen.verify_failures.lock().unwrap().is_empty());
+    d.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_ack_ends_the_session_and_nothing_is_lost() {
+    let brain = FakeBrain::start(Behavior {
+        replay_ack_after: Some(3),
+        ..Behavior::default()
+    })
+    .await;
+    let d = TestDaemon::start(small_frames(&brain.url)).await;
+    send_events(&d, "rp", 200).await;
+    let s = wait_stats(&d, 30, "every event acked after reconnecting", |s| {
+        num(s, "acked") == 200 && num(s, "spool_depth") == 0
+    })
+    .await;
+    assert!(
+        num(&s, "connects") >= 2,
+        "the replay ended the session: {s:?}"
+    );
+    assert_eq!(
+        s.get("failures_by_class")
+            .and_then(|m| m.get("protocol"))
+            .and_then(Value::as_u64),
+        Some(1),
+        "{s:?}"
+    );
+    assert_eq!(brain.seen.event_ids.lock().unwrap().len(), 200);
+    d.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_outside_the_clock_window_ends_the_session_and_nothing_is_lost() {
+    let brain = FakeBrain::start(Behavior {
+        stale_acks: 1,
+        stale_by_seconds: 600,
+        ..Behavior::default()
+    })
+    .await;
+    let d = TestDaemon::start(small_frames(&brain.url)).await;
+    send_events(&d, "st", 100).await;
+    let s = wait_stats(&d, 30, "every event acked after reconnecting", |s| {
+        num(s, "acked") == 100 && num(s, "spool_depth") == 0
+    })
+    .await;
+    assert!(
+        num(&s, "connects") >= 2,
+        "the stale ack ended the session: {s:?}"
+    );
+    assert_eq!(brain.seen.event_ids.lock().unwrap().len(), 100);
+    d.stop().await.unwrap();
+}

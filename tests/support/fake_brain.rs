@@ -38,6 +38,17 @@ pub struct Behavior {
     /// Send `hello_ack`, then close at once with this code (as the brain
     /// does on 4002, or 4403 after a badly signed first frame).
     pub close_after_hello_with: Option<u16>,
+    /// Send each of the first N acks twice (the second freshly signed).
+    pub duplicate_acks: usize,
+    /// Hold each odd-numbered ack back and send it after the next one.
+    pub reorder_acks: bool,
+    /// After this many acks, send the previous ack's exact bytes again (a
+    /// replayed `seq` and nonce), once.
+    pub replay_ack_after: Option<usize>,
+    /// Sign the first N acks with a `ts` this many seconds in the past.
+    pub stale_acks: usize,
+    /// How far in the past, for `stale_acks`.
+    pub stale_by_seconds: i64,
 }
 
 /// What the fake saw.
@@ -210,12 +221,25 @@ async fn serve(
     let mut signer = Signer::new(key, binding.clone());
     let wrong = SigningKey::from_bytes(&[7u8; 32]).unwrap();
     let mut wrong_signer = Signer::new(wrong, binding);
+    let mut last_ack: Option<Vec<u8>> = None;
+    let mut held: Option<Vec<Ack>> = None;
     loop {
         let msg = tokio::select! {
             m = ws.next() => match m {
                 Some(m) => m,
                 None => return,
             },
+            // A held ack goes out anyway if no other ack follows soon.
+            _ = tokio::time::sleep(std::time::Duration::from_millis(200)), if held.is_some() => {
+                for ack in held.take().into_iter().flatten() {
+                    let out = ack.sign(&mut signer, &mut wrong_signer);
+                    last_ack = Some(out.clone());
+                    if ws.send(Message::binary(out)).await.is_err() {
+                        return;
+                    }
+                }
+                continue;
+            }
             c = commands.recv() => {
                 let Ok((id, payload)) = c else { continue };
                 let frame = signer.sign_value(
@@ -302,17 +326,77 @@ async fn serve(
         payload.insert("received", ids.len() as u64);
         payload.insert("accepted", ids.len() as u64);
         payload.insert("rejected", 0u64);
-        let s = if bad { &mut wrong_signer } else { &mut signer };
-        let out = s.sign_value(
-            "event_batch_ack",
-            &format!("eba_{}", frame.id),
-            &payload,
-            OffsetDateTime::now_utc(),
-            &protocol::new_nonce(),
-        );
-        seen.acks_sent.fetch_add(1, Ordering::SeqCst);
-        if ws.send(Message::binary(out)).await.is_err() {
-            return;
+        let (duplicate, reorder, replay, stale_by) = {
+            let mut b = behavior.lock().unwrap();
+            let duplicate = b.duplicate_acks > 0;
+            b.duplicate_acks = b.duplicate_acks.saturating_sub(1);
+            let sent = seen.acks_sent.load(Ordering::SeqCst);
+            let replay = b.replay_ack_after == Some(sent) && last_ack.is_some();
+            if replay {
+                b.replay_ack_after = None;
+            }
+            let stale = (b.stale_acks > 0).then_some(b.stale_by_seconds);
+            b.stale_acks = b.stale_acks.saturating_sub(1);
+            (duplicate, b.reorder_acks, replay, stale)
+        };
+        if replay {
+            // The exact bytes again: same seq, same nonce.
+            let again = last_ack.clone().expect("checked");
+            if ws.send(Message::binary(again)).await.is_err() {
+                return;
+            }
         }
+        let n = seen.acks_sent.fetch_add(1, Ordering::SeqCst);
+        let mut acks = vec![Ack {
+            id: format!("eba_{}", frame.id),
+            payload: payload.clone(),
+            stale_by,
+            bad,
+        }];
+        if duplicate {
+            acks.push(Ack {
+                id: format!("eba_{}_again", frame.id),
+                payload,
+                stale_by: None,
+                bad: false,
+            });
+        }
+        if reorder && n.is_multiple_of(2) {
+            // Hold this one until the next ack has gone out. Acks are
+            // signed when sent, so `seq` still grows on the wire.
+            held = Some(acks);
+            continue;
+        }
+        for ack in acks.into_iter().chain(held.take().into_iter().flatten()) {
+            let out = ack.sign(&mut signer, &mut wrong_signer);
+            last_ack = Some(out.clone());
+            if ws.send(Message::binary(out)).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// An `event_batch_ack` waiting to be signed and sent.
+struct Ack {
+    id: String,
+    payload: Value,
+    /// Sign with a `ts` this many seconds in the past.
+    stale_by: Option<i64>,
+    /// Sign with the wrong key.
+    bad: bool,
+}
+
+impl Ack {
+    fn sign(self, signer: &mut Signer, wrong: &mut Signer) -> Vec<u8> {
+        let s = if self.bad { wrong } else { signer };
+        let ts = OffsetDateTime::now_utc() - time::Duration::seconds(self.stale_by.unwrap_or(0));
+        s.sign_value(
+            "event_batch_ack",
+            &self.id,
+            &self.payload,
+            ts,
+            &protocol::new_nonce(),
+        )
     }
 }
