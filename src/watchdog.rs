@@ -223,6 +223,47 @@ mod tests {
         });
     }
 
+    /// A running watchdog with a 1 s period, and what it did.
+    struct Observed {
+        pings: Arc<AtomicU64>,
+        rounds: Arc<Mutex<Vec<Round>>>,
+        stop: CancellationToken,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Observed {
+        fn start(wd: Watchdog) -> Observed {
+            let pings = Arc::new(AtomicU64::new(0));
+            let rounds = Arc::new(Mutex::new(Vec::new()));
+            let stop = CancellationToken::new();
+            let (p, r) = (pings.clone(), rounds.clone());
+            let task = tokio::spawn(wd.run(
+                Duration::from_secs(1),
+                stop.clone(),
+                move || {
+                    p.fetch_add(1, Ordering::Relaxed);
+                },
+                move |round| r.lock().unwrap().push(round.clone()),
+            ));
+            Observed {
+                pings,
+                rounds,
+                stop,
+                task,
+            }
+        }
+
+        fn pings(&self) -> u64 {
+            self.pings.load(Ordering::Relaxed)
+        }
+
+        async fn finish(self) -> Vec<Round> {
+            self.stop.cancel();
+            self.task.await.unwrap();
+            std::mem::take(&mut *self.rounds.lock().unwrap())
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn pings_while_every_part_answers_and_stops_when_one_stalls() {
         let mut wd = Watchdog::new();
@@ -230,35 +271,14 @@ mod tests {
         spawn_part(wd.part("ingest"), CancellationToken::new());
         spawn_part(wd.part("spool"), spool_stall.clone());
         spawn_part(wd.part("uplink"), CancellationToken::new());
-        let rounds = Arc::new(Mutex::new(Vec::new()));
-        let pings = Arc::new(AtomicU64::new(0));
-        let stop = CancellationToken::new();
-        let (r, p) = (rounds.clone(), pings.clone());
-        let task = tokio::spawn(wd.run(
-            Duration::from_secs(1),
-            stop.clone(),
-            move || {
-                p.fetch_add(1, Ordering::Relaxed);
-            },
-            move |round| r.lock().unwrap().push(round.clone()),
-        ));
+        let seen = Observed::start(wd);
         tokio::time::sleep(Duration::from_millis(3500)).await;
-        assert_eq!(
-            pings.load(Ordering::Relaxed),
-            4,
-            "rounds at 0, 1, 2 and 3 s"
-        );
+        assert_eq!(seen.pings(), 4, "rounds at 0, 1, 2 and 3 s");
         spool_stall.cancel();
         tokio::time::sleep(Duration::from_secs(3)).await;
-        assert_eq!(
-            pings.load(Ordering::Relaxed),
-            4,
-            "no ping once the spool stopped answering"
-        );
-        let last = rounds.lock().unwrap().last().cloned().unwrap();
+        assert_eq!(seen.pings(), 4, "no ping once the spool stopped answering");
+        let last = seen.finish().await.last().cloned().unwrap();
         assert_eq!(last, Round::Stalled(vec!["spool"]));
-        stop.cancel();
-        task.await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]
@@ -272,19 +292,9 @@ mod tests {
                 slow.asked().await;
             }
         });
-        let rounds = Arc::new(Mutex::new(Vec::new()));
-        let r = rounds.clone();
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(wd.run(
-            Duration::from_secs(1),
-            stop.clone(),
-            || {},
-            move |round| r.lock().unwrap().push(round.clone()),
-        ));
+        let seen = Observed::start(wd);
         tokio::time::sleep(Duration::from_millis(6200)).await;
-        stop.cancel();
-        task.await.unwrap();
-        let rounds = rounds.lock().unwrap();
+        let rounds = seen.finish().await;
         assert!(rounds.contains(&Round::Alive), "{rounds:?}");
         assert!(
             rounds.contains(&Round::Stalled(vec!["uplink"])),
@@ -296,17 +306,7 @@ mod tests {
     async fn answering_while_a_bounded_wait_runs() {
         let mut wd = Watchdog::new();
         let mut beat = wd.part("uplink");
-        let pings = Arc::new(AtomicU64::new(0));
-        let p = pings.clone();
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(wd.run(
-            Duration::from_secs(1),
-            stop.clone(),
-            move || {
-                p.fetch_add(1, Ordering::Relaxed);
-            },
-            |_| {},
-        ));
+        let seen = Observed::start(wd);
         let out = beat
             .answering_while(async {
                 tokio::time::sleep(Duration::from_millis(4500)).await;
@@ -314,9 +314,8 @@ mod tests {
             })
             .await;
         assert_eq!(out, 7);
-        assert_eq!(pings.load(Ordering::Relaxed), 5, "one ping per round");
-        stop.cancel();
-        task.await.unwrap();
+        assert_eq!(seen.pings(), 5, "one ping per round");
+        seen.finish().await;
     }
 
     #[tokio::test(start_paused = true)]
@@ -328,27 +327,16 @@ mod tests {
             let ok = h.load(Ordering::Relaxed);
             async move { ok }
         }));
-        let pings = Arc::new(AtomicU64::new(0));
-        let p = pings.clone();
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(wd.run(
-            Duration::from_secs(1),
-            stop.clone(),
-            move || {
-                p.fetch_add(1, Ordering::Relaxed);
-            },
-            |_| {},
-        ));
+        let seen = Observed::start(wd);
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        assert_eq!(pings.load(Ordering::Relaxed), 2);
+        assert_eq!(seen.pings(), 2);
         healthy.store(false, Ordering::Relaxed);
         tokio::time::sleep(Duration::from_secs(2)).await;
-        assert_eq!(pings.load(Ordering::Relaxed), 2);
+        assert_eq!(seen.pings(), 2);
         healthy.store(true, Ordering::Relaxed);
         tokio::time::sleep(Duration::from_secs(2)).await;
-        assert_eq!(pings.load(Ordering::Relaxed), 4, "pings resume");
-        stop.cancel();
-        task.await.unwrap();
+        assert_eq!(seen.pings(), 4, "pings resume");
+        seen.finish().await;
     }
 
     #[tokio::test]

@@ -597,6 +597,16 @@ impl NotifySocket {
         NotifySocket { path, sock }
     }
 
+    /// `run` reporting to this socket with a watchdog of `watchdog_usec`.
+    fn daemon(&self, env: &Env, watchdog_usec: &str) -> Child {
+        let mut c = env.cmd(free_port());
+        c.env("NOTIFY_SOCKET", &self.path)
+            .env("WATCHDOG_USEC", watchdog_usec)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        c.spawn().unwrap()
+    }
+
     /// The state lines received within `window`, in order.
     fn lines_for(&self, window: Duration) -> Vec<String> {
         let deadline = Instant::now() + window;
@@ -638,12 +648,7 @@ fn first(lines: &[String], prefix: &str) -> usize {
 fn sd_notify_sends_ready_status_watchdog_and_stopping_in_order() {
     let env = Env::new();
     let notify = NotifySocket::new(&env);
-    let mut c = env.cmd(free_port());
-    c.env("NOTIFY_SOCKET", &notify.path)
-        .env("WATCHDOG_USEC", "400000")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut child = c.spawn().unwrap();
+    let mut child = notify.daemon(&env, "400000");
     let mut lines = notify.until("READY=1", 10);
     lines.extend(notify.lines_for(Duration::from_millis(1500)));
     // READY=1 waits for the spool and the socket, never for the brain
@@ -682,12 +687,7 @@ fn sd_notify_sends_ready_status_watchdog_and_stopping_in_order() {
 fn watchdog_pings_stop_while_the_spool_writer_is_wedged_and_resume_after() {
     let env = Env::new();
     let notify = NotifySocket::new(&env);
-    let mut c = env.cmd(free_port());
-    c.env("NOTIFY_SOCKET", &notify.path)
-        .env("WATCHDOG_USEC", "1000000")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut child = c.spawn().unwrap();
+    let mut child = notify.daemon(&env, "1000000");
     notify.until("WATCHDOG=1", 10);
 
     // Another process takes the spool's write lock: the writer's next

@@ -129,13 +129,7 @@ async fn a_badly_signed_brain_frame_ends_the_session_and_nothing_is_lost() {
     .await;
     assert!(num(&s, "connects") >= 2, "{s:?}");
     // Counted under its class (the last error is cleared once reconnected).
-    assert_eq!(
-        s.get("failures_by_class")
-            .and_then(|m| m.get("protocol"))
-            .and_then(Value::as_u64),
-        Some(1),
-        "{s:?}"
-    );
+    assert_eq!(protocol_failures(&s), Some(1), "{s:?}");
     assert_eq!(s.get("last_failure_class"), Some(&Value::Null), "{s:?}");
     assert!(
         brain
@@ -410,52 +404,45 @@ async fn duplicated_and_reordered_acks_are_harmless_and_nothing_is_lost() {
     d.stop().await.unwrap();
 }
 
+/// Runs a fake brain that sends one ack the daemon must refuse (`fault`),
+/// sends `n` events, and returns the stats once every event was acked after
+/// the daemon reconnected, and what the brain received.
+async fn refused_ack_then_delivered(fault: Behavior, prefix: &str, n: usize, why: &str) -> Value {
+    let brain = FakeBrain::start(fault).await;
+    let d = TestDaemon::start(small_frames(&brain.url)).await;
+    send_events(&d, prefix, n).await;
+    let s = wait_stats(&d, 30, "every event acked after reconnecting", |s| {
+        num(s, "acked") == n as u64 && num(s, "spool_depth") == 0
+    })
+    .await;
+    assert!(num(&s, "connects") >= 2, "{why} ended the session: {s:?}");
+    assert_eq!(brain.seen.event_ids.lock().unwrap().len(), n);
+    d.stop().await.unwrap();
+    s
+}
+
+fn protocol_failures(s: &Value) -> Option<u64> {
+    s.get("failures_by_class")
+        .and_then(|m| m.get("protocol"))
+        .and_then(Value::as_u64)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replayed_ack_ends_the_session_and_nothing_is_lost() {
-    let brain = FakeBrain::start(Behavior {
+    let fault = Behavior {
         replay_ack_after: Some(3),
         ..Behavior::default()
-    })
-    .await;
-    let d = TestDaemon::start(small_frames(&brain.url)).await;
-    send_events(&d, "rp", 200).await;
-    let s = wait_stats(&d, 30, "every event acked after reconnecting", |s| {
-        num(s, "acked") == 200 && num(s, "spool_depth") == 0
-    })
-    .await;
-    assert!(
-        num(&s, "connects") >= 2,
-        "the replay ended the session: {s:?}"
-    );
-    assert_eq!(
-        s.get("failures_by_class")
-            .and_then(|m| m.get("protocol"))
-            .and_then(Value::as_u64),
-        Some(1),
-        "{s:?}"
-    );
-    assert_eq!(brain.seen.event_ids.lock().unwrap().len(), 200);
-    d.stop().await.unwrap();
+    };
+    let s = refused_ack_then_delivered(fault, "rp", 200, "the replay").await;
+    assert_eq!(protocol_failures(&s), Some(1), "{s:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ack_outside_the_clock_window_ends_the_session_and_nothing_is_lost() {
-    let brain = FakeBrain::start(Behavior {
+    let fault = Behavior {
         stale_acks: 1,
         stale_by_seconds: 600,
         ..Behavior::default()
-    })
-    .await;
-    let d = TestDaemon::start(small_frames(&brain.url)).await;
-    send_events(&d, "st", 100).await;
-    let s = wait_stats(&d, 30, "every event acked after reconnecting", |s| {
-        num(s, "acked") == 100 && num(s, "spool_depth") == 0
-    })
-    .await;
-    assert!(
-        num(&s, "connects") >= 2,
-        "the stale ack ended the session: {s:?}"
-    );
-    assert_eq!(brain.seen.event_ids.lock().unwrap().len(), 100);
-    d.stop().await.unwrap();
+    };
+    refused_ack_then_delivered(fault, "st", 100, "the stale ack").await;
 }

@@ -173,12 +173,7 @@ async fn serve(
         .push(hello.get("payload").cloned().unwrap_or(Value::Null));
     let close_with = behavior.lock().unwrap().close_handshake_with;
     if let Some(code) = close_with {
-        let _ = ws
-            .send(Message::Close(Some(CloseFrame {
-                code: CloseCode::from(code),
-                reason: "fake".into(),
-            })))
-            .await;
+        close(&mut ws, code).await;
         return;
     }
     let binding = SessionBinding::new(
@@ -209,12 +204,7 @@ async fn serve(
     }
     let close_after = behavior.lock().unwrap().close_after_hello_with;
     if let Some(code) = close_after {
-        let _ = ws
-            .send(Message::Close(Some(CloseFrame {
-                code: CloseCode::from(code),
-                reason: "fake".into(),
-            })))
-            .await;
+        close(&mut ws, code).await;
         return;
     }
     let mut verifier = Verifier::new(key.clone(), binding.clone());
@@ -399,4 +389,17 @@ impl Ack {
             &protocol::new_nonce(),
         )
     }
+}
+
+/// Closes the connection with `code`.
+async fn close<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>, code: u16)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let _ = ws
+        .send(Message::Close(Some(CloseFrame {
+            code: CloseCode::from(code),
+            reason: "fake".into(),
+        })))
+        .await;
 }
