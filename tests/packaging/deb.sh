@@ -21,16 +21,8 @@ PKG=z4j-agentd
 CONF=/etc/z4j-agentd
 STATE=/var/lib/z4j-agentd
 
-passed=0
-failed=0
-pass() { passed=$((passed + 1)); echo "PASS $*"; }
-fail() { failed=$((failed + 1)); echo "FAIL $*"; }
-# check "description" command...: PASS when the command succeeds.
-check() {
-    local what=$1
-    shift
-    if "$@" >/dev/null 2>&1; then pass "$what"; else fail "$what"; fi
-}
+# shellcheck source=tests/packaging/checks.sh
+. tests/packaging/checks.sh
 stat_is() { [ "$(stat -c '%a %U:%G' "$1")" = "$2" ]; }
 installed() { dpkg-query -W -f '${db:Status-Status}' "$PKG" 2>/dev/null | grep -qv '^not-installed$'; }
 die() { echo "deb.sh: $*" >&2; exit 2; }
@@ -271,5 +263,4 @@ if [ "$SYSTEMD" = none ]; then
     check "purge again: nothing left in $CONF, $STATE" bash -c "[ ! -e $CONF ] && [ ! -e $STATE ]"
 fi
 
-echo "$passed passed, $failed failed"
-[ "$failed" -eq 0 ]
+summary

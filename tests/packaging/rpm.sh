@@ -22,15 +22,8 @@ cd "$(dirname "$0")/../.."
 CARGO_GENERATE_RPM_VERSION=0.21.1
 PKG=z4j-agentd
 
-passed=0
-failed=0
-pass() { passed=$((passed + 1)); echo "PASS $*"; }
-fail() { failed=$((failed + 1)); echo "FAIL $*"; }
-check() {
-    local what=$1
-    shift
-    if "$@" >/dev/null 2>&1; then pass "$what"; else fail "$what"; fi
-}
+# shellcheck source=tests/packaging/checks.sh
+. tests/packaging/checks.sh
 die() { echo "rpm.sh: $*" >&2; exit 2; }
 
 need_apt=()
@@ -172,5 +165,4 @@ else
     echo "SKIP running the scriptlets: no mount namespaces here (unshare -m)"
 fi
 
-echo "$passed passed, $failed failed"
-[ "$failed" -eq 0 ]
+summary
