@@ -91,6 +91,22 @@ def _queue_of(request: Any) -> Optional[str]:
     return None
 
 
+def _received_data(name: Any, queue: Optional[str], request: Any, args: Any, kwargs: Any) -> Dict[str, Any]:
+    """The `data` of a `task.received` event."""
+    parent = _get(request, "parent_id")
+    root = _get(request, "root_id")
+    return _compact({
+        "task_name": name,
+        "queue": queue,
+        "worker": _get(request, "hostname"),
+        "args": bounded(list(args) if isinstance(args, tuple) else args if args is not None else [],
+                        MAX_VALUE_BYTES),
+        "kwargs": bounded(kwargs if kwargs is not None else {}, MAX_VALUE_BYTES),
+        "parent_task_id": str(parent) if parent else None,
+        "root_task_id": str(root) if root else None,
+    })
+
+
 def _compact(data: Dict[str, Any], keep_none: Tuple[str, ...] = ()) -> Dict[str, Any]:
     return {k: v for k, v in data.items() if v is not None or k in keep_none}
 
@@ -164,19 +180,8 @@ class _Hooks:
             args = _get(request, "args")
             kwargs = _get(request, "kwargs")
             queue = _queue_of(request)
-            parent = _get(request, "parent_id")
-            root = _get(request, "root_id")
             self._remember(task_id, name, args, kwargs, queue)
-            self.emit("task.received", task_id, _compact({
-                "task_name": name,
-                "queue": queue,
-                "worker": _get(request, "hostname"),
-                "args": bounded(list(args) if isinstance(args, tuple) else args if args is not None else [],
-                                MAX_VALUE_BYTES),
-                "kwargs": bounded(kwargs if kwargs is not None else {}, MAX_VALUE_BYTES),
-                "parent_task_id": str(parent) if parent else None,
-                "root_task_id": str(root) if root else None,
-            }))
+            self.emit("task.received", task_id, _received_data(name, queue, request, args, kwargs))
         except Exception:
             log.debug("z4j-agentd: task_received not recorded", exc_info=True)
 
@@ -194,18 +199,8 @@ class _Hooks:
                 received_here = str(task_id) in self._remembered
             if not received_here:
                 # Same connection as task.started, so it reaches the brain first.
-                parent = _get(request, "parent_id")
-                root = _get(request, "root_id")
-                self.emit("task.received", task_id, _compact({
-                    "task_name": _get(task, "name"),
-                    "queue": _queue_of(request),
-                    "worker": _get(request, "hostname"),
-                    "args": bounded(list(args) if isinstance(args, tuple) else args if args is not None else [],
-                                    MAX_VALUE_BYTES),
-                    "kwargs": bounded(kwargs if kwargs is not None else {}, MAX_VALUE_BYTES),
-                    "parent_task_id": str(parent) if parent else None,
-                    "root_task_id": str(root) if root else None,
-                }))
+                self.emit("task.received", task_id,
+                          _received_data(_get(task, "name"), _queue_of(request), request, args, kwargs))
                 # Once per task in this process, retries included.
                 self._remember(task_id, _get(task, "name"), args, kwargs, _queue_of(request))
             self.emit("task.started", task_id, _compact({
