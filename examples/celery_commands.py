@@ -50,10 +50,14 @@ RECONNECT_MAX = 10.0
 
 
 def default_socket_path() -> str:
-    """Z4J_SOCKET_PATH, else $XDG_RUNTIME_DIR/z4j/agent.sock, else $TMPDIR/z4j-<uid>/agent.sock."""
+    """Z4J_SOCKET_PATH, else the packaged daemon's /run/z4j-agentd/agent.sock if it
+    exists, else $XDG_RUNTIME_DIR/z4j/agent.sock, else $TMPDIR/z4j-<uid>/agent.sock
+    (the same order as the z4j_agentd client)."""
     explicit = os.environ.get("Z4J_SOCKET_PATH")
     if explicit:
         return explicit
+    if os.path.exists("/run/z4j-agentd/agent.sock"):
+        return "/run/z4j-agentd/agent.sock"
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime:
         return os.path.join(runtime, "z4j", "agent.sock")
@@ -164,8 +168,8 @@ def serve(conn: Conn, app) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--socket", default=None, help="daemon socket (default: Z4J_SOCKET_PATH, "
-                    "else $XDG_RUNTIME_DIR/z4j/agent.sock, else $TMPDIR/z4j-<uid>/agent.sock)")
+    ap.add_argument("--socket", default=None, help="daemon socket (default: Z4J_SOCKET_PATH, else /run/z4j-agentd/agent.sock "
+                    "if it exists, else $XDG_RUNTIME_DIR/z4j/agent.sock, else $TMPDIR/z4j-<uid>/agent.sock)")
     which = ap.add_mutually_exclusive_group(required=True)
     which.add_argument("--app", "-A", help="your Celery app, e.g. proj.celery:app (as `celery -A` takes it)")
     which.add_argument("--broker", help="build a bare Celery app on this broker URL, e.g. redis://localhost:6379/0")

@@ -46,10 +46,14 @@ QUEUE = "default"
 
 
 def default_socket_path() -> str:
-    """Z4J_SOCKET_PATH, else $XDG_RUNTIME_DIR/z4j/agent.sock, else $TMPDIR/z4j-<uid>/agent.sock."""
+    """Z4J_SOCKET_PATH, else the packaged daemon's /run/z4j-agentd/agent.sock if it
+    exists, else $XDG_RUNTIME_DIR/z4j/agent.sock, else $TMPDIR/z4j-<uid>/agent.sock
+    (the same order as the z4j_agentd client)."""
     explicit = os.environ.get("Z4J_SOCKET_PATH")
     if explicit:
         return explicit
+    if os.path.exists("/run/z4j-agentd/agent.sock"):
+        return "/run/z4j-agentd/agent.sock"
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime:
         return os.path.join(runtime, "z4j", "agent.sock")
@@ -230,8 +234,8 @@ class Sender:
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--socket", default=None, help="daemon socket (default: Z4J_SOCKET_PATH, "
-                    "else $XDG_RUNTIME_DIR/z4j/agent.sock, else $TMPDIR/z4j-<uid>/agent.sock)")
+    ap.add_argument("--socket", default=None, help="daemon socket (default: Z4J_SOCKET_PATH, else /run/z4j-agentd/agent.sock "
+                    "if it exists, else $XDG_RUNTIME_DIR/z4j/agent.sock, else $TMPDIR/z4j-<uid>/agent.sock)")
     ap.add_argument("--tasks", type=int, default=3, help="number of task lifecycles (default 3)")
     ap.add_argument("--engine", default="celery", help="engine name (default celery)")
     ap.add_argument("--fail-every", type=int, default=0, metavar="K",
