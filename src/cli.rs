@@ -169,7 +169,7 @@ fn init_logging(config: &Config) {
 
 fn run(options: Options) -> ExitCode {
     // First, while the process has one thread: take what systemd passed.
-    let activated = match crate::systemd::Activation::from_env() {
+    let activated = match crate::systemd::activated_socket() {
         Ok(a) => a,
         Err(e) => {
             eprintln!("z4j-agentd: {e}");

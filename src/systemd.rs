@@ -1,7 +1,7 @@
 //! What systemd hands the daemon: the notify socket, the watchdog timeout
 //! and, under socket activation, the listening socket.
 //!
-//! Everything here reads the process environment, so [`Activation::from_env`]
+//! Everything here reads the process environment, so [`activated_socket`]
 //! runs once, first thing in `main`, before any thread exists (listenfd
 //! clears `LISTEN_FDS` and `LISTEN_PID` so children never inherit them).
 
@@ -62,56 +62,51 @@ pub enum ActivationError {
     },
 }
 
-/// Takes the activated socket, if systemd passed one.
-pub struct Activation;
-
-impl Activation {
-    /// Reads `LISTEN_FDS`, `LISTEN_PID` and `LISTEN_FDNAMES` and takes our
-    /// socket: the one named [`FD_NAME`], or the only one. Call before any
-    /// thread is spawned.
-    pub fn from_env() -> Result<Option<Activated>, ActivationError> {
-        let names: Vec<String> = std::env::var("LISTEN_FDNAMES")
-            .ok()
-            .map(|v| v.split(':').map(str::to_owned).collect())
-            .unwrap_or_default();
-        let mut fds = listenfd::ListenFd::from_env();
-        let count = fds.len();
-        if count == 0 {
-            return Ok(None);
-        }
-        let index = match pick(count, &names) {
-            Some(i) => i,
-            None => {
-                return Err(ActivationError::Ambiguous {
-                    count,
-                    names: if names.is_empty() {
-                        "unnamed".into()
-                    } else {
-                        names.join(", ")
-                    },
-                })
-            }
-        };
-        let listener = match fds.take_unix_listener(index) {
-            Ok(Some(l)) => l,
-            Ok(None) => return Ok(None),
-            Err(source) => {
-                return Err(ActivationError::NotUnixStream {
-                    fd: 3 + index,
-                    source,
-                })
-            }
-        };
-        let path = listener
-            .local_addr()
-            .ok()
-            .and_then(|a| a.as_pathname().map(PathBuf::from));
-        Ok(Some(Activated {
-            listener: Arc::new(listener),
-            path,
-            name: names.get(index).cloned(),
-        }))
+/// Takes the socket systemd passed, if any: reads `LISTEN_FDS`,
+/// `LISTEN_PID` and `LISTEN_FDNAMES` and takes the one named [`FD_NAME`],
+/// or the only one. Call before any thread is spawned.
+pub fn activated_socket() -> Result<Option<Activated>, ActivationError> {
+    let names: Vec<String> = std::env::var("LISTEN_FDNAMES")
+        .ok()
+        .map(|v| v.split(':').map(str::to_owned).collect())
+        .unwrap_or_default();
+    let mut fds = listenfd::ListenFd::from_env();
+    let count = fds.len();
+    if count == 0 {
+        return Ok(None);
     }
+    let index = match pick(count, &names) {
+        Some(i) => i,
+        None => {
+            return Err(ActivationError::Ambiguous {
+                count,
+                names: if names.is_empty() {
+                    "unnamed".into()
+                } else {
+                    names.join(", ")
+                },
+            })
+        }
+    };
+    let listener = match fds.take_unix_listener(index) {
+        Ok(Some(l)) => l,
+        Ok(None) => return Ok(None),
+        Err(source) => {
+            return Err(ActivationError::NotUnixStream {
+                fd: 3 + index,
+                source,
+            })
+        }
+    };
+    let path = listener
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_pathname().map(PathBuf::from));
+    Ok(Some(Activated {
+        listener: Arc::new(listener),
+        path,
+        name: names.get(index).cloned(),
+    }))
 }
 
 /// Which of `count` passed sockets is ours.
