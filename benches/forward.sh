@@ -41,7 +41,8 @@ for i in $(seq "$RUNS"); do
   idle_kb=$(awk '/^VmRSS/ {print $2}' "/proc/$PID/status")
   cpu0=$(cpu_s "$PID"); t0=$(date +%s.%N)
   gen=$("$GEN" --socket "$WORK/agent.sock" --clients 8 --events "$EVENTS" --durable --batch 100 --json)
-  until [ "$(stat_of "['acked']")" -ge "$EVENTS" ] && [ "$(stat_of "['spool_depth']")" -eq 0 ]; do sleep 0.02; done
+  # One stats request per poll: done once the brain acked everything.
+  until [ "$(stat_of "['acked'] >= $EVENTS and d['spool_depth'] == 0")" = True ]; do sleep 0.02; done
   t1=$(date +%s.%N); cpu1=$(cpu_s "$PID")
   hwm_kb=$(awk '/^VmHWM/ {print $2}' "/proc/$PID/status")
   python3 - "$EVENTS" "$cpu0" "$cpu1" "$t0" "$t1" "$idle_kb" "$hwm_kb" "$gen" <<'PY' | tee -a "$RESULTS"
@@ -58,7 +59,9 @@ print(json.dumps({
 PY
   kill "$PID"; wait "$PID" || true
   kill "$BPID"; wait "$BPID" 2>/dev/null || true
-  grep -q 'verify_failures=0' "$WORK/brain.log" || { echo "the stand-in brain refused frames:"; tail -3 "$WORK/brain.log"; exit 1; }
+  if grep -q 'verify_failures=[1-9]' "$WORK/brain.log"; then
+    echo "the stand-in brain refused frames:"; tail -3 "$WORK/brain.log"; exit 1
+  fi
 done
 
 python3 - "$RESULTS" <<'PY'
