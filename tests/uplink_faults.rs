@@ -421,10 +421,14 @@ async fn refused_ack_then_delivered(fault: Behavior, prefix: &str, n: usize, why
     s
 }
 
-fn protocol_failures(s: &Value) -> Option<u64> {
+fn failures(s: &Value, class: &str) -> Option<u64> {
     s.get("failures_by_class")
-        .and_then(|m| m.get("protocol"))
+        .and_then(|m| m.get(class))
         .and_then(Value::as_u64)
+}
+
+fn protocol_failures(s: &Value) -> Option<u64> {
+    failures(s, "protocol")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -445,4 +449,39 @@ async fn an_ack_outside_the_clock_window_ends_the_session_and_nothing_is_lost() 
         ..Behavior::default()
     };
     refused_ack_then_delivered(fault, "st", 100, "the stale ack").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_brain_that_answers_nothing_is_left_after_the_ack_timeout_and_nothing_is_lost() {
+    // The first session freezes after its handshake: the TCP connection
+    // stays up, so only the daemon's own ping can tell the brain is gone.
+    let brain = FakeBrain::start(Behavior {
+        freeze_sessions: 1,
+        heartbeat_interval_seconds: Some(1),
+        ..Behavior::default()
+    })
+    .await;
+    let mut opts = small_frames(&brain.url);
+    opts.ack_timeout_seconds = Some("1".into());
+    let d = TestDaemon::start(opts).await;
+    send_events(&d, "fz", 100).await;
+    let s = wait_stats(
+        &d,
+        30,
+        "every event acked after leaving the frozen session",
+        |s| num(s, "acked") == 100 && num(s, "spool_depth") == 0,
+    )
+    .await;
+    assert_eq!(num(&s, "connects"), 2, "{s:?}");
+    assert_eq!(failures(&s, "connection"), Some(1), "{s:?}");
+    assert_eq!(
+        brain
+            .seen
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst),
+        2
+    );
+    assert_eq!(brain.seen.event_ids.lock().unwrap().len(), 100);
+    assert!(brain.seen.verify_failures.lock().unwrap().is_empty());
+    d.stop().await.unwrap();
 }

@@ -58,6 +58,9 @@ struct Session<'a> {
     advertised: Advertisement,
     static_engines: Vec<String>,
     static_capabilities: BTreeMap<String, Vec<String>>,
+    /// When the oldest WebSocket ping still waiting for any answer from the
+    /// brain was sent. Anything the brain sends clears it.
+    unanswered_ping_since: Option<Instant>,
 }
 
 fn failed(class: FailureClass, error: impl Into<String>) -> SessionEnd {
@@ -186,6 +189,7 @@ impl Uplink {
             advertised,
             static_engines: settings.static_engines.clone(),
             static_capabilities: settings.static_capabilities.clone(),
+            unanswered_ping_since: None,
             up: self,
         };
         let up_since = Instant::now();
@@ -255,8 +259,10 @@ impl Session<'_> {
                 }
                 _ = heartbeat.tick() => {
                     if let Err(e) = self.send_heartbeat().await { return e; }
+                    if let Err(e) = self.send_ping().await { return e; }
                 }
                 _ = ack_check.tick() => {
+                    if let Err(e) = self.check_brain_alive() { return e; }
                     if let Err(e) = self.resend_overdue().await { return e; }
                 }
                 _ = self.up.spool.new_events().notified(), if window_open => {}
@@ -314,14 +320,15 @@ impl Session<'_> {
     /// Sends one frame. A brain that stops reading (its socket buffer full)
     /// ends the session after `ack_timeout`, like a missing ack would.
     async fn send(&mut self, bytes: Vec<u8>) -> Result<(), SessionEnd> {
+        self.send_message(Message::binary(bytes)).await
+    }
+
+    async fn send_message(&mut self, message: Message) -> Result<(), SessionEnd> {
         let limit = self.ack_timeout;
         let sent = self
             .up
             .beat
-            .answering_while(tokio::time::timeout(
-                limit,
-                self.ws.send(Message::binary(bytes)),
-            ))
+            .answering_while(tokio::time::timeout(limit, self.ws.send(message)))
             .await;
         match sent {
             Ok(r) => r.map_err(|e| {
@@ -474,10 +481,40 @@ impl Session<'_> {
         Ok(())
     }
 
+    /// A WebSocket ping with each heartbeat, unless one is still unanswered.
+    /// Heartbeats get no reply in the protocol, and acks only come while
+    /// events flow, so the ping is what shows that the brain still answers.
+    async fn send_ping(&mut self) -> Result<(), SessionEnd> {
+        if self.unanswered_ping_since.is_some() {
+            return Ok(());
+        }
+        self.unanswered_ping_since = Some(Instant::now());
+        self.send_message(Message::Ping(Vec::new().into())).await
+    }
+
+    /// A brain that answers nothing, not even a ping, for `ack_timeout` is
+    /// gone even if its TCP connection is not (a frozen process, a host cut
+    /// off without a reset): the session ends and the daemon reconnects.
+    fn check_brain_alive(&self) -> Result<(), SessionEnd> {
+        match self.unanswered_ping_since {
+            Some(since) if since.elapsed() >= self.ack_timeout => Err(failed(
+                FailureClass::Connection,
+                format!(
+                    "the brain answered nothing, not even a WebSocket ping, for {} s; reconnecting",
+                    self.ack_timeout.as_secs()
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     async fn inbound(
         &mut self,
         msg: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
     ) -> Result<(), SessionEnd> {
+        if matches!(msg, Some(Ok(_))) {
+            self.unanswered_ping_since = None;
+        }
         let bytes = match msg {
             None => {
                 return Err(failed(

@@ -49,6 +49,12 @@ pub struct Behavior {
     pub stale_acks: usize,
     /// How far in the past, for `stale_acks`.
     pub stale_by_seconds: i64,
+    /// The first N sessions freeze right after `hello_ack`: the connection
+    /// stays open but nothing is read or answered, not even a ping (a
+    /// brain process stopped with SIGSTOP).
+    pub freeze_sessions: usize,
+    /// `heartbeat_interval_seconds` in `hello_ack` (default 10, the brain's).
+    pub heartbeat_interval_seconds: Option<u64>,
 }
 
 /// What the fake saw.
@@ -192,7 +198,8 @@ async fn serve(
     p.insert("agent_id", binding.agent_id.as_str());
     p.insert("project_id", binding.project_id.as_str());
     p.insert("session_id", binding.session_id.as_str());
-    p.insert("heartbeat_interval_seconds", 10u64);
+    let heartbeat = behavior.lock().unwrap().heartbeat_interval_seconds;
+    p.insert("heartbeat_interval_seconds", heartbeat.unwrap_or(10));
     p.insert("max_frame_size_bytes", 1_048_576u64);
     ack.insert("payload", p);
     if ws
@@ -205,6 +212,17 @@ async fn serve(
     let close_after = behavior.lock().unwrap().close_after_hello_with;
     if let Some(code) = close_after {
         close(&mut ws, code).await;
+        return;
+    }
+    let freeze = {
+        let mut b = behavior.lock().unwrap();
+        let freeze = b.freeze_sessions > 0;
+        b.freeze_sessions = b.freeze_sessions.saturating_sub(1);
+        freeze
+    };
+    if freeze {
+        tokio::time::sleep(std::time::Duration::from_secs(120)).await;
+        drop(ws);
         return;
     }
     let mut verifier = Verifier::new(key.clone(), binding.clone());
