@@ -137,12 +137,13 @@ pub(crate) async fn open(settings: &UplinkSettings) -> Result<Ws, Failure> {
                 CONNECT_TIMEOUT.as_secs()
             ),
         )),
-        Ok(Err(e)) => Err(classify_ws_error(e, &settings.endpoint.ws_url)),
+        Ok(Err(e)) => Err(classify_ws_error(e, settings)),
         Ok(Ok((ws, _response))) => Ok(ws),
     }
 }
 
-fn classify_ws_error(e: WsError, url: &str) -> Failure {
+fn classify_ws_error(e: WsError, settings: &UplinkSettings) -> Failure {
+    let url = settings.endpoint.ws_url.as_str();
     match e {
         WsError::Http(resp) => {
             let code = resp.status().as_u16();
@@ -156,19 +157,76 @@ fn classify_ws_error(e: WsError, url: &str) -> Failure {
                 format!("{url} answered HTTP {code} instead of a WebSocket upgrade"),
             )
         }
+        WsError::Tls(tokio_tungstenite::tungstenite::error::TlsError::Rustls(t)) => {
+            Failure::new(FailureClass::Connection, describe_tls_error(&t, settings))
+        }
         WsError::Tls(t) => Failure::new(
             FailureClass::Connection,
             format!("TLS with {url} failed: {t}; if the brain uses a private CA, set Z4J_CA_FILE"),
         ),
-        WsError::Io(io) => Failure::new(
-            FailureClass::Connection,
-            format!("cannot reach {url}: {io}"),
-        ),
+        // The TLS handshake reports its failures as I/O errors that carry
+        // the rustls error.
+        WsError::Io(io) => match io
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            Some(t) => Failure::new(FailureClass::Connection, describe_tls_error(t, settings)),
+            None => Failure::new(
+                FailureClass::Connection,
+                format!("cannot reach {url}: {io}"),
+            ),
+        },
         other => Failure::new(
             FailureClass::Connection,
             format!("WebSocket to {url} failed: {other}"),
         ),
     }
+}
+
+/// A failed TLS handshake with the brain: what is wrong and what to change.
+fn describe_tls_error(e: &rustls::Error, settings: &UplinkSettings) -> String {
+    use rustls::CertificateError as C;
+    let host = &settings.endpoint.host;
+    let at = url::Url::parse(&settings.endpoint.ws_url)
+        .ok()
+        .and_then(|u| u.port_or_known_default())
+        .map(|port| format!("{host}:{port}"))
+        .unwrap_or_else(|| host.clone());
+    let rustls::Error::InvalidCertificate(cert) = e else {
+        return format!(
+            "TLS handshake with {at} failed: {e}; check that this port serves TLS \
+             (a brain without TLS needs Z4J_BRAIN_URL=http://...) and any proxy in between"
+        );
+    };
+    let fix = match cert {
+        C::UnknownIssuer | C::BadSignature => match &settings.ca_file {
+            Some(ca) => format!(
+                "is not signed by a CA this host trusts; Z4J_CA_FILE ({}) does not hold \
+                 the CA that issued it: point Z4J_CA_FILE at that CA's PEM certificate",
+                ca.display()
+            ),
+            None => "is not signed by a CA this host trusts; if the brain uses a private CA, \
+                     set Z4J_CA_FILE to its PEM certificate, otherwise install the CA in the \
+                     system trust store (update-ca-certificates)"
+                .to_string(),
+        },
+        C::Expired | C::ExpiredContext { .. } => {
+            "has expired; renew the brain's certificate (and check this host's clock)".to_string()
+        }
+        C::NotValidYet | C::NotValidYetContext { .. } => {
+            "is not valid yet; check this host's clock (timedatectl) or the certificate's start date"
+                .to_string()
+        }
+        C::NotValidForName | C::NotValidForNameContext { .. } => format!(
+            "is not valid for the name {host}; use the host name the certificate was issued \
+             for in Z4J_BRAIN_URL, or reissue the certificate with {host} in its subjectAltName"
+        ),
+        C::Revoked => "was revoked; install a new certificate on the brain".to_string(),
+        _ => "was refused; check the brain's certificate chain, or set Z4J_CA_FILE for a \
+              private CA"
+            .to_string(),
+    };
+    format!("the TLS certificate of {at} {fix} ({e})")
 }
 
 /// Sends `hello` and waits for `hello_ack`.
