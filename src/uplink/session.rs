@@ -623,7 +623,11 @@ impl Session<'_> {
             .map_err(|e| {
                 failed(
                     FailureClass::Connection,
-                    format!("deleting acked events failed: {e}"),
+                    match e {
+                        // Deleting writes to the WAL first, so it needs space too.
+                        crate::spool::SpoolError::DiskFull => "the spool's disk is full, so events the brain acknowledged cannot be deleted; free space on the spool's filesystem (until then they stay in the spool and go again, and the brain stores them once)".to_string(),
+                        e => format!("deleting acked events failed: {e}"),
+                    },
                 )
             })?;
         self.up

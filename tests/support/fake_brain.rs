@@ -70,6 +70,8 @@ pub struct Seen {
     pub batch_event_ids: Mutex<Vec<Vec<String>>>,
     /// Distinct event ids received.
     pub event_ids: Mutex<BTreeSet<String>>,
+    /// Distinct task ids of the events received.
+    pub task_ids: Mutex<BTreeSet<String>>,
     /// Frame types received after the handshake.
     pub frame_types: Mutex<Vec<String>>,
     /// Authorization headers seen.
@@ -91,6 +93,7 @@ pub struct FakeBrain {
     /// What it saw.
     pub seen: Arc<Seen>,
     commands: tokio::sync::broadcast::Sender<(String, Value)>,
+    behavior: Arc<Mutex<Behavior>>,
 }
 
 impl FakeBrain {
@@ -101,6 +104,7 @@ impl FakeBrain {
         let seen = Arc::new(Seen::default());
         let key = SigningKey::from_base64(SECRET).unwrap();
         let behavior = Arc::new(Mutex::new(behavior));
+        let shared = behavior.clone();
         let s = seen.clone();
         let (commands, _) = tokio::sync::broadcast::channel(64);
         let cmds = commands.clone();
@@ -124,7 +128,13 @@ impl FakeBrain {
             url,
             seen,
             commands,
+            behavior: shared,
         }
+    }
+
+    /// Changes how the fake behaves from the next connection on.
+    pub fn set_behavior(&self, behavior: Behavior) {
+        *self.behavior.lock().unwrap() = behavior;
     }
 
     /// Sends a signed `command` frame with this id and payload on every
@@ -313,6 +323,15 @@ async fn serve(
             .filter_map(|e| e.get("id").and_then(Value::as_str).map(str::to_owned))
             .collect();
         seen.event_ids.lock().unwrap().extend(ids.iter().cloned());
+        seen.task_ids.lock().unwrap().extend(
+            frame
+                .payload
+                .get("events")
+                .and_then(Value::as_array)
+                .unwrap_or(&[])
+                .iter()
+                .filter_map(|e| e.get("task_id").and_then(Value::as_str).map(str::to_owned)),
+        );
         seen.batch_event_ids.lock().unwrap().push(ids.clone());
         let (withhold, bad) = {
             let mut b = behavior.lock().unwrap();

@@ -5,7 +5,7 @@
 
 pub mod fake_brain;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,10 +42,17 @@ pub fn options(brain_url: &str) -> Options {
 
 impl TestDaemon {
     /// Starts a daemon with `options` in a fresh temp dir.
-    pub async fn start(mut opts: Options) -> TestDaemon {
+    pub async fn start(opts: Options) -> TestDaemon {
+        Self::start_prepared(opts, |_| {}).await
+    }
+
+    /// Like [`TestDaemon::start`], with `prepare` called on the daemon's
+    /// home directory first (to mount something on its `.z4j`, say).
+    pub async fn start_prepared(mut opts: Options, prepare: impl FnOnce(&Path)) -> TestDaemon {
         let dir = tempfile::tempdir().unwrap();
         let home = dir.path().join("home");
         std::fs::create_dir_all(&home).unwrap();
+        prepare(&home);
         let socket = dir.path().join("agent.sock");
         opts.socket_path = Some(socket.clone());
         let host = HostEnv {
@@ -65,10 +72,13 @@ impl TestDaemon {
             let _keep_settings_sender = _tx;
             daemon::run(config, rx, token, Some(ready_tx)).await
         });
-        let ready = tokio::time::timeout(Duration::from_secs(10), ready_rx)
+        let ready = match tokio::time::timeout(Duration::from_secs(10), ready_rx)
             .await
             .expect("daemon ready in time")
-            .expect("daemon started");
+        {
+            Ok(ready) => ready,
+            Err(_) => panic!("the daemon did not start: {:?}", task.await),
+        };
         TestDaemon {
             dir,
             socket: ready.socket_path,
