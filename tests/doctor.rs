@@ -41,7 +41,9 @@ async fn run_alone(o: Options, websocket: bool) -> Report {
     let dir = tempfile::tempdir().unwrap();
     let mut o = o;
     o.socket_path = Some(dir.path().join("agent.sock"));
-    doctor::run(&o, host(dir.path()), websocket).await
+    let r = doctor::run(&o, host(dir.path()), websocket).await;
+    support::keep_log("report", &r.to_text());
+    r
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -150,7 +152,9 @@ async fn a_refused_token_is_named_with_its_fix() {
 async fn a_wrong_hmac_secret_is_named() {
     let brain = FakeBrain::start(Behavior::default()).await;
     let mut o = options(&brain.url);
-    o.hmac_secret = Some("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=".into());
+    let wrong = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+    support::keep_secret("doctor: a wrong HMAC secret", wrong);
+    o.hmac_secret = Some(wrong.into());
     let r = run_alone(o, true).await;
     let ws = probe(&r, "websocket");
     assert_eq!(ws.status, ProbeStatus::Fail, "{}", r.to_text());

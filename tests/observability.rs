@@ -258,6 +258,9 @@ async fn stats_carry_what_status_prints() {
     .await;
     let mut worker = d.client().await;
     worker.hello("celery-worker", &["celery"]).await.unwrap();
+    // `hello` has no reply: a ping on the same connection returns once the
+    // daemon has read it.
+    worker.ping().await.unwrap();
     let mut c = d.client().await;
     let s = c.stats().await.unwrap();
     assert_eq!(

@@ -17,6 +17,10 @@
 Run directory: tests/e2e/.state/runs/<stamp>/ (brain HOME and log, daemon
 homes and logs, client stderr); the last few runs are kept for inspection.
 The daemon binary: $Z4J_AGENTD_BIN, default target/debug/z4j-agentd.
+
+With $Z4J_TEST_LOG_DIR set (tests/run-all.sh sets it), the session leaves
+its logs and every minted agent's credentials there at the end, for
+tests/check_secrets.py (see pytest_sessionfinish below).
 """
 
 from __future__ import annotations
@@ -35,9 +39,26 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import brain as brainmod  # noqa: E402
-from harness import REPO, Background, Daemon, RedisServer, reap_marked, reap_stale_daemon  # noqa: E402
+from harness import (  # noqa: E402
+    REPO,
+    Background,
+    Daemon,
+    RedisServer,
+    reap_marked,
+    reap_stale_daemon,
+    secret_forms,
+)
 
 KEEP_RUNS = 5
+# What pytest_sessionfinish needs of the session's fixtures.
+_SESSION: dict = {"run_dir": None, "minted_agents": []}
+# The run directory's log files: daemons (daemon-N.log, activated.log,
+# nobody.log), one-shot CLI runs (agentd-cli.log), the example clients and
+# services (*.stderr), Celery workers, gunicorn, redis, and the brain's
+# brain.log (z4j 1.13.0 does not log the agent credentials it mints, so its
+# log is checked too). Not the brain's HOME (its database and secret.env
+# hold credentials by design) nor brain.json (the admin login).
+LOG_SUFFIXES = {".log", ".stderr"}
 
 
 def pytest_configure(config):
@@ -106,6 +127,7 @@ def run_dir() -> Path:
     d.mkdir()
     (d / "owner").write_text(f"{os.getpid()} {_proc_start_time(os.getpid())}\n")
     print(f"\n[e2e] run directory: {d}", file=sys.stderr)
+    _SESSION["run_dir"] = d
     return d
 
 
@@ -167,7 +189,7 @@ def all_daemons():
 @pytest.fixture(scope="session")
 def minted_agents():
     """Every agent minted this session (token + secret), for the secrets test."""
-    return []
+    return _SESSION["minted_agents"]
 
 
 @pytest.fixture
@@ -245,3 +267,27 @@ def background(run_dir):
     yield start
     for proc in reversed(started):
         proc.stop(timeout=proc.stop_timeout)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """With $Z4J_TEST_LOG_DIR set: copy the run directory's logs to
+    `$Z4J_TEST_LOG_DIR/e2e/<run>/` and write every minted agent's
+    credentials, in every form a log could show them, to
+    `$Z4J_TEST_LOG_DIR/e2e.secrets`, for tests/check_secrets.py.
+
+    Runs after every fixture's teardown: the brain and the daemons have
+    stopped and their logs are complete.
+    """
+    out, run = os.environ.get("Z4J_TEST_LOG_DIR"), _SESSION["run_dir"]
+    if not out or run is None:
+        return
+    dest = Path(out) / "e2e" / run.name
+    for p in sorted(run.rglob("*")):
+        if p.suffix in LOG_SUFFIXES and p.is_file():
+            target = dest / p.relative_to(run)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(p, target)
+    with open(Path(out) / "e2e.secrets", "a") as f:
+        for a in _SESSION["minted_agents"]:
+            for what, value in secret_forms(a):
+                f.write(f"agent {a['name']}: {what}\t{value}\n")

@@ -7,6 +7,7 @@ and fails with what it saw last.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import queue
@@ -706,14 +707,35 @@ def log_lines(text: str) -> List[str]:
 
 def run_agentd(binary: Path, args: Iterable[str], env: Dict[str, str], cwd: Optional[Path] = None,
                timeout: float = 60.0) -> subprocess.CompletedProcess:
-    """Run a one-shot `z4j-agentd <args>` (doctor, status, a `run` expected to exit); text output."""
+    """Run a one-shot `z4j-agentd <args>` (doctor, status, a `run` expected to exit); text output.
+
+    With `cwd` (a daemon's workdir), the output is also appended to
+    `<cwd>/agentd-cli.log`, a log of the run like the daemon's own.
+    """
     argv = [str(binary), *map(str, args)]
     try:
-        return subprocess.run(argv, env=env, cwd=str(cwd) if cwd else None, stdin=subprocess.DEVNULL,
-                              capture_output=True, text=True, timeout=timeout)
+        r = subprocess.run(argv, env=env, cwd=str(cwd) if cwd else None, stdin=subprocess.DEVNULL,
+                           capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
         raise AssertionError(f"{argv[1:]} still running after {timeout:.0f}s; stdout={exc.stdout!r} "
                              f"stderr={exc.stderr!r}") from None
+    if cwd:
+        with open(Path(cwd) / "agentd-cli.log", "a", errors="replace") as f:
+            f.write(f"$ z4j-agentd {' '.join(argv[1:])}  (exit {r.returncode})\n{r.stdout}{r.stderr}\n")
+    return r
+
+
+def secret_forms(agent: dict) -> List[Tuple[str, str]]:
+    """An agent's credentials in every form a log could show them: [(label, value)]."""
+    s = agent["hmac_secret"]
+    raw = base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
+    return [
+        ("token", agent["token"]),
+        ("hmac_secret", s),
+        ("hmac_secret (unpadded)", s.rstrip("=")),
+        ("signing key (hex)", raw.hex()),
+        ("signing key (std base64)", base64.b64encode(raw).decode()),
+    ]
 
 
 def http_get(url: str, timeout: float = 5.0) -> Tuple[int, Dict[str, str], str]:

@@ -12,7 +12,6 @@ because they read every daemon log of the session.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import re
@@ -28,6 +27,7 @@ from harness import (
     hexid,
     log_lines,
     run_clients,
+    secret_forms,
     task_events,
     verify_tasks,
     wait_for,
@@ -316,18 +316,6 @@ def test_sigkill_right_after_acks_with_brain_up(brain, agent, daemon_factory):
 # --------------------------------------------------------------------------- 5
 
 
-def _secret_forms(agent: dict) -> list:
-    s = agent["hmac_secret"]
-    raw = base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
-    return [
-        ("token", agent["token"]),
-        ("hmac_secret", s),
-        ("hmac_secret (unpadded)", s.rstrip("=")),
-        ("signing key (hex)", raw.hex()),
-        ("signing key (std base64)", base64.b64encode(raw).decode()),
-    ]
-
-
 def test_daemon_logs_never_contain_secrets(brain, agent, daemon, all_daemons, minted_agents):
     """Every daemon log of the session: no token, no hmac secret (in any encoding)."""
     s = Client(SEND_MSGPACK, daemon.socket_path, ["--durable", "--tasks", 2, "--prefix", f"t5-{os.urandom(3).hex()}-"],
@@ -339,7 +327,7 @@ def test_daemon_logs_never_contain_secrets(brain, agent, daemon, all_daemons, mi
     assert logs and any(text.strip() for _, text in logs), "no daemon logs captured"
     leaks = []
     for a in minted_agents:
-        for what, value in _secret_forms(a):
+        for what, value in secret_forms(a):
             for path, text in logs:
                 if value and value in text:
                     leaks.append(f"{what} of agent {a['name']} in {path}")

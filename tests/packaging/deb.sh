@@ -180,6 +180,21 @@ printf 'deb-test-token-%s\n' "$$" >"$CONF/token"
 head -c 32 /dev/urandom | base64 | tr '+/' '-_' >"$CONF/hmac_secret"
 env_sum=$(sha256sum "$CONF/agentd.env" | cut -d' ' -f1)
 secret_sum=$(cat "$CONF/token" "$CONF/hmac_secret" | sha256sum | cut -d' ' -f1)
+# With Z4J_TEST_LOG_DIR set (tests/run-all.sh): these credentials, in every
+# form a log could show them, for tests/check_secrets.py, which searches the
+# suite's logs (the doctor's output below among them) for them.
+if [ -n "${Z4J_TEST_LOG_DIR:-}" ]; then
+    mkdir -p "$Z4J_TEST_LOG_DIR/packaging"
+    key=$(cat "$CONF/hmac_secret")
+    std=$(printf '%s' "$key" | tr -- '-_' '+/')
+    {
+        printf 'deb.sh token\t%s\n' "$(cat "$CONF/token")"
+        printf 'deb.sh HMAC secret\t%s\n' "$key"
+        printf 'deb.sh HMAC secret (unpadded)\t%s\n' "${key%%=*}"
+        printf 'deb.sh signing key (hex)\t%s\n' "$(printf '%s' "$std" | base64 -d | od -An -v -tx1 | tr -d ' \n')"
+        printf 'deb.sh signing key (std base64)\t%s\n' "$std"
+    } >>"$Z4J_TEST_LOG_DIR/packaging.secrets"
+fi
 
 # The doctor as the service's user with the service's environment (README).
 doctor=$(runuser -u "$PKG" -- env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME="$STATE" sh -c '
@@ -187,6 +202,9 @@ doctor=$(runuser -u "$PKG" -- env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME="$S
     STATE_DIRECTORY=/var/lib/z4j-agentd RUNTIME_DIRECTORY=/run/z4j-agentd
     Z4J_TOKEN_FILE=/etc/z4j-agentd/token Z4J_HMAC_SECRET_FILE=/etc/z4j-agentd/hmac_secret
     exec z4j-agentd doctor --json --no-websocket' 2>&1) || true
+if [ -n "${Z4J_TEST_LOG_DIR:-}" ]; then
+    printf '%s\n' "$doctor" >"$Z4J_TEST_LOG_DIR/packaging/doctor.log"
+fi
 probe() { jq -r --arg n "$1" '.probes[] | select(.name == $n) | .status' <<<"$doctor" 2>/dev/null; }
 check "doctor as z4j-agentd: config probe ok" test "$(probe config)" = ok
 check "doctor as z4j-agentd: buffer_path probe ok" test "$(probe buffer_path)" = ok

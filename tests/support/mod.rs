@@ -1,12 +1,22 @@
 //! Shared test harness: a whole daemon in-process on a temp dir, against a
 //! brain URL of the test's choosing.
+//!
+//! With `Z4J_TEST_LOG_DIR` set (tests/run-all.sh sets it), everything the
+//! daemon code of a test binary logs, at TRACE, goes to
+//! `$Z4J_TEST_LOG_DIR/rust/<binary>-<pid>.log`, the output of the binary
+//! tests' processes is kept beside it ([`keep_log`], [`keep_stderr`]), and
+//! the credentials the tests hand out are listed in
+//! `$Z4J_TEST_LOG_DIR/rust.secrets` ([`keep_secret`]), for
+//! tests/check_secrets.py to search every log for.
 
 #![allow(dead_code)]
 
 pub mod fake_brain;
 
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Once, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::{oneshot, watch};
@@ -31,6 +41,7 @@ pub struct TestDaemon {
 
 /// Options pointing at `brain_url` with the fake's credentials.
 pub fn options(brain_url: &str) -> Options {
+    capture_logs();
     Options {
         brain_url: Some(brain_url.to_string()),
         token: Some(fake_brain::TOKEN.to_string()),
@@ -49,6 +60,7 @@ impl TestDaemon {
     /// Like [`TestDaemon::start`], with `prepare` called on the daemon's
     /// home directory first (to mount something on its `.z4j`, say).
     pub async fn start_prepared(mut opts: Options, prepare: impl FnOnce(&Path)) -> TestDaemon {
+        capture_logs();
         let dir = tempfile::tempdir().unwrap();
         let home = dir.path().join("home");
         std::fs::create_dir_all(&home).unwrap();
@@ -124,4 +136,145 @@ pub async fn wait_for(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+// ------------------------------------------------- logs for the secrets check
+
+/// `$Z4J_TEST_LOG_DIR`, with `rust/` created and the fake brain's
+/// credentials added to `rust.secrets` on first use; `None` when unset.
+fn log_root() -> Option<&'static Path> {
+    static ROOT: OnceLock<Option<PathBuf>> = OnceLock::new();
+    ROOT.get_or_init(|| {
+        let root = PathBuf::from(std::env::var_os("Z4J_TEST_LOG_DIR").filter(|d| !d.is_empty())?);
+        std::fs::create_dir_all(root.join("rust")).expect("create $Z4J_TEST_LOG_DIR/rust");
+        use base64::Engine as _;
+        let key = base64::engine::general_purpose::URL_SAFE
+            .decode(fake_brain::SECRET)
+            .expect("the fake brain's secret is base64url");
+        for (label, value) in [
+            ("fake brain token", fake_brain::TOKEN.to_string()),
+            ("fake brain HMAC secret", fake_brain::SECRET.to_string()),
+            (
+                "fake brain HMAC secret (unpadded)",
+                fake_brain::SECRET.trim_end_matches('=').to_string(),
+            ),
+            ("fake brain signing key (hex)", hex::encode(&key)),
+            (
+                "fake brain signing key (std base64)",
+                base64::engine::general_purpose::STANDARD.encode(&key),
+            ),
+        ] {
+            append_secret(&root, label, &value);
+        }
+        Some(root)
+    })
+    .as_deref()
+}
+
+/// Appends `label<TAB>value` to `root/rust.secrets`.
+fn append_secret(root: &Path, label: &str, value: &str) {
+    assert!(
+        !label.contains(['\t', '\n']) && !value.contains(['\t', '\n']),
+        "one line per secret"
+    );
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(root.join("rust.secrets"))
+        .expect("open rust.secrets");
+    // One write per line: every test binary appends to the same file.
+    f.write_all(format!("{label}\t{value}\n").as_bytes())
+        .expect("write rust.secrets");
+}
+
+/// The test binary's name without cargo's hash suffix (`cli`, `doctor`).
+fn binary_name() -> String {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let stem = exe.file_stem().unwrap_or_default().to_string_lossy();
+    match stem.rsplit_once('-') {
+        Some((name, hash)) if hash.len() == 16 && hash.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            name.to_string()
+        }
+        _ => stem.into_owned(),
+    }
+}
+
+/// Adds a credential a test hands to the daemon to `rust.secrets`, so
+/// the secrets check looks for it in every log of the suite. Does nothing
+/// without `Z4J_TEST_LOG_DIR`.
+pub fn keep_secret(label: &str, value: &str) {
+    if let Some(root) = log_root() {
+        append_secret(root, label, value);
+    }
+}
+
+/// Sends what the daemon code of this test binary logs, at TRACE, to
+/// `$Z4J_TEST_LOG_DIR/rust/<binary>-<pid>.log` (once per binary; a test's
+/// own `with_default`/`set_default` subscriber still takes precedence).
+pub fn capture_logs() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let Some(root) = log_root() else { return };
+        let path = root
+            .join("rust")
+            .join(format!("{}-{}.log", binary_name(), std::process::id()));
+        let file = std::fs::File::create(&path).expect("create the test log file");
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("z4j_agentd=trace"))
+            .with_writer(Mutex::new(file))
+            .with_ansi(false)
+            .with_thread_names(true)
+            .try_init();
+    });
+}
+
+/// Keeps `text` (what a process printed) as
+/// `$Z4J_TEST_LOG_DIR/rust/<binary>-<pid>-<n>-<name>.log`.
+pub fn keep_log(name: &str, text: &str) {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let Some(root) = log_root() else { return };
+    let n = N.fetch_add(1, Ordering::Relaxed) + 1;
+    let name: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let path = root.join("rust").join(format!(
+        "{}-{}-{n}-{name}.log",
+        binary_name(),
+        std::process::id()
+    ));
+    std::fs::write(&path, text).expect("write the kept log");
+}
+
+/// Keeps a finished command's stdout and stderr (see [`keep_log`]).
+pub fn keep_output(name: &str, out: &std::process::Output) {
+    keep_log(
+        name,
+        &format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    );
+}
+
+/// Reads the rest of an exited child's piped stderr, keeps it (see
+/// [`keep_log`]) and returns it; empty if stderr was not piped or was
+/// already taken.
+pub fn keep_stderr(name: &str, child: &mut std::process::Child) -> String {
+    let mut text = String::new();
+    if let Some(mut err) = child.stderr.take() {
+        let mut bytes = Vec::new();
+        err.read_to_end(&mut bytes)
+            .expect("read the child's stderr");
+        text = String::from_utf8_lossy(&bytes).into_owned();
+    }
+    keep_log(name, &text);
+    text
 }
