@@ -3,14 +3,24 @@
 //! N client connections send M events in total, of realistic size, at full
 //! speed or at a fixed rate, with or without durable acks, in either
 //! framing; it reports events/s, ack latency percentiles, and the daemon's
-//! CPU time per event and RSS read from `/proc/<pid>`.
+//! CPU time per event and RSS read from `/proc/<pid>` (with every
+//! connection still open).
+//!
+//! With `--probe K`, one more connection (the probe) sends K events one at a
+//! time, each awaiting its durable ack, and reports the round trips'
+//! percentiles; the N clients then repeat their messages until the probe is
+//! done, so the probe measures its latency under their load (`--clients 0`:
+//! without load).
 //!
 //! ```text
 //! cargo run --release --example loadgen -- --socket /run/z4j-agentd/agent.sock \
 //!     --daemon-pid $(pidof z4j-agentd) --clients 8 --events 400000 --durable
+//! cargo run --release --example loadgen -- --socket /run/z4j-agentd/agent.sock \
+//!     --clients 1 --events 100000 --batch 1000 --probe 2000
 //! ```
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -54,6 +64,16 @@ struct Args {
     /// Print one JSON line instead of text.
     #[arg(long)]
     json: bool,
+    /// Round trips of the probe: one event per message, each awaiting its
+    /// durable ack, while the clients repeat their messages (0 = no probe).
+    #[arg(long, default_value_t = 0)]
+    probe: usize,
+    /// Pause between two probe round trips (ms).
+    #[arg(long, default_value_t = 10)]
+    probe_gap_ms: u64,
+    /// How long the clients run before the probe starts (ms).
+    #[arg(long, default_value_t = 500)]
+    probe_warmup_ms: u64,
 }
 
 fn event(task: usize, kind: &str, blob: &str) -> serde_json::Value {
@@ -146,10 +166,23 @@ fn prepare(args: &Args, index: usize, count: usize) -> Vec<(usize, Vec<u8>)> {
     out
 }
 
+/// What one connection did; the connection is kept open until the daemon's
+/// RSS has been read.
+struct ClientRun {
+    latencies: Vec<Duration>,
+    events: usize,
+    stream: UnixStream,
+}
+
 /// One connection. With `--durable`, a reader task takes the acks as they
 /// come, so each latency is exactly write -> ack even at a fixed rate; the
-/// writer keeps at most `--pipeline` messages awaiting their ack.
-async fn client(args: Arc<Args>, messages: Vec<(usize, Vec<u8>)>) -> Vec<Duration> {
+/// writer keeps at most `--pipeline` messages awaiting their ack. With
+/// `until`, the messages are sent again and again until it is set.
+async fn client(
+    args: Arc<Args>,
+    messages: Vec<(usize, Vec<u8>)>,
+    until: Option<Arc<AtomicBool>>,
+) -> ClientRun {
     let stream = UnixStream::connect(&args.socket).await.expect("connect");
     let (rd, mut wr) = stream.into_split();
     let mut replies = Some(Replies {
@@ -179,38 +212,91 @@ async fn client(args: Arc<Args>, messages: Vec<(usize, Vec<u8>)>) -> Vec<Duratio
                 latencies.push(at.elapsed());
                 window.add_permits(1);
             }
-            latencies
+            (latencies, replies.rd.into_inner())
         }))
     } else {
         None
     };
     let started = Instant::now();
     let mut sent = 0usize;
-    for (n, bytes) in messages {
-        if let Some(rate) = per_client_rate {
-            let due = started + Duration::from_secs_f64(sent as f64 / rate);
-            tokio::time::sleep_until(due.into()).await;
+    'send: loop {
+        for (n, bytes) in &messages {
+            if until.as_ref().is_some_and(|u| u.load(Ordering::Relaxed)) {
+                break 'send;
+            }
+            if let Some(rate) = per_client_rate {
+                let due = started + Duration::from_secs_f64(sent as f64 / rate);
+                tokio::time::sleep_until(due.into()).await;
+            }
+            if args.durable {
+                window.acquire().await.expect("open").forget();
+                sent_at_tx.send(Instant::now()).expect("reader alive");
+            }
+            wr.write_all(bytes).await.unwrap();
+            sent += n;
         }
-        if args.durable {
-            window.acquire().await.expect("open").forget();
-            sent_at_tx.send(Instant::now()).expect("reader alive");
+        if until.is_none() {
+            break;
         }
-        wr.write_all(&bytes).await.unwrap();
-        sent += n;
     }
     drop(sent_at_tx);
-    match reader {
+    let (latencies, rd) = match reader {
         Some(r) => r.await.expect("reader"),
         None => {
-            let replies = replies.as_mut().expect("kept for fire-and-forget");
+            let mut replies = replies.take().expect("kept for fire-and-forget");
             // Make sure everything was read by the daemon before we stop the clock.
             wr.write_all(&encode(&args.framing, &serde_json::json!({"type": "ping"})))
                 .await
                 .unwrap();
             while replies.next().await["type"] != "pong" {}
-            Vec::new()
+            (Vec::new(), replies.rd.into_inner())
         }
+    };
+    ClientRun {
+        latencies,
+        events: sent,
+        stream: rd.reunite(wr).expect("the same stream"),
     }
+}
+
+/// The probe: one event per message, each awaiting its durable ack, with a
+/// pause between them; sets `done` when finished.
+async fn probe(args: Arc<Args>, done: Arc<AtomicBool>) -> Vec<Duration> {
+    tokio::time::sleep(Duration::from_millis(args.probe_warmup_ms)).await;
+    let mut c = z4j_agentd::client::Client::connect(&args.socket)
+        .await
+        .expect("connect the probe");
+    let mut latencies = Vec::with_capacity(args.probe);
+    for i in 0..args.probe {
+        let e = z4j_agentd::client::Event {
+            engine: "celery".into(),
+            kind: "task.received".into(),
+            task_id: format!("probe-{i:08}"),
+            occurred_at: None,
+            data: serde_json::json!({"task_name": "app.tasks.probe", "queue": "default"}),
+        };
+        let t = Instant::now();
+        let stored = c.send_durable(&[e]).await.expect("probe acked");
+        latencies.push(t.elapsed());
+        assert_eq!(stored, 1, "probe event not stored");
+        tokio::time::sleep(Duration::from_millis(args.probe_gap_ms)).await;
+    }
+    done.store(true, Ordering::Relaxed);
+    latencies
+}
+
+/// Raises the soft limit on open files to the hard limit: one descriptor
+/// per connection.
+fn raise_fd_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let lim = getrlimit(Resource::Nofile);
+    let _ = setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: lim.maximum,
+            maximum: lim.maximum,
+        },
+    );
 }
 
 /// (utime + stime) in seconds and (VmRSS, VmHWM) in kB, of `pid`.
@@ -231,6 +317,10 @@ fn proc_usage(pid: u32) -> Option<(f64, u64, u64)> {
     Some((ticks / 100.0, kb("VmRSS:"), kb("VmHWM:")))
 }
 
+fn ms(us: f64) -> f64 {
+    us / 1000.0
+}
+
 fn pct(sorted: &[Duration], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -241,28 +331,48 @@ fn pct(sorted: &[Duration], p: f64) -> f64 {
 
 #[tokio::main]
 async fn main() {
+    raise_fd_limit();
     let args = Arc::new(Args::parse());
-    let per_client = args.events / args.clients;
+    assert!(
+        args.clients > 0 || args.probe > 0,
+        "--clients 0 needs --probe"
+    );
+    let per_client = args.events / args.clients.max(1);
     let prepared: Vec<_> = (0..args.clients)
         .map(|i| prepare(&args, i, per_client))
         .collect();
+    let probe_done = Arc::new(AtomicBool::new(false));
+    let until = (args.probe > 0).then(|| probe_done.clone());
     let before = args.daemon_pid.and_then(proc_usage);
     let started = Instant::now();
     let mut tasks = Vec::new();
     for messages in prepared {
-        tasks.push(tokio::spawn(client(args.clone(), messages)));
+        tasks.push(tokio::spawn(client(args.clone(), messages, until.clone())));
     }
+    let probe_task = (args.probe > 0).then(|| tokio::spawn(probe(args.clone(), probe_done)));
     let mut latencies = Vec::new();
+    let mut total = 0;
+    let mut open = Vec::new();
     for t in tasks {
-        latencies.extend(t.await.unwrap());
+        let run = t.await.unwrap();
+        latencies.extend(run.latencies);
+        total += run.events;
+        open.push(run.stream);
     }
+    let mut probe_latencies = match probe_task {
+        Some(t) => t.await.unwrap(),
+        None => Vec::new(),
+    };
     let elapsed = started.elapsed().as_secs_f64();
     let after = args.daemon_pid.and_then(proc_usage);
+    drop(open);
     latencies.sort();
-    let total = per_client * args.clients;
+    probe_latencies.sort();
     let eps = total as f64 / elapsed;
     let (cpu_us_per_event, rss_kb, hwm_kb) = match (before, after) {
-        (Some((c0, _, _)), Some((c1, rss, hwm))) => ((c1 - c0) * 1e6 / total as f64, rss, hwm),
+        (Some((c0, _, _)), Some((c1, rss, hwm))) => {
+            ((c1 - c0) * 1e6 / total.max(1) as f64, rss, hwm)
+        }
         _ => (0.0, 0, 0),
     };
     let sample = serde_json::to_vec(&event(1, "task.succeeded", &"x".repeat(args.blob))).unwrap();
@@ -277,6 +387,9 @@ async fn main() {
                 "ack_p999_us": pct(&latencies, 0.999),
                 "daemon_cpu_us_per_event": cpu_us_per_event,
                 "daemon_rss_kb": rss_kb, "daemon_hwm_kb": hwm_kb,
+                "probe": probe_latencies.len(), "probe_p50_us": pct(&probe_latencies, 0.5),
+                "probe_p99_us": pct(&probe_latencies, 0.99),
+                "probe_max_us": pct(&probe_latencies, 1.0),
             })
         );
     } else {
@@ -306,10 +419,19 @@ async fn main() {
                 pct(&latencies, 0.999)
             );
         }
+        if !probe_latencies.is_empty() {
+            println!(
+                "probe, {} events one at a time: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                probe_latencies.len(),
+                ms(pct(&probe_latencies, 0.5)),
+                ms(pct(&probe_latencies, 0.99)),
+                ms(pct(&probe_latencies, 1.0))
+            );
+        }
         if after.is_some() {
             println!(
-                "daemon: {cpu_us_per_event:.2} us CPU per event, RSS {} kB (peak {} kB)",
-                rss_kb, hwm_kb
+                "daemon: {cpu_us_per_event:.2} us CPU per event, RSS {} kB (peak {} kB) with {} connections open",
+                rss_kb, hwm_kb, args.clients
             );
         }
     }

@@ -186,6 +186,9 @@ fn run(options: Options) -> ExitCode {
     config.activated = activated;
     config.watchdog = crate::systemd::watchdog_timeout();
     init_logging(&config);
+    // Before the runtime starts threads: every client connection takes a
+    // descriptor.
+    crate::ingest::raise_fd_limit(config.max_clients);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -181,6 +181,12 @@ impl Collector for DaemonCollector {
             "Times a producer was held back because the spool was full (block policy).",
             load(&s.producer_waits),
         )?;
+        counter(
+            &mut enc,
+            "accept_failures",
+            "Failed accept calls on the local socket, mostly for lack of file descriptors; each is retried after a pause of up to 250 ms while new connections wait.",
+            load(&s.accept_failures),
+        )?;
         counter_family(
             &mut enc,
             "commands",

@@ -225,6 +225,9 @@ pub struct Status {
     pub connects: AtomicU64,
     /// Times a producer was held back because the spool was full (`block`).
     pub producer_waits: AtomicU64,
+    /// Failed `accept` calls on the local socket (mostly: out of file
+    /// descriptors); each is retried after a short pause.
+    pub accept_failures: AtomicU64,
     /// Commands received from the brain (re-deliveries not counted).
     pub commands_received: AtomicU64,
     /// Commands answered `success` by a local process.
@@ -261,6 +264,7 @@ impl Status {
             replies_dropped: AtomicU64::new(0),
             connects: AtomicU64::new(0),
             producer_waits: AtomicU64::new(0),
+            accept_failures: AtomicU64::new(0),
             commands_received: AtomicU64::new(0),
             commands_succeeded: AtomicU64::new(0),
             commands_failed: AtomicU64::new(0),

@@ -197,6 +197,30 @@ pub struct Ingest {
 /// messages, then waits: it stops reading, and its producer feels it.
 const IN_FLIGHT_KIB: usize = 8 * 1024;
 
+/// One connection's share of [`IN_FLIGHT_KIB`]: past it, the connection
+/// settles its own earlier messages before it hands the spool another (a
+/// single larger message still goes, alone). The spool commits in arrival
+/// order, so this bounds how much of one producer's backlog another
+/// producer's message waits behind: a client flooding the socket keeps about
+/// 1 MiB queued, not the whole budget.
+const CONNECTION_IN_FLIGHT_KIB: usize = 1024;
+
+/// Connections beyond `max_clients` being told `too_many_clients` at once;
+/// past these, a connection beyond the limit is closed without a word.
+const REFUSALS_IN_FLIGHT: usize = 32;
+
+/// Descriptors the daemon needs besides one per client connection: the
+/// spool (database, WAL, shared memory, lock), the listener, the runtime,
+/// the uplink, the metrics listener, and the refusals in flight.
+pub const FD_MARGIN: u64 = 64;
+
+/// How long accepting pauses after the first failed `accept`; it doubles
+/// while accepting keeps failing, up to [`ACCEPT_PAUSE_MAX`].
+const ACCEPT_PAUSE_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_PAUSE_MAX: Duration = Duration::from_millis(250);
+/// At most one warning about failed `accept` calls per this interval.
+const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(10);
+
 /// Replies queued per connection before they are dropped.
 const REPLY_QUEUE: usize = 256;
 /// Appends of one connection waiting for their commit before it stops reading.
@@ -226,6 +250,12 @@ impl Ingest {
     /// Accepts connections until `shutdown`, then lets open connections
     /// finish what they sent and returns once all of them are done. The
     /// accept loop answers the watchdog through `beat`.
+    ///
+    /// A failed `accept` (out of file descriptors, mostly) pauses accepting
+    /// for 10 ms, doubling up to 250 ms while it keeps failing: the waiting
+    /// connections stay in the socket's backlog and are served once a
+    /// descriptor frees up. Each failure is counted (`accept_failures`), and
+    /// logged at most once every 10 s.
     pub async fn serve(
         self: Arc<Self>,
         listener: UnixListener,
@@ -233,16 +263,31 @@ impl Ingest {
         mut beat: crate::watchdog::Beat,
     ) {
         let slots = Arc::new(Semaphore::new(self.config.max_clients));
+        let refusing = Arc::new(Semaphore::new(REFUSALS_IN_FLIGHT));
         let mut tasks = JoinSet::new();
+        let mut failures = AcceptFailures::default();
+        let pause = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(pause);
+        let mut paused = false;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = beat.asked() => {}
-                accepted = listener.accept() => match accepted {
+                () = &mut pause, if paused => paused = false,
+                accepted = listener.accept(), if !paused => match accepted {
                     Ok((stream, _)) => {
+                        failures.recovered();
                         let Ok(permit) = slots.clone().try_acquire_owned() else {
                             self.status.refuse("too_many_clients", 1);
-                            tasks.spawn(refuse_connection(stream, self.config.max_clients));
+                            // Each refusal holds a descriptor for up to 2 s:
+                            // past a few dozen at once, close at once.
+                            if let Ok(r) = refusing.clone().try_acquire_owned() {
+                                let max = self.config.max_clients;
+                                tasks.spawn(async move {
+                                    refuse_connection(stream, max).await;
+                                    drop(r);
+                                });
+                            }
                             continue;
                         };
                         let me = self.clone();
@@ -253,9 +298,10 @@ impl Ingest {
                         });
                     }
                     Err(e) => {
-                        // EMFILE and friends: log, pause briefly, keep accepting.
-                        tracing::warn!(error = %e, "accept failed on the local socket");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        self.status.accept_failures.fetch_add(1, Ordering::Relaxed);
+                        let wait = failures.failed(&e, self.config.max_clients);
+                        pause.as_mut().reset(tokio::time::Instant::now() + wait);
+                        paused = true;
                     }
                 },
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
@@ -423,6 +469,106 @@ impl Ingest {
         let _ = writer.await;
         tracing::debug!(client = id, "client disconnected");
     }
+}
+
+/// The accept loop's state while `accept` fails: the next pause, and the
+/// rate limit of its warnings.
+#[derive(Default)]
+struct AcceptFailures {
+    /// Failures in a row.
+    streak: u64,
+    /// Failures since the last warning.
+    unreported: u64,
+    last_warning: Option<std::time::Instant>,
+}
+
+impl AcceptFailures {
+    /// Records a failure; returns how long to pause accepting.
+    fn failed(&mut self, e: &std::io::Error, max_clients: usize) -> Duration {
+        self.streak += 1;
+        self.unreported += 1;
+        if self
+            .last_warning
+            .is_none_or(|t| t.elapsed() >= ACCEPT_WARN_EVERY)
+        {
+            let errno = rustix::io::Errno::from_io_error(e);
+            let hint = if errno == Some(rustix::io::Errno::MFILE) {
+                let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+                format!(
+                    "this process is out of file descriptors (RLIMIT_NOFILE {}, Z4J_MAX_CLIENTS {max_clients}); raise LimitNOFILE= in the systemd unit (ulimit -n elsewhere) or lower Z4J_MAX_CLIENTS",
+                    limit.map_or("unlimited".to_string(), |l| l.to_string())
+                )
+            } else if errno == Some(rustix::io::Errno::NFILE) {
+                "the system is out of file descriptors (fs.file-max); find the process that holds them".to_string()
+            } else {
+                "retrying".to_string()
+            };
+            tracing::warn!(
+                error = %e,
+                failures = self.unreported,
+                "cannot accept a local connection: {hint}; new connections wait in the socket's backlog until a descriptor frees up"
+            );
+            self.last_warning = Some(std::time::Instant::now());
+            self.unreported = 0;
+        }
+        let doublings = (self.streak - 1).min(8) as u32;
+        (ACCEPT_PAUSE_MIN * 2u32.pow(doublings)).min(ACCEPT_PAUSE_MAX)
+    }
+
+    /// An `accept` succeeded: says so once after failures.
+    fn recovered(&mut self) {
+        if self.streak > 0 {
+            tracing::info!(failures = self.streak, "accepting local connections again");
+            self.streak = 0;
+        }
+    }
+}
+
+/// Raises this process's soft limit on open files (RLIMIT_NOFILE) to its
+/// hard limit, as Go and many daemons do: each client connection takes a
+/// descriptor, and the soft default (1,024 under systemd) is below what
+/// `max_clients` connections need. Logs the result at debug, and one
+/// warning when the limit stays below `max_clients` plus [`FD_MARGIN`].
+/// Returns the soft limit now in force (`None`: unlimited).
+pub fn raise_fd_limit(max_clients: usize) -> Option<u64> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let before = getrlimit(Resource::Nofile);
+    let mut limit = before.current;
+    if before.current.is_some() && before.current != before.maximum {
+        match setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: before.maximum,
+                maximum: before.maximum,
+            },
+        ) {
+            Ok(()) => limit = getrlimit(Resource::Nofile).current,
+            Err(e) => tracing::debug!(error = %e, "cannot raise the soft limit on open files"),
+        }
+    }
+    let show = |l: Option<u64>| l.map_or("unlimited".to_string(), |l| l.to_string());
+    tracing::debug!(
+        soft_before = %show(before.current),
+        soft = %show(limit),
+        hard = %show(before.maximum),
+        "limit on open files (RLIMIT_NOFILE)"
+    );
+    if let Some(needed) = fd_shortfall(limit, max_clients) {
+        tracing::warn!(
+            limit = %show(limit),
+            max_clients,
+            needed,
+            "the limit on open files (RLIMIT_NOFILE) is {}, below the {needed} that Z4J_MAX_CLIENTS={max_clients} connections need ({max_clients} + {FD_MARGIN} for the daemon itself): connections beyond it wait unanswered until a descriptor frees up; raise LimitNOFILE= in the systemd unit (ulimit -n elsewhere) to at least {needed}, or lower Z4J_MAX_CLIENTS",
+            show(limit)
+        );
+    }
+    limit
+}
+
+/// The descriptors `max_clients` connections need, when `limit` is short of it.
+fn fd_shortfall(limit: Option<u64>, max_clients: usize) -> Option<u64> {
+    let needed = max_clients as u64 + FD_MARGIN;
+    limit.filter(|l| *l < needed).map(|_| needed)
 }
 
 async fn refuse_connection(stream: UnixStream, max: usize) {
@@ -674,13 +820,18 @@ impl Session<'_> {
         }
     }
 
-    /// Takes `records`' share of the in-flight budget. While it is short,
-    /// settle this connection's own earlier messages first (they hold part
-    /// of it), and only wait for the others' once none is left: whoever
-    /// waits holds nothing, so the budget always drains.
+    /// Takes `records`' share of the in-flight budget. Past this
+    /// connection's share ([`CONNECTION_IN_FLIGHT_KIB`]), or while the
+    /// budget is short, settle this connection's own earlier messages first
+    /// (they hold part of it), and only wait for the others' once none is
+    /// left: whoever waits holds nothing, so the budget always drains.
     async fn reserve(&mut self, records: &[Vec<u8>]) -> Option<tokio::sync::OwnedSemaphorePermit> {
         let bytes: usize = records.iter().map(Vec::len).sum();
         let kib = (bytes / 1024 + 1).min(IN_FLIGHT_KIB) as u32;
+        while !self.pending.is_empty() && self.held_kib() + kib as usize > CONNECTION_IN_FLIGHT_KIB
+        {
+            self.settle_front().await;
+        }
         loop {
             match self.ingest.in_flight.clone().try_acquire_many_owned(kib) {
                 Ok(p) => return Some(p),
@@ -698,6 +849,15 @@ impl Session<'_> {
             }
             self.settle_front().await;
         }
+    }
+
+    /// KiB of the in-flight budget this connection's pending messages hold.
+    fn held_kib(&self) -> usize {
+        self.pending
+            .iter()
+            .filter_map(|p| p._budget.as_ref())
+            .map(|b| b.num_permits())
+            .sum()
     }
 
     async fn settle_front(&mut self) {
@@ -1042,6 +1202,75 @@ mod tests {
             .expect("the idle connection is still served");
         stop.cancel();
         spool.close().await;
+    }
+
+    #[tokio::test]
+    async fn past_a_few_dozen_refusals_at_once_the_extra_connections_are_closed_at_once() {
+        use tokio::io::AsyncReadExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (socket, status, spool, stop) = served(dir.path(), Duration::from_secs(30)).await;
+        // The limit here is 8: fill it.
+        let mut kept = Vec::new();
+        for _ in 0..8 {
+            let mut c = crate::client::Client::connect(&socket).await.unwrap();
+            c.ping().await.unwrap();
+            kept.push(c);
+        }
+        // 40 more that send nothing: each refusal waits up to 1 s for a
+        // first byte (to answer in the client's framing), holding its socket.
+        let mut extra = Vec::new();
+        for _ in 0..40 {
+            extra.push(UnixStream::connect(&socket).await.unwrap());
+        }
+        let (mut told, mut closed) = (0, 0);
+        for s in extra.iter_mut() {
+            let mut reply = Vec::new();
+            tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut reply))
+                .await
+                .expect("every extra connection is closed")
+                .unwrap();
+            if reply.is_empty() {
+                closed += 1;
+            } else {
+                let text = String::from_utf8_lossy(&reply);
+                assert!(text.contains("too_many_clients"), "{text}");
+                told += 1;
+            }
+        }
+        assert_eq!(
+            (told, closed),
+            (REFUSALS_IN_FLIGHT, 40 - REFUSALS_IN_FLIGHT)
+        );
+        assert_eq!(status.refused().get("too_many_clients"), Some(&40));
+        for c in kept.iter_mut() {
+            c.ping().await.expect("the served connections go on");
+        }
+        stop.cancel();
+        spool.close().await;
+    }
+
+    #[test]
+    fn a_descriptor_limit_below_the_clients_plus_a_margin_is_reported() {
+        assert_eq!(fd_shortfall(Some(1024), 1024), Some(1024 + FD_MARGIN));
+        assert_eq!(fd_shortfall(Some(1024 + FD_MARGIN - 1), 1024), Some(1088));
+        assert_eq!(fd_shortfall(Some(1024 + FD_MARGIN), 1024), None);
+        assert_eq!(fd_shortfall(Some(524_288), 1024), None);
+        assert_eq!(fd_shortfall(None, 65_536), None);
+        assert_eq!(fd_shortfall(Some(256), 100), None);
+    }
+
+    #[test]
+    fn failed_accepts_back_off_up_to_a_quarter_second_and_reset() {
+        let e = std::io::Error::from_raw_os_error(rustix::io::Errno::MFILE.raw_os_error());
+        let mut f = AcceptFailures::default();
+        let pauses: Vec<u64> = (0..8)
+            .map(|_| f.failed(&e, 1024).as_millis() as u64)
+            .collect();
+        assert_eq!(pauses, [10, 20, 40, 80, 160, 250, 250, 250]);
+        // One warning for the whole streak (the next one is 10 s away).
+        assert_eq!(f.unreported, 7);
+        f.recovered();
+        assert_eq!(f.failed(&e, 1024), ACCEPT_PAUSE_MIN);
     }
 
     #[test]
