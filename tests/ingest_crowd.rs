@@ -9,6 +9,8 @@
 //! daemon: the test raises its own soft RLIMIT_NOFILE to the hard limit and
 //! needs a hard limit of at least [`FDS_NEEDED`].
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -82,6 +84,12 @@ impl Daemon {
         }
         let socket = dir.path().join("agent.sock");
         let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
+        support::keep_secret("crowd test token", TOKEN);
+        support::keep_secret("crowd test HMAC secret", SECRET);
+        support::keep_secret(
+            "crowd test HMAC secret (unpadded)",
+            SECRET.trim_end_matches('='),
+        );
         let mut c = Command::new("sh");
         c.arg("-c")
             .arg(match ulimit {
@@ -197,6 +205,7 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        support::keep_log("crowd-daemon", &self.log());
     }
 }
 
