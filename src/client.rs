@@ -269,12 +269,7 @@ impl Client {
         let mut m = Value::empty_map();
         m.insert("type", "stats");
         self.write_msg(&m).await?;
-        loop {
-            let reply = self.read_reply().await?;
-            if reply.get("type").and_then(Value::as_str) == Some("stats") {
-                return Ok(reply);
-            }
-        }
+        self.read_until("stats").await
     }
 
     /// Round trip (`ping` -> `pong`).
@@ -282,10 +277,23 @@ impl Client {
         let mut m = Value::empty_map();
         m.insert("type", "ping");
         self.write_msg(&m).await?;
+        self.read_until("pong").await.map(|_| ())
+    }
+
+    /// Reads replies until one of type `want`. Replies to earlier messages
+    /// are skipped; but when the daemon closes the connection first, the
+    /// last `error` it sent (`not_allowed`, `too_many_clients`...) is the
+    /// answer, not the bare end of the stream.
+    async fn read_until(&mut self, want: &str) -> Result<Value, ClientError> {
+        let mut last_error = None;
         loop {
-            let reply = self.read_reply().await?;
-            if reply.get("type").and_then(Value::as_str) == Some("pong") {
-                return Ok(());
+            match self.read_reply().await {
+                Ok(reply) => match reply.get("type").and_then(Value::as_str) {
+                    Some(t) if t == want => return Ok(reply),
+                    Some("error") => last_error = Some(reply),
+                    _ => {}
+                },
+                Err(e) => return Err(last_error.as_ref().map(refusal).unwrap_or(e)),
             }
         }
     }

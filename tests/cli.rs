@@ -60,8 +60,12 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Runs `c` to completion; its output is kept for the secrets check.
 fn output(mut c: Command) -> Output {
-    c.stdin(Stdio::null()).output().unwrap()
+    let out = c.stdin(Stdio::null()).output().unwrap();
+    let sub = c.get_args().next().unwrap_or_default().to_string_lossy();
+    support::keep_output(&sub, &out);
+    out
 }
 
 fn wait_socket(path: &Path, child: &mut Child) {
@@ -201,6 +205,7 @@ fn dev_mode_allows_plain_ws_to_another_host() {
     wait_socket(&env.socket(), &mut child);
     signal(&child, "TERM");
     assert!(wait_exit(&mut child, 20).success());
+    support::keep_stderr("dev_mode", &mut child);
 }
 
 #[test]
@@ -245,6 +250,7 @@ fn socket_is_0660_stale_file_replaced_and_live_daemon_refused() {
     );
     signal(&first, "TERM");
     assert!(wait_exit(&mut first, 20).success());
+    support::keep_stderr("first", &mut first);
     assert!(!env.socket().exists(), "socket removed on a clean stop");
 }
 
@@ -263,6 +269,7 @@ fn second_daemon_on_the_same_spool_names_the_pid() {
     assert!(err.contains(&format!("pid {}", first.id())), "{err}");
     signal(&first, "TERM");
     assert!(wait_exit(&mut first, 20).success());
+    support::keep_stderr("first", &mut first);
 }
 
 #[test]
@@ -283,6 +290,7 @@ fn sigterm_exits_0_and_keeps_undelivered_events_for_the_next_start() {
     assert_eq!(ack["stored"], 1);
     signal(&child, "TERM");
     assert!(wait_exit(&mut child, 20).success());
+    support::keep_stderr("sigterm", &mut child);
 
     let mut c = env.cmd(free_port());
     c.stdout(Stdio::null()).stderr(Stdio::piped());
@@ -292,13 +300,14 @@ fn sigterm_exits_0_and_keeps_undelivered_events_for_the_next_start() {
     assert_eq!(stats["spool_depth"], 1, "{stats}");
     signal(&child, "INT");
     assert!(wait_exit(&mut child, 20).success());
+    support::keep_stderr("sigint", &mut child);
 }
 
 #[test]
 fn acked_events_survive_sigkill() {
     let env = Env::new();
     let mut c = env.cmd(free_port());
-    c.stdout(Stdio::null()).stderr(Stdio::null());
+    c.stdout(Stdio::null()).stderr(Stdio::piped());
     let mut child = c.spawn().unwrap();
     wait_socket(&env.socket(), &mut child);
     let mut s = UnixStream::connect(env.socket()).unwrap();
@@ -317,15 +326,17 @@ fn acked_events_survive_sigkill() {
     }
     signal(&child, "KILL");
     wait_exit(&mut child, 10);
+    support::keep_stderr("killed", &mut child);
 
     let mut c = env.cmd(free_port());
-    c.stdout(Stdio::null()).stderr(Stdio::null());
+    c.stdout(Stdio::null()).stderr(Stdio::piped());
     let mut child = c.spawn().unwrap();
     wait_socket(&env.socket(), &mut child);
     let stats = jsonl_request(&env.socket(), r#"{"type":"stats"}"#);
     assert_eq!(stats["spool_depth"], 100, "{stats}");
     signal(&child, "KILL");
     wait_exit(&mut child, 10);
+    support::keep_stderr("restarted", &mut child);
 }
 
 #[test]
@@ -393,6 +404,7 @@ fn refused_events_get_clear_errors_and_the_connection_goes_on() {
     );
     signal(&child, "TERM");
     assert!(wait_exit(&mut child, 20).success());
+    support::keep_stderr("refused_events", &mut child);
 }
 
 #[test]
@@ -416,6 +428,7 @@ fn the_log_never_contains_the_token_or_the_secret() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    support::keep_log("trace_level", &log);
     assert!(log.contains("ready"), "{log}");
     assert!(!log.contains(TOKEN), "token leaked into the log");
     assert!(!log.contains(SECRET), "secret leaked into the log");
@@ -441,6 +454,7 @@ fn unwritable_home_falls_back_to_tmp_with_exactly_one_warning() {
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
     let log = String::from_utf8_lossy(&out.stderr);
+    support::keep_log("unwritable_home", &log);
     // The brain is not running in this test; its connection warning aside,
     // the fallback is the one WARNING.
     let warnings: Vec<&str> = log
@@ -472,8 +486,11 @@ async fn sighup_rereads_the_token_file_and_reconnects() {
     use support::fake_brain::{Behavior, FakeBrain};
     let brain = FakeBrain::start(Behavior::default()).await;
     let env = Env::new();
+    let (first, second) = ("first-token-sighup-0123", "second-token-sighup-4567");
+    support::keep_secret("cli: token before SIGHUP", first);
+    support::keep_secret("cli: token after SIGHUP", second);
     let token_file = env.dir.path().join("token");
-    std::fs::write(&token_file, "first-token").unwrap();
+    std::fs::write(&token_file, first).unwrap();
     let mut c = env.cmd(0);
     c.env("Z4J_BRAIN_URL", &brain.url)
         .env_remove("Z4J_TOKEN")
@@ -487,7 +504,7 @@ async fn sighup_rereads_the_token_file_and_reconnects() {
         seen.auth_headers.lock().unwrap().len() == 1
     })
     .await;
-    std::fs::write(&token_file, "second-token").unwrap();
+    std::fs::write(&token_file, second).unwrap();
     signal(&child, "HUP");
     support::wait_for(10, "a reconnect with the new token", || {
         seen.auth_headers.lock().unwrap().len() == 2
@@ -495,10 +512,7 @@ async fn sighup_rereads_the_token_file_and_reconnects() {
     .await;
     assert_eq!(
         brain.seen.auth_headers.lock().unwrap().as_slice(),
-        &[
-            "Bearer first-token".to_string(),
-            "Bearer second-token".to_string()
-        ]
+        &[format!("Bearer {first}"), format!("Bearer {second}")]
     );
     assert!(
         brain
@@ -511,6 +525,7 @@ async fn sighup_rereads_the_token_file_and_reconnects() {
     );
     signal(&child, "TERM");
     assert!(wait_exit(&mut child, 20).success());
+    support::keep_stderr("sighup", &mut child);
 }
 
 #[test]
@@ -526,7 +541,7 @@ fn status_without_a_daemon_exits_1_and_says_so() {
 #[test]
 fn status_reads_a_running_daemon_as_text_and_json() {
     let env = Env::new();
-    let mut child = env.cmd(free_port()).stderr(Stdio::null()).spawn().unwrap();
+    let mut child = env.cmd(free_port()).stderr(Stdio::piped()).spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while UnixStream::connect(env.socket()).is_err() {
         assert!(Instant::now() < deadline, "daemon listening in time");
@@ -540,6 +555,7 @@ fn status_reads_a_running_daemon_as_text_and_json() {
     };
     let _ = Command::new("kill").arg(child.id().to_string()).status();
     let _ = child.wait();
+    support::keep_stderr("status_target", &mut child);
     assert_eq!(text.status.code(), Some(0));
     let t = String::from_utf8_lossy(&text.stdout);
     assert!(t.contains(&format!("(pid {})", child.id())), "{t}");
@@ -657,6 +673,7 @@ fn sd_notify_sends_ready_status_watchdog_and_stopping_in_order() {
     signal(&child, "TERM");
     lines.extend(notify.until("STOPPING=1", 10));
     assert!(wait_exit(&mut child, 20).success());
+    support::keep_stderr("sd_notify", &mut child);
 
     let ready = first(&lines, "READY=1");
     let status = first(&lines, "STATUS=");
@@ -715,14 +732,7 @@ fn watchdog_pings_stop_while_the_spool_writer_is_wedged_and_resume_after() {
     signal(&child, "TERM");
     let out = {
         assert!(wait_exit(&mut child, 20).success());
-        let mut err = String::new();
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
-        err
+        support::keep_stderr("watchdog", &mut child)
     };
     let stalled: Vec<&str> = out
         .lines()
@@ -735,4 +745,77 @@ fn watchdog_pings_stop_while_the_spool_writer_is_wedged_and_resume_after() {
         stalled[0]
     );
     assert!(out.contains("every part answers again"), "{out}");
+}
+
+/// `status` run as uid 65534 against a daemon with `Z4J_ALLOWED_UIDS`.
+/// The socket is opened to everyone so only the allow-list decides.
+fn status_as_nobody(allowed_uids: &str) -> (Output, serde_json::Value, String) {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let env = Env::new();
+    std::fs::set_permissions(env.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut child = env
+        .cmd(free_port())
+        .env("Z4J_ALLOWED_UIDS", allowed_uids)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_socket(&env.socket(), &mut child);
+    std::fs::set_permissions(env.socket(), std::fs::Permissions::from_mode(0o666)).unwrap();
+    let mut c = env.sub(free_port(), "status");
+    c.uid(65534).gid(65534).env("HOME", "/nonexistent");
+    let out = output(c);
+    let stats = jsonl_request(&env.socket(), r#"{"type":"stats"}"#);
+    signal(&child, "TERM");
+    wait_exit(&mut child, 10);
+    let mut log = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    support::keep_log("allowed_uids", &log);
+    (out, stats, log)
+}
+
+#[test]
+fn a_uid_outside_the_allow_list_is_refused_told_why_and_counted() {
+    if z4j_agentd::config::current_uid() != 0 {
+        eprintln!(
+            "skipped: running a client as another uid needs root (CI runs this test as root)"
+        );
+        return;
+    }
+    let (out, stats, log) = status_as_nobody("1000,1001");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "refused: {err}");
+    assert!(
+        err.contains("not_allowed")
+            && err.contains("uid 65534")
+            && err.contains("Z4J_ALLOWED_UIDS"),
+        "the client is told which setting to change: {err}"
+    );
+    assert_eq!(stats["refused_by_reason"]["not_allowed"], 1, "{stats}");
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.contains("refused a local client whose uid/gid is not allowed"))
+            .count(),
+        1,
+        "{log}"
+    );
+
+    // The same client once its uid is on the list: served.
+    let (out, stats, _) = status_as_nobody("1000,65534");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("<- this status command"));
+    assert!(
+        stats["refused_by_reason"].get("not_allowed").is_none(),
+        "{stats}"
+    );
 }

@@ -221,6 +221,14 @@ const ACCEPT_PAUSE_MAX: Duration = Duration::from_millis(250);
 /// At most one warning about failed `accept` calls per this interval.
 const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(10);
 
+/// How long a connection the daemon closes for an error keeps being read
+/// (and what arrives discarded) after its error reply, and how much of it.
+/// Closing a Unix socket with unread input resets the peer: its next write
+/// fails, and a client that checks its writes before reading never sees
+/// the error that says what to fix.
+const LINGER: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 1 << 20;
+
 /// Replies queued per connection before they are dropped.
 const REPLY_QUEUE: usize = 256;
 /// Appends of one connection waiting for their commit before it stops reading.
@@ -279,7 +287,7 @@ impl Ingest {
                         failures.recovered();
                         let Ok(permit) = slots.clone().try_acquire_owned() else {
                             self.status.refuse("too_many_clients", 1);
-                            // Each refusal holds a descriptor for up to 2 s:
+                            // Each refusal holds a descriptor for up to 3 s:
                             // past a few dozen at once, close at once.
                             if let Ok(r) = refusing.clone().try_acquire_owned() {
                                 let max = self.config.max_clients;
@@ -371,6 +379,7 @@ impl Ingest {
             );
             drop(replies);
             let _ = writer.await;
+            linger(&mut rd).await;
             return;
         }
 
@@ -403,6 +412,8 @@ impl Ingest {
         decoder.feed(&first);
         let mut buf = vec![0u8; 64 * 1024];
         let mut draining = false;
+        // Closed by the daemon for an error (the reply says which).
+        let mut refused = false;
         'conn: loop {
             // Handle everything already buffered.
             loop {
@@ -416,6 +427,7 @@ impl Ingest {
                     Err(e) => {
                         self.status.refuse(e.code, 1);
                         session.replies.error(e.code, &e.message, None, None);
+                        refused = true;
                         break 'conn;
                     }
                 }
@@ -456,6 +468,7 @@ impl Ingest {
                         None,
                         None,
                     );
+                    refused = true;
                     break 'conn;
                 }
             }
@@ -467,6 +480,9 @@ impl Ingest {
         self.status.client_disconnected(id);
         drop(session);
         let _ = writer.await;
+        if refused {
+            linger(&mut rd).await;
+        }
         tracing::debug!(client = id, "client disconnected");
     }
 }
@@ -585,7 +601,31 @@ async fn refuse_connection(stream: UnixStream, max: usize) {
         "message",
         format!("the daemon already serves {max} connections (Z4J_MAX_CLIENTS); reuse one connection per process"),
     );
-    let _ = tokio::time::timeout(Duration::from_secs(1), wr.write_all(&framing.encode(&m))).await;
+    let wrote = tokio::time::timeout(Duration::from_secs(1), async {
+        wr.write_all(&framing.encode(&m)).await?;
+        wr.shutdown().await
+    })
+    .await;
+    if matches!(wrote, Ok(Ok(()))) {
+        linger(&mut rd).await;
+    }
+}
+
+/// After an error reply and the end of the daemon's side of the stream:
+/// reads and discards what the client still sends, until it closes its
+/// side, for at most [`LINGER`] and [`LINGER_BYTES`].
+async fn linger(rd: &mut tokio::net::unix::OwnedReadHalf) {
+    let mut buf = [0u8; 8192];
+    let mut left = LINGER_BYTES;
+    let _ = tokio::time::timeout(LINGER, async {
+        while left > 0 {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
 }
 
 async fn write_replies(mut wr: tokio::net::unix::OwnedWriteHalf, mut rx: mpsc::Receiver<Vec<u8>>) {
@@ -1105,6 +1145,64 @@ mod tests {
             .expect("the connection is closed")
             .unwrap();
         assert_eq!(status.refused().get("message_too_large"), Some(&1));
+        stop.cancel();
+        spool.close().await;
+    }
+
+    /// Writes `first`, waits until the daemon has answered and closed its
+    /// side, writes `more` (which must still go through), then reads the
+    /// error and the end of the stream.
+    async fn refused_while_writing(s: &mut UnixStream, first: &[u8], more: &[u8]) -> Value {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        s.write_all(first).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        s.write_all(more)
+            .await
+            .expect("a refused client's writes are not reset before it can read why");
+        let reply = read_one(s).await;
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+            .await
+            .expect("the connection is closed")
+            .expect("closed cleanly, not reset");
+        reply
+    }
+
+    #[tokio::test]
+    async fn a_client_closed_for_an_error_that_keeps_writing_still_reads_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let (socket, _status, spool, stop) = served(dir.path(), Duration::from_secs(30)).await;
+        // A 4 GiB length prefix, and more of that message afterwards.
+        let mut s = UnixStream::connect(&socket).await.unwrap();
+        let mut first = u32::MAX.to_be_bytes().to_vec();
+        first.extend_from_slice(&[0x80; 4096]);
+        let reply = refused_while_writing(&mut s, &first, &[0x80; 4096]).await;
+        assert_eq!(
+            reply.get("code").and_then(Value::as_str),
+            Some("message_too_large")
+        );
+        stop.cancel();
+        spool.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_client_refused_at_the_door_that_keeps_writing_still_reads_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let (socket, _status, spool, stop) = served(dir.path(), Duration::from_secs(30)).await;
+        let ping = framed(&serde_json::json!({"type": "ping"}));
+        // More connections than the limit (8).
+        let mut kept = Vec::new();
+        for _ in 0..8 {
+            let mut c = crate::client::Client::connect(&socket).await.unwrap();
+            c.ping().await.unwrap();
+            kept.push(c);
+        }
+        let mut s = UnixStream::connect(&socket).await.unwrap();
+        let reply = refused_while_writing(&mut s, &ping, &ping).await;
+        assert_eq!(
+            reply.get("code").and_then(Value::as_str),
+            Some("too_many_clients")
+        );
         stop.cancel();
         spool.close().await;
     }
