@@ -299,3 +299,39 @@ async fn probe_commits_and_clears_the_failing_flag() {
         .unwrap();
     assert!(probed > 0);
 }
+
+#[tokio::test]
+async fn a_truncated_file_gets_the_fix_and_is_left_as_it_is() {
+    for cut in [100u64, 4096, 16_384, 40_000] {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(config(dir.path())).unwrap();
+        let h = spool.handle();
+        for i in 0..10 {
+            h.append_durable((0..100).map(|j| ev(i * 100 + j)).collect())
+                .await
+                .unwrap();
+        }
+        spool.close().await;
+        let path = dir.path().join("spool.sqlite");
+        let whole = std::fs::metadata(&path).unwrap().len();
+        assert!(whole > 2 * cut, "a spool of {whole} bytes to cut at {cut}");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(cut)
+            .unwrap();
+        let err = Spool::open(config(dir.path())).err().expect("must fail");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("malformed") && msg.contains(&format!("mv {}", path.display())),
+            "cut at {cut}: {msg}"
+        );
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(
+            bytes.len() as u64,
+            cut,
+            "the damaged file is kept for inspection"
+        );
+    }
+}
