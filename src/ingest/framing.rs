@@ -10,6 +10,13 @@
 
 use crate::protocol::Value;
 
+/// `rmp_serde`'s depth budget that allows [`crate::protocol::json::MAX_DEPTH`]
+/// nested arrays and maps, like the protocol's JSON parser (its counter
+/// refuses the level at which it reaches zero). Its default allows 1023: such
+/// an event was stored and forwarded, and Python's `json.loads` on the brain
+/// gives up at about 1,000 levels.
+const MAX_MSGPACK_DEPTH: usize = crate::protocol::json::MAX_DEPTH + 1;
+
 /// Which framing a connection speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Framing {
@@ -145,7 +152,9 @@ impl Decoder {
             return Ok(None);
         }
         let body = &avail[4..4 + len];
-        let item = match rmp_serde::from_slice::<Value>(body) {
+        let mut de = rmp_serde::Deserializer::from_read_ref(body);
+        de.set_max_depth(MAX_MSGPACK_DEPTH);
+        let item = match <Value as serde::Deserialize>::deserialize(&mut de) {
             Ok(v) => Decoded::Message(v),
             Err(e) => Decoded::Invalid(FrameError {
                 code: "bad_message",

@@ -353,6 +353,13 @@ fn round_half_even(abs: f64, value: u64, n: u32, exp: i32) -> (u64, u32, i32) {
         return (value, n, exp);
     };
     let mut chosen = if lower % 2 == 0 { lower } else { lower + 1 };
+    // Next to a power of two the gap below is half the gap above, so the
+    // even candidate can fall outside what reads back as `abs` (2^-24: the
+    // tie ...062e-08 / ...063e-08 is exact, but only ...063 reads back).
+    // Python returns only digits that read back; so do Rust's.
+    if chosen != value && !reads_back(abs, chosen, k) {
+        return (value, n, exp);
+    }
     let (mut n, mut exp) = (n, exp);
     // A carry (…9 -> 10…) or a trailing zero would make a shorter string,
     // which shortest formatting would already have produced; normalise
@@ -367,6 +374,20 @@ fn round_half_even(abs: f64, value: u64, n: u32, exp: i32) -> (u64, u32, i32) {
         n -= 1;
     }
     (chosen, n, exp)
+}
+
+/// `true` if `digits * 10^k` parses to exactly `abs`.
+fn reads_back(abs: f64, digits: u64, k: i32) -> bool {
+    let mut text = StackBuf {
+        buf: [0; 40],
+        len: 0,
+    };
+    // At most 20 digits, `e` and a 5-character exponent.
+    write!(text, "{digits}e{k}").expect("fits in 40 bytes");
+    std::str::from_utf8(&text.buf[..text.len])
+        .ok()
+        .and_then(|t| t.parse::<f64>().ok())
+        == Some(abs)
 }
 
 /// `true` if `abs` is exactly `(lower + 1/2) * 10^k`.
