@@ -33,6 +33,8 @@ pub mod commands;
 pub mod config;
 pub mod daemon;
 pub mod doctor;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ingest;
 pub mod metrics;
 pub mod protocol;

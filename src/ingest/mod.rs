@@ -594,12 +594,11 @@ async fn refuse_connection(stream: UnixStream, max: usize) {
         Ok(Ok(1)) => Framing::detect(first[0]),
         _ => Framing::JsonLines,
     };
-    let mut m = Value::empty_map();
-    m.insert("type", "error");
-    m.insert("code", "too_many_clients");
-    m.insert(
-        "message",
-        format!("the daemon already serves {max} connections (Z4J_MAX_CLIENTS); reuse one connection per process"),
+    let m = error_reply(
+        "too_many_clients",
+        &format!("the daemon already serves {max} connections (Z4J_MAX_CLIENTS); reuse one connection per process"),
+        None,
+        None,
     );
     let wrote = tokio::time::timeout(Duration::from_secs(1), async {
         wr.write_all(&framing.encode(&m)).await?;
@@ -609,6 +608,27 @@ async fn refuse_connection(stream: UnixStream, max: usize) {
     if matches!(wrote, Ok(Ok(()))) {
         linger(&mut rd).await;
     }
+}
+
+/// An `error` reply: what the client sent wrong (`code`, `message`), and
+/// which message (`ack_id`) and event (`index`) when known.
+pub(crate) fn error_reply(
+    code: &str,
+    message: &str,
+    ack_id: Option<&Value>,
+    index: Option<usize>,
+) -> Value {
+    let mut m = Value::empty_map();
+    m.insert("type", "error");
+    m.insert("code", code);
+    m.insert("message", message);
+    if let Some(a) = ack_id {
+        m.insert("ack_id", a.clone());
+    }
+    if let Some(i) = index {
+        m.insert("index", i as u64);
+    }
+    m
 }
 
 /// After an error reply and the end of the daemon's side of the stream:
@@ -654,17 +674,7 @@ impl Replies {
     }
 
     fn error(&self, code: &str, message: &str, ack_id: Option<&Value>, index: Option<usize>) {
-        let mut m = Value::empty_map();
-        m.insert("type", "error");
-        m.insert("code", code);
-        m.insert("message", message);
-        if let Some(a) = ack_id {
-            m.insert("ack_id", a.clone());
-        }
-        if let Some(i) = index {
-            m.insert("index", i as u64);
-        }
-        self.send(&m);
+        self.send(&error_reply(code, message, ack_id, index));
     }
 }
 
