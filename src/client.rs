@@ -282,15 +282,30 @@ impl Client {
 
     /// Reads replies until one of type `want`. Replies to earlier messages
     /// are skipped; but when the daemon closes the connection first, the
-    /// last `error` it sent (`not_allowed`, `too_many_clients`...) is the
-    /// answer, not the bare end of the stream.
+    /// error it closed it for (`not_allowed`, `too_many_clients`,
+    /// `message_too_large`, `incomplete_message`) is the answer, not the
+    /// bare end of the stream.
     async fn read_until(&mut self, want: &str) -> Result<Value, ClientError> {
         let mut last_error = None;
         loop {
             match self.read_reply().await {
                 Ok(reply) => match reply.get("type").and_then(Value::as_str) {
                     Some(t) if t == want => return Ok(reply),
-                    Some("error") => last_error = Some(reply),
+                    // Only the errors after which the daemon closes the
+                    // connection; others answer earlier messages.
+                    Some("error")
+                        if matches!(
+                            reply.get("code").and_then(Value::as_str),
+                            Some(
+                                "not_allowed"
+                                    | "too_many_clients"
+                                    | "message_too_large"
+                                    | "incomplete_message"
+                            )
+                        ) =>
+                    {
+                        last_error = Some(reply)
+                    }
                     _ => {}
                 },
                 Err(e) => return Err(last_error.as_ref().map(refusal).unwrap_or(e)),

@@ -460,6 +460,11 @@ async fn out_of_descriptors_the_daemon_warns_backs_off_and_serves_the_waiting_cl
 
     // 100 clients leave: the ones waiting are accepted and served.
     let waiting = total - served.len();
+    assert!(
+        served.len() >= 100,
+        "only {} clients were served",
+        served.len()
+    );
     served.truncate(served.len() - 100);
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut late = 0;

@@ -462,7 +462,7 @@ async fn a_brain_that_answers_nothing_is_left_after_the_ack_timeout_and_nothing_
     })
     .await;
     let mut opts = small_frames(&brain.url);
-    opts.ack_timeout_seconds = Some("1".into());
+    opts.ack_timeout_seconds = Some("2".into());
     let d = TestDaemon::start(opts).await;
     send_events(&d, "fz", 100).await;
     let s = wait_stats(

@@ -280,10 +280,9 @@ async fn a_self_signed_brain_is_refused_and_the_events_wait_in_the_spool() {
             && error.contains("set Z4J_CA_FILE"),
         "the error names the brain, the cause and the fix: {error}"
     );
-    // Shutting down tries once more to deliver, and is refused again.
+    // Shutting down delivers nothing either: every event is still there.
     let spool = d.spool.clone();
     let _dir = stop_keeping_files(d).await;
-    assert!(tls.refused() >= 2, "the drain attempt was refused too");
     assert_eq!(tls.established(), 0);
     assert_eq!(brain.seen.connections.load(Ordering::SeqCst), 0);
     assert!(brain.seen.event_ids.lock().unwrap().is_empty());

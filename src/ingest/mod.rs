@@ -285,14 +285,27 @@ impl Ingest {
                 accepted = listener.accept(), if !paused => match accepted {
                     Ok((stream, _)) => {
                         failures.recovered();
-                        let Ok(permit) = slots.clone().try_acquire_owned() else {
-                            self.status.refuse("too_many_clients", 1);
+                        // Checked before a slot is taken, so connections
+                        // from users who may not write cannot crowd out
+                        // the ones who may.
+                        let refusal = self.not_allowed(&stream).map(|m| ("not_allowed", m));
+                        let permit = match refusal {
+                            Some(_) => None,
+                            None => slots.clone().try_acquire_owned().ok(),
+                        };
+                        let Some(permit) = permit else {
+                            let (code, message) = refusal.unwrap_or_else(|| {
+                                self.status.refuse("too_many_clients", 1);
+                                ("too_many_clients", format!(
+                                    "the daemon already serves {} connections (Z4J_MAX_CLIENTS); reuse one connection per process",
+                                    self.config.max_clients
+                                ))
+                            });
                             // Each refusal holds a descriptor for up to 3 s:
                             // past a few dozen at once, close at once.
                             if let Ok(r) = refusing.clone().try_acquire_owned() {
-                                let max = self.config.max_clients;
                                 tasks.spawn(async move {
-                                    refuse_connection(stream, max).await;
+                                    refuse_connection(stream, code, &message).await;
                                     drop(r);
                                 });
                             }
@@ -355,33 +368,6 @@ impl Ingest {
             framing,
             status: self.status.clone(),
         };
-
-        // The daemon's own user and root are always allowed: they own the
-        // spool anyway, and `status`, `doctor` and `/readyz` connect as them.
-        let own = uid == self.own_uid || uid == 0;
-        let allowed = own
-            || ((self.config.allowed_uids.is_empty() || self.config.allowed_uids.contains(&uid))
-                && (self.config.allowed_gids.is_empty()
-                    || self.config.allowed_gids.contains(&gid)));
-        if !allowed {
-            self.status.refuse("not_allowed", 1);
-            tracing::warn!(
-                uid,
-                gid,
-                pid,
-                "refused a local client whose uid/gid is not allowed"
-            );
-            replies.error(
-                "not_allowed",
-                &format!("uid {uid} / gid {gid} may not write to this daemon; add it to Z4J_ALLOWED_UIDS or Z4J_ALLOWED_GIDS"),
-                None,
-                None,
-            );
-            drop(replies);
-            let _ = writer.await;
-            linger(&mut rd).await;
-            return;
-        }
 
         self.status.client_connected(
             id,
@@ -587,19 +573,46 @@ fn fd_shortfall(limit: Option<u64>, max_clients: usize) -> Option<u64> {
     limit.filter(|l| *l < needed).map(|_| needed)
 }
 
-async fn refuse_connection(stream: UnixStream, max: usize) {
+impl Ingest {
+    /// The `not_allowed` message for a peer whose uid/gid may not write
+    /// (counted and logged), or `None`. The daemon's own user and root are
+    /// always allowed: they own the spool anyway, and `status`, `doctor`
+    /// and `/readyz` connect as them.
+    fn not_allowed(&self, stream: &UnixStream) -> Option<String> {
+        let cred = stream.peer_cred().ok();
+        let (uid, gid, pid) =
+            cred.map(|c| (c.uid(), c.gid(), c.pid()))
+                .unwrap_or((u32::MAX, u32::MAX, None));
+        let allowed = uid == self.own_uid
+            || uid == 0
+            || ((self.config.allowed_uids.is_empty() || self.config.allowed_uids.contains(&uid))
+                && (self.config.allowed_gids.is_empty()
+                    || self.config.allowed_gids.contains(&gid)));
+        if allowed {
+            return None;
+        }
+        self.status.refuse("not_allowed", 1);
+        tracing::warn!(
+            uid,
+            gid,
+            pid,
+            "refused a local client whose uid/gid is not allowed"
+        );
+        Some(format!("uid {uid} / gid {gid} may not write to this daemon; add it to Z4J_ALLOWED_UIDS or Z4J_ALLOWED_GIDS"))
+    }
+}
+
+/// Answers a connection the daemon will not serve with one `error`, in the
+/// client's framing (from its first byte, if one comes within 1 s), then
+/// closes it without resetting it.
+async fn refuse_connection(stream: UnixStream, code: &str, message: &str) {
     let (mut rd, mut wr) = stream.into_split();
     let mut first = [0u8; 1];
     let framing = match tokio::time::timeout(Duration::from_secs(1), rd.read(&mut first)).await {
         Ok(Ok(1)) => Framing::detect(first[0]),
         _ => Framing::JsonLines,
     };
-    let m = error_reply(
-        "too_many_clients",
-        &format!("the daemon already serves {max} connections (Z4J_MAX_CLIENTS); reuse one connection per process"),
-        None,
-        None,
-    );
+    let m = error_reply(code, message, None, None);
     let wrote = tokio::time::timeout(Duration::from_secs(1), async {
         wr.write_all(&framing.encode(&m)).await?;
         wr.shutdown().await

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use time::OffsetDateTime;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -262,7 +262,7 @@ impl Session<'_> {
                     if let Err(e) = self.send_ping().await { return e; }
                 }
                 _ = ack_check.tick() => {
-                    if let Err(e) = self.check_brain_alive() { return e; }
+                    if let Err(e) = self.check_brain_alive().await { return e; }
                     if let Err(e) = self.resend_overdue().await { return e; }
                 }
                 _ = self.up.spool.new_events().notified(), if window_open => {}
@@ -488,14 +488,29 @@ impl Session<'_> {
         if self.unanswered_ping_since.is_some() {
             return Ok(());
         }
+        self.send_message(Message::Ping(Vec::new().into())).await?;
+        // From when the ping left: time it waited behind our own frames is
+        // not the brain's.
         self.unanswered_ping_since = Some(Instant::now());
-        self.send_message(Message::Ping(Vec::new().into())).await
+        Ok(())
     }
 
     /// A brain that answers nothing, not even a ping, for `ack_timeout` is
     /// gone even if its TCP connection is not (a frozen process, a host cut
     /// off without a reset): the session ends and the daemon reconnects.
-    fn check_brain_alive(&self) -> Result<(), SessionEnd> {
+    async fn check_brain_alive(&mut self) -> Result<(), SessionEnd> {
+        let overdue = |s: &Self| {
+            s.unanswered_ping_since
+                .is_some_and(|since| since.elapsed() >= s.ack_timeout)
+        };
+        // The loop may have been busy sending while answers arrived: read
+        // what is already there before calling the brain silent.
+        while overdue(self) {
+            match self.ws.next().now_or_never() {
+                Some(msg) => self.inbound(msg).await?,
+                None => break,
+            }
+        }
         match self.unanswered_ping_since {
             Some(since) if since.elapsed() >= self.ack_timeout => Err(failed(
                 FailureClass::Connection,
