@@ -33,6 +33,9 @@ pub mod commands;
 pub mod config;
 pub mod daemon;
 pub mod doctor;
+// The fuzz targets' bodies: built for the tests (which replay the seeds
+// and regressions) and for fuzz/ (feature `fuzzing`), not for the daemon.
+#[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod ingest;
