@@ -819,3 +819,78 @@ fn a_uid_outside_the_allow_list_is_refused_told_why_and_counted() {
         "{stats}"
     );
 }
+
+#[test]
+fn connections_from_a_uid_outside_the_allow_list_take_no_slot() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    const PYTHON: &str = "/usr/bin/python3";
+    if z4j_agentd::config::current_uid() != 0 || !Path::new(PYTHON).exists() {
+        eprintln!("skipped: needs root and {PYTHON} to hold connections as uid 65534");
+        return;
+    }
+    let env = Env::new();
+    std::fs::set_permissions(env.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut daemon = env
+        .cmd(free_port())
+        .env("Z4J_ALLOWED_UIDS", "1000")
+        .env("Z4J_MAX_CLIENTS", "2")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_socket(&env.socket(), &mut daemon);
+    std::fs::set_permissions(env.socket(), std::fs::Permissions::from_mode(0o666)).unwrap();
+    // Five connections as uid 65534 that send nothing and stay open.
+    let mut holder = Command::new(PYTHON)
+        .args([
+            "-c",
+            "import socket, sys, time\n\
+             held = []\n\
+             for _ in range(5):\n\
+             \x20   s = socket.socket(socket.AF_UNIX)\n\
+             \x20   s.connect(sys.argv[1])\n\
+             \x20   held.append(s)\n\
+             print('held', flush=True)\n\
+             time.sleep(5)\n",
+        ])
+        .arg(env.socket())
+        .uid(65534)
+        .gid(65534)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(holder.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "held");
+    // Both slots are still free for allowed clients, at once.
+    let mut conns: Vec<UnixStream> = (0..2)
+        .map(|_| UnixStream::connect(env.socket()).unwrap())
+        .collect();
+    for c in conns.iter_mut() {
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.write_all(b"{\"type\":\"ping\"}\n").unwrap();
+    }
+    for c in conns.iter_mut() {
+        let mut reply = String::new();
+        BufReader::new(c.try_clone().unwrap())
+            .read_line(&mut reply)
+            .unwrap();
+        assert!(reply.contains("\"pong\""), "{reply}");
+    }
+    drop(conns);
+    let stats = jsonl_request(&env.socket(), r#"{"type":"stats"}"#);
+    let _ = holder.kill();
+    let _ = holder.wait();
+    signal(&daemon, "TERM");
+    wait_exit(&mut daemon, 10);
+    support::keep_stderr("allowed_uids_slots", &mut daemon);
+    assert_eq!(stats["refused_by_reason"]["not_allowed"], 5, "{stats}");
+    assert!(
+        stats["refused_by_reason"].get("too_many_clients").is_none(),
+        "{stats}"
+    );
+}
