@@ -874,15 +874,23 @@ fn connections_from_a_uid_outside_the_allow_list_take_no_slot() {
         c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         c.write_all(b"{\"type\":\"ping\"}\n").unwrap();
     }
-    for c in conns.iter_mut() {
+    let mut readers: Vec<BufReader<UnixStream>> = conns
+        .iter()
+        .map(|c| BufReader::new(c.try_clone().unwrap()))
+        .collect();
+    for r in readers.iter_mut() {
         let mut reply = String::new();
-        BufReader::new(c.try_clone().unwrap())
-            .read_line(&mut reply)
-            .unwrap();
+        r.read_line(&mut reply).unwrap();
         assert!(reply.contains("\"pong\""), "{reply}");
     }
+    // The counters, on a connection already held (a new one would need a
+    // third slot).
+    conns[0].write_all(b"{\"type\":\"stats\"}\n").unwrap();
+    let mut reply = String::new();
+    readers[0].read_line(&mut reply).unwrap();
+    let stats: serde_json::Value = serde_json::from_str(&reply).unwrap();
+    drop(readers);
     drop(conns);
-    let stats = jsonl_request(&env.socket(), r#"{"type":"stats"}"#);
     let _ = holder.kill();
     let _ = holder.wait();
     signal(&daemon, "TERM");
