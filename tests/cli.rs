@@ -10,6 +10,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use support::fake_brain::{SECRET, TOKEN};
+use support::free_port;
 
 const BIN: &str = env!("CARGO_BIN_EXE_z4j-agentd");
 
@@ -50,14 +51,6 @@ impl Env {
             .arg(sub);
         c
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Runs `c` to completion; its output is kept for the secrets check.

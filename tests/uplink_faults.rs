@@ -7,32 +7,8 @@ mod support;
 use std::time::Duration;
 
 use support::fake_brain::{Behavior, FakeBrain, TOKEN};
-use support::{event, options, wait_for, TestDaemon};
+use support::{event, num, options, text, wait_for, wait_stats, TestDaemon};
 use z4j_agentd::protocol::Value;
-
-/// Polls the daemon's `stats` until `cond` holds.
-async fn wait_stats(d: &TestDaemon, secs: u64, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
-    let mut c = d.client().await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    loop {
-        let s = c.stats().await.unwrap();
-        if cond(&s) {
-            return s;
-        }
-        if tokio::time::Instant::now() > deadline {
-            panic!("timed out after {secs}s waiting for {what}; last stats: {s:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
-fn num(s: &Value, k: &str) -> u64 {
-    s.get(k).and_then(Value::as_u64).unwrap_or(u64::MAX)
-}
-
-fn text<'a>(s: &'a Value, k: &str) -> &'a str {
-    s.get(k).and_then(Value::as_str).unwrap_or("")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_are_delivered_and_leave_the_spool_only_on_ack() {

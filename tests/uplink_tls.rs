@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use support::fake_brain::{Behavior, FakeBrain, SECRET, TOKEN};
-use support::{event, options, wait_for, TestDaemon};
+use support::{event, num, options, text, wait_for, wait_stats, TestDaemon};
 use tokio::net::{TcpListener, TcpStream};
 use z4j_agentd::config::Options;
 use z4j_agentd::protocol::Value;
@@ -158,30 +158,6 @@ fn tls_options(host: &str, port: u16, ca_file: Option<&Path>) -> Options {
     o.ca_file = ca_file.map(Path::to_path_buf);
     o.shutdown_grace_seconds = Some("1".into());
     o
-}
-
-/// Polls the daemon's `stats` until `cond` holds.
-async fn wait_stats(d: &TestDaemon, secs: u64, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
-    let mut c = d.client().await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    loop {
-        let s = c.stats().await.unwrap();
-        if cond(&s) {
-            return s;
-        }
-        if tokio::time::Instant::now() > deadline {
-            panic!("timed out after {secs}s waiting for {what}; last stats: {s:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
-fn num(s: &Value, k: &str) -> u64 {
-    s.get(k).and_then(Value::as_u64).unwrap_or(u64::MAX)
-}
-
-fn text<'a>(s: &'a Value, k: &str) -> &'a str {
-    s.get(k).and_then(Value::as_str).unwrap_or("")
 }
 
 /// Stores `n` events durably through the local socket.

@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use z4j_agentd::client::{Client, Event};
 use z4j_agentd::config::{HostEnv, Options};
 use z4j_agentd::daemon::{self, DaemonError};
+use z4j_agentd::protocol::Value;
 use z4j_agentd::status::Status;
 
 /// A daemon running in this process.
@@ -136,6 +137,46 @@ pub async fn wait_for(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Polls the daemon's `stats` until `cond` holds.
+pub async fn wait_stats(
+    d: &TestDaemon,
+    secs: u64,
+    what: &str,
+    cond: impl Fn(&Value) -> bool,
+) -> Value {
+    let mut c = d.client().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let s = c.stats().await.unwrap();
+        if cond(&s) {
+            return s;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {secs}s waiting for {what}; last stats: {s:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A number in `stats` (`u64::MAX` when absent, so no bound is met by chance).
+pub fn num(s: &Value, k: &str) -> u64 {
+    s.get(k).and_then(Value::as_u64).unwrap_or(u64::MAX)
+}
+
+/// A string in `stats` (`""` when absent or null).
+pub fn text<'a>(s: &'a Value, k: &str) -> &'a str {
+    s.get(k).and_then(Value::as_str).unwrap_or("")
+}
+
+/// A loopback TCP port nobody listens on (for a brain that is down).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 // ------------------------------------------------- logs for the secrets check
