@@ -288,7 +288,8 @@ impl Ingest {
                         // Checked before a slot is taken, so connections
                         // from users who may not write cannot crowd out
                         // the ones who may.
-                        let refusal = self.not_allowed(&stream).map(|m| ("not_allowed", m));
+                        let peer = Peer::of(&stream);
+                        let refusal = self.not_allowed(peer).map(|m| ("not_allowed", m));
                         let permit = match refusal {
                             Some(_) => None,
                             None => slots.clone().try_acquire_owned().ok(),
@@ -314,7 +315,7 @@ impl Ingest {
                         let me = self.clone();
                         let token = shutdown.clone();
                         tasks.spawn(async move {
-                            me.connection(stream, token).await;
+                            me.connection(stream, peer, token).await;
                             drop(permit);
                         });
                     }
@@ -335,12 +336,14 @@ impl Ingest {
         while tasks.join_next().await.is_some() {}
     }
 
-    async fn connection(self: Arc<Self>, stream: UnixStream, shutdown: CancellationToken) {
+    async fn connection(
+        self: Arc<Self>,
+        stream: UnixStream,
+        peer: Peer,
+        shutdown: CancellationToken,
+    ) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let cred = stream.peer_cred().ok();
-        let (uid, gid, pid) =
-            cred.map(|c| (c.uid(), c.gid(), c.pid()))
-                .unwrap_or((u32::MAX, u32::MAX, None));
+        let Peer { uid, gid, pid } = peer;
         let (mut rd, wr) = stream.into_split();
 
         // The first byte decides the framing. A connection accepted just as
@@ -573,16 +576,33 @@ fn fd_shortfall(limit: Option<u64>, max_clients: usize) -> Option<u64> {
     limit.filter(|l| *l < needed).map(|_| needed)
 }
 
+/// Who is at the other end of a connection (`SO_PEERCRED`, read once at
+/// accept); `u32::MAX` when the kernel does not say.
+#[derive(Debug, Clone, Copy)]
+struct Peer {
+    uid: u32,
+    gid: u32,
+    pid: Option<i32>,
+}
+
+impl Peer {
+    fn of(stream: &UnixStream) -> Peer {
+        let cred = stream.peer_cred().ok();
+        Peer {
+            uid: cred.map_or(u32::MAX, |c| c.uid()),
+            gid: cred.map_or(u32::MAX, |c| c.gid()),
+            pid: cred.and_then(|c| c.pid()),
+        }
+    }
+}
+
 impl Ingest {
     /// The `not_allowed` message for a peer whose uid/gid may not write
     /// (counted and logged), or `None`. The daemon's own user and root are
     /// always allowed: they own the spool anyway, and `status`, `doctor`
     /// and `/readyz` connect as them.
-    fn not_allowed(&self, stream: &UnixStream) -> Option<String> {
-        let cred = stream.peer_cred().ok();
-        let (uid, gid, pid) =
-            cred.map(|c| (c.uid(), c.gid(), c.pid()))
-                .unwrap_or((u32::MAX, u32::MAX, None));
+    fn not_allowed(&self, peer: Peer) -> Option<String> {
+        let Peer { uid, gid, pid } = peer;
         let allowed = uid == self.own_uid
             || uid == 0
             || ((self.config.allowed_uids.is_empty() || self.config.allowed_uids.contains(&uid))
