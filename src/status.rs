@@ -219,6 +219,13 @@ pub struct Status {
     pub events_resent: AtomicU64,
     /// Events the brain can never take (larger than its frame size).
     pub events_undeliverable: AtomicU64,
+    /// Events the brain acknowledged but did not store, in frames whose
+    /// events all went to it for the first time: it dropped them (invalid
+    /// to it, or the same task, kind and second as a stored event).
+    pub events_rejected_by_brain: AtomicU64,
+    /// Events the brain did not store again in re-sent frames: expected
+    /// duplicates of events it stored from an earlier copy.
+    pub events_duplicate_at_brain: AtomicU64,
     /// Replies not written because a client did not read them.
     pub replies_dropped: AtomicU64,
     /// Connections to the brain established.
@@ -261,6 +268,8 @@ impl Status {
             events_forwarded: AtomicU64::new(0),
             events_resent: AtomicU64::new(0),
             events_undeliverable: AtomicU64::new(0),
+            events_rejected_by_brain: AtomicU64::new(0),
+            events_duplicate_at_brain: AtomicU64::new(0),
             replies_dropped: AtomicU64::new(0),
             connects: AtomicU64::new(0),
             producer_waits: AtomicU64::new(0),
@@ -326,6 +335,15 @@ impl Status {
     /// Counts a failed connection attempt or session under its backoff class.
     pub fn record_failure(&self, class: &'static str) {
         *self.failures.lock().unwrap().entry(class).or_default() += 1;
+    }
+
+    /// Every event lost after it was accepted: evicted or refused for room,
+    /// larger than the brain's frame limit, or dropped by the brain.
+    pub fn dropped_total(&self, spool: &SpoolStats) -> u64 {
+        spool.dropped_oldest_total.load(Ordering::Relaxed)
+            + spool.refused_full_total.load(Ordering::Relaxed)
+            + self.events_undeliverable.load(Ordering::Relaxed)
+            + self.events_rejected_by_brain.load(Ordering::Relaxed)
     }
 
     /// Failed connection attempts and sessions by backoff class.
@@ -503,6 +521,7 @@ impl Status {
         let dropped_oldest = spool.dropped_oldest_total.load(Ordering::Relaxed);
         let refused_full = spool.refused_full_total.load(Ordering::Relaxed);
         let undeliverable = self.events_undeliverable.load(Ordering::Relaxed);
+        let brain_rejected = self.events_rejected_by_brain.load(Ordering::Relaxed);
         let mut m = Value::empty_map();
         m.insert("type", "stats");
         m.insert("version", env!("CARGO_PKG_VERSION"));
@@ -526,13 +545,18 @@ impl Status {
         m.insert("stored", spool.stored_total.load(Ordering::Relaxed));
         m.insert("forwarded", self.events_forwarded.load(Ordering::Relaxed));
         m.insert("resent", self.events_resent.load(Ordering::Relaxed));
+        m.insert(
+            "brain_duplicates",
+            self.events_duplicate_at_brain.load(Ordering::Relaxed),
+        );
         m.insert("acked", spool.acked_total.load(Ordering::Relaxed));
-        m.insert("dropped", dropped_oldest + refused_full + undeliverable);
+        m.insert("dropped", self.dropped_total(spool));
         m.insert("dropped_oldest", dropped_oldest);
         let mut dropped_by_reason = Value::empty_map();
         dropped_by_reason.insert("oldest_evicted", dropped_oldest);
         dropped_by_reason.insert("spool_full", refused_full);
         dropped_by_reason.insert("undeliverable", undeliverable);
+        dropped_by_reason.insert("brain_rejected", brain_rejected);
         m.insert("dropped_by_reason", dropped_by_reason);
         m.insert("refused", self.refused_total());
         m.insert("refused_by_reason", counts(self.refused()));

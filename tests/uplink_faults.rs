@@ -461,3 +461,100 @@ async fn a_brain_that_answers_nothing_is_left_after_the_ack_timeout_and_nothing_
     assert!(brain.seen.verify_failures.lock().unwrap().is_empty());
     d.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_brain_that_acks_after_the_ack_timeout_still_drains_the_spool() {
+    // Each frame takes the brain 1.5 s, one after another, longer than the
+    // 1 s ack timeout: ranges go again before their ack arrives, and the
+    // brain's late ack of the first copy must settle them. Before, a late
+    // ack was discarded, every range went round for ever and the spool
+    // never emptied.
+    let brain = FakeBrain::start(Behavior {
+        ack_delay: Some(Duration::from_millis(1500)),
+        ..Behavior::default()
+    })
+    .await;
+    let mut opts = small_frames(&brain.url);
+    opts.ack_timeout_seconds = Some("1".into());
+    opts.inflight_frames = Some("4".into());
+    let d = TestDaemon::start(opts).await;
+    send_events(&d, "slow", 100).await;
+    let s = wait_stats(&d, 60, "every event acked by the slow brain", |s| {
+        num(s, "acked") == 100 && num(s, "spool_depth") == 0
+    })
+    .await;
+    assert!(
+        num(&s, "resent") > 0,
+        "the brain was slower than the ack timeout, so ranges went again: {s:?}"
+    );
+    assert_eq!(num(&s, "connects"), 1, "slow is not dead: {s:?}");
+    assert_eq!(num(&s, "dropped"), 0, "{s:?}");
+    assert_eq!(brain.seen.stored_event_ids.lock().unwrap().len(), 100);
+    // Each range waits longer after each copy, so the slow brain is not
+    // buried under copies: about one per range.
+    let batches = brain.seen.batches.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(batches <= 15, "5 ranges went out {batches} times");
+    assert!(brain.seen.verify_failures.lock().unwrap().is_empty());
+    d.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_brain_announcing_an_hour_long_heartbeat_is_still_left_when_it_freezes() {
+    // The ping that tells a frozen brain from a quiet one must not follow
+    // the heartbeat interval the brain announces (accepted up to 3,600 s).
+    let brain = FakeBrain::start(Behavior {
+        freeze_sessions: 1,
+        heartbeat_interval_seconds: Some(3600),
+        ..Behavior::default()
+    })
+    .await;
+    let mut opts = small_frames(&brain.url);
+    opts.ack_timeout_seconds = Some("2".into());
+    let d = TestDaemon::start(opts).await;
+    send_events(&d, "hb", 60).await;
+    let s = wait_stats(
+        &d,
+        20,
+        "every event acked after leaving the frozen session",
+        |s| num(s, "acked") == 60 && num(s, "spool_depth") == 0,
+    )
+    .await;
+    assert_eq!(num(&s, "connects"), 2, "{s:?}");
+    assert_eq!(failures(&s, "connection"), Some(1), "{s:?}");
+    assert_eq!(brain.seen.stored_event_ids.lock().unwrap().len(), 60);
+    d.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_changing_hellos_neither_postpones_the_rehandshake_nor_reconnects_per_hello() {
+    let brain = FakeBrain::start(Behavior::default()).await;
+    let d = TestDaemon::start(options(&brain.url)).await;
+    wait_stats(&d, 10, "connected", |s| {
+        text(s, "uplink_state") == "connected"
+    })
+    .await;
+    let mut c = d.client().await;
+    // Engines toggled every 10 ms for 7 s.
+    let flood_until = std::time::Instant::now() + Duration::from_secs(7);
+    let mut k = 0u64;
+    while std::time::Instant::now() < flood_until {
+        let engines: &[&str] = if k.is_multiple_of(2) {
+            &["celery"]
+        } else {
+            &["rq"]
+        };
+        c.hello("flooder", engines).await.unwrap();
+        k += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let hellos = brain.seen.hellos.lock().unwrap().len();
+    assert!(
+        hellos >= 2,
+        "the brain learned the changed engines during the flood ({k} hellos sent, {hellos} handshakes)"
+    );
+    assert!(
+        hellos <= 4,
+        "at most 3 re-handshakes a minute, not one per change ({k} hellos sent, {hellos} handshakes)"
+    );
+    d.stop().await.unwrap();
+}
