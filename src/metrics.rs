@@ -164,6 +164,12 @@ impl Collector for DaemonCollector {
         )?;
         counter(
             &mut enc,
+            "events_time_corrected",
+            "Events whose occurred_at was outside the brain's window (over 30 s ahead or 365 days behind) and was replaced by the time the daemon received them.",
+            load(&s.events_time_corrected),
+        )?;
+        counter(
+            &mut enc,
             "events_brain_duplicates",
             "Events in re-sent frames that the brain did not store again: it had them from an earlier copy (expected after a re-send).",
             load(&s.events_duplicate_at_brain),

@@ -226,6 +226,11 @@ pub struct Status {
     /// Events the brain did not store again in re-sent frames: expected
     /// duplicates of events it stored from an earlier copy.
     pub events_duplicate_at_brain: AtomicU64,
+    /// Events whose `occurred_at` was outside the brain's window and was
+    /// replaced by the receive time at ingest.
+    pub events_time_corrected: AtomicU64,
+    /// When the last "time corrected" warning was logged.
+    time_corrected_warned: Mutex<Option<Instant>>,
     /// Replies not written because a client did not read them.
     pub replies_dropped: AtomicU64,
     /// Connections to the brain established.
@@ -270,6 +275,8 @@ impl Status {
             events_undeliverable: AtomicU64::new(0),
             events_rejected_by_brain: AtomicU64::new(0),
             events_duplicate_at_brain: AtomicU64::new(0),
+            events_time_corrected: AtomicU64::new(0),
+            time_corrected_warned: Mutex::new(None),
             replies_dropped: AtomicU64::new(0),
             connects: AtomicU64::new(0),
             producer_waits: AtomicU64::new(0),
@@ -335,6 +342,21 @@ impl Status {
     /// Counts a failed connection attempt or session under its backoff class.
     pub fn record_failure(&self, class: &'static str) {
         *self.failures.lock().unwrap().entry(class).or_default() += 1;
+    }
+
+    /// Counts `n` events whose `occurred_at` was replaced at ingest, with a
+    /// warning at most once a minute.
+    pub fn time_corrected(&self, n: u64) {
+        let total = self.events_time_corrected.fetch_add(n, Ordering::Relaxed) + n;
+        let mut warned = self.time_corrected_warned.lock().unwrap();
+        if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+            *warned = Some(Instant::now());
+            tracing::warn!(
+                events = n,
+                total,
+                "events carried an occurred_at more than 30 s ahead of this host's clock or more than 365 days behind it; they are stored at the time the daemon received them, with the client's time in data.occurred_at_original (the brain would otherwise put its own clock there at each delivery and store a re-sent event twice); check the clock of the process that sent them"
+            );
+        }
     }
 
     /// Every event lost after it was accepted: evicted or refused for room,
@@ -548,6 +570,10 @@ impl Status {
         m.insert(
             "brain_duplicates",
             self.events_duplicate_at_brain.load(Ordering::Relaxed),
+        );
+        m.insert(
+            "time_corrected",
+            self.events_time_corrected.load(Ordering::Relaxed),
         );
         m.insert("acked", spool.acked_total.load(Ordering::Relaxed));
         m.insert("dropped", self.dropped_total(spool));

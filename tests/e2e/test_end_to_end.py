@@ -13,6 +13,7 @@ because they read every daemon log of the session.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import os
 import re
 import socket
@@ -351,3 +352,69 @@ def test_daemon_logs_are_json_lines(daemon, all_daemons):
                     bad.append(f"{p.name} ({d.workdir.name}): {ln[:200]}")
     assert n > 0, "no daemon log lines captured"
     assert not bad, f"{len(bad)} non-JSON log lines:\n" + "\n".join(bad[:20])
+
+
+def test_out_of_window_times_are_stored_once_however_often_the_spool_is_delivered(brain, agent, daemon_factory):
+    """Events stamped where the brain would put its own clock instead (more
+    than 60 s ahead, more than 400 days back) reach the brain three times,
+    from three copies of one spool: each is stored once, at the time the
+    daemon received it, with the client's time in `data`."""
+    import datetime as dt
+    import shutil
+
+    from brain import free_port
+
+    tag = os.urandom(3).hex()
+    now = dt.datetime.now(dt.timezone.utc)
+    stamps = {
+        "ahead-2min": (now + dt.timedelta(seconds=120)).isoformat(),
+        "ahead-1day": (now + dt.timedelta(days=1)).isoformat(),
+        "year-2024": "2024-01-01T00:00:00+00:00",
+        "year-1": "0001-01-01T00:00:00+00:00",
+        "year-9999": "9999-12-31T00:00:00+00:00",
+        "in-window": (now - dt.timedelta(seconds=5)).isoformat(),
+    }
+    events = [
+        {"engine": ENGINE, "kind": "task.received", "task_id": f"oow-{tag}-{name}",
+         "occurred_at": stamp, "data": {"task_name": "proj.clock"}}
+        for name, stamp in stamps.items()
+    ]
+    # Stored while no brain answers: the events wait in the spool.
+    a = daemon_factory(agent, Z4J_BRAIN_URL=f"http://127.0.0.1:{free_port()}")
+    with SockClient(a.socket_path) as c:
+        reply = c.request({"type": "events", "events": events, "ack_id": 1})
+    assert reply.get("type") == "ack" and reply.get("stored") == len(events), reply
+    assert a.stop() == 0
+    copies = []
+    for n in range(3):
+        d = daemon_factory(agent, start=False)
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(str(a.buffer_path) + suffix)
+            if src.exists():
+                shutil.copy2(src, str(d.buffer_path) + suffix)
+        copies.append(d)
+    received_rows = None
+    for d in copies:
+        d.start()
+        wait_drained(d, len(events), timeout=60)
+        assert d.stop() == 0
+        rows = brain_db(
+            brain,
+            "SELECT task_id, occurred_at, payload FROM events WHERE agent_id = ? AND task_id LIKE ?",
+            (hexid(agent["agent_id"]), f"oow-{tag}-%"),
+        )
+        by_task = {}
+        for r in rows:
+            by_task.setdefault(r["task_id"], []).append(r)
+        dup = {t: len(v) for t, v in by_task.items() if len(v) != 1}
+        assert not dup and len(by_task) == len(events), (
+            f"one row per event after each delivery: {dup or sorted(by_task)}")
+        if received_rows is None:
+            received_rows = rows
+    for r in received_rows:
+        name = r["task_id"].split(f"oow-{tag}-", 1)[1]
+        data = json.loads(r["payload"]) if isinstance(r["payload"], str) else r["payload"]
+        if name == "in-window":
+            assert "occurred_at_original" not in data, r
+        else:
+            assert data.get("occurred_at_original", "")[:10] == stamps[name][:10], r
