@@ -558,3 +558,59 @@ async fn a_flood_of_changing_hellos_neither_postpones_the_rehandshake_nor_reconn
     );
     d.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_403_to_the_upgrade_is_a_wrong_url_not_a_bad_token() {
+    // What the brain's web server answers a WebSocket upgrade on a path it
+    // does not serve. A bad token is refused after the upgrade (4401).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/wrong/path", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = tcp.read(&mut buf).await;
+            let _ = tcp
+                .write_all(
+                    b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                )
+                .await;
+        }
+    });
+    let d = TestDaemon::start(options(&url)).await;
+    let s = wait_stats(&d, 10, "the refused upgrade", |s| {
+        !text(s, "last_error").is_empty()
+    })
+    .await;
+    assert_eq!(text(&s, "last_failure_class"), "connection", "{s:?}");
+    let error = text(&s, "last_error");
+    assert!(error.contains("HTTP 403"), "{error}");
+    assert!(error.contains("Z4J_BRAIN_URL"), "{error}");
+    assert!(!error.contains("token"), "not blamed on the token: {error}");
+    d.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_ended_for_a_protocol_error_is_closed_with_1002() {
+    let brain = FakeBrain::start(Behavior {
+        bad_signature_acks: 1,
+        ..Behavior::default()
+    })
+    .await;
+    let d = TestDaemon::start(options(&brain.url)).await;
+    let mut c = d.client().await;
+    c.send_durable(&[event("t1", "task.received")])
+        .await
+        .unwrap();
+    wait_stats(&d, 15, "delivery after reconnecting", |s| {
+        num(s, "acked") == 1 && num(s, "spool_depth") == 0
+    })
+    .await;
+    let codes = brain.seen.client_close_codes.lock().unwrap().clone();
+    assert_eq!(
+        codes.first(),
+        Some(&1002),
+        "the daemon said why it left instead of dropping TCP: {codes:?}"
+    );
+    d.stop().await.unwrap();
+}

@@ -228,7 +228,7 @@ impl Uplink {
             batch_max_events: settings.batch_max_events,
             inflight_frames: settings.inflight_frames,
             ack_timeout: settings.ack_timeout,
-            host_label: settings.agent_name.clone(),
+            host_label: format!("{} (worker_id {})", settings.agent_name, settings.worker_id),
             advertised,
             static_engines: settings.static_engines.clone(),
             static_capabilities: settings.static_capabilities.clone(),
