@@ -158,7 +158,7 @@ fn classify_ws_error(e: WsError, settings: &UplinkSettings) -> Failure {
             };
             let hint = match code {
                 401 => "a proxy in front of the brain asks for credentials of its own",
-                403 | 404 | 405 => "the brain upgrades every request at its agent path, so the path is wrong or a proxy refused it: Z4J_BRAIN_URL is the brain's base URL (e.g. https://z4j.example.com, without /ws/agent), and a proxy must pass WebSocket upgrades (Upgrade and Connection headers)",
+                403..=405 => "the brain upgrades every request at its agent path, so the path is wrong or a proxy refused it: Z4J_BRAIN_URL is the brain's base URL (e.g. https://z4j.example.com, without /ws/agent), and a proxy must pass WebSocket upgrades (Upgrade and Connection headers)",
                 _ => "check Z4J_BRAIN_URL and any proxy in front of the brain (it must pass WebSocket upgrades)",
             };
             Failure::new(
