@@ -294,6 +294,20 @@ pub fn normalize_event_noting(
         }
     };
 
+    // The brain reads these keys as its external schedule protocol, which
+    // it accepts on `schedule.*` events only (refused above as legacy
+    // kinds); on any other event it drops the whole event after acking it.
+    for key in ["external_projection", "external_snapshot_frame"] {
+        if data.get(key).is_some() {
+            return Err(Refusal::new(
+                "invalid_event",
+                format!(
+                    "`data.{key}` belongs to the brain's external schedule protocol, which the brain accepts only on schedule events; on a {kind} event it drops the whole event. Rename or remove the key"
+                ),
+            ));
+        }
+    }
+
     let window = (received_at - time::Duration::days(MAX_PAST_DAYS))
         ..=(received_at + time::Duration::seconds(MAX_FUTURE_SECONDS));
     let occurred_at = if window.contains(&occurred_at) {
@@ -452,6 +466,16 @@ mod tests {
                 r#"{"engine":"e","kind":"task.sent","task_id":"x","occurred_at":"yesterday"}"#,
                 "invalid_event",
                 "ISO-8601",
+            ),
+            (
+                r#"{"engine":"e","kind":"task.sent","task_id":"x","data":{"external_projection":{}}}"#,
+                "invalid_event",
+                "external schedule protocol",
+            ),
+            (
+                r#"{"engine":"e","kind":"worker.online","data":{"external_snapshot_frame":"x"}}"#,
+                "invalid_event",
+                "drops the whole event",
             ),
         ];
         for (input, code, hint) in cases {

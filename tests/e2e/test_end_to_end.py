@@ -418,3 +418,48 @@ def test_out_of_window_times_are_stored_once_however_often_the_spool_is_delivere
             assert "occurred_at_original" not in data, r
         else:
             assert data.get("occurred_at_original", "")[:10] == stamps[name][:10], r
+
+
+def test_events_the_brain_would_drop_are_refused_and_those_it_drops_are_counted(brain, agent, daemon):
+    """Events whose `data` carries the brain's external schedule keys on a
+    task event are refused at ingest (the brain would ack and drop them);
+    an event the brain still does not store on its first delivery (here:
+    the same task, kind and second as another) is counted as dropped, with
+    a warning, not reported as delivered."""
+    tag = os.urandom(3).hex()
+    import datetime as dt
+
+    at = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=10)).replace(microsecond=250000).isoformat()
+    ok = {"engine": ENGINE, "kind": "task.received", "task_id": f"bd-{tag}-ok", "data": {"task_name": "proj.ok"}}
+    bad = [
+        {"engine": ENGINE, "kind": "task.received", "task_id": f"bd-{tag}-p", "data": {"external_projection": "x"}},
+        {"engine": ENGINE, "kind": "task.received", "task_id": f"bd-{tag}-f", "data": {"external_snapshot_frame": {}}},
+        {"engine": ENGINE, "kind": "task.succeeded", "task_id": f"bd-{tag}-b",
+         "data": {"external_projection": {}, "external_snapshot_frame": {}}},
+    ]
+    with SockClient(daemon.socket_path) as c:
+        c.sock.sendall((json.dumps({"type": "events", "events": [ok] + bad, "ack_id": 1}) + "\n").encode())
+        replies = [c.read() for _ in range(4)]
+    errors = [r for r in replies if r.get("type") == "error"]
+    acks = [r for r in replies if r.get("type") == "ack"]
+    assert len(errors) == 3 and all("external schedule protocol" in e["message"] for e in errors), replies
+    assert acks and acks[0]["stored"] == 1, replies
+
+    # Two different events for one task, kind and second: the brain keeps one.
+    twins = [
+        {"engine": ENGINE, "kind": "task.started", "task_id": f"bd-{tag}-twin", "occurred_at": at,
+         "data": {"task_name": "proj.twin", "n": n}}
+        for n in (1, 2)
+    ]
+    with SockClient(daemon.socket_path) as c:
+        reply = c.request({"type": "events", "events": twins, "ack_id": 2})
+    assert reply.get("stored") == 2, reply
+    s = daemon.wait_stats(lambda s: s["spool_depth"] == 0 and s["acked"] >= 3, 60, "the spool drained")
+    assert s["dropped_by_reason"]["brain_rejected"] == 1, s
+    assert s["dropped"] == 1 and s["brain_duplicates"] == 0, s
+    rows = event_rows_by_task(brain, agent["agent_id"])
+    assert rows.get(f"bd-{tag}-ok") == {"task.received": 1}, rows
+    assert rows.get(f"bd-{tag}-twin") == {"task.started": 1}, rows
+    assert not any(t.startswith(f"bd-{tag}-") and t[len(f"bd-{tag}-"):] in ("p", "f", "b") for t in rows), rows
+    warned = [ln for ln in daemon.log_text().splitlines() if "did not store some of its events" in ln]
+    assert len(warned) == 1, warned
