@@ -59,6 +59,11 @@ const MAX_COPIES: usize = 16;
 /// The wait for an ack doubles with each re-send of a range, up to this
 /// many times the ack timeout.
 const MAX_RESEND_BACKOFF: u32 = 16;
+/// A range is late only after this many of the brain's recent frame times
+/// without an ack (and never before the ack timeout): a brain that takes
+/// longer than the ack timeout per frame is slow, not stuck, and copies
+/// would only slow it further.
+const SERVICE_TIMES_BEFORE_LATE: u32 = 3;
 /// How soon a range the brain skipped goes again: acks can arrive a little
 /// out of order, so not at once.
 const SKIPPED_GRACE: Duration = Duration::from_secs(2);
@@ -104,6 +109,10 @@ struct Session<'a> {
     /// session began): a brain that acks is slow, not stuck, so the ack
     /// timeout of the range it works on counts from here.
     last_progress: Instant,
+    /// How long the brain takes over one frame, smoothed: from when it
+    /// could start on it (its arrival or the previous ack) to its ack. A
+    /// range is not late before a few times this, whatever the ack timeout.
+    frame_service_time: Option<Duration>,
 }
 
 fn failed(class: FailureClass, error: impl Into<String>) -> SessionEnd {
@@ -234,6 +243,7 @@ impl Uplink {
             static_capabilities: settings.static_capabilities.clone(),
             unanswered_ping_since: None,
             last_progress: Instant::now(),
+            frame_service_time: None,
             up: self,
         };
         let up_since = Instant::now();
@@ -571,7 +581,12 @@ impl Session<'_> {
             .enumerate()
             .min_by_key(|(_, f)| f.last_sent_at())?;
         let waiting_since = f.last_sent_at().max(self.last_progress);
-        (now >= waiting_since + self.ack_wait(f.resends)).then_some(i)
+        let wait = self.ack_wait(f.resends).max(
+            self.frame_service_time
+                .map(|t| (t * SERVICE_TIMES_BEFORE_LATE).min(self.ack_timeout * MAX_RESEND_BACKOFF))
+                .unwrap_or_default(),
+        );
+        (now >= waiting_since + wait).then_some(i)
     }
 
     async fn resend_overdue(&mut self) -> Result<(), SessionEnd> {
@@ -781,6 +796,11 @@ impl Session<'_> {
             );
             return Ok(());
         };
+        let took = now.duration_since(copy_sent_at.max(self.last_progress));
+        self.frame_service_time = Some(match self.frame_service_time {
+            None => took,
+            Some(t) => t.mul_f64(0.7) + took.mul_f64(0.3),
+        });
         self.last_progress = now;
         let f = self.inflight.remove(i).expect("position is valid");
         // Ranges whose newest copy went out before the acked one were
