@@ -401,6 +401,68 @@ fn refused_events_get_clear_errors_and_the_connection_goes_on() {
 }
 
 #[test]
+fn an_integer_beyond_64_bits_is_refused_naming_the_field_not_rounded() {
+    let env = Env::new();
+    let mut c = env.cmd(free_port());
+    c.stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    wait_socket(&env.socket(), &mut child);
+    let mut s = UnixStream::connect(env.socket()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut rd = BufReader::new(s.try_clone().unwrap());
+    let mut ask = |line: &str| -> serde_json::Value {
+        writeln!(s, "{line}").unwrap();
+        let mut reply = String::new();
+        rd.read_line(&mut reply).unwrap();
+        serde_json::from_str(&reply).unwrap()
+    };
+    // serde_json alone read this as 1.2345678901234568e29 and stored it.
+    let e = ask(
+        r#"{"type":"events","ack_id":1,"events":[{"engine":"celery","kind":"task.sent","task_id":"a"},{"engine":"celery","kind":"task.sent","task_id":"b","data":{"n":123456789012345678901234567890}}]}"#,
+    );
+    assert_eq!(
+        (e["type"].as_str(), e["code"].as_str()),
+        (Some("error"), Some("bad_message")),
+        "{e}"
+    );
+    let msg = e["message"].as_str().unwrap();
+    assert!(
+        msg.contains("events[1].data.n")
+            && msg.contains("123456789012345678901234567890")
+            && msg.contains("send it as a string"),
+        "{msg}"
+    );
+    // The same number as a string is kept exactly.
+    let ok = ask(
+        r#"{"type":"event","ack_id":2,"engine":"celery","kind":"task.sent","task_id":"b","data":{"n":"123456789012345678901234567890","m":18446744073709551615}}"#,
+    );
+    assert_eq!(
+        (ok["type"].as_str(), ok["stored"].as_u64()),
+        (Some("ack"), Some(1)),
+        "{ok}"
+    );
+    let stats = ask(r#"{"type":"stats"}"#);
+    assert_eq!(stats["refused_by_reason"]["bad_message"], 1, "{stats}");
+    assert_eq!(
+        stats["spool_depth"], 1,
+        "nothing of the refused message was stored: {stats}"
+    );
+    signal(&child, "TERM");
+    assert!(wait_exit(&mut child, 20).success());
+    support::keep_stderr("big_integer", &mut child);
+    let conn = rusqlite::Connection::open(env.dir.path().join("home/.z4j/agentd.sqlite")).unwrap();
+    let body: Vec<u8> = conn
+        .query_row("SELECT body FROM events", [], |r| r.get(0))
+        .unwrap();
+    let body = String::from_utf8(body).unwrap();
+    assert!(
+        body.contains(r#""m":18446744073709551615"#)
+            && body.contains(r#""n":"123456789012345678901234567890""#),
+        "{body}"
+    );
+}
+
+#[test]
 fn the_log_never_contains_the_token_or_the_secret() {
     let env = Env::new();
     let mut c = env.cmd(free_port());
