@@ -265,6 +265,175 @@ fn second_daemon_on_the_same_spool_names_the_pid() {
     support::keep_stderr("first", &mut first);
 }
 
+/// Runs a daemon that must refuse to start: its exit status and stderr.
+/// One still running after `secs` is killed and the test fails.
+fn refused_start(mut c: Command, secs: u64, name: &str) -> (std::process::ExitStatus, String) {
+    c.stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let err = support::keep_stderr(name, &mut child);
+            panic!("the daemon started instead of refusing: {err}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (status, support::keep_stderr(name, &mut child))
+}
+
+#[test]
+fn deleting_the_lock_file_does_not_let_a_second_daemon_in() {
+    let env = Env::new();
+    let mut first = env.cmd(free_port());
+    first.stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut first = first.spawn().unwrap();
+    wait_socket(&env.socket(), &mut first);
+    let note = env.dir.path().join("home/.z4j/agentd.sqlite.lock");
+    std::fs::remove_file(&note).unwrap();
+    let mut second = env.cmd(free_port());
+    second.env("Z4J_SOCKET_PATH", env.dir.path().join("second.sock"));
+    let (status, err) = refused_start(second, 10, "second_after_rm_lock");
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("in use by another z4j-agentd")
+            && err.contains(&format!("pid {}", first.id())),
+        "{err}"
+    );
+    assert!(!env.dir.path().join("second.sock").exists());
+    signal(&first, "TERM");
+    assert!(wait_exit(&mut first, 20).success());
+    support::keep_stderr("first_after_rm_lock", &mut first);
+
+    // A symlink planted at the lock path: refused, and what it points to is
+    // left as it was (it was truncated and overwritten with the pid).
+    let precious = env.dir.path().join("home/precious.txt");
+    std::fs::write(&precious, "keep me\n").unwrap();
+    let _ = std::fs::remove_file(&note);
+    std::os::unix::fs::symlink(&precious, &note).unwrap();
+    let (status, err) = refused_start(env.cmd(free_port()), 10, "symlinked_lock");
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&note.display().to_string()) && err.contains("symbolic link"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(&precious).unwrap(), "keep me\n");
+    assert!(!env.socket().exists(), "never ready");
+}
+
+#[test]
+fn a_read_only_spool_is_refused_at_start_naming_the_path_and_the_fix() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    if z4j_agentd::config::current_uid() != 0 {
+        eprintln!(
+            "skipped: a read-only mount and running as another uid need root (CI runs this test as root)"
+        );
+        return;
+    }
+    // A read-only filesystem under the spool: a tmpfs, remounted ro after
+    // the first start made the spool.
+    let env = Env::new();
+    let z4j = env.dir.path().join("home/.z4j");
+    std::fs::create_dir_all(&z4j).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs"])
+        .arg(&z4j)
+        .status()
+        .unwrap()
+        .success();
+    assert!(mounted, "mount a tmpfs on {}", z4j.display());
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(z4j.clone());
+    let mut c = env.cmd(free_port());
+    c.stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    wait_socket(&env.socket(), &mut child);
+    signal(&child, "TERM");
+    assert!(wait_exit(&mut child, 20).success());
+    support::keep_stderr("before_ro", &mut child);
+    let ro = Command::new("mount")
+        .args(["-o", "remount,ro"])
+        .arg(&z4j)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ro, "remount ro");
+    // An explicit path: the default one would fall back to $TMPDIR instead
+    // (with a warning), which is the documented behaviour for a default
+    // directory that cannot be written.
+    let mut c = env.cmd(free_port());
+    c.env("Z4J_BUFFER_PATH", z4j.join("agentd.sqlite"));
+    let (status, err) = refused_start(c, 10, "ro_mount");
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&z4j.display().to_string())
+            && err.contains("read-only filesystem")
+            && err.contains("remount it read-write"),
+        "{err}"
+    );
+    assert!(!env.socket().exists(), "never ready");
+
+    // As uid 65534: a directory it owns but may not write (0500), then a
+    // spool file it may only read (0400).
+    let env = Env::new();
+    std::fs::set_permissions(env.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let home = env.dir.path().join("home");
+    let z4j = home.join(".z4j");
+    std::fs::create_dir_all(&z4j).unwrap();
+    let chown = |p: &Path| {
+        std::os::unix::fs::chown(p, Some(65534), Some(65534)).unwrap();
+    };
+    chown(&home);
+    chown(&z4j);
+    let as_nobody = |env: &Env| {
+        let mut c = env.cmd(free_port());
+        c.uid(65534)
+            .gid(65534)
+            .env("Z4J_BUFFER_PATH", z4j.join("agentd.sqlite"))
+            .env("Z4J_SOCKET_PATH", home.join("agent.sock"));
+        c
+    };
+    let socket = home.join("agent.sock");
+    std::fs::set_permissions(&z4j, std::fs::Permissions::from_mode(0o500)).unwrap();
+    let (status, err) = refused_start(as_nobody(&env), 10, "ro_dir");
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("{} is not writable by uid 65534", z4j.display()))
+            && err.contains("chmod u+rwx"),
+        "{err}"
+    );
+    assert!(!socket.exists(), "never ready");
+
+    std::fs::set_permissions(&z4j, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let spool = z4j.join("agentd.sqlite");
+    let mut c = as_nobody(&env);
+    c.stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    wait_socket(&socket, &mut child);
+    signal(&child, "TERM");
+    assert!(wait_exit(&mut child, 20).success());
+    support::keep_stderr("nobody_first", &mut child);
+    std::fs::set_permissions(&spool, std::fs::Permissions::from_mode(0o400)).unwrap();
+    let (status, err) = refused_start(as_nobody(&env), 10, "ro_file");
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("{} is not writable by uid 65534", spool.display()))
+            && err.contains("chmod u+rw"),
+        "{err}"
+    );
+    assert!(!socket.exists(), "never ready");
+}
+
 #[test]
 fn sigterm_exits_0_and_keeps_undelivered_events_for_the_next_start() {
     let env = Env::new();
