@@ -466,6 +466,106 @@ fn sigterm_exits_0_and_keeps_undelivered_events_for_the_next_start() {
 }
 
 #[test]
+fn sigterm_with_a_producer_blocked_on_a_full_spool_ends_within_the_grace_period() {
+    // The brain is away (nothing listens on its port), the spool is full
+    // and Z4J_BUFFER_OVERFLOW=block holds a producer back. SIGTERM used to
+    // wait for room that never came, for ever; only a second signal ended it.
+    let env = Env::new();
+    let mut c = env.cmd(free_port());
+    c.env("Z4J_BUFFER_OVERFLOW", "block")
+        .env("Z4J_BUFFER_MAX_EVENTS", "1000")
+        .env("Z4J_SHUTDOWN_GRACE_SECONDS", "3")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    wait_socket(&env.socket(), &mut child);
+    let mut s = UnixStream::connect(env.socket()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut rd = BufReader::new(s.try_clone().unwrap());
+    let events = |n: usize, tag: &str| -> String {
+        (0..n)
+            .map(|i| format!(r#"{{"engine":"rq","kind":"task.received","task_id":"{tag}{i}"}}"#))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    writeln!(
+        s,
+        r#"{{"type":"events","ack_id":1,"events":[{}]}}"#,
+        events(1000, "a")
+    )
+    .unwrap();
+    let mut line = String::new();
+    rd.read_line(&mut line).unwrap();
+    assert!(line.contains(r#""stored":1000"#), "{line}");
+    // The spool is full: this one waits for room.
+    writeln!(
+        s,
+        r#"{{"type":"events","ack_id":2,"events":[{}]}}"#,
+        events(5, "b")
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stats = jsonl_request(&env.socket(), r#"{"type":"stats"}"#);
+        if stats["producer_waits"].as_u64().unwrap_or(0) > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the producer never waited: {stats}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stopped = Instant::now();
+    signal(&child, "TERM");
+    // Told, not left hanging: nothing of that message was stored.
+    line.clear();
+    rd.read_line(&mut line).unwrap();
+    let told = stopped.elapsed();
+    let e: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(
+        (e["type"].as_str(), e["code"].as_str(), e["ack_id"].as_u64()),
+        (Some("error"), Some("daemon_stopping"), Some(2)),
+        "{e}"
+    );
+    let msg = e["message"].as_str().unwrap();
+    assert!(
+        msg.contains("stopping") && msg.contains("5 events of this message were not stored"),
+        "{msg}"
+    );
+    // Within the grace period (3 s) plus the margin to close the brain
+    // connection (3 s): a bound against hanging, not a speed target.
+    let status = wait_exit(&mut child, 6 + 2);
+    let took = stopped.elapsed();
+    assert!(status.success(), "{status}");
+    let log = support::keep_stderr("block_sigterm", &mut child);
+    assert!(took < Duration::from_secs(6), "stopped after {took:?}");
+    assert!(
+        told >= Duration::from_millis(1400),
+        "held for half the grace period first, told after {told:?}"
+    );
+    let last = log
+        .lines()
+        .find(|l| l.contains(r#""message":"stopped""#))
+        .unwrap_or_else(|| panic!("no stopped line: {log}"));
+    let last: serde_json::Value = serde_json::from_str(last).unwrap();
+    assert_eq!(last["refused_while_stopping"], 5, "counted: {last}");
+    assert_eq!(last["undelivered_events_kept"], 1000, "{last}");
+    eprintln!("producer told after {told:?}; daemon exited 0 after {took:?}");
+
+    // Everything committed is kept for the next start.
+    let mut c = env.cmd(free_port());
+    c.stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    wait_socket(&env.socket(), &mut child);
+    let stats = jsonl_request(&env.socket(), r#"{"type":"stats"}"#);
+    assert_eq!(stats["spool_depth"], 1000, "{stats}");
+    signal(&child, "TERM");
+    assert!(wait_exit(&mut child, 20).success());
+    support::keep_stderr("block_sigterm_restart", &mut child);
+}
+
+#[test]
 fn acked_events_survive_sigkill() {
     let env = Env::new();
     let mut c = env.cmd(free_port());

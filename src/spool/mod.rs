@@ -48,7 +48,10 @@ pub enum Overflow {
     /// producers see the refusal and the count.
     DropNewest,
     /// Stop reading from the producer until space frees up. Nothing is
-    /// lost, but producers that wait on the socket slow down.
+    /// lost, but producers that wait on the socket slow down. Once the
+    /// daemon stops holding producers ([`SpoolHandle::stop_holding_producers`],
+    /// on shutdown), a message that does not fit is refused whole with
+    /// [`SpoolError::Stopping`] instead.
     Block,
 }
 
@@ -114,6 +117,13 @@ pub enum SpoolError {
     /// The writer thread is gone (shutdown).
     #[error("the spool is closed")]
     Closed,
+    /// `block`: the daemon is stopping and these events did not fit; they
+    /// were not stored, and nothing waits for room any more.
+    #[error("z4j-agentd is stopping and its spool is full (Z4J_BUFFER_OVERFLOW=block): {not_stored} events of this message were not stored (its last {not_stored}; any before them were stored); send them again once the daemon is back")]
+    Stopping {
+        /// Events of the append that were not stored.
+        not_stored: usize,
+    },
 }
 
 impl SpoolError {
@@ -126,6 +136,7 @@ impl SpoolError {
             SpoolError::Sqlite(_) => "spool_error",
             SpoolError::DiskFull => "spool_disk_full",
             SpoolError::Closed => "spool_closed",
+            SpoolError::Stopping { .. } => "daemon_stopping",
         }
     }
 
@@ -250,6 +261,8 @@ pub struct SpoolHandle {
     new_events: Arc<Notify>,
     space_freed: Arc<Notify>,
     overflow: Overflow,
+    /// Set by [`SpoolHandle::stop_holding_producers`].
+    release: Arc<AtomicBool>,
 }
 
 /// Requests waiting in the channel before callers feel back-pressure.
@@ -372,6 +385,16 @@ impl SpoolHandle {
     pub fn overflow(&self) -> Overflow {
         self.overflow
     }
+
+    /// On shutdown, under `block`: from now on an append that does not fit
+    /// whole is refused with [`SpoolError::Stopping`] (nothing of it
+    /// stored) rather than answered "wait for room", and producers waiting
+    /// on [`SpoolHandle::space_freed`] are woken to retry and hear it. No
+    /// effect under the other policies, which never wait.
+    pub fn stop_holding_producers(&self) {
+        self.release.store(true, Ordering::SeqCst);
+        self.space_freed.notify_waiters();
+    }
 }
 
 /// The open spool: the handle plus the writer thread (which holds the lock).
@@ -425,6 +448,7 @@ impl Spool {
         lock.still_at(&config.path)?;
         state.lock = Some(lock);
         let stats = state.stats.clone();
+        let release = state.release.clone();
         let new_events = Arc::new(Notify::new());
         let space_freed = Arc::new(Notify::new());
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
@@ -434,6 +458,7 @@ impl Spool {
             new_events: new_events.clone(),
             space_freed: space_freed.clone(),
             overflow: config.overflow,
+            release,
         };
         let thread = std::thread::Builder::new()
             .name("z4j-spool".into())
@@ -563,10 +588,12 @@ fn open_no_follow(file: &Path, what: &str, spool: &Path, note: bool) -> Result<F
     // that is not a plain file.
     match std::fs::symlink_metadata(file) {
         Ok(m) if m.file_type().is_symlink() => return Err(symlink()),
-        Ok(m) if !m.file_type().is_file() => return Err(refuse(format!(
+        Ok(m) if !m.file_type().is_file() => {
+            return Err(refuse(format!(
             "{what} {p} is not a regular file; move it aside (`mv {p} {p}.aside`) and start again",
             p = file.display()
-        ))),
+        )))
+        }
         _ => {}
     }
     let f = OpenOptions::new()
@@ -768,6 +795,11 @@ struct Writer {
     evicted_since_warn: u64,
     /// Whether the current transaction deleted anything (wakes `block` waiters).
     freed: bool,
+    /// Set when producers are no longer held back (`block`, on shutdown).
+    release: Arc<AtomicBool>,
+    /// `block` with `release` set, read once per transaction: an append
+    /// that does not fit whole stores nothing and is answered `Stopping`.
+    refusing: bool,
     /// The spool's lock. Declared last, so it is released only after the
     /// connection above is closed.
     lock: Option<SpoolLock>,
@@ -847,6 +879,8 @@ impl Writer {
             last_eviction_warn: None,
             evicted_since_warn: 0,
             freed: false,
+            release: Arc::new(AtomicBool::new(false)),
+            refusing: false,
             lock: None,
         })
     }
@@ -952,7 +986,14 @@ impl Writer {
                 for op in ops.drain(..) {
                     match op {
                         Op::Append { reply, .. } => {
-                            let _ = reply.send(Ok(outcomes.next().unwrap_or_default()));
+                            let o = outcomes.next().unwrap_or_default();
+                            let _ = reply.send(if self.refusing && o.refused_full > 0 {
+                                Err(SpoolError::Stopping {
+                                    not_stored: o.refused_full,
+                                })
+                            } else {
+                                Ok(o)
+                            });
                         }
                         Op::Ack { reply, .. } => {
                             let _ = reply.send(Ok(acks.next().unwrap_or(0)));
@@ -997,6 +1038,8 @@ impl Writer {
             return Ok(());
         }
         let dropped_before = self.dropped_oldest;
+        self.refusing =
+            self.config.overflow == Overflow::Block && self.release.load(Ordering::SeqCst);
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
         let r = (|| {
             let now = unix_ms_now();
@@ -1123,6 +1166,11 @@ impl Writer {
                     }
                     n += 1;
                     b += e.len() as u64;
+                }
+                if self.refusing && n < accept.len() {
+                    // Nothing waits for room any more: all or nothing, so
+                    // the producer is told exactly what was not stored.
+                    n = 0;
                 }
                 refused = accept.len() - n;
                 accept = &accept[..n];

@@ -163,6 +163,66 @@ async fn drop_newest_refuses_and_counts() {
 }
 
 #[tokio::test]
+async fn block_stops_holding_producers_on_shutdown_refusing_whole_appends() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(SpoolConfig {
+        overflow: Overflow::Block,
+        ..config(dir.path())
+    })
+    .unwrap();
+    let h = spool.handle();
+    h.append_durable((0..998).map(ev).collect()).await.unwrap();
+    // Room for 2 of 5: the 2 are stored, the producer waits to retry 3.
+    let o = h.append_durable((0..5).map(ev).collect()).await.unwrap();
+    assert_eq!(
+        o,
+        AppendOutcome {
+            stored: 2,
+            refused_full: 3
+        }
+    );
+    // A waiter for room is woken when the daemon stops holding producers.
+    let waiter = {
+        let h = h.clone();
+        tokio::spawn(async move { h.space_freed().notified().await })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    h.stop_holding_producers();
+    tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("woken at once")
+        .unwrap();
+    let err = h
+        .append_durable((0..3).map(ev).collect())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, SpoolError::Stopping { not_stored: 3 }),
+        "{err}"
+    );
+    assert_eq!(err.code(), "daemon_stopping");
+    assert!(err.to_string().contains("send them again"), "{err}");
+    // All or nothing: room for 1 of 2 stores neither.
+    let first = h.read_after(0, 1, usize::MAX).await.unwrap();
+    h.ack(first[0].id, first[0].id).await.unwrap();
+    let err = h
+        .append_durable((0..2).map(ev).collect())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, SpoolError::Stopping { not_stored: 2 }),
+        "{err}"
+    );
+    assert_eq!(h.stats().depth.load(Ordering::Relaxed), 999);
+    // What fits whole is still stored.
+    let o = h.append_durable(vec![ev(7)]).await.unwrap();
+    assert_eq!(o.stored, 1);
+    assert_eq!(h.stats().depth.load(Ordering::Relaxed), 1000);
+    assert_eq!(h.stats().refused_full_total.load(Ordering::Relaxed), 0);
+    spool.close().await;
+}
+
+#[tokio::test]
 async fn ids_keep_growing_after_the_spool_empties() {
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::open(config(dir.path())).unwrap();
