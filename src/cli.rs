@@ -187,8 +187,13 @@ fn run(options: Options) -> ExitCode {
     config.watchdog = crate::systemd::watchdog_timeout();
     init_logging(&config);
     // Before the runtime starts threads: every client connection takes a
-    // descriptor.
-    crate::ingest::raise_fd_limit(config.max_clients);
+    // descriptor, and so does every metrics connection (plus one refused
+    // at a time).
+    let metrics_connections = match config.metrics_addr {
+        Some(_) => crate::metrics::MAX_CONNECTIONS + 1,
+        None => 0,
+    };
+    crate::ingest::raise_fd_limit(config.max_clients, metrics_connections);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
