@@ -493,6 +493,25 @@ fn parse_id_list(key: &'static str, v: Option<String>) -> Result<Vec<u32>, Confi
         .collect()
 }
 
+/// Whether `name` is the loopback name `localhost`, in any case, with or
+/// without the trailing dot of its absolute form (`localhost.`).
+pub fn is_localhost_name(name: &str) -> bool {
+    name.strip_suffix('.')
+        .unwrap_or(name)
+        .eq_ignore_ascii_case("localhost")
+}
+
+/// Whether `ip` is a loopback address: 127.0.0.0/8, `::1`, or 127.0.0.0/8
+/// written as an IPv4-mapped IPv6 address (`::ffff:127.0.0.1`).
+pub fn ip_is_loopback(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.is_loopback(),
+        std::net::IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    }
+}
+
 /// Parses and checks the brain URL, applying the `ws://` loopback rule.
 pub fn parse_brain_url(raw: &str, dev_mode: bool) -> Result<BrainEndpoint, ConfigError> {
     const KEY: &str = "Z4J_BRAIN_URL";
@@ -523,17 +542,28 @@ pub fn parse_brain_url(raw: &str, dev_mode: bool) -> Result<BrainEndpoint, Confi
             "credentials in the URL are not allowed; use Z4J_TOKEN_FILE",
         ));
     }
-    let bare_host = host.trim_start_matches('[').trim_end_matches(']');
-    let loopback = matches!(bare_host, "localhost" | "127.0.0.1" | "::1");
+    let loopback = match url.host() {
+        Some(url::Host::Domain(name)) => is_localhost_name(name),
+        Some(url::Host::Ipv4(ip)) => ip_is_loopback(ip.into()),
+        Some(url::Host::Ipv6(ip)) => ip_is_loopback(ip.into()),
+        None => false,
+    };
     if !tls && !loopback && !dev_mode {
         return Err(ConfigError::new(
             KEY,
             format!(
                 "plain ws:// to {host} would send the token unencrypted; use https:// \
-                 (only localhost, 127.0.0.1 and ::1 may use http://), or set Z4J_DEV_MODE=true for a test setup"
+                 (only loopback hosts, localhost, 127.0.0.0/8 and ::1, may use http://), or set Z4J_DEV_MODE=true for a test setup"
             ),
         ));
     }
+    // `localhost.` (the absolute form) is `localhost`; not every resolver
+    // reads /etc/hosts for the dotted form, so connect to the plain name.
+    let host = match url.host() {
+        Some(url::Host::Domain(name)) if is_localhost_name(name) => "localhost".to_string(),
+        _ => host,
+    };
+    let bare_host = host.trim_start_matches('[').trim_end_matches(']');
     let path = url.path().trim_end_matches('/');
     let port = url.port().map(|p| format!(":{p}")).unwrap_or_default();
     let host_for_url = if bare_host.contains(':') {
@@ -1081,6 +1111,8 @@ impl Options {
                 format!("expected error, warn, info, debug or trace, got {log_level:?}"),
             ));
         }
+        let socket_path = pick(non_empty_path(self.socket_path.clone()), file.socket_path);
+        check_socket_path(socket_path.as_deref(), &host)?;
         let metrics_allow_remote = match pick(
             non_empty(self.metrics_allow_remote.clone()),
             toml_scalar(file.metrics_allow_remote),
@@ -1115,7 +1147,7 @@ impl Options {
             buffer_max_bytes,
             buffer_overflow,
             buffer_synchronous,
-            socket_path: pick(non_empty_path(self.socket_path.clone()), file.socket_path),
+            socket_path,
             socket_mode,
             allowed_uids,
             allowed_gids,
@@ -1128,6 +1160,44 @@ impl Options {
             activated: None,
             watchdog: None,
         })
+    }
+}
+
+/// The socket path must be absolute: applications resolve a relative one
+/// from their own working directory, not the daemon's, and never find it.
+/// Checks the explicit `Z4J_SOCKET_PATH`, else the default built from the
+/// environment (a relative `$TMPDIR`, say).
+fn check_socket_path(explicit: Option<&Path>, host: &HostEnv) -> Result<(), ConfigError> {
+    const KEY: &str = "Z4J_SOCKET_PATH";
+    match explicit {
+        Some(p) if !p.is_absolute() => Err(ConfigError::new(
+            KEY,
+            format!(
+                "{} is a relative path, which each application would resolve from its own working directory; use an absolute path such as /run/z4j-agentd/agent.sock",
+                p.display()
+            ),
+        )),
+        Some(_) => Ok(()),
+        None => {
+            let p = crate::ingest::default_socket_path(host);
+            if p.is_absolute() {
+                return Ok(());
+            }
+            let from = if host.runtime_directory.is_some() {
+                "$RUNTIME_DIRECTORY"
+            } else if host.xdg_runtime_dir.is_some() {
+                "$XDG_RUNTIME_DIR"
+            } else {
+                "$TMPDIR"
+            };
+            Err(ConfigError::new(
+                KEY,
+                format!(
+                    "the default socket path {} is relative because {from} is; set {from} to an absolute directory, or set Z4J_SOCKET_PATH to an absolute path",
+                    p.display()
+                ),
+            ))
+        }
     }
 }
 
@@ -1214,9 +1284,9 @@ fn parse_capabilities(
 
 /// `HOST:PORT` for the metrics listener; loopback only unless allowed.
 fn parse_metrics_addr(v: &str, allow_remote: bool) -> Result<std::net::SocketAddr, ConfigError> {
-    let addr: std::net::SocketAddr = match v.strip_prefix("localhost:") {
-        Some(port) => format!("127.0.0.1:{port}").parse(),
-        None => v.parse(),
+    let addr: std::net::SocketAddr = match v.rsplit_once(':') {
+        Some((name, port)) if is_localhost_name(name) => format!("127.0.0.1:{port}").parse(),
+        _ => v.parse(),
     }
     .map_err(|_| {
         ConfigError::new(
@@ -1224,7 +1294,7 @@ fn parse_metrics_addr(v: &str, allow_remote: bool) -> Result<std::net::SocketAdd
             format!("expected an IP address and port such as 127.0.0.1:9464, got {v:?}"),
         )
     })?;
-    if !addr.ip().is_loopback() && !allow_remote {
+    if !ip_is_loopback(addr.ip()) && !allow_remote {
         return Err(ConfigError::new(
             "Z4J_METRICS_ADDR",
             format!(
@@ -1612,6 +1682,87 @@ mod tests {
             assert!(e.message.contains("printable ASCII"), "{e}");
             assert!(e.message.contains("character 4"), "{e}");
             assert!(!e.to_string().contains("zq9"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_relative_socket_path_is_refused_naming_the_setting() {
+        for rel in [
+            "agent.sock",
+            "run/agent.sock",
+            "./agent.sock",
+            "../agent.sock",
+        ] {
+            let o = Options {
+                socket_path: Some(rel.into()),
+                ..base()
+            };
+            let e = o.resolve(host()).unwrap_err();
+            assert_eq!(e.key, "Z4J_SOCKET_PATH", "{e}");
+            assert!(e.message.contains(rel), "{e}");
+            assert!(e.message.contains("absolute path"), "{e}");
+        }
+        // The config file's socket_path too.
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("agentd.toml");
+        std::fs::write(&f, "socket_path = \"agent.sock\"\n").unwrap();
+        let o = Options {
+            config: Some(f),
+            ..base()
+        };
+        assert_eq!(o.resolve(host()).unwrap_err().key, "Z4J_SOCKET_PATH");
+        // A default built from a relative $TMPDIR names where it came from.
+        let mut h = host();
+        h.tmpdir = "tmp".into();
+        let e = base().resolve(h).unwrap_err();
+        assert_eq!(e.key, "Z4J_SOCKET_PATH");
+        assert!(e.message.contains("$TMPDIR"), "{e}");
+        // Absolute paths are fine.
+        let o = Options {
+            socket_path: Some("/run/z4j/agent.sock".into()),
+            ..base()
+        };
+        assert!(o.resolve(host()).is_ok());
+    }
+
+    #[test]
+    fn localhost_in_any_case_with_or_without_its_trailing_dot_is_loopback() {
+        for ok in [
+            "http://localhost.:7711",
+            "http://LOCALHOST:7711",
+            "http://LocalHost.:7711",
+            "ws://localhost./base",
+            "http://127.0.0.2:7711",
+            "http://[::ffff:127.0.0.1]:7711",
+        ] {
+            let e = parse_brain_url(ok, false).unwrap_or_else(|e| panic!("{ok}: {e}"));
+            assert!(!e.tls);
+        }
+        // The dotted form connects to the plain name.
+        let e = parse_brain_url("http://LocalHost.:7711/base", false).unwrap();
+        assert_eq!(e.ws_url, "ws://localhost:7711/base/ws/agent");
+        assert_eq!(e.host, "localhost");
+        for remote in [
+            "http://localhost.evil.example:7711",
+            "http://localhostx:7711",
+            "http://my.localhost:7711",
+            "http://127.0.0.1.nip.io:7711",
+            "http://[::ffff:10.0.0.1]:7711",
+            "http://localhost..:7711",
+        ] {
+            match parse_brain_url(remote, false) {
+                Err(e) => assert!(e.message.contains("Z4J_DEV_MODE"), "{remote}: {e}"),
+                Ok(e) => panic!("{remote} taken as loopback: {e:?}"),
+            }
+        }
+        // The metrics address follows the same rule.
+        for ok in [
+            "localhost.:9464",
+            "LOCALHOST:9464",
+            "[::ffff:127.0.0.1]:9464",
+        ] {
+            let a = parse_metrics_addr(ok, false).unwrap_or_else(|e| panic!("{ok}: {e}"));
+            assert_eq!(a.port(), 9464);
         }
     }
 }

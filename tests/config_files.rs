@@ -339,3 +339,39 @@ async fn hostile_files_at_sighup_keep_the_daemon_serving_on_its_current_settings
     assert!(status.success(), "{status}: {}", env.log());
     support::keep_log("config-files-sighup", &env.log());
 }
+
+#[test]
+fn a_relative_socket_path_exits_64_asking_for_an_absolute_one() {
+    let env = Env::new();
+    let mut c = env.cmd(&format!("http://127.0.0.1:{}", free_port()));
+    // Run from the temp dir, where a relative socket would have been made.
+    c.current_dir(env.dir.path())
+        .env("Z4J_SOCKET_PATH", "agent.sock");
+    let (code, err) = run_bounded(c, 10);
+    assert_eq!(code, Some(64), "{err}");
+    assert!(
+        err.contains("config error: Z4J_SOCKET_PATH: agent.sock is a relative path"),
+        "{err}"
+    );
+    assert!(err.contains("use an absolute path"), "{err}");
+    assert!(!env.socket().exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_brain_at_localhost_dot_is_loopback_and_reached_over_ws() {
+    let brain = FakeBrain::start(Behavior::default()).await;
+    let port = brain.url.rsplit(':').next().unwrap().trim_end_matches('/');
+    for url in [
+        format!("http://localhost.:{port}"),
+        format!("http://LOCALHOST.:{port}"),
+    ] {
+        let before = brain.seen.auth_headers.lock().unwrap().len();
+        let d = support::TestDaemon::start(support::options(&url)).await;
+        let seen = brain.seen.clone();
+        support::wait_for(10, &format!("a session through {url}"), || {
+            seen.auth_headers.lock().unwrap().len() > before
+        })
+        .await;
+        d.stop().await.unwrap();
+    }
+}
