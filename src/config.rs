@@ -687,7 +687,7 @@ fn read_secret_file(
                     "{p}: {e}; put the {what} in a regular file and point {setting} at it"
                 ),
                 SmallFileError::TooLarge(_) => format!(
-                    "{p}: {e}, far more than a {what}; point {setting} at a file holding only the {what}"
+                    "{p}: {e}, far more than the {what} it should hold; point {setting} at a file holding only the {what}"
                 ),
             },
         )
