@@ -240,6 +240,16 @@ pub struct Status {
     /// Failed `accept` calls on the local socket (mostly: out of file
     /// descriptors); each is retried after a short pause.
     pub accept_failures: AtomicU64,
+    /// HTTP connections open on the metrics listener now.
+    pub metrics_connections: AtomicU64,
+    /// Metrics listener connections closed at accept because
+    /// [`crate::metrics::MAX_CONNECTIONS`] were open.
+    pub metrics_refused_limit: AtomicU64,
+    /// Metrics listener connections closed for sending no complete request
+    /// head in time, or for outliving their lifetime in the middle of one.
+    pub metrics_refused_timeout: AtomicU64,
+    /// Metrics listener requests refused for a request head over the bound.
+    pub metrics_refused_too_large: AtomicU64,
     /// Commands received from the brain (re-deliveries not counted).
     pub commands_received: AtomicU64,
     /// Commands answered `success` by a local process.
@@ -281,6 +291,10 @@ impl Status {
             connects: AtomicU64::new(0),
             producer_waits: AtomicU64::new(0),
             accept_failures: AtomicU64::new(0),
+            metrics_connections: AtomicU64::new(0),
+            metrics_refused_limit: AtomicU64::new(0),
+            metrics_refused_timeout: AtomicU64::new(0),
+            metrics_refused_too_large: AtomicU64::new(0),
             commands_received: AtomicU64::new(0),
             commands_succeeded: AtomicU64::new(0),
             commands_failed: AtomicU64::new(0),
@@ -323,6 +337,22 @@ impl Status {
     /// A copy of what this daemon is and talks to.
     pub fn info(&self) -> DaemonInfo {
         self.info.lock().unwrap().clone()
+    }
+
+    /// Metrics listener connections the daemon closed itself, by reason:
+    /// `limit`, `timeout`, `too_large` (always all three).
+    pub fn metrics_refused(&self) -> [(&'static str, u64); 3] {
+        [
+            ("limit", self.metrics_refused_limit.load(Ordering::Relaxed)),
+            (
+                "timeout",
+                self.metrics_refused_timeout.load(Ordering::Relaxed),
+            ),
+            (
+                "too_large",
+                self.metrics_refused_too_large.load(Ordering::Relaxed),
+            ),
+        ]
     }
 
     /// Counts a command from the brain.
@@ -624,6 +654,15 @@ impl Status {
             "producer_waits",
             self.producer_waits.load(Ordering::Relaxed),
         );
+        m.insert(
+            "metrics_connections",
+            self.metrics_connections.load(Ordering::Relaxed),
+        );
+        let mut metrics_refused = Value::empty_map();
+        for (reason, n) in self.metrics_refused() {
+            metrics_refused.insert(reason, n);
+        }
+        m.insert("metrics_refused_by_reason", metrics_refused);
         let mut cmds = Value::empty_map();
         cmds.insert("received", self.commands_received.load(Ordering::Relaxed));
         cmds.insert("succeeded", self.commands_succeeded.load(Ordering::Relaxed));
