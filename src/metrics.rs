@@ -184,14 +184,19 @@ impl Collector for DaemonCollector {
         counter_family(
             &mut enc,
             "events_dropped",
-            "Events lost after they were accepted: oldest_evicted (drop_oldest made room), spool_full (drop_newest refused them), undeliverable (larger than the brain's frame limit), brain_rejected (acknowledged but not stored by the brain on their first delivery).",
+            "Events lost by policy: oldest_evicted (drop_oldest made room), spool_full (drop_newest refused them), undeliverable (larger than the brain's frame limit).",
             "reason",
             [
                 ("oldest_evicted", load(&sp.dropped_oldest_total)),
                 ("spool_full", load(&sp.refused_full_total)),
                 ("undeliverable", load(&s.events_undeliverable)),
-                ("brain_rejected", load(&s.events_rejected_by_brain)),
             ],
+        )?;
+        counter(
+            &mut enc,
+            "events_brain_rejected",
+            "Events the brain acknowledged but did not store on their first delivery: the same task, kind and second as an event it has, or events it could not ingest (its log says which).",
+            load(&s.events_rejected_by_brain),
         )?;
         counter(
             &mut enc,

@@ -220,9 +220,12 @@ pub struct Status {
     /// Events the brain can never take (larger than its frame size).
     pub events_undeliverable: AtomicU64,
     /// Events the brain acknowledged but did not store, in frames whose
-    /// events all went to it for the first time: it dropped them (invalid
-    /// to it, or the same task, kind and second as a stored event).
+    /// events all went to it for the first time: the same task, kind and
+    /// second as an event it has (its deduplication), or events it could
+    /// not ingest (its log says which).
     pub events_rejected_by_brain: AtomicU64,
+    /// When the last "the brain did not store" warning was logged.
+    brain_rejected_warned: Mutex<Option<Instant>>,
     /// Events the brain did not store again in re-sent frames: expected
     /// duplicates of events it stored from an earlier copy.
     pub events_duplicate_at_brain: AtomicU64,
@@ -284,6 +287,7 @@ impl Status {
             events_resent: AtomicU64::new(0),
             events_undeliverable: AtomicU64::new(0),
             events_rejected_by_brain: AtomicU64::new(0),
+            brain_rejected_warned: Mutex::new(None),
             events_duplicate_at_brain: AtomicU64::new(0),
             events_time_corrected: AtomicU64::new(0),
             time_corrected_warned: Mutex::new(None),
@@ -374,6 +378,26 @@ impl Status {
         *self.failures.lock().unwrap().entry(class).or_default() += 1;
     }
 
+    /// Counts `n` events the brain acknowledged without storing them on
+    /// their first delivery, with a warning at most once a minute.
+    pub fn brain_rejected(&self, n: u64, frame_id: &str, events: usize) {
+        let total = self
+            .events_rejected_by_brain
+            .fetch_add(n, Ordering::Relaxed)
+            + n;
+        let mut warned = self.brain_rejected_warned.lock().unwrap();
+        if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+            *warned = Some(Instant::now());
+            tracing::warn!(
+                frame_id,
+                events,
+                rejected = n,
+                total,
+                "the brain acknowledged a frame but did not store some of its events, sent to it for the first time: it keeps one event per task, kind and second (a process that reports the same step twice), and drops events it cannot ingest (its log says \"per-event ingest failed\"); counted in brain_rejected"
+            );
+        }
+    }
+
     /// Counts `n` events whose `occurred_at` was replaced at ingest, with a
     /// warning at most once a minute.
     pub fn time_corrected(&self, n: u64) {
@@ -395,7 +419,6 @@ impl Status {
         spool.dropped_oldest_total.load(Ordering::Relaxed)
             + spool.refused_full_total.load(Ordering::Relaxed)
             + self.events_undeliverable.load(Ordering::Relaxed)
-            + self.events_rejected_by_brain.load(Ordering::Relaxed)
     }
 
     /// Failed connection attempts and sessions by backoff class.
@@ -573,7 +596,6 @@ impl Status {
         let dropped_oldest = spool.dropped_oldest_total.load(Ordering::Relaxed);
         let refused_full = spool.refused_full_total.load(Ordering::Relaxed);
         let undeliverable = self.events_undeliverable.load(Ordering::Relaxed);
-        let brain_rejected = self.events_rejected_by_brain.load(Ordering::Relaxed);
         let mut m = Value::empty_map();
         m.insert("type", "stats");
         m.insert("version", env!("CARGO_PKG_VERSION"));
@@ -598,6 +620,10 @@ impl Status {
         m.insert("forwarded", self.events_forwarded.load(Ordering::Relaxed));
         m.insert("resent", self.events_resent.load(Ordering::Relaxed));
         m.insert(
+            "brain_rejected",
+            self.events_rejected_by_brain.load(Ordering::Relaxed),
+        );
+        m.insert(
             "brain_duplicates",
             self.events_duplicate_at_brain.load(Ordering::Relaxed),
         );
@@ -612,7 +638,6 @@ impl Status {
         dropped_by_reason.insert("oldest_evicted", dropped_oldest);
         dropped_by_reason.insert("spool_full", refused_full);
         dropped_by_reason.insert("undeliverable", undeliverable);
-        dropped_by_reason.insert("brain_rejected", brain_rejected);
         m.insert("dropped_by_reason", dropped_by_reason);
         m.insert("refused", self.refused_total());
         m.insert("refused_by_reason", counts(self.refused()));
