@@ -954,9 +954,7 @@ impl Session<'_> {
     async fn send_heartbeat(&mut self) -> Result<(), SessionEnd> {
         let depth = self.spool_depth();
         let st = self.up.spool.stats();
-        let dropped = st.dropped_oldest_total.load(Ordering::Relaxed)
-            + st.refused_full_total.load(Ordering::Relaxed)
-            + self.up.status.events_undeliverable.load(Ordering::Relaxed);
+        let dropped = self.up.status.dropped_total(st);
         let oldest_age = st.oldest_age_seconds();
         let now = OffsetDateTime::now_utc();
 
