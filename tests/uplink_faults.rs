@@ -491,10 +491,12 @@ async fn a_slow_brain_that_acks_after_the_ack_timeout_still_drains_the_spool() {
     assert_eq!(num(&s, "connects"), 1, "slow is not dead: {s:?}");
     assert_eq!(num(&s, "dropped"), 0, "{s:?}");
     assert_eq!(brain.seen.stored_event_ids.lock().unwrap().len(), 100);
-    // The slow brain is not buried under copies: once it has acked a
-    // frame, the others wait for its pace.
+    // The slow brain is not buried under copies: only the range it works
+    // on can be late (the 3 behind it in flight wait their turn), and once
+    // it has acked a frame the others wait for its pace. One copy of the
+    // first range, no other.
     let batches = brain.seen.batches.load(std::sync::atomic::Ordering::SeqCst);
-    assert!(batches <= 7, "5 ranges went out {batches} times");
+    assert!(batches <= 6, "5 ranges went out {batches} times");
     assert!(brain.seen.verify_failures.lock().unwrap().is_empty());
     d.stop().await.unwrap();
 }

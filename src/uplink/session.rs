@@ -564,9 +564,10 @@ impl Session<'_> {
     }
 
     /// The range to send again now, if any. The brain works through one
-    /// connection's frames in order, so only the range it should be on (the
-    /// one whose newest copy went out first) can be late; the ones behind it
-    /// wait their turn. A range it skipped goes again after a short grace.
+    /// connection's frames in order, so only the oldest range in flight,
+    /// the one it is on, can be late: the ones behind it wait their turn,
+    /// however long ago they went out. A range it skipped goes again after
+    /// a short grace.
     fn overdue(&self, now: Instant) -> Option<usize> {
         if let Some(i) = self
             .inflight
@@ -575,18 +576,14 @@ impl Session<'_> {
         {
             return Some(i);
         }
-        let (i, f) = self
-            .inflight
-            .iter()
-            .enumerate()
-            .min_by_key(|(_, f)| f.last_sent_at())?;
+        let f = self.inflight.front()?;
         let waiting_since = f.last_sent_at().max(self.last_progress);
         let wait = self.ack_wait(f.resends).max(
             self.frame_service_time
                 .map(|t| (t * SERVICE_TIMES_BEFORE_LATE).min(self.ack_timeout * MAX_RESEND_BACKOFF))
                 .unwrap_or_default(),
         );
-        (now >= waiting_since + wait).then_some(i)
+        (now >= waiting_since + wait).then_some(0)
     }
 
     async fn resend_overdue(&mut self) -> Result<(), SessionEnd> {
