@@ -132,6 +132,12 @@ def check_stored_once(brain, agent: dict, producers: List[Producer]) -> Dict[str
     """Acked tasks: exactly one row per kind. Unconfirmed: all three once, or none."""
     acked: Set[str] = {t for p in producers for t in p.acked}
     unconfirmed: Set[str] = {t for p in producers for t in p.unconfirmed}
+    return check_tasks_stored_once(brain, agent, acked, unconfirmed)
+
+
+def check_tasks_stored_once(brain, agent: dict, acked: Set[str], unconfirmed: Set[str]) -> Dict[str, int]:
+    """The brain's rows for the agent: every acked task once per kind (received, started,
+    succeeded), every unconfirmed one all three once or not at all, no other task id."""
     rows = event_rows_by_task(brain, agent["agent_id"])
     want = {k: 1 for k in KINDS_OK}
     wrong_acked = {t: rows.get(t) for t in acked if rows.get(t) != want}
