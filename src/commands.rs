@@ -422,7 +422,7 @@ impl Router {
             .unwrap_or_else(|| "any engine".into());
         let error = if full.is_empty() {
             format!(
-                "z4j-agentd on {host}: no connected local process runs action {:?} for {engine_text}; start a worker that registers it (hello with capabilities)",
+                "z4j-agentd on {host}: no connected local process runs action {:?} for {engine_text}; start a worker that registers it (hello with capabilities). The brain hands each command to one connection of the agent: if several daemons share this agent's token, the worker may be behind another one; give each host its own agent token",
                 cmd.action
             )
         } else {

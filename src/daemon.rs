@@ -396,13 +396,7 @@ fn status_line(status: &Status, st: &crate::spool::SpoolStats) -> String {
         "brain {}; spool {} events{failing}; dropped {}; clients {}",
         status.uplink().state.as_str(),
         st.depth.load(std::sync::atomic::Ordering::Relaxed),
-        st.dropped_oldest_total
-            .load(std::sync::atomic::Ordering::Relaxed)
-            + st.refused_full_total
-                .load(std::sync::atomic::Ordering::Relaxed)
-            + status
-                .events_undeliverable
-                .load(std::sync::atomic::Ordering::Relaxed),
+        status.dropped_total(st),
         status.clients().len()
     )
 }

@@ -153,13 +153,26 @@ impl Collector for DaemonCollector {
         counter_family(
             &mut enc,
             "events_dropped",
-            "Events lost by policy: oldest_evicted (drop_oldest made room), spool_full (drop_newest refused them), undeliverable (larger than the brain's frame limit).",
+            "Events lost after they were accepted: oldest_evicted (drop_oldest made room), spool_full (drop_newest refused them), undeliverable (larger than the brain's frame limit), brain_rejected (acknowledged but not stored by the brain on their first delivery).",
             "reason",
             [
                 ("oldest_evicted", load(&sp.dropped_oldest_total)),
                 ("spool_full", load(&sp.refused_full_total)),
                 ("undeliverable", load(&s.events_undeliverable)),
+                ("brain_rejected", load(&s.events_rejected_by_brain)),
             ],
+        )?;
+        counter(
+            &mut enc,
+            "events_time_corrected",
+            "Events whose occurred_at was outside the brain's window (over 30 s ahead or 365 days behind) and was replaced by the time the daemon received them.",
+            load(&s.events_time_corrected),
+        )?;
+        counter(
+            &mut enc,
+            "events_brain_duplicates",
+            "Events in re-sent frames that the brain did not store again: it had them from an earlier copy (expected after a re-send).",
+            load(&s.events_duplicate_at_brain),
         )?;
         let refused = s.refused();
         counter_family(

@@ -219,6 +219,18 @@ pub struct Status {
     pub events_resent: AtomicU64,
     /// Events the brain can never take (larger than its frame size).
     pub events_undeliverable: AtomicU64,
+    /// Events the brain acknowledged but did not store, in frames whose
+    /// events all went to it for the first time: it dropped them (invalid
+    /// to it, or the same task, kind and second as a stored event).
+    pub events_rejected_by_brain: AtomicU64,
+    /// Events the brain did not store again in re-sent frames: expected
+    /// duplicates of events it stored from an earlier copy.
+    pub events_duplicate_at_brain: AtomicU64,
+    /// Events whose `occurred_at` was outside the brain's window and was
+    /// replaced by the receive time at ingest.
+    pub events_time_corrected: AtomicU64,
+    /// When the last "time corrected" warning was logged.
+    time_corrected_warned: Mutex<Option<Instant>>,
     /// Replies not written because a client did not read them.
     pub replies_dropped: AtomicU64,
     /// Connections to the brain established.
@@ -261,6 +273,10 @@ impl Status {
             events_forwarded: AtomicU64::new(0),
             events_resent: AtomicU64::new(0),
             events_undeliverable: AtomicU64::new(0),
+            events_rejected_by_brain: AtomicU64::new(0),
+            events_duplicate_at_brain: AtomicU64::new(0),
+            events_time_corrected: AtomicU64::new(0),
+            time_corrected_warned: Mutex::new(None),
             replies_dropped: AtomicU64::new(0),
             connects: AtomicU64::new(0),
             producer_waits: AtomicU64::new(0),
@@ -326,6 +342,30 @@ impl Status {
     /// Counts a failed connection attempt or session under its backoff class.
     pub fn record_failure(&self, class: &'static str) {
         *self.failures.lock().unwrap().entry(class).or_default() += 1;
+    }
+
+    /// Counts `n` events whose `occurred_at` was replaced at ingest, with a
+    /// warning at most once a minute.
+    pub fn time_corrected(&self, n: u64) {
+        let total = self.events_time_corrected.fetch_add(n, Ordering::Relaxed) + n;
+        let mut warned = self.time_corrected_warned.lock().unwrap();
+        if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+            *warned = Some(Instant::now());
+            tracing::warn!(
+                events = n,
+                total,
+                "events carried an occurred_at more than 30 s ahead of this host's clock or more than 365 days behind it; they are stored at the time the daemon received them, with the client's time in data.occurred_at_original (the brain would otherwise put its own clock there at each delivery and store a re-sent event twice); check the clock of the process that sent them"
+            );
+        }
+    }
+
+    /// Every event lost after it was accepted: evicted or refused for room,
+    /// larger than the brain's frame limit, or dropped by the brain.
+    pub fn dropped_total(&self, spool: &SpoolStats) -> u64 {
+        spool.dropped_oldest_total.load(Ordering::Relaxed)
+            + spool.refused_full_total.load(Ordering::Relaxed)
+            + self.events_undeliverable.load(Ordering::Relaxed)
+            + self.events_rejected_by_brain.load(Ordering::Relaxed)
     }
 
     /// Failed connection attempts and sessions by backoff class.
@@ -503,6 +543,7 @@ impl Status {
         let dropped_oldest = spool.dropped_oldest_total.load(Ordering::Relaxed);
         let refused_full = spool.refused_full_total.load(Ordering::Relaxed);
         let undeliverable = self.events_undeliverable.load(Ordering::Relaxed);
+        let brain_rejected = self.events_rejected_by_brain.load(Ordering::Relaxed);
         let mut m = Value::empty_map();
         m.insert("type", "stats");
         m.insert("version", env!("CARGO_PKG_VERSION"));
@@ -526,13 +567,22 @@ impl Status {
         m.insert("stored", spool.stored_total.load(Ordering::Relaxed));
         m.insert("forwarded", self.events_forwarded.load(Ordering::Relaxed));
         m.insert("resent", self.events_resent.load(Ordering::Relaxed));
+        m.insert(
+            "brain_duplicates",
+            self.events_duplicate_at_brain.load(Ordering::Relaxed),
+        );
+        m.insert(
+            "time_corrected",
+            self.events_time_corrected.load(Ordering::Relaxed),
+        );
         m.insert("acked", spool.acked_total.load(Ordering::Relaxed));
-        m.insert("dropped", dropped_oldest + refused_full + undeliverable);
+        m.insert("dropped", self.dropped_total(spool));
         m.insert("dropped_oldest", dropped_oldest);
         let mut dropped_by_reason = Value::empty_map();
         dropped_by_reason.insert("oldest_evicted", dropped_oldest);
         dropped_by_reason.insert("spool_full", refused_full);
         dropped_by_reason.insert("undeliverable", undeliverable);
+        dropped_by_reason.insert("brain_rejected", brain_rejected);
         m.insert("dropped_by_reason", dropped_by_reason);
         m.insert("refused", self.refused_total());
         m.insert("refused_by_reason", counts(self.refused()));

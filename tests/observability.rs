@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use support::fake_brain::{Behavior, FakeBrain};
-use support::{event, options, wait_for, TestDaemon};
+use support::{event, num, options, wait_for, wait_stats, TestDaemon};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use z4j_agentd::client::Event;
 use z4j_agentd::config::Options;
@@ -307,5 +307,61 @@ async fn the_daemons_own_user_is_allowed_whatever_the_allow_list_says() {
     assert_eq!(s.get("refused").and_then(Value::as_u64), Some(0), "{s:?}");
     let (code, body) = get(d.metrics.unwrap(), "/readyz").await;
     assert_eq!(code, 200, "{body}");
+    d.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_the_brain_does_not_store_are_counted_and_duplicates_of_a_resend_are_not_losses() {
+    let brain = FakeBrain::start(Behavior {
+        reject_task_ids_containing: Some("refused-by-brain".into()),
+        ..Behavior::default()
+    })
+    .await;
+    let mut opts = with_metrics(options(&brain.url));
+    opts.ack_timeout_seconds = Some("1".into());
+    let d = TestDaemon::start(opts).await;
+    let mut c = d.client().await;
+    let mut events: Vec<_> = (0..7)
+        .map(|i| event(&format!("ok-{i}"), "task.received"))
+        .collect();
+    events.extend((0..3).map(|i| event(&format!("refused-by-brain-{i}"), "task.received")));
+    assert_eq!(c.send_durable(&events).await.unwrap(), 10);
+    let s = wait_stats(&d, 15, "the frame acked", |s| {
+        num(s, "acked") == 10 && num(s, "spool_depth") == 0
+    })
+    .await;
+    assert_eq!(num(&s, "dropped"), 3, "{s:?}");
+    let reasons = s.get("dropped_by_reason").unwrap();
+    assert_eq!(num(reasons, "brain_rejected"), 3, "{s:?}");
+    assert_eq!(num(&s, "brain_duplicates"), 0, "{s:?}");
+
+    // A frame whose ack the brain withholds after storing it goes again:
+    // the brain's `rejected` for that copy are duplicates, not losses.
+    brain.set_behavior(Behavior {
+        withhold_acks: 1,
+        ..Behavior::default()
+    });
+    let again: Vec<_> = (0..5)
+        .map(|i| event(&format!("again-{i}"), "task.received"))
+        .collect();
+    c.send_durable(&again).await.unwrap();
+    let s = wait_stats(&d, 15, "the re-sent frame acked", |s| {
+        num(s, "acked") == 15 && num(s, "spool_depth") == 0
+    })
+    .await;
+    assert_eq!(num(&s, "brain_duplicates"), 5, "{s:?}");
+    assert_eq!(num(&s, "dropped"), 3, "no new loss: {s:?}");
+    assert_eq!(brain.seen.stored_event_ids.lock().unwrap().len(), 12);
+    let m = scrape(&d).await;
+    assert_eq!(
+        m.get("z4j_agentd_events_dropped_total{reason=\"brain_rejected\"}"),
+        Some(&3.0),
+        "{m:?}"
+    );
+    assert_eq!(
+        m.get("z4j_agentd_events_brain_duplicates_total"),
+        Some(&5.0),
+        "{m:?}"
+    );
     d.stop().await.unwrap();
 }

@@ -461,3 +461,157 @@ async fn a_brain_that_answers_nothing_is_left_after_the_ack_timeout_and_nothing_
     assert!(brain.seen.verify_failures.lock().unwrap().is_empty());
     d.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_brain_that_acks_after_the_ack_timeout_still_drains_the_spool() {
+    // Each frame takes the brain 2.5 s, one after another, longer than the
+    // 1 s ack timeout: the first range goes again before its ack arrives,
+    // and the brain's late ack of the first copy must settle it. Before, a
+    // late ack was discarded, every range went round for ever and the
+    // spool never emptied. Once the brain has acked a frame, the daemon
+    // knows how long it takes and waits that long for the others.
+    let brain = FakeBrain::start(Behavior {
+        ack_delay: Some(Duration::from_millis(2500)),
+        ..Behavior::default()
+    })
+    .await;
+    let mut opts = small_frames(&brain.url);
+    opts.ack_timeout_seconds = Some("1".into());
+    opts.inflight_frames = Some("4".into());
+    let d = TestDaemon::start(opts).await;
+    send_events(&d, "slow", 100).await;
+    let s = wait_stats(&d, 60, "every event acked by the slow brain", |s| {
+        num(s, "acked") == 100 && num(s, "spool_depth") == 0
+    })
+    .await;
+    assert!(
+        num(&s, "resent") > 0,
+        "the brain was slower than the ack timeout, so ranges went again: {s:?}"
+    );
+    assert_eq!(num(&s, "connects"), 1, "slow is not dead: {s:?}");
+    assert_eq!(num(&s, "dropped"), 0, "{s:?}");
+    assert_eq!(brain.seen.stored_event_ids.lock().unwrap().len(), 100);
+    // The slow brain is not buried under copies: once it has acked a
+    // frame, the others wait for its pace.
+    let batches = brain.seen.batches.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(batches <= 7, "5 ranges went out {batches} times");
+    assert!(brain.seen.verify_failures.lock().unwrap().is_empty());
+    d.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_brain_announcing_an_hour_long_heartbeat_is_still_left_when_it_freezes() {
+    // The ping that tells a frozen brain from a quiet one must not follow
+    // the heartbeat interval the brain announces (accepted up to 3,600 s).
+    let brain = FakeBrain::start(Behavior {
+        freeze_sessions: 1,
+        heartbeat_interval_seconds: Some(3600),
+        ..Behavior::default()
+    })
+    .await;
+    let mut opts = small_frames(&brain.url);
+    opts.ack_timeout_seconds = Some("2".into());
+    let d = TestDaemon::start(opts).await;
+    send_events(&d, "hb", 60).await;
+    let s = wait_stats(
+        &d,
+        20,
+        "every event acked after leaving the frozen session",
+        |s| num(s, "acked") == 60 && num(s, "spool_depth") == 0,
+    )
+    .await;
+    assert_eq!(num(&s, "connects"), 2, "{s:?}");
+    assert_eq!(failures(&s, "connection"), Some(1), "{s:?}");
+    assert_eq!(brain.seen.stored_event_ids.lock().unwrap().len(), 60);
+    d.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_changing_hellos_neither_postpones_the_rehandshake_nor_reconnects_per_hello() {
+    let brain = FakeBrain::start(Behavior::default()).await;
+    let d = TestDaemon::start(options(&brain.url)).await;
+    wait_stats(&d, 10, "connected", |s| {
+        text(s, "uplink_state") == "connected"
+    })
+    .await;
+    let mut c = d.client().await;
+    // Engines toggled every 10 ms for 7 s.
+    let flood_until = std::time::Instant::now() + Duration::from_secs(7);
+    let mut k = 0u64;
+    while std::time::Instant::now() < flood_until {
+        let engines: &[&str] = if k.is_multiple_of(2) {
+            &["celery"]
+        } else {
+            &["rq"]
+        };
+        c.hello("flooder", engines).await.unwrap();
+        k += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let hellos = brain.seen.hellos.lock().unwrap().len();
+    assert!(
+        hellos >= 2,
+        "the brain learned the changed engines during the flood ({k} hellos sent, {hellos} handshakes)"
+    );
+    assert!(
+        hellos <= 4,
+        "at most 3 re-handshakes a minute, not one per change ({k} hellos sent, {hellos} handshakes)"
+    );
+    d.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_403_to_the_upgrade_is_a_wrong_url_not_a_bad_token() {
+    // What the brain's web server answers a WebSocket upgrade on a path it
+    // does not serve. A bad token is refused after the upgrade (4401).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/wrong/path", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = tcp.read(&mut buf).await;
+            let _ = tcp
+                .write_all(
+                    b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                )
+                .await;
+        }
+    });
+    let d = TestDaemon::start(options(&url)).await;
+    let s = wait_stats(&d, 10, "the refused upgrade", |s| {
+        !text(s, "last_error").is_empty()
+    })
+    .await;
+    assert_eq!(text(&s, "last_failure_class"), "connection", "{s:?}");
+    let error = text(&s, "last_error");
+    assert!(error.contains("HTTP 403"), "{error}");
+    assert!(error.contains("Z4J_BRAIN_URL"), "{error}");
+    assert!(!error.contains("token"), "not blamed on the token: {error}");
+    d.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_ended_for_a_protocol_error_is_closed_with_1002() {
+    let brain = FakeBrain::start(Behavior {
+        bad_signature_acks: 1,
+        ..Behavior::default()
+    })
+    .await;
+    let d = TestDaemon::start(options(&brain.url)).await;
+    let mut c = d.client().await;
+    c.send_durable(&[event("t1", "task.received")])
+        .await
+        .unwrap();
+    wait_stats(&d, 15, "delivery after reconnecting", |s| {
+        num(s, "acked") == 1 && num(s, "spool_depth") == 0
+    })
+    .await;
+    let codes = brain.seen.client_close_codes.lock().unwrap().clone();
+    assert_eq!(
+        codes.first(),
+        Some(&1002),
+        "the daemon said why it left instead of dropping TCP: {codes:?}"
+    );
+    d.stop().await.unwrap();
+}

@@ -36,7 +36,7 @@ use crate::protocol::Value;
 use crate::spool::{AppendOutcome, Overflow, SpoolError, SpoolHandle};
 use crate::status::{ClientInfo, Status};
 use framing::{Decoded, Decoder, Framing};
-use validate::{normalize_event, Refusal};
+use validate::{normalize_event_noting, Notes, Refusal};
 
 /// Ingest settings.
 #[derive(Debug, Clone)]
@@ -848,8 +848,9 @@ impl Session<'_> {
     ) -> (Vec<Vec<u8>>, usize) {
         let mut records = Vec::with_capacity(events.len());
         let mut refused = 0;
+        let mut notes = Notes::default();
         for (i, e) in events.into_iter().enumerate() {
-            match normalize_event(e, now, self.ingest.config.max_event_bytes) {
+            match normalize_event_noting(e, now, self.ingest.config.max_event_bytes, &mut notes) {
                 Ok(r) => records.push(r),
                 Err(Refusal { code, message }) => {
                     refused += 1;
@@ -858,6 +859,9 @@ impl Session<'_> {
                         .error(code, &message, ack_id, indexed.then_some(i));
                 }
             }
+        }
+        if notes.time_corrected > 0 {
+            self.ingest.status.time_corrected(notes.time_corrected);
         }
         let n = records.len() as u64;
         self.ingest

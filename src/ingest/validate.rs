@@ -34,6 +34,27 @@ const MAX_ENGINE_CHARS: usize = 40;
 /// Longest task id the brain accepts.
 const MAX_TASK_ID_CHARS: usize = 200;
 
+/// How far ahead of the daemon's clock an `occurred_at` may be. The brain
+/// replaces a time more than 60 s ahead of its own clock with its "now" at
+/// delivery, which differs for every delivery of the same event and so
+/// defeats its deduplication; this leaves 30 s for the brain's clock to
+/// lag this host's.
+pub const MAX_FUTURE_SECONDS: i64 = 30;
+/// How far behind the daemon's clock an `occurred_at` may be. The brain
+/// replaces a time more than 400 days old the same way; this leaves 35 days
+/// for an event to wait in the spool.
+pub const MAX_PAST_DAYS: i64 = 365;
+/// The key of `data` that keeps an `occurred_at` the daemon replaced.
+pub const ORIGINAL_OCCURRED_AT_KEY: &str = "occurred_at_original";
+
+/// What normalising an event changed that an operator should hear about.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Notes {
+    /// Events whose `occurred_at` was outside the brain's window and was
+    /// replaced by the receive time (the original kept in `data`).
+    pub time_corrected: u64,
+}
+
 /// Formats a UTC timestamp the way z4j's Python agent does
 /// (`2026-11-22T23:29:59.500000+00:00`).
 pub fn format_occurred_at(t: OffsetDateTime) -> String {
@@ -125,6 +146,22 @@ pub fn normalize_event(
     received_at: OffsetDateTime,
     max_event_bytes: usize,
 ) -> Result<Vec<u8>, Refusal> {
+    normalize_event_noting(event, received_at, max_event_bytes, &mut Notes::default())
+}
+
+/// [`normalize_event`], adding to `notes` what it corrected.
+///
+/// An `occurred_at` more than [`MAX_FUTURE_SECONDS`] ahead of `received_at`
+/// or more than [`MAX_PAST_DAYS`] behind it becomes `received_at`, and the
+/// value the client sent is kept, as sent, in `data.occurred_at_original`
+/// (unless the client set that key itself). The brain would otherwise replace it with
+/// its own clock at each delivery, and store a re-sent event twice.
+pub fn normalize_event_noting(
+    event: Value,
+    received_at: OffsetDateTime,
+    max_event_bytes: usize,
+    notes: &mut Notes,
+) -> Result<Vec<u8>, Refusal> {
     let mut fields = match event {
         Value::Map(entries) => Fields::take(entries),
         other => {
@@ -196,7 +233,7 @@ pub fn normalize_event(
         ));
     }
 
-    let occurred_at = match fields.occurred_at.take() {
+    let occurred_at = match &fields.occurred_at {
         None | Some(Value::Null) => received_at,
         Some(Value::Str(s)) => match replay::parse_iso8601_assume_utc(s.trim()) {
             Some(t) => t,
@@ -246,7 +283,7 @@ pub fn normalize_event(
         },
     };
 
-    let data = match fields.data.take() {
+    let mut data = match fields.data.take() {
         None | Some(Value::Null) => Value::empty_map(),
         Some(m @ Value::Map(_)) => m,
         Some(other) => {
@@ -255,6 +292,33 @@ pub fn normalize_event(
                 format!("`data` must be a map, got {}", other.type_name()),
             ))
         }
+    };
+
+    // The brain reads these keys as its external schedule protocol, which
+    // it accepts on `schedule.*` events only (refused above as legacy
+    // kinds); on any other event it drops the whole event after acking it.
+    for key in ["external_projection", "external_snapshot_frame"] {
+        if data.get(key).is_some() {
+            return Err(Refusal::new(
+                "invalid_event",
+                format!(
+                    "`data.{key}` belongs to the brain's external schedule protocol, which the brain accepts only on schedule events; on a {kind} event it drops the whole event. Rename or remove the key"
+                ),
+            ));
+        }
+    }
+
+    let window = (received_at - time::Duration::days(MAX_PAST_DAYS))
+        ..=(received_at + time::Duration::seconds(MAX_FUTURE_SECONDS));
+    let occurred_at = if window.contains(&occurred_at) {
+        occurred_at
+    } else {
+        if data.get(ORIGINAL_OCCURRED_AT_KEY).is_none() {
+            let original = fields.occurred_at.take().unwrap_or(Value::Null);
+            data.insert(ORIGINAL_OCCURRED_AT_KEY, original);
+        }
+        notes.time_corrected += 1;
+        received_at
     };
 
     // Room for a typical Celery event (about 460 bytes) without regrowing.
@@ -403,6 +467,16 @@ mod tests {
                 "invalid_event",
                 "ISO-8601",
             ),
+            (
+                r#"{"engine":"e","kind":"task.sent","task_id":"x","data":{"external_projection":{}}}"#,
+                "invalid_event",
+                "external schedule protocol",
+            ),
+            (
+                r#"{"engine":"e","kind":"worker.online","data":{"external_snapshot_frame":"x"}}"#,
+                "invalid_event",
+                "drops the whole event",
+            ),
         ];
         for (input, code, hint) in cases {
             let r = norm(input).unwrap_err();
@@ -419,6 +493,51 @@ mod tests {
         )
         .unwrap();
         assert!(out.contains("\"f\":958010263072.0137"), "{out}");
+    }
+
+    #[test]
+    fn times_outside_the_brains_window_become_the_receive_time_and_the_original_is_kept() {
+        let received = format_occurred_at(now());
+        let cases = [
+            ("2026-11-22T23:31:59.500000+00:00", "120 s ahead"),
+            ("2026-11-23T23:29:59+00:00", "a day ahead"),
+            ("2024-01-01T00:00:00+00:00", "nearly three years back"),
+            ("0001-01-01T00:00:00+00:00", "year 1"),
+            ("9999-12-31T00:00:00+00:00", "year 9999"),
+        ];
+        for (stamp, why) in cases {
+            let mut notes = Notes::default();
+            let input = format!(
+                r#"{{"engine":"e","kind":"task.sent","task_id":"x","occurred_at":"{stamp}","data":{{"a":1}}}}"#
+            );
+            let out = normalize_event_noting(json(&input), now(), 1 << 20, &mut notes).unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+            assert_eq!(v["occurred_at"], received.as_str(), "{why}");
+            assert_eq!(v["data"]["occurred_at_original"], stamp, "{why}");
+            assert_eq!(v["data"]["a"], 1, "{why}");
+            assert_eq!(notes.time_corrected, 1, "{why}");
+        }
+        // Inside the window (30 s ahead, 365 days back) nothing changes.
+        for stamp in [
+            "2026-11-22T23:30:29.000000+00:00",
+            "2025-11-23T00:00:00.000000+00:00",
+        ] {
+            let mut notes = Notes::default();
+            let input = format!(
+                r#"{{"engine":"e","kind":"task.sent","task_id":"x","occurred_at":"{stamp}"}}"#
+            );
+            let out = normalize_event_noting(json(&input), now(), 1 << 20, &mut notes).unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+            assert_eq!(v["occurred_at"], stamp);
+            assert!(v["data"].get("occurred_at_original").is_none());
+            assert_eq!(notes.time_corrected, 0);
+        }
+        // A client's own `occurred_at_original` is not overwritten.
+        let out = norm(
+            r#"{"engine":"e","kind":"task.sent","task_id":"x","occurred_at":"2024-01-01T00:00:00Z","data":{"occurred_at_original":"mine"}}"#,
+        )
+        .unwrap();
+        assert!(out.contains(r#""occurred_at_original":"mine""#), "{out}");
     }
 
     #[test]

@@ -174,6 +174,9 @@ pub struct SpoolStats {
     pub oldest_stored_ms: AtomicI64,
     /// Whether the last write transaction failed (disk full, I/O error).
     pub write_failing: AtomicBool,
+    /// Highest event id in the file when it was opened (0 if empty): events
+    /// up to it may have reached the brain before this process started.
+    pub max_id_at_open: AtomicI64,
 }
 
 impl SpoolStats {
@@ -575,7 +578,14 @@ impl Writer {
                 |r| r.get(0),
             )
             .optional()?;
+        let max_id: Option<i64> = conn
+            .query_row("SELECT max(id) FROM events", [], |r| r.get(0))
+            .optional()?
+            .flatten();
         let stats = Arc::new(SpoolStats::default());
+        stats
+            .max_id_at_open
+            .store(max_id.unwrap_or(0), Ordering::Relaxed);
         stats
             .oldest_stored_ms
             .store(oldest.unwrap_or(0), Ordering::Relaxed);

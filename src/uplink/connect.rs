@@ -146,15 +146,24 @@ fn classify_ws_error(e: WsError, settings: &UplinkSettings) -> Failure {
     let url = settings.endpoint.ws_url.as_str();
     match e {
         WsError::Http(resp) => {
+            // The brain upgrades every request for its agent path and
+            // refuses a bad token afterwards, with close 4401: an HTTP
+            // answer comes from a wrong path or from something in front of
+            // the brain, never from a bad token.
             let code = resp.status().as_u16();
-            let class = if code == 401 || code == 403 {
+            let class = if code == 401 {
                 FailureClass::Auth
             } else {
                 FailureClass::Connection
             };
+            let hint = match code {
+                401 => "a proxy in front of the brain asks for credentials of its own",
+                403..=405 => "the brain upgrades every request at its agent path, so the path is wrong or a proxy refused it: Z4J_BRAIN_URL is the brain's base URL (e.g. https://z4j.example.com, without /ws/agent), and a proxy must pass WebSocket upgrades (Upgrade and Connection headers)",
+                _ => "check Z4J_BRAIN_URL and any proxy in front of the brain (it must pass WebSocket upgrades)",
+            };
             Failure::new(
                 class,
-                format!("{url} answered HTTP {code} instead of a WebSocket upgrade"),
+                format!("{url} answered HTTP {code} instead of a WebSocket upgrade; {hint}"),
             )
         }
         WsError::Tls(tokio_tungstenite::tungstenite::error::TlsError::Rustls(t)) => {

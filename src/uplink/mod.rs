@@ -20,13 +20,12 @@ pub mod backoff;
 pub(crate) mod connect;
 mod session;
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-
-use std::collections::VecDeque;
 
 use crate::commands::{CommandResult, Results, Router};
 use crate::config::UplinkSettings;
@@ -37,6 +36,38 @@ use backoff::{Backoff, FailureClass};
 /// A session up at least this long counts as working: its failure resets
 /// the backoff. Shorter ones (refused right after the handshake) do not.
 pub const STABLE_SESSION: Duration = Duration::from_secs(30);
+
+/// Re-handshakes allowed in any [`REHANDSHAKE_WINDOW`]; past that, a change
+/// of the local engines waits for the window (one connection, one brain
+/// session per change at most, never one per `hello`).
+const REHANDSHAKE_BURST: usize = 3;
+/// See [`REHANDSHAKE_BURST`].
+const REHANDSHAKE_WINDOW: Duration = Duration::from_secs(60);
+
+/// When the uplink last re-handshook, to rate-limit it.
+#[derive(Debug, Default)]
+pub(crate) struct RehandshakeLimit {
+    recent: VecDeque<std::time::Instant>,
+}
+
+impl RehandshakeLimit {
+    /// The earliest moment, not before `earliest`, a re-handshake may happen.
+    pub(crate) fn next_allowed(&self, earliest: std::time::Instant) -> std::time::Instant {
+        if self.recent.len() < REHANDSHAKE_BURST {
+            return earliest;
+        }
+        let oldest = self.recent[self.recent.len() - REHANDSHAKE_BURST];
+        earliest.max(oldest + REHANDSHAKE_WINDOW)
+    }
+
+    /// Records a re-handshake.
+    pub(crate) fn record(&mut self, at: std::time::Instant) {
+        self.recent.push_back(at);
+        while self.recent.len() > REHANDSHAKE_BURST {
+            self.recent.pop_front();
+        }
+    }
+}
 
 /// How a session or connection attempt ended.
 #[derive(Debug)]
@@ -80,6 +111,8 @@ pub struct Uplink {
     unsent: VecDeque<CommandResult>,
     /// Answers the watchdog from every wait of the uplink.
     beat: crate::watchdog::Beat,
+    /// Rate limit of re-handshakes for changed local engines.
+    rehandshakes: RehandshakeLimit,
 }
 
 /// How the daemon steers the uplink's lifetime.
@@ -114,6 +147,7 @@ impl Uplink {
             results,
             unsent: VecDeque::new(),
             beat,
+            rehandshakes: RehandshakeLimit::default(),
         }
     }
 
@@ -205,5 +239,29 @@ impl Uplink {
                 _ = self.drain.cancelled(), if !draining_already => return !self.spool_is_empty(),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn rehandshakes_are_limited_to_a_burst_per_window() {
+        let t0 = Instant::now();
+        let mut limit = RehandshakeLimit::default();
+        for k in 0..REHANDSHAKE_BURST {
+            let at = t0 + Duration::from_secs(k as u64);
+            assert_eq!(limit.next_allowed(at), at, "within the burst");
+            limit.record(at);
+        }
+        let asked = t0 + Duration::from_secs(5);
+        assert_eq!(limit.next_allowed(asked), t0 + REHANDSHAKE_WINDOW);
+        limit.record(t0 + REHANDSHAKE_WINDOW);
+        assert_eq!(
+            limit.next_allowed(asked),
+            t0 + Duration::from_secs(1) + REHANDSHAKE_WINDOW
+        );
     }
 }

@@ -20,14 +20,58 @@ use crate::protocol::{self, SessionBinding, Signer, Value, Verifier};
 use crate::spool::StoredEvent;
 use crate::status::{Advertisement, UplinkState};
 
-/// One `event_batch` frame waiting for its ack.
+/// One range of spooled events in flight: sent, not yet acknowledged.
 struct InFlight {
-    frame_id: String,
+    /// Every frame id the range went out under in this session, oldest
+    /// first, with when that copy was sent. The brain acks each copy it
+    /// processes, late ones included: the first ack for any of them
+    /// settles the range.
+    copies: Vec<(String, Instant)>,
     first_id: i64,
     last_id: i64,
     events: usize,
-    sent_at: Instant,
+    /// Re-sends of this range in this session (each doubles the wait).
+    resends: u32,
+    /// Set when the brain acked a copy of another range sent after this
+    /// range's newest copy: it processes one connection's frames in order,
+    /// so it skipped this one (an ack withheld after a transient error).
+    skipped_at: Option<Instant>,
+    /// Whether no event of the range can have reached the brain before its
+    /// first copy (`copies[0]`): then a `rejected` count in that copy's ack
+    /// means events the brain dropped, not duplicates. Any other copy's ack
+    /// counts its `rejected` as duplicates.
+    first_delivery: bool,
 }
+
+impl InFlight {
+    fn first_sent_at(&self) -> Instant {
+        self.copies[0].1
+    }
+
+    fn last_sent_at(&self) -> Instant {
+        self.copies[self.copies.len() - 1].1
+    }
+}
+
+/// Most frame ids remembered for one range; older copies' acks are then
+/// not recognised (the range is settled by a newer copy's ack instead).
+const MAX_COPIES: usize = 16;
+/// The wait for an ack doubles with each re-send of a range, up to this
+/// many times the ack timeout.
+const MAX_RESEND_BACKOFF: u32 = 16;
+/// A range is late only after this many of the brain's recent frame times
+/// without an ack (and never before the ack timeout): a brain that takes
+/// longer than the ack timeout per frame is slow, not stuck, and copies
+/// would only slow it further.
+const SERVICE_TIMES_BEFORE_LATE: u32 = 3;
+/// How soon a range the brain skipped goes again: acks can arrive a little
+/// out of order, so not at once.
+const SKIPPED_GRACE: Duration = Duration::from_secs(2);
+/// The longest heartbeat cadence used, whatever the brain announces: the
+/// brain marks an agent offline after 30 s without one.
+const MAX_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(20);
+/// The longest pause between liveness pings.
+const MAX_PING_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Clock skew past which the brain refuses every signed frame.
 const FATAL_SKEW_SECONDS: f64 = 60.0;
@@ -61,6 +105,14 @@ struct Session<'a> {
     /// When the oldest WebSocket ping still waiting for any answer from the
     /// brain was sent. Anything the brain sends clears it.
     unanswered_ping_since: Option<Instant>,
+    /// When the brain last acknowledged a frame in this session (or the
+    /// session began): a brain that acks is slow, not stuck, so the ack
+    /// timeout of the range it works on counts from here.
+    last_progress: Instant,
+    /// How long the brain takes over one frame, smoothed: from when it
+    /// could start on it (its arrival or the previous ack) to its ack. A
+    /// range is not late before a few times this, whatever the ack timeout.
+    frame_service_time: Option<Duration>,
 }
 
 fn failed(class: FailureClass, error: impl Into<String>) -> SessionEnd {
@@ -185,11 +237,13 @@ impl Uplink {
             batch_max_events: settings.batch_max_events,
             inflight_frames: settings.inflight_frames,
             ack_timeout: settings.ack_timeout,
-            host_label: settings.agent_name.clone(),
+            host_label: format!("{} (worker_id {})", settings.agent_name, settings.worker_id),
             advertised,
             static_engines: settings.static_engines.clone(),
             static_capabilities: settings.static_capabilities.clone(),
             unanswered_ping_since: None,
+            last_progress: Instant::now(),
+            frame_service_time: None,
             up: self,
         };
         let up_since = Instant::now();
@@ -206,15 +260,46 @@ impl Uplink {
 
 impl Session<'_> {
     async fn run(mut self) -> SessionEnd {
+        let end = self.serve().await;
+        if let SessionEnd::Failed {
+            class: FailureClass::Protocol | FailureClass::Incompatible,
+            error,
+            ..
+        } = &end
+        {
+            // Say why before dropping the connection, so the brain's log
+            // shows a protocol error rather than a vanished peer.
+            // A close reason holds at most 123 bytes.
+            let mut cut = error.len().min(120);
+            while !error.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            let reason = error[..cut].to_string();
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                self.ws.close(Some(CloseFrame {
+                    code: CloseCode::Protocol,
+                    reason: reason.into(),
+                })),
+            )
+            .await;
+        }
+        end
+    }
+
+    async fn serve(&mut self) -> SessionEnd {
         if let Err(e) = self.send_heartbeat().await {
             return e;
         }
         if let Err(e) = self.flush_results().await {
             return e;
         }
-        let mut heartbeat = tokio::time::interval(self.ack.heartbeat_interval);
+        let mut heartbeat = tokio::time::interval(self.heartbeat_interval());
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         heartbeat.reset();
+        let mut ping = tokio::time::interval(self.ping_interval());
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ping.reset();
         let mut ack_check = tokio::time::interval(Duration::from_secs(1));
         ack_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut draining = self.up.drain.is_cancelled();
@@ -259,6 +344,8 @@ impl Session<'_> {
                 }
                 _ = heartbeat.tick() => {
                     if let Err(e) = self.send_heartbeat().await { return e; }
+                }
+                _ = ping.tick() => {
                     if let Err(e) = self.send_ping().await { return e; }
                 }
                 _ = ack_check.tick() => {
@@ -272,11 +359,16 @@ impl Session<'_> {
                         return e;
                     }
                 }
-                _ = self.up.status.clients_changed.notified() => {
-                    let now = self.advertisement_now();
-                    rehandshake_armed = now != self.advertised;
-                    if rehandshake_armed {
-                        rehandshake.as_mut().reset(tokio::time::Instant::now() + REHANDSHAKE_DEBOUNCE);
+                // The first change arms the timer and later ones do not push
+                // it back, so a stream of changes (a flood of `hello`s, a
+                // worker restarting in a loop) cannot postpone the
+                // re-handshake for ever; the rate limit keeps it from
+                // reconnecting on every change.
+                _ = self.up.status.clients_changed.notified(), if !rehandshake_armed => {
+                    if self.advertisement_now() != self.advertised {
+                        rehandshake_armed = true;
+                        let at = self.up.rehandshakes.next_allowed(Instant::now() + REHANDSHAKE_DEBOUNCE);
+                        rehandshake.as_mut().reset(tokio::time::Instant::from_std(at));
                     }
                 }
                 _ = &mut rehandshake, if rehandshake_armed => {
@@ -288,12 +380,29 @@ impl Session<'_> {
                             registered = ?now,
                             "local clients changed their engines or capabilities; reconnecting so the brain learns them"
                         );
+                        self.up.rehandshakes.record(Instant::now());
                         let _ = self.close_clean().await;
                         return SessionEnd::Rehandshake;
                     }
                 }
             }
         }
+    }
+
+    /// The heartbeat cadence: the brain's, but never so slow that the brain
+    /// marks the agent offline between two heartbeats.
+    fn heartbeat_interval(&self) -> Duration {
+        self.ack.heartbeat_interval.min(MAX_HEARTBEAT_INTERVAL)
+    }
+
+    /// How often a liveness ping goes out: often enough that a brain that
+    /// answers nothing is noticed within about the ack timeout, whatever
+    /// heartbeat interval it announces.
+    fn ping_interval(&self) -> Duration {
+        self.heartbeat_interval()
+            .min(self.ack_timeout / 2)
+            .min(MAX_PING_INTERVAL)
+            .max(Duration::from_millis(500))
     }
 
     fn spool_depth(&self) -> u64 {
@@ -390,6 +499,10 @@ impl Session<'_> {
                 continue;
             }
             let n = events.len();
+            let sent_before = self
+                .up
+                .max_forwarded_id
+                .max(self.up.spool.stats().max_id_at_open.load(Ordering::Relaxed));
             let frame_id = self.send_batch(&events).await?;
             let first_time = last > self.up.max_forwarded_id;
             if first_time {
@@ -413,11 +526,13 @@ impl Session<'_> {
                     .fetch_add(n as u64, Ordering::Relaxed);
             }
             self.inflight.push_back(InFlight {
-                frame_id,
+                copies: vec![(frame_id, Instant::now())],
                 first_id: first,
                 last_id: last,
                 events: n,
-                sent_at: Instant::now(),
+                resends: 0,
+                skipped_at: None,
+                first_delivery: first > sent_before,
             });
         }
         Ok(())
@@ -442,15 +557,46 @@ impl Session<'_> {
         Ok(frame_id)
     }
 
-    async fn resend_overdue(&mut self) -> Result<(), SessionEnd> {
-        let overdue = self
+    /// How long the brain may take to ack a range that has gone `resends`
+    /// times already.
+    fn ack_wait(&self, resends: u32) -> Duration {
+        self.ack_timeout * 2u32.pow(resends.min(4)).min(MAX_RESEND_BACKOFF)
+    }
+
+    /// The range to send again now, if any. The brain works through one
+    /// connection's frames in order, so only the range it should be on (the
+    /// one whose newest copy went out first) can be late; the ones behind it
+    /// wait their turn. A range it skipped goes again after a short grace.
+    fn overdue(&self, now: Instant) -> Option<usize> {
+        if let Some(i) = self
             .inflight
             .iter()
-            .position(|f| f.sent_at.elapsed() >= self.ack_timeout);
-        let Some(i) = overdue else { return Ok(()) };
-        let (first, last, old_id) = {
+            .position(|f| f.skipped_at.is_some_and(|at| now >= at + SKIPPED_GRACE))
+        {
+            return Some(i);
+        }
+        let (i, f) = self
+            .inflight
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, f)| f.last_sent_at())?;
+        let waiting_since = f.last_sent_at().max(self.last_progress);
+        let wait = self.ack_wait(f.resends).max(
+            self.frame_service_time
+                .map(|t| (t * SERVICE_TIMES_BEFORE_LATE).min(self.ack_timeout * MAX_RESEND_BACKOFF))
+                .unwrap_or_default(),
+        );
+        (now >= waiting_since + wait).then_some(i)
+    }
+
+    async fn resend_overdue(&mut self) -> Result<(), SessionEnd> {
+        let Some(i) = self.overdue(Instant::now()) else {
+            return Ok(());
+        };
+        let (first, last, old_id, skipped) = {
             let f = &self.inflight[i];
-            (f.first_id, f.last_id, f.frame_id.clone())
+            let (id, _) = &f.copies[f.copies.len() - 1];
+            (f.first_id, f.last_id, id.clone(), f.skipped_at.is_some())
         };
         let events = self.up.spool.read_range(first, last).await.map_err(|e| {
             failed(
@@ -463,20 +609,35 @@ impl Session<'_> {
             self.inflight.remove(i);
             return Ok(());
         }
-        tracing::warn!(
-            frame_id = %old_id,
-            events = events.len(),
-            ack_timeout_s = self.ack_timeout.as_secs(),
-            "no ack from the brain in time; re-sending the frame (re-signed)"
-        );
+        let resends = self.inflight[i].resends + 1;
+        if skipped {
+            tracing::warn!(
+                frame_id = %old_id,
+                events = events.len(),
+                "the brain acknowledged a later frame but not this one (it withholds the ack after a transient error of its own); re-sending the frame (re-signed)"
+            );
+        } else {
+            tracing::warn!(
+                frame_id = %old_id,
+                events = events.len(),
+                waited_s = self.ack_wait(resends - 1).as_secs(),
+                next_wait_s = self.ack_wait(resends).as_secs(),
+                "no ack from the brain in time; re-sending the frame (re-signed); an ack for either copy settles it"
+            );
+        }
         let new_id = self.send_batch(&events).await?;
         self.up
             .status
             .events_resent
             .fetch_add(events.len() as u64, Ordering::Relaxed);
         let f = &mut self.inflight[i];
-        f.frame_id = new_id;
-        f.sent_at = Instant::now();
+        if f.copies.len() == MAX_COPIES {
+            f.copies.remove(0);
+            f.first_delivery = false;
+        }
+        f.copies.push((new_id, Instant::now()));
+        f.resends = resends;
+        f.skipped_at = None;
         f.events = events.len();
         Ok(())
     }
@@ -621,15 +782,35 @@ impl Session<'_> {
         let Some(acked) = payload.get("acked_id").and_then(Value::as_str) else {
             return Ok(());
         };
-        let Some(i) = self.inflight.iter().position(|f| f.frame_id == acked) else {
+        let now = Instant::now();
+        let found = self.inflight.iter().enumerate().find_map(|(i, f)| {
+            f.copies
+                .iter()
+                .position(|(id, _)| id == acked)
+                .map(|c| (i, c, f.copies[c].1))
+        });
+        let Some((i, copy, copy_sent_at)) = found else {
             tracing::debug!(
                 acked_id = acked,
-                "ack for a frame no longer in flight (already re-sent or acked)"
+                "ack for a frame no longer in flight (a copy of a range already acked)"
             );
             return Ok(());
         };
+        let took = now.duration_since(copy_sent_at.max(self.last_progress));
+        self.frame_service_time = Some(match self.frame_service_time {
+            None => took,
+            Some(t) => t.mul_f64(0.7) + took.mul_f64(0.3),
+        });
+        self.last_progress = now;
         let f = self.inflight.remove(i).expect("position is valid");
-        let latency = f.sent_at.elapsed();
+        // Ranges whose newest copy went out before the acked one were
+        // passed over by the brain.
+        for other in self.inflight.iter_mut() {
+            if other.last_sent_at() < copy_sent_at && other.skipped_at.is_none() {
+                other.skipped_at = Some(now);
+            }
+        }
+        let latency = now.duration_since(f.first_sent_at());
         self.up.status.ack_latency.observe(latency.as_secs_f64());
         self.up
             .spool
@@ -648,15 +829,52 @@ impl Session<'_> {
         self.up
             .status
             .update_uplink(|u| u.last_ack_at = Some(OffsetDateTime::now_utc()));
-        let accepted = payload.get("accepted").and_then(Value::as_u64).unwrap_or(0);
+        let accepted = payload.get("accepted").and_then(Value::as_u64);
+        let rejected = payload.get("rejected").and_then(Value::as_u64).unwrap_or(0);
+        self.count_rejected(&f, acked, rejected, f.first_delivery && copy == 0);
         tracing::debug!(
             frame_id = acked,
             events = f.events,
             accepted,
+            rejected,
             latency_ms = latency.as_millis() as u64,
             "batch acknowledged"
         );
         Ok(())
+    }
+
+    /// Counts the events the brain acknowledged without storing. On a
+    /// range's first delivery they are events it dropped: counted as lost,
+    /// with a warning (the brain says no more; its log has the reason). On
+    /// a re-sent copy they are the duplicates a re-send is meant to make.
+    fn count_rejected(&self, f: &InFlight, acked: &str, rejected: u64, first_delivery: bool) {
+        if rejected == 0 {
+            return;
+        }
+        let rejected = rejected.min(f.events as u64);
+        if first_delivery {
+            self.up
+                .status
+                .events_rejected_by_brain
+                .fetch_add(rejected, Ordering::Relaxed);
+            tracing::warn!(
+                frame_id = acked,
+                events = f.events,
+                rejected,
+                "the brain acknowledged a frame but did not store some of its events (sent for the first time, so not duplicates): they are lost and counted in dropped (brain_rejected); the brain's log names the reason (\"per-event ingest failed\")"
+            );
+        } else {
+            self.up
+                .status
+                .events_duplicate_at_brain
+                .fetch_add(rejected, Ordering::Relaxed);
+            tracing::debug!(
+                frame_id = acked,
+                events = f.events,
+                rejected,
+                "the brain already had events of a re-sent frame (expected: it stores each once)"
+            );
+        }
     }
 
     fn advertisement_now(&self) -> Advertisement {

@@ -13,6 +13,7 @@ because they read every daemon log of the session.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import os
 import re
 import socket
@@ -351,3 +352,114 @@ def test_daemon_logs_are_json_lines(daemon, all_daemons):
                     bad.append(f"{p.name} ({d.workdir.name}): {ln[:200]}")
     assert n > 0, "no daemon log lines captured"
     assert not bad, f"{len(bad)} non-JSON log lines:\n" + "\n".join(bad[:20])
+
+
+def test_out_of_window_times_are_stored_once_however_often_the_spool_is_delivered(brain, agent, daemon_factory):
+    """Events stamped where the brain would put its own clock instead (more
+    than 60 s ahead, more than 400 days back) reach the brain three times,
+    from three copies of one spool: each is stored once, at the time the
+    daemon received it, with the client's time in `data`."""
+    import datetime as dt
+    import shutil
+
+    from brain import free_port
+
+    tag = os.urandom(3).hex()
+    now = dt.datetime.now(dt.timezone.utc)
+    stamps = {
+        "ahead-2min": (now + dt.timedelta(seconds=120)).isoformat(),
+        "ahead-1day": (now + dt.timedelta(days=1)).isoformat(),
+        "year-2024": "2024-01-01T00:00:00+00:00",
+        "year-1": "0001-01-01T00:00:00+00:00",
+        "year-9999": "9999-12-31T00:00:00+00:00",
+        "in-window": (now - dt.timedelta(seconds=5)).isoformat(),
+    }
+    events = [
+        {"engine": ENGINE, "kind": "task.received", "task_id": f"oow-{tag}-{name}",
+         "occurred_at": stamp, "data": {"task_name": "proj.clock"}}
+        for name, stamp in stamps.items()
+    ]
+    # Stored while no brain answers: the events wait in the spool.
+    a = daemon_factory(agent, Z4J_BRAIN_URL=f"http://127.0.0.1:{free_port()}")
+    with SockClient(a.socket_path) as c:
+        reply = c.request({"type": "events", "events": events, "ack_id": 1})
+    assert reply.get("type") == "ack" and reply.get("stored") == len(events), reply
+    assert a.stop() == 0
+    copies = []
+    for n in range(3):
+        d = daemon_factory(agent, start=False)
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(str(a.buffer_path) + suffix)
+            if src.exists():
+                shutil.copy2(src, str(d.buffer_path) + suffix)
+        copies.append(d)
+    received_rows = None
+    for d in copies:
+        d.start()
+        wait_drained(d, len(events), timeout=60)
+        assert d.stop() == 0
+        rows = brain_db(
+            brain,
+            "SELECT task_id, occurred_at, payload FROM events WHERE agent_id = ? AND task_id LIKE ?",
+            (hexid(agent["agent_id"]), f"oow-{tag}-%"),
+        )
+        by_task = {}
+        for r in rows:
+            by_task.setdefault(r["task_id"], []).append(r)
+        dup = {t: len(v) for t, v in by_task.items() if len(v) != 1}
+        assert not dup and len(by_task) == len(events), (
+            f"one row per event after each delivery: {dup or sorted(by_task)}")
+        if received_rows is None:
+            received_rows = rows
+    for r in received_rows:
+        name = r["task_id"].split(f"oow-{tag}-", 1)[1]
+        data = json.loads(r["payload"]) if isinstance(r["payload"], str) else r["payload"]
+        if name == "in-window":
+            assert "occurred_at_original" not in data, r
+        else:
+            assert data.get("occurred_at_original", "")[:10] == stamps[name][:10], r
+
+
+def test_events_the_brain_would_drop_are_refused_and_those_it_drops_are_counted(brain, agent, daemon):
+    """Events whose `data` carries the brain's external schedule keys on a
+    task event are refused at ingest (the brain would ack and drop them);
+    an event the brain still does not store on its first delivery (here:
+    the same task, kind and second as another) is counted as dropped, with
+    a warning, not reported as delivered."""
+    tag = os.urandom(3).hex()
+    import datetime as dt
+
+    at = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=10)).replace(microsecond=250000).isoformat()
+    ok = {"engine": ENGINE, "kind": "task.received", "task_id": f"bd-{tag}-ok", "data": {"task_name": "proj.ok"}}
+    bad = [
+        {"engine": ENGINE, "kind": "task.received", "task_id": f"bd-{tag}-p", "data": {"external_projection": "x"}},
+        {"engine": ENGINE, "kind": "task.received", "task_id": f"bd-{tag}-f", "data": {"external_snapshot_frame": {}}},
+        {"engine": ENGINE, "kind": "task.succeeded", "task_id": f"bd-{tag}-b",
+         "data": {"external_projection": {}, "external_snapshot_frame": {}}},
+    ]
+    with SockClient(daemon.socket_path) as c:
+        c.sock.sendall((json.dumps({"type": "events", "events": [ok] + bad, "ack_id": 1}) + "\n").encode())
+        replies = [c.read() for _ in range(4)]
+    errors = [r for r in replies if r.get("type") == "error"]
+    acks = [r for r in replies if r.get("type") == "ack"]
+    assert len(errors) == 3 and all("external schedule protocol" in e["message"] for e in errors), replies
+    assert acks and acks[0]["stored"] == 1, replies
+
+    # Two different events for one task, kind and second: the brain keeps one.
+    twins = [
+        {"engine": ENGINE, "kind": "task.started", "task_id": f"bd-{tag}-twin", "occurred_at": at,
+         "data": {"task_name": "proj.twin", "n": n}}
+        for n in (1, 2)
+    ]
+    with SockClient(daemon.socket_path) as c:
+        reply = c.request({"type": "events", "events": twins, "ack_id": 2})
+    assert reply.get("stored") == 2, reply
+    s = daemon.wait_stats(lambda s: s["spool_depth"] == 0 and s["acked"] >= 3, 60, "the spool drained")
+    assert s["dropped_by_reason"]["brain_rejected"] == 1, s
+    assert s["dropped"] == 1 and s["brain_duplicates"] == 0, s
+    rows = event_rows_by_task(brain, agent["agent_id"])
+    assert rows.get(f"bd-{tag}-ok") == {"task.received": 1}, rows
+    assert rows.get(f"bd-{tag}-twin") == {"task.started": 1}, rows
+    assert not any(t.startswith(f"bd-{tag}-") and t[len(f"bd-{tag}-"):] in ("p", "f", "b") for t in rows), rows
+    warned = [ln for ln in daemon.log_text().splitlines() if "did not store some of its events" in ln]
+    assert len(warned) == 1, warned

@@ -55,6 +55,14 @@ pub struct Behavior {
     pub freeze_sessions: usize,
     /// `heartbeat_interval_seconds` in `hello_ack` (default 10, the brain's).
     pub heartbeat_interval_seconds: Option<u64>,
+    /// A slow brain: each `event_batch` takes this long, one after another
+    /// in arrival order (as the real brain works through one connection's
+    /// frames), before its ack goes out. Reading goes on meanwhile, so
+    /// pings are answered.
+    pub ack_delay: Option<std::time::Duration>,
+    /// Events whose `task_id` contains this are not stored, as the brain
+    /// drops an event it cannot ingest: counted in the ack's `rejected`.
+    pub reject_task_ids_containing: Option<String>,
 }
 
 /// What the fake saw.
@@ -84,6 +92,9 @@ pub struct Seen {
     pub verify_failures: Mutex<Vec<String>>,
     /// `command_ack` and `command_result` frames: (type, id, payload).
     pub command_frames: Mutex<Vec<(String, String, Value)>>,
+    /// Events stored: distinct ids, not refused by
+    /// `reject_task_ids_containing`.
+    pub stored_event_ids: Mutex<BTreeSet<String>>,
 }
 
 /// A running fake brain.
@@ -241,12 +252,24 @@ async fn serve(
     let mut wrong_signer = Signer::new(wrong, binding);
     let mut last_ack: Option<Vec<u8>> = None;
     let mut held: Option<Vec<Ack>> = None;
+    // Acks of a slow brain, with when each is due.
+    let mut slow: std::collections::VecDeque<(tokio::time::Instant, Ack)> = Default::default();
     loop {
+        let next_slow = slow.front().map(|(at, _)| *at);
         let msg = tokio::select! {
             m = ws.next() => match m {
                 Some(m) => m,
                 None => return,
             },
+            _ = tokio::time::sleep_until(next_slow.unwrap_or_else(tokio::time::Instant::now)), if next_slow.is_some() => {
+                let (_, ack) = slow.pop_front().expect("checked");
+                seen.acks_sent.fetch_add(1, Ordering::SeqCst);
+                let out = ack.sign(&mut signer, &mut wrong_signer);
+                if ws.send(Message::binary(out)).await.is_err() {
+                    return;
+                }
+                continue;
+            }
             // A held ack goes out anyway if no other ack follows soon.
             _ = tokio::time::sleep(std::time::Duration::from_millis(200)), if held.is_some() => {
                 for ack in held.take().into_iter().flatten() {
@@ -322,6 +345,30 @@ async fn serve(
             .iter()
             .filter_map(|e| e.get("id").and_then(Value::as_str).map(str::to_owned))
             .collect();
+        let (reject_marker, ack_delay) = {
+            let b = behavior.lock().unwrap();
+            (b.reject_task_ids_containing.clone(), b.ack_delay)
+        };
+        let mut accepted = 0u64;
+        {
+            let mut stored = seen.stored_event_ids.lock().unwrap();
+            for e in frame
+                .payload
+                .get("events")
+                .and_then(Value::as_array)
+                .unwrap_or(&[])
+            {
+                let task = e.get("task_id").and_then(Value::as_str).unwrap_or("");
+                if reject_marker.as_deref().is_some_and(|m| task.contains(m)) {
+                    continue;
+                }
+                if let Some(id) = e.get("id").and_then(Value::as_str) {
+                    if stored.insert(id.to_string()) {
+                        accepted += 1;
+                    }
+                }
+            }
+        }
         seen.event_ids.lock().unwrap().extend(ids.iter().cloned());
         seen.task_ids.lock().unwrap().extend(
             frame
@@ -351,8 +398,25 @@ async fn serve(
         let mut payload = Value::empty_map();
         payload.insert("acked_id", frame.id.as_str());
         payload.insert("received", ids.len() as u64);
-        payload.insert("accepted", ids.len() as u64);
-        payload.insert("rejected", 0u64);
+        payload.insert("accepted", accepted);
+        payload.insert("rejected", ids.len() as u64 - accepted);
+        if let Some(delay) = ack_delay {
+            let start = slow
+                .back()
+                .map(|(at, _)| *at)
+                .unwrap_or_else(tokio::time::Instant::now)
+                .max(tokio::time::Instant::now());
+            slow.push_back((
+                start + delay,
+                Ack {
+                    id: format!("eba_{}", frame.id),
+                    payload,
+                    stale_by: None,
+                    bad: false,
+                },
+            ));
+            continue;
+        }
         let (duplicate, reorder, replay, stale_by) = {
             let mut b = behavior.lock().unwrap();
             let duplicate = b.duplicate_acks > 0;
