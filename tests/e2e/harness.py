@@ -641,12 +641,14 @@ class BrainThrottle:
             signal_brain(self.brain, signal.SIGCONT)
 
     def stop(self) -> None:
+        """Ends the cycle and resumes the brain. Idempotent; fine before start() too."""
         self._stop.set()
-        self._thread.join(10)
-        assert not self._thread.is_alive(), "the brain throttle did not stop"
+        if self.started:
+            self._thread.join(10)
+            assert not self._thread.is_alive(), "the brain throttle did not stop"
+            if self.ended is None:
+                self.ended = time.monotonic()
         signal_brain(self.brain, signal.SIGCONT)
-        if self.ended is None:
-            self.ended = time.monotonic()
 
     def run_fraction(self) -> float:
         wall = (self.ended or time.monotonic()) - self.started

@@ -15,19 +15,22 @@ run.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
 import time
+from datetime import datetime, timedelta, timezone
 from typing import Dict, List, Optional, Set
 
 import pytest
 
-from harness import BrainThrottle, signal_brain
+from harness import BrainThrottle, brain_db, hexid, signal_brain
 from test_end_to_end import assert_one_worker_slot, wait_drained
 from test_faults import (
     ENGINE,
     WORKER,
+    Producer,
     brain_events,
     check_stored_once,
     check_tasks_stored_once,
@@ -40,11 +43,12 @@ from test_faults import (
 )
 
 # The brain runs 40 ms out of every 400 ms: about a tenth of its speed (on a
-# 2-core machine some 15 stored events a second instead of 150), in slices
+# 2-core machine some 15-25 stored events a second instead of 150-250), in slices
 # short enough that it still answers a WebSocket ping well within the ack
 # timeout, so the session stays up and only the acks come late.
 SLOW_RUN_S = 0.04
 SLOW_PERIOD_S = 0.4
+FIRST_FREEZE_S = 3.0
 
 
 def pause(seconds: float) -> None:
@@ -61,17 +65,17 @@ def open_client(socket_path) -> "sender.Conn":
     return conn
 
 
-def send_backlog(conn, prefix: str, tasks: int, per_message: int) -> List[str]:
-    """`tasks` whole lifecycles (3 events each), `per_message` tasks a message, each
-    message durably acked before the next; returns the task ids."""
+def send_backlog(conn, prefix: str, messages: List[int]) -> List[str]:
+    """One message per entry of `messages`, holding that many whole task lifecycles
+    (3 events each), each message durably acked before the next; returns the task ids."""
     clock = sender.Clock()
     sent: List[str] = []
-    for first in range(0, tasks, per_message):
-        ids = [f"{prefix}{i}" for i in range(first, min(tasks, first + per_message))]
+    for n, size in enumerate(messages, start=1):
+        ids = [f"{prefix}{len(sent) + k}" for k in range(size)]
         events = [e for t in ids for e in sender.lifecycle(ENGINE, t, False, clock, WORKER)]
-        conn.send({"type": "events", "ack_id": first + 1, "events": events})
+        conn.send({"type": "events", "ack_id": n, "events": events})
         reply = conn.recv(time.monotonic() + 10.0)
-        assert reply.get("type") == "ack" and reply.get("ack_id") == first + 1 \
+        assert reply.get("type") == "ack" and reply.get("ack_id") == n \
             and reply.get("stored") == len(events), f"durable ack for {len(events)} events: {reply}"
         sent += ids
     return sent
@@ -114,24 +118,37 @@ SLOW_CONFIGS: Dict[str, Dict[str, str]] = {
 
 
 @pytest.mark.parametrize("config", list(SLOW_CONFIGS))
-def test_a_slowed_brain_keeps_delivering_what_it_acks_late(brain, agent, daemon_factory, config):
+def test_a_slowed_brain_keeps_delivering(brain, agent, daemon_factory, config):
     """A backlog goes out to a brain running a tenth of the time: frames go again before
     the brain acks them; its late acks still count; the spool drains; everything once."""
-    tasks, per_message = 150, 15
+    # One large message, then small ones: the first frame holds 250 (default) or 300
+    # events, and the small messages make frames of their own behind it while the window
+    # has room (4 in flight: 300, 15, 15, 15; then the rest).
+    messages = [100, 5, 5, 5, 5]
+    tasks = sum(messages)
     # Z4J_ENGINES: the client's hello changes nothing, so no re-handshake comes mid-test.
     d = daemon_factory(agent, Z4J_ENGINES=ENGINE, **SLOW_CONFIGS[config])
     conn = open_client(d.socket_path)
+    throttle = BrainThrottle(brain, SLOW_RUN_S, SLOW_PERIOD_S)
     try:
         wait_session_settled(d, quiet=1.0)
-        with BrainThrottle(brain, SLOW_RUN_S, SLOW_PERIOD_S) as throttle:
-            t0 = time.monotonic()
-            task_ids = send_backlog(conn, f"s{os.urandom(3).hex()}-", tasks, per_message)
-            # Stuck means no event acked for 60 s: at a tenth of its speed the brain needs
-            # some 15 s for the largest frame here (250 events), plus the copies sent again.
-            timeline = watch_delivery(d, brain, agent, stall=60, timeout=240)
-            drained_after = time.monotonic() - t0
+        # The slow spell begins with the brain frozen for 3 s (less than the ack timeout, so
+        # its pings are still answered in time): the first frame cannot be acknowledged
+        # within the ack timeout however fast this machine's brain is, so it goes again
+        # and the brain's ack for its first copy comes late.
+        assert signal_brain(brain, signal.SIGSTOP), "brain not running"
+        t0 = time.monotonic()
+        task_ids = send_backlog(conn, f"s{os.urandom(3).hex()}-", messages)
+        pause(FIRST_FREEZE_S - (time.monotonic() - t0))
+        throttle.start()
+        # Stuck means no event acked for 60 s: at a tenth of its speed the brain needs
+        # up to some 20 s for the first frame, and as long again for its copy.
+        timeline = watch_delivery(d, brain, agent, stall=60, timeout=240)
+        drained_after = time.monotonic() - t0
+        throttle.stop()
         assert throttle.run_fraction() < 0.2, f"the brain was not slowed down: ran {throttle.run_fraction():.0%}"
     finally:
+        throttle.stop()  # also resumes a brain frozen before the throttle started
         conn.close()
 
     stats = d.stats()
@@ -153,6 +170,43 @@ def test_a_slowed_brain_keeps_delivering_what_it_acks_late(brain, agent, daemon_
 CHAOS_ACK_TIMEOUT = 3
 CHAOS_STEPS = 14
 FAULTS = ("daemon_kill", "brain_kill", "brain_freeze", "brain_slow")
+
+
+class AheadProducer(Producer):
+    """A durable client of which every 5th task is stamped 2 minutes ahead: outside the
+    brain's window, where it would put its own clock at each delivery (so a copy sent
+    again would be another row) unless the daemon stamps the event in-window at ingest."""
+
+    def __init__(self, socket_path, prefix: str, interval: float) -> None:
+        super().__init__(socket_path, prefix, interval)
+        self.ahead: Set[str] = set()
+
+    def events(self, i: int, task_id: str, clock) -> list:
+        evs = super().events(i, task_id, clock)
+        if i % 5 == 0:
+            at = datetime.now(timezone.utc) + timedelta(minutes=2)
+            for k, e in enumerate(evs):
+                e["occurred_at"] = sender.iso(at + timedelta(milliseconds=k))
+            with self.lock:
+                self.ahead.add(task_id)
+        return evs
+
+
+def check_ahead_stored_in_window(brain, agent: dict, tasks: Set[str]) -> int:
+    """The rows of the tasks stamped 2 minutes ahead: at a time within the brain's
+    window, with the client's time kept in `occurred_at_original`. Returns the rows."""
+    rows = brain_db(brain, "SELECT task_id, kind, occurred_at, payload FROM events WHERE agent_id = ?",
+                    (hexid(agent["agent_id"]),))
+    ours = [r for r in rows if r["task_id"] in tasks]
+    bad = []
+    for r in ours:
+        data = json.loads(r["payload"]) if isinstance(r["payload"], str) else r["payload"]
+        original = (data or {}).get("occurred_at_original")
+        stored = datetime.fromisoformat(str(r["occurred_at"])).replace(tzinfo=timezone.utc)
+        if not original or datetime.fromisoformat(original) - stored < timedelta(seconds=90):
+            bad.append((r["task_id"], r["kind"], r["occurred_at"], original))
+    assert not bad, f"tasks stamped 2 min ahead not stored in the window with their original time: {bad[:5]}"
+    return len(ours)
 
 
 def chaos_plan(rng: random.Random, steps: int) -> List[dict]:
@@ -228,7 +282,11 @@ def test_chaos_kills_freezes_and_a_slow_brain_while_clients_send(brain, agent, d
                        Z4J_BATCH_MAX_EVENTS="1500", Z4J_INFLIGHT_FRAMES="4")
     # About 30 events/s: the brain keeps up at full speed and falls behind while it is
     # slowed, frozen or down, so every fault meets a backlog.
-    producers = start_producers(d.socket_path, f"c{os.urandom(3).hex()}", n=2, interval=0.15)
+    tag = os.urandom(3).hex()
+    producers = start_producers(d.socket_path, f"c{tag}", n=2, interval=0.15)
+    ahead_producer = AheadProducer(d.socket_path, f"c{tag}-ahead-", interval=0.5)
+    ahead_producer.start()
+    producers.append(ahead_producer)
     t0 = time.monotonic()
     done: List[str] = []
     try:
@@ -253,6 +311,9 @@ def test_chaos_kills_freezes_and_a_slow_brain_while_clients_send(brain, agent, d
     wait_in_brain(brain, agent, acked, timeout=240)
     stats = wait_drained(d, 0, timeout=180)
     counts = check_stored_once(brain, agent, producers)
+    ahead_acked = ahead_producer.ahead & acked
+    ahead_rows = check_ahead_stored_in_window(brain, agent, ahead_producer.ahead)
+    assert len(ahead_acked) >= 5 and ahead_rows >= 3 * len(ahead_acked), (len(ahead_acked), ahead_rows)
     settle_s = time.monotonic() - t0 - chaos_s
     errors = [e for p in producers for e in p.errors]
     assert not errors, f"the daemon answered with errors: {errors[:5]}"
@@ -265,5 +326,6 @@ def test_chaos_kills_freezes_and_a_slow_brain_while_clients_send(brain, agent, d
     assert "panicked" not in d.log_text()
     faults = {k: sum(1 for s in plan if s["fault"] == k) for k in FAULTS}
     print(f"seed {seed}: {faults}, daemon kills {kills}; chaos {chaos_s:.0f}s, settled in {settle_s:.0f}s; "
-          f"{counts}; reconnects {sum(p.reconnects for p in producers)}; resent {stats['resent']} (this run); "
+          f"{counts}, of them stamped 2 min ahead: {len(ahead_acked)} acked; "
+          f"reconnects {sum(p.reconnects for p in producers)}; resent {stats['resent']} (last daemon run); "
           f"steps: {' '.join(done)}")

@@ -64,6 +64,10 @@ class Producer(threading.Thread):
         with self.lock:
             return len(self.acked)
 
+    def events(self, i: int, task_id: str, clock) -> list:
+        """The events of message `i`: one task's lifecycle."""
+        return sender.lifecycle(ENGINE, task_id, False, clock, WORKER)
+
     def _connect(self):
         conn = sender.Conn(self.socket_path)
         conn.send({"type": "hello", "process": "test_faults", "pid": os.getpid(), "framework": "bare",
@@ -83,8 +87,7 @@ class Producer(threading.Thread):
                     continue
             i += 1
             task_id = f"{self.prefix}{i}"
-            msg = {"type": "events", "ack_id": i,
-                   "events": sender.lifecycle(ENGINE, task_id, False, clock, WORKER)}
+            msg = {"type": "events", "ack_id": i, "events": self.events(i, task_id, clock)}
             try:
                 conn.send(msg)
                 reply = conn.recv(time.monotonic() + 10.0)
