@@ -24,8 +24,11 @@ pub fn socket_path(
         return Ok(p);
     }
     if let Some(file) = config_file.filter(|p| !p.as_os_str().is_empty()) {
-        let text = std::fs::read_to_string(file)
-            .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+        let text = crate::config::read_small_file(file, crate::config::MAX_CONFIG_FILE_BYTES)
+            .map_err(|e| format!("cannot read {}: {e}", file.display()))
+            .and_then(|b| {
+                String::from_utf8(b).map_err(|_| format!("{} is not UTF-8 text", file.display()))
+            })?;
         let table: toml::Table = toml::from_str(&text)
             .map_err(|e| format!("{} is not valid TOML: {}", file.display(), e.message()))?;
         if let Some(p) = table.get("socket_path").and_then(toml::Value::as_str) {

@@ -7,6 +7,8 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use tokio::sync::{oneshot, watch};
@@ -187,8 +189,13 @@ fn run(options: Options) -> ExitCode {
     config.watchdog = crate::systemd::watchdog_timeout();
     init_logging(&config);
     // Before the runtime starts threads: every client connection takes a
-    // descriptor.
-    crate::ingest::raise_fd_limit(config.max_clients);
+    // descriptor, and so does every metrics connection (plus one refused
+    // at a time).
+    let metrics_connections = match config.metrics_addr {
+        Some(_) => crate::metrics::MAX_CONNECTIONS + 1,
+        None => 0,
+    };
+    crate::ingest::raise_fd_limit(config.max_clients, metrics_connections);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -201,7 +208,7 @@ fn run(options: Options) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    runtime.block_on(async move {
+    let code = runtime.block_on(async move {
         let (settings_tx, settings_rx) = watch::channel(config.uplink.clone());
         let shutdown = CancellationToken::new();
         let signals = tokio::spawn(handle_signals(options, settings_tx, shutdown.clone()));
@@ -216,16 +223,52 @@ fn run(options: Options) -> ExitCode {
                 ExitCode::from(e.exit_code())
             }
         }
-    })
+    });
+    // A SIGHUP reload stuck on a hung filesystem must not hold up the exit.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    code
+}
+
+/// Longest a SIGHUP waits for the configuration and secret files to be
+/// read; past it the current settings stay (the read may go on in the
+/// background and its result is dropped).
+const RELOAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Re-reads the configuration and the secret files off the runtime (they
+/// may sit on a slow filesystem) and sends the new settings; keeps the
+/// current ones, with an error naming the setting, when anything is wrong.
+async fn reload(options: Options, settings: Arc<watch::Sender<crate::config::UplinkSettings>>) {
+    let read = tokio::task::spawn_blocking(move || options.resolve(HostEnv::from_process()));
+    match tokio::time::timeout(RELOAD_TIMEOUT, read).await {
+        Ok(Ok(Ok(c))) => {
+            tracing::info!("SIGHUP: configuration and secret files re-read");
+            let _ = settings.send(c.uplink);
+        }
+        Ok(Ok(Err(e))) => tracing::error!(
+            error = %e,
+            "SIGHUP: the new configuration is invalid; keeping the current one"
+        ),
+        Ok(Err(e)) => tracing::error!(
+            error = %e,
+            "SIGHUP: reading the configuration failed; keeping the current one"
+        ),
+        Err(_) => tracing::error!(
+            "SIGHUP: reading the configuration and secret files took more than {} s (a hung filesystem?); keeping the current one",
+            RELOAD_TIMEOUT.as_secs()
+        ),
+    }
 }
 
 /// SIGTERM/SIGINT: graceful stop, a second one exits at once.
-/// SIGHUP: re-read the configuration and secret files, then reconnect.
+/// SIGHUP: re-read the configuration and secret files (in a task of its
+/// own, so a slow read never delays SIGTERM), then reconnect.
 async fn handle_signals(
     options: Options,
     settings: watch::Sender<crate::config::UplinkSettings>,
     shutdown: CancellationToken,
 ) {
+    let settings = Arc::new(settings);
+    let mut reloading: Option<tokio::task::JoinHandle<()>> = None;
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
@@ -240,12 +283,10 @@ async fn handle_signals(
             _ = term.recv() => {}
             _ = int.recv() => {}
             _ = hup.recv() => {
-                match options.resolve(HostEnv::from_process()) {
-                    Ok(c) => {
-                        tracing::info!("SIGHUP: configuration and secret files re-read");
-                        let _ = settings.send(c.uplink);
-                    }
-                    Err(e) => tracing::error!(error = %e, "SIGHUP: the new configuration is invalid; keeping the current one"),
+                if reloading.as_ref().is_some_and(|r| !r.is_finished()) {
+                    tracing::warn!("SIGHUP: the previous reload is still reading the configuration; ignoring this one");
+                } else {
+                    reloading = Some(tokio::spawn(reload(options.clone(), settings.clone())));
                 }
                 continue;
             }

@@ -493,6 +493,25 @@ fn parse_id_list(key: &'static str, v: Option<String>) -> Result<Vec<u32>, Confi
         .collect()
 }
 
+/// Whether `name` is the loopback name `localhost`, in any case, with or
+/// without the trailing dot of its absolute form (`localhost.`).
+pub fn is_localhost_name(name: &str) -> bool {
+    name.strip_suffix('.')
+        .unwrap_or(name)
+        .eq_ignore_ascii_case("localhost")
+}
+
+/// Whether `ip` is a loopback address: 127.0.0.0/8, `::1`, or 127.0.0.0/8
+/// written as an IPv4-mapped IPv6 address (`::ffff:127.0.0.1`).
+pub fn ip_is_loopback(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.is_loopback(),
+        std::net::IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    }
+}
+
 /// Parses and checks the brain URL, applying the `ws://` loopback rule.
 pub fn parse_brain_url(raw: &str, dev_mode: bool) -> Result<BrainEndpoint, ConfigError> {
     const KEY: &str = "Z4J_BRAIN_URL";
@@ -523,17 +542,28 @@ pub fn parse_brain_url(raw: &str, dev_mode: bool) -> Result<BrainEndpoint, Confi
             "credentials in the URL are not allowed; use Z4J_TOKEN_FILE",
         ));
     }
-    let bare_host = host.trim_start_matches('[').trim_end_matches(']');
-    let loopback = matches!(bare_host, "localhost" | "127.0.0.1" | "::1");
+    let loopback = match url.host() {
+        Some(url::Host::Domain(name)) => is_localhost_name(name),
+        Some(url::Host::Ipv4(ip)) => ip_is_loopback(ip.into()),
+        Some(url::Host::Ipv6(ip)) => ip_is_loopback(ip.into()),
+        None => false,
+    };
     if !tls && !loopback && !dev_mode {
         return Err(ConfigError::new(
             KEY,
             format!(
                 "plain ws:// to {host} would send the token unencrypted; use https:// \
-                 (only localhost, 127.0.0.1 and ::1 may use http://), or set Z4J_DEV_MODE=true for a test setup"
+                 (only loopback hosts, localhost, 127.0.0.0/8 and ::1, may use http://), or set Z4J_DEV_MODE=true for a test setup"
             ),
         ));
     }
+    // `localhost.` (the absolute form) is `localhost`; not every resolver
+    // reads /etc/hosts for the dotted form, so connect to the plain name.
+    let host = match url.host() {
+        Some(url::Host::Domain(name)) if is_localhost_name(name) => "localhost".to_string(),
+        _ => host,
+    };
+    let bare_host = host.trim_start_matches('[').trim_end_matches(']');
     let path = url.path().trim_end_matches('/');
     let port = url.port().map(|p| format!(":{p}")).unwrap_or_default();
     let host_for_url = if bare_host.contains(':') {
@@ -550,17 +580,128 @@ pub fn parse_brain_url(raw: &str, dev_mode: bool) -> Result<BrainEndpoint, Confi
     })
 }
 
-fn read_secret_file(key: &'static str, path: &Path) -> Result<String, ConfigError> {
-    let raw = std::fs::read_to_string(path).map_err(|e| {
+/// Largest token or HMAC secret file read: a token is 43 characters and a
+/// secret about as long, so anything near this is the wrong file.
+pub const MAX_SECRET_FILE_BYTES: u64 = 4096;
+/// Largest `Z4J_CA_FILE` read (a bundle of a few hundred certificates).
+pub const MAX_CA_FILE_BYTES: u64 = 4 * 1024 * 1024;
+/// Largest config file read.
+pub const MAX_CONFIG_FILE_BYTES: u64 = 1024 * 1024;
+
+/// Why [`read_small_file`] refused a file.
+#[derive(Debug, Error)]
+pub enum SmallFileError {
+    /// It could not be opened or read.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// It is not a regular file (a FIFO, a device, a directory, a socket):
+    /// reading it could wait forever or never end.
+    #[error("it is {0}, not a regular file")]
+    NotRegular(&'static str),
+    /// It holds more than the limit (the limit in bytes).
+    #[error("it is larger than {0} bytes")]
+    TooLarge(u64),
+}
+
+/// What a file that is not a regular file is, for an error message.
+fn file_kind(t: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// Reads a small file the daemon is pointed at (a secret, the CA file, the
+/// config file): only a regular file (symlinks followed), at most `limit`
+/// bytes. A FIFO, a device or a directory is refused without reading, so a
+/// path pointing at one cannot make the reader wait for a writer that
+/// never comes, nor read `/dev/zero` until memory runs out. Blocking: call
+/// it off the async runtime.
+pub fn read_small_file(path: &Path, limit: u64) -> Result<Vec<u8>, SmallFileError> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    // Checked before opening: opening some devices has effects of its own.
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_file() {
+        return Err(SmallFileError::NotRegular(file_kind(meta.file_type())));
+    }
+    // O_NONBLOCK: should the path turn into a FIFO between the check and
+    // the open, the open does not wait for a writer (the second check below
+    // refuses it). O_NOCTTY: a terminal never becomes ours.
+    let flags = rustix::fs::OFlags::NONBLOCK | rustix::fs::OFlags::NOCTTY;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(flags.bits() as i32)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(SmallFileError::NotRegular(file_kind(meta.file_type())));
+    }
+    if meta.len() > limit {
+        return Err(SmallFileError::TooLarge(limit));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    // One byte past the limit tells a file that grew since the check.
+    file.take(limit + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limit {
+        return Err(SmallFileError::TooLarge(limit));
+    }
+    Ok(bytes)
+}
+
+/// A token or secret as given, without what editors and copies add around
+/// it: a leading UTF-8 byte order mark (Windows Notepad writes one) and
+/// surrounding whitespace (the final newline).
+fn clean_secret(raw: &str) -> &str {
+    let t = raw.trim();
+    t.strip_prefix('\u{feff}').unwrap_or(t).trim()
+}
+
+/// Reads a secret file. `key` is reported; `setting` is what to change
+/// (`Z4J_TOKEN_FILE`, or the systemd credential); `what` names the secret.
+fn read_secret_file(
+    key: &'static str,
+    path: &Path,
+    setting: &str,
+    what: &str,
+) -> Result<String, ConfigError> {
+    let bytes = read_small_file(path, MAX_SECRET_FILE_BYTES).map_err(|e| {
+        let p = path.display();
+        ConfigError::new(
+            key,
+            match e {
+                SmallFileError::Io(e) => format!(
+                    "cannot read {p}: {e}; check the path and that this user may read it"
+                ),
+                SmallFileError::NotRegular(_) => format!(
+                    "{p}: {e}; put the {what} in a regular file and point {setting} at it"
+                ),
+                SmallFileError::TooLarge(_) => format!(
+                    "{p}: {e}, far more than the {what} it should hold; point {setting} at a file holding only the {what}"
+                ),
+            },
+        )
+    })?;
+    let raw = String::from_utf8(bytes).map_err(|_| {
         ConfigError::new(
             key,
             format!(
-                "cannot read {}: {e}; check the path and that this user may read it",
+                "{} is not UTF-8 text; it should hold only the {what}",
                 path.display()
             ),
         )
     })?;
-    let v = raw.trim().to_string();
+    let v = clean_secret(&raw).to_string();
     if v.is_empty() {
         return Err(ConfigError::new(
             key,
@@ -579,24 +720,45 @@ fn resolve_secret(
     credential_name: &str,
     host: &HostEnv,
 ) -> Result<Option<String>, ConfigError> {
+    let what = match credential_name {
+        "token" => "agent token",
+        _ => "HMAC secret",
+    };
     if let Some(v) = value {
-        return Ok(Some(v.trim().to_string()));
+        return Ok(Some(clean_secret(&v).to_string()));
     }
     if let Some(path) = file {
-        return read_secret_file(file_key, &path).map(Some);
+        return read_secret_file(file_key, &path, file_key, what).map(Some);
     }
     if let Some(dir) = &host.credentials_directory {
         let path = dir.join(credential_name);
         if path.exists() {
-            return read_secret_file(value_key, &path).map(Some);
+            let setting = format!("the credential {credential_name} (LoadCredential=)");
+            return read_secret_file(value_key, &path, &setting, what).map(Some);
         }
     }
     Ok(None)
 }
 
 fn load_file(path: &Path) -> Result<FileOptions, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        ConfigError::new("Z4J_CONFIG", format!("cannot read {}: {e}", path.display()))
+    let bytes = read_small_file(path, MAX_CONFIG_FILE_BYTES).map_err(|e| {
+        let p = path.display();
+        ConfigError::new(
+            "Z4J_CONFIG",
+            match e {
+                SmallFileError::Io(e) => format!("cannot read {p}: {e}"),
+                _ => format!("{p}: {e}; point Z4J_CONFIG at the TOML config file"),
+            },
+        )
+    })?;
+    let text = String::from_utf8(bytes).map_err(|_| {
+        ConfigError::new(
+            "Z4J_CONFIG",
+            format!(
+                "{} is not UTF-8 text; it should be a TOML file",
+                path.display()
+            ),
+        )
     })?;
     toml::from_str(&text).map_err(|e| {
         ConfigError::new(
@@ -604,6 +766,31 @@ fn load_file(path: &Path) -> Result<FileOptions, ConfigError> {
             format!("{} is not valid: {}", path.display(), e.message()),
         )
     })
+}
+
+/// Checks `Z4J_CA_FILE` the way the uplink reads it (a regular file of at
+/// most [`MAX_CA_FILE_BYTES`]); the certificates are parsed at connect.
+fn check_ca_file(ca: &Path) -> Result<(), ConfigError> {
+    const KEY: &str = "Z4J_CA_FILE";
+    let p = ca.display();
+    match read_small_file(ca, MAX_CA_FILE_BYTES) {
+        Ok(_) => Ok(()),
+        Err(SmallFileError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => Err(
+            ConfigError::new(KEY, format!("{p} does not exist or is not a file")),
+        ),
+        Err(SmallFileError::Io(e)) => Err(ConfigError::new(
+            KEY,
+            format!("cannot read {p}: {e}; check that this user may read it"),
+        )),
+        Err(e @ SmallFileError::NotRegular(_)) => Err(ConfigError::new(
+            KEY,
+            format!("{p}: {e}; point Z4J_CA_FILE at the PEM file of the CA that signed the brain's certificate"),
+        )),
+        Err(e @ SmallFileError::TooLarge(_)) => Err(ConfigError::new(
+            KEY,
+            format!("{p}: {e}; point Z4J_CA_FILE at the PEM file of the CA that signed the brain's certificate, not a larger bundle"),
+        )),
+    }
 }
 
 /// A best-effort view of a few settings, for the doctor's header when the
@@ -674,10 +861,22 @@ impl Options {
                 "is required; set Z4J_TOKEN_FILE to a file holding the agent token minted in the brain",
             )
         })?;
-        if token.chars().any(|c| c.is_control() || c == ' ') {
+        if token.chars().any(|c| c.is_control() || c.is_whitespace()) {
             return Err(ConfigError::new(
                 "Z4J_TOKEN",
                 "contains whitespace or control characters; paste the token exactly as minted",
+            ));
+        }
+        // Tokens are URL-safe base64; anything else (a typographic quote or
+        // an invisible character from a copy) would only be refused by the
+        // brain, which then blames the token itself.
+        if let Some(i) = token.chars().position(|c| !c.is_ascii_graphic()) {
+            return Err(ConfigError::new(
+                "Z4J_TOKEN",
+                format!(
+                    "character {} is not printable ASCII (an invisible character or a typographic quote from a copy?); paste the token exactly as minted",
+                    i + 1
+                ),
             ));
         }
 
@@ -745,12 +944,7 @@ impl Options {
             parse_capabilities(non_empty(self.capabilities.clone()), file.capabilities)?;
         let ca_file = pick(non_empty_path(self.ca_file.clone()), file.ca_file);
         if let Some(ca) = &ca_file {
-            if !ca.is_file() {
-                return Err(ConfigError::new(
-                    "Z4J_CA_FILE",
-                    format!("{} does not exist or is not a file", ca.display()),
-                ));
-            }
+            check_ca_file(ca)?;
         }
 
         let buffer_max_events = parse_num(
@@ -917,6 +1111,8 @@ impl Options {
                 format!("expected error, warn, info, debug or trace, got {log_level:?}"),
             ));
         }
+        let socket_path = pick(non_empty_path(self.socket_path.clone()), file.socket_path);
+        check_socket_path(socket_path.as_deref(), &host)?;
         let metrics_allow_remote = match pick(
             non_empty(self.metrics_allow_remote.clone()),
             toml_scalar(file.metrics_allow_remote),
@@ -951,7 +1147,7 @@ impl Options {
             buffer_max_bytes,
             buffer_overflow,
             buffer_synchronous,
-            socket_path: pick(non_empty_path(self.socket_path.clone()), file.socket_path),
+            socket_path,
             socket_mode,
             allowed_uids,
             allowed_gids,
@@ -964,6 +1160,44 @@ impl Options {
             activated: None,
             watchdog: None,
         })
+    }
+}
+
+/// The socket path must be absolute: applications resolve a relative one
+/// from their own working directory, not the daemon's, and never find it.
+/// Checks the explicit `Z4J_SOCKET_PATH`, else the default built from the
+/// environment (a relative `$TMPDIR`, say).
+fn check_socket_path(explicit: Option<&Path>, host: &HostEnv) -> Result<(), ConfigError> {
+    const KEY: &str = "Z4J_SOCKET_PATH";
+    match explicit {
+        Some(p) if !p.is_absolute() => Err(ConfigError::new(
+            KEY,
+            format!(
+                "{} is a relative path, which each application would resolve from its own working directory; use an absolute path such as /run/z4j-agentd/agent.sock",
+                p.display()
+            ),
+        )),
+        Some(_) => Ok(()),
+        None => {
+            let p = crate::ingest::default_socket_path(host);
+            if p.is_absolute() {
+                return Ok(());
+            }
+            let from = if host.runtime_directory.is_some() {
+                "$RUNTIME_DIRECTORY"
+            } else if host.xdg_runtime_dir.is_some() {
+                "$XDG_RUNTIME_DIR"
+            } else {
+                "$TMPDIR"
+            };
+            Err(ConfigError::new(
+                KEY,
+                format!(
+                    "the default socket path {} is relative because {from} is; set {from} to an absolute directory, or set Z4J_SOCKET_PATH to an absolute path",
+                    p.display()
+                ),
+            ))
+        }
     }
 }
 
@@ -1050,9 +1284,9 @@ fn parse_capabilities(
 
 /// `HOST:PORT` for the metrics listener; loopback only unless allowed.
 fn parse_metrics_addr(v: &str, allow_remote: bool) -> Result<std::net::SocketAddr, ConfigError> {
-    let addr: std::net::SocketAddr = match v.strip_prefix("localhost:") {
-        Some(port) => format!("127.0.0.1:{port}").parse(),
-        None => v.parse(),
+    let addr: std::net::SocketAddr = match v.rsplit_once(':') {
+        Some((name, port)) if is_localhost_name(name) => format!("127.0.0.1:{port}").parse(),
+        _ => v.parse(),
     }
     .map_err(|_| {
         ConfigError::new(
@@ -1060,7 +1294,7 @@ fn parse_metrics_addr(v: &str, allow_remote: bool) -> Result<std::net::SocketAdd
             format!("expected an IP address and port such as 127.0.0.1:9464, got {v:?}"),
         )
     })?;
-    if !addr.ip().is_loopback() && !allow_remote {
+    if !ip_is_loopback(addr.ip()) && !allow_remote {
         return Err(ConfigError::new(
             "Z4J_METRICS_ADDR",
             format!(
@@ -1293,5 +1527,242 @@ mod tests {
         };
         let c = o.resolve(host()).unwrap().uplink.static_capabilities;
         assert_eq!(c["celery"], ["cancel_task"]);
+    }
+
+    /// Resolves `o` on another thread and fails the test, instead of
+    /// hanging it, when that takes more than 5 s (a FIFO read would).
+    fn resolve_bounded(o: Options) -> Result<Config, ConfigError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(o.resolve(host()));
+        });
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("resolve returned within 5 s")
+    }
+
+    /// Paths that are not regular files, or too large, each with the
+    /// words the error must contain.
+    fn hostile_files(dir: &Path) -> Vec<(PathBuf, &'static str)> {
+        let fifo = dir.join("fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("run mkfifo");
+        assert!(made.success());
+        let huge = dir.join("huge");
+        // Sparse: 1 GiB that takes no disk space.
+        std::fs::File::create(&huge)
+            .unwrap()
+            .set_len(1 << 30)
+            .unwrap();
+        let zero_link = dir.join("zero");
+        std::os::unix::fs::symlink("/dev/zero", &zero_link).unwrap();
+        vec![
+            (fifo, "is a FIFO (named pipe), not a regular file"),
+            (
+                "/dev/zero".into(),
+                "is a character device, not a regular file",
+            ),
+            (zero_link, "is a character device, not a regular file"),
+            (dir.to_path_buf(), "is a directory, not a regular file"),
+            (huge, "is larger than"),
+        ]
+    }
+
+    #[test]
+    fn secret_files_that_are_not_small_regular_files_are_refused_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let just_over = dir.path().join("just-over");
+        std::fs::write(&just_over, "a".repeat(MAX_SECRET_FILE_BYTES as usize + 1)).unwrap();
+        let mut cases = hostile_files(dir.path());
+        cases.push((just_over, "is larger than 4096 bytes"));
+        for (path, words) in cases {
+            let o = Options {
+                token: None,
+                token_file: Some(path.clone()),
+                ..base()
+            };
+            let e = resolve_bounded(o).unwrap_err();
+            assert_eq!(e.key, "Z4J_TOKEN_FILE", "{e}");
+            assert!(e.message.contains(words), "{path:?}: {e}");
+            assert!(e.message.contains("point Z4J_TOKEN_FILE at"), "{e}");
+            assert!(e.message.contains(&path.display().to_string()), "{e}");
+
+            let o = Options {
+                hmac_secret: None,
+                hmac_secret_file: Some(path.clone()),
+                ..base()
+            };
+            let e = resolve_bounded(o).unwrap_err();
+            assert_eq!(e.key, "Z4J_HMAC_SECRET_FILE", "{e}");
+            assert!(e.message.contains(words), "{path:?}: {e}");
+            assert!(e.message.contains("HMAC secret"), "{e}");
+        }
+        // The systemd credential too, naming where it comes from.
+        let creds = dir.path().join("creds");
+        std::fs::create_dir(&creds).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", creds.join("token")).unwrap();
+        let o = Options {
+            token: None,
+            ..base()
+        };
+        let mut h = host();
+        h.credentials_directory = Some(creds);
+        let e = o.resolve(h).unwrap_err();
+        assert_eq!(e.key, "Z4J_TOKEN");
+        assert!(e.message.contains("character device"), "{e}");
+        assert!(e.message.contains("LoadCredential="), "{e}");
+    }
+
+    #[test]
+    fn a_ca_file_or_config_file_that_is_not_a_small_regular_file_is_refused_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        for (path, words) in hostile_files(dir.path()) {
+            // The 1 GiB file is over both limits.
+            let o = Options {
+                ca_file: Some(path.clone()),
+                ..base()
+            };
+            let e = resolve_bounded(o).unwrap_err();
+            assert_eq!(e.key, "Z4J_CA_FILE", "{e}");
+            assert!(e.message.contains(words), "{path:?}: {e}");
+            assert!(e.message.contains("PEM file of the CA"), "{e}");
+
+            let o = Options {
+                config: Some(path.clone()),
+                ..base()
+            };
+            let e = resolve_bounded(o).unwrap_err();
+            assert_eq!(e.key, "Z4J_CONFIG", "{e}");
+            assert!(e.message.contains(words), "{path:?}: {e}");
+        }
+        let o = Options {
+            ca_file: Some(dir.path().join("missing.pem")),
+            ..base()
+        };
+        let e = o.resolve(host()).unwrap_err();
+        assert!(e.message.contains("does not exist"), "{e}");
+    }
+
+    #[test]
+    fn a_byte_order_mark_and_whitespace_around_a_secret_are_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let tf = dir.path().join("token");
+        std::fs::write(&tf, "\u{feff}tok-from-notepad\r\n").unwrap();
+        let sf = dir.path().join("secret");
+        std::fs::write(&sf, format!("\u{feff} {SECRET}\r\n")).unwrap();
+        let o = Options {
+            token: None,
+            token_file: Some(tf),
+            hmac_secret: None,
+            hmac_secret_file: Some(sf),
+            ..base()
+        };
+        let c = o.resolve(host()).unwrap();
+        assert_eq!(c.uplink.token.expose(), "tok-from-notepad");
+        let expected = SigningKey::from_base64(SECRET).unwrap();
+        assert_eq!(format!("{:?}", c.uplink.key), format!("{expected:?}"));
+        // The same in the variable itself.
+        let o = Options {
+            token: Some("\u{feff}tok-abc".into()),
+            ..base()
+        };
+        assert_eq!(o.resolve(host()).unwrap().uplink.token.expose(), "tok-abc");
+    }
+
+    #[test]
+    fn a_token_with_a_character_the_brain_never_mints_is_refused_without_echoing_it() {
+        for bad in ["zq9\u{2019}abc", "zq9\u{200b}abc", "zq9\u{feff}abc", "zq9é"] {
+            let o = Options {
+                token: Some(bad.into()),
+                ..base()
+            };
+            let e = o.resolve(host()).unwrap_err();
+            assert_eq!(e.key, "Z4J_TOKEN");
+            assert!(e.message.contains("printable ASCII"), "{e}");
+            assert!(e.message.contains("character 4"), "{e}");
+            assert!(!e.to_string().contains("zq9"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_relative_socket_path_is_refused_naming_the_setting() {
+        for rel in [
+            "agent.sock",
+            "run/agent.sock",
+            "./agent.sock",
+            "../agent.sock",
+        ] {
+            let o = Options {
+                socket_path: Some(rel.into()),
+                ..base()
+            };
+            let e = o.resolve(host()).unwrap_err();
+            assert_eq!(e.key, "Z4J_SOCKET_PATH", "{e}");
+            assert!(e.message.contains(rel), "{e}");
+            assert!(e.message.contains("absolute path"), "{e}");
+        }
+        // The config file's socket_path too.
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("agentd.toml");
+        std::fs::write(&f, "socket_path = \"agent.sock\"\n").unwrap();
+        let o = Options {
+            config: Some(f),
+            ..base()
+        };
+        assert_eq!(o.resolve(host()).unwrap_err().key, "Z4J_SOCKET_PATH");
+        // A default built from a relative $TMPDIR names where it came from.
+        let mut h = host();
+        h.tmpdir = "tmp".into();
+        let e = base().resolve(h).unwrap_err();
+        assert_eq!(e.key, "Z4J_SOCKET_PATH");
+        assert!(e.message.contains("$TMPDIR"), "{e}");
+        // Absolute paths are fine.
+        let o = Options {
+            socket_path: Some("/run/z4j/agent.sock".into()),
+            ..base()
+        };
+        assert!(o.resolve(host()).is_ok());
+    }
+
+    #[test]
+    fn localhost_in_any_case_with_or_without_its_trailing_dot_is_loopback() {
+        for ok in [
+            "http://localhost.:7711",
+            "http://LOCALHOST:7711",
+            "http://LocalHost.:7711",
+            "ws://localhost./base",
+            "http://127.0.0.2:7711",
+            "http://[::ffff:127.0.0.1]:7711",
+        ] {
+            let e = parse_brain_url(ok, false).unwrap_or_else(|e| panic!("{ok}: {e}"));
+            assert!(!e.tls);
+        }
+        // The dotted form connects to the plain name.
+        let e = parse_brain_url("http://LocalHost.:7711/base", false).unwrap();
+        assert_eq!(e.ws_url, "ws://localhost:7711/base/ws/agent");
+        assert_eq!(e.host, "localhost");
+        for remote in [
+            "http://localhost.evil.example:7711",
+            "http://localhostx:7711",
+            "http://my.localhost:7711",
+            "http://127.0.0.1.nip.io:7711",
+            "http://[::ffff:10.0.0.1]:7711",
+            "http://localhost..:7711",
+        ] {
+            match parse_brain_url(remote, false) {
+                Err(e) => assert!(e.message.contains("Z4J_DEV_MODE"), "{remote}: {e}"),
+                Ok(e) => panic!("{remote} taken as loopback: {e:?}"),
+            }
+        }
+        // The metrics address follows the same rule.
+        for ok in [
+            "localhost.:9464",
+            "LOCALHOST:9464",
+            "[::ffff:127.0.0.1]:9464",
+        ] {
+            let a = parse_metrics_addr(ok, false).unwrap_or_else(|e| panic!("{ok}: {e}"));
+            assert_eq!(a.port(), 9464);
+        }
     }
 }

@@ -5,10 +5,14 @@
 //! down never delays readiness: applications can write while it is away.
 //!
 //! Stop (the `shutdown` token): `STOPPING=1`, stop accepting, let open
-//! connections finish what they sent, commit, drain to the brain within the
-//! grace period, close the WebSocket with 1000, close the spool. Nothing is
-//! global: the caller owns the shutdown token and the settings channel
-//! (SIGHUP sends new settings on it), so tests run whole daemons in-process.
+//! connections finish what they sent, commit, drain to the brain, close the
+//! WebSocket with 1000, close the spool. The grace period bounds all of it:
+//! producers held back by a full spool (`block`) wait for room for half of
+//! it, then are told the daemon is stopping; connections still open when it
+//! ends are closed; the uplink then gets [`UPLINK_CLOSE_MARGIN`] to close.
+//! Nothing is global: the caller owns the shutdown token and the settings
+//! channel (SIGHUP sends new settings on it), so tests run whole daemons
+//! in-process.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -25,6 +29,14 @@ use crate::spool::{Spool, SpoolConfig, SpoolError};
 use crate::status::{DaemonInfo, Status};
 use crate::uplink::Uplink;
 use crate::watchdog::Watchdog;
+
+/// After the grace period, how long the uplink may take to close the
+/// brain connection before it is dropped.
+pub const UPLINK_CLOSE_MARGIN: Duration = Duration::from_secs(3);
+
+/// The least time open connections get to finish what they sent, even with
+/// a grace period of 0.
+const CLIENTS_FINISH_MIN: Duration = Duration::from_secs(1);
 
 /// Startup failures.
 #[derive(Debug, Error)]
@@ -278,6 +290,8 @@ pub async fn run(
     ));
 
     shutdown.cancelled().await;
+    let stop_began = tokio::time::Instant::now();
+    let deadline = stop_began + config.shutdown_grace;
     // systemd stops watching once the unit is stopping; so do we.
     watchdog_stop.cancel();
     if let Some(t) = watchdog_task {
@@ -293,7 +307,36 @@ pub async fn run(
     tracing::info!("shutting down: no new clients; finishing what connected clients sent");
     router.shutting_down(&config.uplink.agent_name);
     ingest_stop.cancel();
-    let _ = ingest_task.await;
+    let mut ingest_task = ingest_task;
+    // A producer held back by a full spool (`block`) may still get room
+    // while the uplink delivers, for the first half of the grace period;
+    // then it is told the daemon is stopping (nothing of what did not fit is
+    // stored, and it is counted) instead of waiting for a brain that may
+    // never come back.
+    let hold_until = stop_began + config.shutdown_grace / 2;
+    if tokio::time::timeout_at(hold_until, &mut ingest_task)
+        .await
+        .is_err()
+    {
+        if spool_handle.overflow() == crate::spool::Overflow::Block {
+            tracing::info!(
+                "shutting down: producers waiting for room in the spool are told the daemon is stopping"
+            );
+        }
+        spool_handle.stop_holding_producers();
+        let clients_until = deadline.max(stop_began + CLIENTS_FINISH_MIN);
+        if tokio::time::timeout_at(clients_until, &mut ingest_task)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                clients = status.clients().len(),
+                "shutdown grace period over: closing local connections that are still sending; what they sent and got no ack for may or may not be stored"
+            );
+            ingest_task.abort();
+            let _ = ingest_task.await;
+        }
+    }
     let depth = spool_handle
         .stats()
         .depth
@@ -301,15 +344,25 @@ pub async fn run(
     tracing::info!(
         spool_depth = depth,
         grace_s = config.shutdown_grace.as_secs(),
+        grace_left_ms = deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+            .as_millis() as u64,
         "draining the spool to the brain"
     );
     drain.cancel();
-    if tokio::time::timeout(config.shutdown_grace, &mut uplink_task)
+    if tokio::time::timeout_at(deadline, &mut uplink_task)
         .await
         .is_err()
     {
         stop.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(5), uplink_task).await;
+        if tokio::time::timeout(UPLINK_CLOSE_MARGIN, &mut uplink_task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the brain connection did not close in time; dropping it");
+            uplink_task.abort();
+            let _ = uplink_task.await;
+        }
     }
     status_task.abort();
     metrics_stop.cancel();
@@ -318,7 +371,16 @@ pub async fn run(
         .depth
         .load(std::sync::atomic::Ordering::Relaxed);
     spool.close().await;
-    tracing::info!(undelivered_events_kept = left, "stopped");
+    tracing::info!(
+        undelivered_events_kept = left,
+        refused_while_stopping = status
+            .refused()
+            .get("daemon_stopping")
+            .copied()
+            .unwrap_or(0),
+        stop_ms = stop_began.elapsed().as_millis() as u64,
+        "stopped"
+    );
     Ok(())
 }
 

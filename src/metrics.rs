@@ -13,15 +13,16 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -29,6 +30,8 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::protocol::Value;
@@ -37,6 +40,34 @@ use crate::status::{Status, UplinkState};
 
 /// Time allowed for each readiness check.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Most HTTP connections served at once; each further one gets a 503 and
+/// is closed at once (`metrics_connections_refused_total{reason="limit"}`).
+/// A scraper and a health checker use one or two.
+pub const MAX_CONNECTIONS: usize = 16;
+/// Time a connection has to send a whole request head, from its start and
+/// again after each response (so also the idle timeout of a kept-alive
+/// connection); then it is closed. Counted (`reason="timeout"`) when the
+/// connection never sent a whole request.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest life of one connection; then it is closed after the request in
+/// progress (within [`REQUEST_TIMEOUT`]). A scraper simply reconnects.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+/// Largest request head (request line and headers): larger gets 431 and
+/// the connection is closed (`reason="too_large"`). Request bodies are
+/// never read; a request that sends one is answered, then the connection
+/// is closed.
+pub const MAX_REQUEST_HEAD_BYTES: usize = 8 * 1024;
+/// Most header lines in a request.
+const MAX_REQUEST_HEADERS: usize = 32;
+/// The read buffer of a connection (hyper's smallest is 8 KiB).
+const READ_BUFFER_BYTES: usize = 16 * 1024;
+/// Pause after a failed accept (out of descriptors, mostly).
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+/// At most one warning about failed accepts this often.
+const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(10);
+/// What a connection beyond [`MAX_CONNECTIONS`] reads before it is closed.
+const TOO_MANY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 45\r\nConnection: close\r\n\r\ntoo many connections to the metrics listener\n";
 
 /// The OpenMetrics content type `prometheus-client` renders.
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -153,14 +184,19 @@ impl Collector for DaemonCollector {
         counter_family(
             &mut enc,
             "events_dropped",
-            "Events lost after they were accepted: oldest_evicted (drop_oldest made room), spool_full (drop_newest refused them), undeliverable (larger than the brain's frame limit), brain_rejected (acknowledged but not stored by the brain on their first delivery).",
+            "Events lost by policy: oldest_evicted (drop_oldest made room), spool_full (drop_newest refused them), undeliverable (larger than the brain's frame limit).",
             "reason",
             [
                 ("oldest_evicted", load(&sp.dropped_oldest_total)),
                 ("spool_full", load(&sp.refused_full_total)),
                 ("undeliverable", load(&s.events_undeliverable)),
-                ("brain_rejected", load(&s.events_rejected_by_brain)),
             ],
+        )?;
+        counter(
+            &mut enc,
+            "events_brain_rejected",
+            "Events the brain acknowledged but did not store on their first delivery: the same task, kind and second as an event it has, or events it could not ingest (its log says which).",
+            load(&s.events_rejected_by_brain),
         )?;
         counter(
             &mut enc,
@@ -303,6 +339,24 @@ impl Collector for DaemonCollector {
             None,
             s.clients().len() as i64,
         )?;
+        gauge(
+            &mut enc,
+            "metrics_connections",
+            "HTTP connections open on this metrics listener now (this scrape's included).",
+            None,
+            load(&s.metrics_connections) as i64,
+        )?;
+        counter_family(
+            &mut enc,
+            "metrics_connections_refused",
+            &format!(
+                "Connections to this metrics listener that it closed itself: limit ({MAX_CONNECTIONS} already open; answered 503), timeout (no whole request within {} s of connecting), too_large (a request head over {} bytes; answered 431).",
+                REQUEST_TIMEOUT.as_secs(),
+                MAX_REQUEST_HEAD_BYTES
+            ),
+            "reason",
+            s.metrics_refused(),
+        )?;
         Ok(())
     }
 }
@@ -316,12 +370,22 @@ struct AppState {
     socket_path: PathBuf,
 }
 
-async fn bind(
+/// Binds `addr` (so a taken or bad address fails the start) and serves in
+/// the background until `stop` is cancelled. Returns the bound address.
+///
+/// Every local user can reach a loopback port, so the listener bounds what
+/// one can hold: at most [`MAX_CONNECTIONS`] connections at once (more are
+/// answered 503 and closed at once), [`REQUEST_TIMEOUT`] to send each
+/// request head, [`MAX_REQUEST_HEAD_BYTES`] per head, and
+/// [`CONNECTION_LIFETIME`] per connection. Each refusal is counted
+/// (`metrics_connections_refused_total`).
+pub async fn serve(
     addr: SocketAddr,
     status: Arc<Status>,
     spool: SpoolHandle,
     socket_path: PathBuf,
-) -> std::io::Result<(SocketAddr, impl std::future::Future<Output = ()>)> {
+    stop: CancellationToken,
+) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     let mut registry = Registry::with_prefix("z4j_agentd");
@@ -331,7 +395,7 @@ async fn bind(
     }));
     let state = AppState {
         registry: Arc::new(registry),
-        status,
+        status: status.clone(),
         spool,
         socket_path,
     };
@@ -340,30 +404,125 @@ async fn bind(
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(state);
-    Ok((local, async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "metrics listener stopped");
-        }
-    }))
+    tokio::spawn(accept_loop(listener, app, status, stop));
+    Ok(local)
 }
 
-/// Binds `addr` (so a taken or bad address fails the start) and serves in
-/// the background until `stop` is cancelled. Returns the bound address.
-pub async fn serve(
-    addr: SocketAddr,
+/// Accepts until `stop`; dropping the connections' `JoinSet` then ends them.
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    app: Router,
     status: Arc<Status>,
-    spool: SpoolHandle,
-    socket_path: PathBuf,
     stop: CancellationToken,
-) -> std::io::Result<SocketAddr> {
-    let (local, server) = bind(addr, status, spool, socket_path).await?;
-    tokio::spawn(async move {
+) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut connections = JoinSet::new();
+    let mut last_warning: Option<Instant> = None;
+    loop {
         tokio::select! {
-            _ = server => {}
-            _ = stop.cancelled() => {}
+            _ = stop.cancelled() => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => match slots.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        let slot = Slot::new(permit, status.clone());
+                        connections.spawn(connection(stream, app.clone(), slot));
+                    }
+                    Err(_) => {
+                        status.metrics_refused_limit.fetch_add(1, Ordering::Relaxed);
+                        // Never waits: what the socket buffer takes goes,
+                        // then the connection is closed.
+                        let _ = stream.try_write(TOO_MANY);
+                    }
+                },
+                Err(e) => {
+                    // Out of descriptors, mostly: pause instead of spinning.
+                    if last_warning.is_none_or(|t| t.elapsed() >= ACCEPT_WARN_EVERY) {
+                        tracing::warn!(error = %e, "metrics listener: cannot accept a connection; retrying every 100 ms");
+                        last_warning = Some(Instant::now());
+                    }
+                    tokio::time::sleep(ACCEPT_PAUSE).await;
+                }
+            }
         }
-    });
-    Ok(local)
+    }
+}
+
+/// One connection's place: counted in `metrics_connections` while it lasts.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    status: Arc<Status>,
+}
+
+impl Slot {
+    fn new(permit: OwnedSemaphorePermit, status: Arc<Status>) -> Slot {
+        status.metrics_connections.fetch_add(1, Ordering::Relaxed);
+        Slot {
+            _permit: permit,
+            status,
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.status
+            .metrics_connections
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Serves one connection within the listener's bounds.
+async fn connection(stream: tokio::net::TcpStream, app: Router, slot: Slot) {
+    let _ = stream.set_nodelay(true);
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        // Runs from the connection's start and again after each response,
+        // so it is also the idle timeout of a kept-alive connection.
+        .header_read_timeout(REQUEST_TIMEOUT)
+        .max_header_size(MAX_REQUEST_HEAD_BYTES)
+        .max_headers(MAX_REQUEST_HEADERS)
+        .max_buf_size(READ_BUFFER_BYTES);
+    // Whether a whole request arrived: a kept-alive connection closed for
+    // idling after its responses is not a refusal.
+    let served = Arc::new(AtomicBool::new(false));
+    let svc = {
+        let served = served.clone();
+        hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+            served.store(true, Ordering::Relaxed);
+            // A Router is always ready: no poll_ready needed.
+            tower_service::Service::call(&mut app.clone(), req)
+        })
+    };
+    let conn = http.serve_connection(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        // A client that keeps the connection busy (or stops reading a
+        // response) is let go after the request in progress.
+        _ = tokio::time::sleep(CONNECTION_LIFETIME) => {
+            conn.as_mut().graceful_shutdown();
+            match tokio::time::timeout(REQUEST_TIMEOUT, conn.as_mut()).await {
+                Ok(r) => r,
+                Err(_) => {
+                    slot.status.metrics_refused_timeout.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            }
+        }
+    };
+    if let Err(e) = result {
+        if e.is_timeout() && !served.load(Ordering::Relaxed) {
+            slot.status
+                .metrics_refused_timeout
+                .fetch_add(1, Ordering::Relaxed);
+        } else if e.is_parse_too_large() {
+            slot.status
+                .metrics_refused_too_large
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        tracing::debug!(error = %e, "metrics listener: connection closed");
+    }
 }
 
 async fn metrics(State(st): State<AppState>) -> Response {

@@ -220,9 +220,12 @@ pub struct Status {
     /// Events the brain can never take (larger than its frame size).
     pub events_undeliverable: AtomicU64,
     /// Events the brain acknowledged but did not store, in frames whose
-    /// events all went to it for the first time: it dropped them (invalid
-    /// to it, or the same task, kind and second as a stored event).
+    /// events all went to it for the first time: the same task, kind and
+    /// second as an event it has (its deduplication), or events it could
+    /// not ingest (its log says which).
     pub events_rejected_by_brain: AtomicU64,
+    /// When the last "the brain did not store" warning was logged.
+    brain_rejected_warned: Mutex<Option<Instant>>,
     /// Events the brain did not store again in re-sent frames: expected
     /// duplicates of events it stored from an earlier copy.
     pub events_duplicate_at_brain: AtomicU64,
@@ -240,6 +243,16 @@ pub struct Status {
     /// Failed `accept` calls on the local socket (mostly: out of file
     /// descriptors); each is retried after a short pause.
     pub accept_failures: AtomicU64,
+    /// HTTP connections open on the metrics listener now.
+    pub metrics_connections: AtomicU64,
+    /// Metrics listener connections closed at accept because
+    /// [`crate::metrics::MAX_CONNECTIONS`] were open.
+    pub metrics_refused_limit: AtomicU64,
+    /// Metrics listener connections closed for sending no complete request
+    /// head in time, or for outliving their lifetime in the middle of one.
+    pub metrics_refused_timeout: AtomicU64,
+    /// Metrics listener requests refused for a request head over the bound.
+    pub metrics_refused_too_large: AtomicU64,
     /// Commands received from the brain (re-deliveries not counted).
     pub commands_received: AtomicU64,
     /// Commands answered `success` by a local process.
@@ -274,6 +287,7 @@ impl Status {
             events_resent: AtomicU64::new(0),
             events_undeliverable: AtomicU64::new(0),
             events_rejected_by_brain: AtomicU64::new(0),
+            brain_rejected_warned: Mutex::new(None),
             events_duplicate_at_brain: AtomicU64::new(0),
             events_time_corrected: AtomicU64::new(0),
             time_corrected_warned: Mutex::new(None),
@@ -281,6 +295,10 @@ impl Status {
             connects: AtomicU64::new(0),
             producer_waits: AtomicU64::new(0),
             accept_failures: AtomicU64::new(0),
+            metrics_connections: AtomicU64::new(0),
+            metrics_refused_limit: AtomicU64::new(0),
+            metrics_refused_timeout: AtomicU64::new(0),
+            metrics_refused_too_large: AtomicU64::new(0),
             commands_received: AtomicU64::new(0),
             commands_succeeded: AtomicU64::new(0),
             commands_failed: AtomicU64::new(0),
@@ -325,6 +343,22 @@ impl Status {
         self.info.lock().unwrap().clone()
     }
 
+    /// Metrics listener connections the daemon closed itself, by reason:
+    /// `limit`, `timeout`, `too_large` (always all three).
+    pub fn metrics_refused(&self) -> [(&'static str, u64); 3] {
+        [
+            ("limit", self.metrics_refused_limit.load(Ordering::Relaxed)),
+            (
+                "timeout",
+                self.metrics_refused_timeout.load(Ordering::Relaxed),
+            ),
+            (
+                "too_large",
+                self.metrics_refused_too_large.load(Ordering::Relaxed),
+            ),
+        ]
+    }
+
     /// Counts a command from the brain.
     pub fn command_received(&self) {
         self.commands_received.fetch_add(1, Ordering::Relaxed);
@@ -342,6 +376,26 @@ impl Status {
     /// Counts a failed connection attempt or session under its backoff class.
     pub fn record_failure(&self, class: &'static str) {
         *self.failures.lock().unwrap().entry(class).or_default() += 1;
+    }
+
+    /// Counts `n` events the brain acknowledged without storing them on
+    /// their first delivery, with a warning at most once a minute.
+    pub fn brain_rejected(&self, n: u64, frame_id: &str, events: usize) {
+        let total = self
+            .events_rejected_by_brain
+            .fetch_add(n, Ordering::Relaxed)
+            + n;
+        let mut warned = self.brain_rejected_warned.lock().unwrap();
+        if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+            *warned = Some(Instant::now());
+            tracing::warn!(
+                frame_id,
+                events,
+                rejected = n,
+                total,
+                "the brain acknowledged a frame but did not store some of its events, sent to it for the first time: it keeps one event per task, kind and second (a process that reports the same step twice), and drops events it cannot ingest (its log says \"per-event ingest failed\"); counted in brain_rejected"
+            );
+        }
     }
 
     /// Counts `n` events whose `occurred_at` was replaced at ingest, with a
@@ -365,7 +419,6 @@ impl Status {
         spool.dropped_oldest_total.load(Ordering::Relaxed)
             + spool.refused_full_total.load(Ordering::Relaxed)
             + self.events_undeliverable.load(Ordering::Relaxed)
-            + self.events_rejected_by_brain.load(Ordering::Relaxed)
     }
 
     /// Failed connection attempts and sessions by backoff class.
@@ -543,7 +596,6 @@ impl Status {
         let dropped_oldest = spool.dropped_oldest_total.load(Ordering::Relaxed);
         let refused_full = spool.refused_full_total.load(Ordering::Relaxed);
         let undeliverable = self.events_undeliverable.load(Ordering::Relaxed);
-        let brain_rejected = self.events_rejected_by_brain.load(Ordering::Relaxed);
         let mut m = Value::empty_map();
         m.insert("type", "stats");
         m.insert("version", env!("CARGO_PKG_VERSION"));
@@ -568,6 +620,10 @@ impl Status {
         m.insert("forwarded", self.events_forwarded.load(Ordering::Relaxed));
         m.insert("resent", self.events_resent.load(Ordering::Relaxed));
         m.insert(
+            "brain_rejected",
+            self.events_rejected_by_brain.load(Ordering::Relaxed),
+        );
+        m.insert(
             "brain_duplicates",
             self.events_duplicate_at_brain.load(Ordering::Relaxed),
         );
@@ -582,7 +638,6 @@ impl Status {
         dropped_by_reason.insert("oldest_evicted", dropped_oldest);
         dropped_by_reason.insert("spool_full", refused_full);
         dropped_by_reason.insert("undeliverable", undeliverable);
-        dropped_by_reason.insert("brain_rejected", brain_rejected);
         m.insert("dropped_by_reason", dropped_by_reason);
         m.insert("refused", self.refused_total());
         m.insert("refused_by_reason", counts(self.refused()));
@@ -624,6 +679,15 @@ impl Status {
             "producer_waits",
             self.producer_waits.load(Ordering::Relaxed),
         );
+        m.insert(
+            "metrics_connections",
+            self.metrics_connections.load(Ordering::Relaxed),
+        );
+        let mut metrics_refused = Value::empty_map();
+        for (reason, n) in self.metrics_refused() {
+            metrics_refused.insert(reason, n);
+        }
+        m.insert("metrics_refused_by_reason", metrics_refused);
         let mut cmds = Value::empty_map();
         cmds.insert("received", self.commands_received.load(Ordering::Relaxed));
         cmds.insert("succeeded", self.commands_succeeded.load(Ordering::Relaxed));

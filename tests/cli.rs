@@ -265,6 +265,175 @@ fn second_daemon_on_the_same_spool_names_the_pid() {
     support::keep_stderr("first", &mut first);
 }
 
+/// Runs a daemon that must refuse to start: its exit status and stderr.
+/// One still running after `secs` is killed and the test fails.
+fn refused_start(mut c: Command, secs: u64, name: &str) -> (std::process::ExitStatus, String) {
+    c.stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let err = support::keep_stderr(name, &mut child);
+            panic!("the daemon started instead of refusing: {err}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (status, support::keep_stderr(name, &mut child))
+}
+
+#[test]
+fn deleting_the_lock_file_does_not_let_a_second_daemon_in() {
+    let env = Env::new();
+    let mut first = env.cmd(free_port());
+    first.stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut first = first.spawn().unwrap();
+    wait_socket(&env.socket(), &mut first);
+    let note = env.dir.path().join("home/.z4j/agentd.sqlite.lock");
+    std::fs::remove_file(&note).unwrap();
+    let mut second = env.cmd(free_port());
+    second.env("Z4J_SOCKET_PATH", env.dir.path().join("second.sock"));
+    let (status, err) = refused_start(second, 10, "second_after_rm_lock");
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("in use by another z4j-agentd")
+            && err.contains(&format!("pid {}", first.id())),
+        "{err}"
+    );
+    assert!(!env.dir.path().join("second.sock").exists());
+    signal(&first, "TERM");
+    assert!(wait_exit(&mut first, 20).success());
+    support::keep_stderr("first_after_rm_lock", &mut first);
+
+    // A symlink planted at the lock path: refused, and what it points to is
+    // left as it was (it was truncated and overwritten with the pid).
+    let precious = env.dir.path().join("home/precious.txt");
+    std::fs::write(&precious, "keep me\n").unwrap();
+    let _ = std::fs::remove_file(&note);
+    std::os::unix::fs::symlink(&precious, &note).unwrap();
+    let (status, err) = refused_start(env.cmd(free_port()), 10, "symlinked_lock");
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&note.display().to_string()) && err.contains("symbolic link"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(&precious).unwrap(), "keep me\n");
+    assert!(!env.socket().exists(), "never ready");
+}
+
+#[test]
+fn a_read_only_spool_is_refused_at_start_naming_the_path_and_the_fix() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    if z4j_agentd::config::current_uid() != 0 {
+        eprintln!(
+            "skipped: a read-only mount and running as another uid need root (CI runs this test as root)"
+        );
+        return;
+    }
+    // A read-only filesystem under the spool: a tmpfs, remounted ro after
+    // the first start made the spool.
+    let env = Env::new();
+    let z4j = env.dir.path().join("home/.z4j");
+    std::fs::create_dir_all(&z4j).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs"])
+        .arg(&z4j)
+        .status()
+        .unwrap()
+        .success();
+    assert!(mounted, "mount a tmpfs on {}", z4j.display());
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(z4j.clone());
+    let mut c = env.cmd(free_port());
+    c.stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    wait_socket(&env.socket(), &mut child);
+    signal(&child, "TERM");
+    assert!(wait_exit(&mut child, 20).success());
+    support::keep_stderr("before_ro", &mut child);
+    let ro = Command::new("mount")
+        .args(["-o", "remount,ro"])
+        .arg(&z4j)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ro, "remount ro");
+    // An explicit path: the default one would fall back to $TMPDIR instead
+    // (with a warning), which is the documented behaviour for a default
+    // directory that cannot be written.
+    let mut c = env.cmd(free_port());
+    c.env("Z4J_BUFFER_PATH", z4j.join("agentd.sqlite"));
+    let (status, err) = refused_start(c, 10, "ro_mount");
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&z4j.display().to_string())
+            && err.contains("read-only filesystem")
+            && err.contains("remount it read-write"),
+        "{err}"
+    );
+    assert!(!env.socket().exists(), "never ready");
+
+    // As uid 65534: a directory it owns but may not write (0500), then a
+    // spool file it may only read (0400).
+    let env = Env::new();
+    std::fs::set_permissions(env.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let home = env.dir.path().join("home");
+    let z4j = home.join(".z4j");
+    std::fs::create_dir_all(&z4j).unwrap();
+    let chown = |p: &Path| {
+        std::os::unix::fs::chown(p, Some(65534), Some(65534)).unwrap();
+    };
+    chown(&home);
+    chown(&z4j);
+    let as_nobody = |env: &Env| {
+        let mut c = env.cmd(free_port());
+        c.uid(65534)
+            .gid(65534)
+            .env("Z4J_BUFFER_PATH", z4j.join("agentd.sqlite"))
+            .env("Z4J_SOCKET_PATH", home.join("agent.sock"));
+        c
+    };
+    let socket = home.join("agent.sock");
+    std::fs::set_permissions(&z4j, std::fs::Permissions::from_mode(0o500)).unwrap();
+    let (status, err) = refused_start(as_nobody(&env), 10, "ro_dir");
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("{} is not writable by uid 65534", z4j.display()))
+            && err.contains("chmod u+rwx"),
+        "{err}"
+    );
+    assert!(!socket.exists(), "never ready");
+
+    std::fs::set_permissions(&z4j, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let spool = z4j.join("agentd.sqlite");
+    let mut c = as_nobody(&env);
+    c.stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    wait_socket(&socket, &mut child);
+    signal(&child, "TERM");
+    assert!(wait_exit(&mut child, 20).success());
+    support::keep_stderr("nobody_first", &mut child);
+    std::fs::set_permissions(&spool, std::fs::Permissions::from_mode(0o400)).unwrap();
+    let (status, err) = refused_start(as_nobody(&env), 10, "ro_file");
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("{} is not writable by uid 65534", spool.display()))
+            && err.contains("chmod u+rw"),
+        "{err}"
+    );
+    assert!(!socket.exists(), "never ready");
+}
+
 #[test]
 fn sigterm_exits_0_and_keeps_undelivered_events_for_the_next_start() {
     let env = Env::new();
@@ -294,6 +463,106 @@ fn sigterm_exits_0_and_keeps_undelivered_events_for_the_next_start() {
     signal(&child, "INT");
     assert!(wait_exit(&mut child, 20).success());
     support::keep_stderr("sigint", &mut child);
+}
+
+#[test]
+fn sigterm_with_a_producer_blocked_on_a_full_spool_ends_within_the_grace_period() {
+    // The brain is away (nothing listens on its port), the spool is full
+    // and Z4J_BUFFER_OVERFLOW=block holds a producer back. SIGTERM used to
+    // wait for room that never came, for ever; only a second signal ended it.
+    let env = Env::new();
+    let mut c = env.cmd(free_port());
+    c.env("Z4J_BUFFER_OVERFLOW", "block")
+        .env("Z4J_BUFFER_MAX_EVENTS", "1000")
+        .env("Z4J_SHUTDOWN_GRACE_SECONDS", "3")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    wait_socket(&env.socket(), &mut child);
+    let mut s = UnixStream::connect(env.socket()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut rd = BufReader::new(s.try_clone().unwrap());
+    let events = |n: usize, tag: &str| -> String {
+        (0..n)
+            .map(|i| format!(r#"{{"engine":"rq","kind":"task.received","task_id":"{tag}{i}"}}"#))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    writeln!(
+        s,
+        r#"{{"type":"events","ack_id":1,"events":[{}]}}"#,
+        events(1000, "a")
+    )
+    .unwrap();
+    let mut line = String::new();
+    rd.read_line(&mut line).unwrap();
+    assert!(line.contains(r#""stored":1000"#), "{line}");
+    // The spool is full: this one waits for room.
+    writeln!(
+        s,
+        r#"{{"type":"events","ack_id":2,"events":[{}]}}"#,
+        events(5, "b")
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stats = jsonl_request(&env.socket(), r#"{"type":"stats"}"#);
+        if stats["producer_waits"].as_u64().unwrap_or(0) > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the producer never waited: {stats}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stopped = Instant::now();
+    signal(&child, "TERM");
+    // Told, not left hanging: nothing of that message was stored.
+    line.clear();
+    rd.read_line(&mut line).unwrap();
+    let told = stopped.elapsed();
+    let e: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(
+        (e["type"].as_str(), e["code"].as_str(), e["ack_id"].as_u64()),
+        (Some("error"), Some("daemon_stopping"), Some(2)),
+        "{e}"
+    );
+    let msg = e["message"].as_str().unwrap();
+    assert!(
+        msg.contains("stopping") && msg.contains("5 events of this message were not stored"),
+        "{msg}"
+    );
+    // Within the grace period (3 s) plus the margin to close the brain
+    // connection (3 s): a bound against hanging, not a speed target.
+    let status = wait_exit(&mut child, 6 + 2);
+    let took = stopped.elapsed();
+    assert!(status.success(), "{status}");
+    let log = support::keep_stderr("block_sigterm", &mut child);
+    assert!(took < Duration::from_secs(6), "stopped after {took:?}");
+    assert!(
+        told >= Duration::from_millis(1400),
+        "held for half the grace period first, told after {told:?}"
+    );
+    let last = log
+        .lines()
+        .find(|l| l.contains(r#""message":"stopped""#))
+        .unwrap_or_else(|| panic!("no stopped line: {log}"));
+    let last: serde_json::Value = serde_json::from_str(last).unwrap();
+    assert_eq!(last["refused_while_stopping"], 5, "counted: {last}");
+    assert_eq!(last["undelivered_events_kept"], 1000, "{last}");
+    eprintln!("producer told after {told:?}; daemon exited 0 after {took:?}");
+
+    // Everything committed is kept for the next start.
+    let mut c = env.cmd(free_port());
+    c.stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    wait_socket(&env.socket(), &mut child);
+    let stats = jsonl_request(&env.socket(), r#"{"type":"stats"}"#);
+    assert_eq!(stats["spool_depth"], 1000, "{stats}");
+    signal(&child, "TERM");
+    assert!(wait_exit(&mut child, 20).success());
+    support::keep_stderr("block_sigterm_restart", &mut child);
 }
 
 #[test]
@@ -398,6 +667,68 @@ fn refused_events_get_clear_errors_and_the_connection_goes_on() {
     signal(&child, "TERM");
     assert!(wait_exit(&mut child, 20).success());
     support::keep_stderr("refused_events", &mut child);
+}
+
+#[test]
+fn an_integer_beyond_64_bits_is_refused_naming_the_field_not_rounded() {
+    let env = Env::new();
+    let mut c = env.cmd(free_port());
+    c.stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    wait_socket(&env.socket(), &mut child);
+    let mut s = UnixStream::connect(env.socket()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut rd = BufReader::new(s.try_clone().unwrap());
+    let mut ask = |line: &str| -> serde_json::Value {
+        writeln!(s, "{line}").unwrap();
+        let mut reply = String::new();
+        rd.read_line(&mut reply).unwrap();
+        serde_json::from_str(&reply).unwrap()
+    };
+    // serde_json alone read this as 1.2345678901234568e29 and stored it.
+    let e = ask(
+        r#"{"type":"events","ack_id":1,"events":[{"engine":"celery","kind":"task.sent","task_id":"a"},{"engine":"celery","kind":"task.sent","task_id":"b","data":{"n":123456789012345678901234567890}}]}"#,
+    );
+    assert_eq!(
+        (e["type"].as_str(), e["code"].as_str()),
+        (Some("error"), Some("bad_message")),
+        "{e}"
+    );
+    let msg = e["message"].as_str().unwrap();
+    assert!(
+        msg.contains("events[1].data.n")
+            && msg.contains("123456789012345678901234567890")
+            && msg.contains("send it as a string"),
+        "{msg}"
+    );
+    // The same number as a string is kept exactly.
+    let ok = ask(
+        r#"{"type":"event","ack_id":2,"engine":"celery","kind":"task.sent","task_id":"b","data":{"n":"123456789012345678901234567890","m":18446744073709551615}}"#,
+    );
+    assert_eq!(
+        (ok["type"].as_str(), ok["stored"].as_u64()),
+        (Some("ack"), Some(1)),
+        "{ok}"
+    );
+    let stats = ask(r#"{"type":"stats"}"#);
+    assert_eq!(stats["refused_by_reason"]["bad_message"], 1, "{stats}");
+    assert_eq!(
+        stats["spool_depth"], 1,
+        "nothing of the refused message was stored: {stats}"
+    );
+    signal(&child, "TERM");
+    assert!(wait_exit(&mut child, 20).success());
+    support::keep_stderr("big_integer", &mut child);
+    let conn = rusqlite::Connection::open(env.dir.path().join("home/.z4j/agentd.sqlite")).unwrap();
+    let body: Vec<u8> = conn
+        .query_row("SELECT body FROM events", [], |r| r.get(0))
+        .unwrap();
+    let body = String::from_utf8(body).unwrap();
+    assert!(
+        body.contains(r#""m":18446744073709551615"#)
+            && body.contains(r#""n":"123456789012345678901234567890""#),
+        "{body}"
+    );
 }
 
 #[test]

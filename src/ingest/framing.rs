@@ -194,11 +194,11 @@ impl Decoder {
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            return Some(match serde_json::from_slice::<Value>(line) {
+            return Some(match crate::protocol::json::parse_line(line) {
                 Ok(v) => Decoded::Message(v),
-                Err(e) => Decoded::Invalid(FrameError {
+                Err(message) => Decoded::Invalid(FrameError {
                     code: "bad_message",
-                    message: format!("not a valid JSON object: {e}"),
+                    message,
                     fatal: false,
                 }),
             });

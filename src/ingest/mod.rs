@@ -321,7 +321,9 @@ impl Ingest {
                     }
                     Err(e) => {
                         self.status.accept_failures.fetch_add(1, Ordering::Relaxed);
-                        let wait = failures.failed(&e, self.config.max_clients);
+                        let open = self.config.max_clients - slots.available_permits();
+                        let metrics = self.status.metrics_connections.load(Ordering::Relaxed);
+                        let wait = failures.failed(&e, self.config.max_clients, open, metrics);
                         pause.as_mut().reset(tokio::time::Instant::now() + wait);
                         paused = true;
                     }
@@ -488,8 +490,16 @@ struct AcceptFailures {
 }
 
 impl AcceptFailures {
-    /// Records a failure; returns how long to pause accepting.
-    fn failed(&mut self, e: &std::io::Error, max_clients: usize) -> Duration {
+    /// Records a failure; returns how long to pause accepting. `open` and
+    /// `metrics` are the local and metrics connections open now: the
+    /// warning says who holds the descriptors.
+    fn failed(
+        &mut self,
+        e: &std::io::Error,
+        max_clients: usize,
+        open: usize,
+        metrics: u64,
+    ) -> Duration {
         self.streak += 1;
         self.unreported += 1;
         if self
@@ -500,7 +510,7 @@ impl AcceptFailures {
             let hint = if errno == Some(rustix::io::Errno::MFILE) {
                 let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
                 format!(
-                    "this process is out of file descriptors (RLIMIT_NOFILE {}, Z4J_MAX_CLIENTS {max_clients}); raise LimitNOFILE= in the systemd unit (ulimit -n elsewhere) or lower Z4J_MAX_CLIENTS",
+                    "this process is out of file descriptors (RLIMIT_NOFILE {}, Z4J_MAX_CLIENTS {max_clients}) with {open} local and {metrics} metrics connections open; raise LimitNOFILE= in the systemd unit (ulimit -n elsewhere) or lower Z4J_MAX_CLIENTS",
                     limit.map_or("unlimited".to_string(), |l| l.to_string())
                 )
             } else if errno == Some(rustix::io::Errno::NFILE) {
@@ -533,9 +543,11 @@ impl AcceptFailures {
 /// hard limit, as Go and many daemons do: each client connection takes a
 /// descriptor, and the soft default (1,024 under systemd) is below what
 /// `max_clients` connections need. Logs the result at debug, and one
-/// warning when the limit stays below `max_clients` plus [`FD_MARGIN`].
-/// Returns the soft limit now in force (`None`: unlimited).
-pub fn raise_fd_limit(max_clients: usize) -> Option<u64> {
+/// warning when the limit stays below `max_clients` plus
+/// `metrics_connections` (what the metrics listener may hold; 0 when it is
+/// off) plus [`FD_MARGIN`]. Returns the soft limit now in force (`None`:
+/// unlimited).
+pub fn raise_fd_limit(max_clients: usize, metrics_connections: usize) -> Option<u64> {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
     let before = getrlimit(Resource::Nofile);
     let mut limit = before.current;
@@ -558,21 +570,27 @@ pub fn raise_fd_limit(max_clients: usize) -> Option<u64> {
         hard = %show(before.maximum),
         "limit on open files (RLIMIT_NOFILE)"
     );
-    if let Some(needed) = fd_shortfall(limit, max_clients) {
+    if let Some(needed) = fd_shortfall(limit, max_clients, metrics_connections) {
+        let metrics = match metrics_connections {
+            0 => String::new(),
+            n => format!(" + {n} for the metrics listener (Z4J_METRICS_ADDR)"),
+        };
         tracing::warn!(
             limit = %show(limit),
             max_clients,
+            metrics_connections,
             needed,
-            "the limit on open files (RLIMIT_NOFILE) is {}, below the {needed} that Z4J_MAX_CLIENTS={max_clients} connections need ({max_clients} + {FD_MARGIN} for the daemon itself): connections beyond it wait unanswered until a descriptor frees up; raise LimitNOFILE= in the systemd unit (ulimit -n elsewhere) to at least {needed}, or lower Z4J_MAX_CLIENTS",
+            "the limit on open files (RLIMIT_NOFILE) is {}, below the {needed} that Z4J_MAX_CLIENTS={max_clients} connections need ({max_clients}{metrics} + {FD_MARGIN} for the daemon itself): connections beyond it wait unanswered until a descriptor frees up; raise LimitNOFILE= in the systemd unit (ulimit -n elsewhere) to at least {needed}, or lower Z4J_MAX_CLIENTS",
             show(limit)
         );
     }
     limit
 }
 
-/// The descriptors `max_clients` connections need, when `limit` is short of it.
-fn fd_shortfall(limit: Option<u64>, max_clients: usize) -> Option<u64> {
-    let needed = max_clients as u64 + FD_MARGIN;
+/// The descriptors `max_clients` local and `metrics` metrics connections
+/// need, when `limit` is short of it.
+fn fd_shortfall(limit: Option<u64>, max_clients: usize, metrics: usize) -> Option<u64> {
+    let needed = max_clients as u64 + metrics as u64 + FD_MARGIN;
     limit.filter(|l| *l < needed).map(|_| needed)
 }
 
@@ -1396,12 +1414,16 @@ mod tests {
 
     #[test]
     fn a_descriptor_limit_below_the_clients_plus_a_margin_is_reported() {
-        assert_eq!(fd_shortfall(Some(1024), 1024), Some(1024 + FD_MARGIN));
-        assert_eq!(fd_shortfall(Some(1024 + FD_MARGIN - 1), 1024), Some(1088));
-        assert_eq!(fd_shortfall(Some(1024 + FD_MARGIN), 1024), None);
-        assert_eq!(fd_shortfall(Some(524_288), 1024), None);
-        assert_eq!(fd_shortfall(None, 65_536), None);
-        assert_eq!(fd_shortfall(Some(256), 100), None);
+        assert_eq!(fd_shortfall(Some(1024), 1024, 0), Some(1024 + FD_MARGIN));
+        assert_eq!(
+            fd_shortfall(Some(1024 + FD_MARGIN - 1), 1024, 0),
+            Some(1088)
+        );
+        assert_eq!(fd_shortfall(Some(1024 + FD_MARGIN), 1024, 0), None);
+        assert_eq!(fd_shortfall(Some(1024 + FD_MARGIN), 1024, 17), Some(1105));
+        assert_eq!(fd_shortfall(Some(524_288), 1024, 17), None);
+        assert_eq!(fd_shortfall(None, 65_536, 17), None);
+        assert_eq!(fd_shortfall(Some(256), 100, 0), None);
     }
 
     #[test]
@@ -1409,13 +1431,13 @@ mod tests {
         let e = std::io::Error::from_raw_os_error(rustix::io::Errno::MFILE.raw_os_error());
         let mut f = AcceptFailures::default();
         let pauses: Vec<u64> = (0..8)
-            .map(|_| f.failed(&e, 1024).as_millis() as u64)
+            .map(|_| f.failed(&e, 1024, 0, 0).as_millis() as u64)
             .collect();
         assert_eq!(pauses, [10, 20, 40, 80, 160, 250, 250, 250]);
         // One warning for the whole streak (the next one is 10 s away).
         assert_eq!(f.unreported, 7);
         f.recovered();
-        assert_eq!(f.failed(&e, 1024), ACCEPT_PAUSE_MIN);
+        assert_eq!(f.failed(&e, 1024, 0, 0), ACCEPT_PAUSE_MIN);
     }
 
     #[test]

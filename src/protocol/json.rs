@@ -15,6 +15,12 @@
 //!   overflow to infinity, lone UTF-16 surrogates.
 //! * Nesting is capped at [`MAX_DEPTH`] so hostile input cannot exhaust the
 //!   stack.
+//! * An error names where it was found: the byte offset and the path of
+//!   keys and indexes leading to it (`events[2].data.n`).
+//!
+//! The local socket's JSON lines are read by [`parse_line`]: serde_json
+//! (fast), checked by this parser only when serde_json may have turned an
+//! integer into a float (see there).
 
 use super::value::Value;
 
@@ -22,13 +28,62 @@ use super::value::Value;
 pub const MAX_DEPTH: usize = 128;
 
 /// Why the input is not acceptable JSON.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{reason} at byte {offset}")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JsonError {
     /// What is wrong.
     pub reason: &'static str,
-    /// Byte offset into the input where it was noticed.
+    /// Byte offset into the input where it was noticed (for an integer out
+    /// of range: where the integer starts).
     pub offset: usize,
+    /// The keys and indexes leading to the value at fault, e.g.
+    /// `events[2].data.n`; empty at the top level.
+    pub path: String,
+}
+
+impl std::fmt::Display for JsonError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{} at byte {}", self.reason, self.offset)
+        } else {
+            write!(f, "{} at {} (byte {})", self.reason, self.path, self.offset)
+        }
+    }
+}
+
+impl std::error::Error for JsonError {}
+
+/// [`JsonError::reason`] for an integer no [`Value`] can hold.
+pub const INTEGER_OUT_OF_RANGE: &str = "integer outside -2^63..2^64-1";
+
+impl JsonError {
+    /// Puts `key` (of the object that held the value at fault) in front of the path.
+    fn under_key(mut self, key: &str) -> JsonError {
+        let plain = !key.is_empty()
+            && key
+                .chars()
+                .all(|c| c.is_alphanumeric() || c == '_' || c == '-');
+        let head = if plain {
+            key.to_string()
+        } else {
+            format!("[{}]", serde_json::to_string(key).unwrap_or_default())
+        };
+        self.path = match (self.path.is_empty(), self.path.starts_with('[')) {
+            (true, _) => head,
+            (false, true) => head + &self.path,
+            (false, false) => format!("{head}.{}", self.path),
+        };
+        self
+    }
+
+    /// Puts `[index]` (of the array that held the value at fault) in front of the path.
+    fn under_index(mut self, index: usize) -> JsonError {
+        self.path = match (self.path.is_empty(), self.path.starts_with('[')) {
+            (true, _) => format!("[{index}]"),
+            (false, true) => format!("[{index}]{}", self.path),
+            (false, false) => format!("[{index}].{}", self.path),
+        };
+        self
+    }
 }
 
 /// Parses one JSON document (surrounding whitespace allowed).
@@ -36,6 +91,7 @@ pub fn parse(input: &[u8]) -> Result<Value, JsonError> {
     let text = std::str::from_utf8(input).map_err(|e| JsonError {
         reason: "invalid UTF-8",
         offset: e.valid_up_to(),
+        path: String::new(),
     })?;
     let mut p = Parser {
         text,
@@ -52,6 +108,73 @@ pub fn parse(input: &[u8]) -> Result<Value, JsonError> {
     Ok(v)
 }
 
+/// Parses one JSON line from a local client: the message, or the whole
+/// error text for the client (`bad_message`).
+///
+/// serde_json reads it (it is the fast path), but serde_json silently turns
+/// an integer it cannot hold into a float: `123456789012345678901234567890`
+/// would be stored as `1.2345678901234568e+29`, its last digits gone, and
+/// `-0` as `-0.0`. Only a document holding such a float (a whole number of
+/// magnitude 2^63 or more, or -0.0) is read again with [`parse`], which
+/// tells the literal `1e30` from the integer and refuses the integer,
+/// naming where it is and the fix (send it as a string); `-0` is then the
+/// integer 0, as Python's `json.loads` reads it. MessagePack cannot carry
+/// such an integer at all, so both framings accept the same integers.
+pub fn parse_line(line: &[u8]) -> Result<Value, String> {
+    match serde_json::from_slice::<Value>(line) {
+        Ok(v) if !may_hide_an_integer(&v) => Ok(v),
+        Ok(_) => parse(line).map_err(|e| line_error(line, e, None)),
+        // An integer too large even for a float (over 308 digits) fails
+        // here; the exact parser says where it is.
+        Err(serde) => Err(match parse(line) {
+            Err(e) => line_error(line, e, Some(serde)),
+            Ok(_) => format!("not a valid JSON object: {serde}"),
+        }),
+    }
+}
+
+/// The client's error text for a JSON line [`parse`] refused.
+fn line_error(line: &[u8], e: JsonError, serde: Option<serde_json::Error>) -> String {
+    if e.reason != INTEGER_OUT_OF_RANGE {
+        return match serde {
+            Some(serde) => format!("not a valid JSON object: {serde}"),
+            None => format!("not a valid JSON object: {e}"),
+        };
+    }
+    let digits: String = line[e.offset..]
+        .iter()
+        .take_while(|b| b.is_ascii_digit() || **b == b'-')
+        .map(|&b| b as char)
+        .collect();
+    let shown = if digits.len() > 40 {
+        format!("{}...", &digits[..40])
+    } else {
+        digits
+    };
+    let at = if e.path.is_empty() {
+        "the top level".to_string()
+    } else {
+        e.path
+    };
+    format!(
+        "the integer {shown} at {at} is outside -2^63..2^64-1, the integers z4j-agentd carries (as MessagePack does), and as a float it would lose digits; send it as a string (\"{shown}\")"
+    )
+}
+
+/// Whether `v` holds a float that serde_json may have made of an integer
+/// literal: a whole number of magnitude 2^63 or more, or -0.0.
+fn may_hide_an_integer(v: &Value) -> bool {
+    match v {
+        Value::Float(f) => {
+            f.fract() == 0.0
+                && (f.abs() >= 9_223_372_036_854_775_808.0 || f.to_bits() == (-0.0f64).to_bits())
+        }
+        Value::Array(items) => items.iter().any(may_hide_an_integer),
+        Value::Map(entries) => entries.iter().any(|(_, v)| may_hide_an_integer(v)),
+        _ => false,
+    }
+}
+
 struct Parser<'a> {
     /// Same bytes as `bytes`, already validated as UTF-8, so runs between
     /// ASCII delimiters can be sliced as `&str` without re-validation.
@@ -66,6 +189,7 @@ impl Parser<'_> {
         JsonError {
             reason,
             offset: self.pos,
+            path: String::new(),
         }
     }
 
@@ -132,7 +256,7 @@ impl Parser<'_> {
             }
             self.pos += 1;
             self.skip_ws();
-            let v = self.value()?;
+            let v = self.value().map_err(|e| e.under_key(&key))?;
             entries.push((key, v));
             self.skip_ws();
             match self.peek() {
@@ -158,7 +282,8 @@ impl Parser<'_> {
         }
         loop {
             self.skip_ws();
-            items.push(self.value()?);
+            let index = items.len();
+            items.push(self.value().map_err(|e| e.under_index(index))?);
             self.skip_ws();
             match self.peek() {
                 Some(b',') => self.pos += 1,
@@ -308,7 +433,11 @@ impl Parser<'_> {
         } else if let (false, Ok(u)) = (negative, text.parse::<u64>()) {
             Ok(Value::UInt(u))
         } else {
-            Err(self.err("integer outside -2^63..2^64-1"))
+            Err(JsonError {
+                reason: INTEGER_OUT_OF_RANGE,
+                offset: start,
+                path: String::new(),
+            })
         }
     }
 }
@@ -401,6 +530,67 @@ mod tests {
     fn error_position() {
         let e = parse(br#"{"a": tru}"#).unwrap_err();
         assert_eq!(e.offset, 6);
-        assert_eq!(e.to_string(), "unexpected character at byte 6");
+        assert_eq!(e.to_string(), "unexpected character at a (byte 6)");
+        let e = parse(br#"tru"#).unwrap_err();
+        assert_eq!(e.to_string(), "unexpected character at byte 0");
+    }
+
+    #[test]
+    fn errors_name_the_path_to_the_value() {
+        let e = parse(br#"{"events":[{"a":1},{"data":{"n":123456789012345678901234567890}}]}"#)
+            .unwrap_err();
+        assert_eq!(e.reason, INTEGER_OUT_OF_RANGE);
+        assert_eq!(e.path, "events[1].data.n");
+        assert_eq!(e.offset, 32, "where the integer starts");
+        let e = parse(br#"[[1, {"odd key.": [-99999999999999999999]}]]"#).unwrap_err();
+        assert_eq!(e.path, r#"[0][1]["odd key."][0]"#);
+    }
+
+    #[test]
+    fn a_line_with_an_integer_beyond_64_bits_is_refused_naming_the_field() {
+        // serde_json alone reads it as 1.2345678901234568e29: digits lost.
+        let line = br#"{"type":"event","data":{"n":123456789012345678901234567890}}"#;
+        let v: Value = serde_json::from_slice(line).unwrap();
+        assert!(matches!(
+            v.get("data").and_then(|d| d.get("n")),
+            Some(Value::Float(_))
+        ));
+        let msg = parse_line(line).unwrap_err();
+        assert!(
+            msg.contains("123456789012345678901234567890")
+                && msg.contains("data.n")
+                && msg.contains("send it as a string"),
+            "{msg}"
+        );
+        for big in [
+            "18446744073709551616",
+            "-9223372036854775809",
+            &"9".repeat(400),
+        ] {
+            let line = format!(r#"{{"type":"events","events":[{{}},{{"data":{{"x":[{big}]}}}}]}}"#);
+            let msg = parse_line(line.as_bytes()).unwrap_err();
+            assert!(msg.contains("events[1].data.x[0]"), "{big}: {msg}");
+            assert!(msg.len() < 400, "the literal is shortened: {msg}");
+        }
+        // At the edges of the range, exact integers.
+        let v = parse_line(br#"{"a":18446744073709551615,"b":-9223372036854775808}"#).unwrap();
+        assert_eq!(v.get("a"), Some(&Value::UInt(u64::MAX)));
+        assert_eq!(v.get("b"), Some(&Value::Int(i64::MIN)));
+    }
+
+    #[test]
+    fn a_line_keeps_large_floats_and_reads_minus_zero_like_python() {
+        let v =
+            parse_line(br#"{"f":1e30,"g":-1.5e300,"h":12345678901234567890123.0,"z":-0,"y":-0.0}"#)
+                .unwrap();
+        assert_eq!(v.get("f"), Some(&Value::Float(1e30)));
+        assert_eq!(v.get("g"), Some(&Value::Float(-1.5e300)));
+        assert_eq!(v.get("h"), Some(&Value::Float(1.2345678901234568e22)));
+        assert_eq!(v.get("z"), Some(&Value::Int(0)), "json.loads('-0') == 0");
+        assert!(matches!(v.get("y"), Some(Value::Float(f)) if f.to_bits() == (-0.0f64).to_bits()));
+        // Anything serde_json refuses keeps its message.
+        assert!(parse_line(b"{\"a\":NaN}")
+            .unwrap_err()
+            .starts_with("not a valid JSON object: "));
     }
 }

@@ -17,8 +17,12 @@
 //!   in the `meta` table, so restarts do not reset it).
 //! * Crash safety is SQLite's: a committed transaction survives a kill of the
 //!   process at any point; nothing is held only in memory once acknowledged.
-//! * One daemon per spool: an exclusive lock on `<spool>.lock`, which also
-//!   records the holder's pid for the error message of a second daemon.
+//! * One daemon per spool: an `flock` on the database file itself, held by
+//!   the writer while its connection is open (see [`SpoolLock`]);
+//!   `<spool>.lock` records the holder's pid. Neither is opened through a
+//!   symlink.
+//! * A spool this process cannot write is refused at open (a test write),
+//!   never reported ready.
 
 pub mod path;
 
@@ -44,7 +48,10 @@ pub enum Overflow {
     /// producers see the refusal and the count.
     DropNewest,
     /// Stop reading from the producer until space frees up. Nothing is
-    /// lost, but producers that wait on the socket slow down.
+    /// lost, but producers that wait on the socket slow down. Once the
+    /// daemon stops holding producers ([`SpoolHandle::stop_holding_producers`],
+    /// on shutdown), a message that does not fit is refused whole with
+    /// [`SpoolError::Stopping`] instead.
     Block,
 }
 
@@ -91,6 +98,16 @@ pub enum SpoolError {
         /// What went wrong and what to do.
         message: String,
     },
+    /// The spool's directory or one of its files cannot be written (a
+    /// read-only mount, an immutable file, the mode): found at start, by
+    /// writing, before the daemon reports ready.
+    #[error("the spool {path} cannot be written: {message}")]
+    NotWritable {
+        /// The spool file.
+        path: String,
+        /// Which path cannot be written, why, and the fix.
+        message: String,
+    },
     /// A SQLite error while running (its message).
     #[error("spool error: {0}")]
     Sqlite(String),
@@ -100,6 +117,13 @@ pub enum SpoolError {
     /// The writer thread is gone (shutdown).
     #[error("the spool is closed")]
     Closed,
+    /// `block`: the daemon is stopping and these events did not fit; they
+    /// were not stored, and nothing waits for room any more.
+    #[error("z4j-agentd is stopping and its spool is full (Z4J_BUFFER_OVERFLOW=block): {not_stored} events of this message were not stored (its last {not_stored}; any before them were stored); send them again once the daemon is back")]
+    Stopping {
+        /// Events of the append that were not stored.
+        not_stored: usize,
+    },
 }
 
 impl SpoolError {
@@ -108,9 +132,11 @@ impl SpoolError {
         match self {
             SpoolError::Locked { .. } => "spool_locked",
             SpoolError::Open { .. } => "spool_open",
+            SpoolError::NotWritable { .. } => "spool_not_writable",
             SpoolError::Sqlite(_) => "spool_error",
             SpoolError::DiskFull => "spool_disk_full",
             SpoolError::Closed => "spool_closed",
+            SpoolError::Stopping { .. } => "daemon_stopping",
         }
     }
 
@@ -238,6 +264,8 @@ pub struct SpoolHandle {
     new_events: Arc<Notify>,
     space_freed: Arc<Notify>,
     overflow: Overflow,
+    /// Set by [`SpoolHandle::stop_holding_producers`].
+    release: Arc<AtomicBool>,
 }
 
 /// Requests waiting in the channel before callers feel back-pressure.
@@ -360,38 +388,70 @@ impl SpoolHandle {
     pub fn overflow(&self) -> Overflow {
         self.overflow
     }
+
+    /// On shutdown, under `block`: from now on an append that does not fit
+    /// whole is refused with [`SpoolError::Stopping`] (nothing of it
+    /// stored) rather than answered "wait for room", and producers waiting
+    /// on [`SpoolHandle::space_freed`] are woken to retry and hear it. No
+    /// effect under the other policies, which never wait.
+    pub fn stop_holding_producers(&self) {
+        self.release.store(true, Ordering::SeqCst);
+        self.space_freed.notify_waiters();
+    }
 }
 
-/// The open spool: the handle plus the writer thread and the lock.
+/// The open spool: the handle plus the writer thread (which holds the lock).
 pub struct Spool {
     handle: SpoolHandle,
     thread: Option<std::thread::JoinHandle<()>>,
-    _lock: File,
 }
 
 impl Spool {
     /// Opens (creating if needed) and recovers the spool, then starts the
     /// writer thread. Blocking: call before the async work starts or from
     /// `spawn_blocking`.
+    ///
+    /// Refuses a spool another daemon holds ([`SpoolError::Locked`]) and one
+    /// this process cannot write ([`SpoolError::NotWritable`]): the
+    /// directory takes a new file, the file opens for writing, and one
+    /// small transaction commits, so a spool that would fail every write is
+    /// found here, before the daemon reports ready.
     pub fn open(config: SpoolConfig) -> Result<Spool, SpoolError> {
         let path_text = config.path.display().to_string();
-        let lock = acquire_lock(&config.path)?;
-        create_private_file(&config.path).map_err(|e| SpoolError::Open {
-            path: path_text.clone(),
-            message: format!("{e}; check the directory's owner and mode"),
+        probe_directory(&config.path)?;
+        let lock = SpoolLock::acquire(&config.path)?;
+        let conn = Connection::open(&config.path).map_err(|e| {
+            diagnose_not_writable(&config.path).unwrap_or_else(|| SpoolError::Open {
+                path: path_text.clone(),
+                message: e.to_string(),
+            })
         })?;
-        let conn = Connection::open(&config.path).map_err(|e| SpoolError::Open {
-            path: path_text.clone(),
-            message: e.to_string(),
+        let mut state = Writer::prepare(conn, &config).map_err(|e| {
+            diagnose_not_writable(&config.path).unwrap_or_else(|| SpoolError::Open {
+                path: path_text.clone(),
+                message: format!(
+                    "{e}; if the file is damaged, move it aside (e.g. `mv {p} {p}.broken`) and start again",
+                    p = path_text
+                ),
+            })
         })?;
-        let state = Writer::prepare(conn, &config).map_err(|e| SpoolError::Open {
-            path: path_text.clone(),
-            message: format!(
-                "{e}; if the file is damaged, move it aside (e.g. `mv {p} {p}.broken`) and start again",
-                p = path_text
-            ),
+        // SQLite opens a file it may not write read-only, without a word;
+        // only a write tells.
+        state.write_probe().map_err(|e| {
+            diagnose_not_writable(&config.path).unwrap_or_else(|| match SpoolError::from_sqlite(e) {
+                SpoolError::DiskFull => SpoolError::DiskFull,
+                other => SpoolError::NotWritable {
+                    path: path_text.clone(),
+                    message: format!(
+                        "a test write failed ({other}); check that this user may write the file and its directory, and that the filesystem is mounted read-write"
+                    ),
+                },
+            })
         })?;
+        lock.still_at(&config.path)?;
+        state.lock = Some(lock);
         let stats = state.stats.clone();
+        let release = state.release.clone();
         let new_events = Arc::new(Notify::new());
         let space_freed = Arc::new(Notify::new());
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
@@ -401,6 +461,7 @@ impl Spool {
             new_events: new_events.clone(),
             space_freed: space_freed.clone(),
             overflow: config.overflow,
+            release,
         };
         let thread = std::thread::Builder::new()
             .name("z4j-spool".into())
@@ -412,7 +473,6 @@ impl Spool {
         Ok(Spool {
             handle,
             thread: Some(thread),
-            _lock: lock,
         })
     }
 
@@ -430,75 +490,292 @@ impl Spool {
     }
 }
 
-fn lock_path(path: &Path) -> PathBuf {
+/// `<spool>.lock`: the holder's pid, for people and `doctor`.
+fn note_path(path: &Path) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
     s.push(".lock");
     PathBuf::from(s)
 }
 
-fn acquire_lock(path: &Path) -> Result<File, SpoolError> {
-    let lp = lock_path(path);
-    let mut file = OpenOptions::new()
+/// The exclusive hold on one spool, kept by the writer for as long as its
+/// connection is open.
+///
+/// What keeps a second daemon out is an `flock` on the database file
+/// itself: the lock belongs to the spool, so deleting or replacing any
+/// other file cannot release it. SQLite's own locks on that file are POSIX
+/// record locks, independent of `flock` on local filesystems (a spool in WAL
+/// mode must be on one: WAL needs shared memory). This descriptor must stay
+/// open until SQLite's connection is closed, since closing any descriptor of
+/// a file drops the process's POSIX locks on it; the writer drops its
+/// connection first.
+///
+/// `<spool>.lock` only records the holder's pid. It is locked too, so a
+/// daemon of an earlier version, which locks only that file, is kept out as
+/// well. Neither file is ever opened through a symlink.
+struct SpoolLock {
+    db: File,
+    _note: File,
+}
+
+impl SpoolLock {
+    fn acquire(path: &Path) -> Result<SpoolLock, SpoolError> {
+        let db = open_no_follow(path, "spool", path, false)?;
+        match db.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(SpoolError::Locked {
+                    path: path.display().to_string(),
+                    pid: holder_pid(&db, path),
+                })
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(SpoolError::Open {
+                    path: path.display().to_string(),
+                    message: format!("cannot lock it: {e}"),
+                })
+            }
+        }
+        same_file(&db, path, path)?;
+        let note_at = note_path(path);
+        let mut note = open_no_follow(&note_at, "lock file", path, true)?;
+        match note.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(SpoolError::Locked {
+                    path: path.display().to_string(),
+                    pid: read_pid_note(&note_at).unwrap_or_else(|| "unknown".into()),
+                })
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(SpoolError::Open {
+                    path: path.display().to_string(),
+                    message: format!("cannot lock {}: {e}", note_at.display()),
+                })
+            }
+        }
+        same_file(&note, &note_at, path)?;
+        let _ = note.set_len(0);
+        let _ = note.rewind();
+        let _ = writeln!(note, "{}", std::process::id());
+        let _ = note.flush();
+        Ok(SpoolLock { db, _note: note })
+    }
+
+    /// Checks that `path` still names the locked database file, after
+    /// SQLite opened it by name.
+    fn still_at(&self, path: &Path) -> Result<(), SpoolError> {
+        same_file(&self.db, path, path)
+    }
+}
+
+/// Opens `file` (the spool, or its lock file when `note`) read-write,
+/// creating it 0600, never through a symlink and never truncating it.
+fn open_no_follow(file: &Path, what: &str, spool: &Path, note: bool) -> Result<File, SpoolError> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let refuse = |message: String| SpoolError::Open {
+        path: spool.display().to_string(),
+        message,
+    };
+    let symlink = || {
+        refuse(format!(
+            "{what} {p} is a symbolic link; z4j-agentd never opens one there, since it would write to whatever it points to; remove the link (`rm {p}`){and}",
+            p = file.display(),
+            and = if note {
+                " and start again"
+            } else {
+                ", or set Z4J_BUFFER_PATH to the real file"
+            }
+        ))
+    };
+    // Checked before opening too, so nothing (a FIFO, a device) is opened
+    // that is not a plain file.
+    match std::fs::symlink_metadata(file) {
+        Ok(m) if m.file_type().is_symlink() => return Err(symlink()),
+        Ok(m) if !m.file_type().is_file() => {
+            return Err(refuse(format!(
+            "{what} {p} is not a regular file; move it aside (`mv {p} {p}.aside`) and start again",
+            p = file.display()
+        )))
+        }
+        _ => {}
+    }
+    let f = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .mode(0o600)
-        .open(&lp)
-        .map_err(|e| SpoolError::Open {
-            path: path.display().to_string(),
-            message: format!("cannot create lock file {}: {e}", lp.display()),
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(file)
+        .map_err(|e| {
+            if rustix::io::Errno::from_io_error(&e) == Some(rustix::io::Errno::LOOP) {
+                symlink()
+            } else {
+                not_writable(spool, file, &e).unwrap_or_else(|| {
+                    refuse(format!(
+                        "cannot open {what} {}: {e}; check the directory's owner and mode",
+                        file.display()
+                    ))
+                })
+            }
         })?;
-    match file.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => {
-            let mut pid = String::new();
-            let _ = file.read_to_string(&mut pid);
-            let pid = pid.trim();
-            return Err(SpoolError::Locked {
-                path: path.display().to_string(),
-                pid: if pid.is_empty() {
-                    "unknown".into()
-                } else {
-                    pid.to_string()
-                },
-            });
-        }
-        Err(std::fs::TryLockError::Error(e)) => {
-            return Err(SpoolError::Open {
-                path: path.display().to_string(),
-                message: format!("cannot lock {}: {e}", lp.display()),
-            })
-        }
+    let meta = f.metadata().map_err(|e| refuse(e.to_string()))?;
+    if !meta.file_type().is_file() {
+        return Err(refuse(format!(
+            "{what} {p} is not a regular file; move it aside (`mv {p} {p}.aside`) and start again",
+            p = file.display()
+        )));
     }
-    let _ = file.set_len(0);
-    let _ = file.rewind();
-    let _ = writeln!(file, "{}", std::process::id());
-    let _ = file.flush();
-    Ok(file)
+    // The lock file is rewritten: a second name for it would be another
+    // file written through this one.
+    if note && meta.nlink() > 1 {
+        return Err(refuse(format!(
+            "lock file {p} has {n} hard links, so writing the pid to it would change another file; remove it (`rm {p}`) and start again",
+            p = file.display(),
+            n = meta.nlink()
+        )));
+    }
+    // An existing spool keeps working, but is tightened to 0600.
+    if meta.permissions().mode() & 0o077 != 0 {
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| refuse(format!("cannot chmod 600 {}: {e}", file.display())))?;
+    }
+    Ok(f)
 }
 
-/// Creates the database file 0600 before SQLite does, so it (and the
-/// `-wal`/`-shm` files SQLite derives from it) never exist with a wider mode.
-fn create_private_file(path: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    match OpenOptions::new()
+/// Refuses when `path` no longer names the file `f` is open on (it was
+/// replaced or removed in the meantime).
+fn same_file(f: &File, path: &Path, spool: &Path) -> Result<(), SpoolError> {
+    use std::os::unix::fs::MetadataExt;
+    let held = f.metadata().ok().map(|m| (m.dev(), m.ino()));
+    let named = std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()));
+    if held.is_some() && held == named {
+        return Ok(());
+    }
+    Err(SpoolError::Open {
+        path: spool.display().to_string(),
+        message: format!(
+            "{} was replaced or removed while this daemon opened it; make sure nothing else manages that file, and start again",
+            path.display()
+        ),
+    })
+}
+
+/// Who holds the `flock` on the spool: from `/proc/locks` (which lists it
+/// even when the lock file is gone), else from the lock file, else "unknown".
+fn holder_pid(db: &File, spool: &Path) -> String {
+    flock_holder(db)
+        .map(|pid| pid.to_string())
+        .or_else(|| read_pid_note(&note_path(spool)))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn flock_holder(f: &File) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = f.metadata().ok()?;
+    let id = format!(
+        "{:02x}:{:02x}:{}",
+        rustix::fs::major(meta.dev()),
+        rustix::fs::minor(meta.dev()),
+        meta.ino()
+    );
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    // "1: FLOCK  ADVISORY  WRITE 4242 fd:01:5678 0 EOF"; a waiter has "->" after the number.
+    locks.lines().find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (f.len() >= 6 && f[1] == "FLOCK" && f[5] == id)
+            .then(|| f[4].parse::<u32>().ok().filter(|pid| *pid != 0))
+            .flatten()
+    })
+}
+
+/// The pid written in the lock file, read without following a symlink.
+fn read_pid_note(note: &Path) -> Option<String> {
+    let mut f = OpenOptions::new()
+        .read(true)
+        .custom_flags(
+            rustix::fs::OFlags::NOFOLLOW.bits() as i32 | rustix::fs::OFlags::NONBLOCK.bits() as i32,
+        )
+        .open(note)
+        .ok()?;
+    let mut text = String::new();
+    (&mut f).take(32).read_to_string(&mut text).ok()?;
+    let pid = text.trim();
+    (!pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit())).then(|| pid.to_string())
+}
+
+/// Creates and removes a file in the spool's directory: the directory must
+/// take new files (SQLite creates the `-wal` and `-shm` files there).
+fn probe_directory(spool: &Path) -> Result<(), SpoolError> {
+    let dir = spool.parent().unwrap_or(Path::new("/"));
+    let probe = dir.join(format!(".z4j-agentd-write-probe-{}", std::process::id()));
+    let made = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(path)
-    {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            // An existing spool keeps working, but is tightened to 0600.
-            let meta = std::fs::metadata(path)?;
-            if meta.permissions().mode() & 0o077 != 0 {
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-            }
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(&probe);
+    match made {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
             Ok(())
         }
-        Err(e) => Err(e),
+        Err(e) => Err(
+            not_writable(spool, dir, &e).unwrap_or_else(|| SpoolError::Open {
+                path: spool.display().to_string(),
+                message: format!("cannot create a file in {}: {e}", dir.display()),
+            }),
+        ),
     }
+}
+
+/// The [`SpoolError::NotWritable`] for `e`, raised on `file` (the spool's
+/// directory or one of its files), when `e` says it cannot be written.
+fn not_writable(spool: &Path, file: &Path, e: &std::io::Error) -> Option<SpoolError> {
+    use rustix::io::Errno;
+    let p = file.display();
+    let fix = match Errno::from_io_error(e)? {
+        Errno::ROFS => format!(
+            "{p} is on a read-only filesystem; remount it read-write, or set Z4J_BUFFER_PATH to a writable place"
+        ),
+        Errno::PERM => format!(
+            "{p} may not be written (immutable or append-only: `lsattr -d {p}`); run `chattr -i -a {p}`, or set Z4J_BUFFER_PATH to a writable place"
+        ),
+        Errno::ACCESS => format!(
+            "{p} is not writable by uid {uid}; make it so (`chown {uid} {p}` and `chmod u+rw{x} {p}`), or set Z4J_BUFFER_PATH to a writable place",
+            uid = crate::config::current_uid(),
+            x = if file.is_dir() { "x" } else { "" },
+        ),
+        _ => return None,
+    };
+    Some(SpoolError::NotWritable {
+        path: spool.display().to_string(),
+        message: format!("{fix} ({e})"),
+    })
+}
+
+/// After SQLite could not write the spool: which of its directory and files
+/// this process may not write, as a [`SpoolError::NotWritable`].
+fn diagnose_not_writable(spool: &Path) -> Option<SpoolError> {
+    use rustix::fs::{Access, AtFlags, CWD};
+    let dir = spool.parent().unwrap_or(Path::new("/")).to_path_buf();
+    let mut candidates = vec![dir, spool.to_path_buf()];
+    for suffix in ["-wal", "-shm"] {
+        let mut s = spool.as_os_str().to_owned();
+        s.push(suffix);
+        candidates.push(PathBuf::from(s));
+    }
+    candidates.into_iter().find_map(|p| {
+        if !p.exists() {
+            return None;
+        }
+        match rustix::fs::accessat(CWD, &p, Access::WRITE_OK, AtFlags::EACCESS) {
+            Ok(()) => None,
+            Err(errno) => not_writable(spool, &p, &std::io::Error::from(errno)),
+        }
+    })
 }
 
 /// Wall-clock unix time in milliseconds: the clock of `stored_ms`.
@@ -521,6 +798,14 @@ struct Writer {
     evicted_since_warn: u64,
     /// Whether the current transaction deleted anything (wakes `block` waiters).
     freed: bool,
+    /// Set when producers are no longer held back (`block`, on shutdown).
+    release: Arc<AtomicBool>,
+    /// `block` with `release` set, read once per transaction: an append
+    /// that does not fit whole stores nothing and is answered `Stopping`.
+    refusing: bool,
+    /// The spool's lock. Declared last, so it is released only after the
+    /// connection above is closed.
+    lock: Option<SpoolLock>,
 }
 
 impl Writer {
@@ -604,7 +889,25 @@ impl Writer {
             last_eviction_warn: None,
             evicted_since_warn: 0,
             freed: false,
+            release: Arc::new(AtomicBool::new(false)),
+            refusing: false,
+            lock: None,
         })
+    }
+
+    /// One small write transaction, at open.
+    fn write_probe(&mut self) -> Result<(), rusqlite::Error> {
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        let r = self.conn.execute(
+            "INSERT INTO meta(key, value) VALUES ('opened_ms', ?1)
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            params![unix_ms_now()],
+        );
+        if let Err(e) = r.and_then(|_| self.conn.execute_batch("COMMIT")) {
+            let _ = self.conn.execute_batch("ROLLBACK");
+            return Err(e);
+        }
+        Ok(())
     }
 
     fn run(
@@ -693,7 +996,14 @@ impl Writer {
                 for op in ops.drain(..) {
                     match op {
                         Op::Append { reply, .. } => {
-                            let _ = reply.send(Ok(outcomes.next().unwrap_or_default()));
+                            let o = outcomes.next().unwrap_or_default();
+                            let _ = reply.send(if self.refusing && o.refused_full > 0 {
+                                Err(SpoolError::Stopping {
+                                    not_stored: o.refused_full,
+                                })
+                            } else {
+                                Ok(o)
+                            });
                         }
                         Op::Ack { reply, .. } => {
                             let _ = reply.send(Ok(acks.next().unwrap_or(0)));
@@ -738,6 +1048,8 @@ impl Writer {
             return Ok(());
         }
         let dropped_before = self.dropped_oldest;
+        self.refusing =
+            self.config.overflow == Overflow::Block && self.release.load(Ordering::SeqCst);
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
         let r = (|| {
             let now = unix_ms_now();
@@ -864,6 +1176,11 @@ impl Writer {
                     }
                     n += 1;
                     b += e.len() as u64;
+                }
+                if self.refusing && n < accept.len() {
+                    // Nothing waits for room any more: all or nothing, so
+                    // the producer is told exactly what was not stored.
+                    n = 0;
                 }
                 refused = accept.len() - n;
                 accept = &accept[..n];

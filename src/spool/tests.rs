@@ -163,6 +163,66 @@ async fn drop_newest_refuses_and_counts() {
 }
 
 #[tokio::test]
+async fn block_stops_holding_producers_on_shutdown_refusing_whole_appends() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(SpoolConfig {
+        overflow: Overflow::Block,
+        ..config(dir.path())
+    })
+    .unwrap();
+    let h = spool.handle();
+    h.append_durable((0..998).map(ev).collect()).await.unwrap();
+    // Room for 2 of 5: the 2 are stored, the producer waits to retry 3.
+    let o = h.append_durable((0..5).map(ev).collect()).await.unwrap();
+    assert_eq!(
+        o,
+        AppendOutcome {
+            stored: 2,
+            refused_full: 3
+        }
+    );
+    // A waiter for room is woken when the daemon stops holding producers.
+    let waiter = {
+        let h = h.clone();
+        tokio::spawn(async move { h.space_freed().notified().await })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    h.stop_holding_producers();
+    tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("woken at once")
+        .unwrap();
+    let err = h
+        .append_durable((0..3).map(ev).collect())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, SpoolError::Stopping { not_stored: 3 }),
+        "{err}"
+    );
+    assert_eq!(err.code(), "daemon_stopping");
+    assert!(err.to_string().contains("send them again"), "{err}");
+    // All or nothing: room for 1 of 2 stores neither.
+    let first = h.read_after(0, 1, usize::MAX).await.unwrap();
+    h.ack(first[0].id, first[0].id).await.unwrap();
+    let err = h
+        .append_durable((0..2).map(ev).collect())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, SpoolError::Stopping { not_stored: 2 }),
+        "{err}"
+    );
+    assert_eq!(h.stats().depth.load(Ordering::Relaxed), 999);
+    // What fits whole is still stored.
+    let o = h.append_durable(vec![ev(7)]).await.unwrap();
+    assert_eq!(o.stored, 1);
+    assert_eq!(h.stats().depth.load(Ordering::Relaxed), 1000);
+    assert_eq!(h.stats().refused_full_total.load(Ordering::Relaxed), 0);
+    spool.close().await;
+}
+
+#[tokio::test]
 async fn ids_keep_growing_after_the_spool_empties() {
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::open(config(dir.path())).unwrap();
@@ -223,6 +283,128 @@ async fn second_spool_on_the_same_file_names_the_holder() {
     spool.close().await;
     // Released on close.
     Spool::open(config(dir.path())).unwrap().close().await;
+}
+
+#[tokio::test]
+async fn deleting_or_replacing_the_lock_file_does_not_let_a_second_spool_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(config(dir.path())).unwrap();
+    let note = dir.path().join("spool.sqlite.lock");
+    std::fs::remove_file(&note).unwrap();
+    let err = Spool::open(config(dir.path()))
+        .err()
+        .expect("the lock is on the spool itself, not on the lock file");
+    let msg = err.to_string();
+    assert!(matches!(err, SpoolError::Locked { .. }), "{msg}");
+    // The holder is still named, from /proc/locks.
+    assert!(
+        msg.contains(&format!("pid {}", std::process::id())),
+        "{msg}"
+    );
+    // A lock file replaced by another one, with a made-up pid: the same.
+    std::fs::write(&note, "1\n").unwrap();
+    let err = Spool::open(config(dir.path()))
+        .err()
+        .expect("still refused");
+    assert!(matches!(err, SpoolError::Locked { .. }), "{err}");
+    spool.close().await;
+    Spool::open(config(dir.path())).unwrap().close().await;
+}
+
+#[tokio::test]
+async fn a_symlink_at_the_lock_path_is_refused_and_its_target_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let note = dir.path().join("spool.sqlite.lock");
+    let target = dir.path().join("precious.txt");
+    std::fs::write(&target, "keep me\n").unwrap();
+    std::os::unix::fs::symlink(&target, &note).unwrap();
+    let err = Spool::open(config(dir.path())).err().expect("refused");
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&note.display().to_string())
+            && msg.contains("symbolic link")
+            && msg.contains("rm "),
+        "{msg}"
+    );
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep me\n");
+    // A dangling one: nothing is created where it points.
+    std::fs::remove_file(&note).unwrap();
+    let nowhere = dir.path().join("created-through-the-link");
+    std::os::unix::fs::symlink(&nowhere, &note).unwrap();
+    assert!(Spool::open(config(dir.path())).is_err());
+    assert!(!nowhere.exists());
+    // A hard link to another file: refused, the file unchanged.
+    std::fs::remove_file(&note).unwrap();
+    std::fs::hard_link(&target, &note).unwrap();
+    let msg = Spool::open(config(dir.path()))
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(msg.contains("hard links"), "{msg}");
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep me\n");
+    // Once the link is gone, the spool opens.
+    std::fs::remove_file(&note).unwrap();
+    Spool::open(config(dir.path())).unwrap().close().await;
+}
+
+#[tokio::test]
+async fn a_symlinked_spool_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let real = dir.path().join("real.sqlite");
+    Spool::open(SpoolConfig {
+        path: real.clone(),
+        ..config(dir.path())
+    })
+    .unwrap()
+    .close()
+    .await;
+    std::os::unix::fs::symlink(&real, dir.path().join("spool.sqlite")).unwrap();
+    let msg = Spool::open(config(dir.path()))
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        msg.contains("symbolic link") && msg.contains("Z4J_BUFFER_PATH"),
+        "{msg}"
+    );
+}
+
+#[tokio::test]
+async fn an_immutable_spool_file_is_refused_at_open_naming_it_and_the_fix() {
+    if crate::config::current_uid() != 0 {
+        eprintln!("skipped: chattr +i needs root (CI runs this test as root)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(config(dir.path())).unwrap();
+    spool.handle().append_durable(vec![ev(1)]).await.unwrap();
+    spool.close().await;
+    let file = dir.path().join("spool.sqlite");
+    let chattr = |flag: &str| {
+        std::process::Command::new("chattr")
+            .arg(flag)
+            .arg(&file)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
+    if !chattr("+i") {
+        eprintln!("skipped: chattr +i is not supported here");
+        return;
+    }
+    let result = Spool::open(config(dir.path()));
+    assert!(chattr("-i"), "chattr -i");
+    let err = result.err().expect("an immutable spool must be refused");
+    let msg = err.to_string();
+    assert!(matches!(err, SpoolError::NotWritable { .. }), "{msg}");
+    assert!(
+        msg.contains(&file.display().to_string()) && msg.contains("chattr -i"),
+        "{msg}"
+    );
+    // Writable again: it opens, with what it held.
+    let spool = Spool::open(config(dir.path())).unwrap();
+    assert_eq!(spool.handle().stats().depth.load(Ordering::Relaxed), 1);
+    spool.close().await;
 }
 
 #[tokio::test]

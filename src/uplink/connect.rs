@@ -58,7 +58,8 @@ pub(crate) struct HelloAck {
     pub clock_skew_seconds: Option<f64>,
 }
 
-/// Builds the rustls client config: system roots plus `ca_file`.
+/// Builds the rustls client config: system roots plus `ca_file`. Reads
+/// files (blocking): call it off the async runtime.
 pub(crate) fn tls_config(
     ca_file: Option<&std::path::Path>,
 ) -> Result<rustls::ClientConfig, String> {
@@ -69,10 +70,12 @@ pub(crate) fn tls_config(
     }
     if let Some(path) = ca_file {
         use rustls_pki_types::pem::PemObject;
-        let certs = rustls_pki_types::CertificateDer::pem_file_iter(path)
+        // A regular file of bounded size only: the path may have been
+        // changed since the configuration was checked.
+        let pem = crate::config::read_small_file(path, crate::config::MAX_CA_FILE_BYTES)
             .map_err(|e| format!("cannot read Z4J_CA_FILE {}: {e}", path.display()))?;
         let mut added = 0;
-        for cert in certs {
+        for cert in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
             let cert = cert.map_err(|e| format!("Z4J_CA_FILE {}: {e}", path.display()))?;
             roots
                 .add(cert)
@@ -117,7 +120,13 @@ pub(crate) async fn open(settings: &UplinkSettings) -> Result<Ws, Failure> {
         HeaderValue::from_static(concat!("z4j-agentd/", env!("CARGO_PKG_VERSION"))),
     );
     let connector = if settings.endpoint.tls {
-        let cfg = tls_config(settings.ca_file.as_deref())
+        // The system store and the CA file are files: read them off the
+        // runtime, so a slow filesystem cannot stall local clients.
+        let ca_file = settings.ca_file.clone();
+        let cfg = tokio::task::spawn_blocking(move || tls_config(ca_file.as_deref()))
+            .await
+            .map_err(|e| format!("building the TLS configuration failed: {e}"))
+            .and_then(|r| r)
             .map_err(|e| Failure::new(FailureClass::Connection, e))?;
         Some(Connector::Rustls(Arc::new(cfg)))
     } else {

@@ -844,8 +844,8 @@ impl Session<'_> {
     }
 
     /// Counts the events the brain acknowledged without storing. On a
-    /// range's first delivery they are events it dropped: counted as lost,
-    /// with a warning (the brain says no more; its log has the reason). On
+    /// range's first delivery they are events it deduplicated by content or
+    /// could not ingest (the ack says no more): counted, with a warning. On
     /// a re-sent copy they are the duplicates a re-send is meant to make.
     fn count_rejected(&self, f: &InFlight, acked: &str, rejected: u64, first_delivery: bool) {
         if rejected == 0 {
@@ -853,16 +853,7 @@ impl Session<'_> {
         }
         let rejected = rejected.min(f.events as u64);
         if first_delivery {
-            self.up
-                .status
-                .events_rejected_by_brain
-                .fetch_add(rejected, Ordering::Relaxed);
-            tracing::warn!(
-                frame_id = acked,
-                events = f.events,
-                rejected,
-                "the brain acknowledged a frame but did not store some of its events (sent for the first time, so not duplicates): they are lost and counted in dropped (brain_rejected); the brain's log names the reason (\"per-event ingest failed\")"
-            );
+            self.up.status.brain_rejected(rejected, acked, f.events);
         } else {
             self.up
                 .status
@@ -963,9 +954,7 @@ impl Session<'_> {
     async fn send_heartbeat(&mut self) -> Result<(), SessionEnd> {
         let depth = self.spool_depth();
         let st = self.up.spool.stats();
-        let dropped = st.dropped_oldest_total.load(Ordering::Relaxed)
-            + st.refused_full_total.load(Ordering::Relaxed)
-            + self.up.status.events_undeliverable.load(Ordering::Relaxed);
+        let dropped = self.up.status.dropped_total(st);
         let oldest_age = st.oldest_age_seconds();
         let now = OffsetDateTime::now_utc();
 
