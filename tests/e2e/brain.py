@@ -280,6 +280,19 @@ class Brain:
         self.proc = None
         self.pid_path.unlink(missing_ok=True)
 
+    def kill(self, timeout: float = 10.0) -> None:
+        """SIGKILL to the brain's process group (a crash; a frozen brain dies too) and wait
+        until it is gone. A later start() brings back the same brain."""
+        pid = self.pid()
+        if pid is None:
+            self.pid_path.unlink(missing_ok=True)
+            return
+        _signal_group(pid, signal.SIGKILL)
+        if not self._wait_exit(pid, timeout):
+            raise RuntimeError(f"brain pid {pid} still there {timeout:.0f}s after SIGKILL")
+        self.proc = None
+        self.pid_path.unlink(missing_ok=True)
+
     def restart(self, timeout: float = 120.0) -> float:
         self.stop()
         return self.start(timeout)

@@ -571,6 +571,96 @@ class RedisServer:
         return self.proc.stop(timeout=10)
 
 
+# ---------------------------------------------------------------- brain faults
+
+
+def _group_exited(proc: subprocess.Popen) -> bool:
+    """Has the leader of a process group we started exited? Does not reap it, so its pid
+    (and the group id) cannot be reused while we still signal the group."""
+    if proc.returncode is not None:
+        return True
+    try:
+        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+def signal_brain(brain, sig: int) -> bool:
+    """`sig` to the running brain's process group (SIGSTOP freezes it, SIGCONT resumes it).
+    False when no brain of this session is running."""
+    proc = brain.proc
+    if proc is None or _group_exited(proc):
+        return False
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+class BrainThrottle:
+    """Slows the running brain down: a thread freezes its process group (SIGSTOP) and
+    resumes it (SIGCONT) in a duty cycle, letting it run `run_s` out of every `period_s`.
+    Short periods keep the brain answering WebSocket pings within seconds while it
+    gets through its work at a fraction of its speed. `stop()` (or leaving the `with`)
+    always leaves the brain running; a brain that exits meanwhile ends the cycle.
+
+    `run_fraction()` is the share of wall time the brain was actually let run."""
+
+    def __init__(self, brain, run_s: float, period_s: float) -> None:
+        assert 0 < run_s < period_s, (run_s, period_s)
+        self.brain = brain
+        self.run_s = run_s
+        self.period_s = period_s
+        self.cycles = 0
+        self.ran = 0.0
+        self.started = 0.0
+        self.ended: Optional[float] = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._cycle, daemon=True, name="brain-throttle")
+
+    def start(self) -> "BrainThrottle":
+        assert self.brain.proc is not None and not _group_exited(self.brain.proc), "brain not running"
+        self.started = time.monotonic()
+        self._thread.start()
+        return self
+
+    def _cycle(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if not signal_brain(self.brain, signal.SIGSTOP):
+                    return
+                self._stop.wait(self.period_s - self.run_s)
+                resumed = time.monotonic()
+                if not signal_brain(self.brain, signal.SIGCONT):
+                    return
+                self.cycles += 1
+                self._stop.wait(self.run_s)
+                self.ran += time.monotonic() - resumed
+        finally:
+            signal_brain(self.brain, signal.SIGCONT)
+
+    def stop(self) -> None:
+        """Ends the cycle and resumes the brain. Idempotent; fine before start() too."""
+        self._stop.set()
+        if self.started:
+            self._thread.join(10)
+            assert not self._thread.is_alive(), "the brain throttle did not stop"
+            if self.ended is None:
+                self.ended = time.monotonic()
+        signal_brain(self.brain, signal.SIGCONT)
+
+    def run_fraction(self) -> float:
+        wall = (self.ended or time.monotonic()) - self.started
+        return self.ran / wall if wall > 0 else 0.0
+
+    def __enter__(self) -> "BrainThrottle":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
 # ---------------------------------------------------------------- brain queries
 
 

@@ -64,6 +64,10 @@ class Producer(threading.Thread):
         with self.lock:
             return len(self.acked)
 
+    def events(self, i: int, task_id: str, clock) -> list:
+        """The events of message `i`: one task's lifecycle."""
+        return sender.lifecycle(ENGINE, task_id, False, clock, WORKER)
+
     def _connect(self):
         conn = sender.Conn(self.socket_path)
         conn.send({"type": "hello", "process": "test_faults", "pid": os.getpid(), "framework": "bare",
@@ -83,8 +87,7 @@ class Producer(threading.Thread):
                     continue
             i += 1
             task_id = f"{self.prefix}{i}"
-            msg = {"type": "events", "ack_id": i,
-                   "events": sender.lifecycle(ENGINE, task_id, False, clock, WORKER)}
+            msg = {"type": "events", "ack_id": i, "events": self.events(i, task_id, clock)}
             try:
                 conn.send(msg)
                 reply = conn.recv(time.monotonic() + 10.0)
@@ -132,6 +135,12 @@ def check_stored_once(brain, agent: dict, producers: List[Producer]) -> Dict[str
     """Acked tasks: exactly one row per kind. Unconfirmed: all three once, or none."""
     acked: Set[str] = {t for p in producers for t in p.acked}
     unconfirmed: Set[str] = {t for p in producers for t in p.unconfirmed}
+    return check_tasks_stored_once(brain, agent, acked, unconfirmed)
+
+
+def check_tasks_stored_once(brain, agent: dict, acked: Set[str], unconfirmed: Set[str]) -> Dict[str, int]:
+    """The brain's rows for the agent: every acked task once per kind (received, started,
+    succeeded), every unconfirmed one all three once or not at all, no other task id."""
     rows = event_rows_by_task(brain, agent["agent_id"])
     want = {k: 1 for k in KINDS_OK}
     wrong_acked = {t: rows.get(t) for t in acked if rows.get(t) != want}
