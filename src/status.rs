@@ -225,6 +225,9 @@ pub struct Status {
     pub connects: AtomicU64,
     /// Times a producer was held back because the spool was full (`block`).
     pub producer_waits: AtomicU64,
+    /// Times a connection was not read because the daemon-wide budget of
+    /// buffered message bytes was taken (see `ingest::budget`).
+    pub message_budget_waits: AtomicU64,
     /// Failed `accept` calls on the local socket (mostly: out of file
     /// descriptors); each is retried after a short pause.
     pub accept_failures: AtomicU64,
@@ -264,6 +267,7 @@ impl Status {
             replies_dropped: AtomicU64::new(0),
             connects: AtomicU64::new(0),
             producer_waits: AtomicU64::new(0),
+            message_budget_waits: AtomicU64::new(0),
             accept_failures: AtomicU64::new(0),
             commands_received: AtomicU64::new(0),
             commands_succeeded: AtomicU64::new(0),
@@ -573,6 +577,10 @@ impl Status {
         m.insert(
             "producer_waits",
             self.producer_waits.load(Ordering::Relaxed),
+        );
+        m.insert(
+            "message_budget_waits",
+            self.message_budget_waits.load(Ordering::Relaxed),
         );
         let mut cmds = Value::empty_map();
         cmds.insert("received", self.commands_received.load(Ordering::Relaxed));
