@@ -6,8 +6,13 @@
 //!
 //! Invariants:
 //! * the accept loop never waits on a client: each connection runs in its
-//!   own task, with bounded buffers, and replies go through a bounded queue
-//!   that drops (and counts) replies to a client that does not read;
+//!   own task, with bounded buffers, and replies go through a queue bounded
+//!   in replies and bytes that drops (and counts) replies to a client that
+//!   does not read;
+//! * input is bounded per connection ([`FREE_BUFFER_BYTES`]) and over all
+//!   connections ([`budget`]): a connection over the budget is not read
+//!   until it has its share (back-pressure), and every echoed value is
+//!   bounded ([`MAX_ACK_ID_BYTES`], [`validate::excerpt`]);
 //! * a durable `ack` is written only after the spool committed the events;
 //! * a refused event gets an `error` reply with a code and a message that
 //!   says what to change, is counted, and the connection goes on.
@@ -198,6 +203,8 @@ pub struct Ingest {
     /// Signalled when a connection gave back its share of `messages`: the
     /// memory of a large message may go back to the system.
     released: tokio::sync::Notify,
+    /// How many times that happened.
+    releases: AtomicU64,
 }
 
 /// Records handed to the spool and not yet committed, over all connections
@@ -238,7 +245,7 @@ const LINGER: Duration = Duration::from_secs(1);
 const LINGER_BYTES: usize = 1 << 20;
 
 /// Replies queued per connection before they are dropped.
-const REPLY_QUEUE: usize = 256;
+pub const REPLY_QUEUE: usize = 256;
 /// The most an `ack_id` may take, as JSON: a counter or a UUID fits many
 /// times over. Every reply to a message echoes its `ack_id`, so this keeps
 /// replies small; a message with a longer one is refused (`bad_message`).
@@ -282,6 +289,7 @@ impl Ingest {
         Arc::new(Ingest {
             messages,
             released: tokio::sync::Notify::new(),
+            releases: AtomicU64::new(0),
             config,
             spool,
             status,
@@ -375,24 +383,36 @@ impl Ingest {
     }
 
     /// Gives memory back to the system ([`crate::memory`]) once large
-    /// messages stop: [`RELEASE_DELAY`] after a connection gave back its
-    /// share of the message budget, when no connection holds any. At most
-    /// once per delay, however many messages end.
+    /// messages stop: [`RELEASE_DELAY`] after the last connection gave
+    /// back its share of the message budget, when no connection holds any.
+    /// A steady stream of large messages reuses the memory instead.
     async fn release_memory_after_bursts(self: Arc<Self>, shutdown: CancellationToken) {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 () = self.released.notified() => {}
             }
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                () = tokio::time::sleep(RELEASE_DELAY) => {}
+            loop {
+                let seen = self.releases.load(Ordering::Acquire);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(RELEASE_DELAY) => {}
+                }
+                if self.releases.load(Ordering::Acquire) == seen {
+                    break;
+                }
             }
             // Still in use: the connection holding it notifies again when done.
             if self.messages.is_idle() {
                 crate::memory::release_free_memory();
             }
         }
+    }
+
+    /// A connection gave back its share of the message budget.
+    fn budget_released(&self) {
+        self.releases.fetch_add(1, Ordering::AcqRel);
+        self.released.notify_one();
     }
 
     async fn connection(
@@ -493,7 +513,7 @@ impl Ingest {
             let had = held.bytes();
             held.shrink(need);
             if had > 0 && held.bytes() == 0 {
-                self.released.notify_one();
+                self.budget_released();
             }
             let room = held.try_grow(need);
             if room {
@@ -560,7 +580,7 @@ impl Ingest {
         drop(decoder);
         drop(held);
         if had > 0 {
-            self.released.notify_one();
+            self.budget_released();
         }
         while !session.pending.is_empty() {
             session.settle_front().await;
