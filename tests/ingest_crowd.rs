@@ -808,16 +808,18 @@ impl Daemon {
         self.proc_status_kb("VmRSS:")
     }
 
-    /// Waits until RSS is within `slack_kb` of `baseline_kb` (5 s at most);
-    /// returns the last reading.
+    /// Waits until RSS is within `slack_kb` of `baseline_kb` and has
+    /// stopped falling (5 s at most); returns the last reading.
     async fn rss_back_near(&self, baseline_kb: u64, slack_kb: u64) -> u64 {
         let deadline = Instant::now() + Duration::from_secs(5);
+        let mut last = u64::MAX;
         loop {
             let rss = self.proc_status_kb("VmRSS:");
-            if rss <= baseline_kb + slack_kb || Instant::now() > deadline {
+            if (rss <= baseline_kb + slack_kb && rss >= last) || Instant::now() > deadline {
                 return rss;
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            last = rss;
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
 }
