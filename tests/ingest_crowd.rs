@@ -775,14 +775,15 @@ const MAX_MESSAGE_KB: u64 = 16 * 1024;
 
 /// The most memory the daemon may take above its idle size while
 /// `clients` connections attack it, as RELIABILITY.md derives it from the
-/// settings: per connection, its own 64 KiB of input and 64 KiB of queued
-/// replies; over all connections, the message budget (a pool of one
+/// settings: per connection, its own 64 KiB of input and 2 x 64 KiB of
+/// queued replies (ordinary and larger); over all connections, the message
+/// budget (a pool of one
 /// largest message and a slot for another), counted twice for what a
 /// message decodes to while it is handled and twice again for the freed
 /// memory the allocator keeps for up to about a second; and the 8 MiB of
 /// records in flight to the spool.
 fn memory_bound_kb(clients: u64) -> u64 {
-    clients * (64 + 64) + 2 * 2 * (2 * MAX_MESSAGE_KB) + 8 * 1024
+    clients * (64 + 2 * 64) + 2 * 2 * (2 * MAX_MESSAGE_KB) + 8 * 1024
 }
 
 /// How far above its idle size the daemon may stay once the attackers

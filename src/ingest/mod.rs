@@ -251,9 +251,15 @@ pub const REPLY_QUEUE: usize = 256;
 /// replies small; a message with a longer one is refused (`bad_message`).
 pub const MAX_ACK_ID_BYTES: usize = 256;
 /// Bytes of replies queued per connection before they are dropped:
-/// [`REPLY_QUEUE`] replies of [`MAX_ACK_ID_BYTES`] each. One reply larger
-/// than this (a `stats` report, a command) is still queued when none is.
+/// [`REPLY_QUEUE`] replies of [`MAX_ACK_ID_BYTES`] each. Ordinary replies
+/// (up to [`ORDINARY_REPLY_BYTES`]) and larger ones (`stats` reports,
+/// commands) each have this much, so that a large reply waiting to be
+/// written never crowds out the small ones behind it; one larger reply of
+/// any size is queued when no other larger one is.
 pub const REPLY_QUEUE_BYTES: usize = REPLY_QUEUE * MAX_ACK_ID_BYTES;
+/// The size up to which a reply counts as ordinary: every `ack`, `pong`,
+/// `hello_ack` and `error` (their `ack_id` and quoted values are bounded).
+pub const ORDINARY_REPLY_BYTES: usize = 1024;
 /// Input a connection buffers on its own: every message up to this size,
 /// and the next read. Beyond it, a connection holds a share of the
 /// daemon-wide message budget ([`budget`]) until the message is handled.
@@ -804,16 +810,17 @@ async fn linger(rd: &mut tokio::net::unix::OwnedReadHalf) {
 async fn write_replies(
     mut wr: tokio::net::unix::OwnedWriteHalf,
     mut rx: mpsc::Receiver<Vec<u8>>,
-    queued: Arc<AtomicUsize>,
+    queued: Arc<QueuedBytes>,
 ) {
     while let Some(bytes) = rx.recv().await {
-        let written = wr.write_all(&bytes).await;
-        queued.fetch_sub(bytes.len(), Ordering::AcqRel);
-        drop(bytes);
-        if written.is_err() {
+        // Out of the queue once taken: a client that has read a reply
+        // whole may send its next request before this task runs again
+        // after the write, and the answer must not find the queue full.
+        queued.taken(bytes.len());
+        if wr.write_all(&bytes).await.is_err() {
             // The client went away; keep draining so senders never block.
             while let Some(bytes) = rx.recv().await {
-                queued.fetch_sub(bytes.len(), Ordering::AcqRel);
+                queued.taken(bytes.len());
             }
             return;
         }
@@ -823,12 +830,49 @@ async fn write_replies(
 
 /// The queue of encoded replies (and commands) to one connection, bounded
 /// by [`REPLY_QUEUE`] replies and [`REPLY_QUEUE_BYTES`] bytes: a client that
-/// does not read its socket holds no more than that.
+/// does not read its socket holds no more than that, and the one reply its
+/// writer is blocked on.
 #[derive(Clone)]
 pub struct ReplyQueue {
     tx: mpsc::Sender<Vec<u8>>,
-    /// Bytes queued and not yet written (the one being written included).
-    queued: Arc<AtomicUsize>,
+    /// Bytes queued and not yet taken by the writer.
+    queued: Arc<QueuedBytes>,
+}
+
+/// Bytes of one connection's queued replies, ordinary and larger apart.
+#[derive(Default)]
+struct QueuedBytes {
+    ordinary: AtomicUsize,
+    larger: AtomicUsize,
+}
+
+impl QueuedBytes {
+    fn class(&self, len: usize) -> &AtomicUsize {
+        if len <= ORDINARY_REPLY_BYTES {
+            &self.ordinary
+        } else {
+            &self.larger
+        }
+    }
+
+    /// Counts `len` more bytes, if they fit.
+    fn add(&self, len: usize) -> bool {
+        let ordinary = len <= ORDINARY_REPLY_BYTES;
+        self.class(len)
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                (q + len <= REPLY_QUEUE_BYTES || (!ordinary && q == 0)).then_some(q + len)
+            })
+            .is_ok()
+    }
+
+    /// The writer took a reply of `len` bytes.
+    fn taken(&self, len: usize) {
+        self.class(len).fetch_sub(len, Ordering::AcqRel);
+    }
+
+    fn total(&self) -> usize {
+        self.ordinary.load(Ordering::Acquire) + self.larger.load(Ordering::Acquire)
+    }
 }
 
 /// A reply that did not fit in its connection's queue.
@@ -842,30 +886,29 @@ impl ReplyQueue {
         (
             ReplyQueue {
                 tx,
-                queued: Arc::new(AtomicUsize::new(0)),
+                queued: Arc::new(QueuedBytes::default()),
             },
             rx,
         )
     }
 
-    /// Queues `bytes` unless the queue is full in replies or in bytes (one
-    /// reply of any size goes when nothing is queued).
+    /// Queues `bytes` unless the queue is full: [`REPLY_QUEUE`] replies, or
+    /// [`REPLY_QUEUE_BYTES`] of ordinary replies, or as much of larger ones
+    /// (one larger reply of any size goes when no other is queued).
     pub fn try_send(&self, bytes: Vec<u8>) -> Result<(), QueueFull> {
         let len = bytes.len();
-        self.queued
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
-                (q == 0 || q + len <= REPLY_QUEUE_BYTES).then_some(q + len)
-            })
-            .map_err(|_| QueueFull)?;
+        if !self.queued.add(len) {
+            return Err(QueueFull);
+        }
         self.tx.try_send(bytes).map_err(|_| {
-            self.queued.fetch_sub(len, Ordering::AcqRel);
+            self.queued.taken(len);
             QueueFull
         })
     }
 
-    /// Bytes queued and not yet written.
+    /// Bytes queued and not yet taken by the writer.
     pub fn queued_bytes(&self) -> usize {
-        self.queued.load(Ordering::Acquire)
+        self.queued.total()
     }
 }
 
@@ -1612,7 +1655,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_reply_queue_holds_at_most_its_bytes_and_one_larger_reply_when_empty() {
+    async fn a_reply_queue_holds_at_most_its_bytes_and_small_replies_pass_a_large_one() {
         let (q, rx) = ReplyQueue::new();
         let small = vec![b'x'; MAX_ACK_ID_BYTES];
         for _ in 0..REPLY_QUEUE {
@@ -1637,15 +1680,76 @@ mod tests {
         })
         .await
         .unwrap();
-        // One reply larger than the whole queue goes when nothing is queued,
-        // and nothing else may join it.
-        q.try_send(vec![b'z'; 3 * REPLY_QUEUE_BYTES]).unwrap();
-        assert!(q.try_send(small.clone()).is_err());
         drop(q);
-        let mut rest = Vec::new();
-        ours.read_to_end(&mut rest).await.unwrap();
-        assert_eq!(rest.len(), 3 * REPLY_QUEUE_BYTES);
         writer.await.unwrap();
+        // One larger reply (a stats report) goes even beyond the byte bound,
+        // and a second waits its turn: it is dropped. Ordinary replies have
+        // their own room: a pong behind a large stats report still goes.
+        let (q, rx) = ReplyQueue::new();
+        q.try_send(vec![b'z'; 3 * REPLY_QUEUE_BYTES]).unwrap();
+        assert!(q.try_send(vec![b'z'; ORDINARY_REPLY_BYTES + 1]).is_err());
+        q.try_send(small.clone()).unwrap();
+        assert_eq!(q.queued_bytes(), 3 * REPLY_QUEUE_BYTES + MAX_ACK_ID_BYTES);
+        // Larger replies that fit together go together.
+        let (q2, _rx2) = ReplyQueue::new();
+        for _ in 0..REPLY_QUEUE_BYTES / 2048 {
+            q2.try_send(vec![b'w'; 2048]).unwrap();
+        }
+        assert!(q2.try_send(vec![b'w'; 2048]).is_err());
+        drop((q, rx, ours));
+    }
+
+    #[tokio::test]
+    async fn a_large_stats_report_does_not_crowd_out_the_replies_behind_it() {
+        use tokio::io::AsyncWriteExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (socket, status, spool, stop) = served(dir.path(), Duration::from_secs(30)).await;
+        // A client declaring many actions makes the stats report large
+        // (as 1,000 connected clients do): over 64 KiB.
+        let mut big = crate::client::Client::connect(&socket).await.unwrap();
+        let actions: Vec<String> = (0..60)
+            .map(|i| format!("action_{i:03}_{}", "a".repeat(60)))
+            .collect();
+        let caps: BTreeMap<String, Vec<String>> = (0..30)
+            .map(|e| (format!("engine{e}"), actions.clone()))
+            .collect();
+        big.write_raw(
+            &serde_json::from_value(
+                serde_json::json!({"type": "hello", "capabilities": caps, "ack_id": 1}),
+            )
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            big.read_reply()
+                .await
+                .unwrap()
+                .get("type")
+                .and_then(Value::as_str),
+            Some("hello_ack")
+        );
+        // Stats, then pings, sent at once and read afterwards: every reply
+        // comes, in order.
+        let mut s = UnixStream::connect(&socket).await.unwrap();
+        let mut burst = framed(&serde_json::json!({"type": "stats"}));
+        for i in 0..10 {
+            burst.extend(framed(&serde_json::json!({"type": "ping", "ack_id": i})));
+        }
+        for _ in 0..20 {
+            s.write_all(&burst).await.unwrap();
+            let stats = read_one(&mut s).await;
+            assert!(framed(&serde_json::json!(stats)).len() > REPLY_QUEUE_BYTES);
+            for i in 0..10u64 {
+                let pong = tokio::time::timeout(Duration::from_secs(5), read_one(&mut s))
+                    .await
+                    .expect("the pong behind the stats report came");
+                assert_eq!(pong.get("ack_id").and_then(Value::as_u64), Some(i));
+            }
+        }
+        assert_eq!(status.replies_dropped.load(Ordering::Relaxed), 0);
+        stop.cancel();
+        spool.close().await;
     }
 
     #[tokio::test]
