@@ -200,6 +200,9 @@ fn run(options: Options) -> ExitCode {
         .worker_threads(2)
         .enable_all()
         .thread_name("z4j-agentd")
+        // A thread going idle gives back the memory it holds free once a
+        // burst of large messages is over (see `memory`).
+        .on_thread_park(crate::memory::on_thread_idle)
         .build()
     {
         Ok(r) => r,

@@ -155,7 +155,7 @@ fn truncate(mut s: String, max_chars: usize) -> String {
 #[derive(Clone)]
 pub struct ClientHandle {
     /// The connection's reply queue.
-    pub tx: mpsc::Sender<Vec<u8>>,
+    pub tx: crate::ingest::ReplyQueue,
     /// Its framing.
     pub framing: Framing,
     /// Engine -> actions it runs.
@@ -480,14 +480,18 @@ impl Router {
                 return Err(ResultRefusal {
                     code: "unknown_command",
                     message: format!(
-                        "no command {id:?} is waiting for an answer (it was answered, timed out, or never sent here)"
+                        "no command {} is waiting for an answer (it was answered, timed out, or never sent here)",
+                        crate::ingest::validate::excerpt(id)
                     ),
                 });
             };
             if run.conn != conn {
                 return Err(ResultRefusal {
                     code: "unknown_command",
-                    message: format!("command {id:?} was sent to another connection"),
+                    message: format!(
+                        "command {} was sent to another connection",
+                        crate::ingest::validate::excerpt(id)
+                    ),
                 });
             }
             let run = inner.running.remove(id).expect("present");
@@ -529,7 +533,8 @@ fn parse_answer(_id: &str, msg: &Value) -> Result<(bool, Value, Option<String>),
         Some("failed") => false,
         Some(other) => {
             return Err(format!(
-                "\"status\" must be \"success\" or \"failed\", got {other:?}"
+                "\"status\" must be \"success\" or \"failed\", got {}",
+                crate::ingest::validate::excerpt(other)
             ))
         }
         None => return Err("\"status\" (\"success\" or \"failed\") is required".into()),

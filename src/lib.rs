@@ -24,6 +24,8 @@
 //!   [`watchdog`]: `WATCHDOG=1` only while ingest, spool and uplink answer.
 //! * [`client`]: a small client for the local socket, used by Rust producers,
 //!   the examples and the tests.
+//! * [`memory`]: memory given back to the system after a burst of large
+//!   messages (the binary installs the allocator's hook).
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -39,6 +41,7 @@ pub mod doctor;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod ingest;
+pub mod memory;
 pub mod metrics;
 pub mod protocol;
 pub mod spool;

@@ -232,6 +232,12 @@ impl Collector for DaemonCollector {
         )?;
         counter(
             &mut enc,
+            "message_budget_waits",
+            "Times a local connection was not read because the daemon-wide budget for buffered messages was taken; its client waited (back-pressure, nothing lost).",
+            load(&s.message_budget_waits),
+        )?;
+        counter(
+            &mut enc,
             "accept_failures",
             "Failed accept calls on the local socket, mostly for lack of file descriptors; each is retried after a pause of up to 250 ms while new connections wait.",
             load(&s.accept_failures),

@@ -240,6 +240,9 @@ pub struct Status {
     pub connects: AtomicU64,
     /// Times a producer was held back because the spool was full (`block`).
     pub producer_waits: AtomicU64,
+    /// Times a connection was not read because the daemon-wide budget of
+    /// buffered message bytes was taken (see `ingest::budget`).
+    pub message_budget_waits: AtomicU64,
     /// Failed `accept` calls on the local socket (mostly: out of file
     /// descriptors); each is retried after a short pause.
     pub accept_failures: AtomicU64,
@@ -294,6 +297,7 @@ impl Status {
             replies_dropped: AtomicU64::new(0),
             connects: AtomicU64::new(0),
             producer_waits: AtomicU64::new(0),
+            message_budget_waits: AtomicU64::new(0),
             accept_failures: AtomicU64::new(0),
             metrics_connections: AtomicU64::new(0),
             metrics_refused_limit: AtomicU64::new(0),
@@ -688,6 +692,10 @@ impl Status {
             metrics_refused.insert(reason, n);
         }
         m.insert("metrics_refused_by_reason", metrics_refused);
+        m.insert(
+            "message_budget_waits",
+            self.message_budget_waits.load(Ordering::Relaxed),
+        );
         let mut cmds = Value::empty_map();
         cmds.insert("received", self.commands_received.load(Ordering::Relaxed));
         cmds.insert("succeeded", self.commands_succeeded.load(Ordering::Relaxed));

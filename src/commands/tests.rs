@@ -6,7 +6,7 @@ fn status() -> Arc<Status> {
 
 /// A connection declaring `caps`; returns its handle and what it receives.
 fn conn(caps: &[(&str, &[&str])], pid: i32) -> (ClientHandle, mpsc::Receiver<Vec<u8>>) {
-    let (tx, rx) = mpsc::channel(8);
+    let (tx, rx) = crate::ingest::ReplyQueue::new();
     let capabilities = caps
         .iter()
         .map(|(e, a)| (e.to_string(), a.iter().map(|s| s.to_string()).collect()))
@@ -248,8 +248,8 @@ async fn the_least_busy_connection_wins_then_the_oldest() {
 #[tokio::test]
 async fn a_connection_that_does_not_read_is_skipped() {
     let (router, _results) = Router::new(status());
-    let (tx, _rx_full) = mpsc::channel(1);
-    tx.try_send(b"filler".to_vec()).unwrap();
+    let (tx, _rx_full) = crate::ingest::ReplyQueue::new();
+    while tx.try_send(b"filler".to_vec()).is_ok() {}
     let stuck = ClientHandle {
         tx,
         framing: Framing::JsonLines,

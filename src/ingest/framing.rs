@@ -5,8 +5,13 @@
 //!   per line (`\n`, optionally `\r\n`), so shell tools and stdlib-only
 //!   Python can talk to the daemon.
 //!
-//! Invariant: memory per connection is bounded by `max_message_bytes` plus
-//! one read buffer; a longer message is refused before it is buffered.
+//! Invariants:
+//! * the buffer holds at most one message not yet whole (`max_message_bytes`,
+//!   plus one read for JSON lines); a longer message is refused before it
+//!   is buffered, and the rest of a JSON line too long is dropped as it
+//!   arrives;
+//! * finding where a message ends costs time linear in the bytes received,
+//!   however they are split into reads.
 
 use crate::protocol::Value;
 
@@ -85,10 +90,21 @@ pub enum Decoded {
 }
 
 /// Incremental decoder over a connection's byte stream.
+///
+/// Its buffer is the connection's only input buffer: the connection reads
+/// straight into it ([`Decoder::prepare_read`], [`Decoder::buffer_mut`]),
+/// after [`Decoder::wanted_capacity`] says how large it must be, so what a
+/// connection holds is exactly [`Decoder::capacity`].
 pub struct Decoder {
     framing: Framing,
     buf: Vec<u8>,
     start: usize,
+    /// JSON lines: bytes from `start` on already searched for a newline
+    /// (none there), so the search resumes after them instead of rescanning
+    /// the line from its start on every read.
+    scanned: usize,
+    /// Bytes searched for a newline since the decoder was made.
+    scanned_total: u64,
     max_message_bytes: usize,
     /// JSON lines only: skipping the rest of an over-long line.
     skipping_line: bool,
@@ -99,8 +115,10 @@ impl Decoder {
     pub fn new(framing: Framing, max_message_bytes: usize) -> Self {
         Decoder {
             framing,
-            buf: Vec::with_capacity(16 * 1024),
+            buf: Vec::new(),
             start: 0,
+            scanned: 0,
+            scanned_total: 0,
             max_message_bytes,
             skipping_line: false,
         }
@@ -108,19 +126,99 @@ impl Decoder {
 
     /// Adds bytes read from the socket.
     pub fn feed(&mut self, data: &[u8]) {
-        if self.start > 0 && self.start == self.buf.len() {
-            self.buf.clear();
-            self.start = 0;
-        } else if self.start > 64 * 1024 {
-            self.buf.drain(..self.start);
-            self.start = 0;
-        }
+        self.compact();
         self.buf.extend_from_slice(data);
+    }
+
+    /// Drops the bytes of the messages already decoded. Each byte is moved
+    /// at most once: only the start of a message not yet whole is moved,
+    /// and it stays at the front until that message is decoded.
+    fn compact(&mut self) {
+        if self.start == self.buf.len() {
+            self.buf.clear();
+        } else if self.start > 0 {
+            self.buf.drain(..self.start);
+        }
+        self.start = 0;
     }
 
     /// Bytes received but not yet decoded.
     pub fn pending_bytes(&self) -> usize {
         self.buf.len() - self.start
+    }
+
+    /// Bytes of memory the buffer holds (its capacity).
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
+    /// Bytes searched for a newline so far (JSON lines): linear in the
+    /// bytes received, however a line is split into reads.
+    pub fn scanned_bytes(&self) -> u64 {
+        self.scanned_total
+    }
+
+    /// The capacity the buffer needs before the next read, given that up
+    /// to `free` bytes cost nothing extra and that a read takes up to
+    /// `read_size` bytes (when more is needed than `free`). Call it once
+    /// [`Decoder::next_item`] has returned `Ok(None)`.
+    ///
+    /// * A message that fits in `free` bytes never needs more than `free`.
+    /// * MessagePack: a longer message needs exactly its announced length
+    ///   (already checked against the limit).
+    /// * JSON lines: a line that fills `free` bytes without a newline
+    ///   doubles the buffer each time it is nearly full (less than a
+    ///   quarter of a read left), up to the limit plus one read (past the
+    ///   limit, the line is skipped and the buffer emptied). Doubling keeps
+    ///   the copies linear in the line's length.
+    pub fn wanted_capacity(&self, free: usize, read_size: usize) -> usize {
+        let pending = self.pending_bytes();
+        // Room once the decoded bytes before `start` are dropped.
+        let capacity = self.buf.capacity();
+        let wanted = match self.framing {
+            Framing::MsgPack => match self.announced_len() {
+                Some(len) => 4 + len.min(self.max_message_bytes),
+                None => 0,
+            },
+            Framing::JsonLines if pending < free => 0,
+            Framing::JsonLines if capacity - pending >= read_size / 4 => capacity,
+            Framing::JsonLines => (capacity * 2)
+                .max(pending + read_size)
+                .min(self.max_message_bytes + read_size),
+        };
+        wanted.max(free)
+    }
+
+    /// Drops the decoded bytes and grows the buffer to `capacity` (exactly),
+    /// ready for a read into its spare room.
+    pub fn prepare_read(&mut self, capacity: usize) {
+        self.compact();
+        if capacity > self.buf.capacity() {
+            self.buf.reserve_exact(capacity - self.buf.len());
+        }
+    }
+
+    /// The buffer to read into: only its spare capacity is written.
+    pub fn buffer_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.buf
+    }
+
+    /// After a message larger than `keep` bytes: drops the decoded bytes
+    /// and gives the buffer's memory back, down to `keep` bytes of
+    /// capacity, unless more than that is still pending. Returns the
+    /// capacity now held.
+    pub fn shrink(&mut self, keep: usize) -> usize {
+        if self.buf.capacity() > keep && self.pending_bytes() <= keep {
+            self.compact();
+            self.buf.shrink_to(keep);
+        }
+        self.buf.capacity()
+    }
+
+    /// MessagePack: the body length the buffered length prefix announces.
+    fn announced_len(&self) -> Option<usize> {
+        let avail = self.buf.get(self.start..self.start + 4)?;
+        Some(u32::from_be_bytes([avail[0], avail[1], avail[2], avail[3]]) as usize)
     }
 
     /// The next complete item, `Ok(None)` when more bytes are needed, or a
@@ -169,11 +267,23 @@ impl Decoder {
     fn next_json(&mut self) -> Option<Decoded> {
         loop {
             let avail = &self.buf[self.start..];
-            let Some(nl) = avail.iter().position(|&b| b == b'\n') else {
-                if avail.len() > self.max_message_bytes {
-                    // Drop what we have and ignore the rest of this line.
+            // Resume where the last search stopped: the bytes before it hold
+            // no newline. Rescanning the line from its start on every read
+            // made a long line split into small reads cost quadratic time.
+            let from = self.scanned.min(avail.len());
+            let found = avail[from..]
+                .iter()
+                .position(|&b| b == b'\n')
+                .map(|i| from + i);
+            self.scanned_total += (found.map_or(avail.len(), |nl| nl + 1) - from) as u64;
+            let Some(nl) = found else {
+                self.scanned = avail.len();
+                if self.skipping_line || avail.len() > self.max_message_bytes {
+                    // Drop what we have and ignore the rest of this line as
+                    // it arrives: a skipped line holds no memory.
                     let was_skipping = self.skipping_line;
                     self.start = self.buf.len();
+                    self.scanned = 0;
                     self.skipping_line = true;
                     if !was_skipping {
                         return Some(Decoded::Invalid(self.too_long()));
@@ -183,6 +293,7 @@ impl Decoder {
             };
             let line = &avail[..nl];
             self.start += nl + 1;
+            self.scanned = 0;
             if self.skipping_line {
                 self.skipping_line = false;
                 continue;
@@ -309,6 +420,86 @@ mod tests {
         assert!(matches!(&got[2], Decoded::Message(_)));
         d.feed(b"\"ping\"}\n");
         assert!(matches!(d.next_item().unwrap(), Some(Decoded::Message(_))));
+    }
+
+    #[test]
+    fn a_long_json_line_in_small_reads_is_searched_once_not_from_its_start_each_time() {
+        // 15 MiB in 4 KiB reads: searching each read from the line's start
+        // scanned about 28 GB (2.2 s of CPU in a release build).
+        let mut line = br#"{"type":"ping","pad":""#.to_vec();
+        line.resize(15 << 20, b'x');
+        line.extend_from_slice(b"\"}\n");
+        let mut d = Decoder::new(Framing::JsonLines, 16 << 20);
+        for piece in line.chunks(4096) {
+            d.feed(piece);
+            if let Some(item) = d.next_item().unwrap() {
+                assert!(matches!(item, Decoded::Message(_)), "{item:?}");
+                assert_eq!(d.pending_bytes(), 0);
+            }
+        }
+        assert_eq!(d.scanned_bytes(), line.len() as u64, "each byte once");
+    }
+
+    #[test]
+    fn lines_split_anywhere_decode_the_same_and_each_byte_is_searched_once() {
+        let stream = b"{\"type\":\"ping\"}\r\n\n{\"type\":\"stats\",\"x\":\"\\u00e9\"}\n{oops}\n{\"type\":\"ping\"}\n";
+        let whole = {
+            let mut d = Decoder::new(Framing::JsonLines, 1024);
+            d.feed(stream);
+            messages(&mut d).len()
+        };
+        for size in 1..stream.len() {
+            let mut d = Decoder::new(Framing::JsonLines, 1024);
+            let mut got = 0;
+            for piece in stream.chunks(size) {
+                d.feed(piece);
+                got += messages(&mut d).len();
+            }
+            assert_eq!(got, whole, "reads of {size}");
+            assert_eq!(d.scanned_bytes(), stream.len() as u64, "reads of {size}");
+        }
+    }
+
+    #[test]
+    fn the_buffer_grows_for_a_long_message_and_shrinks_back_after_it() {
+        let free = 1024;
+        // MessagePack: exactly the announced length, at once.
+        let mut d = Decoder::new(Framing::MsgPack, 1 << 20);
+        d.feed(&(100_000u32).to_be_bytes());
+        assert!(d.next_item().unwrap().is_none());
+        assert_eq!(d.wanted_capacity(free, 512), 100_004);
+        // A short message needs no more than the free share.
+        let mut small = Decoder::new(Framing::MsgPack, 1 << 20);
+        small.feed(&(10u32).to_be_bytes());
+        assert_eq!(small.wanted_capacity(free, 512), free);
+
+        // JSON lines: doubling while the buffer is nearly full, not per read.
+        let mut d = Decoder::new(Framing::JsonLines, 1 << 20);
+        let mut grown = Vec::new();
+        d.feed(b"{\"type\":\"ping\",\"pad\":\"");
+        loop {
+            assert!(d.next_item().unwrap().is_none());
+            let want = d.wanted_capacity(free, 512);
+            if want > d.capacity() {
+                grown.push(want);
+            }
+            d.prepare_read(want);
+            let room = d.capacity() - d.pending_bytes();
+            if d.pending_bytes() > 200_000 {
+                break;
+            }
+            d.buffer_mut()
+                .extend(std::iter::repeat_n(b'x', room.min(300)));
+        }
+        assert!(grown.len() < 12, "{grown:?}");
+        assert!(
+            grown.windows(2).all(|w| w[1] >= 2 * w[0] - 512),
+            "{grown:?}"
+        );
+        d.feed(b"\"}\n");
+        assert!(matches!(d.next_item().unwrap(), Some(Decoded::Message(_))));
+        assert!(d.capacity() > 200_000);
+        assert_eq!(d.shrink(free), free);
     }
 
     #[test]

@@ -6,21 +6,27 @@
 //!
 //! Invariants:
 //! * the accept loop never waits on a client: each connection runs in its
-//!   own task, with bounded buffers, and replies go through a bounded queue
-//!   that drops (and counts) replies to a client that does not read;
+//!   own task, with bounded buffers, and replies go through a queue bounded
+//!   in replies and bytes that drops (and counts) replies to a client that
+//!   does not read;
+//! * input is bounded per connection ([`FREE_BUFFER_BYTES`]) and over all
+//!   connections ([`budget`]): a connection over the budget is not read
+//!   until it has its share (back-pressure), and every echoed value is
+//!   bounded ([`MAX_ACK_ID_BYTES`], [`validate::excerpt`]);
 //! * a durable `ack` is written only after the spool committed the events;
 //! * a refused event gets an `error` reply with a code and a message that
 //!   says what to change, is counted, and the connection goes on.
 //!
 //! The message contract is documented in `docs/local-protocol.md`.
 
+pub mod budget;
 pub mod framing;
 pub mod validate;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,8 +41,9 @@ use tokio_util::sync::CancellationToken;
 use crate::protocol::Value;
 use crate::spool::{AppendOutcome, Overflow, SpoolError, SpoolHandle};
 use crate::status::{ClientInfo, Status};
+use budget::{MessageBudget, Reservation};
 use framing::{Decoded, Decoder, Framing};
-use validate::{normalize_event_noting, Notes, Refusal};
+use validate::{excerpt, normalize_event_noting, Notes, Refusal};
 
 /// Ingest settings.
 #[derive(Debug, Clone)]
@@ -190,6 +197,14 @@ pub struct Ingest {
     /// and not yet settled: bounds the daemon's memory when producers
     /// outrun the disk.
     in_flight: Arc<Semaphore>,
+    /// Bytes of client messages buffered beyond each connection's
+    /// [`FREE_BUFFER_BYTES`], over all connections (see [`budget`]).
+    messages: Arc<MessageBudget>,
+    /// Signalled when a connection gave back its share of `messages`: the
+    /// memory of a large message may go back to the system.
+    released: tokio::sync::Notify,
+    /// How many times that happened.
+    releases: AtomicU64,
 }
 
 /// Records handed to the spool and not yet committed, over all connections
@@ -230,7 +245,34 @@ const LINGER: Duration = Duration::from_secs(1);
 const LINGER_BYTES: usize = 1 << 20;
 
 /// Replies queued per connection before they are dropped.
-const REPLY_QUEUE: usize = 256;
+pub const REPLY_QUEUE: usize = 256;
+/// The most an `ack_id` may take, as JSON: a counter or a UUID fits many
+/// times over. Every reply to a message echoes its `ack_id`, so this keeps
+/// replies small; a message with a longer one is refused (`bad_message`).
+pub const MAX_ACK_ID_BYTES: usize = 256;
+/// Bytes of replies queued per connection before they are dropped:
+/// [`REPLY_QUEUE`] replies of [`MAX_ACK_ID_BYTES`] each. Ordinary replies
+/// (up to [`ORDINARY_REPLY_BYTES`]) and larger ones (`stats` reports,
+/// commands) each have this much, so that a large reply waiting to be
+/// written never crowds out the small ones behind it; one larger reply of
+/// any size is queued when no other larger one is.
+pub const REPLY_QUEUE_BYTES: usize = REPLY_QUEUE * MAX_ACK_ID_BYTES;
+/// The size up to which a reply counts as ordinary: every `ack`, `pong`,
+/// `hello_ack` and `error` (their `ack_id` and quoted values are bounded).
+pub const ORDINARY_REPLY_BYTES: usize = 1024;
+/// Input a connection buffers on its own: every message up to this size,
+/// and the next read. Beyond it, a connection holds a share of the
+/// daemon-wide message budget ([`budget`]) until the message is handled.
+pub const FREE_BUFFER_BYTES: usize = 64 * 1024;
+/// How much more a connection reads at a time while a JSON line longer
+/// than [`FREE_BUFFER_BYTES`] arrives.
+const READ_BYTES: usize = 64 * 1024;
+/// How long after the last large message was handled, with none being
+/// received, the memory it used goes back to the system.
+const RELEASE_DELAY: Duration = Duration::from_secs(1);
+/// Longest `process`, `framework` and `worker_role` kept from a `hello`
+/// (they are shown by `stats` and name the process in errors to the brain).
+pub const MAX_LABEL_CHARS: usize = 256;
 /// Appends of one connection waiting for their commit before it stops reading.
 const MAX_PENDING_APPENDS: usize = 64;
 /// On shutdown, how long a connection may keep delivering what it already sent.
@@ -244,7 +286,16 @@ impl Ingest {
         status: Arc<Status>,
         router: Arc<crate::commands::Router>,
     ) -> Arc<Self> {
+        // The pool takes one message at the limit (or many smaller ones);
+        // the slot another, so the largest message always gets through.
+        let messages = MessageBudget::new(
+            config.max_message_bytes,
+            (config.max_message_bytes + READ_BYTES).saturating_sub(FREE_BUFFER_BYTES),
+        );
         Arc::new(Ingest {
+            messages,
+            released: tokio::sync::Notify::new(),
+            releases: AtomicU64::new(0),
             config,
             spool,
             status,
@@ -273,6 +324,7 @@ impl Ingest {
         let slots = Arc::new(Semaphore::new(self.config.max_clients));
         let refusing = Arc::new(Semaphore::new(REFUSALS_IN_FLIGHT));
         let mut tasks = JoinSet::new();
+        tasks.spawn(self.clone().release_memory_after_bursts(shutdown.clone()));
         let mut failures = AcceptFailures::default();
         let pause = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(pause);
@@ -338,6 +390,39 @@ impl Ingest {
         while tasks.join_next().await.is_some() {}
     }
 
+    /// Gives memory back to the system ([`crate::memory`]) once large
+    /// messages stop: [`RELEASE_DELAY`] after the last connection gave
+    /// back its share of the message budget, when no connection holds any.
+    /// A steady stream of large messages reuses the memory instead.
+    async fn release_memory_after_bursts(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                () = self.released.notified() => {}
+            }
+            loop {
+                let seen = self.releases.load(Ordering::Acquire);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(RELEASE_DELAY) => {}
+                }
+                if self.releases.load(Ordering::Acquire) == seen {
+                    break;
+                }
+            }
+            // Still in use: the connection holding it notifies again when done.
+            if self.messages.is_idle() {
+                crate::memory::release_free_memory();
+            }
+        }
+    }
+
+    /// A connection gave back its share of the message budget.
+    fn budget_released(&self) {
+        self.releases.fetch_add(1, Ordering::AcqRel);
+        self.released.notify_one();
+    }
+
     async fn connection(
         self: Arc<Self>,
         stream: UnixStream,
@@ -366,8 +451,8 @@ impl Ingest {
             return;
         }
         let framing = Framing::detect(first[0]);
-        let (reply_tx, reply_rx) = mpsc::channel::<Vec<u8>>(REPLY_QUEUE);
-        let writer = tokio::spawn(write_replies(wr, reply_rx));
+        let (reply_tx, reply_rx) = ReplyQueue::new();
+        let writer = tokio::spawn(write_replies(wr, reply_rx, reply_tx.queued.clone()));
         let replies = Replies {
             tx: reply_tx,
             framing,
@@ -401,7 +486,9 @@ impl Ingest {
         };
         let mut decoder = Decoder::new(framing, self.config.max_message_bytes);
         decoder.feed(&first);
-        let mut buf = vec![0u8; 64 * 1024];
+        // This connection's share of the message budget: what its buffer
+        // holds beyond FREE_BUFFER_BYTES, kept until those messages are handled.
+        let mut held = Reservation::new(self.messages.clone());
         let mut draining = false;
         // Closed by the daemon for an error (the reply says which).
         let mut refused = false;
@@ -426,13 +513,42 @@ impl Ingest {
                     session.settle_front().await;
                 }
             }
+            // The messages just handled are gone: give their memory and
+            // their share of the budget back, and see what the next read needs.
+            let capacity = decoder.shrink(FREE_BUFFER_BYTES);
+            let wanted = decoder.wanted_capacity(FREE_BUFFER_BYTES, READ_BYTES);
+            let need = wanted.max(capacity).saturating_sub(FREE_BUFFER_BYTES);
+            let had = held.bytes();
+            held.shrink(need);
+            if had > 0 && held.bytes() == 0 {
+                self.budget_released();
+            }
+            let room = held.try_grow(need);
+            if room {
+                decoder.prepare_read(wanted);
+            } else {
+                self.status
+                    .message_budget_waits
+                    .fetch_add(1, Ordering::Relaxed);
+            }
             if draining {
-                match tokio::time::timeout(DRAIN_READ_TIMEOUT, rd.read(&mut buf)).await {
-                    Ok(Ok(n)) if n > 0 => decoder.feed(&buf[..n]),
+                if !room
+                    && tokio::time::timeout(DRAIN_READ_TIMEOUT, held.grow(need))
+                        .await
+                        .is_err()
+                {
+                    break;
+                }
+                decoder.prepare_read(wanted);
+                match tokio::time::timeout(DRAIN_READ_TIMEOUT, rd.read_buf(decoder.buffer_mut()))
+                    .await
+                {
+                    Ok(Ok(n)) if n > 0 => {}
                     _ => break,
                 }
                 continue;
             }
+            let pending_bytes = decoder.pending_bytes();
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled(), if !draining => { draining = true; }
@@ -440,20 +556,24 @@ impl Ingest {
                     let p = session.pending.pop_front().expect("guarded");
                     session.settled(p, settled.unwrap_or(Err(SpoolError::Closed))).await;
                 }
-                r = rd.read(&mut buf) => match r {
+                // Over the budget: this connection is not read until its
+                // share comes; its client's writes wait (back-pressure).
+                () = held.grow(need), if !room => {}
+                r = rd.read_buf(decoder.buffer_mut()), if room => match r {
                     Ok(0) | Err(_) => break,
-                    Ok(n) => decoder.feed(&buf[..n]),
+                    Ok(_) => {}
                 },
                 // Restarted by every read: it fires only when part of a
-                // message sat here with no progress for the whole timeout.
-                _ = tokio::time::sleep(self.config.partial_message_timeout), if decoder.pending_bytes() > 0 => {
-                    let pending = decoder.pending_bytes();
+                // message sat here with no progress for the whole timeout
+                // while the daemon was reading (not while it waited for
+                // the budget).
+                _ = tokio::time::sleep(self.config.partial_message_timeout), if room && pending_bytes > 0 => {
                     self.status.refuse("incomplete_message", 1);
-                    tracing::warn!(client = id, pid, pending_bytes = pending, "closed a local client that stopped in the middle of a message");
+                    tracing::warn!(client = id, pid, pending_bytes, "closed a local client that stopped in the middle of a message");
                     session.replies.error(
                         "incomplete_message",
                         &format!(
-                            "{pending} bytes of a message arrived, then nothing for {} s; send whole messages (a 4-byte big-endian length and that many bytes of MessagePack, or one JSON object ending in a newline)",
+                            "{pending_bytes} bytes of a message arrived, then nothing for {} s; send whole messages (a 4-byte big-endian length and that many bytes of MessagePack, or one JSON object ending in a newline)",
                             self.config.partial_message_timeout.as_secs_f64()
                         ),
                         None,
@@ -463,6 +583,12 @@ impl Ingest {
                     break 'conn;
                 }
             }
+        }
+        let had = held.bytes();
+        drop(decoder);
+        drop(held);
+        if had > 0 {
+            self.budget_released();
         }
         while !session.pending.is_empty() {
             session.settle_front().await;
@@ -699,20 +825,114 @@ async fn linger(rd: &mut tokio::net::unix::OwnedReadHalf) {
     .await;
 }
 
-async fn write_replies(mut wr: tokio::net::unix::OwnedWriteHalf, mut rx: mpsc::Receiver<Vec<u8>>) {
+async fn write_replies(
+    mut wr: tokio::net::unix::OwnedWriteHalf,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+    queued: Arc<QueuedBytes>,
+) {
     while let Some(bytes) = rx.recv().await {
+        // Out of the queue once taken: a client that has read a reply
+        // whole may send its next request before this task runs again
+        // after the write, and the answer must not find the queue full.
+        queued.taken(bytes.len());
         if wr.write_all(&bytes).await.is_err() {
             // The client went away; keep draining so senders never block.
-            while rx.recv().await.is_some() {}
+            while let Some(bytes) = rx.recv().await {
+                queued.taken(bytes.len());
+            }
             return;
         }
     }
     let _ = wr.shutdown().await;
 }
 
+/// The queue of encoded replies (and commands) to one connection, bounded
+/// by [`REPLY_QUEUE`] replies and [`REPLY_QUEUE_BYTES`] bytes: a client that
+/// does not read its socket holds no more than that, and the one reply its
+/// writer is blocked on.
+#[derive(Clone)]
+pub struct ReplyQueue {
+    tx: mpsc::Sender<Vec<u8>>,
+    /// Bytes queued and not yet taken by the writer.
+    queued: Arc<QueuedBytes>,
+}
+
+/// Bytes of one connection's queued replies, ordinary and larger apart.
+#[derive(Default)]
+struct QueuedBytes {
+    ordinary: AtomicUsize,
+    larger: AtomicUsize,
+}
+
+impl QueuedBytes {
+    fn class(&self, len: usize) -> &AtomicUsize {
+        if len <= ORDINARY_REPLY_BYTES {
+            &self.ordinary
+        } else {
+            &self.larger
+        }
+    }
+
+    /// Counts `len` more bytes, if they fit.
+    fn add(&self, len: usize) -> bool {
+        let ordinary = len <= ORDINARY_REPLY_BYTES;
+        self.class(len)
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                (q + len <= REPLY_QUEUE_BYTES || (!ordinary && q == 0)).then_some(q + len)
+            })
+            .is_ok()
+    }
+
+    /// The writer took a reply of `len` bytes.
+    fn taken(&self, len: usize) {
+        self.class(len).fetch_sub(len, Ordering::AcqRel);
+    }
+
+    fn total(&self) -> usize {
+        self.ordinary.load(Ordering::Acquire) + self.larger.load(Ordering::Acquire)
+    }
+}
+
+/// A reply that did not fit in its connection's queue.
+#[derive(Debug)]
+pub struct QueueFull;
+
+impl ReplyQueue {
+    /// A queue and the receiving end its writer reads.
+    pub fn new() -> (ReplyQueue, mpsc::Receiver<Vec<u8>>) {
+        let (tx, rx) = mpsc::channel(REPLY_QUEUE);
+        (
+            ReplyQueue {
+                tx,
+                queued: Arc::new(QueuedBytes::default()),
+            },
+            rx,
+        )
+    }
+
+    /// Queues `bytes` unless the queue is full: [`REPLY_QUEUE`] replies, or
+    /// [`REPLY_QUEUE_BYTES`] of ordinary replies, or as much of larger ones
+    /// (one larger reply of any size goes when no other is queued).
+    pub fn try_send(&self, bytes: Vec<u8>) -> Result<(), QueueFull> {
+        let len = bytes.len();
+        if !self.queued.add(len) {
+            return Err(QueueFull);
+        }
+        self.tx.try_send(bytes).map_err(|_| {
+            self.queued.taken(len);
+            QueueFull
+        })
+    }
+
+    /// Bytes queued and not yet taken by the writer.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued.total()
+    }
+}
+
 /// The reply side of one connection.
 struct Replies {
-    tx: mpsc::Sender<Vec<u8>>,
+    tx: ReplyQueue,
     framing: Framing,
     status: Arc<Status>,
 }
@@ -754,6 +974,34 @@ struct Session<'a> {
 impl Session<'_> {
     async fn message(&mut self, msg: Value) {
         let status = &self.ingest.status;
+        if let Some(size) = msg
+            .get("ack_id")
+            .and_then(|a| json_len_over(a, MAX_ACK_ID_BYTES))
+        {
+            // Every reply would echo it: refuse the message, and echo nothing.
+            let events = match msg.get("type").and_then(Value::as_str) {
+                Some("event") => 1,
+                Some("events") => msg
+                    .get("events")
+                    .and_then(Value::as_array)
+                    .map_or(0, <[Value]>::len),
+                _ => 0,
+            };
+            status
+                .events_received
+                .fetch_add(events as u64, Ordering::Relaxed);
+            status.refuse("bad_message", events.max(1) as u64);
+            self.replies.error(
+                "bad_message",
+                &format!(
+                    "the ack_id takes {size} bytes or more as JSON; it may take at most {MAX_ACK_ID_BYTES} (send a counter or a UUID). This message was not handled{}",
+                    if events > 0 { ": none of its events was stored" } else { "" }
+                ),
+                None,
+                None,
+            );
+            return;
+        }
         let ack_id = msg.get("ack_id").cloned();
         let Some(kind) = msg.get("type").and_then(Value::as_str).map(str::to_owned) else {
             status.refuse("bad_message", 1);
@@ -792,6 +1040,9 @@ impl Session<'_> {
                         return;
                     }
                 };
+                // Nothing of the decoded message is kept while the records
+                // wait for the spool: only the records themselves.
+                drop(msg);
                 status
                     .events_received
                     .fetch_add(events.len() as u64, Ordering::Relaxed);
@@ -848,7 +1099,8 @@ impl Session<'_> {
                 self.replies.error(
                     "unknown_type",
                     &format!(
-                        "unknown message type {other:?}; this daemon accepts event, events, hello, ping, stats and command_result"
+                        "unknown message type {}; this daemon accepts event, events, hello, ping, stats and command_result",
+                        excerpt(other)
                     ),
                     ack_id.as_ref(),
                     None,
@@ -1041,7 +1293,11 @@ impl Session<'_> {
     }
 
     fn hello(&self, msg: &Value, ack_id: Option<&Value>) {
-        let str_field = |k: &str| msg.get(k).and_then(Value::as_str).map(str::to_owned);
+        let str_field = |k: &str| {
+            msg.get(k)
+                .and_then(Value::as_str)
+                .map(|s| truncate_chars(s, MAX_LABEL_CHARS))
+        };
         let names = |v: Option<&Value>, max_len: usize| -> Vec<String> {
             v.and_then(Value::as_array)
                 .map(|a| {
@@ -1066,7 +1322,7 @@ impl Session<'_> {
                         self.ingest.status.refuse("bad_message", 1);
                         self.replies.error(
                             "bad_message",
-                            &format!("hello: capabilities must map engine names (1-40 characters) to lists of action names; {engine:?} was ignored"),
+                            &format!("hello: capabilities must map engine names (1-40 characters) to lists of action names; {} was ignored", excerpt(engine)),
                             ack_id,
                             None,
                         );
@@ -1133,6 +1389,56 @@ impl Session<'_> {
     }
 }
 
+/// `Some(n)` when `v` written as JSON takes more than `limit` bytes (`n`
+/// is where counting stopped, past the limit); `None` when it fits. Counts
+/// without writing, and stops as soon as the limit is passed. Integers
+/// count their digits, floats 24 (the longest), strings their bytes plus
+/// quotes (escapes not included).
+fn json_len_over(v: &Value, limit: usize) -> Option<usize> {
+    fn digits(u: u64) -> usize {
+        u.checked_ilog10().map_or(1, |l| l as usize + 1)
+    }
+    fn walk(v: &Value, total: &mut usize, limit: usize) -> bool {
+        *total += match v {
+            Value::Null | Value::Bool(_) => 5,
+            Value::Int(i) => usize::from(*i < 0) + digits(i.unsigned_abs()),
+            Value::UInt(u) => digits(*u),
+            Value::Float(_) => 24,
+            Value::Str(s) => s.len() + 2,
+            Value::Array(items) => {
+                *total += 2 + items.len();
+                for i in items {
+                    if !walk(i, total, limit) {
+                        return false;
+                    }
+                }
+                0
+            }
+            Value::Map(entries) => {
+                *total += 2 + entries.len();
+                for (k, i) in entries {
+                    *total += k.len() + 3;
+                    if *total > limit || !walk(i, total, limit) {
+                        return false;
+                    }
+                }
+                0
+            }
+        };
+        *total <= limit
+    }
+    let mut total = 0;
+    (!walk(v, &mut total, limit)).then_some(total)
+}
+
+/// The first `max` characters of `s`.
+fn truncate_chars(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => s[..i].to_string(),
+        None => s.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1144,10 +1450,20 @@ mod tests {
         dir: &std::path::Path,
         timeout: Duration,
     ) -> (PathBuf, Arc<Status>, Spool, CancellationToken) {
+        served_with(dir, timeout, DEFAULT_MAX_MESSAGE_BYTES).await
+    }
+
+    /// [`served`] with another message limit (and so another message
+    /// budget), and room in the spool for a few megabytes.
+    async fn served_with(
+        dir: &std::path::Path,
+        timeout: Duration,
+        max_message_bytes: usize,
+    ) -> (PathBuf, Arc<Status>, Spool, CancellationToken) {
         let spool = Spool::open(SpoolConfig {
             path: dir.join("spool.sqlite"),
-            max_events: 1_000,
-            max_bytes: 1 << 20,
+            max_events: 100_000,
+            max_bytes: 64 << 20,
             overflow: Overflow::DropOldest,
             synchronous: Synchronous::Normal,
         })
@@ -1161,7 +1477,7 @@ mod tests {
                 allowed_uids: vec![],
                 allowed_gids: vec![],
                 max_clients: 8,
-                max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+                max_message_bytes,
                 max_event_bytes: 64 * 1024,
                 partial_message_timeout: timeout,
                 remove_socket_on_exit: true,
@@ -1268,6 +1584,381 @@ mod tests {
             reply.get("code").and_then(Value::as_str),
             Some("too_many_clients")
         );
+        stop.cancel();
+        spool.close().await;
+    }
+
+    /// One `events` message of `n` events of about 1 KB, with `ack_id`.
+    fn batch(tag: &str, n: usize, ack_id: u64) -> serde_json::Value {
+        let events: Vec<_> = (0..n)
+            .map(|i| {
+                serde_json::json!({"engine": "celery", "kind": "task.received",
+                    "task_id": format!("{tag}-{i}"), "data": {"pad": "p".repeat(1000)}})
+            })
+            .collect();
+        serde_json::json!({"type": "events", "events": events, "ack_id": ack_id})
+    }
+
+    #[tokio::test]
+    async fn an_ack_id_over_the_limit_is_refused_not_echoed_and_the_connection_goes_on() {
+        use tokio::io::AsyncWriteExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (socket, status, spool, stop) = served(dir.path(), Duration::from_secs(30)).await;
+        let mut s = UnixStream::connect(&socket).await.unwrap();
+        // Every reply echoes the ack_id: 250 pings with a 4 MiB one held
+        // about 1 GB of replies for a client that did not read them.
+        let huge = "a".repeat(4 << 20);
+        s.write_all(&framed(
+            &serde_json::json!({"type": "ping", "ack_id": huge}),
+        ))
+        .await
+        .unwrap();
+        let reply = read_one(&mut s).await;
+        assert_eq!(
+            reply.get("code").and_then(Value::as_str),
+            Some("bad_message")
+        );
+        assert!(reply.get("ack_id").is_none(), "not echoed");
+        let msg = reply.get("message").and_then(Value::as_str).unwrap();
+        assert!(msg.contains("ack_id") && msg.contains("256"), "{msg}");
+        assert!(framed(&serde_json::json!(reply.clone())).len() < 1024);
+
+        // An events message with one: none of its events is stored, each is counted.
+        let mut events = batch("big-ack", 3, 0);
+        events["ack_id"] = serde_json::json!({"k": "b".repeat(300)});
+        s.write_all(&framed(&events)).await.unwrap();
+        let reply = read_one(&mut s).await;
+        let msg = reply.get("message").and_then(Value::as_str).unwrap();
+        assert!(msg.contains("none of its events was stored"), "{msg}");
+        assert_eq!(status.refused().get("bad_message"), Some(&4));
+
+        // At the limit, it is echoed as sent.
+        let longest = "c".repeat(MAX_ACK_ID_BYTES - 2);
+        s.write_all(&framed(
+            &serde_json::json!({"type": "ping", "ack_id": longest}),
+        ))
+        .await
+        .unwrap();
+        let reply = read_one(&mut s).await;
+        assert_eq!(reply.get("type").and_then(Value::as_str), Some("pong"));
+        assert_eq!(
+            reply.get("ack_id").and_then(Value::as_str),
+            Some(longest.as_str())
+        );
+        s.write_all(&framed(&batch("ok", 2, 7))).await.unwrap();
+        let reply = read_one(&mut s).await;
+        assert_eq!(reply.get("stored").and_then(Value::as_u64), Some(2));
+        assert_eq!(spool.handle().stats().depth.load(Ordering::Relaxed), 2);
+        stop.cancel();
+        spool.close().await;
+    }
+
+    #[test]
+    fn the_ack_id_size_is_counted_without_writing_it_and_stops_early() {
+        let small: Value = serde_json::from_str(r#"{"n":[1,2.5,null,"x"]}"#).unwrap();
+        assert_eq!(json_len_over(&small, 64), None);
+        assert!(json_len_over(&small, 30).is_some());
+        assert_eq!(json_len_over(&Value::from(12345u64), 5), None);
+        assert_eq!(json_len_over(&Value::from(-12345i64), 5), Some(6));
+        assert!(json_len_over(&Value::from("x".repeat(300)), 256).is_some());
+        // A wide value: counting stops once past the limit (here at once:
+        // the separators alone are over it).
+        let wide = Value::Array(vec![Value::Null; 1_000_000]);
+        assert_eq!(json_len_over(&wide, 256), Some(2 + 1_000_000 + 5));
+        // Never under the real length for what clients send as ack ids.
+        for v in [
+            Value::from(u64::MAX),
+            Value::from(-1i64),
+            Value::from("0193a1b2-8c44-7d1e-9f00-123456789abc"),
+        ] {
+            let real = serde_json::to_vec(&v).unwrap().len();
+            assert!(json_len_over(&v, real - 1).is_some(), "{v:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reply_queue_holds_at_most_its_bytes_and_small_replies_pass_a_large_one() {
+        let (q, rx) = ReplyQueue::new();
+        let small = vec![b'x'; MAX_ACK_ID_BYTES];
+        for _ in 0..REPLY_QUEUE {
+            q.try_send(small.clone()).unwrap();
+        }
+        assert_eq!(q.queued_bytes(), REPLY_QUEUE_BYTES);
+        assert!(
+            q.try_send(vec![b'y'; 1]).is_err(),
+            "full in bytes and in count"
+        );
+        // The writer takes them: the bytes come back.
+        let queued = q.queued.clone();
+        let (mut ours, theirs) = tokio::net::UnixStream::pair().unwrap();
+        let (_rd, wr) = theirs.into_split();
+        let writer = tokio::spawn(write_replies(wr, rx, queued));
+        let mut got = vec![0u8; REPLY_QUEUE_BYTES];
+        ours.read_exact(&mut got).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while q.queued_bytes() > 0 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap();
+        drop(q);
+        writer.await.unwrap();
+        // One larger reply (a stats report) goes even beyond the byte bound,
+        // and a second waits its turn: it is dropped. Ordinary replies have
+        // their own room: a pong behind a large stats report still goes.
+        let (q, rx) = ReplyQueue::new();
+        q.try_send(vec![b'z'; 3 * REPLY_QUEUE_BYTES]).unwrap();
+        assert!(q.try_send(vec![b'z'; ORDINARY_REPLY_BYTES + 1]).is_err());
+        q.try_send(small.clone()).unwrap();
+        assert_eq!(q.queued_bytes(), 3 * REPLY_QUEUE_BYTES + MAX_ACK_ID_BYTES);
+        // Larger replies that fit together go together.
+        let (q2, _rx2) = ReplyQueue::new();
+        for _ in 0..REPLY_QUEUE_BYTES / 2048 {
+            q2.try_send(vec![b'w'; 2048]).unwrap();
+        }
+        assert!(q2.try_send(vec![b'w'; 2048]).is_err());
+        drop((q, rx, ours));
+    }
+
+    #[tokio::test]
+    async fn a_large_stats_report_does_not_crowd_out_the_replies_behind_it() {
+        use tokio::io::AsyncWriteExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (socket, status, spool, stop) = served(dir.path(), Duration::from_secs(30)).await;
+        // A client declaring many actions makes the stats report large
+        // (as 1,000 connected clients do): over 64 KiB.
+        let mut big = crate::client::Client::connect(&socket).await.unwrap();
+        let actions: Vec<String> = (0..60)
+            .map(|i| format!("action_{i:03}_{}", "a".repeat(60)))
+            .collect();
+        let caps: BTreeMap<String, Vec<String>> = (0..30)
+            .map(|e| (format!("engine{e}"), actions.clone()))
+            .collect();
+        big.write_raw(
+            &serde_json::from_value(
+                serde_json::json!({"type": "hello", "capabilities": caps, "ack_id": 1}),
+            )
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            big.read_reply()
+                .await
+                .unwrap()
+                .get("type")
+                .and_then(Value::as_str),
+            Some("hello_ack")
+        );
+        // Stats, then pings, sent at once and read afterwards: every reply
+        // comes, in order.
+        let mut s = UnixStream::connect(&socket).await.unwrap();
+        let mut burst = framed(&serde_json::json!({"type": "stats"}));
+        for i in 0..10 {
+            burst.extend(framed(&serde_json::json!({"type": "ping", "ack_id": i})));
+        }
+        for _ in 0..20 {
+            s.write_all(&burst).await.unwrap();
+            let stats = read_one(&mut s).await;
+            assert!(framed(&serde_json::json!(stats)).len() > REPLY_QUEUE_BYTES);
+            for i in 0..10u64 {
+                let pong = tokio::time::timeout(Duration::from_secs(5), read_one(&mut s))
+                    .await
+                    .expect("the pong behind the stats report came");
+                assert_eq!(pong.get("ack_id").and_then(Value::as_u64), Some(i));
+            }
+        }
+        assert_eq!(status.replies_dropped.load(Ordering::Relaxed), 0);
+        stop.cancel();
+        spool.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_client_that_never_reads_gets_its_replies_dropped_and_counted_not_queued() {
+        use tokio::io::AsyncWriteExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (socket, status, spool, stop) = served(dir.path(), Duration::from_secs(30)).await;
+        let mut deaf = UnixStream::connect(&socket).await.unwrap();
+        // `stats` replies are a few KB each: 256 of them held about 1 MB.
+        let ask = framed(&serde_json::json!({"type": "stats", "ack_id": "s".repeat(200)}));
+        for _ in 0..2_000 {
+            deaf.write_all(&ask).await.unwrap();
+        }
+        let mut other = crate::client::Client::connect(&socket).await.unwrap();
+        // Once all 2,000 are handled (the count stops moving), what was not
+        // dropped sits in the kernel's socket buffer or in the queue.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let (mut last, mut still) = (u64::MAX, 0);
+        let (dropped, reply_len) = loop {
+            let stats = tokio::time::timeout(Duration::from_secs(2), other.stats())
+                .await
+                .expect("another client is served at once")
+                .unwrap();
+            let dropped = stats
+                .get("replies_dropped")
+                .and_then(Value::as_u64)
+                .unwrap();
+            still = if dropped == last { still + 1 } else { 0 };
+            last = dropped;
+            if dropped > 0 && still == 10 {
+                break (dropped, framed(&serde_json::json!(stats)).len() as u64);
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{dropped} dropped");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let kernel: u64 = std::fs::read_to_string("/proc/sys/net/core/wmem_default")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(212_992);
+        let held = (2_000 - dropped) * reply_len;
+        eprintln!("{dropped} of 2,000 replies of {reply_len} bytes dropped; {held} bytes held");
+        // 256 replies of this size (the old count-only bound) would be 300 KB.
+        assert!(
+            held <= REPLY_QUEUE_BYTES as u64 + kernel + 2 * reply_len,
+            "{held} bytes of replies held for a client that does not read"
+        );
+        assert!(status.replies_dropped.load(Ordering::Relaxed) > 1_000);
+        stop.cancel();
+        spool.close().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn large_messages_over_the_message_budget_wait_and_all_get_through() {
+        use tokio::io::AsyncWriteExt;
+        let dir = tempfile::tempdir().unwrap();
+        // Messages up to 256 KiB: a pool of 256 KiB and one slot, beyond
+        // each connection's free 64 KiB.
+        let (socket, status, spool, stop) =
+            served_with(dir.path(), Duration::from_secs(30), 256 << 10).await;
+        let mut tasks = Vec::new();
+        // Eight clients, half MessagePack and half JSON lines, each sending
+        // three messages of about 200 KB in 4 KiB writes, all at once:
+        // about 2.4 MB of messages for a budget of 512 KiB.
+        for c in 0..8u64 {
+            let mut s = UnixStream::connect(&socket).await.unwrap();
+            tasks.push(tokio::spawn(async move {
+                let json = c % 2 == 1;
+                for m in 0..3u64 {
+                    let msg = batch(&format!("c{c}-m{m}"), 190, m);
+                    let bytes = if json {
+                        let mut b = serde_json::to_vec(&msg).unwrap();
+                        b.push(b'\n');
+                        b
+                    } else {
+                        framed(&msg)
+                    };
+                    assert!(bytes.len() > 190_000 && bytes.len() < 256 << 10);
+                    for piece in bytes.chunks(4096) {
+                        s.write_all(piece).await.unwrap();
+                    }
+                }
+                let (rd, _wr) = s.into_split();
+                let mut lines = tokio::io::BufReader::new(rd);
+                let mut stored = 0;
+                for _ in 0..3 {
+                    let reply: serde_json::Value = if json {
+                        use tokio::io::AsyncBufReadExt;
+                        let mut line = String::new();
+                        lines.read_line(&mut line).await.unwrap();
+                        serde_json::from_str(&line).unwrap()
+                    } else {
+                        let mut len = [0u8; 4];
+                        lines.read_exact(&mut len).await.unwrap();
+                        let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+                        lines.read_exact(&mut body).await.unwrap();
+                        rmp_serde::from_slice(&body).unwrap()
+                    };
+                    assert_eq!(reply["type"], "ack", "{reply}");
+                    stored += reply["stored"].as_u64().unwrap();
+                }
+                stored
+            }));
+        }
+        let mut stored = 0;
+        for t in tasks {
+            stored += tokio::time::timeout(Duration::from_secs(60), t)
+                .await
+                .expect("no client waits for ever")
+                .unwrap();
+        }
+        assert_eq!(stored, 8 * 3 * 190);
+        assert_eq!(
+            spool.handle().stats().depth.load(Ordering::Relaxed),
+            8 * 3 * 190
+        );
+        assert!(
+            status.message_budget_waits.load(Ordering::Relaxed) > 0,
+            "the budget was short: some connection waited"
+        );
+        assert_eq!(status.refused_total(), 0);
+        stop.cancel();
+        spool.close().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn waiting_for_the_budget_is_not_silence_and_clients_that_stall_holding_it_are_timed_out()
+    {
+        use tokio::io::AsyncWriteExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (socket, status, spool, stop) =
+            served_with(dir.path(), Duration::from_millis(600), 256 << 10).await;
+        // Two clients take the whole budget: each announces a message of
+        // 250 KiB, sends 200 KiB of it, then one byte every 300 ms for 1.5 s
+        // (each resets its timeout), then stops.
+        let mut hogs = Vec::new();
+        for _ in 0..2 {
+            let mut s = UnixStream::connect(&socket).await.unwrap();
+            let mut part = (250u32 << 10).to_be_bytes().to_vec();
+            part.extend(std::iter::repeat_n(0xc0, 200 << 10));
+            s.write_all(&part).await.unwrap();
+            hogs.push(tokio::spawn(async move {
+                for _ in 0..5 {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    s.write_all(&[0xc0]).await.unwrap();
+                }
+                read_one(&mut s).await
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Four more, each with one large message: they wait, unread, for
+        // more than twice the partial-message timeout, and are not timed
+        // out for it.
+        let started = std::time::Instant::now();
+        let mut waiting = Vec::new();
+        for c in 0..4 {
+            let mut s = UnixStream::connect(&socket).await.unwrap();
+            let msg = framed(&batch(&format!("w{c}"), 150, 1));
+            waiting.push(tokio::spawn(async move {
+                s.write_all(&msg).await.unwrap();
+                read_one(&mut s).await
+            }));
+        }
+        for h in hogs {
+            let reply = tokio::time::timeout(Duration::from_secs(5), h)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                reply.get("code").and_then(Value::as_str),
+                Some("incomplete_message")
+            );
+        }
+        for w in waiting {
+            let reply = tokio::time::timeout(Duration::from_secs(10), w)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                reply.get("type").and_then(Value::as_str),
+                Some("ack"),
+                "{reply:?}"
+            );
+            assert_eq!(reply.get("stored").and_then(Value::as_u64), Some(150));
+        }
+        assert!(started.elapsed() >= Duration::from_millis(1_500));
+        assert_eq!(status.refused().get("incomplete_message"), Some(&2));
+        assert!(status.message_budget_waits.load(Ordering::Relaxed) >= 4);
         stop.cancel();
         spool.close().await;
     }

@@ -29,6 +29,19 @@ impl Refusal {
     }
 }
 
+/// Most characters of a client's value quoted back in an error message.
+pub const MAX_EXCERPT_CHARS: usize = 64;
+
+/// `s` quoted for an error message: whole when short, else its first
+/// [`MAX_EXCERPT_CHARS`] characters and its length. Errors name what was
+/// wrong without echoing megabytes back to the client.
+pub fn excerpt(s: &str) -> String {
+    match s.char_indices().nth(MAX_EXCERPT_CHARS) {
+        None => format!("{s:?}"),
+        Some((i, _)) => format!("{:?}... ({} bytes)", &s[..i], s.len()),
+    }
+}
+
 /// Longest engine name the brain accepts.
 const MAX_ENGINE_CHARS: usize = 40;
 /// Longest task id the brain accepts.
@@ -200,7 +213,8 @@ pub fn normalize_event_noting(
         return Err(Refusal::new(
             "legacy_kind",
             format!(
-                "kind {kind:?} is a legacy schedule event that z4j brains 1.13+ refuse (they stop acknowledging the whole batch); do not send it"
+                "kind {} is a legacy schedule event that z4j brains 1.13+ refuse (they stop acknowledging the whole batch); do not send it",
+                excerpt(&kind)
             ),
         ));
     }
@@ -208,7 +222,8 @@ pub fn normalize_event_noting(
         return Err(Refusal::new(
             "unknown_kind",
             format!(
-                "kind {kind:?} is not one the brain knows; use one of: {}",
+                "kind {} is not one the brain knows; use one of: {}",
+                excerpt(&kind),
                 KNOWN_KINDS
                     .iter()
                     .filter(|k| !crate::protocol::frames::is_legacy_schedule_kind(k))
@@ -241,7 +256,8 @@ pub fn normalize_event_noting(
                 return Err(Refusal::new(
                     "invalid_event",
                     format!(
-                        "`occurred_at` {s:?} is not an ISO-8601 timestamp; send e.g. \"2026-11-22T23:29:59.500000+00:00\", a unix time in seconds, or omit it"
+                        "`occurred_at` {} is not an ISO-8601 timestamp; send e.g. \"2026-11-22T23:29:59.500000+00:00\", a unix time in seconds, or omit it",
+                        excerpt(s)
                     ),
                 ))
             }
@@ -277,7 +293,10 @@ pub fn normalize_event_noting(
             _ => {
                 return Err(Refusal::new(
                     "invalid_event",
-                    format!("`id` {s:?} is not a UUID; omit it and the daemon assigns one"),
+                    format!(
+                        "`id` {} is not a UUID; omit it and the daemon assigns one",
+                        excerpt(&s)
+                    ),
                 ))
             }
         },
@@ -324,8 +343,18 @@ pub fn normalize_event_noting(
     // Room for a typical Celery event (about 460 bytes) without regrowing.
     let mut out = Vec::with_capacity(640);
     out.extend_from_slice(b"{\"data\":");
-    canonical::write_value(&data, &mut out)
-        .map_err(|e| Refusal::new("invalid_event", format!("`data`: {e}")))?;
+    // Stops as soon as the event cannot fit: a 12 MB `data` is refused
+    // without being copied out first.
+    match canonical::write_value_within(&data, &mut out, max_event_bytes) {
+        Ok(()) => {}
+        Err(canonical::CanonicalError::TooLong) => {
+            return Err(too_large(
+                &format!("more than {max_event_bytes}"),
+                max_event_bytes,
+            ));
+        }
+        Err(e) => return Err(Refusal::new("invalid_event", format!("`data`: {e}"))),
+    }
     out.extend_from_slice(b",\"engine\":");
     canonical::write_str(&engine, &mut out);
     out.extend_from_slice(b",\"id\":\"");
@@ -345,16 +374,19 @@ pub fn normalize_event_noting(
     out.push(b'}');
 
     if out.len() > max_event_bytes {
-        return Err(Refusal::new(
-            "event_too_large",
-            format!(
-                "the event is {} bytes once encoded, but one brain frame holds at most {} bytes of events; trim `data` (large args, results or tracebacks)",
-                out.len(),
-                max_event_bytes
-            ),
-        ));
+        return Err(too_large(&out.len().to_string(), max_event_bytes));
     }
     Ok(out)
+}
+
+/// `event_too_large`; `size` is "1234567" or "more than 1044480".
+fn too_large(size: &str, max_event_bytes: usize) -> Refusal {
+    Refusal::new(
+        "event_too_large",
+        format!(
+            "the event is {size} bytes once encoded, but one brain frame holds at most {max_event_bytes} bytes of events; trim `data` (large args, results or tracebacks)"
+        ),
+    )
 }
 
 #[cfg(test)]

@@ -26,6 +26,32 @@ pub enum CanonicalError {
         "NaN and infinity cannot be signed (Python json allow_nan=False); send null or a string"
     )]
     NonFinite,
+    /// The rendering would pass the length given to [`write_value_within`].
+    #[error("the value is longer than allowed once encoded")]
+    TooLong,
+}
+
+/// How a value is written: whether non-finite floats become `null`, and
+/// the length `out` may reach.
+#[derive(Clone, Copy)]
+struct Mode {
+    lossy: bool,
+    max_len: usize,
+}
+
+impl Mode {
+    const STRICT: Mode = Mode {
+        lossy: false,
+        max_len: usize::MAX,
+    };
+
+    fn check(self, out: &[u8]) -> Result<(), CanonicalError> {
+        if out.len() > self.max_len {
+            Err(CanonicalError::TooLong)
+        } else {
+            Ok(())
+        }
+    }
 }
 
 /// Maps up to this size are sorted in a stack buffer (no allocation).
@@ -42,7 +68,24 @@ pub fn to_vec(v: &Value) -> Result<Vec<u8>, CanonicalError> {
 ///
 /// On error `out` holds a partial rendering; callers discard it.
 pub fn write_value(v: &Value, out: &mut Vec<u8>) -> Result<(), CanonicalError> {
-    write_any(v, out, false)
+    write_any(v, out, Mode::STRICT)
+}
+
+/// Like [`write_value`], but stops with [`CanonicalError::TooLong`] as soon
+/// as `out` would grow past `max_len` bytes: a value far over a limit is
+/// refused without being copied out in full first (a string longer than
+/// the room left is refused before it is written).
+pub fn write_value_within(
+    v: &Value,
+    out: &mut Vec<u8>,
+    max_len: usize,
+) -> Result<(), CanonicalError> {
+    let mode = Mode {
+        lossy: false,
+        max_len,
+    };
+    write_any(v, out, mode)?;
+    mode.check(out)
 }
 
 /// Like [`write_value`] but writes non-finite floats as `null` instead of
@@ -50,11 +93,18 @@ pub fn write_value(v: &Value, out: &mut Vec<u8>) -> Result<(), CanonicalError> {
 /// finite), where the sender would rather send `null` than nothing; the wire
 /// then carries the same `null` that was signed, so the frame stays valid.
 pub(crate) fn write_value_lossy(v: &Value, out: &mut Vec<u8>) {
-    // Cannot fail in lossy mode.
-    let _ = write_any(v, out, true);
+    // Cannot fail in lossy mode without a length limit.
+    let _ = write_any(
+        v,
+        out,
+        Mode {
+            lossy: true,
+            max_len: usize::MAX,
+        },
+    );
 }
 
-fn write_any(v: &Value, out: &mut Vec<u8>, lossy: bool) -> Result<(), CanonicalError> {
+fn write_any(v: &Value, out: &mut Vec<u8>, mode: Mode) -> Result<(), CanonicalError> {
     match v {
         Value::Null => out.extend_from_slice(b"null"),
         Value::Bool(true) => out.extend_from_slice(b"true"),
@@ -62,21 +112,28 @@ fn write_any(v: &Value, out: &mut Vec<u8>, lossy: bool) -> Result<(), CanonicalE
         Value::Int(i) => write_i64(*i, out),
         Value::UInt(u) => write_u64(*u, out),
         Value::Float(f) => match write_f64(*f, out) {
-            Err(_) if lossy => out.extend_from_slice(b"null"),
+            Err(_) if mode.lossy => out.extend_from_slice(b"null"),
             r => r?,
         },
-        Value::Str(s) => write_str(s, out),
+        Value::Str(s) => {
+            // Escapes only make it longer.
+            if out.len().saturating_add(s.len()) > mode.max_len {
+                return Err(CanonicalError::TooLong);
+            }
+            write_str(s, out)
+        }
         Value::Array(items) => {
             out.push(b'[');
             for (i, item) in items.iter().enumerate() {
                 if i > 0 {
                     out.push(b',');
                 }
-                write_any(item, out, lossy)?;
+                write_any(item, out, mode)?;
+                mode.check(out)?;
             }
             out.push(b']');
         }
-        Value::Map(entries) => write_map(entries, out, lossy)?,
+        Value::Map(entries) => write_map(entries, out, mode)?,
     }
     Ok(())
 }
@@ -84,7 +141,7 @@ fn write_any(v: &Value, out: &mut Vec<u8>, lossy: bool) -> Result<(), CanonicalE
 fn write_map(
     entries: &[(String, Value)],
     out: &mut Vec<u8>,
-    lossy: bool,
+    mode: Mode,
 ) -> Result<(), CanonicalError> {
     let n = entries.len();
     if n <= SMALL_MAP {
@@ -103,12 +160,12 @@ fn write_map(
                 j -= 1;
             }
         }
-        write_sorted_entries(entries, idx, out, lossy)
+        write_sorted_entries(entries, idx, out, mode)
     } else {
         let mut idx: Vec<u32> = (0..n as u32).collect();
         // `sort_by` is stable, which the duplicate rule relies on.
         idx.sort_by(|&a, &b| entries[a as usize].0.cmp(&entries[b as usize].0));
-        write_sorted_entries(entries, &idx, out, lossy)
+        write_sorted_entries(entries, &idx, out, mode)
     }
 }
 
@@ -116,7 +173,7 @@ fn write_sorted_entries(
     entries: &[(String, Value)],
     idx: &[u32],
     out: &mut Vec<u8>,
-    lossy: bool,
+    mode: Mode,
 ) -> Result<(), CanonicalError> {
     out.push(b'{');
     let mut first = true;
@@ -133,7 +190,8 @@ fn write_sorted_entries(
         first = false;
         write_str(key, out);
         out.push(b':');
-        write_any(value, out, lossy)?;
+        write_any(value, out, mode)?;
+        mode.check(out)?;
     }
     out.push(b'}');
     Ok(())
@@ -429,6 +487,37 @@ fn is_exact_midpoint(abs: f64, lower: u64, k: i32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_length_limit_stops_the_writer_exactly_past_it() {
+        let v: Value = serde_json::from_str(
+            r#"{"b":[1,2.5,"x\u0001y",null,{"z":true,"a":"\u00e9"}],"a":"aaaa","a":"short"}"#,
+        )
+        .unwrap();
+        let whole = to_vec(&v).unwrap();
+        let within = |max: usize| {
+            let mut out = Vec::new();
+            write_value_within(&v, &mut out, max).map(|()| out)
+        };
+        assert_eq!(within(whole.len()).unwrap(), whole);
+        for max in 0..whole.len() {
+            assert_eq!(within(max), Err(CanonicalError::TooLong), "{max}");
+        }
+        // An overridden duplicate is not written, so it does not count.
+        let dup: Value =
+            serde_json::from_str(&format!(r#"{{"a":"{}","a":1}}"#, "x".repeat(10_000))).unwrap();
+        let mut out = Vec::new();
+        write_value_within(&dup, &mut out, 16).unwrap();
+        assert_eq!(out, b"{\"a\":1}");
+        // A long string is refused before it is copied.
+        let long = Value::Str("y".repeat(1 << 20));
+        let mut out = Vec::new();
+        assert_eq!(
+            write_value_within(&long, &mut out, 1000),
+            Err(CanonicalError::TooLong)
+        );
+        assert!(out.capacity() < 1000, "{}", out.capacity());
+    }
 
     fn f(x: f64) -> String {
         let mut out = Vec::new();
