@@ -48,27 +48,6 @@ const RSS_BOUND_KB: u64 = 64 * 1024;
 /// load would be part of its figures.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// Raises this process's soft RLIMIT_NOFILE to its hard limit.
-fn raise_own_fd_limit() {
-    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
-    let lim = getrlimit(Resource::Nofile);
-    let hard = lim.maximum.unwrap_or(u64::MAX);
-    assert!(
-        hard >= FDS_NEEDED,
-        "these tests open more than 1,024 sockets; the hard RLIMIT_NOFILE is {hard}, raise it to at least {FDS_NEEDED} (ulimit -Hn)"
-    );
-    if lim.current.is_some_and(|soft| soft < hard) {
-        setrlimit(
-            Resource::Nofile,
-            Rlimit {
-                current: lim.maximum,
-                maximum: lim.maximum,
-            },
-        )
-        .expect("raise the soft RLIMIT_NOFILE to the hard limit");
-    }
-}
-
 /// `z4j-agentd run`, the real binary, with a clean environment.
 struct Daemon {
     child: Child,
@@ -267,7 +246,7 @@ async fn crowd(d: &Daemon, n: usize, tag: &str) -> Vec<(Client, Result<u64, Clie
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_connections_at_the_default_limit_are_served_and_the_ones_beyond_are_told_why() {
     let _serial = SERIAL.lock().await;
-    raise_own_fd_limit();
+    support::raise_own_fd_limit(FDS_NEEDED, "these tests open more than 1,024 sockets");
     // The daemon starts with a soft limit of 1,024 descriptors (the systemd
     // default) and the hard limit of this process: 1,030 connections fit
     // only because it raises its soft limit to the hard one.
@@ -382,7 +361,7 @@ fn sample(metrics: &str, name: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_descriptors_the_daemon_warns_backs_off_and_serves_the_waiting_clients_later() {
     let _serial = SERIAL.lock().await;
-    raise_own_fd_limit();
+    support::raise_own_fd_limit(FDS_NEEDED, "these tests open more than 1,024 sockets");
     // 256 descriptors in all, soft and hard: far below what the default
     // 1,024 clients need.
     let port = free_port();
@@ -560,7 +539,7 @@ const PROBE_MAX_BOUND: Duration = Duration::from_secs(1);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flooding_client_does_not_starve_one_that_sends_an_event_at_a_time() {
     let _serial = SERIAL.lock().await;
-    raise_own_fd_limit();
+    support::raise_own_fd_limit(FDS_NEEDED, "these tests open more than 1,024 sockets");
     // Room for everything the flood sends: no event is evicted.
     let mut d = Daemon::start(
         None,
@@ -701,7 +680,7 @@ const FLOOD_AHEAD_BOUND: u64 = 6 * FLOOD_BATCH as u64;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flooding_client_queues_only_its_share_in_front_of_another_clients_event() {
     let _serial = SERIAL.lock().await;
-    raise_own_fd_limit();
+    support::raise_own_fd_limit(FDS_NEEDED, "these tests open more than 1,024 sockets");
     let mut d = Daemon::start(None, &[]);
     let mut observer = Client::connect(&d.socket).await.unwrap();
     let mut probe = Client::connect(&d.socket).await.unwrap();
@@ -948,7 +927,7 @@ async fn thirty_two_clients_each_sending_a_12_mb_message_at_once_hold_at_most_th
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_clients_holding_half_a_15_mib_json_line_are_not_read_past_the_budget() {
     let _serial = SERIAL.lock().await;
-    raise_own_fd_limit();
+    support::raise_own_fd_limit(FDS_NEEDED, "these tests open more than 1,024 sockets");
     let mut d = Daemon::start(None, &[]);
     let baseline = d.idle_rss_kb().await;
     let cpu_before = d.cpu_seconds();

@@ -23,28 +23,6 @@ const SECRET: &str = "mVtpP-Iz85lBRJdiBbQ9KzZo4cCi7lxIHt-j7T6yOGU=";
 /// Idle connections the test opens: more than the daemon's 256 descriptors.
 const IDLE: usize = 400;
 
-/// Raises this process's soft RLIMIT_NOFILE to its hard limit (the test
-/// holds a few hundred sockets).
-fn raise_own_fd_limit() {
-    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
-    let lim = getrlimit(Resource::Nofile);
-    let hard = lim.maximum.unwrap_or(u64::MAX);
-    assert!(
-        hard >= 1024,
-        "this test opens {IDLE} sockets; the hard RLIMIT_NOFILE is {hard}, raise it to at least 1024 (ulimit -Hn)"
-    );
-    if lim.current.is_some_and(|soft| soft < hard) {
-        setrlimit(
-            Resource::Nofile,
-            Rlimit {
-                current: lim.maximum,
-                maximum: lim.maximum,
-            },
-        )
-        .expect("raise the soft RLIMIT_NOFILE to the hard limit");
-    }
-}
-
 /// `z4j-agentd run` under `ulimit -n 256` (soft and hard), metrics on.
 struct Daemon {
     child: Child,
@@ -188,7 +166,7 @@ fn get(addr: SocketAddr, path: &str) -> String {
 
 #[test]
 fn hundreds_of_idle_metrics_connections_neither_lock_out_local_clients_nor_stay_open() {
-    raise_own_fd_limit();
+    support::raise_own_fd_limit(1024, &format!("this test opens {IDLE} sockets"));
     let d = Daemon::start();
 
     // 400 connections that never send a byte: on the old listener each

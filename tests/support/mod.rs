@@ -319,3 +319,26 @@ pub fn keep_stderr(name: &str, child: &mut std::process::Child) -> String {
     keep_log(name, &text);
     text
 }
+
+/// Raises this process's soft RLIMIT_NOFILE to its hard limit, after
+/// checking that the hard limit allows `needed` descriptors (`why` says
+/// what the test opens, for the failure message).
+pub fn raise_own_fd_limit(needed: u64, why: &str) {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let lim = getrlimit(Resource::Nofile);
+    let hard = lim.maximum.unwrap_or(u64::MAX);
+    assert!(
+        hard >= needed,
+        "{why}; the hard RLIMIT_NOFILE is {hard}, raise it to at least {needed} (ulimit -Hn)"
+    );
+    if lim.current.is_some_and(|soft| soft < hard) {
+        setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: lim.maximum,
+                maximum: lim.maximum,
+            },
+        )
+        .expect("raise the soft RLIMIT_NOFILE to the hard limit");
+    }
+}
