@@ -427,25 +427,26 @@ async fn an_ack_outside_the_clock_window_ends_the_session_and_nothing_is_lost() 
     refused_ack_then_delivered(fault, "st", 100, "the stale ack").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_brain_that_answers_nothing_is_left_after_the_ack_timeout_and_nothing_is_lost() {
-    // The first session freezes after its handshake: the TCP connection
-    // stays up, so only the daemon's own ping can tell the brain is gone.
+/// A brain whose first session freezes after its handshake (the TCP
+/// connection stays up) and that announces `heartbeat_seconds`: the daemon
+/// must leave it after the 2 s ack timeout, by its own ping, and deliver
+/// every event on the next session.
+async fn frozen_first_session_is_left(heartbeat_seconds: u64, prefix: &str, n: usize) {
     let brain = FakeBrain::start(Behavior {
         freeze_sessions: 1,
-        heartbeat_interval_seconds: Some(1),
+        heartbeat_interval_seconds: Some(heartbeat_seconds),
         ..Behavior::default()
     })
     .await;
     let mut opts = small_frames(&brain.url);
     opts.ack_timeout_seconds = Some("2".into());
     let d = TestDaemon::start(opts).await;
-    send_events(&d, "fz", 100).await;
+    send_events(&d, prefix, n).await;
     let s = wait_stats(
         &d,
-        30,
+        20,
         "every event acked after leaving the frozen session",
-        |s| num(s, "acked") == 100 && num(s, "spool_depth") == 0,
+        |s| num(s, "acked") == n as u64 && num(s, "spool_depth") == 0,
     )
     .await;
     assert_eq!(num(&s, "connects"), 2, "{s:?}");
@@ -457,9 +458,22 @@ async fn a_brain_that_answers_nothing_is_left_after_the_ack_timeout_and_nothing_
             .load(std::sync::atomic::Ordering::SeqCst),
         2
     );
-    assert_eq!(brain.seen.event_ids.lock().unwrap().len(), 100);
+    assert_eq!(brain.seen.stored_event_ids.lock().unwrap().len(), n);
     assert!(brain.seen.verify_failures.lock().unwrap().is_empty());
     d.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_brain_that_answers_nothing_is_left_after_the_ack_timeout_and_nothing_is_lost() {
+    // Only the daemon's own ping can tell the frozen brain is gone.
+    frozen_first_session_is_left(1, "fz", 100).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_brain_announcing_an_hour_long_heartbeat_is_still_left_when_it_freezes() {
+    // The ping that tells a frozen brain from a quiet one must not follow
+    // the heartbeat interval the brain announces (accepted up to 3,600 s).
+    frozen_first_session_is_left(3600, "hb", 60).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -509,33 +523,6 @@ async fn a_slow_brain_that_acks_after_the_ack_timeout_still_drains_the_spool() {
         batches.len()
     );
     assert!(brain.seen.verify_failures.lock().unwrap().is_empty());
-    d.stop().await.unwrap();
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_brain_announcing_an_hour_long_heartbeat_is_still_left_when_it_freezes() {
-    // The ping that tells a frozen brain from a quiet one must not follow
-    // the heartbeat interval the brain announces (accepted up to 3,600 s).
-    let brain = FakeBrain::start(Behavior {
-        freeze_sessions: 1,
-        heartbeat_interval_seconds: Some(3600),
-        ..Behavior::default()
-    })
-    .await;
-    let mut opts = small_frames(&brain.url);
-    opts.ack_timeout_seconds = Some("2".into());
-    let d = TestDaemon::start(opts).await;
-    send_events(&d, "hb", 60).await;
-    let s = wait_stats(
-        &d,
-        20,
-        "every event acked after leaving the frozen session",
-        |s| num(s, "acked") == 60 && num(s, "spool_depth") == 0,
-    )
-    .await;
-    assert_eq!(num(&s, "connects"), 2, "{s:?}");
-    assert_eq!(failures(&s, "connection"), Some(1), "{s:?}");
-    assert_eq!(brain.seen.stored_event_ids.lock().unwrap().len(), 60);
     d.stop().await.unwrap();
 }
 
