@@ -42,6 +42,31 @@ from test_faults import (
     wait_session_settled,
 )
 
+
+
+@pytest.fixture(scope="module")
+def brain(run_dir):
+    """A brain of this module's own. Freezing a brain in the middle of its
+    SQLite work can leave it holding a lock for good ("database is locked"
+    on every later write, seen once in about ten runs): the brain's problem,
+    not the daemon's, and it must not reach the tests that run after these."""
+    import sys
+    from pathlib import Path
+
+    import brain as brainmod
+
+    here = Path(sys.prefix)
+    venv = here if (here / "bin" / "z4j").exists() else brainmod.ensure_venv()
+    b = brainmod.Brain(run_dir / "brain-chaos", venv=venv)
+    took = b.start()
+    print(f"[e2e] chaos brain on {b.url} healthy after {took:.1f}s")
+    try:
+        yield b
+    finally:
+        signal_brain(b, signal.SIGCONT)
+        b.stop()
+
+
 # The brain runs 40 ms out of every 400 ms: about a tenth of its speed (on a
 # 2-core machine some 15-25 stored events a second instead of 150-250), in slices
 # short enough that it still answers a WebSocket ping well within the ack
