@@ -295,11 +295,11 @@ pub fn render(v: &Value) -> String {
 mod tests {
     use super::*;
     use crate::spool::SpoolStats;
-    use crate::status::{ClientInfo, Status};
+    use crate::stats::{ClientInfo, Stats};
 
     #[test]
     fn renders_every_section_from_a_real_report() {
-        let st = Status::new();
+        let st = Stats::new();
         st.client_connected(
             7,
             ClientInfo {

@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 
 use crate::ingest::framing::Framing;
 use crate::protocol::Value;
-use crate::status::Status;
+use crate::stats::Stats;
 
 /// How long a command id is remembered for de-duplication.
 pub const SEEN_FOR: Duration = Duration::from_secs(300);
@@ -261,7 +261,7 @@ pub enum Dispatch {
 pub struct Router {
     inner: Mutex<Inner>,
     results: mpsc::UnboundedSender<CommandResult>,
-    status: Arc<Status>,
+    status: Arc<Stats>,
 }
 
 /// Local answers on their way to the brain.
@@ -278,7 +278,7 @@ pub struct ResultRefusal {
 
 impl Router {
     /// A router and the receiving end of its results, for the uplink.
-    pub fn new(status: Arc<Status>) -> (Arc<Router>, Results) {
+    pub fn new(status: Arc<Stats>) -> (Arc<Router>, Results) {
         let (tx, rx) = mpsc::unbounded_channel();
         (
             Arc::new(Router {

@@ -26,7 +26,7 @@ use crate::config::{Config, UplinkSettings};
 use crate::ingest::{self, Ingest, IngestConfig, IngestError};
 use crate::spool::path::{self, PathError};
 use crate::spool::{Spool, SpoolConfig, SpoolError};
-use crate::status::{DaemonInfo, Status};
+use crate::stats::{DaemonInfo, Stats};
 use crate::uplink::Uplink;
 use crate::watchdog::Watchdog;
 
@@ -80,7 +80,7 @@ pub struct Ready {
     /// The socket path in use.
     pub socket_path: PathBuf,
     /// The shared status (for tests and the admin side).
-    pub status: Arc<Status>,
+    pub status: Arc<Stats>,
     /// Where `/metrics` is served, when enabled (the bound port for `:0`).
     pub metrics_addr: Option<std::net::SocketAddr>,
 }
@@ -160,7 +160,7 @@ pub async fn run(
         }
     };
 
-    let status = Arc::new(Status::new());
+    let status = Arc::new(Stats::new());
     status.set_info(DaemonInfo {
         brain_url: config.uplink.endpoint.base_url.clone(),
         worker_id: config.uplink.worker_id.clone(),
@@ -422,7 +422,7 @@ fn take_activated(
 /// keeps `systemctl status` informative: a STATUS= line whenever what it
 /// says changed, at most once a second.
 async fn report_status(
-    status: Arc<Status>,
+    status: Arc<Stats>,
     spool: crate::spool::SpoolHandle,
     shutdown: CancellationToken,
 ) {
@@ -448,7 +448,7 @@ async fn report_status(
 }
 
 /// What `systemctl status` shows on its Status: line.
-fn status_line(status: &Status, st: &crate::spool::SpoolStats) -> String {
+fn status_line(status: &Stats, st: &crate::spool::SpoolStats) -> String {
     let failing = if st.write_failing.load(std::sync::atomic::Ordering::Relaxed) {
         " (spool writes failing)"
     } else {

@@ -33,7 +33,7 @@ use crate::admin::human_bytes;
 use crate::config::{Config, ConfigError, HostEnv, Options};
 use crate::protocol::{self, SessionBinding, Signer, Value, Verifier};
 use crate::spool::path::{self as spool_path, PathError};
-use crate::status::Advertisement;
+use crate::stats::Advertisement;
 use crate::uplink::backoff::describe_close;
 use crate::uplink::connect;
 
@@ -1140,7 +1140,7 @@ async fn probe_websocket(c: &Config, daemon: &DaemonView) -> (Probe, Option<conn
     // Advertise what the daemon advertises: every hello overwrites the
     // agent's engines and capabilities at the brain.
     let advertised = daemon.advertised.clone().unwrap_or_else(|| {
-        crate::status::Status::new()
+        crate::stats::Stats::new()
             .advertisement(&settings.static_engines, &settings.static_capabilities)
     });
     let started = Instant::now();

@@ -277,8 +277,7 @@ fn dispatch(framing: Framing, mut msg: Value, limits: Limits) {
 fn router() -> &'static crate::commands::Router {
     static ROUTER: OnceLock<Arc<crate::commands::Router>> = OnceLock::new();
     ROUTER.get_or_init(|| {
-        let (router, _results) =
-            crate::commands::Router::new(Arc::new(crate::status::Status::new()));
+        let (router, _results) = crate::commands::Router::new(Arc::new(crate::stats::Stats::new()));
         router
     })
 }

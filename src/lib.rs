@@ -15,7 +15,7 @@
 //! * [`ingest`]: the local socket, framing, validation and normalisation of events.
 //! * [`spool`]: the durable queue in SQLite.
 //! * [`uplink`]: the one connection to the brain.
-//! * [`status`]: counters, connection state and clients an operator can see;
+//! * [`stats`]: counters, connection state and clients an operator can see;
 //!   [`metrics`]: the optional `/metrics`, `/healthz`, `/readyz` listener.
 //! * [`doctor`]: `z4j-agentd doctor`, every probe from config to a signed
 //!   round trip with the brain.
@@ -45,7 +45,7 @@ pub mod memory;
 pub mod metrics;
 pub mod protocol;
 pub mod spool;
-pub mod status;
+pub mod stats;
 pub mod systemd;
 pub mod uplink;
 pub mod watchdog;

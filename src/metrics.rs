@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::protocol::Value;
 use crate::spool::SpoolHandle;
-use crate::status::{Status, UplinkState};
+use crate::stats::{Stats, UplinkState};
 
 /// Time allowed for each readiness check.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -74,7 +74,7 @@ const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=
 
 /// Reads the daemon's counters at scrape time.
 struct DaemonCollector {
-    status: Arc<Status>,
+    status: Arc<Stats>,
     spool: SpoolHandle,
 }
 
@@ -371,7 +371,7 @@ impl Collector for DaemonCollector {
 #[derive(Clone)]
 struct AppState {
     registry: Arc<Registry>,
-    status: Arc<Status>,
+    status: Arc<Stats>,
     spool: SpoolHandle,
     socket_path: PathBuf,
 }
@@ -387,7 +387,7 @@ struct AppState {
 /// (`metrics_connections_refused_total`).
 pub async fn serve(
     addr: SocketAddr,
-    status: Arc<Status>,
+    status: Arc<Stats>,
     spool: SpoolHandle,
     socket_path: PathBuf,
     stop: CancellationToken,
@@ -418,7 +418,7 @@ pub async fn serve(
 async fn accept_loop(
     listener: tokio::net::TcpListener,
     app: Router,
-    status: Arc<Status>,
+    status: Arc<Stats>,
     stop: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
@@ -457,11 +457,11 @@ async fn accept_loop(
 /// One connection's place: counted in `metrics_connections` while it lasts.
 struct Slot {
     _permit: OwnedSemaphorePermit,
-    status: Arc<Status>,
+    status: Arc<Stats>,
 }
 
 impl Slot {
-    fn new(permit: OwnedSemaphorePermit, status: Arc<Status>) -> Slot {
+    fn new(permit: OwnedSemaphorePermit, status: Arc<Stats>) -> Slot {
         status.metrics_connections.fetch_add(1, Ordering::Relaxed);
         Slot {
             _permit: permit,

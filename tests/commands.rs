@@ -9,7 +9,7 @@ use std::time::Duration;
 use support::fake_brain::{Behavior, FakeBrain};
 use support::{options, TestDaemon};
 use z4j_agentd::protocol::Value;
-use z4j_agentd::status::UplinkState;
+use z4j_agentd::stats::UplinkState;
 
 fn cancel(engine: &str, task: &str) -> Value {
     let mut target = Value::empty_map();

@@ -15,7 +15,7 @@ use support::{options, wait_for, TestDaemon};
 use z4j_agentd::config::{HostEnv, Options};
 use z4j_agentd::doctor::{self, ProbeStatus, Report};
 use z4j_agentd::protocol::Value;
-use z4j_agentd::status::UplinkState;
+use z4j_agentd::stats::UplinkState;
 
 fn host(dir: &Path) -> HostEnv {
     let h = HostEnv {

@@ -69,7 +69,7 @@ async fn metrics_move_with_events_acks_and_refusals() {
     let d = TestDaemon::start(with_metrics(options(&brain.url))).await;
     let status = d.status.clone();
     wait_for(10, "connected", || {
-        status.uplink().state == z4j_agentd::status::UplinkState::Connected
+        status.uplink().state == z4j_agentd::stats::UplinkState::Connected
     })
     .await;
     let before = scrape(&d).await;
@@ -253,7 +253,7 @@ async fn stats_carry_what_status_prints() {
     let d = TestDaemon::start(o).await;
     let status = d.status.clone();
     wait_for(10, "connected", || {
-        status.uplink().state == z4j_agentd::status::UplinkState::Connected
+        status.uplink().state == z4j_agentd::stats::UplinkState::Connected
     })
     .await;
     let mut worker = d.client().await;

@@ -1,7 +1,7 @@
 use super::*;
 
-fn status() -> Arc<Status> {
-    Arc::new(Status::new())
+fn status() -> Arc<Stats> {
+    Arc::new(Stats::new())
 }
 
 /// A connection declaring `caps`; returns its handle and what it receives.

@@ -40,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::protocol::Value;
 use crate::spool::{AppendOutcome, Overflow, SpoolError, SpoolHandle};
-use crate::status::{ClientInfo, Status};
+use crate::stats::{ClientInfo, Stats};
 use budget::{MessageBudget, Reservation};
 use framing::{Decoded, Decoder, Framing};
 use validate::{excerpt, normalize_event_noting, Notes, Refusal};
@@ -187,7 +187,7 @@ pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, IngestError> {
 pub struct Ingest {
     config: IngestConfig,
     spool: SpoolHandle,
-    status: Arc<Status>,
+    status: Arc<Stats>,
     next_id: AtomicU64,
     /// The daemon's effective uid (always allowed to connect).
     own_uid: u32,
@@ -283,7 +283,7 @@ impl Ingest {
     pub fn new(
         config: IngestConfig,
         spool: SpoolHandle,
-        status: Arc<Status>,
+        status: Arc<Stats>,
         router: Arc<crate::commands::Router>,
     ) -> Arc<Self> {
         // The pool takes one message at the limit (or many smaller ones);
@@ -934,7 +934,7 @@ impl ReplyQueue {
 struct Replies {
     tx: ReplyQueue,
     framing: Framing,
-    status: Arc<Status>,
+    status: Arc<Stats>,
 }
 
 impl Replies {
@@ -1449,7 +1449,7 @@ mod tests {
     async fn served(
         dir: &std::path::Path,
         timeout: Duration,
-    ) -> (PathBuf, Arc<Status>, Spool, CancellationToken) {
+    ) -> (PathBuf, Arc<Stats>, Spool, CancellationToken) {
         served_with(dir, timeout, DEFAULT_MAX_MESSAGE_BYTES).await
     }
 
@@ -1459,7 +1459,7 @@ mod tests {
         dir: &std::path::Path,
         timeout: Duration,
         max_message_bytes: usize,
-    ) -> (PathBuf, Arc<Status>, Spool, CancellationToken) {
+    ) -> (PathBuf, Arc<Stats>, Spool, CancellationToken) {
         let spool = Spool::open(SpoolConfig {
             path: dir.join("spool.sqlite"),
             max_events: 100_000,
@@ -1469,7 +1469,7 @@ mod tests {
         })
         .unwrap();
         let socket = dir.join("agent.sock");
-        let status = Arc::new(Status::new());
+        let status = Arc::new(Stats::new());
         let (router, _results) = crate::commands::Router::new(status.clone());
         let ingest = Ingest::new(
             IngestConfig {

@@ -254,7 +254,7 @@ pub(crate) async fn handshake(
     ws: &mut Ws,
     settings: &UplinkSettings,
     worker_id: &str,
-    advertised: &crate::status::Advertisement,
+    advertised: &crate::stats::Advertisement,
     started_at: OffsetDateTime,
 ) -> Result<HelloAck, Failure> {
     let mut payload = Value::empty_map();

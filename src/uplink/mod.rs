@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use crate::commands::{CommandResult, Results, Router};
 use crate::config::UplinkSettings;
 use crate::spool::SpoolHandle;
-use crate::status::{Status, UplinkState};
+use crate::stats::{Stats, UplinkState};
 use backoff::{Backoff, FailureClass};
 
 /// A session up at least this long counts as working: its failure resets
@@ -96,7 +96,7 @@ pub(crate) enum SessionEnd {
 pub struct Uplink {
     settings: watch::Receiver<UplinkSettings>,
     spool: SpoolHandle,
-    status: Arc<Status>,
+    status: Arc<Stats>,
     /// Set when the daemon starts shutting down: deliver what is left, then stop.
     drain: CancellationToken,
     /// Set when the grace period is over: close now.
@@ -130,7 +130,7 @@ impl Uplink {
     pub fn new(
         settings: watch::Receiver<UplinkSettings>,
         spool: SpoolHandle,
-        status: Arc<Status>,
+        status: Arc<Stats>,
         control: Control,
         router: Arc<Router>,
         results: Results,

@@ -18,7 +18,7 @@ use super::{SessionEnd, Uplink};
 use crate::commands::{Command, CommandResult, Dispatch};
 use crate::protocol::{self, SessionBinding, Signer, Value, Verifier};
 use crate::spool::StoredEvent;
-use crate::status::{Advertisement, UplinkState};
+use crate::stats::{Advertisement, UplinkState};
 
 /// One range of spooled events in flight: sent, not yet acknowledged.
 struct InFlight {

@@ -26,14 +26,14 @@ use z4j_agentd::client::{Client, Event};
 use z4j_agentd::config::{HostEnv, Options};
 use z4j_agentd::daemon::{self, DaemonError};
 use z4j_agentd::protocol::Value;
-use z4j_agentd::status::Status;
+use z4j_agentd::stats::Stats;
 
 /// A daemon running in this process.
 pub struct TestDaemon {
     pub dir: tempfile::TempDir,
     pub socket: PathBuf,
     pub spool: PathBuf,
-    pub status: Arc<Status>,
+    pub status: Arc<Stats>,
     pub metrics: Option<std::net::SocketAddr>,
     pub host: HostEnv,
     pub shutdown: CancellationToken,

@@ -1,9 +1,9 @@
 //! What an operator can see of a running daemon: counters, the uplink's
 //! state, and the connected local clients.
 //!
-//! One [`Status`] is created by the daemon and shared (`Arc`) by ingest and
+//! One [`Stats`] is created by the daemon and shared (`Arc`) by ingest and
 //! the uplink; nothing here is global. Every refused or dropped event is
-//! counted here (or in the spool's own counters, which [`Status::report`]
+//! counted here (or in the spool's own counters, which [`Stats::report`]
 //! merges), so the `stats` reply, the heartbeat and the logs agree.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -208,7 +208,7 @@ pub struct ClientInfo {
 }
 
 /// Shared daemon status.
-pub struct Status {
+pub struct Stats {
     /// Process start.
     pub started: Instant,
     /// Events decoded from clients (valid or not).
@@ -274,16 +274,16 @@ pub struct Status {
     samples: Mutex<VecDeque<Sample>>,
 }
 
-impl Default for Status {
+impl Default for Stats {
     fn default() -> Self {
-        Status::new()
+        Stats::new()
     }
 }
 
-impl Status {
+impl Stats {
     /// A fresh status.
     pub fn new() -> Self {
-        Status {
+        Stats {
             started: Instant::now(),
             events_received: AtomicU64::new(0),
             events_forwarded: AtomicU64::new(0),
@@ -430,7 +430,7 @@ impl Status {
         self.failures.lock().unwrap().clone()
     }
 
-    /// Records the counters now, for [`Status::rates`]; call about once a second.
+    /// Records the counters now, for [`Stats::rates`]; call about once a second.
     pub fn sample(&self, spool: &SpoolStats) {
         self.sample_at(Instant::now(), spool.acked_total.load(Ordering::Relaxed));
     }
@@ -773,7 +773,7 @@ mod tests {
 
     #[test]
     fn rates_cover_the_window_and_forget_older_samples() {
-        let s = Status::new();
+        let s = Stats::new();
         let t0 = Instant::now();
         s.sample_at(t0, 0);
         s.events_received.store(100, Ordering::Relaxed);
@@ -793,7 +793,7 @@ mod tests {
 
     #[test]
     fn no_rates_before_two_samples() {
-        let s = Status::new();
+        let s = Stats::new();
         assert_eq!(s.rates(), Rates::default());
         s.sample_at(Instant::now(), 0);
         assert_eq!(s.rates(), Rates::default());
@@ -801,7 +801,7 @@ mod tests {
 
     #[test]
     fn report_lists_clients_and_failures() {
-        let s = Status::new();
+        let s = Stats::new();
         s.client_connected(
             1,
             ClientInfo {
