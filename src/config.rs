@@ -934,10 +934,16 @@ impl Options {
                         .collect()
                 })
                 .unwrap_or_default();
-        if let Some(bad) = static_engines.iter().find(|e| e.len() > 40) {
+        if let Some(bad) = static_engines
+            .iter()
+            .find(|e| !crate::protocol::limits::engine_name_fits(e))
+        {
             return Err(ConfigError::new(
                 "Z4J_ENGINES",
-                format!("engine name {bad:?} is longer than 40 characters"),
+                format!(
+                    "engine name {bad:?} is longer than {} characters",
+                    crate::protocol::limits::MAX_ENGINE_CHARS
+                ),
             ));
         }
         let static_capabilities =
@@ -1211,10 +1217,13 @@ fn parse_capabilities(
     let mut out: std::collections::BTreeMap<String, Vec<String>> = Default::default();
     let mut add = |engine: &str, action: &str| -> Result<(), ConfigError> {
         let (engine, action) = (engine.trim(), action.trim());
-        if engine.is_empty() || engine.len() > 40 {
+        if !crate::protocol::limits::engine_name_fits(engine) {
             return Err(ConfigError::new(
                 KEY,
-                format!("engine name {engine:?} must be 1 to 40 characters"),
+                format!(
+                    "engine name {engine:?} must be 1 to {} characters",
+                    crate::protocol::limits::MAX_ENGINE_CHARS
+                ),
             ));
         }
         if action.is_empty() {

@@ -47,7 +47,7 @@ const DAEMON_TIMEOUT: Duration = Duration::from_secs(3);
 const MIN_FREE_BYTES: u64 = 16 << 20;
 /// Clock skew that earns a warning, and the brain's hard limit.
 const WARN_SKEW_SECONDS: f64 = 30.0;
-const FAIL_SKEW_SECONDS: f64 = 60.0;
+const FAIL_SKEW_SECONDS: f64 = crate::protocol::limits::MAX_CLOCK_SKEW_SECONDS as f64;
 /// Certificates expiring sooner than this earn a warning.
 const CERT_WARN_DAYS: i64 = 14;
 

@@ -1310,14 +1310,18 @@ impl Session<'_> {
                 })
                 .unwrap_or_default()
         };
-        let mut engines = names(msg.get("engines"), 40);
+        let mut engines: Vec<String> = names(msg.get("engines"), usize::MAX)
+            .into_iter()
+            .filter(|e| crate::protocol::limits::engine_name_fits(e))
+            .collect();
         let mut capabilities: BTreeMap<String, Vec<String>> = BTreeMap::new();
         match msg.get("capabilities") {
             None | Some(Value::Null) => {}
             Some(Value::Map(entries)) => {
                 for (engine, actions) in entries.iter().take(64) {
                     let engine = engine.trim();
-                    if engine.is_empty() || engine.len() > 40 || !matches!(actions, Value::Array(_))
+                    if !crate::protocol::limits::engine_name_fits(engine)
+                        || !matches!(actions, Value::Array(_))
                     {
                         self.ingest.status.refuse("bad_message", 1);
                         self.replies.error(

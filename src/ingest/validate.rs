@@ -42,10 +42,7 @@ pub fn excerpt(s: &str) -> String {
     }
 }
 
-/// Longest engine name the brain accepts.
-const MAX_ENGINE_CHARS: usize = 40;
-/// Longest task id the brain accepts.
-const MAX_TASK_ID_CHARS: usize = 200;
+use crate::protocol::limits::{MAX_ENGINE_CHARS, MAX_TASK_ID_CHARS};
 
 /// How far ahead of the daemon's clock an `occurred_at` may be. The brain
 /// replaces a time more than 60 s ahead of its own clock with its "now" at

@@ -20,8 +20,7 @@ pub const MAX_EVENTS_PER_FRAME: usize = 5000;
 /// The brain's default maximum inbound message (close 4400 above it);
 /// `hello_ack.max_frame_size_bytes` gives the live value.
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 1_048_576;
-/// Longest frame `id` the brain echoes intact in `acked_id`.
-pub const MAX_FRAME_ID_CHARS: usize = 64;
+pub use super::limits::MAX_FRAME_ID_CHARS;
 /// Longest nonce we send (z4j's own are 22).
 pub const MAX_NONCE_CHARS: usize = 32;
 /// Longest frame `type` we send (the longest known one is 15).

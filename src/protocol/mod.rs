@@ -31,6 +31,7 @@
 pub mod canonical;
 pub mod frames;
 pub mod json;
+pub mod limits;
 pub mod replay;
 pub mod sign;
 pub mod value;

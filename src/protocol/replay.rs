@@ -14,7 +14,7 @@ use std::collections::{HashSet, VecDeque};
 use time::{Date, Duration, Month, OffsetDateTime, PrimitiveDateTime, Time, UtcOffset};
 
 /// Largest accepted `|receiver_now - ts|`.
-pub const MAX_CLOCK_SKEW: Duration = Duration::seconds(60);
+pub const MAX_CLOCK_SKEW: Duration = Duration::seconds(super::limits::MAX_CLOCK_SKEW_SECONDS);
 /// How long a nonce is remembered.
 pub const NONCE_WINDOW: Duration = Duration::seconds(180);
 /// At most this many nonces are remembered; the oldest is evicted first.

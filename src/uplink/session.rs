@@ -74,7 +74,7 @@ const MAX_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(20);
 const MAX_PING_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Clock skew past which the brain refuses every signed frame.
-const FATAL_SKEW_SECONDS: f64 = 60.0;
+const FATAL_SKEW_SECONDS: f64 = crate::protocol::limits::MAX_CLOCK_SKEW_SECONDS as f64;
 /// Clock skew worth a warning.
 const WARN_SKEW_SECONDS: f64 = 30.0;
 /// How long the engines registered by clients must stay changed before the
