@@ -52,9 +52,9 @@ async fn a_good_brain_passes_on_the_doctors_own_slot_beside_a_running_daemon() {
     let mut o = options(&brain.url);
     o.engines = Some("rq".into());
     let d = TestDaemon::start(o.clone()).await;
-    let status = d.status.clone();
+    let stats = d.status.clone();
     wait_for(10, "daemon connected", || {
-        status.uplink().state == UplinkState::Connected
+        stats.uplink().state == UplinkState::Connected
     })
     .await;
 
