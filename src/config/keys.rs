@@ -162,9 +162,9 @@ macro_rules! settings {
     )*) => {
         /// Options shared by every subcommand that reads the daemon's
         /// configuration: what the flags say, and the environment. Each
-        /// flag also reads the environment variable named in its help, and
-        /// falls back to the same key (lowercase, without `Z4J_`) in the
-        /// config file.
+        /// setting is taken from its flag, else the environment variable
+        /// named in its help, else the same key (lowercase, without
+        /// `Z4J_`) in the config file, else its default.
         // No `Debug`: the struct holds the raw token and secret.
         #[derive(Clone, Default)]
         pub struct Options {

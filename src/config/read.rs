@@ -102,7 +102,10 @@ impl Sources<'_> {
         }
         match v.to_str() {
             Some(s) => Ok(Some(Raw::Text(s.to_string()))),
-            None => Err(ConfigError::new(key.env, "is not valid UTF-8 text")),
+            None => Err(ConfigError::new(
+                key.env,
+                "is not valid UTF-8; set it to plain text",
+            )),
         }
     }
 
