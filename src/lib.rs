@@ -9,7 +9,8 @@
 //! z4j brain <====== protocol v2, HMAC ====== uplink (one WebSocket)
 //! ```
 //!
-//! * [`config`]: flags > environment > config file, secrets from files, validation.
+//! * [`config`]: flags > environment > config file, secrets from files, validation;
+//!   [`host`]: the host's directories, uid and name, read once and passed in.
 //! * [`protocol`]: z4j protocol v2 frames, canonical JSON, HMAC signer/verifier,
 //!   replay guard. Pure: no I/O.
 //! * [`ingest`]: the local socket, framing, validation and normalisation of events.
@@ -35,6 +36,7 @@ pub mod commands;
 pub mod config;
 pub mod daemon;
 pub mod doctor;
+pub mod host;
 // The fuzz targets' bodies: built for the tests (which replay the seeds
 // and regressions) and for fuzz/ (feature `fuzzing`), not for the daemon.
 #[cfg(any(test, feature = "fuzzing"))]

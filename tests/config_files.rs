@@ -375,3 +375,35 @@ async fn a_brain_at_localhost_dot_is_loopback_and_reached_over_ws() {
         d.stop().await.unwrap();
     }
 }
+
+/// The real binary takes a setting from the flag, else the variable, else
+/// the config file; an empty flag counts as not given, like an empty
+/// variable. Each source gives a different bad value, so the error says
+/// which one was taken.
+#[test]
+fn the_binary_takes_the_flag_then_the_variable_then_the_file() {
+    let env = Env::new();
+    let file = env.file("agentd.toml");
+    std::fs::write(&file, "log_format = \"from-file\"\n").unwrap();
+    let brain = format!("http://127.0.0.1:{}", free_port());
+    let cases: [(Option<&str>, Option<&str>, &str); 4] = [
+        (Some("from-flag"), Some("from-env"), "from-flag"),
+        (None, Some("from-env"), "from-env"),
+        (Some(""), Some("from-env"), "from-env"),
+        (None, None, "from-file"),
+    ];
+    for (flag, var, taken) in cases {
+        let mut c = env.cmd(&brain);
+        c.env("Z4J_CONFIG", &file).env_remove("Z4J_LOG_FORMAT");
+        if let Some(v) = var {
+            c.env("Z4J_LOG_FORMAT", v);
+        }
+        if let Some(f) = flag {
+            c.args(["--log-format", f]);
+        }
+        let (code, err) = run_bounded(c, 10);
+        assert_eq!(code, Some(64), "{flag:?} {var:?}: {err}");
+        let want = format!("config error: Z4J_LOG_FORMAT: expected text or json, got \"{taken}\"");
+        assert!(err.contains(&want), "{flag:?} {var:?}: {err}");
+    }
+}

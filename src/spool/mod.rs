@@ -745,7 +745,7 @@ fn not_writable(spool: &Path, file: &Path, e: &std::io::Error) -> Option<SpoolEr
         ),
         Errno::ACCESS => format!(
             "{p} is not writable by uid {uid}; make it so (`chown {uid} {p}` and `chmod u+rw{x} {p}`), or set Z4J_BUFFER_PATH to a writable place",
-            uid = crate::config::current_uid(),
+            uid = crate::host::current_uid(),
             x = if file.is_dir() { "x" } else { "" },
         ),
         _ => return None,

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
-use crate::config::HostEnv;
+use crate::host::HostEnv;
 
 /// Why a spool path was refused.
 #[derive(Debug, Error)]
@@ -283,7 +283,7 @@ mod tests {
         HostEnv {
             home: Some(home),
             tmpdir: t,
-            uid: crate::config::current_uid(),
+            uid: crate::host::current_uid(),
             hostname: "h".into(),
             ..HostEnv::default()
         }

@@ -371,7 +371,7 @@ async fn a_symlinked_spool_file_is_refused() {
 
 #[tokio::test]
 async fn an_immutable_spool_file_is_refused_at_open_naming_it_and_the_fix() {
-    if crate::config::current_uid() != 0 {
+    if crate::host::current_uid() != 0 {
         eprintln!("skipped: chattr +i needs root (CI runs this test as root)");
         return;
     }
