@@ -332,6 +332,43 @@ mod tests {
         }
     }
 
+    /// The golden `stats` reply, edited.
+    fn reply(edit: impl FnOnce(&mut Value)) -> Value {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/stats_reply.json");
+        let mut v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        edit(&mut v);
+        v
+    }
+
+    #[test]
+    fn status_text_is_unchanged_for_the_same_reply() {
+        let live = reply(|v| {
+            v.insert("session_started_at", "2026-12-01T09:00:00.000000Z");
+            v.insert("session_age_seconds", 3725.5);
+            v.insert("last_ack_at", "2026-12-01T10:02:03.000000Z");
+            v.insert("last_ack_age_seconds", 2.25);
+            v.insert("spool_oldest_age_seconds", 61.0);
+        });
+        crate::stats::fixture::golden("status_live.txt", &render(&live));
+        // An older daemon leaves keys out, a newer one adds some.
+        let other = reply(|v| {
+            for k in [
+                "commands",
+                "rates",
+                "metrics_refused_by_reason",
+                "disconnected_since",
+                "brain_rejected",
+                "last_error",
+                "failures_by_class",
+                "client_list",
+            ] {
+                v.remove(k);
+            }
+            v.insert("added_later", 1u64);
+        });
+        crate::stats::fixture::golden("status_other_daemon.txt", &render(&other));
+    }
+
     #[test]
     fn sizes_read_well() {
         assert_eq!(human_bytes(512), "512 B");

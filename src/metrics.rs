@@ -619,3 +619,41 @@ async fn ping(path: &std::path::Path) -> Result<(), crate::client::ClientError> 
     let mut c = crate::client::Client::connect(path).await?;
     c.ping().await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::{Overflow, Spool, SpoolConfig, Synchronous};
+    use crate::stats::fixture;
+
+    #[test]
+    fn metrics_text_is_unchanged_for_the_same_counters() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(SpoolConfig {
+            path: dir.path().join("spool.sqlite"),
+            max_events: 1000,
+            max_bytes: 1 << 20,
+            overflow: Overflow::DropOldest,
+            synchronous: Synchronous::Normal,
+        })
+        .unwrap();
+        let handle = spool.handle();
+        fixture::spool(handle.stats());
+        let mut registry = Registry::with_prefix("z4j_agentd");
+        registry.register_collector(Box::new(DaemonCollector {
+            status: Arc::new(fixture::stats()),
+            spool: handle,
+        }));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        // The uptime differs from run to run.
+        let steady: Vec<String> = text
+            .lines()
+            .map(|l| match l.strip_prefix("z4j_agentd_uptime_seconds ") {
+                Some(_) => "z4j_agentd_uptime_seconds (varies)".to_string(),
+                None => l.replace(env!("CARGO_PKG_VERSION"), "VERSION"),
+            })
+            .collect();
+        fixture::golden("metrics.txt", &(steady.join("\n") + "\n"));
+    }
+}
