@@ -42,6 +42,13 @@ pub(crate) fn stats() -> Stats {
     s.ack_latency.observe(0.003);
     s.ack_latency.observe(0.7);
     s.sample_at(t0 + Duration::from_secs(10), 40);
+    uplink(&s);
+    clients(&s);
+    s
+}
+
+/// A daemon in backoff after a session, with every detail set.
+fn uplink(s: &Stats) {
     s.set_uplink_state(UplinkState::Backoff);
     s.update_uplink(|u| {
         u.since = datetime!(2026-12-01 10:00:00.5 UTC);
@@ -60,6 +67,11 @@ pub(crate) fn stats() -> Stats {
             runtime_features: vec!["beat".into()],
         };
     });
+}
+
+/// Where the daemon runs and two clients: one that said `hello`, one
+/// that did not.
+fn clients(s: &Stats) {
     s.set_info(DaemonInfo {
         brain_url: "ws://brain.example:7700".into(),
         worker_id: "host-a".into(),
@@ -94,7 +106,6 @@ pub(crate) fn stats() -> Stats {
             ..Default::default()
         },
     );
-    s
 }
 
 /// The spool's side of [`stats`], written into `sp`.
