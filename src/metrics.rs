@@ -1,8 +1,10 @@
 //! The optional metrics and health listener (`Z4J_METRICS_ADDR`).
 //!
 //! * `/metrics`: Prometheus (OpenMetrics text) rendered by `prometheus-client`
-//!   from the daemon's own counters at scrape time, so `stats`, the heartbeat
-//!   and the metrics never disagree.
+//!   from one [`Snapshot`] of the daemon's counters taken at scrape time (the
+//!   one `stats` and the heartbeat render), so they never disagree. Only the
+//!   ack latency histogram is read from [`Stats`] itself: it is a metric
+//!   already, not a counter to report.
 //! * `/healthz`: the process is alive and serving.
 //! * `/readyz`: the spool commits a probe write and the local socket answers
 //!   a ping. The brain's connection is shown but not required: applications
