@@ -301,7 +301,7 @@ impl Default for Stats {
 }
 
 impl Stats {
-    /// A fresh status.
+    /// Fresh counters, the uplink connecting.
     pub fn new() -> Self {
         Stats {
             started: Instant::now(),
