@@ -1,6 +1,11 @@
 //! `z4j-agentd status`: asks the running daemon over its socket (`stats`)
 //! and renders the answer for an operator.
+//!
+//! The reply is read back into the [`Snapshot`] the daemon rendered it
+//! from, so the text and the reply cannot drift apart; a daemon of another
+//! version that leaves keys out or adds some still renders.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -8,6 +13,7 @@ use std::time::Duration;
 use crate::client::{Client, ClientError};
 use crate::config::HostEnv;
 use crate::protocol::Value;
+use crate::stats::Snapshot;
 
 /// Time allowed for the daemon to answer.
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -69,28 +75,6 @@ pub async fn fetch(path: &Path) -> Result<Value, String> {
     }
 }
 
-fn s(v: &Value, k: &str) -> String {
-    match v.get(k) {
-        Some(Value::Str(s)) => s.clone(),
-        Some(Value::Null) | None => "-".to_string(),
-        Some(other) => crate::protocol::canonical::to_vec(other)
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default(),
-    }
-}
-
-fn n(v: &Value, k: &str) -> u64 {
-    v.get(k).and_then(Value::as_u64).unwrap_or(0)
-}
-
-fn f(v: &Value, k: &str) -> Option<f64> {
-    match v.get(k) {
-        Some(Value::Float(x)) => Some(*x),
-        Some(other) => other.as_i64().map(|i| i as f64),
-        None => None,
-    }
-}
-
 /// `1h 2m 3s`.
 pub fn human_duration(secs: f64) -> String {
     let total = secs.max(0.0);
@@ -124,171 +108,182 @@ pub(crate) fn human_bytes(n: u64) -> String {
     }
 }
 
-fn list(v: Option<&Value>) -> String {
-    match v {
-        Some(Value::Array(items)) if !items.is_empty() => items
-            .iter()
-            .filter_map(Value::as_str)
-            .collect::<Vec<_>>()
-            .join(", "),
-        _ => "-".to_string(),
+/// `a, b`, or `-` when empty.
+fn list(items: &[String]) -> String {
+    if items.is_empty() {
+        "-".to_string()
+    } else {
+        items.join(", ")
     }
 }
 
-fn by_reason(v: Option<&Value>) -> String {
-    match v {
-        Some(Value::Map(m)) => {
-            let parts: Vec<String> = m
-                .iter()
-                .filter_map(|(k, v)| v.as_u64().filter(|n| *n > 0).map(|n| format!("{k} {n}")))
-                .collect();
-            if parts.is_empty() {
-                "none".to_string()
-            } else {
-                parts.join(", ")
-            }
-        }
-        _ => "none".to_string(),
+/// `reason n, ...` for the reasons that counted something, or `none`.
+fn by_reason<'a>(counts: impl IntoIterator<Item = (&'a str, u64)>) -> String {
+    let parts: Vec<String> = counts
+        .into_iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect();
+    if parts.is_empty() {
+        "none".to_string()
+    } else {
+        parts.join(", ")
     }
 }
 
-/// The text `status` prints.
-pub fn render(v: &Value) -> String {
+fn by_key(m: &BTreeMap<String, u64>) -> String {
+    by_reason(m.iter().map(|(k, n)| (k.as_str(), *n)))
+}
+
+/// The value, or `-` when the daemon has none.
+fn or_dash(v: &Option<String>) -> &str {
+    v.as_deref().unwrap_or("-")
+}
+
+/// The text `status` prints for a `stats` reply, or why it cannot be read.
+pub fn render(reply: &Value) -> Result<String, String> {
+    let s = Snapshot::from_value(reply).map_err(|e| {
+        format!("cannot read the daemon's stats reply ({e}); `z4j-agentd status --json` shows it as it was sent")
+    })?;
     let mut o = String::new();
+    render_daemon(&mut o, &s);
+    render_uplink(&mut o, &s);
+    render_counts(&mut o, &s);
+    render_clients(&mut o, &s);
+    Ok(o)
+}
+
+/// Which daemon, since when, talking to which brain as whom.
+fn render_daemon(o: &mut String, s: &Snapshot) {
     let _ = writeln!(
         o,
         "z4j-agentd {} (pid {}), up {}",
-        s(v, "version"),
-        n(v, "pid"),
-        human_duration(n(v, "uptime_seconds") as f64)
+        s.version,
+        s.pid,
+        human_duration(s.uptime.as_secs() as f64)
     );
     let _ = writeln!(
         o,
         "brain:    {} as worker_id {} (agent {}, host label {})",
-        s(v, "brain_url"),
-        s(v, "worker_id"),
-        s(v, "agent_id"),
-        s(v, "agent_name")
+        s.brain_url,
+        s.worker_id,
+        or_dash(&s.agent_id),
+        s.agent_name
     );
-    let state = s(v, "uplink_state");
-    let mut line = format!("uplink:   {state} since {}", s(v, "uplink_since"));
-    if !matches!(v.get("disconnected_since"), None | Some(Value::Null)) {
-        let _ = write!(line, ", no session since {}", s(v, "disconnected_since"));
+}
+
+/// The uplink's state, its last error and its failures.
+fn render_uplink(o: &mut String, s: &Snapshot) {
+    let mut line = format!(
+        "uplink:   {} since {}",
+        s.uplink_state.as_str(),
+        s.uplink_since
+    );
+    if let Some(t) = &s.disconnected_since {
+        let _ = write!(line, ", no session since {t}");
     }
-    if let Some(age) = f(v, "session_age_seconds") {
+    if let Some(age) = s.session_age_seconds {
         let _ = write!(line, ", session {}", human_duration(age));
     }
-    match f(v, "last_ack_age_seconds") {
+    match s.last_ack_age_seconds {
         Some(a) => {
             let _ = write!(line, ", last ack {} ago", human_duration(a));
         }
         None => line.push_str(", no ack yet"),
     }
-    if let Some(skew) = f(v, "clock_skew_seconds") {
+    if let Some(skew) = s.clock_skew_seconds {
         let _ = write!(line, ", clock skew {skew:+.1}s");
     }
     let _ = writeln!(o, "{line}");
-    if !matches!(v.get("last_error"), None | Some(Value::Null)) {
+    if let Some(e) = &s.last_error {
         let _ = writeln!(
             o,
-            "          last error ({}): {}",
-            s(v, "last_failure_class"),
-            s(v, "last_error")
+            "          last error ({}): {e}",
+            or_dash(&s.last_failure_class)
         );
     }
     let _ = writeln!(
         o,
         "          failures by class: {}; in a row: {}; sessions established: {}",
-        by_reason(v.get("failures_by_class")),
-        n(v, "failure_streak"),
-        n(v, "connects")
+        by_key(&s.failures_by_class),
+        s.failure_streak,
+        s.connects
     );
-    let oldest = f(v, "spool_oldest_age_seconds")
+}
+
+/// The spool, the rates and every event count.
+fn render_counts(o: &mut String, s: &Snapshot) {
+    let oldest = s
+        .spool_oldest_age_seconds
         .map(|a| format!(", oldest {}", human_duration(a)))
         .unwrap_or_default();
     let _ = writeln!(
         o,
         "spool:    {} events, {}{oldest} ({})",
-        n(v, "spool_depth"),
-        human_bytes(n(v, "spool_bytes")),
-        s(v, "spool_path")
+        s.spool_depth,
+        human_bytes(s.spool_bytes),
+        s.spool_path
     );
-    if let Some(r) = v.get("rates") {
+    if let Some(r) = &s.rates {
         let _ = writeln!(
             o,
             "rates:    ingest {:.1}/s, forward {:.1}/s, acked {:.1}/s (last {:.0}s)",
-            f(r, "ingest_per_second").unwrap_or(0.0),
-            f(r, "forward_per_second").unwrap_or(0.0),
-            f(r, "acked_per_second").unwrap_or(0.0),
-            f(r, "window_seconds").unwrap_or(0.0)
+            r.ingest, r.forward, r.acked, r.window_seconds
         );
     }
     let _ = writeln!(
         o,
         "totals:   received {}, stored {}, forwarded {}, acked {}, resent {}",
-        n(v, "received"),
-        n(v, "stored"),
-        n(v, "forwarded"),
-        n(v, "acked"),
-        n(v, "resent")
+        s.received, s.stored, s.forwarded, s.acked, s.resent
     );
     let _ = writeln!(
         o,
         "dropped:  {} ({})",
-        n(v, "dropped"),
-        by_reason(v.get("dropped_by_reason"))
+        s.dropped,
+        by_reason(s.dropped_by_reason.by_reason())
     );
     let _ = writeln!(
         o,
         "refused:  {} ({})",
-        n(v, "refused"),
-        by_reason(v.get("refused_by_reason"))
+        s.refused,
+        by_key(&s.refused_by_reason)
     );
-    if let Some(c) = v.get("commands") {
+    if let Some(c) = &s.commands {
         let _ = writeln!(
             o,
             "commands: received {}, succeeded {}, failed {}",
-            n(c, "received"),
-            n(c, "succeeded"),
-            n(c, "failed")
+            c.received, c.succeeded, c.failed
+        );
+    }
+}
+
+/// The connected clients (marking the one asking) and the engines.
+fn render_clients(o: &mut String, s: &Snapshot) {
+    let _ = writeln!(o, "clients:  {} connected on {}", s.clients, s.socket_path);
+    let me = i64::from(std::process::id());
+    for c in &s.client_list {
+        let this = if c.pid == Some(me) {
+            " <- this status command"
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            o,
+            "          pid {:<7} uid {:<6} {:<20} engines {:<16} {} events ({}){this}",
+            c.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            c.uid,
+            or_dash(&c.process),
+            list(&c.engines),
+            c.events_received,
+            c.framing
         );
     }
     let _ = writeln!(
         o,
-        "clients:  {} connected on {}",
-        n(v, "clients"),
-        s(v, "socket_path")
-    );
-    if let Some(Value::Array(cs)) = v.get("client_list") {
-        let me = i64::from(std::process::id());
-        for c in cs {
-            let this = if c.get("pid").and_then(Value::as_i64) == Some(me) {
-                " <- this status command"
-            } else {
-                ""
-            };
-            let _ = writeln!(
-                o,
-                "          pid {:<7} uid {:<6} {:<20} engines {:<16} {} events ({}){this}",
-                c.get("pid")
-                    .and_then(Value::as_i64)
-                    .map(|p| p.to_string())
-                    .unwrap_or_else(|| "-".into()),
-                n(c, "uid"),
-                s(c, "process"),
-                list(c.get("engines")),
-                n(c, "events_received"),
-                s(c, "framing")
-            );
-        }
-    }
-    let _ = writeln!(
-        o,
         "engines:  {} (advertised to the brain: {})",
-        list(v.get("engines")),
-        list(v.get("advertised_engines"))
+        list(&s.engines),
+        list(&s.advertised_engines)
     );
-    o
 }
 
 #[cfg(test)]
@@ -317,7 +312,7 @@ mod tests {
         st.update_uplink(|u| u.last_error = Some("cannot reach ws://x: refused".into()));
         let spool = SpoolStats::default();
         spool.depth.store(5, std::sync::atomic::Ordering::Relaxed);
-        let text = render(&st.report(&spool));
+        let text = render(&st.report(&spool)).unwrap();
         for needle in [
             "uplink:   connecting",
             "spool:    5 events",
@@ -330,6 +325,43 @@ mod tests {
         ] {
             assert!(text.contains(needle), "{needle:?} missing in:\n{text}");
         }
+    }
+
+    /// The golden `stats` reply, edited.
+    fn reply(edit: impl FnOnce(&mut Value)) -> Value {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/stats_reply.json");
+        let mut v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        edit(&mut v);
+        v
+    }
+
+    #[test]
+    fn status_text_is_unchanged_for_the_same_reply() {
+        let live = reply(|v| {
+            v.insert("session_started_at", "2026-12-01T09:00:00.000000Z");
+            v.insert("session_age_seconds", 3725.5);
+            v.insert("last_ack_at", "2026-12-01T10:02:03.000000Z");
+            v.insert("last_ack_age_seconds", 2.25);
+            v.insert("spool_oldest_age_seconds", 61.0);
+        });
+        crate::stats::fixture::golden("status_live.txt", &render(&live).unwrap());
+        // An older daemon leaves keys out, a newer one adds some.
+        let other = reply(|v| {
+            for k in [
+                "commands",
+                "rates",
+                "metrics_refused_by_reason",
+                "disconnected_since",
+                "brain_rejected",
+                "last_error",
+                "failures_by_class",
+                "client_list",
+            ] {
+                v.remove(k);
+            }
+            v.insert("added_later", 1u64);
+        });
+        crate::stats::fixture::golden("status_other_daemon.txt", &render(&other).unwrap());
     }
 
     #[test]

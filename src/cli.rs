@@ -144,7 +144,13 @@ fn status(args: StatusArgs) -> ExitCode {
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             } else {
-                print!("{}", crate::admin::render(&v));
+                match crate::admin::render(&v) {
+                    Ok(text) => print!("{text}"),
+                    Err(e) => {
+                        eprintln!("z4j-agentd status: {e}");
+                        return ExitCode::from(1);
+                    }
+                }
             }
             ExitCode::SUCCESS
         }

@@ -448,17 +448,6 @@ async fn report_status(
 }
 
 /// What `systemctl status` shows on its Status: line.
-fn status_line(status: &Stats, st: &crate::spool::SpoolStats) -> String {
-    let failing = if st.write_failing.load(std::sync::atomic::Ordering::Relaxed) {
-        " (spool writes failing)"
-    } else {
-        ""
-    };
-    format!(
-        "brain {}; spool {} events{failing}; dropped {}; clients {}",
-        status.uplink().state.as_str(),
-        st.depth.load(std::sync::atomic::Ordering::Relaxed),
-        status.dropped_total(st),
-        status.clients().len()
-    )
+fn status_line(stats: &Stats, st: &crate::spool::SpoolStats) -> String {
+    crate::systemd::status_text(&stats.snapshot(st))
 }

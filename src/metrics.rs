@@ -1,8 +1,10 @@
 //! The optional metrics and health listener (`Z4J_METRICS_ADDR`).
 //!
 //! * `/metrics`: Prometheus (OpenMetrics text) rendered by `prometheus-client`
-//!   from the daemon's own counters at scrape time, so `stats`, the heartbeat
-//!   and the metrics never disagree.
+//!   from one [`Snapshot`] of the daemon's counters taken at scrape time (the
+//!   one `stats` and the heartbeat render), so they never disagree. Only the
+//!   ack latency histogram is read from [`Stats`] itself: it is a metric
+//!   already, not a counter to report.
 //! * `/healthz`: the process is alive and serving.
 //! * `/readyz`: the spool commits a probe write and the local socket answers
 //!   a ping. The brain's connection is shown but not required: applications
@@ -27,6 +29,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
@@ -36,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::protocol::Value;
 use crate::spool::SpoolHandle;
-use crate::stats::{Stats, UplinkState};
+use crate::stats::{Snapshot, Stats, UplinkState};
 
 /// Time allowed for each readiness check.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -74,7 +77,7 @@ const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=
 
 /// Reads the daemon's counters at scrape time.
 struct DaemonCollector {
-    status: Arc<Stats>,
+    stats: Arc<Stats>,
     spool: SpoolHandle,
 }
 
@@ -134,244 +137,276 @@ const FAILURE_CLASSES: [&str; 4] = ["connection", "protocol", "auth", "incompati
 
 impl Collector for DaemonCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), fmt::Error> {
-        let s = &self.status;
-        let sp = self.spool.stats();
-        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-        let info = Info::new([("version", env!("CARGO_PKG_VERSION"))]);
-        info.encode(enc.encode_descriptor(
-            "build",
-            "The running z4j-agentd version.",
-            None,
-            info.metric_type(),
-        )?)?;
-        gauge(
-            &mut enc,
-            "uptime",
-            "Seconds since the daemon started.",
-            Some(&Unit::Seconds),
-            s.started.elapsed().as_secs_f64(),
-        )?;
-        counter(
-            &mut enc,
-            "events_received",
-            "Events decoded from local clients, valid or not.",
-            load(&s.events_received),
-        )?;
-        counter(
-            &mut enc,
-            "events_stored",
-            "Events committed to the spool by this process.",
-            load(&sp.stored_total),
-        )?;
-        counter(
-            &mut enc,
-            "events_forwarded",
-            "Events put on the wire to the brain for the first time.",
-            load(&s.events_forwarded),
-        )?;
-        counter(
-            &mut enc,
-            "events_resent",
-            "Events sent again after an ack timeout or a reconnect.",
-            load(&s.events_resent),
-        )?;
-        counter(
-            &mut enc,
-            "events_acked",
-            "Events the brain acknowledged (then deleted from the spool).",
-            load(&sp.acked_total),
-        )?;
-        counter_family(
-            &mut enc,
-            "events_dropped",
-            "Events lost by policy: oldest_evicted (drop_oldest made room), spool_full (drop_newest refused them), undeliverable (larger than the brain's frame limit).",
-            "reason",
-            [
-                ("oldest_evicted", load(&sp.dropped_oldest_total)),
-                ("spool_full", load(&sp.refused_full_total)),
-                ("undeliverable", load(&s.events_undeliverable)),
-            ],
-        )?;
-        counter(
-            &mut enc,
-            "events_brain_rejected",
-            "Events the brain acknowledged but did not store on their first delivery: the same task, kind and second as an event it has, or events it could not ingest (its log says which).",
-            load(&s.events_rejected_by_brain),
-        )?;
-        counter(
-            &mut enc,
-            "events_time_corrected",
-            "Events whose occurred_at was outside the brain's window (over 30 s ahead or 365 days behind) and was replaced by the time the daemon received them.",
-            load(&s.events_time_corrected),
-        )?;
-        counter(
-            &mut enc,
-            "events_brain_duplicates",
-            "Events in re-sent frames that the brain did not store again: it had them from an earlier copy (expected after a re-send).",
-            load(&s.events_duplicate_at_brain),
-        )?;
-        let refused = s.refused();
-        counter_family(
-            &mut enc,
-            "refused",
-            "Events or messages refused at the socket, by the error code the client received.",
-            "reason",
-            refused.iter().map(|(k, v)| (*k, *v)),
-        )?;
-        counter(
-            &mut enc,
-            "replies_dropped",
-            "Replies not written because a client did not read them.",
-            load(&s.replies_dropped),
-        )?;
-        counter(
-            &mut enc,
-            "producer_waits",
-            "Times a producer was held back because the spool was full (block policy).",
-            load(&s.producer_waits),
-        )?;
-        counter(
-            &mut enc,
-            "message_budget_waits",
-            "Times a local connection was not read because the daemon-wide budget for buffered messages was taken; its client waited (back-pressure, nothing lost).",
-            load(&s.message_budget_waits),
-        )?;
-        counter(
-            &mut enc,
-            "accept_failures",
-            "Failed accept calls on the local socket, mostly for lack of file descriptors; each is retried after a pause of up to 250 ms while new connections wait.",
-            load(&s.accept_failures),
-        )?;
-        counter_family(
-            &mut enc,
-            "commands",
-            "Commands from the brain by outcome: received (re-deliveries not counted), succeeded and failed (failed includes those no local process could run, timed out or lost with their process).",
-            "outcome",
-            [
-                ("received", load(&s.commands_received)),
-                ("succeeded", load(&s.commands_succeeded)),
-                ("failed", load(&s.commands_failed)),
-            ],
-        )?;
-        counter(
-            &mut enc,
-            "brain_connects",
-            "Sessions established with the brain (hello_ack received).",
-            load(&s.connects),
-        )?;
-        let failures = s.failures();
-        counter_family(
-            &mut enc,
-            "brain_reconnects",
-            "Reconnects after a failed connection attempt or a failed session, by the failure's backoff class.",
-            "class",
-            FAILURE_CLASSES
-                .iter()
-                .map(|c| (*c, failures.get(c).copied().unwrap_or(0))),
-        )?;
-        let lat = &s.ack_latency;
-        lat.encode(enc.encode_descriptor(
-            "brain_ack_latency",
-            "Seconds from sending an event_batch to the brain's event_batch_ack.",
-            Some(&Unit::Seconds),
-            lat.metric_type(),
-        )?)?;
-        let u = s.uplink();
-        gauge(
-            &mut enc,
-            "brain_connected",
-            "1 while a session with the brain is established.",
-            None,
-            i64::from(u.state == UplinkState::Connected),
-        )?;
-        let mut m = enc.encode_descriptor(
-            "brain_connection_state",
-            "1 for the uplink's current state, 0 for the others.",
-            None,
-            MetricType::Gauge,
-        )?;
-        for st in STATES {
-            ConstGauge::new(i64::from(st == u.state))
-                .encode(m.encode_family(&[("state", st.as_str())])?)?;
-        }
-        if let Some(skew) = u.clock_skew_seconds {
-            gauge(
-                &mut enc,
-                "brain_clock_skew",
-                "Brain clock minus this host's at the last handshake; past 60 s the brain refuses signed frames.",
-                Some(&Unit::Seconds),
-                skew,
-            )?;
-        }
-        gauge(
-            &mut enc,
-            "spool_depth_events",
-            "Events stored and not yet acknowledged by the brain.",
-            None,
-            load(&sp.depth) as i64,
-        )?;
-        gauge(
-            &mut enc,
-            "spool",
-            "Bytes of the events waiting in the spool.",
-            Some(&Unit::Bytes),
-            load(&sp.bytes) as i64,
-        )?;
-        let oldest_age = sp.oldest_age_seconds().unwrap_or(0.0);
-        gauge(
-            &mut enc,
-            "spool_oldest_age",
-            "Age of the oldest event waiting in the spool (0 when empty).",
-            Some(&Unit::Seconds),
-            oldest_age,
-        )?;
-        gauge(
-            &mut enc,
-            "spool_write_failing",
-            "1 when the spool's last write transaction failed (disk full, I/O error).",
-            None,
-            i64::from(sp.write_failing.load(Ordering::Relaxed)),
-        )?;
-        counter(
-            &mut enc,
-            "spool_commits",
-            "Spool write transactions committed.",
-            load(&sp.commits_total),
-        )?;
-        gauge(
-            &mut enc,
-            "clients_connected",
-            "Local client connections open now.",
-            None,
-            s.clients().len() as i64,
-        )?;
-        gauge(
-            &mut enc,
-            "metrics_connections",
-            "HTTP connections open on this metrics listener now (this scrape's included).",
-            None,
-            load(&s.metrics_connections) as i64,
-        )?;
-        counter_family(
-            &mut enc,
-            "metrics_connections_refused",
-            &format!(
-                "Connections to this metrics listener that it closed itself: limit ({MAX_CONNECTIONS} already open; answered 503), timeout (no whole request within {} s of connecting), too_large (a request head over {} bytes; answered 431).",
-                REQUEST_TIMEOUT.as_secs(),
-                MAX_REQUEST_HEAD_BYTES
-            ),
-            "reason",
-            s.metrics_refused(),
-        )?;
-        Ok(())
+        let snap = self.stats.snapshot(self.spool.stats());
+        encode_process(&mut enc, &snap)?;
+        encode_events(&mut enc, &snap)?;
+        encode_local(&mut enc, &snap)?;
+        encode_brain(&mut enc, &snap, &self.stats.ack_latency)?;
+        encode_spool(&mut enc, &snap)?;
+        encode_connections(&mut enc, &snap)
     }
+}
+
+/// The build and the uptime.
+fn encode_process(enc: &mut DescriptorEncoder, s: &Snapshot) -> Result<(), fmt::Error> {
+    let info = Info::new([("version", env!("CARGO_PKG_VERSION"))]);
+    info.encode(enc.encode_descriptor(
+        "build",
+        "The running z4j-agentd version.",
+        None,
+        info.metric_type(),
+    )?)?;
+    gauge(
+        enc,
+        "uptime",
+        "Seconds since the daemon started.",
+        Some(&Unit::Seconds),
+        s.uptime.as_secs_f64(),
+    )
+}
+
+/// Each event's way: received, stored, forwarded, acked, or lost, refused.
+fn encode_events(enc: &mut DescriptorEncoder, s: &Snapshot) -> Result<(), fmt::Error> {
+    counter(
+        enc,
+        "events_received",
+        "Events decoded from local clients, valid or not.",
+        s.received,
+    )?;
+    counter(
+        enc,
+        "events_stored",
+        "Events committed to the spool by this process.",
+        s.stored,
+    )?;
+    counter(
+        enc,
+        "events_forwarded",
+        "Events put on the wire to the brain for the first time.",
+        s.forwarded,
+    )?;
+    counter(
+        enc,
+        "events_resent",
+        "Events sent again after an ack timeout or a reconnect.",
+        s.resent,
+    )?;
+    counter(
+        enc,
+        "events_acked",
+        "Events the brain acknowledged (then deleted from the spool).",
+        s.acked,
+    )?;
+    counter_family(
+        enc,
+        "events_dropped",
+        "Events lost by policy: oldest_evicted (drop_oldest made room), spool_full (drop_newest refused them), undeliverable (larger than the brain's frame limit).",
+        "reason",
+        s.dropped_by_reason.by_reason(),
+    )?;
+    counter(
+        enc,
+        "events_brain_rejected",
+        "Events the brain acknowledged but did not store on their first delivery: the same task, kind and second as an event it has, or events it could not ingest (its log says which).",
+        s.brain_rejected,
+    )?;
+    counter(
+        enc,
+        "events_time_corrected",
+        "Events whose occurred_at was outside the brain's window (over 30 s ahead or 365 days behind) and was replaced by the time the daemon received them.",
+        s.time_corrected,
+    )?;
+    counter(
+        enc,
+        "events_brain_duplicates",
+        "Events in re-sent frames that the brain did not store again: it had them from an earlier copy (expected after a re-send).",
+        s.brain_duplicates,
+    )?;
+    counter_family(
+        enc,
+        "refused",
+        "Events or messages refused at the socket, by the error code the client received.",
+        "reason",
+        s.refused_by_reason.iter().map(|(k, v)| (k.as_str(), *v)),
+    )
+}
+
+/// What the local socket did beside events: replies lost, clients held
+/// back, accepts that failed.
+fn encode_local(enc: &mut DescriptorEncoder, s: &Snapshot) -> Result<(), fmt::Error> {
+    counter(
+        enc,
+        "replies_dropped",
+        "Replies not written because a client did not read them.",
+        s.replies_dropped,
+    )?;
+    counter(
+        enc,
+        "producer_waits",
+        "Times a producer was held back because the spool was full (block policy).",
+        s.producer_waits,
+    )?;
+    counter(
+        enc,
+        "message_budget_waits",
+        "Times a local connection was not read because the daemon-wide budget for buffered messages was taken; its client waited (back-pressure, nothing lost).",
+        s.message_budget_waits,
+    )?;
+    counter(
+        enc,
+        "accept_failures",
+        "Failed accept calls on the local socket, mostly for lack of file descriptors; each is retried after a pause of up to 250 ms while new connections wait.",
+        s.accept_failures,
+    )
+}
+
+/// Commands, sessions, failures, ack latency and the uplink's state.
+fn encode_brain(
+    enc: &mut DescriptorEncoder,
+    s: &Snapshot,
+    ack_latency: &Histogram,
+) -> Result<(), fmt::Error> {
+    // Always there in a snapshot of this daemon.
+    let cmds = s.commands.unwrap_or_default();
+    counter_family(
+        enc,
+        "commands",
+        "Commands from the brain by outcome: received (re-deliveries not counted), succeeded and failed (failed includes those no local process could run, timed out or lost with their process).",
+        "outcome",
+        [
+            ("received", cmds.received),
+            ("succeeded", cmds.succeeded),
+            ("failed", cmds.failed),
+        ],
+    )?;
+    counter(
+        enc,
+        "brain_connects",
+        "Sessions established with the brain (hello_ack received).",
+        s.connects,
+    )?;
+    counter_family(
+        enc,
+        "brain_reconnects",
+        "Reconnects after a failed connection attempt or a failed session, by the failure's backoff class.",
+        "class",
+        FAILURE_CLASSES
+            .iter()
+            .map(|c| (*c, s.failures_by_class.get(*c).copied().unwrap_or(0))),
+    )?;
+    ack_latency.encode(enc.encode_descriptor(
+        "brain_ack_latency",
+        "Seconds from sending an event_batch to the brain's event_batch_ack.",
+        Some(&Unit::Seconds),
+        ack_latency.metric_type(),
+    )?)?;
+    encode_uplink_state(enc, s)
+}
+
+/// Whether a session is up, which state the uplink is in, the clock skew.
+fn encode_uplink_state(enc: &mut DescriptorEncoder, s: &Snapshot) -> Result<(), fmt::Error> {
+    gauge(
+        enc,
+        "brain_connected",
+        "1 while a session with the brain is established.",
+        None,
+        i64::from(s.uplink_state == UplinkState::Connected),
+    )?;
+    let mut m = enc.encode_descriptor(
+        "brain_connection_state",
+        "1 for the uplink's current state, 0 for the others.",
+        None,
+        MetricType::Gauge,
+    )?;
+    for st in STATES {
+        ConstGauge::new(i64::from(st == s.uplink_state))
+            .encode(m.encode_family(&[("state", st.as_str())])?)?;
+    }
+    if let Some(skew) = s.clock_skew_seconds {
+        gauge(
+            enc,
+            "brain_clock_skew",
+            "Brain clock minus this host's at the last handshake; past 60 s the brain refuses signed frames.",
+            Some(&Unit::Seconds),
+            skew,
+        )?;
+    }
+    Ok(())
+}
+
+/// The spool's depth, size, age and health.
+fn encode_spool(enc: &mut DescriptorEncoder, s: &Snapshot) -> Result<(), fmt::Error> {
+    gauge(
+        enc,
+        "spool_depth_events",
+        "Events stored and not yet acknowledged by the brain.",
+        None,
+        s.spool_depth as i64,
+    )?;
+    gauge(
+        enc,
+        "spool",
+        "Bytes of the events waiting in the spool.",
+        Some(&Unit::Bytes),
+        s.spool_bytes as i64,
+    )?;
+    gauge(
+        enc,
+        "spool_oldest_age",
+        "Age of the oldest event waiting in the spool (0 when empty).",
+        Some(&Unit::Seconds),
+        s.spool_oldest_age_seconds.unwrap_or(0.0),
+    )?;
+    gauge(
+        enc,
+        "spool_write_failing",
+        "1 when the spool's last write transaction failed (disk full, I/O error).",
+        None,
+        i64::from(s.spool_write_failing),
+    )?;
+    counter(
+        enc,
+        "spool_commits",
+        "Spool write transactions committed.",
+        s.spool_commits,
+    )
+}
+
+/// Connections open now: local clients, this listener's; and the ones it
+/// closed itself.
+fn encode_connections(enc: &mut DescriptorEncoder, s: &Snapshot) -> Result<(), fmt::Error> {
+    gauge(
+        enc,
+        "clients_connected",
+        "Local client connections open now.",
+        None,
+        s.clients as i64,
+    )?;
+    gauge(
+        enc,
+        "metrics_connections",
+        "HTTP connections open on this metrics listener now (this scrape's included).",
+        None,
+        s.metrics_connections as i64,
+    )?;
+    counter_family(
+        enc,
+        "metrics_connections_refused",
+        &format!(
+            "Connections to this metrics listener that it closed itself: limit ({MAX_CONNECTIONS} already open; answered 503), timeout (no whole request within {} s of connecting), too_large (a request head over {} bytes; answered 431).",
+            REQUEST_TIMEOUT.as_secs(),
+            MAX_REQUEST_HEAD_BYTES
+        ),
+        "reason",
+        s.metrics_refused_by_reason.by_reason(),
+    )
 }
 
 /// What the HTTP handlers share.
 #[derive(Clone)]
 struct AppState {
     registry: Arc<Registry>,
-    status: Arc<Stats>,
+    stats: Arc<Stats>,
     spool: SpoolHandle,
     socket_path: PathBuf,
 }
@@ -387,7 +422,7 @@ struct AppState {
 /// (`metrics_connections_refused_total`).
 pub async fn serve(
     addr: SocketAddr,
-    status: Arc<Stats>,
+    stats: Arc<Stats>,
     spool: SpoolHandle,
     socket_path: PathBuf,
     stop: CancellationToken,
@@ -396,12 +431,12 @@ pub async fn serve(
     let local = listener.local_addr()?;
     let mut registry = Registry::with_prefix("z4j_agentd");
     registry.register_collector(Box::new(DaemonCollector {
-        status: status.clone(),
+        stats: stats.clone(),
         spool: spool.clone(),
     }));
     let state = AppState {
         registry: Arc::new(registry),
-        status: status.clone(),
+        stats: stats.clone(),
         spool,
         socket_path,
     };
@@ -410,7 +445,7 @@ pub async fn serve(
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(state);
-    tokio::spawn(accept_loop(listener, app, status, stop));
+    tokio::spawn(accept_loop(listener, app, stats, stop));
     Ok(local)
 }
 
@@ -418,7 +453,7 @@ pub async fn serve(
 async fn accept_loop(
     listener: tokio::net::TcpListener,
     app: Router,
-    status: Arc<Stats>,
+    stats: Arc<Stats>,
     stop: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
@@ -431,11 +466,11 @@ async fn accept_loop(
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => match slots.clone().try_acquire_owned() {
                     Ok(permit) => {
-                        let slot = Slot::new(permit, status.clone());
+                        let slot = Slot::new(permit, stats.clone());
                         connections.spawn(connection(stream, app.clone(), slot));
                     }
                     Err(_) => {
-                        status.metrics_refused_limit.fetch_add(1, Ordering::Relaxed);
+                        stats.metrics_refused_limit.fetch_add(1, Ordering::Relaxed);
                         // Never waits: what the socket buffer takes goes,
                         // then the connection is closed.
                         let _ = stream.try_write(TOO_MANY);
@@ -457,22 +492,22 @@ async fn accept_loop(
 /// One connection's place: counted in `metrics_connections` while it lasts.
 struct Slot {
     _permit: OwnedSemaphorePermit,
-    status: Arc<Stats>,
+    stats: Arc<Stats>,
 }
 
 impl Slot {
-    fn new(permit: OwnedSemaphorePermit, status: Arc<Stats>) -> Slot {
-        status.metrics_connections.fetch_add(1, Ordering::Relaxed);
+    fn new(permit: OwnedSemaphorePermit, stats: Arc<Stats>) -> Slot {
+        stats.metrics_connections.fetch_add(1, Ordering::Relaxed);
         Slot {
             _permit: permit,
-            status,
+            stats,
         }
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.status
+        self.stats
             .metrics_connections
             .fetch_sub(1, Ordering::Relaxed);
     }
@@ -511,7 +546,7 @@ async fn connection(stream: tokio::net::TcpStream, app: Router, slot: Slot) {
             match tokio::time::timeout(REQUEST_TIMEOUT, conn.as_mut()).await {
                 Ok(r) => r,
                 Err(_) => {
-                    slot.status.metrics_refused_timeout.fetch_add(1, Ordering::Relaxed);
+                    slot.stats.metrics_refused_timeout.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
             }
@@ -519,11 +554,11 @@ async fn connection(stream: tokio::net::TcpStream, app: Router, slot: Slot) {
     };
     if let Err(e) = result {
         if e.is_timeout() && !served.load(Ordering::Relaxed) {
-            slot.status
+            slot.stats
                 .metrics_refused_timeout
                 .fetch_add(1, Ordering::Relaxed);
         } else if e.is_parse_too_large() {
-            slot.status
+            slot.stats
                 .metrics_refused_too_large
                 .fetch_add(1, Ordering::Relaxed);
         }
@@ -549,7 +584,7 @@ async fn healthz(State(st): State<AppState>) -> Response {
     let mut v = Value::empty_map();
     v.insert("status", "alive");
     v.insert("version", env!("CARGO_PKG_VERSION"));
-    v.insert("uptime_seconds", st.status.started.elapsed().as_secs());
+    v.insert("uptime_seconds", st.stats.started.elapsed().as_secs());
     json(StatusCode::OK, &v)
 }
 
@@ -588,7 +623,7 @@ async fn readyz(State(st): State<AppState>) -> Response {
             ),
         ),
     };
-    let u = st.status.uplink();
+    let u = st.stats.uplink();
     let mut brain = Value::empty_map();
     brain.insert("required", false);
     brain.insert("connected", u.state == UplinkState::Connected);
@@ -618,4 +653,42 @@ async fn readyz(State(st): State<AppState>) -> Response {
 async fn ping(path: &std::path::Path) -> Result<(), crate::client::ClientError> {
     let mut c = crate::client::Client::connect(path).await?;
     c.ping().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::{Overflow, Spool, SpoolConfig, Synchronous};
+    use crate::stats::fixture;
+
+    #[test]
+    fn metrics_text_is_unchanged_for_the_same_counters() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(SpoolConfig {
+            path: dir.path().join("spool.sqlite"),
+            max_events: 1000,
+            max_bytes: 1 << 20,
+            overflow: Overflow::DropOldest,
+            synchronous: Synchronous::Normal,
+        })
+        .unwrap();
+        let handle = spool.handle();
+        fixture::spool(handle.stats());
+        let mut registry = Registry::with_prefix("z4j_agentd");
+        registry.register_collector(Box::new(DaemonCollector {
+            stats: Arc::new(fixture::stats()),
+            spool: handle,
+        }));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        // The uptime differs from run to run.
+        let steady: Vec<String> = text
+            .lines()
+            .map(|l| match l.strip_prefix("z4j_agentd_uptime_seconds ") {
+                Some(_) => "z4j_agentd_uptime_seconds (varies)".to_string(),
+                None => l.replace(env!("CARGO_PKG_VERSION"), "VERSION"),
+            })
+            .collect();
+        fixture::golden("metrics.txt", &(steady.join("\n") + "\n"));
+    }
 }

@@ -1,5 +1,6 @@
-//! What systemd hands the daemon: the notify socket, the watchdog timeout
-//! and, under socket activation, the listening socket.
+//! What systemd hands the daemon (the notify socket, the watchdog timeout
+//! and, under socket activation, the listening socket) and the status text
+//! it shows.
 //!
 //! Everything here reads the process environment, so [`activated_socket`]
 //! runs once, first thing in `main`, before any thread exists (listenfd
@@ -12,8 +13,27 @@ use std::time::Duration;
 
 use thiserror::Error;
 
+use crate::stats::Snapshot;
+
 /// The name the socket unit gives our listening socket (`FileDescriptorName=`).
 pub const FD_NAME: &str = "agent";
+
+/// The `STATUS=` text `systemctl status` shows: the brain's state, the
+/// spool, what was lost and how many clients are connected.
+pub fn status_text(s: &Snapshot) -> String {
+    let failing = if s.spool_write_failing {
+        " (spool writes failing)"
+    } else {
+        ""
+    };
+    format!(
+        "brain {}; spool {} events{failing}; dropped {}; clients {}",
+        s.uplink_state.as_str(),
+        s.spool_depth,
+        s.dropped,
+        s.clients
+    )
+}
 
 /// Sends states to the service manager; a no-op outside systemd.
 pub fn notify(state: &[sd_notify::NotifyState]) {
@@ -134,5 +154,24 @@ mod tests {
         assert_eq!(pick(2, &names(&["metrics", "agent"])), Some(1));
         assert_eq!(pick(2, &names(&["a", "b"])), None);
         assert_eq!(pick(2, &[]), None);
+    }
+
+    #[test]
+    fn the_status_text_reads_the_snapshot() {
+        let sp = crate::spool::SpoolStats::default();
+        crate::stats::fixture::spool(&sp);
+        let s = crate::stats::fixture::stats().snapshot(&sp);
+        assert_eq!(
+            status_text(&s),
+            "brain backoff; spool 42 events (spool writes failing); dropped 52; clients 2"
+        );
+        let calm = Snapshot {
+            spool_write_failing: false,
+            ..s
+        };
+        assert_eq!(
+            status_text(&calm),
+            "brain backoff; spool 42 events; dropped 52; clients 2"
+        );
     }
 }

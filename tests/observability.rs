@@ -289,7 +289,7 @@ async fn stats_carry_what_status_prints() {
     assert!(clients
         .iter()
         .any(|c| c.get("process").and_then(Value::as_str) == Some("celery-worker")));
-    let text = z4j_agentd::admin::render(&s);
+    let text = z4j_agentd::admin::render(&s).expect("a stats reply of this daemon renders");
     assert!(text.contains("celery-worker"), "{text}");
     assert!(text.contains("uplink:   connected"), "{text}");
     d.stop().await.unwrap();

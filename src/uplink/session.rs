@@ -949,22 +949,9 @@ impl Session<'_> {
     }
 
     async fn send_heartbeat(&mut self) -> Result<(), SessionEnd> {
-        let depth = self.spool_depth();
-        let st = self.up.spool.stats();
-        let dropped = self.up.status.dropped_total(st);
-        let oldest_age = st.oldest_age_seconds();
+        let snapshot = self.up.status.snapshot(self.up.spool.stats());
         let now = OffsetDateTime::now_utc();
-
-        let mut hb = Value::empty_map();
-        hb.insert("buffer_size", depth.min(10_000_000));
-        hb.insert(
-            "last_flush_at",
-            self.last_flush_at
-                .map(|t| Value::from(protocol::format_ts(t)))
-                .unwrap_or(Value::Null),
-        );
-        hb.insert("dropped_events", dropped.min(10_000_000));
-        hb.insert("adapter_health", Value::empty_map());
+        let hb = snapshot.heartbeat_payload(self.last_flush_at);
         let frame = self.signer.sign_value(
             "heartbeat",
             &protocol::new_frame_id("hb_"),
@@ -974,32 +961,10 @@ impl Session<'_> {
         );
         self.send(frame).await?;
 
-        let mut st_payload = Value::empty_map();
-        st_payload.insert("buffer_depth", depth);
-        st_payload.insert(
-            "buffer_oldest_age_seconds",
-            oldest_age.map(Value::Float).unwrap_or(Value::Null),
-        );
-        st_payload.insert("agent_version", env!("CARGO_PKG_VERSION"));
-        st_payload.insert("protocol_version", protocol::PROTOCOL_VERSION);
-        st_payload.insert(
-            "engines",
-            Value::Array(
-                self.advertised
-                    .engines
-                    .iter()
-                    .take(32)
-                    .map(|e| Value::from(e.as_str()))
-                    .collect(),
-            ),
-        );
-        st_payload.insert(
-            "current_session_age_seconds",
-            Value::Float(self.connected_at.elapsed().as_secs_f64()),
-        );
-        st_payload.insert(
-            "last_successful_connect_at",
-            protocol::format_ts(self.connected_at_wall),
+        let st_payload = snapshot.agent_status_payload(
+            &self.advertised.engines,
+            self.connected_at.elapsed(),
+            self.connected_at_wall,
         );
         let frame = self.signer.sign_value(
             "agent_status",

@@ -1,10 +1,13 @@
-//! What an operator can see of a running daemon: counters, the uplink's
-//! state, and the connected local clients.
+//! The daemon's counters and states: what an operator can see of a running
+//! daemon (the uplink's state, the connected local clients, every count).
 //!
 //! One [`Stats`] is created by the daemon and shared (`Arc`) by ingest and
 //! the uplink; nothing here is global. Every refused or dropped event is
-//! counted here (or in the spool's own counters, which [`Stats::report`]
-//! merges), so the `stats` reply, the heartbeat and the logs agree.
+//! counted here or in the spool's own counters. Reports never read these
+//! counters one by one: [`Stats::snapshot`] reads them all, with the
+//! spool's, into one [`Snapshot`] (see `snapshot.rs`), which the `stats`
+//! reply, `z4j-agentd status`, `/metrics`, the heartbeat and the systemd
+//! status line render, so they agree.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,13 +17,24 @@ use std::time::{Duration, Instant};
 use prometheus_client::metrics::histogram::Histogram;
 use time::OffsetDateTime;
 
+use serde::{Deserialize, Serialize};
+
 use crate::protocol::Value;
 use crate::spool::SpoolStats;
 
-/// The uplink's connection state, as shown to operators.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+mod heartbeat;
+mod snapshot;
+
+pub use heartbeat::{AGENT_STATUS_ENGINES_MAX, HEARTBEAT_COUNT_MAX};
+pub use snapshot::{ClientReport, Commands, Dropped, MetricsRefused, Snapshot, StatsTag};
+
+/// The uplink's connection state, as shown to operators (serde: the
+/// [`UplinkState::as_str`] label).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum UplinkState {
-    /// Dialling the brain.
+    /// Dialling the brain (where a daemon starts).
+    #[default]
     Connecting,
     /// `hello` sent, waiting for `hello_ack`.
     Handshaking,
@@ -150,16 +164,22 @@ pub struct DaemonInfo {
     pub socket_path: String,
 }
 
-/// Events per second over the sampling window.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+/// Events per second over the sampling window (rounded to three decimals
+/// in the `stats` reply).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Rates {
     /// Seconds the rates cover (up to [`RATE_WINDOW`]).
+    #[serde(serialize_with = "snapshot::round3_f64")]
     pub window_seconds: f64,
     /// Events received from local clients.
+    #[serde(rename = "ingest_per_second", serialize_with = "snapshot::round3_f64")]
     pub ingest: f64,
     /// Events put on the wire for the first time.
+    #[serde(rename = "forward_per_second", serialize_with = "snapshot::round3_f64")]
     pub forward: f64,
     /// Events the brain acknowledged.
+    #[serde(rename = "acked_per_second", serialize_with = "snapshot::round3_f64")]
     pub acked: f64,
 }
 
@@ -207,7 +227,7 @@ pub struct ClientInfo {
     pub events_received: u64,
 }
 
-/// Shared daemon status.
+/// The daemon's counters, shared by ingest, the uplink and the reports.
 pub struct Stats {
     /// Process start.
     pub started: Instant,
@@ -281,7 +301,7 @@ impl Default for Stats {
 }
 
 impl Stats {
-    /// A fresh status.
+    /// Fresh counters, the uplink connecting.
     pub fn new() -> Self {
         Stats {
             started: Instant::now(),
@@ -347,22 +367,6 @@ impl Stats {
         self.info.lock().unwrap().clone()
     }
 
-    /// Metrics listener connections the daemon closed itself, by reason:
-    /// `limit`, `timeout`, `too_large` (always all three).
-    pub fn metrics_refused(&self) -> [(&'static str, u64); 3] {
-        [
-            ("limit", self.metrics_refused_limit.load(Ordering::Relaxed)),
-            (
-                "timeout",
-                self.metrics_refused_timeout.load(Ordering::Relaxed),
-            ),
-            (
-                "too_large",
-                self.metrics_refused_too_large.load(Ordering::Relaxed),
-            ),
-        ]
-    }
-
     /// Counts a command from the brain.
     pub fn command_received(&self) {
         self.commands_received.fetch_add(1, Ordering::Relaxed);
@@ -415,14 +419,6 @@ impl Stats {
                 "events carried an occurred_at more than 30 s ahead of this host's clock or more than 365 days behind it; they are stored at the time the daemon received them, with the client's time in data.occurred_at_original (the brain would otherwise put its own clock there at each delivery and store a re-sent event twice); check the clock of the process that sent them"
             );
         }
-    }
-
-    /// Every event lost after it was accepted: evicted or refused for room,
-    /// larger than the brain's frame limit, or dropped by the brain.
-    pub fn dropped_total(&self, spool: &SpoolStats) -> u64 {
-        spool.dropped_oldest_total.load(Ordering::Relaxed)
-            + spool.refused_full_total.load(Ordering::Relaxed)
-            + self.events_undeliverable.load(Ordering::Relaxed)
     }
 
     /// Failed connection attempts and sessions by backoff class.
@@ -574,265 +570,9 @@ impl Stats {
             runtime_features: features,
         }
     }
-
-    /// The `stats` reply: one map an operator, `z4j-agentd status` or a test
-    /// can read. Keys are documented in `docs/local-protocol.md`.
-    pub fn report(&self, spool: &SpoolStats) -> Value {
-        let u = self.uplink();
-        let info = self.info();
-        let now = OffsetDateTime::now_utc();
-        let opt_str = |v: Option<String>| v.map(Value::from).unwrap_or(Value::Null);
-        let opt_ts = |v: Option<OffsetDateTime>| {
-            v.map(|t| Value::from(crate::protocol::format_ts(t)))
-                .unwrap_or(Value::Null)
-        };
-        let opt_age = |v: Option<OffsetDateTime>| {
-            v.map(|t| Value::from(round3((now - t).as_seconds_f64().max(0.0))))
-                .unwrap_or(Value::Null)
-        };
-        let counts = |m: BTreeMap<&'static str, u64>| {
-            let mut out = Value::empty_map();
-            for (k, v) in m {
-                out.insert(k, v);
-            }
-            out
-        };
-        let dropped_oldest = spool.dropped_oldest_total.load(Ordering::Relaxed);
-        let refused_full = spool.refused_full_total.load(Ordering::Relaxed);
-        let undeliverable = self.events_undeliverable.load(Ordering::Relaxed);
-        let mut m = Value::empty_map();
-        m.insert("type", "stats");
-        m.insert("version", env!("CARGO_PKG_VERSION"));
-        m.insert("pid", std::process::id() as u64);
-        m.insert("uptime_seconds", self.started.elapsed().as_secs());
-        m.insert("brain_url", info.brain_url.as_str());
-        m.insert("worker_id", info.worker_id.as_str());
-        m.insert("agent_name", info.agent_name.as_str());
-        m.insert("spool_path", info.spool_path.as_str());
-        m.insert("socket_path", info.socket_path.as_str());
-        m.insert("spool_depth", spool.depth.load(Ordering::Relaxed));
-        m.insert("spool_bytes", spool.bytes.load(Ordering::Relaxed));
-        m.insert(
-            "spool_oldest_age_seconds",
-            spool
-                .oldest_age_seconds()
-                .map(|a| Value::from(round3(a)))
-                .unwrap_or(Value::Null),
-        );
-        m.insert("received", self.events_received.load(Ordering::Relaxed));
-        m.insert("stored", spool.stored_total.load(Ordering::Relaxed));
-        m.insert("forwarded", self.events_forwarded.load(Ordering::Relaxed));
-        m.insert("resent", self.events_resent.load(Ordering::Relaxed));
-        m.insert(
-            "brain_rejected",
-            self.events_rejected_by_brain.load(Ordering::Relaxed),
-        );
-        m.insert(
-            "brain_duplicates",
-            self.events_duplicate_at_brain.load(Ordering::Relaxed),
-        );
-        m.insert(
-            "time_corrected",
-            self.events_time_corrected.load(Ordering::Relaxed),
-        );
-        m.insert("acked", spool.acked_total.load(Ordering::Relaxed));
-        m.insert("dropped", self.dropped_total(spool));
-        m.insert("dropped_oldest", dropped_oldest);
-        let mut dropped_by_reason = Value::empty_map();
-        dropped_by_reason.insert("oldest_evicted", dropped_oldest);
-        dropped_by_reason.insert("spool_full", refused_full);
-        dropped_by_reason.insert("undeliverable", undeliverable);
-        m.insert("dropped_by_reason", dropped_by_reason);
-        m.insert("refused", self.refused_total());
-        m.insert("refused_by_reason", counts(self.refused()));
-        m.insert(
-            "replies_dropped",
-            self.replies_dropped.load(Ordering::Relaxed),
-        );
-        let rates = self.rates();
-        let mut r = Value::empty_map();
-        r.insert("window_seconds", round3(rates.window_seconds));
-        r.insert("ingest_per_second", round3(rates.ingest));
-        r.insert("forward_per_second", round3(rates.forward));
-        r.insert("acked_per_second", round3(rates.acked));
-        m.insert("rates", r);
-        m.insert("uplink_state", u.state.as_str());
-        m.insert("uplink_since", crate::protocol::format_ts(u.since));
-        m.insert("disconnected_since", opt_ts(u.disconnected_since));
-        m.insert("session_id", opt_str(u.session_id));
-        m.insert("session_started_at", opt_ts(u.connected_at));
-        m.insert("session_age_seconds", opt_age(u.connected_at));
-        m.insert("last_ack_at", opt_ts(u.last_ack_at));
-        m.insert("last_ack_age_seconds", opt_age(u.last_ack_at));
-        m.insert("agent_id", opt_str(u.agent_id));
-        m.insert("project_id", opt_str(u.project_id));
-        m.insert("brain_version", opt_str(u.brain_version));
-        m.insert("last_error", opt_str(u.last_error));
-        m.insert(
-            "last_failure_class",
-            u.last_failure_class.map(Value::from).unwrap_or(Value::Null),
-        );
-        m.insert("failures_by_class", counts(self.failures()));
-        m.insert("failure_streak", u.failure_streak as u64);
-        m.insert(
-            "clock_skew_seconds",
-            u.clock_skew_seconds.map(Value::from).unwrap_or(Value::Null),
-        );
-        m.insert("connects", self.connects.load(Ordering::Relaxed));
-        m.insert(
-            "producer_waits",
-            self.producer_waits.load(Ordering::Relaxed),
-        );
-        m.insert(
-            "metrics_connections",
-            self.metrics_connections.load(Ordering::Relaxed),
-        );
-        let mut metrics_refused = Value::empty_map();
-        for (reason, n) in self.metrics_refused() {
-            metrics_refused.insert(reason, n);
-        }
-        m.insert("metrics_refused_by_reason", metrics_refused);
-        m.insert(
-            "message_budget_waits",
-            self.message_budget_waits.load(Ordering::Relaxed),
-        );
-        let mut cmds = Value::empty_map();
-        cmds.insert("received", self.commands_received.load(Ordering::Relaxed));
-        cmds.insert("succeeded", self.commands_succeeded.load(Ordering::Relaxed));
-        cmds.insert("failed", self.commands_failed.load(Ordering::Relaxed));
-        m.insert("commands", cmds);
-        let clients = self.clients();
-        m.insert("clients", clients.len() as u64);
-        m.insert(
-            "client_list",
-            Value::Array(clients.iter().map(client_value).collect()),
-        );
-        // What the hello advertises once it catches up with the clients
-        // (the re-handshake is debounced), and what it advertised last.
-        let now = self.advertisement(&info.static_engines, &info.static_capabilities);
-        m.insert("engines", now.engines_value());
-        m.insert("capabilities", now.capabilities_value());
-        m.insert("runtime_features", now.runtime_features_value());
-        m.insert("advertised_engines", u.advertised.engines_value());
-        m.insert("advertised_capabilities", u.advertised.capabilities_value());
-        m.insert(
-            "advertised_runtime_features",
-            u.advertised.runtime_features_value(),
-        );
-        m
-    }
-}
-
-fn client_value(c: &ClientInfo) -> Value {
-    let mut v = Value::empty_map();
-    v.insert(
-        "pid",
-        c.pid.map(|p| Value::from(p as i64)).unwrap_or(Value::Null),
-    );
-    v.insert("uid", c.uid as u64);
-    v.insert("gid", c.gid as u64);
-    v.insert(
-        "process",
-        c.process.clone().map(Value::from).unwrap_or(Value::Null),
-    );
-    v.insert(
-        "framework",
-        c.framework.clone().map(Value::from).unwrap_or(Value::Null),
-    );
-    v.insert(
-        "engines",
-        Value::Array(c.engines.iter().map(|e| Value::from(e.as_str())).collect()),
-    );
-    let mut caps = Value::empty_map();
-    for (engine, actions) in &c.capabilities {
-        caps.insert(
-            engine,
-            Value::Array(actions.iter().map(|a| Value::from(a.as_str())).collect()),
-        );
-    }
-    v.insert("capabilities", caps);
-    v.insert(
-        "worker_role",
-        c.worker_role
-            .clone()
-            .map(Value::from)
-            .unwrap_or(Value::Null),
-    );
-    v.insert("framing", c.framing);
-    v.insert("events_received", c.events_received);
-    v
-}
-
-fn round3(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rates_cover_the_window_and_forget_older_samples() {
-        let s = Stats::new();
-        let t0 = Instant::now();
-        s.sample_at(t0, 0);
-        s.events_received.store(100, Ordering::Relaxed);
-        s.events_forwarded.store(50, Ordering::Relaxed);
-        s.sample_at(t0 + Duration::from_secs(10), 40);
-        let r = s.rates();
-        assert_eq!(r.window_seconds, 10.0);
-        assert_eq!((r.ingest, r.forward, r.acked), (10.0, 5.0, 4.0));
-        // 70 s later the first sample is out of the window.
-        s.events_received.store(700, Ordering::Relaxed);
-        s.sample_at(t0 + Duration::from_secs(70), 40);
-        let r = s.rates();
-        assert_eq!(r.window_seconds, 60.0);
-        assert_eq!(r.ingest, 10.0);
-        assert_eq!(r.acked, 0.0);
-    }
-
-    #[test]
-    fn no_rates_before_two_samples() {
-        let s = Stats::new();
-        assert_eq!(s.rates(), Rates::default());
-        s.sample_at(Instant::now(), 0);
-        assert_eq!(s.rates(), Rates::default());
-    }
-
-    #[test]
-    fn report_lists_clients_and_failures() {
-        let s = Stats::new();
-        s.client_connected(
-            1,
-            ClientInfo {
-                pid: Some(42),
-                uid: 1000,
-                engines: vec!["celery".into()],
-                framing: "jsonl",
-                ..Default::default()
-            },
-        );
-        s.record_failure("auth");
-        s.record_failure("auth");
-        s.update_info(|i| i.static_engines = vec!["rq".into()]);
-        let r = s.report(&SpoolStats::default());
-        assert_eq!(r.get("clients").and_then(Value::as_u64), Some(1));
-        let list = r.get("client_list").unwrap();
-        let Value::Array(items) = list else {
-            panic!("client_list is a list")
-        };
-        assert_eq!(items[0].get("pid").and_then(Value::as_i64), Some(42));
-        assert_eq!(
-            r.get("failures_by_class")
-                .and_then(|m| m.get("auth"))
-                .and_then(Value::as_u64),
-            Some(2)
-        );
-        let Some(Value::Array(engines)) = r.get("engines") else {
-            panic!("engines is a list")
-        };
-        let engines: Vec<&str> = engines.iter().filter_map(Value::as_str).collect();
-        assert_eq!(engines, ["celery", "rq"]);
-        assert_eq!(r.get("spool_oldest_age_seconds"), Some(&Value::Null));
-    }
-}
+pub(crate) mod fixture;
+#[cfg(test)]
+mod tests;
