@@ -161,6 +161,9 @@ mod tests {
         assert!(close_meaning(4401).meaning.contains("Z4J_TOKEN_FILE"));
         assert!(close_meaning(4403).meaning.contains("HMAC secret"));
         assert!(close_meaning(4426).meaning.contains("upgrade"));
+        // The table is text; the limit it names is the one the verifier uses.
+        let limit = format!("more than {MAX_CLOCK_SKEW_SECONDS} s off");
+        assert!(close_meaning(4403).meaning.contains(&limit));
     }
 
     #[test]

@@ -39,9 +39,9 @@ const MAX_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(20);
 const MAX_PING_INTERVAL: Duration = Duration::from_secs(10);
 /// How often the in-flight window is checked for late ranges.
 const ACK_CHECK_INTERVAL: Duration = Duration::from_secs(1);
-/// Clock skew worth a warning (past [`MAX_CLOCK_SKEW_SECONDS`] the brain
-/// refuses every signed frame).
-const WARN_SKEW_SECONDS: f64 = 30.0;
+/// Clock skew worth a warning: half of [`MAX_CLOCK_SKEW_SECONDS`], past
+/// which the brain refuses every signed frame.
+const WARN_SKEW_SECONDS: i64 = MAX_CLOCK_SKEW_SECONDS / 2;
 /// How long the engines registered by clients must stay changed before the
 /// daemon re-handshakes (gunicorn restarting its workers should not cause a
 /// reconnect per worker).
@@ -194,12 +194,12 @@ fn warn_clock_skew(skew: Option<f64>) {
     if skew.abs() > MAX_CLOCK_SKEW_SECONDS as f64 {
         tracing::error!(
             clock_skew_seconds = skew,
-            "this host's clock is more than 60 s away from the brain's: the brain will refuse every signed frame (close 4403); fix time sync (chrony/systemd-timesyncd) on this host or the brain"
+            "this host's clock is more than {MAX_CLOCK_SKEW_SECONDS} s away from the brain's: the brain will refuse every signed frame (close 4403); fix time sync (chrony/systemd-timesyncd) on this host or the brain"
         );
-    } else if skew.abs() > WARN_SKEW_SECONDS {
+    } else if skew.abs() > WARN_SKEW_SECONDS as f64 {
         tracing::warn!(
             clock_skew_seconds = skew,
-            "this host's clock is more than 30 s away from the brain's; past 60 s every signed frame is refused"
+            "this host's clock is more than {WARN_SKEW_SECONDS} s away from the brain's; past {MAX_CLOCK_SKEW_SECONDS} s every signed frame is refused"
         );
     }
 }
