@@ -15,6 +15,13 @@
 //!   acted on; a failure ends the session;
 //! * at most `inflight_frames` un-acked `event_batch` frames, so heartbeats
 //!   are not queued behind minutes of brain work.
+//!
+//! Pieces: `connect` dials and says `hello`; `session` runs one brain
+//! session (its loop, delivery, inbound handling); `window` decides what is
+//! in flight and when it is late, with no I/O; [`reader`] is the one reader
+//! of brain messages; [`close`] the one table of close codes; [`error`] the
+//! typed failures, each with the [`backoff`] class it waits by. Each brain
+//! session runs in a `brain_session` tracing span (attempt, session id).
 
 pub mod backoff;
 pub mod close;
