@@ -162,8 +162,8 @@ pub fn hello_frame(id: &str, ts: &str, payload: &Value) -> Vec<u8> {
 }
 
 /// A fresh frame id: `prefix` followed by 32 lowercase hex digits of a
-/// random UUID (e.g. `ev_3f2a…`). Keep `prefix` short: ids over 64
-/// characters cannot be matched to their ack.
+/// random UUID (e.g. `ev_3f2a…`). Keep `prefix` short: ids over
+/// [`MAX_FRAME_ID_CHARS`] characters cannot be matched to their ack.
 pub fn new_frame_id(prefix: &str) -> String {
     let mut id = String::with_capacity(prefix.len() + 32);
     id.push_str(prefix);

@@ -4,7 +4,7 @@
 //! is uniform in `[0, min(max, base * 2^n)]` ("full jitter"), so a fleet of
 //! daemons that lost the same brain does not reconnect in lockstep. A
 //! successful handshake resets every streak. Ranges follow the reference
-//! agent (protocol doc, section 8).
+//! agent. Which close code falls in which class is in [`super::close`].
 
 use std::time::Duration;
 
@@ -54,30 +54,10 @@ impl FailureClass {
     }
 }
 
-/// Classifies a close code sent by the brain (protocol doc, section 2.3).
-pub fn classify_close(code: u16) -> FailureClass {
-    match code {
-        4401 | 4403 | 4003 => FailureClass::Auth,
-        4426 | 4427 => FailureClass::Incompatible,
-        _ => FailureClass::Connection,
-    }
-}
-
-/// What a close code means, for the log line an operator reads.
+/// What a close code means, for the log line an operator reads (the
+/// [`close`](super::close) table's meaning).
 pub fn describe_close(code: u16) -> &'static str {
-    match code {
-        1000 => "the brain closed the connection normally",
-        1011 => "the brain hit an internal error or refused a frame it could not process",
-        4002 => "another process connected with the same worker_id and took over this worker slot; give each daemon its own Z4J_WORKER_ID",
-        4003 => "the agent was revoked or its project archived",
-        4400 => "the brain refused a malformed or oversized frame",
-        4401 => "the brain refused the token; mint a new agent token and update Z4J_TOKEN_FILE",
-        4403 => "the brain refused a signature (wrong HMAC secret for this project, or a clock more than 60 s off) or this host's IP",
-        4408 => "the brain closed an idle connection",
-        4426 | 4427 => "the brain does not speak this protocol version; upgrade z4j-agentd or the brain",
-        4429 => "rate limited, or the agent has too many worker slots connected",
-        _ => "the brain closed the connection",
-    }
+    super::close::close_meaning(code).meaning
 }
 
 /// Per-class failure streaks.
@@ -123,18 +103,6 @@ impl Backoff {
 mod tests {
     use super::*;
     use rand::SeedableRng;
-
-    #[test]
-    fn close_codes_map_to_classes() {
-        assert_eq!(classify_close(4401), FailureClass::Auth);
-        assert_eq!(classify_close(4403), FailureClass::Auth);
-        assert_eq!(classify_close(4003), FailureClass::Auth);
-        assert_eq!(classify_close(4426), FailureClass::Incompatible);
-        assert_eq!(classify_close(4427), FailureClass::Incompatible);
-        for c in [4002, 4400, 4408, 4429, 1011, 1000, 1006] {
-            assert_eq!(classify_close(c), FailureClass::Connection, "{c}");
-        }
-    }
 
     #[test]
     fn ceilings_double_per_class_and_cap() {

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use time::OffsetDateTime;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -14,9 +14,12 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
-use super::backoff::{classify_close, describe_close, FailureClass};
+use super::error::UplinkError;
+use super::reader::{next_received, parse_hello_ack, Received};
 use crate::config::UplinkSettings;
 use crate::protocol::{self, Value};
+
+pub use super::reader::HelloAck;
 
 /// The connected socket type.
 pub(crate) type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -26,36 +29,22 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time allowed for `hello_ack` (the reference agent waits 10 s).
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A failed attempt, classified.
+/// A failed attempt as the doctor reports it: its text and the brain's
+/// close code. The uplink itself keeps the typed [`UplinkError`].
 #[derive(Debug)]
 pub(crate) struct Failure {
-    pub class: FailureClass,
     pub error: String,
     /// The brain's close code, when it closed the connection.
     pub close_code: Option<u16>,
 }
 
-impl Failure {
-    fn new(class: FailureClass, error: impl Into<String>) -> Self {
+impl From<UplinkError> for Failure {
+    fn from(e: UplinkError) -> Self {
         Failure {
-            class,
-            error: error.into(),
-            close_code: None,
+            close_code: e.close_code(),
+            error: e.to_string(),
         }
     }
-}
-
-/// What the brain told us in `hello_ack`.
-#[derive(Debug, Clone)]
-pub(crate) struct HelloAck {
-    pub agent_id: String,
-    pub project_id: String,
-    pub session_id: String,
-    pub heartbeat_interval: Duration,
-    pub max_frame_bytes: usize,
-    pub brain_version: String,
-    /// Brain clock minus ours, seconds.
-    pub clock_skew_seconds: Option<f64>,
 }
 
 /// Builds the rustls client config: system roots plus `ca_file`. Reads
@@ -98,21 +87,21 @@ pub(crate) fn tls_config(
     Ok(config)
 }
 
-/// Opens the WebSocket with the bearer token.
+/// Opens the WebSocket with the bearer token (for the doctor).
 pub(crate) async fn open(settings: &UplinkSettings) -> Result<Ws, Failure> {
+    dial(settings).await.map_err(Failure::from)
+}
+
+/// Opens the WebSocket with the bearer token.
+pub(crate) async fn dial(settings: &UplinkSettings) -> Result<Ws, UplinkError> {
     let mut request = settings
         .endpoint
         .ws_url
         .as_str()
         .into_client_request()
-        .map_err(|e| Failure::new(FailureClass::Incompatible, format!("bad brain URL: {e}")))?;
-    let mut auth =
-        HeaderValue::from_str(&format!("Bearer {}", settings.token.expose())).map_err(|_| {
-            Failure::new(
-                FailureClass::Auth,
-                "the token contains characters that cannot be sent in a header",
-            )
-        })?;
+        .map_err(UplinkError::BadUrl)?;
+    let mut auth = HeaderValue::from_str(&format!("Bearer {}", settings.token.expose()))
+        .map_err(|_| UplinkError::TokenNotHeaderSafe)?;
     auth.set_sensitive(true);
     request.headers_mut().insert("Authorization", auth);
     request.headers_mut().insert(
@@ -127,7 +116,7 @@ pub(crate) async fn open(settings: &UplinkSettings) -> Result<Ws, Failure> {
             .await
             .map_err(|e| format!("building the TLS configuration failed: {e}"))
             .and_then(|r| r)
-            .map_err(|e| Failure::new(FailureClass::Connection, e))?;
+            .map_err(UplinkError::TlsConfig)?;
         Some(Connector::Rustls(Arc::new(cfg)))
     } else {
         Some(Connector::Plain)
@@ -138,66 +127,38 @@ pub(crate) async fn open(settings: &UplinkSettings) -> Result<Ws, Failure> {
     let connect =
         tokio_tungstenite::connect_async_tls_with_config(request, Some(ws_config), true, connector);
     match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
-        Err(_) => Err(Failure::new(
-            FailureClass::Connection,
-            format!(
-                "no answer from {} within {}s",
-                settings.endpoint.ws_url,
-                CONNECT_TIMEOUT.as_secs()
-            ),
-        )),
+        Err(_) => Err(UplinkError::ConnectTimeout {
+            url: settings.endpoint.ws_url.clone(),
+            secs: CONNECT_TIMEOUT.as_secs(),
+        }),
         Ok(Err(e)) => Err(classify_ws_error(e, settings)),
         Ok(Ok((ws, _response))) => Ok(ws),
     }
 }
 
-fn classify_ws_error(e: WsError, settings: &UplinkSettings) -> Failure {
-    let url = settings.endpoint.ws_url.as_str();
+fn classify_ws_error(e: WsError, settings: &UplinkSettings) -> UplinkError {
+    let url = settings.endpoint.ws_url.clone();
     match e {
-        WsError::Http(resp) => {
-            // The brain upgrades every request for its agent path and
-            // refuses a bad token afterwards, with close 4401: an HTTP
-            // answer comes from a wrong path or from something in front of
-            // the brain, never from a bad token.
-            let code = resp.status().as_u16();
-            let class = if code == 401 {
-                FailureClass::Auth
-            } else {
-                FailureClass::Connection
-            };
-            let hint = match code {
-                401 => "a proxy in front of the brain asks for credentials of its own",
-                403..=405 => "the brain upgrades every request at its agent path, so the path is wrong or a proxy refused it: Z4J_BRAIN_URL is the brain's base URL (e.g. https://z4j.example.com, without /ws/agent), and a proxy must pass WebSocket upgrades (Upgrade and Connection headers)",
-                _ => "check Z4J_BRAIN_URL and any proxy in front of the brain (it must pass WebSocket upgrades)",
-            };
-            Failure::new(
-                class,
-                format!("{url} answered HTTP {code} instead of a WebSocket upgrade; {hint}"),
-            )
-        }
+        WsError::Http(resp) => UplinkError::HttpAnswer {
+            url,
+            status: resp.status().as_u16(),
+        },
         WsError::Tls(tokio_tungstenite::tungstenite::error::TlsError::Rustls(t)) => {
-            Failure::new(FailureClass::Connection, describe_tls_error(&t, settings))
+            UplinkError::Tls(describe_tls_error(&t, settings))
         }
-        WsError::Tls(t) => Failure::new(
-            FailureClass::Connection,
-            format!("TLS with {url} failed: {t}; if the brain uses a private CA, set Z4J_CA_FILE"),
-        ),
+        WsError::Tls(t) => UplinkError::Tls(format!(
+            "TLS with {url} failed: {t}; if the brain uses a private CA, set Z4J_CA_FILE"
+        )),
         // The TLS handshake reports its failures as I/O errors that carry
         // the rustls error.
         WsError::Io(io) => match io
             .get_ref()
             .and_then(|inner| inner.downcast_ref::<rustls::Error>())
         {
-            Some(t) => Failure::new(FailureClass::Connection, describe_tls_error(t, settings)),
-            None => Failure::new(
-                FailureClass::Connection,
-                format!("cannot reach {url}: {io}"),
-            ),
+            Some(t) => UplinkError::Tls(describe_tls_error(t, settings)),
+            None => UplinkError::Unreachable { url, error: io },
         },
-        other => Failure::new(
-            FailureClass::Connection,
-            format!("WebSocket to {url} failed: {other}"),
-        ),
+        error => UplinkError::Dial { url, error },
     }
 }
 
@@ -247,7 +208,7 @@ fn describe_tls_error(e: &rustls::Error, settings: &UplinkSettings) -> String {
     format!("the TLS certificate of {at} {fix} ({e})")
 }
 
-/// Sends `hello` and waits for `hello_ack`.
+/// Sends `hello` and waits for `hello_ack` (for the doctor).
 /// `worker_id` names the slot at the brain: the daemon's own, or the
 /// doctor's, so a doctor run never displaces the daemon.
 pub(crate) async fn handshake(
@@ -257,130 +218,73 @@ pub(crate) async fn handshake(
     advertised: &crate::stats::Advertisement,
     started_at: OffsetDateTime,
 ) -> Result<HelloAck, Failure> {
-    let mut payload = Value::empty_map();
-    payload.insert("protocol_version", protocol::PROTOCOL_VERSION);
-    payload.insert("agent_version", env!("CARGO_PKG_VERSION"));
-    payload.insert("framework", "z4j-agentd");
-    payload.insert("engines", advertised.engines_value());
-    payload.insert("schedulers", Value::Array(Vec::new()));
-    payload.insert("capabilities", advertised.capabilities_value());
-    let mut host = Value::empty_map();
-    host.insert("name", settings.agent_name.as_str());
-    payload.insert("host", host);
-    payload.insert("worker_id", worker_id);
-    payload.insert("worker_role", "other");
-    payload.insert("worker_pid", std::process::id() as i64);
-    payload.insert("worker_started_at", protocol::format_ts(started_at));
-    payload.insert("runtime_features", advertised.runtime_features_value());
+    let hello = Hello {
+        settings,
+        worker_id,
+        advertised,
+        started_at,
+    };
+    exchange_hello(ws, &hello).await.map_err(Failure::from)
+}
+
+/// Who says `hello`: the daemon, or the doctor in a slot of its own.
+pub(crate) struct Hello<'a> {
+    pub settings: &'a UplinkSettings,
+    /// The slot at the brain.
+    pub worker_id: &'a str,
+    /// The engines and capabilities announced.
+    pub advertised: &'a crate::stats::Advertisement,
+    /// When this process started.
+    pub started_at: OffsetDateTime,
+}
+
+impl Hello<'_> {
+    /// The `hello` frame's payload.
+    fn payload(&self) -> Value {
+        let mut payload = Value::empty_map();
+        payload.insert("protocol_version", protocol::PROTOCOL_VERSION);
+        payload.insert("agent_version", env!("CARGO_PKG_VERSION"));
+        payload.insert("framework", "z4j-agentd");
+        payload.insert("engines", self.advertised.engines_value());
+        payload.insert("schedulers", Value::Array(Vec::new()));
+        payload.insert("capabilities", self.advertised.capabilities_value());
+        let mut host = Value::empty_map();
+        host.insert("name", self.settings.agent_name.as_str());
+        payload.insert("host", host);
+        payload.insert("worker_id", self.worker_id);
+        payload.insert("worker_role", "other");
+        payload.insert("worker_pid", std::process::id() as i64);
+        payload.insert("worker_started_at", protocol::format_ts(self.started_at));
+        payload.insert("runtime_features", self.advertised.runtime_features_value());
+        payload
+    }
+}
+
+/// Sends `hello` and waits for the brain's `hello_ack`.
+pub(crate) async fn exchange_hello(
+    ws: &mut Ws,
+    hello: &Hello<'_>,
+) -> Result<HelloAck, UplinkError> {
     let now = OffsetDateTime::now_utc();
-    let hello = protocol::hello_frame(
+    let frame = protocol::hello_frame(
         &protocol::new_frame_id("hello_"),
         &protocol::format_ts(now),
-        &payload,
+        &hello.payload(),
     );
-    ws.send(Message::binary(hello)).await.map_err(|e| {
-        Failure::new(
-            FailureClass::Connection,
-            format!("sending hello failed: {e}"),
-        )
-    })?;
-
-    let reply = tokio::time::timeout(HELLO_TIMEOUT, async {
-        loop {
-            match ws.next().await {
-                None => {
-                    return Err(Failure::new(
-                        FailureClass::Connection,
-                        "the brain closed the connection during the handshake",
-                    ))
-                }
-                Some(Err(e)) => {
-                    return Err(Failure::new(
-                        FailureClass::Connection,
-                        format!("handshake failed: {e}"),
-                    ))
-                }
-                Some(Ok(Message::Binary(b))) => return Ok(b.to_vec()),
-                Some(Ok(Message::Text(t))) => return Ok(t.as_bytes().to_vec()),
-                Some(Ok(Message::Close(frame))) => {
-                    let code = frame.as_ref().map(|f| u16::from(f.code)).unwrap_or(1005);
-                    let mut f = Failure::new(
-                        classify_close(code),
-                        format!(
-                            "the brain closed the handshake with {code}: {}",
-                            describe_close(code)
-                        ),
-                    );
-                    f.close_code = Some(code);
-                    return Err(f);
-                }
-                Some(Ok(_)) => continue,
-            }
-        }
-    })
-    .await
-    .map_err(|_| {
-        Failure::new(
-            FailureClass::Connection,
-            format!("no hello_ack within {}s", HELLO_TIMEOUT.as_secs()),
-        )
-    })??;
-
-    let received_at = OffsetDateTime::now_utc();
-    let ack = protocol::parse_unsigned(&reply)
-        .map_err(|e| Failure::new(FailureClass::Protocol, format!("bad hello_ack: {e}")))?;
-    if ack.get("type").and_then(Value::as_str) != Some("hello_ack") {
-        return Err(Failure::new(
-            FailureClass::Protocol,
-            format!(
-                "expected hello_ack, got {:?}",
-                ack.get("type").and_then(Value::as_str).unwrap_or("?")
-            ),
-        ));
-    }
-    let p = ack
-        .get("payload")
-        .ok_or_else(|| Failure::new(FailureClass::Protocol, "hello_ack without payload"))?;
-    let field = |k: &str| -> Result<String, Failure> {
-        p.get(k)
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-            .ok_or_else(|| Failure::new(FailureClass::Protocol, format!("hello_ack without {k}")))
+    ws.send(Message::binary(frame))
+        .await
+        .map_err(UplinkError::SendHello)?;
+    let reply = tokio::time::timeout(HELLO_TIMEOUT, next_received(ws))
+        .await
+        .map_err(|_| UplinkError::HelloTimeout {
+            secs: HELLO_TIMEOUT.as_secs(),
+        })?;
+    let bytes = match reply {
+        Received::Frame(bytes) => bytes,
+        Received::Closed(code) => return Err(UplinkError::HandshakeClosed { code }),
+        Received::Lost(e) => return Err(UplinkError::HandshakeLost(e)),
+        // (`next_received` passes over control frames.)
+        Received::Ended | Received::Control => return Err(UplinkError::HandshakeEnded),
     };
-    if let Some(v) = p.get("protocol_version").and_then(Value::as_str) {
-        if v != protocol::PROTOCOL_VERSION {
-            return Err(Failure::new(
-                FailureClass::Incompatible,
-                format!("the brain answered protocol version {v:?}; this daemon speaks \"2\""),
-            ));
-        }
-    }
-    let clock_skew_seconds = ack
-        .get("ts")
-        .and_then(Value::as_str)
-        .and_then(protocol::parse_iso8601)
-        .map(|brain| (brain - received_at).as_seconds_f64());
-    Ok(HelloAck {
-        agent_id: field("agent_id")?,
-        project_id: field("project_id")?,
-        session_id: field("session_id")?,
-        heartbeat_interval: Duration::from_secs(
-            p.get("heartbeat_interval_seconds")
-                .and_then(Value::as_u64)
-                .filter(|s| (1..=3600).contains(s))
-                .unwrap_or(10),
-        ),
-        max_frame_bytes: p
-            .get("max_frame_size_bytes")
-            .and_then(Value::as_u64)
-            .map(|n| n as usize)
-            .filter(|n| *n >= 16 * 1024)
-            .unwrap_or(protocol::DEFAULT_MAX_FRAME_BYTES),
-        brain_version: p
-            .get("brain_version")
-            .and_then(Value::as_str)
-            .unwrap_or("unknown")
-            .to_string(),
-        clock_skew_seconds,
-    })
+    parse_hello_ack(&bytes, OffsetDateTime::now_utc())
 }

@@ -15,10 +15,21 @@
 //!   acted on; a failure ends the session;
 //! * at most `inflight_frames` un-acked `event_batch` frames, so heartbeats
 //!   are not queued behind minutes of brain work.
+//!
+//! Pieces: `connect` dials and says `hello`; `session` runs one brain
+//! session (its loop, delivery, inbound handling); `window` decides what is
+//! in flight and when it is late, with no I/O; [`reader`] is the one reader
+//! of brain messages; [`close`] the one table of close codes; [`error`] the
+//! typed failures, each with the [`backoff`] class it waits by. Each brain
+//! session runs in a `brain_session` tracing span (attempt, session id).
 
 pub mod backoff;
+pub mod close;
 pub(crate) mod connect;
+pub mod error;
+pub mod reader;
 mod session;
+mod window;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -26,12 +37,15 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::commands::{CommandResult, Results, Router};
 use crate::config::UplinkSettings;
 use crate::spool::SpoolHandle;
 use crate::stats::{Stats, UplinkState};
-use backoff::{Backoff, FailureClass};
+use backoff::Backoff;
+use error::UplinkError;
+use window::Forwarded;
 
 /// A session up at least this long counts as working: its failure resets
 /// the backoff. Shorter ones (refused right after the handshake) do not.
@@ -79,12 +93,10 @@ pub(crate) enum SessionEnd {
     /// The engines registered by local clients changed: reconnect now so the
     /// brain learns them from a new `hello` (the protocol has no other way).
     Rehandshake,
-    /// A failure: back off by class.
+    /// A failure: back off by its class.
     Failed {
-        /// Backoff class.
-        class: FailureClass,
         /// What happened, free of secrets.
-        error: String,
+        error: UplinkError,
         /// Whether the session had been up long enough to count as working
         /// ([`STABLE_SESSION`]); only that resets the backoff, so a session
         /// refused right after its handshake (wrong secret, 4002) backs off.
@@ -96,13 +108,15 @@ pub(crate) enum SessionEnd {
 pub struct Uplink {
     settings: watch::Receiver<UplinkSettings>,
     spool: SpoolHandle,
-    status: Arc<Stats>,
+    stats: Arc<Stats>,
     /// Set when the daemon starts shutting down: deliver what is left, then stop.
     drain: CancellationToken,
     /// Set when the grace period is over: close now.
     stop: CancellationToken,
-    /// Highest spool id ever put on the wire, to tell first sends from re-sends.
-    max_forwarded_id: i64,
+    /// Tells first sends of events from re-sends, across sessions.
+    forwarded: Forwarded,
+    /// Connection attempts so far, named in each brain session's span.
+    attempts: u64,
     /// Routes the brain's commands to local processes.
     router: Arc<Router>,
     /// Answers from local processes, to send as `command_result`.
@@ -130,7 +144,7 @@ impl Uplink {
     pub fn new(
         settings: watch::Receiver<UplinkSettings>,
         spool: SpoolHandle,
-        status: Arc<Stats>,
+        stats: Arc<Stats>,
         control: Control,
         router: Arc<Router>,
         results: Results,
@@ -139,10 +153,11 @@ impl Uplink {
         Uplink {
             settings,
             spool,
-            status,
+            stats,
             drain,
             stop,
-            max_forwarded_id: 0,
+            forwarded: Forwarded::default(),
+            attempts: 0,
             router,
             results,
             unsent: VecDeque::new(),
@@ -159,56 +174,65 @@ impl Uplink {
                 break;
             }
             self.settings.mark_unchanged();
-            let end = self.connect_and_serve().await;
+            self.attempts += 1;
+            let span = tracing::info_span!(
+                "brain_session",
+                attempt = self.attempts,
+                session_id = tracing::field::Empty
+            );
+            let end = self.connect_and_serve().instrument(span).await;
             match end {
                 SessionEnd::Shutdown => break,
                 SessionEnd::Reload => {
-                    self.status.update_uplink(|u| u.connected_at = None);
+                    self.stats.update_uplink(|u| u.connected_at = None);
                     tracing::info!("configuration reloaded; reconnecting to the brain");
                     backoff.reset();
                     continue;
                 }
                 SessionEnd::Rehandshake => {
-                    self.status.update_uplink(|u| u.connected_at = None);
+                    self.stats.update_uplink(|u| u.connected_at = None);
                     continue;
                 }
-                SessionEnd::Failed {
-                    class,
-                    error,
-                    stable,
-                } => {
+                SessionEnd::Failed { error, stable } => {
                     if stable {
                         backoff.reset();
                     }
-                    let delay = backoff.next_delay(class, &mut rand::rng());
-                    let streak = backoff.streak(class);
-                    self.status.record_failure(class.as_str());
-                    self.status.set_uplink_state(UplinkState::Backoff);
-                    self.status.update_uplink(|u| {
-                        u.last_error = Some(error.clone());
-                        u.last_failure_class = Some(class.as_str());
-                        u.failure_streak = streak;
-                        u.connected_at = None;
-                    });
-                    if streak == 1 || streak.is_multiple_of(10) {
-                        tracing::warn!(
-                            class = class.as_str(),
-                            failures = streak,
-                            retry_in_ms = delay.as_millis() as u64,
-                            error = %error,
-                            "brain connection failed"
-                        );
-                    } else {
-                        tracing::debug!(class = class.as_str(), failures = streak, error = %error, "brain connection failed again");
-                    }
+                    let delay = self.record_failure(&mut backoff, &error);
                     if !self.wait_backoff(delay).await {
                         break;
                     }
                 }
             }
         }
-        self.status.update_uplink(|u| u.connected_at = None);
-        self.status.set_uplink_state(UplinkState::Stopped);
+        self.stats.update_uplink(|u| u.connected_at = None);
+        self.stats.set_uplink_state(UplinkState::Stopped);
+    }
+
+    /// Counts, shows and logs a failure; returns how long to back off.
+    fn record_failure(&self, backoff: &mut Backoff, error: &UplinkError) -> Duration {
+        let class = error.class();
+        let delay = backoff.next_delay(class, &mut rand::rng());
+        let streak = backoff.streak(class);
+        self.stats.record_failure(class.as_str());
+        self.stats.set_uplink_state(UplinkState::Backoff);
+        self.stats.update_uplink(|u| {
+            u.last_error = Some(error.to_string());
+            u.last_failure_class = Some(class.as_str());
+            u.failure_streak = streak;
+            u.connected_at = None;
+        });
+        if streak == 1 || streak.is_multiple_of(10) {
+            tracing::warn!(
+                class = class.as_str(),
+                failures = streak,
+                retry_in_ms = delay.as_millis() as u64,
+                error = %error,
+                "brain connection failed"
+            );
+        } else {
+            tracing::debug!(class = class.as_str(), failures = streak, error = %error, "brain connection failed again");
+        }
+        delay
     }
 
     fn spool_is_empty(&self) -> bool {
