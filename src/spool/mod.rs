@@ -321,6 +321,20 @@ impl Spool {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
         }
     }
+
+    /// [`Spool::close`] where nothing can be awaited (a guard's `drop`):
+    /// waits on this thread for the writer to finish the queued requests
+    /// and release the lock, which needs no runtime. With the request queue
+    /// full, it does not wait: the writer then stops once the last handle
+    /// is dropped.
+    pub fn close_blocking(mut self) {
+        if self.handle.tx.try_send(Op::Close).is_err() {
+            return;
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// Wall-clock unix time in milliseconds: the clock of `stored_ms`.
