@@ -239,15 +239,7 @@ async fn start(
         startup.bound_socket = Some(socket_path.clone());
     }
     let stats = Arc::new(Stats::new());
-    stats.set_info(DaemonInfo {
-        brain_url: config.uplink.endpoint.base_url.clone(),
-        worker_id: config.uplink.worker_id.clone(),
-        agent_name: config.uplink.agent_name.clone(),
-        static_engines: config.uplink.static_engines.clone(),
-        static_capabilities: config.uplink.static_capabilities.clone(),
-        spool_path: spool_path.display().to_string(),
-        socket_path: socket_path.display().to_string(),
-    });
+    stats.set_info(daemon_info(&config, &spool_path, &socket_path));
     stats.sample(spool_handle.stats());
     let (router, results) = Router::new(stats.clone());
     let beats = Beats::new();
@@ -258,8 +250,8 @@ async fn start(
         stats.clone(),
         router.clone(),
     );
-    let ingest_task = tokio::spawn(ingest.serve(listener, ingest_stop.clone(), beats.ingest));
     startup.stops.push(ingest_stop.clone());
+    let ingest_task = tokio::spawn(ingest.serve(listener, ingest_stop.clone(), beats.ingest));
     startup.tasks.push(ingest_task.abort_handle());
 
     let metrics_stop = CancellationToken::new();
@@ -269,43 +261,28 @@ async fn start(
 
     // Nothing fails from here on.
     let spool = startup.succeeded();
-    let first_status = status_line(&stats, spool_handle.stats());
     notify(&[
         sd_notify::NotifyState::Ready,
-        sd_notify::NotifyState::Status(&first_status),
+        sd_notify::NotifyState::Status(&status_line(&stats, spool_handle.stats())),
     ]);
     let spool_beat = spawn_spool_beat(&spool_handle, beats.spool);
     let watchdog_stop = CancellationToken::new();
     let watchdog = spawn_watchdog(config.watchdog, beats.watchdog, &watchdog_stop);
-    if let Some(tx) = ready {
-        let _ = tx.send(Ready {
-            spool_path,
-            socket_path,
-            stats: stats.clone(),
-            metrics_addr,
-        });
-    }
-    tracing::info!(
-        brain = %config.uplink.endpoint.base_url,
-        worker_id = %config.uplink.worker_id,
-        "z4j-agentd {} ready",
-        env!("CARGO_PKG_VERSION")
-    );
-    let uplink_drain = CancellationToken::new();
-    let uplink_stop = CancellationToken::new();
-    let uplink = Uplink::new(
+    let report = Ready {
+        spool_path,
+        socket_path,
+        stats: stats.clone(),
+        metrics_addr,
+    };
+    say_ready(&config, ready, report);
+    let (uplink_task, uplink_drain, uplink_stop) = spawn_uplink(
         settings,
-        spool_handle.clone(),
-        stats.clone(),
-        crate::uplink::Control {
-            drain: uplink_drain.clone(),
-            stop: uplink_stop.clone(),
-            beat: beats.uplink,
-        },
-        router.clone(),
+        &spool_handle,
+        &stats,
+        beats.uplink,
+        &router,
         results,
     );
-    let uplink_task = tokio::spawn(uplink.run());
     let reporter = tokio::spawn(report_status(stats.clone(), spool_handle.clone()));
     Ok(Daemon {
         spool,
@@ -325,6 +302,62 @@ async fn start(
         uplink_stop,
         reporter,
     })
+}
+
+/// The uplink, and the tokens that tell it to drain, then to stop.
+fn spawn_uplink(
+    settings: watch::Receiver<UplinkSettings>,
+    spool: &SpoolHandle,
+    stats: &Arc<Stats>,
+    beat: Beat,
+    router: &Arc<Router>,
+    results: crate::commands::Results,
+) -> (JoinHandle<()>, CancellationToken, CancellationToken) {
+    let control = crate::uplink::Control {
+        drain: CancellationToken::new(),
+        stop: CancellationToken::new(),
+        beat,
+    };
+    let (drain, stop) = (control.drain.clone(), control.stop.clone());
+    let uplink = Uplink::new(
+        settings,
+        spool.clone(),
+        stats.clone(),
+        control,
+        router.clone(),
+        results,
+    );
+    (tokio::spawn(uplink.run()), drain, stop)
+}
+
+/// Hands `report` to the caller waiting for readiness, and logs it.
+fn say_ready(config: &Config, ready: Option<oneshot::Sender<Ready>>, report: Ready) {
+    if let Some(tx) = ready {
+        let _ = tx.send(report);
+    }
+    tracing::info!(
+        brain = %config.uplink.endpoint.base_url,
+        worker_id = %config.uplink.worker_id,
+        "z4j-agentd {} ready",
+        env!("CARGO_PKG_VERSION")
+    );
+}
+
+/// What `status` and the reports say about this daemon.
+fn daemon_info(
+    config: &Config,
+    spool_path: &std::path::Path,
+    socket_path: &std::path::Path,
+) -> DaemonInfo {
+    DaemonInfo {
+        brain_url: config.uplink.endpoint.base_url.clone(),
+        worker_id: config.uplink.worker_id.clone(),
+        agent_name: config.uplink.agent_name.clone(),
+        static_engines: config.uplink.static_engines.clone(),
+        static_capabilities: config.uplink.static_capabilities.clone(),
+        spool_path: spool_path.display().to_string(),
+        socket_path: socket_path.display().to_string(),
+    }
 }
 
 /// Resolves the spool's path (warning when it fell back to the private
