@@ -6,7 +6,7 @@
 //!   what a previous run left), bind the socket (or take the one systemd
 //!   passed), start ingest, bind `/metrics`, report `READY=1`, then start
 //!   the uplink. The brain being down never delays readiness: applications
-//!   can write while it is away. Until start succeeds, a [`Startup`] guard
+//!   can write while it is away. Until start succeeds, a `Startup` guard
 //!   owns what is open; an early error drops it, which stops what was
 //!   spawned, removes the socket it bound and closes the spool, so no error
 //!   path cleans up by hand.

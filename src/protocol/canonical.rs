@@ -1,18 +1,23 @@
 //! Canonical JSON: byte-exact Python
 //! `json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)`.
 //!
-//! This is what both sides HMAC (protocol §4.2), so a single differing byte
-//! means a rejected frame. Invariants:
+//! This is what both sides HMAC (`docs/brain-protocol.md`, "Signing" and
+//! "Canonical JSON"), so a single differing byte means a rejected frame.
+//! Why our own: serde_json's compact writer matches Python for strings,
+//! integers, booleans and null, but not for floats (`1e-5` and `1e16` where
+//! Python writes `1e-05` and `1e+16`), it does not sort a map it was given
+//! in order, and it would write a duplicated key twice. Invariants:
 //! * map keys sorted by code point (= UTF-8 byte order) at every depth; for a
 //!   duplicated key only the last occurrence is written (Python's dict would
 //!   have kept only that one);
 //! * strings escape only `"`, `\` and U+0000..U+001F (lowercase `\u00xx`
 //!   except the five short forms); everything else is raw UTF-8;
-//! * floats are Python `repr(float)`; NaN and infinities are refused;
+//! * floats are Python `repr(float)`; NaN and infinities are refused, never
+//!   written as something the brain would not sign;
 //! * no whitespace.
 //!
 //! Writers append to a caller-owned `Vec<u8>` and allocate nothing per value
-//! except for sorting maps with more than [`SMALL_MAP`] entries.
+//! except for sorting maps with more than `SMALL_MAP` entries.
 
 use std::fmt::Write as _;
 
@@ -297,7 +302,7 @@ impl std::fmt::Write for StackBuf {
 /// Digits are the shortest that round-trip, and among those the closest to
 /// the exact value, ties to even (David Gay's `dtoa` mode 0, which Python
 /// uses). Rust's `{:e}` gives the same digits except that it breaks exact
-/// ties upwards, which [`round_half_even`] corrects. The layout follows
+/// ties upwards, which `round_half_even` corrects. The layout follows
 /// Python: positional with at least one fractional digit when the decimal
 /// exponent is in `-4..16`, otherwise `d[.ddd]e±XX`.
 pub fn write_f64(f: f64, out: &mut Vec<u8>) -> Result<(), CanonicalError> {

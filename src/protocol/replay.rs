@@ -1,5 +1,5 @@
-//! Replay guard for signed frames (protocol §4.3) and the ISO-8601 parser it
-//! needs.
+//! Replay guard for signed frames (`docs/brain-protocol.md`, "Replay
+//! rules") and the ISO-8601 parser it needs.
 //!
 //! Invariants:
 //! * One guard per connection and direction; it is consulted only **after**
@@ -86,7 +86,7 @@ impl ReplayGuard {
         self.last_seq
     }
 
-    /// Applies the §4.3 rules to a frame whose signature already checked out
+    /// Applies the replay rules to a frame whose signature already checked out
     /// and records it if, and only if, all of them pass.
     pub fn check(
         &mut self,

@@ -18,7 +18,7 @@
 //! * Crash safety is SQLite's: a committed transaction survives a kill of the
 //!   process at any point; nothing is held only in memory once acknowledged.
 //! * One daemon per spool: an `flock` on the database file itself, held by
-//!   the writer while its connection is open (see [`SpoolLock`]);
+//!   the writer while its connection is open (see `lock`);
 //!   `<spool>.lock` records the holder's pid. Neither is opened through a
 //!   symlink.
 //! * A spool this process cannot write is refused at open (a test write),
