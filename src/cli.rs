@@ -226,6 +226,11 @@ fn run(options: Options) -> ExitCode {
         signals.abort();
         match result {
             Ok(()) => ExitCode::SUCCESS,
+            Err(e) if !e.at_start() => {
+                tracing::error!(error = %e, "z4j-agentd stopped on an error");
+                eprintln!("z4j-agentd: {e}");
+                ExitCode::from(e.exit_code())
+            }
             Err(e) => {
                 tracing::error!(error = %e, "z4j-agentd cannot start");
                 eprintln!("z4j-agentd: {e}");

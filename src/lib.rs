@@ -12,21 +12,29 @@
 //! * [`config`]: flags > environment > config file, secrets from files, validation;
 //!   [`host`]: the host's directories, uid and name, read once and passed in.
 //! * [`protocol`]: z4j protocol v2 frames, canonical JSON, HMAC signer/verifier,
-//!   replay guard. Pure: no I/O.
+//!   replay guard, the brain's limits. Pure: no I/O. What the brain expects
+//!   is written down in `docs/brain-protocol.md`.
 //! * [`ingest`]: the local socket, framing, validation and normalisation of events.
 //! * [`spool`]: the durable queue in SQLite.
 //! * [`uplink`]: the one connection to the brain.
+//! * [`commands`]: commands from the brain, routed to the local process that
+//!   declared it can run them, and their results relayed back.
 //! * [`stats`]: counters, connection state and clients an operator can see;
-//!   [`metrics`]: the optional `/metrics`, `/healthz`, `/readyz` listener.
+//!   [`metrics`]: the optional `/metrics`, `/healthz`, `/readyz` listener;
+//!   [`admin`]: `z4j-agentd status`, which asks a running daemon for its
+//!   `stats` and renders them.
 //! * [`doctor`]: `z4j-agentd doctor`, every probe from config to a signed
 //!   round trip with the brain.
-//! * [`daemon`]: wiring, startup order and shutdown; [`cli`]: flags and signals;
+//! * [`daemon`]: start, running and shutdown (startup order, readiness,
+//!   the grace period); [`cli`]: flags, subcommands and signals;
 //!   [`systemd`]: notify, the watchdog timeout and socket activation;
 //!   [`watchdog`]: `WATCHDOG=1` only while ingest, spool and uplink answer.
 //! * [`client`]: a small client for the local socket, used by Rust producers,
 //!   the examples and the tests.
 //! * [`memory`]: memory given back to the system after a burst of large
 //!   messages (the binary installs the allocator's hook).
+//! * `fuzzing` (tests and the `fuzzing` feature only): the bodies of the
+//!   fuzz targets, replayed by `cargo test` (`docs/fuzzing.md`).
 #![forbid(unsafe_code)]
 
 pub mod admin;

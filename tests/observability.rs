@@ -225,6 +225,7 @@ async fn a_taken_metrics_port_fails_the_start_with_the_variable_to_change() {
     o.metrics_addr = Some(taken.local_addr().unwrap().to_string());
     let dir = tempfile::tempdir().unwrap();
     o.socket_path = Some(dir.path().join("agent.sock"));
+    o.buffer_path = Some(dir.path().join("home/.z4j/spool.sqlite"));
     let host = z4j_agentd::config::HostEnv {
         home: Some(dir.path().join("home")),
         tmpdir: dir.path().join("tmp"),
@@ -241,8 +242,18 @@ async fn a_taken_metrics_port_fails_the_start_with_the_variable_to_change() {
     let text = err.to_string();
     assert!(text.contains("Z4J_METRICS_ADDR"), "{text}");
     assert_eq!(err.exit_code(), 1);
-    // Nothing left behind: the socket was removed and the spool closed.
+    // Nothing left behind: the socket was removed and the spool closed,
+    // its lock released before the error came back.
     assert!(!dir.path().join("agent.sock").exists());
+    let again = z4j_agentd::spool::Spool::open(z4j_agentd::spool::SpoolConfig {
+        path: dir.path().join("home/.z4j/spool.sqlite"),
+        max_events: 10,
+        max_bytes: 1 << 20,
+        overflow: z4j_agentd::spool::Overflow::DropOldest,
+        synchronous: z4j_agentd::spool::Synchronous::Normal,
+    })
+    .expect("the failed start released the spool");
+    again.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

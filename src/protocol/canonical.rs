@@ -1,18 +1,23 @@
 //! Canonical JSON: byte-exact Python
 //! `json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)`.
 //!
-//! This is what both sides HMAC (protocol §4.2), so a single differing byte
-//! means a rejected frame. Invariants:
+//! This is what both sides HMAC (`docs/brain-protocol.md`, "Signing" and
+//! "Canonical JSON"), so a single differing byte means a rejected frame.
+//! Why our own: serde_json's compact writer matches Python for strings,
+//! integers, booleans and null, but not for floats (`1e-5` and `1e16` where
+//! Python writes `1e-05` and `1e+16`), it does not sort a map it was given
+//! in order, and it would write a duplicated key twice. Invariants:
 //! * map keys sorted by code point (= UTF-8 byte order) at every depth; for a
 //!   duplicated key only the last occurrence is written (Python's dict would
 //!   have kept only that one);
 //! * strings escape only `"`, `\` and U+0000..U+001F (lowercase `\u00xx`
 //!   except the five short forms); everything else is raw UTF-8;
-//! * floats are Python `repr(float)`; NaN and infinities are refused;
+//! * floats are Python `repr(float)`; NaN and infinities are refused, never
+//!   written as something the brain would not sign;
 //! * no whitespace.
 //!
 //! Writers append to a caller-owned `Vec<u8>` and allocate nothing per value
-//! except for sorting maps with more than [`SMALL_MAP`] entries.
+//! except for sorting maps with more than `SMALL_MAP` entries.
 
 use std::fmt::Write as _;
 
@@ -297,103 +302,124 @@ impl std::fmt::Write for StackBuf {
 /// Digits are the shortest that round-trip, and among those the closest to
 /// the exact value, ties to even (David Gay's `dtoa` mode 0, which Python
 /// uses). Rust's `{:e}` gives the same digits except that it breaks exact
-/// ties upwards, which [`round_half_even`] corrects. The layout follows
+/// ties upwards, which `round_half_even` corrects. The layout follows
 /// Python: positional with at least one fractional digit when the decimal
 /// exponent is in `-4..16`, otherwise `d[.ddd]e±XX`.
 pub fn write_f64(f: f64, out: &mut Vec<u8>) -> Result<(), CanonicalError> {
     if !f.is_finite() {
         return Err(CanonicalError::NonFinite);
     }
-    let mut sci = StackBuf {
-        buf: [0; 40],
-        len: 0,
-    };
-    // Longest possible output is "-2.2250738585072014e-308" (24 bytes).
-    write!(sci, "{f:e}").expect("f64 {:e} fits in 40 bytes");
-    let sci = &sci.buf[..sci.len];
-
-    let (negative, rest) = match sci.split_first() {
-        Some((b'-', rest)) => (true, rest),
-        _ => (false, sci),
-    };
-    let e_pos = rest
-        .iter()
-        .position(|&b| b == b'e')
-        .expect("{:e} output has an exponent");
-    let mantissa = &rest[..e_pos];
-    let exp_text = &rest[e_pos + 1..];
-
-    // Mantissa is "d" or "d.ddd": at most 17 significant digits.
-    let mut value: u64 = 0;
-    let mut n: u32 = 0;
-    for &b in mantissa {
-        if b != b'.' {
-            value = value * 10 + u64::from(b - b'0');
-            n += 1;
-        }
-    }
-
-    let (exp_negative, exp_digits) = match exp_text.split_first() {
-        Some((b'-', d)) => (true, d),
-        _ => (false, exp_text),
-    };
-    let mut exp: i32 = 0;
-    for &b in exp_digits {
-        exp = exp * 10 + i32::from(b - b'0');
-    }
-    if exp_negative {
-        exp = -exp;
-    }
-
-    let (value, n, exp) = round_half_even(f.abs(), value, n, exp);
+    let d = Digits::of(f);
     let mut digit_buf = [0u8; 20];
-    let digits = {
-        let mut v = value;
-        let mut pos = n as usize;
-        while pos > 0 {
-            pos -= 1;
-            digit_buf[pos] = b'0' + (v % 10) as u8;
-            v /= 10;
-        }
-        &digit_buf[..n as usize]
-    };
-    let n = n as usize;
-
-    if negative {
+    let digits = d.ascii(&mut digit_buf);
+    if f.is_sign_negative() {
         out.push(b'-');
     }
-    if (-4..16).contains(&exp) {
-        if exp >= 0 {
-            let int_len = exp as usize + 1;
-            if n <= int_len {
-                out.extend_from_slice(digits);
-                out.resize(out.len() + (int_len - n), b'0');
-                out.extend_from_slice(b".0");
-            } else {
-                out.extend_from_slice(&digits[..int_len]);
-                out.push(b'.');
-                out.extend_from_slice(&digits[int_len..]);
-            }
-        } else {
-            out.extend_from_slice(b"0.");
-            out.resize(out.len() + (-exp - 1) as usize, b'0');
-            out.extend_from_slice(digits);
-        }
+    if (-4..16).contains(&d.exp) {
+        write_positional(digits, d.exp, out);
     } else {
-        out.push(digits[0]);
-        if n > 1 {
-            out.push(b'.');
-            out.extend_from_slice(&digits[1..]);
-        }
-        out.push(b'e');
-        out.push(if exp < 0 { b'-' } else { b'+' });
-        let abs = exp.unsigned_abs();
-        if abs < 10 {
-            out.push(b'0');
-        }
-        write_u64(u64::from(abs), out);
+        write_scientific(digits, d.exp, out);
     }
     Ok(())
+}
+
+/// The shortest round-tripping decimal digits of a float's magnitude, as
+/// Python picks them: `value` holds `n` digits, the first at 10^`exp`.
+struct Digits {
+    value: u64,
+    n: u32,
+    exp: i32,
+}
+
+impl Digits {
+    /// Rust's `{:e}` digits of `f` (finite), with exact ties moved to even.
+    fn of(f: f64) -> Digits {
+        let mut sci = StackBuf {
+            buf: [0; 40],
+            len: 0,
+        };
+        // Longest possible output is "-2.2250738585072014e-308" (24 bytes).
+        write!(sci, "{:e}", f.abs()).expect("f64 {:e} fits in 40 bytes");
+        let sci = &sci.buf[..sci.len];
+        let e_pos = sci
+            .iter()
+            .position(|&b| b == b'e')
+            .expect("{:e} output has an exponent");
+        // Mantissa is "d" or "d.ddd": at most 17 significant digits.
+        let mut value: u64 = 0;
+        let mut n: u32 = 0;
+        for &b in &sci[..e_pos] {
+            if b != b'.' {
+                value = value * 10 + u64::from(b - b'0');
+                n += 1;
+            }
+        }
+        let exp_text = &sci[e_pos + 1..];
+        let (exp_negative, exp_digits) = match exp_text.split_first() {
+            Some((b'-', d)) => (true, d),
+            _ => (false, exp_text),
+        };
+        let mut exp: i32 = 0;
+        for &b in exp_digits {
+            exp = exp * 10 + i32::from(b - b'0');
+        }
+        if exp_negative {
+            exp = -exp;
+        }
+        let (value, n, exp) = round_half_even(f.abs(), value, n, exp);
+        Digits { value, n, exp }
+    }
+
+    /// The digits as ASCII, in `buf`.
+    fn ascii<'b>(&self, buf: &'b mut [u8; 20]) -> &'b [u8] {
+        let mut v = self.value;
+        let mut pos = self.n as usize;
+        while pos > 0 {
+            pos -= 1;
+            buf[pos] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+        &buf[..self.n as usize]
+    }
+}
+
+/// `123.45`, `100.0`, `0.00012`: Python's layout for exponents in `-4..16`,
+/// always with a fractional digit.
+fn write_positional(digits: &[u8], exp: i32, out: &mut Vec<u8>) {
+    let n = digits.len();
+    if exp < 0 {
+        out.extend_from_slice(b"0.");
+        out.resize(out.len() + (-exp - 1) as usize, b'0');
+        out.extend_from_slice(digits);
+        return;
+    }
+    let int_len = exp as usize + 1;
+    if n <= int_len {
+        out.extend_from_slice(digits);
+        out.resize(out.len() + (int_len - n), b'0');
+        out.extend_from_slice(b".0");
+    } else {
+        out.extend_from_slice(&digits[..int_len]);
+        out.push(b'.');
+        out.extend_from_slice(&digits[int_len..]);
+    }
+}
+
+/// `1e+16`, `2.5e-05`: Python's layout elsewhere, the exponent signed and
+/// at least two digits.
+fn write_scientific(digits: &[u8], exp: i32, out: &mut Vec<u8>) {
+    out.push(digits[0]);
+    if digits.len() > 1 {
+        out.push(b'.');
+        out.extend_from_slice(&digits[1..]);
+    }
+    out.push(b'e');
+    out.push(if exp < 0 { b'-' } else { b'+' });
+    let abs = exp.unsigned_abs();
+    if abs < 10 {
+        out.push(b'0');
+    }
+    write_u64(u64::from(abs), out);
 }
 
 /// Rust's shortest formatting resolves an exact tie between two shortest

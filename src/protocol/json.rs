@@ -1,15 +1,21 @@
-//! A strict JSON parser into [`Value`] whose numbers match Python's
-//! `json.loads` exactly.
+//! The one JSON reader into [`Value`]: the brain's frames ([`parse`]) and
+//! the local socket's JSON lines ([`parse_line`]) both go through it.
 //!
-//! Why not `serde_json`: without its `float_roundtrip` feature serde_json
-//! parses some floats one ULP off (e.g. `958010263072.0137` becomes
-//! `958010263072.0135`), and the brain signs Python's rendering of the
-//! exactly parsed value, so a verifier built on it rejects valid frames.
-//! Rust's `str::parse::<f64>` is correctly rounded, as is Python's.
+//! Why our own: a frame's MAC covers what Python's `json.loads` makes of
+//! it, re-written by `json.dumps`, so the reader must agree with
+//! `json.loads` value for value, and anything it cannot carry that way must
+//! be refused with a reason rather than changed. serde_json (built here
+//! with `float_roundtrip`, so its floats are exact) differs from
+//! `json.loads` where it matters: it reads an integer beyond 64 bits as a
+//! float with its last digits gone, and `-0` as the float `-0.0` where
+//! Python reads the integer 0. Floats are read with Rust's correctly
+//! rounded `str::parse::<f64>`, as Python's `float()` reads them.
 //!
 //! Invariants:
 //! * Accepts RFC 8259 JSON only (no NaN/Infinity literals, no raw control
-//!   characters in strings, no trailing commas), like `json.loads`.
+//!   characters in strings, no trailing commas), like `json.loads` with
+//!   `parse_constant` refusing NaN; a NaN or Infinity literal is refused
+//!   with the fix (send null or a string).
 //! * Refuses, rather than silently changes, what [`Value`] cannot hold the
 //!   way Python would: integers outside `i64::MIN..=u64::MAX`, floats that
 //!   overflow to infinity, lone UTF-16 surrogates.
@@ -17,10 +23,6 @@
 //!   stack.
 //! * An error names where it was found: the byte offset and the path of
 //!   keys and indexes leading to it (`events[2].data.n`).
-//!
-//! The local socket's JSON lines are read by [`parse_line`]: serde_json
-//! (fast), checked by this parser only when serde_json may have turned an
-//! integer into a float (see there).
 
 use super::value::Value;
 
@@ -51,6 +53,9 @@ impl std::fmt::Display for JsonError {
 }
 
 impl std::error::Error for JsonError {}
+
+/// [`JsonError::reason`] for `NaN`, `Infinity` and `-Infinity`.
+pub const NOT_FINITE: &str = "NaN and infinity are not JSON; send null or a string";
 
 /// [`JsonError::reason`] for an integer no [`Value`] can hold.
 pub const INTEGER_OUT_OF_RANGE: &str = "integer outside -2^63..2^64-1";
@@ -111,35 +116,20 @@ pub fn parse(input: &[u8]) -> Result<Value, JsonError> {
 /// Parses one JSON line from a local client: the message, or the whole
 /// error text for the client (`bad_message`).
 ///
-/// serde_json reads it (it is the fast path), but serde_json silently turns
-/// an integer it cannot hold into a float: `123456789012345678901234567890`
-/// would be stored as `1.2345678901234568e+29`, its last digits gone, and
-/// `-0` as `-0.0`. Only a document holding such a float (a whole number of
-/// magnitude 2^63 or more, or -0.0) is read again with [`parse`], which
-/// tells the literal `1e30` from the integer and refuses the integer,
-/// naming where it is and the fix (send it as a string); `-0` is then the
-/// integer 0, as Python's `json.loads` reads it. MessagePack cannot carry
-/// such an integer at all, so both framings accept the same integers.
+/// Same reader as the brain's frames ([`parse`]), so both sides of the
+/// daemon read a document the same way, and the way Python's `json.loads`
+/// does: `-0` is the integer 0, and an integer no [`Value`] can hold is
+/// refused, naming where it is and the fix (send it as a string), where a
+/// float reader would keep it with its last digits gone. MessagePack cannot
+/// carry such an integer at all, so both framings accept the same integers.
 pub fn parse_line(line: &[u8]) -> Result<Value, String> {
-    match serde_json::from_slice::<Value>(line) {
-        Ok(v) if !may_hide_an_integer(&v) => Ok(v),
-        Ok(_) => parse(line).map_err(|e| line_error(line, e, None)),
-        // An integer too large even for a float (over 308 digits) fails
-        // here; the exact parser says where it is.
-        Err(serde) => Err(match parse(line) {
-            Err(e) => line_error(line, e, Some(serde)),
-            Ok(_) => format!("not a valid JSON object: {serde}"),
-        }),
-    }
+    parse(line).map_err(|e| line_error(line, e))
 }
 
 /// The client's error text for a JSON line [`parse`] refused.
-fn line_error(line: &[u8], e: JsonError, serde: Option<serde_json::Error>) -> String {
+fn line_error(line: &[u8], e: JsonError) -> String {
     if e.reason != INTEGER_OUT_OF_RANGE {
-        return match serde {
-            Some(serde) => format!("not a valid JSON object: {serde}"),
-            None => format!("not a valid JSON object: {e}"),
-        };
+        return format!("not a valid JSON object: {e}");
     }
     let digits: String = line[e.offset..]
         .iter()
@@ -159,20 +149,6 @@ fn line_error(line: &[u8], e: JsonError, serde: Option<serde_json::Error>) -> St
     format!(
         "the integer {shown} at {at} is outside -2^63..2^64-1, the integers z4j-agentd carries (as MessagePack does), and as a float it would lose digits; send it as a string (\"{shown}\")"
     )
-}
-
-/// Whether `v` holds a float that serde_json may have made of an integer
-/// literal: a whole number of magnitude 2^63 or more, or -0.0.
-fn may_hide_an_integer(v: &Value) -> bool {
-    match v {
-        Value::Float(f) => {
-            f.fract() == 0.0
-                && (f.abs() >= 9_223_372_036_854_775_808.0 || f.to_bits() == (-0.0f64).to_bits())
-        }
-        Value::Array(items) => items.iter().any(may_hide_an_integer),
-        Value::Map(entries) => entries.iter().any(|(_, v)| may_hide_an_integer(v)),
-        _ => false,
-    }
 }
 
 struct Parser<'a> {
@@ -221,6 +197,9 @@ impl Parser<'_> {
             Some(b'f') => self.expect_literal(b"false", Value::Bool(false)),
             Some(b'n') => self.expect_literal(b"null", Value::Null),
             Some(b'-' | b'0'..=b'9') => self.number(),
+            // What Python's json.dumps writes for float('nan') / ('inf')
+            // unless told not to; JSON has no such values.
+            Some(b'N' | b'I') => Err(self.err(NOT_FINITE)),
             Some(_) => Err(self.err("unexpected character")),
             None => Err(self.err("unexpected end of input")),
         }
@@ -400,6 +379,7 @@ impl Parser<'_> {
             Some(b'1'..=b'9') => {
                 self.digits();
             }
+            Some(b'I') => return Err(self.err(NOT_FINITE)),
             _ => return Err(self.err("invalid number")),
         }
         let mut is_float = false;
@@ -588,9 +568,18 @@ mod tests {
         assert_eq!(v.get("h"), Some(&Value::Float(1.2345678901234568e22)));
         assert_eq!(v.get("z"), Some(&Value::Int(0)), "json.loads('-0') == 0");
         assert!(matches!(v.get("y"), Some(Value::Float(f)) if f.to_bits() == (-0.0f64).to_bits()));
-        // Anything serde_json refuses keeps its message.
-        assert!(parse_line(b"{\"a\":NaN}")
-            .unwrap_err()
-            .starts_with("not a valid JSON object: "));
+        // A refused line says what is wrong and where.
+        assert_eq!(
+            parse_line(b"{\"a\":NaN}").unwrap_err(),
+            "not a valid JSON object: NaN and infinity are not JSON; send null or a string at a (byte 5)"
+        );
+        assert_eq!(
+            parse_line(b"{\"a\":[1,-Infinity]}").unwrap_err(),
+            "not a valid JSON object: NaN and infinity are not JSON; send null or a string at a[1] (byte 9)"
+        );
+        assert_eq!(
+            parse_line(b"{\"a\":1,}").unwrap_err(),
+            "not a valid JSON object: expected a string key at byte 7"
+        );
     }
 }

@@ -1,5 +1,7 @@
 //! z4j protocol v2: values, canonical JSON, HMAC signing and verification,
-//! the replay guard, and frame constants (see `z4j-protocol.md` §3–§6).
+//! the replay guard, and frame constants. What the brain expects is stated
+//! in `docs/brain-protocol.md` (envelope, signing, canonical JSON, replay
+//! rules, hello/hello_ack, event_batch and its ack, close codes, limits).
 //!
 //! # Design
 //!
@@ -21,12 +23,29 @@
 //!   escapes an event again.
 //! * **Verifying re-renders.** Inbound frames are parsed into [`Value`] and
 //!   rendered canonically before the MAC check, because the brain signs
-//!   Python's float rendering but sends pydantic's. They are parsed with
-//!   [`json::parse`], not serde_json, whose default float parsing can be one
-//!   ULP off and would then break the MAC.
+//!   Python's float rendering but sends another writer's.
+//! * **Why the JSON pieces are our own.** The MAC covers Python's
+//!   `json.loads` then `json.dumps` of the values, byte for byte, so what
+//!   the daemon reads and writes must match Python, not merely be valid
+//!   JSON:
+//!   * [`canonical`] writes floats as Python's `repr(float)` (`1e-05`,
+//!     `1e+16`, ties to even), sorted keys with the last duplicate winning,
+//!     and Python's string escapes; serde_json writes `1e-5` and `1e16` and
+//!     keeps every duplicate.
+//!   * [`json`] reads as `json.loads` does: `-0` is the integer 0, an
+//!     integer beyond 64 bits is refused with where it is (a float reader
+//!     would keep it with digits gone), and NaN/Infinity literals are
+//!     refused, never turned into a value the writer would then refuse.
+//!     serde_json is built with `float_roundtrip`, so its floats are exact
+//!     too; precision is not the reason for this reader, those three rules
+//!     are. The one reader serves both the brain's frames and the local
+//!     socket's JSON lines, so both read a document the same way.
+//!   * [`value`] holds integers exactly (`Int` or `UInt`, one
+//!     representation each), keeps map order and duplicates, and is the one
+//!     type both local framings (JSON lines, MessagePack) decode into.
 //! * **One value type for both local wire formats.** [`Value`]'s
-//!   `Deserialize` accepts JSON and MessagePack and refuses exactly what
-//!   canonical JSON cannot represent (non-string keys, NaN/infinity, bytes).
+//!   `Deserialize` (used for MessagePack) refuses exactly what canonical
+//!   JSON cannot represent (non-string keys, NaN/infinity, bytes).
 
 pub mod canonical;
 pub mod frames;

@@ -1,5 +1,5 @@
-//! Replay guard for signed frames (protocol §4.3) and the ISO-8601 parser it
-//! needs.
+//! Replay guard for signed frames (`docs/brain-protocol.md`, "Replay
+//! rules") and the ISO-8601 parser it needs.
 //!
 //! Invariants:
 //! * One guard per connection and direction; it is consulted only **after**
@@ -86,7 +86,7 @@ impl ReplayGuard {
         self.last_seq
     }
 
-    /// Applies the §4.3 rules to a frame whose signature already checked out
+    /// Applies the replay rules to a frame whose signature already checked out
     /// and records it if, and only if, all of them pass.
     pub fn check(
         &mut self,
@@ -207,95 +207,113 @@ impl Cursor<'_> {
     }
 }
 
+/// An ISO-8601 date, optionally with a time and an offset, as Python's
+/// `datetime.fromisoformat` reads them: the local date-time and the offset
+/// when one is given.
 fn parse_parts(s: &str) -> Option<(PrimitiveDateTime, Option<UtcOffset>)> {
     let mut c = Cursor {
         b: s.as_bytes(),
         pos: 0,
     };
-    let year = c.digits(4)?;
-    if year == 0 || !c.eat(b'-') {
-        return None;
-    }
-    let month = c.digits(2)?;
-    if !c.eat(b'-') {
-        return None;
-    }
-    let day = c.digits(2)?;
-    let date = Date::from_calendar_date(
-        i32::try_from(year).ok()?,
-        Month::try_from(u8::try_from(month).ok()?).ok()?,
-        u8::try_from(day).ok()?,
-    )
-    .ok()?;
+    let date = c.date()?;
     if c.at_end() {
         return Some((date.midnight(), None));
     }
     if !(c.eat(b'T') || c.eat(b't') || c.eat(b' ')) {
         return None;
     }
-
-    let hour = c.digits(2)?;
-    let (mut minute, mut second, mut nanos) = (0, 0, 0);
-    if c.eat(b':') {
-        minute = c.digits(2)?;
-        if c.eat(b':') {
-            second = c.digits(2)?;
-            if c.eat(b'.') || c.eat(b',') {
-                let start = c.pos;
-                let mut scale = 100_000_000u32;
-                while let Some(d) = c.peek().filter(u8::is_ascii_digit) {
-                    nanos += u32::from(d - b'0') * scale;
-                    scale /= 10;
-                    c.pos += 1;
-                }
-                if c.pos == start {
-                    return None;
-                }
-            }
-        }
-    }
-    let time = Time::from_hms_nano(
-        u8::try_from(hour).ok()?,
-        u8::try_from(minute).ok()?,
-        u8::try_from(second).ok()?,
-        nanos,
-    )
-    .ok()?;
-    let local = PrimitiveDateTime::new(date, time);
-
+    let local = PrimitiveDateTime::new(date, c.time()?);
     if c.at_end() {
         return Some((local, None));
     }
-    let offset = if c.eat(b'Z') {
-        UtcOffset::UTC
-    } else {
-        let sign: i8 = if c.eat(b'+') {
+    let offset = c.offset()?;
+    c.at_end().then_some((local, Some(offset)))
+}
+
+impl Cursor<'_> {
+    /// `YYYY-MM-DD`, a real calendar date from year 1.
+    fn date(&mut self) -> Option<Date> {
+        let year = self.digits(4)?;
+        if year == 0 || !self.eat(b'-') {
+            return None;
+        }
+        let month = self.digits(2)?;
+        if !self.eat(b'-') {
+            return None;
+        }
+        let day = self.digits(2)?;
+        Date::from_calendar_date(
+            i32::try_from(year).ok()?,
+            Month::try_from(u8::try_from(month).ok()?).ok()?,
+            u8::try_from(day).ok()?,
+        )
+        .ok()
+    }
+
+    /// `HH[:MM[:SS[.fff...]]]`, the fraction `.` or `,` and cut at
+    /// nanoseconds.
+    fn time(&mut self) -> Option<Time> {
+        let hour = self.digits(2)?;
+        let (mut minute, mut second, mut nanos) = (0, 0, 0);
+        if self.eat(b':') {
+            minute = self.digits(2)?;
+            if self.eat(b':') {
+                second = self.digits(2)?;
+                if self.eat(b'.') || self.eat(b',') {
+                    nanos = self.fraction()?;
+                }
+            }
+        }
+        Time::from_hms_nano(
+            u8::try_from(hour).ok()?,
+            u8::try_from(minute).ok()?,
+            u8::try_from(second).ok()?,
+            nanos,
+        )
+        .ok()
+    }
+
+    /// At least one digit of a fraction of a second, as nanoseconds (the
+    /// digits past the ninth are read and dropped).
+    fn fraction(&mut self) -> Option<u32> {
+        let start = self.pos;
+        let mut nanos = 0;
+        let mut scale = 100_000_000u32;
+        while let Some(d) = self.peek().filter(u8::is_ascii_digit) {
+            nanos += u32::from(d - b'0') * scale;
+            scale /= 10;
+            self.pos += 1;
+        }
+        (self.pos > start).then_some(nanos)
+    }
+
+    /// `Z`, or `±HH[[:]MM[:SS]]` strictly inside ±24 h, as Python requires.
+    fn offset(&mut self) -> Option<UtcOffset> {
+        if self.eat(b'Z') {
+            return Some(UtcOffset::UTC);
+        }
+        let sign: i8 = if self.eat(b'+') {
             1
-        } else if c.eat(b'-') {
+        } else if self.eat(b'-') {
             -1
         } else {
             return None;
         };
-        let oh = c.digits(2)?;
+        let oh = self.digits(2)?;
         let (mut om, mut os) = (0, 0);
-        if c.eat(b':') {
-            om = c.digits(2)?;
-            if c.eat(b':') {
-                os = c.digits(2)?;
+        if self.eat(b':') {
+            om = self.digits(2)?;
+            if self.eat(b':') {
+                os = self.digits(2)?;
             }
-        } else if !c.at_end() {
-            om = c.digits(2)?;
+        } else if !self.at_end() {
+            om = self.digits(2)?;
         }
-        // Python requires the offset strictly inside ±24 h.
         if oh > 23 || om > 59 || os > 59 {
             return None;
         }
-        UtcOffset::from_hms(sign * oh as i8, sign * om as i8, sign * os as i8).ok()?
-    };
-    if !c.at_end() {
-        return None;
+        UtcOffset::from_hms(sign * oh as i8, sign * om as i8, sign * os as i8).ok()
     }
-    Some((local, Some(offset)))
 }
 
 #[cfg(test)]

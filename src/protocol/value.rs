@@ -1,13 +1,17 @@
 //! The dynamic value model shared by both wire formats (JSON from the brain,
 //! JSON or MessagePack from local producers).
 //!
+//! Why our own rather than `serde_json::Value`: integers are kept exactly
+//! with one representation each (`Int` for what fits in `i64`, `UInt` only
+//! above it), a map keeps its order and its duplicated keys (as `json.loads`
+//! sees them, last wins), and decoding refuses what the canonical writer
+//! could not render as Python would, so a stored event can always be signed.
+//!
 //! Invariants:
-//! * A [`Value`] decoded by serde never contains something the canonical JSON
-//!   writer would refuse or render differently from Python: map keys are
-//!   strings, floats are finite, there are no byte strings.
-//! * JSON decoded through serde_json (default features) may have floats one
-//!   ULP off the text (serde_json needs its `float_roundtrip` feature to be
-//!   exact); [`super::json::parse`] is exact and yields the same `Value`s.
+//! * A [`Value`] decoded by serde (MessagePack) or by [`super::json::parse`]
+//!   (JSON) never contains something the canonical JSON writer would refuse
+//!   or render differently from Python: map keys are strings, floats are
+//!   finite, there are no byte strings.
 //! * Maps keep insertion order. A map may hold a key more than once (we do
 //!   not pay for a uniqueness check while decoding); the **last** occurrence
 //!   wins everywhere it matters ([`Value::get`], the canonical writer),

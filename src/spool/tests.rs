@@ -1,3 +1,7 @@
+use std::path::Path;
+use std::time::Duration;
+
+use super::schema::SCHEMA_VERSION;
 use super::*;
 
 fn config(dir: &Path) -> SpoolConfig {
@@ -516,4 +520,69 @@ async fn a_truncated_file_gets_the_fix_and_is_left_as_it_is() {
             "the damaged file is kept for inspection"
         );
     }
+}
+
+fn user_version(path: &Path) -> i64 {
+    Connection::open(path)
+        .unwrap()
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_new_spool_is_stamped_with_its_schema_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(config(dir.path())).unwrap();
+    spool.close().await;
+    assert_eq!(
+        user_version(&dir.path().join("spool.sqlite")),
+        SCHEMA_VERSION
+    );
+}
+
+#[tokio::test]
+async fn a_spool_from_before_the_version_keeps_its_events_and_is_stamped() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spool.sqlite");
+    let spool = Spool::open(config(dir.path())).unwrap();
+    spool.handle().append_durable(vec![ev(1)]).await.unwrap();
+    spool.close().await;
+    // What a daemon that kept no version left: the same tables, version 0.
+    Connection::open(&path)
+        .unwrap()
+        .execute_batch("PRAGMA user_version=0;")
+        .unwrap();
+    let spool = Spool::open(config(dir.path())).unwrap();
+    let events = spool.handle().read_after(0, 10, usize::MAX).await.unwrap();
+    assert_eq!(events.len(), 1);
+    spool.close().await;
+    assert_eq!(user_version(&path), SCHEMA_VERSION);
+}
+
+#[tokio::test]
+async fn a_spool_from_a_newer_version_is_refused_untouched_with_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spool.sqlite");
+    let spool = Spool::open(config(dir.path())).unwrap();
+    spool.handle().append_durable(vec![ev(1)]).await.unwrap();
+    spool.close().await;
+    let newer = SCHEMA_VERSION + 1;
+    Connection::open(&path)
+        .unwrap()
+        .execute_batch(&format!("PRAGMA user_version={newer};"))
+        .unwrap();
+    let err = Spool::open(config(dir.path())).err().expect("must refuse");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("newer z4j-agentd")
+            && msg.contains(&format!("version {newer}"))
+            && msg.contains(&format!("mv {}", path.display())),
+        "{msg}"
+    );
+    assert_eq!(user_version(&path), newer, "the file is left as it is");
+    let conn = Connection::open(&path).unwrap();
+    let n: i64 = conn
+        .query_row("SELECT count(*) FROM events", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 1, "its events are kept");
 }

@@ -96,7 +96,7 @@ impl TestDaemon {
             dir,
             socket: ready.socket_path,
             spool: ready.spool_path,
-            status: ready.status,
+            status: ready.stats,
             metrics: ready.metrics_addr,
             host,
             shutdown,

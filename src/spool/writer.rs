@@ -1,0 +1,424 @@
+//! The writer thread: it owns the only connection, takes every request
+//! that queued up while the last transaction ran, and applies the writes in
+//! one transaction (group commit). Appends are answered only after that
+//! commit; the overflow policy (evict the oldest, refuse the newest, or hold
+//! the producer) is applied here, and every event it drops is counted.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rusqlite::{params, Connection, OptionalExtension};
+use tokio::sync::{mpsc, Notify};
+
+use super::handle::Op;
+use super::lock::SpoolLock;
+use super::{unix_ms_now, AppendOutcome, Overflow, SpoolConfig, SpoolError, SpoolStats};
+
+/// Most events applied in one transaction (bounds commit latency).
+const MAX_EVENTS_PER_COMMIT: usize = 32_768;
+/// At most one eviction WARNING per this interval.
+const EVICTION_WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// State owned by the writer thread.
+pub(super) struct Writer {
+    pub(super) conn: Connection,
+    pub(super) config: SpoolConfig,
+    pub(super) stats: Arc<SpoolStats>,
+    pub(super) depth: u64,
+    pub(super) bytes: u64,
+    pub(super) dropped_oldest: u64,
+    pub(super) last_eviction_warn: Option<Instant>,
+    pub(super) evicted_since_warn: u64,
+    /// Whether the current transaction deleted anything (wakes `block` waiters).
+    pub(super) freed: bool,
+    /// Set when producers are no longer held back (`block`, on shutdown).
+    pub(super) release: Arc<AtomicBool>,
+    /// `block` with `release` set, read once per transaction: an append
+    /// that does not fit whole stores nothing and is answered `Stopping`.
+    pub(super) refusing: bool,
+    /// The spool's lock. Declared last, so it is released only after the
+    /// connection above is closed.
+    pub(super) lock: Option<SpoolLock>,
+}
+
+impl Writer {
+    pub(super) fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Op>,
+        new_events: Arc<Notify>,
+        space_freed: Arc<Notify>,
+    ) {
+        let mut ops = Vec::new();
+        'outer: while let Some(first) = rx.blocking_recv() {
+            ops.push(first);
+            let mut events_in_batch = ops_event_count(&ops);
+            while events_in_batch < MAX_EVENTS_PER_COMMIT {
+                match rx.try_recv() {
+                    Ok(op) => {
+                        events_in_batch += ops_event_count(std::slice::from_ref(&op));
+                        ops.push(op);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let closing = ops.iter().any(|o| matches!(o, Op::Close));
+            let (stored_any, freed_any) = self.apply(&mut ops);
+            if stored_any {
+                new_events.notify_one();
+            }
+            if freed_any {
+                space_freed.notify_waiters();
+            }
+            if closing {
+                break 'outer;
+            }
+        }
+        // Fold the WAL back so the next start opens quickly; failure is harmless.
+        let _ = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+    }
+
+    /// Applies one group of requests: writes in one transaction, publishes
+    /// the counters, then replies, then serves reads (which therefore see
+    /// this commit). Returns whether anything was stored and whether
+    /// anything was deleted.
+    fn apply(&mut self, ops: &mut Vec<Op>) -> (bool, bool) {
+        let before = (self.depth, self.bytes, self.dropped_oldest);
+        self.freed = false;
+        let mut outcomes: Vec<AppendOutcome> = Vec::new();
+        let mut ack_counts: Vec<u64> = Vec::new();
+        let result = self.write_all(ops, &mut outcomes, &mut ack_counts);
+        let wrote = ops.iter().any(is_write);
+        if result.is_err() {
+            // Nothing of this transaction is on disk.
+            (self.depth, self.bytes, self.dropped_oldest) = before;
+            self.freed = false;
+            outcomes.clear();
+            ack_counts.clear();
+            self.stats.write_failing.store(true, Ordering::Relaxed);
+        } else if wrote {
+            self.stats.commits_total.fetch_add(1, Ordering::Relaxed);
+            self.stats.write_failing.store(false, Ordering::Relaxed);
+            self.refresh_oldest();
+        }
+        let stored = self.publish(&outcomes, &ack_counts);
+        match result {
+            Ok(()) => self.reply_committed(ops, outcomes, ack_counts),
+            Err(e) => self.reply_failed(ops, SpoolError::from_sqlite(e)),
+        }
+        (stored > 0, self.freed)
+    }
+
+    /// Publishes the counters after a transaction (or its rollback);
+    /// returns how many events it stored.
+    fn publish(&self, outcomes: &[AppendOutcome], ack_counts: &[u64]) -> u64 {
+        let stored: u64 = outcomes.iter().map(|o| o.stored as u64).sum();
+        // Under `block` the producer retries what did not fit: nothing is lost.
+        let refused: u64 = if self.config.overflow == Overflow::Block {
+            0
+        } else {
+            outcomes.iter().map(|o| o.refused_full as u64).sum()
+        };
+        self.stats.stored_total.fetch_add(stored, Ordering::Relaxed);
+        self.stats
+            .refused_full_total
+            .fetch_add(refused, Ordering::Relaxed);
+        self.stats
+            .acked_total
+            .fetch_add(ack_counts.iter().sum(), Ordering::Relaxed);
+        self.stats.depth.store(self.depth, Ordering::Relaxed);
+        self.stats.bytes.store(self.bytes, Ordering::Relaxed);
+        self.stats
+            .dropped_oldest_total
+            .store(self.dropped_oldest, Ordering::Relaxed);
+        stored
+    }
+
+    /// Answers each write of a committed transaction with its outcome, in
+    /// order, and serves the reads.
+    fn reply_committed(
+        &mut self,
+        ops: &mut Vec<Op>,
+        outcomes: Vec<AppendOutcome>,
+        ack_counts: Vec<u64>,
+    ) {
+        let mut outcomes = outcomes.into_iter();
+        let mut acks = ack_counts.into_iter();
+        for op in ops.drain(..) {
+            match op {
+                Op::Append { reply, .. } => {
+                    let o = outcomes.next().unwrap_or_default();
+                    let _ = reply.send(if self.refusing && o.refused_full > 0 {
+                        Err(SpoolError::Stopping {
+                            not_stored: o.refused_full,
+                        })
+                    } else {
+                        Ok(o)
+                    });
+                }
+                Op::Ack { reply, .. } => {
+                    let _ = reply.send(Ok(acks.next().unwrap_or(0)));
+                }
+                Op::Probe { reply } => {
+                    let _ = reply.send(Ok(()));
+                }
+                other => self.read(other),
+            }
+        }
+    }
+
+    /// Answers each write of a rolled-back transaction with `kind` (nothing
+    /// of it is stored), and serves the reads.
+    fn reply_failed(&mut self, ops: &mut Vec<Op>, kind: SpoolError) {
+        tracing::error!(error = %kind, "spool write failed; the batch was not stored");
+        for op in ops.drain(..) {
+            match op {
+                // The producer counts these (refused_by_reason).
+                Op::Append { reply, .. } => {
+                    let _ = reply.send(Err(kind.clone()));
+                }
+                Op::Ack { reply, .. } => {
+                    let _ = reply.send(Err(kind.clone()));
+                }
+                Op::Probe { reply } => {
+                    let _ = reply.send(Err(kind.clone()));
+                }
+                other => self.read(other),
+            }
+        }
+    }
+
+    fn write_all(
+        &mut self,
+        ops: &[Op],
+        outcomes: &mut Vec<AppendOutcome>,
+        ack_counts: &mut Vec<u64>,
+    ) -> Result<(), rusqlite::Error> {
+        if !ops.iter().any(is_write) {
+            return Ok(());
+        }
+        let dropped_before = self.dropped_oldest;
+        self.refusing =
+            self.config.overflow == Overflow::Block && self.release.load(Ordering::SeqCst);
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        let r = (|| {
+            let now = unix_ms_now();
+            for op in ops {
+                match op {
+                    Op::Append { events, .. } => {
+                        let o = self.append_one(events, now)?;
+                        outcomes.push(o);
+                    }
+                    Op::Ack { first, last, .. } => {
+                        let n = self.delete_range(*first, *last)?;
+                        ack_counts.push(n);
+                    }
+                    Op::Probe { .. } => {
+                        self.conn.execute(
+                            "INSERT INTO meta(key, value) VALUES ('probed_ms', ?1)
+                             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                            params![now],
+                        )?;
+                    }
+                    _ => {}
+                }
+            }
+            if self.dropped_oldest != dropped_before {
+                self.conn.execute(
+                    "INSERT INTO meta(key, value) VALUES ('dropped_oldest_total', ?1)
+                     ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    params![self.dropped_oldest as i64],
+                )?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = r.and_then(|()| self.conn.execute_batch("COMMIT")) {
+            let _ = self.conn.execute_batch("ROLLBACK");
+            return Err(e);
+        }
+        let evicted = self.dropped_oldest - dropped_before;
+        if evicted > 0 {
+            self.warn_eviction(evicted);
+        }
+        Ok(())
+    }
+
+    /// Keeps [`SpoolStats::oldest_stored_ms`] current after a commit: a
+    /// lookup by primary key, only when the head of the queue may have moved.
+    fn refresh_oldest(&mut self) {
+        if self.depth == 0 {
+            self.stats.oldest_stored_ms.store(0, Ordering::Relaxed);
+            return;
+        }
+        if !self.freed && self.stats.oldest_stored_ms.load(Ordering::Relaxed) != 0 {
+            return;
+        }
+        if let Ok(Some(ms)) = self
+            .conn
+            .query_row(
+                "SELECT stored_ms FROM events ORDER BY id LIMIT 1",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()
+        {
+            self.stats.oldest_stored_ms.store(ms, Ordering::Relaxed);
+        }
+    }
+
+    fn warn_eviction(&mut self, evicted: u64) {
+        self.evicted_since_warn += evicted;
+        let due = self
+            .last_eviction_warn
+            .is_none_or(|t| t.elapsed() >= EVICTION_WARN_EVERY);
+        if due {
+            tracing::warn!(
+                evicted = self.evicted_since_warn,
+                dropped_total = self.dropped_oldest,
+                max_events = self.config.max_events,
+                max_bytes = self.config.max_bytes,
+                "spool full: dropped the oldest events to make room; the brain is not keeping up or is unreachable (raise Z4J_BUFFER_MAX_EVENTS / Z4J_BUFFER_MAX_BYTES to keep more)"
+            );
+            self.last_eviction_warn = Some(Instant::now());
+            self.evicted_since_warn = 0;
+        }
+    }
+
+    fn append_one(
+        &mut self,
+        events: &[Vec<u8>],
+        now: i64,
+    ) -> Result<AppendOutcome, rusqlite::Error> {
+        let max_events = self.config.max_events;
+        let max_bytes = self.config.max_bytes;
+        let mut accept: &[Vec<u8>] = events;
+        let mut refused = 0usize;
+        let total_bytes: u64 = events.iter().map(|e| e.len() as u64).sum();
+        match self.config.overflow {
+            Overflow::DropOldest => {
+                // A batch larger than the whole bound keeps its newest part.
+                let mut skip = 0usize;
+                let mut b = total_bytes;
+                while skip < accept.len()
+                    && ((accept.len() - skip) as u64 > max_events || b > max_bytes)
+                {
+                    b -= accept[skip].len() as u64;
+                    skip += 1;
+                }
+                if skip > 0 {
+                    self.dropped_oldest += skip as u64;
+                    accept = &accept[skip..];
+                }
+                let need_events = (self.depth + accept.len() as u64).saturating_sub(max_events);
+                let need_bytes = (self.bytes + b).saturating_sub(max_bytes);
+                if need_events > 0 || need_bytes > 0 {
+                    self.evict_oldest(need_events, need_bytes)?;
+                }
+            }
+            Overflow::DropNewest | Overflow::Block => {
+                let mut n = 0usize;
+                let mut b = 0u64;
+                for e in accept {
+                    if self.depth + n as u64 + 1 > max_events
+                        || self.bytes + b + e.len() as u64 > max_bytes
+                    {
+                        break;
+                    }
+                    n += 1;
+                    b += e.len() as u64;
+                }
+                if self.refusing && n < accept.len() {
+                    // Nothing waits for room any more: all or nothing, so
+                    // the producer is told exactly what was not stored.
+                    n = 0;
+                }
+                refused = accept.len() - n;
+                accept = &accept[..n];
+            }
+        }
+        let mut stmt = self
+            .conn
+            .prepare_cached("INSERT INTO events(stored_ms, body) VALUES (?1, ?2)")?;
+        for body in accept {
+            stmt.execute(params![now, body])?;
+            self.depth += 1;
+            self.bytes += body.len() as u64;
+        }
+        Ok(AppendOutcome {
+            stored: accept.len(),
+            refused_full: refused,
+        })
+    }
+
+    fn evict_oldest(&mut self, need_events: u64, need_bytes: u64) -> Result<(), rusqlite::Error> {
+        let mut freed_events = 0u64;
+        let mut freed_bytes = 0u64;
+        let mut last_id: Option<i64> = None;
+        {
+            let mut stmt = self.conn.prepare_cached(
+                "SELECT id, length(body) FROM events WHERE id > ?1 ORDER BY id LIMIT 1024",
+            )?;
+            while freed_events < need_events || freed_bytes < need_bytes {
+                let mut rows = stmt.query(params![last_id.unwrap_or(0)])?;
+                let mut any = false;
+                while let Some(row) = rows.next()? {
+                    any = true;
+                    let id: i64 = row.get(0)?;
+                    let len: i64 = row.get(1)?;
+                    last_id = Some(id);
+                    freed_events += 1;
+                    freed_bytes += len as u64;
+                    if freed_events >= need_events && freed_bytes >= need_bytes {
+                        break;
+                    }
+                }
+                if !any {
+                    break;
+                }
+            }
+        }
+        if let Some(last) = last_id {
+            self.conn
+                .prepare_cached("DELETE FROM events WHERE id <= ?1")?
+                .execute(params![last])?;
+            self.depth -= freed_events.min(self.depth);
+            self.bytes -= freed_bytes.min(self.bytes);
+            self.dropped_oldest += freed_events;
+            self.freed = true;
+        }
+        Ok(())
+    }
+
+    fn delete_range(&mut self, first: i64, last: i64) -> Result<u64, rusqlite::Error> {
+        let mut stmt = self.conn.prepare_cached(
+            "DELETE FROM events WHERE id BETWEEN ?1 AND ?2 RETURNING length(body)",
+        )?;
+        let mut rows = stmt.query(params![first, last])?;
+        let mut n = 0u64;
+        let mut b = 0u64;
+        while let Some(row) = rows.next()? {
+            let len: i64 = row.get(0)?;
+            n += 1;
+            b += len as u64;
+        }
+        self.depth -= n.min(self.depth);
+        self.bytes -= b.min(self.bytes);
+        self.freed |= n > 0;
+        Ok(n)
+    }
+}
+
+fn is_write(op: &Op) -> bool {
+    matches!(op, Op::Append { .. } | Op::Ack { .. } | Op::Probe { .. })
+}
+
+fn ops_event_count(ops: &[Op]) -> usize {
+    ops.iter()
+        .map(|o| match o {
+            Op::Append { events, .. } => events.len(),
+            _ => 1,
+        })
+        .sum()
+}
