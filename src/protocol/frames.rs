@@ -1,4 +1,5 @@
-//! Protocol constants (§2.2, §5, §6) and small builders for frame pieces.
+//! Protocol constants (`docs/brain-protocol.md`: "Limits", "Frames the daemon sends and
+//! reads") and small builders for frame pieces.
 //!
 //! Invariants:
 //! * [`event_batch_payload`] only concatenates: its output is canonical
@@ -49,7 +50,7 @@ pub const TYPE_REGISTRY_DELTA: &str = "registry_delta";
 /// Frame type `error` (both directions).
 pub const TYPE_ERROR: &str = "error";
 
-/// Event kinds the brain knows (§6.2); others are stored as `unknown`.
+/// Event kinds the brain knows ("event_batch and its ack" in `docs/brain-protocol.md`); others are stored as `unknown`.
 pub const KNOWN_KINDS: &[&str] = &[
     "task.sent",
     "task.received",
@@ -73,7 +74,8 @@ pub const KNOWN_KINDS: &[&str] = &[
 ];
 
 /// Schedule kinds a 1.13.0 brain refuses (with a fatal `error` frame and no
-/// ack) unless `data` carries the Boundary-D markers (§6.5).
+/// ack) unless `data` carries the scheduler markers ("event_batch and its ack" in
+/// `docs/brain-protocol.md`).
 pub const LEGACY_SCHEDULE_KINDS: &[&str] = &[
     "schedule.snapshot",
     "schedule.created",

@@ -1,4 +1,5 @@
-//! The signing key and the outbound frame signer (protocol §4.1, §4.2).
+//! The signing key and the outbound frame signer (`docs/brain-protocol.md`: "Signed
+//! frames", "Signing").
 //!
 //! Invariants:
 //! * The key bytes never leave this module in readable form: no `Display`,
@@ -153,7 +154,7 @@ impl SigningKey {
 
 /// Lowercase hex HMAC-SHA256 of `canonical` under `key` (64 characters).
 ///
-/// Also what the purge-confirm token needs (protocol §1).
+/// Also what the purge-confirm token needs (`docs/brain-protocol.md`, "Test vectors").
 pub fn mac_hex(key: &SigningKey, canonical: &[u8]) -> String {
     let mut mac = key.mac();
     mac.update(canonical);
@@ -492,7 +493,7 @@ mod tests {
         );
         assert_eq!(signer.next_seq(), 2);
 
-        // What the brain does with the wire (§4.2): drop hmac, add the
+        // What the brain does with the wire ("Signing" in docs/brain-protocol.md): drop hmac, add the
         // binding, render canonically. Must be the vector's bytes.
         let mut received: Value = serde_json::from_slice(&wire).unwrap();
         received.remove("hmac");

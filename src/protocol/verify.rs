@@ -1,5 +1,5 @@
-//! Verification of inbound (brain -> agent) frames: HMAC per §4.2, then the
-//! replay guard per §4.3; plus parsing of the unsigned `hello_ack`.
+//! Verification of inbound (brain -> agent) frames: HMAC (`docs/brain-protocol.md`, "Signing"), then
+//! the replay guard ("Replay rules"); plus parsing of the unsigned `hello_ack`.
 //!
 //! Invariants:
 //! * The MAC is recomputed from the parsed **values**, re-rendered

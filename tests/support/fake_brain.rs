@@ -21,7 +21,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 use z4j_agentd::protocol::{self, SessionBinding, Signer, SigningKey, Value, Verifier};
 
-/// The HMAC secret of protocol doc section 4.4.
+/// The HMAC secret of the test vectors in `docs/brain-protocol.md`.
 pub const SECRET: &str = "mVtpP-Iz85lBRJdiBbQ9KzZo4cCi7lxIHt-j7T6yOGU=";
 /// The token the fake accepts.
 pub const TOKEN: &str = "fake-token-0123456789";
