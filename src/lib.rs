@@ -12,7 +12,8 @@
 //! * [`config`]: flags > environment > config file, secrets from files, validation.
 //! * [`protocol`]: z4j protocol v2 frames, canonical JSON, HMAC signer/verifier,
 //!   replay guard. Pure: no I/O.
-//! * [`ingest`]: the local socket, framing, validation and normalisation of events.
+//! * [`ingest`]: the local socket, framing, validation and normalisation of events;
+//!   [`refusal`]: the error codes it sends, which are also the refusal counters' labels.
 //! * [`spool`]: the durable queue in SQLite.
 //! * [`uplink`]: the one connection to the brain.
 //! * [`stats`]: counters, connection state and clients an operator can see;
@@ -44,6 +45,7 @@ pub mod ingest;
 pub mod memory;
 pub mod metrics;
 pub mod protocol;
+pub mod refusal;
 pub mod spool;
 pub mod stats;
 pub mod systemd;
