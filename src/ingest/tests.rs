@@ -44,8 +44,8 @@ async fn served_with(
     })
     .unwrap();
     let socket = dir.join("agent.sock");
-    let status = Arc::new(Stats::new());
-    let (router, _results) = crate::commands::Router::new(status.clone());
+    let stats = Arc::new(Stats::new());
+    let (router, _results) = crate::commands::Router::new(stats.clone());
     let ingest = Ingest::new(
         IngestConfig {
             socket_path: socket.clone(),
@@ -58,13 +58,13 @@ async fn served_with(
             remove_socket_on_exit: true,
         },
         spool.handle(),
-        status.clone(),
+        stats.clone(),
         router,
     );
     let listener = bind(&socket, 0o600).unwrap();
     let stop = CancellationToken::new();
     tokio::spawn(ingest.serve(listener, stop.clone(), crate::watchdog::Beat::unwatched()));
-    (socket, status, spool, stop)
+    (socket, stats, spool, stop)
 }
 
 async fn read_one(s: &mut UnixStream) -> Value {
@@ -87,7 +87,7 @@ fn framed(msg: &serde_json::Value) -> Vec<u8> {
 async fn a_4_gib_length_prefix_is_refused_at_once_without_allocating() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir().unwrap();
-    let (socket, status, spool, stop) = served(dir.path(), Duration::from_secs(30)).await;
+    let (socket, stats, spool, stop) = served(dir.path(), Duration::from_secs(30)).await;
     let mut s = UnixStream::connect(&socket).await.unwrap();
     s.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
     let reply = read_one(&mut s).await;
@@ -100,7 +100,7 @@ async fn a_4_gib_length_prefix_is_refused_at_once_without_allocating() {
         .await
         .expect("the connection is closed")
         .unwrap();
-    assert_eq!(status.refused().get("message_too_large"), Some(&1));
+    assert_eq!(stats.refused().get("message_too_large"), Some(&1));
     stop.cancel();
     spool.close().await;
 }
@@ -127,7 +127,7 @@ async fn refused_while_writing(s: &mut UnixStream, first: &[u8], more: &[u8]) ->
 #[tokio::test]
 async fn a_client_closed_for_an_error_that_keeps_writing_still_reads_why() {
     let dir = tempfile::tempdir().unwrap();
-    let (socket, _status, spool, stop) = served(dir.path(), Duration::from_secs(30)).await;
+    let (socket, _stats, spool, stop) = served(dir.path(), Duration::from_secs(30)).await;
     // A 4 GiB length prefix, and more of that message afterwards.
     let mut s = UnixStream::connect(&socket).await.unwrap();
     let mut first = u32::MAX.to_be_bytes().to_vec();
@@ -144,7 +144,7 @@ async fn a_client_closed_for_an_error_that_keeps_writing_still_reads_why() {
 #[tokio::test]
 async fn a_client_refused_at_the_door_that_keeps_writing_still_reads_why() {
     let dir = tempfile::tempdir().unwrap();
-    let (socket, _status, spool, stop) = served(dir.path(), Duration::from_secs(30)).await;
+    let (socket, _stats, spool, stop) = served(dir.path(), Duration::from_secs(30)).await;
     let ping = framed(&serde_json::json!({"type": "ping"}));
     // More connections than the limit (8).
     let mut kept = Vec::new();
@@ -178,7 +178,7 @@ fn batch(tag: &str, n: usize, ack_id: u64) -> serde_json::Value {
 async fn an_ack_id_over_the_limit_is_refused_not_echoed_and_the_connection_goes_on() {
     use tokio::io::AsyncWriteExt;
     let dir = tempfile::tempdir().unwrap();
-    let (socket, status, spool, stop) = served(dir.path(), Duration::from_secs(30)).await;
+    let (socket, stats, spool, stop) = served(dir.path(), Duration::from_secs(30)).await;
     let mut s = UnixStream::connect(&socket).await.unwrap();
     // Every reply echoes the ack_id: 250 pings with a 4 MiB one held
     // about 1 GB of replies for a client that did not read them.
@@ -205,7 +205,7 @@ async fn an_ack_id_over_the_limit_is_refused_not_echoed_and_the_connection_goes_
     let reply = read_one(&mut s).await;
     let msg = reply.get("message").and_then(Value::as_str).unwrap();
     assert!(msg.contains("none of its events was stored"), "{msg}");
-    assert_eq!(status.refused().get("bad_message"), Some(&4));
+    assert_eq!(stats.refused().get("bad_message"), Some(&4));
 
     // At the limit, it is echoed as sent.
     let longest = "c".repeat(MAX_ACK_ID_BYTES - 2);
@@ -300,7 +300,7 @@ async fn a_reply_queue_holds_at_most_its_bytes_and_small_replies_pass_a_large_on
 async fn a_large_stats_report_does_not_crowd_out_the_replies_behind_it() {
     use tokio::io::AsyncWriteExt;
     let dir = tempfile::tempdir().unwrap();
-    let (socket, status, spool, stop) = served(dir.path(), Duration::from_secs(30)).await;
+    let (socket, stats, spool, stop) = served(dir.path(), Duration::from_secs(30)).await;
     // A client declaring many actions makes the stats report large
     // (as 1,000 connected clients do): over 64 KiB.
     let mut big = crate::client::Client::connect(&socket).await.unwrap();
@@ -344,7 +344,7 @@ async fn a_large_stats_report_does_not_crowd_out_the_replies_behind_it() {
             assert_eq!(pong.get("ack_id").and_then(Value::as_u64), Some(i));
         }
     }
-    assert_eq!(status.replies_dropped.load(Ordering::Relaxed), 0);
+    assert_eq!(stats.replies_dropped.load(Ordering::Relaxed), 0);
     stop.cancel();
     spool.close().await;
 }
@@ -353,7 +353,7 @@ async fn a_large_stats_report_does_not_crowd_out_the_replies_behind_it() {
 async fn a_client_that_never_reads_gets_its_replies_dropped_and_counted_not_queued() {
     use tokio::io::AsyncWriteExt;
     let dir = tempfile::tempdir().unwrap();
-    let (socket, status, spool, stop) = served(dir.path(), Duration::from_secs(30)).await;
+    let (socket, stats, spool, stop) = served(dir.path(), Duration::from_secs(30)).await;
     let mut deaf = UnixStream::connect(&socket).await.unwrap();
     // `stats` replies are a few KB each: 256 of them held about 1 MB.
     let ask = framed(&serde_json::json!({"type": "stats", "ack_id": "s".repeat(200)}));
@@ -393,7 +393,7 @@ async fn a_client_that_never_reads_gets_its_replies_dropped_and_counted_not_queu
         held <= REPLY_QUEUE_BYTES as u64 + kernel + 2 * reply_len,
         "{held} bytes of replies held for a client that does not read"
     );
-    assert!(status.replies_dropped.load(Ordering::Relaxed) > 1_000);
+    assert!(stats.replies_dropped.load(Ordering::Relaxed) > 1_000);
     stop.cancel();
     spool.close().await;
 }
@@ -404,7 +404,7 @@ async fn large_messages_over_the_message_budget_wait_and_all_get_through() {
     let dir = tempfile::tempdir().unwrap();
     // Messages up to 256 KiB: a pool of 256 KiB and one slot, beyond
     // each connection's free 64 KiB.
-    let (socket, status, spool, stop) =
+    let (socket, stats, spool, stop) =
         served_with(dir.path(), Duration::from_secs(30), 256 << 10).await;
     let mut tasks = Vec::new();
     // Eight clients, half MessagePack and half JSON lines, each sending
@@ -463,10 +463,10 @@ async fn large_messages_over_the_message_budget_wait_and_all_get_through() {
         8 * 3 * 190
     );
     assert!(
-        status.message_budget_waits.load(Ordering::Relaxed) > 0,
+        stats.message_budget_waits.load(Ordering::Relaxed) > 0,
         "the budget was short: some connection waited"
     );
-    assert_eq!(status.refused_total(), 0);
+    assert_eq!(stats.refused_total(), 0);
     stop.cancel();
     spool.close().await;
 }
@@ -475,7 +475,7 @@ async fn large_messages_over_the_message_budget_wait_and_all_get_through() {
 async fn waiting_for_the_budget_is_not_silence_and_clients_that_stall_holding_it_are_timed_out() {
     use tokio::io::AsyncWriteExt;
     let dir = tempfile::tempdir().unwrap();
-    let (socket, status, spool, stop) =
+    let (socket, stats, spool, stop) =
         served_with(dir.path(), Duration::from_millis(600), 256 << 10).await;
     // Two clients take the whole budget: each announces a message of
     // 250 KiB, sends 200 KiB of it, then one byte every 300 ms for 1.5 s
@@ -531,8 +531,8 @@ async fn waiting_for_the_budget_is_not_silence_and_clients_that_stall_holding_it
         assert_eq!(reply.get("stored").and_then(Value::as_u64), Some(150));
     }
     assert!(started.elapsed() >= Duration::from_millis(1_500));
-    assert_eq!(status.refused().get("incomplete_message"), Some(&2));
-    assert!(status.message_budget_waits.load(Ordering::Relaxed) >= 4);
+    assert_eq!(stats.refused().get("incomplete_message"), Some(&2));
+    assert!(stats.message_budget_waits.load(Ordering::Relaxed) >= 4);
     stop.cancel();
     spool.close().await;
 }
@@ -541,7 +541,7 @@ async fn waiting_for_the_budget_is_not_silence_and_clients_that_stall_holding_it
 async fn malformed_messagepack_gets_an_error_and_the_connection_goes_on() {
     use tokio::io::AsyncWriteExt;
     let dir = tempfile::tempdir().unwrap();
-    let (socket, status, spool, stop) = served(dir.path(), Duration::from_secs(30)).await;
+    let (socket, stats, spool, stop) = served(dir.path(), Duration::from_secs(30)).await;
     let mut s = UnixStream::connect(&socket).await.unwrap();
     // A well-framed body that is not MessagePack (0xc1 is never used).
     s.write_all(&[0, 0, 0, 3, 0xc1, 0xc1, 0xc1]).await.unwrap();
@@ -555,7 +555,7 @@ async fn malformed_messagepack_gets_an_error_and_the_connection_goes_on() {
         .unwrap();
     let reply = read_one(&mut s).await;
     assert_eq!(reply.get("type").and_then(Value::as_str), Some("pong"));
-    assert_eq!(status.refused().get("bad_message"), Some(&1));
+    assert_eq!(stats.refused().get("bad_message"), Some(&1));
     stop.cancel();
     spool.close().await;
 }
@@ -564,7 +564,7 @@ async fn malformed_messagepack_gets_an_error_and_the_connection_goes_on() {
 async fn connections_beyond_the_limit_are_told_why_and_the_others_are_served() {
     use tokio::io::AsyncWriteExt;
     let dir = tempfile::tempdir().unwrap();
-    let (socket, status, spool, stop) = served(dir.path(), Duration::from_secs(30)).await;
+    let (socket, stats, spool, stop) = served(dir.path(), Duration::from_secs(30)).await;
     // The limit here is 8; open 40 at once.
     let mut conns = Vec::new();
     for _ in 0..40 {
@@ -592,7 +592,7 @@ async fn connections_beyond_the_limit_are_told_why_and_the_others_are_served() {
         }
     }
     assert_eq!((served_n, refused_n), (8, 32));
-    assert_eq!(status.refused().get("too_many_clients"), Some(&32));
+    assert_eq!(stats.refused().get("too_many_clients"), Some(&32));
     stop.cancel();
     spool.close().await;
 }
@@ -601,7 +601,7 @@ async fn connections_beyond_the_limit_are_told_why_and_the_others_are_served() {
 async fn half_a_message_then_silence_gets_an_error_and_is_closed() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir().unwrap();
-    let (socket, status, spool, stop) = served(dir.path(), Duration::from_millis(300)).await;
+    let (socket, stats, spool, stop) = served(dir.path(), Duration::from_millis(300)).await;
     // A length prefix announcing 100 bytes, then 10 of them.
     let mut half = UnixStream::connect(&socket).await.unwrap();
     half.write_all(&100u32.to_be_bytes()).await.unwrap();
@@ -622,7 +622,7 @@ async fn half_a_message_then_silence_gets_an_error_and_is_closed() {
     );
     let msg = body.get("message").and_then(Value::as_str).unwrap();
     assert!(msg.contains("14 bytes") && msg.contains("length"), "{msg}");
-    assert_eq!(status.refused().get("incomplete_message"), Some(&1));
+    assert_eq!(stats.refused().get("incomplete_message"), Some(&1));
 
     tokio::time::sleep(Duration::from_millis(500)).await;
     idle.ping()
@@ -636,7 +636,7 @@ async fn half_a_message_then_silence_gets_an_error_and_is_closed() {
 async fn past_a_few_dozen_refusals_at_once_the_extra_connections_are_closed_at_once() {
     use tokio::io::AsyncReadExt;
     let dir = tempfile::tempdir().unwrap();
-    let (socket, status, spool, stop) = served(dir.path(), Duration::from_secs(30)).await;
+    let (socket, stats, spool, stop) = served(dir.path(), Duration::from_secs(30)).await;
     // The limit here is 8: fill it.
     let mut kept = Vec::new();
     for _ in 0..8 {
@@ -669,7 +669,7 @@ async fn past_a_few_dozen_refusals_at_once_the_extra_connections_are_closed_at_o
         (told, closed),
         (REFUSALS_IN_FLIGHT, 40 - REFUSALS_IN_FLIGHT)
     );
-    assert_eq!(status.refused().get("too_many_clients"), Some(&40));
+    assert_eq!(stats.refused().get("too_many_clients"), Some(&40));
     for c in kept.iter_mut() {
         c.ping().await.expect("the served connections go on");
     }
