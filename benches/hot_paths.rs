@@ -3,7 +3,7 @@
 //! 1. `ingest`: one client message of 100 Celery lifecycle events, as it
 //!    arrives on the socket (length-prefixed MessagePack, or one JSON line),
 //!    decoded by the connection's [`Decoder`] and turned into stored records
-//!    by [`normalize_event`], the way `Session::message` does for `events`.
+//!    by [`handle`], the decision the connection loop applies.
 //! 2. `uplink_sign`: the signed `event_batch` frame for 500 stored events,
 //!    built the way `Session::send_batch` does (frame id, payload by
 //!    concatenation, nonce, [`Signer::sign`]), without the WebSocket send.
@@ -20,8 +20,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use time::OffsetDateTime;
 
 use z4j_agentd::ingest::framing::{Decoded, Decoder, Framing};
-use z4j_agentd::ingest::validate::normalize_event;
-use z4j_agentd::ingest::{DEFAULT_MAX_MESSAGE_BYTES, FRAME_ENVELOPE_RESERVE};
+use z4j_agentd::ingest::{handle, Limits, DEFAULT_MAX_MESSAGE_BYTES, FRAME_ENVELOPE_RESERVE};
 use z4j_agentd::protocol::{
     self, SessionBinding, Signer, SigningKey, Value, DEFAULT_MAX_FRAME_BYTES,
 };
@@ -30,8 +29,11 @@ use z4j_agentd::spool::{Overflow, Spool, SpoolConfig, StoredEvent, Synchronous};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// What the daemon passes to `normalize_event` (see `daemon.rs`).
-const MAX_EVENT_BYTES: usize = DEFAULT_MAX_FRAME_BYTES - FRAME_ENVELOPE_RESERVE;
+/// The limits the daemon handles messages under (see `daemon.rs`).
+const LIMITS: Limits = Limits {
+    max_event_bytes: DEFAULT_MAX_FRAME_BYTES - FRAME_ENVELOPE_RESERVE,
+    max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+};
 
 /// One Celery lifecycle event as the Python client sends it: the `data` of
 /// `examples/loadgen.rs` (less the keys the Celery hooks do not send), plus
@@ -91,27 +93,18 @@ fn wire(framing: Framing, msg: &serde_json::Value) -> Vec<u8> {
 }
 
 /// What the ingest path does with the bytes of one `events` message before
-/// it hands the records to the spool: `Decoder::next_item`, then the steps
-/// of `Session::message` (`ack_id`, `type`, `remove("events")`) and
-/// `Session::validate` (`normalize_event` per event). The status counters
-/// and the reply queue are left out.
+/// it hands the records to the spool: `Decoder::next_item`, then [`handle`],
+/// the same function the connection loop calls. Applying its decision (the
+/// counters, the reply queue, the append) is left out.
 fn ingest_one(decoder: &mut Decoder, bytes: &[u8]) -> (Vec<Vec<u8>>, Option<Value>) {
     decoder.feed(bytes);
-    let Some(Decoded::Message(mut msg)) = decoder.next_item().expect("framing") else {
+    let Some(Decoded::Message(msg)) = decoder.next_item().expect("framing") else {
         panic!("the message did not decode");
     };
-    let ack_id = msg.get("ack_id").cloned();
-    let kind = msg.get("type").and_then(Value::as_str).map(str::to_owned);
-    assert_eq!(kind.as_deref(), Some("events"));
-    let now = OffsetDateTime::now_utc();
-    let Some(Value::Array(events)) = msg.remove("events") else {
-        panic!("no events");
-    };
-    let mut records = Vec::with_capacity(events.len());
-    for e in events {
-        records.push(normalize_event(e, now, MAX_EVENT_BYTES).expect("valid event"));
-    }
-    (records, ack_id)
+    let handled = handle(msg, &LIMITS, OffsetDateTime::now_utc());
+    assert!(handled.replies.is_empty(), "{:?}", handled.replies);
+    let store = handled.store.expect("events are stored");
+    (store.records, store.ack_id)
 }
 
 /// Stored records of `n` events, as ingest renders them.

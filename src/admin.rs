@@ -307,7 +307,7 @@ mod tests {
                 ..Default::default()
             },
         );
-        st.refuse("invalid_event", 3);
+        st.refuse(crate::refusal::RefusalCode::InvalidEvent, 3);
         st.record_failure("connection");
         st.update_uplink(|u| u.last_error = Some("cannot reach ws://x: refused".into()));
         let spool = SpoolStats::default();

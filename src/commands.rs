@@ -271,7 +271,7 @@ pub type Results = mpsc::UnboundedReceiver<CommandResult>;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResultRefusal {
     /// Error code for the client.
-    pub code: &'static str,
+    pub code: crate::refusal::RefusalCode,
     /// What to change.
     pub message: String,
 }
@@ -469,7 +469,7 @@ impl Router {
     pub fn on_result(&self, conn: u64, msg: &Value) -> Result<(), ResultRefusal> {
         let Some(id) = msg.get("id").and_then(Value::as_str) else {
             return Err(ResultRefusal {
-                code: "bad_command_result",
+                code: crate::refusal::RefusalCode::BadCommandResult,
                 message: "a command_result needs the command's \"id\"".into(),
             });
         };
@@ -478,7 +478,7 @@ impl Router {
             let mut inner = self.inner.lock().unwrap();
             let Some(run) = inner.running.get(id) else {
                 return Err(ResultRefusal {
-                    code: "unknown_command",
+                    code: crate::refusal::RefusalCode::UnknownCommand,
                     message: format!(
                         "no command {} is waiting for an answer (it was answered, timed out, or never sent here)",
                         crate::ingest::validate::excerpt(id)
@@ -487,7 +487,7 @@ impl Router {
             };
             if run.conn != conn {
                 return Err(ResultRefusal {
-                    code: "unknown_command",
+                    code: crate::refusal::RefusalCode::UnknownCommand,
                     message: format!(
                         "command {} was sent to another connection",
                         crate::ingest::validate::excerpt(id)
@@ -520,7 +520,7 @@ impl Router {
         };
         self.finish(r);
         parsed.map(|_| ()).map_err(|why| ResultRefusal {
-            code: "bad_command_result",
+            code: crate::refusal::RefusalCode::BadCommandResult,
             message: format!("{why}; the brain was told the command failed"),
         })
     }

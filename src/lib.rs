@@ -14,7 +14,8 @@
 //! * [`protocol`]: z4j protocol v2 frames, canonical JSON, HMAC signer/verifier,
 //!   replay guard, the brain's limits. Pure: no I/O. What the brain expects
 //!   is written down in `docs/brain-protocol.md`.
-//! * [`ingest`]: the local socket, framing, validation and normalisation of events.
+//! * [`ingest`]: the local socket, framing, validation and normalisation of events;
+//!   [`refusal`]: the error codes it sends, which are also the refusal counters' labels.
 //! * [`spool`]: the durable queue in SQLite.
 //! * [`uplink`]: the one connection to the brain.
 //! * [`commands`]: commands from the brain, routed to the local process that
@@ -54,6 +55,7 @@ pub mod ingest;
 pub mod memory;
 pub mod metrics;
 pub mod protocol;
+pub mod refusal;
 pub mod spool;
 pub mod stats;
 pub mod systemd;

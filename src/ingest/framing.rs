@@ -14,6 +14,7 @@
 //!   however they are split into reads.
 
 use crate::protocol::Value;
+use crate::refusal::RefusalCode;
 
 /// `rmp_serde`'s depth budget that allows [`crate::protocol::json::MAX_DEPTH`]
 /// nested arrays and maps, like the protocol's JSON parser (its counter
@@ -73,7 +74,7 @@ impl Framing {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FrameError {
     /// Stable code.
-    pub code: &'static str,
+    pub code: RefusalCode,
     /// What to change.
     pub message: String,
     /// Whether the connection must close.
@@ -238,7 +239,7 @@ impl Decoder {
         let len = u32::from_be_bytes([avail[0], avail[1], avail[2], avail[3]]) as usize;
         if len > self.max_message_bytes {
             return Err(FrameError {
-                code: "message_too_large",
+                code: RefusalCode::MessageTooLarge,
                 message: format!(
                     "a message of {len} bytes was announced; the limit is {} bytes. Send events in smaller batches (the connection is closed because the stream cannot be resynchronised)",
                     self.max_message_bytes
@@ -255,7 +256,7 @@ impl Decoder {
         let item = match <Value as serde::Deserialize>::deserialize(&mut de) {
             Ok(v) => Decoded::Message(v),
             Err(e) => Decoded::Invalid(FrameError {
-                code: "bad_message",
+                code: RefusalCode::BadMessage,
                 message: format!("not a valid MessagePack message: {e}"),
                 fatal: false,
             }),
@@ -308,7 +309,7 @@ impl Decoder {
             return Some(match crate::protocol::json::parse_line(line) {
                 Ok(v) => Decoded::Message(v),
                 Err(message) => Decoded::Invalid(FrameError {
-                    code: "bad_message",
+                    code: RefusalCode::BadMessage,
                     message,
                     fatal: false,
                 }),
@@ -318,7 +319,7 @@ impl Decoder {
 
     fn too_long(&self) -> FrameError {
         FrameError {
-            code: "message_too_large",
+            code: RefusalCode::MessageTooLarge,
             message: format!(
                 "a line longer than {} bytes was skipped; send events in smaller batches",
                 self.max_message_bytes

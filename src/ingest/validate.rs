@@ -10,18 +10,19 @@
 use time::OffsetDateTime;
 
 use crate::protocol::{canonical, replay, Value, KNOWN_KINDS, LEGACY_SCHEDULE_KINDS};
+use crate::refusal::RefusalCode;
 
 /// Why one event was refused: a stable code and a message saying what to change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
     /// Stable machine-readable reason (also the metric label).
-    pub code: &'static str,
+    pub code: RefusalCode,
     /// What is wrong and what to change.
     pub message: String,
 }
 
 impl Refusal {
-    pub(crate) fn new(code: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(code: RefusalCode, message: impl Into<String>) -> Self {
         Refusal {
             code,
             message: message.into(),
@@ -95,7 +96,7 @@ fn string_field(value: Option<Value>, key: &str) -> Result<Option<String>, Refus
         None | Some(Value::Null) => Ok(None),
         Some(Value::Str(s)) => Ok(Some(s)),
         Some(other) => Err(Refusal::new(
-            "invalid_event",
+            RefusalCode::InvalidEvent,
             format!("`{key}` must be a string, got {}", other.type_name()),
         )),
     }
@@ -176,39 +177,72 @@ pub fn normalize_event_noting(
         Value::Map(entries) => Fields::take(entries),
         other => {
             return Err(Refusal::new(
-                "invalid_event",
+                RefusalCode::InvalidEvent,
                 format!("an event must be a map, got {}", other.type_name()),
             ))
         }
     };
-    let engine = string_field(fields.engine.take(), "engine")?
+    let engine = engine(fields.engine.take())?;
+    let kind = kind(fields.kind.take())?;
+    let task_id = task_id(fields.task_id.take(), &kind)?;
+    let sent_at = occurred_at(fields.occurred_at.as_ref(), received_at)?;
+    let id = event_id(fields.id.take(), received_at)?;
+    let mut data = data(fields.data.take(), &kind)?;
+    let occurred_at = if in_brain_window(sent_at, received_at) {
+        sent_at
+    } else {
+        if data.get(ORIGINAL_OCCURRED_AT_KEY).is_none() {
+            let original = fields.occurred_at.take().unwrap_or(Value::Null);
+            data.insert(ORIGINAL_OCCURRED_AT_KEY, original);
+        }
+        notes.time_corrected += 1;
+        received_at
+    };
+    let record = Record {
+        data: &data,
+        engine: &engine,
+        id,
+        kind: &kind,
+        occurred_at,
+        task_id: &task_id,
+    };
+    record.render(max_event_bytes)
+}
+
+/// `engine`: a string, trimmed, not empty, at most [`MAX_ENGINE_CHARS`].
+fn engine(v: Option<Value>) -> Result<String, Refusal> {
+    let engine = string_field(v, "engine")?
         .map(trimmed)
         .filter(|s| !s.is_empty())
         .ok_or_else(|| {
             Refusal::new(
-                "invalid_event",
+                RefusalCode::InvalidEvent,
                 "`engine` is required: the task engine's name, e.g. \"celery\"",
             )
         })?;
     if engine.chars().count() > MAX_ENGINE_CHARS {
         return Err(Refusal::new(
-            "invalid_event",
+            RefusalCode::InvalidEvent,
             format!("`engine` must be at most {MAX_ENGINE_CHARS} characters"),
         ));
     }
+    Ok(engine)
+}
 
-    let kind = string_field(fields.kind.take(), "kind")?
+/// `kind`: one the brain knows, and not a legacy schedule kind it refuses.
+fn kind(v: Option<Value>) -> Result<String, Refusal> {
+    let kind = string_field(v, "kind")?
         .map(trimmed)
         .filter(|s| !s.is_empty())
         .ok_or_else(|| {
             Refusal::new(
-                "invalid_event",
+                RefusalCode::InvalidEvent,
                 "`kind` is required, e.g. \"task.received\"",
             )
         })?;
     if LEGACY_SCHEDULE_KINDS.contains(&kind.as_str()) {
         return Err(Refusal::new(
-            "legacy_kind",
+            RefusalCode::LegacyKind,
             format!(
                 "kind {} is a legacy schedule event that z4j brains 1.13+ refuse (they stop acknowledging the whole batch); do not send it",
                 excerpt(&kind)
@@ -217,7 +251,7 @@ pub fn normalize_event_noting(
     }
     if !KNOWN_KINDS.contains(&kind.as_str()) {
         return Err(Refusal::new(
-            "unknown_kind",
+            RefusalCode::UnknownKind,
             format!(
                 "kind {} is not one the brain knows; use one of: {}",
                 excerpt(&kind),
@@ -230,156 +264,178 @@ pub fn normalize_event_noting(
             ),
         ));
     }
+    Ok(kind)
+}
 
-    let task_id = string_field(fields.task_id.take(), "task_id")?.unwrap_or_default();
+/// `task_id`: required for `task.*` kinds, at most [`MAX_TASK_ID_CHARS`].
+fn task_id(v: Option<Value>, kind: &str) -> Result<String, Refusal> {
+    let task_id = string_field(v, "task_id")?.unwrap_or_default();
     if kind.starts_with("task.") && task_id.trim().is_empty() {
         return Err(Refusal::new(
-            "invalid_event",
+            RefusalCode::InvalidEvent,
             format!("`task_id` is required for {kind} events"),
         ));
     }
     if task_id.chars().count() > MAX_TASK_ID_CHARS {
         return Err(Refusal::new(
-            "invalid_event",
+            RefusalCode::InvalidEvent,
             format!("`task_id` must be at most {MAX_TASK_ID_CHARS} characters"),
         ));
     }
+    Ok(task_id)
+}
 
-    let occurred_at = match &fields.occurred_at {
-        None | Some(Value::Null) => received_at,
-        Some(Value::Str(s)) => match replay::parse_iso8601_assume_utc(s.trim()) {
-            Some(t) => t,
-            None => {
-                return Err(Refusal::new(
-                    "invalid_event",
-                    format!(
-                        "`occurred_at` {} is not an ISO-8601 timestamp; send e.g. \"2026-11-22T23:29:59.500000+00:00\", a unix time in seconds, or omit it",
-                        excerpt(s)
-                    ),
-                ))
-            }
-        },
+/// `occurred_at` as sent: an ISO-8601 string (UTC when naive), a unix time
+/// in seconds, or `received_at` when absent.
+fn occurred_at(v: Option<&Value>, received_at: OffsetDateTime) -> Result<OffsetDateTime, Refusal> {
+    match v {
+        None | Some(Value::Null) => Ok(received_at),
+        Some(Value::Str(s)) => replay::parse_iso8601_assume_utc(s.trim()).ok_or_else(|| {
+            Refusal::new(
+                RefusalCode::InvalidEvent,
+                format!(
+                    "`occurred_at` {} is not an ISO-8601 timestamp; send e.g. \"2026-11-22T23:29:59.500000+00:00\", a unix time in seconds, or omit it",
+                    excerpt(s)
+                ),
+            )
+        }),
         Some(v @ (Value::Int(_) | Value::UInt(_) | Value::Float(_))) => {
             let secs = v.as_f64().unwrap_or(f64::NAN);
             let nanos = (secs * 1e9).round();
             match OffsetDateTime::from_unix_timestamp_nanos(nanos as i128) {
-                Ok(t) if secs.is_finite() && secs >= 0.0 => t,
-                _ => {
-                    return Err(Refusal::new(
-                        "invalid_event",
-                        format!("`occurred_at` {secs} is not a valid unix time in seconds"),
-                    ))
-                }
+                Ok(t) if secs.is_finite() && secs >= 0.0 => Ok(t),
+                _ => Err(Refusal::new(
+                    RefusalCode::InvalidEvent,
+                    format!("`occurred_at` {secs} is not a valid unix time in seconds"),
+                )),
             }
         }
-        Some(other) => {
-            return Err(Refusal::new(
-                "invalid_event",
-                format!(
-                    "`occurred_at` must be an ISO-8601 string or a unix time, got {}",
-                    other.type_name()
-                ),
-            ))
-        }
-    };
+        Some(other) => Err(Refusal::new(
+            RefusalCode::InvalidEvent,
+            format!(
+                "`occurred_at` must be an ISO-8601 string or a unix time, got {}",
+                other.type_name()
+            ),
+        )),
+    }
+}
 
-    let id = match string_field(fields.id.take(), "id")? {
-        None => new_event_id(received_at),
+/// `id`: a UUID (not nil, not max), or a new UUIDv7 when absent.
+fn event_id(v: Option<Value>, received_at: OffsetDateTime) -> Result<uuid::Uuid, Refusal> {
+    match string_field(v, "id")? {
+        None => Ok(new_event_id(received_at)),
         Some(s) => match uuid::Uuid::parse_str(s.trim()) {
-            Ok(u) if !u.is_nil() && !u.is_max() => u,
-            _ => {
-                return Err(Refusal::new(
-                    "invalid_event",
-                    format!(
-                        "`id` {} is not a UUID; omit it and the daemon assigns one",
-                        excerpt(&s)
-                    ),
-                ))
-            }
+            Ok(u) if !u.is_nil() && !u.is_max() => Ok(u),
+            _ => Err(Refusal::new(
+                RefusalCode::InvalidEvent,
+                format!(
+                    "`id` {} is not a UUID; omit it and the daemon assigns one",
+                    excerpt(&s)
+                ),
+            )),
         },
-    };
+    }
+}
 
-    let mut data = match fields.data.take() {
+/// `data`: a map (empty when absent), without the keys of the brain's
+/// external schedule protocol.
+fn data(v: Option<Value>, kind: &str) -> Result<Value, Refusal> {
+    let data = match v {
         None | Some(Value::Null) => Value::empty_map(),
         Some(m @ Value::Map(_)) => m,
         Some(other) => {
             return Err(Refusal::new(
-                "invalid_event",
+                RefusalCode::InvalidEvent,
                 format!("`data` must be a map, got {}", other.type_name()),
             ))
         }
     };
-
     // The brain reads these keys as its external schedule protocol, which
     // it accepts on `schedule.*` events only (refused above as legacy
     // kinds); on any other event it drops the whole event after acking it.
     for key in ["external_projection", "external_snapshot_frame"] {
         if data.get(key).is_some() {
             return Err(Refusal::new(
-                "invalid_event",
+                RefusalCode::InvalidEvent,
                 format!(
                     "`data.{key}` belongs to the brain's external schedule protocol, which the brain accepts only on schedule events; on a {kind} event it drops the whole event. Rename or remove the key"
                 ),
             ));
         }
     }
+    Ok(data)
+}
 
+/// Whether the brain keeps `t` as sent: at most [`MAX_FUTURE_SECONDS`]
+/// ahead of `received_at` and [`MAX_PAST_DAYS`] behind it.
+fn in_brain_window(t: OffsetDateTime, received_at: OffsetDateTime) -> bool {
     let window = (received_at - time::Duration::days(MAX_PAST_DAYS))
         ..=(received_at + time::Duration::seconds(MAX_FUTURE_SECONDS));
-    let occurred_at = if window.contains(&occurred_at) {
-        occurred_at
-    } else {
-        if data.get(ORIGINAL_OCCURRED_AT_KEY).is_none() {
-            let original = fields.occurred_at.take().unwrap_or(Value::Null);
-            data.insert(ORIGINAL_OCCURRED_AT_KEY, original);
-        }
-        notes.time_corrected += 1;
-        received_at
-    };
+    window.contains(&t)
+}
 
-    // Room for a typical Celery event (about 460 bytes) without regrowing.
-    let mut out = Vec::with_capacity(640);
-    out.extend_from_slice(b"{\"data\":");
-    // Stops as soon as the event cannot fit: a 12 MB `data` is refused
-    // without being copied out first.
-    match canonical::write_value_within(&data, &mut out, max_event_bytes) {
-        Ok(()) => {}
-        Err(canonical::CanonicalError::TooLong) => {
-            return Err(too_large(
-                &format!("more than {max_event_bytes}"),
-                max_event_bytes,
-            ));
-        }
-        Err(e) => return Err(Refusal::new("invalid_event", format!("`data`: {e}"))),
-    }
-    out.extend_from_slice(b",\"engine\":");
-    canonical::write_str(&engine, &mut out);
-    out.extend_from_slice(b",\"id\":\"");
-    out.extend_from_slice(
-        id.hyphenated()
-            .encode_lower(&mut uuid::Uuid::encode_buffer())
-            .as_bytes(),
-    );
-    out.push(b'"');
-    out.extend_from_slice(b",\"kind\":");
-    canonical::write_str(&kind, &mut out);
-    out.extend_from_slice(b",\"occurred_at\":\"");
-    write_occurred_at(occurred_at, &mut out);
-    out.push(b'"');
-    out.extend_from_slice(b",\"task_id\":");
-    canonical::write_str(&task_id, &mut out);
-    out.push(b'}');
+/// A normalised event, ready to be written as its canonical record.
+struct Record<'a> {
+    data: &'a Value,
+    engine: &'a str,
+    id: uuid::Uuid,
+    kind: &'a str,
+    occurred_at: OffsetDateTime,
+    task_id: &'a str,
+}
 
-    if out.len() > max_event_bytes {
-        return Err(too_large(&out.len().to_string(), max_event_bytes));
+impl Record<'_> {
+    /// The canonical JSON, keys in sorted order, or `event_too_large`.
+    fn render(&self, max_event_bytes: usize) -> Result<Vec<u8>, Refusal> {
+        // Room for a typical Celery event (about 460 bytes) without regrowing.
+        let mut out = Vec::with_capacity(640);
+        out.extend_from_slice(b"{\"data\":");
+        // Stops as soon as the event cannot fit: a 12 MB `data` is refused
+        // without being copied out first.
+        match canonical::write_value_within(self.data, &mut out, max_event_bytes) {
+            Ok(()) => {}
+            Err(canonical::CanonicalError::TooLong) => {
+                return Err(too_large(
+                    &format!("more than {max_event_bytes}"),
+                    max_event_bytes,
+                ));
+            }
+            Err(e) => {
+                return Err(Refusal::new(
+                    RefusalCode::InvalidEvent,
+                    format!("`data`: {e}"),
+                ))
+            }
+        }
+        out.extend_from_slice(b",\"engine\":");
+        canonical::write_str(self.engine, &mut out);
+        out.extend_from_slice(b",\"id\":\"");
+        out.extend_from_slice(
+            self.id
+                .hyphenated()
+                .encode_lower(&mut uuid::Uuid::encode_buffer())
+                .as_bytes(),
+        );
+        out.push(b'"');
+        out.extend_from_slice(b",\"kind\":");
+        canonical::write_str(self.kind, &mut out);
+        out.extend_from_slice(b",\"occurred_at\":\"");
+        write_occurred_at(self.occurred_at, &mut out);
+        out.push(b'"');
+        out.extend_from_slice(b",\"task_id\":");
+        canonical::write_str(self.task_id, &mut out);
+        out.push(b'}');
+        if out.len() > max_event_bytes {
+            return Err(too_large(&out.len().to_string(), max_event_bytes));
+        }
+        Ok(out)
     }
-    Ok(out)
 }
 
 /// `event_too_large`; `size` is "1234567" or "more than 1044480".
 fn too_large(size: &str, max_event_bytes: usize) -> Refusal {
     Refusal::new(
-        "event_too_large",
+        RefusalCode::EventTooLarge,
         format!(
             "the event is {size} bytes once encoded, but one brain frame holds at most {max_event_bytes} bytes of events; trim `data` (large args, results or tracebacks)"
         ),

@@ -34,8 +34,8 @@ pub(crate) fn stats() -> Stats {
     for (a, n) in counters {
         a.store(n, Ordering::Relaxed);
     }
-    s.refuse("invalid_event", 3);
-    s.refuse("event_too_large", 1);
+    s.refuse(crate::refusal::RefusalCode::InvalidEvent, 3);
+    s.refuse(crate::refusal::RefusalCode::EventTooLarge, 1);
     s.record_failure("auth");
     s.record_failure("auth");
     s.record_failure("connection");

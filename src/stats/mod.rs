@@ -468,8 +468,13 @@ impl Stats {
     }
 
     /// Counts `n` refused events (or messages) under `reason`.
-    pub fn refuse(&self, reason: &'static str, n: u64) {
-        *self.refused.lock().unwrap().entry(reason).or_default() += n;
+    pub fn refuse(&self, reason: crate::refusal::RefusalCode, n: u64) {
+        *self
+            .refused
+            .lock()
+            .unwrap()
+            .entry(reason.as_str())
+            .or_default() += n;
     }
 
     /// Refusals by reason.

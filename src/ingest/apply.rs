@@ -1,0 +1,121 @@
+//! Applying the handler's decision to the live state of one connection:
+//! the counters, the router and `stats` registration, the replies (a
+//! `stats` report rendered from the counters now), the relayed command
+//! result, and the spool append.
+//!
+//! Invariant: the order is fixed (counters, registration, replies, relay,
+//! append), so a client that reads a reply finds the counters and the
+//! registration it implies already in place.
+
+use std::sync::atomic::Ordering;
+
+use super::connection::Connection;
+use super::handler::{Handled, Registration, Relay, Reply};
+use crate::protocol::Value;
+
+impl Connection<'_> {
+    /// Applies what the handler decided, in this order: counters,
+    /// registration, replies, the relayed command result, the append.
+    pub(super) async fn apply(&mut self, h: Handled) {
+        let stats = &self.ingest.stats;
+        if h.counts.events_received > 0 {
+            stats
+                .events_received
+                .fetch_add(h.counts.events_received, Ordering::Relaxed);
+        }
+        for (code, n) in &h.counts.refused {
+            stats.refuse(*code, *n);
+        }
+        if h.counts.time_corrected > 0 {
+            stats.time_corrected(h.counts.time_corrected);
+        }
+        if let Some(r) = h.register {
+            self.register(r);
+        }
+        for reply in &h.replies {
+            self.reply(reply);
+        }
+        if let Some(Relay::CommandResult { message, ack_id }) = h.relay {
+            self.relay_command_result(&message, ack_id);
+        }
+        if let Some(store) = h.store {
+            let accepted = store.records.len() as u64;
+            stats.update_client(self.id, |c| c.events_received += accepted);
+            self.store(store.records, store.ack_id).await;
+        }
+    }
+
+    fn reply(&self, reply: &Reply) {
+        match reply {
+            Reply::Stats { ack_id } => {
+                let mut m = self.ingest.stats.report(self.ingest.spool.stats());
+                if let Some(a) = ack_id {
+                    m.insert("ack_id", a.clone());
+                }
+                self.replies.send(&m);
+            }
+            other => {
+                if let Some(v) = other.to_value() {
+                    self.replies.send(&v);
+                }
+            }
+        }
+    }
+
+    /// Passes a `command_result` to the router; an `ack` when it took it,
+    /// else the router's error, counted.
+    fn relay_command_result(&self, message: &Value, ack_id: Option<Value>) {
+        match self.ingest.router.on_result(self.id, message) {
+            Ok(()) => {
+                if let Some(a) = ack_id {
+                    let mut m = Value::empty_map();
+                    m.insert("type", "ack");
+                    m.insert("ack_id", a);
+                    self.replies.send(&m);
+                }
+            }
+            Err(r) => {
+                self.ingest.stats.refuse(r.code, 1);
+                self.replies
+                    .error(r.code, &r.message, ack_id.as_ref(), None);
+            }
+        }
+    }
+
+    /// What a `hello` declared: the router may send this connection
+    /// commands for its capabilities, and `stats` shows the rest.
+    fn register(&self, r: Registration) {
+        tracing::info!(
+            client = self.id,
+            process = r.process.as_deref().unwrap_or("-"),
+            engines = ?r.engines,
+            capabilities = ?r.capabilities,
+            "client registered"
+        );
+        self.ingest.router.register(
+            self.id,
+            crate::commands::ClientHandle {
+                tx: self.replies.tx.clone(),
+                framing: self.replies.framing,
+                capabilities: r.capabilities.clone(),
+                pid: self.pid,
+                process: r.process.clone(),
+            },
+        );
+        let mut changed = false;
+        self.ingest.stats.update_client(self.id, |c| {
+            c.process = r.process;
+            c.framework = r.framework;
+            c.worker_role = r.worker_role;
+            changed = c.engines != r.engines
+                || c.capabilities != r.capabilities
+                || c.runtime_features != r.runtime_features;
+            c.engines = r.engines;
+            c.capabilities = r.capabilities;
+            c.runtime_features = r.runtime_features;
+        });
+        if changed {
+            self.ingest.stats.clients_changed.notify_one();
+        }
+    }
+}

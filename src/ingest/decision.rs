@@ -1,0 +1,129 @@
+//! What [`super::handler::handle`] decides about one message: the value
+//! the connection loop (or any other way in) applies.
+//!
+//! Invariants: a decision holds no handle to live state (no socket, queue,
+//! spool or counter), only values; what needs live state is named, for the
+//! caller to complete ([`Reply::Stats`], [`Relay::CommandResult`]).
+
+use std::collections::BTreeMap;
+
+use super::handler::error_reply;
+use super::validate::Refusal;
+use crate::protocol::Value;
+use crate::refusal::RefusalCode;
+
+/// The limits a message is handled under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest single event, canonical bytes.
+    pub max_event_bytes: usize,
+    /// Largest message; only announced in `hello_ack` (the decoder enforces it).
+    pub max_message_bytes: usize,
+}
+
+/// What to do about one message.
+#[derive(Debug, Default, PartialEq)]
+pub struct Handled {
+    /// Counters to add, before anything is sent.
+    pub counts: Counts,
+    /// What a `hello` registers for this connection.
+    pub register: Option<Registration>,
+    /// Replies to send now, in order.
+    pub replies: Vec<Reply>,
+    /// A command result for the router; its reply follows the router's answer.
+    pub relay: Option<Relay>,
+    /// Records for the spool (`event` and `events`), acknowledged once committed.
+    pub store: Option<Store>,
+}
+
+/// Counters one message adds.
+#[derive(Debug, Default, PartialEq)]
+pub struct Counts {
+    /// Events decoded (valid or not).
+    pub events_received: u64,
+    /// Refused events or messages, by code.
+    pub refused: Vec<(RefusalCode, u64)>,
+    /// Events whose `occurred_at` was replaced by the receive time.
+    pub time_corrected: u64,
+}
+
+/// One reply to the client.
+#[derive(Debug, PartialEq)]
+pub enum Reply {
+    /// A reply complete as it is (`pong`, `hello_ack`).
+    Message(Value),
+    /// An `error` reply.
+    Error {
+        /// The code and the message saying what to change.
+        refusal: Refusal,
+        /// The message's `ack_id`, echoed.
+        ack_id: Option<Value>,
+        /// Which event of an `events` message.
+        index: Option<usize>,
+    },
+    /// A `stats` report: the loop renders the live counters, then adds the `ack_id`.
+    Stats {
+        /// The message's `ack_id`, echoed.
+        ack_id: Option<Value>,
+    },
+}
+
+impl Reply {
+    /// The reply as sent, or `None` for a [`Reply::Stats`] (live counters).
+    pub fn to_value(&self) -> Option<Value> {
+        match self {
+            Reply::Message(v) => Some(v.clone()),
+            Reply::Error {
+                refusal,
+                ack_id,
+                index,
+            } => Some(error_reply(
+                refusal.code,
+                &refusal.message,
+                ack_id.as_ref(),
+                *index,
+            )),
+            Reply::Stats { .. } => None,
+        }
+    }
+}
+
+/// What a `hello` declares about the connection's process.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Registration {
+    /// Process name, at most [`super::MAX_LABEL_CHARS`].
+    pub process: Option<String>,
+    /// Framework name, at most [`super::MAX_LABEL_CHARS`].
+    pub framework: Option<String>,
+    /// Worker role, at most [`super::MAX_LABEL_CHARS`].
+    pub worker_role: Option<String>,
+    /// Engines it sends events for (those of `capabilities` included), sorted.
+    pub engines: Vec<String>,
+    /// Engine -> actions it runs, each list sorted and without duplicates.
+    pub capabilities: BTreeMap<String, Vec<String>>,
+    /// Feature names of its runtime.
+    pub runtime_features: Vec<String>,
+}
+
+/// A message the daemon passes on rather than answers itself.
+#[derive(Debug, PartialEq)]
+pub enum Relay {
+    /// A `command_result`: the router matches it to a running command.
+    /// On success the client gets an `ack` (when it sent an `ack_id`),
+    /// otherwise an `error` with the router's code, counted.
+    CommandResult {
+        /// The whole message.
+        message: Value,
+        /// Its `ack_id`.
+        ack_id: Option<Value>,
+    },
+}
+
+/// Canonical records to append to the spool.
+#[derive(Debug, PartialEq)]
+pub struct Store {
+    /// One canonical record per accepted event, in order (may be empty).
+    pub records: Vec<Vec<u8>>,
+    /// Acknowledged with the count stored once committed (even when none was).
+    pub ack_id: Option<Value>,
+}
