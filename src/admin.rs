@@ -11,37 +11,33 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::client::{Client, ClientError};
-use crate::config::HostEnv;
+use crate::config::{HostEnv, Options};
 use crate::protocol::Value;
 use crate::stats::Snapshot;
 
 /// Time allowed for the daemon to answer.
 const TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Where `status` looks for the daemon: `--socket-path`/`Z4J_SOCKET_PATH`,
-/// else `socket_path` in the `--config` file, else the host-wide socket
-/// (`/run/z4j-agentd/agent.sock`) when it exists, else the default `run` uses.
+/// Where `status` looks for the daemon: `socket_path` as `run` reads it
+/// ([`Options::socket_path`]: `--socket-path`/`Z4J_SOCKET_PATH`, else the
+/// `--config` file), else the host-wide socket (`/run/z4j-agentd/agent.sock`)
+/// when it exists, else the default `run` uses. A config file that cannot
+/// be read or that `run` would refuse is an error saying why.
 pub fn socket_path(
     explicit: Option<PathBuf>,
-    config_file: Option<&Path>,
+    config_file: Option<PathBuf>,
     host: &HostEnv,
 ) -> Result<PathBuf, String> {
-    if let Some(p) = explicit.filter(|p| !p.as_os_str().is_empty()) {
-        return Ok(p);
+    let options = Options {
+        socket_path: explicit,
+        config: config_file,
+        ..Options::default()
+    };
+    match options.socket_path() {
+        Ok(Some(p)) => Ok(p),
+        Ok(None) => Ok(crate::ingest::client_socket_path(host)),
+        Err(e) => Err(e.message),
     }
-    if let Some(file) = config_file.filter(|p| !p.as_os_str().is_empty()) {
-        let text = crate::config::read_small_file(file, crate::config::MAX_CONFIG_FILE_BYTES)
-            .map_err(|e| format!("cannot read {}: {e}", file.display()))
-            .and_then(|b| {
-                String::from_utf8(b).map_err(|_| format!("{} is not UTF-8 text", file.display()))
-            })?;
-        let table: toml::Table = toml::from_str(&text)
-            .map_err(|e| format!("{} is not valid TOML: {}", file.display(), e.message()))?;
-        if let Some(p) = table.get("socket_path").and_then(toml::Value::as_str) {
-            return Ok(PathBuf::from(p));
-        }
-    }
-    Ok(crate::ingest::client_socket_path(host))
 }
 
 /// Asks the daemon on `path` for its `stats`.
@@ -390,16 +386,45 @@ mod tests {
             ..HostEnv::default()
         };
         assert_eq!(
-            socket_path(Some("/a.sock".into()), Some(&file), &host).unwrap(),
+            socket_path(Some("/a.sock".into()), Some(file.clone()), &host).unwrap(),
             PathBuf::from("/a.sock")
         );
         assert_eq!(
-            socket_path(None, Some(&file), &host).unwrap(),
+            socket_path(None, Some(file.clone()), &host).unwrap(),
             PathBuf::from("/run/x/agent.sock")
         );
         assert_eq!(
             socket_path(None, None, &host).unwrap(),
             PathBuf::from("/tmp/z4j-5/agent.sock")
         );
+        // An empty flag counts as not given, as for `run`.
+        assert_eq!(
+            socket_path(Some("".into()), Some(file.clone()), &host).unwrap(),
+            PathBuf::from("/run/x/agent.sock")
+        );
+    }
+
+    #[test]
+    fn socket_path_reads_the_file_as_run_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = HostEnv {
+            tmpdir: "/tmp".into(),
+            uid: 5,
+            ..HostEnv::default()
+        };
+        let missing = dir.path().join("missing.toml");
+        let e = socket_path(None, Some(missing.clone()), &host).unwrap_err();
+        assert!(
+            e.starts_with(&format!("cannot read {}: ", missing.display())),
+            "{e}"
+        );
+        // A key `run` does not know is refused, not skipped.
+        let typo = dir.path().join("typo.toml");
+        std::fs::write(&typo, "sokcet_path = \"/run/x/agent.sock\"\n").unwrap();
+        let e = socket_path(None, Some(typo), &host).unwrap_err();
+        assert!(e.contains("unknown field `sokcet_path`"), "{e}");
+        let wrong_type = dir.path().join("int.toml");
+        std::fs::write(&wrong_type, "socket_path = 3\n").unwrap();
+        assert!(socket_path(None, Some(wrong_type), &host).is_err());
     }
 }

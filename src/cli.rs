@@ -129,7 +129,7 @@ fn doctor(args: DoctorArgs) -> ExitCode {
 
 fn status(args: StatusArgs) -> ExitCode {
     let host = HostEnv::from_process();
-    let path = match crate::admin::socket_path(args.socket_path, args.config.as_deref(), &host) {
+    let path = match crate::admin::socket_path(args.socket_path, args.config, &host) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("z4j-agentd status: {e}");

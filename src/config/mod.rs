@@ -195,6 +195,23 @@ impl Options {
         }
     }
 
+    /// `Z4J_SOCKET_PATH` as `run` reads it (flags > environment > the
+    /// config file), without validating the other settings: what
+    /// `z4j-agentd status` connects to. `None` when nothing names it (the
+    /// caller picks the default). A config file `run` would refuse is
+    /// refused here too, with the same error.
+    pub fn socket_path(&self) -> Result<Option<PathBuf>, ConfigError> {
+        let file = match self.config_file_path() {
+            Some(p) => file::load(&p)?,
+            None => file::FileValues::default(),
+        };
+        let sources = Sources {
+            options: self,
+            file,
+        };
+        sources.get(&SOCKET_PATH)
+    }
+
     /// `Z4J_CONFIG` from the flag or the environment (the file cannot name itself).
     fn config_file_path(&self) -> Option<PathBuf> {
         let sources = Sources {

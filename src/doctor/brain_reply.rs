@@ -1,22 +1,22 @@
-//! What the brain answers to the doctor's session, explained: its reply to
-//! the signed frame (the acknowledgement we wait for, a close, or a frame
-//! that fails verification) and what each close code means for the
-//! operator, with the fix.
+//! What the brain answers to the doctor's session, explained: a refused
+//! handshake, its reply to the signed frame (the acknowledgement we wait
+//! for, a close, or a frame that fails verification), each with the fix.
 //!
-//! This is the only place in the doctor that reads brain messages or knows
-//! close codes; the daemon's own reading and its log wording live in
-//! `uplink`. A 4403 is told apart by when it came (before the `hello`: this
-//! host's IP; after: the signature, or the clock when the skew from
-//! `hello_ack` is past the brain's limit).
+//! The doctor reads brain messages only through the uplink's one reader
+//! ([`next_received`], [`read_signed`]) and explains a close only through
+//! the uplink's one close-code table ([`close::diagnose`], on the doctor's
+//! slot); this file only turns their answers into what the report says.
+//! A 4403 is told apart by when it came (before the `hello`: this host's
+//! IP; after: the signature, or the clock when the skew from `hello_ack`
+//! is past the brain's limit).
 
-use futures_util::StreamExt;
 use time::OffsetDateTime;
-use tokio_tungstenite::tungstenite::Message;
 
-use super::clock::FAIL_SKEW_SECONDS;
-use crate::protocol::{Value, Verifier};
-use crate::uplink::backoff::describe_close;
+use crate::protocol::Verifier;
+use crate::uplink::close::{self, CloseContext};
 use crate::uplink::connect::Ws;
+use crate::uplink::error::UplinkError;
+use crate::uplink::reader::{next_received, read_signed, BrainMessage, Received};
 
 /// Why the session failed, for the operator.
 #[derive(Debug)]
@@ -39,56 +39,30 @@ impl Failure {
     /// The brain closed with `code`; `after_hello` and `skew` (brain clock
     /// minus ours, from `hello_ack`) tell the 4403s apart.
     pub(super) fn closed(code: u16, skew: Option<f64>, after_hello: bool) -> Self {
-        let (message, fix) = close_advice(code, skew, after_hello);
+        let ctx = CloseContext {
+            after_hello,
+            skew,
+            doctor_slot: true,
+        };
+        let d = close::diagnose(code, ctx);
         Failure {
-            message,
-            fix,
+            message: d.message,
+            fix: d.fix,
             close_code: Some(code),
         }
     }
-}
 
-/// What the close `code` means and what to change.
-fn close_advice(code: u16, skew: Option<f64>, after_hello: bool) -> (String, String) {
-    match code {
-        4401 => (
-            "the brain refused the token (close 4401): it is wrong, revoked, or from another brain or project".into(),
-            "mint a new agent token in the brain (dashboard, or POST /api/v1/projects/<slug>/agents) and put it in Z4J_TOKEN_FILE (or Z4J_TOKEN); tokens cannot be recovered".into(),
-        ),
-        4403 if !after_hello => (
-            "the brain refused this host's IP address (close 4403 before the hello)".into(),
-            "add this host's address to the brain's Z4J_AGENT_IP_ALLOWLIST".into(),
-        ),
-        4403 => match skew {
-            Some(s) if s.abs() > FAIL_SKEW_SECONDS => (
-                format!("the brain refused the signed frame (close 4403): this host's clock is {s:.0} s away from the brain's, beyond the 60 s the brain allows"),
-                "fix time synchronisation on this host or the brain (timedatectl set-ntp true, chrony)".into(),
+    /// The handshake failed: a close is explained by its code; anything
+    /// else (no `hello_ack`, a malformed one, a lost connection) means the
+    /// URL may not lead to a brain.
+    pub(super) fn handshake(e: &UplinkError) -> Self {
+        match e.close_code() {
+            Some(code) => Failure::closed(code, None, false),
+            None => Failure::new(
+                e.to_string(),
+                "check the brain's log; the URL must point at a z4j brain (the path /ws/agent is added)",
             ),
-            _ => (
-                "the brain refused the signed frame (close 4403): the HMAC secret does not match this project".into(),
-                "copy the project's hmac_secret (returned when the agent was minted; every agent of a project shares it) into Z4J_HMAC_SECRET_FILE (or Z4J_HMAC_SECRET); if the brain's Z4J_SECRET changed, mint a new token and secret".into(),
-            ),
-        },
-        4003 => (
-            "the brain closed the session (4003): the agent was revoked or its project archived".into(),
-            "mint a new agent in an active project and update Z4J_TOKEN_FILE and Z4J_HMAC_SECRET_FILE".into(),
-        ),
-        4426 | 4427 => (
-            format!("the brain refused the protocol version (close {code})"),
-            "upgrade z4j-agentd or the brain so both speak protocol 2".into(),
-        ),
-        4429 => (
-            "the brain rate-limited the connection or the agent has 64 worker slots in use (close 4429)".into(),
-            "wait a minute and try again; if it persists, check how many processes share this agent token".into(),
-        ),
-        4002 => (
-            "another doctor took the doctor's slot while it ran (close 4002)".into(),
-            "run one doctor at a time".into(),
-        ),
-        _ => (
-            format!("the brain closed the connection with {code}: {}", describe_close(code)),
-            "check the brain's log around this time for the reason".into(),
-        ),
+        }
     }
 }
 
@@ -105,41 +79,31 @@ pub(super) async fn await_ack(
     let mut pushed_commands = 0u64;
     loop {
         let bytes =
-            match ws.next().await {
-                None => return Err(Failure::new(
+            match next_received(ws).await {
+                Received::Frame(bytes) => bytes,
+                Received::Closed(code) => return Err(Failure::closed(code, skew, true)),
+                // (`next_received` passes over control frames.)
+                Received::Ended | Received::Control => return Err(Failure::new(
                     "the brain closed the connection after the signed frame without a close code",
                     "check the brain's log",
                 )),
-                Some(Err(e)) => {
+                Received::Lost(e) => {
                     return Err(Failure::new(
                         format!("the connection failed after the signed frame: {e}"),
                         "check the brain's log and any proxy in between",
                     ))
                 }
-                Some(Ok(Message::Close(f))) => {
-                    let code = f.as_ref().map(|f| u16::from(f.code)).unwrap_or(1005);
-                    return Err(Failure::closed(code, skew, true));
-                }
-                Some(Ok(Message::Binary(b))) => b.to_vec(),
-                Some(Ok(Message::Text(t))) => t.as_bytes().to_vec(),
-                Some(Ok(_)) => continue,
             };
-        let inbound = verifier
-            .verify(&bytes, OffsetDateTime::now_utc())
-            .map_err(|e| {
-                Failure::new(
-                    format!("a frame from the brain failed verification: {e}"),
-                    "the brain signs with the project's secret: check Z4J_HMAC_SECRET_FILE holds this project's hmac_secret, and this host's clock",
-                )
-            })?;
-        match inbound.frame_type.as_str() {
-            "event_batch_ack"
-                if inbound.payload.get("acked_id").and_then(Value::as_str) == Some(frame_id) =>
-            {
+        match read_signed(verifier, &bytes, OffsetDateTime::now_utc()) {
+            Err(e) => return Err(Failure::new(
+                format!("a frame from the brain failed verification: {e}"),
+                "the brain signs with the project's secret: check Z4J_HMAC_SECRET_FILE holds this project's hmac_secret, and this host's clock",
+            )),
+            Ok(BrainMessage::Ack { acked_id, .. }) if acked_id.as_deref() == Some(frame_id) => {
                 return Ok(pushed_commands)
             }
-            "command" => pushed_commands += 1,
-            _ => {}
+            Ok(BrainMessage::Command { .. }) => pushed_commands += 1,
+            Ok(_) => {}
         }
     }
 }
@@ -149,19 +113,36 @@ mod tests {
     use super::*;
 
     #[test]
-    fn close_codes_name_the_cause() {
-        assert!(close_advice(4401, None, false).0.contains("token"));
-        assert!(close_advice(4403, None, true).0.contains("HMAC secret"));
-        assert!(close_advice(4403, Some(90.0), true).0.contains("clock"));
-        assert!(close_advice(4403, None, false).0.contains("IP"));
-        assert!(close_advice(4426, None, false).1.contains("upgrade"));
+    fn closes_are_explained_on_the_doctors_slot() {
+        let f = Failure::closed(4401, None, false);
+        assert_eq!(f.close_code, Some(4401));
+        assert!(f.message.contains("token"), "{}", f.message);
+        assert!(f.fix.contains("Z4J_TOKEN_FILE"));
+        assert!(Failure::closed(4403, None, false).message.contains("IP"));
+        assert!(Failure::closed(4403, None, true)
+            .message
+            .contains("HMAC secret"));
+        assert!(Failure::closed(4403, Some(90.0), true)
+            .message
+            .contains("clock"));
+        // A 4002 on the doctor's slot is another doctor, not the daemon.
+        assert!(Failure::closed(4002, None, true)
+            .message
+            .contains("another doctor"));
+        assert_eq!(Failure::new("m", "f").close_code, None);
     }
 
     #[test]
-    fn a_close_keeps_its_code() {
-        let f = Failure::closed(4401, None, false);
-        assert_eq!(f.close_code, Some(4401));
-        assert!(f.fix.contains("Z4J_TOKEN_FILE"));
-        assert_eq!(Failure::new("m", "f").close_code, None);
+    fn a_refused_handshake_keeps_the_uplinks_words() {
+        let closed = Failure::handshake(&UplinkError::HandshakeClosed { code: 4403 });
+        assert_eq!(closed.close_code, Some(4403));
+        assert!(closed.message.contains("IP address"), "{}", closed.message);
+        let ended = Failure::handshake(&UplinkError::HandshakeEnded);
+        assert_eq!(ended.close_code, None);
+        assert_eq!(
+            ended.message,
+            "the brain closed the connection during the handshake"
+        );
+        assert!(ended.fix.contains("/ws/agent"));
     }
 }

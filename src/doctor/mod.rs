@@ -20,7 +20,10 @@
 //! probes. Each probe lives in its own file and only finds: it returns a
 //! [`Finding`] (status, message, fix, details) and what the probes after it
 //! need; it never decides whether the run goes on. The `websocket` probe
-//! reads the brain's reply and explains close codes in [`brain_reply`].
+//! dials and says `hello` with the uplink's own code, and turns the
+//! brain's reply into a finding in [`brain_reply`], which reads it with
+//! the uplink's reader and explains closes with the uplink's close-code
+//! table.
 //!
 //! The JSON schema of `--json` is documented in `docs/doctor.md`; the probe
 //! names, messages and fixes are part of that contract.

@@ -1,8 +1,8 @@
 //! The `websocket` probe: a real session with the brain, on a slot of the
 //! doctor's own.
 //!
-//! Steps: the upgrade with the token (the uplink's own `open`), `hello` /
-//! `hello_ack` (the uplink's own `handshake`), then one signed, empty
+//! Steps: the upgrade with the token (the uplink's own `dial`), `hello` /
+//! `hello_ack` (the uplink's own `exchange_hello`), then one signed, empty
 //! `event_batch` that the brain must verify and acknowledge with a frame we
 //! verify in turn, within [`ROUND_TRIP_TIMEOUT`]. Passing proves the token
 //! and the HMAC secret both ways.
@@ -26,7 +26,7 @@ use super::Finding;
 use crate::config::{Config, UplinkSettings};
 use crate::protocol::{self, SessionBinding, Signer, Verifier};
 use crate::stats::{Advertisement, Stats};
-use crate::uplink::connect::{self, HelloAck, Ws};
+use crate::uplink::connect::{self, Hello, HelloAck, Ws};
 
 /// Time allowed for the signed round trip after `hello_ack`.
 const ROUND_TRIP_TIMEOUT: Duration = Duration::from_secs(15);
@@ -90,29 +90,29 @@ fn with_close_code(finding: Finding, f: &Failure) -> Finding {
     }
 }
 
-/// The upgrade and the handshake; a refusal is the probe's failure.
+/// The upgrade and the handshake (the uplink's own `dial` and
+/// `exchange_hello`); a refusal is the probe's failure.
 async fn open_session(
     settings: &UplinkSettings,
     worker_id: &str,
     advertised: &Advertisement,
 ) -> Result<(Ws, HelloAck), Finding> {
-    let mut ws = connect::open(settings).await.map_err(|f| {
+    let mut ws = connect::dial(settings).await.map_err(|e| {
         Finding::fail(
-            f.error,
+            e.to_string(),
             "check that Z4J_BRAIN_URL is the brain's base URL and that any proxy passes WebSocket upgrades (Upgrade and Connection headers)",
         )
     })?;
-    let now = OffsetDateTime::now_utc();
-    match connect::handshake(&mut ws, settings, worker_id, advertised, now).await {
+    let hello = Hello {
+        settings,
+        worker_id,
+        advertised,
+        started_at: OffsetDateTime::now_utc(),
+    };
+    match connect::exchange_hello(&mut ws, &hello).await {
         Ok(ack) => Ok((ws, ack)),
-        Err(f) => {
-            let failure = match f.close_code {
-                Some(code) => Failure::closed(code, None, false),
-                None => Failure::new(
-                    f.error,
-                    "check the brain's log; the URL must point at a z4j brain (the path /ws/agent is added)",
-                ),
-            };
+        Err(e) => {
+            let failure = Failure::handshake(&e);
             let finding = Finding::fail(failure.message.clone(), failure.fix.clone())
                 .detail("worker_id", worker_id);
             Err(with_close_code(finding, &failure))

@@ -54,12 +54,6 @@ impl FailureClass {
     }
 }
 
-/// What a close code means, for the log line an operator reads (the
-/// [`close`](super::close) table's meaning).
-pub fn describe_close(code: u16) -> &'static str {
-    super::close::close_meaning(code).meaning
-}
-
 /// Per-class failure streaks.
 #[derive(Debug, Default, Clone)]
 pub struct Backoff {

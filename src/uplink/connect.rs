@@ -29,24 +29,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time allowed for `hello_ack` (the reference agent waits 10 s).
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A failed attempt as the doctor reports it: its text and the brain's
-/// close code. The uplink itself keeps the typed [`UplinkError`].
-#[derive(Debug)]
-pub(crate) struct Failure {
-    pub error: String,
-    /// The brain's close code, when it closed the connection.
-    pub close_code: Option<u16>,
-}
-
-impl From<UplinkError> for Failure {
-    fn from(e: UplinkError) -> Self {
-        Failure {
-            close_code: e.close_code(),
-            error: e.to_string(),
-        }
-    }
-}
-
 /// Builds the rustls client config: system roots plus `ca_file`. Reads
 /// files (blocking): call it off the async runtime.
 pub(crate) fn tls_config(
@@ -85,11 +67,6 @@ pub(crate) fn tls_config(
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(config)
-}
-
-/// Opens the WebSocket with the bearer token (for the doctor).
-pub(crate) async fn open(settings: &UplinkSettings) -> Result<Ws, Failure> {
-    dial(settings).await.map_err(Failure::from)
 }
 
 /// Opens the WebSocket with the bearer token.
@@ -206,25 +183,6 @@ fn describe_tls_error(e: &rustls::Error, settings: &UplinkSettings) -> String {
             .to_string(),
     };
     format!("the TLS certificate of {at} {fix} ({e})")
-}
-
-/// Sends `hello` and waits for `hello_ack` (for the doctor).
-/// `worker_id` names the slot at the brain: the daemon's own, or the
-/// doctor's, so a doctor run never displaces the daemon.
-pub(crate) async fn handshake(
-    ws: &mut Ws,
-    settings: &UplinkSettings,
-    worker_id: &str,
-    advertised: &crate::stats::Advertisement,
-    started_at: OffsetDateTime,
-) -> Result<HelloAck, Failure> {
-    let hello = Hello {
-        settings,
-        worker_id,
-        advertised,
-        started_at,
-    };
-    exchange_hello(ws, &hello).await.map_err(Failure::from)
 }
 
 /// Who says `hello`: the daemon, or the doctor in a slot of its own.
