@@ -2,7 +2,7 @@
 //! a badly signed ack, a running daemon it must not displace) and against
 //! TLS servers with untrusted, trusted and misnamed certificates.
 
-mod support;
+use crate::support;
 
 use std::io::{Read, Write};
 use std::net::TcpListener;

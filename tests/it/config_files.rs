@@ -5,7 +5,7 @@
 //! naming the setting; at SIGHUP it keeps serving on its current settings,
 //! says what is wrong, and still stops at once on SIGTERM. The real binary.
 
-mod support;
+use crate::support;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;

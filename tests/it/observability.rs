@@ -1,7 +1,7 @@
 //! `/metrics`, `/healthz`, `/readyz` and the `stats` reply of a whole
 //! daemon in-process, against the fake brain or no brain at all.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

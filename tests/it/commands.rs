@@ -2,7 +2,7 @@
 //! acked at once, routed by engine and action, answered in every case, and
 //! never run twice when the brain delivers the same command again.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

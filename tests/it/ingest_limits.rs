@@ -1,7 +1,7 @@
 //! Producers that outrun the disk: the records waiting for a commit are
 //! bounded over all connections, and the bound never deadlocks them.
 
-mod support;
+use crate::support;
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;

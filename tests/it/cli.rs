@@ -1,7 +1,7 @@
 //! The binary as an operator runs it: flags, exit codes, the socket and
 //! spool guards, signals, and what reaches the log.
 
-mod support;
+use crate::support;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;

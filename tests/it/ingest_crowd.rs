@@ -12,7 +12,7 @@
 //! daemon: the test raises its own soft RLIMIT_NOFILE to the hard limit and
 //! needs a hard limit of at least [`FDS_NEEDED`].
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};

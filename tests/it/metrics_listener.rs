@@ -5,7 +5,7 @@
 //! The real binary, with a descriptor limit of 256 like the host where
 //! 367 idle connections locked applications out.
 
-mod support;
+use crate::support;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
