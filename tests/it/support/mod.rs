@@ -11,7 +11,10 @@
 
 #![allow(dead_code)]
 
+pub mod binary;
 pub mod fake_brain;
+
+pub use binary::RunningDaemon;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
