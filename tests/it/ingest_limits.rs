@@ -61,6 +61,6 @@ async fn fire_and_forget_producers_far_above_the_in_flight_budget_lose_nothing()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(d.status.events_received.load(Ordering::Relaxed), total);
+    assert_eq!(d.stats.events_received.load(Ordering::Relaxed), total);
     d.stop().await.unwrap();
 }
