@@ -236,27 +236,6 @@ fn second_daemon_on_the_same_spool_names_the_pid() {
     first.stop();
 }
 
-/// Runs a daemon that must refuse to start: its exit status and stderr.
-/// One still running after `secs` is killed and the test fails.
-fn refused_start(mut c: Command, secs: u64, name: &str) -> (std::process::ExitStatus, String) {
-    c.stdout(Stdio::null()).stderr(Stdio::piped());
-    let mut child = c.spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            let err = support::keep_stderr(name, &mut child);
-            panic!("the daemon started instead of refusing: {err}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    (status, support::keep_stderr(name, &mut child))
-}
-
 #[test]
 fn deleting_the_lock_file_does_not_let_a_second_daemon_in() {
     let env = Env::new();
@@ -266,7 +245,7 @@ fn deleting_the_lock_file_does_not_let_a_second_daemon_in() {
     std::fs::remove_file(&note).unwrap();
     let mut second = env.cmd(free_port());
     second.env("Z4J_SOCKET_PATH", env.dir.path().join("second.sock"));
-    let (status, err) = refused_start(second, 10, "second_after_rm_lock");
+    let (status, err) = support::run_to_exit("second_after_rm_lock", second, 10);
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(
         err.contains("in use by another z4j-agentd")
@@ -282,7 +261,7 @@ fn deleting_the_lock_file_does_not_let_a_second_daemon_in() {
     std::fs::write(&precious, "keep me\n").unwrap();
     let _ = std::fs::remove_file(&note);
     std::os::unix::fs::symlink(&precious, &note).unwrap();
-    let (status, err) = refused_start(env.cmd(free_port()), 10, "symlinked_lock");
+    let (status, err) = support::run_to_exit("symlinked_lock", env.cmd(free_port()), 10);
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(
         err.contains(&note.display().to_string()) && err.contains("symbolic link"),
@@ -335,7 +314,7 @@ fn a_read_only_spool_is_refused_at_start_naming_the_path_and_the_fix() {
     // directory that cannot be written.
     let mut c = env.cmd(free_port());
     c.env("Z4J_BUFFER_PATH", z4j.join("agentd.sqlite"));
-    let (status, err) = refused_start(c, 10, "ro_mount");
+    let (status, err) = support::run_to_exit("ro_mount", c, 10);
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(
         err.contains(&z4j.display().to_string())
@@ -367,7 +346,7 @@ fn a_read_only_spool_is_refused_at_start_naming_the_path_and_the_fix() {
     };
     let socket = home.join("agent.sock");
     std::fs::set_permissions(&z4j, std::fs::Permissions::from_mode(0o500)).unwrap();
-    let (status, err) = refused_start(as_nobody(&env), 10, "ro_dir");
+    let (status, err) = support::run_to_exit("ro_dir", as_nobody(&env), 10);
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(
         err.contains(&format!("{} is not writable by uid 65534", z4j.display()))
@@ -381,7 +360,7 @@ fn a_read_only_spool_is_refused_at_start_naming_the_path_and_the_fix() {
     let child = support::RunningDaemon::start("nobody_first", as_nobody(&env), &socket);
     child.stop();
     std::fs::set_permissions(&spool, std::fs::Permissions::from_mode(0o400)).unwrap();
-    let (status, err) = refused_start(as_nobody(&env), 10, "ro_file");
+    let (status, err) = support::run_to_exit("ro_file", as_nobody(&env), 10);
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(
         err.contains(&format!("{} is not writable by uid 65534", spool.display()))

@@ -70,21 +70,9 @@ impl Env {
 
 /// Runs `c` and returns its exit code and stderr; fails the test when it
 /// has not exited within `secs` (the old daemon waited on a FIFO forever).
-fn run_bounded(mut c: Command, secs: u64) -> (Option<i32>, String) {
-    let mut child = c.stderr(Stdio::piped()).spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            let err = support::keep_stderr("config-files-start", &mut child);
-            return (status.code(), err);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("the daemon had not exited {secs} s after start");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+fn run_bounded(c: Command, secs: u64) -> (Option<i32>, String) {
+    let (status, err) = support::run_to_exit("config-files-start", c, secs);
+    (status.code(), err)
 }
 
 fn mkfifo(path: &Path) {

@@ -203,6 +203,24 @@ impl RunningDaemon {
     }
 }
 
+/// Runs a daemon that must exit on its own (a start it refuses): its exit
+/// status and what it wrote to stderr (kept, like a [`RunningDaemon`]'s).
+/// One still running after `secs` is killed and the test fails.
+pub fn run_to_exit(name: &str, cmd: Command, secs: u64) -> (ExitStatus, String) {
+    let mut d = RunningDaemon::start_until(name, cmd, Duration::ZERO, || true);
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(status) = d.try_wait() {
+            return (status, d.output());
+        }
+        if Instant::now() > deadline {
+            let err = d.output();
+            panic!("the daemon had not exited {secs} s after start (it started instead of refusing): {err}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 impl Drop for RunningDaemon {
     fn drop(&mut self) {
         if self.done {
