@@ -1,7 +1,7 @@
 //! A stand-in brain that verifies every frame and acknowledges it at once,
 //! for measuring the daemon's own cost from socket to brain frame
 //! (`benches/forward.sh`). It is the fake brain of the integration tests
-//! (`tests/support/fake_brain.rs`), on a free loopback port.
+//! (`tests/it/support/fake_brain.rs`), on a free loopback port.
 //!
 //! ```text
 //! cargo run --release --example ack_brain
@@ -10,7 +10,7 @@
 //! per second with the frames and events it acknowledged. Its credentials
 //! are fixed test values; never point a real daemon at it.
 
-#[path = "../tests/support/fake_brain.rs"]
+#[path = "../tests/it/support/fake_brain.rs"]
 mod fake_brain;
 
 use std::sync::atomic::Ordering;

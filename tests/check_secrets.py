@@ -10,7 +10,7 @@ creates and exports as Z4J_TEST_LOG_DIR. Its layout:
   <source>.secrets   the credentials a test source handed out, one per
                      line: `label<TAB>value` (a bare `value` is labelled by
                      its file and line); blank lines and `#` lines are
-                     skipped. rust.secrets (tests/support), e2e.secrets
+                     skipped. rust.secrets (tests/it/support), e2e.secrets
                      (tests/e2e/conftest.py), packaging.secrets (deb.sh).
   <source>/...       that source's logs: rust/ (in-process daemons at
                      TRACE, the binary tests' processes), e2e/ (daemon,

@@ -2,7 +2,8 @@
 # Every test of z4j-agentd, in the order a failure is cheapest to read:
 #   1. cargo fmt --check and cargo clippy --all-targets -D warnings, and the
 #      secrets checker's self-test (tests/check_secrets.py --self-test)
-#   2. cargo test (unit tests, the fake-brain uplink tests, the binary tests),
+#   2. cargo test (unit tests, then the integration tests of tests/it/ as one
+#      binary: the fake-brain uplink tests, the binary tests),
 #      then systemd-analyze verify/security on the units in systemd/
 #   3. the Python client's unit tests (clients/python/run-tests.sh, which
 #      creates its own venv on first use)
@@ -19,9 +20,9 @@
 # Logs: target/test-logs/ is emptied at the start and exported as
 # Z4J_TEST_LOG_DIR. Each step's console output (stdout and stderr) is also
 # written to target/test-logs/steps/<n>-<step>.log. With Z4J_TEST_LOG_DIR set:
-#   - the Rust tests (tests/support) log the in-process daemons' code at
-#     TRACE to rust/<test binary>-<pid>.log, keep the output of every
-#     z4j-agentd process the binary tests run (rust/<binary>-<pid>-<n>-*.log)
+#   - the Rust tests (tests/it/support) log the in-process daemons' code at
+#     TRACE to rust/it-<pid>.log, keep the output of every z4j-agentd
+#     process the binary tests run (rust/it-<pid>-<n>-*.log)
 #     and list the credentials they hand out in rust.secrets;
 #   - the end-to-end session copies its run directory's logs (daemons,
 #     one-shot CLI runs, example clients, Celery workers, gunicorn, redis,

@@ -1,6 +1,6 @@
 //! The report's renderings and the runner's rules: order, skips after a
 //! failure, time limits. The probes' messages are checked against real
-//! brains, sockets and certificates in `tests/doctor.rs`.
+//! brains, sockets and certificates in `tests/it/doctor.rs`.
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! a badly signed ack, a running daemon it must not displace) and against
 //! TLS servers with untrusted, trusted and misnamed certificates.
 
-mod support;
+use crate::support;
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -52,7 +52,7 @@ async fn a_good_brain_passes_on_the_doctors_own_slot_beside_a_running_daemon() {
     let mut o = options(&brain.url);
     o.engines = Some("rq".into());
     let d = TestDaemon::start(o.clone()).await;
-    let stats = d.status.clone();
+    let stats = d.stats.clone();
     wait_for(10, "daemon connected", || {
         stats.uplink().state == UplinkState::Connected
     })
@@ -113,8 +113,8 @@ async fn a_good_brain_passes_on_the_doctors_own_slot_beside_a_running_daemon() {
         .contains(&"event_batch".to_string()));
     // The daemon was not displaced (it may re-handshake once to advertise
     // its new worker, on its own slot).
-    assert!(d.status.failures().is_empty(), "{:?}", d.status.failures());
-    assert_eq!(d.status.uplink().state, UplinkState::Connected);
+    assert!(d.stats.failures().is_empty(), "{:?}", d.stats.failures());
+    assert_eq!(d.stats.uplink().state, UplinkState::Connected);
     // The doctor's session is the only one not on the daemon's slot.
     let doctor_hellos = brain
         .seen

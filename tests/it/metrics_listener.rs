@@ -5,13 +5,13 @@
 //! The real binary, with a descriptor limit of 256 like the host where
 //! 367 idle connections locked applications out.
 
-mod support;
+use crate::support;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::free_port;
@@ -25,8 +25,11 @@ const IDLE: usize = 400;
 
 /// `z4j-agentd run` under `ulimit -n 256` (soft and hard), metrics on.
 struct Daemon {
-    child: Child,
-    dir: tempfile::TempDir,
+    /// Declared before `_dir`, so it is killed (and its log kept) before
+    /// the directory goes.
+    process: support::RunningDaemon,
+    /// Home, spool and log of the daemon, removed after it.
+    _dir: tempfile::TempDir,
     socket: PathBuf,
     metrics: SocketAddr,
 }
@@ -40,9 +43,8 @@ impl Daemon {
         let socket = dir.path().join("agent.sock");
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         support::keep_secret("metrics listener test token", TOKEN);
-        let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
-        let child = Command::new("sh")
-            .arg("-c")
+        let mut c = Command::new("sh");
+        c.arg("-c")
             .arg("ulimit -n 256 && exec \"$0\" run")
             .arg(BIN)
             .env_clear()
@@ -55,31 +57,24 @@ impl Daemon {
             .env("Z4J_SOCKET_PATH", &socket)
             .env("Z4J_METRICS_ADDR", metrics.to_string())
             .env("Z4J_LOG_FORMAT", "json")
-            .env("Z4J_SHUTDOWN_GRACE_SECONDS", "0")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let mut d = Daemon {
-            child,
-            dir,
+            .env("Z4J_SHUTDOWN_GRACE_SECONDS", "0");
+        let process = support::RunningDaemon::start_logging_to(
+            "metrics-listener-daemon",
+            c,
+            &dir.path().join("daemon.log"),
+            Duration::from_secs(15),
+            || UnixStream::connect(&socket).is_ok() && TcpStream::connect(metrics).is_ok(),
+        );
+        Daemon {
+            process,
+            _dir: dir,
             socket,
             metrics,
-        };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while UnixStream::connect(&d.socket).is_err() || TcpStream::connect(d.metrics).is_err() {
-            if let Ok(Some(status)) = d.child.try_wait() {
-                panic!("the daemon exited early ({status}): {}", d.log());
-            }
-            assert!(Instant::now() < deadline, "the daemon never listened");
-            std::thread::sleep(Duration::from_millis(20));
         }
-        d
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+        self.process.log()
     }
 
     /// One JSON-lines request on a fresh local connection; `Err` when no
@@ -111,14 +106,6 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        support::keep_log("metrics-listener-daemon", &self.log());
     }
 }
 

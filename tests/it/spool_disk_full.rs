@@ -10,7 +10,7 @@
 //! grown with `mount -o remount`. Mounting needs root (CI runs as root);
 //! without it the test says so and does nothing.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

@@ -1,5 +1,7 @@
 //! Shared test harness: a whole daemon in-process on a temp dir, against a
-//! brain URL of the test's choosing.
+//! brain URL of the test's choosing ([`TestDaemon`]); the real binary as a
+//! child process ([`RunningDaemon`], in `binary.rs`); the fake brain
+//! (`fake_brain.rs`).
 //!
 //! With `Z4J_TEST_LOG_DIR` set (tests/run-all.sh sets it), everything the
 //! daemon code of a test binary logs, at TRACE, goes to
@@ -11,7 +13,10 @@
 
 #![allow(dead_code)]
 
+pub mod binary;
 pub mod fake_brain;
+
+pub use binary::{run_to_exit, RunningDaemon};
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -33,7 +38,7 @@ pub struct TestDaemon {
     pub dir: tempfile::TempDir,
     pub socket: PathBuf,
     pub spool: PathBuf,
-    pub status: Arc<Stats>,
+    pub stats: Arc<Stats>,
     pub metrics: Option<std::net::SocketAddr>,
     pub host: HostEnv,
     pub shutdown: CancellationToken,
@@ -96,7 +101,7 @@ impl TestDaemon {
             dir,
             socket: ready.socket_path,
             spool: ready.spool_path,
-            status: ready.stats,
+            stats: ready.stats,
             metrics: ready.metrics_addr,
             host,
             shutdown,
@@ -223,12 +228,12 @@ fn append_secret(root: &Path, label: &str, value: &str) {
         .append(true)
         .open(root.join("rust.secrets"))
         .expect("open rust.secrets");
-    // One write per line: every test binary appends to the same file.
+    // One write per line: tests running at once append to the same file.
     f.write_all(format!("{label}\t{value}\n").as_bytes())
         .expect("write rust.secrets");
 }
 
-/// The test binary's name without cargo's hash suffix (`cli`, `doctor`).
+/// The test binary's name without cargo's hash suffix (`it`).
 fn binary_name() -> String {
     let exe = std::env::current_exe().unwrap_or_default();
     let stem = exe.file_stem().unwrap_or_default().to_string_lossy();

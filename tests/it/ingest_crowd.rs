@@ -12,12 +12,12 @@
 //! daemon: the test raises its own soft RLIMIT_NOFILE to the hard limit and
 //! needs a hard limit of at least [`FDS_NEEDED`].
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -50,7 +50,9 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// `z4j-agentd run`, the real binary, with a clean environment.
 struct Daemon {
-    child: Child,
+    /// `None` once stopped. Declared before `dir`, so it is killed (and
+    /// its log kept) before the directory goes.
+    process: Option<support::RunningDaemon>,
     dir: tempfile::TempDir,
     socket: PathBuf,
 }
@@ -66,7 +68,6 @@ impl Daemon {
             std::fs::create_dir_all(dir.path().join(d)).unwrap();
         }
         let socket = dir.path().join("agent.sock");
-        let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
         support::keep_secret("crowd test token", TOKEN);
         support::keep_secret("crowd test HMAC secret", SECRET);
         support::keep_secret(
@@ -93,27 +94,27 @@ impl Daemon {
         for (k, v) in env {
             c.env(k, v);
         }
-        let child = c
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let mut d = Daemon { child, dir, socket };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while std::os::unix::net::UnixStream::connect(&d.socket).is_err() {
-            if let Ok(Some(status)) = d.child.try_wait() {
-                panic!("the daemon exited early ({status}): {}", d.log());
-            }
-            assert!(Instant::now() < deadline, "the daemon never listened");
-            std::thread::sleep(Duration::from_millis(20));
+        let process = support::RunningDaemon::start_logging_to(
+            "crowd-daemon",
+            c,
+            &dir.path().join("daemon.log"),
+            Duration::from_secs(15),
+            || std::os::unix::net::UnixStream::connect(&socket).is_ok(),
+        );
+        Daemon {
+            process: Some(process),
+            dir,
+            socket,
         }
-        d
+    }
+
+    fn running(&mut self) -> &mut support::RunningDaemon {
+        self.process.as_mut().expect("the daemon was stopped")
     }
 
     fn pid(&self) -> u32 {
         // `exec` keeps the shell's pid.
-        self.child.id()
+        self.process.as_ref().expect("the daemon was stopped").pid()
     }
 
     fn log(&self) -> String {
@@ -161,34 +162,16 @@ impl Daemon {
     }
 
     fn assert_running(&mut self) {
-        if let Ok(Some(status)) = self.child.try_wait() {
+        if let Some(status) = self.running().try_wait() {
             panic!("the daemon exited ({status}): {}", self.log());
         }
     }
 
+    /// SIGTERM and a clean exit within 15 s.
     fn stop(&mut self) {
         self.assert_running();
-        let _ = Command::new("kill")
-            .arg(self.pid().to_string())
-            .status()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                assert!(status.success(), "exit status {status}: {}", self.log());
-                return;
-            }
-            assert!(Instant::now() < deadline, "the daemon did not stop");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        support::keep_log("crowd-daemon", &self.log());
+        let process = self.process.take().expect("the daemon was stopped");
+        process.stop_expecting_success("TERM", 15);
     }
 }
 

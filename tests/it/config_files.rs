@@ -5,12 +5,12 @@
 //! naming the setting; at SIGHUP it keeps serving on its current settings,
 //! says what is wrong, and still stops at once on SIGTERM. The real binary.
 
-mod support;
+use crate::support;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::fake_brain::{Behavior, FakeBrain, SECRET, TOKEN};
@@ -70,21 +70,9 @@ impl Env {
 
 /// Runs `c` and returns its exit code and stderr; fails the test when it
 /// has not exited within `secs` (the old daemon waited on a FIFO forever).
-fn run_bounded(mut c: Command, secs: u64) -> (Option<i32>, String) {
-    let mut child = c.stderr(Stdio::piped()).spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            let err = support::keep_stderr("config-files-start", &mut child);
-            return (status.code(), err);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("the daemon had not exited {secs} s after start");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+fn run_bounded(c: Command, secs: u64) -> (Option<i32>, String) {
+    let (status, err) = support::run_to_exit("config-files-start", c, secs);
+    (status.code(), err)
 }
 
 fn mkfifo(path: &Path) {
@@ -210,25 +198,6 @@ fn log_lines(env: &Env, text: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// A daemon that is killed if the test fails before stopping it.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill")
-        .args([&format!("-{sig}"), &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_files_at_sighup_keep_the_daemon_serving_on_its_current_settings() {
     let brain = FakeBrain::start(Behavior::default()).await;
@@ -244,20 +213,14 @@ async fn hostile_files_at_sighup_keep_the_daemon_serving_on_its_current_settings
     c.env_remove("Z4J_TOKEN")
         .env_remove("Z4J_HMAC_SECRET")
         .env("Z4J_TOKEN_FILE", &token_file)
-        .env("Z4J_HMAC_SECRET_FILE", &secret_file)
-        .stderr(std::fs::File::create(env.log_path()).unwrap());
-    let mut child = KillOnDrop(c.spawn().unwrap());
-    let child = &mut child.0;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while ping(&env.socket()).is_err() {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "exited early: {}",
-            env.log()
-        );
-        assert!(Instant::now() < deadline, "never listened: {}", env.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        .env("Z4J_HMAC_SECRET_FILE", &secret_file);
+    let mut child = support::RunningDaemon::start_logging_to(
+        "config-files-sighup",
+        c,
+        &env.log_path(),
+        Duration::from_secs(10),
+        || ping(&env.socket()).is_ok(),
+    );
     let seen = brain.seen.clone();
     support::wait_for(10, "the first session", || {
         seen.auth_headers.lock().unwrap().len() == 1
@@ -271,7 +234,7 @@ async fn hostile_files_at_sighup_keep_the_daemon_serving_on_its_current_settings
     ] {
         for hostile in Hostile::ALL {
             hostile.make(path);
-            signal(child, "HUP");
+            child.signal("HUP");
             errors += 1;
             let want = format!("config error: {var}: {}", path.display());
             let deadline = Instant::now() + Duration::from_secs(5);
@@ -309,7 +272,7 @@ async fn hostile_files_at_sighup_keep_the_daemon_serving_on_its_current_settings
     // The reload still works: a new token (written by Notepad, with a
     // byte order mark) is taken and used.
     std::fs::write(&token_file, format!("\u{feff}{last}\r\n")).unwrap();
-    signal(child, "HUP");
+    child.signal("HUP");
     support::wait_for(10, "a reconnect with the new token", || {
         seen.auth_headers.lock().unwrap().len() == 2
     })
@@ -321,12 +284,12 @@ async fn hostile_files_at_sighup_keep_the_daemon_serving_on_its_current_settings
 
     // A FIFO left in place does not hold up SIGTERM.
     Hostile::Fifo.make(&token_file);
-    signal(child, "HUP");
+    child.signal("HUP");
     tokio::time::sleep(Duration::from_millis(200)).await;
-    signal(child, "TERM");
+    child.signal("TERM");
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
+        if let Some(s) = child.try_wait() {
             break s;
         }
         assert!(
@@ -337,7 +300,7 @@ async fn hostile_files_at_sighup_keep_the_daemon_serving_on_its_current_settings
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert!(status.success(), "{status}: {}", env.log());
-    support::keep_log("config-files-sighup", &env.log());
+    child.output();
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! acks, bad signatures, close codes. Each test runs a whole daemon
 //! in-process.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! acked at once, routed by engine and action, answered in every case, and
 //! never run twice when the brain delivers the same command again.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 
@@ -52,9 +52,9 @@ fn text<'a>(v: &'a Value, k: &str) -> &'a str {
 /// A daemon connected to `brain` whose `hello` already advertises `engines`.
 async fn connected(brain: &FakeBrain) -> TestDaemon {
     let d = TestDaemon::start(options(&brain.url)).await;
-    let status = d.status.clone();
+    let stats = d.stats.clone();
     support::wait_for(10, "connected", || {
-        status.uplink().state == UplinkState::Connected
+        stats.uplink().state == UplinkState::Connected
     })
     .await;
     d
@@ -221,7 +221,7 @@ async fn a_malformed_answer_gets_an_error_and_the_brain_a_failure() {
     assert!(text(&f[1].1, "error").contains("malformed"));
     // The session with the brain is intact: no protocol violation.
     assert_eq!(
-        d.status.connects.load(std::sync::atomic::Ordering::Relaxed),
+        d.stats.connects.load(std::sync::atomic::Ordering::Relaxed),
         1
     );
     d.stop().await.unwrap();

@@ -1,7 +1,7 @@
 //! The binary as an operator runs it: flags, exit codes, the socket and
 //! spool guards, signals, and what reaches the log.
 
-mod support;
+use crate::support;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -101,20 +101,6 @@ fn signal(child: &Child, sig: &str) {
     assert!(ok);
 }
 
-fn wait_exit(child: &mut Child, secs: u64) -> std::process::ExitStatus {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "daemon did not exit within {secs}s"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn version_and_help_document_every_option() {
     let out = output({
@@ -191,14 +177,9 @@ fn dev_mode_allows_plain_ws_to_another_host() {
     let env = Env::new();
     let mut c = env.cmd(free_port());
     c.env("Z4J_BRAIN_URL", "http://brain.invalid:7711")
-        .env("Z4J_DEV_MODE", "true")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut child = c.spawn().unwrap();
-    wait_socket(&env.socket(), &mut child);
-    signal(&child, "TERM");
-    assert!(wait_exit(&mut child, 20).success());
-    support::keep_stderr("dev_mode", &mut child);
+        .env("Z4J_DEV_MODE", "true");
+    let child = support::RunningDaemon::start("dev_mode", c, &env.socket());
+    child.stop();
 }
 
 #[test]
@@ -208,10 +189,7 @@ fn socket_is_0660_stale_file_replaced_and_live_daemon_refused() {
     drop(std::os::unix::net::UnixListener::bind(env.socket()).unwrap());
     assert!(env.socket().exists());
 
-    let mut first = env.cmd(free_port());
-    first.stdout(Stdio::null()).stderr(Stdio::piped());
-    let mut first = first.spawn().unwrap();
-    wait_socket(&env.socket(), &mut first);
+    let first = support::RunningDaemon::start("first", env.cmd(free_port()), &env.socket());
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(env.socket())
         .unwrap()
@@ -241,73 +219,41 @@ fn socket_is_0660_stale_file_replaced_and_live_daemon_refused() {
         jsonl_request(&env.socket(), r#"{"type":"ping"}"#)["type"],
         "pong"
     );
-    signal(&first, "TERM");
-    assert!(wait_exit(&mut first, 20).success());
-    support::keep_stderr("first", &mut first);
+    first.stop();
     assert!(!env.socket().exists(), "socket removed on a clean stop");
 }
 
 #[test]
 fn second_daemon_on_the_same_spool_names_the_pid() {
     let env = Env::new();
-    let mut first = env.cmd(free_port());
-    first.stdout(Stdio::null()).stderr(Stdio::piped());
-    let mut first = first.spawn().unwrap();
-    wait_socket(&env.socket(), &mut first);
+    let first = support::RunningDaemon::start("first", env.cmd(free_port()), &env.socket());
     let mut second = env.cmd(free_port());
     second.env("Z4J_SOCKET_PATH", env.dir.path().join("second.sock"));
     let out = output(second);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains(&format!("pid {}", first.id())), "{err}");
-    signal(&first, "TERM");
-    assert!(wait_exit(&mut first, 20).success());
-    support::keep_stderr("first", &mut first);
-}
-
-/// Runs a daemon that must refuse to start: its exit status and stderr.
-/// One still running after `secs` is killed and the test fails.
-fn refused_start(mut c: Command, secs: u64, name: &str) -> (std::process::ExitStatus, String) {
-    c.stdout(Stdio::null()).stderr(Stdio::piped());
-    let mut child = c.spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            let err = support::keep_stderr(name, &mut child);
-            panic!("the daemon started instead of refusing: {err}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    (status, support::keep_stderr(name, &mut child))
+    assert!(err.contains(&format!("pid {}", first.pid())), "{err}");
+    first.stop();
 }
 
 #[test]
 fn deleting_the_lock_file_does_not_let_a_second_daemon_in() {
     let env = Env::new();
-    let mut first = env.cmd(free_port());
-    first.stdout(Stdio::null()).stderr(Stdio::piped());
-    let mut first = first.spawn().unwrap();
-    wait_socket(&env.socket(), &mut first);
+    let first =
+        support::RunningDaemon::start("first_after_rm_lock", env.cmd(free_port()), &env.socket());
     let note = env.dir.path().join("home/.z4j/agentd.sqlite.lock");
     std::fs::remove_file(&note).unwrap();
     let mut second = env.cmd(free_port());
     second.env("Z4J_SOCKET_PATH", env.dir.path().join("second.sock"));
-    let (status, err) = refused_start(second, 10, "second_after_rm_lock");
+    let (status, err) = support::run_to_exit("second_after_rm_lock", second, 10);
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(
         err.contains("in use by another z4j-agentd")
-            && err.contains(&format!("pid {}", first.id())),
+            && err.contains(&format!("pid {}", first.pid())),
         "{err}"
     );
     assert!(!env.dir.path().join("second.sock").exists());
-    signal(&first, "TERM");
-    assert!(wait_exit(&mut first, 20).success());
-    support::keep_stderr("first_after_rm_lock", &mut first);
+    first.stop();
 
     // A symlink planted at the lock path: refused, and what it points to is
     // left as it was (it was truncated and overwritten with the pid).
@@ -315,7 +261,7 @@ fn deleting_the_lock_file_does_not_let_a_second_daemon_in() {
     std::fs::write(&precious, "keep me\n").unwrap();
     let _ = std::fs::remove_file(&note);
     std::os::unix::fs::symlink(&precious, &note).unwrap();
-    let (status, err) = refused_start(env.cmd(free_port()), 10, "symlinked_lock");
+    let (status, err) = support::run_to_exit("symlinked_lock", env.cmd(free_port()), 10);
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(
         err.contains(&note.display().to_string()) && err.contains("symbolic link"),
@@ -354,13 +300,8 @@ fn a_read_only_spool_is_refused_at_start_naming_the_path_and_the_fix() {
         }
     }
     let _unmount = Unmount(z4j.clone());
-    let mut c = env.cmd(free_port());
-    c.stdout(Stdio::null()).stderr(Stdio::piped());
-    let mut child = c.spawn().unwrap();
-    wait_socket(&env.socket(), &mut child);
-    signal(&child, "TERM");
-    assert!(wait_exit(&mut child, 20).success());
-    support::keep_stderr("before_ro", &mut child);
+    let child = support::RunningDaemon::start("before_ro", env.cmd(free_port()), &env.socket());
+    child.stop();
     let ro = Command::new("mount")
         .args(["-o", "remount,ro"])
         .arg(&z4j)
@@ -373,7 +314,7 @@ fn a_read_only_spool_is_refused_at_start_naming_the_path_and_the_fix() {
     // directory that cannot be written.
     let mut c = env.cmd(free_port());
     c.env("Z4J_BUFFER_PATH", z4j.join("agentd.sqlite"));
-    let (status, err) = refused_start(c, 10, "ro_mount");
+    let (status, err) = support::run_to_exit("ro_mount", c, 10);
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(
         err.contains(&z4j.display().to_string())
@@ -405,7 +346,7 @@ fn a_read_only_spool_is_refused_at_start_naming_the_path_and_the_fix() {
     };
     let socket = home.join("agent.sock");
     std::fs::set_permissions(&z4j, std::fs::Permissions::from_mode(0o500)).unwrap();
-    let (status, err) = refused_start(as_nobody(&env), 10, "ro_dir");
+    let (status, err) = support::run_to_exit("ro_dir", as_nobody(&env), 10);
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(
         err.contains(&format!("{} is not writable by uid 65534", z4j.display()))
@@ -416,15 +357,10 @@ fn a_read_only_spool_is_refused_at_start_naming_the_path_and_the_fix() {
 
     std::fs::set_permissions(&z4j, std::fs::Permissions::from_mode(0o700)).unwrap();
     let spool = z4j.join("agentd.sqlite");
-    let mut c = as_nobody(&env);
-    c.stdout(Stdio::null()).stderr(Stdio::piped());
-    let mut child = c.spawn().unwrap();
-    wait_socket(&socket, &mut child);
-    signal(&child, "TERM");
-    assert!(wait_exit(&mut child, 20).success());
-    support::keep_stderr("nobody_first", &mut child);
+    let child = support::RunningDaemon::start("nobody_first", as_nobody(&env), &socket);
+    child.stop();
     std::fs::set_permissions(&spool, std::fs::Permissions::from_mode(0o400)).unwrap();
-    let (status, err) = refused_start(as_nobody(&env), 10, "ro_file");
+    let (status, err) = support::run_to_exit("ro_file", as_nobody(&env), 10);
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(
         err.contains(&format!("{} is not writable by uid 65534", spool.display()))
@@ -438,11 +374,8 @@ fn a_read_only_spool_is_refused_at_start_naming_the_path_and_the_fix() {
 fn sigterm_exits_0_and_keeps_undelivered_events_for_the_next_start() {
     let env = Env::new();
     let mut c = env.cmd(free_port());
-    c.env("Z4J_SHUTDOWN_GRACE_SECONDS", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut child = c.spawn().unwrap();
-    wait_socket(&env.socket(), &mut child);
+    c.env("Z4J_SHUTDOWN_GRACE_SECONDS", "1");
+    let child = support::RunningDaemon::start("sigterm", c, &env.socket());
     let ack = jsonl_request(
         &env.socket(),
         r#"{"type":"event","engine":"celery","kind":"task.sent","task_id":"t-1","ack_id":"a1"}"#,
@@ -450,19 +383,12 @@ fn sigterm_exits_0_and_keeps_undelivered_events_for_the_next_start() {
     assert_eq!(ack["type"], "ack");
     assert_eq!(ack["ack_id"], "a1");
     assert_eq!(ack["stored"], 1);
-    signal(&child, "TERM");
-    assert!(wait_exit(&mut child, 20).success());
-    support::keep_stderr("sigterm", &mut child);
+    child.stop();
 
-    let mut c = env.cmd(free_port());
-    c.stdout(Stdio::null()).stderr(Stdio::piped());
-    let mut child = c.spawn().unwrap();
-    wait_socket(&env.socket(), &mut child);
+    let child = support::RunningDaemon::start("sigint", env.cmd(free_port()), &env.socket());
     let stats = jsonl_request(&env.socket(), r#"{"type":"stats"}"#);
     assert_eq!(stats["spool_depth"], 1, "{stats}");
-    signal(&child, "INT");
-    assert!(wait_exit(&mut child, 20).success());
-    support::keep_stderr("sigint", &mut child);
+    child.stop_expecting_success("INT", 20);
 }
 
 #[test]
@@ -474,11 +400,8 @@ fn sigterm_with_a_producer_blocked_on_a_full_spool_ends_within_the_grace_period(
     let mut c = env.cmd(free_port());
     c.env("Z4J_BUFFER_OVERFLOW", "block")
         .env("Z4J_BUFFER_MAX_EVENTS", "1000")
-        .env("Z4J_SHUTDOWN_GRACE_SECONDS", "3")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut child = c.spawn().unwrap();
-    wait_socket(&env.socket(), &mut child);
+        .env("Z4J_SHUTDOWN_GRACE_SECONDS", "3");
+    let mut child = support::RunningDaemon::start("block_sigterm", c, &env.socket());
     let mut s = UnixStream::connect(env.socket()).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let mut rd = BufReader::new(s.try_clone().unwrap());
@@ -517,7 +440,7 @@ fn sigterm_with_a_producer_blocked_on_a_full_spool_ends_within_the_grace_period(
         std::thread::sleep(Duration::from_millis(20));
     }
     let stopped = Instant::now();
-    signal(&child, "TERM");
+    child.signal("TERM");
     // Told, not left hanging: nothing of that message was stored.
     line.clear();
     rd.read_line(&mut line).unwrap();
@@ -535,10 +458,10 @@ fn sigterm_with_a_producer_blocked_on_a_full_spool_ends_within_the_grace_period(
     );
     // Within the grace period (3 s) plus the margin to close the brain
     // connection (3 s): a bound against hanging, not a speed target.
-    let status = wait_exit(&mut child, 6 + 2);
+    let status = child.wait_exit(6 + 2);
     let took = stopped.elapsed();
     assert!(status.success(), "{status}");
-    let log = support::keep_stderr("block_sigterm", &mut child);
+    let log = child.output();
     assert!(took < Duration::from_secs(6), "stopped after {took:?}");
     assert!(
         told >= Duration::from_millis(1400),
@@ -554,24 +477,17 @@ fn sigterm_with_a_producer_blocked_on_a_full_spool_ends_within_the_grace_period(
     eprintln!("producer told after {told:?}; daemon exited 0 after {took:?}");
 
     // Everything committed is kept for the next start.
-    let mut c = env.cmd(free_port());
-    c.stdout(Stdio::null()).stderr(Stdio::piped());
-    let mut child = c.spawn().unwrap();
-    wait_socket(&env.socket(), &mut child);
+    let child =
+        support::RunningDaemon::start("block_sigterm_restart", env.cmd(free_port()), &env.socket());
     let stats = jsonl_request(&env.socket(), r#"{"type":"stats"}"#);
     assert_eq!(stats["spool_depth"], 1000, "{stats}");
-    signal(&child, "TERM");
-    assert!(wait_exit(&mut child, 20).success());
-    support::keep_stderr("block_sigterm_restart", &mut child);
+    child.stop();
 }
 
 #[test]
 fn acked_events_survive_sigkill() {
     let env = Env::new();
-    let mut c = env.cmd(free_port());
-    c.stdout(Stdio::null()).stderr(Stdio::piped());
-    let mut child = c.spawn().unwrap();
-    wait_socket(&env.socket(), &mut child);
+    let child = support::RunningDaemon::start("killed", env.cmd(free_port()), &env.socket());
     let mut s = UnixStream::connect(env.socket()).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut rd = BufReader::new(s.try_clone().unwrap());
@@ -586,28 +502,19 @@ fn acked_events_survive_sigkill() {
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(v["stored"], 2, "{line}");
     }
-    signal(&child, "KILL");
-    wait_exit(&mut child, 10);
-    support::keep_stderr("killed", &mut child);
+    child.kill();
 
-    let mut c = env.cmd(free_port());
-    c.stdout(Stdio::null()).stderr(Stdio::piped());
-    let mut child = c.spawn().unwrap();
-    wait_socket(&env.socket(), &mut child);
+    let child = support::RunningDaemon::start("restarted", env.cmd(free_port()), &env.socket());
     let stats = jsonl_request(&env.socket(), r#"{"type":"stats"}"#);
     assert_eq!(stats["spool_depth"], 100, "{stats}");
-    signal(&child, "KILL");
-    wait_exit(&mut child, 10);
-    support::keep_stderr("restarted", &mut child);
+    child.kill();
 }
 
 #[test]
 fn refused_events_get_clear_errors_and_the_connection_goes_on() {
     let env = Env::new();
-    let mut c = env.cmd(free_port());
-    c.stdout(Stdio::null()).stderr(Stdio::piped());
-    let mut child = c.spawn().unwrap();
-    wait_socket(&env.socket(), &mut child);
+    let child =
+        support::RunningDaemon::start("refused_events", env.cmd(free_port()), &env.socket());
     let mut s = UnixStream::connect(env.socket()).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut rd = BufReader::new(s.try_clone().unwrap());
@@ -664,18 +571,13 @@ fn refused_events_get_clear_errors_and_the_connection_goes_on() {
         stats["refused_by_reason"]["bad_message"].as_u64().unwrap() >= 2,
         "{stats}"
     );
-    signal(&child, "TERM");
-    assert!(wait_exit(&mut child, 20).success());
-    support::keep_stderr("refused_events", &mut child);
+    child.stop();
 }
 
 #[test]
 fn an_integer_beyond_64_bits_is_refused_naming_the_field_not_rounded() {
     let env = Env::new();
-    let mut c = env.cmd(free_port());
-    c.stdout(Stdio::null()).stderr(Stdio::piped());
-    let mut child = c.spawn().unwrap();
-    wait_socket(&env.socket(), &mut child);
+    let child = support::RunningDaemon::start("big_integer", env.cmd(free_port()), &env.socket());
     let mut s = UnixStream::connect(env.socket()).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut rd = BufReader::new(s.try_clone().unwrap());
@@ -716,9 +618,7 @@ fn an_integer_beyond_64_bits_is_refused_naming_the_field_not_rounded() {
         stats["spool_depth"], 1,
         "nothing of the refused message was stored: {stats}"
     );
-    signal(&child, "TERM");
-    assert!(wait_exit(&mut child, 20).success());
-    support::keep_stderr("big_integer", &mut child);
+    child.stop();
     let conn = rusqlite::Connection::open(env.dir.path().join("home/.z4j/agentd.sqlite")).unwrap();
     let body: Vec<u8> = conn
         .query_row("SELECT body FROM events", [], |r| r.get(0))
@@ -769,16 +669,9 @@ fn unwritable_home_falls_back_to_tmp_with_exactly_one_warning() {
     let fake_home = env.dir.path().join("home-is-a-file");
     std::fs::write(&fake_home, b"").unwrap();
     let mut c = env.cmd(free_port());
-    c.env("HOME", &fake_home)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut child = c.spawn().unwrap();
-    wait_socket(&env.socket(), &mut child);
-    signal(&child, "TERM");
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success());
-    let log = String::from_utf8_lossy(&out.stderr);
-    support::keep_log("unwritable_home", &log);
+    c.env("HOME", &fake_home);
+    let child = support::RunningDaemon::start("unwritable_home", c, &env.socket());
+    let log = child.stop();
     // The brain is not running in this test; its connection warning aside,
     // the fallback is the one WARNING.
     let warnings: Vec<&str> = log
@@ -818,18 +711,15 @@ async fn sighup_rereads_the_token_file_and_reconnects() {
     let mut c = env.cmd(0);
     c.env("Z4J_BRAIN_URL", &brain.url)
         .env_remove("Z4J_TOKEN")
-        .env("Z4J_TOKEN_FILE", &token_file)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut child = c.spawn().unwrap();
-    wait_socket(&env.socket(), &mut child);
+        .env("Z4J_TOKEN_FILE", &token_file);
+    let child = support::RunningDaemon::start("sighup", c, &env.socket());
     let seen = brain.seen.clone();
     support::wait_for(10, "first connection", || {
         seen.auth_headers.lock().unwrap().len() == 1
     })
     .await;
     std::fs::write(&token_file, second).unwrap();
-    signal(&child, "HUP");
+    child.signal("HUP");
     support::wait_for(10, "a reconnect with the new token", || {
         seen.auth_headers.lock().unwrap().len() == 2
     })
@@ -847,9 +737,7 @@ async fn sighup_rereads_the_token_file_and_reconnects() {
             .contains(&1000),
         "old session closed cleanly"
     );
-    signal(&child, "TERM");
-    assert!(wait_exit(&mut child, 20).success());
-    support::keep_stderr("sighup", &mut child);
+    child.stop();
 }
 
 #[test]
@@ -865,30 +753,24 @@ fn status_without_a_daemon_exits_1_and_says_so() {
 #[test]
 fn status_reads_a_running_daemon_as_text_and_json() {
     let env = Env::new();
-    let mut child = env.cmd(free_port()).stderr(Stdio::piped()).spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while UnixStream::connect(env.socket()).is_err() {
-        assert!(Instant::now() < deadline, "daemon listening in time");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let child = support::RunningDaemon::start("status_target", env.cmd(free_port()), &env.socket());
+    let pid = child.pid();
     let text = output(env.sub(free_port(), "status"));
     let json = {
         let mut c = env.sub(free_port(), "status");
         c.arg("--json");
         output(c)
     };
-    let _ = Command::new("kill").arg(child.id().to_string()).status();
-    let _ = child.wait();
-    support::keep_stderr("status_target", &mut child);
+    child.stop_with("TERM", 20);
     assert_eq!(text.status.code(), Some(0));
     let t = String::from_utf8_lossy(&text.stdout);
-    assert!(t.contains(&format!("(pid {})", child.id())), "{t}");
+    assert!(t.contains(&format!("(pid {pid})")), "{t}");
     assert!(t.contains("spool:    0 events"), "{t}");
     assert!(t.contains("<- this status command"), "{t}");
     assert_eq!(json.status.code(), Some(0));
     let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     assert_eq!(v["type"], "stats");
-    assert_eq!(v["pid"], child.id());
+    assert_eq!(v["pid"], pid);
     assert_eq!(v["spool_depth"], 0);
 }
 
@@ -938,13 +820,12 @@ impl NotifySocket {
     }
 
     /// `run` reporting to this socket with a watchdog of `watchdog_usec`.
-    fn daemon(&self, env: &Env, watchdog_usec: &str) -> Child {
+    /// Not waited for: the test reads its readiness from this socket.
+    fn daemon(&self, name: &str, env: &Env, watchdog_usec: &str) -> support::RunningDaemon {
         let mut c = env.cmd(free_port());
         c.env("NOTIFY_SOCKET", &self.path)
-            .env("WATCHDOG_USEC", watchdog_usec)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        c.spawn().unwrap()
+            .env("WATCHDOG_USEC", watchdog_usec);
+        support::RunningDaemon::start_until(name, c, Duration::ZERO, || true)
     }
 
     /// The state lines received within `window`, in order.
@@ -988,16 +869,16 @@ fn first(lines: &[String], prefix: &str) -> usize {
 fn sd_notify_sends_ready_status_watchdog_and_stopping_in_order() {
     let env = Env::new();
     let notify = NotifySocket::new(&env);
-    let mut child = notify.daemon(&env, "400000");
+    let mut child = notify.daemon("sd_notify", &env, "400000");
     let mut lines = notify.until("READY=1", 10);
     lines.extend(notify.lines_for(Duration::from_millis(1500)));
     // READY=1 waits for the spool and the socket, never for the brain
     // (nothing listens on its port here).
     assert!(UnixStream::connect(env.socket()).is_ok());
-    signal(&child, "TERM");
+    child.signal("TERM");
     lines.extend(notify.until("STOPPING=1", 10));
-    assert!(wait_exit(&mut child, 20).success());
-    support::keep_stderr("sd_notify", &mut child);
+    assert!(child.wait_exit(20).success());
+    child.output();
 
     let ready = first(&lines, "READY=1");
     let status = first(&lines, "STATUS=");
@@ -1028,7 +909,7 @@ fn sd_notify_sends_ready_status_watchdog_and_stopping_in_order() {
 fn watchdog_pings_stop_while_the_spool_writer_is_wedged_and_resume_after() {
     let env = Env::new();
     let notify = NotifySocket::new(&env);
-    let mut child = notify.daemon(&env, "1000000");
+    let child = notify.daemon("watchdog", &env, "1000000");
     notify.until("WATCHDOG=1", 10);
 
     // Another process takes the spool's write lock: the writer's next
@@ -1053,11 +934,7 @@ fn watchdog_pings_stop_while_the_spool_writer_is_wedged_and_resume_after() {
     drop(lock);
     notify.until("WATCHDOG=1", 5);
 
-    signal(&child, "TERM");
-    let out = {
-        assert!(wait_exit(&mut child, 20).success());
-        support::keep_stderr("watchdog", &mut child)
-    };
+    let out = child.stop();
     let stalled: Vec<&str> = out
         .lines()
         .filter(|l| l.contains("stopped answering"))
@@ -1078,28 +955,15 @@ fn status_as_nobody(allowed_uids: &str) -> (Output, serde_json::Value, String) {
     use std::os::unix::process::CommandExt;
     let env = Env::new();
     std::fs::set_permissions(env.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let mut child = env
-        .cmd(free_port())
-        .env("Z4J_ALLOWED_UIDS", allowed_uids)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_socket(&env.socket(), &mut child);
+    let mut c = env.cmd(free_port());
+    c.env("Z4J_ALLOWED_UIDS", allowed_uids);
+    let child = support::RunningDaemon::start("allowed_uids", c, &env.socket());
     std::fs::set_permissions(env.socket(), std::fs::Permissions::from_mode(0o666)).unwrap();
     let mut c = env.sub(free_port(), "status");
     c.uid(65534).gid(65534).env("HOME", "/nonexistent");
     let out = output(c);
     let stats = jsonl_request(&env.socket(), r#"{"type":"stats"}"#);
-    signal(&child, "TERM");
-    wait_exit(&mut child, 10);
-    let mut log = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut log)
-        .unwrap();
-    support::keep_log("allowed_uids", &log);
+    let (_, log) = child.stop_with("TERM", 10);
     (out, stats, log)
 }
 
@@ -1155,15 +1019,10 @@ fn connections_from_a_uid_outside_the_allow_list_take_no_slot() {
     }
     let env = Env::new();
     std::fs::set_permissions(env.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let mut daemon = env
-        .cmd(free_port())
-        .env("Z4J_ALLOWED_UIDS", "1000")
-        .env("Z4J_MAX_CLIENTS", "2")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_socket(&env.socket(), &mut daemon);
+    let mut c = env.cmd(free_port());
+    c.env("Z4J_ALLOWED_UIDS", "1000")
+        .env("Z4J_MAX_CLIENTS", "2");
+    let daemon = support::RunningDaemon::start("allowed_uids_slots", c, &env.socket());
     std::fs::set_permissions(env.socket(), std::fs::Permissions::from_mode(0o666)).unwrap();
     // Five connections as uid 65534 that send nothing and stay open.
     let mut holder = Command::new(PYTHON)
@@ -1217,9 +1076,7 @@ fn connections_from_a_uid_outside_the_allow_list_take_no_slot() {
     drop(conns);
     let _ = holder.kill();
     let _ = holder.wait();
-    signal(&daemon, "TERM");
-    wait_exit(&mut daemon, 10);
-    support::keep_stderr("allowed_uids_slots", &mut daemon);
+    daemon.stop_with("TERM", 10);
     assert_eq!(stats["refused_by_reason"]["not_allowed"], 5, "{stats}");
     assert!(
         stats["refused_by_reason"].get("too_many_clients").is_none(),

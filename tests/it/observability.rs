@@ -1,7 +1,7 @@
 //! `/metrics`, `/healthz`, `/readyz` and the `stats` reply of a whole
 //! daemon in-process, against the fake brain or no brain at all.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -67,9 +67,9 @@ fn json(body: &str) -> serde_json::Value {
 async fn metrics_move_with_events_acks_and_refusals() {
     let brain = FakeBrain::start(Behavior::default()).await;
     let d = TestDaemon::start(with_metrics(options(&brain.url))).await;
-    let status = d.status.clone();
+    let stats = d.stats.clone();
     wait_for(10, "connected", || {
-        status.uplink().state == z4j_agentd::stats::UplinkState::Connected
+        stats.uplink().state == z4j_agentd::stats::UplinkState::Connected
     })
     .await;
     let before = scrape(&d).await;
@@ -145,9 +145,9 @@ async fn drops_and_connection_failures_show_while_the_brain_is_away() {
     for chunk in events.chunks(100) {
         c.send_durable(chunk).await.unwrap();
     }
-    let status = d.status.clone();
+    let stats = d.stats.clone();
     wait_for(10, "a failed connection attempt", || {
-        status.failures().get("connection").copied().unwrap_or(0) >= 1
+        stats.failures().get("connection").copied().unwrap_or(0) >= 1
     })
     .await;
     let m = scrape(&d).await;
@@ -262,9 +262,9 @@ async fn stats_carry_what_status_prints() {
     let mut o = options(&brain.url);
     o.engines = Some("rq".into());
     let d = TestDaemon::start(o).await;
-    let status = d.status.clone();
+    let stats = d.stats.clone();
     wait_for(10, "connected", || {
-        status.uplink().state == z4j_agentd::stats::UplinkState::Connected
+        stats.uplink().state == z4j_agentd::stats::UplinkState::Connected
     })
     .await;
     let mut worker = d.client().await;

@@ -1,7 +1,7 @@
 //! Producers that outrun the disk: the records waiting for a commit are
 //! bounded over all connections, and the bound never deadlocks them.
 
-mod support;
+use crate::support;
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -61,6 +61,6 @@ async fn fire_and_forget_producers_far_above_the_in_flight_budget_lose_nothing()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(d.status.events_received.load(Ordering::Relaxed), total);
+    assert_eq!(d.stats.events_received.load(Ordering::Relaxed), total);
     d.stop().await.unwrap();
 }

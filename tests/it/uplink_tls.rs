@@ -4,7 +4,7 @@
 //! event), the events wait in the spool, and `stats` says why; trusting the
 //! CA with `ca_file` (`Z4J_CA_FILE`) lets everything through exactly once.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

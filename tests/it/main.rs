@@ -1,0 +1,21 @@
+//! The integration tests, one binary: each module is one area of the
+//! daemon, run against a whole daemon (in this process, or the real binary
+//! as a child) and, where a brain is needed, the fake brain of `support`.
+//! One binary instead of one per module: each test binary links the whole
+//! crate and its dependencies, so eleven of them cost eleven links.
+//!
+//! Run one area with `cargo test --test it cli::`.
+
+mod support;
+
+mod cli;
+mod commands;
+mod config_files;
+mod doctor;
+mod ingest_crowd;
+mod ingest_limits;
+mod metrics_listener;
+mod observability;
+mod spool_disk_full;
+mod uplink_faults;
+mod uplink_tls;
