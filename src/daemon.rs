@@ -590,7 +590,7 @@ impl Daemon {
             .is_err()
         {
             tracing::warn!(
-                clients = self.stats.clients().len(),
+                clients = self.stats.clients.len(),
                 "shutdown grace period over: closing local connections that are still sending; what they sent and got no ack for may or may not be stored"
             );
             ingest.abort();

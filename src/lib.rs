@@ -41,6 +41,7 @@
 pub mod admin;
 pub mod cli;
 pub mod client;
+pub mod clients;
 pub mod commands;
 pub mod config;
 pub mod daemon;
