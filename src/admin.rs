@@ -35,7 +35,7 @@ pub fn socket_path(
     };
     match options.socket_path() {
         Ok(Some(p)) => Ok(p),
-        Ok(None) => Ok(crate::ingest::client_socket_path(host)),
+        Ok(None) => Ok(crate::config::client_socket_path(host)),
         Err(e) => Err(e.message),
     }
 }

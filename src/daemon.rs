@@ -396,7 +396,7 @@ fn listen(config: &Config) -> Result<(tokio::net::UnixListener, PathBuf), Daemon
     let configured = config
         .socket_path
         .clone()
-        .unwrap_or_else(|| ingest::default_socket_path(&config.host));
+        .unwrap_or_else(|| crate::config::default_socket_path(&config.host));
     if let Some(activated) = &config.activated {
         return Ok(take_activated(
             activated,

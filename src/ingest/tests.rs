@@ -14,9 +14,8 @@ use tokio_util::sync::CancellationToken;
 use super::admission::{AcceptFailures, ACCEPT_PAUSE_MIN, REFUSALS_IN_FLIGHT};
 use super::handler::json_len_over;
 use super::replies::write_replies;
-use super::socket::{client_socket_path_with, fd_shortfall};
+use super::socket::fd_shortfall;
 use super::*;
-use crate::config::HostEnv;
 use crate::protocol::Value;
 use crate::spool::{Overflow, Spool, SpoolConfig, Synchronous};
 
@@ -703,31 +702,4 @@ fn failed_accepts_back_off_up_to_a_quarter_second_and_reset() {
     assert_eq!(f.unreported, 7);
     f.recovered();
     assert_eq!(f.failed(&e, 1024, 0, 0), ACCEPT_PAUSE_MIN);
-}
-
-#[test]
-fn clients_prefer_the_host_wide_socket_when_it_exists() {
-    let t = tempfile::tempdir().unwrap();
-    let system = t.path().join("system.sock");
-    let host = HostEnv {
-        tmpdir: t.path().to_path_buf(),
-        uid: 1000,
-        xdg_runtime_dir: Some(PathBuf::from("/run/user/1000")),
-        ..HostEnv::default()
-    };
-    assert_eq!(
-        client_socket_path_with(&host, &system),
-        PathBuf::from("/run/user/1000/z4j/agent.sock")
-    );
-    std::fs::write(&system, b"").unwrap();
-    assert_eq!(client_socket_path_with(&host, &system), system);
-    // The daemon's own service environment means: use what run binds.
-    let service = HostEnv {
-        runtime_directory: Some(PathBuf::from("/run/z4j-agentd")),
-        ..host
-    };
-    assert_eq!(
-        client_socket_path_with(&service, &system),
-        PathBuf::from("/run/z4j-agentd/agent.sock")
-    );
 }
