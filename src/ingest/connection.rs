@@ -13,6 +13,8 @@
 //! * on shutdown, what the client already sent is still handled within
 //!   [`DRAIN_READ_TIMEOUT`]; every append is settled (and acked) before the
 //!   connection is gone.
+//! * everything logged while a connection is served is inside its `client`
+//!   span (connection id, pid, uid), so each line says who it is about.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
