@@ -12,7 +12,7 @@
 //!   closed; an idle one between messages is never timed out;
 //! * on shutdown, what the client already sent is still handled within
 //!   [`DRAIN_READ_TIMEOUT`]; every append is settled (and acked) before the
-//!   connection is gone.
+//!   connection is gone;
 //! * everything logged while a connection is served is inside its `client`
 //!   span (connection id, pid, uid), so each line says who it is about.
 
