@@ -8,6 +8,10 @@
 //! within the command's `timeout_seconds` minus a margin, the brain gets a
 //! `failed` result that says why, instead of waiting for its own timeout.
 //!
+//! Who is connected and what each declared is read from the client
+//! registry ([`crate::clients`], held by [`Stats`]); the router keeps only
+//! its own state: the commands in progress per connection and the ids seen.
+//!
 //! Routing policy: among the connections that declared the engine (the
 //! command's `target.engine`, else `parameters.engine`) with the action,
 //! the one with the fewest commands in progress; on a tie, the one

@@ -4,7 +4,7 @@ use crate::ingest::framing::Framing;
 use crate::ingest::replies::ReplyOutbox;
 use crate::ingest::ReplyQueue;
 
-fn status() -> Arc<Stats> {
+fn stats() -> Arc<Stats> {
     Arc::new(Stats::new())
 }
 
@@ -89,7 +89,7 @@ fn answer(id: &str, status: &str) -> Value {
 
 #[tokio::test]
 async fn a_command_goes_to_the_connection_that_declared_its_engine_and_action() {
-    let (router, mut results) = Router::new(status());
+    let (router, mut results) = Router::new(stats());
     let (celery, mut celery_rx) = conn(&[("celery", &["cancel_task"])], 10);
     let (rq, mut rq_rx) = conn(&[("rq", &["cancel_task"])], 20);
     register(&router, 1, celery);
@@ -125,7 +125,7 @@ async fn a_command_goes_to_the_connection_that_declared_its_engine_and_action() 
 
 #[tokio::test]
 async fn nobody_to_run_it_fails_at_once_naming_host_engine_and_action() {
-    let (router, _results) = Router::new(status());
+    let (router, _results) = Router::new(stats());
     let (celery, _rx) = conn(&[("celery", &["retry_task"])], 10);
     register(&router, 1, celery);
     let Dispatch::Failed(r) =
@@ -144,7 +144,7 @@ async fn nobody_to_run_it_fails_at_once_naming_host_engine_and_action() {
 
 #[tokio::test]
 async fn a_redelivered_command_is_not_run_twice() {
-    let (router, mut results) = Router::new(status());
+    let (router, mut results) = Router::new(stats());
     let (celery, mut rx) = conn(&[("celery", &["cancel_task"])], 10);
     register(&router, 1, celery);
     let c = cmd("c-3", "cancel_task", Some("celery"), 60);
@@ -166,7 +166,7 @@ async fn a_redelivered_command_is_not_run_twice() {
 
 #[tokio::test]
 async fn a_malformed_answer_is_refused_and_the_brain_gets_failed() {
-    let (router, mut results) = Router::new(status());
+    let (router, mut results) = Router::new(stats());
     let (celery, _rx) = conn(&[("celery", &["cancel_task"])], 10);
     register(&router, 1, celery);
     router.dispatch(&cmd("c-5", "cancel_task", Some("celery"), 60), "h");
@@ -194,7 +194,7 @@ async fn a_malformed_answer_is_refused_and_the_brain_gets_failed() {
 
 #[tokio::test]
 async fn answers_for_unknown_or_foreign_commands_are_refused() {
-    let (router, mut results) = Router::new(status());
+    let (router, mut results) = Router::new(stats());
     let (a, _rx_a) = conn(&[("celery", &["cancel_task"])], 10);
     let (b, _rx_b) = conn(&[("rq", &["cancel_task"])], 20);
     register(&router, 1, a);
@@ -221,7 +221,7 @@ async fn answers_for_unknown_or_foreign_commands_are_refused() {
 
 #[tokio::test]
 async fn a_process_that_disconnects_mid_command_fails_it() {
-    let (router, mut results) = Router::new(status());
+    let (router, mut results) = Router::new(stats());
     let (a, _rx) = conn(&[("celery", &["cancel_task"])], 10);
     register(&router, 1, a);
     router.dispatch(&cmd("c-8", "cancel_task", Some("celery"), 60), "h");
@@ -238,7 +238,7 @@ async fn a_process_that_disconnects_mid_command_fails_it() {
 
 #[tokio::test(start_paused = true)]
 async fn no_answer_within_the_budget_fails_before_the_brain_times_out() {
-    let (router, mut results) = Router::new(status());
+    let (router, mut results) = Router::new(stats());
     let (a, _rx) = conn(&[("celery", &["cancel_task"])], 10);
     register(&router, 1, a);
     router.dispatch(&cmd("c-10", "cancel_task", Some("celery"), 20), "h");
@@ -259,7 +259,7 @@ async fn no_answer_within_the_budget_fails_before_the_brain_times_out() {
 
 #[tokio::test]
 async fn the_least_busy_connection_wins_then_the_oldest() {
-    let (router, _results) = Router::new(status());
+    let (router, _results) = Router::new(stats());
     let (a, mut rx_a) = conn(&[("celery", &["cancel_task"])], 10);
     let (b, mut rx_b) = conn(&[("celery", &["cancel_task"])], 20);
     register(&router, 1, a);
@@ -276,7 +276,7 @@ async fn the_least_busy_connection_wins_then_the_oldest() {
 
 #[tokio::test]
 async fn a_connection_that_does_not_read_is_skipped() {
-    let (router, _results) = Router::new(status());
+    let (router, _results) = Router::new(stats());
     let (tx, _rx_full) = ReplyQueue::new();
     while tx.try_send(b"filler".to_vec()).is_ok() {}
     let stuck = TestClient {
@@ -325,7 +325,7 @@ fn the_engine_comes_from_the_target_or_the_parameters() {
 
 #[tokio::test]
 async fn old_command_ids_are_forgotten_after_the_window() {
-    let (router, _results) = Router::new(status());
+    let (router, _results) = Router::new(stats());
     let first = cmd("old", "cancel_task", Some("celery"), 60);
     assert!(matches!(router.dispatch(&first, "h"), Dispatch::Failed(_)));
     for i in 0..SEEN_MAX {
