@@ -35,7 +35,7 @@ pub fn socket_path(
     };
     match options.socket_path() {
         Ok(Some(p)) => Ok(p),
-        Ok(None) => Ok(crate::ingest::client_socket_path(host)),
+        Ok(None) => Ok(crate::config::client_socket_path(host)),
         Err(e) => Err(e.message),
     }
 }
@@ -285,13 +285,14 @@ fn render_clients(o: &mut String, s: &Snapshot) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clients::ClientInfo;
     use crate::spool::SpoolStats;
-    use crate::stats::{ClientInfo, Stats};
+    use crate::stats::Stats;
 
     #[test]
     fn renders_every_section_from_a_real_report() {
         let st = Stats::new();
-        st.client_connected(
+        st.clients.connected(
             7,
             ClientInfo {
                 pid: Some(4242),

@@ -8,6 +8,10 @@
 //! within the command's `timeout_seconds` minus a margin, the brain gets a
 //! `failed` result that says why, instead of waiting for its own timeout.
 //!
+//! Who is connected and what each declared is read from the client
+//! registry ([`crate::clients`], held by [`Stats`]); the router keeps only
+//! its own state: the commands in progress per connection and the ids seen.
+//!
 //! Routing policy: among the connections that declared the engine (the
 //! command's `target.engine`, else `parameters.engine`) with the action,
 //! the one with the fewest commands in progress; on a tie, the one
@@ -24,8 +28,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use crate::ingest::framing::Framing;
 use crate::protocol::Value;
+use crate::refusal::excerpt;
 use crate::stats::Stats;
 
 /// How long a command id is remembered for de-duplication.
@@ -151,51 +155,6 @@ fn truncate(mut s: String, max_chars: usize) -> String {
     s
 }
 
-/// What a local connection declared and how to reach it.
-#[derive(Clone)]
-pub struct ClientHandle {
-    /// The connection's reply queue.
-    pub tx: crate::ingest::ReplyQueue,
-    /// Its framing.
-    pub framing: Framing,
-    /// Engine -> actions it runs.
-    pub capabilities: BTreeMap<String, Vec<String>>,
-    /// Peer pid, for messages.
-    pub pid: Option<i32>,
-    /// Process name from `hello`, for messages.
-    pub process: Option<String>,
-}
-
-impl ClientHandle {
-    fn describe(&self) -> String {
-        match (&self.pid, &self.process) {
-            (Some(p), Some(n)) => format!("pid {p} ({n})"),
-            (Some(p), None) => format!("pid {p}"),
-            (None, Some(n)) => format!("process {n}"),
-            (None, None) => "the local process".to_string(),
-        }
-    }
-
-    fn runs(&self, engine: Option<&str>, action: &str) -> bool {
-        match engine {
-            Some(e) => self
-                .capabilities
-                .get(e)
-                .is_some_and(|a| a.iter().any(|x| x == action)),
-            None => self
-                .capabilities
-                .values()
-                .any(|a| a.iter().any(|x| x == action)),
-        }
-    }
-}
-
-struct Conn {
-    handle: ClientHandle,
-    since: Instant,
-    running: usize,
-}
-
 struct Running {
     conn: u64,
     claim: Value,
@@ -209,7 +168,8 @@ enum Seen {
 
 #[derive(Default)]
 struct Inner {
-    conns: BTreeMap<u64, Conn>,
+    /// Connection id -> commands it is running (absent: none).
+    in_progress: BTreeMap<u64, usize>,
     running: HashMap<String, Running>,
     /// Command id -> when it was last recorded, and its state.
     seen: HashMap<String, (Instant, Seen)>,
@@ -233,6 +193,13 @@ impl Inner {
             if latest && !self.running.contains_key(&old) {
                 self.seen.remove(&old);
             }
+        }
+    }
+
+    /// Connection `conn` is running one command less.
+    fn finished_one(&mut self, conn: u64) {
+        if let Some(n) = self.in_progress.get_mut(&conn) {
+            *n = n.saturating_sub(1);
         }
     }
 
@@ -261,7 +228,7 @@ pub enum Dispatch {
 pub struct Router {
     inner: Mutex<Inner>,
     results: mpsc::UnboundedSender<CommandResult>,
-    status: Arc<Stats>,
+    stats: Arc<Stats>,
 }
 
 /// Local answers on their way to the brain.
@@ -278,34 +245,16 @@ pub struct ResultRefusal {
 
 impl Router {
     /// A router and the receiving end of its results, for the uplink.
-    pub fn new(status: Arc<Stats>) -> (Arc<Router>, Results) {
+    pub fn new(stats: Arc<Stats>) -> (Arc<Router>, Results) {
         let (tx, rx) = mpsc::unbounded_channel();
         (
             Arc::new(Router {
                 inner: Mutex::new(Inner::default()),
                 results: tx,
-                status,
+                stats,
             }),
             rx,
         )
-    }
-
-    /// Registers (or updates, on a later `hello`) a connection's capabilities.
-    pub fn register(&self, conn: u64, handle: ClientHandle) {
-        let mut inner = self.inner.lock().unwrap();
-        match inner.conns.get_mut(&conn) {
-            Some(c) => c.handle = handle,
-            None => {
-                inner.conns.insert(
-                    conn,
-                    Conn {
-                        handle,
-                        since: Instant::now(),
-                        running: 0,
-                    },
-                );
-            }
-        }
     }
 
     /// The daemon is stopping: every command still running fails now (with
@@ -320,7 +269,7 @@ impl Router {
 
     /// The connection is gone: every command it was running fails now.
     pub fn disconnected(&self, conn: u64) {
-        self.inner.lock().unwrap().conns.remove(&conn);
+        self.inner.lock().unwrap().in_progress.remove(&conn);
         self.fail_running(
             |r| r.conn == conn,
             |who| format!("{who} disconnected from z4j-agentd before answering the command"),
@@ -359,7 +308,7 @@ impl Router {
     }
 
     fn finish(&self, r: CommandResult) {
-        self.status.command_finished(r.success);
+        self.stats.command_finished(r.success);
         let _ = self.results.send(r);
     }
 
@@ -372,15 +321,13 @@ impl Router {
             Some(Seen::Done(r)) => return Dispatch::DuplicateDone(r.clone()),
             None => {}
         }
-        self.status.command_received();
+        self.stats.command_received();
         let engine = cmd.engine();
-        let mut candidates: Vec<(usize, Instant, u64)> = inner
-            .conns
-            .iter()
-            .filter(|(_, c)| c.handle.runs(engine, &cmd.action))
-            .map(|(id, c)| (c.running, c.since, *id))
-            .collect();
-        candidates.sort();
+        let mut candidates = self.stats.clients.able(engine, &cmd.action);
+        candidates.sort_by_key(|c| {
+            let running = inner.in_progress.get(&c.id).copied().unwrap_or(0);
+            (running, c.since, c.id)
+        });
         let budget = cmd.local_budget();
         let mut msg = Value::empty_map();
         msg.insert("type", "command");
@@ -390,19 +337,17 @@ impl Router {
         msg.insert("parameters", cmd.parameters.clone());
         msg.insert("timeout_seconds", budget.as_secs_f64());
         let mut full = Vec::new();
-        for (_, _, conn_id) in candidates {
-            let c = inner.conns.get_mut(&conn_id).expect("candidate exists");
-            let bytes = c.handle.framing.encode(&msg);
-            if c.handle.tx.try_send(bytes).is_err() {
-                full.push(c.handle.describe());
+        for c in candidates {
+            if !c.outbox.offer(&msg) {
+                full.push(c.who);
                 continue;
             }
-            c.running += 1;
-            let who = c.handle.describe();
+            *inner.in_progress.entry(c.id).or_default() += 1;
+            let who = c.who;
             inner.running.insert(
                 cmd.id.clone(),
                 Running {
-                    conn: conn_id,
+                    conn: c.id,
                     claim: cmd.claim.clone(),
                     who: who.clone(),
                 },
@@ -435,7 +380,7 @@ impl Router {
         let r = CommandResult::failed(&cmd.id, &cmd.claim, error);
         inner.remember(&cmd.id, Seen::Done(r.clone()), now);
         drop(inner);
-        self.status.command_finished(false);
+        self.stats.command_finished(false);
         Dispatch::Failed(r)
     }
 
@@ -446,9 +391,7 @@ impl Router {
             let Some(run) = inner.running.remove(id) else {
                 return;
             };
-            if let Some(c) = inner.conns.get_mut(&run.conn) {
-                c.running = c.running.saturating_sub(1);
-            }
+            inner.finished_one(run.conn);
             let r = CommandResult::failed(
                 id,
                 &run.claim,
@@ -481,23 +424,18 @@ impl Router {
                     code: crate::refusal::RefusalCode::UnknownCommand,
                     message: format!(
                         "no command {} is waiting for an answer (it was answered, timed out, or never sent here)",
-                        crate::ingest::validate::excerpt(id)
+                        excerpt(id)
                     ),
                 });
             };
             if run.conn != conn {
                 return Err(ResultRefusal {
                     code: crate::refusal::RefusalCode::UnknownCommand,
-                    message: format!(
-                        "command {} was sent to another connection",
-                        crate::ingest::validate::excerpt(id)
-                    ),
+                    message: format!("command {} was sent to another connection", excerpt(id)),
                 });
             }
             let run = inner.running.remove(id).expect("present");
-            if let Some(c) = inner.conns.get_mut(&conn) {
-                c.running = c.running.saturating_sub(1);
-            }
+            inner.finished_one(conn);
             let r = match &parsed {
                 Ok((success, result, error)) => CommandResult {
                     id: id.to_string(),
@@ -534,7 +472,7 @@ fn parse_answer(_id: &str, msg: &Value) -> Result<(bool, Value, Option<String>),
         Some(other) => {
             return Err(format!(
                 "\"status\" must be \"success\" or \"failed\", got {}",
-                crate::ingest::validate::excerpt(other)
+                excerpt(other)
             ))
         }
         None => return Err("\"status\" (\"success\" or \"failed\") is required".into()),

@@ -396,7 +396,7 @@ fn listen(config: &Config) -> Result<(tokio::net::UnixListener, PathBuf), Daemon
     let configured = config
         .socket_path
         .clone()
-        .unwrap_or_else(|| ingest::default_socket_path(&config.host));
+        .unwrap_or_else(|| crate::config::default_socket_path(&config.host));
     if let Some(activated) = &config.activated {
         return Ok(take_activated(
             activated,
@@ -590,7 +590,7 @@ impl Daemon {
             .is_err()
         {
             tracing::warn!(
-                clients = self.stats.clients().len(),
+                clients = self.stats.clients.len(),
                 "shutdown grace period over: closing local connections that are still sending; what they sent and got no ack for may or may not be stored"
             );
             ingest.abort();

@@ -339,7 +339,7 @@ fn fixed_binding() -> SessionBinding {
 ///   leaves the replay state alone);
 /// * the bytes as a recipe for an envelope signed the way the brain signs,
 ///   with fields of any type: the verifier's answer must match a model of
-///   §4.2/§4.3;
+///   `docs/brain-protocol.md`, "Signing" and "Replay rules";
 /// * the bytes as a recipe for a frame our signer signs, then edits to the
 ///   wire text: a frame that still verifies carries exactly what was signed.
 pub fn inbound_frame(data: &[u8]) {
@@ -377,7 +377,8 @@ enum Expect {
 }
 
 /// A brain-signed envelope from fuzzer bytes; the verifier must answer
-/// what the model of protocol §4.2/§4.3 expects.
+/// what the model of `docs/brain-protocol.md` ("Signing", "Replay rules")
+/// expects.
 fn brain_signed_envelope(data: &[u8]) {
     let mut inp = Input::new(data);
     let now = fixed_now();
@@ -457,7 +458,8 @@ fn build_envelope(inp: &mut Input<'_>, now: OffsetDateTime) -> Option<(Value, u8
     Some((frame, hmac_choice))
 }
 
-/// The model: version, then signature, then envelope types, then §4.3.
+/// The model: version, then signature, then envelope types, then the
+/// replay rules (`docs/brain-protocol.md`, "Replay rules").
 fn expected_answer(frame: &Value, hmac_choice: u8, now: OffsetDateTime) -> Expect {
     let get = |k: &str| frame.get(k);
     if get("v") != Some(&Value::Int(2)) {

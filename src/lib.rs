@@ -18,6 +18,9 @@
 //!   [`refusal`]: the error codes it sends, which are also the refusal counters' labels.
 //! * [`spool`]: the durable queue in SQLite.
 //! * [`uplink`]: the one connection to the brain.
+//! * [`clients`]: the registry of connected local clients (who each is,
+//!   what its `hello` declared, how to reach it), which the router routes
+//!   by and the reports and the `hello` advertisement read.
 //! * [`commands`]: commands from the brain, routed to the local process that
 //!   declared it can run them, and their results relayed back.
 //! * [`stats`]: counters, connection state and clients an operator can see;
@@ -36,11 +39,27 @@
 //!   messages (the binary installs the allocator's hook).
 //! * `fuzzing` (tests and the `fuzzing` feature only): the bodies of the
 //!   fuzz targets, replayed by `cargo test` (`docs/fuzzing.md`).
+//!
+//! Dependencies between these modules go one way (no cycles); each uses
+//! only modules listed on its left or on an earlier line:
+//!
+//! ```text
+//! protocol, host, memory, watchdog
+//! clients, spool                    (protocol; host)
+//! refusal, stats, systemd           (each the ones before it; spool, clients)
+//! config, client                    (host, spool, systemd; protocol)
+//! commands                          (stats and its client registry, refusal)
+//! ingest, uplink, metrics, admin    (the above; ingest implements the
+//!                                    registry's outbox, so commands need not
+//!                                    know the socket)
+//! daemon, doctor, cli               (everything)
+//! ```
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod cli;
 pub mod client;
+pub mod clients;
 pub mod commands;
 pub mod config;
 pub mod daemon;

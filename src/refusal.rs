@@ -8,8 +8,23 @@
 //! Invariants: the strings never change (clients, dashboards and the
 //! Python client match on them); a new code is a new variant, listed in
 //! `docs/local-protocol.md` (a unit test checks every variant is there).
+//! A client's value is quoted back in a refusal through [`excerpt`], so no
+//! message echoes megabytes.
 
 use crate::spool::SpoolError;
+
+/// Most characters of a client's value quoted back in an error message.
+pub const MAX_EXCERPT_CHARS: usize = 64;
+
+/// `s` quoted for an error message: whole when short, else its first
+/// [`MAX_EXCERPT_CHARS`] characters and its length. Errors name what was
+/// wrong without echoing megabytes back to the client.
+pub fn excerpt(s: &str) -> String {
+    match s.char_indices().nth(MAX_EXCERPT_CHARS) {
+        None => format!("{s:?}"),
+        Some((i, _)) => format!("{:?}... ({} bytes)", &s[..i], s.len()),
+    }
+}
 
 /// Why the daemon refused a message, an event or a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -1,26 +1,55 @@
 use super::*;
+use crate::clients::{ClientInfo, Registration};
+use crate::ingest::framing::Framing;
+use crate::ingest::replies::ReplyOutbox;
+use crate::ingest::ReplyQueue;
 
-fn status() -> Arc<Stats> {
+fn stats() -> Arc<Stats> {
     Arc::new(Stats::new())
 }
 
-/// A connection declaring `caps`; returns its handle and what it receives.
-fn conn(caps: &[(&str, &[&str])], pid: i32) -> (ClientHandle, mpsc::Receiver<Vec<u8>>) {
-    let (tx, rx) = crate::ingest::ReplyQueue::new();
+/// A client as ingest registers it: its peer, what its `hello` declared,
+/// and its reply queue.
+struct TestClient {
+    pid: i32,
+    hello: Registration,
+    tx: ReplyQueue,
+}
+
+/// A connection declaring `caps`; returns it and what it receives.
+fn conn(caps: &[(&str, &[&str])], pid: i32) -> (TestClient, mpsc::Receiver<Vec<u8>>) {
+    let (tx, rx) = ReplyQueue::new();
     let capabilities = caps
         .iter()
         .map(|(e, a)| (e.to_string(), a.iter().map(|s| s.to_string()).collect()))
         .collect();
-    (
-        ClientHandle {
-            tx,
-            framing: Framing::JsonLines,
-            capabilities,
-            pid: Some(pid),
-            process: Some(format!("worker-{pid}")),
-        },
-        rx,
-    )
+    let hello = Registration {
+        process: Some(format!("worker-{pid}")),
+        capabilities,
+        ..Registration::default()
+    };
+    (TestClient { pid, hello, tx }, rx)
+}
+
+/// What ingest does for a connection and its `hello`: the client registry,
+/// which the router reads, gets it.
+fn register(router: &Router, id: u64, c: TestClient) {
+    let clients = &router.stats.clients;
+    let info = ClientInfo {
+        pid: Some(c.pid),
+        framing: "jsonl",
+        ..ClientInfo::default()
+    };
+    clients.connected(id, info);
+    let outbox = Arc::new(ReplyOutbox::new(c.tx, Framing::JsonLines));
+    clients.declared(id, c.hello, outbox);
+}
+
+/// What ingest does when a connection ends: out of the registry, then its
+/// commands fail.
+fn disconnect(router: &Router, id: u64) {
+    router.stats.clients.disconnected(id);
+    router.disconnected(id);
 }
 
 fn cmd(id: &str, action: &str, engine: Option<&str>, timeout: u64) -> Command {
@@ -60,11 +89,11 @@ fn answer(id: &str, status: &str) -> Value {
 
 #[tokio::test]
 async fn a_command_goes_to_the_connection_that_declared_its_engine_and_action() {
-    let (router, mut results) = Router::new(status());
+    let (router, mut results) = Router::new(stats());
     let (celery, mut celery_rx) = conn(&[("celery", &["cancel_task"])], 10);
     let (rq, mut rq_rx) = conn(&[("rq", &["cancel_task"])], 20);
-    router.register(1, celery);
-    router.register(2, rq);
+    register(&router, 1, celery);
+    register(&router, 2, rq);
 
     let d = router.dispatch(&cmd("c-1", "cancel_task", Some("rq"), 60), "web-1");
     assert_eq!(
@@ -96,9 +125,9 @@ async fn a_command_goes_to_the_connection_that_declared_its_engine_and_action() 
 
 #[tokio::test]
 async fn nobody_to_run_it_fails_at_once_naming_host_engine_and_action() {
-    let (router, _results) = Router::new(status());
+    let (router, _results) = Router::new(stats());
     let (celery, _rx) = conn(&[("celery", &["retry_task"])], 10);
-    router.register(1, celery);
+    register(&router, 1, celery);
     let Dispatch::Failed(r) =
         router.dispatch(&cmd("c-2", "cancel_task", Some("celery"), 60), "web-1")
     else {
@@ -115,9 +144,9 @@ async fn nobody_to_run_it_fails_at_once_naming_host_engine_and_action() {
 
 #[tokio::test]
 async fn a_redelivered_command_is_not_run_twice() {
-    let (router, mut results) = Router::new(status());
+    let (router, mut results) = Router::new(stats());
     let (celery, mut rx) = conn(&[("celery", &["cancel_task"])], 10);
-    router.register(1, celery);
+    register(&router, 1, celery);
     let c = cmd("c-3", "cancel_task", Some("celery"), 60);
     assert!(matches!(router.dispatch(&c, "h"), Dispatch::Started { .. }));
     assert!(received(&mut rx).is_some());
@@ -137,9 +166,9 @@ async fn a_redelivered_command_is_not_run_twice() {
 
 #[tokio::test]
 async fn a_malformed_answer_is_refused_and_the_brain_gets_failed() {
-    let (router, mut results) = Router::new(status());
+    let (router, mut results) = Router::new(stats());
     let (celery, _rx) = conn(&[("celery", &["cancel_task"])], 10);
-    router.register(1, celery);
+    register(&router, 1, celery);
     router.dispatch(&cmd("c-5", "cancel_task", Some("celery"), 60), "h");
     let e = router.on_result(1, &answer("c-5", "ok")).unwrap_err();
     assert_eq!(e.code, "bad_command_result");
@@ -165,11 +194,11 @@ async fn a_malformed_answer_is_refused_and_the_brain_gets_failed() {
 
 #[tokio::test]
 async fn answers_for_unknown_or_foreign_commands_are_refused() {
-    let (router, mut results) = Router::new(status());
+    let (router, mut results) = Router::new(stats());
     let (a, _rx_a) = conn(&[("celery", &["cancel_task"])], 10);
     let (b, _rx_b) = conn(&[("rq", &["cancel_task"])], 20);
-    router.register(1, a);
-    router.register(2, b);
+    register(&router, 1, a);
+    register(&router, 2, b);
     assert_eq!(
         router
             .on_result(1, &answer("nope", "success"))
@@ -192,11 +221,11 @@ async fn answers_for_unknown_or_foreign_commands_are_refused() {
 
 #[tokio::test]
 async fn a_process_that_disconnects_mid_command_fails_it() {
-    let (router, mut results) = Router::new(status());
+    let (router, mut results) = Router::new(stats());
     let (a, _rx) = conn(&[("celery", &["cancel_task"])], 10);
-    router.register(1, a);
+    register(&router, 1, a);
     router.dispatch(&cmd("c-8", "cancel_task", Some("celery"), 60), "h");
-    router.disconnected(1);
+    disconnect(&router, 1);
     let r = results.try_recv().unwrap();
     assert_eq!(r.id, "c-8");
     assert!(r.error.unwrap().contains("pid 10 (worker-10) disconnected"));
@@ -209,9 +238,9 @@ async fn a_process_that_disconnects_mid_command_fails_it() {
 
 #[tokio::test(start_paused = true)]
 async fn no_answer_within_the_budget_fails_before_the_brain_times_out() {
-    let (router, mut results) = Router::new(status());
+    let (router, mut results) = Router::new(stats());
     let (a, _rx) = conn(&[("celery", &["cancel_task"])], 10);
-    router.register(1, a);
+    register(&router, 1, a);
     router.dispatch(&cmd("c-10", "cancel_task", Some("celery"), 20), "h");
     tokio::time::sleep(Duration::from_secs(17)).await;
     assert!(results.try_recv().is_err(), "still within 18 s");
@@ -230,12 +259,12 @@ async fn no_answer_within_the_budget_fails_before_the_brain_times_out() {
 
 #[tokio::test]
 async fn the_least_busy_connection_wins_then_the_oldest() {
-    let (router, _results) = Router::new(status());
+    let (router, _results) = Router::new(stats());
     let (a, mut rx_a) = conn(&[("celery", &["cancel_task"])], 10);
     let (b, mut rx_b) = conn(&[("celery", &["cancel_task"])], 20);
-    router.register(1, a);
+    register(&router, 1, a);
     std::thread::sleep(Duration::from_millis(2));
-    router.register(2, b);
+    register(&router, 2, b);
     router.dispatch(&cmd("c-11", "cancel_task", Some("celery"), 60), "h");
     assert!(received(&mut rx_a).is_some(), "tie: the older connection");
     router.dispatch(&cmd("c-12", "cancel_task", Some("celery"), 60), "h");
@@ -247,24 +276,25 @@ async fn the_least_busy_connection_wins_then_the_oldest() {
 
 #[tokio::test]
 async fn a_connection_that_does_not_read_is_skipped() {
-    let (router, _results) = Router::new(status());
-    let (tx, _rx_full) = crate::ingest::ReplyQueue::new();
+    let (router, _results) = Router::new(stats());
+    let (tx, _rx_full) = ReplyQueue::new();
     while tx.try_send(b"filler".to_vec()).is_ok() {}
-    let stuck = ClientHandle {
+    let stuck = TestClient {
+        pid: 30,
+        hello: Registration {
+            capabilities: [("celery".to_string(), vec!["cancel_task".to_string()])].into(),
+            ..Registration::default()
+        },
         tx,
-        framing: Framing::JsonLines,
-        capabilities: [("celery".to_string(), vec!["cancel_task".to_string()])].into(),
-        pid: Some(30),
-        process: None,
     };
-    router.register(1, stuck);
+    register(&router, 1, stuck);
     let Dispatch::Failed(r) = router.dispatch(&cmd("c-13", "cancel_task", Some("celery"), 60), "h")
     else {
         panic!()
     };
     assert!(r.error.unwrap().contains("not reading"));
     let (ok, mut rx) = conn(&[("celery", &["cancel_task"])], 40);
-    router.register(2, ok);
+    register(&router, 2, ok);
     assert!(matches!(
         router.dispatch(&cmd("c-14", "cancel_task", Some("celery"), 60), "h"),
         Dispatch::Started { .. }
@@ -295,7 +325,7 @@ fn the_engine_comes_from_the_target_or_the_parameters() {
 
 #[tokio::test]
 async fn old_command_ids_are_forgotten_after_the_window() {
-    let (router, _results) = Router::new(status());
+    let (router, _results) = Router::new(stats());
     let first = cmd("old", "cancel_task", Some("celery"), 60);
     assert!(matches!(router.dispatch(&first, "h"), Dispatch::Failed(_)));
     for i in 0..SEEN_MAX {

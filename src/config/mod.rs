@@ -30,6 +30,7 @@ pub mod keys;
 pub mod read;
 pub mod secrets;
 pub mod small_file;
+pub mod socket_path;
 #[cfg(test)]
 mod tests;
 
@@ -47,6 +48,7 @@ pub use small_file::{
     read_small_file, SmallFileError, MAX_CA_FILE_BYTES, MAX_CONFIG_FILE_BYTES,
     MAX_SECRET_FILE_BYTES,
 };
+pub use socket_path::{client_socket_path, default_socket_path, SYSTEM_SOCKET_PATH};
 
 use crate::protocol::SigningKey;
 use crate::spool::{Overflow, Synchronous};
@@ -397,7 +399,7 @@ fn check_socket_path(explicit: Option<&Path>, host: &HostEnv) -> Result<(), Conf
         )),
         Some(_) => Ok(()),
         None => {
-            let p = crate::ingest::default_socket_path(host);
+            let p = default_socket_path(host);
             if p.is_absolute() {
                 return Ok(());
             }

@@ -332,7 +332,7 @@ pub async fn run(options: &Options, host: HostEnv, websocket: bool) -> Report {
     let socket_path = config
         .socket_path
         .clone()
-        .unwrap_or_else(|| crate::ingest::client_socket_path(&config.host));
+        .unwrap_or_else(|| crate::config::client_socket_path(&config.host));
     header.resolved(&config, &socket_path);
     let spool = runner
         .probe("buffer_path", || Plan::now(spool::check(&config)))

@@ -23,9 +23,9 @@ use std::time::Duration;
 use super::runner::Plan;
 use super::Finding;
 use crate::client::{Client, ClientError};
+use crate::clients::Advertisement;
 use crate::config::Config;
 use crate::protocol::Value;
-use crate::stats::Advertisement;
 
 /// Time allowed for the running daemon to answer `stats`.
 const DAEMON_TIMEOUT: Duration = Duration::from_secs(3);

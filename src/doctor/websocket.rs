@@ -23,9 +23,9 @@ use tokio_tungstenite::tungstenite::Message;
 use super::brain_reply::{self, Failure};
 use super::socket::DaemonView;
 use super::Finding;
+use crate::clients::Advertisement;
 use crate::config::{Config, UplinkSettings};
 use crate::protocol::{self, SessionBinding, Signer, Verifier};
-use crate::stats::{Advertisement, Stats};
 use crate::uplink::connect::{self, Hello, HelloAck, Ws};
 
 /// Time allowed for the signed round trip after `hello_ack`.
@@ -38,7 +38,7 @@ pub(super) async fn check(c: &Config, daemon: &DaemonView) -> (Finding, Option<H
     // Advertise what the daemon advertises: every hello overwrites the
     // agent's engines and capabilities at the brain.
     let advertised = daemon.advertised.clone().unwrap_or_else(|| {
-        Stats::new().advertisement(&settings.static_engines, &settings.static_capabilities)
+        Advertisement::configured(&settings.static_engines, &settings.static_capabilities)
     });
     let started = Instant::now();
     let (mut ws, ack) = match open_session(settings, &worker_id, &advertised).await {

@@ -1,5 +1,5 @@
 //! Applying the handler's decision to the live state of one connection:
-//! the counters, the router and `stats` registration, the replies (a
+//! the counters, the client registry (which the router and `stats` read), the replies (a
 //! `stats` report rendered from the counters now), the relayed command
 //! result, and the spool append.
 //!
@@ -8,9 +8,11 @@
 //! registration it implies already in place.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use super::connection::Connection;
 use super::handler::{Handled, Registration, Relay, Reply};
+use super::replies::ReplyOutbox;
 use crate::protocol::Value;
 
 impl Connection<'_> {
@@ -40,7 +42,7 @@ impl Connection<'_> {
         }
         if let Some(store) = h.store {
             let accepted = store.records.len() as u64;
-            stats.update_client(self.id, |c| c.events_received += accepted);
+            stats.clients.received(self.id, accepted);
             self.store(store.records, store.ack_id).await;
         }
     }
@@ -82,40 +84,19 @@ impl Connection<'_> {
         }
     }
 
-    /// What a `hello` declared: the router may send this connection
-    /// commands for its capabilities, and `stats` shows the rest.
+    /// What a `hello` declared goes into the client registry, with this
+    /// connection's reply queue as the way the router reaches it.
     fn register(&self, r: Registration) {
         tracing::info!(
-            client = self.id,
             process = r.process.as_deref().unwrap_or("-"),
             engines = ?r.engines,
             capabilities = ?r.capabilities,
             "client registered"
         );
-        self.ingest.router.register(
-            self.id,
-            crate::commands::ClientHandle {
-                tx: self.replies.tx.clone(),
-                framing: self.replies.framing,
-                capabilities: r.capabilities.clone(),
-                pid: self.pid,
-                process: r.process.clone(),
-            },
-        );
-        let mut changed = false;
-        self.ingest.stats.update_client(self.id, |c| {
-            c.process = r.process;
-            c.framework = r.framework;
-            c.worker_role = r.worker_role;
-            changed = c.engines != r.engines
-                || c.capabilities != r.capabilities
-                || c.runtime_features != r.runtime_features;
-            c.engines = r.engines;
-            c.capabilities = r.capabilities;
-            c.runtime_features = r.runtime_features;
-        });
-        if changed {
-            self.ingest.stats.clients_changed.notify_one();
-        }
+        let outbox = Arc::new(ReplyOutbox::new(
+            self.replies.tx.clone(),
+            self.replies.framing,
+        ));
+        self.ingest.stats.clients.declared(self.id, r, outbox);
     }
 }

@@ -12,7 +12,9 @@
 //!   closed; an idle one between messages is never timed out;
 //! * on shutdown, what the client already sent is still handled within
 //!   [`DRAIN_READ_TIMEOUT`]; every append is settled (and acked) before the
-//!   connection is gone.
+//!   connection is gone;
+//! * everything logged while a connection is served is inside its `client`
+//!   span (connection id, pid, uid), so each line says who it is about.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -23,6 +25,7 @@ use tokio::io::AsyncReadExt;
 use tokio::net::unix::OwnedReadHalf;
 use tokio::net::UnixStream;
 use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, Span};
 
 use super::admission::{linger, Peer};
 use super::appends::Pending;
@@ -31,9 +34,9 @@ use super::framing::{Decoded, Decoder, Framing};
 use super::handler::handle;
 use super::replies::{write_replies, Replies, ReplyQueue};
 use super::{Ingest, DRAIN_READ_TIMEOUT, FREE_BUFFER_BYTES, MAX_PENDING_APPENDS, READ_BYTES};
+use crate::clients::ClientInfo;
 use crate::refusal::RefusalCode;
 use crate::spool::SpoolError;
-use crate::stats::ClientInfo;
 
 /// One served client connection: who it is, where its replies go, and
 /// its appends waiting for their commit.
@@ -76,7 +79,9 @@ enum Step {
 }
 
 impl Ingest {
-    /// Serves one accepted connection until the client or the daemon ends it.
+    /// Serves one accepted connection until the client or the daemon ends
+    /// it, inside a `client` span (connection id, pid, uid) so every log
+    /// line about it says who it is.
     pub(super) async fn connection(
         self: Arc<Self>,
         stream: UnixStream,
@@ -84,13 +89,36 @@ impl Ingest {
         shutdown: CancellationToken,
     ) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let span = tracing::info_span!(
+            "client",
+            client = id,
+            pid = tracing::field::Empty,
+            uid = peer.uid
+        );
+        if let Some(pid) = peer.pid {
+            span.record("pid", pid);
+        }
+        self.serve_client(id, stream, peer, shutdown)
+            .instrument(span)
+            .await
+    }
+
+    async fn serve_client(
+        self: Arc<Self>,
+        id: u64,
+        stream: UnixStream,
+        peer: Peer,
+        shutdown: CancellationToken,
+    ) {
         let (mut rd, wr) = stream.into_split();
         let Some(first) = first_byte(&mut rd, &shutdown).await else {
             return;
         };
         let framing = Framing::detect(first);
         let (reply_tx, reply_rx) = ReplyQueue::new();
-        let writer = tokio::spawn(write_replies(wr, reply_rx, reply_tx.queued.clone()));
+        let writer = tokio::spawn(
+            write_replies(wr, reply_rx, reply_tx.queued.clone()).instrument(Span::current()),
+        );
         self.client_connected(id, peer, framing);
         let mut conn = Connection {
             ingest: &self,
@@ -117,19 +145,21 @@ impl Ingest {
         while !conn.pending.is_empty() {
             conn.settle_front().await;
         }
+        // Out of the registry first, so the router picks it no more; then
+        // the commands it was running fail.
+        self.stats.clients.disconnected(id);
         self.router.disconnected(id);
-        self.stats.client_disconnected(id);
         drop(conn);
         let _ = writer.await;
         if refused {
             linger(&mut rd).await;
         }
-        tracing::debug!(client = id, "client disconnected");
+        tracing::debug!("client disconnected");
     }
 
     fn client_connected(&self, id: u64, peer: Peer, framing: Framing) {
         let Peer { uid, gid, pid } = peer;
-        self.stats.client_connected(
+        self.stats.clients.connected(
             id,
             ClientInfo {
                 pid,
@@ -139,13 +169,7 @@ impl Ingest {
                 ..ClientInfo::default()
             },
         );
-        tracing::debug!(
-            client = id,
-            pid,
-            uid,
-            framing = framing.as_str(),
-            "client connected"
-        );
+        tracing::debug!(gid, framing = framing.as_str(), "client connected");
     }
 }
 

@@ -5,8 +5,6 @@
 //! spool or counter), only values; what needs live state is named, for the
 //! caller to complete ([`Reply::Stats`], [`Relay::CommandResult`]).
 
-use std::collections::BTreeMap;
-
 use super::handler::error_reply;
 use super::validate::Refusal;
 use crate::protocol::Value;
@@ -88,22 +86,9 @@ impl Reply {
     }
 }
 
-/// What a `hello` declares about the connection's process.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Registration {
-    /// Process name, at most [`super::MAX_LABEL_CHARS`].
-    pub process: Option<String>,
-    /// Framework name, at most [`super::MAX_LABEL_CHARS`].
-    pub framework: Option<String>,
-    /// Worker role, at most [`super::MAX_LABEL_CHARS`].
-    pub worker_role: Option<String>,
-    /// Engines it sends events for (those of `capabilities` included), sorted.
-    pub engines: Vec<String>,
-    /// Engine -> actions it runs, each list sorted and without duplicates.
-    pub capabilities: BTreeMap<String, Vec<String>>,
-    /// Feature names of its runtime.
-    pub runtime_features: Vec<String>,
-}
+/// What a `hello` declares: the client registry's own type, so the
+/// handler's decision is what the registry stores.
+pub use crate::clients::Registration;
 
 /// A message the daemon passes on rather than answers itself.
 #[derive(Debug, PartialEq)]

@@ -57,10 +57,7 @@ use budget::MessageBudget;
 
 pub use handler::{handle, Handled, Limits, MAX_ACK_ID_BYTES, MAX_LABEL_CHARS};
 pub use replies::{QueueFull, ReplyQueue, ORDINARY_REPLY_BYTES, REPLY_QUEUE, REPLY_QUEUE_BYTES};
-pub use socket::{
-    bind, client_socket_path, default_socket_path, raise_fd_limit, IngestError, FD_MARGIN,
-    SYSTEM_SOCKET_PATH,
-};
+pub use socket::{bind, raise_fd_limit, IngestError, FD_MARGIN};
 
 /// Ingest settings.
 #[derive(Debug, Clone)]

@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 
 use super::framing::Framing;
 use super::handler::{error_reply, MAX_ACK_ID_BYTES};
+use crate::clients::Outbox;
 use crate::protocol::Value;
 use crate::refusal::RefusalCode;
 use crate::stats::Stats;
@@ -164,5 +165,26 @@ impl Replies {
         index: Option<usize>,
     ) {
         self.send(&error_reply(code, message, ack_id, index));
+    }
+}
+
+/// How the command router reaches a connection: its reply queue, in its
+/// framing. A full queue is the router's to report (the process is not
+/// reading), so it is not counted as a dropped reply.
+pub(crate) struct ReplyOutbox {
+    tx: ReplyQueue,
+    framing: Framing,
+}
+
+impl ReplyOutbox {
+    /// The way to `tx`, encoding in `framing`.
+    pub(crate) fn new(tx: ReplyQueue, framing: Framing) -> Self {
+        ReplyOutbox { tx, framing }
+    }
+}
+
+impl Outbox for ReplyOutbox {
+    fn offer(&self, msg: &Value) -> bool {
+        self.tx.try_send(self.framing.encode(msg)).is_ok()
     }
 }

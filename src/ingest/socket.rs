@@ -1,5 +1,6 @@
-//! Socket setup: where the local socket lives, binding it, and the
-//! process's limit on open files that its connections need.
+//! Socket setup: binding the local socket (where it lives is the
+//! configuration's rule, `config::socket_path`), and the process's limit on
+//! open files that its connections need.
 //!
 //! Invariants: the socket file never exists with the wrong mode (it is
 //! bound under a temporary name, given its mode, then renamed into place);
@@ -30,35 +31,6 @@ pub enum IngestError {
         /// The failure.
         source: std::io::Error,
     },
-}
-
-/// The socket of the host-wide daemon that the packages install
-/// (`z4j-agentd.socket`).
-pub const SYSTEM_SOCKET_PATH: &str = "/run/z4j-agentd/agent.sock";
-
-/// Where a client (`status`, the doctor) looks for the daemon when no path
-/// is given: the host-wide socket when it exists, else what `run` would
-/// bind with the same environment.
-pub fn client_socket_path(host: &crate::config::HostEnv) -> PathBuf {
-    client_socket_path_with(host, Path::new(SYSTEM_SOCKET_PATH))
-}
-
-pub(super) fn client_socket_path_with(host: &crate::config::HostEnv, system: &Path) -> PathBuf {
-    if host.runtime_directory.is_none() && system.exists() {
-        return system.to_path_buf();
-    }
-    default_socket_path(host)
-}
-
-/// Resolves the default socket path (see the architecture brief).
-pub fn default_socket_path(host: &crate::config::HostEnv) -> PathBuf {
-    if let Some(r) = &host.runtime_directory {
-        r.join("agent.sock")
-    } else if let Some(x) = &host.xdg_runtime_dir {
-        x.join("z4j").join("agent.sock")
-    } else {
-        host.tmp_private_dir().join("agent.sock")
-    }
 }
 
 /// Binds the socket: replaces a stale file, refuses when a daemon answers.

@@ -14,9 +14,8 @@ use tokio_util::sync::CancellationToken;
 use super::admission::{AcceptFailures, ACCEPT_PAUSE_MIN, REFUSALS_IN_FLIGHT};
 use super::handler::json_len_over;
 use super::replies::write_replies;
-use super::socket::{client_socket_path_with, fd_shortfall};
+use super::socket::fd_shortfall;
 use super::*;
-use crate::config::HostEnv;
 use crate::protocol::Value;
 use crate::spool::{Overflow, Spool, SpoolConfig, Synchronous};
 
@@ -705,29 +704,61 @@ fn failed_accepts_back_off_up_to_a_quarter_second_and_reset() {
     assert_eq!(f.failed(&e, 1024, 0, 0), ACCEPT_PAUSE_MIN);
 }
 
+/// Log output kept in memory, for the span test.
+#[derive(Clone, Default)]
+struct CapturedLog(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for CapturedLog {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Every line logged while a connection is served is inside its `client`
+/// span, so it says which connection, pid and uid it is about (the line a
+/// `hello` logs carried only the connection id before).
 #[test]
-fn clients_prefer_the_host_wide_socket_when_it_exists() {
-    let t = tempfile::tempdir().unwrap();
-    let system = t.path().join("system.sock");
-    let host = HostEnv {
-        tmpdir: t.path().to_path_buf(),
-        uid: 1000,
-        xdg_runtime_dir: Some(PathBuf::from("/run/user/1000")),
-        ..HostEnv::default()
-    };
-    assert_eq!(
-        client_socket_path_with(&host, &system),
-        PathBuf::from("/run/user/1000/z4j/agent.sock")
-    );
-    std::fs::write(&system, b"").unwrap();
-    assert_eq!(client_socket_path_with(&host, &system), system);
-    // The daemon's own service environment means: use what run binds.
-    let service = HostEnv {
-        runtime_directory: Some(PathBuf::from("/run/z4j-agentd")),
-        ..host
-    };
-    assert_eq!(
-        client_socket_path_with(&service, &system),
-        PathBuf::from("/run/z4j-agentd/agent.sock")
-    );
+fn log_lines_about_a_client_name_its_connection_pid_and_uid() {
+    let log = CapturedLog::default();
+    let writer = log.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::DEBUG)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    // One thread, so the connection's tasks log to this test's subscriber.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let (socket, _stats, _spool, stop) = served(dir.path(), Duration::from_secs(30)).await;
+        let mut c = crate::client::Client::connect(&socket).await.unwrap();
+        let hello = serde_json::json!({"type": "hello", "process": "span-check", "ack_id": 1});
+        c.write_raw(&serde_json::from_value(hello).unwrap())
+            .await
+            .unwrap();
+        c.read_reply().await.unwrap();
+        stop.cancel();
+    });
+    let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.contains("client registered"))
+        .unwrap_or_else(|| panic!("no registration line in:\n{text}"));
+    let span = line.split_once("}:").map_or("", |(s, _)| s);
+    assert!(span.contains("client{client="), "{line}");
+    for who in [
+        format!("pid={}", std::process::id()),
+        format!("uid={}", crate::config::current_uid()),
+    ] {
+        assert!(span.contains(&who), "{line} lacks {who}");
+    }
+    assert!(line.contains("span-check"), "{line}");
 }

@@ -30,18 +30,9 @@ impl Refusal {
     }
 }
 
-/// Most characters of a client's value quoted back in an error message.
-pub const MAX_EXCERPT_CHARS: usize = 64;
-
-/// `s` quoted for an error message: whole when short, else its first
-/// [`MAX_EXCERPT_CHARS`] characters and its length. Errors name what was
-/// wrong without echoing megabytes back to the client.
-pub fn excerpt(s: &str) -> String {
-    match s.char_indices().nth(MAX_EXCERPT_CHARS) {
-        None => format!("{s:?}"),
-        Some((i, _)) => format!("{:?}... ({} bytes)", &s[..i], s.len()),
-    }
-}
+// Client values quoted in refusal messages: the rule lives with the
+// refusal codes, which the command router quotes too.
+pub use crate::refusal::{excerpt, MAX_EXCERPT_CHARS};
 
 use crate::protocol::limits::{MAX_ENGINE_CHARS, MAX_TASK_ID_CHARS};
 

@@ -3,6 +3,8 @@
 //! byte for byte what they were for the same counters.
 
 use super::*;
+use crate::clients::ClientInfo;
+use crate::protocol::Value;
 use time::macros::datetime;
 
 /// A daemon with every counter, map and list non-empty (and distinct).
@@ -81,7 +83,7 @@ fn clients(s: &Stats) {
         spool_path: "/var/lib/z4j-agentd/spool.sqlite".into(),
         socket_path: "/run/z4j-agentd/agent.sock".into(),
     });
-    s.client_connected(
+    s.clients.connected(
         7,
         ClientInfo {
             pid: Some(4242),
@@ -97,7 +99,7 @@ fn clients(s: &Stats) {
             events_received: 12,
         },
     );
-    s.client_connected(
+    s.clients.connected(
         9,
         ClientInfo {
             uid: 1000,

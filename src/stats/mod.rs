@@ -19,7 +19,7 @@ use time::OffsetDateTime;
 
 use serde::{Deserialize, Serialize};
 
-use crate::protocol::Value;
+use crate::clients::{Advertisement, ClientRegistry};
 use crate::spool::SpoolStats;
 
 mod heartbeat;
@@ -94,56 +94,6 @@ pub struct UplinkStatus {
     pub advertised: Advertisement,
 }
 
-/// What the daemon's `hello` tells the brain: the union of what connected
-/// clients declared, plus what is configured statically.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Advertisement {
-    /// Engines, sorted.
-    pub engines: Vec<String>,
-    /// Engine -> actions, sorted.
-    pub capabilities: BTreeMap<String, Vec<String>>,
-    /// Runtime features, sorted.
-    pub runtime_features: Vec<String>,
-}
-
-/// Never advertised: it asks the brain for the external scheduler protocol,
-/// which this daemon does not implement.
-pub const NEVER_ADVERTISED_FEATURES: &[&str] = &["external_schedule_protocol_v1"];
-
-impl Advertisement {
-    /// The `hello` payload fields.
-    pub fn engines_value(&self) -> Value {
-        Value::Array(
-            self.engines
-                .iter()
-                .map(|e| Value::from(e.as_str()))
-                .collect(),
-        )
-    }
-
-    /// `capabilities` as a map of lists.
-    pub fn capabilities_value(&self) -> Value {
-        let mut m = Value::empty_map();
-        for (engine, actions) in &self.capabilities {
-            m.insert(
-                engine,
-                Value::Array(actions.iter().map(|a| Value::from(a.as_str())).collect()),
-            );
-        }
-        m
-    }
-
-    /// `runtime_features` as a list.
-    pub fn runtime_features_value(&self) -> Value {
-        Value::Array(
-            self.runtime_features
-                .iter()
-                .map(|e| Value::from(e.as_str()))
-                .collect(),
-        )
-    }
-}
-
 /// Where this daemon runs and what it talks to; fixed at start, the brain
 /// settings refreshed on reload.
 #[derive(Debug, Clone, Default)]
@@ -200,33 +150,6 @@ pub const ACK_LATENCY_BUCKETS: [f64; 16] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 ];
 
-/// One connected local client.
-#[derive(Debug, Clone, Default)]
-pub struct ClientInfo {
-    /// Peer pid from SO_PEERCRED.
-    pub pid: Option<i32>,
-    /// Peer uid from SO_PEERCRED.
-    pub uid: u32,
-    /// Peer gid from SO_PEERCRED.
-    pub gid: u32,
-    /// Process name from `hello`.
-    pub process: Option<String>,
-    /// Framework from `hello`.
-    pub framework: Option<String>,
-    /// Engines from `hello`.
-    pub engines: Vec<String>,
-    /// Engine -> actions from `hello` (`capabilities`).
-    pub capabilities: BTreeMap<String, Vec<String>>,
-    /// `runtime_features` from `hello`.
-    pub runtime_features: Vec<String>,
-    /// Worker role from `hello`.
-    pub worker_role: Option<String>,
-    /// Framing: "msgpack" or "jsonl".
-    pub framing: &'static str,
-    /// Events received from this client.
-    pub events_received: u64,
-}
-
 /// The daemon's counters, shared by ingest, the uplink and the reports.
 pub struct Stats {
     /// Process start.
@@ -282,14 +205,14 @@ pub struct Stats {
     pub commands_succeeded: AtomicU64,
     /// Commands answered `failed` (by a process, or by the daemon when none could run it).
     pub commands_failed: AtomicU64,
-    /// Signalled when the set of connected clients or their engines changes.
-    pub clients_changed: tokio::sync::Notify,
     /// Seconds from sending an `event_batch` to its `event_batch_ack`.
     pub ack_latency: Histogram,
+    /// The connected local clients: what the router routes by and the
+    /// reports list (one registry for both).
+    pub clients: ClientRegistry,
     refused: Mutex<BTreeMap<&'static str, u64>>,
     failures: Mutex<BTreeMap<&'static str, u64>>,
     uplink: Mutex<UplinkStatus>,
-    clients: Mutex<BTreeMap<u64, ClientInfo>>,
     info: Mutex<DaemonInfo>,
     samples: Mutex<VecDeque<Sample>>,
 }
@@ -326,7 +249,6 @@ impl Stats {
             commands_received: AtomicU64::new(0),
             commands_succeeded: AtomicU64::new(0),
             commands_failed: AtomicU64::new(0),
-            clients_changed: tokio::sync::Notify::new(),
             ack_latency: Histogram::new(ACK_LATENCY_BUCKETS),
             refused: Mutex::new(BTreeMap::new()),
             failures: Mutex::new(BTreeMap::new()),
@@ -346,7 +268,7 @@ impl Stats {
                 brain_version: None,
                 advertised: Advertisement::default(),
             }),
-            clients: Mutex::new(BTreeMap::new()),
+            clients: ClientRegistry::new(),
             info: Mutex::new(DaemonInfo::default()),
             samples: Mutex::new(VecDeque::new()),
         }
@@ -510,70 +432,6 @@ impl Stats {
     /// A copy of the uplink details.
     pub fn uplink(&self) -> UplinkStatus {
         self.uplink.lock().unwrap().clone()
-    }
-
-    /// Registers a new local connection.
-    pub fn client_connected(&self, id: u64, info: ClientInfo) {
-        self.clients.lock().unwrap().insert(id, info);
-    }
-
-    /// Updates a local connection's details.
-    pub fn update_client(&self, id: u64, f: impl FnOnce(&mut ClientInfo)) {
-        if let Some(c) = self.clients.lock().unwrap().get_mut(&id) {
-            f(c);
-        }
-    }
-
-    /// Forgets a local connection.
-    pub fn client_disconnected(&self, id: u64) {
-        let had_engines = self.clients.lock().unwrap().remove(&id).is_some_and(|c| {
-            !c.engines.is_empty() || !c.capabilities.is_empty() || !c.runtime_features.is_empty()
-        });
-        if had_engines {
-            self.clients_changed.notify_one();
-        }
-    }
-
-    /// Connected clients.
-    pub fn clients(&self) -> Vec<ClientInfo> {
-        self.clients.lock().unwrap().values().cloned().collect()
-    }
-
-    /// What the `hello` must advertise now: the union over connected clients
-    /// plus the static configuration.
-    pub fn advertisement(
-        &self,
-        static_engines: &[String],
-        static_capabilities: &BTreeMap<String, Vec<String>>,
-    ) -> Advertisement {
-        let clients = self.clients.lock().unwrap();
-        let mut engines: Vec<String> = static_engines.to_vec();
-        let mut caps: BTreeMap<String, Vec<String>> = static_capabilities.clone();
-        let mut features: Vec<String> = Vec::new();
-        for c in clients.values() {
-            engines.extend(c.engines.iter().cloned());
-            for (engine, actions) in &c.capabilities {
-                caps.entry(engine.clone())
-                    .or_default()
-                    .extend(actions.iter().cloned());
-            }
-            features.extend(c.runtime_features.iter().cloned());
-        }
-        engines.extend(caps.keys().cloned());
-        engines.sort();
-        engines.dedup();
-        for actions in caps.values_mut() {
-            actions.sort();
-            actions.dedup();
-        }
-        features.retain(|f| !NEVER_ADVERTISED_FEATURES.contains(&f.as_str()));
-        features.sort();
-        features.dedup();
-        Advertisement {
-            engines,
-            capabilities: caps,
-            runtime_features: features,
-        }
     }
 }
 

@@ -25,7 +25,8 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use time::OffsetDateTime;
 
-use super::{ClientInfo, Rates, Stats, UplinkState, UplinkStatus};
+use super::{Rates, Stats, UplinkState, UplinkStatus};
+use crate::clients::ClientInfo;
 use crate::protocol::{format_ts, Value};
 use crate::spool::SpoolStats;
 
@@ -415,10 +416,12 @@ impl Snapshot {
         self.agent_name = info.agent_name;
         self.spool_path = info.spool_path;
         self.socket_path = info.socket_path;
-        let clients = st.clients();
+        let clients = st.clients.list();
         self.clients = clients.len() as u64;
         self.client_list = clients.iter().map(ClientReport::from).collect();
-        let now = st.advertisement(&info.static_engines, &info.static_capabilities);
+        let now = st
+            .clients
+            .advertisement(&info.static_engines, &info.static_capabilities);
         self.engines = now.engines;
         self.capabilities = now.capabilities;
         self.runtime_features = now.runtime_features;

@@ -1,6 +1,8 @@
 //! Unit tests of the counters and of the snapshot every report reads.
 
 use super::*;
+use crate::clients::ClientInfo;
+use crate::protocol::Value;
 
 #[test]
 fn rates_cover_the_window_and_forget_older_samples() {
@@ -33,7 +35,7 @@ fn no_rates_before_two_samples() {
 #[test]
 fn report_lists_clients_and_failures() {
     let s = Stats::new();
-    s.client_connected(
+    s.clients.connected(
         1,
         ClientInfo {
             pid: Some(42),

@@ -191,7 +191,7 @@ pub(crate) struct Hello<'a> {
     /// The slot at the brain.
     pub worker_id: &'a str,
     /// The engines and capabilities announced.
-    pub advertised: &'a crate::stats::Advertisement,
+    pub advertised: &'a crate::clients::Advertisement,
     /// When this process started.
     pub started_at: OffsetDateTime,
 }

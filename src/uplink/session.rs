@@ -27,10 +27,11 @@ use super::connect::{self, Hello, HelloAck, Ws};
 use super::error::UplinkError;
 use super::window::Window;
 use super::{SessionEnd, Uplink, STABLE_SESSION};
+use crate::clients::Advertisement;
 use crate::config::UplinkSettings;
 use crate::protocol::limits::MAX_CLOCK_SKEW_SECONDS;
 use crate::protocol::{self, SessionBinding, Signer, Verifier};
-use crate::stats::{Advertisement, UplinkState};
+use crate::stats::UplinkState;
 
 /// The longest heartbeat cadence used, whatever the brain announces: the
 /// brain marks an agent offline after 30 s without one.
@@ -138,6 +139,7 @@ impl Uplink {
         self.stats.set_uplink_state(UplinkState::Handshaking);
         let advertised = self
             .stats
+            .clients
             .advertisement(&settings.static_engines, &settings.static_capabilities);
         let hello = Hello {
             settings,
@@ -350,7 +352,7 @@ impl<'a> BrainSession<'a> {
             }
             _ = self.up.spool.new_events().notified(), if window_open => Ok(()),
             Some(r) = self.up.results.recv() => self.send_result_or_keep(r).await,
-            _ = self.up.stats.clients_changed.notified(), if !t.rehandshake_armed => {
+            _ = self.up.stats.clients.changed(), if !t.rehandshake_armed => {
                 self.arm_rehandshake(t);
                 Ok(())
             }
@@ -410,6 +412,7 @@ impl<'a> BrainSession<'a> {
     fn advertisement_now(&self) -> Advertisement {
         self.up
             .stats
+            .clients
             .advertisement(&self.static_engines, &self.static_capabilities)
     }
 

@@ -1,0 +1,342 @@
+//! The registry of connected local clients: who each one is (peer
+//! credentials, what its `hello` declared), how to reach it, and what the
+//! daemon's `hello` advertises because of them.
+//!
+//! One [`ClientRegistry`] (held by [`crate::stats::Stats`] as `clients`)
+//! is what every reader of clients reads: the command router picks a
+//! client that declared an action from it, and the `stats` reply, the
+//! heartbeat, `agent_status` and the uplink's `hello` read the same
+//! entries, so routing and reports cannot disagree about who is connected.
+//!
+//! Invariants: ingest adds an entry when a connection is accepted and
+//! removes it once when the connection ends; a client is reachable for
+//! commands only after its `hello` (which hands over its [`Outbox`]);
+//! [`ClientRegistry::changed`] fires whenever what the daemon advertises
+//! may have changed (a `hello` that changes engines, capabilities or
+//! runtime features, or a client that declared some going away), which is
+//! what makes the uplink re-handshake.
+//!
+//! Depends on [`crate::protocol`] only: ingest implements [`Outbox`] for
+//! its reply queue, so the router reaches clients without knowing the
+//! socket or its framing.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crate::protocol::Value;
+
+/// One connected local client, as the reports show it.
+#[derive(Debug, Clone, Default)]
+pub struct ClientInfo {
+    /// Peer pid from SO_PEERCRED.
+    pub pid: Option<i32>,
+    /// Peer uid from SO_PEERCRED.
+    pub uid: u32,
+    /// Peer gid from SO_PEERCRED.
+    pub gid: u32,
+    /// Process name from `hello`.
+    pub process: Option<String>,
+    /// Framework from `hello`.
+    pub framework: Option<String>,
+    /// Engines from `hello`.
+    pub engines: Vec<String>,
+    /// Engine -> actions from `hello` (`capabilities`).
+    pub capabilities: BTreeMap<String, Vec<String>>,
+    /// `runtime_features` from `hello`.
+    pub runtime_features: Vec<String>,
+    /// Worker role from `hello`.
+    pub worker_role: Option<String>,
+    /// Framing: "msgpack" or "jsonl".
+    pub framing: &'static str,
+    /// Events received from this client.
+    pub events_received: u64,
+}
+
+impl ClientInfo {
+    /// Whether it declared `action`, for `engine` or (without one) for any.
+    pub fn runs(&self, engine: Option<&str>, action: &str) -> bool {
+        match engine {
+            Some(e) => self
+                .capabilities
+                .get(e)
+                .is_some_and(|a| a.iter().any(|x| x == action)),
+            None => self
+                .capabilities
+                .values()
+                .any(|a| a.iter().any(|x| x == action)),
+        }
+    }
+
+    /// Who it is, for messages: pid and process name as far as known.
+    pub fn describe(&self) -> String {
+        match (&self.pid, &self.process) {
+            (Some(p), Some(n)) => format!("pid {p} ({n})"),
+            (Some(p), None) => format!("pid {p}"),
+            (None, Some(n)) => format!("process {n}"),
+            (None, None) => "the local process".to_string(),
+        }
+    }
+
+    /// Whether it makes the daemon advertise anything.
+    fn advertises(&self) -> bool {
+        !self.engines.is_empty()
+            || !self.capabilities.is_empty()
+            || !self.runtime_features.is_empty()
+    }
+}
+
+/// What a `hello` declares about the connection's process (labels already
+/// bounded and lists sorted by the ingest handler).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Registration {
+    /// Process name.
+    pub process: Option<String>,
+    /// Framework name.
+    pub framework: Option<String>,
+    /// Worker role.
+    pub worker_role: Option<String>,
+    /// Engines it sends events for (those of `capabilities` included), sorted.
+    pub engines: Vec<String>,
+    /// Engine -> actions it runs, each list sorted and without duplicates.
+    pub capabilities: BTreeMap<String, Vec<String>>,
+    /// Feature names of its runtime.
+    pub runtime_features: Vec<String>,
+}
+
+/// How a message reaches a client: ingest's reply queue, in the client's
+/// framing.
+pub trait Outbox: Send + Sync {
+    /// Queues `msg` without waiting; `false` when the client's queue is
+    /// full (it is not reading its connection).
+    fn offer(&self, msg: &Value) -> bool;
+}
+
+/// A client that declared an action, as the router sees it.
+#[derive(Clone)]
+pub struct Reachable {
+    /// The connection id.
+    pub id: u64,
+    /// When its first `hello` arrived (longest connected wins a tie).
+    pub since: Instant,
+    /// Who it is, for messages.
+    pub who: String,
+    /// Where its commands go.
+    pub outbox: Arc<dyn Outbox>,
+}
+
+struct Entry {
+    info: ClientInfo,
+    /// Set by the first `hello`: how to reach it, and since when.
+    reach: Option<(Instant, Arc<dyn Outbox>)>,
+}
+
+/// What the daemon's `hello` tells the brain: the union of what connected
+/// clients declared, plus what is configured statically.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Advertisement {
+    /// Engines, sorted.
+    pub engines: Vec<String>,
+    /// Engine -> actions, sorted.
+    pub capabilities: BTreeMap<String, Vec<String>>,
+    /// Runtime features, sorted.
+    pub runtime_features: Vec<String>,
+}
+
+/// Never advertised: it asks the brain for the external scheduler protocol,
+/// which this daemon does not implement.
+pub const NEVER_ADVERTISED_FEATURES: &[&str] = &["external_schedule_protocol_v1"];
+
+impl Advertisement {
+    /// The `hello` payload fields.
+    pub fn engines_value(&self) -> Value {
+        Value::Array(
+            self.engines
+                .iter()
+                .map(|e| Value::from(e.as_str()))
+                .collect(),
+        )
+    }
+
+    /// `capabilities` as a map of lists.
+    pub fn capabilities_value(&self) -> Value {
+        let mut m = Value::empty_map();
+        for (engine, actions) in &self.capabilities {
+            m.insert(
+                engine,
+                Value::Array(actions.iter().map(|a| Value::from(a.as_str())).collect()),
+            );
+        }
+        m
+    }
+
+    /// `runtime_features` as a list.
+    pub fn runtime_features_value(&self) -> Value {
+        Value::Array(
+            self.runtime_features
+                .iter()
+                .map(|e| Value::from(e.as_str()))
+                .collect(),
+        )
+    }
+
+    /// What the static configuration alone advertises (no client connected).
+    pub fn configured(
+        static_engines: &[String],
+        static_capabilities: &BTreeMap<String, Vec<String>>,
+    ) -> Advertisement {
+        ClientRegistry::default().advertisement(static_engines, static_capabilities)
+    }
+}
+
+/// The connected local clients, by connection id.
+#[derive(Default)]
+pub struct ClientRegistry {
+    clients: Mutex<BTreeMap<u64, Entry>>,
+    changed: tokio::sync::Notify,
+}
+
+impl ClientRegistry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        ClientRegistry::default()
+    }
+
+    /// A connection was accepted: it is listed, not yet reachable.
+    pub fn connected(&self, id: u64, info: ClientInfo) {
+        self.clients
+            .lock()
+            .unwrap()
+            .insert(id, Entry { info, reach: None });
+    }
+
+    /// What its `hello` declared (a later `hello` replaces it), and how to
+    /// send it commands. Signals [`ClientRegistry::changed`] when what it
+    /// advertises changed.
+    pub fn declared(&self, id: u64, r: Registration, outbox: Arc<dyn Outbox>) {
+        let changed = {
+            let mut clients = self.clients.lock().unwrap();
+            let Some(e) = clients.get_mut(&id) else {
+                return;
+            };
+            let c = &mut e.info;
+            let changed = c.engines != r.engines
+                || c.capabilities != r.capabilities
+                || c.runtime_features != r.runtime_features;
+            c.process = r.process;
+            c.framework = r.framework;
+            c.worker_role = r.worker_role;
+            c.engines = r.engines;
+            c.capabilities = r.capabilities;
+            c.runtime_features = r.runtime_features;
+            let since = e.reach.as_ref().map_or_else(Instant::now, |(s, _)| *s);
+            e.reach = Some((since, outbox));
+            changed
+        };
+        if changed {
+            self.changed.notify_one();
+        }
+    }
+
+    /// Counts `n` events accepted from it.
+    pub fn received(&self, id: u64, n: u64) {
+        if let Some(e) = self.clients.lock().unwrap().get_mut(&id) {
+            e.info.events_received += n;
+        }
+    }
+
+    /// The connection ended: forgotten, and [`ClientRegistry::changed`]
+    /// signalled if it made the daemon advertise anything.
+    pub fn disconnected(&self, id: u64) {
+        let advertised = self
+            .clients
+            .lock()
+            .unwrap()
+            .remove(&id)
+            .is_some_and(|e| e.info.advertises());
+        if advertised {
+            self.changed.notify_one();
+        }
+    }
+
+    /// Resolves when what the daemon advertises may have changed since the
+    /// last wait (one pending signal is kept).
+    pub async fn changed(&self) {
+        self.changed.notified().await
+    }
+
+    /// Connected clients, by connection id.
+    pub fn list(&self) -> Vec<ClientInfo> {
+        let clients = self.clients.lock().unwrap();
+        clients.values().map(|e| e.info.clone()).collect()
+    }
+
+    /// How many clients are connected.
+    pub fn len(&self) -> usize {
+        self.clients.lock().unwrap().len()
+    }
+
+    /// Whether no client is connected.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The clients that said `hello` and declared `action` (for `engine`,
+    /// or for any engine without one), by connection id.
+    pub fn able(&self, engine: Option<&str>, action: &str) -> Vec<Reachable> {
+        let clients = self.clients.lock().unwrap();
+        clients
+            .iter()
+            .filter(|(_, e)| e.info.runs(engine, action))
+            .filter_map(|(id, e)| {
+                let (since, outbox) = e.reach.as_ref()?;
+                Some(Reachable {
+                    id: *id,
+                    since: *since,
+                    who: e.info.describe(),
+                    outbox: Arc::clone(outbox),
+                })
+            })
+            .collect()
+    }
+
+    /// What the `hello` must advertise now: the union over connected clients
+    /// plus the static configuration.
+    pub fn advertisement(
+        &self,
+        static_engines: &[String],
+        static_capabilities: &BTreeMap<String, Vec<String>>,
+    ) -> Advertisement {
+        let mut engines: Vec<String> = static_engines.to_vec();
+        let mut caps: BTreeMap<String, Vec<String>> = static_capabilities.clone();
+        let mut features: Vec<String> = Vec::new();
+        for e in self.clients.lock().unwrap().values() {
+            let c = &e.info;
+            engines.extend(c.engines.iter().cloned());
+            for (engine, actions) in &c.capabilities {
+                caps.entry(engine.clone())
+                    .or_default()
+                    .extend(actions.iter().cloned());
+            }
+            features.extend(c.runtime_features.iter().cloned());
+        }
+        engines.extend(caps.keys().cloned());
+        engines.sort();
+        engines.dedup();
+        for actions in caps.values_mut() {
+            actions.sort();
+            actions.dedup();
+        }
+        features.retain(|f| !NEVER_ADVERTISED_FEATURES.contains(&f.as_str()));
+        features.sort();
+        features.dedup();
+        Advertisement {
+            engines,
+            capabilities: caps,
+            runtime_features: features,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
