@@ -64,8 +64,12 @@ def cargo_version() -> str:
 
 
 def daemon_env_names() -> set[str]:
-    """The Z4J_* variables the daemon reads (clap `env = "..."` in src/)."""
+    """The Z4J_* variables the daemon reads: every entry of the settings
+    table (src/config/keys.rs: `NAME field: Kind "Z4J_..."`), plus the
+    clap `env = "..."` attributes elsewhere in src/ (the `status` flags)."""
     names: set[str] = set()
+    table = (ROOT / "src" / "config" / "keys.rs").read_text()
+    names.update(re.findall(r'^\s*[A-Z][A-Z0-9_]*\s+\w+:\s*\w+\s+"(Z4J_[A-Z0-9_]+)"', table, re.M))
     for path in (ROOT / "src").rglob("*.rs"):
         names.update(re.findall(r'env\s*=\s*"(Z4J_[A-Z0-9_]+)"', path.read_text()))
     return names
@@ -498,7 +502,7 @@ def main() -> int:
     docs = load_all()
     info = containerfile()
     known_env = daemon_env_names()
-    check("the daemon's Z4J_* variable names were found in src/", "Z4J_SOCKET_PATH" in known_env)
+    check("the daemon's Z4J_* variable names were found in src/", {"Z4J_SOCKET_PATH", "Z4J_BRAIN_URL", "Z4J_TOKEN_FILE"} <= known_env)
     secret_name, secret_keys = check_secret(docs)
     for fname, loaded in docs.items():
         for doc in loaded:
