@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::client::{Client, ClientError};
-use crate::config::{HostEnv, Options};
+use crate::config::Options;
+use crate::host::HostEnv;
 use crate::protocol::Value;
 use crate::stats::Snapshot;
 

@@ -14,7 +14,8 @@ use clap::{Parser, Subcommand};
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, HostEnv, LogFormat, Options};
+use crate::config::{Config, LogFormat, Options};
+use crate::host::HostEnv;
 
 /// One daemon per host between Python task processes and a z4j brain:
 /// a local socket, a durable SQLite spool, one signed WebSocket.
@@ -226,13 +227,12 @@ fn run(options: Options) -> ExitCode {
         signals.abort();
         match result {
             Ok(()) => ExitCode::SUCCESS,
-            Err(e) if !e.at_start() => {
-                tracing::error!(error = %e, "z4j-agentd stopped on an error");
-                eprintln!("z4j-agentd: {e}");
-                ExitCode::from(e.exit_code())
-            }
             Err(e) => {
-                tracing::error!(error = %e, "z4j-agentd cannot start");
+                if e.at_start() {
+                    tracing::error!(error = %e, "z4j-agentd cannot start");
+                } else {
+                    tracing::error!(error = %e, "z4j-agentd stopped on an error");
+                }
                 eprintln!("z4j-agentd: {e}");
                 ExitCode::from(e.exit_code())
             }

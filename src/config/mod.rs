@@ -39,16 +39,13 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-pub use crate::host::{current_uid, HostEnv};
+use crate::host::HostEnv;
 pub use capabilities::Capabilities;
-pub use endpoints::{ip_is_loopback, is_localhost_name, parse_brain_url, BrainEndpoint};
+pub use endpoints::{parse_brain_url, BrainEndpoint};
 pub use keys::{Environment, Options};
 pub use secrets::Secret;
-pub use small_file::{
-    read_small_file, SmallFileError, MAX_CA_FILE_BYTES, MAX_CONFIG_FILE_BYTES,
-    MAX_SECRET_FILE_BYTES,
-};
-pub use socket_path::{client_socket_path, default_socket_path, SYSTEM_SOCKET_PATH};
+pub use small_file::{read_small_file, MAX_CA_FILE_BYTES};
+pub use socket_path::{client_socket_path, default_socket_path};
 
 use crate::protocol::SigningKey;
 use crate::spool::{Overflow, Synchronous};

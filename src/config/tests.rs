@@ -267,7 +267,11 @@ fn hostile_files(dir: &Path) -> Vec<(PathBuf, &'static str)> {
 fn secret_files_that_are_not_small_regular_files_are_refused_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let just_over = dir.path().join("just-over");
-    std::fs::write(&just_over, "a".repeat(MAX_SECRET_FILE_BYTES as usize + 1)).unwrap();
+    std::fs::write(
+        &just_over,
+        "a".repeat(super::small_file::MAX_SECRET_FILE_BYTES as usize + 1),
+    )
+    .unwrap();
     let mut cases = hostile_files(dir.path());
     cases.push((just_over, "is larger than 4096 bytes"));
     for (path, words) in cases {

@@ -4,7 +4,8 @@
 //! never shown.
 
 use super::Finding;
-use crate::config::{Config, ConfigError, HostEnv, Options};
+use crate::config::{Config, ConfigError, Options};
+use crate::host::HostEnv;
 
 /// Resolves the configuration; hands it on when it is valid.
 pub(super) fn check(options: &Options, host: HostEnv) -> (Finding, Option<Config>) {

@@ -42,7 +42,8 @@ mod websocket;
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use crate::config::{Config, HostEnv, Options};
+use crate::config::{Config, Options};
+use crate::host::HostEnv;
 use crate::protocol::Value;
 use runner::{Plan, Runner};
 

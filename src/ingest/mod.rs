@@ -153,7 +153,7 @@ impl Ingest {
             spool,
             stats,
             next_id: AtomicU64::new(1),
-            own_uid: crate::config::current_uid(),
+            own_uid: crate::host::current_uid(),
             router,
             in_flight: Arc::new(Semaphore::new(IN_FLIGHT_KIB)),
         })

@@ -756,7 +756,7 @@ fn log_lines_about_a_client_name_its_connection_pid_and_uid() {
     assert!(span.contains("client{client="), "{line}");
     for who in [
         format!("pid={}", std::process::id()),
-        format!("uid={}", crate::config::current_uid()),
+        format!("uid={}", crate::host::current_uid()),
     ] {
         assert!(span.contains(&who), "{line} lacks {who}");
     }

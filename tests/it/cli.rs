@@ -205,7 +205,7 @@ fn socket_is_0660_stale_file_replaced_and_live_daemon_refused() {
         env.dir
             .path()
             .join("tmp")
-            .join(format!("z4j-{}", z4j_agentd::config::current_uid()))
+            .join(format!("z4j-{}", z4j_agentd::host::current_uid()))
             .join("other.sqlite"),
     );
     let out = output(second);
@@ -275,7 +275,7 @@ fn deleting_the_lock_file_does_not_let_a_second_daemon_in() {
 fn a_read_only_spool_is_refused_at_start_naming_the_path_and_the_fix() {
     use std::os::unix::fs::PermissionsExt;
     use std::os::unix::process::CommandExt;
-    if z4j_agentd::config::current_uid() != 0 {
+    if z4j_agentd::host::current_uid() != 0 {
         eprintln!(
             "skipped: a read-only mount and running as another uid need root (CI runs this test as root)"
         );
@@ -683,7 +683,7 @@ fn unwritable_home_falls_back_to_tmp_with_exactly_one_warning() {
         .dir
         .path()
         .join("tmp")
-        .join(format!("z4j-{}", z4j_agentd::config::current_uid()))
+        .join(format!("z4j-{}", z4j_agentd::host::current_uid()))
         .join("agentd.sqlite");
     assert!(
         warnings[0].contains(&tmp_spool.display().to_string()),
@@ -969,7 +969,7 @@ fn status_as_nobody(allowed_uids: &str) -> (Output, serde_json::Value, String) {
 
 #[test]
 fn a_uid_outside_the_allow_list_is_refused_told_why_and_counted() {
-    if z4j_agentd::config::current_uid() != 0 {
+    if z4j_agentd::host::current_uid() != 0 {
         eprintln!(
             "skipped: running a client as another uid needs root (CI runs this test as root)"
         );
@@ -1013,7 +1013,7 @@ fn connections_from_a_uid_outside_the_allow_list_take_no_slot() {
     use std::os::unix::fs::PermissionsExt;
     use std::os::unix::process::CommandExt;
     const PYTHON: &str = "/usr/bin/python3";
-    if z4j_agentd::config::current_uid() != 0 || !Path::new(PYTHON).exists() {
+    if z4j_agentd::host::current_uid() != 0 || !Path::new(PYTHON).exists() {
         eprintln!("skipped: needs root and {PYTHON} to hold connections as uid 65534");
         return;
     }

@@ -12,8 +12,9 @@ use std::sync::Arc;
 
 use support::fake_brain::{Behavior, FakeBrain};
 use support::{options, wait_for, TestDaemon};
-use z4j_agentd::config::{HostEnv, Options};
+use z4j_agentd::config::Options;
 use z4j_agentd::doctor::{self, ProbeStatus, Report};
+use z4j_agentd::host::HostEnv;
 use z4j_agentd::protocol::Value;
 use z4j_agentd::stats::UplinkState;
 
@@ -21,7 +22,7 @@ fn host(dir: &Path) -> HostEnv {
     let h = HostEnv {
         home: Some(dir.join("home")),
         tmpdir: dir.join("tmp"),
-        uid: z4j_agentd::config::current_uid(),
+        uid: z4j_agentd::host::current_uid(),
         hostname: "testhost".into(),
         ..HostEnv::default()
     };

@@ -226,10 +226,10 @@ async fn a_taken_metrics_port_fails_the_start_with_the_variable_to_change() {
     let dir = tempfile::tempdir().unwrap();
     o.socket_path = Some(dir.path().join("agent.sock"));
     o.buffer_path = Some(dir.path().join("home/.z4j/spool.sqlite"));
-    let host = z4j_agentd::config::HostEnv {
+    let host = z4j_agentd::host::HostEnv {
         home: Some(dir.path().join("home")),
         tmpdir: dir.path().join("tmp"),
-        uid: z4j_agentd::config::current_uid(),
+        uid: z4j_agentd::host::current_uid(),
         hostname: "testhost".into(),
         ..Default::default()
     };

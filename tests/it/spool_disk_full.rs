@@ -134,7 +134,7 @@ fn refused_disk_full(s: &Value) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_refuses_with_a_clear_error_counts_it_and_recovers_when_space_returns() {
-    if z4j_agentd::config::current_uid() != 0 {
+    if z4j_agentd::host::current_uid() != 0 {
         eprintln!("skipped: mounting a small tmpfs needs root (CI runs this test as root)");
         return;
     }

@@ -28,8 +28,9 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use z4j_agentd::client::{Client, Event};
-use z4j_agentd::config::{HostEnv, Options};
+use z4j_agentd::config::Options;
 use z4j_agentd::daemon::{self, DaemonError};
+use z4j_agentd::host::HostEnv;
 use z4j_agentd::protocol::Value;
 use z4j_agentd::stats::Stats;
 
@@ -76,7 +77,7 @@ impl TestDaemon {
         let host = HostEnv {
             home: Some(home),
             tmpdir: dir.path().join("tmp"),
-            uid: z4j_agentd::config::current_uid(),
+            uid: z4j_agentd::host::current_uid(),
             hostname: "testhost".into(),
             ..HostEnv::default()
         };
