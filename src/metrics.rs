@@ -40,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 use crate::protocol::Value;
 use crate::spool::SpoolHandle;
 use crate::stats::{Snapshot, Stats, UplinkState};
+use crate::uplink::backoff::FailureClass;
 
 /// Time allowed for each readiness check.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -132,8 +133,6 @@ const STATES: [UplinkState; 5] = [
     UplinkState::Backoff,
     UplinkState::Stopped,
 ];
-
-const FAILURE_CLASSES: [&str; 4] = ["connection", "protocol", "auth", "incompatible"];
 
 impl Collector for DaemonCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), fmt::Error> {
@@ -290,9 +289,10 @@ fn encode_brain(
         "brain_reconnects",
         "Reconnects after a failed connection attempt or a failed session, by the failure's backoff class.",
         "class",
-        FAILURE_CLASSES
-            .iter()
-            .map(|c| (*c, s.failures_by_class.get(*c).copied().unwrap_or(0))),
+        FailureClass::ALL.iter().map(|c| {
+            let c = c.as_str();
+            (c, s.failures_by_class.get(c).copied().unwrap_or(0))
+        }),
     )?;
     ack_latency.encode(enc.encode_descriptor(
         "brain_ack_latency",

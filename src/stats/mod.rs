@@ -404,11 +404,6 @@ impl Stats {
         self.refused.lock().unwrap().clone()
     }
 
-    /// Total refusals.
-    pub fn refused_total(&self) -> u64 {
-        self.refused.lock().unwrap().values().sum()
-    }
-
     /// Sets the uplink state (and when it changed).
     pub fn set_uplink_state(&self, state: UplinkState) {
         let mut u = self.uplink.lock().unwrap();

@@ -294,7 +294,12 @@ impl From<&ClientInfo> for ClientReport {
 }
 
 impl Stats {
-    /// Reads every counter once, with the spool's, into one [`Snapshot`].
+    /// Reads every counter once, with the spool's, into one [`Snapshot`]:
+    /// what `/metrics`, the heartbeat and the systemd status line render.
+    /// The connected clients are only counted; [`Stats::report`] adds who
+    /// they are, where the daemon runs and what it advertises, which only
+    /// the `stats` reply shows (a copy of every client's details, under the
+    /// registry's lock, is not worth making every second).
     pub fn snapshot(&self, spool: &SpoolStats) -> Snapshot {
         let now = OffsetDateTime::now_utc();
         let mut s = Snapshot {
@@ -308,13 +313,21 @@ impl Stats {
         s.read_uplink(&self.uplink(), now);
         s.failures_by_class = owned(self.failures());
         s.read_local(self);
+        s.clients = self.clients.len() as u64;
+        s
+    }
+
+    /// [`Stats::snapshot`] with the clients, the daemon's whereabouts and
+    /// its advertisement filled in: everything the `stats` reply shows.
+    pub fn full_snapshot(&self, spool: &SpoolStats) -> Snapshot {
+        let mut s = self.snapshot(spool);
         s.read_clients(self);
         s
     }
 
     /// The `stats` reply (see [`Snapshot`]).
     pub fn report(&self, spool: &SpoolStats) -> Value {
-        self.snapshot(spool).to_value()
+        self.full_snapshot(spool).to_value()
     }
 }
 

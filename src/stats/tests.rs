@@ -85,7 +85,7 @@ fn the_stats_reply_is_unchanged_for_the_same_counters() {
 fn fixture_snapshot() -> Snapshot {
     let sp = SpoolStats::default();
     fixture::spool(&sp);
-    fixture::stats().snapshot(&sp)
+    fixture::stats().full_snapshot(&sp)
 }
 
 #[test]

@@ -34,6 +34,14 @@ impl FailureClass {
         }
     }
 
+    /// Every class, in the order the metrics list them.
+    pub const ALL: [FailureClass; 4] = [
+        FailureClass::Connection,
+        FailureClass::Protocol,
+        FailureClass::Auth,
+        FailureClass::Incompatible,
+    ];
+
     /// Lowercase label for logs and metrics.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -218,7 +218,7 @@ impl Window {
     /// How long the brain may take to ack a range that has gone `resends`
     /// times already.
     pub(crate) fn ack_wait(&self, resends: u32) -> Duration {
-        self.ack_timeout * 2u32.pow(resends.min(4)).min(MAX_RESEND_BACKOFF)
+        self.ack_timeout * 2u32.saturating_pow(resends).min(MAX_RESEND_BACKOFF)
     }
 
     /// The range to send again at `now`, if any: one the brain skipped,
