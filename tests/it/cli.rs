@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use support::fake_brain::{SECRET, TOKEN};
 use support::free_port;
 
-const BIN: &str = env!("CARGO_BIN_EXE_z4j-agentd");
+use crate::support::binary::BIN;
 
 struct Env {
     dir: tempfile::TempDir,

@@ -29,7 +29,7 @@ use tokio::task::JoinSet;
 use z4j_agentd::client::{Client, ClientError, Event};
 use z4j_agentd::protocol::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_z4j-agentd");
+use crate::support::binary::BIN;
 /// Credentials the configuration accepts; no brain answers them: the brain
 /// URL is a closed port, so the spool only grows.
 const TOKEN: &str = "crowd-test-token";

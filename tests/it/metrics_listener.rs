@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use support::free_port;
 use z4j_agentd::metrics::{MAX_CONNECTIONS, MAX_REQUEST_HEAD_BYTES, REQUEST_TIMEOUT};
 
-const BIN: &str = env!("CARGO_BIN_EXE_z4j-agentd");
+use crate::support::binary::BIN;
 const TOKEN: &str = "metrics-listener-test-token";
 const SECRET: &str = "mVtpP-Iz85lBRJdiBbQ9KzZo4cCi7lxIHt-j7T6yOGU=";
 /// Idle connections the test opens: more than the daemon's 256 descriptors.
