@@ -405,8 +405,7 @@ fn listen(config: &Config) -> Result<(tokio::net::UnixListener, PathBuf), Daemon
         )?);
     }
     if config.socket_path.is_none()
-        && config.host.runtime_directory.is_none()
-        && config.host.xdg_runtime_dir.is_none()
+        && crate::config::default_socket(&config.host).1 == crate::config::SocketDir::PrivateTmp
     {
         path::ensure_private_tmp_dir(&config.host.tmp_private_dir(), config.host.uid)?;
     }

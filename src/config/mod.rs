@@ -45,7 +45,7 @@ pub use endpoints::{parse_brain_url, BrainEndpoint};
 pub use keys::{Environment, Options};
 pub use secrets::Secret;
 pub use small_file::{read_small_file, MAX_CA_FILE_BYTES};
-pub use socket_path::{client_socket_path, default_socket_path};
+pub use socket_path::{client_socket_path, default_socket, default_socket_path, SocketDir};
 
 use crate::protocol::SigningKey;
 use crate::spool::{Overflow, Synchronous};
@@ -396,17 +396,11 @@ fn check_socket_path(explicit: Option<&Path>, host: &HostEnv) -> Result<(), Conf
         )),
         Some(_) => Ok(()),
         None => {
-            let p = default_socket_path(host);
+            let (p, dir) = socket_path::default_socket(host);
             if p.is_absolute() {
                 return Ok(());
             }
-            let from = if host.runtime_directory.is_some() {
-                "$RUNTIME_DIRECTORY"
-            } else if host.xdg_runtime_dir.is_some() {
-                "$XDG_RUNTIME_DIR"
-            } else {
-                "$TMPDIR"
-            };
+            let from = dir.variable();
             Err(ConfigError::new(
                 KEY,
                 format!(

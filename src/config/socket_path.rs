@@ -24,16 +24,46 @@ fn client_socket_path_with(host: &HostEnv, system: &Path) -> PathBuf {
     default_socket_path(host)
 }
 
+/// Which directory the default socket path is under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketDir {
+    /// The service's runtime directory (`$RUNTIME_DIRECTORY`).
+    Runtime,
+    /// The user's runtime directory (`$XDG_RUNTIME_DIR`).
+    XdgRuntime,
+    /// `$TMPDIR/z4j-<uid>`, which the daemon creates private to its user.
+    PrivateTmp,
+}
+
+impl SocketDir {
+    /// The variable the directory comes from, for messages.
+    pub fn variable(self) -> &'static str {
+        match self {
+            SocketDir::Runtime => "$RUNTIME_DIRECTORY",
+            SocketDir::XdgRuntime => "$XDG_RUNTIME_DIR",
+            SocketDir::PrivateTmp => "$TMPDIR",
+        }
+    }
+}
+
 /// Where `run` binds when no path is configured: the service's runtime
 /// directory, else the user's runtime directory, else a private directory
 /// under the temporary directory.
 pub fn default_socket_path(host: &HostEnv) -> PathBuf {
+    default_socket(host).0
+}
+
+/// [`default_socket_path`] and which directory it is under.
+pub fn default_socket(host: &HostEnv) -> (PathBuf, SocketDir) {
     if let Some(r) = &host.runtime_directory {
-        r.join("agent.sock")
+        (r.join("agent.sock"), SocketDir::Runtime)
     } else if let Some(x) = &host.xdg_runtime_dir {
-        x.join("z4j").join("agent.sock")
+        (x.join("z4j").join("agent.sock"), SocketDir::XdgRuntime)
     } else {
-        host.tmp_private_dir().join("agent.sock")
+        (
+            host.tmp_private_dir().join("agent.sock"),
+            SocketDir::PrivateTmp,
+        )
     }
 }
 
