@@ -3,11 +3,13 @@
 //! signed frame is refused, so that fails; half of it warns.
 
 use super::Finding;
+use crate::protocol::limits::{MAX_CLOCK_SKEW_SECONDS, WARN_CLOCK_SKEW_SECONDS};
+use crate::uplink::close::CLOCK_FIX;
 
 /// Clock skew that earns a warning.
-const WARN_SKEW_SECONDS: f64 = 30.0;
+const WARN_SKEW_SECONDS: f64 = WARN_CLOCK_SKEW_SECONDS as f64;
 /// The brain's hard limit: beyond it, it refuses every signed frame.
-pub(super) const FAIL_SKEW_SECONDS: f64 = crate::protocol::limits::MAX_CLOCK_SKEW_SECONDS as f64;
+pub(super) const FAIL_SKEW_SECONDS: f64 = MAX_CLOCK_SKEW_SECONDS as f64;
 
 /// Judges `skew` (brain clock minus ours, seconds; `None` when the
 /// `hello_ack` carried no readable time).
@@ -26,16 +28,18 @@ fn judge(skew: Option<f64>) -> Finding {
     let text = format!("this host's clock is {:.1} s {side} the brain's", s.abs());
     let finding = if s.abs() > FAIL_SKEW_SECONDS {
         Finding::fail(
-            format!("{text}; beyond 60 s the brain refuses every signed frame"),
-            "fix time synchronisation on this host or the brain (timedatectl set-ntp true, chrony)",
+            format!(
+                "{text}; beyond {MAX_CLOCK_SKEW_SECONDS} s the brain refuses every signed frame"
+            ),
+            CLOCK_FIX,
         )
     } else if s.abs() > WARN_SKEW_SECONDS {
         Finding::warn(
-            format!("{text}; past 60 s the brain refuses every signed frame"),
-            "fix time synchronisation on this host or the brain (timedatectl set-ntp true, chrony)",
+            format!("{text}; past {MAX_CLOCK_SKEW_SECONDS} s the brain refuses every signed frame"),
+            CLOCK_FIX,
         )
     } else {
-        Finding::ok(format!("{text} (limit 60 s)"))
+        Finding::ok(format!("{text} (limit {MAX_CLOCK_SKEW_SECONDS} s)"))
     };
     finding.detail("skew_seconds", (s * 1000.0).round() / 1000.0)
 }

@@ -15,6 +15,9 @@ pub const MAX_FRAME_ID_CHARS: usize = 64;
 /// clock that the brain (and this daemon's verifier) accepts, in seconds.
 /// Past it, the brain closes with 4403.
 pub const MAX_CLOCK_SKEW_SECONDS: i64 = 60;
+/// Clock skew worth a warning: half of [`MAX_CLOCK_SKEW_SECONDS`], so an
+/// operator hears of a drifting clock before the brain refuses frames.
+pub const WARN_CLOCK_SKEW_SECONDS: i64 = MAX_CLOCK_SKEW_SECONDS / 2;
 
 /// Whether `name` is an engine name the brain accepts: 1 to
 /// [`MAX_ENGINE_CHARS`] characters once trimmed.

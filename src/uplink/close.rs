@@ -24,7 +24,7 @@ pub struct CloseMeaning {
 const CHECK_LOG: &str = "check the brain's log around this time for the reason";
 const NEW_TOKEN: &str = "mint a new agent token in the brain (dashboard, or POST /api/v1/projects/<slug>/agents) and put it in Z4J_TOKEN_FILE (or Z4J_TOKEN); tokens cannot be recovered";
 const SECRET_FIX: &str = "copy the project's hmac_secret (returned when the agent was minted; every agent of a project shares it) into Z4J_HMAC_SECRET_FILE (or Z4J_HMAC_SECRET); if the brain's Z4J_SECRET changed, mint a new token and secret";
-const CLOCK_FIX: &str =
+pub(crate) const CLOCK_FIX: &str =
     "fix time synchronisation on this host or the brain (timedatectl set-ntp true, chrony)";
 const UPGRADE: &str = "upgrade z4j-agentd or the brain so both speak protocol 2";
 

@@ -29,7 +29,7 @@ use super::window::Window;
 use super::{SessionEnd, Uplink, STABLE_SESSION};
 use crate::clients::Advertisement;
 use crate::config::UplinkSettings;
-use crate::protocol::limits::MAX_CLOCK_SKEW_SECONDS;
+use crate::protocol::limits::{MAX_CLOCK_SKEW_SECONDS, WARN_CLOCK_SKEW_SECONDS};
 use crate::protocol::{self, SessionBinding, Signer, Verifier};
 use crate::stats::UplinkState;
 
@@ -40,9 +40,6 @@ const MAX_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(20);
 const MAX_PING_INTERVAL: Duration = Duration::from_secs(10);
 /// How often the in-flight window is checked for late ranges.
 const ACK_CHECK_INTERVAL: Duration = Duration::from_secs(1);
-/// Clock skew worth a warning: half of [`MAX_CLOCK_SKEW_SECONDS`], past
-/// which the brain refuses every signed frame.
-const WARN_SKEW_SECONDS: i64 = MAX_CLOCK_SKEW_SECONDS / 2;
 /// How long the engines registered by clients must stay changed before the
 /// daemon re-handshakes (gunicorn restarting its workers should not cause a
 /// reconnect per worker).
@@ -198,10 +195,10 @@ fn warn_clock_skew(skew: Option<f64>) {
             clock_skew_seconds = skew,
             "this host's clock is more than {MAX_CLOCK_SKEW_SECONDS} s away from the brain's: the brain will refuse every signed frame (close 4403); fix time sync (chrony/systemd-timesyncd) on this host or the brain"
         );
-    } else if skew.abs() > WARN_SKEW_SECONDS as f64 {
+    } else if skew.abs() > WARN_CLOCK_SKEW_SECONDS as f64 {
         tracing::warn!(
             clock_skew_seconds = skew,
-            "this host's clock is more than {WARN_SKEW_SECONDS} s away from the brain's; past {MAX_CLOCK_SKEW_SECONDS} s every signed frame is refused"
+            "this host's clock is more than {WARN_CLOCK_SKEW_SECONDS} s away from the brain's; past {MAX_CLOCK_SKEW_SECONDS} s every signed frame is refused"
         );
     }
 }
