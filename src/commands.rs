@@ -149,9 +149,8 @@ impl CommandResult {
 }
 
 fn truncate(mut s: String, max_chars: usize) -> String {
-    if let Some((i, _)) = s.char_indices().nth(max_chars) {
-        s.truncate(i);
-    }
+    let keep = crate::refusal::truncate_chars(&s, max_chars).len();
+    s.truncate(keep);
     s
 }
 

@@ -20,9 +20,19 @@ pub const MAX_EXCERPT_CHARS: usize = 64;
 /// [`MAX_EXCERPT_CHARS`] characters and its length. Errors name what was
 /// wrong without echoing megabytes back to the client.
 pub fn excerpt(s: &str) -> String {
-    match s.char_indices().nth(MAX_EXCERPT_CHARS) {
-        None => format!("{s:?}"),
-        Some((i, _)) => format!("{:?}... ({} bytes)", &s[..i], s.len()),
+    let head = truncate_chars(s, MAX_EXCERPT_CHARS);
+    if head.len() == s.len() {
+        format!("{s:?}")
+    } else {
+        format!("{head:?}... ({} bytes)", s.len())
+    }
+}
+
+/// The first `max` characters of `s` (all of it when shorter).
+pub fn truncate_chars(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
     }
 }
 
@@ -183,25 +193,34 @@ mod tests {
     #[test]
     fn spool_errors_keep_the_spools_own_codes() {
         let errors = [
-            SpoolError::Locked {
-                path: "s".into(),
-                pid: "1".into(),
-            },
-            SpoolError::Open {
-                path: "s".into(),
-                message: "m".into(),
-            },
-            SpoolError::NotWritable {
-                path: "s".into(),
-                message: "m".into(),
-            },
-            SpoolError::Sqlite("x".into()),
-            SpoolError::DiskFull,
-            SpoolError::Closed,
-            SpoolError::Stopping { not_stored: 3 },
+            (
+                SpoolError::Locked {
+                    path: "s".into(),
+                    pid: "1".into(),
+                },
+                "spool_locked",
+            ),
+            (
+                SpoolError::Open {
+                    path: "s".into(),
+                    message: "m".into(),
+                },
+                "spool_open",
+            ),
+            (
+                SpoolError::NotWritable {
+                    path: "s".into(),
+                    message: "m".into(),
+                },
+                "spool_not_writable",
+            ),
+            (SpoolError::Sqlite("x".into()), "spool_error"),
+            (SpoolError::DiskFull, "spool_disk_full"),
+            (SpoolError::Closed, "spool_closed"),
+            (SpoolError::Stopping { not_stored: 3 }, "daemon_stopping"),
         ];
-        for e in &errors {
-            assert_eq!(RefusalCode::from(e).as_str(), e.code(), "{e:?}");
+        for (e, code) in &errors {
+            assert_eq!(RefusalCode::from(e).as_str(), *code, "{e:?}");
         }
     }
 }

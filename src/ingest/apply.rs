@@ -34,7 +34,7 @@ impl Connection<'_> {
         if let Some(r) = h.register {
             self.register(r);
         }
-        for reply in &h.replies {
+        for reply in h.replies {
             self.reply(reply);
         }
         if let Some(Relay::CommandResult { message, ack_id }) = h.relay {
@@ -47,20 +47,23 @@ impl Connection<'_> {
         }
     }
 
-    fn reply(&self, reply: &Reply) {
+    fn reply(&self, reply: Reply) {
         match reply {
             Reply::Stats { ack_id } => {
                 let mut m = self.ingest.stats.report(self.ingest.spool.stats());
                 if let Some(a) = ack_id {
-                    m.insert("ack_id", a.clone());
+                    m.insert("ack_id", a);
                 }
                 self.replies.send(&m);
             }
-            other => {
-                if let Some(v) = other.to_value() {
-                    self.replies.send(&v);
-                }
-            }
+            Reply::Message(v) => self.replies.send(&v),
+            Reply::Error {
+                refusal,
+                ack_id,
+                index,
+            } => self
+                .replies
+                .error(refusal.code, &refusal.message, ack_id.as_ref(), index),
         }
     }
 

@@ -218,7 +218,7 @@ fn hello(msg: &Value, ack_id: Option<Value>, limits: &Limits) -> Handled {
     let label = |k: &str| {
         msg.get(k)
             .and_then(Value::as_str)
-            .map(|s| truncate_chars(s, MAX_LABEL_CHARS))
+            .map(|s| crate::refusal::truncate_chars(s, MAX_LABEL_CHARS).to_string())
     };
     h.register = Some(Registration {
         process: label("process"),
@@ -359,14 +359,6 @@ pub(super) fn json_len_over(v: &Value, limit: usize) -> Option<usize> {
     }
     let mut total = 0;
     (!walk(v, &mut total, limit)).then_some(total)
-}
-
-/// The first `max` characters of `s`.
-fn truncate_chars(s: &str, max: usize) -> String {
-    match s.char_indices().nth(max) {
-        Some((i, _)) => s[..i].to_string(),
-        None => s.to_string(),
-    }
 }
 
 #[cfg(test)]

@@ -146,19 +146,6 @@ pub enum SpoolError {
 }
 
 impl SpoolError {
-    /// A short stable label for metrics and error codes.
-    pub fn code(&self) -> &'static str {
-        match self {
-            SpoolError::Locked { .. } => "spool_locked",
-            SpoolError::Open { .. } => "spool_open",
-            SpoolError::NotWritable { .. } => "spool_not_writable",
-            SpoolError::Sqlite(_) => "spool_error",
-            SpoolError::DiskFull => "spool_disk_full",
-            SpoolError::Closed => "spool_closed",
-            SpoolError::Stopping { .. } => "daemon_stopping",
-        }
-    }
-
     fn from_sqlite(e: rusqlite::Error) -> Self {
         if let rusqlite::Error::SqliteFailure(f, _) = &e {
             if f.code == rusqlite::ErrorCode::DiskFull {

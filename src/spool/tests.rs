@@ -204,7 +204,7 @@ async fn block_stops_holding_producers_on_shutdown_refusing_whole_appends() {
         matches!(err, SpoolError::Stopping { not_stored: 3 }),
         "{err}"
     );
-    assert_eq!(err.code(), "daemon_stopping");
+    assert_eq!(crate::refusal::RefusalCode::from(&err), "daemon_stopping");
     assert!(err.to_string().contains("send them again"), "{err}");
     // All or nothing: room for 1 of 2 stores neither.
     let first = h.read_after(0, 1, usize::MAX).await.unwrap();
