@@ -322,7 +322,20 @@ impl Router {
         }
         self.stats.command_received();
         let engine = cmd.engine();
-        let mut candidates = self.stats.clients.able(engine, &cmd.action);
+        let mut candidates = match route::candidates(&self.stats.clients, cmd) {
+            Ok(c) => c,
+            Err(why) => {
+                let r = CommandResult::failed(
+                    &cmd.id,
+                    &cmd.claim,
+                    format!("z4j-agentd on {host}: {why}"),
+                );
+                inner.remember(&cmd.id, Seen::Done(r.clone()), now);
+                drop(inner);
+                self.stats.command_finished(false);
+                return Dispatch::Failed(r);
+            }
+        };
         candidates.sort_by_key(|c| {
             let running = inner.in_progress.get(&c.id).copied().unwrap_or(0);
             (running, c.since, c.id)
@@ -508,6 +521,8 @@ fn parse_answer(_id: &str, msg: &Value) -> Result<(bool, Value, Option<String>),
     };
     Ok((success, result, error))
 }
+
+mod route;
 
 #[cfg(test)]
 mod tests;

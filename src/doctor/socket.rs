@@ -235,6 +235,7 @@ fn daemon_view(stats: &Value) -> DaemonView {
             engines: strings(stats.get("engines")),
             capabilities,
             runtime_features: strings(stats.get("runtime_features")),
+            schedulers: strings(stats.get("schedulers")),
         }),
     }
 }

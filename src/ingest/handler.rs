@@ -33,6 +33,9 @@ pub const MAX_ACK_ID_BYTES: usize = 256;
 /// Longest `process`, `framework` and `worker_role` kept from a `hello`
 /// (they are shown by `stats` and name the process in errors to the brain).
 pub const MAX_LABEL_CHARS: usize = 256;
+/// Longest worker name kept from a `hello` (the brain's worker name column
+/// holds 200 characters).
+pub const MAX_WORKER_NAME_BYTES: usize = 200;
 
 impl Handled {
     /// Counts `n` refusals under `code`.
@@ -212,7 +215,19 @@ fn hello(msg: &Value, ack_id: Option<Value>, limits: &Limits) -> Handled {
         .into_iter()
         .filter(|e| crate::protocol::limits::engine_name_fits(e))
         .collect();
-    engines.extend(capabilities.keys().cloned());
+    let schedulers = sorted(
+        names(msg.get("schedulers"), usize::MAX)
+            .into_iter()
+            .filter(|s| crate::protocol::limits::engine_name_fits(s))
+            .collect(),
+    );
+    // Capabilities keyed by a scheduler are the scheduler's, not an engine's.
+    engines.extend(
+        capabilities
+            .keys()
+            .filter(|k| schedulers.binary_search(k).is_err())
+            .cloned(),
+    );
     engines.sort();
     engines.dedup();
     let label = |k: &str| {
@@ -227,6 +242,8 @@ fn hello(msg: &Value, ack_id: Option<Value>, limits: &Limits) -> Handled {
         engines,
         capabilities,
         runtime_features: names(msg.get("runtime_features"), 64),
+        schedulers,
+        workers: sorted(names(msg.get("workers"), MAX_WORKER_NAME_BYTES)),
     });
     if let Some(a) = ack_id {
         let mut m = Value::empty_map();
@@ -238,6 +255,13 @@ fn hello(msg: &Value, ack_id: Option<Value>, limits: &Limits) -> Handled {
         h = h.reply(m);
     }
     h
+}
+
+/// `v` sorted, without duplicates.
+fn sorted(mut v: Vec<String>) -> Vec<String> {
+    v.sort();
+    v.dedup();
+    v
 }
 
 /// A `hello`'s `capabilities`: engine -> sorted, distinct action names.

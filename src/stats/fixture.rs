@@ -67,6 +67,7 @@ fn uplink(s: &Stats) {
             engines: vec!["celery".into()],
             capabilities: BTreeMap::from([("celery".into(), vec!["retry_task".into()])]),
             runtime_features: vec!["beat".into()],
+            schedulers: Vec::new(),
         };
     });
 }
@@ -97,6 +98,7 @@ fn clients(s: &Stats) {
             worker_role: Some("worker".into()),
             framing: "msgpack",
             events_received: 12,
+            ..ClientInfo::default()
         },
     );
     s.clients.connected(

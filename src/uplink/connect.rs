@@ -204,7 +204,7 @@ impl Hello<'_> {
         payload.insert("agent_version", env!("CARGO_PKG_VERSION"));
         payload.insert("framework", "z4j-agentd");
         payload.insert("engines", self.advertised.engines_value());
-        payload.insert("schedulers", Value::Array(Vec::new()));
+        payload.insert("schedulers", self.advertised.schedulers_value());
         payload.insert("capabilities", self.advertised.capabilities_value());
         let mut host = Value::empty_map();
         host.insert("name", self.settings.agent_name.as_str());

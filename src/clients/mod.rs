@@ -26,6 +26,9 @@ use std::time::Instant;
 
 use crate::protocol::Value;
 
+mod health;
+pub use health::{EngineHealth, HealthReport};
+
 /// One connected local client, as the reports show it.
 #[derive(Debug, Clone, Default)]
 pub struct ClientInfo {
@@ -47,6 +50,13 @@ pub struct ClientInfo {
     pub runtime_features: Vec<String>,
     /// Worker role from `hello`.
     pub worker_role: Option<String>,
+    /// Schedulers from `hello` (their capabilities are in `capabilities`,
+    /// keyed by scheduler name).
+    pub schedulers: Vec<String>,
+    /// Worker names this process hosts: from `hello` and `worker.*` events.
+    pub workers: Vec<String>,
+    /// Its latest health report, if it sent one that is still fresh.
+    pub health: Option<HealthReport>,
     /// Framing: "msgpack" or "jsonl".
     pub framing: &'static str,
     /// Events received from this client.
@@ -81,6 +91,7 @@ impl ClientInfo {
     /// Whether it makes the daemon advertise anything.
     fn advertises(&self) -> bool {
         !self.engines.is_empty()
+            || !self.schedulers.is_empty()
             || !self.capabilities.is_empty()
             || !self.runtime_features.is_empty()
     }
@@ -98,10 +109,15 @@ pub struct Registration {
     pub worker_role: Option<String>,
     /// Engines it sends events for (those of `capabilities` included), sorted.
     pub engines: Vec<String>,
-    /// Engine -> actions it runs, each list sorted and without duplicates.
+    /// Engine (or scheduler) -> actions it runs, each list sorted and
+    /// without duplicates.
     pub capabilities: BTreeMap<String, Vec<String>>,
     /// Feature names of its runtime.
     pub runtime_features: Vec<String>,
+    /// Schedulers it runs, sorted.
+    pub schedulers: Vec<String>,
+    /// Worker names it hosts, sorted.
+    pub workers: Vec<String>,
 }
 
 /// How a message reaches a client: ingest's reply queue, in the client's
@@ -137,10 +153,12 @@ struct Entry {
 pub struct Advertisement {
     /// Engines, sorted.
     pub engines: Vec<String>,
-    /// Engine -> actions, sorted.
+    /// Engine (or scheduler) -> actions, sorted.
     pub capabilities: BTreeMap<String, Vec<String>>,
     /// Runtime features, sorted.
     pub runtime_features: Vec<String>,
+    /// Schedulers, sorted.
+    pub schedulers: Vec<String>,
 }
 
 /// Never advertised: it asks the brain for the external scheduler protocol,
@@ -172,12 +190,12 @@ impl Advertisement {
 
     /// `runtime_features` as a list.
     pub fn runtime_features_value(&self) -> Value {
-        Value::Array(
-            self.runtime_features
-                .iter()
-                .map(|e| Value::from(e.as_str()))
-                .collect(),
-        )
+        strings_value(&self.runtime_features)
+    }
+
+    /// `schedulers` as a list.
+    pub fn schedulers_value(&self) -> Value {
+        strings_value(&self.schedulers)
     }
 
     /// What the static configuration alone advertises (no client connected).
@@ -187,6 +205,10 @@ impl Advertisement {
     ) -> Advertisement {
         ClientRegistry::default().advertisement(static_engines, static_capabilities)
     }
+}
+
+fn strings_value(items: &[String]) -> Value {
+    Value::Array(items.iter().map(|e| Value::from(e.as_str())).collect())
 }
 
 /// The connected local clients, by connection id.
@@ -222,13 +244,16 @@ impl ClientRegistry {
             let c = &mut e.info;
             let changed = c.engines != r.engines
                 || c.capabilities != r.capabilities
-                || c.runtime_features != r.runtime_features;
+                || c.runtime_features != r.runtime_features
+                || c.schedulers != r.schedulers;
             c.process = r.process;
             c.framework = r.framework;
             c.worker_role = r.worker_role;
             c.engines = r.engines;
             c.capabilities = r.capabilities;
             c.runtime_features = r.runtime_features;
+            c.schedulers = r.schedulers;
+            c.workers = r.workers;
             let since = e.reach.as_ref().map_or_else(Instant::now, |(s, _)| *s);
             e.reach = Some((since, outbox));
             changed
@@ -310,9 +335,11 @@ impl ClientRegistry {
         let mut engines: Vec<String> = static_engines.to_vec();
         let mut caps: BTreeMap<String, Vec<String>> = static_capabilities.clone();
         let mut features: Vec<String> = Vec::new();
+        let mut schedulers: Vec<String> = Vec::new();
         for e in self.clients.lock().unwrap().values() {
             let c = &e.info;
             engines.extend(c.engines.iter().cloned());
+            schedulers.extend(c.schedulers.iter().cloned());
             for (engine, actions) in &c.capabilities {
                 caps.entry(engine.clone())
                     .or_default()
@@ -320,7 +347,15 @@ impl ClientRegistry {
             }
             features.extend(c.runtime_features.iter().cloned());
         }
-        engines.extend(caps.keys().cloned());
+        schedulers.sort();
+        schedulers.dedup();
+        // Capabilities keyed by a scheduler name are the scheduler's, not
+        // an engine's.
+        engines.extend(
+            caps.keys()
+                .filter(|k| schedulers.binary_search(k).is_err())
+                .cloned(),
+        );
         engines.sort();
         engines.dedup();
         for actions in caps.values_mut() {
@@ -334,6 +369,15 @@ impl ClientRegistry {
             engines,
             capabilities: caps,
             runtime_features: features,
+            schedulers,
+        }
+    }
+
+    /// Stores connection `id`'s latest health report (replacing the one
+    /// before).
+    pub fn reported(&self, id: u64, report: HealthReport) {
+        if let Some(e) = self.clients.lock().unwrap().get_mut(&id) {
+            e.info.health = Some(report);
         }
     }
 }
