@@ -161,9 +161,11 @@ pub struct Advertisement {
     pub schedulers: Vec<String>,
 }
 
-/// Never advertised: it asks the brain for the external scheduler protocol,
-/// which this daemon does not implement.
-pub const NEVER_ADVERTISED_FEATURES: &[&str] = &["external_schedule_protocol_v1"];
+/// The runtime feature with which a process (and so the daemon) asks the
+/// brain for the external schedule protocol: the brain then sends each
+/// declared scheduler with `external_schedule_stable_snapshot_v1` a
+/// `schedule.external.activate` right after the `hello`.
+pub const EXTERNAL_SCHEDULE_FEATURE: &str = "external_schedule_protocol_v1";
 
 impl Advertisement {
     /// The `hello` payload fields.
@@ -211,6 +213,26 @@ fn strings_value(items: &[String]) -> Value {
     Value::Array(items.iter().map(|e| Value::from(e.as_str())).collect())
 }
 
+/// A scheduler a `hello` declared that another connection already runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SchedulerTaken {
+    /// The scheduler's name.
+    pub scheduler: String,
+    /// Who runs it (pid and process name).
+    pub holder: String,
+}
+
+/// How the router reaches entry `id`, once it said `hello`.
+fn reachable(id: u64, e: &Entry) -> Option<Reachable> {
+    let (since, outbox) = e.reach.as_ref()?;
+    Some(Reachable {
+        id,
+        since: *since,
+        who: e.info.describe(),
+        outbox: Arc::clone(outbox),
+    })
+}
+
 /// The connected local clients, by connection id.
 #[derive(Default)]
 pub struct ClientRegistry {
@@ -235,11 +257,40 @@ impl ClientRegistry {
     /// What its `hello` declared (a later `hello` replaces it), and how to
     /// send it commands. Signals [`ClientRegistry::changed`] when what it
     /// advertises changed.
-    pub fn declared(&self, id: u64, r: Registration, outbox: Arc<dyn Outbox>) {
+    ///
+    /// A scheduler is run by one connection: a scheduler another connection
+    /// already declared is left out of this one's registration (with the
+    /// capabilities keyed by it), and returned with who holds it, so the
+    /// client can be told.
+    pub fn declared(
+        &self,
+        id: u64,
+        mut r: Registration,
+        outbox: Arc<dyn Outbox>,
+    ) -> Vec<SchedulerTaken> {
+        let mut taken = Vec::new();
         let changed = {
             let mut clients = self.clients.lock().unwrap();
+            r.schedulers.retain(|name| {
+                let holder = clients
+                    .iter()
+                    .find(|(other, e)| **other != id && e.info.schedulers.contains(name));
+                match holder {
+                    Some((_, e)) => {
+                        taken.push(SchedulerTaken {
+                            scheduler: name.clone(),
+                            holder: e.info.describe(),
+                        });
+                        false
+                    }
+                    None => true,
+                }
+            });
+            for t in &taken {
+                r.capabilities.remove(&t.scheduler);
+            }
             let Some(e) = clients.get_mut(&id) else {
-                return;
+                return taken;
             };
             let c = &mut e.info;
             let changed = c.engines != r.engines
@@ -261,6 +312,7 @@ impl ClientRegistry {
         if changed {
             self.changed.notify_one();
         }
+        taken
     }
 
     /// Counts `n` events accepted from it.
@@ -313,15 +365,35 @@ impl ClientRegistry {
         clients
             .iter()
             .filter(|(_, e)| e.info.runs(engine, action))
-            .filter_map(|(id, e)| {
-                let (since, outbox) = e.reach.as_ref()?;
-                Some(Reachable {
-                    id: *id,
-                    since: *since,
-                    who: e.info.describe(),
-                    outbox: Arc::clone(outbox),
-                })
-            })
+            .filter_map(|(id, e)| reachable(*id, e))
+            .collect()
+    }
+
+    /// The connection that declared scheduler `name`, if one did.
+    pub fn scheduler_holder(&self, name: &str) -> Option<Reachable> {
+        let clients = self.clients.lock().unwrap();
+        clients
+            .iter()
+            .filter(|(_, e)| e.info.schedulers.iter().any(|s| s == name))
+            .find_map(|(id, e)| reachable(*id, e))
+    }
+
+    /// The connections that declared at least one scheduler.
+    pub fn scheduler_processes(&self) -> Vec<Reachable> {
+        let clients = self.clients.lock().unwrap();
+        clients
+            .iter()
+            .filter(|(_, e)| !e.info.schedulers.is_empty())
+            .filter_map(|(id, e)| reachable(*id, e))
+            .collect()
+    }
+
+    /// Scheduler name -> the connection that declared it.
+    pub fn scheduler_holders(&self) -> BTreeMap<String, u64> {
+        let clients = self.clients.lock().unwrap();
+        clients
+            .iter()
+            .flat_map(|(id, e)| e.info.schedulers.iter().map(move |s| (s.clone(), *id)))
             .collect()
     }
 
@@ -362,7 +434,6 @@ impl ClientRegistry {
             actions.sort();
             actions.dedup();
         }
-        features.retain(|f| !NEVER_ADVERTISED_FEATURES.contains(&f.as_str()));
         features.sort();
         features.dedup();
         Advertisement {

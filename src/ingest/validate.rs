@@ -659,7 +659,9 @@ mod tests {
     /// and each form the brain would drop is refused with the reason.
     #[test]
     fn schedule_events_legacy_and_current() {
-        let frame = format!(r#"{{"external_snapshot_frame":{FRAME},"frame_digest":"d1","reason":"activation"}}"#);
+        let frame = format!(
+            r#"{{"external_snapshot_frame":{FRAME},"frame_digest":"d1","reason":"activation"}}"#
+        );
         let projection = FRAME.replace("\"snapshot_id\"", "\"kind\":\"updated\",\"x_snapshot_id\"");
         let proj = format!(r#"{{"external_projection":{projection},"payload_digest":"d2"}}"#);
         let accepted = [
@@ -669,7 +671,10 @@ mod tests {
             ("schedule.updated", proj.clone()),
             ("schedule.deleted", proj.clone()),
             ("schedule.run_started", "{}".to_string()),
-            ("schedule.run_completed", r#"{"schedule":"tick"}"#.to_string()),
+            (
+                "schedule.run_completed",
+                r#"{"schedule":"tick"}"#.to_string(),
+            ),
         ];
         for (kind, data) in &accepted {
             let out = norm(&schedule_event(kind, "celery-beat", data))
@@ -684,18 +689,78 @@ mod tests {
         );
         let refused = [
             ("schedule.snapshot", both.clone(), "invalid_event", "both"),
-            ("schedule.updated", frame.clone(), "invalid_event", "schedule.snapshot events only"),
-            ("schedule.deleted", frame.clone(), "invalid_event", "schedule.snapshot events only"),
-            ("schedule.run_started", frame.clone(), "invalid_event", "drops the whole event"),
-            ("schedule.run_completed", proj.clone(), "invalid_event", "drops the whole event"),
-            ("task.sent", proj.clone(), "invalid_event", "external schedule protocol"),
-            ("worker.online", frame.clone(), "invalid_event", "external schedule protocol"),
-            ("schedule.snapshot", r#"{"external_snapshot_frame":"x","frame_digest":"d"}"#.into(), "invalid_event", "must be a map, got string"),
-            ("schedule.updated", r#"{"external_projection":[1],"payload_digest":"d"}"#.into(), "invalid_event", "must be a map, got array"),
-            ("schedule.snapshot", frame.replace(r#""frame_digest":"d1","#, ""), "invalid_event", "`data.frame_digest` must be a string"),
-            ("schedule.created", proj.replace(r#""payload_digest":"d2""#, r#""payload_digest":7"#), "invalid_event", "`data.payload_digest` must be a string"),
-            ("schedule.snapshot", frame.replace("\"owner\":\"celery-beat\"", "\"owner\":\"rq-scheduler\""), "invalid_event", "\"rq-scheduler\" but the event's `engine` is \"celery-beat\""),
-            ("schedule.snapshot", frame.replace("\"owner\":\"celery-beat\"", "\"owner\":5"), "invalid_event", "got int"),
+            (
+                "schedule.updated",
+                frame.clone(),
+                "invalid_event",
+                "schedule.snapshot events only",
+            ),
+            (
+                "schedule.deleted",
+                frame.clone(),
+                "invalid_event",
+                "schedule.snapshot events only",
+            ),
+            (
+                "schedule.run_started",
+                frame.clone(),
+                "invalid_event",
+                "drops the whole event",
+            ),
+            (
+                "schedule.run_completed",
+                proj.clone(),
+                "invalid_event",
+                "drops the whole event",
+            ),
+            (
+                "task.sent",
+                proj.clone(),
+                "invalid_event",
+                "external schedule protocol",
+            ),
+            (
+                "worker.online",
+                frame.clone(),
+                "invalid_event",
+                "external schedule protocol",
+            ),
+            (
+                "schedule.snapshot",
+                r#"{"external_snapshot_frame":"x","frame_digest":"d"}"#.into(),
+                "invalid_event",
+                "must be a map, got string",
+            ),
+            (
+                "schedule.updated",
+                r#"{"external_projection":[1],"payload_digest":"d"}"#.into(),
+                "invalid_event",
+                "must be a map, got array",
+            ),
+            (
+                "schedule.snapshot",
+                frame.replace(r#""frame_digest":"d1","#, ""),
+                "invalid_event",
+                "`data.frame_digest` must be a string",
+            ),
+            (
+                "schedule.created",
+                proj.replace(r#""payload_digest":"d2""#, r#""payload_digest":7"#),
+                "invalid_event",
+                "`data.payload_digest` must be a string",
+            ),
+            (
+                "schedule.snapshot",
+                frame.replace("\"owner\":\"celery-beat\"", "\"owner\":\"rq-scheduler\""),
+                "invalid_event",
+                "\"rq-scheduler\" but the event's `engine` is \"celery-beat\"",
+            ),
+            (
+                "schedule.snapshot",
+                frame.replace("\"owner\":\"celery-beat\"", "\"owner\":5"),
+                "invalid_event",
+                "got int",
+            ),
         ];
         for (kind, data, code, hint) in &refused {
             let r = norm(&schedule_event(kind, "celery-beat", data)).unwrap_err();
