@@ -26,7 +26,7 @@
 //! (yet) is held, not refused: the brain sends it only right after the
 //! daemon's `hello`, which may list a scheduler whose process is still
 //! reconnecting. It is handed to the first connection that declares that
-//! scheduler ([`Router::client_declared`]) within the command's local
+//! scheduler ([`Router::hand_over_held`]) within the command's local
 //! budget, else answered `failed` with the reason.
 //!
 //! The local contract is documented in `docs/local-protocol.md`.
@@ -537,18 +537,23 @@ impl Router {
         self.finish(r);
     }
 
-    /// Connection `conn` said `hello`: the held activations for the
-    /// schedulers it now holds are handed to it, with what is left of
-    /// their budget.
-    pub fn client_declared(self: &Arc<Self>, conn: u64) {
+    /// A connection said `hello`: each held activation whose scheduler a
+    /// connection now holds is handed to it, with what is left of its
+    /// budget. (An activation is held only while no connection holds its
+    /// scheduler, so none waits for it either: a hello is the only way one
+    /// becomes deliverable.)
+    pub fn hand_over_held(self: &Arc<Self>) {
         let holders = self.stats.clients.scheduler_holders();
         let now = Instant::now();
         let mut failed = Vec::new();
         {
             let mut inner = self.inner.lock().unwrap();
+            if inner.held.is_empty() {
+                return;
+            }
             let (ready, waiting): (Vec<Held>, Vec<Held>) = std::mem::take(&mut inner.held)
                 .into_iter()
-                .partition(|h| holders.get(&h.scheduler) == Some(&conn));
+                .partition(|h| holders.contains_key(&h.scheduler));
             inner.held = waiting;
             for h in ready {
                 let budget = h.until.saturating_duration_since(now);

@@ -145,6 +145,9 @@ struct Entry {
     info: ClientInfo,
     /// Set by the first `hello`: how to reach it, and since when.
     reach: Option<(Instant, Arc<dyn Outbox>)>,
+    /// Schedulers its `hello` declared that another connection holds, with
+    /// their capabilities: it takes each over when that connection ends.
+    waiting: Vec<(String, Vec<String>)>,
 }
 
 /// What the daemon's `hello` tells the brain: the union of what connected
@@ -248,10 +251,14 @@ impl ClientRegistry {
 
     /// A connection was accepted: it is listed, not yet reachable.
     pub fn connected(&self, id: u64, info: ClientInfo) {
-        self.clients
-            .lock()
-            .unwrap()
-            .insert(id, Entry { info, reach: None });
+        self.clients.lock().unwrap().insert(
+            id,
+            Entry {
+                info,
+                reach: None,
+                waiting: Vec::new(),
+            },
+        );
     }
 
     /// What its `hello` declared (a later `hello` replaces it), and how to
@@ -261,7 +268,9 @@ impl ClientRegistry {
     /// A scheduler is run by one connection: a scheduler another connection
     /// already declared is left out of this one's registration (with the
     /// capabilities keyed by it), and returned with who holds it, so the
-    /// client can be told.
+    /// client can be told. It waits there: when the holder's connection
+    /// ends, this one takes the scheduler over (a restarted process whose
+    /// predecessor's end was not yet seen gets it a moment later).
     pub fn declared(
         &self,
         id: u64,
@@ -286,12 +295,17 @@ impl ClientRegistry {
                     None => true,
                 }
             });
-            for t in &taken {
-                r.capabilities.remove(&t.scheduler);
-            }
+            let waiting: Vec<(String, Vec<String>)> = taken
+                .iter()
+                .map(|t| {
+                    let caps = r.capabilities.remove(&t.scheduler).unwrap_or_default();
+                    (t.scheduler.clone(), caps)
+                })
+                .collect();
             let Some(e) = clients.get_mut(&id) else {
                 return taken;
             };
+            e.waiting = waiting;
             let c = &mut e.info;
             let changed = c.engines != r.engines
                 || c.capabilities != r.capabilities
@@ -323,14 +337,26 @@ impl ClientRegistry {
     }
 
     /// The connection ended: forgotten, and [`ClientRegistry::changed`]
-    /// signalled if it made the daemon advertise anything.
+    /// signalled if it made the daemon advertise anything. The schedulers
+    /// it held go to the connections waiting for them (the earliest first).
     pub fn disconnected(&self, id: u64) {
-        let advertised = self
-            .clients
-            .lock()
-            .unwrap()
-            .remove(&id)
-            .is_some_and(|e| e.info.advertises());
+        let advertised = {
+            let mut clients = self.clients.lock().unwrap();
+            let gone = clients.remove(&id);
+            for name in gone.iter().flat_map(|e| e.info.schedulers.iter()) {
+                let next = clients
+                    .values_mut()
+                    .find(|e| e.waiting.iter().any(|(s, _)| s == name));
+                if let Some(e) = next {
+                    let at = e.waiting.iter().position(|(s, _)| s == name).unwrap();
+                    let (scheduler, caps) = e.waiting.remove(at);
+                    e.info.capabilities.insert(scheduler.clone(), caps);
+                    e.info.schedulers.push(scheduler);
+                    e.info.schedulers.sort();
+                }
+            }
+            gone.is_some_and(|e| e.info.advertises())
+        };
         if advertised {
             self.changed.notify_one();
         }

@@ -211,16 +211,38 @@ fn a_scheduler_declared_by_a_second_connection_is_refused_and_left_out() {
         "nor the capabilities keyed by the refused scheduler"
     );
     assert_eq!(r.scheduler_holder("celery-beat").unwrap().id, 1);
-    // The holder saying hello again keeps it; after it leaves, the second
-    // gets it with its next hello.
+    // The holder saying hello again keeps it; when it leaves, the second
+    // takes it over, capabilities included, without a new hello.
     assert!(r
         .declared(1, beat("celery-beat"), Counting::new(1))
         .is_empty());
+    let _ = signalled(&r);
     r.disconnected(1);
-    assert!(r.scheduler_holder("celery-beat").is_none());
-    assert!(r
-        .declared(2, beat("celery-beat"), Counting::new(1))
-        .is_empty());
+    assert!(signalled(&r));
     assert_eq!(r.scheduler_holder("celery-beat").unwrap().id, 2);
+    let listed = r.list();
+    assert_eq!(listed[0].schedulers, ["celery-beat", "other-beat"]);
+    assert_eq!(
+        listed[0].capabilities["celery-beat"],
+        [
+            "external_schedule_stable_snapshot_v1",
+            "list",
+            "trigger_now"
+        ]
+    );
     assert_eq!(r.scheduler_processes().len(), 1);
+    let ad = r.advertisement(&[], &BTreeMap::new());
+    assert_eq!(ad.schedulers, ["celery-beat", "other-beat"]);
+    assert!(ad.engines.is_empty());
+    // A later hello of its own replaces what a connection waits for.
+    r.connected(3, peer(30));
+    assert_eq!(
+        r.declared(3, beat("celery-beat"), Counting::new(1)).len(),
+        1
+    );
+    assert!(r
+        .declared(3, beat("third-beat"), Counting::new(1))
+        .is_empty());
+    r.disconnected(2);
+    assert!(r.scheduler_holder("celery-beat").is_none());
 }

@@ -313,10 +313,10 @@ async fn an_activation_before_its_scheduler_is_declared_is_held_and_handed_over(
         "a re-delivery while held"
     );
     // Another process's hello hands nothing over.
-    router.client_declared(1);
+    router.hand_over_held();
     // The scheduler's process arrives.
     let mut beat_rx = connect(&router, 7, beat("celery-beat"));
-    router.client_declared(7);
+    router.hand_over_held();
     let m = received(&mut beat_rx).expect("handed over");
     assert_eq!(m["id"], "h-1");
     assert_eq!(m["action"], "schedule.external.activate");
@@ -354,6 +354,49 @@ async fn a_held_activation_fails_with_the_reason_when_its_budget_runs_out() {
     assert!(!router.activation_reaches("celery-beat", 1));
     // A process declaring it later gets nothing (the daemon says hello again).
     let mut beat_rx = connect(&router, 1, beat("celery-beat"));
-    router.client_declared(1);
+    router.hand_over_held();
     assert!(received(&mut beat_rx).is_none());
+}
+
+#[tokio::test]
+async fn a_restarted_process_takes_the_scheduler_over_and_needs_a_new_activation() {
+    let (router, mut results) = Router::new(stats());
+    let mut old = connect(&router, 1, beat("celery-beat"));
+    router.dispatch(&activation("t-1", "celery-beat", "k1"), "h");
+    assert_eq!(received(&mut old).unwrap()["id"], "t-1");
+    router.on_result(1, &success("t-1")).unwrap();
+    assert!(results.try_recv().unwrap().success);
+    assert!(router.activation_reaches("celery-beat", 1));
+    // Its successor says hello before the old connection's end is seen:
+    // it waits for the scheduler, and takes it over when that end comes.
+    let mut new = connect(&router, 2, beat("celery-beat"));
+    assert_eq!(
+        router
+            .stats
+            .clients
+            .scheduler_holder("celery-beat")
+            .unwrap()
+            .id,
+        1
+    );
+    router.stats.clients.disconnected(1);
+    router.disconnected(1);
+    assert_eq!(
+        router
+            .stats
+            .clients
+            .scheduler_holder("celery-beat")
+            .unwrap()
+            .id,
+        2
+    );
+    // It has no activation of its own (the uplink says hello again for
+    // it); the next one goes to it.
+    assert!(!router.activation_reaches("celery-beat", 2));
+    assert!(matches!(
+        router.dispatch(&activation("t-2", "celery-beat", "k2"), "h"),
+        Dispatch::Started { .. }
+    ));
+    assert_eq!(received(&mut new).unwrap()["id"], "t-2");
+    assert!(router.activation_reaches("celery-beat", 2));
 }

@@ -48,7 +48,7 @@ impl Connection<'_> {
         if registered {
             // After the hello's own replies: a held activation for a
             // scheduler it declared comes after its `hello_ack`.
-            self.ingest.router.client_declared(self.id);
+            self.ingest.router.hand_over_held();
         }
         if let Some(Relay::CommandResult { message, ack_id }) = h.relay {
             self.relay_command_result(&message, ack_id);
@@ -121,7 +121,7 @@ impl Connection<'_> {
             self.replies.error(
                 code,
                 &format!(
-                    "hello: scheduler {} is already declared by {} on this daemon, and one process runs each scheduler; it was left out of this connection's hello (with its capabilities). Stop the other process, or send hello again once it has disconnected",
+                    "hello: scheduler {} is already declared by {} on this daemon, and one process runs each scheduler; it is left out of this connection's hello (with its capabilities) until that process disconnects, and then this connection takes it over. Stop the other process if this one should run it",
                     crate::refusal::excerpt(&t.scheduler),
                     t.holder
                 ),
