@@ -210,9 +210,11 @@ impl Inner {
             }
             let (at, old) = (*at, old.clone());
             self.seen_order.pop_front();
-            // Forget only the latest record of a command that is not running.
+            // Forget only the latest record of a command that is neither
+            // running nor held.
             let latest = self.seen.get(&old).is_some_and(|(t, _)| *t == at);
-            if latest && !self.running.contains_key(&old) {
+            let held = self.held.iter().any(|h| h.cmd.id == old);
+            if latest && !self.running.contains_key(&old) && !held {
                 self.seen.remove(&old);
             }
         }

@@ -225,6 +225,23 @@ pub struct SchedulerTaken {
     pub holder: String,
 }
 
+/// Schedulers no connection holds any more go to the connections waiting
+/// for them, the earliest connection first.
+fn pass_on(clients: &mut BTreeMap<u64, Entry>, released: &[String]) {
+    for name in released {
+        let next = clients
+            .values_mut()
+            .find(|e| e.waiting.iter().any(|(s, _)| s == name));
+        if let Some(e) = next {
+            let at = e.waiting.iter().position(|(s, _)| s == name).unwrap();
+            let (scheduler, caps) = e.waiting.remove(at);
+            e.info.capabilities.insert(scheduler.clone(), caps);
+            e.info.schedulers.push(scheduler);
+            e.info.schedulers.sort();
+        }
+    }
+}
+
 /// How the router reaches entry `id`, once it said `hello`.
 fn reachable(id: u64, e: &Entry) -> Option<Reachable> {
     let (since, outbox) = e.reach.as_ref()?;
@@ -269,8 +286,9 @@ impl ClientRegistry {
     /// already declared is left out of this one's registration (with the
     /// capabilities keyed by it), and returned with who holds it, so the
     /// client can be told. It waits there: when the holder's connection
-    /// ends, this one takes the scheduler over (a restarted process whose
-    /// predecessor's end was not yet seen gets it a moment later).
+    /// ends (or its next `hello` leaves the scheduler out), this one takes
+    /// the scheduler over (a restarted process whose predecessor's end was
+    /// not yet seen gets it a moment later).
     pub fn declared(
         &self,
         id: u64,
@@ -311,6 +329,12 @@ impl ClientRegistry {
                 || c.capabilities != r.capabilities
                 || c.runtime_features != r.runtime_features
                 || c.schedulers != r.schedulers;
+            let dropped: Vec<String> = c
+                .schedulers
+                .iter()
+                .filter(|s| !r.schedulers.contains(s))
+                .cloned()
+                .collect();
             c.process = r.process;
             c.framework = r.framework;
             c.worker_role = r.worker_role;
@@ -321,6 +345,7 @@ impl ClientRegistry {
             c.workers = r.workers;
             let since = e.reach.as_ref().map_or_else(Instant::now, |(s, _)| *s);
             e.reach = Some((since, outbox));
+            pass_on(&mut clients, &dropped);
             changed
         };
         if changed {
@@ -343,17 +368,8 @@ impl ClientRegistry {
         let advertised = {
             let mut clients = self.clients.lock().unwrap();
             let gone = clients.remove(&id);
-            for name in gone.iter().flat_map(|e| e.info.schedulers.iter()) {
-                let next = clients
-                    .values_mut()
-                    .find(|e| e.waiting.iter().any(|(s, _)| s == name));
-                if let Some(e) = next {
-                    let at = e.waiting.iter().position(|(s, _)| s == name).unwrap();
-                    let (scheduler, caps) = e.waiting.remove(at);
-                    e.info.capabilities.insert(scheduler.clone(), caps);
-                    e.info.schedulers.push(scheduler);
-                    e.info.schedulers.sort();
-                }
+            if let Some(e) = &gone {
+                pass_on(&mut clients, &e.info.schedulers);
             }
             gone.is_some_and(|e| e.info.advertises())
         };

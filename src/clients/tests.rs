@@ -234,6 +234,14 @@ fn a_scheduler_declared_by_a_second_connection_is_refused_and_left_out() {
     let ad = r.advertisement(&[], &BTreeMap::new());
     assert_eq!(ad.schedulers, ["celery-beat", "other-beat"]);
     assert!(ad.engines.is_empty());
+    // A holder whose next hello leaves the scheduler out passes it on too.
+    r.connected(4, peer(40));
+    assert_eq!(r.declared(4, beat("other-beat"), Counting::new(1)).len(), 1);
+    assert!(r
+        .declared(2, beat("celery-beat"), Counting::new(1))
+        .is_empty());
+    assert_eq!(r.scheduler_holder("other-beat").unwrap().id, 4);
+    r.disconnected(4);
     // A later hello of its own replaces what a connection waits for.
     r.connected(3, peer(30));
     assert_eq!(
