@@ -250,3 +250,40 @@ def test_a_legacy_schedule_snapshot_is_still_refused_with_todays_message(daemon)
         assert stats["refused_by_reason"].get("legacy_kind") == 1, stats
     finally:
         client.close()
+
+
+def test_a_restarted_scheduler_process_gets_a_new_activation(brain, agent, daemon):
+    """The daemon stays connected while the scheduler's process restarts: the brain activates the stream again."""
+    slug = agent["project_slug"]
+    key = admin_key(brain)
+
+    def activations(p: SchedulerProcess) -> list:
+        return [c for c in p.client.commands if c["action"] == "schedule.external.activate"]
+
+    def native_trigger() -> tuple:
+        status, caps = schedules_api(brain, key, "GET", f"/api/v1/projects/{slug}/schedules/native-capabilities")
+        assert status == 200, f"native-capabilities: HTTP {status} {caps}"
+        return "trigger_now" in (caps.get(OWNER) or []), caps
+
+    first = SchedulerProcess(daemon.socket_path)
+    first.hello()
+    epoch = wait_for(lambda: (bool(activations(first)), activations(first)), 30,
+                     "the first process's activation")[0]["parameters"]["epoch_number"]
+    wait_for(native_trigger, 30, "the stream to be active")
+    sessions = daemon.stats()["connects"]
+    first.close()
+    daemon.wait_stats(lambda s: s["clients"] == 1, 10, "the daemon to see the process go")
+
+    second = SchedulerProcess(daemon.socket_path)
+    try:
+        second.hello()
+        again = wait_for(lambda: (bool(activations(second)), activations(second)), 30,
+                         "an activation for the restarted process")[0]
+        assert again["parameters"]["epoch_number"] > epoch, (epoch, again)
+        assert daemon.stats()["connects"] > sessions
+        wait_for(native_trigger, 30, "the stream to be active again with the new epoch")
+        status, body = schedules_api(brain, key, "GET", f"/api/v1/projects/{slug}/schedules?limit=50")
+        assert status == 200
+        assert [s for s in body["items"] if s["scheduler"] == OWNER and s["name"] == ROW["name"]], body
+    finally:
+        second.close()
