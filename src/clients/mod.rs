@@ -12,9 +12,11 @@
 //! removes it once when the connection ends; a client is reachable for
 //! commands only after its `hello` (which hands over its [`Outbox`]);
 //! [`ClientRegistry::changed`] fires whenever what the daemon advertises
-//! may have changed (a `hello` that changes engines, capabilities or
-//! runtime features, or a client that declared some going away), which is
-//! what makes the uplink re-handshake.
+//! may have changed (a `hello` that changes engines, schedulers,
+//! capabilities or runtime features, or a client that declared some going
+//! away), which is what makes the uplink re-handshake. One connection holds
+//! each scheduler; another that declares it waits and takes it over when
+//! the holder lets it go.
 //!
 //! Depends on [`crate::protocol`] only: ingest implements [`Outbox`] for
 //! its reply queue, so the router reaches clients without knowing the
