@@ -16,9 +16,18 @@
 //! command's `target.engine`, else `parameters.engine`) with the action,
 //! the one with the fewest commands in progress; on a tie, the one
 //! connected longest. A command without an engine goes to any connection
-//! that declared the action. Delivery is at most once per command id:
+//! that declared the action. `schedule.*` commands follow the scheduler
+//! rules of [`route`]. Delivery is at most once per command id:
 //! re-deliveries (same id within [`SEEN_FOR`]) are acknowledged again and
-//! answered with the result already known, never run twice.
+//! answered with the result already known, never run twice; every answer
+//! echoes the `delivery_claim_token` of the latest delivery.
+//!
+//! A `schedule.external.activate` for a scheduler no connection declared
+//! (yet) is held, not refused: the brain sends it only right after the
+//! daemon's `hello`, which may list a scheduler whose process is still
+//! reconnecting. It is handed to the first connection that declares that
+//! scheduler ([`Router::hand_over_held`]) within the command's local
+//! budget, else answered `failed` with the reason.
 //!
 //! The local contract is documented in `docs/local-protocol.md`.
 
@@ -28,6 +37,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
+use crate::clients::Reachable;
 use crate::protocol::Value;
 use crate::refusal::excerpt;
 use crate::stats::Stats;
@@ -160,6 +170,15 @@ struct Running {
     who: String,
 }
 
+/// An activation waiting for its scheduler's process.
+struct Held {
+    cmd: Command,
+    scheduler: String,
+    host: String,
+    /// When its local budget runs out.
+    until: Instant,
+}
+
 enum Seen {
     Running,
     Done(CommandResult),
@@ -170,6 +189,10 @@ struct Inner {
     /// Connection id -> commands it is running (absent: none).
     in_progress: BTreeMap<u64, usize>,
     running: HashMap<String, Running>,
+    /// Activations waiting for a process to declare their scheduler.
+    held: Vec<Held>,
+    /// Scheduler -> the connection its latest activation was handed to.
+    activated: BTreeMap<String, u64>,
     /// Command id -> when it was last recorded, and its state.
     seen: HashMap<String, (Instant, Seen)>,
     /// Ids in the order they were recorded (an id may appear again later;
@@ -187,9 +210,11 @@ impl Inner {
             }
             let (at, old) = (*at, old.clone());
             self.seen_order.pop_front();
-            // Forget only the latest record of a command that is not running.
+            // Forget only the latest record of a command that is neither
+            // running nor held.
             let latest = self.seen.get(&old).is_some_and(|(t, _)| *t == at);
-            if latest && !self.running.contains_key(&old) {
+            let held = self.held.iter().any(|h| h.cmd.id == old);
+            if latest && !self.running.contains_key(&old) && !held {
                 self.seen.remove(&old);
             }
         }
@@ -221,6 +246,12 @@ pub enum Dispatch {
     DuplicateRunning,
     /// Seen before and answered: re-acknowledge and send this again.
     DuplicateDone(CommandResult),
+    /// An activation for a scheduler no process declared yet: kept for
+    /// the first one that does, within the command's local budget.
+    Held {
+        /// The scheduler waited for.
+        scheduler: String,
+    },
 }
 
 /// Routes commands to local connections and results back to the uplink.
@@ -315,12 +346,34 @@ impl Router {
     pub fn dispatch(self: &Arc<Self>, cmd: &Command, host: &str) -> Dispatch {
         let now = Instant::now();
         let mut inner = self.inner.lock().unwrap();
+        // A re-delivery carries its own claim token: the answer echoes the
+        // latest one, not the one the command first came with.
         match inner.seen(&cmd.id) {
-            Some(Seen::Running) => return Dispatch::DuplicateRunning,
-            Some(Seen::Done(r)) => return Dispatch::DuplicateDone(r.clone()),
+            Some(Seen::Running) => {
+                if let Some(r) = inner.running.get_mut(&cmd.id) {
+                    r.claim = cmd.claim.clone();
+                }
+                if let Some(h) = inner.held.iter_mut().find(|h| h.cmd.id == cmd.id) {
+                    h.cmd.claim = cmd.claim.clone();
+                }
+                return Dispatch::DuplicateRunning;
+            }
+            Some(Seen::Done(r)) => {
+                return Dispatch::DuplicateDone(CommandResult {
+                    claim: cmd.claim.clone(),
+                    ..r.clone()
+                })
+            }
             None => {}
         }
         self.stats.command_received();
+        if cmd.action == route::SCHEDULE_ACTIVATE {
+            if let Some(scheduler) = route::scheduler_name(cmd) {
+                if self.stats.clients.scheduler_holder(&scheduler).is_none() {
+                    return self.hold(inner, cmd, scheduler, host, now);
+                }
+            }
+        }
         let engine = cmd.engine();
         let mut candidates = match route::candidates(&self.stats.clients, cmd) {
             Ok(c) => c,
@@ -341,38 +394,13 @@ impl Router {
             (running, c.since, c.id)
         });
         let budget = cmd.local_budget();
-        let mut msg = Value::empty_map();
-        msg.insert("type", "command");
-        msg.insert("id", cmd.id.as_str());
-        msg.insert("action", cmd.action.as_str());
-        msg.insert("target", cmd.target.clone());
-        msg.insert("parameters", cmd.parameters.clone());
-        msg.insert("timeout_seconds", budget.as_secs_f64());
+        let msg = local_command(cmd, budget);
         let mut full = Vec::new();
         for c in candidates {
-            if !c.outbox.offer(&msg) {
-                full.push(c.who);
-                continue;
+            match self.start(&mut inner, cmd, c, &msg, budget, now) {
+                Ok(who) => return Dispatch::Started { who },
+                Err(who) => full.push(who),
             }
-            *inner.in_progress.entry(c.id).or_default() += 1;
-            let who = c.who;
-            inner.running.insert(
-                cmd.id.clone(),
-                Running {
-                    conn: c.id,
-                    claim: cmd.claim.clone(),
-                    who: who.clone(),
-                },
-            );
-            inner.remember(&cmd.id, Seen::Running, now);
-            drop(inner);
-            let router = Arc::clone(self);
-            let id = cmd.id.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(budget).await;
-                router.expire(&id, budget);
-            });
-            return Dispatch::Started { who };
         }
         let engine_text = engine
             .map(|e| format!("engine {e:?}"))
@@ -394,6 +422,185 @@ impl Router {
         drop(inner);
         self.stats.command_finished(false);
         Dispatch::Failed(r)
+    }
+
+    /// Hands `cmd` to `c` (`Err(who)` when its queue is full) and starts
+    /// the clock of its local `budget`.
+    fn start(
+        self: &Arc<Self>,
+        inner: &mut Inner,
+        cmd: &Command,
+        c: Reachable,
+        msg: &Value,
+        budget: Duration,
+        now: Instant,
+    ) -> Result<String, String> {
+        if !c.outbox.offer(msg) {
+            return Err(c.who);
+        }
+        *inner.in_progress.entry(c.id).or_default() += 1;
+        inner.running.insert(
+            cmd.id.clone(),
+            Running {
+                conn: c.id,
+                claim: cmd.claim.clone(),
+                who: c.who.clone(),
+            },
+        );
+        inner.remember(&cmd.id, Seen::Running, now);
+        if cmd.action == route::SCHEDULE_ACTIVATE {
+            if let Some(scheduler) = route::scheduler_name(cmd) {
+                inner.activated.insert(scheduler, c.id);
+            }
+        }
+        let router = Arc::clone(self);
+        let id = cmd.id.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(budget).await;
+            router.expire(&id, budget);
+        });
+        Ok(c.who)
+    }
+
+    /// Keeps an activation for `scheduler` until a process declares it or
+    /// its local budget runs out. A newer activation for the same
+    /// scheduler replaces an older one (the brain issued a new epoch), which
+    /// is answered `failed`.
+    fn hold(
+        self: &Arc<Self>,
+        mut inner: std::sync::MutexGuard<'_, Inner>,
+        cmd: &Command,
+        scheduler: String,
+        host: &str,
+        now: Instant,
+    ) -> Dispatch {
+        let budget = cmd.local_budget();
+        let mut superseded = Vec::new();
+        inner.held.retain(|h| {
+            if h.scheduler != scheduler {
+                return true;
+            }
+            superseded.push(CommandResult::failed(
+                &h.cmd.id,
+                &h.cmd.claim,
+                format!(
+                    "z4j-agentd on {}: a newer activation for scheduler {:?} replaced this one before a process declared the scheduler",
+                    h.host, h.scheduler
+                ),
+            ));
+            false
+        });
+        for r in &superseded {
+            inner.remember(&r.id, Seen::Done(r.clone()), now);
+        }
+        inner.held.push(Held {
+            cmd: cmd.clone(),
+            scheduler: scheduler.clone(),
+            host: host.to_string(),
+            until: now + budget,
+        });
+        inner.remember(&cmd.id, Seen::Running, now);
+        drop(inner);
+        for r in superseded {
+            self.finish(r);
+        }
+        let router = Arc::clone(self);
+        let id = cmd.id.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(budget).await;
+            router.expire_held(&id, budget);
+        });
+        Dispatch::Held { scheduler }
+    }
+
+    /// A held activation's budget ran out before its scheduler's process
+    /// declared it.
+    fn expire_held(&self, id: &str, budget: Duration) {
+        let r = {
+            let mut inner = self.inner.lock().unwrap();
+            let Some(at) = inner.held.iter().position(|h| h.cmd.id == id) else {
+                return;
+            };
+            let h = inner.held.remove(at);
+            let r = CommandResult::failed(
+                id,
+                &h.cmd.claim,
+                format!(
+                    "z4j-agentd on {}: no local process declared scheduler {:?} (hello `schedulers`) within {:.0} s of the brain's activation, which was kept for it until now. Start the scheduler's process: when it declares the scheduler the daemon says hello again and the brain sends a new activation",
+                    h.host,
+                    h.scheduler,
+                    budget.as_secs_f64()
+                ),
+            );
+            inner.remember(id, Seen::Done(r.clone()), Instant::now());
+            r
+        };
+        tracing::warn!(command_id = %id, "activation failed: its scheduler's process did not connect in time");
+        self.finish(r);
+    }
+
+    /// A connection said `hello`: each held activation whose scheduler a
+    /// connection now holds is handed to it, with what is left of its
+    /// budget. (An activation is held only while no connection holds its
+    /// scheduler, so none waits for it either: a hello is the only way one
+    /// becomes deliverable.)
+    pub fn hand_over_held(self: &Arc<Self>) {
+        let holders = self.stats.clients.scheduler_holders();
+        let now = Instant::now();
+        let mut failed = Vec::new();
+        {
+            let mut inner = self.inner.lock().unwrap();
+            if inner.held.is_empty() {
+                return;
+            }
+            let (ready, waiting): (Vec<Held>, Vec<Held>) = std::mem::take(&mut inner.held)
+                .into_iter()
+                .partition(|h| holders.contains_key(&h.scheduler));
+            inner.held = waiting;
+            for h in ready {
+                let budget = h.until.saturating_duration_since(now);
+                let handed = self
+                    .stats
+                    .clients
+                    .scheduler_holder(&h.scheduler)
+                    .ok_or_else(|| "the local process".to_string())
+                    .and_then(|c| {
+                        let msg = local_command(&h.cmd, budget);
+                        self.start(&mut inner, &h.cmd, c, &msg, budget, now)
+                    });
+                match handed {
+                    Ok(who) => tracing::info!(
+                        command_id = %h.cmd.id,
+                        scheduler = %h.scheduler,
+                        to = %who,
+                        "held activation handed to the process that declared its scheduler"
+                    ),
+                    Err(who) => {
+                        let r = CommandResult::failed(
+                            &h.cmd.id,
+                            &h.cmd.claim,
+                            format!(
+                                "z4j-agentd on {}: {who} declared scheduler {:?} but is not reading its connection, so the activation kept for it could not be handed over",
+                                h.host, h.scheduler
+                            ),
+                        );
+                        inner.remember(&r.id, Seen::Done(r.clone()), now);
+                        failed.push(r);
+                    }
+                }
+            }
+        }
+        for r in failed {
+            self.finish(r);
+        }
+    }
+
+    /// Whether scheduler `name`'s process `conn` has, or will get, an
+    /// activation without a new `hello`: one is held for the scheduler, or
+    /// the latest one was handed to `conn`.
+    pub fn activation_reaches(&self, name: &str, conn: u64) -> bool {
+        let inner = self.inner.lock().unwrap();
+        inner.held.iter().any(|h| h.scheduler == name) || inner.activated.get(name) == Some(&conn)
     }
 
     /// The local budget ran out.
@@ -476,6 +683,18 @@ impl Router {
     }
 }
 
+/// The `command` message a local process receives.
+fn local_command(cmd: &Command, budget: Duration) -> Value {
+    let mut msg = Value::empty_map();
+    msg.insert("type", "command");
+    msg.insert("id", cmd.id.as_str());
+    msg.insert("action", cmd.action.as_str());
+    msg.insert("target", cmd.target.clone());
+    msg.insert("parameters", cmd.parameters.clone());
+    msg.insert("timeout_seconds", budget.as_secs_f64());
+    msg
+}
+
 /// Validates a client's answer: `(success, result, error)`.
 fn parse_answer(_id: &str, msg: &Value) -> Result<(bool, Value, Option<String>), String> {
     let success = match msg.get("status").and_then(Value::as_str) {
@@ -526,3 +745,6 @@ mod route;
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod schedule_tests;

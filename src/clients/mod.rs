@@ -12,9 +12,11 @@
 //! removes it once when the connection ends; a client is reachable for
 //! commands only after its `hello` (which hands over its [`Outbox`]);
 //! [`ClientRegistry::changed`] fires whenever what the daemon advertises
-//! may have changed (a `hello` that changes engines, capabilities or
-//! runtime features, or a client that declared some going away), which is
-//! what makes the uplink re-handshake.
+//! may have changed (a `hello` that changes engines, schedulers,
+//! capabilities or runtime features, or a client that declared some going
+//! away), which is what makes the uplink re-handshake. One connection holds
+//! each scheduler; another that declares it waits and takes it over when
+//! the holder lets it go.
 //!
 //! Depends on [`crate::protocol`] only: ingest implements [`Outbox`] for
 //! its reply queue, so the router reaches clients without knowing the
@@ -145,6 +147,9 @@ struct Entry {
     info: ClientInfo,
     /// Set by the first `hello`: how to reach it, and since when.
     reach: Option<(Instant, Arc<dyn Outbox>)>,
+    /// Schedulers its `hello` declared that another connection holds, with
+    /// their capabilities: it takes each over when that connection ends.
+    waiting: Vec<(String, Vec<String>)>,
 }
 
 /// What the daemon's `hello` tells the brain: the union of what connected
@@ -161,9 +166,11 @@ pub struct Advertisement {
     pub schedulers: Vec<String>,
 }
 
-/// Never advertised: it asks the brain for the external scheduler protocol,
-/// which this daemon does not implement.
-pub const NEVER_ADVERTISED_FEATURES: &[&str] = &["external_schedule_protocol_v1"];
+/// The runtime feature with which a process (and so the daemon) asks the
+/// brain for the external schedule protocol: the brain then sends each
+/// declared scheduler with `external_schedule_stable_snapshot_v1` a
+/// `schedule.external.activate` right after the `hello`.
+pub const EXTERNAL_SCHEDULE_FEATURE: &str = "external_schedule_protocol_v1";
 
 impl Advertisement {
     /// The `hello` payload fields.
@@ -211,6 +218,43 @@ fn strings_value(items: &[String]) -> Value {
     Value::Array(items.iter().map(|e| Value::from(e.as_str())).collect())
 }
 
+/// A scheduler a `hello` declared that another connection already runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SchedulerTaken {
+    /// The scheduler's name.
+    pub scheduler: String,
+    /// Who runs it (pid and process name).
+    pub holder: String,
+}
+
+/// Schedulers no connection holds any more go to the connections waiting
+/// for them, the earliest connection first.
+fn pass_on(clients: &mut BTreeMap<u64, Entry>, released: &[String]) {
+    for name in released {
+        let next = clients
+            .values_mut()
+            .find(|e| e.waiting.iter().any(|(s, _)| s == name));
+        if let Some(e) = next {
+            let at = e.waiting.iter().position(|(s, _)| s == name).unwrap();
+            let (scheduler, caps) = e.waiting.remove(at);
+            e.info.capabilities.insert(scheduler.clone(), caps);
+            e.info.schedulers.push(scheduler);
+            e.info.schedulers.sort();
+        }
+    }
+}
+
+/// How the router reaches entry `id`, once it said `hello`.
+fn reachable(id: u64, e: &Entry) -> Option<Reachable> {
+    let (since, outbox) = e.reach.as_ref()?;
+    Some(Reachable {
+        id,
+        since: *since,
+        who: e.info.describe(),
+        outbox: Arc::clone(outbox),
+    })
+}
+
 /// The connected local clients, by connection id.
 #[derive(Default)]
 pub struct ClientRegistry {
@@ -226,26 +270,73 @@ impl ClientRegistry {
 
     /// A connection was accepted: it is listed, not yet reachable.
     pub fn connected(&self, id: u64, info: ClientInfo) {
-        self.clients
-            .lock()
-            .unwrap()
-            .insert(id, Entry { info, reach: None });
+        self.clients.lock().unwrap().insert(
+            id,
+            Entry {
+                info,
+                reach: None,
+                waiting: Vec::new(),
+            },
+        );
     }
 
     /// What its `hello` declared (a later `hello` replaces it), and how to
     /// send it commands. Signals [`ClientRegistry::changed`] when what it
     /// advertises changed.
-    pub fn declared(&self, id: u64, r: Registration, outbox: Arc<dyn Outbox>) {
+    ///
+    /// A scheduler is run by one connection: a scheduler another connection
+    /// already declared is left out of this one's registration (with the
+    /// capabilities keyed by it), and returned with who holds it, so the
+    /// client can be told. It waits there: when the holder's connection
+    /// ends (or its next `hello` leaves the scheduler out), this one takes
+    /// the scheduler over (a restarted process whose predecessor's end was
+    /// not yet seen gets it a moment later).
+    pub fn declared(
+        &self,
+        id: u64,
+        mut r: Registration,
+        outbox: Arc<dyn Outbox>,
+    ) -> Vec<SchedulerTaken> {
+        let mut taken = Vec::new();
         let changed = {
             let mut clients = self.clients.lock().unwrap();
+            r.schedulers.retain(|name| {
+                let holder = clients
+                    .iter()
+                    .find(|(other, e)| **other != id && e.info.schedulers.contains(name));
+                match holder {
+                    Some((_, e)) => {
+                        taken.push(SchedulerTaken {
+                            scheduler: name.clone(),
+                            holder: e.info.describe(),
+                        });
+                        false
+                    }
+                    None => true,
+                }
+            });
+            let waiting: Vec<(String, Vec<String>)> = taken
+                .iter()
+                .map(|t| {
+                    let caps = r.capabilities.remove(&t.scheduler).unwrap_or_default();
+                    (t.scheduler.clone(), caps)
+                })
+                .collect();
             let Some(e) = clients.get_mut(&id) else {
-                return;
+                return taken;
             };
+            e.waiting = waiting;
             let c = &mut e.info;
             let changed = c.engines != r.engines
                 || c.capabilities != r.capabilities
                 || c.runtime_features != r.runtime_features
                 || c.schedulers != r.schedulers;
+            let dropped: Vec<String> = c
+                .schedulers
+                .iter()
+                .filter(|s| !r.schedulers.contains(s))
+                .cloned()
+                .collect();
             c.process = r.process;
             c.framework = r.framework;
             c.worker_role = r.worker_role;
@@ -256,11 +347,13 @@ impl ClientRegistry {
             c.workers = r.workers;
             let since = e.reach.as_ref().map_or_else(Instant::now, |(s, _)| *s);
             e.reach = Some((since, outbox));
+            pass_on(&mut clients, &dropped);
             changed
         };
         if changed {
             self.changed.notify_one();
         }
+        taken
     }
 
     /// Counts `n` events accepted from it.
@@ -271,14 +364,17 @@ impl ClientRegistry {
     }
 
     /// The connection ended: forgotten, and [`ClientRegistry::changed`]
-    /// signalled if it made the daemon advertise anything.
+    /// signalled if it made the daemon advertise anything. The schedulers
+    /// it held go to the connections waiting for them (the earliest first).
     pub fn disconnected(&self, id: u64) {
-        let advertised = self
-            .clients
-            .lock()
-            .unwrap()
-            .remove(&id)
-            .is_some_and(|e| e.info.advertises());
+        let advertised = {
+            let mut clients = self.clients.lock().unwrap();
+            let gone = clients.remove(&id);
+            if let Some(e) = &gone {
+                pass_on(&mut clients, &e.info.schedulers);
+            }
+            gone.is_some_and(|e| e.info.advertises())
+        };
         if advertised {
             self.changed.notify_one();
         }
@@ -313,15 +409,35 @@ impl ClientRegistry {
         clients
             .iter()
             .filter(|(_, e)| e.info.runs(engine, action))
-            .filter_map(|(id, e)| {
-                let (since, outbox) = e.reach.as_ref()?;
-                Some(Reachable {
-                    id: *id,
-                    since: *since,
-                    who: e.info.describe(),
-                    outbox: Arc::clone(outbox),
-                })
-            })
+            .filter_map(|(id, e)| reachable(*id, e))
+            .collect()
+    }
+
+    /// The connection that declared scheduler `name`, if one did.
+    pub fn scheduler_holder(&self, name: &str) -> Option<Reachable> {
+        let clients = self.clients.lock().unwrap();
+        clients
+            .iter()
+            .filter(|(_, e)| e.info.schedulers.iter().any(|s| s == name))
+            .find_map(|(id, e)| reachable(*id, e))
+    }
+
+    /// The connections that declared at least one scheduler.
+    pub fn scheduler_processes(&self) -> Vec<Reachable> {
+        let clients = self.clients.lock().unwrap();
+        clients
+            .iter()
+            .filter(|(_, e)| !e.info.schedulers.is_empty())
+            .filter_map(|(id, e)| reachable(*id, e))
+            .collect()
+    }
+
+    /// Scheduler name -> the connection that declared it.
+    pub fn scheduler_holders(&self) -> BTreeMap<String, u64> {
+        let clients = self.clients.lock().unwrap();
+        clients
+            .iter()
+            .flat_map(|(id, e)| e.info.schedulers.iter().map(move |s| (s.clone(), *id)))
             .collect()
     }
 
@@ -362,7 +478,6 @@ impl ClientRegistry {
             actions.sort();
             actions.dedup();
         }
-        features.retain(|f| !NEVER_ADVERTISED_FEATURES.contains(&f.as_str()));
         features.sort();
         features.dedup();
         Advertisement {

@@ -140,3 +140,117 @@ fn the_configured_advertisement_needs_no_client() {
     );
     assert!(ad.runtime_features.is_empty());
 }
+
+/// A scheduler process's `hello`, as z4j-celerybeat declares one.
+fn beat(name: &str) -> Registration {
+    Registration {
+        process: Some("beat".into()),
+        schedulers: vec![name.to_string()],
+        capabilities: BTreeMap::from([(
+            name.to_string(),
+            vec![
+                "external_schedule_stable_snapshot_v1".to_string(),
+                "list".to_string(),
+                "trigger_now".to_string(),
+            ],
+        )]),
+        runtime_features: vec![EXTERNAL_SCHEDULE_FEATURE.to_string()],
+        ..Registration::default()
+    }
+}
+
+#[test]
+fn schedulers_their_capabilities_and_the_feature_are_advertised() {
+    let r = ClientRegistry::new();
+    r.connected(1, peer(10));
+    assert!(r
+        .declared(1, beat("celery-beat"), Counting::new(1))
+        .is_empty());
+    let ad = r.advertisement(&[], &BTreeMap::new());
+    assert_eq!(ad.schedulers, vec!["celery-beat".to_string()]);
+    assert!(ad.engines.is_empty(), "a scheduler is not an engine");
+    assert_eq!(
+        ad.capabilities["celery-beat"],
+        [
+            "external_schedule_stable_snapshot_v1",
+            "list",
+            "trigger_now"
+        ]
+    );
+    assert_eq!(ad.runtime_features, [EXTERNAL_SCHEDULE_FEATURE]);
+    assert_eq!(r.scheduler_holder("celery-beat").unwrap().id, 1);
+    assert!(r.scheduler_holder("rq-scheduler").is_none());
+    assert_eq!(r.scheduler_holders()["celery-beat"], 1);
+}
+
+#[test]
+fn a_scheduler_declared_by_a_second_connection_is_refused_and_left_out() {
+    let r = ClientRegistry::new();
+    r.connected(1, peer(10));
+    r.connected(2, peer(20));
+    assert!(r
+        .declared(1, beat("celery-beat"), Counting::new(1))
+        .is_empty());
+    let mut second = beat("celery-beat");
+    second.schedulers.push("other-beat".into());
+    second
+        .capabilities
+        .insert("other-beat".into(), vec!["list".into()]);
+    let taken = r.declared(2, second, Counting::new(1));
+    assert_eq!(
+        taken,
+        [SchedulerTaken {
+            scheduler: "celery-beat".into(),
+            holder: "pid 10 (beat)".into()
+        }]
+    );
+    let listed = r.list();
+    assert_eq!(listed[1].schedulers, ["other-beat"], "its own one is kept");
+    assert!(
+        !listed[1].capabilities.contains_key("celery-beat"),
+        "nor the capabilities keyed by the refused scheduler"
+    );
+    assert_eq!(r.scheduler_holder("celery-beat").unwrap().id, 1);
+    // The holder saying hello again keeps it; when it leaves, the second
+    // takes it over, capabilities included, without a new hello.
+    assert!(r
+        .declared(1, beat("celery-beat"), Counting::new(1))
+        .is_empty());
+    let _ = signalled(&r);
+    r.disconnected(1);
+    assert!(signalled(&r));
+    assert_eq!(r.scheduler_holder("celery-beat").unwrap().id, 2);
+    let listed = r.list();
+    assert_eq!(listed[0].schedulers, ["celery-beat", "other-beat"]);
+    assert_eq!(
+        listed[0].capabilities["celery-beat"],
+        [
+            "external_schedule_stable_snapshot_v1",
+            "list",
+            "trigger_now"
+        ]
+    );
+    assert_eq!(r.scheduler_processes().len(), 1);
+    let ad = r.advertisement(&[], &BTreeMap::new());
+    assert_eq!(ad.schedulers, ["celery-beat", "other-beat"]);
+    assert!(ad.engines.is_empty());
+    // A holder whose next hello leaves the scheduler out passes it on too.
+    r.connected(4, peer(40));
+    assert_eq!(r.declared(4, beat("other-beat"), Counting::new(1)).len(), 1);
+    assert!(r
+        .declared(2, beat("celery-beat"), Counting::new(1))
+        .is_empty());
+    assert_eq!(r.scheduler_holder("other-beat").unwrap().id, 4);
+    r.disconnected(4);
+    // A later hello of its own replaces what a connection waits for.
+    r.connected(3, peer(30));
+    assert_eq!(
+        r.declared(3, beat("celery-beat"), Counting::new(1)).len(),
+        1
+    );
+    assert!(r
+        .declared(3, beat("third-beat"), Counting::new(1))
+        .is_empty());
+    r.disconnected(2);
+    assert!(r.scheduler_holder("celery-beat").is_none());
+}

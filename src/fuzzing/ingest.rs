@@ -327,7 +327,18 @@ fn check_record(record: &[u8], data: Option<&Value>, max_event_bytes: usize) {
     let engine = s("engine");
     assert!(!engine.is_empty() && engine.trim() == engine && engine.chars().count() <= 40);
     let kind = s("kind");
-    assert!(KNOWN_KINDS.contains(&kind) && !LEGACY_SCHEDULE_KINDS.contains(&kind));
+    assert!(KNOWN_KINDS.contains(&kind));
+    // A schedule projection kind passes only with exactly one form of the
+    // external schedule protocol; no other kind carries either.
+    let external = ["external_projection", "external_snapshot_frame"]
+        .iter()
+        .filter(|k| v.get("data").and_then(|d| d.get(k)).is_some())
+        .count();
+    if LEGACY_SCHEDULE_KINDS.contains(&kind) {
+        assert_eq!(external, 1, "{kind} with {external} protocol forms");
+    } else {
+        assert_eq!(external, 0, "{kind} with a schedule protocol form");
+    }
     let task_id = s("task_id");
     assert!(task_id.chars().count() <= 200);
     if kind.starts_with("task.") {

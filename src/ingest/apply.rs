@@ -31,11 +31,24 @@ impl Connection<'_> {
         if h.counts.time_corrected > 0 {
             stats.time_corrected(h.counts.time_corrected);
         }
+        let registered = h.register.is_some();
         if let Some(r) = h.register {
-            self.register(r);
+            // The hello's `ack_id`, which its replies echo.
+            let ack_id = h.replies.iter().find_map(|r| match r {
+                Reply::Message(m) if m.get("type").and_then(Value::as_str) == Some("hello_ack") => {
+                    m.get("ack_id").cloned()
+                }
+                _ => None,
+            });
+            self.register(r, ack_id.as_ref());
         }
         for reply in h.replies {
             self.reply(reply);
+        }
+        if registered {
+            // After the hello's own replies: a held activation for a
+            // scheduler it declared comes after its `hello_ack`.
+            self.ingest.router.hand_over_held();
         }
         if let Some(Relay::CommandResult { message, ack_id }) = h.relay {
             self.relay_command_result(&message, ack_id);
@@ -89,7 +102,9 @@ impl Connection<'_> {
 
     /// What a `hello` declared goes into the client registry, with this
     /// connection's reply queue as the way the router reaches it.
-    fn register(&self, r: Registration) {
+    /// A scheduler another connection already runs is refused (counted,
+    /// with an error that names who runs it); the rest is registered.
+    fn register(&self, r: Registration, ack_id: Option<&Value>) {
         tracing::info!(
             process = r.process.as_deref().unwrap_or("-"),
             engines = ?r.engines,
@@ -100,6 +115,19 @@ impl Connection<'_> {
             self.replies.tx.clone(),
             self.replies.framing,
         ));
-        self.ingest.stats.clients.declared(self.id, r, outbox);
+        for t in self.ingest.stats.clients.declared(self.id, r, outbox) {
+            let code = crate::refusal::RefusalCode::BadMessage;
+            self.ingest.stats.refuse(code, 1);
+            self.replies.error(
+                code,
+                &format!(
+                    "hello: scheduler {} is already declared by {} on this daemon, and one process runs each scheduler; it is left out of this connection's hello (with its capabilities) until that process disconnects, and then this connection takes it over. Stop the other process if this one should run it",
+                    crate::refusal::excerpt(&t.scheduler),
+                    t.holder
+                ),
+                ack_id,
+                None,
+            );
+        }
     }
 }

@@ -175,14 +175,18 @@ pub fn normalize_event_noting(
     };
     let engine = engine(fields.engine.take())?;
     let kind = kind(fields.kind.take())?;
+    legacy_schedule(&kind, fields.data.as_ref())?;
     let task_id = task_id(fields.task_id.take(), &kind)?;
     let sent_at = occurred_at(fields.occurred_at.as_ref(), received_at)?;
     let id = event_id(fields.id.take(), received_at)?;
     let mut data = data(fields.data.take(), &kind)?;
+    let external = schedule_protocol(&kind, &engine, &data)?;
     let occurred_at = if in_brain_window(sent_at, received_at) {
         sent_at
     } else {
-        if data.get(ORIGINAL_OCCURRED_AT_KEY).is_none() {
+        // The external schedule protocol's `data` goes to the brain as
+        // sent: nothing is added to it.
+        if !external && data.get(ORIGINAL_OCCURRED_AT_KEY).is_none() {
             let original = fields.occurred_at.take().unwrap_or(Value::Null);
             data.insert(ORIGINAL_OCCURRED_AT_KEY, original);
         }
@@ -220,7 +224,8 @@ fn engine(v: Option<Value>) -> Result<String, Refusal> {
     Ok(engine)
 }
 
-/// `kind`: one the brain knows, and not a legacy schedule kind it refuses.
+/// `kind`: one the brain knows (whether a schedule kind is a legacy event
+/// depends on its `data`: [`legacy_schedule`]).
 fn kind(v: Option<Value>) -> Result<String, Refusal> {
     let kind = string_field(v, "kind")?
         .map(trimmed)
@@ -231,15 +236,6 @@ fn kind(v: Option<Value>) -> Result<String, Refusal> {
                 "`kind` is required, e.g. \"task.received\"",
             )
         })?;
-    if LEGACY_SCHEDULE_KINDS.contains(&kind.as_str()) {
-        return Err(Refusal::new(
-            RefusalCode::LegacyKind,
-            format!(
-                "kind {} is a legacy schedule event that z4j brains 1.13+ refuse (they stop acknowledging the whole batch); do not send it",
-                excerpt(&kind)
-            ),
-        ));
-    }
     if !KNOWN_KINDS.contains(&kind.as_str()) {
         return Err(Refusal::new(
             RefusalCode::UnknownKind,
@@ -342,19 +338,106 @@ fn data(v: Option<Value>, kind: &str) -> Result<Value, Refusal> {
         }
     };
     // The brain reads these keys as its external schedule protocol, which
-    // it accepts on `schedule.*` events only (refused above as legacy
-    // kinds); on any other event it drops the whole event after acking it.
-    for key in ["external_projection", "external_snapshot_frame"] {
-        if data.get(key).is_some() {
-            return Err(Refusal::new(
-                RefusalCode::InvalidEvent,
-                format!(
-                    "`data.{key}` belongs to the brain's external schedule protocol, which the brain accepts only on schedule events; on a {kind} event it drops the whole event. Rename or remove the key"
-                ),
-            ));
+    // it accepts on the four schedule projection kinds only; on any other
+    // event it drops the whole event after acking it.
+    if !LEGACY_SCHEDULE_KINDS.contains(&kind) {
+        for key in [EXTERNAL_PROJECTION, EXTERNAL_SNAPSHOT_FRAME] {
+            if data.get(key).is_some() {
+                return Err(Refusal::new(
+                    RefusalCode::InvalidEvent,
+                    format!(
+                        "`data.{key}` belongs to the brain's external schedule protocol, which the brain accepts only on schedule.snapshot, schedule.created, schedule.updated and schedule.deleted events; on a {kind} event it drops the whole event. Rename or remove the key"
+                    ),
+                ));
+            }
         }
     }
     Ok(data)
+}
+
+/// `data` key of the external schedule protocol's projections (with
+/// `payload_digest`), on `schedule.snapshot|created|updated|deleted`.
+pub const EXTERNAL_PROJECTION: &str = "external_projection";
+/// `data` key of the external schedule protocol's stable snapshot frames
+/// (with `frame_digest`), on `schedule.snapshot` only.
+pub const EXTERNAL_SNAPSHOT_FRAME: &str = "external_snapshot_frame";
+
+/// Whether `data` (as sent, a map or not) carries `key`.
+fn carries(data: Option<&Value>, key: &str) -> bool {
+    data.is_some_and(|d| d.get(key).is_some())
+}
+
+/// A schedule projection kind without the external protocol's data is a
+/// legacy event: the brain (1.13+) answers it with a fatal error and stops
+/// acknowledging the whole batch.
+fn legacy_schedule(kind: &str, data: Option<&Value>) -> Result<(), Refusal> {
+    if LEGACY_SCHEDULE_KINDS.contains(&kind)
+        && !carries(data, EXTERNAL_PROJECTION)
+        && !carries(data, EXTERNAL_SNAPSHOT_FRAME)
+    {
+        return Err(Refusal::new(
+            RefusalCode::LegacyKind,
+            format!(
+                "kind {} is a legacy schedule event that z4j brains 1.13+ refuse (they stop acknowledging the whole batch); do not send it",
+                excerpt(kind)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks an event of the external schedule protocol the way the brain
+/// does before it reads it, so one the brain would drop (after
+/// acknowledging it) is refused here with the reason instead. `Ok(true)`:
+/// it is one, and its `data` must reach the brain unchanged (the brain
+/// recomputes `frame_digest` / `payload_digest` from the values).
+fn schedule_protocol(kind: &str, engine: &str, data: &Value) -> Result<bool, Refusal> {
+    let projection = data.get(EXTERNAL_PROJECTION);
+    let frame = data.get(EXTERNAL_SNAPSHOT_FRAME);
+    let refuse = |why: String| Err(Refusal::new(RefusalCode::InvalidEvent, why));
+    let (key, body, digest_key) = match (projection, frame) {
+        (None, None) => return Ok(false),
+        (Some(_), Some(_)) => {
+            return refuse(format!(
+                "a {kind} event carries both `data.{EXTERNAL_PROJECTION}` and `data.{EXTERNAL_SNAPSHOT_FRAME}`; the brain drops such an event. Send one form per event"
+            ))
+        }
+        (None, Some(_)) if kind != "schedule.snapshot" => {
+            return refuse(format!(
+                "`data.{EXTERNAL_SNAPSHOT_FRAME}` is accepted by the brain on schedule.snapshot events only; on a {kind} event it drops the whole event. Send the frame as kind \"schedule.snapshot\""
+            ))
+        }
+        (None, Some(f)) => (EXTERNAL_SNAPSHOT_FRAME, f, "frame_digest"),
+        (Some(p), None) => (EXTERNAL_PROJECTION, p, "payload_digest"),
+    };
+    if !matches!(body, Value::Map(_)) {
+        return refuse(format!(
+            "`data.{key}` must be a map, got {}; the brain drops the event",
+            body.type_name()
+        ));
+    }
+    match data.get(digest_key) {
+        Some(Value::Str(_)) => {}
+        other => {
+            return refuse(format!(
+                "`data.{digest_key}` must be a string (the SHA-256 of `data.{key}`) next to `data.{key}`, got {}; the brain drops the event",
+                other.map_or("nothing", Value::type_name)
+            ))
+        }
+    }
+    match body.get("owner") {
+        Some(Value::Str(owner)) if owner == engine => Ok(true),
+        Some(Value::Str(owner)) => refuse(format!(
+            "`data.{key}.owner` is {} but the event's `engine` is {}; they must be the same scheduler name (the brain drops the event)",
+            excerpt(owner),
+            excerpt(engine)
+        )),
+        other => refuse(format!(
+            "`data.{key}.owner` must be the scheduler's name, equal to the event's `engine` {}, got {}; the brain drops the event",
+            excerpt(engine),
+            other.map_or("nothing", Value::type_name)
+        )),
+    }
 }
 
 /// Whether the brain keeps `t` as sent: at most [`MAX_FUTURE_SECONDS`]
@@ -559,6 +642,170 @@ mod tests {
             assert_eq!(r.code, code, "{input}: {}", r.message);
             assert!(r.message.contains(hint), "{input}: {}", r.message);
         }
+    }
+
+    /// A stable snapshot frame as z4j's schedulers send it (values kept
+    /// exactly: the brain recomputes both digests from them).
+    const FRAME: &str = r#"{"protocol_version":1,"stream_id":"0b6f3c8e-2c4d-4b7a-9a51-1d2e3f405162","epoch_uuid":"5a1e2b3c-4d5e-4f60-8a7b-9c0d1e2f3a4b","epoch_number":3,"sequence":1,"owner":"celery-beat","source_scope":"{\"kind\":\"scheduler-owner\",\"owner\":\"celery-beat\",\"version\":1}","adapter_instance_id":"a1","snapshot_id":"6c7d8e9f-0a1b-4c2d-8e3f-405162738495","frame_kind":"rows","frame_index":0,"frame_count":1,"row_count":1,"snapshot_digest":"ab","stable_source":true,"schedules":[{"source_key":"static:tick","priority":null,"args":[1,2.5,1e-05,18446744073709551615],"kwargs":{"z":"é","a":-3},"total_runs":0,"is_enabled":true}]}"#;
+
+    fn schedule_event(kind: &str, engine: &str, data: &str) -> String {
+        format!(
+            r#"{{"engine":"{engine}","kind":"{kind}","task_id":"t-1","occurred_at":"2026-11-22T23:29:59Z","data":{data}}}"#
+        )
+    }
+
+    /// Every row of the brain's rule for schedule events: the current
+    /// protocol's forms are forwarded, the legacy ones refused as today,
+    /// and each form the brain would drop is refused with the reason.
+    #[test]
+    fn schedule_events_legacy_and_current() {
+        let frame = format!(
+            r#"{{"external_snapshot_frame":{FRAME},"frame_digest":"d1","reason":"activation"}}"#
+        );
+        let projection = FRAME.replace("\"snapshot_id\"", "\"kind\":\"updated\",\"x_snapshot_id\"");
+        let proj = format!(r#"{{"external_projection":{projection},"payload_digest":"d2"}}"#);
+        let accepted = [
+            ("schedule.snapshot", frame.clone()),
+            ("schedule.snapshot", proj.clone()),
+            ("schedule.created", proj.clone()),
+            ("schedule.updated", proj.clone()),
+            ("schedule.deleted", proj.clone()),
+            ("schedule.run_started", "{}".to_string()),
+            (
+                "schedule.run_completed",
+                r#"{"schedule":"tick"}"#.to_string(),
+            ),
+        ];
+        for (kind, data) in &accepted {
+            let out = norm(&schedule_event(kind, "celery-beat", data))
+                .unwrap_or_else(|r| panic!("{kind} {data}: {r:?}"));
+            let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+            let sent: serde_json::Value = serde_json::from_str(data).unwrap();
+            assert_eq!(v["data"], sent, "{kind}: data forwarded unchanged");
+            assert_eq!(v["kind"], *kind);
+        }
+        let both = format!(
+            r#"{{"external_snapshot_frame":{FRAME},"frame_digest":"d1","external_projection":{projection},"payload_digest":"d2"}}"#
+        );
+        let refused = [
+            ("schedule.snapshot", both.clone(), "invalid_event", "both"),
+            (
+                "schedule.updated",
+                frame.clone(),
+                "invalid_event",
+                "schedule.snapshot events only",
+            ),
+            (
+                "schedule.deleted",
+                frame.clone(),
+                "invalid_event",
+                "schedule.snapshot events only",
+            ),
+            (
+                "schedule.run_started",
+                frame.clone(),
+                "invalid_event",
+                "drops the whole event",
+            ),
+            (
+                "schedule.run_completed",
+                proj.clone(),
+                "invalid_event",
+                "drops the whole event",
+            ),
+            (
+                "task.sent",
+                proj.clone(),
+                "invalid_event",
+                "external schedule protocol",
+            ),
+            (
+                "worker.online",
+                frame.clone(),
+                "invalid_event",
+                "external schedule protocol",
+            ),
+            (
+                "schedule.snapshot",
+                r#"{"external_snapshot_frame":"x","frame_digest":"d"}"#.into(),
+                "invalid_event",
+                "must be a map, got string",
+            ),
+            (
+                "schedule.updated",
+                r#"{"external_projection":[1],"payload_digest":"d"}"#.into(),
+                "invalid_event",
+                "must be a map, got array",
+            ),
+            (
+                "schedule.snapshot",
+                frame.replace(r#""frame_digest":"d1","#, ""),
+                "invalid_event",
+                "`data.frame_digest` must be a string",
+            ),
+            (
+                "schedule.created",
+                proj.replace(r#""payload_digest":"d2""#, r#""payload_digest":7"#),
+                "invalid_event",
+                "`data.payload_digest` must be a string",
+            ),
+            (
+                "schedule.snapshot",
+                frame.replace("\"owner\":\"celery-beat\"", "\"owner\":\"rq-scheduler\""),
+                "invalid_event",
+                "\"rq-scheduler\" but the event's `engine` is \"celery-beat\"",
+            ),
+            (
+                "schedule.snapshot",
+                frame.replace("\"owner\":\"celery-beat\"", "\"owner\":5"),
+                "invalid_event",
+                "got int",
+            ),
+        ];
+        for (kind, data, code, hint) in &refused {
+            let r = norm(&schedule_event(kind, "celery-beat", data)).unwrap_err();
+            assert_eq!(r.code, *code, "{kind} {data}: {}", r.message);
+            assert!(r.message.contains(hint), "{kind} {data}: {}", r.message);
+        }
+        // The legacy forms keep today's refusal and message, whatever else
+        // `data` holds.
+        for kind in LEGACY_SCHEDULE_KINDS {
+            for data in ["{}", r#"{"schedules":[]}"#, r#"{"external":{}}"#, "null"] {
+                let r = norm(&schedule_event(kind, "celery-beat", data)).unwrap_err();
+                assert_eq!(r.code, "legacy_kind", "{kind} {data}");
+                assert_eq!(
+                    r.message,
+                    format!("kind \"{kind}\" is a legacy schedule event that z4j brains 1.13+ refuse (they stop acknowledging the whole batch); do not send it")
+                );
+            }
+        }
+    }
+
+    /// The canonical record keeps the frame's values as sent: integers stay
+    /// integers (even past i64), floats keep their digits, nothing is cut,
+    /// and an out-of-window time adds nothing to `data`.
+    #[test]
+    fn schedule_frames_reach_the_brain_unchanged() {
+        let data = format!(
+            r#"{{"external_snapshot_frame":{FRAME},"frame_digest":"d1","reason":"activation"}}"#
+        );
+        let event = format!(
+            r#"{{"engine":"celery-beat","kind":"schedule.snapshot","occurred_at":"2001-01-01T00:00:00Z","data":{data}}}"#
+        );
+        let mut notes = Notes::default();
+        let out = normalize_event_noting(json(&event), now(), 1 << 20, &mut notes).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.contains(r#""args":[1,2.5,1e-05,18446744073709551615]"#),
+            "{text}"
+        );
+        assert!(text.contains(r#""epoch_number":3"#), "{text}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let sent: serde_json::Value = serde_json::from_str(&data).unwrap();
+        assert_eq!(v["data"], sent);
+        assert!(v["data"].get(ORIGINAL_OCCURRED_AT_KEY).is_none(), "{text}");
+        assert_eq!(v["occurred_at"], format_occurred_at(now()));
+        assert_eq!(notes.time_corrected, 1);
     }
 
     #[test]

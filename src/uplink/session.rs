@@ -44,6 +44,9 @@ const ACK_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// daemon re-handshakes (gunicorn restarting its workers should not cause a
 /// reconnect per worker).
 const REHANDSHAKE_DEBOUNCE: Duration = Duration::from_secs(2);
+/// The scheduler capability with which the brain activates a scheduler's
+/// stream after each `hello`.
+const STABLE_SNAPSHOT_CAPABILITY: &str = "external_schedule_stable_snapshot_v1";
 
 /// One session with the brain, from `hello_ack` to its end.
 struct BrainSession<'a> {
@@ -64,6 +67,8 @@ struct BrainSession<'a> {
     ack_timeout: Duration,
     host_label: String,
     advertised: Advertisement,
+    /// Scheduler -> the connection that held it when the `hello` went out.
+    scheduler_holders: BTreeMap<String, u64>,
     static_engines: Vec<String>,
     static_capabilities: BTreeMap<String, Vec<String>>,
     /// When the oldest WebSocket ping still waiting for any answer from the
@@ -84,14 +89,15 @@ impl Uplink {
     pub(crate) async fn connect_and_serve(&mut self) -> SessionEnd {
         let settings = self.settings.borrow().clone();
         self.publish_settings(&settings);
-        let (ws, ack, advertised) = match self.dial_and_hello(&settings).await {
+        let (ws, ack, advertised, holders) = match self.dial_and_hello(&settings).await {
             Ok(connected) => connected,
             Err(end) => return end,
         };
         tracing::Span::current().record("session_id", ack.session_id.as_str());
         self.record_connected(&settings, &ack, &advertised);
         warn_clock_skew(ack.clock_skew_seconds);
-        let session = BrainSession::new(self, &settings, ws, ack, advertised);
+        let mut session = BrainSession::new(self, &settings, ws, ack, advertised);
+        session.scheduler_holders = holders;
         let up_since = Instant::now();
         match session.run().await {
             SessionEnd::Failed { error, .. } => SessionEnd::Failed {
@@ -118,7 +124,7 @@ impl Uplink {
     async fn dial_and_hello(
         &mut self,
         settings: &UplinkSettings,
-    ) -> Result<(Ws, HelloAck, Advertisement), SessionEnd> {
+    ) -> Result<(Ws, HelloAck, Advertisement, BTreeMap<String, u64>), SessionEnd> {
         let stop = self.stop.clone();
         let opened = self
             .beat
@@ -138,6 +144,7 @@ impl Uplink {
             .stats
             .clients
             .advertisement(&settings.static_engines, &settings.static_capabilities);
+        let holders = self.stats.clients.scheduler_holders();
         let hello = Hello {
             settings,
             worker_id: &settings.worker_id,
@@ -149,7 +156,7 @@ impl Uplink {
             .answering_while(connect::exchange_hello(&mut ws, &hello))
             .await
             .map_err(failed)?;
-        Ok((ws, ack, advertised))
+        Ok((ws, ack, advertised, holders))
     }
 
     /// Counts and shows a session that began.
@@ -254,6 +261,7 @@ impl<'a> BrainSession<'a> {
             ack_timeout: settings.ack_timeout,
             host_label: format!("{} (worker_id {})", settings.agent_name, settings.worker_id),
             advertised,
+            scheduler_holders: BTreeMap::new(),
             static_engines: settings.static_engines.clone(),
             static_capabilities: settings.static_capabilities.clone(),
             unanswered_ping_since: None,
@@ -377,7 +385,7 @@ impl<'a> BrainSession<'a> {
     /// postpone the re-handshake for ever; the rate limit keeps it from
     /// reconnecting on every change.
     fn arm_rehandshake(&mut self, t: &mut Timers) {
-        if self.advertisement_now() != self.advertised {
+        if self.advertisement_now() != self.advertised || self.scheduler_needs_hello().is_some() {
             t.rehandshake_armed = true;
             let at = self
                 .up
@@ -393,17 +401,62 @@ impl<'a> BrainSession<'a> {
     async fn rehandshake_due(&mut self, t: &mut Timers) -> Result<(), SessionEnd> {
         let now = self.advertisement_now();
         t.rehandshake_armed = false;
-        if now == self.advertised || t.draining {
+        if t.draining {
             return Ok(());
         }
-        tracing::info!(
-            advertised = ?self.advertised,
-            registered = ?now,
-            "local clients changed their engines or capabilities; reconnecting so the brain learns them"
-        );
+        if now != self.advertised {
+            tracing::info!(
+                advertised = ?self.advertised,
+                registered = ?now,
+                "local clients changed their engines or capabilities; reconnecting so the brain learns them"
+            );
+        } else if let Some(scheduler) = self.scheduler_needs_hello() {
+            tracing::info!(
+                scheduler = %scheduler,
+                "a new process runs this scheduler and has no activation of its stream; reconnecting so the brain sends one"
+            );
+        } else {
+            return Ok(());
+        }
         self.up.rehandshakes.record(Instant::now());
         let _ = self.close_clean().await;
         Err(SessionEnd::Rehandshake)
+    }
+
+    /// A scheduler whose process has no activation of its stream and gets
+    /// none without a new `hello`, because the brain sends activations only
+    /// right after one: a scheduler advertised with the stable snapshot
+    /// capability and the external schedule feature, now held by a
+    /// connection that did not hold it at the `hello` (its process
+    /// restarted while this session stayed up, or it came after a `hello`
+    /// that listed it from memory), unless an activation for it is held or
+    /// was handed to that connection.
+    fn scheduler_needs_hello(&self) -> Option<String> {
+        if !self
+            .advertised
+            .runtime_features
+            .iter()
+            .any(|f| f == crate::clients::EXTERNAL_SCHEDULE_FEATURE)
+        {
+            return None;
+        }
+        let activated = |s: &String| {
+            self.advertised
+                .capabilities
+                .get(s)
+                .is_some_and(|c| c.iter().any(|a| a == STABLE_SNAPSHOT_CAPABILITY))
+        };
+        self.up
+            .stats
+            .clients
+            .scheduler_holders()
+            .into_iter()
+            .filter(|(s, _)| self.advertised.schedulers.contains(s) && activated(s))
+            .find(|(s, conn)| {
+                self.scheduler_holders.get(s) != Some(conn)
+                    && !self.up.router.activation_reaches(s, *conn)
+            })
+            .map(|(s, _)| s)
     }
 
     fn advertisement_now(&self) -> Advertisement {

@@ -228,13 +228,13 @@ async fn a_malformed_answer_gets_an_error_and_the_brain_a_failure() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn capabilities_reach_the_brain_in_a_new_hello_without_forbidden_features() {
+async fn capabilities_and_runtime_features_reach_the_brain_in_a_new_hello() {
     let brain = FakeBrain::start(Behavior::default()).await;
     let mut o = options(&brain.url);
     o.capabilities = Some("huey:cancel_task".into());
     let d = TestDaemon::start(o).await;
     let mut c = d.client().await;
-    // A client declaring runtime features, one of which must never be advertised.
+    // A client declaring runtime features, the external schedule protocol's among them.
     let mut hello = Value::empty_map();
     hello.insert("type", "hello");
     hello.insert("process", "celery-worker");
@@ -286,7 +286,13 @@ async fn capabilities_reach_the_brain_in_a_new_hello_without_forbidden_features(
     let Some(Value::Array(features)) = last.get("runtime_features") else {
         panic!("runtime_features list")
     };
-    assert_eq!(features, &vec![Value::from("retry_by_reference")]);
+    assert_eq!(
+        features,
+        &vec![
+            Value::from("external_schedule_protocol_v1"),
+            Value::from("retry_by_reference")
+        ]
+    );
     let Some(Value::Array(engines)) = last.get("engines") else {
         panic!("engines")
     };

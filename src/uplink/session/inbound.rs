@@ -158,6 +158,15 @@ impl BrainSession<'_> {
                 );
                 Ok(())
             }
+            Dispatch::Held { scheduler } => {
+                tracing::info!(
+                    command_id = id,
+                    action = %cmd.action,
+                    scheduler = %scheduler,
+                    "activation kept until a local process declares its scheduler"
+                );
+                Ok(())
+            }
             Dispatch::DuplicateDone(r) => {
                 tracing::info!(command_id = id, "command delivered again after its answer; acknowledged and answered again, not run twice");
                 self.send_result(&r).await
