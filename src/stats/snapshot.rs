@@ -248,6 +248,8 @@ pub struct Commands {
     pub succeeded: u64,
     /// Answered `failed`, by a process or by the daemon.
     pub failed: u64,
+    /// `purge_queue` passed on with `force`, without a token check.
+    pub purges_forced: u64,
 }
 
 /// One connected local client, as reported.
@@ -417,6 +419,7 @@ impl Snapshot {
             received: load(&st.commands_received),
             succeeded: load(&st.commands_succeeded),
             failed: load(&st.commands_failed),
+            purges_forced: load(&st.purges_forced),
         });
     }
 

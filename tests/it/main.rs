@@ -19,3 +19,4 @@ mod observability;
 mod spool_disk_full;
 mod uplink_faults;
 mod uplink_tls;
+mod worker_commands;
