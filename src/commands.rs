@@ -16,7 +16,10 @@
 //! command's `target.engine`, else `parameters.engine`) with the action,
 //! the one with the fewest commands in progress; on a tie, the one
 //! connected longest. A command without an engine goes to any connection
-//! that declared the action. Delivery is at most once per command id:
+//! that declared the action. Worker-, queue- and some task-targeted
+//! commands are narrowed by their target first (`route`: the worker's
+//! host, the queue's engine once `purge_queue`'s token is checked by
+//! `purge`). Delivery is at most once per command id:
 //! re-deliveries (same id within [`SEEN_FOR`]) are acknowledged again and
 //! answered with the result already known, never run twice.
 //!
