@@ -282,7 +282,7 @@ fn encode_brain(
         enc,
         "purges_forced",
         "purge_queue commands passed on to a local process with force, without the confirm-token check (each is also logged at error level).",
-        cmds.purges_forced,
+        s.purges_forced,
     )?;
     counter(
         enc,

@@ -143,6 +143,9 @@ pub struct Snapshot {
     /// Commands from the brain by outcome (`None` only from a daemon that
     /// did not send them).
     pub commands: Option<Commands>,
+    /// `purge_queue` commands passed on with `force`, without the
+    /// confirm-token check.
+    pub purges_forced: u64,
     /// Local clients connected.
     pub clients: u64,
     /// Each of them.
@@ -248,8 +251,6 @@ pub struct Commands {
     pub succeeded: u64,
     /// Answered `failed`, by a process or by the daemon.
     pub failed: u64,
-    /// `purge_queue` passed on with `force`, without a token check.
-    pub purges_forced: u64,
 }
 
 /// One connected local client, as reported.
@@ -419,8 +420,8 @@ impl Snapshot {
             received: load(&st.commands_received),
             succeeded: load(&st.commands_succeeded),
             failed: load(&st.commands_failed),
-            purges_forced: load(&st.purges_forced),
         });
+        self.purges_forced = load(&st.purges_forced);
     }
 
     /// Where the daemon runs, its clients, and what the `hello` advertises
