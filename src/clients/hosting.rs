@@ -8,7 +8,7 @@
 //! * its latest health report lists the worker under that engine;
 //! * its `hello` names the worker in `workers` (which gives no engine): the
 //!   worker is hosted for every engine the connection declared, unless its
-//!   events already tied the name to engines of their own.
+//!   events or its health report tie the name to engines of their own.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -43,9 +43,6 @@ impl ClientInfo {
             .filter(|(_, names)| names.contains(worker))
             .map(|(e, _)| e.clone())
             .collect();
-        if engines.is_empty() && self.workers.iter().any(|w| w == worker) {
-            engines.extend(self.engines.iter().cloned());
-        }
         if let Some(h) = &self.health {
             engines.extend(
                 h.engines
@@ -53,6 +50,10 @@ impl ClientInfo {
                     .filter(|(_, eh)| eh.workers.contains_key(worker))
                     .map(|(e, _)| e.clone()),
             );
+        }
+        // Only the hello named it: no engine of its own.
+        if engines.is_empty() && self.workers.iter().any(|w| w == worker) {
+            engines.extend(self.engines.iter().cloned());
         }
         engines
     }

@@ -472,3 +472,23 @@ async fn reconcile_and_bulk_retry_route_by_engine() {
     assert!(received(&mut celery).is_some());
     assert!(received(&mut rq).is_none());
 }
+
+#[tokio::test]
+async fn a_worker_named_only_by_the_hello_is_hosted_for_the_engines_declared_until_tied_to_one() {
+    let (router, _results) = router();
+    let _a = join(
+        &router,
+        1,
+        &[("celery", &["restart_worker"]), ("rq", &["restart_worker"])],
+        &["w@h"],
+    );
+    let clients = &router.stats.clients;
+    assert_eq!(clients.hosting(Some("rq"), "w@h").len(), 1);
+    assert_eq!(clients.hosting(Some("celery"), "w@h").len(), 1);
+    report(&router, 1, "celery", &[], &[("w@h", "{}")], 0);
+    assert_eq!(clients.hosting(Some("celery"), "w@h").len(), 1);
+    assert!(
+        clients.hosting(Some("rq"), "w@h").is_empty(),
+        "the health report ties it to celery"
+    );
+}
