@@ -351,8 +351,15 @@ impl Router {
             Ok(Some(confirmed)) => {
                 if confirmed.forced {
                     self.stats.purge_forced();
+                    let queue = confirmed
+                        .command
+                        .parameters
+                        .get("queue")
+                        .and_then(Value::as_str)
+                        .unwrap_or("?");
                     tracing::error!(
                         command_id = %cmd.id,
+                        queue,
                         "purge_queue with force: passed on without a confirm_token check, as the brain's admin asked"
                     );
                 }
