@@ -17,7 +17,10 @@
 //! the one with the fewest commands in progress; on a tie, the one
 //! connected longest. A command without an engine goes to any connection
 //! that declared the action. `schedule.*` commands follow the scheduler
-//! rules of [`route`]. Delivery is at most once per command id:
+//! rules of [`route`]; worker-, queue- and some task-targeted commands are
+//! narrowed by their target first (`route`: the worker's host, the queue's
+//! engine once `purge_queue`'s token is checked by `purge`). Delivery is
+//! at most once per command id:
 //! re-deliveries (same id within [`SEEN_FOR`]) are acknowledged again and
 //! answered with the result already known, never run twice; every answer
 //! echoes the `delivery_claim_token` of the latest delivery.
@@ -38,7 +41,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use crate::clients::Reachable;
-use crate::protocol::Value;
+use crate::protocol::{SigningKey, Value};
 use crate::refusal::excerpt;
 use crate::stats::Stats;
 
@@ -254,11 +257,17 @@ pub enum Dispatch {
     },
 }
 
+/// Where the router reads the project key (the one that signs frames) for
+/// `purge_queue`'s confirmation: the daemon's current settings.
+pub type KeySource = Box<dyn Fn() -> SigningKey + Send + Sync>;
+
 /// Routes commands to local connections and results back to the uplink.
 pub struct Router {
     inner: Mutex<Inner>,
     results: mpsc::UnboundedSender<CommandResult>,
     stats: Arc<Stats>,
+    /// `None`: no key, every `purge_queue` is refused (tests only).
+    key: Option<KeySource>,
 }
 
 /// Local answers on their way to the brain.
@@ -276,12 +285,26 @@ pub struct ResultRefusal {
 impl Router {
     /// A router and the receiving end of its results, for the uplink.
     pub fn new(stats: Arc<Stats>) -> (Arc<Router>, Results) {
+        Router::build(stats, None)
+    }
+
+    /// A router that checks `purge_queue`'s confirm token under the key
+    /// `key` returns at the time of each purge.
+    pub fn with_key(
+        stats: Arc<Stats>,
+        key: impl Fn() -> SigningKey + Send + Sync + 'static,
+    ) -> (Arc<Router>, Results) {
+        Router::build(stats, Some(Box::new(key)))
+    }
+
+    fn build(stats: Arc<Stats>, key: Option<KeySource>) -> (Arc<Router>, Results) {
         let (tx, rx) = mpsc::unbounded_channel();
         (
             Arc::new(Router {
                 inner: Mutex::new(Inner::default()),
                 results: tx,
                 stats,
+                key,
             }),
             rx,
         )
@@ -374,19 +397,38 @@ impl Router {
                 }
             }
         }
+        let key = self.key.as_ref().map(|k| k());
+        let prepared = route::prepare(&self.stats.clients, cmd, key.as_ref());
+        drop(key);
+        let prepared = match prepared {
+            Ok(Some(confirmed)) => {
+                if confirmed.forced {
+                    self.stats.purge_forced();
+                    let queue = confirmed
+                        .command
+                        .parameters
+                        .get("queue")
+                        .and_then(Value::as_str)
+                        .unwrap_or("?");
+                    tracing::error!(
+                        command_id = %cmd.id,
+                        queue,
+                        "purge_queue with force: passed on without a confirm_token check, as the brain's admin asked"
+                    );
+                }
+                Some(confirmed.command)
+            }
+            Ok(None) => None,
+            Err(why) => {
+                return self.refuse(inner, cmd, format!("z4j-agentd on {host}: {why}"), now)
+            }
+        };
+        let cmd = prepared.as_ref().unwrap_or(cmd);
         let engine = cmd.engine();
         let mut candidates = match route::candidates(&self.stats.clients, cmd) {
             Ok(c) => c,
             Err(why) => {
-                let r = CommandResult::failed(
-                    &cmd.id,
-                    &cmd.claim,
-                    format!("z4j-agentd on {host}: {why}"),
-                );
-                inner.remember(&cmd.id, Seen::Done(r.clone()), now);
-                drop(inner);
-                self.stats.command_finished(false);
-                return Dispatch::Failed(r);
+                return self.refuse(inner, cmd, format!("z4j-agentd on {host}: {why}"), now)
             }
         };
         candidates.sort_by_key(|c| {
@@ -417,6 +459,18 @@ impl Router {
                 full.join(", ")
             )
         };
+        self.refuse(inner, cmd, error, now)
+    }
+
+    /// Nobody may run `cmd`: it fails at once with `error`, remembered for
+    /// re-deliveries.
+    fn refuse(
+        &self,
+        mut inner: std::sync::MutexGuard<'_, Inner>,
+        cmd: &Command,
+        error: String,
+        now: Instant,
+    ) -> Dispatch {
         let r = CommandResult::failed(&cmd.id, &cmd.claim, error);
         inner.remember(&cmd.id, Seen::Done(r.clone()), now);
         drop(inner);
@@ -741,6 +795,7 @@ fn parse_answer(_id: &str, msg: &Value) -> Result<(bool, Value, Option<String>),
     Ok((success, result, error))
 }
 
+mod purge;
 mod route;
 
 #[cfg(test)]
@@ -748,3 +803,6 @@ mod tests;
 
 #[cfg(test)]
 mod schedule_tests;
+
+#[cfg(test)]
+mod route_tests;

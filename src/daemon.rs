@@ -241,7 +241,10 @@ async fn start(
     let stats = Arc::new(Stats::new());
     stats.set_info(daemon_info(&config, &spool_path, &socket_path));
     stats.sample(spool_handle.stats());
-    let (router, results) = Router::new(stats.clone());
+    // purge_queue's confirm token is checked under the key that signs
+    // frames, as the settings hold it now (SIGHUP may replace it).
+    let keys = settings.clone();
+    let (router, results) = Router::with_key(stats.clone(), move || keys.borrow().key.clone());
     let beats = Beats::new();
     let ingest_stop = CancellationToken::new();
     let ingest = Ingest::new(

@@ -280,6 +280,12 @@ fn encode_brain(
     )?;
     counter(
         enc,
+        "purges_forced",
+        "purge_queue commands passed on to a local process with force, without the confirm-token check (each is also logged at error level).",
+        s.purges_forced,
+    )?;
+    counter(
+        enc,
         "brain_connects",
         "Sessions established with the brain (hello_ack received).",
         s.connects,

@@ -22,7 +22,7 @@
 //! its reply queue, so the router reaches clients without knowing the
 //! socket or its framing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -30,6 +30,8 @@ use crate::protocol::Value;
 
 mod health;
 pub use health::{EngineHealth, HealthReport};
+mod hosting;
+pub use hosting::{ReportedDepth, MAX_WORKERS_SEEN};
 
 /// One connected local client, as the reports show it.
 #[derive(Debug, Clone, Default)]
@@ -57,6 +59,10 @@ pub struct ClientInfo {
     pub schedulers: Vec<String>,
     /// Worker names this process hosts: from `hello` and `worker.*` events.
     pub workers: Vec<String>,
+    /// Engine -> worker names learnt from its `worker.*` events
+    /// (`data.worker`; a `worker.offline` takes the name out again).
+    /// [`ClientInfo::hosts`] reads these, `workers` and the health report.
+    pub workers_seen: BTreeMap<String, BTreeSet<String>>,
     /// Its latest health report, if it sent one that is still fresh.
     pub health: Option<HealthReport>,
     /// Framing: "msgpack" or "jsonl".
@@ -345,6 +351,10 @@ impl ClientRegistry {
             c.runtime_features = r.runtime_features;
             c.schedulers = r.schedulers;
             c.workers = r.workers;
+            // The names its worker.* events taught stay hosted.
+            c.workers.extend(c.workers_seen.values().flatten().cloned());
+            c.workers.sort();
+            c.workers.dedup();
             let since = e.reach.as_ref().map_or_else(Instant::now, |(s, _)| *s);
             e.reach = Some((since, outbox));
             pass_on(&mut clients, &dropped);

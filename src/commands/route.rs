@@ -6,9 +6,11 @@
 //! the host and answers the brain at once). The router then picks among
 //! the candidates (fewest commands in progress, then longest connected).
 
+use std::collections::BTreeSet;
+
 use super::Command;
-use crate::clients::{ClientRegistry, Reachable};
-use crate::protocol::Value;
+use crate::clients::{ClientInfo, ClientRegistry, Reachable};
+use crate::protocol::{SigningKey, Value};
 
 /// The brain's activation of a scheduler's stream; it is sent only right
 /// after a `hello`, so one that finds no process is held for a while
@@ -30,7 +32,19 @@ pub(super) fn candidates(
             "command {:?} names no scheduler (target.scheduler, parameters.scheduler, or target.id with target.type \"scheduler\"), so it cannot be handed to the process that runs it",
             cmd.action
         )),
-        None => Ok(clients.able(cmd.engine(), &cmd.action)),
+        None => by_target(clients, cmd),
+    }
+}
+
+/// The rules for commands that are not `schedule.*`.
+fn by_target(clients: &ClientRegistry, cmd: &Command) -> Result<Vec<Reachable>, String> {
+    match cmd.action.as_str() {
+        a if WORKER_ACTIONS.contains(&a) => by_worker(clients, cmd),
+        "rate_limit" => rate_limit(clients, cmd),
+        "reconcile_task" => reconcile(clients, cmd),
+        // purge_queue reaches here confirmed, with the queue's engine in
+        // its target (super::purge).
+        _ => Ok(clients.able(cmd.engine(), &cmd.action)),
     }
 }
 
@@ -122,4 +136,211 @@ fn scheduler(
             name, cmd.action
         )),
     }
+}
+
+/// What must hold before `cmd` is routed, and the command as the process
+/// gets it when that differs from what the brain sent: `purge_queue` is
+/// confirmed here ([`super::purge`]). `Ok(None)`: route `cmd` as it is.
+pub(super) fn prepare(
+    clients: &ClientRegistry,
+    cmd: &Command,
+    key: Option<&SigningKey>,
+) -> Result<Option<super::purge::Confirmed>, String> {
+    match cmd.action.as_str() {
+        "purge_queue" => super::purge::confirm(clients, cmd, key).map(Some),
+        _ => Ok(None),
+    }
+}
+
+/// The worker-targeted actions: they go to the connection hosting the
+/// worker they name.
+pub(super) const WORKER_ACTIONS: &[&str] = &[
+    "restart_worker",
+    "pool_grow",
+    "pool_shrink",
+    "add_consumer",
+    "cancel_consumer",
+];
+
+/// The worker a command names: `parameters.worker_name`, else the target's
+/// `id` when the target is a worker.
+fn worker_name(cmd: &Command) -> Option<&str> {
+    let named = cmd
+        .parameters
+        .get("worker_name")
+        .and_then(Value::as_str)
+        .filter(|w| !w.is_empty());
+    named.or_else(|| {
+        (cmd.target.get("type").and_then(Value::as_str) == Some("worker"))
+            .then(|| cmd.target.get("id").and_then(Value::as_str))
+            .flatten()
+            .filter(|w| !w.is_empty())
+    })
+}
+
+fn engine_text(engine: Option<&str>) -> String {
+    engine
+        .map(|e| format!("engine {e:?}"))
+        .unwrap_or_else(|| "any engine".into())
+}
+
+/// Nobody here hosts the worker.
+fn no_host(worker: &str, engine: Option<&str>) -> String {
+    format!(
+        "no connected local process hosts worker {worker:?} for {}; a process names the workers it hosts in its hello (\"workers\"), in worker.* events (data.worker) or in its health report. The brain hands each command to one connection of the agent: if several daemons share this agent's token, the worker may be behind another one; give each host its own agent token",
+        engine_text(engine)
+    )
+}
+
+/// The worker's hosts did not declare the action.
+fn host_lacks_action(
+    hosts: &[ClientInfo],
+    worker: &str,
+    engine: Option<&str>,
+    action: &str,
+) -> String {
+    let who: Vec<String> = hosts.iter().map(ClientInfo::describe).collect();
+    format!(
+        "worker {worker:?} ({}) is hosted by {}, which did not declare action {action:?} for it in its hello capabilities",
+        engine_text(engine),
+        who.join(", ")
+    )
+}
+
+/// `restart_worker`, `pool_grow`, `pool_shrink`, `add_consumer`,
+/// `cancel_consumer`: the connections hosting the named worker for the
+/// command's engine that declared the action for that engine.
+pub(super) fn by_worker(clients: &ClientRegistry, cmd: &Command) -> Result<Vec<Reachable>, String> {
+    let action = cmd.action.as_str();
+    let Some(worker) = worker_name(cmd) else {
+        return Err(format!(
+            "{action:?} names no worker: parameters.worker_name (or the id of a worker target) is required"
+        ));
+    };
+    let engine = cmd.engine();
+    let hosts: Vec<ClientInfo> = clients
+        .list()
+        .into_iter()
+        .filter(|c| c.hosts(engine, worker))
+        .collect();
+    if hosts.is_empty() {
+        return Err(no_host(worker, engine));
+    }
+    let able = clients.reachable_where(|c| {
+        c.hosts(engine, worker)
+            && match engine {
+                Some(e) => c.runs(Some(e), action),
+                None => c
+                    .worker_engines(worker)
+                    .iter()
+                    .any(|e| c.runs(Some(e), action)),
+            }
+    });
+    if able.is_empty() {
+        return Err(host_lacks_action(&hosts, worker, engine, action));
+    }
+    Ok(able)
+}
+
+/// `rate_limit` (a task target, no engine): with `parameters.worker_name`,
+/// the connections hosting that worker that declared `rate_limit` for an
+/// engine they host it for; without one, the connections that declared
+/// `rate_limit`, as long as they all run one engine. When they run
+/// several, the engine whose health reports list the task among a worker's
+/// `registered` tasks decides; if none or several do, the command is
+/// refused (the brain names no engine, and applying a rate to the wrong
+/// engine's task would be silent).
+pub(super) fn rate_limit(
+    clients: &ClientRegistry,
+    cmd: &Command,
+) -> Result<Vec<Reachable>, String> {
+    const ACTION: &str = "rate_limit";
+    let named = cmd
+        .parameters
+        .get("worker_name")
+        .and_then(Value::as_str)
+        .filter(|w| !w.is_empty());
+    if let Some(worker) = named {
+        let hosts: Vec<ClientInfo> = clients
+            .list()
+            .into_iter()
+            .filter(|c| c.hosts(None, worker))
+            .collect();
+        if hosts.is_empty() {
+            return Err(no_host(worker, None));
+        }
+        let able = clients.reachable_where(|c| {
+            c.worker_engines(worker)
+                .iter()
+                .any(|e| c.runs(Some(e), ACTION))
+        });
+        if able.is_empty() {
+            return Err(host_lacks_action(&hosts, worker, None, ACTION));
+        }
+        return Ok(able);
+    }
+    let all = clients.list();
+    let engines: BTreeSet<&String> = all
+        .iter()
+        .flat_map(|c| {
+            c.capabilities
+                .iter()
+                .filter(|(_, actions)| actions.iter().any(|a| a == ACTION))
+                .map(|(e, _)| e)
+        })
+        .collect();
+    if engines.len() <= 1 {
+        return Ok(clients.able(None, ACTION));
+    }
+    let task = cmd
+        .parameters
+        .get("task_name")
+        .and_then(Value::as_str)
+        .or_else(|| cmd.target.get("id").and_then(Value::as_str))
+        .unwrap_or("");
+    let registering: BTreeSet<&String> = engines
+        .iter()
+        .copied()
+        .filter(|e| all.iter().any(|c| registers(c, e, task)))
+        .collect();
+    if let [engine] = registering.iter().collect::<Vec<_>>()[..] {
+        return Ok(clients.able(Some(engine), ACTION));
+    }
+    let names: Vec<&str> = engines.iter().map(|e| e.as_str()).collect();
+    Err(format!(
+        "rate_limit for task {task:?} names no worker and no engine, and the local processes that declared rate_limit run {} engines ({}), {} of which report the task among a worker's registered tasks; name the worker (worker_name) so the daemon can tell which process applies the rate",
+        names.len(),
+        names.join(", "),
+        if registering.is_empty() { "none".to_string() } else { format!("{} ({})", registering.len(), registering.iter().map(|e| e.as_str()).collect::<Vec<_>>().join(", ")) }
+    ))
+}
+
+/// Whether `c`'s health report lists `task` among the registered tasks of
+/// one of its `engine` workers.
+fn registers(c: &ClientInfo, engine: &str, task: &str) -> bool {
+    c.health
+        .as_ref()
+        .and_then(|h| h.engines.get(engine))
+        .is_some_and(|eh| {
+            eh.workers.values().any(|w| {
+                w.get("registered")
+                    .and_then(Value::as_array)
+                    .is_some_and(|r| r.iter().any(|t| t.as_str() == Some(task)))
+            })
+        })
+}
+
+/// `reconcile_task`: like a task command, by engine, to a connection that
+/// declared `reconcile_task` for it. The brain sends it without checking
+/// capabilities, so the refusal says what a process must declare.
+pub(super) fn reconcile(clients: &ClientRegistry, cmd: &Command) -> Result<Vec<Reachable>, String> {
+    let engine = cmd.engine();
+    let able = clients.able(engine, "reconcile_task");
+    if !able.is_empty() {
+        return Ok(able);
+    }
+    Err(format!(
+        "no connected local process declared action \"reconcile_task\" for {e}. The brain probes tasks it believes stuck with this action without checking what the agent advertises: a process of {e} that can look up a task's state declares \"reconcile_task\" in its hello capabilities; until one does, each probe fails with this reason",
+        e = engine_text(engine)
+    ))
 }

@@ -4,7 +4,7 @@
 //! result, and the spool append.
 //!
 //! Invariant: the order is fixed (counters, registration, replies, relay,
-//! append), so a client that reads a reply finds the counters and the
+//! the workers its events named, append), so a client that reads a reply finds the counters and the
 //! registration it implies already in place.
 
 use std::sync::atomic::Ordering;
@@ -17,7 +17,8 @@ use crate::protocol::Value;
 
 impl Connection<'_> {
     /// Applies what the handler decided, in this order: counters,
-    /// registration, replies, the relayed command result, the append.
+    /// registration, replies, the relayed command result, the workers
+    /// its events named, the append.
     pub(super) async fn apply(&mut self, h: Handled) {
         let stats = &self.ingest.stats;
         if h.counts.events_received > 0 {
@@ -52,6 +53,18 @@ impl Connection<'_> {
         }
         if let Some(Relay::CommandResult { message, ack_id }) = h.relay {
             self.relay_command_result(&message, ack_id);
+        }
+        for w in &h.workers {
+            if !stats
+                .clients
+                .worker_seen(self.id, &w.engine, &w.worker, w.online)
+            {
+                tracing::debug!(
+                    engine = %w.engine,
+                    "a worker.* event named a worker that is not learnt for routing: this connection already taught {} worker names",
+                    crate::clients::MAX_WORKERS_SEEN
+                );
+            }
         }
         if let Some(store) = h.store {
             let accepted = store.records.len() as u64;

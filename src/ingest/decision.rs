@@ -32,6 +32,20 @@ pub struct Handled {
     pub relay: Option<Relay>,
     /// Records for the spool (`event` and `events`), acknowledged once committed.
     pub store: Option<Store>,
+    /// Workers the accepted `worker.*` events say this connection hosts
+    /// (or, `worker.offline`, no longer hosts), in order.
+    pub workers: Vec<WorkerSeen>,
+}
+
+/// A `worker.*` event's `data.worker`, for the client registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerSeen {
+    /// The event's engine.
+    pub engine: String,
+    /// `data.worker`.
+    pub worker: String,
+    /// `false` for `worker.offline`.
+    pub online: bool,
 }
 
 /// Counters one message adds.

@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 
 use time::OffsetDateTime;
 
-pub use super::decision::{Counts, Handled, Limits, Registration, Relay, Reply, Store};
+pub use super::decision::{Counts, Handled, Limits, Registration, Relay, Reply, Store, WorkerSeen};
 use super::validate::{excerpt, normalize_event_noting, Notes, Refusal};
 use crate::protocol::Value;
 use crate::refusal::RefusalCode;
@@ -196,14 +196,38 @@ fn events(
     let mut records = Vec::with_capacity(items.len());
     let mut notes = Notes::default();
     for (i, e) in items.into_iter().enumerate() {
+        let worker = worker_seen(&e);
         match normalize_event_noting(e, now, limits.max_event_bytes, &mut notes) {
-            Ok(r) => records.push(r),
+            Ok(r) => {
+                records.push(r);
+                h.workers.extend(worker);
+            }
             Err(refusal) => h.reject(refusal, ack_id.as_ref(), indexed.then_some(i)),
         }
     }
     h.counts.time_corrected = notes.time_corrected;
     h.store = Some(Store { records, ack_id });
     h
+}
+
+/// What a `worker.*` event says about the worker it names in
+/// `data.worker` (trimmed like the event's engine; names longer than
+/// [`MAX_WORKER_NAME_BYTES`] are not learnt).
+fn worker_seen(event: &Value) -> Option<WorkerSeen> {
+    let kind = event.get("kind")?.as_str()?.trim();
+    if !kind.starts_with("worker.") {
+        return None;
+    }
+    let engine = event.get("engine")?.as_str()?.trim();
+    let worker = event.get("data")?.get("worker")?.as_str()?.trim();
+    if engine.is_empty() || worker.is_empty() || worker.len() > MAX_WORKER_NAME_BYTES {
+        return None;
+    }
+    Some(WorkerSeen {
+        engine: engine.to_string(),
+        worker: worker.to_string(),
+        online: kind != "worker.offline",
+    })
 }
 
 /// A `hello`: what it registers, an error for each ignored `capabilities`

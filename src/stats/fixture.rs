@@ -12,7 +12,7 @@ pub(crate) fn stats() -> Stats {
     let s = Stats::new();
     let t0 = Instant::now();
     s.sample_at(t0, 0);
-    let counters: [(&AtomicU64, u64); 19] = [
+    let counters: [(&AtomicU64, u64); 20] = [
         (&s.events_received, 1001),
         (&s.events_forwarded, 902),
         (&s.events_resent, 13),
@@ -32,6 +32,7 @@ pub(crate) fn stats() -> Stats {
         (&s.commands_received, 15),
         (&s.commands_succeeded, 16),
         (&s.commands_failed, 17),
+        (&s.purges_forced, 18),
     ];
     for (a, n) in counters {
         a.store(n, Ordering::Relaxed);

@@ -205,6 +205,8 @@ pub struct Stats {
     pub commands_succeeded: AtomicU64,
     /// Commands answered `failed` (by a process, or by the daemon when none could run it).
     pub commands_failed: AtomicU64,
+    /// `purge_queue` commands passed on with `force`, without a token check.
+    pub purges_forced: AtomicU64,
     /// Seconds from sending an `event_batch` to its `event_batch_ack`.
     pub ack_latency: Histogram,
     /// The connected local clients: what the router routes by and the
@@ -249,6 +251,7 @@ impl Stats {
             commands_received: AtomicU64::new(0),
             commands_succeeded: AtomicU64::new(0),
             commands_failed: AtomicU64::new(0),
+            purges_forced: AtomicU64::new(0),
             ack_latency: Histogram::new(ACK_LATENCY_BUCKETS),
             refused: Mutex::new(BTreeMap::new()),
             failures: Mutex::new(BTreeMap::new()),
@@ -301,6 +304,11 @@ impl Stats {
         } else {
             self.commands_failed.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Counts a `purge_queue` passed on with `force` (no token check).
+    pub fn purge_forced(&self) {
+        self.purges_forced.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a failed connection attempt or session under its backoff class.

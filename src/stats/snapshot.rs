@@ -143,6 +143,9 @@ pub struct Snapshot {
     /// Commands from the brain by outcome (`None` only from a daemon that
     /// did not send them).
     pub commands: Option<Commands>,
+    /// `purge_queue` commands passed on with `force`, without the
+    /// confirm-token check.
+    pub purges_forced: u64,
     /// Local clients connected.
     pub clients: u64,
     /// Each of them.
@@ -418,6 +421,7 @@ impl Snapshot {
             succeeded: load(&st.commands_succeeded),
             failed: load(&st.commands_failed),
         });
+        self.purges_forced = load(&st.purges_forced);
     }
 
     /// Where the daemon runs, its clients, and what the `hello` advertises

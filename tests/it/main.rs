@@ -20,3 +20,4 @@ mod schedulers;
 mod spool_disk_full;
 mod uplink_faults;
 mod uplink_tls;
+mod worker_commands;
