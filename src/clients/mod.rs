@@ -27,7 +27,8 @@ use std::time::Instant;
 use crate::protocol::Value;
 
 mod health;
-pub use health::{EngineHealth, HealthReport};
+pub mod merge;
+pub use health::{fresh_for, EngineHealth, HealthReport, HealthUpdate};
 
 /// One connected local client, as the reports show it.
 #[derive(Debug, Clone, Default)]
@@ -370,14 +371,6 @@ impl ClientRegistry {
             capabilities: caps,
             runtime_features: features,
             schedulers,
-        }
-    }
-
-    /// Stores connection `id`'s latest health report (replacing the one
-    /// before).
-    pub fn reported(&self, id: u64, report: HealthReport) {
-        if let Some(e) = self.clients.lock().unwrap().get_mut(&id) {
-            e.info.health = Some(report);
         }
     }
 }
