@@ -26,7 +26,7 @@ use std::time::Instant;
 
 use crate::protocol::Value;
 
-mod health;
+pub mod health;
 pub mod merge;
 pub use health::{fresh_for, EngineHealth, HealthReport, HealthUpdate};
 

@@ -3,9 +3,9 @@
 //! `stats` report rendered from the counters now), the relayed command
 //! result, and the spool append.
 //!
-//! Invariant: the order is fixed (counters, registration, replies, relay,
-//! append), so a client that reads a reply finds the counters and the
-//! registration it implies already in place.
+//! Invariant: the order is fixed (counters, registration, health report,
+//! replies, relay, append), so a client that reads a reply finds the
+//! counters, the registration and the report it implies already in place.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -17,7 +17,8 @@ use crate::protocol::Value;
 
 impl Connection<'_> {
     /// Applies what the handler decided, in this order: counters,
-    /// registration, replies, the relayed command result, the append.
+    /// registration, health report, replies, the relayed command result,
+    /// the append.
     pub(super) async fn apply(&mut self, h: Handled) {
         let stats = &self.ingest.stats;
         if h.counts.events_received > 0 {
@@ -31,8 +32,18 @@ impl Connection<'_> {
         if h.counts.time_corrected > 0 {
             stats.time_corrected(h.counts.time_corrected);
         }
+        if h.counts.health_received > 0 {
+            stats
+                .health
+                .reports(h.counts.health_received, h.counts.health_refused);
+        }
         if let Some(r) = h.register {
             self.register(r);
+        }
+        if let Some(update) = h.health {
+            stats
+                .clients
+                .reported(self.id, update.received_at(std::time::Instant::now()));
         }
         for reply in h.replies {
             self.reply(reply);

@@ -32,6 +32,9 @@ pub struct Handled {
     pub relay: Option<Relay>,
     /// Records for the spool (`event` and `events`), acknowledged once committed.
     pub store: Option<Store>,
+    /// What a `health` message reports (its valid parts), replacing this
+    /// connection's earlier report.
+    pub health: Option<HealthUpdate>,
 }
 
 /// Counters one message adds.
@@ -43,6 +46,10 @@ pub struct Counts {
     pub refused: Vec<(RefusalCode, u64)>,
     /// Events whose `occurred_at` was replaced by the receive time.
     pub time_corrected: u64,
+    /// `health` messages received (valid or not).
+    pub health_received: u64,
+    /// `health` messages refused whole (nothing of them kept).
+    pub health_refused: u64,
 }
 
 /// One reply to the client.
@@ -89,6 +96,9 @@ impl Reply {
 /// What a `hello` declares: the client registry's own type, so the
 /// handler's decision is what the registry stores.
 pub use crate::clients::Registration;
+
+/// What a `health` message reports: the client registry's own type.
+pub use crate::clients::HealthUpdate;
 
 /// A message the daemon passes on rather than answers itself.
 #[derive(Debug, PartialEq)]
