@@ -191,3 +191,41 @@ def test_a_bad_part_is_refused_with_what_to_change_and_the_rest_reaches_the_brai
         assert rows[good]["concurrency"] == 2 and bad not in rows, rows.get(bad)
     finally:
         c.close()
+
+
+def test_a_report_larger_than_the_brains_frame_is_cut_not_refused(brain, agent, daemon):
+    """A worker whose task list alone is over the brain's 1 MiB frame: sent without that list, counted."""
+    tag = uuid.uuid4().hex[:6]
+    big, small = f"celery@e2e-big-{tag}", f"celery@e2e-small-{tag}"
+    c = LocalClient(daemon.socket_path)
+    try:
+        c.hello(process="e2e-health-big", engines=["celery"])
+        # The session that advertises celery (a new engine makes the daemon reconnect once).
+        connects = wait_for(lambda: (lambda s: (s["uplink_state"] == "connected" and "celery" in s["advertised_engines"],
+                                                s["connects"]))(daemon.stats()),
+                            30, "the daemon to advertise celery to the brain")
+        msg = health_message(big, 4404, 8, f"e2e-big-{tag}", {f"e2e-big-{tag}": 1}, "big")
+        # About 1.4 MB of task names, each quote escaped once more inside the heartbeat's string.
+        msg["engines"]["celery"]["workers"][big]["registered"] = [f"e2e.health.generated.task_{i:06d}" for i in range(40_000)]
+        small_msg = health_message(small, 4405, 2, f"e2e-small-{tag}", {}, "unused")
+        msg["engines"]["celery"]["workers"][small] = small_msg["engines"]["celery"]["workers"][small]
+        assert len(json.dumps(msg)) > 1_300_000
+        report(c, msg)
+
+        rows = wait_for(lambda: (lambda r: (big in r and small in r, r))(brain_workers(brain, agent)),
+                        3 * HEARTBEAT, "the brain to list both workers of the oversized report")
+        assert (rows[big]["pid"], rows[big]["concurrency"]) == (4404, 8), rows[big]
+        status, detail = brain.api("GET", f"/api/v1/projects/{agent['project_slug']}/workers/{rows[big]['id']}")
+        assert status == 200, detail
+        assert "registered" not in detail["metadata"] and detail["metadata"]["conf"], detail["metadata"]
+        status, detail = brain.api("GET", f"/api/v1/projects/{agent['project_slug']}/workers/{rows[small]['id']}")
+        assert detail["metadata"]["registered"] == ["e2e.health.add", "e2e.health.mul"], detail["metadata"]
+
+        stats = daemon.stats()
+        assert stats["health"]["cut"]["registered"] >= 1, stats["health"]
+        assert stats["health"]["cut"]["workers"] == 0, stats["health"]
+        # Never a refused heartbeat: the session the report arrived in is still the one in use.
+        assert stats["connects"] == connects and stats["uplink_state"] == "connected", \
+            (stats["connects"], connects, stats["last_error"], stats["failures_by_class"])
+    finally:
+        c.close()
