@@ -385,6 +385,10 @@ fn fact(key: &str, v: &Value) -> Result<String, String> {
             "a fact's key must be 1-{MAX_FACT_KEY_CHARS} characters without \".\""
         ));
     }
+    if key == "worker_details" {
+        // The daemon writes `<engine>.worker_details` from `workers`.
+        return Err("worker details go in \"workers\" (worker name -> details)".into());
+    }
     let s = match v {
         Value::Str(s) => s.clone(),
         Value::Bool(true) => "True".into(),

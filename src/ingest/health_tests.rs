@@ -116,19 +116,20 @@ fn bad_parts_are_refused_counted_and_explained_the_rest_kept() {
        "celery@registered-map": {{"registered": {{}}}},
        "{long}": {{}},
        "celery@not-a-map": 3}},
-    "broker_type": "redis", "nested": {{"a": 1}}, "x.queue_depths": "1", "nothing": null}}}}}}"#,
+    "broker_type": "redis", "nested": {{"a": 1}}, "x.queue_depths": "1", "nothing": null,
+    "worker_details": "{{}}"}}}}}}"#,
         e41 = "e".repeat(41)
     ));
     let errs = errors(&h);
     let all = errs.join("\n");
     // Every refused part counted once; one error per engine and kind.
-    assert_eq!(refused(&h), 1 + 3 + 4 + 7 + 3, "{all}");
+    assert_eq!(refused(&h), 1 + 3 + 4 + 7 + 4, "{all}");
     assert_eq!(errs.len(), 5, "{all}");
     assert!(all.contains("interval_seconds must be a number of seconds > 0, got the string \"often\"; the default of 30 s was used"), "{all}");
     assert!(all.contains("health: engines: 3 refused, the first \"celery.beat\": an engine name must be 1-40 characters without \".\""), "{all}");
     assert!(all.contains("health: celery.queue_depths: 4 refused, the first \"neg\": the depth must be an int >= 0"), "{all}");
     assert!(all.contains("health: celery.workers: 7 refused"), "{all}");
-    assert!(all.contains("health: celery facts: 3 refused"), "{all}");
+    assert!(all.contains("health: celery facts: 4 refused"), "{all}");
     assert!(all.contains("the rest of the report was kept"), "{all}");
 
     let u = h.health.expect("the good parts are kept");
