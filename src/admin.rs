@@ -252,6 +252,16 @@ fn render_counts(o: &mut String, s: &Snapshot) {
             c.received, c.succeeded, c.failed
         );
     }
+    if let Some(h) = &s.health {
+        let _ = writeln!(
+            o,
+            "health:   reports received {}, refused {}, expired {}; cut from heartbeats: {}",
+            h.received,
+            h.refused,
+            h.expired,
+            by_reason(h.cut.by_kind())
+        );
+    }
 }
 
 /// The connected clients (marking the one asking) and the engines.
@@ -274,6 +284,7 @@ fn render_clients(o: &mut String, s: &Snapshot) {
             c.events_received,
             c.framing
         );
+        render_reported(o, c);
     }
     let _ = writeln!(
         o,
@@ -281,6 +292,62 @@ fn render_clients(o: &mut String, s: &Snapshot) {
         list(&s.engines),
         list(&s.advertised_engines)
     );
+}
+
+/// Most workers and queues `status` lists per engine of a client.
+const MAX_LISTED: usize = 20;
+
+/// A client's schedulers and what its latest health report says: per
+/// engine its workers (pid, concurrency, queues), queue depths and facts.
+fn render_reported(o: &mut String, c: &crate::stats::ClientReport) {
+    const IND: &str = "            ";
+    if !c.schedulers.is_empty() {
+        let _ = writeln!(o, "{IND}schedulers {}", list(&c.schedulers));
+    }
+    let Some(h) = &c.health else {
+        return;
+    };
+    let _ = writeln!(
+        o,
+        "{IND}health reported {} (fresh for {}s)",
+        h.reported_at, h.fresh_for_seconds
+    );
+    let opt = |v: Option<i64>| v.map_or_else(|| "-".to_string(), |n| n.to_string());
+    for (engine, e) in &h.engines {
+        if e.workers.len() > MAX_LISTED {
+            let _ = writeln!(
+                o,
+                "{IND}  {engine}: {} workers, the first {MAX_LISTED} listed (`status --json` lists all)",
+                e.workers.len()
+            );
+        }
+        for w in e.workers.iter().take(MAX_LISTED) {
+            let _ = writeln!(
+                o,
+                "{IND}  {engine} worker {}: pid {}, concurrency {}, queues {}",
+                w.name,
+                opt(w.pid),
+                opt(w.concurrency),
+                list(&w.queues)
+            );
+        }
+        if !e.queue_depths.is_empty() {
+            let mut depths: Vec<String> = e
+                .queue_depths
+                .iter()
+                .take(MAX_LISTED)
+                .map(|(q, d)| format!("{q} {d}"))
+                .collect();
+            if e.queue_depths.len() > MAX_LISTED {
+                depths.push(format!("{} more", e.queue_depths.len() - MAX_LISTED));
+            }
+            let _ = writeln!(o, "{IND}  {engine} queues: {}", depths.join(", "));
+        }
+        if !e.facts.is_empty() {
+            let facts: Vec<String> = e.facts.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            let _ = writeln!(o, "{IND}  {engine} facts: {}", facts.join(", "));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -347,6 +414,7 @@ mod tests {
         let other = reply(|v| {
             for k in [
                 "commands",
+                "health",
                 "rates",
                 "metrics_refused_by_reason",
                 "disconnected_since",

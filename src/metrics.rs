@@ -140,6 +140,7 @@ impl Collector for DaemonCollector {
         encode_process(&mut enc, &snap)?;
         encode_events(&mut enc, &snap)?;
         encode_local(&mut enc, &snap)?;
+        encode_health(&mut enc, &snap)?;
         encode_brain(&mut enc, &snap, &self.stats.ack_latency)?;
         encode_spool(&mut enc, &snap)?;
         encode_connections(&mut enc, &snap)
@@ -256,6 +257,30 @@ fn encode_local(enc: &mut DescriptorEncoder, s: &Snapshot) -> Result<(), fmt::Er
         "accept_failures",
         "Failed accept calls on the local socket, mostly for lack of file descriptors; each is retried after a pause of up to 250 ms while new connections wait.",
         s.accept_failures,
+    )
+}
+
+/// Health reports from local processes, and what heartbeats left out.
+fn encode_health(enc: &mut DescriptorEncoder, s: &Snapshot) -> Result<(), fmt::Error> {
+    // Always there in a snapshot of this daemon.
+    let h = s.health.unwrap_or_default();
+    counter_family(
+        enc,
+        "health_reports",
+        "Health reports from local processes by outcome: received (valid or not), refused (whole: no map of engines; refused parts are in refused_total{reason=\"invalid_health\"}), expired (the process stopped reporting; its workers and queues left the heartbeat).",
+        "outcome",
+        [
+            ("received", h.received),
+            ("refused", h.refused),
+            ("expired", h.expired),
+        ],
+    )?;
+    counter_family(
+        enc,
+        "health_cut",
+        "What heartbeats left out of adapter_health to keep within the brain's limits (256 keys, 1024 queues per engine, its frame size), counted per heartbeat, by kind: registered (a worker's task list), details (a worker's active and conf), workers, queues, facts.",
+        "kind",
+        h.cut.by_kind(),
     )
 }
 

@@ -80,11 +80,14 @@ pub enum RefusalCode {
     NotAllowed,
     /// More connections than `Z4J_MAX_CLIENTS`.
     TooManyClients,
+    /// A `health` message, or a part of one (an engine, a queue depth, a
+    /// worker, a fact), that the brain could not take; the rest is kept.
+    InvalidHealth,
 }
 
 impl RefusalCode {
     /// Every code, for tests and documentation checks.
-    pub const ALL: [RefusalCode; 20] = [
+    pub const ALL: [RefusalCode; 21] = [
         RefusalCode::BadMessage,
         RefusalCode::UnknownType,
         RefusalCode::BadCommandResult,
@@ -105,6 +108,7 @@ impl RefusalCode {
         RefusalCode::DaemonStopping,
         RefusalCode::NotAllowed,
         RefusalCode::TooManyClients,
+        RefusalCode::InvalidHealth,
     ];
 
     /// The wire code and metric label.
@@ -130,6 +134,7 @@ impl RefusalCode {
             RefusalCode::DaemonStopping => "daemon_stopping",
             RefusalCode::NotAllowed => "not_allowed",
             RefusalCode::TooManyClients => "too_many_clients",
+            RefusalCode::InvalidHealth => "invalid_health",
         }
     }
 }

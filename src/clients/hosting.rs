@@ -35,6 +35,14 @@ pub struct ReportedDepth {
 }
 
 impl ClientInfo {
+    /// Its health report, unless it is no longer fresh (reports are
+    /// dropped at each heartbeat; this covers the time in between).
+    pub fn fresh_report(&self) -> Option<&super::HealthReport> {
+        self.health
+            .as_ref()
+            .filter(|h| h.is_fresh(std::time::Instant::now()))
+    }
+
     /// The engines it hosts worker `worker` for (see the module doc).
     pub fn worker_engines(&self, worker: &str) -> BTreeSet<String> {
         let mut engines: BTreeSet<String> = self
@@ -43,7 +51,7 @@ impl ClientInfo {
             .filter(|(_, names)| names.contains(worker))
             .map(|(e, _)| e.clone())
             .collect();
-        if let Some(h) = &self.health {
+        if let Some(h) = self.fresh_report() {
             engines.extend(
                 h.engines
                     .iter()
@@ -72,7 +80,7 @@ impl ClientInfo {
     pub fn hosted_workers(&self) -> BTreeSet<String> {
         let mut names: BTreeSet<String> = self.workers.iter().cloned().collect();
         names.extend(self.workers_seen.values().flatten().cloned());
-        if let Some(h) = &self.health {
+        if let Some(h) = self.fresh_report() {
             names.extend(h.engines.values().flat_map(|eh| eh.workers.keys().cloned()));
         }
         names
@@ -81,7 +89,7 @@ impl ClientInfo {
     /// The engines whose health report names `queue`, in `queue_depths` or
     /// in a worker's `active_queues`.
     fn queue_engines(&self, queue: &str) -> Vec<String> {
-        let Some(h) = &self.health else {
+        let Some(h) = self.fresh_report() else {
             return Vec::new();
         };
         h.engines
@@ -194,7 +202,7 @@ impl ClientRegistry {
         clients
             .values()
             .filter_map(|e| {
-                let h = e.info.health.as_ref()?;
+                let h = e.info.fresh_report()?;
                 let depth = *h.engines.get(engine)?.queue_depths.get(queue)?;
                 Some(ReportedDepth {
                     depth,

@@ -28,8 +28,9 @@ use std::time::Instant;
 
 use crate::protocol::Value;
 
-mod health;
-pub use health::{EngineHealth, HealthReport};
+pub mod health;
+pub mod merge;
+pub use health::{fresh_for, EngineHealth, HealthReport, HealthUpdate};
 mod hosting;
 pub use hosting::{ReportedDepth, MAX_WORKERS_SEEN};
 
@@ -495,14 +496,6 @@ impl ClientRegistry {
             capabilities: caps,
             runtime_features: features,
             schedulers,
-        }
-    }
-
-    /// Stores connection `id`'s latest health report (replacing the one
-    /// before).
-    pub fn reported(&self, id: u64, report: HealthReport) {
-        if let Some(e) = self.clients.lock().unwrap().get_mut(&id) {
-            e.info.health = Some(report);
         }
     }
 }

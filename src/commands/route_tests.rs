@@ -85,6 +85,7 @@ fn report(
         HealthReport {
             received: Instant::now(),
             at: OffsetDateTime::now_utc() - time::Duration::seconds(age_s),
+            fresh_for: std::time::Duration::from_secs(60),
             engines: BTreeMap::from([(engine.to_string(), eh)]),
         },
     );

@@ -3,9 +3,10 @@
 //! `stats` report rendered from the counters now), the relayed command
 //! result, and the spool append.
 //!
-//! Invariant: the order is fixed (counters, registration, replies, relay,
-//! the workers its events named, append), so a client that reads a reply finds the counters and the
-//! registration it implies already in place.
+//! Invariant: the order is fixed (counters, registration, health report,
+//! replies, relay, the workers its events named, append), so a client that
+//! reads a reply finds the counters, the registration and the report it
+//! implies already in place.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -17,8 +18,8 @@ use crate::protocol::Value;
 
 impl Connection<'_> {
     /// Applies what the handler decided, in this order: counters,
-    /// registration, replies, the relayed command result, the workers
-    /// its events named, the append.
+    /// registration, health report, replies, the relayed command result,
+    /// the workers its events named, the append.
     pub(super) async fn apply(&mut self, h: Handled) {
         let stats = &self.ingest.stats;
         if h.counts.events_received > 0 {
@@ -32,6 +33,11 @@ impl Connection<'_> {
         if h.counts.time_corrected > 0 {
             stats.time_corrected(h.counts.time_corrected);
         }
+        if h.counts.health_received > 0 {
+            stats
+                .health
+                .reports(h.counts.health_received, h.counts.health_refused);
+        }
         let registered = h.register.is_some();
         if let Some(r) = h.register {
             // The hello's `ack_id`, which its replies echo.
@@ -42,6 +48,11 @@ impl Connection<'_> {
                 _ => None,
             });
             self.register(r, ack_id.as_ref());
+        }
+        if let Some(update) = h.health {
+            stats
+                .clients
+                .reported(self.id, update.received_at(std::time::Instant::now()));
         }
         for reply in h.replies {
             self.reply(reply);

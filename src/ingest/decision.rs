@@ -35,6 +35,9 @@ pub struct Handled {
     /// Workers the accepted `worker.*` events say this connection hosts
     /// (or, `worker.offline`, no longer hosts), in order.
     pub workers: Vec<WorkerSeen>,
+    /// What a `health` message reports (its valid parts), replacing this
+    /// connection's earlier report.
+    pub health: Option<HealthUpdate>,
 }
 
 /// A `worker.*` event's `data.worker`, for the client registry.
@@ -57,6 +60,10 @@ pub struct Counts {
     pub refused: Vec<(RefusalCode, u64)>,
     /// Events whose `occurred_at` was replaced by the receive time.
     pub time_corrected: u64,
+    /// `health` messages received (valid or not).
+    pub health_received: u64,
+    /// `health` messages refused whole (nothing of them kept).
+    pub health_refused: u64,
 }
 
 /// One reply to the client.
@@ -103,6 +110,9 @@ impl Reply {
 /// What a `hello` declares: the client registry's own type, so the
 /// handler's decision is what the registry stores.
 pub use crate::clients::Registration;
+
+/// What a `health` message reports: the client registry's own type.
+pub use crate::clients::HealthUpdate;
 
 /// A message the daemon passes on rather than answers itself.
 #[derive(Debug, PartialEq)]

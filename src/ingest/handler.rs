@@ -90,12 +90,13 @@ pub fn handle(msg: Value, limits: &Limits, now: OffsetDateTime) -> Handled {
             replies: vec![Reply::Stats { ack_id }],
             ..Handled::default()
         },
+        "health" => super::health::health(&msg, ack_id, now),
         other => {
             let mut h = Handled::default();
             let refusal = Refusal::new(
                 RefusalCode::UnknownType,
                 format!(
-                    "unknown message type {}; this daemon accepts event, events, hello, ping, stats and command_result",
+                    "unknown message type {}; this daemon accepts event, events, hello, health, ping, stats and command_result",
                     excerpt(other)
                 ),
             );
@@ -145,7 +146,7 @@ fn ack_id_too_long(msg: &Value, size: usize) -> Handled {
 /// A message that is not a map, or has no string `type`.
 fn without_type(msg: &Value, ack_id: Option<Value>) -> Handled {
     let what = if matches!(msg, Value::Map(_)) {
-        "a message needs a string \"type\" (event, events, hello, ping, stats)".to_string()
+        "a message needs a string \"type\" (event, events, hello, health, ping, stats)".to_string()
     } else {
         format!("a message must be a map, got {}", msg.type_name())
     };

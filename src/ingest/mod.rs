@@ -36,6 +36,7 @@ mod connection;
 pub mod decision;
 pub mod framing;
 pub mod handler;
+mod health;
 pub mod replies;
 mod socket;
 #[cfg(test)]

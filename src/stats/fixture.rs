@@ -32,7 +32,7 @@ pub(crate) fn stats() -> Stats {
         (&s.commands_received, 15),
         (&s.commands_succeeded, 16),
         (&s.commands_failed, 17),
-        (&s.purges_forced, 18),
+        (&s.purges_forced, 27),
     ];
     for (a, n) in counters {
         a.store(n, Ordering::Relaxed);
@@ -99,9 +99,23 @@ fn clients(s: &Stats) {
             worker_role: Some("worker".into()),
             framing: "msgpack",
             events_received: 12,
+            schedulers: vec!["celerybeat".into()],
+            health: Some(health_report()),
             ..ClientInfo::default()
         },
     );
+    s.health.set(HealthCounts {
+        received: 18,
+        refused: 19,
+        expired: 21,
+        cut: HealthCuts {
+            registered: 22,
+            details: 23,
+            workers: 24,
+            queues: 25,
+            facts: 26,
+        },
+    });
     s.clients.connected(
         9,
         ClientInfo {
@@ -111,6 +125,25 @@ fn clients(s: &Stats) {
             ..Default::default()
         },
     );
+}
+
+/// One worker, two queues and a fact, as a `health` message reports them.
+fn health_report() -> crate::clients::HealthReport {
+    let worker: Value = serde_json::from_str(
+        r#"{"stats":{"pid":111,"pool":{"max-concurrency":4}},"active":[{"id":"t1"}],"active_queues":[{"name":"default"},{"name":"high"}],"registered":["proj.add","proj.mul"],"conf":{"task_acks_late":false}}"#,
+    )
+    .unwrap();
+    let celery = crate::clients::EngineHealth {
+        queue_depths: BTreeMap::from([("default".into(), 3), ("high".into(), 0)]),
+        workers: BTreeMap::from([("celery@host-a".into(), worker)]),
+        facts: BTreeMap::from([("broker_type".into(), "redis".into())]),
+    };
+    crate::clients::HealthReport {
+        received: Instant::now(),
+        at: datetime!(2026-12-01 09:59:30 UTC),
+        fresh_for: Duration::from_secs(30),
+        engines: BTreeMap::from([("celery".into(), celery)]),
+    }
 }
 
 /// The spool's side of [`stats`], written into `sp`.

@@ -22,10 +22,14 @@ use serde::{Deserialize, Serialize};
 use crate::clients::{Advertisement, ClientRegistry};
 use crate::spool::SpoolStats;
 
+mod health;
 mod heartbeat;
 mod snapshot;
 
-pub use heartbeat::{AGENT_STATUS_ENGINES_MAX, HEARTBEAT_COUNT_MAX};
+pub use health::{
+    ClientHealth, EngineReport, HealthCounters, HealthCounts, HealthCuts, WorkerReport,
+};
+pub use heartbeat::{add_adapter_health, AGENT_STATUS_ENGINES_MAX, HEARTBEAT_COUNT_MAX};
 pub use snapshot::{ClientReport, Commands, Dropped, MetricsRefused, Snapshot, StatsTag};
 
 /// The uplink's connection state, as shown to operators (serde: the
@@ -212,6 +216,8 @@ pub struct Stats {
     /// The connected local clients: what the router routes by and the
     /// reports list (one registry for both).
     pub clients: ClientRegistry,
+    /// Health reports received, refused and expired, and what heartbeats cut.
+    pub health: HealthCounters,
     refused: Mutex<BTreeMap<&'static str, u64>>,
     failures: Mutex<BTreeMap<&'static str, u64>>,
     uplink: Mutex<UplinkStatus>,
@@ -272,6 +278,7 @@ impl Stats {
                 advertised: Advertisement::default(),
             }),
             clients: ClientRegistry::new(),
+            health: HealthCounters::default(),
             info: Mutex::new(DaemonInfo::default()),
             samples: Mutex::new(VecDeque::new()),
         }

@@ -25,7 +25,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use time::OffsetDateTime;
 
-use super::{Rates, Stats, UplinkState, UplinkStatus};
+use super::{ClientHealth, HealthCounts, Rates, Stats, UplinkState, UplinkStatus};
 use crate::clients::ClientInfo;
 use crate::protocol::{format_ts, Value};
 use crate::spool::SpoolStats;
@@ -146,6 +146,9 @@ pub struct Snapshot {
     /// `purge_queue` commands passed on with `force`, without the
     /// confirm-token check.
     pub purges_forced: u64,
+    /// Health reports by outcome and what heartbeats cut (`None` only from
+    /// a daemon that did not send them).
+    pub health: Option<HealthCounts>,
     /// Local clients connected.
     pub clients: u64,
     /// Each of them.
@@ -277,6 +280,10 @@ pub struct ClientReport {
     pub framing: String,
     /// Events received from it.
     pub events_received: u64,
+    /// Schedulers from `hello`.
+    pub schedulers: Vec<String>,
+    /// Its latest health report while fresh: its workers, queues and facts.
+    pub health: Option<ClientHealth>,
 }
 
 impl From<&ClientInfo> for ClientReport {
@@ -292,6 +299,8 @@ impl From<&ClientInfo> for ClientReport {
             worker_role: c.worker_role.clone(),
             framing: c.framing.to_string(),
             events_received: c.events_received,
+            schedulers: c.schedulers.clone(),
+            health: c.health.as_ref().map(ClientHealth::from),
         }
     }
 }
@@ -422,6 +431,7 @@ impl Snapshot {
             failed: load(&st.commands_failed),
         });
         self.purges_forced = load(&st.purges_forced);
+        self.health = Some(st.health.counts());
     }
 
     /// Where the daemon runs, its clients, and what the `hello` advertises
@@ -433,6 +443,8 @@ impl Snapshot {
         self.agent_name = info.agent_name;
         self.spool_path = info.spool_path;
         self.socket_path = info.socket_path;
+        st.expire_health();
+        self.health = Some(st.health.counts());
         let clients = st.clients.list();
         self.clients = clients.len() as u64;
         self.client_list = clients.iter().map(ClientReport::from).collect();

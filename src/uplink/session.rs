@@ -527,7 +527,11 @@ impl<'a> BrainSession<'a> {
     async fn send_heartbeat(&mut self) -> Result<(), SessionEnd> {
         let snapshot = self.up.stats.snapshot(self.up.spool.stats());
         let now = OffsetDateTime::now_utc();
-        let hb = snapshot.heartbeat_payload(self.last_flush_at);
+        let mut hb = snapshot.heartbeat_payload(self.last_flush_at);
+        let reports = self.up.stats.fresh_health();
+        let cuts =
+            crate::stats::add_adapter_health(&mut hb, &reports, self.ack.max_frame_bytes, now);
+        self.up.stats.health.cut(&cuts);
         let frame = self.signer.sign_value(
             "heartbeat",
             &protocol::new_frame_id("hb_"),
