@@ -1,0 +1,180 @@
+//! What the daemon tells the brain it is: the z4j contract line chosen from
+//! the brain's version (one quick second `hello` on first contact, none
+//! once the version is known), its own version in `hello.host`, and the
+//! loss counters of its spool (`telemetry_loss`).
+
+use crate::support;
+
+use support::fake_brain::{Behavior, FakeBrain};
+use support::{num, options, text, wait_for, wait_stats, TestDaemon};
+use z4j_agentd::protocol::Value;
+
+fn agent_versions(brain: &FakeBrain) -> Vec<String> {
+    brain
+        .seen
+        .hellos
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            h.get("agent_version")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect()
+}
+
+/// The latest `agent_status` payload the brain received.
+fn last_status(brain: &FakeBrain) -> Option<Value> {
+    brain
+        .seen
+        .status_frames
+        .lock()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|(t, _)| t == "agent_status")
+        .map(|(_, p)| p.clone())
+}
+
+fn loss_ids(status: &Value) -> (String, String) {
+    let tl = status.get("telemetry_loss").expect("telemetry_loss");
+    let id = |k: &str| tl.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+    (id("buffer_id"), id("runtime_id"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_contact_says_hello_again_once_with_the_brains_line_and_a_restart_does_not() {
+    let brain = FakeBrain::start(Behavior {
+        brain_version: Some("1.12.0".into()),
+        ..Behavior::default()
+    })
+    .await;
+    let opts = options(&brain.url);
+    let d = TestDaemon::start(opts.clone()).await;
+    let s = wait_stats(&d, 15, "connected", |s| {
+        text(s, "uplink_state") == "connected"
+    })
+    .await;
+    let seen = brain.seen.clone();
+    wait_for(10, "an agent_status", || {
+        seen.status_frames
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(t, _)| t == "agent_status")
+    })
+    .await;
+    // 0.0.0 first (the brain's silent "not determined"), then its line, once.
+    assert_eq!(agent_versions(&brain), ["0.0.0", "1.12.0"]);
+    assert_eq!(
+        brain.seen.client_close_codes.lock().unwrap().as_slice(),
+        &[1000],
+        "the first session is closed normally before the second hello"
+    );
+    assert_eq!(num(&s, "connects"), 1, "{s:?}");
+    assert_eq!(num(&s, "contract_rehellos"), 1, "{s:?}");
+    assert_eq!(text(&s, "contract_line"), "1.12.0");
+    assert!(s.get("failures_by_class").is_none_or(|f| f == &Value::empty_map()));
+    let hello = brain.seen.hellos.lock().unwrap()[1].clone();
+    let host = hello.get("host").expect("host");
+    assert_eq!(
+        host.get("agentd_version").and_then(Value::as_str),
+        Some(env!("CARGO_PKG_VERSION"))
+    );
+    assert_eq!(host.get("agent").and_then(Value::as_str), Some("z4j-agentd"));
+    assert_eq!(host.get("z4j_contract").and_then(Value::as_str), Some("1.12.0"));
+    assert_eq!(
+        hello.get("framework").and_then(Value::as_str),
+        Some("z4j-agentd")
+    );
+    let status = last_status(&brain).expect("agent_status");
+    assert_eq!(
+        status.get("agent_version").and_then(Value::as_str),
+        Some("1.12.0")
+    );
+    for k in [
+        "auth_failure_streak",
+        "protocol_failure_streak",
+        "connection_failure_streak",
+    ] {
+        assert_eq!(status.get(k).and_then(Value::as_u64), Some(0), "{k}");
+    }
+    assert!(matches!(status.get("schedulers"), Some(Value::Array(_))));
+    let (buffer_id, runtime_id) = loss_ids(&status);
+    assert_eq!(buffer_id.len(), 32, "{status:?}");
+    let hb = brain
+        .seen
+        .status_frames
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(t, _)| t == "heartbeat")
+        .map(|(_, p)| p.clone())
+        .expect("heartbeat");
+    assert_eq!(loss_ids(&hb), (buffer_id.clone(), runtime_id.clone()));
+    // Stopped, its home kept: the spool file moves to the next daemon's home.
+    let home = d.dir.path().join("home");
+    let spool_in_home = d.spool.strip_prefix(&home).unwrap().to_path_buf();
+    d.shutdown.cancel();
+    let keep = d.dir;
+    d.task.await.unwrap().unwrap();
+    let old_spool = keep.path().join("home").join(&spool_in_home);
+
+    // Same spool file: the brain's version is known, one hello only.
+    brain.seen.status_frames.lock().unwrap().clear();
+    let d = TestDaemon::start_prepared(opts, |new_home| {
+        let to = new_home.join(&spool_in_home);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(&old_spool, &to).unwrap();
+    })
+    .await;
+    let s = wait_stats(&d, 15, "connected again", |s| {
+        text(s, "uplink_state") == "connected"
+    })
+    .await;
+    wait_for(10, "an agent_status", || {
+        seen.status_frames
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(t, _)| t == "agent_status")
+    })
+    .await;
+    assert_eq!(agent_versions(&brain), ["0.0.0", "1.12.0", "1.12.0"]);
+    assert_eq!(num(&s, "contract_rehellos"), 0, "{s:?}");
+    let (buffer_id2, runtime_id2) = loss_ids(&last_status(&brain).unwrap());
+    assert_eq!(buffer_id2, buffer_id, "one spool file, one buffer id");
+    assert_ne!(runtime_id2, runtime_id, "a new run, a new runtime id");
+    d.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_brain_version_that_names_no_line_keeps_the_first_hello() {
+    let brain = FakeBrain::start(Behavior::default()).await;
+    let d = TestDaemon::start(options(&brain.url)).await;
+    let s = wait_stats(&d, 15, "connected", |s| {
+        text(s, "uplink_state") == "connected"
+    })
+    .await;
+    let seen = brain.seen.clone();
+    wait_for(10, "an agent_status", || {
+        seen.status_frames
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(t, _)| t == "agent_status")
+    })
+    .await;
+    assert_eq!(agent_versions(&brain), ["0.0.0"]);
+    assert_eq!(num(&s, "contract_rehellos"), 0, "{s:?}");
+    assert_eq!(
+        last_status(&brain)
+            .unwrap()
+            .get("agent_version")
+            .and_then(Value::as_str),
+        Some("0.0.0")
+    );
+    d.stop().await.unwrap();
+}
