@@ -76,15 +76,23 @@ async fn the_first_contact_says_hello_again_once_with_the_brains_line_and_a_rest
     assert_eq!(num(&s, "connects"), 1, "{s:?}");
     assert_eq!(num(&s, "contract_rehellos"), 1, "{s:?}");
     assert_eq!(text(&s, "contract_line"), "1.12.0");
-    assert!(s.get("failures_by_class").is_none_or(|f| f == &Value::empty_map()));
+    assert!(s
+        .get("failures_by_class")
+        .is_none_or(|f| f == &Value::empty_map()));
     let hello = brain.seen.hellos.lock().unwrap()[1].clone();
     let host = hello.get("host").expect("host");
     assert_eq!(
         host.get("agentd_version").and_then(Value::as_str),
         Some(env!("CARGO_PKG_VERSION"))
     );
-    assert_eq!(host.get("agent").and_then(Value::as_str), Some("z4j-agentd"));
-    assert_eq!(host.get("z4j_contract").and_then(Value::as_str), Some("1.12.0"));
+    assert_eq!(
+        host.get("agent").and_then(Value::as_str),
+        Some("z4j-agentd")
+    );
+    assert_eq!(
+        host.get("z4j_contract").and_then(Value::as_str),
+        Some("1.12.0")
+    );
     assert_eq!(
         hello.get("framework").and_then(Value::as_str),
         Some("z4j-agentd")
