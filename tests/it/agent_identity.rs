@@ -186,3 +186,65 @@ async fn a_brain_version_that_names_no_line_keeps_the_first_hello() {
     );
     d.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_refused_for_a_full_spool_reach_the_brain_per_engine() {
+    // Acks never come, so the spool stays full; heartbeats every second.
+    let brain = FakeBrain::start(Behavior {
+        withhold_acks: usize::MAX,
+        heartbeat_interval_seconds: Some(1),
+        brain_version: Some("1.13.0".into()),
+        ..Behavior::default()
+    })
+    .await;
+    let mut opts = options(&brain.url);
+    opts.buffer_max_events = Some("1000".into());
+    opts.buffer_overflow = Some("drop_newest".into());
+    let d = TestDaemon::start(opts).await;
+    let mut c = d.client().await;
+    c.hello("full-spool", &["celery"]).await.unwrap();
+    let fill: Vec<_> = (0..1000)
+        .map(|i| support::event(&format!("t{i}"), "task.received"))
+        .collect();
+    assert_eq!(c.send_durable(&fill).await.unwrap(), 1000);
+    let more: Vec<_> = (0..5)
+        .map(|i| support::event(&format!("late{i}"), "task.received"))
+        .collect();
+    c.send(&more).await.unwrap();
+    let s = wait_stats(&d, 10, "5 events refused for a full spool", |s| {
+        s.get("dropped_by_reason")
+            .and_then(|r| r.get("spool_full"))
+            .and_then(Value::as_u64)
+            == Some(5)
+    })
+    .await;
+    assert_eq!(num(&s, "dropped"), 5, "{s:?}");
+    let seen = brain.seen.clone();
+    let celery_drops = |p: &Value| {
+        p.get("telemetry_loss")
+            .and_then(|t| t.get("adapter_events"))
+            .and_then(|a| a.get("celery"))
+            .and_then(Value::as_u64)
+    };
+    wait_for(10, "an agent_status counting the 5 celery events", || {
+        seen.status_frames
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(t, p)| t == "agent_status" && celery_drops(p) == Some(5))
+    })
+    .await;
+    // The heartbeat carries the same value; dropped_events stays the total.
+    let hb = seen
+        .status_frames
+        .lock()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|(t, _)| t == "heartbeat")
+        .map(|(_, p)| p.clone())
+        .unwrap();
+    assert_eq!(celery_drops(&hb), Some(5), "{hb:?}");
+    assert_eq!(hb.get("dropped_events").and_then(Value::as_u64), Some(5));
+    d.stop().await.unwrap();
+}
