@@ -248,3 +248,56 @@ async fn events_refused_for_a_full_spool_reach_the_brain_per_engine() {
     assert_eq!(hb.get("dropped_events").and_then(Value::as_u64), Some(5));
     d.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_status_reports_the_failures_before_the_session() {
+    // Every handshake refused (connection class) until the brain is fixed.
+    let brain = FakeBrain::start(Behavior {
+        close_handshake_with: Some(1011),
+        ..Behavior::default()
+    })
+    .await;
+    let d = TestDaemon::start(options(&brain.url)).await;
+    let s = wait_stats(&d, 20, "two failed attempts", |s| {
+        s.get("failures_by_class")
+            .and_then(|f| f.get("connection"))
+            .and_then(Value::as_u64)
+            >= Some(2)
+    })
+    .await;
+    assert_eq!(num(&s, "connects"), 0, "{s:?}");
+    brain.set_behavior(Behavior::default());
+    let s = wait_stats(&d, 40, "connected", |s| {
+        text(s, "uplink_state") == "connected"
+    })
+    .await;
+    let failures = s
+        .get("failures_by_class")
+        .and_then(|f| f.get("connection"))
+        .and_then(Value::as_u64)
+        .unwrap();
+    let seen = brain.seen.clone();
+    wait_for(10, "an agent_status", || {
+        seen.status_frames
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(t, _)| t == "agent_status")
+    })
+    .await;
+    let st = last_status(&brain).unwrap();
+    assert_eq!(
+        st.get("connection_failure_streak").and_then(Value::as_u64),
+        Some(failures),
+        "{st:?}"
+    );
+    assert_eq!(
+        st.get("auth_failure_streak").and_then(Value::as_u64),
+        Some(0)
+    );
+    assert!(st
+        .get("last_successful_connect_at")
+        .and_then(Value::as_str)
+        .is_some());
+    d.stop().await.unwrap();
+}
