@@ -167,6 +167,22 @@ fn render_daemon(o: &mut String, s: &Snapshot) {
         or_dash(&s.agent_id),
         s.agent_name
     );
+    render_versions(o, s);
+}
+
+/// The brain's version and the z4j contract line named to it (`hello`'s
+/// `agent_version`), next to the daemon's own version shown above.
+fn render_versions(o: &mut String, s: &Snapshot) {
+    if s.brain_version.is_none() && s.contract_line.is_none() {
+        return;
+    }
+    let _ = writeln!(
+        o,
+        "versions: brain {}, z4j contract line named {} (agent_version; this daemon is z4j-agentd {})",
+        or_dash(&s.brain_version),
+        or_dash(&s.contract_line),
+        s.version
+    );
 }
 
 /// The uplink's state, its last error and its failures.
@@ -422,6 +438,8 @@ mod tests {
                 "last_error",
                 "failures_by_class",
                 "client_list",
+                "contract_line",
+                "contract_rehellos",
             ] {
                 v.remove(k);
             }

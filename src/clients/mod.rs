@@ -374,6 +374,16 @@ impl ClientRegistry {
         }
     }
 
+    /// The engines client `id` declared (none when it is gone or declared none).
+    pub fn engines_of(&self, id: u64) -> Vec<String> {
+        self.clients
+            .lock()
+            .unwrap()
+            .get(&id)
+            .map(|e| e.info.engines.clone())
+            .unwrap_or_default()
+    }
+
     /// The connection ended: forgotten, and [`ClientRegistry::changed`]
     /// signalled if it made the daemon advertise anything. The schedulers
     /// it held go to the connections waiting for them (the earliest first).

@@ -108,6 +108,8 @@ async fn open_session(
         worker_id,
         advertised,
         started_at: OffsetDateTime::now_utc(),
+        // The brain leaves the agent's stored version alone and logs nothing.
+        agent_version: crate::uplink::contract::UNKNOWN_LINE,
     };
     match connect::exchange_hello(&mut ws, &hello).await {
         Ok(ack) => Ok((ws, ack)),

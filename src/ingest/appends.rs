@@ -180,6 +180,12 @@ impl Connection<'_> {
     /// (`drop_newest`), then the `ack` with the count stored.
     fn acknowledge(&self, p: Pending, o: AppendOutcome) {
         if o.refused_full > 0 {
+            // Lost for good: the brain hears of it per engine (telemetry_loss).
+            let engines = self.ingest.stats.clients.engines_of(self.id);
+            self.ingest
+                .stats
+                .telemetry
+                .engine_dropped(&engines, o.refused_full as u64);
             self.replies.error(
                 RefusalCode::SpoolFull,
                 &format!(

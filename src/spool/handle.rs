@@ -32,6 +32,17 @@ pub(super) enum Op {
         last: i64,
         reply: oneshot::Sender<Result<u64, SpoolError>>,
     },
+    /// Deletes events the brain can never take, counting them in the file.
+    Discard {
+        first: i64,
+        last: i64,
+        reply: oneshot::Sender<Result<u64, SpoolError>>,
+    },
+    /// Keeps the brain version last seen in the file.
+    RememberBrain {
+        code: i64,
+        reply: oneshot::Sender<Result<(), SpoolError>>,
+    },
     Snapshot {
         reply: oneshot::Sender<Result<Snapshot, SpoolError>>,
     },
@@ -123,6 +134,20 @@ impl SpoolHandle {
     /// Returns how many were still there.
     pub async fn ack(&self, first: i64, last: i64) -> Result<u64, SpoolError> {
         self.call(|reply| Op::Ack { first, last, reply }).await
+    }
+
+    /// Deletes the events with ids in `first..=last` because the brain can
+    /// never take them; they are counted in the file's lifetime
+    /// [`SpoolStats::undeliverable_total`] in the same transaction. Returns
+    /// how many were still there.
+    pub async fn discard_undeliverable(&self, first: i64, last: i64) -> Result<u64, SpoolError> {
+        self.call(|reply| Op::Discard { first, last, reply }).await
+    }
+
+    /// Keeps the brain version last seen (a
+    /// [`crate::uplink::contract::BrainLine`] code) in the file.
+    pub async fn remember_brain(&self, code: i64) -> Result<(), SpoolError> {
+        self.call(|reply| Op::RememberBrain { code, reply }).await
     }
 
     /// Depth, bytes and the age of the oldest event.

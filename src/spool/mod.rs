@@ -209,9 +209,28 @@ pub struct SpoolStats {
     /// Highest event id in the file when it was opened (0 if empty): events
     /// up to it may have reached the brain before this process started.
     pub max_id_at_open: AtomicI64,
+    /// Events deleted because the brain could never take them (larger than
+    /// its frame limit), over the lifetime of the spool file.
+    pub undeliverable_total: AtomicU64,
+    /// This spool file's identity for the brain's loss counters (32 hex
+    /// digits, chosen once when the file is first opened and kept in it).
+    pub buffer_id: std::sync::OnceLock<String>,
+    /// The brain version last seen (its [`crate::uplink::contract::BrainLine`]
+    /// code), kept in the file so the next start names the right contract.
+    pub brain_line: std::sync::Mutex<Option<i64>>,
 }
 
 impl SpoolStats {
+    /// The spool file's identity ([`SpoolStats::buffer_id`]), empty before open.
+    pub fn buffer_id(&self) -> &str {
+        self.buffer_id.get().map(String::as_str).unwrap_or("")
+    }
+
+    /// The brain version last seen, as its stored code.
+    pub fn brain_line(&self) -> Option<i64> {
+        *self.brain_line.lock().unwrap()
+    }
+
     /// When the oldest stored event was stored (unix ms), if any.
     pub fn oldest_stored_ms(&self) -> Option<i64> {
         match self.oldest_stored_ms.load(Ordering::Relaxed) {

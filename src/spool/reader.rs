@@ -47,7 +47,12 @@ impl Writer {
             Op::Ping { reply } => {
                 let _ = reply.send(());
             }
-            Op::Append { .. } | Op::Ack { .. } | Op::Probe { .. } | Op::Close => {}
+            Op::Append { .. }
+            | Op::Ack { .. }
+            | Op::Probe { .. }
+            | Op::Discard { .. }
+            | Op::RememberBrain { .. }
+            | Op::Close => {}
         }
     }
 

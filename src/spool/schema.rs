@@ -63,6 +63,40 @@ struct Recovered {
     depth: u64,
     bytes: u64,
     dropped_oldest: u64,
+    undeliverable: u64,
+}
+
+/// `meta` keys (every value is an INTEGER; a new key needs no new schema
+/// version: an older daemon ignores it).
+/// The two halves of the spool's identity for the brain (`buffer_id`),
+/// chosen at random when the file is first opened and never changed.
+pub(super) const META_BUFFER_ID_HIGH: &str = "buffer_id_high";
+/// See [`META_BUFFER_ID_HIGH`].
+pub(super) const META_BUFFER_ID_LOW: &str = "buffer_id_low";
+/// The brain version last seen (a `BrainLine` code): the contract line the
+/// next start names first.
+pub(super) const META_BRAIN_LINE: &str = "brain_line";
+/// Events discarded as undeliverable over the file's lifetime.
+pub(super) const META_UNDELIVERABLE_TOTAL: &str = "undeliverable_total";
+
+/// Sets a `meta` value (inside the caller's transaction).
+pub(super) fn set_meta(conn: &Connection, key: &str, value: i64) -> Result<(), rusqlite::Error> {
+    conn.execute(
+        "INSERT INTO meta(key, value) VALUES (?1, ?2)
+         ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        params![key, value],
+    )
+    .map(|_| ())
+}
+
+fn get_meta(conn: &Connection, key: &str) -> Result<Option<i64>, rusqlite::Error> {
+    conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+        .optional()
+}
+
+/// The spool's identity: the two stored halves as 32 hex digits.
+fn buffer_id(high: i64, low: i64) -> String {
+    format!("{:016x}{:016x}", high as u64, low as u64)
 }
 
 /// Page size of a newly created spool file.
@@ -90,6 +124,7 @@ impl Writer {
             depth: recovered.depth,
             bytes: recovered.bytes,
             dropped_oldest: recovered.dropped_oldest,
+            undeliverable: recovered.undeliverable,
             last_eviction_warn: None,
             evicted_since_warn: 0,
             freed: false,
@@ -100,7 +135,8 @@ impl Writer {
     }
 
     /// One small write transaction, at open; it also stamps the schema
-    /// version on a new (or not yet versioned) spool.
+    /// version on a new (or not yet versioned) spool and gives a new one
+    /// its identity ([`SpoolStats::buffer_id`]), kept from then on.
     pub(super) fn write_probe(&mut self) -> Result<(), rusqlite::Error> {
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
         let r = self
@@ -110,11 +146,16 @@ impl Writer {
                  ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                 params![unix_ms_now()],
             )
-            .and_then(|_| stamp_version(&self.conn));
-        if let Err(e) = r.and_then(|()| self.conn.execute_batch("COMMIT")) {
-            let _ = self.conn.execute_batch("ROLLBACK");
-            return Err(e);
-        }
+            .and_then(|_| stamp_version(&self.conn))
+            .and_then(|()| ensure_buffer_id(&self.conn));
+        let id = match r.and_then(|id| self.conn.execute_batch("COMMIT").map(|()| id)) {
+            Ok(id) => id,
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                return Err(e);
+            }
+        };
+        let _ = self.stats.buffer_id.set(id);
         Ok(())
     }
 }
@@ -136,6 +177,20 @@ fn stamp_version(conn: &Connection) -> Result<(), rusqlite::Error> {
         conn.execute_batch(&format!("PRAGMA user_version={SCHEMA_VERSION};"))?;
     }
     Ok(())
+}
+
+/// The spool's identity, chosen now if the file has none (inside the
+/// caller's transaction).
+fn ensure_buffer_id(conn: &Connection) -> Result<String, rusqlite::Error> {
+    for key in [META_BUFFER_ID_HIGH, META_BUFFER_ID_LOW] {
+        conn.execute(
+            "INSERT OR IGNORE INTO meta(key, value) VALUES (?1, ?2)",
+            params![key, rand::random::<i64>()],
+        )?;
+    }
+    let high = get_meta(conn, META_BUFFER_ID_HIGH)?.unwrap_or(0);
+    let low = get_meta(conn, META_BUFFER_ID_LOW)?.unwrap_or(0);
+    Ok(buffer_id(high, low))
 }
 
 /// Page size, WAL, `synchronous` and the checkpoint window.
@@ -215,9 +270,17 @@ fn recover(conn: &Connection, stats: &SpoolStats) -> Result<Recovered, rusqlite:
     stats
         .dropped_oldest_total
         .store(dropped_oldest as u64, Ordering::Relaxed);
+    let undeliverable = get_meta(conn, META_UNDELIVERABLE_TOTAL)?
+        .unwrap_or(0)
+        .max(0) as u64;
+    stats
+        .undeliverable_total
+        .store(undeliverable, Ordering::Relaxed);
+    *stats.brain_line.lock().unwrap() = get_meta(conn, META_BRAIN_LINE)?;
     Ok(Recovered {
         depth: depth as u64,
         bytes: bytes as u64,
         dropped_oldest: dropped_oldest as u64,
+        undeliverable,
     })
 }

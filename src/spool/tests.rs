@@ -586,3 +586,64 @@ async fn a_spool_from_a_newer_version_is_refused_untouched_with_the_fix() {
         .unwrap();
     assert_eq!(n, 1, "its events are kept");
 }
+
+#[tokio::test]
+async fn the_buffer_id_is_chosen_once_per_file_and_kept_across_reopens() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(config(dir.path())).unwrap();
+    let id = spool.handle().stats().buffer_id().to_string();
+    assert_eq!(id.len(), 32, "{id}");
+    assert!(id.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+    spool.close().await;
+    let spool = Spool::open(config(dir.path())).unwrap();
+    assert_eq!(spool.handle().stats().buffer_id(), id);
+    spool.close().await;
+    // Another file is another buffer.
+    let other = tempfile::tempdir().unwrap();
+    let spool = Spool::open(config(other.path())).unwrap();
+    assert_ne!(spool.handle().stats().buffer_id(), id);
+    spool.close().await;
+}
+
+#[tokio::test]
+async fn loss_counters_and_the_brain_seen_survive_a_restart_and_never_go_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.max_events = 3;
+    let spool = Spool::open(cfg.clone()).unwrap();
+    let h = spool.handle();
+    assert_eq!(h.stats().brain_line(), None);
+    h.append_durable((0..5).map(ev).collect()).await.unwrap();
+    let evicted = h.stats().dropped_oldest_total.load(Ordering::Relaxed);
+    assert_eq!(evicted, 2);
+    let head = h.read_after(0, 1, usize::MAX).await.unwrap();
+    assert_eq!(
+        h.discard_undeliverable(head[0].id, head[0].id)
+            .await
+            .unwrap(),
+        1
+    );
+    // Discarding what is gone counts nothing.
+    assert_eq!(
+        h.discard_undeliverable(head[0].id, head[0].id)
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(h.stats().undeliverable_total.load(Ordering::Relaxed), 1);
+    h.remember_brain(1013).await.unwrap();
+    assert_eq!(h.stats().brain_line(), Some(1013));
+    spool.close().await;
+
+    let spool = Spool::open(cfg).unwrap();
+    let h = spool.handle();
+    assert_eq!(h.stats().dropped_oldest_total.load(Ordering::Relaxed), 2);
+    assert_eq!(h.stats().undeliverable_total.load(Ordering::Relaxed), 1);
+    assert_eq!(h.stats().brain_line(), Some(1013));
+    let head = h.read_after(0, 1, usize::MAX).await.unwrap();
+    h.discard_undeliverable(head[0].id, head[0].id)
+        .await
+        .unwrap();
+    assert_eq!(h.stats().undeliverable_total.load(Ordering::Relaxed), 2);
+    spool.close().await;
+}

@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, Notify};
 
 use super::handle::Op;
 use super::lock::SpoolLock;
+use super::schema::{set_meta, META_BRAIN_LINE, META_UNDELIVERABLE_TOTAL};
 use super::{unix_ms_now, AppendOutcome, Overflow, SpoolConfig, SpoolError, SpoolStats};
 
 /// Most events applied in one transaction (bounds commit latency).
@@ -28,6 +29,8 @@ pub(super) struct Writer {
     pub(super) depth: u64,
     pub(super) bytes: u64,
     pub(super) dropped_oldest: u64,
+    /// Lifetime count of events discarded as undeliverable (kept in `meta`).
+    pub(super) undeliverable: u64,
     pub(super) last_eviction_warn: Option<Instant>,
     pub(super) evicted_since_warn: u64,
     /// Whether the current transaction deleted anything (wakes `block` waiters).
@@ -86,6 +89,7 @@ impl Writer {
     /// anything was deleted.
     fn apply(&mut self, ops: &mut Vec<Op>) -> (bool, bool) {
         let before = (self.depth, self.bytes, self.dropped_oldest);
+        let undeliverable_before = self.undeliverable;
         self.freed = false;
         let mut outcomes: Vec<AppendOutcome> = Vec::new();
         let mut ack_counts: Vec<u64> = Vec::new();
@@ -94,6 +98,7 @@ impl Writer {
         if result.is_err() {
             // Nothing of this transaction is on disk.
             (self.depth, self.bytes, self.dropped_oldest) = before;
+            self.undeliverable = undeliverable_before;
             self.freed = false;
             outcomes.clear();
             ack_counts.clear();
@@ -133,6 +138,9 @@ impl Writer {
         self.stats
             .dropped_oldest_total
             .store(self.dropped_oldest, Ordering::Relaxed);
+        self.stats
+            .undeliverable_total
+            .store(self.undeliverable, Ordering::Relaxed);
         stored
     }
 
@@ -158,10 +166,14 @@ impl Writer {
                         Ok(o)
                     });
                 }
-                Op::Ack { reply, .. } => {
+                Op::Ack { reply, .. } | Op::Discard { reply, .. } => {
                     let _ = reply.send(Ok(acks.next().unwrap_or(0)));
                 }
                 Op::Probe { reply } => {
+                    let _ = reply.send(Ok(()));
+                }
+                Op::RememberBrain { code, reply } => {
+                    *self.stats.brain_line.lock().unwrap() = Some(code);
                     let _ = reply.send(Ok(()));
                 }
                 other => self.read(other),
@@ -179,10 +191,10 @@ impl Writer {
                 Op::Append { reply, .. } => {
                     let _ = reply.send(Err(kind.clone()));
                 }
-                Op::Ack { reply, .. } => {
+                Op::Ack { reply, .. } | Op::Discard { reply, .. } => {
                     let _ = reply.send(Err(kind.clone()));
                 }
-                Op::Probe { reply } => {
+                Op::Probe { reply } | Op::RememberBrain { reply, .. } => {
                     let _ = reply.send(Err(kind.clone()));
                 }
                 other => self.read(other),
@@ -200,6 +212,7 @@ impl Writer {
             return Ok(());
         }
         let dropped_before = self.dropped_oldest;
+        let undeliverable_before = self.undeliverable;
         self.refusing =
             self.config.overflow == Overflow::Block && self.release.load(Ordering::SeqCst);
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
@@ -214,6 +227,14 @@ impl Writer {
                     Op::Ack { first, last, .. } => {
                         let n = self.delete_range(*first, *last)?;
                         ack_counts.push(n);
+                    }
+                    Op::Discard { first, last, .. } => {
+                        let n = self.delete_range(*first, *last)?;
+                        self.undeliverable += n;
+                        ack_counts.push(n);
+                    }
+                    Op::RememberBrain { code, .. } => {
+                        set_meta(&self.conn, META_BRAIN_LINE, *code)?;
                     }
                     Op::Probe { .. } => {
                         self.conn.execute(
@@ -230,6 +251,13 @@ impl Writer {
                     "INSERT INTO meta(key, value) VALUES ('dropped_oldest_total', ?1)
                      ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                     params![self.dropped_oldest as i64],
+                )?;
+            }
+            if self.undeliverable != undeliverable_before {
+                set_meta(
+                    &self.conn,
+                    META_UNDELIVERABLE_TOTAL,
+                    self.undeliverable.min(i64::MAX as u64) as i64,
                 )?;
             }
             Ok(())
@@ -411,7 +439,14 @@ impl Writer {
 }
 
 fn is_write(op: &Op) -> bool {
-    matches!(op, Op::Append { .. } | Op::Ack { .. } | Op::Probe { .. })
+    matches!(
+        op,
+        Op::Append { .. }
+            | Op::Ack { .. }
+            | Op::Probe { .. }
+            | Op::Discard { .. }
+            | Op::RememberBrain { .. }
+    )
 }
 
 fn ops_event_count(ops: &[Op]) -> usize {

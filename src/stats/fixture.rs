@@ -12,7 +12,7 @@ pub(crate) fn stats() -> Stats {
     let s = Stats::new();
     let t0 = Instant::now();
     s.sample_at(t0, 0);
-    let counters: [(&AtomicU64, u64); 20] = [
+    let counters: [(&AtomicU64, u64); 21] = [
         (&s.events_received, 1001),
         (&s.events_forwarded, 902),
         (&s.events_resent, 13),
@@ -22,6 +22,7 @@ pub(crate) fn stats() -> Stats {
         (&s.events_time_corrected, 3),
         (&s.replies_dropped, 4),
         (&s.connects, 6),
+        (&s.contract_rehellos, 18),
         (&s.producer_waits, 8),
         (&s.message_budget_waits, 9),
         (&s.accept_failures, 10),
@@ -64,6 +65,7 @@ fn uplink(s: &Stats) {
         u.agent_id = Some("agent-1".into());
         u.project_id = Some("proj-1".into());
         u.brain_version = Some("1.4.0".into());
+        u.contract_line = Some("1.9.1".into());
         u.advertised = Advertisement {
             engines: vec!["celery".into()],
             capabilities: BTreeMap::from([("celery".into(), vec!["retry_task".into()])]),

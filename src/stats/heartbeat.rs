@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 
-use super::Snapshot;
+use super::{FailureStreaks, Snapshot, TelemetryLoss, AGENT_STATUS_SCHEDULERS_MAX};
 use crate::clients::merge::{self, Cuts};
 use crate::clients::HealthReport;
 use crate::protocol::{self, canonical, Value};
@@ -48,14 +48,13 @@ impl Snapshot {
         connected_at: OffsetDateTime,
     ) -> Value {
         let mut st = Value::empty_map();
-        st.insert("buffer_depth", self.spool_depth);
+        st.insert("buffer_depth", self.spool_depth.min(HEARTBEAT_COUNT_MAX));
         st.insert(
             "buffer_oldest_age_seconds",
             self.spool_oldest_age_seconds
                 .map(Value::Float)
                 .unwrap_or(Value::Null),
         );
-        st.insert("agent_version", env!("CARGO_PKG_VERSION"));
         st.insert("protocol_version", protocol::PROTOCOL_VERSION);
         st.insert(
             "engines",
@@ -109,6 +108,37 @@ pub fn add_adapter_health(
     let health = merge::merge(reports, room);
     hb.insert("adapter_health", health.to_value());
     health.cuts
+}
+
+/// Adds `telemetry_loss` to a `heartbeat` or `agent_status` payload: the
+/// map when it is within the brain's limits, else null (see
+/// [`TelemetryLoss::to_value_checked`]).
+pub fn add_telemetry_loss(payload: &mut Value, loss: &TelemetryLoss) {
+    payload.insert("telemetry_loss", loss.to_value_checked());
+}
+
+/// Adds to an `agent_status` payload who is speaking: the contract line the
+/// session's `hello` named (`agent_version`), the schedulers it advertised
+/// (at most [`AGENT_STATUS_SCHEDULERS_MAX`]) and the failures in a row
+/// before it.
+pub fn add_agent_identity(
+    st: &mut Value,
+    contract_line: &str,
+    schedulers: &[String],
+    streaks: FailureStreaks,
+) {
+    st.insert("agent_version", contract_line);
+    st.insert(
+        "schedulers",
+        Value::Array(
+            schedulers
+                .iter()
+                .take(AGENT_STATUS_SCHEDULERS_MAX)
+                .map(|e| Value::from(e.as_str()))
+                .collect(),
+        ),
+    );
+    streaks.insert_into(st);
 }
 
 #[cfg(test)]

@@ -25,12 +25,19 @@ use crate::spool::SpoolStats;
 mod health;
 mod heartbeat;
 mod snapshot;
+mod telemetry;
 
 pub use health::{
     ClientHealth, EngineReport, HealthCounters, HealthCounts, HealthCuts, WorkerReport,
 };
-pub use heartbeat::{add_adapter_health, AGENT_STATUS_ENGINES_MAX, HEARTBEAT_COUNT_MAX};
+pub use heartbeat::{
+    add_adapter_health, add_agent_identity, add_telemetry_loss, AGENT_STATUS_ENGINES_MAX,
+    HEARTBEAT_COUNT_MAX,
+};
 pub use snapshot::{ClientReport, Commands, Dropped, MetricsRefused, Snapshot, StatsTag};
+pub use telemetry::{
+    FailureStreaks, LossCounts, Telemetry, TelemetryLoss, AGENT_STATUS_SCHEDULERS_MAX,
+};
 
 /// The uplink's connection state, as shown to operators (serde: the
 /// [`UplinkState::as_str`] label).
@@ -96,6 +103,12 @@ pub struct UplinkStatus {
     pub brain_version: Option<String>,
     /// What the last `hello` advertised.
     pub advertised: Advertisement,
+    /// The z4j contract line the last `hello` named in `agent_version`
+    /// (see `uplink::contract`).
+    pub contract_line: Option<String>,
+    /// Failures in a row by the brain's classes before the current session
+    /// (what `agent_status` reports; the count restarts at each session).
+    pub streaks_before_session: FailureStreaks,
 }
 
 /// Where this daemon runs and what it talks to; fixed at start, the brain
@@ -185,6 +198,11 @@ pub struct Stats {
     pub replies_dropped: AtomicU64,
     /// Connections to the brain established.
     pub connects: AtomicU64,
+    /// Handshakes said again at once because the brain's version called for
+    /// another contract line (not counted in `connects`).
+    pub contract_rehellos: AtomicU64,
+    /// This run's id and per-engine losses, for the brain's `telemetry_loss`.
+    pub telemetry: Telemetry,
     /// Times a producer was held back because the spool was full (`block`).
     pub producer_waits: AtomicU64,
     /// Times a connection was not read because the daemon-wide budget of
@@ -247,6 +265,8 @@ impl Stats {
             time_corrected_warned: Mutex::new(None),
             replies_dropped: AtomicU64::new(0),
             connects: AtomicU64::new(0),
+            contract_rehellos: AtomicU64::new(0),
+            telemetry: Telemetry::default(),
             producer_waits: AtomicU64::new(0),
             message_budget_waits: AtomicU64::new(0),
             accept_failures: AtomicU64::new(0),
@@ -276,6 +296,8 @@ impl Stats {
                 project_id: None,
                 brain_version: None,
                 advertised: Advertisement::default(),
+                contract_line: None,
+                streaks_before_session: FailureStreaks::default(),
             }),
             clients: ClientRegistry::new(),
             health: HealthCounters::default(),

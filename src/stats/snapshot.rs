@@ -119,6 +119,9 @@ pub struct Snapshot {
     pub project_id: Option<String>,
     /// `brain_version` from the last `hello_ack`.
     pub brain_version: Option<String>,
+    /// The z4j contract line the last `hello` named as its `agent_version`
+    /// (chosen from the brain's version; the daemon's own is `version`).
+    pub contract_line: Option<String>,
     /// The last uplink error, free of secrets.
     pub last_error: Option<String>,
     /// Its backoff class.
@@ -132,6 +135,9 @@ pub struct Snapshot {
     pub clock_skew_seconds: Option<f64>,
     /// Sessions established with the brain.
     pub connects: u64,
+    /// Handshakes said again at once with another contract line (not in
+    /// `connects`).
+    pub contract_rehellos: u64,
     /// Times a producer was held back for a full spool.
     pub producer_waits: u64,
     /// Connections open on the metrics listener.
@@ -404,6 +410,7 @@ impl Snapshot {
         self.agent_id = u.agent_id.clone();
         self.project_id = u.project_id.clone();
         self.brain_version = u.brain_version.clone();
+        self.contract_line = u.contract_line.clone();
         self.last_error = u.last_error.clone();
         self.last_failure_class = u.last_failure_class.map(str::to_string);
         self.failure_streak = u64::from(u.failure_streak);
@@ -416,6 +423,7 @@ impl Snapshot {
     /// The daemon's own waits, listeners and commands.
     fn read_local(&mut self, st: &Stats) {
         self.connects = load(&st.connects);
+        self.contract_rehellos = load(&st.contract_rehellos);
         self.producer_waits = load(&st.producer_waits);
         self.metrics_connections = load(&st.metrics_connections);
         self.metrics_refused_by_reason = MetricsRefused {

@@ -212,7 +212,7 @@ fn the_heartbeat_payloads_keep_the_brains_bounds() {
     assert_eq!(sent.len(), AGENT_STATUS_ENGINES_MAX);
     assert_eq!(
         st.get("buffer_depth").and_then(Value::as_u64),
-        Some(20_000_000)
+        Some(10_000_000)
     );
     assert_eq!(st.get("buffer_oldest_age_seconds"), Some(&Value::Null));
     assert_eq!(
@@ -227,4 +227,68 @@ fn the_heartbeat_payloads_keep_the_brains_bounds() {
         st.get("protocol_version").and_then(Value::as_str),
         Some(crate::protocol::PROTOCOL_VERSION)
     );
+}
+
+#[test]
+fn agent_status_names_the_contract_line_the_schedulers_and_the_streaks() {
+    let snap = fixture_snapshot();
+    let at = time::macros::datetime!(2026-12-01 10:00:00 UTC);
+    let mut st = snap.agent_status_payload(&["celery".into()], Duration::ZERO, at);
+    let schedulers: Vec<String> = (0..40).map(|i| format!("beat{i}")).collect();
+    let streaks = super::FailureStreaks {
+        auth: 1,
+        protocol: 2,
+        connection: 3,
+    };
+    super::add_agent_identity(&mut st, "1.13.0", &schedulers, streaks);
+    assert_eq!(
+        st.get("agent_version").and_then(Value::as_str),
+        Some("1.13.0")
+    );
+    let Some(Value::Array(sent)) = st.get("schedulers") else {
+        panic!("schedulers is a list")
+    };
+    assert_eq!(sent.len(), super::AGENT_STATUS_SCHEDULERS_MAX);
+    for (k, v) in [
+        ("auth_failure_streak", 1),
+        ("protocol_failure_streak", 2),
+        ("connection_failure_streak", 3),
+    ] {
+        assert_eq!(st.get(k).and_then(Value::as_u64), Some(v), "{k}");
+    }
+}
+
+#[test]
+fn the_heartbeat_carries_a_telemetry_loss_within_the_brains_limits() {
+    let stats = super::Stats::new();
+    let spool = crate::spool::SpoolStats::default();
+    let _ = spool.buffer_id.set("ab".repeat(16));
+    spool
+        .dropped_oldest_total
+        .store(4, std::sync::atomic::Ordering::Relaxed);
+    stats.telemetry.engine_dropped(&["celery".into()], 2);
+    let loss = stats.telemetry_loss(&spool, &["celery".into(), "rq".into()]);
+    let mut hb = fixture_snapshot().heartbeat_payload(None);
+    super::add_telemetry_loss(&mut hb, &loss);
+    let tl = hb.get("telemetry_loss").expect("telemetry_loss");
+    assert_eq!(
+        tl.get("buffer_id").and_then(Value::as_str),
+        Some("abababababababababababababababab")
+    );
+    assert_eq!(
+        tl.get("runtime_id").and_then(Value::as_str),
+        Some(stats.telemetry.runtime_id.as_str())
+    );
+    assert_eq!(
+        tl.get("capacity_evicted_frames").and_then(Value::as_u64),
+        Some(4)
+    );
+    let adapters = tl.get("adapter_events").unwrap();
+    assert_eq!(adapters.get("celery").and_then(Value::as_u64), Some(2));
+    assert_eq!(adapters.get("rq").and_then(Value::as_u64), Some(0));
+    // Before the spool has an identity, nothing invalid goes out: null.
+    let unopened = crate::spool::SpoolStats::default();
+    let mut hb = fixture_snapshot().heartbeat_payload(None);
+    super::add_telemetry_loss(&mut hb, &stats.telemetry_loss(&unopened, &[]));
+    assert_eq!(hb.get("telemetry_loss"), Some(&Value::Null));
 }

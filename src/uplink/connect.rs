@@ -194,6 +194,9 @@ pub(crate) struct Hello<'a> {
     pub advertised: &'a crate::clients::Advertisement,
     /// When this process started.
     pub started_at: OffsetDateTime,
+    /// The z4j contract line named in `agent_version` (see
+    /// [`super::contract`]).
+    pub agent_version: &'a str,
 }
 
 impl Hello<'_> {
@@ -201,14 +204,12 @@ impl Hello<'_> {
     fn payload(&self) -> Value {
         let mut payload = Value::empty_map();
         payload.insert("protocol_version", protocol::PROTOCOL_VERSION);
-        payload.insert("agent_version", env!("CARGO_PKG_VERSION"));
+        payload.insert("agent_version", self.agent_version);
         payload.insert("framework", "z4j-agentd");
         payload.insert("engines", self.advertised.engines_value());
         payload.insert("schedulers", self.advertised.schedulers_value());
         payload.insert("capabilities", self.advertised.capabilities_value());
-        let mut host = Value::empty_map();
-        host.insert("name", self.settings.agent_name.as_str());
-        payload.insert("host", host);
+        payload.insert("host", self.host());
         payload.insert("worker_id", self.worker_id);
         payload.insert("worker_role", "other");
         payload.insert("worker_pid", std::process::id() as i64);
@@ -216,6 +217,39 @@ impl Hello<'_> {
         payload.insert("runtime_features", self.advertised.runtime_features_value());
         payload
     }
+}
+
+impl Hello<'_> {
+    /// `host`: stored whole by the brain (`agents.metadata.host`); the
+    /// daemon's own version travels here, next to the contract line.
+    fn host(&self) -> Value {
+        let mut host = Value::empty_map();
+        host.insert("name", self.settings.agent_name.as_str());
+        host.insert("agent", "z4j-agentd");
+        host.insert("agentd_version", env!("CARGO_PKG_VERSION"));
+        host.insert("z4j_contract", self.agent_version);
+        host
+    }
+}
+
+/// Closes a session normally (1000) and waits, briefly, for the brain's
+/// close, so the brain has let the slot go before the next `hello`.
+pub(crate) async fn close_normally(ws: &mut Ws, reason: &'static str) {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    let _ = tokio::time::timeout(
+        Duration::from_secs(2),
+        ws.close(Some(CloseFrame {
+            code: CloseCode::Normal,
+            reason: reason.into(),
+        })),
+    )
+    .await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
 }
 
 /// Sends `hello` and waits for the brain's `hello_ack`.

@@ -26,6 +26,7 @@
 pub mod backoff;
 pub mod close;
 pub(crate) mod connect;
+pub mod contract;
 pub mod error;
 pub mod reader;
 mod session;
@@ -127,6 +128,8 @@ pub struct Uplink {
     beat: crate::watchdog::Beat,
     /// Rate limit of re-handshakes for changed local engines.
     rehandshakes: RehandshakeLimit,
+    /// Failures in a row since the last session, by the brain's classes.
+    streaks: crate::stats::FailureStreaks,
 }
 
 /// How the daemon steers the uplink's lifetime.
@@ -163,6 +166,7 @@ impl Uplink {
             unsent: VecDeque::new(),
             beat,
             rehandshakes: RehandshakeLimit::default(),
+            streaks: crate::stats::FailureStreaks::default(),
         }
     }
 
@@ -209,8 +213,9 @@ impl Uplink {
     }
 
     /// Counts, shows and logs a failure; returns how long to back off.
-    fn record_failure(&self, backoff: &mut Backoff, error: &UplinkError) -> Duration {
+    fn record_failure(&mut self, backoff: &mut Backoff, error: &UplinkError) -> Duration {
         let class = error.class();
+        self.streaks.record(class.as_str());
         let delay = backoff.next_delay(class, &mut rand::rng());
         let streak = backoff.streak(class);
         self.stats.record_failure(class.as_str());

@@ -24,6 +24,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use super::backoff::FailureClass;
 use super::connect::{self, Hello, HelloAck, Ws};
+use super::contract::{self, AfterAck, BrainLine};
 use super::error::UplinkError;
 use super::window::Window;
 use super::{SessionEnd, Uplink, STABLE_SESSION};
@@ -31,7 +32,7 @@ use crate::clients::Advertisement;
 use crate::config::UplinkSettings;
 use crate::protocol::limits::{MAX_CLOCK_SKEW_SECONDS, WARN_CLOCK_SKEW_SECONDS};
 use crate::protocol::{self, SessionBinding, Signer, Verifier};
-use crate::stats::UplinkState;
+use crate::stats::{FailureStreaks, UplinkState};
 
 /// The longest heartbeat cadence used, whatever the brain announces: the
 /// brain marks an agent offline after 30 s without one.
@@ -74,6 +75,10 @@ struct BrainSession<'a> {
     /// When the oldest WebSocket ping still waiting for any answer from the
     /// brain was sent. Anything the brain sends clears it.
     unanswered_ping_since: Option<Instant>,
+    /// The contract line this session's `hello` named.
+    contract_line: &'static str,
+    /// Failures in a row before this session (reported in `agent_status`).
+    streaks: FailureStreaks,
 }
 
 /// A session that ended by a failure.
@@ -84,20 +89,39 @@ fn failed(error: UplinkError) -> SessionEnd {
     }
 }
 
+/// A socket the brain said `hello_ack` on, and what the `hello` said.
+struct Handshake {
+    ws: Ws,
+    ack: HelloAck,
+    advertised: Advertisement,
+    /// Which connection held each scheduler when the `hello` went out.
+    holders: BTreeMap<String, u64>,
+    /// The z4j contract line the `hello` named.
+    line: &'static str,
+}
+
 impl Uplink {
     /// One connection attempt and, when it succeeds, the whole session.
     pub(crate) async fn connect_and_serve(&mut self) -> SessionEnd {
         let settings = self.settings.borrow().clone();
         self.publish_settings(&settings);
-        let (ws, ack, advertised, holders) = match self.dial_and_hello(&settings).await {
+        let Handshake {
+            ws,
+            ack,
+            advertised,
+            holders,
+            line,
+        } = match self.handshake(&settings).await {
             Ok(connected) => connected,
             Err(end) => return end,
         };
         tracing::Span::current().record("session_id", ack.session_id.as_str());
-        self.record_connected(&settings, &ack, &advertised);
+        let streaks = self.record_connected(&settings, &ack, &advertised, line);
         warn_clock_skew(ack.clock_skew_seconds);
         let mut session = BrainSession::new(self, &settings, ws, ack, advertised);
         session.scheduler_holders = holders;
+        session.contract_line = line;
+        session.streaks = streaks;
         let up_since = Instant::now();
         match session.run().await {
             SessionEnd::Failed { error, .. } => SessionEnd::Failed {
@@ -120,11 +144,60 @@ impl Uplink {
         self.stats.set_uplink_state(UplinkState::Connecting);
     }
 
+    /// Opens the socket and says `hello` with the contract line of the brain
+    /// last seen; when the `hello_ack` shows another line is right, closes
+    /// that session normally and says `hello` again at once, with no
+    /// backoff and no failure counted, at most once per attempt (see
+    /// [`contract`]). Returns the session and the line it named.
+    async fn handshake(
+        &mut self,
+        settings: &UplinkSettings,
+    ) -> Result<Handshake, SessionEnd> {
+        let last_seen = self.spool.stats().brain_line();
+        let mut line = contract::first_line(last_seen.and_then(BrainLine::from_code));
+        let mut rehello_used = false;
+        loop {
+            let mut done = self.dial_and_hello(settings, line).await?;
+            let brain_version = done.ack.brain_version.clone();
+            self.remember_brain(&brain_version).await;
+            match contract::after_hello_ack(line, &brain_version, rehello_used) {
+                AfterAck::Stay => return Ok(done),
+                AfterAck::Rehello(next) => {
+                    tracing::info!(
+                        brain_version = %brain_version,
+                        sent = line,
+                        contract_line = next,
+                        "the brain's version calls for another z4j contract line; saying hello again with it"
+                    );
+                    connect::close_normally(&mut done.ws, "z4j-agentd: hello again").await;
+                    self.stats.contract_rehellos.fetch_add(1, Ordering::Relaxed);
+                    line = next;
+                    rehello_used = true;
+                }
+            }
+        }
+    }
+
+    /// Keeps the brain's version in the spool when it is readable and new,
+    /// so the next start names the right line at once.
+    async fn remember_brain(&self, brain_version: &str) {
+        let Some(code) = BrainLine::parse(brain_version).map(BrainLine::code) else {
+            return;
+        };
+        if self.spool.stats().brain_line() == Some(code) {
+            return;
+        }
+        if let Err(e) = self.spool.remember_brain(code).await {
+            tracing::warn!(error = %e, "could not keep the brain's version in the spool; the next start says hello twice");
+        }
+    }
+
     /// Opens the socket and says `hello`; a shutdown while dialling ends it.
     async fn dial_and_hello(
         &mut self,
         settings: &UplinkSettings,
-    ) -> Result<(Ws, HelloAck, Advertisement, BTreeMap<String, u64>), SessionEnd> {
+        agent_version: &'static str,
+    ) -> Result<Handshake, SessionEnd> {
         let stop = self.stop.clone();
         let opened = self
             .beat
@@ -150,22 +223,32 @@ impl Uplink {
             worker_id: &settings.worker_id,
             advertised: &advertised,
             started_at: OffsetDateTime::now_utc() - self.stats.started.elapsed(),
+            agent_version,
         };
         let ack = self
             .beat
             .answering_while(connect::exchange_hello(&mut ws, &hello))
             .await
             .map_err(failed)?;
-        Ok((ws, ack, advertised, holders))
+        Ok(Handshake {
+            ws,
+            ack,
+            advertised,
+            holders,
+            line: agent_version,
+        })
     }
 
-    /// Counts and shows a session that began.
+    /// Counts and shows a session that began; returns the failures in a row
+    /// that preceded it, and starts counting them again.
     fn record_connected(
-        &self,
+        &mut self,
         settings: &UplinkSettings,
         ack: &HelloAck,
         advertised: &Advertisement,
-    ) {
+        line: &'static str,
+    ) -> FailureStreaks {
+        let streaks = std::mem::take(&mut self.streaks);
         self.stats.connects.fetch_add(1, Ordering::Relaxed);
         self.stats.update_uplink(|u| {
             u.session_id = Some(ack.session_id.clone());
@@ -177,11 +260,14 @@ impl Uplink {
             u.project_id = Some(ack.project_id.clone());
             u.brain_version = Some(ack.brain_version.clone());
             u.advertised = advertised.clone();
+            u.contract_line = Some(line.to_string());
+            u.streaks_before_session = streaks;
         });
         self.stats.set_uplink_state(UplinkState::Connected);
         tracing::info!(
             brain = %settings.endpoint.base_url,
             brain_version = %ack.brain_version,
+            contract_line = line,
             agent_id = %ack.agent_id,
             session_id = %ack.session_id,
             worker_id = %settings.worker_id,
@@ -190,6 +276,7 @@ impl Uplink {
             max_frame_bytes = ack.max_frame_bytes,
             "connected to the brain"
         );
+        streaks
     }
 }
 
@@ -265,6 +352,8 @@ impl<'a> BrainSession<'a> {
             static_engines: settings.static_engines.clone(),
             static_capabilities: settings.static_capabilities.clone(),
             unanswered_ping_since: None,
+            contract_line: contract::UNKNOWN_LINE,
+            streaks: FailureStreaks::default(),
             up,
         }
     }
@@ -528,6 +617,11 @@ impl<'a> BrainSession<'a> {
         let snapshot = self.up.stats.snapshot(self.up.spool.stats());
         let now = OffsetDateTime::now_utc();
         let mut hb = snapshot.heartbeat_payload(self.last_flush_at);
+        let loss = self
+            .up
+            .stats
+            .telemetry_loss(self.up.spool.stats(), &self.advertised.engines);
+        crate::stats::add_telemetry_loss(&mut hb, &loss);
         let reports = self.up.stats.fresh_health();
         let cuts =
             crate::stats::add_adapter_health(&mut hb, &reports, self.ack.max_frame_bytes, now);
@@ -541,10 +635,17 @@ impl<'a> BrainSession<'a> {
         );
         self.send(frame).await?;
 
-        let st_payload = snapshot.agent_status_payload(
+        let mut st_payload = snapshot.agent_status_payload(
             &self.advertised.engines,
             self.connected_at.elapsed(),
             self.connected_at_wall,
+        );
+        crate::stats::add_telemetry_loss(&mut st_payload, &loss);
+        crate::stats::add_agent_identity(
+            &mut st_payload,
+            self.contract_line,
+            &self.advertised.schedulers,
+            self.streaks,
         );
         let frame = self.signer.sign_value(
             "agent_status",

@@ -8,6 +8,7 @@
 
 mod support;
 
+mod agent_identity;
 mod cli;
 mod commands;
 mod config_files;

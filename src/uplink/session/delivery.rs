@@ -79,7 +79,11 @@ impl BrainSession<'_> {
             max_frame_bytes = self.ack.max_frame_bytes,
             "dropped an event larger than the brain's frame limit"
         );
-        let _ = self.up.spool.ack(event.id, event.id).await;
+        let _ = self
+            .up
+            .spool
+            .discard_undeliverable(event.id, event.id)
+            .await;
     }
 
     /// Signs and sends one `event_batch` of stored events; returns its id.

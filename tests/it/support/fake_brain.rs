@@ -63,6 +63,9 @@ pub struct Behavior {
     /// Events whose `task_id` contains this are not stored, as the brain
     /// drops an event it cannot ingest: counted in the ack's `rejected`.
     pub reject_task_ids_containing: Option<String>,
+    /// `brain_version` in `hello_ack` (default "fake", which names no
+    /// z4j line, so the daemon keeps its first `hello`).
+    pub brain_version: Option<String>,
 }
 
 /// What the fake saw.
@@ -95,6 +98,8 @@ pub struct Seen {
     /// Events stored: distinct ids, not refused by
     /// `reject_task_ids_containing`.
     pub stored_event_ids: Mutex<BTreeSet<String>>,
+    /// `heartbeat` and `agent_status` payloads, in arrival order.
+    pub status_frames: Mutex<Vec<(String, Value)>>,
 }
 
 /// A running fake brain.
@@ -215,7 +220,8 @@ async fn serve(
     ack.insert("ts", protocol::format_ts(OffsetDateTime::now_utc()));
     let mut p = Value::empty_map();
     p.insert("protocol_version", "2");
-    p.insert("brain_version", "fake");
+    let brain_version = behavior.lock().unwrap().brain_version.clone();
+    p.insert("brain_version", brain_version.as_deref().unwrap_or("fake"));
     p.insert("agent_id", binding.agent_id.as_str());
     p.insert("project_id", binding.project_id.as_str());
     p.insert("session_id", binding.session_id.as_str());
@@ -332,6 +338,12 @@ async fn serve(
                 frame.id.clone(),
                 frame.payload.clone(),
             ));
+        }
+        if frame.frame_type == "heartbeat" || frame.frame_type == "agent_status" {
+            seen.status_frames
+                .lock()
+                .unwrap()
+                .push((frame.frame_type.clone(), frame.payload.clone()));
         }
         if frame.frame_type != "event_batch" {
             continue;

@@ -1,0 +1,303 @@
+//! What the daemon tells the brain it is: the z4j contract line chosen from
+//! the brain's version (one quick second `hello` on first contact, none
+//! once the version is known), its own version in `hello.host`, and the
+//! loss counters of its spool (`telemetry_loss`).
+
+use crate::support;
+
+use support::fake_brain::{Behavior, FakeBrain};
+use support::{num, options, text, wait_for, wait_stats, TestDaemon};
+use z4j_agentd::protocol::Value;
+
+fn agent_versions(brain: &FakeBrain) -> Vec<String> {
+    brain
+        .seen
+        .hellos
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            h.get("agent_version")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect()
+}
+
+/// The latest `agent_status` payload the brain received.
+fn last_status(brain: &FakeBrain) -> Option<Value> {
+    brain
+        .seen
+        .status_frames
+        .lock()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|(t, _)| t == "agent_status")
+        .map(|(_, p)| p.clone())
+}
+
+fn loss_ids(status: &Value) -> (String, String) {
+    let tl = status.get("telemetry_loss").expect("telemetry_loss");
+    let id = |k: &str| tl.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+    (id("buffer_id"), id("runtime_id"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_contact_says_hello_again_once_with_the_brains_line_and_a_restart_does_not() {
+    let brain = FakeBrain::start(Behavior {
+        brain_version: Some("1.12.0".into()),
+        ..Behavior::default()
+    })
+    .await;
+    let opts = options(&brain.url);
+    let d = TestDaemon::start(opts.clone()).await;
+    let s = wait_stats(&d, 15, "connected", |s| {
+        text(s, "uplink_state") == "connected"
+    })
+    .await;
+    let seen = brain.seen.clone();
+    wait_for(10, "an agent_status", || {
+        seen.status_frames
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(t, _)| t == "agent_status")
+    })
+    .await;
+    // 0.0.0 first (the brain's silent "not determined"), then its line, once.
+    assert_eq!(agent_versions(&brain), ["0.0.0", "1.12.0"]);
+    assert_eq!(
+        brain.seen.client_close_codes.lock().unwrap().as_slice(),
+        &[1000],
+        "the first session is closed normally before the second hello"
+    );
+    assert_eq!(num(&s, "connects"), 1, "{s:?}");
+    assert_eq!(num(&s, "contract_rehellos"), 1, "{s:?}");
+    assert_eq!(text(&s, "contract_line"), "1.12.0");
+    assert!(s
+        .get("failures_by_class")
+        .is_none_or(|f| f == &Value::empty_map()));
+    let hello = brain.seen.hellos.lock().unwrap()[1].clone();
+    let host = hello.get("host").expect("host");
+    assert_eq!(
+        host.get("agentd_version").and_then(Value::as_str),
+        Some(env!("CARGO_PKG_VERSION"))
+    );
+    assert_eq!(
+        host.get("agent").and_then(Value::as_str),
+        Some("z4j-agentd")
+    );
+    assert_eq!(
+        host.get("z4j_contract").and_then(Value::as_str),
+        Some("1.12.0")
+    );
+    assert_eq!(
+        hello.get("framework").and_then(Value::as_str),
+        Some("z4j-agentd")
+    );
+    let status = last_status(&brain).expect("agent_status");
+    assert_eq!(
+        status.get("agent_version").and_then(Value::as_str),
+        Some("1.12.0")
+    );
+    for k in [
+        "auth_failure_streak",
+        "protocol_failure_streak",
+        "connection_failure_streak",
+    ] {
+        assert_eq!(status.get(k).and_then(Value::as_u64), Some(0), "{k}");
+    }
+    assert!(matches!(status.get("schedulers"), Some(Value::Array(_))));
+    let (buffer_id, runtime_id) = loss_ids(&status);
+    assert_eq!(buffer_id.len(), 32, "{status:?}");
+    let hb = brain
+        .seen
+        .status_frames
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(t, _)| t == "heartbeat")
+        .map(|(_, p)| p.clone())
+        .expect("heartbeat");
+    assert_eq!(loss_ids(&hb), (buffer_id.clone(), runtime_id.clone()));
+    // Stopped, its home kept: the spool file moves to the next daemon's home.
+    let home = d.dir.path().join("home");
+    let spool_in_home = d.spool.strip_prefix(&home).unwrap().to_path_buf();
+    d.shutdown.cancel();
+    let keep = d.dir;
+    d.task.await.unwrap().unwrap();
+    let old_spool = keep.path().join("home").join(&spool_in_home);
+
+    // Same spool file: the brain's version is known, one hello only.
+    brain.seen.status_frames.lock().unwrap().clear();
+    let d = TestDaemon::start_prepared(opts, |new_home| {
+        let to = new_home.join(&spool_in_home);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(&old_spool, &to).unwrap();
+    })
+    .await;
+    let s = wait_stats(&d, 15, "connected again", |s| {
+        text(s, "uplink_state") == "connected"
+    })
+    .await;
+    wait_for(10, "an agent_status", || {
+        seen.status_frames
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(t, _)| t == "agent_status")
+    })
+    .await;
+    assert_eq!(agent_versions(&brain), ["0.0.0", "1.12.0", "1.12.0"]);
+    assert_eq!(num(&s, "contract_rehellos"), 0, "{s:?}");
+    let (buffer_id2, runtime_id2) = loss_ids(&last_status(&brain).unwrap());
+    assert_eq!(buffer_id2, buffer_id, "one spool file, one buffer id");
+    assert_ne!(runtime_id2, runtime_id, "a new run, a new runtime id");
+    d.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_brain_version_that_names_no_line_keeps_the_first_hello() {
+    let brain = FakeBrain::start(Behavior::default()).await;
+    let d = TestDaemon::start(options(&brain.url)).await;
+    let s = wait_stats(&d, 15, "connected", |s| {
+        text(s, "uplink_state") == "connected"
+    })
+    .await;
+    let seen = brain.seen.clone();
+    wait_for(10, "an agent_status", || {
+        seen.status_frames
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(t, _)| t == "agent_status")
+    })
+    .await;
+    assert_eq!(agent_versions(&brain), ["0.0.0"]);
+    assert_eq!(num(&s, "contract_rehellos"), 0, "{s:?}");
+    assert_eq!(
+        last_status(&brain)
+            .unwrap()
+            .get("agent_version")
+            .and_then(Value::as_str),
+        Some("0.0.0")
+    );
+    d.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_refused_for_a_full_spool_reach_the_brain_per_engine() {
+    // Acks never come, so the spool stays full; heartbeats every second.
+    let brain = FakeBrain::start(Behavior {
+        withhold_acks: usize::MAX,
+        heartbeat_interval_seconds: Some(1),
+        brain_version: Some("1.13.0".into()),
+        ..Behavior::default()
+    })
+    .await;
+    let mut opts = options(&brain.url);
+    opts.buffer_max_events = Some("1000".into());
+    opts.buffer_overflow = Some("drop_newest".into());
+    let d = TestDaemon::start(opts).await;
+    let mut c = d.client().await;
+    c.hello("full-spool", &["celery"]).await.unwrap();
+    let fill: Vec<_> = (0..1000)
+        .map(|i| support::event(&format!("t{i}"), "task.received"))
+        .collect();
+    assert_eq!(c.send_durable(&fill).await.unwrap(), 1000);
+    let more: Vec<_> = (0..5)
+        .map(|i| support::event(&format!("late{i}"), "task.received"))
+        .collect();
+    c.send(&more).await.unwrap();
+    let s = wait_stats(&d, 10, "5 events refused for a full spool", |s| {
+        s.get("dropped_by_reason")
+            .and_then(|r| r.get("spool_full"))
+            .and_then(Value::as_u64)
+            == Some(5)
+    })
+    .await;
+    assert_eq!(num(&s, "dropped"), 5, "{s:?}");
+    let seen = brain.seen.clone();
+    let celery_drops = |p: &Value| {
+        p.get("telemetry_loss")
+            .and_then(|t| t.get("adapter_events"))
+            .and_then(|a| a.get("celery"))
+            .and_then(Value::as_u64)
+    };
+    wait_for(10, "an agent_status counting the 5 celery events", || {
+        seen.status_frames
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(t, p)| t == "agent_status" && celery_drops(p) == Some(5))
+    })
+    .await;
+    // The heartbeat carries the same value; dropped_events stays the total.
+    let hb = seen
+        .status_frames
+        .lock()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|(t, _)| t == "heartbeat")
+        .map(|(_, p)| p.clone())
+        .unwrap();
+    assert_eq!(celery_drops(&hb), Some(5), "{hb:?}");
+    assert_eq!(hb.get("dropped_events").and_then(Value::as_u64), Some(5));
+    d.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_status_reports_the_failures_before_the_session() {
+    // Every handshake refused (connection class) until the brain is fixed.
+    let brain = FakeBrain::start(Behavior {
+        close_handshake_with: Some(1011),
+        ..Behavior::default()
+    })
+    .await;
+    let d = TestDaemon::start(options(&brain.url)).await;
+    let s = wait_stats(&d, 20, "two failed attempts", |s| {
+        s.get("failures_by_class")
+            .and_then(|f| f.get("connection"))
+            .and_then(Value::as_u64)
+            >= Some(2)
+    })
+    .await;
+    assert_eq!(num(&s, "connects"), 0, "{s:?}");
+    brain.set_behavior(Behavior::default());
+    let s = wait_stats(&d, 40, "connected", |s| {
+        text(s, "uplink_state") == "connected"
+    })
+    .await;
+    let failures = s
+        .get("failures_by_class")
+        .and_then(|f| f.get("connection"))
+        .and_then(Value::as_u64)
+        .unwrap();
+    let seen = brain.seen.clone();
+    wait_for(10, "an agent_status", || {
+        seen.status_frames
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(t, _)| t == "agent_status")
+    })
+    .await;
+    let st = last_status(&brain).unwrap();
+    assert_eq!(
+        st.get("connection_failure_streak").and_then(Value::as_u64),
+        Some(failures),
+        "{st:?}"
+    );
+    assert_eq!(
+        st.get("auth_failure_streak").and_then(Value::as_u64),
+        Some(0)
+    );
+    assert!(st
+        .get("last_successful_connect_at")
+        .and_then(Value::as_str)
+        .is_some());
+    d.stop().await.unwrap();
+}
