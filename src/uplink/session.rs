@@ -90,6 +90,9 @@ impl Uplink {
         };
         tracing::Span::current().record("session_id", ack.session_id.as_str());
         self.record_connected(&settings, &ack, &advertised);
+        self.stats
+            .clients
+            .acknowledged(&advertised, &advertised_to(&settings));
         warn_clock_skew(ack.clock_skew_seconds);
         let session = BrainSession::new(self, &settings, ws, ack, advertised);
         let up_since = Instant::now();
@@ -184,6 +187,17 @@ impl Uplink {
             "connected to the brain"
         );
     }
+}
+
+/// Whom the advertisement is made to (the brain, the worker slot, the
+/// agent token), so what is remembered for the next start is used only
+/// there.
+fn advertised_to(settings: &UplinkSettings) -> crate::clients::Identity {
+    crate::clients::Identity::new(
+        &settings.endpoint.base_url,
+        &settings.worker_id,
+        settings.token.expose(),
+    )
 }
 
 /// Warns when this host's clock is far from the brain's: past the limit,
