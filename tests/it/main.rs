@@ -16,6 +16,7 @@ mod ingest_crowd;
 mod ingest_limits;
 mod metrics_listener;
 mod observability;
+mod restart_gap;
 mod spool_disk_full;
 mod uplink_faults;
 mod uplink_tls;
