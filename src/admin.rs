@@ -308,6 +308,28 @@ fn render_clients(o: &mut String, s: &Snapshot) {
         list(&s.engines),
         list(&s.advertised_engines)
     );
+    if let Some(r) = &s.remembered {
+        render_remembered(o, r);
+    }
+}
+
+/// What is advertised only because it was before the restart.
+fn render_remembered(o: &mut String, r: &crate::clients::RememberedReport) {
+    let mut kept: Vec<String> = r.engines.clone();
+    kept.extend(r.schedulers.iter().map(|s| format!("scheduler {s}")));
+    kept.extend(
+        r.capabilities
+            .iter()
+            .map(|(k, actions)| format!("{k}: {}", actions.join(" "))),
+    );
+    kept.extend(r.runtime_features.iter().map(|f| format!("feature {f}")));
+    let _ = writeln!(
+        o,
+        "          remembered from before the restart, until {} ({} left) unless declared again: {}",
+        r.until,
+        human_duration(r.seconds_left),
+        kept.join(", ")
+    );
 }
 
 /// Most workers and queues `status` lists per engine of a client.
@@ -424,6 +446,12 @@ mod tests {
             v.insert("last_ack_at", "2026-12-01T10:02:03.000000Z");
             v.insert("last_ack_age_seconds", 2.25);
             v.insert("spool_oldest_age_seconds", 61.0);
+            if let Some(left) = v
+                .get_mut("remembered")
+                .and_then(|r| r.get_mut("seconds_left"))
+            {
+                *left = Value::from(42.5);
+            }
         });
         crate::stats::fixture::golden("status_live.txt", &render(&live).unwrap());
         // An older daemon leaves keys out, a newer one adds some.

@@ -200,6 +200,8 @@ struct Daemon {
     uplink_drain: CancellationToken,
     uplink_stop: CancellationToken,
     reporter: JoinHandle<()>,
+    /// Ends the restart grace of the remembered advertisement.
+    remembered_expiry: Option<JoinHandle<()>>,
 }
 
 /// The watchdog and the beats of the three parts it asks.
@@ -240,6 +242,7 @@ async fn start(
     }
     let stats = Arc::new(Stats::new());
     stats.set_info(daemon_info(&config, &spool_path, &socket_path));
+    let remembered_until = remember_advertisement(&config, &stats, &spool_path);
     stats.sample(spool_handle.stats());
     // purge_queue's confirm token is checked under the key that signs
     // frames, as the settings hold it now (SIGHUP may replace it).
@@ -287,6 +290,13 @@ async fn start(
         results,
     );
     let reporter = tokio::spawn(report_status(stats.clone(), spool_handle.clone()));
+    let remembered_expiry = remembered_until.map(|until| {
+        let stats = stats.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(until.into()).await;
+            stats.clients.forget_remembered();
+        })
+    });
     Ok(Daemon {
         spool,
         spool_handle,
@@ -304,6 +314,7 @@ async fn start(
         uplink_drain,
         uplink_stop,
         reporter,
+        remembered_expiry,
     })
 }
 
@@ -361,6 +372,29 @@ fn daemon_info(
         spool_path: spool_path.display().to_string(),
         socket_path: socket_path.display().to_string(),
     }
+}
+
+/// Opens the file beside the spool where the advertisement the brain
+/// acknowledged is remembered, and advertises what it holds until the
+/// processes declare it again or the restart grace is over (so the brain
+/// does not see this host's engines vanish while they reconnect). Returns
+/// when that grace ends, if anything was remembered.
+fn remember_advertisement(
+    config: &Config,
+    stats: &Stats,
+    spool_path: &std::path::Path,
+) -> Option<std::time::Instant> {
+    let u = &config.uplink;
+    let identity =
+        crate::clients::Identity::new(&u.endpoint.base_url, &u.worker_id, u.token.expose());
+    let configured =
+        crate::clients::Advertisement::configured(&u.static_engines, &u.static_capabilities);
+    stats.clients.remember_from(
+        crate::clients::file_beside(spool_path),
+        identity,
+        config.restart_grace,
+        &configured,
+    )
 }
 
 /// Resolves the spool's path (warning when it fell back to the private
@@ -522,6 +556,9 @@ impl Daemon {
         let stop_began = Instant::now();
         let deadline = stop_began + self.grace;
         self.reporter.abort();
+        if let Some(t) = &self.remembered_expiry {
+            t.abort();
+        }
         self.stop_watching().await;
         self.finish_clients(stop_began, deadline).await;
         self.drain_uplink(deadline).await;

@@ -18,13 +18,18 @@
 //! each scheduler; another that declares it waits and takes it over when
 //! the holder lets it go.
 //!
-//! Depends on [`crate::protocol`] only: ingest implements [`Outbox`] for
-//! its reply queue, so the router reaches clients without knowing the
-//! socket or its framing.
+//! What was advertised before a restart is remembered (`remembered.rs`)
+//! and stays in the advertisement until the processes declare it again or
+//! the restart grace is over.
+//!
+//! Depends on [`crate::protocol`] (and on [`crate::config`] only to read
+//! the remembered file): ingest implements [`Outbox`] for its reply queue,
+//! so the router reaches clients without knowing the socket or its framing.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::protocol::Value;
 
@@ -33,6 +38,8 @@ pub mod merge;
 pub use health::{fresh_for, EngineHealth, HealthReport, HealthUpdate};
 mod hosting;
 pub use hosting::{ReportedDepth, MAX_WORKERS_SEEN};
+mod remembered;
+pub use remembered::{file_beside, AdvertisementFile, Identity, RememberedReport};
 
 /// One connected local client, as the reports show it.
 #[derive(Debug, Clone, Default)]
@@ -267,6 +274,9 @@ fn reachable(id: u64, e: &Entry) -> Option<Reachable> {
 pub struct ClientRegistry {
     clients: Mutex<BTreeMap<u64, Entry>>,
     changed: tokio::sync::Notify,
+    /// The advertisement remembered across a restart; locked after
+    /// `clients`, never before.
+    memory: Mutex<remembered::Memory>,
 }
 
 impl ClientRegistry {
@@ -333,6 +343,7 @@ impl ClientRegistry {
                 return taken;
             };
             e.waiting = waiting;
+            self.memory.lock().unwrap().declared(&r);
             let c = &mut e.info;
             let changed = c.engines != r.engines
                 || c.capabilities != r.capabilities
@@ -484,6 +495,17 @@ impl ClientRegistry {
             }
             features.extend(c.runtime_features.iter().cloned());
         }
+        // What was advertised before a restart and not declared again yet.
+        if let Some(p) = self.memory.lock().unwrap().pending(Instant::now()) {
+            engines.extend(p.engines.iter().cloned());
+            schedulers.extend(p.schedulers.iter().cloned());
+            for (key, actions) in &p.capabilities {
+                caps.entry(key.clone())
+                    .or_default()
+                    .extend(actions.iter().cloned());
+            }
+            features.extend(p.runtime_features.iter().cloned());
+        }
         schedulers.sort();
         schedulers.dedup();
         // Capabilities keyed by a scheduler name are the scheduler's, not
@@ -508,6 +530,115 @@ impl ClientRegistry {
             schedulers,
         }
     }
+
+    /// At start: opens the file where the acknowledged advertisement is
+    /// remembered (written for `identity`) and, unless `grace` is zero,
+    /// advertises what it holds (less what `configured` advertises anyway)
+    /// until processes declare it again or `grace` is over. A file that
+    /// cannot be used is ignored with a warning. Returns when the
+    /// remembered entries expire, if any were taken.
+    pub fn remember_from(
+        &self,
+        path: PathBuf,
+        identity: Identity,
+        grace: Duration,
+        configured: &Advertisement,
+    ) -> Option<Instant> {
+        let (file, read) = AdvertisementFile::open(path, identity);
+        let mut memory = self.memory.lock().unwrap();
+        let taken = match read {
+            Err(why) => {
+                tracing::warn!(
+                    file = %file.path().display(),
+                    "ignoring the advertisement remembered from the last run: {why}; the brain may show this host without engines until its processes reconnect"
+                );
+                None
+            }
+            Ok(None) => None,
+            Ok(Some(_)) if grace.is_zero() => None,
+            Ok(Some(adv)) => {
+                memory.remember(adv, configured, grace);
+                let now = Instant::now();
+                let report = memory.report(now);
+                report.map(|r| {
+                    tracing::info!(
+                        engines = ?r.engines,
+                        schedulers = ?r.schedulers,
+                        capabilities = ?r.capabilities,
+                        until = %r.until,
+                        "advertising what was advertised before the restart until its processes declare it again or the restart grace is over"
+                    );
+                    now + memory.left(now)
+                })
+            }
+        };
+        memory.file = Some(file);
+        taken
+    }
+
+    /// The restart grace is over: what is still only remembered is no
+    /// longer advertised ([`ClientRegistry::changed`] is signalled when
+    /// something was).
+    pub fn forget_remembered(&self) {
+        let had = self.memory.lock().unwrap().forget();
+        if had {
+            tracing::info!(
+                "restart grace over: what was advertised before the restart and not declared again is no longer advertised"
+            );
+            self.changed.notify_one();
+        }
+    }
+
+    /// Whether `action` for `key` (an engine or scheduler; any of them when
+    /// `None`) is only remembered: then which key, and how long it stays
+    /// advertised.
+    pub fn only_remembered(&self, key: Option<&str>, action: &str) -> Option<(String, Duration)> {
+        let memory = self.memory.lock().unwrap();
+        let now = Instant::now();
+        let pending = memory.pending(now)?;
+        let found = pending
+            .capabilities
+            .iter()
+            .find(|(k, actions)| {
+                key.is_none_or(|want| want == k.as_str()) && actions.iter().any(|a| a == action)
+            })
+            .map(|(k, _)| k.clone())?;
+        Some((found, memory.left(now)))
+    }
+
+    /// Remembers `adv` until these instants, as if read at start (tests).
+    #[cfg(test)]
+    pub(crate) fn remember_until(
+        &self,
+        adv: Advertisement,
+        until: Instant,
+        wall: time::OffsetDateTime,
+    ) {
+        self.memory.lock().unwrap().remember_until(adv, until, wall);
+    }
+
+    /// The remembered entries, for `stats` and `status`.
+    pub fn remembered_report(&self) -> Option<RememberedReport> {
+        self.memory.lock().unwrap().report(Instant::now())
+    }
+
+    /// The brain acknowledged a `hello` advertising `adv` for `identity`:
+    /// remembered for the next start (the file is written only when it
+    /// changed). Were the remembered entries meant for another brain or
+    /// agent (the settings were reloaded), they are forgotten.
+    pub fn acknowledged(&self, adv: &Advertisement, identity: &Identity) {
+        let mut memory = self.memory.lock().unwrap();
+        let Some(file) = memory.file.as_mut() else {
+            return;
+        };
+        let moved = file.identity() != identity;
+        file.acknowledged(adv, identity);
+        if moved && memory.forget() {
+            drop(memory);
+            self.changed.notify_one();
+        }
+    }
+
 }
 
 #[cfg(test)]

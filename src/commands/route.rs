@@ -44,8 +44,21 @@ fn by_target(clients: &ClientRegistry, cmd: &Command) -> Result<Vec<Reachable>, 
         "reconcile_task" => reconcile(clients, cmd),
         // purge_queue reaches here confirmed, with the queue's engine in
         // its target (super::purge).
-        _ => Ok(clients.able(cmd.engine(), &cmd.action)),
+        _ => by_engine(clients, cmd),
     }
+}
+
+/// By the command's engine (any engine without one): a connection that
+/// declared the action; when none did but the action is still advertised
+/// from before a restart, why it cannot run yet.
+fn by_engine(clients: &ClientRegistry, cmd: &Command) -> Result<Vec<Reachable>, String> {
+    let able = clients.able(cmd.engine(), &cmd.action);
+    if able.is_empty() {
+        if let Some(why) = not_back_yet(clients, cmd) {
+            return Err(why);
+        }
+    }
+    Ok(able)
 }
 
 /// How a `schedule.*` command is routed.
@@ -131,10 +144,10 @@ fn scheduler(
 ) -> Result<Vec<Reachable>, String> {
     match clients.scheduler_holder(name) {
         Some(holder) => Ok(vec![holder]),
-        None => Err(format!(
+        None => Err(not_back_yet(clients, cmd).unwrap_or_else(|| format!(
             "no connected local process declared scheduler {:?} (hello `schedulers`), so {:?} cannot run; start that scheduler's process",
             name, cmd.action
-        )),
+        ))),
     }
 }
 
@@ -342,5 +355,23 @@ pub(super) fn reconcile(clients: &ClientRegistry, cmd: &Command) -> Result<Vec<R
     Err(format!(
         "no connected local process declared action \"reconcile_task\" for {e}. The brain probes tasks it believes stuck with this action without checking what the agent advertises: a process of {e} that can look up a task's state declares \"reconcile_task\" in its hello capabilities; until one does, each probe fails with this reason",
         e = engine_text(engine)
+    ))
+}
+
+/// Why `cmd` cannot run yet when its action is advertised only because it
+/// was advertised before the daemon restarted: the process that declared
+/// it has not reconnected.
+fn not_back_yet(clients: &ClientRegistry, cmd: &Command) -> Option<String> {
+    let key = cmd.engine().or_else(|| {
+        cmd.target
+            .get("scheduler")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+    });
+    let (key, left) = clients.only_remembered(key, &cmd.action)?;
+    Some(format!(
+        "the process that declared action {:?} for {key:?} before z4j-agentd restarted has not reconnected yet; it stays advertised for {} s more (Z4J_RESTART_GRACE_SECONDS) while it may come back. Retry once it is connected, or check that it is running",
+        cmd.action,
+        left.as_secs().max(1)
     ))
 }

@@ -295,6 +295,9 @@ settings! {
     /// Seconds to drain the spool to the brain on SIGTERM before exiting (default 10)
     SHUTDOWN_GRACE_SECONDS shutdown_grace_seconds: Scalar "Z4J_SHUTDOWN_GRACE_SECONDS" "SECONDS"
         => Number<u64> = Number { default: 10, min: 0, max: 3600 };
+    /// Seconds what was advertised before a restart stays advertised while its processes reconnect (default 60; 0: off)
+    RESTART_GRACE_SECONDS restart_grace_seconds: Scalar "Z4J_RESTART_GRACE_SECONDS" "SECONDS"
+        => Number<u64> = Number { default: 60, min: 0, max: 3600 };
     /// Log format: text (default) or json
     LOG_FORMAT log_format: Text "Z4J_LOG_FORMAT" "FORMAT" => OneOf<LogFormat> = OneOf {
         choices: &[("text", LogFormat::Text), ("json", LogFormat::Json)],

@@ -140,6 +140,9 @@ pub struct Config {
     pub max_clients: usize,
     /// Drain grace on shutdown.
     pub shutdown_grace: Duration,
+    /// How long what was advertised before a restart stays advertised
+    /// while its processes reconnect (`Z4J_RESTART_GRACE_SECONDS`).
+    pub restart_grace: Duration,
     /// Log format.
     pub log_format: LogFormat,
     /// Log filter.
@@ -251,6 +254,7 @@ impl Options {
         let inflight_frames = s.get(&INFLIGHT_FRAMES)?;
         let ack_timeout = Duration::from_secs(s.get(&ACK_TIMEOUT_SECONDS)?);
         let shutdown_grace = Duration::from_secs(s.get(&SHUTDOWN_GRACE_SECONDS)?);
+        let restart_grace = Duration::from_secs(s.get(&RESTART_GRACE_SECONDS)?);
         let log_format = s.get(&LOG_FORMAT)?;
         let log_level = s.get(&LOG_LEVEL)?;
         let socket_path = s.get(&SOCKET_PATH)?;
@@ -284,6 +288,7 @@ impl Options {
             allowed_gids,
             max_clients,
             shutdown_grace,
+            restart_grace,
             log_format,
             log_level,
             metrics_addr,

@@ -715,8 +715,8 @@ fn the_config_file_is_refused_whole_in_serdes_words() {
          `buffer_max_events`, `buffer_max_bytes`, `buffer_overflow`, \
          `buffer_synchronous`, `socket_path`, `socket_mode`, `allowed_uids`, \
          `allowed_gids`, `max_clients`, `batch_max_events`, `inflight_frames`, \
-         `ack_timeout_seconds`, `shutdown_grace_seconds`, `log_format`, `log_level`, \
-         `metrics_addr`, `metrics_allow_remote`"
+         `ack_timeout_seconds`, `shutdown_grace_seconds`, `restart_grace_seconds`, \
+         `log_format`, `log_level`, `metrics_addr`, `metrics_allow_remote`"
     );
     assert_eq!(
         refused("log_level = 5\n"),
@@ -730,5 +730,26 @@ fn the_config_file_is_refused_whole_in_serdes_words() {
     assert_eq!(
         refused("batch_max_events = 9000\nbrain_url = true\n"),
         "invalid type: boolean `true`, expected a string"
+    );
+}
+
+#[test]
+fn the_restart_grace_defaults_to_a_minute_may_be_off_and_is_bounded() {
+    assert_eq!(
+        base().resolve(host()).unwrap().restart_grace,
+        Duration::from_secs(60)
+    );
+    let off = Options {
+        restart_grace_seconds: Some("0".into()),
+        ..base()
+    };
+    assert_eq!(off.resolve(host()).unwrap().restart_grace, Duration::ZERO);
+    let long = Options {
+        restart_grace_seconds: Some("3601".into()),
+        ..base()
+    };
+    assert_eq!(
+        long.resolve(host()).unwrap_err().key,
+        "Z4J_RESTART_GRACE_SECONDS"
     );
 }

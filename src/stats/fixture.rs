@@ -118,6 +118,19 @@ fn clients(s: &Stats) {
             facts: 26,
         },
     });
+    s.clients.remember_until(
+        Advertisement {
+            engines: vec!["huey".into()],
+            capabilities: BTreeMap::from([
+                ("huey".into(), vec!["cancel_task".into()]),
+                ("celery-beat".into(), vec!["schedule.trigger_now".into()]),
+            ]),
+            runtime_features: Vec::new(),
+            schedulers: vec!["celery-beat".into()],
+        },
+        Instant::now() + Duration::from_secs(3600),
+        datetime!(2026-12-01 10:01:00 UTC),
+    );
     s.clients.connected(
         9,
         ClientInfo {
@@ -187,6 +200,11 @@ pub(crate) fn steady(mut v: Value) -> Value {
             match k.as_str() {
                 "pid" | "uptime_seconds" => *val = Value::from(0u64),
                 "version" => *val = Value::from("VERSION"),
+                "remembered" => {
+                    if let Some(left) = val.get_mut("seconds_left") {
+                        *left = Value::from(0.0);
+                    }
+                }
                 _ => {}
             }
         }

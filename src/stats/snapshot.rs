@@ -26,7 +26,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use time::OffsetDateTime;
 
 use super::{ClientHealth, HealthCounts, Rates, Stats, UplinkState, UplinkStatus};
-use crate::clients::ClientInfo;
+use crate::clients::{ClientInfo, RememberedReport};
 use crate::protocol::{format_ts, Value};
 use crate::spool::SpoolStats;
 
@@ -171,6 +171,9 @@ pub struct Snapshot {
     pub advertised_capabilities: BTreeMap<String, Vec<String>>,
     /// Runtime features the last `hello` advertised.
     pub advertised_runtime_features: Vec<String>,
+    /// What is advertised only because it was advertised before the
+    /// restart, and until when (none when nothing is).
+    pub remembered: Option<RememberedReport>,
     /// Failed `accept` calls on the local socket (`/metrics` only).
     #[serde(skip)]
     pub accept_failures: u64,
@@ -462,6 +465,7 @@ impl Snapshot {
         self.engines = now.engines;
         self.capabilities = now.capabilities;
         self.runtime_features = now.runtime_features;
+        self.remembered = st.clients.remembered_report();
     }
 
     /// The `stats` reply as a [`Value`], keys in field order.

@@ -117,6 +117,9 @@ impl Uplink {
         };
         tracing::Span::current().record("session_id", ack.session_id.as_str());
         let streaks = self.record_connected(&settings, &ack, &advertised, line);
+        self.stats
+            .clients
+            .acknowledged(&advertised, &advertised_to(&settings));
         warn_clock_skew(ack.clock_skew_seconds);
         let mut session = BrainSession::new(self, &settings, ws, ack, advertised);
         session.scheduler_holders = holders;
@@ -278,6 +281,17 @@ impl Uplink {
         );
         streaks
     }
+}
+
+/// Whom the advertisement is made to (the brain, the worker slot, the
+/// agent token), so what is remembered for the next start is used only
+/// there.
+fn advertised_to(settings: &UplinkSettings) -> crate::clients::Identity {
+    crate::clients::Identity::new(
+        &settings.endpoint.base_url,
+        &settings.worker_id,
+        settings.token.expose(),
+    )
 }
 
 /// Warns when this host's clock is far from the brain's: past the limit,

@@ -18,6 +18,7 @@ mod ingest_limits;
 mod metrics_listener;
 mod observability;
 mod schedulers;
+mod restart_gap;
 mod spool_disk_full;
 mod uplink_faults;
 mod uplink_tls;

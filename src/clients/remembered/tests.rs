@@ -1,0 +1,344 @@
+use std::future::Future;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+
+use super::*;
+use crate::clients::{ClientInfo, ClientRegistry, Outbox};
+use crate::protocol::Value;
+
+struct Sink;
+
+impl Outbox for Sink {
+    fn offer(&self, _msg: &Value) -> bool {
+        true
+    }
+}
+
+fn strings(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+/// What a Celery worker and a beat declared before the restart.
+fn before() -> Advertisement {
+    Advertisement {
+        engines: strings(&["celery"]),
+        capabilities: BTreeMap::from([
+            ("celery".into(), strings(&["cancel_task", "retry_task"])),
+            ("celery-beat".into(), strings(&["schedule.trigger_now"])),
+        ]),
+        runtime_features: strings(&["retry_by_reference"]),
+        schedulers: strings(&["celery-beat"]),
+    }
+}
+
+fn identity() -> Identity {
+    Identity::new("http://brain:7700", "agentd-a", "token-one")
+}
+
+fn worker(engine: &str, actions: &[&str]) -> Registration {
+    Registration {
+        engines: strings(&[engine]),
+        capabilities: BTreeMap::from([(engine.to_string(), strings(actions))]),
+        ..Registration::default()
+    }
+}
+
+fn live(r: &ClientRegistry) -> Advertisement {
+    r.advertisement(&[], &BTreeMap::new())
+}
+
+/// Whether a change signal is pending, without waiting.
+fn signalled(r: &ClientRegistry) -> bool {
+    let mut wait = std::pin::pin!(r.changed());
+    let mut cx = Context::from_waker(Waker::noop());
+    matches!(wait.as_mut().poll(&mut cx), Poll::Ready(()))
+}
+
+/// A registry that read `adv` from a file written for [`identity`].
+fn restarted_with(adv: &Advertisement, grace: Duration) -> (ClientRegistry, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("buffer.sqlite.advertisement.json");
+    write(&path, adv, &identity()).unwrap();
+    let r = ClientRegistry::new();
+    r.remember_from(path, identity(), grace, &Advertisement::default());
+    (r, dir)
+}
+
+#[test]
+fn the_first_advertisement_after_a_restart_is_the_one_before() {
+    let (r, _dir) = restarted_with(&before(), Duration::from_secs(60));
+    assert_eq!(live(&r), before());
+    let report = r.remembered_report().expect("remembered");
+    assert_eq!(report.engines, strings(&["celery"]));
+    assert_eq!(report.schedulers, strings(&["celery-beat"]));
+    assert!(report.seconds_left > 50.0 && report.seconds_left <= 60.0);
+}
+
+#[test]
+fn a_process_declaring_again_takes_its_entries_over_and_the_rest_stays() {
+    let (r, _dir) = restarted_with(&before(), Duration::from_secs(60));
+    r.connected(1, ClientInfo::default());
+    r.declared(1, worker("celery", &["cancel_task"]), Arc::new(Sink));
+    // Nothing disappears: the union is what it was.
+    assert_eq!(live(&r), before());
+    let left = r.remembered_report().unwrap();
+    assert!(left.engines.is_empty(), "celery is declared again");
+    assert_eq!(
+        left.capabilities,
+        BTreeMap::from([
+            ("celery".into(), strings(&["retry_task"])),
+            ("celery-beat".into(), strings(&["schedule.trigger_now"])),
+        ])
+    );
+    assert_eq!(
+        r.only_remembered(Some("celery"), "retry_task").unwrap().0,
+        "celery"
+    );
+    assert!(r.only_remembered(Some("celery"), "cancel_task").is_none());
+    // The process that declared it again leaves: its entries leave with it,
+    // they are not remembered again.
+    r.disconnected(1);
+    let now = live(&r);
+    assert!(!now.capabilities["celery"].contains(&"cancel_task".to_string()));
+    assert_eq!(now.capabilities["celery"], strings(&["retry_task"]));
+    assert_eq!(
+        now.engines,
+        strings(&["celery"]),
+        "the action still names it"
+    );
+}
+
+#[test]
+fn every_entry_declared_again_leaves_nothing_remembered() {
+    let (r, _dir) = restarted_with(&before(), Duration::from_secs(60));
+    r.connected(1, ClientInfo::default());
+    let mut all = worker("celery", &["cancel_task", "retry_task"]);
+    all.runtime_features = strings(&["retry_by_reference"]);
+    r.connected(2, ClientInfo::default());
+    r.declared(1, all, Arc::new(Sink));
+    let beat = Registration {
+        schedulers: strings(&["celery-beat"]),
+        capabilities: BTreeMap::from([(
+            "celery-beat".to_string(),
+            strings(&["schedule.trigger_now"]),
+        )]),
+        ..Registration::default()
+    };
+    r.declared(2, beat, Arc::new(Sink));
+    assert!(r.remembered_report().is_none());
+    assert_eq!(live(&r), before());
+}
+
+#[test]
+fn the_grace_ends_what_nobody_declared_again_and_signals_it() {
+    let (r, _dir) = restarted_with(&before(), Duration::from_secs(60));
+    r.connected(1, ClientInfo::default());
+    r.declared(1, worker("celery", &["cancel_task"]), Arc::new(Sink));
+    while signalled(&r) {}
+    r.forget_remembered();
+    assert!(signalled(&r), "the advertisement shrank");
+    let now = live(&r);
+    assert_eq!(now.engines, strings(&["celery"]));
+    assert_eq!(
+        now.capabilities,
+        BTreeMap::from([("celery".into(), strings(&["cancel_task"]))])
+    );
+    assert!(now.schedulers.is_empty() && now.runtime_features.is_empty());
+    assert!(r.only_remembered(None, "retry_task").is_none());
+    r.forget_remembered();
+    assert!(!signalled(&r), "nothing left to forget: no signal");
+}
+
+#[test]
+fn the_grace_is_a_deadline_even_before_anyone_forgets() {
+    let r = ClientRegistry::new();
+    let past = Instant::now();
+    r.remember_until(before(), past, OffsetDateTime::now_utc());
+    assert_eq!(live(&r), Advertisement::default());
+    assert!(r.remembered_report().is_none());
+    assert!(r.only_remembered(Some("celery"), "retry_task").is_none());
+}
+
+#[test]
+fn a_zero_grace_remembers_nothing_but_still_writes() {
+    let (r, dir) = restarted_with(&before(), Duration::ZERO);
+    assert_eq!(live(&r), Advertisement::default());
+    let path = dir.path().join("buffer.sqlite.advertisement.json");
+    let new = Advertisement {
+        engines: strings(&["rq"]),
+        ..Advertisement::default()
+    };
+    r.acknowledged(&new, &identity());
+    assert_eq!(read(&path, &identity()).unwrap(), Some(new));
+}
+
+#[test]
+fn the_configuration_is_not_reported_as_remembered() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.json");
+    write(&path, &before(), &identity()).unwrap();
+    let r = ClientRegistry::new();
+    let configured = Advertisement::configured(
+        &[],
+        &BTreeMap::from([("celery".into(), strings(&["cancel_task", "retry_task"]))]),
+    );
+    r.remember_from(path, identity(), Duration::from_secs(60), &configured);
+    let report = r.remembered_report().unwrap();
+    assert!(report.engines.is_empty());
+    assert!(!report.capabilities.contains_key("celery"));
+}
+
+#[test]
+fn an_unusable_file_is_ignored_and_start_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.json");
+    let good = serde_json::to_value(Stored {
+        format: FORMAT,
+        identity: identity(),
+        written_at: "2026-12-01T10:00:00.000000Z".into(),
+        engines: strings(&["celery"]),
+        capabilities: BTreeMap::new(),
+        schedulers: Vec::new(),
+        runtime_features: Vec::new(),
+    })
+    .unwrap();
+    let edited = |key: &str, v: serde_json::Value| {
+        let mut x = good.clone();
+        x[key] = v;
+        serde_json::to_vec(&x).unwrap()
+    };
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("not JSON", b"{\"format\": 1, \"engi".to_vec()),
+        ("empty", Vec::new()),
+        ("binary", vec![0xff, 0x00, 0x12]),
+        (
+            "another brain",
+            edited("brain_url", "http://other:7700".into()),
+        ),
+        (
+            "another worker slot",
+            edited("worker_id", "agentd-b".into()),
+        ),
+        ("another token", edited("agent", "00".repeat(16).into())),
+        ("another format", edited("format", 2.into())),
+        ("a wrong type", edited("engines", "celery".into())),
+        ("an unknown key", edited("extra", 1.into())),
+        (
+            "a bad engine name",
+            edited("engines", serde_json::json!(["x".repeat(41)])),
+        ),
+        (
+            "a padded name",
+            edited("engines", serde_json::json!([" celery"])),
+        ),
+        (
+            "an empty action",
+            edited("capabilities", serde_json::json!({"celery": [""]})),
+        ),
+    ];
+    for (what, bytes) in cases {
+        std::fs::write(&path, &bytes).unwrap();
+        let r = ClientRegistry::new();
+        let until = r.remember_from(
+            path.clone(),
+            identity(),
+            Duration::from_secs(60),
+            &Advertisement::default(),
+        );
+        assert!(until.is_none(), "{what}: ignored");
+        assert_eq!(live(&r), Advertisement::default(), "{what}");
+        // It is replaced by the next acknowledged advertisement.
+        r.acknowledged(&before(), &identity());
+        assert_eq!(read(&path, &identity()).unwrap(), Some(before()), "{what}");
+    }
+    // The good one is used.
+    std::fs::write(&path, serde_json::to_vec(&good).unwrap()).unwrap();
+    let r = ClientRegistry::new();
+    assert!(r
+        .remember_from(
+            path.clone(),
+            identity(),
+            Duration::from_secs(60),
+            &Advertisement::default()
+        )
+        .is_some());
+    // A directory where the file should be: ignored too.
+    let r = ClientRegistry::new();
+    assert!(r
+        .remember_from(
+            dir.path().to_path_buf(),
+            identity(),
+            Duration::from_secs(60),
+            &Advertisement::default()
+        )
+        .is_none());
+}
+
+#[test]
+fn a_missing_file_is_no_warning_and_nothing_remembered() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, read) = AdvertisementFile::open(dir.path().join("none.json"), identity());
+    assert_eq!(read, Ok(None));
+}
+
+#[test]
+fn the_file_is_written_only_when_what_was_acknowledged_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.json");
+    let (mut f, _) = AdvertisementFile::open(path.clone(), identity());
+    assert!(f.acknowledged(&before(), &identity()), "first: written");
+    let first = std::fs::read(&path).unwrap();
+    assert!(!f.acknowledged(&before(), &identity()), "same: not written");
+    assert_eq!(std::fs::read(&path).unwrap(), first);
+    let fewer = Advertisement {
+        engines: strings(&["celery"]),
+        ..Advertisement::default()
+    };
+    assert!(f.acknowledged(&fewer, &identity()), "changed: written");
+    assert_eq!(read(&path, &identity()).unwrap(), Some(fewer.clone()));
+    let other = Identity::new("http://brain:7700", "agentd-a", "token-two");
+    assert!(f.acknowledged(&fewer, &other), "another agent: written");
+    assert!(
+        read(&path, &identity()).is_err(),
+        "now written for the other"
+    );
+    // What a restart reads is what was written: nothing written again.
+    let (mut again, got) = AdvertisementFile::open(path.clone(), other.clone());
+    assert_eq!(got, Ok(Some(fewer.clone())));
+    assert!(!again.acknowledged(&fewer, &other));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    assert!(!dir.path().join("a.json.tmp").exists(), "no temp file left");
+}
+
+#[test]
+fn the_token_is_not_in_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.json");
+    let token = "a-very-secret-agent-token-value";
+    let id = Identity::new("http://brain:7700", "agentd-a", token);
+    write(&path, &before(), &id).unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(!text.contains(token));
+    assert_ne!(id.agent, identity().agent, "tokens told apart");
+}
+
+#[test]
+fn an_acknowledgement_for_another_brain_forgets_what_was_remembered() {
+    let (r, _dir) = restarted_with(&before(), Duration::from_secs(60));
+    while signalled(&r) {}
+    let other = Identity::new("http://other:7700", "agentd-a", "token-one");
+    r.acknowledged(&before(), &other);
+    assert!(r.remembered_report().is_none());
+    assert!(signalled(&r), "the advertisement shrank");
+    assert_eq!(live(&r), Advertisement::default());
+}
+
+#[test]
+fn the_file_lives_beside_the_spool() {
+    assert_eq!(
+        file_beside(Path::new("/var/lib/z4j-agentd/buffer.sqlite")),
+        Path::new("/var/lib/z4j-agentd/buffer.sqlite.advertisement.json")
+    );
+}
