@@ -397,28 +397,8 @@ impl Router {
                 }
             }
         }
-        let key = self.key.as_ref().map(|k| k());
-        let prepared = route::prepare(&self.stats.clients, cmd, key.as_ref());
-        drop(key);
-        let prepared = match prepared {
-            Ok(Some(confirmed)) => {
-                if confirmed.forced {
-                    self.stats.purge_forced();
-                    let queue = confirmed
-                        .command
-                        .parameters
-                        .get("queue")
-                        .and_then(Value::as_str)
-                        .unwrap_or("?");
-                    tracing::error!(
-                        command_id = %cmd.id,
-                        queue,
-                        "purge_queue with force: passed on without a confirm_token check, as the brain's admin asked"
-                    );
-                }
-                Some(confirmed.command)
-            }
-            Ok(None) => None,
+        let prepared = match self.prepare(cmd) {
+            Ok(p) => p,
             Err(why) => {
                 return self.refuse(inner, cmd, format!("z4j-agentd on {host}: {why}"), now)
             }
@@ -444,22 +424,34 @@ impl Router {
                 Err(who) => full.push(who),
             }
         }
-        let engine_text = engine
-            .map(|e| format!("engine {e:?}"))
-            .unwrap_or_else(|| "any engine".into());
-        let error = if full.is_empty() {
-            format!(
-                "z4j-agentd on {host}: no connected local process runs action {:?} for {engine_text}; start a worker that registers it (hello with capabilities). The brain hands each command to one connection of the agent: if several daemons share this agent's token, the worker may be behind another one; give each host its own agent token",
-                cmd.action
-            )
-        } else {
-            format!(
-                "z4j-agentd on {host}: the local processes that run action {:?} for {engine_text} are not reading their connection ({})",
-                cmd.action,
-                full.join(", ")
-            )
-        };
+        let error = nobody_runs(cmd, engine, host, &full);
         self.refuse(inner, cmd, error, now)
+    }
+
+    /// What must hold before `cmd` is routed ([`route::prepare`]), and the
+    /// command as the process gets it when that differs from what the
+    /// brain sent. A forced purge, passed on unchecked, is logged loudly
+    /// and counted.
+    fn prepare(&self, cmd: &Command) -> Result<Option<Command>, String> {
+        let key = self.key.as_ref().map(|k| k());
+        let Some(confirmed) = route::prepare(&self.stats.clients, cmd, key.as_ref())? else {
+            return Ok(None);
+        };
+        if confirmed.forced {
+            self.stats.purge_forced();
+            let queue = confirmed
+                .command
+                .parameters
+                .get("queue")
+                .and_then(Value::as_str)
+                .unwrap_or("?");
+            tracing::error!(
+                command_id = %cmd.id,
+                queue,
+                "purge_queue with force: passed on without a confirm_token check, as the brain's admin asked"
+            );
+        }
+        Ok(Some(confirmed.command))
     }
 
     /// Nobody may run `cmd`: it fails at once with `error`, remembered for
@@ -514,147 +506,6 @@ impl Router {
             router.expire(&id, budget);
         });
         Ok(c.who)
-    }
-
-    /// Keeps an activation for `scheduler` until a process declares it or
-    /// its local budget runs out. A newer activation for the same
-    /// scheduler replaces an older one (the brain issued a new epoch), which
-    /// is answered `failed`.
-    fn hold(
-        self: &Arc<Self>,
-        mut inner: std::sync::MutexGuard<'_, Inner>,
-        cmd: &Command,
-        scheduler: String,
-        host: &str,
-        now: Instant,
-    ) -> Dispatch {
-        let budget = cmd.local_budget();
-        let mut superseded = Vec::new();
-        inner.held.retain(|h| {
-            if h.scheduler != scheduler {
-                return true;
-            }
-            superseded.push(CommandResult::failed(
-                &h.cmd.id,
-                &h.cmd.claim,
-                format!(
-                    "z4j-agentd on {}: a newer activation for scheduler {:?} replaced this one before a process declared the scheduler",
-                    h.host, h.scheduler
-                ),
-            ));
-            false
-        });
-        for r in &superseded {
-            inner.remember(&r.id, Seen::Done(r.clone()), now);
-        }
-        inner.held.push(Held {
-            cmd: cmd.clone(),
-            scheduler: scheduler.clone(),
-            host: host.to_string(),
-            until: now + budget,
-        });
-        inner.remember(&cmd.id, Seen::Running, now);
-        drop(inner);
-        for r in superseded {
-            self.finish(r);
-        }
-        let router = Arc::clone(self);
-        let id = cmd.id.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(budget).await;
-            router.expire_held(&id, budget);
-        });
-        Dispatch::Held { scheduler }
-    }
-
-    /// A held activation's budget ran out before its scheduler's process
-    /// declared it.
-    fn expire_held(&self, id: &str, budget: Duration) {
-        let r = {
-            let mut inner = self.inner.lock().unwrap();
-            let Some(at) = inner.held.iter().position(|h| h.cmd.id == id) else {
-                return;
-            };
-            let h = inner.held.remove(at);
-            let r = CommandResult::failed(
-                id,
-                &h.cmd.claim,
-                format!(
-                    "z4j-agentd on {}: no local process declared scheduler {:?} (hello `schedulers`) within {:.0} s of the brain's activation, which was kept for it until now. Start the scheduler's process: when it declares the scheduler the daemon says hello again and the brain sends a new activation",
-                    h.host,
-                    h.scheduler,
-                    budget.as_secs_f64()
-                ),
-            );
-            inner.remember(id, Seen::Done(r.clone()), Instant::now());
-            r
-        };
-        tracing::warn!(command_id = %id, "activation failed: its scheduler's process did not connect in time");
-        self.finish(r);
-    }
-
-    /// A connection said `hello`: each held activation whose scheduler a
-    /// connection now holds is handed to it, with what is left of its
-    /// budget. (An activation is held only while no connection holds its
-    /// scheduler, so none waits for it either: a hello is the only way one
-    /// becomes deliverable.)
-    pub fn hand_over_held(self: &Arc<Self>) {
-        let holders = self.stats.clients.scheduler_holders();
-        let now = Instant::now();
-        let mut failed = Vec::new();
-        {
-            let mut inner = self.inner.lock().unwrap();
-            if inner.held.is_empty() {
-                return;
-            }
-            let (ready, waiting): (Vec<Held>, Vec<Held>) = std::mem::take(&mut inner.held)
-                .into_iter()
-                .partition(|h| holders.contains_key(&h.scheduler));
-            inner.held = waiting;
-            for h in ready {
-                let budget = h.until.saturating_duration_since(now);
-                let handed = self
-                    .stats
-                    .clients
-                    .scheduler_holder(&h.scheduler)
-                    .ok_or_else(|| "the local process".to_string())
-                    .and_then(|c| {
-                        let msg = local_command(&h.cmd, budget);
-                        self.start(&mut inner, &h.cmd, c, &msg, budget, now)
-                    });
-                match handed {
-                    Ok(who) => tracing::info!(
-                        command_id = %h.cmd.id,
-                        scheduler = %h.scheduler,
-                        to = %who,
-                        "held activation handed to the process that declared its scheduler"
-                    ),
-                    Err(who) => {
-                        let r = CommandResult::failed(
-                            &h.cmd.id,
-                            &h.cmd.claim,
-                            format!(
-                                "z4j-agentd on {}: {who} declared scheduler {:?} but is not reading its connection, so the activation kept for it could not be handed over",
-                                h.host, h.scheduler
-                            ),
-                        );
-                        inner.remember(&r.id, Seen::Done(r.clone()), now);
-                        failed.push(r);
-                    }
-                }
-            }
-        }
-        for r in failed {
-            self.finish(r);
-        }
-    }
-
-    /// Whether scheduler `name`'s process `conn` has, or will get, an
-    /// activation without a new `hello`: one is held for the scheduler, or
-    /// the latest one was handed to `conn`.
-    pub fn activation_reaches(&self, name: &str, conn: u64) -> bool {
-        let inner = self.inner.lock().unwrap();
-        inner.held.iter().any(|h| h.scheduler == name) || inner.activated.get(name) == Some(&conn)
     }
 
     /// The local budget ran out.
@@ -749,6 +600,26 @@ fn local_command(cmd: &Command, budget: Duration) -> Value {
     msg
 }
 
+/// Why no connected process took `cmd`: nobody declared it, or those who
+/// did (`full`) are not reading their connection.
+fn nobody_runs(cmd: &Command, engine: Option<&str>, host: &str, full: &[String]) -> String {
+    let engine_text = engine
+        .map(|e| format!("engine {e:?}"))
+        .unwrap_or_else(|| "any engine".into());
+    if full.is_empty() {
+        format!(
+            "z4j-agentd on {host}: no connected local process runs action {:?} for {engine_text}; start a worker that registers it (hello with capabilities). The brain hands each command to one connection of the agent: if several daemons share this agent's token, the worker may be behind another one; give each host its own agent token",
+            cmd.action
+        )
+    } else {
+        format!(
+            "z4j-agentd on {host}: the local processes that run action {:?} for {engine_text} are not reading their connection ({})",
+            cmd.action,
+            full.join(", ")
+        )
+    }
+}
+
 /// Validates a client's answer: `(success, result, error)`.
 fn parse_answer(_id: &str, msg: &Value) -> Result<(bool, Value, Option<String>), String> {
     let success = match msg.get("status").and_then(Value::as_str) {
@@ -795,6 +666,7 @@ fn parse_answer(_id: &str, msg: &Value) -> Result<(bool, Value, Option<String>),
     Ok((success, result, error))
 }
 
+mod held;
 mod purge;
 mod route;
 

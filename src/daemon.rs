@@ -242,12 +242,12 @@ async fn start(
     }
     let stats = Arc::new(Stats::new());
     stats.set_info(daemon_info(&config, &spool_path, &socket_path));
-    let remembered_until = remember_advertisement(&config, &stats, &spool_path);
+    let remembered_expiry = remember_advertisement(&config, &stats, &spool_path);
+    if let Some(t) = &remembered_expiry {
+        startup.tasks.push(t.abort_handle());
+    }
     stats.sample(spool_handle.stats());
-    // purge_queue's confirm token is checked under the key that signs
-    // frames, as the settings hold it now (SIGHUP may replace it).
-    let keys = settings.clone();
-    let (router, results) = Router::with_key(stats.clone(), move || keys.borrow().key.clone());
+    let (router, results) = command_router(&stats, &settings);
     let beats = Beats::new();
     let ingest_stop = CancellationToken::new();
     let ingest = Ingest::new(
@@ -290,13 +290,6 @@ async fn start(
         results,
     );
     let reporter = tokio::spawn(report_status(stats.clone(), spool_handle.clone()));
-    let remembered_expiry = remembered_until.map(|until| {
-        let stats = stats.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep_until(until.into()).await;
-            stats.clients.forget_remembered();
-        })
-    });
     Ok(Daemon {
         spool,
         spool_handle,
@@ -374,27 +367,43 @@ fn daemon_info(
     }
 }
 
+/// The command router. `purge_queue`'s confirm token is checked under the
+/// key that signs frames, as the settings hold it at the time (SIGHUP may
+/// replace it).
+fn command_router(
+    stats: &Arc<Stats>,
+    settings: &watch::Receiver<UplinkSettings>,
+) -> (Arc<Router>, crate::commands::Results) {
+    let keys = settings.clone();
+    Router::with_key(stats.clone(), move || keys.borrow().key.clone())
+}
+
 /// Opens the file beside the spool where the advertisement the brain
 /// acknowledged is remembered, and advertises what it holds until the
 /// processes declare it again or the restart grace is over (so the brain
-/// does not see this host's engines vanish while they reconnect). Returns
-/// when that grace ends, if anything was remembered.
+/// does not see this host's engines vanish while they reconnect). When
+/// anything was remembered, returns the task that ends the grace.
 fn remember_advertisement(
     config: &Config,
-    stats: &Stats,
+    stats: &Arc<Stats>,
     spool_path: &std::path::Path,
-) -> Option<std::time::Instant> {
+) -> Option<tokio::task::JoinHandle<()>> {
     let u = &config.uplink;
     let identity =
         crate::clients::Identity::new(&u.endpoint.base_url, &u.worker_id, u.token.expose());
     let configured =
         crate::clients::Advertisement::configured(&u.static_engines, &u.static_capabilities);
-    stats.clients.remember_from(
+    let until = stats.clients.remember_from(
         crate::clients::file_beside(spool_path),
         identity,
         config.restart_grace,
         &configured,
-    )
+    )?;
+    let stats = stats.clone();
+    Some(tokio::spawn(async move {
+        tokio::time::sleep_until(until.into()).await;
+        stats.clients.forget_remembered();
+    }))
 }
 
 /// Resolves the spool's path (warning when it fell back to the private

@@ -420,10 +420,26 @@ enum Kind {
 /// Cuts, in the documented order, until the object takes at most `max`
 /// bytes.
 fn fit(plan: &mut Plan, max: usize) {
-    if plan.bytes() <= max {
+    if plan.bytes() <= max
+        || strip_largest_workers(plan, max)
+        || drop_workers(plan, max)
+        || drop_queues(plan, max)
+    {
         return;
     }
-    // 1, 2: lists and documents of the largest workers first.
+    // 5: facts, the last keys first.
+    while plan.bytes() > max {
+        let Some(f) = plan.facts.pop() else {
+            return;
+        };
+        plan.fact_costs -= f.cost;
+        plan.cuts.facts += 1;
+    }
+}
+
+/// Steps 1 and 2: `registered`, then `active` and `conf`, of the largest
+/// workers first. Whether the object fits now.
+fn strip_largest_workers(plan: &mut Plan, max: usize) -> bool {
     for step in [&["registered"][..], &["active", "conf"][..]] {
         let mut order: Vec<(usize, String, String)> = plan
             .engines
@@ -448,11 +464,16 @@ fn fit(plan: &mut Plan, max: usize) {
                 plan.cuts.details += 1;
             }
             if plan.bytes() <= max {
-                return;
+                return true;
             }
         }
     }
-    // 3: whole workers, least recently reported first.
+    false
+}
+
+/// Step 3: whole workers, least recently reported first. Whether the
+/// object fits now.
+fn drop_workers(plan: &mut Plan, max: usize) -> bool {
     let mut order: Vec<(Freshness, String, String)> = plan
         .engines
         .iter()
@@ -471,11 +492,16 @@ fn fit(plan: &mut Plan, max: usize) {
         {
             plan.cuts.workers += 1;
             if plan.bytes() <= max {
-                return;
+                return true;
             }
         }
     }
-    // 4: queues, least recently reported first.
+    false
+}
+
+/// Step 4: queues, least recently reported first. Whether the object fits
+/// now.
+fn drop_queues(plan: &mut Plan, max: usize) -> bool {
     let mut order: Vec<(Freshness, String, String)> = plan
         .engines
         .iter()
@@ -494,18 +520,11 @@ fn fit(plan: &mut Plan, max: usize) {
         {
             plan.cuts.queues += 1;
             if plan.bytes() <= max {
-                return;
+                return true;
             }
         }
     }
-    // 5: facts, the last keys first.
-    while plan.bytes() > max {
-        let Some(f) = plan.facts.pop() else {
-            return;
-        };
-        plan.fact_costs -= f.cost;
-        plan.cuts.facts += 1;
-    }
+    false
 }
 
 /// The entries as sent: per engine `queue_depths` then `worker_details`,

@@ -638,7 +638,6 @@ impl ClientRegistry {
             self.changed.notify_one();
         }
     }
-
 }
 
 #[cfg(test)]

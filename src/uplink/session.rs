@@ -152,10 +152,7 @@ impl Uplink {
     /// that session normally and says `hello` again at once, with no
     /// backoff and no failure counted, at most once per attempt (see
     /// [`contract`]). Returns the session and the line it named.
-    async fn handshake(
-        &mut self,
-        settings: &UplinkSettings,
-    ) -> Result<Handshake, SessionEnd> {
+    async fn handshake(&mut self, settings: &UplinkSettings) -> Result<Handshake, SessionEnd> {
         let last_seen = self.spool.stats().brain_line();
         let mut line = contract::first_line(last_seen.and_then(BrainLine::from_code));
         let mut rehello_used = false;
