@@ -318,6 +318,11 @@ impl Router {
             |who| format!("z4j-agentd on {host} is shutting down; {who} had not answered yet"),
             "command failed: the daemon is shutting down",
         );
+        self.fail_held(|scheduler| {
+            format!(
+                "z4j-agentd on {host} is shutting down; no local process had declared scheduler {scheduler:?} (hello `schedulers`) to take the brain's activation"
+            )
+        });
     }
 
     /// The connection is gone: every command it was running fails now.
@@ -397,13 +402,16 @@ impl Router {
                 }
             }
         }
-        let prepared = match self.prepare(cmd) {
+        let key = self.key.as_ref().map(|k| k());
+        let prepared = match route::prepare(&self.stats.clients, cmd, key.as_ref()) {
             Ok(p) => p,
             Err(why) => {
                 return self.refuse(inner, cmd, format!("z4j-agentd on {host}: {why}"), now)
             }
         };
-        let cmd = prepared.as_ref().unwrap_or(cmd);
+        drop(key);
+        let forced = prepared.as_ref().is_some_and(|p| p.forced);
+        let cmd = prepared.as_ref().map_or(cmd, |p| &p.command);
         let engine = cmd.engine();
         let mut candidates = match route::candidates(&self.stats.clients, cmd) {
             Ok(c) => c,
@@ -420,7 +428,12 @@ impl Router {
         let mut full = Vec::new();
         for c in candidates {
             match self.start(&mut inner, cmd, c, &msg, budget, now) {
-                Ok(who) => return Dispatch::Started { who },
+                Ok(who) => {
+                    if forced {
+                        self.forced_purge_passed_on(cmd);
+                    }
+                    return Dispatch::Started { who };
+                }
                 Err(who) => full.push(who),
             }
         }
@@ -428,30 +441,20 @@ impl Router {
         self.refuse(inner, cmd, error, now)
     }
 
-    /// What must hold before `cmd` is routed ([`route::prepare`]), and the
-    /// command as the process gets it when that differs from what the
-    /// brain sent. A forced purge, passed on unchecked, is logged loudly
-    /// and counted.
-    fn prepare(&self, cmd: &Command) -> Result<Option<Command>, String> {
-        let key = self.key.as_ref().map(|k| k());
-        let Some(confirmed) = route::prepare(&self.stats.clients, cmd, key.as_ref())? else {
-            return Ok(None);
-        };
-        if confirmed.forced {
-            self.stats.purge_forced();
-            let queue = confirmed
-                .command
-                .parameters
-                .get("queue")
-                .and_then(Value::as_str)
-                .unwrap_or("?");
-            tracing::error!(
-                command_id = %cmd.id,
-                queue,
-                "purge_queue with force: passed on without a confirm_token check, as the brain's admin asked"
-            );
-        }
-        Ok(Some(confirmed.command))
+    /// A purge the brain's admin sent with `force` went to a process
+    /// without the confirm-token check: logged loudly and counted.
+    fn forced_purge_passed_on(&self, cmd: &Command) {
+        self.stats.purge_forced();
+        let queue = cmd
+            .parameters
+            .get("queue")
+            .and_then(Value::as_str)
+            .unwrap_or("?");
+        tracing::error!(
+            command_id = %cmd.id,
+            queue,
+            "purge_queue with force: passed on without a confirm_token check, as the brain's admin asked"
+        );
     }
 
     /// Nobody may run `cmd`: it fails at once with `error`, remembered for

@@ -91,6 +91,25 @@ impl Router {
         self.finish(r);
     }
 
+    /// Fails every held activation now, each with `why(its scheduler)`.
+    pub(super) fn fail_held(&self, why: impl Fn(&str) -> String) {
+        let failed: Vec<CommandResult> = {
+            let mut inner = self.inner.lock().unwrap();
+            let held = std::mem::take(&mut inner.held);
+            held.into_iter()
+                .map(|h| {
+                    let r = CommandResult::failed(&h.cmd.id, &h.cmd.claim, why(&h.scheduler));
+                    inner.remember(&h.cmd.id, Seen::Done(r.clone()), Instant::now());
+                    r
+                })
+                .collect()
+        };
+        for r in failed {
+            tracing::warn!(command_id = %r.id, "activation failed: the daemon is shutting down");
+            self.finish(r);
+        }
+    }
+
     /// A connection said `hello`: each held activation whose scheduler a
     /// connection now holds is handed to it, with what is left of its
     /// budget. (An activation is held only while no connection holds its

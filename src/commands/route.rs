@@ -331,8 +331,7 @@ pub(super) fn rate_limit(
 /// Whether `c`'s health report lists `task` among the registered tasks of
 /// one of its `engine` workers.
 fn registers(c: &ClientInfo, engine: &str, task: &str) -> bool {
-    c.health
-        .as_ref()
+    c.fresh_report()
         .and_then(|h| h.engines.get(engine))
         .is_some_and(|eh| {
             eh.workers.values().any(|w| {

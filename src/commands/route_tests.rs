@@ -420,6 +420,28 @@ async fn a_forced_purge_is_passed_on_and_counted() {
 }
 
 #[tokio::test]
+async fn a_forced_purge_nobody_can_run_is_refused_and_not_counted_as_passed_on() {
+    let (router, _results) = router();
+    let mut a = join(&router, 1, &[("celery", &["restart_worker"])], &[]);
+    report(&router, 1, "celery", &[("default", 4)], &[], 0);
+    let c = purge("p-8b", "default", r#"{"confirm_token":null,"force":true}"#);
+    let e = refused(router.dispatch(&c, "h"));
+    assert!(
+        e.contains("no connected local process runs action \"purge_queue\""),
+        "{e}"
+    );
+    assert!(received(&mut a).is_none());
+    assert_eq!(
+        router
+            .stats
+            .purges_forced
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "a forced purge that reached no process is not counted as passed on"
+    );
+}
+
+#[tokio::test]
 async fn a_router_without_the_key_refuses_every_confirmed_purge() {
     let (router, _results) = Router::new(Arc::new(Stats::new()));
     let _a = join(&router, 1, WORKER_CAPS, &[]);

@@ -359,6 +359,31 @@ async fn a_held_activation_fails_with_the_reason_when_its_budget_runs_out() {
 }
 
 #[tokio::test]
+async fn a_held_activation_is_answered_when_the_daemon_shuts_down() {
+    let (router, mut results) = Router::new(stats());
+    router.dispatch(&activation("h-4", "celery-beat", "k4"), "web-1");
+    assert!(results.try_recv().is_err(), "held, not answered yet");
+    router.shutting_down("web-1");
+    let r = results.try_recv().expect("answered at shutdown");
+    assert_eq!((r.id.as_str(), r.success), ("h-4", false));
+    assert_eq!(r.claim, Value::from("k4"));
+    let e = r.error.clone().unwrap();
+    assert!(
+        e.contains("web-1 is shutting down") && e.contains("\"celery-beat\""),
+        "{e}"
+    );
+    assert!(!router.activation_reaches("celery-beat", 1));
+    assert_eq!(
+        router.dispatch(&activation("h-4", "celery-beat", "k5"), "web-1"),
+        Dispatch::DuplicateDone(CommandResult {
+            claim: Value::from("k5"),
+            ..r.clone()
+        }),
+        "a re-delivery after shutdown gets the same answer"
+    );
+}
+
+#[tokio::test]
 async fn a_restarted_process_takes_the_scheduler_over_and_needs_a_new_activation() {
     let (router, mut results) = Router::new(stats());
     let mut old = connect(&router, 1, beat("celery-beat"));
