@@ -11,14 +11,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use support::fake_brain::{Behavior, FakeBrain};
-use tokio::sync::{oneshot, watch};
+use support::{brain_command, strings_at};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use z4j_agentd::client::Client;
-use z4j_agentd::daemon::{self, DaemonError};
-use z4j_agentd::host::HostEnv;
+use z4j_agentd::daemon::DaemonError;
 use z4j_agentd::protocol::Value;
-use z4j_agentd::stats::{Stats, UplinkState};
+use z4j_agentd::stats::Stats;
 
 /// One run of a daemon on a home directory that outlives it.
 struct Run {
@@ -33,43 +32,14 @@ impl Run {
     /// socket under `dir`, and waits until it is connected.
     async fn start(brain: &FakeBrain, dir: &Path, grace_s: u64) -> Run {
         let mut opts = support::options(&brain.url);
-        let socket = dir.join("agent.sock");
-        opts.socket_path = Some(socket.clone());
         opts.restart_grace_seconds = Some(grace_s.to_string());
-        let home = dir.join("home");
-        std::fs::create_dir_all(&home).unwrap();
-        let host = HostEnv {
-            home: Some(home),
-            tmpdir: dir.join("tmp"),
-            uid: z4j_agentd::host::current_uid(),
-            hostname: "testhost".into(),
-            ..HostEnv::default()
-        };
-        std::fs::create_dir_all(&host.tmpdir).unwrap();
-        let config = opts.resolve(host).expect("valid test config");
-        let (tx, rx) = watch::channel(config.uplink.clone());
-        let shutdown = CancellationToken::new();
-        let (ready_tx, ready_rx) = oneshot::channel();
-        let token = shutdown.clone();
-        let task = tokio::spawn(async move {
-            let _keep_settings_sender = tx;
-            daemon::run(config, rx, token, Some(ready_tx)).await
-        });
-        let ready = tokio::time::timeout(Duration::from_secs(10), ready_rx)
-            .await
-            .expect("daemon ready in time")
-            .expect("the daemon started");
-        let stats = ready.stats;
-        let s = stats.clone();
-        support::wait_for(10, "connected", || {
-            s.uplink().state == UplinkState::Connected
-        })
-        .await;
+        let l = support::launch(opts, dir, |_| {}).await;
+        support::wait_uplink_connected(&l.stats).await;
         Run {
-            socket: ready.socket_path,
-            stats,
-            shutdown,
-            task,
+            socket: l.socket,
+            stats: l.stats,
+            shutdown: l.shutdown,
+            task: l.task,
         }
     }
 
@@ -87,42 +57,22 @@ impl Run {
     }
 }
 
-fn hellos(brain: &FakeBrain) -> Vec<Value> {
-    brain.seen.hellos.lock().unwrap().clone()
-}
-
 /// The actions a `hello` advertises for `engine`.
 fn actions(hello: &Value, engine: &str) -> Vec<String> {
     hello
         .get("capabilities")
-        .and_then(|c| c.get(engine))
-        .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(Value::as_str)
-                .map(str::to_string)
-                .collect()
-        })
+        .map(|c| strings_at(c, engine))
         .unwrap_or_default()
 }
 
 fn engines(hello: &Value) -> Vec<String> {
-    hello
-        .get("engines")
-        .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(Value::as_str)
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default()
+    strings_at(hello, "engines")
 }
 
 /// Waits until the fake saw `n` hellos.
 async fn hello_count(brain: &FakeBrain, n: usize, secs: u64, what: &str) -> Vec<Value> {
-    support::wait_for(secs, what, || hellos(brain).len() >= n).await;
-    hellos(brain)
+    support::wait_for(secs, what, || brain.hellos().len() >= n).await;
+    brain.hellos()
 }
 
 /// A first run in which a Celery worker declared `cancel_task`, until the
@@ -148,13 +98,7 @@ fn cancel(engine: &str) -> Value {
     target.insert("type", "task");
     target.insert("id", format!("{engine}:t-1"));
     target.insert("engine", engine);
-    let mut p = Value::empty_map();
-    p.insert("action", "cancel_task");
-    p.insert("target", target);
-    p.insert("parameters", Value::empty_map());
-    p.insert("timeout_seconds", 60u64);
-    p.insert("delivery_claim_token", "claim-1");
-    p
+    brain_command("cancel_task", target, Value::empty_map(), "claim-1".into())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -162,7 +106,7 @@ async fn after_a_restart_the_first_hello_carries_the_engines_until_the_grace_end
     let brain = FakeBrain::start(Behavior::default()).await;
     let dir = tempfile::tempdir().unwrap();
     first_run_with_a_worker(&brain, dir.path()).await;
-    let before = hellos(&brain).len();
+    let before = brain.hellos().len();
 
     let run = Run::start(&brain, dir.path(), 3).await;
     let seen = hello_count(&brain, before + 1, 10, "the restarted daemon's hello").await;
@@ -217,7 +161,7 @@ async fn after_a_restart_the_first_hello_carries_the_engines_until_the_grace_end
     );
     drop(c);
     run.stop().await;
-    assert_eq!(hellos(&brain).len(), before + 2, "exactly one more");
+    assert_eq!(brain.hellos().len(), before + 2, "exactly one more");
 
     // And the next start remembers no celery.
     let run = Run::start(&brain, dir.path(), 3).await;
@@ -231,7 +175,7 @@ async fn a_worker_that_comes_back_within_the_grace_causes_no_second_hello() {
     let brain = FakeBrain::start(Behavior::default()).await;
     let dir = tempfile::tempdir().unwrap();
     first_run_with_a_worker(&brain, dir.path()).await;
-    let before = hellos(&brain).len();
+    let before = brain.hellos().len();
 
     let run = Run::start(&brain, dir.path(), 3).await;
     hello_count(&brain, before + 1, 10, "the restarted daemon's hello").await;
@@ -249,7 +193,7 @@ async fn a_worker_that_comes_back_within_the_grace_causes_no_second_hello() {
     );
     // Past the grace and the debounce: still the one hello.
     tokio::time::sleep(Duration::from_secs(6)).await;
-    assert_eq!(hellos(&brain).len(), before + 1, "{:?}", hellos(&brain));
+    assert_eq!(brain.hellos().len(), before + 1, "{:?}", brain.hellos());
     assert_eq!(
         brain
             .seen
