@@ -6,55 +6,21 @@
 
 use crate::support;
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::Path;
 use std::time::Duration;
 
 use support::fake_brain::{Behavior, FakeBrain};
-use support::{brain_command, strings_at};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
-use z4j_agentd::client::Client;
-use z4j_agentd::daemon::DaemonError;
+use support::{brain_command, strings_at, TestDaemon};
 use z4j_agentd::protocol::Value;
-use z4j_agentd::stats::Stats;
 
-/// One run of a daemon on a home directory that outlives it.
-struct Run {
-    socket: PathBuf,
-    stats: Arc<Stats>,
-    shutdown: CancellationToken,
-    task: JoinHandle<Result<(), DaemonError>>,
-}
-
-impl Run {
-    /// Starts a daemon for `brain` with this restart grace, its spool and
-    /// socket under `dir`, and waits until it is connected.
-    async fn start(brain: &FakeBrain, dir: &Path, grace_s: u64) -> Run {
-        let mut opts = support::options(&brain.url);
-        opts.restart_grace_seconds = Some(grace_s.to_string());
-        let l = support::launch(opts, dir, |_| {}).await;
-        support::wait_uplink_connected(&l.stats).await;
-        Run {
-            socket: l.socket,
-            stats: l.stats,
-            shutdown: l.shutdown,
-            task: l.task,
-        }
-    }
-
-    async fn client(&self) -> Client {
-        Client::connect(&self.socket).await.unwrap()
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(30), self.task)
-            .await
-            .expect("daemon stops in time")
-            .unwrap()
-            .unwrap();
-    }
+/// Starts a daemon for `brain` with this restart grace, its spool and
+/// socket under `dir` (which outlives it), and waits until it is connected.
+async fn start_run(brain: &FakeBrain, dir: &Path, grace_s: u64) -> TestDaemon {
+    let mut opts = support::options(&brain.url);
+    opts.restart_grace_seconds = Some(grace_s.to_string());
+    let d = TestDaemon::start_in(opts, dir).await;
+    support::wait_uplink_connected(&d.stats).await;
+    d
 }
 
 /// The actions a `hello` advertises for `engine`.
@@ -78,7 +44,7 @@ async fn hello_count(brain: &FakeBrain, n: usize, secs: u64, what: &str) -> Vec<
 /// A first run in which a Celery worker declared `cancel_task`, until the
 /// brain acknowledged a `hello` that advertises it; then stopped.
 async fn first_run_with_a_worker(brain: &FakeBrain, dir: &Path) {
-    let run = Run::start(brain, dir, 60).await;
+    let run = start_run(brain, dir, 60).await;
     let mut worker = run.client().await;
     worker
         .hello_with_capabilities("celery-worker", &[("celery", &["cancel_task"])])
@@ -90,7 +56,7 @@ async fn first_run_with_a_worker(brain: &FakeBrain, dir: &Path) {
     })
     .await;
     drop(worker);
-    run.stop().await;
+    run.stop().await.unwrap();
 }
 
 fn cancel(engine: &str) -> Value {
@@ -108,7 +74,7 @@ async fn after_a_restart_the_first_hello_carries_the_engines_until_the_grace_end
     first_run_with_a_worker(&brain, dir.path()).await;
     let before = brain.hellos().len();
 
-    let run = Run::start(&brain, dir.path(), 3).await;
+    let run = start_run(&brain, dir.path(), 3).await;
     let seen = hello_count(&brain, before + 1, 10, "the restarted daemon's hello").await;
     let first = &seen[before];
     assert_eq!(engines(first), ["celery"], "{first:?}");
@@ -160,14 +126,14 @@ async fn after_a_restart_the_first_hello_carries_the_engines_until_the_grace_end
         Some(&Value::Null)
     );
     drop(c);
-    run.stop().await;
+    run.stop().await.unwrap();
     assert_eq!(brain.hellos().len(), before + 2, "exactly one more");
 
     // And the next start remembers no celery.
-    let run = Run::start(&brain, dir.path(), 3).await;
+    let run = start_run(&brain, dir.path(), 3).await;
     let seen = hello_count(&brain, before + 3, 10, "the third run's hello").await;
     assert!(engines(&seen[before + 2]).is_empty());
-    run.stop().await;
+    run.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -177,7 +143,7 @@ async fn a_worker_that_comes_back_within_the_grace_causes_no_second_hello() {
     first_run_with_a_worker(&brain, dir.path()).await;
     let before = brain.hellos().len();
 
-    let run = Run::start(&brain, dir.path(), 3).await;
+    let run = start_run(&brain, dir.path(), 3).await;
     hello_count(&brain, before + 1, 10, "the restarted daemon's hello").await;
     let mut worker = run.client().await;
     worker
@@ -203,5 +169,5 @@ async fn a_worker_that_comes_back_within_the_grace_causes_no_second_hello() {
     );
     drop(c);
     drop(worker);
-    run.stop().await;
+    run.stop().await.unwrap();
 }

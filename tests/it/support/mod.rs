@@ -36,7 +36,7 @@ use z4j_agentd::stats::Stats;
 
 /// A daemon running in this process.
 pub struct TestDaemon {
-    pub dir: tempfile::TempDir,
+    pub dir: DaemonDir,
     pub socket: PathBuf,
     pub spool: PathBuf,
     pub stats: Arc<Stats>,
@@ -58,21 +58,28 @@ pub fn options(brain_url: &str) -> Options {
     }
 }
 
-/// A daemon running in this process on a directory the caller keeps.
-pub struct Launched {
-    pub socket: PathBuf,
-    pub spool: PathBuf,
-    pub stats: Arc<Stats>,
-    pub metrics: Option<std::net::SocketAddr>,
-    pub host: HostEnv,
-    pub shutdown: CancellationToken,
-    pub task: JoinHandle<Result<(), DaemonError>>,
+/// Where a test daemon's home, socket and temporary files are: a fresh
+/// temporary directory, removed with the daemon, or one the test keeps
+/// across daemons.
+pub enum DaemonDir {
+    Temp(tempfile::TempDir),
+    Kept(PathBuf),
+}
+
+impl DaemonDir {
+    pub fn path(&self) -> &Path {
+        match self {
+            DaemonDir::Temp(t) => t.path(),
+            DaemonDir::Kept(p) => p,
+        }
+    }
 }
 
 /// Starts a daemon with `opts`, its home (given to `prepare` first),
-/// socket and temporary files under `root`; returns once it is ready.
-pub async fn launch(mut opts: Options, root: &Path, prepare: impl FnOnce(&Path)) -> Launched {
+/// socket and temporary files under `dir`; returns once it is ready.
+async fn launch(mut opts: Options, dir: DaemonDir, prepare: impl FnOnce(&Path)) -> TestDaemon {
     capture_logs();
+    let root = dir.path();
     let home = root.join("home");
     std::fs::create_dir_all(&home).unwrap();
     prepare(&home);
@@ -102,7 +109,8 @@ pub async fn launch(mut opts: Options, root: &Path, prepare: impl FnOnce(&Path))
         Ok(ready) => ready,
         Err(_) => panic!("the daemon did not start: {:?}", task.await),
     };
-    Launched {
+    TestDaemon {
+        dir,
         socket: ready.socket_path,
         spool: ready.spool_path,
         stats: ready.stats,
@@ -122,18 +130,14 @@ impl TestDaemon {
     /// Like [`TestDaemon::start`], with `prepare` called on the daemon's
     /// home directory first (to mount something on its `.z4j`, say).
     pub async fn start_prepared(opts: Options, prepare: impl FnOnce(&Path)) -> TestDaemon {
-        let dir = tempfile::tempdir().unwrap();
-        let l = launch(opts, dir.path(), prepare).await;
-        TestDaemon {
-            dir,
-            socket: l.socket,
-            spool: l.spool,
-            stats: l.stats,
-            metrics: l.metrics,
-            host: l.host,
-            shutdown: l.shutdown,
-            task: l.task,
-        }
+        let dir = DaemonDir::Temp(tempfile::tempdir().unwrap());
+        launch(opts, dir, prepare).await
+    }
+
+    /// Like [`TestDaemon::start`], on `dir`, which outlives the daemon (its
+    /// spool and what it remembers carry over to the next one started there).
+    pub async fn start_in(opts: Options, dir: &Path) -> TestDaemon {
+        launch(opts, DaemonDir::Kept(dir.to_path_buf()), |_| {}).await
     }
 
     /// Starts a daemon for `brain` with the default test options and waits
