@@ -674,6 +674,9 @@ mod purge;
 mod route;
 
 #[cfg(test)]
+mod test_support;
+
+#[cfg(test)]
 mod tests;
 
 #[cfg(test)]

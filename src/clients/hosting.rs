@@ -11,11 +11,10 @@
 //!   events or its health report tie the name to engines of their own.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 
 use time::OffsetDateTime;
 
-use super::{ClientInfo, ClientRegistry, Entry, Reachable};
+use super::{reachable, ClientInfo, ClientRegistry, Reachable};
 use crate::protocol::Value;
 
 /// At most this many (engine, worker) names are learnt from one
@@ -114,16 +113,6 @@ fn consumes(worker: &Value, queue: &str) -> bool {
                 q.as_str().or_else(|| q.get("name").and_then(Value::as_str)) == Some(queue)
             })
         })
-}
-
-fn reachable(id: u64, e: &Entry) -> Option<Reachable> {
-    let (since, outbox) = e.reach.as_ref()?;
-    Some(Reachable {
-        id,
-        since: *since,
-        who: e.info.describe(),
-        outbox: Arc::clone(outbox),
-    })
 }
 
 impl ClientRegistry {

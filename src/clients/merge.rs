@@ -30,6 +30,8 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
+use serde::{Deserialize, Serialize};
+
 use super::HealthReport;
 use crate::protocol::canonical;
 use crate::protocol::Value;
@@ -40,8 +42,10 @@ pub const MAX_KEYS: usize = 256;
 /// Most queues the brain reads in one `<engine>.queue_depths`.
 pub const MAX_QUEUES_PER_ENGINE: usize = 1024;
 
-/// What the merge cut to stay within the limits, by kind.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// What the merge cut to stay within the limits, by kind; summed over
+/// heartbeats it is the `stats` key `health.cut`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Cuts {
     /// Workers sent without their `registered` list.
     pub registered: u64,
@@ -70,6 +74,14 @@ impl Cuts {
     /// Whether anything was cut.
     pub fn any(&self) -> bool {
         self.by_kind().iter().any(|(_, n)| *n > 0)
+    }
+
+    /// The count of whole `kind`s left out.
+    fn left_out(&mut self, kind: Kind) -> &mut u64 {
+        match kind {
+            Kind::Queues => &mut self.queues,
+            Kind::Workers => &mut self.workers,
+        }
     }
 }
 
@@ -188,6 +200,14 @@ impl Worker {
     }
 }
 
+/// Takes the item called `name` out of `list`, sorted by name.
+fn take_named<T>(list: &mut Vec<T>, name: &str, name_of: impl Fn(&T) -> &String) -> Option<T> {
+    let i = list
+        .binary_search_by(|x| name_of(x).as_str().cmp(name))
+        .ok()?;
+    Some(list.remove(i))
+}
+
 /// Bytes of a JSON object of `n` members taking `sum` bytes: braces and
 /// commas (escaping-neutral) around them; `None` when empty.
 fn document(n: usize, sum: usize) -> Option<usize> {
@@ -214,24 +234,51 @@ impl Engine {
         self.workers.push(w);
     }
 
-    fn remove_queue(&mut self, name: &str) -> bool {
-        match self.queues.binary_search_by(|q| q.name.as_str().cmp(name)) {
-            Ok(i) => {
-                self.queue_costs -= self.queues.remove(i).cost;
-                true
-            }
-            Err(_) => false,
+    /// Whether it has any of `kind`.
+    fn has(&self, kind: Kind) -> bool {
+        match kind {
+            Kind::Queues => !self.queues.is_empty(),
+            Kind::Workers => !self.workers.is_empty(),
         }
     }
 
-    fn remove_worker(&mut self, name: &str) -> bool {
-        match self.workers.binary_search_by(|w| w.name.as_str().cmp(name)) {
-            Ok(i) => {
-                self.worker_costs -= self.workers.remove(i).cost;
-                true
-            }
-            Err(_) => false,
+    /// Who reported each of its `kind`, by name.
+    fn reported(&self, kind: Kind) -> Vec<(Freshness, String)> {
+        match kind {
+            Kind::Queues => self.queues.iter().map(|q| (q.by, q.name.clone())).collect(),
+            Kind::Workers => self
+                .workers
+                .iter()
+                .map(|w| (w.by, w.name.clone()))
+                .collect(),
         }
+    }
+
+    /// Removes the `kind` called `name`; whether it was there.
+    fn remove(&mut self, kind: Kind, name: &str) -> bool {
+        match kind {
+            Kind::Queues => take_named(&mut self.queues, name, |q| &q.name)
+                .map(|q| self.queue_costs -= q.cost)
+                .is_some(),
+            Kind::Workers => take_named(&mut self.workers, name, |w| &w.name)
+                .map(|w| self.worker_costs -= w.cost)
+                .is_some(),
+        }
+    }
+
+    /// Removes all of its `kind`; how many there were.
+    fn clear(&mut self, kind: Kind) -> u64 {
+        let n = match kind {
+            Kind::Queues => {
+                self.queue_costs = 0;
+                std::mem::take(&mut self.queues).len()
+            }
+            Kind::Workers => {
+                self.worker_costs = 0;
+                std::mem::take(&mut self.workers).len()
+            }
+        };
+        n as u64
     }
 
     /// Removes the detail `keys` of worker `name`; whether one was there.
@@ -383,23 +430,13 @@ fn keep_key_limit(plan: &mut Plan) {
     let mut room = MAX_KEYS;
     for eng in plan.engines.values_mut() {
         for kind in [Kind::Queues, Kind::Workers] {
-            let present = match kind {
-                Kind::Queues => !eng.queues.is_empty(),
-                Kind::Workers => !eng.workers.is_empty(),
-            };
-            if !present {
+            if !eng.has(kind) {
                 continue;
             }
             if room > 0 {
                 room -= 1;
-            } else if kind == Kind::Queues {
-                plan.cuts.queues += eng.queues.len() as u64;
-                eng.queues.clear();
-                eng.queue_costs = 0;
             } else {
-                plan.cuts.workers += eng.workers.len() as u64;
-                eng.workers.clear();
-                eng.worker_costs = 0;
+                *plan.cuts.left_out(kind) += eng.clear(kind);
             }
         }
     }
@@ -411,6 +448,7 @@ fn keep_key_limit(plan: &mut Plan) {
     debug_assert!(plan.keys() <= MAX_KEYS);
 }
 
+/// The two documents of an engine whose members are cut by name.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Queues,
@@ -422,8 +460,8 @@ enum Kind {
 fn fit(plan: &mut Plan, max: usize) {
     if plan.bytes() <= max
         || strip_largest_workers(plan, max)
-        || drop_workers(plan, max)
-        || drop_queues(plan, max)
+        || drop_least_recent(plan, max, Kind::Workers)
+        || drop_least_recent(plan, max, Kind::Queues)
     {
         return;
     }
@@ -471,16 +509,16 @@ fn strip_largest_workers(plan: &mut Plan, max: usize) -> bool {
     false
 }
 
-/// Step 3: whole workers, least recently reported first. Whether the
-/// object fits now.
-fn drop_workers(plan: &mut Plan, max: usize) -> bool {
+/// Steps 3 and 4: whole workers, then queues (`kind`), least recently
+/// reported first. Whether the object fits now.
+fn drop_least_recent(plan: &mut Plan, max: usize, kind: Kind) -> bool {
     let mut order: Vec<(Freshness, String, String)> = plan
         .engines
         .iter()
         .flat_map(|(e, eng)| {
-            eng.workers
-                .iter()
-                .map(move |w| (w.by, e.clone(), w.name.clone()))
+            eng.reported(kind)
+                .into_iter()
+                .map(move |(by, name)| (by, e.clone(), name))
         })
         .collect();
     order.sort();
@@ -488,37 +526,9 @@ fn drop_workers(plan: &mut Plan, max: usize) -> bool {
         if plan
             .engines
             .get_mut(&e)
-            .is_some_and(|eng| eng.remove_worker(&name))
+            .is_some_and(|eng| eng.remove(kind, &name))
         {
-            plan.cuts.workers += 1;
-            if plan.bytes() <= max {
-                return true;
-            }
-        }
-    }
-    false
-}
-
-/// Step 4: queues, least recently reported first. Whether the object fits
-/// now.
-fn drop_queues(plan: &mut Plan, max: usize) -> bool {
-    let mut order: Vec<(Freshness, String, String)> = plan
-        .engines
-        .iter()
-        .flat_map(|(e, eng)| {
-            eng.queues
-                .iter()
-                .map(move |q| (q.by, e.clone(), q.name.clone()))
-        })
-        .collect();
-    order.sort();
-    for (_, e, name) in order {
-        if plan
-            .engines
-            .get_mut(&e)
-            .is_some_and(|eng| eng.remove_queue(&name))
-        {
-            plan.cuts.queues += 1;
+            *plan.cuts.left_out(kind) += 1;
             if plan.bytes() <= max {
                 return true;
             }

@@ -641,4 +641,6 @@ impl ClientRegistry {
 }
 
 #[cfg(test)]
+pub(crate) mod fixture;
+#[cfg(test)]
 mod tests;

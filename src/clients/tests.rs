@@ -2,6 +2,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, Waker};
 
+use super::fixture::{beat_hello, worker_hello};
 use super::*;
 
 /// An outbox that counts what it was offered and accepts while `room` lasts.
@@ -28,18 +29,6 @@ impl Outbox for Counting {
     }
 }
 
-fn hello(engine: &str, actions: &[&str]) -> Registration {
-    Registration {
-        process: Some(format!("{engine}-worker")),
-        engines: vec![engine.to_string()],
-        capabilities: BTreeMap::from([(
-            engine.to_string(),
-            actions.iter().map(|a| a.to_string()).collect(),
-        )]),
-        ..Registration::default()
-    }
-}
-
 fn peer(pid: i32) -> ClientInfo {
     ClientInfo {
         pid: Some(pid),
@@ -61,7 +50,11 @@ fn a_client_is_reachable_for_commands_only_after_its_hello() {
     r.connected(1, peer(10));
     assert_eq!(r.len(), 1, "listed from the connection on");
     assert!(r.able(Some("celery"), "cancel_task").is_empty());
-    r.declared(1, hello("celery", &["cancel_task"]), Counting::new(1));
+    r.declared(
+        1,
+        worker_hello("celery", &["cancel_task"]),
+        Counting::new(1),
+    );
     let able = r.able(Some("celery"), "cancel_task");
     assert_eq!(able.len(), 1);
     assert_eq!(able[0].who, "pid 10 (celery-worker)");
@@ -78,7 +71,11 @@ fn a_client_is_reachable_for_commands_only_after_its_hello() {
 fn the_reports_and_the_router_read_the_same_entry() {
     let r = ClientRegistry::new();
     r.connected(1, peer(10));
-    r.declared(1, hello("celery", &["cancel_task"]), Counting::new(1));
+    r.declared(
+        1,
+        worker_hello("celery", &["cancel_task"]),
+        Counting::new(1),
+    );
     r.received(1, 5);
     let listed = r.list();
     assert_eq!(listed[0].process.as_deref(), Some("celery-worker"));
@@ -94,10 +91,14 @@ fn the_reports_and_the_router_read_the_same_entry() {
 fn a_later_hello_keeps_the_time_of_the_first_and_replaces_the_rest() {
     let r = ClientRegistry::new();
     r.connected(1, peer(10));
-    r.declared(1, hello("celery", &["cancel_task"]), Counting::new(1));
+    r.declared(
+        1,
+        worker_hello("celery", &["cancel_task"]),
+        Counting::new(1),
+    );
     let since = r.able(None, "cancel_task")[0].since;
     std::thread::sleep(std::time::Duration::from_millis(2));
-    r.declared(1, hello("celery", &["retry_task"]), Counting::new(1));
+    r.declared(1, worker_hello("celery", &["retry_task"]), Counting::new(1));
     assert!(r.able(None, "cancel_task").is_empty());
     assert_eq!(r.able(None, "retry_task")[0].since, since);
 }
@@ -107,10 +108,18 @@ fn a_change_to_what_is_advertised_signals_once_and_the_same_hello_does_not() {
     let r = ClientRegistry::new();
     r.connected(1, peer(10));
     assert!(!signalled(&r), "a connection alone changes nothing");
-    r.declared(1, hello("celery", &["cancel_task"]), Counting::new(1));
+    r.declared(
+        1,
+        worker_hello("celery", &["cancel_task"]),
+        Counting::new(1),
+    );
     assert!(signalled(&r));
     assert!(!signalled(&r), "one signal per change");
-    r.declared(1, hello("celery", &["cancel_task"]), Counting::new(1));
+    r.declared(
+        1,
+        worker_hello("celery", &["cancel_task"]),
+        Counting::new(1),
+    );
     assert!(!signalled(&r), "the same declaration again");
     r.connected(2, peer(20));
     r.disconnected(2);
@@ -124,7 +133,11 @@ fn a_change_to_what_is_advertised_signals_once_and_the_same_hello_does_not() {
 #[test]
 fn an_unknown_connection_is_not_registered_by_a_late_hello() {
     let r = ClientRegistry::new();
-    r.declared(3, hello("celery", &["cancel_task"]), Counting::new(1));
+    r.declared(
+        3,
+        worker_hello("celery", &["cancel_task"]),
+        Counting::new(1),
+    );
     assert!(r.is_empty());
     assert!(!signalled(&r));
 }
@@ -145,17 +158,8 @@ fn the_configured_advertisement_needs_no_client() {
 fn beat(name: &str) -> Registration {
     Registration {
         process: Some("beat".into()),
-        schedulers: vec![name.to_string()],
-        capabilities: BTreeMap::from([(
-            name.to_string(),
-            vec![
-                "external_schedule_stable_snapshot_v1".to_string(),
-                "list".to_string(),
-                "trigger_now".to_string(),
-            ],
-        )]),
         runtime_features: vec![EXTERNAL_SCHEDULE_FEATURE.to_string()],
-        ..Registration::default()
+        ..beat_hello(name)
     }
 }
 

@@ -6,11 +6,9 @@ use std::collections::BTreeMap;
 
 use time::OffsetDateTime;
 
+use super::test_support::{command, connect, json, received, Rx};
 use super::*;
-use crate::clients::{ClientInfo, EngineHealth, HealthReport, Registration};
-use crate::ingest::framing::Framing;
-use crate::ingest::replies::ReplyOutbox;
-use crate::ingest::ReplyQueue;
+use crate::clients::{EngineHealth, HealthReport, Registration};
 
 /// The project secret of these tests (32 bytes 0..31, base64url).
 const SECRET: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
@@ -28,12 +26,9 @@ fn router() -> (Arc<Router>, Results) {
     Router::with_key(Arc::new(Stats::new()), key)
 }
 
-type Rx = mpsc::Receiver<Vec<u8>>;
-
 /// Connection `id` (pid `10 * id`) says `hello` with `caps` and the
 /// worker names `workers`; returns what it receives.
 fn join(router: &Router, id: u64, caps: &[(&str, &[&str])], workers: &[&str]) -> Rx {
-    let (tx, rx) = ReplyQueue::new();
     let capabilities: BTreeMap<String, Vec<String>> = caps
         .iter()
         .map(|(e, a)| (e.to_string(), a.iter().map(|s| s.to_string()).collect()))
@@ -45,21 +40,7 @@ fn join(router: &Router, id: u64, caps: &[(&str, &[&str])], workers: &[&str]) ->
         workers: workers.iter().map(|w| w.to_string()).collect(),
         ..Registration::default()
     };
-    let clients = &router.stats.clients;
-    clients.connected(
-        id,
-        ClientInfo {
-            pid: Some(10 * id as i32),
-            framing: "jsonl",
-            ..ClientInfo::default()
-        },
-    );
-    clients.declared(
-        id,
-        hello,
-        Arc::new(ReplyOutbox::new(tx, Framing::JsonLines)),
-    );
-    rx
+    connect(router, id, 10 * id as i32, hello)
 }
 
 /// Connection `id` reports, for `engine`, `depths` and the workers
@@ -91,21 +72,6 @@ fn report(
     );
 }
 
-fn json(s: &str) -> Value {
-    serde_json::from_str(s).unwrap()
-}
-
-fn command(id: &str, action: &str, target: &str, parameters: &str) -> Command {
-    Command {
-        id: id.to_string(),
-        action: action.to_string(),
-        target: json(target),
-        parameters: json(parameters),
-        timeout_seconds: 60,
-        claim: Value::Null,
-    }
-}
-
 fn restart(id: &str, worker: &str) -> Command {
     command(
         id,
@@ -113,12 +79,6 @@ fn restart(id: &str, worker: &str) -> Command {
         &format!(r#"{{"type":"worker","id":"{worker}","engine":"celery"}}"#),
         &format!(r#"{{"worker_name":"{worker}","engine":"celery"}}"#),
     )
-}
-
-fn received(rx: &mut Rx) -> Option<serde_json::Value> {
-    rx.try_recv()
-        .ok()
-        .map(|b| serde_json::from_slice(&b).expect("one JSON line"))
 }
 
 fn refused(d: Dispatch) -> String {

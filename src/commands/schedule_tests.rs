@@ -1,70 +1,23 @@
 //! Routing of `schedule.*` commands, held activations and the claim token
 //! of re-deliveries.
 
+use super::test_support::{self, disconnect, json, received, stats, Rx};
 use super::*;
-use crate::clients::{ClientInfo, Registration};
-use crate::ingest::framing::Framing;
-use crate::ingest::replies::ReplyOutbox;
-use crate::ingest::ReplyQueue;
+use crate::clients::fixture::{beat_hello, worker_hello};
+use crate::clients::Registration;
 
 /// A connection (pid `id * 10`) whose `hello` is `hello`; returns what it
 /// receives.
-fn connect(router: &Router, id: u64, hello: Registration) -> mpsc::Receiver<Vec<u8>> {
-    let (tx, rx) = ReplyQueue::new();
-    let clients = &router.stats.clients;
-    let info = ClientInfo {
-        pid: Some(id as i32 * 10),
-        framing: "jsonl",
-        ..ClientInfo::default()
-    };
-    clients.connected(id, info);
-    let outbox = Arc::new(ReplyOutbox::new(tx, Framing::JsonLines));
-    clients.declared(id, hello, outbox);
-    rx
+fn connect(router: &Router, id: u64, hello: Registration) -> Rx {
+    test_support::connect(router, id, id as i32 * 10, hello)
 }
 
-/// z4j-celerybeat's `hello` for scheduler `name`.
-fn beat(name: &str) -> Registration {
-    Registration {
-        process: Some(format!("{name}-process")),
-        schedulers: vec![name.to_string()],
-        capabilities: BTreeMap::from([(
-            name.to_string(),
-            vec![
-                "external_schedule_stable_snapshot_v1".to_string(),
-                "list".to_string(),
-                "trigger_now".to_string(),
-            ],
-        )]),
-        ..Registration::default()
-    }
-}
-
-fn worker(engine: &str, actions: &[&str]) -> Registration {
-    Registration {
-        process: Some(format!("{engine}-worker")),
-        engines: vec![engine.to_string()],
-        capabilities: BTreeMap::from([(
-            engine.to_string(),
-            actions.iter().map(|a| a.to_string()).collect(),
-        )]),
-        ..Registration::default()
-    }
-}
-
-fn json(s: &str) -> Value {
-    serde_json::from_str(s).unwrap()
-}
-
-/// A command as the brain sends it (`target` and `parameters` as JSON).
+/// A command as the brain sends it (`target` and `parameters` as JSON),
+/// with its claim.
 fn command(id: &str, action: &str, target: &str, parameters: &str, claim: &str) -> Command {
     Command {
-        id: id.to_string(),
-        action: action.to_string(),
-        target: json(target),
-        parameters: json(parameters),
-        timeout_seconds: 60,
         claim: Value::from(claim),
+        ..test_support::command(id, action, target, parameters)
     }
 }
 
@@ -79,10 +32,14 @@ fn activation(id: &str, scheduler: &str, claim: &str) -> Command {
     )
 }
 
-fn received(rx: &mut mpsc::Receiver<Vec<u8>>) -> Option<serde_json::Value> {
-    rx.try_recv()
-        .ok()
-        .map(|b| serde_json::from_slice(&b).expect("one JSON line"))
+/// The connection holding `scheduler`.
+fn holder(router: &Router, scheduler: &str) -> u64 {
+    router
+        .stats
+        .clients
+        .scheduler_holder(scheduler)
+        .expect("a connection holds the scheduler")
+        .id
 }
 
 fn success(id: &str) -> Value {
@@ -91,20 +48,16 @@ fn success(id: &str) -> Value {
     ))
 }
 
-fn stats() -> Arc<Stats> {
-    Arc::new(Stats::new())
-}
-
 #[tokio::test]
 async fn schedule_commands_go_to_the_process_that_declared_the_scheduler() {
     let (router, mut results) = Router::new(stats());
     let mut celery = connect(
         &router,
         1,
-        worker("celery", &["cancel_task", "schedule.fire"]),
+        worker_hello("celery", &["cancel_task", "schedule.fire"]),
     );
-    let mut beat_rx = connect(&router, 2, beat("celery-beat"));
-    let mut other = connect(&router, 3, beat("rq-scheduler"));
+    let mut beat_rx = connect(&router, 2, beat_hello("celery-beat"));
+    let mut other = connect(&router, 3, beat_hello("rq-scheduler"));
     // The scheduler named by target.scheduler, parameters.scheduler, or
     // target.id of a "scheduler" target; the action is not a capability.
     let cases = [
@@ -177,8 +130,8 @@ async fn schedule_commands_go_to_the_process_that_declared_the_scheduler() {
 #[tokio::test]
 async fn schedule_refusals_name_the_host_and_the_missing_scheduler() {
     let (router, _results) = Router::new(stats());
-    let _celery = connect(&router, 1, worker("celery", &["cancel_task"]));
-    let _beat = connect(&router, 2, beat("celery-beat"));
+    let _celery = connect(&router, 1, worker_hello("celery", &["cancel_task"]));
+    let _beat = connect(&router, 2, beat_hello("celery-beat"));
     let cases = [
         (
             command(
@@ -244,13 +197,13 @@ async fn resync_goes_to_one_scheduler_process_and_fails_without_any() {
             "k",
         )
     };
-    let _celery = connect(&router, 1, worker("celery", &["cancel_task"]));
+    let _celery = connect(&router, 1, worker_hello("celery", &["cancel_task"]));
     let Dispatch::Failed(r) = router.dispatch(&resync("y-1"), "h") else {
         panic!("no scheduler process")
     };
     assert!(r.error.unwrap().contains("declared a scheduler"));
-    let mut a = connect(&router, 2, beat("celery-beat"));
-    let mut b = connect(&router, 3, beat("rq-scheduler"));
+    let mut a = connect(&router, 2, beat_hello("celery-beat"));
+    let mut b = connect(&router, 3, beat_hello("rq-scheduler"));
     assert!(matches!(
         router.dispatch(&resync("y-2"), "h"),
         Dispatch::Started { .. }
@@ -262,7 +215,7 @@ async fn resync_goes_to_one_scheduler_process_and_fails_without_any() {
 #[tokio::test]
 async fn a_redelivered_command_echoes_the_new_claim_token() {
     let (router, mut results) = Router::new(stats());
-    let mut beat_rx = connect(&router, 1, beat("celery-beat"));
+    let mut beat_rx = connect(&router, 1, beat_hello("celery-beat"));
     // Running when delivered again: the answer carries the latest token.
     router.dispatch(&activation("a-1", "celery-beat", "first"), "h");
     assert!(received(&mut beat_rx).is_some());
@@ -297,7 +250,7 @@ async fn a_redelivered_command_echoes_the_new_claim_token() {
 #[tokio::test]
 async fn an_activation_before_its_scheduler_is_declared_is_held_and_handed_over() {
     let (router, mut results) = Router::new(stats());
-    let _celery = connect(&router, 1, worker("celery", &["cancel_task"]));
+    let _celery = connect(&router, 1, worker_hello("celery", &["cancel_task"]));
     let d = router.dispatch(&activation("h-1", "celery-beat", "k1"), "web-1");
     assert_eq!(
         d,
@@ -315,7 +268,7 @@ async fn an_activation_before_its_scheduler_is_declared_is_held_and_handed_over(
     // Another process's hello hands nothing over.
     router.hand_over_held();
     // The scheduler's process arrives.
-    let mut beat_rx = connect(&router, 7, beat("celery-beat"));
+    let mut beat_rx = connect(&router, 7, beat_hello("celery-beat"));
     router.hand_over_held();
     let m = received(&mut beat_rx).expect("handed over");
     assert_eq!(m["id"], "h-1");
@@ -353,7 +306,7 @@ async fn a_held_activation_fails_with_the_reason_when_its_budget_runs_out() {
     assert_eq!(r.claim, Value::from("k3"));
     assert!(!router.activation_reaches("celery-beat", 1));
     // A process declaring it later gets nothing (the daemon says hello again).
-    let mut beat_rx = connect(&router, 1, beat("celery-beat"));
+    let mut beat_rx = connect(&router, 1, beat_hello("celery-beat"));
     router.hand_over_held();
     assert!(received(&mut beat_rx).is_none());
 }
@@ -386,7 +339,7 @@ async fn a_held_activation_is_answered_when_the_daemon_shuts_down() {
 #[tokio::test]
 async fn a_restarted_process_takes_the_scheduler_over_and_needs_a_new_activation() {
     let (router, mut results) = Router::new(stats());
-    let mut old = connect(&router, 1, beat("celery-beat"));
+    let mut old = connect(&router, 1, beat_hello("celery-beat"));
     router.dispatch(&activation("t-1", "celery-beat", "k1"), "h");
     assert_eq!(received(&mut old).unwrap()["id"], "t-1");
     router.on_result(1, &success("t-1")).unwrap();
@@ -394,27 +347,10 @@ async fn a_restarted_process_takes_the_scheduler_over_and_needs_a_new_activation
     assert!(router.activation_reaches("celery-beat", 1));
     // Its successor says hello before the old connection's end is seen:
     // it waits for the scheduler, and takes it over when that end comes.
-    let mut new = connect(&router, 2, beat("celery-beat"));
-    assert_eq!(
-        router
-            .stats
-            .clients
-            .scheduler_holder("celery-beat")
-            .unwrap()
-            .id,
-        1
-    );
-    router.stats.clients.disconnected(1);
-    router.disconnected(1);
-    assert_eq!(
-        router
-            .stats
-            .clients
-            .scheduler_holder("celery-beat")
-            .unwrap()
-            .id,
-        2
-    );
+    let mut new = connect(&router, 2, beat_hello("celery-beat"));
+    assert_eq!(holder(&router, "celery-beat"), 1);
+    disconnect(&router, 1);
+    assert_eq!(holder(&router, "celery-beat"), 2);
     // It has no activation of its own (the uplink says hello again for
     // it); the next one goes to it.
     assert!(!router.activation_reaches("celery-beat", 2));

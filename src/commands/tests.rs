@@ -1,12 +1,7 @@
+use super::test_support::{disconnect, received, register_with, stats};
 use super::*;
-use crate::clients::{ClientInfo, Registration};
-use crate::ingest::framing::Framing;
-use crate::ingest::replies::ReplyOutbox;
+use crate::clients::Registration;
 use crate::ingest::ReplyQueue;
-
-fn stats() -> Arc<Stats> {
-    Arc::new(Stats::new())
-}
 
 /// A client as ingest registers it: its peer, what its `hello` declared,
 /// and its reply queue.
@@ -34,22 +29,7 @@ fn conn(caps: &[(&str, &[&str])], pid: i32) -> (TestClient, mpsc::Receiver<Vec<u
 /// What ingest does for a connection and its `hello`: the client registry,
 /// which the router reads, gets it.
 fn register(router: &Router, id: u64, c: TestClient) {
-    let clients = &router.stats.clients;
-    let info = ClientInfo {
-        pid: Some(c.pid),
-        framing: "jsonl",
-        ..ClientInfo::default()
-    };
-    clients.connected(id, info);
-    let outbox = Arc::new(ReplyOutbox::new(c.tx, Framing::JsonLines));
-    clients.declared(id, c.hello, outbox);
-}
-
-/// What ingest does when a connection ends: out of the registry, then its
-/// commands fail.
-fn disconnect(router: &Router, id: u64) {
-    router.stats.clients.disconnected(id);
-    router.disconnected(id);
+    register_with(router, id, c.pid, c.hello, c.tx);
 }
 
 fn cmd(id: &str, action: &str, engine: Option<&str>, timeout: u64) -> Command {
@@ -68,12 +48,6 @@ fn cmd(id: &str, action: &str, engine: Option<&str>, timeout: u64) -> Command {
         timeout_seconds: timeout,
         claim: Value::from("claim-1"),
     }
-}
-
-fn received(rx: &mut mpsc::Receiver<Vec<u8>>) -> Option<serde_json::Value> {
-    rx.try_recv()
-        .ok()
-        .map(|b| serde_json::from_slice(&b).expect("one JSON line"))
 }
 
 fn answer(id: &str, status: &str) -> Value {

@@ -3,6 +3,7 @@
 //! byte for byte what they were for the same counters.
 
 use super::*;
+use crate::clients::merge::Cuts;
 use crate::clients::ClientInfo;
 use crate::protocol::Value;
 use time::macros::datetime;
@@ -110,7 +111,7 @@ fn clients(s: &Stats) {
         received: 18,
         refused: 19,
         expired: 21,
-        cut: HealthCuts {
+        cut: Cuts {
             registered: 22,
             details: 23,
             workers: 24,

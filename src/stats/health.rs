@@ -47,36 +47,7 @@ pub struct HealthCounts {
     pub expired: u64,
     /// What heartbeats left out to keep within the brain's limits, by kind,
     /// counted once per heartbeat.
-    pub cut: HealthCuts,
-}
-
-/// What heartbeats left out, by kind (see `clients::merge`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct HealthCuts {
-    /// Workers sent without `registered`.
-    pub registered: u64,
-    /// Workers sent without `active` and `conf`.
-    pub details: u64,
-    /// Workers left out.
-    pub workers: u64,
-    /// Queues left out.
-    pub queues: u64,
-    /// Facts left out.
-    pub facts: u64,
-}
-
-impl HealthCuts {
-    /// `(kind, count)` in label order.
-    pub fn by_kind(&self) -> [(&'static str, u64); 5] {
-        [
-            ("registered", self.registered),
-            ("details", self.details),
-            ("workers", self.workers),
-            ("queues", self.queues),
-            ("facts", self.facts),
-        ]
-    }
+    pub cut: Cuts,
 }
 
 impl HealthCounters {
@@ -123,7 +94,7 @@ impl HealthCounters {
             received: l(&self.received),
             refused: l(&self.refused),
             expired: l(&self.expired),
-            cut: HealthCuts {
+            cut: Cuts {
                 registered: l(&self.cut_registered),
                 details: l(&self.cut_details),
                 workers: l(&self.cut_workers),

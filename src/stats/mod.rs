@@ -27,9 +27,7 @@ mod heartbeat;
 mod snapshot;
 mod telemetry;
 
-pub use health::{
-    ClientHealth, EngineReport, HealthCounters, HealthCounts, HealthCuts, WorkerReport,
-};
+pub use health::{ClientHealth, EngineReport, HealthCounters, HealthCounts, WorkerReport};
 pub use heartbeat::{
     add_adapter_health, add_agent_identity, add_telemetry_loss, AGENT_STATUS_ENGINES_MAX,
     HEARTBEAT_COUNT_MAX,

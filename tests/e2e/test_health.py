@@ -19,6 +19,7 @@ import json
 import os
 import time
 import uuid
+from contextlib import contextmanager
 from datetime import datetime, timezone
 
 from control import LocalClient
@@ -28,6 +29,18 @@ HEARTBEAT = 10  # the brain's heartbeat_interval_seconds (default)
 
 
 # ---------------------------------------------------------------- the local processes
+
+
+@contextmanager
+def celery_process(daemon, process: str, **hello):
+    """A local process on the daemon's socket that said hello for Celery
+    (with the `hello` fields given); closed on leaving."""
+    c = LocalClient(daemon.socket_path)
+    try:
+        c.hello(process=process, engines=["celery"], **hello)
+        yield c
+    finally:
+        c.close()
 
 
 def health_message(worker: str, pid: int, concurrency: int, queue: str, depths: dict, ack_id: str) -> dict:
@@ -100,10 +113,8 @@ def test_two_processes_workers_and_depths_reach_the_brain(brain, agent, daemon):
     tag = uuid.uuid4().hex[:6]
     wa, wb = f"celery@e2e-a-{tag}", f"celery@e2e-b-{tag}"
     qa, qb, shared = f"e2e-a-{tag}", f"e2e-b-{tag}", f"e2e-shared-{tag}"
-    a, b = LocalClient(daemon.socket_path), LocalClient(daemon.socket_path)
-    try:
-        a.hello(process="e2e-health-a", framework="celery", engines=["celery"], worker_role="worker")
-        b.hello(process="e2e-health-b", framework="celery", engines=["celery"], worker_role="worker")
+    with celery_process(daemon, "e2e-health-a", framework="celery", worker_role="worker") as a, \
+            celery_process(daemon, "e2e-health-b", framework="celery", worker_role="worker") as b:
         # One event: the daemon's last event batch, older than every later heartbeat.
         a.send({"type": "event", "engine": "celery", "kind": "task.received", "task_id": f"health-{tag}",
                 "name": "e2e.health.add", "ack_id": "ev"})
@@ -156,17 +167,12 @@ def test_two_processes_workers_and_depths_reach_the_brain(brain, agent, daemon):
         stats = daemon.stats()
         assert stats["health"]["received"] == 2 and stats["health"]["refused"] == 0, stats["health"]
         assert stats["refused_by_reason"].get("invalid_health", 0) == 0, stats["refused_by_reason"]
-    finally:
-        a.close()
-        b.close()
 
 
 def test_a_bad_part_is_refused_with_what_to_change_and_the_rest_reaches_the_brain(brain, agent, daemon):
     tag = uuid.uuid4().hex[:6]
     good, bad = f"celery@e2e-good-{tag}", f"celery@e2e-bad-{tag}"
-    c = LocalClient(daemon.socket_path)
-    try:
-        c.hello(process="e2e-health-mixed", engines=["celery"])
+    with celery_process(daemon, "e2e-health-mixed") as c:
         msg = health_message(good, 4303, 2, f"e2e-q-{tag}", {f"e2e-q-{tag}": 2, f"e2e-x-{tag}": "many"}, "h1")
         # A concurrency the brain cannot store would lose the worker's whole row there.
         msg["engines"]["celery"]["workers"][bad] = {"stats": {"pid": 1, "pool": {"processes": [2, 3]}}}
@@ -189,17 +195,13 @@ def test_a_bad_part_is_refused_with_what_to_change_and_the_rest_reaches_the_brai
         rows = wait_for(lambda: (lambda r: (good in r, r))(brain_workers(brain, agent)),
                         3 * HEARTBEAT, "the brain to list the valid worker")
         assert rows[good]["concurrency"] == 2 and bad not in rows, rows.get(bad)
-    finally:
-        c.close()
 
 
 def test_a_report_larger_than_the_brains_frame_is_cut_not_refused(brain, agent, daemon):
     """A worker whose task list alone is over the brain's 1 MiB frame: sent without that list, counted."""
     tag = uuid.uuid4().hex[:6]
     big, small = f"celery@e2e-big-{tag}", f"celery@e2e-small-{tag}"
-    c = LocalClient(daemon.socket_path)
-    try:
-        c.hello(process="e2e-health-big", engines=["celery"])
+    with celery_process(daemon, "e2e-health-big") as c:
         # The session that advertises celery (a new engine makes the daemon reconnect once).
         connects = wait_for(lambda: (lambda s: (s["uplink_state"] == "connected" and "celery" in s["advertised_engines"],
                                                 s["connects"]))(daemon.stats()),
@@ -227,5 +229,3 @@ def test_a_report_larger_than_the_brains_frame_is_cut_not_refused(brain, agent, 
         # Never a refused heartbeat: the session the report arrived in is still the one in use.
         assert stats["connects"] == connects and stats["uplink_state"] == "connected", \
             (stats["connects"], connects, stats["last_error"], stats["failures_by_class"])
-    finally:
-        c.close()

@@ -38,6 +38,17 @@ fn last_status(brain: &FakeBrain) -> Option<Value> {
         .map(|(_, p)| p.clone())
 }
 
+/// Waits until the daemon's `stats` say its uplink is connected; returns
+/// them.
+async fn stats_once_connected(d: &TestDaemon, secs: u64, what: &str) -> Value {
+    wait_stats(d, secs, what, |s| text(s, "uplink_state") == "connected").await
+}
+
+/// Waits until the brain received an `agent_status`.
+async fn agent_status_sent(brain: &FakeBrain) {
+    wait_for(10, "an agent_status", || last_status(brain).is_some()).await;
+}
+
 fn loss_ids(status: &Value) -> (String, String) {
     let tl = status.get("telemetry_loss").expect("telemetry_loss");
     let id = |k: &str| tl.get(k).and_then(Value::as_str).unwrap_or("").to_string();
@@ -53,19 +64,8 @@ async fn the_first_contact_says_hello_again_once_with_the_brains_line_and_a_rest
     .await;
     let opts = options(&brain.url);
     let d = TestDaemon::start(opts.clone()).await;
-    let s = wait_stats(&d, 15, "connected", |s| {
-        text(s, "uplink_state") == "connected"
-    })
-    .await;
-    let seen = brain.seen.clone();
-    wait_for(10, "an agent_status", || {
-        seen.status_frames
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|(t, _)| t == "agent_status")
-    })
-    .await;
+    let s = stats_once_connected(&d, 15, "connected").await;
+    agent_status_sent(&brain).await;
     // 0.0.0 first (the brain's silent "not determined"), then its line, once.
     assert_eq!(agent_versions(&brain), ["0.0.0", "1.12.0"]);
     assert_eq!(
@@ -138,18 +138,8 @@ async fn the_first_contact_says_hello_again_once_with_the_brains_line_and_a_rest
         std::fs::copy(&old_spool, &to).unwrap();
     })
     .await;
-    let s = wait_stats(&d, 15, "connected again", |s| {
-        text(s, "uplink_state") == "connected"
-    })
-    .await;
-    wait_for(10, "an agent_status", || {
-        seen.status_frames
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|(t, _)| t == "agent_status")
-    })
-    .await;
+    let s = stats_once_connected(&d, 15, "connected again").await;
+    agent_status_sent(&brain).await;
     assert_eq!(agent_versions(&brain), ["0.0.0", "1.12.0", "1.12.0"]);
     assert_eq!(num(&s, "contract_rehellos"), 0, "{s:?}");
     let (buffer_id2, runtime_id2) = loss_ids(&last_status(&brain).unwrap());
@@ -162,19 +152,8 @@ async fn the_first_contact_says_hello_again_once_with_the_brains_line_and_a_rest
 async fn a_brain_version_that_names_no_line_keeps_the_first_hello() {
     let brain = FakeBrain::start(Behavior::default()).await;
     let d = TestDaemon::start(options(&brain.url)).await;
-    let s = wait_stats(&d, 15, "connected", |s| {
-        text(s, "uplink_state") == "connected"
-    })
-    .await;
-    let seen = brain.seen.clone();
-    wait_for(10, "an agent_status", || {
-        seen.status_frames
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|(t, _)| t == "agent_status")
-    })
-    .await;
+    let s = stats_once_connected(&d, 15, "connected").await;
+    agent_status_sent(&brain).await;
     assert_eq!(agent_versions(&brain), ["0.0.0"]);
     assert_eq!(num(&s, "contract_rehellos"), 0, "{s:?}");
     assert_eq!(
@@ -267,24 +246,13 @@ async fn agent_status_reports_the_failures_before_the_session() {
     .await;
     assert_eq!(num(&s, "connects"), 0, "{s:?}");
     brain.set_behavior(Behavior::default());
-    let s = wait_stats(&d, 40, "connected", |s| {
-        text(s, "uplink_state") == "connected"
-    })
-    .await;
+    let s = stats_once_connected(&d, 40, "connected").await;
     let failures = s
         .get("failures_by_class")
         .and_then(|f| f.get("connection"))
         .and_then(Value::as_u64)
         .unwrap();
-    let seen = brain.seen.clone();
-    wait_for(10, "an agent_status", || {
-        seen.status_frames
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|(t, _)| t == "agent_status")
-    })
-    .await;
+    agent_status_sent(&brain).await;
     let st = last_status(&brain).unwrap();
     assert_eq!(
         st.get("connection_failure_streak").and_then(Value::as_u64),

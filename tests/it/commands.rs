@@ -7,9 +7,8 @@ use crate::support;
 use std::time::Duration;
 
 use support::fake_brain::{Behavior, FakeBrain};
-use support::{options, TestDaemon};
+use support::{brain_command, options, text, TestDaemon};
 use z4j_agentd::protocol::Value;
-use z4j_agentd::stats::UplinkState;
 
 fn cancel(engine: &str, task: &str) -> Value {
     let mut target = Value::empty_map();
@@ -19,51 +18,13 @@ fn cancel(engine: &str, task: &str) -> Value {
     let mut params = Value::empty_map();
     params.insert("engine", engine);
     params.insert("task_id", task);
-    let mut p = Value::empty_map();
-    p.insert("action", "cancel_task");
-    p.insert("target", target);
-    p.insert("parameters", params);
-    p.insert("timeout_seconds", 60u64);
-    p.insert("issued_by", Value::Null);
-    p.insert("delivery_claim_token", "claim-xyz");
-    p
-}
-
-/// Waits until the fake saw `n` command frames for `id`; returns them.
-async fn frames(brain: &FakeBrain, id: &str, n: usize) -> Vec<(String, Value)> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let f = brain.command_frames(id);
-        if f.len() >= n {
-            return f;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {n} frames for {id}; got {f:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn text<'a>(v: &'a Value, k: &str) -> &'a str {
-    v.get(k).and_then(Value::as_str).unwrap_or("")
-}
-
-/// A daemon connected to `brain` whose `hello` already advertises `engines`.
-async fn connected(brain: &FakeBrain) -> TestDaemon {
-    let d = TestDaemon::start(options(&brain.url)).await;
-    let stats = d.stats.clone();
-    support::wait_for(10, "connected", || {
-        stats.uplink().state == UplinkState::Connected
-    })
-    .await;
-    d
+    brain_command("cancel_task", target, params, "claim-xyz".into())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_reaches_the_client_for_its_engine_and_its_answer_the_brain() {
     let brain = FakeBrain::start(Behavior::default()).await;
-    let d = connected(&brain).await;
+    let d = TestDaemon::connected_to(&brain).await;
     let mut celery = d.client().await;
     celery
         .hello_with_capabilities("celery-worker", &[("celery", &["cancel_task"])])
@@ -92,7 +53,7 @@ async fn a_command_reaches_the_client_for_its_engine_and_its_answer_the_brain() 
         .await
         .unwrap();
 
-    let f = frames(&brain, id, 2).await;
+    let f = brain.wait_command_frames(id, 2).await;
     assert_eq!(f[0].0, "command_ack", "acked first: {f:?}");
     assert_eq!(text(&f[0].1, "delivery_claim_token"), "claim-xyz");
     assert_eq!(f[1].0, "command_result");
@@ -114,10 +75,10 @@ async fn a_command_reaches_the_client_for_its_engine_and_its_answer_the_brain() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_nobody_runs_fails_at_once_naming_the_host() {
     let brain = FakeBrain::start(Behavior::default()).await;
-    let d = connected(&brain).await;
+    let d = TestDaemon::connected_to(&brain).await;
     let id = "22222222-2222-4333-8444-555555555555";
     brain.send_command(id, cancel("huey", "t-1"));
-    let f = frames(&brain, id, 2).await;
+    let f = brain.wait_command_frames(id, 2).await;
     assert_eq!(f[1].0, "command_result");
     assert_eq!(text(&f[1].1, "status"), "failed");
     let e = text(&f[1].1, "error");
@@ -131,7 +92,7 @@ async fn a_command_nobody_runs_fails_at_once_naming_the_host() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_command_delivered_twice_runs_once_and_is_acked_twice() {
     let brain = FakeBrain::start(Behavior::default()).await;
-    let d = connected(&brain).await;
+    let d = TestDaemon::connected_to(&brain).await;
     let mut worker = d.client().await;
     worker
         .hello_with_capabilities("celery-worker", &[("celery", &["cancel_task"])])
@@ -143,13 +104,13 @@ async fn the_same_command_delivered_twice_runs_once_and_is_acked_twice() {
     assert_eq!(text(&first, "id"), id);
     // Delivered again while it runs: acked, not sent to the worker again.
     brain.send_command(id, cancel("celery", "t-1"));
-    let f = frames(&brain, id, 2).await;
+    let f = brain.wait_command_frames(id, 2).await;
     assert!(f.iter().all(|(t, _)| t == "command_ack"), "{f:?}");
     worker.command_result(id, true, None, None).await.unwrap();
-    frames(&brain, id, 3).await;
+    brain.wait_command_frames(id, 3).await;
     // Delivered again after the answer: acked and answered again from memory.
     brain.send_command(id, cancel("celery", "t-1"));
-    let f = frames(&brain, id, 5).await;
+    let f = brain.wait_command_frames(id, 5).await;
     let kinds: Vec<&str> = f.iter().map(|(t, _)| t.as_str()).collect();
     assert_eq!(
         kinds,
@@ -178,7 +139,7 @@ async fn the_same_command_delivered_twice_runs_once_and_is_acked_twice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_disconnects_mid_command_makes_it_fail() {
     let brain = FakeBrain::start(Behavior::default()).await;
-    let d = connected(&brain).await;
+    let d = TestDaemon::connected_to(&brain).await;
     let mut worker = d.client().await;
     worker
         .hello_with_capabilities("doomed-worker", &[("celery", &["cancel_task"])])
@@ -188,7 +149,7 @@ async fn a_client_that_disconnects_mid_command_makes_it_fail() {
     brain.send_command(id, cancel("celery", "t-1"));
     worker.next_command().await.unwrap();
     drop(worker);
-    let f = frames(&brain, id, 2).await;
+    let f = brain.wait_command_frames(id, 2).await;
     assert_eq!(text(&f[1].1, "status"), "failed");
     assert!(
         text(&f[1].1, "error").contains("(doomed-worker) disconnected"),
@@ -200,7 +161,7 @@ async fn a_client_that_disconnects_mid_command_makes_it_fail() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_answer_gets_an_error_and_the_brain_a_failure() {
     let brain = FakeBrain::start(Behavior::default()).await;
-    let d = connected(&brain).await;
+    let d = TestDaemon::connected_to(&brain).await;
     let mut worker = d.client().await;
     worker
         .hello_with_capabilities("sloppy-worker", &[("celery", &["cancel_task"])])
@@ -216,7 +177,7 @@ async fn a_malformed_answer_gets_an_error_and_the_brain_a_failure() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("bad_command_result"), "{err}");
-    let f = frames(&brain, id, 2).await;
+    let f = brain.wait_command_frames(id, 2).await;
     assert_eq!(text(&f[1].1, "status"), "failed");
     assert!(text(&f[1].1, "error").contains("malformed"));
     // The session with the brain is intact: no protocol violation.
@@ -303,7 +264,7 @@ async fn capabilities_and_runtime_features_reach_the_brain_in_a_new_hello() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_still_running_at_shutdown_are_answered_before_the_close() {
     let brain = FakeBrain::start(Behavior::default()).await;
-    let d = connected(&brain).await;
+    let d = TestDaemon::connected_to(&brain).await;
     let mut worker = d.client().await;
     worker
         .hello_with_capabilities("slow-worker", &[("celery", &["cancel_task"])])

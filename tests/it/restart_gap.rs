@@ -6,129 +6,45 @@
 
 use crate::support;
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::Path;
 use std::time::Duration;
 
 use support::fake_brain::{Behavior, FakeBrain};
-use tokio::sync::{oneshot, watch};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
-use z4j_agentd::client::Client;
-use z4j_agentd::daemon::{self, DaemonError};
-use z4j_agentd::host::HostEnv;
+use support::{brain_command, strings_at, TestDaemon};
 use z4j_agentd::protocol::Value;
-use z4j_agentd::stats::{Stats, UplinkState};
 
-/// One run of a daemon on a home directory that outlives it.
-struct Run {
-    socket: PathBuf,
-    stats: Arc<Stats>,
-    shutdown: CancellationToken,
-    task: JoinHandle<Result<(), DaemonError>>,
-}
-
-impl Run {
-    /// Starts a daemon for `brain` with this restart grace, its spool and
-    /// socket under `dir`, and waits until it is connected.
-    async fn start(brain: &FakeBrain, dir: &Path, grace_s: u64) -> Run {
-        let mut opts = support::options(&brain.url);
-        let socket = dir.join("agent.sock");
-        opts.socket_path = Some(socket.clone());
-        opts.restart_grace_seconds = Some(grace_s.to_string());
-        let home = dir.join("home");
-        std::fs::create_dir_all(&home).unwrap();
-        let host = HostEnv {
-            home: Some(home),
-            tmpdir: dir.join("tmp"),
-            uid: z4j_agentd::host::current_uid(),
-            hostname: "testhost".into(),
-            ..HostEnv::default()
-        };
-        std::fs::create_dir_all(&host.tmpdir).unwrap();
-        let config = opts.resolve(host).expect("valid test config");
-        let (tx, rx) = watch::channel(config.uplink.clone());
-        let shutdown = CancellationToken::new();
-        let (ready_tx, ready_rx) = oneshot::channel();
-        let token = shutdown.clone();
-        let task = tokio::spawn(async move {
-            let _keep_settings_sender = tx;
-            daemon::run(config, rx, token, Some(ready_tx)).await
-        });
-        let ready = tokio::time::timeout(Duration::from_secs(10), ready_rx)
-            .await
-            .expect("daemon ready in time")
-            .expect("the daemon started");
-        let stats = ready.stats;
-        let s = stats.clone();
-        support::wait_for(10, "connected", || {
-            s.uplink().state == UplinkState::Connected
-        })
-        .await;
-        Run {
-            socket: ready.socket_path,
-            stats,
-            shutdown,
-            task,
-        }
-    }
-
-    async fn client(&self) -> Client {
-        Client::connect(&self.socket).await.unwrap()
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(30), self.task)
-            .await
-            .expect("daemon stops in time")
-            .unwrap()
-            .unwrap();
-    }
-}
-
-fn hellos(brain: &FakeBrain) -> Vec<Value> {
-    brain.seen.hellos.lock().unwrap().clone()
+/// Starts a daemon for `brain` with this restart grace, its spool and
+/// socket under `dir` (which outlives it), and waits until it is connected.
+async fn start_run(brain: &FakeBrain, dir: &Path, grace_s: u64) -> TestDaemon {
+    let mut opts = support::options(&brain.url);
+    opts.restart_grace_seconds = Some(grace_s.to_string());
+    let d = TestDaemon::start_in(opts, dir).await;
+    support::wait_uplink_connected(&d.stats).await;
+    d
 }
 
 /// The actions a `hello` advertises for `engine`.
 fn actions(hello: &Value, engine: &str) -> Vec<String> {
     hello
         .get("capabilities")
-        .and_then(|c| c.get(engine))
-        .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(Value::as_str)
-                .map(str::to_string)
-                .collect()
-        })
+        .map(|c| strings_at(c, engine))
         .unwrap_or_default()
 }
 
 fn engines(hello: &Value) -> Vec<String> {
-    hello
-        .get("engines")
-        .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(Value::as_str)
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default()
+    strings_at(hello, "engines")
 }
 
 /// Waits until the fake saw `n` hellos.
 async fn hello_count(brain: &FakeBrain, n: usize, secs: u64, what: &str) -> Vec<Value> {
-    support::wait_for(secs, what, || hellos(brain).len() >= n).await;
-    hellos(brain)
+    support::wait_for(secs, what, || brain.hellos().len() >= n).await;
+    brain.hellos()
 }
 
 /// A first run in which a Celery worker declared `cancel_task`, until the
 /// brain acknowledged a `hello` that advertises it; then stopped.
 async fn first_run_with_a_worker(brain: &FakeBrain, dir: &Path) {
-    let run = Run::start(brain, dir, 60).await;
+    let run = start_run(brain, dir, 60).await;
     let mut worker = run.client().await;
     worker
         .hello_with_capabilities("celery-worker", &[("celery", &["cancel_task"])])
@@ -140,7 +56,7 @@ async fn first_run_with_a_worker(brain: &FakeBrain, dir: &Path) {
     })
     .await;
     drop(worker);
-    run.stop().await;
+    run.stop().await.unwrap();
 }
 
 fn cancel(engine: &str) -> Value {
@@ -148,13 +64,7 @@ fn cancel(engine: &str) -> Value {
     target.insert("type", "task");
     target.insert("id", format!("{engine}:t-1"));
     target.insert("engine", engine);
-    let mut p = Value::empty_map();
-    p.insert("action", "cancel_task");
-    p.insert("target", target);
-    p.insert("parameters", Value::empty_map());
-    p.insert("timeout_seconds", 60u64);
-    p.insert("delivery_claim_token", "claim-1");
-    p
+    brain_command("cancel_task", target, Value::empty_map(), "claim-1".into())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -162,9 +72,9 @@ async fn after_a_restart_the_first_hello_carries_the_engines_until_the_grace_end
     let brain = FakeBrain::start(Behavior::default()).await;
     let dir = tempfile::tempdir().unwrap();
     first_run_with_a_worker(&brain, dir.path()).await;
-    let before = hellos(&brain).len();
+    let before = brain.hellos().len();
 
-    let run = Run::start(&brain, dir.path(), 3).await;
+    let run = start_run(&brain, dir.path(), 3).await;
     let seen = hello_count(&brain, before + 1, 10, "the restarted daemon's hello").await;
     let first = &seen[before];
     assert_eq!(engines(first), ["celery"], "{first:?}");
@@ -216,14 +126,14 @@ async fn after_a_restart_the_first_hello_carries_the_engines_until_the_grace_end
         Some(&Value::Null)
     );
     drop(c);
-    run.stop().await;
-    assert_eq!(hellos(&brain).len(), before + 2, "exactly one more");
+    run.stop().await.unwrap();
+    assert_eq!(brain.hellos().len(), before + 2, "exactly one more");
 
     // And the next start remembers no celery.
-    let run = Run::start(&brain, dir.path(), 3).await;
+    let run = start_run(&brain, dir.path(), 3).await;
     let seen = hello_count(&brain, before + 3, 10, "the third run's hello").await;
     assert!(engines(&seen[before + 2]).is_empty());
-    run.stop().await;
+    run.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -231,9 +141,9 @@ async fn a_worker_that_comes_back_within_the_grace_causes_no_second_hello() {
     let brain = FakeBrain::start(Behavior::default()).await;
     let dir = tempfile::tempdir().unwrap();
     first_run_with_a_worker(&brain, dir.path()).await;
-    let before = hellos(&brain).len();
+    let before = brain.hellos().len();
 
-    let run = Run::start(&brain, dir.path(), 3).await;
+    let run = start_run(&brain, dir.path(), 3).await;
     hello_count(&brain, before + 1, 10, "the restarted daemon's hello").await;
     let mut worker = run.client().await;
     worker
@@ -249,7 +159,7 @@ async fn a_worker_that_comes_back_within_the_grace_causes_no_second_hello() {
     );
     // Past the grace and the debounce: still the one hello.
     tokio::time::sleep(Duration::from_secs(6)).await;
-    assert_eq!(hellos(&brain).len(), before + 1, "{:?}", hellos(&brain));
+    assert_eq!(brain.hellos().len(), before + 1, "{:?}", brain.hellos());
     assert_eq!(
         brain
             .seen
@@ -259,5 +169,5 @@ async fn a_worker_that_comes_back_within_the_grace_causes_no_second_hello() {
     );
     drop(c);
     drop(worker);
-    run.stop().await;
+    run.stop().await.unwrap();
 }

@@ -11,10 +11,9 @@ use crate::support;
 use std::time::Duration;
 
 use support::fake_brain::{Behavior, FakeBrain};
-use support::{options, TestDaemon};
+use support::{brain_command, strings_at, TestDaemon};
 use z4j_agentd::client::Client;
 use z4j_agentd::protocol::Value;
-use z4j_agentd::stats::UplinkState;
 
 const SCHEDULER: &str = "celery-beat";
 
@@ -67,30 +66,7 @@ fn activation(claim: &str) -> Value {
     params.insert("scheduler", SCHEDULER);
     params.insert("owner", SCHEDULER);
     params.insert("epoch_number", 1u64);
-    let mut p = Value::empty_map();
-    p.insert("action", "schedule.external.activate");
-    p.insert("target", target);
-    p.insert("parameters", params);
-    p.insert("timeout_seconds", 60u64);
-    p.insert("issued_by", Value::Null);
-    p.insert("delivery_claim_token", claim);
-    p
-}
-
-fn hellos(brain: &FakeBrain) -> Vec<Value> {
-    brain.seen.hellos.lock().unwrap().clone()
-}
-
-fn list(v: &Value, k: &str) -> Vec<String> {
-    v.get(k)
-        .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(Value::as_str)
-                .map(str::to_owned)
-                .collect()
-        })
-        .unwrap_or_default()
+    brain_command("schedule.external.activate", target, params, claim.into())
 }
 
 /// Until the brain has seen more than `after` hellos, the last of which
@@ -98,8 +74,8 @@ fn list(v: &Value, k: &str) -> Vec<String> {
 async fn hello_with_scheduler(brain: &FakeBrain, after: usize) -> usize {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
-        let h = hellos(brain);
-        if h.len() > after && list(h.last().unwrap(), "schedulers") == [SCHEDULER] {
+        let h = brain.hellos();
+        if h.len() > after && strings_at(h.last().unwrap(), "schedulers") == [SCHEDULER] {
             return h.len();
         }
         assert!(
@@ -110,45 +86,20 @@ async fn hello_with_scheduler(brain: &FakeBrain, after: usize) -> usize {
     }
 }
 
-async fn frames(brain: &FakeBrain, id: &str, n: usize) -> Vec<(String, Value)> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let f = brain.command_frames(id);
-        if f.len() >= n {
-            return f;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{n} frames for {id}: {f:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn connected(brain: &FakeBrain) -> TestDaemon {
-    let d = TestDaemon::start(options(&brain.url)).await;
-    let stats = d.stats.clone();
-    support::wait_for(10, "connected", || {
-        stats.uplink().state == UplinkState::Connected
-    })
-    .await;
-    d
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scheduler_is_advertised_activated_and_activated_again_after_its_process_restarts() {
     let brain = FakeBrain::start(Behavior::default()).await;
-    let d = connected(&brain).await;
+    let d = TestDaemon::connected_to(&brain).await;
     let mut beat = d.client().await;
     beat_hello(&mut beat, 1).await;
     let n = hello_with_scheduler(&brain, 0).await;
-    let h = hellos(&brain).last().cloned().unwrap();
+    let h = brain.hellos().last().cloned().unwrap();
     assert!(
-        list(&h, "engines").is_empty(),
+        strings_at(&h, "engines").is_empty(),
         "a scheduler is not an engine: {h:?}"
     );
     assert_eq!(
-        list(h.get("capabilities").unwrap(), SCHEDULER),
+        strings_at(h.get("capabilities").unwrap(), SCHEDULER),
         [
             "external_schedule_stable_snapshot_v1",
             "list",
@@ -156,7 +107,7 @@ async fn a_scheduler_is_advertised_activated_and_activated_again_after_its_proce
         ]
     );
     assert_eq!(
-        list(&h, "runtime_features"),
+        strings_at(&h, "runtime_features"),
         ["external_schedule_protocol_v1"]
     );
 
@@ -175,7 +126,7 @@ async fn a_scheduler_is_advertised_activated_and_activated_again_after_its_proce
     beat.command_result(id, true, Some(Value::empty_map()), None)
         .await
         .unwrap();
-    let f = frames(&brain, id, 2).await;
+    let f = brain.wait_command_frames(id, 2).await;
     for (kind, payload) in &f {
         assert_eq!(
             payload.get("delivery_claim_token").and_then(Value::as_str),
@@ -191,16 +142,16 @@ async fn a_scheduler_is_advertised_activated_and_activated_again_after_its_proce
     let mut again = d.client().await;
     beat_hello(&mut again, 1).await;
     let m = hello_with_scheduler(&brain, n).await;
-    assert_eq!(m, n + 1, "one new hello: {:?}", hellos(&brain));
+    assert_eq!(m, n + 1, "one new hello: {:?}", brain.hellos());
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(hellos(&brain).len(), n + 1, "and no more once it was sent");
+    assert_eq!(brain.hellos().len(), n + 1, "and no more once it was sent");
     d.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_process_declaring_the_same_scheduler_is_refused_with_the_reason() {
     let brain = FakeBrain::start(Behavior::default()).await;
-    let d = connected(&brain).await;
+    let d = TestDaemon::connected_to(&brain).await;
     let mut first = d.client().await;
     let replies = beat_hello(&mut first, 1).await;
     assert_eq!(replies.len(), 1, "accepted whole: {replies:?}");

@@ -204,7 +204,7 @@ async fn assert_refused(d: &TestDaemon, brain: &FakeBrain, tls: &Terminator, n: 
 }
 
 /// Stops the daemon, keeping its directory (and so its spool file).
-async fn stop_keeping_files(d: TestDaemon) -> tempfile::TempDir {
+async fn stop_keeping_files(d: TestDaemon) -> support::DaemonDir {
     let TestDaemon {
         dir,
         shutdown,

@@ -7,10 +7,9 @@ use crate::support;
 use std::time::Duration;
 
 use support::fake_brain::{Behavior, FakeBrain};
-use support::{options, TestDaemon};
+use support::{brain_command, TestDaemon};
 use z4j_agentd::client::Client;
 use z4j_agentd::protocol::Value;
-use z4j_agentd::stats::UplinkState;
 
 fn restart(worker: &str) -> Value {
     let mut target = Value::empty_map();
@@ -20,14 +19,7 @@ fn restart(worker: &str) -> Value {
     let mut params = Value::empty_map();
     params.insert("worker_name", worker);
     params.insert("engine", "celery");
-    let mut p = Value::empty_map();
-    p.insert("action", "restart_worker");
-    p.insert("target", target);
-    p.insert("parameters", params);
-    p.insert("timeout_seconds", 60u64);
-    p.insert("issued_by", Value::Null);
-    p.insert("delivery_claim_token", Value::Null);
-    p
+    brain_command("restart_worker", target, params, Value::Null)
 }
 
 /// A client of `d` that runs `restart_worker` for celery and has announced
@@ -70,12 +62,7 @@ async fn result_of(brain: &FakeBrain, id: &str) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_command_reaches_only_the_process_that_announced_the_worker() {
     let brain = FakeBrain::start(Behavior::default()).await;
-    let d = TestDaemon::start(options(&brain.url)).await;
-    let stats = d.stats.clone();
-    support::wait_for(10, "connected", || {
-        stats.uplink().state == UplinkState::Connected
-    })
-    .await;
+    let d = TestDaemon::connected_to(&brain).await;
     let mut a = hosting(&d, "wA@host").await;
     let mut b = hosting(&d, "wB@host").await;
 

@@ -170,6 +170,28 @@ impl FakeBrain {
             .map(|(t, _, p)| (t.clone(), p.clone()))
             .collect()
     }
+
+    /// Waits (10 s at most) until `n` frames were received for `id`;
+    /// returns them.
+    pub async fn wait_command_frames(&self, id: &str, n: usize) -> Vec<(String, Value)> {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let f = self.command_frames(id);
+            if f.len() >= n {
+                return f;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {n} frames for {id}; got {f:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The `hello`s received so far.
+    pub fn hellos(&self) -> Vec<Value> {
+        self.seen.hellos.lock().unwrap().clone()
+    }
 }
 
 async fn serve(

@@ -36,7 +36,7 @@ use z4j_agentd::stats::Stats;
 
 /// A daemon running in this process.
 pub struct TestDaemon {
-    pub dir: tempfile::TempDir,
+    pub dir: DaemonDir,
     pub socket: PathBuf,
     pub spool: PathBuf,
     pub stats: Arc<Stats>,
@@ -58,6 +58,69 @@ pub fn options(brain_url: &str) -> Options {
     }
 }
 
+/// Where a test daemon's home, socket and temporary files are: a fresh
+/// temporary directory, removed with the daemon, or one the test keeps
+/// across daemons.
+pub enum DaemonDir {
+    Temp(tempfile::TempDir),
+    Kept(PathBuf),
+}
+
+impl DaemonDir {
+    pub fn path(&self) -> &Path {
+        match self {
+            DaemonDir::Temp(t) => t.path(),
+            DaemonDir::Kept(p) => p,
+        }
+    }
+}
+
+/// Starts a daemon with `opts`, its home (given to `prepare` first),
+/// socket and temporary files under `dir`; returns once it is ready.
+async fn launch(mut opts: Options, dir: DaemonDir, prepare: impl FnOnce(&Path)) -> TestDaemon {
+    capture_logs();
+    let root = dir.path();
+    let home = root.join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    prepare(&home);
+    let socket = root.join("agent.sock");
+    opts.socket_path = Some(socket.clone());
+    let host = HostEnv {
+        home: Some(home),
+        tmpdir: root.join("tmp"),
+        uid: z4j_agentd::host::current_uid(),
+        hostname: "testhost".into(),
+        ..HostEnv::default()
+    };
+    std::fs::create_dir_all(&host.tmpdir).unwrap();
+    let config = opts.resolve(host.clone()).expect("valid test config");
+    let (_tx, rx) = watch::channel(config.uplink.clone());
+    let shutdown = CancellationToken::new();
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let token = shutdown.clone();
+    let task = tokio::spawn(async move {
+        let _keep_settings_sender = _tx;
+        daemon::run(config, rx, token, Some(ready_tx)).await
+    });
+    let ready = match tokio::time::timeout(Duration::from_secs(10), ready_rx)
+        .await
+        .expect("daemon ready in time")
+    {
+        Ok(ready) => ready,
+        Err(_) => panic!("the daemon did not start: {:?}", task.await),
+    };
+    TestDaemon {
+        dir,
+        socket: ready.socket_path,
+        spool: ready.spool_path,
+        stats: ready.stats,
+        metrics: ready.metrics_addr,
+        host,
+        shutdown,
+        task,
+    }
+}
+
 impl TestDaemon {
     /// Starts a daemon with `options` in a fresh temp dir.
     pub async fn start(opts: Options) -> TestDaemon {
@@ -66,48 +129,23 @@ impl TestDaemon {
 
     /// Like [`TestDaemon::start`], with `prepare` called on the daemon's
     /// home directory first (to mount something on its `.z4j`, say).
-    pub async fn start_prepared(mut opts: Options, prepare: impl FnOnce(&Path)) -> TestDaemon {
-        capture_logs();
-        let dir = tempfile::tempdir().unwrap();
-        let home = dir.path().join("home");
-        std::fs::create_dir_all(&home).unwrap();
-        prepare(&home);
-        let socket = dir.path().join("agent.sock");
-        opts.socket_path = Some(socket.clone());
-        let host = HostEnv {
-            home: Some(home),
-            tmpdir: dir.path().join("tmp"),
-            uid: z4j_agentd::host::current_uid(),
-            hostname: "testhost".into(),
-            ..HostEnv::default()
-        };
-        std::fs::create_dir_all(&host.tmpdir).unwrap();
-        let config = opts.resolve(host.clone()).expect("valid test config");
-        let (_tx, rx) = watch::channel(config.uplink.clone());
-        let shutdown = CancellationToken::new();
-        let (ready_tx, ready_rx) = oneshot::channel();
-        let token = shutdown.clone();
-        let task = tokio::spawn(async move {
-            let _keep_settings_sender = _tx;
-            daemon::run(config, rx, token, Some(ready_tx)).await
-        });
-        let ready = match tokio::time::timeout(Duration::from_secs(10), ready_rx)
-            .await
-            .expect("daemon ready in time")
-        {
-            Ok(ready) => ready,
-            Err(_) => panic!("the daemon did not start: {:?}", task.await),
-        };
-        TestDaemon {
-            dir,
-            socket: ready.socket_path,
-            spool: ready.spool_path,
-            stats: ready.stats,
-            metrics: ready.metrics_addr,
-            host,
-            shutdown,
-            task,
-        }
+    pub async fn start_prepared(opts: Options, prepare: impl FnOnce(&Path)) -> TestDaemon {
+        let dir = DaemonDir::Temp(tempfile::tempdir().unwrap());
+        launch(opts, dir, prepare).await
+    }
+
+    /// Like [`TestDaemon::start`], on `dir`, which outlives the daemon (its
+    /// spool and what it remembers carry over to the next one started there).
+    pub async fn start_in(opts: Options, dir: &Path) -> TestDaemon {
+        launch(opts, DaemonDir::Kept(dir.to_path_buf()), |_| {}).await
+    }
+
+    /// Starts a daemon for `brain` with the default test options and waits
+    /// until its uplink is connected.
+    pub async fn connected_to(brain: &fake_brain::FakeBrain) -> TestDaemon {
+        let d = TestDaemon::start(options(&brain.url)).await;
+        wait_uplink_connected(&d.stats).await;
+        d
     }
 
     pub async fn client(&self) -> Client {
@@ -164,6 +202,40 @@ pub async fn wait_stats(
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+}
+
+/// Waits (10 s at most) until the daemon's uplink is connected.
+pub async fn wait_uplink_connected(stats: &Stats) {
+    wait_for(10, "connected", || {
+        stats.uplink().state == z4j_agentd::stats::UplinkState::Connected
+    })
+    .await;
+}
+
+/// A command payload as the brain sends it (`claim` is its
+/// `delivery_claim_token`).
+pub fn brain_command(action: &str, target: Value, parameters: Value, claim: Value) -> Value {
+    let mut p = Value::empty_map();
+    p.insert("action", action);
+    p.insert("target", target);
+    p.insert("parameters", parameters);
+    p.insert("timeout_seconds", 60u64);
+    p.insert("issued_by", Value::Null);
+    p.insert("delivery_claim_token", claim);
+    p
+}
+
+/// The strings of the array at `k` in `v` (none when absent).
+pub fn strings_at(v: &Value, k: &str) -> Vec<String> {
+    v.get(k)
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// A number in `stats` (`u64::MAX` when absent, so no bound is met by chance).
