@@ -373,10 +373,17 @@ fn is_empty(a: &Advertisement) -> bool {
         && a.schedulers.is_empty()
 }
 
-/// `from` without the entries of `what`.
+/// `from` without the entries of `what`. A scheduler `what` declares
+/// takes all of its actions with it: the one process that runs a
+/// scheduler says what it can do, and a remembered action of it left
+/// behind would be keyed by a name no longer listed as a scheduler, which
+/// [`super::ClientRegistry::advertisement`] would then take for an engine.
 fn subtract(from: &mut Advertisement, what: &Advertisement) {
     from.engines.retain(|e| !what.engines.contains(e));
     from.schedulers.retain(|s| !what.schedulers.contains(s));
+    for s in &what.schedulers {
+        from.capabilities.remove(s);
+    }
     from.runtime_features
         .retain(|f| !what.runtime_features.contains(f));
     for (key, live) in &what.capabilities {

@@ -342,3 +342,40 @@ fn the_file_lives_beside_the_spool() {
         Path::new("/var/lib/z4j-agentd/buffer.sqlite.advertisement.json")
     );
 }
+
+/// What a beat declared before the restart: a scheduler and three of its
+/// actions.
+fn beat_before() -> Advertisement {
+    Advertisement {
+        capabilities: BTreeMap::from([(
+            "beat".into(),
+            strings(&["stable_snapshot", "list", "trigger_now"]),
+        )]),
+        schedulers: strings(&["beat"]),
+        ..Advertisement::default()
+    }
+}
+
+#[test]
+fn a_scheduler_declared_again_with_fewer_actions_never_becomes_an_engine() {
+    let (r, _dir) = restarted_with(&beat_before(), Duration::from_secs(60));
+    assert!(live(&r).engines.is_empty(), "{:?}", live(&r));
+    r.connected(1, ClientInfo::default());
+    let beat = Registration {
+        schedulers: strings(&["beat"]),
+        capabilities: BTreeMap::from([("beat".into(), strings(&["stable_snapshot", "list"]))]),
+        ..Registration::default()
+    };
+    r.declared(1, beat, Arc::new(Sink));
+    let now = live(&r);
+    assert!(now.engines.is_empty(), "{now:?}");
+    assert_eq!(now.schedulers, strings(&["beat"]));
+    // The process that runs it says what it can do: nothing of it stays
+    // remembered, so its leaving does not leave a key behind.
+    assert!(r.remembered_report().is_none());
+    r.disconnected(1);
+    let now = live(&r);
+    assert!(now.engines.is_empty(), "beat is no engine: {now:?}");
+    assert!(now.capabilities.is_empty(), "{now:?}");
+    assert!(now.schedulers.is_empty(), "{now:?}");
+}
