@@ -117,9 +117,7 @@ impl Uplink {
         };
         tracing::Span::current().record("session_id", ack.session_id.as_str());
         let streaks = self.record_connected(&settings, &ack, &advertised, line);
-        self.stats
-            .clients
-            .acknowledged(&advertised, &advertised_to(&settings));
+        self.remember_acknowledged(&advertised, &settings).await;
         warn_clock_skew(ack.clock_skew_seconds);
         let mut session = BrainSession::new(self, &settings, ws, ack, advertised);
         session.scheduler_holders = holders;
@@ -175,6 +173,22 @@ impl Uplink {
                     rehello_used = true;
                 }
             }
+        }
+    }
+
+    /// Remembers what the brain acknowledged for the next start. The file
+    /// is fsynced: done on a blocking thread so a slow disk does not hold
+    /// up this runtime's other tasks (awaited, so two writes never race).
+    async fn remember_acknowledged(&self, advertised: &Advertisement, settings: &UplinkSettings) {
+        let stats = self.stats.clone();
+        let advertised = advertised.clone();
+        let identity = advertised_to(settings);
+        let done = tokio::task::spawn_blocking(move || {
+            stats.clients.acknowledged(&advertised, &identity);
+        })
+        .await;
+        if let Err(e) = done {
+            tracing::warn!(error = %e, "remembering the advertisement for the next start failed");
         }
     }
 

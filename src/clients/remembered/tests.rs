@@ -379,3 +379,63 @@ fn a_scheduler_declared_again_with_fewer_actions_never_becomes_an_engine() {
     assert!(now.capabilities.is_empty(), "{now:?}");
     assert!(now.schedulers.is_empty(), "{now:?}");
 }
+
+/// Runs `f` on another thread; whether it returned within 5 s (it is left
+/// running otherwise, blocked on what the test holds).
+fn returns_promptly(f: impl FnOnce() + Send + 'static) -> bool {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        f();
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(Duration::from_secs(5)).is_ok()
+}
+
+#[test]
+fn a_hello_does_not_wait_for_the_memory_when_nothing_is_remembered() {
+    let r = Arc::new(ClientRegistry::new());
+    r.connected(1, ClientInfo::default());
+    let held = r.memory.lock().unwrap();
+    let r2 = r.clone();
+    let done = returns_promptly(move || {
+        r2.declared(1, worker("celery", &["cancel_task"]), Arc::new(Sink));
+    });
+    drop(held);
+    assert!(done, "declared() waited for the memory's lock");
+    assert_eq!(live(&r).engines, strings(&["celery"]));
+}
+
+#[test]
+fn the_file_is_written_without_holding_the_memory() {
+    let (r, dir) = restarted_with(&before(), Duration::from_secs(60));
+    let r = Arc::new(r);
+    // A write that cannot finish until the test lets it: the temp file is
+    // a FIFO, whose open blocks until someone reads it (a stalled disk).
+    let tmp = dir.path().join("buffer.sqlite.advertisement.json.tmp");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&tmp)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let writer = {
+        let r = r.clone();
+        std::thread::spawn(move || {
+            let fewer = Advertisement {
+                engines: strings(&["rq"]),
+                ..Advertisement::default()
+            };
+            r.acknowledged(&fewer, &identity());
+        })
+    };
+    // Give it time to reach the write.
+    std::thread::sleep(Duration::from_millis(200));
+    let r2 = r.clone();
+    let free = returns_promptly(move || {
+        let _ = r2.remembered_report();
+        let _ = r2.only_remembered(None, "cancel_task");
+    });
+    // Unblock the writer whatever happened.
+    let _ = std::fs::read(&tmp);
+    writer.join().unwrap();
+    assert!(free, "the memory's lock was held during the write");
+}
