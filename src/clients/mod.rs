@@ -282,6 +282,9 @@ pub struct ClientRegistry {
     /// skip its lock once the restart grace is over (or there was nothing
     /// to remember).
     remembering: AtomicBool,
+    /// The daemon is stopping: what processes declare no longer changes
+    /// what the brain is told (see [`ClientRegistry::stopping`]).
+    stopping: AtomicBool,
 }
 
 impl ClientRegistry {
@@ -638,7 +641,7 @@ impl ClientRegistry {
 
     /// The brain acknowledged a `hello` advertising `adv` for `identity`:
     /// remembered for the next start (the file is written only when it
-    /// changed). Were the remembered
+    /// changed, and not once the daemon is stopping). Were the remembered
     /// entries meant for another brain or agent (the settings were
     /// reloaded), they are forgotten.
     ///
@@ -647,6 +650,9 @@ impl ClientRegistry {
     /// caller (the uplink runs this on a blocking thread), never a `hello`,
     /// the router or `stats`.
     pub fn acknowledged(&self, adv: &Advertisement, identity: &Identity) {
+        if self.is_stopping() {
+            return;
+        }
         let (job, forgot) = {
             let mut memory = self.memory.lock().unwrap();
             let Some(file) = memory.file.as_mut() else {
@@ -671,6 +677,21 @@ impl ClientRegistry {
                 file.not_written(&job);
             }
         }
+    }
+
+    /// The daemon began to stop. From now on what the processes declare
+    /// (or their connections closing as the daemon stops) no longer
+    /// changes what the brain is told or what is remembered for the next
+    /// start: an idle process whose connection the stop closes first must
+    /// not vanish from the brain, nor from the file, while a busy one is
+    /// still finishing.
+    pub fn stopping(&self) {
+        self.stopping.store(true, Ordering::Release);
+    }
+
+    /// Whether [`ClientRegistry::stopping`] was called.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
     }
 }
 

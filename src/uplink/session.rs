@@ -498,7 +498,13 @@ impl<'a> BrainSession<'a> {
     /// changes (a flood of `hello`s, a worker restarting in a loop) cannot
     /// postpone the re-handshake for ever; the rate limit keeps it from
     /// reconnecting on every change.
+    ///
+    /// Once the daemon is stopping, nothing is armed: the processes whose
+    /// connections the stop closes are still what this host runs.
     fn arm_rehandshake(&mut self, t: &mut Timers) {
+        if self.up.stats.clients.is_stopping() {
+            return;
+        }
         if self.advertisement_now() != self.advertised || self.scheduler_needs_hello().is_some() {
             t.rehandshake_armed = true;
             let at = self
@@ -515,7 +521,7 @@ impl<'a> BrainSession<'a> {
     async fn rehandshake_due(&mut self, t: &mut Timers) -> Result<(), SessionEnd> {
         let now = self.advertisement_now();
         t.rehandshake_armed = false;
-        if t.draining {
+        if t.draining || self.up.stats.clients.is_stopping() {
             return Ok(());
         }
         if now != self.advertised {

@@ -439,3 +439,13 @@ fn the_file_is_written_without_holding_the_memory() {
     writer.join().unwrap();
     assert!(free, "the memory's lock was held during the write");
 }
+
+#[test]
+fn once_stopping_nothing_is_remembered_anew() {
+    let (r, dir) = restarted_with(&before(), Duration::from_secs(60));
+    let path = dir.path().join("buffer.sqlite.advertisement.json");
+    r.stopping();
+    assert!(r.is_stopping());
+    r.acknowledged(&Advertisement::default(), &identity());
+    assert_eq!(read(&path, &identity()).unwrap(), Some(before()));
+}
