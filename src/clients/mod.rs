@@ -285,6 +285,9 @@ pub struct ClientRegistry {
     /// The daemon is stopping: what processes declare no longer changes
     /// what the brain is told (see [`ClientRegistry::stopping`]).
     stopping: AtomicBool,
+    /// What was advertised when the stop began; still advertised until
+    /// the daemon ends. Locked alone.
+    at_stop: Mutex<Option<Advertisement>>,
 }
 
 impl ClientRegistry {
@@ -520,6 +523,17 @@ impl ClientRegistry {
             }
             features.extend(p.runtime_features.iter().cloned());
         }
+        // What processes whose connections the stop closed declared.
+        if let Some(a) = self.at_stop.lock().unwrap().as_ref() {
+            engines.extend(a.engines.iter().cloned());
+            schedulers.extend(a.schedulers.iter().cloned());
+            for (key, actions) in &a.capabilities {
+                caps.entry(key.clone())
+                    .or_default()
+                    .extend(actions.iter().cloned());
+            }
+            features.extend(a.runtime_features.iter().cloned());
+        }
         schedulers.sort();
         schedulers.dedup();
         // Capabilities keyed by a scheduler name are the scheduler's, not
@@ -641,7 +655,7 @@ impl ClientRegistry {
 
     /// The brain acknowledged a `hello` advertising `adv` for `identity`:
     /// remembered for the next start (the file is written only when it
-    /// changed, and not once the daemon is stopping). Were the remembered
+    /// changed). Were the remembered
     /// entries meant for another brain or agent (the settings were
     /// reloaded), they are forgotten.
     ///
@@ -650,9 +664,6 @@ impl ClientRegistry {
     /// caller (the uplink runs this on a blocking thread), never a `hello`,
     /// the router or `stats`.
     pub fn acknowledged(&self, adv: &Advertisement, identity: &Identity) {
-        if self.is_stopping() {
-            return;
-        }
         let (job, forgot) = {
             let mut memory = self.memory.lock().unwrap();
             let Some(file) = memory.file.as_mut() else {
@@ -679,13 +690,16 @@ impl ClientRegistry {
         }
     }
 
-    /// The daemon began to stop. From now on what the processes declare
-    /// (or their connections closing as the daemon stops) no longer
-    /// changes what the brain is told or what is remembered for the next
-    /// start: an idle process whose connection the stop closes first must
-    /// not vanish from the brain, nor from the file, while a busy one is
-    /// still finishing.
+    /// The daemon began to stop. From now on what is advertised is at
+    /// least what was advertised then: connections closing because of the
+    /// stop change neither what the brain is told (a `hello` said during
+    /// the stop, after a reconnect, still carries them) nor what is
+    /// remembered for the next start. An idle process whose connection
+    /// the stop closes first must not vanish while a busy one is still
+    /// finishing. The uplink also arms no re-handshake from now on.
     pub fn stopping(&self) {
+        let now = self.advertisement(&[], &BTreeMap::new());
+        *self.at_stop.lock().unwrap() = Some(now);
         self.stopping.store(true, Ordering::Release);
     }
 

@@ -441,11 +441,24 @@ fn the_file_is_written_without_holding_the_memory() {
 }
 
 #[test]
-fn once_stopping_nothing_is_remembered_anew() {
-    let (r, dir) = restarted_with(&before(), Duration::from_secs(60));
+fn once_stopping_the_processes_the_stop_closes_stay_advertised() {
+    let (r, dir) = restarted_with(&Advertisement::default(), Duration::from_secs(60));
     let path = dir.path().join("buffer.sqlite.advertisement.json");
+    r.connected(1, ClientInfo::default());
+    let mut beat = worker("rq", &["cancel_task"]);
+    beat.schedulers = strings(&["beat"]);
+    beat.capabilities.insert("beat".into(), strings(&["list"]));
+    r.declared(1, beat, Arc::new(Sink));
+    r.connected(2, ClientInfo::default());
+    r.declared(2, worker("celery", &["cancel_task"]), Arc::new(Sink));
+    let before_stop = live(&r);
+    r.acknowledged(&before_stop, &identity());
     r.stopping();
     assert!(r.is_stopping());
-    r.acknowledged(&Advertisement::default(), &identity());
-    assert_eq!(read(&path, &identity()).unwrap(), Some(before()));
+    r.disconnected(1);
+    // A hello said during the stop still carries it, so what the brain
+    // acknowledges then leaves the file as it was.
+    assert_eq!(live(&r), before_stop);
+    r.acknowledged(&live(&r), &identity());
+    assert_eq!(read(&path, &identity()).unwrap(), Some(before_stop));
 }
