@@ -564,6 +564,9 @@ impl Daemon {
     async fn shutdown(mut self) {
         let stop_began = Instant::now();
         let deadline = stop_began + self.grace;
+        // Before any connection is closed by the stop: no re-handshake, and
+        // no smaller advertisement remembered, because of it.
+        self.stats.clients.stopping();
         self.reporter.abort();
         if let Some(t) = &self.remembered_expiry {
             t.abort();

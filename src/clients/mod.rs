@@ -28,6 +28,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -275,8 +276,18 @@ pub struct ClientRegistry {
     clients: Mutex<BTreeMap<u64, Entry>>,
     changed: tokio::sync::Notify,
     /// The advertisement remembered across a restart; locked after
-    /// `clients`, never before.
+    /// `clients`, never before, and never held across file I/O.
     memory: Mutex<remembered::Memory>,
+    /// Whether `memory` may still advertise something: lets `declared`
+    /// skip its lock once the restart grace is over (or there was nothing
+    /// to remember).
+    remembering: AtomicBool,
+    /// The daemon is stopping: what processes declare no longer changes
+    /// what the brain is told (see [`ClientRegistry::stopping`]).
+    stopping: AtomicBool,
+    /// What was advertised when the stop began; still advertised until
+    /// the daemon ends. Locked alone.
+    at_stop: Mutex<Option<Advertisement>>,
 }
 
 impl ClientRegistry {
@@ -343,7 +354,13 @@ impl ClientRegistry {
                 return taken;
             };
             e.waiting = waiting;
-            self.memory.lock().unwrap().declared(&r);
+            if self.remembering.load(Ordering::Acquire) {
+                let mut memory = self.memory.lock().unwrap();
+                memory.declared(&r);
+                if memory.pending(Instant::now()).is_none() {
+                    self.remembering.store(false, Ordering::Release);
+                }
+            }
             let c = &mut e.info;
             let changed = c.engines != r.engines
                 || c.capabilities != r.capabilities
@@ -506,6 +523,17 @@ impl ClientRegistry {
             }
             features.extend(p.runtime_features.iter().cloned());
         }
+        // What processes whose connections the stop closed declared.
+        if let Some(a) = self.at_stop.lock().unwrap().as_ref() {
+            engines.extend(a.engines.iter().cloned());
+            schedulers.extend(a.schedulers.iter().cloned());
+            for (key, actions) in &a.capabilities {
+                caps.entry(key.clone())
+                    .or_default()
+                    .extend(actions.iter().cloned());
+            }
+            features.extend(a.runtime_features.iter().cloned());
+        }
         schedulers.sort();
         schedulers.dedup();
         // Capabilities keyed by a scheduler name are the scheduler's, not
@@ -560,6 +588,7 @@ impl ClientRegistry {
                 memory.remember(adv, configured, grace);
                 let now = Instant::now();
                 let report = memory.report(now);
+                self.remembering.store(report.is_some(), Ordering::Release);
                 report.map(|r| {
                     tracing::info!(
                         engines = ?r.engines,
@@ -581,6 +610,7 @@ impl ClientRegistry {
     /// something was).
     pub fn forget_remembered(&self) {
         let had = self.memory.lock().unwrap().forget();
+        self.remembering.store(false, Ordering::Release);
         if had {
             tracing::info!(
                 "restart grace over: what was advertised before the restart and not declared again is no longer advertised"
@@ -615,6 +645,7 @@ impl ClientRegistry {
         wall: time::OffsetDateTime,
     ) {
         self.memory.lock().unwrap().remember_until(adv, until, wall);
+        self.remembering.store(true, Ordering::Release);
     }
 
     /// The remembered entries, for `stats` and `status`.
@@ -624,19 +655,57 @@ impl ClientRegistry {
 
     /// The brain acknowledged a `hello` advertising `adv` for `identity`:
     /// remembered for the next start (the file is written only when it
-    /// changed). Were the remembered entries meant for another brain or
-    /// agent (the settings were reloaded), they are forgotten.
+    /// changed). Were the remembered
+    /// entries meant for another brain or agent (the settings were
+    /// reloaded), they are forgotten.
+    ///
+    /// What to write is decided under the memory's lock; the write and its
+    /// fsync happen after it is released, so a slow disk holds up only the
+    /// caller (the uplink runs this on a blocking thread), never a `hello`,
+    /// the router or `stats`.
     pub fn acknowledged(&self, adv: &Advertisement, identity: &Identity) {
-        let mut memory = self.memory.lock().unwrap();
-        let Some(file) = memory.file.as_mut() else {
-            return;
+        let (job, forgot) = {
+            let mut memory = self.memory.lock().unwrap();
+            let Some(file) = memory.file.as_mut() else {
+                return;
+            };
+            let moved = file.identity() != identity;
+            let job = file.to_write(adv, identity);
+            let forgot = moved && memory.forget();
+            if moved {
+                self.remembering.store(false, Ordering::Release);
+            }
+            (job, forgot)
         };
-        let moved = file.identity() != identity;
-        file.acknowledged(adv, identity);
-        if moved && memory.forget() {
-            drop(memory);
+        if forgot {
             self.changed.notify_one();
         }
+        let Some(job) = job else {
+            return;
+        };
+        if !job.run() {
+            if let Some(file) = self.memory.lock().unwrap().file.as_mut() {
+                file.not_written(&job);
+            }
+        }
+    }
+
+    /// The daemon began to stop. From now on what is advertised is at
+    /// least what was advertised then: connections closing because of the
+    /// stop change neither what the brain is told (a `hello` said during
+    /// the stop, after a reconnect, still carries them) nor what is
+    /// remembered for the next start. An idle process whose connection
+    /// the stop closes first must not vanish while a busy one is still
+    /// finishing. The uplink also arms no re-handshake from now on.
+    pub fn stopping(&self) {
+        let now = self.advertisement(&[], &BTreeMap::new());
+        *self.at_stop.lock().unwrap() = Some(now);
+        self.stopping.store(true, Ordering::Release);
+    }
+
+    /// Whether [`ClientRegistry::stopping`] was called.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
     }
 }
 

@@ -135,15 +135,58 @@ impl AdvertisementFile {
     /// Returns whether it was written; a failure is a warning, and the
     /// next acknowledged `hello` tries again.
     pub fn acknowledged(&mut self, adv: &Advertisement, identity: &Identity) -> bool {
-        if self.holds.as_ref() == Some(adv) && &self.identity == identity {
+        let Some(job) = self.to_write(adv, identity) else {
             return false;
+        };
+        let written = job.run();
+        if !written {
+            self.not_written(&job);
+        }
+        written
+    }
+
+    /// What to write now that the brain acknowledged `adv` for
+    /// `identity` (None: the file holds it already). The file counts as
+    /// holding it from now on, so the write itself can be done without
+    /// the lock this is held under; a failed write is reported back with
+    /// [`AdvertisementFile::not_written`].
+    pub fn to_write(&mut self, adv: &Advertisement, identity: &Identity) -> Option<FileWrite> {
+        if self.holds.as_ref() == Some(adv) && &self.identity == identity {
+            return None;
         }
         self.identity = identity.clone();
-        match write(&self.path, adv, identity) {
-            Ok(()) => {
-                self.holds = Some(adv.clone());
-                true
-            }
+        self.holds = Some(adv.clone());
+        Some(FileWrite {
+            path: self.path.clone(),
+            adv: adv.clone(),
+            identity: identity.clone(),
+        })
+    }
+
+    /// `job` failed: the file does not hold it, so the next acknowledged
+    /// `hello` tries again (unless another write took its place).
+    pub fn not_written(&mut self, job: &FileWrite) {
+        if self.holds.as_ref() == Some(&job.adv) && self.identity == job.identity {
+            self.holds = None;
+        }
+    }
+}
+
+/// One write of the file, decided under the registry's lock and done
+/// outside it (it fsyncs: a slow disk must not stall routing or hellos).
+#[derive(Debug)]
+pub struct FileWrite {
+    path: PathBuf,
+    adv: Advertisement,
+    identity: Identity,
+}
+
+impl FileWrite {
+    /// Writes the file; a failure is a warning. Returns whether it was
+    /// written.
+    pub fn run(&self) -> bool {
+        match write(&self.path, &self.adv, &self.identity) {
+            Ok(()) => true,
             Err(e) => {
                 tracing::warn!(
                     file = %self.path.display(),
@@ -373,10 +416,17 @@ fn is_empty(a: &Advertisement) -> bool {
         && a.schedulers.is_empty()
 }
 
-/// `from` without the entries of `what`.
+/// `from` without the entries of `what`. A scheduler `what` declares
+/// takes all of its actions with it: the one process that runs a
+/// scheduler says what it can do, and a remembered action of it left
+/// behind would be keyed by a name no longer listed as a scheduler, which
+/// [`super::ClientRegistry::advertisement`] would then take for an engine.
 fn subtract(from: &mut Advertisement, what: &Advertisement) {
     from.engines.retain(|e| !what.engines.contains(e));
     from.schedulers.retain(|s| !what.schedulers.contains(s));
+    for s in &what.schedulers {
+        from.capabilities.remove(s);
+    }
     from.runtime_features
         .retain(|f| !what.runtime_features.contains(f));
     for (key, live) in &what.capabilities {

@@ -117,9 +117,7 @@ impl Uplink {
         };
         tracing::Span::current().record("session_id", ack.session_id.as_str());
         let streaks = self.record_connected(&settings, &ack, &advertised, line);
-        self.stats
-            .clients
-            .acknowledged(&advertised, &advertised_to(&settings));
+        self.remember_acknowledged(&advertised, &settings).await;
         warn_clock_skew(ack.clock_skew_seconds);
         let mut session = BrainSession::new(self, &settings, ws, ack, advertised);
         session.scheduler_holders = holders;
@@ -175,6 +173,22 @@ impl Uplink {
                     rehello_used = true;
                 }
             }
+        }
+    }
+
+    /// Remembers what the brain acknowledged for the next start. The file
+    /// is fsynced: done on a blocking thread so a slow disk does not hold
+    /// up this runtime's other tasks (awaited, so two writes never race).
+    async fn remember_acknowledged(&self, advertised: &Advertisement, settings: &UplinkSettings) {
+        let stats = self.stats.clone();
+        let advertised = advertised.clone();
+        let identity = advertised_to(settings);
+        let done = tokio::task::spawn_blocking(move || {
+            stats.clients.acknowledged(&advertised, &identity);
+        })
+        .await;
+        if let Err(e) = done {
+            tracing::warn!(error = %e, "remembering the advertisement for the next start failed");
         }
     }
 
@@ -484,7 +498,13 @@ impl<'a> BrainSession<'a> {
     /// changes (a flood of `hello`s, a worker restarting in a loop) cannot
     /// postpone the re-handshake for ever; the rate limit keeps it from
     /// reconnecting on every change.
+    ///
+    /// Once the daemon is stopping, nothing is armed: the processes whose
+    /// connections the stop closes are still what this host runs.
     fn arm_rehandshake(&mut self, t: &mut Timers) {
+        if self.up.stats.clients.is_stopping() {
+            return;
+        }
         if self.advertisement_now() != self.advertised || self.scheduler_needs_hello().is_some() {
             t.rehandshake_armed = true;
             let at = self
@@ -501,7 +521,7 @@ impl<'a> BrainSession<'a> {
     async fn rehandshake_due(&mut self, t: &mut Timers) -> Result<(), SessionEnd> {
         let now = self.advertisement_now();
         t.rehandshake_armed = false;
-        if t.draining {
+        if t.draining || self.up.stats.clients.is_stopping() {
             return Ok(());
         }
         if now != self.advertised {

@@ -6,8 +6,11 @@
 
 use crate::support;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use z4j_agentd::client::Client;
 
 use support::fake_brain::{Behavior, FakeBrain};
 use support::{brain_command, strings_at, TestDaemon};
@@ -16,7 +19,18 @@ use z4j_agentd::protocol::Value;
 /// Starts a daemon for `brain` with this restart grace, its spool and
 /// socket under `dir` (which outlives it), and waits until it is connected.
 async fn start_run(brain: &FakeBrain, dir: &Path, grace_s: u64) -> TestDaemon {
+    start_run_with(brain, dir, grace_s, None).await
+}
+
+/// Like [`start_run`], with this shutdown grace when given.
+async fn start_run_with(
+    brain: &FakeBrain,
+    dir: &Path,
+    grace_s: u64,
+    shutdown_grace_s: Option<u64>,
+) -> TestDaemon {
     let mut opts = support::options(&brain.url);
+    opts.shutdown_grace_seconds = shutdown_grace_s.map(|s| s.to_string());
     opts.restart_grace_seconds = Some(grace_s.to_string());
     let d = TestDaemon::start_in(opts, dir).await;
     support::wait_uplink_connected(&d.stats).await;
@@ -169,5 +183,138 @@ async fn a_worker_that_comes_back_within_the_grace_causes_no_second_hello() {
     );
     drop(c);
     drop(worker);
+    run.stop().await.unwrap();
+}
+
+/// The list `key` of a `hello`.
+fn list(hello: &Value, key: &str) -> Vec<String> {
+    hello
+        .get(key)
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// An idle process: an RQ worker that also runs scheduler `beat`.
+async fn idle_hello(c: &mut Client) {
+    let strings = |items: &[&str]| Value::Array(items.iter().map(|s| Value::from(*s)).collect());
+    let mut caps = Value::empty_map();
+    caps.insert("rq", strings(&["cancel_task"]));
+    caps.insert("beat", strings(&["list"]));
+    let mut m = Value::empty_map();
+    m.insert("type", "hello");
+    m.insert("process", "rq-with-beat");
+    m.insert("engines", strings(&["rq"]));
+    m.insert("schedulers", strings(&["beat"]));
+    m.insert("capabilities", caps);
+    m.insert("ack_id", 1u64);
+    c.write_raw(&m).await.unwrap();
+    loop {
+        let r = tokio::time::timeout(Duration::from_secs(5), c.read_reply())
+            .await
+            .expect("a reply to hello")
+            .unwrap();
+        if r.get("type").and_then(Value::as_str) == Some("hello_ack") {
+            return;
+        }
+    }
+}
+
+/// The remembered advertisement file under `dir`, once written.
+fn remembered_file(dir: &Path) -> Option<serde_json::Value> {
+    fn find(dir: &Path) -> Option<PathBuf> {
+        for e in std::fs::read_dir(dir).ok()?.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                if let Some(f) = find(&p) {
+                    return Some(f);
+                }
+            } else if p.to_string_lossy().ends_with(".advertisement.json") {
+                return Some(p);
+            }
+        }
+        None
+    }
+    serde_json::from_slice(&std::fs::read(find(dir)?).ok()?).ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_with_a_busy_and_an_idle_process_keeps_both_advertised() {
+    let brain = FakeBrain::start(Behavior::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let run = start_run_with(&brain, dir.path(), 60, Some(8)).await;
+    let mut idle = run.client().await;
+    idle_hello(&mut idle).await;
+    let mut busy = run.client().await;
+    busy.hello_with_capabilities("celery-worker", &[("celery", &["cancel_task"])])
+        .await
+        .unwrap();
+    let stats = run.stats.clone();
+    support::wait_for(15, "the re-handshake advertises both", || {
+        let a = stats.uplink().advertised;
+        a.engines == ["celery", "rq"] && a.schedulers == ["beat"]
+    })
+    .await;
+    let before = brain.hellos().len();
+    let d = dir.path().to_path_buf();
+    support::wait_for(10, "the file remembers both", || {
+        remembered_file(&d).is_some_and(|f| f["engines"] == serde_json::json!(["celery", "rq"]))
+    })
+    .await;
+
+    // The busy process keeps sending for 4 s after the stop begins: past
+    // the idle connection's close (200 ms) and the re-handshake debounce
+    // (2 s), within the first half of the shutdown grace (8 s).
+    let stop_sending = CancellationToken::new();
+    let sender = {
+        let stop = stop_sending.clone();
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.is_cancelled() {
+                n += 1;
+                let e = support::event(&format!("t-{n}"), "task.received");
+                if busy.send(&[e]).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let shutdown = run.shutdown.clone();
+    shutdown.cancel();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop_sending.cancel();
+    sender.await.unwrap();
+    drop(idle);
+    run.stop().await.unwrap();
+
+    assert_eq!(
+        brain.hellos().len(),
+        before,
+        "no hello while stopping: {:?}",
+        &brain.hellos()[before..]
+    );
+    let file = remembered_file(dir.path()).expect("the advertisement is remembered");
+    assert_eq!(
+        file["engines"],
+        serde_json::json!(["celery", "rq"]),
+        "{file}"
+    );
+    assert_eq!(file["schedulers"], serde_json::json!(["beat"]), "{file}");
+    assert_eq!(file["capabilities"]["beat"], serde_json::json!(["list"]));
+
+    // The next start advertises the idle process at once.
+    let run = start_run(&brain, dir.path(), 60).await;
+    let seen = hello_count(&brain, before + 1, 10, "the restarted daemon's hello").await;
+    let first = &seen[before];
+    assert_eq!(engines(first), ["celery", "rq"], "{first:?}");
+    assert_eq!(list(first, "schedulers"), ["beat"], "{first:?}");
+    assert_eq!(actions(first, "beat"), ["list"], "{first:?}");
     run.stop().await.unwrap();
 }

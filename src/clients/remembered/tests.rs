@@ -342,3 +342,123 @@ fn the_file_lives_beside_the_spool() {
         Path::new("/var/lib/z4j-agentd/buffer.sqlite.advertisement.json")
     );
 }
+
+/// What a beat declared before the restart: a scheduler and three of its
+/// actions.
+fn beat_before() -> Advertisement {
+    Advertisement {
+        capabilities: BTreeMap::from([(
+            "beat".into(),
+            strings(&["stable_snapshot", "list", "trigger_now"]),
+        )]),
+        schedulers: strings(&["beat"]),
+        ..Advertisement::default()
+    }
+}
+
+#[test]
+fn a_scheduler_declared_again_with_fewer_actions_never_becomes_an_engine() {
+    let (r, _dir) = restarted_with(&beat_before(), Duration::from_secs(60));
+    assert!(live(&r).engines.is_empty(), "{:?}", live(&r));
+    r.connected(1, ClientInfo::default());
+    let beat = Registration {
+        schedulers: strings(&["beat"]),
+        capabilities: BTreeMap::from([("beat".into(), strings(&["stable_snapshot", "list"]))]),
+        ..Registration::default()
+    };
+    r.declared(1, beat, Arc::new(Sink));
+    let now = live(&r);
+    assert!(now.engines.is_empty(), "{now:?}");
+    assert_eq!(now.schedulers, strings(&["beat"]));
+    // The process that runs it says what it can do: nothing of it stays
+    // remembered, so its leaving does not leave a key behind.
+    assert!(r.remembered_report().is_none());
+    r.disconnected(1);
+    let now = live(&r);
+    assert!(now.engines.is_empty(), "beat is no engine: {now:?}");
+    assert!(now.capabilities.is_empty(), "{now:?}");
+    assert!(now.schedulers.is_empty(), "{now:?}");
+}
+
+/// Runs `f` on another thread; whether it returned within 5 s (it is left
+/// running otherwise, blocked on what the test holds).
+fn returns_promptly(f: impl FnOnce() + Send + 'static) -> bool {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        f();
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(Duration::from_secs(5)).is_ok()
+}
+
+#[test]
+fn a_hello_does_not_wait_for_the_memory_when_nothing_is_remembered() {
+    let r = Arc::new(ClientRegistry::new());
+    r.connected(1, ClientInfo::default());
+    let held = r.memory.lock().unwrap();
+    let r2 = r.clone();
+    let done = returns_promptly(move || {
+        r2.declared(1, worker("celery", &["cancel_task"]), Arc::new(Sink));
+    });
+    drop(held);
+    assert!(done, "declared() waited for the memory's lock");
+    assert_eq!(live(&r).engines, strings(&["celery"]));
+}
+
+#[test]
+fn the_file_is_written_without_holding_the_memory() {
+    let (r, dir) = restarted_with(&before(), Duration::from_secs(60));
+    let r = Arc::new(r);
+    // A write that cannot finish until the test lets it: the temp file is
+    // a FIFO, whose open blocks until someone reads it (a stalled disk).
+    let tmp = dir.path().join("buffer.sqlite.advertisement.json.tmp");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&tmp)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let writer = {
+        let r = r.clone();
+        std::thread::spawn(move || {
+            let fewer = Advertisement {
+                engines: strings(&["rq"]),
+                ..Advertisement::default()
+            };
+            r.acknowledged(&fewer, &identity());
+        })
+    };
+    // Give it time to reach the write.
+    std::thread::sleep(Duration::from_millis(200));
+    let r2 = r.clone();
+    let free = returns_promptly(move || {
+        let _ = r2.remembered_report();
+        let _ = r2.only_remembered(None, "cancel_task");
+    });
+    // Unblock the writer whatever happened.
+    let _ = std::fs::read(&tmp);
+    writer.join().unwrap();
+    assert!(free, "the memory's lock was held during the write");
+}
+
+#[test]
+fn once_stopping_the_processes_the_stop_closes_stay_advertised() {
+    let (r, dir) = restarted_with(&Advertisement::default(), Duration::from_secs(60));
+    let path = dir.path().join("buffer.sqlite.advertisement.json");
+    r.connected(1, ClientInfo::default());
+    let mut beat = worker("rq", &["cancel_task"]);
+    beat.schedulers = strings(&["beat"]);
+    beat.capabilities.insert("beat".into(), strings(&["list"]));
+    r.declared(1, beat, Arc::new(Sink));
+    r.connected(2, ClientInfo::default());
+    r.declared(2, worker("celery", &["cancel_task"]), Arc::new(Sink));
+    let before_stop = live(&r);
+    r.acknowledged(&before_stop, &identity());
+    r.stopping();
+    assert!(r.is_stopping());
+    r.disconnected(1);
+    // A hello said during the stop still carries it, so what the brain
+    // acknowledges then leaves the file as it was.
+    assert_eq!(live(&r), before_stop);
+    r.acknowledged(&live(&r), &identity());
+    assert_eq!(read(&path, &identity()).unwrap(), Some(before_stop));
+}
