@@ -21,7 +21,9 @@ use std::collections::BTreeMap;
 
 use time::OffsetDateTime;
 
-pub use super::decision::{Counts, Handled, Limits, Registration, Relay, Reply, Store, WorkerSeen};
+pub use super::decision::{
+    Counts, EngineRuns, Handled, Limits, Registration, Relay, Reply, Store, WorkerSeen,
+};
 use super::validate::{excerpt, normalize_event_noting, Notes, Refusal};
 use crate::protocol::Value;
 use crate::refusal::RefusalCode;
@@ -195,19 +197,30 @@ fn events(
     let mut h = Handled::default();
     h.counts.events_received = items.len() as u64;
     let mut records = Vec::with_capacity(items.len());
+    let mut engines = EngineRuns::default();
     let mut notes = Notes::default();
     for (i, e) in items.into_iter().enumerate() {
         let worker = worker_seen(&e);
+        // An accepted event has a string engine, trimmed as stored.
+        let engine = e
+            .get("engine")
+            .and_then(Value::as_str)
+            .map(|s| s.trim().to_string());
         match normalize_event_noting(e, now, limits.max_event_bytes, &mut notes) {
             Ok(r) => {
                 records.push(r);
+                engines.push(engine.as_deref().unwrap_or_default());
                 h.workers.extend(worker);
             }
             Err(refusal) => h.reject(refusal, ack_id.as_ref(), indexed.then_some(i)),
         }
     }
     h.counts.time_corrected = notes.time_corrected;
-    h.store = Some(Store { records, ack_id });
+    h.store = Some(Store {
+        records,
+        engines,
+        ack_id,
+    });
     h
 }
 

@@ -137,3 +137,29 @@ fn hello_registers_what_it_declares_and_reports_each_ignored_entry() {
     let h = decide(r#"{"type":"hello","process":"p"}"#);
     assert!(h.register.is_some() && h.replies.is_empty());
 }
+
+#[test]
+fn stored_events_keep_their_engines_so_a_refused_tail_is_counted_per_engine() {
+    let h = decide(
+        r#"{"type":"events","events":[
+            {"engine":"celery","kind":"task.started","task_id":"a"},
+            {"engine":" rq ","kind":"task.started","task_id":"b"},
+            {"engine":"rq","kind":"task.exploded","task_id":"c"},
+            {"engine":"rq","kind":"task.started","task_id":"d"},
+            {"engine":"celery","kind":"task.started","task_id":"e"}
+        ]}"#,
+    );
+    let store = h.store.expect("stored");
+    assert_eq!(store.records.len(), 4);
+    // Refused events are not in the runs; the tail is read back in order.
+    assert_eq!(
+        store.engines.last(4),
+        [("celery", 1), ("rq", 2), ("celery", 1)]
+    );
+    assert_eq!(store.engines.last(2), [("rq", 1), ("celery", 1)]);
+    assert_eq!(store.engines.last(0), []);
+    assert_eq!(
+        store.engines.last(9).iter().map(|(_, n)| n).sum::<usize>(),
+        4
+    );
+}

@@ -202,7 +202,8 @@ async fn events_refused_for_a_full_spool_reach_the_brain_per_engine() {
     opts.buffer_overflow = Some("drop_newest".into());
     let d = TestDaemon::start(opts).await;
     let mut c = d.client().await;
-    c.hello("full-spool", &["celery"]).await.unwrap();
+    // Two engines declared; only celery's events are refused.
+    c.hello("full-spool", &["celery", "rq"]).await.unwrap();
     let fill: Vec<_> = (0..1000)
         .map(|i| support::event(&format!("t{i}"), "task.received"))
         .collect();
@@ -245,6 +246,13 @@ async fn events_refused_for_a_full_spool_reach_the_brain_per_engine() {
         .map(|(_, p)| p.clone())
         .unwrap();
     assert_eq!(celery_drops(&hb), Some(5), "{hb:?}");
+    // Counted under the refused events' own engine, not every declared one.
+    let rq_drops = hb
+        .get("telemetry_loss")
+        .and_then(|t| t.get("adapter_events"))
+        .and_then(|a| a.get("rq"))
+        .and_then(Value::as_u64);
+    assert_eq!(rq_drops.unwrap_or(0), 0, "{hb:?}");
     assert_eq!(hb.get("dropped_events").and_then(Value::as_u64), Some(5));
     d.stop().await.unwrap();
 }
