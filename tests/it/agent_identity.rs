@@ -309,3 +309,59 @@ async fn agent_status_reports_the_failures_before_the_session() {
         .is_some());
     d.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_pushed_into_the_session_closed_for_the_second_hello_is_answered() {
+    // The brain pushes a pending command right after the first hello_ack;
+    // the daemon closes that session for its contract line's hello.
+    let mut params = Value::empty_map();
+    params.insert("engine", "celery");
+    params.insert("worker_name", "celery@nowhere");
+    let mut target = Value::empty_map();
+    target.insert("type", "worker");
+    target.insert("id", "celery@nowhere");
+    let mut p = Value::empty_map();
+    p.insert("action", "restart_worker");
+    p.insert("target", target);
+    p.insert("parameters", params);
+    p.insert("timeout_seconds", 60u64);
+    p.insert("delivery_claim_token", "claim-first-session");
+    let id = "5b0e8a4e-0d7c-4f0e-9a43-3f1c2b7d9e10";
+    let brain = FakeBrain::start(Behavior {
+        brain_version: Some("1.12.0".into()),
+        command_after_hello: Some((id.to_string(), p)),
+        ..Behavior::default()
+    })
+    .await;
+    let d = TestDaemon::start(options(&brain.url)).await;
+    wait_for(10, "the command's ack and result", || {
+        brain.command_frames(id).len() >= 2
+    })
+    .await;
+    assert_eq!(agent_versions(&brain), ["0.0.0", "1.12.0"]);
+    let frames = brain.command_frames(id);
+    assert_eq!(frames[0].0, "command_ack", "{frames:?}");
+    assert_eq!(
+        frames[0]
+            .1
+            .get("delivery_claim_token")
+            .and_then(Value::as_str),
+        Some("claim-first-session")
+    );
+    // No local process runs it: answered failed, with the reason.
+    assert_eq!(frames[1].0, "command_result", "{frames:?}");
+    assert_eq!(
+        frames[1].1.get("status").and_then(Value::as_str),
+        Some("failed"),
+        "{frames:?}"
+    );
+    assert!(
+        frames[1]
+            .1
+            .get("error")
+            .and_then(Value::as_str)
+            .is_some_and(|e| !e.is_empty()),
+        "{frames:?}"
+    );
+    d.stop().await.unwrap();
+}

@@ -66,6 +66,10 @@ pub struct Behavior {
     /// `brain_version` in `hello_ack` (default "fake", which names no
     /// z4j line, so the daemon keeps its first `hello`).
     pub brain_version: Option<String>,
+    /// A `command` (id, payload) sent right after the first `hello_ack`,
+    /// before anything is read: the brain pushes the agent's pending
+    /// commands into a session as soon as it is registered.
+    pub command_after_hello: Option<(String, Value)>,
 }
 
 /// What the fake saw.
@@ -256,6 +260,19 @@ async fn serve(
     let mut signer = Signer::new(key, binding.clone());
     let wrong = SigningKey::from_bytes(&[7u8; 32]).unwrap();
     let mut wrong_signer = Signer::new(wrong, binding);
+    let pushed = behavior.lock().unwrap().command_after_hello.take();
+    if let Some((id, payload)) = pushed {
+        let frame = signer.sign_value(
+            "command",
+            &id,
+            &payload,
+            OffsetDateTime::now_utc(),
+            &protocol::new_nonce(),
+        );
+        if ws.send(Message::binary(frame)).await.is_err() {
+            return;
+        }
+    }
     let mut last_ack: Option<Vec<u8>> = None;
     let mut held: Option<Vec<Ack>> = None;
     // Acks of a slow brain, with when each is due.
