@@ -327,9 +327,20 @@ async fn a_command_pushed_into_the_session_closed_for_the_second_hello_is_answer
     p.insert("timeout_seconds", 60u64);
     p.insert("delivery_claim_token", "claim-first-session");
     let id = "5b0e8a4e-0d7c-4f0e-9a43-3f1c2b7d9e10";
+    // An activation is bound to the session it was sent into: left alone
+    // (the brain sends a new one after every hello).
+    let mut activate = Value::empty_map();
+    activate.insert("action", "schedule.external.activate");
+    let mut target = Value::empty_map();
+    target.insert("type", "scheduler");
+    target.insert("id", "celery-beat");
+    activate.insert("target", target);
+    activate.insert("parameters", Value::empty_map());
+    activate.insert("delivery_claim_token", "claim-activation");
+    let activation = "7c1d9f2a-3b4e-4c5d-8e6f-0a1b2c3d4e5f";
     let brain = FakeBrain::start(Behavior {
         brain_version: Some("1.12.0".into()),
-        command_after_hello: Some((id.to_string(), p)),
+        commands_after_hello: vec![(activation.to_string(), activate), (id.to_string(), p)],
         ..Behavior::default()
     })
     .await;
@@ -363,5 +374,6 @@ async fn a_command_pushed_into_the_session_closed_for_the_second_hello_is_answer
             .is_some_and(|e| !e.is_empty()),
         "{frames:?}"
     );
+    assert!(brain.command_frames(activation).is_empty());
     d.stop().await.unwrap();
 }

@@ -177,9 +177,21 @@ impl BrainSession<'_> {
     /// Commands the brain pushed into a session closed for a re-hello:
     /// acknowledged and routed now, as if they had come on this session
     /// (the router answers one delivered again without running it twice).
+    /// The external schedule protocol's commands are not: the brain binds
+    /// each to the session it was sent into (its ack and result count only
+    /// there) and activates the schedulers again on every `hello`.
     pub(super) async fn answer_carried(&mut self) -> Result<(), SessionEnd> {
         while !self.up.carried.is_empty() {
             let (id, payload) = self.up.carried.remove(0);
+            let action = payload.get("action").and_then(Value::as_str).unwrap_or("");
+            if action.starts_with("schedule.external.") {
+                tracing::info!(
+                    command_id = %id,
+                    action,
+                    "not handling the command sent into the session closed for the second hello: the brain binds it to that session and sends a new one on this session"
+                );
+                continue;
+            }
             tracing::info!(
                 command_id = %id,
                 "command the brain sent into the session closed for the second hello; handled now"

@@ -66,10 +66,10 @@ pub struct Behavior {
     /// `brain_version` in `hello_ack` (default "fake", which names no
     /// z4j line, so the daemon keeps its first `hello`).
     pub brain_version: Option<String>,
-    /// A `command` (id, payload) sent right after the first `hello_ack`,
-    /// before anything is read: the brain pushes the agent's pending
-    /// commands into a session as soon as it is registered.
-    pub command_after_hello: Option<(String, Value)>,
+    /// `command` frames (id, payload) sent right after the first
+    /// `hello_ack`, before anything is read: the brain pushes the agent's
+    /// pending commands into a session as soon as it is registered.
+    pub commands_after_hello: Vec<(String, Value)>,
 }
 
 /// What the fake saw.
@@ -260,8 +260,8 @@ async fn serve(
     let mut signer = Signer::new(key, binding.clone());
     let wrong = SigningKey::from_bytes(&[7u8; 32]).unwrap();
     let mut wrong_signer = Signer::new(wrong, binding);
-    let pushed = behavior.lock().unwrap().command_after_hello.take();
-    if let Some((id, payload)) = pushed {
+    let pushed = std::mem::take(&mut behavior.lock().unwrap().commands_after_hello);
+    for (id, payload) in pushed {
         let frame = signer.sign_value(
             "command",
             &id,
