@@ -415,6 +415,13 @@ fn encode_connections(enc: &mut DescriptorEncoder, s: &Snapshot) -> Result<(), f
     )?;
     gauge(
         enc,
+        "advertisement_left_out",
+        "Engines, schedulers, runtime features and actions the processes declared that the hello leaves out now, to stay within the brain's limits (64 of each).",
+        None,
+        s.advertisement_left_out.as_ref().map_or(0, |l| l.count()) as i64,
+    )?;
+    gauge(
+        enc,
         "metrics_connections",
         "HTTP connections open on this metrics listener now (this scrape's included).",
         None,

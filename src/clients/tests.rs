@@ -258,3 +258,95 @@ fn a_scheduler_declared_by_a_second_connection_is_refused_and_left_out() {
     r.disconnected(2);
     assert!(r.scheduler_holder("celery-beat").is_none());
 }
+
+/// z4j-core's `HelloPayload`: `engines`, `schedulers` and
+/// `runtime_features` at most 64 each; over it the brain closes with 4400.
+const BRAIN_HELLO_LIST: usize = 64;
+
+fn len(v: &Value) -> usize {
+    v.as_array().map_or(usize::MAX, <[Value]>::len)
+}
+
+#[test]
+fn the_union_of_many_clients_stays_within_the_brains_hello_limits() {
+    let r = ClientRegistry::new();
+    // 5 processes of 40 engines, 40 schedulers, 40 features each, every
+    // engine with 40 actions: 200 of each over the host (each process
+    // within its own limit).
+    for p in 0..5u64 {
+        r.connected(p, peer(p as i32 + 100));
+        let names = |kind: &str| -> Vec<String> {
+            (0..40).map(|i| format!("{kind}{p:02}-{i:02}")).collect()
+        };
+        let engines = names("e");
+        let schedulers = names("s");
+        let mut capabilities = BTreeMap::new();
+        for key in engines.iter().chain(&schedulers) {
+            let actions: Vec<String> = (0..40).map(|a| format!("a{p}-{a:02}")).collect();
+            capabilities.insert(key.clone(), actions);
+        }
+        // One engine all of them declare, with 40 actions each (200).
+        capabilities.insert(
+            "shared".to_string(),
+            (0..40).map(|a| format!("act{p}-{a:02}")).collect(),
+        );
+        let reg = Registration {
+            engines: engines.into_iter().chain(["shared".to_string()]).collect(),
+            schedulers,
+            capabilities,
+            runtime_features: names("f"),
+            ..Registration::default()
+        };
+        r.declared(p, reg, Counting::new(1));
+    }
+    let statics = vec!["configured".to_string()];
+    let ad = r.advertisement(&statics, &BTreeMap::new());
+    assert!(
+        len(&ad.engines_value()) <= BRAIN_HELLO_LIST,
+        "{}",
+        ad.engines.len()
+    );
+    assert!(len(&ad.schedulers_value()) <= BRAIN_HELLO_LIST);
+    assert!(len(&ad.runtime_features_value()) <= BRAIN_HELLO_LIST);
+    assert_eq!(ad.engines.len(), BRAIN_HELLO_LIST, "filled up to the limit");
+    assert_eq!(ad.schedulers.len(), BRAIN_HELLO_LIST);
+    assert_eq!(ad.runtime_features.len(), BRAIN_HELLO_LIST);
+    // Every capabilities key is an advertised engine or scheduler, every
+    // list within the limit too.
+    for (key, actions) in &ad.capabilities {
+        assert!(
+            ad.engines.binary_search(key).is_ok() || ad.schedulers.binary_search(key).is_ok(),
+            "{key}"
+        );
+        assert!(
+            actions.len() <= BRAIN_HELLO_LIST,
+            "{key}: {}",
+            actions.len()
+        );
+    }
+    assert_eq!(ad.capabilities["shared"].len(), BRAIN_HELLO_LIST);
+    // Deterministic: the configuration first, then the earliest
+    // connections; a later one cannot push them out.
+    assert!(ad.engines.contains(&"configured".to_string()));
+    assert!(ad.engines.contains(&"shared".to_string()));
+    assert!(ad.engines.contains(&"e00-39".to_string()));
+    assert!(!ad.engines.iter().any(|e| e.starts_with("e02-")));
+    assert!(ad.schedulers.contains(&"s01-23".to_string()));
+    assert!(!ad.schedulers.iter().any(|s| s.starts_with("s02-")));
+    assert_eq!(r.advertisement(&statics, &BTreeMap::new()), ad);
+    // What is left out is reported, named.
+    let left = r.left_out();
+    assert_eq!(left.engines.len(), 1 + 200 + 1 - BRAIN_HELLO_LIST);
+    assert_eq!(left.schedulers.len(), 200 - BRAIN_HELLO_LIST);
+    assert_eq!(left.runtime_features.len(), 200 - BRAIN_HELLO_LIST);
+    assert!(left.engines.contains(&"e04-00".to_string()));
+    assert!(left.actions.contains(&"shared.act4-00".to_string()));
+    assert!(left.count() > 0);
+    // Once the extra processes go, nothing is left out.
+    for p in 1..5 {
+        r.disconnected(p);
+    }
+    let ad = r.advertisement(&statics, &BTreeMap::new());
+    assert_eq!(ad.engines.len(), 1 + 41);
+    assert_eq!(r.left_out(), LeftOut::default());
+}

@@ -18,6 +18,7 @@ use std::time::Duration;
 use tokio::sync::{oneshot, OwnedSemaphorePermit, TryAcquireError};
 
 use super::connection::Connection;
+use super::handler::EngineRuns;
 use crate::protocol::Value;
 use crate::refusal::RefusalCode;
 use crate::spool::{AppendOutcome, Overflow, SpoolError};
@@ -47,6 +48,9 @@ pub(super) struct Pending {
     ack_id: Option<Value>,
     /// Kept only under the `block` policy, to retry what did not fit.
     retry: Option<Vec<Vec<u8>>>,
+    /// Each record's engine (kept under `drop_newest`): a refused tail is
+    /// counted under the engines of the events refused.
+    engines: EngineRuns,
     /// Events stored by earlier attempts of this message (`block`).
     stored_before: usize,
     /// This message's share of [`IN_FLIGHT_KIB`], returned when it settles.
@@ -56,7 +60,12 @@ pub(super) struct Pending {
 impl Connection<'_> {
     /// Hands `records` to the spool; `ack_id` is acknowledged once they
     /// are committed (an `ack` of 0 stored, in order, when there are none).
-    pub(super) async fn store(&mut self, records: Vec<Vec<u8>>, ack_id: Option<Value>) {
+    pub(super) async fn store(
+        &mut self,
+        records: Vec<Vec<u8>>,
+        engines: EngineRuns,
+        ack_id: Option<Value>,
+    ) {
         if records.is_empty() {
             if ack_id.is_some() {
                 // Keep acks in order behind earlier appends.
@@ -67,6 +76,7 @@ impl Connection<'_> {
                     events: 0,
                     ack_id,
                     retry: None,
+                    engines: EngineRuns::default(),
                     stored_before: 0,
                     budget: None,
                 });
@@ -74,7 +84,13 @@ impl Connection<'_> {
             return;
         }
         let budget = self.reserve(&records).await;
-        let retry = (self.ingest.spool.overflow() == Overflow::Block).then(|| records.clone());
+        let overflow = self.ingest.spool.overflow();
+        let retry = (overflow == Overflow::Block).then(|| records.clone());
+        let engines = if overflow == Overflow::DropNewest {
+            engines
+        } else {
+            EngineRuns::default()
+        };
         let events = records.len();
         match self.ingest.spool.append(records).await {
             Ok(rx) => self.pending.push_back(Pending {
@@ -82,6 +98,7 @@ impl Connection<'_> {
                 events,
                 ack_id,
                 retry,
+                engines,
                 stored_before: 0,
                 budget,
             }),
@@ -166,6 +183,7 @@ impl Connection<'_> {
                     events,
                     ack_id: p.ack_id,
                     retry: Some(rest),
+                    engines: EngineRuns::default(),
                     stored_before,
                     budget: p.budget,
                 });
@@ -180,12 +198,19 @@ impl Connection<'_> {
     /// (`drop_newest`), then the `ack` with the count stored.
     fn acknowledge(&self, p: Pending, o: AppendOutcome) {
         if o.refused_full > 0 {
-            // Lost for good: the brain hears of it per engine (telemetry_loss).
-            let engines = self.ingest.stats.clients.engines_of(self.id);
-            self.ingest
-                .stats
-                .telemetry
-                .engine_dropped(&engines, o.refused_full as u64);
+            // Lost for good: the brain hears of it per engine (telemetry_loss),
+            // each refused event (the newest: the tail) under its own engine.
+            let telemetry = &self.ingest.stats.telemetry;
+            let mut counted = 0;
+            for (engine, n) in p.engines.last(o.refused_full) {
+                telemetry.engine_dropped(&[engine.to_string()], n as u64);
+                counted += n;
+            }
+            if counted < o.refused_full {
+                // Not expected: records whose engine was not kept.
+                let engines = self.ingest.stats.clients.engines_of(self.id);
+                telemetry.engine_dropped(&engines, (o.refused_full - counted) as u64);
+            }
             self.replies.error(
                 RefusalCode::SpoolFull,
                 &format!(

@@ -80,7 +80,7 @@ impl Connection<'_> {
         if let Some(store) = h.store {
             let accepted = store.records.len() as u64;
             stats.clients.received(self.id, accepted);
-            self.store(store.records, store.ack_id).await;
+            self.store(store.records, store.engines, store.ack_id).await;
         }
     }
 

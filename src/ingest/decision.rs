@@ -133,6 +133,39 @@ pub enum Relay {
 pub struct Store {
     /// One canonical record per accepted event, in order (may be empty).
     pub records: Vec<Vec<u8>>,
+    /// Each record's `engine`, in order, as runs of (engine, count): what a
+    /// `drop_newest` refusal of the tail is counted under.
+    pub engines: EngineRuns,
     /// Acknowledged with the count stored once committed (even when none was).
     pub ack_id: Option<Value>,
+}
+
+/// The engines of a list of records, in order, as runs of (engine, count).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct EngineRuns(Vec<(String, usize)>);
+
+impl EngineRuns {
+    /// One more record, of `engine`.
+    pub fn push(&mut self, engine: &str) {
+        match self.0.last_mut() {
+            Some((e, n)) if e == engine => *n += 1,
+            _ => self.0.push((engine.to_string(), 1)),
+        }
+    }
+
+    /// The engines of the last `n` records, with how many of each, in
+    /// order; records this does not cover are left out.
+    pub fn last(&self, mut n: usize) -> Vec<(&str, usize)> {
+        let mut out = Vec::new();
+        for (e, k) in self.0.iter().rev() {
+            if n == 0 {
+                break;
+            }
+            let take = (*k).min(n);
+            out.push((e.as_str(), take));
+            n -= take;
+        }
+        out.reverse();
+        out
+    }
 }

@@ -21,7 +21,9 @@ use std::collections::BTreeMap;
 
 use time::OffsetDateTime;
 
-pub use super::decision::{Counts, Handled, Limits, Registration, Relay, Reply, Store, WorkerSeen};
+pub use super::decision::{
+    Counts, EngineRuns, Handled, Limits, Registration, Relay, Reply, Store, WorkerSeen,
+};
 use super::validate::{excerpt, normalize_event_noting, Notes, Refusal};
 use crate::protocol::Value;
 use crate::refusal::RefusalCode;
@@ -195,19 +197,30 @@ fn events(
     let mut h = Handled::default();
     h.counts.events_received = items.len() as u64;
     let mut records = Vec::with_capacity(items.len());
+    let mut engines = EngineRuns::default();
     let mut notes = Notes::default();
     for (i, e) in items.into_iter().enumerate() {
         let worker = worker_seen(&e);
+        // An accepted event has a string engine, trimmed as stored.
+        let engine = e
+            .get("engine")
+            .and_then(Value::as_str)
+            .map(|s| s.trim().to_string());
         match normalize_event_noting(e, now, limits.max_event_bytes, &mut notes) {
             Ok(r) => {
                 records.push(r);
+                engines.push(engine.as_deref().unwrap_or_default());
                 h.workers.extend(worker);
             }
             Err(refusal) => h.reject(refusal, ack_id.as_ref(), indexed.then_some(i)),
         }
     }
     h.counts.time_corrected = notes.time_corrected;
-    h.store = Some(Store { records, ack_id });
+    h.store = Some(Store {
+        records,
+        engines,
+        ack_id,
+    });
     h
 }
 
@@ -231,21 +244,41 @@ fn worker_seen(event: &Value) -> Option<WorkerSeen> {
     })
 }
 
+/// Names one `hello` list may hold (`engines`, `schedulers`,
+/// `runtime_features`, `workers`, `capabilities` and each of its lists):
+/// the brain's limit on each list of the host's whole `hello`.
+pub const MAX_HELLO_NAMES: usize = crate::clients::MAX_HELLO_LIST;
+
 /// A `hello`: what it registers, an error for each ignored `capabilities`
-/// entry, and a `hello_ack` with the limits when it has an `ack_id`.
+/// entry and each list longer than [`MAX_HELLO_NAMES`], and a `hello_ack`
+/// with the limits when it has an `ack_id`.
 fn hello(msg: &Value, ack_id: Option<Value>, limits: &Limits) -> Handled {
     let mut h = Handled::default();
-    let capabilities = capabilities(msg.get("capabilities"), &mut h, ack_id.as_ref());
-    let mut engines: Vec<String> = names(msg.get("engines"), usize::MAX)
-        .into_iter()
-        .filter(|e| crate::protocol::limits::engine_name_fits(e))
-        .collect();
-    let schedulers = sorted(
-        names(msg.get("schedulers"), usize::MAX)
-            .into_iter()
-            .filter(|s| crate::protocol::limits::engine_name_fits(s))
-            .collect(),
+    let a = ack_id.as_ref();
+    let capabilities = capabilities(msg.get("capabilities"), &mut h, a);
+    let engine_fits = |e: &str| crate::protocol::limits::engine_name_fits(e);
+    let mut engines = hello_list(msg.get("engines"), "engines", engine_fits, &mut h, a);
+    let schedulers = sorted(hello_list(
+        msg.get("schedulers"),
+        "schedulers",
+        engine_fits,
+        &mut h,
+        a,
+    ));
+    let runtime_features = hello_list(
+        msg.get("runtime_features"),
+        "runtime_features",
+        |f| f.len() <= 64,
+        &mut h,
+        a,
     );
+    let workers = sorted(hello_list(
+        msg.get("workers"),
+        "workers",
+        |w| w.len() <= MAX_WORKER_NAME_BYTES,
+        &mut h,
+        a,
+    ));
     // Capabilities keyed by a scheduler are the scheduler's, not an engine's.
     engines.extend(
         capabilities
@@ -266,9 +299,9 @@ fn hello(msg: &Value, ack_id: Option<Value>, limits: &Limits) -> Handled {
         worker_role: label("worker_role"),
         engines,
         capabilities,
-        runtime_features: names(msg.get("runtime_features"), 64),
+        runtime_features,
         schedulers,
-        workers: sorted(names(msg.get("workers"), MAX_WORKER_NAME_BYTES)),
+        workers,
     });
     if let Some(a) = ack_id {
         let mut m = Value::empty_map();
@@ -300,7 +333,17 @@ fn capabilities(
     match v {
         None | Some(Value::Null) => {}
         Some(Value::Map(entries)) => {
-            for (engine, actions) in entries.iter().take(64) {
+            if entries.len() > MAX_HELLO_NAMES {
+                let refusal = Refusal::new(
+                    RefusalCode::BadMessage,
+                    format!(
+                        "hello: capabilities has {} entries; a process may declare at most {MAX_HELLO_NAMES} (the brain's limit for the host's whole hello): those after the first {MAX_HELLO_NAMES} were ignored; declare only the engines and schedulers this process runs",
+                        entries.len()
+                    ),
+                );
+                h.reject(refusal, ack_id, None);
+            }
+            for (engine, actions) in entries.iter().take(MAX_HELLO_NAMES) {
                 let engine = engine.trim();
                 if !crate::protocol::limits::engine_name_fits(engine)
                     || !matches!(actions, Value::Array(_))
@@ -312,7 +355,8 @@ fn capabilities(
                     h.reject(refusal, ack_id, None);
                     continue;
                 }
-                let mut list = names(Some(actions), 80);
+                let what = format!("capabilities[{}]", excerpt(engine));
+                let mut list = hello_list(Some(actions), &what, |a| a.len() <= 80, h, ack_id);
                 list.sort();
                 list.dedup();
                 capabilities.insert(engine.to_string(), list);
@@ -332,19 +376,42 @@ fn capabilities(
     capabilities
 }
 
-/// The strings of a list, trimmed, not empty, at most `max_len` bytes, the
-/// first 64 of them.
-fn names(v: Option<&Value>, max_len: usize) -> Vec<String> {
-    v.and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(Value::as_str)
-                .map(|s| s.trim().to_string())
-                .filter(|s| !s.is_empty() && s.len() <= max_len)
-                .take(64)
-                .collect()
-        })
-        .unwrap_or_default()
+/// The strings of `hello` list `what`, trimmed, not empty, that `fits`,
+/// the first [`MAX_HELLO_NAMES`] of them; when there are more, one error
+/// says how many were ignored and what to change.
+fn hello_list(
+    v: Option<&Value>,
+    what: &str,
+    fits: impl Fn(&str) -> bool,
+    h: &mut Handled,
+    ack_id: Option<&Value>,
+) -> Vec<String> {
+    let mut kept = Vec::new();
+    let mut ignored = 0usize;
+    let mut first_ignored = None;
+    let items = v.and_then(Value::as_array).unwrap_or_default();
+    for s in items.iter().filter_map(Value::as_str).map(str::trim) {
+        if s.is_empty() || !fits(s) {
+            continue;
+        }
+        if kept.len() < MAX_HELLO_NAMES {
+            kept.push(s.to_string());
+        } else {
+            ignored += 1;
+            first_ignored.get_or_insert_with(|| excerpt(s));
+        }
+    }
+    if let Some(first) = first_ignored {
+        let refusal = Refusal::new(
+            RefusalCode::BadMessage,
+            format!(
+                "hello: {what} lists {} names; a process may declare at most {MAX_HELLO_NAMES} (the brain's limit for the host's whole hello): {ignored} were ignored, from {first} on; declare only those this process runs",
+                MAX_HELLO_NAMES + ignored
+            ),
+        );
+        h.reject(refusal, ack_id, None);
+    }
+    kept
 }
 
 /// An `error` reply: what the client sent wrong (`code`, `message`), and

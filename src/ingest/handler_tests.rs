@@ -137,3 +137,92 @@ fn hello_registers_what_it_declares_and_reports_each_ignored_entry() {
     let h = decide(r#"{"type":"hello","process":"p"}"#);
     assert!(h.register.is_some() && h.replies.is_empty());
 }
+
+#[test]
+fn stored_events_keep_their_engines_so_a_refused_tail_is_counted_per_engine() {
+    let h = decide(
+        r#"{"type":"events","events":[
+            {"engine":"celery","kind":"task.started","task_id":"a"},
+            {"engine":" rq ","kind":"task.started","task_id":"b"},
+            {"engine":"rq","kind":"task.exploded","task_id":"c"},
+            {"engine":"rq","kind":"task.started","task_id":"d"},
+            {"engine":"celery","kind":"task.started","task_id":"e"}
+        ]}"#,
+    );
+    let store = h.store.expect("stored");
+    assert_eq!(store.records.len(), 4);
+    // Refused events are not in the runs; the tail is read back in order.
+    assert_eq!(
+        store.engines.last(4),
+        [("celery", 1), ("rq", 2), ("celery", 1)]
+    );
+    assert_eq!(store.engines.last(2), [("rq", 1), ("celery", 1)]);
+    assert_eq!(store.engines.last(0), []);
+    assert_eq!(
+        store.engines.last(9).iter().map(|(_, n)| n).sum::<usize>(),
+        4
+    );
+}
+
+#[test]
+fn a_hello_list_past_the_limit_is_cut_with_an_error_saying_what_to_change() {
+    let list = |p: &str, n: usize| -> String {
+        let v: Vec<String> = (0..n).map(|i| format!("\"{p}{i:03}\"")).collect();
+        format!("[{}]", v.join(","))
+    };
+    let caps: Vec<String> = (0..70).map(|i| format!("\"c{i:03}\":[]")).collect();
+    let h = decide(&format!(
+        r#"{{"type":"hello","ack_id":3,"engines":{},"schedulers":{},"runtime_features":{},
+            "workers":{},"capabilities":{{"celery":{},{}}}}}"#,
+        list("e", 65),
+        list("s", 64),
+        list("f", 100),
+        list("w", 66),
+        list("a", 65),
+        caps.join(",")
+    ));
+    let r = h.register.as_ref().expect("registered");
+    assert_eq!(r.schedulers.len(), MAX_HELLO_NAMES, "64 is within it");
+    assert_eq!(r.runtime_features.len(), MAX_HELLO_NAMES);
+    assert_eq!(r.workers.len(), MAX_HELLO_NAMES);
+    assert_eq!(r.capabilities.len(), MAX_HELLO_NAMES);
+    assert_eq!(r.capabilities["celery"].len(), MAX_HELLO_NAMES);
+    assert!(r.engines.contains(&"e063".to_string()));
+    assert!(!r.engines.contains(&"e064".to_string()));
+    let messages: Vec<String> = h
+        .replies
+        .iter()
+        .filter_map(|r| r.to_value())
+        .filter(|v| v.get("type").and_then(Value::as_str) == Some("error"))
+        .map(|v| {
+            v.get("message")
+                .and_then(Value::as_str)
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    // capabilities (70 entries), its celery list, engines, features, workers.
+    assert_eq!(codes(&h), [("bad_message", 5)], "{messages:?}");
+    assert!(messages.iter().any(|m| m.starts_with(
+        "hello: engines lists 65 names; a process may declare at most 64 (the brain's limit for the host's whole hello): 1 were ignored, from \"e064\" on"
+    )), "{messages:?}");
+    assert!(messages
+        .iter()
+        .any(|m| m.contains("runtime_features lists 100 names") && m.contains("36 were ignored")));
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.contains("capabilities[\"celery\"] lists 65 names")),
+        "{messages:?}"
+    );
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.starts_with("hello: capabilities has 71 entries")),
+        "{messages:?}"
+    );
+    assert!(
+        messages.iter().all(|m| m.contains("declare only")),
+        "{messages:?}"
+    );
+}

@@ -174,6 +174,10 @@ pub struct Snapshot {
     /// What is advertised only because it was advertised before the
     /// restart, and until when (none when nothing is).
     pub remembered: Option<RememberedReport>,
+    /// What the `hello` leaves out to stay within the brain's limits (64
+    /// engines, schedulers, runtime features, actions per engine); `None`
+    /// when nothing is.
+    pub advertisement_left_out: Option<crate::clients::LeftOut>,
     /// Failed `accept` calls on the local socket (`/metrics` only).
     #[serde(skip)]
     pub accept_failures: u64,
@@ -466,6 +470,8 @@ impl Snapshot {
         self.capabilities = now.capabilities;
         self.runtime_features = now.runtime_features;
         self.remembered = st.clients.remembered_report();
+        let left = st.clients.left_out();
+        self.advertisement_left_out = (left.count() > 0).then_some(left);
     }
 
     /// The `stats` reply as a [`Value`], keys in field order.

@@ -15,7 +15,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
 use super::error::UplinkError;
-use super::reader::{next_received, parse_hello_ack, Received};
+use super::reader::{next_received, parse_hello_ack, read_signed, BrainMessage, Received};
 use crate::config::UplinkSettings;
 use crate::protocol::{self, Value};
 
@@ -234,8 +234,17 @@ impl Hello<'_> {
 
 /// Closes a session normally (1000) and waits, briefly, for the brain's
 /// close, so the brain has let the slot go before the next `hello`.
-pub(crate) async fn close_normally(ws: &mut Ws, reason: &'static str) {
-    use futures_util::StreamExt;
+///
+/// Returns the `command` frames the brain sent into the session meanwhile
+/// (verified with `verifier`, as the session would): the brain pushes the
+/// agent's pending commands right after its `hello_ack`, and a command it
+/// does not deliver again must still be acknowledged and answered (on the
+/// next session). Other frames are not acted on: nothing was sent yet.
+pub(crate) async fn close_normally(
+    ws: &mut Ws,
+    reason: &'static str,
+    verifier: &mut protocol::Verifier,
+) -> Vec<(String, Value)> {
     use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
     use tokio_tungstenite::tungstenite::protocol::CloseFrame;
     let _ = tokio::time::timeout(
@@ -246,10 +255,21 @@ pub(crate) async fn close_normally(ws: &mut Ws, reason: &'static str) {
         })),
     )
     .await;
+    let mut commands = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        while let Some(Ok(_)) = ws.next().await {}
+        while let Received::Frame(bytes) = next_received(ws).await {
+            match read_signed(verifier, &bytes, OffsetDateTime::now_utc()) {
+                Ok(BrainMessage::Command { id, payload }) => commands.push((id, payload)),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "a frame the brain sent into the session being closed failed verification; ignored"
+                ),
+            }
+        }
     })
     .await;
+    commands
 }
 
 /// Sends `hello` and waits for the brain's `hello_ack`.

@@ -124,6 +124,9 @@ pub struct Uplink {
     results: Results,
     /// Answers whose send failed with the session; sent first on the next one.
     unsent: VecDeque<CommandResult>,
+    /// Commands the brain sent into a session closed for a re-hello
+    /// (id, payload): acknowledged and routed on the next session.
+    carried: Vec<(String, crate::protocol::Value)>,
     /// Answers the watchdog from every wait of the uplink.
     beat: crate::watchdog::Beat,
     /// Rate limit of re-handshakes for changed local engines.
@@ -164,6 +167,7 @@ impl Uplink {
             router,
             results,
             unsent: VecDeque::new(),
+            carried: Vec::new(),
             beat,
             rehandshakes: RehandshakeLimit::default(),
             streaks: crate::stats::FailureStreaks::default(),

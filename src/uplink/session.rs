@@ -167,7 +167,22 @@ impl Uplink {
                         contract_line = next,
                         "the brain's version calls for another z4j contract line; saying hello again with it"
                     );
-                    connect::close_normally(&mut done.ws, "z4j-agentd: hello again").await;
+                    let mut verifier = Verifier::new(
+                        settings.key.clone(),
+                        SessionBinding::new(
+                            done.ack.agent_id.clone(),
+                            done.ack.project_id.clone(),
+                            done.ack.session_id.clone(),
+                        ),
+                    );
+                    let pushed = connect::close_normally(
+                        &mut done.ws,
+                        "z4j-agentd: hello again",
+                        &mut verifier,
+                    )
+                    .await;
+                    // Acknowledged and routed on the next session.
+                    self.carried.extend(pushed);
                     self.stats.contract_rehellos.fetch_add(1, Ordering::Relaxed);
                     line = next;
                     rehello_used = true;
@@ -417,6 +432,9 @@ impl<'a> BrainSession<'a> {
 
     async fn serve(&mut self) -> SessionEnd {
         if let Err(end) = self.send_heartbeat().await {
+            return end;
+        }
+        if let Err(end) = self.answer_carried().await {
             return end;
         }
         if let Err(end) = self.flush_results().await {

@@ -181,7 +181,8 @@ async fn events_refused_for_a_full_spool_reach_the_brain_per_engine() {
     opts.buffer_overflow = Some("drop_newest".into());
     let d = TestDaemon::start(opts).await;
     let mut c = d.client().await;
-    c.hello("full-spool", &["celery"]).await.unwrap();
+    // Two engines declared; only celery's events are refused.
+    c.hello("full-spool", &["celery", "rq"]).await.unwrap();
     let fill: Vec<_> = (0..1000)
         .map(|i| support::event(&format!("t{i}"), "task.received"))
         .collect();
@@ -224,6 +225,13 @@ async fn events_refused_for_a_full_spool_reach_the_brain_per_engine() {
         .map(|(_, p)| p.clone())
         .unwrap();
     assert_eq!(celery_drops(&hb), Some(5), "{hb:?}");
+    // Counted under the refused events' own engine, not every declared one.
+    let rq_drops = hb
+        .get("telemetry_loss")
+        .and_then(|t| t.get("adapter_events"))
+        .and_then(|a| a.get("rq"))
+        .and_then(Value::as_u64);
+    assert_eq!(rq_drops.unwrap_or(0), 0, "{hb:?}");
     assert_eq!(hb.get("dropped_events").and_then(Value::as_u64), Some(5));
     d.stop().await.unwrap();
 }
@@ -267,5 +275,73 @@ async fn agent_status_reports_the_failures_before_the_session() {
         .get("last_successful_connect_at")
         .and_then(Value::as_str)
         .is_some());
+    d.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_pushed_into_the_session_closed_for_the_second_hello_is_answered() {
+    // The brain pushes a pending command right after the first hello_ack;
+    // the daemon closes that session for its contract line's hello.
+    let mut params = Value::empty_map();
+    params.insert("engine", "celery");
+    params.insert("worker_name", "celery@nowhere");
+    let mut target = Value::empty_map();
+    target.insert("type", "worker");
+    target.insert("id", "celery@nowhere");
+    let mut p = Value::empty_map();
+    p.insert("action", "restart_worker");
+    p.insert("target", target);
+    p.insert("parameters", params);
+    p.insert("timeout_seconds", 60u64);
+    p.insert("delivery_claim_token", "claim-first-session");
+    let id = "5b0e8a4e-0d7c-4f0e-9a43-3f1c2b7d9e10";
+    // An activation is bound to the session it was sent into: left alone
+    // (the brain sends a new one after every hello).
+    let mut activate = Value::empty_map();
+    activate.insert("action", "schedule.external.activate");
+    let mut target = Value::empty_map();
+    target.insert("type", "scheduler");
+    target.insert("id", "celery-beat");
+    activate.insert("target", target);
+    activate.insert("parameters", Value::empty_map());
+    activate.insert("delivery_claim_token", "claim-activation");
+    let activation = "7c1d9f2a-3b4e-4c5d-8e6f-0a1b2c3d4e5f";
+    let brain = FakeBrain::start(Behavior {
+        brain_version: Some("1.12.0".into()),
+        commands_after_hello: vec![(activation.to_string(), activate), (id.to_string(), p)],
+        ..Behavior::default()
+    })
+    .await;
+    let d = TestDaemon::start(options(&brain.url)).await;
+    wait_for(10, "the command's ack and result", || {
+        brain.command_frames(id).len() >= 2
+    })
+    .await;
+    assert_eq!(agent_versions(&brain), ["0.0.0", "1.12.0"]);
+    let frames = brain.command_frames(id);
+    assert_eq!(frames[0].0, "command_ack", "{frames:?}");
+    assert_eq!(
+        frames[0]
+            .1
+            .get("delivery_claim_token")
+            .and_then(Value::as_str),
+        Some("claim-first-session")
+    );
+    // No local process runs it: answered failed, with the reason.
+    assert_eq!(frames[1].0, "command_result", "{frames:?}");
+    assert_eq!(
+        frames[1].1.get("status").and_then(Value::as_str),
+        Some("failed"),
+        "{frames:?}"
+    );
+    assert!(
+        frames[1]
+            .1
+            .get("error")
+            .and_then(Value::as_str)
+            .is_some_and(|e| !e.is_empty()),
+        "{frames:?}"
+    );
+    assert!(brain.command_frames(activation).is_empty());
     d.stop().await.unwrap();
 }

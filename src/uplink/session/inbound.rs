@@ -174,6 +174,38 @@ impl BrainSession<'_> {
         }
     }
 
+    /// Commands the brain pushed into a session closed for a re-hello:
+    /// acknowledged and routed now, as if they had come on this session
+    /// (the router answers one delivered again without running it twice).
+    /// The external schedule protocol's commands are not: the brain binds
+    /// each to the session it was sent into (its ack and result count only
+    /// there) and activates the schedulers again on every `hello`.
+    pub(super) async fn answer_carried(&mut self) -> Result<(), SessionEnd> {
+        while !self.up.carried.is_empty() {
+            let (id, payload) = self.up.carried.remove(0);
+            let action = payload.get("action").and_then(Value::as_str).unwrap_or("");
+            if action.starts_with("schedule.external.") {
+                tracing::info!(
+                    command_id = %id,
+                    action,
+                    "not handling the command sent into the session closed for the second hello: the brain binds it to that session and sends a new one on this session"
+                );
+                continue;
+            }
+            tracing::info!(
+                command_id = %id,
+                "command the brain sent into the session closed for the second hello; handled now"
+            );
+            if let Err(end) = self.on_command(&id, &payload).await {
+                // Not acknowledged yet if the ack did not go: the brain
+                // delivers it again, or it waits for the next session.
+                self.up.carried.insert(0, (id, payload));
+                return Err(end);
+            }
+        }
+        Ok(())
+    }
+
     /// Sends every answer waiting (from an earlier session or queued now).
     pub(super) async fn flush_results(&mut self) -> Result<(), SessionEnd> {
         while let Some(r) = self

@@ -66,6 +66,10 @@ pub struct Behavior {
     /// `brain_version` in `hello_ack` (default "fake", which names no
     /// z4j line, so the daemon keeps its first `hello`).
     pub brain_version: Option<String>,
+    /// `command` frames (id, payload) sent right after the first
+    /// `hello_ack`, before anything is read: the brain pushes the agent's
+    /// pending commands into a session as soon as it is registered.
+    pub commands_after_hello: Vec<(String, Value)>,
 }
 
 /// What the fake saw.
@@ -278,6 +282,19 @@ async fn serve(
     let mut signer = Signer::new(key, binding.clone());
     let wrong = SigningKey::from_bytes(&[7u8; 32]).unwrap();
     let mut wrong_signer = Signer::new(wrong, binding);
+    let pushed = std::mem::take(&mut behavior.lock().unwrap().commands_after_hello);
+    for (id, payload) in pushed {
+        let frame = signer.sign_value(
+            "command",
+            &id,
+            &payload,
+            OffsetDateTime::now_utc(),
+            &protocol::new_nonce(),
+        );
+        if ws.send(Message::binary(frame)).await.is_err() {
+            return;
+        }
+    }
     let mut last_ack: Option<Vec<u8>> = None;
     let mut held: Option<Vec<Ack>> = None;
     // Acks of a slow brain, with when each is due.
