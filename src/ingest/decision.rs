@@ -145,11 +145,19 @@ pub struct Store {
 pub struct EngineRuns(Vec<(String, usize)>);
 
 impl EngineRuns {
-    /// One more record, of `engine`.
-    pub fn push(&mut self, engine: &str) {
-        match self.0.last_mut() {
-            Some((e, n)) if e == engine => *n += 1,
-            _ => self.0.push((engine.to_string(), 1)),
+    /// Whether one more record of `engine` continues the last run (then
+    /// [`EngineRuns::record`] needs no copy of the name).
+    pub fn continues(&self, engine: &str) -> bool {
+        self.0.last().is_some_and(|(e, _)| e == engine)
+    }
+
+    /// One more record: of the last run's engine (`None`, when
+    /// [`EngineRuns::continues`] said so), or of a new run's.
+    pub fn record(&mut self, new_run: Option<String>) {
+        match (new_run, self.0.last_mut()) {
+            (None, Some((_, n))) => *n += 1,
+            (Some(e), _) => self.0.push((e, 1)),
+            (None, None) => self.0.push((String::new(), 1)),
         }
     }
 

@@ -201,15 +201,17 @@ fn events(
     let mut notes = Notes::default();
     for (i, e) in items.into_iter().enumerate() {
         let worker = worker_seen(&e);
-        // An accepted event has a string engine, trimmed as stored.
+        // An accepted event has a string engine, trimmed as stored; its
+        // name is copied only when it starts a new run.
         let engine = e
             .get("engine")
             .and_then(Value::as_str)
-            .map(|s| s.trim().to_string());
+            .map_or("", str::trim);
+        let new_run = (!engines.continues(engine)).then(|| engine.to_string());
         match normalize_event_noting(e, now, limits.max_event_bytes, &mut notes) {
             Ok(r) => {
                 records.push(r);
-                engines.push(engine.as_deref().unwrap_or_default());
+                engines.record(new_run);
                 h.workers.extend(worker);
             }
             Err(refusal) => h.reject(refusal, ack_id.as_ref(), indexed.then_some(i)),
