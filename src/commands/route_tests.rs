@@ -81,6 +81,14 @@ fn restart(id: &str, worker: &str) -> Command {
     )
 }
 
+/// `purges_forced` as the stats count it.
+fn forced(router: &Router) -> u64 {
+    router
+        .stats
+        .purges_forced
+        .load(std::sync::atomic::Ordering::Relaxed)
+}
+
 fn refused(d: Dispatch) -> String {
     match d {
         Dispatch::Failed(r) => r.error.expect("a reason"),
@@ -351,13 +359,7 @@ async fn a_purge_is_refused_with_the_reason() {
         received(&mut a).is_none(),
         "no refused purge reached a process"
     );
-    assert_eq!(
-        router
-            .stats
-            .purges_forced
-            .load(std::sync::atomic::Ordering::Relaxed),
-        0
-    );
+    assert_eq!(forced(&router), 0);
 }
 
 #[tokio::test]
@@ -370,13 +372,7 @@ async fn a_forced_purge_is_passed_on_and_counted() {
     let m = received(&mut a).unwrap();
     assert_eq!(m["parameters"]["force"], true);
     assert!(m["parameters"].get("expected_depth").is_none());
-    assert_eq!(
-        router
-            .stats
-            .purges_forced
-            .load(std::sync::atomic::Ordering::Relaxed),
-        1
-    );
+    assert_eq!(forced(&router), 1);
 }
 
 #[tokio::test]
@@ -392,10 +388,7 @@ async fn a_forced_purge_nobody_can_run_is_refused_and_not_counted_as_passed_on()
     );
     assert!(received(&mut a).is_none());
     assert_eq!(
-        router
-            .stats
-            .purges_forced
-            .load(std::sync::atomic::Ordering::Relaxed),
+        forced(&router),
         0,
         "a forced purge that reached no process is not counted as passed on"
     );

@@ -186,20 +186,6 @@ async fn a_worker_that_comes_back_within_the_grace_causes_no_second_hello() {
     run.stop().await.unwrap();
 }
 
-/// The list `key` of a `hello`.
-fn list(hello: &Value, key: &str) -> Vec<String> {
-    hello
-        .get(key)
-        .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(Value::as_str)
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// An idle process: an RQ worker that also runs scheduler `beat`.
 async fn idle_hello(c: &mut Client) {
     let strings = |items: &[&str]| Value::Array(items.iter().map(|s| Value::from(*s)).collect());
@@ -314,7 +300,7 @@ async fn a_stop_with_a_busy_and_an_idle_process_keeps_both_advertised() {
     let seen = hello_count(&brain, before + 1, 10, "the restarted daemon's hello").await;
     let first = &seen[before];
     assert_eq!(engines(first), ["celery", "rq"], "{first:?}");
-    assert_eq!(list(first, "schedulers"), ["beat"], "{first:?}");
+    assert_eq!(strings_at(first, "schedulers"), ["beat"], "{first:?}");
     assert_eq!(actions(first, "beat"), ["list"], "{first:?}");
     run.stop().await.unwrap();
 }

@@ -284,13 +284,7 @@ async fn serve(
     let mut wrong_signer = Signer::new(wrong, binding);
     let pushed = std::mem::take(&mut behavior.lock().unwrap().commands_after_hello);
     for (id, payload) in pushed {
-        let frame = signer.sign_value(
-            "command",
-            &id,
-            &payload,
-            OffsetDateTime::now_utc(),
-            &protocol::new_nonce(),
-        );
+        let frame = command_frame(&mut signer, &id, &payload);
         if ws.send(Message::binary(frame)).await.is_err() {
             return;
         }
@@ -328,13 +322,7 @@ async fn serve(
             }
             c = commands.recv() => {
                 let Ok((id, payload)) = c else { continue };
-                let frame = signer.sign_value(
-                    "command",
-                    &id,
-                    &payload,
-                    OffsetDateTime::now_utc(),
-                    &protocol::new_nonce(),
-                );
+                let frame = command_frame(&mut signer, &id, &payload);
                 if ws.send(Message::binary(frame)).await.is_err() {
                     return;
                 }
@@ -544,6 +532,17 @@ impl Ack {
 }
 
 /// Closes the connection with `code`.
+/// A `command` frame for this session, signed now.
+fn command_frame(signer: &mut Signer, id: &str, payload: &Value) -> Vec<u8> {
+    signer.sign_value(
+        "command",
+        id,
+        payload,
+        OffsetDateTime::now_utc(),
+        &protocol::new_nonce(),
+    )
+}
+
 async fn close<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>, code: u16)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
