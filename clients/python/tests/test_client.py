@@ -383,6 +383,55 @@ def test_serve_says_hello_again_after_a_restart(sock_path, standin, make_client)
         restarted.stop()
 
 
+def test_serve_hello_names_workers_schedulers_and_features(standin, make_client):
+    c = make_client(engines=["celery"])
+    c.serve({("celery", "restart_worker"): lambda cmd: None}, workers=["celery@h1"])
+    c.serve({}, capabilities={"celery-beat": ["list", "trigger_now"]}, schedulers=["celery-beat"],
+            runtime_features=["external_schedule_protocol_v1"], workers=["celery@h1", "celery@h2"])
+    with pytest.raises(TypeError):
+        c.serve({}, workers=[""])
+
+    def latest():
+        peer = standin.command_peer("celery", "restart_worker")
+        return peer if peer is not None and peer.hello.get("schedulers") else None
+
+    hello = standin.wait_for(latest).hello
+    assert hello["workers"] == ["celery@h1", "celery@h2"]
+    assert hello["schedulers"] == ["celery-beat"]
+    assert hello["runtime_features"] == ["external_schedule_protocol_v1"]
+    # the scheduler's capabilities are keyed by its name, which is no engine
+    assert hello["capabilities"]["celery-beat"] == ["list", "trigger_now"]
+    assert hello["engines"] == ["celery"]
+
+
+def test_report_health_sends_the_source_on_the_command_connection(standin, make_client):
+    c = make_client(engines=["celery"])
+    calls = []
+
+    def source():
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("broker away")
+        return {"celery": {"queue_depths": {"default": len(calls)}}}
+
+    with pytest.raises(ValueError):
+        c.report_health(source, interval=0)
+    c.report_health(source, interval=0.2)
+    assert standin.all("health") == []  # nothing before the command connection says hello
+    c.serve({("celery", "cancel_task"): lambda cmd: None})
+    peer = standin.wait_for(lambda: standin.command_peer("celery", "cancel_task"))
+    reports = standin.wait_for(lambda: [m for p, m in standin.all("health") if len(standin.all("health")) >= 2])
+    assert all(p.id == peer.id for p, _ in standin.all("health"))
+    assert reports[0] == {"type": "health", "interval_seconds": 0.2,
+                          "engines": {"celery": {"queue_depths": {"default": 1}}}}
+    assert reports[1]["engines"]["celery"]["queue_depths"] == {"default": 3}  # the failed call was skipped
+    stats = c.stats()
+    assert stats["health_source_failures"] == 1 and stats["health_last_error"] == "RuntimeError: broker away"
+    assert stats["health_reports_sent"] >= 2
+    c.close(timeout=2)
+    assert not c._health_thread.is_alive()
+
+
 def test_close_stops_every_thread(standin, make_client):
     c = make_client()
     c.serve({("celery", "cancel_task"): lambda cmd: None})

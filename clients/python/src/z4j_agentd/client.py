@@ -9,8 +9,10 @@ Three paths, each on its own connection to the daemon's socket:
   `ack_id`, and counts them `sent` when the daemon answers that it committed
   them to its spool. A full queue drops the newest event and counts it.
 * durable (`send_durable`): the caller waits for the daemon's `ack`.
-* commands (`serve`): a thread says `hello` with the actions it runs and
-  answers the `command` messages the daemon routes to it.
+* commands (`serve`): a thread says `hello` with the actions it runs (and
+  the workers and schedulers it hosts) and answers the `command` messages
+  the daemon routes to it. `report_health` adds a thread that sends a
+  `health` report on that connection at a fixed interval.
 
 Invariants:
 
@@ -62,6 +64,10 @@ SEND_TIMEOUT = 30.0
 DURABLE_CHUNK_EVENTS = 500
 #: `error` of a command_result is cut to this many characters (the daemon's limit).
 MAX_COMMAND_ERROR_CHARS = 8192
+#: Default seconds between two `health` reports (the daemon's default too).
+HEALTH_INTERVAL = 30.0
+#: The daemon reads an interval above this as this.
+HEALTH_INTERVAL_MAX = 300.0
 
 Handler = Callable[[Dict[str, Any]], Optional[Dict[str, Any]]]
 
@@ -238,6 +244,18 @@ class Client:
         self._commands_received = 0
         self._commands_succeeded = 0
         self._commands_failed = 0
+        self._serve_workers: List[str] = []
+        self._serve_schedulers: List[str] = []
+        self._serve_features: List[str] = []
+        self._cmd_errors_seen: Dict[str, int] = {}
+        # health
+        self._health_source: Optional[Callable[[], Mapping[str, Any]]] = None
+        self._health_interval = HEALTH_INTERVAL
+        self._health_thread: Optional[threading.Thread] = None
+        self._health_kick = threading.Event()
+        self._health_sent = 0
+        self._health_failures = 0
+        self._health_last_error: Optional[str] = None
 
     def _after_fork_in_child(self) -> None:
         # Only this process's descriptors are closed: the parent's
@@ -358,7 +376,8 @@ class Client:
         for conn in (self._conn, self._cmd_conn):
             if conn is not None:
                 conn.interrupt()
-        for thread in (self._thread, self._cmd_thread):
+        self._health_kick.set()
+        for thread in (self._thread, self._cmd_thread, self._health_thread):
             if thread is not None and thread is not threading.current_thread():
                 thread.join(max(0.1, deadline - time.monotonic()))
         with self._durable_lock:
@@ -390,6 +409,9 @@ class Client:
                 "commands_received": self._commands_received,
                 "commands_succeeded": self._commands_succeeded,
                 "commands_failed": self._commands_failed,
+                "health_reports_sent": self._health_sent,
+                "health_source_failures": self._health_failures,
+                "health_last_error": self._health_last_error,
                 "pid": self._pid,
                 "socket_path": self.socket_path,
                 "framing": self.framing,
@@ -421,7 +443,10 @@ class Client:
         }
         if capabilities is not None:
             msg["capabilities"] = capabilities
-            msg["engines"] = sorted(set(self._engines) | set(capabilities))
+            # A scheduler's capabilities are keyed by its name: not an engine.
+            with self._lock:
+                schedulers = set(self._serve_schedulers)
+            msg["engines"] = sorted((set(self._engines) | set(capabilities)) - schedulers)
         if self.worker_role is not None:
             msg["worker_role"] = self.worker_role
         return msg
@@ -792,19 +817,30 @@ class Client:
     # commands
 
     def serve(self, handlers: Mapping[Tuple[str, str], Handler], *,
-              capabilities: Optional[Mapping[str, Iterable[str]]] = None) -> None:
+              capabilities: Optional[Mapping[str, Iterable[str]]] = None,
+              workers: Iterable[str] = (), schedulers: Iterable[str] = (),
+              runtime_features: Iterable[str] = ()) -> None:
         """Runs the brain's commands in this process, from now on.
 
         `handlers` maps `(engine, action)` to a callable taking the command
         (the daemon's `command` message: `id`, `action`, `target`,
         `parameters`, `timeout_seconds`) and returning a dict or None (the
         result). An exception answers `failed` with its text. `capabilities`
-        adds tokens that are not actions (e.g. `retry_by_reference_v1`).
+        adds tokens that are not actions (e.g. `retry_by_reference_v1`), and
+        the capabilities of a scheduler, keyed by its name.
+
+        `workers` are the worker names this process hosts, exactly as its
+        events name them in `data.worker` (e.g. `celery@web-1`): the daemon
+        hands it the commands for those workers (`restart_worker`,
+        `pool_grow`, ...). `schedulers` are the schedulers it runs (e.g.
+        `celery-beat`), `runtime_features` the protocol features it
+        implements (e.g. `external_schedule_protocol_v1`).
 
         Returns at once: a thread on its own connection says `hello` with
         the engines and actions of every handler (plus the constructor's
         `capabilities`), answers commands, and reconnects and says hello
-        again when the daemon restarts. Calling it again adds handlers.
+        again when the daemon restarts. Calling it again adds handlers
+        (and workers, schedulers, features).
         """
         self._check_pid()
         checked: Dict[Tuple[str, str], Handler] = {}
@@ -815,6 +851,13 @@ class Client:
             if not callable(handler):
                 raise TypeError(f"the handler for {key!r} is not callable")
             checked[(key[0].strip(), key[1].strip())] = handler
+        names = {}
+        for field, values in (("workers", workers), ("schedulers", schedulers),
+                              ("runtime_features", runtime_features)):
+            values = [values] if isinstance(values, str) else list(values or ())
+            if not all(isinstance(v, str) and v.strip() for v in values):
+                raise TypeError(f"{field} are non-empty strings, got {values!r}")
+            names[field] = [v.strip() for v in values]
         with self._lock:
             if self._closed:
                 raise RuntimeError("this z4j_agentd.Client is closed")
@@ -823,6 +866,9 @@ class Client:
                 tokens = [tokens] if isinstance(tokens, str) else tokens
                 merged = set(self._serve_capabilities.get(engine, ())) | set(tokens)
                 self._serve_capabilities[engine] = sorted(merged)
+            for field, kept in (("workers", self._serve_workers), ("schedulers", self._serve_schedulers),
+                                ("runtime_features", self._serve_features)):
+                kept.extend(v for v in names[field] if v not in kept)
             self._cmd_hello_due = True
             if self._cmd_thread is not None:
                 return
@@ -841,6 +887,13 @@ class Client:
             caps.setdefault(engine, set()).update(tokens)
         return {engine: sorted(actions) for engine, actions in sorted(caps.items())}
 
+    def _served_names(self) -> Dict[str, List[str]]:
+        """`workers`, `schedulers` and `runtime_features` of the command hello."""
+        with self._lock:
+            out = {"workers": list(self._serve_workers), "schedulers": list(self._serve_schedulers),
+                   "runtime_features": list(self._serve_features)}
+        return {k: v for k, v in out.items() if v}
+
     def _run_commands(self) -> None:
         backoff = BACKOFF_FIRST
         failing = False
@@ -855,7 +908,8 @@ class Client:
                     if self._cmd_hello_due:
                         self._cmd_hello_due = False
                         self._cmd_next_ack += 1
-                        hello = {**self._hello(self._command_capabilities()), "ack_id": self._cmd_next_ack}
+                        hello = {**self._hello(self._command_capabilities()), **self._served_names(),
+                                 "ack_id": self._cmd_next_ack}
                         with self._cmd_send_lock:
                             conn.send(hello, timeout=SEND_TIMEOUT)
                     for msg in conn.poll(IDLE_POLL):
@@ -865,13 +919,13 @@ class Client:
                         elif kind == "hello_ack":
                             with self._lock:
                                 self._cmd_registered = True
+                            self._health_kick.set()
                             if failing or backoff != BACKOFF_FIRST:
                                 log.info("z4j-agentd: serving commands again through %s", self.socket_path)
                             failing = False
                             backoff = BACKOFF_FIRST
                         elif kind == "error":
-                            log.warning("z4j-agentd answered the command connection with %s: %s",
-                                        msg.get("code"), msg.get("message"))
+                            self._log_command_error(msg)
             except (OSError, EOFError, ProtocolError) as exc:
                 if not failing and not self._cmd_stop.is_set():
                     log.warning("z4j-agentd: no command connection to %s (%s); retrying",
@@ -888,6 +942,82 @@ class Client:
             if self._cmd_stop.wait(backoff):
                 break
             backoff = min(backoff * 2, BACKOFF_MAX)
+
+    def _log_command_error(self, msg: Mapping[str, Any]) -> None:
+        # A refused health report comes back at every interval: the first
+        # of each code is a warning, the rest go to debug.
+        code = str(msg.get("code"))
+        with self._lock:
+            seen = self._cmd_errors_seen.get(code, 0)
+            self._cmd_errors_seen[code] = seen + 1
+        level = logging.WARNING if seen == 0 else logging.DEBUG
+        log.log(level, "z4j-agentd answered the command connection with %s: %s", code, msg.get("message"))
+
+    # ------------------------------------------------------------------
+    # health reports
+
+    def report_health(self, source: Callable[[], Mapping[str, Any]], *,
+                      interval: float = HEALTH_INTERVAL) -> None:
+        """Sends the daemon a `health` report every `interval` seconds, and at
+        once each time the command connection says hello (see `serve`,
+        which must run first or later in this process: the report goes on
+        its connection, so the workers it names are this process's).
+
+        `source()` runs on a background thread and returns the report's
+        `engines` map: per engine `queue_depths`, `workers` and scalar facts
+        (docs/local-protocol.md, "health"). It may take its time (a broker
+        round trip); an exception skips that report and is counted in
+        `stats()["health_source_failures"]`. Calling it again replaces the
+        source and the interval.
+        """
+        self._check_pid()
+        if not callable(source):
+            raise TypeError("report_health needs a callable returning the engines map")
+        interval = float(interval)
+        if not 0 < interval <= HEALTH_INTERVAL_MAX:
+            raise ValueError(f"report_health interval must be > 0 and at most {HEALTH_INTERVAL_MAX:.0f} s, "
+                             f"got {interval}")
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("this z4j_agentd.Client is closed")
+            self._health_source = source
+            self._health_interval = interval
+            self._health_kick.set()
+            if self._health_thread is not None:
+                return
+            thread = threading.Thread(target=self._run_health, name="z4j-agentd-health", daemon=True)
+            self._health_thread = thread
+        thread.start()
+
+    def _run_health(self) -> None:
+        while not self._cmd_stop.is_set():
+            self._health_kick.wait(self._health_interval)
+            self._health_kick.clear()
+            if self._cmd_stop.is_set():
+                break
+            with self._lock:
+                conn = self._cmd_conn if self._cmd_registered else None
+                source, interval = self._health_source, self._health_interval
+            if conn is None or source is None:
+                continue  # the next hello_ack kicks it
+            try:
+                engines = json_safe(dict(source()))
+            except Exception as exc:
+                with self._lock:
+                    self._health_failures += 1
+                    first = self._health_last_error is None
+                    self._health_last_error = f"{type(exc).__name__}: {exc}"[:500]
+                log.log(logging.WARNING if first else logging.DEBUG,
+                        "z4j-agentd: the health report was not built", exc_info=True)
+                continue
+            msg = {"type": "health", "interval_seconds": interval, "engines": engines}
+            try:
+                with self._cmd_send_lock:
+                    conn.send(msg, timeout=SEND_TIMEOUT)
+                with self._lock:
+                    self._health_sent += 1
+            except (OSError, EOFError) as exc:
+                log.debug("z4j-agentd: health report not sent: %s", exc)
 
     def _start_command(self, conn: Connection, msg: Dict[str, Any]) -> None:
         with self._lock:

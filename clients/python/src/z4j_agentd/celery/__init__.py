@@ -50,8 +50,8 @@ from collections import OrderedDict
 from datetime import datetime, timezone
 from typing import Any, Dict, Optional, Tuple
 
-from ._jsonsafe import bounded, json_safe
-from .client import Client, get_client
+from .._jsonsafe import bounded, json_safe
+from ..client import Client, get_client
 
 log = logging.getLogger("z4j_agentd.celery")
 
