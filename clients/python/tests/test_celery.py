@@ -24,8 +24,9 @@ class RecordingClient(z4j_agentd.Client):
         self.emitted.append({"engine": engine, "kind": kind, "task_id": task_id, "data": data})
         return True
 
-    def serve(self, handlers, *, capabilities=None):
+    def serve(self, handlers, *, capabilities=None, workers=(), schedulers=(), runtime_features=()):
         self.served.append((dict(handlers), capabilities))
+        self.served_workers = list(workers)
 
     def kinds(self):
         return [e["kind"] for e in self.emitted]
@@ -206,9 +207,16 @@ def test_retry_task_without_the_original_arguments_fails(hooks):
 
 
 def test_worker_start_serves_commands_once(hooks):
-    hooks.on_worker_start(sender=None)
-    hooks.on_worker_start(sender=None)  # worker_init then worker_ready
+    class Worker:
+        hostname = "celery@h1"
+
+    class Consumer:
+        controller = Worker()
+
+    hooks.on_worker_start(sender=Worker())
+    hooks.on_worker_start(sender=Consumer())  # worker_init then worker_ready
     (handlers, capabilities), = hooks.client.served
+    assert hooks.client.served_workers == ["celery@h1"] and hooks.hostname == "celery@h1"
     assert set(handlers) == {("celery", "cancel_task"), ("celery", "retry_task")}
     assert capabilities == {"celery": ["retry_by_reference_v1"]}
     quiet = _Hooks(FakeApp(), hooks.client, serve_commands=False)

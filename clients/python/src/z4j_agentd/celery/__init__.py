@@ -126,6 +126,11 @@ class _Hooks:
         self._remembered_lock = threading.Lock()
         self._connected: list = []
         self._serving = False
+        #: The worker (celery.worker.WorkController) of this process, once
+        #: worker_init or worker_ready named it; None elsewhere.
+        self.worker: Any = None
+        #: Its node name (`celery@host`), as events name it in `data.worker`.
+        self.hostname: Optional[str] = None
 
     # -- wiring ---------------------------------------------------------
 
@@ -305,6 +310,12 @@ class _Hooks:
             self._started.pop(str(task_id), None)
 
     def on_worker_start(self, sender: Any = None, **_: Any) -> None:
+        # worker_init sends the WorkController, worker_ready its Consumer.
+        worker = _get(sender, "controller") or sender
+        if worker is not None and self.worker is None:
+            self.worker = worker
+            name = _get(worker, "hostname")
+            self.hostname = name if isinstance(name, str) and name else None
         if not self.serve_commands:
             return
         try:
@@ -330,7 +341,8 @@ class _Hooks:
         if self._serving:  # worker_init and worker_ready both call this
             return
         self._serving = True
-        self.client.serve(self.handlers(), capabilities={ENGINE: ["retry_by_reference_v1"]})
+        self.client.serve(self.handlers(), capabilities={ENGINE: ["retry_by_reference_v1"]},
+                          workers=[self.hostname] if self.hostname else ())
 
     def _remember(self, task_id: Any, name: Any, args: Any, kwargs: Any, queue: Any) -> None:
         if not task_id or not name:
