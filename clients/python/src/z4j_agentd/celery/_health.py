@@ -174,9 +174,13 @@ def broker_info(connection: Any) -> Dict[str, Any]:
 def stats_of(worker: Any) -> Dict[str, Any]:
     """`inspect stats` of this worker, read in-process."""
     stats: Dict[str, Any] = {}
-    try:
-        stats = dict(worker.stats())  # Celery's own, as `inspect stats` answers
-    except Exception:
+    for _ in range(2):  # a second try when a part raced with the worker
+        try:
+            stats = dict(worker.stats())  # Celery's own, as `inspect stats` answers
+            break
+        except Exception:
+            continue
+    if not stats:
         # A part raced with the worker (the pool replacing a child): the parts one by one.
         for part in (lambda: worker.info(), lambda: {"pool": worker.pool.info},
                      lambda: {"rusage": worker.rusage()}):
