@@ -11,6 +11,10 @@
 * `redis_server` (session): a throwaway `redis-server` on a free 127.0.0.1
   port, no persistence, for the Celery tests; `redis-server` missing fails
   those tests (CI installs it). Stopped at the end of the session and at exit.
+* `rabbitmq_server` (session): a throwaway RabbitMQ node (AMQP on a free
+  127.0.0.1 port, its own epmd, node name, cookie and data directory), for
+  the queue depth tests on AMQP; `rabbitmq-server` missing fails those tests
+  (CI installs it). Stopped at the end of the session and at exit.
 * `background` (function): starts long-running processes (a Celery worker,
   gunicorn) in their own process groups; every one is stopped at teardown.
 
@@ -43,6 +47,7 @@ from harness import (  # noqa: E402
     REPO,
     Background,
     Daemon,
+    RabbitMQServer,
     RedisServer,
     reap_marked,
     reap_stale_daemon,
@@ -246,6 +251,37 @@ def redis_server(run_dir):
         r.stop()
         raise
     print(f"[e2e] redis-server on 127.0.0.1:{r.port}", file=sys.stderr)
+    try:
+        yield r
+    finally:
+        r.stop()
+
+
+def _rabbitmq_server_binary():
+    found = shutil.which("rabbitmq-server")
+    if found is None and os.access("/usr/sbin/rabbitmq-server", os.X_OK):
+        found = "/usr/sbin/rabbitmq-server"  # not on a non-root PATH
+    return found
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_server(run_dir):
+    binary = _rabbitmq_server_binary()
+    if binary is None:
+        pytest.fail("rabbitmq-server is not installed: the queue depth tests on AMQP need a real RabbitMQ "
+                    "broker (Debian/Ubuntu: apt-get install rabbitmq-server; .ci/run installs it)")
+    ports = set()
+    while len(ports) < 3:  # AMQP, epmd, Erlang distribution
+        ports.add(brainmod.free_port())
+    port, epmd_port, dist_port = sorted(ports)
+    r = RabbitMQServer(binary, run_dir / "rabbitmq", port, epmd_port, dist_port, run_dir)
+    atexit.register(r.stop)
+    try:
+        r.wait_ready()
+    except AssertionError:
+        r.stop()
+        raise
+    print(f"[e2e] rabbitmq-server on 127.0.0.1:{r.port}", file=sys.stderr)
     try:
         yield r
     finally:

@@ -11,6 +11,7 @@ import base64
 import json
 import os
 import queue
+import shutil
 import signal
 import socket
 import sqlite3
@@ -569,6 +570,90 @@ class RedisServer:
 
     def stop(self) -> Optional[int]:
         return self.proc.stop(timeout=10)
+
+
+def amqp_handshake(port: int, timeout: float = 2.0) -> bytes:
+    """The first bytes an AMQP 0-9-1 broker on 127.0.0.1:`port` answers to the protocol
+    header (a Connection.Start method frame begins with 01 00 00), stdlib only."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(b"AMQP\x00\x00\x09\x01")
+        buf = b""
+        while len(buf) < 8:
+            chunk = s.recv(64)
+            if not chunk:
+                break
+            buf += chunk
+    return buf
+
+
+class RabbitMQServer:
+    """A throwaway RabbitMQ node: AMQP on 127.0.0.1:<port>, its own epmd on another free
+    port, its own node name, cookie (HOME), config, database and logs in `workdir`; the
+    host's configuration (/etc/rabbitmq) and any node the distribution started are not
+    used. `guest`/`guest` from 127.0.0.1; no plugins.
+
+    `server` is the `rabbitmq-server` found on PATH (or /usr/sbin); Debian's wraps the
+    real script with `su rabbitmq`, so the script in /usr/lib/rabbitmq/bin is run
+    directly when it is there."""
+
+    def __init__(self, server: str, workdir: Path, port: int, epmd_port: int, dist_port: int,
+                 run_dir: Path) -> None:
+        self.port = port
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        real = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
+        server = str(real) if real.is_file() else server
+        epmd = shutil.which("epmd") or "epmd"
+        path = os.environ.get("PATH", "/usr/bin:/bin")
+        path = path if "/usr/sbin" in path.split(":") else f"{path}:/usr/sbin"
+        base_env = {"PATH": path, "LANG": "C.UTF-8", "HOME": str(self.workdir)}
+        self.epmd = Background([epmd, "-address", "127.0.0.1", "-port", str(epmd_port)], self.workdir,
+                               "epmd", env=base_env, run_dir=run_dir)
+        (self.workdir / "enabled_plugins").write_text("[].\n")
+        (self.workdir / "rabbitmq-env.conf").write_text("")
+        (self.workdir / "rabbitmq.conf").write_text(
+            f"listeners.tcp.default = 127.0.0.1:{port}\nloopback_users.guest = true\n")
+        w = str(self.workdir)
+        self.proc = Background([server], self.workdir, "rabbitmq-server", env={
+            **base_env,
+            "ERL_EPMD_PORT": str(epmd_port),
+            "RABBITMQ_NODENAME": f"rabbit-e2e-{port}@localhost",
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(port),
+            "RABBITMQ_DIST_PORT": str(dist_port),
+            "RABBITMQ_CONF_ENV_FILE": f"{w}/rabbitmq-env.conf",
+            "RABBITMQ_CONFIG_FILE": f"{w}/rabbitmq",
+            "RABBITMQ_ADVANCED_CONFIG_FILE": f"{w}/advanced.config",
+            "RABBITMQ_ENABLED_PLUGINS_FILE": f"{w}/enabled_plugins",
+            "RABBITMQ_MNESIA_BASE": f"{w}/mnesia",
+            "RABBITMQ_LOG_BASE": f"{w}/log",
+            "RABBITMQ_LOGS": "-",
+            "RABBITMQ_PID_FILE": f"{w}/rabbitmq.pid",
+        }, run_dir=run_dir)
+
+    def url(self, vhost: str = "/") -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/{'' if vhost == '/' else vhost}"
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        def check():
+            self.epmd.check_alive()
+            self.proc.check_alive()
+            reply = amqp_handshake(self.port)
+            return reply[:3] == b"\x01\x00\x00", reply
+
+        wait_for(check, timeout, f"rabbitmq-server on port {self.port} to answer the AMQP header",
+                 interval=0.25)
+
+    def stop(self) -> Optional[int]:
+        # The script starts the Erlang VM as its child: stop the whole group, then epmd.
+        if self.proc.proc.returncode is None:  # not reaped: its group id is still its own
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pass
+        rc = self.proc.stop(timeout=15)
+        self.epmd.stop(timeout=5)
+        return rc
 
 
 # ---------------------------------------------------------------- brain faults

@@ -51,6 +51,7 @@ from datetime import datetime, timezone
 from typing import Any, Dict, Optional, Tuple
 
 from .._jsonsafe import bounded, json_safe
+from . import _health
 from ..client import Client, get_client
 
 log = logging.getLogger("z4j_agentd.celery")
@@ -343,6 +344,7 @@ class _Hooks:
         self._serving = True
         self.client.serve(self.handlers(), capabilities={ENGINE: ["retry_by_reference_v1"]},
                           workers=[self.hostname] if self.hostname else ())
+        self.health = _health.start(self)  # the Workers page and queue depths
 
     def _remember(self, task_id: Any, name: Any, args: Any, kwargs: Any, queue: Any) -> None:
         if not task_id or not name:

@@ -21,35 +21,54 @@ def _vanishes_when_empty(conn: Any) -> bool:
     return getattr(conn.transport, "driver_type", "") in ("redis",)
 
 
-def _passive_depth(conn: Any, queue: str) -> Optional[int]:
-    channel = conn.channel()
+def _not_found(exc: BaseException) -> bool:
+    """Is this the broker's "no such queue" (404 NOT_FOUND)?"""
+    for attr in ("reply_code", "code"):
+        code = getattr(exc, attr, None)
+        if code in (404, "404"):
+            return True
+    return "404" in [str(a) for a in getattr(exc, "args", ())] or "NOT_FOUND" in str(exc)
+
+
+def _close(channel: Any) -> None:
     try:
-        ok = channel.queue_declare(queue=queue, passive=True)
-        count = ok[1] if isinstance(ok, tuple) else getattr(ok, "message_count", None)
-        return int(count) if count is not None else None
-    except conn.channel_errors:
-        return 0 if _vanishes_when_empty(conn) else None
-    finally:
-        try:
-            channel.close()
-        except Exception:
-            pass
+        channel.close()
+    except Exception:
+        pass
 
 
 def depths(app: Any, queues: Iterable[str], timeout: float = BROKER_TIMEOUT) -> Dict[str, int]:
     """The number of messages waiting in each queue the broker knows, over
-    one broker connection. Queues the broker does not know are left out.
-    Raises when the broker cannot be reached (the caller skips the report)."""
+    one broker connection. Queues the broker does not know are left out
+    (on Redis, where an empty queue has no key, they are 0). Raises when
+    the broker cannot be reached (the caller skips the report)."""
     names = sorted({q for q in queues if isinstance(q, str) and q})
     out: Dict[str, int] = {}
     if not names:
         return out
     with app.connection_for_read(connect_timeout=timeout) as conn:
         conn.ensure_connection(max_retries=1, timeout=timeout)
-        for name in names:
-            depth = _passive_depth(conn, name)
-            if depth is not None:
-                out[name] = depth
+        vanishes = _vanishes_when_empty(conn)
+        channel = None
+        try:
+            for name in names:
+                if channel is None:
+                    channel = conn.channel()
+                try:
+                    ok = channel.queue_declare(queue=name, passive=True)
+                except conn.channel_errors as exc:
+                    # AMQP closes the channel on an error: the next queue gets a new one.
+                    _close(channel)
+                    channel = None
+                    if vanishes and _not_found(exc):
+                        out[name] = 0
+                    continue
+                count = ok[1] if isinstance(ok, tuple) else getattr(ok, "message_count", None)
+                if count is not None:
+                    out[name] = int(count)
+        finally:
+            if channel is not None:
+                _close(channel)
     return out
 
 
