@@ -609,6 +609,17 @@ class RabbitMQServer:
         base_env = {"PATH": path, "LANG": "C.UTF-8", "HOME": str(self.workdir)}
         self.epmd = Background([epmd, "-address", "127.0.0.1", "-port", str(epmd_port)], self.workdir,
                                "epmd", env=base_env, run_dir=run_dir)
+        # The node must find our epmd listening, or the Erlang VM starts one of
+        # its own (outside our process group) and ours dies on the port.
+        def epmd_listening():
+            self.epmd.check_alive()
+            try:
+                socket.create_connection(("127.0.0.1", epmd_port), timeout=0.5).close()
+                return True, None
+            except OSError as exc:
+                return False, exc
+
+        wait_for(epmd_listening, 20.0, f"epmd listening on 127.0.0.1:{epmd_port}", interval=0.05)
         (self.workdir / "enabled_plugins").write_text("[].\n")
         (self.workdir / "rabbitmq-env.conf").write_text("")
         (self.workdir / "rabbitmq.conf").write_text(

@@ -296,7 +296,7 @@ def test_a_hanging_broker_holds_up_no_report(app, monkeypatch, active_state):
     assert second["depth_failures"] == 2 and len(calls) == 1
     assert "did not answer" in first["broker_error"] and "not finished" in second["broker_error"]
     release.set()
-    time.sleep(0.1)
+    source._deadline._stuck.join(5)
     third = source()["celery"]
     assert third["queue_depths"] == {"default": 1} and third["broker_connected"] is True
 
@@ -321,6 +321,9 @@ def test_declared_queues():
 def test_scrub():
     assert _health.scrub("redis://:pw@h:1/0 and amqp://u:pw2@h//") == "redis://**@h:1/0 and amqp://u:**@h//"
     assert _health.scrub("Auth failed for s3cr3t-pw", ["s3cr3t-pw"]) == "Auth failed for **"
+    # a password holding "@" (kombu reads credentials up to the last "@")
+    assert _health.scrub("amqp://u:p@ss@h1//;amqp://u:p@ss@h2//") == "amqp://u:**@h1//;amqp://u:**@h2//"
+    assert "ss" not in _health.scrub("failover amqp://u:p@ss@h1:5672//", ["p@ss"]).replace("failover", "")
 
 
 def test_broker_info_drops_credentials():
@@ -386,7 +389,8 @@ class FakeChannel:
         assert passive and not self.closed
         self.conn.declared.append(queue)
         if queue in self.conn.missing:
-            self.closed = True  # AMQP closes the channel on a channel error
+            # AMQP closes the channel on a channel error; kombu's Redis channel stays open
+            self.closed = self.conn.transport.driver_type == "amqp"
             raise FakeChannelError(f"NOT_FOUND - no queue '{queue}'", (50, 10), "Channel.queue_declare", "404")
         return (queue, self.conn.sizes[queue], 0)
 
@@ -418,13 +422,30 @@ class FakeConn:
 @pytest.mark.parametrize("driver,missing_depth", [("amqp", None), ("redis", 0)])
 def test_missing_queue_on_each_kind_of_broker(driver, missing_depth):
     conn = FakeConn(driver, {"a": 2, "c": 5}, {"b"})
-    app = SimpleNamespace(connection_for_read=lambda **kw: conn)
-    got = _queues.depths(app, ["c", "b", "a"])
+    opened = []
+    app = SimpleNamespace(connection_for_read=lambda **kw: opened.append(kw) or conn)
+    got = _queues.depths(app, ["c", "b", "a"], timeout=3)
     want = {"a": 2, "c": 5} if missing_depth is None else {"a": 2, "b": 0, "c": 5}
     assert got == want
     assert conn.declared == ["a", "b", "c"]
-    assert len(conn.channels) == 2  # one channel, a new one only after the error
+    # AMQP closes a channel on an error: a new one after it. On Redis an empty
+    # queue's "not found" leaves the channel usable: one channel for all.
+    assert len(conn.channels) == (2 if driver == "amqp" else 1)
     assert all(ch.closed for ch in conn.channels)
+    # every broker call is bounded, not only the connect (a frozen broker)
+    options = opened[0]["transport_options"]
+    assert opened[0]["connect_timeout"] == 3
+    assert options["socket_timeout"] == 3 and options["read_timeout"] == 3
+
+
+def test_queues_measured_consumed_first_and_capped(app, monkeypatch):
+    worker = FakeWorker(app, [Queue("zz-consumed")])
+    source = _health.HealthSource(hooks_for(app, worker))
+    monkeypatch.setattr(_health, "declared_queues",
+                        lambda _app: {f"q{i:05d}" for i in range(_health.MAX_QUEUES + 50)} | {"zz-consumed"})
+    names = source.queue_names({"w": {"active_queues": [{"name": "zz-consumed"}]}})
+    assert len(names) == _health.MAX_QUEUES
+    assert names[0] == "zz-consumed" and names[1] == "q00000"
 
 
 # ---------------------------------------------------------------- a real worker

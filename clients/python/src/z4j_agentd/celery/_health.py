@@ -47,14 +47,18 @@ log = logging.getLogger("z4j_agentd.celery")
 
 ENGINE = "celery"
 
-#: Seconds between two reports unless `install(health_interval=...)` or
-#: $Z4J_CELERY_HEALTH_INTERVAL says otherwise (the daemon's default too).
+#: Seconds between two reports unless $Z4J_CELERY_HEALTH_INTERVAL says
+#: otherwise (the daemon's default too).
 DEFAULT_INTERVAL = 30.0
 INTERVAL_ENV = "Z4J_CELERY_HEALTH_INTERVAL"
 #: The longest a report waits for the broker's queue depths.
 DEPTH_DEADLINE = 10.0
 #: A running task's args and kwargs in `active` are cut to this many bytes each.
 ACTIVE_ARGS_BYTES = 512
+#: Queues measured per report (the daemon keeps at most 1,024): the consumed
+#: ones first, then those the app declares (kombu adds a queue to
+#: app.amqp.queues whenever the process sends to a new one).
+MAX_QUEUES = 1024
 #: A fact (a string) is cut to this many characters (the daemon's limit is 1,024).
 MAX_FACT_CHARS = 500
 
@@ -80,7 +84,9 @@ _EFFECTIVE = (
 _BROKER_KEYS = ("hostname", "userid", "virtual_host", "port", "insist", "ssl", "transport",
                 "connect_timeout", "heartbeat", "login_method", "failover_strategy", "uri_prefix")
 _INT_MAX = 2**31 - 1
-_URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<auth>[^@/\s]*)@")
+# The credentials run to the LAST "@" before the path, as kombu reads a URL
+# (a password may hold "@").
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<auth>[^/\s;]*)@")
 
 
 def interval_from_env(default: float = DEFAULT_INTERVAL) -> float:
@@ -127,11 +133,11 @@ def scrub(text: str, secrets: Iterable[str] = ()) -> str:
         user = auth.split(":", 1)[0] if ":" in auth else ""
         return f"{m.group('scheme')}{user}:**@" if user else f"{m.group('scheme')}**@"
 
-    out = _URL_CREDENTIALS.sub(mask, text)
-    for secret in secrets:
+    out = text
+    for secret in secrets:  # the exact secrets first: masking URLs could split one
         if isinstance(secret, str) and len(secret) >= 3:
             out = out.replace(secret, "**")
-    return out
+    return _URL_CREDENTIALS.sub(mask, out)
 
 
 def _as_int(value: Any) -> Optional[int]:
@@ -406,18 +412,20 @@ class HealthSource:
                 log.debug("z4j-agentd: worker %s not read", key, exc_info=True)
         return {name: details}
 
-    def queue_names(self, details: Mapping[str, Mapping[str, Any]]) -> Set[str]:
-        names = declared_queues(self.hooks.app)
+    def queue_names(self, details: Mapping[str, Mapping[str, Any]]) -> List[str]:
+        """The consumed queues, then the declared ones, at most MAX_QUEUES."""
+        consumed: Set[str] = set()
         for worker in details.values():
             for queue in worker.get("active_queues") or ():
                 if isinstance(queue, dict) and isinstance(queue.get("name"), str):
-                    names.add(queue["name"])
-        return names
+                    consumed.add(queue["name"])
+        names = sorted(consumed) + sorted(declared_queues(self.hooks.app) - consumed)
+        return names[:MAX_QUEUES]
 
     def queue_depths(self, names: Iterable[str]) -> Optional[Dict[str, int]]:
         """Depths of `names`, or None (counted) when the broker could not answer."""
         app, timeout = self.hooks.app, self.broker_timeout
-        wanted = sorted(set(names))
+        wanted = list(dict.fromkeys(names))
         try:
             got = self._deadline.run(lambda: _queues.depths(app, wanted, timeout), self.depth_deadline)
         except Exception as exc:

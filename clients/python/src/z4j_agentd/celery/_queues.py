@@ -30,6 +30,15 @@ def _not_found(exc: BaseException) -> bool:
     return "404" in [str(a) for a in getattr(exc, "args", ())] or "NOT_FOUND" in str(exc)
 
 
+def _io_timeouts(timeout: float) -> Dict[str, Any]:
+    """Connection arguments that bound every broker call, not only the
+    connect: kombu's Redis channel has no socket timeout and py-amqp no
+    read timeout of their own, so a frozen broker would hold the caller."""
+    return {"connect_timeout": timeout,
+            "transport_options": {"socket_timeout": timeout, "socket_connect_timeout": timeout,
+                                  "read_timeout": timeout, "write_timeout": timeout}}
+
+
 def _close(channel: Any) -> None:
     try:
         channel.close()
@@ -46,7 +55,7 @@ def depths(app: Any, queues: Iterable[str], timeout: float = BROKER_TIMEOUT) -> 
     out: Dict[str, int] = {}
     if not names:
         return out
-    with app.connection_for_read(connect_timeout=timeout) as conn:
+    with app.connection_for_read(**_io_timeouts(timeout)) as conn:
         conn.ensure_connection(max_retries=1, timeout=timeout)
         vanishes = _vanishes_when_empty(conn)
         channel = None
@@ -57,11 +66,14 @@ def depths(app: Any, queues: Iterable[str], timeout: float = BROKER_TIMEOUT) -> 
                 try:
                     ok = channel.queue_declare(queue=name, passive=True)
                 except conn.channel_errors as exc:
+                    if vanishes and _not_found(exc):
+                        # An empty Redis queue; the channel stays usable (a new
+                        # one would cost a new connection for every empty queue).
+                        out[name] = 0
+                        continue
                     # AMQP closes the channel on an error: the next queue gets a new one.
                     _close(channel)
                     channel = None
-                    if vanishes and _not_found(exc):
-                        out[name] = 0
                     continue
                 count = ok[1] if isinstance(ok, tuple) else getattr(ok, "message_count", None)
                 if count is not None:
@@ -80,7 +92,7 @@ def depth(app: Any, queue: str, timeout: float = BROKER_TIMEOUT) -> Optional[int
 def purge(app: Any, queue: str, timeout: float = BROKER_TIMEOUT) -> int:
     """Removes every message waiting in `queue` (all priority steps on
     Redis); returns how many there were. The queue itself stays."""
-    with app.connection_for_write(connect_timeout=timeout) as conn:
+    with app.connection_for_write(**_io_timeouts(timeout)) as conn:
         conn.ensure_connection(max_retries=1, timeout=timeout)
         channel = conn.channel()
         try:
