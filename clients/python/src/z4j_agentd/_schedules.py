@@ -303,7 +303,8 @@ def _chunks(rows: List[Dict[str, Any]], limit: int) -> List[List[Dict[str, Any]]
         row_size = len(canonical_json(row)) + 1
         if size + row_size - 1 > limit and not current:
             raise ProtocolError(f"schedule {row['name']!r} alone is larger than a snapshot frame "
-                                f"({row_size} bytes of canonical JSON, at most {limit}); shorten its args or kwargs")
+                                f"({size + row_size - 1} bytes of canonical JSON, at most {limit}); "
+                                f"shorten its args or kwargs")
         if current and size + row_size > limit:
             chunks.append(current)
             current, size = [], len(canonical_json({"schedules": []}))
