@@ -478,3 +478,38 @@ def test_django_celery_beat_rows_and_writes(tmp_path):
     assert "changed in the database" in out["stale"]
     assert "latitude" in out["solar"]
     assert out["deleted"] is None and out["left"] == ["four", "ninety"]
+
+
+def test_the_background_thread_publishes_changes_when_told_and_when_it_looks():
+    import time
+
+    sender = Sender()
+    source = FakeSource()
+    s = S.ExternalScheduler(OWNER, source, sender, poll_interval=0.2, min_interval=0.0)
+    s.start()
+    try:
+        s.activate(command("schedule.external.activate", **ACTIVATION))
+        source.list[0]["total_runs"] = 1
+        s.changed()
+        deadline = time.monotonic() + 5
+        while sender.sequences() != [1, 2] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert sender.sequences() == [1, 2]
+        source.list[0]["args"] = [7]  # changed behind its back: found by the next look
+        while len(sender.batches) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert sender.sequences() == [1, 2, 3]
+        time.sleep(0.5)
+        assert len(sender.batches) == 3  # nothing changed: nothing sent
+        # The daemon away: the thread retries the same snapshot until it is taken.
+        sender.fail = DaemonUnavailable("away")
+        source.list[0]["total_runs"] = 2
+        s.changed()
+        while s.stats()["snapshot_failures"] == 0 and time.monotonic() < deadline + 5:
+            time.sleep(0.02)
+        sender.fail = None
+        while len(sender.batches) < 4 and time.monotonic() < deadline + 10:
+            time.sleep(0.02)
+        assert sender.sequences() == [1, 2, 3, 4] and s.stats()["last_error"] is None
+    finally:
+        s.stop()
