@@ -380,7 +380,7 @@ def test_beat_rows_from_a_real_scheduler_and_its_sends_are_runs():
     assert row["total_runs"] == 2
 
 
-def test_beat_init_serves_the_scheduler_once(monkeypatch):
+def test_beat_init_serves_the_scheduler_once(monkeypatch, tmp_path):
     from z4j_agentd.celery import _Hooks, beat
 
     sent = []
@@ -391,16 +391,18 @@ def test_beat_init_serves_the_scheduler_once(monkeypatch):
     hooks = _Hooks(app, client, serve_commands=True)
     monkeypatch.setattr(beat, "_active", None)
     receiver = beat.receiver(hooks)
-    receiver(sender=SimpleNamespace(scheduler=scheduler))
-    receiver(sender=SimpleNamespace(scheduler=scheduler))
+    service = SimpleNamespace(scheduler=scheduler, schedule_filename=str(tmp_path / "celerybeat-schedule"))
+    receiver(sender=service)
+    receiver(sender=service)
     try:
         assert len(served) == 1 and served[0]["schedulers"] == [OWNER]
         assert getattr(scheduler.apply_async, "_z4j_watched", False)
+        assert beat.active().state_path == str(tmp_path / "celerybeat-schedule") + ".z4j-agentd.json"
     finally:
         beat.active().stop()
     monkeypatch.setattr(beat, "_active", None)
     quiet = _Hooks(app, client, serve_commands=False)
-    beat.receiver(quiet)(sender=SimpleNamespace(scheduler=scheduler))
+    beat.receiver(quiet)(sender=service)
     assert len(served) == 1 and beat.active() is None
 
 
@@ -513,3 +515,49 @@ def test_the_background_thread_publishes_changes_when_told_and_when_it_looks():
         assert sender.sequences() == [1, 2, 3, 4] and s.stats()["last_error"] is None
     finally:
         s.stop()
+
+
+def snapshot_rows(batch):
+    return [r["source_key"] for e in batch for r in e["data"]["external_snapshot_frame"]["schedules"]]
+
+
+def test_a_schedule_removed_between_epochs_is_carried_into_the_new_epoch_then_removed(tmp_path):
+    """The brain refuses a new epoch's snapshot that drops a row of an earlier epoch."""
+    state = str(tmp_path / "beat.z4j-agentd.json")
+    source = FakeSource()
+    source.list.append(dict(source_key="static:b", name="b", task_name="proj.add"))
+    first = S.ExternalScheduler(OWNER, source, Sender(), state_path=state)
+    first.activate(command("schedule.external.activate", **ACTIVATION))
+    # beat restarts without b; a new process, a new epoch
+    source.list.pop()
+    sender = Sender()
+    second = S.ExternalScheduler(OWNER, source, sender, state_path=state)
+    newer = {**ACTIVATION, "epoch_number": 4, "epoch_uuid": str(uuid.uuid4())}
+    summary = second.activate(command("schedule.external.activate", **newer))
+    assert [snapshot_rows(b) for b in sender.batches] == [["static:a", "static:b"], ["static:a"]]
+    assert sender.sequences() == [1, 2] and summary["sequence"] == 2
+    # Later snapshots of the epoch drop rows at once.
+    source.list[0]["args"] = [5]
+    second.publish("change")
+    assert sender.sequences() == [1, 2, 3]
+    with open(state, encoding="utf-8") as f:
+        assert [r["args"] for r in json.load(f)["rows"]] == [[5]]
+
+
+def test_a_row_taking_over_a_name_comes_one_snapshot_after_the_old_row_leaves():
+    source = FakeSource()  # static:a named "a"
+    s, sender = stream(source)
+    s.activate(command("schedule.external.activate", **ACTIVATION))
+    source.list = [dict(source_key="dcb:7", name="a", task_name="proj.add"),
+                   dict(source_key="static:c", name="c", task_name="proj.add")]
+    s.publish("change")
+    assert [snapshot_rows(b) for b in sender.batches[1:]] == [["static:c"], ["dcb:7", "static:c"]]
+
+
+def test_an_unreadable_state_file_is_ignored(tmp_path, caplog):
+    state = tmp_path / "bad.json"
+    state.write_text("{not json")
+    s = S.ExternalScheduler(OWNER, FakeSource(), Sender(), state_path=str(state))
+    assert s._published == [] and "ignoring" in caplog.text
+    s.activate(command("schedule.external.activate", **ACTIVATION))
+    assert json.loads(state.read_text())["rows"][0]["source_key"] == "static:a"

@@ -29,6 +29,7 @@ import hmac
 import json
 import logging
 import math
+import os
 import threading
 import time
 import uuid
@@ -383,8 +384,9 @@ class _Pending:
     authority: Authority
     sequence: int
     events: List[Dict[str, Any]]
-    key: bytes
+    key: Optional[bytes]  # None for an intermediate step (see ExternalScheduler._steps)
     summary: Dict[str, Any]
+    rows: List[Dict[str, Any]]
 
 
 class ExternalScheduler:
@@ -403,16 +405,23 @@ class ExternalScheduler:
     """
 
     def __init__(self, owner: str, source: Source, send: Callable[[List[Dict[str, Any]]], Any], *,
-                 poll_interval: float = 5.0, min_interval: float = 1.0) -> None:
+                 poll_interval: float = 5.0, min_interval: float = 1.0,
+                 state_path: Optional[str] = None) -> None:
         self.owner = owner
         self.source = source
         self._send = send
         self.poll_interval = float(poll_interval)
         self.min_interval = float(min_interval)
+        self.state_path = state_path
         self._lock = threading.RLock()
         self._authority: Optional[Authority] = None
         self._sequence = 0
         self._last_key: Optional[bytes] = None
+        #: The rows of the last snapshot handed over, in this epoch or an
+        #: earlier one (then read from `state_path`): what the brain shows.
+        self._published: List[Dict[str, Any]] = self._load_state()
+        #: True until the current epoch's first snapshot is handed over.
+        self._epoch_fresh = False
         self._last_summary: Optional[Dict[str, Any]] = None
         self._pending: Optional[_Pending] = None
         self._receipts: "OrderedDict[str, Tuple[str, Dict[str, Any]]]" = OrderedDict()
@@ -469,10 +478,44 @@ class ExternalScheduler:
             rows, key = self._observe()
             if not force and key == self._last_key:
                 return None
-            sequence = self._sequence + 1
-            events, summary = snapshot_events(authority, sequence, rows, reason=reason)
-            self._hand_over(_Pending(authority, sequence, events, key, summary))
-            return summary
+            for step in self._steps(rows):
+                self._hand_over(self._build(authority, step, reason, None))
+            pending = self._build(authority, rows, reason, key)
+            self._hand_over(pending)
+            return pending.summary
+
+    def _build(self, authority: Authority, rows: List[Dict[str, Any]], reason: str,
+               key: Optional[bytes]) -> _Pending:
+        sequence = self._sequence + 1
+        events, summary = snapshot_events(authority, sequence, rows, reason=reason)
+        return _Pending(authority, sequence, events, key, summary, rows)
+
+    def _steps(self, rows: List[Dict[str, Any]]) -> List[List[Dict[str, Any]]]:
+        """Snapshots to hand over before `rows`, so the brain takes the change.
+
+        The brain (1.13) refuses a snapshot that removes a row last written
+        in an earlier epoch ("external schedule delete is not current"), and
+        one that adds a row under the name of a row it removes in the same
+        snapshot (its names are unique per scheduler, and it applies the
+        changes in no fixed order); either refusal leaves the page stale
+        for good. So the first snapshot of an epoch still carries the rows
+        published before and gone since (which writes them into this
+        epoch), and a row that takes over the name of another comes one
+        snapshot after that other one is removed.
+        """
+        before = {r["source_key"]: r for r in self._published}
+        keys = {r["source_key"] for r in rows}
+        gone = [r for k, r in sorted(before.items()) if k not in keys]
+        names_before = {r["name"]: r["source_key"] for r in before.values()}
+        renamed = {r["source_key"] for r in rows
+                   if names_before.get(r["name"], r["source_key"]) != r["source_key"]}
+        kept = [r for r in rows if r["source_key"] not in renamed]
+        steps = []
+        if self._epoch_fresh and gone:
+            steps.append(sorted(kept + gone, key=lambda r: r["source_key"]))
+        if renamed:
+            steps.append(kept)
+        return steps
 
     def _hand_over(self, pending: _Pending) -> None:
         self._pending = pending
@@ -489,8 +532,42 @@ class ExternalScheduler:
         self._sequence = pending.sequence
         self._last_key = pending.key
         self._last_summary = pending.summary
+        self._published = pending.rows
+        self._epoch_fresh = False
         self.snapshots_published += 1
         self.last_error = None
+        self._save_state()
+
+    def _load_state(self) -> List[Dict[str, Any]]:
+        if not self.state_path:
+            return []
+        try:
+            with open(self.state_path, encoding="utf-8") as f:
+                saved = json.load(f)
+            rows = saved.get("rows") if saved.get("scheduler") == self.owner else None
+            return _sorted_rows(rows, self.owner) if isinstance(rows, list) else []
+        except FileNotFoundError:
+            return []
+        except Exception as exc:  # unreadable: start as without it
+            log.warning("z4j-agentd: ignoring %s (%s): it is rewritten after the next snapshot",
+                        self.state_path, exc)
+            return []
+
+    def _save_state(self) -> None:
+        if not self.state_path:
+            return
+        tmp = f"{self.state_path}.tmp"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump({"scheduler": self.owner, "rows": self._published}, f)
+            os.replace(tmp, self.state_path)
+        except OSError as exc:
+            if not self._state_warned:
+                self._state_warned = True
+                log.warning("z4j-agentd: cannot write %s (%s): a schedule removed while %s is stopped "
+                            "may then stay on the brain's page", self.state_path, exc, self.owner)
+
+    _state_warned = False
 
     def changed(self) -> None:
         """The schedules (or their counters) may have changed: publish soon."""
@@ -555,6 +632,7 @@ class ExternalScheduler:
             self._last_key = None
             self._last_summary = None
             self._pending = None
+            self._epoch_fresh = True
             self._receipts.clear()
             try:
                 summary = self.publish("activation", force=True)

@@ -30,6 +30,13 @@ django-celery-beat every `PeriodicTask` row, enabled or not (`source`
 copies `beat_schedule` into the database itself). The keys are those of
 z4j-celerybeat, so rows stay the same rows when a project moves over.
 
+A schedule removed while beat was stopped: the brain refuses a first
+snapshot of a new stream epoch that leaves out a row it last saw in an
+earlier epoch, so beat's process keeps the rows it last published in a file
+beside beat's schedule file (`<schedule file>.z4j-agentd.json`) and carries
+them over into the first snapshot of each epoch; the next snapshot removes
+them (see `z4j_agentd._schedules.ExternalScheduler._steps`).
+
 Run counts: a schedule's `total_runs` counts the tasks beat sent for it
 (beat's own count, which django-celery-beat keeps in the database) plus
 the ones "Trigger now" sent from this process; `last_run_at` is the latest
@@ -41,6 +48,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import threading
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
@@ -57,6 +65,9 @@ ENGINE = "celery"
 POLL_SECONDS = 5.0
 #: Seconds a snapshot may take to reach the daemon's spool.
 SEND_TIMEOUT = 10.0
+#: Added to beat's schedule file name for the file that keeps the rows last
+#: published (see `state_path`).
+STATE_SUFFIX = ".z4j-agentd.json"
 #: Capabilities of every beat, and those of a beat that can write its schedules.
 READ_CAPABILITIES = (STABLE_SNAPSHOT, "list", "trigger_now")
 WRITE_CAPABILITIES = ("create", "update", "delete", "enable", "disable", MUTATION)
@@ -447,6 +458,13 @@ def _watch_sends(scheduler: Any, stream: ExternalScheduler) -> None:
     scheduler.apply_async = apply_async
 
 
+def state_path(service: Any) -> Optional[str]:
+    """Where beat's process keeps the rows it last published: beside beat's
+    schedule file (`-s`, `beat_schedule_filename`), with `STATE_SUFFIX`."""
+    filename = getattr(service, "schedule_filename", None) or "celerybeat-schedule"
+    return os.path.abspath(str(filename)) + STATE_SUFFIX
+
+
 _active: Optional[ExternalScheduler] = None
 
 
@@ -464,7 +482,7 @@ def start(hooks: Any, service: Any) -> Optional[ExternalScheduler]:
     client = hooks.client
     stream = ExternalScheduler(SCHEDULER, source_for(hooks.app, scheduler),
                                lambda events: client.send_durable(events, timeout=SEND_TIMEOUT),
-                               poll_interval=POLL_SECONDS)
+                               poll_interval=POLL_SECONDS, state_path=state_path(service))
     _watch_sends(scheduler, stream)
     stream.serve(client)
     _active = stream
