@@ -213,7 +213,9 @@ def test_django_celery_beat_schedules_are_created_updated_toggled_and_deleted_fr
                              env=env, cwd=str(PROJ), capture_output=True, text=True, timeout=120)
     assert migrate.returncode == 0, migrate.stderr[-2000:]
     daemon.wait_stats(lambda s: s["uplink_state"] == "connected", 60, "the daemon's brain session")
-    start_beat(background, daemon, env, "-S", "django_celery_beat.schedulers:DatabaseScheduler")
+    beat_args = ("-S", "django_celery_beat.schedulers:DatabaseScheduler",
+                 "-s", str(daemon.workdir / "celerybeat-schedule"))
+    beat = start_beat(background, daemon, env, *beat_args)
     api = Api(brain, agent["project_slug"])
 
     rows = api.wait_rows("the PeriodicTask rows on the Schedules page",
@@ -261,5 +263,26 @@ def test_django_celery_beat_schedules_are_created_updated_toggled_and_deleted_fr
     api.native("delete", row)
     assert "e2e-created" not in dcb_rows(db)
     api.wait_rows("the deleted schedule to leave the page", lambda r: "e2e-created" not in r)
+
+    # Rows removed while beat is stopped: one for good, one that django-celery-beat
+    # creates again from beat_schedule when beat starts (same name, a new id). The
+    # restarted beat's new epoch takes both changes (the brain refuses a new epoch's
+    # snapshot that simply leaves out a row of an earlier epoch).
+    api.native("create", name="e2e-gone", task_name="beat_app.add", kind="interval", expression="60",
+               timezone="UTC", queue=None, args=[], kwargs={}, is_enabled=True)
+    api.wait_rows("e2e-gone on the page", lambda r: "e2e-gone" in r)
+    beat.stop()
+    con = sqlite3.connect(str(db), timeout=20)
+    with con:
+        con.execute("DELETE FROM django_celery_beat_periodictask WHERE name IN ('e2e-gone', 'nightly-report')")
+    con.close()
+    start_beat(background, daemon, env, *beat_args)
+    new_pk = wait_for(lambda: ("nightly-report" in dcb_rows(db), dcb_rows(db).get("nightly-report")), 30,
+                      "django-celery-beat to create nightly-report again")["id"]
+    rows = api.wait_rows("the restarted beat's schedules on the page",
+                         lambda r: "e2e-gone" not in r and "nightly-report" in r
+                         and r["nightly-report"]["external_id"] == f"dcb:{new_pk}", 60)
+    assert rows["nightly-report"]["args"] == [0, 0], rows
+    assert api.capabilities() == sorted(READ_CAPS + WRITE_CAPS)
     stats = daemon.stats()
     assert not any(k in (stats.get("refused_by_reason") or {}) for k in ("invalid_event", "legacy_kind")), stats
