@@ -225,6 +225,12 @@ def test_django_celery_beat_schedules_are_created_updated_toggled_and_deleted_fr
     assert rows["add-hourly"]["external_id"] == f"dcb:{pk}", rows
     assert api.capabilities() == sorted(READ_CAPS + WRITE_CAPS)
 
+    # trigger now on a database row: sent, and counted as a run
+    status, location, _ = api.call("POST", f"/{rows['add-hourly']['id']}/trigger")
+    assert status == 200 and location, (status, location)
+    api.wait_applied(location)
+    api.wait_rows("the trigger to count as a run", lambda r: r["add-hourly"]["total_runs"] == 1)
+
     # create
     api.native("create", name="e2e-created", task_name="beat_app.add", kind="interval", expression="3600",
                timezone="UTC", queue=None, args=[2, 3], kwargs={}, is_enabled=True)

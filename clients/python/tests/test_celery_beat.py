@@ -427,10 +427,16 @@ DCB_SCRIPT = textwrap.dedent('''
     class DatabaseScheduler:  # what is_database_scheduler looks for
         _schedule = {}
     DatabaseScheduler.__module__ = "django_celery_beat.schedulers"
-    source = beat.source_for(SimpleNamespace(), DatabaseScheduler())
+    sent = []
+    app = SimpleNamespace(send_task=lambda name, args, kwargs, **o: sent.append([name, args, kwargs, o])
+                          or SimpleNamespace(id="tid-1"))
+    source = beat.source_for(app, DatabaseScheduler())
     out = {"type": type(source).__name__, "caps": source.capabilities()}
     rows = {r["name"]: S.normalize_row(r, "celery-beat") for r in source.rows()}
     out["rows"] = rows
+    out["trigger"] = source.trigger(rows["ninety"])
+    out["sent"] = sent
+    out["after_trigger"] = [r["total_runs"] for r in source.rows() if r["name"] == "ninety"]
     created = S.normalize_row(source.mutate("create", None, None, {"name": "new", "task_name": "proj.add",
         "kind": "cron", "expression": "*/5 * * * *", "timezone": "UTC", "args": [3], "kwargs": {},
         "is_enabled": True, "queue": None}), "celery-beat")
@@ -472,6 +478,9 @@ def test_django_celery_beat_rows_and_writes(tmp_path):
             ninety["source"]) == ("interval", "90", [1, 2], "q1", True, "celery-beat:database")
     assert (four["kind"], four["expression"], four["timezone"], four["kwargs"], four["is_enabled"]) == \
         ("cron", "0 4 * * *", "Europe/Paris", {"a": 1}, False)
+    assert out["trigger"] == {"task_id": "tid-1", "task_name": "proj.add"}
+    assert out["sent"] == [["proj.add", [1, 2], {}, {"queue": "q1", "headers": {"periodic_task_name": "ninety"}}]]
+    assert out["after_trigger"] == [1]
     assert (out["created"]["kind"], out["created"]["expression"], out["created"]["args"]) == \
         ("cron", "*/5 * * * *", [3])
     assert (out["updated"]["kind"], out["updated"]["expression"], out["updated"]["is_enabled"]) == \
