@@ -181,6 +181,17 @@ def test_celery_beat_lists_its_static_schedule_and_trigger_now_runs_the_task(
                            lambda r: r["add-hourly"]["total_runs"] == 1)["add-hourly"]
     assert hourly["last_run_at"], hourly
 
+    # The daemon restarted while beat runs: a new epoch, and trigger now works again.
+    daemon.stop()
+    daemon.start()
+    daemon.wait_stats(lambda s: s["uplink_state"] == "connected", 60, "the restarted daemon's brain session")
+    wait_for(lambda: (api.capabilities() == READ_CAPS, api.capabilities()), 60,
+             "the celery-beat stream to be active again after the daemon's restart", interval=0.5)
+    status, location, _ = api.call("POST", f"/{hourly['id']}/trigger")
+    assert status == 200 and location, (status, location)
+    api.wait_applied(location)
+    api.wait_rows("the second trigger to count", lambda r: r["add-hourly"]["total_runs"] == 2)
+
     # What the brain refuses for a static schedule stays refused (no write).
     status, _, body = api.call("POST", f"/{hourly['id']}/disable")
     assert status == 409 and "read-only" in str(body), (status, body)

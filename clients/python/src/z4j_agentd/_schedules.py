@@ -637,6 +637,7 @@ class ExternalScheduler:
             try:
                 summary = self.publish("activation", force=True)
             except Exception as exc:
+                self._wake.set()  # the publisher thread sends it again
                 raise RuntimeError(f"the {self.owner} activation snapshot was not handed to z4j-agentd: "
                                    f"{type(exc).__name__}: {exc}") from None
         assert summary is not None

@@ -458,6 +458,21 @@ def _watch_sends(scheduler: Any, stream: ExternalScheduler) -> None:
     scheduler.apply_async = apply_async
 
 
+def _sender(client: Any) -> Callable[[List[Dict[str, Any]]], Any]:
+    """`send_durable`, tried twice: after a daemon restart the first try
+    finds the old connection closed, the second opens a new one. The same
+    events go again: the brain takes a frame it already has as a replay."""
+    from ..client import DaemonUnavailable
+
+    def send(events: List[Dict[str, Any]]) -> Any:
+        try:
+            return client.send_durable(events, timeout=SEND_TIMEOUT)
+        except DaemonUnavailable:
+            return client.send_durable(events, timeout=SEND_TIMEOUT)
+
+    return send
+
+
 def state_path(service: Any) -> Optional[str]:
     """Where beat's process keeps the rows it last published: beside beat's
     schedule file (`-s`, `beat_schedule_filename`), with `STATE_SUFFIX`."""
@@ -480,8 +495,7 @@ def start(hooks: Any, service: Any) -> Optional[ExternalScheduler]:
         return _active
     scheduler = service.scheduler
     client = hooks.client
-    stream = ExternalScheduler(SCHEDULER, source_for(hooks.app, scheduler),
-                               lambda events: client.send_durable(events, timeout=SEND_TIMEOUT),
+    stream = ExternalScheduler(SCHEDULER, source_for(hooks.app, scheduler), _sender(client),
                                poll_interval=POLL_SECONDS, state_path=state_path(service))
     _watch_sends(scheduler, stream)
     stream.serve(client)
