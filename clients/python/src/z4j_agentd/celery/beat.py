@@ -14,11 +14,11 @@ serves the scheduler `celery-beat` through z4j's external schedule protocol
   update, enable, disable and delete schedules: each writes the
   `PeriodicTask` rows, which beat reloads as it does after an edit in the
   Django admin;
-* a new snapshot goes to the brain after each task beat sends (so a run
-  shows at once in the schedule's last run and run count), after each
-  change the brain asks for, and when a look at the schedules every
-  `POLL_SECONDS` finds them changed (an edit in the Django admin, a
-  schedule added to the database).
+* a new snapshot goes to the brain after the tasks beat sends (so a run
+  shows within `MIN_SNAPSHOT_SECONDS` in the schedule's last run and run
+  count), at once after each change the brain asks for, and when a look at
+  the schedules every `POLL_SECONDS` finds them changed (an edit in the
+  Django admin, a schedule added to the database).
 
 Which schedules: with the default scheduler (`PersistentScheduler`, or any
 scheduler that keeps its entries in `scheduler.schedule`) the entries beat
@@ -63,6 +63,11 @@ SCHEDULER = "celery-beat"
 ENGINE = "celery"
 #: Seconds between two looks at the schedules for changes made elsewhere.
 POLL_SECONDS = 5.0
+#: Seconds at least between two snapshots that beat's own activity causes
+#: (its sends, changes found by a look): the brain rewrites every row of a
+#: snapshot, so a beat sending every second does not make it do so every
+#: second. The brain's commands get theirs at once.
+MIN_SNAPSHOT_SECONDS = 5.0
 #: Seconds a snapshot may take to reach the daemon's spool.
 SEND_TIMEOUT = 10.0
 #: Added to beat's schedule file name for the file that keeps the rows last
@@ -110,7 +115,9 @@ def _next_run(schedule: Any, last_run_at: Any) -> Optional[datetime]:
     try:
         remaining = schedule.remaining_estimate(last_run_at)
         when = datetime.now(timezone.utc) + remaining
-        return when.replace(microsecond=0)
+        # To the nearest second: the same next run reads the same in every
+        # snapshot (the brain gives a row a new control token when it changes).
+        return (when + timedelta(microseconds=500_000)).replace(microsecond=0)
     except Exception:
         return None
 
@@ -496,7 +503,8 @@ def start(hooks: Any, service: Any) -> Optional[ExternalScheduler]:
     scheduler = service.scheduler
     client = hooks.client
     stream = ExternalScheduler(SCHEDULER, source_for(hooks.app, scheduler), _sender(client),
-                               poll_interval=POLL_SECONDS, state_path=state_path(service))
+                               poll_interval=POLL_SECONDS, min_interval=MIN_SNAPSHOT_SECONDS,
+                               state_path=state_path(service))
     _watch_sends(scheduler, stream)
     stream.serve(client)
     _active = stream
