@@ -364,7 +364,7 @@ def test_beat_rows_from_a_real_scheduler_and_its_sends_are_runs():
 
     # A send by beat: the stream is asked for a snapshot, and the row counts the run.
     woken = []
-    beat._watch_sends(scheduler, SimpleNamespace(changed=lambda: woken.append(1)))
+    beat._watch_sends(scheduler, SimpleNamespace(changed=lambda: woken.append(1)), source)
     scheduler.apply_async(scheduler.schedule["every-15"])
     assert woken == [1] and sent[-1][0] == "proj.add"
     row = next(S.normalize_row(r, OWNER) for r in source.rows() if r["name"] == "every-15")

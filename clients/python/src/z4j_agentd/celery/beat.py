@@ -160,6 +160,9 @@ class _BeatSource(Source):
             row["last_run_at"] = last if native_last is None or last > native_last else native_last
         return row
 
+    def after_send(self) -> None:
+        """Called in beat's thread after each task beat sends."""
+
     def _count_trigger(self, source_key: str) -> None:
         with self._triggered_lock:
             count, _ = self._triggered.get(source_key, (0, None))
@@ -175,7 +178,23 @@ class _BeatSource(Source):
 
 class EntriesSource(_BeatSource):
     """The entries of beat's own scheduler (`app.conf.beat_schedule` and
-    Celery's default entries): read-only."""
+    Celery's default entries): read-only.
+
+    The entries are read in beat's own thread (when it starts, and after
+    each task it sends, when it has just replaced the entry with the next
+    one): `PersistentScheduler` keeps them in a `shelve`, which other threads
+    must leave alone. Other threads read that copy."""
+
+    def __init__(self, app: Any, scheduler: Any) -> None:
+        super().__init__(app, scheduler)
+        self._seen: List[Tuple[str, Any]] = []
+        self.after_send()
+
+    def after_send(self) -> None:
+        try:
+            self._seen = list(self.scheduler.schedule.items())
+        except Exception:  # never into beat; the copy taken before stays
+            log.debug("z4j-agentd: beat's entries were not read", exc_info=True)
 
     def capabilities(self) -> List[str]:
         return list(READ_CAPABILITIES)
@@ -185,12 +204,7 @@ class EntriesSource(_BeatSource):
         return "static:" + hashlib.sha256(name.encode("utf-8")).hexdigest()
 
     def _entries(self) -> List[Tuple[str, Any]]:
-        for _ in range(5):
-            try:
-                return list(self.scheduler.schedule.items())
-            except RuntimeError:  # beat replaced an entry while we looked
-                continue
-        return list(self.scheduler.schedule.items())
+        return list(self._seen)
 
     def rows(self) -> List[Dict[str, Any]]:
         return [self._with_triggers(self._row(name, entry)) for name, entry in self._entries()]
@@ -449,7 +463,7 @@ def source_for(app: Any, scheduler: Any) -> _BeatSource:
     return DatabaseSource(app, scheduler) if is_database_scheduler(scheduler) else EntriesSource(app, scheduler)
 
 
-def _watch_sends(scheduler: Any, stream: ExternalScheduler) -> None:
+def _watch_sends(scheduler: Any, stream: Any, source: _BeatSource) -> None:
     """After each task beat sends, ask for a snapshot (beat counted the run)."""
     original = scheduler.apply_async
     if getattr(original, "_z4j_watched", False):
@@ -459,6 +473,7 @@ def _watch_sends(scheduler: Any, stream: ExternalScheduler) -> None:
         try:
             return original(entry, producer=producer, advance=advance, **kwargs)
         finally:
+            source.after_send()
             stream.changed()
 
     apply_async._z4j_watched = True  # type: ignore[attr-defined]
@@ -502,10 +517,11 @@ def start(hooks: Any, service: Any) -> Optional[ExternalScheduler]:
         return _active
     scheduler = service.scheduler
     client = hooks.client
-    stream = ExternalScheduler(SCHEDULER, source_for(hooks.app, scheduler), _sender(client),
+    source = source_for(hooks.app, scheduler)
+    stream = ExternalScheduler(SCHEDULER, source, _sender(client),
                                poll_interval=POLL_SECONDS, min_interval=MIN_SNAPSHOT_SECONDS,
                                state_path=state_path(service))
-    _watch_sends(scheduler, stream)
+    _watch_sends(scheduler, stream, source)
     stream.serve(client)
     _active = stream
     log.info("z4j-agentd: serving %s (%s) for the brain's Schedules page", SCHEDULER,
