@@ -273,8 +273,18 @@ class DatabaseSource(_BeatSource):
         finally:
             close_old_connections()
 
+    def _live(self) -> Dict[str, Any]:
+        """Beat's entries in memory (it replaces the dict whole; a copy taken
+        while it fills one is tried again)."""
+        for _ in range(5):
+            try:
+                return dict(getattr(self.scheduler, "_schedule", None) or {})
+            except RuntimeError:
+                continue
+        return {}
+
     def rows(self) -> List[Dict[str, Any]]:
-        live = dict(getattr(self.scheduler, "_schedule", None) or {})
+        live = self._live()
         return self._db(lambda: [self._with_triggers(self._row(m, live.get(m.name))) for m in self._query()])
 
     def _row(self, model: Any, entry: Any = None) -> Dict[str, Any]:
