@@ -61,7 +61,7 @@ HERE = Path(__file__).resolve().parent
 STATE_ROOT = Path(os.environ.get("Z4J_E2E_STATE_ROOT", str(HERE / ".state")))
 Z4J_VERSION = "1.13.0"
 REQUIREMENTS = [f"z4j=={Z4J_VERSION}", "websockets", "msgpack", "pytest", "celery[redis]", "redis", "gunicorn",
-                "flask"]
+                "flask", "django", "django-celery-beat"]
 # The repository's Python client (import name z4j_agentd), installed editable
 # so the tests always run the working tree's code.
 CLIENT_DIR = HERE.parents[1] / "clients" / "python"

@@ -36,8 +36,9 @@ collapse into one; the row gets its arguments either way.
 Commands are served from the worker's main process only: the server starts
 on `worker_init` (or, when `install` ran during it, as Django's fixup does,
 on `worker_ready`), which Celery sends in the main process alone, and a
-forked pool child never inherits a command server. Web processes, `celery
-beat` and scripts that call `install` never serve commands.
+forked pool child never inherits a command server. Web processes and
+scripts that call `install` never serve commands; `celery beat` serves its
+scheduler's (`beat.py`).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from typing import Any, Dict, Optional, Tuple
 from .._jsonsafe import bounded, json_safe
 from . import _health
 from ..client import Client, get_client
+from . import beat as _beat
 
 log = logging.getLogger("z4j_agentd.celery")
 
@@ -149,6 +151,7 @@ class _Hooks:
             (signals.worker_init, self.on_worker_start),
             (signals.worker_ready, self.on_worker_start),
             (signals.worker_process_shutdown, self.on_process_shutdown),
+            (signals.beat_init, _beat.receiver(self)),  # celery beat: its schedules (beat.py)
         ]
         for signal, receiver in pairs:
             signal.connect(receiver, weak=False)
