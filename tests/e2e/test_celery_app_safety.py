@@ -38,7 +38,7 @@ from typing import List
 import pytest
 
 from harness import Background, Daemon, RedisServer, brain_db, hexid, wait_for
-from test_celery import ENGINE, app_env
+from test_celery import app_env
 from test_celery_parity import APP, Sender, start_celery_worker, task_rows, wait_state
 
 QUEUE_SIZE = 5
@@ -68,7 +68,8 @@ def safety(brain, redis_server, daemon_bin, run_dir, sock_dir, all_daemons, mint
                                      stop_timeout=5)
         sender = Sender(broker, backend)
         ns = SimpleNamespace(brain=brain, agent=agent, daemon=daemon, worker=worker, sender=sender,
-                              broker_redis=broker_redis, run_dir=run_dir, backend=backend, node=NODE.replace("%h", socket.gethostname()))
+                             broker_redis=broker_redis, run_dir=run_dir, backend=backend,
+                             node=NODE.replace("%h", socket.gethostname()))
         yield ns
     finally:
         if ns is not None:

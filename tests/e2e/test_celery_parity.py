@@ -28,7 +28,6 @@ import os
 import re
 import socket
 import sys
-import time
 import uuid
 from types import SimpleNamespace
 from typing import Dict, List
