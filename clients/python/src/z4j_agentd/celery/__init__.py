@@ -44,6 +44,7 @@ scheduler's (`beat.py`).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import traceback as _traceback
@@ -134,6 +135,16 @@ class _Hooks:
         self.worker: Any = None
         #: Its node name (`celery@host`), as events name it in `data.worker`.
         self.hostname: Optional[str] = None
+
+    def _after_fork_in_child(self) -> None:
+        # A pool child forked after the main process received tasks must not
+        # take their ids for its own (it would skip sending task.received
+        # again before task.started), nor inherit a lock another thread of
+        # the parent held at the fork.
+        self._started = OrderedDict()
+        self._started_lock = threading.Lock()
+        self._remembered = OrderedDict()
+        self._remembered_lock = threading.Lock()
 
     # -- wiring ---------------------------------------------------------
 
@@ -472,6 +483,18 @@ def _priority(value: Any) -> Optional[int]:
 
 _installed: Optional[_Hooks] = None
 _install_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    global _install_lock
+    _install_lock = threading.Lock()
+    hooks = _installed
+    if hooks is not None:
+        hooks._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def install(app: Any, client: Optional[Client] = None, *, serve_commands: bool = True) -> Client:
