@@ -28,6 +28,10 @@ app.conf.update(
     task_serializer="json",
     result_serializer="json",
     accept_content=["json"],
+    # retry_task / bulk_retry by reference from any worker, not only the one that received the task
+    result_extended=True,
+    # test_celery_commands.py: restart_worker restarts the pool of a worker started with this set
+    worker_pool_restarts=os.environ.get("Z4J_E2E_POOL_RESTARTS") == "1",
 )
 
 

@@ -60,11 +60,14 @@ class FakeControl:
         answers = self.replies.get(command, {})
         return [{node: a} for node, a in answers.items() if destination is None or node in destination]
 
-    def revoke(self, task_id, terminate=False, signal=None, reply=False, timeout=1.0, limit=None):
-        self.calls.append(("revoke", task_id, terminate, signal, reply, timeout, limit))
+    def revoke(self, task_id, destination=None, terminate=False, signal=None, reply=False, timeout=1.0, **kw):
+        self.calls.append(("revoke", task_id, destination, terminate, signal, reply, timeout))
         if self.fail:
             raise self.fail
-        return [{node: a} for node, a in self.replies.get("revoke", {}).items()]
+        if not reply:
+            return None
+        return [{node: a} for node, a in self.replies.get("revoke", {}).items()
+                if destination is None or node in destination]
 
     def inspect(self, timeout=1.0, destination=None):
         return FakeInspect(self, timeout)
@@ -96,6 +99,9 @@ class Req:
 class FakePool:
     def __init__(self, n):
         self.num_processes = n
+
+    def _get_info(self):
+        return {"max-concurrency": self.num_processes, "processes": [102, 101][:self.num_processes]}
 
 
 @pytest.fixture
@@ -185,9 +191,11 @@ def test_cancel_a_running_task_terminates_it(hooks):
     control.replies["revoke"] = {"wB@host-1": {"ok": "terminate: t-1"}, OWN: {"ok": "terminate: tasks unknown"}}
     result = hooks.commands.cancel_task(cmd("cancel_task", {"engine": "celery", "task_id": "t-1"}))
     assert result == {"task_id": "t-1", "revoked": True, "terminated": True, "signal": "SIGTERM",
-                      "worker": "wB@host-1", "state_before": "running", "workers_answered": 2}
+                      "worker": "wB@host-1", "state_before": "running", "workers_answered": 1}
     revoke = [c for c in control.calls if c[0] == "revoke"]
-    assert revoke == [("revoke", "t-1", True, "SIGTERM", True, _commands.CONTROL_TIMEOUT, 1)]
+    # The holder first, awaiting its answer; then every worker, without waiting.
+    assert revoke == [("revoke", "t-1", ["wB@host-1"], True, "SIGTERM", True, _commands.CONTROL_TIMEOUT),
+                      ("revoke", "t-1", None, True, "SIGTERM", False, 1.0)]
 
 
 def test_cancel_a_running_task_on_this_worker_uses_the_configured_signal(monkeypatch):
@@ -230,8 +238,8 @@ def test_cancel_a_task_nobody_holds_says_whether_it_finished(hooks):
     assert (done["state_before"], done["celery_state"], done["terminated"]) == ("finished", "SUCCESS", False)
     waiting = hooks.commands.cancel_task(cmd("cancel_task", {"task_id": "t-6"}))
     assert (waiting["state_before"], waiting["terminated"], waiting["worker"]) == ("unknown", False, None)
-    # Nobody held it: the revoke waits QUERY_WAIT for every worker's answer, no limit.
-    assert control.calls[-1][5:] == (_commands.QUERY_WAIT, None)
+    # Nobody held it: one revoke to every worker, waiting QUERY_WAIT for their answers.
+    assert control.calls[-1] == ("revoke", "t-6", None, True, "SIGTERM", True, _commands.QUERY_WAIT)
 
 
 def test_cancel_bad_parameters_and_broker_failure(hooks):
@@ -262,7 +270,9 @@ def test_worker_controls_go_to_this_worker_only_and_wait_for_its_reply(hooks):
     assert control.calls[-1][1:4] == ("add_consumer", {"queue": "q2"}, [OWN])
     assert hooks.commands.cancel_consumer(worker_cmd("cancel_consumer", queue="q2"))["queue"] == "q2"
     restart = hooks.commands.restart_worker(worker_cmd("restart_worker"))
-    assert restart == {"worker": OWN, "restarted": "pool", "reply": "reload started", "concurrency": 2}
+    assert restart.pop("how").startswith("each pool process exits when idle")
+    assert restart == {"worker": OWN, "restarted": "pool", "reply": "reload started", "concurrency": 2,
+                       "processes_before": [101, 102]}
     assert control.calls[-1][1:4] == ("pool_restart", {"reload": False}, [OWN])
 
 

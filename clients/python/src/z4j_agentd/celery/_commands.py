@@ -299,6 +299,14 @@ class CeleryCommands:
         procs = _attr(inner, "_processes")
         return procs if isinstance(procs, int) else None
 
+    def _pool_pids(self) -> Optional[List[int]]:
+        try:
+            info = self.hooks.worker.pool._get_info()  # what `inspect stats` shows as pool.processes
+            pids = info.get("processes")
+            return sorted(int(p) for p in pids) if isinstance(pids, list) else None
+        except Exception:
+            return None
+
     def restart_worker(self, command: Dict[str, Any]) -> Dict[str, Any]:
         """Restarts the worker's pool (every pool process is replaced) with
         Celery's `pool_restart`. Needs `worker_pool_restarts = True`; without
@@ -313,8 +321,12 @@ class CeleryCommands:
                 f"its pool; set worker_pool_restarts = True in the app's configuration and restart the worker "
                 f"once by hand (z4j-agentd never stops a worker process, which it could not start again)")
         before = self._pool_size()
+        pids = self._pool_pids()
         answer = self._control("pool_restart", worker, {"reload": False})
-        return {"worker": worker, "restarted": "pool", "reply": answer, "concurrency": before}
+        return {"worker": worker, "restarted": "pool", "reply": answer, "concurrency": before,
+                "processes_before": pids,
+                "how": "each pool process exits when idle, or after the task it runs, and a new one takes its "
+                       "place; running tasks finish"}
 
     def _resize(self, command: Dict[str, Any], action: str) -> Dict[str, Any]:
         worker = self._own_worker(command, action)
@@ -448,9 +460,17 @@ class CeleryCommands:
         if not holders:
             finished_state = self._backend_state(task_id)
         try:
-            replies = self.app.control.revoke(task_id, terminate=True, signal=sig, reply=True,
-                                              timeout=CONTROL_TIMEOUT if holders else QUERY_WAIT,
-                                              limit=len(holders) if holders else None)
+            if holders:
+                # The workers holding it first, awaiting their answers (revoke flags the id,
+                # terminate=True kills it where it runs); then every worker, so that a copy
+                # anywhere else is discarded too.
+                replies = self.app.control.revoke(task_id, terminate=True, signal=sig,
+                                                  destination=sorted(holders), reply=True,
+                                                  timeout=CONTROL_TIMEOUT)
+                self.app.control.revoke(task_id, terminate=True, signal=sig)
+            else:
+                replies = self.app.control.revoke(task_id, terminate=True, signal=sig, reply=True,
+                                                  timeout=QUERY_WAIT)
         except Exception as exc:
             raise CommandFailed(f"cancel_task {task_id}: the revoke could not be sent through the broker "
                                 f"({type(exc).__name__}: {exc}); the task was not cancelled") from None
