@@ -15,6 +15,7 @@ The workers, the daemon and the agent are started once for the module
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -153,8 +154,6 @@ def test_each_worker_announces_itself_and_the_brain_admits_its_controls(cluster)
     wait_for(listed, 30, "the brain to list both workers")
     rows = brain_db(cluster.brain, "SELECT kind, payload FROM events WHERE agent_id = ? AND kind LIKE 'worker.%'",
                     (hexid(cluster.agent["agent_id"]),))
-    import json
-
     online = {json.loads(r["payload"])["worker"]: json.loads(r["payload"]) for r in rows
               if r["kind"] == "worker.online"}
     assert set(online) == {WA, WB}, rows
@@ -281,16 +280,17 @@ def test_restart_worker_restarts_the_pool_or_says_why_not(cluster):
     assert done["status"] == "completed", (done["error"], done["result"])
     assert done["result"]["worker"] == WA and done["result"]["restarted"] == "pool", done
     assert done["result"]["processes_before"] == before_a, done
-    # Celery's pool restart is graceful: a process leaves when it next waits for work (one that
-    # blocks waiting for the queue leaves after its next task) and a new one takes its place. A few
-    # tasks on a queue only wA consumes get every process of wA there.
+    # Celery's pool restart is graceful: a process leaves when it next looks for work (an idle one
+    # waiting for the pool's queue may first run one more task) and a new one takes its place.
+    # Tasks on a queue only wA consumes get every process of wA there.
     only_a = f"only-a-{uuid.uuid4().hex[:6]}"
     cluster.app.control.add_consumer(only_a, destination=[WA], reply=True, timeout=5)
 
     def replaced():
         now = cluster.pool_pids(WA)
-        if set(now) & set(before_a):
-            cluster.send("add", 0, 0, queue=only_a)
+        if set(now) & set(before_a):  # enough work for every process of the pool
+            for _ in range(4):
+                cluster.send("sleepy", 0.2, queue=only_a)
         return len(now) == 2 and not set(now) & set(before_a), now
 
     wait_for(replaced, 20, f"every pool process of {WA} to be replaced", interval=1.0)
@@ -401,3 +401,75 @@ def test_bulk_retry_runs_each_task_again(cluster):
     for old, n in zip(originals, (1, 2)):
         again = cluster.wait_state(result["new_task_ids"][old], "success", 20)
         assert again["result"] == n + 100 and again["args"] == [n, 100], again
+
+
+# ---------------------------------------------------------------- 6 reconcile
+
+
+def probe_reconcile(cluster, task_ids: list) -> list:
+    """Puts a reconcile_task probe per task in the brain's command table, as its reconciliation
+    sweep does (same action, target and payload, `pending`): the sweep itself runs every 30 s at
+    the least, for tasks older than 60 s at the least, too slow for a test. The brain delivers
+    pending commands when the agent says hello, so a local process declaring one more action
+    makes the daemon say hello again (once: the daemon allows 3 such reconnects a minute).
+    Returns the finished commands, in order."""
+    import sqlite3
+    from datetime import datetime, timedelta, timezone as tz
+
+    ids = [uuid.uuid4() for _ in task_ids]
+    now = datetime.now(tz.utc).replace(tzinfo=None)
+    con = sqlite3.connect(str(cluster.brain.db_path), timeout=30)
+    try:
+        with con:
+            for command_id, task_id in zip(ids, task_ids):
+                con.execute(
+                    "INSERT INTO commands (id, project_id, agent_id, action, target_type, target_id, payload, "
+                    "status, issued_at, timeout_at) VALUES (?, ?, ?, 'reconcile_task', 'task', ?, ?, 'pending', ?, ?)",
+                    (command_id.hex, uuid.UUID(cluster.agent["project_id"]).hex, hexid(cluster.agent["agent_id"]),
+                     task_id, json.dumps({"task_id": task_id, "engine": ENGINE}),
+                     now.strftime("%Y-%m-%d %H:%M:%S.%f"),
+                     (now + timedelta(seconds=60)).strftime("%Y-%m-%d %H:%M:%S.%f")))
+    finally:
+        con.close()
+    nudge = LocalClient(cluster.daemon.socket_path)
+    try:
+        nudge.hello(process="e2e-rehello", engines=[ENGINE], capabilities={ENGINE: ["e2e_nudge"]})
+        return [wait_command_done(cluster.brain, cluster.agent, str(command_id), 90) for command_id in ids]
+    finally:
+        nudge.close()
+
+
+def test_reconcile_answers_the_state_a_worker_or_the_result_backend_knows(cluster):
+    # A running task: a worker holds it (task_track_started is off: the backend knows nothing).
+    running = cluster.send("sleepy", 30)
+    host = cluster.wait_state(running, "started", 20)["worker_name"]
+    # A task the brain last saw received, whose outcome only the result backend has.
+    stuck = f"e2e-stuck-{uuid.uuid4().hex[:12]}"
+    probe = LocalClient(cluster.daemon.socket_path)
+    try:
+        probe.hello(process="e2e-received-only", engines=[ENGINE])
+        probe.send({"type": "event", "kind": "task.received", "engine": ENGINE, "task_id": stuck, "ack_id": "r",
+                    "data": {"task_name": "celery_proj.add", "queue": "celery", "args": [2, 2], "kwargs": {}}})
+        cluster.wait_state(stuck, "received", 15)
+    finally:
+        probe.close()
+    cluster.app.backend.store_result(stuck, 4, "SUCCESS")
+    nobody = f"e2e-nobody-{uuid.uuid4().hex[:8]}"
+
+    on_worker, from_backend, unknown = probe_reconcile(cluster, [running, stuck, nobody])
+    assert on_worker["status"] == "completed", (on_worker["error"], on_worker["result"])
+    assert on_worker["result"] == {"task_id": running, "engine_state": "started", "finished_at": None,
+                                   "exception": None, "source": "worker", "worker": host}, on_worker
+
+    assert from_backend["status"] == "completed", (from_backend["error"], from_backend["result"])
+    result = from_backend["result"]
+    assert {k: result[k] for k in ("task_id", "engine_state", "exception", "source", "celery_state")} == {
+        "task_id": stuck, "engine_state": "success", "exception": None, "source": "result_backend",
+        "celery_state": "SUCCESS"}, result
+    assert result["finished_at"] and result["finished_at"].endswith("+00:00"), result
+    # The brain takes the backend's terminal state for the task it believed received.
+    assert cluster.wait_state(stuck, "success", 15)["state"] == "success"
+
+    # An id nobody knows: unknown (the brain leaves its rows alone).
+    assert unknown["status"] == "completed" and unknown["result"]["engine_state"] == "unknown", unknown
+    assert unknown["result"]["celery_state"] == "PENDING", unknown

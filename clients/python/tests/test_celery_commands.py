@@ -270,7 +270,7 @@ def test_worker_controls_go_to_this_worker_only_and_wait_for_its_reply(hooks):
     assert control.calls[-1][1:4] == ("add_consumer", {"queue": "q2"}, [OWN])
     assert hooks.commands.cancel_consumer(worker_cmd("cancel_consumer", queue="q2"))["queue"] == "q2"
     restart = hooks.commands.restart_worker(worker_cmd("restart_worker"))
-    assert restart.pop("how").startswith("each pool process exits when idle")
+    assert restart.pop("how").startswith("each pool process exits when it next looks for work")
     assert restart == {"worker": OWN, "restarted": "pool", "reply": "reload started", "concurrency": 2,
                        "processes_before": [101, 102]}
     assert control.calls[-1][1:4] == ("pool_restart", {"reload": False}, [OWN])
@@ -463,6 +463,15 @@ def test_reconcile_from_this_worker(hooks, monkeypatch):
     assert got == {"task_id": "r-1", "engine_state": "started", "finished_at": None, "exception": None,
                    "source": "worker", "worker": OWN}
     assert hooks.commands.reconcile_task(cmd("reconcile_task", {"task_id": "r-2"}))["engine_state"] == "pending"
+
+
+def test_reconcile_from_another_worker(hooks):
+    hooks.app.control.held = {"wB@host-1": {"r-3": ["active", {}]}, "wC@host-1": {"r-4": ["reserved", {}]}}
+    hooks.app.results["r-3"] = {"state": "PENDING"}  # no task_track_started: the backend knows nothing
+    got = hooks.commands.reconcile_task(cmd("reconcile_task", {"task_id": "r-3"}))
+    assert got == {"task_id": "r-3", "engine_state": "started", "finished_at": None, "exception": None,
+                   "source": "worker", "worker": "wB@host-1"}
+    assert hooks.commands.reconcile_task(cmd("reconcile_task", {"task_id": "r-4"}))["engine_state"] == "pending"
 
 
 def test_reconcile_from_the_result_backend(hooks):

@@ -325,8 +325,8 @@ class CeleryCommands:
         answer = self._control("pool_restart", worker, {"reload": False})
         return {"worker": worker, "restarted": "pool", "reply": answer, "concurrency": before,
                 "processes_before": pids,
-                "how": "each pool process exits when idle, or after the task it runs, and a new one takes its "
-                       "place; running tasks finish"}
+                "how": "each pool process exits when it next looks for work (an idle one may first run one "
+                       "more task) and a new one takes its place; running tasks finish"}
 
     def _resize(self, command: Dict[str, Any], action: str) -> Dict[str, Any]:
         worker = self._own_worker(command, action)
@@ -650,8 +650,9 @@ class CeleryCommands:
                           "queue": options.get("queue"), "priority": priority})
 
     def reconcile_task(self, command: Dict[str, Any]) -> Dict[str, Any]:
-        """The task's state as this worker knows it (running or waiting
-        here), else as the result backend keeps it. `engine_state` is one of
+        """The task's state as a worker knows it (running or waiting: this
+        one, else the one that answers `query_task`), else as the result
+        backend keeps it. `engine_state` is one of
         the brain's pending, started, success, failure, or unknown when
         neither knows the task (Celery's PENDING for an id the backend has
         no record of is not a state)."""
@@ -663,6 +664,13 @@ class CeleryCommands:
             return {"task_id": task_id, "engine_state": "started" if started else "pending",
                     "finished_at": None, "exception": None, "source": "worker",
                     "worker": self.hooks.hostname}
+        # Another worker may hold it (its own state beats the backend's, which
+        # says STARTED only with task_track_started).
+        held = self._who_holds(task_id)
+        if held:
+            node = sorted(held, key=lambda n: (held[n] != "active", n))[0]
+            return {"task_id": task_id, "engine_state": "started" if held[node] == "active" else "pending",
+                    "finished_at": None, "exception": None, "source": "worker", "worker": node}
         backend = _attr(self.app, "backend")
         if backend is None or type(backend).__name__ == "DisabledBackend":
             return {"task_id": task_id, "engine_state": "unknown", "finished_at": None, "exception": None,
