@@ -405,6 +405,22 @@ def test_submit_task_enqueues_by_name(hooks):
     assert plain["queue"] is None and hooks.app.sent[-1] == {"name": "proj.ping", "args": [], "kwargs": {}}
 
 
+def test_priority_labels_follow_the_transport(hooks):
+    assert [_commands.priority_of(p) for p in ("critical", "high", "normal", "low", 7, 300, True)] == [
+        9, 6, 3, 0, 7, None, None]
+    assert [_commands.priority_of(p, "redis") for p in ("critical", "high", "normal", "low", 7)] == [0, 3, 6, 9, 7]
+
+    class Conn:
+        transport = SimpleNamespace(driver_type="redis")
+
+        def release(self):
+            pass
+
+    hooks.app.connection_for_write = Conn
+    hooks.commands.submit_task(cmd("submit_task", {"name": "p.a", "priority": "critical"}))
+    assert hooks.app.sent[-1]["priority"] == 0
+
+
 def test_submit_task_bad_parameters(hooks):
     c = hooks.commands
     with pytest.raises(BadCommand, match="submit_task needs parameters.name"):

@@ -47,7 +47,9 @@ TOKENS = ("retry_by_reference_v1",)
 
 # Celery's rate grammar as the brain accepts it: "0" clears the limit.
 _RATE_RE = re.compile(r"^(?:0|[1-9]\d*(?:/[smh])?)$")
+# RabbitMQ runs higher numbers first; kombu's Redis transport the lower ones.
 _PRIORITY_LABELS = {"critical": 9, "high": 6, "normal": 3, "low": 0}
+_REDIS_PRIORITY_LABELS = {"critical": 0, "high": 3, "normal": 6, "low": 9}
 _ETA_MAX_PAST_SECONDS = 60
 _ETA_MAX_FUTURE_SECONDS = 365 * 24 * 3600
 # Result-backend states, as the brain's reconcile projection names them.
@@ -179,16 +181,31 @@ def eta_from_unix(eta: Any) -> datetime:
     return when
 
 
-def priority_of(value: Any) -> Optional[int]:
+def priority_of(value: Any, transport: Optional[str] = None) -> Optional[int]:
     """An integer 0..255 as is; a label (critical, high, normal, low) as
-    9, 6, 3, 0; anything else None (the queue's default)."""
+    9, 6, 3, 0, or on Redis (`transport` "redis", where lower runs first)
+    0, 3, 6, 9; anything else None (the queue's default)."""
     if value is None or isinstance(value, bool):
         return None
     if isinstance(value, int):
         return value if 0 <= value <= 255 else None
     if isinstance(value, str):
-        return _PRIORITY_LABELS.get(value.strip().lower())
+        labels = _REDIS_PRIORITY_LABELS if transport == "redis" else _PRIORITY_LABELS
+        return labels.get(value.strip().lower())
     return None
+
+
+def transport_of(app: Any) -> Optional[str]:
+    """The broker transport's kind ("redis", "amqp", ...), without connecting."""
+    try:
+        conn = app.connection_for_write()
+        try:
+            kind = str(getattr(conn.transport, "driver_type", "") or "").lower()
+        finally:
+            conn.release()
+    except Exception:
+        return None
+    return "redis" if "redis" in kind else kind or None
 
 
 def from_result_backend(app: Any, task_id: str) -> Dict[str, Any]:
@@ -573,7 +590,7 @@ class CeleryCommands:
                 options["countdown"] = max(0.0, float(params["eta_seconds"]))
             except (TypeError, ValueError):
                 raise BadCommand(f"eta_seconds must be a number, got {params['eta_seconds']!r}") from None
-        priority = priority_of(first_given(priority_given, params.get("priority")))
+        priority = priority_of(first_given(priority_given, params.get("priority")), transport_of(self.app))
         if priority is not None:
             options["priority"] = priority
         result = self.app.send_task(name, args=list(args or []), kwargs=dict(kwargs or {}), **options)
@@ -637,7 +654,7 @@ class CeleryCommands:
             options["queue"] = queue.strip()
         if params.get("eta") is not None:
             options["eta"] = eta_from_unix(params["eta"])
-        priority = priority_of(params.get("priority"))
+        priority = priority_of(params.get("priority"), transport_of(self.app))
         if priority is not None:
             options["priority"] = priority
         try:
