@@ -537,6 +537,8 @@ class CeleryCommands:
         return held
 
     def _backend_state(self, task_id: str) -> Optional[str]:
+        if _attr(_attr(self.app, "conf"), "task_always_eager", False):
+            return None  # eager tasks store no results
         try:
             return str(self.app.AsyncResult(task_id).state)
         except Exception:
