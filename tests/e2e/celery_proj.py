@@ -1,11 +1,12 @@
-"""The Celery app of the end-to-end tests (test_celery.py), wired to z4j-agentd
+"""The Celery app of the end-to-end tests (test_celery.py, test_celery_commands.py), wired to z4j-agentd
 the way a user's project is: `z4j_agentd.celery.install(app)`.
 
     celery -A celery_proj worker --pool=prefork --concurrency=2 -n e2e@%h
 
 Broker and result backend come from the environment (`Z4J_E2E_BROKER`, a
 `redis://127.0.0.1:<port>/<db>` URL; `Z4J_E2E_BACKEND`, default the broker);
-the daemon's socket from `Z4J_SOCKET_PATH`, read by the client itself.
+the daemon's socket from `Z4J_SOCKET_PATH`, read by the client itself;
+`Z4J_E2E_POOL_RESTARTS=1` turns `worker_pool_restarts` on.
 The web app (web_app.py) imports `add` from here to enqueue it.
 """
 
@@ -28,6 +29,10 @@ app.conf.update(
     task_serializer="json",
     result_serializer="json",
     accept_content=["json"],
+    # retry_task / bulk_retry by reference from any worker, not only the one that received the task
+    result_extended=True,
+    # test_celery_commands.py: restart_worker restarts the pool of a worker started with this set
+    worker_pool_restarts=os.environ.get("Z4J_E2E_POOL_RESTARTS") == "1",
 )
 
 

@@ -1,5 +1,6 @@
 """z4j_agentd.celery: signal mapping (fake objects first, then real Celery),
-the cancel/retry commands, and where commands are served."""
+the retry command, and where commands are served (the other commands:
+test_celery_commands.py)."""
 
 import time
 from datetime import datetime, timezone
@@ -155,15 +156,6 @@ def test_large_arguments_are_cut(hooks):
     assert isinstance(args, str) and "truncated" in args and len(args) < 70000
 
 
-def test_cancel_task(hooks):
-    result = hooks.cancel_task({"parameters": {"engine": "celery", "task_id": "t-5", "terminate": True}})
-    assert result == {"task_id": "t-5", "revoked": True, "terminated": True}
-    assert hooks.app.control.revoked == [("t-5", True)]
-    assert hooks.cancel_task({"target": {"id": "celery:t-6"}, "parameters": {}})["terminated"] is False
-    with pytest.raises(ValueError):
-        hooks.cancel_task({"parameters": {}})
-
-
 def test_retry_task_by_reference_uses_what_the_worker_received(hooks):
     hooks.on_task_received(sender=None, request=fake_request(id="t-7", args=[4, 5], kwargs={"k": 1},
                                                              delivery_info={"routing_key": "slow"}))
@@ -217,7 +209,7 @@ def test_worker_start_serves_commands_once(hooks):
     hooks.on_worker_start(sender=Consumer())  # worker_init then worker_ready
     (handlers, capabilities), = hooks.client.served
     assert hooks.client.served_workers == ["celery@h1"] and hooks.hostname == "celery@h1"
-    assert set(handlers) == {("celery", "cancel_task"), ("celery", "retry_task")}
+    assert {("celery", "cancel_task"), ("celery", "retry_task"), ("celery", "purge_queue")} <= set(handlers)
     assert capabilities == {"celery": ["retry_by_reference_v1"]}
     quiet = _Hooks(FakeApp(), hooks.client, serve_commands=False)
     quiet.on_worker_start(sender=None)

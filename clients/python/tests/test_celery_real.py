@@ -108,13 +108,16 @@ def test_worker_signals_start_the_command_server(eager_app, standin, sock_path):
         assert client.stats()["commands_serving"] is False
         signals.worker_init.send(sender=None)
         peer = standin.wait_for(lambda: standin.command_peer("celery", "cancel_task"))
-        assert peer.hello["capabilities"] == {"celery": ["cancel_task", "retry_by_reference_v1", "retry_task"]}
+        from z4j_agentd.celery import _commands
+
+        assert peer.hello["capabilities"] == {"celery": sorted(_commands.ACTIONS + _commands.TOKENS)}
         signals.worker_ready.send(sender=None)
         time.sleep(0.1)
         assert len([p for p, m in standin.all("hello") if m.get("capabilities")]) == 1
         result = standin.send_command("celery", "cancel_task", {"task_id": "c-1"})
         assert result["status"] == "success"
-        assert result["result"] == {"task_id": "c-1", "revoked": True, "terminated": False}
+        assert {k: result["result"][k] for k in ("task_id", "revoked", "terminated", "state_before")} == {
+            "task_id": "c-1", "revoked": True, "terminated": False, "state_before": "unknown"}
     finally:
         client.close(timeout=1)
 
@@ -204,7 +207,10 @@ def test_prefork_worker(tmp_path, standin, sock_path):
         assert serving == {worker.pid}
         result = standin.send_command("celery", "cancel_task", {"task_id": ok.id}, timeout=15)
         assert result["status"] == "success", result
-        assert result["result"] == {"task_id": ok.id, "revoked": True, "terminated": False}
+        # The task finished: nothing to terminate, and the worker answered the revoke.
+        assert {k: result["result"][k] for k in ("task_id", "revoked", "terminated", "signal")} == {
+            "task_id": ok.id, "revoked": True, "terminated": False, "signal": "SIGTERM"}
+        assert result["result"]["workers_answered"] == 1, result
     finally:
         worker.send_signal(signal.SIGTERM)
         try:

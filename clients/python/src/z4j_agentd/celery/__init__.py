@@ -1,5 +1,5 @@
-"""Celery: task lifecycle events from Celery's signals, and the brain's
-`cancel_task` and `retry_task` commands.
+"""Celery: task lifecycle events from Celery's signals, worker.online and
+worker.offline events, and the brain's commands (`_commands`).
 
     from celery import Celery
     import z4j_agentd.celery
@@ -18,6 +18,8 @@ the worker's host name, e.g. `celery@web-1`):
 | `task_failure` | `task.failed` | task_name, queue, worker, exception, exception_message, traceback, runtime_ms |
 | `task_retry` | `task.retried` | task_name, queue, worker, reason, retry_count |
 | `task_revoked` | `task.revoked` | task_name, queue, worker, terminated, signum, expired |
+| `worker_ready` | `worker.online` | worker, hostname, pid, concurrency, pool, queues, sw_ver |
+| `worker_shutdown` | `worker.offline` | worker, hostname, pid |
 
 `task_postrun` sends nothing: it forgets the start time kept since
 `task_prerun` (runtime_ms is measured from `task_prerun` to
@@ -45,16 +47,16 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
 import traceback as _traceback
 from collections import OrderedDict
-from datetime import datetime, timezone
 from typing import Any, Dict, Optional, Tuple
 
-from .._jsonsafe import bounded, json_safe
-from . import _health
+from .._jsonsafe import bounded
 from ..client import Client, get_client
+from . import _commands, _health
 from . import beat as _beat
 
 log = logging.getLogger("z4j_agentd.celery")
@@ -70,9 +72,6 @@ REMEMBERED_TASKS = 10000
 MAX_STARTED = 10000
 
 _CUT = "\n[... cut by z4j-agentd-client ...]\n"
-_PRIORITY_LABELS = {"critical": 9, "high": 6, "normal": 3, "low": 0}
-_ETA_MAX_PAST_SECONDS = 60
-_ETA_MAX_FUTURE_SECONDS = 365 * 24 * 3600
 
 
 def _get(obj: Any, name: str, default: Any = None) -> Any:
@@ -118,7 +117,8 @@ def _compact(data: Dict[str, Any], keep_none: Tuple[str, ...] = ()) -> Dict[str,
 class _Hooks:
     """The signal receivers of one installation, and the command handlers."""
 
-    def __init__(self, app: Any, client: Optional[Client], serve_commands: bool) -> None:
+    def __init__(self, app: Any, client: Optional[Client], serve_commands: bool,
+                 cancel_signal: Optional[Any] = None) -> None:
         self.app = app
         #: The client given to install(); None means the default client,
         #: looked up at each use, so a later z4j_agentd.configure() applies.
@@ -135,6 +135,8 @@ class _Hooks:
         self.worker: Any = None
         #: Its node name (`celery@host`), as events name it in `data.worker`.
         self.hostname: Optional[str] = None
+        self.commands = _commands.CeleryCommands(self, cancel_signal)
+        self._online_sent = False
 
     def _after_fork_in_child(self) -> None:
         # A pool child forked after the main process received tasks must not
@@ -160,7 +162,8 @@ class _Hooks:
             (signals.task_revoked, self.on_task_revoked),
             (signals.task_postrun, self.on_task_postrun),
             (signals.worker_init, self.on_worker_start),
-            (signals.worker_ready, self.on_worker_start),
+            (signals.worker_ready, self.on_worker_ready),
+            (signals.worker_shutdown, self.on_worker_shutdown),
             (signals.worker_process_shutdown, self.on_process_shutdown),
             (signals.beat_init, _beat.receiver(self)),  # celery beat: its schedules (beat.py)
         ]
@@ -338,6 +341,47 @@ class _Hooks:
         except Exception:
             log.exception("z4j-agentd: could not start serving Celery commands")
 
+    def on_worker_ready(self, sender: Any = None, **_: Any) -> None:
+        self.on_worker_start(sender=sender)
+        # worker.online names the worker: the brain admits worker controls
+        # (restart, pool, consumers) only for a worker some worker.* event
+        # of this agent named. Sent once, from the main process.
+        if self.hostname is None or self._online_sent:
+            return
+        self._online_sent = True
+        self.emit("worker.online", "", self._worker_data(with_details=True))
+
+    def on_worker_shutdown(self, sender: Any = None, **_: Any) -> None:
+        # The main process is stopping (warm or cold shutdown).
+        if self.hostname is None or not self._online_sent:
+            return
+        self.emit("worker.offline", "", self._worker_data(with_details=False))
+        try:
+            self.client.flush(timeout=1.0)
+        except Exception:  # pragma: no cover
+            pass
+
+    def _worker_data(self, with_details: bool) -> Dict[str, Any]:
+        data: Dict[str, Any] = {"worker": self.hostname, "hostname": socket.gethostname(), "pid": os.getpid()}
+        if not with_details:
+            return data
+        try:
+            worker = self.worker
+            data["concurrency"] = _get(worker, "concurrency")
+            pool_cls = _get(worker, "pool_cls")
+            data["pool"] = (pool_cls if isinstance(pool_cls, str)
+                            else f"{_get(pool_cls, '__module__', '')}:{_get(pool_cls, '__name__', '')}"
+                            if pool_cls is not None else None)
+            queues = _get(_get(self.app, "amqp"), "queues")
+            consuming = queues.consume_from if queues is not None else None
+            data["queues"] = sorted(str(q) for q in (consuming or {})) or None
+            import celery
+
+            data["sw_ver"] = getattr(celery, "__version__", None)
+        except Exception:
+            log.debug("z4j-agentd: worker details left out of worker.online", exc_info=True)
+        return _compact(data)
+
     def on_process_shutdown(self, **_: Any) -> None:
         # A pool child is exiting: hand over what its queue still holds
         # (briefly when the daemon is away: the pool waits for this child).
@@ -350,13 +394,19 @@ class _Hooks:
     # -- commands -------------------------------------------------------
 
     def handlers(self) -> Dict[Tuple[str, str], Any]:
-        return {(ENGINE, "cancel_task"): self.cancel_task, (ENGINE, "retry_task"): self.retry_task}
+        return self.commands.handlers()
+
+    def cancel_task(self, command: Dict[str, Any]) -> Dict[str, Any]:
+        return self.commands.cancel_task(command)
+
+    def retry_task(self, command: Dict[str, Any]) -> Dict[str, Any]:
+        return self.commands.retry_task(command)
 
     def start_serving(self) -> None:
         if self._serving:  # worker_init and worker_ready both call this
             return
         self._serving = True
-        self.client.serve(self.handlers(), capabilities={ENGINE: ["retry_by_reference_v1"]},
+        self.client.serve(self.handlers(), capabilities=_commands.capabilities(),
                           workers=[self.hostname] if self.hostname else ())
         self.health = _health.start(self)  # the Workers page and queue depths
 
@@ -374,55 +424,6 @@ class _Hooks:
             while len(self._remembered) > REMEMBERED_TASKS:
                 self._remembered.popitem(last=False)
 
-    def cancel_task(self, command: Dict[str, Any]) -> Dict[str, Any]:
-        params = command.get("parameters") or {}
-        task_id = params.get("task_id") or _task_id_of_target(command.get("target"))
-        if not isinstance(task_id, str) or not task_id:
-            raise ValueError("cancel_task needs parameters.task_id")
-        terminate = bool(params.get("terminate", False))
-        self.app.control.revoke(task_id, terminate=terminate)
-        return {"task_id": task_id, "revoked": True, "terminated": terminate}
-
-    def retry_task(self, command: Dict[str, Any]) -> Dict[str, Any]:
-        """Re-sends the task by reference: same name, the original args and
-        kwargs (or the operator's overrides), a new task id."""
-        params = command.get("parameters") or {}
-        task_id = params.get("task_id") or _task_id_of_target(command.get("target"))
-        if not isinstance(task_id, str) or not task_id:
-            raise ValueError("retry_task needs parameters.task_id")
-        with self._remembered_lock:
-            kept = dict(self._remembered.get(task_id) or {})
-        stored = _from_result_backend(self.app, task_id) if not kept else {}
-        name = params.get("task_name") or kept.get("task_name") or stored.get("task_name")
-        if not isinstance(name, str) or not name:
-            raise ValueError(
-                f"cannot retry {task_id}: its task name is unknown here (the brain sent none, this "
-                f"worker did not receive it, and the result backend does not keep it)")
-        args = _first_given(params.get("override_args"), params.get("args"), kept.get("args"), stored.get("args"))
-        kwargs = _first_given(params.get("override_kwargs"), params.get("kwargs"), kept.get("kwargs"),
-                              stored.get("kwargs"))
-        if args is None and kwargs is None and params.get("original_had_args") is not False:
-            raise ValueError(
-                f"cannot retry {task_id} by reference: its original arguments are not known here (this "
-                f"worker did not receive it and the result backend does not keep them; set "
-                f"result_extended=True, or give override_args/override_kwargs)")
-        options: Dict[str, Any] = {}
-        queue = kept.get("queue") or stored.get("queue")
-        if queue:
-            options["queue"] = queue
-        eta = params.get("eta")
-        if eta is not None:
-            options["eta"] = _eta_from_unix(eta)
-        elif params.get("eta_seconds") is not None:
-            options["countdown"] = max(0.0, float(params["eta_seconds"]))
-        priority = _priority(params.get("priority"))
-        if priority is not None:
-            options["priority"] = priority
-        result = self.app.send_task(name, args=list(args or []), kwargs=dict(kwargs or {}), **options)
-        new_id = _get(result, "id") or _get(result, "task_id")
-        return json_safe({"task_id": task_id, "new_task_id": str(new_id) if new_id else None,
-                          "task_name": name, "queue": queue, "priority": priority})
-
 
 def _exception_message(exc: Any) -> Optional[str]:
     if exc is None:
@@ -431,54 +432,6 @@ def _exception_message(exc: Any) -> Optional[str]:
         return str(exc)[:MAX_TRACEBACK_CHARS]
     except Exception:
         return repr(exc)[:MAX_TRACEBACK_CHARS]
-
-
-def _task_id_of_target(target: Any) -> Optional[str]:
-    # The brain's target id is "<engine>:<task id>".
-    if isinstance(target, dict) and isinstance(target.get("id"), str):
-        ident = target["id"]
-        prefix = f"{ENGINE}:"
-        return ident[len(prefix):] if ident.startswith(prefix) else ident
-    return None
-
-
-def _first_given(*values: Any) -> Any:
-    for value in values:
-        if value is not None:
-            return value
-    return None
-
-
-def _from_result_backend(app: Any, task_id: str) -> Dict[str, Any]:
-    """Name, args and kwargs as the result backend keeps them
-    (`result_extended=True`); {} when it does not."""
-    try:
-        res = app.AsyncResult(task_id)
-        out = {"task_name": getattr(res, "name", None), "args": getattr(res, "args", None),
-               "kwargs": getattr(res, "kwargs", None), "queue": getattr(res, "queue", None)}
-        return {k: v for k, v in out.items() if v is not None}
-    except Exception:
-        return {}
-
-
-def _eta_from_unix(eta: Any) -> datetime:
-    when = datetime.fromtimestamp(float(eta), tz=timezone.utc)
-    delta = (when - datetime.now(timezone.utc)).total_seconds()
-    if delta < -_ETA_MAX_PAST_SECONDS:
-        raise ValueError(f"retry eta is {-delta:.0f} s in the past")
-    if delta > _ETA_MAX_FUTURE_SECONDS:
-        raise ValueError(f"retry eta is {delta:.0f} s in the future (at most 365 days)")
-    return when
-
-
-def _priority(value: Any) -> Optional[int]:
-    if value is None or isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value if 0 <= value <= 255 else None
-    if isinstance(value, str):
-        return _PRIORITY_LABELS.get(value.strip().lower())
-    return None
 
 
 _installed: Optional[_Hooks] = None
@@ -497,13 +450,19 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def install(app: Any, client: Optional[Client] = None, *, serve_commands: bool = True) -> Client:
+def install(app: Any, client: Optional[Client] = None, *, serve_commands: bool = True,
+            cancel_signal: Optional[Any] = None) -> Client:
     """Connects Celery's signals to `client`, which also declares the engine
     `celery`. Without `client`, events go to the process's default client
     as it is when each event happens (`z4j_agentd.get_client()`), so
     `z4j_agentd.configure()` may run before or after `install`. With
-    `serve_commands`, a worker's main process serves `cancel_task` and
-    `retry_task` (see the module documentation).
+    `serve_commands`, a worker's main process serves the brain's commands
+    (see the module documentation and `_commands`).
+
+    `cancel_signal` is the signal a running task gets when the brain
+    cancels it (a name such as "SIGKILL", or a number); without it
+    $Z4J_CELERY_CANCEL_SIGNAL, else SIGTERM. An unknown signal raises
+    ValueError.
 
     Calling it again with the same app and client changes nothing; with
     another app or client it replaces the previous installation. Returns
@@ -514,10 +473,12 @@ def install(app: Any, client: Optional[Client] = None, *, serve_commands: bool =
         previous = _installed
         if previous is not None and previous.app is app and previous.bound_client is client:
             previous.serve_commands = previous.serve_commands or serve_commands
+            if cancel_signal is not None:
+                previous.commands.cancel_signal = _commands.cancel_signal_from(cancel_signal)
             return previous.client
         if previous is not None:
             previous.disconnect()
-        hooks = _Hooks(app, client, serve_commands)
+        hooks = _Hooks(app, client, serve_commands, cancel_signal)
         hooks.connect()
         _installed = hooks
     return hooks.client
