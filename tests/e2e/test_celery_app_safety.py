@@ -257,8 +257,12 @@ def test_safety_daemon_outage_never_blocks_or_fails_a_task(safety):
         return st["connected"] and st["queued"] == 0, st
 
     after = wait_for(handed_over, 30, "the main process's client to reconnect and hand over its queue")
-    assert after["sent"] - during["sent"] == accepted, (during, after)
-    assert after["dropped_queue_full"] == during["dropped_queue_full"], (during, after)
+    # Besides what it held, the main process emits one worker.heartbeat when its command
+    # connection says hello again (its health report): handed over, or counted dropped when it
+    # found the queue still full. Nothing else is lost.
+    extra_sent = after["sent"] - during["sent"] - accepted
+    extra_dropped = after["dropped_queue_full"] - during["dropped_queue_full"]
+    assert extra_sent in (0, 1) and extra_dropped in (0, 1) and extra_sent + extra_dropped <= 1, (during, after)
     # The 5 queued task.received events reached the brain, for tasks of the burst.
     def received_rows():
         rows = brain_db(s.brain, "SELECT DISTINCT task_id FROM events WHERE agent_id = ? AND kind = 'task.received' "
