@@ -570,3 +570,115 @@ def test_an_unreadable_state_file_is_ignored(tmp_path, caplog):
     assert s._published == [] and "ignoring" in caplog.text
     s.activate(command("schedule.external.activate", **ACTIVATION))
     assert json.loads(state.read_text())["rows"][0]["source_key"] == "static:a"
+
+
+def activate_epoch(s, number):
+    params = {**ACTIVATION, "epoch_number": number, "epoch_uuid": str(uuid.uuid4())}
+    return s.activate(command("schedule.external.activate", **params))
+
+
+def test_a_removal_the_brain_never_applied_is_carried_into_every_new_epoch(tmp_path):
+    """b is removed while the uplink is down: the snapshot removing it is in
+    the daemon's spool and reaches the brain under an epoch it has left, so
+    the brain still holds b. The next epoch's first snapshot must carry b,
+    with or without a process restart in between."""
+    state = str(tmp_path / "beat.z4j-agentd.json")
+    source = FakeSource()
+    source.list.append(dict(source_key="static:b", name="b", task_name="proj.add"))
+    sender = Sender()
+    s = S.ExternalScheduler(OWNER, source, sender, state_path=state)
+    s.activate(command("schedule.external.activate", **ACTIVATION))
+    source.list.pop()
+    s.publish("change")  # handed to the spool, never applied by the brain
+    activate_epoch(s, 4)
+    assert [snapshot_rows(b) for b in sender.batches] == [
+        ["static:a", "static:b"], ["static:a"], ["static:a", "static:b"], ["static:a"]]
+    assert s.stats()["rows_carried"] == 1
+    # Still carried in the epoch after (the brain may have thrown that one away too) ...
+    activate_epoch(s, 5)
+    assert [snapshot_rows(b) for b in sender.batches[4:]] == [["static:a", "static:b"], ["static:a"]]
+    # ... and by a new process reading the file.
+    sender2 = Sender()
+    again = S.ExternalScheduler(OWNER, source, sender2, state_path=state)
+    activate_epoch(again, 6)
+    assert [snapshot_rows(b) for b in sender2.batches] == [["static:a", "static:b"], ["static:a"]]
+    assert os.stat(state).st_mode & 0o777 == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["beat.z4j-agentd.json"]  # no temporary file left
+
+
+def test_a_carried_row_whose_name_a_current_row_holds_stays_out():
+    source = FakeSource()
+    source.list.append(dict(source_key="static:b", name="b", task_name="proj.add"))
+    s, sender = stream(source)
+    s.activate(command("schedule.external.activate", **ACTIVATION))
+    source.list.pop()
+    s.publish("change")
+    source.list.append(dict(source_key="dcb:3", name="b", task_name="proj.add"))  # the name taken over
+    s.publish("change")
+    activate_epoch(s, 4)
+    # static:b and dcb:3 in one snapshot would share a name; the brain took dcb:3, so it took the removal.
+    assert [snapshot_rows(b) for b in sender.batches[3:]] == [["dcb:3", "static:a"]]
+
+
+def test_carried_rows_are_bounded_by_count_and_age(monkeypatch, tmp_path):
+    state = str(tmp_path / "state.json")
+    source = FakeSource()
+    source.list += [dict(source_key=f"static:r{i}", name=f"r{i}", task_name="t") for i in range(5)]
+    s = S.ExternalScheduler(OWNER, source, Sender(), state_path=state)
+    s.activate(command("schedule.external.activate", **ACTIVATION))
+    monkeypatch.setattr(S, "MAX_CARRIED_ROWS", 3)
+    clock = [1_000_000.0]
+    monkeypatch.setattr(S.time, "time", lambda: clock[0])
+    for i in range(5):
+        source.list.pop()
+        clock[0] += 10
+        s.publish("change")
+    assert sorted(s._removed) == ["static:r0", "static:r1", "static:r2"]  # the latest three removed
+    clock[0] += S.CARRY_SECONDS - 15  # r4 and r3 removed more than CARRY_SECONDS ago: already out
+    source.list.append(dict(source_key="static:x", name="x", task_name="t"))
+    s.publish("change")
+    assert sorted(s._removed) == ["static:r0", "static:r1"]
+    assert sorted(i["row"]["source_key"] for i in json.load(open(state))["removed"]) == ["static:r0", "static:r1"]
+
+
+def test_a_state_file_of_another_stream_is_not_carried(tmp_path):
+    state = str(tmp_path / "state.json")
+    source = FakeSource()
+    source.list.append(dict(source_key="static:b", name="b", task_name="proj.add"))
+    S.ExternalScheduler(OWNER, source, Sender(), state_path=state).activate(
+        command("schedule.external.activate", **ACTIVATION))
+    assert json.load(open(state))["stream_id"] == ACTIVATION["stream_id"]
+    source.list.pop()
+    sender = Sender()
+    other = S.ExternalScheduler(OWNER, source, sender, state_path=state)
+    other.activate(command("schedule.external.activate", **{**ACTIVATION, "stream_id": str(uuid.uuid4())}))
+    assert [snapshot_rows(b) for b in sender.batches] == [["static:a"]]
+
+
+def test_a_bad_row_is_left_out_and_counted_and_a_huge_one_shortened(caplog):
+    source = FakeSource()
+    source.list += [dict(source_key="static:empty", name="", task_name="t"),
+                    dict(source_key="static:big", name="big", task_name="t", args=["x" * 3000])]
+    s = S.ExternalScheduler(OWNER, source, Sender(), row_payload_bytes=2000)
+    summary = s.activate(command("schedule.external.activate", **ACTIVATION))
+    assert summary["schedule_count"] == 2
+    assert s.stats()["rows_skipped"] == 1 and s.stats()["rows_shortened"] == 1
+    frame = s._send.batches[0][0]["data"]["external_snapshot_frame"]
+    big = next(r for r in frame["schedules"] if r["source_key"] == "static:big")
+    assert big["kwargs"] == {} and "left out: the args and kwargs are" in big["args"][0]
+    assert "static:empty" in caplog.text and "name and a task_name" in caplog.text
+    caplog.clear()
+    source.list[0]["total_runs"] = 1
+    assert s.publish("change")["sequence"] == 2
+    assert "static:empty" not in caplog.text  # logged once, not at every snapshot
+    # Trigger now on the shortened row compares its page form, and sends the real args.
+    receipt = s.mutate(command("schedule.external.mutate", **mutate_params(
+        s, None, schedule_id="static:big", expected=big)))
+    assert receipt["source_key"] == "static:big" and source.triggered == ["static:big"]
+
+
+def test_a_row_too_large_for_a_frame_is_refused_wherever_it_comes_in_the_chunk():
+    small = dict(name="a", task_name="t")
+    big = dict(name="b", task_name="t", args=["x" * 1000])
+    with pytest.raises(S.ProtocolError, match="larger than a snapshot frame"):
+        S.snapshot_events(authority(), 1, [small, big], reason="r", row_payload_bytes=700)
