@@ -327,7 +327,13 @@ def beat_scheduler(sent):
 
     app = Celery("t", broker="memory://", set_as_current=False)
     app.conf.timezone = "UTC"
+
+    @app.task(name="proj.routed", expires=300, shared=False)
+    def routed(x):
+        return x
+
     app.conf.beat_schedule = {
+        "routed": {"task": "proj.routed", "schedule": 60.0, "args": (5,)},
         "every-15": {"task": "proj.add", "schedule": 15.0, "args": (1, 2), "options": {"queue": "q1"}},
         "half-second": {"task": "proj.add", "schedule": timedelta(milliseconds=500)},
         "nightly": {"task": "proj.report", "schedule": crontab(minute=30, hour=2), "kwargs": {"full": True}},
@@ -351,7 +357,7 @@ def test_beat_rows_from_a_real_scheduler_and_its_sends_are_runs():
     assert isinstance(source, beat.EntriesSource)
     assert source.capabilities() == [S.STABLE_SNAPSHOT, "list", "trigger_now"]
     rows = {r["name"]: S.normalize_row(r, OWNER) for r in source.rows()}
-    assert set(rows) == {"every-15", "half-second", "nightly", "dusk"}
+    assert set(rows) == {"every-15", "half-second", "nightly", "dusk", "routed"}
     every = rows["every-15"]
     assert (every["kind"], every["expression"], every["queue"], every["args"], every["source"]) == \
         ("interval", "15", "q1", [1, 2], "celery-beat:static")
@@ -378,6 +384,12 @@ def test_beat_rows_from_a_real_scheduler_and_its_sends_are_runs():
     assert result == {"task_id": f"id-{len(sent)}", "task_name": "proj.add"}
     row = next(S.normalize_row(r, OWNER) for r in source.rows() if r["name"] == "every-15")
     assert row["total_runs"] == 2
+
+    # A registered task goes through its apply_async, as beat sends it: its own options apply.
+    source.trigger(rows["routed"])
+    name, args, kwargs, options = sent[-1]
+    assert (name, list(args), options.get("expires"), options["headers"]) == \
+        ("proj.routed", [5], 300, {"celery_beat_task": True})
 
 
 def test_beat_init_serves_the_scheduler_once(monkeypatch, tmp_path):
@@ -429,7 +441,7 @@ DCB_SCRIPT = textwrap.dedent('''
     DatabaseScheduler.__module__ = "django_celery_beat.schedulers"
     sent = []
     app = SimpleNamespace(send_task=lambda name, args, kwargs, **o: sent.append([name, args, kwargs, o])
-                          or SimpleNamespace(id="tid-1"))
+                          or SimpleNamespace(id="tid-1"), tasks={})
     source = beat.source_for(app, DatabaseScheduler())
     out = {"type": type(source).__name__, "caps": source.capabilities()}
     rows = {r["name"]: S.normalize_row(r, "celery-beat") for r in source.rows()}
@@ -457,6 +469,37 @@ DCB_SCRIPT = textwrap.dedent('''
         out["solar"] = str(exc)
     out["deleted"] = source.mutate("delete", updated["source_key"], updated, {})
     out["left"] = sorted(PeriodicTask.objects.values_list("name", flat=True))
+
+    # What beat could not run, or the brain could not list, is refused and rolled back.
+    def refused(operation, key, expected, definition):
+        try:
+            source.mutate(operation, key, expected, definition)
+        except ValueError as exc:
+            return str(exc)
+        return "applied"
+    base = {"name": "bad", "task_name": "proj.add", "kind": "interval", "expression": "60"}
+    out["refused"] = {
+        "huge_interval": refused("create", None, None, {**base, "expression": "100000000000000"}),
+        "bad_cron": refused("create", None, None, {**base, "kind": "cron", "expression": "99 foo * * *"}),
+        "huge_args": refused("create", None, None, {**base, "args": ["x" * 800000]}),
+        "empty_name": refused("create", None, None, {**base, "name": " "}),
+        "enabled_text": refused("create", None, None, {**base, "is_enabled": "false"}),
+        "interval_tz": refused("create", None, None, {**base, "timezone": "Europe/Paris"}),
+        "unknown_tz": refused("create", None, None, {**base, "kind": "cron", "expression": "0 4 * * *",
+                                                      "timezone": "Mars/Olympus"}),
+    }
+    four = rows["four"]
+    out["refused"]["update_bad_cron"] = refused("update", four["source_key"], four, {"expression": "0 25 * * *"})
+    out["left_after_refusals"] = sorted(PeriodicTask.objects.values_list("name", flat=True))
+    out["four_after"] = S.normalize_row(next(r for r in source.rows() if r["name"] == "four"), "celery-beat")
+    out["intervals"] = sorted(IntervalSchedule.objects.values_list("every", flat=True))
+
+    # Enable or disable writes is_enabled only: args that are not a list stay as they are.
+    odd = PeriodicTask.objects.create(name="odd", task="proj.add", interval=every, args='{"a": 1}', kwargs="[1]")
+    odd_row = S.normalize_row(next(r for r in source.rows() if r["name"] == "odd"), "celery-beat")
+    source.mutate("update", odd_row["source_key"], odd_row, {"is_enabled": False})
+    odd.refresh_from_db()
+    out["odd"] = [odd.args, odd.kwargs, odd.enabled]
     print(json.dumps(out))
 ''')
 
@@ -489,6 +532,21 @@ def test_django_celery_beat_rows_and_writes(tmp_path):
     assert "changed in the database" in out["stale"]
     assert "latitude" in out["solar"]
     assert out["deleted"] is None and out["left"] == ["four", "ninety"]
+    # A row beat has no entry for yet (as django-celery-beat 2.7+ leaves most cron rows) has a next run.
+    assert ninety["next_run_at"] is not None and out["created"]["next_run_at"] is not None
+    refused = out["refused"]
+    assert "at most 2147483647 seconds" in refused["huge_interval"]
+    assert "celery beat cannot run schedule 'bad'" in refused["bad_cron"]
+    assert "more than a snapshot frame holds" in refused["huge_args"]
+    assert "name must be a non-empty string" in refused["empty_name"]
+    assert "is_enabled must be true or false" in refused["enabled_text"]
+    assert "only a cron schedule has a timezone" in refused["interval_tz"]
+    assert "unknown timezone 'Mars/Olympus'" in refused["unknown_tz"]
+    assert "celery beat cannot run schedule 'four'" in refused["update_bad_cron"]
+    assert out["left_after_refusals"] == ["four", "ninety"]
+    assert out["four_after"]["expression"] == "0 4 * * *"
+    assert 100000000000000 not in out["intervals"]
+    assert out["odd"] == ['{"a": 1}', "[1]", False]
 
 
 def test_the_background_thread_publishes_changes_when_told_and_when_it_looks():
