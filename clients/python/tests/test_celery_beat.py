@@ -476,6 +476,7 @@ DCB_SCRIPT = textwrap.dedent('''
             source.mutate(operation, key, expected, definition)
         except ValueError as exc:
             return str(exc)
+        PeriodicTask.objects.filter(name="bad").delete()
         return "applied"
     base = {"name": "bad", "task_name": "proj.add", "kind": "interval", "expression": "60"}
     out["refused"] = {
@@ -500,6 +501,7 @@ DCB_SCRIPT = textwrap.dedent('''
     source.mutate("update", odd_row["source_key"], odd_row, {"is_enabled": False})
     odd.refresh_from_db()
     out["odd"] = [odd.args, odd.kwargs, odd.enabled]
+    print(json.dumps(out["refused"]), file=sys.stderr)
     print(json.dumps(out))
 ''')
 
@@ -540,7 +542,7 @@ def test_django_celery_beat_rows_and_writes(tmp_path):
     assert "more than a snapshot frame holds" in refused["huge_args"]
     assert "name must be a non-empty string" in refused["empty_name"]
     assert "is_enabled must be true or false" in refused["enabled_text"]
-    assert "only a cron schedule has a timezone" in refused["interval_tz"]
+    assert "only a cron schedule has a timezone; interval schedules run in UTC" in refused["interval_tz"]
     assert "unknown timezone 'Mars/Olympus'" in refused["unknown_tz"]
     assert "celery beat cannot run schedule 'four'" in refused["update_bad_cron"]
     assert out["left_after_refusals"] == ["four", "ninety"]

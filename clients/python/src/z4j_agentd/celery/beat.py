@@ -553,7 +553,7 @@ def _check_definition(spec: Mapping[str, Any], kind: str, *, timezone: Any = Non
         except Exception:
             raise ValueError(f"unknown timezone {tz!r} (an IANA name such as Europe/Paris)") from None
     elif tz not in (None, "", "UTC"):
-        raise ValueError(f"only a cron schedule has a timezone; a {kind} schedule runs in UTC, got {tz!r}")
+        raise ValueError(f"only a cron schedule has a timezone; {kind} schedules run in UTC, got {tz!r}")
 
 
 def _loads(text: Any, default: Any) -> Any:
