@@ -501,6 +501,21 @@ DCB_SCRIPT = textwrap.dedent('''
     source.mutate("update", odd_row["source_key"], odd_row, {"is_enabled": False})
     odd.refresh_from_db()
     out["odd"] = [odd.args, odd.kwargs, odd.enabled]
+
+    # A look at unchanged rows costs one query; a save is seen at once, a bulk update within FULL_READ_SECONDS.
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+    source.rows()
+    with CaptureQueriesContext(connection) as queries:
+        source.rows()
+    out["queries_unchanged"] = [q["sql"] for q in queries]
+    odd.queue = "q9"
+    odd.save()
+    out["seen_after_save"] = [r["queue"] for r in source.rows() if r["name"] == "odd"]
+    PeriodicTask.objects.filter(name="odd").update(queue="q10")
+    out["bulk_at_once"] = [r["queue"] for r in source.rows() if r["name"] == "odd"]
+    beat.FULL_READ_SECONDS = 0.0
+    out["bulk_later"] = [r["queue"] for r in source.rows() if r["name"] == "odd"]
     print(json.dumps(out["refused"]), file=sys.stderr)
     print(json.dumps(out))
 ''')
@@ -549,6 +564,8 @@ def test_django_celery_beat_rows_and_writes(tmp_path):
     assert out["four_after"]["expression"] == "0 4 * * *"
     assert 100000000000000 not in out["intervals"]
     assert out["odd"] == ['{"a": 1}', "[1]", False]
+    assert len(out["queries_unchanged"]) == 1 and "periodictasks" in out["queries_unchanged"][0]
+    assert (out["seen_after_save"], out["bulk_at_once"], out["bulk_later"]) == (["q9"], ["q9"], ["q10"])
 
 
 def test_the_background_thread_publishes_changes_when_told_and_when_it_looks():

@@ -50,6 +50,7 @@ import json
 import logging
 import os
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
@@ -68,6 +69,11 @@ POLL_SECONDS = 5.0
 #: snapshot, so a beat sending every second does not make it do so every
 #: second. The brain's commands get theirs at once.
 MIN_SNAPSHOT_SECONDS = 5.0
+#: Seconds at most between two reads of django-celery-beat's PeriodicTask
+#: table; in between, it is read again only when `PeriodicTasks.last_change()`
+#: moved (every save through Django moves it; beat's own writes of its run
+#: counts do not, and a bulk `update()` does not either).
+FULL_READ_SECONDS = 60.0
 #: Seconds a snapshot may take to reach the daemon's spool.
 SEND_TIMEOUT = 10.0
 #: Added to beat's schedule file name for the file that keeps the rows last
@@ -254,6 +260,9 @@ class DatabaseSource(_BeatSource):
         from django_celery_beat import models
 
         self.models = models
+        #: The PeriodicTask rows last read, the last_change() they were read
+        #: at, and when (monotonic seconds).
+        self._read: Optional[Tuple[List[Any], Any, float]] = None
 
     def capabilities(self) -> List[str]:
         return list(READ_CAPABILITIES) + list(WRITE_CAPABILITIES)
@@ -289,9 +298,20 @@ class DatabaseSource(_BeatSource):
                 continue
         return {}
 
+    def _models(self) -> List[Any]:
+        """Every PeriodicTask, read again only when the table changed (see
+        `FULL_READ_SECONDS`): a look every `POLL_SECONDS` costs one query."""
+        changed = self.models.PeriodicTasks.last_change()
+        now = time.monotonic()
+        if self._read is not None and self._read[1] == changed and now - self._read[2] < FULL_READ_SECONDS:
+            return self._read[0]
+        models = list(self._query())
+        self._read = (models, changed, now)
+        return models
+
     def rows(self) -> List[Dict[str, Any]]:
         live = self._live()
-        return self._db(lambda: [self._with_triggers(self._row(m, live.get(m.name))) for m in self._query()])
+        return self._db(lambda: [self._with_triggers(self._row(m, live.get(m.name))) for m in self._models()])
 
     def _row(self, model: Any, entry: Any = None) -> Dict[str, Any]:
         kind, expression, tz = self._kind(model)
