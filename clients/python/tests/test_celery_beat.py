@@ -74,12 +74,38 @@ def test_fixed_vectors():
     assert {e["kind"] for e in events} == {"schedule.snapshot"} and {e["engine"] for e in events} == {OWNER}
 
 
+MORE_ROWS = ROWS + [dict(name="c", task_name="t", kind="solar", expression="sunset",
+                         last_run_at="2026-01-01T01:00:00+01:00", args=[{"k": [1, {"x": 2}]}], total_runs=0)]
+
+
+def test_more_fixed_vectors():
+    """Computed once with z4j_core 1.13.0 (external_projection_digest,
+    external_snapshot_frame_digest, normalize_external_schedule): an offset
+    timestamp, nested args, and a snapshot split into one row a frame."""
+    a = authority()
+    assert S.digest(S.projection_body(a, 9, MORE_ROWS)) == \
+        "e09ef4dc0b24e10c3e4549292e46d346220d5e9fe38f653919624631de23776e"
+    events, _ = S.snapshot_events(a, 9, MORE_ROWS, reason="r", row_payload_bytes=600, snapshot_id=SNAPSHOT_ID)
+    assert [e["data"]["frame_digest"] for e in events] == [
+        "01a8dfe90bc8d50b76c5535e8e9126c914c5ab367f1c4f6ada96f484f5361a4a",
+        "00f346008db0991d3db66ebf08d4e26636d1705ccd6275ede554db587c9489fb",
+        "7cfd1319bd2df21162fc3cc110243924a200aa9a58617b0e95a28c99a7ff1806",
+        "ff56ba259020eb4c48f74c388256ecc2e405540c7fe3f0b510f429d93ad87776",
+    ]
+    assert [S.digest(S.normalize_row(r, OWNER)) for r in MORE_ROWS] == [
+        "c8e43ecd1bdc3900b2957dc0cf9c4de0a84e85df5f2728b0519ccd652809653b",
+        "165482f862b23c7db6a97b0f26dce0930a56f60668428c0ecb71a898e5fee308",
+        "d387a10d33bd7ebb075d519d501f299cfa01f0b7875e433f85ea25b4ec33a6c6",
+    ]
+
+
 def test_the_same_as_z4j_core_when_it_is_installed():
+    """Skipped where z4j_core is not installed (the client's own test venv);
+    runs in the e2e venv, which has the brain."""
     core = pytest.importorskip("z4j_core.schedule_external")
     a = authority()
     ids = {k: v for k, v in a.ids().items()}
-    rows = ROWS + [dict(name="c", task_name="t", kind="solar", expression="sunset",
-                        last_run_at="2026-01-01T01:00:00+01:00", args=[{"k": [1, {"x": 2}]}], total_runs=0)]
+    rows = MORE_ROWS
     assert S.projection_body(a, 9, rows) == core.external_projection_body(
         sequence=9, kind="snapshot", schedules=rows, complete=True, stable_source=True, **ids)
     events, _ = S.snapshot_events(a, 9, rows, reason="r", row_payload_bytes=600)
@@ -759,3 +785,9 @@ def test_a_row_too_large_for_a_frame_is_refused_wherever_it_comes_in_the_chunk()
     big = dict(name="b", task_name="t", args=["x" * 1000])
     with pytest.raises(S.ProtocolError, match="larger than a snapshot frame"):
         S.snapshot_events(authority(), 1, [small, big], reason="r", row_payload_bytes=700)
+    # Rows of every size up to the limit, in any order: every frame within it.
+    rows = [dict(name=f"s{i:02}", task_name="t", args=["x" * ((i * 37) % 280)]) for i in range(40)]
+    events, _ = S.snapshot_events(authority(), 1, rows, reason="r", row_payload_bytes=700)
+    frames = [e["data"]["external_snapshot_frame"]["schedules"] for e in events]
+    assert sum(len(f) for f in frames) == 40
+    assert all(len(S.canonical_json({"schedules": f})) <= 700 for f in frames)
