@@ -791,3 +791,46 @@ def test_a_row_too_large_for_a_frame_is_refused_wherever_it_comes_in_the_chunk()
     frames = [e["data"]["external_snapshot_frame"]["schedules"] for e in events]
     assert sum(len(f) for f in frames) == 40
     assert all(len(S.canonical_json({"schedules": f})) <= 700 for f in frames)
+
+
+def test_beat_is_never_held_up_by_a_snapshot_that_cannot_be_handed_over():
+    """The daemon takes nothing (its socket hangs): beat's sends still return
+    at once, since snapshots go from the stream's own thread and the command
+    thread, never from beat's."""
+    import threading
+    import time
+
+    from z4j_agentd.celery import beat
+
+    sent = []
+    app, scheduler = beat_scheduler(sent)
+    source = beat.source_for(app, scheduler)
+    hang = threading.Event()
+    calls = []
+
+    def send(events):
+        calls.append(len(events))
+        hang.wait(30)
+        raise DaemonUnavailable("no answer")
+
+    s = S.ExternalScheduler(OWNER, source, send, poll_interval=0.05, min_interval=0.0)
+    beat._watch_sends(scheduler, s, source)
+    s.start()
+    activation = threading.Thread(target=lambda: pytest.raises(
+        RuntimeError, s.activate, command("schedule.external.activate", **ACTIVATION)), daemon=True)
+    activation.start()
+    try:
+        deadline = time.monotonic() + 5
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert calls, "the activation snapshot never reached the daemon's socket"
+        started = time.monotonic()
+        for _ in range(20):
+            scheduler.apply_async(scheduler.schedule["every-15"])
+        elapsed = time.monotonic() - started
+        assert len(sent) == 20
+        assert elapsed < 2.0, f"20 sends by beat took {elapsed:.2f} s while the daemon hung"
+    finally:
+        s.stop()
+        hang.set()
+        activation.join(10)
