@@ -30,12 +30,13 @@ django-celery-beat every `PeriodicTask` row, enabled or not (`source`
 copies `beat_schedule` into the database itself). The keys are those of
 z4j-celerybeat, so rows stay the same rows when a project moves over.
 
-A schedule removed while beat was stopped: the brain refuses a first
-snapshot of a new stream epoch that leaves out a row it last saw in an
-earlier epoch, so beat's process keeps the rows it last published in a file
-beside beat's schedule file (`<schedule file>.z4j-agentd.json`) and carries
-them over into the first snapshot of each epoch; the next snapshot removes
-them (see `z4j_agentd._schedules.ExternalScheduler._steps`).
+A schedule removed while beat was stopped (or while the daemon's uplink was
+down): the brain refuses a first snapshot of a new stream epoch that leaves
+out a row it still holds from an earlier epoch, so beat's process keeps the
+rows it last published and the rows removed since in a file beside beat's
+schedule file (`<schedule file>.z4j-agentd.json`; it must be on persistent
+storage) and carries them into the first snapshot of each epoch; the next
+snapshot removes them (see `z4j_agentd._schedules.ExternalScheduler._steps`).
 
 Run counts: a schedule's `total_runs` counts the tasks beat sent for it
 (beat's own count, which django-celery-beat keeps in the database) plus
