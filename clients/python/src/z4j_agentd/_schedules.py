@@ -889,5 +889,5 @@ class ExternalScheduler:
 
 __all__ = ["Authority", "Conflict", "EDITABLE", "ExternalScheduler", "KINDS", "MUTATION", "PROTOCOL_VERSION",
            "ProtocolError", "RUNTIME_FEATURE", "STABLE_SNAPSHOT", "Source", "canonical_json", "configuration",
-           "digest", "fit_row", "frame_bytes", "iso_utc", "normalize_row", "projection_body", "snapshot_events", "snapshot_frame_body",
-           "source_scope"]
+           "digest", "fit_row", "frame_bytes", "iso_utc", "normalize_row", "projection_body", "snapshot_events",
+           "snapshot_frame_body", "source_scope"]

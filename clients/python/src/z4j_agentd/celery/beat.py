@@ -411,9 +411,10 @@ class DatabaseSource(_BeatSource):
                     spec = {"timezone": "UTC", "queue": None, "args": [], "kwargs": {}, "is_enabled": True,
                             **definition}
                     _check_definition(spec, str(spec["kind"]))
-                    if PeriodicTask.objects.filter(name=spec["name"]).exists():
-                        raise Conflict(f"a django-celery-beat schedule named {spec['name']!r} exists already")
-                    model = PeriodicTask(name=spec["name"])
+                    name = spec["name"].strip()
+                    if PeriodicTask.objects.filter(name=name).exists():
+                        raise Conflict(f"a django-celery-beat schedule named {name!r} exists already")
+                    model = PeriodicTask(name=name)
                     self._apply(model, spec, self._schedule_object(spec["kind"], spec["expression"],
                                                                    spec["timezone"] or "UTC"))
                     model.save()
@@ -435,9 +436,10 @@ class DatabaseSource(_BeatSource):
                 if merged["kind"] != "cron" and "timezone" not in definition:
                     merged["timezone"] = "UTC"  # a cron row's timezone does not follow it to another kind
                 _check_definition(definition, str(merged["kind"]), timezone=merged["timezone"])
-                if "name" in definition and definition["name"] != model.name and PeriodicTask.objects.filter(
-                        name=definition["name"]).exclude(pk=model.pk).exists():
-                    raise Conflict(f"a django-celery-beat schedule named {definition['name']!r} exists already")
+                if "name" in definition and PeriodicTask.objects.filter(
+                        name=definition["name"].strip()).exclude(pk=model.pk).exists():
+                    raise Conflict(f"a django-celery-beat schedule named {definition['name'].strip()!r} "
+                                   f"exists already")
                 schedule = None
                 if any(k in definition and definition[k] != current.get(k) for k in timing):
                     schedule = self._schedule_object(str(merged["kind"]), str(merged["expression"] or ""),
