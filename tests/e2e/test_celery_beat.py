@@ -15,7 +15,8 @@ refused by the brain.
 * django-celery-beat (DatabaseScheduler, SQLite): the brain's create,
   update, disable, enable and delete change the PeriodicTask rows and the
   Schedules page; an edit made in the database directly (as in the Django
-  admin) reaches the page too.
+  admin) reaches the page too; a create beat could not run is refused with
+  the reason and written nowhere.
 """
 
 from __future__ import annotations
@@ -112,6 +113,22 @@ class Api:
             return op["status"] == "APPLIED", op
 
         return wait_for(check, timeout, f"native operation {op_id} to be APPLIED", interval=0.3)
+
+    def refused_create(self, **definition) -> str:
+        """A create the scheduler refuses: the brain's operation ends
+        UNCONFIRMED; returns its error."""
+        body = {"request_id": str(uuid.uuid4()), "scheduler": OWNER, "operation": "create",
+                "definition": definition}
+        status, location, answer = self.call("POST", "/native-operations", body)
+        assert status == 202 and location, (status, answer)
+        op_id = location.rstrip("/").rsplit("/", 1)[-1]
+
+        def check():
+            status, _, op = self.call("GET", f"/native-operations/{op_id}")
+            assert status == 200 and op["status"] != "APPLIED", (status, op)
+            return op["status"] == "UNCONFIRMED", op
+
+        return wait_for(check, 30, f"native operation {op_id} to be refused", interval=0.3)["error"] or ""
 
     def refreshed(self, method: str, path, body=None):
         """A write as the page makes it: with the row as just read (`path(row)`,
@@ -266,6 +283,16 @@ def test_django_celery_beat_schedules_are_created_updated_toggled_and_deleted_fr
     row = api.wait_rows("the created schedule", lambda r: "e2e-created" in r)["e2e-created"]
     assert (row["kind"], row["expression"], row["args"]) == ("interval", "3600", [2, 3]), row
 
+    # Creates beat could not run are refused with the reason and written nowhere (saved, the
+    # interval would stop beat with an OverflowError at every start; the cron would never run).
+    bad = dict(task_name="beat_app.add", timezone="UTC", queue=None, args=[], kwargs={}, is_enabled=True)
+    error = api.refused_create(name="e2e-huge", kind="interval", expression="100000000000000", **bad)
+    assert "an interval is at most 2147483647 seconds" in error, error
+    error = api.refused_create(name="e2e-badcron", kind="cron", expression="99 foo * * *", **bad)
+    assert "celery beat cannot run schedule 'e2e-badcron'" in error, error
+    assert not {"e2e-huge", "e2e-badcron"} & set(dcb_rows(db)), dcb_rows(db)
+    beat.check_alive()
+
     # update: a new cadence (cron) and new arguments
     api.native("update", "e2e-created", kind="cron", expression="*/10 * * * *", args=[5, 5])
     stored = dcb_rows(db)["e2e-created"]
@@ -286,9 +313,12 @@ def test_django_celery_beat_schedules_are_created_updated_toggled_and_deleted_fr
                             lambda r, f=flag: r["e2e-created"]["is_enabled"] == bool(f))["e2e-created"]
 
     # an edit made in the database itself (the Django admin) reaches the page
+    # (a save through Django also marks the table changed, which beat and z4j-agentd look at first)
     con = sqlite3.connect(str(db), timeout=20)
     with con:
         con.execute("UPDATE django_celery_beat_periodictask SET args = '[9, 9]' WHERE name = 'nightly-report'")
+        con.execute("INSERT OR REPLACE INTO django_celery_beat_periodictasks (ident, last_update) "
+                    "VALUES (1, strftime('%Y-%m-%d %H:%M:%f', 'now'))")
     con.close()
     api.wait_rows("the database edit on the Schedules page", lambda r: r["nightly-report"]["args"] == [9, 9])
 

@@ -74,12 +74,38 @@ def test_fixed_vectors():
     assert {e["kind"] for e in events} == {"schedule.snapshot"} and {e["engine"] for e in events} == {OWNER}
 
 
+MORE_ROWS = ROWS + [dict(name="c", task_name="t", kind="solar", expression="sunset",
+                         last_run_at="2026-01-01T01:00:00+01:00", args=[{"k": [1, {"x": 2}]}], total_runs=0)]
+
+
+def test_more_fixed_vectors():
+    """Computed once with z4j_core 1.13.0 (external_projection_digest,
+    external_snapshot_frame_digest, normalize_external_schedule): an offset
+    timestamp, nested args, and a snapshot split into one row a frame."""
+    a = authority()
+    assert S.digest(S.projection_body(a, 9, MORE_ROWS)) == \
+        "e09ef4dc0b24e10c3e4549292e46d346220d5e9fe38f653919624631de23776e"
+    events, _ = S.snapshot_events(a, 9, MORE_ROWS, reason="r", row_payload_bytes=600, snapshot_id=SNAPSHOT_ID)
+    assert [e["data"]["frame_digest"] for e in events] == [
+        "01a8dfe90bc8d50b76c5535e8e9126c914c5ab367f1c4f6ada96f484f5361a4a",
+        "00f346008db0991d3db66ebf08d4e26636d1705ccd6275ede554db587c9489fb",
+        "7cfd1319bd2df21162fc3cc110243924a200aa9a58617b0e95a28c99a7ff1806",
+        "ff56ba259020eb4c48f74c388256ecc2e405540c7fe3f0b510f429d93ad87776",
+    ]
+    assert [S.digest(S.normalize_row(r, OWNER)) for r in MORE_ROWS] == [
+        "c8e43ecd1bdc3900b2957dc0cf9c4de0a84e85df5f2728b0519ccd652809653b",
+        "165482f862b23c7db6a97b0f26dce0930a56f60668428c0ecb71a898e5fee308",
+        "d387a10d33bd7ebb075d519d501f299cfa01f0b7875e433f85ea25b4ec33a6c6",
+    ]
+
+
 def test_the_same_as_z4j_core_when_it_is_installed():
+    """Skipped where z4j_core is not installed (the client's own test venv);
+    runs in the e2e venv, which has the brain."""
     core = pytest.importorskip("z4j_core.schedule_external")
     a = authority()
     ids = {k: v for k, v in a.ids().items()}
-    rows = ROWS + [dict(name="c", task_name="t", kind="solar", expression="sunset",
-                        last_run_at="2026-01-01T01:00:00+01:00", args=[{"k": [1, {"x": 2}]}], total_runs=0)]
+    rows = MORE_ROWS
     assert S.projection_body(a, 9, rows) == core.external_projection_body(
         sequence=9, kind="snapshot", schedules=rows, complete=True, stable_source=True, **ids)
     events, _ = S.snapshot_events(a, 9, rows, reason="r", row_payload_bytes=600)
@@ -327,7 +353,13 @@ def beat_scheduler(sent):
 
     app = Celery("t", broker="memory://", set_as_current=False)
     app.conf.timezone = "UTC"
+
+    @app.task(name="proj.routed", expires=300, shared=False)
+    def routed(x):
+        return x
+
     app.conf.beat_schedule = {
+        "routed": {"task": "proj.routed", "schedule": 60.0, "args": (5,)},
         "every-15": {"task": "proj.add", "schedule": 15.0, "args": (1, 2), "options": {"queue": "q1"}},
         "half-second": {"task": "proj.add", "schedule": timedelta(milliseconds=500)},
         "nightly": {"task": "proj.report", "schedule": crontab(minute=30, hour=2), "kwargs": {"full": True}},
@@ -351,7 +383,7 @@ def test_beat_rows_from_a_real_scheduler_and_its_sends_are_runs():
     assert isinstance(source, beat.EntriesSource)
     assert source.capabilities() == [S.STABLE_SNAPSHOT, "list", "trigger_now"]
     rows = {r["name"]: S.normalize_row(r, OWNER) for r in source.rows()}
-    assert set(rows) == {"every-15", "half-second", "nightly", "dusk"}
+    assert set(rows) == {"every-15", "half-second", "nightly", "dusk", "routed"}
     every = rows["every-15"]
     assert (every["kind"], every["expression"], every["queue"], every["args"], every["source"]) == \
         ("interval", "15", "q1", [1, 2], "celery-beat:static")
@@ -378,6 +410,12 @@ def test_beat_rows_from_a_real_scheduler_and_its_sends_are_runs():
     assert result == {"task_id": f"id-{len(sent)}", "task_name": "proj.add"}
     row = next(S.normalize_row(r, OWNER) for r in source.rows() if r["name"] == "every-15")
     assert row["total_runs"] == 2
+
+    # A registered task goes through its apply_async, as beat sends it: its own options apply.
+    source.trigger(rows["routed"])
+    name, args, kwargs, options = sent[-1]
+    assert (name, list(args), options.get("expires"), options["headers"]) == \
+        ("proj.routed", [5], 300, {"celery_beat_task": True})
 
 
 def test_beat_init_serves_the_scheduler_once(monkeypatch, tmp_path):
@@ -429,7 +467,7 @@ DCB_SCRIPT = textwrap.dedent('''
     DatabaseScheduler.__module__ = "django_celery_beat.schedulers"
     sent = []
     app = SimpleNamespace(send_task=lambda name, args, kwargs, **o: sent.append([name, args, kwargs, o])
-                          or SimpleNamespace(id="tid-1"))
+                          or SimpleNamespace(id="tid-1"), tasks={})
     source = beat.source_for(app, DatabaseScheduler())
     out = {"type": type(source).__name__, "caps": source.capabilities()}
     rows = {r["name"]: S.normalize_row(r, "celery-beat") for r in source.rows()}
@@ -457,6 +495,54 @@ DCB_SCRIPT = textwrap.dedent('''
         out["solar"] = str(exc)
     out["deleted"] = source.mutate("delete", updated["source_key"], updated, {})
     out["left"] = sorted(PeriodicTask.objects.values_list("name", flat=True))
+
+    # What beat could not run, or the brain could not list, is refused and rolled back.
+    def refused(operation, key, expected, definition):
+        try:
+            source.mutate(operation, key, expected, definition)
+        except ValueError as exc:
+            return str(exc)
+        PeriodicTask.objects.filter(name="bad").delete()
+        return "applied"
+    base = {"name": "bad", "task_name": "proj.add", "kind": "interval", "expression": "60"}
+    out["refused"] = {
+        "huge_interval": refused("create", None, None, {**base, "expression": "100000000000000"}),
+        "bad_cron": refused("create", None, None, {**base, "kind": "cron", "expression": "99 foo * * *"}),
+        "huge_args": refused("create", None, None, {**base, "args": ["x" * 800000]}),
+        "empty_name": refused("create", None, None, {**base, "name": " "}),
+        "enabled_text": refused("create", None, None, {**base, "is_enabled": "false"}),
+        "interval_tz": refused("create", None, None, {**base, "timezone": "Europe/Paris"}),
+        "unknown_tz": refused("create", None, None, {**base, "kind": "cron", "expression": "0 4 * * *",
+                                                      "timezone": "Mars/Olympus"}),
+    }
+    four = rows["four"]
+    out["refused"]["update_bad_cron"] = refused("update", four["source_key"], four, {"expression": "0 25 * * *"})
+    out["left_after_refusals"] = sorted(PeriodicTask.objects.values_list("name", flat=True))
+    out["four_after"] = S.normalize_row(next(r for r in source.rows() if r["name"] == "four"), "celery-beat")
+    out["intervals"] = sorted(IntervalSchedule.objects.values_list("every", flat=True))
+
+    # Enable or disable writes is_enabled only: args that are not a list stay as they are.
+    odd = PeriodicTask.objects.create(name="odd", task="proj.add", interval=every, args='{"a": 1}', kwargs="[1]")
+    odd_row = S.normalize_row(next(r for r in source.rows() if r["name"] == "odd"), "celery-beat")
+    source.mutate("update", odd_row["source_key"], odd_row, {"is_enabled": False})
+    odd.refresh_from_db()
+    out["odd"] = [odd.args, odd.kwargs, odd.enabled]
+
+    # A look at unchanged rows costs one query; a save is seen at once, a bulk update within FULL_READ_SECONDS.
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+    source.rows()
+    with CaptureQueriesContext(connection) as queries:
+        source.rows()
+    out["queries_unchanged"] = [q["sql"] for q in queries]
+    odd.queue = "q9"
+    odd.save()
+    out["seen_after_save"] = [r["queue"] for r in source.rows() if r["name"] == "odd"]
+    PeriodicTask.objects.filter(name="odd").update(queue="q10")
+    out["bulk_at_once"] = [r["queue"] for r in source.rows() if r["name"] == "odd"]
+    beat.FULL_READ_SECONDS = 0.0
+    out["bulk_later"] = [r["queue"] for r in source.rows() if r["name"] == "odd"]
+    print(json.dumps(out["refused"]), file=sys.stderr)
     print(json.dumps(out))
 ''')
 
@@ -489,6 +575,23 @@ def test_django_celery_beat_rows_and_writes(tmp_path):
     assert "changed in the database" in out["stale"]
     assert "latitude" in out["solar"]
     assert out["deleted"] is None and out["left"] == ["four", "ninety"]
+    # A row beat has no entry for yet (as django-celery-beat 2.7+ leaves most cron rows) has a next run.
+    assert ninety["next_run_at"] is not None and out["created"]["next_run_at"] is not None
+    refused = out["refused"]
+    assert "at most 2147483647 seconds" in refused["huge_interval"]
+    assert "celery beat cannot run schedule 'bad'" in refused["bad_cron"]
+    assert "more than a snapshot frame holds" in refused["huge_args"]
+    assert "name must be a non-empty string" in refused["empty_name"]
+    assert "is_enabled must be true or false" in refused["enabled_text"]
+    assert "only a cron schedule has a timezone; interval schedules run in UTC" in refused["interval_tz"]
+    assert "unknown timezone 'Mars/Olympus'" in refused["unknown_tz"]
+    assert "celery beat cannot run schedule 'four'" in refused["update_bad_cron"]
+    assert out["left_after_refusals"] == ["four", "ninety"]
+    assert out["four_after"]["expression"] == "0 4 * * *"
+    assert 100000000000000 not in out["intervals"]
+    assert out["odd"] == ['{"a": 1}', "[1]", False]
+    assert len(out["queries_unchanged"]) == 1 and "periodictasks" in out["queries_unchanged"][0]
+    assert (out["seen_after_save"], out["bulk_at_once"], out["bulk_later"]) == (["q9"], ["q9"], ["q10"])
 
 
 def test_the_background_thread_publishes_changes_when_told_and_when_it_looks():
@@ -570,3 +673,164 @@ def test_an_unreadable_state_file_is_ignored(tmp_path, caplog):
     assert s._published == [] and "ignoring" in caplog.text
     s.activate(command("schedule.external.activate", **ACTIVATION))
     assert json.loads(state.read_text())["rows"][0]["source_key"] == "static:a"
+
+
+def activate_epoch(s, number):
+    params = {**ACTIVATION, "epoch_number": number, "epoch_uuid": str(uuid.uuid4())}
+    return s.activate(command("schedule.external.activate", **params))
+
+
+def test_a_removal_the_brain_never_applied_is_carried_into_every_new_epoch(tmp_path):
+    """b is removed while the uplink is down: the snapshot removing it is in
+    the daemon's spool and reaches the brain under an epoch it has left, so
+    the brain still holds b. The next epoch's first snapshot must carry b,
+    with or without a process restart in between."""
+    state = str(tmp_path / "beat.z4j-agentd.json")
+    source = FakeSource()
+    source.list.append(dict(source_key="static:b", name="b", task_name="proj.add"))
+    sender = Sender()
+    s = S.ExternalScheduler(OWNER, source, sender, state_path=state)
+    s.activate(command("schedule.external.activate", **ACTIVATION))
+    source.list.pop()
+    s.publish("change")  # handed to the spool, never applied by the brain
+    activate_epoch(s, 4)
+    assert [snapshot_rows(b) for b in sender.batches] == [
+        ["static:a", "static:b"], ["static:a"], ["static:a", "static:b"], ["static:a"]]
+    assert s.stats()["rows_carried"] == 1
+    # Still carried in the epoch after (the brain may have thrown that one away too) ...
+    activate_epoch(s, 5)
+    assert [snapshot_rows(b) for b in sender.batches[4:]] == [["static:a", "static:b"], ["static:a"]]
+    # ... and by a new process reading the file.
+    sender2 = Sender()
+    again = S.ExternalScheduler(OWNER, source, sender2, state_path=state)
+    activate_epoch(again, 6)
+    assert [snapshot_rows(b) for b in sender2.batches] == [["static:a", "static:b"], ["static:a"]]
+    assert os.stat(state).st_mode & 0o777 == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["beat.z4j-agentd.json"]  # no temporary file left
+
+
+def test_a_carried_row_whose_name_a_current_row_holds_stays_out():
+    source = FakeSource()
+    source.list.append(dict(source_key="static:b", name="b", task_name="proj.add"))
+    s, sender = stream(source)
+    s.activate(command("schedule.external.activate", **ACTIVATION))
+    source.list.pop()
+    s.publish("change")
+    source.list.append(dict(source_key="dcb:3", name="b", task_name="proj.add"))  # the name taken over
+    s.publish("change")
+    activate_epoch(s, 4)
+    # static:b and dcb:3 in one snapshot would share a name; the brain took dcb:3, so it took the removal.
+    assert [snapshot_rows(b) for b in sender.batches[3:]] == [["dcb:3", "static:a"]]
+
+
+def test_carried_rows_are_bounded_by_count_and_age(monkeypatch, tmp_path):
+    state = str(tmp_path / "state.json")
+    source = FakeSource()
+    source.list += [dict(source_key=f"static:r{i}", name=f"r{i}", task_name="t") for i in range(5)]
+    s = S.ExternalScheduler(OWNER, source, Sender(), state_path=state)
+    s.activate(command("schedule.external.activate", **ACTIVATION))
+    monkeypatch.setattr(S, "MAX_CARRIED_ROWS", 3)
+    clock = [1_000_000.0]
+    monkeypatch.setattr(S.time, "time", lambda: clock[0])
+    for i in range(5):
+        source.list.pop()
+        clock[0] += 10
+        s.publish("change")
+    assert sorted(s._removed) == ["static:r0", "static:r1", "static:r2"]  # the latest three removed
+    clock[0] += S.CARRY_SECONDS - 15  # r4 and r3 removed more than CARRY_SECONDS ago: already out
+    source.list.append(dict(source_key="static:x", name="x", task_name="t"))
+    s.publish("change")
+    assert sorted(s._removed) == ["static:r0", "static:r1"]
+    assert sorted(i["row"]["source_key"] for i in json.load(open(state))["removed"]) == ["static:r0", "static:r1"]
+
+
+def test_a_state_file_of_another_stream_is_not_carried(tmp_path):
+    state = str(tmp_path / "state.json")
+    source = FakeSource()
+    source.list.append(dict(source_key="static:b", name="b", task_name="proj.add"))
+    S.ExternalScheduler(OWNER, source, Sender(), state_path=state).activate(
+        command("schedule.external.activate", **ACTIVATION))
+    assert json.load(open(state))["stream_id"] == ACTIVATION["stream_id"]
+    source.list.pop()
+    sender = Sender()
+    other = S.ExternalScheduler(OWNER, source, sender, state_path=state)
+    other.activate(command("schedule.external.activate", **{**ACTIVATION, "stream_id": str(uuid.uuid4())}))
+    assert [snapshot_rows(b) for b in sender.batches] == [["static:a"]]
+
+
+def test_a_bad_row_is_left_out_and_counted_and_a_huge_one_shortened(caplog):
+    source = FakeSource()
+    source.list += [dict(source_key="static:empty", name="", task_name="t"),
+                    dict(source_key="static:big", name="big", task_name="t", args=["x" * 3000])]
+    s = S.ExternalScheduler(OWNER, source, Sender(), row_payload_bytes=2000)
+    summary = s.activate(command("schedule.external.activate", **ACTIVATION))
+    assert summary["schedule_count"] == 2
+    assert s.stats()["rows_skipped"] == 1 and s.stats()["rows_shortened"] == 1
+    frame = s._send.batches[0][0]["data"]["external_snapshot_frame"]
+    big = next(r for r in frame["schedules"] if r["source_key"] == "static:big")
+    assert big["kwargs"] == {} and "left out: the args and kwargs are" in big["args"][0]
+    assert "static:empty" in caplog.text and "name and a task_name" in caplog.text
+    caplog.clear()
+    source.list[0]["total_runs"] = 1
+    assert s.publish("change")["sequence"] == 2
+    assert "static:empty" not in caplog.text  # logged once, not at every snapshot
+    # Trigger now on the shortened row compares its page form, and sends the real args.
+    receipt = s.mutate(command("schedule.external.mutate", **mutate_params(
+        s, None, schedule_id="static:big", expected=big)))
+    assert receipt["source_key"] == "static:big" and source.triggered == ["static:big"]
+
+
+def test_a_row_too_large_for_a_frame_is_refused_wherever_it_comes_in_the_chunk():
+    small = dict(name="a", task_name="t")
+    big = dict(name="b", task_name="t", args=["x" * 1000])
+    with pytest.raises(S.ProtocolError, match="larger than a snapshot frame"):
+        S.snapshot_events(authority(), 1, [small, big], reason="r", row_payload_bytes=700)
+    # Rows of every size up to the limit, in any order: every frame within it.
+    rows = [dict(name=f"s{i:02}", task_name="t", args=["x" * ((i * 37) % 280)]) for i in range(40)]
+    events, _ = S.snapshot_events(authority(), 1, rows, reason="r", row_payload_bytes=700)
+    frames = [e["data"]["external_snapshot_frame"]["schedules"] for e in events]
+    assert sum(len(f) for f in frames) == 40
+    assert all(len(S.canonical_json({"schedules": f})) <= 700 for f in frames)
+
+
+def test_beat_is_never_held_up_by_a_snapshot_that_cannot_be_handed_over():
+    """The daemon takes nothing (its socket hangs): beat's sends still return
+    at once, since snapshots go from the stream's own thread and the command
+    thread, never from beat's."""
+    import threading
+    import time
+
+    from z4j_agentd.celery import beat
+
+    sent = []
+    app, scheduler = beat_scheduler(sent)
+    source = beat.source_for(app, scheduler)
+    hang = threading.Event()
+    calls = []
+
+    def send(events):
+        calls.append(len(events))
+        hang.wait(30)
+        raise DaemonUnavailable("no answer")
+
+    s = S.ExternalScheduler(OWNER, source, send, poll_interval=0.05, min_interval=0.0)
+    beat._watch_sends(scheduler, s, source)
+    s.start()
+    activation = threading.Thread(target=lambda: pytest.raises(
+        RuntimeError, s.activate, command("schedule.external.activate", **ACTIVATION)), daemon=True)
+    activation.start()
+    try:
+        deadline = time.monotonic() + 5
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert calls, "the activation snapshot never reached the daemon's socket"
+        started = time.monotonic()
+        for _ in range(20):
+            scheduler.apply_async(scheduler.schedule["every-15"])
+        elapsed = time.monotonic() - started
+        assert len(sent) == 20
+        assert elapsed < 2.0, f"20 sends by beat took {elapsed:.2f} s while the daemon hung"
+    finally:
+        s.stop()
+        hang.set()
+        activation.join(10)

@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 import threading
 import time
 import uuid
@@ -54,6 +55,12 @@ LIVE_FIELDS = ("last_run_at", "next_run_at", "total_runs")
 #: takes 1 MiB frames; the daemon's envelope and the frame's other fields fit
 #: in the rest).
 ROW_PAYLOAD_BYTES = 736 * 1024
+#: Rows removed from the scheduler that the first snapshot of a new epoch
+#: still carries (see `ExternalScheduler._steps`): at most this many, the
+#: latest removed ...
+MAX_CARRIED_ROWS = 1000
+#: ... and none removed longer ago than this (seconds).
+CARRY_SECONDS = 30 * 86400
 #: Receipts remembered for a mutation the brain delivers again.
 REMEMBERED_OPERATIONS = 256
 #: Kinds the brain's rows take.
@@ -296,16 +303,35 @@ def snapshot_frame_body(authority: Authority, sequence: int, *, snapshot_id: str
     }, "$")
 
 
+def frame_bytes(row: Mapping[str, Any]) -> int:
+    """Bytes of canonical JSON a rows frame holding only `row` takes."""
+    return len(canonical_json({"schedules": [row]}))
+
+
+def fit_row(row: Mapping[str, Any], limit: int = ROW_PAYLOAD_BYTES) -> Optional[Dict[str, Any]]:
+    """A normalized row that fits a snapshot frame on its own: unchanged when
+    it does; else with its args and kwargs replaced by a note saying they
+    were left out (the schedule itself still runs with them); None when
+    even that is too large (a name of several hundred KiB)."""
+    if frame_bytes(row) <= limit:
+        return dict(row)
+    size = len(canonical_json({"args": row["args"], "kwargs": row["kwargs"]}))
+    short = {**row, "args": [f"<left out: the args and kwargs are {size} bytes of JSON, more than a "
+                             f"snapshot frame holds>"], "kwargs": {}}
+    return short if frame_bytes(short) <= limit else None
+
+
 def _chunks(rows: List[Dict[str, Any]], limit: int) -> List[List[Dict[str, Any]]]:
     chunks: List[List[Dict[str, Any]]] = []
     current: List[Dict[str, Any]] = []
     size = len(canonical_json({"schedules": []}))
     for row in rows:
-        row_size = len(canonical_json(row)) + 1
-        if size + row_size - 1 > limit and not current:
+        alone = frame_bytes(row)
+        if alone > limit:
             raise ProtocolError(f"schedule {row['name']!r} alone is larger than a snapshot frame "
-                                f"({size + row_size - 1} bytes of canonical JSON, at most {limit}); "
+                                f"({alone} bytes of canonical JSON, at most {limit}); "
                                 f"shorten its args or kwargs")
+        row_size = len(canonical_json(row)) + 1
         if current and size + row_size > limit:
             chunks.append(current)
             current, size = [], len(canonical_json({"schedules": []}))
@@ -387,6 +413,9 @@ class _Pending:
     key: Optional[bytes]  # None for an intermediate step (see ExternalScheduler._steps)
     summary: Dict[str, Any]
     rows: List[Dict[str, Any]]
+    #: Source keys of rows the scheduler no longer has, carried in this
+    #: snapshot only so the brain takes their removal (see `_steps`).
+    carried: frozenset = frozenset()
 
 
 class ExternalScheduler:
@@ -406,20 +435,30 @@ class ExternalScheduler:
 
     def __init__(self, owner: str, source: Source, send: Callable[[List[Dict[str, Any]]], Any], *,
                  poll_interval: float = 5.0, min_interval: float = 1.0,
-                 state_path: Optional[str] = None) -> None:
+                 state_path: Optional[str] = None, row_payload_bytes: int = ROW_PAYLOAD_BYTES) -> None:
         self.owner = owner
         self.source = source
         self._send = send
         self.poll_interval = float(poll_interval)
         self.min_interval = float(min_interval)
         self.state_path = state_path
+        self.row_payload_bytes = int(row_payload_bytes)
         self._lock = threading.RLock()
         self._authority: Optional[Authority] = None
         self._sequence = 0
         self._last_key: Optional[bytes] = None
-        #: The rows of the last snapshot handed over, in this epoch or an
-        #: earlier one (then read from `state_path`): what the brain shows.
-        self._published: List[Dict[str, Any]] = self._load_state()
+        #: The scheduler's rows in the last snapshot handed over, in this
+        #: epoch or an earlier one (then read from `state_path`).
+        self._published: List[Dict[str, Any]] = []
+        #: Rows the scheduler had and has no more, by source key, with the
+        #: time (Unix seconds) they were first found gone: the brain may
+        #: still hold them (a snapshot removing them may have reached it
+        #: under an epoch it had left), so the first snapshot of each new
+        #: epoch carries them (bounded by MAX_CARRIED_ROWS, CARRY_SECONDS).
+        self._removed: Dict[str, Tuple[Dict[str, Any], float]] = {}
+        #: The stream `state_path` was written under (None: not known).
+        self._state_stream: Optional[str] = None
+        self._load_state()
         #: True until the current epoch's first snapshot is handed over.
         self._epoch_fresh = False
         self._last_summary: Optional[Dict[str, Any]] = None
@@ -432,6 +471,12 @@ class ExternalScheduler:
         self.snapshots_published = 0
         self.snapshot_failures = 0
         self.last_error: Optional[str] = None
+        #: Rows of the source left out of the last snapshot (they cannot be
+        #: put in the canonical form or do not fit a frame even shortened),
+        #: and rows whose args and kwargs were left out to fit a frame.
+        self.rows_skipped = 0
+        self.rows_shortened = 0
+        self._reported: Dict[str, str] = {}
 
     # -- what the process declares ---------------------------------------
 
@@ -454,14 +499,50 @@ class ExternalScheduler:
                     "epoch_number": a.epoch_number if a else None, "sequence": self._sequence,
                     "snapshot_pending": self._pending is not None,
                     "snapshots_published": self.snapshots_published,
-                    "snapshot_failures": self.snapshot_failures, "last_error": self.last_error}
+                    "snapshot_failures": self.snapshot_failures, "last_error": self.last_error,
+                    "rows_skipped": self.rows_skipped, "rows_shortened": self.rows_shortened,
+                    "rows_carried": len(self._removed)}
 
     # -- snapshots -------------------------------------------------------
 
     def _observe(self) -> Tuple[List[Dict[str, Any]], bytes]:
-        rows = _sorted_rows(self.source.rows(), self.owner)
-        key = canonical_json({"rows": [{k: v for k, v in r.items() if k != "next_run_at"} for r in rows]})
-        return rows, key
+        """The source's rows, normalized and each fitting a frame. One bad
+        row does not stop the snapshot: it is left out (a row the brain
+        holds under its key then goes from the page), logged once and
+        counted in `rows_skipped`; a row too large for a frame loses its
+        args and kwargs on the page (`rows_shortened`)."""
+        rows: Dict[str, Dict[str, Any]] = {}
+        problems: Dict[str, str] = {}
+        shortened = 0
+        for raw in self.source.rows():
+            label = str(raw.get("source_key") or raw.get("external_id") or raw.get("name") or "?")
+            try:
+                row = normalize_row(raw, self.owner)
+            except (ProtocolError, TypeError, ValueError) as exc:
+                problems[label] = f"left out of the snapshot: {exc}"
+                continue
+            fitted = fit_row(row, self.row_payload_bytes)
+            if fitted is None:
+                problems[label] = (f"left out of the snapshot: {frame_bytes(row)} bytes of JSON even "
+                                   f"without its args and kwargs, at most {self.row_payload_bytes}")
+                continue
+            if fitted != row:
+                shortened += 1
+                problems[label] = (f"shown without its args and kwargs: {frame_bytes(row)} bytes of JSON, "
+                                   f"more than a snapshot frame holds ({self.row_payload_bytes})")
+            if row["source_key"] in rows:
+                problems[label] = f"left out of the snapshot: another schedule has the source key {label!r}"
+                continue
+            rows[row["source_key"]] = fitted
+        self.rows_skipped = sum(1 for p in problems.values() if p.startswith("left out"))
+        self.rows_shortened = shortened
+        for label, problem in problems.items():
+            if self._reported.get(label) != problem:
+                log.error("z4j-agentd: %s schedule %s is %s", self.owner, label, problem)
+        self._reported = problems
+        ordered = [rows[k] for k in sorted(rows)]
+        key = canonical_json({"rows": [{k: v for k, v in r.items() if k != "next_run_at"} for r in ordered]})
+        return ordered, key
 
     def publish(self, reason: str, *, force: bool = False) -> Optional[Dict[str, Any]]:
         """Hands a new snapshot to the daemon when the rows changed (always
@@ -478,43 +559,64 @@ class ExternalScheduler:
             rows, key = self._observe()
             if not force and key == self._last_key:
                 return None
-            for step in self._steps(rows):
-                self._hand_over(self._build(authority, step, reason, None))
+            for step, carried in self._steps(rows):
+                self._hand_over(self._build(authority, step, reason, None, carried))
             pending = self._build(authority, rows, reason, key)
             self._hand_over(pending)
             return pending.summary
 
     def _build(self, authority: Authority, rows: List[Dict[str, Any]], reason: str,
-               key: Optional[bytes]) -> _Pending:
+               key: Optional[bytes], carried: Iterable[str] = ()) -> _Pending:
         sequence = self._sequence + 1
-        events, summary = snapshot_events(authority, sequence, rows, reason=reason)
-        return _Pending(authority, sequence, events, key, summary, rows)
+        events, summary = snapshot_events(authority, sequence, rows, reason=reason,
+                                          row_payload_bytes=self.row_payload_bytes)
+        return _Pending(authority, sequence, events, key, summary, rows, frozenset(carried))
 
-    def _steps(self, rows: List[Dict[str, Any]]) -> List[List[Dict[str, Any]]]:
-        """Snapshots to hand over before `rows`, so the brain takes the change.
+    def _steps(self, rows: List[Dict[str, Any]]) -> List[Tuple[List[Dict[str, Any]], List[str]]]:
+        """Snapshots to hand over before `rows`, so the brain takes the
+        change, each with the keys of the rows it carries.
 
         The brain (1.13) refuses a snapshot that removes a row last written
         in an earlier epoch ("external schedule delete is not current"), and
         one that adds a row under the name of a row it removes in the same
         snapshot (its names are unique per scheduler, and it applies the
         changes in no fixed order); either refusal leaves the page stale
-        for good. So the first snapshot of an epoch still carries the rows
-        published before and gone since (which writes them into this
-        epoch), and a row that takes over the name of another comes one
-        snapshot after that other one is removed.
+        for good, since every later sequence is then a gap.
+
+        So the first snapshot of an epoch carries every row the brain may
+        still hold: the rows of the last snapshot handed over and gone
+        since, and the rows removed before that (`_removed`). A snapshot
+        that removed them may have reached the brain under an epoch it had
+        already left (it was in the daemon's spool when the uplink dropped)
+        and been thrown away; carrying a row the brain has already deleted
+        only shows it again until the next snapshot. A carried row whose
+        name a current row holds stays out (the brain took that row, so it
+        took the removal). Within an epoch, a row that takes over the name
+        of another comes one snapshot after that other one is removed.
         """
         before = {r["source_key"]: r for r in self._published}
         keys = {r["source_key"] for r in rows}
-        gone = [r for k, r in sorted(before.items()) if k not in keys]
         names_before = {r["name"]: r["source_key"] for r in before.values()}
         renamed = {r["source_key"] for r in rows
                    if names_before.get(r["name"], r["source_key"]) != r["source_key"]}
         kept = [r for r in rows if r["source_key"] not in renamed]
-        steps = []
-        if self._epoch_fresh and gone:
-            steps.append(sorted(kept + gone, key=lambda r: r["source_key"]))
+        steps: List[Tuple[List[Dict[str, Any]], List[str]]] = []
+        if self._epoch_fresh:
+            # Latest first: of two gone rows with one name, the latest one.
+            gone = [(float("inf"), r) for k, r in before.items() if k not in keys]
+            gone += sorted(((t, r) for k, (r, t) in self._removed.items() if k not in keys and k not in before),
+                           key=lambda item: -item[0])
+            names = {r["name"] for r in kept}
+            carried: Dict[str, Dict[str, Any]] = {}
+            for _, r in gone:
+                if r["name"] not in names:
+                    names.add(r["name"])
+                    carried[r["source_key"]] = r
+            if carried:
+                steps.append((sorted(kept + list(carried.values()), key=lambda r: r["source_key"]),
+                              sorted(carried)))
         if renamed:
-            steps.append(kept)
+            steps.append((kept, []))
         return steps
 
     def _hand_over(self, pending: _Pending) -> None:
@@ -532,40 +634,95 @@ class ExternalScheduler:
         self._sequence = pending.sequence
         self._last_key = pending.key
         self._last_summary = pending.summary
-        self._published = pending.rows
+        self._remember(pending)
         self._epoch_fresh = False
         self.snapshots_published += 1
         self.last_error = None
         self._save_state()
 
-    def _load_state(self) -> List[Dict[str, Any]]:
+    def _remember(self, pending: _Pending) -> None:
+        """After a snapshot is handed over: the rows it holds for the
+        scheduler, and the ones gone since the last (into `_removed`)."""
+        present = [r for r in pending.rows if r["source_key"] not in pending.carried]
+        keys = {r["source_key"] for r in present}
+        now = time.time()
+        for row in self._published:
+            if row["source_key"] not in keys and row["source_key"] not in self._removed:
+                self._removed[row["source_key"]] = (row, now)
+        for key in keys:
+            self._removed.pop(key, None)
+        self._published = present
+        self._trim_removed(now)
+
+    def _trim_removed(self, now: float) -> None:
+        kept = sorted(((t, k) for k, (_, t) in self._removed.items() if now - t <= CARRY_SECONDS), reverse=True)
+        keep = {k for _, k in kept[:MAX_CARRIED_ROWS]}
+        self._removed = {k: v for k, v in self._removed.items() if k in keep}
+
+    def _load_state(self) -> None:
         if not self.state_path:
-            return []
+            return
         try:
             with open(self.state_path, encoding="utf-8") as f:
                 saved = json.load(f)
-            rows = saved.get("rows") if saved.get("scheduler") == self.owner else None
-            return _sorted_rows(rows, self.owner) if isinstance(rows, list) else []
+            if saved.get("scheduler") != self.owner:
+                return
+            rows = saved.get("rows")
+            published = _sorted_rows(rows, self.owner) if isinstance(rows, list) else []
+            removed: Dict[str, Tuple[Dict[str, Any], float]] = {}
+            for item in saved.get("removed") or []:
+                row = normalize_row(item["row"], self.owner)
+                removed[row["source_key"]] = (row, float(item["removed_at"]))
+            stream = saved.get("stream_id")
         except FileNotFoundError:
-            return []
+            return
         except Exception as exc:  # unreadable: start as without it
             log.warning("z4j-agentd: ignoring %s (%s): it is rewritten after the next snapshot",
                         self.state_path, exc)
-            return []
+            return
+        self._published, self._removed = published, removed
+        self._state_stream = stream if isinstance(stream, str) else None
+        self._trim_removed(time.time())
+
+    def _forget_other_stream(self, authority: Authority) -> None:
+        """Rows kept for another stream (another brain, or the brain's
+        stream started over) say nothing about what this one holds."""
+        if self._state_stream is not None and self._state_stream != authority.stream_id:
+            if self._published or self._removed:
+                log.info("z4j-agentd: %s was written for another %s stream: its rows are not carried",
+                         self.state_path, self.owner)
+            self._published, self._removed = [], {}
+        self._state_stream = authority.stream_id
 
     def _save_state(self) -> None:
+        """Written to a new file beside it, then renamed over it (mode 0600:
+        rows hold the schedules' arguments)."""
         if not self.state_path:
             return
-        tmp = f"{self.state_path}.tmp"
+        directory = os.path.dirname(os.path.abspath(self.state_path))
+        state = {"version": 2, "scheduler": self.owner, "stream_id": self._state_stream,
+                 "rows": self._published,
+                 "removed": [{"removed_at": t, "row": r} for _, (r, t) in sorted(self._removed.items())]}
+        tmp = None
         try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump({"scheduler": self.owner, "rows": self._published}, f)
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(self.state_path) + ".",
+                                       suffix=".tmp")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(state, f)
+            os.chmod(tmp, 0o600)
             os.replace(tmp, self.state_path)
+            tmp = None
         except OSError as exc:
             if not self._state_warned:
                 self._state_warned = True
                 log.warning("z4j-agentd: cannot write %s (%s): a schedule removed while %s is stopped "
                             "may then stay on the brain's page", self.state_path, exc, self.owner)
+        finally:
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
 
     _state_warned = False
 
@@ -628,6 +785,7 @@ class ExternalScheduler:
             # A new epoch starts over, even when its first snapshot fails:
             # nothing is published under the old one again.
             self._authority = authority
+            self._forget_other_stream(authority)
             self._sequence = 0
             self._last_key = None
             self._last_summary = None
@@ -731,5 +889,5 @@ class ExternalScheduler:
 
 __all__ = ["Authority", "Conflict", "EDITABLE", "ExternalScheduler", "KINDS", "MUTATION", "PROTOCOL_VERSION",
            "ProtocolError", "RUNTIME_FEATURE", "STABLE_SNAPSHOT", "Source", "canonical_json", "configuration",
-           "digest", "iso_utc", "normalize_row", "projection_body", "snapshot_events", "snapshot_frame_body",
-           "source_scope"]
+           "digest", "fit_row", "frame_bytes", "iso_utc", "normalize_row", "projection_body", "snapshot_events",
+           "snapshot_frame_body", "source_scope"]

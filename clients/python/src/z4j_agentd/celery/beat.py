@@ -30,12 +30,13 @@ django-celery-beat every `PeriodicTask` row, enabled or not (`source`
 copies `beat_schedule` into the database itself). The keys are those of
 z4j-celerybeat, so rows stay the same rows when a project moves over.
 
-A schedule removed while beat was stopped: the brain refuses a first
-snapshot of a new stream epoch that leaves out a row it last saw in an
-earlier epoch, so beat's process keeps the rows it last published in a file
-beside beat's schedule file (`<schedule file>.z4j-agentd.json`) and carries
-them over into the first snapshot of each epoch; the next snapshot removes
-them (see `z4j_agentd._schedules.ExternalScheduler._steps`).
+A schedule removed while beat was stopped (or while the daemon's uplink was
+down): the brain refuses a first snapshot of a new stream epoch that leaves
+out a row it still holds from an earlier epoch, so beat's process keeps the
+rows it last published and the rows removed since in a file beside beat's
+schedule file (`<schedule file>.z4j-agentd.json`; it must be on persistent
+storage) and carries them into the first snapshot of each epoch; the next
+snapshot removes them (see `z4j_agentd._schedules.ExternalScheduler._steps`).
 
 Run counts: a schedule's `total_runs` counts the tasks beat sent for it
 (beat's own count, which django-celery-beat keeps in the database) plus
@@ -50,6 +51,7 @@ import json
 import logging
 import os
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
@@ -68,6 +70,11 @@ POLL_SECONDS = 5.0
 #: snapshot, so a beat sending every second does not make it do so every
 #: second. The brain's commands get theirs at once.
 MIN_SNAPSHOT_SECONDS = 5.0
+#: Seconds at most between two reads of django-celery-beat's PeriodicTask
+#: table; in between, it is read again only when `PeriodicTasks.last_change()`
+#: moved (every save through Django moves it; beat's own writes of its run
+#: counts do not, and a bulk `update()` does not either).
+FULL_READ_SECONDS = 60.0
 #: Seconds a snapshot may take to reach the daemon's spool.
 SEND_TIMEOUT = 10.0
 #: Added to beat's schedule file name for the file that keeps the rows last
@@ -170,7 +177,13 @@ class _BeatSource(Source):
 
     def _send(self, source_key: str, task: str, args: list, kwargs: dict, options: Dict[str, Any]
               ) -> Dict[str, Any]:
-        result = self.app.send_task(task, args=args, kwargs=kwargs, **options)
+        # As beat sends: through the registered task when there is one, so
+        # its own options (queue, routing, ...) apply as they do for beat.
+        registered = self.app.tasks.get(task)
+        if registered is not None:
+            result = registered.apply_async(args, kwargs, **options)
+        else:
+            result = self.app.send_task(task, args=args, kwargs=kwargs, **options)
         self._count_trigger(source_key)
         task_id = getattr(result, "id", None)
         return {"task_id": str(task_id) if task_id else None, "task_name": task}
@@ -248,6 +261,9 @@ class DatabaseSource(_BeatSource):
         from django_celery_beat import models
 
         self.models = models
+        #: The PeriodicTask rows last read, the last_change() they were read
+        #: at, and when (monotonic seconds).
+        self._read: Optional[Tuple[List[Any], Any, float]] = None
 
     def capabilities(self) -> List[str]:
         return list(READ_CAPABILITIES) + list(WRITE_CAPABILITIES)
@@ -283,9 +299,20 @@ class DatabaseSource(_BeatSource):
                 continue
         return {}
 
+    def _models(self) -> List[Any]:
+        """Every PeriodicTask, read again only when the table changed (see
+        `FULL_READ_SECONDS`): a look every `POLL_SECONDS` costs one query."""
+        changed = self.models.PeriodicTasks.last_change()
+        now = time.monotonic()
+        if self._read is not None and self._read[1] == changed and now - self._read[2] < FULL_READ_SECONDS:
+            return self._read[0]
+        models = list(self._query())
+        self._read = (models, changed, now)
+        return models
+
     def rows(self) -> List[Dict[str, Any]]:
         live = self._live()
-        return self._db(lambda: [self._with_triggers(self._row(m, live.get(m.name))) for m in self._query()])
+        return self._db(lambda: [self._with_triggers(self._row(m, live.get(m.name))) for m in self._models()])
 
     def _row(self, model: Any, entry: Any = None) -> Dict[str, Any]:
         kind, expression, tz = self._kind(model)
@@ -298,6 +325,15 @@ class DatabaseSource(_BeatSource):
             if int(live_model.total_run_count or 0) > runs:
                 runs, last = int(live_model.total_run_count), _aware(live_model.last_run_at)
             next_run = _next_run(entry.schedule, live_model.last_run_at)
+        elif model.enabled:
+            # Not in beat's entries (django-celery-beat 2.7+ loads only the
+            # cron rows due within about two hours): from the model itself.
+            try:
+                schedule = model.schedule
+            except Exception:
+                schedule = None
+            if schedule is not None:
+                next_run = _next_run(schedule, model.last_run_at or datetime.now(timezone.utc))
         key = f"dcb:{model.pk}"
         native = {f: str(getattr(model, f, None)) for f in (
             "task", "args", "kwargs", "headers", "queue", "exchange", "routing_key", "priority", "expires",
@@ -355,9 +391,15 @@ class DatabaseSource(_BeatSource):
 
     def mutate(self, operation: str, source_key: Optional[str], expected: Optional[Mapping[str, Any]],
                definition: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+        """The brain's create, update (enable, disable) and delete, in one
+        transaction: a change beat could not run (a cron field out of range,
+        an interval past what Python's timedelta holds) or the brain could
+        not list (no name, args too large for a snapshot frame) raises
+        ValueError and leaves the database as it was. An update writes only
+        the fields the brain's definition names."""
         from django.db import transaction
 
-        from .._schedules import configuration, normalize_row
+        from .._schedules import configuration, fit_row, normalize_row
 
         def work() -> Optional[Dict[str, Any]]:
             PeriodicTask = self.models.PeriodicTask
@@ -366,19 +408,23 @@ class DatabaseSource(_BeatSource):
                     missing = {"name", "task_name", "kind", "expression"} - set(definition)
                     if missing:
                         raise ValueError(f"a new schedule needs {sorted(missing)}")
-                    if PeriodicTask.objects.filter(name=definition["name"]).exists():
-                        raise Conflict(f"a django-celery-beat schedule named {definition['name']!r} exists already")
-                    model = PeriodicTask(name=definition["name"])
-                    self._apply(model, {"timezone": "UTC", "queue": None, "args": [], "kwargs": {},
-                                        "is_enabled": True, **definition}, new_schedule=True)
+                    spec = {"timezone": "UTC", "queue": None, "args": [], "kwargs": {}, "is_enabled": True,
+                            **definition}
+                    _check_definition(spec, str(spec["kind"]))
+                    name = spec["name"].strip()
+                    if PeriodicTask.objects.filter(name=name).exists():
+                        raise Conflict(f"a django-celery-beat schedule named {name!r} exists already")
+                    model = PeriodicTask(name=name)
+                    self._apply(model, spec, self._schedule_object(spec["kind"], spec["expression"],
+                                                                   spec["timezone"] or "UTC"))
                     model.save()
-                    return self._row(self._query().get(pk=model.pk))
+                    return self._checked_row(model.pk)
                 try:
                     model = PeriodicTask.objects.select_for_update().get(pk=self._pk(source_key))
                 except PeriodicTask.DoesNotExist:
                     raise Conflict(f"schedule {source_key} is not in the database any more") from None
                 model = self._query().get(pk=model.pk)
-                current = normalize_row(self._row(model), SCHEDULER)
+                current = fit_row(normalize_row(self._row(model), SCHEDULER)) or {}
                 if configuration(current) != configuration(dict(expected or {})):
                     raise Conflict(f"schedule {model.name!r} changed in the database since the brain saw it; "
                                    f"refresh and try again")
@@ -386,27 +432,66 @@ class DatabaseSource(_BeatSource):
                     model.delete()
                     return None
                 timing = ("kind", "expression", "timezone")
-                new_schedule = any(k in definition and definition[k] != current[k] for k in timing)
-                self._apply(model, {**current, **definition}, new_schedule=new_schedule)
+                merged = {**current, **definition}
+                if merged["kind"] != "cron" and "timezone" not in definition:
+                    merged["timezone"] = "UTC"  # a cron row's timezone does not follow it to another kind
+                _check_definition(definition, str(merged["kind"]), timezone=merged["timezone"])
+                if "name" in definition and PeriodicTask.objects.filter(
+                        name=definition["name"].strip()).exclude(pk=model.pk).exists():
+                    raise Conflict(f"a django-celery-beat schedule named {definition['name'].strip()!r} "
+                                   f"exists already")
+                schedule = None
+                if any(k in definition and definition[k] != current.get(k) for k in timing):
+                    schedule = self._schedule_object(str(merged["kind"]), str(merged["expression"] or ""),
+                                                     str(merged["timezone"] or "UTC"))
+                self._apply(model, definition, schedule)
                 model.save()
-                return self._row(self._query().get(pk=model.pk))
+                return self._checked_row(model.pk)
 
         return self._db(work)
 
-    def _apply(self, model: Any, spec: Mapping[str, Any], *, new_schedule: bool) -> None:
-        if not isinstance(spec.get("args"), list) or not isinstance(spec.get("kwargs"), dict):
-            raise ValueError("args must be a list and kwargs an object")
-        model.name = str(spec["name"])
-        model.task = str(spec["task_name"])
-        model.args = json.dumps(spec["args"])
-        model.kwargs = json.dumps(spec["kwargs"])
-        model.queue = spec.get("queue") or None
-        model.enabled = bool(spec.get("is_enabled", True))
-        if new_schedule:
+    def _checked_row(self, pk: int) -> Dict[str, Any]:
+        """The row of a schedule just written, inside the transaction that
+        wrote it: raises ValueError (the write rolls back) when beat could
+        not build its schedule or the brain could not take the row."""
+        from .. import _schedules
+
+        model = self._query().get(pk=pk)
+        try:
+            schedule = model.schedule
+            if schedule is None:
+                raise ValueError("it has no schedule")
+            schedule.remaining_estimate(datetime.now(timezone.utc))
+        except (ValueError, OverflowError, TypeError, ArithmeticError, RuntimeError) as exc:
+            raise ValueError(f"celery beat cannot run schedule {model.name!r}: {exc}") from None
+        row = self._row(model)
+        normalized = _schedules.normalize_row(row, SCHEDULER)
+        size = _schedules.frame_bytes(normalized)
+        if size > _schedules.ROW_PAYLOAD_BYTES:
+            raise ValueError(f"schedule {model.name!r} is {size} bytes of JSON, more than a snapshot frame "
+                             f"holds ({_schedules.ROW_PAYLOAD_BYTES}); shorten its args or kwargs")
+        return row
+
+    @staticmethod
+    def _apply(model: Any, spec: Mapping[str, Any], schedule: Optional[Tuple[str, Any]]) -> None:
+        """Writes the fields `spec` names (checked by `_check_definition`),
+        and the schedule object when one is given."""
+        if "name" in spec:
+            model.name = spec["name"].strip()
+        if "task_name" in spec:
+            model.task = spec["task_name"].strip()
+        if "args" in spec:
+            model.args = json.dumps(spec["args"])
+        if "kwargs" in spec:
+            model.kwargs = json.dumps(spec["kwargs"])
+        if "queue" in spec:
+            model.queue = spec["queue"] or None
+        if "is_enabled" in spec:
+            model.enabled = spec["is_enabled"]
+        if schedule is not None:
             for field in ("interval", "crontab", "clocked", "solar"):
                 setattr(model, field, None)
-            field, value = self._schedule_object(str(spec["kind"]), str(spec.get("expression") or ""),
-                                                 str(spec.get("timezone") or "UTC"))
+            field, value = schedule
             setattr(model, field, value)
             model.one_off = field == "clocked"
 
@@ -420,11 +505,17 @@ class DatabaseSource(_BeatSource):
             if not seconds.is_finite() or seconds <= 0:
                 raise ValueError(f"an interval is a positive number of seconds, got {expression!r}")
             if seconds == seconds.to_integral_value():
+                if seconds > _MAX_EVERY:
+                    raise ValueError(f"an interval is at most {_MAX_EVERY} seconds (about 68 years), "
+                                     f"got {expression!r}")
                 obj, _ = m.IntervalSchedule.objects.get_or_create(every=int(seconds), period=m.IntervalSchedule.SECONDS)
             else:
                 micros = seconds * 1_000_000
                 if micros != micros.to_integral_value():
                     raise ValueError(f"an interval is at most microsecond-precise, got {expression!r}")
+                if micros > _MAX_EVERY:
+                    raise ValueError(f"an interval with a fraction of a second is at most "
+                                     f"{_seconds_text(Decimal(_MAX_EVERY) / 1_000_000)} seconds, got {expression!r}")
                 obj, _ = m.IntervalSchedule.objects.get_or_create(every=int(micros),
                                                                   period=m.IntervalSchedule.MICROSECONDS)
             return "interval", obj
@@ -450,6 +541,42 @@ class DatabaseSource(_BeatSource):
             raise ValueError("a solar schedule needs a latitude and a longitude, which the brain does not send; "
                              "create or change it in the Django admin")
         raise ValueError(f"kind is one of interval, cron, clocked, solar; got {kind!r}")
+
+
+#: The largest `every` django-celery-beat's IntervalSchedule holds on every
+#: database (a 32-bit integer column).
+_MAX_EVERY = 2**31 - 1
+
+
+def _check_definition(spec: Mapping[str, Any], kind: str, *, timezone: Any = None) -> None:
+    """Refuses a field of the brain's definition of the wrong type, saying
+    which; `timezone` is the schedule's timezone after the change."""
+    for field in ("name", "task_name"):
+        if field in spec and (not isinstance(spec[field], str) or not spec[field].strip()):
+            raise ValueError(f"{field} must be a non-empty string, got {spec[field]!r}")
+    for field in ("kind", "expression"):
+        if field in spec and not isinstance(spec[field], str):
+            raise ValueError(f"{field} must be a string, got {spec[field]!r}")
+    if "args" in spec and not isinstance(spec["args"], list):
+        raise ValueError(f"args must be a list, got {spec['args']!r}")
+    if "kwargs" in spec and not isinstance(spec["kwargs"], dict):
+        raise ValueError(f"kwargs must be an object, got {spec['kwargs']!r}")
+    if "is_enabled" in spec and not isinstance(spec["is_enabled"], bool):
+        raise ValueError(f"is_enabled must be true or false, got {spec['is_enabled']!r}")
+    if "queue" in spec and spec["queue"] is not None and not isinstance(spec["queue"], str):
+        raise ValueError(f"queue must be a string or null, got {spec['queue']!r}")
+    tz = spec.get("timezone", timezone)
+    if tz is not None and not isinstance(tz, str):
+        raise ValueError(f"timezone must be a string, got {tz!r}")
+    if kind == "cron" and tz:
+        from zoneinfo import ZoneInfo
+
+        try:
+            ZoneInfo(tz)
+        except Exception:
+            raise ValueError(f"unknown timezone {tz!r} (an IANA name such as Europe/Paris)") from None
+    elif tz not in (None, "", "UTC"):
+        raise ValueError(f"only a cron schedule has a timezone; {kind} schedules run in UTC, got {tz!r}")
 
 
 def _loads(text: Any, default: Any) -> Any:
