@@ -297,6 +297,19 @@ def test_cancel_where_the_task_has_no_process_of_its_own_says_it_was_not_checked
     assert "runs tasks in the worker's own process (pid 4000)" in result["detail"], result
 
 
+def test_cancel_on_this_worker_with_a_greenlet_pool_says_it_was_not_checked(monkeypatch):
+    """gevent's worker_pid is a greenlet's id, and its pool lists no processes."""
+    req = Req("t-2", time_start=1.0, worker_pid=140234567891234)
+    monkeypatch.setattr(_commands, "_local_requests", lambda: ({"t-2": req}, {req}, set()))
+    h = _Hooks(FakeApp(), Recording(), serve_commands=True)
+    h.hostname = OWN
+    h.worker = SimpleNamespace(hostname=OWN, pool=SimpleNamespace(_get_info=lambda: {"max-concurrency": 100}))
+    h.app.control.replies["revoke"] = {OWN: {"ok": "terminate: t-2"}}
+    result = h.commands.cancel_task(cmd("cancel_task", {"task_id": "t-2"}))
+    assert (result["state_before"], result["terminated"], result["signal_sent"]) == ("running", False, True)
+    assert "lists no processes" in result["detail"], result
+
+
 def test_cancel_a_task_running_on_two_workers_needs_both(hooks):
     """Redis redelivers an unacknowledged task after its visibility timeout: two workers run it."""
     control = hooks.app.control
@@ -491,7 +504,7 @@ def broker_queue(monkeypatch):
 
     def purge(app, queue, timeout=5.0):
         state["purged"].append(queue)
-        n, state["depth"] = state["depth"], 0
+        n, state["depth"] = state["depth"] + state.get("arriving", 0), 0
         return n
 
     monkeypatch.setattr(_commands._queues, "depth", depth)
@@ -508,6 +521,13 @@ def test_purge_at_the_confirmed_depth(hooks, broker_queue):
     assert hooks.commands.purge_queue(purge_cmd(expected_depth=3)) == {
         "queue": "default", "depth_before": 3, "purged": 3, "force": False}
     assert broker_queue["purged"] == ["default"]
+
+
+def test_purge_says_when_messages_arrived_between_the_measure_and_the_purge(hooks, broker_queue):
+    broker_queue["arriving"] = 2
+    result = hooks.commands.purge_queue(purge_cmd(expected_depth=3))
+    assert (result["depth_before"], result["purged"]) == (3, 5)
+    assert result["note"] == "2 message(s) arrived between the measure and the purge and were purged too"
 
 
 def test_purge_refuses_when_the_depth_changed(hooks, broker_queue):
@@ -554,8 +574,10 @@ def test_submit_task_enqueues_by_name(hooks):
 
 def test_priority_labels_follow_the_transport(hooks):
     assert [_commands.priority_of(p) for p in ("critical", "high", "normal", "low", 7, 300, True)] == [
-        9, 6, 3, 0, 7, None, None]
-    assert [_commands.priority_of(p, "redis") for p in ("critical", "high", "normal", "low", 7)] == [0, 3, 6, 9, 7]
+        9, 6, None, 0, 7, None, None]
+    # On Redis a message without a priority runs with the first (step 0): nothing runs ahead of it.
+    assert [_commands.priority_of(p, "redis") for p in ("critical", "high", "normal", "low", 7)] == [
+        0, 0, None, 9, 7]
 
     class Conn:
         transport = SimpleNamespace(driver_type="redis")
@@ -564,8 +586,11 @@ def test_priority_labels_follow_the_transport(hooks):
             pass
 
     hooks.app.connection_for_write = Conn
-    hooks.commands.submit_task(cmd("submit_task", {"name": "p.a", "priority": "critical"}))
-    assert hooks.app.sent[-1]["priority"] == 0
+    hooks.commands.submit_task(cmd("submit_task", {"name": "p.a", "priority": "low"}))
+    assert hooks.app.sent[-1]["priority"] == 9
+    # "normal", the label of an ordinary task, sets none: a retried task queues as a fresh one does.
+    hooks.commands.submit_task(cmd("submit_task", {"name": "p.a", "priority": "normal"}))
+    assert "priority" not in hooks.app.sent[-1]
 
 
 def test_submit_task_bad_parameters(hooks):

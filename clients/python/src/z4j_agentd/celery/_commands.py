@@ -57,9 +57,13 @@ TOKENS = ("retry_by_reference_v1",)
 
 # Celery's rate grammar as the brain accepts it: "0" clears the limit.
 _RATE_RE = re.compile(r"^(?:0|[1-9]\d*(?:/[smh])?)$")
-# RabbitMQ runs higher numbers first; kombu's Redis transport the lower ones.
-_PRIORITY_LABELS = {"critical": 9, "high": 6, "normal": 3, "low": 0}
-_REDIS_PRIORITY_LABELS = {"critical": 0, "high": 3, "normal": 6, "low": 9}
+# The brain's priority labels. RabbitMQ runs higher numbers first, and a
+# message without a priority counts as 0 (the lowest); kombu's Redis
+# transport runs lower numbers first, and a message without a priority goes
+# to step 0 (the first). "normal", the label of an ordinary task, sets no
+# priority, so a retried task queues as a fresh one does.
+_PRIORITY_LABELS = {"critical": 9, "high": 6, "normal": None, "low": 0}
+_REDIS_PRIORITY_LABELS = {"critical": 0, "high": 0, "normal": None, "low": 9}
 _ETA_MAX_PAST_SECONDS = 60
 _ETA_MAX_FUTURE_SECONDS = 365 * 24 * 3600
 # Result-backend states, as the brain's reconcile projection names them.
@@ -225,8 +229,9 @@ def eta_from_unix(eta: Any) -> datetime:
 
 def priority_of(value: Any, transport: Optional[str] = None) -> Optional[int]:
     """An integer 0..255 as is; a label (critical, high, normal, low) as
-    9, 6, 3, 0, or on Redis (`transport` "redis", where lower runs first)
-    0, 3, 6, 9; anything else None (the queue's default)."""
+    9, 6, none, 0, or on Redis (`transport` "redis", where lower runs first
+    and a message without a priority runs with the first) 0, 0, none, 9;
+    anything else None (the queue's default)."""
     if value is None or isinstance(value, bool):
         return None
     if isinstance(value, int):
@@ -511,7 +516,12 @@ class CeleryCommands:
             except Exception as exc:
                 raise CommandFailed(f"purge_queue for queue {queue!r} failed: {type(exc).__name__}: "
                                     f"{exc}") from None
-        return {"queue": queue, "depth_before": depth, "purged": purged, "force": force}
+        result = {"queue": queue, "depth_before": depth, "purged": purged, "force": force}
+        if isinstance(purged, int) and purged > depth:
+            # The broker purges what the queue holds when the purge runs, a moment after the measure.
+            result["note"] = (f"{purged - depth} message(s) arrived between the measure and the purge and "
+                              f"were purged too")
+        return result
 
     # -- tasks --------------------------------------------------------------
 
@@ -673,15 +683,10 @@ class CeleryCommands:
                 return None, (f"its pool runs tasks in the worker's own process (pid {pid}), so no process "
                               f"could end; Celery asked the task to stop, which it may ignore")
             pool = self._pool_pids()
-            if pool is not None:
-                return (pid not in pool), None
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return True, None
-            except OSError:
-                pass
-            return False, None
+            if pool is None:
+                return None, (f"its pool lists no processes (tasks run as greenlets), so whether the task's "
+                              f"{pid} ended was not checked; Celery asked it to stop, which it may ignore")
+            return (pid not in pool), None
         try:
             wait = max(0.5, min(CONTROL_TIMEOUT, deadline - time.monotonic()))
             stats = (self.app.control.inspect(destination=[node], timeout=wait).stats() or {}).get(node)
@@ -695,7 +700,8 @@ class CeleryCommands:
         processes = _attr(stats.get("pool"), "processes")
         if not isinstance(processes, list):
             return None, (f"its pool ({_attr(stats.get('pool'), 'implementation', 'unknown')}) lists no "
-                          f"processes, so whether pid {pid} ended was not checked")
+                          f"processes (tasks run as greenlets), so whether the task's {pid} ended was not "
+                          f"checked; Celery asked it to stop, which it may ignore")
         return (pid not in processes), None
 
     def _who_holds(self, task_id: str) -> Tuple[Dict[str, str], Dict[str, Optional[int]]]:
