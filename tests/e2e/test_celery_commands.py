@@ -183,8 +183,12 @@ def test_cancel_terminates_a_running_task_and_revokes_a_queued_one(cluster):
     finish_by = time.monotonic() + seconds  # it started before the brain showed it started
     host = started["worker_name"]
     assert host in (WA, WB), started
-    # The pool process running it, as its worker reports it.
-    pid = next(t["worker_pid"] for t in cluster.inspect(host, "active") if t["id"] == running)
+    # The pool process running it, as its worker reports it (once the worker has the pool's ack).
+    def running_pid():
+        pids = [t.get("worker_pid") for t in cluster.inspect(host, "active") if t["id"] == running]
+        return bool(pids and pids[0]), pids
+
+    pid = wait_for(running_pid, 10, f"{host} to list {running} as active with its pool process")[0]
     assert pid in cluster.pool_pids(host) and pid in cluster.workers[host].children(), pid
 
     done = cluster.run("cancel-task", {"engine": ENGINE, "task_id": running})
