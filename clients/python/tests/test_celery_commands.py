@@ -34,13 +34,23 @@ class Recording(z4j_agentd.Client):
 
 
 class FakeInspect:
-    def __init__(self, control, timeout):
+    def __init__(self, control, timeout, destination=None):
         self.control = control
         self.timeout = timeout
+        self.destination = destination
 
     def query_task(self, *ids):
         self.control.calls.append(("query_task", ids, self.timeout))
         return self.control.held
+
+    def stats(self):
+        # control.stats: {node: [answer, answer, ...]}, one per call, the last one repeated
+        self.control.calls.append(("stats", self.destination))
+        out = {}
+        for node, seq in self.control.stats.items():
+            if self.destination is None or node in self.destination:
+                out[node] = seq.pop(0) if len(seq) > 1 else seq[0]
+        return out
 
 
 class FakeControl:
@@ -51,7 +61,9 @@ class FakeControl:
         self.calls = []
         self.replies = {}
         self.held = {}  # query_task answers: {node: {task_id: [state, info]}}
+        self.stats = {}  # inspect stats answers, see FakeInspect.stats
         self.fail = None
+        self.fail_unawaited_revoke = None
 
     def broadcast(self, command, arguments=None, destination=None, reply=False, timeout=1.0, limit=None, **kw):
         self.calls.append(("broadcast", command, arguments, destination, reply, timeout, limit))
@@ -64,13 +76,15 @@ class FakeControl:
         self.calls.append(("revoke", task_id, destination, terminate, signal, reply, timeout))
         if self.fail:
             raise self.fail
+        if self.fail_unawaited_revoke and not reply:
+            raise self.fail_unawaited_revoke
         if not reply:
             return None
         return [{node: a} for node, a in self.replies.get("revoke", {}).items()
                 if destination is None or node in destination]
 
     def inspect(self, timeout=1.0, destination=None):
-        return FakeInspect(self, timeout)
+        return FakeInspect(self, timeout, destination)
 
 
 class FakeApp:
@@ -92,16 +106,17 @@ class FakeApp:
 class Req:
     """A worker request (hashable, as Celery's are)."""
 
-    def __init__(self, id, time_start=None):
-        self.id, self.time_start = id, time_start
+    def __init__(self, id, time_start=None, worker_pid=None):
+        self.id, self.time_start, self.worker_pid = id, time_start, worker_pid
 
 
 class FakePool:
     def __init__(self, n):
         self.num_processes = n
+        self.pids = [102, 101, 103][:n]
 
     def _get_info(self):
-        return {"max-concurrency": self.num_processes, "processes": [102, 101][:self.num_processes]}
+        return {"max-concurrency": self.num_processes, "processes": list(self.pids)}
 
 
 @pytest.fixture
@@ -171,12 +186,15 @@ def test_a_process_without_a_worker_sends_no_worker_event(hooks):
 
 def test_cancel_signal_default_keyword_and_environment(monkeypatch):
     monkeypatch.delenv(_commands.CANCEL_SIGNAL_ENV, raising=False)
+    monkeypatch.setattr(_commands, "_remapped_sigterm", lambda: None)
     assert _commands.cancel_signal_from() == "SIGTERM"
     assert _commands.cancel_signal_from("kill") == "SIGKILL"
     assert _commands.cancel_signal_from(signal.SIGQUIT) == "SIGQUIT"
-    assert _commands.cancel_signal_from(int(signal.SIGUSR1)) == "SIGUSR1"
-    monkeypatch.setenv(_commands.CANCEL_SIGNAL_ENV, "SIGINT")
-    assert _commands.cancel_signal_from() == "SIGINT"
+    assert _commands.cancel_signal_from(int(signal.SIGHUP)) == "SIGHUP"
+    monkeypatch.setenv(_commands.CANCEL_SIGNAL_ENV, "9")  # a number in the environment, as the docs allow
+    assert _commands.cancel_signal_from() == "SIGKILL"
+    monkeypatch.setenv(_commands.CANCEL_SIGNAL_ENV, "abrt")
+    assert _commands.cancel_signal_from() == "SIGABRT"
     assert _commands.cancel_signal_from("SIGKILL") == "SIGKILL"  # the keyword wins
     monkeypatch.setenv(_commands.CANCEL_SIGNAL_ENV, "SIGNOPE")
     with pytest.raises(ValueError, match="Z4J_CELERY_CANCEL_SIGNAL.*SIGNOPE.*SIGTERM, SIGKILL"):
@@ -185,40 +203,149 @@ def test_cancel_signal_default_keyword_and_environment(monkeypatch):
         _commands.cancel_signal_from("SIG_DFL")
 
 
-def test_cancel_a_running_task_terminates_it(hooks):
+@pytest.mark.parametrize("value", ["SIGINT", "SIGUSR1", "stop", "SIGCONT", "SIGCHLD", "SIGWINCH",
+                                   int(signal.SIGINT), "2"])
+def test_a_signal_that_would_not_end_the_task_process_is_refused(monkeypatch, value):
+    """Celery's pool processes ignore SIGINT; the others do not end a process."""
+    monkeypatch.setattr(_commands, "_remapped_sigterm", lambda: None)
+    with pytest.raises(ValueError, match="would not end the process running the task.*SIGTERM, SIGKILL"):
+        _commands.cancel_signal_from(value)
+    monkeypatch.setenv(_commands.CANCEL_SIGNAL_ENV, str(value))
+    with pytest.raises(ValueError, match="Z4J_CELERY_CANCEL_SIGNAL.*would not end"):
+        _commands.cancel_signal_from()
+    # install refuses it too, before the worker serves anything
+    with pytest.raises(ValueError, match="would not end"):
+        _Hooks(FakeApp(), Recording(), serve_commands=True, cancel_signal=value)
+
+
+def test_with_remap_sigterm_the_default_is_sigquit_and_sigterm_is_refused(monkeypatch):
+    """REMAP_SIGTERM makes the pool processes ignore SIGTERM."""
+    monkeypatch.delenv(_commands.CANCEL_SIGNAL_ENV, raising=False)
+    monkeypatch.setattr(_commands, "_remapped_sigterm", lambda: "SIGQUIT")
+    assert _commands.cancel_signal_from() == "SIGQUIT"
+    assert _commands.cancel_signal_from("SIGKILL") == "SIGKILL"
+    with pytest.raises(ValueError, match="cancel_signal: SIGTERM would not end.*REMAP_SIGTERM=SIGQUIT.*SIGQUIT or"):
+        _commands.cancel_signal_from("TERM")
+    monkeypatch.setenv(_commands.CANCEL_SIGNAL_ENV, "15")
+    with pytest.raises(ValueError, match="Z4J_CELERY_CANCEL_SIGNAL: SIGTERM would not end"):
+        _commands.cancel_signal_from()
+
+
+def running_on(control, node, task_id, pid, pools, main_pid=4000):
+    """`node` runs `task_id` in process `pid`; its pool lists `pools` in turn."""
+    control.held = {node: {task_id: ["active", {"id": task_id, "worker_pid": pid}]}}
+    control.stats[node] = [{"pid": main_pid, "pool": {"implementation": "celery.concurrency.prefork:TaskPool",
+                                                       "processes": p}} for p in pools]
+
+
+def test_cancel_a_running_task_terminates_it_and_waits_for_its_process_to_go(hooks):
     control = hooks.app.control
-    control.held = {"wB@host-1": {"t-1": ["active", {}]}}
+    running_on(control, "wB@host-1", "t-1", 201, [[201, 202], [201, 202], [203, 202]])
     control.replies["revoke"] = {"wB@host-1": {"ok": "terminate: t-1"}, OWN: {"ok": "terminate: tasks unknown"}}
     result = hooks.commands.cancel_task(cmd("cancel_task", {"engine": "celery", "task_id": "t-1"}))
     assert result == {"task_id": "t-1", "revoked": True, "terminated": True, "signal": "SIGTERM",
-                      "worker": "wB@host-1", "state_before": "running", "workers_answered": 1}
+                      "worker": "wB@host-1", "state_before": "running", "workers_answered": 1,
+                      "processes": {"wB@host-1": 201}}
     revoke = [c for c in control.calls if c[0] == "revoke"]
     # The holder first, awaiting its answer; then every worker, without waiting.
     assert revoke == [("revoke", "t-1", ["wB@host-1"], True, "SIGTERM", True, _commands.CONTROL_TIMEOUT),
                       ("revoke", "t-1", None, True, "SIGTERM", False, 1.0)]
+    # Its pool was read until pid 201 had left it.
+    assert [c for c in control.calls if c[0] == "stats"] == [("stats", ["wB@host-1"])] * 3
 
 
-def test_cancel_a_running_task_on_this_worker_uses_the_configured_signal(monkeypatch):
+def test_cancel_fails_when_the_process_survives_the_signal(hooks, monkeypatch):
+    """Celery answers "terminate: <id>" once it sent the signal: a process that ignores or catches
+    it still runs the task. That is a failed cancel, not terminated."""
+    monkeypatch.setattr(_commands, "TERMINATE_WAIT", 0.5)
+    control = hooks.app.control
+    running_on(control, "wB@host-1", "t-1", 201, [[201, 202]])
+    control.replies["revoke"] = {"wB@host-1": {"ok": "terminate: t-1"}}
+    hooks.app.results["t-1"] = {"state": "SUCCESS"}
+    with pytest.raises(CommandFailed, match=r"SIGTERM was sent, but the process running the task is still alive "
+                                            r"after 0 s: pid 201 on worker 'wB@host-1'.*result backend says "
+                                            r"SUCCESS.*may still be running"):
+        hooks.commands.cancel_task(cmd("cancel_task", {"task_id": "t-1"}))
+
+
+def test_cancel_a_running_task_on_this_worker_checks_its_own_pool(monkeypatch):
     monkeypatch.setenv(_commands.CANCEL_SIGNAL_ENV, "SIGKILL")
-    req = Req("t-2", time_start=1.0)
+    req = Req("t-2", time_start=1.0, worker_pid=102)
     monkeypatch.setattr(_commands, "_local_requests", lambda: ({"t-2": req}, {req}, set()))
     h = _Hooks(FakeApp(), Recording(), serve_commands=True)
     h.hostname = OWN
+    pool = FakePool(2)
+    h.worker = SimpleNamespace(hostname=OWN, pool=pool)
     h.app.control.replies["revoke"] = {OWN: {"ok": "terminate: t-2"}}
+    monkeypatch.setattr(_commands, "TERMINATE_WAIT", 0.5)
+    with pytest.raises(CommandFailed, match="still alive.*pid 102 on worker 'wA@host-1'"):
+        h.commands.cancel_task(cmd("cancel_task", target={"type": "task", "id": "celery:t-2"}))
+    pool.pids = [101, 104]  # 102 left the pool, a new process took its place
     result = h.commands.cancel_task(cmd("cancel_task", target={"type": "task", "id": "celery:t-2"}))
-    assert (result["state_before"], result["terminated"], result["signal"], result["worker"]) == (
-        "running", True, "SIGKILL", OWN)
+    assert (result["state_before"], result["terminated"], result["signal"], result["worker"], result["processes"]) == (
+        "running", True, "SIGKILL", OWN, {OWN: 102})
+    assert not [c for c in h.app.control.calls if c[0] == "stats"]  # its own pool is read in-process
+
+
+def test_cancel_where_the_task_has_no_process_of_its_own_says_it_was_not_checked(hooks):
+    """threads, gevent, eventlet: the task runs in the worker's own process."""
+    control = hooks.app.control
+    running_on(control, "wB@host-1", "t-1", 4000, [[]], main_pid=4000)
+    control.replies["revoke"] = {"wB@host-1": {"ok": "terminate: t-1"}}
+    result = hooks.commands.cancel_task(cmd("cancel_task", {"task_id": "t-1"}))
+    assert (result["state_before"], result["terminated"], result["signal_sent"]) == ("running", False, True)
+    assert "runs tasks in the worker's own process (pid 4000)" in result["detail"], result
+
+
+def test_cancel_on_this_worker_with_a_greenlet_pool_says_it_was_not_checked(monkeypatch):
+    """gevent's worker_pid is a greenlet's id, and its pool lists no processes."""
+    req = Req("t-2", time_start=1.0, worker_pid=140234567891234)
+    monkeypatch.setattr(_commands, "_local_requests", lambda: ({"t-2": req}, {req}, set()))
+    h = _Hooks(FakeApp(), Recording(), serve_commands=True)
+    h.hostname = OWN
+    h.worker = SimpleNamespace(hostname=OWN, pool=SimpleNamespace(_get_info=lambda: {"max-concurrency": 100}))
+    h.app.control.replies["revoke"] = {OWN: {"ok": "terminate: t-2"}}
+    result = h.commands.cancel_task(cmd("cancel_task", {"task_id": "t-2"}))
+    assert (result["state_before"], result["terminated"], result["signal_sent"]) == ("running", False, True)
+    assert "lists no processes" in result["detail"], result
+
+
+def test_cancel_a_task_running_on_two_workers_needs_both(hooks):
+    """Redis redelivers an unacknowledged task after its visibility timeout: two workers run it."""
+    control = hooks.app.control
+    running_on(control, "wB@host-1", "t-1", 201, [[201], [205]])
+    running_on(control, "wC@host-2", "t-1", 301, [[301], [306]])
+    control.held = {"wB@host-1": {"t-1": ["active", {"worker_pid": 201}]},
+                    "wC@host-2": {"t-1": ["active", {"worker_pid": 301}]}}
+    control.replies["revoke"] = {"wB@host-1": {"ok": "terminate: t-1"}}
+    with pytest.raises(CommandFailed, match="running on worker\\(s\\) 'wC@host-2', which did not confirm"):
+        hooks.commands.cancel_task(cmd("cancel_task", {"task_id": "t-1"}))
+    control.replies["revoke"]["wC@host-2"] = {"ok": "terminate: t-0, t-1"}
+    result = hooks.commands.cancel_task(cmd("cancel_task", {"task_id": "t-1"}))
+    assert (result["terminated"], result["worker"], result["workers"], result["processes"]) == (
+        True, "wB@host-1", ["wB@host-1", "wC@host-2"], {"wB@host-1": 201, "wC@host-2": 301})
 
 
 def test_cancel_a_running_task_that_is_not_confirmed_fails(hooks):
     control = hooks.app.control
     control.held = {"wB@host-1": {"t-3": ["active", {}]}}
-    with pytest.raises(CommandFailed, match="running on worker 'wB@host-1'.*did not answer.*may still be running"):
+    with pytest.raises(CommandFailed, match="running on worker.*'wB@host-1'.*did not answer.*may still be running"):
         hooks.commands.cancel_task(cmd("cancel_task", {"task_id": "t-3"}))
-    # A pool that cannot terminate (solo, threads) answers with an error.
+    # A pool that cannot terminate (solo) answers with an error.
     control.replies["revoke"] = {"wB@host-1": {"error": "does not implement kill_job"}}
     with pytest.raises(CommandFailed, match="kill_job"):
         hooks.commands.cancel_task(cmd("cancel_task", {"task_id": "t-3"}))
+
+
+def test_cancel_of_a_task_that_finished_meanwhile_says_finished(hooks):
+    control = hooks.app.control
+    running_on(control, "wB@host-1", "t-8", 201, [[201]])
+    control.replies["revoke"] = {"wB@host-1": {"ok": "terminate: tasks unknown"}}
+    hooks.app.results["t-8"] = {"state": "SUCCESS"}
+    result = hooks.commands.cancel_task(cmd("cancel_task", {"task_id": "t-8"}))
+    assert (result["state_before"], result["celery_state"], result["terminated"], result["worker"]) == (
+        "finished", "SUCCESS", False, "wB@host-1")
+    assert "finished on 'wB@host-1' before the revoke" in result["detail"]
 
 
 def test_cancel_a_queued_task_revokes_it_without_terminating(hooks):
@@ -242,12 +369,42 @@ def test_cancel_a_task_nobody_holds_says_whether_it_finished(hooks):
     assert control.calls[-1] == ("revoke", "t-6", None, True, "SIGTERM", True, _commands.QUERY_WAIT)
 
 
+def test_cancel_names_a_worker_that_answers_the_revoke_for_a_task_it_did_not_report(hooks):
+    """A worker too slow for the query still answers the revoke: its answer is used, not counted."""
+    control = hooks.app.control
+    control.replies["revoke"] = {"wB@host-1": {"ok": "terminate: t-9"}, OWN: {"ok": "terminate: tasks unknown"}}
+    result = hooks.commands.cancel_task(cmd("cancel_task", {"task_id": "t-9"}))
+    assert (result["worker"], result["signal_sent"], result["terminated"], result["workers_answered"]) == (
+        "wB@host-1", True, False, 2)
+    assert "held the task" in result["detail"] and "not checked" in result["detail"]
+
+
+def test_cancel_confirmed_by_the_holder_is_not_reported_uncancelled_when_the_broadcast_fails(hooks):
+    control = hooks.app.control
+    running_on(control, "wB@host-1", "t-1", 201, [[202]])
+    control.replies["revoke"] = {"wB@host-1": {"ok": "terminate: t-1"}}
+    control.fail_unawaited_revoke = ConnectionError("broker went away")
+    result = hooks.commands.cancel_task(cmd("cancel_task", {"task_id": "t-1"}))
+    assert (result["state_before"], result["terminated"]) == ("running", True)
+    assert "the others did not (ConnectionError: broker went away)" in result["note"]
+
+
 def test_cancel_bad_parameters_and_broker_failure(hooks):
     with pytest.raises(BadCommand, match="cancel_task needs parameters.task_id"):
         hooks.commands.cancel_task(cmd("cancel_task", {"task_id": ""}))
     hooks.app.control.fail = ConnectionError("broker down")
     with pytest.raises(CommandFailed, match="could not be sent through the broker.*broker down.*not cancelled"):
         hooks.commands.cancel_task(cmd("cancel_task", {"task_id": "t-7"}))
+
+
+def test_without_remote_control_worker_commands_fail_at_once_saying_why(hooks):
+    hooks.app.conf.worker_enable_remote_control = False
+    for call in (lambda: hooks.commands.cancel_task(cmd("cancel_task", {"task_id": "t-1"})),
+                 lambda: hooks.commands.pool_grow(worker_cmd("pool_grow", delta=1)),
+                 lambda: hooks.commands.rate_limit(cmd("rate_limit", {"task_name": "p.a", "rate": "1/s"}))):
+        with pytest.raises(CommandFailed, match="worker_enable_remote_control = False.*set it to True"):
+            call()
+    assert hooks.app.control.calls == []
 
 
 # ---------------------------------------------------------------- worker controls
@@ -347,7 +504,7 @@ def broker_queue(monkeypatch):
 
     def purge(app, queue, timeout=5.0):
         state["purged"].append(queue)
-        n, state["depth"] = state["depth"], 0
+        n, state["depth"] = state["depth"] + state.get("arriving", 0), 0
         return n
 
     monkeypatch.setattr(_commands._queues, "depth", depth)
@@ -364,6 +521,13 @@ def test_purge_at_the_confirmed_depth(hooks, broker_queue):
     assert hooks.commands.purge_queue(purge_cmd(expected_depth=3)) == {
         "queue": "default", "depth_before": 3, "purged": 3, "force": False}
     assert broker_queue["purged"] == ["default"]
+
+
+def test_purge_says_when_messages_arrived_between_the_measure_and_the_purge(hooks, broker_queue):
+    broker_queue["arriving"] = 2
+    result = hooks.commands.purge_queue(purge_cmd(expected_depth=3))
+    assert (result["depth_before"], result["purged"]) == (3, 5)
+    assert result["note"] == "2 message(s) arrived between the measure and the purge and were purged too"
 
 
 def test_purge_refuses_when_the_depth_changed(hooks, broker_queue):
@@ -403,12 +567,17 @@ def test_submit_task_enqueues_by_name(hooks):
     assert abs(sent["eta"].timestamp() - eta) < 0.001
     plain = hooks.commands.submit_task(cmd("submit_task", {"name": "proj.ping", "args": None, "queue": None}))
     assert plain["queue"] is None and hooks.app.sent[-1] == {"name": "proj.ping", "args": [], "kwargs": {}}
+    # An empty queue is the task's own routing, as null is.
+    blank = hooks.commands.submit_task(cmd("submit_task", {"name": "proj.ping", "queue": " "}))
+    assert blank["queue"] is None and hooks.app.sent[-1] == {"name": "proj.ping", "args": [], "kwargs": {}}
 
 
 def test_priority_labels_follow_the_transport(hooks):
     assert [_commands.priority_of(p) for p in ("critical", "high", "normal", "low", 7, 300, True)] == [
-        9, 6, 3, 0, 7, None, None]
-    assert [_commands.priority_of(p, "redis") for p in ("critical", "high", "normal", "low", 7)] == [0, 3, 6, 9, 7]
+        9, 6, None, 0, 7, None, None]
+    # On Redis a message without a priority runs with the first (step 0): nothing runs ahead of it.
+    assert [_commands.priority_of(p, "redis") for p in ("critical", "high", "normal", "low", 7)] == [
+        0, 0, None, 9, 7]
 
     class Conn:
         transport = SimpleNamespace(driver_type="redis")
@@ -417,8 +586,11 @@ def test_priority_labels_follow_the_transport(hooks):
             pass
 
     hooks.app.connection_for_write = Conn
-    hooks.commands.submit_task(cmd("submit_task", {"name": "p.a", "priority": "critical"}))
-    assert hooks.app.sent[-1]["priority"] == 0
+    hooks.commands.submit_task(cmd("submit_task", {"name": "p.a", "priority": "low"}))
+    assert hooks.app.sent[-1]["priority"] == 9
+    # "normal", the label of an ordinary task, sets none: a retried task queues as a fresh one does.
+    hooks.commands.submit_task(cmd("submit_task", {"name": "p.a", "priority": "normal"}))
+    assert "priority" not in hooks.app.sent[-1]
 
 
 def test_submit_task_bad_parameters(hooks):
@@ -431,6 +603,8 @@ def test_submit_task_bad_parameters(hooks):
         c.submit_task(cmd("submit_task", {"name": "p.a", "kwargs": [1]}))
     with pytest.raises(BadCommand, match="queue must be"):
         c.submit_task(cmd("submit_task", {"name": "p.a", "queue": 5}))
+    with pytest.raises(BadCommand, match="queue must be"):
+        c.submit_task(cmd("submit_task", {"name": "p.a", "queue": ["q"]}))
     with pytest.raises(BadCommand, match="in the past"):
         c.submit_task(cmd("submit_task", {"name": "p.a", "eta": 1.0}))
     assert hooks.app.sent == []

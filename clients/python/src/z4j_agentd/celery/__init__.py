@@ -459,10 +459,11 @@ def install(app: Any, client: Optional[Client] = None, *, serve_commands: bool =
     `serve_commands`, a worker's main process serves the brain's commands
     (see the module documentation and `_commands`).
 
-    `cancel_signal` is the signal a running task gets when the brain
-    cancels it (a name such as "SIGKILL", or a number); without it
-    $Z4J_CELERY_CANCEL_SIGNAL, else SIGTERM. An unknown signal raises
-    ValueError.
+    `cancel_signal` is the signal a running task's process gets when the
+    brain cancels it (SIGTERM, SIGKILL, SIGQUIT, SIGHUP or SIGABRT, by name
+    or number); without it $Z4J_CELERY_CANCEL_SIGNAL, else SIGTERM (SIGQUIT
+    under REMAP_SIGTERM). A signal that would not end the process raises
+    ValueError saying why.
 
     Calling it again with the same app and client changes nothing; with
     another app or client it replaces the previous installation. Returns

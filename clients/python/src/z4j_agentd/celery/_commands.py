@@ -20,6 +20,7 @@ import os
 import re
 import signal as _signal
 import threading
+import time
 from datetime import datetime, timezone
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -34,10 +35,19 @@ CONTROL_TIMEOUT = 5.0
 QUERY_WAIT = 1.0
 #: Tasks one bulk_retry re-sends at most, whatever its `max`.
 BULK_RETRY_MAX = 1000
-#: The signal a running task gets when it is cancelled, unless `install`
-#: (`cancel_signal=`) or this environment variable names another.
+#: The signal a running task's process gets when the task is cancelled,
+#: unless `install` (`cancel_signal=`) or this environment variable names
+#: another.
 CANCEL_SIGNAL_ENV = "Z4J_CELERY_CANCEL_SIGNAL"
 DEFAULT_CANCEL_SIGNAL = "SIGTERM"
+#: The signals a cancel may use: each ends a pool process unless the task
+#: itself catches it (SIGKILL cannot be caught). Others (SIGINT, SIGUSR1,
+#: SIGSTOP, ...) are ignored by Celery's pool processes or do not end them.
+CANCEL_SIGNALS = ("SIGTERM", "SIGKILL", "SIGQUIT", "SIGHUP", "SIGABRT")
+#: Seconds cancel_task waits, after the worker sent the signal, for the
+#: process that ran the task to leave the worker's pool.
+TERMINATE_WAIT = 10.0
+
 
 #: The actions served, as the hello declares them.
 ACTIONS = ("add_consumer", "bulk_retry", "cancel_consumer", "cancel_task", "pool_grow", "pool_shrink",
@@ -47,9 +57,13 @@ TOKENS = ("retry_by_reference_v1",)
 
 # Celery's rate grammar as the brain accepts it: "0" clears the limit.
 _RATE_RE = re.compile(r"^(?:0|[1-9]\d*(?:/[smh])?)$")
-# RabbitMQ runs higher numbers first; kombu's Redis transport the lower ones.
-_PRIORITY_LABELS = {"critical": 9, "high": 6, "normal": 3, "low": 0}
-_REDIS_PRIORITY_LABELS = {"critical": 0, "high": 3, "normal": 6, "low": 9}
+# The brain's priority labels. RabbitMQ runs higher numbers first, and a
+# message without a priority counts as 0 (the lowest); kombu's Redis
+# transport runs lower numbers first, and a message without a priority goes
+# to step 0 (the first). "normal", the label of an ordinary task, sets no
+# priority, so a retried task queues as a fresh one does.
+_PRIORITY_LABELS = {"critical": 9, "high": 6, "normal": None, "low": 0}
+_REDIS_PRIORITY_LABELS = {"critical": 0, "high": 0, "normal": None, "low": 9}
 _ETA_MAX_PAST_SECONDS = 60
 _ETA_MAX_FUTURE_SECONDS = 365 * 24 * 3600
 # Result-backend states, as the brain's reconcile projection names them.
@@ -78,37 +92,69 @@ def _attr(obj: Any, name: str, default: Any = None) -> Any:
         return default
 
 
+
+def _remapped_sigterm() -> Optional[str]:
+    """billiard's REMAP_SIGTERM (read from the environment when billiard is
+    imported): when set, Celery's pool processes ignore SIGTERM."""
+    try:
+        from billiard import common
+        remap = getattr(common, "REMAP_SIGTERM", None)
+    except Exception:  # pragma: no cover - billiard comes with Celery
+        remap = os.environ.get("REMAP_SIGTERM")
+    return str(remap) if remap else None
+
+
 def resolve_signal(value: Any) -> str:
-    """A signal given as `SIGTERM`, `TERM`, `sigkill` or a number, as its
-    canonical name (`SIGKILL`). Raises ValueError for anything else."""
+    """A signal given as `SIGTERM`, `TERM`, `sigkill`, a number or a digit
+    string (`"9"`), as its canonical name (`SIGKILL`). Raises ValueError for
+    anything that is not one of CANCEL_SIGNALS, saying why."""
+    name: Optional[str] = None
     if isinstance(value, _signal.Signals):
-        return value.name
-    if isinstance(value, int) and not isinstance(value, bool):
+        name = value.name
+    elif isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if name is None and isinstance(value, int) and not isinstance(value, bool):
         try:
-            return _signal.Signals(value).name
+            name = _signal.Signals(value).name
         except ValueError:
-            pass
-    elif isinstance(value, str) and value.strip():
-        name = value.strip().upper()
-        name = name if name.startswith("SIG") else f"SIG{name}"
-        if name in _signal.Signals.__members__ and not name.startswith("SIG_"):
-            return name
-    raise ValueError(f"cancel signal {value!r} is not a signal this system knows; give a name such as "
-                     f"SIGTERM, SIGKILL or SIGQUIT")
+            name = None
+    elif name is None and isinstance(value, str) and value.strip():
+        upper = value.strip().upper()
+        upper = upper if upper.startswith("SIG") else f"SIG{upper}"
+        if upper in _signal.Signals.__members__ and not upper.startswith("SIG_"):
+            name = _signal.Signals[upper].name
+    if name is None:
+        raise ValueError(f"cancel signal {value!r} is not a signal this system knows; give one of "
+                         f"{', '.join(CANCEL_SIGNALS)}")
+    if name not in CANCEL_SIGNALS:
+        raise ValueError(f"cancel signal {value!r} ({name}) would not end the process running the task "
+                         f"(Celery's pool processes ignore SIGINT, and {name} does not terminate them); give "
+                         f"one of {', '.join(CANCEL_SIGNALS)}")
+    return name
 
 
 def cancel_signal_from(value: Any = None) -> str:
     """The cancel signal: `value` (install's `cancel_signal`) if given, else
-    $Z4J_CELERY_CANCEL_SIGNAL, else SIGTERM."""
+    $Z4J_CELERY_CANCEL_SIGNAL, else SIGTERM (SIGQUIT when billiard's
+    REMAP_SIGTERM is set, since the pool processes then ignore SIGTERM).
+    Raises ValueError, saying what to change, for a signal that would not
+    end the task's process."""
+    remap = _remapped_sigterm()
     if value is not None:
-        return resolve_signal(value)
-    env = os.environ.get(CANCEL_SIGNAL_ENV, "").strip()
-    if env:
+        name, source = resolve_signal(value), "cancel_signal"
+    else:
+        env = os.environ.get(CANCEL_SIGNAL_ENV, "").strip()
+        if not env:
+            return "SIGQUIT" if remap else DEFAULT_CANCEL_SIGNAL
         try:
-            return resolve_signal(env)
+            name, source = resolve_signal(env), CANCEL_SIGNAL_ENV
         except ValueError as exc:
             raise ValueError(f"{CANCEL_SIGNAL_ENV}: {exc}") from None
-    return DEFAULT_CANCEL_SIGNAL
+    if remap and name == "SIGTERM":
+        raise ValueError(f"{source}: SIGTERM would not end the process running the task: REMAP_SIGTERM="
+                         f"{remap} is set, so Celery's pool processes ignore SIGTERM; give SIGQUIT or SIGKILL "
+                         f"(or leave the cancel signal unset: it is then SIGQUIT)")
+    return name
 
 
 # ---------------------------------------------------------------- parameters
@@ -183,8 +229,9 @@ def eta_from_unix(eta: Any) -> datetime:
 
 def priority_of(value: Any, transport: Optional[str] = None) -> Optional[int]:
     """An integer 0..255 as is; a label (critical, high, normal, low) as
-    9, 6, 3, 0, or on Redis (`transport` "redis", where lower runs first)
-    0, 3, 6, 9; anything else None (the queue's default)."""
+    9, 6, none, 0, or on Redis (`transport` "redis", where lower runs first
+    and a message without a priority runs with the first) 0, 0, none, 9;
+    anything else None (the queue's default)."""
     if value is None or isinstance(value, bool):
         return None
     if isinstance(value, int):
@@ -226,6 +273,17 @@ def _reply_text(reply: Any) -> str:
             if key in reply:
                 return str(reply[key])
     return repr(reply)[:300]
+
+
+def _pid(value: Any) -> Optional[int]:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _terminated_in(answer: str, task_id: str) -> bool:
+    """Whether a revoke's answer ("terminate: <id>, <id>") names the task."""
+    if not answer.startswith("terminate:"):
+        return False
+    return task_id in (part.strip() for part in answer[len("terminate:"):].split(","))
 
 
 def _local_requests() -> Tuple[Dict[str, Any], set, set]:
@@ -292,6 +350,7 @@ class CeleryCommands:
     def _control(self, command_name: str, worker: str, arguments: Optional[Dict[str, Any]] = None) -> str:
         """Runs a remote-control command on this worker and returns its `ok`
         text; raises CommandFailed on an error reply or none in time."""
+        self._require_remote_control(command_name)
         try:
             replies = self.app.control.broadcast(command_name, arguments=arguments or {}, destination=[worker],
                                                  reply=True, timeout=CONTROL_TIMEOUT, limit=1)
@@ -394,6 +453,7 @@ class CeleryCommands:
         if worker is not None:
             answer = self._control("rate_limit", worker, {"task_name": task_name, "rate_limit": rate})
             return {"task_name": task_name, "rate": rate, "worker": worker, "reply": answer}
+        self._require_remote_control("rate_limit")
         try:
             replies = self.app.control.broadcast("rate_limit", arguments={"task_name": task_name,
                                                                           "rate_limit": rate},
@@ -456,74 +516,205 @@ class CeleryCommands:
             except Exception as exc:
                 raise CommandFailed(f"purge_queue for queue {queue!r} failed: {type(exc).__name__}: "
                                     f"{exc}") from None
-        return {"queue": queue, "depth_before": depth, "purged": purged, "force": force}
+        result = {"queue": queue, "depth_before": depth, "purged": purged, "force": force}
+        if isinstance(purged, int) and purged > depth:
+            # The broker purges what the queue holds when the purge runs, a moment after the measure.
+            result["note"] = (f"{purged - depth} message(s) arrived between the measure and the purge and "
+                              f"were purged too")
+        return result
 
     # -- tasks --------------------------------------------------------------
+
+    def _require_remote_control(self, action: str) -> None:
+        if not _attr(_attr(self.app, "conf"), "worker_enable_remote_control", True):
+            raise CommandFailed(f"{action}: the app sets worker_enable_remote_control = False, so its workers "
+                                f"take no remote-control command and {action} needs one; set it to True and "
+                                f"restart the workers")
 
     def cancel_task(self, command: Dict[str, Any]) -> Dict[str, Any]:
         """Revokes the task on every worker, and terminates it where it runs
         (with the cancel signal). The result says what it was doing:
         `state_before` is `running` (a worker was executing it),
         `queued` (a worker held it, received and not started),
-        `finished` (the result backend has its outcome) or `unknown` (no
+        `finished` (it ended before the cancel reached it) or `unknown` (no
         worker that answered holds it: still in the broker, or an unknown
-        id; every running worker discards it if it comes)."""
+        id; every running worker discards it if it comes).
+
+        `terminated: true` means the process that ran the task is gone: each
+        worker running it confirmed sending the signal, and the process the
+        task ran in (its `worker_pid`) then left that worker's pool within
+        TERMINATE_WAIT. A process still there is a failed command saying
+        so. Where the task has no process of its own (the threads, gevent,
+        eventlet pools), nothing can be checked: `terminated` is false and
+        `detail` says why."""
         task_id = _task_id(command, "cancel_task")
+        self._require_remote_control("cancel_task")
         sig = self.cancel_signal
-        holders = self._who_holds(task_id)
+        holders, pids = self._who_holds(task_id)
         running = sorted(node for node, state in holders.items() if state == "active")
         queued = sorted(node for node, state in holders.items() if state != "active")
-        finished_state = None
-        if not holders:
-            finished_state = self._backend_state(task_id)
         try:
-            if holders:
-                # The workers holding it first, awaiting their answers (revoke flags the id,
-                # terminate=True kills it where it runs); then every worker, so that a copy
-                # anywhere else is discarded too.
-                replies = self.app.control.revoke(task_id, terminate=True, signal=sig,
-                                                  destination=sorted(holders), reply=True,
-                                                  timeout=CONTROL_TIMEOUT)
-                self.app.control.revoke(task_id, terminate=True, signal=sig)
-            else:
-                replies = self.app.control.revoke(task_id, terminate=True, signal=sig, reply=True,
-                                                  timeout=QUERY_WAIT)
+            # The workers holding it, awaiting their answers (revoke flags the id, terminate=True
+            # signals the process where it runs); without a holder, every worker, briefly.
+            replies = self.app.control.revoke(task_id, terminate=True, signal=sig,
+                                              destination=sorted(holders) if holders else None, reply=True,
+                                              timeout=CONTROL_TIMEOUT if holders else QUERY_WAIT)
         except Exception as exc:
             raise CommandFailed(f"cancel_task {task_id}: the revoke could not be sent through the broker "
                                 f"({type(exc).__name__}: {exc}); the task was not cancelled") from None
-        answers = {}
+        result: Dict[str, Any] = {"task_id": task_id, "revoked": True, "terminated": False, "signal": sig,
+                                  "worker": None}
+        if holders:
+            # Then every worker, so that a copy anywhere else (a redelivery) is discarded too.
+            try:
+                self.app.control.revoke(task_id, terminate=True, signal=sig)
+            except Exception as exc:
+                result["note"] = (f"the workers holding the task got the revoke, the others did not "
+                                  f"({type(exc).__name__}: {exc}): a copy delivered to another worker may run")
+        answers: Dict[str, str] = {}
         for reply in replies or []:
             if isinstance(reply, dict):
                 answers.update({node: _reply_text(answer) for node, answer in reply.items()})
-        result: Dict[str, Any] = {"task_id": task_id, "revoked": True, "terminated": False, "signal": sig,
-                                  "worker": None}
+        signalled = sorted(node for node, text in answers.items() if _terminated_in(text, task_id))
+        result["workers_answered"] = len(answers)
         if running:
-            node = running[0]
-            confirmed = task_id in answers.get(node, "") and answers.get(node, "").startswith("terminate:")
-            if not confirmed:
-                why = f"it answered {answers[node]!r}" if node in answers else (
-                    f"it did not answer within {CONTROL_TIMEOUT:.0f} s")
-                raise CommandFailed(f"cancel_task {task_id}: the task is running on worker {node!r}, which "
-                                    f"did not confirm terminating it ({why}); it is revoked, but may still "
-                                    f"be running")
-            result.update(state_before="running", terminated=True, worker=node)
-        elif queued:
+            return self._cancel_running(task_id, sig, running, pids, answers, signalled, result)
+        if queued:
             result.update(state_before="queued", worker=queued[0])
-        elif finished_state in _FINISHED:
+            if len(queued) > 1:
+                result["workers"] = queued
+            return result
+        if signalled:
+            # A worker that did not answer the query in time held it after all.
+            result.update(state_before="unknown", worker=signalled[0], signal_sent=True,
+                          detail=f"worker {signalled[0]!r} held the task (it had not answered the query within "
+                                 f"{QUERY_WAIT:.0f} s) and sent it {sig}; whether it was running, and whether its "
+                                 f"process ended, was not checked")
+            return result
+        finished_state = self._backend_state(task_id)
+        if finished_state in _FINISHED:
             result.update(state_before="finished", celery_state=finished_state)
         else:
             result.update(state_before="unknown")
-        result["workers_answered"] = len(answers)
         return result
 
-    def _who_holds(self, task_id: str) -> Dict[str, str]:
-        """Which workers hold the task and how (active, reserved, scheduled)."""
+    def _cancel_running(self, task_id: str, sig: str, running: List[str], pids: Dict[str, Optional[int]],
+                        answers: Dict[str, str], signalled: List[str], result: Dict[str, Any]) -> Dict[str, Any]:
+        """Every worker running the task must confirm the signal (a task
+        redelivered to a second worker runs on both), and each process that
+        ran it must then be gone."""
+        ended = [node for node in running if answers.get(node) == "terminate: tasks unknown"]
+        unconfirmed = {node: (f"it answered {answers[node]!r}" if node in answers else
+                              f"it did not answer within {CONTROL_TIMEOUT:.0f} s")
+                       for node in running if node not in signalled and node not in ended}
+        if unconfirmed:
+            why = "; ".join(f"{node!r}: {text}" for node, text in unconfirmed.items())
+            raise CommandFailed(f"cancel_task {task_id}: the task is running on worker(s) "
+                                f"{', '.join(map(repr, unconfirmed))}, which did not confirm terminating it "
+                                f"({why}); it is revoked, but may still be running")
+        confirmed = [node for node in running if node in signalled]
+        if not confirmed:
+            # Each worker no longer had it when the revoke came: it finished meanwhile.
+            result.update(state_before="finished", celery_state=self._backend_state(task_id), worker=running[0],
+                          detail=f"the task finished on {', '.join(map(repr, running))} before the revoke "
+                                 f"reached it")
+            return result
+        waiting = {node: pids.get(node) for node in confirmed}
+        outcome = self._await_exit(task_id, sig, waiting)
+        result.update(state_before="running", worker=confirmed[0],
+                      processes={node: pid for node, pid in waiting.items()})
+        if len(confirmed) > 1:
+            result["workers"] = confirmed
+        unchecked = {node: why for node, why in outcome.items() if why}
+        if unchecked:
+            result.update(terminated=False, signal_sent=True,
+                          detail="; ".join(f"worker {node!r}: {why}" for node, why in unchecked.items()))
+        else:
+            result["terminated"] = True
+        if ended:
+            result["finished_on"] = ended
+        return result
+
+    def _await_exit(self, task_id: str, sig: str, waiting: Dict[str, Optional[int]]) -> Dict[str, Optional[str]]:
+        """Waits for each worker's process that ran the task to leave its
+        pool. Returns, per worker, None (gone) or why it could not be
+        checked; raises CommandFailed when a process is still there after
+        TERMINATE_WAIT."""
+        outcome: Dict[str, Optional[str]] = {}
+        pending: Dict[str, int] = {}
+        for node, pid in waiting.items():
+            if not isinstance(pid, int) or pid <= 0:
+                outcome[node] = (f"it sent {sig}, but the process running the task is not known (its pool "
+                                 f"gave no worker_pid), so whether it ended was not checked")
+            else:
+                pending[node] = pid
+        deadline = time.monotonic() + TERMINATE_WAIT
+        last: Dict[str, str] = {}
+        while pending:
+            for node, pid in list(pending.items()):
+                gone, why = self._process_gone(node, pid, deadline)
+                if gone is None:
+                    outcome[node] = why
+                    del pending[node]
+                elif gone:
+                    outcome[node] = None
+                    del pending[node]
+                else:
+                    last[node] = why or "it is still in the worker's pool"
+            if not pending:
+                break
+            if time.monotonic() >= deadline:
+                state = self._backend_state(task_id)
+                after = f"; the result backend says {state}" if state in _FINISHED else ""
+                alive = ", ".join(f"pid {pid} on worker {node!r} ({last.get(node)})" for node, pid in pending.items())
+                raise CommandFailed(f"cancel_task {task_id}: {sig} was sent, but the process running the task is "
+                                    f"still alive after {TERMINATE_WAIT:.0f} s: {alive}{after}. The task may "
+                                    f"catch {sig}; SIGKILL cannot be caught (Z4J_CELERY_CANCEL_SIGNAL=SIGKILL). "
+                                    f"It is revoked, but may still be running")
+            time.sleep(0.2)
+        return outcome
+
+    def _process_gone(self, node: str, pid: int, deadline: float) -> Tuple[Optional[bool], Optional[str]]:
+        """(True, None) when pid left the worker's pool; (False, why) while
+        it is there; (None, why) when the pool runs tasks in the worker's
+        own process, so there is no process of the task's to end."""
+        if node == self.hooks.hostname:
+            if pid == os.getpid():
+                return None, (f"its pool runs tasks in the worker's own process (pid {pid}), so no process "
+                              f"could end; Celery asked the task to stop, which it may ignore")
+            pool = self._pool_pids()
+            if pool is None:
+                return None, (f"its pool lists no processes (tasks run as greenlets), so whether the task's "
+                              f"{pid} ended was not checked; Celery asked it to stop, which it may ignore")
+            return (pid not in pool), None
+        try:
+            wait = max(0.5, min(CONTROL_TIMEOUT, deadline - time.monotonic()))
+            stats = (self.app.control.inspect(destination=[node], timeout=wait).stats() or {}).get(node)
+        except Exception as exc:
+            return False, f"its pool could not be read: {type(exc).__name__}: {exc}"
+        if not isinstance(stats, dict):
+            return False, "it did not answer inspect stats"
+        if stats.get("pid") == pid:
+            return None, (f"its pool runs tasks in the worker's own process (pid {pid}), so no process "
+                          f"could end; Celery asked the task to stop, which it may ignore")
+        processes = _attr(stats.get("pool"), "processes")
+        if not isinstance(processes, list):
+            return None, (f"its pool ({_attr(stats.get('pool'), 'implementation', 'unknown')}) lists no "
+                          f"processes (tasks run as greenlets), so whether the task's {pid} ended was not "
+                          f"checked; Celery asked it to stop, which it may ignore")
+        return (pid not in processes), None
+
+    def _who_holds(self, task_id: str) -> Tuple[Dict[str, str], Dict[str, Optional[int]]]:
+        """Which workers hold the task and how (active, reserved, scheduled),
+        and the pid of the process running it where one does."""
         held: Dict[str, str] = {}
+        pids: Dict[str, Optional[int]] = {}
         requests, active, reserved = _local_requests()
         own = self.hooks.hostname
         local = requests.get(task_id)
         if own and local is not None:
             held[own] = "active" if local in active else "reserved"
+            pids[own] = _pid(_attr(local, "worker_pid"))
         try:
             replies = self.app.control.inspect(timeout=QUERY_WAIT).query_task(task_id) or {}
         except Exception:
@@ -534,7 +725,9 @@ class CeleryCommands:
                 state = str(info[0])
                 if state in ("active", "reserved", "scheduled"):
                     held[node] = "active" if held.get(node) == "active" else state
-        return held
+                    if pids.get(node) is None and len(info) > 1:
+                        pids[node] = _pid(_attr(info[1], "worker_pid"))
+        return held, pids
 
     def _backend_state(self, task_id: str) -> Optional[str]:
         if _attr(_attr(self.app, "conf"), "task_always_eager", False):
@@ -649,8 +842,9 @@ class CeleryCommands:
         if kwargs is not None and not isinstance(kwargs, dict):
             raise BadCommand(f"submit_task {name}: kwargs must be a map, got {type(kwargs).__name__}")
         queue = params.get("queue")
-        if queue is not None and (not isinstance(queue, str) or not queue.strip()):
+        if queue is not None and not isinstance(queue, str):
             raise BadCommand(f"submit_task {name}: queue must be a queue's name or null, got {queue!r}")
+        queue = queue.strip() if queue else None  # "" or null: the task's own routing
         options: Dict[str, Any] = {}
         if queue:
             options["queue"] = queue.strip()
@@ -685,7 +879,7 @@ class CeleryCommands:
                     "worker": self.hooks.hostname}
         # Another worker may hold it (its own state beats the backend's, which
         # says STARTED only with task_track_started).
-        held = self._who_holds(task_id)
+        held, _pids = self._who_holds(task_id)
         if held:
             node = sorted(held, key=lambda n: (held[n] != "active", n))[0]
             return {"task_id": task_id, "engine_state": "started" if held[node] == "active" else "pending",
