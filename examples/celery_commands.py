@@ -17,7 +17,11 @@ brain:
      "result": {"task_id": "...", "revoked": true, "terminated": false}, "error": null}
 
 `cancel_task` calls `app.control.revoke(task_id, terminate=...)`
-(`parameters.terminate`, default false). Any exception is answered `failed`
+(`parameters.terminate`, default false: the brain sends none, so a
+running task runs on). This file shows the local protocol in a few lines;
+a Celery application uses `z4j_agentd.celery.install(app)` instead, which
+serves every command the brain has for Celery and whose cancel stops a
+running task (docs/quickstart-celery.md). Any exception is answered `failed`
 with its text; any other action is answered `failed` naming it.
 
     python3 celery_commands.py --app proj.celery:app      # your app, as `celery -A` takes it
