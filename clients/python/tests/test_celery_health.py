@@ -226,6 +226,10 @@ def test_worker_heartbeat_event(app, active_state):
     source = _health.HealthSource(hooks)
     source.interval = 12.0
     source()
+    source()  # within HEARTBEAT_EVENT_SECONDS of the first: a report, no event
+    beats = [e for e in hooks.client.emitted if e["kind"] == "worker.heartbeat"]
+    assert len(beats) == 1 and source.reports == 2
+    source._last_heartbeat_event[NAME] -= _health.HEARTBEAT_EVENT_SECONDS
     source()
     beats = [e for e in hooks.client.emitted if e["kind"] == "worker.heartbeat"]
     assert len(beats) == 2
@@ -233,7 +237,7 @@ def test_worker_heartbeat_event(app, active_state):
     assert beats[0]["engine"] == "celery" and beats[0]["task_id"] == ""
     assert data["worker"] == NAME and data["pid"] == os.getpid() and data["concurrency"] == 3
     assert data["active"] == 2 and data["reserved"] == 3 and data["processed"] == 7
-    assert data["queues"] == ["default", "high"] and data["freq"] == 12.0
+    assert data["queues"] == ["default", "high"] and data["freq"] == _health.HEARTBEAT_EVENT_SECONDS
 
 
 def test_before_the_worker_consumes_only_depths_and_facts(app):
@@ -281,12 +285,12 @@ def test_a_hanging_broker_holds_up_no_report(app, monkeypatch, active_state):
     release = threading.Event()
     calls = []
 
-    def hang(app_, names, timeout):
+    def hang(measurer, names):
         calls.append(names)
         release.wait(10)
         return {n: 1 for n in names}
 
-    monkeypatch.setattr(_queues, "depths", hang)
+    monkeypatch.setattr(_queues.Measurer, "depths", hang)
     source = _health.HealthSource(hooks_for(app, FakeWorker(app, [Queue("default")])), depth_deadline=0.2)
     started = time.monotonic()
     first = source()["celery"]
@@ -339,7 +343,7 @@ def test_broker_info_drops_credentials():
 
 def test_interval_from_env(monkeypatch):
     monkeypatch.delenv(_health.INTERVAL_ENV, raising=False)
-    assert _health.interval_from_env() == 30.0
+    assert _health.interval_from_env() == 10.0
     monkeypatch.setenv(_health.INTERVAL_ENV, "2.5")
     assert _health.interval_from_env() == 2.5
     for bad, words in (("soon", "is not a number"), ("0", "out of range"), ("301", "out of range")):
@@ -355,11 +359,11 @@ def test_start_with_a_bad_interval_reports_at_the_default(app, monkeypatch, capl
     calls = []
     client.report_health = lambda source, interval: calls.append(interval)
     source = _health.start(hooks_for(app, None, client))
-    assert calls == [30.0] and source.interval == 30.0
+    assert calls == [10.0] and source.interval == 10.0
     assert "Z4J_CELERY_HEALTH_INTERVAL='often' is not a number" in caplog.text
     # worker_ready sends the next report at once.
     celery.signals.worker_ready.send(sender=None)
-    assert calls == [30.0, 30.0]
+    assert calls == [10.0, 10.0]
     celery.signals.worker_ready.disconnect(source._on_ready)
     client.close(timeout=0)
 
@@ -404,6 +408,7 @@ class FakeConn:
     def __init__(self, driver, sizes, missing):
         self.transport = SimpleNamespace(driver_type=driver)
         self.sizes, self.missing, self.declared, self.channels = sizes, missing, [], []
+        self.released = False
 
     def __enter__(self):
         return self
@@ -413,6 +418,9 @@ class FakeConn:
 
     def ensure_connection(self, **kw):
         pass
+
+    def release(self):
+        self.released = True
 
     def channel(self):
         self.channels.append(FakeChannel(self))
@@ -436,6 +444,23 @@ def test_missing_queue_on_each_kind_of_broker(driver, missing_depth):
     options = opened[0]["transport_options"]
     assert opened[0]["connect_timeout"] == 3
     assert options["socket_timeout"] == 3 and options["read_timeout"] == 3
+
+
+def test_one_broker_connection_is_kept_between_reports(app, monkeypatch):
+    conn = FakeConn("redis", {"default": 4}, set())
+    opened = []
+    # (calls without arguments only read the URL's parts: no connection)
+    monkeypatch.setattr(app, "connection_for_read", lambda **kw: (opened.append(kw) if kw else None) or conn)
+    source = _health.HealthSource(hooks_for(app, FakeWorker(app, [Queue("default")])))
+    for _ in range(3):
+        assert source()["celery"]["queue_depths"]["default"] == 4
+    assert len(opened) == 1 and len(conn.channels) == 1  # one connection, one channel, three reports
+    # a broker error closes them; the next report connects again
+    conn.sizes = {}
+    assert "queue_depths" not in source()["celery"]
+    assert conn.channels[0].closed and conn.released
+    conn.sizes = {"default": 5}
+    assert source()["celery"]["queue_depths"]["default"] == 5 and len(opened) == 2
 
 
 def test_queues_measured_consumed_first_and_capped(app, monkeypatch):

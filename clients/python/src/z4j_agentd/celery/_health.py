@@ -48,8 +48,12 @@ log = logging.getLogger("z4j_agentd.celery")
 ENGINE = "celery"
 
 #: Seconds between two reports unless $Z4J_CELERY_HEALTH_INTERVAL says
-#: otherwise (the daemon's default too).
-DEFAULT_INTERVAL = 30.0
+#: otherwise: the brain's heartbeat interval, so each heartbeat carries
+#: fresh details.
+DEFAULT_INTERVAL = 10.0
+#: At most one `worker.heartbeat` event per this many seconds (each is a row
+#: in the brain's events; the Worker row's last heartbeat needs no more).
+HEARTBEAT_EVENT_SECONDS = 30.0
 INTERVAL_ENV = "Z4J_CELERY_HEALTH_INTERVAL"
 #: The longest a report waits for the broker's queue depths.
 DEPTH_DEADLINE = 10.0
@@ -391,6 +395,9 @@ class HealthSource:
         self.interval = DEFAULT_INTERVAL
         self._deadline = _Deadline()
         self._broker_type: Optional[str] = None
+        # The depth thread's broker connection, kept between reports.
+        self._measurer = _queues.Measurer(hooks.app, broker_timeout)
+        self._last_heartbeat_event: Dict[str, float] = {}
 
     # -- parts
 
@@ -424,11 +431,15 @@ class HealthSource:
 
     def queue_depths(self, names: Iterable[str]) -> Optional[Dict[str, int]]:
         """Depths of `names`, or None (counted) when the broker could not answer."""
-        app, timeout = self.hooks.app, self.broker_timeout
         wanted = list(dict.fromkeys(names))
+        measurer = self._measurer
         try:
-            got = self._deadline.run(lambda: _queues.depths(app, wanted, timeout), self.depth_deadline)
+            got = self._deadline.run(lambda: measurer.depths(wanted), self.depth_deadline)
         except Exception as exc:
+            if isinstance(exc, TimeoutError) and self._deadline._stuck is not None:
+                # The stuck round trip keeps that connection: the next measure,
+                # once it ended, starts from a new one.
+                self._measurer = _queues.Measurer(self.hooks.app, self.broker_timeout)
             self.depth_failures += 1
             self.last_depth_error = scrub(f"{type(exc).__name__}: {exc}", self._broker_secrets())[:MAX_FACT_CHARS]
             if self.depth_failures == 1:
@@ -463,8 +474,12 @@ class HealthSource:
         elif self.last_depth_error:
             report["broker_error"] = self.last_depth_error
         self.reports += 1
+        now = time.monotonic()
         for name, worker in details.items():
-            self._heartbeat(name, worker)
+            last = self._last_heartbeat_event.get(name)
+            if last is None or now - last >= HEARTBEAT_EVENT_SECONDS:
+                self._last_heartbeat_event[name] = now
+                self._heartbeat(name, worker)
         return {ENGINE: report}
 
     def _heartbeat(self, name: str, details: Mapping[str, Any]) -> None:
@@ -481,7 +496,8 @@ class HealthSource:
             "processed": sum(v for v in total.values() if isinstance(v, int)) if isinstance(total, dict) else None,
             "queues": [q.get("name") for q in details.get("active_queues") or () if isinstance(q, dict)],
             "loadavg": stats.get("loadavg"),
-            "freq": self.interval,
+            # Seconds to the next heartbeat event, as Celery's own heartbeat says.
+            "freq": max(self.interval, HEARTBEAT_EVENT_SECONDS),
         }
         try:
             from celery.worker import state

@@ -46,25 +46,42 @@ def _close(channel: Any) -> None:
         pass
 
 
-def depths(app: Any, queues: Iterable[str], timeout: float = BROKER_TIMEOUT) -> Dict[str, int]:
-    """The number of messages waiting in each queue the broker knows, over
-    one broker connection. Queues the broker does not know are left out
-    (on Redis, where an empty queue has no key, they are 0). Raises when
-    the broker cannot be reached (the caller skips the report)."""
-    names = sorted({q for q in queues if isinstance(q, str) and q})
-    out: Dict[str, int] = {}
-    if not names:
-        return out
-    with app.connection_for_read(**_io_timeouts(timeout)) as conn:
-        conn.ensure_connection(max_retries=1, timeout=timeout)
-        vanishes = _vanishes_when_empty(conn)
-        channel = None
+class Measurer:
+    """A broker connection and channel kept from one measure to the next, so
+    that a worker reporting every few seconds does not open a connection
+    (and, on Redis, a channel's connection pool) each time. Any error other
+    than a missing queue closes both; the next measure connects again. Not
+    for concurrent use: one measure at a time."""
+
+    def __init__(self, app: Any, timeout: float = BROKER_TIMEOUT) -> None:
+        self.app = app
+        self.timeout = timeout
+        self._conn: Any = None
+        self._channel: Any = None
+        #: Connections opened so far (the first, then one after each error).
+        self.connects = 0
+
+    def depths(self, queues: Iterable[str]) -> Dict[str, int]:
+        """The number of messages waiting in each queue the broker knows.
+        Queues the broker does not know are left out (on Redis, where an
+        empty queue has no key, they are 0). Raises when the broker cannot
+        be reached (the caller skips the report)."""
+        names = sorted({q for q in queues if isinstance(q, str) and q})
+        out: Dict[str, int] = {}
+        if not names:
+            return out
         try:
+            if self._conn is None:
+                self._conn = self.app.connection_for_read(**_io_timeouts(self.timeout))
+                self.connects += 1
+            conn = self._conn
+            conn.ensure_connection(max_retries=1, timeout=self.timeout)
+            vanishes = _vanishes_when_empty(conn)
             for name in names:
-                if channel is None:
-                    channel = conn.channel()
+                if self._channel is None:
+                    self._channel = conn.channel()
                 try:
-                    ok = channel.queue_declare(queue=name, passive=True)
+                    ok = self._channel.queue_declare(queue=name, passive=True)
                 except conn.channel_errors as exc:
                     if vanishes and _not_found(exc):
                         # An empty Redis queue; the channel stays usable (a new
@@ -72,16 +89,36 @@ def depths(app: Any, queues: Iterable[str], timeout: float = BROKER_TIMEOUT) -> 
                         out[name] = 0
                         continue
                     # AMQP closes the channel on an error: the next queue gets a new one.
-                    _close(channel)
-                    channel = None
+                    _close(self._channel)
+                    self._channel = None
                     continue
                 count = ok[1] if isinstance(ok, tuple) else getattr(ok, "message_count", None)
                 if count is not None:
                     out[name] = int(count)
-        finally:
-            if channel is not None:
-                _close(channel)
-    return out
+        except BaseException:
+            self.close()
+            raise
+        return out
+
+    def close(self) -> None:
+        channel, conn = self._channel, self._conn
+        self._channel = self._conn = None
+        if channel is not None:
+            _close(channel)
+        if conn is not None:
+            try:
+                conn.release()
+            except Exception:
+                pass
+
+
+def depths(app: Any, queues: Iterable[str], timeout: float = BROKER_TIMEOUT) -> Dict[str, int]:
+    """`Measurer.depths` over a connection of its own, closed after."""
+    measurer = Measurer(app, timeout)
+    try:
+        return measurer.depths(queues)
+    finally:
+        measurer.close()
 
 
 def depth(app: Any, queue: str, timeout: float = BROKER_TIMEOUT) -> Optional[int]:
