@@ -431,6 +431,35 @@ def test_bulk_retry_runs_each_task_again(cluster):
         assert again["result"] == n + 100 and again["args"] == [n, 100], again
 
 
+def test_retry_task_runs_the_original_again_or_with_the_operators_overrides(cluster):
+    """The brain's Retry on a finished task (POST .../commands/retry-task): the brain sends the
+    task by reference (its name, no args: it keeps them redacted), the worker re-sends it with
+    the original args; "retry with different inputs" sends override_args/override_kwargs."""
+    original = cluster.send("add", 19, 23)
+    cluster.wait_state(original, "success", 20)
+
+    done = cluster.run("retry-task", {"engine": ENGINE, "task_id": original})
+    assert done["status"] == "completed", (done["error"], done["result"])
+    new_id = done["result"]["new_task_id"]
+    assert done["result"]["task_id"] == original and done["result"]["task_name"] == "celery_proj.add", done
+    assert new_id and new_id != original, done
+    again = cluster.wait_state(new_id, "success", 20)
+    assert again["name"] == "celery_proj.add" and again["args"] == [19, 23] and again["result"] == 42, again
+    res = cluster.app.AsyncResult(new_id)  # the result backend (result_extended) has the run too
+    assert res.get(timeout=10) == 42 and res.args == [19, 23], (res.state, res.args)
+    assert cluster.task(original)["state"] == "success"
+
+    # Both override halves (the brain refuses one without the other).
+    changed = cluster.run("retry-task", {"engine": ENGINE, "task_id": original, "override_args": [100, 5],
+                                         "override_kwargs": {}})
+    assert changed["status"] == "completed", (changed["error"], changed["result"])
+    other = changed["result"]["new_task_id"]
+    assert other and other not in (original, new_id), changed
+    ran = cluster.wait_state(other, "success", 20)
+    assert ran["args"] == [100, 5] and ran["result"] == 105, ran
+    assert cluster.app.AsyncResult(other).get(timeout=10) == 105
+
+
 # ---------------------------------------------------------------- 6 reconcile
 
 

@@ -15,6 +15,7 @@ priorities (on Redis these land in one key per priority step).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from control import wait_command_done
 from harness import Background, Daemon, brain_db, hexid, resp, wait_for
 
 ENGINE = "celery"
@@ -276,3 +278,93 @@ def test_rabbitmq_worker_reports_itself_and_its_queue_depths(setup):
     assert reports, setup.daemon.stats()["client_list"]
     facts = reports[0]["engines"][ENGINE]["facts"]
     assert facts.get("broker_type") == "amqp" and facts.get("broker_connected") in ("True", True), facts
+
+
+def test_a_stopped_worker_says_so_with_worker_offline(setup):
+    """A worker's warm shutdown sends worker.offline for it; the brain stores the event. The
+    brain (1.13.0) leaves the worker's row on the Workers page as it was: every event carrying
+    `data.worker` upserts the row as online, worker.offline included, and nothing ages it."""
+    w = setup.workers["amqp"]
+    row = worker_row(setup, "amqp", lambda r: r.get("pid") == w["proc"].pid, "with its pid")
+    name = row["name"]
+    assert w["proc"].stop(timeout=30) == 0, w["proc"].log_tail(20)  # SIGTERM: Celery's warm shutdown
+
+    def offline():
+        rows = brain_db(setup.brain, "SELECT payload FROM events WHERE kind = 'worker.offline' AND agent_id = ? "
+                        "AND json_extract(payload, '$.worker') = ?", (hexid(setup.agent["agent_id"]), name))
+        return len(rows) == 1, rows
+
+    data = json.loads(wait_for(offline, 30, f"worker.offline of {name} in the brain")[0]["payload"])
+    assert data["pid"] == w["proc"].pid and data["hostname"] == name.split("@", 1)[1], data
+    after = brain_workers(setup.brain, setup.agent)[name]
+    assert after["state"] == "online" and after["pid"] == w["proc"].pid, after
+
+
+def redis_lengths(redis_server, broker: str, queue: str) -> dict:
+    """LLEN of each Redis list holding `queue`'s messages: kombu keeps one per priority step
+    (`<queue>` for step 0, `<queue>\\x06\\x16<step>` for the others)."""
+    db = broker.rsplit("/", 1)[1]
+    keys = [queue] + [f"{queue}\x06\x16{step}" for step in (3, 6, 9)]
+    replies = resp(redis_server.port, ["SELECT", db], *(["LLEN", k] for k in keys))
+    assert replies[0] == b"+OK", replies
+    lengths = {}
+    for key, reply in zip(keys, replies[1:]):
+        assert reply.startswith(b":"), f"LLEN {key!r}: {reply!r}"
+        lengths[key] = int(reply[1:])
+    return lengths
+
+
+def test_purge_at_the_depth_the_brain_shows_empties_the_queue(setup, redis_server):
+    """An operator's purge from the dashboard: the depth the brain shows (from the worker's own
+    health report) is the purge's observed_depth. The priority queue's messages are in several
+    Redis keys; all of them are emptied. A purge at a depth the queue no longer has is refused
+    by the daemon (the worker reports every second, so the daemon's last report is fresher than
+    the brain's depth) and nothing is purged.
+
+    Runs after the RabbitMQ worker stopped: the daemon hands a confirmed purge to any process
+    that declared purge_queue for the queue's engine, not necessarily the one whose report
+    named the queue, and the RabbitMQ worker's broker does not know this Redis queue."""
+    gone = setup.workers["amqp"]["proc"]
+    gone.stop(timeout=30)  # idempotent: stopped already when the test above ran
+    wait_for(lambda: (gone.pid not in [c.get("pid") for c in setup.daemon.stats()["client_list"]], None), 10,
+             "the daemon to drop the stopped RabbitMQ worker's connections")
+    w = setup.workers["redis"]
+    queue = w["prio"]
+    before = redis_lengths(redis_server, w["broker"], queue)
+    assert sum(before.values()) >= 2 and sum(1 for n in before.values() if n) >= 2, before
+
+    def shown():
+        d = brain_depths(setup.brain, setup.agent)
+        return d.get(queue) == sum(before.values()), d
+
+    observed = wait_for(shown, 4 * HEARTBEAT, f"the brain to show the depth of {queue}")[queue]
+    path = f"/api/v1/projects/{setup.agent['project_slug']}/commands/purge-queue"
+    status, cmd = setup.brain.api("POST", path, body={"agent_id": setup.agent["agent_id"], "queue": queue,
+                                                      "observed_depth": observed})
+    assert status == 202, f"POST purge-queue: HTTP {status} {cmd}"
+    done = wait_command_done(setup.brain, setup.agent, cmd["id"], 30)
+    assert done["status"] == "completed", (done["error"], done["result"])
+    assert done["result"] == {"queue": queue, "depth_before": observed, "purged": observed, "force": False}, done
+    assert redis_lengths(redis_server, w["broker"], queue) == {k: 0 for k in before}
+
+    # Two more arrive (at two priorities); the brain may still show the old depth.
+    producer = make_app(w["broker"], w["tag"])
+    for p in (0, 9):
+        producer.send_task("health_proj.add", args=[p, p], queue=queue, priority=p)
+    producer.close()
+
+    def reported():  # the worker's own report of the new depth, as the daemon holds it
+        depths = [((c["health"].get("engines") or {}).get(ENGINE) or {}).get("queue_depths", {}).get(queue)
+                  for c in setup.daemon.stats()["client_list"] if c.get("pid") == w["proc"].pid and c.get("health")]
+        return depths == [2], depths  # its command connection carries the reports
+
+    wait_for(reported, 20, f"the worker to report 2 messages in {queue}")
+    status, cmd = setup.brain.api("POST", path, body={"agent_id": setup.agent["agent_id"], "queue": queue,
+                                                      "observed_depth": observed})
+    assert status == 202, f"POST purge-queue: HTTP {status} {cmd}"
+    stale = wait_command_done(setup.brain, setup.agent, cmd["id"], 30)
+    assert stale["status"] == "failed", stale
+    assert (f"confirm_token does not match the last reported depth 2 of queue \"{queue}\"" in stale["error"]
+            and f"reported by pid {w['proc'].pid}" in stale["error"]), stale["error"]
+    assert sum(redis_lengths(redis_server, w["broker"], queue).values()) == 2
+

@@ -696,3 +696,100 @@ def test_reconcile_without_a_result_backend_or_task_id(hooks):
     assert got["engine_state"] == "unknown" and "no result backend" in got["detail"]
     with pytest.raises(BadCommand, match="reconcile_task needs parameters.task_id"):
         hooks.commands.reconcile_task(cmd("reconcile_task", {}))
+
+
+# ---------------------------------------------------------------- broker secrets
+
+
+BROKER_PW, BACKEND_PW, ALT_PW = "s3cr3t-Pw", "b4ckend-Pw", "f4ilover-Pw"
+
+
+@pytest.fixture
+def secret_hooks(monkeypatch):
+    """Hooks on a real Celery app whose broker (with a failover URL) and result backend have
+    passwords; nothing here connects."""
+    from celery import Celery
+
+    monkeypatch.delenv(_commands.CANCEL_SIGNAL_ENV, raising=False)
+    app = Celery("secrets", broker=f"redis://:{BROKER_PW}@127.0.0.1:1/0;redis://u:{ALT_PW}@127.0.0.1:2/0",
+                 backend=f"redis://:{BACKEND_PW}@127.0.0.1:1/1", set_as_current=False)
+    app.conf.worker_pool_restarts = True
+    h = _Hooks(app, Recording(), serve_commands=True)
+    h.hostname = OWN
+    h.worker = SimpleNamespace(hostname=OWN, pool=FakePool(2), concurrency=2, pool_cls="prefork")
+    return h
+
+
+def broker_error(*_, **__):
+    # What a broker client may say: its URL, and the password on its own.
+    raise ConnectionError(f"Error connecting to redis://:{BROKER_PW}@127.0.0.1:1/0 (AUTH {BROKER_PW} refused; "
+                          f"backend redis://:{BACKEND_PW}@127.0.0.1:1/1, failover {ALT_PW})")
+
+
+def assert_masked(text):
+    for secret in (BROKER_PW, BACKEND_PW, ALT_PW):
+        assert secret not in text, text
+    # The rest stays: where it connected, what failed.
+    assert "redis://**@127.0.0.1:1/0" in text and "AUTH ** refused" in text, text
+
+
+def test_command_errors_from_the_broker_never_carry_its_passwords(secret_hooks, monkeypatch):
+    served = secret_hooks.handlers()
+    monkeypatch.setattr(_commands._queues, "depth", broker_error)
+    monkeypatch.setattr(_commands._queues, "purge", broker_error)
+    monkeypatch.setattr(secret_hooks.app, "send_task", broker_error)
+    monkeypatch.setattr(secret_hooks.app.control, "broadcast", broker_error)
+    monkeypatch.setattr(secret_hooks.app.control, "revoke", broker_error)
+    monkeypatch.setattr(_commands, "_local_requests", broker_error)  # an exception no handler expects
+    cases = [
+        ("purge_queue", purge_cmd(expected_depth=3), CommandFailed, "its depth could not be measured"),
+        ("submit_task", cmd("submit_task", {"name": "proj.add"}), CommandFailed, "the task could not be sent"),
+        ("retry_task", cmd("retry_task", {"task_id": "t-1", "task_name": "proj.add", "override_args": [1],
+                                          "override_kwargs": {}}), CommandFailed, "proj.add could not be sent"),
+        ("pool_grow", worker_cmd("pool_grow", delta=1), CommandFailed, "could not be sent to worker"),
+        ("rate_limit", cmd("rate_limit", {"task_name": "proj.add", "rate": "1/s"}), CommandFailed,
+         "rate_limit could not be sent"),
+        ("reconcile_task", cmd("reconcile_task", {"task_id": "t-1"}), CommandFailed,
+         "reconcile_task failed: ConnectionError: Error connecting"),
+    ]
+    for action, command, kind, what in cases:
+        with pytest.raises(kind, match=what) as raised:
+            served[("celery", action)](command)
+        assert_masked(str(raised.value))
+    # The handlers mask their own texts too, for a caller that bypasses the served wrapper.
+    with pytest.raises(CommandFailed) as direct:
+        secret_hooks.commands.purge_queue(purge_cmd(expected_depth=3))
+    assert_masked(str(direct.value))
+    # A purge that measured, then failed.
+    monkeypatch.setattr(_commands._queues, "depth", lambda app, queue, timeout=5.0: 3)
+    with pytest.raises(CommandFailed, match="purge_queue for queue 'default' failed") as purge:
+        served[("celery", "purge_queue")](purge_cmd(expected_depth=3))
+    assert_masked(str(purge.value))
+
+
+def test_bulk_retry_failures_and_the_client_answer_are_masked(secret_hooks, monkeypatch):
+    monkeypatch.setattr(secret_hooks.app, "send_task", broker_error)
+    monkeypatch.setattr(_commands, "from_result_backend", lambda app, task_id: {"args": [1], "kwargs": {}})
+    bulk = cmd("bulk_retry", {"filter": {"engine": "celery", "task_ids": ["t-1"],
+                                         "task_names": {"t-1": "proj.add"}}})
+    with pytest.raises(CommandFailed, match="retried none of the 1 tasks") as raised:
+        secret_hooks.handlers()[("celery", "bulk_retry")](bulk)
+    assert_masked(str(raised.value))
+
+    # What the brain gets: the client's command_result for the served handler.
+    sent = []
+    client = z4j_agentd.Client(socket_path="/nonexistent/agent.sock")
+    client._handlers = secret_hooks.handlers()
+    client._run_command(SimpleNamespace(send=lambda msg, timeout=None: sent.append(msg)),
+                        {"id": "c-9", "action": "submit_task", "target": {"engine": "celery"},
+                         "parameters": {"name": "proj.add"}})
+    (answer,) = sent
+    assert answer["status"] == "failed" and answer["error"].startswith("CommandFailed: submit_task proj.add"), answer
+    assert_masked(answer["error"])
+
+
+def test_broker_secrets_lists_every_password_without_connecting(secret_hooks):
+    from z4j_agentd.celery import _health
+
+    assert sorted(_health.broker_secrets(secret_hooks.app)) == sorted([BROKER_PW, ALT_PW, BACKEND_PW])
+    assert _health.broker_secrets(SimpleNamespace()) == []

@@ -12,6 +12,13 @@ cancel_consumer, rate_limit for a named worker) are run for this worker
 only: a Celery remote-control command addressed to this worker's node name
 (`destination=[name]`), so it executes on the worker's own loop, with its
 reply awaited (`CONTROL_TIMEOUT`); no reply is a failed command saying so.
+
+Every error text, and every note in a result that quotes an exception, is
+masked as the health report's broker errors are (`_health.scrub`): no URL
+credentials and none of the broker's or result backend's passwords, so a
+broker exception that quotes its URL never carries the password to the
+brain. An exception no handler expected answers `failed` as CommandFailed
+naming the action and the exception's type.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from datetime import datetime, timezone
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from .._jsonsafe import json_safe
-from . import _queues
+from . import _health, _queues
 
 ENGINE = "celery"
 
@@ -313,13 +320,36 @@ class CeleryCommands:
         self.hooks = hooks
         self.cancel_signal = cancel_signal_from(cancel_signal)
         self._purge_lock = threading.Lock()
+        self._secrets: Optional[List[str]] = None
+
+    def scrub(self, text: str) -> str:
+        """`text` without URL credentials and the broker's or result
+        backend's passwords (read once, without connecting)."""
+        if self._secrets is None:
+            self._secrets = _health.broker_secrets(self.app)
+        return _health.scrub(text, self._secrets)
 
     @property
     def app(self) -> Any:
         return self.hooks.app
 
     def handlers(self) -> Dict[Tuple[str, str], Any]:
-        return {(ENGINE, action): getattr(self, action) for action in ACTIONS}
+        return {(ENGINE, action): self._masked(action, getattr(self, action)) for action in ACTIONS}
+
+    def _masked(self, action: str, handler: Any) -> Any:
+        """`handler`, its exceptions' texts masked (see the module's
+        documentation); BadCommand and CommandFailed keep their type."""
+        def run(command: Dict[str, Any]) -> Any:
+            try:
+                return handler(command)
+            except (BadCommand, CommandFailed) as exc:
+                raise type(exc)(self.scrub(str(exc))) from None
+            except Exception as exc:
+                raise CommandFailed(f"{action} failed: {type(exc).__name__}: {self.scrub(str(exc))}") from None
+
+        run.__name__ = run.__qualname__ = action
+        run.__doc__ = handler.__doc__
+        return run
 
     # -- worker controls ---------------------------------------------------
 
@@ -356,7 +386,7 @@ class CeleryCommands:
                                                  reply=True, timeout=CONTROL_TIMEOUT, limit=1)
         except Exception as exc:
             raise CommandFailed(f"{command_name} could not be sent to worker {worker!r} through the broker: "
-                                f"{type(exc).__name__}: {exc}") from None
+                                f"{type(exc).__name__}: {self.scrub(str(exc))}") from None
         for reply in replies or []:
             if isinstance(reply, dict) and worker in reply:
                 answer = reply[worker]
@@ -460,7 +490,7 @@ class CeleryCommands:
                                                  reply=True, timeout=QUERY_WAIT)
         except Exception as exc:
             raise CommandFailed(f"rate_limit could not be sent through the broker: {type(exc).__name__}: "
-                                f"{exc}") from None
+                                f"{self.scrub(str(exc))}") from None
         applied, refused = [], {}
         for reply in replies or []:
             for node, answer in (reply.items() if isinstance(reply, dict) else ()):
@@ -503,7 +533,7 @@ class CeleryCommands:
                 depth = _queues.depth(self.app, queue)
             except Exception as exc:
                 raise CommandFailed(f"purge_queue for queue {queue!r}: its depth could not be measured "
-                                    f"({type(exc).__name__}: {exc}); nothing was purged") from None
+                                    f"({type(exc).__name__}: {self.scrub(str(exc))}); nothing was purged") from None
             if depth is None:
                 raise CommandFailed(f"purge_queue: the broker does not know queue {queue!r}; nothing was "
                                     f"purged")
@@ -515,7 +545,7 @@ class CeleryCommands:
                 purged = _queues.purge(self.app, queue)
             except Exception as exc:
                 raise CommandFailed(f"purge_queue for queue {queue!r} failed: {type(exc).__name__}: "
-                                    f"{exc}") from None
+                                    f"{self.scrub(str(exc))}") from None
         result = {"queue": queue, "depth_before": depth, "purged": purged, "force": force}
         if isinstance(purged, int) and purged > depth:
             # The broker purges what the queue holds when the purge runs, a moment after the measure.
@@ -561,7 +591,7 @@ class CeleryCommands:
                                               timeout=CONTROL_TIMEOUT if holders else QUERY_WAIT)
         except Exception as exc:
             raise CommandFailed(f"cancel_task {task_id}: the revoke could not be sent through the broker "
-                                f"({type(exc).__name__}: {exc}); the task was not cancelled") from None
+                                f"({type(exc).__name__}: {self.scrub(str(exc))}); the task was not cancelled") from None
         result: Dict[str, Any] = {"task_id": task_id, "revoked": True, "terminated": False, "signal": sig,
                                   "worker": None}
         if holders:
@@ -569,8 +599,9 @@ class CeleryCommands:
             try:
                 self.app.control.revoke(task_id, terminate=True, signal=sig)
             except Exception as exc:
-                result["note"] = (f"the workers holding the task got the revoke, the others did not "
-                                  f"({type(exc).__name__}: {exc}): a copy delivered to another worker may run")
+                result["note"] = self.scrub(f"the workers holding the task got the revoke, the others did not "
+                                            f"({type(exc).__name__}: {exc}): a copy delivered to another worker "
+                                            f"may run")
         answers: Dict[str, str] = {}
         for reply in replies or []:
             if isinstance(reply, dict):
@@ -691,7 +722,7 @@ class CeleryCommands:
             wait = max(0.5, min(CONTROL_TIMEOUT, deadline - time.monotonic()))
             stats = (self.app.control.inspect(destination=[node], timeout=wait).stats() or {}).get(node)
         except Exception as exc:
-            return False, f"its pool could not be read: {type(exc).__name__}: {exc}"
+            return False, self.scrub(f"its pool could not be read: {type(exc).__name__}: {exc}")
         if not isinstance(stats, dict):
             return False, "it did not answer inspect stats"
         if stats.get("pid") == pid:
@@ -788,7 +819,11 @@ class CeleryCommands:
         priority = priority_of(first_given(priority_given, params.get("priority")), transport_of(self.app))
         if priority is not None:
             options["priority"] = priority
-        result = self.app.send_task(name, args=list(args or []), kwargs=dict(kwargs or {}), **options)
+        try:
+            result = self.app.send_task(name, args=list(args or []), kwargs=dict(kwargs or {}), **options)
+        except Exception as exc:
+            raise CommandFailed(f"cannot retry {task_id}: {name} could not be sent ({type(exc).__name__}: "
+                                f"{self.scrub(str(exc))})") from None
         new_id = _attr(result, "id") or _attr(result, "task_id")
         return json_safe({"task_id": task_id, "new_task_id": str(new_id) if new_id else None,
                           "task_name": name, "queue": queue, "priority": priority})
@@ -819,7 +854,7 @@ class CeleryCommands:
                 out = self._retry_one(task_id, one, priority_given=priorities.get(task_id))
                 new_task_ids[task_id] = out["new_task_id"]
             except Exception as exc:
-                failures[task_id] = f"{type(exc).__name__}: {exc}"[:500]
+                failures[task_id] = self.scrub(f"{type(exc).__name__}: {exc}")[:500]
         if not new_task_ids:
             sample = "; ".join(f"{k}: {v}" for k, v in list(failures.items())[:3])
             raise CommandFailed(f"bulk_retry retried none of the {min(len(unique), limit)} tasks: {sample}")
@@ -857,7 +892,7 @@ class CeleryCommands:
             result = self.app.send_task(name, args=list(args or []), kwargs=dict(kwargs or {}), **options)
         except Exception as exc:
             raise CommandFailed(f"submit_task {name}: the task could not be sent ({type(exc).__name__}: "
-                                f"{exc})") from None
+                                f"{self.scrub(str(exc))})") from None
         new_id = _attr(result, "id") or _attr(result, "task_id")
         return json_safe({"task_id": str(new_id) if new_id else None, "engine": ENGINE, "task_name": name,
                           "queue": options.get("queue"), "priority": priority})
@@ -894,7 +929,7 @@ class CeleryCommands:
             state = str(res.state)
         except Exception as exc:
             raise CommandFailed(f"reconcile_task {task_id}: the result backend could not be read "
-                                f"({type(exc).__name__}: {exc})") from None
+                                f"({type(exc).__name__}: {self.scrub(str(exc))})") from None
         if state == "PENDING":
             return {"task_id": task_id, "engine_state": "unknown", "finished_at": None, "exception": None,
                     "source": "result_backend", "celery_state": state,

@@ -144,6 +144,42 @@ def scrub(text: str, secrets: Iterable[str] = ()) -> str:
     return _URL_CREDENTIALS.sub(mask, out)
 
 
+def broker_secrets(app: Any) -> List[str]:
+    """The passwords an error from the broker or the result backend may
+    quote: of the read and write broker connections (and their failover
+    URLs) and of the result backend's URL. Built without connecting."""
+    found: List[str] = []
+
+    def add(value: Any) -> None:
+        if isinstance(value, str) and value and value not in found:
+            found.append(value)
+
+    def from_url(url: Any) -> None:
+        if isinstance(url, str) and "://" in url:
+            try:
+                from kombu.utils.url import url_to_parts
+
+                add(url_to_parts(url).password)
+            except Exception:
+                pass
+
+    for opener in ("connection_for_read", "connection_for_write"):
+        try:
+            with getattr(app, opener)() as conn:
+                add(conn.password)
+                for alt in conn.alt or ():
+                    from_url(alt)
+        except Exception:
+            continue
+    try:
+        backend = app.conf.result_backend
+    except Exception:
+        backend = None
+    for url in (backend.split(";") if isinstance(backend, str) else ()):
+        from_url(url.strip())
+    return found
+
+
 def _as_int(value: Any) -> Optional[int]:
     if isinstance(value, bool) or not isinstance(value, int):
         return None
@@ -450,11 +486,7 @@ class HealthSource:
         return {name: max(0, min(int(depth), _INT_MAX)) for name, depth in got.items()}
 
     def _broker_secrets(self) -> List[str]:
-        try:
-            with self.hooks.app.connection_for_read() as conn:
-                return [p for p in (conn.password,) if isinstance(p, str)]
-        except Exception:
-            return []
+        return broker_secrets(self.hooks.app)
 
     # -- the report
 
