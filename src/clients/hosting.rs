@@ -102,6 +102,22 @@ impl ClientInfo {
     }
 }
 
+impl ClientInfo {
+    /// Whether its fresh health report names `queue` for `engine`: `None`
+    /// when not, else the depth it reported (`None` inside when it names the
+    /// queue only among a worker's `active_queues`).
+    fn reports_queue(&self, engine: &str, queue: &str) -> Option<Option<u64>> {
+        let eh = self.fresh_report()?.engines.get(engine)?;
+        if let Some(depth) = eh.queue_depths.get(queue) {
+            return Some(Some(*depth));
+        }
+        eh.workers
+            .values()
+            .any(|w| consumes(w, queue))
+            .then_some(None)
+    }
+}
+
 /// Whether a worker's health details list `queue` in `active_queues`
 /// (entries are maps with a `name`, or plain names).
 fn consumes(worker: &Value, queue: &str) -> bool {
@@ -181,6 +197,17 @@ impl ClientRegistry {
         clients
             .values()
             .flat_map(|e| e.info.queue_engines(queue))
+            .collect()
+    }
+
+    /// The connections whose fresh health report names `queue` for
+    /// `engine`, with the depth each reported (see
+    /// [`ClientInfo::reports_queue`]), by connection id.
+    pub fn queue_reporters(&self, engine: &str, queue: &str) -> Vec<(u64, Option<u64>)> {
+        let clients = self.clients.lock().unwrap();
+        clients
+            .iter()
+            .filter_map(|(id, e)| Some((*id, e.info.reports_queue(engine, queue)?)))
             .collect()
     }
 

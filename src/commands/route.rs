@@ -44,6 +44,7 @@ fn by_target(clients: &ClientRegistry, cmd: &Command) -> Result<Vec<Reachable>, 
         "reconcile_task" => reconcile(clients, cmd),
         // purge_queue reaches here confirmed, with the queue's engine in
         // its target (super::purge).
+        "purge_queue" => purge_queue(clients, cmd),
         _ => by_engine(clients, cmd),
     }
 }
@@ -149,6 +150,50 @@ fn scheduler(
             name, cmd.action
         ))),
     }
+}
+
+/// `purge_queue`, confirmed (its engine, queue and checked depth set): a
+/// connection that declared it for the queue's engine AND whose health
+/// report names the queue, the ones that reported the depth the token was
+/// checked against first. A process that does not report the queue may not
+/// reach its broker (two apps on one host, each with its own broker, may
+/// both have a queue `default`), so it never gets the purge.
+fn purge_queue(clients: &ClientRegistry, cmd: &Command) -> Result<Vec<Reachable>, String> {
+    let able = by_engine(clients, cmd)?;
+    let (Some(engine), Some(queue)) = (
+        cmd.engine(),
+        cmd.parameters.get("queue").and_then(Value::as_str),
+    ) else {
+        return Ok(able);
+    };
+    if able.is_empty() {
+        return Ok(able); // the router's own refusal: nobody runs the action
+    }
+    let reporters = clients.queue_reporters(engine, queue);
+    let expected = cmd.parameters.get("expected_depth").and_then(Value::as_u64);
+    let pick = |exact: bool| -> Vec<Reachable> {
+        able.iter()
+            .filter(|r| {
+                reporters.iter().any(|(id, depth)| {
+                    *id == r.id && (!exact || (depth.is_some() && *depth == expected))
+                })
+            })
+            .cloned()
+            .collect()
+    };
+    let exact = pick(true);
+    if !exact.is_empty() {
+        return Ok(exact);
+    }
+    let reporting = pick(false);
+    if !reporting.is_empty() {
+        return Ok(reporting);
+    }
+    let who: Vec<&str> = able.iter().map(|r| r.who.as_str()).collect();
+    Err(format!(
+        "purge_queue for queue {queue:?} (engine {engine:?}): the local processes that declared purge_queue ({}) do not report this queue in their health reports, so they may not reach the broker that holds it; the process that reports the queue must declare purge_queue",
+        who.join(", ")
+    ))
 }
 
 /// What must hold before `cmd` is routed, and the command as the process

@@ -395,6 +395,57 @@ async fn a_forced_purge_nobody_can_run_is_refused_and_not_counted_as_passed_on()
 }
 
 #[tokio::test]
+async fn a_purge_goes_to_the_process_that_reports_the_queue() {
+    let (router, _results) = router();
+    // Two apps on one host, each with its own broker: only the second
+    // knows queue "default". The first is older and idle: routing by engine
+    // alone would hand it the purge, which it cannot run.
+    let mut a = join(&router, 1, WORKER_CAPS, &["wA@h"]);
+    let mut b = join(&router, 2, WORKER_CAPS, &["wB@h"]);
+    report(&router, 1, "celery", &[("other", 2)], &[], 0);
+    report(&router, 2, "celery", &[("default", 3)], &[], 0);
+    let c = purge(
+        "p-10",
+        "default",
+        &format!(r#"{{"confirm_token":"{TOKEN_DEFAULT_3}"}}"#),
+    );
+    assert!(matches!(router.dispatch(&c, "h"), Dispatch::Started { .. }));
+    assert!(received(&mut a).is_none());
+    assert_eq!(received(&mut b).unwrap()["parameters"]["expected_depth"], 3);
+
+    // Both report the queue: the one whose depth the token was checked
+    // against gets it, even when it is not the longest connected.
+    report(&router, 1, "celery", &[("default", 9)], &[], 30);
+    let c = purge(
+        "p-11",
+        "default",
+        &format!(r#"{{"confirm_token":"{TOKEN_DEFAULT_3}"}}"#),
+    );
+    assert!(matches!(router.dispatch(&c, "h"), Dispatch::Started { .. }));
+    assert!(received(&mut a).is_none());
+    assert!(received(&mut b).is_some());
+}
+
+#[tokio::test]
+async fn a_purge_is_refused_when_the_process_that_may_run_it_does_not_report_the_queue() {
+    let (router, _results) = router();
+    let mut a = join(&router, 1, WORKER_CAPS, &[]);
+    let _reporter = join(&router, 2, &[("celery", &["cancel_task"])], &[]);
+    report(&router, 2, "celery", &[("default", 3)], &[], 0);
+    let c = purge(
+        "p-12",
+        "default",
+        &format!(r#"{{"confirm_token":"{TOKEN_DEFAULT_3}"}}"#),
+    );
+    let e = refused(router.dispatch(&c, "web-1"));
+    assert!(
+        e.contains("the local processes that declared purge_queue (pid 10 (worker-1)) do not report this queue"),
+        "{e}"
+    );
+    assert!(received(&mut a).is_none());
+}
+
+#[tokio::test]
 async fn a_router_without_the_key_refuses_every_confirmed_purge() {
     let (router, _results) = Router::new(Arc::new(Stats::new()));
     let _a = join(&router, 1, WORKER_CAPS, &[]);

@@ -136,7 +136,9 @@ def setup(brain, daemon_bin, run_dir, sock_dir, all_daemons, minted_agents, redi
         daemon.wait_stats(lambda s: s["uplink_state"] == "connected", 60, "the daemon's first brain session")
         redis_url = redis_server.url(redis_server.fresh_db())
         amqp_url = rabbitmq_server.url()
-        for kind, broker in (("redis", redis_url), ("amqp", amqp_url)):
+        # The RabbitMQ worker first: its command connection is then the longest connected,
+        # the one routing by engine alone would pick for the Redis queue's purge.
+        for kind, broker in (("amqp", amqp_url), ("redis", redis_url)):
             tag = uuid.uuid4().hex[:8]
             producer = make_app(broker, tag)
             # Waiting before the worker starts: 3 in a queue nobody consumes, one per priority
@@ -280,40 +282,6 @@ def test_rabbitmq_worker_reports_itself_and_its_queue_depths(setup):
     assert facts.get("broker_type") == "amqp" and facts.get("broker_connected") in ("True", True), facts
 
 
-def test_a_stopped_worker_says_so_with_worker_offline(setup):
-    """A worker's warm shutdown sends worker.offline for it; the brain stores the event. The
-    brain (1.13.0) leaves the worker's row on the Workers page as it was: every event carrying
-    `data.worker` upserts the row as online, worker.offline included, and nothing ages it."""
-    w = setup.workers["amqp"]
-    row = worker_row(setup, "amqp", lambda r: r.get("pid") == w["proc"].pid, "with its pid")
-    name = row["name"]
-    assert w["proc"].stop(timeout=30) == 0, w["proc"].log_tail(20)  # SIGTERM: Celery's warm shutdown
-
-    def offline():
-        rows = brain_db(setup.brain, "SELECT payload FROM events WHERE kind = 'worker.offline' AND agent_id = ? "
-                        "AND json_extract(payload, '$.worker') = ?", (hexid(setup.agent["agent_id"]), name))
-        return len(rows) == 1, rows
-
-    data = json.loads(wait_for(offline, 30, f"worker.offline of {name} in the brain")[0]["payload"])
-    assert data["pid"] == w["proc"].pid and data["hostname"] == name.split("@", 1)[1], data
-    after = brain_workers(setup.brain, setup.agent)[name]
-    assert after["state"] == "online" and after["pid"] == w["proc"].pid, after
-
-
-def redis_lengths(redis_server, broker: str, queue: str) -> dict:
-    """LLEN of each Redis list holding `queue`'s messages: kombu keeps one per priority step
-    (`<queue>` for step 0, `<queue>\\x06\\x16<step>` for the others)."""
-    db = broker.rsplit("/", 1)[1]
-    keys = [queue] + [f"{queue}\x06\x16{step}" for step in (3, 6, 9)]
-    replies = resp(redis_server.port, ["SELECT", db], *(["LLEN", k] for k in keys))
-    assert replies[0] == b"+OK", replies
-    lengths = {}
-    for key, reply in zip(keys, replies[1:]):
-        assert reply.startswith(b":"), f"LLEN {key!r}: {reply!r}"
-        lengths[key] = int(reply[1:])
-    return lengths
-
-
 def test_purge_at_the_depth_the_brain_shows_empties_the_queue(setup, redis_server):
     """An operator's purge from the dashboard: the depth the brain shows (from the worker's own
     health report) is the purge's observed_depth. The priority queue's messages are in several
@@ -321,13 +289,10 @@ def test_purge_at_the_depth_the_brain_shows_empties_the_queue(setup, redis_serve
     by the daemon (the worker reports every second, so the daemon's last report is fresher than
     the brain's depth) and nothing is purged.
 
-    Runs after the RabbitMQ worker stopped: the daemon hands a confirmed purge to any process
-    that declared purge_queue for the queue's engine, not necessarily the one whose report
-    named the queue, and the RabbitMQ worker's broker does not know this Redis queue."""
-    gone = setup.workers["amqp"]["proc"]
-    gone.stop(timeout=30)  # idempotent: stopped already when the test above ran
-    wait_for(lambda: (gone.pid not in [c.get("pid") for c in setup.daemon.stats()["client_list"]], None), 10,
-             "the daemon to drop the stopped RabbitMQ worker's connections")
+    The RabbitMQ worker, on the same daemon, also declared purge_queue for celery and is
+    connected: the purge goes to the Redis worker, whose report named the queue (the RabbitMQ
+    worker's broker does not know it)."""
+    assert setup.workers["amqp"]["proc"].alive(), "the RabbitMQ worker must still run here"
     w = setup.workers["redis"]
     queue = w["prio"]
     before = redis_lengths(redis_server, w["broker"], queue)
@@ -367,4 +332,39 @@ def test_purge_at_the_depth_the_brain_shows_empties_the_queue(setup, redis_serve
     assert (f"confirm_token does not match the last reported depth 2 of queue \"{queue}\"" in stale["error"]
             and f"reported by pid {w['proc'].pid}" in stale["error"]), stale["error"]
     assert sum(redis_lengths(redis_server, w["broker"], queue).values()) == 2
+
+
+def test_a_stopped_worker_says_so_with_worker_offline(setup):
+    """A worker's warm shutdown sends worker.offline for it; the brain stores the event. The
+    brain (1.13.0) leaves the worker's row on the Workers page as it was: every event carrying
+    `data.worker` upserts the row as online, worker.offline included, and nothing ages it."""
+    w = setup.workers["amqp"]
+    row = worker_row(setup, "amqp", lambda r: r.get("pid") == w["proc"].pid, "with its pid")
+    name = row["name"]
+    assert w["proc"].stop(timeout=30) == 0, w["proc"].log_tail(20)  # SIGTERM: Celery's warm shutdown
+
+    def offline():
+        rows = brain_db(setup.brain, "SELECT payload FROM events WHERE kind = 'worker.offline' AND agent_id = ? "
+                        "AND json_extract(payload, '$.worker') = ?", (hexid(setup.agent["agent_id"]), name))
+        return len(rows) == 1, rows
+
+    data = json.loads(wait_for(offline, 30, f"worker.offline of {name} in the brain")[0]["payload"])
+    assert data["pid"] == w["proc"].pid and data["hostname"] == name.split("@", 1)[1], data
+    after = brain_workers(setup.brain, setup.agent)[name]
+    assert after["state"] == "online" and after["pid"] == w["proc"].pid, after
+
+
+def redis_lengths(redis_server, broker: str, queue: str) -> dict:
+    """LLEN of each Redis list holding `queue`'s messages: kombu keeps one per priority step
+    (`<queue>` for step 0, `<queue>\\x06\\x16<step>` for the others)."""
+    db = broker.rsplit("/", 1)[1]
+    keys = [queue] + [f"{queue}\x06\x16{step}" for step in (3, 6, 9)]
+    replies = resp(redis_server.port, ["SELECT", db], *(["LLEN", k] for k in keys))
+    assert replies[0] == b"+OK", replies
+    lengths = {}
+    for key, reply in zip(keys, replies[1:]):
+        assert reply.startswith(b":"), f"LLEN {key!r}: {reply!r}"
+        lengths[key] = int(reply[1:])
+    return lengths
+
 
