@@ -81,7 +81,7 @@ def test_small_arguments_are_kept_within_the_total(hooks):
     assert newest["args"][0].startswith(f"{TASKS - 1:08d}") and newest["kwargs"] == {"n": TASKS - 1}
     oldest = hooks.remembered(f"task-{TASKS - REMEMBERED_TASKS:08d}")
     assert oldest["task_name"] == "proj.tasks.big" and "args" not in oldest
-    assert "at most 4 MiB of arguments" in oldest["args_left_out"]
+    assert "at most 1 MiB of arguments" in oldest["args_left_out"]
     assert hooks.remembered(f"task-{TASKS - REMEMBERED_TASKS - 1:08d}") == {}  # forgotten
 
 

@@ -78,10 +78,12 @@ REMEMBERED_TASKS = 10000
 #: retry_task reads the arguments from the result backend.
 MAX_REMEMBERED_ARGS_BYTES = 4 * 1024
 #: All remembered args and kwargs together stay within this many bytes (the
-#: oldest are forgotten first, their name and queue stay): with the entries
-#: themselves (about 0.3 KB each) a worker's map never takes more than
-#: about 7 MB, whatever its tasks' arguments.
-MAX_REMEMBERED_ARGS_TOTAL = 4 * 1024 * 1024
+#: oldest are forgotten first, their name and queue stay): enough for all
+#: 10,000 tasks when their arguments are a few ids (under 100 bytes), for
+#: the last ~2,000 with 512-byte ones. With the entries themselves (about
+#: 0.25 KB each) a worker's map never takes more than about 4 MB, whatever
+#: its tasks' arguments; older arguments come from the result backend.
+MAX_REMEMBERED_ARGS_TOTAL = 1024 * 1024
 #: A pool child (or any process that does not serve commands) remembers
 #: only the ids of the last tasks it sent task.received for, no arguments:
 #: forgetting one costs at most a repeated task.received when a task
