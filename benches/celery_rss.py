@@ -25,7 +25,8 @@ What runs, all on 127.0.0.1 in a scratch directory:
   z4j-celery worker has the second agent's Z4J_* environment and starts its
   embedded agent, which connects to the brain: the script waits until the
   brain lists that agent online). Then 100 warm-up tasks, then `--tasks`
-  tasks (a 512-byte argument, a dict result), all waited for through the
+  tasks (a 512-byte argument, a dict result; 10,000 fill what the
+  integration remembers per task to its bound), all waited for through the
   result backend; 3 s to settle; then the memory of the main process and of
   its two pool children, from /proc: VmRSS, and Pss (from smaps_rollup: the
   pages shared copy-on-write by the children counted once, the honest sum).

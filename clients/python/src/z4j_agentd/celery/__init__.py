@@ -45,9 +45,11 @@ scheduler's (`beat.py`).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 import traceback as _traceback
@@ -66,8 +68,30 @@ ENGINE = "celery"
 MAX_TRACEBACK_CHARS = 4096
 #: args, kwargs and results longer than this as JSON are replaced by their start.
 MAX_VALUE_BYTES = 64 * 1024
-#: Tasks whose name, args and kwargs the serving process remembers for retry_task.
+#: Tasks whose name and queue the process serving commands remembers for
+#: retry_task (with their args and kwargs when small, see below).
 REMEMBERED_TASKS = 10000
+#: A remembered task keeps its args and kwargs only up to this many bytes as
+#: JSON (UTF-8): ordinary Celery arguments (ids, short strings, a few
+#: options) take well under 1 KiB, and 4 KiB keeps them while 10,000 tasks
+#: still cannot take more than 40 MB. Larger ones: name and queue only, and
+#: retry_task reads the arguments from the result backend.
+MAX_REMEMBERED_ARGS_BYTES = 4 * 1024
+#: All remembered args and kwargs together stay within this many bytes (the
+#: oldest are forgotten first, their name and queue stay): enough for all
+#: 10,000 tasks when their arguments are a few ids (under 100 bytes), for
+#: the last ~2,000 with 512-byte ones. With the entries themselves (about
+#: 0.25 KB each) a worker's map never takes more than about 4 MB, whatever
+#: its tasks' arguments; older arguments come from the result backend.
+MAX_REMEMBERED_ARGS_TOTAL = 1024 * 1024
+#: A pool child (or any process that does not serve commands) remembers
+#: only the ids of the last tasks it sent task.received for, no arguments:
+#: forgetting one costs at most a repeated task.received when a task
+#: retried long after comes back to the same process.
+REMEMBERED_IDS_ONLY = 1000
+#: Content types whose arguments are remembered (as JSON): any other
+#: serializer's values (pickle, msgpack) could come back changed.
+_JSON_CONTENT_TYPES = (None, "", "application/json")
 #: Start times kept for runtime_ms before the oldest are forgotten.
 MAX_STARTED = 10000
 
@@ -126,8 +150,15 @@ class _Hooks:
         self.serve_commands = serve_commands
         self._started: "OrderedDict[str, float]" = OrderedDict()
         self._started_lock = threading.Lock()
-        self._remembered: "OrderedDict[str, Dict[str, Any]]" = OrderedDict()
+        #: task id -> (name, queue, args and kwargs as JSON or None, their
+        #: size, why left out); in a pool child task id -> None.
+        self._remembered: "OrderedDict[str, Any]" = OrderedDict()
+        #: The ids whose arguments are kept, oldest first, and their sizes.
+        self._remembered_args: "OrderedDict[str, int]" = OrderedDict()
+        self._remembered_args_bytes = 0
         self._remembered_lock = threading.Lock()
+        #: True in a process forked after install (a pool child).
+        self._forked = False
         self._connected: list = []
         self._serving = False
         #: The worker (celery.worker.WorkController) of this process, once
@@ -146,7 +177,11 @@ class _Hooks:
         self._started = OrderedDict()
         self._started_lock = threading.Lock()
         self._remembered = OrderedDict()
+        self._remembered_args = OrderedDict()
+        self._remembered_args_bytes = 0
         self._remembered_lock = threading.Lock()
+        # It never serves commands: ids only (see REMEMBERED_IDS_ONLY).
+        self._forked = True
 
     # -- wiring ---------------------------------------------------------
 
@@ -203,7 +238,7 @@ class _Hooks:
             args = _get(request, "args")
             kwargs = _get(request, "kwargs")
             queue = _queue_of(request)
-            self._remember(task_id, name, args, kwargs, queue)
+            self._remember(task_id, name, args, kwargs, queue, _get(request, "content_type"))
             self.emit("task.received", task_id, _received_data(name, queue, request, args, kwargs))
         except Exception:
             log.debug("z4j-agentd: task_received not recorded", exc_info=True)
@@ -225,7 +260,8 @@ class _Hooks:
                 self.emit("task.received", task_id,
                           _received_data(_get(task, "name"), _queue_of(request), request, args, kwargs))
                 # Once per task in this process, retries included.
-                self._remember(task_id, _get(task, "name"), args, kwargs, _queue_of(request))
+                self._remember(task_id, _get(task, "name"), args, kwargs, _queue_of(request),
+                               _get(request, "content_type"))
             self.emit("task.started", task_id, _compact({
                 "task_name": _get(task, "name"),
                 "queue": _queue_of(request),
@@ -410,19 +446,108 @@ class _Hooks:
                           workers=[self.hostname] if self.hostname else ())
         self.health = _health.start(self)  # the Workers page and queue depths
 
-    def _remember(self, task_id: Any, name: Any, args: Any, kwargs: Any, queue: Any) -> None:
+    def _keeps_arguments(self) -> bool:
+        """Only the process that serves retry_task needs the arguments."""
+        return self.serve_commands and not self._forked
+
+    def _remember(self, task_id: Any, name: Any, args: Any, kwargs: Any, queue: Any,
+                  content_type: Any = None) -> None:
         if not task_id or not name:
             return
+        key = str(task_id)
+        if not self._keeps_arguments():
+            with self._remembered_lock:
+                self._remembered[key] = None
+                self._remembered.move_to_end(key)
+                while len(self._remembered) > REMEMBERED_IDS_ONLY:
+                    self._remembered.popitem(last=False)
+            return
+        blob, size, why = _arguments_blob(args, kwargs, content_type)
+        entry = (_shared(name), _shared(queue), blob, size, why)
         with self._remembered_lock:
-            self._remembered[str(task_id)] = {
-                "task_name": name,
-                "args": list(args) if isinstance(args, (list, tuple)) else [],
-                "kwargs": dict(kwargs) if isinstance(kwargs, dict) else {},
-                "queue": queue,
-            }
-            self._remembered.move_to_end(str(task_id))
+            self._forget_arguments(key)
+            self._remembered[key] = entry
+            self._remembered.move_to_end(key)
+            if blob is not None:
+                self._remembered_args[key] = len(blob)
+                self._remembered_args_bytes += len(blob)
             while len(self._remembered) > REMEMBERED_TASKS:
-                self._remembered.popitem(last=False)
+                oldest, _ = self._remembered.popitem(last=False)
+                self._forget_arguments(oldest)
+            while self._remembered_args_bytes > MAX_REMEMBERED_ARGS_TOTAL and self._remembered_args:
+                oldest, size = self._remembered_args.popitem(last=False)
+                self._remembered_args_bytes -= size
+                kept = self._remembered.get(oldest)
+                if kept is not None:  # same key: keeps its place in the order
+                    self._remembered[oldest] = (kept[0], kept[1], None, kept[3], _WHY_BUDGET)
+
+    def _forget_arguments(self, key: str) -> None:
+        """Under _remembered_lock: the arguments of `key` no longer count."""
+        size = self._remembered_args.pop(key, None)
+        if size is not None:
+            self._remembered_args_bytes -= size
+
+    def remembered(self, task_id: str) -> Dict[str, Any]:
+        """What this process remembers of a task it received: task_name and
+        queue, args and kwargs when kept, else `args_left_out` (why); {} for
+        a task it did not receive."""
+        with self._remembered_lock:
+            kept = self._remembered.get(task_id)
+        if kept is None:
+            return {}
+        name, queue, blob, size, why = kept
+        out: Dict[str, Any] = {"task_name": name, "queue": queue}
+        if blob is not None:
+            try:
+                out["args"], out["kwargs"] = json.loads(blob)
+                return out
+            except Exception:  # pragma: no cover - written by json.dumps above
+                why = _WHY_NOT_JSON
+        out["args_left_out"] = _why_text(why, size)
+        return out
+
+
+_WHY_TOO_LARGE = "too large"
+_WHY_BUDGET = "budget"
+_WHY_NOT_JSON = "not json"
+
+
+def _why_text(why: str, size: int) -> str:
+    if why == _WHY_TOO_LARGE:
+        taken = f"{size:,} bytes" if size > 0 else f"more than {MAX_REMEMBERED_ARGS_BYTES:,} bytes"
+        return (f"they take {taken} as JSON, and a worker keeps in memory only a task's arguments "
+                f"up to {MAX_REMEMBERED_ARGS_BYTES:,} bytes")
+    if why == _WHY_BUDGET:
+        return (f"a worker keeps at most {MAX_REMEMBERED_ARGS_TOTAL // (1024 * 1024)} MiB of arguments in "
+                f"memory, and newer tasks' took their place")
+    return "they were not sent as JSON, and a worker keeps only JSON arguments in memory"
+
+
+def _shared(text: Any) -> Any:
+    """One copy of each task or queue name for all the entries naming it."""
+    return sys.intern(text) if type(text) is str else text
+
+
+def _arguments_blob(args: Any, kwargs: Any, content_type: Any) -> Tuple[Optional[bytes], int, str]:
+    """args and kwargs as UTF-8 JSON when they are at most
+    MAX_REMEMBERED_ARGS_BYTES (and came as JSON); else None, their size
+    (-1: not measured), and why."""
+    if content_type not in _JSON_CONTENT_TYPES:
+        return None, -1, _WHY_NOT_JSON
+    args = list(args) if isinstance(args, (list, tuple)) else []
+    kwargs = dict(kwargs) if isinstance(kwargs, dict) else {}
+    # A long string argument is too large without encoding it (cheap check).
+    at_least = sum(len(v) for v in args if isinstance(v, (str, bytes)))
+    at_least += sum(len(v) for v in kwargs.values() if isinstance(v, (str, bytes)))
+    if at_least > MAX_REMEMBERED_ARGS_BYTES:
+        return None, -1, _WHY_TOO_LARGE
+    try:
+        blob = json.dumps([args, kwargs], ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    except (TypeError, ValueError, RecursionError, UnicodeEncodeError):
+        return None, -1, _WHY_NOT_JSON
+    if len(blob) > MAX_REMEMBERED_ARGS_BYTES:
+        return None, len(blob), _WHY_TOO_LARGE
+    return blob, len(blob), ""
 
 
 def _exception_message(exc: Any) -> Optional[str]:

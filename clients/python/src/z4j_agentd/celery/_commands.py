@@ -769,12 +769,8 @@ class CeleryCommands:
             return None
 
     def _remembered(self, task_id: str) -> Dict[str, Any]:
-        lock = getattr(self.hooks, "_remembered_lock", None)
-        kept = getattr(self.hooks, "_remembered", None)
-        if lock is None or kept is None:
-            return {}
-        with lock:
-            return dict(kept.get(task_id) or {})
+        remembered = getattr(self.hooks, "remembered", None)
+        return remembered(task_id) if remembered is not None else {}
 
     def retry_task(self, command: Dict[str, Any]) -> Dict[str, Any]:
         """Re-sends the task by reference: same name, the original args and
@@ -786,7 +782,9 @@ class CeleryCommands:
     def _retry_one(self, task_id: str, params: Mapping[str, Any],
                    priority_given: Any = None) -> Dict[str, Any]:
         kept = self._remembered(task_id)
-        stored = from_result_backend(self.app, task_id) if not kept else {}
+        # Arguments too large to keep in memory (or never received here):
+        # the result backend may keep them (result_extended).
+        stored = from_result_backend(self.app, task_id) if "args" not in kept else {}
         name = params.get("task_name") or kept.get("task_name") or stored.get("task_name")
         if not isinstance(name, str) or not name:
             raise BadCommand(
@@ -796,6 +794,13 @@ class CeleryCommands:
         kwargs = first_given(params.get("override_kwargs"), params.get("kwargs"), kept.get("kwargs"),
                              stored.get("kwargs"))
         if args is None and kwargs is None and params.get("original_had_args") is not False:
+            if kept.get("args_left_out"):
+                raise BadCommand(
+                    f"cannot retry {task_id} by reference: its original arguments are not known here "
+                    f"(this worker received it but did not keep them: {kept['args_left_out']}; and the "
+                    f"result backend does not keep them); set result_extended=True in the Celery app's "
+                    f"configuration so the result backend keeps every task's arguments, or retry with "
+                    f"override_args/override_kwargs")
             raise BadCommand(
                 f"cannot retry {task_id} by reference: its original arguments are not known here (this "
                 f"worker did not receive it and the result backend does not keep them; set "
