@@ -163,6 +163,16 @@ def broker_secrets(app: Any) -> List[str]:
             except Exception:
                 pass
 
+    # From the URLs themselves first: building a connection needs the
+    # transport's library (redis-py, ...), which a process may lack.
+    for key in ("broker_url", "broker_read_url", "broker_write_url"):
+        try:
+            value = app.conf.get(key)
+        except Exception:
+            continue
+        urls = value if isinstance(value, (list, tuple)) else str(value or "").split(";")
+        for url in urls:
+            from_url(str(url).strip())
     for opener in ("connection_for_read", "connection_for_write"):
         try:
             with getattr(app, opener)() as conn:
