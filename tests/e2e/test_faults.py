@@ -18,7 +18,6 @@ import os
 import random
 import signal
 import socket
-import sys
 import threading
 import time
 from typing import Dict, List, Set

@@ -16,7 +16,6 @@ workers).
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 from contextlib import contextmanager
