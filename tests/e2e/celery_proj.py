@@ -34,6 +34,10 @@ app.conf.update(
     # test_celery_commands.py: restart_worker restarts the pool of a worker started with this set
     worker_pool_restarts=os.environ.get("Z4J_E2E_POOL_RESTARTS") == "1",
 )
+# test_celery_commands.py: a queue the app declares (a static route) and no worker consumes, so
+# the workers' health reports name it and a purge of it may go to them.
+if os.environ.get("Z4J_E2E_PURGE_QUEUE"):
+    app.conf.task_routes = {"celery_proj.routed_to_purge_queue": {"queue": os.environ["Z4J_E2E_PURGE_QUEUE"]}}
 
 
 @app.task

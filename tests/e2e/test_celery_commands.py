@@ -117,8 +117,9 @@ def cluster(brain, daemon_bin, run_dir, sock_dir, redis_server, all_daemons, min
         daemon.start()
         daemon.wait_stats(lambda s: s["uplink_state"] == "connected", 60, "the daemon's first brain session")
         broker = redis_server.url(redis_server.fresh_db())
-        workers = {WA: start_worker(background, daemon, broker, WA, Z4J_E2E_POOL_RESTARTS="1"),
-                   WB: start_worker(background, daemon, broker, WB)}
+        workers = {WA: start_worker(background, daemon, broker, WA, Z4J_E2E_POOL_RESTARTS="1",
+                                    Z4J_E2E_PURGE_QUEUE=PURGE_QUEUE),
+                   WB: start_worker(background, daemon, broker, WB, Z4J_E2E_PURGE_QUEUE=PURGE_QUEUE)}
 
         def ready():
             for w in workers.values():
@@ -332,6 +333,11 @@ def test_restart_worker_restarts_the_pool_or_says_why_not(cluster):
 # ---------------------------------------------------------------- 4 purge
 
 
+#: Declared by the workers' app (a static route), consumed by none: their health reports name it
+#: (at depth 0, when they start), so the daemon may hand them its purge.
+PURGE_QUEUE = f"purge-{uuid.uuid4().hex[:6]}"
+
+
 class DepthReporter:
     """What a worker's health report carries: a queue's depth, by which the daemon confirms a
     purge. A report counts while its connection is open."""
@@ -358,7 +364,7 @@ class DepthReporter:
 def test_purge_empties_the_queue_at_the_confirmed_depth_only(cluster):
     from z4j_agentd.celery import _queues
 
-    queue = f"purge-{uuid.uuid4().hex[:6]}"  # nobody consumes it
+    queue = PURGE_QUEUE  # nobody consumes it; the workers' reports name it
     for n in range(3):
         cluster.send("add", n, n, queue=queue)
     assert _queues.depth(cluster.app, queue) == 3
@@ -384,8 +390,8 @@ def purge_and_refuse(cluster, reporter: DepthReporter, queue: str) -> None:
     reporter.report(queue, 1)
     stale = cluster.run("purge-queue", {"queue": queue, "observed_depth": 1})
     assert stale["status"] == "failed", stale
-    # The daemon accepts the token (the reporter's depth 1 is the queue's only report); the worker
-    # measures again and refuses.
+    # The daemon accepts the token (the reporter's depth 1 is the queue's freshest report); the
+    # worker measures again and refuses.
     assert "holds 2 messages now, the purge was confirmed at 1; nothing was purged" in stale["error"], stale
     assert _queues.depth(cluster.app, queue) == 2
 
