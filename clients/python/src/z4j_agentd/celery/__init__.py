@@ -59,6 +59,7 @@ from typing import Any, Dict, Optional, Tuple
 from .._jsonsafe import bounded
 from ..client import Client, get_client
 from . import _commands, _health
+from ._util import attr as _get
 from . import beat as _beat
 
 log = logging.getLogger("z4j_agentd.celery")
@@ -96,17 +97,6 @@ _JSON_CONTENT_TYPES = (None, "", "application/json")
 MAX_STARTED = 10000
 
 _CUT = "\n[... cut by z4j-agentd-client ...]\n"
-
-
-def _get(obj: Any, name: str, default: Any = None) -> Any:
-    if obj is None:
-        return default
-    if isinstance(obj, dict):
-        return obj.get(name, default)
-    try:
-        return getattr(obj, name, default)
-    except Exception:
-        return default
 
 
 def _queue_of(request: Any) -> Optional[str]:

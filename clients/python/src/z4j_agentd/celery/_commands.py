@@ -33,6 +33,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from .._jsonsafe import json_safe
 from . import _health, _queues
+from ._util import attr as _attr
 
 ENGINE = "celery"
 
@@ -86,18 +87,6 @@ class BadCommand(ValueError):
 
 class CommandFailed(RuntimeError):
     """Celery or the broker did not do what the command asked."""
-
-
-def _attr(obj: Any, name: str, default: Any = None) -> Any:
-    if obj is None:
-        return default
-    if isinstance(obj, dict):
-        return obj.get(name, default)
-    try:
-        return getattr(obj, name, default)
-    except Exception:
-        return default
-
 
 
 def _remapped_sigterm() -> Optional[str]:
