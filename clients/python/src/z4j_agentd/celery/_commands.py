@@ -813,14 +813,19 @@ class CeleryCommands:
         priority = priority_of(first_given(priority_given, params.get("priority")), transport_of(self.app))
         if priority is not None:
             options["priority"] = priority
+        new_id = self._send(name, args, kwargs, options, f"cannot retry {task_id}: {name} could not be sent")
+        return json_safe({"task_id": task_id, "new_task_id": new_id,
+                          "task_name": name, "queue": queue, "priority": priority})
+
+    def _send(self, name: str, args: Any, kwargs: Any, options: Dict[str, Any], failed: str) -> Optional[str]:
+        """`app.send_task`; the new task's id. A broker error is CommandFailed,
+        `failed` followed by the error (masked)."""
         try:
             result = self.app.send_task(name, args=list(args or []), kwargs=dict(kwargs or {}), **options)
         except Exception as exc:
-            raise CommandFailed(f"cannot retry {task_id}: {name} could not be sent ({type(exc).__name__}: "
-                                f"{self.scrub(str(exc))})") from None
+            raise CommandFailed(f"{failed} ({type(exc).__name__}: {self.scrub(str(exc))})") from None
         new_id = _attr(result, "id") or _attr(result, "task_id")
-        return json_safe({"task_id": task_id, "new_task_id": str(new_id) if new_id else None,
-                          "task_name": name, "queue": queue, "priority": priority})
+        return str(new_id) if new_id else None
 
     def bulk_retry(self, command: Dict[str, Any]) -> Dict[str, Any]:
         """Retries each task of `filter.task_ids` by reference, as retry_task
@@ -876,19 +881,14 @@ class CeleryCommands:
         queue = queue.strip() if queue else None  # "" or null: the task's own routing
         options: Dict[str, Any] = {}
         if queue:
-            options["queue"] = queue.strip()
+            options["queue"] = queue
         if params.get("eta") is not None:
             options["eta"] = eta_from_unix(params["eta"])
         priority = priority_of(params.get("priority"), transport_of(self.app))
         if priority is not None:
             options["priority"] = priority
-        try:
-            result = self.app.send_task(name, args=list(args or []), kwargs=dict(kwargs or {}), **options)
-        except Exception as exc:
-            raise CommandFailed(f"submit_task {name}: the task could not be sent ({type(exc).__name__}: "
-                                f"{self.scrub(str(exc))})") from None
-        new_id = _attr(result, "id") or _attr(result, "task_id")
-        return json_safe({"task_id": str(new_id) if new_id else None, "engine": ENGINE, "task_name": name,
+        new_id = self._send(name, args, kwargs, options, f"submit_task {name}: the task could not be sent")
+        return json_safe({"task_id": new_id, "engine": ENGINE, "task_name": name,
                           "queue": options.get("queue"), "priority": priority})
 
     def reconcile_task(self, command: Dict[str, Any]) -> Dict[str, Any]:
