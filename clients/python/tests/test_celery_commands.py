@@ -13,19 +13,12 @@ import z4j_agentd
 from z4j_agentd.celery import _commands, _Hooks
 from z4j_agentd.celery._commands import BadCommand, CommandFailed
 
+from test_celery import RecordingClient
+
 OWN = "wA@host-1"
 
 
-class Recording(z4j_agentd.Client):
-    def __init__(self):
-        super().__init__(socket_path="/nonexistent/agent.sock")
-        self.emitted = []
-        self.served = []
-
-    def emit(self, engine, kind, task_id="", data=None, occurred_at=None, id=None):
-        self.emitted.append({"engine": engine, "kind": kind, "task_id": task_id, "data": data})
-        return True
-
+class Recording(RecordingClient):
     def serve(self, handlers, *, capabilities=None, workers=(), schedulers=(), runtime_features=()):
         self.served.append((dict(handlers), capabilities, list(workers)))
 
