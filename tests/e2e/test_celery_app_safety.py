@@ -37,7 +37,7 @@ from typing import List
 
 import pytest
 
-from harness import Background, Daemon, RedisServer, brain_db, hexid, wait_for
+from harness import Background, RedisServer, brain_db, hexid, wait_for
 from test_celery import app_env
 from test_celery_parity import APP, Sender, start_celery_worker, task_rows, wait_state
 
@@ -46,14 +46,10 @@ NODE = "safety@%h"
 
 
 @pytest.fixture(scope="module")
-def safety(brain, redis_server, daemon_bin, run_dir, sock_dir, all_daemons, minted_agents):
+def safety(brain, redis_server, run_dir, module_daemon):
     import brain as brainmod
 
-    agent = brain.mint_agent(f"e2e-safety-{os.urandom(3).hex()}")
-    minted_agents.append(agent)
-    daemon = Daemon(daemon_bin, workdir=run_dir / "daemons" / "celery-safety", socket_path=sock_dir /
-                    f"{len(all_daemons) + 1}.sock", brain_url=brain.url, agent=agent)
-    all_daemons.append(daemon)
+    agent, daemon = module_daemon("celery-safety")
     broker_redis = RedisServer(shutil.which("redis-server"), run_dir / "redis-safety", brainmod.free_port(), run_dir)
     bg: List[Background] = []
     ns = None

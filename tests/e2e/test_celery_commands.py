@@ -16,7 +16,6 @@ The workers, the daemon and the agent are started once for the module
 from __future__ import annotations
 
 import json
-import os
 import socket
 import sys
 import time
@@ -99,13 +98,9 @@ def start_worker(background, daemon: Daemon, broker: str, name: str, **env) -> B
 
 
 @pytest.fixture(scope="module")
-def cluster(brain, daemon_bin, run_dir, sock_dir, redis_server, all_daemons, minted_agents):
+def cluster(brain, run_dir, redis_server, module_daemon):
     require_client()
-    agent = brain.mint_agent(f"e2e-celery-commands-{os.urandom(3).hex()}")
-    minted_agents.append(agent)
-    daemon = Daemon(daemon_bin, workdir=run_dir / "daemons" / "celery-commands",
-                    socket_path=sock_dir / f"{len(all_daemons) + 1}.sock", brain_url=brain.url, agent=agent)
-    all_daemons.append(daemon)
+    agent, daemon = module_daemon("celery-commands")
     started = []
 
     def background(argv, workdir, name, env):

@@ -120,16 +120,12 @@ def wait_ready(worker: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def setup(brain, daemon_bin, run_dir, sock_dir, all_daemons, minted_agents, redis_server, rabbitmq_server):
+def setup(brain, run_dir, redis_server, rabbitmq_server, module_daemon):
     try:
         import z4j_agentd.celery  # noqa: F401
     except ImportError as exc:
         pytest.fail(f"the Python client is not installed in {sys.prefix} ({exc})")
-    agent = brain.mint_agent(f"e2e-celery-health-{os.urandom(3).hex()}")
-    minted_agents.append(agent)
-    daemon = Daemon(daemon_bin, workdir=run_dir / "daemons" / "celery-health", brain_url=brain.url, agent=agent,
-                    socket_path=sock_dir / f"health-{len(all_daemons) + 1}.sock")
-    all_daemons.append(daemon)
+    agent, daemon = module_daemon("celery-health")
     daemon.start()
     workers = {}
     try:

@@ -24,7 +24,6 @@ fixture); the tasks of the first five rows are sent once, at its start.
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import sys
@@ -35,7 +34,7 @@ from typing import Dict, List
 import pytest
 
 from control import wait_brain_knows
-from harness import Background, Daemon, brain_db, get_task, hexid, task_events, wait_for
+from harness import Background, brain_db, get_task, hexid, task_events, wait_for
 from test_celery import ENGINE, app_env, require_client
 
 APP = "celery_parity_proj"
@@ -97,17 +96,6 @@ class Sender:
         self.app.close()
 
 
-def wait_state(brain, agent: dict, task_id: str, states, timeout: float) -> dict:
-    states = {states} if isinstance(states, str) else set(states)
-
-    def check():
-        t = get_task(brain, agent["project_slug"], ENGINE, task_id)
-        return t is not None and t["state"] in states, t and {k: t.get(k) for k in ("state", "name", "result")}
-
-    wait_for(check, timeout, f"task {task_id} to be {sorted(states)} in the brain", interval=0.2)
-    return get_task(brain, agent["project_slug"], ENGINE, task_id)
-
-
 def task_rows(brain, task_ids: List[str]) -> Dict[str, dict]:
     """The brain's `tasks` rows (raw database columns; JSON columns as stored) by task id."""
     rows = brain_db(brain, "SELECT * FROM tasks WHERE engine = ? AND task_id IN (%s)" % ",".join("?" * len(task_ids)),
@@ -133,12 +121,8 @@ def stored_json(value):
 
 
 @pytest.fixture(scope="module")
-def parity(brain, redis_server, daemon_bin, run_dir, sock_dir, all_daemons, minted_agents):
-    agent = brain.mint_agent(f"e2e-parity-{os.urandom(3).hex()}")
-    minted_agents.append(agent)
-    daemon = Daemon(daemon_bin, workdir=run_dir / "daemons" / "celery-parity", socket_path=sock_dir /
-                    f"{len(all_daemons) + 1}.sock", brain_url=brain.url, agent=agent)
-    all_daemons.append(daemon)
+def parity(brain, redis_server, run_dir, module_daemon):
+    agent, daemon = module_daemon("celery-parity")
     bg: List[Background] = []
     sender = None
     try:
