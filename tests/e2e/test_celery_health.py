@@ -26,6 +26,7 @@ import pytest
 
 from control import wait_command_done
 from harness import Background, Daemon, brain_db, hexid, resp, wait_for
+from test_health import brain_depths, brain_workers
 
 ENGINE = "celery"
 INTERVAL = "1"  # seconds between a worker's health reports (Z4J_CELERY_HEALTH_INTERVAL)
@@ -155,18 +156,6 @@ def setup(brain, run_dir, redis_server, rabbitmq_server, module_daemon):
 
 
 # ---------------------------------------------------------------- reading the brain
-
-
-def brain_workers(brain, agent: dict) -> dict:
-    status, rows = brain.api("GET", f"/api/v1/projects/{agent['project_slug']}/workers")
-    assert status == 200, f"GET workers: HTTP {status} {rows}"
-    return {w["name"]: w for w in rows}
-
-
-def brain_depths(brain, agent: dict) -> dict:
-    status, body = brain.api("GET", f"/api/v1/projects/{agent['project_slug']}/stats")
-    assert status == 200, f"GET stats: HTTP {status} {body}"
-    return {q["name"]: q["pending_count"] for q in body.get("queue_depths") or [] if q.get("engine") == ENGINE}
 
 
 def worker_row(setup, kind: str, pred=lambda row: True, what: str = "") -> dict:
