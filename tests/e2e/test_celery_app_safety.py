@@ -38,8 +38,8 @@ from typing import List
 import pytest
 
 from harness import Background, RedisServer, brain_db, hexid, wait_for
-from test_celery import app_env
-from test_celery_parity import APP, Sender, start_celery_worker, task_rows, wait_state
+from test_celery import app_env, wait_state
+from test_celery_parity import APP, Sender, start_celery_worker, task_rows
 
 QUEUE_SIZE = 5
 NODE = "safety@%h"
