@@ -150,6 +150,27 @@ def test_receivers_never_raise(hooks):
     hooks.on_task_received(sender=None, request=None)
 
 
+def test_secrets_never_leave_the_process(hooks):
+    task = fake_task()
+    hooks.on_task_received(sender=None, request=fake_request(kwargs={"password": "hunter2", "user": "ada"}))
+    hooks.on_task_prerun(sender=task, task_id="t-1", task=task, args=("redis://u:hunter2@h/0",),
+                         kwargs={"api_key": "hunter2"})
+    hooks.on_task_success(sender=task, result={"token": "hunter2", "ok": True})
+    try:
+        raise ConnectionError("cannot reach amqp://guest:hunter2@mq:5672//")
+    except ConnectionError as exc:
+        hooks.on_task_failure(sender=task, task_id="t-1", exception=exc, traceback=exc.__traceback__)
+    hooks.on_task_retry(sender=task, request=fake_request(), reason=ValueError("token eyJabcdef.eyJabcdef.sig"))
+    assert len(hooks.client.emitted) == 5
+    assert "hunter2" not in repr(hooks.client.emitted) and "eyJabcdef" not in repr(hooks.client.emitted)
+    received, started, succeeded, failed, _ = (e["data"] for e in hooks.client.emitted)
+    assert received["kwargs"] == {"password": "[REDACTED]", "user": "ada"}
+    assert started["args"] == ["redis://u:[REDACTED]@h/0"] and started["kwargs"] == {"api_key": "[REDACTED]"}
+    assert succeeded["result"] == {"token": "[REDACTED]", "ok": True}
+    assert "amqp://guest:[REDACTED]@mq:5672//" in failed["traceback"]
+    assert failed["exception_message"] == "cannot reach amqp://guest:[REDACTED]@mq:5672//"
+
+
 def test_large_arguments_are_cut(hooks):
     hooks.on_task_received(sender=None, request=fake_request(args=["x" * 200000]))
     args = hooks.client.emitted[0]["data"]["args"]

@@ -56,7 +56,7 @@ import traceback as _traceback
 from collections import OrderedDict
 from typing import Any, Dict, Optional, Tuple
 
-from .._jsonsafe import bounded
+from .._redact import event_value, scrub_text
 from ..client import Client, get_client
 from . import _commands, _health
 from ._util import attr as _get
@@ -116,9 +116,9 @@ def _received_data(name: Any, queue: Optional[str], request: Any, args: Any, kwa
         "task_name": name,
         "queue": queue,
         "worker": _get(request, "hostname"),
-        "args": bounded(list(args) if isinstance(args, tuple) else args if args is not None else [],
+        "args": event_value(list(args) if isinstance(args, tuple) else args if args is not None else [],
                         MAX_VALUE_BYTES),
-        "kwargs": bounded(kwargs if kwargs is not None else {}, MAX_VALUE_BYTES),
+        "kwargs": event_value(kwargs if kwargs is not None else {}, MAX_VALUE_BYTES),
         "parent_task_id": str(parent) if parent else None,
         "root_task_id": str(root) if root else None,
     })
@@ -256,8 +256,8 @@ class _Hooks:
                 "task_name": _get(task, "name"),
                 "queue": _queue_of(request),
                 "worker": _get(request, "hostname"),
-                "args": bounded(args if args is not None else [], MAX_VALUE_BYTES),
-                "kwargs": bounded(kwargs if kwargs is not None else {}, MAX_VALUE_BYTES),
+                "args": event_value(args if args is not None else [], MAX_VALUE_BYTES),
+                "kwargs": event_value(kwargs if kwargs is not None else {}, MAX_VALUE_BYTES),
             }))
         except Exception:
             log.debug("z4j-agentd: task_prerun not recorded", exc_info=True)
@@ -282,7 +282,7 @@ class _Hooks:
                 "task_name": _get(sender, "name"),
                 "queue": _queue_of(request),
                 "worker": _get(request, "hostname"),
-                "result": bounded(result, MAX_VALUE_BYTES),
+                "result": event_value(result, MAX_VALUE_BYTES),
                 "runtime_ms": runtime_ms,
             }, keep_none=("result",)))
         except Exception:
@@ -306,6 +306,7 @@ class _Hooks:
                 # Keep where it started and how it ended (the error line).
                 half = (MAX_TRACEBACK_CHARS - len(_CUT)) // 2
                 tb_text = tb_text[:half] + _CUT + tb_text[-half:]
+            tb_text = scrub_text(tb_text)
             self.emit("task.failed", task_id, _compact({
                 "task_name": _get(sender, "name"),
                 "queue": _queue_of(request),
@@ -544,9 +545,9 @@ def _exception_message(exc: Any) -> Optional[str]:
     if exc is None:
         return None
     try:
-        return str(exc)[:MAX_TRACEBACK_CHARS]
+        return scrub_text(str(exc)[:MAX_TRACEBACK_CHARS])
     except Exception:
-        return repr(exc)[:MAX_TRACEBACK_CHARS]
+        return scrub_text(repr(exc)[:MAX_TRACEBACK_CHARS])
 
 
 _installed: Optional[_Hooks] = None

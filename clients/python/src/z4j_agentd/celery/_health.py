@@ -40,7 +40,8 @@ import threading
 import time
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Set
 
-from .._jsonsafe import bounded, json_safe
+from .._jsonsafe import json_safe
+from .._redact import event_value
 from . import _queues
 
 log = logging.getLogger("z4j_agentd.celery")
@@ -286,7 +287,7 @@ def active_of(state: Any) -> List[Dict[str, Any]]:
             continue
         for key in ("args", "kwargs"):
             if key in info:
-                info[key] = bounded(info[key], ACTIVE_ARGS_BYTES)
+                info[key] = event_value(info[key], ACTIVE_ARGS_BYTES)
         out.append(json_safe(info))
     out.sort(key=lambda i: (str(i.get("time_start")), str(i.get("id"))))
     return out

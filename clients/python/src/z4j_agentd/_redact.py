@@ -1,0 +1,120 @@
+"""Redaction of secrets in what the engine integrations send.
+
+Task arguments, results, exception messages and tracebacks leave the
+application's process for the daemon's spool on disk and then the brain.
+Before they do, every integration passes them through here:
+
+* `scrub(value)`: a JSON-safe copy of `value` in which the value under any
+  dict key that looks secret is replaced by `REDACTED` (the key names z4j's
+  agents and brain treat as secret by default: `password`, `passwd`,
+  `secret`, `token`, `api_key`, `authorization`, `cookie`, `credentials`,
+  `cvv`, ... matched as whole keys, case-insensitive; `accessToken` and
+  `access_token` both match, `last_password_reset` does not), and every
+  string has its secret-looking parts replaced (see `scrub_text`).
+* `scrub_text(text)`: the text with the parts that carry a secret whatever
+  their key replaced: the password of a URL (`redis://user:pw@host` becomes
+  `redis://user:[REDACTED]@host`), a bearer token, a JSON web token, the
+  start of a PEM private key, and the well-known API-key shapes (Stripe,
+  Slack, GitHub, AWS, Google, SendGrid). The rest of the text stays, so a
+  traceback keeps its use.
+* `event_value(value, max_bytes)`: `scrub`, then cut to `max_bytes` as JSON
+  (`_jsonsafe.bounded`): what an event's `args`, `kwargs` and `result` are.
+
+More key names come from the environment: `Z4J_AGENTD_REDACT_KEYS`, names
+separated by commas, matched whole and case-insensitive. The brain redacts
+again on its side with its own configuration; this keeps the secrets off
+the host's disk and the wire in the first place. Personal data patterns
+(e-mail addresses and the like) are left to the brain's configuration.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, FrozenSet, List
+
+from ._jsonsafe import bounded, json_safe
+
+#: What replaces a secret.
+REDACTED = "[REDACTED]"
+
+#: Key names whose values are secret (full match, case-insensitive).
+KEY_PATTERNS = (
+    r"password", r"password_confirmation", r"password_hash", r"passwd", r"pwd",
+    r"old_password", r"new_password",
+    r"secrets?", r"client_?secret", r"webhook_?secret", r"hmac_?secret",
+    r"token", r"access_?token", r"refresh_?token", r"id_?token", r"api_?token",
+    r"bearer_?token", r"session_?token",
+    r"api_?key", r"x[-_]api[-_]key", r"private_?key",
+    r"authorization", r"auth", r"credentials", r"cookie", r"set[-_]cookie",
+    r"ssn", r"social_security(_number)?", r"credit_card(_number)?", r"card_number",
+    r"cvv", r"cvc",
+)
+_KEY_RE = re.compile("|".join(f"(?:{p})" for p in KEY_PATTERNS), re.IGNORECASE)
+
+#: A key longer than this is not matched against the patterns (kept as is).
+MAX_KEY_CHARS = 256
+
+# (pattern, replacement): the part of a string that is secret.
+_TEXT_RULES = (
+    # a URL's password: scheme://user:password@host
+    (re.compile(r"(\b[a-z][a-z0-9+.\-]{1,20}://[^:/@\s]*:)([^@\s/]+)(@)", re.IGNORECASE),
+     r"\1" + REDACTED + r"\3"),
+    (re.compile(r"(\bBearer\s+)[A-Za-z0-9._~+/=\-]{8,}", re.IGNORECASE), r"\1" + REDACTED),
+    (re.compile(r"\beyJ[A-Za-z0-9_\-]{5,}\.[A-Za-z0-9_\-]{5,}\.[A-Za-z0-9_\-]+"), REDACTED),
+    (re.compile(r"-----BEGIN (?:[A-Z]+ )?PRIVATE KEY-----[^-]*(?:-----END (?:[A-Z]+ )?PRIVATE KEY-----)?"),
+     REDACTED),
+    (re.compile(r"\b(?:sk|pk|rk)_(?:live|test)_[A-Za-z0-9]{16,}|\bwhsec_[A-Za-z0-9]{16,}"
+                r"|\bxox[abp]-[0-9A-Za-z\-]{10,}|\bgh[pos]_[A-Za-z0-9]{36}|\bgithub_pat_[A-Za-z0-9_]{40,}"
+                r"|\b(?:AKIA|ASIA)[0-9A-Z]{16}\b|\bAIza[0-9A-Za-z_\-]{35}"
+                r"|\bSG\.[A-Za-z0-9_\-]{22}\.[A-Za-z0-9_\-]{43}"), REDACTED),
+)
+# Cheap pre-check: a string without any of these cannot match a rule.
+_HINTS = ("://", "earer", "eyJ", "PRIVATE KEY", "_live_", "_test_", "whsec_", "xox", "gh", "AKIA",
+          "ASIA", "AIza", "SG.")
+
+
+def _extra_keys() -> FrozenSet[str]:
+    raw = os.environ.get("Z4J_AGENTD_REDACT_KEYS", "")
+    return frozenset(k.strip().lower() for k in raw.split(",") if k.strip())
+
+
+def secret_key(key: Any, extra: FrozenSet[str] = frozenset()) -> bool:
+    """Whether the value under `key` is redacted."""
+    if not isinstance(key, str) or len(key) > MAX_KEY_CHARS:
+        return False
+    return bool(_KEY_RE.fullmatch(key)) or key.lower() in extra
+
+
+def scrub_text(text: Any) -> Any:
+    """`text` with its secret-looking parts replaced; anything else as is."""
+    if not isinstance(text, str) or not any(h in text for h in _HINTS):
+        return text
+    for pattern, replacement in _TEXT_RULES:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def scrub(value: Any) -> Any:
+    """A JSON-safe copy of `value` with secrets replaced (see the module)."""
+    return _scrub(json_safe(value), _extra_keys())
+
+
+def _scrub(value: Any, extra: FrozenSet[str]) -> Any:
+    # json_safe already bounded the depth and made fresh dicts and lists.
+    if isinstance(value, str):
+        return scrub_text(value)
+    if isinstance(value, dict):
+        for key in list(value):
+            value[key] = REDACTED if secret_key(key, extra) else _scrub(value[key], extra)
+        return value
+    if isinstance(value, list):
+        out: List[Any] = [_scrub(item, extra) for item in value]
+        return out
+    return value
+
+
+def event_value(value: Any, max_bytes: int = 65536) -> Any:
+    """What an event carries for `value` (args, kwargs, a result): scrubbed,
+    then cut to `max_bytes` as JSON."""
+    return bounded(scrub(value), max_bytes)
