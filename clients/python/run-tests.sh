@@ -13,9 +13,10 @@ fi
 # Reinstall only when pyproject.toml changed since the last install.
 stamp=.venv/.z4j-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    echo "==> installing z4j-agentd-client[msgpack,celery,flask,fastapi,django,django-celery-beat] and pytest"
+    echo "==> installing z4j-agentd-client[msgpack,celery,flask,fastapi,django,django-celery-beat,rq,rq-scheduler,dramatiq,apscheduler,huey,taskiq] and pytest"
     .venv/bin/python -m pip install --quiet --disable-pip-version-check \
-        -e '.[msgpack,celery,flask,fastapi,django,django-celery-beat]' pytest
+        -e '.[msgpack,celery,flask,fastapi,django,django-celery-beat,rq,rq-scheduler,dramatiq,apscheduler,huey,taskiq]' \
+        'dramatiq[redis]' taskiq-redis pytest
     touch "$stamp"
 fi
 exec .venv/bin/python -m pytest "$@"

@@ -52,7 +52,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import brain_bootstrap as bb  # noqa: E402
@@ -61,7 +61,9 @@ HERE = Path(__file__).resolve().parent
 STATE_ROOT = Path(os.environ.get("Z4J_E2E_STATE_ROOT", str(HERE / ".state")))
 Z4J_VERSION = "1.13.0"
 REQUIREMENTS = [f"z4j=={Z4J_VERSION}", "websockets", "msgpack", "pytest", "celery[redis]", "redis", "gunicorn",
-                "flask", "django", "django-celery-beat"]
+                "flask", "django", "django-celery-beat",
+                "rq", "rq-scheduler", "dramatiq[redis]", "dramatiq-abort", "apscheduler<4", "huey", "taskiq",
+                "taskiq-redis"]
 # The repository's Python client (import name z4j_agentd), installed editable
 # so the tests always run the working tree's code.
 CLIENT_DIR = HERE.parents[1] / "clients" / "python"
@@ -145,6 +147,50 @@ def ensure_venv(path: Optional[Path] = None) -> Path:
                          "after pip install -e")
     marker.write_text(want)
     log(f"venv ready in {time.monotonic() - t0:.0f}s")
+    return path
+
+
+def engine_venv(name: str, requirements: List[str], check: str) -> Path:
+    """A venv of its own for an engine whose dependencies cannot live beside
+    the others (arq needs redis < 6, taskiq-redis redis >= 8): beside the
+    test venv, named `<test venv>-<name>`, with `requirements` and this
+    repository's client (editable). `check` is Python that must run in it
+    (e.g. `import arq`). Idempotent: reinstalls only when what to install
+    changes or the check fails."""
+    path = Path(f"{venv_path()}-{name}")
+    py = path / "bin" / "python"
+    marker = path / ".z4j-e2e-requirements"
+    args = list(requirements)
+    want = "\n".join(requirements) + "\n"
+    project = _client_project()
+    if project is not None:
+        args += ["-e", str(CLIENT_DIR)]
+        digest = hashlib.sha256(project.read_bytes()).hexdigest()[:16]
+        want += f"-e {CLIENT_DIR} {project.name}:{digest}\n"
+    checks = [check]
+    if project is not None:
+        checks.append(
+            "import os, sys, z4j_agentd; sys.exit(0 if os.path.realpath(z4j_agentd.__file__)"
+            f".startswith(os.path.realpath({str(CLIENT_DIR)!r}) + os.sep) else 4)")
+
+    def ok() -> bool:
+        return all(subprocess.run([str(py), "-c", c], capture_output=True, cwd="/").returncode == 0
+                   for c in checks)
+
+    if py.exists() and marker.exists() and marker.read_text() == want and ok():
+        return path
+    if not py.exists():
+        log(f"creating venv {path}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([os.environ.get("PYTHON") or _base_python(), "-m", "venv", str(path)], check=True)
+    log(f"pip install {' '.join(args)} into {path}")
+    t0 = time.monotonic()
+    subprocess.run([str(py), "-m", "pip", "install", "--disable-pip-version-check", "-q", *args], check=True)
+    if not ok():
+        raise SystemExit(f"venv {path}: {check!r} fails, or z4j_agentd is not the one in {CLIENT_DIR}, "
+                         "after pip install")
+    marker.write_text(want)
+    log(f"venv {path} ready in {time.monotonic() - t0:.0f}s")
     return path
 
 
