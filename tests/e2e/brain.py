@@ -62,8 +62,11 @@ STATE_ROOT = Path(os.environ.get("Z4J_E2E_STATE_ROOT", str(HERE / ".state")))
 Z4J_VERSION = "1.13.0"
 REQUIREMENTS = [f"z4j=={Z4J_VERSION}", "websockets", "msgpack", "pytest", "celery[redis]", "redis", "gunicorn",
                 "flask", "django", "django-celery-beat",
-                "rq", "rq-scheduler", "dramatiq[redis]", "dramatiq-abort", "apscheduler<4", "huey", "taskiq",
-                "taskiq-redis"]
+                "rq", "dramatiq[redis]", "dramatiq-abort", "apscheduler<4", "huey", "taskiq", "taskiq-redis"]
+# Engines whose dependencies clash with the test venv's (arq needs redis < 6;
+# rq-scheduler's `crontab` module shadows the one django-celery-beat imports)
+# run from a second venv: `alt_venv()`.
+ALT_REQUIREMENTS = ["arq", "rq", "rq-scheduler", "msgpack"]
 # The repository's Python client (import name z4j_agentd), installed editable
 # so the tests always run the working tree's code.
 CLIENT_DIR = HERE.parents[1] / "clients" / "python"
@@ -192,6 +195,11 @@ def engine_venv(name: str, requirements: List[str], check: str) -> Path:
     marker.write_text(want)
     log(f"venv {path} ready in {time.monotonic() - t0:.0f}s")
     return path
+
+
+def alt_venv() -> Path:
+    """The venv for arq and rq-scheduler processes (`ALT_REQUIREMENTS`)."""
+    return engine_venv("alt", ALT_REQUIREMENTS, "import arq, rq, rq_scheduler, msgpack")
 
 
 def _base_python() -> str:
