@@ -165,3 +165,72 @@ def test_django_without_celery_app_setting_uses_current_app(standin, sock_path, 
     assert report["celery_installed"] and report["serve_commands"] is True
     skipped = run_django({"socket_path": sock_path, "celery": False}, tmp_path)
     assert skipped["celery_installed"] is False
+
+
+@pytest.fixture
+def fake_engines(monkeypatch):
+    """Stand-ins for z4j_agentd.<engine> recording what each install gets, and
+    a module `fakeproj` holding the engines' objects (for import paths)."""
+    import types
+
+    from z4j_agentd import _engines
+
+    calls = []
+    for engine in _engines.TARGETS:
+        module = types.ModuleType(f"z4j_agentd.{engine}")
+
+        def install(target, client, *, serve_commands=True, _engine=engine):
+            calls.append((_engine, target, client, serve_commands))
+            return client
+
+        module.install = install
+        monkeypatch.setitem(sys.modules, f"z4j_agentd.{engine}", module)
+    proj = types.ModuleType("fakeproj")
+    proj.broker = object()
+    proj.huey = object()
+    monkeypatch.setitem(sys.modules, "fakeproj", proj)
+    return calls, proj
+
+
+def test_flask_wires_each_engine_named(fake_engines, sock_path):
+    flask = pytest.importorskip("flask")
+    from z4j_agentd.flask import Z4JAgentd
+
+    calls, proj = fake_engines
+    settings = object()
+    app = flask.Flask("z4jengines")
+    app.config["Z4J_AGENTD_HUEY_APP"] = "fakeproj:huey"
+    app.config["Z4J_AGENTD_SERVE_COMMANDS"] = False
+    ext = Z4JAgentd(app, socket_path=sock_path, dramatiq_broker=proj.broker, arq_settings=settings)
+    assert [(c[0], c[1], c[3]) for c in calls] == [
+        ("dramatiq", proj.broker, False), ("huey", proj.huey, False), ("arq", settings, False)]
+    assert all(c[2] is ext.client for c in calls)
+    with pytest.raises(TypeError):
+        Z4JAgentd(huey=proj.huey)  # the argument is huey_app
+
+
+def test_fastapi_wires_each_engine_named(fake_engines, sock_path):
+    pytest.importorskip("fastapi")
+    from z4j_agentd.fastapi import Z4JAgentd
+
+    calls, proj = fake_engines
+
+    async def run():
+        async with Z4JAgentd(None, socket_path=sock_path, taskiq_broker="fakeproj.broker",
+                             rq_connection=proj.huey) as client:
+            return client
+
+    client = asyncio.run(run())
+    assert [(c[0], c[1], c[2], c[3]) for c in calls] == [
+        ("rq", proj.huey, client, True), ("taskiq", proj.broker, client, True)]
+
+
+def test_a_bad_import_path_says_what_to_write(fake_engines):
+    from z4j_agentd import _engines
+
+    with pytest.raises(ValueError, match="package.module:attribute"):
+        _engines.install("huey", "nocolon", None)
+    with pytest.raises(ModuleNotFoundError):
+        _engines.install("huey", "no_such_module_z4j:huey", None)
+    with pytest.raises(ValueError, match="unknown engine"):
+        _engines.install("resque", object(), None)

@@ -14,7 +14,11 @@ or, inside a lifespan of your own:
             yield
 
 Both configure the process's default client (`framework` defaults to
-`fastapi`; other keyword arguments are `z4j_agentd.Client`'s), set
+`fastapi`; other keyword arguments are `z4j_agentd.Client`'s), wire the
+engines named by `celery_app`, `rq_connection`, `dramatiq_broker`,
+`huey_app`, `arq_settings`, `taskiq_broker` (the object or its import path
+`package.module:attribute`) through each engine's `install` (the web
+process sends events; workers serve commands), set
 `app.state.z4j_agentd`, and on exit flush and close it without blocking the
 event loop. Pass arguments to `lifespan` with `functools.partial`.
 """
@@ -25,6 +29,7 @@ import asyncio
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Optional
 
+from . import _engines
 from .client import Client, configure
 
 
@@ -39,8 +44,11 @@ class Z4JAgentd:
 
     async def __aenter__(self) -> Client:
         options = dict(self.kwargs)
+        targets = {key: options.pop(key) for key in _engines.TARGETS.values() if key in options}
+        serve_commands = options.pop("serve_commands", True)
         options.setdefault("framework", "fastapi")
         self.client = configure(**options)
+        _engines.install_targets(targets, self.client, serve_commands=bool(serve_commands))
         if self.app is not None:
             self.app.state.z4j_agentd = self.client
         return self.client

@@ -11,22 +11,28 @@ arguments, overridden by `app.config["Z4J_AGENTD_<ARGUMENT>"]`
 `Z4J_AGENTD_CAPABILITIES`, `Z4J_AGENTD_WORKER_ROLE`,
 `Z4J_AGENTD_QUEUE_SIZE`, `Z4J_AGENTD_FRAMING`,
 `Z4J_AGENTD_CONNECT_TIMEOUT`; `framework` defaults to `flask`), and stores
-it in `app.extensions["z4j_agentd"]`. `celery_app` (or
-`Z4J_AGENTD_CELERY_APP`: a Celery app) also connects Celery's signals
-through `z4j_agentd.celery.install`. Nothing connects to the daemon until
-the first event.
+it in `app.extensions["z4j_agentd"]`. One argument per engine wires that
+engine through its `install` (the object, or its import path
+`package.module:attribute`): `celery_app` (a Celery app), `rq_connection`
+(RQ's Redis connection), `dramatiq_broker`, `huey_app` (the Huey
+instance), `arq_settings` (the worker settings class), `taskiq_broker`;
+each also as `app.config["Z4J_AGENTD_<ARGUMENT>"]`. A web process only
+sends events (what it enqueues, where the engine lets it see that);
+commands are served by the engine's workers. Nothing connects to the
+daemon until the first event.
 """
 
 from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
+from . import _engines
 from .client import Client, configure
 
 #: Client arguments, and the app.config key that sets each.
 CONFIG_KEYS = {name: "Z4J_AGENTD_" + name.upper() for name in (
     "socket_path", "process", "framework", "engines", "capabilities", "worker_role",
-    "queue_size", "framing", "connect_timeout", "celery_app", "serve_commands")}
+    "queue_size", "framing", "connect_timeout", "serve_commands", *_engines.TARGETS.values())}
 
 
 class Z4JAgentd:
@@ -46,13 +52,10 @@ class Z4JAgentd:
         for name, key in CONFIG_KEYS.items():
             if key in app.config:
                 options[name] = app.config[key]
-        celery_app = options.pop("celery_app", None)
+        targets = {key: options.pop(key) for key in _engines.TARGETS.values() if key in options}
         serve_commands = options.pop("serve_commands", True)
         options.setdefault("framework", "flask")
         client = configure(**options)
-        if celery_app is not None:
-            from .celery import install
-
-            install(celery_app, client, serve_commands=bool(serve_commands))
+        _engines.install_targets(targets, client, serve_commands=bool(serve_commands))
         app.extensions["z4j_agentd"] = client
         self.client = client

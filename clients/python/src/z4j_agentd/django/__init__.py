@@ -6,11 +6,21 @@
 `ready()` configures the process's default client from
 `settings.Z4J_AGENTD` (any `z4j_agentd.Client` argument: `socket_path`,
 `process`, `engines`, `capabilities`, `worker_role`, `queue_size`,
-`framing`, `connect_timeout`; `framework` defaults to `django`), and, when
-Celery is installed, connects its signals with `z4j_agentd.celery.install`
-(`celery_app`: the app as a dotted path, `proj.celery:app` or
-`proj.celery.app`; by default `celery.current_app`, resolved when it is
-used; `celery: False` to skip; `serve_commands: False` to never serve
-commands). Nothing connects to the daemon until the first event.
+`framing`, `connect_timeout`; `framework` defaults to `django`), and wires
+each task engine the project uses through that engine's `install`:
+
+| engine | setting naming it (object or `package.module:attribute`) | found without a setting |
+|---|---|---|
+| Celery | `celery_app` | `celery.current_app` when Celery is installed |
+| RQ | `rq_connection` | |
+| Dramatiq | `dramatiq_broker` | django_dramatiq's broker (list `z4j_agentd.django` after `django_dramatiq`) |
+| Huey | `huey_app` | django-huey's `HUEY` (`huey.contrib.djhuey` in INSTALLED_APPS) |
+| arq | `arq_settings` | |
+| TaskIQ | `taskiq_broker` | |
+
+`<engine>: False` (e.g. `"celery": False`) skips one; `serve_commands:
+False` never serves commands. A web process sends events; commands are
+served by the engine's workers. Nothing connects to the daemon until the
+first event.
 `Z4J_AGENTD_DISABLED=1` in the environment skips all of it (test runs).
 """

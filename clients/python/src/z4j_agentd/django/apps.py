@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import logging
 import os
 from typing import Any, Dict
 
 from django.apps import AppConfig
+
+from .. import _engines
 
 log = logging.getLogger("z4j_agentd.django")
 
@@ -17,16 +17,39 @@ CLIENT_KEYS = ("socket_path", "process", "framework", "engines", "capabilities",
                "queue_size", "framing", "connect_timeout")
 
 
-def _load(path: str) -> Any:
-    """`package.module:attribute` or `package.module.attribute`."""
-    if ":" in path:
-        module, _, attr = path.partition(":")
-    else:
-        module, _, attr = path.rpartition(".")
-    obj: Any = importlib.import_module(module)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    return obj
+def _celery_app() -> Any:
+    if not _engines.installed("celery"):
+        return None
+    from celery import current_app  # a proxy: the app current when used
+    return current_app
+
+
+def _huey_app() -> Any:
+    from django.apps import apps
+
+    if not apps.is_installed("huey.contrib.djhuey"):
+        return None
+    from huey.contrib.djhuey import HUEY
+    return HUEY
+
+
+def _dramatiq_broker() -> Any:
+    from django.apps import apps
+
+    if not apps.is_installed("django_dramatiq"):
+        return None
+    import dramatiq.broker
+
+    if getattr(dramatiq.broker, "global_broker", None) is None:
+        log.warning("z4j_agentd: django_dramatiq has not set up its broker yet: put "
+                    "'z4j_agentd.django' after 'django_dramatiq' in INSTALLED_APPS, or set "
+                    "Z4J_AGENTD['dramatiq_broker']; Dramatiq is not wired")
+        return None
+    return dramatiq.get_broker()
+
+
+#: Where Django projects keep an engine when the settings do not say.
+AUTO = {"celery": _celery_app, "huey": _huey_app, "dramatiq": _dramatiq_broker}
 
 
 class Z4JAgentdConfig(AppConfig):
@@ -45,15 +68,5 @@ class Z4JAgentdConfig(AppConfig):
         kwargs = {k: options[k] for k in CLIENT_KEYS if k in options}
         kwargs.setdefault("framework", "django")
         client = z4j_agentd.configure(**kwargs)
-        if options.get("celery", True) is False:
-            return
-        if importlib.util.find_spec("celery") is None:
-            return
-        import z4j_agentd.celery as z4j_celery
-
-        app_path = options.get("celery_app")
-        if app_path:
-            app = _load(app_path) if isinstance(app_path, str) else app_path
-        else:
-            from celery import current_app as app  # a proxy: the app current when used
-        z4j_celery.install(app, client, serve_commands=bool(options.get("serve_commands", True)))
+        _engines.install_targets(options, client, serve_commands=bool(options.get("serve_commands", True)),
+                                 auto=AUTO)
