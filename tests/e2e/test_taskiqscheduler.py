@@ -24,6 +24,7 @@ import json
 import os
 import pickle
 import sys
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -139,15 +140,18 @@ class Setup:
         return pickle.loads(raw) if raw is not None else None
 
 
-def seed(url: str) -> None:
-    """A schedule already in the Redis source when the scheduler starts."""
+def seed(url: str, schedule_id: str = "redis-daily", **fields) -> None:
+    """A schedule added to the Redis source as an application does (by
+    default the one there when the scheduler starts)."""
     from taskiq import ScheduledTask
     from taskiq_redis import ListRedisScheduleSource
 
+    fields = fields or {"args": ["daily"], "kwargs": {"n": 2}, "cron": "0 6 * * *"}
+
     async def add():
         source = ListRedisScheduleSource(url, prefix=PREFIX)
-        await source.add_schedule(ScheduledTask(task_name=TASK, labels={}, args=["daily"], kwargs={"n": 2},
-                                                schedule_id="redis-daily", cron="0 6 * * *"))
+        await source.add_schedule(ScheduledTask(task_name=TASK, labels={}, schedule_id=schedule_id,
+                                                **{"args": [], "kwargs": {}, **fields}))
         await source.shutdown()
 
     asyncio.run(add())
@@ -178,6 +182,7 @@ def setup(brain, run_dir, redis_server, daemon_bin, sock_dir, all_daemons, minte
                                env, run_dir=run_dir)
         started.append(scheduler)
         s = Setup(brain, agent, daemon, url, worker, scheduler)
+        s.started_at = time.monotonic()
         yield s
     finally:
         for proc in reversed(started):
@@ -194,7 +199,10 @@ def label_hourly(rows: dict) -> str:
 def test_label_and_redis_schedules_are_listed_and_the_schedulers_sends_are_runs(setup):
     api = setup.api
     rows = api.wait_rows("the label and redis schedules on the Schedules page",
-                         lambda r: {f"{TASK} [nightly-mark]", "redis-daily"} <= set(r) and len(r) == 3, 60)
+                         lambda r: {f"{TASK} [nightly-mark]", "redis-daily"} <= set(r), 60)
+    assert len(rows) == 3, rows
+    print(f"[e2e] taskiq scheduler: its schedules on the page {time.monotonic() - setup.started_at:.1f} s "
+          f"after it started", file=sys.stderr)
     nightly, daily = rows[f"{TASK} [nightly-mark]"], rows["redis-daily"]
     assert (nightly["engine"], nightly["task_name"], nightly["kind"], nightly["expression"], nightly["timezone"],
             nightly["args"], nightly["source"], nightly["external_id"]) == \
@@ -217,9 +225,11 @@ def test_label_and_redis_schedules_are_listed_and_the_schedulers_sends_are_runs(
 def test_trigger_now_kicks_the_task_and_the_worker_runs_it(setup):
     api = setup.api
     nightly = api.wait_rows("nightly-mark", lambda r: f"{TASK} [nightly-mark]" in r, 60)[f"{TASK} [nightly-mark]"]
+    began = time.monotonic()
     status, location, _ = api.call("POST", f"/{nightly['id']}/trigger")
     assert status == 200 and location, (status, location)
     op = api.outcome(location, "APPLIED")
+    applied = time.monotonic() - began
     assert op["schedule_id"] == nightly["id"], op
     status, done = setup.brain.api("GET", f"/api/v1/projects/{setup.agent['project_slug']}/commands/"
                                           f"{location.rsplit('/', 1)[-1]}")
@@ -227,6 +237,8 @@ def test_trigger_now_kicks_the_task_and_the_worker_runs_it(setup):
     result = done["result"]["trigger_result"]
     assert result["status"] == "success" and result["result"]["task_id"], result
     assert setup.wait_marks("nightly", 1) == 1
+    print(f"[e2e] taskiq trigger now: APPLIED after {applied:.1f} s, run by the worker after "
+          f"{time.monotonic() - began:.1f} s", file=sys.stderr)
     api.wait_rows("the trigger to count as a run", lambda r: r[f"{TASK} [nightly-mark]"]["total_runs"] == 1)
 
 
@@ -234,8 +246,17 @@ def test_create_update_and_delete_from_the_brain_change_the_redis_source(setup):
     api = setup.api
     api.wait_rows("the schedules", lambda r: "redis-daily" in r, 60)
 
+    # added by the application, not through the brain: on the page after a look.
+    began = time.monotonic()
+    seed(setup.url, "app-added", interval=7200, args=["app"])
+    row = api.wait_rows("the schedule the application added", lambda r: "app-added" in r)["app-added"]
+    assert (row["kind"], row["expression"], row["args"]) == ("interval", "7200", ["app"]), row
+    print(f"[e2e] taskiq: a schedule added by the application on the page after "
+          f"{time.monotonic() - began:.1f} s", file=sys.stderr)
+
     # create: in Redis under the name as its schedule_id; the running scheduler
     # sends the new interval schedule at once (its own re-read is 60 s away).
+    began = time.monotonic()
     api.native("create", name="e2e-made", task_name=TASK, kind="interval", expression="3600", args=["made"])
     stored = setup.stored("e2e-made")
     assert (stored["task_name"], stored["interval"], stored["args"]) == (TASK, 3600, ["made"]), stored
@@ -243,6 +264,8 @@ def test_create_update_and_delete_from_the_brain_change_the_redis_source(setup):
     assert (row["kind"], row["expression"], row["args"], row["source"]) == \
         ("interval", "3600", ["made"], "taskiq-scheduler:redis"), row
     setup.wait_marks("made", 1, timeout=15)
+    print(f"[e2e] taskiq create: run by the scheduler {time.monotonic() - began:.1f} s after the request",
+          file=sys.stderr)
 
     # update: delete + add under the same schedule_id.
     api.native("update", "e2e-made", kind="cron", expression="*/10 * * * *", args=["made", 5])
@@ -262,5 +285,5 @@ def test_create_update_and_delete_from_the_brain_change_the_redis_source(setup):
     # delete: gone from Redis and from the page.
     api.native("delete", "e2e-made")
     assert setup.stored("e2e-made") is None
-    api.wait_rows("the deleted schedule to leave the page", lambda r: "e2e-made" not in r and "redis-daily" in r)
+    api.wait_rows("the deleted schedule to leave the page", lambda r: "e2e-made" not in r and "app-added" in r)
     setup.alive()
