@@ -10,6 +10,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from decimal import Decimal
 from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
 
@@ -18,7 +19,7 @@ import pytest
 pytest.importorskip("taskiq")
 
 import pycron  # noqa: E402
-from taskiq import InMemoryBroker, ScheduledTask, TaskiqMiddleware, TaskiqScheduler  # noqa: E402
+from taskiq import InMemoryBroker, ScheduledTask, ScheduleSource, TaskiqMiddleware, TaskiqScheduler  # noqa: E402
 from taskiq.schedule_sources import LabelScheduleSource  # noqa: E402
 
 from z4j_agentd import _schedules as S  # noqa: E402
@@ -160,6 +161,7 @@ def test_label_schedules_are_listed_with_keys_that_survive_a_restart(loop):
     assert (paris["kind"], paris["expression"], paris["kwargs"]) == ("cron", "0 4 * * *", {"x": 1})
     interval = rows[twice[0]]
     assert (interval["kind"], interval["expression"], interval["args"]) == ("interval", "30", [3, 4])
+    assert interval["next_run_at"] is None  # not sent yet: the scheduler sends it when it sees it
     assert all(S.normalize_row(r, T.SCHEDULER) for r in rows.values())
 
 
@@ -402,6 +404,37 @@ def test_an_update_may_not_rename_a_redis_schedule(loop, redis_url):
     with pytest.raises(ValueError, match="schedule_id"):
         src.mutate("update", "keep", expected, {"name": "other"})
     assert "keep" in by_key(src)
+
+
+class MemorySource(ScheduleSource):
+    """A source of the application's own that can add and delete."""
+
+    def __init__(self):
+        self.items = {}
+
+    async def get_schedules(self):
+        return list(self.items.values())
+
+    async def add_schedule(self, schedule):
+        self.items[schedule.schedule_id] = schedule
+
+    async def delete_schedule(self, schedule_id):
+        self.items.pop(schedule_id, None)
+
+
+def test_a_source_that_can_add_and_delete_is_written_and_keeps_what_the_brain_does_not_name(loop):
+    broker, _, _ = app()
+    memory = MemorySource()
+    memory.items["m1"] = ScheduledTask(task_name="app:add", labels={"team": "ops"}, args=[Decimal("1.5")],
+                                       kwargs={}, schedule_id="m1", interval=60)
+    src = T.SchedulerSource(TaskiqScheduler(broker, sources=[memory]), loop)
+    row = by_key(src)["m1"]
+    assert (row["name"], row["source"], row["args"]) == ("m1", "taskiq-scheduler:MemorySource", ["1.5"])
+    assert "update" in src.capabilities()
+    src.mutate("update", "m1", S.normalize_row(row, T.SCHEDULER), {"kwargs": {"x": 1}})
+    stored = memory.items["m1"]
+    assert (stored.args, stored.kwargs, stored.labels, stored.interval) == ([Decimal("1.5")], {"x": 1},
+                                                                          {"team": "ops"}, 60)
 
 
 def test_a_source_that_cannot_be_read_fails_the_snapshot_instead_of_emptying_it(loop):

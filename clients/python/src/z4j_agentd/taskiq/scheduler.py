@@ -433,9 +433,9 @@ class SchedulerSource(Source):
         next_run = None
         if kind == "cron":
             next_run = next_cron(expression, task.cron_offset, now)
-        elif kind == "interval":
-            base = last or now
-            next_run = (base + timedelta(seconds=int(expression))).replace(microsecond=0)
+        elif kind == "interval" and last is not None:
+            # Not sent yet: the scheduler sends it as soon as it sees it.
+            next_run = (last + timedelta(seconds=int(expression))).replace(microsecond=0)
         elif kind == "clocked":
             next_run = _aware(task.time)
         args = json_safe(task.args)
@@ -538,7 +538,7 @@ class SchedulerSource(Source):
             merged = {**current, **definition}
             if merged["kind"] != "cron" and "timezone" not in definition:
                 merged["timezone"] = "UTC"
-            task = self._build(sid, merged, entry.task)
+            task = self._build(sid, merged, entry.task, definition)
             new = _Entry(entry.view, task, entry.key, entry.name)
             row = self._checked(new)
             await entry.view.delete(sid)
@@ -556,9 +556,11 @@ class SchedulerSource(Source):
                              f"holds ({ROW_PAYLOAD_BYTES}); shorten its args or kwargs")
         return row
 
-    def _build(self, schedule_id: str, spec: Mapping[str, Any], native: Any) -> Any:
+    def _build(self, schedule_id: str, spec: Mapping[str, Any], native: Any,
+               changes: Optional[Mapping[str, Any]] = None) -> Any:
         """The taskiq ScheduledTask `spec` describes; `native` is the one it
-        replaces (its labels, task id and cron offset are kept)."""
+        replaces (its labels, task id and cron offset are kept), `changes`
+        what the brain's update names."""
         from taskiq import ScheduledTask
 
         task_name = str(spec["task_name"]).strip()
@@ -604,8 +606,13 @@ class SchedulerSource(Source):
             raise ValueError(f"a taskiq schedule is cron, interval or clocked (taskiq's time), got {kind!r}")
         if kind != "cron" and tz != "UTC":
             raise ValueError(f"only a cron schedule has a timezone; {kind} schedules run in UTC, got {tz!r}")
-        return ScheduledTask(task_name=task_name, labels=labels, args=list(spec.get("args") or []),
-                             kwargs=dict(spec.get("kwargs") or {}), schedule_id=schedule_id,
+        # Arguments the brain does not name stay as the source holds them
+        # (the row shows them made JSON-safe).
+        changes = changes or {}
+        args = spec.get("args") if native is None or "args" in changes else native.args
+        kwargs = spec.get("kwargs") if native is None or "kwargs" in changes else native.kwargs
+        return ScheduledTask(task_name=task_name, labels=labels, args=list(args or []),
+                             kwargs=dict(kwargs or {}), schedule_id=schedule_id,
                              task_id=native.task_id if native is not None else None, **fields)
 
 
