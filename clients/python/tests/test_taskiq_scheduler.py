@@ -1,0 +1,450 @@
+"""z4j_agentd.taskiq.scheduler: a TaskiqScheduler's sources on the brain's
+Schedules page, with real taskiq sources on a real event loop (the redis
+sources against a throwaway redis-server, skipped without one)."""
+
+import asyncio
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from decimal import Decimal
+from datetime import datetime, timedelta, timezone
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("taskiq")
+
+import pycron  # noqa: E402
+from taskiq import InMemoryBroker, ScheduledTask, ScheduleSource, TaskiqMiddleware, TaskiqScheduler  # noqa: E402
+from taskiq.schedule_sources import LabelScheduleSource  # noqa: E402
+
+from z4j_agentd import _schedules as S  # noqa: E402
+from z4j_agentd.taskiq import scheduler as T  # noqa: E402
+
+UTC = timezone.utc
+
+
+# ---------------------------------------------------------------- helpers
+
+
+@pytest.fixture
+def loop():
+    """An event loop running in its own thread, as `taskiq scheduler`'s."""
+    lp = asyncio.new_event_loop()
+    thread = threading.Thread(target=lp.run_forever, daemon=True)
+    thread.start()
+    yield lp
+    lp.call_soon_threadsafe(lp.stop)
+    thread.join(5)
+    lp.close()
+
+
+def run(lp, coro):
+    return asyncio.run_coroutine_threadsafe(coro, lp).result(10)
+
+
+class Sent(TaskiqMiddleware):
+    """Every message the broker sends: (task name, labels, args, kwargs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def pre_send(self, message):
+        self.messages.append((message.task_name, dict(message.labels), list(message.args), dict(message.kwargs)))
+        return message
+
+
+def app():
+    broker = InMemoryBroker(await_inplace=True)
+    sent = Sent()
+    broker.add_middlewares(sent)
+    ran = []
+
+    @broker.task(task_name="app:add", schedule=[
+        {"cron": "*/5 * * * *", "args": [1, 2], "schedule_id": "every-five"},
+        {"interval": 30, "args": [3, 4]},
+        {"interval": 30, "args": [3, 4]},  # the same again: the scheduler runs both
+        {"cron": "0 4 * * *", "cron_offset": "Europe/Paris", "kwargs": {"x": 1}},
+    ], team="ops")
+    async def add(a=0, b=0, x=0):
+        ran.append((a, b, x))
+        return a + b + x
+
+    @broker.task(task_name="app:other")
+    async def other():
+        ran.append("other")
+
+    return broker, sent, ran
+
+
+def label_rows(lp, broker):
+    source = LabelScheduleSource(broker)
+    run(lp, source.startup())
+    scheduler = TaskiqScheduler(broker, sources=[source])
+    src = T.SchedulerSource(scheduler, lp)
+    return src, {r["source_key"]: r for r in src.rows()}
+
+
+# ---------------------------------------------------------------- pure parts
+
+
+def brute_next(expression, zone, now):
+    t = now.astimezone(UTC).replace(second=0, microsecond=0) + timedelta(minutes=1)
+    for _ in range(60 * 24 * 40):
+        if pycron.is_now(expression, t.astimezone(zone)):
+            return t
+        t += timedelta(minutes=1)
+    return None
+
+
+@pytest.mark.parametrize("expression,offset", [
+    ("*/5 * * * *", None), ("0 4 * * *", "Europe/Paris"), ("30 2 * * 1", None), ("15 10 1 * *", "Asia/Kolkata"),
+    ("0 0 * * sun", timedelta(hours=-5)), ("59 23 31 12 *", None),
+])
+def test_next_run_of_a_cron_schedule_is_the_minute_pycron_fires_next(expression, offset):
+    now = datetime(2026, 3, 28, 22, 17, 31, tzinfo=UTC)  # across Paris's DST change
+    got = T.next_cron(expression, offset, now)
+    if expression == "59 23 31 12 *":
+        assert got == datetime(2026, 12, 31, 23, 59, tzinfo=UTC)
+        return
+    assert got == brute_next(expression, T._zone(offset), now)
+
+
+def test_describe_gives_kind_expression_and_timezone():
+    d = ScheduledTask(task_name="t", labels={}, args=[], kwargs={}, cron="0 4 * * *", cron_offset="Europe/Paris")
+    assert T.describe(d) == ("cron", "0 4 * * *", "Europe/Paris")
+    d = ScheduledTask(task_name="t", labels={}, args=[], kwargs={}, cron="* * * * *", cron_offset=timedelta(hours=2))
+    assert T.describe(d) == ("cron", "* * * * *", "UTC+02:00")
+    d = ScheduledTask(task_name="t", labels={}, args=[], kwargs={}, interval=timedelta(minutes=2))
+    assert T.describe(d) == ("interval", "120", "UTC")
+    d = ScheduledTask(task_name="t", labels={}, args=[], kwargs={}, time=datetime(2030, 1, 2, 3, 4, 5))
+    assert T.describe(d) == ("clocked", "2030-01-02T03:04:05+00:00", "UTC")
+
+
+@pytest.mark.parametrize("bad,why", [
+    ("99 foo * * *", "minute field"), ("* * *", "five fields"), ("*/0 * * * *", "step of 0"),
+    ("* 24 * * *", "hour field"), ("* * * 13 *", "month field"), ("* * * * funday", "weekday field"),
+])
+def test_a_cron_expression_the_scheduler_would_skip_is_refused_with_the_field(bad, why):
+    with pytest.raises(ValueError, match=why):
+        T.check_cron(bad)
+
+
+def test_cron_expressions_taskiq_runs_are_accepted():
+    for good in ("*/5 * * * *", "0 4 * * mon-fri", "0,30 9-17/2 1 jan,jul 0", "0 0 * * 7"):
+        assert T.check_cron(good) == good
+
+
+# ---------------------------------------------------------------- the label source
+
+
+def test_label_schedules_are_listed_with_keys_that_survive_a_restart(loop):
+    broker, _, _ = app()
+    _, rows = label_rows(loop, broker)
+    _, again = label_rows(loop, broker)  # a new start: new random ids for the entries without one
+    assert set(rows) == set(again) and len(rows) == 4
+    five = rows["every-five"]
+    assert (five["name"], five["task_name"], five["kind"], five["expression"], five["timezone"]) == \
+        ("app:add [every-five]", "app:add", "cron", "*/5 * * * *", "UTC")
+    assert (five["args"], five["kwargs"], five["source"], five["is_enabled"]) == \
+        ([1, 2], {}, "taskiq-scheduler:label", True)
+    assert five["total_runs"] == 0 and five["last_run_at"] is None and five["next_run_at"] is not None
+    hashed = sorted(k for k in rows if k.startswith("label:"))
+    twice = [k for k in hashed if k + ":2" in hashed]  # the two identical entries keep apart
+    assert len(hashed) == 3 and len(twice) == 1
+    paris = next(r for r in rows.values() if r["timezone"] == "Europe/Paris")
+    assert (paris["kind"], paris["expression"], paris["kwargs"]) == ("cron", "0 4 * * *", {"x": 1})
+    interval = rows[twice[0]]
+    assert (interval["kind"], interval["expression"], interval["args"]) == ("interval", "30", [3, 4])
+    assert interval["next_run_at"] is None  # not sent yet: the scheduler sends it when it sees it
+    assert all(S.normalize_row(r, T.SCHEDULER) for r in rows.values())
+
+
+def test_label_keys_are_those_of_z4j_taskiqscheduler():
+    """The key of a label schedule without an id: sha256 over the canonical
+    JSON of its content (what z4j-taskiqscheduler 1.13.0 computes, checked
+    against it: the row keeps its identity when a project moves over)."""
+    task = ScheduledTask(task_name="tqapp:sched", labels={"a": 1}, args=[3, 4], kwargs={}, interval=5)
+    content = task.model_dump(mode="json", exclude={"schedule_id", "task_id"})
+    assert content == {"task_name": "tqapp:sched", "labels": {"a": 1}, "args": [3, 4], "kwargs": {},
+                       "cron": None, "cron_offset": None, "time": None, "interval": 5}
+    assert T._hash(T._content(task)) == hashlib.sha256(
+        b'{"args":[3,4],"cron":null,"cron_offset":null,"interval":5,"kwargs":{},"labels":{"a":1},'
+        b'"task_name":"tqapp:sched","time":null}').hexdigest()
+
+
+def test_trigger_now_kicks_the_task_with_the_schedules_labels_and_arguments(loop):
+    broker, sent, ran = app()
+    src, rows = label_rows(loop, broker)
+    result = src.trigger(rows["every-five"])
+    assert result["task_name"] == "app:add" and result["task_id"]
+    name, labels, args, kwargs = sent.messages[-1]
+    assert (name, args, kwargs) == ("app:add", [1, 2], {}) and ran == [(1, 2, 0)]
+    assert labels["team"] == "ops" and labels["schedule_id"] == "every-five"
+    row = {r["source_key"]: r for r in src.rows()}["every-five"]
+    assert row["total_runs"] == 1 and row["last_run_at"] is not None
+
+
+def test_the_label_source_is_read_only(loop):
+    broker, _, _ = app()
+    src, rows = label_rows(loop, broker)
+    assert src.capabilities() == ["external_schedule_stable_snapshot_v1", "list", "trigger_now"]
+    expected = S.normalize_row(rows["every-five"], T.SCHEDULER)
+    with pytest.raises(S.Conflict, match="read-only"):
+        src.mutate("delete", "every-five", expected, {})
+
+
+def test_the_schedulers_sends_count_as_runs_and_ask_for_a_snapshot(loop):
+    broker, sent, ran = app()
+    source = LabelScheduleSource(broker)
+    run(loop, source.startup())
+    scheduler = TaskiqScheduler(broker, sources=[source])
+    src = T.SchedulerSource(scheduler, loop)
+    asked = []
+    src.changed = lambda: asked.append(1)
+    src.watch()
+    live = run(loop, source.get_schedules())
+    five = next(t for t in live if t.schedule_id == "every-five")
+    run(loop, scheduler.on_ready(source, five))  # what the scheduler loop does when it is due
+    run(loop, scheduler.on_ready(source, five))
+    row = {r["source_key"]: r for r in src.rows()}["every-five"]
+    assert row["total_runs"] == 2 and asked == [1, 1] and ran == [(1, 2, 0), (1, 2, 0)]
+
+
+def test_a_time_schedule_leaves_the_page_once_the_scheduler_sent_it(loop):
+    broker = InMemoryBroker(await_inplace=True)
+    when = datetime.now(UTC) + timedelta(hours=1)
+
+    @broker.task(task_name="app:once", schedule=[{"time": when, "schedule_id": "once"}])
+    async def once():
+        return 1
+
+    source = LabelScheduleSource(broker)
+    run(loop, source.startup())
+    scheduler = TaskiqScheduler(broker, sources=[source])
+    src = T.SchedulerSource(scheduler, loop)
+    src.watch()
+    row = src.rows()[0]
+    assert (row["kind"], row["expression"], row["next_run_at"]) == ("clocked", when.isoformat(), when)
+    run(loop, scheduler.on_ready(source, source.schedules["once"]))
+    assert src.rows() == []
+
+
+# ---------------------------------------------------------------- install
+
+
+def test_install_serves_only_in_a_scheduler_process_on_its_loop(loop, monkeypatch, tmp_path):
+    broker, _, _ = app()
+    scheduler = TaskiqScheduler(broker, sources=[LabelScheduleSource(broker)])
+    served = []
+    client = SimpleNamespace(serve=lambda handlers, **kw: served.append((handlers, kw)),
+                             send_durable=lambda events, timeout: 0)
+    monkeypatch.setattr(T, "_active", None)
+    assert T.install(scheduler, client, state_path=str(tmp_path / "state.json")) is client
+    assert T.install(scheduler, client, state_path=str(tmp_path / "state.json")) is client  # once
+    run(loop, scheduler.startup())  # a worker, a web app: not a scheduler process
+    assert served == [] and T.active() is None
+    broker.is_scheduler_process = True  # what `taskiq scheduler` sets, then starts the sources
+    run(loop, scheduler.sources[0].startup())
+    run(loop, scheduler.startup())
+    try:
+        assert len(served) == 1
+        handlers, kw = served[0]
+        assert kw["schedulers"] == ["taskiq-scheduler"] and kw["runtime_features"] == [S.RUNTIME_FEATURE]
+        assert kw["capabilities"] == {"taskiq-scheduler": ["external_schedule_stable_snapshot_v1", "list",
+                                                           "trigger_now"]}
+        stream = T.active()
+        assert stream.source.loop is loop and stream.state_path == str(tmp_path / "state.json")
+        assert {r["name"] for r in stream.source.rows()} >= {"app:add [every-five]"}
+    finally:
+        run(loop, scheduler.shutdown())
+        T.active().stop()
+    monkeypatch.setattr(T, "_active", None)
+
+
+def test_install_refuses_what_is_not_a_scheduler():
+    with pytest.raises(TypeError, match="TaskiqScheduler"):
+        T.install(object())
+
+
+# ---------------------------------------------------------------- writable redis sources
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed")
+    directory = tempfile.mkdtemp(prefix="z4jr-")
+    sock = os.path.join(directory, "redis.sock")
+    proc = subprocess.Popen([binary, "--port", "0", "--unixsocket", sock, "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while not os.path.exists(sock):
+        assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+        time.sleep(0.05)
+    yield f"unix://{sock}"
+    proc.terminate()
+    proc.wait(10)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def redis_app(lp, url, kind, prefix):
+    import warnings
+
+    from taskiq_redis import ListRedisScheduleSource, RedisScheduleSource
+
+    broker, sent, ran = app()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        source = (ListRedisScheduleSource if kind == "list" else RedisScheduleSource)(url, prefix=prefix)
+    label = LabelScheduleSource(broker)
+    run(lp, label.startup())
+    run(lp, source.startup())
+    scheduler = TaskiqScheduler(broker, sources=[label, source])
+    src = T.SchedulerSource(scheduler, lp)
+    src.watch()
+    return broker, source, src, sent
+
+
+def by_key(src):
+    return {r["source_key"]: r for r in src.rows()}
+
+
+@pytest.mark.parametrize("kind", ["list", "plain"])
+def test_redis_schedules_are_all_listed_and_written_from_the_brain(loop, redis_url, kind):
+    broker, source, src, sent = redis_app(loop, redis_url, kind, f"z4j-{kind}-{os.urandom(3).hex()}")
+    add = broker.find_task("app:add")
+    later = datetime.now(UTC) + timedelta(days=2)
+    run(loop, add.kicker().with_schedule_id("nightly").schedule_by_cron(source, "30 2 * * *", 5, b=6))
+    run(loop, add.kicker().with_schedule_id("soon").schedule_by_time(source, later, 7))
+    run(loop, add.kicker().with_schedule_id("often").schedule_by_interval(source, 45))
+    live = run(loop, source.get_schedules())  # the list the scheduler runs from (held, as the loop does)
+    assert "nightly" in {t.schedule_id for t in live}
+    rows = by_key(src)
+    # ListRedisScheduleSource's own get_schedules leaves out `soon` (it is due in two days): listed anyway.
+    assert {"nightly", "soon", "often"} <= set(rows) and "every-five" in rows
+    nightly = rows["nightly"]
+    assert (nightly["name"], nightly["kind"], nightly["expression"], nightly["args"], nightly["kwargs"],
+            nightly["source"]) == ("nightly", "cron", "30 2 * * *", [5], {"b": 6}, "taskiq-scheduler:redis")
+    assert rows["soon"]["kind"] == "clocked" and rows["often"]["expression"] == "45"
+    assert src.capabilities() == ["external_schedule_stable_snapshot_v1", "list", "trigger_now", "create",
+                                  "update", "delete", "external_schedule_mutation_v1"]
+
+    # create: the name is the schedule_id; the running scheduler has it at once.
+    created = src.mutate("create", None, None, {"name": "e2e-made", "task_name": "app:add", "kind": "interval",
+                                                "expression": "3600", "args": [1, 1]})
+    assert (created["source_key"], created["name"], created["expression"]) == ("e2e-made", "e2e-made", "3600")
+    stored = {t.schedule_id: t for t in run(loop, src.views[1].read())}["e2e-made"]
+    assert (stored.interval, stored.args, stored.labels["team"]) == (3600, [1, 1], "ops")
+    assert "e2e-made" in {t.schedule_id for t in live}
+
+    # update: delete + add under the same id, the running scheduler's copy replaced.
+    expected = S.normalize_row(by_key(src)["e2e-made"], T.SCHEDULER)
+    updated = src.mutate("update", "e2e-made", expected, {"kind": "cron", "expression": "*/10 * * * *",
+                                                          "timezone": "Europe/Paris", "kwargs": {"x": 2}})
+    assert (updated["kind"], updated["expression"], updated["timezone"], updated["args"], updated["kwargs"]) == \
+        ("cron", "*/10 * * * *", "Europe/Paris", [1, 1], {"x": 2})
+    stored = {t.schedule_id: t for t in run(loop, src.views[1].read())}["e2e-made"]
+    assert (stored.cron, stored.cron_offset, stored.interval) == ("*/10 * * * *", "Europe/Paris", None)
+    assert [t.cron for t in live if t.schedule_id == "e2e-made"] == ["*/10 * * * *"]
+
+    # a stale expectation is refused, and nothing is written.
+    with pytest.raises(S.Conflict, match="changed in its taskiq source"):
+        src.mutate("update", "e2e-made", expected, {"args": [9]})
+    with pytest.raises(S.Conflict, match="exists already"):
+        src.mutate("create", None, None, {"name": "nightly", "task_name": "app:add", "kind": "interval",
+                                          "expression": "60"})
+
+    # trigger now from the redis source.
+    result = src.trigger(by_key(src)["nightly"])
+    assert result["task_id"] and sent.messages[-1][1]["schedule_id"] == "nightly"
+    assert sent.messages[-1][2:] == ([5], {"b": 6})
+
+    # delete: gone from redis and from the running scheduler.
+    expected = S.normalize_row(by_key(src)["e2e-made"], T.SCHEDULER)
+    assert src.mutate("delete", "e2e-made", expected, {}) is None
+    assert "e2e-made" not in by_key(src) and "e2e-made" not in {t.schedule_id for t in live}
+    assert "e2e-made" not in {t.schedule_id for t in run(loop, source.get_schedules())}
+
+
+@pytest.mark.parametrize("definition,why", [
+    ({"kind": "interval", "expression": "1.5"}, "whole positive number of seconds"),
+    ({"kind": "interval", "expression": "0"}, "whole positive number of seconds"),
+    ({"kind": "cron", "expression": "99 foo * * *"}, "minute field"),
+    ({"kind": "cron", "expression": "* * * * *", "timezone": "Mars/Olympus"}, "unknown timezone"),
+    ({"kind": "interval", "expression": "60", "timezone": "Europe/Paris"}, "only a cron schedule"),
+    ({"kind": "clocked", "expression": "2030-01-01T00:00:00"}, "needs an offset"),
+    ({"kind": "solar", "expression": "sunset"}, "cron, interval or clocked"),
+    ({"kind": "interval", "expression": "60", "task_name": "app:nope"}, "not registered"),
+    ({"kind": "interval", "expression": "60", "queue": "q1"}, "queue must be empty"),
+    ({"kind": "interval", "expression": "60", "is_enabled": False}, "no disabled state"),
+    ({"kind": "interval", "expression": "60", "is_enabled": "false"}, "is_enabled must be true or false"),
+    ({"kind": "interval", "expression": "60", "args": {"a": 1}}, "args must be a list"),
+    ({"kind": "interval", "expression": "60", "args": ["x" * (800 * 1024)]}, "more than a snapshot frame"),
+])
+def test_a_create_taskiq_could_not_run_is_refused_with_the_reason_and_written_nowhere(
+        loop, redis_url, definition, why):
+    _, source, src, _ = redis_app(loop, redis_url, "list", f"z4j-bad-{os.urandom(3).hex()}")
+    spec = {"name": "refused", "task_name": "app:add", **definition}
+    with pytest.raises(ValueError, match=why):
+        src.mutate("create", None, None, spec)
+    assert "refused" not in by_key(src)
+
+
+def test_an_update_may_not_rename_a_redis_schedule(loop, redis_url):
+    broker, source, src, _ = redis_app(loop, redis_url, "list", f"z4j-ren-{os.urandom(3).hex()}")
+    run(loop, broker.find_task("app:add").kicker().with_schedule_id("keep").schedule_by_interval(source, 60))
+    expected = S.normalize_row(by_key(src)["keep"], T.SCHEDULER)
+    with pytest.raises(ValueError, match="schedule_id"):
+        src.mutate("update", "keep", expected, {"name": "other"})
+    assert "keep" in by_key(src)
+
+
+class MemorySource(ScheduleSource):
+    """A source of the application's own that can add and delete."""
+
+    def __init__(self):
+        self.items = {}
+
+    async def get_schedules(self):
+        return list(self.items.values())
+
+    async def add_schedule(self, schedule):
+        self.items[schedule.schedule_id] = schedule
+
+    async def delete_schedule(self, schedule_id):
+        self.items.pop(schedule_id, None)
+
+
+def test_a_source_that_can_add_and_delete_is_written_and_keeps_what_the_brain_does_not_name(loop):
+    broker, _, _ = app()
+    memory = MemorySource()
+    memory.items["m1"] = ScheduledTask(task_name="app:add", labels={"team": "ops"}, args=[Decimal("1.5")],
+                                       kwargs={}, schedule_id="m1", interval=60)
+    src = T.SchedulerSource(TaskiqScheduler(broker, sources=[memory]), loop)
+    row = by_key(src)["m1"]
+    assert (row["name"], row["source"], row["args"]) == ("m1", "taskiq-scheduler:MemorySource", ["1.5"])
+    assert "update" in src.capabilities()
+    src.mutate("update", "m1", S.normalize_row(row, T.SCHEDULER), {"kwargs": {"x": 1}})
+    stored = memory.items["m1"]
+    assert (stored.args, stored.kwargs, stored.labels, stored.interval) == ([Decimal("1.5")], {"x": 1},
+                                                                          {"team": "ops"}, 60)
+
+
+def test_a_source_that_cannot_be_read_fails_the_snapshot_instead_of_emptying_it(loop):
+    broker, _, _ = app()
+
+    class Broken(LabelScheduleSource):
+        async def get_schedules(self):
+            raise ConnectionError("redis is down")
+
+    scheduler = TaskiqScheduler(broker, sources=[Broken(broker)])
+    src = T.SchedulerSource(scheduler, loop)
+    with pytest.raises(RuntimeError, match="could not be read: ConnectionError: redis is down"):
+        src.rows()
