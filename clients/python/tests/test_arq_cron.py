@@ -136,7 +136,7 @@ def test_rows_name_function_queue_timezone_and_next_run(loop, tmp_path):
         for row in rows.values():
             S.normalize_row(row, OWNER)
         assert client.served[0][1]["capabilities"] == {
-            OWNER: sorted([S.STABLE_SNAPSHOT, "list", "read", "trigger_now"])}
+            OWNER: sorted([S.STABLE_SNAPSHOT, S.MUTATION, "list", "read", "trigger_now"])}
     finally:
         stream.stop()
 
@@ -201,7 +201,7 @@ def test_trigger_now_enqueues_on_the_workers_loop_from_the_command_thread(loop, 
         assert client.last_rows()["nightly"]["total_runs"] == 1
 
         update = {**params, "operation_id": str(uuid.uuid4()), "operation": "delete"}
-        with pytest.raises(S.Conflict, match="cannot delete"):
+        with pytest.raises(S.Conflict, match="cannot be changed from the brain"):
             client.handler("schedule.external.mutate")(command("schedule.external.mutate", **update))
     finally:
         stream.stop()

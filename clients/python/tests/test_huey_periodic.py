@@ -164,7 +164,7 @@ def test_serve_declares_a_read_only_scheduler_once_and_trigger_now_enqueues(serv
     assert set(handlers) == {(OWNER, "schedule.external.activate"), (OWNER, "schedule.external.mutate"),
                              (OWNER, "schedule.resync")}
     assert kwargs["schedulers"] == [OWNER] and kwargs["runtime_features"] == [S.RUNTIME_FEATURE]
-    assert kwargs["capabilities"] == {OWNER: sorted([S.STABLE_SNAPSHOT, "list", "read", "trigger_now"])}
+    assert kwargs["capabilities"] == {OWNER: sorted([S.STABLE_SNAPSHOT, S.MUTATION, "list", "read", "trigger_now"])}
 
     summary = client.handler("schedule.external.activate")(command("schedule.external.activate", **ACTIVATION))
     assert summary["schedule_count"] == 3 and summary["sequence"] == 1
@@ -179,7 +179,7 @@ def test_serve_declares_a_read_only_scheduler_once_and_trigger_now_enqueues(serv
 
     # The brain cannot change code-defined tasks.
     update = {**params, "operation_id": str(uuid.uuid4()), "operation": "update", "definition": {"is_enabled": False}}
-    with pytest.raises(S.Conflict, match="cannot update"):
+    with pytest.raises(S.Conflict, match="cannot be changed from the brain"):
         client.handler("schedule.external.mutate")(command("schedule.external.mutate", **update))
     assert periodic.stats(h)["rows_unlisted"] == 0
 

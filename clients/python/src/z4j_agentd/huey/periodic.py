@@ -44,14 +44,20 @@ from datetime import date, datetime, timedelta, timezone
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .. import _codesched as cs
-from .._schedules import STABLE_SNAPSHOT, Conflict, ExternalScheduler, Source
+from .._schedules import MUTATION, STABLE_SNAPSHOT, Conflict, ExternalScheduler, Source
 
 log = logging.getLogger("z4j_agentd.huey.periodic")
 
 SCHEDULER = "huey-periodic"
 ENGINE = "huey"
-#: Capabilities: listed and triggered; no writes (the tasks are code).
-CAPABILITIES = (STABLE_SNAPSHOT, "list", "read", "trigger_now")
+#: Capabilities: listed and triggered; no writes (the tasks are code): no
+#: create, update, delete, enable or disable. The mutation protocol's token
+#: is declared all the same, so that the brain itself refuses a write (HTTP
+#: 409, "does not support this operation") before sending anything: without
+#: it, the brain's enable/disable falls back to its older
+#: `schedule.external.control` command, whose refusal it takes as a protocol
+#: fault: it then activates the stream no more, even for a restarted process.
+CAPABILITIES = (STABLE_SNAPSHOT, MUTATION, "list", "read", "trigger_now")
 #: Seconds between two looks at the tasks (they change only with the code;
 #: runs ask for a snapshot themselves).
 POLL_SECONDS = 30.0
