@@ -15,6 +15,8 @@ through the daemon.
 from __future__ import annotations
 
 import os
+import sys
+import time
 import uuid
 
 import brain as brainmod
@@ -54,10 +56,12 @@ def test_arq_cron_jobs_are_listed_and_trigger_now_runs_the_job(
     daemon.wait_stats(lambda s: s["uplink_state"] == "connected", 60, "the daemon's brain session")
     db = redis_server.fresh_db()
     env = env_for(daemon, redis_server.url(db), PYTHONPATH=str(HERE))
+    t0 = time.monotonic()
     worker = start_worker(background, daemon, env)
     api = ArqApi(brain, agent["project_slug"])
 
     rows = api.wait_rows("the two cron jobs on the Schedules page", lambda r: {"nightly", "cron:tick"} <= set(r), 60)
+    print(f"[e2e] rows on the page {time.monotonic() - t0:.2f} s after the start", file=sys.stderr)
     nightly, tick = rows["nightly"], rows["cron:tick"]
     assert (nightly["engine"], nightly["task_name"], nightly["kind"], nightly["expression"],
             nightly["timezone"]) == ("arq", "arqcron_proj.nightly_report", "cron", "30 2 * * 0", "UTC"), nightly
@@ -75,6 +79,7 @@ def test_arq_cron_jobs_are_listed_and_trigger_now_runs_the_job(
 
     # Trigger now: enqueued through the worker's pool, run, and a run.
     assert counter(redis_server, db, "ac:nightly") == 0
+    t1 = time.monotonic()
     status, location, _ = api.call("POST", f"/{nightly['id']}/trigger")
     assert status == 200 and location, (status, location)
     api.wait_applied(location)
@@ -84,6 +89,7 @@ def test_arq_cron_jobs_are_listed_and_trigger_now_runs_the_job(
     assert result["status"] == "success" and result["result"]["task_id"], done
     wait_for(lambda: (worker.check_alive() or counter(redis_server, db, "ac:nightly") == 1, None), 30,
              "the triggered nightly job to run")
+    print(f"[e2e] trigger now to run: {time.monotonic() - t1:.2f} s", file=sys.stderr)
     api.wait_rows("the trigger to count as a run", lambda r: r["nightly"]["total_runs"] == 1)
 
     # Nothing that writes: the jobs are code.

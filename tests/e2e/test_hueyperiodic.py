@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -72,11 +73,13 @@ def test_huey_periodic_tasks_are_listed_and_trigger_now_runs_the_task(
     daemon.wait_stats(lambda s: s["uplink_state"] == "connected", 60, "the daemon's brain session")
     db = redis_server.fresh_db()
     env = env_for(daemon, redis_server.url(db), PYTHONPATH=str(HERE))
+    t0 = time.monotonic()
     consumer = start_consumer(background, daemon, env)
     api = HueyApi(brain, agent["project_slug"])
 
     rows = api.wait_rows("the two periodic tasks on the Schedules page",
                          lambda r: {"office_report", "every_minute"} <= set(r), 60)
+    print(f"[e2e] rows on the page {time.monotonic() - t0:.2f} s after the start", file=sys.stderr)
     report, every = rows["office_report"], rows["every_minute"]
     assert (report["engine"], report["task_name"], report["kind"], report["expression"], report["timezone"]) == \
         ("huey", "hueyperiodic_proj.office_report", "cron", "*/5 9-17 * * 1-5", "UTC"), report
@@ -93,6 +96,7 @@ def test_huey_periodic_tasks_are_listed_and_trigger_now_runs_the_task(
 
     # Trigger now: the task runs in the consumer and counts as a run.
     assert counter(redis_server, db, "hp:office_report") == 0
+    t1 = time.monotonic()
     status, location, _ = api.call("POST", f"/{report['id']}/trigger")
     assert status == 200 and location, (status, location)
     op = api.wait_applied(location)
@@ -103,6 +107,7 @@ def test_huey_periodic_tasks_are_listed_and_trigger_now_runs_the_task(
     assert done["result"]["trigger_result"]["result"]["task_id"], done
     wait_for(lambda: (consumer.check_alive() or counter(redis_server, db, "hp:office_report") == 1, None), 30,
              "the triggered office_report to run")
+    print(f"[e2e] trigger now to run: {time.monotonic() - t1:.2f} s", file=sys.stderr)
     api.wait_rows("the trigger to count as a run", lambda r: r["office_report"]["total_runs"] == 1)
 
     # Nothing that writes: the tasks are code.
