@@ -189,3 +189,20 @@ def test_trigger_of_a_task_gone_from_the_code_is_a_conflict():
     source = periodic.PeriodicSource(h, cs.Runs())
     with pytest.raises(S.Conflict, match="not in this Huey instance"):
         source.trigger({"source_key": "gone.task", "name": "task"})
+
+
+def test_cron_fields_and_timezone_names_the_brain_reads():
+    assert cs.field(range(0, 60, 15), cs.MINUTES) == "*/15"
+    assert cs.field([0, 1], cs.MINUTES) == "0,1"
+    assert cs.field([1, 2, 3, 7, 9, 10, 11], cs.HOURS) == "1-3,7,9-11"
+    assert cs.field([5], cs.DAYS) == "5" and cs.field(range(1, 32), cs.DAYS) == "*"
+    with pytest.raises(ValueError, match="outside"):
+        cs.field([7], cs.WEEKDAYS)
+    assert cs.expression([0], [2], cs.DAYS, cs.MONTHS, [0], seconds=[0]) == "0 2 * * 0"
+    assert cs.expression([0], [2], cs.DAYS, cs.MONTHS, [0], seconds=[0, 30]) == "0 2 * * 0 0,30"
+    from zoneinfo import ZoneInfo
+
+    assert cs.timezone_name(ZoneInfo("Europe/Paris")) == "Europe/Paris"
+    assert cs.timezone_name(timezone(timedelta(hours=1))) == "Etc/GMT-1"  # the Etc sign is inverted
+    assert cs.timezone_name(timezone(timedelta(hours=-5))) == "Etc/GMT+5"
+    assert cs.timezone_name(timezone.utc) == cs.timezone_name(None) == "UTC"
