@@ -248,3 +248,13 @@ def test_a_job_with_an_impossible_field_is_left_out_and_counted(loop, tmp_path, 
         assert zcron.stats("q-bad")["rows_unlisted"] == 1 and "bad is not on the Schedules page" in caplog.text
     finally:
         stream.stop()
+
+
+def test_a_worker_without_cron_jobs_serves_nothing(loop, tmp_path):
+    client = FakeClient()
+
+    async def startup():
+        return zcron.serve({"redis": FakePool()}, {"cron_jobs": [], "queue_name": "q-none"}, client,
+                           state_dir=str(tmp_path))
+
+    assert loop.run(startup()) is None and client.served == []

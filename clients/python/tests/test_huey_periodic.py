@@ -53,8 +53,8 @@ class FakeClient:
         return {r["name"]: r for r in self.batches[-1][0]["data"]["external_snapshot_frame"]["schedules"]}
 
 
-def make_huey(**kw):
-    h = MemoryHuey(f"hp-{uuid.uuid4().hex[:6]}", **kw)
+def make_huey(name=None, **kw):
+    h = MemoryHuey(name or f"hp-{uuid.uuid4().hex[:6]}", **kw)
 
     @h.periodic_task(crontab(minute="*/5", hour="9-17", day_of_week="1-5"))
     def report():
@@ -206,3 +206,21 @@ def test_cron_fields_and_timezone_names_the_brain_reads():
     assert cs.timezone_name(timezone(timedelta(hours=1))) == "Etc/GMT-1"  # the Etc sign is inverted
     assert cs.timezone_name(timezone(timedelta(hours=-5))) == "Etc/GMT+5"
     assert cs.timezone_name(timezone.utc) == cs.timezone_name(None) == "UTC"
+
+
+def test_a_consumer_without_periodic_tasks_serves_nothing_unless_its_rows_are_on_the_page(tmp_path):
+    client = FakeClient()
+    assert periodic.serve(MemoryHuey("shop"), client, state_dir=str(tmp_path)) is None
+    assert client.served == []  # it does not take the scheduler from a consumer that has tasks
+
+    # A consumer that published rows, then restarted with its periodic tasks removed from the code.
+    with_tasks = periodic.serve(make_huey("shop"), client, state_dir=str(tmp_path))
+    client.handler("schedule.external.activate")(command("schedule.external.activate", **ACTIVATION))
+    with_tasks.stop()
+    assert len(client.last_rows()) == 3
+    emptied = periodic.serve(MemoryHuey("shop"), client, state_dir=str(tmp_path))
+    assert emptied is not None
+    second = {**ACTIVATION, "epoch_number": 2, "epoch_uuid": str(uuid.uuid4())}
+    client.handler("schedule.external.activate")(command("schedule.external.activate", **second))
+    emptied.stop()
+    assert client.last_rows() == {}  # the rows leave the page

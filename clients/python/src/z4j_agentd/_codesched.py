@@ -177,5 +177,19 @@ def state_file(owner: str, instance: str, directory: Optional[str] = None) -> st
     return os.path.join(os.path.abspath(directory or os.getcwd()), f".z4j-agentd-{owner}-{safe}.json")
 
 
-__all__ = ["Runs", "expression", "field", "local_timezone", "sender", "source_hash", "state_file",
+def has_published(state_path: str) -> bool:
+    """Does the state file hold rows this scheduler published (or removed
+    since) on this host? A process with nothing to list serves the
+    scheduler only then, to take those rows off the page: otherwise it
+    would hold the scheduler (one process per scheduler on a daemon) in
+    place of a process that has schedules, and publish none."""
+    try:
+        with open(state_path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and bool(saved.get("rows") or saved.get("removed"))
+
+
+__all__ = ["Runs", "has_published", "expression", "field", "local_timezone", "sender", "source_hash", "state_file",
            "timezone_name", "to_second"]

@@ -243,7 +243,7 @@ def _setting(settings: Any, name: str) -> Any:
 
 
 def serve(ctx: Mapping[str, Any], settings: Any, client: Any = None, *, queue_name: Optional[str] = None,
-          timezone: Optional[tzinfo] = None, state_dir: Optional[str] = None) -> ExternalScheduler:
+          timezone: Optional[tzinfo] = None, state_dir: Optional[str] = None) -> Optional[ExternalScheduler]:
     """Serves the worker's cron jobs as the scheduler `arq-cron`.
 
     Call it from the worker's `on_startup(ctx)` (it needs the worker's
@@ -254,6 +254,10 @@ def serve(ctx: Mapping[str, Any], settings: Any, client: Any = None, *, queue_na
     system's timezone). Idempotent: called again in the same process for
     the same queue, it binds the scheduler already served to this worker's
     loop, pool and jobs and returns it.
+
+    A worker without cron jobs serves nothing (returns None), unless the
+    state file of its queue holds rows published earlier: then it serves,
+    so that they leave the page.
     """
     from ..client import get_client
 
@@ -274,14 +278,18 @@ def serve(ctx: Mapping[str, Any], settings: Any, client: Any = None, *, queue_na
                            "on_startup") from None
     tz = timezone or cs.local_timezone()
     key = (os.getpid(), queue_name)
+    state_path = cs.state_file(SCHEDULER, queue_name, state_dir)
     with _lock:
         stream = _streams.get(key)
         fresh = stream is None
+        if stream is None and not jobs and not cs.has_published(state_path):
+            log.debug("z4j-agentd: the worker of %s has no cron jobs: %s is not served", queue_name, SCHEDULER)
+            return None
         if stream is None:
             client = client or get_client()
             stream = ExternalScheduler(SCHEDULER, CronSource(cs.Runs()), cs.sender(client),
                                        poll_interval=POLL_SECONDS, min_interval=MIN_SNAPSHOT_SECONDS,
-                                       state_path=cs.state_file(SCHEDULER, queue_name, state_dir))
+                                       state_path=state_path)
             _streams[key] = stream
         source: CronSource = stream.source  # type: ignore[assignment]
         source.bind(jobs, queue_name, tz, pool, loop)

@@ -244,24 +244,31 @@ def watch(huey: Any) -> cs.Runs:
         return watched.runs
 
 
-def serve(huey: Any, client: Any = None, *, state_dir: Optional[str] = None) -> ExternalScheduler:
+def serve(huey: Any, client: Any = None, *, state_dir: Optional[str] = None) -> Optional[ExternalScheduler]:
     """Serves `huey`'s periodic tasks as the scheduler `huey-periodic`, from
     this process (the consumer that runs them). Idempotent: called again
     for the same Huey instance in the same process (each worker's
-    `on_startup`, say), it returns the scheduler already served."""
+    `on_startup`, say), it returns the scheduler already served.
+
+    A Huey instance without periodic tasks serves nothing (returns None),
+    unless its state file holds rows published earlier: then it serves, so
+    that they leave the page."""
     from ..client import get_client
 
     watch(huey)
+    state_path = cs.state_file(SCHEDULER, str(huey.name), state_dir)
     with _lock:
         stream = _served(huey)
         if stream is not None:
             return stream
+        if not huey._registry._periodic_tasks and not cs.has_published(state_path):
+            log.debug("z4j-agentd: %r has no periodic tasks: %s is not served", huey.name, SCHEDULER)
+            return None
         watched: _Watch = huey.__dict__[_WATCHED]
         client = client or get_client()
         source = PeriodicSource(huey, watched.runs)
         stream = ExternalScheduler(SCHEDULER, source, cs.sender(client), poll_interval=POLL_SECONDS,
-                                   min_interval=MIN_SNAPSHOT_SECONDS,
-                                   state_path=cs.state_file(SCHEDULER, str(huey.name), state_dir))
+                                   min_interval=MIN_SNAPSHOT_SECONDS, state_path=state_path)
         watched.streams.append(stream)
         setattr(huey, _SERVED, (os.getpid(), stream))
     stream.serve(client)
