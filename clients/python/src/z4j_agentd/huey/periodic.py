@@ -25,7 +25,7 @@ the serving process does not see: the counts then hold "Trigger now" only.
 
 A periodic task whose validator is not Huey's `crontab` (any function of a
 datetime) has no cron expression: it is left out of the page, logged once,
-and counted in `stats()["rows_unlisted"]`.
+and counted in `stats(huey)["rows_unlisted"]`.
 
 Source keys are the registry's task names (`module.name`, as
 z4j-hueyperiodic's), so rows stay the same rows across restarts and when a
