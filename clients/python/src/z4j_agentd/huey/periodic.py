@@ -1,0 +1,289 @@
+"""Huey's periodic tasks on the brain's Schedules page.
+
+`serve(huey)` in the consumer (the process whose Scheduler enqueues the
+periodic tasks: `huey_consumer app.huey`, without `-n`) serves the
+scheduler `huey-periodic` through z4j's external schedule protocol (see
+`z4j_agentd._schedules`):
+
+* every `@huey.periodic_task(crontab(...))` of the Huey instance is listed:
+  its name, task (the registry's `module.name`), cron expression (five
+  fields, `minute hour day month day-of-week`, 0 = Sunday as in Huey),
+  timezone (UTC with `Huey(utc=True)`, Huey's default; else the system's),
+  next run, and the last run and run count this process saw;
+* "Trigger now" enqueues the task at once (`huey.enqueue` of a new
+  instance, as the Scheduler does), and counts as a run;
+* the tasks are defined in code: the brain cannot create, update, enable,
+  disable or delete them (the capabilities say so; edit the decorator).
+
+Runs: the Scheduler's enqueues are seen through `huey.read_periodic` (the
+call it makes each minute to pick the tasks due). `watch(huey)` puts that
+watch in place; `serve` does too, but the Scheduler makes its first check
+when the consumer starts, before the workers' `on_startup` hooks run, so
+call `watch(huey)` where the Huey instance is made to count that one too.
+With `-k process` the Scheduler runs in a process of its own, whose runs
+the serving process does not see: the counts then hold "Trigger now" only.
+
+A periodic task whose validator is not Huey's `crontab` (any function of a
+datetime) has no cron expression: it is left out of the page, logged once,
+and counted in `stats(huey)["rows_unlisted"]`.
+
+Source keys are the registry's task names (`module.name`, as
+z4j-hueyperiodic's), so rows stay the same rows across restarts and when a
+project moves over from it. The rows last published are kept in
+`.z4j-agentd-huey-periodic-<huey name>.json` in the working directory (or
+`state_dir`), so that a periodic task removed from the code while the
+consumer was stopped leaves the page too (see `ExternalScheduler`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from datetime import date, datetime, timedelta, timezone
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from .. import _codesched as cs
+from .._schedules import MUTATION, STABLE_SNAPSHOT, Conflict, ExternalScheduler, Source
+
+log = logging.getLogger("z4j_agentd.huey.periodic")
+
+SCHEDULER = "huey-periodic"
+ENGINE = "huey"
+#: Capabilities: listed and triggered; no writes (the tasks are code): no
+#: create, update, delete, enable or disable. The mutation protocol's token
+#: is declared all the same, so that the brain itself refuses a write (HTTP
+#: 409, "does not support this operation") before sending anything: without
+#: it, the brain's enable/disable falls back to its older
+#: `schedule.external.control` command, whose refusal it takes as a protocol
+#: fault: it then activates the stream no more, even for a restarted process.
+CAPABILITIES = (STABLE_SNAPSHOT, MUTATION, "list", "read", "trigger_now")
+#: Seconds between two looks at the tasks (they change only with the code;
+#: runs ask for a snapshot themselves).
+POLL_SECONDS = 30.0
+#: Seconds at least between two snapshots the Scheduler's runs cause.
+MIN_SNAPSHOT_SECONDS = 5.0
+#: Days searched for a task's next run (Huey needs day *and* weekday to
+#: match: February 29th on a Monday comes back within 28 years).
+NEXT_RUN_DAYS = 28 * 366
+
+_WATCHED = "_z4j_agentd_periodic_runs"
+
+
+def cron_settings(task: Any) -> Optional[List[List[int]]]:
+    """The five sets of Huey's `crontab` (month, day, weekday, hour,
+    minute), read from the periodic task's validator; None for another
+    validator."""
+    fn = getattr(task, "validate_datetime", None)
+    fn = getattr(fn, "__func__", fn)
+    for _ in range(3):  # the decorator's method -> crontab's validate_date
+        code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None)
+        if code is None or not cells:
+            return None
+        free = dict(zip(code.co_freevars, cells))
+        if "cron_settings" in free:
+            settings = free["cron_settings"].cell_contents
+            if isinstance(settings, list) and len(settings) == 5:
+                return [list(s) for s in settings]
+            return None
+        inner = free.get("validate_datetime")
+        fn = inner.cell_contents if inner is not None else None
+    return None
+
+
+def expression_of(settings: Sequence[Sequence[int]]) -> str:
+    months, days, weekdays, hours, minutes = settings
+    # Huey's `*` day-of-week is 0-7 (7 is Sunday again); cron's is 0-6.
+    return cs.expression(minutes, hours, days, months, {d % 7 for d in weekdays})
+
+
+def next_run(settings: Sequence[Sequence[int]], after: datetime) -> Optional[datetime]:
+    """The first minute after `after` (naive, Huey's clock) that matches
+    every set, as Huey matches them (all five, day and weekday both)."""
+    months, days, weekdays, hours, minutes = (sorted(set(s)) for s in settings)
+    weekdays = sorted({d % 7 for d in weekdays})
+    day: date = after.date()
+    for _ in range(NEXT_RUN_DAYS):
+        if day.month in months and day.day in days and (day.weekday() + 1) % 7 in weekdays:
+            for h in hours:
+                for m in minutes:
+                    candidate = datetime(day.year, day.month, day.day, h, m)
+                    if candidate > after:
+                        return candidate
+        day += timedelta(days=1)
+    return None
+
+
+class PeriodicSource(Source):
+    """The periodic tasks of one Huey instance: read-only, triggerable."""
+
+    def __init__(self, huey: Any, runs: cs.Runs) -> None:
+        self.huey = huey
+        self.runs = runs
+        self.rows_unlisted = 0
+        self._warned: set = set()
+
+    def capabilities(self) -> List[str]:
+        return list(CAPABILITIES)
+
+    def key(self, task_class: Any) -> str:
+        return str(self.huey._registry.task_to_string(task_class))
+
+    def _tasks(self) -> List[Tuple[str, Any]]:
+        return [(self.key(cls), cls) for cls in list(self.huey._registry._periodic_tasks)]
+
+    def _timezone(self) -> Tuple[str, Any]:
+        if getattr(self.huey, "utc", True):
+            return "UTC", timezone.utc
+        tz = cs.local_timezone()
+        return cs.timezone_name(tz), tz
+
+    def rows(self) -> List[Dict[str, Any]]:
+        tz_name, tz = self._timezone()
+        now = self.huey._get_timestamp()
+        tasks = self._tasks()
+        names: Dict[str, int] = {}
+        for _, cls in tasks:
+            names[str(cls.__name__)] = names.get(str(cls.__name__), 0) + 1
+        rows, unlisted = [], 0
+        for key, cls in tasks:
+            task = cls()
+            settings = cron_settings(task)
+            try:
+                if settings is None:
+                    raise ValueError("its validator is not huey's crontab(), so it has no cron expression")
+                expr = expression_of(settings)
+            except ValueError as exc:
+                unlisted += 1
+                if key not in self._warned:
+                    self._warned.add(key)
+                    log.warning("z4j-agentd: the periodic task %s is not on the Schedules page: %s", key, exc)
+                continue
+            assert settings is not None
+            upcoming = next_run(settings, now)
+            count, last = self.runs.get(key)
+            name = str(cls.__name__) if names[str(cls.__name__)] == 1 else key
+            rows.append({
+                "source_key": key, "external_id": key, "engine": ENGINE, "scheduler": SCHEDULER,
+                "name": name, "task_name": key, "kind": "cron", "expression": expr, "timezone": tz_name,
+                "queue": str(self.huey.name), "args": [], "kwargs": {}, "is_enabled": True,
+                "last_run_at": cs.to_second(last),
+                "next_run_at": cs.to_second(upcoming.replace(tzinfo=tz)) if upcoming else None,
+                "total_runs": count, "source": "huey-periodic:code",
+                "source_hash": cs.source_hash({"task": key, "cron": expr, "utc": bool(self.huey.utc),
+                                               "retries": getattr(task, "retries", None),
+                                               "priority": getattr(task, "priority", None)}),
+            })
+        self.rows_unlisted = unlisted
+        return rows
+
+    def trigger(self, row: Mapping[str, Any]) -> Dict[str, Any]:
+        cls = next((c for k, c in self._tasks() if k == row["source_key"]), None)
+        if cls is None:
+            raise Conflict(f"periodic task {row['name']!r} is not in this Huey instance any more")
+        task = cls()
+        self.huey.enqueue(task)
+        self.runs.count(row["source_key"])
+        return {"task_id": str(task.id), "task_name": row["source_key"]}
+
+
+def _clock(huey: Any, timestamp: Optional[datetime]) -> datetime:
+    """Huey's timestamp (naive: UTC, or local time with `utc=False`), aware."""
+    when = timestamp if timestamp is not None else huey._get_timestamp()
+    if when.tzinfo is not None:
+        return when
+    if getattr(huey, "utc", True):
+        return when.replace(tzinfo=timezone.utc)
+    return when.astimezone()
+
+
+class _Watch:
+    """The runs of one Huey instance's periodic tasks, seen through its
+    `read_periodic` (the Scheduler's pick of the tasks due this minute)."""
+
+    def __init__(self, huey: Any) -> None:
+        self.huey = huey
+        self.runs = cs.Runs()
+        self.streams: List[ExternalScheduler] = []
+        original = huey.read_periodic
+
+        def read_periodic(timestamp: Any = None) -> Any:
+            tasks = original(timestamp)
+            try:
+                if tasks:
+                    when = _clock(huey, timestamp)
+                    for task in tasks:
+                        self.runs.count(str(huey._registry.task_to_string(type(task))), when)
+                    for stream in list(self.streams):
+                        stream.changed()
+            except Exception:  # never into Huey's Scheduler
+                log.debug("z4j-agentd: a periodic run was not counted", exc_info=True)
+            return tasks
+
+        huey.read_periodic = read_periodic
+
+
+_lock = threading.Lock()
+#: On the Huey instance: (pid, the scheduler served for it in that process).
+_SERVED = "_z4j_agentd_periodic_served"
+
+
+def _served(huey: Any) -> Optional[ExternalScheduler]:
+    held = huey.__dict__.get(_SERVED)
+    return held[1] if held is not None and held[0] == os.getpid() else None
+
+
+def watch(huey: Any) -> cs.Runs:
+    """Counts the Scheduler's runs of `huey`'s periodic tasks from now on
+    (idempotent; harmless in a process that runs no Scheduler)."""
+    with _lock:
+        watched = huey.__dict__.get(_WATCHED)
+        if watched is None:
+            watched = _Watch(huey)
+            setattr(huey, _WATCHED, watched)
+        return watched.runs
+
+
+def serve(huey: Any, client: Any = None, *, state_dir: Optional[str] = None) -> Optional[ExternalScheduler]:
+    """Serves `huey`'s periodic tasks as the scheduler `huey-periodic`, from
+    this process (the consumer that runs them). Idempotent: called again
+    for the same Huey instance in the same process (each worker's
+    `on_startup`, say), it returns the scheduler already served.
+
+    A Huey instance without periodic tasks serves nothing (returns None),
+    unless its state file holds rows published earlier: then it serves, so
+    that they leave the page."""
+    from ..client import get_client
+
+    watch(huey)
+    state_path = cs.state_file(SCHEDULER, str(huey.name), state_dir)
+    with _lock:
+        stream = _served(huey)
+        if stream is not None:
+            return stream
+        if not huey._registry._periodic_tasks and not cs.has_published(state_path):
+            log.debug("z4j-agentd: %r has no periodic tasks: %s is not served", huey.name, SCHEDULER)
+            return None
+        watched: _Watch = huey.__dict__[_WATCHED]
+        client = client or get_client()
+        source = PeriodicSource(huey, watched.runs)
+        stream = ExternalScheduler(SCHEDULER, source, cs.sender(client), poll_interval=POLL_SECONDS,
+                                   min_interval=MIN_SNAPSHOT_SECONDS, state_path=state_path)
+        watched.streams.append(stream)
+        setattr(huey, _SERVED, (os.getpid(), stream))
+    stream.serve(client)
+    log.info("z4j-agentd: serving %s (%d periodic tasks of %r) for the brain's Schedules page", SCHEDULER,
+             len(huey._registry._periodic_tasks), huey.name)
+    return stream
+
+
+def stats(huey: Any) -> Optional[Dict[str, Any]]:
+    """The served scheduler's `stats()` plus `rows_unlisted`, or None."""
+    stream = _served(huey)
+    if stream is None:
+        return None
+    source = stream.source
+    return {**stream.stats(), "rows_unlisted": getattr(source, "rows_unlisted", 0)}
+
+
+__all__ = ["CAPABILITIES", "PeriodicSource", "SCHEDULER", "cron_settings", "next_run", "serve", "stats", "watch"]

@@ -1,0 +1,226 @@
+"""Huey's periodic tasks through the external schedule protocol
+(z4j_agentd.huey.periodic): the rows (cron text, keys, timezone, next run)
+from real `@huey.periodic_task(crontab(...))` tasks, the runs seen through
+Huey's own consumer Scheduler, "Trigger now" enqueueing the task, and
+serve() declaring a read-only scheduler once per process."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+huey_api = pytest.importorskip("huey")
+
+from huey import MemoryHuey, crontab  # noqa: E402
+from huey.consumer import Scheduler  # noqa: E402
+
+from z4j_agentd import _codesched as cs  # noqa: E402
+from z4j_agentd import _schedules as S  # noqa: E402
+from z4j_agentd.huey import periodic  # noqa: E402
+
+OWNER = "huey-periodic"
+ACTIVATION = {"scheduler": OWNER, "owner": OWNER, "stream_id": "6f1c0e0a-1111-4222-8333-444455556666",
+              "epoch_uuid": "7a2d1f0b-aaaa-4bbb-8ccc-ddddeeeeffff", "epoch_number": 1,
+              "adapter_instance_id": "inst-1", "source_scope": S.source_scope(OWNER), "stable_source": True}
+
+
+def command(action, **params):
+    return {"id": str(uuid.uuid4()), "action": action, "target": {"type": "scheduler", "id": OWNER,
+                                                                  "scheduler": OWNER}, "parameters": params}
+
+
+class FakeClient:
+    """What serve() uses of a Client: serve() and send_durable()."""
+
+    def __init__(self):
+        self.served = []
+        self.batches = []
+
+    def serve(self, handlers, **kwargs):
+        self.served.append((handlers, kwargs))
+
+    def send_durable(self, events, timeout=5.0):
+        self.batches.append(events)
+        return len(events)
+
+    def handler(self, action):
+        return self.served[-1][0][(OWNER, action)]
+
+    def last_rows(self):
+        return {r["name"]: r for r in self.batches[-1][0]["data"]["external_snapshot_frame"]["schedules"]}
+
+
+def make_huey(name=None, **kw):
+    h = MemoryHuey(name or f"hp-{uuid.uuid4().hex[:6]}", **kw)
+
+    @h.periodic_task(crontab(minute="*/5", hour="9-17", day_of_week="1-5"))
+    def report():
+        return "report"
+
+    @h.periodic_task(crontab())
+    def every_minute():
+        return "tick"
+
+    @h.periodic_task(crontab(minute="30", hour="2", day="1", month="1,7"))
+    def twice_a_year():
+        return "half"
+
+    @h.task()
+    def plain():
+        return "not periodic"
+
+    return h
+
+
+@pytest.fixture
+def served(tmp_path):
+    h = make_huey()
+    client = FakeClient()
+    stream = periodic.serve(h, client, state_dir=str(tmp_path))
+    yield h, client, stream
+    stream.stop()
+
+
+def test_rows_list_each_periodic_task_with_cron_text_keys_timezone_and_next_run():
+    h = make_huey()
+    source = periodic.PeriodicSource(h, cs.Runs())
+    rows = {r["name"]: r for r in source.rows()}
+    assert set(rows) == {"report", "every_minute", "twice_a_year"}  # not the plain task
+    report = rows["report"]
+    assert report["source_key"] == report["external_id"] == report["task_name"] == f"{__name__}.report"
+    assert (report["kind"], report["expression"], report["timezone"]) == ("cron", "*/5 9-17 * * 1-5", "UTC")
+    assert (report["engine"], report["scheduler"], report["source"], report["queue"]) == \
+        ("huey", OWNER, "huey-periodic:code", h.name)
+    assert rows["every_minute"]["expression"] == "* * * * *"  # Huey's "*" weekday is 0-7
+    assert rows["twice_a_year"]["expression"] == "30 2 1 1,7 *"
+    assert all(r["total_runs"] == 0 and r["last_run_at"] is None for r in rows.values())
+    nxt = rows["every_minute"]["next_run_at"]
+    now = datetime.now(timezone.utc)
+    assert now < nxt <= now + timedelta(seconds=61) and nxt.second == 0
+    # The same rows (and keys) from a second, fresh instance: keys are the code's.
+    again = {r["source_key"]: r["source_hash"] for r in periodic.PeriodicSource(make_huey(), cs.Runs()).rows()}
+    assert again == {r["source_key"]: r["source_hash"] for r in rows.values()}
+    for row in rows.values():
+        S.normalize_row(row, OWNER)  # the brain's vocabulary
+
+
+def test_next_run_is_the_first_minute_huey_itself_would_run():
+    cases = [crontab(), crontab(minute="*/7"), crontab(minute="15", hour="*/3"),
+             crontab(minute="0", hour="9", day_of_week="0,6"), crontab(minute="5", hour="4", day="31"),
+             crontab(minute="0", hour="0", day="13", day_of_week="5")]
+    start = datetime(2026, 12, 7, 5, 46, 30)
+    for validate in cases:
+        settings = periodic.cron_settings(type("T", (), {"validate_datetime": staticmethod(validate)})())
+        assert settings is not None
+        found = periodic.next_run(settings, start)
+        assert found is not None and found > start and validate(found), (settings, found)
+        # No minute in between matches (checked minute by minute up to 40 days).
+        probe = start.replace(second=0) + timedelta(minutes=1)
+        limit = min(found, start + timedelta(days=40))
+        while probe < limit:
+            assert not validate(probe), (settings, probe, found)
+            probe += timedelta(minutes=1)
+
+
+def test_local_time_huey_names_the_system_timezone(monkeypatch):
+    monkeypatch.setenv("TZ", "Europe/Paris")
+    rows = periodic.PeriodicSource(make_huey(utc=False), cs.Runs()).rows()
+    assert {r["timezone"] for r in rows} == {"Europe/Paris"}
+
+
+def test_a_task_with_another_validator_is_left_out_counted_and_logged(caplog):
+    h = make_huey()
+
+    @h.periodic_task(lambda dt: dt.minute == 3)
+    def odd():
+        return None
+
+    source = periodic.PeriodicSource(h, cs.Runs())
+    names = {r["name"] for r in source.rows()}
+    assert names == {"report", "every_minute", "twice_a_year"} and source.rows_unlisted == 1
+    assert "odd is not on the Schedules page" in caplog.text
+
+
+def test_the_consumer_schedulers_enqueues_count_as_runs(served):
+    h, client, stream = served
+    before = datetime.now(timezone.utc)
+    scheduler = Scheduler(h, threading.Event(), 1, True)
+    scheduler.loop()  # its first periodic check: every_minute is due
+    assert [t.name for t in h.pending()] == ["every_minute"]
+    rows = {r["name"]: r for r in stream.source.rows()}
+    assert rows["every_minute"]["total_runs"] == 1 and rows["report"]["total_runs"] == 0
+    assert before - timedelta(seconds=1) <= rows["every_minute"]["last_run_at"] <= \
+        datetime.now(timezone.utc) + timedelta(seconds=1)
+
+
+def test_serve_declares_a_read_only_scheduler_once_and_trigger_now_enqueues(served, tmp_path):
+    h, client, stream = served
+    assert periodic.serve(h, client, state_dir=str(tmp_path)) is stream  # a second worker's on_startup
+    assert len(client.served) == 1
+    handlers, kwargs = client.served[0]
+    assert set(handlers) == {(OWNER, "schedule.external.activate"), (OWNER, "schedule.external.mutate"),
+                             (OWNER, "schedule.resync")}
+    assert kwargs["schedulers"] == [OWNER] and kwargs["runtime_features"] == [S.RUNTIME_FEATURE]
+    assert kwargs["capabilities"] == {OWNER: sorted([S.STABLE_SNAPSHOT, S.MUTATION, "list", "read", "trigger_now"])}
+
+    summary = client.handler("schedule.external.activate")(command("schedule.external.activate", **ACTIVATION))
+    assert summary["schedule_count"] == 3 and summary["sequence"] == 1
+    row = client.last_rows()["twice_a_year"]
+    params = {"scheduler": OWNER, "owner": OWNER, "operation_id": str(uuid.uuid4()), "operation": "trigger",
+              "schedule_id": row["source_key"], "definition": {}, "expected": row, "stable_source": True,
+              **{k: ACTIVATION[k] for k in S.Authority.IDS}}
+    receipt = client.handler("schedule.external.mutate")(command("schedule.external.mutate", **params))
+    task_id = receipt["trigger_result"]["result"]["task_id"]
+    assert [(t.name, t.id) for t in h.pending()] == [("twice_a_year", task_id)]
+    assert client.last_rows()["twice_a_year"]["total_runs"] == 1  # the snapshot after the trigger
+
+    # The brain cannot change code-defined tasks.
+    update = {**params, "operation_id": str(uuid.uuid4()), "operation": "update", "definition": {"is_enabled": False}}
+    with pytest.raises(S.Conflict, match="cannot be changed from the brain"):
+        client.handler("schedule.external.mutate")(command("schedule.external.mutate", **update))
+    assert periodic.stats(h)["rows_unlisted"] == 0
+
+
+def test_trigger_of_a_task_gone_from_the_code_is_a_conflict():
+    h = make_huey()
+    source = periodic.PeriodicSource(h, cs.Runs())
+    with pytest.raises(S.Conflict, match="not in this Huey instance"):
+        source.trigger({"source_key": "gone.task", "name": "task"})
+
+
+def test_cron_fields_and_timezone_names_the_brain_reads():
+    assert cs.field(range(0, 60, 15), cs.MINUTES) == "*/15"
+    assert cs.field([0, 1], cs.MINUTES) == "0,1"
+    assert cs.field([1, 2, 3, 7, 9, 10, 11], cs.HOURS) == "1-3,7,9-11"
+    assert cs.field([5], cs.DAYS) == "5" and cs.field(range(1, 32), cs.DAYS) == "*"
+    with pytest.raises(ValueError, match="outside"):
+        cs.field([7], cs.WEEKDAYS)
+    assert cs.expression([0], [2], cs.DAYS, cs.MONTHS, [0], seconds=[0]) == "0 2 * * 0"
+    assert cs.expression([0], [2], cs.DAYS, cs.MONTHS, [0], seconds=[0, 30]) == "0 2 * * 0 0,30"
+    from zoneinfo import ZoneInfo
+
+    assert cs.timezone_name(ZoneInfo("Europe/Paris")) == "Europe/Paris"
+    assert cs.timezone_name(timezone(timedelta(hours=1))) == "Etc/GMT-1"  # the Etc sign is inverted
+    assert cs.timezone_name(timezone(timedelta(hours=-5))) == "Etc/GMT+5"
+    assert cs.timezone_name(timezone.utc) == cs.timezone_name(None) == "UTC"
+
+
+def test_a_consumer_without_periodic_tasks_serves_nothing_unless_its_rows_are_on_the_page(tmp_path):
+    client = FakeClient()
+    assert periodic.serve(MemoryHuey("shop"), client, state_dir=str(tmp_path)) is None
+    assert client.served == []  # it does not take the scheduler from a consumer that has tasks
+
+    # A consumer that published rows, then restarted with its periodic tasks removed from the code.
+    with_tasks = periodic.serve(make_huey("shop"), client, state_dir=str(tmp_path))
+    client.handler("schedule.external.activate")(command("schedule.external.activate", **ACTIVATION))
+    with_tasks.stop()
+    assert len(client.last_rows()) == 3
+    emptied = periodic.serve(MemoryHuey("shop"), client, state_dir=str(tmp_path))
+    assert emptied is not None
+    second = {**ACTIVATION, "epoch_number": 2, "epoch_uuid": str(uuid.uuid4())}
+    client.handler("schedule.external.activate")(command("schedule.external.activate", **second))
+    emptied.stop()
+    assert client.last_rows() == {}  # the rows leave the page
