@@ -18,10 +18,11 @@ if __name__ == "__main__":
     from rq_scheduler import Scheduler
 
     url, out = sys.argv[1], sys.argv[2]
+    func = "rqsched_proj.write_marker"  # by import path: this file runs as __main__ here
     scheduler = Scheduler(connection=Redis.from_url(url))
-    scheduler.cron("30 2 * * 1-5", func=write_marker, args=[os.path.join(out, "nightly"), "nightly"],
+    scheduler.cron("30 2 * * 1-5", func=func, args=[os.path.join(out, "nightly"), "nightly"],
                    id="weekday-report", queue_name="reports")
-    scheduler.schedule(datetime.now(timezone.utc) + timedelta(hours=1), func=write_marker,
+    scheduler.schedule(datetime.now(timezone.utc) + timedelta(hours=1), func=func,
                        args=[os.path.join(out, "hourly"), "hourly"], interval=3600, id="hourly-marker")
-    scheduler.enqueue_at(datetime(2030, 1, 2, 3, 4, 5), write_marker, os.path.join(out, "once"), "once",
+    scheduler.enqueue_at(datetime(2030, 1, 2, 3, 4, 5), func, os.path.join(out, "once"), "once",
                          job_id="new-year")

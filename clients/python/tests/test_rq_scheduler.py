@@ -155,6 +155,8 @@ def test_the_brains_writes_change_the_registry(conn):
     assert (job.func_name, list(job.args), job.origin, job.meta["interval"]) == \
         ("tests.test_rq_scheduler.add", [7, 8], "q2", 3600)
     assert row(key)["name"] == "nightly" and row(key)["queue"] == "q2"
+    assert row(source.mutate("create", None, None, {"name": "n2", "task_name": "m.f", "kind": "interval",
+                                                "expression": "9", "queue": None})["source_key"])["queue"] is None
     assert time.time() + 3500 < conn.zscore(scheduler.scheduled_jobs_key, key) <= time.time() + 3600
 
     # update: a cron cadence and new arguments

@@ -69,11 +69,13 @@ RUNS_SUFFIX = ":z4j-runs"
 LAST_RUN_SUFFIX = ":z4j-last-run"
 #: Meta keys of a job this integration writes (the name the brain gave it).
 NAME_META = "_z4j_schedule_name"
+#: ... and the queue the brain gave it (null: the scheduler's queue, shown as null).
+QUEUE_META = "_z4j_queue"
 CAPABILITIES = (STABLE_SNAPSHOT, "list", "trigger_now", "create", "update", "delete", "enable", "disable",
                 MUTATION)
 #: Meta keys that are the schedule's timing or this integration's own, left out of `source_hash`.
 _TIMING_META = {"cron_string", "interval", "repeat", "use_local_timezone", NAME_META, "_z4j_task_name",
-                "_z4j_queue"}
+                QUEUE_META}
 _FUNC_PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+$")
 
 
@@ -205,7 +207,8 @@ class RQSchedulerSource(Source):
         return {
             "source_key": job.id, "external_id": job.id, "engine": ENGINE, "scheduler": SCHEDULER,
             "name": str(meta.get(NAME_META) or f"{func[:90]} [{job.id[:90]}]"), "task_name": func,
-            "kind": kind, "expression": expression, "timezone": tz, "queue": job.origin,
+            "kind": kind, "expression": expression, "timezone": tz,
+            "queue": meta[QUEUE_META] if QUEUE_META in meta else job.origin,
             "args": args, "kwargs": kwargs, "is_enabled": enabled,
             "next_run_at": _utc(score) if enabled else None,
             "last_run_at": _utc(last) if last is not None else None, "total_runs": runs,
@@ -318,6 +321,7 @@ class RQSchedulerSource(Source):
                 raise Conflict(f"an rq-scheduler schedule named {name!r} exists already")
             meta, score = self._timing({}, spec["kind"], spec["expression"], spec["timezone"], now)
             meta[NAME_META] = name
+            meta[QUEUE_META] = spec["queue"]
             job = self.scheduler.job_class.create(
                 _func_path(spec["task_name"]), args=list(spec["args"]), kwargs=dict(spec["kwargs"]),
                 connection=self.connection, id=uuid.uuid4().hex, result_ttl=-1, meta=meta,
@@ -366,6 +370,7 @@ class RQSchedulerSource(Source):
                 job.kwargs = dict(definition["kwargs"])
             if "queue" in definition:
                 job.origin = definition["queue"] or self.scheduler.queue_name
+                job.meta[QUEUE_META] = definition["queue"]
             new_enabled = definition.get("is_enabled", enabled)
             if new_enabled and not enabled and score < now and current["kind"] != "clocked" \
                     and not any(k in definition for k in timing):
