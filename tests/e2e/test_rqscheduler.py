@@ -105,9 +105,9 @@ def test_the_brain_creates_updates_toggles_and_deletes_jobs(rqs):
 
     api.toggle("e2e-every-2s", "disable")
     api.wait_rows("the job disabled", lambda r: r["e2e-every-2s"]["is_enabled"] is False)
-    time.sleep(1.5)  # a run enqueued just before the switch may still be with the worker
+    time.sleep(1)  # a run enqueued just before the switch may still be with the worker
     count = len(lines(out / "created"))
-    time.sleep(4)  # two intervals: no run while disabled
+    time.sleep(3)  # one and a half intervals (the scheduler looks every second): no run while disabled
     assert len(lines(out / "created")) == count, lines(out / "created")
     api.toggle("e2e-every-2s", "enable")
     wait_for(lambda: (len(lines(out / "created")) > count, lines(out / "created")), 20,
@@ -120,7 +120,7 @@ def test_the_brain_creates_updates_toggles_and_deletes_jobs(rqs):
 
     api.native("delete", "e2e-every-2s")
     api.wait_rows("the deleted job to leave the page", lambda r: "e2e-every-2s" not in r)
-    time.sleep(1.5)
+    time.sleep(1)
     count = len(lines(out / "created"))
     time.sleep(3)
     assert len(lines(out / "created")) == count, "a deleted job ran"

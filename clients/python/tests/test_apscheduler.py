@@ -218,3 +218,29 @@ def test_an_asyncio_scheduler_is_read_and_written_on_its_event_loop():
     finally:
         loop.call_soon_threadsafe(lambda: (s.shutdown(wait=False), loop.stop()))
         thread.join(5)
+
+
+def test_a_job_sending_a_dramatiq_actor_is_listed_under_the_actor_and_created_by_its_name(scheduler):
+    dramatiq = pytest.importorskip("dramatiq")
+    from dramatiq.brokers.stub import StubBroker
+
+    broker = StubBroker()
+    dramatiq.set_broker(broker)
+
+    @dramatiq.actor(queue_name="reports", broker=broker)
+    def send_report(day):
+        return day
+
+    scheduler.add_job(send_report.send, "interval", hours=1, args=["mon"], id="report")
+    source = aps.APSchedulerSource(scheduler)
+    row = rows_of(source)["report"]
+    # z4j-apscheduler 1.13 lists every such job as "dramatiq.actor:Actor.send"
+    assert (row["engine"], row["task_name"], row["queue"]) == ("dramatiq", "send_report", "reports"), row
+    source.trigger(row)
+    assert broker.queues["reports"].qsize() == 1
+    source.mutate("create", None, None, {"name": "report-2", "task_name": "send_report", "kind": "interval",
+                                         "expression": "60", "queue": "reports", "args": ["tue"]})
+    assert scheduler.get_job("report-2").func == send_report.send
+    with pytest.raises(ValueError, match="its own queue"):
+        source.mutate("create", None, None, {"name": "report-3", "task_name": "send_report",
+                                             "kind": "interval", "expression": "60", "queue": "other"})

@@ -239,3 +239,38 @@ def test_the_entry_point_runs_rq_scheduler_with_the_integration(redis_socket, co
     for stream in list(rs._installed.values()):
         stream.stop()
     rs._installed.clear()
+
+
+def test_a_change_landing_as_the_job_comes_due_is_not_overwritten_by_the_run(conn, tmp_path):
+    """rq-scheduler reads the due jobs, then saves each one as it enqueues
+    it: a change the brain made in between would be written over with the
+    copy read before it (rq-scheduler's own enqueue_job does that)."""
+    scheduler = Scheduler(connection=conn)
+    scheduler.schedule(datetime.now(timezone.utc) - timedelta(seconds=1), func=add, args=[1, 1], interval=60,
+                       id="due")
+    stale = next(iter(scheduler.get_jobs_to_queue()))  # read by the scheduler's tick ...
+    source = rs.RQSchedulerSource(scheduler)
+    row = S.normalize_row(by_key(source.rows())["due"], OWNER)
+    source.mutate("update", "due", row, {"args": [2, 2]})  # ... the brain's change lands ...
+    source.enqueue_due(stale, scheduler.enqueue_job)  # ... then the tick enqueues it
+    job = scheduler.job_class.fetch("due", connection=conn)
+    assert list(job.args) == [2, 2] and Queue("default", connection=conn).job_ids == ["due"]
+    # rq-scheduler's own enqueue_job writes the stale copy back: what the test guards against
+    scheduler2 = Scheduler(connection=conn)
+    source.mutate("update", "due", S.normalize_row(by_key(source.rows())["due"], OWNER), {"args": [3, 3]})
+    conn.zadd(scheduler2.scheduled_jobs_key, {"due": time.time() - 1})
+    scheduler2.enqueue_job(stale)
+    assert list(scheduler2.job_class.fetch("due", connection=conn).args) == [1, 1]
+
+
+def test_a_job_disabled_as_it_comes_due_does_not_run(conn):
+    scheduler = Scheduler(connection=conn)
+    scheduler.schedule(datetime.now(timezone.utc) - timedelta(seconds=1), func=add, args=[1, 1], interval=60,
+                       id="due")
+    stale = next(iter(scheduler.get_jobs_to_queue()))
+    source = rs.RQSchedulerSource(scheduler)
+    source.mutate("update", "due", S.normalize_row(by_key(source.rows())["due"], OWNER), {"is_enabled": False})
+    source.enqueue_due(stale, scheduler.enqueue_job)
+    assert Queue("default", connection=conn).job_ids == []
+    assert conn.zscore(scheduler.scheduled_jobs_key, "due") is None
+    assert conn.zscore(scheduler.scheduled_jobs_key + rs.PAUSED_SUFFIX, "due") is not None
