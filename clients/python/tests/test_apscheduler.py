@@ -244,3 +244,24 @@ def test_a_job_sending_a_dramatiq_actor_is_listed_under_the_actor_and_created_by
     with pytest.raises(ValueError, match="its own queue"):
         source.mutate("create", None, None, {"name": "report-3", "task_name": "send_report",
                                              "kind": "interval", "expression": "60", "queue": "other"})
+
+
+RELEASE = threading.Event()
+
+
+def blocking():
+    RELEASE.wait(5)
+
+
+def test_trigger_now_keeps_max_instances(scheduler):
+    RELEASE.clear()
+    scheduler.add_job(blocking, "interval", hours=1, id="slow", max_instances=1)
+    source = aps.APSchedulerSource(scheduler)
+    row = rows_of(source)["slow"]
+    source.trigger(row)
+    try:
+        with pytest.raises(RuntimeError, match="max_instances"):
+            source.trigger(row)
+    finally:
+        RELEASE.set()
+    assert rows_of(source)["slow"]["total_runs"] == 1

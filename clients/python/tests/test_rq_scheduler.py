@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import tempfile
 import time
-import uuid
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -274,3 +273,28 @@ def test_a_job_disabled_as_it_comes_due_does_not_run(conn):
     assert Queue("default", connection=conn).job_ids == []
     assert conn.zscore(scheduler.scheduled_jobs_key, "due") is None
     assert conn.zscore(scheduler.scheduled_jobs_key + rs.PAUSED_SUFFIX, "due") is not None
+
+
+def test_a_cron_job_on_a_host_outside_utc_names_the_hosts_zone(conn, monkeypatch):
+    """rq-scheduler reads cron expressions in local time: the row says so,
+    and its next run is 03:00 in that zone."""
+    from zoneinfo import ZoneInfo
+
+    monkeypatch.setenv("TZ", "Europe/Paris")
+    time.tzset()
+    try:
+        scheduler = Scheduler(connection=conn)
+        scheduler.cron("0 3 * * *", func=add, args=[1, 1], id="paris")
+        source = rs.RQSchedulerSource(scheduler)
+        row = S.normalize_row(source.rows()[0], OWNER)
+        assert row["timezone"] == "Europe/Paris"
+        when = datetime.fromisoformat(row["next_run_at"]).astimezone(ZoneInfo("Europe/Paris"))
+        assert (when.hour, when.minute) == (3, 0), row
+        with pytest.raises(ValueError, match="host's time zone"):
+            source.mutate("update", "paris", row, {"timezone": "UTC"})
+        source.mutate("update", "paris", row, {"expression": "30 4 * * *"})
+        when = datetime.fromisoformat(S.normalize_row(source.rows()[0], OWNER)["next_run_at"])
+        assert when.astimezone(ZoneInfo("Europe/Paris")).strftime("%H:%M") == "04:30"
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()

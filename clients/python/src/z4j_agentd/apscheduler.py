@@ -207,9 +207,11 @@ class APSchedulerSource(Source):
 
     def __init__(self, scheduler: Any, *, engine: Optional[str] = None,
                  tasks: Optional[Mapping[str, Callable[..., Any]]] = None) -> None:
-        from apscheduler.schedulers.base import BaseScheduler
-
-        if not isinstance(scheduler, BaseScheduler):
+        try:
+            from apscheduler.schedulers.base import BaseScheduler
+        except ImportError:  # APScheduler 4 has no such module
+            BaseScheduler = None
+        if BaseScheduler is None or not isinstance(scheduler, BaseScheduler):
             raise TypeError(f"z4j_agentd.apscheduler.install takes an APScheduler 3 scheduler (a BaseScheduler: "
                             f"BackgroundScheduler, BlockingScheduler, AsyncIOScheduler, ...), got "
                             f"{type(scheduler).__module__}.{type(scheduler).__qualname__}; APScheduler 4 is "
@@ -574,11 +576,6 @@ def install(scheduler: Any, client: Any = None, *, serve_commands: bool = True, 
     `state_path` is the file keeping the rows last published, for the
     schedules removed while the process was stopped (default
     `~/.z4j/apscheduler.z4j-agentd.json`)."""
-    from apscheduler.events import (EVENT_ALL_JOBS_REMOVED, EVENT_JOB_ADDED, EVENT_JOB_MODIFIED,
-                                    EVENT_JOB_REMOVED, EVENT_JOB_SUBMITTED, EVENT_JOBSTORE_ADDED,
-                                    EVENT_JOBSTORE_REMOVED, EVENT_SCHEDULER_PAUSED, EVENT_SCHEDULER_RESUMED,
-                                    EVENT_SCHEDULER_STARTED)
-
     from .client import get_client
 
     client = client or get_client()
@@ -588,6 +585,10 @@ def install(scheduler: Any, client: Any = None, *, serve_commands: bool = True, 
         if id(scheduler) in _installed:
             return client
         source = APSchedulerSource(scheduler, engine=engine, tasks=tasks)
+        from apscheduler.events import (EVENT_ALL_JOBS_REMOVED, EVENT_JOB_ADDED, EVENT_JOB_MODIFIED,
+                                        EVENT_JOB_REMOVED, EVENT_JOB_SUBMITTED, EVENT_JOBSTORE_ADDED,
+                                        EVENT_JOBSTORE_REMOVED, EVENT_SCHEDULER_PAUSED, EVENT_SCHEDULER_RESUMED,
+                                        EVENT_SCHEDULER_STARTED)
         stream = ExternalScheduler(SCHEDULER, source, _sender(client), poll_interval=POLL_SECONDS,
                                    min_interval=MIN_SNAPSHOT_SECONDS,
                                    state_path=state_path or default_state_path())

@@ -46,7 +46,7 @@ import sys
 import threading
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .._jsonsafe import json_safe
@@ -394,7 +394,7 @@ class RQSchedulerSource(Source):
         the brain gives; ValueError saying what to change otherwise."""
         out = {k: v for k, v in meta.items() if k not in ("cron_string", "interval", "use_local_timezone")}
         if kind == "cron":
-            import crontab
+            from rq_scheduler.utils import get_next_scheduled_time
 
             zone = local_zone()
             if tz not in (zone, "") and not (tz == "UTC" and zone == "UTC"):
@@ -403,15 +403,15 @@ class RQSchedulerSource(Source):
             if len(expression.split()) != 5:
                 raise ValueError(f"a cron expression has five fields (minute hour day month weekday), "
                                  f"got {expression!r}")
-            try:
-                delay = crontab.CronTab(expression).next(now=datetime.now(), default_utc=False)
+            try:  # as rq-scheduler computes it
+                when = get_next_scheduled_time(expression, use_local_timezone=False)
             except Exception as exc:
                 raise ValueError(f"rq-scheduler cannot run the cron expression {expression!r}: {exc}") from None
-            if delay is None:
+            if when is None:
                 raise ValueError(f"the cron expression {expression!r} never comes due")
             out.update(cron_string=expression, use_local_timezone=False)
             out.pop("repeat", None)
-            return out, float(int(now + delay))
+            return out, float(round(when.timestamp()))
         if tz not in ("UTC", ""):
             raise ValueError(f"only a cron schedule has a timezone; {kind} schedules run in UTC, got {tz!r}")
         if kind == "interval":
