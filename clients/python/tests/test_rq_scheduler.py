@@ -298,3 +298,23 @@ def test_a_cron_job_on_a_host_outside_utc_names_the_hosts_zone(conn, monkeypatch
     finally:
         monkeypatch.delenv("TZ")
         time.tzset()
+
+
+def test_a_job_whose_run_is_on_a_worker_keeps_its_data_until_the_run_ends(conn):
+    """rq-scheduler runs every run under the job's id, and the worker saves the
+    job it ran when the run ends: new arguments written meanwhile would be
+    lost, so they are refused; the switch (registry only) still works."""
+    from rq.job import JobStatus
+
+    scheduler = Scheduler(connection=conn)
+    job = scheduler.schedule(datetime.now(timezone.utc) + timedelta(hours=1), func=add, args=[1, 1], interval=60,
+                             id="busy")
+    job.set_status(JobStatus.STARTED)
+    source = rs.RQSchedulerSource(scheduler)
+    row = S.normalize_row(source.rows()[0], OWNER)
+    with pytest.raises(S.Conflict, match="on a worker now"):
+        source.mutate("update", "busy", row, {"args": [2, 2]})
+    source.mutate("update", "busy", row, {"is_enabled": False})
+    stored = scheduler.job_class.fetch("busy", connection=conn)
+    assert list(stored.args) == [1, 1] and stored.get_status() == JobStatus.STARTED
+    assert S.normalize_row(source.rows()[0], OWNER)["is_enabled"] is False

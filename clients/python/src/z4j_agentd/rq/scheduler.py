@@ -346,6 +346,13 @@ class RQSchedulerSource(Source):
                 pipe.hdel(self.last_runs, source_key)
                 pipe.execute()
                 return None
+            data_fields = ("task_name", "args", "kwargs", "queue")
+            if any(k in definition and definition[k] != current.get(k) for k in data_fields) \
+                    and job.get_status(refresh=False) == JobStatus.STARTED:
+                # rq-scheduler runs every run under the job's own id, and the worker writes the
+                # job's function, arguments and queue back as the run ends: the change would be lost.
+                raise Conflict(f"a run of schedule {row['name']!r} is on a worker now, and RQ writes the job back "
+                               f"when it ends; change its function, arguments or queue once the run is over")
             if "name" in definition:
                 name = definition["name"].strip()
                 if names.get(name, source_key) != source_key:
@@ -379,7 +386,8 @@ class RQSchedulerSource(Source):
                                         current["timezone"], now)
             enabled = new_enabled
         pipe.multi()
-        job.save(pipeline=pipe)
+        if operation == "create" or set(definition) != {"is_enabled"}:
+            job.save(pipeline=pipe)  # a switch alone leaves the job's hash as the worker has it
         pipe.persist(job.key)
         pipe.zrem(self.active, job.id)
         pipe.zrem(self.paused, job.id)
