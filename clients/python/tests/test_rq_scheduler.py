@@ -1,0 +1,320 @@
+"""rq-scheduler through the external schedule protocol
+(z4j_agentd.rq.scheduler), against a real rq-scheduler on a throwaway
+redis-server: the rows of cron, interval and one-off jobs, trigger now,
+the transactional enqueue of due jobs (a paused job is not run), the
+brain's create, update, disable, enable and delete, what they refuse, and
+the `python -m z4j_agentd.rq.scheduler` entry point."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+pytest.importorskip("rq_scheduler")
+
+from redis import Redis  # noqa: E402
+from rq import Queue  # noqa: E402
+from rq_scheduler import Scheduler  # noqa: E402
+
+from z4j_agentd import _schedules as S  # noqa: E402
+from z4j_agentd.rq import scheduler as rs  # noqa: E402
+
+OWNER = "rq-scheduler"
+
+
+@pytest.fixture(scope="module")
+def redis_socket():
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed")
+    directory = tempfile.mkdtemp(prefix="z4jr-")
+    path = os.path.join(directory, "redis.sock")
+    proc = subprocess.Popen([binary, "--port", "0", "--unixsocket", path, "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            if Redis(unix_socket_path=path).ping():
+                break
+        except Exception:
+            time.sleep(0.05)
+    yield path
+    proc.terminate()
+    proc.wait(5)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def conn(redis_socket):
+    r = Redis(unix_socket_path=redis_socket)
+    r.flushall()
+    return r
+
+
+def add(a, b):  # the jobs' function (a worker would import tests.test_rq_scheduler.add)
+    return a + b
+
+
+def fill(scheduler):
+    """One job of each kind, in the registry."""
+    cron = scheduler.cron("*/5 * * * *", func=add, args=[1, 2], id="cron-add", queue_name="q1")
+    every = scheduler.schedule(datetime.now(timezone.utc) + timedelta(hours=1), func=add, args=[3],
+                               kwargs={"b": 4}, interval=30, repeat=5, id="every-30")
+    once = scheduler.enqueue_at(datetime(2030, 1, 2, 3, 4, 5), add, 5, 6, job_id="once")
+    return cron, every, once
+
+
+def by_key(rows):
+    return {r["source_key"]: r for r in rows}
+
+
+def test_rows_list_cron_interval_and_one_off_jobs(conn):
+    scheduler = Scheduler(connection=conn)
+    fill(scheduler)
+    source = rs.RQSchedulerSource(scheduler)
+    rows = by_key(S.normalize_row(r, OWNER) for r in source.rows())
+    assert set(rows) == {"cron-add", "every-30", "once"}
+    cron, every, once = rows["cron-add"], rows["every-30"], rows["once"]
+    assert (cron["kind"], cron["expression"], cron["timezone"], cron["queue"], cron["args"]) == \
+        ("cron", "*/5 * * * *", rs.local_zone(), "q1", [1, 2]), cron
+    assert cron["name"] == "tests.test_rq_scheduler.add [cron-add]" or cron["name"].endswith(" [cron-add]")
+    assert cron["task_name"].endswith("test_rq_scheduler.add") and cron["engine"] == "rq"
+    assert cron["next_run_at"] and int(cron["next_run_at"][14:16]) % 5 == 0, cron
+    assert (every["kind"], every["expression"], every["args"], every["kwargs"], every["queue"]) == \
+        ("interval", "30", [3], {"b": 4}, "default"), every
+    assert (once["kind"], once["expression"]) == ("clocked", "2030-01-02T03:04:05+00:00"), once
+    assert once["next_run_at"] == "2030-01-02T03:04:05.000000+00:00"
+    assert all(r["is_enabled"] and r["total_runs"] == 0 and r["source"] == "rq-scheduler:redis" for r in rows.values())
+    assert source.capabilities() == list(rs.CAPABILITIES)
+
+
+def test_trigger_now_enqueues_a_new_job_and_counts_a_run(conn):
+    scheduler = Scheduler(connection=conn)
+    fill(scheduler)
+    source = rs.RQSchedulerSource(scheduler)
+    before = conn.zscore(scheduler.scheduled_jobs_key, "every-30")
+    result = source.trigger(by_key(source.rows())["every-30"])
+    assert result["queue"] == "default" and result["task_id"] != "every-30"
+    queued = Queue("default", connection=conn).jobs
+    assert [(j.id, list(j.args), j.kwargs) for j in queued] == [(result["task_id"], [3], {"b": 4})]
+    assert conn.zscore(scheduler.scheduled_jobs_key, "every-30") == before
+    row = by_key(source.rows())["every-30"]
+    assert row["total_runs"] == 1 and row["last_run_at"] is not None
+    with pytest.raises(S.Conflict):
+        source.trigger({"source_key": "gone", "name": "gone"})
+
+
+def test_due_jobs_are_enqueued_in_a_transaction_and_paused_ones_wait(conn, tmp_path):
+    scheduler = Scheduler(connection=conn)
+    due = scheduler.schedule(datetime.now(timezone.utc) - timedelta(seconds=1), func=add, args=[1, 1],
+                             interval=60, repeat=2, id="due")
+    held = scheduler.schedule(datetime.now(timezone.utc) - timedelta(seconds=1), func=add, args=[2, 2],
+                              interval=60, id="held")
+    served = []
+    client = type("C", (), {"serve": lambda self, h, **kw: served.append(kw)})()
+    rs.install(scheduler, client, state_path=str(tmp_path / "state.json"))
+    assert served[0]["schedulers"] == [OWNER]
+    assert sorted(served[0]["capabilities"][OWNER]) == sorted(rs.CAPABILITIES)
+    source = rs.active(scheduler).source
+    rows = by_key(source.rows())
+    source.mutate("update", "held", S.normalize_row(rows["held"], OWNER), {"is_enabled": False})
+    scheduler.enqueue_jobs()
+    rs.active(scheduler).stop()
+    queue = Queue("default", connection=conn)
+    assert queue.job_ids == ["due"]
+    assert due.id in queue.job_ids
+    rows = by_key(source.rows())
+    assert rows["due"]["total_runs"] == 1 and rows["due"]["next_run_at"] is not None
+    assert conn.zscore(scheduler.scheduled_jobs_key, "due") > time.time() + 50
+    assert scheduler.job_class.fetch("due", connection=conn).meta["repeat"] == 1
+    assert rows["held"]["is_enabled"] is False and rows["held"]["total_runs"] == 0
+    assert held.id not in queue.job_ids
+
+
+def test_the_brains_writes_change_the_registry(conn):
+    scheduler = Scheduler(connection=conn, queue_name="default")
+    fill(scheduler)
+    source = rs.RQSchedulerSource(scheduler)
+
+    def row(key):
+        return S.normalize_row(by_key(source.rows())[key], OWNER)
+
+    created = source.mutate("create", None, None, {
+        "name": "nightly", "task_name": "tests.test_rq_scheduler:add", "kind": "interval",
+        "expression": "3600", "timezone": "UTC", "queue": "q2", "args": [7, 8], "kwargs": {},
+        "is_enabled": True})
+    key = created["source_key"]
+    job = scheduler.job_class.fetch(key, connection=conn)
+    assert (job.func_name, list(job.args), job.origin, job.meta["interval"]) == \
+        ("tests.test_rq_scheduler.add", [7, 8], "q2", 3600)
+    assert row(key)["name"] == "nightly" and row(key)["queue"] == "q2"
+    assert row(source.mutate("create", None, None, {"name": "n2", "task_name": "m.f", "kind": "interval",
+                                                "expression": "9", "queue": None})["source_key"])["queue"] is None
+    assert time.time() + 3500 < conn.zscore(scheduler.scheduled_jobs_key, key) <= time.time() + 3600
+
+    # update: a cron cadence and new arguments
+    source.mutate("update", key, row(key), {"kind": "cron", "expression": "0 3 * * *",
+                                            "timezone": rs.local_zone(), "args": [1, 1]})
+    updated = row(key)
+    assert (updated["kind"], updated["expression"], updated["args"]) == ("cron", "0 3 * * *", [1, 1])
+    assert "interval" not in scheduler.job_class.fetch(key, connection=conn).meta
+
+    # disable: out of rq-scheduler's registry, into the paused set; enable: back
+    score = conn.zscore(scheduler.scheduled_jobs_key, key)
+    source.mutate("update", key, row(key), {"is_enabled": False})
+    assert conn.zscore(scheduler.scheduled_jobs_key, key) is None
+    assert conn.zscore(scheduler.scheduled_jobs_key + rs.PAUSED_SUFFIX, key) == score
+    assert row(key)["is_enabled"] is False and row(key)["next_run_at"] is None
+    source.mutate("update", key, row(key), {"is_enabled": True})
+    assert conn.zscore(scheduler.scheduled_jobs_key, key) == score and row(key)["is_enabled"] is True
+
+    # compare-and-set: a row that changed since the brain saw it is refused
+    stale = {**row(key), "args": [9]}
+    with pytest.raises(S.Conflict, match="changed in rq-scheduler"):
+        source.mutate("update", key, stale, {"is_enabled": False})
+
+    # rename, then delete (rq-scheduler's cancel)
+    source.mutate("update", key, row(key), {"name": "renamed"})
+    assert row(key)["name"] == "renamed"
+    with pytest.raises(S.Conflict, match="exists already"):
+        source.mutate("create", None, None, {"name": "renamed", "task_name": "m.f", "kind": "interval",
+                                             "expression": "5"})
+    source.mutate("delete", key, row(key), {})
+    assert key not in by_key(source.rows())
+    assert conn.zscore(scheduler.scheduled_jobs_key, key) is None
+
+
+@pytest.mark.parametrize("definition, message", [
+    ({"kind": "interval", "expression": "1.5"}, "whole number of seconds"),
+    ({"kind": "interval", "expression": "0"}, "whole number of seconds"),
+    ({"kind": "interval", "expression": "60", "timezone": "Europe/Paris"}, "only a cron schedule"),
+    ({"kind": "cron", "expression": "99 * * * *"}, "cannot run the cron expression"),
+    ({"kind": "cron", "expression": "* * * *"}, "five fields"),
+    ({"kind": "clocked", "expression": "2030-01-01T00:00:00"}, "needs an offset"),
+    ({"kind": "solar", "expression": "sunset"}, "not 'solar'"),
+    ({"kind": "interval", "expression": "60", "task_name": "add"}, "import path"),
+    ({"kind": "interval", "expression": "60", "args": {"a": 1}}, "args must be a list"),
+    ({"kind": "interval", "expression": "60", "is_enabled": "false"}, "true or false"),
+])
+def test_what_the_brain_cannot_write_is_refused_with_the_reason(conn, definition, message):
+    scheduler = Scheduler(connection=conn)
+    source = rs.RQSchedulerSource(scheduler)
+    spec = {"name": "bad", "task_name": "tests.test_rq_scheduler.add", "timezone": "UTC", **definition}
+    if definition.get("kind") == "cron" and "timezone" not in definition:
+        spec["timezone"] = rs.local_zone()
+    with pytest.raises(ValueError, match=message):
+        source.mutate("create", None, None, spec)
+    assert source.rows() == [] and conn.zcard(scheduler.scheduled_jobs_key) == 0
+
+
+def test_source_keys_are_the_job_ids_and_stay_across_processes(conn):
+    fill(Scheduler(connection=conn))
+    first = [r["source_key"] for r in rs.RQSchedulerSource(Scheduler(connection=conn)).rows()]
+    again = [r["source_key"] for r in rs.RQSchedulerSource(Scheduler(connection=conn)).rows()]
+    assert first == again == ["cron-add", "every-30", "once"]
+
+
+def test_the_entry_point_runs_rq_scheduler_with_the_integration(redis_socket, conn, standin, sock_path,
+                                                                 monkeypatch, tmp_path):
+    scheduler = Scheduler(connection=conn)
+    scheduler.schedule(datetime.now(timezone.utc) - timedelta(seconds=1), func=add, args=[1, 2], interval=60,
+                       id="tick")
+    monkeypatch.setenv("Z4J_SOCKET_PATH", sock_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = rs.parser().parse_args(["-u", f"unix://{redis_socket}", "-i", "1", "-b"])
+    assert (args.url, args.interval, args.burst) == (f"unix://{redis_socket}", 1.0, True)
+    rs.main(["-u", f"unix://{redis_socket}", "-i", "1", "-b"])
+    assert Queue("default", connection=conn).job_ids == ["tick"]
+    assert conn.hget(scheduler.scheduled_jobs_key + rs.RUNS_SUFFIX, "tick") == b"1"
+    hello = standin.wait_for(lambda: [m for _, m in standin.all("hello") if m.get("schedulers")])
+    assert hello[0]["schedulers"] == [OWNER] and "external_schedule_protocol_v1" in hello[0]["runtime_features"]
+    assert (tmp_path / ".z4j").is_dir()
+    for stream in list(rs._installed.values()):
+        stream.stop()
+    rs._installed.clear()
+
+
+def test_a_change_landing_as_the_job_comes_due_is_not_overwritten_by_the_run(conn, tmp_path):
+    """rq-scheduler reads the due jobs, then saves each one as it enqueues
+    it: a change the brain made in between would be written over with the
+    copy read before it (rq-scheduler's own enqueue_job does that)."""
+    scheduler = Scheduler(connection=conn)
+    scheduler.schedule(datetime.now(timezone.utc) - timedelta(seconds=1), func=add, args=[1, 1], interval=60,
+                       id="due")
+    stale = next(iter(scheduler.get_jobs_to_queue()))  # read by the scheduler's tick ...
+    source = rs.RQSchedulerSource(scheduler)
+    row = S.normalize_row(by_key(source.rows())["due"], OWNER)
+    source.mutate("update", "due", row, {"args": [2, 2]})  # ... the brain's change lands ...
+    source.enqueue_due(stale, scheduler.enqueue_job)  # ... then the tick enqueues it
+    job = scheduler.job_class.fetch("due", connection=conn)
+    assert list(job.args) == [2, 2] and Queue("default", connection=conn).job_ids == ["due"]
+    # rq-scheduler's own enqueue_job writes the stale copy back: what the test guards against
+    scheduler2 = Scheduler(connection=conn)
+    source.mutate("update", "due", S.normalize_row(by_key(source.rows())["due"], OWNER), {"args": [3, 3]})
+    conn.zadd(scheduler2.scheduled_jobs_key, {"due": time.time() - 1})
+    scheduler2.enqueue_job(stale)
+    assert list(scheduler2.job_class.fetch("due", connection=conn).args) == [1, 1]
+
+
+def test_a_job_disabled_as_it_comes_due_does_not_run(conn):
+    scheduler = Scheduler(connection=conn)
+    scheduler.schedule(datetime.now(timezone.utc) - timedelta(seconds=1), func=add, args=[1, 1], interval=60,
+                       id="due")
+    stale = next(iter(scheduler.get_jobs_to_queue()))
+    source = rs.RQSchedulerSource(scheduler)
+    source.mutate("update", "due", S.normalize_row(by_key(source.rows())["due"], OWNER), {"is_enabled": False})
+    source.enqueue_due(stale, scheduler.enqueue_job)
+    assert Queue("default", connection=conn).job_ids == []
+    assert conn.zscore(scheduler.scheduled_jobs_key, "due") is None
+    assert conn.zscore(scheduler.scheduled_jobs_key + rs.PAUSED_SUFFIX, "due") is not None
+
+
+def test_a_cron_job_on_a_host_outside_utc_names_the_hosts_zone(conn, monkeypatch):
+    """rq-scheduler reads cron expressions in local time: the row says so,
+    and its next run is 03:00 in that zone."""
+    from zoneinfo import ZoneInfo
+
+    monkeypatch.setenv("TZ", "Europe/Paris")
+    time.tzset()
+    try:
+        scheduler = Scheduler(connection=conn)
+        scheduler.cron("0 3 * * *", func=add, args=[1, 1], id="paris")
+        source = rs.RQSchedulerSource(scheduler)
+        row = S.normalize_row(source.rows()[0], OWNER)
+        assert row["timezone"] == "Europe/Paris"
+        when = datetime.fromisoformat(row["next_run_at"]).astimezone(ZoneInfo("Europe/Paris"))
+        assert (when.hour, when.minute) == (3, 0), row
+        with pytest.raises(ValueError, match="host's time zone"):
+            source.mutate("update", "paris", row, {"timezone": "UTC"})
+        source.mutate("update", "paris", row, {"expression": "30 4 * * *"})
+        when = datetime.fromisoformat(S.normalize_row(source.rows()[0], OWNER)["next_run_at"])
+        assert when.astimezone(ZoneInfo("Europe/Paris")).strftime("%H:%M") == "04:30"
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+
+
+def test_a_job_whose_run_is_on_a_worker_keeps_its_data_until_the_run_ends(conn):
+    """rq-scheduler runs every run under the job's id, and the worker saves the
+    job it ran when the run ends: new arguments written meanwhile would be
+    lost, so they are refused; the switch (registry only) still works."""
+    from rq.job import JobStatus
+
+    scheduler = Scheduler(connection=conn)
+    job = scheduler.schedule(datetime.now(timezone.utc) + timedelta(hours=1), func=add, args=[1, 1], interval=60,
+                             id="busy")
+    job.set_status(JobStatus.STARTED)
+    source = rs.RQSchedulerSource(scheduler)
+    row = S.normalize_row(source.rows()[0], OWNER)
+    with pytest.raises(S.Conflict, match="on a worker now"):
+        source.mutate("update", "busy", row, {"args": [2, 2]})
+    source.mutate("update", "busy", row, {"is_enabled": False})
+    stored = scheduler.job_class.fetch("busy", connection=conn)
+    assert list(stored.args) == [1, 1] and stored.get_status() == JobStatus.STARTED
+    assert S.normalize_row(source.rows()[0], OWNER)["is_enabled"] is False
