@@ -304,3 +304,61 @@ def test_dead_letters_page_lists_the_failed_message(cluster):
     entry = entries[bad]
     assert entry["task_name"] == "flaky" and entry["queue"] == WORK and entry["attempts"] == 1, entry
     assert "flaky 99 failed" in entry["error_excerpt"] and entry["failed_at"], entry
+
+
+# ---------------------------------------------------------------- 5 reconcile
+
+
+def probe_reconcile(cluster, task_ids: list) -> list:
+    """Puts a reconcile_task probe per task in the brain's command table, as its reconciliation
+    sweep does (same action, target and payload, `pending`; the sweep itself is too slow for a
+    test), then makes the daemon say hello again (a local process declaring one more action):
+    the brain delivers pending commands at the hello. Returns the finished commands, in order."""
+    import sqlite3
+    from datetime import datetime, timedelta, timezone as tz
+
+    from control import LocalClient
+
+    ids = [uuid.uuid4() for _ in task_ids]
+    now = datetime.now(tz.utc).replace(tzinfo=None)
+    con = sqlite3.connect(str(cluster.brain.db_path), timeout=30)
+    try:
+        with con:
+            for command_id, task_id in zip(ids, task_ids):
+                con.execute(
+                    "INSERT INTO commands (id, project_id, agent_id, action, target_type, target_id, payload, "
+                    "status, issued_at, timeout_at) VALUES (?, ?, ?, 'reconcile_task', 'task', ?, ?, 'pending', ?, ?)",
+                    (command_id.hex, uuid.UUID(cluster.agent["project_id"]).hex, hexid(cluster.agent["agent_id"]),
+                     task_id, json.dumps({"task_id": task_id, "engine": ENGINE}),
+                     now.strftime("%Y-%m-%d %H:%M:%S.%f"),
+                     (now + timedelta(seconds=60)).strftime("%Y-%m-%d %H:%M:%S.%f")))
+    finally:
+        con.close()
+    nudge = LocalClient(cluster.daemon.socket_path)
+    try:
+        nudge.hello(process="e2e-rehello", engines=[ENGINE], capabilities={ENGINE: ["e2e_nudge"]})
+        return [wait_command_done(cluster.brain, cluster.agent, str(command_id), 90) for command_id in ids]
+    finally:
+        nudge.close()
+
+
+def test_reconcile_answers_what_the_worker_or_the_broker_knows(cluster):
+    running = cluster.send("spin", 30)
+    cluster.wait_state(running, "started", 20)
+    waiting = cluster.send("idle", 5, queue=IDLE)
+    dead = cluster.send("flaky", 3)
+    cluster.wait_state(dead, "failure")
+    nobody = f"e2e-nobody-{uuid.uuid4().hex[:8]}"
+    on_worker, queued, failed, unknown = probe_reconcile(cluster, [running, waiting, dead, nobody])
+    for done in (on_worker, queued, failed, unknown):
+        assert done["status"] == "completed", (done["error"], done["result"])
+    assert on_worker["result"] == {"task_id": running, "engine_state": "started", "finished_at": None,
+                                   "exception": None, "source": "worker", "worker": cluster.worker_name}
+    assert {k: queued["result"][k] for k in ("engine_state", "source", "queue", "place")} == {
+        "engine_state": "pending", "source": "broker", "queue": IDLE, "place": "waiting"}, queued
+    result = failed["result"]
+    assert result["engine_state"] == "failure" and result["source"] == "broker" and result["queue"] == WORK, result
+    assert "flaky 3 failed" in result["exception"] and result["finished_at"], result
+    assert unknown["result"]["engine_state"] == "unknown", unknown
+    cancel = cluster.run("cancel-task", {"engine": ENGINE, "task_id": running})  # leave the worker idle
+    assert cancel["status"] == "completed", cancel
