@@ -429,3 +429,33 @@ def test_health_interval_from_env_says_what_to_set(monkeypatch):
         _health.interval_from_env()
     monkeypatch.setenv(_health.INTERVAL_ENV, "2")
     assert _health.interval_from_env() == 2.0
+
+
+def test_rabbitmq_depths_are_the_ready_counts_and_a_broker_error_is_counted():
+    from z4j_agentd.dramatiq import _broker
+
+    class RabbitmqBroker:  # the class name is what tells the kind (as z4j-dramatiq reads it)
+        fail = False
+
+        def get_queue_message_counts(self, name):
+            if self.fail:
+                raise ConnectionError("amqp://guest:pw@rabbit:5672 is down")
+            return {"a": (3, 1, 2), "b": (0, 0, 5)}[name]
+
+    broker = RabbitmqBroker()
+    assert _broker.kind(broker) == "rabbitmq"
+    assert _broker.depths(broker, ["a", "b"]) == {"a": 3, "b": 0}  # not the delayed nor the dead ones
+
+    class Hooks:
+        pass
+
+    hooks = Hooks()
+    hooks.broker, hooks.worker, hooks.worker_name = broker, None, None
+    broker.actors = {}
+    source = _health.HealthSource(hooks)
+    hooks.consumed_queues = lambda: ["a"]
+    assert source()["dramatiq"]["queue_depths"] == {"a": 3}
+    broker.fail = True
+    report = source()["dramatiq"]
+    assert report["broker_connected"] is False and report["depth_failures"] == 1
+    assert "queue_depths" not in report and "pw@" not in report["broker_error"], report
