@@ -239,7 +239,8 @@ def test_purge_empties_the_queue_at_the_confirmed_depth_only(cluster):
     assert done["status"] == "completed", (done["error"], done["result"])
     assert {k: done["result"][k] for k in ("queue", "depth_before", "purged", "force")} == {
         "queue": IDLE, "depth_before": 3, "purged": 3, "force": False}, done
-    assert cluster.redis("HLEN", f"dramatiq:{IDLE}.msgs") == b":0" and cluster.redis("LLEN", f"dramatiq:{IDLE}") == b":0"
+    assert cluster.redis("HLEN", f"dramatiq:{IDLE}.msgs") == b":0"
+    assert cluster.redis("LLEN", f"dramatiq:{IDLE}") == b":0"
 
     cluster.send("idle", 1, queue=IDLE)
     cluster.send("idle", 2, queue=IDLE)

@@ -316,6 +316,7 @@ def test_submit_and_retry_by_reference_and_with_overrides(setup):
     def mul(x, y):
         return x * y
 
+    worker = start()  # commands are served by worker processes
     handlers = hooks.commands.handlers()
     sent = handlers[("dramatiq", "submit_task")]({"parameters": {"name": "mul", "args": [6, 7], "kwargs": {}}})
     assert sent["task_name"] == "mul" and sent["queue"] == "qx" and sent["task_id"]
@@ -324,7 +325,6 @@ def test_submit_and_retry_by_reference_and_with_overrides(setup):
     other = handlers[("dramatiq", "retry_task")]({"parameters": {
         "task_id": sent["task_id"], "override_args": [2, 2], "override_kwargs": {}}})
     assert other["arguments_from"] == "override"
-    worker = start()
     broker.join("qx")
     worker.join()
     results = {e["task_id"]: e["data"]["result"] for e in events(client, kind="task.succeeded")}
@@ -336,6 +336,21 @@ def test_submit_and_retry_by_reference_and_with_overrides(setup):
     delayed = handlers[("dramatiq", "submit_task")]({"parameters": {"name": "mul", "args": [1, 1],
                                                                      "eta": time.time() + 60}})
     assert 55000 <= delayed["delay_ms"] <= 60000
+
+
+def test_a_producer_keeps_no_arguments(setup):
+    broker, client, hooks, start = setup
+
+    @dramatiq.actor(queue_name="qk")
+    def keep(x):
+        pass
+
+    message = keep.send("x" * 100)
+    assert hooks.remembered(message.message_id) == {
+        "task_name": "keep", "queue": "qk", "args_left_out": "a process that runs no worker keeps no arguments"}
+    for n in range(zd.REMEMBERED_IDS_ONLY + 5):
+        keep.send(n)
+    assert len(hooks._remembered) == zd.REMEMBERED_IDS_ONLY and hooks._remembered_args_bytes == 0
 
 
 def test_purge_at_the_confirmed_depth_only(setup):

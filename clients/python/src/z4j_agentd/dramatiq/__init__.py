@@ -91,6 +91,11 @@ MAX_VALUE_BYTES = 64 * 1024
 REMEMBERED_TASKS = 10000
 MAX_REMEMBERED_ARGS_BYTES = 4 * 1024
 MAX_REMEMBERED_ARGS_TOTAL = 1024 * 1024
+#: A process that runs no worker (a producer) remembers only the ids (with
+#: name and queue) of the last messages it sent, no arguments: it never
+#: serves retry_task, and a worker it starts later sends task.received again
+#: at worst.
+REMEMBERED_IDS_ONLY = 1000
 #: Start times kept for runtime_ms before the oldest are forgotten.
 MAX_STARTED = 10000
 #: The options a message carries its parent and root in.
@@ -517,11 +522,16 @@ class _Hooks:
         task_id = message.message_id
         blob: Optional[bytes] = None
         why = ""
+        worker = self.worker is not None
         try:
+            if not worker:
+                raise _NotKept()
             blob = json.dumps([list(message.args or ()), dict(message.kwargs or {})], ensure_ascii=False,
                               separators=(",", ":")).encode("utf-8")
             if len(blob) > MAX_REMEMBERED_ARGS_BYTES:
                 blob, why = None, f"they take {len(blob):,} bytes as JSON (kept: up to {MAX_REMEMBERED_ARGS_BYTES:,})"
+        except _NotKept:
+            why = "a process that runs no worker keeps no arguments"
         except (TypeError, ValueError, RecursionError):
             blob, why = None, "they are not JSON"
         name = sys.intern(message.actor_name) if isinstance(message.actor_name, str) else message.actor_name
@@ -533,7 +543,7 @@ class _Hooks:
             self._remembered[task_id] = (name, queue, blob, why)
             if blob is not None:
                 self._remembered_args_bytes += len(blob)
-            while len(self._remembered) > REMEMBERED_TASKS:
+            while len(self._remembered) > (REMEMBERED_TASKS if worker else REMEMBERED_IDS_ONLY):
                 _, gone = self._remembered.popitem(last=False)
                 if gone[2] is not None:
                     self._remembered_args_bytes -= len(gone[2])
@@ -559,6 +569,10 @@ class _Hooks:
         else:
             out["args_left_out"] = why
         return out
+
+
+class _NotKept(Exception):
+    pass
 
 
 _installed: Optional[_Hooks] = None

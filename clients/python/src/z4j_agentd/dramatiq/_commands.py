@@ -251,11 +251,11 @@ class DramatiqCommands:
             raise BadCommand(f"cannot retry {task_id}: its actor is unknown here (the brain sent no task_name, "
                              f"this worker process did not see the message, and no queue holds it)")
         if source is None:
-            why = f" (this process saw it but {kept['args_left_out']})" if kept.get("args_left_out") else ""
-            raise BadCommand(f"cannot retry {task_id} by reference: its original arguments are not known here"
-                             f"{why}: worker process {os.getpid()} did not see the message, and it is not among "
-                             f"the broker's dead letters or waiting messages; retry with override_args and "
-                             f"override_kwargs")
+            seen = (f"worker process {os.getpid()} saw the message but did not keep them ({kept['args_left_out']})"
+                    if kept.get("args_left_out") else f"worker process {os.getpid()} did not see the message")
+            raise BadCommand(f"cannot retry {task_id} by reference: its original arguments are not known here: "
+                             f"{seen}, and it is not among the broker's dead letters or waiting messages; retry "
+                             f"with override_args and override_kwargs")
         queue = _first(kept.get("queue"), stored.get("queue"))
         delay = _delay_ms(params["eta"]) if params.get("eta") is not None else None
         new_id, queue = self._send(name, args, kwargs, queue, delay, f"cannot retry {task_id}")
