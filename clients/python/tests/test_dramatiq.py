@@ -474,3 +474,27 @@ def test_rabbitmq_depths_are_the_ready_counts_and_a_broker_error_is_counted():
     report = source()["dramatiq"]
     assert report["broker_connected"] is False and report["depth_failures"] == 1
     assert "queue_depths" not in report and "pw@" not in report["broker_error"], report
+
+
+def test_reconcile_reads_the_results_backend(setup):
+    from dramatiq.results import Results
+    from dramatiq.results.backends import StubBackend
+
+    broker, client, hooks, start = setup
+    broker.add_middleware(Results(backend=StubBackend()))
+
+    @dramatiq.actor(queue_name="qres", store_results=True, max_retries=0)
+    def answer(fail):
+        if fail:
+            raise RuntimeError("no answer")
+        return 42
+
+    ok, bad = answer.send(False), answer.send(True)
+    worker = start()
+    broker.join("qres", fail_fast=False)
+    worker.join()
+    reconcile = hooks.commands.handlers()[("dramatiq", "reconcile_task")]
+    got = reconcile({"parameters": {"task_id": ok.message_id}})
+    assert got["engine_state"] == "success" and got["source"] == "results" and got["result"] == 42, got
+    failed = reconcile({"parameters": {"task_id": bad.message_id}})
+    assert failed["engine_state"] == "failure" and "no answer" in failed["exception"], failed
