@@ -106,8 +106,7 @@ def cluster(brain, run_dir, redis_server, module_daemon):
     import z4j_agentd.dramatiq as zd
 
     agent, daemon = module_daemon("dramatiq")
-    worker = None
-    producer = None
+    worker = producer = client = None
     try:
         daemon.start()
         daemon.wait_stats(lambda s: s["uplink_state"] == "connected", 60, "the daemon's first brain session")
@@ -131,9 +130,10 @@ def cluster(brain, run_dir, redis_server, module_daemon):
         client = z4j_agentd.Client(socket_path=str(daemon.socket_path), process="e2e-dramatiq-producer")
         zd.install(producer, client, serve_commands=False)
         yield Cluster(brain, agent, daemon, url, worker, producer, db)
-        client.flush(5)
     finally:
         zd.uninstall()
+        if client is not None:
+            client.close(timeout=5)
         if producer is not None:
             producer.close()
         if worker is not None:
@@ -363,3 +363,21 @@ def test_reconcile_answers_what_the_worker_or_the_broker_knows(cluster):
     assert unknown["result"]["engine_state"] == "unknown", unknown
     cancel = cluster.run("cancel-task", {"engine": ENGINE, "task_id": running})  # leave the worker idle
     assert cancel["status"] == "completed", cancel
+
+
+# ---------------------------------------------------------------- 6 shutdown (last: stops the worker)
+
+
+def test_worker_offline_when_the_worker_stops(cluster):
+    name = cluster.worker_name
+    rc = cluster.worker.stop(timeout=30)
+    assert rc == 0, (rc, cluster.worker.log_tail(10))
+
+    def offline():
+        rows = brain_db(cluster.brain, "SELECT payload FROM events WHERE agent_id = ? AND kind = 'worker.offline'",
+                        (hexid(cluster.agent["agent_id"]),))
+        return [json.loads(r["payload"]) for r in rows], rows
+
+    got = wait_for(lambda: (lambda o: (len(o[0]) == 1, o[1]))(offline()), 20, "worker.offline in the brain")
+    data = json.loads(got[0]["payload"])
+    assert data["worker"] == name and data["pid"] == int(name.rsplit("@", 1)[1]) and data["hostname"] == HOST, data
