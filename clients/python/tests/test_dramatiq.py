@@ -498,3 +498,19 @@ def test_reconcile_reads_the_results_backend(setup):
     assert got["engine_state"] == "success" and got["source"] == "results" and got["result"] == 42, got
     failed = reconcile({"parameters": {"task_id": bad.message_id}})
     assert failed["engine_state"] == "failure" and "no answer" in failed["exception"], failed
+
+
+def test_the_ids_of_moved_delayed_messages_are_not_kept(setup):
+    broker, client, hooks, start = setup
+
+    @dramatiq.actor(queue_name="qm", max_retries=2, min_backoff=10, max_backoff=20)
+    def twice():
+        raise ValueError("again")
+
+    later = twice.send_with_options(delay=50)
+    worker = start()
+    wait(lambda: events(client, later.message_id, "task.failed"), what="the last attempt")
+    worker.join()
+    # The first delay and both retries went through the delay queue: none of their ids stays.
+    assert len(hooks._delayed) == 0, hooks._delayed
+    assert len(events(client, later.message_id, "task.received")) == 1

@@ -335,11 +335,11 @@ class _Hooks:
 
     def after_enqueue(self, message: Any, delay: Any) -> None:
         try:
-            if "retries" in message.options:
-                return  # Retries put it back: the same task
             with self._lock:
-                if delay is None and self._delayed.pop(message.message_id, "no") is None:
-                    return  # a delayed message moved to its queue once due
+                # A delayed message moved to its queue once due (its id taken off the list either way).
+                moved = delay is None and self._delayed.pop(message.message_id, "no") is None
+            if moved or "retries" in message.options:
+                return  # not a new task (Retries puts a failed message back with its id)
             self._remember(message)
             self.emit("task.received", message.message_id, self._received_data(message))
         except Exception:
