@@ -27,7 +27,7 @@ install() {  # venv, stamp source, pip arguments...
 }
 install .venv run-tests.sh \
     -e '.[msgpack,celery,flask,fastapi,django,django-celery-beat,rq,dramatiq,apscheduler,huey,taskiq]' \
-    'dramatiq[redis]' taskiq-redis pytest
+    'dramatiq[redis]' dramatiq-abort taskiq-redis pytest
 install .venv-alt run-tests.sh -e '.[msgpack,rq,rq-scheduler,arq]' pytest
 
 mapfile -t alt < <(grep -v '^#' tests/alt_tests.txt | sed '/^$/d')

@@ -1,0 +1,516 @@
+"""The Dramatiq integration against dramatiq's StubBroker and a real
+dramatiq Worker in this process: events, parent links, the worker's
+events, commands and health. Redis-only parts (depth by HLEN, the atomic
+purge, dead letters and message lookup on Redis) run in
+tests/e2e/test_dramatiq.py against a real Redis and worker."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+dramatiq = pytest.importorskip("dramatiq")
+
+from dramatiq.brokers.stub import StubBroker  # noqa: E402
+from dramatiq.middleware import AgeLimit, Retries  # noqa: E402
+
+import z4j_agentd.dramatiq as zd  # noqa: E402
+from z4j_agentd.dramatiq import _commands, _health  # noqa: E402
+from test_celery import RecordingClient  # noqa: E402
+
+
+class Recorder(RecordingClient):
+    def report_health(self, source, *, interval=30.0):
+        self.health_source = source
+
+
+def wait(check, timeout=10.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def setup():
+    broker = StubBroker()
+    broker.emit_after("process_boot")
+    dramatiq.set_broker(broker)
+    client = Recorder()
+    zd.install(broker, client)
+    hooks = zd.installed()
+    workers = []
+
+    def start(threads=2):
+        worker = dramatiq.Worker(broker, worker_threads=threads, worker_timeout=50)
+        worker.start()
+        workers.append(worker)
+        return worker
+
+    yield broker, client, hooks, start
+    for worker in workers:
+        worker.stop()
+    zd.uninstall()
+    broker.close()
+
+
+def events(client, task_id=None, kind=None):
+    return [e for e in client.emitted if (task_id is None or e["task_id"] == task_id)
+            and (kind is None or e["kind"] == kind)]
+
+
+def test_middleware_goes_first_and_the_guard_right_after_retries(setup):
+    broker, client, hooks, _ = setup
+    assert broker.middleware[0] is hooks.middleware
+    at = [i for i, m in enumerate(broker.middleware) if isinstance(m, Retries)][0]
+    assert broker.middleware[at + 1] is hooks.guard and broker.middleware[-1] is hooks.starter
+    # Again with the same broker and client: nothing changes.
+    assert zd.install(broker, client) is client
+    assert broker.middleware.count(hooks.middleware) == 1 and zd.installed() is hooks
+
+
+def test_success_lifecycle_with_args_result_and_runtime(setup):
+    broker, client, hooks, start = setup
+
+    @dramatiq.actor(queue_name="q1")
+    def add(x, y, password=None):
+        time.sleep(0.05)
+        return {"sum": x + y, "token": "abc"}
+
+    message = add.send(1, 2, password="hunter2")
+    worker = start()
+    broker.join("q1")
+    worker.join()
+    tid = message.message_id
+    kinds = [e["kind"] for e in events(client, tid)]
+    # Received once by the producer (this process); not again before started.
+    assert kinds == ["task.received", "task.started", "task.succeeded"], kinds
+    received, started, succeeded = events(client, tid)
+    assert received["data"]["args"] == [1, 2] and received["data"]["kwargs"] == {"password": "[REDACTED]"}
+    assert received["data"]["task_name"] == "add" and received["data"]["queue"] == "q1"
+    assert "worker" not in received["data"]  # sent before this process's worker booted
+    assert started["data"]["worker"] == zd.worker_name() and started["data"]["retry_count"] == 0
+    assert succeeded["data"]["result"] == {"sum": 3, "token": "[REDACTED]"}
+    assert succeeded["data"]["runtime_ms"] >= 40
+    assert hooks.totals == {"add": 1} and hooks.active == {}
+
+
+def test_worker_online_and_offline_name_the_process(setup):
+    broker, client, hooks, start = setup
+
+    @dramatiq.actor(queue_name="qa")
+    def noop():
+        pass
+
+    worker = start(threads=3)
+    online = events(client, kind="worker.online")
+    assert len(online) == 1
+    data = online[0]["data"]
+    assert data["worker"] == zd.worker_name() and data["concurrency"] == 3 and data["queues"] == ["qa"]
+    assert data["sw_ver"] == dramatiq.__version__ and data["pid"] > 0
+    # Commands are served with the worker named in the hello.
+    handlers, caps = client.served[0]
+    assert sorted(a for (_e, a) in handlers) == ["cancel_task", "dlq.list", "purge_queue", "reconcile_task",
+                                                 "retry_task", "submit_task"]
+    assert caps == {"dramatiq": ["retry_by_reference_v1", "list_dead_letters"]}
+    assert client.served_workers == [zd.worker_name()]
+    worker.stop()
+    offline = events(client, kind="worker.offline")
+    assert [e["data"]["worker"] for e in offline] == [zd.worker_name()]
+
+
+def test_retries_then_failure_keep_one_task_id_and_one_received(setup):
+    broker, client, hooks, start = setup
+
+    @dramatiq.actor(queue_name="qf", max_retries=1, min_backoff=10, max_backoff=20)
+    def boom(x):
+        raise ValueError(f"boom {x} at redis://u:s3cret@host/0")
+
+    message = boom.send(7)
+    worker = start()
+    tid = message.message_id
+    wait(lambda: events(client, tid, "task.failed"), what="the final failure")
+    worker.join()
+    kinds = [e["kind"] for e in events(client, tid)]
+    assert kinds == ["task.received", "task.started", "task.retried", "task.started", "task.failed"], kinds
+    retried = events(client, tid, "task.retried")[0]["data"]
+    assert retried["retry_count"] == 1 and retried["exception"] == "ValueError"
+    assert "s3cret" not in retried["reason"] and "boom 7" in retried["reason"]
+    failed = events(client, tid, "task.failed")[0]["data"]
+    assert failed["exception"] == "ValueError" and failed["retry_count"] == 2
+    assert "Traceback" in failed["traceback"] and "s3cret" not in failed["traceback"]
+    assert "s3cret" not in failed["exception_message"] and isinstance(failed["runtime_ms"], int)
+    assert [e["data"]["retry_count"] for e in events(client, tid, "task.started")] == [0, 1]
+
+
+def test_throws_fails_at_once(setup):
+    broker, client, hooks, start = setup
+
+    @dramatiq.actor(queue_name="qt", throws=(KeyError,))
+    def nope():
+        raise KeyError("x")
+
+    message = nope.send()
+    start()
+    wait(lambda: events(client, message.message_id, "task.failed"), what="the failure")
+    assert not events(client, message.message_id, "task.retried")
+
+
+def test_a_process_that_did_not_see_the_enqueue_sends_received_before_started(setup):
+    broker, client, hooks, start = setup
+
+    @dramatiq.actor(queue_name="qr")
+    def add(x, y):
+        return x + y
+
+    message = add.send(3, 4)
+    client.emitted.clear()
+    hooks._remembered.clear()  # as a worker process other than the producer
+    worker = start()
+    broker.join("qr")
+    worker.join()
+    got = events(client, message.message_id)
+    assert [e["kind"] for e in got] == ["task.received", "task.started", "task.succeeded"]
+    assert got[0]["data"]["args"] == [3, 4] and got[0]["data"]["worker"] == zd.worker_name()
+
+
+def test_parent_and_root_links_through_an_actor_and_a_pipeline(setup):
+    broker, client, hooks, start = setup
+
+    @dramatiq.actor(queue_name="qp")
+    def child(n):
+        return n
+
+    @dramatiq.actor(queue_name="qp")
+    def parent(n):
+        child.send(n + 1)
+        return n
+
+    @dramatiq.actor(queue_name="qp")
+    def step(n):
+        return n * 2
+
+    first = parent.send(1)
+    pipe = dramatiq.pipeline([step.message(2), step.message()]).run()
+    worker = start()
+    broker.join("qp")
+    worker.join()
+    received = {e["task_id"]: e["data"] for e in events(client, kind="task.received")}
+    children = [tid for tid, d in received.items() if d["task_name"] == "child"]
+    assert len(children) == 1
+    assert received[children[0]]["parent_task_id"] == first.message_id
+    assert received[children[0]]["root_task_id"] == first.message_id
+    assert "parent_task_id" not in received[first.message_id]
+    steps = [tid for tid, d in received.items() if d["task_name"] == "step"]
+    assert len(steps) == 2
+    second = [tid for tid in steps if received[tid].get("parent_task_id")]
+    assert len(second) == 1 and pipe.messages[0].message_id == received[second[0]]["parent_task_id"]
+
+
+def test_a_delayed_message_is_received_once_with_its_eta(setup):
+    broker, client, hooks, start = setup
+
+    @dramatiq.actor(queue_name="qd")
+    def later():
+        return "done"
+
+    message = later.send_with_options(delay=200)
+    worker = start()
+    wait(lambda: events(client, message.message_id, "task.succeeded"), what="the delayed message")
+    worker.join()
+    got = events(client, message.message_id, "task.received")
+    assert len(got) == 1 and got[0]["data"]["eta"] and got[0]["data"]["queue"] == "qd"
+
+
+def test_a_skipped_message_is_revoked(setup):
+    broker, client, hooks, start = setup
+
+    @dramatiq.actor(queue_name="qs", max_age=1)
+    def old():
+        return 1
+
+    message = old.send()
+    time.sleep(0.05)
+    start()
+    wait(lambda: events(client, message.message_id, "task.revoked"), what="the skip")
+    data = events(client, message.message_id, "task.revoked")[0]["data"]
+    assert data["expired"] is True and data["terminated"] is False
+    assert not events(client, message.message_id, "task.started")
+    assert any(isinstance(m, AgeLimit) for m in broker.middleware)
+
+
+# ---------------------------------------------------------------- cancel
+
+
+@pytest.fixture
+def abortable(setup):
+    from dramatiq_abort import Abortable, backends
+
+    broker = setup[0]
+    middleware = Abortable(backend=backends.StubBackend())
+    broker.add_middleware(middleware)
+    return middleware
+
+
+def test_cancel_stops_a_running_message_and_it_is_not_retried(setup, abortable):
+    broker, client, hooks, start = setup
+    ran = []
+
+    @dramatiq.actor(queue_name="qc", max_retries=3, min_backoff=10, max_backoff=20)
+    def spin(seconds):
+        ran.append(1)
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            sum(range(1000))
+        return "spun"
+
+    message = spin.send(20)
+    start()
+    wait(lambda: message.message_id in hooks.active, what="the message to run")
+    t0 = time.monotonic()
+    result = hooks.commands.handlers()[("dramatiq", "cancel_task")](
+        {"parameters": {"task_id": message.message_id}})
+    took = time.monotonic() - t0
+    assert result["state_before"] == "running" and result["terminated"] is True, result
+    assert took < 8, took
+    revoked = events(client, message.message_id, "task.revoked")
+    assert revoked and revoked[0]["data"]["terminated"] is True
+    assert revoked[0]["data"]["retry_scheduled"] is False
+    time.sleep(0.3)  # a retry would come after 10-20 ms
+    assert len(ran) == 1 and not events(client, message.message_id, "task.succeeded")
+    assert not events(client, message.message_id, "task.retried")
+
+
+def test_cancel_of_a_message_not_started_skips_it(setup, abortable):
+    broker, client, hooks, start = setup
+
+    @dramatiq.actor(queue_name="qn")
+    def later():
+        return 1
+
+    message = later.send_with_options(delay=300)
+    start()
+    result = hooks.commands.cancel_task({"parameters": {"task_id": message.message_id}})
+    assert result["terminated"] is False and result["cancelled"] is True
+    wait(lambda: events(client, message.message_id, "task.revoked"), what="the skip")
+    assert not events(client, message.message_id, "task.started")
+
+
+def test_cancel_without_abortable_says_how_to_enable_it(setup):
+    broker, client, hooks, start = setup
+    with pytest.raises(_commands.CommandFailed) as err:
+        hooks.commands.handlers()[("dramatiq", "cancel_task")]({"parameters": {"task_id": "m-1"}})
+    assert "Abortable" in str(err.value) and "pip install dramatiq-abort" in str(err.value)
+
+
+# ---------------------------------------------------------------- commands
+
+
+def test_submit_and_retry_by_reference_and_with_overrides(setup):
+    broker, client, hooks, start = setup
+
+    @dramatiq.actor(queue_name="qx")
+    def mul(x, y):
+        return x * y
+
+    worker = start()  # commands are served by worker processes
+    handlers = hooks.commands.handlers()
+    sent = handlers[("dramatiq", "submit_task")]({"parameters": {"name": "mul", "args": [6, 7], "kwargs": {}}})
+    assert sent["task_name"] == "mul" and sent["queue"] == "qx" and sent["task_id"]
+    again = handlers[("dramatiq", "retry_task")]({"parameters": {"task_id": sent["task_id"], "task_name": "mul"}})
+    assert again["arguments_from"] == "remembered" and again["new_task_id"] != sent["task_id"]
+    other = handlers[("dramatiq", "retry_task")]({"parameters": {
+        "task_id": sent["task_id"], "override_args": [2, 2], "override_kwargs": {}}})
+    assert other["arguments_from"] == "override"
+    broker.join("qx")
+    worker.join()
+    results = {e["task_id"]: e["data"]["result"] for e in events(client, kind="task.succeeded")}
+    assert results == {sent["task_id"]: 42, again["new_task_id"]: 42, other["new_task_id"]: 4}
+    with pytest.raises(_commands.BadCommand, match="no actor 'nope'"):
+        handlers[("dramatiq", "submit_task")]({"parameters": {"name": "nope"}})
+    with pytest.raises(_commands.BadCommand, match="override_args"):
+        handlers[("dramatiq", "retry_task")]({"parameters": {"task_id": "unknown-id", "task_name": "mul"}})
+    delayed = handlers[("dramatiq", "submit_task")]({"parameters": {"name": "mul", "args": [1, 1],
+                                                                     "eta": time.time() + 60}})
+    assert 55000 <= delayed["delay_ms"] <= 60000
+
+
+def test_a_producer_keeps_no_arguments(setup):
+    broker, client, hooks, start = setup
+
+    @dramatiq.actor(queue_name="qk")
+    def keep(x):
+        pass
+
+    message = keep.send("x" * 100)
+    assert hooks.remembered(message.message_id) == {
+        "task_name": "keep", "queue": "qk", "args_left_out": "a process that runs no worker keeps no arguments"}
+    for n in range(zd.REMEMBERED_IDS_ONLY + 5):
+        keep.send(n)
+    assert len(hooks._remembered) == zd.REMEMBERED_IDS_ONLY and hooks._remembered_args_bytes == 0
+
+
+def test_purge_at_the_confirmed_depth_only(setup):
+    broker, client, hooks, start = setup
+
+    @dramatiq.actor(queue_name="qq")
+    def idle():
+        pass
+
+    for _ in range(3):
+        idle.send()
+    purge = hooks.commands.handlers()[("dramatiq", "purge_queue")]
+    with pytest.raises(_commands.CommandFailed, match="holds 3 messages now, the purge was confirmed at 2"):
+        purge({"parameters": {"queue": "qq", "expected_depth": 2, "force": False}})
+    assert broker.queues["qq"].qsize() == 3
+    with pytest.raises(_commands.BadCommand, match="not confirmed"):
+        purge({"parameters": {"queue": "qq"}})
+    done = purge({"parameters": {"queue": "qq", "expected_depth": 3, "force": False}})
+    assert done["depth_before"] == 3 and done["purged"] == 3 and broker.queues["qq"].qsize() == 0
+
+
+def test_dead_letters_and_reconcile(setup):
+    broker, client, hooks, start = setup
+
+    @dramatiq.actor(queue_name="qz", max_retries=0)
+    def bad():
+        raise RuntimeError("nope")
+
+    message = bad.send()
+    worker = start()
+    wait(lambda: events(client, message.message_id, "task.failed"), what="the failure")
+    worker.join()
+    page = hooks.commands.handlers()[("dramatiq", "dlq.list")]({"parameters": {"queue": "qz", "limit": 10}})
+    assert page["total"] == 1 and page["engine"] == "dramatiq" and page["next_cursor"] is None
+    entry = page["entries"][0]
+    assert entry["task_id"] == message.message_id and entry["task_name"] == "bad" and entry["attempts"] == 1
+    assert "RuntimeError: nope" in entry["error_excerpt"]
+    unknown = hooks.commands.reconcile_task({"parameters": {"task_id": "nobody"}})
+    assert unknown["engine_state"] == "unknown"
+
+
+def test_reconcile_a_running_message(setup):
+    broker, client, hooks, start = setup
+
+    @dramatiq.actor(queue_name="qw")
+    def slow():
+        time.sleep(0.5)
+
+    message = slow.send()
+    start()
+    wait(lambda: message.message_id in hooks.active, what="the message to run")
+    got = hooks.commands.reconcile_task({"parameters": {"task_id": message.message_id}})
+    assert got["engine_state"] == "started" and got["worker"] == zd.worker_name()
+
+
+# ---------------------------------------------------------------- health
+
+
+def test_health_reports_the_worker_and_depths(setup):
+    broker, client, hooks, start = setup
+
+    @dramatiq.actor(queue_name="qh")
+    def slow():
+        time.sleep(0.4)
+
+    @dramatiq.actor(queue_name="idle-q")
+    def never():
+        pass
+
+    never.send()
+    never.send()
+    message = slow.send()
+    start(threads=2)
+    wait(lambda: message.message_id in hooks.active, what="the message to run")
+    report = client.health_source()["dramatiq"]
+    name = zd.worker_name()
+    worker = report["workers"][name]
+    assert worker["stats"]["pool"]["max-concurrency"] == 2 and worker["stats"]["pid"] > 0
+    assert worker["active"][0]["id"] == message.message_id and worker["active"][0]["name"] == "slow"
+    assert {"name": "qh"} in worker["active_queues"]
+    assert worker["registered"] == ["never", "slow"]
+    assert report["broker_type"] == "stub" and report["queue_depths"]["qh"] == 0
+    assert report["broker_connected"] is True
+    heartbeat = events(client, kind="worker.heartbeat")
+    assert heartbeat and heartbeat[0]["data"]["worker"] == name
+
+
+def test_health_interval_from_env_says_what_to_set(monkeypatch):
+    monkeypatch.setenv(_health.INTERVAL_ENV, "soon")
+    with pytest.raises(ValueError, match="not a number"):
+        _health.interval_from_env()
+    monkeypatch.setenv(_health.INTERVAL_ENV, "2")
+    assert _health.interval_from_env() == 2.0
+
+
+def test_rabbitmq_depths_are_the_ready_counts_and_a_broker_error_is_counted():
+    from z4j_agentd.dramatiq import _broker
+
+    class RabbitmqBroker:  # the class name is what tells the kind (as z4j-dramatiq reads it)
+        fail = False
+
+        def get_queue_message_counts(self, name):
+            if self.fail:
+                raise ConnectionError("amqp://guest:pw@rabbit:5672 is down")
+            return {"a": (3, 1, 2), "b": (0, 0, 5)}[name]
+
+    broker = RabbitmqBroker()
+    assert _broker.kind(broker) == "rabbitmq"
+    assert _broker.depths(broker, ["a", "b"]) == {"a": 3, "b": 0}  # not the delayed nor the dead ones
+
+    class Hooks:
+        pass
+
+    hooks = Hooks()
+    hooks.broker, hooks.worker, hooks.worker_name = broker, None, None
+    broker.actors = {}
+    source = _health.HealthSource(hooks)
+    hooks.consumed_queues = lambda: ["a"]
+    assert source()["dramatiq"]["queue_depths"] == {"a": 3}
+    broker.fail = True
+    report = source()["dramatiq"]
+    assert report["broker_connected"] is False and report["depth_failures"] == 1
+    assert "queue_depths" not in report and "pw@" not in report["broker_error"], report
+
+
+def test_reconcile_reads_the_results_backend(setup):
+    from dramatiq.results import Results
+    from dramatiq.results.backends import StubBackend
+
+    broker, client, hooks, start = setup
+    broker.add_middleware(Results(backend=StubBackend()))
+
+    @dramatiq.actor(queue_name="qres", store_results=True, max_retries=0)
+    def answer(fail):
+        if fail:
+            raise RuntimeError("no answer")
+        return 42
+
+    ok, bad = answer.send(False), answer.send(True)
+    worker = start()
+    broker.join("qres", fail_fast=False)
+    worker.join()
+    reconcile = hooks.commands.handlers()[("dramatiq", "reconcile_task")]
+    got = reconcile({"parameters": {"task_id": ok.message_id}})
+    assert got["engine_state"] == "success" and got["source"] == "results" and got["result"] == 42, got
+    failed = reconcile({"parameters": {"task_id": bad.message_id}})
+    assert failed["engine_state"] == "failure" and "no answer" in failed["exception"], failed
+
+
+def test_the_ids_of_moved_delayed_messages_are_not_kept(setup):
+    broker, client, hooks, start = setup
+
+    @dramatiq.actor(queue_name="qm", max_retries=2, min_backoff=10, max_backoff=20)
+    def twice():
+        raise ValueError("again")
+
+    later = twice.send_with_options(delay=50)
+    worker = start()
+    wait(lambda: events(client, later.message_id, "task.failed"), what="the last attempt")
+    worker.join()
+    # The first delay and both retries went through the delay queue: none of their ids stays.
+    assert len(hooks._delayed) == 0, hooks._delayed
+    assert len(events(client, later.message_id, "task.received")) == 1
