@@ -3,7 +3,6 @@ events, commands, health (z4j_agentd.arq). Runs in .venv-alt (arq pins
 redis < 6)."""
 
 import asyncio
-import logging
 import os
 import shutil
 import signal
@@ -18,7 +17,7 @@ import pytest
 pytest.importorskip("arq")
 
 from arq.connections import RedisSettings, create_pool  # noqa: E402
-from arq.worker import Retry, Worker  # noqa: E402
+from arq.worker import Retry, Worker, func  # noqa: E402
 
 import z4j_agentd.arq as zarq  # noqa: E402
 from z4j_agentd.arq import _commands  # noqa: E402
@@ -52,7 +51,8 @@ async def sync_sleep(ctx, seconds):
     return "blocked"
 
 
-FUNCTIONS = [add, boom, flaky, slow, sync_sleep]
+FUNCTIONS = [add, boom, flaky, slow, sync_sleep, func(slow, name="short", timeout=0.3, max_tries=1)]
+NAMES = ["add", "boom", "flaky", "slow", "sync_sleep", "short"]
 
 
 # ---------------------------------------------------------------- fixtures
@@ -189,23 +189,67 @@ def test_install_chains_the_settings_own_hooks_once_even_when_installed_again(se
     async def job_start(ctx):
         calls.append(("start", ctx["job_id"]))
 
+    async def job_ended(ctx):
+        calls.append(("ended", ctx["job_id"]))
+
     settings.on_startup = startup
-    settings.on_job_start = staticmethod(job_start)  # unwrapped, as arq could not call it on 3.9
+    settings.on_job_start = job_start
+    settings.after_job_end = staticmethod(job_ended)  # chained as the function it holds
+    functions = settings.functions
     client = RecordingClient()
     assert zarq.install(settings, client) is client
     assert zarq.install(settings, client) is client  # no second wrapper
     zarq.uninstall()
     assert zarq.install(settings, client) is client  # nor after uninstall and again
     assert vars(settings)["on_startup"] is not startup
+    assert vars(settings)["on_job_start"] is job_start  # a hook the integration does not need: as it was
+    assert [f.name for f in settings.functions] == NAMES
     w = WorkerThread(settings)
     try:
         job = enqueue(settings.redis_settings.port, "add", 1, 2)
         wait_until(lambda: "task.succeeded" in kinds_of(client, job), what="add to succeed")
+        wait_until(lambda: ("ended", job) in calls, what="the application's after_job_end")
     finally:
         w.stop()
-    assert calls == ["startup", ("start", job)]
+    assert calls == ["startup", ("start", job), ("ended", job)]
+    assert kinds_of(client, job) == ["task.received", "task.started", "task.succeeded"]
     zarq.uninstall()
-    assert vars(settings)["on_startup"] is startup and vars(settings)["on_job_start"] is job_start
+    assert vars(settings)["on_startup"] is startup and vars(settings)["after_job_end"] is job_ended
+    assert settings.functions is functions
+
+
+def test_a_worker_built_by_hand_is_wired_too(settings):
+    client = RecordingClient()
+    holder = {}
+
+    class Built(WorkerThread):
+        def _run(self):
+            from arq.worker import get_kwargs
+
+            loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
+            self.worker = Worker(**{**get_kwargs(self.settings), "handle_signals": False})
+            zarq.install(self.worker, client, worker_name="built")
+            holder["functions"] = dict(self.worker.functions)
+            self.loop = loop
+            self.ready.set()
+            try:
+                loop.run_until_complete(self.worker.async_run())
+            except asyncio.CancelledError:
+                pass
+            finally:
+                loop.run_until_complete(self.worker.close())
+                loop.close()
+
+    w = Built(settings)
+    try:
+        job = enqueue(settings.redis_settings.port, "add", 5, 6)
+        wait_until(lambda: "task.succeeded" in kinds_of(client, job))
+    finally:
+        w.stop()
+    assert one(client, job, "task.succeeded")["result"] == 11
+    assert one(client, job, "task.started")["worker"] == "built"
+    assert sorted(holder["functions"]) == sorted(NAMES)
 
 
 def test_install_refuses_what_is_not_settings_a_worker_or_a_pool():
@@ -218,8 +262,7 @@ def test_install_refuses_what_is_not_settings_a_worker_or_a_pool():
 # ---------------------------------------------------------------- events
 
 
-def test_a_jobs_lifecycle_reaches_the_client_with_args_results_failures_and_retries(settings, caplog):
-    caplog.set_level(logging.INFO, logger="arq")  # as the arq command configures it: says why it retried
+def test_a_jobs_lifecycle_reaches_the_client_with_args_results_failures_and_retries(settings):
     client = RecordingClient()
     zarq.install(settings, client)
     w = WorkerThread(settings)
@@ -229,7 +272,9 @@ def test_a_jobs_lifecycle_reaches_the_client_with_args_results_failures_and_retr
         ok = enqueue(port, "add", 2, 3)
         bad = enqueue(port, "boom", password="hunter2-secret")
         retried = enqueue(port, "flaky", 7)
-        for job, kind in ((ok, "task.succeeded"), (bad, "task.failed"), (retried, "task.succeeded")):
+        timed_out = enqueue(port, "short", 5)
+        for job, kind in ((ok, "task.succeeded"), (bad, "task.failed"), (retried, "task.succeeded"),
+                          (timed_out, "task.failed")):
             wait_until(lambda: kind in kinds_of(client, job), what=f"{job} {kind}")
     finally:
         w.stop()
@@ -259,6 +304,12 @@ def test_a_jobs_lifecycle_reaches_the_client_with_args_results_failures_and_retr
     starts = [e["data"]["retry_count"] for e in events_of(client, retried) if e["kind"] == "task.started"]
     assert starts == [0, 1, 2]
     assert one(client, retried, "task.succeeded")["result"] == 70
+
+    # Past its timeout arq cancels the job and fails it with TimeoutError (arq's log has the traceback).
+    assert kinds_of(client, timed_out) == ["task.received", "task.started", "task.failed"]
+    late = one(client, timed_out, "task.failed")
+    assert late["exception"] == "TimeoutError" and "TimeoutError" in late["traceback"], late
+    assert 250 <= late["runtime_ms"] < 5000, late
 
     online = [e["data"] for e in client.emitted if e["kind"] == "worker.online"]
     offline = [e["data"] for e in client.emitted if e["kind"] == "worker.offline"]
@@ -452,7 +503,7 @@ def test_health_reports_the_queue_depth_and_the_worker(settings):
         assert worker["stats"]["pid"] == os.getpid()
         assert worker["active"] == [{"id": job, "name": "slow", "job_try": 1}]
         assert worker["active_queues"] == [{"name": "arq:queue"}]
-        assert worker["registered"] == sorted(["add", "boom", "flaky", "slow", "sync_sleep"])
+        assert worker["registered"] == sorted(NAMES)
         heartbeats = [e for e in client.emitted if e["kind"] == "worker.heartbeat"]
         assert heartbeats and heartbeats[0]["data"]["worker"] == integration.worker_name
         handler(client, "cancel_task")({"parameters": {"task_id": job}})

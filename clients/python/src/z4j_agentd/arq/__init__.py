@@ -13,41 +13,40 @@ worker's health report (`_health`).
     z4j_agentd.arq.install(WorkerSettings)
 
 `install` must run when the module defining the settings is imported (as
-above, at module level): arq copies the hooks once, when `arq
+above, at module level): arq copies the settings once, when `arq
 app.WorkerSettings` builds its Worker. It takes the settings class, a
-settings dict, or a Worker built by hand, and chains the hooks the settings
-already have (`on_startup`, `on_shutdown`, `on_job_start`, `on_job_end`,
-`after_job_end`): each of the application's own runs as before.
+settings dict, or a Worker built by hand. It chains the `on_startup`,
+`on_shutdown` and `after_job_end` hooks the settings already have (each of
+the application's own runs as before; `on_job_start` and `on_job_end` are
+left alone), and replaces each entry of `functions` and `cron_jobs` by a
+copy whose coroutine calls the original through a thin wrapper (same name,
+timeout, tries and result settings).
 
 Events (engine `arq`, `task_id` the arq job id, `worker` this worker's name,
 `arq@<host>:<pid>` unless `install(worker_name=...)` names it):
 
 | where | event | `data` |
 |---|---|---|
-| `on_job_start` | `task.received` (the first time this process sees the job), `task.started` | task_name, queue, worker, args, kwargs, retry_count (job_try - 1) |
-| `after_job_end`, result stored and successful | `task.succeeded` | task_name, queue, worker, result, runtime_ms, retry_count |
-| `after_job_end`, result stored, failed | `task.failed` | task_name, queue, worker, exception, exception_message, traceback, runtime_ms, retry_count |
-| `after_job_end`, the job back in the queue (`Retry`, or cancelled at a shutdown) | `task.retried` | task_name, queue, worker, reason, retry_count (job_try) |
-| `after_job_end`, aborted (`Job.abort`, or the brain's cancel) | `task.revoked` | task_name, queue, worker, aborted, runtime_ms |
-| arq's log only: aborted before it started, more tries than `max_tries`, expired, unknown function | `task.revoked` / `task.failed` | as above, without args |
+| the job's function is called | `task.received` (the first time this process runs the job), `task.started` | task_name, queue, worker, args, kwargs, retry_count (job_try - 1) |
+| `after_job_end`, the function returned | `task.succeeded` | task_name, queue, worker, result, runtime_ms, retry_count |
+| `after_job_end`, the function raised | `task.failed` | task_name, queue, worker, exception, exception_message, traceback, runtime_ms, retry_count |
+| `after_job_end`, `Retry` raised (or cancelled by a stopping worker): the job back in the queue | `task.retried` | task_name, queue, worker, reason, retry_count (job_try) |
+| `after_job_end`, aborted (`Job.abort`, the brain's cancel) | `task.revoked` | task_name, queue, worker, aborted, runtime_ms |
+| arq's log only: too many tries, expired, unknown function | `task.failed` | task_name, queue, worker, exception, exception_message |
+| a job aborted before it started (arq's log, or the cancel that aborted it) | `task.revoked` | task_name, queue, worker, aborted, reason |
 | `on_startup` | `worker.online` | worker, hostname, pid, concurrency (max_jobs), pool, queues, sw_ver |
 | `on_shutdown` | `worker.offline` | worker, hostname, pid |
 
-The hooks run on the worker's event loop, inline with every job, so they
-never block: events go through the client's non-blocking `emit`, and the
-only waits are arq's own Redis reads on the worker's connection pool (one
-GET for the job's name and arguments at its start, one for its result at
-its end). The traceback of a failed job comes from arq's own
-`logger.exception` on `arq.worker` (the stored result keeps the exception
-without it): a logging handler keyed by the job keeps it until the job's
-`after_job_end`. The same handler sees the jobs that end with no hook at
-all (aborted before they started, too many tries, expired); at arq's
-default log level (INFO, as `arq` configures it) all of them, with the
-`arq.worker` logger at WARNING the abort before start is not seen.
-
-A job with `keep_result = 0` stores no result: its outcome is then read
-from arq's log lines (success at INFO); when neither tells, nothing is sent
-for its end and `installed().outcomes_unknown` counts it.
+Everything runs on the worker's event loop, inline with the jobs, and never
+blocks it: events go through the client's non-blocking `emit`, and what
+the job got, returned or raised (with its traceback) is seen in-process,
+with no Redis read in a job's path. Only a job cancelled by arq (aborted,
+past its timeout, or stopped with the worker) has its end read back: from
+arq's own log lines on `arq.worker` (a logging handler keyed by the job)
+and the result arq stored (one GET). The same handler sees the jobs arq
+ends without calling their function (too many tries, expired, unknown
+function, aborted before they started); the last is logged at INFO, which
+`arq` configures, and is also sent by the cancel command that aborted it.
 
 Commands are served by the worker process (`_commands`): they run on the
 client's command threads and reach Redis through the worker's own pool on
@@ -62,6 +61,7 @@ changed).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
@@ -86,8 +86,9 @@ MAX_VALUE_BYTES = 64 * 1024
 REMEMBERED_IDS = 10000
 #: Log records kept for jobs whose after_job_end has not come yet.
 MAX_LOG_NOTES = 1000
-#: arq's hooks, as WorkerSettings and Worker name them.
-HOOKS = ("on_startup", "on_shutdown", "on_job_start", "on_job_end", "after_job_end")
+#: arq's hooks the integration chains (the application's own run as before;
+#: on_job_start and on_job_end are left as they are).
+HOOKS = ("on_startup", "on_shutdown", "after_job_end")
 DEFAULT_QUEUE = "arq:queue"
 _MARK = "__z4j_agentd_arq__"
 _CUT = "\n[... cut by z4j-agentd-client ...]\n"
@@ -203,12 +204,21 @@ def _is_pool(obj: Any) -> bool:
 
 
 class _Running:
-    __slots__ = ("name", "args", "kwargs", "job_try", "started", "ended")
+    """A job this process runs: what its function got, and how it ended."""
+
+    __slots__ = ("name", "args", "kwargs", "job_try", "started", "ended", "returned", "result", "exc")
 
     def __init__(self, name: Optional[str], args: Any, kwargs: Any, job_try: Optional[int]) -> None:
         self.name, self.args, self.kwargs, self.job_try = name, args, kwargs, job_try
         self.started = time.monotonic()
         self.ended: Optional[float] = None
+        #: True once the function returned (`result`), False once it raised (`exc`).
+        self.returned: Optional[bool] = None
+        self.result: Any = None
+        self.exc: Optional[BaseException] = None
+
+    def runtime_ms(self) -> int:
+        return max(0, int(round(((self.ended or time.monotonic()) - self.started) * 1000)))
 
 
 class _LogNotes(logging.Handler):
@@ -347,12 +357,80 @@ class _Integration:
             original = getattr(current, _MARK, current)
             self.originals[hook] = original
             self.settings.set(hook, self._wrapper(hook, original))
+        self._wrap_functions()
 
     def unwire(self) -> None:
-        for hook, original in self.originals.items():
-            current = self.settings.get(hook)
-            if getattr(current, _MARK, None) is original or hasattr(current, _MARK):
-                self.settings.set(hook, original)
+        for hook in HOOKS:
+            if hook in self.originals and hasattr(self.settings.get(hook), _MARK):
+                self.settings.set(hook, self.originals[hook])
+        worker = self.settings.worker
+        for key in ("functions", "cron_jobs"):
+            if key not in self.originals:
+                continue
+            if worker is not None:
+                setattr(worker, key, self.originals[key])
+            else:
+                self.settings.set(key, self.originals[key])
+
+    def _wrap_functions(self) -> None:
+        """Each job function (and cron job) runs through `_job`, which sees
+        its arguments, its return value or its exception (with its traceback)
+        in-process: no Redis read in a job's path."""
+        worker = self.settings.worker
+        if worker is not None:  # built already: its own map and cron list
+            self.originals["functions"] = dict(worker.functions)
+            self.originals["cron_jobs"] = list(worker.cron_jobs)
+            wrapped = {name: self._wrapped(entry) for name, entry in worker.functions.items()}
+            worker.functions = wrapped
+            worker.cron_jobs = [wrapped.get(c.name, c) for c in worker.cron_jobs]
+            return
+        for key in ("functions", "cron_jobs"):
+            entries = self.settings.get(key)
+            if entries is None:
+                continue
+            self.originals[key] = entries
+            try:
+                self.settings.set(key, [self._wrapped(entry) for entry in entries])
+            except TypeError:  # not a sequence: arq will say so itself
+                del self.originals[key]
+
+    def _wrapped(self, entry: Any) -> Any:
+        """A copy of a functions/cron_jobs entry whose coroutine is `_job`'s;
+        the entry itself when it cannot be read (arq reports it when it
+        builds the worker)."""
+        import dataclasses
+
+        from arq.cron import CronJob
+        from arq.worker import Function, func
+
+        try:
+            if not isinstance(entry, (Function, CronJob)):
+                entry = func(entry)  # a coroutine or an import path, as arq reads them
+            return dataclasses.replace(entry, coroutine=self._job(entry.name, entry.coroutine))
+        except Exception:
+            log.warning("z4j-agentd: arq job function %r is not watched (its jobs get no task.received and "
+                        "task.started events)", entry, exc_info=True)
+            return entry
+
+    def _job(self, name: str, coroutine: Any) -> Any:
+        original = getattr(coroutine, _MARK, coroutine)
+        integration = self
+
+        @functools.wraps(original)
+        async def job(ctx: Dict[Any, Any], *args: Any, **kwargs: Any) -> Any:
+            run = integration._job_started(ctx, name, args, kwargs)
+            try:
+                result = await original(ctx, *args, **kwargs)
+            except BaseException as exc:
+                if run is not None:
+                    run.ended, run.returned, run.exc = time.monotonic(), False, exc
+                raise
+            if run is not None:
+                run.ended, run.returned, run.result = time.monotonic(), True, result
+            return result
+
+        setattr(job, _MARK, original)
+        return job
 
     def _wrapper(self, hook: str, original: Any) -> Callable[[Dict[Any, Any]], Any]:
         ours = getattr(self, f"_{hook}")
@@ -437,63 +515,82 @@ class _Integration:
 
     # -- jobs -----------------------------------------------------------------
 
-    async def _read_job(self, ctx: Dict[Any, Any], job_id: str) -> Tuple[Optional[str], Any, Any]:
-        """The job's function, args and kwargs, as arq stored them (one GET)."""
-        redis = ctx.get("redis") or self.redis
-        if redis is None:
-            return None, None, None
-        from arq.constants import job_key_prefix
-        from arq.jobs import deserialize_job
-
-        raw = await redis.get(job_key_prefix + job_id)
-        if not raw:
-            return None, None, None
-        job = deserialize_job(raw, deserializer=self.settings.deserializer)
-        return job.function, job.args, job.kwargs
-
-    async def _on_job_start(self, ctx: Dict[Any, Any]) -> None:
-        job_id = str(ctx.get("job_id") or "")
-        job_try = ctx.get("job_try")
-        job_try = job_try if isinstance(job_try, int) else None
-        name, args, kwargs = await self._read_job(ctx, job_id)
-        run = _Running(name, args, kwargs, job_try)
-        with self._lock:
-            self.running[job_id] = run
-            if name:
+    def _job_started(self, ctx: Dict[Any, Any], name: str, args: Tuple[Any, ...],
+                     kwargs: Dict[str, Any]) -> Optional[_Running]:
+        """task.received (the first time this process runs the job) and
+        task.started, from inside the job's task, before its function runs."""
+        try:
+            job_id = str(ctx.get("job_id") or "")
+            job_try = ctx.get("job_try")
+            job_try = job_try if isinstance(job_try, int) else None
+            run = _Running(name, args, kwargs, job_try)
+            with self._lock:
+                self.running[job_id] = run
                 self.totals[name] = self.totals.get(name, 0) + 1
-            first_here = job_id not in self._received
-            self._received[job_id] = None
-            self._received.move_to_end(job_id)
-            while len(self._received) > REMEMBERED_IDS:
-                self._received.popitem(last=False)
-        data = _compact({
-            "task_name": name,
-            "queue": self.queue_name,
-            "worker": self.worker_name,
-            "args": event_value(list(args) if isinstance(args, tuple) else args if args is not None else [],
-                                MAX_VALUE_BYTES),
-            "kwargs": event_value(kwargs if kwargs is not None else {}, MAX_VALUE_BYTES),
-            "retry_count": job_try - 1 if job_try else None,
-        })
-        if first_here:
-            # Same connection as task.started, so the brain gets the name and arguments first.
-            self.emit("task.received", job_id, data)
-        self.emit("task.started", job_id, data)
-
-    async def _on_job_end(self, ctx: Dict[Any, Any]) -> None:
-        run = self.running.get(str(ctx.get("job_id") or ""))
-        if run is not None:
-            run.ended = time.monotonic()
+                first_here = job_id not in self._received
+                self._received[job_id] = None
+                self._received.move_to_end(job_id)
+                while len(self._received) > REMEMBERED_IDS:
+                    self._received.popitem(last=False)
+            data = _compact({
+                "task_name": name,
+                "queue": self.queue_name,
+                "worker": self.worker_name,
+                "args": event_value(list(args), MAX_VALUE_BYTES),
+                "kwargs": event_value(dict(kwargs), MAX_VALUE_BYTES),
+                "retry_count": job_try - 1 if job_try else None,
+            })
+            if first_here:
+                # Same connection as task.started, so the brain gets the name and arguments first.
+                self.emit("task.received", job_id, data)
+            self.emit("task.started", job_id, data)
+            return run
+        except Exception:
+            log.debug("z4j-agentd: arq job start not recorded", exc_info=True)
+            return None
 
     async def _after_job_end(self, ctx: Dict[Any, Any]) -> None:
+        """The job's end, once arq stored it: from what its function did,
+        else (cancelled, or its function never ran) from arq's log and the
+        result arq stored."""
         job_id = str(ctx.get("job_id") or "")
         with self._lock:
             run = self.running.pop(job_id, None)
         name = run.name if run is not None else None
-        job_try = run.job_try if run is not None else ctx.get("job_try")
-        own_ms = (int(round(((run.ended or time.monotonic()) - run.started) * 1000))
-                  if run is not None else None)
         note = self.notes.take(self._ref(job_id, name))
+        if run is None or run.returned is None:
+            await self._end_from_arq(ctx, job_id, run, note)
+            return
+        base = {"task_name": name, "queue": self.queue_name, "worker": self.worker_name}
+        retries = run.job_try - 1 if run.job_try else None
+        if run.returned:
+            self._count("succeeded")
+            self.emit("task.succeeded", job_id, _compact({
+                **base, "result": event_value(run.result, MAX_VALUE_BYTES), "runtime_ms": run.runtime_ms(),
+                "retry_count": retries}, keep_none=("result",)))
+            return
+        from arq.worker import Retry
+
+        exc = run.exc
+        if isinstance(exc, Retry) and self.settings.get("retry_jobs", True):
+            defer = getattr(exc, "defer_score", None)
+            self._count("retried")
+            self.emit("task.retried", job_id, _compact({
+                **base, "reason": f"Retry: again in {defer / 1000:.2f} s" if defer else "Retry",
+                "retry_count": run.job_try}))
+        elif isinstance(exc, (asyncio.CancelledError, asyncio.TimeoutError)) or type(exc).__name__ == "RetryJob":
+            # Aborted, timed out, or stopped with the worker: arq's log and result say which.
+            await self._end_from_arq(ctx, job_id, run, note)
+        else:
+            tb_text = "".join(_traceback.format_exception(type(exc), exc, exc.__traceback__)) if exc else None
+            self._failed(job_id, base, exc, tb_text, run.runtime_ms(), retries)
+        run.exc = run.result = None  # no reference cycle through the traceback
+
+    async def _end_from_arq(self, ctx: Dict[Any, Any], job_id: str, run: Optional[_Running],
+                            note: Dict[str, Any]) -> None:
+        name = run.name if run is not None else None
+        job_try = run.job_try if run is not None else ctx.get("job_try")
+        own_ms = run.runtime_ms() if run is not None else None
         redis = ctx.get("redis") or self.redis
         result = None
         if redis is not None:
