@@ -51,8 +51,9 @@ async def sync_sleep(ctx, seconds):
     return "blocked"
 
 
-FUNCTIONS = [add, boom, flaky, slow, sync_sleep, func(slow, name="short", timeout=0.3, max_tries=1)]
-NAMES = ["add", "boom", "flaky", "slow", "sync_sleep", "short"]
+FUNCTIONS = [add, boom, flaky, slow, sync_sleep, func(slow, name="short", timeout=0.3, max_tries=1),
+             func(flaky, name="flaky2", max_tries=2)]
+NAMES = ["add", "boom", "flaky", "slow", "sync_sleep", "short", "flaky2"]
 
 
 # ---------------------------------------------------------------- fixtures
@@ -273,8 +274,10 @@ def test_a_jobs_lifecycle_reaches_the_client_with_args_results_failures_and_retr
         bad = enqueue(port, "boom", password="hunter2-secret")
         retried = enqueue(port, "flaky", 7)
         timed_out = enqueue(port, "short", 5)
+        gave_up = enqueue(port, "flaky2", 1)
+        unknown = enqueue(port, "nope", 1)
         for job, kind in ((ok, "task.succeeded"), (bad, "task.failed"), (retried, "task.succeeded"),
-                          (timed_out, "task.failed")):
+                          (timed_out, "task.failed"), (gave_up, "task.failed"), (unknown, "task.failed")):
             wait_until(lambda: kind in kinds_of(client, job), what=f"{job} {kind}")
     finally:
         w.stop()
@@ -310,6 +313,16 @@ def test_a_jobs_lifecycle_reaches_the_client_with_args_results_failures_and_retr
     late = one(client, timed_out, "task.failed")
     assert late["exception"] == "TimeoutError" and "TimeoutError" in late["traceback"], late
     assert 250 <= late["runtime_ms"] < 5000, late
+
+    # Ends arq decides without calling the function: only its log says so.
+    assert kinds_of(client, gave_up) == ["task.received", "task.started", "task.retried", "task.started",
+                                         "task.retried", "task.failed"]
+    assert one(client, gave_up, "task.failed") == {
+        "task_name": "flaky2", "queue": "arq:queue", "worker": name, "exception": "JobExecutionFailed",
+        "exception_message": "max 2 retries exceeded"}
+    assert kinds_of(client, unknown) == ["task.failed"]
+    assert one(client, unknown, "task.failed")["exception_message"] == (
+        f"function 'nope' not found on worker {name}")
 
     online = [e["data"] for e in client.emitted if e["kind"] == "worker.online"]
     offline = [e["data"] for e in client.emitted if e["kind"] == "worker.offline"]

@@ -498,7 +498,9 @@ class _Integration:
         self.client.serve(self.commands.handlers(), capabilities=_commands.capabilities(),
                           workers=[self.worker_name])
         self.health = _health.start(self)
-        # The worker's other brain-side services start here.
+        # Other services of the worker process start here, each one line given
+        # this integration (its client, settings, worker_name, and the worker's
+        # loop and redis pool), e.g. the cron jobs' schedule source.
 
     def worker_data(self, with_details: bool) -> Dict[str, Any]:
         data: Dict[str, Any] = {"worker": self.worker_name, "hostname": socket.gethostname(),

@@ -295,7 +295,7 @@ class ArqCommands:
         if status == "complete":
             return self._finished(task_id, what, result, "it had finished before the cancel")
         wait = _budget(command, ABORT_WAIT)
-        poll = min(0.5, max(0.1, wait / 10))
+        poll = 0.2  # one GET of the result each time, on the worker's loop
 
         async def abort(redis: Any) -> Optional[bool]:
             try:

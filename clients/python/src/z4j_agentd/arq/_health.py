@@ -89,7 +89,8 @@ class Health:
 
     def __call__(self) -> Dict[str, Any]:
         integration = self.integration
-        report: Dict[str, Any] = {"workers": {integration.worker_name: self.worker_details()}}
+        report: Dict[str, Any] = {"workers": {integration.worker_name: self.worker_details()},
+                                  "broker_type": "redis"}
         try:
             report["queue_depths"] = {integration.queue_name: self.depth()}
             report["broker_connected"] = True
@@ -108,5 +109,10 @@ class Health:
 
 def start(integration: Any) -> Health:
     health = Health(integration)
-    integration.client.report_health(health, interval=interval_from_env())
+    try:
+        interval = interval_from_env()
+    except ValueError as exc:
+        log.warning("z4j-agentd: %s; reporting every %.0f s", exc, DEFAULT_INTERVAL)
+        interval = DEFAULT_INTERVAL
+    integration.client.report_health(health, interval=interval)
     return health
