@@ -215,7 +215,7 @@ def test_install_chains_the_settings_own_hooks_once_even_when_installed_again(se
     assert calls == ["startup", ("start", job), ("ended", job)]
     assert kinds_of(client, job) == ["task.received", "task.started", "task.succeeded"]
     zarq.uninstall()
-    assert vars(settings)["on_startup"] is startup and vars(settings)["after_job_end"] is job_ended
+    assert vars(settings)["on_startup"] is startup and vars(settings)["after_job_end"].__func__ is job_ended
     assert settings.functions is functions
 
 
@@ -251,6 +251,22 @@ def test_a_worker_built_by_hand_is_wired_too(settings):
     assert one(client, job, "task.succeeded")["result"] == 11
     assert one(client, job, "task.started")["worker"] == "built"
     assert sorted(holder["functions"]) == sorted(NAMES)
+
+
+def test_installing_other_settings_replaces_the_earlier_installation(settings):
+    import logging
+
+    other = {"functions": [add]}
+    client = RecordingClient()
+    zarq.install(settings, client)
+    zarq.install(other, client)
+    assert vars(settings)["functions"] is FUNCTIONS and "on_startup" not in vars(settings)
+    assert other["functions"][0].coroutine is not add and zarq.installed().settings.target is other
+    notes = [h for h in logging.getLogger("arq.worker").handlers if isinstance(h, zarq._LogNotes)]
+    assert notes == [zarq.installed().notes]
+    zarq.uninstall()
+    assert other == {"functions": [add]}
+    assert not [h for h in logging.getLogger("arq.worker").handlers if isinstance(h, zarq._LogNotes)]
 
 
 def test_install_refuses_what_is_not_settings_a_worker_or_a_pool():

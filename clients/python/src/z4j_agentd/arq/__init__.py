@@ -84,6 +84,9 @@ MAX_VALUE_BYTES = 64 * 1024
 #: Jobs whose task.received this process sent (a retried job comes back
 #: without a second one); the oldest are forgotten first.
 REMEMBERED_IDS = 10000
+#: Running jobs remembered at most (arq runs max_jobs at a time; an entry
+#: whose after_job_end never came is dropped, oldest first, past this).
+MAX_RUNNING = 10000
 #: Log records kept for jobs whose after_job_end has not come yet.
 MAX_LOG_NOTES = 1000
 #: arq's hooks the integration chains (the application's own run as before;
@@ -154,6 +157,18 @@ class _Settings:
             self.target[name] = value
         else:
             setattr(self.target, name, value)
+
+    def has(self, name: str) -> bool:
+        t = self.target
+        if isinstance(t, dict):
+            return name in t
+        return hasattr(t, name) if self.worker is not None else name in vars(t)
+
+    def remove(self, name: str) -> None:
+        if isinstance(self.target, dict):
+            self.target.pop(name, None)
+        elif self.worker is None and name in vars(self.target):
+            delattr(self.target, name)
 
     @property
     def queue_name(self) -> str:
@@ -298,7 +313,7 @@ class _Integration:
         #: The worker's event loop and its ArqRedis pool, from on_startup.
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.redis: Any = None
-        self.running: Dict[str, _Running] = {}
+        self.running: Dict[str, _Running] = {}  # insertion-ordered: oldest first
         self._received: "OrderedDict[str, None]" = OrderedDict()
         self._ended_unhooked: "OrderedDict[str, None]" = OrderedDict()
         self._lock = threading.Lock()
@@ -310,6 +325,9 @@ class _Integration:
         self.online = False
         self._serving = False
         self.originals: Dict[str, Any] = {}
+        #: Hooks the settings did not have: taken away again by unwire.
+        self._absent: set = set()
+        self._raw: Dict[str, Any] = {}
         self.health: Any = None
         from . import _commands
 
@@ -351,18 +369,26 @@ class _Integration:
     def wire(self) -> None:
         for hook in HOOKS:
             current = self.settings.get(hook)
+            self._raw[hook] = current  # put back as it was (a staticmethod stays one)
             if isinstance(current, staticmethod):
                 current = current.__func__
             # Installed again: chain the application's hook, not our own wrapper.
             original = getattr(current, _MARK, current)
             self.originals[hook] = original
+            if not self.settings.has(hook):
+                self._absent.add(hook)
             self.settings.set(hook, self._wrapper(hook, original))
         self._wrap_functions()
 
     def unwire(self) -> None:
+        logging.getLogger("arq.worker").removeHandler(self.notes)
         for hook in HOOKS:
             if hook in self.originals and hasattr(self.settings.get(hook), _MARK):
-                self.settings.set(hook, self.originals[hook])
+                if hook in self._absent:
+                    self.settings.remove(hook)
+                else:
+                    raw = self._raw.get(hook)
+                    self.settings.set(hook, raw if not hasattr(raw, _MARK) else self.originals[hook])
         worker = self.settings.worker
         for key in ("functions", "cron_jobs"):
             if key not in self.originals:
@@ -477,6 +503,7 @@ class _Integration:
             return
         self.online = False
         self.emit("worker.offline", "", self.worker_data(with_details=False))
+        self.loop = None  # commands from now on: "the worker is not running", not a blocked loop
         try:
             self.client.flush(timeout=1.0)  # the process exits next
         except Exception:  # pragma: no cover
@@ -528,6 +555,9 @@ class _Integration:
             run = _Running(name, args, kwargs, job_try)
             with self._lock:
                 self.running[job_id] = run
+                while len(self.running) > MAX_RUNNING:
+                    # A job whose after_job_end never came (arq failed to store its end).
+                    self.running.pop(next(iter(self.running)))
                 self.totals[name] = self.totals.get(name, 0) + 1
                 first_here = job_id not in self._received
                 self._received[job_id] = None
@@ -679,9 +709,10 @@ class _Integration:
                                           "worker": self.worker_name, **extra}))
 
     def active(self) -> List[Dict[str, Any]]:
+        """The jobs whose function is running now."""
         with self._lock:
             return [{"id": job_id, "name": run.name, "job_try": run.job_try}
-                    for job_id, run in list(self.running.items())]
+                    for job_id, run in list(self.running.items()) if run.ended is None]
 
 
 # ---------------------------------------------------------------- producers
@@ -773,7 +804,6 @@ def uninstall() -> None:
     with _install_lock:
         if _installed is not None:
             _installed.unwire()
-            logging.getLogger("arq.worker").removeHandler(_installed.notes)
             _installed = None
 
 
