@@ -496,6 +496,30 @@ def test_submit_retry_and_reconcile(settings):
     assert sorted(a for _, a in client.served[0][0]) == sorted(_commands.ACTIONS)
 
 
+def test_a_command_error_quoting_a_redis_url_keeps_no_password(settings):
+    client = RecordingClient()
+    zarq.install(settings, client)
+    integration = zarq.installed()
+    integration.loop = asyncio.new_event_loop()
+    integration.redis = object()
+    thread = threading.Thread(target=integration.loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        def failing(redis):
+            async def go():
+                raise ConnectionError("cannot reach redis://app:s3cr3t-pw@cache:6379/0")
+            return go()
+
+        integration.commands.on_loop = lambda make, what, timeout=1.0: _commands.ArqCommands.on_loop(
+            integration.commands, failing, what, timeout)
+        with pytest.raises(_commands.CommandFailed) as err:
+            integration.commands.handlers()[("arq", "reconcile_task")]({"parameters": {"task_id": "x"}})
+        assert "s3cr3t" not in str(err.value) and "redis://app:[REDACTED]@cache" in str(err.value)
+    finally:
+        integration.loop.call_soon_threadsafe(integration.loop.stop)
+        thread.join(5)
+
+
 def test_a_deferred_job_cancelled_before_it_starts_is_revoked(settings):
     client = RecordingClient()
     zarq.install(settings, client)

@@ -30,6 +30,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from .._jsonsafe import json_safe
+from .._redact import scrub_text
 
 ENGINE = "arq"
 
@@ -118,15 +119,16 @@ class ArqCommands:
         return {(ENGINE, action): self._guarded(action, getattr(self, action)) for action in ACTIONS}
 
     def _guarded(self, action: str, handler: Callable[[Dict[str, Any]], Dict[str, Any]]) -> Any:
-        """`handler`; an exception no handler expected becomes CommandFailed
-        naming the action."""
+        """`handler`, its errors' texts scrubbed (a Redis error quoting a URL
+        keeps no password); an exception no handler expected becomes
+        CommandFailed naming the action."""
         def run(command: Dict[str, Any]) -> Any:
             try:
                 return handler(command)
-            except (BadCommand, CommandFailed):
-                raise
+            except (BadCommand, CommandFailed) as exc:
+                raise type(exc)(scrub_text(str(exc))) from None
             except Exception as exc:
-                raise CommandFailed(f"{action} failed: {type(exc).__name__}: {exc}") from None
+                raise CommandFailed(f"{action} failed: {type(exc).__name__}: {scrub_text(str(exc))}") from None
 
         run.__name__ = run.__qualname__ = action
         run.__doc__ = handler.__doc__
