@@ -1,5 +1,6 @@
-"""The arq worker of test_arqcron.py: two cron jobs, served from the
-worker's on_startup as the arq integration's install does:
+"""The arq worker of test_arqcron.py: two cron jobs, on the Schedules page
+through `z4j_agentd.arq.install(WorkerSettings)` (which serves them from
+the worker's on_startup, after the application's own):
 
     arq arqcron_proj.WorkerSettings
 
@@ -16,7 +17,7 @@ from datetime import timezone
 from arq import cron
 from arq.connections import RedisSettings
 
-from z4j_agentd.arq import cron as z4j_cron
+import z4j_agentd.arq
 
 
 async def nightly_report(ctx):
@@ -28,7 +29,7 @@ async def tick(ctx):
 
 
 async def startup(ctx):
-    z4j_cron.serve(ctx, WorkerSettings)
+    await ctx["redis"].set("ac:started", "1")  # the application's own on_startup still runs
 
 
 class WorkerSettings:
@@ -42,3 +43,6 @@ class WorkerSettings:
     timezone = timezone.utc
     on_startup = startup
     poll_delay = 0.2
+
+
+z4j_agentd.arq.install(WorkerSettings)

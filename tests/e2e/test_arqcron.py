@@ -79,6 +79,7 @@ def test_arq_cron_jobs_are_listed_and_trigger_now_runs_the_job(
 
     # Trigger now: enqueued through the worker's pool, run, and a run.
     assert counter(redis_server, db, "ac:nightly") == 0
+    assert counter(redis_server, db, "ac:started") == 1  # the application's on_startup ran too
     t1 = time.monotonic()
     status, location, _ = api.call("POST", f"/{nightly['id']}/trigger")
     assert status == 200 and location, (status, location)

@@ -495,6 +495,13 @@ class _Integration:
                 self.start_serving()
             except Exception:
                 log.exception("z4j-agentd: could not start serving arq commands")
+            try:
+                from . import cron
+
+                # The worker's cron jobs on the Schedules page (nothing when it has none).
+                cron.serve(ctx, self.settings.target, self.client, queue_name=self.queue_name)
+            except Exception:
+                log.exception("z4j-agentd: could not serve the arq cron jobs")
         self.online = True
         self.emit("worker.online", "", self.worker_data(with_details=True))
 
@@ -525,9 +532,6 @@ class _Integration:
         self.client.serve(self.commands.handlers(), capabilities=_commands.capabilities(),
                           workers=[self.worker_name])
         self.health = _health.start(self)
-        # Other services of the worker process start here, each one line given
-        # this integration (its client, settings, worker_name, and the worker's
-        # loop and redis pool), e.g. the cron jobs' schedule source.
 
     def worker_data(self, with_details: bool) -> Dict[str, Any]:
         data: Dict[str, Any] = {"worker": self.worker_name, "hostname": socket.gethostname(),
