@@ -151,7 +151,7 @@ class _Running:
     """A task executing in this process: its thread, and whether a cancel
     asked it to stop."""
 
-    __slots__ = ("task_id", "name", "thread_id", "started", "cancel_requested", "in_body", "done")
+    __slots__ = ("task_id", "name", "thread_id", "started", "cancel_requested", "raised", "in_body", "done")
 
     def __init__(self, task_id: str, name: Optional[str], thread_id: int) -> None:
         self.task_id = task_id
@@ -159,6 +159,8 @@ class _Running:
         self.thread_id = thread_id
         self.started = time.time()
         self.cancel_requested = False
+        #: A cancel exception was raised into the task's thread.
+        self.raised = False
         self.in_body = False
         self.done = threading.Event()
 
@@ -497,15 +499,17 @@ class _Hooks:
         data.update({"reason": reason, "terminated": terminated, "expired": reason == "expired",
                      "exception_message": _exception_message(exc) if exc is not None else None,
                      "runtime_ms": self._runtime_ms(task_id) if terminated else None})
-        self._forget_run(task_id)
+        self._forget_run(task_id, exc)
         self.emit("task.revoked", task_id, _compact(data))
 
-    def _forget_run(self, task_id: str) -> None:
-        # A task that ended without post_execute (cancelled by a pre_execute
-        # hook, interrupted) is no longer running here.
+    def _forget_run(self, task_id: str, exc: Any = None) -> None:
+        # The attempt ended (post_execute may not follow: a pre_execute hook
+        # cancelled it, or the consumer interrupted it): no longer running here.
         with self._lock:
             self._started.pop(task_id, None)
             running = self.running.pop(task_id, None)
+            if running is not None and running.cancel_requested:
+                self._outcome[task_id] = exc
         if running is not None:
             running.done.set()
 
@@ -550,16 +554,26 @@ class _Hooks:
             try:
                 if running.cancel_requested:
                     raise hooks._cancel_cls()
-                return original()
-            finally:
-                hooks._local.in_body = False
-                with hooks._lock:
-                    running.in_body = False
-                    asked = running.cancel_requested
-                if asked:
-                    # A cancel raised after the code returned must not land
-                    # outside it (Huey would lose the task): take it back.
-                    _commands.clear_async_exception(running.thread_id)
+                value = original()
+            except BaseException:
+                leave()
+                raise
+            if leave():
+                # The cancel was raised into the code, which caught it and
+                # returned: it still ends cancelled (and is not retried).
+                raise hooks._cancel_cls()
+            return value
+
+        def leave() -> bool:
+            hooks._local.in_body = False
+            with hooks._lock:
+                running.in_body = False
+                raised = running.raised
+            if raised:
+                # One raised after the code returned must not land outside
+                # it (Huey would lose the task): take it back.
+                _commands.clear_async_exception(running.thread_id)
+            return raised
 
         task.execute = execute
 
@@ -571,6 +585,8 @@ class _Hooks:
                 self._results[task_id] = value
             if running is not None and running.cancel_requested:
                 self._outcome[task_id] = exc
+            while len(self._results) > MAX_STARTED:  # a `complete` that never came
+                self._results.pop(next(iter(self._results)))
         try:
             del task.execute  # the instance's wrapper (the task may be retried in this process)
         except AttributeError:

@@ -276,7 +276,8 @@ class HueyCommands:
                               f"it will finish"}
         with hooks._lock:
             running.cancel_requested = True
-            raised = running.in_body and raise_async(running.thread_id, hooks._cancel_cls)
+            running.raised = running.in_body and raise_async(running.thread_id, hooks._cancel_cls)
+            raised = running.raised
         started = time.monotonic()
         if not running.done.wait(CANCEL_WAIT):
             raise CommandFailed(
