@@ -19,7 +19,7 @@ the registry key `module.function` that discovery and periodic tasks use,
 
 | signal | event | `data` |
 |---|---|---|
-| `enqueued` (a new task), `scheduled` (a task with an eta this process had not seen) | `task.received` | task_name, queue, worker, args, kwargs, eta, priority, retries, parent_task_id |
+| `enqueued` (a new task), `scheduled` (a task with an eta this process had not seen) | `task.received` | task_name, queue, worker, args, kwargs, eta, retries, parent_task_id |
 | `executing` | `task.started` | task_name, queue, worker, args, kwargs, retries_left |
 | `complete` | `task.succeeded` | task_name, queue, worker, result, runtime_ms |
 | `error`, `timeout`, `rate-limited`, `interrupted` (no retry left) | `task.failed` | task_name, queue, worker, exception, exception_message, traceback, runtime_ms, retry_count |
@@ -373,7 +373,6 @@ class _Hooks:
             "args": event_value(list(getattr(task, "args", None) or ()), MAX_VALUE_BYTES),
             "kwargs": event_value(dict(getattr(task, "kwargs", None) or {}), MAX_VALUE_BYTES),
             "eta": _iso(getattr(task, "eta", None)),
-            "priority": getattr(task, "priority", None),
             "retries": getattr(task, "retries", None),
             "parent_task_id": self._parent_of(task),
         })
