@@ -2,7 +2,6 @@
 (thread workers) on Huey's in-memory storage, in this process."""
 
 import os
-import threading
 import time
 
 import pytest

@@ -285,7 +285,8 @@ class _Hooks:
                 self.start_serving()
             except Exception:
                 log.exception("z4j-agentd: could not start serving Huey commands")
-        # Periodic tasks (the Schedules page) are set up here too.
+        # The consumer-side setup of every other part starts here, one line
+        # each (the periodic tasks of the Schedules page: huey/periodic.py).
 
     def on_startup(self) -> None:
         # Each worker thread (or forked worker process) of a consumer runs this.
