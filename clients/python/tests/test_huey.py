@@ -483,3 +483,58 @@ def test_a_forked_worker_sends_events_under_the_consumer_name_and_serves_nothing
         os.waitpid(pid, 0)
     finally:
         zh.uninstall(huey)
+
+
+PROCESS_APP = '''
+import os
+from huey import SqliteHuey
+import z4j_agentd.huey
+
+huey = SqliteHuey("procs", filename=os.environ["HUEY_DB"], utc=True)
+z4j_agentd.huey.install(huey)
+
+
+@huey.task()
+def add(a, b):
+    return a + b
+'''
+
+
+def test_process_workers_send_their_tasks_events_under_the_consumers_name(standin, tmp_path):
+    """`huey_consumer -k process`: the tasks run in forked worker processes, whose events reach
+    the daemon on their own connections; only the consumer serves commands."""
+    import signal
+    import subprocess
+    import sys
+
+    (tmp_path / "procs_app.py").write_text(PROCESS_APP)
+    env = dict(os.environ, HUEY_DB=str(tmp_path / "huey.db"), Z4J_SOCKET_PATH=standin.path,
+               PYTHONPATH=str(tmp_path))
+    consumer = subprocess.Popen([sys.executable, "-m", "huey.bin.huey_consumer", "procs_app.huey", "-k", "process",
+                                 "-w", "2", "-n", "-d", "0.05", "-m", "0.2"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        from huey import SqliteHuey
+
+        producer = SqliteHuey("procs", filename=str(tmp_path / "huey.db"), utc=True)
+
+        def add(a, b):  # the consumer's task, as a producer without z4j enqueues it
+            raise AssertionError
+
+        add.__module__ = "procs_app"
+        res = producer.task()(add)(20, 22)
+        assert res.get(blocking=True, timeout=20) == 42
+        worker = f"huey@{os.uname().nodename}:{consumer.pid}"
+        done = standin.wait_for(lambda: [e for e in standin.events()
+                                         if e.get("kind") == "task.succeeded" and e.get("task_id") == res.id], 10)
+        assert done[0]["data"]["worker"] == worker and done[0]["data"]["result"] == 42
+        assert done[0]["_pid"] != consumer.pid  # a worker process sent it
+        online = [e for e in standin.events() if e.get("kind") == "worker.online"]
+        assert [(e["_pid"], e["data"]["worker"], e["data"]["pool"]) for e in online] == [
+            (consumer.pid, worker, "huey.consumer(process)")]
+        served = [p.pid for p, m in standin.all("hello") if "huey" in (m.get("capabilities") or {})]
+        assert served == [consumer.pid], served
+    finally:
+        consumer.send_signal(signal.SIGINT)
+        consumer.wait(20)
+    assert standin.wait_for(lambda: [e for e in standin.events() if e.get("kind") == "worker.offline"], 5)
