@@ -81,6 +81,8 @@ REMEMBERED_TASKS = 10000
 MAX_REMEMBERED_ARGS_BYTES = 4 * 1024
 #: Start times kept for runtime_ms before the oldest are forgotten.
 MAX_STARTED = 10000
+#: How cancelled tasks ended, kept for the cancel commands still waiting.
+MAX_OUTCOMES = 1000
 
 _CUT = "\n[... cut by z4j-agentd-client ...]\n"
 
@@ -587,6 +589,8 @@ class _Hooks:
                 self._outcome[task_id] = exc
             while len(self._results) > MAX_STARTED:  # a `complete` that never came
                 self._results.pop(next(iter(self._results)))
+            while len(self._outcome) > MAX_OUTCOMES:  # cancels whose command gave up waiting
+                self._outcome.pop(next(iter(self._outcome)))
         try:
             del task.execute  # the instance's wrapper (the task may be retried in this process)
         except AttributeError:
