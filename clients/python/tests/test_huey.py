@@ -1,0 +1,540 @@
+"""z4j_agentd.huey: events, commands and health, with a real Huey consumer
+(thread workers) on Huey's in-memory storage, in this process."""
+
+import os
+import time
+
+import pytest
+
+huey_mod = pytest.importorskip("huey")
+
+from huey import MemoryHuey  # noqa: E402
+from huey.exceptions import CancelExecution  # noqa: E402
+
+import z4j_agentd.huey as zh  # noqa: E402
+from z4j_agentd.huey import _commands, _health  # noqa: E402
+from test_celery import RecordingClient  # noqa: E402
+
+SECRET_URL = "redis://app:s3cr3t-pw@db.internal:6379/0"
+
+
+def make_app(name="t"):
+    huey = MemoryHuey(name, utc=True)
+
+    @huey.task()
+    def add(a, b):
+        return a + b
+
+    @huey.task(retries=1)
+    def boom(x):
+        raise ValueError(f"cannot reach {SECRET_URL} with {x}")
+
+    @huey.task(retries=2)
+    def spin(seconds):
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            pass
+        return "spun"
+
+    @huey.task(retries=2)
+    def stubborn(seconds):
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            try:
+                while time.monotonic() < end:
+                    pass
+            except Exception:  # swallows the cancel, as careless code does
+                pass
+        return "stubborn"
+
+    @huey.task()
+    def parent(x):
+        add(x, 1)  # enqueued from inside a task
+        return x
+
+    @huey.task()
+    def secret(password, token=None):
+        return {"api_key": "k-123", "ok": True}
+
+    return huey, dict(add=add, boom=boom, spin=spin, stubborn=stubborn, parent=parent, secret=secret)
+
+
+@pytest.fixture
+def app():
+    huey, tasks = make_app()
+    client = RecordingClient()
+    zh.install(huey, client)
+    consumers = []
+
+    def consume(workers=2):
+        consumer = huey.create_consumer(workers=workers, worker_type="thread", periodic=False,
+                                        initial_delay=0.01, max_delay=0.05, scheduler_interval=1)
+        consumer.start()
+        consumers.append(consumer)
+        return consumer
+
+    yield huey, tasks, client, consume
+    for consumer in consumers:
+        consumer.stop(graceful=True)
+    zh.uninstall(huey)
+
+
+def wait(predicate, timeout=10.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def events(client, task_id=None, kind=None):
+    return [e for e in client.emitted
+            if (task_id is None or e["task_id"] == task_id) and (kind is None or e["kind"] == kind)]
+
+
+def one(client, task_id, kind):
+    found = wait(lambda: events(client, task_id, kind), what=f"{kind} of {task_id}")
+    assert len(found) == 1, found
+    return found[0]["data"]
+
+
+def handler(client, action):
+    handlers, _caps = client.served[-1]
+    return handlers[("huey", action)]
+
+
+# ---------------------------------------------------------------- events
+
+
+def test_a_producer_sends_received_with_redacted_arguments_and_serves_nothing(app):
+    huey, tasks, client, _consume = app
+    res = tasks["secret"]("hunter2", token="abc")
+    data = one(client, res.id, "task.received")
+    assert data["task_name"] == "test_huey.secret" and data["queue"] == "t", data
+    assert data["args"] == ["hunter2"] and data["kwargs"] == {"token": "[REDACTED]"}, data
+    assert "worker" not in data and data["retries"] == 0
+    assert client.served == [] and not any(e["kind"].startswith("worker.") for e in client.emitted)
+
+
+def test_lifecycle_in_the_consumer_with_result_failure_retry_and_worker(app):
+    huey, tasks, client, consume = app
+    ok = tasks["add"](2, 3)
+    bad = tasks["boom"](7)
+    consume()
+    assert ok.get(blocking=True, timeout=10) == 5
+    wait(lambda: events(client, bad.id, "task.failed"), what="the failure")
+    hooks = zh.installed(huey)
+    worker = hooks.worker_name
+    assert worker == f"huey@{os.uname().nodename}:{os.getpid()}"
+
+    online = one(client, "", "worker.online")
+    assert online == {"worker": worker, "hostname": os.uname().nodename, "pid": os.getpid(), "concurrency": 2,
+                      "pool": "huey.consumer(thread)", "queues": ["t"], "sw_ver": huey_mod.__version__}
+
+    started = one(client, ok.id, "task.started")
+    assert started == {"task_name": "test_huey.add", "queue": "t", "worker": worker, "args": [2, 3],
+                       "kwargs": {}, "retries_left": 0}
+    done = one(client, ok.id, "task.succeeded")
+    assert done["result"] == 5 and done["worker"] == worker and isinstance(done["runtime_ms"], int)
+    # received once (the producer's), none again in the consumer that saw it enqueued
+    assert len(events(client, ok.id, "task.received")) == 1
+
+    kinds = [e["kind"] for e in events(client, bad.id)]
+    assert kinds == ["task.received", "task.started", "task.retried", "task.started", "task.failed"], kinds
+    retried = one(client, bad.id, "task.retried")
+    assert retried["retry_count"] == 1 and retried["retries_left"] == 0 and retried["exception"] == "ValueError"
+    assert "s3cr3t-pw" not in retried["reason"]
+    failed = one(client, bad.id, "task.failed")
+    assert failed["exception"] == "ValueError" and failed["retry_count"] == 1 and failed["worker"] == worker
+    assert "s3cr3t-pw" not in failed["exception_message"] and "db.internal" in failed["exception_message"]
+    assert "Traceback" in failed["traceback"] and "in boom" in failed["traceback"]
+    assert "s3cr3t-pw" not in failed["traceback"]
+    assert isinstance(failed["runtime_ms"], int)
+
+
+def test_a_consumer_sends_received_for_a_task_whose_producer_had_no_client(app):
+    huey, tasks, client, consume = app
+    zh.uninstall(huey)
+    res = tasks["add"](1, 1)  # a producer without z4j
+    assert client.emitted == []
+    zh.install(huey, client)
+    consume()
+    assert res.get(blocking=True, timeout=10) == 2
+    kinds = [e["kind"] for e in events(client, res.id)]
+    assert kinds[:2] == ["task.received", "task.started"], kinds
+    assert events(client, res.id, "task.received")[0]["data"]["args"] == [1, 1]
+
+
+def test_a_task_enqueued_by_a_task_and_a_pipeline_carry_the_parent(app):
+    huey, tasks, client, consume = app
+    pipe = tasks["add"].s(1, 2).then(tasks["add"], 10)
+    results = huey.enqueue(pipe)
+    first = tasks["parent"](4)
+    consume()
+    assert results.get(blocking=True, timeout=10) == [3, 13]
+    assert one(client, pipe.on_complete.id, "task.received")["parent_task_id"] == pipe.id
+    wait(lambda: [e for e in events(client, kind="task.received")
+                  if e["data"].get("parent_task_id") == first.id], what="the child of parent()")
+    assert "parent_task_id" not in one(client, first.id, "task.received")
+
+
+def test_revoked_and_expired_tasks(app):
+    huey, tasks, client, consume = app
+    gone = tasks["add"](1, 2)
+    gone.revoke()
+    late = tasks["add"].schedule((1, 2), delay=0, expires=0.001)
+    time.sleep(0.05)
+    consume()
+    assert one(client, gone.id, "task.revoked") == {
+        "task_name": "test_huey.add", "queue": "t", "worker": zh.installed(huey).worker_name,
+        "reason": "revoked", "terminated": False, "expired": False}
+    assert one(client, late.id, "task.revoked")["reason"] == "expired"
+    assert one(client, late.id, "task.revoked")["expired"] is True
+
+
+def test_a_task_cancelled_by_a_pre_execute_hook_is_revoked_and_not_left_running(app):
+    huey, tasks, client, consume = app
+
+    @huey.pre_execute("refuse")
+    def refuse(task):
+        raise CancelExecution()
+
+    res = tasks["add"](1, 2)
+    consume()
+    data = one(client, res.id, "task.revoked")
+    assert data["reason"] == "canceled" and data["terminated"] is False
+    assert zh.installed(huey).running == {}
+
+
+# ---------------------------------------------------------------- commands
+
+
+def test_the_consumer_serves_its_commands_under_its_worker_name(app):
+    huey, _tasks, client, consume = app
+    consume()
+    handlers, caps = client.served[-1]
+    assert sorted(a for _, a in handlers) == sorted(_commands.ACTIONS)
+    assert caps == {"huey": ["retry_by_reference_v1"]}
+    assert client.served_workers == [zh.installed(huey).worker_name]
+    assert len(client.served) == 1  # once, not per worker thread
+
+
+def test_cancel_stops_a_running_task_which_is_not_retried(app):
+    huey, tasks, client, consume = app
+    consume()
+    res = tasks["spin"](30)
+    hooks = zh.installed(huey)
+    wait(lambda: res.id in hooks.running and hooks.running[res.id].in_body, what="spin to run")
+    began = time.monotonic()
+    out = handler(client, "cancel_task")({"parameters": {"task_id": res.id}})
+    took = time.monotonic() - began
+    assert out["stopped"] is True and out["state_before"] == "running" and out["revoked"] is True, out
+    assert took < 5, took  # bound, not a target: it stopped long before its 30 s
+    data = one(client, res.id, "task.revoked")
+    assert data["reason"] == "canceled" and data["terminated"] is True
+    time.sleep(1.5)  # a retry would be enqueued at once (retries=2, no delay)
+    assert [e["kind"] for e in events(client, res.id)] == ["task.received", "task.started", "task.revoked"]
+    assert huey.pending_count() == 0 and huey.scheduled_count() == 0
+
+
+def test_cancel_of_a_task_that_catches_the_exception_ends_it_when_its_code_returns(app):
+    huey, tasks, client, consume = app
+    consume()
+    res = tasks["stubborn"](1.0)
+    hooks = zh.installed(huey)
+    wait(lambda: res.id in hooks.running and hooks.running[res.id].in_body, what="stubborn to run")
+    out = handler(client, "cancel_task")({"parameters": {"task_id": res.id}})
+    assert out["stopped"] is True, out
+    assert one(client, res.id, "task.revoked")["terminated"] is True
+    assert not events(client, res.id, "task.succeeded") and not events(client, res.id, "task.retried")
+
+
+def test_cancel_of_a_queued_task_revokes_it(app):
+    huey, tasks, client, consume = app
+    consume(workers=1)
+    blocker = tasks["spin"](0.5)
+    queued = tasks["add"](5, 5)
+    wait(lambda: blocker.id in zh.installed(huey).running, what="the blocker to run")
+    out = handler(client, "cancel_task")({"target": {"type": "task", "id": f"huey:{queued.id}"}})
+    assert out["state_before"] == "not_running_here" and out["stopped"] is False and out["pending_only"]
+    assert one(client, queued.id, "task.revoked")["reason"] == "revoked"
+    assert not events(client, queued.id, "task.started")
+
+
+def test_cancel_in_a_process_or_greenlet_worker_says_it_cannot_stop_it(app):
+    huey, tasks, client, consume = app
+    consume()
+    hooks = zh.installed(huey)
+    res = tasks["spin"](0.5)
+    wait(lambda: res.id in hooks.running, what="spin to run")
+    hooks.worker_type = "greenlet"
+    out = handler(client, "cancel_task")({"parameters": {"task_id": res.id}})
+    assert out["stopped"] is False and "greenlet" in out["detail"], out
+    hooks.worker_type = "process"
+    assert "process workers" in handler(client, "cancel_task")({"parameters": {"task_id": "nope"}})["detail"]
+
+
+def test_submit_task_by_full_or_bare_name(app):
+    huey, _tasks, client, consume = app
+    consume()
+    submit = handler(client, "submit_task")
+    out = submit({"parameters": {"name": "test_huey.add", "args": [40, 2]}})
+    assert out["task_name"] == "test_huey.add" and out["queue"] == "t"
+    assert one(client, out["task_id"], "task.succeeded")["result"] == 42
+    bare = submit({"parameters": {"task_name": "add", "args": [1, 1], "queue": "t"}})
+    assert one(client, bare["task_id"], "task.succeeded")["result"] == 2
+    with pytest.raises(_commands.BadCommand, match="no Huey task 'nope'"):
+        submit({"parameters": {"name": "nope"}})
+    with pytest.raises(_commands.BadCommand, match="one queue"):
+        submit({"parameters": {"name": "add", "queue": "other"}})
+    with pytest.raises(_commands.BadCommand, match="args must be a list"):
+        submit({"parameters": {"name": "add", "args": "x"}})
+    later = submit({"parameters": {"name": "add", "args": [1, 2], "eta": time.time() + 3600}})
+    assert one(client, later["task_id"], "task.received")["eta"]
+    wait(lambda: huey.scheduled_count() == 1, what="the consumer to schedule it")
+
+
+def test_an_ambiguous_bare_name_is_refused():
+    huey, _tasks = make_app()
+
+    def add(a):  # same bare name, another module
+        return a
+    add.__module__ = "other_mod"
+    huey.task()(add)
+    with pytest.raises(_commands.BadCommand, match="ambiguous"):
+        _commands.resolve_task(huey, "add")
+    assert _commands.resolve_task(huey, "other_mod.add")[0] == "other_mod.add"
+
+
+def test_retry_task_by_reference_and_with_overrides(app):
+    huey, tasks, client, consume = app
+    consume()
+    bad = tasks["boom"](9)
+    wait(lambda: events(client, bad.id, "task.failed"), what="boom to fail")
+    retry = handler(client, "retry_task")
+    out = retry({"parameters": {"task_id": bad.id, "task_name": "boom"}})
+    assert out["original_task_id"] == bad.id and out["new_task_id"] != bad.id and out["task_name"] == "test_huey.boom"
+    assert one(client, out["new_task_id"], "task.received")["args"] == [9]
+    ok = tasks["add"](1, 2)
+    wait(lambda: events(client, ok.id, "task.succeeded"), what="add")
+    changed = retry({"parameters": {"task_id": ok.id, "override_args": [100, 5]}})
+    assert one(client, changed["new_task_id"], "task.succeeded")["result"] == 105
+    with pytest.raises(_commands.BadCommand, match="override_args"):
+        retry({"parameters": {"task_id": "never-seen", "task_name": "add"}})
+    with pytest.raises(_commands.BadCommand, match="task name is unknown"):
+        retry({"parameters": {"task_id": "never-seen"}})
+
+
+def test_purge_queue_at_the_confirmed_depth_only():
+    huey, tasks = make_app("pq")
+    client = RecordingClient()
+    zh.install(huey, client)
+    try:
+        zh.installed(huey).on_consumer(None)  # a consumer that has not started its workers
+        purge = handler(client, "purge_queue")
+        for i in range(3):
+            tasks["add"](i, i)
+        with pytest.raises(_commands.CommandFailed, match="holds 3 tasks now, the purge was confirmed at 2"):
+            purge({"parameters": {"queue": "pq", "expected_depth": 2}})
+        assert huey.pending_count() == 3
+        with pytest.raises(_commands.BadCommand, match="no expected_depth"):
+            purge({"parameters": {"queue": "pq"}})
+        with pytest.raises(_commands.BadCommand, match="not this Huey instance's queue"):
+            purge({"parameters": {"queue": "other", "expected_depth": 3}})
+        out = purge({"parameters": {"queue": "pq", "expected_depth": 3, "force": False}})
+        assert out["queue"] == "pq" and out["depth_before"] == 3 and out["purged"] == 3
+        assert huey.pending_count() == 0
+    finally:
+        zh.uninstall(huey)
+
+
+def test_reconcile_from_the_result_store(app):
+    huey, tasks, client, consume = app
+    consume()
+    ok, bad = tasks["add"](1, 2), tasks["boom"](1)
+    wait(lambda: events(client, ok.id, "task.succeeded") and events(client, bad.id, "task.failed"), what="ends")
+    reconcile = handler(client, "reconcile_task")
+    assert reconcile({"parameters": {"task_id": ok.id}})["engine_state"] == "success"
+    failed = reconcile({"parameters": {"task_id": bad.id}})
+    assert failed["engine_state"] == "failure" and "ValueError" in failed["exception"]
+    assert ok.get() == 3  # the probe did not consume the result
+    assert reconcile({"target": {"id": "nobody"}})["engine_state"] == "unknown"
+    slow = tasks["spin"](0.5)
+    wait(lambda: slow.id in zh.installed(huey).running, what="spin")
+    assert reconcile({"parameters": {"task_id": slow.id}})["engine_state"] == "started"
+
+
+# ---------------------------------------------------------------- health
+
+
+def test_health_reports_depth_scheduled_and_the_worker(app):
+    huey, tasks, client, consume = app
+    consume(workers=1)
+    hooks = zh.installed(huey)
+    tasks["add"].schedule((1, 1), delay=3600)  # the consumer moves it to the schedule
+    wait(lambda: huey.scheduled_count() == 1, what="the consumer to schedule it")
+    running = tasks["spin"](0.6)
+    wait(lambda: running.id in hooks.running, what="spin")
+    for i in range(3):
+        tasks["add"](i, i)
+    report = hooks.health()["huey"]
+    assert report["queue_depths"] == {"t": 3} and report["scheduled_count"] == 1
+    assert report["broker_type"] == "memory" and report["broker_connected"] is True
+    details = report["workers"][hooks.worker_name]
+    assert details["stats"]["pid"] == os.getpid()
+    assert details["stats"]["pool"] == {"implementation": "huey.consumer(thread)", "max-concurrency": 1}
+    assert [a["id"] for a in details["active"]] == [running.id]
+    assert details["active_queues"] == [{"name": "t"}]
+    assert "test_huey.add" in details["registered"] and "test_huey.spin" in details["registered"]
+    beat = events(client, kind="worker.heartbeat")
+    assert len(beat) == 1 and beat[0]["data"]["worker"] == hooks.worker_name
+
+
+def test_health_without_storage_says_so(app):
+    huey, _tasks, client, consume = app
+    consume()
+    hooks = zh.installed(huey)
+
+    def broken():
+        raise ConnectionError("storage down")
+    huey.pending_count = broken
+    report = hooks.health()["huey"]
+    assert report["broker_connected"] is False and "storage down" in report["broker_error"]
+    assert "queue_depths" not in report and report["workers"]
+
+
+def test_the_health_interval_from_the_environment(monkeypatch):
+    monkeypatch.setenv(_health.INTERVAL_ENV, "2.5")
+    assert _health.interval_from_env() == 2.5
+    monkeypatch.setenv(_health.INTERVAL_ENV, "soon")
+    with pytest.raises(ValueError, match="is not a number"):
+        _health.interval_from_env()
+
+
+# ---------------------------------------------------------------- wiring
+
+
+def test_install_is_idempotent_and_uninstall_restores_huey():
+    huey, tasks = make_app("w")
+    client = RecordingClient()
+    assert zh.install(huey, client) is client
+    zh.install(huey, client)
+    assert len(huey._signal.receivers["any"]) == 1
+    assert "create_consumer" in huey.__dict__
+    zh.uninstall(huey)
+    assert huey._signal.receivers["any"] == [] and "create_consumer" not in huey.__dict__
+    assert zh.installed(huey) is None
+    tasks["add"](1, 2)
+    assert client.emitted == []
+
+
+def test_a_consumer_built_directly_is_recognised_at_its_workers_startup():
+    from huey.consumer import Consumer
+
+    huey, tasks = make_app("d")
+    client = RecordingClient()
+    zh.install(huey, client)
+    consumer = Consumer(huey, workers=2, periodic=False, initial_delay=0.01, max_delay=0.05)
+    consumer.start()
+    try:
+        res = tasks["add"](2, 2)
+        assert res.get(blocking=True, timeout=10) == 4
+        hooks = zh.installed(huey)
+        assert hooks.worker_name and len(client.served) == 1
+        assert one(client, res.id, "task.started")["worker"] == hooks.worker_name
+    finally:
+        consumer.stop(graceful=True)
+        zh.uninstall(huey)
+
+
+def test_worker_offline_at_the_consumer_exit(app):
+    huey, _tasks, client, consume = app
+    consume()
+    hooks = zh.installed(huey)
+    hooks.on_consumer_exit()
+    hooks.on_consumer_exit()
+    assert [e["data"] for e in events(client, kind="worker.offline")] == [
+        {"worker": hooks.worker_name, "hostname": os.uname().nodename, "pid": os.getpid()}]
+
+
+def test_a_forked_worker_sends_events_under_the_consumer_name_and_serves_nothing():
+    huey, tasks = make_app("f")
+    client = RecordingClient()
+    zh.install(huey, client)
+    try:
+        hooks = zh.installed(huey)
+        hooks.on_consumer(None)
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: a process worker
+            try:
+                child = zh.installed(huey)
+                child.on_startup()
+                ok = child._forked and child.worker_name == hooks.worker_name and child.running == {}
+                child.start_serving()
+                ok = ok and len(client.served) == 1
+                os.write(write, b"1" if ok else b"0")
+            finally:
+                os._exit(0)
+        os.close(write)
+        assert os.read(read, 1) == b"1"
+        os.waitpid(pid, 0)
+    finally:
+        zh.uninstall(huey)
+
+
+PROCESS_APP = '''
+import os
+from huey import SqliteHuey
+import z4j_agentd.huey
+
+huey = SqliteHuey("procs", filename=os.environ["HUEY_DB"], utc=True)
+z4j_agentd.huey.install(huey)
+
+
+@huey.task()
+def add(a, b):
+    return a + b
+'''
+
+
+def test_process_workers_send_their_tasks_events_under_the_consumers_name(standin, tmp_path):
+    """`huey_consumer -k process`: the tasks run in forked worker processes, whose events reach
+    the daemon on their own connections; only the consumer serves commands."""
+    import signal
+    import subprocess
+    import sys
+
+    (tmp_path / "procs_app.py").write_text(PROCESS_APP)
+    env = dict(os.environ, HUEY_DB=str(tmp_path / "huey.db"), Z4J_SOCKET_PATH=standin.path,
+               PYTHONPATH=str(tmp_path))
+    consumer = subprocess.Popen([sys.executable, "-m", "huey.bin.huey_consumer", "procs_app.huey", "-k", "process",
+                                 "-w", "2", "-n", "-d", "0.05", "-m", "0.2"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        from huey import SqliteHuey
+
+        producer = SqliteHuey("procs", filename=str(tmp_path / "huey.db"), utc=True)
+
+        def add(a, b):  # the consumer's task, as a producer without z4j enqueues it
+            raise AssertionError
+
+        add.__module__ = "procs_app"
+        res = producer.task()(add)(20, 22)
+        assert res.get(blocking=True, timeout=20) == 42
+        worker = f"huey@{os.uname().nodename}:{consumer.pid}"
+        done = standin.wait_for(lambda: [e for e in standin.events()
+                                         if e.get("kind") == "task.succeeded" and e.get("task_id") == res.id], 10)
+        assert done[0]["data"]["worker"] == worker and done[0]["data"]["result"] == 42
+        assert done[0]["_pid"] != consumer.pid  # a worker process sent it
+        online = [e for e in standin.events() if e.get("kind") == "worker.online"]
+        assert [(e["_pid"], e["data"]["worker"], e["data"]["pool"]) for e in online] == [
+            (consumer.pid, worker, "huey.consumer(process)")]
+        served = [p.pid for p, m in standin.all("hello") if "huey" in (m.get("capabilities") or {})]
+        assert served == [consumer.pid], served
+    finally:
+        consumer.send_signal(signal.SIGINT)
+        consumer.wait(20)
+    assert standin.wait_for(lambda: [e for e in standin.events() if e.get("kind") == "worker.offline"], 5)
