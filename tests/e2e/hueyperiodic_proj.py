@@ -1,8 +1,7 @@
-"""The Huey app of test_hueyperiodic.py: two periodic tasks and the
-scheduler served from the consumer, as the Huey integration's install does:
-`periodic.watch(huey)` where the instance is made (so the consumer's first
-periodic check counts), `periodic.serve(huey)` in the consumer's
-`on_startup` (each worker calls it; the second call is a no-op).
+"""The Huey app of test_hueyperiodic.py: two periodic tasks, on the
+Schedules page through `z4j_agentd.huey.install(huey)` (which counts the
+consumer's periodic runs from import on and serves the scheduler from the
+consumer).
 
     huey_consumer hueyperiodic_proj.huey -k thread -w 2
 
@@ -18,12 +17,12 @@ import os
 import redis
 from huey import RedisHuey, crontab
 
-from z4j_agentd.huey import periodic
+import z4j_agentd.huey
 
 BROKER = os.environ["Z4J_E2E_BROKER"]
 
 huey = RedisHuey("hueyperiodic-e2e", url=BROKER, utc=True)
-periodic.watch(huey)
+z4j_agentd.huey.install(huey)
 _redis = redis.Redis.from_url(BROKER)
 
 
@@ -35,8 +34,3 @@ def office_report():
 @huey.periodic_task(crontab())
 def every_minute():
     _redis.incr("hp:every_minute")
-
-
-@huey.on_startup()
-def serve_schedules():
-    periodic.serve(huey)

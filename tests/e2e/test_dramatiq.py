@@ -27,6 +27,7 @@ import pytest
 import brain_bootstrap as bb
 from control import wait_brain_knows, wait_command_done
 from harness import Background, brain_db, get_task, hexid, resp, task_events, wait_for
+from test_celery_commands import probe_reconcile
 
 ENGINE = "dramatiq"
 HERE = Path(__file__).resolve().parent
@@ -310,39 +311,6 @@ def test_dead_letters_page_lists_the_failed_message(cluster):
 # ---------------------------------------------------------------- 5 reconcile
 
 
-def probe_reconcile(cluster, task_ids: list) -> list:
-    """Puts a reconcile_task probe per task in the brain's command table, as its reconciliation
-    sweep does (same action, target and payload, `pending`; the sweep itself is too slow for a
-    test), then makes the daemon say hello again (a local process declaring one more action):
-    the brain delivers pending commands at the hello. Returns the finished commands, in order."""
-    import sqlite3
-    from datetime import datetime, timedelta, timezone as tz
-
-    from control import LocalClient
-
-    ids = [uuid.uuid4() for _ in task_ids]
-    now = datetime.now(tz.utc).replace(tzinfo=None)
-    con = sqlite3.connect(str(cluster.brain.db_path), timeout=30)
-    try:
-        with con:
-            for command_id, task_id in zip(ids, task_ids):
-                con.execute(
-                    "INSERT INTO commands (id, project_id, agent_id, action, target_type, target_id, payload, "
-                    "status, issued_at, timeout_at) VALUES (?, ?, ?, 'reconcile_task', 'task', ?, ?, 'pending', ?, ?)",
-                    (command_id.hex, uuid.UUID(cluster.agent["project_id"]).hex, hexid(cluster.agent["agent_id"]),
-                     task_id, json.dumps({"task_id": task_id, "engine": ENGINE}),
-                     now.strftime("%Y-%m-%d %H:%M:%S.%f"),
-                     (now + timedelta(seconds=60)).strftime("%Y-%m-%d %H:%M:%S.%f")))
-    finally:
-        con.close()
-    nudge = LocalClient(cluster.daemon.socket_path)
-    try:
-        nudge.hello(process="e2e-rehello", engines=[ENGINE], capabilities={ENGINE: ["e2e_nudge"]})
-        return [wait_command_done(cluster.brain, cluster.agent, str(command_id), 90) for command_id in ids]
-    finally:
-        nudge.close()
-
-
 def test_reconcile_answers_what_the_worker_or_the_broker_knows(cluster):
     running = cluster.send("spin", 30)
     cluster.wait_state(running, "started", 20)
@@ -350,7 +318,7 @@ def test_reconcile_answers_what_the_worker_or_the_broker_knows(cluster):
     dead = cluster.send("flaky", 3)
     cluster.wait_state(dead, "failure")
     nobody = f"e2e-nobody-{uuid.uuid4().hex[:8]}"
-    on_worker, queued, failed, unknown = probe_reconcile(cluster, [running, waiting, dead, nobody])
+    on_worker, queued, failed, unknown = probe_reconcile(cluster, [running, waiting, dead, nobody], engine=ENGINE)
     for done in (on_worker, queued, failed, unknown):
         assert done["status"] == "completed", (done["error"], done["result"])
     assert on_worker["result"] == {"task_id": running, "engine_state": "started", "finished_at": None,

@@ -27,6 +27,7 @@ import pytest
 import brain_bootstrap as bb
 from control import LocalClient, wait_brain_knows, wait_command_done
 from harness import Background, brain_db, get_task, hexid, task_events, wait_for
+from test_celery_commands import probe_reconcile
 
 ENGINE = "huey"
 HERE = Path(__file__).resolve().parent
@@ -304,37 +305,6 @@ def test_submit_task_from_a_brain_schedule_runs_the_task(cluster):
     assert ran["result"] == 42 and ran["args"] == [40, 2] and ran["name"] == "huey_proj.add", ran
 
 
-def probe_reconcile(cluster, task_ids):
-    """reconcile_task probes for Huey tasks, as the brain's reconciliation sweep puts them in its
-    command table (too slow to wait for in a test; see test_celery_commands.probe_reconcile, whose
-    probes name Celery): delivered when the agent says hello again, which a local process
-    declaring one more action causes. Returns the finished commands, in order."""
-    import sqlite3
-    from datetime import datetime, timedelta, timezone as tz
-
-    ids = [uuid.uuid4() for _ in task_ids]
-    now = datetime.now(tz.utc).replace(tzinfo=None)
-    con = sqlite3.connect(str(cluster.brain.db_path), timeout=30)
-    try:
-        with con:
-            for command_id, task_id in zip(ids, task_ids):
-                con.execute(
-                    "INSERT INTO commands (id, project_id, agent_id, action, target_type, target_id, payload, "
-                    "status, issued_at, timeout_at) VALUES (?, ?, ?, 'reconcile_task', 'task', ?, ?, 'pending', ?, ?)",
-                    (command_id.hex, uuid.UUID(cluster.agent["project_id"]).hex, hexid(cluster.agent["agent_id"]),
-                     task_id, json.dumps({"task_id": task_id, "engine": ENGINE}),
-                     now.strftime("%Y-%m-%d %H:%M:%S.%f"),
-                     (now + timedelta(seconds=60)).strftime("%Y-%m-%d %H:%M:%S.%f")))
-    finally:
-        con.close()
-    nudge = LocalClient(cluster.daemon.socket_path)
-    try:
-        nudge.hello(process="e2e-huey-rehello", engines=[ENGINE], capabilities={ENGINE: ["e2e_nudge"]})
-        return [wait_command_done(cluster.brain, cluster.agent, str(command_id), 90) for command_id in ids]
-    finally:
-        nudge.close()
-
-
 def test_reconcile_reads_the_running_task_and_the_result_store(cluster):
     running = cluster.tasks["sleepy"](30)
     cluster.wait_state(running.id, "started")
@@ -342,7 +312,7 @@ def test_reconcile_reads_the_running_task_and_the_result_store(cluster):
     cluster.wait_state(finished.id, "success")
     nobody = f"e2e-nobody-{uuid.uuid4().hex[:8]}"
     try:
-        on_worker, stored, unknown = probe_reconcile(cluster, [running.id, finished.id, nobody])
+        on_worker, stored, unknown = probe_reconcile(cluster, [running.id, finished.id, nobody], engine=ENGINE)
         assert on_worker["status"] == "completed", on_worker
         assert on_worker["result"]["engine_state"] == "started" and on_worker["result"]["worker"] == cluster.worker
         assert stored["status"] == "completed" and stored["result"]["engine_state"] == "success", stored

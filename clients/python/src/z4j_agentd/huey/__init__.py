@@ -287,8 +287,13 @@ class _Hooks:
                 self.start_serving()
             except Exception:
                 log.exception("z4j-agentd: could not start serving Huey commands")
-        # The consumer-side setup of every other part starts here, one line
-        # each (the periodic tasks of the Schedules page: huey/periodic.py).
+            try:
+                from . import periodic
+
+                # The periodic tasks on the Schedules page (nothing when there are none).
+                periodic.serve(self.huey, self.client)
+            except Exception:
+                log.exception("z4j-agentd: could not serve Huey's periodic tasks")
 
     def on_startup(self) -> None:
         # Each worker thread (or forked worker process) of a consumer runs this.
@@ -683,6 +688,14 @@ def install(huey: Any, client: Optional[Client] = None, *, serve_commands: bool 
         hooks = _Hooks(huey, client, serve_commands)
         hooks.connect()
         _installed[id(huey)] = hooks
+    if serve_commands:
+        try:
+            from . import periodic
+
+            # From import on, so the consumer's first look for due periodic tasks counts.
+            periodic.watch(huey)
+        except Exception:
+            log.exception("z4j-agentd: Huey's periodic task runs are not counted")
     return hooks.client
 
 
