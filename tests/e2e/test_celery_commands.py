@@ -464,7 +464,7 @@ def test_retry_task_runs_the_original_again_or_with_the_operators_overrides(clus
 # ---------------------------------------------------------------- 6 reconcile
 
 
-def probe_reconcile(cluster, task_ids: list) -> list:
+def probe_reconcile(cluster, task_ids: list, engine: str = ENGINE) -> list:
     """Puts a reconcile_task probe per task in the brain's command table, as its reconciliation
     sweep does (same action, target and payload, `pending`): the sweep itself runs every 30 s at
     the least, for tasks older than 60 s at the least, too slow for a test. The brain delivers
@@ -484,14 +484,14 @@ def probe_reconcile(cluster, task_ids: list) -> list:
                     "INSERT INTO commands (id, project_id, agent_id, action, target_type, target_id, payload, "
                     "status, issued_at, timeout_at) VALUES (?, ?, ?, 'reconcile_task', 'task', ?, ?, 'pending', ?, ?)",
                     (command_id.hex, uuid.UUID(cluster.agent["project_id"]).hex, hexid(cluster.agent["agent_id"]),
-                     task_id, json.dumps({"task_id": task_id, "engine": ENGINE}),
+                     task_id, json.dumps({"task_id": task_id, "engine": engine}),
                      now.strftime("%Y-%m-%d %H:%M:%S.%f"),
                      (now + timedelta(seconds=60)).strftime("%Y-%m-%d %H:%M:%S.%f")))
     finally:
         con.close()
     nudge = LocalClient(cluster.daemon.socket_path)
     try:
-        nudge.hello(process="e2e-rehello", engines=[ENGINE], capabilities={ENGINE: ["e2e_nudge"]})
+        nudge.hello(process="e2e-rehello", engines=[engine], capabilities={engine: ["e2e_nudge"]})
         return [wait_command_done(cluster.brain, cluster.agent, str(command_id), 90) for command_id in ids]
     finally:
         nudge.close()
