@@ -344,3 +344,18 @@ def test_cancel_of_a_sync_task_says_it_cannot_stop_it(setup):
     assert "synchronous function" in done["error"] and "cannot stop a thread" in done["error"], done
     assert setup.wait_state(tid, "success")["result"] == "blocked"
     setup.check_worker_kept_its_process()
+
+
+# ---------------------------------------------------------------- 4 the end (last: it stops the worker)
+
+
+def test_a_stopped_worker_says_so_with_worker_offline(setup):
+    setup.worker.stop(timeout=10)  # SIGTERM: TaskIQ shuts its worker process's broker down
+
+    def offline():
+        rows = brain_db(setup.brain, "SELECT payload FROM events WHERE agent_id = ? AND kind = 'worker.offline'",
+                        (hexid(setup.agent["agent_id"]),))
+        return len(rows) == 1, [json.loads(r["payload"]) for r in rows]
+
+    rows = wait_for(offline, 20, "the worker's worker.offline in the brain")
+    assert rows == [{"worker": setup.name, "hostname": HOST, "pid": setup.child_pid}], rows
