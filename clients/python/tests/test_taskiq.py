@@ -18,7 +18,7 @@ import pytest
 
 pytest.importorskip("taskiq")
 
-from taskiq import InMemoryBroker, TaskiqEvents  # noqa: E402
+from taskiq import Context, InMemoryBroker, TaskiqDepends, TaskiqEvents, TaskiqMiddleware  # noqa: E402
 from taskiq.middlewares import SimpleRetryMiddleware  # noqa: E402
 
 import z4j_agentd.taskiq as zt  # noqa: E402
@@ -211,7 +211,7 @@ def test_a_worker_process_sends_received_for_a_task_another_process_sent(app):
     """The sender's task.received may reach the brain after the worker's task.started (two
     connections): the worker sends its own first, so the row keeps the arguments."""
     mw = app.mw
-    mw._sent.clear()
+    mw._received_sent.clear()
     message = type("M", (), {"task_id": "t-other", "task_name": "add", "args": [1, 2], "kwargs": {},
                              "labels": {"_retries": 0}})()
 
@@ -476,3 +476,117 @@ def test_a_forked_worker_process_starts_with_nothing_of_its_parent(app):
     assert got == b"1"
     assert [e.task_id for e in app.mw.running_now()] == [tid]  # the parent keeps its own
     app.command("cancel_task", task_id=tid)
+
+
+def test_a_retry_that_starts_before_its_failed_attempt_ended_keeps_both_apart():
+    """A retry middleware sends the task again from on_error; the next attempt (same task id)
+    may start while the failed one is still in its end hooks (here a middleware awaiting in
+    on_error, as a metrics or logging one may). Each attempt keeps its own count, and the
+    new attempt stays cancellable."""
+    class SlowOnError(TaskiqMiddleware):
+        async def on_error(self, message, result, exception):
+            await asyncio.sleep(0.3)
+
+    loop = Loop()
+    broker = InMemoryBroker()
+    broker.add_middlewares(SlowOnError(), SimpleRetryMiddleware(default_retry_count=3))
+    client = RecordingClient()
+    zt.install(broker, client)  # first: [z4j, SlowOnError, SimpleRetry]
+
+    @broker.task(task_name="second_try_sleeps", retry_on_error=True, max_retries=3)
+    async def second_try_sleeps(context: Context = TaskiqDepends()):
+        if int(context.message.labels.get("_retries", 0)) == 0:
+            raise RuntimeError("first attempt")
+        await asyncio.sleep(30)
+
+    try:
+        loop.run(broker.startup())
+        tid = loop.run(second_try_sleeps.kiq()).task_id
+        deadline = time.monotonic() + 5
+        while len([e for e in client.emitted if e["kind"] == "task.started"]) < 2:
+            assert time.monotonic() < deadline, client.kinds()
+            time.sleep(0.01)
+        time.sleep(0.5)  # the first attempt's end hooks are over
+        retried = [e["data"]["retry_count"] for e in client.emitted if e["kind"] == "task.retried"]
+        assert retried == [1], client.emitted
+        assert "task.failed" not in client.kinds()
+        handlers, _ = client.served[-1]
+        out = handlers[("taskiq", "cancel_task")]({"parameters": {"task_id": tid}})
+        assert out["cancelled"] is True
+        assert client.kinds()[-1] == "task.revoked"
+    finally:
+        loop.run(broker.shutdown())
+        loop.stop()
+
+
+def test_a_task_run_in_the_senders_own_asyncio_task_leaves_no_parent_behind():
+    """InMemoryBroker(await_inplace=True) runs the task inside the coroutine that sent it: the
+    next task that coroutine sends is not the first one's child."""
+    broker = InMemoryBroker(await_inplace=True)
+    client = RecordingClient()
+    zt.install(broker, client)
+
+    @broker.task(task_name="noop")
+    async def noop():
+        return None
+
+    async def main():
+        await broker.startup()
+        first = (await noop.kiq()).task_id
+        second = (await noop.kiq()).task_id
+        await broker.shutdown()
+        return first, second
+
+    first, second = asyncio.run(main())
+    received = [e for e in client.emitted if e["task_id"] == second and e["kind"] == "task.received"]
+    assert received and "parent_task_id" not in received[0]["data"], received
+
+
+def test_the_senders_received_is_dated_before_the_worker_could_start_the_task():
+    """A worker process may start a task before the sender's post_send runs; the brain puts a
+    row back to `received` for a received event dated after its started one. So the sender's
+    task.received, sent once the broker took the task, is dated when the send began; and a
+    process that runs a task it sent sends task.received once, before task.started."""
+    from datetime import datetime, timedelta, timezone
+
+    class TimedClient(RecordingClient):
+        def emit(self, engine, kind, task_id="", data=None, occurred_at=None, id=None):
+            super().emit(engine, kind, task_id, data, occurred_at, id)
+            self.emitted[-1]["at"] = occurred_at or datetime.now(timezone.utc)
+            return True
+
+    class SlowToConfirm(InMemoryBroker):
+        async def kick(self, message):
+            await super().kick(message)   # the task starts on the loop...
+            await asyncio.sleep(0.2)      # ...before the send returns
+
+    broker = SlowToConfirm()
+    client = TimedClient()
+    zt.install(broker, client)
+
+    @broker.task(task_name="noop")
+    async def noop():
+        return None
+
+    async def main():
+        await broker.startup()
+        tid = (await noop.kiq()).task_id
+        await broker.wait_all()
+        await broker.shutdown()
+        return tid
+
+    tid = asyncio.run(main())
+    kinds = [e["kind"] for e in client.emitted if e["task_id"] == tid]
+    assert kinds == ["task.received", "task.started", "task.succeeded"], kinds
+
+    # The sender alone (another process runs the task): dated at pre_send, sent at post_send.
+    mw = zt.installed(broker)
+    message = type("M", (), {"task_id": "t-elsewhere", "task_name": "noop", "args": [], "kwargs": {},
+                             "labels": {}})()
+    before = datetime.now(timezone.utc)
+    mw.pre_send(message)
+    time.sleep(0.2)
+    mw.post_send(message)
+    received = [e for e in client.emitted if e["task_id"] == "t-elsewhere"]
+    assert [e["kind"] for e in received] == ["task.received"]
+    assert before <= received[0]["at"] < before + timedelta(seconds=0.1), (before, received[0]["at"])

@@ -55,6 +55,7 @@ import time
 import traceback as _traceback
 import weakref
 from collections import OrderedDict
+from datetime import datetime, timezone
 from typing import Any, Dict, Optional, Tuple
 
 from taskiq import TaskiqEvents, TaskiqMiddleware
@@ -72,8 +73,8 @@ MAX_VALUE_BYTES = 64 * 1024
 MAX_TRACEBACK_CHARS = 4096
 #: The label a task sent from inside a running task carries: the running task's id.
 PARENT_LABEL = "z4j_parent_id"
-#: Ids of tasks this process sent, remembered so that a worker process that
-#: ran one does not send `task.received` again.
+#: Ids of tasks whose `task.received` this process sent (from post_send or
+#: pre_execute), so that it sends it once.
 REMEMBERED_SENT = 1000
 #: Tasks a worker process remembers after running them (name, queue and,
 #: when small, args and kwargs) for retry_task.
@@ -87,10 +88,16 @@ MAX_RUNNING = 10000
 
 _CUT = "\n[... cut by z4j-agentd-client ...]\n"
 
-#: The id of the task running in this asyncio task (set in pre_execute;
-#: each TaskIQ task runs in an asyncio task of its own, so it stays there).
+#: The id of the task running in this asyncio task, and its Running entry
+#: (set in pre_execute, reset in post_execute). TaskIQ runs each task in an
+#: asyncio task of its own, whose hooks (pre_execute, on_error,
+#: post_execute, and pre_send for what the task sends) all run there: each
+#: attempt finds its own entry, even while another attempt of the same task
+#: id (a retry) already runs.
 _current_task: "contextvars.ContextVar[Optional[str]]" = contextvars.ContextVar(
     "z4j_agentd_taskiq_current_task", default=None)
+_current_entry: "contextvars.ContextVar[Optional[Running]]" = contextvars.ContextVar(
+    "z4j_agentd_taskiq_current_entry", default=None)
 
 
 def retries_of(labels: Any) -> int:
@@ -140,7 +147,7 @@ class Running:
     """A task this worker process is running."""
 
     __slots__ = ("task_id", "name", "queue", "loop", "task", "message", "started", "started_wall",
-                 "is_async", "retries", "cancel_requested", "outcome", "done")
+                 "is_async", "retries", "cancel_requested", "retry_sent", "outcome", "done", "tokens")
 
     def __init__(self, task_id: str, name: str, queue: Optional[str], loop: Any, task: Any, message: Any,
                  is_async: Optional[bool], retries: int) -> None:
@@ -155,6 +162,9 @@ class Running:
         self.is_async = is_async
         self.retries = retries
         self.cancel_requested = False
+        #: True once a retry middleware sent this attempt's task again.
+        self.retry_sent = False
+        self.tokens: Any = None
         #: "succeeded", "failed", "retried", "revoked" once the end hooks ran.
         self.outcome: Optional[str] = None
         self.done = threading.Event()
@@ -175,8 +185,9 @@ class Z4jMiddleware(TaskiqMiddleware):
     def _init_state(self) -> None:
         self._lock = threading.Lock()
         self._running: "OrderedDict[str, Running]" = OrderedDict()
-        self._sent: "OrderedDict[str, None]" = OrderedDict()
-        self._retry_sent: set = set()
+        self._received_sent: "OrderedDict[str, None]" = OrderedDict()
+        #: task id -> when pre_send saw it, until post_send.
+        self._sending: "OrderedDict[str, datetime]" = OrderedDict()
         self._remembered: "OrderedDict[str, Tuple[str, Optional[str], Optional[bytes]]]" = OrderedDict()
         self._totals: Dict[str, int] = {}
         #: Set in a worker process when its broker starts.
@@ -204,9 +215,9 @@ class Z4jMiddleware(TaskiqMiddleware):
             client._add_engine(ENGINE)
         return client
 
-    def emit(self, kind: str, task_id: Any, data: Dict[str, Any]) -> None:
+    def emit(self, kind: str, task_id: Any, data: Dict[str, Any], occurred_at: Any = None) -> None:
         try:
-            self.client.emit(ENGINE, kind, str(task_id or ""), data)
+            self.client.emit(ENGINE, kind, str(task_id or ""), data, occurred_at)
         except Exception:  # pragma: no cover - emit never raises
             pass
 
@@ -243,25 +254,29 @@ class Z4jMiddleware(TaskiqMiddleware):
 
     # -- the sending side ----------------------------------------------
 
+    @staticmethod
+    def _own_retry(task_id: str, message: Any) -> Optional[Running]:
+        """The running attempt, when `message` is a retry middleware sending
+        it again (same id, `_retries` raised, from inside its on_error)."""
+        entry = _current_entry.get()
+        if entry is not None and entry.task_id == task_id and retries_of(message.labels) > entry.retries:
+            return entry
+        return None
+
     def pre_send(self, message: Any) -> Any:
         try:
             task_id = str(message.task_id)
-            with self._lock:
-                running_here = task_id in self._running
-            if running_here and retries_of(message.labels) > 0:
-                # A retry middleware re-sends the task it runs: on_error
-                # tells the retry from a failure by this.
-                with self._lock:
-                    self._retry_sent.add(task_id)
+            own = self._own_retry(task_id, message)
+            if own is not None:
+                own.retry_sent = True  # on_error tells the retry from a failure by this
                 return message
             parent = _current_task.get()
             if parent and parent != task_id and isinstance(message.labels, dict):
                 message.labels.setdefault(PARENT_LABEL, parent)
             with self._lock:
-                self._sent[task_id] = None
-                self._sent.move_to_end(task_id)
-                while len(self._sent) > REMEMBERED_SENT:
-                    self._sent.popitem(last=False)
+                self._sending[task_id] = datetime.now(timezone.utc)
+                while len(self._sending) > REMEMBERED_SENT:  # sends that failed: no post_send
+                    self._sending.popitem(last=False)
         except Exception:
             log.debug("z4j-agentd: pre_send not recorded", exc_info=True)
         return message
@@ -269,10 +284,18 @@ class Z4jMiddleware(TaskiqMiddleware):
     def post_send(self, message: Any) -> None:
         try:
             task_id = str(message.task_id)
+            if self._own_retry(task_id, message) is not None:
+                return  # on_error sends task.retried
             with self._lock:
-                if task_id in self._retry_sent:
-                    return
-            self.emit("task.received", task_id, self._received_data(message))
+                sent_at = self._sending.pop(task_id, None)
+                if not self._first_received(task_id):
+                    return  # this process runs it and sent it from pre_execute already
+            # Sent only once the broker took it, dated when the send began: a
+            # worker may start the task before post_send runs here, and the
+            # brain puts a row back to `received` for a received event dated
+            # after its started one (it takes the arguments from the worker's
+            # own task.received, which goes before its task.started).
+            self.emit("task.received", task_id, self._received_data(message), occurred_at=sent_at)
         except Exception:
             log.debug("z4j-agentd: post_send not recorded", exc_info=True)
 
@@ -281,7 +304,6 @@ class Z4jMiddleware(TaskiqMiddleware):
     def pre_execute(self, message: Any) -> Any:
         try:
             task_id = str(message.task_id)
-            _current_task.set(task_id)
             retries = retries_of(message.labels)
             try:
                 loop = asyncio.get_running_loop()
@@ -290,15 +312,17 @@ class Z4jMiddleware(TaskiqMiddleware):
                 loop, task = None, None
             entry = Running(task_id, message.task_name, self.queue_of(message), loop, task, message,
                             self._is_async(message.task_name), retries)
+            entry.tokens = (_current_task.set(task_id), _current_entry.set(entry))
             with self._lock:
-                sent_here = task_id in self._sent
+                first = retries == 0 and self._first_received(task_id)
                 self._running[task_id] = entry
                 self._running.move_to_end(task_id)
                 while len(self._running) > MAX_RUNNING:
                     self._running.popitem(last=False)
             received = self._received_data(message)
-            if retries == 0 and not sent_here:
-                # Same connection as task.started, so it reaches the brain first.
+            if first:
+                # Same connection as task.started, so it reaches the brain
+                # first (the sender's may come later, on its own connection).
                 self.emit("task.received", task_id, received)
             self._remember(task_id, message)
             self.emit("task.started", task_id, _compact({
@@ -309,6 +333,16 @@ class Z4jMiddleware(TaskiqMiddleware):
         except Exception:
             log.debug("z4j-agentd: pre_execute not recorded", exc_info=True)
         return message
+
+    def _first_received(self, task_id: str) -> bool:
+        """Under _lock: True the first time this process is to send the
+        task's task.received (remembered for the last REMEMBERED_SENT)."""
+        if task_id in self._received_sent:
+            return False
+        self._received_sent[task_id] = None
+        while len(self._received_sent) > REMEMBERED_SENT:
+            self._received_sent.popitem(last=False)
+        return True
 
     def worker_name(self) -> str:
         if self.worker is None:
@@ -323,18 +357,21 @@ class Z4jMiddleware(TaskiqMiddleware):
             return int(round(seconds * 1000))
         return None
 
+    @staticmethod
+    def _entry(task_id: str) -> Optional[Running]:
+        entry = _current_entry.get()
+        return entry if entry is not None and entry.task_id == task_id else None
+
     def on_error(self, message: Any, result: Any, exception: BaseException) -> None:
         try:
             task_id = str(message.task_id)
-            entry = self.running(task_id)
+            entry = self._entry(task_id)
             # A retry middleware raises the message's own `_retries` label
             # as it re-sends it: the attempt's count is the one it started with.
             retries = entry.retries if entry is not None else retries_of(message.labels)
             base = {"task_name": message.task_name, "queue": self.queue_of(message),
                     "worker": self.worker_name()}
-            with self._lock:
-                retry_sent = task_id in self._retry_sent
-                self._retry_sent.discard(task_id)
+            retry_sent = entry is not None and entry.retry_sent
             retried_by_result = (isinstance(getattr(result, "error", None), NoResultError)
                                  and not isinstance(exception, NoResultError))
             if entry is not None and entry.cancel_requested and isinstance(exception, asyncio.CancelledError):
@@ -372,9 +409,10 @@ class Z4jMiddleware(TaskiqMiddleware):
     def post_execute(self, message: Any, result: Any) -> None:
         try:
             task_id = str(message.task_id)
+            entry = self._entry(task_id)
             with self._lock:
-                entry = self._running.pop(task_id, None)
-                self._retry_sent.discard(task_id)
+                if entry is not None and self._running.get(task_id) is entry:
+                    del self._running[task_id]  # not a retry of it that started meanwhile
                 self._totals[message.task_name] = self._totals.get(message.task_name, 0) + 1
             if not getattr(result, "is_err", False):
                 self.emit("task.succeeded", task_id, _compact({
@@ -389,6 +427,7 @@ class Z4jMiddleware(TaskiqMiddleware):
                     entry.outcome = "succeeded"
             if entry is not None:
                 entry.done.set()
+                _reset(entry)
         except Exception:
             log.debug("z4j-agentd: post_execute not recorded", exc_info=True)
 
@@ -504,6 +543,18 @@ class Z4jMiddleware(TaskiqMiddleware):
         self.client.serve(self.commands.handlers(), capabilities=_commands.capabilities(),
                           workers=[self.worker_name()])
         self.health = _health.start(self)
+
+
+def _reset(entry: Running) -> None:
+    """Leaves the task's context as pre_execute found it (it matters where
+    the task ran in the sender's own asyncio task: InMemoryBroker's
+    `await_inplace`)."""
+    tokens, entry.tokens = entry.tokens, None
+    for var, token in zip((_current_entry, _current_task), reversed(tokens or ())):
+        try:
+            var.reset(token)
+        except (ValueError, RuntimeError):  # another context: nothing of ours to undo there
+            pass
 
 
 def _version(dist: str) -> Optional[str]:
