@@ -24,17 +24,19 @@ retry keeps):
 | hook | process | event | `data` |
 |---|---|---|---|
 | `post_send` | the one that sent the task | `task.received` | task_name, queue, args, kwargs, parent_task_id |
-| `pre_execute` | the worker process | `task.received` (first attempt, when this process did not send it) and `task.started` | task_name, queue, worker, args, kwargs, retry_count, parent_task_id |
+| `pre_execute` | the worker process | `task.received` (first attempt, unless this process sent it already) and `task.started` | task_name, queue, worker, args, kwargs, retry_count, parent_task_id |
 | `post_execute` | the worker process | `task.succeeded` | task_name, queue, worker, result, runtime_ms, retry_count |
 | `on_error` | the worker process | `task.failed`, or `task.retried` when a retry middleware re-sent it, or `task.revoked` when the brain cancelled it | task_name, queue, worker, exception, exception_message, traceback, runtime_ms, retry_count (`task.retried`: reason, retry_count of the attempt to come) |
 | `WORKER_STARTUP` | each worker process | `worker.online` | worker, hostname, pid, concurrency, pool, queues, sw_ver |
 | `WORKER_SHUTDOWN` | each worker process | `worker.offline` | worker, hostname, pid |
 
 The brain keeps a task's arguments from `task.received` only when it comes
-before `task.started`; the process sending the task has its own
-connection, so its `task.received` may come later. So the worker process
-sends `task.received` itself before the first `task.started` of a task it
-did not send.
+before `task.started`, and puts a row back to `received` for a
+`task.received` dated after the row's start. The process sending the task
+has its own connection, and a worker may start the task before the
+sender's `post_send` runs. So the worker process sends `task.received`
+itself before the first `task.started` (once per process), and the
+sender's, sent from `post_send`, is dated when `pre_send` saw the task.
 
 A task sent from inside a running task (in the same worker process) gets a
 label `z4j_parent_id` with the running task's id, which its events carry as
