@@ -24,7 +24,7 @@ import asyncio
 import logging
 import os
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 from .._redact import event_value, scrub_text
 
