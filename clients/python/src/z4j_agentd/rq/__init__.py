@@ -285,8 +285,10 @@ class _Hooks:
             return None
 
     def _retry_traceback(self, job: Any) -> Optional[str]:
+        key = RETRY_TRACEBACK_KEY.format(job.id)
         try:
-            raw = self.worker.connection.getdel(RETRY_TRACEBACK_KEY.format(job.id))
+            with self.worker.connection.pipeline() as pipe:  # GETDEL needs Redis 6.2
+                raw, _ = pipe.get(key).delete(key).execute()
         except Exception:
             return None
         if isinstance(raw, bytes):
