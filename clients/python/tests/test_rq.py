@@ -82,8 +82,11 @@ def events(client, job_id, kind=None):
 # ---------------------------------------------------------------- events
 
 
-@pytest.mark.parametrize("cls_name", ["SimpleWorker", "Worker"])
-def test_lifecycle_events_with_args_results_and_errors(conn, cls_name):
+@pytest.mark.parametrize("cls_name", ["SimpleWorker", "Worker", "SpawnWorker"])
+def test_lifecycle_events_with_args_results_and_errors(conn, cls_name, monkeypatch):
+    if getattr(zrq, cls_name) is None:
+        pytest.skip(f"this RQ has no {cls_name}")
+    monkeypatch.setenv("PYTHONPATH", HERE)  # a spawned work horse imports rq_tasks
     client = RecordingClient()
     q = queue(conn)
     ok = q.enqueue("rq_tasks.add", 2, 3, password="hunter2")
@@ -116,8 +119,11 @@ def test_lifecycle_events_with_args_results_and_errors(conn, cls_name):
     assert client.kinds()[0] == "worker.online" and client.kinds()[-1] == "worker.offline"
 
 
-@pytest.mark.parametrize("cls_name", ["SimpleWorker", "Worker"])
-def test_retries_are_counted_with_each_attempts_traceback(conn, cls_name):
+@pytest.mark.parametrize("cls_name", ["SimpleWorker", "Worker", "SpawnWorker"])
+def test_retries_are_counted_with_each_attempts_traceback(conn, cls_name, monkeypatch):
+    if getattr(zrq, cls_name) is None:
+        pytest.skip(f"this RQ has no {cls_name}")
+    monkeypatch.setenv("PYTHONPATH", HERE)
     """Retry(max=2): retried (1), retried (2), then failed; each retried
     event carries the traceback the work horse handed over."""
     client = RecordingClient()
