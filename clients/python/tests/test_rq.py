@@ -21,7 +21,6 @@ import pytest
 rq = pytest.importorskip("rq")
 redis = pytest.importorskip("redis")
 
-import z4j_agentd  # noqa: E402
 import z4j_agentd.rq as zrq  # noqa: E402
 from z4j_agentd.rq import _commands, _health  # noqa: E402
 from test_celery import RecordingClient  # noqa: E402

@@ -79,12 +79,12 @@ def _compact(data: Dict[str, Any], keep_none: Tuple[str, ...] = ()) -> Dict[str,
 
 def _status(job: Any) -> Optional[str]:
     """The job's status as its plain value (`"started"`), from the copy in
-    hand. RQ 3's JobStatus is a str enum whose str() is `JobStatus.STARTED`:
-    always compare `.value`."""
-    status = getattr(job, "_status", None)
+    hand (just refreshed). RQ 3's JobStatus is a str enum whose str() is
+    `JobStatus.STARTED`: always compare `.value`."""
+    status = job.get_status(refresh=False)
     if status is None:
         return None
-    return getattr(status, "value", status)
+    return str(getattr(status, "value", status))
 
 
 def cut_traceback(text: Any) -> Optional[str]:
