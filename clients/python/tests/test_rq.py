@@ -443,3 +443,17 @@ def test_health_interval_from_env(monkeypatch):
     monkeypatch.setenv(_health.INTERVAL_ENV, "soon")
     with pytest.raises(ValueError, match="not a number"):
         _health.interval_from_env()
+
+
+def test_a_job_that_cannot_be_deserialized_is_reported_without_its_arguments(conn):
+    import zlib
+
+    client = RecordingClient()
+    job = queue(conn).enqueue("rq_tasks.add", 1, 2)
+    conn.hset(job.key, "data", zlib.compress(b"not a pickle"))
+    run_burst(zrq.SimpleWorker, conn, client)
+    sent = events(client, job.id)
+    assert [e["kind"] for e in sent][:2] == ["task.received", "task.started"], client.emitted
+    received = sent[0]["data"]
+    assert "args" not in received and "UnpicklingError" in received["args_unreadable"], received
+    assert sent[-1]["kind"] == "task.failed", sent

@@ -186,7 +186,9 @@ class _Hooks:
                 unreadable = None
             except Exception as exc:  # DeserializationError: RQ fails the job itself
                 args = kwargs = None
-                unreadable = scrub_text(f"{type(exc).__name__}: {exc}"[:500])
+                cause = exc.__cause__ or exc.__context__
+                why = str(exc) or (f"{type(cause).__name__}: {cause}" if cause is not None else "")
+                unreadable = scrub_text(f"{type(exc).__name__}: {why}"[:500])
             base["task_name"] = attempt.name
             deps = [str(d) for d in (getattr(job, "_dependency_ids", None) or [])]
             self._note_retry_max(job, attempt)
