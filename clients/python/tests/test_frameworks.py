@@ -234,3 +234,107 @@ def test_a_bad_import_path_says_what_to_write(fake_engines):
         _engines.install("huey", "no_such_module_z4j:huey", None)
     with pytest.raises(ValueError, match="unknown engine"):
         _engines.install("resque", object(), None)
+
+
+DJANGO_ENGINES_SCRIPT = textwrap.dedent('''
+    import json, os
+    import django
+    from django.conf import settings
+
+    settings.configure(
+        INSTALLED_APPS=["django.contrib.contenttypes", "huey.contrib.djhuey", "z4j_agentd.django"],
+        HUEY={"huey_class": "huey.MemoryHuey", "name": "djtest", "immediate": False},
+        Z4J_AGENTD=json.loads(os.environ["Z4J_AGENTD_SETTINGS"]),
+    )
+    django.setup()
+
+    import z4j_agentd
+    import z4j_agentd.huey as z4j_huey
+    from huey.contrib.djhuey import HUEY
+
+    @HUEY.task()
+    def add(a, b):
+        return a + b
+
+    add(2, 3)
+    client = z4j_agentd.get_client()
+    print(json.dumps({"huey_installed": z4j_huey.installed(HUEY) is not None,
+                      "engines": client.engines, "flushed": client.flush(5)}))
+''')
+
+
+def test_django_picks_up_django_huey_as_it_picks_up_celery(standin, sock_path, tmp_path):
+    pytest.importorskip("django")
+    pytest.importorskip("huey")
+    import json
+
+    env = dict(os.environ, Z4J_AGENTD_SETTINGS=json.dumps({"socket_path": sock_path, "celery": False}),
+               PYTHONPATH=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", DJANGO_ENGINES_SCRIPT], capture_output=True, text=True, env=env,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["huey_installed"] and report["flushed"] and "huey" in report["engines"]
+    (received,) = [e for e in standin.events() if e["kind"] == "task.received"]
+    assert received["engine"] == "huey" and received["data"]["args"] == [2, 3]
+    # switched off like Celery
+    env["Z4J_AGENTD_SETTINGS"] = json.dumps({"socket_path": sock_path, "celery": False, "huey": False})
+    out = subprocess.run([sys.executable, "-c", DJANGO_ENGINES_SCRIPT], capture_output=True, text=True, env=env,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1])["huey_installed"] is False
+
+
+def test_flask_wires_real_dramatiq_and_rq(standin, sock_path):
+    flask = pytest.importorskip("flask")
+    dramatiq = pytest.importorskip("dramatiq")
+    pytest.importorskip("rq")
+    from dramatiq.brokers.stub import StubBroker
+
+    import z4j_agentd.dramatiq as z4j_dramatiq
+    from z4j_agentd.flask import Z4JAgentd
+
+    broker = StubBroker()
+    dramatiq.set_broker(broker)
+    try:
+        app = flask.Flask("z4jreal")
+        ext = Z4JAgentd(app, socket_path=sock_path, dramatiq_broker=broker, rq_connection=object())
+
+        @dramatiq.actor(broker=broker)
+        def add(a, b):
+            return a + b
+
+        add.send(4, 5)
+        assert ext.client.flush(5)
+        assert {"dramatiq", "rq"} <= set(ext.client.engines)
+        (received,) = [e for e in standin.events() if e["kind"] == "task.received"]
+        assert received["engine"] == "dramatiq" and received["data"]["args"] == [4, 5]
+    finally:
+        z4j_dramatiq.uninstall()
+
+
+def test_fastapi_wires_a_real_taskiq_broker(standin, sock_path):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("taskiq")
+    from taskiq import InMemoryBroker
+
+    import z4j_agentd.taskiq as z4j_taskiq
+    from z4j_agentd.fastapi import Z4JAgentd
+
+    broker = InMemoryBroker()
+
+    @broker.task
+    async def add(a, b):
+        return a + b
+
+    async def run():
+        async with Z4JAgentd(None, socket_path=sock_path, taskiq_broker=broker) as client:
+            assert z4j_taskiq.installed(broker) is not None
+            await add.kiq(6, 7)
+            assert client.flush(5)
+        return client
+
+    client = asyncio.run(run())
+    assert "taskiq" in client.engines
+    received = [e for e in standin.events() if e["kind"] == "task.received"]
+    assert received and received[0]["engine"] == "taskiq" and received[0]["data"]["args"] == [6, 7]

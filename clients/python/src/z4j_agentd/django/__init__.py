@@ -12,7 +12,7 @@ each task engine the project uses through that engine's `install`:
 | engine | setting naming it (object or `package.module:attribute`) | found without a setting |
 |---|---|---|
 | Celery | `celery_app` | `celery.current_app` when Celery is installed |
-| RQ | `rq_connection` | |
+| RQ | `rq_connection` | django-rq's default connection (`django_rq` in INSTALLED_APPS) |
 | Dramatiq | `dramatiq_broker` | django_dramatiq's broker (list `z4j_agentd.django` after `django_dramatiq`) |
 | Huey | `huey_app` | django-huey's `HUEY` (`huey.contrib.djhuey` in INSTALLED_APPS) |
 | arq | `arq_settings` | |

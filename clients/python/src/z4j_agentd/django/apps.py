@@ -48,8 +48,18 @@ def _dramatiq_broker() -> Any:
     return dramatiq.get_broker()
 
 
+def _rq_connection() -> Any:
+    from django.apps import apps
+
+    if not apps.is_installed("django_rq"):
+        return None
+    import django_rq
+
+    return django_rq.get_connection()
+
+
 #: Where Django projects keep an engine when the settings do not say.
-AUTO = {"celery": _celery_app, "huey": _huey_app, "dramatiq": _dramatiq_broker}
+AUTO = {"celery": _celery_app, "rq": _rq_connection, "huey": _huey_app, "dramatiq": _dramatiq_broker}
 
 
 class Z4JAgentdConfig(AppConfig):
