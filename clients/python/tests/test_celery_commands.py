@@ -665,11 +665,13 @@ def test_reconcile_from_the_result_backend(hooks):
         "v": {"state": "REVOKED", "date_done": done},
         "st": {"state": "STARTED"},
         "re": {"state": "RETRY"},
+        "pw": {"state": "FAILURE", "result": ConnectionError("redis://app:hunter2@db:6379/0 refused")},
     }
     get = lambda tid: hooks.commands.reconcile_task(cmd("reconcile_task", target={"type": "task", "id": tid}))
     assert get("s") == {"task_id": "s", "engine_state": "success", "finished_at": "2026-12-07T03:00:00+00:00",
                         "exception": None, "source": "result_backend", "celery_state": "SUCCESS"}
     assert (get("f")["engine_state"], get("f")["exception"]) == ("failure", "ValueError: boom")
+    assert get("pw")["exception"] == "ConnectionError: redis://app:[REDACTED]@db:6379/0 refused"
     assert (get("v")["engine_state"], get("v")["exception"], get("v")["celery_state"]) == (
         "failure", "revoked", "REVOKED")
     assert (get("st")["engine_state"], get("st")["finished_at"]) == ("started", None)

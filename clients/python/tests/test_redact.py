@@ -60,3 +60,41 @@ def test_event_value_scrubs_then_cuts():
     assert out == {"password": REDACTED, "n": 1}
     cut = event_value(["y" * 5000], 1000)
     assert isinstance(cut, str) and "truncated" in cut
+
+
+def test_event_value_work_is_bounded_by_what_it_keeps():
+    import time
+
+    huge = "a" * 20_000_000
+    rows = [{"id": i, "name": f"row {i}", "password": "x"} for i in range(100_000)]
+    t0 = time.perf_counter()
+    cut = event_value(huge, 65536)
+    listed = event_value(rows, 65536)
+    took = time.perf_counter() - t0
+    assert isinstance(cut, str) and "truncated" in cut and len(cut) < 70000
+    # the first rows are kept (and scrubbed), the rest named, not walked
+    assert isinstance(listed, (list, str))
+    text = repr(listed)
+    assert "row 0" in text and '"password":"x"' not in text and "'password': 'x'" not in text
+    assert "truncated" in text or "left out" in text
+    assert took < 5.0  # a bound against walking all of it (20 MB + 100k rows took ~1.5 s before); not a speed target
+
+
+def test_a_secret_straddling_the_cut_is_still_replaced():
+    value = "y" * 2000 + " redis://app:hunter2hunter2@db:6379/0 " + "z" * 5000
+    for budget in range(1990, 2040, 3):
+        out = event_value(value, budget)
+        assert "hunter2" not in out, budget
+
+
+def test_event_value_never_looks_at_what_it_leaves_out():
+    seen = []
+
+    class Row:
+        def __repr__(self):
+            seen.append(1)
+            return "row"
+
+    out = event_value([Row() for _ in range(100_000)], 1000)
+    assert "left out" in repr(out)
+    assert 0 < len(seen) < 1000  # the old code made all 100,000 into text before cutting

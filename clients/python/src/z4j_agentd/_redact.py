@@ -17,8 +17,13 @@ Before they do, every integration passes them through here:
   start of a PEM private key, and the well-known API-key shapes (Stripe,
   Slack, GitHub, AWS, Google, SendGrid). The rest of the text stays, so a
   traceback keeps its use.
-* `event_value(value, max_bytes)`: `scrub`, then cut to `max_bytes` as JSON
-  (`_jsonsafe.bounded`): what an event's `args`, `kwargs` and `result` are.
+* `event_value(value, max_bytes)`: what an event's `args`, `kwargs` and
+  `result` are: first cut to about `max_bytes` (a long string keeps its
+  start, a long list or dict its first items, with a note of what was left
+  out), so the work stays bounded however large the value (a 20 MB
+  argument costs microseconds, not a second of the task's thread or event
+  loop); then `scrub`; then cut to `max_bytes` as JSON
+  (`_jsonsafe.bounded`).
 
 More key names come from the environment: `Z4J_AGENTD_REDACT_KEYS`, names
 separated by commas, matched whole and case-insensitive. The brain redacts
@@ -33,7 +38,7 @@ import os
 import re
 from typing import Any, FrozenSet, List
 
-from ._jsonsafe import bounded, json_safe
+from ._jsonsafe import MAX_DEPTH, bounded, json_safe
 
 #: What replaces a secret.
 REDACTED = "[REDACTED]"
@@ -114,7 +119,65 @@ def _scrub(value: Any, extra: FrozenSet[str]) -> Any:
     return value
 
 
+#: Characters kept past a cut while scrubbing, so that a secret straddling
+#: the cut is still recognised whole and replaced before the final cut.
+_SCRUB_MARGIN = 512
+
+
+def _prune(value: Any, budget: List[int], extra: FrozenSet[str], depth: int = 0) -> Any:
+    """A copy of `value` holding about `budget[0]` characters at most: what
+    is left out is named, never walked (the walk costs what is kept, not
+    what was passed)."""
+    if isinstance(value, str):
+        if len(value) > budget[0] + _SCRUB_MARGIN:
+            keep = max(budget[0], 0)
+            value = scrub_text(value[:keep + _SCRUB_MARGIN])[:keep] + (
+                f"... [cut by z4j-agentd-client: {len(value)} characters]")
+        budget[0] -= len(value)
+        return value
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        raw = bytes(value[:budget[0] + _SCRUB_MARGIN + 1]) if budget[0] >= 0 else b""
+        if len(raw) > budget[0] + _SCRUB_MARGIN:
+            return _prune(raw.decode("utf-8", "replace"), budget, extra, depth)
+        budget[0] -= len(raw)
+        return value
+    if depth >= MAX_DEPTH:
+        budget[0] -= 16
+        return value
+    if isinstance(value, dict):
+        out: Any = {}
+        try:
+            items = list(value.items())
+        except Exception:
+            return value
+        for n, (key, item) in enumerate(items):
+            if budget[0] <= 0:
+                out["..."] = f"[{len(items) - n} more keys left out by z4j-agentd-client]"
+                break
+            budget[0] -= len(key) + 4 if isinstance(key, str) else 16
+            # a secret is replaced here already: its size never counts
+            out[key] = REDACTED if secret_key(key, extra) else _prune(item, budget, extra, depth + 1)
+        return out
+    if isinstance(value, (list, tuple, set, frozenset)):
+        try:
+            items = list(value)
+        except Exception:
+            return value
+        kept: List[Any] = []
+        for n, item in enumerate(items):
+            if budget[0] <= 0:
+                kept.append(f"[{len(items) - n} more items left out by z4j-agentd-client]")
+                break
+            budget[0] -= 2
+            kept.append(_prune(item, budget, extra, depth + 1))
+        return kept if not isinstance(value, (set, frozenset)) or len(kept) < len(items) else set(kept)
+    budget[0] -= 16
+    return value
+
+
 def event_value(value: Any, max_bytes: int = 65536) -> Any:
-    """What an event carries for `value` (args, kwargs, a result): scrubbed,
-    then cut to `max_bytes` as JSON."""
-    return bounded(scrub(value), max_bytes)
+    """What an event carries for `value` (args, kwargs, a result): cut to
+    about `max_bytes` first (bounded work), scrubbed, then cut to
+    `max_bytes` as JSON."""
+    extra = _extra_keys()
+    return bounded(_scrub(json_safe(_prune(value, [max_bytes + 1024], extra)), extra), max_bytes)

@@ -361,7 +361,7 @@ class ArqCommands:
                 exc = info.result
                 text = ("aborted" if isinstance(exc, asyncio.CancelledError) else
                         f"{type(exc).__name__}: {exc}" if isinstance(exc, BaseException) else str(exc))
-                out["exception"] = text[:_MAX_EXCEPTION_CHARS]
+                out["exception"] = scrub_text(text[:_MAX_EXCEPTION_CHARS + 512])[:_MAX_EXCEPTION_CHARS]
         return out
 
 

@@ -32,6 +32,7 @@ from datetime import datetime, timezone
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from .._jsonsafe import json_safe
+from .._redact import scrub_text
 from . import _health, _queues
 from ._util import attr as _attr
 
@@ -943,7 +944,7 @@ class CeleryCommands:
         elif state == "REVOKED":
             exception = "revoked"
         if exception:
-            exception = exception[:_MAX_EXCEPTION_CHARS]
+            exception = scrub_text(exception[:_MAX_EXCEPTION_CHARS + 512])[:_MAX_EXCEPTION_CHARS]
         return {"task_id": task_id, "engine_state": engine_state, "finished_at": finished_at,
                 "exception": exception, "source": "result_backend", "celery_state": state}
 
