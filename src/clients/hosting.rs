@@ -118,6 +118,20 @@ impl ClientInfo {
     }
 }
 
+/// Whether a worker's health details list `task` among its running tasks.
+fn runs_task(worker: &Value, task: &str) -> bool {
+    worker
+        .get("active")
+        .and_then(Value::as_array)
+        .is_some_and(|active| {
+            active.iter().any(|a| {
+                ["id", "task_id"]
+                    .iter()
+                    .any(|k| a.get(k).and_then(Value::as_str) == Some(task))
+            })
+        })
+}
+
 /// Whether a worker's health details list `queue` in `active_queues`
 /// (entries are maps with a `name`, or plain names).
 fn consumes(worker: &Value, queue: &str) -> bool {
@@ -208,6 +222,23 @@ impl ClientRegistry {
         clients
             .iter()
             .filter_map(|(id, e)| Some((*id, e.info.reports_queue(engine, queue)?)))
+            .collect()
+    }
+
+    /// The connections whose fresh health report lists task `task` of
+    /// `engine` among a worker's running tasks (`active` entries with that
+    /// `id` or `task_id`).
+    pub fn task_runners(&self, engine: &str, task: &str) -> Vec<u64> {
+        let clients = self.clients.lock().unwrap();
+        clients
+            .iter()
+            .filter(|(_, e)| {
+                e.info
+                    .fresh_report()
+                    .and_then(|h| h.engines.get(engine))
+                    .is_some_and(|eh| eh.workers.values().any(|w| runs_task(w, task)))
+            })
+            .map(|(id, _)| *id)
             .collect()
     }
 

@@ -42,6 +42,7 @@ fn by_target(clients: &ClientRegistry, cmd: &Command) -> Result<Vec<Reachable>, 
         a if WORKER_ACTIONS.contains(&a) => by_worker(clients, cmd),
         "rate_limit" => rate_limit(clients, cmd),
         "reconcile_task" => reconcile(clients, cmd),
+        "cancel_task" => by_engine(clients, cmd).map(|able| running_first(clients, cmd, able)),
         // purge_queue reaches here confirmed, with the queue's engine in
         // its target (super::purge).
         "purge_queue" => purge_queue(clients, cmd),
@@ -394,12 +395,46 @@ pub(super) fn reconcile(clients: &ClientRegistry, cmd: &Command) -> Result<Vec<R
     let engine = cmd.engine();
     let able = clients.able(engine, "reconcile_task");
     if !able.is_empty() {
-        return Ok(able);
+        return Ok(running_first(clients, cmd, able));
     }
     Err(format!(
         "no connected local process declared action \"reconcile_task\" for {e}. The brain probes tasks it believes stuck with this action without checking what the agent advertises: a process of {e} that can look up a task's state declares \"reconcile_task\" in its hello capabilities; until one does, each probe fails with this reason",
         e = engine_text(engine)
     ))
+}
+
+/// The task a task command is for: `parameters.task_id`, else `target.id`
+/// when `target.type` is `"task"`.
+fn task_id(cmd: &Command) -> Option<&str> {
+    cmd.parameters
+        .get("task_id")
+        .and_then(Value::as_str)
+        .or_else(|| {
+            (cmd.target.get("type").and_then(Value::as_str) == Some("task"))
+                .then(|| cmd.target.get("id").and_then(Value::as_str))
+                .flatten()
+        })
+        .filter(|t| !t.is_empty())
+}
+
+/// `cancel_task` and `reconcile_task`: only the processes of `able` whose
+/// latest health report lists the task among a worker's running tasks
+/// (`active`), when some do. Engines that stop a task only in the process
+/// running it (TaskIQ's worker processes, Huey's thread workers) need the
+/// command there; any other process could only answer that the task is
+/// not running here. A task started since the last reports (every 10 s by
+/// default) is in none: then `able` as it is.
+fn running_first(clients: &ClientRegistry, cmd: &Command, able: Vec<Reachable>) -> Vec<Reachable> {
+    let (Some(engine), Some(task)) = (cmd.engine(), task_id(cmd)) else {
+        return able;
+    };
+    let runners = clients.task_runners(engine, task);
+    if !able.iter().any(|r| runners.contains(&r.id)) {
+        return able;
+    }
+    able.into_iter()
+        .filter(|r| runners.contains(&r.id))
+        .collect()
 }
 
 /// Why `cmd` cannot run yet when its action is advertised only because it

@@ -519,3 +519,55 @@ async fn a_worker_named_only_by_the_hello_is_hosted_for_the_engines_declared_unt
         "the health report ties it to celery"
     );
 }
+
+#[tokio::test]
+async fn a_cancel_or_reconcile_goes_to_the_process_whose_report_shows_the_task_running() {
+    let (router, _results) = router();
+    // Two worker processes of one engine (TaskIQ's `--workers 2`): the
+    // first is the older and idle one, which routing by engine alone picks.
+    const CAPS: &[(&str, &[&str])] = &[("taskiq", &["cancel_task", "reconcile_task"])];
+    let mut a = join(&router, 1, CAPS, &["taskiq@h:10"]);
+    let mut b = join(&router, 2, CAPS, &["taskiq@h:20"]);
+    let task_cmd = |id: &str, action: &str, task: &str| {
+        command(
+            id,
+            action,
+            &format!(r#"{{"type":"task","id":"{task}","engine":"taskiq"}}"#),
+            &format!(r#"{{"task_id":"{task}","engine":"taskiq"}}"#),
+        )
+    };
+    // Before any report lists it: by engine, as before.
+    assert!(matches!(
+        router.dispatch(&task_cmd("c-1", "cancel_task", "t-9"), "h"),
+        Dispatch::Started { .. }
+    ));
+    assert!(received(&mut a).is_some() && received(&mut b).is_none());
+    // The second process reports t-9 running: both actions go there.
+    report(
+        &router,
+        1,
+        "taskiq",
+        &[],
+        &[("taskiq@h:10", r#"{"active":[{"id":"t-1"}]}"#)],
+        0,
+    );
+    report(
+        &router,
+        2,
+        "taskiq",
+        &[],
+        &[("taskiq@h:20", r#"{"active":[{"id":"t-9","name":"slow"}]}"#)],
+        0,
+    );
+    for (id, action) in [("c-2", "cancel_task"), ("c-3", "reconcile_task")] {
+        assert!(matches!(
+            router.dispatch(&task_cmd(id, action, "t-9"), "h"),
+            Dispatch::Started { .. }
+        ));
+        assert!(received(&mut a).is_none(), "{action}");
+        assert_eq!(received(&mut b).unwrap()["action"], action);
+    }
+    // A task nobody reports running: by engine again.
+    router.dispatch(&task_cmd("c-4", "cancel_task", "t-0"), "h");
+    assert!(received(&mut a).is_some() && received(&mut b).is_none());
+}
