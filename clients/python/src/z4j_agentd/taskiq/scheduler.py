@@ -22,11 +22,14 @@ web app importing the same module) it does nothing.
 * the schedules of a writable source (taskiq-redis's
   `ListRedisScheduleSource` and `RedisScheduleSource`, or any source whose
   class implements both `add_schedule` and `delete_schedule`) may also be
-  created, updated (delete, then add under the same `schedule_id`) and
-  deleted from the brain. The running scheduler takes the change at once
+  created, updated (delete, then add under the same `schedule_id`; the old
+  one is added back when the add fails, and a write is never cancelled
+  half-way) and deleted from the brain. The running scheduler takes the change at once
   (the list of schedules it holds for the source is edited in place, on its
   loop), and every later re-read of the source agrees. taskiq has no
   disabled state for a schedule, so enable and disable are not offered.
+* a source other than the label one is read in full every READ_INTERVAL
+  (and after the brain's writes and triggers), not at every look.
 
 Source keys (a row's identity on the brain): the schedule's `schedule_id`,
 the identity taskiq itself keys its schedules by; but a
@@ -35,11 +38,14 @@ random id at each start, so it is keyed by its content
 (`label:<sha256>`, as z4j-taskiqscheduler keys it, so rows stay the same
 rows when a project moves over). A schedule of a writable source is named
 by its `schedule_id` (a create from the brain uses the name it is given as
-the `schedule_id`); the others `<task name> [<source key>]`.
+the `schedule_id`); the others `<task name> [<source key>]`. An id the
+brain could not take as it is (over MAX_NAME characters, spaces at an
+end) is keyed and named by its start and a hash of the whole.
 
 Runs: taskiq keeps no run history, so a row's `total_runs` counts the sends
 of this scheduler process (since it started) and of "Trigger now";
-`last_run_at` is the latest of them.
+`last_run_at` is the latest of them; an interval's `next_run_at` follows
+the scheduler's own sends only.
 """
 
 from __future__ import annotations
@@ -164,17 +170,17 @@ _PROBE = datetime(2001, 1, 1)
 def next_cron(expression: str, offset: Any, now: datetime) -> Optional[datetime]:
     """The next minute after `now` (UTC) the scheduler fires a cron schedule,
     found with the same matcher taskiq uses (pycron) on the schedule's local
-    time; None past a year or when it never fires. An expression
-    `check_cron` refuses is None at once; otherwise the minutes and hours
-    the expression takes are found first (84 checks), then the first day
-    of the next 367 that it takes: a few hundred checks at most."""
+    time; None past a year or when it never fires. pycron itself is asked
+    which minutes and which hours the expression takes (84 checks; none:
+    None at once), then which of the next 367 days: at most 451 checks, for
+    any expression (a read-only schedule's may be one `check_cron` refuses,
+    and still fire now and then: `0-7` as a weekday range)."""
     minute = now.astimezone(_UTC).replace(second=0, microsecond=0)
     cache_key = (expression, _offset_text(offset), minute)
     if cache_key in _next_cache:
         return _next_cache[cache_key]
     found = None
     try:
-        check_cron(expression)
         import pycron
 
         fields = expression.split(" ")  # as pycron splits it: two spaces is a field it cannot read
