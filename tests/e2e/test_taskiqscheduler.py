@@ -173,7 +173,10 @@ def setup(brain, run_dir, redis_server, daemon_bin, sock_dir, all_daemons, minte
         seed(url)
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", "HOME": str(daemon.workdir),
                "PYTHONPATH": str(PROJ), "Z4J_SOCKET_PATH": str(daemon.socket_path), "Z4J_E2E_BROKER": url,
-               "Z4J_E2E_SCHEDULE_PREFIX": PREFIX}
+               "Z4J_E2E_SCHEDULE_PREFIX": PREFIX,
+               # A full read of the Redis source every 5 s (default 60 s), so a schedule the
+               # application adds reaches the page within this module's waits.
+               "Z4J_TASKIQ_SCHEDULER_READ_INTERVAL": "5"}
         taskiq = str(Path(sys.executable).parent / "taskiq")
         worker = Background([taskiq, "worker", "tqs_app:broker", "--workers", "1"], daemon.workdir,
                             "taskiq-worker", env, run_dir=run_dir)
@@ -281,6 +284,12 @@ def test_create_update_and_delete_from_the_brain_change_the_redis_source(setup):
     assert setup.stored("e2e-bad") is None
     op = api.native("delete", f"{TASK} [nightly-mark]", want="UNCONFIRMED")
     assert "read-only" in (op["error"] or ""), op
+    # Disable: taskiq has no disabled state. The scheduler declares the mutation protocol
+    # (always, read-only sources or not), so the brain answers 409 itself and sends nothing
+    # (without it, it sent the older schedule.external.control, and the refusal stalled the stream).
+    nightly = api.rows()[f"{TASK} [nightly-mark]"]
+    status, _, body = api.call("POST", f"/{nightly['id']}/disable")
+    assert status == 409 and "does not support this operation" in str(body), (status, body)
 
     # delete: gone from Redis and from the page.
     api.native("delete", "e2e-made")

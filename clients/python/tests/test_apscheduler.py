@@ -265,3 +265,22 @@ def test_trigger_now_keeps_max_instances(scheduler):
     finally:
         RELEASE.set()
     assert rows_of(source)["slow"]["total_runs"] == 1
+
+
+def test_an_update_keeps_the_real_args_of_a_job_shown_without_them(scheduler):
+    """Args too large for a snapshot frame are shown as a note, which the
+    dashboard sends back as the args of every update: the job keeps its
+    real ones (they were overwritten with the note); an update that
+    changes them is refused."""
+    big = ("x" * (800 * 1024),)
+    scheduler.add_job(record, "interval", hours=1, id="big", args=big, kwargs={"k": 1})
+    source = aps.APSchedulerSource(scheduler)
+    shown = S.fit_row(rows_of(source)["big"])
+    assert shown["args"][0].startswith("<left out")
+    page = {k: shown[k] for k in ("name", "task_name", "kind", "expression", "timezone", "queue", "args", "kwargs")}
+    with pytest.raises(ValueError, match="too large to show"):
+        source.mutate("update", "big", shown, {**page, "args": ["other"]})
+    source.mutate("update", "big", shown, {**page, "expression": "120", "is_enabled": False})
+    job = scheduler.get_job("big")
+    assert (job.args, job.kwargs, job.trigger.interval, job.next_run_time) == (big, {"k": 1}, timedelta(seconds=120),
+                                                                              None)

@@ -542,6 +542,20 @@ DCB_SCRIPT = textwrap.dedent('''
     out["bulk_at_once"] = [r["queue"] for r in source.rows() if r["name"] == "odd"]
     beat.FULL_READ_SECONDS = 0.0
     out["bulk_later"] = [r["queue"] for r in source.rows() if r["name"] == "odd"]
+
+    # Args too large for a frame: the page shows a note, and the dashboard sends it back with every update.
+    big_args = json.dumps(["x" * 800000])
+    PeriodicTask.objects.create(name="big", task="proj.add", interval=every, args=big_args, kwargs='{"k": 1}')
+    shown = S.fit_row(S.normalize_row(next(r for r in source.rows() if r["name"] == "big"), "celery-beat"))
+    page = {k: shown[k] for k in ("name", "task_name", "kind", "expression", "timezone", "queue", "args",
+                                  "kwargs")}
+    try:
+        source.mutate("update", shown["source_key"], shown, {**page, "args": ["other"]})
+    except ValueError as exc:
+        out["big_changed"] = str(exc)
+    source.mutate("update", shown["source_key"], shown, {**page, "is_enabled": False})
+    big = PeriodicTask.objects.get(name="big")
+    out["big"] = [big.args == big_args, big.kwargs, big.enabled, shown["args"][0][:9]]
     print(json.dumps(out["refused"]), file=sys.stderr)
     print(json.dumps(out))
 ''')
@@ -592,6 +606,9 @@ def test_django_celery_beat_rows_and_writes(tmp_path):
     assert out["odd"] == ['{"a": 1}', "[1]", False]
     assert len(out["queries_unchanged"]) == 1 and "periodictasks" in out["queries_unchanged"][0]
     assert (out["seen_after_save"], out["bulk_at_once"], out["bulk_later"]) == (["q9"], ["q9"], ["q10"])
+    # The real args of a row shown without them are kept by an update that sends the page's note back.
+    assert "too large to show" in out["big_changed"]
+    assert out["big"] == [True, '{"k": 1}', False, "<left out"]
 
 
 def test_the_background_thread_publishes_changes_when_told_and_when_it_looks():

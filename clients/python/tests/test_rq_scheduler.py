@@ -318,3 +318,24 @@ def test_a_job_whose_run_is_on_a_worker_keeps_its_data_until_the_run_ends(conn):
     stored = scheduler.job_class.fetch("busy", connection=conn)
     assert list(stored.args) == [1, 1] and stored.get_status() == JobStatus.STARTED
     assert S.normalize_row(source.rows()[0], OWNER)["is_enabled"] is False
+
+
+def test_an_update_keeps_the_real_args_of_a_job_shown_without_them(conn):
+    """Args too large for a snapshot frame are shown as a note, which the
+    dashboard sends back as the args of every update: the job keeps its
+    real ones (they were overwritten with the note); an update that
+    changes them is refused."""
+    scheduler = Scheduler(connection=conn)
+    big = ["x" * (800 * 1024)]
+    scheduler.schedule(datetime.now(timezone.utc) + timedelta(hours=1), func=add, args=big, kwargs={"b": 1},
+                       interval=60, id="big")
+    source = rs.RQSchedulerSource(scheduler)
+    shown = S.fit_row(S.normalize_row(source.rows()[0], OWNER))
+    assert shown["args"][0].startswith("<left out")
+    page = {k: shown[k] for k in ("name", "task_name", "kind", "expression", "timezone", "queue", "args", "kwargs")}
+    with pytest.raises(ValueError, match="too large to show"):
+        source.mutate("update", "big", shown, {**page, "args": ["other"]})
+    source.mutate("update", "big", shown, {**page, "expression": "120", "is_enabled": False})
+    stored = scheduler.job_class.fetch("big", connection=conn)
+    assert (list(stored.args), stored.kwargs, stored.meta.get("interval")) == (big, {"b": 1}, 120)
+    assert S.normalize_row(source.rows()[0], OWNER)["is_enabled"] is False

@@ -3,13 +3,13 @@ Schedules page, with real taskiq sources on a real event loop (the redis
 sources against a throwaway redis-server, skipped without one)."""
 
 import asyncio
-import hashlib
 import os
 import shutil
 import subprocess
 import tempfile
 import threading
 import time
+import uuid
 from decimal import Decimal
 from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
@@ -135,9 +135,42 @@ def test_a_cron_expression_the_scheduler_would_skip_is_refused_with_the_field(ba
         T.check_cron(bad)
 
 
-def test_cron_expressions_taskiq_runs_are_accepted():
-    for good in ("*/5 * * * *", "0 4 * * mon-fri", "0,30 9-17/2 1 jan,jul 0", "0 0 * * 7"):
+def test_cron_expressions_taskiq_runs_are_accepted_and_fire():
+    now = datetime(2026, 3, 28, 22, 17, tzinfo=UTC)
+    for good in ("*/5 * * * *", "0 4 * * mon-fri", "0,30 9-17/2 1 1,7 0", "0 0 * * sun", "0 9 * * Monday",
+                 "0 0 * * 1-5/2", "0 0 * * 1-fri/2", "*/7 2-4 */2 * *"):
         assert T.check_cron(good) == good
+        assert T.next_cron(good, None, now) is not None, good  # pycron fires it within the year
+
+
+@pytest.mark.parametrize("bad,why,probe,never", [
+    # (expression, what the refusal says, a minute it means that pycron does not fire at, fires never)
+    ("0 4 1 jan *", "reads no month names", datetime(2027, 1, 1, 4, 0), True),
+    ("0 0 * * 7", "never matches 7", datetime(2026, 3, 29, 0, 0), True),  # a Sunday
+    ("5/15 * * * *", "a step needs `\\*` or a range", datetime(2026, 3, 29, 0, 5), True),
+    ("0 4 * * mon-fri/2", "starts with a number", datetime(2026, 3, 30, 4, 0), True),  # a Monday
+    ("0 4 * * fri-mon", "runs backwards", datetime(2026, 3, 30, 4, 0), False),  # a Monday (Fri, Sat fire)
+])
+def test_a_cron_expression_pycron_does_not_fire_as_written_is_refused_and_costs_little_to_plan(
+        bad, why, probe, never, monkeypatch):
+    """What pycron (taskiq's matcher) does not fire as written is refused,
+    and next_cron plans any expression in a bounded number of checks, None
+    for one that never fires (it scanned a year of minutes, some 500 000
+    checks and seconds of the scheduler's loop, for `5/15 * * * *`)."""
+    assert not pycron.is_now(bad, probe)  # a minute it means: pycron does not fire
+    with pytest.raises(ValueError, match=why):
+        T.check_cron(bad)
+    calls = []
+    real = pycron.is_now
+    monkeypatch.setattr(pycron, "is_now", lambda *a: calls.append(1) or real(*a))
+    planned = T.next_cron(bad, None, datetime(2026, 3, 28, 22, 17, 31, 7, tzinfo=UTC))
+    assert (planned is None) == never and len(calls) < 1000
+    if not never:  # a schedule listed from the code may hold it: its next run is where pycron fires
+        assert planned == brute_next(bad, UTC, datetime(2026, 3, 28, 22, 17, tzinfo=UTC))
+    # An expression of valid fields that no day matches (February 31st) costs a bounded scan too.
+    calls.clear()
+    assert T.next_cron("0 0 31 2 *", None, datetime(2026, 3, 28, 22, 17, 31, 9, tzinfo=UTC)) is None
+    assert len(calls) < 1000
 
 
 # ---------------------------------------------------------------- the label source
@@ -166,16 +199,36 @@ def test_label_schedules_are_listed_with_keys_that_survive_a_restart(loop):
 
 
 def test_label_keys_are_those_of_z4j_taskiqscheduler():
-    """The key of a label schedule without an id: sha256 over the canonical
-    JSON of its content (what z4j-taskiqscheduler 1.13.0 computes, checked
-    against it: the row keeps its identity when a project moves over)."""
-    task = ScheduledTask(task_name="tqapp:sched", labels={"a": 1}, args=[3, 4], kwargs={}, interval=5)
-    content = task.model_dump(mode="json", exclude={"schedule_id", "task_id"})
-    assert content == {"task_name": "tqapp:sched", "labels": {"a": 1}, "args": [3, 4], "kwargs": {},
-                       "cron": None, "cron_offset": None, "time": None, "interval": 5}
-    assert T._hash(T._content(task)) == hashlib.sha256(
-        b'{"args":[3,4],"cron":null,"cron_offset":null,"interval":5,"kwargs":{},"labels":{"a":1},'
-        b'"task_name":"tqapp:sched","time":null}').hexdigest()
+    """The key of a label schedule without an id is the one
+    z4j-taskiqscheduler 1.13.0 gives it (so the row keeps its identity when
+    a project moves over). The keys below were computed with that package,
+    its own code (`canonical_external_json` over the entries of a
+    LabelScheduleSource of this same task), not with this module's."""
+    broker = InMemoryBroker()
+
+    @broker.task(task_name="tqapp:sched", schedule=[
+        {"interval": 5, "args": [3, 4]},
+        {"cron": "0 4 * * *", "cron_offset": "Europe/Paris", "kwargs": {"x": 1, "\u00e9": "\u00fc"}},
+        {"time": datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC), "args": [1.5]},
+    ], a=1)
+    async def sched(*args, **kwargs):
+        return None
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        _, rows = label_rows(loop, broker)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+    by_kind = {r["kind"]: r["source_key"] for r in rows.values()}
+    assert by_kind == {
+        "interval": "label:842974037374b385c89f69bb2d1ec7794ca41f753d102a622d75eb850b20de49",
+        "cron": "label:a849e756eae810e3c8e8b046e940f0e8cacc411b78a8e79d30be63d9283f41c6",
+        "clocked": "label:3415ac2c5e6becaac99cfdb78da34ea42f2fa79199f81fe6ee4d0f75ce97b16c",
+    }
 
 
 def test_trigger_now_kicks_the_task_with_the_schedules_labels_and_arguments(loop):
@@ -190,13 +243,32 @@ def test_trigger_now_kicks_the_task_with_the_schedules_labels_and_arguments(loop
     assert row["total_runs"] == 1 and row["last_run_at"] is not None
 
 
-def test_the_label_source_is_read_only(loop):
+def test_the_label_source_is_read_only_and_its_refusals_are_conflicts(loop, tmp_path):
+    """A scheduler with only read-only sources still declares the mutation
+    protocol (without it the brain sends enable/disable as the older
+    `schedule.external.control`, whose refusal stalls the stream): every
+    write, a disable included, is refused as a conflict (HTTP 409)."""
     broker, _, _ = app()
     src, rows = label_rows(loop, broker)
-    assert src.capabilities() == ["external_schedule_stable_snapshot_v1", "list", "trigger_now"]
+    assert src.capabilities() == ["external_schedule_stable_snapshot_v1", "external_schedule_mutation_v1",
+                                  "list", "trigger_now"]
     expected = S.normalize_row(rows["every-five"], T.SCHEDULER)
     with pytest.raises(S.Conflict, match="read-only"):
         src.mutate("delete", "every-five", expected, {})
+    with pytest.raises(S.Conflict, match="read-only"):
+        src.mutate("update", "every-five", expected, {"is_enabled": False})
+    with pytest.raises(S.Conflict, match="no writable schedule source"):
+        src.mutate("create", None, None, {"name": "n", "task_name": "app:add", "kind": "interval",
+                                          "expression": "60"})
+    # Through the stream: the brain's disable reaches the source and is refused as a conflict.
+    stream = S.ExternalScheduler(T.SCHEDULER, src, lambda events: 0, state_path=str(tmp_path / "s.json"))
+    authority = dict(stream_id=str(uuid.uuid4()), epoch_uuid=str(uuid.uuid4()), epoch_number=1,
+                     adapter_instance_id="a", source_scope=S.source_scope(T.SCHEDULER))
+    stream.activate({"parameters": {"owner": T.SCHEDULER, "stable_source": True, **authority}})
+    with pytest.raises(S.Conflict, match="read-only"):
+        stream.mutate({"parameters": {"scheduler": T.SCHEDULER, "operation_id": str(uuid.uuid4()),
+                                      "operation": "update", "schedule_id": "every-five", "expected": expected,
+                                      "definition": {"is_enabled": False}, **authority}})
 
 
 def test_the_schedulers_sends_count_as_runs_and_ask_for_a_snapshot(loop):
@@ -256,7 +328,8 @@ def test_install_serves_only_in_a_scheduler_process_on_its_loop(loop, monkeypatc
         assert len(served) == 1
         handlers, kw = served[0]
         assert kw["schedulers"] == ["taskiq-scheduler"] and kw["runtime_features"] == [S.RUNTIME_FEATURE]
-        assert kw["capabilities"] == {"taskiq-scheduler": ["external_schedule_stable_snapshot_v1", "list",
+        assert kw["capabilities"] == {"taskiq-scheduler": ["external_schedule_mutation_v1",
+                                                           "external_schedule_stable_snapshot_v1", "list",
                                                            "trigger_now"]}
         stream = T.active()
         assert stream.source.loop is loop and stream.state_path == str(tmp_path / "state.json")
@@ -333,8 +406,8 @@ def test_redis_schedules_are_all_listed_and_written_from_the_brain(loop, redis_u
     assert (nightly["name"], nightly["kind"], nightly["expression"], nightly["args"], nightly["kwargs"],
             nightly["source"]) == ("nightly", "cron", "30 2 * * *", [5], {"b": 6}, "taskiq-scheduler:redis")
     assert rows["soon"]["kind"] == "clocked" and rows["often"]["expression"] == "45"
-    assert src.capabilities() == ["external_schedule_stable_snapshot_v1", "list", "trigger_now", "create",
-                                  "update", "delete", "external_schedule_mutation_v1"]
+    assert src.capabilities() == ["external_schedule_stable_snapshot_v1", "external_schedule_mutation_v1", "list",
+                                  "trigger_now", "create", "update", "delete"]
 
     # create: the name is the schedule_id; the running scheduler has it at once.
     created = src.mutate("create", None, None, {"name": "e2e-made", "task_name": "app:add", "kind": "interval",
@@ -448,3 +521,311 @@ def test_a_source_that_cannot_be_read_fails_the_snapshot_instead_of_emptying_it(
     src = T.SchedulerSource(scheduler, loop)
     with pytest.raises(RuntimeError, match="could not be read: ConnectionError: redis is down"):
         src.rows()
+
+
+# ---------------------------------------------------------------- writes that fail, or take long
+
+
+class FlakySource(MemorySource):
+    """A writable source whose next `fails` adds raise `fail`, or whose adds
+    take `slow` seconds."""
+
+    def __init__(self):
+        super().__init__()
+        self.fail = None
+        self.fails = 0
+        self.slow = 0.0
+
+    async def add_schedule(self, schedule):
+        if self.slow:
+            await asyncio.sleep(self.slow)
+        if self.fails > 0:
+            self.fails -= 1
+            raise self.fail
+        await super().add_schedule(schedule)
+
+
+def memory_app(loop, source=None, **kw):
+    broker, sent, _ = app()
+    source = source or FlakySource()
+    source.items["keep"] = ScheduledTask(task_name="app:add", labels={}, args=[1], kwargs={}, schedule_id="keep",
+                                         interval=60)
+    src = T.SchedulerSource(TaskiqScheduler(broker, sources=[source]), loop, **kw)
+    return source, src, sent
+
+
+def test_an_update_whose_add_fails_puts_the_schedule_back(loop):
+    """An update is delete then add: when the add fails, the schedule is
+    added back as it was (it was lost), and the error says so, scrubbed."""
+    source, src, _ = memory_app(loop)
+    expected = S.normalize_row(by_key(src)["keep"], T.SCHEDULER)
+    source.fail, source.fails = ConnectionError("redis://:hunter2@cache:6379 went away"), 1
+    with pytest.raises(RuntimeError, match="not applied .* as it was") as raised:
+        src.mutate("update", "keep", expected, {"expression": "120"})
+    assert "hunter2" not in str(raised.value)
+    assert source.items["keep"].interval == 60 and source.items["keep"].args == [1]
+    assert by_key(src)["keep"]["expression"] == "60"
+    # The put-back failing too: the answer says the schedule is gone.
+    source.fails = 2
+    with pytest.raises(RuntimeError, match="putting it back failed too.*create it again"):
+        src.mutate("update", "keep", expected, {"expression": "120"})
+    assert "keep" not in source.items
+
+
+def test_an_update_the_loop_is_slow_to_finish_is_not_cut_between_delete_and_add(loop, monkeypatch):
+    """A write that outlasts SOURCE_TIMEOUT is not cancelled (it was, after
+    the delete and before the add: the schedule was gone): the answer says
+    it may have been applied, and the write completes."""
+    monkeypatch.setattr(T, "SOURCE_TIMEOUT", 0.2)
+    source, src, _ = memory_app(loop)
+    expected = S.normalize_row(by_key(src)["keep"], T.SCHEDULER)
+    source.slow = 0.6
+    with pytest.raises(TimeoutError, match="may have been applied"):
+        src.mutate("update", "keep", expected, {"expression": "120"})
+    deadline = time.monotonic() + 10
+    while "keep" not in source.items:
+        assert time.monotonic() < deadline, "the update's add never ran"
+        time.sleep(0.05)
+    assert source.items["keep"].interval == 120
+
+
+def test_a_write_is_shielded_from_the_cancellation_of_its_call(loop):
+    """The write itself runs shielded: cancelling the call (as the loop's
+    shutdown cancels its tasks) does not stop it between delete and add."""
+    source, src, _ = memory_app(loop)
+    expected = S.normalize_row(by_key(src)["keep"], T.SCHEDULER)
+    source.slow = 0.3
+    done = threading.Event()
+    real_call = src._call
+
+    def call_and_cancel(work, write=False):
+        coroutine = work()
+        future = asyncio.run_coroutine_threadsafe(coroutine, loop)
+        time.sleep(0.1)  # inside the add now
+        future.cancel()
+        done.set()
+        with pytest.raises(Exception):
+            future.result(5)
+
+    src._call = call_and_cancel
+    src.mutate("update", "keep", expected, {"expression": "120"})
+    src._call = real_call
+    assert done.is_set()
+    deadline = time.monotonic() + 10
+    while "keep" not in source.items:
+        assert time.monotonic() < deadline, "the cancelled update's add never ran"
+        time.sleep(0.05)
+    assert source.items["keep"].interval == 120
+
+
+# ---------------------------------------------------------------- arguments too large for a frame
+
+
+def test_an_update_keeps_the_real_args_of_a_row_shown_without_them(loop):
+    """A row whose args were left out to fit a frame shows a note in their
+    place, and the dashboard sends that note back as the args of every
+    update: the real ones are kept (they were overwritten with the note);
+    an update that changes them is refused."""
+    source, src, _ = memory_app(loop)
+    big = ["x" * (800 * 1024)]
+    source.items["big"] = ScheduledTask(task_name="app:add", labels={}, args=big, kwargs={"k": 1},
+                                        schedule_id="big", interval=60)
+    stream = S.ExternalScheduler(T.SCHEDULER, src, lambda events: 0)
+    rows, _ = stream._observe()
+    shown = next(r for r in rows if r["source_key"] == "big")
+    assert shown["args"][0].startswith("<left out") and shown["kwargs"] == {}
+    page = {"kind": "interval", "expression": "120", "task_name": "app:add", "timezone": "UTC", "queue": None,
+            "args": shown["args"], "kwargs": shown["kwargs"], "is_enabled": True}
+    with pytest.raises(ValueError, match="too large to show"):
+        src.mutate("update", "big", shown, {**page, "args": ["other"]})
+    assert source.items["big"].args == big and source.items["big"].interval == 60
+    src.mutate("update", "big", shown, page)
+    assert (source.items["big"].args, source.items["big"].kwargs, source.items["big"].interval) == \
+        (big, {"k": 1}, 120)
+
+
+# ---------------------------------------------------------------- the scheduler's loop
+
+
+def test_a_change_computes_no_next_run_on_the_schedulers_loop(loop, monkeypatch):
+    """next_run_at is worked out off the loop (the loop runs the scheduler)."""
+    loop_thread = run(loop, _thread_of_loop())
+    on_loop = []
+    real = T.next_cron
+
+    def watched(*a):
+        on_loop.append(threading.current_thread() is loop_thread)
+        return real(*a)
+
+    monkeypatch.setattr(T, "next_cron", watched)
+    source, src, _ = memory_app(loop)
+    created = src.mutate("create", None, None, {"name": "c", "task_name": "app:add", "kind": "cron",
+                                                "expression": "0 4 * * *"})
+    expected = S.normalize_row(by_key(src)["c"], T.SCHEDULER)
+    updated = src.mutate("update", "c", expected, {"expression": "0 5 * * *"})
+    assert created["next_run_at"] is not None and updated["next_run_at"] is not None
+    assert on_loop and not any(on_loop)
+
+
+async def _thread_of_loop():
+    return threading.current_thread()
+
+
+# ---------------------------------------------------------------- reading the Redis source
+
+
+def test_the_redis_source_is_read_in_full_only_when_due_with_large_scans_each_key_once(
+        loop, redis_url, monkeypatch, caplog):
+    from redis.asyncio import Redis
+
+    broker, source, src, _ = redis_app(loop, redis_url, "list", f"z4j-scan-{os.urandom(3).hex()}")
+    add = broker.find_task("app:add")
+    run(loop, add.kicker().with_schedule_id("a").schedule_by_interval(source, 60))
+    scans = []
+    real_scan = Redis.scan_iter
+
+    def scan_iter(self, match=None, count=None, **kw):
+        scans.append(count)
+
+        async def twice():  # SCAN may give a key twice
+            async for key in real_scan(self, match=match, count=count, **kw):
+                yield key
+                yield key
+
+        return twice()
+
+    monkeypatch.setattr(Redis, "scan_iter", scan_iter)
+    assert "a" in by_key(src) and scans == [T.SCAN_COUNT]
+    assert not [r for r in caplog.records if "two taskiq schedules" in r.getMessage()]
+    for _ in range(3):  # the looks every POLL_SECONDS: the last full read
+        by_key(src)
+    assert len(scans) == 1
+    run(loop, add.kicker().with_schedule_id("b").schedule_by_interval(source, 60))  # behind our back
+    assert "b" not in by_key(src)
+    src.read_interval = 0.0  # ... until READ_INTERVAL has passed
+    assert "b" in by_key(src) and len(scans) == 2
+    src.read_interval = 3600.0
+    expected = S.normalize_row(by_key(src)["b"], T.SCHEDULER)
+    before = len(scans)
+    src.mutate("delete", "b", expected, {})  # a write from the brain: read again now
+    assert "b" not in by_key(src) and len(scans) > before
+
+
+def test_an_undecodable_schedule_is_left_out_counted_and_logged_once(loop, redis_url, caplog):
+    import redis as redis_sync
+
+    prefix = f"z4j-bad-{os.urandom(3).hex()}"
+    broker, source, src, _ = redis_app(loop, redis_url, "list", prefix)
+    run(loop, broker.find_task("app:add").kicker().with_schedule_id("good").schedule_by_interval(source, 60))
+    client = redis_sync.Redis.from_url(redis_url)
+    client.set(f"{prefix}:data:broken", b"\x00 not a schedule")
+    src.read_interval = 0.0
+    for _ in range(2):
+        rows = by_key(src)
+        assert "good" in rows and "broken" not in rows
+    assert src.stats() == {"schedules_unreadable": 1}
+    stream = S.ExternalScheduler(T.SCHEDULER, src, lambda events: 0)
+    assert stream.stats()["schedules_unreadable"] == 1
+    logged = [r for r in caplog.records if "cannot be decoded" in r.getMessage()]
+    assert len(logged) == 1 and f"{prefix}:data:broken" in logged[0].getMessage()
+    client.delete(f"{prefix}:data:broken")
+    by_key(src)
+    assert src.stats() == {"schedules_unreadable": 0}
+    client.close()
+
+
+# ---------------------------------------------------------------- counters, names, texts
+
+
+def test_stats_answer_while_a_publish_holds_the_streams_lock(loop):
+    _, src, _ = memory_app(loop)
+    stream = S.ExternalScheduler(T.SCHEDULER, src, lambda events: 0)
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with stream._lock:  # as publish() holds it while it waits for the loop
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(5)
+    answered = []
+    reader = threading.Thread(target=lambda: answered.append(stream.stats()))
+    reader.start()
+    reader.join(5)
+    got = list(answered)  # before the lock is let go
+    release.set()
+    holder.join(5)
+    reader.join(5)
+    assert got and got[0]["scheduler"] == T.SCHEDULER, "stats() waited for the stream's lock"
+
+
+def test_the_run_counts_of_schedules_gone_from_the_sources_are_dropped(loop):
+    source, src, _ = memory_app(loop)
+    for sid in ("keep", "gone"):
+        src._count(sid, by_scheduler=True)
+    src.read_interval = 0.0
+    rows = by_key(src)
+    assert rows["keep"]["total_runs"] == 1 and set(src._runs) == {"keep"}
+
+
+def test_long_or_padded_schedule_ids_get_capped_names_and_keys_the_brain_takes(loop):
+    source, src, _ = memory_app(loop)
+    long_id, padded = "x" * 300, " padded "
+    for sid in (long_id, long_id + "y", padded):
+        source.items[sid] = ScheduledTask(task_name="app:add", labels={}, args=[], kwargs={}, schedule_id=sid,
+                                          interval=60)
+    rows = by_key(src)
+    normalized = [S.normalize_row(r, T.SCHEDULER) for r in rows.values()]
+    assert all(len(r["name"]) <= T.MAX_NAME and len(r["source_key"]) <= T.MAX_NAME for r in normalized)
+    assert len({r["name"] for r in normalized}) == len({r["source_key"] for r in normalized}) == 4
+    assert all(r["source_key"] == r["source_key"].strip() for r in rows.values())
+    key = next(k for k in rows if k.startswith("padded"))
+    src.mutate("update", key, S.normalize_row(rows[key], T.SCHEDULER), {"expression": "90"})
+    assert source.items[padded].interval == 90
+    long_key = next(k for k, r in rows.items() if r["name"].startswith("xxx") and len(r["name"]) < 300)
+    src.mutate("delete", long_key, S.normalize_row(rows[long_key], T.SCHEDULER), {})
+    assert len([s for s in source.items if s.startswith("xxx")]) == 1
+
+
+def test_a_source_errors_text_is_scrubbed_before_it_reaches_the_brain(loop):
+    broker, _, _ = app()
+
+    class Broken(LabelScheduleSource):
+        async def get_schedules(self):
+            raise ConnectionError("Error connecting to redis://user:hunter2@cache:6379")
+
+    src = T.SchedulerSource(TaskiqScheduler(broker, sources=[Broken(broker)]), loop)
+    with pytest.raises(RuntimeError, match="could not be read") as raised:
+        src.rows()
+    assert "hunter2" not in str(raised.value) and "cache:6379" in str(raised.value)
+    # A snapshot the daemon refused: its error (stats' last_error) is scrubbed too.
+    stream = S.ExternalScheduler(T.SCHEDULER, memory_app(loop)[1], lambda events: 0)
+    stream._authority = S.Authority(T.SCHEDULER, str(uuid.uuid4()), str(uuid.uuid4()), 1, "a",
+                                    S.source_scope(T.SCHEDULER))
+    stream._send = lambda events: (_ for _ in ()).throw(OSError("redis://:hunter2@x refused"))
+    with pytest.raises(OSError):
+        stream.publish("x", force=True)
+    assert stream.last_error and "hunter2" not in stream.last_error
+
+
+def test_a_trigger_is_a_run_but_does_not_move_an_interval_schedules_next_run(loop, monkeypatch):
+    class Clock(datetime):
+        at = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
+
+        @classmethod
+        def now(cls, tz=None):
+            return cls.at
+
+    monkeypatch.setattr(T, "datetime", Clock)
+    source, src, _ = memory_app(loop)
+    src._sent(source.items["keep"])  # the scheduler's send, at 12:00
+    Clock.at += timedelta(seconds=25)  # "trigger now", at 12:00:25
+    before = by_key(src)["keep"]
+    assert before["next_run_at"] == datetime(2026, 5, 1, 12, 1, tzinfo=UTC)
+    assert before["total_runs"] == 1 and before["next_run_at"] is not None
+    src.trigger(before)
+    after = by_key(src)["keep"]
+    assert after["total_runs"] == 2 and after["last_run_at"] >= before["last_run_at"]
+    assert after["next_run_at"] == before["next_run_at"]

@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from ._redact import scrub_text
+
 log = logging.getLogger("z4j_agentd.schedules")
 
 PROTOCOL_VERSION = 1
@@ -321,6 +323,27 @@ def fit_row(row: Mapping[str, Any], limit: int = ROW_PAYLOAD_BYTES) -> Optional[
     return short if frame_bytes(short) <= limit else None
 
 
+def keep_left_out_arguments(definition: Mapping[str, Any], row: Mapping[str, Any],
+                            limit: int = ROW_PAYLOAD_BYTES) -> Dict[str, Any]:
+    """The brain's update `definition` of the schedule whose normalized row
+    is `row`, made safe for a row whose args and kwargs were left out of the
+    snapshot to fit a frame (`fit_row`): the page holds the note in their
+    place, and the dashboard sends the args and kwargs it shows with every
+    update. When the definition's args and kwargs are those the page shows,
+    they are dropped from it (the schedule keeps its real ones); when they
+    differ, the update is refused (ValueError): the real ones cannot be seen
+    or edited from the page. A row that fits is returned as it came."""
+    shown = fit_row(row, limit)
+    if shown is None or shown == dict(row) or not ({"args", "kwargs"} & set(definition)):
+        return dict(definition)
+    if definition.get("args", shown["args"]) == shown["args"] and \
+            definition.get("kwargs", shown["kwargs"]) == shown["kwargs"]:
+        return {k: v for k, v in definition.items() if k not in ("args", "kwargs")}
+    raise ValueError(f"schedule {row.get('name')!r} has args and kwargs too large to show on the page; they "
+                     f"cannot be changed from the brain (change them where the schedule is defined), and an "
+                     f"update from the brain must leave them as the page shows them")
+
+
 def _chunks(rows: List[Dict[str, Any]], limit: int) -> List[List[Dict[str, Any]]]:
     chunks: List[List[Dict[str, Any]]] = []
     current: List[Dict[str, Any]] = []
@@ -493,15 +516,26 @@ class ExternalScheduler:
         self.start()
 
     def stats(self) -> Dict[str, Any]:
-        with self._lock:
-            a = self._authority
-            return {"scheduler": self.owner, "active": a is not None,
-                    "epoch_number": a.epoch_number if a else None, "sequence": self._sequence,
-                    "snapshot_pending": self._pending is not None,
-                    "snapshots_published": self.snapshots_published,
-                    "snapshot_failures": self.snapshot_failures, "last_error": self.last_error,
-                    "rows_skipped": self.rows_skipped, "rows_shortened": self.rows_shortened,
-                    "rows_carried": len(self._removed)}
+        """The stream's counters. Read without the stream's lock: a publish
+        or a command holds it while it waits for the scheduler (up to the
+        source's timeout), and stats() may be called from that scheduler's
+        own thread or loop. Each value is read once (a consistent view of
+        all of them is not promised)."""
+        a = self._authority
+        out = {"scheduler": self.owner, "active": a is not None,
+               "epoch_number": a.epoch_number if a else None, "sequence": self._sequence,
+               "snapshot_pending": self._pending is not None,
+               "snapshots_published": self.snapshots_published,
+               "snapshot_failures": self.snapshot_failures, "last_error": self.last_error,
+               "rows_skipped": self.rows_skipped, "rows_shortened": self.rows_shortened,
+               "rows_carried": len(self._removed)}
+        extra = getattr(self.source, "stats", None)
+        if callable(extra):
+            try:
+                out.update({k: v for k, v in (extra() or {}).items() if k not in out})
+            except Exception:  # the stream's own counters still answer
+                log.debug("z4j-agentd: %s source stats failed", self.owner, exc_info=True)
+        return out
 
     # -- snapshots -------------------------------------------------------
 
@@ -625,7 +659,7 @@ class ExternalScheduler:
             self._send(pending.events)
         except Exception as exc:
             self.snapshot_failures += 1
-            self.last_error = f"{type(exc).__name__}: {exc}"[:500]
+            self.last_error = scrub_text(f"{type(exc).__name__}: {exc}")[:500]
             if type(exc).__name__ == "EventRefused":
                 # Refused as such: sending the same events again cannot help.
                 self._pending = None
@@ -760,7 +794,8 @@ class ExternalScheduler:
                 failing = False
             except Exception as exc:
                 log.log(logging.DEBUG if failing else logging.WARNING,
-                        "z4j-agentd: the %s snapshot was not published (%s); retrying", self.owner, exc,
+                        "z4j-agentd: the %s snapshot was not published (%s); retrying", self.owner,
+                        scrub_text(str(exc)),
                         exc_info=not isinstance(exc, (OSError, ProtocolError)) and not failing)
                 failing = True
                 if self._stop.wait(min(self.poll_interval, 5.0)):
@@ -797,7 +832,7 @@ class ExternalScheduler:
             except Exception as exc:
                 self._wake.set()  # the publisher thread sends it again
                 raise RuntimeError(f"the {self.owner} activation snapshot was not handed to z4j-agentd: "
-                                   f"{type(exc).__name__}: {exc}") from None
+                                   f"{type(exc).__name__}: {scrub_text(str(exc))}") from None
         assert summary is not None
         log.info("z4j-agentd: %s activated (epoch %d), %d schedules published", self.owner,
                  authority.epoch_number, summary["schedule_count"])
@@ -873,7 +908,7 @@ class ExternalScheduler:
             except Exception as exc:
                 what = "the task was sent" if operation == "trigger" else f"the {operation} may have been applied"
                 raise RuntimeError(f"{what}, but the snapshot confirming it was not handed to z4j-agentd "
-                                   f"({type(exc).__name__}: {exc}); the page shows it after the next "
+                                   f"({type(exc).__name__}: {scrub_text(str(exc))}); the page shows it after the next "
                                    f"snapshot") from None
             assert summary is not None
             receipt = {**summary, "operation_id": operation_id,
@@ -889,5 +924,6 @@ class ExternalScheduler:
 
 __all__ = ["Authority", "Conflict", "EDITABLE", "ExternalScheduler", "KINDS", "MUTATION", "PROTOCOL_VERSION",
            "ProtocolError", "RUNTIME_FEATURE", "STABLE_SNAPSHOT", "Source", "canonical_json", "configuration",
-           "digest", "fit_row", "frame_bytes", "iso_utc", "normalize_row", "projection_body", "snapshot_events",
+           "digest", "fit_row", "frame_bytes", "iso_utc", "keep_left_out_arguments", "normalize_row",
+           "projection_body", "snapshot_events",
            "snapshot_frame_body", "source_scope"]

@@ -43,7 +43,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
 
 from ._jsonsafe import json_safe
 from ._schedules import MUTATION, STABLE_SNAPSHOT, Conflict, ExternalScheduler, Source, configuration, fit_row, \
-    normalize_row
+    keep_left_out_arguments, normalize_row
 
 log = logging.getLogger("z4j_agentd.apscheduler")
 
@@ -447,13 +447,16 @@ class APSchedulerSource(Source):
                     job = scheduler.pause_job(job.id)
                 return self._checked_row("default", job.id)
             alias, job = self._find(source_key)
-            current = fit_row(normalize_row(self._row(alias, job), SCHEDULER)) or {}
+            full = normalize_row(self._row(alias, job), SCHEDULER)
+            current = fit_row(full) or {}
             if configuration(current) != configuration(dict(expected or {})):
                 raise Conflict(f"schedule {source_key!r} changed in APScheduler since the brain saw it; "
                                f"refresh and try again")
             if operation == "delete":
                 scheduler.remove_job(job.id, jobstore=alias)
                 return None
+            # Args and kwargs the page shows as a note (too large for a frame) are not written back.
+            definition = keep_left_out_arguments(definition, full)
             if "name" in definition and definition["name"].strip() != current["name"]:
                 raise ValueError("an APScheduler job's id is its name on the page and cannot change; "
                                  "create a new schedule and delete this one")

@@ -399,7 +399,7 @@ class DatabaseSource(_BeatSource):
         the fields the brain's definition names."""
         from django.db import transaction
 
-        from .._schedules import configuration, fit_row, normalize_row
+        from .._schedules import configuration, fit_row, keep_left_out_arguments, normalize_row
 
         def work() -> Optional[Dict[str, Any]]:
             PeriodicTask = self.models.PeriodicTask
@@ -424,33 +424,37 @@ class DatabaseSource(_BeatSource):
                 except PeriodicTask.DoesNotExist:
                     raise Conflict(f"schedule {source_key} is not in the database any more") from None
                 model = self._query().get(pk=model.pk)
-                current = fit_row(normalize_row(self._row(model), SCHEDULER)) or {}
+                full = normalize_row(self._row(model), SCHEDULER)
+                current = fit_row(full) or {}
                 if configuration(current) != configuration(dict(expected or {})):
                     raise Conflict(f"schedule {model.name!r} changed in the database since the brain saw it; "
                                    f"refresh and try again")
                 if operation == "delete":
                     model.delete()
                     return None
+                # Args and kwargs the page shows as a note (too large for a frame) are not written back.
+                changes = keep_left_out_arguments(definition, full)
                 timing = ("kind", "expression", "timezone")
-                merged = {**current, **definition}
-                if merged["kind"] != "cron" and "timezone" not in definition:
+                merged = {**current, **changes}
+                if merged["kind"] != "cron" and "timezone" not in changes:
                     merged["timezone"] = "UTC"  # a cron row's timezone does not follow it to another kind
-                _check_definition(definition, str(merged["kind"]), timezone=merged["timezone"])
-                if "name" in definition and PeriodicTask.objects.filter(
-                        name=definition["name"].strip()).exclude(pk=model.pk).exists():
-                    raise Conflict(f"a django-celery-beat schedule named {definition['name'].strip()!r} "
+                _check_definition(changes, str(merged["kind"]), timezone=merged["timezone"])
+                if "name" in changes and PeriodicTask.objects.filter(
+                        name=changes["name"].strip()).exclude(pk=model.pk).exists():
+                    raise Conflict(f"a django-celery-beat schedule named {changes['name'].strip()!r} "
                                    f"exists already")
                 schedule = None
-                if any(k in definition and definition[k] != current.get(k) for k in timing):
+                if any(k in changes and changes[k] != current.get(k) for k in timing):
                     schedule = self._schedule_object(str(merged["kind"]), str(merged["expression"] or ""),
                                                      str(merged["timezone"] or "UTC"))
-                self._apply(model, definition, schedule)
+                self._apply(model, changes, schedule)
                 model.save()
-                return self._checked_row(model.pk)
+                # Args kept as they are may be too large for a frame: the page shows them as it can.
+                return self._checked_row(model.pk, check_size=bool({"args", "kwargs"} & set(changes)))
 
         return self._db(work)
 
-    def _checked_row(self, pk: int) -> Dict[str, Any]:
+    def _checked_row(self, pk: int, check_size: bool = True) -> Dict[str, Any]:
         """The row of a schedule just written, inside the transaction that
         wrote it: raises ValueError (the write rolls back) when beat could
         not build its schedule or the brain could not take the row."""
@@ -467,7 +471,7 @@ class DatabaseSource(_BeatSource):
         row = self._row(model)
         normalized = _schedules.normalize_row(row, SCHEDULER)
         size = _schedules.frame_bytes(normalized)
-        if size > _schedules.ROW_PAYLOAD_BYTES:
+        if check_size and size > _schedules.ROW_PAYLOAD_BYTES:
             raise ValueError(f"schedule {model.name!r} is {size} bytes of JSON, more than a snapshot frame "
                              f"holds ({_schedules.ROW_PAYLOAD_BYTES}); shorten its args or kwargs")
         return row

@@ -51,7 +51,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .._jsonsafe import json_safe
 from .._schedules import MUTATION, STABLE_SNAPSHOT, Conflict, ExternalScheduler, Source, configuration, fit_row, \
-    normalize_row
+    keep_left_out_arguments, normalize_row
 
 log = logging.getLogger("z4j_agentd.rq.scheduler")
 
@@ -334,7 +334,8 @@ class RQSchedulerSource(Source):
             if source_key not in rows:
                 raise Conflict(f"schedule {source_key!r} is not in rq-scheduler any more; refresh the page")
             (job, score, enabled, runs, last), row = rows[source_key]
-            current = fit_row(normalize_row(row, SCHEDULER)) or {}
+            full = normalize_row(row, SCHEDULER)
+            current = fit_row(full) or {}
             if configuration(current) != configuration(dict(expected or {})):
                 raise Conflict(f"schedule {row['name']!r} changed in rq-scheduler since the brain saw it; "
                                f"refresh and try again")
@@ -346,6 +347,8 @@ class RQSchedulerSource(Source):
                 pipe.hdel(self.last_runs, source_key)
                 pipe.execute()
                 return None
+            # Args and kwargs the page shows as a note (too large for a frame) are not written back.
+            definition = keep_left_out_arguments(definition, full)
             data_fields = ("task_name", "args", "kwargs", "queue")
             if any(k in definition and definition[k] != current.get(k) for k in data_fields) \
                     and job.get_status(refresh=False) == JobStatus.STARTED:
