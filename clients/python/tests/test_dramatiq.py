@@ -726,3 +726,17 @@ def test_exception_texts_are_scrubbed_before_they_are_cut():
     except RuntimeError as exc:
         text = zd._traceback_text(exc)
     assert "sup3rs" not in text and len(text) <= zd.MAX_TRACEBACK_CHARS, text[1900:2200]
+
+
+def test_a_huge_exception_text_is_scrubbed_within_a_bound():
+    secret = " redis://user:sup3rsecret@db.example:6379 "
+    text = secret + "x" * 50_000_000 + secret
+    t0 = time.monotonic()
+    message = zd._exception_message(RuntimeError(text))
+    try:
+        raise RuntimeError(text)
+    except RuntimeError as exc:
+        tb = zd._traceback_text(exc)
+    assert "sup3rs" not in message + tb and len(tb) <= zd.MAX_TRACEBACK_CHARS
+    assert tb.rstrip().endswith("db.example:6379"), tb[-100:]
+    assert time.monotonic() - t0 < 10  # a bound against scrubbing 50 MB in the message's thread

@@ -34,9 +34,11 @@ retried message keeps):
 `after_enqueue` also runs when Retries puts a failed message back (same
 message id, `retries` in its options) and when a worker moves a delayed
 message to its queue once due: neither is a new task, and neither sends
-`task.received`. A worker process that runs a message it did not see
-enqueued sends `task.received` itself just before `task.started` (on the
-same connection, so the brain has the arguments before the row starts).
+`task.received`. A worker process that runs a first attempt it did not
+see enqueued sends `task.received` itself just before `task.started` (on
+the same connection, so the brain has the arguments before the row
+starts), stamped with the message's own timestamp; a retry attempt is not
+new, so it sends none.
 
 Parent links: a message enqueued while an actor runs (by the actor itself,
 a pipeline's next step, a group's completion callback, an `on_success` /
@@ -51,10 +53,11 @@ first: by the time it reads an outcome, Retries has decided between a
 retry and a failure. A second one goes last (again when the worker boots,
 for middleware added after `install`): its `before_process_message` sends
 `task.started` once every other middleware let the message run (a cancel
-or an age limit skips it there). A message dramatiq-abort stops while it runs is retried or failed by
-Retries as any other exception (as without z4j): a retry of a message
-cancelled from the brain is skipped when it comes up, since the cancel
-stays in dramatiq-abort's backend for 7 days (see `_commands`).
+or an age limit skips it there). A message dramatiq-abort stops while it
+runs is retried or failed by Retries as any other exception (as without
+z4j): a retry of a message cancelled from the brain is skipped when it
+comes up, since the cancel stays in dramatiq-abort's backend for 7 days
+(see `_commands`).
 """
 
 from __future__ import annotations
@@ -111,6 +114,10 @@ PARENT_OPTION = "z4j_parent"
 ROOT_OPTION = "z4j_root"
 
 _CUT = "\n[... cut by z4j-agentd-client ...]\n"
+#: Texts are scrubbed before they are cut, but only this much of their
+#: start (and end) is scrubbed: far more than is kept, so no secret split
+#: there reaches what is kept, and a huge text costs no more than this.
+_SCRUB_SPAN = 4 * MAX_TRACEBACK_CHARS
 
 
 def worker_name(pid: Optional[int] = None) -> str:
@@ -131,7 +138,7 @@ def _exception_message(exc: Any) -> Optional[str]:
         text = str(exc)
     except Exception:
         text = repr(exc)
-    return scrub_text(text)[:MAX_TRACEBACK_CHARS]
+    return scrub_text(text[:_SCRUB_SPAN])[:MAX_TRACEBACK_CHARS]
 
 
 def _traceback_text(exc: BaseException, fallback: Any = None) -> Optional[str]:
@@ -141,6 +148,8 @@ def _traceback_text(exc: BaseException, fallback: Any = None) -> Optional[str]:
         text = fallback if isinstance(fallback, str) else None
     if not text:
         return None
+    if len(text) > 2 * _SCRUB_SPAN:
+        text = text[:_SCRUB_SPAN] + _CUT + text[-_SCRUB_SPAN:]
     text = scrub_text(text)  # before the cut (see _exception_message)
     if len(text) > MAX_TRACEBACK_CHARS:
         # Keep where it started and how it ended (the error line).

@@ -344,8 +344,9 @@ class DramatiqCommands:
                 still = task_id in self.hooks.active
             if not still and not self.hooks.was_aborted(task_id):
                 result.update(state_before="running", terminated=False,
-                              detail="it ended before the abort reached it (its own event says how); a retry of "
-                                     "it is skipped when it comes up")
+                              detail="it ended without the abort stopping it (it finished first, or the actor "
+                                     "caught the exception; its own event says how); a retry of it is skipped "
+                                     "when it comes up")
                 if note:
                     result["note"] = note
                 return result
