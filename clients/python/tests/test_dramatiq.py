@@ -21,6 +21,11 @@ from test_celery import RecordingClient  # noqa: E402
 
 
 class Recorder(RecordingClient):
+    def emit(self, engine, kind, task_id="", data=None, occurred_at=None, id=None):
+        self.emitted.append({"engine": engine, "kind": kind, "task_id": task_id, "data": data,
+                             "occurred_at": occurred_at})
+        return True
+
     def report_health(self, source, *, interval=30.0):
         self.health_source = source
 
@@ -62,11 +67,12 @@ def events(client, task_id=None, kind=None):
             and (kind is None or e["kind"] == kind)]
 
 
-def test_middleware_goes_first_and_the_guard_right_after_retries(setup):
+def test_middleware_goes_first_and_the_starter_last(setup):
     broker, client, hooks, _ = setup
-    assert broker.middleware[0] is hooks.middleware
-    at = [i for i, m in enumerate(broker.middleware) if isinstance(m, Retries)][0]
-    assert broker.middleware[at + 1] is hooks.guard and broker.middleware[-1] is hooks.starter
+    assert broker.middleware[0] is hooks.middleware and broker.middleware[-1] is hooks.starter
+    # Nothing of ours between them: Retries decides for an aborted message as without z4j.
+    ours = [m for m in broker.middleware if type(m).__module__.startswith("z4j_agentd")]
+    assert ours == [hooks.middleware, hooks.starter], ours
     # Again with the same broker and client: nothing changes.
     assert zd.install(broker, client) is client
     assert broker.middleware.count(hooks.middleware) == 1 and zd.installed() is hooks
@@ -255,11 +261,8 @@ def abortable(setup):
     return middleware
 
 
-def test_cancel_stops_a_running_message_and_it_is_not_retried(setup, abortable):
-    broker, client, hooks, start = setup
-    ran = []
-
-    @dramatiq.actor(queue_name="qc", max_retries=3, min_backoff=10, max_backoff=20)
+def _spinner(name, queue, ran, **options):
+    @dramatiq.actor(actor_name=name, queue_name=queue, **options)
     def spin(seconds):
         ran.append(1)
         end = time.monotonic() + seconds
@@ -267,6 +270,13 @@ def test_cancel_stops_a_running_message_and_it_is_not_retried(setup, abortable):
             sum(range(1000))
         return "spun"
 
+    return spin
+
+
+def test_cancel_stops_a_running_message_and_its_retry_is_skipped(setup, abortable):
+    broker, client, hooks, start = setup
+    ran = []
+    spin = _spinner("spin", "qc", ran, max_retries=3, min_backoff=10, max_backoff=20)
     message = spin.send(20)
     start()
     wait(lambda: message.message_id in hooks.active, what="the message to run")
@@ -276,12 +286,58 @@ def test_cancel_stops_a_running_message_and_it_is_not_retried(setup, abortable):
     took = time.monotonic() - t0
     assert result["state_before"] == "running" and result["terminated"] is True, result
     assert took < 8, took
-    revoked = events(client, message.message_id, "task.revoked")
-    assert revoked and revoked[0]["data"]["terminated"] is True
-    assert revoked[0]["data"]["retry_scheduled"] is False
-    time.sleep(0.3)  # a retry would come after 10-20 ms
+    # Retries scheduled a retry, as for dramatiq-abort alone; the 7-day cancel skips it when it comes up.
+    wait(lambda: len(events(client, message.message_id, "task.revoked")) == 2, what="the retry's skip")
+    first, second = events(client, message.message_id, "task.revoked")
+    assert first["data"]["terminated"] is True and first["data"]["retry_scheduled"] is True
+    assert second["data"]["terminated"] is False
     assert len(ran) == 1 and not events(client, message.message_id, "task.succeeded")
-    assert not events(client, message.message_id, "task.retried")
+    assert not broker.dead_letters_by_queue.get("qc")
+
+
+def test_a_users_own_abort_is_retried_as_without_z4j(setup, abortable):
+    """dramatiq-abort alone retries an aborted message (and its cancel key
+    skips the retry): no dead letter, no on_retry_exhausted."""
+    from dramatiq_abort import abort
+
+    broker, client, hooks, start = setup
+    exhausted, ran = [], []
+
+    @dramatiq.actor(queue_name="qx2")
+    def on_exhausted(message, info):
+        exhausted.append(info)
+
+    spin = _spinner("spin_user", "qu", ran, max_retries=3, min_backoff=10, max_backoff=20,
+                    on_retry_exhausted="on_exhausted")
+    message = spin.send(20)
+    start()
+    wait(lambda: message.message_id in hooks.active, what="the message to run")
+    abort(message.message_id, middleware=abortable)
+    wait(lambda: len(events(client, message.message_id, "task.revoked")) == 2, what="the retry's skip")
+    broker.join("qx2")
+    assert exhausted == [] and not broker.dead_letters_by_queue.get("qu"), (exhausted, broker.dead_letters)
+    assert len(ran) == 1
+
+
+def test_cancel_says_terminated_only_when_the_abort_stopped_it(setup, abortable):
+    broker, client, hooks, start = setup
+
+    @dramatiq.actor(queue_name="qs")
+    def stubborn():
+        try:
+            end = time.monotonic() + 20
+            while time.monotonic() < end:
+                sum(range(1000))
+        except BaseException:  # catches dramatiq-abort's Abort and ends normally
+            return "caught"
+
+    message = stubborn.send()
+    start()
+    wait(lambda: message.message_id in hooks.active, what="the message to run")
+    result = hooks.commands.cancel_task({"parameters": {"task_id": message.message_id}})
+    assert result["state_before"] == "running" and result["terminated"] is False, result
+    assert events(client, message.message_id, "task.succeeded")
+    assert not events(client, message.message_id, "task.revoked")
 
 
 def test_cancel_of_a_message_not_started_skips_it(setup, abortable):
@@ -514,3 +570,173 @@ def test_the_ids_of_moved_delayed_messages_are_not_kept(setup):
     # The first delay and both retries went through the delay queue: none of their ids stays.
     assert len(hooks._delayed) == 0, hooks._delayed
     assert len(events(client, later.message_id, "task.received")) == 1
+
+
+# ---------------------------------------------------------------- bounds and costs
+
+
+class _CountingDict(dict):
+    """Counts the entries a walk over the dict visits."""
+
+    visited = 0
+
+    def _count(self, it):
+        for item in it:
+            type(self).visited += 1
+            yield item
+
+    def __iter__(self):
+        return self._count(super().__iter__())
+
+    def items(self):
+        return self._count(super().items())
+
+    def values(self):
+        return self._count(super().values())
+
+    def keys(self):
+        return self._count(super().keys())
+
+
+def test_the_arguments_budget_drops_the_oldest_without_walking_every_entry(setup):
+    from collections import OrderedDict
+
+    from dramatiq.message import Message
+
+    broker, client, hooks, start = setup
+    hooks.worker = object()  # a worker process keeps arguments
+
+    def remember(n):
+        message = Message(queue_name="q", actor_name="a", args=("x" * 200,), kwargs={}, options={})
+        hooks._remember(message)
+        return message.message_id
+
+    ids = [remember(n) for n in range(zd.REMEMBERED_TASKS)]  # 10,000 x ~208 bytes: over the 1 MiB budget
+    assert hooks._remembered_args_bytes <= zd.MAX_REMEMBERED_ARGS_TOTAL
+
+    class Counting(_CountingDict, OrderedDict):
+        pass
+
+    hooks._remembered = Counting(hooks._remembered)
+    Counting.visited = 0
+    more = [remember(n) for n in range(2000)]
+    # Each call drops at most a few entries: no pass over the 10,000 (the old code walked them all each call).
+    assert Counting.visited == 0, Counting.visited
+    kept = {k: v for k, v in OrderedDict.items(hooks._remembered)}
+    with_args = [k for k, v in kept.items() if v[2] is not None]
+    assert sum(len(kept[k][2]) for k in with_args) == hooks._remembered_args_bytes <= zd.MAX_REMEMBERED_ARGS_TOTAL
+    assert with_args == list(hooks._remembered_args)  # the budget's own order is the remembered order
+    assert with_args == list(kept)[-len(with_args):] and more[-1] in with_args  # the newest keep theirs
+    assert "args" in hooks.remembered(more[-1])
+    assert ids[0] not in kept and ids[-1] in kept  # 10,000 entries at most
+    assert hooks.remembered(list(kept)[0])["args_left_out"] == "newer messages' arguments took their place"
+
+
+def test_dramatiq_abort_is_looked_up_once(setup, monkeypatch):
+    import builtins
+    import sys
+
+    broker, client, hooks, start = setup
+    monkeypatch.setitem(sys.modules, "dramatiq_abort", None)  # as if it were not installed
+    monkeypatch.setitem(sys.modules, "dramatiq_abort.abort_manager", None)
+    if hasattr(zd, "_ABORT_UNSET"):  # forget what an earlier test looked up
+        monkeypatch.setattr(zd, "_abort_cls", zd._ABORT_UNSET)
+    imports = []
+    real = builtins.__import__
+
+    def counting(name, *args, **kwargs):
+        if name.startswith("dramatiq_abort"):
+            imports.append(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", counting)
+
+    @dramatiq.actor(queue_name="qa")
+    def quick(n):
+        return n
+
+    for n in range(20):
+        quick.send(n)
+    start()
+    broker.join("qa")
+    assert len(events(client, kind="task.succeeded")) == 20
+    assert len(imports) <= 1, imports
+
+
+def test_a_retry_in_a_process_that_did_not_see_it_sends_no_received(setup):
+    from dramatiq.message import Message
+
+    broker, client, hooks, start = setup
+    first = Message(queue_name="q", actor_name="a", args=(1,), kwargs={}, options={},
+                    message_timestamp=1_700_000_000_000)
+    retry = Message(queue_name="q", actor_name="a", args=(2,), kwargs={}, options={"retries": 1})
+    for message in (first, retry):
+        hooks.before_process_message(message)
+        hooks.after_process_message(message, None, None)
+    received = events(client, kind="task.received")
+    assert [e["task_id"] for e in received] == [first.message_id], received
+    # It is stamped with the time the message was sent, not the time it started.
+    assert received[0]["occurred_at"].timestamp() == 1_700_000_000
+    assert events(client, retry.message_id, "task.started")
+
+
+def test_moved_delayed_ids_are_kept_for_a_full_delay_prefetch(setup):
+    from dramatiq.message import Message
+
+    broker, client, hooks, start = setup
+    assert zd.MAX_DELAYED >= 65535  # a worker's delay_prefetch: its threads x 1,000 (8 threads by default)
+    messages = [Message(queue_name="q.DQ", actor_name="a", args=(), kwargs={}, options={}, message_id=f"m{n}")
+                for n in range(zd.MAX_DELAYED + 10)]
+    for message in messages:
+        hooks.before_delay_message(message)
+    assert len(hooks._delayed) == zd.MAX_DELAYED
+    early = messages[12].copy(queue_name="q")  # taken 65,000 ids ago, due now
+    hooks.after_enqueue(early, None)
+    assert not events(client, kind="task.received")
+
+
+def test_a_result_read_back_for_reconcile_is_redacted(setup):
+    from dramatiq.results import Results
+    from dramatiq.results.backends import StubBackend
+
+    broker, client, hooks, start = setup
+    broker.add_middleware(Results(backend=StubBackend()))
+
+    @dramatiq.actor(queue_name="qsec", store_results=True)
+    def login():
+        return {"user": "ann", "password": "hunter2-secret", "blob": "y" * 1000}
+
+    message = login.send()
+    worker = start()
+    broker.join("qsec")
+    worker.join()
+    got = hooks.commands.reconcile_task({"parameters": {"task_id": message.message_id}})
+    assert got["engine_state"] == "success", got
+    assert "hunter2-secret" not in repr(got), got
+    assert got["result"]["user"] == "ann" and got["result"]["blob"] == "y" * 1000
+
+
+def test_exception_texts_are_scrubbed_before_they_are_cut():
+    secret = " redis://user:sup3rsecret@db.example:6379"
+    # The cut of the message falls inside the URL, before its '@'.
+    message = zd._exception_message(RuntimeError("x" * (zd.MAX_TRACEBACK_CHARS - 20) + secret))
+    assert "sup3rs" not in message and len(message) <= zd.MAX_TRACEBACK_CHARS
+    try:
+        raise RuntimeError("y" * (zd.MAX_TRACEBACK_CHARS // 2 - 60) + secret + "z" * 10_000)
+    except RuntimeError as exc:
+        text = zd._traceback_text(exc)
+    assert "sup3rs" not in text and len(text) <= zd.MAX_TRACEBACK_CHARS, text[1900:2200]
+
+
+def test_a_huge_exception_text_is_scrubbed_within_a_bound():
+    secret = " redis://user:sup3rsecret@db.example:6379 "
+    text = secret + "x" * 50_000_000 + secret
+    t0 = time.monotonic()
+    message = zd._exception_message(RuntimeError(text))
+    try:
+        raise RuntimeError(text)
+    except RuntimeError as exc:
+        tb = zd._traceback_text(exc)
+    assert "sup3rs" not in message + tb and len(tb) <= zd.MAX_TRACEBACK_CHARS
+    assert tb.rstrip().endswith("db.example:6379"), tb[-100:]
+    assert time.monotonic() - t0 < 10  # a bound against scrubbing 50 MB in the message's thread

@@ -34,9 +34,11 @@ retried message keeps):
 `after_enqueue` also runs when Retries puts a failed message back (same
 message id, `retries` in its options) and when a worker moves a delayed
 message to its queue once due: neither is a new task, and neither sends
-`task.received`. A worker process that runs a message it did not see
-enqueued sends `task.received` itself just before `task.started` (on the
-same connection, so the brain has the arguments before the row starts).
+`task.received`. A worker process that runs a first attempt it did not
+see enqueued sends `task.received` itself just before `task.started` (on
+the same connection, so the brain has the arguments before the row
+starts), stamped with the message's own timestamp; a retry attempt is not
+new, so it sends none.
 
 Parent links: a message enqueued while an actor runs (by the actor itself,
 a pipeline's next step, a group's completion callback, an `on_success` /
@@ -51,10 +53,11 @@ first: by the time it reads an outcome, Retries has decided between a
 retry and a failure. A second one goes last (again when the worker boots,
 for middleware added after `install`): its `before_process_message` sends
 `task.started` once every other middleware let the message run (a cancel
-or an age limit skips it there). A third goes right after Retries (its
-`after_process_message` runs just before Retries'): a message stopped by
-dramatiq-abort gets `max_retries` 0, so a cancelled message is not
-retried (see `_commands`).
+or an age limit skips it there). A message dramatiq-abort stops while it
+runs is retried or failed by Retries as any other exception (as without
+z4j): a retry of a message cancelled from the brain is skipped when it
+comes up, since the cancel stays in dramatiq-abort's backend for 7 days
+(see `_commands`).
 """
 
 from __future__ import annotations
@@ -98,11 +101,23 @@ MAX_REMEMBERED_ARGS_TOTAL = 1024 * 1024
 REMEMBERED_IDS_ONLY = 1000
 #: Start times kept for runtime_ms before the oldest are forgotten.
 MAX_STARTED = 10000
+#: Ids of messages a consumer of this process took from a delay queue
+#: (moved to their queue once due): a worker prefetches up to
+#: `delay_prefetch` of them (its threads x 1,000 by default), so it keeps
+#: at least 65,536.
+MAX_DELAYED = 65536
+#: Ids of messages this process saw stopped by dramatiq-abort's Abort
+#: while running (what cancel_task reports), the newest kept.
+MAX_ABORTED = 1000
 #: The options a message carries its parent and root in.
 PARENT_OPTION = "z4j_parent"
 ROOT_OPTION = "z4j_root"
 
 _CUT = "\n[... cut by z4j-agentd-client ...]\n"
+#: Texts are scrubbed before they are cut, but only this much of their
+#: start (and end) is scrubbed: far more than is kept, so no secret split
+#: there reaches what is kept, and a huge text costs no more than this.
+_SCRUB_SPAN = 4 * MAX_TRACEBACK_CHARS
 
 
 def worker_name(pid: Optional[int] = None) -> str:
@@ -115,12 +130,15 @@ def _compact(data: Dict[str, Any], keep_none: Tuple[str, ...] = ()) -> Dict[str,
 
 
 def _exception_message(exc: Any) -> Optional[str]:
+    """Scrubbed first, then cut: a cut could split a secret so that the
+    scrub no longer recognises it."""
     if exc is None:
         return None
     try:
-        return scrub_text(str(exc)[:MAX_TRACEBACK_CHARS])
+        text = str(exc)
     except Exception:
-        return scrub_text(repr(exc)[:MAX_TRACEBACK_CHARS])
+        text = repr(exc)
+    return scrub_text(text[:_SCRUB_SPAN])[:MAX_TRACEBACK_CHARS]
 
 
 def _traceback_text(exc: BaseException, fallback: Any = None) -> Optional[str]:
@@ -130,11 +148,24 @@ def _traceback_text(exc: BaseException, fallback: Any = None) -> Optional[str]:
         text = fallback if isinstance(fallback, str) else None
     if not text:
         return None
+    if len(text) > 2 * _SCRUB_SPAN:
+        text = text[:_SCRUB_SPAN] + _CUT + text[-_SCRUB_SPAN:]
+    text = scrub_text(text)  # before the cut (see _exception_message)
     if len(text) > MAX_TRACEBACK_CHARS:
         # Keep where it started and how it ended (the error line).
         half = (MAX_TRACEBACK_CHARS - len(_CUT)) // 2
         text = text[:half] + _CUT + text[-half:]
-    return scrub_text(text)
+    return text
+
+
+def _datetime_ms(ms: Any) -> Optional[datetime]:
+    """A unix time in ms as a UTC datetime; None (now) for anything else."""
+    if isinstance(ms, (int, float)) and not isinstance(ms, bool):
+        try:
+            return datetime.fromtimestamp(ms / 1000.0, tz=timezone.utc)
+        except (OverflowError, OSError, ValueError):
+            return None
+    return None
 
 
 def _iso_ms(ms: Any) -> Optional[str]:
@@ -146,12 +177,21 @@ def _iso_ms(ms: Any) -> Optional[str]:
     return None
 
 
+_ABORT_UNSET: Any = object()
+_abort_cls: Any = _ABORT_UNSET
+
+
 def _abort_type() -> Optional[type]:
-    try:
-        from dramatiq_abort.abort_manager import Abort
-    except Exception:
-        return None
-    return Abort
+    """dramatiq-abort's Abort, or None without it: looked up once per
+    process (a failed import searches sys.path again each time)."""
+    global _abort_cls
+    if _abort_cls is _ABORT_UNSET:
+        try:
+            from dramatiq_abort.abort_manager import Abort
+        except Exception:
+            Abort = None  # type: ignore[assignment,misc]
+        _abort_cls = Abort
+    return _abort_cls
 
 
 class Z4JMiddleware(Middleware):
@@ -199,21 +239,6 @@ class _Starter(Middleware):
         self.hooks.before_process_message(message)
 
 
-class _RetryGuard(Middleware):
-    """Placed right after Retries: a message dramatiq-abort stopped while
-    running is not retried (Retries reads `max_retries` from the message's
-    options first). An actor with `retry_when` decides for itself."""
-
-    def after_process_message(self, broker: Any, message: Any, *, result: Any = None,
-                              exception: Any = None) -> None:
-        abort = _abort_type()
-        if exception is not None and abort is not None and isinstance(exception, abort):
-            try:
-                message.options["max_retries"] = 0
-            except Exception:  # pragma: no cover - options is a dict
-                pass
-
-
 class _Hooks:
     """What one installation keeps: the broker, the client, the messages
     this process saw, its worker."""
@@ -224,7 +249,6 @@ class _Hooks:
         self.bound_client = client
         self.serve_commands = serve_commands
         self.middleware = Z4JMiddleware(self)
-        self.guard = _RetryGuard()
         self.starter = _Starter(self)
         self._local = threading.local()
         self._reset_state()
@@ -244,7 +268,15 @@ class _Hooks:
         self._started: "OrderedDict[str, float]" = OrderedDict()
         #: message id -> (actor, queue, args and kwargs as JSON or None, why left out)
         self._remembered: "OrderedDict[str, Tuple[str, str, Optional[bytes], str]]" = OrderedDict()
+        #: message id -> size of its kept arguments, oldest first (what the
+        #: 1 MiB budget drops first, without walking every entry).
+        self._remembered_args: "OrderedDict[str, int]" = OrderedDict()
         self._remembered_args_bytes = 0
+        #: message id -> (queue as enqueued, its Redis id, its retries) of the
+        #: last enqueue this process saw: reconcile reads that one entry.
+        self._where: "OrderedDict[str, Tuple[str, str, int]]" = OrderedDict()
+        #: message ids this process saw stopped by an Abort while running.
+        self._aborted: "OrderedDict[str, None]" = OrderedDict()
         #: message ids a consumer of this process took from a delay queue:
         #: their move to the queue once due is not a new task.
         self._delayed: "OrderedDict[str, None]" = OrderedDict()
@@ -265,19 +297,13 @@ class _Hooks:
 
     def connect(self) -> None:
         middleware = self.broker.middleware
-        for ours in (self.middleware, self.guard, self.starter):
+        for ours in (self.middleware, self.starter):
             if ours in middleware:
                 middleware.remove(ours)
         # First in the list: its after_* hooks run last (after Retries decided).
         self.broker.add_middleware(self.middleware)
         middleware.remove(self.middleware)
         middleware.insert(0, self.middleware)
-        from dramatiq.middleware import Retries
-
-        if any(isinstance(m, Retries) for m in middleware):
-            self.broker.add_middleware(self.guard, after=Retries)
-        else:
-            self.broker.add_middleware(self.guard)
         self.broker.add_middleware(self.starter)
 
     def _starter_last(self) -> None:
@@ -289,7 +315,7 @@ class _Hooks:
             self.broker.middleware = [m for m in middleware if m is not self.starter] + [self.starter]
 
     def disconnect(self) -> None:
-        for ours in (self.middleware, self.guard, self.starter):
+        for ours in (self.middleware, self.starter):
             try:
                 self.broker.middleware.remove(ours)
             except ValueError:
@@ -302,9 +328,9 @@ class _Hooks:
             client._add_engine(ENGINE)
         return client
 
-    def emit(self, kind: str, task_id: Any, data: Dict[str, Any]) -> None:
+    def emit(self, kind: str, task_id: Any, data: Dict[str, Any], occurred_at: Any = None) -> None:
         try:
-            self.client.emit(ENGINE, kind, str(task_id or ""), data)
+            self.client.emit(ENGINE, kind, str(task_id or ""), data, occurred_at)
         except Exception:  # pragma: no cover - emit never raises
             pass
 
@@ -330,11 +356,12 @@ class _Hooks:
     def before_delay_message(self, message: Any) -> None:
         with self._lock:
             self._delayed[message.message_id] = None
-            while len(self._delayed) > MAX_STARTED:
+            while len(self._delayed) > MAX_DELAYED:
                 self._delayed.popitem(last=False)
 
     def after_enqueue(self, message: Any, delay: Any) -> None:
         try:
+            self._note_where(message)
             with self._lock:
                 # A delayed message moved to its queue once due (its id taken off the list either way).
                 moved = delay is None and self._delayed.pop(message.message_id, "no") is None
@@ -364,6 +391,7 @@ class _Hooks:
         try:
             self._local.message = message
             task_id = message.message_id
+            self._note_where(message)
             now = time.monotonic()
             with self._lock:
                 self._started[task_id] = now
@@ -374,9 +402,12 @@ class _Hooks:
                                         "queue": q_name(message.queue_name), "time_start": time.time(),
                                         "retries": message.options.get("retries", 0)}
             if not seen:
-                # Same connection as task.started, so it reaches the brain first.
                 self._remember(message)
-                self.emit("task.received", task_id, self._received_data(message, worker_name()))
+                if "retries" not in message.options:
+                    # Same connection as task.started, so it reaches the brain
+                    # first; a retry is not new (the first attempt's process sent it).
+                    self.emit("task.received", task_id, self._received_data(message, worker_name()),
+                              occurred_at=_datetime_ms(message.message_timestamp))
             self.emit("task.started", task_id, _compact({
                 "task_name": message.actor_name,
                 "queue": q_name(message.queue_name),
@@ -407,6 +438,10 @@ class _Hooks:
             retries = message.options.get("retries", 0)
             abort = _abort_type()
             if exception is not None and abort is not None and isinstance(exception, abort):
+                with self._lock:
+                    self._aborted[task_id] = None
+                    while len(self._aborted) > MAX_ABORTED:
+                        self._aborted.popitem(last=False)
                 self.emit("task.revoked", task_id, {
                     **base, "terminated": True, "reason": "aborted while running (dramatiq-abort)",
                     "retry_scheduled": not message.failed})
@@ -537,23 +572,53 @@ class _Hooks:
         name = sys.intern(message.actor_name) if isinstance(message.actor_name, str) else message.actor_name
         queue = sys.intern(q_name(message.queue_name))
         with self._lock:
-            old = self._remembered.pop(task_id, None)
-            if old is not None and old[2] is not None:
-                self._remembered_args_bytes -= len(old[2])
+            self._forget_arguments(task_id)
+            self._remembered.pop(task_id, None)
             self._remembered[task_id] = (name, queue, blob, why)
             if blob is not None:
+                self._remembered_args[task_id] = len(blob)
                 self._remembered_args_bytes += len(blob)
             while len(self._remembered) > (REMEMBERED_TASKS if worker else REMEMBERED_IDS_ONLY):
-                _, gone = self._remembered.popitem(last=False)
-                if gone[2] is not None:
-                    self._remembered_args_bytes -= len(gone[2])
-            if self._remembered_args_bytes > MAX_REMEMBERED_ARGS_TOTAL:
-                for key, (n, q, b, _w) in list(self._remembered.items()):
-                    if self._remembered_args_bytes <= MAX_REMEMBERED_ARGS_TOTAL:
-                        break
-                    if b is not None:
-                        self._remembered[key] = (n, q, None, "newer messages' arguments took their place")
-                        self._remembered_args_bytes -= len(b)
+                gone, _ = self._remembered.popitem(last=False)
+                self._forget_arguments(gone)
+            # Over the budget: the oldest kept arguments go first, one entry each.
+            while self._remembered_args_bytes > MAX_REMEMBERED_ARGS_TOTAL and self._remembered_args:
+                oldest, size = self._remembered_args.popitem(last=False)
+                self._remembered_args_bytes -= size
+                kept = self._remembered.get(oldest)
+                if kept is not None:  # same key: keeps its place in the order
+                    self._remembered[oldest] = (kept[0], kept[1], None, "newer messages' arguments took their place")
+
+    def _forget_arguments(self, task_id: str) -> None:
+        """Under _lock: the arguments kept of `task_id` no longer count."""
+        size = self._remembered_args.pop(task_id, None)
+        if size is not None:
+            self._remembered_args_bytes -= size
+
+    def _note_where(self, message: Any) -> None:
+        """Where this enqueue put the message on Redis (its queue and Redis
+        id, one per enqueue), for reconcile_task."""
+        redis_id = message.options.get("redis_message_id")
+        if not isinstance(redis_id, str):
+            return
+        retries = message.options.get("retries", 0)
+        entry = (sys.intern(str(message.queue_name)), redis_id, retries if isinstance(retries, int) else 0)
+        with self._lock:
+            self._where.pop(message.message_id, None)
+            self._where[message.message_id] = entry
+            while len(self._where) > REMEMBERED_TASKS:
+                self._where.popitem(last=False)
+
+    def where(self, task_id: str) -> Optional[Tuple[str, str, int]]:
+        """(queue as enqueued, e.g. `q` or `q.DQ`, Redis id, retries) of the
+        last enqueue of `task_id` this process saw, or None."""
+        with self._lock:
+            return self._where.get(task_id)
+
+    def was_aborted(self, task_id: str) -> bool:
+        """Whether this process saw `task_id` stopped by an Abort while running."""
+        with self._lock:
+            return task_id in self._aborted
 
     def remembered(self, task_id: str) -> Dict[str, Any]:
         """task_name, queue and (when kept) args and kwargs of a message this

@@ -4,8 +4,8 @@ Dramatiq broker, per broker kind.
 Redis (`dramatiq.brokers.redis.RedisBroker`, keys under its namespace,
 `dramatiq` by default):
 
-* `<ns>:<q>` a list of the waiting messages' ids (not those a worker
-  already fetched), `<ns>:<q>.msgs` a hash of every message enqueued and
+* `<ns>:<q>` a list of the waiting messages' Redis ids (not those a
+  worker already fetched), `<ns>:<q>.msgs` a hash of every message enqueued and
   not yet acknowledged (waiting, fetched by a worker, or running), by its
   Redis id (one per enqueue: a retry gets a new one);
 * `<ns>:<q>.DQ` and `<ns>:<q>.DQ.msgs` the delayed messages (an eta, or a
@@ -28,17 +28,23 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from dramatiq.common import q_name
 
-#: Purges `<ns>:<q>` and `<ns>:<q>.msgs` when the depth (HLEN of the hash)
-#: is ARGV[1] (or ARGV[2] is "1": forced), atomically.
-#: Returns {purged (0/1), depth, waiting ids removed}.
+#: Purges the waiting messages of a queue (the ids in the list `<ns>:<q>`,
+#: and their bodies in `<ns>:<q>.msgs`) when the depth (HLEN of the hash)
+#: is ARGV[1] (or ARGV[2] is "1": forced), atomically. Messages a worker
+#: already fetched (prefetched or running: in the hash, not in the list)
+#: stay, so the worker that holds them runs and acknowledges them as usual.
+#: Returns {purged (0/1), depth, waiting messages removed}.
 _PURGE_LUA = """
 local depth = redis.call('hlen', KEYS[2])
 if ARGV[2] ~= '1' and depth ~= tonumber(ARGV[1]) then
   return {0, depth, 0}
 end
-local waiting = redis.call('llen', KEYS[1])
-redis.call('del', KEYS[1], KEYS[2])
-return {1, depth, waiting}
+local ids = redis.call('lrange', KEYS[1], 0, -1)
+for i = 1, #ids, 1000 do
+  redis.call('hdel', KEYS[2], unpack(ids, i, math.min(i + 999, #ids)))
+end
+redis.call('del', KEYS[1])
+return {1, depth, #ids}
 """
 
 #: Dead letters read per queue at most for one page.
@@ -122,11 +128,10 @@ def depth(broker: Any, queue: str) -> Optional[int]:
     return None if got is None else got.get(queue)
 
 
-def purge(broker: Any, queue: str, expected: Optional[int], force: bool) -> Tuple[bool, int, Optional[int]]:
-    """Purges the queue's messages when its depth is `expected` (or
-    `force`): (purged, depth when purged or refused, waiting messages
-    among them, None when not known). Raises NotImplementedError for a
-    broker it cannot purge."""
+def purge(broker: Any, queue: str, expected: Optional[int], force: bool) -> Tuple[bool, int, int]:
+    """Purges the queue's waiting messages when its depth is `expected`
+    (or `force`): (purged, depth when purged or refused, waiting messages
+    deleted). Raises NotImplementedError for a broker it cannot purge."""
     k = kind(broker)
     if k == "redis":
         ns = namespace(broker)
@@ -189,17 +194,55 @@ def dead_letters(broker: Any, queue: Optional[str], limit: int, offset: int) -> 
     return rows, total
 
 
-def find(broker: Any, task_id: str, queues: Iterable[str]) -> Optional[Tuple[str, str, Dict[str, Any], Any]]:
-    """Where a message is on Redis by its message id: (queue, place, its
-    body, score) with place `waiting` (enqueued, not acknowledged),
-    `delayed` or `dead`; None when no queue holds it. Scans the hashes
-    (HSCAN), so it costs a pass over the queues' messages."""
+#: Where a message is: `waiting` (in its queue's list), `fetched` (taken
+#: by a worker process, prefetched or running, not acknowledged), `held`
+#: (one of the two: this Redis has no LPOS), `delayed` or `dead`.
+Found = Tuple[str, str, Dict[str, Any], Any, str]
+
+
+def _waiting_or_fetched(client: Any, ns: str, name: str, redis_id: str) -> str:
+    try:
+        return "waiting" if client.lpos(f"{ns}:{name}", redis_id) is not None else "fetched"
+    except Exception:  # LPOS came in Redis 6.0.6
+        return "held"
+
+
+def locate(broker: Any, queue: str, redis_id: str) -> Optional[Found]:
+    """Where the message enqueued as `redis_id` on `queue` (`q` or its
+    delay queue `q.DQ`) is now: (queue, place, body, dead-letter score,
+    redis id), or None when Redis no longer holds it under that id (done,
+    or moved from its delay queue by a worker, which gives it a new id).
+    A few reads of that one id, in one MULTI."""
+    if kind(broker) != "redis":
+        return None
+    ns, client, name = namespace(broker), broker.client, q_name(queue)
+    pipe = client.pipeline(transaction=True)
+    pipe.hget(f"{ns}:{name}.XQ.msgs", redis_id)
+    pipe.zscore(f"{ns}:{name}.XQ", redis_id)
+    pipe.hget(f"{ns}:{name}.msgs", redis_id)
+    pipe.lpos(f"{ns}:{name}", redis_id)
+    pipe.hget(f"{ns}:{name}.DQ.msgs", redis_id)
+    dead, score, body, position, delayed = pipe.execute(raise_on_error=False)
+    for place, raw in (("dead", dead), ("queued", body), ("delayed", delayed)):
+        if raw is None or isinstance(raw, Exception):
+            continue
+        if place == "queued":
+            place = ("held" if isinstance(position, Exception) else
+                     "waiting" if position is not None else "fetched")
+        return name, place, decode(raw) or {}, score if place == "dead" else None, redis_id
+    return None
+
+
+def find(broker: Any, task_id: str, queues: Iterable[str]) -> Optional[Found]:
+    """Where a message is on Redis by its message id (see `locate`): None
+    when no queue holds it. Scans the hashes (HSCAN), so it costs a pass
+    over the queues' messages: callers bound how many run at once."""
     if kind(broker) != "redis":
         return None
     ns, client = namespace(broker), broker.client
     needle = task_id.encode("utf-8")
     for name in dict.fromkeys(queues):
-        for place, key in (("dead", f"{ns}:{name}.XQ.msgs"), ("waiting", f"{ns}:{name}.msgs"),
+        for place, key in (("dead", f"{ns}:{name}.XQ.msgs"), ("queued", f"{ns}:{name}.msgs"),
                            ("delayed", f"{ns}:{name}.DQ.msgs")):
             for redis_id, raw in client.hscan_iter(key, count=SCAN_COUNT):
                 data = raw if isinstance(raw, bytes) else str(raw).encode("utf-8")
@@ -207,9 +250,12 @@ def find(broker: Any, task_id: str, queues: Iterable[str]) -> Optional[Tuple[str
                     continue
                 body = decode(raw)
                 if body and body.get("message_id") == task_id:
-                    score = client.zscore(f"{ns}:{name}.XQ", redis_id) if place == "dead" else None
-                    return name, place, body, score
+                    rid = _text(redis_id)
+                    score = client.zscore(f"{ns}:{name}.XQ", rid) if place == "dead" else None
+                    if place == "queued":
+                        place = _waiting_or_fetched(client, ns, name, rid)
+                    return name, place, body, score, rid
     return None
 
 
-__all__ = ["kind", "namespace", "queue_names", "depths", "depth", "purge", "dead_letters", "find", "decode"]
+__all__ = ["kind", "namespace", "queue_names", "depths", "depth", "purge", "dead_letters", "find", "locate", "decode"]

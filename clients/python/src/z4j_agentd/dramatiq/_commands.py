@@ -18,14 +18,19 @@ scrubbed of URL passwords and secret-looking parts.
   worker process; CPython raises the exception between two bytecodes, so a
   thread blocked in a C call such as `time.sleep` stops once it returns),
   a waiting or delayed one is skipped when it comes up (within
-  CANCEL_TTL_MS). An aborted message is not retried (the retry guard of
-  `__init__`), except for an actor with `retry_when`. Without `Abortable`
-  it fails at once, saying how to add it.
-* `purge_queue`: deletes a queue's messages at the depth the daemon
-  confirmed (`expected_depth`), checked and done in one atomic step on
-  Redis; delayed messages and dead letters stay.
+  CANCEL_TTL_MS). An interrupted message goes through Retries as any
+  exception would (as with dramatiq-abort alone): a retry it schedules is
+  skipped when it comes up, since the cancel stays for CANCEL_TTL_MS.
+  `terminated` is true only when this process saw the Abort stop it.
+  Without `Abortable` it fails at once, saying how to add it.
+* `purge_queue`: at the depth the daemon confirmed (`expected_depth`),
+  deletes the queue's waiting messages, checked and done in one atomic
+  step on Redis; messages a worker already fetched (prefetched or
+  running), delayed messages and dead letters stay.
 * `reconcile_task`: the message's state as this process or the broker
-  knows it (running here, waiting, delayed, dead, or the Results backend).
+  knows it (running here, waiting, delayed, dead, or the Results backend);
+  `unknown` for a message another worker process holds and for a retry
+  waiting its backoff, so the brain keeps the state its events gave.
 * `dlq.list` (capability `list_dead_letters`): a page of dead letters,
   newest first, as the brain's Dead letters page asks for it.
 """
@@ -41,7 +46,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 from dramatiq.common import q_name
 
 from .._jsonsafe import json_safe
-from .._redact import scrub_text
+from .._redact import event_value, scrub_text
 from . import _broker
 
 ENGINE = "dramatiq"
@@ -53,9 +58,17 @@ TOKENS = ("retry_by_reference_v1",)
 CANCEL_TTL_MS = 7 * 24 * 3600 * 1000
 #: Seconds cancel_task waits for a message running in this process to stop.
 CANCEL_WAIT = 10.0
+#: Scans of the broker's queues (a message whose place this process does
+#: not know) that run at once at most, and the seconds a reconcile waits
+#: for its turn before it answers `unknown` (the brain probes again later).
+MAX_SCANS = 2
+SCAN_WAIT = 5.0
+_scans = threading.BoundedSemaphore(MAX_SCANS)
 #: Dead letters per page at most (the brain's limit) and by default.
 DLQ_MAX_LIMIT = 200
 DLQ_DEFAULT_LIMIT = 100
+#: A result read from the Results backend is cut to this (as an event's).
+MAX_RESULT_BYTES = 64 * 1024
 #: A dead letter's error excerpt: its traceback's last characters.
 EXCERPT_CHARS = 512
 _ETA_MAX_PAST_SECONDS = 60
@@ -65,6 +78,9 @@ ABORT_HOWTO = ("add dramatiq-abort's Abortable middleware to the broker, in the 
                "restart the workers: `pip install dramatiq-abort`, then `from dramatiq_abort import Abortable, "
                "backends` and `broker.add_middleware(Abortable(backend=backends.RedisBackend(client="
                "broker.client)))`")
+
+
+_BUSY: Any = object()
 
 
 class BadCommand(ValueError):
@@ -241,9 +257,9 @@ class DramatiqCommands:
         if source is None and "args" in kept:
             args, kwargs, source = kept["args"], kept["kwargs"], "remembered"
         if source is None:
-            found = _broker.find(self.broker, task_id, self._queues_for(kept))
+            found = self._lookup(task_id, kept, wait=None)
             if found is not None:
-                queue, place, body, _score = found
+                queue, place, body, _score, _rid = found
                 stored = {"task_name": body.get("actor_name"), "queue": queue}
                 args, kwargs, source = body.get("args") or [], body.get("kwargs") or {}, f"broker ({place})"
         name = _first(params.get("task_name"), kept.get("task_name"), stored.get("task_name"))
@@ -261,6 +277,23 @@ class DramatiqCommands:
         new_id, queue = self._send(name, args, kwargs, queue, delay, f"cannot retry {task_id}")
         return json_safe({"task_id": task_id, "new_task_id": new_id, "previous_task_id": task_id,
                           "task_name": name, "queue": queue, "arguments_from": source})
+
+    def _lookup(self, task_id: str, kept: Mapping[str, Any], wait: Optional[float]) -> Any:
+        """Where the broker holds the message: by the Redis id of its last
+        enqueue this process saw (a few reads), else by a scan of the
+        queues, at most MAX_SCANS at once; `_BUSY` when no turn came within
+        `wait` seconds (None: waits)."""
+        where = self.hooks.where(task_id)
+        if where is not None:
+            found = _broker.locate(self.broker, where[0], where[1])
+            if found is not None:
+                return found
+        if not (_scans.acquire() if wait is None else _scans.acquire(timeout=wait)):
+            return _BUSY
+        try:
+            return _broker.find(self.broker, task_id, self._queues_for(kept))
+        finally:
+            _scans.release()
 
     def _queues_for(self, kept: Mapping[str, Any]) -> List[str]:
         names = _broker.queue_names(self.broker)
@@ -309,6 +342,14 @@ class DramatiqCommands:
                 time.sleep(0.05)
             with self.hooks._lock:
                 still = task_id in self.hooks.active
+            if not still and not self.hooks.was_aborted(task_id):
+                result.update(state_before="running", terminated=False,
+                              detail="it ended without the abort stopping it (it finished first, or the actor "
+                                     "caught the exception; its own event says how); a retry of it is skipped "
+                                     "when it comes up")
+                if note:
+                    result["note"] = note
+                return result
             if still:
                 raise CommandFailed(
                     f"cancel_task {task_id}: the abort was sent, but the message is still running in worker "
@@ -358,10 +399,11 @@ class DramatiqCommands:
             raise CommandFailed(f"purge_queue for queue {queue!r}: it holds {depth} messages now, the purge was "
                                 f"confirmed at {expected}; nothing was purged. Re-issue the purge with the "
                                 f"current depth")
-        result: Dict[str, Any] = {"queue": queue, "depth_before": depth, "purged": depth, "force": force}
-        if waiting is not None and waiting < depth:
-            result["note"] = (f"{depth - waiting} of them had been fetched by a worker already (prefetched or "
-                              f"running): those still run; delayed messages and dead letters stay")
+        result: Dict[str, Any] = {"queue": queue, "depth_before": depth, "purged": waiting, "force": force}
+        if waiting < depth:
+            result["kept_fetched"] = depth - waiting
+            result["note"] = (f"{depth - waiting} of the {depth} had been fetched by a worker already (prefetched "
+                              f"or running): they stay and run; delayed messages and dead letters stay")
         else:
             result["note"] = "delayed messages and dead letters stay"
         return result
@@ -378,20 +420,39 @@ class DramatiqCommands:
         if running:
             return {**base, "engine_state": "started", "source": "worker", "worker": self.hooks.worker_name}
         kept = self.hooks.remembered(task_id)
-        try:
-            found = _broker.find(self.broker, task_id, self._queues_for(kept))
-        except Exception as exc:
-            raise CommandFailed(f"reconcile_task {task_id}: the broker could not be read ({type(exc).__name__}: "
-                                f"{scrub_text(str(exc))})") from None
+        where = self.hooks.where(task_id)
+        if where is not None and where[2] > 0 and where[0].endswith(".DQ"):
+            found: Any = _broker.locate(self.broker, where[0], where[1]) if _broker.kind(self.broker) == "redis" \
+                else None
+            if found is None or found[1] == "delayed":
+                return {**base, "engine_state": "unknown", "source": None, "place": "retry",
+                        "detail": f"retry {where[2]} of it was scheduled after a backoff; not looked up further"}
+        else:
+            try:
+                found = self._lookup(task_id, kept, wait=SCAN_WAIT)
+            except Exception as exc:
+                raise CommandFailed(f"reconcile_task {task_id}: the broker could not be read "
+                                    f"({type(exc).__name__}: {scrub_text(str(exc))})") from None
+        if found is _BUSY:
+            return {**base, "engine_state": "unknown", "source": None,
+                    "detail": f"not looked up: {MAX_SCANS} scans of the queues were running already"}
         if found is not None:
-            queue, place, body, score = found
+            queue, place, body, score, _rid = found
+            options = body.get("options") if isinstance(body.get("options"), dict) else {}
             if place == "dead":
-                options = body.get("options") if isinstance(body.get("options"), dict) else {}
                 finished = (datetime.fromtimestamp(float(score) / 1000, tz=timezone.utc).isoformat()
                             if score is not None else None)
                 return {**base, "engine_state": "failure", "finished_at": finished,
                         "exception": _excerpt(options.get("traceback")) or "dead-lettered", "source": "broker",
                         "queue": queue}
+            retries = options.get("retries")
+            if place == "delayed" and isinstance(retries, int) and retries > 0:
+                return {**base, "engine_state": "unknown", "source": "broker", "queue": queue, "place": "retry",
+                        "detail": f"retry {retries} of it waits its backoff in the delay queue"}
+            if place in ("fetched", "held"):
+                return {**base, "engine_state": "unknown", "source": "broker", "queue": queue, "place": place,
+                        "detail": "a worker process has taken it (prefetched or running) and has not acknowledged "
+                                  "it; which of the two is known to that process only"}
             return {**base, "engine_state": "pending", "source": "broker", "queue": queue, "place": place}
         outcome = self._from_results(task_id, kept)
         if outcome is not None:
@@ -421,7 +482,7 @@ class DramatiqCommands:
             return {"task_id": task_id, "engine_state": "failure", "finished_at": None,
                     "exception": scrub_text(f"{type(exc).__name__}: {exc}")[:EXCERPT_CHARS], "source": "results"}
         return {"task_id": task_id, "engine_state": "success", "finished_at": None, "exception": None,
-                "source": "results", "result": json_safe(value)}
+                "source": "results", "result": event_value(value, MAX_RESULT_BYTES)}
 
     def list_dead_letters(self, command: Dict[str, Any]) -> Dict[str, Any]:
         """One page of dead letters, newest first (the brain's `dlq.list`)."""
