@@ -171,6 +171,16 @@ def test_secrets_never_leave_the_process(hooks):
     assert failed["exception_message"] == "cannot reach amqp://guest:[REDACTED]@mq:5672//"
 
 
+def test_a_secret_straddling_the_cut_of_a_long_message_is_still_replaced(hooks):
+    task = fake_task()
+    for pad in range(4060, 4100, 7):
+        error = ConnectionError("x" * pad + " redis://app:hunter2hunter2@db:6379/0 " + "y" * 6000)
+        hooks.on_task_failure(sender=task, task_id="t-1", exception=error, traceback=None, einfo=None)
+        data = hooks.client.emitted[-1]["data"]
+        assert "hunter2" not in data["exception_message"], pad
+        assert "hunter2" not in data["traceback"], pad
+
+
 def test_large_arguments_are_cut(hooks):
     hooks.on_task_received(sender=None, request=fake_request(args=["x" * 200000]))
     args = hooks.client.emitted[0]["data"]["args"]

@@ -305,8 +305,12 @@ class _Hooks:
             if tb_text and len(tb_text) > MAX_TRACEBACK_CHARS:
                 # Keep where it started and how it ended (the error line).
                 half = (MAX_TRACEBACK_CHARS - len(_CUT)) // 2
-                tb_text = tb_text[:half] + _CUT + tb_text[-half:]
-            tb_text = scrub_text(tb_text)
+                # Each part scrubbed with a margin before it is cut, so a secret
+                # straddling a cut is still seen whole.
+                tb_text = (scrub_text(tb_text[:half + 512])[:half] + _CUT
+                           + scrub_text(tb_text[-(half + 512):])[-half:])
+            else:
+                tb_text = scrub_text(tb_text)
             self.emit("task.failed", task_id, _compact({
                 "task_name": _get(sender, "name"),
                 "queue": _queue_of(request),
@@ -545,9 +549,9 @@ def _exception_message(exc: Any) -> Optional[str]:
     if exc is None:
         return None
     try:
-        return scrub_text(str(exc)[:MAX_TRACEBACK_CHARS])
+        return scrub_text(str(exc)[:MAX_TRACEBACK_CHARS + 512])[:MAX_TRACEBACK_CHARS]
     except Exception:
-        return scrub_text(repr(exc)[:MAX_TRACEBACK_CHARS])
+        return scrub_text(repr(exc)[:MAX_TRACEBACK_CHARS + 512])[:MAX_TRACEBACK_CHARS]
 
 
 _installed: Optional[_Hooks] = None
