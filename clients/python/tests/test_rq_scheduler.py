@@ -444,6 +444,53 @@ def test_producers_adding_jobs_do_not_stop_reads_writes_or_due_runs(conn):
     assert len(added) >= 3
 
 
+def test_a_due_job_is_enqueued_at_its_tick_while_producers_add_jobs(conn):
+    """Only the due run: a producer adds a job to the registry between its
+    read and its transaction, every time. It is enqueued at once (it used
+    to give up after 5 tries and wait for a later tick)."""
+    scheduler = Scheduler(connection=conn)
+    scheduler.schedule(datetime.now(timezone.utc) - timedelta(seconds=1), func=add, args=[1, 1], interval=60,
+                       id="due")
+    source = rs.RQSchedulerSource(scheduler)
+    fetch = source._fetch
+
+    def busy_fetch(job_id):
+        conn.zadd(scheduler.scheduled_jobs_key, {f"other-{time.monotonic_ns()}": time.time() + 3600})
+        return fetch(job_id)
+
+    source._fetch = busy_fetch
+    source.enqueue_due(scheduler.job_class.fetch("due", connection=conn), scheduler.enqueue_job)
+    assert Queue("default", connection=conn).job_ids == ["due"]
+    assert conn.zscore(scheduler.scheduled_jobs_key, "due") > time.time() + 50
+    assert conn.hget(scheduler.scheduled_jobs_key + rs.RUNS_SUFFIX, "due") == b"1"
+
+
+def test_a_due_job_that_keeps_changing_goes_through_rq_schedulers_own_enqueue(conn):
+    """Its own hash changes between every read and transaction (a worker
+    writing a run back, say): after 5 tries it is enqueued by
+    rq-scheduler's own enqueue_job, never skipped."""
+    scheduler = Scheduler(connection=conn)
+    scheduler.schedule(datetime.now(timezone.utc) - timedelta(seconds=1), func=add, args=[1, 1], interval=60,
+                       id="due")
+    source = rs.RQSchedulerSource(scheduler)
+    fetch = source._fetch
+    original = []
+
+    def changing_fetch(job_id):
+        job = fetch(job_id)
+        conn.hset(scheduler.job_class.key_for(job_id), "description", f"changed {time.monotonic_ns()}")
+        return job
+
+    def own_enqueue(job):
+        original.append(job.id)
+        return scheduler.enqueue_job(job)
+
+    source._fetch = changing_fetch
+    source.enqueue_due(scheduler.job_class.fetch("due", connection=conn), own_enqueue)
+    assert original == ["due"] and Queue("default", connection=conn).job_ids == ["due"]
+    assert conn.hget(scheduler.scheduled_jobs_key + rs.RUNS_SUFFIX, "due") == b"1"
+
+
 def test_a_due_run_never_writes_back_a_change_made_as_it_is_enqueued(conn):
     """The brain's write lands between the tick's read and its transaction:
     the transaction (watching the job) fails, the job is read again and
