@@ -247,6 +247,9 @@ def test_a_job_sending_a_dramatiq_actor_is_listed_under_the_actor_and_created_by
     # z4j-apscheduler 1.13 lists every such job as "dramatiq.actor:Actor.send"
     assert (row["engine"], row["task_name"], row["queue"]) == ("dramatiq", "send_report", "reports"), row
     source.trigger(row)
+    deadline = time.monotonic() + 5  # the job runs in the executor's thread
+    while broker.queues["reports"].qsize() < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert broker.queues["reports"].qsize() == 1
     source.mutate("create", None, None, {"name": "report-2", "task_name": "send_report", "kind": "interval",
                                          "expression": "60", "queue": "reports", "args": ["tue"]})
