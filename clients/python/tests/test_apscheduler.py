@@ -207,6 +207,14 @@ def test_an_asyncio_scheduler_is_read_and_written_on_its_event_loop():
     CALLS.clear()
     try:
         source = aps.APSchedulerSource(s)
+        idents = []
+        jobs = source._jobs
+
+        def recording_jobs():
+            idents.append(threading.get_ident())
+            return jobs()
+
+        source._jobs = recording_jobs
         row = rows_of(source)["async-job"]
         source.trigger(row)
         deadline = time.monotonic() + 5
@@ -215,6 +223,8 @@ def test_an_asyncio_scheduler_is_read_and_written_on_its_event_loop():
         assert CALLS == [((5,), {})]
         source.mutate("update", "async-job", row, {"is_enabled": False})
         assert rows_of(source)["async-job"]["is_enabled"] is False
+        # the reads (rows), the trigger and the write all touched the jobs on the loop's thread
+        assert len(idents) >= 4 and set(idents) == {thread.ident}, (idents, thread.ident)
     finally:
         loop.call_soon_threadsafe(lambda: (s.shutdown(wait=False), loop.stop()))
         thread.join(5)
@@ -237,6 +247,9 @@ def test_a_job_sending_a_dramatiq_actor_is_listed_under_the_actor_and_created_by
     # z4j-apscheduler 1.13 lists every such job as "dramatiq.actor:Actor.send"
     assert (row["engine"], row["task_name"], row["queue"]) == ("dramatiq", "send_report", "reports"), row
     source.trigger(row)
+    deadline = time.monotonic() + 5  # the job runs in the executor's thread
+    while broker.queues["reports"].qsize() < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert broker.queues["reports"].qsize() == 1
     source.mutate("create", None, None, {"name": "report-2", "task_name": "send_report", "kind": "interval",
                                          "expression": "60", "queue": "reports", "args": ["tue"]})
@@ -267,20 +280,122 @@ def test_trigger_now_keeps_max_instances(scheduler):
     assert rows_of(source)["slow"]["total_runs"] == 1
 
 
-def test_an_update_keeps_the_real_args_of_a_job_shown_without_them(scheduler):
-    """Args too large for a snapshot frame are shown as a note, which the
-    dashboard sends back as the args of every update: the job keeps its
-    real ones (they were overwritten with the note); an update that
-    changes them is refused."""
-    big = ("x" * (800 * 1024),)
-    scheduler.add_job(record, "interval", hours=1, id="big", args=big, kwargs={"k": 1})
+class Conn:  # an argument JSON has no form for (shown as its repr)
+    def __repr__(self):
+        return "<Conn>"
+
+
+def test_an_update_writes_back_only_the_arguments_it_changes(scheduler):
+    conn = Conn()
+    scheduler.add_job(record, "interval", hours=1, args=[conn, 1], kwargs={"at": datetime(2030, 1, 1)}, id="native")
+    scheduler.add_job(record, "interval", hours=1, args=[1, 2], id="plain")
     source = aps.APSchedulerSource(scheduler)
-    shown = S.fit_row(rows_of(source)["big"])
-    assert shown["args"][0].startswith("<left out")
-    page = {k: shown[k] for k in ("name", "task_name", "kind", "expression", "timezone", "queue", "args", "kwargs")}
-    with pytest.raises(ValueError, match="too large to show"):
-        source.mutate("update", "big", shown, {**page, "args": ["other"]})
-    source.mutate("update", "big", shown, {**page, "expression": "120", "is_enabled": False})
-    job = scheduler.get_job("big")
-    assert (job.args, job.kwargs, job.trigger.interval, job.next_run_time) == (big, {"k": 1}, timedelta(seconds=120),
-                                                                              None)
+    row = rows_of(source)["native"]
+    assert row["args"] == ["<Conn>", 1] and row["kwargs"] == {"at": "2030-01-01T00:00:00"}
+    source.mutate("update", "native", row, {**{k: row[k] for k in S.EDITABLE}, "expression": "120"})
+    job = scheduler.get_job("native")
+    assert job.args == (conn, 1) and job.kwargs == {"at": datetime(2030, 1, 1)}
+    assert job.trigger.interval == timedelta(seconds=120)
+    row = rows_of(source)["native"]
+    with pytest.raises(ValueError, match="no exact form"):
+        source.mutate("update", "native", row, {"args": ["<Conn>", 2]})
+    assert scheduler.get_job("native").args == (conn, 1)
+    row = rows_of(source)["plain"]
+    source.mutate("update", "plain", row, {"args": [5, 6], "kwargs": {"k": 1}})
+    assert scheduler.get_job("plain").args == (5, 6) and scheduler.get_job("plain").kwargs == {"k": 1}
+
+
+def test_a_refused_update_writes_nothing(scheduler):
+    """The trigger is built and checked before anything is written: a new
+    function with a time in the past changes neither."""
+    scheduler.add_job(record, "interval", hours=1, args=[1], id="job")
+    source = aps.APSchedulerSource(scheduler)
+    row = rows_of(source)["job"]
+    with pytest.raises(ValueError, match="never run"):
+        source.mutate("update", "job", row, {"task_name": f"{__name__}:other", "args": [2], "kind": "clocked",
+                                             "expression": "2001-01-01T00:00:00+00:00", "timezone": "UTC"})
+    job = scheduler.get_job("job")
+    assert job.func is record and job.args == (1,) and job.trigger.interval == timedelta(hours=1)
+
+
+def test_enabling_a_job_with_no_run_left_is_refused_and_keeps_it(scheduler):
+    """APScheduler's resume_job deletes a job whose trigger has no next run."""
+    ended = datetime.now(timezone.utc) - timedelta(hours=1)
+    scheduler.add_job(record, "interval", seconds=60, start_date=ended - timedelta(hours=1), end_date=ended,
+                      id="ended", next_run_time=None)
+    source = aps.APSchedulerSource(scheduler)
+    row = rows_of(source)["ended"]
+    assert row["is_enabled"] is False
+    with pytest.raises(ValueError, match="no run left"):
+        source.mutate("update", "ended", row, {"is_enabled": True})
+    assert scheduler.get_job("ended") is not None
+
+
+def test_functions_are_imported_before_the_schedulers_lock_is_taken(scheduler, monkeypatch):
+    import apscheduler.util
+
+    held = []
+    real = apscheduler.util.ref_to_obj
+
+    def watching(ref):
+        held.append(scheduler._jobstores_lock._is_owned())
+        return real(ref)
+
+    monkeypatch.setattr(apscheduler.util, "ref_to_obj", watching)
+    source = aps.APSchedulerSource(scheduler)
+    source.mutate("create", None, None, {"name": "made", "task_name": f"{__name__}:other", "kind": "interval",
+                                         "expression": "60"})
+    assert held == [False] and scheduler.get_job("made").func is other
+
+
+def test_work_the_event_loop_does_not_take_in_time_never_runs(monkeypatch):
+    """A mutation that timed out waiting for a busy loop is reported as not
+    done and never runs later (a retry from the brain would do it twice)."""
+    monkeypatch.setattr(aps, "LOOP_TIMEOUT", 0.2)
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    holder = {}
+
+    def run():
+        asyncio.set_event_loop(loop)
+        s = AsyncIOScheduler(event_loop=loop, timezone="UTC")
+        s.add_job(record, "interval", hours=1, id="async-job")
+        s.start()
+        holder["s"] = s
+        loop.call_soon(ready.set)
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert ready.wait(5)
+    s = holder["s"]
+    try:
+        source = aps.APSchedulerSource(s)
+        row = rows_of(source)["async-job"]
+        loop.call_soon_threadsafe(time.sleep, 0.6)  # the loop is blocked a while
+        try:
+            source.mutate("update", "async-job", row, {"is_enabled": False})
+            outcome = "done"
+        except Exception as exc:
+            outcome = f"{type(exc).__name__}: {exc}"
+        time.sleep(0.6)
+        assert rows_of(source)["async-job"]["is_enabled"] is True  # it did not run once the loop was free
+        assert "nothing was done" in outcome, outcome
+    finally:
+        loop.call_soon_threadsafe(lambda: (s.shutdown(wait=False), loop.stop()))
+        thread.join(5)
+
+
+def test_a_commands_error_text_keeps_no_password(scheduler):
+    scheduler.add_job(record, "interval", hours=1, id="job")
+    source = aps.APSchedulerSource(scheduler)
+    row = rows_of(source)["job"]
+
+    def down(*args, **kwargs):
+        raise OSError("cannot reach postgresql://z4j:hunter2secret@db/jobs")
+
+    source._find = down
+    for call in (lambda: source.mutate("update", "job", row, {"expression": "90"}), lambda: source.trigger(row)):
+        with pytest.raises(Exception) as caught:
+            call()
+        assert "hunter2secret" not in str(caught.value) and "postgresql://" in str(caught.value)

@@ -320,22 +320,275 @@ def test_a_job_whose_run_is_on_a_worker_keeps_its_data_until_the_run_ends(conn):
     assert S.normalize_row(source.rows()[0], OWNER)["is_enabled"] is False
 
 
-def test_an_update_keeps_the_real_args_of_a_job_shown_without_them(conn):
-    """Args too large for a snapshot frame are shown as a note, which the
-    dashboard sends back as the args of every update: the job keeps its
-    real ones (they were overwritten with the note); an update that
-    changes them is refused."""
+def test_an_update_writes_back_only_the_arguments_it_changes(conn):
+    """The page shows arguments in their JSON form and the brain sends them
+    back with every update: an interval change must leave a datetime, a
+    Decimal, a tuple and an integer key as they are, and a change to such
+    arguments is refused (writing their text form would change them)."""
+    from decimal import Decimal
+
+    when = datetime(2030, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
     scheduler = Scheduler(connection=conn)
-    big = ["x" * (800 * 1024)]
-    scheduler.schedule(datetime.now(timezone.utc) + timedelta(hours=1), func=add, args=big, kwargs={"b": 1},
-                       interval=60, id="big")
+    scheduler.schedule(datetime.now(timezone.utc) + timedelta(hours=1), func=add,
+                       args=[when, Decimal("1.50"), (1, 2)], kwargs={1: "a"}, interval=60, id="native")
+    scheduler.schedule(datetime.now(timezone.utc) + timedelta(hours=1), func=add, args=[1, 2], interval=60,
+                       id="plain")
     source = rs.RQSchedulerSource(scheduler)
-    shown = S.fit_row(S.normalize_row(source.rows()[0], OWNER))
-    assert shown["args"][0].startswith("<left out")
-    page = {k: shown[k] for k in ("name", "task_name", "kind", "expression", "timezone", "queue", "args", "kwargs")}
-    with pytest.raises(ValueError, match="too large to show"):
-        source.mutate("update", "big", shown, {**page, "args": ["other"]})
-    source.mutate("update", "big", shown, {**page, "expression": "120", "is_enabled": False})
-    stored = scheduler.job_class.fetch("big", connection=conn)
-    assert (list(stored.args), stored.kwargs, stored.meta.get("interval")) == (big, {"b": 1}, 120)
-    assert S.normalize_row(source.rows()[0], OWNER)["is_enabled"] is False
+    row = S.normalize_row(by_key(source.rows())["native"], OWNER)
+    assert row["args"] == [when.isoformat(), "1.50", [1, 2]] and row["kwargs"] == {"1": "a"}
+    source.mutate("update", "native", row, {**{k: row[k] for k in S.EDITABLE}, "expression": "120"})
+    job = scheduler.job_class.fetch("native", connection=conn)
+    assert list(job.args) == [when, Decimal("1.50"), (1, 2)] and job.kwargs == {1: "a"}
+    assert job.meta["interval"] == 120
+    row = S.normalize_row(by_key(source.rows())["native"], OWNER)
+    with pytest.raises(ValueError, match="no exact form"):
+        source.mutate("update", "native", row, {"args": [when.isoformat(), "2.50", [1, 2]]})
+    with pytest.raises(ValueError, match="no exact form"):
+        source.mutate("update", "native", row, {"kwargs": {"1": "b"}})
+    assert list(scheduler.job_class.fetch("native", connection=conn).args) == [when, Decimal("1.50"), (1, 2)]
+    # arguments that are JSON as they are still change
+    row = S.normalize_row(by_key(source.rows())["plain"], OWNER)
+    source.mutate("update", "plain", row, {"args": [5, 6], "kwargs": {}})
+    assert list(scheduler.job_class.fetch("plain", connection=conn).args) == [5, 6]
+
+
+def test_arguments_cut_from_the_row_are_kept_and_cannot_be_changed(conn):
+    scheduler = Scheduler(connection=conn)
+    big = "x" * (S.ROW_PAYLOAD_BYTES + 1000)
+    scheduler.schedule(datetime.now(timezone.utc) + timedelta(hours=1), func=add, args=[big, 1], interval=60,
+                       id="big")
+    source = rs.RQSchedulerSource(scheduler)
+    row = S.fit_row(S.normalize_row(source.rows()[0], OWNER))
+    assert row["args"][0].startswith("<left out")
+    source.mutate("update", "big", row, {"args": row["args"], "kwargs": row["kwargs"], "expression": "90"})
+    assert list(scheduler.job_class.fetch("big", connection=conn).args) == [big, 1]
+    row = S.fit_row(S.normalize_row(source.rows()[0], OWNER))
+    with pytest.raises(ValueError, match="without its arguments"):
+        source.mutate("update", "big", row, {"args": ["small"]})
+    assert list(scheduler.job_class.fetch("big", connection=conn).args) == [big, 1]
+
+
+class Elsewhere:  # pickled as a class of a module this process cannot import
+    pass
+
+
+def _unreadable_job(scheduler, job_id):
+    import sys
+    import types
+
+    module = types.ModuleType("z4j_gone_module")
+    Elsewhere.__module__ = "z4j_gone_module"
+    module.Elsewhere = Elsewhere
+    sys.modules["z4j_gone_module"] = module
+    try:
+        return scheduler.schedule(datetime.now(timezone.utc) + timedelta(hours=1), func=add,
+                                  args=[Elsewhere(), 1], interval=60, id=job_id)
+    finally:
+        del sys.modules["z4j_gone_module"]
+        Elsewhere.__module__ = __name__
+
+
+def test_a_job_whose_arguments_cannot_be_read_here_is_listed_and_kept(conn):
+    """Its arguments need a module this process cannot import: the other
+    jobs are still listed, it is listed with a note and its function's name,
+    its schedule and switch still change, its data is left as it was."""
+    scheduler = Scheduler(connection=conn)
+    scheduler.schedule(datetime.now(timezone.utc) + timedelta(hours=1), func=add, args=[1, 2], interval=60,
+                       id="fine")
+    _unreadable_job(scheduler, "opaque")
+    stored = conn.hget(scheduler.job_class.key_for("opaque"), "data")
+    source = rs.RQSchedulerSource(scheduler)
+    rows = by_key(S.normalize_row(r, OWNER) for r in source.rows())
+    assert set(rows) == {"fine", "opaque"}
+    opaque = rows["opaque"]
+    assert opaque["task_name"] == f"{add.__module__}.add", opaque
+    assert opaque["args"] == ["<not readable here: DeserializationError>"] and opaque["kwargs"] == {}
+    source.mutate("update", "opaque", opaque, {**{k: opaque[k] for k in S.EDITABLE}, "expression": "300",
+                                               "is_enabled": False})
+    assert conn.hget(scheduler.job_class.key_for("opaque"), "data") == stored
+    opaque = S.normalize_row(by_key(source.rows())["opaque"], OWNER)
+    assert (opaque["expression"], opaque["is_enabled"]) == ("300", False)
+    with pytest.raises(ValueError, match="cannot be read in this process"):
+        source.mutate("update", "opaque", opaque, {"args": [1, 1]})
+    with pytest.raises(ValueError, match="cannot change its function"):
+        source.mutate("update", "opaque", opaque, {"task_name": "tests.test_rq_scheduler.other"})
+    with pytest.raises(RuntimeError, match="nothing was sent"):
+        source.trigger(opaque)
+    assert conn.hget(scheduler.job_class.key_for("opaque"), "data") == stored
+
+
+def test_producers_adding_jobs_do_not_stop_reads_writes_or_due_runs(conn):
+    """Each read of a job lets a producer add another one to the registry
+    (as busy producers do): the rows are still read, the brain's write
+    still lands, and a due job is enqueued at its tick."""
+    scheduler = Scheduler(connection=conn)
+    scheduler.schedule(datetime.now(timezone.utc) - timedelta(seconds=1), func=add, args=[1, 1], interval=60,
+                       id="due")
+    source = rs.RQSchedulerSource(scheduler)
+    fetch = source._fetch
+    added = []
+
+    def busy_fetch(job_id):
+        added.append(f"other-{len(added)}")
+        conn.zadd(scheduler.scheduled_jobs_key, {added[-1]: time.time() + 3600})
+        return fetch(job_id)
+
+    source._fetch = busy_fetch
+    row = S.normalize_row(by_key(source.rows())["due"], OWNER)
+    source.mutate("update", "due", row, {"args": [2, 2]})
+    stale = scheduler.job_class.fetch("due", connection=conn)
+    source.enqueue_due(stale, scheduler.enqueue_job)
+    assert Queue("default", connection=conn).job_ids == ["due"]
+    assert list(scheduler.job_class.fetch("due", connection=conn).args) == [2, 2]
+    assert conn.zscore(scheduler.scheduled_jobs_key, "due") > time.time() + 50
+    assert len(added) >= 3
+
+
+def test_a_due_job_is_enqueued_at_its_tick_while_producers_add_jobs(conn):
+    """Only the due run: a producer adds a job to the registry between its
+    read and its transaction, every time. It is enqueued at once (it used
+    to give up after 5 tries and wait for a later tick)."""
+    scheduler = Scheduler(connection=conn)
+    scheduler.schedule(datetime.now(timezone.utc) - timedelta(seconds=1), func=add, args=[1, 1], interval=60,
+                       id="due")
+    source = rs.RQSchedulerSource(scheduler)
+    fetch = source._fetch
+
+    def busy_fetch(job_id):
+        conn.zadd(scheduler.scheduled_jobs_key, {f"other-{time.monotonic_ns()}": time.time() + 3600})
+        return fetch(job_id)
+
+    source._fetch = busy_fetch
+    source.enqueue_due(scheduler.job_class.fetch("due", connection=conn), scheduler.enqueue_job)
+    assert Queue("default", connection=conn).job_ids == ["due"]
+    assert conn.zscore(scheduler.scheduled_jobs_key, "due") > time.time() + 50
+    assert conn.hget(scheduler.scheduled_jobs_key + rs.RUNS_SUFFIX, "due") == b"1"
+
+
+def test_a_due_job_that_keeps_changing_goes_through_rq_schedulers_own_enqueue(conn):
+    """Its own hash changes between every read and transaction (a worker
+    writing a run back, say): after 5 tries it is enqueued by
+    rq-scheduler's own enqueue_job, never skipped."""
+    scheduler = Scheduler(connection=conn)
+    scheduler.schedule(datetime.now(timezone.utc) - timedelta(seconds=1), func=add, args=[1, 1], interval=60,
+                       id="due")
+    source = rs.RQSchedulerSource(scheduler)
+    fetch = source._fetch
+    original = []
+
+    def changing_fetch(job_id):
+        job = fetch(job_id)
+        conn.hset(scheduler.job_class.key_for(job_id), "description", f"changed {time.monotonic_ns()}")
+        return job
+
+    def own_enqueue(job):
+        original.append(job.id)
+        return scheduler.enqueue_job(job)
+
+    source._fetch = changing_fetch
+    source.enqueue_due(scheduler.job_class.fetch("due", connection=conn), own_enqueue)
+    assert original == ["due"] and Queue("default", connection=conn).job_ids == ["due"]
+    assert conn.hget(scheduler.scheduled_jobs_key + rs.RUNS_SUFFIX, "due") == b"1"
+
+
+def test_a_due_run_never_writes_back_a_change_made_as_it_is_enqueued(conn):
+    """The brain's write lands between the tick's read and its transaction:
+    the transaction (watching the job) fails, the job is read again and
+    enqueued with the change, the disabled one not at all."""
+    scheduler = Scheduler(connection=conn)
+    scheduler.schedule(datetime.now(timezone.utc) - timedelta(seconds=1), func=add, args=[1, 1], interval=60,
+                       id="due")
+    source = rs.RQSchedulerSource(scheduler)
+    fetch = source._fetch
+    calls = []
+
+    def racing_fetch(job_id):
+        job = fetch(job_id)
+        if not calls:
+            calls.append(job_id)
+            source.mutate("update", "due", S.normalize_row(by_key(source.rows())["due"], OWNER),
+                          {"is_enabled": False})
+        return job
+
+    source._fetch = racing_fetch
+    source.enqueue_due(scheduler.job_class.fetch("due", connection=conn), scheduler.enqueue_job)
+    assert Queue("default", connection=conn).job_ids == []
+    assert conn.zscore(scheduler.scheduled_jobs_key + rs.PAUSED_SUFFIX, "due") is not None
+    assert conn.zscore(scheduler.scheduled_jobs_key, "due") is None
+
+
+def test_a_job_registered_again_while_paused_is_enabled_and_runs(conn):
+    """The application schedules a fixed id again at boot while the page had
+    it paused: it is in both sets. The registration wins: it shows enabled,
+    and it runs (and leaves the paused set)."""
+    scheduler = Scheduler(connection=conn)
+    scheduler.schedule(datetime.now(timezone.utc) + timedelta(hours=1), func=add, args=[1, 1], interval=60,
+                       id="boot")
+    source = rs.RQSchedulerSource(scheduler)
+    source.mutate("update", "boot", S.normalize_row(source.rows()[0], OWNER), {"is_enabled": False})
+    scheduler.schedule(datetime.now(timezone.utc) - timedelta(seconds=1), func=add, args=[1, 1], interval=60,
+                       id="boot")  # the application's boot
+    row = S.normalize_row(source.rows()[0], OWNER)
+    assert row["is_enabled"] is True and row["next_run_at"] is not None
+    due = list(scheduler.get_jobs_to_queue())
+    assert [j.id for j in due] == ["boot"]
+    source.enqueue_due(due[0], scheduler.enqueue_job)
+    assert Queue("default", connection=conn).job_ids == ["boot"]
+    assert conn.zscore(scheduler.scheduled_jobs_key + rs.PAUSED_SUFFIX, "boot") is None
+    assert conn.zscore(scheduler.scheduled_jobs_key, "boot") > time.time() + 50
+
+
+def test_long_job_ids_give_bounded_distinct_keys_and_names(conn):
+    scheduler = Scheduler(connection=conn)
+    stem = "j" * 120
+    for tail in ("-first" * 30, "-second" * 30):
+        scheduler.schedule(datetime.now(timezone.utc) + timedelta(hours=1), func=add, args=[1, 1], interval=60,
+                           id=stem + tail)
+    source = rs.RQSchedulerSource(scheduler)
+    rows = [S.normalize_row(r, OWNER) for r in source.rows()]
+    assert all(len(r["source_key"]) <= 200 and len(r["external_id"]) <= 200 and len(r["name"]) <= 200
+               for r in rows), [len(r["source_key"]) for r in rows]
+    assert len({r["source_key"] for r in rows}) == 2 and len({r["name"] for r in rows}) == 2
+    row = rows[0]
+    source.mutate("update", row["source_key"], row, {"expression": "90"})
+    job_id = next(i for i in (stem + "-first" * 30, stem + "-second" * 30) if source.key(i) == row["source_key"])
+    assert scheduler.job_class.fetch(job_id, connection=conn).meta["interval"] == 90
+    assert source.trigger(row)["queue"] == "default"
+
+
+def test_a_one_off_job_enabled_after_its_time_runs_at_once(conn):
+    """As the quick start says: an interval or cron job enabled again after
+    its time passed runs next from now on; a one-off keeps its time, which
+    has passed, so it runs at the next tick."""
+    scheduler = Scheduler(connection=conn)
+    past = datetime.now(timezone.utc) + timedelta(seconds=1)
+    scheduler.enqueue_at(past, add, 1, 1, job_id="once")
+    scheduler.schedule(past, func=add, args=[1, 1], interval=3600, id="hourly")
+    source = rs.RQSchedulerSource(scheduler)
+    for key in ("once", "hourly"):
+        source.mutate("update", key, S.normalize_row(by_key(source.rows())[key], OWNER), {"is_enabled": False})
+    time.sleep(1.1)
+    for key in ("once", "hourly"):
+        source.mutate("update", key, S.normalize_row(by_key(source.rows())[key], OWNER), {"is_enabled": True})
+    assert [j.id for j in scheduler.get_jobs_to_queue()] == ["once"]
+    assert conn.zscore(scheduler.scheduled_jobs_key, "hourly") > time.time() + 3500
+
+
+def test_a_commands_error_text_keeps_no_password(conn):
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    scheduler = Scheduler(connection=conn)
+    fill(scheduler)
+    source = rs.RQSchedulerSource(scheduler)
+    row = S.normalize_row(by_key(source.rows())["every-30"], OWNER)
+
+    def down(*args, **kwargs):
+        raise RedisConnectionError("Error 111 connecting to redis://:hunter2secret@cache:6379/0")
+
+    source.rows = down
+    source._fetch = down
+    for call in (lambda: source.mutate("update", "every-30", row, {"expression": "90"}),
+                 lambda: source.trigger(row)):
+        with pytest.raises(Exception) as caught:
+            call()
+        assert "hunter2secret" not in str(caught.value) and "connecting to redis://" in str(caught.value)

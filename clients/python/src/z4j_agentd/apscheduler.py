@@ -13,8 +13,18 @@ serves the scheduler `apscheduler` through z4j's external schedule protocol
   runs it when due; its next run stays as it was);
 * the brain's create and update (a function named `module:function`, or
   the task of a job the scheduler has), delete, and the enable/disable
-  switch (APScheduler's `resume_job`/`pause_job`) change the jobs, checked
-  against the row the brain showed in the scheduler's own lock;
+  switch change the jobs, checked against the row the brain showed in the
+  scheduler's own lock; an update is checked whole (its trigger built, its
+  next run found) and then written in one `modify_job`; a function is
+  imported before the lock is taken;
+* an update writes the arguments only when it changes them, and refuses to
+  change arguments the page cannot show exactly (an object shown by its
+  repr, a datetime, a tuple, a non-string key, or arguments cut from a row
+  too large for a snapshot), saying why; enabling a job whose trigger has
+  no run left is refused (APScheduler's `resume_job` would delete it);
+* on an AsyncIOScheduler every read and write runs on its event loop; work
+  the loop has not started within `LOOP_TIMEOUT` seconds is dropped and
+  reported as not done, so it never runs late;
 * a snapshot goes to the brain after each change to the jobs and after the
   runs (`MIN_SNAPSHOT_SECONDS` apart at most once), and a look every
   `POLL_SECONDS` catches the rest.
@@ -42,8 +52,10 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
 
 from ._jsonsafe import json_safe
+from ._redact import scrub_text
+from ._schedule_args import data_changes
 from ._schedules import MUTATION, STABLE_SNAPSHOT, Conflict, ExternalScheduler, Source, configuration, fit_row, \
-    keep_left_out_arguments, normalize_row
+    normalize_row
 
 log = logging.getLogger("z4j_agentd.apscheduler")
 
@@ -241,15 +253,37 @@ class APSchedulerSource(Source):
         if loop.is_closed() or not loop.is_running():
             raise RuntimeError("the AsyncIOScheduler's event loop is not running")
         future: "concurrent.futures.Future[Any]" = concurrent.futures.Future()
+        # Exactly one of "it ran" and "it timed out" wins: work that has not
+        # started when the wait ends never runs (a retry from the brain
+        # would do it twice), work that has started is waited for.
+        gate = threading.Lock()
+        state = {"started": False, "abandoned": False}
 
         def run() -> None:
+            with gate:
+                if state["abandoned"]:
+                    return
+                state["started"] = True
             try:
                 future.set_result(work())
             except BaseException as exc:  # handed to the waiting thread
                 future.set_exception(exc)
 
         loop.call_soon_threadsafe(run)
-        return future.result(timeout=LOOP_TIMEOUT)
+        try:
+            return future.result(timeout=LOOP_TIMEOUT)
+        except concurrent.futures.TimeoutError:
+            with gate:
+                if not state["started"]:
+                    state["abandoned"] = True
+                    raise RuntimeError(f"the AsyncIOScheduler's event loop did not take the work within "
+                                       f"{LOOP_TIMEOUT:g} s (it is busy or blocked); nothing was done") from None
+        try:
+            return future.result(timeout=LOOP_TIMEOUT)
+        except concurrent.futures.TimeoutError:
+            raise RuntimeError(f"the work started on the AsyncIOScheduler's event loop and is still running "
+                               f"after {2 * LOOP_TIMEOUT:g} s; its outcome shows on the page with the next "
+                               f"snapshot") from None
 
     def _check_running(self) -> None:
         from apscheduler.schedulers.base import STATE_STOPPED
@@ -275,7 +309,7 @@ class APSchedulerSource(Source):
                     for job in store.get_all_jobs()]
 
     def rows(self) -> List[Dict[str, Any]]:
-        return [self._row(alias, job) for alias, job in self._jobs()]
+        return self._on_loop(lambda: [self._row(alias, job) for alias, job in self._jobs()])
 
     def _row(self, alias: str, job: Any) -> Dict[str, Any]:
         kind, expression, tz = _describe(job.trigger)
@@ -335,17 +369,44 @@ class APSchedulerSource(Source):
         from apscheduler.executors.base import MaxInstancesReachedError
 
         try:
-            return self._on_loop(work)
+            return _scrubbed(lambda: self._on_loop(work))
         except MaxInstancesReachedError:
             raise RuntimeError(f"job {row['source_key']!r} is running already as often as it may at once "
                                f"(max_instances); nothing was started") from None
 
     # -- the brain's writes ---------------------------------------------
 
-    def _function(self, task_name: str, current: Optional[Tuple[Any, str]]) -> Callable[..., Any]:
+    def _import(self, task_name: str) -> Tuple[Optional[Callable[..., Any]], Optional[str]]:
+        """(function, None) or (None, why): a function passed to
+        `install(tasks=...)`, a Dramatiq actor's `send`, or `module:function`
+        imported. Called before the scheduler's lock is taken (an import can
+        take long, and runs module code)."""
+        if task_name in self.tasks:
+            return self.tasks[task_name], None
+        dramatiq = sys.modules.get("dramatiq")
+        if dramatiq is not None and ":" not in task_name:
+            try:
+                return dramatiq.get_broker().get_actor(task_name).send, None
+            except Exception:
+                pass
+        if ":" not in task_name:
+            return None, (f"task_name {task_name!r} names no job's function here: give it as "
+                          f"module:function (e.g. myapp.jobs:cleanup)")
+        from apscheduler.util import ref_to_obj
+
+        try:
+            func = ref_to_obj(task_name)
+        except (ValueError, LookupError, ImportError) as exc:
+            return None, f"cannot import the function {task_name!r} in the scheduler's process: {exc}"
+        if not callable(func):
+            return None, f"{task_name!r} is not callable"
+        return func, None
+
+    def _function(self, task_name: str, current: Optional[Tuple[Any, str]],
+                  imported: Tuple[Optional[Callable[..., Any]], Optional[str]]) -> Callable[..., Any]:
         """The callable the brain names: the job's own when unchanged, a
         function passed to `install(tasks=...)`, the function of another
-        job with that task, a Dramatiq actor's `send`, or `module:function`."""
+        job with that task, else what `_import` found beforehand."""
         if current is not None and current[1] == task_name:
             return current[0]
         if task_name in self.tasks:
@@ -354,23 +415,9 @@ class APSchedulerSource(Source):
             actor = _actor(job.func)
             if (actor.actor_name if actor is not None else _func_ref(job)) == task_name:
                 return job.func
-        dramatiq = sys.modules.get("dramatiq")
-        if dramatiq is not None and ":" not in task_name:
-            try:
-                return dramatiq.get_broker().get_actor(task_name).send
-            except Exception:
-                pass
-        if ":" not in task_name:
-            raise ValueError(f"task_name {task_name!r} names no job's function here: give it as "
-                             f"module:function (e.g. myapp.jobs:cleanup)")
-        from apscheduler.util import ref_to_obj
-
-        try:
-            func = ref_to_obj(task_name)
-        except (ValueError, LookupError, ImportError) as exc:
-            raise ValueError(f"cannot import the function {task_name!r} in the scheduler's process: {exc}") from None
-        if not callable(func):
-            raise ValueError(f"{task_name!r} is not callable")
+        func, why = imported
+        if func is None:
+            raise ValueError(why)
         return func
 
     @staticmethod
@@ -421,11 +468,19 @@ class APSchedulerSource(Source):
 
     def mutate(self, operation: str, source_key: Optional[str], expected: Optional[Mapping[str, Any]],
                definition: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
-        _check_definition(definition)
-        return self._on_loop(lambda: self._mutate(operation, source_key, expected, definition))
+        def work() -> Optional[Dict[str, Any]]:
+            _check_definition(definition)
+            task = definition["task_name"].strip() if "task_name" in definition else None
+            imported = self._import(task) if task is not None else (None, None)
+            return self._on_loop(lambda: self._mutate(operation, source_key, expected, definition, imported))
+
+        return _scrubbed(work)
 
     def _mutate(self, operation: str, source_key: Optional[str], expected: Optional[Mapping[str, Any]],
-                definition: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+                definition: Mapping[str, Any], imported: Tuple[Optional[Callable[..., Any]], Optional[str]]
+                ) -> Optional[Dict[str, Any]]:
+        """Everything is checked (the trigger built, its next run found)
+        before the one write that changes the job."""
         scheduler = self.scheduler
         with scheduler._jobstores_lock:  # the scheduler's own tick waits for the check and the write
             if operation == "create":
@@ -437,56 +492,60 @@ class APSchedulerSource(Source):
                 name = spec["name"].strip()
                 if any(self.key(a, j.id) == name or j.id == name for a, j in self._jobs()):
                     raise Conflict(f"an APScheduler job with the id {name!r} exists already")
-                func = self._function(spec["task_name"].strip(), None)
+                func = self._function(spec["task_name"].strip(), None, imported)
                 self._check_queue(func, spec.get("queue"))
                 trigger = self._trigger(spec["kind"], spec["expression"], spec["timezone"])
                 _check_future(trigger, name)
+                paused = {} if spec["is_enabled"] else {"next_run_time": None}
                 job = scheduler.add_job(func, trigger, args=list(spec["args"]), kwargs=dict(spec["kwargs"]),
-                                        id=name, name=name, replace_existing=False)
-                if not spec["is_enabled"]:
-                    job = scheduler.pause_job(job.id)
+                                        id=name, name=name, replace_existing=False, **paused)
                 return self._checked_row("default", job.id)
             alias, job = self._find(source_key)
-            full = normalize_row(self._row(alias, job), SCHEDULER)
-            current = fit_row(full) or {}
+            shown = normalize_row(self._row(alias, job), SCHEDULER)
+            current = fit_row(shown) or {}
             if configuration(current) != configuration(dict(expected or {})):
                 raise Conflict(f"schedule {source_key!r} changed in APScheduler since the brain saw it; "
                                f"refresh and try again")
             if operation == "delete":
                 scheduler.remove_job(job.id, jobstore=alias)
                 return None
-            # Args and kwargs the page shows as a note (too large for a frame) are not written back.
-            definition = keep_left_out_arguments(definition, full)
             if "name" in definition and definition["name"].strip() != current["name"]:
                 raise ValueError("an APScheduler job's id is its name on the page and cannot change; "
                                  "create a new schedule and delete this one")
             changes: Dict[str, Any] = {}
             if "task_name" in definition and definition["task_name"].strip() != current["task_name"]:
-                changes["func"] = self._function(definition["task_name"].strip(), (job.func, current["task_name"]))
+                changes["func"] = self._function(definition["task_name"].strip(), (job.func, current["task_name"]),
+                                                 imported)
             if "queue" in definition and definition["queue"] != current["queue"]:
                 self._check_queue(changes.get("func", job.func), definition["queue"])
-            if "args" in definition:
-                changes["args"] = tuple(definition["args"])
-            if "kwargs" in definition:
-                changes["kwargs"] = dict(definition["kwargs"])
+            data = data_changes(definition, current, {"args": list(job.args or ()), "kwargs": dict(job.kwargs or {})},
+                                cut=current != shown, unreadable=None, name=str(source_key), where="APScheduler")
+            if "args" in data:
+                changes["args"] = tuple(data["args"])
+            if "kwargs" in data:
+                changes["kwargs"] = dict(data["kwargs"])
             timing = ("kind", "expression", "timezone")
-            trigger = None
+            enabled = definition.get("is_enabled", current["is_enabled"])
+            now = datetime.now(timezone.utc)
             if any(k in definition and definition[k] != current.get(k) for k in timing):
                 merged = {k: definition.get(k, current[k]) for k in timing}
                 trigger = self._trigger(merged["kind"], merged["expression"], merged["timezone"])
-            enabled = definition.get("is_enabled", current["is_enabled"])
-            if changes:
-                scheduler.modify_job(job.id, jobstore=alias, **changes)
-            if trigger is not None:
                 _check_future(trigger, str(source_key))
-                scheduler.reschedule_job(job.id, jobstore=alias, trigger=trigger)
-                if not enabled:
-                    scheduler.pause_job(job.id, jobstore=alias)
+                changes["trigger"] = trigger
+                changes["next_run_time"] = trigger.get_next_fire_time(None, now) if enabled else None
             elif enabled != current["is_enabled"]:
                 if enabled:
-                    scheduler.resume_job(job.id, jobstore=alias)
+                    following = job.trigger.get_next_fire_time(None, now)
+                    if following is None or (type(job.trigger).__name__ == "DateTrigger" and following < now):
+                        # APScheduler's resume_job would remove the job.
+                        raise ValueError(f"schedule {source_key!r} has no run left (its trigger's time has "
+                                         f"passed): APScheduler would delete it when it is enabled; give it a "
+                                         f"new kind and expression with the switch, or delete it")
+                    changes["next_run_time"] = following
                 else:
-                    scheduler.pause_job(job.id, jobstore=alias)
+                    changes["next_run_time"] = None
+            if changes:  # one write: the function, arguments, trigger and switch together
+                scheduler.modify_job(job.id, jobstore=alias, **changes)
             return self._checked_row(alias, job.id)
 
     @staticmethod
@@ -511,6 +570,21 @@ class APSchedulerSource(Source):
             log.warning("z4j-agentd: APScheduler job %r is %d bytes of JSON: the page shows it without its "
                         "arguments", job_id, size)
         return row
+
+
+def _scrubbed(work: Callable[[], Any]) -> Any:
+    """`work()`, its error's text with secret-looking parts (a job store
+    URL's password) replaced: it reaches the brain's page."""
+    try:
+        return work()
+    except Exception as exc:
+        text = str(exc)
+        clean = scrub_text(text)
+        if clean == text:
+            raise
+        if isinstance(exc, (Conflict, ValueError)):
+            raise type(exc)(clean) from None
+        raise RuntimeError(f"{type(exc).__name__}: {clean}") from None
 
 
 def _check_future(trigger: Any, name: str) -> None:

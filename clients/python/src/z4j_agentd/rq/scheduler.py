@@ -21,17 +21,26 @@ the scheduler `rq-scheduler` through z4j's external schedule protocol (see
   were);
 * the brain's create and update (cron and interval, a function named by
   its import path), delete (rq-scheduler's `cancel`) and the enable/disable
-  switch change the registry in Redis, in one transaction each, checked
-  against the row the brain showed;
+  switch change the registry in Redis, each in one step checked against
+  the row the brain showed (a transaction watching the job's hash, and a
+  script re-checking its place in the registry as it writes: producers
+  adding other jobs never make it fail);
+* an update writes the arguments only when it changes them, and refuses to
+  change arguments the page cannot show exactly (a datetime, a tuple, a
+  non-string key, arguments cut from a row too large for a snapshot, or
+  arguments this process cannot unpickle), saying why;
 * a disabled job waits in a second sorted set beside the registry
   (`rq:scheduler:scheduled_jobs:z4j-paused`, the one z4j-rqscheduler uses),
   with its next run time; rq-scheduler does not look there, so it does not
-  run until it is enabled again.
+  run until it is enabled again. A job in both sets (the application
+  scheduled the same id again while it was paused) is enabled: the
+  registration wins, it runs and leaves the paused set.
 
-This process's scheduler moves due jobs to their queues in a Redis
-transaction that re-reads the job and the registry first, so a change from
-the brain never races a run (an unmodified `rqscheduler` elsewhere can lose
-a change made at the instant it enqueues that job).
+Rows are read without a transaction, each job in one command. This
+process's scheduler moves due jobs to their queues in a Redis transaction
+that watches the job's hash and re-checks its place in the registry, so a
+change from the brain never races a run (an unmodified `rqscheduler`
+elsewhere can lose a change made at the instant it enqueues that job).
 """
 
 from __future__ import annotations
@@ -50,8 +59,10 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .._jsonsafe import json_safe
+from .._redact import scrub_text
+from .._schedule_args import data_changes
 from .._schedules import MUTATION, STABLE_SNAPSHOT, Conflict, ExternalScheduler, Source, configuration, fit_row, \
-    keep_left_out_arguments, normalize_row
+    normalize_row
 
 log = logging.getLogger("z4j_agentd.rq.scheduler")
 
@@ -76,6 +87,52 @@ CAPABILITIES = (STABLE_SNAPSHOT, "list", "trigger_now", "create", "update", "del
 #: Meta keys that are the schedule's timing or this integration's own, left out of `source_hash`.
 _TIMING_META = {"cron_string", "interval", "repeat", "use_local_timezone", NAME_META, "_z4j_task_name",
                 QUEUE_META}
+#: Checks the job's places in the registry and the paused set (ARGV 2, 3:
+#: the scores read, "" for none), then deletes it from both, or writes its
+#: hash (the field/value pairs from ARGV 7 on; none: the hash is only
+#: touched, so a transaction watching it fails) and puts it in one of them
+#: (ARGV 5) at the score ARGV 6. Returns 0 when the places changed.
+_WRITE = """
+local function same(s, want)
+  if want == '' then return not s end
+  return s and tonumber(s) == tonumber(want)
+end
+if not same(redis.call('ZSCORE', KEYS[2], ARGV[1]), ARGV[2])
+    or not same(redis.call('ZSCORE', KEYS[3], ARGV[1]), ARGV[3]) then
+  return 0
+end
+if #ARGV > 6 then
+  redis.call('HSET', KEYS[1], unpack(ARGV, 7))
+else
+  local status = redis.call('HGET', KEYS[1], 'status')
+  if status then redis.call('HSET', KEYS[1], 'status', status) end
+end
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+if ARGV[4] == 'delete' then
+  redis.call('HDEL', KEYS[4], ARGV[1])
+  redis.call('HDEL', KEYS[5], ARGV[1])
+  return 1
+end
+redis.call('PERSIST', KEYS[1])
+redis.call('ZADD', ARGV[5] == 'active' and KEYS[2] or KEYS[3], ARGV[6], ARGV[1])
+return 1
+"""
+#: A due run's next time: only when the registry still holds the job at the
+#: score read (ARGV 2); out of the paused set too (the registration wins);
+#: ARGV 3 "" ends the schedule.
+_ADVANCE = """
+local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if s and tonumber(s) == tonumber(ARGV[2]) then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  if ARGV[3] == '' then
+    redis.call('ZREM', KEYS[1], ARGV[1])
+  else
+    redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+  end
+end
+return 1
+"""
 _FUNC_PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+$")
 
 
@@ -139,52 +196,62 @@ class RQSchedulerSource(Source):
         except NoSuchJobError:
             return None
 
-    def _read(self, pipe: Any) -> List[Tuple[Any, float, bool, int, Optional[float]]]:
-        """(job, score, enabled, runs, last run) of every scheduled job,
-        read with `pipe` watching the registry and the jobs (a change while
-        reading makes the caller's transaction fail and read again)."""
-        active = {_text(k): s for k, s in pipe.zrange(self.active, 0, -1, withscores=True)}
-        paused = {_text(k): s for k, s in pipe.zrange(self.paused, 0, -1, withscores=True)}
-        ids = sorted(set(active) | set(paused))
-        if ids:
-            pipe.watch(*(self.scheduler.job_class.key_for(i) for i in ids))
-        runs = {_text(k): v for k, v in (pipe.hgetall(self.runs) or {}).items()}
-        last = {_text(k): v for k, v in (pipe.hgetall(self.last_runs) or {}).items()}
+    def _read(self) -> List[Tuple[Any, float, bool, int, Optional[float]]]:
+        """(job, score, enabled, runs, last run) of every scheduled job.
+
+        Read without a transaction: producers add jobs to the registry all
+        the time, and a read that waited for a quiet moment might never
+        finish. Each job is read in one command (its hash), so each row is
+        self-consistent; a job removed meanwhile is left out, one added
+        meanwhile shows in the next snapshot."""
+        active = {_text(k): s for k, s in self.connection.zrange(self.active, 0, -1, withscores=True)}
+        paused = {_text(k): s for k, s in self.connection.zrange(self.paused, 0, -1, withscores=True)}
+        runs = {_text(k): v for k, v in (self.connection.hgetall(self.runs) or {}).items()}
+        last = {_text(k): v for k, v in (self.connection.hgetall(self.last_runs) or {}).items()}
         out = []
-        for job_id in ids:
+        for job_id in sorted(set(active) | set(paused)):
             job = self._fetch(job_id)
             if job is None:  # its hash expired: rq-scheduler drops it when it comes due
                 continue
-            # In both sets: an rqscheduler elsewhere put it back as it ran (it runs).
+            # In both sets (the application scheduled a fixed id again while it was paused):
+            # the application's registration wins, the job runs (see enqueue_due).
             enabled = job_id in active
             score = active[job_id] if enabled else paused[job_id]
             out.append((job, score, enabled, int(runs.get(job_id, 0) or 0),
                         float(last[job_id]) if job_id in last else None))
         return out
 
-    def _watched(self, work: Callable[[Any, List[Any]], Any], *extra_keys: str) -> Any:
-        """`work(pipe, jobs)` with the registry, the jobs and `extra_keys`
-        watched; tried again (up to 5 times) when one changed meanwhile."""
-        from redis.exceptions import WatchError
-
-        for _ in range(5):
-            with self.connection.pipeline() as pipe:
-                try:
-                    pipe.watch(self.active, self.paused, *extra_keys)
-                    return work(pipe, self._read(pipe))
-                except WatchError:
-                    continue
-        raise RuntimeError("rq-scheduler's registry kept changing while it was read; try again")
-
     def rows(self) -> List[Dict[str, Any]]:
-        def read(pipe: Any, jobs: List[Any]) -> List[Dict[str, Any]]:
-            rows = [self._row(*item) for item in jobs]
-            pipe.multi()
-            pipe.ping()
-            pipe.execute()  # fails (WatchError) when anything read changed meanwhile
-            return rows
+        return [self._row(*item) for item in self._read()]
 
-        return self._watched(read)
+    @staticmethod
+    def key(job_id: str) -> str:
+        """The row's source key: the job id, bounded to the brain's 200
+        characters (a longer id keeps its start and a digest of the whole)."""
+        if len(job_id) > 200:
+            job_id = job_id[:135] + "~" + hashlib.sha256(job_id.encode("utf-8", "surrogatepass")).hexdigest()
+        return job_id
+
+    def _job_id(self, source_key: str) -> str:
+        """The job id a source key names (see `key`)."""
+        if len(source_key) < 200:
+            return source_key
+        for ids in (self.connection.zrange(self.active, 0, -1), self.connection.zrange(self.paused, 0, -1)):
+            for raw in ids:
+                if self.key(_text(raw)) == source_key:
+                    return _text(raw)
+        return source_key
+
+    @staticmethod
+    def _data(job: Any) -> Tuple[str, Optional[Dict[str, Any]], Optional[str]]:
+        """(function name, {"args", "kwargs"} as stored, why they cannot be
+        read here or None): every read that unpickles the job's data is in
+        this one place, so a job this process cannot read is still listed."""
+        try:
+            func = job.func_name or "?"
+            return func, {"args": list(job.args or ()), "kwargs": dict(job.kwargs or {})}, None
+        except Exception as exc:  # e.g. an argument of a class this process cannot import
+            return _raw_func_name(job), None, type(exc).__name__
 
     def _row(self, job: Any, score: float, enabled: bool, runs: int = 0, last: Optional[float] = None
              ) -> Dict[str, Any]:
@@ -196,17 +263,20 @@ class RQSchedulerSource(Source):
             kind, expression, tz = "interval", str(int(interval)), "UTC"
         else:
             kind, expression, tz = "clocked", _utc(score).isoformat(), "UTC"
-        try:
-            args, kwargs = json_safe(list(job.args or ())), json_safe(dict(job.kwargs or {}))
-        except Exception as exc:  # arguments this process cannot unpickle
-            args, kwargs = [f"<not readable here: {type(exc).__name__}>"], {}
-        func = job.func_name or "?"
+        func, native, unreadable = self._data(job)
+        if native is None:
+            args, kwargs = [f"<not readable here: {unreadable}>"], {}
+        else:
+            args, kwargs = json_safe(native["args"]), json_safe(native["kwargs"])
         options = {k: v for k, v in meta.items() if k not in _TIMING_META}
         options.update(timeout=job.timeout, result_ttl=job.result_ttl, ttl=job.ttl,
                        at_front=bool(getattr(job, "enqueue_at_front", False)), description=job.description)
+        key = self.key(job.id)
+        shown_id = job.id if len(job.id) <= 100 else \
+            job.id[:75] + "~" + hashlib.sha256(job.id.encode("utf-8", "surrogatepass")).hexdigest()[:24]
         return {
-            "source_key": job.id, "external_id": job.id, "engine": ENGINE, "scheduler": SCHEDULER,
-            "name": str(meta.get(NAME_META) or f"{func[:90]} [{job.id[:90]}]"), "task_name": func,
+            "source_key": key, "external_id": key, "engine": ENGINE, "scheduler": SCHEDULER,
+            "name": str(meta.get(NAME_META) or f"{func[:90]} [{shown_id}]"), "task_name": func,
             "kind": kind, "expression": expression, "timezone": tz,
             "queue": meta[QUEUE_META] if QUEUE_META in meta else job.origin,
             "args": args, "kwargs": kwargs, "is_enabled": enabled,
@@ -225,9 +295,14 @@ class RQSchedulerSource(Source):
         """Replaces `Scheduler.enqueue_job` in this process: the job goes to
         its queue and its next run into the registry in one transaction,
         after checking that it is still due and not paused or deleted (the
-        brain's changes cannot race it). A job with dependencies or a rate
-        limit goes through rq-scheduler's own `enqueue_job` (RQ cannot
-        enqueue those inside a transaction)."""
+        brain's changes cannot race it: each one writes the job's hash,
+        which the transaction watches, and the registry is re-checked
+        inside it). Only the job's own key is watched, so producers adding
+        other jobs do not delay it; a job that keeps changing as it comes
+        due goes through rq-scheduler's own `enqueue_job` after 5 tries,
+        never skipped. A job with dependencies or a rate limit goes through
+        rq-scheduler's own `enqueue_job` (RQ cannot enqueue those inside a
+        transaction)."""
         from redis.exceptions import WatchError
 
         from rq_scheduler.utils import get_next_scheduled_time
@@ -236,9 +311,9 @@ class RQSchedulerSource(Source):
         for _ in range(5):
             with self.connection.pipeline() as pipe:
                 try:
-                    pipe.watch(self.active, self.paused, key)
+                    pipe.watch(key)
                     score = pipe.zscore(self.active, job.id)
-                    if score is None or score > time.time() or pipe.zscore(self.paused, job.id) is not None:
+                    if score is None or score > time.time():
                         return  # paused, deleted or moved on meanwhile
                     fresh = self._fetch(job.id)
                     if fresh is None:
@@ -247,31 +322,42 @@ class RQSchedulerSource(Source):
                         return
                     if getattr(fresh, "_dependency_ids", None) or getattr(fresh, "has_rate_limit", False):
                         pipe.unwatch()
-                        original(fresh)
-                        self._after_run(fresh.id)
+                        self._run_original(fresh, original)
                         return
                     meta = fresh.meta
                     repeat = meta.get("repeat")
                     if repeat:
                         meta["repeat"] = int(repeat) - 1
                     queue = self.scheduler.get_queue_for_job(fresh)
-                    pipe.multi()
-                    queue.enqueue_job(fresh, pipeline=pipe, at_front=bool(getattr(fresh, "enqueue_at_front", False)))
-                    pipe.zrem(self.active, fresh.id)
                     again = repeat is None or meta.get("repeat") != 0
+                    following = ""
                     if again and meta.get("interval"):
-                        pipe.zadd(self.active, {fresh.id: int(time.time()) + int(meta["interval"])})
+                        following = repr(float(int(time.time()) + int(meta["interval"])))
                     elif again and meta.get("cron_string"):
                         when = get_next_scheduled_time(meta["cron_string"],
                                                        use_local_timezone=meta.get("use_local_timezone", False))
-                        pipe.zadd(self.active, {fresh.id: when.timestamp()})
+                        following = repr(float(when.timestamp()))
+                    pipe.multi()
+                    queue.enqueue_job(fresh, pipeline=pipe, at_front=bool(getattr(fresh, "enqueue_at_front", False)))
+                    # The run's next time, only if the registry still holds the time read above (a
+                    # cancel by the application meanwhile stays a cancel). In the paused set too: the
+                    # application scheduled this id again while it was paused, and that wins.
+                    pipe.eval(_ADVANCE, 2, self.active, self.paused, fresh.id, repr(float(score)), following)
                     self._count_run(pipe, fresh.id)
                     pipe.execute()
                     return
                 except WatchError:
                     continue
-        log.warning("z4j-agentd: rq-scheduler job %s kept changing as it came due; it is tried at the next tick",
-                    job.id)
+        log.warning("z4j-agentd: rq-scheduler job %s kept changing as it came due; it goes through "
+                    "rq-scheduler's own enqueue_job", job.id)
+        fresh = self._fetch(job.id)
+        if fresh is not None and self.connection.zscore(self.active, job.id) is not None:
+            self._run_original(fresh, original)
+
+    def _run_original(self, job: Any, original: Callable[[Any], Any]) -> None:
+        self.connection.zrem(self.paused, job.id)  # in both sets: the registration wins
+        original(job)
+        self._after_run(job.id)
 
     def _after_run(self, job_id: str) -> None:
         with self.connection.pipeline() as pipe:
@@ -281,36 +367,62 @@ class RQSchedulerSource(Source):
     # -- trigger now -------------------------------------------------------
 
     def trigger(self, row: Mapping[str, Any]) -> Dict[str, Any]:
-        job = self._fetch(str(row["source_key"]))
+        return _scrubbed(lambda: self._trigger(row))
+
+    def _trigger(self, row: Mapping[str, Any]) -> Dict[str, Any]:
+        job = self._fetch(self._job_id(str(row["source_key"])))
         if job is None:
             raise Conflict(f"schedule {row['name']!r} is not in rq-scheduler any more; refresh the page")
+        func, native, unreadable = self._data(job)
+        if native is None:
+            raise RuntimeError(f"the function and arguments of schedule {row['name']!r} cannot be read in this "
+                               f"process ({unreadable}); nothing was sent")
         queue = self.scheduler.get_queue_for_job(job)
         result_ttl = job.result_ttl if job.result_ttl is not None and job.result_ttl >= 0 else None
-        sent = queue.create_job(job.func_name, args=job.args, kwargs=job.kwargs, timeout=job.timeout,
+        sent = queue.create_job(func, args=native["args"], kwargs=native["kwargs"], timeout=job.timeout,
                                 result_ttl=result_ttl, ttl=job.ttl,
                                 description=job.description if job.description else None)
         with self.connection.pipeline() as pipe:
             queue.enqueue_job(sent, pipeline=pipe)
             self._count_run(pipe, job.id)
             pipe.execute()
-        return {"task_id": sent.id, "task_name": job.func_name, "queue": queue.name}
+        return {"task_id": sent.id, "task_name": func, "queue": queue.name}
 
     # -- the brain's writes ------------------------------------------------
 
     def mutate(self, operation: str, source_key: Optional[str], expected: Optional[Mapping[str, Any]],
                definition: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
         _check_definition(definition)
-        extra = (self.scheduler.job_class.key_for(source_key),) if source_key else ()
-        return self._watched(lambda pipe, jobs: self._mutate(pipe, jobs, operation, source_key, expected,
-                                                             definition), *extra)
+        return _scrubbed(lambda: self._mutate_retrying(operation, source_key, expected, definition))
 
-    def _mutate(self, pipe: Any, jobs: List[Any], operation: str, source_key: Optional[str],
-                expected: Optional[Mapping[str, Any]], definition: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+    def _mutate_retrying(self, operation: str, source_key: Optional[str], expected: Optional[Mapping[str, Any]],
+                         definition: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+        """The write, checked and made in one step on the job's hash and its
+        places in the registry: the transaction watches the job's hash
+        only, and a script re-checks its scores as it writes (producers
+        adding other jobs never make it fail). Tried again when the job
+        changed between the read and the write."""
+        from redis.exceptions import WatchError
+
+        for _ in range(5):
+            with self.connection.pipeline() as pipe:
+                try:
+                    done, result = self._mutate(pipe, operation, source_key, expected, definition)
+                except WatchError:
+                    continue
+            if done:
+                return result
+        raise Conflict(f"schedule {source_key!r} kept changing in rq-scheduler while it was written; "
+                       f"refresh and try again")
+
+    def _mutate(self, pipe: Any, operation: str, source_key: Optional[str], expected: Optional[Mapping[str, Any]],
+                definition: Mapping[str, Any]) -> Tuple[bool, Optional[Dict[str, Any]]]:
         from rq.job import JobStatus
 
-        rows = {item[0].id: (item, self._row(*item)) for item in jobs}
-        names = {row["name"]: key for key, (_, row) in rows.items()}
+        names = {row["name"]: row["source_key"] for row in self.rows()}
         now = time.time()
+        was: Tuple[Optional[float], Optional[float]] = (None, None)
+        runs: Tuple[int, Optional[float]] = (0, None)
         if operation == "create":
             missing = {"name", "task_name", "kind", "expression"} - set(definition)
             if missing:
@@ -330,28 +442,39 @@ class RQSchedulerSource(Source):
             if getattr(self.scheduler, "queue_class_name", None):
                 job.meta["queue_class_name"] = self.scheduler.queue_class_name
             enabled = spec["is_enabled"]
+            write = True
         else:
-            if source_key not in rows:
+            job_id = self._job_id(str(source_key))
+            pipe.watch(self.scheduler.job_class.key_for(job_id))
+            job = self._fetch(job_id)
+            was = (pipe.zscore(self.active, job_id), pipe.zscore(self.paused, job_id))
+            if job is None or was == (None, None):
                 raise Conflict(f"schedule {source_key!r} is not in rq-scheduler any more; refresh the page")
-            (job, score, enabled, runs, last), row = rows[source_key]
-            full = normalize_row(row, SCHEDULER)
-            current = fit_row(full) or {}
+            enabled = was[0] is not None
+            score = was[0] if enabled else was[1]
+            counted = pipe.hget(self.runs, job_id)
+            last = pipe.hget(self.last_runs, job_id)
+            runs = (int(counted or 0), float(last) if last is not None else None)
+            row = self._row(job, score, enabled, *runs)
+            shown = normalize_row(row, SCHEDULER)
+            current = fit_row(shown) or {}
             if configuration(current) != configuration(dict(expected or {})):
                 raise Conflict(f"schedule {row['name']!r} changed in rq-scheduler since the brain saw it; "
                                f"refresh and try again")
             if operation == "delete":
-                pipe.multi()
-                pipe.zrem(self.active, source_key)
-                pipe.zrem(self.paused, source_key)
-                pipe.hdel(self.runs, source_key)
-                pipe.hdel(self.last_runs, source_key)
-                pipe.execute()
-                return None
-            # Args and kwargs the page shows as a note (too large for a frame) are not written back.
-            definition = keep_left_out_arguments(definition, full)
-            data_fields = ("task_name", "args", "kwargs", "queue")
-            if any(k in definition and definition[k] != current.get(k) for k in data_fields) \
-                    and job.get_status(refresh=False) == JobStatus.STARTED:
+                return self._write(pipe, job, was, "delete", False, 0.0, False), None
+            func, native, unreadable = self._data(job)
+            data = data_changes(definition, current, native, cut=current != shown, unreadable=unreadable,
+                                name=row["name"], where="rq-scheduler")
+            new_func = None
+            if "task_name" in definition and definition["task_name"].strip() != row["task_name"]:
+                new_func = _func_path(definition["task_name"])
+                if unreadable is not None:
+                    raise ValueError(f"the function and arguments of schedule {row['name']!r} cannot be read in "
+                                     f"this process ({unreadable}), so the page cannot change its function; "
+                                     f"delete it and create it again")
+            new_queue = "queue" in definition and definition["queue"] != current.get("queue")
+            if (data or new_func or new_queue) and job.get_status(refresh=False) == JobStatus.STARTED:
                 # rq-scheduler runs every run under the job's own id, and the worker writes the
                 # job's function, arguments and queue back as the run ends: the change would be lost.
                 raise Conflict(f"a run of schedule {row['name']!r} is on a worker now, and RQ writes the job back "
@@ -363,7 +486,8 @@ class RQSchedulerSource(Source):
                 if name != row["name"]:
                     job.meta[NAME_META] = name
             timing = ("kind", "expression", "timezone")
-            if any(k in definition and definition[k] != current.get(k) for k in timing):
+            retimed = any(k in definition and definition[k] != current.get(k) for k in timing)
+            if retimed:
                 merged = {k: definition.get(k, current[k]) for k in timing}
                 if merged["kind"] != "cron" and "timezone" not in definition:
                     merged["timezone"] = "UTC"
@@ -371,32 +495,44 @@ class RQSchedulerSource(Source):
                 job.meta = meta
             elif "timezone" in definition:
                 self._timing({}, current["kind"], current["expression"], definition["timezone"], now)
-            if "task_name" in definition and definition["task_name"].strip() != row["task_name"]:
-                job.func_name = _func_path(definition["task_name"])
+            if new_func is not None:
+                job.func_name = new_func
                 job.instance = None
-            if "args" in definition:
-                job.args = list(definition["args"])
-            if "kwargs" in definition:
-                job.kwargs = dict(definition["kwargs"])
-            if "queue" in definition:
+            if "args" in data:
+                job.args = list(data["args"])
+            if "kwargs" in data:
+                job.kwargs = dict(data["kwargs"])
+            if new_queue:
                 job.origin = definition["queue"] or self.scheduler.queue_name
                 job.meta[QUEUE_META] = definition["queue"]
             new_enabled = definition.get("is_enabled", enabled)
-            if new_enabled and not enabled and score < now and current["kind"] != "clocked" \
-                    and not any(k in definition for k in timing):
-                # Enabled again after its time passed: from now on, not a burst of catching up.
+            if new_enabled and not enabled and score < now and current["kind"] != "clocked" and not retimed:
+                # Enabled again after its time passed: the next run from now on, not a burst of
+                # catching up. A one-off (clocked) job keeps its time, so it runs at once.
                 _, score = self._timing(dict(job.meta), current["kind"], current["expression"],
                                         current["timezone"], now)
             enabled = new_enabled
+            write = set(definition) != {"is_enabled"}
+        if not self._write(pipe, job, was, "write", enabled, score, write):
+            return False, None
+        return True, self._row(job, score, enabled, *runs)
+
+    def _write(self, pipe: Any, job: Any, was: Tuple[Optional[float], Optional[float]], operation: str,
+               enabled: bool, score: float, write: bool) -> bool:
+        """One script, in the transaction watching the job's hash: checks that
+        the job's places in the registry are still `was`, then writes the job
+        (`write`; else it only marks its hash as touched, so a due run in
+        flight sees the change), and moves it to the registry or the paused
+        set. False when its places changed meanwhile."""
+        fields: List[Any] = []
+        if write:
+            for field, value in job.to_dict(include_meta=True).items():
+                fields += [field, value]
         pipe.multi()
-        if operation == "create" or set(definition) != {"is_enabled"}:
-            job.save(pipeline=pipe)  # a switch alone leaves the job's hash as the worker has it
-        pipe.persist(job.key)
-        pipe.zrem(self.active, job.id)
-        pipe.zrem(self.paused, job.id)
-        pipe.zadd(self.active if enabled else self.paused, {job.id: score})
-        pipe.execute()
-        return self._row(job, score, enabled, *(rows[job.id][0][3:] if job.id in rows else (0, None)))
+        pipe.eval(_WRITE, 5, job.key, self.active, self.paused, self.runs, self.last_runs, job.id,
+                  "" if was[0] is None else repr(float(was[0])), "" if was[1] is None else repr(float(was[1])),
+                  operation, "active" if enabled else "paused", repr(float(score)), *fields)
+        return bool(pipe.execute()[0])
 
     @staticmethod
     def _timing(meta: Mapping[str, Any], kind: str, expression: str, tz: str, now: float
@@ -444,6 +580,38 @@ class RQSchedulerSource(Source):
             out.pop("repeat", None)
             return out, float(int(when.timestamp()))
         raise ValueError(f"rq-scheduler runs cron, interval and clocked (one-off) schedules, not {kind!r}")
+
+
+def _raw_func_name(job: Any) -> str:
+    """The function's name read from the job's pickled data without
+    unpickling it (the first text in it), else from its description."""
+    raw = getattr(job, "_data", None)
+    if isinstance(raw, bytes):
+        try:
+            import pickletools
+
+            for _, arg, _ in pickletools.genops(raw):
+                if isinstance(arg, str) and arg.strip():
+                    return arg.strip()[:500]
+        except Exception:
+            pass
+    description = str(getattr(job, "description", None) or "").split("(", 1)[0].strip()
+    return description[:500] or "<not readable here>"
+
+
+def _scrubbed(work: Callable[[], Any]) -> Any:
+    """`work()`, its error's text with secret-looking parts (a Redis URL's
+    password) replaced: it reaches the brain's page."""
+    try:
+        return work()
+    except Exception as exc:
+        text = str(exc)
+        clean = scrub_text(text)
+        if clean == text:
+            raise
+        if isinstance(exc, (Conflict, ValueError)):
+            raise type(exc)(clean) from None
+        raise RuntimeError(f"{type(exc).__name__}: {clean}") from None
 
 
 def _func_path(task_name: str) -> str:
