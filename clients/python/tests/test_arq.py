@@ -3,14 +3,19 @@ events, commands, health (z4j_agentd.arq). Runs in .venv-alt (arq pins
 redis < 6)."""
 
 import asyncio
+import gc
+import json
+import logging
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
+import weakref
 
 import pytest
 
@@ -262,11 +267,12 @@ def test_installing_other_settings_replaces_the_earlier_installation(settings):
     zarq.install(other, client)
     assert vars(settings)["functions"] is FUNCTIONS and "on_startup" not in vars(settings)
     assert other["functions"][0].coroutine is not add and zarq.installed().settings.target is other
-    notes = [h for h in logging.getLogger("arq.worker").handlers if isinstance(h, zarq._LogNotes)]
+    notes = [f for f in logging.getLogger("arq.worker").filters if isinstance(f, zarq._LogNotes)]
     assert notes == [zarq.installed().notes]
+    assert not [h for h in logging.getLogger("arq.worker").handlers if isinstance(h, zarq._LogNotes)]
     zarq.uninstall()
     assert other == {"functions": [add]}
-    assert not [h for h in logging.getLogger("arq.worker").handlers if isinstance(h, zarq._LogNotes)]
+    assert not [f for f in logging.getLogger("arq.worker").filters if isinstance(f, zarq._LogNotes)]
 
 
 def test_install_refuses_what_is_not_settings_a_worker_or_a_pool():
@@ -430,8 +436,13 @@ def test_cancel_of_a_job_blocked_in_sync_code_says_it_could_not_stop_it(settings
     try:
         job = enqueue(settings.redis_settings.port, "sync_sleep", 3)
         wait_until(lambda: "task.started" in kinds_of(client, job))
+        t0 = time.monotonic()
         with pytest.raises(_commands.CommandFailed) as err:
             handler(client, "cancel_task")({"parameters": {"task_id": job}, "timeout_seconds": 2.5})
+        took = time.monotonic() - t0
+        # Every step shares the command's budget (less 1 s): the answer comes within it, though the
+        # job holds the worker's loop for 3 s.
+        assert took < 2.5, took
         text = str(err.value)
         # Either the loop was still blocked when the budget ran out, or the abort ran after the job's end.
         assert "sync code" in text and ("not aborted" in text or "did not finish it" in text), text
@@ -510,8 +521,8 @@ def test_a_command_error_quoting_a_redis_url_keeps_no_password(settings):
                 raise ConnectionError("cannot reach redis://app:s3cr3t-pw@cache:6379/0")
             return go()
 
-        integration.commands.on_loop = lambda make, what, timeout=1.0: _commands.ArqCommands.on_loop(
-            integration.commands, failing, what, timeout)
+        integration.commands.on_loop = lambda make, what, timeout=1.0, deadline=None: (
+            _commands.ArqCommands.on_loop(integration.commands, failing, what, timeout, deadline))
         with pytest.raises(_commands.CommandFailed) as err:
             integration.commands.handlers()[("arq", "reconcile_task")]({"parameters": {"task_id": "x"}})
         assert "s3cr3t" not in str(err.value) and "redis://app:[REDACTED]@cache" in str(err.value)
@@ -562,3 +573,280 @@ def test_health_reports_the_queue_depth_and_the_worker(settings):
         handler(client, "cancel_task")({"parameters": {"task_id": job}})
     finally:
         w.stop()
+
+
+# ---------------------------------------------------------------- arq's own log
+
+
+_UNCONFIGURED = r'''
+import asyncio, json, sys
+sys.path.insert(0, sys.argv[2])
+from arq.connections import RedisSettings, create_pool
+from arq.worker import run_worker
+import z4j_agentd.arq as zarq
+from test_celery import RecordingClient
+
+
+async def boom(ctx):
+    raise ValueError("kaboom from the job")
+
+
+class WorkerSettings:
+    functions = [boom]
+    redis_settings = RedisSettings(port=int(sys.argv[1]))
+    burst = True
+    poll_delay = 0.05
+
+
+client = RecordingClient()
+zarq.install(WorkerSettings, client, serve_commands=False)
+
+
+async def enqueue():
+    pool = await create_pool(WorkerSettings.redis_settings)
+    await pool.enqueue_job("boom", _job_id="lr-boom")
+    await pool.enqueue_job("missing", _job_id="lr-missing")
+    await pool.aclose()
+
+
+asyncio.run(enqueue())
+run_worker(WorkerSettings)  # no logging configured: arq's errors go to Python's last resort
+print(json.dumps([[e["kind"], e["task_id"], e["data"]] for e in client.emitted]))
+'''
+
+
+def test_with_no_logging_configured_arqs_own_errors_are_still_printed(redis_port):
+    """A Worker run from code with no logging configured: Python prints arq's
+    warnings and errors through its last resort only when no handler is on
+    the logger's chain. The integration reads arq's log through a filter, so
+    they are still printed, and the lines it reads still reach it."""
+    subprocess.run(["redis-cli", "-p", str(redis_port), "flushall"], capture_output=True)
+    tests = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run([sys.executable, "-c", _UNCONFIGURED, str(redis_port), tests], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    # arq's own lines, as the last resort prints them (a traceback with the job's frame).
+    assert "lr-boom:boom failed, ValueError: kaboom from the job" in out.stderr, out.stderr
+    assert 'in boom\nValueError: kaboom from the job' in out.stderr, out.stderr
+    assert "job lr-missing, function 'missing' not found" in out.stderr, out.stderr
+    events = {(kind, task_id): data for kind, task_id, data in json.loads(out.stdout.strip().splitlines()[-1])}
+    assert events[("task.failed", "lr-boom")]["exception"] == "ValueError"
+    # Seen only in arq's log (a WARNING): the filter read it.
+    assert events[("task.failed", "lr-missing")]["exception_message"].startswith("function 'missing' not found")
+
+
+# ---------------------------------------------------------------- keep_result = 0, aborts by the app
+
+
+@pytest.fixture
+def info_logging(request):
+    """arq's INFO lines on (as the `arq` CLI sets them) or left at Python's default (WARNING)."""
+    logger = logging.getLogger("arq")
+    level = logger.level
+    if request.param:
+        logger.setLevel(logging.INFO)
+    yield request.param
+    logger.setLevel(level)
+
+
+def abort_from_the_app(port, job_id):
+    """What an application does itself: arq's Job.abort (False when arq keeps no result)."""
+    from arq.jobs import Job
+
+    async def go():
+        pool = await create_pool(RedisSettings(port=port))
+        try:
+            return await Job(job_id, pool).abort(timeout=10, poll_delay=0.05)
+        finally:
+            await pool.aclose()
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("info_logging", [False, True], ids=["warning-logging", "info-logging"], indirect=True)
+def test_ends_with_no_result_kept_and_aborts_by_the_app(settings, info_logging):
+    """keep_result = 0 keeps no result to read an end back from: an abort is
+    told by the job's CancelledError and its leaving the queue, a timeout by
+    arq's ERROR line; with arq's INFO lines on, they say it too."""
+    settings.functions = FUNCTIONS + [func(slow, name="slow0", keep_result=0),
+                                      func(slow, name="short0", timeout=0.3, max_tries=1, keep_result=0),
+                                      func(add, name="add0", keep_result=0)]
+    client = RecordingClient()
+    zarq.install(settings, client)
+    w = WorkerThread(settings)
+    port = settings.redis_settings.port
+    try:
+        kept, unkept = enqueue(port, "slow", 30), enqueue(port, "slow0", 30)
+        timed_out, done = enqueue(port, "short0", 5), enqueue(port, "add0", 1, 2)
+        for job in (kept, unkept):
+            wait_until(lambda: "task.started" in kinds_of(client, job), what=f"{job} to start")
+        assert abort_from_the_app(port, kept) is True
+        assert abort_from_the_app(port, unkept) is False  # arq cannot tell without a result
+        for job, kind in ((kept, "task.revoked"), (unkept, "task.revoked"), (timed_out, "task.failed"),
+                          (done, "task.succeeded")):
+            wait_until(lambda: kind in kinds_of(client, job), what=f"{job} {kind}")
+    finally:
+        w.stop()
+    for job in (kept, unkept):
+        assert kinds_of(client, job) == ["task.received", "task.started", "task.revoked"]
+        assert one(client, job, "task.revoked")["aborted"] is True
+    assert kinds_of(client, timed_out) == ["task.received", "task.started", "task.failed"]
+    assert one(client, timed_out, "task.failed")["exception"] == "TimeoutError"
+    assert one(client, done, "task.succeeded")["result"] == 3
+    assert zarq.installed().outcomes_unknown == 0
+
+
+def test_cancel_of_a_job_whose_result_is_not_kept_says_it_aborted_it(settings):
+    settings.functions = FUNCTIONS + [func(slow, name="slow0", keep_result=0)]
+    client = RecordingClient()
+    zarq.install(settings, client)
+    w = WorkerThread(settings)
+    try:
+        job = enqueue(settings.redis_settings.port, "slow0", 30)
+        wait_until(lambda: "task.started" in kinds_of(client, job))
+        out = handler(client, "cancel_task")({"parameters": {"task_id": job}, "timeout_seconds": 20})
+        assert out["aborted"] is True and out["state_before"] == "running", out
+        wait_until(lambda: "task.revoked" in kinds_of(client, job))
+        assert kinds_of(client, job) == ["task.received", "task.started", "task.revoked"]
+    finally:
+        w.stop()
+
+
+# ---------------------------------------------------------------- cancel races
+
+
+def test_a_cancel_racing_the_jobs_pickup_sends_one_end(settings):
+    """The cancel read the job queued; the worker picked it up before the
+    abort reached it, so arq aborted it running: one task.revoked (its
+    after_job_end's), none saying it was aborted before it started."""
+    client = RecordingClient()
+    zarq.install(settings, client)
+    w = WorkerThread(settings)
+    commands = zarq.installed().commands
+    try:
+        job = enqueue(settings.redis_settings.port, "slow", 30)
+        wait_until(lambda: "task.started" in kinds_of(client, job))
+        commands._status = lambda task_id, what, deadline=None: "queued"  # as read before the pickup
+        out = handler(client, "cancel_task")({"parameters": {"task_id": job}, "timeout_seconds": 20})
+        assert out["aborted"] is True and out["state_before"] == "queued", out
+        wait_until(lambda: "task.revoked" in kinds_of(client, job))
+    finally:
+        w.stop()
+    assert kinds_of(client, job) == ["task.received", "task.started", "task.revoked"]
+    assert "reason" not in one(client, job, "task.revoked")
+
+
+def test_cancel_of_a_job_that_just_timed_out_or_failed_says_how_it_ended(settings):
+    """The cancel read the job running; it timed out (or failed) before the
+    abort reached it. arq's Job.abort re-raises the stored exception: the
+    answer says the job ended in failure, not that the abort timed out."""
+    client = RecordingClient()
+    zarq.install(settings, client)
+    w = WorkerThread(settings)
+    commands = zarq.installed().commands
+    port = settings.redis_settings.port
+    try:
+        late, bad = enqueue(port, "short", 5), enqueue(port, "boom")
+        for job in (late, bad):
+            wait_until(lambda: "task.failed" in kinds_of(client, job))
+        commands._status = lambda task_id, what, deadline=None: "in_progress"  # as read before its end
+        for job, name in ((late, "TimeoutError"), (bad, "ValueError")):
+            t0 = time.monotonic()
+            with pytest.raises(_commands.CommandFailed) as err:
+                handler(client, "cancel_task")({"parameters": {"task_id": job}, "timeout_seconds": 20})
+            assert "not aborted: it ended before the abort reached it" in str(err.value), err.value
+            assert f"it ended in failure: {name}" in str(err.value), err.value
+            assert time.monotonic() - t0 < 5  # bound against waiting out the abort
+    finally:
+        w.stop()
+    assert "task.revoked" not in kinds_of(client, late) + kinds_of(client, bad)
+
+
+# ---------------------------------------------------------------- memory
+
+
+class _Big:
+    """Stands for what a job holds: its arguments, result, locals."""
+
+
+def test_a_job_whose_after_job_end_never_comes_keeps_no_arguments_results_or_tracebacks(settings):
+    settings.max_jobs = 2
+    client = RecordingClient()
+    zarq.install(settings, client)
+    integration = zarq.installed()
+    refs = []
+
+    async def fails(ctx, arg):
+        local = _Big()  # held by the traceback's frame
+        refs.append(weakref.ref(local))
+        raise ValueError("nope")
+
+    async def returns(ctx, arg):
+        out = _Big()
+        refs.append(weakref.ref(out))
+        return out
+
+    failing = integration._job("fails", fails)
+    returning = integration._job("returns", returns)
+
+    async def go():
+        for n in range(100):
+            arg = _Big()
+            refs.append(weakref.ref(arg))
+            try:
+                await (failing if n % 2 else returning)({"job_id": f"j{n}", "job_try": 1}, arg)
+            except ValueError:
+                pass
+
+    asyncio.run(go())
+    gc.collect()
+    assert [r for r in refs if r() is not None] == []
+    # Never ended (no after_job_end): kept up to a small multiple of max_jobs.
+    assert len(integration.running) == zarq.MIN_RUNNING
+    assert integration.running["j99"].traceback.startswith("Traceback") and "ValueError: nope" in (
+        integration.running["j99"].traceback)
+
+
+def test_a_timeout_with_no_result_kept_and_arqs_log_silenced_is_not_taken_for_an_abort(settings):
+    """keep_result = 0 and arq's log above ERROR: a job arq cancelled at its
+    timeout leaves nothing saying how it ended; it is counted unknown, never
+    sent as revoked."""
+    settings.functions = FUNCTIONS + [func(slow, name="short0", timeout=0.3, max_tries=1, keep_result=0)]
+    logger = logging.getLogger("arq.worker")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    client = RecordingClient()
+    zarq.install(settings, client)
+    integration = zarq.installed()
+    w = WorkerThread(settings)
+    try:
+        job = enqueue(settings.redis_settings.port, "short0", 5)
+        wait_until(lambda: integration.outcomes_unknown == 1, what="the timed-out job's end")
+    finally:
+        w.stop()
+        logger.setLevel(level)
+    assert kinds_of(client, job) == ["task.received", "task.started"]
+    assert integration.health.worker_details()["stats"]["outcomes_unknown"] == 1  # where an operator sees it
+
+
+@pytest.mark.parametrize("info_logging", [False, True], ids=["warning-logging", "info-logging"], indirect=True)
+def test_cancel_of_a_waiting_job_with_no_results_kept(settings, info_logging):
+    """keep_result = 0 on the worker: a waiting job aborted before it starts
+    leaves no result; arq's INFO line confirms it, and without it the
+    cancel says it cannot tell instead of claiming either way."""
+    settings.keep_result = 0
+    client = RecordingClient()
+    zarq.install(settings, client)
+    w = WorkerThread(settings)
+    try:
+        job = enqueue(settings.redis_settings.port, "add", 1, 2, _defer_by=60)
+        run = lambda: handler(client, "cancel_task")({"parameters": {"task_id": job}, "timeout_seconds": 20})  # noqa
+        if info_logging:
+            out = run()
+            assert out["aborted"] is True and out["state_before"] == "deferred", out
+        else:
+            with pytest.raises(_commands.CommandFailed, match="keeps no result for it .* it cannot tell"):
+                run()
+    finally:
+        w.stop()
+    assert kinds_of(client, job) == (["task.revoked"] if info_logging else [])

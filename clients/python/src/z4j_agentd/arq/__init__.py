@@ -42,11 +42,15 @@ blocks it: events go through the client's non-blocking `emit`, and what
 the job got, returned or raised (with its traceback) is seen in-process,
 with no Redis read in a job's path. Only a job cancelled by arq (aborted,
 past its timeout, or stopped with the worker) has its end read back: from
-arq's own log lines on `arq.worker` (a logging handler keyed by the job)
-and the result arq stored (one GET). The same handler sees the jobs arq
-ends without calling their function (too many tries, expired, unknown
-function, aborted before they started); the last is logged at INFO, which
-`arq` configures, and is also sent by the cancel command that aborted it.
+arq's own log lines on `arq.worker` (a logging filter keyed by the job,
+which lets every record through: a handler would silence Python's last
+resort when no logging is configured) and the result arq stored (one GET).
+The same filter sees the jobs arq ends without calling their function (too
+many tries, expired, unknown function, aborted before they started); the
+last is logged at INFO, which `arq` configures, and is also sent by the
+cancel command that aborted it. With `keep_result = 0` and no INFO lines,
+a cancelled job that left the queue before its timeout is taken as
+aborted (a timeout is logged at ERROR, a stopping worker requeues it).
 
 Commands are served by the worker process (`_commands`): they run on the
 client's command threads and reach Redis through the worker's own pool on
@@ -55,7 +59,8 @@ its loop (`asyncio.run_coroutine_threadsafe`), with a deadline.
 A producer (a web app enqueueing jobs) may install the pool it enqueues
 with: `install(pool)` on an `ArqRedis` sends `task.received` with the job's
 arguments for each `enqueue_job` of that pool object (nothing else of arq is
-changed).
+changed). The worker still sends its own at the job's first run (knowing
+the producer's would take a Redis read in each job's path).
 """
 
 from __future__ import annotations
@@ -85,8 +90,11 @@ MAX_VALUE_BYTES = 64 * 1024
 #: without a second one); the oldest are forgotten first.
 REMEMBERED_IDS = 10000
 #: Running jobs remembered at most (arq runs max_jobs at a time; an entry
-#: whose after_job_end never came is dropped, oldest first, past this).
+#: whose after_job_end never came is dropped, oldest first, past
+#: RUNNING_PER_SLOT * max_jobs, at least MIN_RUNNING, at most MAX_RUNNING).
 MAX_RUNNING = 10000
+RUNNING_PER_SLOT = 4
+MIN_RUNNING = 64
 #: Log records kept for jobs whose after_job_end has not come yet.
 MAX_LOG_NOTES = 1000
 #: arq's hooks the integration chains (the application's own run as before;
@@ -112,11 +120,15 @@ def _function_name(fn: Any) -> Optional[str]:
     return name if isinstance(name, str) else None
 
 
-def _cut_traceback(text: Optional[str]) -> Optional[str]:
+def _cut(text: Optional[str]) -> Optional[str]:
     if text and len(text) > MAX_TRACEBACK_CHARS:
         half = (MAX_TRACEBACK_CHARS - len(_CUT)) // 2
         text = text[:half] + _CUT + text[-half:]
-    return scrub_text(text)
+    return text
+
+
+def _cut_traceback(text: Optional[str]) -> Optional[str]:
+    return scrub_text(_cut(text))
 
 
 def _exception_message(exc: Any) -> Optional[str]:
@@ -219,29 +231,55 @@ def _is_pool(obj: Any) -> bool:
 
 
 class _Running:
-    """A job this process runs: what its function got, and how it ended."""
+    """A job this process runs, and how its function ended. Only what the
+    end's event needs is kept, never the job's arguments, its live result
+    or exception (whose traceback holds every frame's locals): an entry
+    whose after_job_end never comes costs what its event would carry."""
 
-    __slots__ = ("name", "args", "kwargs", "job_try", "started", "ended", "returned", "result", "exc")
+    __slots__ = ("name", "job_try", "started", "ended", "returned", "result", "failure", "defer",
+                 "exception", "message", "traceback", "aborted_here", "timeout")
 
-    def __init__(self, name: Optional[str], args: Any, kwargs: Any, job_try: Optional[int]) -> None:
-        self.name, self.args, self.kwargs, self.job_try = name, args, kwargs, job_try
+    def __init__(self, name: Optional[str], job_try: Optional[int]) -> None:
+        self.name, self.job_try = name, job_try
         self.started = time.monotonic()
         self.ended: Optional[float] = None
-        #: True once the function returned (`result`), False once it raised (`exc`).
+        #: True once the function returned (`result`: the event's value, cut
+        #: and redacted), False once it raised (`failure` says how).
         self.returned: Optional[bool] = None
         self.result: Any = None
-        self.exc: Optional[BaseException] = None
+        #: "retry" (arq's Retry, `defer` its delay in ms), "cancelled"
+        #: (CancelledError: aborted, timed out, or the worker stopping),
+        #: "interrupted" (arq's RetryJob, a TimeoutError), "error" (the rest:
+        #: `exception`, `message`, `traceback` as text).
+        self.failure: Optional[str] = None
+        self.defer: Any = None
+        self.exception: Optional[str] = None
+        self.message: Optional[str] = None
+        self.traceback: Optional[str] = None
+        #: Cancelled while a cancel_task of this process was aborting it.
+        self.aborted_here = False
+        #: The job's timeout in seconds (arq cancels it then), when known.
+        self.timeout: Optional[float] = None
+
+    def near_timeout(self) -> bool:
+        """It ran (about) as long as its timeout: arq's timeout may have cancelled it."""
+        return self.timeout is not None and self.runtime_ms() >= self.timeout * 1000 - 100
 
     def runtime_ms(self) -> int:
         return max(0, int(round(((self.ended or time.monotonic()) - self.started) * 1000)))
 
 
-class _LogNotes(logging.Handler):
+class _LogNotes(logging.Filter):
     """Keeps what arq's `arq.worker` log says of each job (its traceback,
-    why it retried), and reports the jobs that end without any hook."""
+    why it retried), and reports the jobs that end without any hook.
+
+    A filter on the logger, not a handler: it sees each record the logger
+    passes and lets every one through. A handler would count as one, so
+    with no logging configured (a Worker run from code) Python's last
+    resort would no longer print arq's own warnings and errors."""
 
     def __init__(self, integration: "_Integration") -> None:
-        super().__init__(level=logging.DEBUG)
+        super().__init__()
         self.integration = integration
         self.notes: "OrderedDict[str, Dict[str, Any]]" = OrderedDict()
         self._notes_lock = threading.Lock()
@@ -257,11 +295,12 @@ class _LogNotes(logging.Handler):
         with self._notes_lock:
             return self.notes.pop(ref, {})
 
-    def emit(self, record: logging.LogRecord) -> None:  # never raises into arq
+    def filter(self, record: logging.LogRecord) -> bool:  # never raises into arq, never drops a record
         try:
             self._read(record)
         except Exception:
             pass
+        return True
 
     def _read(self, record: logging.LogRecord) -> None:
         msg, args = record.msg, record.args
@@ -315,7 +354,14 @@ class _Integration:
         self.redis: Any = None
         self.running: Dict[str, _Running] = {}  # insertion-ordered: oldest first
         self._received: "OrderedDict[str, None]" = OrderedDict()
-        self._ended_unhooked: "OrderedDict[str, None]" = OrderedDict()
+        #: Jobs whose end (succeeded, failed, revoked) was sent, so a second
+        #: report of the same end (arq's log, the cancel that aborted it) sends nothing.
+        self._ended: "OrderedDict[str, str]" = OrderedDict()  # job id -> the end's kind
+        #: Jobs a cancel_task of this process is aborting now (how many at once),
+        #: and the running jobs seen cancelled meanwhile: the abort's confirmation
+        #: when arq keeps no result (keep_result = 0).
+        self._aborting: Dict[str, int] = {}
+        self._abort_seen: "OrderedDict[str, None]" = OrderedDict()
         self._lock = threading.Lock()
         #: Jobs run per function name, and outcomes (the health report's `stats`).
         self.totals: Dict[str, int] = {}
@@ -381,7 +427,7 @@ class _Integration:
         self._wrap_functions()
 
     def unwire(self) -> None:
-        logging.getLogger("arq.worker").removeHandler(self.notes)
+        logging.getLogger("arq.worker").removeFilter(self.notes)
         for hook in HOOKS:
             if hook in self.originals and hasattr(self.settings.get(hook), _MARK):
                 if hook in self._absent:
@@ -432,27 +478,41 @@ class _Integration:
         try:
             if not isinstance(entry, (Function, CronJob)):
                 entry = func(entry)  # a coroutine or an import path, as arq reads them
-            return dataclasses.replace(entry, coroutine=self._job(entry.name, entry.coroutine))
+            return dataclasses.replace(entry, coroutine=self._job(entry.name, entry.coroutine,
+                                                                  getattr(entry, "timeout_s", None)))
         except Exception:
             log.warning("z4j-agentd: arq job function %r is not watched (its jobs get no task.received and "
                         "task.started events)", entry, exc_info=True)
             return entry
 
-    def _job(self, name: str, coroutine: Any) -> Any:
+    def _job_timeout(self) -> Optional[float]:
+        """The worker's job_timeout in seconds (arq's default 300)."""
+        if self.settings.worker is not None:
+            value = getattr(self.settings.worker, "job_timeout_s", None)
+        else:
+            value = self.settings.get("job_timeout", 300)
+        if hasattr(value, "total_seconds"):
+            value = value.total_seconds()
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    def _job(self, name: str, coroutine: Any, timeout_s: Optional[float] = None) -> Any:
         original = getattr(coroutine, _MARK, coroutine)
         integration = self
+        timeout = timeout_s if isinstance(timeout_s, (int, float)) else self._job_timeout()
 
         @functools.wraps(original)
         async def job(ctx: Dict[Any, Any], *args: Any, **kwargs: Any) -> Any:
             run = integration._job_started(ctx, name, args, kwargs)
+            if run is not None:
+                run.timeout = timeout
             try:
                 result = await original(ctx, *args, **kwargs)
             except BaseException as exc:
                 if run is not None:
-                    run.ended, run.returned, run.exc = time.monotonic(), False, exc
+                    integration._job_raised(ctx, run, exc)
                 raise
             if run is not None:
-                run.ended, run.returned, run.result = time.monotonic(), True, result
+                integration._job_returned(run, result)
             return result
 
         setattr(job, _MARK, original)
@@ -518,8 +578,8 @@ class _Integration:
 
     def attach_log_notes(self) -> None:
         logger = logging.getLogger("arq.worker")
-        if self.notes not in logger.handlers:
-            logger.addHandler(self.notes)
+        if self.notes not in logger.filters:
+            logger.addFilter(self.notes)
 
     def start_serving(self) -> None:
         """The worker process's side of the brain: commands and health. Runs
@@ -556,13 +616,16 @@ class _Integration:
             job_id = str(ctx.get("job_id") or "")
             job_try = ctx.get("job_try")
             job_try = job_try if isinstance(job_try, int) else None
-            run = _Running(name, args, kwargs, job_try)
+            run = _Running(name, job_try)
+            limit = min(MAX_RUNNING, max(MIN_RUNNING, RUNNING_PER_SLOT * self.settings.max_jobs))
             with self._lock:
+                self.running.pop(job_id, None)
                 self.running[job_id] = run
-                while len(self.running) > MAX_RUNNING:
+                while len(self.running) > limit:
                     # A job whose after_job_end never came (arq failed to store its end).
                     self.running.pop(next(iter(self.running)))
                 self.totals[name] = self.totals.get(name, 0) + 1
+                self._ended.pop(job_id, None)  # a job id used again, once its result expired
                 first_here = job_id not in self._received
                 self._received[job_id] = None
                 self._received.move_to_end(job_id)
@@ -585,13 +648,61 @@ class _Integration:
             log.debug("z4j-agentd: arq job start not recorded", exc_info=True)
             return None
 
+    def _job_returned(self, run: _Running, result: Any) -> None:
+        run.ended, run.returned = time.monotonic(), True
+        try:
+            run.result = event_value(result, MAX_VALUE_BYTES)  # the event's value, not the live object
+        except Exception:  # pragma: no cover - event_value never raises
+            run.result = None
+
+    def _job_raised(self, ctx: Dict[Any, Any], run: _Running, exc: BaseException) -> None:
+        """What the end's event needs of the exception, as text: the live
+        exception (its traceback holds every frame's locals) is not kept."""
+        run.ended, run.returned = time.monotonic(), False
+        try:
+            from arq.worker import Retry
+
+            if isinstance(exc, Retry):  # a failure like the rest when the worker has retry_jobs off
+                run.failure, run.defer = "retry", getattr(exc, "defer_score", None)
+                run.exception, run.message = "Retry", _exception_message(exc)
+            elif isinstance(exc, asyncio.CancelledError):
+                run.failure = "cancelled"
+                job_id = str(ctx.get("job_id") or "")
+                with self._lock:
+                    if job_id in self._aborting:
+                        run.aborted_here = True
+                        self._abort_seen[job_id] = None
+                        while len(self._abort_seen) > MAX_LOG_NOTES:
+                            self._abort_seen.popitem(last=False)
+            elif isinstance(exc, asyncio.TimeoutError) or type(exc).__name__ == "RetryJob":
+                run.failure = "interrupted"
+            else:
+                run.failure = "error"
+                run.exception = type(exc).__name__
+                run.message = _exception_message(exc)
+                tb = exc.__traceback__
+                tb = tb.tb_next or tb if tb is not None else None  # from the job's function on, not this wrapper
+                run.traceback = _cut("".join(_traceback.format_exception(type(exc), exc, tb)))
+        except Exception:
+            log.debug("z4j-agentd: arq job end not recorded", exc_info=True)
+            run.failure = run.failure or "error"
+
     async def _after_job_end(self, ctx: Dict[Any, Any]) -> None:
         """The job's end, once arq stored it: from what its function did,
         else (cancelled, or its function never ran) from arq's log and the
-        result arq stored."""
+        result arq stored. The job stays in `running` until its end is sent
+        (a cancel racing it then leaves the end to this hook)."""
         job_id = str(ctx.get("job_id") or "")
         with self._lock:
-            run = self.running.pop(job_id, None)
+            run = self.running.get(job_id)
+        try:
+            await self._job_end(ctx, job_id, run)
+        finally:
+            with self._lock:
+                if run is not None and self.running.get(job_id) is run:
+                    del self.running[job_id]
+
+    async def _job_end(self, ctx: Dict[Any, Any], job_id: str, run: Optional[_Running]) -> None:
         name = run.name if run is not None else None
         note = self.notes.take(self._ref(job_id, name))
         if run is None or run.returned is None:
@@ -601,26 +712,22 @@ class _Integration:
         retries = run.job_try - 1 if run.job_try else None
         if run.returned:
             self._count("succeeded")
-            self.emit("task.succeeded", job_id, _compact({
-                **base, "result": event_value(run.result, MAX_VALUE_BYTES), "runtime_ms": run.runtime_ms(),
+            self._emit_end("task.succeeded", job_id, _compact({
+                **base, "result": run.result, "runtime_ms": run.runtime_ms(),
                 "retry_count": retries}, keep_none=("result",)))
             return
-        from arq.worker import Retry
-
-        exc = run.exc
-        if isinstance(exc, Retry) and self.settings.get("retry_jobs", True):
-            defer = getattr(exc, "defer_score", None)
+        if run.failure == "retry" and self.settings.get("retry_jobs", True):
+            defer = run.defer
             self._count("retried")
             self.emit("task.retried", job_id, _compact({
                 **base, "reason": f"Retry: again in {defer / 1000:.2f} s" if defer else "Retry",
                 "retry_count": run.job_try}))
-        elif isinstance(exc, (asyncio.CancelledError, asyncio.TimeoutError)) or type(exc).__name__ == "RetryJob":
+        elif run.failure in ("cancelled", "interrupted"):
             # Aborted, timed out, or stopped with the worker: arq's log and result say which.
             await self._end_from_arq(ctx, job_id, run, note)
         else:
-            tb_text = "".join(_traceback.format_exception(type(exc), exc, exc.__traceback__)) if exc else None
-            self._failed(job_id, base, exc, tb_text, run.runtime_ms(), retries)
-        run.exc = run.result = None  # no reference cycle through the traceback
+            self._failed(job_id, base, None, run.traceback, run.runtime_ms(), retries,
+                         exception=run.exception, message=run.message)
 
     async def _end_from_arq(self, ctx: Dict[Any, Any], job_id: str, run: Optional[_Running],
                             note: Dict[str, Any]) -> None:
@@ -641,22 +748,30 @@ class _Integration:
             runtime_ms = _ms(result.start_time, result.finish_time)
             if result.success:
                 self._count("succeeded")
-                self.emit("task.succeeded", job_id, _compact({
+                self._emit_end("task.succeeded", job_id, _compact({
                     **base, "result": event_value(result.result, MAX_VALUE_BYTES), "runtime_ms": runtime_ms,
                     "retry_count": retries}, keep_none=("result",)))
             elif isinstance(result.result, asyncio.CancelledError) and note.get("outcome") != "failed":
                 self._count("revoked")
-                self.emit("task.revoked", job_id, _compact({**base, "aborted": True, "runtime_ms": runtime_ms}))
+                self._emit_end("task.revoked", job_id, _compact({**base, "aborted": True,
+                                                                 "runtime_ms": runtime_ms}))
             else:
                 self._failed(job_id, base, result.result, note.get("traceback"), runtime_ms, retries)
             return
         outcome = note.get("outcome")
+        if outcome is None and run is not None and run.aborted_here:
+            outcome = "aborted"  # cancelled while this process's cancel_task aborted it
         if outcome is None and redis is not None:
             from arq.jobs import Job, JobStatus
 
             status = await Job(job_id, redis, _queue_name=self.queue_name).status()
             if status in (JobStatus.queued, JobStatus.deferred):
                 outcome = "retried"
+            elif (status == JobStatus.not_found and run is not None and run.failure == "cancelled"
+                  and self.settings.allow_abort_jobs and not run.near_timeout()):
+                # Cancelled before its timeout and gone with no result kept (keep_result = 0) and no
+                # log line (a failure is logged at ERROR, a stopping worker puts the job back): an abort.
+                outcome = "aborted"
         if outcome == "retried":
             self._count("retried")
             self.emit("task.retried", job_id, _compact({
@@ -664,13 +779,13 @@ class _Integration:
                 "retry_count": job_try if isinstance(job_try, int) else None}))
         elif outcome == "succeeded":  # keep_result = 0: no result stored
             self._count("succeeded")
-            self.emit("task.succeeded", job_id, _compact({**base, "result": None, "runtime_ms": own_ms,
-                                                          "retry_count": retries}, keep_none=("result",)))
+            self._emit_end("task.succeeded", job_id, _compact({**base, "result": None, "runtime_ms": own_ms,
+                                                               "retry_count": retries}, keep_none=("result",)))
         elif outcome == "failed":
             self._failed(job_id, base, None, note.get("traceback"), own_ms, retries)
         elif outcome == "aborted":
             self._count("revoked")
-            self.emit("task.revoked", job_id, _compact({**base, "aborted": True, "runtime_ms": own_ms}))
+            self._emit_end("task.revoked", job_id, _compact({**base, "aborted": True, "runtime_ms": own_ms}))
         else:
             with self._lock:
                 self.outcomes_unknown += 1
@@ -678,19 +793,21 @@ class _Integration:
                       "telling its outcome; no event sent for its end", job_id)
 
     def _failed(self, job_id: str, base: Dict[str, Any], exc: Any, tb_text: Optional[str],
-                runtime_ms: Optional[int], retries: Optional[int]) -> None:
+                runtime_ms: Optional[int], retries: Optional[int], *, exception: Optional[str] = None,
+                message: Optional[str] = None) -> None:
         self._count("failed")
         if not tb_text and isinstance(exc, BaseException):
             tb_text = "".join(_traceback.format_exception_only(type(exc), exc))
-        exception = type(exc).__name__ if isinstance(exc, BaseException) else None
-        message = _exception_message(exc) if isinstance(exc, BaseException) else (
-            scrub_text(str(exc)[:MAX_TRACEBACK_CHARS]) if exc is not None else None)
+        if exception is None:
+            exception = type(exc).__name__ if isinstance(exc, BaseException) else None
+            message = _exception_message(exc) if isinstance(exc, BaseException) else (
+                scrub_text(str(exc)[:MAX_TRACEBACK_CHARS]) if exc is not None else None)
         if exception is None and tb_text:
             # The last line of the traceback: "ValueError: text".
             last = tb_text.strip().splitlines()[-1]
             exception = last.split(":", 1)[0].strip() or None
             message = message or _exception_message(last.split(":", 1)[1].strip() if ":" in last else "")
-        self.emit("task.failed", job_id, _compact({
+        self._emit_end("task.failed", job_id, _compact({
             **base, "exception": exception, "exception_message": message,
             "traceback": _cut_traceback(tb_text), "runtime_ms": runtime_ms, "retry_count": retries}))
 
@@ -698,19 +815,59 @@ class _Integration:
         with self._lock:
             self.counts[outcome] += 1
 
-    def ended_without_hooks(self, kind: str, job_id: str, name: Optional[str], extra: Dict[str, Any]) -> None:
+    def _mark_ended(self, job_id: str, kind: str) -> bool:
+        """Records that the job's end is sent; False when it was already."""
+        with self._lock:
+            if job_id in self._ended:
+                return False
+            self._ended[job_id] = kind
+            while len(self._ended) > REMEMBERED_IDS:
+                self._ended.popitem(last=False)
+            return True
+
+    def _emit_end(self, kind: str, job_id: str, data: Dict[str, Any]) -> None:
+        self._mark_ended(job_id, kind)
+        self.emit(kind, job_id, data)
+
+    def ended_without_hooks(self, kind: str, job_id: str, name: Optional[str], extra: Dict[str, Any]) -> bool:
         """A job arq ended without calling any hook: its log says so, or the
-        cancel that aborted it before it started (once per job)."""
+        cancel that aborted it before it started. Sent once per job, and
+        never for a job this process runs (its after_job_end sends its end:
+        a cancel that raced the job's pickup). True when it was sent."""
         outcome = {"task.revoked": "revoked", "task.failed": "failed"}[kind]
         with self._lock:
-            if job_id in self._ended_unhooked:
-                return
-            self._ended_unhooked[job_id] = None
-            while len(self._ended_unhooked) > MAX_LOG_NOTES:
-                self._ended_unhooked.popitem(last=False)
+            if job_id in self.running:
+                return False
+        if not self._mark_ended(job_id, kind):
+            return False
         self._count(outcome)
         self.emit(kind, job_id, _compact({"task_name": name, "queue": self.queue_name,
                                           "worker": self.worker_name, **extra}))
+        return True
+
+    # -- aborts of this process's cancel_task ----------------------------------
+
+    def abort_started(self, job_id: str) -> None:
+        with self._lock:
+            self._aborting[job_id] = self._aborting.get(job_id, 0) + 1
+
+    def abort_done(self, job_id: str) -> None:
+        with self._lock:
+            left = self._aborting.get(job_id, 0) - 1
+            if left > 0:
+                self._aborting[job_id] = left
+            else:
+                self._aborting.pop(job_id, None)
+
+    def ended_as_revoked(self, job_id: str) -> bool:
+        """This process sent the job's end as revoked (arq's log said it was aborted)."""
+        with self._lock:
+            return self._ended.get(job_id) == "task.revoked"
+
+    def abort_confirmed(self, job_id: str) -> bool:
+        """The job's function was cancelled here while a cancel_task aborted it."""
+        with self._lock:
+            return job_id in self._abort_seen
 
     def active(self) -> List[Dict[str, Any]]:
         """The jobs whose function is running now."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import time
 from datetime import datetime, timezone
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
@@ -101,12 +102,14 @@ def _no_priority(value: Any, action: str) -> None:
                      f"priority null or \"normal\", got {value!r}")
 
 
-def _budget(command: Mapping[str, Any], cap: float) -> float:
-    """At most `cap` seconds, and 1 s less than the command's budget."""
+def _deadline(command: Mapping[str, Any], default: float) -> float:
+    """The monotonic time the command must answer by: 1 s before the end of
+    its budget (`timeout_seconds`, at least 0.5 s from now), else `default`
+    seconds from now."""
     budget = command.get("timeout_seconds")
     if isinstance(budget, (int, float)) and not isinstance(budget, bool) and budget > 0:
-        return max(0.5, min(cap, float(budget) - 1.0))
-    return cap
+        return time.monotonic() + max(0.5, float(budget) - 1.0)
+    return time.monotonic() + default
 
 
 class ArqCommands:
@@ -136,14 +139,21 @@ class ArqCommands:
 
     # -- the worker's loop -------------------------------------------------
 
-    def on_loop(self, make: Callable[[Any], Any], what: str, timeout: float = LOOP_TIMEOUT) -> Any:
+    def on_loop(self, make: Callable[[Any], Any], what: str, timeout: float = LOOP_TIMEOUT,
+                deadline: Optional[float] = None) -> Any:
         """Runs the coroutine `make(redis)` on the worker's loop with its pool;
         its result. Raises CommandFailed when the worker has not started, or
-        its loop did not finish it within `timeout`."""
+        its loop did not finish it within `timeout` (and before `deadline`,
+        the command's, a monotonic time)."""
         loop, redis = self.integration.loop, self.integration.redis
         if loop is None or redis is None or loop.is_closed():
             raise CommandFailed(f"{what}: the arq worker of this process is not running (its on_startup has "
                                 f"not run, or it stopped)")
+        if deadline is not None:
+            timeout = min(timeout, deadline - time.monotonic())
+            if timeout <= 0:
+                raise CommandFailed(f"{what}: the command's time budget ran out before the worker's event loop "
+                                    f"could run the next step; a job running sync code may be blocking it")
         future = asyncio.run_coroutine_threadsafe(make(redis), loop)
         try:
             return future.result(timeout)
@@ -152,7 +162,7 @@ class ArqCommands:
                 raise  # the coroutine's own exception
             future.cancel()
             raise CommandFailed(
-                f"{what}: the worker's event loop did not finish it within {timeout:.0f} s: a job running sync "
+                f"{what}: the worker's event loop did not finish it within {timeout:.1f} s: a job running sync "
                 f"code (time.sleep, CPU work) blocks the loop and every job with it; the request may still "
                 f"run when the loop is free") from None
 
@@ -162,15 +172,15 @@ class ArqCommands:
         return Job(job_id, redis, _queue_name=self.integration.queue_name,
                    _deserializer=self.integration.settings.deserializer)
 
-    def _status(self, job_id: str, what: str) -> str:
+    def _status(self, job_id: str, what: str, deadline: Optional[float] = None) -> str:
         async def read(redis: Any) -> str:
             status = await self._job(redis, job_id).status()
             return str(getattr(status, "value", status))
 
-        return self.on_loop(read, what)
+        return self.on_loop(read, what, deadline=deadline)
 
-    def _result(self, job_id: str, what: str) -> Any:
-        return self.on_loop(lambda redis: self._job(redis, job_id).result_info(), what)
+    def _result(self, job_id: str, what: str, deadline: Optional[float] = None) -> Any:
+        return self.on_loop(lambda redis: self._job(redis, job_id).result_info(), what, deadline=deadline)
 
     def _definition(self, job_id: str, what: str) -> Any:
         """The job's JobResult when it finished, else its JobDef; None when Redis no longer has it."""
@@ -278,7 +288,10 @@ class ArqCommands:
         cancelled (it stops at its next `await`), a waiting one fails with
         CancelledError when the worker picks it up. `state_before` says what
         it was doing (running, queued, deferred, finished); `aborted: true`
-        means arq stored the job's end as aborted."""
+        means arq stored the job's end as aborted, or (arq keeping no result,
+        keep_result = 0) this worker saw the job cancelled while aborting
+        it. Every step shares one deadline: the command's budget
+        (`timeout_seconds`) less 1 s."""
         task_id = task_id_of(command, "cancel_task")
         what = f"cancel_task {task_id}"
         integration = self.integration
@@ -287,7 +300,8 @@ class ArqCommands:
                 f"{what}: worker {integration.worker_name} runs with allow_abort_jobs = False (arq's default), "
                 f"so it never reads abort requests and no job of it can be cancelled; set allow_abort_jobs = "
                 f"True in its WorkerSettings and restart it")
-        status = self._status(task_id, what)
+        deadline = _deadline(command, ABORT_WAIT + 2 * LOOP_TIMEOUT)
+        status = self._status(task_id, what, deadline)
         result: Dict[str, Any] = {"task_id": task_id, "worker": integration.worker_name,
                                   "state_before": {"in_progress": "running"}.get(status, status),
                                   "aborted": False}
@@ -295,45 +309,70 @@ class ArqCommands:
             raise CommandFailed(f"{what}: arq has no job {task_id} on queue {integration.queue_name} (never "
                                 f"enqueued there, or finished and its result expired); nothing was cancelled")
         if status == "complete":
-            return self._finished(task_id, what, result, "it had finished before the cancel")
-        wait = _budget(command, ABORT_WAIT)
+            return self._finished(task_id, what, result, "it had finished before the cancel", deadline)
+        # The abort waits for the job's end until 0.5 s before the deadline, leaving time to answer.
+        wait = max(0.1, min(ABORT_WAIT, deadline - time.monotonic() - 0.5))
         poll = 0.2  # one GET of the result each time, on the worker's loop
 
-        async def abort(redis: Any) -> Optional[bool]:
+        async def abort(redis: Any) -> Tuple[Optional[bool], Any]:
+            job = self._job(redis, task_id)
             try:
-                return await self._job(redis, task_id).abort(timeout=wait, poll_delay=poll)
-            except asyncio.TimeoutError:
-                return None  # requested, not confirmed in time
+                aborted = await job.abort(timeout=wait, poll_delay=poll)
+            except Exception:
+                # Not confirmed in time (TimeoutError), or arq re-raising the exception the job
+                # ended with (a TimeoutError too when it had just timed out): the stored result says.
+                aborted = None
+            return aborted, await job.result_info()
 
-        aborted = self.on_loop(abort, what, timeout=wait + 2.0)
-        if aborted is None:
+        integration.abort_started(task_id)
+        try:
+            aborted, info = self.on_loop(abort, what, timeout=wait + 2.0, deadline=deadline)
+        finally:
+            integration.abort_done(task_id)
+        if info is not None:
+            if info.success or not isinstance(info.result, asyncio.CancelledError):
+                raise CommandFailed(f"{what}: the job was not aborted: it ended before the abort reached it, or "
+                                    f"ran sync code arq cannot interrupt ({self._outcome(info)})")
+        elif aborted or integration.abort_confirmed(task_id):
+            pass  # confirmed by arq, or cancelled here while aborting (arq keeps no result: keep_result = 0)
+        elif aborted is None:
             blocking = " and blocks the worker's loop" if status == "in_progress" else ""
             raise CommandFailed(
-                f"{what}: the abort was requested, but the job did not end within {wait:.0f} s; it may still be "
+                f"{what}: the abort was requested, but the job did not end within {wait:.1f} s; it may still be "
                 f"aborted. arq stops a job at its next await: a job running sync code (time.sleep, CPU "
                 f"work){blocking} cannot be stopped, and runs to its end")
-        if aborted:
-            result["aborted"] = True
-            if status != "in_progress":
-                # arq ends a job aborted before it started without any hook: say it here.
-                info = self._result(task_id, what)
-                integration.ended_without_hooks("task.revoked", task_id, getattr(info, "function", None),
-                                                {"aborted": True, "reason": "aborted before it started"})
-            return result
-        return self._finished(task_id, what, result,
-                              "it ended before the abort reached it, or ran sync code arq cannot interrupt")
+        elif not (status != "in_progress" and integration.ended_as_revoked(task_id)):
+            raise CommandFailed(
+                f"{what}: the abort was requested and the job is no longer queued, but arq keeps no result "
+                f"for it (keep_result = 0) and this worker did not see it end: aborted or run by another "
+                f"worker, it cannot tell")
+        result["aborted"] = True
+        if status != "in_progress":
+            # arq ends a job aborted before it started without any hook: say it here (nothing when
+            # the job was picked up here meanwhile: its after_job_end says how it ended).
+            integration.ended_without_hooks("task.revoked", task_id, getattr(info, "function", None),
+                                            {"aborted": True, "reason": "aborted before it started"})
+        return result
 
-    def _finished(self, task_id: str, what: str, result: Dict[str, Any], why: str) -> Dict[str, Any]:
-        info = self._result(task_id, what)
+    @staticmethod
+    def _outcome(info: Any) -> str:
+        if info.success:
+            return "it ended in success"
+        exc = info.result
+        name = type(exc).__name__ if isinstance(exc, BaseException) else "an error"
+        return f"it ended in failure: {name}"
+
+    def _finished(self, task_id: str, what: str, result: Dict[str, Any], why: str,
+                  deadline: Optional[float] = None) -> Dict[str, Any]:
+        info = self._result(task_id, what, deadline)
         if info is None:
             raise CommandFailed(f"{what}: the job was not aborted ({why}), and arq keeps no result for it "
                                 f"(keep_result = 0?)")
-        outcome = "success" if info.success else "failure"
-        if outcome == "failure" and isinstance(info.result, asyncio.CancelledError):
+        if not info.success and isinstance(info.result, asyncio.CancelledError):
             result["aborted"] = True  # aborted earlier
             result["state_before"] = "finished"
             return result
-        raise CommandFailed(f"{what}: the job was not aborted: {why} (it ended in {outcome})")
+        raise CommandFailed(f"{what}: the job was not aborted: {why} ({self._outcome(info)})")
 
     def reconcile_task(self, command: Dict[str, Any]) -> Dict[str, Any]:
         """The job's state as arq keeps it in Redis: `engine_state` pending

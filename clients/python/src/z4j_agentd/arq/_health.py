@@ -82,6 +82,8 @@ class Health:
             "total": totals,
             "jobs": counts,
             "allow_abort_jobs": integration.settings.allow_abort_jobs,
+            # Cancelled jobs whose end neither arq's result nor its log told: no end sent.
+            "outcomes_unknown": integration.outcomes_unknown,
         }
         active = integration.active()[:MAX_ACTIVE]
         return {"stats": stats, "active": active, "active_queues": [{"name": integration.queue_name}],
@@ -103,7 +105,7 @@ class Health:
         if integration.online and now - self._last_heartbeat >= HEARTBEAT_EVENT_SECONDS:
             self._last_heartbeat = now
             integration.emit("worker.heartbeat", "", {"worker": integration.worker_name, "pid": os.getpid(),
-                                                      "active": len(integration.running)})
+                                                      "active": len(integration.active())})
         return {ENGINE: report}
 
 
