@@ -32,6 +32,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from .._jsonsafe import json_safe
 from .._redact import scrub_text
+from .._integration import BadCommand, CommandFailed, params as _params, target as _target
 
 ENGINE = "arq"
 
@@ -50,24 +51,6 @@ _MAX_EXCEPTION_CHARS = 2000
 #: arq's job states, as the brain's reconcile projection names them.
 _RECONCILED = {"deferred": "pending", "queued": "pending", "in_progress": "started", "complete": "success",
                "not_found": "unknown"}
-
-
-class BadCommand(ValueError):
-    """The command's parameters cannot work; the message says what to change."""
-
-
-class CommandFailed(RuntimeError):
-    """arq or Redis did not do what the command asked."""
-
-
-def _params(command: Mapping[str, Any]) -> Dict[str, Any]:
-    params = command.get("parameters")
-    return params if isinstance(params, dict) else {}
-
-
-def _target(command: Mapping[str, Any]) -> Dict[str, Any]:
-    target = command.get("target")
-    return target if isinstance(target, dict) else {}
 
 
 def task_id_of(command: Mapping[str, Any], action: str) -> str:

@@ -35,6 +35,7 @@ from .._jsonsafe import json_safe
 from .._redact import scrub_text
 from . import _health, _queues
 from ._util import attr as _attr
+from .._integration import BadCommand, CommandFailed, params as _params, target as _target
 
 ENGINE = "celery"
 
@@ -80,14 +81,6 @@ _RECONCILED = {"PENDING": "pending", "RECEIVED": "pending", "RETRY": "pending", 
                "SUCCESS": "success", "FAILURE": "failure", "REVOKED": "failure"}
 _FINISHED = ("SUCCESS", "FAILURE", "REVOKED")
 _MAX_EXCEPTION_CHARS = 2000
-
-
-class BadCommand(ValueError):
-    """The command's parameters cannot work; the message says what to change."""
-
-
-class CommandFailed(RuntimeError):
-    """Celery or the broker did not do what the command asked."""
 
 
 def _remapped_sigterm() -> Optional[str]:
@@ -155,16 +148,6 @@ def cancel_signal_from(value: Any = None) -> str:
 
 
 # ---------------------------------------------------------------- parameters
-
-
-def _params(command: Mapping[str, Any]) -> Dict[str, Any]:
-    params = command.get("parameters")
-    return params if isinstance(params, dict) else {}
-
-
-def _target(command: Mapping[str, Any]) -> Dict[str, Any]:
-    target = command.get("target")
-    return target if isinstance(target, dict) else {}
 
 
 def task_id_of_target(target: Any) -> Optional[str]:

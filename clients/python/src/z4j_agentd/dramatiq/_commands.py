@@ -48,6 +48,7 @@ from dramatiq.common import q_name
 from .._jsonsafe import json_safe
 from .._redact import event_value, scrub_text
 from . import _broker
+from .._integration import BadCommand, CommandFailed, first as _first, params as _params, target as _target, task_id as _command_task_id
 
 ENGINE = "dramatiq"
 
@@ -83,40 +84,8 @@ ABORT_HOWTO = ("add dramatiq-abort's Abortable middleware to the broker, in the 
 _BUSY: Any = object()
 
 
-class BadCommand(ValueError):
-    """The command's parameters cannot work; the message says what to change."""
-
-
-class CommandFailed(RuntimeError):
-    """Dramatiq or the broker did not do what the command asked."""
-
-
-def _params(command: Mapping[str, Any]) -> Dict[str, Any]:
-    params = command.get("parameters")
-    return params if isinstance(params, dict) else {}
-
-
-def _target(command: Mapping[str, Any]) -> Dict[str, Any]:
-    target = command.get("target")
-    return target if isinstance(target, dict) else {}
-
-
 def _task_id(command: Mapping[str, Any], action: str) -> str:
-    task_id = _params(command).get("task_id")
-    if not task_id:
-        ident = _target(command).get("id")
-        if isinstance(ident, str):
-            task_id = ident[len(ENGINE) + 1:] if ident.startswith(f"{ENGINE}:") else ident
-    if not isinstance(task_id, str) or not task_id.strip():
-        raise BadCommand(f"{action} needs parameters.task_id (the Dramatiq message id)")
-    return task_id.strip()
-
-
-def _first(*values: Any) -> Any:
-    for value in values:
-        if value is not None:
-            return value
-    return None
+    return _command_task_id(command, ENGINE, action, "the Dramatiq message id")
 
 
 def _delay_ms(eta: Any) -> int:
