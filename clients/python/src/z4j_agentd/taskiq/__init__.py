@@ -24,9 +24,10 @@ retry keeps):
 | hook | process | event | `data` |
 |---|---|---|---|
 | `post_send` | the one that sent the task | `task.received` | task_name, queue, args, kwargs, parent_task_id |
-| `pre_execute` | the worker process | `task.received` (first attempt, unless this process sent it already) and `task.started` | task_name, queue, worker, args, kwargs, retry_count, parent_task_id |
+| `pre_execute` | the worker process | `task.received` (first attempt, unless this process sent it already) and `task.started` | task_name, queue, worker, retry_count, parent_task_id; args, kwargs only when this process sent no task.received for it |
 | `post_execute` | the worker process | `task.succeeded` | task_name, queue, worker, result, runtime_ms, retry_count |
-| `on_error` | the worker process | `task.failed`, or `task.retried` when a retry middleware re-sent it, or `task.revoked` when the brain cancelled it | task_name, queue, worker, exception, exception_message, traceback, runtime_ms, retry_count (`task.retried`: reason, retry_count of the attempt to come) |
+| `on_error` | the worker process | `task.failed`, or `task.retried` (dated when the retry middleware sent it again) when a retry middleware re-sent it, or `task.revoked` when the brain cancelled it | task_name, queue, worker, exception, exception_message, traceback, runtime_ms, retry_count (`task.retried`: reason, retry_count of the attempt to come) |
+| the task's asyncio task ends, our end hooks not run | the worker process | `task.failed` (what ended it), or `task.revoked` when it was cancelled | task_name, queue, worker, retry_count, runtime_ms, ... |
 | `WORKER_STARTUP` | each worker process | `worker.online` | worker, hostname, pid, concurrency, pool, queues, sw_ver |
 | `WORKER_SHUTDOWN` | each worker process | `worker.offline` | worker, hostname, pid |
 
@@ -37,6 +38,10 @@ has its own connection, and a worker may start the task before the
 sender's `post_send` runs. So the worker process sends `task.received`
 itself before the first `task.started` (once per process), and the
 sender's, sent from `post_send`, is dated when `pre_send` saw the task.
+The brain keeps one event per task, kind and second: both are kept when
+they fall in different seconds. `task.started` goes without the arguments
+when this process's own `task.received` (same connection, sent first)
+carried them.
 
 A task sent from inside a running task (in the same worker process) gets a
 label `z4j_parent_id` with the running task's id, which its events carry as

@@ -7,10 +7,10 @@ the result backend) runs on the worker's own event loop
 
 | action | what it does |
 |---|---|
-| `submit_task` | sends the task the brain names (`name`, `args`, `kwargs`) with `.kiq()`; `queue` only when it is the broker's own queue (or null/"default"); `eta` and `priority` are refused, saying why |
+| `submit_task` | sends the task the brain names (`name`, `args`, `kwargs`) with `.kiq()`; `queue` only when it is the broker's own queue (or null/"default"); `eta` and `priority` are refused, saying why; a send not confirmed within the deadline is left to finish and answered "may have been sent" |
 | `retry_task` | sends the task again under a new id: its name (from the brain, or what this process remembers of it), the operator's `override_args`/`override_kwargs`, else the arguments this process remembers |
 | `reconcile_task` | the task's state: `started` when this process runs it, else from the result backend (`success`/`failure`), else `unknown` |
-| `cancel_task` | cancels a task this process runs (an async task: its asyncio task is cancelled, so it stops at its next `await`; a retry middleware does not run it again); a sync task (in the thread pool) cannot be stopped, and a task another process runs or that waits in the queue is not here: each answers `failed` saying so |
+| `cancel_task` | cancels a task this process runs while its own function runs (an async task: its asyncio task is cancelled, so it stops at its next `await`; a retry middleware does not run it again); a sync task (in the thread pool) cannot be stopped, one whose function returned (end hooks, result, ack under way) is left to finish, and a task another process runs or that waits in the queue is not here: each answers `failed` saying so |
 
 What z4j-taskiq 1.13.0 refuses (bulk_retry, purge_queue,
 requeue_dead_letter, list_dead_letters, rate_limit, restart_worker) is not
