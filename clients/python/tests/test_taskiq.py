@@ -139,9 +139,18 @@ def test_install_puts_the_middleware_first_once_and_starts_nothing():
     assert zt.install(broker, other) is other
     assert [type(m).__name__ for m in broker.middlewares] == ["Z4jMiddleware", "SimpleRetryMiddleware"]
     assert zt.installed(broker).bound_client is other
-    # Nothing connects, serves or starts a thread before the broker starts.
-    assert other.served == [] and other.emitted == [] and other._thread is None
+    assert other.served == [] and other.emitted == []
     assert len(broker.event_handlers[TaskiqEvents.WORKER_STARTUP]) == 1
+    # Nothing connects, serves or starts a thread before the broker starts: a real client (whose
+    # first emit or serve would start its threads), not one that records.
+    import z4j_agentd
+
+    real = z4j_agentd.Client(socket_path="/nonexistent/agent.sock")
+    threads = set(threading.enumerate())
+    assert zt.install(broker, real) is real
+    assert real._thread is None and real._cmd_thread is None and real._health_thread is None
+    assert set(threading.enumerate()) == threads
+    assert real.stats()["accepted"] == 0
 
 
 def test_install_refuses_what_is_not_a_broker():
@@ -160,8 +169,9 @@ def test_a_task_sends_received_started_and_succeeded_with_args_result_and_worker
     received, started, succeeded = app.events(tid)
     assert received["data"] == {"task_name": "add", "args": [2, 3], "kwargs": {"password": "[REDACTED]"}}
     name = f"taskiq@{socket.gethostname()}:{os.getpid()}"
-    assert started["data"] == {"task_name": "add", "args": [2, 3], "kwargs": {"password": "[REDACTED]"},
-                               "worker": name, "retry_count": 0}
+    # The arguments went with this process's own task.received, on the same connection: the brain
+    # takes them from there only, so task.started goes without them.
+    assert started["data"] == {"task_name": "add", "worker": name, "retry_count": 0}
     assert succeeded["data"]["result"] == 5 and succeeded["data"]["worker"] == name
     assert isinstance(succeeded["data"]["runtime_ms"], int) and succeeded["data"]["retry_count"] == 0
 
@@ -217,14 +227,35 @@ def test_a_worker_process_sends_received_for_a_task_another_process_sent(app):
 
     async def run():
         mw.pre_execute(message)
+        mw.post_execute(message, type("R", (), {"is_err": False, "return_value": 3})())
 
     app.loop.run(run())
-    assert [e["kind"] for e in app.events("t-other")] == ["task.received", "task.started"]
+    assert [e["kind"] for e in app.events("t-other")] == ["task.received", "task.started", "task.succeeded"]
     assert app.events("t-other", "task.received")[0]["data"]["args"] == [1, 2]
+    assert "args" not in app.events("t-other", "task.started")[0]["data"]
     # A retry of it (same id, _retries 1) does not send task.received again.
     message.labels = {"_retries": 1}
     app.loop.run(run())
-    assert [e["kind"] for e in app.events("t-other")] == ["task.received", "task.started", "task.started"]
+    assert [e["kind"] for e in app.events("t-other")] == ["task.received", "task.started", "task.succeeded", "task.started",
+                                                          "task.succeeded"]
+    assert "args" not in app.events("t-other", "task.started")[1]["data"]
+
+
+def test_a_retry_in_a_process_that_sent_no_received_keeps_its_arguments_on_started(app):
+    """A later attempt that runs in another worker process: that process sent no task.received
+    (only the first attempt's runner and the sender do), so its task.started carries them."""
+    mw = app.mw
+    message = type("M", (), {"task_id": "t-retry-elsewhere", "task_name": "add", "args": [5, 6],
+                             "kwargs": {"k": 1}, "labels": {"_retries": 1}})()
+
+    async def run():
+        mw.pre_execute(message)
+        mw.post_execute(message, type("R", (), {"is_err": False, "return_value": 3})())
+
+    app.loop.run(run())
+    assert [e["kind"] for e in app.events("t-retry-elsewhere")] == ["task.started", "task.succeeded"]
+    data = app.events("t-retry-elsewhere", "task.started")[0]["data"]
+    assert data["args"] == [5, 6] and data["kwargs"] == {"k": 1} and data["retry_count"] == 1
 
 
 def test_the_worker_says_online_and_offline_under_the_name_its_events_carry(app):
@@ -590,3 +621,351 @@ def test_the_senders_received_is_dated_before_the_worker_could_start_the_task():
     received = [e for e in client.emitted if e["task_id"] == "t-elsewhere"]
     assert [e["kind"] for e in received] == ["task.received"]
     assert before <= received[0]["at"] < before + timedelta(seconds=0.1), (before, received[0]["at"])
+
+
+# ---------------------------------------------------------------- review fixes
+
+
+class TimedClient(RecordingClient):
+    """Records each event's time as the client would send it (its occurred_at, else now)."""
+
+    def emit(self, engine, kind, task_id="", data=None, occurred_at=None, id=None):
+        from datetime import datetime, timezone
+
+        super().emit(engine, kind, task_id, data, occurred_at, id)
+        self.emitted[-1]["at"] = occurred_at or datetime.now(timezone.utc)
+        return True
+
+
+def test_remembering_large_arguments_stops_once_past_the_limit(monkeypatch):
+    """retry_task keeps arguments up to 4 KiB: a 10 MB argument (or a list of a million items) is
+    not encoded to JSON just to learn it is too large."""
+    encoded = []
+    real_dumps = zt.json.dumps
+
+    def dumps(value, *a, **k):
+        encoded.append(value)
+        return real_dumps(value, *a, **k)
+
+    monkeypatch.setattr(zt.json, "dumps", dumps)
+    mw = zt.Z4jMiddleware(RecordingClient())
+    mw.set_broker(InMemoryBroker())
+
+    def remember(task_id, *args, **kwargs):
+        mw._remember(task_id, type("M", (), {"task_name": "t", "args": list(args), "kwargs": kwargs,
+                                             "labels": {}})())
+        return mw.remembered(task_id)
+
+    assert "args_left_out" in remember("big-str", "x" * 10_000_000)
+    assert "args_left_out" in remember("long-list", list(range(1_000_000)))
+    assert "args_left_out" in remember("deep", [[["y" * 3000]], {"k": "z" * 2000}])
+    assert "args_left_out" in remember("not-json", object())
+    assert encoded == []  # none of them was encoded
+    # Small enough for the walk, too large once escaped: encoded, then left out.
+    assert "args_left_out" in remember("escapes", "\n" * 3000)
+    kept = remember("small", 1, "two", [3.5, None, True], key={"a": 1})
+    assert kept["args"] == [1, "two", [3.5, None, True]] and kept["kwargs"] == {"key": {"a": 1}}
+    assert zt.json_size_at_most([1, "two", {"a": None}], 100) == len(real_dumps([1, "two", {"a": None}],
+                                                                              separators=(",", ":")))
+
+
+def test_the_health_report_walks_a_running_tasks_arguments_once(app, monkeypatch):
+    """A task running for hours is listed in every report: its cut args and kwargs are computed
+    once, not again at each report (every 10 s)."""
+    calls = []
+    real = _health.event_value
+    monkeypatch.setattr(_health, "event_value", lambda v, n: calls.append(n) or real(v, n))
+    tid = app.kick("sleepy", 30, )
+    app.wait_started(tid)
+    source = _health.HealthSource(app.mw)
+    for _ in range(3):
+        worker = source()["taskiq"]["workers"][app.mw.worker_name()]
+        assert [(a["id"], a["args"], a["kwargs"]) for a in worker["active"]] == [(tid, [30], {})]
+    assert len(calls) == 2, calls  # args and kwargs, once
+    app.command("cancel_task", task_id=tid)
+
+
+def test_the_health_reports_running_tasks_carry_the_task_id_as_id(app):
+    """The daemon sends cancel_task and reconcile_task to the process whose latest report lists the
+    task in a worker's `active`, matching `id` (or `task_id`) with the command's task id."""
+    tids = [app.kick("sleepy", 30) for _ in range(2)]
+    for tid in tids:
+        app.wait_started(tid)
+    worker = _health.HealthSource(app.mw)()["taskiq"]["workers"][app.mw.worker_name()]
+    assert sorted(a["id"] for a in worker["active"]) == sorted(tids)
+    assert all(isinstance(a["id"], str) for a in worker["active"])
+    for tid in tids:
+        app.command("cancel_task", task_id=tid)
+
+
+class _Raising(TaskiqMiddleware):
+    """A middleware after ours whose end hook raises (a broker hiccup in a re-send, a metrics sink)."""
+
+    def __init__(self, hook: str) -> None:
+        super().__init__()
+        self.hook = hook
+
+    def post_execute(self, message, result):
+        if self.hook == "post_execute":
+            raise ConnectionError("redis://u:pw@h:1 went away")
+
+    def on_error(self, message, result, exception):
+        if self.hook == "on_error":
+            raise ConnectionError("redis://u:pw@h:1 went away")
+
+
+@pytest.mark.parametrize("hook", ["post_execute", "on_error"])
+def test_a_task_whose_end_hooks_never_reach_ours_is_not_running_for_ever(hook):
+    """Our middleware is first, so its post_execute and on_error run last: when a hook before them
+    raises, the task's asyncio task ends without them. The task leaves the running ones (health,
+    reconcile, cancel) and its end is sent: task.failed."""
+    loop = Loop()
+    broker = InMemoryBroker().with_middlewares(_Raising(hook))
+    client = RecordingClient()
+    zt.install(broker, client)
+
+    @broker.task(task_name="job")
+    async def job(fail):
+        if fail:
+            raise ValueError("the task's own error")
+        return 1
+
+    try:
+        loop.run(broker.startup())
+        tid = loop.run(job.kiq(hook == "on_error")).task_id
+        loop.run(broker.wait_all())
+        mw = zt.installed(broker)
+        assert mw.running(tid) is None and mw.running_now() == []
+        kinds = [e["kind"] for e in client.emitted if e["task_id"] == tid]
+        assert kinds == ["task.received", "task.started", "task.failed"], kinds
+        data = [e for e in client.emitted if e["kind"] == "task.failed"][0]["data"]
+        assert data["exception"] == "ConnectionError" and "pw@" not in data["exception_message"]
+        assert "end reaching z4j" in data["exception_message"]
+        handlers, _ = client.served[-1]
+        out = handlers[("taskiq", "reconcile_task")]({"parameters": {"task_id": tid}})
+        assert out["engine_state"] != "started", out
+        assert _health.HealthSource(mw)()["taskiq"]["workers"][mw.worker_name()]["active"] == []
+        assert mw.totals() == {"job": 1}
+    finally:
+        loop.run(broker.shutdown())
+        loop.stop()
+
+
+def test_a_task_whose_asyncio_task_is_cancelled_outside_our_hooks_ends_revoked():
+    """A worker shutting down cancels the asyncio tasks still running (TaskIQ's wait_tasks_timeout):
+    cancelled in a later middleware's pre_execute, ours never sees an end: task.revoked."""
+    class Stuck(TaskiqMiddleware):
+        async def pre_execute(self, message):
+            await asyncio.sleep(30)
+            return message
+
+    loop = Loop()
+    broker = InMemoryBroker().with_middlewares(Stuck())
+    client = RecordingClient()
+    zt.install(broker, client)
+
+    @broker.task(task_name="job")
+    async def job():
+        return 1
+
+    try:
+        loop.run(broker.startup())
+        tid = loop.run(job.kiq()).task_id
+        deadline = time.monotonic() + 5
+        while not [e for e in client.emitted if e["kind"] == "task.started"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
+        async def cancel_all():
+            for task in list(broker._running_tasks):
+                task.cancel()
+            await asyncio.sleep(0.05)
+
+        loop.run(cancel_all())
+        assert zt.installed(broker).running_now() == []
+        revoked = [e for e in client.emitted if e["task_id"] == tid and e["kind"] == "task.revoked"]
+        assert len(revoked) == 1 and "cancelled before TaskIQ's end hooks" in revoked[0]["data"]["reason"]
+    finally:
+        loop.run(broker.shutdown())
+        loop.stop()
+
+
+def test_cancel_leaves_a_task_whose_function_returned_while_later_hooks_run(monkeypatch):
+    """The task's function returned; another middleware's post_execute still awaits (then come the
+    result and the ack). A cancel now would lose the result and task.succeeded: it is refused,
+    saying the task is finishing, and the task ends as it would have."""
+    monkeypatch.setattr(_commands, "CANCEL_SETTLE", 0.3, raising=False)  # absent before it was needed
+    monkeypatch.setattr(_commands, "CANCEL_WAIT", 2.0)
+    in_hook = threading.Event()
+
+    class SlowPostExecute(TaskiqMiddleware):
+        async def post_execute(self, message, result):
+            in_hook.set()
+            await asyncio.sleep(1.0)
+
+    loop = Loop()
+    broker = InMemoryBroker().with_middlewares(SlowPostExecute())
+    client = RecordingClient()
+    zt.install(broker, client)
+
+    @broker.task(task_name="quick")
+    async def quick():
+        return "kept"
+
+    try:
+        loop.run(broker.startup())
+        tid = loop.run(quick.kiq()).task_id
+        assert in_hook.wait(5)
+        handlers, _ = client.served[-1]
+        with pytest.raises(_commands.CommandFailed, match="is finishing or starting .* not cancelled"):
+            handlers[("taskiq", "cancel_task")]({"parameters": {"task_id": tid}})
+        loop.run(broker.wait_all())
+        assert [e["kind"] for e in client.emitted if e["task_id"] == tid][-1] == "task.succeeded"
+        assert loop.run(broker.result_backend.get_result(tid)).return_value == "kept"
+    finally:
+        loop.run(broker.shutdown())
+        loop.stop()
+
+
+def test_in_function_follows_the_await_chain_to_the_tasks_own_code():
+    async def inner():
+        await asyncio.sleep(10)
+
+    async def own():
+        await inner()
+
+    async def other():
+        await asyncio.sleep(10)
+
+    async def main():
+        a, b = asyncio.ensure_future(own()), asyncio.ensure_future(other())
+        await asyncio.sleep(0.01)
+        found = (_commands.in_function(a, (own.__code__,)), _commands.in_function(b, (own.__code__,)),
+                 _commands.in_function(a, ()))
+        a.cancel()
+        b.cancel()
+        return found
+
+    assert asyncio.run(main()) == (True, False, False)
+
+
+def test_task_retried_is_dated_when_the_retry_was_sent():
+    """The next attempt may start (another worker process: task.started) while this attempt's
+    later on_error hooks still run: task.retried is dated when the retry middleware sent it
+    again, so it comes before that task.started."""
+    class SlowOnError(TaskiqMiddleware):
+        async def on_error(self, message, result, exception):
+            await asyncio.sleep(0.3)
+
+    loop = Loop()
+    broker = InMemoryBroker()
+    broker.add_middlewares(SlowOnError(), SimpleRetryMiddleware(default_retry_count=3))
+    client = TimedClient()
+    zt.install(broker, client)
+
+    @broker.task(task_name="fails_once", retry_on_error=True, max_retries=3)
+    async def fails_once(context: Context = TaskiqDepends()):
+        if int(context.message.labels.get("_retries", 0)) == 0:
+            raise RuntimeError("first attempt")
+        return "second"
+
+    try:
+        loop.run(broker.startup())
+        tid = loop.run(fails_once.kiq()).task_id
+        deadline = time.monotonic() + 5
+        while "task.succeeded" not in client.kinds() or "task.retried" not in client.kinds():
+            assert time.monotonic() < deadline, client.kinds()
+            time.sleep(0.01)
+        mine = [e for e in client.emitted if e["task_id"] == tid]
+        retried = [e for e in mine if e["kind"] == "task.retried"]
+        second_start = [e for e in mine if e["kind"] == "task.started"][1]
+        assert len(retried) == 1 and retried[0]["at"] <= second_start["at"], (retried, second_start)
+    finally:
+        loop.run(broker.shutdown())
+        loop.stop()
+
+
+def test_a_failing_startup_read_does_not_kill_the_worker_process(monkeypatch):
+    """WORKER_STARTUP handlers that raise kill TaskIQ's worker process (restarted for ever):
+    reading the receiver's limits or the worker's details failing leaves a worker.online with
+    what is known, and the worker serves."""
+    def broken(*_a, **_k):
+        raise RuntimeError("a frame without f_locals")
+
+    monkeypatch.setattr(zt, "_receiver_limits", broken)
+    monkeypatch.setattr(zt.Z4jMiddleware, "worker_data",
+                        lambda self, with_details: broken() if with_details else {"worker": self.worker_name()})
+    loop = Loop()
+    broker = InMemoryBroker()
+    client = RecordingClient()
+    zt.install(broker, client)
+    try:
+        loop.run(broker.startup())  # raised on the old code
+        online = [e for e in client.emitted if e["kind"] == "worker.online"]
+        assert [e["data"] for e in online] == [{"worker": zt.worker_name(), "hostname": socket.gethostname(),
+                                                "pid": os.getpid()}]
+        assert client.served and zt.installed(broker).concurrency is None
+    finally:
+        loop.run(broker.shutdown())
+        loop.stop()
+
+
+def test_a_send_the_broker_is_slow_to_confirm_may_have_been_sent_and_is_not_cancelled(monkeypatch):
+    """submit_task's kiq outlasting the deadline may already be in the broker: the answer says it
+    may have been sent, and the send is left to finish (cancelling it could cut it half-way)."""
+    monkeypatch.setattr(_commands, "LOOP_TIMEOUT", 0.2)
+    finished = threading.Event()
+
+    class SlowBroker(InMemoryBroker):
+        async def kick(self, message):
+            await asyncio.sleep(0.5)
+            await super().kick(message)
+            finished.set()
+
+    loop = Loop()
+    broker = SlowBroker()
+    client = RecordingClient()
+    zt.install(broker, client)
+
+    @broker.task(task_name="noop")
+    async def noop():
+        return None
+
+    try:
+        loop.run(broker.startup())
+        handlers, _ = client.served[-1]
+        with pytest.raises(_commands.CommandFailed, match="may have been sent .*not cancelled"):
+            handlers[("taskiq", "submit_task")]({"parameters": {"name": "noop"}})
+        assert finished.wait(5), "the send was cancelled"
+    finally:
+        loop.run(broker.shutdown())
+        loop.stop()
+
+
+def test_a_redis_stream_without_lag_reports_no_depth_but_a_connected_broker(redis_url, monkeypatch):
+    """Redis < 7 gives no `lag` in XINFO GROUPS: the broker answered, so it is not reported
+    disconnected; the depth is left out and counted in depth_unknown."""
+    from redis.asyncio import Redis
+    from taskiq_redis import RedisStreamBroker
+
+    real = Redis.xinfo_groups
+
+    async def without_lag(self, name):
+        return [{k: v for k, v in g.items() if k not in ("lag", "entries-read")} for g in await real(self, name)]
+
+    monkeypatch.setattr(Redis, "xinfo_groups", without_lag)
+    queue = f"q-nolag-{uuid.uuid4().hex[:6]}"
+    loop = Loop()
+    try:
+        broker = RedisStreamBroker(redis_url, queue_name=queue, consumer_group_name="g")
+        zt.install(broker, RecordingClient())
+        mw = zt.installed(broker)
+        mw.loop = loop.loop
+        loop.run(broker.startup())
+        source = _health.HealthSource(mw)
+        report = source()["taskiq"]
+        assert report["broker_connected"] is True and report["depth_failures"] == 0, report
+        assert "queue_depths" not in report and report["depth_unknown"] == 1, report
+        loop.run(broker.shutdown())
+    finally:
+        loop.stop()

@@ -24,9 +24,10 @@ retry keeps):
 | hook | process | event | `data` |
 |---|---|---|---|
 | `post_send` | the one that sent the task | `task.received` | task_name, queue, args, kwargs, parent_task_id |
-| `pre_execute` | the worker process | `task.received` (first attempt, unless this process sent it already) and `task.started` | task_name, queue, worker, args, kwargs, retry_count, parent_task_id |
+| `pre_execute` | the worker process | `task.received` (first attempt, unless this process sent it already) and `task.started` | task_name, queue, worker, retry_count, parent_task_id; args, kwargs only when this process sent no task.received for it |
 | `post_execute` | the worker process | `task.succeeded` | task_name, queue, worker, result, runtime_ms, retry_count |
-| `on_error` | the worker process | `task.failed`, or `task.retried` when a retry middleware re-sent it, or `task.revoked` when the brain cancelled it | task_name, queue, worker, exception, exception_message, traceback, runtime_ms, retry_count (`task.retried`: reason, retry_count of the attempt to come) |
+| `on_error` | the worker process | `task.failed`, or `task.retried` (dated when the retry middleware sent it again) when a retry middleware re-sent it, or `task.revoked` when the brain cancelled it | task_name, queue, worker, exception, exception_message, traceback, runtime_ms, retry_count (`task.retried`: reason, retry_count of the attempt to come) |
+| the task's asyncio task ends, our end hooks not run | the worker process | `task.failed` (what ended it), or `task.revoked` when it was cancelled | task_name, queue, worker, retry_count, runtime_ms, ... |
 | `WORKER_STARTUP` | each worker process | `worker.online` | worker, hostname, pid, concurrency, pool, queues, sw_ver |
 | `WORKER_SHUTDOWN` | each worker process | `worker.offline` | worker, hostname, pid |
 
@@ -37,6 +38,10 @@ has its own connection, and a worker may start the task before the
 sender's `post_send` runs. So the worker process sends `task.received`
 itself before the first `task.started` (once per process), and the
 sender's, sent from `post_send`, is dated when `pre_send` saw the task.
+The brain keeps one event per task, kind and second: both are kept when
+they fall in different seconds. `task.started` goes without the arguments
+when this process's own `task.received` (same connection, sent first)
+carried them.
 
 A task sent from inside a running task (in the same worker process) gets a
 label `z4j_parent_id` with the running task's id, which its events carry as
@@ -149,7 +154,8 @@ class Running:
     """A task this worker process is running."""
 
     __slots__ = ("task_id", "name", "queue", "loop", "task", "message", "started", "started_wall",
-                 "is_async", "retries", "cancel_requested", "retry_sent", "outcome", "done", "tokens")
+                 "is_async", "retries", "cancel_requested", "retry_sent", "retry_sent_at", "outcome", "done",
+                 "tokens", "on_done", "active_view")
 
     def __init__(self, task_id: str, name: str, queue: Optional[str], loop: Any, task: Any, message: Any,
                  is_async: Optional[bool], retries: int) -> None:
@@ -166,7 +172,14 @@ class Running:
         self.cancel_requested = False
         #: True once a retry middleware sent this attempt's task again.
         self.retry_sent = False
+        #: When the retry middleware sent it again (task.retried's time).
+        self.retry_sent_at: Optional[datetime] = None
         self.tokens: Any = None
+        #: The done callback pre_execute put on the task's asyncio task.
+        self.on_done: Any = None
+        #: (args, kwargs) as the health report's `active` shows them,
+        #: computed once (by the first report that lists the task).
+        self.active_view: Optional[Tuple[Any, Any]] = None
         #: "succeeded", "failed", "retried", "revoked" once the end hooks ran.
         self.outcome: Optional[str] = None
         self.done = threading.Event()
@@ -271,6 +284,9 @@ class Z4jMiddleware(TaskiqMiddleware):
             own = self._own_retry(task_id, message)
             if own is not None:
                 own.retry_sent = True  # on_error tells the retry from a failure by this
+                # task.retried is dated now: the next attempt may start (and
+                # send task.started) in another process before on_error runs.
+                own.retry_sent_at = datetime.now(timezone.utc)
                 return message
             parent = _current_task.get()
             if parent and parent != task_id and isinstance(message.labels, dict):
@@ -316,22 +332,35 @@ class Z4jMiddleware(TaskiqMiddleware):
                             self._is_async(message.task_name), retries)
             entry.tokens = (_current_task.set(task_id), _current_entry.set(entry))
             with self._lock:
+                # This process sent the task's task.received already (from
+                # post_send or an earlier attempt's pre_execute), on this
+                # same connection: it reached the brain with the arguments.
+                sent_before = task_id in self._received_sent
                 first = retries == 0 and self._first_received(task_id)
                 self._running[task_id] = entry
                 self._running.move_to_end(task_id)
                 while len(self._running) > MAX_RUNNING:
                     self._running.popitem(last=False)
+            if task is not None:
+                # Our end hooks run last (this middleware is first): when a
+                # hook before them raises (a retry middleware's re-send, an
+                # ack), they never run. The asyncio task's end tells then.
+                entry.on_done = lambda done, entry=entry: self._task_ended(entry, done)
+                task.add_done_callback(entry.on_done)
             received = self._received_data(message)
             if first:
                 # Same connection as task.started, so it reaches the brain
                 # first (the sender's may come later, on its own connection).
                 self.emit("task.received", task_id, received)
             self._remember(task_id, message)
-            self.emit("task.started", task_id, _compact({
-                **received,
-                "worker": self.worker_name(),
-                "retry_count": retries,
-            }))
+            started = {**received, "worker": self.worker_name(), "retry_count": retries}
+            if first or sent_before:
+                # The brain takes the arguments from task.received only, and
+                # this process's own went first on the same connection: not
+                # sent twice (up to 64 KiB each) through the client's queue.
+                started.pop("args", None)
+                started.pop("kwargs", None)
+            self.emit("task.started", task_id, _compact(started))
         except Exception:
             log.debug("z4j-agentd: pre_execute not recorded", exc_info=True)
         return message
@@ -388,7 +417,8 @@ class Z4jMiddleware(TaskiqMiddleware):
                     "reason": _exception_message(f"{type(exception).__name__}: {exception}"),
                     "exception": type(exception).__name__,
                     "retry_count": retries + 1,
-                    "runtime_ms": self._runtime_ms(entry, result)}))
+                    "runtime_ms": self._runtime_ms(entry, result)}),
+                    occurred_at=entry.retry_sent_at if entry is not None else None)
             elif isinstance(exception, NoResultError):
                 outcome = "succeeded"  # the task asked for no result to be kept
                 self.emit("task.succeeded", task_id, _compact({
@@ -430,8 +460,63 @@ class Z4jMiddleware(TaskiqMiddleware):
             if entry is not None:
                 entry.done.set()
                 _reset(entry)
+                self._forget_done_callback(entry)
         except Exception:
             log.debug("z4j-agentd: post_execute not recorded", exc_info=True)
+
+    @staticmethod
+    def _forget_done_callback(entry: Running) -> None:
+        """The end hooks ran: the asyncio task's done callback has nothing
+        left to do (and a task run in its sender's own asyncio task,
+        InMemoryBroker's `await_inplace`, would gather them)."""
+        callback, entry.on_done = entry.on_done, None
+        if callback is not None and entry.task is not None:
+            try:
+                entry.task.remove_done_callback(callback)
+            except Exception:  # pragma: no cover
+                pass
+
+    def _task_ended(self, entry: Running, task: Any) -> None:
+        """The done callback of the asyncio task that ran `entry`: when our
+        end hooks did not run (a hook of another middleware or an
+        acknowledgement raised first, or the asyncio task was cancelled
+        outside the task's function), the entry leaves the running ones and
+        the task's end is sent: `task.revoked` when its asyncio task was
+        cancelled, else `task.failed`."""
+        try:
+            entry.on_done = None
+            with self._lock:
+                if self._running.get(entry.task_id) is entry:
+                    del self._running[entry.task_id]
+                if not entry.done.is_set():  # post_execute did not count it
+                    self._totals[entry.name] = self._totals.get(entry.name, 0) + 1
+            if entry.outcome is None:
+                message = entry.message
+                base = {"task_name": entry.name, "queue": entry.queue, "worker": self.worker_name(),
+                        "retry_count": entry.retries, "runtime_ms": self._runtime_ms(entry)}
+                if task.cancelled():
+                    entry.outcome = "revoked"
+                    reason = ("cancelled through z4j" if entry.cancel_requested else
+                              "its asyncio task was cancelled before TaskIQ's end hooks ran "
+                              "(the worker shutting down?)")
+                    self.emit("task.revoked", entry.task_id, _compact({**base, "terminated": True,
+                                                                       "reason": reason}))
+                else:
+                    exc = task.exception()
+                    entry.outcome = "failed"
+                    note = ("the task ended in TaskIQ's hooks without its end reaching z4j (a middleware's "
+                            "hook or the acknowledgement raised)")
+                    self.emit("task.failed", entry.task_id, _compact({
+                        **base,
+                        "exception": type(exc).__name__ if exc is not None else None,
+                        "exception_message": _exception_message(f"{note}: {exc}" if exc is not None else note),
+                        "traceback": traceback_text(exc) if exc is not None else None,
+                    }))
+                log.debug("z4j-agentd: task %s (%s) ended without its end hooks",
+                          entry.task_id, getattr(message, "task_name", entry.name))
+            entry.done.set()
+        except Exception:
+            log.debug("z4j-agentd: the end of a task was not recorded", exc_info=True)
 
     # -- what commands and health read -----------------------------------
 
@@ -452,9 +537,12 @@ class Z4jMiddleware(TaskiqMiddleware):
         retry_task."""
         blob: Optional[bytes] = None
         try:
-            encoded = json.dumps([list(message.args or []), dict(message.kwargs or {})],
-                                 ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-            blob = encoded if len(encoded) <= MAX_REMEMBERED_ARGS_BYTES else None
+            value = [list(message.args or []), dict(message.kwargs or {})]
+            # Encoded only when a walk that stops past the limit finds it
+            # small: a 10 MB argument costs a few steps, not its encoding.
+            if json_size_at_most(value, MAX_REMEMBERED_ARGS_BYTES) is not None:
+                encoded = json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+                blob = encoded if len(encoded) <= MAX_REMEMBERED_ARGS_BYTES else None
         except (TypeError, ValueError, RecursionError, UnicodeEncodeError):
             blob = None
         name = sys.intern(message.task_name) if type(message.task_name) is str else message.task_name
@@ -490,7 +578,13 @@ class Z4jMiddleware(TaskiqMiddleware):
             self.loop = None
         self.worker = worker_name()
         self.pid = os.getpid()
-        self.concurrency, self.threads = _receiver_limits(self.broker)
+        # Nothing here may raise into TaskIQ: a WORKER_STARTUP handler that
+        # raises kills the worker process, which TaskIQ restarts for ever.
+        try:
+            self.concurrency, self.threads = _receiver_limits(self.broker)
+        except Exception:
+            log.warning("z4j-agentd: the worker's concurrency could not be read", exc_info=True)
+            self.concurrency, self.threads = None, None
         try:
             if self.serve_commands:
                 self.start_serving()
@@ -498,7 +592,12 @@ class Z4jMiddleware(TaskiqMiddleware):
             log.exception("z4j-agentd: could not start serving TaskIQ commands")
         if not self._online_sent:
             self._online_sent = True
-            self.emit("worker.online", "", self.worker_data(with_details=True))
+            try:
+                data = self.worker_data(with_details=True)
+            except Exception:
+                log.warning("z4j-agentd: the worker's details could not be read", exc_info=True)
+                data = {"worker": self.worker, "hostname": socket.gethostname(), "pid": self.pid}
+            self.emit("worker.online", "", data)
 
     def on_worker_shutdown(self, state: Any = None) -> None:
         if not self._online_sent or self.worker is None:
@@ -545,6 +644,44 @@ class Z4jMiddleware(TaskiqMiddleware):
         self.client.serve(self.commands.handlers(), capabilities=_commands.capabilities(),
                           workers=[self.worker_name()])
         self.health = _health.start(self)
+
+
+def json_size_at_most(value: Any, limit: int) -> Optional[int]:
+    """A lower bound of `value`'s size as compact JSON in UTF-8 bytes, or
+    None once it passes `limit` or meets what JSON cannot hold. The walk
+    stops as soon as the bound passes the limit, so its work is bounded by
+    `limit` whatever the value's size (each item counts at least a byte)."""
+    size = 0
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if len(item) > limit:  # a character is at least a byte
+                return None
+            size += len(item.encode("utf-8", "surrogatepass")) + 2
+        elif item is None or isinstance(item, bool):
+            size += 4
+        elif isinstance(item, (int, float)):
+            if isinstance(item, int) and item.bit_length() > 4 * limit:  # more digits than the limit
+                return None
+            size += len(repr(item))
+        elif isinstance(item, (list, tuple)):
+            size += 1 + max(1, len(item))  # brackets and commas
+            if size > limit:
+                return None
+            stack.extend(item)
+        elif isinstance(item, dict):
+            size += 1 + max(1, len(item)) + len(item)  # braces, commas and colons
+            if size > limit:
+                return None
+            for key, sub in item.items():
+                stack.append(key if isinstance(key, str) else str(key))
+                stack.append(sub)
+        else:
+            return None  # not JSON: json.dumps would refuse it
+        if size > limit:
+            return None
+    return size
 
 
 def _reset(entry: Running) -> None:

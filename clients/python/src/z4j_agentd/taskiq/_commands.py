@@ -7,10 +7,10 @@ the result backend) runs on the worker's own event loop
 
 | action | what it does |
 |---|---|
-| `submit_task` | sends the task the brain names (`name`, `args`, `kwargs`) with `.kiq()`; `queue` only when it is the broker's own queue (or null/"default"); `eta` and `priority` are refused, saying why |
+| `submit_task` | sends the task the brain names (`name`, `args`, `kwargs`) with `.kiq()`; `queue` only when it is the broker's own queue (or null/"default"); `eta` and `priority` are refused, saying why; a send not confirmed within the deadline is left to finish and answered "may have been sent" |
 | `retry_task` | sends the task again under a new id: its name (from the brain, or what this process remembers of it), the operator's `override_args`/`override_kwargs`, else the arguments this process remembers |
 | `reconcile_task` | the task's state: `started` when this process runs it, else from the result backend (`success`/`failure`), else `unknown` |
-| `cancel_task` | cancels a task this process runs (an async task: its asyncio task is cancelled, so it stops at its next `await`; a retry middleware does not run it again); a sync task (in the thread pool) cannot be stopped, and a task another process runs or that waits in the queue is not here: each answers `failed` saying so |
+| `cancel_task` | cancels a task this process runs while its own function runs (an async task: its asyncio task is cancelled, so it stops at its next `await`; a retry middleware does not run it again); a sync task (in the thread pool) cannot be stopped, one whose function returned (end hooks, result, ack under way) is left to finish, and a task another process runs or that waits in the queue is not here: each answers `failed` saying so |
 
 What z4j-taskiq 1.13.0 refuses (bulk_retry, purge_queue,
 requeue_dead_letter, list_dead_letters, rate_limit, restart_worker) is not
@@ -22,7 +22,9 @@ what to change) or `CommandFailed` (TaskIQ or the broker did not do it).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
+import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from .._jsonsafe import json_safe
@@ -40,6 +42,12 @@ TOKENS = ("retry_by_reference_v1",)
 LOOP_TIMEOUT = 10.0
 #: Seconds cancel_task waits for the cancelled task to end.
 CANCEL_WAIT = 10.0
+#: Seconds cancel_task keeps looking for a task that is not inside its own
+#: function (starting: other middlewares' pre_execute, its dependencies;
+#: finishing: its end hooks, acknowledgement, result) before saying so.
+CANCEL_SETTLE = 2.0
+#: Coroutines followed down a suspended asyncio task's await chain at most.
+_MAX_AWAIT_DEPTH = 500
 _MAX_EXCEPTION_CHARS = 2000
 # Priority labels that ask for nothing (TaskIQ has no portable priority).
 _NO_PRIORITY = (None, "", "normal")
@@ -116,9 +124,14 @@ class TaskiqCommands:
     def _where(self) -> str:
         return f"worker {self.mw.worker_name()} (pid {os.getpid()})"
 
-    def on_loop(self, make: Callable[[], Any], what: str, timeout: float = LOOP_TIMEOUT) -> Any:
+    def on_loop(self, make: Callable[[], Any], what: str, timeout: Optional[float] = None,
+                sends: bool = False) -> Any:
         """Runs the coroutine `make()` on the worker's event loop and returns
-        its value; CommandFailed when it fails or takes longer than `timeout`."""
+        its value; CommandFailed when it fails or takes longer than `timeout`
+        (LOOP_TIMEOUT). A read is cancelled at its deadline; a send
+        (`sends`) is not, as the broker may have it already: the answer says
+        it may have been sent."""
+        timeout = LOOP_TIMEOUT if timeout is None else timeout
         loop = self.mw.loop
         if loop is None or loop.is_closed() or not loop.is_running():
             raise CommandFailed(f"{what}: the broker's event loop of {self._where()} is not running "
@@ -130,11 +143,14 @@ class TaskiqCommands:
         future = asyncio.run_coroutine_threadsafe(call(), loop)
         try:
             return future.result(timeout)
-        except TimeoutError:
-            future.cancel()
-            raise CommandFailed(f"{what}: no answer within {timeout:.0f} s on {self._where()}") from None
         except Exception as exc:
-            if type(exc).__name__ == "TimeoutError":  # concurrent.futures on Python < 3.11
+            # concurrent.futures' TimeoutError (the builtin one from Python 3.11)
+            if isinstance(exc, TimeoutError) or type(exc).__name__ == "TimeoutError":
+                if sends:
+                    raise CommandFailed(
+                        f"{what}: the broker did not confirm within {timeout:.0f} s on {self._where()}; the task "
+                        f"may have been sent (the send was left to finish, not cancelled): look for it in the "
+                        f"brain's task list before sending it again") from None
                 future.cancel()
                 raise CommandFailed(f"{what}: no answer within {timeout:.0f} s on {self._where()}") from None
             raise CommandFailed(f"{what}: {type(exc).__name__}: {exc}") from None
@@ -151,7 +167,8 @@ class TaskiqCommands:
             raise BadCommand(f"{what}: args must be a list, got {type(args).__name__}")
         if kwargs is not None and not isinstance(kwargs, dict):
             raise BadCommand(f"{what}: kwargs must be a map, got {type(kwargs).__name__}")
-        sent = self.on_loop(lambda: task.kiq(*(args or []), **(kwargs or {})), f"{what}: sending {name}")
+        sent = self.on_loop(lambda: task.kiq(*(args or []), **(kwargs or {})), f"{what}: sending {name}",
+                            sends=True)
         return str(sent.task_id)
 
     def _check_options(self, params: Mapping[str, Any], what: str) -> Optional[str]:
@@ -261,22 +278,88 @@ class TaskiqCommands:
             raise CommandFailed(f"task {task_id} runs in {self._where()} outside an event loop this process can "
                                 f"reach; it cannot be cancelled")
 
-        def cancel() -> None:
-            if entry.outcome is not None or task.done():
-                return
-            entry.cancel_requested = True
-            labels = getattr(entry.message, "labels", None)
-            if isinstance(labels, dict):
-                labels["retry_on_error"] = False  # a retry middleware must not run it again
-            task.cancel()
+        codes = _function_codes(getattr(self.broker.find_task(entry.name), "original_func", None))
 
-        loop.call_soon_threadsafe(cancel)
-        if not entry.done.wait(CANCEL_WAIT):
+        def cancel(outcome: "concurrent.futures.Future[str]") -> None:
+            # On the loop, so the asyncio task is suspended: its await chain
+            # says where it is.
+            try:
+                if entry.outcome is not None or task.done():
+                    answer = "ended"
+                elif not in_function(task, codes):
+                    answer = "outside"
+                else:
+                    entry.cancel_requested = True
+                    labels = getattr(entry.message, "labels", None)
+                    if isinstance(labels, dict):
+                        labels["retry_on_error"] = False  # a retry middleware must not run it again
+                    task.cancel()
+                    answer = "cancelled"
+            except BaseException as exc:  # pragma: no cover - answer the command thread whatever happens
+                outcome.set_exception(exc)
+                return
+            outcome.set_result(answer)
+
+        settle = time.monotonic() + CANCEL_SETTLE
+        while True:
+            outcome: "concurrent.futures.Future[str]" = concurrent.futures.Future()
+            loop.call_soon_threadsafe(cancel, outcome)
+            try:
+                answer = outcome.result(LOOP_TIMEOUT)
+            except concurrent.futures.TimeoutError:
+                raise CommandFailed(f"cancel_task {task_id}: the event loop of {self._where()} did not answer "
+                                    f"within {LOOP_TIMEOUT:.0f} s; the task was not cancelled") from None
+            if answer != "outside" or time.monotonic() >= settle:
+                break
+            time.sleep(0.05)  # starting or finishing: look again shortly
+        if answer == "outside":
+            raise CommandFailed(
+                f"task {task_id} ({entry.name}) is finishing or starting in {self._where()}, not inside its own "
+                f"function (its function has returned and TaskIQ's end hooks, acknowledgement and result saving "
+                f"are under way, or other middlewares' hooks before it still run): not cancelled, as cancelling "
+                f"there would lose its result or its acknowledgement")
+        if answer == "cancelled" and not entry.done.wait(CANCEL_WAIT):
             raise CommandFailed(f"task {task_id} ({entry.name}) was asked to stop in {self._where()} but did not "
                                 f"end within {CANCEL_WAIT:.0f} s (it may be blocked in code that does not await); "
                                 f"it stops at its next await")
+        if answer == "ended":
+            entry.done.wait(CANCEL_WAIT)
         if entry.outcome != "revoked":
             raise CommandFailed(f"task {task_id} ({entry.name}) ended before the cancel reached it: it "
                                 f"{entry.outcome or 'finished'}")
         return {"task_id": task_id, "cancelled": True, "state_before": "running", "task_name": entry.name,
                 "worker": self.mw.worker_name(), "pid": os.getpid(), "retry_suppressed": True}
+
+
+def _function_codes(func: Any) -> Tuple[Any, ...]:
+    """The code objects of the task's function and of the functions it
+    wraps (`functools.wraps`): one of them is on the await chain while the
+    task's own code runs."""
+    codes = []
+    for _ in range(20):
+        code = getattr(func, "__code__", None)
+        if code is not None:
+            codes.append(code)
+        func = getattr(func, "__wrapped__", None)
+        if func is None:
+            break
+    return tuple(codes)
+
+
+def in_function(task: Any, codes: Tuple[Any, ...]) -> bool:
+    """True when the suspended asyncio `task` waits inside one of `codes`
+    (the task's own function): its coroutine, then what each awaits."""
+    if not codes:
+        return False
+    try:
+        coro = task.get_coro()
+    except Exception:
+        return False
+    for _ in range(_MAX_AWAIT_DEPTH):
+        if coro is None:
+            return False
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is not None and frame.f_code in codes:
+            return True
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return False

@@ -9,8 +9,10 @@ itself to the daemon (`health`, docs/local-protocol.md).
 * `queue_depths`: the broker's queue, for the brokers whose depth can be
   read: taskiq-redis's `ListQueueBroker` (LLEN: messages waiting) and
   `RedisStreamBroker` (XINFO GROUPS: the consumer group's `lag`, entries
-  not delivered yet, plus `pending`, delivered and not acknowledged). Other
-  brokers report no depth. The round trip runs on the worker's event loop
+  not delivered yet, plus `pending`, delivered and not acknowledged; a
+  Redis without `lag`, before 7, gives no depth, the broker still counts as
+  connected and `depth_unknown` counts those reports). Other brokers report
+  no depth. The round trip runs on the worker's event loop
   with a deadline; a broker that does not answer is counted
   (`depth_failures`) and the worker's details still go.
 
@@ -98,13 +100,30 @@ def depth_probe(broker: Any) -> Optional[Any]:
                 if name == group:
                     lag = info.get("lag")
                     pending = info.get("pending") or 0
-                    if lag is None:  # Redis cannot tell (entries were deleted): not a depth
-                        raise RuntimeError(f"the stream {queue!r} does not say its consumer group's lag")
+                    if lag is None:
+                        # Redis < 7 has no `lag`, and Redis 7 gives none once
+                        # entries were deleted: the broker answered, but the
+                        # count waiting is unknown, so no depth is reported.
+                        return {}
                     return {queue: int(lag) + int(pending)}
             raise RuntimeError(f"the stream {queue!r} has no consumer group {group!r} yet")
 
         return stream_depth
     return None
+
+
+def active_view(entry: Any) -> Any:
+    """(args, kwargs) of a running task as `active` shows them, cut to
+    ACTIVE_ARGS_BYTES each: computed by the first report listing the task
+    and kept on its entry, so a task running for hours is not walked again
+    at every report."""
+    view = entry.active_view
+    if view is None:
+        message = entry.message
+        view = (event_value(list(getattr(message, "args", None) or []), ACTIVE_ARGS_BYTES),
+                event_value(dict(getattr(message, "kwargs", None) or {}), ACTIVE_ARGS_BYTES))
+        entry.active_view = view
+    return view
 
 
 class HealthSource:
@@ -116,6 +135,9 @@ class HealthSource:
         self.interval = DEFAULT_INTERVAL
         self.reports = 0
         self.depth_failures = 0
+        #: Reports whose broker answered without a depth (a Redis stream
+        #: without its consumer group's `lag`: Redis < 7).
+        self.depth_unknown = 0
         self.last_depth_error: Optional[str] = None
         self._probe = depth_probe(middleware.broker)
         self._last_heartbeat_event = 0.0
@@ -131,11 +153,11 @@ class HealthSource:
                  "broker": type(mw.broker).__name__}
         active = []
         for entry in sorted(mw.running_now(), key=lambda e: e.started)[:MAX_ACTIVE]:
-            message = entry.message
+            args, kwargs = active_view(entry)
             active.append({
-                "id": entry.task_id, "name": entry.name,
-                "args": event_value(list(getattr(message, "args", None) or []), ACTIVE_ARGS_BYTES),
-                "kwargs": event_value(dict(getattr(message, "kwargs", None) or {}), ACTIVE_ARGS_BYTES),
+                # `id`: the daemon sends cancel_task and reconcile_task for a
+                # task to the process whose report lists it here.
+                "id": entry.task_id, "name": entry.name, "args": args, "kwargs": kwargs,
                 "time_start": entry.started_wall, "retries": entry.retries,
                 "async": entry.is_async,
             })
@@ -172,6 +194,8 @@ class HealthSource:
                 log.warning("z4j-agentd: queue depth skipped: %s", self.last_depth_error)
             return None
         self.last_depth_error = None
+        if not got:
+            self.depth_unknown += 1
         return {name: max(0, min(int(depth), _INT_MAX)) for name, depth in got.items()}
 
     def __call__(self) -> Dict[str, Any]:
@@ -181,8 +205,10 @@ class HealthSource:
             depths = self.queue_depths()
             report["broker_connected"] = depths is not None
             report["depth_failures"] = self.depth_failures
-            if depths is not None:
+            if depths:
                 report["queue_depths"] = depths
+            elif depths is not None:
+                report["depth_unknown"] = self.depth_unknown
             elif self.last_depth_error:
                 report["broker_error"] = self.last_depth_error
         self.reports += 1
