@@ -325,7 +325,8 @@ class _Hooks:
             result = self._latest_result(job)
             text = getattr(result, "exc_string", None) if result is not None else None
             exc, message = exception_of(text)
-            if exc is None and getattr(getattr(result, "type", None), "name", "") == "MAX_RETRIES_EXCEEDED":
+            if exc is None and (getattr(getattr(result, "type", None), "name", "") == "MAX_RETRIES_EXCEEDED"
+                                or (isinstance(text, str) and text.startswith("Job failed after"))):  # RQ 2.3
                 exc, message = "MaxRetriesExceeded", "the job returned rq.Retry after its last retry"
             self.emit("task.failed", attempt.job_id, _compact({
                 **base, "exception": exc, "exception_message": message, "traceback": cut_traceback(text),
@@ -501,7 +502,8 @@ class WorkerMixin:
         # as it came: RQ 3 adds `execution=`, which RQ 2 does not take.
         try:
             exc_string = kwargs.get("exc_string", args[1] if len(args) > 1 else "")
-            if job.should_retry and getattr(self, "_stopped_job_id", None) != job.id:
+            left = job.retries_left  # RQ 2.0 has no job.should_retry
+            if isinstance(left, int) and left > 0 and getattr(self, "_stopped_job_id", None) != job.id:
                 _hooks_of(self).stash_retry_traceback(job, exc_string)
         except Exception:
             pass

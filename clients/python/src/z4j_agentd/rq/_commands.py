@@ -351,7 +351,8 @@ class RqCommands:
         from rq.exceptions import InvalidJobOperation
 
         task_id = job.id
-        owner = job.worker_name
+        owner = self.connection.hget(job.key, "worker_name")  # fresh: the copy in hand may predate the start
+        owner = (owner.decode() if isinstance(owner, bytes) else owner) or job.worker_name
         cannot = self._owner_cannot_stop(owner) if owner else None
         if cannot is not None:
             raise CommandFailed(f"cancel_task {task_id}: the job is running on worker {owner!r}, a {cannot}, "
