@@ -16,15 +16,17 @@ gives one.
 Events (engine `rq`, `task_id` the RQ job id, `worker` the RQ worker's
 name, as `rq info` and `Worker.all()` name it), all sent by the worker's
 main process around RQ's `execute_job` (the work horse a job runs in
-sends nothing: it exits as soon as the job ends):
+sends nothing: it exits as soon as the job ends; the main process unpickles
+each job's payload to send its args, up to MAX_PAYLOAD_BYTES, and reads
+the job's end with one HMGET):
 
 | when | event | `data` |
 |---|---|---|
-| before the job runs | `task.received` (at the job's `enqueued_at`) | task_name, queue, worker, args, kwargs, parent_task_id, depends_on |
-| before the job runs | `task.started` | task_name, queue, worker, args, kwargs |
+| before the job runs | `task.received` (at the job's `enqueued_at`) | task_name, queue, worker, args, kwargs (or args_skipped), parent_task_id, depends_on |
+| before the job runs | `task.started` | task_name, queue, worker, args, kwargs (or args_skipped) |
 | status `finished` | `task.succeeded` | task_name, queue, worker, result, runtime_ms |
 | status `failed` | `task.failed` | task_name, queue, worker, exception, exception_message, traceback, runtime_ms |
-| status `queued`/`scheduled` (a retry) | `task.retried` | task_name, queue, worker, reason, traceback, retry_count, runtime_ms |
+| status `queued`/`scheduled` (a retry), or another worker's next attempt | `task.retried` | task_name, queue, worker, reason, traceback, retry_count, runtime_ms |
 | status `stopped` (stopped by a cancel) | `task.revoked` | task_name, queue, worker, terminated: true, runtime_ms |
 | status `canceled` | `task.revoked` | task_name, queue, worker, terminated: false |
 | `register_birth` | `worker.online` | worker, hostname, pid, concurrency (1), pool (the worker class), queues, sw_ver |
@@ -34,8 +36,9 @@ RQ has no parent task: `parent_task_id` is the first job this one depends
 on (`depends_on`), and `depends_on` lists them all. `retry_count` is the
 retry about to happen: `number_of_retries` for a job that returned
 `rq.Retry`, else the `Retry(max=...)` the job was enqueued with less the
-retries left (the first attempt notes the initial `max` in the job's meta,
-key `z4j_retry_max`). RQ stores no result for a failed attempt it retries:
+retries left (the first attempt notes the initial `max` in a field of the
+job's hash, `z4j_retry_max`, with HSETNX; RQ ignores it and deletes it with
+the job). RQ stores no result for a failed attempt it retries:
 its traceback is handed from the work horse to the main process through a
 short-lived Redis key (`z4j:rq:retry-traceback:<job id>`).
 
