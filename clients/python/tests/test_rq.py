@@ -94,7 +94,8 @@ def events(client, job_id, kind=None):
 @pytest.mark.parametrize("cls_name", ["SimpleWorker", "Worker", "SpawnWorker"])
 def test_lifecycle_events_with_args_results_and_errors(conn, cls_name, monkeypatch):
     spawn_worker_or_skip(cls_name)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")])))  # a spawned work horse imports rq_tasks
+    # a spawned work horse imports rq_tasks
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")])))
     client = RecordingClient()
     q = queue(conn)
     ok = q.enqueue("rq_tasks.add", 2, 3, password="hunter2")
