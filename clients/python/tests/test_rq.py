@@ -26,6 +26,16 @@ from z4j_agentd.rq import _commands, _health  # noqa: E402
 from test_celery import RecordingClient  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+RQ_VERSION = tuple(int(p) for p in rq.__version__.split(".")[:2])
+
+
+def spawn_worker_or_skip(cls_name="SpawnWorker"):
+    if cls_name == "SpawnWorker" and getattr(zrq, cls_name) is not None and RQ_VERSION < (3, 0):
+        # RQ 2's SpawnWorker rebuilds its Redis connection in the work horse from the repr of
+        # the connection's arguments, which redis-py 6+ does not make valid Python.
+        pytest.skip("RQ 2's SpawnWorker cannot start a work horse with this redis-py")
+    if getattr(zrq, cls_name) is None:
+        pytest.skip(f"this RQ has no {cls_name}")
 
 
 @pytest.fixture(scope="module")
@@ -83,9 +93,9 @@ def events(client, job_id, kind=None):
 
 @pytest.mark.parametrize("cls_name", ["SimpleWorker", "Worker", "SpawnWorker"])
 def test_lifecycle_events_with_args_results_and_errors(conn, cls_name, monkeypatch):
-    if getattr(zrq, cls_name) is None:
-        pytest.skip(f"this RQ has no {cls_name}")
-    monkeypatch.setenv("PYTHONPATH", HERE)  # a spawned work horse imports rq_tasks
+    spawn_worker_or_skip(cls_name)
+    # a spawned work horse imports rq_tasks
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")])))
     client = RecordingClient()
     q = queue(conn)
     ok = q.enqueue("rq_tasks.add", 2, 3, password="hunter2")
@@ -120,9 +130,8 @@ def test_lifecycle_events_with_args_results_and_errors(conn, cls_name, monkeypat
 
 @pytest.mark.parametrize("cls_name", ["SimpleWorker", "Worker", "SpawnWorker"])
 def test_retries_are_counted_with_each_attempts_traceback(conn, cls_name, monkeypatch):
-    if getattr(zrq, cls_name) is None:
-        pytest.skip(f"this RQ has no {cls_name}")
-    monkeypatch.setenv("PYTHONPATH", HERE)
+    spawn_worker_or_skip(cls_name)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")])))
     """Retry(max=2): retried (1), retried (2), then failed; each retried
     event carries the traceback the work horse handed over."""
     client = RecordingClient()
@@ -137,6 +146,9 @@ def test_retries_are_counted_with_each_attempts_traceback(conn, cls_name, monkey
         assert r["exception"] == "ValueError" and "attempt failed" in r["reason"], r
         assert "Traceback" in r["traceback"], r
     assert conn.keys("z4j:rq:retry-traceback:*") == []  # handed over and gone
+    # The initial max is a field of the job's hash: the job's meta is not touched.
+    assert conn.hget(job.key, zrq.RETRY_MAX_FIELD) == b"2"
+    assert rq.job.Job.fetch(job.id, connection=conn).meta == {}
 
 
 def test_returned_retry_and_dependencies(conn):
@@ -148,6 +160,8 @@ def test_returned_retry_and_dependencies(conn):
     run_burst(zrq.SimpleWorker, conn, client)
     received = events(client, second.id, "task.received")[0]["data"]
     assert received["parent_task_id"] == first.id and received["depends_on"] == [first.id]
+    if RQ_VERSION < (2, 3):
+        return  # a job returning rq.Retry: RQ 2.3 on
     kinds = [e["kind"] for e in events(client, again.id)]
     assert kinds == ["task.received", "task.started", "task.retried",
                      "task.received", "task.started", "task.failed"], kinds
@@ -250,6 +264,8 @@ def test_cancel_of_a_queued_job_cancels_it_before_it_runs(conn):
                    "status": "canceled"}
     assert queue(conn).count == 0
     assert [e["kind"] for e in client.emitted] == ["task.revoked"]
+    # This worker only served the command: it never had the job.
+    assert "worker" not in client.emitted[0]["data"], client.emitted[0]
     again = c.cancel_task(cmd("cancel_task", task_id=job.id))
     assert again["cancelled"] is False and again["state_before"] == "canceled"
 
@@ -299,14 +315,23 @@ def test_cancel_stops_a_job_running_in_a_forking_worker(conn, redis_sock):
 
 
 def test_cancel_says_when_a_simple_worker_cannot_stop_a_job(conn, redis_sock, monkeypatch):
-    monkeypatch.setattr(_commands, "STOP_WAIT", 1.0)
+    monkeypatch.setattr(_commands, "STOP_WAIT", 3.0)
     proc = start_cli_worker(redis_sock, "z4j_agentd.rq.SimpleWorker", "simple")
     try:
         job = queue(conn).enqueue("rq_tasks.sleepy", 3)
         wait_started(conn, job, proc)
+        # The worker noted its class in its RQ hash.
+        assert conn.hmget("rq:worker:simple", _commands.WORKER_POOL_FIELD, _commands.WORKER_CAN_STOP_FIELD) == \
+            [b"z4j_agentd.rq:SimpleWorker", b"0"]
         c, _ = commands_for(conn)
-        with pytest.raises(_commands.CommandFailed, match="SimpleWorker"):
+        sent = []
+        monkeypatch.setattr("rq.command.send_stop_job_command", lambda *a, **k: sent.append(a))
+        began = time.monotonic()
+        with pytest.raises(_commands.CommandFailed, match="SimpleWorker.*nothing was sent"):
             c.cancel_task(cmd("cancel_task", task_id=job.id))
+        # Refused before sending RQ's stop-job command, which would mark that worker's
+        # _stopped_job_id (a later failure of the job would then read as stopped).
+        assert sent == [] and time.monotonic() - began < 2.0
         assert _commands.status_of(job) == "started"
     finally:
         stop(proc)
@@ -319,6 +344,91 @@ def test_cancel_says_when_a_simple_worker_cannot_stop_a_job(conn, redis_sock, mo
     running.save()
     with pytest.raises(_commands.CommandFailed, match="cannot stop"):
         _commands.RqCommands(hooks).cancel_task(cmd("cancel_task", task_id=running.id))
+
+
+def test_cancel_in_the_dequeue_gap_stops_the_job(conn, redis_sock):
+    """A SpawnWorker takes the job from its queue and marks it started only
+    once its spawned work horse runs: a cancel in between used to answer
+    cancelled while the job then ran to its end."""
+    spawn_worker_or_skip()
+    proc = start_cli_worker(redis_sock, "z4j_agentd.rq.SpawnWorker", "spawner")
+    try:
+        deadline = time.monotonic() + 15
+        while not conn.exists("rq:worker:spawner"):
+            assert proc.poll() is None and time.monotonic() < deadline, "the worker did not start"
+            time.sleep(0.02)
+        q = queue(conn)
+        job = q.enqueue("rq_tasks.sleepy", 4)
+        while conn.llen(q.key):
+            assert time.monotonic() < deadline, "the worker did not take the job"
+            time.sleep(0.001)
+        assert _commands.status_of(job) == "queued"  # taken, not started yet: the gap
+        c, client = commands_for(conn)
+        out = c.cancel_task(cmd("cancel_task", task_id=job.id))
+        assert out["stopped"] is True and out["status"] == "stopped" and out["worker"] == "spawner", out
+        assert "just taken" in out["detail"]
+        assert client.emitted == []  # the worker reports the stop, not the command
+        time.sleep(0.2)
+        assert _commands.status_of(job) == "stopped"
+    finally:
+        stop(proc)
+
+
+def test_cancel_of_a_queued_job_a_worker_holds_or_lost(conn, monkeypatch):
+    monkeypatch.setattr(_commands, "STOP_WAIT", 0.3)
+    q = queue(conn)
+    c, client = commands_for(conn)
+    # Taken by a worker (in the queue's intermediate list) that never starts it: refused.
+    held = q.enqueue("rq_tasks.add", 1, 2)
+    conn.lmove(q.key, q.intermediate_queue_key)
+    with pytest.raises(_commands.CommandFailed, match="has not started it"):
+        c.cancel_task(cmd("cancel_task", task_id=held.id))
+    assert _commands.status_of(held) == "queued" and client.emitted == []
+    # Queued but in no list at all: nothing will run it, so it is cancelled.
+    conn.delete(q.intermediate_queue_key)
+    out = c.cancel_task(cmd("cancel_task", task_id=held.id))
+    assert out["cancelled"] is True and out["status"] == "canceled", out
+
+
+def test_cancel_watches_the_status_of_a_waiting_job(conn, monkeypatch):
+    """The status read before the cancel is checked again in its transaction."""
+    q = queue(conn)
+    first = q.enqueue("rq_tasks.add", 1, 2)
+    deferred = q.enqueue("rq_tasks.add", 3, 4, depends_on=first)
+    assert _commands.status_of(deferred) == "deferred"
+    c, _ = commands_for(conn)
+    real = _commands.status_of
+    calls = []
+
+    def moving(job):
+        state = real(job)
+        calls.append(state)
+        if len(calls) == 1:  # it becomes queued right after the first read
+            conn.hset(job.key, "status", "queued")
+            conn.rpush(q.key, job.id)
+        return state
+
+    monkeypatch.setattr(_commands, "status_of", moving)
+    out = c.cancel_task(cmd("cancel_task", task_id=deferred.id))
+    assert out["state_before"] == "queued" and out["cancelled"] is True, out
+    assert deferred.id not in q.job_ids and real(deferred) == "canceled"
+
+
+def test_retry_of_a_waiting_job_is_refused(conn):
+    """A queued, deferred or scheduled job has not run: a copy would run it twice."""
+    q = queue(conn)
+    first = q.enqueue("rq_tasks.add", 1, 2)
+    deferred = q.enqueue("rq_tasks.add", 3, 4, depends_on=first)
+    scheduled = q.enqueue_in(__import__("datetime").timedelta(hours=1), "rq_tasks.add", 5, 6)
+    c, _ = commands_for(conn)
+    for job in (first, deferred, scheduled):
+        with pytest.raises(_commands.CommandFailed, match="has not run yet"):
+            c.retry_task(cmd("retry_task", task_id=job.id))
+        with pytest.raises(_commands.CommandFailed, match="has not run yet"):
+            c.retry_task(cmd("retry_task", task_id=job.id, override_args=[9, 9]))
+    with pytest.raises(_commands.CommandFailed, match="retried none"):
+        c.bulk_retry(cmd("bulk_retry", filter={"task_ids": [first.id, deferred.id]}))
+    assert q.job_ids == [first.id] and len([k for k in conn.keys("rq:job:*") if k.count(b":") == 2]) == 3
 
 
 def test_retry_requeue_dead_letters_and_bulk_retry(conn):
@@ -344,7 +454,7 @@ def test_retry_requeue_dead_letters_and_bulk_retry(conn):
     copy = c.retry_task(cmd("retry_task", task_id=good.id))
     assert copy["requeued"] is False and copy["new_task_id"] != good.id
     new = rq.job.Job.fetch(copy["new_task_id"], connection=conn)
-    assert new.func_name == "rq_tasks.add" and new.args == [5, 6] or new.args == (5, 6)
+    assert new.func_name == "rq_tasks.add" and (new.args == [5, 6] or new.args == (5, 6))
     over = c.retry_task(cmd("retry_task", task_id=bad1.id, override_args=["changed"], priority="high"))
     assert rq.job.Job.fetch(over["new_task_id"], connection=conn).args in (["changed"], ("changed",))
     assert q.job_ids[0] == over["new_task_id"]  # high: at the front
@@ -368,6 +478,7 @@ def test_purge_submit_and_bad_parameters(conn):
     assert q.count == 3
     out = c.purge_queue(cmd("purge_queue", queue="bulk", expected_depth=3))
     assert out == {"queue": "bulk", "depth_before": 3, "purged": 3, "force": False} and q.count == 0
+    assert conn.keys("rq:job:*") == []  # the jobs' hashes went with them
 
     sub = c.submit_task(cmd("submit_task", name="rq_tasks.add", args=[1], kwargs={"y": 2}, queue="subq"))
     job = rq.job.Job.fetch(sub["task_id"], connection=conn)
@@ -378,6 +489,73 @@ def test_purge_submit_and_bad_parameters(conn):
         c.cancel_task(cmd("cancel_task"))
     with pytest.raises(_commands.BadCommand, match="Redis has no such job"):
         c.retry_task(cmd("retry_task", task_id="gone"))
+
+
+def test_purge_racing_an_enqueue_deletes_only_the_confirmed_jobs(conn, monkeypatch):
+    """A job enqueued after the depth was confirmed is never purged unseen:
+    the measure and the purge are one step."""
+    q = queue(conn, "racy")
+    kept = [q.enqueue("rq_tasks.add", i, i).id for i in range(2)]
+    c, _ = commands_for(conn)
+    late = []
+    real_llen = conn.llen
+
+    def enqueue_first(*a, **k):  # the way the check used to measure (Queue.count)
+        late.append(q.enqueue("rq_tasks.add", 9, 9).id)
+        return real_llen(*a, **k) - 1
+
+    monkeypatch.setattr(rq.Queue, "count", property(lambda self: enqueue_first(self.key)))
+    real_empty = rq.Queue.empty
+
+    def empty_after_an_enqueue(self):
+        late.append(self.enqueue("rq_tasks.add", 8, 8).id)
+        return real_empty(self)
+
+    monkeypatch.setattr(rq.Queue, "empty", empty_after_an_enqueue)
+    out = c.purge_queue(cmd("purge_queue", queue="racy", expected_depth=2))
+    assert out["purged"] == out["depth_before"] == 2, out
+    for job_id in late:  # a job enqueued meanwhile is still there
+        assert conn.exists(f"rq:job:{job_id}") and job_id in q.job_ids
+    for job_id in kept:
+        assert not conn.exists(f"rq:job:{job_id}")
+    # And a queue that grew before the purge ran is not purged at all.
+    q.enqueue("rq_tasks.add", 7, 7)
+    with pytest.raises(_commands.CommandFailed, match="nothing was purged"):
+        c.purge_queue(cmd("purge_queue", queue="racy", expected_depth=len(late)))
+    forced = c.purge_queue(cmd("purge_queue", queue="racy", force=True))
+    assert forced["purged"] == forced["depth_before"] == len(late) + 1 and q.count == 0
+
+
+def test_dlq_list_reads_each_registry_head_only(conn, monkeypatch):
+    """A page reads offset+limit entries per registry (merged newest first
+    across queues), and the total from ZCARD."""
+    for name, n in (("qa", 30), ("qb", 20)):
+        key = rq.registry.FailedJobRegistry(name, connection=conn).key
+        conn.zadd(key, {f"{name}-{i:03d}": 1000 + i * (2 if name == "qa" else 3) for i in range(n)})
+        queue(conn, name).enqueue("rq_tasks.add", 0, 0)  # so Queue.all() knows it
+    c, _ = commands_for(conn)
+    ranges = []
+    real = redis.client.Pipeline.zrevrange
+
+    def spy(self, name, start, end, *a, **k):
+        ranges.append((start, end))
+        return real(self, name, start, end, *a, **k)
+
+    monkeypatch.setattr(redis.client.Pipeline, "zrevrange", spy)
+    monkeypatch.setattr(redis.Redis, "zrange", lambda *a, **k: pytest.fail("the whole registry was read"))
+    first = c.dlq_list(cmd("dlq.list", limit=5))
+    assert first["total"] == 50 and first["next_cursor"] == "5"
+    assert [e["task_id"] for e in first["entries"]] == ["qa-029", "qb-019", "qa-028", "qb-018", "qa-027"]
+    assert all(end == 4 for _start, end in ranges), ranges
+    seen = [e["task_id"] for e in first["entries"]]
+    cursor = first["next_cursor"]
+    while cursor is not None:
+        page = c.dlq_list(cmd("dlq.list", limit=7, cursor=cursor))
+        seen += [e["task_id"] for e in page["entries"]]
+        cursor = page["next_cursor"]
+    assert len(seen) == 50 and len(set(seen)) == 50
+    only = c.dlq_list(cmd("dlq.list", queue="qa", limit=200))
+    assert only["total"] == 30 and len(only["entries"]) == 30 and only["next_cursor"] is None
 
 
 def test_command_errors_mask_the_redis_password():
@@ -457,3 +635,61 @@ def test_a_job_that_cannot_be_deserialized_is_reported_without_its_arguments(con
     received = sent[0]["data"]
     assert "args" not in received and "UnpicklingError" in received["args_unreadable"], received
     assert sent[-1]["kind"] == "task.failed", sent
+
+
+def test_handle_job_failure_passes_what_rq_gives_through():
+    """RQ 2.x's handle_job_failure has no `execution=`: passing it (as RQ 3
+    does) killed the worker at the first failing job."""
+    got = []
+
+    class Rq2Base:  # RQ 2.0-2.3's signature
+        def handle_job_failure(self, job, queue, started_job_registry=None, exc_string=""):
+            got.append((started_job_registry, exc_string))
+
+    class Rq3Base:
+        def handle_job_failure(self, job, queue, started_job_registry=None, exc_string="", execution=None):
+            got.append((started_job_registry, exc_string, execution))
+
+    class Job:
+        id, retries_left = "j1", None
+
+    for base in (Rq2Base, Rq3Base):
+        worker = type("W", (zrq.WorkerMixin, base), {})()
+        worker.handle_job_failure(Job(), "q", exc_string="boom")
+        worker.handle_job_failure(Job(), "q", "reg", "boom2")
+    worker.handle_job_failure(Job(), "q", exc_string="boom3", execution="ex")
+    assert got == [(None, "boom"), ("reg", "boom2"), (None, "boom", None), ("reg", "boom2", None),
+                   (None, "boom3", "ex")]
+
+
+def test_after_reads_only_the_end_fields_and_sees_another_workers_attempt(conn, monkeypatch):
+    """after() reads the job's end with one HMGET (no full refresh), and an
+    attempt retried at once and taken by another worker is reported retried."""
+    client = RecordingClient()
+    worker = zrq.SimpleWorker([queue(conn)], connection=conn, name="mine")
+    worker.z4j_client = client
+    hooks = zrq._hooks_of(worker)
+    job = queue(conn).enqueue("rq_tasks.boom", retry=rq.Retry(max=2))
+    fetched = rq.job.Job.fetch(job.id, connection=conn)
+    attempt = hooks.before(fetched)
+    monkeypatch.setattr(rq.job.Job, "refresh", lambda self, *a, **k: pytest.fail("after() reloaded the job"))
+    conn.hset(job.key, mapping={"status": "started", "worker_name": "other", "retries_left": 1})
+    hooks.after(fetched, attempt)
+    retried = events(client, job.id, "task.retried")
+    assert len(retried) == 1, client.emitted
+    assert retried[0]["data"]["retry_count"] == 1 and "other" in retried[0]["data"]["note"]
+    assert retried[0]["data"]["worker"] == "mine"
+
+
+def test_a_large_payload_is_not_unpickled_by_the_main_process(conn):
+    client = RecordingClient()
+    big = "x" * (zrq.MAX_PAYLOAD_BYTES * 2)
+    job = queue(conn).enqueue("rq_tasks.add", 1, 2, password=big)
+    small = queue(conn).enqueue("rq_tasks.add", 1, 2)
+    run_burst(zrq.SimpleWorker, conn, client)
+    received, started, succeeded = events(client, job.id)
+    for e in (received, started):
+        assert e["data"]["task_name"] == "rq_tasks.add" and "args" not in e["data"], e
+        assert "not read by the worker's main process" in e["data"]["args_skipped"]
+    assert succeeded["kind"] == "task.succeeded"
+    assert events(client, small.id, "task.received")[0]["data"]["args"] == [1, 2]

@@ -16,15 +16,17 @@ gives one.
 Events (engine `rq`, `task_id` the RQ job id, `worker` the RQ worker's
 name, as `rq info` and `Worker.all()` name it), all sent by the worker's
 main process around RQ's `execute_job` (the work horse a job runs in
-sends nothing: it exits as soon as the job ends):
+sends nothing: it exits as soon as the job ends; the main process unpickles
+each job's payload to send its args, up to MAX_PAYLOAD_BYTES, and reads
+the job's end with one HMGET):
 
 | when | event | `data` |
 |---|---|---|
-| before the job runs | `task.received` (at the job's `enqueued_at`) | task_name, queue, worker, args, kwargs, parent_task_id, depends_on |
-| before the job runs | `task.started` | task_name, queue, worker, args, kwargs |
+| before the job runs | `task.received` (at the job's `enqueued_at`) | task_name, queue, worker, args, kwargs (or args_skipped), parent_task_id, depends_on |
+| before the job runs | `task.started` | task_name, queue, worker, args, kwargs (or args_skipped) |
 | status `finished` | `task.succeeded` | task_name, queue, worker, result, runtime_ms |
 | status `failed` | `task.failed` | task_name, queue, worker, exception, exception_message, traceback, runtime_ms |
-| status `queued`/`scheduled` (a retry) | `task.retried` | task_name, queue, worker, reason, traceback, retry_count, runtime_ms |
+| status `queued`/`scheduled` (a retry), or another worker's next attempt | `task.retried` | task_name, queue, worker, reason, traceback, retry_count, runtime_ms |
 | status `stopped` (stopped by a cancel) | `task.revoked` | task_name, queue, worker, terminated: true, runtime_ms |
 | status `canceled` | `task.revoked` | task_name, queue, worker, terminated: false |
 | `register_birth` | `worker.online` | worker, hostname, pid, concurrency (1), pool (the worker class), queues, sw_ver |
@@ -34,8 +36,9 @@ RQ has no parent task: `parent_task_id` is the first job this one depends
 on (`depends_on`), and `depends_on` lists them all. `retry_count` is the
 retry about to happen: `number_of_retries` for a job that returned
 `rq.Retry`, else the `Retry(max=...)` the job was enqueued with less the
-retries left (the first attempt notes the initial `max` in the job's meta,
-key `z4j_retry_max`). RQ stores no result for a failed attempt it retries:
+retries left (the first attempt notes the initial `max` in a field of the
+job's hash, `z4j_retry_max`, with HSETNX; RQ ignores it and deletes it with
+the job). RQ stores no result for a failed attempt it retries:
 its traceback is handed from the work horse to the main process through a
 short-lived Redis key (`z4j:rq:retry-traceback:<job id>`).
 
@@ -67,8 +70,16 @@ MAX_VALUE_BYTES = 64 * 1024
 RETRY_TRACEBACK_KEY = "z4j:rq:retry-traceback:{}"
 #: Seconds that key lives when the main process does not read it.
 RETRY_TRACEBACK_TTL = 600
-#: The job meta key holding the Retry(max=...) a job was enqueued with.
-RETRY_MAX_META = "z4j_retry_max"
+#: The job hash field holding the Retry(max=...) a job was enqueued with
+#: (RQ ignores it and deletes it with the job).
+RETRY_MAX_FIELD = "z4j_retry_max"
+#: A job whose stored payload (`job.data`, RQ's serialized function name,
+#: args and kwargs) is longer than this is not unpickled by the worker's
+#: main process: its events carry no args and kwargs, and say so.
+MAX_PAYLOAD_BYTES = 256 * 1024
+#: The job hash fields after() reads once the attempt ended.
+_END_FIELDS = ("status", "started_at", "ended_at", "retries_left", "number_of_retries", "worker_name",
+               RETRY_MAX_FIELD)
 
 _CUT = "\n[... cut by z4j-agentd-client ...]\n"
 
@@ -77,14 +88,48 @@ def _compact(data: Dict[str, Any], keep_none: Tuple[str, ...] = ()) -> Dict[str,
     return {k: v for k, v in data.items() if v is not None or k in keep_none}
 
 
-def _status(job: Any) -> Optional[str]:
-    """The job's status as its plain value (`"started"`), from the copy in
-    hand (just refreshed). RQ 3's JobStatus is a str enum whose str() is
-    `JobStatus.STARTED`: always compare `.value`."""
-    status = job.get_status(refresh=False)
-    if status is None:
+def _text(raw: Any) -> Optional[str]:
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8", "replace")
+    return raw if isinstance(raw, str) and raw != "" else None
+
+
+def _int_field(raw: Any) -> Optional[int]:
+    text = _text(raw)
+    try:
+        return int(text) if text is not None else None
+    except ValueError:
         return None
-    return str(getattr(status, "value", status))
+
+
+def _when(raw: Any) -> Optional[datetime]:
+    text = _text(raw)
+    if text is None:
+        return None
+    try:
+        from rq.utils import str_to_date
+
+        return str_to_date(text)
+    except Exception:
+        return None
+
+
+class _Ended:
+    """The fields of a job's hash once an attempt ended (one HMGET, not a
+    full reload of the job and its payload)."""
+
+    __slots__ = ("status", "started_at", "ended_at", "retries_left", "number_of_retries", "worker_name",
+                 "retry_max")
+
+    def __init__(self, values: Any) -> None:
+        status, started, ended, left, retries, worker, retry_max = values
+        self.status = _text(status)
+        self.started_at = _when(started)
+        self.ended_at = _when(ended)
+        self.retries_left = _int_field(left)
+        self.number_of_retries = _int_field(retries)
+        self.worker_name = _text(worker)
+        self.retry_max = _int_field(retry_max)
 
 
 def cut_traceback(text: Any) -> Optional[str]:
@@ -114,6 +159,23 @@ def _runtime_ms(job: Any, fallback_since: float) -> int:
     if isinstance(started, datetime) and isinstance(ended, datetime) and ended >= started:
         return int(round((ended - started).total_seconds() * 1000))
     return max(0, int(round((time.monotonic() - fallback_since) * 1000)))
+
+
+def _payload_size(job: Any) -> Optional[int]:
+    """The length of the job's stored payload, without unpickling it."""
+    data = getattr(job, "_data", None)
+    return len(data) if isinstance(data, (bytes, bytearray)) else None
+
+
+def _name_from_description(job: Any) -> Optional[str]:
+    """The function's name from RQ's default description, `name(args...)`,
+    when it starts with a dotted name (a custom description: None)."""
+    text = getattr(job, "description", None)
+    if not isinstance(text, str):
+        return None
+    name = text.split("(", 1)[0].strip()
+    ok = name and all(part.isidentifier() for part in name.split("."))
+    return name[:500] if ok else None
 
 
 def _iso(when: Any) -> Optional[str]:
@@ -179,10 +241,20 @@ class _Hooks:
             return None
         try:
             base = {"queue": attempt.queue, "worker": self.name}
+            skipped = None
             try:
-                attempt.name = job.func_name
-                args: Any = event_value(list(job.args or ()), MAX_VALUE_BYTES)
-                kwargs: Any = event_value(dict(job.kwargs or {}), MAX_VALUE_BYTES)
+                size = _payload_size(job)
+                if size is not None and size > MAX_PAYLOAD_BYTES:
+                    # Unpickling it here would cost the main process (and
+                    # every job after it) what the work horse pays anyway.
+                    attempt.name = _name_from_description(job)
+                    args = kwargs = None
+                    skipped = (f"the job's payload is {size} bytes (over {MAX_PAYLOAD_BYTES}): its args and "
+                               f"kwargs are not read by the worker's main process")
+                else:
+                    attempt.name = job.func_name
+                    args = event_value(list(job.args or ()), MAX_VALUE_BYTES)
+                    kwargs = event_value(dict(job.kwargs or {}), MAX_VALUE_BYTES)
                 unreadable = None
             except Exception as exc:  # DeserializationError: RQ fails the job itself
                 args = kwargs = None
@@ -193,33 +265,30 @@ class _Hooks:
             deps = [str(d) for d in (getattr(job, "_dependency_ids", None) or [])]
             self._note_retry_max(job, attempt)
             self.emit("task.received", attempt.job_id, _compact({
-                **base, "args": args, "kwargs": kwargs, "args_unreadable": unreadable,
+                **base, "args": args, "kwargs": kwargs, "args_unreadable": unreadable, "args_skipped": skipped,
                 "parent_task_id": deps[0] if deps else None, "depends_on": deps or None,
             }), occurred_at=getattr(job, "enqueued_at", None))
-            self.emit("task.started", attempt.job_id, _compact({**base, "args": args, "kwargs": kwargs}))
+            self.emit("task.started", attempt.job_id, _compact({
+                **base, "args": args, "kwargs": kwargs, "args_skipped": skipped}))
         except Exception:
             log.debug("z4j-agentd: the start of RQ job %s not recorded", attempt.job_id, exc_info=True)
         return attempt
 
     def _note_retry_max(self, job: Any, attempt: _Attempt) -> None:
-        """The Retry(max=...) of the job: from its meta, or noted there at
-        its first attempt (so later attempts, on any worker, can count)."""
+        """The Retry(max=...) of the job: a field of its hash, set at its
+        first attempt (HSETNX: one writer wins, the job's meta is never
+        touched), so later attempts, on any worker, can count."""
         left = attempt.retries_left
         if not isinstance(left, int):
             return
-        meta = getattr(job, "meta", None)
-        if not isinstance(meta, dict):
-            return
-        kept = meta.get(RETRY_MAX_META)
-        if isinstance(kept, int) and kept >= left:
-            attempt.retry_max = kept
-            return
-        meta[RETRY_MAX_META] = left
-        attempt.retry_max = left
         try:
-            job.save_meta()
+            with self.worker.connection.pipeline(transaction=False) as pipe:
+                _, kept = pipe.hsetnx(job.key, RETRY_MAX_FIELD, left).hget(job.key, RETRY_MAX_FIELD).execute()
         except Exception:
             log.debug("z4j-agentd: retry max of RQ job %s not noted", attempt.job_id, exc_info=True)
+            return
+        kept = _int_field(kept)
+        attempt.retry_max = kept if isinstance(kept, int) and kept >= left else left
 
     def after(self, job: Any, attempt: Optional[_Attempt]) -> None:
         if attempt is None:
@@ -230,20 +299,25 @@ class _Hooks:
             log.debug("z4j-agentd: the end of RQ job %s not recorded", attempt.job_id, exc_info=True)
 
     def _after(self, job: Any, attempt: _Attempt) -> None:
-        from rq.exceptions import NoSuchJobError
-
         base = {"task_name": attempt.name, "queue": attempt.queue, "worker": self.name}
-        try:
-            job.refresh()
-        except NoSuchJobError:
+        ended = _Ended(self.worker.connection.hmget(job.key, *_END_FIELDS))
+        if ended.status is None:
             # result_ttl=0: RQ deleted the job as soon as it finished.
             self.emit("task.succeeded", attempt.job_id, _compact({
                 **base, "result": None, "runtime_ms": _runtime_ms(None, attempt.since),
                 "note": "the job was deleted when it finished (result_ttl=0): no result kept"},
                 keep_none=("result",)))
             return
-        status = _status(job)
-        runtime = _runtime_ms(job, attempt.since)
+        status = ended.status
+        if ended.worker_name not in (None, self.name) and status not in ("queued", "scheduled"):
+            # Retried at once (rq.Retry without an interval) and taken by
+            # another worker: what the hash holds is that worker's attempt.
+            self.emit("task.retried", attempt.job_id, _compact({
+                **base, **self._retry_reason(job), "retry_count": self._retry_count(ended, attempt),
+                "runtime_ms": _runtime_ms(None, attempt.since),
+                "note": f"its next attempt is on worker {ended.worker_name} already ({status})"}))
+            return
+        runtime = _runtime_ms(ended, attempt.since)
         if status == "finished":
             result = self._latest_result(job)
             value = getattr(result, "return_value", None) if result is not None else None
@@ -254,7 +328,8 @@ class _Hooks:
             result = self._latest_result(job)
             text = getattr(result, "exc_string", None) if result is not None else None
             exc, message = exception_of(text)
-            if exc is None and getattr(getattr(result, "type", None), "name", "") == "MAX_RETRIES_EXCEEDED":
+            if exc is None and (getattr(getattr(result, "type", None), "name", "") == "MAX_RETRIES_EXCEEDED"
+                                or (isinstance(text, str) and text.startswith("Job failed after"))):  # RQ 2.3
                 exc, message = "MaxRetriesExceeded", "the job returned rq.Retry after its last retry"
             self.emit("task.failed", attempt.job_id, _compact({
                 **base, "exception": exc, "exception_message": message, "traceback": cut_traceback(text),
@@ -268,15 +343,17 @@ class _Hooks:
                 **base, "terminated": False, "signum": None, "expired": False,
                 "reason": "canceled while it ran: RQ let it finish"}, keep_none=("signum",)))
         elif status in ("queued", "scheduled"):
-            text = self._retry_traceback(job)
-            exc, message = exception_of(text)
             self.emit("task.retried", attempt.job_id, _compact({
-                **base, "reason": f"{exc}: {message}" if exc else message,
-                "exception": exc, "traceback": cut_traceback(text),
-                "retry_count": self._retry_count(job, attempt), "runtime_ms": runtime,
-                "scheduled": status == "scheduled" or None}))
+                **base, **self._retry_reason(job), "retry_count": self._retry_count(ended, attempt),
+                "runtime_ms": runtime, "scheduled": status == "scheduled" or None}))
         else:
             log.debug("z4j-agentd: RQ job %s ended its attempt with status %r", attempt.job_id, status)
+
+    def _retry_reason(self, job: Any) -> Dict[str, Any]:
+        text = self._retry_traceback(job)
+        exc, message = exception_of(text)
+        return {"reason": f"{exc}: {message}" if exc else message, "exception": exc,
+                "traceback": cut_traceback(text)}
 
     @staticmethod
     def _latest_result(job: Any) -> Any:
@@ -298,11 +375,11 @@ class _Hooks:
         return raw if isinstance(raw, str) and raw else None
 
     @staticmethod
-    def _retry_count(job: Any, attempt: _Attempt) -> Optional[int]:
-        returned = getattr(job, "number_of_retries", None)
+    def _retry_count(ended: _Ended, attempt: _Attempt) -> Optional[int]:
+        returned = ended.number_of_retries
         if isinstance(returned, int) and returned != (attempt.number_of_retries or 0):
             return returned  # the job returned rq.Retry
-        left = getattr(job, "retries_left", None)
+        left = ended.retries_left
         if isinstance(attempt.retry_max, int) and isinstance(left, int):
             return max(1, attempt.retry_max - left)
         return None
@@ -322,6 +399,7 @@ class _Hooks:
     # -- the worker ----------------------------------------------------
 
     def online(self) -> None:
+        self.record_class()
         try:
             if self.serve_commands:
                 self.start_serving()
@@ -331,6 +409,20 @@ class _Hooks:
             return
         self._online_sent = True
         self.emit("worker.online", "", self.worker_data(with_details=True))
+
+    def record_class(self) -> None:
+        """Notes this worker's class in its RQ worker hash (deleted with it),
+        so another worker's cancel knows a SimpleWorker, which cannot stop a
+        running job, before sending it RQ's stop-job command."""
+        from ._commands import WORKER_CAN_STOP_FIELD, WORKER_POOL_FIELD, can_stop_jobs
+
+        cls = type(self.worker)
+        try:
+            self.worker.connection.hset(self.worker.key, mapping={
+                WORKER_POOL_FIELD: f"{cls.__module__}:{cls.__qualname__}",
+                WORKER_CAN_STOP_FIELD: "1" if can_stop_jobs(self.worker) else "0"})
+        except Exception:
+            log.debug("z4j-agentd: RQ worker %s's class not noted in its hash", self.name, exc_info=True)
 
     def offline(self) -> None:
         if not self._online_sent:
@@ -406,18 +498,19 @@ class WorkerMixin:
         finally:
             hooks.after(job, attempt)
 
-    def handle_job_failure(self, job: Any, queue: Any, started_job_registry: Any = None, exc_string: str = "",
-                           execution: Any = None) -> Any:
+    def handle_job_failure(self, job: Any, queue: Any, *args: Any, **kwargs: Any) -> Any:
         # In the work horse (or the main process for a killed horse): RQ
         # keeps no result for an attempt it retries, so its traceback is
-        # handed to the main process here.
+        # handed to the main process here. Whatever RQ passes goes through
+        # as it came: RQ 3 adds `execution=`, which RQ 2 does not take.
         try:
-            if job.should_retry and getattr(self, "_stopped_job_id", None) != job.id:
+            exc_string = kwargs.get("exc_string", args[1] if len(args) > 1 else "")
+            left = job.retries_left  # RQ 2.0 has no job.should_retry
+            if isinstance(left, int) and left > 0 and getattr(self, "_stopped_job_id", None) != job.id:
                 _hooks_of(self).stash_retry_traceback(job, exc_string)
         except Exception:
             pass
-        return super().handle_job_failure(job, queue, started_job_registry=started_job_registry,  # type: ignore
-                                          exc_string=exc_string, execution=execution)
+        return super().handle_job_failure(job, queue, *args, **kwargs)  # type: ignore[misc]
 
 
 def _worker_classes() -> Dict[str, Any]:

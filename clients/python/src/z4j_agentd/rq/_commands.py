@@ -13,7 +13,6 @@ str enum whose str() is `JobStatus.STARTED`.
 
 from __future__ import annotations
 
-import threading
 import time
 from datetime import datetime, timezone
 from typing import Any, Dict, List, Mapping, Optional, Tuple
@@ -30,8 +29,15 @@ ACTIONS = ("bulk_retry", "cancel_task", "dlq.list", "purge_queue", "reconcile_ta
            "retry_task", "submit_task")
 #: Capability tokens beyond the actions.
 TOKENS = ("list_dead_letters", "retry_by_reference_v1")
-#: Seconds cancel_task waits for a running job to reach `stopped`.
+#: Seconds cancel_task waits for a running job to reach `stopped` (and for a
+#: job a worker has just taken from its queue to be marked started).
 STOP_WAIT = 5.0
+#: Times cancel_task looks at a job whose status changes under it.
+CANCEL_ROUNDS = 5
+#: The fields our workers add to their RQ worker hash: their class, and
+#: whether they can stop a running job ("0": a SimpleWorker).
+WORKER_POOL_FIELD = "z4j_pool"
+WORKER_CAN_STOP_FIELD = "z4j_can_stop"
 #: Jobs one bulk_retry retries at most, whatever its `max`.
 BULK_RETRY_MAX = 1000
 #: A dead-letter page's entries at most (the brain's DLQ_LIST_MAX_LIMIT).
@@ -41,6 +47,23 @@ DLQ_DEFAULT_LIMIT = 100
 EXCERPT_CHARS = 512
 #: The text the brain reads as a bad cursor (422 to its caller).
 CURSOR_REFUSAL = "invalid dead-letter cursor"
+#: purge_queue in one step. KEYS[1] the queue; ARGV force ("1"/"0"), the
+#: expected depth, the job key prefix, the result key prefix. Returns
+#: {1, depth, purged} or {0, depth, 0} (the depth is not the expected one).
+PURGE_SCRIPT = """
+local depth = redis.call('LLEN', KEYS[1])
+if ARGV[1] ~= '1' and depth ~= tonumber(ARGV[2]) then
+    return {0, depth, 0}
+end
+local purged = 0
+while true do
+    local id = redis.call('LPOP', KEYS[1])
+    if not id then break end
+    redis.call('DEL', ARGV[3] .. id, ARGV[4] .. id, ARGV[3] .. id .. ':dependents')
+    purged = purged + 1
+end
+return {1, depth, purged}
+"""
 _ETA_MAX_PAST_SECONDS = 60
 _ETA_MAX_FUTURE_SECONDS = 365 * 24 * 3600
 _MAX_EXCEPTION_CHARS = 2000
@@ -114,6 +137,24 @@ def _iso(when: Any) -> Optional[str]:
     return when.isoformat()
 
 
+def _result_prefix() -> str:
+    """The key prefix of RQ's job results (`rq:results:`)."""
+    try:
+        from rq.results import Result
+
+        return str(Result.get_key(""))
+    except Exception:
+        return "rq:results:"
+
+
+def can_stop_jobs(worker: Any) -> bool:
+    """Whether the worker runs jobs in a work horse it can kill (not a
+    SimpleWorker, which runs them in its own process)."""
+    from rq import SimpleWorker
+
+    return not isinstance(worker, SimpleWorker)
+
+
 def _positive_int(value: Any, action: str, key: str, default: int) -> int:
     if value is None:
         return default
@@ -127,7 +168,7 @@ class RqCommands:
 
     def __init__(self, hooks: Any) -> None:
         self.hooks = hooks
-        self._purge_lock = threading.Lock()
+        self._purge: Any = None
 
     @property
     def worker(self) -> Any:
@@ -183,63 +224,141 @@ class RqCommands:
         return names
 
     def _revoked(self, job: Any, reason: str) -> None:
-        """task.revoked for a job cancelled before it ran (no worker will)."""
+        """task.revoked for a job cancelled before it ran (no worker will).
+        No `worker`: this worker only served the command, it never had the
+        job."""
         try:
             name = job.func_name
         except Exception:
             name = None
         self.hooks.emit("task.revoked", job.id, {k: v for k, v in {
-            "task_name": name, "queue": job.origin, "worker": self.hooks.name, "terminated": False,
+            "task_name": name, "queue": job.origin, "terminated": False,
             "signum": None, "expired": False, "reason": reason}.items() if v is not None or k == "signum"})
 
     # -- cancel ----------------------------------------------------------
 
     def cancel_task(self, command: Dict[str, Any]) -> Dict[str, Any]:
         """Cancels a job. A waiting one (queued, deferred, scheduled) is
-        cancelled and never runs (`cancelled: true`). A running one is
-        stopped: its worker kills the work horse (RQ's stop-job command), and
-        the answer waits until the job is `stopped` (`stopped: true`), or
-        fails saying it is still running (a SimpleWorker runs jobs in its own
-        process and cannot stop one). A job that already ended is left as
-        it is (`state_before` says how it ended)."""
+        cancelled and never runs (`cancelled: true`): a queued one is first
+        taken out of its queue (LREM), so no worker can take it meanwhile;
+        the others are cancelled in a transaction that watches the job,
+        so a status that changed in between is looked at again. A queued
+        job already taken by a worker whose work horse has not marked it
+        started yet is waited for (up to STOP_WAIT) and stopped as a
+        running one. A running one is stopped: its worker kills the work
+        horse (RQ's stop-job command), and the answer waits until the job is
+        `stopped` (`stopped: true`), or fails saying it is still running. A
+        job on a SimpleWorker (which runs jobs in its own process and cannot
+        stop one) is refused before anything is sent. A job that already
+        ended is left as it is (`state_before` says how it ended)."""
         task_id = _task_id(command, "cancel_task")
         job = self._fetch(task_id)
         if job is None:
             return {"task_id": task_id, "state_before": "unknown", "cancelled": False, "stopped": False,
                     "detail": "Redis has no such job (never enqueued here, or its TTL expired)"}
-        state = status_of(job)
-        if state in _ENDED:
-            return {"task_id": task_id, "state_before": state, "cancelled": False, "stopped": False,
-                    "detail": f"the job had already ended ({state})"}
-        if state == "started":
-            return self._stop_running(job)
-        if state in _WAITING:
-            try:
-                job.cancel()
-            except Exception as exc:
-                # It may have started meanwhile.
-                now = status_of(job)
-                if now == "started":
-                    return self._stop_running(job)
-                raise CommandFailed(f"cancel_task {task_id}: RQ did not cancel the {state} job "
-                                    f"({type(exc).__name__}: {self.scrub(str(exc))}); it is {now}") from None
-            self._revoked(job, f"cancelled while {state}")
-            return {"task_id": task_id, "state_before": state, "cancelled": True, "stopped": False,
-                    "status": status_of(job)}
-        raise CommandFailed(f"cancel_task {task_id}: the job is {state!r}, which cancel does not know; "
-                            f"nothing was done")
+        picked_up = False
+        for _round in range(CANCEL_ROUNDS):
+            state = status_of(job)
+            if state in _ENDED:
+                return {"task_id": task_id, "state_before": state, "cancelled": False, "stopped": False,
+                        "detail": f"the job had already ended ({state})"}
+            if state == "started":
+                return self._stop_running(job, picked_up=picked_up)
+            if state not in _WAITING:
+                raise CommandFailed(f"cancel_task {task_id}: the job is {state!r}, which cancel does not know; "
+                                    f"nothing was done")
+            if state == "queued" and not self._take_out_of_queue(job):
+                # Not in its queue but still queued: a worker has just taken
+                # it and its work horse has not marked it started yet.
+                now = self._wait_while_queued(job)
+                if now != "queued":
+                    picked_up = True
+                    continue
+                if self._held_by_a_worker(job):
+                    raise CommandFailed(
+                        f"cancel_task {task_id}: a worker took the job from queue {job.origin!r} but has not "
+                        f"started it after {STOP_WAIT:.0f} s; nothing was done. Cancel it again")
+                # In no queue and no worker's hands: nothing will run it; cancel it.
+            if self._cancel_watched(job, state):
+                self._revoked(job, f"cancelled while {state}")
+                return {"task_id": task_id, "state_before": state, "cancelled": True, "stopped": False,
+                        "status": status_of(job)}
+            # Its status changed between the read and the cancel: look again.
+        raise CommandFailed(f"cancel_task {task_id}: the job's status kept changing ({status_of(job)} now); "
+                            f"nothing was done. Cancel it again")
 
-    def _stop_running(self, job: Any) -> Dict[str, Any]:
+    def _take_out_of_queue(self, job: Any) -> bool:
+        """LREM the job's id from its queue: True when it was there (no
+        worker can take it any more)."""
+        key = self._queue(job.origin).key
+        return bool(self.connection.lrem(key, 0, job.id))
+
+    def _held_by_a_worker(self, job: Any) -> bool:
+        """The job's id in its queue's intermediate list, where a worker
+        listening to that one queue moves a job it takes (RQ 2 and 3)."""
+        try:
+            key = self._queue(job.origin).intermediate_queue_key
+            return self.connection.lpos(key, job.id) is not None
+        except Exception:
+            return False
+
+    def _wait_while_queued(self, job: Any) -> str:
+        deadline = time.monotonic() + STOP_WAIT
+        state = status_of(job)
+        while state == "queued" and time.monotonic() < deadline:
+            time.sleep(0.02)
+            state = status_of(job)
+        return state
+
+    def _cancel_watched(self, job: Any, state: str) -> bool:
+        """RQ's cancel in a transaction that watches the job's hash: False
+        when the status is no longer `state` (or changed before EXEC)."""
+        from redis.exceptions import WatchError
+
+        with self.connection.pipeline() as pipe:
+            try:
+                pipe.watch(job.key)
+                now = pipe.hget(job.key, "status")
+                now = now.decode() if isinstance(now, bytes) else now
+                if now != state:
+                    return False
+                pipe.multi()
+                job.cancel(pipeline=pipe)
+                pipe.execute()
+                return True
+            except WatchError:
+                return False
+
+    def _owner_cannot_stop(self, owner: str) -> Optional[str]:
+        """The class of worker `owner` when it cannot stop a running job (a
+        SimpleWorker), as our workers record it in their hash; None when it
+        can, or when the worker is not one of ours (unknown)."""
+        if owner == self.hooks.name:
+            if not can_stop_jobs(self.worker):
+                return f"{type(self.worker).__module__}:{type(self.worker).__qualname__}"
+            return None
+        try:
+            pool, can_stop = self.connection.hmget(self.worker.redis_worker_namespace_prefix + owner,
+                                                   WORKER_POOL_FIELD, WORKER_CAN_STOP_FIELD)
+        except Exception:
+            return None
+        if can_stop in (b"0", "0"):
+            return pool.decode() if isinstance(pool, bytes) else str(pool or "a SimpleWorker")
+        return None
+
+    def _stop_running(self, job: Any, picked_up: bool = False) -> Dict[str, Any]:
         from rq.command import send_stop_job_command
         from rq.exceptions import InvalidJobOperation
 
         task_id = job.id
-        owner = job.worker_name
-        if owner and owner == self.hooks.name and not hasattr(self.worker, "fork_work_horse"):
-            raise CommandFailed(f"cancel_task {task_id}: the job is running on worker {owner!r}, a "
-                                f"{type(self.worker).__qualname__}, which runs jobs in its own process and "
-                                f"cannot stop one; it will run to its end. Run the worker as "
-                                f"z4j_agentd.rq.Worker (forking) for cancels that stop running jobs")
+        owner = self.connection.hget(job.key, "worker_name")  # fresh: the copy in hand may predate the start
+        owner = (owner.decode() if isinstance(owner, bytes) else owner) or job.worker_name
+        cannot = self._owner_cannot_stop(owner) if owner else None
+        if cannot is not None:
+            raise CommandFailed(f"cancel_task {task_id}: the job is running on worker {owner!r}, a {cannot}, "
+                                f"which runs jobs in its own process and cannot stop one; nothing was sent and "
+                                f"it will run to its end. Run the worker as z4j_agentd.rq.Worker (forking) for "
+                                f"cancels that stop running jobs")
         began = time.monotonic()
         try:
             send_stop_job_command(self.connection, task_id, serializer=self.worker.serializer)
@@ -254,16 +373,18 @@ class RqCommands:
             time.sleep(0.05)
             state = status_of(job)
         waited_ms = int(round((time.monotonic() - began) * 1000))
+        extra = {"detail": "a worker had just taken it from its queue: stopped as a running job"} \
+            if picked_up else {}
         if state == "stopped":
             return {"task_id": task_id, "state_before": "running", "cancelled": True, "stopped": True,
-                    "status": state, "worker": owner, "waited_ms": waited_ms}
+                    "status": state, "worker": owner, "waited_ms": waited_ms, **extra}
         if state in ("finished", "failed"):
             return {"task_id": task_id, "state_before": "running", "cancelled": False, "stopped": False,
                     "status": state, "worker": owner, "waited_ms": waited_ms,
                     "detail": f"the job ended ({state}) before its worker stopped it"}
         raise CommandFailed(f"cancel_task {task_id}: RQ's stop-job command went to worker {owner!r}, but the job "
-                            f"is still {state} after {STOP_WAIT:.0f} s: that worker may be a SimpleWorker (which "
-                            f"cannot stop a running job), or not listening to its commands")
+                            f"is still {state} after {STOP_WAIT:.0f} s: that worker may not be listening to its "
+                            f"commands (or is a SimpleWorker not started as z4j_agentd.rq.SimpleWorker)")
 
     # -- retries ---------------------------------------------------------
 
@@ -273,8 +394,9 @@ class RqCommands:
         job id, `requeued: true`). Otherwise a new job is enqueued on the job's
         queue with its function and its args and kwargs (or the operator's
         override_args / override_kwargs), at `eta` if given. A running job
-        is refused. `priority` critical or high puts it at the front of its
-        queue."""
+        is refused, and so is a waiting one (queued, deferred, scheduled...):
+        it has not run, and a copy would run it twice. `priority` critical or
+        high puts it at the front of its queue."""
         params = _params(command)
         task_id = _task_id(command, "retry_task")
         return self._retry_one(task_id, params)
@@ -310,6 +432,10 @@ class RqCommands:
         if state == "started":
             raise CommandFailed(f"cannot retry {task_id}: it is running now (on worker {job.worker_name!r}); "
                                 f"cancel it first or wait for it to end")
+        if state in _WAITING:
+            raise CommandFailed(f"cannot retry {task_id}: it is {state} and has not run yet, so a retry would "
+                                f"enqueue a second copy of it (one that would not wait for what it depends on); "
+                                f"nothing was done. Wait for it to run, or cancel it and retry it then")
         registry = FailedJobRegistry(job.origin, connection=self.connection, job_class=self.worker.job_class,
                                      serializer=self.worker.serializer)
         if override_args is None and override_kwargs is None and eta is None and job.id in registry:
@@ -419,18 +545,28 @@ class RqCommands:
         from rq.registry import FailedJobRegistry
 
         names = [queue] if queue else self._queue_names()
+        keys = [FailedJobRegistry(name, connection=self.connection).key for name in names]
+        # Each registry's first offset+limit entries (newest first) are
+        # enough for the page; ZCARD counts the rest without reading them.
+        with self.connection.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.zcard(key)
+                pipe.zrevrange(key, 0, offset + limit - 1, withscores=True)
+            replies = pipe.execute()
+        total = 0
         scored: List[Tuple[float, str, str]] = []
-        for name in names:
-            registry = FailedJobRegistry(name, connection=self.connection)
-            for job_id, score in self.connection.zrange(registry.key, 0, -1, withscores=True):
+        for i, name in enumerate(names):
+            total += int(replies[2 * i] or 0)
+            for job_id, score in replies[2 * i + 1]:
                 job_id = job_id.decode() if isinstance(job_id, bytes) else str(job_id)
-                scored.append((float(score), name, job_id))
-        scored.sort(key=lambda e: (-e[0], e[2]))
+                scored.append((float(score), job_id, name))
+        # ZREVRANGE's own order: score, then member, both descending.
+        scored.sort(reverse=True)
         page = scored[offset:offset + limit]
-        entries = [self._dead_letter(name, job_id) for _score, name, job_id in page]
+        entries = [self._dead_letter(name, job_id) for _score, job_id, name in page]
         following = offset + len(page)
-        return {"entries": entries, "next_cursor": str(following) if following < len(scored) else None,
-                "total": len(scored), "engine": ENGINE}
+        return {"entries": entries, "next_cursor": str(following) if following < total else None,
+                "total": total, "engine": ENGINE}
 
     def _dead_letter(self, queue: str, job_id: str) -> Dict[str, Any]:
         entry: Dict[str, Any] = {"task_id": job_id, "task_name": "", "queue": queue, "failed_at": None,
@@ -455,10 +591,14 @@ class RqCommands:
     # -- queues ----------------------------------------------------------
 
     def purge_queue(self, command: Dict[str, Any]) -> Dict[str, Any]:
-        """Empties a queue's waiting jobs at the depth the daemon confirmed:
-        measured again, and when it is not `expected_depth` nothing is
-        purged (unless `force`). Running, scheduled, deferred and failed jobs
-        stay (they are in RQ's registries, not the queue)."""
+        """Empties a queue's waiting jobs at the depth the daemon confirmed,
+        in one Lua script (PURGE_SCRIPT): the depth is measured again, and
+        when it is not `expected_depth` nothing is purged (unless `force`);
+        otherwise exactly those jobs are popped and deleted (their hash,
+        result and dependents keys, as RQ's Queue.empty does), so a job
+        enqueued meanwhile is either counted or stays. Running, scheduled,
+        deferred and failed jobs stay (they are in RQ's registries, not the
+        queue)."""
         params = _params(command)
         target = _target(command)
         queue = params.get("queue") or target.get("queue") or target.get("id")
@@ -475,27 +615,24 @@ class RqCommands:
         if expected is None and not force:
             raise BadCommand(f"purge_queue for queue {queue!r}: no expected_depth, so the purge is not "
                              f"confirmed; purge from the brain with the queue's observed depth (or force)")
-        with self._purge_lock:
-            rq_queue = self._queue(queue)
-            try:
-                depth = rq_queue.count
-            except Exception as exc:
-                raise CommandFailed(f"purge_queue for queue {queue!r}: its depth could not be measured "
-                                    f"({type(exc).__name__}: {self.scrub(str(exc))}); nothing was purged") from None
-            if not force and depth != expected:
-                raise CommandFailed(
-                    f"purge_queue for queue {queue!r}: it holds {depth} jobs now, the purge was confirmed at "
-                    f"{expected}; nothing was purged. Re-issue the purge with the current depth")
-            try:
-                purged = rq_queue.empty()
-            except Exception as exc:
-                raise CommandFailed(f"purge_queue for queue {queue!r} failed: {type(exc).__name__}: "
-                                    f"{self.scrub(str(exc))}") from None
-        purged = int(purged) if isinstance(purged, int) else None
-        result = {"queue": queue, "depth_before": depth, "purged": purged, "force": force}
-        if isinstance(purged, int) and purged > depth:
-            result["note"] = f"{purged - depth} job(s) arrived between the measure and the purge and were purged too"
-        return result
+        rq_queue = self._queue(queue)
+        try:
+            done, depth, purged = self._purge_script()(
+                keys=[rq_queue.key], args=["1" if force else "0", -1 if expected is None else expected,
+                                           self.worker.job_class.redis_job_namespace_prefix, _result_prefix()])
+        except Exception as exc:
+            raise CommandFailed(f"purge_queue for queue {queue!r} failed: {type(exc).__name__}: "
+                                f"{self.scrub(str(exc))}; nothing was purged") from None
+        if not done:
+            raise CommandFailed(
+                f"purge_queue for queue {queue!r}: it holds {depth} jobs now, the purge was confirmed at "
+                f"{expected}; nothing was purged. Re-issue the purge with the current depth")
+        return {"queue": queue, "depth_before": int(depth), "purged": int(purged), "force": force}
+
+    def _purge_script(self) -> Any:
+        if self._purge is None:
+            self._purge = self.connection.register_script(PURGE_SCRIPT)
+        return self._purge
 
     # -- submit and reconcile --------------------------------------------
 

@@ -185,9 +185,9 @@ class HealthSource:
             "birth": _iso(born),
         }
         active = []
-        for execution in self._executions(fresh):
-            entry = {"id": execution.job_id}
-            name = self._job_name(execution.job_id)
+        for job_id in self._running_job_ids(fresh):
+            entry = {"id": job_id}
+            name = self._job_name(job_id)
             if name:
                 entry["name"] = name
             active.append(entry)
@@ -196,9 +196,14 @@ class HealthSource:
                 "active_queues": [{"name": str(n)} for n in mine.queue_names()]}
 
     @staticmethod
-    def _executions(worker: Any) -> List[Any]:
+    def _running_job_ids(worker: Any) -> List[str]:
+        """The jobs the worker runs now: its executions (RQ 3), else its
+        current job (RQ 2 keeps one id in the worker's hash)."""
         try:
-            return list(worker.get_current_executions(refresh=True))
+            if hasattr(worker, "get_current_executions"):
+                return [str(e.job_id) for e in worker.get_current_executions(refresh=True)]
+            current = worker.get_current_job_id()
+            return [current.decode() if isinstance(current, bytes) else str(current)] if current else []
         except Exception:
             return []
 
