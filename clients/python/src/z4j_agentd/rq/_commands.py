@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 from .._jsonsafe import json_safe
 from .._redact import scrub_text
 from . import _health
+from .._integration import BadCommand, CommandFailed, params as _params, target as _target, task_id as _command_task_id
 
 ENGINE = "rq"
 
@@ -76,33 +77,8 @@ _WAITING = ("queued", "deferred", "scheduled", "created", "rate_limited", "ready
 _ENDED = ("finished", "failed", "stopped", "canceled")
 
 
-class BadCommand(ValueError):
-    """The command's parameters cannot work; the message says what to change."""
-
-
-class CommandFailed(RuntimeError):
-    """RQ or Redis did not do what the command asked."""
-
-
-def _params(command: Mapping[str, Any]) -> Dict[str, Any]:
-    params = command.get("parameters")
-    return params if isinstance(params, dict) else {}
-
-
-def _target(command: Mapping[str, Any]) -> Dict[str, Any]:
-    target = command.get("target")
-    return target if isinstance(target, dict) else {}
-
-
 def _task_id(command: Mapping[str, Any], action: str) -> str:
-    task_id = _params(command).get("task_id")
-    if task_id is None:
-        ident = _target(command).get("id")
-        if isinstance(ident, str):
-            task_id = ident[len(ENGINE) + 1:] if ident.startswith(f"{ENGINE}:") else ident
-    if not isinstance(task_id, str) or not task_id.strip():
-        raise BadCommand(f"{action} needs parameters.task_id (the RQ job id)")
-    return task_id.strip()
+    return _command_task_id(command, ENGINE, action, "the RQ job id")
 
 
 def status_of(job: Any) -> str:

@@ -29,6 +29,7 @@ from datetime import datetime, timezone
 from typing import Any, Dict, List, Optional
 
 from .._redact import scrub_text
+from .. import _integration
 
 log = logging.getLogger("z4j_agentd.rq")
 
@@ -45,20 +46,9 @@ _URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<auth>[
 
 
 def interval_from_env(default: float = DEFAULT_INTERVAL) -> float:
-    """$Z4J_RQ_HEALTH_INTERVAL in seconds, else `default`; a bad value is an
-    error saying what to set."""
-    raw = os.environ.get(INTERVAL_ENV, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{INTERVAL_ENV}={raw!r} is not a number: set seconds between health reports, "
-                         f"> 0 and at most 300 (default {DEFAULT_INTERVAL:.0f})") from None
-    if not 0 < value <= 300:
-        raise ValueError(f"{INTERVAL_ENV}={raw!r} is out of range: set seconds > 0 and at most 300 "
-                         f"(default {DEFAULT_INTERVAL:.0f})")
-    return value
+    """$Z4J_RQ_HEALTH_INTERVAL in seconds, else `default`; a bad value is an error
+    saying what to set."""
+    return _integration.interval_from_env(INTERVAL_ENV, default, DEFAULT_INTERVAL)
 
 
 def scrub(text: str, password: Optional[str] = None) -> str:

@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from .._jsonsafe import json_safe
 from .._redact import scrub_text
+from .._integration import BadCommand, CommandFailed, first as _first, params as _params, target as _target, task_id as _command_task_id
 
 ENGINE = "taskiq"
 
@@ -53,40 +54,8 @@ _MAX_EXCEPTION_CHARS = 2000
 _NO_PRIORITY = (None, "", "normal")
 
 
-class BadCommand(ValueError):
-    """The command's parameters cannot work; the message says what to change."""
-
-
-class CommandFailed(RuntimeError):
-    """TaskIQ or the broker did not do what the command asked."""
-
-
-def _params(command: Mapping[str, Any]) -> Dict[str, Any]:
-    params = command.get("parameters")
-    return params if isinstance(params, dict) else {}
-
-
-def _target(command: Mapping[str, Any]) -> Dict[str, Any]:
-    target = command.get("target")
-    return target if isinstance(target, dict) else {}
-
-
 def _task_id(command: Mapping[str, Any], action: str) -> str:
-    task_id = _params(command).get("task_id")
-    if not task_id:
-        ident = _target(command).get("id")
-        if isinstance(ident, str):
-            task_id = ident[len(ENGINE) + 1:] if ident.startswith(f"{ENGINE}:") else ident
-    if not isinstance(task_id, str) or not task_id.strip():
-        raise BadCommand(f"{action} needs parameters.task_id (the TaskIQ task id)")
-    return task_id.strip()
-
-
-def _first(*values: Any) -> Any:
-    for value in values:
-        if value is not None:
-            return value
-    return None
+    return _command_task_id(command, ENGINE, action, "the TaskIQ task id")
 
 
 def capabilities() -> Dict[str, List[str]]:

@@ -29,6 +29,7 @@ import time
 from typing import Any, Dict, Optional
 
 from .._redact import event_value, scrub_text
+from .. import _integration
 
 log = logging.getLogger("z4j_agentd.taskiq")
 
@@ -48,20 +49,9 @@ _INT_MAX = 2**31 - 1
 
 
 def interval_from_env(default: float = DEFAULT_INTERVAL) -> float:
-    """$Z4J_TASKIQ_HEALTH_INTERVAL in seconds, else `default`; a bad value is
-    an error saying what to set."""
-    raw = os.environ.get(INTERVAL_ENV, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{INTERVAL_ENV}={raw!r} is not a number: set seconds between health reports, "
-                         f"> 0 and at most 300 (default {DEFAULT_INTERVAL:.0f})") from None
-    if not 0 < value <= 300:
-        raise ValueError(f"{INTERVAL_ENV}={raw!r} is out of range: set seconds > 0 and at most 300 "
-                         f"(default {DEFAULT_INTERVAL:.0f})")
-    return value
+    """$Z4J_TASKIQ_HEALTH_INTERVAL in seconds, else `default`; a bad value is an error
+    saying what to set."""
+    return _integration.interval_from_env(INTERVAL_ENV, default, DEFAULT_INTERVAL)
 
 
 def depth_probe(broker: Any) -> Optional[Any]:
