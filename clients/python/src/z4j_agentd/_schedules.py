@@ -344,6 +344,44 @@ def keep_left_out_arguments(definition: Mapping[str, Any], row: Mapping[str, Any
                      f"update from the brain must leave them as the page shows them")
 
 
+def check_definition_types(spec: Mapping[str, Any]) -> None:
+    """Refuses a field of the brain's definition (a create or update) of
+    the wrong type, saying which: `name` and `task_name` non-empty strings,
+    `kind` and `expression` strings, `args` a list, `kwargs` an object,
+    `is_enabled` true or false, `queue` a string or null. What a scheduler
+    checks beyond (its timezones, its cron dialect) it checks itself."""
+    for field in ("name", "task_name"):
+        if field in spec and (not isinstance(spec[field], str) or not spec[field].strip()):
+            raise ValueError(f"{field} must be a non-empty string, got {spec[field]!r}")
+    for field in ("kind", "expression"):
+        if field in spec and not isinstance(spec[field], str):
+            raise ValueError(f"{field} must be a string, got {spec[field]!r}")
+    if "args" in spec and not isinstance(spec["args"], list):
+        raise ValueError(f"args must be a list, got {spec['args']!r}")
+    if "kwargs" in spec and not isinstance(spec["kwargs"], dict):
+        raise ValueError(f"kwargs must be an object, got {spec['kwargs']!r}")
+    if "is_enabled" in spec and not isinstance(spec["is_enabled"], bool):
+        raise ValueError(f"is_enabled must be true or false, got {spec['is_enabled']!r}")
+    if "queue" in spec and spec["queue"] is not None and not isinstance(spec["queue"], str):
+        raise ValueError(f"queue must be a string or null, got {spec['queue']!r}")
+
+
+def durable_sender(client: Any, timeout: float = 10.0) -> Callable[[List[Dict[str, Any]]], Any]:
+    """What a scheduler hands its `ExternalScheduler` to send snapshot
+    events: the client's `send_durable`, tried twice: after a daemon
+    restart the first try finds the old connection closed, the second opens
+    a new one (the brain takes a frame it already has as a replay)."""
+    from .client import DaemonUnavailable
+
+    def send(events: List[Dict[str, Any]]) -> Any:
+        try:
+            return client.send_durable(events, timeout=timeout)
+        except DaemonUnavailable:
+            return client.send_durable(events, timeout=timeout)
+
+    return send
+
+
 def _chunks(rows: List[Dict[str, Any]], limit: int) -> List[List[Dict[str, Any]]]:
     chunks: List[List[Dict[str, Any]]] = []
     current: List[Dict[str, Any]] = []

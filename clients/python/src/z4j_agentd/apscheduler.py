@@ -54,8 +54,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
 from ._jsonsafe import json_safe
 from ._redact import scrub_text
 from ._schedule_args import data_changes
-from ._schedules import MUTATION, STABLE_SNAPSHOT, Conflict, ExternalScheduler, Source, configuration, fit_row, \
-    normalize_row
+from ._schedules import (MUTATION, STABLE_SNAPSHOT, Conflict, ExternalScheduler, Source, check_definition_types,
+                         configuration, durable_sender, fit_row, normalize_row)
 
 log = logging.getLogger("z4j_agentd.apscheduler")
 
@@ -595,39 +595,15 @@ def _check_future(trigger: Any, name: str) -> None:
 
 
 def _check_definition(spec: Mapping[str, Any]) -> None:
-    """Refuses a field of the brain's definition of the wrong type, saying which."""
-    for field in ("name", "task_name"):
-        if field in spec and (not isinstance(spec[field], str) or not spec[field].strip()):
-            raise ValueError(f"{field} must be a non-empty string, got {spec[field]!r}")
-    for field in ("kind", "expression", "timezone"):
-        if field in spec and not isinstance(spec[field], str):
-            raise ValueError(f"{field} must be a string, got {spec[field]!r}")
-    if "args" in spec and not isinstance(spec["args"], list):
-        raise ValueError(f"args must be a list, got {spec['args']!r}")
-    if "kwargs" in spec and not isinstance(spec["kwargs"], dict):
-        raise ValueError(f"kwargs must be an object, got {spec['kwargs']!r}")
-    if "is_enabled" in spec and not isinstance(spec["is_enabled"], bool):
-        raise ValueError(f"is_enabled must be true or false, got {spec['is_enabled']!r}")
-    if "queue" in spec and spec["queue"] is not None and not isinstance(spec["queue"], str):
-        raise ValueError(f"queue must be a string or null, got {spec['queue']!r}")
+    """Refuses a field of the brain's definition of the wrong type."""
+    check_definition_types(spec)
+    if "timezone" in spec and not isinstance(spec["timezone"], str):
+        raise ValueError(f"timezone must be a string, got {spec['timezone']!r}")
 
 
 # ---------------------------------------------------------------------------
 # wiring
 
-
-def _sender(client: Any) -> Callable[[List[Dict[str, Any]]], Any]:
-    """`send_durable`, tried twice: after a daemon restart the first try
-    finds the old connection closed, the second opens a new one."""
-    from .client import DaemonUnavailable
-
-    def send(events: List[Dict[str, Any]]) -> Any:
-        try:
-            return client.send_durable(events, timeout=SEND_TIMEOUT)
-        except DaemonUnavailable:
-            return client.send_durable(events, timeout=SEND_TIMEOUT)
-
-    return send
 
 
 def default_state_path() -> str:
@@ -666,7 +642,7 @@ def install(scheduler: Any, client: Any = None, *, serve_commands: bool = True, 
                                         EVENT_JOB_REMOVED, EVENT_JOB_SUBMITTED, EVENT_JOBSTORE_ADDED,
                                         EVENT_JOBSTORE_REMOVED, EVENT_SCHEDULER_PAUSED, EVENT_SCHEDULER_RESUMED,
                                         EVENT_SCHEDULER_STARTED)
-        stream = ExternalScheduler(SCHEDULER, source, _sender(client), poll_interval=POLL_SECONDS,
+        stream = ExternalScheduler(SCHEDULER, source, durable_sender(client, SEND_TIMEOUT), poll_interval=POLL_SECONDS,
                                    min_interval=MIN_SNAPSHOT_SECONDS,
                                    state_path=state_path or default_state_path())
         if state_path is None:

@@ -57,7 +57,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from .._jsonsafe import json_safe
-from .._schedules import MUTATION, STABLE_SNAPSHOT, Conflict, ExternalScheduler, Source
+from .._schedules import MUTATION, STABLE_SNAPSHOT, Conflict, ExternalScheduler, Source, check_definition_types, durable_sender
 
 log = logging.getLogger("z4j_agentd.celery.beat")
 
@@ -555,20 +555,7 @@ _MAX_EVERY = 2**31 - 1
 def _check_definition(spec: Mapping[str, Any], kind: str, *, timezone: Any = None) -> None:
     """Refuses a field of the brain's definition of the wrong type, saying
     which; `timezone` is the schedule's timezone after the change."""
-    for field in ("name", "task_name"):
-        if field in spec and (not isinstance(spec[field], str) or not spec[field].strip()):
-            raise ValueError(f"{field} must be a non-empty string, got {spec[field]!r}")
-    for field in ("kind", "expression"):
-        if field in spec and not isinstance(spec[field], str):
-            raise ValueError(f"{field} must be a string, got {spec[field]!r}")
-    if "args" in spec and not isinstance(spec["args"], list):
-        raise ValueError(f"args must be a list, got {spec['args']!r}")
-    if "kwargs" in spec and not isinstance(spec["kwargs"], dict):
-        raise ValueError(f"kwargs must be an object, got {spec['kwargs']!r}")
-    if "is_enabled" in spec and not isinstance(spec["is_enabled"], bool):
-        raise ValueError(f"is_enabled must be true or false, got {spec['is_enabled']!r}")
-    if "queue" in spec and spec["queue"] is not None and not isinstance(spec["queue"], str):
-        raise ValueError(f"queue must be a string or null, got {spec['queue']!r}")
+    check_definition_types(spec)
     tz = spec.get("timezone", timezone)
     if tz is not None and not isinstance(tz, str):
         raise ValueError(f"timezone must be a string, got {tz!r}")
@@ -621,20 +608,6 @@ def _watch_sends(scheduler: Any, stream: Any, source: _BeatSource) -> None:
     scheduler.apply_async = apply_async
 
 
-def _sender(client: Any) -> Callable[[List[Dict[str, Any]]], Any]:
-    """`send_durable`, tried twice: after a daemon restart the first try
-    finds the old connection closed, the second opens a new one. The same
-    events go again: the brain takes a frame it already has as a replay."""
-    from ..client import DaemonUnavailable
-
-    def send(events: List[Dict[str, Any]]) -> Any:
-        try:
-            return client.send_durable(events, timeout=SEND_TIMEOUT)
-        except DaemonUnavailable:
-            return client.send_durable(events, timeout=SEND_TIMEOUT)
-
-    return send
-
 
 def state_path(service: Any) -> Optional[str]:
     """Where beat's process keeps the rows it last published: beside beat's
@@ -659,7 +632,7 @@ def start(hooks: Any, service: Any) -> Optional[ExternalScheduler]:
     scheduler = service.scheduler
     client = hooks.client
     source = source_for(hooks.app, scheduler)
-    stream = ExternalScheduler(SCHEDULER, source, _sender(client),
+    stream = ExternalScheduler(SCHEDULER, source, durable_sender(client, SEND_TIMEOUT),
                                poll_interval=POLL_SECONDS, min_interval=MIN_SNAPSHOT_SECONDS,
                                state_path=state_path(service))
     _watch_sends(scheduler, stream, source)

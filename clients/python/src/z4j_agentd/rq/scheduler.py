@@ -61,8 +61,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 from .._jsonsafe import json_safe
 from .._redact import scrub_text
 from .._schedule_args import data_changes
-from .._schedules import MUTATION, STABLE_SNAPSHOT, Conflict, ExternalScheduler, Source, configuration, fit_row, \
-    normalize_row
+from .._schedules import (MUTATION, STABLE_SNAPSHOT, Conflict, ExternalScheduler, Source, check_definition_types,
+                          configuration, durable_sender, fit_row, normalize_row)
 
 log = logging.getLogger("z4j_agentd.rq.scheduler")
 
@@ -624,41 +624,20 @@ def _func_path(task_name: str) -> str:
 
 
 def _check_definition(spec: Mapping[str, Any]) -> None:
-    for field in ("name", "task_name"):
-        if field in spec and (not isinstance(spec[field], str) or not spec[field].strip()):
-            raise ValueError(f"{field} must be a non-empty string, got {spec[field]!r}")
+    check_definition_types(spec)
     if "name" in spec and len(spec["name"].strip()) > 200:
         raise ValueError("name is at most 200 characters")
-    for field in ("kind", "expression", "timezone"):
-        if field in spec and not isinstance(spec[field], str):
-            raise ValueError(f"{field} must be a string, got {spec[field]!r}")
+    if "timezone" in spec and not isinstance(spec["timezone"], str):
+        raise ValueError(f"timezone must be a string, got {spec['timezone']!r}")
     if "task_name" in spec:
         _func_path(spec["task_name"])
-    if "args" in spec and not isinstance(spec["args"], list):
-        raise ValueError(f"args must be a list, got {spec['args']!r}")
-    if "kwargs" in spec and not isinstance(spec["kwargs"], dict):
-        raise ValueError(f"kwargs must be an object, got {spec['kwargs']!r}")
-    if "is_enabled" in spec and not isinstance(spec["is_enabled"], bool):
-        raise ValueError(f"is_enabled must be true or false, got {spec['is_enabled']!r}")
-    if "queue" in spec and spec["queue"] is not None and (not isinstance(spec["queue"], str)
-                                                          or not spec["queue"].strip()):
+    if "queue" in spec and spec["queue"] is not None and not spec["queue"].strip():
         raise ValueError(f"queue must be a queue name or null, got {spec['queue']!r}")
 
 
 # ---------------------------------------------------------------------------
 # wiring
 
-
-def _sender(client: Any) -> Callable[[List[Dict[str, Any]]], Any]:
-    from ..client import DaemonUnavailable
-
-    def send(events: List[Dict[str, Any]]) -> Any:
-        try:
-            return client.send_durable(events, timeout=SEND_TIMEOUT)
-        except DaemonUnavailable:
-            return client.send_durable(events, timeout=SEND_TIMEOUT)
-
-    return send
 
 
 def default_state_path(scheduler: Any) -> str:
@@ -698,7 +677,7 @@ def install(scheduler: Any, client: Any = None, *, serve_commands: bool = True,
         path = state_path or default_state_path(scheduler)
         if state_path is None:
             os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        stream = ExternalScheduler(SCHEDULER, source, _sender(client), poll_interval=POLL_SECONDS,
+        stream = ExternalScheduler(SCHEDULER, source, durable_sender(client, SEND_TIMEOUT), poll_interval=POLL_SECONDS,
                                    min_interval=MIN_SNAPSHOT_SECONDS, state_path=path)
         original = scheduler.enqueue_job
 

@@ -66,7 +66,7 @@ from .._jsonsafe import json_safe
 from .._redact import scrub_text
 from .._schedules import (
     MUTATION, ROW_PAYLOAD_BYTES, STABLE_SNAPSHOT, Conflict, ExternalScheduler, Source, canonical_json,
-    configuration, fit_row, frame_bytes, keep_left_out_arguments, normalize_row,
+    check_definition_types, configuration, durable_sender, fit_row, frame_bytes, keep_left_out_arguments, normalize_row,
 )
 
 log = logging.getLogger("z4j_agentd.taskiq.scheduler")
@@ -821,18 +821,7 @@ class SchedulerSource(Source):
 
 def _check_definition(spec: Mapping[str, Any]) -> None:
     """Refuses a field of the brain's definition of the wrong type."""
-    for field in ("name", "task_name"):
-        if field in spec and (not isinstance(spec[field], str) or not spec[field].strip()):
-            raise ValueError(f"{field} must be a non-empty string, got {spec[field]!r}")
-    for field in ("kind", "expression"):
-        if field in spec and not isinstance(spec[field], str):
-            raise ValueError(f"{field} must be a string, got {spec[field]!r}")
-    if "args" in spec and not isinstance(spec["args"], list):
-        raise ValueError(f"args must be a list, got {spec['args']!r}")
-    if "kwargs" in spec and not isinstance(spec["kwargs"], dict):
-        raise ValueError(f"kwargs must be an object, got {spec['kwargs']!r}")
-    if "is_enabled" in spec and not isinstance(spec["is_enabled"], bool):
-        raise ValueError(f"is_enabled must be true or false, got {spec['is_enabled']!r}")
+    check_definition_types(spec)
     if "timezone" in spec and spec["timezone"] is not None and not isinstance(spec["timezone"], str):
         raise ValueError(f"timezone must be a string, got {spec['timezone']!r}")
 
@@ -840,19 +829,6 @@ def _check_definition(spec: Mapping[str, Any]) -> None:
 # ---------------------------------------------------------------------------
 # wiring
 
-
-def _sender(client: Any) -> Callable[[List[Dict[str, Any]]], Any]:
-    """`send_durable`, tried twice: after a daemon restart the first try
-    finds the old connection closed, the second opens a new one."""
-    from ..client import DaemonUnavailable
-
-    def send(events: List[Dict[str, Any]]) -> Any:
-        try:
-            return client.send_durable(events, timeout=SEND_TIMEOUT)
-        except DaemonUnavailable:
-            return client.send_durable(events, timeout=SEND_TIMEOUT)
-
-    return send
 
 
 class _Installation:
@@ -915,7 +891,7 @@ def start(scheduler: Any, loop: Optional[asyncio.AbstractEventLoop] = None, clie
             client = get_client()
         source = SchedulerSource(scheduler, loop, read_interval=_read_interval(read_interval))
         path = os.path.abspath(state_path or os.environ.get("Z4J_TASKIQ_SCHEDULER_STATE") or STATE_FILE)
-        stream = ExternalScheduler(SCHEDULER, source, _sender(client), poll_interval=POLL_SECONDS,
+        stream = ExternalScheduler(SCHEDULER, source, durable_sender(client, SEND_TIMEOUT), poll_interval=POLL_SECONDS,
                                    min_interval=MIN_SNAPSHOT_SECONDS, state_path=path)
         source.changed = stream.changed
         source.watch()
