@@ -719,12 +719,12 @@ def test_a_result_read_back_for_reconcile_is_redacted(setup):
 def test_exception_texts_are_scrubbed_before_they_are_cut():
     secret = " redis://user:sup3rsecret@db.example:6379"
     # The cut of the message falls inside the URL, before its '@'.
-    message = zd._exception_message(RuntimeError("x" * (zd.MAX_TRACEBACK_CHARS - 20) + secret))
+    message = zd.exception_message(RuntimeError("x" * (zd.MAX_TRACEBACK_CHARS - 20) + secret))
     assert "sup3rs" not in message and len(message) <= zd.MAX_TRACEBACK_CHARS
     try:
         raise RuntimeError("y" * (zd.MAX_TRACEBACK_CHARS // 2 - 60) + secret + "z" * 10_000)
     except RuntimeError as exc:
-        text = zd._traceback_text(exc)
+        text = zd.exception_traceback(exc)
     assert "sup3rs" not in text and len(text) <= zd.MAX_TRACEBACK_CHARS, text[1900:2200]
 
 
@@ -732,11 +732,11 @@ def test_a_huge_exception_text_is_scrubbed_within_a_bound():
     secret = " redis://user:sup3rsecret@db.example:6379 "
     text = secret + "x" * 50_000_000 + secret
     t0 = time.monotonic()
-    message = zd._exception_message(RuntimeError(text))
+    message = zd.exception_message(RuntimeError(text))
     try:
         raise RuntimeError(text)
     except RuntimeError as exc:
-        tb = zd._traceback_text(exc)
+        tb = zd.exception_traceback(exc)
     assert "sup3rs" not in message + tb and len(tb) <= zd.MAX_TRACEBACK_CHARS
     assert tb.rstrip().endswith("db.example:6379"), tb[-100:]
     assert time.monotonic() - t0 < 10  # a bound against scrubbing 50 MB in the message's thread

@@ -176,7 +176,7 @@ def test_helpers_read_rq_tracebacks():
         (None, "Job stopped by user, work-horse terminated.")
     assert zrq.exception_of("") == (None, None)
     long = "x" * 10000
-    assert len(zrq.cut_traceback(long)) <= zrq.MAX_TRACEBACK_CHARS
+    assert len(zrq.cut_text(long)) <= zrq.MAX_TRACEBACK_CHARS
 
 
 # ---------------------------------------------------------------- install

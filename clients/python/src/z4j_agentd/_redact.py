@@ -17,6 +17,11 @@ Before they do, every integration passes them through here:
   start of a PEM private key, and the well-known API-key shapes (Stripe,
   Slack, GitHub, AWS, Google, SendGrid). The rest of the text stays, so a
   traceback keeps its use.
+* `exception_message(exc)`, `cut_text(text)`, `exception_traceback(exc)`:
+  an event's `exception_message` and `traceback`, scrubbed before they are
+  cut to 4,096 characters (a traceback keeps its start and its end, where
+  the error is), so a secret straddling the cut is never split out of the
+  scrub's sight; only a bounded span of a huge text is scrubbed.
 * `event_value(value, max_bytes)`: what an event's `args`, `kwargs` and
   `result` are: first cut to about `max_bytes` (a long string keeps its
   start, a long list or dict its first items, with a note of what was left
@@ -36,7 +41,8 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, FrozenSet, List
+import traceback as _traceback
+from typing import Any, FrozenSet, List, Optional
 
 from ._jsonsafe import MAX_DEPTH, bounded, json_safe
 
@@ -181,3 +187,53 @@ def event_value(value: Any, max_bytes: int = 65536) -> Any:
     `max_bytes` as JSON."""
     extra = _extra_keys()
     return bounded(_scrub(json_safe(_prune(value, [max_bytes + 1024], extra)), extra), max_bytes)
+
+
+#: An exception message or traceback is cut to this many characters.
+MAX_TEXT_CHARS = 4096
+#: What marks the cut in a traceback.
+CUT = "\n[... cut by z4j-agentd-client ...]\n"
+#: Only this much of a text's start (and end) is scrubbed: far more than is
+#: kept, so no secret split there reaches what is kept, and a huge text
+#: costs no more than this.
+_TEXT_SCRUB_SPAN = 4 * MAX_TEXT_CHARS
+
+
+def exception_message(exc: Any, limit: int = MAX_TEXT_CHARS) -> Optional[str]:
+    """`str(exc)` (its `repr()` when that fails), scrubbed, then cut to
+    `limit` characters; None for None."""
+    if exc is None:
+        return None
+    try:
+        text = str(exc)
+    except Exception:
+        try:
+            text = repr(exc)
+        except Exception:
+            text = f"<{type(exc).__name__}>"
+    return scrub_text(text[:max(limit, _TEXT_SCRUB_SPAN)])[:limit]
+
+
+def cut_text(text: Any, limit: int = MAX_TEXT_CHARS) -> Optional[str]:
+    """A traceback (or any long text) scrubbed, then cut to `limit`
+    characters keeping its start and its end; None for no text."""
+    if not isinstance(text, str) or not text:
+        return None
+    span = max(limit, _TEXT_SCRUB_SPAN)
+    if len(text) > 2 * span:
+        text = text[:span] + CUT + text[-span:]
+    text = scrub_text(text)
+    if len(text) > limit:
+        half = (limit - len(CUT)) // 2
+        text = text[:half] + CUT + text[-half:]
+    return text
+
+
+def exception_traceback(exc: Any, fallback: Any = None, limit: int = MAX_TEXT_CHARS) -> Optional[str]:
+    """The exception's formatted traceback through `cut_text`; `fallback`
+    (a text) when it cannot be formatted."""
+    try:
+        text = "".join(_traceback.format_exception(type(exc), exc, getattr(exc, "__traceback__", None)))
+    except Exception:
+        text = fallback
+    return cut_text(text, limit)

@@ -76,14 +76,12 @@ import traceback as _traceback
 from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from .._redact import event_value, scrub_text
+from .._redact import cut_text, event_value, exception_message
 from ..client import Client, get_client
 
 log = logging.getLogger("z4j_agentd.arq")
 
 ENGINE = "arq"
-#: A traceback is cut to this many characters (as the Celery integration does).
-MAX_TRACEBACK_CHARS = 4096
 #: args, kwargs and results longer than this as JSON are replaced by their start.
 MAX_VALUE_BYTES = 64 * 1024
 #: Jobs whose task.received this process sent (a retried job comes back
@@ -102,7 +100,6 @@ MAX_LOG_NOTES = 1000
 HOOKS = ("on_startup", "on_shutdown", "after_job_end")
 DEFAULT_QUEUE = "arq:queue"
 _MARK = "__z4j_agentd_arq__"
-_CUT = "\n[... cut by z4j-agentd-client ...]\n"
 
 
 def _compact(data: Dict[str, Any], keep_none: Tuple[str, ...] = ()) -> Dict[str, Any]:
@@ -118,27 +115,6 @@ def _function_name(fn: Any) -> Optional[str]:
         return name
     name = getattr(fn, "__qualname__", None)
     return name if isinstance(name, str) else None
-
-
-def _cut(text: Optional[str]) -> Optional[str]:
-    if text and len(text) > MAX_TRACEBACK_CHARS:
-        half = (MAX_TRACEBACK_CHARS - len(_CUT)) // 2
-        text = text[:half] + _CUT + text[-half:]
-    return text
-
-
-def _cut_traceback(text: Optional[str]) -> Optional[str]:
-    return scrub_text(_cut(text))
-
-
-def _exception_message(exc: Any) -> Optional[str]:
-    if exc is None:
-        return None
-    try:
-        text = str(exc)
-    except Exception:
-        text = repr(exc)
-    return scrub_text(text[:MAX_TRACEBACK_CHARS])
 
 
 def _ms(start: Any, end: Any) -> Optional[int]:
@@ -664,7 +640,7 @@ class _Integration:
 
             if isinstance(exc, Retry):  # a failure like the rest when the worker has retry_jobs off
                 run.failure, run.defer = "retry", getattr(exc, "defer_score", None)
-                run.exception, run.message = "Retry", _exception_message(exc)
+                run.exception, run.message = "Retry", exception_message(exc)
             elif isinstance(exc, asyncio.CancelledError):
                 run.failure = "cancelled"
                 job_id = str(ctx.get("job_id") or "")
@@ -679,10 +655,10 @@ class _Integration:
             else:
                 run.failure = "error"
                 run.exception = type(exc).__name__
-                run.message = _exception_message(exc)
+                run.message = exception_message(exc)
                 tb = exc.__traceback__
                 tb = tb.tb_next or tb if tb is not None else None  # from the job's function on, not this wrapper
-                run.traceback = _cut("".join(_traceback.format_exception(type(exc), exc, tb)))
+                run.traceback = cut_text("".join(_traceback.format_exception(type(exc), exc, tb)))
         except Exception:
             log.debug("z4j-agentd: arq job end not recorded", exc_info=True)
             run.failure = run.failure or "error"
@@ -800,16 +776,15 @@ class _Integration:
             tb_text = "".join(_traceback.format_exception_only(type(exc), exc))
         if exception is None:
             exception = type(exc).__name__ if isinstance(exc, BaseException) else None
-            message = _exception_message(exc) if isinstance(exc, BaseException) else (
-                scrub_text(str(exc)[:MAX_TRACEBACK_CHARS]) if exc is not None else None)
+            message = exception_message(exc)
         if exception is None and tb_text:
             # The last line of the traceback: "ValueError: text".
             last = tb_text.strip().splitlines()[-1]
             exception = last.split(":", 1)[0].strip() or None
-            message = message or _exception_message(last.split(":", 1)[1].strip() if ":" in last else "")
+            message = message or exception_message(last.split(":", 1)[1].strip() if ":" in last else "")
         self._emit_end("task.failed", job_id, _compact({
             **base, "exception": exception, "exception_message": message,
-            "traceback": _cut_traceback(tb_text), "runtime_ms": runtime_ms, "retry_count": retries}))
+            "traceback": cut_text(tb_text), "runtime_ms": runtime_ms, "retry_count": retries}))
 
     def _count(self, outcome: str) -> None:
         with self._lock:

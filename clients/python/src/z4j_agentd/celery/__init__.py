@@ -56,7 +56,7 @@ import traceback as _traceback
 from collections import OrderedDict
 from typing import Any, Dict, Optional, Tuple
 
-from .._redact import event_value, scrub_text
+from .._redact import MAX_TEXT_CHARS, cut_text, event_value, exception_message
 from ..client import Client, get_client
 from . import _commands, _health
 from ._util import attr as _get
@@ -66,7 +66,7 @@ log = logging.getLogger("z4j_agentd.celery")
 
 ENGINE = "celery"
 #: A traceback is cut to this many characters (as z4j-celery does).
-MAX_TRACEBACK_CHARS = 4096
+MAX_TRACEBACK_CHARS = MAX_TEXT_CHARS
 #: args, kwargs and results longer than this as JSON are replaced by their start.
 MAX_VALUE_BYTES = 64 * 1024
 #: Tasks whose name and queue the process serving commands remembers for
@@ -96,7 +96,6 @@ _JSON_CONTENT_TYPES = (None, "", "application/json")
 #: Start times kept for runtime_ms before the oldest are forgotten.
 MAX_STARTED = 10000
 
-_CUT = "\n[... cut by z4j-agentd-client ...]\n"
 
 
 def _queue_of(request: Any) -> Optional[str]:
@@ -302,21 +301,13 @@ class _Hooks:
                         getattr(exception, "__traceback__", None)))
                 else:
                     tb_text = None
-            if tb_text and len(tb_text) > MAX_TRACEBACK_CHARS:
-                # Keep where it started and how it ended (the error line).
-                half = (MAX_TRACEBACK_CHARS - len(_CUT)) // 2
-                # Each part scrubbed with a margin before it is cut, so a secret
-                # straddling a cut is still seen whole.
-                tb_text = (scrub_text(tb_text[:half + 512])[:half] + _CUT
-                           + scrub_text(tb_text[-(half + 512):])[-half:])
-            else:
-                tb_text = scrub_text(tb_text)
+            tb_text = cut_text(tb_text)  # scrubbed, then cut to its start and its end
             self.emit("task.failed", task_id, _compact({
                 "task_name": _get(sender, "name"),
                 "queue": _queue_of(request),
                 "worker": _get(request, "hostname"),
                 "exception": type(exception).__name__ if exception is not None else None,
-                "exception_message": _exception_message(exception),
+                "exception_message": exception_message(exception),
                 "traceback": tb_text,
                 "runtime_ms": self._runtime_ms(task_id),
             }))
@@ -332,7 +323,7 @@ class _Hooks:
                 "task_name": _get(sender, "name") or _get(request, "task"),
                 "queue": _queue_of(request),
                 "worker": _get(request, "hostname"),
-                "reason": _exception_message(reason) if reason is not None else None,
+                "reason": exception_message(reason) if reason is not None else None,
                 # The retry about to be sent is number retries + 1.
                 "retry_count": (retries if isinstance(retries, int) else 0) + 1,
             }))
@@ -543,15 +534,6 @@ def _arguments_blob(args: Any, kwargs: Any, content_type: Any) -> Tuple[Optional
     if len(blob) > MAX_REMEMBERED_ARGS_BYTES:
         return None, len(blob), _WHY_TOO_LARGE
     return blob, len(blob), ""
-
-
-def _exception_message(exc: Any) -> Optional[str]:
-    if exc is None:
-        return None
-    try:
-        return scrub_text(str(exc)[:MAX_TRACEBACK_CHARS + 512])[:MAX_TRACEBACK_CHARS]
-    except Exception:
-        return scrub_text(repr(exc)[:MAX_TRACEBACK_CHARS + 512])[:MAX_TRACEBACK_CHARS]
 
 
 _installed: Optional[_Hooks] = None

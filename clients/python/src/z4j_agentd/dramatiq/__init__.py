@@ -69,7 +69,6 @@ import socket
 import sys
 import threading
 import time
-import traceback as _traceback
 from collections import OrderedDict
 from datetime import datetime, timezone
 from typing import Any, Dict, Optional, Tuple
@@ -78,14 +77,14 @@ import dramatiq
 from dramatiq.common import q_name
 from dramatiq.middleware import Middleware
 
-from .._redact import event_value, scrub_text
+from .._redact import MAX_TEXT_CHARS, event_value, exception_message, exception_traceback
 from ..client import Client, get_client
 
 log = logging.getLogger("z4j_agentd.dramatiq")
 
 ENGINE = "dramatiq"
-#: A traceback is cut to this many characters (as z4j-dramatiq does).
-MAX_TRACEBACK_CHARS = 4096
+#: A traceback or exception message is cut to this many characters.
+MAX_TRACEBACK_CHARS = MAX_TEXT_CHARS
 #: args, kwargs and results longer than this as JSON are replaced by their start.
 MAX_VALUE_BYTES = 64 * 1024
 #: Messages whose name, queue and arguments a worker process remembers
@@ -113,11 +112,6 @@ MAX_ABORTED = 1000
 PARENT_OPTION = "z4j_parent"
 ROOT_OPTION = "z4j_root"
 
-_CUT = "\n[... cut by z4j-agentd-client ...]\n"
-#: Texts are scrubbed before they are cut, but only this much of their
-#: start (and end) is scrubbed: far more than is kept, so no secret split
-#: there reaches what is kept, and a huge text costs no more than this.
-_SCRUB_SPAN = 4 * MAX_TRACEBACK_CHARS
 
 
 def worker_name(pid: Optional[int] = None) -> str:
@@ -127,35 +121,6 @@ def worker_name(pid: Optional[int] = None) -> str:
 
 def _compact(data: Dict[str, Any], keep_none: Tuple[str, ...] = ()) -> Dict[str, Any]:
     return {k: v for k, v in data.items() if v is not None or k in keep_none}
-
-
-def _exception_message(exc: Any) -> Optional[str]:
-    """Scrubbed first, then cut: a cut could split a secret so that the
-    scrub no longer recognises it."""
-    if exc is None:
-        return None
-    try:
-        text = str(exc)
-    except Exception:
-        text = repr(exc)
-    return scrub_text(text[:_SCRUB_SPAN])[:MAX_TRACEBACK_CHARS]
-
-
-def _traceback_text(exc: BaseException, fallback: Any = None) -> Optional[str]:
-    try:
-        text = "".join(_traceback.format_exception(type(exc), exc, exc.__traceback__))
-    except Exception:
-        text = fallback if isinstance(fallback, str) else None
-    if not text:
-        return None
-    if len(text) > 2 * _SCRUB_SPAN:
-        text = text[:_SCRUB_SPAN] + _CUT + text[-_SCRUB_SPAN:]
-    text = scrub_text(text)  # before the cut (see _exception_message)
-    if len(text) > MAX_TRACEBACK_CHARS:
-        # Keep where it started and how it ended (the error line).
-        half = (MAX_TRACEBACK_CHARS - len(_CUT)) // 2
-        text = text[:half] + _CUT + text[-half:]
-    return text
 
 
 def _datetime_ms(ms: Any) -> Optional[datetime]:
@@ -451,16 +416,16 @@ class _Hooks:
                 }, keep_none=("result",)))
             elif exception is not None and not message.failed and self._retried(message):
                 self.emit("task.retried", task_id, _compact({
-                    **base, "exception": type(exception).__name__, "reason": _exception_message(exception),
+                    **base, "exception": type(exception).__name__, "reason": exception_message(exception),
                     "retry_count": retries, "runtime_ms": runtime_ms,
                 }))
             else:
                 self.emit("task.failed", task_id, _compact({
                     **base,
                     "exception": type(exception).__name__ if exception is not None else "MessageFailed",
-                    "exception_message": (_exception_message(exception) if exception is not None else
+                    "exception_message": (exception_message(exception) if exception is not None else
                                           "a middleware failed the message before it ran"),
-                    "traceback": (_traceback_text(exception, message.options.get("traceback"))
+                    "traceback": (exception_traceback(exception, message.options.get("traceback"))
                                   if exception is not None else None),
                     "runtime_ms": runtime_ms,
                     "retry_count": retries,

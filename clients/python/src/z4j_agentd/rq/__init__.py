@@ -56,14 +56,14 @@ import time
 from datetime import datetime, timezone
 from typing import Any, Dict, Optional, Tuple
 
-from .._redact import event_value, scrub_text
+from .._redact import MAX_TEXT_CHARS, cut_text, event_value, exception_message
 from ..client import Client, get_client
 
 log = logging.getLogger("z4j_agentd.rq")
 
 ENGINE = "rq"
 #: A traceback is cut to this many characters (as the Celery integration does).
-MAX_TRACEBACK_CHARS = 4096
+MAX_TRACEBACK_CHARS = MAX_TEXT_CHARS
 #: args, kwargs and results longer than this as JSON are replaced by their start.
 MAX_VALUE_BYTES = 64 * 1024
 #: Where the work horse leaves the traceback of a failed attempt RQ retries.
@@ -81,7 +81,6 @@ MAX_PAYLOAD_BYTES = 256 * 1024
 _END_FIELDS = ("status", "started_at", "ended_at", "retries_left", "number_of_retries", "worker_name",
                RETRY_MAX_FIELD)
 
-_CUT = "\n[... cut by z4j-agentd-client ...]\n"
 
 
 def _compact(data: Dict[str, Any], keep_none: Tuple[str, ...] = ()) -> Dict[str, Any]:
@@ -132,15 +131,6 @@ class _Ended:
         self.retry_max = _int_field(retry_max)
 
 
-def cut_traceback(text: Any) -> Optional[str]:
-    if not isinstance(text, str) or not text:
-        return None
-    if len(text) > MAX_TRACEBACK_CHARS:
-        half = (MAX_TRACEBACK_CHARS - len(_CUT)) // 2
-        text = text[:half] + _CUT + text[-half:]
-    return scrub_text(text)
-
-
 def exception_of(exc_string: Any) -> Tuple[Optional[str], Optional[str]]:
     """(type name, message) from RQ's formatted traceback: its last line,
     `module.Error: message` (the type without its module)."""
@@ -150,8 +140,8 @@ def exception_of(exc_string: Any) -> Tuple[Optional[str], Optional[str]]:
     name, sep, message = last.partition(":")
     name = name.strip()
     if not sep or not name or " " in name:
-        return None, scrub_text(last[:MAX_TRACEBACK_CHARS])
-    return name.rsplit(".", 1)[-1], scrub_text(message.strip()[:MAX_TRACEBACK_CHARS])
+        return None, exception_message(last)
+    return name.rsplit(".", 1)[-1], exception_message(message.strip())
 
 
 def _runtime_ms(job: Any, fallback_since: float) -> int:
@@ -260,7 +250,7 @@ class _Hooks:
                 args = kwargs = None
                 cause = exc.__cause__ or exc.__context__
                 why = str(exc) or (f"{type(cause).__name__}: {cause}" if cause is not None else "")
-                unreadable = scrub_text(f"{type(exc).__name__}: {why}"[:500])
+                unreadable = exception_message(f"{type(exc).__name__}: {why}", 500)
             base["task_name"] = attempt.name
             deps = [str(d) for d in (getattr(job, "_dependency_ids", None) or [])]
             self._note_retry_max(job, attempt)
@@ -332,7 +322,7 @@ class _Hooks:
                                 or (isinstance(text, str) and text.startswith("Job failed after"))):  # RQ 2.3
                 exc, message = "MaxRetriesExceeded", "the job returned rq.Retry after its last retry"
             self.emit("task.failed", attempt.job_id, _compact({
-                **base, "exception": exc, "exception_message": message, "traceback": cut_traceback(text),
+                **base, "exception": exc, "exception_message": message, "traceback": cut_text(text),
                 "runtime_ms": runtime}))
         elif status == "stopped":
             self.emit("task.revoked", attempt.job_id, _compact({
@@ -353,7 +343,7 @@ class _Hooks:
         text = self._retry_traceback(job)
         exc, message = exception_of(text)
         return {"reason": f"{exc}: {message}" if exc else message, "exception": exc,
-                "traceback": cut_traceback(text)}
+                "traceback": cut_text(text)}
 
     @staticmethod
     def _latest_result(job: Any) -> Any:

@@ -59,7 +59,6 @@ import socket
 import sys
 import threading
 import time
-import traceback as _traceback
 import weakref
 from collections import OrderedDict
 from datetime import datetime, timezone
@@ -68,7 +67,7 @@ from typing import Any, Dict, Optional, Tuple
 from taskiq import TaskiqEvents, TaskiqMiddleware
 from taskiq.exceptions import NoResultError
 
-from .._redact import event_value, scrub_text
+from .._redact import MAX_TEXT_CHARS, event_value, exception_message, exception_traceback
 from ..client import Client, get_client
 
 log = logging.getLogger("z4j_agentd.taskiq")
@@ -76,8 +75,8 @@ log = logging.getLogger("z4j_agentd.taskiq")
 ENGINE = "taskiq"
 #: args, kwargs and results longer than this as JSON are replaced by their start.
 MAX_VALUE_BYTES = 64 * 1024
-#: A traceback is cut to this many characters (as the Celery integration does).
-MAX_TRACEBACK_CHARS = 4096
+#: A traceback or exception message is cut to this many characters.
+MAX_TRACEBACK_CHARS = MAX_TEXT_CHARS
 #: The label a task sent from inside a running task carries: the running task's id.
 PARENT_LABEL = "z4j_parent_id"
 #: Ids of tasks whose `task.received` this process sent (from post_send or
@@ -93,7 +92,6 @@ MAX_REMEMBERED_ARGS_BYTES = 4 * 1024
 #: never reach the end hooks; the oldest entries go first).
 MAX_RUNNING = 10000
 
-_CUT = "\n[... cut by z4j-agentd-client ...]\n"
 
 #: The id of the task running in this asyncio task, and its Running entry
 #: (set in pre_execute, reset in post_execute). TaskIQ runs each task in an
@@ -120,29 +118,6 @@ def retries_of(labels: Any) -> int:
 
 def _compact(data: Dict[str, Any], keep_none: Tuple[str, ...] = ()) -> Dict[str, Any]:
     return {k: v for k, v in data.items() if v is not None or k in keep_none}
-
-
-def _exception_message(exc: Any) -> Optional[str]:
-    if exc is None:
-        return None
-    try:
-        text = str(exc)
-    except Exception:
-        text = repr(exc)
-    return scrub_text(text[:MAX_TRACEBACK_CHARS])
-
-
-def traceback_text(exc: BaseException) -> Optional[str]:
-    """The exception's traceback, cut to MAX_TRACEBACK_CHARS (its start and
-    its end, where the error is), secrets scrubbed."""
-    try:
-        text = "".join(_traceback.format_exception(type(exc), exc, exc.__traceback__))
-    except Exception:
-        return None
-    if len(text) > MAX_TRACEBACK_CHARS:
-        half = (MAX_TRACEBACK_CHARS - len(_CUT)) // 2
-        text = text[:half] + _CUT + text[-half:]
-    return scrub_text(text)
 
 
 def worker_name() -> str:
@@ -414,7 +389,7 @@ class Z4jMiddleware(TaskiqMiddleware):
                 outcome = "retried"
                 self.emit("task.retried", task_id, _compact({
                     **base,
-                    "reason": _exception_message(f"{type(exception).__name__}: {exception}"),
+                    "reason": exception_message(f"{type(exception).__name__}: {exception}"),
                     "exception": type(exception).__name__,
                     "retry_count": retries + 1,
                     "runtime_ms": self._runtime_ms(entry, result)}),
@@ -429,8 +404,8 @@ class Z4jMiddleware(TaskiqMiddleware):
                 self.emit("task.failed", task_id, _compact({
                     **base,
                     "exception": type(exception).__name__,
-                    "exception_message": _exception_message(exception),
-                    "traceback": traceback_text(exception),
+                    "exception_message": exception_message(exception),
+                    "traceback": exception_traceback(exception),
                     "runtime_ms": self._runtime_ms(entry, result),
                     "retry_count": retries}))
             if entry is not None:
@@ -509,8 +484,8 @@ class Z4jMiddleware(TaskiqMiddleware):
                     self.emit("task.failed", entry.task_id, _compact({
                         **base,
                         "exception": type(exc).__name__ if exc is not None else None,
-                        "exception_message": _exception_message(f"{note}: {exc}" if exc is not None else note),
-                        "traceback": traceback_text(exc) if exc is not None else None,
+                        "exception_message": exception_message(f"{note}: {exc}" if exc is not None else note),
+                        "traceback": exception_traceback(exc) if exc is not None else None,
                     }))
                 log.debug("z4j-agentd: task %s (%s) ended without its end hooks",
                           entry.task_id, getattr(message, "task_name", entry.name))
