@@ -304,11 +304,14 @@ def test_cancel_of_a_task_that_catches_the_exception_ends_it_when_its_code_retur
     real_raise = _commands.raise_async
     monkeypatch.setattr(_commands, "raise_async", lambda *a: raised.append(a) or real_raise(*a))
     cancel = handler(client, "cancel_task")
-    again = threading.Thread(target=lambda: time.sleep(0.1) or cancel({"parameters": {"task_id": res.id}}))
+    second = []
+    again = threading.Thread(target=lambda: time.sleep(0.1) or second.append(
+        cancel({"parameters": {"task_id": res.id}})))
     again.start()  # a second cancel while the first waits: it must not raise again
     out = cancel({"parameters": {"task_id": res.id}})
     again.join()
     assert out["stopped"] is True, out
+    assert second and second[0]["stopped"] is True, second  # both waiters read how it ended
     assert len(raised) == 1, raised  # at most once per task
     assert one(client, res.id, "task.revoked")["terminated"] is True
     assert not events(client, res.id, "task.succeeded") and not events(client, res.id, "task.retried")
@@ -515,8 +518,10 @@ def test_reconcile_from_the_result_store(app):
     wait(lambda: events(client, ok.id, "task.succeeded") and events(client, bad.id, "task.failed"), what="ends")
     reconcile = handler(client, "reconcile_task")
     assert reconcile({"parameters": {"task_id": ok.id}})["engine_state"] == "success"
-    failed = reconcile({"parameters": {"task_id": bad.id}})
-    assert failed["engine_state"] == "failure" and "ValueError" in failed["exception"]
+    # Huey stores the error just after its `error` signal: wait for the store, not the event.
+    failed = wait(lambda: [r for r in [reconcile({"parameters": {"task_id": bad.id}})]
+                           if r["engine_state"] == "failure"], what="the stored error")[0]
+    assert "ValueError" in failed["exception"]
     assert ok.get() == 3  # the probe did not consume the result
     assert reconcile({"target": {"id": "nobody"}})["engine_state"] == "unknown"
     slow = tasks["spin"](0.5)

@@ -87,8 +87,6 @@ MAX_RETRY_COUNTS = 10000
 STOP_RUNNING_ENV = "Z4J_HUEY_STOP_RUNNING"
 #: Start times kept for runtime_ms before the oldest are forgotten.
 MAX_STARTED = 10000
-#: How cancelled tasks ended, kept for the cancel commands still waiting.
-MAX_OUTCOMES = 1000
 
 _CUT = "\n[... cut by z4j-agentd-client ...]\n"
 
@@ -185,7 +183,8 @@ class _Running:
     """A task executing in this process: its thread, and whether a cancel
     asked it to stop."""
 
-    __slots__ = ("task_id", "name", "thread_id", "started", "cancel_requested", "raised", "in_body", "done")
+    __slots__ = ("task_id", "name", "thread_id", "started", "cancel_requested", "raised", "in_body", "done",
+                 "outcome")
 
     def __init__(self, task_id: str, name: Optional[str], thread_id: int) -> None:
         self.task_id = task_id
@@ -197,6 +196,9 @@ class _Running:
         self.raised = False
         self.in_body = False
         self.done = threading.Event()
+        #: The exception the attempt ended with (None: it returned), set before `done`;
+        #: every cancel command waiting on it reads it.
+        self.outcome: Any = None
 
 
 class _Hooks:
@@ -219,8 +221,6 @@ class _Hooks:
         self._retries_seen: "OrderedDict[str, int]" = OrderedDict()
         #: task id -> return value, from post_execute until `complete`.
         self._results: Dict[str, Any] = {}
-        #: task id -> the cancel exception that ended it (post_execute saw it).
-        self._outcome: Dict[str, Any] = {}
         self.running: Dict[str, _Running] = {}
         self._cancel_cls = _cancel_class()
         self._forked = False
@@ -286,7 +286,6 @@ class _Hooks:
         self._remembered = OrderedDict()
         self._retries_seen = OrderedDict()
         self._results = {}
-        self._outcome = {}
         self.running = {}
         self._forked = True
 
@@ -585,9 +584,8 @@ class _Hooks:
         with self._lock:
             self._started.pop(task_id, None)
             running = self.running.pop(task_id, None)
-            if running is not None and running.cancel_requested:
-                self._outcome[task_id] = exc
         if running is not None:
+            running.outcome = exc
             running.done.set()
 
     def on_revoked(self, task: Any, *_: Any) -> None:
@@ -671,24 +669,15 @@ class _Hooks:
             running = self.running.pop(task_id, None)
             if exc is None:
                 self._results[task_id] = value
-            if running is not None and running.cancel_requested:
-                self._outcome[task_id] = exc
             while len(self._results) > MAX_STARTED:  # a `complete` that never came
                 self._results.pop(next(iter(self._results)))
-            while len(self._outcome) > MAX_OUTCOMES:  # cancels whose command gave up waiting
-                self._outcome.pop(next(iter(self._outcome)))
         try:
             del task.execute  # the instance's wrapper (the task may be retried in this process)
         except AttributeError:
             pass
         if running is not None:
+            running.outcome = exc
             running.done.set()
-
-    def take_outcome(self, task_id: str) -> Tuple[bool, Any]:
-        with self._lock:
-            if task_id in self._outcome:
-                return True, self._outcome.pop(task_id)
-        return False, None
 
     # -- memory for retry_task ------------------------------------------
 

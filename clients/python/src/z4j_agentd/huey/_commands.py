@@ -295,7 +295,6 @@ class HueyCommands:
             running.cancel_requested = True
             if stop and running.in_body and not running.raised:  # at most once per task
                 running.raised = raise_async(running.thread_id, hooks._cancel_cls)
-            raised = running.raised
         started = time.monotonic()
         if not running.done.wait(CANCEL_WAIT if stop else COOPERATIVE_WAIT):
             if stop:
@@ -308,7 +307,7 @@ class HueyCommands:
                     "waited_ms": int(round((time.monotonic() - started) * 1000)),
                     "detail": self._cooperative_detail()}
         waited_ms = int(round((time.monotonic() - started) * 1000))
-        _seen, exc = hooks.take_outcome(task_id)
+        exc = running.outcome
         from . import Cancelled
 
         stopped = isinstance(exc, Cancelled)
