@@ -1,5 +1,6 @@
 """The Huey app the e2e tests run with `huey_consumer huey_proj.huey -k thread -w 2`
-(tests/e2e/test_huey.py): RedisHuey on $Z4J_E2E_BROKER, wired to z4j-agentd in one line."""
+(tests/e2e/test_huey.py): RedisHuey on $Z4J_E2E_BROKER, wired to z4j-agentd in one line. The
+consumer runs with Z4J_HUEY_STOP_RUNNING=1, so the brain's cancel stops running tasks."""
 
 import os
 import time
@@ -36,6 +37,22 @@ def sleepy(seconds):
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         time.sleep(0.05)
+    return seconds
+
+
+class AppError(Exception):
+    pass
+
+
+@huey.task(retries=2)
+def guarded(seconds):
+    """Sleeps in short steps and turns whatever stops it into its own error, as app code often does."""
+    try:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            time.sleep(0.05)
+    except Exception as exc:
+        raise AppError("step failed") from exc
     return seconds
 
 

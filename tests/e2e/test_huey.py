@@ -47,7 +47,7 @@ def producer_tasks(huey):
         return fn
 
     for name, options in (("add", {}), ("flaky", {"retries": 1}), ("boom", {"retries": 1}),
-                          ("sleepy", {"retries": 2}), ("login", {})):
+                          ("sleepy", {"retries": 2}), ("guarded", {"retries": 2}), ("login", {})):
         tasks[name] = huey.task(**options)(define(name))
     return tasks
 
@@ -108,7 +108,8 @@ def cluster(brain, run_dir, redis_server, module_daemon):
         name = f"e2e-huey-{uuid.uuid4().hex[:6]}"
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", "HOME": str(daemon.workdir),
                "PYTHONPATH": str(HERE), "Z4J_SOCKET_PATH": str(daemon.socket_path), "Z4J_E2E_BROKER": broker,
-               "Z4J_E2E_HUEY_NAME": name, "Z4J_HUEY_HEALTH_INTERVAL": "0.5"}
+               "Z4J_E2E_HUEY_NAME": name, "Z4J_HUEY_HEALTH_INTERVAL": "0.5",
+               "Z4J_HUEY_STOP_RUNNING": "1"}  # the cancel test stops running tasks
         consumer = Background([sys.executable, "-m", "huey.bin.huey_consumer", "huey_proj.huey", "-k", "thread",
                                "-w", "2", "-n", "-d", "0.05", "-m", "0.2"],
                               daemon.workdir, "huey-consumer", env, run_dir=run_dir)
@@ -214,8 +215,9 @@ def test_a_producer_with_z4j_sends_received_before_the_consumer_runs_it(cluster)
 
 def test_depth_purge_and_cancel_of_running_and_queued_tasks(cluster):
     t = cluster.tasks
-    # Both workers busy: what is enqueued next waits in the queue.
-    sleepers = [t["sleepy"](60), t["sleepy"](60)]
+    # Both workers busy: what is enqueued next waits in the queue. `guarded` turns the cancel into
+    # its own error: it still ends revoked, not failed and retried.
+    sleepers = [t["sleepy"](60), t["guarded"](60)]
     for s in sleepers:
         cluster.wait_state(s.id, "started")  # both worker threads run one
     waiting = [t["add"](n, n) for n in range(3)]

@@ -183,6 +183,25 @@ def test_flush_waits_for_the_daemons_ack(standin, make_client):
     assert c.stats()["queued"] == 1 and c.stats()["sent"] == 0
 
 
+def test_an_event_that_fails_to_queue_is_not_waited_for(standin, make_client):
+    """An exception after the event was counted (here the queue itself fails) drops
+    it as unavailable and takes it back out of what flush waits for."""
+    c = make_client()
+    assert c.emit("celery", "task.received", "first")
+    assert c.flush(5)
+
+    def broken(event):
+        raise RuntimeError("queue broken")
+    c._queue.put_nowait = broken
+    assert c.emit("celery", "task.received", "lost") is False
+    del c._queue.put_nowait
+    stats = c.stats()
+    assert stats["dropped_unavailable"] == 1 and stats["queued"] == 0, stats
+    began = time.monotonic()
+    assert c.flush(3) is True
+    assert time.monotonic() - began < 1  # bound: it waited for nothing, not its 3 s
+
+
 def test_unacknowledged_batches_are_sent_again_after_a_reconnect(sock_path, standin, make_client):
     from standin import StandIn
 

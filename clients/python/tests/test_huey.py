@@ -1,7 +1,9 @@
 """z4j_agentd.huey: events, commands and health, with a real Huey consumer
 (thread workers) on Huey's in-memory storage, in this process."""
 
+import logging
 import os
+import threading
 import time
 
 import pytest
@@ -9,13 +11,15 @@ import pytest
 huey_mod = pytest.importorskip("huey")
 
 from huey import MemoryHuey  # noqa: E402
-from huey.exceptions import CancelExecution  # noqa: E402
+from huey.exceptions import CancelExecution, RetryTask  # noqa: E402
 
 import z4j_agentd.huey as zh  # noqa: E402
 from z4j_agentd.huey import _commands, _health  # noqa: E402
 from test_celery import RecordingClient  # noqa: E402
 
 SECRET_URL = "redis://app:s3cr3t-pw@db.internal:6379/0"
+STEP_LOG = logging.getLogger("test_huey.steps")
+RETRY_MARKS = {}
 
 
 def make_app(name="t"):
@@ -47,6 +51,47 @@ def make_app(name="t"):
                 pass
         return "stubborn"
 
+    class AppError(Exception):
+        pass
+
+    @huey.task(retries=2)
+    def translating(seconds):
+        """Turns whatever stops its work into its own error, as app code often does."""
+        end = time.monotonic() + seconds
+        try:
+            while time.monotonic() < end:
+                pass
+        except Exception as exc:
+            raise AppError("step failed") from exc
+        return "translated"
+
+    @huey.task(retries=2)
+    def polite(seconds):
+        """Checks for a cancel between steps, and logs each step."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            STEP_LOG.info("step of polite")
+            if zh.cancel_requested():
+                raise CancelExecution()  # retry=None: Huey would retry it (retries=2) but for the cancel
+            time.sleep(0.005)
+        return "polite"
+
+    @huey.task(retries=2)
+    def failing_when_cancelled(seconds):
+        end = time.monotonic() + seconds
+        while time.monotonic() < end and not zh.cancel_requested():
+            time.sleep(0.005)
+        if zh.cancel_requested():
+            raise ValueError("gave up")
+        return "done"
+
+    @huey.task()
+    def retry_twice(marker):
+        RETRY_MARKS[marker] = RETRY_MARKS.get(marker, 0) + 1
+        if RETRY_MARKS[marker] <= 2:
+            raise RetryTask()
+        raise ValueError("third attempt fails")
+
     @huey.task()
     def parent(x):
         add(x, 1)  # enqueued from inside a task
@@ -56,7 +101,9 @@ def make_app(name="t"):
     def secret(password, token=None):
         return {"api_key": "k-123", "ok": True}
 
-    return huey, dict(add=add, boom=boom, spin=spin, stubborn=stubborn, parent=parent, secret=secret)
+    return huey, dict(add=add, boom=boom, spin=spin, stubborn=stubborn, parent=parent, secret=secret,
+                      translating=translating, polite=polite, failing_when_cancelled=failing_when_cancelled,
+                      retry_twice=retry_twice)
 
 
 @pytest.fixture
@@ -221,8 +268,15 @@ def test_the_consumer_serves_its_commands_under_its_worker_name(app):
     assert len(client.served) == 1  # once, not per worker thread
 
 
-def test_cancel_stops_a_running_task_which_is_not_retried(app):
+def stop_running(huey, client):
+    """Installs again with the brain's cancel stopping running tasks (same client: the same hooks)."""
+    zh.install(huey, client, stop_running=True)
+    assert zh.installed(huey).stop_running is True
+
+
+def test_cancel_with_stop_running_stops_a_running_task_which_is_not_retried(app):
     huey, tasks, client, consume = app
+    stop_running(huey, client)
     consume()
     res = tasks["spin"](30)
     hooks = zh.installed(huey)
@@ -239,16 +293,123 @@ def test_cancel_stops_a_running_task_which_is_not_retried(app):
     assert huey.pending_count() == 0 and huey.scheduled_count() == 0
 
 
-def test_cancel_of_a_task_that_catches_the_exception_ends_it_when_its_code_returns(app):
+def test_cancel_of_a_task_that_catches_the_exception_ends_it_when_its_code_returns(app, monkeypatch):
     huey, tasks, client, consume = app
+    stop_running(huey, client)
     consume()
     res = tasks["stubborn"](1.0)
     hooks = zh.installed(huey)
     wait(lambda: res.id in hooks.running and hooks.running[res.id].in_body, what="stubborn to run")
-    out = handler(client, "cancel_task")({"parameters": {"task_id": res.id}})
+    raised = []
+    real_raise = _commands.raise_async
+    monkeypatch.setattr(_commands, "raise_async", lambda *a: raised.append(a) or real_raise(*a))
+    cancel = handler(client, "cancel_task")
+    second = []
+    again = threading.Thread(target=lambda: time.sleep(0.1) or second.append(
+        cancel({"parameters": {"task_id": res.id}})))
+    again.start()  # a second cancel while the first waits: it must not raise again
+    out = cancel({"parameters": {"task_id": res.id}})
+    again.join()
     assert out["stopped"] is True, out
+    assert second and second[0]["stopped"] is True, second  # both waiters read how it ended
+    assert len(raised) == 1, raised  # at most once per task
     assert one(client, res.id, "task.revoked")["terminated"] is True
     assert not events(client, res.id, "task.succeeded") and not events(client, res.id, "task.retried")
+
+
+def test_cancel_with_stop_running_of_a_task_that_raises_its_own_error_is_not_retried(app):
+    """`except Exception as e: raise AppError() from e` around the raised cancel: it ends cancelled,
+    not failed and retried (retries=2), and not succeeding on the retry."""
+    huey, tasks, client, consume = app
+    stop_running(huey, client)
+    consume()
+    res = tasks["translating"](30)
+    hooks = zh.installed(huey)
+    wait(lambda: res.id in hooks.running and hooks.running[res.id].in_body, what="translating to run")
+    out = handler(client, "cancel_task")({"parameters": {"task_id": res.id}})
+    assert out["stopped"] is True, out
+    data = one(client, res.id, "task.revoked")
+    assert data["reason"] == "canceled" and data["terminated"] is True
+    time.sleep(0.5)  # a retry would be enqueued at once
+    assert [e["kind"] for e in events(client, res.id)] == ["task.received", "task.started", "task.revoked"]
+    assert huey.pending_count() == 0 and huey.scheduled_count() == 0
+
+
+def test_cancel_by_default_asks_a_running_task_which_stops_itself_and_logs_safely(app):
+    """stop_running off (the default): nothing is raised in the task's thread; the task sees
+    cancel_requested(), raises CancelExecution itself, ends cancelled and is not retried; the
+    logging handler it logs through every step is never left locked."""
+    huey, tasks, client, consume = app
+    assert zh.installed(huey).stop_running is False
+    records = []
+    step_handler = logging.Handler()
+    step_handler.emit = records.append
+    STEP_LOG.addHandler(step_handler)
+    STEP_LOG.setLevel(logging.INFO)
+    try:
+        consume(workers=1)
+        hooks = zh.installed(huey)
+        assert zh.cancel_requested() is False  # outside a task
+        for _ in range(20):
+            res = tasks["polite"](30)
+            wait(lambda: res.id in hooks.running and hooks.running[res.id].in_body, what="polite to run")
+            out = handler(client, "cancel_task")({"parameters": {"task_id": res.id}})
+            assert out["stopped"] is True and out["state_before"] == "running", out
+            data = one(client, res.id, "task.revoked")
+            assert data["reason"] == "canceled" and data["terminated"] is True
+            assert step_handler.lock.acquire(timeout=1), "the logging handler's lock was left held"
+            step_handler.lock.release()
+        time.sleep(0.3)
+        assert not events(client, kind="task.retried") and not events(client, kind="task.succeeded")
+        assert records  # it logged while running
+    finally:
+        STEP_LOG.removeHandler(step_handler)
+
+
+def test_cancel_by_default_lets_a_task_that_does_not_check_run_to_its_end(app, monkeypatch):
+    huey, tasks, client, consume = app
+    monkeypatch.setattr(_commands, "COOPERATIVE_WAIT", 0.2)
+    consume()
+    res = tasks["spin"](1.0)
+    hooks = zh.installed(huey)
+    wait(lambda: res.id in hooks.running and hooks.running[res.id].in_body, what="spin to run")
+    out = handler(client, "cancel_task")({"parameters": {"task_id": res.id}})
+    assert out["stopped"] is False and out["cancel_requested"] is True and out["state_before"] == "running", out
+    assert "stop_running=True" in out["detail"] and "Z4J_HUEY_STOP_RUNNING=1" in out["detail"], out
+    assert one(client, res.id, "task.succeeded")["result"] == "spun"  # it ran to its end
+
+
+def test_cancel_by_default_of_a_task_that_then_fails_is_not_retried(app):
+    huey, tasks, client, consume = app
+    consume()
+    res = tasks["failing_when_cancelled"](30)
+    hooks = zh.installed(huey)
+    wait(lambda: res.id in hooks.running and hooks.running[res.id].in_body, what="the task to run")
+    out = handler(client, "cancel_task")({"parameters": {"task_id": res.id}})
+    assert out["stopped"] is True, out
+    assert one(client, res.id, "task.revoked")["reason"] == "canceled"
+    time.sleep(0.3)
+    assert not events(client, res.id, "task.retried") and not events(client, res.id, "task.failed")
+
+
+def test_stop_running_from_the_environment(monkeypatch):
+    huey, _tasks = make_app("env")
+    client = RecordingClient()
+    monkeypatch.setenv(zh.STOP_RUNNING_ENV, "1")
+    try:
+        zh.install(huey, client)
+        assert zh.installed(huey).stop_running is True
+        zh.uninstall(huey)
+        monkeypatch.setenv(zh.STOP_RUNNING_ENV, "maybe")
+        with pytest.raises(ValueError, match="Z4J_HUEY_STOP_RUNNING='maybe' is not understood"):
+            zh.stop_running_from_env()
+        zh.install(huey, client)  # a bad value: said in the log, left off
+        assert zh.installed(huey).stop_running is False
+        zh.uninstall(huey)
+        zh.install(huey, client, stop_running=True)  # the argument wins
+        assert zh.installed(huey).stop_running is True
+    finally:
+        zh.uninstall(huey)
 
 
 def test_cancel_of_a_queued_task_revokes_it(app):
@@ -357,8 +518,10 @@ def test_reconcile_from_the_result_store(app):
     wait(lambda: events(client, ok.id, "task.succeeded") and events(client, bad.id, "task.failed"), what="ends")
     reconcile = handler(client, "reconcile_task")
     assert reconcile({"parameters": {"task_id": ok.id}})["engine_state"] == "success"
-    failed = reconcile({"parameters": {"task_id": bad.id}})
-    assert failed["engine_state"] == "failure" and "ValueError" in failed["exception"]
+    # Huey stores the error just after its `error` signal: wait for the store, not the event.
+    failed = wait(lambda: [r for r in [reconcile({"parameters": {"task_id": bad.id}})]
+                           if r["engine_state"] == "failure"], what="the stored error")[0]
+    assert "ValueError" in failed["exception"]
     assert ok.get() == 3  # the probe did not consume the result
     assert reconcile({"target": {"id": "nobody"}})["engine_state"] == "unknown"
     slow = tasks["spin"](0.5)
@@ -538,3 +701,175 @@ def test_process_workers_send_their_tasks_events_under_the_consumers_name(standi
         consumer.send_signal(signal.SIGINT)
         consumer.wait(20)
     assert standin.wait_for(lambda: [e for e in standin.events() if e.get("kind") == "worker.offline"], 5)
+
+
+# ---------------------------------------------------------------- review fixes
+
+
+@pytest.fixture(scope="module")
+def redis_sock():
+    """A throwaway redis-server on a Unix socket (the e2e suite needs one too, so it is not optional)."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    assert shutil.which("redis-server"), "redis-server is not installed: the Huey purge test runs against one"
+    directory = tempfile.mkdtemp(prefix="z4jhuey-")
+    sock = os.path.join(directory, "redis.sock")
+    proc = subprocess.Popen(["redis-server", "--port", "0", "--unixsocket", sock, "--save", "",
+                             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while not os.path.exists(sock):
+        assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+        time.sleep(0.02)
+    yield sock
+    proc.terminate()
+    proc.wait(5)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_purge_on_redis_refuses_when_a_task_is_enqueued_between_the_check_and_the_delete(redis_sock):
+    from huey import RedisHuey
+
+    import redis
+
+    huey = RedisHuey("pr", connection_pool=redis.ConnectionPool.from_url(f"unix://{redis_sock}"), utc=True)
+    huey.storage.conn.flushall()
+
+    @huey.task()
+    def add(a, b):
+        return a + b
+
+    client = RecordingClient()
+    zh.install(huey, client)
+    try:
+        zh.installed(huey).on_consumer(None)
+        purge = handler(client, "purge_queue")
+        for i in range(3):
+            add(i, i)
+        conn = huey.storage.conn
+        real_pipeline = conn.pipeline
+        late = []
+
+        def pipeline(*args, **kwargs):
+            pipe = real_pipeline(*args, **kwargs)
+            real_execute = pipe.execute
+
+            def execute(*a, **k):
+                if not late:  # a producer enqueues once the depth was checked, before the delete runs
+                    late.append(add(9, 9))
+                return real_execute(*a, **k)
+            pipe.execute = execute
+            return pipe
+
+        conn.pipeline = pipeline
+        with pytest.raises(_commands.CommandFailed, match="enqueued or taken while it was purged; nothing was"):
+            purge({"parameters": {"queue": "pr", "expected_depth": 3}})
+        assert late and huey.pending_count() == 4  # the late task and the three were kept
+        del conn.pipeline
+        with pytest.raises(_commands.CommandFailed, match="holds 4 tasks now, the purge was confirmed at 3"):
+            purge({"parameters": {"queue": "pr", "expected_depth": 3}})
+        assert purge({"parameters": {"queue": "pr", "expected_depth": 4}}) == {
+            "queue": "pr", "depth_before": 4, "purged": 4, "force": False}
+        assert huey.pending_count() == 0
+        add(1, 1)
+        assert purge({"parameters": {"queue": "pr", "force": True}})["purged"] == 1
+        assert purge({"parameters": {"queue": "pr", "expected_depth": 0}})["purged"] == 0
+    finally:
+        zh.uninstall(huey)
+        huey.storage.conn.flushall()
+
+
+def test_retry_memory_keeps_json_text_capped_and_nothing_for_other_values(app):
+    huey, tasks, client, consume = app
+    consume()
+    hooks = zh.installed(huey)
+    small = tasks["add"]([1, {"k": "v"}], 2)
+    big = tasks["add"]("x" * (zh.MAX_REMEMBERED_ARGS_BYTES + 1), "")
+    odd = tasks["add"]({1, 2}, 3)  # a set: not JSON
+    for res in (small, big, odd):
+        wait(lambda: events(client, res.id, "task.succeeded") or events(client, res.id, "task.failed"),
+             what="the task to end")
+    kept = hooks._remembered[small.id]
+    assert kept == ("test_huey.add", '[[[1,{"k":"v"}],2],{}]'), kept  # the text, not the live objects
+    assert hooks.remembered(small.id) == ("test_huey.add", [[1, {"k": "v"}], 2], {})
+    assert hooks._remembered[big.id] == ("test_huey.add", None)
+    assert hooks._remembered[odd.id] == ("test_huey.add", None)
+    with pytest.raises(_commands.BadCommand, match="too large to keep in memory, or not JSON"):
+        handler(client, "retry_task")({"parameters": {"task_id": odd.id}})
+
+
+def test_secrets_in_errors_are_scrubbed_from_command_answers_and_health(app):
+    huey, tasks, client, consume = app
+    consume()
+    bad = tasks["boom"](1)
+    reconcile = handler(client, "reconcile_task")
+    # Huey stores the error just after its `error` signal: wait for the store, not the event.
+    failed = wait(lambda: [r for r in [reconcile({"parameters": {"task_id": bad.id}})]
+                           if r["engine_state"] == "failure"], what="the stored error")[0]
+    assert "db.internal" in failed["exception"], failed
+    assert "s3cr3t-pw" not in failed["exception"]
+
+    def down(*_a, **_k):
+        raise ConnectionError(f"Error connecting to {SECRET_URL}")
+    huey.revoke_by_id = down
+    huey.get_raw = down
+    huey.pending_count = down
+    huey.enqueue = down
+    for action, params in (("cancel_task", {"task_id": "x"}), ("reconcile_task", {"task_id": "x"}),
+                           ("purge_queue", {"queue": "t", "expected_depth": 0}),
+                           ("submit_task", {"name": "add", "args": [1, 2]})):
+        with pytest.raises(_commands.CommandFailed) as caught:
+            handler(client, action)({"parameters": params})
+        assert "db.internal" in str(caught.value) and "s3cr3t-pw" not in str(caught.value), (action, caught.value)
+    report = zh.installed(huey).health()["huey"]
+    assert "db.internal" in report["broker_error"] and "s3cr3t-pw" not in report["broker_error"], report
+
+
+def test_retry_count_counts_retry_task_attempts(app):
+    huey, tasks, client, consume = app
+    consume()
+    res = tasks["retry_twice"]("a")  # retries=0: RetryTask retries anyway, leaving retries as it was
+    data = one(client, res.id, "task.failed")
+    assert [e["data"]["retry_count"] for e in events(client, res.id, "task.retried")] == [1, 2]
+    assert data["retry_count"] == 2 and data["exception"] == "ValueError", data
+
+
+def test_the_heartbeat_gives_the_host_name(app):
+    huey, _tasks, client, consume = app
+    consume()
+    hooks = zh.installed(huey)
+    hooks.health()
+    beat = one(client, "", "worker.heartbeat")
+    assert beat["hostname"] == os.uname().nodename and beat["worker"] == hooks.worker_name, beat
+
+
+def test_a_greenlet_consumer_built_directly_is_recognised_as_greenlet(monkeypatch):
+    """Consumer(huey, worker_type="greenlet"): create_consumer did not see it, its workers' startup
+    does, and the consumer's environment says greenlet (cancel then says it cannot stop a task).
+    gevent is not installed here: its three names Huey needs stand in."""
+    from huey import consumer as hc
+
+    class Monkey:
+        @staticmethod
+        def is_module_patched(name):
+            return True
+
+    class Greenlet:  # never started here
+        def __init__(self, run=None):
+            self.run = run
+
+    monkeypatch.setattr(hc, "Greenlet", Greenlet, raising=False)
+    monkeypatch.setattr(hc, "monkey", Monkey, raising=False)
+    monkeypatch.setattr(hc, "GreenEvent", threading.Event, raising=False)
+    huey, _tasks = make_app("g")
+    client = RecordingClient()
+    zh.install(huey, client)
+    try:
+        hc.Consumer(huey, workers=3, worker_type="greenlet", periodic=False)
+        zh.installed(huey).on_startup()  # as each worker greenlet runs the startup hooks
+        hooks = zh.installed(huey)
+        assert hooks.worker_type == "greenlet"
+        assert one(client, "", "worker.online")["pool"] == "huey.consumer(greenlet)"
+    finally:
+        zh.uninstall(huey)

@@ -301,6 +301,7 @@ class Client:
         return False
 
     def _enqueue(self, event: Dict[str, Any]) -> bool:
+        counted = False
         try:
             self._check_pid()
             if self._closed:
@@ -312,6 +313,7 @@ class Client:
             with self._lock:  # counted first: the sender may settle it at once
                 self._pending += 1
                 self._accepted += 1
+                counted = True
             try:
                 self._queue.put_nowait(event)
             except queue.Full:
@@ -325,6 +327,9 @@ class Client:
             log.debug("z4j-agentd: could not queue an event", exc_info=True)
             try:
                 with self._lock:
+                    if counted:  # not queued after all: flush must not wait for it
+                        self._pending -= 1
+                        self._accepted -= 1
                     self._dropped_unavailable += 1
             except Exception:  # pragma: no cover
                 pass

@@ -49,6 +49,7 @@ never serve commands.
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import os
 import socket
@@ -77,12 +78,15 @@ MAX_VALUE_BYTES = 64 * 1024
 REMEMBERED_IDS = 10000
 #: Tasks whose name and arguments the consumer remembers for retry_task (by reference).
 REMEMBERED_TASKS = 10000
-#: A remembered task keeps its args and kwargs only up to this many bytes as JSON.
+#: A remembered task keeps its args and kwargs (as JSON text) only up to this many bytes.
 MAX_REMEMBERED_ARGS_BYTES = 4 * 1024
+#: Task ids whose `retrying` signals a process counts for retry_count.
+MAX_RETRY_COUNTS = 10000
+#: Set to 1 (or true, yes, on) to let the brain's cancel stop a running task
+#: by raising in its thread; see `install(stop_running=...)`.
+STOP_RUNNING_ENV = "Z4J_HUEY_STOP_RUNNING"
 #: Start times kept for runtime_ms before the oldest are forgotten.
 MAX_STARTED = 10000
-#: How cancelled tasks ended, kept for the cancel commands still waiting.
-MAX_OUTCOMES = 1000
 
 _CUT = "\n[... cut by z4j-agentd-client ...]\n"
 
@@ -130,6 +134,32 @@ def _traceback_text(exc: Any) -> Optional[str]:
     return scrub_text(text)
 
 
+def stop_running_from_env() -> bool:
+    """$Z4J_HUEY_STOP_RUNNING: 1, true, yes, on turn stopping on; 0, false,
+    no, off or unset leave it off; anything else is an error saying what to set."""
+    raw = os.environ.get(STOP_RUNNING_ENV, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{STOP_RUNNING_ENV}={raw!r} is not understood: set 1 to let the brain's cancel stop a "
+                     f"running task, or 0 (the default) to only revoke it")
+
+
+#: The task the current thread runs (its `_Running`), for `cancel_requested()`.
+_current = threading.local()
+
+
+def cancel_requested() -> bool:
+    """True when the brain cancelled the Huey task this thread is running
+    (the cancel reached this consumer while it ran). A task that polls it
+    can stop early: `raise huey.exceptions.CancelExecution()`; it then ends
+    `canceled` and is not retried. False outside a task, and in a process
+    that does not serve commands."""
+    running = getattr(_current, "running", None)
+    return bool(running is not None and running.cancel_requested)
+
+
 class Cancelled(Exception):
     """Raised in a running task's thread when the brain cancels it: a
     `huey.exceptions.CancelExecution` with `retry=False` (see `_cancel_class`)."""
@@ -153,7 +183,8 @@ class _Running:
     """A task executing in this process: its thread, and whether a cancel
     asked it to stop."""
 
-    __slots__ = ("task_id", "name", "thread_id", "started", "cancel_requested", "raised", "in_body", "done")
+    __slots__ = ("task_id", "name", "thread_id", "started", "cancel_requested", "raised", "in_body", "done",
+                 "outcome")
 
     def __init__(self, task_id: str, name: Optional[str], thread_id: int) -> None:
         self.task_id = task_id
@@ -165,25 +196,31 @@ class _Running:
         self.raised = False
         self.in_body = False
         self.done = threading.Event()
+        #: The exception the attempt ended with (None: it returned), set before `done`;
+        #: every cancel command waiting on it reads it.
+        self.outcome: Any = None
 
 
 class _Hooks:
     """The signal receivers and hooks of one installation, and the command handlers."""
 
-    def __init__(self, huey: Any, client: Optional[Client], serve_commands: bool) -> None:
+    def __init__(self, huey: Any, client: Optional[Client], serve_commands: bool,
+                 stop_running: bool = False) -> None:
         self.huey = huey
         self.bound_client = client
         self.serve_commands = serve_commands
+        #: The brain's cancel may raise in a running task's thread (opt-in).
+        self.stop_running = stop_running
         self._lock = threading.Lock()
         self._local = threading.local()
         self._started: "OrderedDict[str, float]" = OrderedDict()
         self._received: "OrderedDict[str, None]" = OrderedDict()
-        #: task id -> (name, args, kwargs): the consumer's memory for retry_task.
-        self._remembered: "OrderedDict[str, Tuple[str, Any, Any]]" = OrderedDict()
+        #: task id -> (name, [args, kwargs] as JSON text or None): the consumer's memory for retry_task.
+        self._remembered: "OrderedDict[str, Tuple[str, Optional[str]]]" = OrderedDict()
+        #: task id -> how many `retrying` signals this process sent for it.
+        self._retries_seen: "OrderedDict[str, int]" = OrderedDict()
         #: task id -> return value, from post_execute until `complete`.
         self._results: Dict[str, Any] = {}
-        #: task id -> the cancel exception that ended it (post_execute saw it).
-        self._outcome: Dict[str, Any] = {}
         self.running: Dict[str, _Running] = {}
         self._cancel_cls = _cancel_class()
         self._forked = False
@@ -247,8 +284,8 @@ class _Hooks:
         self._started = OrderedDict()
         self._received = OrderedDict()
         self._remembered = OrderedDict()
+        self._retries_seen = OrderedDict()
         self._results = {}
-        self._outcome = {}
         self.running = {}
         self._forked = True
 
@@ -276,7 +313,7 @@ class _Hooks:
         self.consumer = consumer
         self.consumer_pid = os.getpid()
         self.worker_name = f"huey@{socket.gethostname()}:{self.consumer_pid}"
-        self.worker_type = str(getattr(consumer, "worker_type", None) or "thread")
+        self.worker_type = str(getattr(consumer, "worker_type", None) or self._environment_type() or "thread")
         workers = getattr(consumer, "workers", None)
         self.concurrency = workers if isinstance(workers, int) and not isinstance(workers, bool) else None
         self.started_at = time.time()
@@ -294,6 +331,25 @@ class _Hooks:
                 periodic.serve(self.huey, self.client)
             except Exception:
                 log.exception("z4j-agentd: could not serve Huey's periodic tasks")
+
+    def _environment_type(self) -> Optional[str]:
+        """The worker type of the consumer built on this instance, from the
+        environment its constructor hands Huey (`huey._timeout_handler` is a
+        method of it): for a Consumer built directly, which create_consumer
+        did not see."""
+        env = getattr(getattr(self.huey, "_timeout_handler", None), "__self__", None)
+        if env is None:
+            return None
+        try:
+            from huey import consumer as hc
+
+            for kind, cls in (("greenlet", hc.GreenletEnvironment), ("process", hc.ProcessEnvironment),
+                              ("thread", hc.ThreadEnvironment)):
+                if isinstance(env, cls):
+                    return kind
+        except Exception:  # pragma: no cover - another Huey layout
+            pass
+        return None
 
     def on_startup(self) -> None:
         # Each worker thread (or forked worker process) of a consumer runs this.
@@ -321,7 +377,7 @@ class _Hooks:
             pass
 
     def _worker_data(self, with_details: bool) -> Dict[str, Any]:
-        data: Dict[str, Any] = {"worker": self.worker_name, "hostname": socket.gethostname(),
+        data: Dict[str, Any] = {"worker": self.worker_name, "hostname": hostname(),
                                 "pid": self.consumer_pid}
         if not with_details:
             return data
@@ -443,9 +499,21 @@ class _Hooks:
         data.update({"result": event_value(result, MAX_VALUE_BYTES), "runtime_ms": self._runtime_ms(task_id)})
         self.emit("task.succeeded", task_id, _compact(data, keep_none=("result",)))
 
-    def _retry_count(self, task: Any, retries_left: int) -> int:
-        configured = getattr(type(task), "default_retries", 0) or 0
-        return max(0, int(configured) - int(retries_left))
+    def _count_retry(self, task_id: str) -> int:
+        """One more `retrying` of the task in this process: how many so far.
+        Counted, not derived from `retries`: RetryTask and a rate limit's
+        retry leave `retries` as it was, and `enqueue(retries=N)` differs
+        from the decorator's."""
+        with self._lock:
+            count = self._retries_seen.pop(task_id, 0) + 1
+            self._retries_seen[task_id] = count
+            while len(self._retries_seen) > MAX_RETRY_COUNTS:
+                self._retries_seen.popitem(last=False)
+        return count
+
+    def _retries_so_far(self, task_id: str) -> int:
+        with self._lock:
+            return self._retries_seen.pop(task_id, 0)
 
     def _failed(self, task: Any, exc: Any, *, reason: Optional[str] = None) -> None:
         task_id = str(task.id)
@@ -455,7 +523,7 @@ class _Hooks:
             "exception_message": _exception_message(exc),
             "traceback": _traceback_text(exc),
             "runtime_ms": self._runtime_ms(task_id),
-            "retry_count": self._retry_count(task, 0),
+            "retry_count": self._retries_so_far(task_id),
             "reason": reason,
         })
         self.emit("task.failed", task_id, _compact(data))
@@ -494,7 +562,7 @@ class _Hooks:
         data.update({
             "reason": _exception_message(reason) if reason is not None else None,
             "exception": type(reason).__name__ if reason is not None else None,
-            "retry_count": max(1, self._retry_count(task, left)),
+            "retry_count": self._count_retry(str(task.id)),
             "retries_left": left,
         })
         self._runtime_ms(str(task.id))
@@ -507,6 +575,7 @@ class _Hooks:
                      "exception_message": _exception_message(exc) if exc is not None else None,
                      "runtime_ms": self._runtime_ms(task_id) if terminated else None})
         self._forget_run(task_id, exc)
+        self._retries_so_far(task_id)
         self.emit("task.revoked", task_id, _compact(data))
 
     def _forget_run(self, task_id: str, exc: Any = None) -> None:
@@ -515,9 +584,8 @@ class _Hooks:
         with self._lock:
             self._started.pop(task_id, None)
             running = self.running.pop(task_id, None)
-            if running is not None and running.cancel_requested:
-                self._outcome[task_id] = exc
         if running is not None:
+            running.outcome = exc
             running.done.set()
 
     def on_revoked(self, task: Any, *_: Any) -> None:
@@ -554,14 +622,24 @@ class _Hooks:
 
         def execute() -> Any:
             # The task's own code runs here: only here may a cancel raise in
-            # this thread (see _commands.cancel_task).
+            # this thread (with stop_running, see _commands.cancel_task).
             with hooks._lock:
                 running.in_body = True
             hooks._local.in_body = True
+            _current.running = running
             try:
-                if running.cancel_requested:
+                if running.cancel_requested:  # cancelled before its code began: it never runs
                     raise hooks._cancel_cls()
                 value = original()
+            except Exception as exc:
+                raised = leave()
+                if (raised or running.cancel_requested) and not isinstance(exc, Cancelled):
+                    # Cancelled while running, it ended with another exception
+                    # (the task's own CancelExecution after cancel_requested(),
+                    # or `raise AppError() from e` around the raised cancel):
+                    # it ends cancelled, and Huey does not retry it.
+                    raise hooks._cancel_cls() from exc
+                raise
             except BaseException:
                 leave()
                 raise
@@ -573,6 +651,7 @@ class _Hooks:
 
         def leave() -> bool:
             hooks._local.in_body = False
+            _current.running = None
             with hooks._lock:
                 running.in_body = False
                 raised = running.raised
@@ -590,39 +669,31 @@ class _Hooks:
             running = self.running.pop(task_id, None)
             if exc is None:
                 self._results[task_id] = value
-            if running is not None and running.cancel_requested:
-                self._outcome[task_id] = exc
             while len(self._results) > MAX_STARTED:  # a `complete` that never came
                 self._results.pop(next(iter(self._results)))
-            while len(self._outcome) > MAX_OUTCOMES:  # cancels whose command gave up waiting
-                self._outcome.pop(next(iter(self._outcome)))
         try:
             del task.execute  # the instance's wrapper (the task may be retried in this process)
         except AttributeError:
             pass
         if running is not None:
+            running.outcome = exc
             running.done.set()
-
-    def take_outcome(self, task_id: str) -> Tuple[bool, Any]:
-        with self._lock:
-            if task_id in self._outcome:
-                return True, self._outcome.pop(task_id)
-        return False, None
 
     # -- memory for retry_task ------------------------------------------
 
     def _remember(self, task: Any) -> None:
+        """Keeps the task's name and its arguments as JSON text (not the live
+        objects), when they are JSON and at most MAX_REMEMBERED_ARGS_BYTES."""
         if self._forked or not self.serve_commands or not self.in_consumer():
             return
-        args, kwargs = list(task.args or ()), dict(task.kwargs or {})
+        text: Optional[str]
         try:
-            import json
-
-            size = len(json.dumps([args, kwargs], default=str))
-        except Exception:
-            size = MAX_REMEMBERED_ARGS_BYTES + 1
-        name = task_name_of(self.huey, task) or ""
-        entry = (name, args, kwargs) if size <= MAX_REMEMBERED_ARGS_BYTES else (name, None, None)
+            text = json.dumps([list(task.args or ()), dict(task.kwargs or {})], separators=(",", ":"))
+        except (TypeError, ValueError, RecursionError):  # not JSON: retry by reference cannot send them
+            text = None
+        if text is not None and len(text.encode("utf-8", "surrogatepass")) > MAX_REMEMBERED_ARGS_BYTES:
+            text = None
+        entry = (task_name_of(self.huey, task) or "", text)
         with self._lock:
             self._remembered[str(task.id)] = entry
             self._remembered.move_to_end(str(task.id))
@@ -630,8 +701,17 @@ class _Hooks:
                 self._remembered.popitem(last=False)
 
     def remembered(self, task_id: str) -> Optional[Tuple[str, Any, Any]]:
+        """(name, args, kwargs) of a task this consumer ran; args and kwargs
+        None when they were not kept."""
         with self._lock:
-            return self._remembered.get(task_id)
+            entry = self._remembered.get(task_id)
+        if entry is None:
+            return None
+        name, text = entry
+        if text is None:
+            return name, None, None
+        args, kwargs = json.loads(text)
+        return name, args, kwargs
 
 
 _SIGNALS = {
@@ -665,7 +745,13 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def install(huey: Any, client: Optional[Client] = None, *, serve_commands: bool = True) -> Client:
+def hostname() -> str:
+    """This host's name, as worker.online, worker.offline and worker.heartbeat give it."""
+    return socket.gethostname()
+
+
+def install(huey: Any, client: Optional[Client] = None, *, serve_commands: bool = True,
+            stop_running: Optional[bool] = None) -> Client:
     """Connects `huey`'s signals and execute hooks to `client`, which also
     declares the engine `huey`. Without `client`, events go to the
     process's default client as it is when each event happens
@@ -677,15 +763,34 @@ def install(huey: Any, client: Optional[Client] = None, *, serve_commands: bool 
     with another client it replaces the previous installation of that
     instance. Several Huey instances may each be installed. Returns the
     client.
+
+    `stop_running` (default: $Z4J_HUEY_STOP_RUNNING, else False) decides
+    what the brain's cancel does to a task running in this consumer's
+    thread workers. Off: the task is revoked and runs to its end, unless
+    its code polls `cancel_requested()` and stops itself; once cancelled
+    it is not retried. On: a `CancelExecution` is also raised in its
+    thread (once per task), which stops plain Python code within
+    milliseconds but may land inside whatever the task is calling at that
+    moment: a logging handler (whose lock can stay held, freezing every
+    thread that logs), a lock's or a database transaction's `__exit__`, a
+    client library mid-request, the task's own `finally`. Turn it on only
+    for tasks written to be interrupted anywhere.
     """
+    if stop_running is None:
+        try:
+            stop_running = stop_running_from_env()
+        except ValueError as exc:  # never raise into the app's import: say what to change, keep it off
+            log.error("z4j-agentd: %s; running tasks are not stopped", exc)
+            stop_running = False
     with _install_lock:
         previous = _installed.get(id(huey))
         if previous is not None and previous.huey is huey and previous.bound_client is client:
             previous.serve_commands = previous.serve_commands or serve_commands
+            previous.stop_running = bool(stop_running)
             return previous.client
         if previous is not None:
             previous.disconnect()
-        hooks = _Hooks(huey, client, serve_commands)
+        hooks = _Hooks(huey, client, serve_commands, bool(stop_running))
         hooks.connect()
         _installed[id(huey)] = hooks
     if serve_commands:
@@ -717,4 +822,4 @@ def installed(huey: Any = None) -> Optional[_Hooks]:
     return next(iter(_installed.values()), None) if len(_installed) == 1 else None
 
 
-__all__ = ["ENGINE", "Cancelled", "install", "installed", "uninstall", "task_name_of"]
+__all__ = ["ENGINE", "Cancelled", "cancel_requested", "install", "installed", "uninstall", "task_name_of"]

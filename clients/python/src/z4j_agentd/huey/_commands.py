@@ -6,9 +6,13 @@ message says what to change) or `CommandFailed` (Huey or its storage did
 not do it). Handlers run on the client's command threads.
 
 Actions: `submit_task`, `retry_task` (by reference, with
-`retry_by_reference_v1`), `cancel_task` (stops a running task where Huey
-lets it be stopped, see `cancel_task`), `purge_queue` (the instance's one
-queue, at the depth the daemon confirmed) and `reconcile_task`.
+`retry_by_reference_v1`), `cancel_task` (revokes; a running task is asked
+to stop, and stopped only with `install(stop_running=True)`, see
+`cancel_task`), `purge_queue` (the instance's one queue, at the depth the
+daemon confirmed) and `reconcile_task`.
+
+Messages built from an exception's text go through `scrub_text` (a storage
+URL's password, a token in an error).
 """
 
 from __future__ import annotations
@@ -21,14 +25,19 @@ from datetime import datetime, timezone
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from .._jsonsafe import json_safe
+from .._redact import scrub_text
 
 ENGINE = "huey"
 
 ACTIONS = ("cancel_task", "purge_queue", "reconcile_task", "retry_task", "submit_task")
 TOKENS = ("retry_by_reference_v1",)
 
-#: Seconds cancel_task waits for a running task to stop once asked.
+#: Seconds cancel_task waits for a running task to stop once asked (stop_running on).
 CANCEL_WAIT = 10.0
+#: Seconds cancel_task waits for a running task that may poll cancel_requested() (stop_running off).
+COOPERATIVE_WAIT = 2.0
+#: A forced purge on Redis measures and deletes again this many times while the queue keeps moving.
+FORCED_PURGE_ATTEMPTS = 5
 _ETA_MAX_PAST_SECONDS = 60
 _ETA_MAX_FUTURE_SECONDS = 365 * 24 * 3600
 _MAX_EXCEPTION_CHARS = 2000
@@ -67,6 +76,11 @@ def clear_async_exception(thread_id: int) -> None:
 
 
 # ---------------------------------------------------------------- parameters
+
+
+def _error(exc: BaseException) -> str:
+    """`Type: message` of an exception, scrubbed of secrets and cut."""
+    return scrub_text(f"{type(exc).__name__}: {exc}"[:_MAX_EXCEPTION_CHARS])
 
 
 def _params(command: Mapping[str, Any]) -> Dict[str, Any]:
@@ -165,7 +179,7 @@ class HueyCommands:
             except (BadCommand, CommandFailed):
                 raise
             except Exception as exc:
-                raise CommandFailed(f"{action} failed: {type(exc).__name__}: {exc}") from None
+                raise CommandFailed(f"{action} failed: {_error(exc)}") from None
 
         run.__name__ = run.__qualname__ = action
         run.__doc__ = handler.__doc__
@@ -190,7 +204,7 @@ class HueyCommands:
         try:
             self.huey.enqueue(task)
         except Exception as exc:
-            raise CommandFailed(f"{what}: {key} could not be enqueued ({type(exc).__name__}: {exc})") from None
+            raise CommandFailed(f"{what}: {key} could not be enqueued ({_error(exc)})") from None
         return key, str(task.id)
 
     def submit_task(self, command: Dict[str, Any]) -> Dict[str, Any]:
@@ -230,7 +244,7 @@ class HueyCommands:
         args = _first(params.get("override_args"), kept[1] if kept else None)
         kwargs = _first(params.get("override_kwargs"), kept[2] if kept else None)
         if args is None and kwargs is None:
-            why = ("this consumer ran it, but its arguments were too large to keep in memory"
+            why = ("this consumer ran it, but its arguments were too large to keep in memory, or not JSON"
                    if kept else "this consumer did not run it (since it started)")
             raise BadCommand(f"cannot retry {task_id} by reference: its original arguments are not known here "
                              f"({why}); retry with override_args/override_kwargs")
@@ -243,22 +257,28 @@ class HueyCommands:
 
     def cancel_task(self, command: Dict[str, Any]) -> Dict[str, Any]:
         """Revokes the task (Huey then skips it when it comes off the queue
-        or its eta comes), and stops it when it runs in this consumer's
-        thread workers: a `CancelExecution(retry=False)` is raised in the
-        thread running it, so it ends as `canceled` and is not retried.
+        or its eta comes). When it runs in this consumer's thread workers:
+
+        * by default (`stop_running` off) it is asked to stop:
+          `z4j_agentd.huey.cancel_requested()` turns true in its thread, and
+          it runs to its end unless its code polls that and stops. However
+          it ends, it is not retried (an exception it ends with becomes a
+          `CancelExecution(retry=False)`). The command waits up to
+          COOPERATIVE_WAIT for it and says whether it stopped;
+        * with `stop_running` on, a `CancelExecution(retry=False)` is also
+          raised in its thread (once per task), so plain Python code stops
+          at once; it ends as `canceled` and is not retried. Still running
+          after CANCEL_WAIT is a failed command (its code may block in C, or
+          catch the exception: then it is cancelled when its code returns).
 
         `state_before` is `running` (it ran here), else `not_running_here`
         (queued, scheduled, finished, unknown, or running elsewhere).
-        `stopped` says whether the running task ended by the cancel. A
-        running task still running after CANCEL_WAIT is a failed command
-        (its code may block in C, or catch the exception: then it is
-        cancelled when its code returns)."""
+        `stopped` says whether the running task ended by the cancel."""
         task_id = _task_id(command, "cancel_task")
         try:
             self.huey.revoke_by_id(task_id)
         except Exception as exc:
-            raise CommandFailed(f"cancel_task {task_id}: Huey could not revoke it ({type(exc).__name__}: "
-                                f"{exc})") from None
+            raise CommandFailed(f"cancel_task {task_id}: Huey could not revoke it ({_error(exc)})") from None
         hooks = self.hooks
         with hooks._lock:
             running = hooks.running.get(task_id)
@@ -270,31 +290,48 @@ class HueyCommands:
             return {"task_id": task_id, "revoked": True, "state_before": "running", "stopped": False,
                     "detail": f"it runs in a {hooks.worker_type} worker, which cannot be stopped from outside; it "
                               f"will finish, and its retries are not prevented"}
-        if not _CPYTHON:
-            return {"task_id": task_id, "revoked": True, "state_before": "running", "stopped": False,
-                    "detail": f"stopping a running thread needs CPython (this is {platform.python_implementation()}); "
-                              f"it will finish"}
+        stop = bool(hooks.stop_running) and _CPYTHON
         with hooks._lock:
             running.cancel_requested = True
-            running.raised = running.in_body and raise_async(running.thread_id, hooks._cancel_cls)
-            raised = running.raised
+            if stop and running.in_body and not running.raised:  # at most once per task
+                running.raised = raise_async(running.thread_id, hooks._cancel_cls)
         started = time.monotonic()
-        if not running.done.wait(CANCEL_WAIT):
-            raise CommandFailed(
-                f"cancel_task {task_id}: the task was asked to stop (CancelExecution in its thread) but still "
-                f"runs after {CANCEL_WAIT:.0f} s: its code may wait in a blocking call or catch Exception. It is "
-                f"cancelled when its code returns, and not retried")
+        if not running.done.wait(CANCEL_WAIT if stop else COOPERATIVE_WAIT):
+            if stop:
+                raise CommandFailed(
+                    f"cancel_task {task_id}: the task was asked to stop (CancelExecution in its thread) but still "
+                    f"runs after {CANCEL_WAIT:.0f} s: its code may wait in a blocking call or catch Exception. It "
+                    f"is cancelled when its code returns, and not retried")
+            return {"task_id": task_id, "revoked": True, "state_before": "running", "stopped": False,
+                    "cancel_requested": True, "worker": hooks.worker_name,
+                    "waited_ms": int(round((time.monotonic() - started) * 1000)),
+                    "detail": self._cooperative_detail()}
         waited_ms = int(round((time.monotonic() - started) * 1000))
-        _seen, exc = hooks.take_outcome(task_id)
+        exc = running.outcome
         from . import Cancelled
 
         stopped = isinstance(exc, Cancelled)
         result = {"task_id": task_id, "revoked": True, "state_before": "running", "stopped": stopped,
                   "worker": hooks.worker_name, "waited_ms": waited_ms}
         if not stopped:
-            result["detail"] = ("it finished before the cancel reached it" if exc is None or not raised else
-                                f"it ended with {type(exc).__name__} instead")
+            if exc is not None:
+                result["detail"] = f"it ended with {type(exc).__name__} instead"
+            elif stop:
+                result["detail"] = "it finished before the cancel reached it"
+            else:
+                result["detail"] = ("it ran to its end (it finished first, or its code does not check "
+                                    "z4j_agentd.huey.cancel_requested())")
         return result
+
+    def _cooperative_detail(self) -> str:
+        if self.hooks.stop_running:  # asked for, but this interpreter cannot raise in a thread
+            return (f"revoked and asked to stop; stopping a running thread needs CPython (this is "
+                    f"{platform.python_implementation()}), so it runs to its end unless its code checks "
+                    f"z4j_agentd.huey.cancel_requested(); it is not retried")
+        return ("revoked and asked to stop: it runs to its end unless its code checks "
+                "z4j_agentd.huey.cancel_requested() and raises CancelExecution; it is not retried. To stop "
+                "running tasks from the brain, install with stop_running=True (or set Z4J_HUEY_STOP_RUNNING=1) "
+                "in the consumer")
 
     def _elsewhere_detail(self) -> str:
         hooks = self.hooks
@@ -330,41 +367,75 @@ class HueyCommands:
             raise BadCommand(f"purge_queue for queue {queue!r}: no expected_depth, so the purge is not confirmed; "
                              f"purge from the brain with the queue's observed depth (or force)")
         with self._purge_lock:
-            try:
-                depth = int(self.huey.pending_count())
-            except Exception as exc:
-                raise CommandFailed(f"purge_queue for queue {queue!r}: its depth could not be measured "
-                                    f"({type(exc).__name__}: {exc}); nothing was purged") from None
-            if not force and depth != expected:
-                raise CommandFailed(f"purge_queue for queue {queue!r}: it holds {depth} tasks now, the purge was "
-                                    f"confirmed at {expected}; nothing was purged. Re-issue the purge with the "
-                                    f"current depth")
-            try:
-                purged = self._flush_queue()
-            except Exception as exc:
-                raise CommandFailed(f"purge_queue for queue {queue!r} failed: {type(exc).__name__}: {exc}") from None
+            depth, purged = self._purge(queue, None if force else expected)
         result: Dict[str, Any] = {"queue": queue, "depth_before": depth,
                                   "purged": purged if purged is not None else depth, "force": force}
         if purged is None:
             result["note"] = "the storage does not say how many it removed: purged is the depth measured before"
         return result
 
-    def _flush_queue(self) -> Optional[int]:
-        """Empties the queue; how many tasks it held when emptied, when the
-        storage can say so atomically (Redis)."""
+    def _refuse_depth(self, queue: str, depth: int, expected: int) -> CommandFailed:
+        return CommandFailed(f"purge_queue for queue {queue!r}: it holds {depth} tasks now, the purge was "
+                             f"confirmed at {expected}; nothing was purged. Re-issue the purge with the "
+                             f"current depth")
+
+    def _purge(self, queue: str, expected: Optional[int]) -> Tuple[int, Optional[int]]:
+        """Measures the queue and empties it when its depth is `expected`
+        (any depth when None): (depth before, how many were removed, when
+        the storage can say). On Redis the check and the delete are one
+        transaction: a task enqueued in between makes it purge nothing."""
         storage = self.huey.storage
         conn, key = getattr(storage, "conn", None), getattr(storage, "queue_key", None)
         if conn is not None and isinstance(key, str) and hasattr(conn, "pipeline"):
-            kind = conn.type(key)
-            kind = kind.decode() if isinstance(kind, bytes) else str(kind)
-            if kind in ("list", "zset", "none"):
-                pipe = conn.pipeline(transaction=True)
-                (pipe.llen(key) if kind == "list" else pipe.zcard(key) if kind == "zset" else pipe.exists(key))
-                pipe.delete(key)
-                size, _ = pipe.execute()
-                return int(size)
-        storage.flush_queue()
-        return None
+            return self._purge_redis(queue, expected, conn, key)
+        try:
+            depth = int(self.huey.pending_count())
+        except Exception as exc:
+            raise CommandFailed(f"purge_queue for queue {queue!r}: its depth could not be measured "
+                                f"({_error(exc)}); nothing was purged") from None
+        if expected is not None and depth != expected:
+            raise self._refuse_depth(queue, depth, expected)
+        try:
+            storage.flush_queue()
+        except Exception as exc:
+            raise CommandFailed(f"purge_queue for queue {queue!r} failed: {_error(exc)}") from None
+        return depth, None
+
+    def _purge_redis(self, queue: str, expected: Optional[int], conn: Any, key: str) -> Tuple[int, Optional[int]]:
+        from redis.exceptions import WatchError
+
+        # A forced purge (no expected depth) tries again when the queue moved; a confirmed one refuses.
+        for attempt in range(1 if expected is not None else FORCED_PURGE_ATTEMPTS):
+            try:
+                with conn.pipeline(transaction=True) as pipe:
+                    pipe.watch(key)  # a change to the queue from here on makes EXEC do nothing
+                    kind = pipe.type(key)
+                    kind = kind.decode() if isinstance(kind, bytes) else str(kind)
+                    if kind == "list":
+                        depth = int(pipe.llen(key))
+                    elif kind == "zset":  # PriorityRedisStorage
+                        depth = int(pipe.zcard(key))
+                    elif kind == "none":
+                        depth = 0
+                    else:
+                        raise CommandFailed(f"purge_queue for queue {queue!r}: its Redis key {key!r} holds a "
+                                            f"{kind}, not a Huey queue; nothing was purged")
+                    if expected is not None and depth != expected:
+                        pipe.unwatch()
+                        raise self._refuse_depth(queue, depth, expected)
+                    pipe.multi()
+                    pipe.delete(key)
+                    pipe.execute()
+                return depth, depth
+            except WatchError:
+                continue
+            except CommandFailed:
+                raise
+            except Exception as exc:
+                raise CommandFailed(f"purge_queue for queue {queue!r} failed: {_error(exc)}; nothing was "
+                                    f"purged") from None
+        raise CommandFailed(f"purge_queue for queue {queue!r}: tasks were enqueued or taken while it was purged; "
+                            f"nothing was purged. Re-issue the purge with the current depth")
 
     # -- reconcile ----------------------------------------------------------------
 
@@ -388,7 +459,7 @@ class HueyCommands:
             value = None if raw is EmptyData else self.huey.serializer.deserialize(raw)
         except Exception as exc:
             raise CommandFailed(f"reconcile_task {task_id}: the result store could not be read "
-                                f"({type(exc).__name__}: {exc})") from None
+                                f"({_error(exc)})") from None
         if raw is EmptyData:
             return {"task_id": task_id, "engine_state": "unknown", "finished_at": None, "exception": None,
                     "source": "result_store",
@@ -396,7 +467,7 @@ class HueyCommands:
                               "running elsewhere, its result already read, or none stored)"}
         if isinstance(value, Error):
             meta = getattr(value, "metadata", None) or {}
-            error = str(meta.get("error") or "task failed")[:_MAX_EXCEPTION_CHARS]
+            error = scrub_text(str(meta.get("error") or "task failed")[:_MAX_EXCEPTION_CHARS])
             return {"task_id": task_id, "engine_state": "failure", "finished_at": None, "exception": error,
                     "source": "result_store"}
         return {"task_id": task_id, "engine_state": "success", "finished_at": None, "exception": None,

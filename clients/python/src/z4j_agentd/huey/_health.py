@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from typing import Any, Dict, List, Optional
+
+from .._redact import scrub_text
 
 log = logging.getLogger("z4j_agentd.huey")
 
@@ -121,7 +124,7 @@ class HealthSource:
             scheduled = int(hooks.huey.scheduled_count())
         except Exception as exc:
             self.depth_failures += 1
-            self.last_depth_error = f"{type(exc).__name__}: {exc}"[:MAX_FACT_CHARS]
+            self.last_depth_error = scrub_text(f"{type(exc).__name__}: {exc}"[:MAX_FACT_CHARS])
             if self.depth_failures == 1:
                 log.warning("z4j-agentd: Huey queue depth skipped, the storage did not answer: %s",
                             self.last_depth_error)
@@ -142,7 +145,7 @@ class HealthSource:
     def _heartbeat(self, details: Dict[str, Dict[str, Any]]) -> None:
         for name, worker in details.items():
             stats = worker.get("stats") or {}
-            data = {"worker": name, "hostname": name, "pid": stats.get("pid"),
+            data = {"worker": name, "hostname": socket.gethostname(), "pid": stats.get("pid"),
                     "concurrency": (stats.get("pool") or {}).get("max-concurrency"),
                     "active": len(worker.get("active") or ()), "queues": [self.hooks.queue],
                     "loadavg": stats.get("loadavg"), "freq": max(self.interval, HEARTBEAT_EVENT_SECONDS)}
