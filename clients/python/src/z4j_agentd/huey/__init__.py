@@ -56,12 +56,11 @@ import socket
 import sys
 import threading
 import time
-import traceback as _traceback
 from collections import OrderedDict
 from datetime import datetime, timezone
 from typing import Any, Dict, Optional, Tuple
 
-from .._redact import event_value, scrub_text
+from .._redact import MAX_TEXT_CHARS, event_value, exception_message, exception_traceback
 from ..client import Client, get_client
 from . import _commands, _health
 
@@ -71,7 +70,7 @@ ENGINE = "huey"
 #: The name of the pre_execute / post_execute / startup hooks this installs.
 HOOK_NAME = "z4j_agentd"
 #: A traceback is cut to this many characters.
-MAX_TRACEBACK_CHARS = 4096
+MAX_TRACEBACK_CHARS = MAX_TEXT_CHARS
 #: args, kwargs and results longer than this as JSON are replaced by their start.
 MAX_VALUE_BYTES = 64 * 1024
 #: Task ids a process remembers having sent task.received for.
@@ -88,7 +87,6 @@ STOP_RUNNING_ENV = "Z4J_HUEY_STOP_RUNNING"
 #: Start times kept for runtime_ms before the oldest are forgotten.
 MAX_STARTED = 10000
 
-_CUT = "\n[... cut by z4j-agentd-client ...]\n"
 
 
 def _compact(data: Dict[str, Any], keep_none: Tuple[str, ...] = ()) -> Dict[str, Any]:
@@ -112,26 +110,8 @@ def _iso(when: Any) -> Optional[str]:
     return when.isoformat()
 
 
-def _exception_message(exc: Any) -> Optional[str]:
-    if exc is None:
-        return None
-    try:
-        return scrub_text(str(exc)[:MAX_TRACEBACK_CHARS])
-    except Exception:
-        return scrub_text(repr(exc)[:MAX_TRACEBACK_CHARS])
-
-
-def _traceback_text(exc: Any) -> Optional[str]:
-    if exc is None:
-        return None
-    try:
-        text = "".join(_traceback.format_exception(type(exc), exc, exc.__traceback__))
-    except Exception:
-        return None
-    if len(text) > MAX_TRACEBACK_CHARS:
-        half = (MAX_TRACEBACK_CHARS - len(_CUT)) // 2
-        text = text[:half] + _CUT + text[-half:]
-    return scrub_text(text)
+def _huey_traceback(exc: Any) -> Optional[str]:
+    return None if exc is None else exception_traceback(exc)
 
 
 def stop_running_from_env() -> bool:
@@ -520,8 +500,8 @@ class _Hooks:
         data = self._base(task)
         data.update({
             "exception": type(exc).__name__ if exc is not None else None,
-            "exception_message": _exception_message(exc),
-            "traceback": _traceback_text(exc),
+            "exception_message": exception_message(exc),
+            "traceback": _huey_traceback(exc),
             "runtime_ms": self._runtime_ms(task_id),
             "retry_count": self._retries_so_far(task_id),
             "reason": reason,
@@ -560,7 +540,7 @@ class _Hooks:
         left = max(0, int(task.retries or 0) - 1)  # Huey takes one off after this signal
         data = self._base(task)
         data.update({
-            "reason": _exception_message(reason) if reason is not None else None,
+            "reason": exception_message(reason) if reason is not None else None,
             "exception": type(reason).__name__ if reason is not None else None,
             "retry_count": self._count_retry(str(task.id)),
             "retries_left": left,
@@ -572,7 +552,7 @@ class _Hooks:
         task_id = str(task.id)
         data = self._base(task)
         data.update({"reason": reason, "terminated": terminated, "expired": reason == "expired",
-                     "exception_message": _exception_message(exc) if exc is not None else None,
+                     "exception_message": exception_message(exc) if exc is not None else None,
                      "runtime_ms": self._runtime_ms(task_id) if terminated else None})
         self._forget_run(task_id, exc)
         self._retries_so_far(task_id)

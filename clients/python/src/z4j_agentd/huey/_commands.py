@@ -25,6 +25,7 @@ from datetime import datetime, timezone
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from .._jsonsafe import json_safe
+from .._integration import BadCommand, CommandFailed, first as _first, params as _params, target as _target, task_id as _command_task_id
 from .._redact import scrub_text
 
 ENGINE = "huey"
@@ -43,16 +44,6 @@ _ETA_MAX_FUTURE_SECONDS = 365 * 24 * 3600
 _MAX_EXCEPTION_CHARS = 2000
 _PRIORITY_LABELS = {"critical": 100, "high": 50, "normal": None, "low": 0}
 
-
-class BadCommand(ValueError):
-    """The command's parameters cannot work; the message says what to change."""
-
-
-class CommandFailed(RuntimeError):
-    """Huey or its storage did not do what the command asked."""
-
-
-# ---------------------------------------------------------------- raising in a thread
 
 _CPYTHON = platform.python_implementation() == "CPython"
 
@@ -83,32 +74,8 @@ def _error(exc: BaseException) -> str:
     return scrub_text(f"{type(exc).__name__}: {exc}"[:_MAX_EXCEPTION_CHARS])
 
 
-def _params(command: Mapping[str, Any]) -> Dict[str, Any]:
-    params = command.get("parameters")
-    return params if isinstance(params, dict) else {}
-
-
-def _target(command: Mapping[str, Any]) -> Dict[str, Any]:
-    target = command.get("target")
-    return target if isinstance(target, dict) else {}
-
-
 def _task_id(command: Mapping[str, Any], action: str) -> str:
-    task_id = _params(command).get("task_id")
-    if not task_id:
-        ident = _target(command).get("id")
-        if isinstance(ident, str):
-            task_id = ident[len(ENGINE) + 1:] if ident.startswith(f"{ENGINE}:") else ident
-    if not isinstance(task_id, str) or not task_id.strip():
-        raise BadCommand(f"{action} needs parameters.task_id (the Huey task id)")
-    return task_id.strip()
-
-
-def _first(*values: Any) -> Any:
-    for value in values:
-        if value is not None:
-            return value
-    return None
+    return _command_task_id(command, ENGINE, action, "the Huey task id")
 
 
 def _eta(value: Any) -> datetime:

@@ -23,6 +23,7 @@ import socket
 import time
 from typing import Any, Dict, List, Optional
 
+from .. import _integration
 from .._redact import scrub_text
 
 log = logging.getLogger("z4j_agentd.huey")
@@ -38,18 +39,7 @@ _INT_MAX = 2**31 - 1
 def interval_from_env(default: float = DEFAULT_INTERVAL) -> float:
     """$Z4J_HUEY_HEALTH_INTERVAL in seconds, else `default`; a bad value is
     an error saying what to set."""
-    raw = os.environ.get(INTERVAL_ENV, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{INTERVAL_ENV}={raw!r} is not a number: set seconds between health reports, "
-                         f"> 0 and at most 300 (default {DEFAULT_INTERVAL:.0f})") from None
-    if not 0 < value <= 300:
-        raise ValueError(f"{INTERVAL_ENV}={raw!r} is out of range: set seconds > 0 and at most 300 "
-                         f"(default {DEFAULT_INTERVAL:.0f})")
-    return value
+    return _integration.interval_from_env(INTERVAL_ENV, default, DEFAULT_INTERVAL)
 
 
 def broker_type(huey: Any) -> str:
