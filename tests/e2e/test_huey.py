@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 import brain_bootstrap as bb
-from control import LocalClient, wait_brain_knows, wait_command_done
+from control import wait_brain_knows, wait_command_done
 from harness import Background, brain_db, get_task, hexid, task_events, wait_for
 from test_celery_commands import probe_reconcile
 

@@ -22,6 +22,7 @@ import brain_bootstrap as bb
 from control import wait_brain_knows, wait_command_done
 from harness import Background, brain_db, get_task, hexid, task_events, wait_for
 from test_health import brain_workers
+from test_celery_commands import probe_reconcile
 
 ENGINE = "rq"
 HOST = socket.gethostname()
@@ -315,46 +316,13 @@ def test_submit_task_runs_the_job_the_brain_names(cluster):
     assert ran["result"] == 42 and ran["args"] == [40, 2], ran
 
 
-def probe_reconcile(cluster, task_ids: list) -> list:
-    """A reconcile_task probe per job in the brain's command table, as its sweep of stuck tasks
-    puts them (the sweep itself is too slow for a test; test_celery_commands.py does the same
-    for Celery); a local process declaring one more action makes the daemon say hello again,
-    and the brain delivers pending commands at a hello. Returns the finished commands."""
-    import sqlite3
-    from datetime import datetime, timedelta, timezone as tz
-
-    from control import LocalClient
-
-    ids = [uuid.uuid4() for _ in task_ids]
-    now = datetime.now(tz.utc).replace(tzinfo=None)
-    con = sqlite3.connect(str(cluster.brain.db_path), timeout=30)
-    try:
-        with con:
-            for command_id, task_id in zip(ids, task_ids):
-                con.execute(
-                    "INSERT INTO commands (id, project_id, agent_id, action, target_type, target_id, payload, "
-                    "status, issued_at, timeout_at) VALUES (?, ?, ?, 'reconcile_task', 'task', ?, ?, 'pending', ?, ?)",
-                    (command_id.hex, uuid.UUID(cluster.agent["project_id"]).hex, hexid(cluster.agent["agent_id"]),
-                     task_id, json.dumps({"task_id": task_id, "engine": ENGINE}),
-                     now.strftime("%Y-%m-%d %H:%M:%S.%f"),
-                     (now + timedelta(seconds=60)).strftime("%Y-%m-%d %H:%M:%S.%f")))
-    finally:
-        con.close()
-    nudge = LocalClient(cluster.daemon.socket_path)
-    try:
-        nudge.hello(process="e2e-rehello", engines=[ENGINE], capabilities={ENGINE: ["e2e_nudge"]})
-        return [wait_command_done(cluster.brain, cluster.agent, str(command_id), 60) for command_id in ids]
-    finally:
-        nudge.close()
-
-
 def test_reconcile_answers_the_state_redis_has(cluster):
     """z4j-rq answers `unknown` for every job (it compares RQ 3's status with str())."""
     ok, bad = cluster.enqueue("add", 1, 2), cluster.enqueue("boom", "for reconcile")
     cluster.wait_state(ok.id, "success")
     cluster.wait_state(bad.id, "failure")
     waiting = cluster.enqueue("add", 5, 5, queue="rq-e2e-idle")  # nobody consumes it
-    done, failed, pending, nobody = probe_reconcile(cluster, [ok.id, bad.id, waiting.id, "rq-e2e-nobody"])
+    done, failed, pending, nobody = probe_reconcile(cluster, [ok.id, bad.id, waiting.id, "rq-e2e-nobody"], engine=ENGINE)
     for cmd in (done, failed, pending, nobody):
         assert cmd["status"] == "completed", (cmd["error"], cmd["result"])
     assert done["result"]["engine_state"] == "success" and done["result"]["finished_at"], done

@@ -11,6 +11,7 @@ its broker did not do what the command asked; either answers the brain
 from __future__ import annotations
 
 import os
+from datetime import datetime, timezone
 from typing import Any, Dict, Mapping
 
 
@@ -58,6 +59,31 @@ def first(*values: Any) -> Any:
         if value is not None:
             return value
     return None
+
+
+#: How far in the past an `eta` may be (a clock a little behind): then it runs now.
+ETA_MAX_PAST_SECONDS = 60
+#: How far in the future an `eta` may be, unless the engine allows less.
+ETA_MAX_FUTURE_SECONDS = 365 * 24 * 3600
+
+
+def eta_from_unix(eta: Any, max_future: float = ETA_MAX_FUTURE_SECONDS,
+                  limit_text: str = "at most 365 days") -> datetime:
+    """The brain's `eta` (a unix time in seconds) as a UTC datetime; a value
+    that is not a time, more than a minute past, or more than `max_future`
+    seconds ahead (`limit_text` says the limit) is a BadCommand saying so."""
+    if isinstance(eta, bool):
+        raise BadCommand(f"eta must be a unix time in seconds, got {eta!r}")
+    try:
+        when = datetime.fromtimestamp(float(eta), tz=timezone.utc)
+    except (TypeError, ValueError, OverflowError, OSError):
+        raise BadCommand(f"eta must be a unix time in seconds, got {eta!r}") from None
+    delta = (when - datetime.now(timezone.utc)).total_seconds()
+    if delta < -ETA_MAX_PAST_SECONDS:
+        raise BadCommand(f"eta is {-delta:.0f} s in the past; give a time from now on")
+    if delta > max_future:
+        raise BadCommand(f"eta is {delta:.0f} s in the future ({limit_text})")
+    return when
 
 
 def interval_from_env(env: str, default: float, documented: float) -> float:

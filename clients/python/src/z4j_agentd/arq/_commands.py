@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from .._jsonsafe import json_safe
 from .._redact import scrub_text
-from .._integration import BadCommand, CommandFailed, params as _params, target as _target
+from .._integration import BadCommand, CommandFailed, eta_from_unix, params as _params, target as _target
 
 ENGINE = "arq"
 
@@ -45,8 +45,6 @@ LOOP_TIMEOUT = 10.0
 #: Seconds cancel_task waits, at most, for the worker to confirm the abort
 #: (it reads abort requests at each poll, every `poll_delay`, 0.5 s by default).
 ABORT_WAIT = 10.0
-_ETA_MAX_PAST_SECONDS = 60
-_ETA_MAX_FUTURE_SECONDS = 365 * 24 * 3600
 _MAX_EXCEPTION_CHARS = 2000
 #: arq's job states, as the brain's reconcile projection names them.
 _RECONCILED = {"deferred": "pending", "queued": "pending", "in_progress": "started", "complete": "success",
@@ -62,19 +60,6 @@ def task_id_of(command: Mapping[str, Any], action: str) -> str:
     if not isinstance(task_id, str) or not task_id.strip():
         raise BadCommand(f"{action} needs parameters.task_id (the arq job id)")
     return task_id.strip()
-
-
-def eta_from_unix(eta: Any) -> datetime:
-    try:
-        when = datetime.fromtimestamp(float(eta), tz=timezone.utc)
-    except (TypeError, ValueError, OverflowError, OSError):
-        raise BadCommand(f"eta must be a unix time in seconds, got {eta!r}") from None
-    delta = (when - datetime.now(timezone.utc)).total_seconds()
-    if delta < -_ETA_MAX_PAST_SECONDS:
-        raise BadCommand(f"eta is {-delta:.0f} s in the past; give a time from now on")
-    if delta > _ETA_MAX_FUTURE_SECONDS:
-        raise BadCommand(f"eta is {delta:.0f} s in the future (at most 365 days)")
-    return when
 
 
 def _no_priority(value: Any, action: str) -> None:

@@ -35,7 +35,8 @@ from .._jsonsafe import json_safe
 from .._redact import scrub_text
 from . import _health, _queues
 from ._util import attr as _attr
-from .._integration import BadCommand, CommandFailed, params as _params, target as _target
+from .._integration import (BadCommand, CommandFailed, eta_from_unix, first as _first, params as _params,
+                            target as _target)
 
 ENGINE = "celery"
 
@@ -74,8 +75,6 @@ _RATE_RE = re.compile(r"^(?:0|[1-9]\d*(?:/[smh])?)$")
 # priority, so a retried task queues as a fresh one does.
 _PRIORITY_LABELS = {"critical": 9, "high": 6, "normal": None, "low": 0}
 _REDIS_PRIORITY_LABELS = {"critical": 0, "high": 0, "normal": None, "low": 9}
-_ETA_MAX_PAST_SECONDS = 60
-_ETA_MAX_FUTURE_SECONDS = 365 * 24 * 3600
 # Result-backend states, as the brain's reconcile projection names them.
 _RECONCILED = {"PENDING": "pending", "RECEIVED": "pending", "RETRY": "pending", "STARTED": "started",
                "SUCCESS": "success", "FAILURE": "failure", "REVOKED": "failure"}
@@ -185,26 +184,6 @@ def _positive_int(value: Any, action: str, key: str, default: Optional[int] = No
     if number < 1 or number != float(value):
         raise BadCommand(f"{action}: parameters.{key} must be a whole number >= 1, got {value!r}")
     return number
-
-
-def first_given(*values: Any) -> Any:
-    for value in values:
-        if value is not None:
-            return value
-    return None
-
-
-def eta_from_unix(eta: Any) -> datetime:
-    try:
-        when = datetime.fromtimestamp(float(eta), tz=timezone.utc)
-    except (TypeError, ValueError, OverflowError, OSError):
-        raise BadCommand(f"eta must be a unix time in seconds, got {eta!r}") from None
-    delta = (when - datetime.now(timezone.utc)).total_seconds()
-    if delta < -_ETA_MAX_PAST_SECONDS:
-        raise BadCommand(f"eta is {-delta:.0f} s in the past; give a time from now on")
-    if delta > _ETA_MAX_FUTURE_SECONDS:
-        raise BadCommand(f"eta is {delta:.0f} s in the future (at most 365 days)")
-    return when
 
 
 def priority_of(value: Any, transport: Optional[str] = None) -> Optional[int]:
@@ -486,7 +465,7 @@ class CeleryCommands:
         purged (unless `force`)."""
         params = _params(command)
         target = _target(command)
-        queue = first_given(params.get("queue"), target.get("queue"), target.get("id"))
+        queue = _first(params.get("queue"), target.get("queue"), target.get("id"))
         if not isinstance(queue, str) or not queue.strip():
             raise BadCommand("purge_queue needs parameters.queue (the queue's name)")
         queue = queue.strip()
@@ -763,8 +742,8 @@ class CeleryCommands:
             raise BadCommand(
                 f"cannot retry {task_id}: its task name is unknown here (the brain sent none, this "
                 f"worker did not receive it, and the result backend does not keep it)")
-        args = first_given(params.get("override_args"), params.get("args"), kept.get("args"), stored.get("args"))
-        kwargs = first_given(params.get("override_kwargs"), params.get("kwargs"), kept.get("kwargs"),
+        args = _first(params.get("override_args"), params.get("args"), kept.get("args"), stored.get("args"))
+        kwargs = _first(params.get("override_kwargs"), params.get("kwargs"), kept.get("kwargs"),
                              stored.get("kwargs"))
         if args is None and kwargs is None and params.get("original_had_args") is not False:
             if kept.get("args_left_out"):
@@ -794,7 +773,7 @@ class CeleryCommands:
                 options["countdown"] = max(0.0, float(params["eta_seconds"]))
             except (TypeError, ValueError):
                 raise BadCommand(f"eta_seconds must be a number, got {params['eta_seconds']!r}") from None
-        priority = priority_of(first_given(priority_given, params.get("priority")), transport_of(self.app))
+        priority = priority_of(_first(priority_given, params.get("priority")), transport_of(self.app))
         if priority is not None:
             options["priority"] = priority
         new_id = self._send(name, args, kwargs, options, f"cannot retry {task_id}: {name} could not be sent")
@@ -849,7 +828,7 @@ class CeleryCommands:
         """Enqueues a task by name (the brain's "run now" of a schedule it
         fires itself): `name`, `args`, `kwargs`, `queue`, `eta`, `priority`."""
         params = _params(command)
-        name = first_given(params.get("name"), params.get("task_name"), _target(command).get("name"))
+        name = _first(params.get("name"), params.get("task_name"), _target(command).get("name"))
         if not isinstance(name, str) or not name.strip():
             raise BadCommand("submit_task needs parameters.name (the task's registered name)")
         name = name.strip()

@@ -48,7 +48,8 @@ from dramatiq.common import q_name
 from .._jsonsafe import json_safe
 from .._redact import event_value, scrub_text
 from . import _broker
-from .._integration import BadCommand, CommandFailed, first as _first, params as _params, target as _target, task_id as _command_task_id
+from .._integration import (BadCommand, CommandFailed, first as _first, params as _params, target as _target,
+                            task_id as _command_task_id)
 
 ENGINE = "dramatiq"
 

@@ -21,11 +21,11 @@ import ctypes
 import platform
 import threading
 import time
-from datetime import datetime, timezone
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from .._jsonsafe import json_safe
-from .._integration import BadCommand, CommandFailed, first as _first, params as _params, target as _target, task_id as _command_task_id
+from .._integration import (BadCommand, CommandFailed, eta_from_unix, first as _first, params as _params,
+                            target as _target, task_id as _command_task_id)
 from .._redact import scrub_text
 
 ENGINE = "huey"
@@ -39,8 +39,6 @@ CANCEL_WAIT = 10.0
 COOPERATIVE_WAIT = 2.0
 #: A forced purge on Redis measures and deletes again this many times while the queue keeps moving.
 FORCED_PURGE_ATTEMPTS = 5
-_ETA_MAX_PAST_SECONDS = 60
-_ETA_MAX_FUTURE_SECONDS = 365 * 24 * 3600
 _MAX_EXCEPTION_CHARS = 2000
 _PRIORITY_LABELS = {"critical": 100, "high": 50, "normal": None, "low": 0}
 
@@ -76,19 +74,6 @@ def _error(exc: BaseException) -> str:
 
 def _task_id(command: Mapping[str, Any], action: str) -> str:
     return _command_task_id(command, ENGINE, action, "the Huey task id")
-
-
-def _eta(value: Any) -> datetime:
-    try:
-        when = datetime.fromtimestamp(float(value), tz=timezone.utc)
-    except (TypeError, ValueError, OverflowError, OSError):
-        raise BadCommand(f"eta must be a unix time in seconds, got {value!r}") from None
-    delta = (when - datetime.now(timezone.utc)).total_seconds()
-    if delta < -_ETA_MAX_PAST_SECONDS:
-        raise BadCommand(f"eta is {-delta:.0f} s in the past; give a time from now on")
-    if delta > _ETA_MAX_FUTURE_SECONDS:
-        raise BadCommand(f"eta is {delta:.0f} s in the future (at most 365 days)")
-    return when
 
 
 def _priority(value: Any) -> Optional[int]:
@@ -162,7 +147,7 @@ class HueyCommands:
             raise BadCommand(f"{what}: kwargs must be a map, got {type(kwargs).__name__}")
         options: Dict[str, Any] = {"args": tuple(args or ()), "kwargs": dict(kwargs or {})}
         if eta is not None:
-            when = _eta(eta)
+            when = eta_from_unix(eta)
             options["eta"] = when.replace(tzinfo=None) if getattr(self.huey, "utc", True) else \
                 when.astimezone().replace(tzinfo=None)
         if priority is not None:

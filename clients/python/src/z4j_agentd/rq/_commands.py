@@ -20,7 +20,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 from .._jsonsafe import json_safe
 from .._redact import scrub_text
 from . import _health
-from .._integration import BadCommand, CommandFailed, params as _params, target as _target, task_id as _command_task_id
+from .._integration import (BadCommand, CommandFailed, eta_from_unix, params as _params, target as _target,
+                            task_id as _command_task_id)
 
 ENGINE = "rq"
 
@@ -65,8 +66,6 @@ while true do
 end
 return {1, depth, purged}
 """
-_ETA_MAX_PAST_SECONDS = 60
-_ETA_MAX_FUTURE_SECONDS = 365 * 24 * 3600
 _MAX_EXCEPTION_CHARS = 2000
 # The brain's priority labels: RQ has no priorities, but a job can go to the front of its queue.
 _AT_FRONT = {"critical": True, "high": True, "normal": False, "low": False}
@@ -85,19 +84,6 @@ def status_of(job: Any) -> str:
     """The job's status, fresh from Redis, as its plain value."""
     status = job.get_status(refresh=True)
     return str(getattr(status, "value", status))
-
-
-def eta_from_unix(eta: Any) -> datetime:
-    try:
-        when = datetime.fromtimestamp(float(eta), tz=timezone.utc)
-    except (TypeError, ValueError, OverflowError, OSError):
-        raise BadCommand(f"eta must be a unix time in seconds, got {eta!r}") from None
-    delta = (when - datetime.now(timezone.utc)).total_seconds()
-    if delta < -_ETA_MAX_PAST_SECONDS:
-        raise BadCommand(f"eta is {-delta:.0f} s in the past; give a time from now on")
-    if delta > _ETA_MAX_FUTURE_SECONDS:
-        raise BadCommand(f"eta is {delta:.0f} s in the future (at most 365 days)")
-    return when
 
 
 def at_front_of(priority: Any) -> bool:

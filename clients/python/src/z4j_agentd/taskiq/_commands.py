@@ -29,7 +29,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from .._jsonsafe import json_safe
 from .._redact import scrub_text
-from .._integration import BadCommand, CommandFailed, first as _first, params as _params, target as _target, task_id as _command_task_id
+from .._integration import (BadCommand, CommandFailed, first as _first, params as _params, target as _target,
+                            task_id as _command_task_id)
 
 ENGINE = "taskiq"
 
