@@ -15,17 +15,29 @@ scheduler `huey-periodic` through z4j's external schedule protocol (see
 * the tasks are defined in code: the brain cannot create, update, enable,
   disable or delete them (the capabilities say so; edit the decorator).
 
-Runs: the Scheduler's enqueues are seen through `huey.read_periodic` (the
-call it makes each minute to pick the tasks due). `watch(huey)` puts that
-watch in place; `serve` does too, but the Scheduler makes its first check
-when the consumer starts, before the workers' `on_startup` hooks run, so
-call `watch(huey)` where the Huey instance is made to count that one too.
-With `-k process` the Scheduler runs in a process of its own, whose runs
-the serving process does not see: the counts then hold "Trigger now" only.
+Runs: the Scheduler's runs are seen through `huey.read_periodic` (the
+call it makes each minute to pick the tasks due) and counted when its
+`huey.enqueue` of a picked task returns (an enqueue that raised is no run).
+`watch(huey)` puts that watch in place (`install(huey)` calls it); `serve`
+does too, but the Scheduler makes its first check when the consumer
+starts, so watch where the Huey instance is made to count that one too.
+A restarted consumer carries on from the counters it last published (read
+from its state file, below). With `-k process` the Scheduler runs in a
+process of its own, whose runs the serving process does not see: the
+counts then move with "Trigger now" only.
+
+Huey's Scheduler checks every 60 s from the consumer's start, not on the
+minute: a task due at 09:00 runs at 09:00 plus the seconds the consumer
+started past a minute. The next run shown includes those seconds once the
+Scheduler's first check was seen in this process.
 
 A periodic task whose validator is not Huey's `crontab` (any function of a
-datetime) has no cron expression: it is left out of the page, logged once,
-and counted in `stats(huey)["rows_unlisted"]`.
+datetime) has no cron expression, and one with both a day of month and a
+day of week (Huey runs it when both match; cron text means either) has
+one only when its days are whole weeks of the month (1-7, 8-14, 15-21,
+22-28, 29-31: `crontab(day="1-7", day_of_week="1")`, the first Monday, is
+`* * 1#1`). Others are left out of the page, logged once, and counted in
+`stats(huey)["rows_unlisted"]`.
 
 Source keys are the registry's task names (`module.name`, as
 z4j-hueyperiodic's), so rows stay the same rows across restarts and when a
@@ -40,8 +52,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import weakref
 from datetime import date, datetime, timedelta, timezone
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .. import _codesched as cs
 from .._schedules import MUTATION, STABLE_SNAPSHOT, Conflict, ExternalScheduler, Source
@@ -117,9 +130,12 @@ def next_run(settings: Sequence[Sequence[int]], after: datetime) -> Optional[dat
 class PeriodicSource(Source):
     """The periodic tasks of one Huey instance: read-only, triggerable."""
 
-    def __init__(self, huey: Any, runs: cs.Runs) -> None:
+    def __init__(self, huey: Any, runs: cs.Runs, check_offset: Optional[Callable[[], Optional[float]]] = None) -> None:
         self.huey = huey
         self.runs = runs
+        #: Seconds past the minute the Scheduler checks at, when seen (its
+        #: runs come that late in their minute).
+        self.check_offset = check_offset or (lambda: None)
         self.rows_unlisted = 0
         self._warned: set = set()
 
@@ -141,6 +157,7 @@ class PeriodicSource(Source):
     def rows(self) -> List[Dict[str, Any]]:
         tz_name, tz = self._timezone()
         now = self.huey._get_timestamp()
+        shift = timedelta(seconds=self.check_offset() or 0)
         tasks = self._tasks()
         names: Dict[str, int] = {}
         for _, cls in tasks:
@@ -160,7 +177,10 @@ class PeriodicSource(Source):
                     log.warning("z4j-agentd: the periodic task %s is not on the Schedules page: %s", key, exc)
                 continue
             assert settings is not None
-            upcoming = next_run(settings, now)
+            # The Scheduler's check of minute m happens at m + offset.
+            upcoming = next_run(settings, now - shift)
+            if upcoming is not None:
+                upcoming += shift
             count, last = self.runs.get(key)
             name = str(cls.__name__) if names[str(cls.__name__)] == 1 else key
             rows.append({
@@ -198,29 +218,91 @@ def _clock(huey: Any, timestamp: Optional[datetime]) -> datetime:
 
 
 class _Watch:
-    """The runs of one Huey instance's periodic tasks, seen through its
-    `read_periodic` (the Scheduler's pick of the tasks due this minute)."""
+    """The runs of one Huey instance's periodic tasks: the Scheduler's pick
+    of the tasks due (`huey.read_periodic`, each minute), counted when
+    `huey.enqueue` of a picked task returns (an enqueue that raised is no
+    run). Also the seconds past the minute the Scheduler checks at (it
+    checks every 60 s from the consumer's start, not on the minute)."""
 
     def __init__(self, huey: Any) -> None:
         self.huey = huey
         self.runs = cs.Runs()
         self.streams: List[ExternalScheduler] = []
-        original = huey.read_periodic
+        self._lock = threading.Lock()
+        #: The tasks the Scheduler's last check picked and has not enqueued
+        #: yet: task id -> the check's time (replaced at each check).
+        self._picked: Dict[str, datetime] = {}
+        #: Seconds past the minute of the Scheduler's last check (None: none seen).
+        self.check_offset: Optional[float] = None
+        read_original, enqueue_original = huey.read_periodic, huey.enqueue
 
         def read_periodic(timestamp: Any = None) -> Any:
-            tasks = original(timestamp)
+            tasks = read_original(timestamp)
             try:
-                if tasks:
-                    when = _clock(huey, timestamp)
-                    for task in tasks:
-                        self.runs.count(str(huey._registry.task_to_string(type(task))), when)
-                    for stream in list(self.streams):
-                        stream.changed()
+                self._picked_now(tasks, timestamp)
             except Exception:  # never into Huey's Scheduler
-                log.debug("z4j-agentd: a periodic run was not counted", exc_info=True)
+                log.debug("z4j-agentd: a periodic check was not seen", exc_info=True)
             return tasks
 
+        def enqueue(task: Any) -> Any:
+            picked = self._take(task)
+            result = enqueue_original(task)
+            if picked is not None:
+                self._enqueued(task, picked)
+            return result
+
         huey.read_periodic = read_periodic
+        huey.enqueue = enqueue
+        _watches.add(self)
+
+    def _picked_now(self, tasks: Any, timestamp: Any) -> None:
+        when = _clock(self.huey, timestamp)
+        if timestamp is None:  # the Scheduler's own check (it passes no time)
+            self.check_offset = when.second + when.microsecond / 1e6
+        picked = {str(t.id): when for t in tasks or () if getattr(t, "id", None) is not None}
+        with self._lock:
+            self._picked = picked
+
+    def _take(self, task: Any) -> Optional[datetime]:
+        try:
+            task_id = getattr(task, "id", None)
+            if task_id is None:
+                return None
+            with self._lock:
+                return self._picked.pop(str(task_id), None)
+        except Exception:  # never into Huey's enqueue
+            return None
+
+    def _enqueued(self, task: Any, when: datetime) -> None:
+        try:
+            self.runs.count(str(self.huey._registry.task_to_string(type(task))), when)
+            for stream in list(self.streams):
+                stream.changed()
+        except Exception:  # never into Huey's Scheduler
+            log.debug("z4j-agentd: a periodic run was not counted", exc_info=True)
+
+    def after_fork(self) -> None:
+        """In a forked child (a `-k process` worker or Scheduler): locks of
+        its own, and none of the parent's schedulers (they are served by the
+        parent; this process serves its own if it calls serve)."""
+        self._lock = threading.Lock()
+        self.runs.after_fork()
+        self.streams = []
+
+
+#: Every _Watch of this process, for the fork hook.
+_watches: "weakref.WeakSet[_Watch]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    global _lock
+    _lock = threading.Lock()
+    for watched in list(_watches):
+        watched.after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 _lock = threading.Lock()
@@ -266,7 +348,9 @@ def serve(huey: Any, client: Any = None, *, state_dir: Optional[str] = None) -> 
             return None
         watched: _Watch = huey.__dict__[_WATCHED]
         client = client or get_client()
-        source = PeriodicSource(huey, watched.runs)
+        # The counters published before this process started carry on.
+        cs.seed_runs(watched.runs, state_path, SCHEDULER)
+        source = PeriodicSource(huey, watched.runs, lambda: watched.check_offset)
         stream = ExternalScheduler(SCHEDULER, source, cs.sender(client), poll_interval=POLL_SECONDS,
                                    min_interval=MIN_SNAPSHOT_SECONDS, state_path=state_path)
         watched.streams.append(stream)
