@@ -352,18 +352,21 @@ def test_next_run_includes_the_seconds_past_the_minute_the_scheduler_checks_at(s
     assert {r["name"]: r for r in source.rows()}["every_minute"]["next_run_at"] == at + timedelta(minutes=1)
 
 
-def test_a_forked_child_counts_with_locks_of_its_own_and_leaves_the_parents_schedulers(served):
+def test_a_forked_scheduler_hands_its_runs_to_the_serving_process_and_never_waits_on_its_locks(served):
+    """`huey_consumer -k process` forks its Scheduler after the consumer serves: the child's runs and
+    check times reach the serving process; a lock held by another thread at the fork holds nothing."""
     import os
 
     h, client, stream = served
     watched = h.__dict__[periodic._WATCHED]
-    with watched.runs._lock:  # held by "another thread" at the fork
+    key = f"{__name__}.every_minute"
+    with watched.runs._lock, watched._lock:  # held by "another thread" at the fork
         pid = os.fork()
-        if pid == 0:  # the child (a -k process Scheduler, say)
+        if pid == 0:  # the child: the Scheduler process
             code = 1
             try:
                 check(h)
-                if watched.streams == [] and watched.runs.get(f"{__name__}.every_minute")[0] == 1:
+                if watched.streams == [] and watched.runs.get(key)[0] == 0 and watched.relay_dropped == 0:
                     code = 0
             finally:
                 os._exit(code)
@@ -376,9 +379,62 @@ def test_a_forked_child_counts_with_locks_of_its_own_and_leaves_the_parents_sche
     else:
         os.kill(pid, 9)
         os.waitpid(pid, 0)
-        pytest.fail("the forked child hung on a lock held at the fork")
+        pytest.fail("the forked Scheduler hung on a lock held at the fork")
     assert os.waitstatus_to_exitcode(status) == 0
-    assert watched.streams == [stream] and watched.runs.get(f"{__name__}.every_minute")[0] == 0
+    assert watched.streams == [stream]
+    deadline = datetime.now() + timedelta(seconds=5)
+    while watched.runs.get(key)[0] == 0 and datetime.now() < deadline:
+        threading.Event().wait(0.02)
+    count, last = watched.runs.get(key)
+    assert count == 1 and datetime.now(timezone.utc) - last < timedelta(seconds=15)
+    assert watched.check_offset is not None and 0 <= watched.check_offset < 60
+    assert {r["name"]: r for r in stream.source.rows()}["every_minute"]["total_runs"] == 1
+
+
+KPROC_APP = '''
+import os, sys, time, threading, json
+from huey import SqliteHuey, crontab
+from z4j_agentd.huey import periodic
+
+huey = SqliteHuey("kproc", filename=sys.argv[1], utc=True)
+periodic.watch(huey)
+
+@huey.periodic_task(crontab())
+def every_minute():
+    return 1
+
+class Client:
+    def serve(self, handlers, **kw): pass
+    def send_durable(self, events, timeout=5.0): return len(events)
+
+stream = periodic.serve(huey, Client(), state_dir=os.path.dirname(sys.argv[1]))
+consumer = huey.create_consumer(workers=1, worker_type="process", periodic=True, scheduler_interval=1)
+consumer.start()
+watched = huey.__dict__[periodic._WATCHED]
+deadline = time.time() + 15
+while time.time() < deadline and watched.runs.get(f"{__name__}.every_minute")[0] == 0:
+    time.sleep(0.05)
+row = {r["name"]: r for r in stream.source.rows()}["every_minute"]
+print(json.dumps({"pid": os.getpid(), "total_runs": row["total_runs"], "offset": watched.check_offset}))
+sys.stdout.flush()
+consumer.stop(graceful=False)
+os._exit(0)
+'''
+
+
+def test_a_real_k_process_consumers_scheduler_runs_reach_the_serving_process(tmp_path):
+    """`huey.create_consumer(worker_type="process")` (as `huey_consumer -k process`): the Scheduler
+    process's first check (every_minute is due) counts in the process that serves the page."""
+    import json
+    import subprocess
+    import sys
+
+    (tmp_path / "kproc_app.py").write_text(KPROC_APP)
+    done = subprocess.run([sys.executable, str(tmp_path / "kproc_app.py"), str(tmp_path / "huey.db")],
+                          capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr[-2000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["total_runs"] == 1 and 0 <= seen["offset"] < 60, (seen, done.stderr[-2000:])
 
 
 def test_a_fixed_offset_of_part_of_an_hour_is_named_by_a_zone_that_keeps_it_and_warned_once(caplog):

@@ -23,8 +23,8 @@ does too, but the Scheduler makes its first check when the consumer
 starts, so watch where the Huey instance is made to count that one too.
 A restarted consumer carries on from the counters it last published (read
 from its state file, below). With `-k process` the Scheduler runs in a
-process of its own, whose runs the serving process does not see: the
-counts then move with "Trigger now" only.
+process the consumer forks after it serves: that process hands its runs
+(and check times) to the serving one through a pipe made at `serve`.
 
 Huey's Scheduler checks every 60 s from the consumer's start, not on the
 minute: a task due at 09:00 runs at 09:00 plus the seconds the consumer
@@ -49,8 +49,10 @@ consumer was stopped leaves the page too (see `ExternalScheduler`).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import select
 import threading
 import weakref
 from datetime import date, datetime, timedelta, timezone
@@ -234,6 +236,12 @@ class _Watch:
         self._picked: Dict[str, datetime] = {}
         #: Seconds past the minute of the Scheduler's last check (None: none seen).
         self.check_offset: Optional[float] = None
+        #: (the serving process's pid, the pipe's read end, its write end):
+        #: how a Scheduler in a process forked from it (`-k process`) hands
+        #: it the runs (see `relay`).
+        self._relay: Optional[Tuple[int, int, int]] = None
+        #: Runs this process could not hand to the serving process (the pipe was full or closed).
+        self.relay_dropped = 0
         read_original, enqueue_original = huey.read_periodic, huey.enqueue
 
         def read_periodic(timestamp: Any = None) -> Any:
@@ -259,6 +267,7 @@ class _Watch:
         when = _clock(self.huey, timestamp)
         if timestamp is None:  # the Scheduler's own check (it passes no time)
             self.check_offset = when.second + when.microsecond / 1e6
+            self._send(["offset", self.check_offset])
         picked = {str(t.id): when for t in tasks or () if getattr(t, "id", None) is not None}
         with self._lock:
             self._picked = picked
@@ -275,19 +284,79 @@ class _Watch:
 
     def _enqueued(self, task: Any, when: datetime) -> None:
         try:
-            self.runs.count(str(self.huey._registry.task_to_string(type(task))), when)
-            for stream in list(self.streams):
-                stream.changed()
+            key = str(self.huey._registry.task_to_string(type(task)))
+            if not self._send(["run", key, when.isoformat()]):
+                self._count(key, when)
         except Exception:  # never into Huey's Scheduler
             log.debug("z4j-agentd: a periodic run was not counted", exc_info=True)
+
+    def _count(self, key: str, when: datetime) -> None:
+        self.runs.count(key, when)
+        for stream in list(self.streams):
+            stream.changed()
+
+    def relay(self) -> None:
+        """In the serving process: a Scheduler in a process forked from it
+        from now on (`huey_consumer -k process` forks its Scheduler after
+        the consumer serves) hands its runs and check times to this
+        process, through a pipe a thread here reads."""
+        if self._relay is not None and self._relay[0] == os.getpid():
+            return
+        read_end, write_end = os.pipe()
+        os.set_blocking(write_end, False)  # a full pipe never holds the Scheduler
+        self._relay = (os.getpid(), read_end, write_end)
+        threading.Thread(target=self._receive, args=(read_end,), name="z4j-agentd-huey-periodic-relay",
+                         daemon=True).start()
+
+    def _send(self, message: List[Any]) -> bool:
+        """In a process forked from the serving one: hands `message` to it
+        (True, also when it could not: then counted in `relay_dropped` and
+        logged once). False in the serving process or without a relay."""
+        relay = self._relay
+        if relay is None or relay[0] == os.getpid():
+            return False
+        data = (json.dumps(message) + "\n").encode()
+        try:
+            if len(data) > select.PIPE_BUF:  # larger writes to a pipe are not atomic
+                raise ValueError(f"{len(data)} bytes, more than a pipe writes at once")
+            os.write(relay[2], data)
+        except Exception as exc:
+            self.relay_dropped += 1
+            if self.relay_dropped == 1:
+                log.warning("z4j-agentd: a periodic run of this Scheduler process did not reach the consumer "
+                            "that serves the Schedules page (%s); its counters miss it", exc)
+        return True
+
+    def _receive(self, read_end: int) -> None:
+        pending = b""
+        while True:
+            try:
+                chunk = os.read(read_end, 65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                try:
+                    message = json.loads(line)
+                    if message[0] == "run":
+                        self._count(str(message[1]), datetime.fromisoformat(message[2]))
+                    elif message[0] == "offset":
+                        self.check_offset = float(message[1])
+                except Exception:
+                    log.debug("z4j-agentd: a relayed periodic run was not read", exc_info=True)
 
     def after_fork(self) -> None:
         """In a forked child (a `-k process` worker or Scheduler): locks of
         its own, and none of the parent's schedulers (they are served by the
-        parent; this process serves its own if it calls serve)."""
+        parent, which its runs reach through the relay; this process serves
+        its own if it calls serve)."""
         self._lock = threading.Lock()
         self.runs.after_fork()
         self.streams = []
+        self.relay_dropped = 0
 
 
 #: Every _Watch of this process, for the fork hook.
@@ -347,6 +416,7 @@ def serve(huey: Any, client: Any = None, *, state_dir: Optional[str] = None) -> 
             log.debug("z4j-agentd: %r has no periodic tasks: %s is not served", huey.name, SCHEDULER)
             return None
         watched: _Watch = huey.__dict__[_WATCHED]
+        watched.relay()
         client = client or get_client()
         # The counters published before this process started carry on.
         cs.seed_runs(watched.runs, state_path, SCHEDULER)
