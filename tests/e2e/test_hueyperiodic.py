@@ -10,7 +10,7 @@ Redis: the consumer serves the scheduler `huey-periodic` through the daemon.
 * "Trigger now" enqueues office_report, the consumer runs it (its Redis
   key), and it counts as a run;
 * a restarted consumer gives the same rows (same ids: the source keys
-  are the code's).
+  are the code's), its run counters carried on from those it published.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import os
 import sys
 import time
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 
 from harness import HERE, resp, wait_for
@@ -113,12 +114,17 @@ def test_huey_periodic_tasks_are_listed_and_trigger_now_runs_the_task(
     # Nothing that writes: the tasks are code.
     refused_disable(api, report["id"])
 
-    # A restarted consumer: the same rows (ids) again, its counts from 0.
-    ids = {name: row["id"] for name, row in api.rows().items()}
+    # A restarted consumer: the same rows (ids) again, its counters carried on
+    # from those it published (its first check adds a run of every_minute).
+    before = api.rows()
+    ids = {name: row["id"] for name, row in before.items()}
     consumer.stop(timeout=10)
+    restarted_at = datetime.now(timezone.utc).replace(tzinfo=None, microsecond=0)
     start_consumer(background, daemon, env)
-    again = api.wait_rows("the restarted consumer's rows",
-                          lambda r: r.get("office_report", {}).get("total_runs") == 0, 60)
+    again = api.wait_rows("the restarted consumer's rows, counters carried on",
+                          lambda r: (r["every_minute"]["last_run_at"] or "") >= restarted_at.isoformat()
+                          and r["every_minute"]["total_runs"] >= 2 and r["office_report"]["total_runs"] == 1, 60)
     assert {name: row["id"] for name, row in again.items()} == ids
+    assert again["every_minute"]["total_runs"] > before["every_minute"]["total_runs"], (before, again)
     stats = daemon.stats()
     assert not any(k in (stats.get("refused_by_reason") or {}) for k in ("invalid_event", "legacy_kind")), stats
