@@ -363,14 +363,14 @@ def test_jobs_arq_cannot_match_are_left_out_counted_and_the_others_listed(caplog
     source = zcron.CronSource(zcron.cs.Runs())
     source.tz = timezone.utc
     source.jobs = [cron(report), cron(tick, name="none-in-set", minute={0, None}),
-                   cron(tick, name="named-set", weekday={"mon"})]
+                   cron(tick, name="named-set", weekday={"mon"}), cron(tick, name="text-in-set", hour={"5"})]
     done = []
     thread = threading.Thread(target=lambda: done.append(source.rows()), daemon=True)
     thread.start()
     thread.join(10)  # arq's next_cron would search for a {"mon"} day without end
     assert done, "rows() did not return"
-    assert [r["name"] for r in done[0]] == ["cron:report"] and source.rows_unlisted == 2
-    assert "none-in-set is not on the Schedules page" in caplog.text
+    assert [r["name"] for r in done[0]] == ["cron:report"] and source.rows_unlisted == 3
+    assert "none-in-set is not on the Schedules page: its minute holds None: arq compares" in caplog.text
     assert "named-set is not on the Schedules page: its weekday is {'mon'}: arq reads a name only on its own" \
         in caplog.text
 

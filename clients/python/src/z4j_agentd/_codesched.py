@@ -109,6 +109,15 @@ _tz_lock = threading.Lock()
 _offset_names: Dict[int, str] = {}
 
 
+def _after_fork_in_child() -> None:
+    global _tz_lock
+    _tz_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def fixed_zone(seconds: int) -> Optional[str]:
     """An IANA zone that is `seconds` east of UTC all year, this year and
     the next two (no daylight saving time), or None: what a fixed offset

@@ -96,6 +96,10 @@ def _values(option: Any, full: Sequence[int], what: str) -> List[int]:
     if isinstance(option, int):
         return [option]
     if isinstance(option, (set, frozenset, list, tuple)):
+        for v in option:
+            if v is None or isinstance(v, str) or (isinstance(v, float) and not v.is_integer()):
+                raise ValueError(f"its {what} holds {v!r}: arq compares each member with the time's {what}, "
+                                 f"which it never equals (the other members still match); use whole numbers")
         return [int(v) for v in option]
     raise ValueError(f"{what} is {option!r}: arq takes None, a number or a set of numbers")
 
