@@ -395,6 +395,18 @@ def watch(huey: Any) -> cs.Runs:
         return watched.runs
 
 
+def relay(huey: Any) -> None:
+    """Makes, in this process, the pipe through which a Scheduler forked
+    from it (`huey_consumer -k process`) hands its periodic runs here; for
+    a consumer that serves after its start() forked (`serve` makes it too).
+    Nothing without periodic tasks."""
+    if not huey._registry._periodic_tasks:
+        return
+    watch(huey)
+    with _lock:
+        huey.__dict__[_WATCHED].relay()
+
+
 def serve(huey: Any, client: Any = None, *, state_dir: Optional[str] = None) -> Optional[ExternalScheduler]:
     """Serves `huey`'s periodic tasks as the scheduler `huey-periodic`, from
     this process (the consumer that runs them). Idempotent: called again
@@ -440,4 +452,5 @@ def stats(huey: Any) -> Optional[Dict[str, Any]]:
     return {**stream.stats(), "rows_unlisted": getattr(source, "rows_unlisted", 0)}
 
 
-__all__ = ["CAPABILITIES", "PeriodicSource", "SCHEDULER", "cron_settings", "next_run", "serve", "stats", "watch"]
+__all__ = ["CAPABILITIES", "PeriodicSource", "SCHEDULER", "cron_settings", "next_run", "relay", "serve", "stats",
+           "watch"]
