@@ -9,7 +9,8 @@ through the daemon.
 * the worker's own cron runs (every 2 s) count, and the job ran;
 * "Trigger now" enqueues the nightly job through the worker's pool, the
   worker runs it (its Redis key), and it counts as a run;
-* a restarted worker gives the same rows (same ids).
+* a restarted worker gives the same rows (same ids), its run counters
+  carried on from those it published.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import sys
 import time
 import uuid
+from datetime import datetime, timedelta, timezone
 
 import brain as brainmod
 from harness import HERE, wait_for
@@ -96,11 +98,19 @@ def test_arq_cron_jobs_are_listed_and_trigger_now_runs_the_job(
     # Nothing that writes: the jobs are code.
     refused_disable(api, nightly["id"])
 
-    # A restarted worker: the same rows (ids) again, its counts from 0.
-    ids = {name: row["id"] for name, row in api.rows().items()}
+    # A restarted worker: the same rows (ids) again, its counters carried on
+    # from those it published (and cron:tick's runs add to them).
+    before = api.rows()
+    ids = {name: row["id"] for name, row in before.items()}
     worker.stop(timeout=10)
+    # (The stopped worker's last due time may be a second ahead of the stop:
+    # arq enqueues ahead. Runs due 2 s after it are the new worker's.)
+    new_runs_from = (datetime.now(timezone.utc) + timedelta(seconds=2)).replace(tzinfo=None, microsecond=0)
     start_worker(background, daemon, env)
-    again = api.wait_rows("the restarted worker's rows", lambda r: r.get("nightly", {}).get("total_runs") == 0, 60)
+    again = api.wait_rows("the restarted worker's rows, counters carried on",
+                          lambda r: (r["cron:tick"]["last_run_at"] or "") >= new_runs_from.isoformat()
+                          and r["nightly"]["total_runs"] == 1, 60)
     assert {name: row["id"] for name, row in again.items()} == ids
+    assert again["cron:tick"]["total_runs"] > before["cron:tick"]["total_runs"], (before, again)
     stats = daemon.stats()
     assert not any(k in (stats.get("refused_by_reason") or {}) for k in ("invalid_event", "legacy_kind")), stats

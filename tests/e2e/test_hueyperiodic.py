@@ -9,8 +9,9 @@ Redis: the consumer serves the scheduler `huey-periodic` through the daemon.
   counts as a run, and the task ran;
 * "Trigger now" enqueues office_report, the consumer runs it (its Redis
   key), and it counts as a run;
-* a restarted consumer gives the same rows (same ids: the source keys
-  are the code's).
+* a restarted consumer (`-k process`) gives the same rows (same ids: the
+  source keys are the code's), its run counters carried on from those it
+  published, and its Scheduler process's first check counts.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import sys
 import time
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 
 from harness import HERE, resp, wait_for
@@ -56,9 +58,9 @@ def refused_disable(api, schedule_id: str) -> None:
     assert next(r for r in api.rows().values() if r["id"] == schedule_id)["is_enabled"] is True
 
 
-def start_consumer(background, daemon, env):
+def start_consumer(background, daemon, env, kind="thread"):
     consumer = background([str(Path(sys.executable).parent / "huey_consumer"), "hueyperiodic_proj.huey",
-                           "-k", "thread", "-w", "2"], daemon.workdir, "huey-consumer", env)
+                           "-k", kind, "-w", "2"], daemon.workdir, "huey-consumer", env)
     wait_for(lambda: (consumer.check_alive() or "Huey consumer started" in consumer.log_text(),
                       consumer.log_tail(5)), 30, "huey_consumer to start", interval=0.2)
     return consumer
@@ -113,12 +115,18 @@ def test_huey_periodic_tasks_are_listed_and_trigger_now_runs_the_task(
     # Nothing that writes: the tasks are code.
     refused_disable(api, report["id"])
 
-    # A restarted consumer: the same rows (ids) again, its counts from 0.
-    ids = {name: row["id"] for name, row in api.rows().items()}
+    # A restarted consumer, now with process workers: the same rows (ids)
+    # again, its counters carried on from those it published, and its first
+    # check (in the Scheduler's own process) adds a run of every_minute.
+    before = api.rows()
+    ids = {name: row["id"] for name, row in before.items()}
     consumer.stop(timeout=10)
-    start_consumer(background, daemon, env)
-    again = api.wait_rows("the restarted consumer's rows",
-                          lambda r: r.get("office_report", {}).get("total_runs") == 0, 60)
+    restarted_at = datetime.now(timezone.utc).replace(tzinfo=None, microsecond=0)
+    start_consumer(background, daemon, env, "process")
+    again = api.wait_rows("the restarted consumer's rows, counters carried on",
+                          lambda r: (r["every_minute"]["last_run_at"] or "") >= restarted_at.isoformat()
+                          and r["every_minute"]["total_runs"] >= 2 and r["office_report"]["total_runs"] == 1, 60)
     assert {name: row["id"] for name, row in again.items()} == ids
+    assert again["every_minute"]["total_runs"] > before["every_minute"]["total_runs"], (before, again)
     stats = daemon.stats()
     assert not any(k in (stats.get("refused_by_reason") or {}) for k in ("invalid_event", "legacy_kind")), stats

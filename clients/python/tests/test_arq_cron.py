@@ -258,3 +258,135 @@ def test_a_worker_without_cron_jobs_serves_nothing(loop, tmp_path):
                            state_dir=str(tmp_path))
 
     assert loop.run(startup()) is None and client.served == []
+
+
+# Day and weekday both set: arq runs a day when both match, the brain's
+# croniter when either does. The text published must run exactly when arq
+# does, or the job must be left out.
+SAME_DAYS = [  # (cron arguments, the text published)
+    ({"day": set(range(1, 8)), "weekday": 0}, "0 0 * * 1#1"),                 # the first Monday
+    ({"day": set(range(1, 8)), "weekday": {0, 4}}, "0 0 * * 1#1,5#1"),
+    ({"day": set(range(8, 15)), "weekday": "sun"}, "0 0 * * 0#2"),
+    ({"day": set(range(22, 32)), "weekday": 4, "month": {1, 7}}, "0 0 * 1,7 5#4,5#5"),
+    ({"day": set(range(29, 32)), "weekday": 5, "second": {0, 30}}, "0 0 * * 6#5 0,30"),
+    ({"day": 1}, "0 0 1 * *"),
+    ({"weekday": {0, 1, 2, 3, 4}}, "0 0 * * 1-5"),
+]
+NOT_CRON = [{"day": 13, "weekday": 4}, {"day": set(range(1, 11)), "weekday": 0}, {"day": 1, "weekday": "sun"}]
+
+
+def arq_runs(job, after, count):
+    """arq's own next runs (next_cron, as its cron loop computes them)."""
+    from arq.cron import next_cron
+
+    found, when = [], after
+    for _ in range(count):
+        when = next_cron(when, month=job.month, day=job.day, weekday=job.weekday, hour=job.hour,
+                         minute=job.minute, second=job.second, microsecond=0)
+        found.append(when)
+    return found
+
+
+def test_day_and_weekday_both_set_are_published_as_arq_runs_them_or_left_out(caplog):
+    from cronmatch import next_runs
+
+    source = zcron.CronSource(zcron.cs.Runs())
+    jobs = [cron(tick, name=f"same{i}", hour=0, minute=0, **kw) for i, (kw, _) in enumerate(SAME_DAYS)]
+    source.jobs = jobs + [cron(tick, name=f"either{i}", hour=0, minute=0, **kw) for i, kw in enumerate(NOT_CRON)]
+    source.tz = timezone.utc
+    rows = {r["name"]: r for r in source.rows()}
+    assert set(rows) == {j.name for j in jobs} and source.rows_unlisted == len(NOT_CRON)
+    assert "either0 is not on the Schedules page: it runs only on days matching both its day of month (13) " \
+           "and its day of week (5)" in caplog.text
+    for job, (kwargs, text) in zip(jobs, SAME_DAYS):
+        assert rows[job.name]["expression"] == text, kwargs
+        for start in (datetime(2026, 1, 1), datetime(2027, 2, 28, 12), datetime(2028, 2, 29)):
+            assert list(next_runs(text, start, 24)) == arq_runs(job, start, 24), (kwargs, start)
+
+
+def test_the_default_timezone_is_arqs_the_offset_when_the_worker_starts(loop, tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.setenv("TZ", "Europe/Paris")
+    time.tzset()
+    try:
+        worker_tz = Worker(functions=[], cron_jobs=[cron(tick)], redis_pool=FakePool()).timezone
+        hours = int(worker_tz.utcoffset(None).total_seconds()) // 3600
+        assert hours in (1, 2)  # a fixed offset, CET or CEST, whichever holds now
+
+        async def startup():
+            return zcron.serve({"redis": FakePool()}, [cron(tick)], FakeClient(), queue_name="q-tz",
+                               state_dir=str(tmp_path))
+
+        stream = loop.run(startup())
+        try:
+            assert stream.source.rows()[0]["timezone"] == f"Etc/GMT-{hours}"  # not Europe/Paris: no DST move
+            assert stream.source.tz.utcoffset(None) == worker_tz.utcoffset(None)
+        finally:
+            stream.stop()
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+
+
+def test_a_restarted_worker_carries_on_from_the_counters_it_published(loop, tmp_path):
+    import os
+
+    client = FakeClient()
+    due = datetime(2026, 12, 7, 2, 30, tzinfo=timezone.utc)
+
+    async def startup():
+        return zcron.serve({"redis": FakePool()}, [cron(report, name="nightly", hour=2, minute=30)], client,
+                           queue_name="q-carry", timezone=timezone.utc, state_dir=str(tmp_path))
+
+    stream = loop.run(startup())
+    stream.source.runs.count("nightly", due)
+    stream.source.runs.count("nightly", due + timedelta(days=1))
+    client.handler("schedule.external.activate")(command("schedule.external.activate", **ACTIVATION))
+    stream.stop()
+    assert client.last_rows()["nightly"]["total_runs"] == 2
+    del zcron._streams[(os.getpid(), "q-carry")]  # as if the worker restarted
+
+    restarted = loop.run(startup())
+    try:
+        assert restarted is not stream
+        row = restarted.source.rows()[0]
+        assert (row["total_runs"], row["last_run_at"]) == (2, due + timedelta(days=1))
+        restarted.source.runs.count("nightly", due + timedelta(days=2))
+        row = restarted.source.rows()[0]
+        assert (row["total_runs"], row["last_run_at"]) == (3, due + timedelta(days=2))
+    finally:
+        restarted.stop()
+
+
+def test_jobs_arq_cannot_match_are_left_out_counted_and_the_others_listed(caplog):
+    source = zcron.CronSource(zcron.cs.Runs())
+    source.tz = timezone.utc
+    source.jobs = [cron(report), cron(tick, name="none-in-set", minute={0, None}),
+                   cron(tick, name="named-set", weekday={"mon"}), cron(tick, name="text-in-set", hour={"5"})]
+    done = []
+    thread = threading.Thread(target=lambda: done.append(source.rows()), daemon=True)
+    thread.start()
+    thread.join(10)  # arq's next_cron would search for a {"mon"} day without end
+    assert done, "rows() did not return"
+    assert [r["name"] for r in done[0]] == ["cron:report"] and source.rows_unlisted == 3
+    assert "none-in-set is not on the Schedules page: its minute holds None: arq compares" in caplog.text
+    assert "named-set is not on the Schedules page: its weekday is {'mon'}: arq reads a name only on its own" \
+        in caplog.text
+
+
+def test_a_failing_snapshot_request_never_reaches_arqs_cron_loop():
+    class Broken:
+        source = SimpleNamespace(runs=zcron.cs.Runs())
+
+        def changed(self):
+            raise RuntimeError("boom")
+
+    job = cron(tick, second=None, microsecond=0)
+    zcron._watch(job, Broken())
+    start = datetime(2026, 12, 7, 10, 0, 0, 500000, tzinfo=timezone.utc)
+    job.calculate_next(start)  # arq's first call, at start
+    due = job.next_run
+    job.calculate_next(due)  # the run: counted, then changed() raises
+    assert job.next_run == due + timedelta(seconds=1)
+    assert Broken.source.runs.get("cron:tick") == (1, due)

@@ -873,3 +873,52 @@ def test_a_greenlet_consumer_built_directly_is_recognised_as_greenlet(monkeypatc
         assert one(client, "", "worker.online")["pool"] == "huey.consumer(greenlet)"
     finally:
         zh.uninstall(huey)
+FORK_ORDER_APP = '''
+import json, os, sys, threading
+from huey import SqliteHuey, crontab
+import z4j_agentd.huey
+from z4j_agentd.huey import periodic
+
+huey = SqliteHuey("forkorder", filename=os.environ["HUEY_DB"], utc=True)
+z4j_agentd.huey.install(huey)
+
+
+@huey.periodic_task(crontab())
+def every_minute():
+    return 1
+
+
+consumer = huey.create_consumer(workers=1, worker_type="process", periodic=True)
+hooks = z4j_agentd.huey.installed(huey)
+before = {"serving": hooks._serving, "periodic": periodic._served(huey) is not None,
+          "relay": huey.__dict__[periodic._WATCHED]._relay is not None,
+          "threads": sorted(t.name for t in threading.enumerate() if t.name.startswith("z4j-agentd"))}
+consumer.start()
+after = {"serving": hooks._serving, "periodic": periodic._served(huey) is not None}
+print(json.dumps({"before": before, "after": after}))
+sys.stdout.flush()
+consumer.stop(graceful=False)
+os._exit(0)
+'''
+
+
+def test_a_process_consumer_starts_its_threads_after_forking_its_scheduler_and_workers(standin, tmp_path):
+    """`-k process`: no thread of ours runs while start() forks (a lock one held at the fork, Huey's
+    SQLite lock or a module's import lock, hung every child in 2 starts of 15); the pipe for the
+    Scheduler process's periodic runs exists before."""
+    import json
+    import subprocess
+    import sys
+
+    (tmp_path / "forkorder_app.py").write_text(FORK_ORDER_APP)
+    env = dict(os.environ, HUEY_DB=str(tmp_path / "huey.db"), Z4J_SOCKET_PATH=standin.path)
+    done = subprocess.run([sys.executable, str(tmp_path / "forkorder_app.py")], env=env, cwd=str(tmp_path),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    # No commands, health or schedule thread yet (the relay's reader only waits in a read; the event
+    # sender has sent worker.online on the daemon's socket).
+    threads = seen["before"].pop("threads")
+    assert set(threads) <= {"z4j-agentd-events", "z4j-agentd-huey-periodic-relay"}, seen
+    assert seen["before"] == {"serving": False, "periodic": False, "relay": True}, seen
+    assert seen["after"] == {"serving": True, "periodic": True}, seen

@@ -224,3 +224,230 @@ def test_a_consumer_without_periodic_tasks_serves_nothing_unless_its_rows_are_on
     client.handler("schedule.external.activate")(command("schedule.external.activate", **second))
     emptied.stop()
     assert client.last_rows() == {}  # the rows leave the page
+
+
+def check(h):
+    """The consumer Scheduler's periodic check, as its loop makes it each
+    minute (without the loop's sleep)."""
+    Scheduler(h, threading.Event(), 1, True).enqueue_periodic_tasks(None)
+
+
+# Day of month and day of week both restricted: Huey runs a day when both
+# match, the brain's croniter when either does. The cron text published
+# must run exactly when Huey does, or the row must be left out.
+SAME_DAYS = [  # (crontab arguments, the text published)
+    ({"day": "1-7", "day_of_week": "1"}, "0 0 * * 1#1"),                 # the first Monday
+    ({"day": "1-7", "day_of_week": "1,5"}, "0 0 * * 1#1,5#1"),           # the first Monday and Friday
+    ({"day": "8-14", "day_of_week": "0"}, "0 0 * * 0#2"),
+    ({"day": "15-21", "day_of_week": "3", "month": "1,7"}, "0 0 * 1,7 3#3"),
+    ({"day": "22-31", "day_of_week": "5"}, "0 0 * * 5#4,5#5"),           # the last two Fridays (or one)
+    ({"day": "29-31", "day_of_week": "6"}, "0 0 * * 6#5"),
+    ({"day": "1-14", "day_of_week": "7"}, "0 0 * * 0#1,0#2"),             # Huey's 7 is Sunday
+    ({"day": "1"}, "0 0 1 * *"),                                            # only one restricted: as before
+    ({"day_of_week": "1-5"}, "0 0 * * 1-5"),
+    ({"day": "1-7", "day_of_week": "*"}, "0 0 1-7 * *"),
+]
+NOT_CRON = [{"day": "13", "day_of_week": "5"}, {"day": "1-10", "day_of_week": "1"},
+            {"day": "1", "day_of_week": "0"}, {"day": "*/2", "day_of_week": "1"}]
+
+
+def huey_runs(validate, after, count):
+    """Huey's own next runs of a crontab(minute=0, hour=0, ...): day by day."""
+    found, day = [], after.date()
+    while len(found) < count:
+        when = datetime(day.year, day.month, day.day)
+        if when > after and validate(when):
+            found.append(when)
+        day += timedelta(days=1)
+    return found
+
+
+def test_day_and_weekday_both_set_are_published_as_huey_runs_them_or_left_out(caplog):
+    from cronmatch import next_runs
+
+    h = MemoryHuey(f"hp-{uuid.uuid4().hex[:6]}")
+    for i, (kwargs, _) in enumerate(SAME_DAYS):
+        h.periodic_task(crontab(minute="0", hour="0", **kwargs), name=f"same{i}")(lambda: None)
+    for i, kwargs in enumerate(NOT_CRON):
+        h.periodic_task(crontab(minute="0", hour="0", **kwargs), name=f"either{i}")(lambda: None)
+    source = periodic.PeriodicSource(h, cs.Runs())
+    rows = {r["name"]: r for r in source.rows()}
+    assert source.rows_unlisted == len(NOT_CRON) and set(rows) == {f"same{i}" for i in range(len(SAME_DAYS))}
+    assert "either0 is not on the Schedules page: it runs only on days matching both its day of month (13) " \
+           "and its day of week (5)" in caplog.text
+    tasks = {cls.__name__: cls for cls in h._registry._periodic_tasks}
+    for i, (kwargs, text) in enumerate(SAME_DAYS):
+        assert rows[f"same{i}"]["expression"] == text, kwargs
+        validate = tasks[f"same{i}"]().validate_datetime
+        for start in (datetime(2026, 1, 1), datetime(2027, 2, 28, 12), datetime(2028, 2, 29)):
+            assert list(next_runs(text, start, 24)) == huey_runs(validate, start, 24), (kwargs, start)
+
+
+def test_a_restarted_consumer_carries_on_from_the_counters_it_published(tmp_path):
+    h = make_huey("carry")
+    client = FakeClient()
+    stream = periodic.serve(h, client, state_dir=str(tmp_path))
+    check(h)  # every_minute runs
+    stream.source.runs.count(f"{__name__}.report", datetime(2026, 12, 7, 9, 5, tzinfo=timezone.utc))
+    client.handler("schedule.external.activate")(command("schedule.external.activate", **ACTIVATION))
+    stream.stop()
+    before = client.last_rows()
+    assert (before["every_minute"]["total_runs"], before["report"]["total_runs"]) == (1, 1)
+
+    again = make_huey("carry")  # the consumer restarted: the same code, a new process's counters
+    restarted = periodic.serve(again, client, state_dir=str(tmp_path))
+    try:
+        rows = {r["name"]: r for r in restarted.source.rows()}
+        for name in ("every_minute", "report"):
+            assert rows[name]["total_runs"] == 1
+            assert S.iso_utc(rows[name]["last_run_at"]) == before[name]["last_run_at"]
+        assert rows["twice_a_year"]["total_runs"] == 0 and rows["twice_a_year"]["last_run_at"] is None
+        check(again)
+        assert {r["name"]: r for r in restarted.source.rows()}["every_minute"]["total_runs"] == 2
+    finally:
+        restarted.stop()
+
+
+def test_an_enqueue_that_fails_is_no_run(served, monkeypatch):
+    h, client, stream = served
+
+    def broken(data, priority=None):
+        raise ConnectionError("storage is down")
+
+    monkeypatch.setattr(h.storage, "enqueue", broken)
+    check(h)  # Huey logs the failed enqueue and goes on
+    assert {r["name"]: r for r in stream.source.rows()}["every_minute"]["total_runs"] == 0
+    monkeypatch.undo()
+    check(h)
+    assert {r["name"]: r for r in stream.source.rows()}["every_minute"]["total_runs"] == 1
+    h.enqueue(h._registry.string_to_task(f"{__name__}.every_minute")())  # not picked by a check: no run
+    assert {r["name"]: r for r in stream.source.rows()}["every_minute"]["total_runs"] == 1
+
+
+def test_a_failing_snapshot_request_never_reaches_hueys_scheduler(served):
+    h, client, stream = served
+
+    class Broken:
+        def changed(self):
+            raise RuntimeError("boom")
+
+    h.__dict__[periodic._WATCHED].streams.insert(0, Broken())
+    check(h)  # raises nothing
+    assert [t.name for t in h.pending()] == ["every_minute"]
+    assert {r["name"]: r for r in stream.source.rows()}["every_minute"]["total_runs"] == 1
+
+
+def test_next_run_includes_the_seconds_past_the_minute_the_scheduler_checks_at(served, monkeypatch):
+    h, client, stream = served
+    check(h)
+    offset = h.__dict__[periodic._WATCHED].check_offset
+    assert offset is not None and 0 <= offset < 60
+    # A Scheduler that checks at 37 s past each minute; now is 10:05:20 (a Monday).
+    monkeypatch.setattr(h, "_get_timestamp", lambda: datetime(2026, 12, 7, 10, 5, 20))
+    source = periodic.PeriodicSource(h, cs.Runs(), lambda: 37.0)
+    rows = {r["name"]: r for r in source.rows()}
+    at = datetime(2026, 12, 7, 10, 5, 37, tzinfo=timezone.utc)  # this minute's check is still to come
+    assert rows["every_minute"]["next_run_at"] == rows["report"]["next_run_at"] == at
+    monkeypatch.setattr(h, "_get_timestamp", lambda: datetime(2026, 12, 7, 10, 5, 40))
+    assert {r["name"]: r for r in source.rows()}["every_minute"]["next_run_at"] == at + timedelta(minutes=1)
+
+
+def test_a_forked_scheduler_hands_its_runs_to_the_serving_process_and_never_waits_on_its_locks(served):
+    """`huey_consumer -k process` forks its Scheduler after the consumer serves: the child's runs and
+    check times reach the serving process; a lock held by another thread at the fork holds nothing."""
+    import os
+
+    h, client, stream = served
+    watched = h.__dict__[periodic._WATCHED]
+    key = f"{__name__}.every_minute"
+    with watched.runs._lock, watched._lock:  # held by "another thread" at the fork
+        pid = os.fork()
+        if pid == 0:  # the child: the Scheduler process
+            code = 1
+            try:
+                check(h)
+                if watched.streams == [] and watched.runs.get(key)[0] == 0 and watched.relay_dropped == 0:
+                    code = 0
+            finally:
+                os._exit(code)
+    deadline = datetime.now() + timedelta(seconds=10)
+    while datetime.now() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        threading.Event().wait(0.02)
+    else:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked Scheduler hung on a lock held at the fork")
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert watched.streams == [stream]
+    deadline = datetime.now() + timedelta(seconds=5)
+    while watched.runs.get(key)[0] == 0 and datetime.now() < deadline:
+        threading.Event().wait(0.02)
+    count, last = watched.runs.get(key)
+    assert count == 1 and datetime.now(timezone.utc) - last < timedelta(seconds=15)
+    assert watched.check_offset is not None and 0 <= watched.check_offset < 60
+    assert {r["name"]: r for r in stream.source.rows()}["every_minute"]["total_runs"] == 1
+
+
+KPROC_APP = '''
+import os, sys, time, threading, json
+from huey import SqliteHuey, crontab
+from z4j_agentd.huey import periodic
+
+huey = SqliteHuey("kproc", filename=sys.argv[1], utc=True)
+periodic.watch(huey)
+
+@huey.periodic_task(crontab())
+def every_minute():
+    return 1
+
+class Client:
+    def serve(self, handlers, **kw): pass
+    def send_durable(self, events, timeout=5.0): return len(events)
+
+stream = periodic.serve(huey, Client(), state_dir=os.path.dirname(sys.argv[1]))
+consumer = huey.create_consumer(workers=1, worker_type="process", periodic=True, scheduler_interval=1)
+consumer.start()
+watched = huey.__dict__[periodic._WATCHED]
+deadline = time.time() + 15
+while time.time() < deadline and watched.runs.get(f"{__name__}.every_minute")[0] == 0:
+    time.sleep(0.05)
+row = {r["name"]: r for r in stream.source.rows()}["every_minute"]
+print(json.dumps({"pid": os.getpid(), "total_runs": row["total_runs"], "offset": watched.check_offset}))
+sys.stdout.flush()
+consumer.stop(graceful=False)
+os._exit(0)
+'''
+
+
+def test_a_real_k_process_consumers_scheduler_runs_reach_the_serving_process(tmp_path):
+    """`huey.create_consumer(worker_type="process")` (as `huey_consumer -k process`): the Scheduler
+    process's first check (every_minute is due) counts in the process that serves the page."""
+    import json
+    import subprocess
+    import sys
+
+    (tmp_path / "kproc_app.py").write_text(KPROC_APP)
+    done = subprocess.run([sys.executable, str(tmp_path / "kproc_app.py"), str(tmp_path / "huey.db")],
+                          capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr[-2000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["total_runs"] == 1 and 0 <= seen["offset"] < 60, (seen, done.stderr[-2000:])
+
+
+def test_a_fixed_offset_of_part_of_an_hour_is_named_by_a_zone_that_keeps_it_and_warned_once(caplog):
+    from zoneinfo import ZoneInfo
+
+    cs._offset_names.clear()
+    india = timezone(timedelta(hours=5, minutes=30), "IST")
+    name = cs.timezone_name(india)
+    assert "/" in name  # an IANA zone name the brain can look up
+    for when in (datetime(2027, 1, 15, 12), datetime(2027, 7, 15, 12), datetime(2028, 3, 30, 1)):
+        assert when.replace(tzinfo=ZoneInfo(name)).utcoffset() == timedelta(hours=5, minutes=30), name
+    unknown = timezone(timedelta(minutes=17), "ODD")  # no zone keeps +00:17
+    for _ in range(3):
+        assert cs.timezone_name(unknown) == "UTC" and cs.timezone_name(india) == name
+    assert caplog.text.count("has no IANA name") == 1
+    assert "schedules show it as UTC, and the brain computes their times in UTC" in caplog.text

@@ -22,7 +22,21 @@ scheduler `arq-cron` through z4j's external schedule protocol (see
 Runs: a cron job's run is counted when the worker's cron loop passes its
 time (arq then computes the next one): once per due time, whichever worker
 of the fleet enqueued it (with `unique`, arq's default, only one does).
-"Trigger now" counts too. The counts start at 0 when the worker starts.
+"Trigger now" counts too. A restarted worker carries on from the counters
+it last published (read from its state file, below).
+
+The timezone is the settings' `timezone`, else the one arq's Worker takes:
+the system's UTC offset when the worker starts, fixed (a worker started in
+winter keeps winter's offset after the clocks change, until it restarts),
+shown as `Etc/GMT-h` (or a zone that keeps that offset all year).
+
+A cron job with both `day` and `weekday` (arq runs it when both match;
+cron text means either) is listed only when its days are whole weeks of
+the month (1-7, 8-14, 15-21, 22-28, 29-31), as `weekday#n`
+(`cron(f, day={1, ..., 7}, weekday=0)`, the first Monday, is `* * 1#1`).
+It, and a job whose fields arq cannot match (a set of weekday names, a
+None or a string in a set of numbers), is left out of the page, logged
+once, and counted in `stats()["rows_unlisted"]`.
 
 Source keys are the cron jobs' names (as z4j-arqcron's), so rows stay the
 same rows across restarts and when a project moves over from it. The rows
@@ -43,6 +57,7 @@ import logging
 import os
 import threading
 from datetime import datetime, tzinfo
+from datetime import timezone as dt_timezone
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from .. import _codesched as cs
@@ -81,6 +96,10 @@ def _values(option: Any, full: Sequence[int], what: str) -> List[int]:
     if isinstance(option, int):
         return [option]
     if isinstance(option, (set, frozenset, list, tuple)):
+        for v in option:
+            if v is None or isinstance(v, str) or (isinstance(v, float) and not v.is_integer()):
+                raise ValueError(f"its {what} holds {v!r}: arq compares each member with the time's {what}, "
+                                 f"which it never equals (the other members still match); use whole numbers")
         return [int(v) for v in option]
     raise ValueError(f"{what} is {option!r}: arq takes None, a number or a set of numbers")
 
@@ -97,6 +116,10 @@ def _weekdays(option: Any) -> List[int]:
 
     if option is None:
         return list(cs.WEEKDAYS)
+    if isinstance(option, (set, frozenset, list, tuple)) and any(isinstance(v, str) for v in option):
+        raise ValueError(f"its weekday is {option!r}: arq reads a name only on its own (weekday='mon'), and "
+                         f"compares a set's members with day numbers, so this matches no day (arq never runs "
+                         f"it, and its worker searches for the next run without end); use numbers (0 = Monday)")
     items = option if isinstance(option, (set, frozenset, list, tuple)) else [option]
     arq_days = [number(v) for v in items]
     bad = [d for d in arq_days if not 0 <= d <= 6]
@@ -110,6 +133,14 @@ def expression_of(job: Any) -> str:
     return cs.expression(_values(job.minute, cs.MINUTES, "minute"), _values(job.hour, cs.HOURS, "hour"),
                          _values(job.day, cs.DAYS, "day"), _values(job.month, cs.MONTHS, "month"),
                          _weekdays(job.weekday), _values(job.second, cs.SECONDS, "second"))
+
+
+def arq_timezone() -> tzinfo:
+    """The timezone arq's Worker takes when given none: the system's UTC
+    offset at the time it starts, fixed (`datetime.now().astimezone()`),
+    so its cron times do not move with daylight saving time until the
+    worker restarts."""
+    return datetime.now().astimezone().tzinfo or dt_timezone.utc
 
 
 def function_of(job: Any) -> str:
@@ -137,7 +168,7 @@ class CronSource(Source):
         self.runs = runs
         self.jobs: List[Any] = []
         self.queue_name = DEFAULT_QUEUE
-        self.tz: tzinfo = cs.local_timezone()
+        self.tz: tzinfo = arq_timezone()
         self.pool: Any = None
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.loop_thread: Optional[int] = None
@@ -159,7 +190,7 @@ class CronSource(Source):
             name = str(job.name)
             try:
                 expr = expression_of(job)
-            except ValueError as exc:
+            except (ValueError, TypeError) as exc:  # TypeError: int(None), say
                 unlisted += 1
                 if name not in self._warned:
                     self._warned.add(name)
@@ -251,7 +282,7 @@ def serve(ctx: Mapping[str, Any], settings: Any, client: Any = None, *, queue_na
     is what the worker was started with: the `WorkerSettings` class (or a
     dict of the same), or just the list of cron jobs; `queue_name` and
     `timezone` default to the settings' and then to arq's (`arq:queue`, the
-    system's timezone). Idempotent: called again in the same process for
+    system's UTC offset now, as arq's Worker takes it). Idempotent: called again in the same process for
     the same queue, it binds the scheduler already served to this worker's
     loop, pool and jobs and returns it.
 
@@ -276,7 +307,7 @@ def serve(ctx: Mapping[str, Any], settings: Any, client: Any = None, *, queue_na
     except RuntimeError:
         raise RuntimeError("serve() needs the worker's running event loop: call it from the worker's "
                            "on_startup") from None
-    tz = timezone or cs.local_timezone()
+    tz = timezone or arq_timezone()
     key = (os.getpid(), queue_name)
     state_path = cs.state_file(SCHEDULER, queue_name, state_dir)
     with _lock:
@@ -287,7 +318,10 @@ def serve(ctx: Mapping[str, Any], settings: Any, client: Any = None, *, queue_na
             return None
         if stream is None:
             client = client or get_client()
-            stream = ExternalScheduler(SCHEDULER, CronSource(cs.Runs()), cs.sender(client),
+            runs = cs.Runs()
+            # The counters published before this worker started carry on.
+            cs.seed_runs(runs, state_path, SCHEDULER)
+            stream = ExternalScheduler(SCHEDULER, CronSource(runs), cs.sender(client),
                                        poll_interval=POLL_SECONDS, min_interval=MIN_SNAPSHOT_SECONDS,
                                        state_path=state_path)
             _streams[key] = stream

@@ -299,18 +299,46 @@ class _Hooks:
         self.started_at = time.time()
         self.send_online()
         atexit.register(self.on_consumer_exit)
-        if self.serve_commands:
-            try:
-                self.start_serving()
-            except Exception:
-                log.exception("z4j-agentd: could not start serving Huey commands")
+        if not self.serve_commands:
+            return
+        start = getattr(consumer, "start", None)
+        if self.worker_type == "process" and callable(start):
+            # `-k process`: the consumer forks its Scheduler and workers in
+            # start(). Threads of ours running then (health reads the queue
+            # through Huey's storage, connecting and importing as it goes)
+            # could hold a lock (Huey's SQLite storage lock, a module's
+            # import lock) at the fork, which the children then wait on for
+            # ever: measured, 2 starts in 15 hung every child. So they start
+            # once start() has forked; only the pipe that carries the
+            # Scheduler process's periodic runs here is made before.
             try:
                 from . import periodic
 
-                # The periodic tasks on the Schedules page (nothing when there are none).
-                periodic.serve(self.huey, self.client)
+                periodic.relay(self.huey)
             except Exception:
-                log.exception("z4j-agentd: could not serve Huey's periodic tasks")
+                log.exception("z4j-agentd: Huey's periodic task runs in the Scheduler process are not counted")
+
+            def start_then_serve(*args: Any, **kwargs: Any) -> Any:
+                result = start(*args, **kwargs)
+                self._serve_consumer()
+                return result
+
+            consumer.start = start_then_serve
+        else:
+            self._serve_consumer()
+
+    def _serve_consumer(self) -> None:
+        try:
+            self.start_serving()
+        except Exception:
+            log.exception("z4j-agentd: could not start serving Huey commands")
+        try:
+            from . import periodic
+
+            # The periodic tasks on the Schedules page (nothing when there are none).
+            periodic.serve(self.huey, self.client)
+        except Exception:
+            log.exception("z4j-agentd: could not serve Huey's periodic tasks")
 
     def _environment_type(self) -> Optional[str]:
         """The worker type of the consumer built on this instance, from the

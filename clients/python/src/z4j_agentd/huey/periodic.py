@@ -15,17 +15,29 @@ scheduler `huey-periodic` through z4j's external schedule protocol (see
 * the tasks are defined in code: the brain cannot create, update, enable,
   disable or delete them (the capabilities say so; edit the decorator).
 
-Runs: the Scheduler's enqueues are seen through `huey.read_periodic` (the
-call it makes each minute to pick the tasks due). `watch(huey)` puts that
-watch in place; `serve` does too, but the Scheduler makes its first check
-when the consumer starts, before the workers' `on_startup` hooks run, so
-call `watch(huey)` where the Huey instance is made to count that one too.
-With `-k process` the Scheduler runs in a process of its own, whose runs
-the serving process does not see: the counts then hold "Trigger now" only.
+Runs: the Scheduler's runs are seen through `huey.read_periodic` (the
+call it makes each minute to pick the tasks due) and counted when its
+`huey.enqueue` of a picked task returns (an enqueue that raised is no run).
+`watch(huey)` puts that watch in place (`install(huey)` calls it); `serve`
+does too, but the Scheduler makes its first check when the consumer
+starts, so watch where the Huey instance is made to count that one too.
+A restarted consumer carries on from the counters it last published (read
+from its state file, below). With `-k process` the Scheduler runs in a
+process the consumer forks after it serves: that process hands its runs
+(and check times) to the serving one through a pipe made at `serve`.
+
+Huey's Scheduler checks every 60 s from the consumer's start, not on the
+minute: a task due at 09:00 runs at 09:00 plus the seconds the consumer
+started past a minute. The next run shown includes those seconds once the
+Scheduler's first check was seen in this process.
 
 A periodic task whose validator is not Huey's `crontab` (any function of a
-datetime) has no cron expression: it is left out of the page, logged once,
-and counted in `stats(huey)["rows_unlisted"]`.
+datetime) has no cron expression, and one with both a day of month and a
+day of week (Huey runs it when both match; cron text means either) has
+one only when its days are whole weeks of the month (1-7, 8-14, 15-21,
+22-28, 29-31: `crontab(day="1-7", day_of_week="1")`, the first Monday, is
+`* * 1#1`). Others are left out of the page, logged once, and counted in
+`stats(huey)["rows_unlisted"]`.
 
 Source keys are the registry's task names (`module.name`, as
 z4j-hueyperiodic's), so rows stay the same rows across restarts and when a
@@ -37,11 +49,14 @@ consumer was stopped leaves the page too (see `ExternalScheduler`).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import select
 import threading
+import weakref
 from datetime import date, datetime, timedelta, timezone
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .. import _codesched as cs
 from .._schedules import MUTATION, STABLE_SNAPSHOT, Conflict, ExternalScheduler, Source
@@ -117,9 +132,12 @@ def next_run(settings: Sequence[Sequence[int]], after: datetime) -> Optional[dat
 class PeriodicSource(Source):
     """The periodic tasks of one Huey instance: read-only, triggerable."""
 
-    def __init__(self, huey: Any, runs: cs.Runs) -> None:
+    def __init__(self, huey: Any, runs: cs.Runs, check_offset: Optional[Callable[[], Optional[float]]] = None) -> None:
         self.huey = huey
         self.runs = runs
+        #: Seconds past the minute the Scheduler checks at, when seen (its
+        #: runs come that late in their minute).
+        self.check_offset = check_offset or (lambda: None)
         self.rows_unlisted = 0
         self._warned: set = set()
 
@@ -141,6 +159,7 @@ class PeriodicSource(Source):
     def rows(self) -> List[Dict[str, Any]]:
         tz_name, tz = self._timezone()
         now = self.huey._get_timestamp()
+        shift = timedelta(seconds=self.check_offset() or 0)
         tasks = self._tasks()
         names: Dict[str, int] = {}
         for _, cls in tasks:
@@ -160,7 +179,10 @@ class PeriodicSource(Source):
                     log.warning("z4j-agentd: the periodic task %s is not on the Schedules page: %s", key, exc)
                 continue
             assert settings is not None
-            upcoming = next_run(settings, now)
+            # The Scheduler's check of minute m happens at m + offset.
+            upcoming = next_run(settings, now - shift)
+            if upcoming is not None:
+                upcoming += shift
             count, last = self.runs.get(key)
             name = str(cls.__name__) if names[str(cls.__name__)] == 1 else key
             rows.append({
@@ -198,29 +220,158 @@ def _clock(huey: Any, timestamp: Optional[datetime]) -> datetime:
 
 
 class _Watch:
-    """The runs of one Huey instance's periodic tasks, seen through its
-    `read_periodic` (the Scheduler's pick of the tasks due this minute)."""
+    """The runs of one Huey instance's periodic tasks: the Scheduler's pick
+    of the tasks due (`huey.read_periodic`, each minute), counted when
+    `huey.enqueue` of a picked task returns (an enqueue that raised is no
+    run). Also the seconds past the minute the Scheduler checks at (it
+    checks every 60 s from the consumer's start, not on the minute)."""
 
     def __init__(self, huey: Any) -> None:
         self.huey = huey
         self.runs = cs.Runs()
         self.streams: List[ExternalScheduler] = []
-        original = huey.read_periodic
+        self._lock = threading.Lock()
+        #: The tasks the Scheduler's last check picked and has not enqueued
+        #: yet: task id -> the check's time (replaced at each check).
+        self._picked: Dict[str, datetime] = {}
+        #: Seconds past the minute of the Scheduler's last check (None: none seen).
+        self.check_offset: Optional[float] = None
+        #: (the serving process's pid, the pipe's read end, its write end):
+        #: how a Scheduler in a process forked from it (`-k process`) hands
+        #: it the runs (see `relay`).
+        self._relay: Optional[Tuple[int, int, int]] = None
+        #: Runs this process could not hand to the serving process (the pipe was full or closed).
+        self.relay_dropped = 0
+        read_original, enqueue_original = huey.read_periodic, huey.enqueue
 
         def read_periodic(timestamp: Any = None) -> Any:
-            tasks = original(timestamp)
+            tasks = read_original(timestamp)
             try:
-                if tasks:
-                    when = _clock(huey, timestamp)
-                    for task in tasks:
-                        self.runs.count(str(huey._registry.task_to_string(type(task))), when)
-                    for stream in list(self.streams):
-                        stream.changed()
+                self._picked_now(tasks, timestamp)
             except Exception:  # never into Huey's Scheduler
-                log.debug("z4j-agentd: a periodic run was not counted", exc_info=True)
+                log.debug("z4j-agentd: a periodic check was not seen", exc_info=True)
             return tasks
 
+        def enqueue(task: Any) -> Any:
+            picked = self._take(task)
+            result = enqueue_original(task)
+            if picked is not None:
+                self._enqueued(task, picked)
+            return result
+
         huey.read_periodic = read_periodic
+        huey.enqueue = enqueue
+        _watches.add(self)
+
+    def _picked_now(self, tasks: Any, timestamp: Any) -> None:
+        when = _clock(self.huey, timestamp)
+        if timestamp is None:  # the Scheduler's own check (it passes no time)
+            self.check_offset = when.second + when.microsecond / 1e6
+            self._send(["offset", self.check_offset])
+        picked = {str(t.id): when for t in tasks or () if getattr(t, "id", None) is not None}
+        with self._lock:
+            self._picked = picked
+
+    def _take(self, task: Any) -> Optional[datetime]:
+        try:
+            task_id = getattr(task, "id", None)
+            if task_id is None:
+                return None
+            with self._lock:
+                return self._picked.pop(str(task_id), None)
+        except Exception:  # never into Huey's enqueue
+            return None
+
+    def _enqueued(self, task: Any, when: datetime) -> None:
+        try:
+            key = str(self.huey._registry.task_to_string(type(task)))
+            if not self._send(["run", key, when.isoformat()]):
+                self._count(key, when)
+        except Exception:  # never into Huey's Scheduler
+            log.debug("z4j-agentd: a periodic run was not counted", exc_info=True)
+
+    def _count(self, key: str, when: datetime) -> None:
+        self.runs.count(key, when)
+        for stream in list(self.streams):
+            stream.changed()
+
+    def relay(self) -> None:
+        """In the serving process: a Scheduler in a process forked from it
+        from now on (`huey_consumer -k process` forks its Scheduler after
+        the consumer serves) hands its runs and check times to this
+        process, through a pipe a thread here reads."""
+        if self._relay is not None and self._relay[0] == os.getpid():
+            return
+        read_end, write_end = os.pipe()
+        os.set_blocking(write_end, False)  # a full pipe never holds the Scheduler
+        self._relay = (os.getpid(), read_end, write_end)
+        threading.Thread(target=self._receive, args=(read_end,), name="z4j-agentd-huey-periodic-relay",
+                         daemon=True).start()
+
+    def _send(self, message: List[Any]) -> bool:
+        """In a process forked from the serving one: hands `message` to it
+        (True, also when it could not: then counted in `relay_dropped` and
+        logged once). False in the serving process or without a relay."""
+        relay = self._relay
+        if relay is None or relay[0] == os.getpid():
+            return False
+        data = (json.dumps(message) + "\n").encode()
+        try:
+            if len(data) > select.PIPE_BUF:  # larger writes to a pipe are not atomic
+                raise ValueError(f"{len(data)} bytes, more than a pipe writes at once")
+            os.write(relay[2], data)
+        except Exception as exc:
+            self.relay_dropped += 1
+            if self.relay_dropped == 1:
+                log.warning("z4j-agentd: a periodic run of this Scheduler process did not reach the consumer "
+                            "that serves the Schedules page (%s); its counters miss it", exc)
+        return True
+
+    def _receive(self, read_end: int) -> None:
+        pending = b""
+        while True:
+            try:
+                chunk = os.read(read_end, 65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                try:
+                    message = json.loads(line)
+                    if message[0] == "run":
+                        self._count(str(message[1]), datetime.fromisoformat(message[2]))
+                    elif message[0] == "offset":
+                        self.check_offset = float(message[1])
+                except Exception:
+                    log.debug("z4j-agentd: a relayed periodic run was not read", exc_info=True)
+
+    def after_fork(self) -> None:
+        """In a forked child (a `-k process` worker or Scheduler): locks of
+        its own, and none of the parent's schedulers (they are served by the
+        parent, which its runs reach through the relay; this process serves
+        its own if it calls serve)."""
+        self._lock = threading.Lock()
+        self.runs.after_fork()
+        self.streams = []
+        self.relay_dropped = 0
+
+
+#: Every _Watch of this process, for the fork hook.
+_watches: "weakref.WeakSet[_Watch]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    global _lock
+    _lock = threading.Lock()
+    for watched in list(_watches):
+        watched.after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 _lock = threading.Lock()
@@ -244,6 +395,18 @@ def watch(huey: Any) -> cs.Runs:
         return watched.runs
 
 
+def relay(huey: Any) -> None:
+    """Makes, in this process, the pipe through which a Scheduler forked
+    from it (`huey_consumer -k process`) hands its periodic runs here; for
+    a consumer that serves after its start() forked (`serve` makes it too).
+    Nothing without periodic tasks."""
+    if not huey._registry._periodic_tasks:
+        return
+    watch(huey)
+    with _lock:
+        huey.__dict__[_WATCHED].relay()
+
+
 def serve(huey: Any, client: Any = None, *, state_dir: Optional[str] = None) -> Optional[ExternalScheduler]:
     """Serves `huey`'s periodic tasks as the scheduler `huey-periodic`, from
     this process (the consumer that runs them). Idempotent: called again
@@ -265,8 +428,11 @@ def serve(huey: Any, client: Any = None, *, state_dir: Optional[str] = None) -> 
             log.debug("z4j-agentd: %r has no periodic tasks: %s is not served", huey.name, SCHEDULER)
             return None
         watched: _Watch = huey.__dict__[_WATCHED]
+        watched.relay()
         client = client or get_client()
-        source = PeriodicSource(huey, watched.runs)
+        # The counters published before this process started carry on.
+        cs.seed_runs(watched.runs, state_path, SCHEDULER)
+        source = PeriodicSource(huey, watched.runs, lambda: watched.check_offset)
         stream = ExternalScheduler(SCHEDULER, source, cs.sender(client), poll_interval=POLL_SECONDS,
                                    min_interval=MIN_SNAPSHOT_SECONDS, state_path=state_path)
         watched.streams.append(stream)
@@ -286,4 +452,5 @@ def stats(huey: Any) -> Optional[Dict[str, Any]]:
     return {**stream.stats(), "rows_unlisted": getattr(source, "rows_unlisted", 0)}
 
 
-__all__ = ["CAPABILITIES", "PeriodicSource", "SCHEDULER", "cron_settings", "next_run", "serve", "stats", "watch"]
+__all__ = ["CAPABILITIES", "PeriodicSource", "SCHEDULER", "cron_settings", "next_run", "relay", "serve", "stats",
+           "watch"]
