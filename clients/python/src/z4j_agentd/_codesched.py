@@ -19,6 +19,8 @@ import threading
 from datetime import datetime, timedelta, timezone, tzinfo
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from ._schedules import durable_sender
+
 log = logging.getLogger("z4j_agentd.schedules")
 
 #: Seconds a snapshot may take to reach the daemon's spool.
@@ -285,18 +287,8 @@ def seed_runs(runs: Runs, state_path: str, owner: str) -> None:
 
 
 def sender(client: Any) -> Callable[[List[Dict[str, Any]]], Any]:
-    """`send_durable`, tried twice: after a daemon restart the first try
-    finds the old connection closed, the second opens a new one (the brain
-    takes a frame it already has as a replay)."""
-    from .client import DaemonUnavailable
-
-    def send(events: List[Dict[str, Any]]) -> Any:
-        try:
-            return client.send_durable(events, timeout=SEND_TIMEOUT)
-        except DaemonUnavailable:
-            return client.send_durable(events, timeout=SEND_TIMEOUT)
-
-    return send
+    """The snapshot sender of a code-defined scheduler (`_schedules.durable_sender`)."""
+    return durable_sender(client, SEND_TIMEOUT)
 
 
 def state_file(owner: str, instance: str, directory: Optional[str] = None) -> str:
