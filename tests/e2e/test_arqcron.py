@@ -24,7 +24,7 @@ from datetime import datetime, timedelta, timezone
 import brain as brainmod
 from harness import HERE, wait_for
 from test_celery_beat import Api, command, env_for
-from test_hueyperiodic import CAPS, counter, refused_disable
+from test_hueyperiodic import READ_ONLY_CAPS as CAPS, counter, refused_disable
 
 OWNER = "arq-cron"
 

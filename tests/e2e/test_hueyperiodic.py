@@ -3,12 +3,15 @@ z4j 1.13.0 brain, a real `huey_consumer` (app hueyperiodic_proj.py) and
 Redis: the consumer serves the scheduler `huey-periodic` through the daemon.
 
 * both periodic tasks are listed with their cron text, task, timezone,
-  next run and source; the brain offers "Trigger now" and nothing that
-  writes (they are code);
+  next run and source; the brain offers "Trigger now", enable and
+  disable, and nothing else that writes (they are code);
 * the consumer's own first periodic check (every_minute is due at once)
   counts as a run, and the task ran;
 * "Trigger now" enqueues office_report, the consumer runs it (its Redis
   key), and it counts as a run;
+* disable (the brain's REST API) revokes every_minute in Huey (its revoke
+  key in Redis) and the row shows disabled; a consumer started then skips
+  the task at its first check (no run, none counted); enable restores it;
 * a restarted consumer (`-k process`) gives the same rows (same ids: the
   source keys are the code's), its run counters carried on from those it
   published, and its Scheduler process's first check counts.
@@ -27,8 +30,14 @@ from harness import HERE, resp, wait_for
 from test_celery_beat import Api, command, env_for
 
 OWNER = "huey-periodic"
-# What the brain's native-capabilities shows: no create, update, delete, enable, disable.
-CAPS = ["external_schedule_mutation_v1", "list", "read", "trigger_now"]
+#: What the brain's native-capabilities shows for a code-defined scheduler
+#: that cannot even enable or disable (arq's cron jobs: test_arqcron.py).
+READ_ONLY_CAPS = ["external_schedule_mutation_v1", "list", "read", "trigger_now"]
+# What it shows for huey-periodic: enable and disable; no create, update, delete.
+CAPS = ["disable", "enable", "external_schedule_mutation_v1", "list", "read", "trigger_now"]
+#: Where Huey's RedisStorage keeps `revoke_all(every_minute)`: a field of its
+#: results hash (the storage drops the name's `-`).
+REVOKE = ("huey.results.hueyperiodice2e", "rt:hueyperiodic_proj.every_minute")
 
 
 class HueyApi(Api):
@@ -50,12 +59,26 @@ def counter(redis_server, db: int, key: str) -> int:
 
 
 def refused_disable(api, schedule_id: str) -> None:
-    """The brain's "disable" of a code-defined row: refused by the brain
-    itself (the scheduler advertises no write), nothing is sent; the row
-    stays enabled."""
+    """The brain's "disable" of a row of a scheduler with READ_ONLY_CAPS:
+    refused by the brain itself, nothing is sent; the row stays enabled."""
     status, _, body = api.call("POST", f"/{schedule_id}/disable")
     assert status == 409 and "does not support this operation" in str(body), (status, body)
     assert next(r for r in api.rows().values() if r["id"] == schedule_id)["is_enabled"] is True
+
+
+def revoked(redis_server, db: int) -> bool:
+    reply = resp(redis_server.port, ["SELECT", str(db)], ["HEXISTS", *REVOKE])[1]
+    assert reply in (b":0\r\n", b":1\r\n", b":0", b":1"), reply
+    return reply.startswith(b":1")
+
+
+def switch(api, name: str, action: str) -> dict:
+    """The Schedules page's switch: POST /schedules/<id>/<action>, applied,
+    then the row as the page shows it."""
+    status, location, body = api.refreshed("POST", lambda: f"/{api.rows()[name]['id']}/{action}")
+    assert status == 202 and location, (action, status, body)
+    api.wait_applied(location)
+    return api.wait_rows(f"{name} {action}d", lambda r: r[name]["is_enabled"] is (action == "enable"))[name]
 
 
 def start_consumer(background, daemon, env, kind="thread"):
@@ -112,8 +135,34 @@ def test_huey_periodic_tasks_are_listed_and_trigger_now_runs_the_task(
     print(f"[e2e] trigger now to run: {time.monotonic() - t1:.2f} s", file=sys.stderr)
     api.wait_rows("the trigger to count as a run", lambda r: r["office_report"]["total_runs"] == 1)
 
-    # Nothing that writes: the tasks are code.
-    refused_disable(api, report["id"])
+    # Other writes are refused by the brain itself: the tasks are code.
+    status, _, body = api.call("POST", "/native-operations", {
+        "request_id": str(uuid.uuid4()), "scheduler": OWNER, "operation": "delete",
+        "schedule_id": report["id"], "observed_control_token": api.rows()["office_report"]["control_token"],
+        "definition": {}})
+    assert status == 409 and "does not support this operation" in str(body), (status, body)
+
+    # Disable: Huey's revoke_all, in Redis; a consumer started now skips
+    # the task at its first check, and that is no run.
+    t2 = time.monotonic()
+    row = switch(api, "every_minute", "disable")
+    print(f"[e2e] disable to the row disabled: {time.monotonic() - t2:.2f} s", file=sys.stderr)
+    assert revoked(redis_server, db) and row["next_run_at"] is None, row
+    runs, ran = row["total_runs"], counter(redis_server, db, "hp:every_minute")
+    sessions = daemon.stats()["connects"]
+    consumer.stop(timeout=10)
+    consumer = start_consumer(background, daemon, env)
+    # The restarted consumer's stream: a new daemon session (the processes'
+    # hello changed), then the brain's activation of a new epoch.
+    daemon.wait_stats(lambda st: st["connects"] > sessions, 30, "the daemon's new session")
+    wait_for(lambda: (api.capabilities() == CAPS, api.capabilities()), 30,
+             "the restarted consumer's huey-periodic stream to be active", interval=0.3)
+    wait_for(lambda: (consumer.check_alive() or "hueyperiodic_proj.every_minute" in consumer.log_text()
+                      and "was revoked, not executing" in consumer.log_text(), consumer.log_tail(5)), 30,
+             "the restarted consumer to skip the revoked every_minute")
+    row = switch(api, "every_minute", "enable")  # its snapshot holds the counters after that check
+    assert not revoked(redis_server, db) and row["next_run_at"], row
+    assert (row["total_runs"], counter(redis_server, db, "hp:every_minute")) == (runs, ran), row
 
     # A restarted consumer, now with process workers: the same rows (ids)
     # again, its counters carried on from those it published, and its first

@@ -1,8 +1,9 @@
 """Huey's periodic tasks through the external schedule protocol
 (z4j_agentd.huey.periodic): the rows (cron text, keys, timezone, next run)
 from real `@huey.periodic_task(crontab(...))` tasks, the runs seen through
-Huey's own consumer Scheduler, "Trigger now" enqueueing the task, and
-serve() declaring a read-only scheduler once per process."""
+Huey's own consumer Scheduler, "Trigger now" enqueueing the task,
+enable/disable through Huey's revoke switch, and serve() declaring the
+scheduler once per process."""
 
 from __future__ import annotations
 
@@ -156,7 +157,7 @@ def test_the_consumer_schedulers_enqueues_count_as_runs(served):
         datetime.now(timezone.utc) + timedelta(seconds=1)
 
 
-def test_serve_declares_a_read_only_scheduler_once_and_trigger_now_enqueues(served, tmp_path):
+def test_serve_declares_the_scheduler_once_and_trigger_now_enqueues(served, tmp_path):
     h, client, stream = served
     assert periodic.serve(h, client, state_dir=str(tmp_path)) is stream  # a second worker's on_startup
     assert len(client.served) == 1
@@ -164,7 +165,8 @@ def test_serve_declares_a_read_only_scheduler_once_and_trigger_now_enqueues(serv
     assert set(handlers) == {(OWNER, "schedule.external.activate"), (OWNER, "schedule.external.mutate"),
                              (OWNER, "schedule.resync")}
     assert kwargs["schedulers"] == [OWNER] and kwargs["runtime_features"] == [S.RUNTIME_FEATURE]
-    assert kwargs["capabilities"] == {OWNER: sorted([S.STABLE_SNAPSHOT, S.MUTATION, "list", "read", "trigger_now"])}
+    assert kwargs["capabilities"] == {OWNER: sorted([S.STABLE_SNAPSHOT, S.MUTATION, "list", "read", "trigger_now",
+                                                     "enable", "disable"])}
 
     summary = client.handler("schedule.external.activate")(command("schedule.external.activate", **ACTIVATION))
     assert summary["schedule_count"] == 3 and summary["sequence"] == 1
@@ -177,11 +179,89 @@ def test_serve_declares_a_read_only_scheduler_once_and_trigger_now_enqueues(serv
     assert [(t.name, t.id) for t in h.pending()] == [("twice_a_year", task_id)]
     assert client.last_rows()["twice_a_year"]["total_runs"] == 1  # the snapshot after the trigger
 
-    # The brain cannot change code-defined tasks.
-    update = {**params, "operation_id": str(uuid.uuid4()), "operation": "update", "definition": {"is_enabled": False}}
-    with pytest.raises(S.Conflict, match="cannot be changed from the brain"):
-        client.handler("schedule.external.mutate")(command("schedule.external.mutate", **update))
     assert periodic.stats(h)["rows_unlisted"] == 0
+
+
+def mutate(client, operation, row, definition):
+    params = {"scheduler": OWNER, "owner": OWNER, "operation_id": str(uuid.uuid4()), "operation": operation,
+              "schedule_id": row["source_key"], "definition": definition, "expected": row, "stable_source": True,
+              **{k: ACTIVATION[k] for k in S.Authority.IDS}}
+    return client.handler("schedule.external.mutate")(command("schedule.external.mutate", **params))
+
+
+def task_class(h, name):
+    return next(c for c in h._registry._periodic_tasks if c.__name__ == name)
+
+
+def test_disable_revokes_the_task_in_huey_and_enable_restores_it(served):
+    h, client, stream = served
+    client.handler("schedule.external.activate")(command("schedule.external.activate", **ACTIVATION))
+    row = client.last_rows()["every_minute"]
+    assert row["is_enabled"] is True and row["next_run_at"] is not None
+    cls = task_class(h, "every_minute")
+
+    receipt = mutate(client, "update", row, {"is_enabled": False})
+    assert h.is_revoked(cls) is True
+    assert receipt["observed_configuration"]["is_enabled"] is False
+    disabled = client.last_rows()["every_minute"]  # the snapshot published with the receipt
+    assert receipt["sequence"] == 2 and disabled["is_enabled"] is False and disabled["next_run_at"] is None
+    assert client.last_rows()["report"]["is_enabled"] is True  # the others stay as they are
+
+    # Huey's consumer skips it: the Scheduler's pick of it is no run.
+    Scheduler(h, threading.Event(), 1, True).loop()
+    assert [t.name for t in h.pending()] == ["every_minute"]
+    assert h.execute(h.dequeue()) is None  # skipped ("tick" when run)
+    assert h.is_revoked(cls) is True  # revoke_all holds until restored
+    assert {r["name"]: r for r in stream.source.rows()}["every_minute"]["total_runs"] == 0
+
+    # Trigger now of a disabled task would be skipped as well: refused.
+    with pytest.raises(S.Conflict, match="disabled .*enable it first"):
+        mutate(client, "trigger", disabled, {})
+    assert h.pending_count() == 0
+
+    # A stale row (the brain's view before the disable) is a conflict.
+    with pytest.raises(S.Conflict, match="changed since the brain saw it"):
+        mutate(client, "update", row, {"is_enabled": False})
+
+    receipt = mutate(client, "update", disabled, {"is_enabled": True})
+    assert h.is_revoked(cls) is False
+    enabled = client.last_rows()["every_minute"]
+    assert receipt["sequence"] == 3 and enabled["is_enabled"] is True and enabled["next_run_at"] is not None
+    Scheduler(h, threading.Event(), 1, True).loop()
+    assert h.execute(h.dequeue()) == "tick"
+    assert {r["name"]: r for r in stream.source.rows()}["every_minute"]["total_runs"] == 1
+
+
+def test_a_revoke_made_by_the_application_shows_disabled_and_is_not_consumed(served):
+    h, client, stream = served
+    cls = task_class(h, "report")
+    h.revoke_all(cls, revoke_once=True)
+    for _ in range(2):  # peeked: reading the rows leaves the one-time revoke in place
+        assert {r["name"]: r for r in stream.source.rows()}["report"]["is_enabled"] is False
+    assert h.is_revoked(cls) is True
+    h.restore_all(cls)
+    h.revoke_all(cls, revoke_until=datetime.now(timezone.utc) + timedelta(hours=1))
+    assert {r["name"]: r for r in stream.source.rows()}["report"]["is_enabled"] is False
+    h.restore_all(cls)
+    h.revoke_all(cls, revoke_until=datetime.now(timezone.utc) - timedelta(hours=1))  # over already
+    assert {r["name"]: r for r in stream.source.rows()}["report"]["is_enabled"] is True
+
+
+def test_the_brain_changes_nothing_but_is_enabled_of_a_code_defined_task(served):
+    h, client, stream = served
+    client.handler("schedule.external.activate")(command("schedule.external.activate", **ACTIVATION))
+    row = client.last_rows()["twice_a_year"]
+    cls = task_class(h, "twice_a_year")
+    with pytest.raises(ValueError, match="defined in code .*change expression in the code"):
+        mutate(client, "update", row, {"expression": "0 3 1 1,7 *", "is_enabled": False})
+    assert h.is_revoked(cls) is False  # nothing applied
+    for operation in ("delete",):
+        with pytest.raises(S.Conflict, match="cannot delete periodic tasks: they are defined in code"):
+            mutate(client, operation, row, {})
+    # Values the row already has are no change: a full definition that only disables is applied.
+    full = {k: row[k] for k in ("name", "task_name", "kind", "expression", "timezone", "queue", "args", "kwargs")}
+    mutate(client, "update", row, {**full, "is_enabled": False})
+    assert h.is_revoked(cls) is True
 
 
 def test_trigger_of_a_task_gone_from_the_code_is_a_conflict():

@@ -11,9 +11,21 @@ scheduler `huey-periodic` through z4j's external schedule protocol (see
   timezone (UTC with `Huey(utc=True)`, Huey's default; else the system's),
   next run, and the last run and run count this process saw;
 * "Trigger now" enqueues the task at once (`huey.enqueue` of a new
-  instance, as the Scheduler does), and counts as a run;
-* the tasks are defined in code: the brain cannot create, update, enable,
-  disable or delete them (the capabilities say so; edit the decorator).
+  instance, as the Scheduler does), and counts as a run; a disabled task
+  is refused (Huey's consumer would skip it: enable it first);
+* enable and disable are Huey's own switch, `huey.restore_all(task)` and
+  `huey.revoke_all(task)`: kept in Huey's storage, so every consumer of
+  the instance (and a restarted one) follows it. A row shows disabled
+  while the task is revoked, whoever revoked it (the application's own
+  `revoke_all`, `revoke(revoke_once=True)` until its one skipped run, or
+  `revoke(revoke_until=...)` until that time); it is read without
+  consuming a one-time revoke. A disabled task is still picked by the
+  Scheduler, and the consumer skips it (Huey's `SIGNAL_REVOKED`): that
+  is no run. A revoke made by the application shows within
+  `POLL_SECONDS`; one made from the brain at once;
+* the tasks are defined in code: the brain cannot create, update (other
+  than enable/disable) or delete them (the capabilities say so; edit the
+  decorator).
 
 Runs: the Scheduler's runs are seen through `huey.read_periodic` (the
 call it makes each minute to pick the tasks due) and counted when its
@@ -59,20 +71,20 @@ from datetime import date, datetime, timedelta, timezone
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .. import _codesched as cs
-from .._schedules import MUTATION, STABLE_SNAPSHOT, Conflict, ExternalScheduler, Source
+from .._schedules import MUTATION, STABLE_SNAPSHOT, Conflict, ExternalScheduler, Source, configuration, normalize_row
 
 log = logging.getLogger("z4j_agentd.huey.periodic")
 
 SCHEDULER = "huey-periodic"
 ENGINE = "huey"
-#: Capabilities: listed and triggered; no writes (the tasks are code): no
-#: create, update, delete, enable or disable. The mutation protocol's token
-#: is declared all the same, so that the brain itself refuses a write (HTTP
-#: 409, "does not support this operation") before sending anything: without
-#: it, the brain's enable/disable falls back to its older
-#: `schedule.external.control` command, whose refusal it takes as a protocol
-#: fault: it then activates the stream no more, even for a restarted process.
-CAPABILITIES = (STABLE_SNAPSHOT, MUTATION, "list", "read", "trigger_now")
+#: Capabilities: listed, triggered, enabled and disabled (Huey's
+#: `restore_all` / `revoke_all`); no create, update of another field or
+#: delete (the tasks are code). The brain asks for `enable` / `disable`
+#: for an update whose definition is only `is_enabled`, and sends it as
+#: `schedule.external.mutate` (needing the mutation token); it refuses
+#: create, update and delete itself (HTTP 409, "does not support this
+#: operation") before sending anything.
+CAPABILITIES = (STABLE_SNAPSHOT, MUTATION, "list", "read", "trigger_now", "enable", "disable")
 #: Seconds between two looks at the tasks (they change only with the code;
 #: runs ask for a snapshot themselves).
 POLL_SECONDS = 30.0
@@ -130,7 +142,8 @@ def next_run(settings: Sequence[Sequence[int]], after: datetime) -> Optional[dat
 
 
 class PeriodicSource(Source):
-    """The periodic tasks of one Huey instance: read-only, triggerable."""
+    """The periodic tasks of one Huey instance: triggerable, and enabled or
+    disabled with Huey's own revoke switch; otherwise read-only."""
 
     def __init__(self, huey: Any, runs: cs.Runs, check_offset: Optional[Callable[[], Optional[float]]] = None) -> None:
         self.huey = huey
@@ -183,14 +196,16 @@ class PeriodicSource(Source):
             upcoming = next_run(settings, now - shift)
             if upcoming is not None:
                 upcoming += shift
+            enabled = not self.revoked(cls)
             count, last = self.runs.get(key)
             name = str(cls.__name__) if names[str(cls.__name__)] == 1 else key
             rows.append({
                 "source_key": key, "external_id": key, "engine": ENGINE, "scheduler": SCHEDULER,
                 "name": name, "task_name": key, "kind": "cron", "expression": expr, "timezone": tz_name,
-                "queue": str(self.huey.name), "args": [], "kwargs": {}, "is_enabled": True,
+                "queue": str(self.huey.name), "args": [], "kwargs": {}, "is_enabled": enabled,
                 "last_run_at": cs.to_second(last),
-                "next_run_at": cs.to_second(upcoming.replace(tzinfo=tz)) if upcoming else None,
+                # A revoked task's picks are skipped: no next run while it is.
+                "next_run_at": cs.to_second(upcoming.replace(tzinfo=tz)) if upcoming and enabled else None,
                 "total_runs": count, "source": "huey-periodic:code",
                 "source_hash": cs.source_hash({"task": key, "cron": expr, "utc": bool(self.huey.utc),
                                                "retries": getattr(task, "retries", None),
@@ -199,14 +214,60 @@ class PeriodicSource(Source):
         self.rows_unlisted = unlisted
         return rows
 
-    def trigger(self, row: Mapping[str, Any]) -> Dict[str, Any]:
-        cls = next((c for k, c in self._tasks() if k == row["source_key"]), None)
+    def revoked(self, task_class: Any) -> bool:
+        """Is the task revoked in Huey's storage (`revoke_all`, by the brain's
+        disable or the application)? Peeked: a one-time revoke is not
+        consumed, an expired `revoke_until` is not deleted."""
+        return bool(self.huey.is_revoked(task_class, peek=True))
+
+    def _task(self, source_key: Optional[str], name: Any) -> Any:
+        cls = next((c for k, c in self._tasks() if k == source_key), None)
         if cls is None:
-            raise Conflict(f"periodic task {row['name']!r} is not in this Huey instance any more")
+            raise Conflict(f"periodic task {name!r} is not in this Huey instance any more")
+        return cls
+
+    def trigger(self, row: Mapping[str, Any]) -> Dict[str, Any]:
+        cls = self._task(row["source_key"], row["name"])
+        if self.revoked(cls):
+            # Huey's consumer skips every instance of a revoked task class:
+            # an enqueued run would never run.
+            raise Conflict(f"periodic task {row['name']!r} is disabled (revoked in Huey): its run would be "
+                           f"skipped by the consumer; enable it first, then trigger it")
         task = cls()
         self.huey.enqueue(task)
         self.runs.count(row["source_key"])
         return {"task_id": str(task.id), "task_name": row["source_key"]}
+
+    def mutate(self, operation: str, source_key: Optional[str], expected: Optional[Mapping[str, Any]],
+               definition: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+        """The brain's enable or disable (an update of `is_enabled` alone):
+        `huey.restore_all` or `huey.revoke_all` of the task, when the row is
+        still what the brain saw (else Conflict). A change of any other
+        field, a create or a delete raises: the task is defined in code."""
+        name = (expected or {}).get("name") or source_key
+        if operation != "update":
+            raise Conflict(f"{SCHEDULER} cannot {operation} periodic tasks: they are defined in code "
+                           f"(@huey.periodic_task); change the code, or enable/disable the task here")
+        cls = self._task(source_key, name)
+        current = next((normalize_row(r, SCHEDULER) for r in self.rows() if r["source_key"] == source_key), None)
+        if current is None:
+            raise Conflict(f"periodic task {name!r} is not on the Schedules page any more (see the "
+                           f"consumer's log); refresh the page")
+        if configuration(current) != configuration(normalize_row(dict(expected or {}), SCHEDULER)):
+            raise Conflict(f"periodic task {current['name']!r} changed since the brain saw it (enabled or "
+                           f"disabled by the application, or its code changed); refresh and try again")
+        other = sorted(k for k, v in definition.items() if k != "is_enabled" and v != current.get(k))
+        if other:
+            raise ValueError(f"periodic task {current['name']!r} is defined in code (@huey.periodic_task): "
+                             f"only enable and disable apply here; change {', '.join(other)} in the code")
+        if "is_enabled" in definition and bool(definition["is_enabled"]) != current["is_enabled"]:
+            if definition["is_enabled"]:
+                self.huey.restore_all(cls)
+            else:
+                self.huey.revoke_all(cls)
+            log.info("z4j-agentd: periodic task %s %s from the brain", source_key,
+                     "enabled (restore_all)" if definition["is_enabled"] else "disabled (revoke_all)")
+        return next((r for r in self.rows() if r["source_key"] == source_key), None)
 
 
 def _clock(huey: Any, timestamp: Optional[datetime]) -> datetime:
@@ -268,9 +329,19 @@ class _Watch:
         if timestamp is None:  # the Scheduler's own check (it passes no time)
             self.check_offset = when.second + when.microsecond / 1e6
             self._send(["offset", self.check_offset])
-        picked = {str(t.id): when for t in tasks or () if getattr(t, "id", None) is not None}
+        # A revoked task is enqueued all the same and skipped by the
+        # consumer: no run (peeked, as the rows read it).
+        picked = {str(t.id): when for t in tasks or ()
+                  if getattr(t, "id", None) is not None and not self._revoked(t, timestamp)}
         with self._lock:
             self._picked = picked
+
+    def _revoked(self, task: Any, timestamp: Any) -> bool:
+        try:
+            return bool(self.huey.is_revoked(type(task), timestamp, peek=True))
+        except Exception:  # storage unreachable: the enqueue fails as well, and is no run
+            log.debug("z4j-agentd: the revoke state of a periodic task was not read", exc_info=True)
+            return False
 
     def _take(self, task: Any) -> Optional[datetime]:
         try:
