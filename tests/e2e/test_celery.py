@@ -206,14 +206,14 @@ def test_celery_tasks_reach_the_brain_with_their_states(brain, agent, daemon, br
     retries = re.findall(rf"flaky\[{t_flaky}\] retry: Retry in 0.2s", worker.log_text())
     assert len(retries) == 2, f"the worker log shows {len(retries)} retries of {t_flaky}:\n{worker.log_tail()}"
 
-    # The worker's processes sent 20 to 22 events: from the main process worker.online and the
+    # The worker's processes sent 18 to 20 events: from the main process worker.online and the
     # worker.heartbeat of its health report once ready (two when the report at its command
     # hello already found it ready); add and boom 4 each (received from the main process and
-    # again from the pool child, started, the outcome); flaky 3 received from the main process,
-    # 1 or 2 from the pool children (once per child), 3 started, 2 retried, 1 succeeded. The
-    # daemon took them all and the brain acknowledged them.
-    stats = daemon.wait_stats(lambda s: s["acked"] >= 20 and s["spool_depth"] == 0, 20, "20 events acked")
-    assert 20 <= stats["received"] <= 22, stats
+    # again from the pool child, started, the outcome); flaky 1 received from the main process
+    # (a retry's redelivery sends none), 1 or 2 from the pool children (once per child), 3
+    # started, 2 retried, 1 succeeded. The daemon took them all and the brain acknowledged them.
+    stats = daemon.wait_stats(lambda s: s["acked"] >= 18 and s["spool_depth"] == 0, 20, "18 events acked")
+    assert 18 <= stats["received"] <= 20, stats
     assert (stats["stored"], stats["acked"], stats["refused"], stats["dropped"]) == (
         stats["received"], stats["received"], 0, 0), stats
     # The brain keeps one row per (task, kind, second) (z4j 1.13's fan-out de-duplication): flaky's

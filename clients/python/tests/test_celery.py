@@ -181,6 +181,20 @@ def test_a_secret_straddling_the_cut_of_a_long_message_is_still_replaced(hooks):
         assert "hunter2" not in data["traceback"], pad
 
 
+def test_a_retrys_redelivery_sends_no_received_but_is_remembered(hooks):
+    # The main process gets the retry's message as soon as the pool process
+    # published it: its task.received could be newer than the pool process's
+    # task.retried, which the brain would then drop as stale.
+    hooks.on_task_received(sender=None, request=SimpleNamespace(
+        id="t-9", name="app.tasks.add", args=[1], kwargs={}, delivery_info={"routing_key": "default"},
+        hostname="celery@web-1", request_dict={"retries": 2}))
+    hooks.on_task_received(sender=None, request=fake_request(id="t-8", retries=1))
+    assert hooks.client.emitted == []
+    assert {"t-9", "t-8"} <= set(hooks._remembered)
+    hooks.on_task_received(sender=None, request=fake_request(id="t-7", retries=0))
+    assert [e["task_id"] for e in hooks.client.emitted] == ["t-7"]
+
+
 def test_large_arguments_are_cut(hooks):
     hooks.on_task_received(sender=None, request=fake_request(args=["x" * 200000]))
     args = hooks.client.emitted[0]["data"]["args"]

@@ -12,7 +12,7 @@ the worker's host name, e.g. `celery@web-1`):
 
 | signal | event | `data` |
 |---|---|---|
-| `task_received` | `task.received` | task_name, queue, worker, args, kwargs, parent_task_id, root_task_id |
+| `task_received` | `task.received` (not for a retry's redelivery) | task_name, queue, worker, args, kwargs, parent_task_id, root_task_id |
 | `task_prerun` | `task.started` | task_name, queue, worker, args, kwargs |
 | `task_success` | `task.succeeded` | task_name, queue, worker, result, runtime_ms |
 | `task_failure` | `task.failed` | task_name, queue, worker, exception, exception_message, traceback, runtime_ms |
@@ -228,6 +228,13 @@ class _Hooks:
             kwargs = _get(request, "kwargs")
             queue = _queue_of(request)
             self._remember(task_id, name, args, kwargs, queue, _get(request, "content_type"))
+            retries = _get(_get(request, "request_dict"), "retries", _get(request, "retries"))
+            if isinstance(retries, int) and not isinstance(retries, bool) and retries > 0:
+                # A retry's redelivery: the brain has the row. This process gets
+                # the new message as soon as the pool process published it, so
+                # its task.received can be newer than that process's own
+                # task.retried, which the brain would then drop as stale.
+                return
             self.emit("task.received", task_id, _received_data(name, queue, request, args, kwargs))
         except Exception:
             log.debug("z4j-agentd: task_received not recorded", exc_info=True)
