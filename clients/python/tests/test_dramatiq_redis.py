@@ -5,10 +5,6 @@ cap on queue scans, and a purge that leaves fetched messages alone."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import tempfile
 import threading
 import time
 
@@ -23,25 +19,13 @@ from dramatiq.message import Message  # noqa: E402
 import z4j_agentd.dramatiq as zd  # noqa: E402
 from z4j_agentd.dramatiq import _broker, _commands  # noqa: E402
 from test_dramatiq import Recorder  # noqa: E402
+from redis_server import unix_redis
 
 
 @pytest.fixture(scope="module")
 def redis_url():
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed")
-    directory = tempfile.mkdtemp(prefix="z4jdq-")
-    sock = os.path.join(directory, "redis.sock")
-    proc = subprocess.Popen([binary, "--port", "0", "--unixsocket", sock, "--save", "", "--appendonly", "no"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while not os.path.exists(sock):
-        assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
-        time.sleep(0.05)
-    yield f"unix://{sock}"
-    proc.terminate()
-    proc.wait(10)
-    shutil.rmtree(directory, ignore_errors=True)
+    with unix_redis() as sock:
+        yield f"unix://{sock}"
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from huey.exceptions import CancelExecution, RetryTask  # noqa: E402
 import z4j_agentd.huey as zh  # noqa: E402
 from z4j_agentd.huey import _commands, _health  # noqa: E402
 from test_celery import RecordingClient  # noqa: E402
+from redis_server import unix_redis
 
 SECRET_URL = "redis://app:s3cr3t-pw@db.internal:6379/0"
 STEP_LOG = logging.getLogger("test_huey.steps")
@@ -708,24 +709,9 @@ def test_process_workers_send_their_tasks_events_under_the_consumers_name(standi
 
 @pytest.fixture(scope="module")
 def redis_sock():
-    """A throwaway redis-server on a Unix socket (the e2e suite needs one too, so it is not optional)."""
-    import shutil
-    import subprocess
-    import tempfile
-
-    assert shutil.which("redis-server"), "redis-server is not installed: the Huey purge test runs against one"
-    directory = tempfile.mkdtemp(prefix="z4jhuey-")
-    sock = os.path.join(directory, "redis.sock")
-    proc = subprocess.Popen(["redis-server", "--port", "0", "--unixsocket", sock, "--save", "",
-                             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while not os.path.exists(sock):
-        assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
-        time.sleep(0.02)
-    yield sock
-    proc.terminate()
-    proc.wait(5)
-    shutil.rmtree(directory, ignore_errors=True)
+    """A throwaway redis-server (the e2e suite needs one too, so it is not optional)."""
+    with unix_redis(required=True) as sock:
+        yield sock
 
 
 def test_purge_on_redis_refuses_when_a_task_is_enqueued_between_the_check_and_the_delete(redis_sock):

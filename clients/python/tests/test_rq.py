@@ -8,11 +8,9 @@ install()."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 
@@ -24,6 +22,7 @@ redis = pytest.importorskip("redis")
 import z4j_agentd.rq as zrq  # noqa: E402
 from z4j_agentd.rq import _commands, _health  # noqa: E402
 from test_celery import RecordingClient  # noqa: E402
+from redis_server import unix_redis
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RQ_VERSION = tuple(int(p) for p in rq.__version__.split(".")[:2])
@@ -40,20 +39,8 @@ def spawn_worker_or_skip(cls_name="SpawnWorker"):
 
 @pytest.fixture(scope="module")
 def redis_sock():
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    directory = tempfile.mkdtemp(prefix="z4jrq-")
-    sock = os.path.join(directory, "redis.sock")
-    proc = subprocess.Popen(["redis-server", "--port", "0", "--unixsocket", sock, "--save", "",
-                             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while not os.path.exists(sock):
-        assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
-        time.sleep(0.02)
-    yield sock
-    proc.terminate()
-    proc.wait(5)
-    shutil.rmtree(directory, ignore_errors=True)
+    with unix_redis() as sock:
+        yield sock
 
 
 @pytest.fixture

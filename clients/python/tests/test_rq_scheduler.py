@@ -7,10 +7,6 @@ the `python -m z4j_agentd.rq.scheduler` entry point."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import tempfile
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -24,30 +20,15 @@ from rq_scheduler import Scheduler  # noqa: E402
 
 from z4j_agentd import _schedules as S  # noqa: E402
 from z4j_agentd.rq import scheduler as rs  # noqa: E402
+from redis_server import unix_redis
 
 OWNER = "rq-scheduler"
 
 
 @pytest.fixture(scope="module")
 def redis_socket():
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed")
-    directory = tempfile.mkdtemp(prefix="z4jr-")
-    path = os.path.join(directory, "redis.sock")
-    proc = subprocess.Popen([binary, "--port", "0", "--unixsocket", path, "--save", "", "--appendonly", "no"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            if Redis(unix_socket_path=path).ping():
-                break
-        except Exception:
-            time.sleep(0.05)
-    yield path
-    proc.terminate()
-    proc.wait(5)
-    shutil.rmtree(directory, ignore_errors=True)
+    with unix_redis() as sock:
+        yield sock
 
 
 @pytest.fixture

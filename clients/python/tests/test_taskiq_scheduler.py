@@ -4,9 +4,6 @@ sources against a throwaway redis-server, skipped without one)."""
 
 import asyncio
 import os
-import shutil
-import subprocess
-import tempfile
 import threading
 import time
 import uuid
@@ -24,6 +21,7 @@ from taskiq.schedule_sources import LabelScheduleSource  # noqa: E402
 
 from z4j_agentd import _schedules as S  # noqa: E402
 from z4j_agentd.taskiq import scheduler as T  # noqa: E402
+from redis_server import unix_redis
 
 UTC = timezone.utc
 
@@ -350,21 +348,8 @@ def test_install_refuses_what_is_not_a_scheduler():
 
 @pytest.fixture(scope="module")
 def redis_url():
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed")
-    directory = tempfile.mkdtemp(prefix="z4jr-")
-    sock = os.path.join(directory, "redis.sock")
-    proc = subprocess.Popen([binary, "--port", "0", "--unixsocket", sock, "--save", "", "--appendonly", "no"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while not os.path.exists(sock):
-        assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
-        time.sleep(0.05)
-    yield f"unix://{sock}"
-    proc.terminate()
-    proc.wait(10)
-    shutil.rmtree(directory, ignore_errors=True)
+    with unix_redis() as sock:
+        yield f"unix://{sock}"
 
 
 def redis_app(lp, url, kind, prefix):
