@@ -61,6 +61,20 @@ def first(*values: Any) -> Any:
     return None
 
 
+def bulk_filter(command: Mapping[str, Any], ids_of: str, id_word: str) -> tuple:
+    """bulk_retry's `(filter, task_ids)`: `parameters.filter` and its
+    non-empty list of ids; `ids_of` and `id_word` name them in the error
+    (e.g. "Celery task ids", "task ids")."""
+    filt = params(command).get("filter")
+    if not isinstance(filt, dict):
+        raise BadCommand(f"bulk_retry needs parameters.filter with task_ids (a list of {ids_of})")
+    ids = filt.get("task_ids")
+    if not isinstance(ids, list) or not ids or not all(isinstance(t, str) and t for t in ids):
+        raise BadCommand(f"bulk_retry needs parameters.filter.task_ids, a non-empty list of {id_word}, "
+                         f"got {ids!r}")
+    return filt, ids
+
+
 #: How far in the past an `eta` may be (a clock a little behind): then it runs now.
 ETA_MAX_PAST_SECONDS = 60
 #: How far in the future an `eta` may be, unless the engine allows less.

@@ -35,8 +35,8 @@ from .._jsonsafe import json_safe
 from .._redact import scrub_text
 from . import _health, _queues
 from ._util import attr as _attr
-from .._integration import (BadCommand, CommandFailed, eta_from_unix, first as _first, params as _params,
-                            target as _target)
+from .._integration import (BadCommand, bulk_filter, CommandFailed, eta_from_unix, first as _first,
+                            params as _params, target as _target)
 
 ENGINE = "celery"
 
@@ -795,13 +795,7 @@ class CeleryCommands:
         does (names from `filter.task_names`, priorities from
         `filter.task_priorities`), at most `max` (and BULK_RETRY_MAX)."""
         params = _params(command)
-        filt = params.get("filter")
-        if not isinstance(filt, dict):
-            raise BadCommand("bulk_retry needs parameters.filter with task_ids (a list of Celery task ids)")
-        ids = filt.get("task_ids")
-        if not isinstance(ids, list) or not ids or not all(isinstance(t, str) and t for t in ids):
-            raise BadCommand(f"bulk_retry needs parameters.filter.task_ids, a non-empty list of task ids, "
-                             f"got {ids!r}")
+        filt, ids = bulk_filter(command, "Celery task ids", "task ids")
         limit = min(_positive_int(params.get("max"), "bulk_retry", "max", default=BULK_RETRY_MAX),
                     BULK_RETRY_MAX)
         names = filt.get("task_names") if isinstance(filt.get("task_names"), dict) else {}

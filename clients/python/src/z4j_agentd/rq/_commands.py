@@ -20,8 +20,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 from .._jsonsafe import json_safe
 from .._redact import scrub_text
 from . import _health
-from .._integration import (BadCommand, CommandFailed, eta_from_unix, params as _params, target as _target,
-                            task_id as _command_task_id)
+from .._integration import (BadCommand, bulk_filter, CommandFailed, eta_from_unix, params as _params,
+                            target as _target, task_id as _command_task_id)
 
 ENGINE = "rq"
 
@@ -441,13 +441,7 @@ class RqCommands:
         """Retries each job of `filter.task_ids` as retry_task does by
         reference (at most `max`, and BULK_RETRY_MAX)."""
         params = _params(command)
-        filt = params.get("filter")
-        if not isinstance(filt, dict):
-            raise BadCommand("bulk_retry needs parameters.filter with task_ids (a list of RQ job ids)")
-        ids = filt.get("task_ids")
-        if not isinstance(ids, list) or not ids or not all(isinstance(t, str) and t for t in ids):
-            raise BadCommand(f"bulk_retry needs parameters.filter.task_ids, a non-empty list of job ids, "
-                             f"got {ids!r}")
+        filt, ids = bulk_filter(command, "RQ job ids", "job ids")
         limit = min(_positive_int(params.get("max"), "bulk_retry", "max", BULK_RETRY_MAX), BULK_RETRY_MAX)
         priorities = filt.get("task_priorities") if isinstance(filt.get("task_priorities"), dict) else {}
         unique: List[str] = list(dict.fromkeys(ids))
