@@ -283,6 +283,22 @@ fn render_counts(o: &mut String, s: &Snapshot) {
 /// The connected clients (marking the one asking) and the engines.
 fn render_clients(o: &mut String, s: &Snapshot) {
     let _ = writeln!(o, "clients:  {} connected on {}", s.clients, s.socket_path);
+    if let Some(g) = &s.gateway {
+        let closed: Vec<String> = g
+            .closed_by_code
+            .iter()
+            .map(|(code, n)| format!("{code}: {n}"))
+            .collect();
+        let _ = writeln!(
+            o,
+            "gateway:  {} z4j agents connected on {} ({} sessions, {} frames since start; closed by code: {})",
+            g.connections,
+            g.addr,
+            g.sessions,
+            g.frames_received,
+            if closed.is_empty() { "none".to_string() } else { closed.join(", ") }
+        );
+    }
     let me = i64::from(std::process::id());
     for c in &s.client_list {
         let this = if c.pid == Some(me) {

@@ -76,6 +76,16 @@ pub enum DaemonError {
         /// The bind error.
         source: std::io::Error,
     },
+    /// The gateway listener could not be bound.
+    #[error(
+        "cannot serve the gateway on {addr}: {source}; choose another Z4J_GATEWAY_ADDR or unset it"
+    )]
+    Gateway {
+        /// The configured address.
+        addr: std::net::SocketAddr,
+        /// The bind error.
+        source: std::io::Error,
+    },
     /// A part that runs until shutdown ended on its own (a bug); the
     /// daemon stopped as on a signal, keeping the spool.
     #[error("the {part} stopped unexpectedly, so z4j-agentd stopped too (undelivered events stay in the spool); start it again, and report the log above as a bug")]
@@ -111,6 +121,8 @@ pub struct Ready {
     pub stats: Arc<Stats>,
     /// Where `/metrics` is served, when enabled (the bound port for `:0`).
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Where the gateway listens, when enabled (the bound port for `:0`).
+    pub gateway_addr: Option<std::net::SocketAddr>,
 }
 
 /// Runs the daemon until `shutdown` is cancelled and the drain finished.
@@ -257,6 +269,7 @@ async fn start(
         router.clone(),
     );
     startup.stops.push(ingest_stop.clone());
+    let gateway_addr = bind_gateway(&config, &ingest, &settings).await?;
     let ingest_task = tokio::spawn(ingest.serve(listener, ingest_stop.clone(), beats.ingest));
     startup.tasks.push(ingest_task.abort_handle());
 
@@ -279,6 +292,7 @@ async fn start(
         socket_path,
         stats: stats.clone(),
         metrics_addr,
+        gateway_addr,
     };
     say_ready(&config, ready, report);
     let (uplink_task, uplink_drain, uplink_stop) = spawn_uplink(
@@ -398,7 +412,17 @@ fn remember_advertisement(
         identity,
         config.restart_grace,
         &configured,
-    )?;
+    );
+    // Who the brain said this agent is, before this start: `status` shows
+    // it, and the gateway can answer local agents while the brain is down.
+    if let Some(brain) = stats.clients.remembered_brain() {
+        stats.update_uplink(|u| {
+            u.agent_id = Some(brain.agent_id);
+            u.project_id = Some(brain.project_id);
+            u.brain_version = Some(brain.brain_version);
+        });
+    }
+    let until = until?;
     let stats = stats.clone();
     Some(tokio::spawn(async move {
         tokio::time::sleep_until(until.into()).await;
@@ -500,6 +524,34 @@ async fn serve_metrics(
     .await
     .map_err(|source| DaemonError::Metrics { addr, source })?;
     tracing::info!(addr = %bound, "serving /metrics, /healthz and /readyz");
+    Ok(Some(bound))
+}
+
+/// Binds the gateway for local z4j agents, when configured (so a taken
+/// address fails the start); ingest serves it beside the socket. Returns
+/// the bound address.
+async fn bind_gateway(
+    config: &Config,
+    ingest: &Arc<Ingest>,
+    settings: &watch::Receiver<UplinkSettings>,
+) -> Result<Option<std::net::SocketAddr>, DaemonError> {
+    let Some(gateway) = &config.gateway else {
+        return Ok(None);
+    };
+    let addr = gateway.addr;
+    let (listener, bound) = async {
+        let l = tokio::net::TcpListener::bind(addr).await?;
+        let bound = l.local_addr()?;
+        Ok((l, bound))
+    }
+    .await
+    .map_err(|source| DaemonError::Gateway { addr, source })?;
+    ingest.stats().gateway.listening(bound.to_string());
+    ingest.add_gateway(
+        listener,
+        crate::ingest::gateway::Gateway::new(gateway.clone(), settings.clone()),
+    );
+    tracing::info!(addr = %bound, "serving z4j agents on the gateway (their Z4J_BRAIN_URL: http://{bound})");
     Ok(Some(bound))
 }
 

@@ -420,6 +420,22 @@ fn encode_connections(enc: &mut DescriptorEncoder, s: &Snapshot) -> Result<(), f
         None,
         s.advertisement_left_out.as_ref().map_or(0, |l| l.count()) as i64,
     )?;
+    if let Some(g) = &s.gateway {
+        gauge(
+            enc,
+            "gateway_connections",
+            "z4j agent sessions open on the gateway now (Z4J_GATEWAY_ADDR).",
+            None,
+            g.connections as i64,
+        )?;
+        counter_family(
+            enc,
+            "gateway_closed",
+            "Connections of z4j agents the gateway closed itself, by the close code the agent got (4401 token, 4403 signature, 4400 frame, 4426 version, 4408 idle, 4429 too many, 1011 protocol, 1012 stopping, 1013 brain not reached yet).",
+            "code",
+            g.closed_by_code.iter().map(|(c, n)| (c.as_str(), *n)),
+        )?;
+    }
     gauge(
         enc,
         "metrics_connections",

@@ -42,7 +42,7 @@ pub use hosting::{ReportedDepth, MAX_WORKERS_SEEN};
 mod advertise;
 mod remembered;
 pub use advertise::{Advertisement, LeftOut, EXTERNAL_SCHEDULE_FEATURE, MAX_HELLO_LIST};
-pub use remembered::{file_beside, AdvertisementFile, Identity, RememberedReport};
+pub use remembered::{file_beside, AdvertisementFile, BrainIdentity, Identity, RememberedReport};
 
 /// One connected local client, as the reports show it.
 #[derive(Debug, Clone, Default)]
@@ -517,6 +517,13 @@ impl ClientRegistry {
         self.remembering.store(true, Ordering::Release);
     }
 
+    /// The brain's identity from the last `hello_ack` remembered in the
+    /// file (from this run, or read at start from the last one).
+    pub fn remembered_brain(&self) -> Option<BrainIdentity> {
+        let memory = self.memory.lock().unwrap();
+        memory.file.as_ref()?.brain().cloned()
+    }
+
     /// The remembered entries, for `stats` and `status`.
     pub fn remembered_report(&self) -> Option<RememberedReport> {
         self.memory.lock().unwrap().report(Instant::now())
@@ -532,14 +539,14 @@ impl ClientRegistry {
     /// fsync happen after it is released, so a slow disk holds up only the
     /// caller (the uplink runs this on a blocking thread), never a `hello`,
     /// the router or `stats`.
-    pub fn acknowledged(&self, adv: &Advertisement, identity: &Identity) {
+    pub fn acknowledged(&self, adv: &Advertisement, identity: &Identity, brain: &BrainIdentity) {
         let (job, forgot) = {
             let mut memory = self.memory.lock().unwrap();
             let Some(file) = memory.file.as_mut() else {
                 return;
             };
             let moved = file.identity() != identity;
-            let job = file.to_write(adv, identity);
+            let job = file.to_write(adv, identity, Some(brain));
             let forgot = moved && memory.forget();
             if moved {
                 self.remembering.store(false, Ordering::Release);

@@ -70,6 +70,19 @@ impl Identity {
     }
 }
 
+/// Who the brain said this agent is in the `hello_ack` that acknowledged
+/// the advertisement: what the gateway tells local z4j agents while the
+/// brain cannot be reached.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BrainIdentity {
+    /// The agent's id at the brain.
+    pub agent_id: String,
+    /// The project's id at the brain.
+    pub project_id: String,
+    /// The brain's version.
+    pub brain_version: String,
+}
+
 /// What the file holds.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -78,6 +91,9 @@ struct Stored {
     #[serde(flatten)]
     identity: Identity,
     written_at: String,
+    /// Absent in files written before the gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    brain: Option<BrainIdentity>,
     engines: Vec<String>,
     capabilities: BTreeMap<String, Vec<String>>,
     schedulers: Vec<String>,
@@ -98,6 +114,8 @@ pub struct AdvertisementFile {
     identity: Identity,
     /// What the file holds (None: nothing valid yet).
     holds: Option<Advertisement>,
+    /// The brain's identity it holds.
+    brain: Option<BrainIdentity>,
 }
 
 impl AdvertisementFile {
@@ -109,20 +127,29 @@ impl AdvertisementFile {
         identity: Identity,
     ) -> (AdvertisementFile, Result<Option<Advertisement>, String>) {
         let read = read(&path, &identity);
-        let holds = read.as_ref().ok().cloned().flatten();
+        let (holds, brain) = match &read {
+            Ok(Some((adv, brain))) => (Some(adv.clone()), brain.clone()),
+            _ => (None, None),
+        };
         (
             AdvertisementFile {
                 path,
                 identity,
                 holds,
+                brain,
             },
-            read,
+            read.map(|r| r.map(|(adv, _)| adv)),
         )
     }
 
     /// The file's path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The brain's identity it holds (read at start, or written since).
+    pub fn brain(&self) -> Option<&BrainIdentity> {
+        self.brain.as_ref()
     }
 
     /// Whom what it holds was advertised to.
@@ -135,7 +162,8 @@ impl AdvertisementFile {
     /// Returns whether it was written; a failure is a warning, and the
     /// next acknowledged `hello` tries again.
     pub fn acknowledged(&mut self, adv: &Advertisement, identity: &Identity) -> bool {
-        let Some(job) = self.to_write(adv, identity) else {
+        let brain = self.brain.clone();
+        let Some(job) = self.to_write(adv, identity, brain.as_ref()) else {
             return false;
         };
         let written = job.run();
@@ -150,16 +178,26 @@ impl AdvertisementFile {
     /// holding it from now on, so the write itself can be done without
     /// the lock this is held under; a failed write is reported back with
     /// [`AdvertisementFile::not_written`].
-    pub fn to_write(&mut self, adv: &Advertisement, identity: &Identity) -> Option<FileWrite> {
-        if self.holds.as_ref() == Some(adv) && &self.identity == identity {
+    pub fn to_write(
+        &mut self,
+        adv: &Advertisement,
+        identity: &Identity,
+        brain: Option<&BrainIdentity>,
+    ) -> Option<FileWrite> {
+        if self.holds.as_ref() == Some(adv)
+            && &self.identity == identity
+            && self.brain.as_ref() == brain
+        {
             return None;
         }
         self.identity = identity.clone();
         self.holds = Some(adv.clone());
+        self.brain = brain.cloned();
         Some(FileWrite {
             path: self.path.clone(),
             adv: adv.clone(),
             identity: identity.clone(),
+            brain: brain.cloned(),
         })
     }
 
@@ -179,13 +217,14 @@ pub struct FileWrite {
     path: PathBuf,
     adv: Advertisement,
     identity: Identity,
+    brain: Option<BrainIdentity>,
 }
 
 impl FileWrite {
     /// Writes the file; a failure is a warning. Returns whether it was
     /// written.
     pub fn run(&self) -> bool {
-        match write(&self.path, &self.adv, &self.identity) {
+        match write(&self.path, &self.adv, &self.identity, self.brain.as_ref()) {
             Ok(()) => true,
             Err(e) => {
                 tracing::warn!(
@@ -199,7 +238,11 @@ impl FileWrite {
     }
 }
 
-fn read(path: &Path, identity: &Identity) -> Result<Option<Advertisement>, String> {
+/// What a valid file holds: the advertisement, and the brain's identity
+/// when the file has it.
+type Held = (Advertisement, Option<BrainIdentity>);
+
+fn read(path: &Path, identity: &Identity) -> Result<Option<Held>, String> {
     let bytes = match crate::config::read_small_file(path, MAX_FILE_BYTES) {
         Ok(b) => b,
         Err(crate::config::small_file::SmallFileError::Io(e))
@@ -239,7 +282,14 @@ fn read(path: &Path, identity: &Identity) -> Result<Option<Advertisement>, Strin
         schedulers: stored.schedulers,
     };
     check(&adv)?;
-    Ok(Some(adv))
+    if let Some(b) = &stored.brain {
+        let fits =
+            |s: &str| !s.is_empty() && s.len() <= 64 && s.chars().all(|c| c.is_ascii_graphic());
+        if !(fits(&b.agent_id) && fits(&b.project_id) && fits(&b.brain_version)) {
+            return Err("its brain identity is not valid".into());
+        }
+    }
+    Ok(Some((adv, stored.brain)))
 }
 
 /// What a hand-edited or damaged file could put in a `hello`: names the
@@ -284,12 +334,18 @@ fn check(adv: &Advertisement) -> Result<(), String> {
 
 /// Writes `adv` to `path` atomically: a temp file beside it (mode 0600),
 /// fsync, rename, fsync of the directory.
-fn write(path: &Path, adv: &Advertisement, identity: &Identity) -> std::io::Result<()> {
+fn write(
+    path: &Path,
+    adv: &Advertisement,
+    identity: &Identity,
+    brain: Option<&BrainIdentity>,
+) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let stored = Stored {
         format: FORMAT,
         identity: identity.clone(),
         written_at: crate::protocol::format_ts(OffsetDateTime::now_utc()),
+        brain: brain.cloned(),
         engines: adv.engines.clone(),
         capabilities: adv.capabilities.clone(),
         schedulers: adv.schedulers.clone(),

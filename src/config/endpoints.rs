@@ -142,23 +142,51 @@ pub(super) fn parse_metrics_addr(
     v: &str,
     allow_remote: bool,
 ) -> Result<std::net::SocketAddr, ConfigError> {
-    let addr: std::net::SocketAddr = match v.rsplit_once(':') {
-        Some((name, port)) if is_localhost_name(name) => format!("127.0.0.1:{port}").parse(),
-        _ => v.parse(),
-    }
-    .map_err(|_| {
-        ConfigError::new(
-            "Z4J_METRICS_ADDR",
-            format!("expected an IP address and port such as 127.0.0.1:9464, got {v:?}"),
-        )
-    })?;
+    const KEY: &str = "Z4J_METRICS_ADDR";
+    let addr = parse_listen_addr(KEY, v, "127.0.0.1:9464")?;
     if !ip_is_loopback(addr.ip()) && !allow_remote {
         return Err(ConfigError::new(
-            "Z4J_METRICS_ADDR",
+            KEY,
             format!(
                 "{addr} is not a loopback address; use 127.0.0.1:<port>, or set Z4J_METRICS_ALLOW_REMOTE=true to serve metrics beyond this host"
             ),
         ));
     }
     Ok(addr)
+}
+
+/// `HOST:PORT` for the gateway: loopback only. It speaks the brain's
+/// protocol without TLS, and z4j agents refuse a `ws://` brain URL that
+/// is not on this host.
+pub(super) fn parse_gateway_addr(v: &str) -> Result<std::net::SocketAddr, ConfigError> {
+    const KEY: &str = "Z4J_GATEWAY_ADDR";
+    let addr = parse_listen_addr(KEY, v, "127.0.0.1:7700")?;
+    if !ip_is_loopback(addr.ip()) {
+        return Err(ConfigError::new(
+            KEY,
+            format!(
+                "{addr} is not a loopback address; the gateway serves the z4j agents of this host (or of this pod) without TLS, so it listens on loopback only: use 127.0.0.1:<port>"
+            ),
+        ));
+    }
+    Ok(addr)
+}
+
+/// An IP address and port (`localhost` read as 127.0.0.1), or an error
+/// naming `key` with `example`.
+fn parse_listen_addr(
+    key: &'static str,
+    v: &str,
+    example: &str,
+) -> Result<std::net::SocketAddr, ConfigError> {
+    match v.rsplit_once(':') {
+        Some((name, port)) if is_localhost_name(name) => format!("127.0.0.1:{port}").parse(),
+        _ => v.parse(),
+    }
+    .map_err(|_| {
+        ConfigError::new(
+            key,
+            format!("expected an IP address and port such as {example}, got {v:?}"),
+        )
+    })
 }

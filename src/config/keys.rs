@@ -309,6 +309,13 @@ settings! {
     METRICS_ADDR metrics_addr: Text "Z4J_METRICS_ADDR" "HOST:PORT" => Text = Text;
     /// Allow Z4J_METRICS_ADDR on a non-loopback address (e.g. a pod IP scraped by Prometheus)
     METRICS_ALLOW_REMOTE metrics_allow_remote: Scalar "Z4J_METRICS_ALLOW_REMOTE" "BOOL" => Switch = Switch;
+    /// Serve z4j agents the brain's protocol v2 on this loopback address (e.g. 127.0.0.1:7700); their Z4J_BRAIN_URL becomes http://127.0.0.1:7700. Off when unset
+    GATEWAY_ADDR gateway_addr: Text "Z4J_GATEWAY_ADDR" "HOST:PORT" => Text = Text;
+    /// File of further agent tokens the gateway accepts besides Z4J_TOKEN, one per line (mode 0600 or 0640)
+    GATEWAY_TOKENS_FILE gateway_tokens_file: Path "Z4J_GATEWAY_TOKENS_FILE" "PATH" => PathValue = PathValue;
+    /// Most z4j agent connections the gateway holds at once (default 256)
+    GATEWAY_MAX_CONNECTIONS gateway_max_connections: Scalar "Z4J_GATEWAY_MAX_CONNECTIONS" "N"
+        => Number<usize> = Number { default: 256, min: 1, max: 4096 };
 }
 
 /// One setting's flag, with its variable shown in `--help` as clap shows it.

@@ -26,6 +26,7 @@
 pub mod capabilities;
 pub mod endpoints;
 pub mod file;
+pub mod gateway_tokens;
 pub mod keys;
 pub mod read;
 pub mod secrets;
@@ -78,6 +79,18 @@ pub enum LogFormat {
     Json,
     /// Human-readable text.
     Text,
+}
+
+/// The gateway for unmodified z4j agents (`Z4J_GATEWAY_ADDR`).
+#[derive(Debug, Clone)]
+pub struct GatewaySettings {
+    /// The loopback address it listens on.
+    pub addr: std::net::SocketAddr,
+    /// Further agent tokens accepted besides `Z4J_TOKEN`, one per line;
+    /// read again at each handshake, so a change needs no restart.
+    pub tokens_file: Option<PathBuf>,
+    /// Most agent connections at once.
+    pub max_connections: usize,
 }
 
 /// Settings of the uplink that SIGHUP may change.
@@ -149,6 +162,8 @@ pub struct Config {
     pub log_level: String,
     /// Where to serve metrics and health, if anywhere.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// The gateway for z4j agents, when `Z4J_GATEWAY_ADDR` is set.
+    pub gateway: Option<GatewaySettings>,
     /// The environment this was resolved against.
     pub host: HostEnv,
     /// The listening socket systemd passed (socket activation), if any;
@@ -260,6 +275,7 @@ impl Options {
         let socket_path = s.get(&SOCKET_PATH)?;
         check_socket_path(socket_path.as_deref(), &host)?;
         let metrics_addr = metrics_addr(&s)?;
+        let gateway = gateway_settings(&s)?;
         Ok(Config {
             uplink: UplinkSettings {
                 endpoint,
@@ -292,6 +308,7 @@ impl Options {
             log_format,
             log_level,
             metrics_addr,
+            gateway,
             host,
             activated: None,
             watchdog: None,
@@ -377,6 +394,25 @@ impl SpoolSettings {
 }
 
 /// Where to serve metrics, if anywhere: loopback unless allowed beyond.
+/// The gateway's settings; its tokens file is read now, so a file that
+/// cannot be used stops the start with an error that says why.
+fn gateway_settings(s: &Sources) -> Result<Option<GatewaySettings>, ConfigError> {
+    let tokens_file = s.get(&GATEWAY_TOKENS_FILE)?;
+    let max_connections = s.get(&GATEWAY_MAX_CONNECTIONS)?;
+    let Some(addr) = s.get(&GATEWAY_ADDR)? else {
+        return Ok(None);
+    };
+    let addr = endpoints::parse_gateway_addr(addr.trim())?;
+    if let Some(path) = &tokens_file {
+        gateway_tokens::read(path).map_err(|e| ConfigError::new(GATEWAY_TOKENS_FILE.key.env, e))?;
+    }
+    Ok(Some(GatewaySettings {
+        addr,
+        tokens_file,
+        max_connections,
+    }))
+}
+
 fn metrics_addr(s: &Sources) -> Result<Option<std::net::SocketAddr>, ConfigError> {
     let allow_remote = s.get(&METRICS_ALLOW_REMOTE)?;
     match s.get(&METRICS_ADDR)? {

@@ -716,7 +716,8 @@ fn the_config_file_is_refused_whole_in_serdes_words() {
          `buffer_synchronous`, `socket_path`, `socket_mode`, `allowed_uids`, \
          `allowed_gids`, `max_clients`, `batch_max_events`, `inflight_frames`, \
          `ack_timeout_seconds`, `shutdown_grace_seconds`, `restart_grace_seconds`, \
-         `log_format`, `log_level`, `metrics_addr`, `metrics_allow_remote`"
+         `log_format`, `log_level`, `metrics_addr`, `metrics_allow_remote`, \
+         `gateway_addr`, `gateway_tokens_file`, `gateway_max_connections`"
     );
     assert_eq!(
         refused("log_level = 5\n"),

@@ -67,6 +67,13 @@ impl Ingest {
         };
         let mut tasks = JoinSet::new();
         tasks.spawn(self.clone().release_memory_after_bursts(shutdown.clone()));
+        let gateway = self.gateway.lock().unwrap().take();
+        if let Some((listener, gateway)) = gateway {
+            tasks.spawn(
+                self.clone()
+                    .serve_gateway(listener, gateway, shutdown.clone()),
+            );
+        }
         let mut failures = AcceptFailures::default();
         let pause = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(pause);

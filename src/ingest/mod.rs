@@ -35,6 +35,7 @@ pub mod budget;
 mod connection;
 pub mod decision;
 pub mod framing;
+pub mod gateway;
 pub mod handler;
 mod health;
 pub mod replies;
@@ -115,6 +116,9 @@ pub struct Ingest {
     released: tokio::sync::Notify,
     /// How many times that happened.
     releases: AtomicU64,
+    /// The gateway's listener, served by [`Ingest::serve`] beside the
+    /// socket once set ([`Ingest::add_gateway`]).
+    gateway: std::sync::Mutex<Option<(tokio::net::TcpListener, Arc<gateway::Gateway>)>>,
 }
 
 /// Input a connection buffers on its own: every message up to this size,
@@ -150,6 +154,7 @@ impl Ingest {
             messages,
             released: tokio::sync::Notify::new(),
             releases: AtomicU64::new(0),
+            gateway: std::sync::Mutex::new(None),
             config,
             spool,
             stats,
@@ -158,6 +163,17 @@ impl Ingest {
             router,
             in_flight: Arc::new(Semaphore::new(IN_FLIGHT_KIB)),
         })
+    }
+
+    /// Serves the gateway on `listener` too, from [`Ingest::serve`] on:
+    /// its sessions then finish with the socket's connections at shutdown.
+    pub fn add_gateway(&self, listener: tokio::net::TcpListener, gateway: Arc<gateway::Gateway>) {
+        *self.gateway.lock().unwrap() = Some((listener, gateway));
+    }
+
+    /// The daemon's counters.
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
     }
 
     /// The limits every message of this daemon is handled under.

@@ -94,7 +94,7 @@ impl QueuedBytes {
     }
 
     /// The writer took a reply of `len` bytes.
-    fn taken(&self, len: usize) {
+    pub(super) fn taken(&self, len: usize) {
         self.class(len).fetch_sub(len, Ordering::AcqRel);
     }
 

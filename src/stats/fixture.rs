@@ -13,6 +13,14 @@ pub(crate) fn stats() -> Stats {
     let s = Stats::new();
     let t0 = Instant::now();
     s.sample_at(t0, 0);
+    s.gateway.listening("127.0.0.1:7700".into());
+    s.gateway.session_opened();
+    s.gateway.session_opened();
+    s.gateway.session_closed();
+    s.gateway.frame();
+    s.gateway.closed(4401);
+    s.gateway.closed(4403);
+    s.gateway.closed(4401);
     let counters: [(&AtomicU64, u64); 21] = [
         (&s.events_received, 1001),
         (&s.events_forwarded, 902),

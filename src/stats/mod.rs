@@ -22,11 +22,13 @@ use serde::{Deserialize, Serialize};
 use crate::clients::{Advertisement, ClientRegistry};
 use crate::spool::SpoolStats;
 
+mod gateway;
 mod health;
 mod heartbeat;
 mod snapshot;
 mod telemetry;
 
+pub use gateway::{GatewayCounters, GatewayReport};
 pub use health::{ClientHealth, EngineReport, HealthCounters, HealthCounts, WorkerReport};
 pub use heartbeat::{
     add_adapter_health, add_agent_identity, add_telemetry_loss, AGENT_STATUS_ENGINES_MAX,
@@ -234,6 +236,8 @@ pub struct Stats {
     pub clients: ClientRegistry,
     /// Health reports received, refused and expired, and what heartbeats cut.
     pub health: HealthCounters,
+    /// The gateway's connections of local z4j agents.
+    pub gateway: GatewayCounters,
     refused: Mutex<BTreeMap<&'static str, u64>>,
     failures: Mutex<BTreeMap<&'static str, u64>>,
     uplink: Mutex<UplinkStatus>,
@@ -299,6 +303,7 @@ impl Stats {
             }),
             clients: ClientRegistry::new(),
             health: HealthCounters::default(),
+            gateway: GatewayCounters::default(),
             info: Mutex::new(DaemonInfo::default()),
             samples: Mutex::new(VecDeque::new()),
         }

@@ -155,6 +155,8 @@ pub struct Snapshot {
     /// Health reports by outcome and what heartbeats cut (`None` only from
     /// a daemon that did not send them).
     pub health: Option<HealthCounts>,
+    /// The gateway for local z4j agents (`None` when it is off).
+    pub gateway: Option<super::GatewayReport>,
     /// Local clients connected.
     pub clients: u64,
     /// Each of them.
@@ -433,6 +435,7 @@ impl Snapshot {
         self.contract_rehellos = load(&st.contract_rehellos);
         self.producer_waits = load(&st.producer_waits);
         self.metrics_connections = load(&st.metrics_connections);
+        self.gateway = st.gateway.report();
         self.metrics_refused_by_reason = MetricsRefused {
             limit: load(&st.metrics_refused_limit),
             timeout: load(&st.metrics_refused_timeout),

@@ -117,7 +117,8 @@ impl Uplink {
         };
         tracing::Span::current().record("session_id", ack.session_id.as_str());
         let streaks = self.record_connected(&settings, &ack, &advertised, line);
-        self.remember_acknowledged(&advertised, &settings).await;
+        self.remember_acknowledged(&advertised, &settings, &ack)
+            .await;
         warn_clock_skew(ack.clock_skew_seconds);
         let mut session = BrainSession::new(self, &settings, ws, ack, advertised);
         session.scheduler_holders = holders;
@@ -194,12 +195,22 @@ impl Uplink {
     /// Remembers what the brain acknowledged for the next start. The file
     /// is fsynced: done on a blocking thread so a slow disk does not hold
     /// up this runtime's other tasks (awaited, so two writes never race).
-    async fn remember_acknowledged(&self, advertised: &Advertisement, settings: &UplinkSettings) {
+    async fn remember_acknowledged(
+        &self,
+        advertised: &Advertisement,
+        settings: &UplinkSettings,
+        ack: &HelloAck,
+    ) {
         let stats = self.stats.clone();
         let advertised = advertised.clone();
         let identity = advertised_to(settings);
+        let brain = crate::clients::BrainIdentity {
+            agent_id: ack.agent_id.clone(),
+            project_id: ack.project_id.clone(),
+            brain_version: ack.brain_version.clone(),
+        };
         let done = tokio::task::spawn_blocking(move || {
-            stats.clients.acknowledged(&advertised, &identity);
+            stats.clients.acknowledged(&advertised, &identity, &brain);
         })
         .await;
         if let Err(e) = done {

@@ -31,6 +31,44 @@ fn before() -> Advertisement {
     }
 }
 
+fn brain() -> BrainIdentity {
+    BrainIdentity {
+        agent_id: "ea12aefd-04ac-43d0-af34-08b77434f37a".into(),
+        project_id: "817e2571-38a5-4109-92c2-612c66108836".into(),
+        brain_version: "1.13.0".into(),
+    }
+}
+
+#[test]
+fn the_brains_identity_is_remembered_with_the_advertisement() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("adv.json");
+    write(&path, &before(), &identity(), None).unwrap();
+    let (file, read) = AdvertisementFile::open(path.clone(), identity());
+    assert_eq!(
+        read.unwrap(),
+        Some(before()),
+        "a file without it still reads"
+    );
+    assert_eq!(file.brain(), None);
+    let r = ClientRegistry::default();
+    r.remember_from(
+        path.clone(),
+        identity(),
+        Duration::from_secs(60),
+        &Advertisement::default(),
+    );
+    r.acknowledged(&before(), &identity(), &brain());
+    assert_eq!(r.remembered_brain(), Some(brain()));
+    let (again, _) = AdvertisementFile::open(path.clone(), identity());
+    assert_eq!(again.brain(), Some(&brain()), "read back at the next start");
+    let mut other = identity();
+    other.agent = "another token".into();
+    let (moved, read) = AdvertisementFile::open(path, other);
+    assert!(read.is_err());
+    assert_eq!(moved.brain(), None, "not for another agent token");
+}
+
 fn identity() -> Identity {
     Identity::new("http://brain:7700", "agentd-a", "token-one")
 }
@@ -58,7 +96,7 @@ fn signalled(r: &ClientRegistry) -> bool {
 fn restarted_with(adv: &Advertisement, grace: Duration) -> (ClientRegistry, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("buffer.sqlite.advertisement.json");
-    write(&path, adv, &identity()).unwrap();
+    write(&path, adv, &identity(), None).unwrap();
     let r = ClientRegistry::new();
     r.remember_from(path, identity(), grace, &Advertisement::default());
     (r, dir)
@@ -168,15 +206,15 @@ fn a_zero_grace_remembers_nothing_but_still_writes() {
         engines: strings(&["rq"]),
         ..Advertisement::default()
     };
-    r.acknowledged(&new, &identity());
-    assert_eq!(read(&path, &identity()).unwrap(), Some(new));
+    r.acknowledged(&new, &identity(), &brain());
+    assert_eq!(read(&path, &identity()).unwrap().map(|h| h.0), Some(new));
 }
 
 #[test]
 fn the_configuration_is_not_reported_as_remembered() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("a.json");
-    write(&path, &before(), &identity()).unwrap();
+    write(&path, &before(), &identity(), None).unwrap();
     let r = ClientRegistry::new();
     let configured = Advertisement::configured(
         &[],
@@ -193,6 +231,7 @@ fn an_unusable_file_is_ignored_and_start_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("a.json");
     let good = serde_json::to_value(Stored {
+        brain: None,
         format: FORMAT,
         identity: identity(),
         written_at: "2026-12-01T10:00:00.000000Z".into(),
@@ -248,8 +287,12 @@ fn an_unusable_file_is_ignored_and_start_goes_on() {
         assert!(until.is_none(), "{what}: ignored");
         assert_eq!(live(&r), Advertisement::default(), "{what}");
         // It is replaced by the next acknowledged advertisement.
-        r.acknowledged(&before(), &identity());
-        assert_eq!(read(&path, &identity()).unwrap(), Some(before()), "{what}");
+        r.acknowledged(&before(), &identity(), &brain());
+        assert_eq!(
+            read(&path, &identity()).unwrap().map(|h| h.0),
+            Some(before()),
+            "{what}"
+        );
     }
     // The good one is used.
     std::fs::write(&path, serde_json::to_vec(&good).unwrap()).unwrap();
@@ -295,7 +338,10 @@ fn the_file_is_written_only_when_what_was_acknowledged_changed() {
         ..Advertisement::default()
     };
     assert!(f.acknowledged(&fewer, &identity()), "changed: written");
-    assert_eq!(read(&path, &identity()).unwrap(), Some(fewer.clone()));
+    assert_eq!(
+        read(&path, &identity()).unwrap().map(|h| h.0),
+        Some(fewer.clone())
+    );
     let other = Identity::new("http://brain:7700", "agentd-a", "token-two");
     assert!(f.acknowledged(&fewer, &other), "another agent: written");
     assert!(
@@ -318,7 +364,7 @@ fn the_token_is_not_in_the_file() {
     let path = dir.path().join("a.json");
     let token = "a-very-secret-agent-token-value";
     let id = Identity::new("http://brain:7700", "agentd-a", token);
-    write(&path, &before(), &id).unwrap();
+    write(&path, &before(), &id, None).unwrap();
     let text = std::fs::read_to_string(&path).unwrap();
     assert!(!text.contains(token));
     assert_ne!(id.agent, identity().agent, "tokens told apart");
@@ -329,7 +375,7 @@ fn an_acknowledgement_for_another_brain_forgets_what_was_remembered() {
     let (r, _dir) = restarted_with(&before(), Duration::from_secs(60));
     while signalled(&r) {}
     let other = Identity::new("http://other:7700", "agentd-a", "token-one");
-    r.acknowledged(&before(), &other);
+    r.acknowledged(&before(), &other, &brain());
     assert!(r.remembered_report().is_none());
     assert!(signalled(&r), "the advertisement shrank");
     assert_eq!(live(&r), Advertisement::default());
@@ -424,7 +470,7 @@ fn the_file_is_written_without_holding_the_memory() {
                 engines: strings(&["rq"]),
                 ..Advertisement::default()
             };
-            r.acknowledged(&fewer, &identity());
+            r.acknowledged(&fewer, &identity(), &brain());
         })
     };
     // Give it time to reach the write.
@@ -452,13 +498,16 @@ fn once_stopping_the_processes_the_stop_closes_stay_advertised() {
     r.connected(2, ClientInfo::default());
     r.declared(2, worker("celery", &["cancel_task"]), Arc::new(Sink));
     let before_stop = live(&r);
-    r.acknowledged(&before_stop, &identity());
+    r.acknowledged(&before_stop, &identity(), &brain());
     r.stopping();
     assert!(r.is_stopping());
     r.disconnected(1);
     // A hello said during the stop still carries it, so what the brain
     // acknowledges then leaves the file as it was.
     assert_eq!(live(&r), before_stop);
-    r.acknowledged(&live(&r), &identity());
-    assert_eq!(read(&path, &identity()).unwrap(), Some(before_stop));
+    r.acknowledged(&live(&r), &identity(), &brain());
+    assert_eq!(
+        read(&path, &identity()).unwrap().map(|h| h.0),
+        Some(before_stop)
+    );
 }
