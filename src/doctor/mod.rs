@@ -32,6 +32,7 @@ mod brain_reply;
 mod clock;
 mod config;
 mod dns;
+mod gateway;
 mod runner;
 mod socket;
 mod spool;
@@ -176,10 +177,11 @@ impl Probe {
 }
 
 /// The probe names, in order.
-pub const PROBES: [&str; 8] = [
+pub const PROBES: [&str; 9] = [
     "config",
     "buffer_path",
     "socket",
+    "gateway",
     "dns",
     "tcp",
     "tls",
@@ -345,6 +347,24 @@ pub async fn run(options: &Options, host: HostEnv, websocket: bool) -> Report {
         .probe("socket", || socket::plan(&config, &socket_path))
         .await
         .unwrap_or_default();
+    match config.gateway.as_ref().map(|g| g.addr) {
+        Some(addr) => {
+            let timed_out = Finding::fail(
+                format!(
+                    "the gateway on {addr} did not finish the handshake within {}s",
+                    gateway::TIMEOUT.as_secs()
+                ),
+                "the daemon may be stuck: check its log and restart it",
+            );
+            runner
+                .probe("gateway", || {
+                    Plan::new(async { (gateway::check(&config, addr, &daemon).await, ()) })
+                        .within(gateway::TIMEOUT, timed_out)
+                })
+                .await;
+        }
+        None => runner.skip("gateway", "skipped: Z4J_GATEWAY_ADDR is not set"),
+    }
     let target = Target::of(&config);
     let addrs = runner
         .probe("dns", || dns::plan(&target))

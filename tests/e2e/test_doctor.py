@@ -17,7 +17,7 @@ import secrets
 from brain import free_port
 from harness import SEND_JSONL, Client, brain_db, hexid, run_agentd, wait_for
 
-PROBES = ["config", "buffer_path", "socket", "dns", "tcp", "tls", "websocket", "clock"]
+PROBES = ["config", "buffer_path", "socket", "gateway", "dns", "tcp", "tls", "websocket", "clock"]
 STATUSES = {"ok", "warn", "fail", "skip"}
 CONFIG_KEYS = {"brain_url", "project_id", "agent_name", "worker_id", "buffer_path", "socket_path", "transport"}
 _CODE_4002 = re.compile(r"(?<![\w/.-])4002(?![\w/.-])")

@@ -212,7 +212,7 @@ async fn a_stopped_brain_fails_tcp() {
     drop(dead);
     let r = run_alone(options(&url), true).await;
     assert_eq!(
-        statuses(&r)[3..],
+        statuses(&r)[4..],
         [
             ("dns", ProbeStatus::Ok),
             ("tcp", ProbeStatus::Fail),
