@@ -18,6 +18,8 @@ pub(crate) fn stats() -> Stats {
     s.gateway.session_opened();
     s.gateway.session_closed();
     s.gateway.frame();
+    s.gateway.frame();
+    s.gateway.event_batch();
     s.gateway.closed(4401);
     s.gateway.closed(4403);
     s.gateway.closed(4401);

@@ -18,6 +18,8 @@ pub struct GatewayCounters {
     sessions: AtomicU64,
     /// Frames received from local agents, verified or not.
     frames: AtomicU64,
+    /// `event_batch` frames among them that passed verification.
+    event_batches: AtomicU64,
     /// Connections the gateway closed, by the close code sent.
     closed: Mutex<BTreeMap<u16, u64>>,
 }
@@ -34,6 +36,9 @@ pub struct GatewayReport {
     pub sessions: u64,
     /// Frames received from local agents.
     pub frames_received: u64,
+    /// Verified `event_batch` frames among them (compare with the frames
+    /// the daemon sends the brain: `z4j_agentd_brain_ack_latency_seconds_count`).
+    pub event_batches_received: u64,
     /// Connections the gateway closed, by close code (e.g. `"4401"`).
     pub closed_by_code: BTreeMap<String, u64>,
 }
@@ -60,6 +65,11 @@ impl GatewayCounters {
         self.frames.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A verified `event_batch` arrived.
+    pub fn event_batch(&self) {
+        self.event_batches.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The gateway closed a connection with `code`.
     pub fn closed(&self, code: u16) {
         *self.closed.lock().unwrap().entry(code).or_default() += 1;
@@ -73,6 +83,7 @@ impl GatewayCounters {
             connections: self.open.load(Ordering::Relaxed),
             sessions: self.sessions.load(Ordering::Relaxed),
             frames_received: self.frames.load(Ordering::Relaxed),
+            event_batches_received: self.event_batches.load(Ordering::Relaxed),
             closed_by_code: self
                 .closed
                 .lock()

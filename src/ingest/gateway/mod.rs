@@ -27,6 +27,8 @@ mod peer;
 mod session;
 pub mod translate;
 
+pub use handshake::PATH;
+
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -320,6 +320,9 @@ impl Connection<'_> {
                 return Some(Ending::Now(1011, e.to_string()));
             }
         };
+        if frame.frame_type == "event_batch" {
+            stats.gateway.event_batch();
+        }
         let limits = self.ingest.limits();
         match translate::inbound(frame) {
             Inbound::Local(v) => self.apply(handle(v, &limits, now)).await,
