@@ -202,7 +202,11 @@ fn run(options: Options) -> ExitCode {
         Some(_) => crate::metrics::MAX_CONNECTIONS + 1,
         None => 0,
     };
-    crate::ingest::raise_fd_limit(config.max_clients, metrics_connections);
+    // The gateway's agents, and the refusals it answers at once beyond them.
+    let gateway_connections = config.gateway.as_ref().map_or(0, |g| {
+        g.max_connections + crate::ingest::gateway::REFUSALS_IN_FLIGHT
+    });
+    crate::ingest::raise_fd_limit(config.max_clients, metrics_connections, gateway_connections);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

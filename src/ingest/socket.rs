@@ -101,7 +101,11 @@ pub const FD_MARGIN: u64 = 64;
 /// `metrics_connections` (what the metrics listener may hold; 0 when it is
 /// off) plus [`FD_MARGIN`]. Returns the soft limit now in force (`None`:
 /// unlimited).
-pub fn raise_fd_limit(max_clients: usize, metrics_connections: usize) -> Option<u64> {
+pub fn raise_fd_limit(
+    max_clients: usize,
+    metrics_connections: usize,
+    gateway_connections: usize,
+) -> Option<u64> {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
     let before = getrlimit(Resource::Nofile);
     let mut limit = before.current;
@@ -124,11 +128,20 @@ pub fn raise_fd_limit(max_clients: usize, metrics_connections: usize) -> Option<
         hard = %show(before.maximum),
         "limit on open files (RLIMIT_NOFILE)"
     );
-    if let Some(needed) = fd_shortfall(limit, max_clients, metrics_connections) {
-        let metrics = match metrics_connections {
+    if let Some(needed) = fd_shortfall(
+        limit,
+        max_clients,
+        metrics_connections + gateway_connections,
+    ) {
+        let mut metrics = match metrics_connections {
             0 => String::new(),
             n => format!(" + {n} for the metrics listener (Z4J_METRICS_ADDR)"),
         };
+        if gateway_connections > 0 {
+            metrics.push_str(&format!(
+                " + {gateway_connections} for the gateway (Z4J_GATEWAY_MAX_CONNECTIONS)"
+            ));
+        }
         tracing::warn!(
             limit = %show(limit),
             max_clients,

@@ -55,7 +55,7 @@ const MAX_SUSPECTS: usize = 1024;
 const MAX_LOSS_BUFFERS: usize = 1024;
 /// Connections refused for the cap that are still given their close code
 /// at once; beyond, they are dropped.
-const REFUSALS_IN_FLIGHT: usize = 32;
+pub const REFUSALS_IN_FLIGHT: usize = 32;
 
 /// A token's SHA-256 digest: what the gateway compares and remembers.
 type TokenDigest = [u8; 32];
