@@ -282,7 +282,6 @@ fn render_counts(o: &mut String, s: &Snapshot) {
 
 /// The connected clients (marking the one asking) and the engines.
 fn render_clients(o: &mut String, s: &Snapshot) {
-    let _ = writeln!(o, "clients:  {} connected on {}", s.clients, s.socket_path);
     if let Some(g) = &s.gateway {
         let closed: Vec<String> = g
             .closed_by_code
@@ -299,6 +298,7 @@ fn render_clients(o: &mut String, s: &Snapshot) {
             if closed.is_empty() { "none".to_string() } else { closed.join(", ") }
         );
     }
+    let _ = writeln!(o, "clients:  {} connected on {}", s.clients, s.socket_path);
     let me = i64::from(std::process::id());
     for c in &s.client_list {
         let this = if c.pid == Some(me) {
