@@ -186,6 +186,40 @@ fn metrics_listener_is_off_by_default_and_loopback_only() {
 }
 
 #[test]
+fn the_gateway_is_off_by_default_and_listens_on_loopback_only() {
+    assert!(base().resolve(host()).unwrap().gateway.is_none());
+    let o = Options {
+        gateway_addr: Some("localhost:7700".into()),
+        ..base()
+    };
+    let g = o.resolve(host()).unwrap().gateway.expect("gateway on");
+    assert_eq!(g.addr, "127.0.0.1:7700".parse().unwrap());
+    assert_eq!(g.max_connections, 256);
+    assert_eq!(g.tokens_file, None);
+    for addr in ["0.0.0.0:7700", "[::]:7700", "192.0.2.10:7700"] {
+        let o = Options {
+            gateway_addr: Some(addr.into()),
+            ..base()
+        };
+        let e = o.resolve(host()).unwrap_err();
+        assert_eq!(e.key, "Z4J_GATEWAY_ADDR", "{addr}");
+        assert!(
+            e.message.contains("not a loopback address") && e.message.contains("127.0.0.1:<port>"),
+            "{addr}: {}",
+            e.message
+        );
+        assert!(e.to_string().contains("Z4J_GATEWAY_ADDR"), "{e}");
+    }
+    let o = Options {
+        gateway_addr: Some("7700".into()),
+        ..base()
+    };
+    let e = o.resolve(host()).unwrap_err();
+    assert_eq!(e.key, "Z4J_GATEWAY_ADDR");
+    assert!(e.message.contains("127.0.0.1:7700"), "{}", e.message);
+}
+
+#[test]
 fn static_capabilities_from_the_environment_or_the_file() {
     let o = Options {
         capabilities: Some("celery:cancel_task, retry_task; rq:cancel_task".into()),

@@ -13,6 +13,7 @@ mod cli;
 mod commands;
 mod config_files;
 mod doctor;
+mod gateway;
 mod ingest_crowd;
 mod ingest_limits;
 mod metrics_listener;

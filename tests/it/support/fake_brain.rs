@@ -25,6 +25,10 @@ use z4j_agentd::protocol::{self, SessionBinding, Signer, SigningKey, Value, Veri
 pub const SECRET: &str = "mVtpP-Iz85lBRJdiBbQ9KzZo4cCi7lxIHt-j7T6yOGU=";
 /// The token the fake accepts.
 pub const TOKEN: &str = "fake-token-0123456789";
+/// The agent id its `hello_ack` gives.
+pub const AGENT_ID: &str = "ea12aefd-04ac-43d0-af34-08b77434f37a";
+/// The project id its `hello_ack` gives.
+pub const PROJECT_ID: &str = "817e2571-38a5-4109-92c2-612c66108836";
 
 /// What the fake does wrong, and when.
 #[derive(Debug, Clone, Default)]
@@ -114,6 +118,8 @@ pub struct FakeBrain {
     pub seen: Arc<Seen>,
     commands: tokio::sync::broadcast::Sender<(String, Value)>,
     behavior: Arc<Mutex<Behavior>>,
+    /// The accepting task: aborted by [`FakeBrain::stop`].
+    accepting: tokio::task::AbortHandle,
 }
 
 impl FakeBrain {
@@ -128,7 +134,7 @@ impl FakeBrain {
         let s = seen.clone();
         let (commands, _) = tokio::sync::broadcast::channel(64);
         let cmds = commands.clone();
-        tokio::spawn(async move {
+        let accepting = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     return;
@@ -143,12 +149,29 @@ impl FakeBrain {
                     cmds.subscribe(),
                 ));
             }
-        });
+        })
+        .abort_handle();
         FakeBrain {
             url,
             seen,
             commands,
             behavior: shared,
+            accepting,
+        }
+    }
+
+    /// Stops listening: from now on its port refuses connections (a brain
+    /// that is down). Sessions already open are not closed.
+    pub async fn stop(&self) {
+        self.accepting.abort();
+        let addr = self.url.trim_start_matches("http://").to_string();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(&addr).await.is_ok() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the fake brain still accepts on {addr}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     }
 
@@ -235,8 +258,8 @@ async fn serve(
         return;
     }
     let binding = SessionBinding::new(
-        "ea12aefd-04ac-43d0-af34-08b77434f37a",
-        "817e2571-38a5-4109-92c2-612c66108836",
+        AGENT_ID,
+        PROJECT_ID,
         format!("00000000-0000-4000-8000-{conn_no:012}"),
     );
     let mut ack = Value::empty_map();

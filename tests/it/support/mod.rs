@@ -41,6 +41,8 @@ pub struct TestDaemon {
     pub spool: PathBuf,
     pub stats: Arc<Stats>,
     pub metrics: Option<std::net::SocketAddr>,
+    /// Where the gateway for z4j agents listens, when enabled.
+    pub gateway: Option<std::net::SocketAddr>,
     pub host: HostEnv,
     pub shutdown: CancellationToken,
     pub task: JoinHandle<Result<(), DaemonError>>,
@@ -115,6 +117,7 @@ async fn launch(mut opts: Options, dir: DaemonDir, prepare: impl FnOnce(&Path)) 
         spool: ready.spool_path,
         stats: ready.stats,
         metrics: ready.metrics_addr,
+        gateway: ready.gateway_addr,
         host,
         shutdown,
         task,
