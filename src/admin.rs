@@ -290,9 +290,9 @@ fn render_clients(o: &mut String, s: &Snapshot) {
             .collect();
         let _ = writeln!(
             o,
-            "gateway:  {} z4j agents connected on {} ({} sessions, {} frames since start; closed by code: {})",
-            g.connections,
+            "gateway:  {}: z4j agent sessions open {}, since start {}; frames received {}; closed by code: {}",
             g.addr,
+            g.connections,
             g.sessions,
             g.frames_received,
             if closed.is_empty() { "none".to_string() } else { closed.join(", ") }

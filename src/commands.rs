@@ -670,7 +670,7 @@ fn parse_answer(_id: &str, msg: &Value) -> Result<(bool, Value, Option<String>),
 }
 
 mod held;
-mod purge;
+pub mod purge;
 mod route;
 
 #[cfg(test)]

@@ -47,7 +47,7 @@ fn queue(cmd: &Command) -> Option<&str> {
 }
 
 /// The token for `queue` at `depth` under `key`.
-pub(super) fn token(key: &SigningKey, queue: &str, depth: u64) -> String {
+pub fn token(key: &SigningKey, queue: &str, depth: u64) -> String {
     mac_hex(key, format!("purge|{queue}|{depth}").as_bytes())
 }
 

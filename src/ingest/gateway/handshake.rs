@@ -9,7 +9,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use time::OffsetDateTime;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
@@ -31,7 +31,7 @@ pub(super) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The path z4j agents connect to.
 pub const PATH: &str = "/ws/agent";
 
-/// An agent past its `hello_ack`.
+/// An agent whose `hello` was accepted.
 pub(super) struct Established {
     pub(super) ws: AgentWs,
     pub(super) token: TokenDigest,
@@ -41,6 +41,9 @@ pub(super) struct Established {
     pub(super) worker_id: String,
     /// The session as both sides sign it.
     pub(super) binding: SessionBinding,
+    /// The `hello_ack` to send, once the agent is registered: commands
+    /// for it may follow at once.
+    pub(super) hello_ack: Vec<u8>,
 }
 
 fn ws_config() -> WebSocketConfig {
@@ -222,8 +225,9 @@ fn hello_ack(binding: &SessionBinding, brain_version: &str) -> Vec<u8> {
     out
 }
 
-/// The handshake of one connection: its agent, past `hello_ack`, or
-/// `None` (closed with the code that says why).
+/// The handshake of one connection: its agent, whose `hello` is accepted
+/// (the session sends the `hello_ack`), or `None` (closed with the code
+/// that says why).
 pub(super) async fn establish(
     stream: TcpStream,
     peer: SocketAddr,
@@ -299,19 +303,14 @@ pub(super) async fn establish(
         return None;
     };
     let binding = SessionBinding::new(agent_id, project_id, uuid::Uuid::new_v4().to_string());
-    if ws
-        .send(Message::Binary(hello_ack(&binding, &brain_version).into()))
-        .await
-        .is_err()
-    {
-        return None;
-    }
+    let hello_ack = hello_ack(&binding, &brain_version);
     Some(Established {
         ws,
         token,
         hello,
         worker_id,
         binding,
+        hello_ack,
     })
 }
 

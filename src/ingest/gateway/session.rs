@@ -41,7 +41,7 @@ use crate::ingest::framing::Framing;
 use crate::ingest::handler::handle;
 use crate::ingest::replies::{QueuedBytes, Replies, ReplyQueue};
 use crate::ingest::{Ingest, MAX_PENDING_APPENDS};
-use crate::protocol::{new_nonce, Signer, Value, Verifier, VerifyError};
+use crate::protocol::{new_nonce, Signer, SigningKey, Value, Verifier, VerifyError};
 use crate::spool::SpoolError;
 use crate::stats::Stats;
 
@@ -99,22 +99,13 @@ impl Ingest {
             hello,
             worker_id,
             binding,
+            hello_ack,
         } = est;
         let key = gateway.uplink.borrow().key.clone();
         let (sink, mut frames) = ws.split();
         let (reply_tx, reply_rx) = ReplyQueue::new();
+        let queued = reply_tx.queued.clone();
         let (end_tx, end_rx) = watch::channel(Ending::Open);
-        let writer = tokio::spawn(
-            write_frames(
-                sink,
-                reply_rx,
-                reply_tx.queued.clone(),
-                Signer::new(key.clone(), binding.clone()),
-                end_rx,
-                self.stats.clone(),
-            )
-            .instrument(Span::current()),
-        );
         let pid = hello
             .get("worker_pid")
             .and_then(Value::as_i64)
@@ -161,6 +152,18 @@ impl Ingest {
             OffsetDateTime::now_utc(),
         );
         conn.apply(registered).await;
+        // The agent hears its `hello_ack` only now that it is registered:
+        // a command for it can come at once.
+        let writer = Writer {
+            sink,
+            rx: reply_rx,
+            queued,
+            signer: Signer::new(key.clone(), binding.clone()),
+            key: key.clone(),
+            end: end_rx,
+            stats: self.stats.clone(),
+        };
+        let writer = tokio::spawn(writer.run(hello_ack).instrument(Span::current()));
         let mut reader = Reader {
             verifier: Verifier::new(key, binding),
             gateway: &gateway,
@@ -349,65 +352,86 @@ impl Connection<'_> {
     }
 }
 
-/// Writes the connection's queued replies as signed frames until the
-/// session ends, then the close frame, if any.
-async fn write_frames(
-    mut sink: SplitSink<AgentWs, Message>,
-    mut rx: mpsc::Receiver<Vec<u8>>,
+/// The writing side of a session.
+struct Writer {
+    sink: SplitSink<AgentWs, Message>,
+    /// The connection's reply queue.
+    rx: mpsc::Receiver<Vec<u8>>,
     queued: Arc<QueuedBytes>,
-    mut signer: Signer,
-    mut end: watch::Receiver<Ending>,
+    /// Signs for this session.
+    signer: Signer,
+    /// The project's key (purge confirmations).
+    key: SigningKey,
+    /// How the session ends.
+    end: watch::Receiver<Ending>,
     stats: Arc<Stats>,
-) {
-    let mut failed = false;
-    loop {
-        tokio::select! {
-            biased;
-            changed = end.changed() => {
-                if changed.is_err() || matches!(*end.borrow(), Ending::Now(..)) {
-                    break;
+}
+
+impl Writer {
+    /// Writes `hello_ack`, then the connection's queued replies as signed
+    /// frames until the session ends, then the close frame, if any.
+    async fn run(self, hello_ack: Vec<u8>) {
+        let Writer {
+            mut sink,
+            mut rx,
+            queued,
+            mut signer,
+            key,
+            mut end,
+            stats,
+        } = self;
+        // Before anything the registration queued (a command held for one of
+        // its engines).
+        let mut failed = sink.send(Message::Binary(hello_ack.into())).await.is_err();
+        loop {
+            tokio::select! {
+                biased;
+                changed = end.changed() => {
+                    if changed.is_err() || matches!(*end.borrow(), Ending::Now(..)) {
+                        break;
+                    }
                 }
+                bytes = rx.recv() => match bytes {
+                    None => break,
+                    Some(b) => {
+                        queued.taken(b.len());
+                        if failed {
+                            continue;
+                        }
+                        if let Some(frame) = signed_frame(&b, &mut signer, &key) {
+                            failed = sink.send(Message::Binary(frame.into())).await.is_err();
+                        }
+                    }
+                },
             }
-            bytes = rx.recv() => match bytes {
-                None => break,
-                Some(b) => {
-                    queued.taken(b.len());
-                    if failed {
-                        continue;
-                    }
-                    if let Some(frame) = signed_frame(&b, &mut signer) {
-                        failed = sink.send(Message::Binary(frame.into())).await.is_err();
-                    }
-                }
-            },
         }
+        let ending = loop {
+            let e = end.borrow_and_update().clone();
+            if e != Ending::Open {
+                break e;
+            }
+            if end.changed().await.is_err() {
+                break Ending::Gone;
+            }
+        };
+        if let Ending::Now(code, reason) | Ending::After(code, reason) = ending {
+            stats.gateway.closed(code);
+            let reason: String = crate::refusal::truncate_chars(&reason, 120).to_string();
+            let _ = sink
+                .send(Message::Close(Some(CloseFrame {
+                    code: CloseCode::from(code),
+                    reason: reason.into(),
+                })))
+                .await;
+        }
+        let _ = sink.close().await;
     }
-    let ending = loop {
-        let e = end.borrow_and_update().clone();
-        if e != Ending::Open {
-            break e;
-        }
-        if end.changed().await.is_err() {
-            break Ending::Gone;
-        }
-    };
-    if let Ending::Now(code, reason) | Ending::After(code, reason) = ending {
-        stats.gateway.closed(code);
-        let reason: String = crate::refusal::truncate_chars(&reason, 120).to_string();
-        let _ = sink
-            .send(Message::Close(Some(CloseFrame {
-                code: CloseCode::from(code),
-                reason: reason.into(),
-            })))
-            .await;
-    }
-    let _ = sink.close().await;
 }
 
 /// A queued reply (length-prefixed MessagePack) as the signed frame the
 /// brain would send, if it has one; `error` replies are logged instead
 /// (they are counted where they were decided).
-fn signed_frame(queued: &[u8], signer: &mut Signer) -> Option<Vec<u8>> {
+fn signed_frame(queued: &[u8], signer: &mut Signer, key: &SigningKey) -> Option<Vec<u8>> {
     let reply: Value = rmp_serde::from_slice(queued.get(4..)?).ok()?;
     if reply.get("type").and_then(Value::as_str) == Some("error") {
         let code = reply.get("code").and_then(Value::as_str).unwrap_or("-");
@@ -418,7 +442,7 @@ fn signed_frame(queued: &[u8], signer: &mut Signer) -> Option<Vec<u8>> {
         );
         return None;
     }
-    let out = translate::outbound(&reply)?;
+    let out = translate::outbound(&reply, key)?;
     Some(signer.sign_value(
         out.frame_type,
         &out.id,

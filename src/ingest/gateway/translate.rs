@@ -15,7 +15,7 @@
 //! * nothing a local agent sends reaches the brain except through the
 //!   handler (events, health) or the router (command results).
 
-use crate::protocol::{InboundFrame, Value};
+use crate::protocol::{InboundFrame, SigningKey, Value};
 
 /// The interval the gateway asks agents to report at, as the brain does
 /// (`hello_ack.heartbeat_interval_seconds`).
@@ -206,7 +206,9 @@ pub struct Outbound {
 /// A reply the daemon would send a socket client, as the frame the brain
 /// would send a z4j agent; `None` when there is none (`error` replies are
 /// counted and logged by the daemon: a z4j agent has no use for them).
-pub fn outbound(reply: &Value) -> Option<Outbound> {
+/// `key` is the project's signing key, which the brain's purge
+/// confirmation is made with.
+pub fn outbound(reply: &Value, key: &SigningKey) -> Option<Outbound> {
     match reply.get("type")?.as_str()? {
         "ack" => {
             let Some([Value::Str(id), n]) = reply.get("ack_id").and_then(Value::as_array) else {
@@ -228,8 +230,11 @@ pub fn outbound(reply: &Value) -> Option<Outbound> {
         "command" => {
             let id = reply.get("id")?.as_str()?.to_string();
             let mut p = Value::empty_map();
-            for key in ["action", "target", "parameters"] {
-                p.insert(key, reply.get(key).cloned().unwrap_or(Value::Null));
+            for k in ["action", "target", "parameters"] {
+                p.insert(k, reply.get(k).cloned().unwrap_or(Value::Null));
+            }
+            if reply.get("action").and_then(Value::as_str) == Some("purge_queue") {
+                brain_purge_parameters(&mut p, key);
             }
             // z4j agents read a whole number of seconds; never round a
             // budget up past what the daemon gives.
@@ -248,6 +253,31 @@ pub fn outbound(reply: &Value) -> Option<Outbound> {
         }
         _ => None,
     }
+}
+
+/// A checked `purge_queue` in the brain's shape again: the daemon gives
+/// local processes the confirmed depth (`expected_depth`) instead of the
+/// brain's `confirm_token`, but a z4j agent checks the token itself, as
+/// from the brain, so it gets the token of that same depth back (made
+/// with the project's key, which the agent holds too).
+fn brain_purge_parameters(payload: &mut Value, key: &SigningKey) {
+    let Some(params) = payload.get_mut("parameters") else {
+        return;
+    };
+    let Some(depth) = params.remove("expected_depth").and_then(|d| d.as_u64()) else {
+        return;
+    };
+    let Some(queue) = params
+        .get("queue")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+    else {
+        return;
+    };
+    params.insert(
+        "confirm_token",
+        crate::commands::purge::token(key, &queue, depth),
+    );
 }
 
 #[cfg(test)]

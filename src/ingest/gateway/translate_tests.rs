@@ -11,6 +11,11 @@ fn frame(frame_type: &str, id: &str, payload: &str) -> InboundFrame {
     }
 }
 
+fn key() -> SigningKey {
+    // The protocol's test vector key (z4j-protocol section 4.4).
+    SigningKey::from_base64("mVtpP-Iz85lBRJdiBbQ9KzZo4cCi7lxIHt-j7T6yOGU=").unwrap()
+}
+
 fn local(i: Inbound) -> Value {
     match i {
         Inbound::Local(v) => v,
@@ -31,7 +36,7 @@ fn an_event_batch_becomes_events_acked_by_frame_id_and_count() {
     ack.insert("type", "ack");
     ack.insert("ack_id", m.get("ack_id").unwrap().clone());
     ack.insert("stored", 1u64);
-    let out = outbound(&ack).unwrap();
+    let out = outbound(&ack, &key()).unwrap();
     assert_eq!(out.frame_type, "event_batch_ack");
     assert_eq!(out.id, "eba_ev_1");
     assert_eq!(
@@ -46,7 +51,7 @@ fn events_the_daemon_refused_are_acked_as_rejected() {
     ack.insert("type", "ack");
     ack.insert("ack_id", Value::Array(vec!["ev_2".into(), 3u64.into()]));
     ack.insert("stored", 1u64);
-    let p = outbound(&ack).unwrap().payload;
+    let p = outbound(&ack, &key()).unwrap().payload;
     assert_eq!(p.get("rejected").and_then(Value::as_u64), Some(2));
     assert_eq!(p.get("accepted").and_then(Value::as_u64), Some(1));
 }
@@ -161,7 +166,7 @@ fn a_command_goes_out_as_the_brain_sends_it_with_a_whole_budget() {
             "parameters":{"engine":"celery","task_id":"t"},"timeout_seconds":54.9}"#,
     )
     .unwrap();
-    let out = outbound(&cmd).unwrap();
+    let out = outbound(&cmd, &key()).unwrap();
     assert_eq!(out.frame_type, "command");
     assert_eq!(out.id, "c-1");
     assert_eq!(
@@ -177,6 +182,46 @@ fn replies_without_a_brain_counterpart_are_not_sent() {
         r#"{"type":"pong"}"#,
         r#"{"type":"ack","ack_id":7}"#,
     ] {
-        assert_eq!(outbound(&json::parse(r.as_bytes()).unwrap()), None, "{r}");
+        assert_eq!(
+            outbound(&json::parse(r.as_bytes()).unwrap(), &key()),
+            None,
+            "{r}"
+        );
     }
+}
+
+#[test]
+fn a_checked_purge_goes_to_a_z4j_agent_with_the_brains_confirm_token() {
+    let cmd = json::parse(
+        br#"{"type":"command","id":"c-2","action":"purge_queue",
+            "target":{"type":"queue","id":"default","engine":"rq"},
+            "parameters":{"queue":"default","engine":"rq","expected_depth":3,"force":false},
+            "timeout_seconds":54}"#,
+    )
+    .unwrap();
+    let p = outbound(&cmd, &key()).unwrap().payload;
+    let params = p.get("parameters").unwrap();
+    assert_eq!(params.get("expected_depth"), None);
+    assert_eq!(
+        params.get("confirm_token").and_then(Value::as_str),
+        Some(crate::commands::purge::token(&key(), "default", 3).as_str())
+    );
+    // Independent of the daemon's own function: HMAC-SHA256 of the text.
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(
+        &hex::decode("995b693fe233f3994144976205b43d2b3668e1c0a2ee5c481edfa3ed3eb23865").unwrap(),
+    )
+    .unwrap();
+    mac.update(b"purge|default|3");
+    assert_eq!(
+        params.get("confirm_token").and_then(Value::as_str),
+        Some(hex::encode(mac.finalize().into_bytes()).as_str())
+    );
+    let forced = json::parse(
+        br#"{"type":"command","id":"c-3","action":"purge_queue","target":{},
+            "parameters":{"queue":"default","force":true},"timeout_seconds":54}"#,
+    )
+    .unwrap();
+    let p = outbound(&forced, &key()).unwrap().payload;
+    assert_eq!(p.get("parameters").unwrap().get("confirm_token"), None);
 }
