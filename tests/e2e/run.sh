@@ -13,12 +13,14 @@
 # Without arguments the suite runs as two pytest sessions at once, each with
 # its own brain, daemons and brokers (sessions never share a port, socket or
 # run directory): the engine modules (ENGINE_MODULES below: RQ, Dramatiq,
-# Huey, arq, TaskIQ and their schedulers) in one, everything else in the
-# other. Their tests mostly wait on brokers, workers and the brain, so two
-# sessions on two cores take little more than the longer one. The engine
-# session's output is printed when both are done (and kept in
-# $Z4J_TEST_LOG_DIR/e2e-engines.out when that is set). Z4J_E2E_SHARDS=1
-# runs one session; any pytest argument does too.
+# Huey, arq, TaskIQ, their schedulers, and the stock z4j agents through the
+# gateway) in one, everything else in the other. Their tests mostly wait on
+# brokers, workers and the brain, so two sessions on two cores take little
+# more than the longer one. The engine session's output is printed when both
+# are done (and kept in $Z4J_TEST_LOG_DIR/e2e-engines.out when that is set).
+# Z4J_E2E_SHARDS=1 runs one session; any pytest argument does too (test
+# files among them: only those files, e.g. tests/e2e/run.sh
+# tests/e2e/test_gateway.py -x).
 #
 # Needs: python3 (3.9+) with venv/pip, cargo (unless Z4J_AGENTD_BIN is set),
 # network access to PyPI on the first run, redis-server (test_celery.py).
@@ -38,9 +40,18 @@ fi
 export Z4J_AGENTD_BIN
 echo "[e2e] daemon: $Z4J_AGENTD_BIN" >&2
 
-ENGINE_MODULES=(test_rq test_dramatiq test_huey test_arq test_taskiq test_apscheduler)
+ENGINE_MODULES=(test_rq test_dramatiq test_huey test_arq test_taskiq test_apscheduler test_gateway)
 if [[ $# -gt 0 || "${Z4J_E2E_SHARDS:-2}" == 1 ]]; then
-  exec "$VENV/bin/python" -m pytest tests/e2e -v "$@"
+  # Test files named among the arguments (tests/e2e/test_x.py, ...::test_y) are what runs;
+  # otherwise the whole directory, narrowed by the other arguments (-k, -x, ...).
+  targets=(tests/e2e)
+  for arg in "$@"; do
+    if [[ "$arg" == *.py || "$arg" == *.py::* ]]; then
+      targets=()
+      break
+    fi
+  done
+  exec "$VENV/bin/python" -m pytest ${targets[@]+"${targets[@]}"} -v "$@"
 fi
 engines=() ignore=()
 for prefix in "${ENGINE_MODULES[@]}"; do
