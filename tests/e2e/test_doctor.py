@@ -291,9 +291,9 @@ def test_doctor_json_follows_the_schema(brain, agent, daemon_factory):
     assert rc == 1, show(down)
     assert_schema(down)
     assert down["ok"] is False
-    assert [p["status"] for p in down["probes"]][4:] == ["fail", "skip", "skip", "skip"], show(down)
-    assert down["probes"][4]["fix"], down["probes"][4]
-    assert all(p["fix"] is None for p in down["probes"][5:]), show(down)
+    assert [p["status"] for p in down["probes"]][5:] == ["fail", "skip", "skip", "skip"], show(down)
+    assert down["probes"][5]["fix"], down["probes"][5]
+    assert all(p["fix"] is None for p in down["probes"][6:]), show(down)
 
 
 # --------------------------------------------------------------------------- 8

@@ -9,9 +9,8 @@ socket client are started once for the module; the tests run in file order and s
 The agent processes run from `brain.gateway_venv()`; the test process enqueues RQ jobs itself and
 Celery tasks through the Flask app.
 
-A strict xfail records a known gap: a purge_queue reaches the RQ agent without the confirm_token
-z4j-rq requires (the daemon checks the token and hands local processes the verified depth instead),
-so the agent answers `failed`.
+A purge_queue is checked by the daemon (confirm token against the depth the operator saw) and
+reaches the RQ agent with the brain's confirm_token for that depth, which z4j-rq checks again.
 """
 
 from __future__ import annotations
@@ -354,14 +353,11 @@ def test_commands_reach_the_right_agent(stack):
     s.wait_states("celery", {long: "revoked"}, 30, "sleepy revoked in the brain")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the gateway hands a stock agent the daemon's local purge_queue (confirm_token checked by the "
-    "daemon and replaced by parameters.expected_depth); z4j-rq 1.13.0 requires a confirm_token and "
-    "answers failed: 'purge confirm_token missing or stale (queue depth may have changed)'"))
 def test_purge_queue_reaches_the_rq_agent(stack):
     """purge_queue of an RQ queue at depth 3 (nobody consumes it), issued through the brain's
     REST API, is routed to the RQ worker (the only process whose health reports name the queue)
-    and completes; the queue is empty in Redis."""
+    and completes; the queue is empty in Redis. z4j-rq checks the confirm_token itself, so this
+    fails when the gateway hands it the daemon's local form (the confirmed depth, no token)."""
     from rq import Queue
 
     s = stack
