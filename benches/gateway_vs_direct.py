@@ -22,7 +22,12 @@ Measured per mode:
 * events/s stored: N x E events / (the brain's SQLite `events` table holds
   the last of them - the first `record_event` call); the driver polls the
   database read-only every 0.1 s and checks afterwards that every task has
-  exactly its three rows;
+  exactly its three rows. Also the time to 99 % of them, and the longest
+  stretch without a new row: when the brain's transaction for a frame
+  fails (z4j 1.13.0 on SQLite logs "event_batch transient DB failure;
+  withholding ack so the agent re-sends", counted here from its log), it
+  neither stores nor acknowledges the frame, and z4j-bare sends it again
+  only after its 90 s ack deadline, which then sets the time to 100 %;
 * brain CPU: utime + stime of the brain's process group (/proc) over the
   same window, per event and as a share of one core;
 * connections to the brain's port (`ss -tnp`, established, sampled every
@@ -454,8 +459,12 @@ def run_mode(mode: str, args, brain, agent: dict, work: Path, gw_python: Path, f
             p.stdin.flush()
         total = n * e
         deadline = time.monotonic() + args.timeout
+        timeline = []  # (monotonic time, events stored) at each change
+        log_offset = brain.log_path.stat().st_size if brain.log_path.exists() else 0
         while True:
             stored = db.count_prefix(agent_hex, like)
+            if not timeline or stored != timeline[-1][1]:
+                timeline.append((time.monotonic(), stored))
             if stored >= total:
                 break
             if time.monotonic() > deadline:
@@ -501,10 +510,30 @@ def run_mode(mode: str, args, brain, agent: dict, work: Path, gw_python: Path, f
                            f"{len(bad)} without exactly one row per kind, e.g. {list(bad.items())[:3]}")
     t0 = min(r["t0"] for r in results)
     seconds = t_stored - t0
+
+    def reached(share: float) -> float:
+        return next(t for t, k in timeline if k >= share * total) - t0
+
+    # The longest stretch without a new row, and how many rows were still missing then:
+    # a frame the brain neither stored nor acknowledged is re-sent by z4j-bare only after
+    # its 90 s ack deadline, which shows up here as one long gap before the last rows.
+    gaps = [(b[0] - a[0], total - a[1]) for a, b in zip(timeline, timeline[1:])]
+    gap_s, gap_missing = max(gaps) if gaps else (0.0, 0)
+    with open(brain.log_path, "rb") as f:  # what the brain logged from the start of the clock on
+        f.seek(log_offset)
+        brain_log = f.read().decode(errors="replace")
     out = {
         "mode": mode, "processes": n, "events_per_process": e, "events": total, "brain_url_of_agents": url,
         "brain_cpu_pct_before": round(quiet, 1), "connect_s": connect_s,
         "seconds": seconds, "events_per_s": total / seconds, "foreign_cpu_s": round(foreign_s, 2),
+        "seconds_to_50pct": reached(0.5), "seconds_to_99pct": reached(0.99),
+        "events_per_s_to_99pct": 0.99 * total / reached(0.99),
+        "longest_gap_s": gap_s, "events_missing_during_longest_gap": gap_missing,
+        "brain_log_lines_during_run": len(brain_log.splitlines()),
+        # z4j 1.13.0 logs this when a frame's transaction failed (SQLite busy): no row, no ack.
+        "brain_acks_withheld": brain_log.count("withholding ack so the agent re-sends"),
+        "brain_log_warnings_errors": sum(1 for ln in brain_log.splitlines()
+                                         if re.search(r'"level": "(warning|error|critical)"', ln)),
         "record_s": max(r["t_recorded"] for r in results) - t0,
         "agents_drained_s": max(r["t_drained"] for r in results) - t0,
         "brain_cpu_s": bcpu, "brain_cpu_ms_per_event": 1000 * bcpu / total, "brain_cpu_pct": 100 * bcpu / seconds,
@@ -577,6 +606,11 @@ def render(res: dict) -> str:
         ("events stored", lambda r: fmt(r["events"])),
         ("seconds, first event to last stored", lambda r: fmt(r["seconds"], 1)),
         ("events/s stored", lambda r: fmt(r["events_per_s"], 1)),
+        ("seconds to 99 % stored", lambda r: fmt(r["seconds_to_99pct"], 1)),
+        ("events/s to 99 % stored", lambda r: fmt(r["events_per_s_to_99pct"], 1)),
+        ("longest stretch with no new row (s) / events missing then",
+         lambda r: f"{fmt(r['longest_gap_s'], 1)} / {fmt(r['events_missing_during_longest_gap'])}"),
+        ("frames the brain neither stored nor acked (its log)", lambda r: fmt(r["brain_acks_withheld"])),
         ("brain CPU ms/event", lambda r: fmt(r["brain_cpu_ms_per_event"], 2)),
         ("brain CPU % of one core", lambda r: fmt(r["brain_cpu_pct"])),
         ("TCP connections to the brain (max)", lambda r: fmt(r["brain_connections"]["max_established"])),
@@ -601,7 +635,8 @@ def render(res: dict) -> str:
         L.append(f"| {label} | " + " | ".join(f(m[c]) for c in cols) + " |")
     if len(cols) == 2:
         d, g = m["direct"], m["gateway"]
-        L += ["", f"gateway / direct: {g['events_per_s'] / d['events_per_s']:.2f} x events/s, "
+        L += ["", f"gateway / direct: {g['events_per_s'] / d['events_per_s']:.2f} x events/s "
+              f"({g['events_per_s_to_99pct'] / d['events_per_s_to_99pct']:.2f} x to 99 %), "
               f"{g['brain_cpu_ms_per_event'] / d['brain_cpu_ms_per_event']:.2f} x brain CPU per event, "
               f"{d['brain_event_batch_frames'] / g['brain_event_batch_frames']:.0f} x fewer brain frames."]
     return "\n".join(L)
