@@ -142,14 +142,7 @@ impl Ingest {
         if had > 0 {
             self.budget_released();
         }
-        while !conn.pending.is_empty() {
-            conn.settle_front().await;
-        }
-        // Out of the registry first, so the router picks it no more; then
-        // the commands it was running fail.
-        self.stats.clients.disconnected(id);
-        self.router.disconnected(id);
-        drop(conn);
+        conn.finish().await;
         let _ = writer.await;
         if refused {
             linger(&mut rd).await;
@@ -232,6 +225,18 @@ impl Input {
 }
 
 impl Connection<'_> {
+    /// The connection is over: every append is settled (and answered, if
+    /// the client is still there), then it leaves the registry, so the
+    /// router picks it no more, then the commands it was running fail.
+    /// Its reply queue closes with it.
+    pub(super) async fn finish(mut self) {
+        while !self.pending.is_empty() {
+            self.settle_front().await;
+        }
+        self.ingest.stats.clients.disconnected(self.id);
+        self.ingest.router.disconnected(self.id);
+    }
+
     /// Reads and handles messages until the client closes, the drain after
     /// shutdown ends, or the daemon closes the connection for an error
     /// (then true).

@@ -174,12 +174,7 @@ impl Ingest {
         if matches!(ending, Ending::Now(..)) {
             let _ = end_tx.send(ending.clone());
         }
-        while !conn.pending.is_empty() {
-            conn.settle_front().await;
-        }
-        self.stats.clients.disconnected(id);
-        self.router.disconnected(id);
-        drop(conn);
+        conn.finish().await;
         let _ = end_tx.send(ending);
         let _ = writer.await;
         self.stats.gateway.session_closed();
