@@ -533,7 +533,7 @@ fn answer_of(e: &VerifyError) -> Expect {
             ReplayError::BadTimestamp { .. } => "ts",
             ReplayError::ClockSkew { .. } => "skew",
             ReplayError::InvalidSeq | ReplayError::SeqNotIncreasing { .. } => "seq",
-            ReplayError::EmptyNonce | ReplayError::NonceReused => "nonce",
+            ReplayError::EmptyNonce | ReplayError::LongNonce | ReplayError::NonceReused => "nonce",
         }),
         VerifyError::BadSignature => Expect::BadSignature,
     }

@@ -19,6 +19,8 @@ pub const MAX_CLOCK_SKEW: Duration = Duration::seconds(super::limits::MAX_CLOCK_
 pub const NONCE_WINDOW: Duration = Duration::seconds(180);
 /// At most this many nonces are remembered; the oldest is evicted first.
 pub const MAX_REMEMBERED_NONCES: usize = 4096;
+/// The longest nonce accepted (z4j's are 22 characters; the brain's too).
+pub const MAX_NONCE_CHARS: usize = 64;
 
 /// Why a correctly signed frame was refused as a possible replay.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -60,6 +62,10 @@ pub enum ReplayError {
     /// `nonce` is empty.
     #[error("frame nonce is empty")]
     EmptyNonce,
+    /// `nonce` is longer than [`MAX_NONCE_CHARS`]: every nonce is kept for
+    /// the window, so a long one would hold memory for nothing.
+    #[error("frame nonce is longer than 64 characters (z4j sends 22)")]
+    LongNonce,
     /// `nonce` was already accepted within the window.
     #[error("frame nonce was already used in the last 180 s (replayed frame)")]
     NonceReused,
@@ -115,6 +121,9 @@ impl ReplayGuard {
         }
         if nonce.is_empty() {
             return Err(ReplayError::EmptyNonce);
+        }
+        if nonce.len() > MAX_NONCE_CHARS && nonce.chars().count() > MAX_NONCE_CHARS {
+            return Err(ReplayError::LongNonce);
         }
         self.expire(now);
         if self.seen.contains(nonce) {
@@ -437,8 +446,13 @@ mod tests {
             Err(ReplayError::NonceReused)
         );
         assert_eq!(g.check(&ts(NOW), 2, "", NOW), Err(ReplayError::EmptyNonce));
-        // The refused frame did not advance seq.
-        g.check(&ts(NOW), 2, "other", NOW).unwrap();
+        assert_eq!(
+            g.check(&ts(NOW), 2, &"n".repeat(65), NOW),
+            Err(ReplayError::LongNonce)
+        );
+        g.check(&ts(NOW), 2, &"é".repeat(64), NOW).unwrap();
+        // The refused frames did not advance seq.
+        g.check(&ts(NOW), 3, "other", NOW).unwrap();
     }
 
     #[test]

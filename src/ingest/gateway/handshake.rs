@@ -100,10 +100,9 @@ fn bearer(header: Option<&str>) -> Option<&str> {
 /// waits briefly for the agent's side of the close.
 pub(super) async fn close(ws: &mut AgentWs, stats: &Stats, code: u16, reason: &str) {
     stats.gateway.closed(code);
-    let reason: String = crate::refusal::truncate_chars(reason, 120).to_string();
     let frame = CloseFrame {
         code: CloseCode::from(code),
-        reason: reason.into(),
+        reason: close_reason(reason).into(),
     };
     if ws.close(Some(frame)).await.is_ok() {
         let _ = tokio::time::timeout(Duration::from_secs(1), async {
@@ -111,6 +110,16 @@ pub(super) async fn close(ws: &mut AgentWs, stats: &Stats, code: u16, reason: &s
         })
         .await;
     }
+}
+
+/// `reason` cut to what a close frame holds (123 bytes), on a character
+/// boundary.
+pub(super) fn close_reason(reason: &str) -> String {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    reason[..end].to_string()
 }
 
 /// A connection over the cap: the brain's 4429.
@@ -161,6 +170,17 @@ pub(super) fn check_hello(msg: &[u8]) -> Result<Value, Refused> {
             return Err(bad(&format!(
                 "payload.{key} must be a string of at most {max}"
             )));
+        }
+    }
+    for (key, max) in [("worker_id", 128), ("worker_role", 32)] {
+        match payload.get(key) {
+            None | Some(Value::Null) => {}
+            Some(Value::Str(v)) if v.chars().count() <= max => {}
+            Some(_) => {
+                return Err(bad(&format!(
+                    "payload.{key} must be a string of at most {max} or null"
+                )))
+            }
         }
     }
     for key in ["engines", "schedulers", "runtime_features"] {
@@ -254,12 +274,14 @@ pub(super) async fn establish(
             return None;
         }
         Err(why) => {
-            tracing::warn!(%peer, "gateway: refused a z4j agent: Z4J_GATEWAY_TOKENS_FILE cannot be used: {why} (4401)");
+            // The daemon's fault, not the agent's: retry later, not the
+            // long backoff of a bad token.
+            tracing::warn!(%peer, "gateway: asked a z4j agent to retry later: Z4J_GATEWAY_TOKENS_FILE cannot be used: {why} (1013)");
             close(
                 &mut ws,
                 stats,
-                4401,
-                "the gateway's tokens file cannot be read; see the z4j-agentd log",
+                1013,
+                "z4j-agentd cannot read its gateway tokens file; see its log",
             )
             .await;
             return None;
@@ -319,6 +341,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_close_reason_fits_a_close_frame_on_a_character_boundary() {
+        assert_eq!(close_reason("short"), "short");
+        let r = close_reason(&"é".repeat(100));
+        assert!(r.len() <= 123 && r.len() >= 122, "{}", r.len());
+        assert!(r.chars().all(|c| c == 'é'));
+    }
+
+    #[test]
     fn bearer_scheme_is_case_insensitive_and_needs_a_token() {
         assert_eq!(bearer(Some("Bearer abc")), Some("abc"));
         assert_eq!(bearer(Some("  bearer   abc ")), Some("abc"));
@@ -344,6 +374,11 @@ mod tests {
             many.join(",")
         );
         assert_eq!(code(too_many.as_bytes()), 4400);
+        let long_worker = format!(
+            r#"{{"type":"hello","payload":{{"protocol_version":"2","agent_version":"1","framework":"x","worker_id":"{}"}}}}"#,
+            "w".repeat(129)
+        );
+        assert_eq!(code(long_worker.as_bytes()), 4400);
         assert_eq!(
             code(br#"{"type":"hello","payload":{"protocol_version":"3","agent_version":"1","framework":"x"}}"#),
             4426

@@ -69,10 +69,23 @@ pub struct Gateway {
     settings: GatewaySettings,
     /// The daemon's token and signing key, as SIGHUP last set them.
     uplink: watch::Receiver<UplinkSettings>,
-    /// Agents whose frames failed the signature check, until when.
-    suspects: Mutex<VecDeque<(TokenDigest, String, Instant)>>,
+    /// Agents whose frames failed the signature check under a key (its
+    /// fingerprint: a new HMAC secret on SIGHUP hears them again), until when.
+    suspects: Mutex<VecDeque<Suspect>>,
     /// Per agent buffer, the loss counters it reported last.
     losses: Mutex<BTreeMap<String, BufferLoss>>,
+    /// The open sessions by agent slot (token and `worker_id`, as the
+    /// brain keys them): the session id, and how to tell it a newer
+    /// connection took its place.
+    slots: Mutex<BTreeMap<(TokenDigest, String), (u64, CancellationToken)>>,
+}
+
+/// An agent whose frames failed the signature check.
+struct Suspect {
+    token: TokenDigest,
+    worker_id: String,
+    key: String,
+    until: Instant,
 }
 
 /// What an agent's buffer reported lost, as last seen.
@@ -91,7 +104,33 @@ impl Gateway {
             uplink,
             suspects: Mutex::new(VecDeque::new()),
             losses: Mutex::new(BTreeMap::new()),
+            slots: Mutex::new(BTreeMap::new()),
         })
+    }
+
+    /// Session `id` takes this agent's slot; an older session in it is
+    /// told to close with 4002, as the brain does. Returns what tells this
+    /// one in turn.
+    fn take_slot(&self, token: TokenDigest, worker_id: &str, id: u64) -> CancellationToken {
+        let mine = CancellationToken::new();
+        let old = self
+            .slots
+            .lock()
+            .unwrap()
+            .insert((token, worker_id.to_string()), (id, mine.clone()));
+        if let Some((_, older)) = old {
+            older.cancel();
+        }
+        mine
+    }
+
+    /// Session `id` ended: its slot is free, unless a newer one took it.
+    fn leave_slot(&self, token: TokenDigest, worker_id: &str, id: u64) {
+        let mut slots = self.slots.lock().unwrap();
+        let key = (token, worker_id.to_string());
+        if slots.get(&key).is_some_and(|(holder, _)| *holder == id) {
+            slots.remove(&key);
+        }
     }
 
     /// Whether `token` may connect: the daemon's own, or one of the tokens
@@ -109,22 +148,37 @@ impl Gateway {
         Ok(tokens.iter().any(|t| digest(t.expose()) == given))
     }
 
-    /// Whether this agent's frames failed the signature check lately.
+    /// A fingerprint of the signing key in force (never the key).
+    fn key_fingerprint(&self) -> String {
+        let key = self.uplink.borrow().key.clone();
+        crate::protocol::mac_hex(&key, b"z4j-agentd gateway suspect")[..16].to_string()
+    }
+
+    /// Whether this agent's frames failed the signature check lately,
+    /// under the key in force now.
     fn is_suspect(&self, token: &TokenDigest, worker_id: &str) -> bool {
         let now = Instant::now();
+        let key = self.key_fingerprint();
         let mut s = self.suspects.lock().unwrap();
-        s.retain(|(_, _, until)| *until > now);
-        s.iter().any(|(t, w, _)| t == token && w == worker_id)
+        s.retain(|x| x.until > now);
+        s.iter()
+            .any(|x| x.token == *token && x.worker_id == worker_id && x.key == key)
     }
 
     /// This agent's frames failed the signature check.
     fn suspect(&self, token: TokenDigest, worker_id: &str) {
+        let key = self.key_fingerprint();
         let mut s = self.suspects.lock().unwrap();
-        s.retain(|(t, w, _)| !(*t == token && w == worker_id));
+        s.retain(|x| !(x.token == token && x.worker_id == worker_id));
         if s.len() == MAX_SUSPECTS {
             s.pop_front();
         }
-        s.push_back((token, worker_id.to_string(), Instant::now() + SUSPECT_FOR));
+        s.push_back(Suspect {
+            token,
+            worker_id: worker_id.to_string(),
+            key,
+            until: Instant::now() + SUSPECT_FOR,
+        });
     }
 
     /// What an agent's buffer lost since it last said: per engine, the
@@ -184,6 +238,7 @@ impl Ingest {
         let slots = Arc::new(Semaphore::new(gateway.settings.max_connections));
         let refusing = Arc::new(Semaphore::new(REFUSALS_IN_FLIGHT));
         let mut tasks = JoinSet::new();
+        let mut warned: Option<Instant> = None;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -212,7 +267,12 @@ impl Ingest {
                         }
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "gateway: accepting a connection failed");
+                        // Out of descriptors, most likely: said at most
+                        // every 10 s, and the loop pauses a little.
+                        if warned.is_none_or(|at: Instant| at.elapsed() >= Duration::from_secs(10)) {
+                            warned = Some(Instant::now());
+                            tracing::warn!(error = %e, "gateway: accepting a connection failed");
+                        }
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 },
@@ -261,6 +321,52 @@ mod tests {
         let g = gateway();
         assert_eq!(g.accepts("own-token"), Ok(true));
         assert_eq!(g.accepts("other-token"), Ok(false));
+    }
+
+    #[test]
+    fn a_new_hmac_secret_hears_suspects_again() {
+        let (tx, rx) = watch::channel(uplink_settings("own-token"));
+        let g = Gateway::new(
+            GatewaySettings {
+                addr: "127.0.0.1:0".parse().unwrap(),
+                tokens_file: None,
+                max_connections: 4,
+            },
+            rx,
+        );
+        g.suspect(digest("t"), "celery-1");
+        assert!(g.is_suspect(&digest("t"), "celery-1"));
+        let mut reloaded = uplink_settings("own-token");
+        reloaded.key = crate::protocol::SigningKey::from_bytes(&[8; 32]).unwrap();
+        tx.send(reloaded).unwrap();
+        assert!(!g.is_suspect(&digest("t"), "celery-1"));
+    }
+
+    #[test]
+    fn a_newer_connection_of_the_same_slot_replaces_the_older_one() {
+        let g = gateway();
+        let first = g.take_slot(digest("t"), "w", 1);
+        let other = g.take_slot(digest("t"), "v", 2);
+        assert!(!first.is_cancelled());
+        let second = g.take_slot(digest("t"), "w", 3);
+        assert!(
+            first.is_cancelled(),
+            "the older session is told to close (4002)"
+        );
+        g.leave_slot(digest("t"), "w", 1);
+        assert!(!second.is_cancelled());
+        let third = g.take_slot(digest("t"), "w", 4);
+        assert!(
+            second.is_cancelled(),
+            "the slot was still the second session's"
+        );
+        g.leave_slot(digest("t"), "w", 4);
+        let fourth = g.take_slot(digest("t"), "w", 5);
+        assert!(
+            !third.is_cancelled(),
+            "a session that left is not told again"
+        );
+        assert!(!fourth.is_cancelled() && !other.is_cancelled());
     }
 
     #[test]

@@ -48,6 +48,9 @@ use crate::stats::Stats;
 /// Without a message from the agent for this long, the session ends with
 /// 4408, as at the brain (its heartbeats come every 10 s).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long one frame to an agent may take to write: an agent that reads
+/// nothing for this long is given up on (its session ends).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How a session ends, for the writer.
 #[derive(Debug, Clone, PartialEq)]
@@ -154,7 +157,10 @@ impl Ingest {
         conn.apply(registered).await;
         // The agent hears its `hello_ack` only now that it is registered:
         // a command for it can come at once.
+        let replaced = gateway.take_slot(token, &worker_id, id);
+        let writer_gone = CancellationToken::new();
         let writer = Writer {
+            gone: writer_gone.clone(),
             sink,
             rx: reply_rx,
             queued,
@@ -169,6 +175,8 @@ impl Ingest {
             gateway: &gateway,
             token,
             worker_id: &worker_id,
+            replaced,
+            writer_gone,
         };
         let ending = conn.serve_frames(&mut frames, &mut reader, &shutdown).await;
         if matches!(ending, Ending::Now(..)) {
@@ -177,6 +185,7 @@ impl Ingest {
         conn.finish().await;
         let _ = end_tx.send(ending);
         let _ = writer.await;
+        gateway.leave_slot(token, &worker_id, id);
         self.stats.gateway.session_closed();
         tracing::info!("gateway: z4j agent disconnected");
     }
@@ -188,6 +197,10 @@ struct Reader<'a> {
     gateway: &'a Gateway,
     token: TokenDigest,
     worker_id: &'a str,
+    /// Cancelled when a newer connection takes this agent's slot.
+    replaced: CancellationToken,
+    /// Cancelled when the writer gave up on the agent.
+    writer_gone: CancellationToken,
 }
 
 /// The local `hello` for an agent's `hello` payload: what it runs, named
@@ -237,6 +250,11 @@ impl Connection<'_> {
                 _ = shutdown.cancelled() => {
                     return Ending::After(1012, "z4j-agentd is stopping; reconnect shortly".into());
                 }
+                _ = reader.replaced.cancelled() => {
+                    tracing::info!("gateway: a newer connection of this z4j agent (same token and worker_id) replaced this one (4002)");
+                    return Ending::Now(4002, "replaced by a newer connection with the same worker_id".into());
+                }
+                _ = reader.writer_gone.cancelled() => return Ending::Gone,
                 settled = async { (&mut self.pending.front_mut().expect("guarded").rx).await }, if !self.pending.is_empty() => {
                     let p = self.pending.pop_front().expect("guarded");
                     self.settled(p, settled.unwrap_or(Err(SpoolError::Closed))).await;
@@ -349,6 +367,8 @@ impl Connection<'_> {
 
 /// The writing side of a session.
 struct Writer {
+    /// Cancelled when it gives up on the agent (the session then ends).
+    gone: CancellationToken,
     sink: SplitSink<AgentWs, Message>,
     /// The connection's reply queue.
     rx: mpsc::Receiver<Vec<u8>>,
@@ -367,6 +387,7 @@ impl Writer {
     /// frames until the session ends, then the close frame, if any.
     async fn run(self, hello_ack: Vec<u8>) {
         let Writer {
+            gone,
             mut sink,
             mut rx,
             queued,
@@ -377,7 +398,10 @@ impl Writer {
         } = self;
         // Before anything the registration queued (a command held for one of
         // its engines).
-        let mut failed = sink.send(Message::Binary(hello_ack.into())).await.is_err();
+        let mut failed = !sent(&mut sink, hello_ack, &mut end).await;
+        if failed {
+            gone.cancel();
+        }
         loop {
             tokio::select! {
                 biased;
@@ -394,7 +418,10 @@ impl Writer {
                             continue;
                         }
                         if let Some(frame) = signed_frame(&b, &mut signer, &key) {
-                            failed = sink.send(Message::Binary(frame.into())).await.is_err();
+                            failed = !sent(&mut sink, frame, &mut end).await;
+                            if failed {
+                                gone.cancel();
+                            }
                         }
                     }
                 },
@@ -411,15 +438,46 @@ impl Writer {
         };
         if let Ending::Now(code, reason) | Ending::After(code, reason) = ending {
             stats.gateway.closed(code);
-            let reason: String = crate::refusal::truncate_chars(&reason, 120).to_string();
-            let _ = sink
-                .send(Message::Close(Some(CloseFrame {
-                    code: CloseCode::from(code),
-                    reason: reason.into(),
-                })))
-                .await;
+            let frame = CloseFrame {
+                code: CloseCode::from(code),
+                reason: handshake::close_reason(&reason).into(),
+            };
+            let close = sink.send(Message::Close(Some(frame)));
+            let _ = tokio::time::timeout(WRITE_TIMEOUT, close).await;
         }
-        let _ = sink.close().await;
+        let _ = tokio::time::timeout(WRITE_TIMEOUT, sink.close()).await;
+    }
+}
+
+/// Writes one frame; false when it could not be written: the agent went
+/// away, read nothing for [`WRITE_TIMEOUT`], or the session must close now.
+/// An agent that stops reading never holds its session (and its slot).
+async fn sent(
+    sink: &mut SplitSink<AgentWs, Message>,
+    frame: Vec<u8>,
+    end: &mut watch::Receiver<Ending>,
+) -> bool {
+    let now = async {
+        while end.changed().await.is_ok() {
+            if matches!(*end.borrow(), Ending::Now(..)) {
+                return;
+            }
+        }
+        std::future::pending::<()>().await
+    };
+    let write = tokio::time::timeout(WRITE_TIMEOUT, sink.send(Message::Binary(frame.into())));
+    tokio::select! {
+        r = write => match r {
+            Ok(r) => r.is_ok(),
+            Err(_) => {
+                tracing::warn!(
+                    "gateway: a z4j agent read nothing for {} s; what is queued for it is dropped and its session ends",
+                    WRITE_TIMEOUT.as_secs()
+                );
+                false
+            }
+        },
+        () = now => false,
     }
 }
 

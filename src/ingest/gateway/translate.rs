@@ -62,6 +62,8 @@ pub fn inbound(frame: InboundFrame) -> Inbound {
         mut payload,
         ..
     } = frame;
+    // The brain acknowledges a frame by its id cut to 64 characters.
+    let id: String = id.chars().take(64).collect();
     match frame_type.as_str() {
         "event_batch" => match payload.remove("events") {
             Some(Value::Array(events)) => {
@@ -168,25 +170,46 @@ fn loss_report(payload: &Value) -> Result<Option<LossReport>, String> {
             ))
         }
     };
-    let count = |k: &str| loss.get(k).and_then(Value::as_u64).unwrap_or(0);
-    let frames = count("capacity_evicted_frames") + count("content_rejected_frames");
-    let adapter_events = loss
-        .get("adapter_events")
-        .and_then(Value::as_map)
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|(k, v)| Some((k.clone(), v.as_u64()?)))
-        .filter(|(_, n)| *n > 0)
-        .collect();
-    Ok(Some(LossReport {
-        buffer_id: loss
-            .get("buffer_id")
+    // Within the brain's bounds (z4j-core's TelemetryLossPayload), which
+    // also bound what the daemon remembers per agent buffer.
+    let name = |k: &str| {
+        loss.get(k)
             .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string(),
-        // Each of a z4j agent's frames holds one event; `event_records`
-        // counts them when the agent knows.
-        events: count("event_records").max(frames),
+            .filter(|s| !s.is_empty() && s.chars().count() <= 64)
+            .map(str::to_owned)
+            .ok_or_else(|| format!("telemetry_loss.{k} must be a string of 1-64 characters"))
+    };
+    let buffer_id = name("buffer_id")?;
+    name("runtime_id")?;
+    let adapters = match loss.get("adapter_events") {
+        None | Some(Value::Null) => &[][..],
+        Some(Value::Map(m)) if m.len() <= 32 => m.as_slice(),
+        Some(_) => {
+            return Err(
+                "telemetry_loss.adapter_events must be an object of at most 32 entries".into(),
+            )
+        }
+    };
+    let mut adapter_events = Vec::new();
+    for (k, v) in adapters {
+        if k.is_empty() || k.chars().count() > 64 {
+            return Err("telemetry_loss.adapter_events names must be 1-64 characters".into());
+        }
+        let n = v
+            .as_u64()
+            .ok_or("telemetry_loss.adapter_events counts must be whole numbers >= 0")?;
+        if n > 0 {
+            adapter_events.push((k.clone(), n));
+        }
+    }
+    Ok(Some(LossReport {
+        buffer_id,
+        // The events inside the frames the agent's buffer lost (its frame
+        // counters also count heartbeats and command results).
+        events: loss
+            .get("event_records")
+            .and_then(Value::as_u64)
+            .unwrap_or(0),
         adapter_events,
     }))
 }

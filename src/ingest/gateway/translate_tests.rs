@@ -115,7 +115,7 @@ fn the_agents_own_losses_are_reported_with_its_buffer() {
         "agent_status",
         "as",
         r#"{"telemetry_loss":{"buffer_id":"b1","runtime_id":"r","capacity_evicted_frames":2,
-            "content_rejected_frames":1,"event_records":0,"adapter_events":{"celery":4,"rq":0}}}"#,
+            "content_rejected_frames":1,"event_records":3,"adapter_events":{"celery":4,"rq":0}}}"#,
     ));
     assert_eq!(
         got,
@@ -128,10 +128,25 @@ fn the_agents_own_losses_are_reported_with_its_buffer() {
             None
         )
     );
-    match inbound(frame("agent_status", "as", r#"{"telemetry_loss":[1]}"#)) {
-        Inbound::Close(1011, _) => {}
-        other => panic!("{other:?}"),
+    for bad in [
+        r#"{"telemetry_loss":[1]}"#,
+        r#"{"telemetry_loss":{"runtime_id":"r"}}"#,
+        r#"{"telemetry_loss":{"buffer_id":"b","runtime_id":""}}"#,
+        r#"{"telemetry_loss":{"buffer_id":"b","runtime_id":"r","adapter_events":{"celery":-1}}}"#,
+    ] {
+        match inbound(frame("agent_status", "as", bad)) {
+            Inbound::Close(1011, _) => {}
+            other => panic!("{bad}: {other:?}"),
+        }
     }
+    let long = format!(
+        r#"{{"telemetry_loss":{{"buffer_id":"{}","runtime_id":"r"}}}}"#,
+        "b".repeat(65)
+    );
+    assert!(matches!(
+        inbound(frame("agent_status", "as", &long)),
+        Inbound::Close(1011, _)
+    ));
 }
 
 #[test]
@@ -224,4 +239,12 @@ fn a_checked_purge_goes_to_a_z4j_agent_with_the_brains_confirm_token() {
     .unwrap();
     let p = outbound(&forced, &key()).unwrap().payload;
     assert_eq!(p.get("parameters").unwrap().get("confirm_token"), None);
+}
+
+#[test]
+fn a_frame_id_over_64_characters_is_acked_by_its_first_64_as_the_brain_does() {
+    let long = "e".repeat(100);
+    let m = local(inbound(frame("event_batch", &long, r#"{"events":[]}"#)));
+    let ack_id = m.get("ack_id").and_then(Value::as_array).unwrap();
+    assert_eq!(ack_id[0].as_str().map(str::len), Some(64));
 }
