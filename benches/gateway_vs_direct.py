@@ -57,8 +57,6 @@ import os
 import platform
 import re
 import shutil
-import socket
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -73,9 +71,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE / "compare"))  # common.py: the events every bench sends, /proc readers
 
-from common import CLK_TCK, emit, lifecycle_events, proc_cpu_seconds, proc_mem_kb, wait_go  # noqa: E402
-
-KINDS = ("task.received", "task.started", "task.succeeded")
+from common import (CLK_TCK, KINDS, all_proc_stats, emit, lifecycle_events, proc_cpu_seconds,  # noqa: E402
+                    proc_mem_kb, wait_go)
 
 
 # ================================================================ one agent process
@@ -83,15 +80,11 @@ KINDS = ("task.received", "task.started", "task.succeeded")
 
 def agent_main(n_events: int, prefix: str, name: str) -> None:
     """A stock z4j-bare runtime: connect, record n_events, wait until its buffer is empty."""
-    import resource
-    import uuid as _uuid
-
+    from bare_agent import cpu_s, to_event, wait_session  # compare/bare_agent.py, the same z4j-bare under test
     from z4j_bare.framework import BareFrameworkAdapter
     from z4j_bare.runtime import AgentRuntime
     from z4j_bare.transport import websocket as ws_transport
     from z4j_core.config import resolve_agent_config
-    from z4j_core.models import Event
-    from z4j_core.models.event import EventKind
 
     counts = {"frames": 0, "event_batch_frames": 0, "connects": 0}
     send_frames = ws_transport.WebSocketTransport.send_frames
@@ -109,29 +102,17 @@ def agent_main(n_events: int, prefix: str, name: str) -> None:
     ws_transport.WebSocketTransport.send_frames = counting_send_frames
     ws_transport.WebSocketTransport.connect = counting_connect
 
-    placeholder = _uuid.UUID(int=0)  # Event.project_id / agent_id are not sent
-    events = [Event(id=_uuid.UUID(d["id"]), project_id=placeholder, agent_id=placeholder, engine=d["engine"],
-                    task_id=d["task_id"], kind=EventKind(d["kind"]),
-                    occurred_at=datetime.fromisoformat(d["occurred_at"]), data=d["data"])
-              for d in lifecycle_events(n_events, prefix)]
+    events = [to_event(d) for d in lifecycle_events(n_events, prefix)]
     # Configuration from the environment, as every z4j agent reads it
     # (Z4J_BRAIN_URL, Z4J_TOKEN, Z4J_HMAC_SECRET, Z4J_PROJECT_ID, Z4J_AGENT_NAME).
     config = resolve_agent_config(framework_name="bare")
     rt = AgentRuntime(config=config, framework=BareFrameworkAdapter(config), engines=[])
     rt.start()
-    deadline = time.monotonic() + 60
-    while rt.supervisor_state().get("session_id") is None:
-        if time.monotonic() > deadline:
-            raise SystemExit(f"{name}: not connected within 60 s: {rt.supervisor_state()}")
-        time.sleep(0.02)
+    wait_session(rt, 60, name)
     emit({"ready": True, "pid": os.getpid()})
     wait_go()
 
-    def cpu() -> float:
-        r = resource.getrusage(resource.RUSAGE_SELF)
-        return r.ru_utime + r.ru_stime
-
-    c0, f0 = cpu(), dict(counts)
+    c0, f0 = cpu_s(), dict(counts)
     t0 = time.monotonic()
     for ev in events:
         rt.record_event(ev)
@@ -142,81 +123,39 @@ def agent_main(n_events: int, prefix: str, name: str) -> None:
             raise SystemExit(f"{name}: {rt.buffer_size()} frames still buffered after 900 s")
         time.sleep(0.02)
     t_drained = time.monotonic()
-    emit({"t0": t0, "t_recorded": t_recorded, "t_drained": t_drained, "cpu_s": cpu() - c0,
+    emit({"t0": t0, "t_recorded": t_recorded, "t_drained": t_drained, "cpu_s": cpu_s() - c0,
           "rss_kb": proc_mem_kb()["VmRSS"],
           **{k: counts[k] - f0[k] for k in counts}, "connects_total": counts["connects"]})
     wait_go()  # stay connected until the driver has taken its readings
     rt.stop(timeout=10)
 
 
+# An agent process ends here: it loads nothing more than the modules above.
+if __name__ == "__main__" and sys.argv[1:2] == ["_agent"]:
+    agent_main(int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    sys.exit(0)
+
+
 # ================================================================ driver
 
 sys.path.insert(0, str(REPO / "tests" / "e2e"))
+
+# benches/compare/compare.py: child processes, z4j-agentd, the brain's SQLite, the machine, CPU of others
+from compare import (CHILDREN, BrainDB, Daemon, ForeignCpu, fmt, free_port, fresh_dir, git_commit,  # noqa: E402
+                     host, kill_tree, loadavg, spawn)
 
 
 def log(msg: str) -> None:
     print(f"[gw-bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def fresh_dir(path: Path) -> Path:
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True)
-    os.chmod(path, 0o700)
-    return path
-
-
-CHILDREN: list = []
-
-
-def spawn(argv, env, log_path: Path, **kw) -> subprocess.Popen:
-    with open(log_path, "ab") as logf:
-        p = subprocess.Popen([str(a) for a in argv], env=env, stderr=logf, start_new_session=True, **kw)
-    CHILDREN.append(p)
-    return p
-
-
-def kill(p: subprocess.Popen) -> None:
-    if p.poll() is None:
-        try:
-            os.killpg(p.pid, 9)
-        except (ProcessLookupError, PermissionError):
-            p.kill()
-    p.wait()
-
-
 def group_cpu_seconds(pgid: int) -> float:
     """utime + stime of every live process in process group `pgid` (the brain and its children)."""
-    total = 0
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                v = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(v[2]) == pgid:
-            total += int(v[11]) + int(v[12])
-    return total / CLK_TCK
+    return sum(int(v[11]) + int(v[12]) for _, v in all_proc_stats() if int(v[2]) == pgid) / CLK_TCK
 
 
 def group_pids(pgid: int) -> list:
-    out = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[2]) == pgid:
-                        out.append(int(name))
-            except OSError:
-                pass
-    return out
+    return [pid for pid, v in all_proc_stats() if int(v[2]) == pgid]
 
 
 def established(port: int) -> dict:
@@ -268,56 +207,20 @@ class ConnSampler(threading.Thread):
         return {"max_established": self.max_total, "max_by_owner": self.max_by_class, "samples": self.samples}
 
 
-class Daemon:
-    """z4j-agentd with the gateway (and the metrics listener) on."""
+class GatewayDaemon(Daemon):
+    """z4j-agentd with the gateway (and the metrics listener) on, connected to the brain."""
 
     def __init__(self, binary: Path, work: Path, brain_url: str, agent: dict) -> None:
-        self.work = fresh_dir(work)
-        home = fresh_dir(work / "home")
-        self.socket = work / "agent.sock"
         self.gateway_port, self.metrics_port = free_port(), free_port()
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "LANG": "C.UTF-8",
-               "Z4J_BRAIN_URL": brain_url, "Z4J_TOKEN": agent["token"], "Z4J_HMAC_SECRET": agent["hmac_secret"],
-               "Z4J_PROJECT_ID": agent["project_slug"], "Z4J_SOCKET_PATH": str(self.socket),
-               "Z4J_AGENT_NAME": "gw-bench-daemon", "Z4J_GATEWAY_ADDR": f"127.0.0.1:{self.gateway_port}",
-               "Z4J_METRICS_ADDR": f"127.0.0.1:{self.metrics_port}", "Z4J_LOG_LEVEL": "info"}
-        self.proc = spawn([binary, "run"], env, work / "daemon.log", stdin=subprocess.DEVNULL,
-                          stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"z4j-agentd exited with {self.proc.returncode}; see {work / 'daemon.log'}")
-            try:
-                st = self.stats()
-                if st.get("uplink_state") == "connected":
-                    break
-            except OSError:
-                st = {}
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"z4j-agentd not connected to the brain within 30 s: "
-                                   f"{st.get('uplink_state')} {st.get('last_error')}")
-            time.sleep(0.05)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
+        super().__init__(binary, work, brain_url, agent["token"], agent["hmac_secret"], {
+            "Z4J_PROJECT_ID": agent["project_slug"], "Z4J_AGENT_NAME": "gw-bench-daemon",
+            "Z4J_GATEWAY_ADDR": f"127.0.0.1:{self.gateway_port}",
+            "Z4J_METRICS_ADDR": f"127.0.0.1:{self.metrics_port}", "Z4J_LOG_LEVEL": "info"})
+        self.wait_connected(30)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.gateway_port}"
-
-    def stats(self) -> dict:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(5)
-            s.connect(str(self.socket))
-            s.sendall(b'{"type":"stats"}\n')
-            buf = b""
-            while not buf.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
-        return json.loads(buf)
 
     def brain_frames_acked(self) -> int:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
@@ -326,14 +229,6 @@ class Daemon:
         if not m:
             raise RuntimeError("z4j_agentd_brain_ack_latency_seconds_count missing from /metrics")
         return int(m.group(1))
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                kill(self.proc)
 
 
 def agent_slots(brain, slug: str, agent_id: str) -> list:
@@ -350,29 +245,6 @@ def online(slots: list) -> list:
     return [s for s in slots if s["state"] == "online"]
 
 
-class BrainDB:
-    def __init__(self, path: Path) -> None:
-        self.con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30, isolation_level=None)
-
-    def max_rowid(self) -> int:
-        return self.con.execute("SELECT COALESCE(MAX(rowid), 0) FROM events").fetchone()[0]
-
-    def count_prefix(self, agent_hex: str, like: str) -> int:
-        return self.con.execute("SELECT COUNT(*) FROM events WHERE agent_id = ? AND task_id LIKE ?",
-                                (agent_hex, like)).fetchone()[0]
-
-    def rows_by_task(self, agent_hex: str, like: str) -> dict:
-        out: dict = {}
-        for task, kind, n in self.con.execute(
-                "SELECT task_id, kind, COUNT(*) FROM events WHERE agent_id = ? AND task_id LIKE ? "
-                "GROUP BY task_id, kind", (agent_hex, like)):
-            out.setdefault(task, {})[kind] = n
-        return out
-
-    def close(self) -> None:
-        self.con.close()
-
-
 def wait_brain_quiet(pgid: int, max_wait: float) -> float:
     """Wait until the brain uses under 5 % of a core over 1 s (bounded); return what was seen."""
     deadline = time.monotonic() + max_wait
@@ -384,7 +256,7 @@ def wait_brain_quiet(pgid: int, max_wait: float) -> float:
             return pct
 
 
-def wait_advertised(daemon: Daemon, timeout: float = 30) -> dict:
+def wait_advertised(daemon: GatewayDaemon, timeout: float = 30) -> dict:
     """Wait until the daemon's hello to the brain advertises what its clients registered.
 
     A new set of engines, capabilities or runtime features (the z4j agents
@@ -415,7 +287,7 @@ def run_mode(mode: str, args, brain, agent: dict, work: Path, gw_python: Path, f
     daemon = None
     url = brain.url
     if mode == "gateway":
-        daemon = Daemon(args.agentd, mwork / "daemon", brain.url, agent)
+        daemon = GatewayDaemon(args.agentd, mwork / "daemon", brain.url, agent)
         url = daemon.url
     procs = []
     db = BrainDB(brain.db_path)
@@ -499,7 +371,7 @@ def run_mode(mode: str, args, brain, agent: dict, work: Path, gw_python: Path, f
         rows = db.rows_by_task(agent_hex, like)
     finally:
         for p in procs:
-            kill(p)
+            kill_tree(p)
         db.close()
         if daemon:
             daemon.stop()
@@ -572,31 +444,8 @@ def run_mode(mode: str, args, brain, agent: dict, work: Path, gw_python: Path, f
 
 
 def machine() -> dict:
-    cpu = ""
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    with open("/proc/meminfo") as f:
-        mem_kb = int(f.readline().split()[1])
-
-    def sh(*argv) -> str:
-        try:
-            return subprocess.run(argv, capture_output=True, text=True, timeout=60).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    commit = sh("git", "-C", str(REPO), "rev-parse", "--short", "HEAD")
-    if commit and sh("git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"):
-        commit += " (uncommitted changes)"
-    return {"nproc": os.cpu_count(), "cpu_model": cpu, "mem_gib": round(mem_kb / 2 ** 20, 1),
-            "kernel": platform.release(), "python": platform.python_version(), "git_commit": commit,
-            "loadavg_at_start": open("/proc/loadavg").read().split()[:3]}
-
-
-def fmt(v, nd=0) -> str:
-    return "-" if v is None else f"{v:,.{nd}f}"
+    return {**host(), "python": platform.python_version(), "git_commit": git_commit(),
+            "loadavg_at_start": loadavg()}
 
 
 def render(res: dict) -> str:
@@ -643,9 +492,6 @@ def render(res: dict) -> str:
 
 
 def main() -> int:
-    if len(sys.argv) >= 2 and sys.argv[1] == "_agent":
-        agent_main(int(sys.argv[2]), sys.argv[3], sys.argv[4])
-        return 0
     if len(sys.argv) == 3 and sys.argv[1] == "render":
         print(render(json.loads(Path(sys.argv[2]).read_text())))
         return 0
@@ -673,7 +519,6 @@ def main() -> int:
 
     started = datetime.now(timezone.utc)
     t_start = time.monotonic()
-    from compare import ForeignCpu  # benches/compare/compare.py: CPU of processes not ours, sampled
     foreign = ForeignCpu()
     foreign0 = foreign.seconds()
     work = Path(tempfile.mkdtemp(prefix="z4j-gwbench."))
@@ -700,7 +545,7 @@ def main() -> int:
         ok = True
     finally:
         for p in CHILDREN:
-            kill(p)
+            kill_tree(p)
         brain.stop()
         if ok and not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -708,7 +553,7 @@ def main() -> int:
             log(f"logs kept in {work}")
     res["total_s"] = time.monotonic() - t_start
     res["foreign_cpu_s"] = round(foreign.seconds() - foreign0, 1)
-    res["machine"]["loadavg_at_end"] = open("/proc/loadavg").read().split()[:3]
+    res["machine"]["loadavg_at_end"] = loadavg()
     out = args.json or HERE / "results" / f"gateway_vs_direct-{started.strftime('%Y%m%dT%H%M%SZ')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1) + "\n")

@@ -13,6 +13,9 @@ fresh directory, so the buffer is a new `~/.z4j/buffer-<pid>.sqlite`.
 
 Protocol with the driver (compare.py): JSON lines on stdout; `e2e` prints
 {"ready": ...} once connected, waits for a line on stdin, then runs.
+
+benches/gateway_vs_direct.py's agent processes import `to_event`,
+`wait_session` and `cpu_s` from here.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ def make_runtime() -> AgentRuntime:
 
 
 def to_event(d: dict) -> Event:
+    """A z4j Event from one of common.lifecycle_events' dicts."""
     return Event(id=uuid.UUID(d["id"]), project_id=PLACEHOLDER, agent_id=PLACEHOLDER,
                  engine=d["engine"], task_id=d["task_id"], kind=EventKind(d["kind"]),
                  occurred_at=datetime.fromisoformat(d["occurred_at"]), data=d["data"])
@@ -74,6 +78,15 @@ def buffered_frame_bytes(ev: Event) -> int:
         "id": str(ev.id), "kind": ev.kind.value, "engine": ev.engine, "task_id": ev.task_id,
         "occurred_at": ev.occurred_at.isoformat(), "data": ev.data}]))
     return len(serialize_frame(frame))
+
+
+def wait_session(rt: AgentRuntime, timeout: float, who: str) -> None:
+    """Wait until the runtime has a session with its brain (hello_ack received)."""
+    deadline = time.monotonic() + timeout
+    while rt.supervisor_state().get("session_id") is None:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{who} did not connect within {timeout:.0f} s: {rt.supervisor_state()}")
+        time.sleep(0.02)
 
 
 def hotpath(n: int, idle_s: float) -> None:
@@ -128,11 +141,7 @@ def hotpath(n: int, idle_s: float) -> None:
 def e2e(n: int, prefix: str) -> None:
     events = [to_event(d) for d in lifecycle_events(n, prefix)]
     rt = make_runtime()
-    deadline = time.monotonic() + 30
-    while rt.supervisor_state().get("session_id") is None:
-        if time.monotonic() > deadline:
-            raise SystemExit(f"z4j-bare did not connect within 30 s: {rt.supervisor_state()}")
-        time.sleep(0.02)
+    wait_session(rt, 30, "z4j-bare")
     emit({"ready": True, "pid": os.getpid()})
     wait_go()
     c0 = cpu_s()

@@ -3,7 +3,8 @@
 Imported by every process of `benches/compare/run.sh`: the driver
 (compare.py), the stock-agent script (bare_agent.py, in the z4j-bare venv),
 the z4j-agentd socket client (agentd_client.py) and the direct protocol
-client (ceiling.py). All of them send the SAME events, built here.
+client (ceiling.py); also benches/gateway_vs_direct.py, driver and agents.
+All of them send the SAME events, built here.
 """
 
 from __future__ import annotations
@@ -53,10 +54,26 @@ def lifecycle_events(n_events: int, prefix: str) -> list:
     return out
 
 
+def proc_stat(pid) -> list:
+    """The fields of /proc/<pid>/stat after the command name: [1] ppid, [2] process group,
+    [11] utime, [12] stime (in clock ticks)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
+def all_proc_stats():
+    """(pid, proc_stat(pid)) of every process, leaving out those gone while /proc is read."""
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                yield int(name), proc_stat(name)
+            except OSError:
+                continue
+
+
 def proc_cpu_seconds(pid: int) -> float:
     """utime + stime of a process, from /proc/<pid>/stat."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
+    fields = proc_stat(pid)
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 

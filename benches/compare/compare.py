@@ -21,6 +21,9 @@ B. end to end into one real z4j 1.13.0 brain (tests/e2e/brain.py), events/s
    B4  the same direct client with z4j-agentd's batching: 250 events/frame, 2 in flight
 
 `compare.py render RESULT.json` prints the tables of a saved result again.
+
+Import-safe (stdlib only, nothing runs on import): benches/gateway_vs_direct.py
+takes its child-process, z4j-agentd, brain-database and machine helpers from here.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO / "tests" / "e2e"))
 sys.path.insert(0, str(HERE))
 
-from common import proc_cpu_seconds, proc_mem_kb  # noqa: E402
+from common import CLK_TCK, all_proc_stats, proc_cpu_seconds, proc_mem_kb  # noqa: E402
 
 # Any valid 32-byte secret will do while the brain is unreachable.
 OFFLINE_SECRET = "mVtpP-Iz85lBRJdiBbQ9KzZo4cCi7lxIHt-j7T6yOGU="
@@ -61,8 +64,8 @@ def log(msg: str) -> None:
     print(f"[compare {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def closed_port() -> int:
-    """A loopback port nothing listens on (bound, then released): connect() is refused."""
+def free_port() -> int:
+    """A loopback port nothing listens on (bound, then released): connect() is refused, bind() works."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -96,9 +99,9 @@ def kill_tree(p: subprocess.Popen) -> None:
 
 
 def spawn(argv, env, log_path: Path, **kw) -> subprocess.Popen:
-    logf = open(log_path, "ab")
-    p = subprocess.Popen([str(a) for a in argv], env=env, stderr=logf, start_new_session=True, **kw)
-    logf.close()
+    """Start a child in its own session, stderr appended to log_path; kill_tree(CHILDREN) ends them all."""
+    with open(log_path, "ab") as logf:
+        p = subprocess.Popen([str(a) for a in argv], env=env, stderr=logf, start_new_session=True, **kw)
     CHILDREN.append(p)
     return p
 
@@ -118,17 +121,7 @@ class ForeignCpu(threading.Thread):
         self.start()
 
     def scan(self, count: bool = True) -> None:
-        procs = {}
-        for name in os.listdir("/proc"):
-            if not name.isdigit():
-                continue
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    head, rest = f.read().rsplit(")", 1)
-            except OSError:
-                continue
-            v = rest.split()
-            procs[int(name)] = (int(v[1]), int(v[11]) + int(v[12]))  # ppid, utime + stime
+        procs = {pid: (int(v[1]), int(v[11]) + int(v[12])) for pid, v in all_proc_stats()}  # ppid, utime + stime
         ours = {self.me}
         for pid in procs:
             chain, p = [], pid
@@ -157,7 +150,7 @@ class ForeignCpu(threading.Thread):
     def seconds(self) -> float:
         self.scan()
         with self.lock:
-            return self.foreign / os.sysconf("SC_CLK_TCK")
+            return self.foreign / CLK_TCK
 
 
 FOREIGN: ForeignCpu = None  # started by main()
@@ -242,7 +235,7 @@ class Daemon:
 def a1_bare_hotpath(args, work: Path, run: int) -> dict:
     home = fresh_dir(work / f"a1-{run}")
     env = base_env(home)
-    env.update({"Z4J_BRAIN_URL": f"http://127.0.0.1:{closed_port()}", "Z4J_TOKEN": "compare-offline",
+    env.update({"Z4J_BRAIN_URL": f"http://127.0.0.1:{free_port()}", "Z4J_TOKEN": "compare-offline",
                 "Z4J_PROJECT_ID": "default", "Z4J_HMAC_SECRET": OFFLINE_SECRET})
     out = subprocess.run([args.bare_python, HERE / "bare_agent.py", "hotpath", str(args.hot_n), "2"],
                          env=env, capture_output=True, text=True, timeout=600)
@@ -257,7 +250,7 @@ def a1_bare_hotpath(args, work: Path, run: int) -> dict:
 
 
 def a2_agentd_ingest(args, work: Path, run: int, loadgen_args: list) -> dict:
-    d = Daemon(args.agentd, work / f"a2-{run}", f"http://127.0.0.1:{closed_port()}", "compare-offline",
+    d = Daemon(args.agentd, work / f"a2-{run}", f"http://127.0.0.1:{free_port()}", "compare-offline",
                OFFLINE_SECRET, {"Z4J_SHUTDOWN_GRACE_SECONDS": "0", "Z4J_LOG_LEVEL": "warn",
                                 "Z4J_BUFFER_SYNCHRONOUS": "normal"})
     try:
@@ -281,7 +274,7 @@ def a2_agentd_ingest(args, work: Path, run: int, loadgen_args: list) -> dict:
 
 
 class BrainDB:
-    """Read-only view of the brain's SQLite file (as tests/e2e/harness.py brain_db)."""
+    """Read-only view of the brain's SQLite file (as tests/e2e/harness.py brain_db), its `events` table."""
 
     def __init__(self, path: Path) -> None:
         self.con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30, isolation_level=None)
@@ -295,6 +288,19 @@ class BrainDB:
 
     def count_agent(self, agent_hex: str) -> int:
         return self.con.execute("SELECT COUNT(*) FROM events WHERE agent_id = ?", (agent_hex,)).fetchone()[0]
+
+    def count_prefix(self, agent_hex: str, like: str) -> int:
+        return self.con.execute("SELECT COUNT(*) FROM events WHERE agent_id = ? AND task_id LIKE ?",
+                                (agent_hex, like)).fetchone()[0]
+
+    def rows_by_task(self, agent_hex: str, like: str) -> dict:
+        """{task_id: {kind: rows}} of the agent's tasks whose id is LIKE `like`."""
+        out: dict = {}
+        for task, kind, n in self.con.execute(
+                "SELECT task_id, kind, COUNT(*) FROM events WHERE agent_id = ? AND task_id LIKE ? "
+                "GROUP BY task_id, kind", (agent_hex, like)):
+            out.setdefault(task, {})[kind] = n
+        return out
 
     def close(self) -> None:
         self.con.close()
@@ -405,7 +411,8 @@ def sh(*argv) -> str:
         return ""
 
 
-def machine(args) -> dict:
+def host() -> dict:
+    """CPUs, their model, memory and kernel of this machine."""
     cpu = ""
     with open("/proc/cpuinfo") as f:
         for line in f:
@@ -414,17 +421,31 @@ def machine(args) -> dict:
                 break
     with open("/proc/meminfo") as f:
         mem_kb = int(f.readline().split()[1])
-    import importlib.metadata as md
-    bare = sh(args.bare_python, str(HERE / "bare_agent.py"), "version")
+    return {"nproc": os.cpu_count(), "cpu_model": cpu, "mem_gib": round(mem_kb / 2 ** 20, 1),
+            "kernel": platform.release()}
+
+
+def loadavg() -> list:
+    with open("/proc/loadavg") as f:
+        return f.read().split()[:3]
+
+
+def git_commit() -> str:
+    """The checkout's short HEAD, marked when tracked files differ from it."""
     commit = sh("git", "-C", str(REPO), "rev-parse", "--short", "HEAD")
     if commit and sh("git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"):
         commit += " (uncommitted changes)"
+    return commit
+
+
+def machine(args) -> dict:
+    import importlib.metadata as md
+    bare = sh(args.bare_python, str(HERE / "bare_agent.py"), "version")
     return {
-        "nproc": os.cpu_count(), "cpu_model": cpu, "mem_gib": round(mem_kb / 2 ** 20, 1),
-        "kernel": platform.release(), "os": sh("sh", "-c", ". /etc/os-release && echo $PRETTY_NAME"),
-        "loadavg_at_start": open("/proc/loadavg").read().split()[:3],
+        **host(), "os": sh("sh", "-c", ". /etc/os-release && echo $PRETTY_NAME"),
+        "loadavg_at_start": loadavg(),
         "versions": {
-            "z4j_agentd": sh(str(args.agentd), "--version"), "git_commit": commit,
+            "z4j_agentd": sh(str(args.agentd), "--version"), "git_commit": git_commit(),
             "rustc": sh("rustc", "--version"),
             "z4j_brain": md.version("z4j"), "z4j_bare": json.loads(bare or "{}").get("z4j_bare", "?"),
             "python": platform.python_version(), "sqlite": sqlite3.sqlite_version,
@@ -457,10 +478,8 @@ def summarize(res: dict) -> dict:
     return s
 
 
-def fmt(v, nd=0):
-    if v is None:
-        return "-"
-    return f"{v:,.{nd}f}"
+def fmt(v, nd=0) -> str:
+    return "-" if v is None else f"{v:,.{nd}f}"
 
 
 def runs_list(runs, key, nd=0):
@@ -645,7 +664,7 @@ def main() -> int:
         else:
             log(f"FAILED; logs kept in {work}")
     res["total_s"] = time.monotonic() - t_start
-    res["machine"]["loadavg_at_end"] = open("/proc/loadavg").read().split()[:3]
+    res["machine"]["loadavg_at_end"] = loadavg()
     res["summary"] = summarize(res)
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
