@@ -98,11 +98,16 @@ enum Next {
 /// The next text or binary message, or the close (code 1005 without one,
 /// 1006 when the connection ended without a close frame).
 async fn next_message(ws: &mut Ws) -> Next {
-    let deadline = tokio::time::Instant::now() + WAIT;
+    next_message_within(ws, WAIT).await
+}
+
+/// [`next_message`], which must come within `within`.
+async fn next_message_within(ws: &mut Ws, within: Duration) -> Next {
+    let deadline = tokio::time::Instant::now() + within;
     loop {
         let msg = tokio::time::timeout_at(deadline, ws.next())
             .await
-            .expect("the gateway answers within 10 s");
+            .unwrap_or_else(|_| panic!("the gateway answers within {within:?}"));
         match msg {
             Some(Ok(Message::Binary(b))) => return Next::Data(b.to_vec()),
             Some(Ok(Message::Text(t))) => return Next::Data(t.as_bytes().to_vec()),
@@ -870,4 +875,172 @@ async fn connections_over_the_cap_get_4429_and_agents_get_1012_when_the_daemon_s
     let (code, reason) = agent.closed().await;
     assert_eq!(code, 1012, "{reason}");
     stopping.await.unwrap().unwrap();
+}
+
+/// An `event_batch` payload of `events`.
+fn batch_payload(events: Vec<Value>) -> Value {
+    let mut p = Value::empty_map();
+    p.insert("events", Value::Array(events));
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_frames_are_closed_with_4403_and_their_agent_is_heard_again_at_once() {
+    const WORKER: &str = "celery-77-1";
+    let brain = FakeBrain::start(Behavior::default()).await;
+    let (d, addr) = daemon_for(gateway_options(&brain.url)).await;
+    let replayed = |task: &str| batch_payload(vec![task_event(task)]);
+
+    // A `seq` not greater than the last accepted one: a second signer of
+    // the same session starts at 1 again.
+    let mut agent = handshake(addr, fake_brain::TOKEN, WORKER).await.agent();
+    let id = agent.event_batch(vec![task_event("gw-heard-1")]).await;
+    assert_eq!(num(&agent.batch_ack(&id).await, "accepted"), 1);
+    let mut rewound = Signer::new(key(), agent.binding());
+    let f = rewound.sign_value(
+        "event_batch",
+        &protocol::new_frame_id("ev_"),
+        &replayed("gw-replayed-seq"),
+        OffsetDateTime::now_utc(),
+        &protocol::new_nonce(),
+    );
+    agent.send_raw(f).await;
+    let (code, reason) = agent.closed().await;
+    assert_eq!(code, 4403, "{reason}");
+    assert!(
+        reason.contains("seq 1 is not greater than the last accepted seq 1"),
+        "{reason}"
+    );
+
+    // A replay is not a wrong secret: the same token and worker_id are
+    // heard at once. A nonce used twice in the session: 4403.
+    let mut agent = handshake(addr, fake_brain::TOKEN, WORKER).await.agent();
+    let nonce = protocol::new_nonce();
+    let id = protocol::new_frame_id("ev_");
+    let f = agent.signer.sign_value(
+        "event_batch",
+        &id,
+        &replayed("gw-heard-2"),
+        OffsetDateTime::now_utc(),
+        &nonce,
+    );
+    agent.send_raw(f).await;
+    assert_eq!(num(&agent.batch_ack(&id).await, "accepted"), 1);
+    let f = agent.signer.sign_value(
+        "event_batch",
+        &protocol::new_frame_id("ev_"),
+        &replayed("gw-replayed-nonce"),
+        OffsetDateTime::now_utc(),
+        &nonce,
+    );
+    agent.send_raw(f).await;
+    let (code, reason) = agent.closed().await;
+    assert_eq!(code, 4403, "{reason}");
+    assert!(reason.contains("nonce was already used"), "{reason}");
+
+    // A `ts` 300 s old: 4403.
+    let mut agent = handshake(addr, fake_brain::TOKEN, WORKER).await.agent();
+    let f = agent.signer.sign_value(
+        "event_batch",
+        &protocol::new_frame_id("ev_"),
+        &replayed("gw-replayed-ts"),
+        OffsetDateTime::now_utc() - Duration::from_secs(300),
+        &protocol::new_nonce(),
+    );
+    agent.send_raw(f).await;
+    let (code, reason) = agent.closed().await;
+    assert_eq!(code, 4403, "{reason}");
+    assert!(
+        reason.contains("ts is 300.") && reason.contains("behind this host's clock"),
+        "{reason}"
+    );
+
+    // And heard again after that.
+    let mut agent = handshake(addr, fake_brain::TOKEN, WORKER).await.agent();
+    let id = agent.event_batch(vec![task_event("gw-heard-3")]).await;
+    assert_eq!(num(&agent.batch_ack(&id).await, "accepted"), 1);
+
+    let s = d.client().await.stats().await.unwrap();
+    assert_eq!(closed_count(&s, "4403"), 3, "{s:?}");
+    assert_eq!(num(&s, "stored"), 3, "only the heard frames' events: {s:?}");
+    assert_eq!(spooled(&d.spool, "gw-replayed-"), 0);
+    wait_for(10, "the heard events at the brain", || {
+        let at_brain = brain.seen.task_ids.lock().unwrap();
+        ["gw-heard-1", "gw-heard-2", "gw-heard-3"]
+            .iter()
+            .all(|t| at_brain.contains(*t))
+    })
+    .await;
+    assert!(
+        !brain
+            .seen
+            .task_ids
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|t| t.starts_with("gw-replayed-")),
+        "{:?}",
+        brain.seen.task_ids
+    );
+    drop(agent);
+    d.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_at_another_path_gets_http_404_naming_ws_agent() {
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    let brain = FakeBrain::start(Behavior::default()).await;
+    let (d, addr) = daemon_for(gateway_options(&brain.url)).await;
+    for path in ["/", "/ws", "/ws/agent/extra", "/api/ws/agent"] {
+        let mut req = format!("ws://{addr}{path}").into_client_request().unwrap();
+        req.headers_mut().insert(
+            "authorization",
+            format!("Bearer {}", fake_brain::TOKEN).parse().unwrap(),
+        );
+        let refused = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(req))
+            .await
+            .expect("an answer in time");
+        let resp = match refused {
+            Err(WsError::Http(resp)) => resp,
+            Err(e) => panic!("{path}: expected an HTTP refusal, got {e}"),
+            Ok(_) => panic!("{path}: the gateway upgraded the connection"),
+        };
+        assert_eq!(resp.status().as_u16(), 404, "{path}: {resp:?}");
+        let body = String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default());
+        assert!(body.contains("/ws/agent"), "{path}: {body:?}");
+    }
+    // The gateway goes on serving agents at its path.
+    let agent = handshake(addr, fake_brain::TOKEN, "celery-1").await.agent();
+    let s = d.client().await.stats().await.unwrap();
+    let g = s.get("gateway").expect("a gateway section");
+    assert_eq!(num(g, "sessions"), 1, "{g:?}");
+    drop(agent);
+    d.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_without_a_hello_for_10_s_is_closed_with_4400() {
+    let brain = FakeBrain::start(Behavior::default()).await;
+    let (d, addr) = daemon_for(gateway_options(&brain.url)).await;
+    let mut ws = open(addr, Some(fake_brain::TOKEN)).await;
+    let upgraded = std::time::Instant::now();
+    let Next::Closed(code, reason) = next_message_within(&mut ws, Duration::from_secs(20)).await
+    else {
+        panic!("the gateway sent a message before any hello");
+    };
+    let waited = upgraded.elapsed();
+    assert_eq!(code, 4400, "{reason}");
+    assert!(reason.contains("no hello within 10 s"), "{reason}");
+    // The daemon's 10 s started when it sent the upgrade, a moment before
+    // the upgrade returned here.
+    assert!(
+        waited >= Duration::from_millis(9_500) && waited < Duration::from_secs(15),
+        "closed after {waited:?}"
+    );
+    eprintln!("closed with 4400 after {waited:?} without a hello");
+    let s = d.client().await.stats().await.unwrap();
+    assert_eq!(closed_count(&s, "4400"), 1, "{s:?}");
+    let g = s.get("gateway").expect("a gateway section");
+    assert_eq!(num(g, "sessions"), 0, "{g:?}");
+    d.stop().await.unwrap();
 }
