@@ -9,7 +9,8 @@ use crate::support;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -168,7 +169,11 @@ impl Answer {
 /// Connects with `token`, sends `first` as the first message (binary, as
 /// z4j-bare does) and reads the answer.
 async fn handshake_with(addr: SocketAddr, token: Option<&str>, first: Vec<u8>) -> Answer {
-    let mut ws = open(addr, token).await;
+    say_hello(open(addr, token).await, first).await
+}
+
+/// Sends `first` on an upgraded connection and reads the answer.
+async fn say_hello(mut ws: Ws, first: Vec<u8>) -> Answer {
     // A refused token is closed before the hello is read: the send may
     // already find the connection closing, which the answer then says.
     let _ = ws.send(Message::binary(first)).await;
@@ -1042,5 +1047,200 @@ async fn a_connection_without_a_hello_for_10_s_is_closed_with_4400() {
     assert_eq!(closed_count(&s, "4400"), 1, "{s:?}");
     let g = s.get("gateway").expect("a gateway section");
     assert_eq!(num(g, "sessions"), 0, "{g:?}");
+    d.stop().await.unwrap();
+}
+
+/// Opens a WebSocket to the gateway, as [`open`], over a TCP connection
+/// whose receive buffer is as small as the kernel allows: an agent that
+/// does not read fills it at once.
+async fn open_small_window(addr: SocketAddr) -> Ws {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let stream = sock.connect(addr).await.unwrap();
+    let mut req = format!("ws://{addr}/ws/agent")
+        .into_client_request()
+        .unwrap();
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", fake_brain::TOKEN).parse().unwrap(),
+    );
+    let (ws, _) = tokio::time::timeout(
+        WAIT,
+        tokio_tungstenite::client_async(req, MaybeTlsStream::Plain(stream)),
+    )
+    .await
+    .expect("upgrade in time")
+    .expect("the gateway upgrades the connection");
+    ws
+}
+
+/// A client's binary WebSocket frame of `payload` (masked, as a client's
+/// must be), written by hand so that it can be sent in parts.
+fn masked_frame(payload: &[u8]) -> Vec<u8> {
+    let mask = [0x5a, 0x17, 0xc3, 0x81];
+    let mut f = vec![0x82];
+    let n = payload.len();
+    assert!(n <= usize::from(u16::MAX));
+    f.push(0x80 | 126);
+    f.extend_from_slice(&(n as u16).to_be_bytes());
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+/// The daemon's `replies_dropped` count.
+fn replies_dropped(s: &Value) -> u64 {
+    num(s, "replies_dropped")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_does_not_read_or_stops_mid_frame_does_not_stall_the_others() {
+    use tokio::io::AsyncWriteExt;
+    /// Batches the agent that does not read sends at most (its acks are
+    /// dropped after a few thousand on Linux's default buffers).
+    const FLOOD_MAX: usize = 100_000;
+    let brain = FakeBrain::start(Behavior::default()).await;
+    let (d, addr) = daemon_for(gateway_options(&brain.url)).await;
+
+    // One agent stops in the middle of a frame: half of it is sent.
+    let mut halfway = handshake(addr, fake_brain::TOKEN, "celery-half-1")
+        .await
+        .agent();
+    let half_id = protocol::new_frame_id("ev_");
+    let signed = halfway.signer.sign_value(
+        "event_batch",
+        &half_id,
+        &batch_payload(vec![task_event("gw-half-1")]),
+        OffsetDateTime::now_utc(),
+        &protocol::new_nonce(),
+    );
+    let wire = masked_frame(&signed);
+    let (first_half, second_half) = wire.split_at(wire.len() / 2);
+    let MaybeTlsStream::Plain(raw) = halfway.ws.get_mut() else {
+        unreachable!("a plain TCP connection");
+    };
+    raw.write_all(first_half).await.unwrap();
+    raw.flush().await.unwrap();
+
+    // Another sends batch after batch and never reads its acks.
+    let hello = hello_payload("celery-deaf-1", "celery", &["cancel_task"]);
+    let mut deaf = say_hello(open_small_window(addr).await, hello_frame(&hello))
+        .await
+        .agent();
+    let flooding = Arc::new(AtomicBool::new(true));
+    let flood = tokio::spawn({
+        let flooding = flooding.clone();
+        async move {
+            let mut ids = Vec::new();
+            while flooding.load(Ordering::SeqCst) && ids.len() < FLOOD_MAX {
+                let task = format!("gw-deaf-{}", ids.len());
+                ids.push(deaf.event_batch(vec![task_event(&task)]).await);
+            }
+            (deaf, ids)
+        }
+    });
+    let s = wait_stats(
+        &d,
+        60,
+        "acks of the agent that does not read dropped",
+        |s| replies_dropped(s) > 0,
+    )
+    .await;
+    assert_eq!(
+        s.get("gateway").map(|g| num(g, "connections")),
+        Some(2),
+        "{s:?}"
+    );
+
+    // Meanwhile, as it goes on, a third agent is served promptly.
+    let mut prompt = handshake(addr, fake_brain::TOKEN, "celery-prompt-1")
+        .await
+        .agent();
+    let sent = std::time::Instant::now();
+    let id = prompt.event_batch(vec![task_event("gw-prompt-1")]).await;
+    let ack = prompt.batch_ack(&id).await;
+    let took = sent.elapsed();
+    eprintln!("the prompt agent's ack came after {took:?}");
+    assert_eq!(num(&ack, "accepted"), 1, "{ack:?}");
+    assert!(took < Duration::from_secs(3), "acked after {took:?}");
+    assert!(!flood.is_finished(), "the flood went on meanwhile");
+    let s = d.client().await.stats().await.unwrap();
+    assert_eq!(
+        s.get("gateway").map(|g| num(g, "connections")),
+        Some(3),
+        "the others still connected: {s:?}"
+    );
+    wait_for(10, "the prompt agent's event at the brain", || {
+        brain.seen.task_ids.lock().unwrap().contains("gw-prompt-1")
+    })
+    .await;
+
+    // The frame sent in half is taken once it is whole.
+    let MaybeTlsStream::Plain(raw) = halfway.ws.get_mut() else {
+        unreachable!("a plain TCP connection");
+    };
+    raw.write_all(second_half).await.unwrap();
+    raw.flush().await.unwrap();
+    assert_eq!(num(&halfway.batch_ack(&half_id).await, "accepted"), 1);
+
+    // Every batch of the agent that does not read is stored; its acks
+    // that found its reply queue full were dropped and counted.
+    flooding.store(false, Ordering::SeqCst);
+    let (mut deaf, ids) = flood.await.unwrap();
+    let flood = ids.len();
+    assert!(flood < FLOOD_MAX, "still flooding: {flood} batches sent");
+    // (The spool forgets what the brain acked: `stored` counts them all.)
+    wait_stats(&d, 60, "all the flood stored", |s| {
+        num(s, "stored") == flood as u64 + 2
+    })
+    .await;
+    let mut c = d.client().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let (mut dropped, mut same) = (u64::MAX, 0);
+    while same < 10 {
+        let now = replies_dropped(&c.stats().await.unwrap());
+        same = if now == dropped { same + 1 } else { 0 };
+        dropped = now;
+        assert!(tokio::time::Instant::now() < deadline, "{dropped} dropped");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let held = flood - usize::try_from(dropped).unwrap();
+    eprintln!("{dropped} of {flood} acks dropped, {held} held for the agent");
+    assert!(dropped > 0);
+    // The reply queue's 256 and the one its writer is blocked on, at least;
+    // the rest waits in the kernel's buffers.
+    assert!(
+        held > z4j_agentd::ingest::replies::REPLY_QUEUE,
+        "{held} held"
+    );
+
+    // Read now, it gets exactly the acks not dropped, in order, then the
+    // ack of its next batch.
+    let mut next = 0;
+    for n in 0..held {
+        let f = deaf.frame().await;
+        assert_eq!(f.frame_type, "event_batch_ack", "{f:?}");
+        let acked = text(&f.payload, "acked_id");
+        let at = ids[next..]
+            .iter()
+            .position(|i| i == acked)
+            .unwrap_or_else(|| panic!("ack {n} of {acked}: not a later batch"));
+        next += at + 1;
+    }
+    let last = deaf.event_batch(vec![task_event("gw-deaf-last")]).await;
+    let ack = deaf.batch_ack(&last).await;
+    assert_eq!(num(&ack, "accepted"), 1, "{ack:?}");
+    let s = d.client().await.stats().await.unwrap();
+    assert_eq!(replies_dropped(&s), dropped, "{s:?}");
+    wait_for(30, "the whole flood at the brain", || {
+        let at_brain = brain.seen.task_ids.lock().unwrap();
+        at_brain
+            .iter()
+            .filter(|t| t.starts_with("gw-deaf-"))
+            .count()
+            == flood + 1
+    })
+    .await;
+    drop((deaf, halfway, prompt));
     d.stop().await.unwrap();
 }
