@@ -9,7 +9,8 @@ use crate::support;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -98,11 +99,16 @@ enum Next {
 /// The next text or binary message, or the close (code 1005 without one,
 /// 1006 when the connection ended without a close frame).
 async fn next_message(ws: &mut Ws) -> Next {
-    let deadline = tokio::time::Instant::now() + WAIT;
+    next_message_within(ws, WAIT).await
+}
+
+/// [`next_message`], which must come within `within`.
+async fn next_message_within(ws: &mut Ws, within: Duration) -> Next {
+    let deadline = tokio::time::Instant::now() + within;
     loop {
         let msg = tokio::time::timeout_at(deadline, ws.next())
             .await
-            .expect("the gateway answers within 10 s");
+            .unwrap_or_else(|_| panic!("the gateway answers within {within:?}"));
         match msg {
             Some(Ok(Message::Binary(b))) => return Next::Data(b.to_vec()),
             Some(Ok(Message::Text(t))) => return Next::Data(t.as_bytes().to_vec()),
@@ -163,7 +169,11 @@ impl Answer {
 /// Connects with `token`, sends `first` as the first message (binary, as
 /// z4j-bare does) and reads the answer.
 async fn handshake_with(addr: SocketAddr, token: Option<&str>, first: Vec<u8>) -> Answer {
-    let mut ws = open(addr, token).await;
+    say_hello(open(addr, token).await, first).await
+}
+
+/// Sends `first` on an upgraded connection and reads the answer.
+async fn say_hello(mut ws: Ws, first: Vec<u8>) -> Answer {
     // A refused token is closed before the hello is read: the send may
     // already find the connection closing, which the answer then says.
     let _ = ws.send(Message::binary(first)).await;
@@ -870,4 +880,367 @@ async fn connections_over_the_cap_get_4429_and_agents_get_1012_when_the_daemon_s
     let (code, reason) = agent.closed().await;
     assert_eq!(code, 1012, "{reason}");
     stopping.await.unwrap().unwrap();
+}
+
+/// An `event_batch` payload of `events`.
+fn batch_payload(events: Vec<Value>) -> Value {
+    let mut p = Value::empty_map();
+    p.insert("events", Value::Array(events));
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_frames_are_closed_with_4403_and_their_agent_is_heard_again_at_once() {
+    const WORKER: &str = "celery-77-1";
+    let brain = FakeBrain::start(Behavior::default()).await;
+    let (d, addr) = daemon_for(gateway_options(&brain.url)).await;
+    let replayed = |task: &str| batch_payload(vec![task_event(task)]);
+
+    // A `seq` not greater than the last accepted one: a second signer of
+    // the same session starts at 1 again.
+    let mut agent = handshake(addr, fake_brain::TOKEN, WORKER).await.agent();
+    let id = agent.event_batch(vec![task_event("gw-heard-1")]).await;
+    assert_eq!(num(&agent.batch_ack(&id).await, "accepted"), 1);
+    let mut rewound = Signer::new(key(), agent.binding());
+    let f = rewound.sign_value(
+        "event_batch",
+        &protocol::new_frame_id("ev_"),
+        &replayed("gw-replayed-seq"),
+        OffsetDateTime::now_utc(),
+        &protocol::new_nonce(),
+    );
+    agent.send_raw(f).await;
+    let (code, reason) = agent.closed().await;
+    assert_eq!(code, 4403, "{reason}");
+    assert!(
+        reason.contains("seq 1 is not greater than the last accepted seq 1"),
+        "{reason}"
+    );
+
+    // A replay is not a wrong secret: the same token and worker_id are
+    // heard at once. A nonce used twice in the session: 4403.
+    let mut agent = handshake(addr, fake_brain::TOKEN, WORKER).await.agent();
+    let nonce = protocol::new_nonce();
+    let id = protocol::new_frame_id("ev_");
+    let f = agent.signer.sign_value(
+        "event_batch",
+        &id,
+        &replayed("gw-heard-2"),
+        OffsetDateTime::now_utc(),
+        &nonce,
+    );
+    agent.send_raw(f).await;
+    assert_eq!(num(&agent.batch_ack(&id).await, "accepted"), 1);
+    let f = agent.signer.sign_value(
+        "event_batch",
+        &protocol::new_frame_id("ev_"),
+        &replayed("gw-replayed-nonce"),
+        OffsetDateTime::now_utc(),
+        &nonce,
+    );
+    agent.send_raw(f).await;
+    let (code, reason) = agent.closed().await;
+    assert_eq!(code, 4403, "{reason}");
+    assert!(reason.contains("nonce was already used"), "{reason}");
+
+    // A `ts` 300 s old: 4403.
+    let mut agent = handshake(addr, fake_brain::TOKEN, WORKER).await.agent();
+    let f = agent.signer.sign_value(
+        "event_batch",
+        &protocol::new_frame_id("ev_"),
+        &replayed("gw-replayed-ts"),
+        OffsetDateTime::now_utc() - Duration::from_secs(300),
+        &protocol::new_nonce(),
+    );
+    agent.send_raw(f).await;
+    let (code, reason) = agent.closed().await;
+    assert_eq!(code, 4403, "{reason}");
+    assert!(
+        reason.contains("ts is 300.") && reason.contains("behind this host's clock"),
+        "{reason}"
+    );
+
+    // And heard again after that.
+    let mut agent = handshake(addr, fake_brain::TOKEN, WORKER).await.agent();
+    let id = agent.event_batch(vec![task_event("gw-heard-3")]).await;
+    assert_eq!(num(&agent.batch_ack(&id).await, "accepted"), 1);
+
+    let s = d.client().await.stats().await.unwrap();
+    assert_eq!(closed_count(&s, "4403"), 3, "{s:?}");
+    assert_eq!(num(&s, "stored"), 3, "only the heard frames' events: {s:?}");
+    assert_eq!(spooled(&d.spool, "gw-replayed-"), 0);
+    wait_for(10, "the heard events at the brain", || {
+        let at_brain = brain.seen.task_ids.lock().unwrap();
+        ["gw-heard-1", "gw-heard-2", "gw-heard-3"]
+            .iter()
+            .all(|t| at_brain.contains(*t))
+    })
+    .await;
+    assert!(
+        !brain
+            .seen
+            .task_ids
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|t| t.starts_with("gw-replayed-")),
+        "{:?}",
+        brain.seen.task_ids
+    );
+    drop(agent);
+    d.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_at_another_path_gets_http_404_naming_ws_agent() {
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    let brain = FakeBrain::start(Behavior::default()).await;
+    let (d, addr) = daemon_for(gateway_options(&brain.url)).await;
+    for path in ["/", "/ws", "/ws/agent/extra", "/api/ws/agent"] {
+        let mut req = format!("ws://{addr}{path}").into_client_request().unwrap();
+        req.headers_mut().insert(
+            "authorization",
+            format!("Bearer {}", fake_brain::TOKEN).parse().unwrap(),
+        );
+        let refused = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(req))
+            .await
+            .expect("an answer in time");
+        let resp = match refused {
+            Err(WsError::Http(resp)) => resp,
+            Err(e) => panic!("{path}: expected an HTTP refusal, got {e}"),
+            Ok(_) => panic!("{path}: the gateway upgraded the connection"),
+        };
+        assert_eq!(resp.status().as_u16(), 404, "{path}: {resp:?}");
+        let body = String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default());
+        assert!(body.contains("/ws/agent"), "{path}: {body:?}");
+    }
+    // The gateway goes on serving agents at its path.
+    let agent = handshake(addr, fake_brain::TOKEN, "celery-1").await.agent();
+    let s = d.client().await.stats().await.unwrap();
+    let g = s.get("gateway").expect("a gateway section");
+    assert_eq!(num(g, "sessions"), 1, "{g:?}");
+    drop(agent);
+    d.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_without_a_hello_for_10_s_is_closed_with_4400() {
+    let brain = FakeBrain::start(Behavior::default()).await;
+    let (d, addr) = daemon_for(gateway_options(&brain.url)).await;
+    let mut ws = open(addr, Some(fake_brain::TOKEN)).await;
+    let upgraded = std::time::Instant::now();
+    let Next::Closed(code, reason) = next_message_within(&mut ws, Duration::from_secs(20)).await
+    else {
+        panic!("the gateway sent a message before any hello");
+    };
+    let waited = upgraded.elapsed();
+    assert_eq!(code, 4400, "{reason}");
+    assert!(reason.contains("no hello within 10 s"), "{reason}");
+    // The daemon's 10 s started when it sent the upgrade, a moment before
+    // the upgrade returned here.
+    assert!(
+        waited >= Duration::from_millis(9_500) && waited < Duration::from_secs(15),
+        "closed after {waited:?}"
+    );
+    eprintln!("closed with 4400 after {waited:?} without a hello");
+    let s = d.client().await.stats().await.unwrap();
+    assert_eq!(closed_count(&s, "4400"), 1, "{s:?}");
+    let g = s.get("gateway").expect("a gateway section");
+    assert_eq!(num(g, "sessions"), 0, "{g:?}");
+    d.stop().await.unwrap();
+}
+
+/// Opens a WebSocket to the gateway, as [`open`], over a TCP connection
+/// whose receive buffer is as small as the kernel allows: an agent that
+/// does not read fills it at once.
+async fn open_small_window(addr: SocketAddr) -> Ws {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let stream = sock.connect(addr).await.unwrap();
+    let mut req = format!("ws://{addr}/ws/agent")
+        .into_client_request()
+        .unwrap();
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", fake_brain::TOKEN).parse().unwrap(),
+    );
+    let (ws, _) = tokio::time::timeout(
+        WAIT,
+        tokio_tungstenite::client_async(req, MaybeTlsStream::Plain(stream)),
+    )
+    .await
+    .expect("upgrade in time")
+    .expect("the gateway upgrades the connection");
+    ws
+}
+
+/// A client's binary WebSocket frame of `payload` (masked, as a client's
+/// must be), written by hand so that it can be sent in parts.
+fn masked_frame(payload: &[u8]) -> Vec<u8> {
+    let mask = [0x5a, 0x17, 0xc3, 0x81];
+    let mut f = vec![0x82];
+    let n = payload.len();
+    assert!(n <= usize::from(u16::MAX));
+    f.push(0x80 | 126);
+    f.extend_from_slice(&(n as u16).to_be_bytes());
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+/// The daemon's `replies_dropped` count.
+fn replies_dropped(s: &Value) -> u64 {
+    num(s, "replies_dropped")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_does_not_read_or_stops_mid_frame_does_not_stall_the_others() {
+    use tokio::io::AsyncWriteExt;
+    /// Batches the agent that does not read sends at most (its acks are
+    /// dropped after a few thousand on Linux's default buffers).
+    const FLOOD_MAX: usize = 100_000;
+    let brain = FakeBrain::start(Behavior::default()).await;
+    let (d, addr) = daemon_for(gateway_options(&brain.url)).await;
+
+    // One agent stops in the middle of a frame: half of it is sent.
+    let mut halfway = handshake(addr, fake_brain::TOKEN, "celery-half-1")
+        .await
+        .agent();
+    let half_id = protocol::new_frame_id("ev_");
+    let signed = halfway.signer.sign_value(
+        "event_batch",
+        &half_id,
+        &batch_payload(vec![task_event("gw-half-1")]),
+        OffsetDateTime::now_utc(),
+        &protocol::new_nonce(),
+    );
+    let wire = masked_frame(&signed);
+    let (first_half, second_half) = wire.split_at(wire.len() / 2);
+    let MaybeTlsStream::Plain(raw) = halfway.ws.get_mut() else {
+        unreachable!("a plain TCP connection");
+    };
+    raw.write_all(first_half).await.unwrap();
+    raw.flush().await.unwrap();
+
+    // Another sends batch after batch and never reads its acks.
+    let hello = hello_payload("celery-deaf-1", "celery", &["cancel_task"]);
+    let mut deaf = say_hello(open_small_window(addr).await, hello_frame(&hello))
+        .await
+        .agent();
+    let flooding = Arc::new(AtomicBool::new(true));
+    let flood = tokio::spawn({
+        let flooding = flooding.clone();
+        async move {
+            let mut ids = Vec::new();
+            while flooding.load(Ordering::SeqCst) && ids.len() < FLOOD_MAX {
+                let task = format!("gw-deaf-{}", ids.len());
+                ids.push(deaf.event_batch(vec![task_event(&task)]).await);
+            }
+            (deaf, ids)
+        }
+    });
+    let s = wait_stats(
+        &d,
+        60,
+        "acks of the agent that does not read dropped",
+        |s| replies_dropped(s) > 0,
+    )
+    .await;
+    assert_eq!(
+        s.get("gateway").map(|g| num(g, "connections")),
+        Some(2),
+        "{s:?}"
+    );
+
+    // Meanwhile, as it goes on, a third agent is served promptly.
+    let mut prompt = handshake(addr, fake_brain::TOKEN, "celery-prompt-1")
+        .await
+        .agent();
+    let sent = std::time::Instant::now();
+    let id = prompt.event_batch(vec![task_event("gw-prompt-1")]).await;
+    let ack = prompt.batch_ack(&id).await;
+    let took = sent.elapsed();
+    eprintln!("the prompt agent's ack came after {took:?}");
+    assert_eq!(num(&ack, "accepted"), 1, "{ack:?}");
+    assert!(took < Duration::from_secs(3), "acked after {took:?}");
+    assert!(!flood.is_finished(), "the flood went on meanwhile");
+    let s = d.client().await.stats().await.unwrap();
+    assert_eq!(
+        s.get("gateway").map(|g| num(g, "connections")),
+        Some(3),
+        "the others still connected: {s:?}"
+    );
+    wait_for(10, "the prompt agent's event at the brain", || {
+        brain.seen.task_ids.lock().unwrap().contains("gw-prompt-1")
+    })
+    .await;
+
+    // The frame sent in half is taken once it is whole.
+    let MaybeTlsStream::Plain(raw) = halfway.ws.get_mut() else {
+        unreachable!("a plain TCP connection");
+    };
+    raw.write_all(second_half).await.unwrap();
+    raw.flush().await.unwrap();
+    assert_eq!(num(&halfway.batch_ack(&half_id).await, "accepted"), 1);
+
+    // Every batch of the agent that does not read is stored; its acks
+    // that found its reply queue full were dropped and counted.
+    flooding.store(false, Ordering::SeqCst);
+    let (mut deaf, ids) = flood.await.unwrap();
+    let flood = ids.len();
+    assert!(flood < FLOOD_MAX, "still flooding: {flood} batches sent");
+    // (The spool forgets what the brain acked: `stored` counts them all.)
+    wait_stats(&d, 60, "all the flood stored", |s| {
+        num(s, "stored") == flood as u64 + 2
+    })
+    .await;
+    let mut c = d.client().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let (mut dropped, mut same) = (u64::MAX, 0);
+    while same < 10 {
+        let now = replies_dropped(&c.stats().await.unwrap());
+        same = if now == dropped { same + 1 } else { 0 };
+        dropped = now;
+        assert!(tokio::time::Instant::now() < deadline, "{dropped} dropped");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let held = flood - usize::try_from(dropped).unwrap();
+    eprintln!("{dropped} of {flood} acks dropped, {held} held for the agent");
+    assert!(dropped > 0);
+    // The reply queue's 256 and the one its writer is blocked on, at least;
+    // the rest waits in the kernel's buffers.
+    assert!(
+        held > z4j_agentd::ingest::replies::REPLY_QUEUE,
+        "{held} held"
+    );
+
+    // Read now, it gets exactly the acks not dropped, in order, then the
+    // ack of its next batch.
+    let mut next = 0;
+    for n in 0..held {
+        let f = deaf.frame().await;
+        assert_eq!(f.frame_type, "event_batch_ack", "{f:?}");
+        let acked = text(&f.payload, "acked_id");
+        let at = ids[next..]
+            .iter()
+            .position(|i| i == acked)
+            .unwrap_or_else(|| panic!("ack {n} of {acked}: not a later batch"));
+        next += at + 1;
+    }
+    let last = deaf.event_batch(vec![task_event("gw-deaf-last")]).await;
+    let ack = deaf.batch_ack(&last).await;
+    assert_eq!(num(&ack, "accepted"), 1, "{ack:?}");
+    let s = d.client().await.stats().await.unwrap();
+    assert_eq!(replies_dropped(&s), dropped, "{s:?}");
+    wait_for(30, "the whole flood at the brain", || {
+        let at_brain = brain.seen.task_ids.lock().unwrap();
+        at_brain
+            .iter()
+            .filter(|t| t.starts_with("gw-deaf-"))
+            .count()
+            == flood + 1
+    })
+    .await;
+    drop((deaf, halfway, prompt));
+    d.stop().await.unwrap();
 }
