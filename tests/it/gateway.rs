@@ -1244,3 +1244,59 @@ async fn an_agent_that_does_not_read_or_stops_mid_frame_does_not_stall_the_other
     drop((deaf, halfway, prompt));
     d.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_reads_nothing_for_10_s_loses_its_session_and_its_slot() {
+    let brain = FakeBrain::start(Behavior::default()).await;
+    let (d, addr) = daemon_for(gateway_options(&brain.url)).await;
+    let hello = hello_payload("celery-asleep-1", "celery", &["cancel_task"]);
+    let mut asleep = say_hello(open_small_window(addr).await, hello_frame(&hello))
+        .await
+        .agent();
+    // Batches until its acks fill every buffer on the way: the gateway's
+    // writer then waits on a socket nobody reads, and an ack queued after
+    // a pause is dropped too (a queue that still drained would take it).
+    let mut sent = 0usize;
+    loop {
+        for _ in 0..200 {
+            asleep
+                .event_batch(vec![task_event(&format!("gw-asleep-{sent}"))])
+                .await;
+            sent += 1;
+        }
+        let stored = sent as u64;
+        wait_stats(&d, 30, "the burst stored", |s| num(s, "stored") == stored).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let before = replies_dropped(&d.client().await.stats().await.unwrap());
+        asleep
+            .event_batch(vec![task_event(&format!("gw-asleep-{sent}"))])
+            .await;
+        sent += 1;
+        let stored = sent as u64;
+        let s = wait_stats(&d, 30, "the probe stored", |s| num(s, "stored") == stored).await;
+        if replies_dropped(&s) > before {
+            break;
+        }
+        assert!(sent < 200_000, "the agent's socket never filled: {s:?}");
+    }
+    let stopped = std::time::Instant::now();
+    let s = wait_stats(
+        &d,
+        30,
+        "the agent that reads nothing to lose its session",
+        |s| s.get("gateway").map(|g| num(g, "connections")) == Some(0),
+    )
+    .await;
+    let took = stopped.elapsed();
+    eprintln!("session ended {took:?} after the agent stopped sending ({sent} batches)");
+    assert_eq!(
+        num(&s, "clients"),
+        1,
+        "only the stats connection is left: {s:?}"
+    );
+    assert_eq!(
+        num(&s, "stored"),
+        sent as u64,
+        "everything it sent was stored"
+    );
+}

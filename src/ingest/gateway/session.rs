@@ -436,6 +436,10 @@ impl Writer {
                 break Ending::Gone;
             }
         };
+        if failed {
+            // Nothing more can be written: the connection is dropped.
+            return;
+        }
         if let Ending::Now(code, reason) | Ending::After(code, reason) = ending {
             stats.gateway.closed(code);
             let frame = CloseFrame {
