@@ -205,17 +205,19 @@ def alt_venv() -> Path:
 # The stock z4j agents from PyPI (each runs on the z4j-bare runtime), for the
 # processes that talk protocol v2 themselves: to the brain directly, or to the
 # daemon's gateway. No Django here: z4j-flask stands for the web agents.
-GATEWAY_REQUIREMENTS = [f"z4j-bare=={Z4J_VERSION}", f"z4j-celery=={Z4J_VERSION}", f"z4j-rq=={Z4J_VERSION}",
-                        f"z4j-flask=={Z4J_VERSION}", "celery[redis]", "rq", "flask", "redis"]
+GATEWAY_REQUIREMENTS = [f"z4j-bare=={Z4J_VERSION}", f"z4j-celery=={Z4J_VERSION}", f"z4j-celerybeat=={Z4J_VERSION}",
+                        f"z4j-rq=={Z4J_VERSION}", f"z4j-flask=={Z4J_VERSION}", "celery[redis]", "rq", "flask", "redis"]
 
 
 def gateway_venv() -> Path:
-    """The venv for the stock z4j-celery / z4j-rq / z4j-flask agents (`GATEWAY_REQUIREMENTS`)."""
+    """The venv for the stock z4j-celery / z4j-celerybeat / z4j-rq / z4j-flask agents
+    (`GATEWAY_REQUIREMENTS`)."""
     return engine_venv(
         "gateway", GATEWAY_REQUIREMENTS,
-        "import importlib.metadata as m, sys, celery, rq, flask, redis, z4j_bare, z4j_celery, z4j_rq, z4j_flask; "
+        "import importlib.metadata as m, sys, celery, rq, flask, redis, z4j_bare, z4j_celery, z4j_celerybeat, "
+        "z4j_rq, z4j_flask; "
         f"sys.exit(0 if all(m.version(d) == {Z4J_VERSION!r} "
-        "for d in ('z4j-bare', 'z4j-celery', 'z4j-rq', 'z4j-flask')) else 3)")
+        "for d in ('z4j-bare', 'z4j-celery', 'z4j-celerybeat', 'z4j-rq', 'z4j-flask')) else 3)")
 
 
 def _base_python() -> str:

@@ -11,6 +11,11 @@ Celery tasks through the Flask app.
 
 A purge_queue is checked by the daemon (confirm token against the depth the operator saw) and
 reaches the RQ agent with the brain's confirm_token for that depth, which z4j-rq checks again.
+
+Last, a `celery beat` with the stock z4j-celerybeat agent (gw_beat_proj.py) joins them: its static
+schedule reaches the Schedules page with z4j's external schedule protocol, through the daemon's
+one connection, and "trigger now" reaches it there. The module's agent has a brain project of its
+own: the brain keeps one celery-beat stream per project.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import pytest
 
 import brain as brainmod
 from control import wait_command_done
+from sched_api import Api as SchedulesApi
 from harness import (
     Background,
     Service,
@@ -52,6 +58,7 @@ CELERY_NODE = f"gw-{SFX}@{HOST}"
 RQ_WORKER = f"gw-rq-{SFX}"
 RQ_QUEUES = (f"gw-{SFX}", f"gw-low-{SFX}")
 PURGE_QUEUE = f"gw-purge-{SFX}"  # nobody consumes it
+SCHEDULER = "celery-beat"  # z4j-celerybeat's scheduler
 # What the stock agents report per task (z4j-celery: the worker's received/started/succeeded
 # from Celery's events; z4j-rq: started and the outcome from the worker's main process).
 CELERY_KINDS = {"task.received", "task.started", "task.succeeded"}
@@ -126,6 +133,21 @@ class Stack:
                           self.agent_env(name, **env), run_dir=self.run_dir, cwd=HERE)
         self.procs[name] = proc
         return proc
+
+    def start_flask(self) -> Background:
+        port = brainmod.free_port()
+        self.flask_url = f"http://127.0.0.1:{port}"
+        proc = Background(
+            [f"{self.gw_venv}/bin/flask", "--app", "gw_flask_app", "run", "--port", str(port), "--no-reload"],
+            self.run_dir / "gateway" / "flask", "flask",
+            # Its Celery engine watches the broker's events too: a node name no worker has keeps it
+            # from reporting the worker's task events a second time.
+            self.agent_env("flask", Z4J_CELERY_LOCAL_HOSTNAME="web@nowhere"), run_dir=self.run_dir, cwd=HERE)
+        self.procs["flask"] = proc
+        return proc
+
+    def wait_flask(self, timeout: float) -> None:
+        wait_for(lambda: (self.flask("GET", "/health")["z4j"], "runtime not started"), timeout, "Flask /health")
 
     # -- producers
 
@@ -210,7 +232,7 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(brain, run_dir, redis_server, module_daemon):
     gw_venv = brainmod.gateway_venv()
-    agent, daemon = module_daemon("gateway")
+    agent, daemon = module_daemon("gateway", project=f"gw-{SFX}")
     gw_port, metrics_port = brainmod.free_port(), brainmod.free_port()
     daemon.extra_env.update(Z4J_GATEWAY_ADDR=f"127.0.0.1:{gw_port}", Z4J_METRICS_ADDR=f"127.0.0.1:{metrics_port}")
     s = Stack(brain, agent, daemon, run_dir, redis_server.url(redis_server.fresh_db()), gw_venv, gw_port,
@@ -224,20 +246,13 @@ def stack(brain, run_dir, redis_server, module_daemon):
              "-n", CELERY_NODE, "-l", "INFO"], run_dir / "gateway" / "celery", "celery",
             s.agent_env("celery", Z4J_CELERY_LOCAL_HOSTNAME=CELERY_NODE), run_dir=run_dir, cwd=HERE)
         s.start_rq("rq", RQ_WORKER, RQ_QUEUES)
-        flask_port = brainmod.free_port()
-        s.flask_url = f"http://127.0.0.1:{flask_port}"
-        s.procs["flask"] = Background(
-            [f"{gw_venv}/bin/flask", "--app", "gw_flask_app", "run", "--port", str(flask_port), "--no-reload"],
-            run_dir / "gateway" / "flask", "flask",
-            # Its Celery engine watches the broker's events too: a node name no worker has keeps it
-            # from reporting the worker's task events a second time.
-            s.agent_env("flask", Z4J_CELERY_LOCAL_HOSTNAME="web@nowhere"), run_dir=run_dir, cwd=HERE)
+        s.start_flask()
         s.socket_client = Service([sys.executable, "-c", SOCKET_CLIENT, str(daemon.socket_path)],
                                   run_dir / "gateway", "socket-client")
         s.socket_tasks = s.socket_client.next_json(30, "the socket client's stored events")
         assert s.socket_tasks["stored"] == 15, s.socket_tasks
         s.wait_gateway_agents(60, "the three stock agents to finish their gateway handshakes")
-        wait_for(lambda: (s.flask("GET", "/health")["z4j"], "runtime not started"), 30, "Flask /health")
+        s.wait_flask(30)
         print(f"\n[gateway] daemon, 3 stock agents and the socket client up in {time.monotonic() - t0:.1f}s",
               file=sys.stderr)
         yield s
@@ -527,3 +542,148 @@ def test_one_brain_frame_carries_many_agents_events(stack):
           f"{brain_frames:.0f} frames to the brain", file=sys.stderr)
     assert agent_frames >= 60, agent_frames
     assert brain_frames < agent_frames / 2, (agent_frames, brain_frames)
+
+
+# ---------------------------------------------------------------- 6 a scheduler: z4j-celerybeat
+
+
+def test_celery_beat_schedules_and_trigger_now_through_the_gateway(stack):
+    """A real `celery beat` with the stock z4j-celerybeat agent (scheduler only, the static
+    `beat_schedule` of gw_beat_proj.py) pointed at the gateway.
+
+    z4j-flask declares the scheduler `celery-beat` in the web process as soon as z4j-celerybeat
+    is importable there (with the app's Celery app, whose own `beat_schedule` is empty here), so
+    the Flask app, connected first, holds it: the daemon leaves it out of the beat's `hello`
+    (one process per scheduler, a `bad_message` naming the holder). Once the Flask app stops,
+    the beat takes it over, the daemon says hello again, the brain's
+    `schedule.external.activate` goes to the beat, and the beat's stable snapshot, sent as
+    `schedule.snapshot` events, fills the Schedules page, on the daemon's one connection (still
+    one worker slot at the brain). "Trigger now", issued through the brain's REST API, is routed
+    to the beat, which sends the task; the Celery worker runs it and it reaches the brain in
+    state success. The Flask app started again does not take the scheduler back."""
+    s = stack
+    api = SchedulesApi(s.brain, s.slug, SCHEDULER)
+    refused_before = dict(s.daemon.stats().get("refused_by_reason") or {})
+    log_from = len(s.daemon.log_text().splitlines())
+    by_pid = lambda pid: [c for c in s.gateway_clients() if c.get("pid") == pid]  # noqa: E731
+    t0 = time.monotonic()
+    beat = s.procs["beat"] = Background(
+        [f"{s.gw_venv}/bin/celery", "-A", "gw_beat_proj", "beat", "-l", "INFO",
+         "-s", str(s.run_dir / "gateway" / "beat" / "celerybeat-schedule")],
+        s.run_dir / "gateway" / "beat", "beat", s.agent_env("beat"), run_dir=s.run_dir, cwd=HERE)
+    try:
+        # The Flask app holds the scheduler: the beat's is left out, with a bad_message.
+        assert [c.get("schedulers") for c in by_pid(s.procs["flask"].pid)] == [[SCHEDULER]], s.gateway_clients()
+
+        def beat_waits():
+            s.check_alive()
+            refused = (s.daemon.stats().get("refused_by_reason") or {}).get("bad_message", 0)
+            got = by_pid(beat.pid)
+            return len(got) == 1 and refused > refused_before.get("bad_message", 0), (refused, got)
+
+        _, (client,) = wait_for(beat_waits, 30, "the beat agent connected, its scheduler left out", interval=0.1)
+        assert client["schedulers"] == [] and client["engines"] == [], client
+        assert client["process"].startswith("z4j agent bare 1.13.0 (worker_id "), client
+        connected = time.monotonic() - t0
+        # What the page lists is the Flask app's (its Celery app has no beat_schedule), not the beat's.
+        assert not {"gw-add-hourly", "gw-nightly"} & set(api.rows()), api.rows()
+
+        # The Flask app stops: the beat takes the scheduler over.
+        s.procs.pop("flask").stop(timeout=10)
+        t1 = time.monotonic()
+
+        def beat_holds():
+            s.check_alive()
+            got = by_pid(beat.pid)
+            return len(got) == 1 and got[0].get("schedulers") == [SCHEDULER], got
+
+        wait_for(beat_holds, 30, "the beat agent to take the scheduler over", interval=0.1)
+
+        def listed():
+            s.check_alive()
+            got = api.rows()
+            return {"gw-add-hourly", "gw-nightly"} <= set(got), got
+
+        rows = wait_for(listed, 30, "beat's static schedule on the Schedules page", interval=0.3)
+        listed_in = time.monotonic() - t1
+        hourly, nightly = rows["gw-add-hourly"], rows["gw-nightly"]
+        # z4j-celerybeat reports an interval as the seconds it reads (3600.0).
+        assert (hourly["engine"], hourly["task_name"], hourly["kind"], float(hourly["expression"])) == \
+            ("celery", "gw_celery_proj.add", "interval", 3600), hourly
+        assert (hourly["args"], hourly["kwargs"], hourly["queue"], hourly["source"]) == \
+            ([20, 22], {}, "celery", "celery-beat:static"), hourly
+        assert (nightly["kind"], nightly["expression"], nightly["args"]) == ("cron", "30 2 * * *", [0, 0]), nightly
+        assert api.capabilities() == ["list", "trigger_now"]
+        # On the daemon's one connection: one worker slot online at the brain, the daemon's
+        # (`z4j-agentd doctor` of the test before left its own slot, offline).
+        worker_id = s.daemon.stats()["worker_id"]
+        slots = s.agent_workers()
+        assert [r.get("worker_id") for r in slots if r.get("state") == "online"] == [worker_id], slots
+        # The brain's activation since the beat started went to the beat.
+        recs = daemon_log(s.daemon)[log_from:]
+        activated = [r.get("to") for r in recs
+                     if r.get("message") == "held activation handed to the process that declared its scheduler"
+                     or (r.get("message") == "command routed to a local process"
+                         and r.get("action") == "schedule.external.activate")]
+        assert activated and activated[-1].split()[1] == str(beat.pid), activated
+
+        # Trigger now, through the REST API: routed to the beat, the worker runs the task.
+        sent_after = time.time() - 1
+        status, location, answer = api.post(lambda: f"/{api.rows()['gw-add-hourly']['id']}/trigger")
+        assert status == 200 and location, (status, answer)
+        t2 = time.monotonic()
+        op = api.wait_applied(location)
+        assert op["schedule_id"] == hourly["id"], op
+        command_id = location.rsplit("/", 1)[-1]
+        status, done = s.brain.api("GET", f"/api/v1/projects/{s.slug}/commands/{command_id}")
+        assert status == 200 and done["status"] == "completed", done
+        trigger = done["result"]["trigger_result"]
+        assert trigger["status"] == "success" and trigger["result"]["task_name"] == "gw_celery_proj.add", done
+        assert routed_to(s.daemon, command_id) == beat.pid, command_id
+
+        def ran():
+            s.check_alive()
+            status, body = s.api("GET", "/tasks", params={"name": "gw_celery_proj.add", "limit": 200})
+            assert status == 200, body
+            got = [t for t in body["items"] if str(t.get("args")) in ("[20, 22]", "(20, 22)")
+                   and t.get("received_at") and brain_time(t["received_at"]) >= sent_after]
+            return len(got) == 1 and got[0]["state"] == "success", got
+
+        task = wait_for(ran, 30, "the triggered add(20, 22) to succeed in the brain", interval=0.3)[0]
+        ran_in = time.monotonic() - t2
+        assert (str(task["result"]), task["worker_name"]) == ("42", CELERY_NODE), task
+
+        # The Flask app back: the beat keeps the scheduler.
+        flask = s.start_flask()
+        s.wait_flask(30)
+        wait_for(lambda: (len(by_pid(flask.pid)) == 1, s.gateway_clients()), 30, "the Flask app back on the gateway")
+        assert by_pid(flask.pid)[0]["schedulers"] == [] and by_pid(beat.pid)[0]["schedulers"] == [SCHEDULER], \
+            s.gateway_clients()
+        refused = s.daemon.stats().get("refused_by_reason") or {}
+        new = {k: v - refused_before.get(k, 0) for k, v in refused.items() if v != refused_before.get(k, 0)}
+        assert set(new) == {"bad_message"}, (refused_before, refused)
+    finally:
+        s.procs.pop("beat").stop(timeout=10)
+        if "flask" not in s.procs:
+            s.start_flask()
+    print(f"[gateway] celery beat with z4j-celerybeat: a gateway client {connected:.1f}s after its start "
+          f"(scheduler held by the Flask app); its schedules on the page {listed_in:.1f}s after the Flask app "
+          f"stopped; trigger now -> task success in the brain {ran_in:.1f}s after the POST; whole test "
+          f"{time.monotonic() - t0:.1f}s", file=sys.stderr)
+
+
+def daemon_log(daemon) -> list:
+    out = []
+    for line in daemon.log_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            out.append({})
+    return out
+
+
+def brain_time(text: str) -> float:
+    from datetime import datetime, timezone
+
+    t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).timestamp()
