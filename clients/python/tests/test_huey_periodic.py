@@ -54,10 +54,15 @@ class FakeClient:
         return {r["name"]: r for r in self.batches[-1][0]["data"]["external_snapshot_frame"]["schedules"]}
 
 
+# report's hours: twelve hours from now, so that it never falls due on its
+# own while the tests run (they expect only every_minute to be due).
+REPORT_HOURS = str((datetime.now(timezone.utc).hour + 12) % 24)
+
+
 def make_huey(name=None, **kw):
     h = MemoryHuey(name or f"hp-{uuid.uuid4().hex[:6]}", **kw)
 
-    @h.periodic_task(crontab(minute="*/5", hour="9-17", day_of_week="1-5"))
+    @h.periodic_task(crontab(minute="*/5", hour=REPORT_HOURS, day_of_week="1-5"))
     def report():
         return "report"
 
@@ -92,7 +97,7 @@ def test_rows_list_each_periodic_task_with_cron_text_keys_timezone_and_next_run(
     assert set(rows) == {"report", "every_minute", "twice_a_year"}  # not the plain task
     report = rows["report"]
     assert report["source_key"] == report["external_id"] == report["task_name"] == f"{__name__}.report"
-    assert (report["kind"], report["expression"], report["timezone"]) == ("cron", "*/5 9-17 * * 1-5", "UTC")
+    assert (report["kind"], report["expression"], report["timezone"]) == ("cron", f"*/5 {REPORT_HOURS} * * 1-5", "UTC")
     assert (report["engine"], report["scheduler"], report["source"], report["queue"]) == \
         ("huey", OWNER, "huey-periodic:code", h.name)
     assert rows["every_minute"]["expression"] == "* * * * *"  # Huey's "*" weekday is 0-7
@@ -427,7 +432,11 @@ def test_next_run_includes_the_seconds_past_the_minute_the_scheduler_checks_at(s
     source = periodic.PeriodicSource(h, cs.Runs(), lambda: 37.0)
     rows = {r["name"]: r for r in source.rows()}
     at = datetime(2026, 12, 7, 10, 5, 37, tzinfo=timezone.utc)  # this minute's check is still to come
-    assert rows["every_minute"]["next_run_at"] == rows["report"]["next_run_at"] == at
+    assert rows["every_minute"]["next_run_at"] == at
+    # report (*/5 at REPORT_HOURS on weekdays): that check too, at its own hour.
+    hour = int(REPORT_HOURS)
+    report_at = at if hour == 10 else datetime(2026, 12, 7 if hour > 10 else 8, hour, 0, 37, tzinfo=timezone.utc)
+    assert rows["report"]["next_run_at"] == report_at
     monkeypatch.setattr(h, "_get_timestamp", lambda: datetime(2026, 12, 7, 10, 5, 40))
     assert {r["name"]: r for r in source.rows()}["every_minute"]["next_run_at"] == at + timedelta(minutes=1)
 
