@@ -153,19 +153,19 @@ def ensure_venv(path: Optional[Path] = None) -> Path:
     return path
 
 
-def engine_venv(name: str, requirements: List[str], check: str) -> Path:
+def engine_venv(name: str, requirements: List[str], check: str, client: bool = True) -> Path:
     """A venv of its own for an engine whose dependencies cannot live beside
     the others (arq needs redis < 6, taskiq-redis redis >= 8): beside the
     test venv, named `<test venv>-<name>`, with `requirements` and this
-    repository's client (editable). `check` is Python that must run in it
-    (e.g. `import arq`). Idempotent: reinstalls only when what to install
-    changes or the check fails."""
+    repository's client (editable; not with `client=False`). `check` is
+    Python that must run in it (e.g. `import arq`). Idempotent: reinstalls
+    only when what to install changes or the check fails."""
     path = Path(f"{venv_path()}-{name}")
     py = path / "bin" / "python"
     marker = path / ".z4j-e2e-requirements"
     args = list(requirements)
     want = "\n".join(requirements) + "\n"
-    project = _client_project()
+    project = _client_project() if client else None
     if project is not None:
         args += ["-e", str(CLIENT_DIR)]
         digest = hashlib.sha256(project.read_bytes()).hexdigest()[:16]
@@ -218,6 +218,23 @@ def gateway_venv() -> Path:
         "z4j_rq, z4j_flask; "
         f"sys.exit(0 if all(m.version(d) == {Z4J_VERSION!r} "
         "for d in ('z4j-bare', 'z4j-celery', 'z4j-celerybeat', 'z4j-rq', 'z4j-flask')) else 3)")
+
+
+# The oldest brain the daemon supports (docs/brain-protocol.md), installed as its
+# users get a consistent one: z4j 1.9.1 asks for z4j-core >=1.9.1,<2 (its only
+# z4j-* dependency), so without the pin pip pairs it with the newest core.
+OLDEST_BRAIN_VERSION = "1.9.1"
+OLDEST_BRAIN_REQUIREMENTS = [f"z4j=={OLDEST_BRAIN_VERSION}", f"z4j-core=={OLDEST_BRAIN_VERSION}"]
+
+
+def oldest_brain_venv() -> Path:
+    """The venv of the z4j 1.9.1 brain (`OLDEST_BRAIN_REQUIREMENTS`), for `Brain(venv=...)`.
+    Only the brain: the tests' clients run from the test venv."""
+    return engine_venv(
+        f"brain-{OLDEST_BRAIN_VERSION}", OLDEST_BRAIN_REQUIREMENTS,
+        "import importlib.metadata as m, sys; "
+        f"sys.exit(0 if (m.version('z4j'), m.version('z4j-core')) == ({OLDEST_BRAIN_VERSION!r},) * 2 else 3)",
+        client=False)
 
 
 def _base_python() -> str:

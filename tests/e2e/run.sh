@@ -40,7 +40,8 @@ fi
 export Z4J_AGENTD_BIN
 echo "[e2e] daemon: $Z4J_AGENTD_BIN" >&2
 
-ENGINE_MODULES=(test_rq test_dramatiq test_huey test_arq test_taskiq test_apscheduler test_gateway)
+ENGINE_MODULES=(test_rq test_dramatiq test_huey test_arq test_taskiq test_apscheduler test_gateway
+                test_brain_versions)
 if [[ $# -gt 0 || "${Z4J_E2E_SHARDS:-2}" == 1 ]]; then
   # Test files named among the arguments (tests/e2e/test_x.py, ...::test_y) are what runs;
   # otherwise the whole directory, narrowed by the other arguments (-k, -x, ...).
