@@ -202,6 +202,18 @@ def alt_venv() -> Path:
     return engine_venv("alt", ALT_REQUIREMENTS, "import arq, rq, rq_scheduler, msgpack")
 
 
+# The brain on PostgreSQL: z4j with the asyncpg driver (its `postgres` extra
+# adds psycopg too, which the brain does not need to serve).
+POSTGRES_REQUIREMENTS = [f"z4j=={Z4J_VERSION}", "asyncpg>=0.31"]
+
+
+def postgres_venv() -> Path:
+    """The venv of a brain on PostgreSQL (`POSTGRES_REQUIREMENTS`)."""
+    return engine_venv(
+        "postgres", POSTGRES_REQUIREMENTS,
+        f"import importlib.metadata as m, sys, asyncpg, z4j_brain; sys.exit(0 if m.version('z4j') == {Z4J_VERSION!r} else 3)")
+
+
 # The stock z4j agents from PyPI (each runs on the z4j-bare runtime), for the
 # processes that talk protocol v2 themselves: to the brain directly, or to the
 # daemon's gateway. No Django here: z4j-flask stands for the web agents.
@@ -259,8 +271,11 @@ def free_port() -> int:
 class Brain:
     """One brain state directory; start/stop/restart keep HOME and port."""
 
-    def __init__(self, state: Path, port: Optional[int] = None, venv: Optional[Path] = None) -> None:
+    def __init__(self, state: Path, port: Optional[int] = None, venv: Optional[Path] = None,
+                 env: Optional[dict] = None) -> None:
         self.state = Path(state).resolve()
+        # More environment for `z4j serve` (a database URL and the secrets it needs).
+        self.extra_env = dict(env or {})
         self.home = self.state / "home"
         self.log_path = self.state / "brain.log"
         self.pid_path = self.state / "brain.pid"
@@ -332,6 +347,7 @@ class Brain:
             "LANG": "C.UTF-8",
             "Z4J_BOOTSTRAP_ADMIN_EMAIL": self.meta["email"],
             "Z4J_BOOTSTRAP_ADMIN_PASSWORD": self.meta["password"],
+            **self.extra_env,
         }
         self.starts += 1
         with open(self.log_path, "ab") as logf:

@@ -108,11 +108,18 @@ def _reap_and_prune(root: Path) -> None:
     runs = sorted(p for p in root.glob("*") if p.is_dir())
     dead = [run for run in runs if not _owner_alive(run)]
     for run in dead:
-        if (run / "brain" / "brain.json").exists():
-            brainmod.Brain(run / "brain").stop()
+        for meta in run.glob("brain*/brain.json"):  # the session's brain and any a module started
+            brainmod.Brain(meta.parent).stop()
         for pidfile in run.glob("daemons/*/daemon.pid"):
             reap_stale_daemon(pidfile)
-        reap_marked(run)  # redis-server, Celery workers, gunicorn (and their children)
+        reap_marked(run)  # redis-server, Celery workers, gunicorn, postgres (and their children)
+        for marker in run.glob("*/tmp_dir"):  # a PostgreSQL cluster's files (harness.PostgresServer)
+            try:
+                tmp = Path(marker.read_text().strip())
+            except OSError:
+                continue
+            if tmp.name.startswith("z4je2e-pg-"):
+                shutil.rmtree(tmp, ignore_errors=True)
         try:
             sock_dir = Path((run / "sock_dir").read_text().strip())
             if sock_dir.name.startswith("z4je2e-"):

@@ -17,6 +17,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -664,6 +665,108 @@ class RabbitMQServer:
                 pass
         rc = self.proc.stop(timeout=15)
         self.epmd.stop(timeout=5)
+        return rc
+
+
+def postgres_bindir() -> Optional[Path]:
+    """The directory of Debian's PostgreSQL server programs (initdb, postgres, psql,
+    pg_isready): /usr/lib/postgresql/<newest version>/bin, or `pg_config --bindir`."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"),
+                   key=lambda p: [int(x) if x.isdigit() else 0 for x in p.parts[-3].split(".")])
+    if found:
+        return found[-1].parent
+    pg_config = shutil.which("pg_config")
+    if pg_config:
+        out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True).stdout.strip()
+        if out and (Path(out) / "postgres").exists():
+            return Path(out)
+    return None
+
+
+class PostgresServer:
+    """A throwaway PostgreSQL cluster: initdb into a data directory of its own, the
+    server on 127.0.0.1:<port> (password logins) and a Unix socket (the cluster
+    owner's logins, for setting up); no fsync (nothing here outlives the session).
+
+    initdb and postgres refuse to run as root: as root they run as the `postgres`
+    user (setpriv), which must then own the data and socket directory. Those live in
+    a short temporary directory (`z4je2e-pg-*`, named in `<workdir>/tmp_dir` for a
+    later session to remove should this one be killed): a socket path is limited to
+    107 bytes, and the `postgres` user may not be able to reach a checkout under
+    root's home. The server's log is `<workdir>/postgres.log`."""
+
+    def __init__(self, bindir: Path, workdir: Path, port: int, run_dir: Path) -> None:
+        self.bindir = Path(bindir)
+        self.port = port
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix="z4je2e-pg-"))
+        (self.workdir / "tmp_dir").write_text(f"{self.tmp}\n")
+        self.data = self.tmp / "data"
+        self.as_owner: List[str] = []
+        if os.geteuid() == 0:
+            import pwd
+
+            try:
+                owner = pwd.getpwnam("postgres")
+            except KeyError:
+                raise AssertionError("running as root, and there is no `postgres` user to run PostgreSQL "
+                                     "as (Debian's postgresql package creates it)") from None
+            os.chown(self.tmp, owner.pw_uid, owner.pw_gid)
+            self.as_owner = [shutil.which("setpriv") or "setpriv", f"--reuid={owner.pw_uid}",
+                             f"--regid={owner.pw_gid}", "--init-groups"]
+        self.env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", "HOME": str(self.tmp),
+                    RUN_MARKER: str(run_dir)}
+        t0 = time.monotonic()
+        with open(self.workdir / "initdb.log", "wb") as logf:
+            rc = subprocess.run(
+                [*self.as_owner, str(self.bindir / "initdb"), "-D", str(self.data), "-U", "postgres",
+                 "-E", "UTF8", "--locale=C.UTF-8", "--auth-local=trust", "--auth-host=scram-sha-256", "--no-sync"],
+                env=self.env, cwd=str(self.tmp), stdin=subprocess.DEVNULL, stdout=logf,
+                stderr=subprocess.STDOUT).returncode
+        if rc != 0:
+            tail = (self.workdir / "initdb.log").read_text(errors="replace")[-2000:]
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise AssertionError(f"initdb exited {rc}:\n{tail}")
+        self.initdb_seconds = time.monotonic() - t0
+        self.proc = Background(
+            [*self.as_owner, str(self.bindir / "postgres"), "-D", str(self.data), "-p", str(port),
+             "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.tmp}",
+             "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"],
+            self.workdir, "postgres", env=self.env, run_dir=run_dir, cwd=self.tmp)
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        def check():
+            self.proc.check_alive()
+            r = subprocess.run([str(self.bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)],
+                               capture_output=True, text=True, env=self.env)
+            return r.returncode == 0, r.stdout.strip()
+
+        wait_for(check, timeout, f"PostgreSQL on 127.0.0.1:{self.port} to accept connections", interval=0.1)
+
+    def psql(self, sql: str) -> str:
+        """Run `sql` as the cluster owner over the Unix socket (on stdin, not argv); stdout."""
+        r = subprocess.run(
+            [*self.as_owner, str(self.bindir / "psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
+             "-h", str(self.tmp), "-p", str(self.port), "-U", "postgres", "-d", "postgres", "-f", "-"],
+            input=sql, capture_output=True, text=True, env=self.env, cwd=str(self.tmp), timeout=30)
+        assert r.returncode == 0, f"psql exited {r.returncode}: {r.stderr.strip()}"
+        return r.stdout
+
+    def create_database(self, name: str) -> str:
+        """A role `name` with a fresh password and a database `name` it owns; returns the
+        SQLAlchemy asyncpg URL (password included) for 127.0.0.1."""
+        import secrets as _secrets
+
+        assert name.isidentifier() and name.islower(), name
+        password = _secrets.token_hex(16)
+        self.psql(f"CREATE ROLE {name} LOGIN PASSWORD '{password}';\nCREATE DATABASE {name} OWNER {name};\n")
+        return f"postgresql+asyncpg://{name}:{password}@127.0.0.1:{self.port}/{name}"
+
+    def stop(self) -> Optional[int]:
+        """Fast shutdown (SIGINT: ends sessions, no waiting on clients), then the files go."""
+        rc = self.proc.stop(timeout=15, sig=signal.SIGINT)
+        shutil.rmtree(self.tmp, ignore_errors=True)
         return rc
 
 

@@ -13,9 +13,10 @@
 # Without arguments the suite runs as two pytest sessions at once, each with
 # its own brain, daemons and brokers (sessions never share a port, socket or
 # run directory): the engine modules (ENGINE_MODULES below: RQ, Dramatiq,
-# Huey, arq, TaskIQ, their schedulers, and the stock z4j agents through the
-# gateway) in one, everything else in the other. Their tests mostly wait on
-# brokers, workers and the brain, so two sessions on two cores take little
+# Huey, arq, TaskIQ, their schedulers, the stock z4j agents through the
+# gateway, and the smoke set on a brain backed by PostgreSQL) in one,
+# everything else in the other. Their tests mostly wait on brokers, workers
+# and the brain, so two sessions on two cores take little
 # more than the longer one. The engine session's output is printed when both
 # are done (and kept in $Z4J_TEST_LOG_DIR/e2e-engines.out when that is set).
 # Z4J_E2E_SHARDS=1 runs one session; any pytest argument does too (test
@@ -41,7 +42,7 @@ export Z4J_AGENTD_BIN
 echo "[e2e] daemon: $Z4J_AGENTD_BIN" >&2
 
 ENGINE_MODULES=(test_rq test_dramatiq test_huey test_arq test_taskiq test_apscheduler test_gateway
-                test_brain_versions)
+                test_brain_versions test_brain_postgres)
 if [[ $# -gt 0 || "${Z4J_E2E_SHARDS:-2}" == 1 ]]; then
   # Test files named among the arguments (tests/e2e/test_x.py, ...::test_y) are what runs;
   # otherwise the whole directory, narrowed by the other arguments (-k, -x, ...).
