@@ -621,10 +621,27 @@ async fn frames_the_brain_would_refuse_get_the_brains_close_codes() {
     assert_eq!(code, 1011, "{reason}");
     assert!(reason.contains("unknown frame type"), "{reason}");
 
+    // A frame whose envelope is not version 2: 1011, in the agent's terms.
+    let mut agent = handshake(addr, fake_brain::TOKEN, "celery-5").await.agent();
+    let mut frame: serde_json::Value = serde_json::from_slice(&agent.signer.sign_value(
+        "heartbeat",
+        "hb_1",
+        &Value::empty_map(),
+        OffsetDateTime::now_utc(),
+        &protocol::new_nonce(),
+    ))
+    .unwrap();
+    frame["v"] = serde_json::json!(3);
+    agent.send_raw(serde_json::to_vec(&frame).unwrap()).await;
+    let (code, reason) = agent.closed().await;
+    assert_eq!(code, 1011, "{reason}");
+    assert!(reason.contains("`v` is 3, expected 2"), "{reason}");
+    assert!(!reason.contains("brain"), "{reason}");
+
     let s = d.client().await.stats().await.unwrap();
     assert_eq!(closed_count(&s, "4426"), 1, "{s:?}");
     assert_eq!(closed_count(&s, "4400"), 3, "{s:?}");
-    assert_eq!(closed_count(&s, "1011"), 1, "{s:?}");
+    assert_eq!(closed_count(&s, "1011"), 2, "{s:?}");
     assert_eq!(num(&s, "stored"), 0, "{s:?}");
     d.stop().await.unwrap();
 }

@@ -332,8 +332,16 @@ impl Connection<'_> {
                 return Some(Ending::Now(4403, format!("frame refused: {r}")));
             }
             Err(e) => {
-                tracing::warn!(error = %e, "gateway: closed a z4j agent over a malformed frame (1011)");
-                return Some(Ending::Now(1011, e.to_string()));
+                // The verifier's words are written for the brain's frames.
+                let why = match e {
+                    VerifyError::Malformed(m) => format!("malformed frame: {m}"),
+                    VerifyError::BadVersion { found } => {
+                        format!("frame envelope version `v` is {found}, expected 2")
+                    }
+                    other => other.to_string(),
+                };
+                tracing::warn!("gateway: closed a z4j agent over a malformed frame (1011): {why}");
+                return Some(Ending::Now(1011, why));
             }
         };
         if frame.frame_type == "event_batch" {
