@@ -245,20 +245,26 @@ def daemon(daemon_factory, agent) -> Daemon:
 
 
 @pytest.fixture(scope="session")
-def module_daemon(brain, daemon_bin, run_dir, sock_dir, all_daemons, minted_agents):
-    """`make(name, project)` -> (agent, Daemon): a fresh agent token (in the brain project
-    `project`, created when new) and a daemon for it (not started, working in `daemons/<name>`),
-    for a module that keeps one daemon across its tests; stopped with every daemon at the
-    session's end."""
-    def make(name: str, project: str = "default"):
-        agent = brain.mint_agent(f"e2e-{name}-{os.urandom(3).hex()}", project=project)
+def agent_daemon(daemon_bin, run_dir, sock_dir, all_daemons, minted_agents):
+    """`make(brain, name, project)` -> (agent, Daemon): a fresh agent token of `brain` (in
+    its project `project`, created when new; its secrets searched for in every log) and a
+    daemon for it (not started, working in `daemons/<name>`), for a module that keeps one
+    daemon across its tests; stopped with every daemon at the session's end."""
+    def make(b, name: str, project: str = "default"):
+        agent = b.mint_agent(f"e2e-{name}-{os.urandom(3).hex()}", project=project)
         minted_agents.append(agent)
-        daemon = Daemon(daemon_bin, workdir=run_dir / "daemons" / name, brain_url=brain.url, agent=agent,
+        daemon = Daemon(daemon_bin, workdir=run_dir / "daemons" / name, brain_url=b.url, agent=agent,
                         socket_path=sock_dir / f"{len(all_daemons) + 1}.sock")
         all_daemons.append(daemon)
         return agent, daemon
 
     return make
+
+
+@pytest.fixture(scope="session")
+def module_daemon(brain, agent_daemon):
+    """`agent_daemon` on the session's brain: `make(name, project)` -> (agent, Daemon)."""
+    return lambda name, project="default": agent_daemon(brain, name, project)
 
 
 @pytest.fixture(scope="session")

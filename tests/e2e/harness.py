@@ -7,7 +7,9 @@ and fails with what it saw last.
 
 from __future__ import annotations
 
+import atexit
 import base64
+import contextlib
 import json
 import os
 import queue
@@ -57,6 +59,19 @@ def wait_for(check: Callable[[], Tuple[bool, object]], timeout: float, what: str
 
 
 # ---------------------------------------------------------------- local socket
+
+
+@contextlib.contextmanager
+def running_brain(b, label: str):
+    """A brain other than the session's, started for a module: stopped when the module
+    is done (or the interpreter exits)."""
+    atexit.register(b.stop)
+    took = b.start()
+    print(f"[e2e] {label} on {b.url} healthy after {took:.1f}s", file=sys.stderr)
+    try:
+        yield b
+    finally:
+        b.stop()
 
 
 class SockClient:

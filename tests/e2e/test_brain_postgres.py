@@ -29,10 +29,10 @@ import pytest
 import brain as brainmod
 from control import LocalClient, agent_row, issue_cancel, wait_brain_knows, wait_command_done
 from harness import (
+    running_brain,
     SEND_JSONL,
     SEND_MSGPACK,
     Client,
-    Daemon,
     PostgresServer,
     postgres_bindir,
     run_agentd,
@@ -86,28 +86,23 @@ def pg_brain(postgres, run_dir):
         "Z4J_METRICS_AUTH_TOKEN": secrets.token_urlsafe(32),
     }
     b = brainmod.Brain(run_dir / "brain-postgres", port=port, venv=brainmod.postgres_venv(), env=env)
-    atexit.register(b.stop)
-    took = b.start()
-    print(f"[e2e] brain on PostgreSQL on {b.url} healthy after {took:.1f}s", file=sys.stderr)
-    try:
+    with running_brain(b, "brain on PostgreSQL"):
         yield b
-    finally:
-        b.stop()
 
 
 @pytest.fixture(scope="module")
-def pg_agent(pg_brain, minted_agents):
-    agent = pg_brain.mint_agent(f"e2e-postgres-{os.urandom(3).hex()}")
-    minted_agents.append(agent)  # its secrets are searched for in every log of the session
-    return agent
+def pg_pair(pg_brain, agent_daemon):
+    return agent_daemon(pg_brain, "brain-postgres")
 
 
 @pytest.fixture(scope="module")
-def pg_daemon(pg_brain, pg_agent, daemon_bin, run_dir, sock_dir, all_daemons):
-    d = Daemon(daemon_bin, workdir=run_dir / "daemons" / "brain-postgres", brain_url=pg_brain.url, agent=pg_agent,
-               socket_path=sock_dir / f"{len(all_daemons) + 1}.sock")
-    all_daemons.append(d)
-    atexit.register(d.kill)
+def pg_agent(pg_pair):
+    return pg_pair[0]
+
+
+@pytest.fixture(scope="module")
+def pg_daemon(pg_pair):
+    d = pg_pair[1]
     d.start()
     try:
         yield d

@@ -13,7 +13,6 @@ warning, and the daemon said its hello with the wrong line once only.
 
 from __future__ import annotations
 
-import atexit
 import importlib.util
 import json
 import os
@@ -26,10 +25,10 @@ import pytest
 import brain as brainmod
 from control import agent_row, issue_cancel, wait_brain_knows, wait_command_done
 from harness import (
+    running_brain,
     CELERY_COMMANDS,
     SEND_JSONL,
     Client,
-    Daemon,
     Service,
     event_rows_by_task,
     run_agentd,
@@ -49,28 +48,23 @@ _CODE_4002 = re.compile(r"(?<![\w/.-])4002(?![\w/.-])")
 @pytest.fixture(scope="module")
 def old_brain(run_dir):
     b = brainmod.Brain(run_dir / f"brain-{VERSION}", venv=brainmod.oldest_brain_venv())
-    atexit.register(b.stop)
-    took = b.start()
-    print(f"[e2e] brain {VERSION} on {b.url} healthy after {took:.1f}s", file=sys.stderr)
-    try:
+    with running_brain(b, f"brain {VERSION}"):
         yield b
-    finally:
-        b.stop()
 
 
 @pytest.fixture(scope="module")
-def old_agent(old_brain, minted_agents):
-    a = old_brain.mint_agent(f"e2e-brain-{VERSION}-{os.urandom(3).hex()}")
-    minted_agents.append(a)  # its secrets are searched for in every log (conftest.pytest_sessionfinish)
-    return a
+def old_pair(old_brain, agent_daemon):
+    return agent_daemon(old_brain, f"brain-{VERSION}")
 
 
 @pytest.fixture(scope="module")
-def old_daemon(old_brain, old_agent, daemon_bin, run_dir, sock_dir, all_daemons):
-    d = Daemon(daemon_bin, workdir=run_dir / "daemons" / f"brain-{VERSION}", brain_url=old_brain.url,
-               agent=old_agent, socket_path=sock_dir / f"{len(all_daemons) + 1}.sock")
-    all_daemons.append(d)
-    atexit.register(d.kill)
+def old_agent(old_pair):
+    return old_pair[0]
+
+
+@pytest.fixture(scope="module")
+def old_daemon(old_pair):
+    d = old_pair[1]
     d.start()
     try:
         d.wait_stats(lambda s: s["uplink_state"] == "connected", 60, f"uplink connected to brain {VERSION}")
