@@ -559,6 +559,70 @@ async fn a_frame_signed_with_another_key_is_closed_with_4403_and_its_agent_refus
     d.stop().await.unwrap();
 }
 
+/// An agent whose frames are still in flight when one of them is refused
+/// reads the close code and its reason, as a z4j agent logs them, rather
+/// than a reset connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_still_sending_when_its_frame_is_refused_reads_the_4403_and_why() {
+    let brain = FakeBrain::start(Behavior::default()).await;
+    let (d, addr) = daemon_for(gateway_options(&brain.url)).await;
+    let mut agent = handshake(addr, fake_brain::TOKEN, "celery-44-1")
+        .await
+        .agent();
+    let mut other_key = Signer::new(SigningKey::from_bytes(&[9u8; 32]).unwrap(), agent.binding());
+    let forged = other_key.sign_value(
+        "heartbeat",
+        &protocol::new_frame_id("hb_"),
+        &Value::empty_map(),
+        OffsetDateTime::now_utc(),
+        &protocol::new_nonce(),
+    );
+    agent.send_raw(forged).await;
+    // More frames behind it, as a busy agent writes, none of them read by
+    // the gateway before it closes.
+    for i in 0..200 {
+        let id = protocol::new_frame_id("ev_");
+        let mut p = Value::empty_map();
+        p.insert(
+            "events",
+            Value::Array(vec![task_event(&format!("gw-behind-{i}"))]),
+        );
+        let f = agent.signer.sign_value(
+            "event_batch",
+            &id,
+            &p,
+            OffsetDateTime::now_utc(),
+            &protocol::new_nonce(),
+        );
+        if agent.ws.feed(Message::binary(f)).await.is_err() {
+            break;
+        }
+    }
+    let _ = agent.ws.flush().await;
+    // Time for the gateway to close; a write now must not meet a reset
+    // (z4j-bare would log "connection closed during send" and lose why).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let late = agent.signer.sign_value(
+        "heartbeat",
+        &protocol::new_frame_id("hb_"),
+        &Value::empty_map(),
+        OffsetDateTime::now_utc(),
+        &protocol::new_nonce(),
+    );
+    let sent = agent.ws.send(Message::binary(late)).await;
+    assert!(sent.is_ok(), "a write after the close frame: {sent:?}");
+    let (code, reason) = agent.closed().await;
+    assert_eq!(code, 4403, "{reason}");
+    assert!(reason.contains("Z4J_HMAC_SECRET"), "{reason}");
+    let s = d.client().await.stats().await.unwrap();
+    assert_eq!(
+        num(&s, "stored"),
+        0,
+        "nothing behind the forged frame: {s:?}"
+    );
+    d.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frames_the_brain_would_refuse_get_the_brains_close_codes() {
     let brain = FakeBrain::start(Behavior::default()).await;

@@ -16,7 +16,7 @@ use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, 
 use tokio_tungstenite::tungstenite::http::StatusCode;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
 use super::{digest, Gateway, TokenDigest, MAX_FRAME_BYTES};
@@ -105,11 +105,21 @@ pub(super) async fn close(ws: &mut AgentWs, stats: &Stats, code: u16, reason: &s
         reason: close_reason(reason).into(),
     };
     if ws.close(Some(frame)).await.is_ok() {
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            while let Some(Ok(_)) = ws.next().await {}
-        })
-        .await;
+        linger(ws).await;
     }
+}
+
+/// After the daemon's close frame: reads (and drops) what the agent still
+/// sends until its own close frame or for at most a second, so the socket
+/// is not reset under the close frame while the agent writes.
+pub(super) async fn linger<S>(frames: &mut S)
+where
+    S: futures_util::Stream<Item = Result<Message, WsError>> + Unpin,
+{
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while let Some(Ok(_)) = frames.next().await {}
+    })
+    .await;
 }
 
 /// `reason` cut to what a close frame holds (123 bytes), on a character

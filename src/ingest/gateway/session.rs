@@ -183,8 +183,15 @@ impl Ingest {
             let _ = end_tx.send(ending.clone());
         }
         conn.finish().await;
+        let closing = ending != Ending::Gone;
         let _ = end_tx.send(ending);
         let _ = writer.await;
+        if closing {
+            // Read on until the agent answers the close frame: dropping a
+            // socket with unread bytes resets it, and an agent still sending
+            // would lose the close code and its reason with the reset.
+            handshake::linger(&mut frames).await;
+        }
         gateway.leave_slot(token, &worker_id, id);
         self.stats.gateway.session_closed();
         tracing::info!("gateway: z4j agent disconnected");
