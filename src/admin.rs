@@ -208,6 +208,7 @@ fn render_uplink(o: &mut String, s: &Snapshot) {
         let _ = write!(line, ", clock skew {skew:+.1}s");
     }
     let _ = writeln!(o, "{line}");
+    render_transport(o, s);
     if let Some(e) = &s.last_error {
         let _ = writeln!(
             o,
@@ -222,6 +223,33 @@ fn render_uplink(o: &mut String, s: &Snapshot) {
         s.failure_streak,
         s.connects
     );
+}
+
+/// How the daemon reaches the brain, when it is not the plain WebSocket.
+fn render_transport(o: &mut String, s: &Snapshot) {
+    match (s.transport.as_deref(), s.transport_setting.as_deref()) {
+        (Some("longpoll"), Some("longpoll")) => {
+            let _ = writeln!(
+                o,
+                "          transport: HTTPS long-poll (Z4J_TRANSPORT=longpoll)"
+            );
+        }
+        (Some("longpoll"), _) => {
+            let _ = writeln!(
+                o,
+                "          transport: HTTPS long-poll, because the WebSocket upgrade was refused ({}); the WebSocket is tried again now and then (Z4J_TRANSPORT=auto)",
+                or_dash(&s.longpoll_reason)
+            );
+        }
+        _ if s.transport_fallbacks > 0 => {
+            let _ = writeln!(
+                o,
+                "          transport: WebSocket (on long-poll {} time(s) since start)",
+                s.transport_fallbacks
+            );
+        }
+        _ => {}
+    }
 }
 
 /// The spool, the rates and every event count.

@@ -378,6 +378,7 @@ fn daemon_info(
         static_capabilities: config.uplink.static_capabilities.clone(),
         spool_path: spool_path.display().to_string(),
         socket_path: socket_path.display().to_string(),
+        transport_setting: config.uplink.transport.as_str(),
     }
 }
 

@@ -34,7 +34,7 @@ use clap::{Arg, ArgAction, ArgMatches, Args, Command, FromArgMatches};
 use super::read::{
     AsGiven, Engines, Ids, Level, Mode, Number, OneOf, PathValue, Raw, Switch, Text,
 };
-use super::LogFormat;
+use super::{LogFormat, Transport};
 use crate::spool::{Overflow, Synchronous};
 
 /// How a setting is given.
@@ -292,6 +292,17 @@ settings! {
     /// Seconds to wait for an event_batch_ack before re-sending the frame (default 60)
     ACK_TIMEOUT_SECONDS ack_timeout_seconds: Scalar "Z4J_ACK_TIMEOUT_SECONDS" "SECONDS"
         => Number<u64> = Number { default: 60, min: 1, max: 3600 };
+    /// How to reach the brain: auto (default: WebSocket, HTTPS long-poll when the path refuses the upgrade), ws or longpoll
+    TRANSPORT transport: Text "Z4J_TRANSPORT" "MODE" => OneOf<Transport> = OneOf {
+        choices: &[("auto", Transport::Auto), ("ws", Transport::WebSocket), ("longpoll", Transport::LongPoll)],
+        fold_case: true,
+    };
+    /// Largest request body sent over long-poll, in bytes; match the brain's Z4J_MAX_PAYLOAD_SIZE_BYTES (default 8192, the brain's default)
+    LONGPOLL_MAX_BODY_BYTES longpoll_max_body_bytes: Scalar "Z4J_LONGPOLL_MAX_BODY_BYTES" "BYTES"
+        => Number<usize> = Number { default: 8192, min: 1024, max: 16 << 20 };
+    /// Seconds between tries of the WebSocket while Z4J_TRANSPORT=auto runs on long-poll (default 300)
+    WS_RETRY_SECONDS ws_retry_seconds: Scalar "Z4J_WS_RETRY_SECONDS" "SECONDS"
+        => Number<u64> = Number { default: 300, min: 5, max: 86_400 };
     /// Seconds to drain the spool to the brain on SIGTERM before exiting (default 10)
     SHUTDOWN_GRACE_SECONDS shutdown_grace_seconds: Scalar "Z4J_SHUTDOWN_GRACE_SECONDS" "SECONDS"
         => Number<u64> = Number { default: 10, min: 0, max: 3600 };

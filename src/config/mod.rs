@@ -118,6 +118,35 @@ pub struct UplinkSettings {
     pub inflight_frames: usize,
     /// Re-send a frame after this long without its ack.
     pub ack_timeout: Duration,
+    /// WebSocket, long-poll, or WebSocket with long-poll when refused.
+    pub transport: Transport,
+    /// Largest request body sent over long-poll.
+    pub longpoll_max_body: usize,
+    /// How often `auto` tries the WebSocket again while on long-poll.
+    pub ws_retry: Duration,
+}
+
+/// How the daemon reaches the brain (`Z4J_TRANSPORT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// The WebSocket; HTTPS long-poll while the path to the brain refuses
+    /// the upgrade, trying the WebSocket again every `ws_retry`.
+    Auto,
+    /// The WebSocket only.
+    WebSocket,
+    /// HTTPS long-poll only.
+    LongPoll,
+}
+
+impl Transport {
+    /// The setting's value, as written.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Auto => "auto",
+            Transport::WebSocket => "ws",
+            Transport::LongPoll => "longpoll",
+        }
+    }
 }
 
 /// The whole validated configuration of `z4j-agentd run`.
@@ -289,6 +318,9 @@ impl Options {
                 batch_max_events,
                 inflight_frames,
                 ack_timeout,
+                transport: s.get(&TRANSPORT)?,
+                longpoll_max_body: s.get(&LONGPOLL_MAX_BODY_BYTES)?,
+                ws_retry: Duration::from_secs(s.get(&WS_RETRY_SECONDS)?),
             },
             project_id: identity.project_id,
             environment: s.get(&ENVIRONMENT)?,

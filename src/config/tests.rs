@@ -749,7 +749,8 @@ fn the_config_file_is_refused_whole_in_serdes_words() {
          `buffer_max_events`, `buffer_max_bytes`, `buffer_overflow`, \
          `buffer_synchronous`, `socket_path`, `socket_mode`, `allowed_uids`, \
          `allowed_gids`, `max_clients`, `batch_max_events`, `inflight_frames`, \
-         `ack_timeout_seconds`, `shutdown_grace_seconds`, `restart_grace_seconds`, \
+         `ack_timeout_seconds`, `transport`, `longpoll_max_body_bytes`, `ws_retry_seconds`, \
+         `shutdown_grace_seconds`, `restart_grace_seconds`, \
          `log_format`, `log_level`, `metrics_addr`, `metrics_allow_remote`, \
          `gateway_addr`, `gateway_tokens_file`, `gateway_max_connections`"
     );

@@ -23,7 +23,7 @@ pub(crate) fn stats() -> Stats {
     s.gateway.closed(4401);
     s.gateway.closed(4403);
     s.gateway.closed(4401);
-    let counters: [(&AtomicU64, u64); 21] = [
+    let counters: [(&AtomicU64, u64); 22] = [
         (&s.events_received, 1001),
         (&s.events_forwarded, 902),
         (&s.events_resent, 13),
@@ -34,6 +34,7 @@ pub(crate) fn stats() -> Stats {
         (&s.replies_dropped, 4),
         (&s.connects, 6),
         (&s.contract_rehellos, 18),
+        (&s.transport_fallbacks, 19),
         (&s.producer_waits, 8),
         (&s.message_budget_waits, 9),
         (&s.accept_failures, 10),
@@ -77,6 +78,11 @@ fn uplink(s: &Stats) {
         u.project_id = Some("proj-1".into());
         u.brain_version = Some("1.4.0".into());
         u.contract_line = Some("1.9.1".into());
+        u.transport = Some("longpoll");
+        u.longpoll_reason = Some(
+            "ws://brain.example:7700/ws/agent answered HTTP 400 instead of a WebSocket upgrade"
+                .into(),
+        );
         u.advertised = Advertisement {
             engines: vec!["celery".into()],
             capabilities: BTreeMap::from([("celery".into(), vec!["retry_task".into()])]),
@@ -97,6 +103,7 @@ fn clients(s: &Stats) {
         static_capabilities: BTreeMap::new(),
         spool_path: "/var/lib/z4j-agentd/spool.sqlite".into(),
         socket_path: "/run/z4j-agentd/agent.sock".into(),
+        transport_setting: "auto",
     });
     s.clients.connected(
         7,

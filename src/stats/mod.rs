@@ -109,6 +109,12 @@ pub struct UplinkStatus {
     /// Failures in a row by the brain's classes before the current session
     /// (what `agent_status` reports; the count restarts at each session).
     pub streaks_before_session: FailureStreaks,
+    /// How the daemon reaches (or tries to reach) the brain now:
+    /// `websocket` or `longpoll`.
+    pub transport: Option<&'static str>,
+    /// Why `Z4J_TRANSPORT=auto` runs on long-poll: what the WebSocket
+    /// upgrade got (None on the WebSocket).
+    pub longpoll_reason: Option<String>,
 }
 
 /// Where this daemon runs and what it talks to; fixed at start, the brain
@@ -129,6 +135,8 @@ pub struct DaemonInfo {
     pub spool_path: String,
     /// The local socket.
     pub socket_path: String,
+    /// `Z4J_TRANSPORT`: `auto`, `ws` or `longpoll`.
+    pub transport_setting: &'static str,
 }
 
 /// Events per second over the sampling window (rounded to three decimals
@@ -200,6 +208,9 @@ pub struct Stats {
     pub connects: AtomicU64,
     /// Handshakes said again at once because the brain's version called for
     /// another contract line (not counted in `connects`).
+    /// Times `Z4J_TRANSPORT=auto` switched to long-poll because the path
+    /// to the brain refused the WebSocket upgrade.
+    pub transport_fallbacks: AtomicU64,
     pub contract_rehellos: AtomicU64,
     /// This run's id and per-engine losses, for the brain's `telemetry_loss`.
     pub telemetry: Telemetry,
@@ -268,6 +279,7 @@ impl Stats {
             replies_dropped: AtomicU64::new(0),
             connects: AtomicU64::new(0),
             contract_rehellos: AtomicU64::new(0),
+            transport_fallbacks: AtomicU64::new(0),
             telemetry: Telemetry::default(),
             producer_waits: AtomicU64::new(0),
             message_budget_waits: AtomicU64::new(0),
@@ -300,6 +312,8 @@ impl Stats {
                 advertised: Advertisement::default(),
                 contract_line: None,
                 streaks_before_session: FailureStreaks::default(),
+                transport: None,
+                longpoll_reason: None,
             }),
             clients: ClientRegistry::new(),
             health: HealthCounters::default(),

@@ -122,6 +122,14 @@ pub struct Snapshot {
     /// The z4j contract line the last `hello` named as its `agent_version`
     /// (chosen from the brain's version; the daemon's own is `version`).
     pub contract_line: Option<String>,
+    /// `Z4J_TRANSPORT`: `auto`, `ws` or `longpoll`.
+    pub transport_setting: Option<String>,
+    /// How the daemon reaches the brain now: `websocket` or `longpoll`.
+    pub transport: Option<String>,
+    /// Why `auto` runs on long-poll: what the WebSocket upgrade got.
+    pub longpoll_reason: Option<String>,
+    /// Times `auto` switched to long-poll.
+    pub transport_fallbacks: u64,
     /// The last uplink error, free of secrets.
     pub last_error: Option<String>,
     /// Its backoff class.
@@ -420,6 +428,8 @@ impl Snapshot {
         self.project_id = u.project_id.clone();
         self.brain_version = u.brain_version.clone();
         self.contract_line = u.contract_line.clone();
+        self.transport = u.transport.map(str::to_string);
+        self.longpoll_reason = u.longpoll_reason.clone();
         self.last_error = u.last_error.clone();
         self.last_failure_class = u.last_failure_class.map(str::to_string);
         self.failure_streak = u64::from(u.failure_streak);
@@ -433,6 +443,7 @@ impl Snapshot {
     fn read_local(&mut self, st: &Stats) {
         self.connects = load(&st.connects);
         self.contract_rehellos = load(&st.contract_rehellos);
+        self.transport_fallbacks = load(&st.transport_fallbacks);
         self.producer_waits = load(&st.producer_waits);
         self.metrics_connections = load(&st.metrics_connections);
         self.gateway = st.gateway.report();
@@ -461,6 +472,8 @@ impl Snapshot {
         self.agent_name = info.agent_name;
         self.spool_path = info.spool_path;
         self.socket_path = info.socket_path;
+        self.transport_setting =
+            (!info.transport_setting.is_empty()).then(|| info.transport_setting.to_string());
         st.expire_health();
         self.health = Some(st.health.counts());
         let clients = st.clients.list();

@@ -101,16 +101,49 @@ pub(crate) async fn dial(settings: &UplinkSettings) -> Result<Ws, UplinkError> {
     let ws_config = WebSocketConfig::default()
         .max_message_size(Some(16 << 20))
         .max_frame_size(Some(16 << 20));
-    let connect =
-        tokio_tungstenite::connect_async_tls_with_config(request, Some(ws_config), true, connector);
-    match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
-        Err(_) => Err(UplinkError::ConnectTimeout {
-            url: settings.endpoint.ws_url.clone(),
+    // TCP first, on its own clock: a brain that cannot be reached is told
+    // from a path that takes the connection but never answers the upgrade
+    // (a proxy holding it), which `Z4J_TRANSPORT=auto` answers with
+    // long-poll.
+    let url = settings.endpoint.ws_url.clone();
+    let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, tcp_connect(&url)).await {
+        Err(_) => {
+            return Err(UplinkError::ConnectTimeout {
+                url,
+                secs: CONNECT_TIMEOUT.as_secs(),
+            })
+        }
+        Ok(Err(error)) => return Err(UplinkError::Unreachable { url, error }),
+        Ok(Ok(tcp)) => tcp,
+    };
+    let upgrade =
+        tokio_tungstenite::client_async_tls_with_config(request, tcp, Some(ws_config), connector);
+    match tokio::time::timeout(CONNECT_TIMEOUT, upgrade).await {
+        Err(_) => Err(UplinkError::UpgradeUnanswered {
+            url,
             secs: CONNECT_TIMEOUT.as_secs(),
         }),
         Ok(Err(e)) => Err(classify_ws_error(e, settings)),
         Ok(Ok((ws, _response))) => Ok(ws),
     }
+}
+
+/// The TCP connection to the host and port of `url` (a `ws[s]://` URL).
+async fn tcp_connect(url: &str) -> std::io::Result<TcpStream> {
+    let bad = |why: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, why.to_string());
+    let parsed = url::Url::parse(url).map_err(|e| bad(&e.to_string()))?;
+    let port = parsed
+        .port_or_known_default()
+        .ok_or_else(|| bad("the brain URL has no port"))?;
+    let host = match parsed.host() {
+        Some(url::Host::Domain(d)) => d.to_string(),
+        Some(url::Host::Ipv4(ip)) => ip.to_string(),
+        Some(url::Host::Ipv6(ip)) => ip.to_string(),
+        None => return Err(bad("the brain URL has no host")),
+    };
+    let tcp = TcpStream::connect((host.as_str(), port)).await?;
+    tcp.set_nodelay(true)?;
+    Ok(tcp)
 }
 
 fn classify_ws_error(e: WsError, settings: &UplinkSettings) -> UplinkError {

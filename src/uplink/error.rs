@@ -27,6 +27,9 @@ pub enum UplinkError {
     /// TCP, TLS and the upgrade took too long.
     #[error("no answer from {url} within {secs}s")]
     ConnectTimeout { url: String, secs: u64 },
+    /// The TCP connection opened but the upgrade was never answered.
+    #[error("{url} took the connection but did not answer the WebSocket upgrade within {secs}s; a proxy in front of the brain may hold WebSocket upgrades")]
+    UpgradeUnanswered { url: String, secs: u64 },
     /// Something answered plain HTTP instead of upgrading.
     #[error("{url} answered HTTP {status} instead of a WebSocket upgrade; {}", http_hint(*.status))]
     HttpAnswer { url: String, status: u16 },
@@ -90,6 +93,50 @@ pub enum UplinkError {
     SpoolDiskFull,
     #[error("deleting acked events failed: {0}")]
     SpoolDelete(SpoolError),
+
+    // -------------------------------------------------------- long-poll
+    /// A long-poll request got no answer (network, TLS, timeout).
+    #[error("long-poll {what} to {url} failed: {error}")]
+    LongPollRequest {
+        what: &'static str,
+        url: String,
+        error: String,
+    },
+    /// The brain, or something in front of it, answered a long-poll request
+    /// with an HTTP error; `code` is the `error` of the brain's JSON body.
+    #[error("long-poll {what} to {url} answered HTTP {status}: {}", longpoll_hint(*.status, code.as_deref()))]
+    LongPollStatus {
+        what: &'static str,
+        url: String,
+        status: u16,
+        code: Option<String>,
+    },
+    /// `Z4J_TRANSPORT=auto`: the WebSocket upgrade was refused and
+    /// long-poll failed too; both are said.
+    #[error("{websocket}; HTTPS long-poll did not work either: {longpoll}")]
+    NoTransport {
+        websocket: Box<UplinkError>,
+        longpoll: Box<UplinkError>,
+    },
+    /// A long-poll answer the daemon cannot read.
+    #[error("long-poll {what}: {why}")]
+    LongPollAnswer { what: &'static str, why: String },
+}
+
+/// What a long-poll HTTP error means and what to change.
+fn longpoll_hint(status: u16, code: Option<&str>) -> &'static str {
+    match (status, code) {
+        (401, _) => "the brain refused the token; mint a new agent token and update Z4J_TOKEN_FILE",
+        (403, Some("project_inactive")) => "the agent's project is archived in the brain; restore the project",
+        (403, Some("ip_denied")) => "this host's address is not in the brain's agent IP allowlist",
+        (403, _) => "a proxy or firewall in front of the brain refused the request",
+        (404 | 405, _) => "this address has no long-poll endpoints: Z4J_BRAIN_URL is the brain's base URL, and a proxy must pass /api/v1/agent/",
+        (409, _) => "the brain ended this long-poll session after a frame failed its checks; a new session starts",
+        (413, _) => "the request was larger than the brain takes; lower Z4J_LONGPOLL_MAX_BODY_BYTES or raise the brain's Z4J_MAX_PAYLOAD_SIZE_BYTES",
+        (429, _) => "the brain's rate limit for agent connections (600 a minute per address) was reached",
+        (503, _) => "the brain has no room for another long-poll session, or is unavailable; retrying later",
+        _ => "check Z4J_BRAIN_URL and any proxy in front of the brain",
+    }
 }
 
 /// Fatal `error` codes that mean the two sides cannot work together until
@@ -116,7 +163,30 @@ impl UplinkError {
                 FailureClass::Incompatible
             }
             E::Fatal { .. } => FailureClass::Protocol,
+            E::NoTransport { longpoll, .. } => longpoll.class(),
+            E::LongPollStatus { status: 401, .. } => FailureClass::Auth,
+            E::LongPollStatus {
+                status: 403,
+                code: Some(code),
+                ..
+            } if matches!(code.as_str(), "project_inactive" | "ip_denied") => FailureClass::Auth,
+            E::LongPollStatus { status: 409, .. } | E::LongPollAnswer { .. } => {
+                FailureClass::Protocol
+            }
             _ => FailureClass::Connection,
+        }
+    }
+
+    /// Whether the path to the brain answered the WebSocket upgrade in a
+    /// way that says it cannot carry WebSockets (an HTTP answer other than
+    /// 101, or none at all), so `Z4J_TRANSPORT=auto` tries long-poll. An
+    /// answer asking for credentials (401, 407) or saying slow down (429)
+    /// is not one: long-poll would get the same.
+    pub fn refuses_upgrade(&self) -> bool {
+        match self {
+            UplinkError::HttpAnswer { status, .. } => !matches!(status, 401 | 407 | 429),
+            UplinkError::UpgradeUnanswered { .. } => true,
+            _ => false,
         }
     }
 

@@ -28,8 +28,10 @@ pub mod close;
 pub(crate) mod connect;
 pub mod contract;
 pub mod error;
+pub(crate) mod longpoll;
 pub mod reader;
 mod session;
+mod status;
 mod window;
 
 use std::collections::VecDeque;
@@ -133,6 +135,8 @@ pub struct Uplink {
     rehandshakes: RehandshakeLimit,
     /// Failures in a row since the last session, by the brain's classes.
     streaks: crate::stats::FailureStreaks,
+    /// Whether `Z4J_TRANSPORT=auto` runs on long-poll, and the upload budget.
+    fallback: longpoll::Fallback,
 }
 
 /// How the daemon steers the uplink's lifetime.
@@ -171,6 +175,7 @@ impl Uplink {
             beat,
             rehandshakes: RehandshakeLimit::default(),
             streaks: crate::stats::FailureStreaks::default(),
+            fallback: longpoll::Fallback::default(),
         }
     }
 

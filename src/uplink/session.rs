@@ -26,10 +26,11 @@ use super::backoff::FailureClass;
 use super::connect::{self, Hello, HelloAck, Ws};
 use super::contract::{self, AfterAck, BrainLine};
 use super::error::UplinkError;
+use super::status::SessionFacts;
 use super::window::Window;
 use super::{SessionEnd, Uplink, STABLE_SESSION};
 use crate::clients::Advertisement;
-use crate::config::UplinkSettings;
+use crate::config::{Transport, UplinkSettings};
 use crate::protocol::limits::{MAX_CLOCK_SKEW_SECONDS, WARN_CLOCK_SKEW_SECONDS};
 use crate::protocol::{self, SessionBinding, Signer, Verifier};
 use crate::stats::{FailureStreaks, UplinkState};
@@ -105,6 +106,11 @@ impl Uplink {
     pub(crate) async fn connect_and_serve(&mut self) -> SessionEnd {
         let settings = self.settings.borrow().clone();
         self.publish_settings(&settings);
+        if self.fallback.longpoll_now(&settings) {
+            return self.serve_longpoll(&settings, None).await;
+        }
+        self.stats
+            .update_uplink(|u| u.transport = Some("websocket"));
         let Handshake {
             ws,
             ack,
@@ -113,8 +119,14 @@ impl Uplink {
             line,
         } = match self.handshake(&settings).await {
             Ok(connected) => connected,
+            Err(SessionEnd::Failed { error, .. })
+                if settings.transport == Transport::Auto && error.refuses_upgrade() =>
+            {
+                return self.serve_longpoll(&settings, Some(error)).await;
+            }
             Err(end) => return end,
         };
+        self.fallback.on_websocket(&self.stats);
         tracing::Span::current().record("session_id", ack.session_id.as_str());
         let streaks = self.record_connected(&settings, &ack, &advertised, line);
         self.remember_acknowledged(&advertised, &settings, &ack)
@@ -142,6 +154,7 @@ impl Uplink {
             i.agent_name = settings.agent_name.clone();
             i.static_engines = settings.static_engines.clone();
             i.static_capabilities = settings.static_capabilities.clone();
+            i.transport_setting = settings.transport.as_str();
         });
         self.stats.set_uplink_state(UplinkState::Connecting);
     }
@@ -674,18 +687,17 @@ impl<'a> BrainSession<'a> {
     }
 
     async fn send_heartbeat(&mut self) -> Result<(), SessionEnd> {
-        let snapshot = self.up.stats.snapshot(self.up.spool.stats());
         let now = OffsetDateTime::now_utc();
-        let mut hb = snapshot.heartbeat_payload(self.last_flush_at);
-        let loss = self
-            .up
-            .stats
-            .telemetry_loss(self.up.spool.stats(), &self.advertised.engines);
-        crate::stats::add_telemetry_loss(&mut hb, &loss);
-        let reports = self.up.stats.fresh_health();
-        let cuts =
-            crate::stats::add_adapter_health(&mut hb, &reports, self.ack.max_frame_bytes, now);
-        self.up.stats.health.cut(&cuts);
+        let facts = SessionFacts {
+            advertised: &self.advertised,
+            last_flush_at: self.last_flush_at,
+            max_frame_bytes: self.ack.max_frame_bytes,
+            up_for: self.connected_at.elapsed(),
+            connected_at_wall: self.connected_at_wall,
+            contract_line: self.contract_line,
+            streaks: self.streaks,
+        };
+        let (hb, status) = self.up.status_payloads(&facts, now);
         let frame = self.signer.sign_value(
             "heartbeat",
             &protocol::new_frame_id("hb_"),
@@ -694,23 +706,10 @@ impl<'a> BrainSession<'a> {
             &protocol::new_nonce(),
         );
         self.send(frame).await?;
-
-        let mut st_payload = snapshot.agent_status_payload(
-            &self.advertised.engines,
-            self.connected_at.elapsed(),
-            self.connected_at_wall,
-        );
-        crate::stats::add_telemetry_loss(&mut st_payload, &loss);
-        crate::stats::add_agent_identity(
-            &mut st_payload,
-            self.contract_line,
-            &self.advertised.schedulers,
-            self.streaks,
-        );
         let frame = self.signer.sign_value(
             "agent_status",
             &protocol::new_frame_id("as_"),
-            &st_payload,
+            &status,
             now,
             &protocol::new_nonce(),
         );

@@ -301,6 +301,9 @@ mod tests {
             batch_max_events: 100,
             inflight_frames: 2,
             ack_timeout: Duration::from_secs(60),
+            transport: crate::config::Transport::Auto,
+            longpoll_max_body: 8192,
+            ws_retry: Duration::from_secs(300),
         }
     }
 

@@ -12,7 +12,7 @@ use time::OffsetDateTime;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use super::{failed, BrainSession, SessionEnd};
-use crate::commands::{Command, CommandResult, Dispatch};
+use crate::commands::{Command, CommandResult};
 use crate::protocol::{self, Value};
 use crate::uplink::error::UplinkError;
 use crate::uplink::reader::{self, BrainMessage, Received};
@@ -130,47 +130,9 @@ impl BrainSession<'_> {
             &protocol::new_nonce(),
         );
         self.send(frame).await?;
-        match self.up.router.dispatch(&cmd, &self.host_label) {
-            Dispatch::Started { who } => {
-                tracing::info!(
-                    command_id = id,
-                    action = %cmd.action,
-                    engine = cmd.engine().unwrap_or("-"),
-                    to = %who,
-                    "command routed to a local process"
-                );
-                Ok(())
-            }
-            Dispatch::Failed(r) => {
-                tracing::warn!(
-                    command_id = id,
-                    action = %cmd.action,
-                    engine = cmd.engine().unwrap_or("-"),
-                    error = r.error.as_deref().unwrap_or(""),
-                    "command failed at once"
-                );
-                self.send_result(&r).await
-            }
-            Dispatch::DuplicateRunning => {
-                tracing::info!(
-                    command_id = id,
-                    "command delivered again while running; acknowledged, not run twice"
-                );
-                Ok(())
-            }
-            Dispatch::Held { scheduler } => {
-                tracing::info!(
-                    command_id = id,
-                    action = %cmd.action,
-                    scheduler = %scheduler,
-                    "activation kept until a local process declares its scheduler"
-                );
-                Ok(())
-            }
-            Dispatch::DuplicateDone(r) => {
-                tracing::info!(command_id = id, "command delivered again after its answer; acknowledged and answered again, not run twice");
-                self.send_result(&r).await
-            }
+        match self.up.route_command(&cmd, &self.host_label) {
+            Some(r) => self.send_result(&r).await,
+            None => Ok(()),
         }
     }
 
