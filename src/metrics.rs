@@ -353,6 +353,22 @@ fn encode_uplink_state(enc: &mut DescriptorEncoder, s: &Snapshot) -> Result<(), 
         ConstGauge::new(i64::from(st == s.uplink_state))
             .encode(m.encode_family(&[("state", st.as_str())])?)?;
     }
+    let mut m = enc.encode_descriptor(
+        "brain_transport",
+        "1 for how the daemon reaches the brain now (websocket or longpoll), 0 for the other.",
+        None,
+        MetricType::Gauge,
+    )?;
+    for t in ["websocket", "longpoll"] {
+        ConstGauge::new(i64::from(s.transport.as_deref() == Some(t)))
+            .encode(m.encode_family(&[("transport", t)])?)?;
+    }
+    counter(
+        enc,
+        "brain_transport_fallbacks",
+        "Times Z4J_TRANSPORT=auto switched to HTTPS long-poll because the path to the brain refused the WebSocket upgrade.",
+        s.transport_fallbacks,
+    )?;
     if let Some(skew) = s.clock_skew_seconds {
         gauge(
             enc,

@@ -33,17 +33,19 @@ mod clock;
 mod config;
 mod dns;
 mod gateway;
+mod longpoll;
 mod runner;
 mod socket;
 mod spool;
 mod tcp;
 mod tls;
+mod transports;
 mod websocket;
 
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use crate::config::{Config, Options};
+use crate::config::{Config, Options, Transport};
 use crate::host::HostEnv;
 use crate::protocol::Value;
 use runner::{Plan, Runner};
@@ -177,7 +179,7 @@ impl Probe {
 }
 
 /// The probe names, in order.
-pub const PROBES: [&str; 9] = [
+pub const PROBES: [&str; 10] = [
     "config",
     "buffer_path",
     "socket",
@@ -186,6 +188,7 @@ pub const PROBES: [&str; 9] = [
     "tcp",
     "tls",
     "websocket",
+    "longpoll",
     "clock",
 ];
 
@@ -383,25 +386,65 @@ pub async fn run(options: &Options, host: HostEnv, websocket: bool) -> Report {
             "skipped (--no-websocket): the token and the HMAC secret were not checked",
         );
         runner.skip(
+            "longpoll",
+            "skipped (--no-websocket): the token and the HMAC secret were not checked",
+        );
+        runner.skip(
             "clock",
             "skipped (--no-websocket): the brain's clock is read from its hello_ack",
         );
         return runner.report(header);
     }
-    let ack = runner
+    let found = runner
         .probe("websocket", || {
-            Plan::new(websocket::check(&config, &daemon))
+            Plan::new(ways_to_the_brain(&config, &daemon))
         })
-        .await
-        .flatten();
+        .await;
+    let (ack, longpoll, lp_skew) = found.unwrap_or_default();
+    if let Some(lp) = longpoll {
+        runner.probe("longpoll", || Plan::now((lp, ()))).await;
+    }
     if let Some(a) = &ack {
         header.project_id = Some(a.project_id.clone());
     }
-    let skew = ack.as_ref().and_then(|a| a.clock_skew_seconds);
+    let skew = ack.as_ref().and_then(|a| a.clock_skew_seconds).or(lp_skew);
     runner
         .probe("clock", || Plan::now(clock::check(skew)))
         .await;
     runner.report(header)
+}
+
+/// The `websocket` probe's finding, and what it hands on: the `hello_ack`,
+/// the `longpoll` probe's finding (judged with the websocket one under
+/// `Z4J_TRANSPORT`), and the brain's clock as long-poll read it.
+async fn ways_to_the_brain(
+    config: &Config,
+    daemon: &socket::DaemonView,
+) -> (
+    Finding,
+    (
+        Option<crate::uplink::connect::HelloAck>,
+        Option<Finding>,
+        Option<f64>,
+    ),
+) {
+    let transport = config.uplink.transport;
+    let (ws, outcome) = match transport {
+        Transport::LongPoll => (
+            Finding::skip("skipped: Z4J_TRANSPORT=longpoll, the WebSocket is not used"),
+            websocket::Outcome::default(),
+        ),
+        _ => websocket::check(config, daemon).await,
+    };
+    let (lp, lp_skew) = match transports::longpoll_runs(transport, &ws, outcome.upgrade_refused) {
+        true => {
+            let (f, skew) = longpoll::check(config).await;
+            (Some(f), skew)
+        }
+        false => (None, None),
+    };
+    let (ws, lp) = transports::judge(transport, ws, outcome.upgrade_refused, lp);
+    (ws, (outcome.ack, Some(lp), lp_skew))
 }
 
 /// Where the brain listens, as the network probes (dns, tcp, tls) need it.

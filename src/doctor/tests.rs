@@ -120,7 +120,7 @@ async fn warnings_do_not_fail_the_run() {
     assert!(r.ok());
     assert!(r
         .to_text()
-        .contains("all checks passed (9 warning(s) above)"));
+        .contains("all checks passed (10 warning(s) above)"));
 }
 
 #[tokio::test]

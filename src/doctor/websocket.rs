@@ -31,8 +31,16 @@ use crate::uplink::connect::{self, Hello, HelloAck, Ws};
 /// Time allowed for the signed round trip after `hello_ack`.
 const ROUND_TRIP_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// What the probe hands on: the `hello_ack`, and whether the path refused
+/// the upgrade itself (so long-poll may still work).
+#[derive(Default)]
+pub(super) struct Outcome {
+    pub ack: Option<HelloAck>,
+    pub upgrade_refused: bool,
+}
+
 /// Opens a session on the doctor's slot and proves both secrets.
-pub(super) async fn check(c: &Config, daemon: &DaemonView) -> (Finding, Option<HelloAck>) {
+pub(super) async fn check(c: &Config, daemon: &DaemonView) -> (Finding, Outcome) {
     let settings = &c.uplink;
     let worker_id = doctor_worker_id(&settings.worker_id);
     // Advertise what the daemon advertises: every hello overwrites the
@@ -43,7 +51,15 @@ pub(super) async fn check(c: &Config, daemon: &DaemonView) -> (Finding, Option<H
     let started = Instant::now();
     let (mut ws, ack) = match open_session(settings, &worker_id, &advertised).await {
         Ok(session) => session,
-        Err(refused) => return (refused, None),
+        Err((refused, upgrade_refused)) => {
+            return (
+                refused,
+                Outcome {
+                    ack: None,
+                    upgrade_refused,
+                },
+            )
+        }
     };
     let handshake_ms = started.elapsed().as_secs_f64() * 1000.0;
     let trip = round_trip(&mut ws, settings, &ack).await;
@@ -69,7 +85,13 @@ pub(super) async fn check(c: &Config, daemon: &DaemonView) -> (Finding, Option<H
             .detail("commands_left_for_the_daemon", trip.pushed_commands),
         Err(f) => with_close_code(finding, &f),
     };
-    (finding, Some(ack))
+    (
+        finding,
+        Outcome {
+            ack: Some(ack),
+            upgrade_refused: false,
+        },
+    )
 }
 
 /// The doctor's slot at the brain: the daemon's `worker_id` plus
@@ -91,17 +113,19 @@ fn with_close_code(finding: Finding, f: &Failure) -> Finding {
 }
 
 /// The upgrade and the handshake (the uplink's own `dial` and
-/// `exchange_hello`); a refusal is the probe's failure.
+/// `exchange_hello`); a refusal is the probe's failure, with whether it was
+/// the upgrade itself that was refused.
 async fn open_session(
     settings: &UplinkSettings,
     worker_id: &str,
     advertised: &Advertisement,
-) -> Result<(Ws, HelloAck), Finding> {
+) -> Result<(Ws, HelloAck), (Finding, bool)> {
     let mut ws = connect::dial(settings).await.map_err(|e| {
-        Finding::fail(
+        let finding = Finding::fail(
             e.to_string(),
             "check that Z4J_BRAIN_URL is the brain's base URL and that any proxy passes WebSocket upgrades (Upgrade and Connection headers)",
-        )
+        );
+        (finding, e.refuses_upgrade())
     })?;
     let hello = Hello {
         settings,
@@ -117,7 +141,7 @@ async fn open_session(
             let failure = Failure::handshake(&e);
             let finding = Finding::fail(failure.message.clone(), failure.fix.clone())
                 .detail("worker_id", worker_id);
-            Err(with_close_code(finding, &failure))
+            Err((with_close_code(finding, &failure), false))
         }
     }
 }

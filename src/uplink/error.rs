@@ -131,7 +131,7 @@ fn longpoll_hint(status: u16, code: Option<&str>) -> &'static str {
         (403, Some("ip_denied")) => "this host's address is not in the brain's agent IP allowlist",
         (403, _) => "a proxy or firewall in front of the brain refused the request",
         (404 | 405, _) => "this address has no long-poll endpoints: Z4J_BRAIN_URL is the brain's base URL, and a proxy must pass /api/v1/agent/",
-        (409, _) => "the brain ended this long-poll session after a frame failed its checks; a new session starts",
+        (409, _) => "the brain ended this long-poll session after a frame failed its checks (if it repeats, Z4J_HMAC_SECRET is not the project's hmac_secret or this host's clock is more than 60 s off)",
         (413, _) => "the request was larger than the brain takes; lower Z4J_LONGPOLL_MAX_BODY_BYTES or raise the brain's Z4J_MAX_PAYLOAD_SIZE_BYTES",
         (429, _) => "the brain's rate limit for agent connections (600 a minute per address) was reached",
         (503, _) => "the brain has no room for another long-poll session, or is unavailable; retrying later",

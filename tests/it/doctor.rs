@@ -218,6 +218,7 @@ async fn a_stopped_brain_fails_tcp() {
             ("tcp", ProbeStatus::Fail),
             ("tls", ProbeStatus::Skip),
             ("websocket", ProbeStatus::Skip),
+            ("longpoll", ProbeStatus::Skip),
             ("clock", ProbeStatus::Skip),
         ]
     );

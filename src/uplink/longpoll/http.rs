@@ -32,6 +32,8 @@ const MAX_ANSWER_BYTES: usize = 64 << 20;
 pub(crate) struct BrainIds {
     pub agent_id: String,
     pub project_id: String,
+    /// The brain's clock from the answer's `Date` header (to the second).
+    pub date: Option<time::OffsetDateTime>,
 }
 
 /// The brain's answer to an upload.
@@ -140,6 +142,11 @@ impl LongPollClient {
             (Some(agent_id), Some(project_id)) => Ok(BrainIds {
                 agent_id,
                 project_id,
+                date: answer
+                    .headers()
+                    .get(reqwest::header::DATE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(http_date),
             }),
             _ => Err(UplinkError::LongPollAnswer {
                 what: WHAT,
@@ -273,6 +280,16 @@ impl LongPollClient {
     }
 }
 
+/// An HTTP `Date` (`Sun, 06 Dec 2026 10:00:00 GMT`).
+fn http_date(v: &str) -> Option<time::OffsetDateTime> {
+    let format = time::macros::format_description!(
+        "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+    );
+    time::PrimitiveDateTime::parse(v.trim(), format)
+        .ok()
+        .map(time::PrimitiveDateTime::assume_utc)
+}
+
 /// The answer's body as JSON, read up to [`MAX_ANSWER_BYTES`].
 async fn read_json(
     what: &'static str,
@@ -321,6 +338,13 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_brains_date_header_is_read() {
+        let d = http_date("Mon, 07 Dec 2026 11:39:08 GMT").unwrap();
+        assert_eq!(d, time::macros::datetime!(2026-12-07 11:39:08 UTC));
+        assert_eq!(http_date("yesterday"), None);
+    }
 
     #[test]
     fn an_error_chain_names_each_cause_once() {

@@ -22,7 +22,7 @@
 //!   reach the brain goes on the next session, on either transport.
 
 pub(crate) mod http;
-mod pack;
+pub(crate) mod pack;
 
 use std::collections::VecDeque;
 use std::future::Future;
