@@ -246,7 +246,16 @@ impl Header {
         self.project_id = config.project_id.clone();
         self.agent_name = Some(config.uplink.agent_name.clone());
         self.worker_id = Some(config.uplink.worker_id.clone());
-        self.transport = Some(format!("websocket {}", config.uplink.endpoint.ws_url));
+        let endpoint = &config.uplink.endpoint;
+        let longpoll = format!("longpoll {}/api/v1/agent/", endpoint.base_url);
+        self.transport = Some(match config.uplink.transport {
+            Transport::WebSocket => format!("websocket {}", endpoint.ws_url),
+            Transport::LongPoll => longpoll,
+            Transport::Auto => format!(
+                "websocket {} (auto: {longpoll} when the upgrade is refused)",
+                endpoint.ws_url
+            ),
+        });
         self.socket_path = Some(socket_path.display().to_string());
     }
 }

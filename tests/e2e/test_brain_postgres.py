@@ -170,6 +170,8 @@ def test_doctor_passes(pg_brain, pg_agent, pg_daemon):
     assert not [n for n, p in probes.items() if p["status"] == "fail"], shown
     assert probes["websocket"]["status"] == "ok", shown
     assert "token accepted and HMAC secret verified" in probes["websocket"]["message"], shown
+    assert probes["longpoll"]["status"] == "ok", shown
+    assert "signed upload taken over HTTPS long-poll" in probes["longpoll"]["message"], shown
     assert probes["websocket"]["details"]["agent_id"].replace("-", "") == pg_agent["agent_id"].replace("-", ""), \
         probes["websocket"]["details"]
     assert report["config"]["brain_url"].rstrip("/") == pg_brain.url.rstrip("/"), report["config"]

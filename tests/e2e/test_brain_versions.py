@@ -139,9 +139,10 @@ def test_doctor_passes_against_the_old_brain(old_brain, old_daemon):
     shown = "\n".join(f"  {p['status']:<4} {p['name']:<11} {p['message']}" for p in report["probes"])
     assert r.returncode == 0 and report["ok"] is True, f"exit {r.returncode}\n{shown}"
     assert not [p for p in report["probes"] if p["status"] == "fail"], shown
-    for name in ("config", "tcp", "websocket", "clock"):
+    for name in ("config", "tcp", "websocket", "longpoll", "clock"):
         assert by[name]["status"] == "ok", shown
     assert "token accepted and HMAC secret verified" in by["websocket"]["message"], shown
+    assert "signed upload taken over HTTPS long-poll" in by["longpoll"]["message"], shown
     assert by["websocket"]["details"]["brain_version"] == VERSION, by["websocket"]
     assert abs(by["clock"]["details"]["skew_seconds"]) < 30, by["clock"]
 

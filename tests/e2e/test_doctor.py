@@ -17,7 +17,7 @@ import secrets
 from brain import free_port
 from harness import SEND_JSONL, Client, brain_db, hexid, run_agentd, wait_for
 
-PROBES = ["config", "buffer_path", "socket", "gateway", "dns", "tcp", "tls", "websocket", "clock"]
+PROBES = ["config", "buffer_path", "socket", "gateway", "dns", "tcp", "tls", "websocket", "longpoll", "clock"]
 STATUSES = {"ok", "warn", "fail", "skip"}
 CONFIG_KEYS = {"brain_url", "project_id", "agent_name", "worker_id", "buffer_path", "socket_path", "transport"}
 _CODE_4002 = re.compile(r"(?<![\w/.-])4002(?![\w/.-])")
@@ -89,8 +89,12 @@ def test_doctor_right_credentials_passes(brain, agent, daemon_factory):
     assert rc == 0, f"exit {rc}\n{show(report)}"
     assert report["ok"] is True
     assert all(s != "fail" for s in statuses(report).values()), show(report)
-    for name in ("config", "dns", "tcp", "websocket", "clock"):
+    for name in ("config", "dns", "tcp", "websocket", "longpoll", "clock"):
         assert by[name]["status"] == "ok", show(report)
+    # The brain's long-poll endpoints take the same credentials.
+    lp = by["longpoll"]
+    assert "signed upload taken over HTTPS long-poll" in lp["message"], lp
+    assert lp["details"]["agent_id"].replace("-", "") == hexid(agent["agent_id"]), lp["details"]
     assert by["buffer_path"]["status"] in ("ok", "warn"), show(report)
     assert by["socket"]["status"] == "warn" and "no daemon is running" in by["socket"]["message"], show(report)
     assert by["tls"]["status"] == "skip" and "plain ws://" in by["tls"]["message"], show(report)
@@ -284,6 +288,8 @@ def test_doctor_json_follows_the_schema(brain, agent, daemon_factory):
     assert c["socket_path"] == str(d.socket_path), c
     assert c["buffer_path"] == os.path.realpath(d.buffer_path), c
     assert c["transport"].startswith(f"websocket ws://127.0.0.1:{brain.port}/"), c
+    # Z4J_TRANSPORT=auto (the default) names the long-poll endpoints it would fall back to.
+    assert f"longpoll http://127.0.0.1:{brain.port}/api/v1/agent/" in c["transport"], c
     assert c["worker_id"], c
 
     # A failing run keeps the schema: every probe listed, the rest skipped.
@@ -291,7 +297,7 @@ def test_doctor_json_follows_the_schema(brain, agent, daemon_factory):
     assert rc == 1, show(down)
     assert_schema(down)
     assert down["ok"] is False
-    assert [p["status"] for p in down["probes"]][5:] == ["fail", "skip", "skip", "skip"], show(down)
+    assert [p["status"] for p in down["probes"]][5:] == ["fail", "skip", "skip", "skip", "skip"], show(down)
     assert down["probes"][5]["fix"], down["probes"][5]
     assert all(p["fix"] is None for p in down["probes"][6:]), show(down)
 
