@@ -198,6 +198,8 @@ impl Uplink {
                 SessionEnd::Shutdown => break,
                 SessionEnd::Reload => {
                     self.stats.update_uplink(|u| u.connected_at = None);
+                    // A new Z4J_LONGPOLL_MAX_BODY_BYTES is tried as given.
+                    self.fallback.body_cut = None;
                     tracing::info!("configuration reloaded; reconnecting to the brain");
                     backoff.reset();
                     continue;

@@ -559,9 +559,16 @@ impl LongPollSession<'_> {
         }
         flight.frames = body.frames();
         flight.sent_at = Some(Instant::now());
+        let bytes = body.into_bytes();
+        tracing::debug!(
+            frames = flight.frames,
+            events = flight.events.map_or(0, |(_, _, n)| n),
+            other_frames = flight.outgoing.len(),
+            bytes = bytes.len(),
+            "long-poll upload"
+        );
         let client = self.client.clone();
         let timeout = self.settings.ack_timeout;
-        let bytes = body.into_bytes();
         Ok(Some((
             Box::pin(async move { client.upload(bytes, timeout).await }),
             flight,
