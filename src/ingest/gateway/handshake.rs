@@ -321,9 +321,10 @@ pub(super) async fn establish(
         return None;
     }
     let u = stats.uplink();
-    let (Some(agent_id), Some(project_id), Some(brain_version)) =
-        (u.agent_id, u.project_id, u.brain_version)
-    else {
+    // Over long-poll the brain names the agent and project but not its
+    // version (there is no hello_ack): agents are served all the same.
+    let brain_version = u.brain_version.unwrap_or_else(|| "unknown".to_string());
+    let (Some(agent_id), Some(project_id)) = (u.agent_id, u.project_id) else {
         tracing::info!(%peer, worker_id, "gateway: asked a z4j agent to retry later: z4j-agentd has not reached the brain yet, so it does not know the agent's identity (1013)");
         close(
             &mut ws,
