@@ -16,6 +16,7 @@ mod doctor;
 mod gateway;
 mod ingest_crowd;
 mod ingest_limits;
+mod longpoll;
 mod metrics_listener;
 mod observability;
 mod restart_gap;

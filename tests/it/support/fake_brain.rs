@@ -247,7 +247,10 @@ async fn serve(
     let Some(Ok(first)) = ws.next().await else {
         return;
     };
-    let hello: Value = serde_json::from_slice(&first.into_data()).unwrap();
+    // A daemon that only checks the upgrade passes closes without a hello.
+    let Ok(hello) = serde_json::from_slice::<Value>(&first.into_data()) else {
+        return;
+    };
     seen.hellos
         .lock()
         .unwrap()

@@ -1,7 +1,8 @@
 //! Shared test harness: a whole daemon in-process on a temp dir, against a
 //! brain URL of the test's choosing ([`TestDaemon`]); the real binary as a
 //! child process ([`RunningDaemon`], in `binary.rs`); the fake brain
-//! (`fake_brain.rs`).
+//! (`fake_brain.rs`) and its HTTPS long-poll counterpart
+//! (`longpoll_brain.rs`).
 //!
 //! With `Z4J_TEST_LOG_DIR` set (tests/run-all.sh sets it), everything the
 //! daemon code of a test binary logs, at TRACE, goes to
@@ -15,6 +16,7 @@
 
 pub mod binary;
 pub mod fake_brain;
+pub mod longpoll_brain;
 
 pub use binary::{run_to_exit, RunningDaemon};
 
