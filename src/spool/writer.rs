@@ -108,7 +108,9 @@ impl Writer {
             self.stats.write_failing.store(false, Ordering::Relaxed);
             self.refresh_oldest();
         }
-        let stored = self.publish(&outcomes, &ack_counts);
+        // Discarded events share the deletes' replies but were never acked.
+        let discarded = self.undeliverable - undeliverable_before;
+        let stored = self.publish(&outcomes, &ack_counts, discarded);
         match result {
             Ok(()) => self.reply_committed(ops, outcomes, ack_counts),
             Err(e) => self.reply_failed(ops, SpoolError::from_sqlite(e)),
@@ -118,7 +120,7 @@ impl Writer {
 
     /// Publishes the counters after a transaction (or its rollback);
     /// returns how many events it stored.
-    fn publish(&self, outcomes: &[AppendOutcome], ack_counts: &[u64]) -> u64 {
+    fn publish(&self, outcomes: &[AppendOutcome], ack_counts: &[u64], discarded: u64) -> u64 {
         let stored: u64 = outcomes.iter().map(|o| o.stored as u64).sum();
         // Under `block` the producer retries what did not fit: nothing is lost.
         let refused: u64 = if self.config.overflow == Overflow::Block {
@@ -130,9 +132,10 @@ impl Writer {
         self.stats
             .refused_full_total
             .fetch_add(refused, Ordering::Relaxed);
-        self.stats
-            .acked_total
-            .fetch_add(ack_counts.iter().sum(), Ordering::Relaxed);
+        self.stats.acked_total.fetch_add(
+            ack_counts.iter().sum::<u64>().saturating_sub(discarded),
+            Ordering::Relaxed,
+        );
         self.stats.depth.store(self.depth, Ordering::Relaxed);
         self.stats.bytes.store(self.bytes, Ordering::Relaxed);
         self.stats
