@@ -13,9 +13,9 @@ then, with events still coming, the proxy passes upgrades and the daemon goes ba
 WebSocket with every event in the brain once. That daemon has `Z4J_WS_RETRY_SECONDS=5` (the
 minimum, default 300) for the third test; it also lets the first see the WebSocket refused again
 without a second fallback being counted. The fourth test has a daemon of its own with
-`Z4J_TRANSPORT=ws`, which must not fall back. A fifth, a strict xfail, records a known gap: a
-command issued while the daemon goes back to the WebSocket is claimed by the long-poll request the
-daemon abandoned, and never reaches it.
+`Z4J_TRANSPORT=ws`, which must not fall back. A fifth issues a command while the daemon goes back
+to the WebSocket: the brain hands pending commands to a long-poll request until it ends, so the
+daemon leaves long-poll only once its last poll has returned and what it brought is acknowledged.
 
 The brain's long-poll endpoints carry events, heartbeats and commands, but no `hello`: they
 register no worker rows and deliver no external-schedule activation (z4j_brain/api/
@@ -315,11 +315,6 @@ def test_transport_ws_does_not_fall_back(lp_brain, agent_daemon):
 # --------------------------------------------------------------------------- 5
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known gap: leaving long-poll for the WebSocket, the daemon drops its command poll while the "
-    "brain still serves it (up to 25 s): a command issued before the WebSocket session is registered "
-    "is claimed for that abandoned poll, never reaches the daemon, and times out at the brain after "
-    "60 s (src/uplink/longpoll/mod.rs, serve(): `switch_to_ws` returns without waiting for `poll`)"))
 def test_a_command_issued_while_going_back_to_the_websocket_is_delivered(lp_brain, agent_daemon):
     """The proxy passes upgrades again but is slow to carry the WebSocket session (it holds the
     upgrade after the daemon's probe); a cancel_task issued meanwhile must reach the local process

@@ -662,6 +662,9 @@ async fn auto_switches_to_long_poll_when_the_upgrade_gets_http_400() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_goes_back_to_the_websocket_once_the_upgrade_passes() {
     let brain = LongPollBrain::start().await;
+    // The daemon leaves long-poll once its last poll has returned (the brain
+    // may hand it a command until then): polls come back within a second.
+    brain.hold_polls_for(Duration::from_secs(1));
     let ws_brain = FakeBrain::start(Behavior::default()).await;
     let d = connected(Options {
         transport: Some("auto".into()),

@@ -60,6 +60,11 @@ const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
 const RESEND_FIRST: Duration = Duration::from_secs(1);
 /// See [`RESEND_FIRST`].
 const RESEND_MAX: Duration = Duration::from_secs(30);
+/// The least time between the starts of two uploads: every long-poll
+/// request counts against the brain's limit of 600 agent requests a minute
+/// per address, so uploads stay at 5 a second (events wait and go
+/// together).
+const MIN_UPLOAD_INTERVAL: Duration = Duration::from_millis(200);
 /// The smallest upload budget a 413 can bring the daemon down to.
 pub(crate) const MIN_BODY_BYTES: usize = 1024;
 /// The contract line named in `agent_status` over long-poll, which has no
@@ -323,9 +328,12 @@ impl LongPollSession<'_> {
             self.outbox.push_back(Outgoing::Result(r));
         }
         let mut upload: Option<(Pending<Upload>, InFlight)> = None;
-        let mut poll = self.start_poll();
+        let mut poll: Option<Pending<Vec<String>>> = Some(self.start_poll());
         let mut heartbeat = ticker(HEARTBEAT_INTERVAL);
-        let mut resend_at: Option<tokio::time::Instant> = None;
+        // No upload starts before this: a re-send's wait, or the spacing
+        // between uploads.
+        let mut not_before: Option<tokio::time::Instant> = None;
+        let mut last_start: Option<tokio::time::Instant> = None;
         let far = tokio::time::Instant::now() + Duration::from_secs(3600 * 24 * 365);
         let ws_try = self.up.fallback.ws_try_at(&self.settings);
         let ws_timer = tokio::time::sleep_until(ws_try.map_or(far, tokio::time::Instant::from_std));
@@ -334,16 +342,25 @@ impl LongPollSession<'_> {
         let mut switch_to_ws = false;
         let mut draining = self.up.drain.is_cancelled();
         loop {
-            if upload.is_none() && switch_to_ws {
+            if upload.is_none() && switch_to_ws && poll.is_none() && self.outbox_settled() {
                 tracing::info!("the WebSocket upgrade works again; leaving long-poll");
                 self.up.fallback.next_ws_try = Some(Instant::now());
                 self.keep_answers(None);
                 return SessionEnd::Rehandshake;
             }
-            if upload.is_none() && resend_at.is_none() {
-                match self.next_upload().await {
-                    Ok(next) => upload = next,
-                    Err(end) => return end,
+            if upload.is_none() && not_before.is_none() {
+                let spaced = last_start.map(|t| t + MIN_UPLOAD_INTERVAL);
+                match spaced.filter(|t| *t > tokio::time::Instant::now()) {
+                    Some(t) => not_before = Some(t),
+                    None => match self.next_upload().await {
+                        Ok(next) => {
+                            if next.is_some() {
+                                last_start = Some(tokio::time::Instant::now());
+                            }
+                            upload = next;
+                        }
+                        Err(end) => return end,
+                    },
                 }
             }
             if draining && upload.is_none() && self.outbox_settled() && self.spool_depth() == 0 {
@@ -363,13 +380,14 @@ impl LongPollSession<'_> {
                     match self.settle(flight, done).await {
                         Ok(Settled::Next) => {}
                         Ok(Settled::Later) => {
-                            resend_at = Some(tokio::time::Instant::now() + self.resend_wait);
+                            not_before = Some(tokio::time::Instant::now() + self.resend_wait);
                             self.resend_wait = (self.resend_wait * 2).min(RESEND_MAX);
                         }
                         Err(end) => return end,
                     }
                 }
-                polled = &mut poll => {
+                polled = async { poll.as_mut().expect("guarded").await }, if poll.is_some() => {
+                    poll = None;
                     match polled {
                         Ok(frames) => {
                             if let Err(error) = self.on_commands(&frames) {
@@ -378,13 +396,15 @@ impl LongPollSession<'_> {
                         }
                         Err(error) => return self.fail(error, upload.take().map(|(_, f)| f)),
                     }
-                    poll = self.start_poll();
+                    if !switch_to_ws {
+                        poll = Some(self.start_poll());
+                    }
                 }
                 _ = heartbeat.tick() => self.queue_status(),
                 _ = self.up.spool.new_events().notified(), if upload.is_none() => {}
                 Some(r) = self.up.results.recv() => self.outbox.push_back(Outgoing::Result(r)),
-                _ = async { tokio::time::sleep_until(resend_at.expect("guarded")).await }, if resend_at.is_some() => {
-                    resend_at = None;
+                _ = async { tokio::time::sleep_until(not_before.expect("guarded")).await }, if not_before.is_some() => {
+                    not_before = None;
                 }
                 _ = &mut ws_timer, if ws_try.is_some() && ws_probe.is_none() && !switch_to_ws => {
                     let settings = self.settings.clone();

@@ -180,6 +180,9 @@ struct State {
     max_body: Mutex<Option<usize>>,
     commands: Mutex<VecDeque<(String, Value)>>,
     command_queued: Notify,
+    /// The longest a poll is held with nothing to claim, when shorter than
+    /// the agent's `wait` (as a brain answers early).
+    poll_hold: Mutex<Option<Duration>>,
     held: AtomicUsize,
     release: Semaphore,
 }
@@ -228,6 +231,7 @@ impl LongPollBrain {
             max_body: Mutex::default(),
             commands: Mutex::default(),
             command_queued: Notify::new(),
+            poll_hold: Mutex::default(),
             held: AtomicUsize::new(0),
             release: Semaphore::new(0),
         });
@@ -301,6 +305,12 @@ impl LongPollBrain {
             .unwrap()
             .push_back((id.to_string(), payload));
         self.state.command_queued.notify_waiters();
+    }
+
+    /// Answers polls with nothing to claim after `hold` at most, rather
+    /// than the agent's whole `wait`.
+    pub fn hold_polls_for(&self, hold: Duration) {
+        *self.state.poll_hold.lock().unwrap() = Some(hold);
     }
 
     /// Lets one held request go on.
@@ -702,6 +712,11 @@ async fn answer(state: &State, asked: &Asked) -> Answer {
                 .and_then(|w| w.parse().ok())
                 .map_or(MAX_POLL_WAIT, Duration::from_secs)
                 .min(MAX_POLL_WAIT);
+            let wait = state
+                .poll_hold
+                .lock()
+                .unwrap()
+                .map_or(wait, |hold| hold.min(wait));
             let max = param(query, "max_frames")
                 .and_then(|m| m.parse().ok())
                 .unwrap_or(50);
