@@ -3,7 +3,8 @@
 Imported by every process of `benches/compare/run.sh`: the driver
 (compare.py), the stock-agent script (bare_agent.py, in the z4j-bare venv),
 the z4j-agentd socket client (agentd_client.py) and the direct protocol
-client (ceiling.py); also benches/gateway_vs_direct.py, driver and agents.
+client (ceiling.py); also benches/gateway_vs_direct.py, driver and agents,
+and benches/transport.py, driver and emitting client.
 All of them send the SAME events, built here.
 """
 

@@ -23,7 +23,8 @@ B. end to end into one real z4j 1.13.0 brain (tests/e2e/brain.py), events/s
 `compare.py render RESULT.json` prints the tables of a saved result again.
 
 Import-safe (stdlib only, nothing runs on import): benches/gateway_vs_direct.py
-takes its child-process, z4j-agentd, brain-database and machine helpers from here.
+and benches/transport.py take their child-process, z4j-agentd, brain-database
+and machine helpers from here.
 """
 
 from __future__ import annotations
