@@ -65,6 +65,9 @@ const RESEND_MAX: Duration = Duration::from_secs(30);
 /// per address, so uploads stay at 5 a second (events wait and go
 /// together).
 const MIN_UPLOAD_INTERVAL: Duration = Duration::from_millis(200);
+/// About the bytes of a signed frame's envelope (the events aside), to
+/// decide how many events to read for the room left.
+const ENVELOPE_BYTES: usize = 320;
 /// The smallest upload budget a 413 can bring the daemon down to.
 pub(crate) const MIN_BODY_BYTES: usize = 1024;
 /// The contract line named in `agent_status` over long-poll, which has no
@@ -602,13 +605,14 @@ impl LongPollSession<'_> {
         flight: &mut InFlight,
         now: OffsetDateTime,
     ) -> Result<(), SessionEnd> {
-        while body.open() {
-            // The events' own bytes, leaving room for the envelope and for
-            // escaping (quotes in the events double).
-            let room = body
-                .room()
-                .saturating_sub(protocol::frame_overhead_bytes() + 64)
-                / 2;
+        // As many event frames as the WebSocket keeps in flight, each as
+        // full as the room allows: the brain stores each frame in a
+        // transaction of its own.
+        let mut frames = 0;
+        while body.open() && frames < self.settings.inflight_frames {
+            // Read about what fits unescaped; the frame is cut to what fits
+            // once signed and escaped.
+            let room = body.room().saturating_sub(ENVELOPE_BYTES);
             if room == 0 && !body.is_empty() {
                 return Ok(());
             }
@@ -621,10 +625,12 @@ impl LongPollSession<'_> {
             if events.is_empty() {
                 return Ok(());
             }
+            let mut cut = false;
             loop {
                 let escaped = pack::escape(&self.sign_events(&events, now));
                 if body.fits(&escaped) {
                     body.push(&escaped);
+                    frames += 1;
                     let (first, last) = (events[0].id, events[events.len() - 1].id);
                     let (from, count) = match flight.events {
                         Some((from, _, count)) => (from, count),
@@ -633,10 +639,16 @@ impl LongPollSession<'_> {
                     flight.events = Some((from, last, count + events.len()));
                     self.cursor = last;
                     self.count_sent(events.iter().map(|e| e.id));
+                    if cut {
+                        // Full: a frame of the few events that would still
+                        // fit would cost the brain a transaction of its own.
+                        return Ok(());
+                    }
                     break;
                 }
                 if events.len() > 1 {
-                    events.truncate(events.len() / 2);
+                    events.truncate(fitting_share(events.len(), body.room(), escaped.len()));
+                    cut = true;
                     continue;
                 }
                 if body.is_empty() {
@@ -864,6 +876,14 @@ impl LongPollSession<'_> {
     }
 }
 
+/// Of `n` events whose frame takes `size` bytes, how many to keep for a
+/// frame that must fit in `room`: their share of it, a little under, and at
+/// least one fewer than now.
+fn fitting_share(n: usize, room: usize, size: usize) -> usize {
+    let share = (n as u128 * room as u128 / size.max(1) as u128) as usize;
+    (share * 19 / 20).clamp(1, n - 1)
+}
+
 /// A session that ended by a failure.
 fn failed(error: UplinkError) -> SessionEnd {
     SessionEnd::Failed {
@@ -896,6 +916,16 @@ async fn probe_websocket(settings: &UplinkSettings) -> Result<(), UplinkError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_frame_too_large_keeps_the_share_of_events_that_fits() {
+        // 100 events in 20,000 bytes for 8,000 of room: 38 (40, a little under).
+        assert_eq!(fitting_share(100, 8_000, 20_000), 38);
+        // Always at least one fewer, and never none.
+        assert_eq!(fitting_share(10, 9_999, 10_000), 8);
+        assert_eq!(fitting_share(10, 10, 10_000), 1);
+        assert_eq!(fitting_share(2, 0, 10_000), 1);
+    }
 
     #[test]
     fn retry_contracts_name_the_engines_that_retry_by_reference() {
