@@ -73,8 +73,8 @@ pub(super) async fn check(c: &Config) -> (Finding, Option<f64>) {
             ),
             "a transient failure on the brain's side: check its log and run the doctor again",
         ),
-        Ok(Upload::TooLarge) => Finding::fail(
-            "the brain (or a proxy) refused even an empty upload as too large (HTTP 413)",
+        Ok(Upload::Refused { status }) => Finding::fail(
+            format!("the brain (or a proxy) refused even an empty upload (HTTP {status})"),
             "raise the request body limit of the proxy in front of the brain",
         ),
         Err(e) => failure(&e),

@@ -110,6 +110,8 @@ pub enum UplinkError {
         url: String,
         status: u16,
         code: Option<String>,
+        /// The answer's `Retry-After`, at most 60 s.
+        retry_after: Option<std::time::Duration>,
     },
     /// `Z4J_TRANSPORT=auto`: the WebSocket upgrade was refused and
     /// long-poll failed too; both are said.
@@ -133,6 +135,7 @@ fn longpoll_hint(status: u16, code: Option<&str>) -> &'static str {
         (404 | 405, _) => "this address has no long-poll endpoints: Z4J_BRAIN_URL is the brain's base URL, and a proxy must pass /api/v1/agent/",
         (409, _) => "the brain ended this long-poll session after a frame failed its checks (if it repeats, Z4J_HMAC_SECRET is not the project's hmac_secret or this host's clock is more than 60 s off)",
         (413, _) => "the request was larger than the brain takes; lower Z4J_LONGPOLL_MAX_BODY_BYTES or raise the brain's Z4J_MAX_PAYLOAD_SIZE_BYTES",
+        (422, _) => "the brain refused the request's form (the connect probe needs brain 1.7.1 or later)",
         (429, _) => "the brain's rate limit for agent connections (600 a minute per address) was reached",
         (503, _) => "the brain has no room for another long-poll session, or is unavailable; retrying later",
         _ => "check Z4J_BRAIN_URL and any proxy in front of the brain",
@@ -188,6 +191,19 @@ impl UplinkError {
             UplinkError::UpgradeUnanswered { .. } => true,
             _ => false,
         }
+    }
+
+    /// Whether the WebSocket upgraded but the handshake then got nowhere:
+    /// no `hello_ack`, the connection dropped or ended without a close code
+    /// from the brain (a middlebox that passes the upgrade but not frames).
+    pub fn lost_in_handshake(&self) -> bool {
+        matches!(
+            self,
+            UplinkError::HelloTimeout { .. }
+                | UplinkError::HandshakeEnded
+                | UplinkError::HandshakeLost(_)
+                | UplinkError::SendHello(_)
+        )
     }
 
     /// The brain's close code, when it closed the connection.

@@ -120,7 +120,9 @@ impl Uplink {
         } = match self.handshake(&settings).await {
             Ok(connected) => connected,
             Err(SessionEnd::Failed { error, .. })
-                if settings.transport == Transport::Auto && error.refuses_upgrade() =>
+                if settings.transport == Transport::Auto
+                    && (error.refuses_upgrade()
+                        || (self.fallback.on_longpoll() && error.lost_in_handshake())) =>
             {
                 return self.serve_longpoll(&settings, Some(error)).await;
             }

@@ -707,3 +707,122 @@ async fn auto_goes_back_to_the_websocket_once_the_upgrade_passes() {
     );
     d.stop().await.unwrap();
 }
+
+/// An HTTP 429 to an upload (the brain's 600 agent requests a minute per
+/// address, shared with every agent behind one address): the session
+/// stays, the upload goes again after the wait, and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_to_an_upload_keeps_the_session_and_sends_again_after_the_wait() {
+    let brain = LongPollBrain::start().await;
+    brain.script(Target::EventUpload, [Fault::Status(429)]);
+    let d = connected(longpoll_options(&brain.url)).await;
+    let mut c = d.client().await;
+    c.send_durable(&received("t", 5)).await.unwrap();
+    let s = wait_stats(&d, 15, "every event acked", |s| {
+        num(s, "acked") == 5 && num(s, "spool_depth") == 0
+    })
+    .await;
+    assert_eq!(brain.stored_task_ids(), task_ids("t", 5));
+    assert_eq!(
+        brain.sessions().len(),
+        1,
+        "the same session: {:?}",
+        brain.requests()
+    );
+    assert_eq!(num(&s, "connects"), 1, "{s:?}");
+    assert_eq!(s.get("last_failure_class"), Some(&Value::Null), "{s:?}");
+    let with_events: Vec<_> = brain
+        .requests_to(Route::Upload)
+        .into_iter()
+        .filter(|r| !r.event_ids.is_empty())
+        .collect();
+    assert_eq!(with_events[0].status, Some(429), "{with_events:?}");
+    assert_eq!(with_events[1].status, Some(200), "{with_events:?}");
+    assert_eq!(with_events[0].event_ids, with_events[1].event_ids);
+    d.stop().await.unwrap();
+}
+
+/// The brain (or a proxy) refusing uploads smaller than the daemon's
+/// smallest budget: frames of several events are split, not dropped, and
+/// every event arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_smallest_budget_a_refused_frame_of_several_events_is_split_not_dropped() {
+    let brain = LongPollBrain::start().await;
+    brain.limit_body(900);
+    let d = connected(Options {
+        longpoll_max_body_bytes: Some("1024".into()),
+        ..longpoll_options(&brain.url)
+    })
+    .await;
+    let mut c = d.client().await;
+    c.send_durable(&received("t", 8)).await.unwrap();
+    let s = wait_stats(&d, 20, "every event acked", |s| {
+        num(s, "acked") == 8 && num(s, "spool_depth") == 0
+    })
+    .await;
+    assert_eq!(brain.stored_task_ids(), task_ids("t", 8));
+    assert_eq!(
+        count_in(&s, "dropped_by_reason", "undeliverable"),
+        0,
+        "{s:?}"
+    );
+    assert!(
+        brain
+            .requests_to(Route::Upload)
+            .iter()
+            .any(|r| r.status == Some(413) && r.event_ids.len() > 1),
+        "a frame of several events was refused first: {:?}",
+        brain.requests()
+    );
+    d.stop().await.unwrap();
+}
+
+/// A command that came in a session whose upload then failed, its ack
+/// unsent: the next session acknowledges it, and its process gets it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_of_a_session_that_failed_is_acknowledged_by_the_next_and_run_once() {
+    let brain = LongPollBrain::start().await;
+    brain.hold_polls_for(Duration::from_secs(2));
+    let d = connected(longpoll_options(&brain.url)).await;
+    let mut celery = d.client().await;
+    celery
+        .hello_with_capabilities("celery-worker", &[("celery", &["cancel_task"])])
+        .await
+        .unwrap();
+    // The upload that would carry the ack (with the event) fails.
+    brain.script(Target::EventUpload, [Fault::Status(502)]);
+    // The event is spooled first, so any upload after the command carries
+    // it too.
+    let mut c = d.client().await;
+    c.send_durable(&received("t", 1)).await.unwrap();
+    let id = "77777777-2222-4333-8444-666666666666";
+    brain.push_command(id, cancel("celery", "t-0"));
+    let cmd = tokio::time::timeout(Duration::from_secs(20), celery.next_command())
+        .await
+        .expect("the celery client gets the command")
+        .unwrap();
+    assert_eq!(text(&cmd, "id"), id);
+    let f = brain.wait_command_frames(id, 1).await;
+    assert_eq!(f[0].0, "command_ack", "{f:?}");
+    wait_stats(&d, 15, "the event acked", |s| num(s, "acked") == 1).await;
+    assert!(brain.sessions().len() >= 2, "{:?}", brain.requests());
+    let acked_in = brain
+        .frames()
+        .into_iter()
+        .find(|f| f.id == id)
+        .map(|f| f.session)
+        .unwrap();
+    assert_ne!(
+        acked_in,
+        brain.sessions()[0],
+        "acknowledged by the next session"
+    );
+    // Routed once: a second delivery to the process would be a second run.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), celery.next_command())
+            .await
+            .is_err(),
+        "the process got the command once"
+    );
+    d.stop().await.unwrap();
+}

@@ -47,8 +47,10 @@ pub(crate) enum Upload {
         error_code: Option<String>,
         errors: Vec<String>,
     },
-    /// HTTP 413: the body was larger than the brain (or a proxy) takes.
-    TooLarge,
+    /// HTTP 413 (the body was larger than the brain or a proxy takes) or
+    /// 422 (the brain refused the body's shape: a frame over its 1 MiB, or
+    /// not UTF-8): sending the same body again cannot help.
+    Refused { status: u16 },
 }
 
 /// One long-poll session's HTTP client: its nonce and token are in every
@@ -80,8 +82,12 @@ impl LongPollClient {
             USER_AGENT,
             HeaderValue::from_static(concat!("z4j-agentd/", env!("CARGO_PKG_VERSION"))),
         );
-        if let Ok(v) = HeaderValue::from_str(runtime_features) {
-            headers.insert(RUNTIME_FEATURES_HEADER, v);
+        // The brain records what a connect probe states; the doctor states
+        // nothing, so it leaves the agent's record alone.
+        if !runtime_features.is_empty() {
+            if let Ok(v) = HeaderValue::from_str(runtime_features) {
+                headers.insert(RUNTIME_FEATURES_HEADER, v);
+            }
         }
         // The client asks for the process's rustls provider even for plain
         // http://; the daemon's is ring, as for the WebSocket.
@@ -171,7 +177,11 @@ impl LongPollClient {
             .send()
             .await;
         let sent = match sent {
-            Ok(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => return Ok(Upload::TooLarge),
+            Ok(r) if matches!(r.status().as_u16(), 413 | 422) => {
+                return Ok(Upload::Refused {
+                    status: r.status().as_u16(),
+                })
+            }
             other => other,
         };
         let answer = self.answered(WHAT, &self.events_url, sent).await?;
@@ -265,6 +275,12 @@ impl LongPollClient {
         if status == StatusCode::OK {
             return Ok(answer);
         }
+        let retry_after = answer
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(|s| Duration::from_secs(s.min(60)));
         // The brain's error bodies say `{"error": "<code>", ...}`.
         let code = read_json(what, answer).await.ok().and_then(|v| {
             v.get("error")
@@ -276,6 +292,7 @@ impl LongPollClient {
             url: url.to_string(),
             status: status.as_u16(),
             code,
+            retry_after,
         })
     }
 }

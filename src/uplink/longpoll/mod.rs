@@ -47,9 +47,15 @@ use crate::protocol::{self, SessionBinding, Signer, Value, Verifier};
 use crate::spool::StoredEvent;
 use crate::stats::{FailureStreaks, UplinkState};
 
-/// How long one command poll waits at the brain (it allows 60 s): under
-/// the 60 s idle timeout common to proxies and load balancers.
-const POLL_WAIT: Duration = Duration::from_secs(25);
+/// How long one command poll waits at the brain (it allows 60 s). The
+/// brain goes on serving a poll whose client left until its wait ends, and
+/// hands it any command issued meanwhile, so the wait is kept short: it
+/// bounds what a daemon that stops can miss (6 requests a minute when
+/// idle, against the brain's 600 per address).
+const POLL_WAIT: Duration = Duration::from_secs(10);
+/// The brain's limit on one frame (`FrameUploadBody`), whatever the body
+/// budget.
+const MAX_FRAME_BYTES: usize = protocol::DEFAULT_MAX_FRAME_BYTES;
 /// Most commands one poll claims.
 const POLL_MAX_FRAMES: usize = 50;
 /// The heartbeat cadence: the brain shows an agent offline after 30 s
@@ -78,10 +84,14 @@ const NO_HELLO: &str = "-";
 /// signed when that upload is built.
 #[derive(Debug, Clone)]
 enum Outgoing {
-    /// `command_ack`: dropped with its session (the brain delivers an
-    /// unacknowledged command again, and the router answers it without
-    /// running it twice).
-    Ack { id: String, claim: Value },
+    /// `command_ack`. One that did not reach the brain is carried to the
+    /// next session with its command, which is acknowledged there again
+    /// (the router does not run a command twice).
+    Ack {
+        id: String,
+        claim: Value,
+        payload: Value,
+    },
     /// `command_result`: kept across sessions until the brain takes it.
     Result(CommandResult),
     /// `heartbeat` or `agent_status`: replaced by the next, never re-sent.
@@ -111,6 +121,9 @@ enum Settled {
     Next,
     /// The brain took part of it: everything goes again after a wait.
     Later,
+    /// The brain asked to slow down (429, 503): everything goes again after
+    /// this long.
+    Wait(Duration),
 }
 
 /// Why `auto` runs on long-poll, and when it tries the WebSocket again.
@@ -137,6 +150,12 @@ impl Fallback {
                 self.reason.is_some() && self.next_ws_try.is_some_and(|t| Instant::now() < t)
             }
         }
+    }
+
+    /// Whether `auto` came from long-poll: a WebSocket that upgrades but
+    /// then carries nothing (no `hello_ack`) sends it back there.
+    pub(crate) fn on_longpoll(&self) -> bool {
+        self.reason.is_some()
     }
 
     /// A WebSocket session began: `auto` is back on it.
@@ -206,6 +225,12 @@ struct LongPollSession<'a> {
     streaks: FailureStreaks,
     /// The wait before an upload the brain took part of goes again.
     resend_wait: Duration,
+    /// Most events in one frame: lowered when the brain refused a frame of
+    /// several events as too large at the smallest budget.
+    event_cap: usize,
+    /// One frame per upload, after the brain refused several at the
+    /// smallest budget.
+    one_frame: bool,
 }
 
 impl Uplink {
@@ -291,6 +316,8 @@ impl Uplink {
             last_flush_at: None,
             streaks,
             resend_wait: RESEND_FIRST,
+            event_cap: settings.batch_max_events,
+            one_frame: false,
             settings: settings.clone(),
             up: self,
         };
@@ -326,12 +353,17 @@ fn ticker(period: Duration) -> Interval {
 impl LongPollSession<'_> {
     async fn serve(&mut self) -> SessionEnd {
         self.queue_status();
-        // Answers that did not reach the brain before.
+        // Answers that did not reach the brain before, and commands an
+        // ended session was handed after it ended.
         while let Some(r) = self.up.unsent.pop_front() {
             self.outbox.push_back(Outgoing::Result(r));
         }
+        for (id, payload) in std::mem::take(&mut self.up.carried) {
+            tracing::info!(command_id = %id, "command handed to the previous session after it ended; handled now");
+            self.take_command(&id, &payload);
+        }
         let mut upload: Option<(Pending<Upload>, InFlight)> = None;
-        let mut poll: Option<Pending<Vec<String>>> = Some(self.start_poll());
+        let mut poll: Option<Pending<Vec<String>>> = Some(self.start_poll(None));
         let mut heartbeat = ticker(HEARTBEAT_INTERVAL);
         // No upload starts before this: a re-send's wait, or the spacing
         // between uploads.
@@ -342,14 +374,20 @@ impl LongPollSession<'_> {
         let ws_timer = tokio::time::sleep_until(ws_try.map_or(far, tokio::time::Instant::from_std));
         tokio::pin!(ws_timer);
         let mut ws_probe: Option<Pending<()>> = None;
-        let mut switch_to_ws = false;
+        // Set when the session is to end (back to the WebSocket, a reload):
+        // no new poll starts, and it ends once the last poll returned and
+        // what it brought is acknowledged (the brain would hand a command to
+        // a poll left behind).
+        let mut leaving: Option<SessionEnd> = None;
         let mut draining = self.up.drain.is_cancelled();
         loop {
-            if upload.is_none() && switch_to_ws && poll.is_none() && self.outbox_settled() {
-                tracing::info!("the WebSocket upgrade works again; leaving long-poll");
-                self.up.fallback.next_ws_try = Some(Instant::now());
+            if leaving.is_some() && upload.is_none() && poll.is_none() && self.outbox_settled() {
+                if matches!(leaving, Some(SessionEnd::Rehandshake)) {
+                    tracing::info!("the WebSocket upgrade works again; leaving long-poll");
+                    self.up.fallback.next_ws_try = Some(Instant::now());
+                }
                 self.keep_answers(None);
-                return SessionEnd::Rehandshake;
+                return leaving.take().expect("checked");
             }
             if upload.is_none() && not_before.is_none() {
                 let spaced = last_start.map(|t| t + MIN_UPLOAD_INTERVAL);
@@ -362,7 +400,7 @@ impl LongPollSession<'_> {
                             }
                             upload = next;
                         }
-                        Err(end) => return end,
+                        Err(error) => return self.end_failed(error, None, poll.take()).await,
                     },
                 }
             }
@@ -374,9 +412,8 @@ impl LongPollSession<'_> {
                 _ = self.up.beat.asked() => {}
                 _ = self.up.stop.cancelled() => return self.grace_over(upload.take()).await,
                 _ = self.up.drain.cancelled(), if !draining => draining = true,
-                _ = self.up.settings.changed() => {
-                    self.keep_answers(upload.take().map(|(_, f)| f));
-                    return SessionEnd::Reload;
+                _ = self.up.settings.changed(), if leaving.is_none() => {
+                    leaving = Some(SessionEnd::Reload);
                 }
                 done = async { (&mut upload.as_mut().expect("guarded").0).await }, if upload.is_some() => {
                     let (_, flight) = upload.take().expect("guarded");
@@ -386,21 +423,28 @@ impl LongPollSession<'_> {
                             not_before = Some(tokio::time::Instant::now() + self.resend_wait);
                             self.resend_wait = (self.resend_wait * 2).min(RESEND_MAX);
                         }
-                        Err(end) => return end,
+                        Ok(Settled::Wait(wait)) => {
+                            not_before = Some(tokio::time::Instant::now() + wait);
+                        }
+                        Err(error) => return self.end_failed(error, None, poll.take()).await,
                     }
                 }
                 polled = async { poll.as_mut().expect("guarded").await }, if poll.is_some() => {
                     poll = None;
+                    let mut slow_down = None;
                     match polled {
                         Ok(frames) => {
                             if let Err(error) = self.on_commands(&frames) {
-                                return self.fail(error, upload.take().map(|(_, f)| f));
+                                return self.end_failed(error, upload.take().map(|(_, f)| f), None).await;
                             }
                         }
-                        Err(error) => return self.fail(error, upload.take().map(|(_, f)| f)),
+                        Err(error) => match slow_down_for(&error) {
+                            Some(wait) => slow_down = Some(wait),
+                            None => return self.end_failed(error, upload.take().map(|(_, f)| f), None).await,
+                        },
                     }
-                    if !switch_to_ws {
-                        poll = Some(self.start_poll());
+                    if leaving.is_none() && !draining {
+                        poll = Some(self.start_poll(slow_down));
                     }
                 }
                 _ = heartbeat.tick() => self.queue_status(),
@@ -409,14 +453,15 @@ impl LongPollSession<'_> {
                 _ = async { tokio::time::sleep_until(not_before.expect("guarded")).await }, if not_before.is_some() => {
                     not_before = None;
                 }
-                _ = &mut ws_timer, if ws_try.is_some() && ws_probe.is_none() && !switch_to_ws => {
+                _ = &mut ws_timer, if ws_try.is_some() && ws_probe.is_none() && leaving.is_none() => {
                     let settings = self.settings.clone();
                     ws_probe = Some(Box::pin(async move { probe_websocket(&settings).await }));
                 }
                 tried = async { ws_probe.as_mut().expect("guarded").await }, if ws_probe.is_some() => {
                     ws_probe = None;
                     match tried {
-                        Ok(()) => switch_to_ws = true,
+                        Ok(()) if leaving.is_none() => leaving = Some(SessionEnd::Rehandshake),
+                        Ok(()) => {}
                         Err(e) => {
                             tracing::debug!(error = %e, "the WebSocket is still refused; staying on long-poll");
                             let next = Instant::now() + self.settings.ws_retry;
@@ -424,6 +469,47 @@ impl LongPollSession<'_> {
                             ws_timer.as_mut().reset(tokio::time::Instant::from_std(next));
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// Ends the session with `error`, keeping its answers; a poll still
+    /// out is waited for (the brain would hand it commands with nobody to
+    /// read them), and the commands it brings are handled by the next
+    /// session.
+    async fn end_failed(
+        &mut self,
+        error: UplinkError,
+        flight: Option<InFlight>,
+        poll: Option<Pending<Vec<String>>>,
+    ) -> SessionEnd {
+        if let Some(poll) = poll {
+            let stop = self.up.stop.clone();
+            let last = tokio::select! {
+                r = tokio::time::timeout(POLL_WAIT + Duration::from_secs(5), poll) => r.ok(),
+                _ = stop.cancelled() => None,
+            };
+            if let Some(Ok(frames)) = last {
+                self.carry_commands(&frames);
+            }
+        }
+        self.fail(error, flight)
+    }
+
+    /// Commands a poll brought after its session failed: verified, and
+    /// kept for the next session, which acknowledges and routes them.
+    fn carry_commands(&mut self, frames: &[String]) {
+        for raw in frames {
+            match reader::read_signed(
+                &mut self.verifier,
+                raw.as_bytes(),
+                OffsetDateTime::now_utc(),
+            ) {
+                Ok(BrainMessage::Command { id, payload }) => self.up.carried.push((id, payload)),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "a command the brain handed to the ending session failed verification; ignored")
                 }
             }
         }
@@ -450,7 +536,8 @@ impl LongPollSession<'_> {
             advertised: &self.advertised,
             last_flush_at: self.last_flush_at,
             // Escaping in the body adds about a quarter.
-            max_frame_bytes: budget.saturating_sub(protocol::frame_overhead_bytes() + 64) * 3 / 4,
+            max_frame_bytes: (budget.saturating_sub(protocol::frame_overhead_bytes() + 64) * 3 / 4)
+                .min(MAX_FRAME_BYTES - 4096),
             up_for: self.connected_at.elapsed(),
             connected_at_wall: self.connected_at_wall,
             contract_line: NO_HELLO,
@@ -467,14 +554,20 @@ impl LongPollSession<'_> {
         });
     }
 
-    /// A command poll, on its own.
-    fn start_poll(&self) -> Pending<Vec<String>> {
+    /// A command poll, on its own, after `after` when the brain asked to
+    /// slow down.
+    fn start_poll(&self, after: Option<Duration>) -> Pending<Vec<String>> {
         let client = self.client.clone();
         let contracts = retry_contracts(&self.up.stats.clients.advertisement(
             &self.settings.static_engines,
             &self.settings.static_capabilities,
         ));
-        Box::pin(async move { client.poll(POLL_WAIT, POLL_MAX_FRAMES, &contracts).await })
+        Box::pin(async move {
+            if let Some(wait) = after {
+                tokio::time::sleep(wait).await;
+            }
+            client.poll(POLL_WAIT, POLL_MAX_FRAMES, &contracts).await
+        })
     }
 
     /// Verifies the polled commands in order, queues each one's ack, and
@@ -488,16 +581,7 @@ impl LongPollSession<'_> {
             )
             .map_err(UplinkError::Unverified)?;
             match message {
-                BrainMessage::Command { id, payload } => {
-                    let cmd = Command::from_payload(&id, &payload);
-                    self.outbox.push_back(Outgoing::Ack {
-                        id: id.clone(),
-                        claim: cmd.claim.clone(),
-                    });
-                    if let Some(r) = self.up.route_command(&cmd, &self.host_label) {
-                        self.outbox.push_back(Outgoing::Result(r));
-                    }
-                }
+                BrainMessage::Command { id, payload } => self.take_command(&id, &payload),
                 BrainMessage::Error {
                     code,
                     message,
@@ -509,11 +593,24 @@ impl LongPollSession<'_> {
         Ok(())
     }
 
+    /// Queues a command's ack, then routes it.
+    fn take_command(&mut self, id: &str, payload: &Value) {
+        let cmd = Command::from_payload(id, payload);
+        self.outbox.push_back(Outgoing::Ack {
+            id: id.to_string(),
+            claim: cmd.claim.clone(),
+            payload: payload.clone(),
+        });
+        if let Some(r) = self.up.route_command(&cmd, &self.host_label) {
+            self.outbox.push_back(Outgoing::Result(r));
+        }
+    }
+
     /// Signs a queued frame for this session.
     fn sign_outgoing(&mut self, o: &Outgoing, now: OffsetDateTime) -> Vec<u8> {
         let nonce = protocol::new_nonce();
         match o {
-            Outgoing::Ack { id, claim } => {
+            Outgoing::Ack { id, claim, .. } => {
                 let mut p = Value::empty_map();
                 p.insert("delivery_claim_token", claim.clone());
                 self.signer.sign_value("command_ack", id, &p, now, &nonce)
@@ -559,24 +656,36 @@ impl LongPollSession<'_> {
     /// Builds the next upload from what is queued (answers and acks first,
     /// then events), within the body budget; `None` when there is nothing
     /// to send.
-    async fn next_upload(&mut self) -> Result<Option<(Pending<Upload>, InFlight)>, SessionEnd> {
+    async fn next_upload(&mut self) -> Result<Option<(Pending<Upload>, InFlight)>, UplinkError> {
         let budget = self.up.fallback.body_budget(&self.settings);
         let mut body = Body::new(budget);
         let mut flight = InFlight::default();
         let now = OffsetDateTime::now_utc();
         while let Some(o) = self.outbox.pop_front() {
-            let escaped = pack::escape(&self.sign_outgoing(&o, now));
-            if body.fits(&escaped) {
+            if self.one_frame && !body.is_empty() {
+                self.outbox.push_front(o);
+                break;
+            }
+            let frame = self.sign_outgoing(&o, now);
+            let escaped = pack::escape(&frame);
+            if frame.len() > MAX_FRAME_BYTES || (body.is_empty() && !body.fits(&escaped)) {
+                self.too_large_alone(o, budget.min(MAX_FRAME_BYTES));
+            } else if body.fits(&escaped) {
                 body.push(&escaped);
                 flight.outgoing.push(o);
-            } else if body.is_empty() {
-                self.too_large_alone(o, budget);
             } else {
                 self.outbox.push_front(o);
                 break;
             }
         }
-        self.pack_events(&mut body, &mut flight, now).await?;
+        if !self.one_frame || body.is_empty() {
+            if let Err(e) = self.pack_events(&mut body, &mut flight, now).await {
+                // What was taken from the queue goes back, for the next
+                // session to send.
+                self.requeue(flight);
+                return Err(e);
+            }
+        }
         if body.is_empty() {
             return Ok(None);
         }
@@ -604,31 +713,37 @@ impl LongPollSession<'_> {
         body: &mut Body,
         flight: &mut InFlight,
         now: OffsetDateTime,
-    ) -> Result<(), SessionEnd> {
+    ) -> Result<(), UplinkError> {
         // As many event frames as the WebSocket keeps in flight, each as
         // full as the room allows: the brain stores each frame in a
         // transaction of its own.
         let mut frames = 0;
+        let max_events = self.settings.batch_max_events.min(self.event_cap);
         while body.open() && frames < self.settings.inflight_frames {
+            if self.one_frame && !body.is_empty() {
+                return Ok(());
+            }
             // Read about what fits unescaped; the frame is cut to what fits
-            // once signed and escaped.
-            let room = body.room().saturating_sub(ENVELOPE_BYTES);
+            // once signed and escaped, and to the brain's 1 MiB a frame.
+            let limit = body.room().min(MAX_FRAME_BYTES);
+            let room = limit.saturating_sub(ENVELOPE_BYTES);
             if room == 0 && !body.is_empty() {
                 return Ok(());
             }
             let mut events = self
                 .up
                 .spool
-                .read_after(self.cursor, self.settings.batch_max_events, room.max(1))
+                .read_after(self.cursor, max_events, room.max(1))
                 .await
-                .map_err(|e| failed(UplinkError::SpoolRead(e)))?;
+                .map_err(UplinkError::SpoolRead)?;
             if events.is_empty() {
                 return Ok(());
             }
             let mut cut = false;
             loop {
-                let escaped = pack::escape(&self.sign_events(&events, now));
-                if body.fits(&escaped) {
+                let frame = self.sign_events(&events, now);
+                let escaped = pack::escape(&frame);
+                if frame.len() <= MAX_FRAME_BYTES && body.fits(&escaped) {
                     body.push(&escaped);
                     frames += 1;
                     let (first, last) = (events[0].id, events[events.len() - 1].id);
@@ -647,13 +762,14 @@ impl LongPollSession<'_> {
                     break;
                 }
                 if events.len() > 1 {
-                    events.truncate(fitting_share(events.len(), body.room(), escaped.len()));
+                    events.truncate(fitting_share(events.len(), limit, escaped.len()));
                     cut = true;
                     continue;
                 }
                 if body.is_empty() {
                     let budget = self.up.fallback.body_budget(&self.settings);
-                    self.drop_undeliverable(&events[0], budget).await;
+                    self.drop_undeliverable(&events[0], budget.min(MAX_FRAME_BYTES))
+                        .await;
                     self.cursor = events[0].id;
                     break;
                 }
@@ -738,11 +854,20 @@ impl LongPollSession<'_> {
         &mut self,
         flight: InFlight,
         done: Result<Upload, UplinkError>,
-    ) -> Result<Settled, SessionEnd> {
+    ) -> Result<Settled, UplinkError> {
         let (accepted, rejected, error_code, errors) = match done {
-            Err(error) => return Err(self.fail(error, Some(flight))),
-            Ok(Upload::TooLarge) => {
-                self.too_large(flight).await;
+            Err(error) => {
+                self.requeue(flight);
+                return match slow_down_for(&error) {
+                    Some(wait) => {
+                        tracing::warn!(error = %error, wait_s = wait.as_secs(), "the brain asked to slow down; the upload goes again after the wait");
+                        Ok(Settled::Wait(wait))
+                    }
+                    None => Err(error),
+                };
+            }
+            Ok(Upload::Refused { status }) => {
+                self.refused(flight, status).await;
                 return Ok(Settled::Next);
             }
             Ok(Upload::Answered {
@@ -753,11 +878,11 @@ impl LongPollSession<'_> {
             }) => (accepted, rejected, error_code, errors),
         };
         if error_code.as_deref() == Some("scheduler_upgrade_required") {
-            let error = UplinkError::Fatal {
+            self.requeue(flight);
+            return Err(UplinkError::Fatal {
                 code: "scheduler_upgrade_required".into(),
                 message: "the brain asks for a newer scheduler adapter".into(),
-            };
-            return Err(self.fail(error, Some(flight)));
+            });
         }
         if accepted == flight.frames as u64 && rejected == 0 {
             if let Some((first, last, _)) = flight.events {
@@ -765,7 +890,7 @@ impl LongPollSession<'_> {
                     .spool
                     .ack(first, last)
                     .await
-                    .map_err(|e| self.fail(UplinkError::spool_delete(e), None))?;
+                    .map_err(UplinkError::spool_delete)?;
                 if let Some(at) = flight.sent_at {
                     self.up
                         .stats
@@ -791,33 +916,60 @@ impl LongPollSession<'_> {
         Ok(Settled::Later)
     }
 
-    /// HTTP 413: a smaller budget for the uploads that follow, or, for one
-    /// frame alone, what [`Self::too_large_alone`] does.
-    async fn too_large(&mut self, flight: InFlight) {
+    /// HTTP 413 or 422: the upload cannot go as it was. A 413 above the
+    /// smallest budget halves the budget for the uploads that follow.
+    /// Otherwise (a 422, or a 413 at the smallest budget), what it carried
+    /// is split: an event alone is dropped and counted, a frame of several
+    /// events goes as smaller frames, an answer alone becomes a failure that
+    /// says why, several frames go one an upload.
+    async fn refused(&mut self, flight: InFlight, status: u16) {
         let budget = self.up.fallback.body_budget(&self.settings);
-        let single_event =
-            flight.outgoing.is_empty() && flight.events.is_some_and(|(_, _, n)| n == 1);
-        if flight.frames == 1 && (single_event || budget <= MIN_BODY_BYTES) {
-            if let Some((first, _, _)) = flight.events {
+        if status == 413 && budget > MIN_BODY_BYTES {
+            let cut = (budget / 2).max(MIN_BODY_BYTES);
+            tracing::warn!(
+                max_body_bytes = budget,
+                now = cut,
+                "the brain (or a proxy) refused a long-poll upload as too large (HTTP 413); sending smaller ones. Set Z4J_LONGPOLL_MAX_BODY_BYTES to the brain's Z4J_MAX_PAYLOAD_SIZE_BYTES"
+            );
+            self.up.fallback.body_cut = Some(cut);
+            self.requeue(flight);
+            return;
+        }
+        if flight.frames > 1 {
+            if !self.one_frame {
+                tracing::warn!(
+                    status,
+                    "the brain (or a proxy) refused a long-poll upload of several frames; sending one frame an upload"
+                );
+                self.one_frame = true;
+            }
+            self.requeue(flight);
+            return;
+        }
+        match flight.events {
+            Some((first, _, 1)) => {
                 if let Ok(events) = self.up.spool.read_range(first, first).await {
                     if let Some(e) = events.first() {
                         self.drop_undeliverable(e, budget).await;
                     }
                 }
             }
-            for o in flight.outgoing {
-                self.too_large_alone(o, budget);
+            Some((_, _, n)) => {
+                self.event_cap = (n / 2).max(1);
+                tracing::warn!(
+                    status,
+                    events = n,
+                    now = self.event_cap,
+                    "the brain (or a proxy) refused a long-poll upload of one event frame; sending fewer events a frame"
+                );
+                self.requeue(flight);
             }
-            return;
+            None => {
+                for o in flight.outgoing {
+                    self.too_large_alone(o, budget);
+                }
+            }
         }
-        let cut = (budget / 2).max(MIN_BODY_BYTES);
-        tracing::warn!(
-            max_body_bytes = budget,
-            now = cut,
-            "the brain (or a proxy) refused a long-poll upload as too large (HTTP 413); sending smaller ones. Set Z4J_LONGPOLL_MAX_BODY_BYTES to the brain's Z4J_MAX_PAYLOAD_SIZE_BYTES"
-        );
-        self.up.fallback.body_cut = Some(cut);
-        self.requeue(flight);
     }
 
     /// Queues what an upload carried to go again: its events from the
@@ -834,18 +986,19 @@ impl LongPollSession<'_> {
         }
     }
 
-    /// Keeps the answers not known to have reached the brain for the next
-    /// session, in order.
+    /// Keeps what is not known to have reached the brain for the next
+    /// session, in order: answers, and the commands whose ack did not go.
     fn keep_answers(&mut self, flight: Option<InFlight>) {
         let carried = flight.into_iter().flat_map(|f| f.outgoing);
         let queued = std::mem::take(&mut self.outbox);
-        let mut answers: Vec<CommandResult> = carried
-            .chain(queued)
-            .filter_map(|o| match o {
-                Outgoing::Result(r) => Some(r),
-                _ => None,
-            })
-            .collect();
+        let mut answers = Vec::new();
+        for o in carried.chain(queued) {
+            match o {
+                Outgoing::Result(r) => answers.push(r),
+                Outgoing::Ack { id, payload, .. } => self.up.carried.push((id, payload)),
+                Outgoing::Status { .. } => {}
+            }
+        }
         while let Some(r) = answers.pop() {
             self.up.unsent.push_front(r);
         }
@@ -882,6 +1035,19 @@ impl LongPollSession<'_> {
 fn fitting_share(n: usize, room: usize, size: usize) -> usize {
     let share = (n as u128 * room as u128 / size.max(1) as u128) as usize;
     (share * 19 / 20).clamp(1, n - 1)
+}
+
+/// How long to wait when the brain asked to slow down (HTTP 429 or 503):
+/// its `Retry-After`, at least a second.
+fn slow_down_for(error: &UplinkError) -> Option<Duration> {
+    match error {
+        UplinkError::LongPollStatus {
+            status: 429 | 503,
+            retry_after,
+            ..
+        } => Some(retry_after.unwrap_or(RESEND_FIRST).max(RESEND_FIRST)),
+        _ => None,
+    }
 }
 
 /// A session that ended by a failure.
