@@ -46,7 +46,7 @@ QUEUE = "longpoll"
 HOST = socket.gethostname()
 WS_RETRY_SECONDS = 5
 # The retry timer, the probe, the upload in flight settling, the dial and the hello take a few
-# seconds; the rest leaves room for a daemon that lets its command poll (held up to 25 s by the
+# seconds; the rest leaves room for a daemon that lets its command poll (held up to 10 s by the
 # brain) come back before it leaves long-poll.
 BACK_ON_WS_WITHIN = WS_RETRY_SECONDS + 40
 FALLBACK_LOGGED = "switched to HTTPS long-poll"

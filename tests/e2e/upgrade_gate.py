@@ -10,7 +10,7 @@ client connection it reads every HTTP/1.1 request head:
 * otherwise the head and its body (Content-Length) go to the brain on one
   upstream connection per client connection, and the brain's answers come back
   as they are (keep-alive connections carry request after request, and a
-  long-poll GET the brain holds for 25 s is just a slow answer);
+  long-poll GET the brain holds for up to 10 s is just a slow answer);
 * once an upgrade is passed, or a body is chunked, the rest of the connection
   is piped both ways without looking at it.
 

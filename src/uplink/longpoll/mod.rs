@@ -5,7 +5,7 @@
 //! One session is one `X-Z4J-Session-Nonce`: the connect probe learns the
 //! agent and project the brain signs for; then uploads (`POST
 //! /api/v1/agent/events`) and command polls (`GET
-//! /api/v1/agent/commands?wait=25`) run side by side until a failure, a
+//! /api/v1/agent/commands?wait=10`) run side by side until a failure, a
 //! reload or the end.
 //!
 //! Invariants:
