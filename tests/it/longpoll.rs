@@ -42,6 +42,18 @@ fn received(prefix: &str, n: usize) -> Vec<Event> {
         .collect()
 }
 
+/// Sends `task.received` for `<prefix>0..<prefix>n` and waits up to
+/// `secs` until the brain acknowledged all and the spool is empty; returns
+/// the stats then.
+async fn deliver(d: &TestDaemon, prefix: &str, n: usize, secs: u64) -> Value {
+    let mut c = d.client().await;
+    c.send_durable(&received(prefix, n)).await.unwrap();
+    wait_stats(d, secs, "every event acked", |s| {
+        num(s, "acked") == n as u64 && num(s, "spool_depth") == 0
+    })
+    .await
+}
+
 /// The task ids `<prefix>0..<prefix>n`.
 fn task_ids(prefix: &str, n: usize) -> BTreeSet<String> {
     (0..n).map(|i| format!("{prefix}{i}")).collect()
@@ -372,12 +384,7 @@ async fn a_503_on_the_probe_is_a_connection_failure_tried_again_later() {
 
     brain.release();
     wait_uplink_connected(&d.stats).await;
-    let mut c = d.client().await;
-    c.send_durable(&received("t", 3)).await.unwrap();
-    let s = wait_stats(&d, 10, "every event acked", |s| {
-        num(s, "acked") == 3 && num(s, "spool_depth") == 0
-    })
-    .await;
+    let s = deliver(&d, "t", 3, 10).await;
     assert_eq!(num(&s, "connects"), 1, "{s:?}");
     assert_eq!(s.get("last_failure_class"), Some(&Value::Null), "{s:?}");
     assert_eq!(brain.stored_task_ids(), task_ids("t", 3));
@@ -639,12 +646,7 @@ async fn auto_switches_to_long_poll_when_the_upgrade_gets_http_400() {
         ..options(&brain.url)
     })
     .await;
-    let mut c = d.client().await;
-    c.send_durable(&received("t", 4)).await.unwrap();
-    let s = wait_stats(&d, 10, "every event acked", |s| {
-        num(s, "acked") == 4 && num(s, "spool_depth") == 0
-    })
-    .await;
+    let s = deliver(&d, "t", 4, 10).await;
     assert_eq!(text(&s, "transport"), "longpoll", "{s:?}");
     assert_eq!(text(&s, "transport_setting"), "auto", "{s:?}");
     assert_eq!(num(&s, "transport_fallbacks"), 1, "{s:?}");
@@ -716,12 +718,7 @@ async fn a_429_to_an_upload_keeps_the_session_and_sends_again_after_the_wait() {
     let brain = LongPollBrain::start().await;
     brain.script(Target::EventUpload, [Fault::Status(429)]);
     let d = connected(longpoll_options(&brain.url)).await;
-    let mut c = d.client().await;
-    c.send_durable(&received("t", 5)).await.unwrap();
-    let s = wait_stats(&d, 15, "every event acked", |s| {
-        num(s, "acked") == 5 && num(s, "spool_depth") == 0
-    })
-    .await;
+    let s = deliver(&d, "t", 5, 15).await;
     assert_eq!(brain.stored_task_ids(), task_ids("t", 5));
     assert_eq!(
         brain.sessions().len(),
@@ -754,12 +751,7 @@ async fn at_the_smallest_budget_a_refused_frame_of_several_events_is_split_not_d
         ..longpoll_options(&brain.url)
     })
     .await;
-    let mut c = d.client().await;
-    c.send_durable(&received("t", 8)).await.unwrap();
-    let s = wait_stats(&d, 20, "every event acked", |s| {
-        num(s, "acked") == 8 && num(s, "spool_depth") == 0
-    })
-    .await;
+    let s = deliver(&d, "t", 8, 20).await;
     assert_eq!(brain.stored_task_ids(), task_ids("t", 8));
     assert_eq!(
         count_in(&s, "dropped_by_reason", "undeliverable"),
