@@ -60,6 +60,16 @@ impl Uplink {
         (hb, status)
     }
 
+    /// Deletes a stored event that can never reach the brain (larger than
+    /// any frame or upload it takes) and counts it as undeliverable; the
+    /// caller says why in the log.
+    pub(crate) async fn discard_undeliverable(&self, event: &crate::spool::StoredEvent) {
+        self.stats
+            .events_undeliverable
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let _ = self.spool.discard_undeliverable(event.id, event.id).await;
+    }
+
     /// Hands a command from the brain to the local process that runs it;
     /// returns the answer to send now when there is one (no process can
     /// run it, or it was answered before).

@@ -818,20 +818,12 @@ impl LongPollSession<'_> {
     /// An event that no upload within the budget can carry: dropped and
     /// counted, as one larger than the brain's frame limit is.
     async fn drop_undeliverable(&mut self, event: &StoredEvent, budget: usize) {
-        self.up
-            .stats
-            .events_undeliverable
-            .fetch_add(1, Ordering::Relaxed);
         tracing::warn!(
             event_bytes = event.body.len(),
             max_body_bytes = budget,
             "dropped an event larger than a long-poll upload may be; raise the brain's Z4J_MAX_PAYLOAD_SIZE_BYTES and Z4J_LONGPOLL_MAX_BODY_BYTES with it"
         );
-        let _ = self
-            .up
-            .spool
-            .discard_undeliverable(event.id, event.id)
-            .await;
+        self.up.discard_undeliverable(event).await;
     }
 
     /// Counts events put in an upload as first sends or re-sends.

@@ -70,20 +70,12 @@ impl BrainSession<'_> {
     /// An event accepted at ingest under a larger limit than this brain's
     /// frame size can never be delivered: dropped and counted.
     async fn drop_undeliverable(&mut self, event: &StoredEvent) {
-        self.up
-            .stats
-            .events_undeliverable
-            .fetch_add(1, Ordering::Relaxed);
         tracing::warn!(
             event_bytes = event.body.len(),
             max_frame_bytes = self.ack.max_frame_bytes,
             "dropped an event larger than the brain's frame limit"
         );
-        let _ = self
-            .up
-            .spool
-            .discard_undeliverable(event.id, event.id)
-            .await;
+        self.up.discard_undeliverable(event).await;
     }
 
     /// Signs and sends one `event_batch` of stored events; returns its id.
