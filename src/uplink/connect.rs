@@ -305,6 +305,61 @@ pub(crate) async fn close_normally(
     commands
 }
 
+/// Time allowed for the brain to answer the empty batch [`settle`] sends.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Waits, before a session that just answered `hello` is closed, until the
+/// brain has pushed the agent's pending commands into it, and returns them
+/// (verified with `verifier`).
+///
+/// Right after its `hello_ack` the brain hands the session every command
+/// that waited for the agent, and only then reads what the agent sent. A
+/// close that reaches it before that hand-over makes the push fail: the
+/// brain puts the command back to pending after the next session's own
+/// hand-over already ran, and it waits there until it times out. So an
+/// empty `event_batch` goes first, and its `event_batch_ack` says the
+/// hand-over is over (every command came before it on the stream). Bounded
+/// by [`SETTLE_TIMEOUT`]; a brain that says nothing meanwhile loses only
+/// the wait.
+pub(crate) async fn settle(
+    ws: &mut Ws,
+    signer: &mut protocol::Signer,
+    verifier: &mut protocol::Verifier,
+) -> Vec<(String, Value)> {
+    let id = protocol::new_frame_id("settle_");
+    let mut payload = Vec::with_capacity(16);
+    protocol::event_batch_payload::<&[u8]>(&[], &mut payload);
+    let frame = signer.sign(
+        "event_batch",
+        &id,
+        &payload,
+        OffsetDateTime::now_utc(),
+        &protocol::new_nonce(),
+    );
+    let mut commands = Vec::new();
+    if ws.send(Message::binary(frame)).await.is_err() {
+        return commands;
+    }
+    let _ = tokio::time::timeout(SETTLE_TIMEOUT, async {
+        while let Received::Frame(bytes) = next_received(ws).await {
+            match read_signed(verifier, &bytes, OffsetDateTime::now_utc()) {
+                Ok(BrainMessage::Command { id, payload }) => commands.push((id, payload)),
+                Ok(BrainMessage::Ack { acked_id, .. }) if acked_id.as_deref() == Some(&id) => {
+                    return
+                }
+                Ok(BrainMessage::Error { fatal: true, .. }) => return,
+                Ok(_) => {}
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "a frame the brain sent into the session being closed failed verification; ignored"
+                ),
+            }
+        }
+    })
+    .await;
+    commands
+}
+
 /// Sends `hello` and waits for the brain's `hello_ack`.
 pub(crate) async fn exchange_hello(
     ws: &mut Ws,

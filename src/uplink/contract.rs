@@ -13,9 +13,11 @@
 //! is kept in the spool's `meta` table; with none (first contact) the daemon
 //! says `0.0.0`, the brain's "not determined" value, which it neither logs
 //! about nor stores. When the `hello_ack` shows that the line sent is not
-//! the brain's ([`after_hello_ack`]), the daemon closes that session
-//! normally and says `hello` again at once with the right line, at most once
-//! per connection attempt.
+//! the brain's ([`after_hello_ack`]), the daemon waits until the brain has
+//! handed that session the commands waiting for the agent (see
+//! `connect::settle`), closes it normally and says `hello` again at once
+//! with the right line, at most once per connection attempt. Commands
+//! handed to the first session are acknowledged and run on the second.
 
 /// `agent_version` when the brain's version is not known yet: the brain
 /// leaves the agent's stored version alone and logs nothing.

@@ -183,20 +183,23 @@ impl Uplink {
                         contract_line = next,
                         "the brain's version calls for another z4j contract line; saying hello again with it"
                     );
-                    let mut verifier = Verifier::new(
-                        settings.key.clone(),
-                        SessionBinding::new(
-                            done.ack.agent_id.clone(),
-                            done.ack.project_id.clone(),
-                            done.ack.session_id.clone(),
-                        ),
+                    let binding = SessionBinding::new(
+                        done.ack.agent_id.clone(),
+                        done.ack.project_id.clone(),
+                        done.ack.session_id.clone(),
                     );
-                    let pushed = connect::close_normally(
-                        &mut done.ws,
-                        "z4j-agentd: hello again",
-                        &mut verifier,
-                    )
-                    .await;
+                    let mut verifier = Verifier::new(settings.key.clone(), binding.clone());
+                    let mut signer = Signer::new(settings.key.clone(), binding);
+                    let mut pushed =
+                        connect::settle(&mut done.ws, &mut signer, &mut verifier).await;
+                    pushed.extend(
+                        connect::close_normally(
+                            &mut done.ws,
+                            "z4j-agentd: hello again",
+                            &mut verifier,
+                        )
+                        .await,
+                    );
                     // Acknowledged and routed on the next session.
                     self.carried.extend(pushed);
                     self.stats.contract_rehellos.fetch_add(1, Ordering::Relaxed);

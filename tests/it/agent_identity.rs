@@ -345,3 +345,51 @@ async fn a_command_pushed_into_the_session_closed_for_the_second_hello_is_answer
     assert!(brain.command_frames(activation).is_empty());
     d.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_the_brain_hands_over_late_is_not_lost_to_the_second_hello() {
+    // The brain pushes pending commands into a new session only some time
+    // after its hello_ack (its own database work first); a close arriving
+    // before that makes the push fail. The daemon waits for the hand-over
+    // (the ack of an empty batch the brain reads after it) before closing
+    // the first session.
+    let mut params = Value::empty_map();
+    params.insert("engine", "celery");
+    params.insert("task_id", "late-hand-over");
+    let mut target = Value::empty_map();
+    target.insert("type", "task");
+    target.insert("id", "celery:late-hand-over");
+    let mut p = Value::empty_map();
+    p.insert("action", "cancel_task");
+    p.insert("target", target);
+    p.insert("parameters", params);
+    p.insert("timeout_seconds", 60u64);
+    let id = "0c9a7e1d-2b3f-4a5e-8c6d-7e8f9a0b1c2d";
+    let brain = FakeBrain::start(Behavior {
+        brain_version: Some("1.13.0".into()),
+        commands_after_hello: vec![(id.to_string(), p)],
+        hand_over_after: Some(std::time::Duration::from_millis(400)),
+        ..Behavior::default()
+    })
+    .await;
+    let d = TestDaemon::start(options(&brain.url)).await;
+    wait_for(15, "the command's ack and result", || {
+        brain.command_frames(id).len() >= 2
+    })
+    .await;
+    assert!(
+        brain.seen.commands_not_pushed.lock().unwrap().is_empty(),
+        "the first session was closed before the brain handed it the command"
+    );
+    assert_eq!(agent_versions(&brain), ["0.0.0", "1.13.0"]);
+    let frames = brain.command_frames(id);
+    assert_eq!(frames[0].0, "command_ack", "{frames:?}");
+    assert_eq!(frames[1].0, "command_result", "{frames:?}");
+    // The only batch of the first session is the empty one that waited
+    // for the hand-over.
+    let batches = brain.seen.batch_event_ids.lock().unwrap().clone();
+    assert_eq!(batches.first(), Some(&Vec::new()), "{batches:?}");
+    let s = stats_once_connected(&d, 10, "connected").await;
+    assert_eq!(num(&s, "contract_rehellos"), 1, "{s:?}");
+    d.stop().await.unwrap();
+}

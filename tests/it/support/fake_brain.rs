@@ -74,6 +74,12 @@ pub struct Behavior {
     /// `hello_ack`, before anything is read: the brain pushes the agent's
     /// pending commands into a session as soon as it is registered.
     pub commands_after_hello: Vec<(String, Value)>,
+    /// How long the brain takes, after `hello_ack`, to push
+    /// `commands_after_hello`. Frames that arrive meanwhile wait (the
+    /// brain reads them only afterwards), except a close, which the
+    /// brain's WebSocket answers at once: the push then fails and those
+    /// commands stay with the brain (`seen.commands_not_pushed`).
+    pub hand_over_after: Option<std::time::Duration>,
 }
 
 /// What the fake saw.
@@ -108,6 +114,9 @@ pub struct Seen {
     pub stored_event_ids: Mutex<BTreeSet<String>>,
     /// `heartbeat` and `agent_status` payloads, in arrival order.
     pub status_frames: Mutex<Vec<(String, Value)>>,
+    /// Ids of `commands_after_hello` whose push failed because the daemon
+    /// closed the session first (see `Behavior::hand_over_after`).
+    pub commands_not_pushed: Mutex<Vec<String>>,
 }
 
 /// A running fake brain.
@@ -308,7 +317,38 @@ async fn serve(
     let mut signer = Signer::new(key, binding.clone());
     let wrong = SigningKey::from_bytes(&[7u8; 32]).unwrap();
     let mut wrong_signer = Signer::new(wrong, binding);
-    let pushed = std::mem::take(&mut behavior.lock().unwrap().commands_after_hello);
+    let (pushed, hand_over_after) = {
+        let mut b = behavior.lock().unwrap();
+        (
+            std::mem::take(&mut b.commands_after_hello),
+            b.hand_over_after,
+        )
+    };
+    // Frames read while the hand-over was under way, handled after it.
+    let mut early: std::collections::VecDeque<Message> = Default::default();
+    if let Some(after) = hand_over_after.filter(|_| !pushed.is_empty()) {
+        let deadline = tokio::time::Instant::now() + after;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => break,
+                m = ws.next() => match m {
+                    Some(Ok(Message::Close(f))) => {
+                        seen.client_close_codes
+                            .lock()
+                            .unwrap()
+                            .push(f.map(|f| u16::from(f.code)).unwrap_or(1005));
+                        seen.commands_not_pushed
+                            .lock()
+                            .unwrap()
+                            .extend(pushed.into_iter().map(|(id, _)| id));
+                        return;
+                    }
+                    Some(Ok(m)) => early.push_back(m),
+                    _ => return,
+                },
+            }
+        }
+    }
     for (id, payload) in pushed {
         let frame = command_frame(&mut signer, &id, &payload);
         if ws.send(Message::binary(frame)).await.is_err() {
@@ -321,7 +361,10 @@ async fn serve(
     let mut slow: std::collections::VecDeque<(tokio::time::Instant, Ack)> = Default::default();
     loop {
         let next_slow = slow.front().map(|(at, _)| *at);
-        let msg = tokio::select! {
+        let msg = if let Some(m) = early.pop_front() {
+            Ok(m)
+        } else {
+            tokio::select! {
             m = ws.next() => match m {
                 Some(m) => m,
                 None => return,
@@ -353,6 +396,7 @@ async fn serve(
                     return;
                 }
                 continue;
+            }
             }
         };
         let bytes = match msg {
