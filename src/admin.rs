@@ -265,6 +265,15 @@ fn render_counts(o: &mut String, s: &Snapshot) {
         human_bytes(s.spool_bytes),
         s.spool_path
     );
+    let c = &s.spool_checkpoint;
+    if c.on_commit || c.error.is_some() {
+        let _ = writeln!(
+            o,
+            "wal:      {}; the checkpointer fails ({}): commits checkpoint themselves",
+            human_bytes(c.wal_bytes),
+            c.error.as_deref().unwrap_or("stuck")
+        );
+    }
     if let Some(r) = &s.rates {
         let _ = writeln!(
             o,

@@ -416,6 +416,34 @@ fn encode_spool(enc: &mut DescriptorEncoder, s: &Snapshot) -> Result<(), fmt::Er
         "spool_commits",
         "Spool write transactions committed.",
         s.spool_commits,
+    )?;
+    let c = &s.spool_checkpoint;
+    gauge(
+        enc,
+        "spool_wal",
+        "Bytes of write-ahead log the spool's last checkpoint found (0 once emptied).",
+        Some(&Unit::Bytes),
+        c.wal_bytes as i64,
+    )?;
+    counter_family(
+        enc,
+        "spool_checkpoints",
+        "WAL checkpoints: by the checkpointer thread (off the commit path), or by the writer between two transactions.",
+        "by",
+        [("checkpointer", c.passes), ("writer", c.by_writer)],
+    )?;
+    counter(
+        enc,
+        "spool_checkpoint_failures",
+        "Failures of the spool's checkpointer thread (a pass, its connection, its thread).",
+        c.failures,
+    )?;
+    gauge(
+        enc,
+        "spool_checkpoint_on_commit",
+        "1 while commits checkpoint themselves because the checkpointer fails or is stuck.",
+        None,
+        i64::from(c.on_commit),
     )
 }
 

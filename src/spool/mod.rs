@@ -34,6 +34,7 @@
 //! * `lock`: one daemon per spool; `writable`: the write checks at open;
 //! * [`path`]: where the spool lives and the checks on that path.
 
+mod checkpoint;
 mod handle;
 mod lock;
 pub mod path;
@@ -50,6 +51,7 @@ use rusqlite::Connection;
 use thiserror::Error;
 use tokio::sync::{mpsc, Notify};
 
+use checkpoint::Checkpointer;
 pub use handle::SpoolHandle;
 use handle::{Op, QUEUE_DEPTH};
 use lock::SpoolLock;
@@ -218,6 +220,23 @@ pub struct SpoolStats {
     /// The brain version last seen (its [`crate::uplink::contract::BrainLine`]
     /// code), kept in the file so the next start names the right contract.
     pub brain_line: std::sync::Mutex<Option<i64>>,
+    /// Bytes of WAL the last checkpoint found (0 once it was emptied).
+    pub wal_bytes: AtomicU64,
+    /// Checkpoint passes the checkpointer thread finished.
+    pub checkpoints_total: AtomicU64,
+    /// How long the last of those took, in microseconds.
+    pub checkpoint_last_us: AtomicU64,
+    /// Checkpoints the writer did between two transactions: the last
+    /// frames of a log that outgrew its bound under steady writes, or all
+    /// of them while the checkpointer fails.
+    pub writer_checkpoints_total: AtomicU64,
+    /// Failures of the checkpointer (a pass, its connection, its thread).
+    pub checkpoint_failures_total: AtomicU64,
+    /// Why it fails now; `None` while it works.
+    pub checkpoint_error: std::sync::Mutex<Option<String>>,
+    /// Whether commits do the checkpoint themselves now (the checkpointer
+    /// fails or is stuck).
+    pub checkpoint_on_commit: AtomicBool,
 }
 
 impl SpoolStats {
@@ -250,6 +269,9 @@ impl SpoolStats {
 pub struct Spool {
     handle: SpoolHandle,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// The checkpointer's state, for the tests of its failures.
+    #[cfg(test)]
+    checkpoint: Arc<checkpoint::Shared>,
 }
 
 impl Spool {
@@ -289,6 +311,10 @@ impl Spool {
         })?;
         lock.still_at(&config.path)?;
         state.lock = Some(lock);
+        let checkpointer = Checkpointer::start(config.path.clone(), state.stats.clone());
+        #[cfg(test)]
+        let checkpoint = checkpointer.shared().clone();
+        state.checkpointer = Some(checkpointer);
         let stats = state.stats.clone();
         let release = state.release.clone();
         let new_events = Arc::new(Notify::new());
@@ -312,6 +338,8 @@ impl Spool {
         Ok(Spool {
             handle,
             thread: Some(thread),
+            #[cfg(test)]
+            checkpoint,
         })
     }
 

@@ -101,11 +101,12 @@ fn buffer_id(high: i64, low: i64) -> String {
 
 /// Page size of a newly created spool file.
 const PAGE_SIZE: u32 = 16 * 1024;
-/// WAL pages between automatic checkpoints: about 40 MB at 16 KiB pages
-/// (10 MB in a spool created with 4 KiB pages).
-const WAL_AUTOCHECKPOINT_PAGES: u32 = 2_500;
+/// WAL pages between SQLite's automatic checkpoints, used only while the
+/// checkpointer thread cannot work (see `checkpoint`): about 40 MB at
+/// 16 KiB pages (10 MB in a spool created with 4 KiB pages).
+pub(super) const WAL_AUTOCHECKPOINT_PAGES: u32 = 2_500;
 /// Size the WAL file is truncated to after a checkpoint.
-const WAL_SIZE_LIMIT_BYTES: u64 = 64 * 1024 * 1024;
+pub(super) const WAL_SIZE_LIMIT_BYTES: u64 = 64 * 1024 * 1024;
 
 impl Writer {
     /// Checks the schema version, applies the settings, creates the tables
@@ -130,6 +131,8 @@ impl Writer {
             freed: false,
             release: Arc::new(AtomicBool::new(false)),
             refusing: false,
+            checkpointer: None,
+            auto_checkpoint: false,
             lock: None,
         })
     }
@@ -210,13 +213,11 @@ fn apply_settings(conn: &Connection, config: &SpoolConfig) -> Result<(), rusqlit
         Synchronous::Normal => "PRAGMA synchronous=NORMAL;",
         Synchronous::Full => "PRAGMA synchronous=FULL;",
     })?;
-    // Checkpoint every ~40 MB of WAL rather than SQLite's 4 MB: rows
-    // stored and deleted (acked) within one window are copied to the
-    // database once or not at all, and the checkpoint's fsync comes ten
-    // times less often (benchmarked in BENCHMARKS.md). The file is cut
-    // back to 64 MB after a checkpoint that emptied it.
+    // No checkpoint inside a commit: the checkpointer thread does them
+    // (see `checkpoint`). The file is cut back to 64 MB when the log
+    // starts over.
     conn.execute_batch(&format!(
-        "PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}; PRAGMA journal_size_limit={WAL_SIZE_LIMIT_BYTES};"
+        "PRAGMA wal_autocheckpoint=0; PRAGMA journal_size_limit={WAL_SIZE_LIMIT_BYTES};"
     ))?;
     conn.execute_batch("PRAGMA temp_store=MEMORY;")
 }

@@ -647,3 +647,184 @@ async fn loss_counters_and_the_brain_seen_survive_a_restart_and_never_go_back() 
     assert_eq!(h.stats().undeliverable_total.load(Ordering::Relaxed), 2);
     spool.close().await;
 }
+
+fn wal_len(dir: &Path) -> u64 {
+    std::fs::metadata(dir.join("spool.sqlite-wal"))
+        .map(|m| m.len())
+        .unwrap_or(0)
+}
+
+/// Polls `cond` every 20 ms for up to `secs`.
+async fn eventually(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn big_config(dir: &Path) -> SpoolConfig {
+    SpoolConfig {
+        max_events: 10_000_000,
+        max_bytes: 1 << 33,
+        ..config(dir)
+    }
+}
+
+fn body(i: usize) -> Vec<u8> {
+    format!("{{\"n\":{i},\"pad\":\"{}\"}}", "x".repeat(400)).into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checkpointer_copies_the_wal_and_empties_it_once_writes_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(big_config(dir.path())).unwrap();
+    let h = spool.handle();
+    for round in 0..200 {
+        let batch: Vec<_> = (0..100).map(|i| body(round * 100 + i)).collect();
+        h.append_durable(batch).await.unwrap();
+    }
+    let all = h.read_after(0, 100_000, usize::MAX).await.unwrap();
+    assert_eq!(all.len(), 20_000);
+    let last = all.last().unwrap().id;
+    assert!(wal_len(dir.path()) > 0, "the appends went to the WAL");
+    // Commits never checkpoint: the checkpointer's passes do.
+    eventually(5, "a checkpointer pass", || {
+        h.stats().checkpoints_total.load(Ordering::Relaxed) > 0
+    })
+    .await;
+    assert_eq!(h.ack(all[0].id, last).await.unwrap(), 20_000);
+    // Drained and idle: the WAL file is emptied.
+    eventually(10, "the WAL emptied after the drain", || {
+        wal_len(dir.path()) == 0
+    })
+    .await;
+    eventually(5, "the WAL's size in the stats", || {
+        h.stats().wal_bytes.load(Ordering::Relaxed) == 0
+    })
+    .await;
+    assert_eq!(
+        h.stats().checkpoint_failures_total.load(Ordering::Relaxed),
+        0
+    );
+    assert_eq!(
+        h.stats().writer_checkpoints_total.load(Ordering::Relaxed),
+        0,
+        "nothing outgrew the bound: no commit did a checkpoint"
+    );
+    // Writes after the truncation go on.
+    h.append_durable(vec![body(1)]).await.unwrap();
+    assert_eq!(h.snapshot().await.unwrap().depth, 1);
+    spool.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steady_commits_keep_the_wal_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(big_config(dir.path())).unwrap();
+    let h = spool.handle();
+    // One event per commit writes a whole 16 KiB page to the log each time:
+    // the log grows fast and never pauses, so only the writer's finishing
+    // pass lets it start over.
+    let mut largest = 0u64;
+    let mut n = 0;
+    let mut finished = 0;
+    let started = std::time::Instant::now();
+    while finished < 3 {
+        h.append_durable(vec![body(n)]).await.unwrap();
+        n += 1;
+        largest = largest.max(wal_len(dir.path()));
+        let now = h.stats().writer_checkpoints_total.load(Ordering::Relaxed);
+        if now > finished {
+            finished = now;
+            // The commit after the writer's checkpoint starts the log over
+            // and cuts the file back to `journal_size_limit`.
+            h.append_durable(vec![body(n)]).await.unwrap();
+            n += 1;
+            let cut = wal_len(dir.path());
+            assert!(
+                cut <= schema::WAL_SIZE_LIMIT_BYTES,
+                "the WAL was {cut} bytes after the log started over"
+            );
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120) && largest < 1 << 30,
+            "the writer was never asked to finish a pass ({n} commits, WAL {largest} bytes)"
+        );
+    }
+    eprintln!("{n} commits; the WAL file reached {largest} bytes at most");
+    assert_eq!(
+        h.stats().checkpoint_failures_total.load(Ordering::Relaxed),
+        0
+    );
+    assert_eq!(h.snapshot().await.unwrap().depth, n as u64);
+    spool.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_checkpointer_is_counted_and_commits_checkpoint_until_it_works_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(big_config(dir.path())).unwrap();
+    let h = spool.handle();
+    spool
+        .checkpoint
+        .fail_passes
+        .store(u32::MAX, Ordering::SeqCst);
+    let mut n = 0;
+    let mut stored = 0;
+    // Writes go on and are stored while every pass fails.
+    while h.stats().checkpoint_failures_total.load(Ordering::Relaxed) < 2
+        || !h.stats().checkpoint_on_commit.load(Ordering::Relaxed)
+    {
+        stored += h.append_durable(vec![body(n)]).await.unwrap().stored;
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert!(n < 5_000, "the failure was never seen");
+    }
+    let why = h.stats().checkpoint_error.lock().unwrap().clone().unwrap();
+    assert!(why.contains("checkpoint failed"), "{why}");
+    // SQLite's own checkpoint keeps the log bounded meanwhile.
+    for i in 0..3_000 {
+        stored += h.append_durable(vec![body(n + i)]).await.unwrap().stored;
+    }
+    assert!(
+        wal_len(dir.path()) < 2 * 2_500 * 16 * 1024,
+        "the WAL grew to {} bytes with the automatic checkpoint on",
+        wal_len(dir.path())
+    );
+    // It works again: commits no longer checkpoint, the error is gone.
+    spool.checkpoint.fail_passes.store(0, Ordering::SeqCst);
+    let mut k = 0;
+    while h.stats().checkpoint_on_commit.load(Ordering::Relaxed) {
+        stored += h.append_durable(vec![body(k)]).await.unwrap().stored;
+        k += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert!(k < 5_000, "the checkpointer never came back");
+    }
+    assert!(h.stats().checkpoint_error.lock().unwrap().is_none());
+    assert_eq!(h.snapshot().await.unwrap().depth, stored as u64);
+    spool.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpointer_thread_that_ends_is_reported_and_ingest_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(big_config(dir.path())).unwrap();
+    let h = spool.handle();
+    spool.checkpoint.panic_next.store(true, Ordering::SeqCst);
+    eventually(5, "the thread's end reported", || {
+        h.stats().checkpoint_failures_total.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    let why = h.stats().checkpoint_error.lock().unwrap().clone().unwrap();
+    assert!(why.contains("thread ended"), "{why}");
+    for i in 0..3_000 {
+        assert_eq!(h.append_durable(vec![body(i)]).await.unwrap().stored, 1);
+    }
+    assert!(h.stats().checkpoint_on_commit.load(Ordering::Relaxed));
+    assert!(wal_len(dir.path()) < 2 * 2_500 * 16 * 1024);
+    assert_eq!(h.snapshot().await.unwrap().depth, 3_000);
+    // Closing still folds the WAL back.
+    spool.close().await;
+    assert_eq!(wal_len(dir.path()), 0);
+}

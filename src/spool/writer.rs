@@ -11,9 +11,12 @@ use std::time::{Duration, Instant};
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{mpsc, Notify};
 
+use super::checkpoint::Checkpointer;
 use super::handle::Op;
 use super::lock::SpoolLock;
-use super::schema::{set_meta, META_BRAIN_LINE, META_UNDELIVERABLE_TOTAL};
+use super::schema::{
+    set_meta, META_BRAIN_LINE, META_UNDELIVERABLE_TOTAL, WAL_AUTOCHECKPOINT_PAGES,
+};
 use super::{unix_ms_now, AppendOutcome, Overflow, SpoolConfig, SpoolError, SpoolStats};
 
 /// Most events applied in one transaction (bounds commit latency).
@@ -40,6 +43,12 @@ pub(super) struct Writer {
     /// `block` with `release` set, read once per transaction: an append
     /// that does not fit whole stores nothing and is answered `Stopping`.
     pub(super) refusing: bool,
+    /// Copies the WAL into the database off the commit path (started with
+    /// the writer, stopped by it before its last checkpoint).
+    pub(super) checkpointer: Option<Checkpointer>,
+    /// Whether SQLite's automatic checkpoint is on for this connection
+    /// (only while the checkpointer fails).
+    pub(super) auto_checkpoint: bool,
     /// The spool's lock. Declared last, so it is released only after the
     /// connection above is closed.
     pub(super) lock: Option<SpoolLock>,
@@ -77,6 +86,9 @@ impl Writer {
                 break 'outer;
             }
         }
+        if let Some(c) = self.checkpointer.take() {
+            c.stop();
+        }
         // Fold the WAL back so the next start opens quickly; failure is harmless.
         let _ = self
             .conn
@@ -111,11 +123,65 @@ impl Writer {
         // Discarded events share the deletes' replies but were never acked.
         let discarded = self.undeliverable - undeliverable_before;
         let stored = self.publish(&outcomes, &ack_counts, discarded);
+        let committed = wrote && result.is_ok();
         match result {
             Ok(()) => self.reply_committed(ops, outcomes, ack_counts),
             Err(e) => self.reply_failed(ops, SpoolError::from_sqlite(e)),
         }
+        if committed {
+            self.after_commit();
+        }
         (stored > 0, self.freed)
+    }
+
+    /// The writer's part in keeping the WAL bounded, after the replies of
+    /// a commit went out (see `checkpoint`): the last frames of a log
+    /// that outgrew its bound, or SQLite's automatic checkpoint while the
+    /// checkpointer cannot work.
+    fn after_commit(&mut self) {
+        let Some(shared) = self.checkpointer.as_ref().map(|c| c.shared().clone()) else {
+            return;
+        };
+        shared.committed();
+        let fallback = shared.writer_must_checkpoint();
+        if fallback != self.auto_checkpoint {
+            let pages = if fallback {
+                WAL_AUTOCHECKPOINT_PAGES
+            } else {
+                0
+            };
+            if self
+                .conn
+                .execute_batch(&format!("PRAGMA wal_autocheckpoint={pages};"))
+                .is_ok()
+            {
+                self.auto_checkpoint = fallback;
+                self.stats
+                    .checkpoint_on_commit
+                    .store(fallback, Ordering::Relaxed);
+            }
+        }
+        shared.restarted();
+        if shared.finish_asked() {
+            // Busy (a pass still under way): tried again after the next commit.
+            let busy = self
+                .conn
+                .query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| r.get::<_, i64>(0))
+                .map(|b| b != 0);
+            match busy {
+                Ok(false) => {
+                    shared.finished();
+                    self.stats
+                        .writer_checkpoints_total
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(true) => {}
+                Err(e) => {
+                    shared.finish_failed();
+                    tracing::warn!(error = %e, "the spool's writer could not finish a checkpoint; the checkpointer tries again");
+                }
+            }
+        }
     }
 
     /// Publishes the counters after a transaction (or its rollback);

@@ -190,6 +190,13 @@ pub(crate) fn spool(sp: &SpoolStats) {
     sp.commits_total.store(77, Ordering::Relaxed);
     sp.oldest_stored_ms.store(0, Ordering::Relaxed);
     sp.write_failing.store(true, Ordering::Relaxed);
+    sp.wal_bytes.store(4_194_304, Ordering::Relaxed);
+    sp.checkpoints_total.store(12, Ordering::Relaxed);
+    sp.checkpoint_last_us.store(3_250, Ordering::Relaxed);
+    sp.writer_checkpoints_total.store(2, Ordering::Relaxed);
+    sp.checkpoint_failures_total.store(1, Ordering::Relaxed);
+    sp.checkpoint_on_commit.store(true, Ordering::Relaxed);
+    *sp.checkpoint_error.lock().unwrap() = Some("checkpoint failed: disk I/O error".into());
 }
 
 /// Compares `actual` with the file `tests/golden/<name>`; with

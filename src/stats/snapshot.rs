@@ -191,12 +191,37 @@ pub struct Snapshot {
     /// Failed `accept` calls on the local socket (`/metrics` only).
     #[serde(skip)]
     pub accept_failures: u64,
+    /// The spool's WAL and its checkpoints.
+    pub spool_checkpoint: CheckpointReport,
     /// Spool write transactions committed (`/metrics` only).
     #[serde(skip)]
     pub spool_commits: u64,
     /// Whether the spool's last write failed (`/metrics`, systemd status).
     #[serde(skip)]
     pub spool_write_failing: bool,
+}
+
+/// The spool's write-ahead log and who copies it into the database
+/// (`stats.spool_checkpoint`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CheckpointReport {
+    /// Bytes of log the last checkpoint found (0 once emptied).
+    pub wal_bytes: u64,
+    /// Passes of the checkpointer thread, off the commit path.
+    pub passes: u64,
+    /// How long the last of them took, in milliseconds.
+    pub last_pass_ms: f64,
+    /// Checkpoints the writer did between two transactions (a log that
+    /// outgrew its bound under steady writes, or the checkpointer failing).
+    pub by_writer: u64,
+    /// Failures of the checkpointer since start.
+    pub failures: u64,
+    /// Whether commits checkpoint themselves now (the checkpointer fails).
+    pub on_commit: bool,
+    /// Why the checkpointer fails now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// The `type` of the `stats` reply: written as `"stats"`, any value read.
@@ -391,6 +416,15 @@ impl Snapshot {
         self.stored = load(&sp.stored_total);
         self.acked = load(&sp.acked_total);
         self.spool_commits = load(&sp.commits_total);
+        self.spool_checkpoint = CheckpointReport {
+            wal_bytes: load(&sp.wal_bytes),
+            passes: load(&sp.checkpoints_total),
+            last_pass_ms: load(&sp.checkpoint_last_us) as f64 / 1000.0,
+            by_writer: load(&sp.writer_checkpoints_total),
+            failures: load(&sp.checkpoint_failures_total),
+            on_commit: sp.checkpoint_on_commit.load(Ordering::Relaxed),
+            error: sp.checkpoint_error.lock().unwrap().clone(),
+        };
         self.spool_write_failing = sp.write_failing.load(Ordering::Relaxed);
         self.dropped_by_reason.oldest_evicted = load(&sp.dropped_oldest_total);
         self.dropped_by_reason.spool_full = load(&sp.refused_full_total);
