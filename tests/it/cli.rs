@@ -510,6 +510,127 @@ fn acked_events_survive_sigkill() {
     child.kill();
 }
 
+/// The state letter of the daemon's `z4j-checkpoint` thread (`R`
+/// running, `D` in I/O, `S` waiting for its next pass), if it has one.
+fn checkpoint_thread_state(pid: u32) -> Option<char> {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let dir = task.ok()?.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if comm.trim() == "z4j-checkpoint" {
+            let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+            // "tid (comm) S ...": the state follows the closing parenthesis.
+            return stat.rsplit_once(')')?.1.trim_start().chars().next();
+        }
+    }
+    None
+}
+
+#[test]
+fn acked_events_survive_sigkill_during_a_checkpoint() {
+    let env = Env::new();
+    let blob = "x".repeat(4000);
+    let mut acked: Vec<String> = Vec::new();
+    let mut killed_mid_pass = 0;
+    for round in 0..3 {
+        let child = support::RunningDaemon::start(
+            &format!("checkpoint_kill_{round}"),
+            env.cmd(free_port()),
+            &env.socket(),
+        );
+        let pid = child.pid();
+        let socket = env.socket();
+        let blob = blob.clone();
+        // Durable messages of 20 events of 4 KB, back to back, until the
+        // daemon is gone: the log grows fast and every pass copies MBs.
+        let sender = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let Ok(mut s) = UnixStream::connect(&socket) else {
+                return got;
+            };
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut rd = BufReader::new(s.try_clone().unwrap());
+            for m in 0.. {
+                let ids: Vec<String> = (0..20).map(|e| format!("r{round}-m{m}-e{e}")).collect();
+                let events: Vec<String> = ids
+                    .iter()
+                    .map(|id| {
+                        format!(r#"{{"engine":"rq","kind":"task.received","task_id":"{id}","data":{{"blob":"{blob}"}}}}"#)
+                    })
+                    .collect();
+                let line = format!(
+                    r#"{{"type":"events","ack_id":{m},"events":[{}]}}"#,
+                    events.join(",")
+                );
+                if writeln!(s, "{line}").is_err() {
+                    return got;
+                }
+                let mut reply = String::new();
+                match rd.read_line(&mut reply) {
+                    Ok(n) if n > 0 => {}
+                    _ => return got,
+                }
+                let v: serde_json::Value = serde_json::from_str(&reply).unwrap();
+                assert_eq!(v["stored"], 20, "{reply}");
+                got.extend(ids);
+            }
+            got
+        });
+        // Kill while the checkpoint thread is seen busy twice in a row.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut busy_before = false;
+        loop {
+            let busy = matches!(checkpoint_thread_state(pid), Some('R') | Some('D'));
+            if busy && busy_before {
+                killed_mid_pass += 1;
+                break;
+            }
+            busy_before = busy;
+            if Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        child.kill();
+        acked.extend(sender.join().unwrap());
+    }
+    assert!(
+        killed_mid_pass >= 2,
+        "only {killed_mid_pass} of 3 kills came while a checkpoint ran"
+    );
+    // The restarted daemon recovers the spool; then it is read directly.
+    let child =
+        support::RunningDaemon::start("checkpoint_kill_after", env.cmd(free_port()), &env.socket());
+    let stats = jsonl_request(&env.socket(), r#"{"type":"stats"}"#);
+    let path = stats["spool_path"].as_str().unwrap().to_string();
+    assert!(
+        stats["spool_depth"].as_u64().unwrap() >= acked.len() as u64,
+        "{} acknowledged, {stats}",
+        acked.len()
+    );
+    child.stop();
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let mut stmt = conn.prepare("SELECT body FROM events").unwrap();
+    let stored: std::collections::HashSet<String> = stmt
+        .query_map([], |r| r.get::<_, Vec<u8>>(0))
+        .unwrap()
+        .map(|b| {
+            let v: serde_json::Value = serde_json::from_slice(&b.unwrap()).unwrap();
+            v["task_id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    let lost: Vec<&String> = acked.iter().filter(|id| !stored.contains(*id)).collect();
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged events lost, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
+    eprintln!(
+        "{} acknowledged events kept over 3 SIGKILLs, {killed_mid_pass} of them during a checkpoint",
+        acked.len()
+    );
+}
+
 #[test]
 fn refused_events_get_clear_errors_and_the_connection_goes_on() {
     let env = Env::new();
