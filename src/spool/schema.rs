@@ -79,6 +79,42 @@ pub(super) const META_BRAIN_LINE: &str = "brain_line";
 /// Events discarded as undeliverable over the file's lifetime.
 pub(super) const META_UNDELIVERABLE_TOTAL: &str = "undeliverable_total";
 
+/// What the spool held when its last daemon stopped cleanly, so the next
+/// start does not count a large spool row by row: depth, bytes, and the
+/// two ids that tell whether anything changed since (the `AUTOINCREMENT`
+/// high-water mark, which any append moves, and the first id, which any
+/// acknowledgement or eviction moves). Written by the writer's last
+/// transaction, deleted by the write probe at open: a run that ends
+/// without writing it leaves none, and the next start counts.
+pub(super) const META_CLEAN_DEPTH: &str = "clean_close_depth";
+/// See [`META_CLEAN_DEPTH`].
+pub(super) const META_CLEAN_BYTES: &str = "clean_close_bytes";
+/// See [`META_CLEAN_DEPTH`].
+pub(super) const META_CLEAN_SEQ: &str = "clean_close_seq";
+/// See [`META_CLEAN_DEPTH`].
+pub(super) const META_CLEAN_FIRST_ID: &str = "clean_close_first_id";
+
+/// The `AUTOINCREMENT` high-water mark of `events` (0 for a new table).
+pub(super) fn events_seq(conn: &Connection) -> Result<i64, rusqlite::Error> {
+    Ok(conn
+        .query_row(
+            "SELECT seq FROM sqlite_sequence WHERE name = 'events'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?
+        .unwrap_or(0))
+}
+
+/// The id of the oldest event kept (0 when empty).
+pub(super) fn first_id(conn: &Connection) -> Result<i64, rusqlite::Error> {
+    Ok(conn
+        .query_row("SELECT min(id) FROM events", [], |r| {
+            r.get::<_, Option<i64>>(0)
+        })?
+        .unwrap_or(0))
+}
+
 /// Sets a `meta` value (inside the caller's transaction).
 pub(super) fn set_meta(conn: &Connection, key: &str, value: i64) -> Result<(), rusqlite::Error> {
     conn.execute(
@@ -149,6 +185,19 @@ impl Writer {
                  ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                 params![unix_ms_now()],
             )
+            .and_then(|_| {
+                // From now on this run may change the events: the counts a
+                // clean stop left no longer hold after a crash.
+                self.conn.execute(
+                    "DELETE FROM meta WHERE key IN (?1, ?2, ?3, ?4)",
+                    params![
+                        META_CLEAN_DEPTH,
+                        META_CLEAN_BYTES,
+                        META_CLEAN_SEQ,
+                        META_CLEAN_FIRST_ID
+                    ],
+                )
+            })
             .and_then(|_| stamp_version(&self.conn))
             .and_then(|()| ensure_buffer_id(&self.conn));
         let id = match r.and_then(|id| self.conn.execute_batch("COMMIT").map(|()| id)) {
@@ -236,11 +285,14 @@ fn create_tables(conn: &Connection) -> Result<(), rusqlite::Error> {
 
 /// Reads what a previous run left into `stats` and the writer's counters.
 fn recover(conn: &Connection, stats: &SpoolStats) -> Result<Recovered, rusqlite::Error> {
-    let (depth, bytes): (i64, i64) = conn.query_row(
-        "SELECT count(*), coalesce(sum(length(body)), 0) FROM events",
-        [],
-        |r| Ok((r.get(0)?, r.get(1)?)),
-    )?;
+    let (depth, bytes): (i64, i64) = match clean_close(conn)? {
+        Some(counted) => counted,
+        None => conn.query_row(
+            "SELECT count(*), coalesce(sum(length(body)), 0) FROM events",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?,
+    };
     let dropped_oldest: i64 = conn
         .query_row(
             "SELECT value FROM meta WHERE key = 'dropped_oldest_total'",
@@ -284,4 +336,21 @@ fn recover(conn: &Connection, stats: &SpoolStats) -> Result<Recovered, rusqlite:
         dropped_oldest: dropped_oldest as u64,
         undeliverable,
     })
+}
+
+/// Depth and bytes as the last clean stop left them, if it left them and
+/// the events are still the ones it counted (see [`META_CLEAN_DEPTH`]).
+fn clean_close(conn: &Connection) -> Result<Option<(i64, i64)>, rusqlite::Error> {
+    let (Some(depth), Some(bytes), Some(seq), Some(first)) = (
+        get_meta(conn, META_CLEAN_DEPTH)?,
+        get_meta(conn, META_CLEAN_BYTES)?,
+        get_meta(conn, META_CLEAN_SEQ)?,
+        get_meta(conn, META_CLEAN_FIRST_ID)?,
+    ) else {
+        return Ok(None);
+    };
+    if depth < 0 || bytes < 0 || events_seq(conn)? != seq || first_id(conn)? != first {
+        return Ok(None);
+    }
+    Ok(Some((depth, bytes)))
 }

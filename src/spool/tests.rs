@@ -828,3 +828,94 @@ async fn a_checkpointer_thread_that_ends_is_reported_and_ingest_goes_on() {
     spool.close().await;
     assert_eq!(wal_len(dir.path()), 0);
 }
+
+fn clean_close_record(path: &Path) -> Vec<(String, i64)> {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT key, value FROM meta WHERE key LIKE 'clean_close_%' ORDER BY key")
+        .unwrap();
+    let rows = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    rows
+}
+
+#[tokio::test]
+async fn a_clean_stop_leaves_the_counts_for_the_next_start_which_takes_them_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = big_config(dir.path());
+    let spool = Spool::open(cfg.clone()).unwrap();
+    let h = spool.handle();
+    h.append_durable((0..50).map(body).collect()).await.unwrap();
+    let first = h.read_after(0, 10, usize::MAX).await.unwrap();
+    h.ack(first[0].id, first[9].id).await.unwrap();
+    let bytes = h.stats().bytes.load(Ordering::Relaxed);
+    spool.close().await;
+    let record = clean_close_record(&cfg.path);
+    assert_eq!(
+        record,
+        vec![
+            ("clean_close_bytes".to_string(), bytes as i64),
+            ("clean_close_depth".to_string(), 40),
+            ("clean_close_first_id".to_string(), first[9].id + 1),
+            ("clean_close_seq".to_string(), first[0].id + 49),
+        ]
+    );
+    let spool = Spool::open(cfg.clone()).unwrap();
+    let h = spool.handle();
+    assert_eq!(h.stats().depth.load(Ordering::Relaxed), 40);
+    assert_eq!(h.stats().bytes.load(Ordering::Relaxed), bytes);
+    // Taken once: from now on this run may change the events.
+    assert!(clean_close_record(&cfg.path).is_empty());
+    h.append_durable(vec![body(99)]).await.unwrap();
+    // A crash now (the files copied as they are) leaves no counts: the
+    // next start counts, and finds the appended event.
+    let crash = tempfile::tempdir().unwrap();
+    for suffix in ["", "-wal", "-shm"] {
+        let src = dir.path().join(format!("spool.sqlite{suffix}"));
+        if src.exists() {
+            std::fs::copy(&src, crash.path().join(format!("spool.sqlite{suffix}"))).unwrap();
+        }
+    }
+    let recovered = Spool::open(big_config(crash.path())).unwrap();
+    assert_eq!(recovered.handle().stats().depth.load(Ordering::Relaxed), 41);
+    recovered.close().await;
+    spool.close().await;
+}
+
+#[tokio::test]
+async fn counts_left_by_a_clean_stop_are_not_trusted_once_the_events_changed() {
+    // A daemon that does not know the record (an older version) ran on
+    // the file in between and changed the events without removing it.
+    for change in [
+        "INSERT INTO events(stored_ms, body) VALUES (1, x'7b7d')",
+        "DELETE FROM events WHERE id = (SELECT min(id) FROM events)",
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = big_config(dir.path());
+        let spool = Spool::open(cfg.clone()).unwrap();
+        spool
+            .handle()
+            .append_durable((0..5).map(body).collect())
+            .await
+            .unwrap();
+        spool.close().await;
+        assert_eq!(clean_close_record(&cfg.path).len(), 4);
+        let conn = rusqlite::Connection::open(&cfg.path).unwrap();
+        conn.execute_batch(change).unwrap();
+        let (depth, bytes): (i64, i64) = conn
+            .query_row("SELECT count(*), sum(length(body)) FROM events", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        drop(conn);
+        let spool = Spool::open(cfg.clone()).unwrap();
+        let h = spool.handle();
+        let st = h.stats();
+        assert_eq!(st.depth.load(Ordering::Relaxed), depth as u64, "{change}");
+        assert_eq!(st.bytes.load(Ordering::Relaxed), bytes as u64, "{change}");
+        spool.close().await;
+    }
+}

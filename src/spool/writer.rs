@@ -15,7 +15,8 @@ use super::checkpoint::Checkpointer;
 use super::handle::Op;
 use super::lock::SpoolLock;
 use super::schema::{
-    set_meta, META_BRAIN_LINE, META_UNDELIVERABLE_TOTAL, WAL_AUTOCHECKPOINT_PAGES,
+    events_seq, first_id, set_meta, META_BRAIN_LINE, META_CLEAN_BYTES, META_CLEAN_DEPTH,
+    META_CLEAN_FIRST_ID, META_CLEAN_SEQ, META_UNDELIVERABLE_TOTAL, WAL_AUTOCHECKPOINT_PAGES,
 };
 use super::{unix_ms_now, AppendOutcome, Overflow, SpoolConfig, SpoolError, SpoolStats};
 
@@ -89,10 +90,34 @@ impl Writer {
         if let Some(c) = self.checkpointer.take() {
             c.stop();
         }
+        if let Err(e) = self.record_clean_close() {
+            tracing::warn!(error = %e, "could not record the spool's counts at stop; the next start counts the events");
+        }
         // Fold the WAL back so the next start opens quickly; failure is harmless.
         let _ = self
             .conn
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+    }
+
+    /// Keeps what the spool holds for the next start (see
+    /// `schema::META_CLEAN_DEPTH`), in this run's last transaction.
+    fn record_clean_close(&mut self) -> Result<(), rusqlite::Error> {
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        let r = (|| {
+            let seq = events_seq(&self.conn)?;
+            let first = first_id(&self.conn)?;
+            set_meta(&self.conn, META_CLEAN_DEPTH, self.depth as i64)?;
+            set_meta(&self.conn, META_CLEAN_BYTES, self.bytes as i64)?;
+            set_meta(&self.conn, META_CLEAN_SEQ, seq)?;
+            set_meta(&self.conn, META_CLEAN_FIRST_ID, first)
+        })();
+        match r.and_then(|()| self.conn.execute_batch("COMMIT")) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                Err(e)
+            }
+        }
     }
 
     /// Applies one group of requests: writes in one transaction, publishes
