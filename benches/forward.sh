@@ -12,7 +12,8 @@ cd "$(dirname "$0")/.."
 RUNS="${1:-3}"
 EVENTS="${2:-400000}"
 cargo build --release --quiet --bin z4j-agentd --example loadgen --example ack_brain
-BIN=target/release/z4j-agentd
+# Z4J_AGENTD_BIN: another daemon binary to measure (e.g. an earlier build).
+BIN="${Z4J_AGENTD_BIN:-target/release/z4j-agentd}"
 GEN=target/release/examples/loadgen
 BRAIN=target/release/examples/ack_brain
 WORK="$(mktemp -d /tmp/z4j-forward.XXXXXX)"

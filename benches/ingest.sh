@@ -7,13 +7,16 @@
 # Usage: benches/ingest.sh [RUNS] [CASES]   (default 3, all)
 #   CASES: throughput (the durable-ingest table), fairness (a probe's
 #   round trips with and without a flooding client, and 1,000 connections
-#   at once), or all.
+#   at once), tails (the steady-rate ack and the probe beside one flooder:
+#   what the WAL checkpoint sets), or all.
+#   Z4J_AGENTD_BIN=path measures another daemon binary (an earlier build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS="${1:-3}"
 CASES="${2:-all}"
 cargo build --release --quiet --bin z4j-agentd --example loadgen
-BIN=target/release/z4j-agentd
+# Z4J_AGENTD_BIN: another daemon binary to measure (e.g. an earlier build).
+BIN="${Z4J_AGENTD_BIN:-target/release/z4j-agentd}"
 GEN=target/release/examples/loadgen
 WORK="$(mktemp -d /tmp/z4j-bench.XXXXXX)"
 trap 'kill "${PID:-}" 2>/dev/null || true; rm -rf "$WORK"' EXIT
@@ -55,6 +58,15 @@ run_case "8 clients, 1 event/msg"        normal --clients 8 --events 200000 --du
 run_case "8 clients, 1 event/msg, steady 20,000/s" normal --clients 8 --events 300000 --durable --batch 1 --pipeline 1 --rate 20000
 run_case "8 clients, batch 100, 4.7 KB"  normal --clients 8 --events 100000 --durable --batch 100 --blob 4200
 run_case "8 clients, jsonl, batch 100"   normal --clients 8 --events 400000 --durable --batch 100 --framing jsonl
+fi
+
+if [ "$CASES" = tails ]; then
+# The two tails the WAL checkpoint sets: the durable ack at a steady rate,
+# and a probe's round trip beside one flooding client.
+run_case "8 clients, 1 event/msg, steady 20,000/s" normal --clients 8 --events 300000 --durable --batch 1 --pipeline 1 --rate 20000
+DAEMON_ENV=(Z4J_BUFFER_MAX_EVENTS=1000000000 Z4J_BUFFER_MAX_BYTES=1000000000000)
+run_case "probe + 1 flooder, 1,000 events/msg"           normal --clients 1 --events 100000 --batch 1000 --probe 300
+DAEMON_ENV=()
 fi
 
 if [ "$CASES" = all ] || [ "$CASES" = fairness ]; then

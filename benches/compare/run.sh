@@ -19,10 +19,18 @@
 # with RUNS=3 on a 2-core machine (plus ~1 min for the venvs the first time);
 # run it on an otherwise idle machine (it records CPU used by other processes).
 # Development example: benches/compare/run.sh 1 --hot-n 2000 --ingest-n 20000 --e2e-n 300 --e2e-stock-n 150
+#
+#   benches/compare/run.sh --freshness [freshness.py options]
+#
+# instead measures freshness (freshness.py): application call -> row in the
+# real brain, z4j-agentd's emit() and z4j-bare's record_event, 300 events at
+# 5/s each (about 3 minutes).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+FRESHNESS=0
+if [ "${1:-}" = --freshness ]; then FRESHNESS=1; shift; fi
 RUNS="${1:-3}"
-[ $# -gt 0 ] && shift
+[ "$FRESHNESS" = 0 ] && [ $# -gt 0 ] && shift
 HERE=benches/compare
 STATE="$HERE/.state"
 PY="${PYTHON:-python3}"
@@ -49,6 +57,10 @@ ensure_venv "$STATE/venv-brain" "z4j==1.13.0" "msgpack"
 echo "[compare] cargo build --release (z4j-agentd, examples/loadgen)" >&2
 cargo build --release --quiet --bin z4j-agentd --example loadgen
 
+if [ "$FRESHNESS" = 1 ]; then
+  exec "$STATE/venv-brain/bin/python" "$HERE/freshness.py" \
+    --bare-python "$STATE/venv-bare/bin/python" --agentd target/release/z4j-agentd "$@"
+fi
 exec "$STATE/venv-brain/bin/python" "$HERE/compare.py" --runs "$RUNS" \
   --bare-python "$STATE/venv-bare/bin/python" \
   --agentd target/release/z4j-agentd --loadgen target/release/examples/loadgen \

@@ -14,8 +14,9 @@
 //!   from its beginning only when a write transaction starts with every
 //!   frame already copied, which a pass running beside steady commits never
 //!   achieves. When a pass leaves the log past [`FINISH_BYTES`], a second
-//!   pass copies what came in during the first, and the writer is asked to
-//!   copy the last few milliseconds' frames itself between two
+//!   few passes catch up with what came in during the first (each shorter
+//!   than the one before), and the writer is asked to copy the last
+//!   milliseconds' frames itself between two
 //!   transactions ([`Shared::finish_asked`]; no pass starts meanwhile), with
 //!   a `RESTART` checkpoint: its next transaction starts the log over, and
 //!   `journal_size_limit` cuts the file back.
@@ -50,9 +51,17 @@ pub(super) const PASS_INTERVAL: Duration = Duration::from_millis(200);
 pub(super) const PASS_COMMITS: u64 = 1_024;
 /// Without a write for this long, the log file is emptied.
 pub(super) const IDLE_TRUNCATE: Duration = Duration::from_secs(1);
-/// Log size past which the writer is asked to finish a pass (the same
-/// figure as `journal_size_limit`, what a restarted log is cut back to).
-pub(super) const FINISH_BYTES: u64 = super::schema::WAL_SIZE_LIMIT_BYTES;
+/// Log size past which the writer is asked to finish a pass. Each time
+/// costs the commits behind it about 3 ms on the 2-core VM whatever is left
+/// to copy (BENCHMARKS.md), so it comes once per 256 MiB of log rather than
+/// per 64 MiB; a restarted log is cut back to `journal_size_limit` (64 MiB).
+pub(super) const FINISH_BYTES: u64 = 4 * super::schema::WAL_SIZE_LIMIT_BYTES;
+/// Passes at most, one after another, to catch up with the writer before
+/// it is asked to copy the rest.
+const CATCH_UP_PASSES: usize = 8;
+/// A pass this short has caught up: what is left for the writer is about
+/// this much of its commits.
+const CAUGHT_UP: Duration = Duration::from_millis(2);
 /// Writes waiting this long for a pass that never finishes: the writer
 /// checkpoints on its own.
 pub(super) const STALL_AFTER: Duration = Duration::from_secs(10);
@@ -306,6 +315,11 @@ fn open(path: &PathBuf) -> rusqlite::Result<(Connection, u64)> {
 }
 
 fn run(path: &PathBuf, shared: &Shared, stats: &SpoolStats) {
+    // Below the writer and the runtime (nice 10, this thread only): on a
+    // busy host the copy waits for a core, the commits do not.
+    if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 10) {
+        tracing::debug!(error = %e, "the checkpointer keeps the daemon's priority");
+    }
     let (conn, page) = match open(path) {
         Ok(c) => c,
         Err(e) => {
@@ -371,8 +385,17 @@ fn pass(conn: &Connection, shared: &Shared, stats: &SpoolStats, page: u64) -> ru
     let bytes = |p: &Pass| p.log.max(0) as u64 * page;
     if bytes(&p) > FINISH_BYTES {
         // A pass copies the log as it was when it began; the commits made
-        // meanwhile are what keeps it from starting over.
-        p = checkpoint(conn, "PASSIVE", shared)?;
+        // meanwhile are what keeps it from starting over. Each further pass
+        // copies what came in during the one before, so they get shorter:
+        // the writer is asked once one was short, and copies only the
+        // frames of that moment.
+        for _ in 0..CATCH_UP_PASSES {
+            let started = Instant::now();
+            p = checkpoint(conn, "PASSIVE", shared)?;
+            if started.elapsed() < CAUGHT_UP {
+                break;
+            }
+        }
         shared.finish.store(ASKED, Ordering::Release);
     }
     stats.wal_bytes.store(bytes(&p), Ordering::Relaxed);
