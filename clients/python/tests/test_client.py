@@ -192,14 +192,83 @@ def test_an_event_that_fails_to_queue_is_not_waited_for(standin, make_client):
 
     def broken(event):
         raise RuntimeError("queue broken")
-    c._queue.put_nowait = broken
+    c._queue.put = broken
     assert c.emit("celery", "task.received", "lost") is False
-    del c._queue.put_nowait
+    del c._queue.put
     stats = c.stats()
     assert stats["dropped_unavailable"] == 1 and stats["queued"] == 0, stats
     began = time.monotonic()
     assert c.flush(3) is True
     assert time.monotonic() - began < 1  # bound: it waited for nothing, not its 3 s
+
+
+def test_emit_does_not_wait_for_the_sender(standin, make_client):
+    """emit() takes no lock the background sender holds: with the client's
+    lock held elsewhere (the sender settling a batch), it still queues."""
+    c = make_client()
+    assert c.emit("celery", "task.received", "warm-up")
+    assert c.flush(5)
+    done = []
+
+    def emitter():
+        for i in range(100):
+            done.append(c.emit("celery", "task.received", f"t-{i}"))
+    with c._lock:
+        t = threading.Thread(target=emitter)
+        t.start()
+        t.join(5)
+        assert not t.is_alive(), "emit() waited for the client's lock"
+    assert done == [True] * 100
+    assert c.flush(5)
+    assert [e["task_id"] for e in standin.events()][1:] == [f"t-{i}" for i in range(100)]
+    stats = c.stats()
+    assert stats["accepted"] == 101 and stats["sent"] == 101 and stats["queued"] == 0, stats
+
+
+def test_event_ids_are_uuid4_and_a_forked_child_draws_others():
+    ids = {client_module._new_event_id() for _ in range(2000)}
+    assert len(ids) == 2000
+    assert all(uuid.UUID(i).version == 4 and uuid.UUID(i).variant == uuid.RFC_4122 for i in ids)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids, to the parent
+        os.close(r)
+        os.write(w, ",".join(client_module._new_event_id() for _ in range(50)).encode())
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        child = set(f.read().split(","))
+    os.waitpid(pid, 0)
+    parent = {client_module._new_event_id() for _ in range(50)}
+    assert len(child) == 50 and not child & parent
+
+
+def test_the_timestamp_text_matches_the_clock_across_seconds():
+    for _ in range(3):
+        before = datetime.now(timezone.utc)
+        text = client_module.utc_now_iso()
+        after = datetime.now(timezone.utc)
+        assert ISO_UTC.match(text), text
+        assert before <= datetime.fromisoformat(text) <= after
+        time.sleep(0.6)  # the next one is in another second at least once
+
+
+def test_the_event_queue_wakes_a_waiting_sender_and_keeps_its_bound():
+    q = client_module._EventQueue(3)
+    got = []
+    t = threading.Thread(target=lambda: got.append(q.take(10, 30.0)))
+    t.start()
+    time.sleep(0.1)  # the taker is waiting now
+    began = time.monotonic()
+    assert q.put("a")
+    t.join(10)
+    assert got == [["a"]]
+    assert time.monotonic() - began < 5  # woken by the put, not by its 30 s wait
+    assert [q.put(x) for x in "bcde"] == [True, True, True, False]
+    assert len(q) == 3 and q.taken == 1
+    assert q.take(2, 0) == ["b", "c"] and q.taken == 3
+    assert q.drain() == ["d"] and q.taken == 4 and len(q) == 0
+    assert q.take(5, 0) == [] and q.taken == 4
 
 
 def test_unacknowledged_batches_are_sent_again_after_a_reconnect(sock_path, standin, make_client):

