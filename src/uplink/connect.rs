@@ -289,20 +289,34 @@ pub(crate) async fn close_normally(
     )
     .await;
     let mut commands = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        while let Received::Frame(bytes) = next_received(ws).await {
-            match read_signed(verifier, &bytes, OffsetDateTime::now_utc()) {
-                Ok(BrainMessage::Command { id, payload }) => commands.push((id, payload)),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(
-                    error = %e,
-                    "a frame the brain sent into the session being closed failed verification; ignored"
-                ),
-            }
-        }
-    })
+    let _ = tokio::time::timeout(
+        Duration::from_secs(2),
+        read_commands_until(ws, verifier, &mut commands, |_| false),
+    )
     .await;
     commands
+}
+
+/// Reads what the brain sends into a session being closed, keeping the
+/// `command` frames (verified with `verifier`), until the stream ends or
+/// `last` says a frame is the last one awaited.
+async fn read_commands_until(
+    ws: &mut Ws,
+    verifier: &mut protocol::Verifier,
+    commands: &mut Vec<(String, Value)>,
+    last: impl Fn(&BrainMessage) -> bool,
+) {
+    while let Received::Frame(bytes) = next_received(ws).await {
+        match read_signed(verifier, &bytes, OffsetDateTime::now_utc()) {
+            Ok(BrainMessage::Command { id, payload }) => commands.push((id, payload)),
+            Ok(m) if last(&m) => return,
+            Ok(_) => {}
+            Err(e) => tracing::warn!(
+                error = %e,
+                "a frame the brain sent into the session being closed failed verification; ignored"
+            ),
+        }
+    }
 }
 
 /// Time allowed for the brain to answer the empty batch [`settle`] sends.
@@ -340,22 +354,15 @@ pub(crate) async fn settle(
     if ws.send(Message::binary(frame)).await.is_err() {
         return commands;
     }
-    let _ = tokio::time::timeout(SETTLE_TIMEOUT, async {
-        while let Received::Frame(bytes) = next_received(ws).await {
-            match read_signed(verifier, &bytes, OffsetDateTime::now_utc()) {
-                Ok(BrainMessage::Command { id, payload }) => commands.push((id, payload)),
-                Ok(BrainMessage::Ack { acked_id, .. }) if acked_id.as_deref() == Some(&id) => {
-                    return
-                }
-                Ok(BrainMessage::Error { fatal: true, .. }) => return,
-                Ok(_) => {}
-                Err(e) => tracing::warn!(
-                    error = %e,
-                    "a frame the brain sent into the session being closed failed verification; ignored"
-                ),
-            }
-        }
-    })
+    let last = |m: &BrainMessage| match m {
+        BrainMessage::Ack { acked_id, .. } => acked_id.as_deref() == Some(id.as_str()),
+        BrainMessage::Error { fatal, .. } => *fatal,
+        _ => false,
+    };
+    let _ = tokio::time::timeout(
+        SETTLE_TIMEOUT,
+        read_commands_until(ws, verifier, &mut commands, last),
+    )
     .await;
     commands
 }
