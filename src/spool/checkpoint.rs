@@ -182,11 +182,12 @@ impl Shared {
         self.stop.lock().map(|s| *s).unwrap_or(true)
     }
 
-    /// Sleeps up to `d`; true when asked to stop.
+    /// Sleeps up to `d` (not at all when the writer's commits already
+    /// asked for a pass while one ran); true when asked to stop.
     fn sleep(&self, d: Duration) -> bool {
         let guard = self.stop.lock().unwrap();
-        if *guard {
-            return true;
+        if *guard || self.nudged.load(Ordering::Acquire) {
+            return *guard;
         }
         let (guard, _) = self.cond.wait_timeout(guard, d).unwrap();
         *guard
@@ -237,6 +238,15 @@ impl Checkpointer {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+impl Drop for Checkpointer {
+    /// A writer that ends without [`Checkpointer::stop`] (its thread
+    /// panicked, or never started) still ends this thread: no connection
+    /// outlives the spool's lock.
+    fn drop(&mut self) {
+        self.shared.ask_stop();
     }
 }
 
@@ -342,15 +352,16 @@ fn run(path: &PathBuf, shared: &Shared, stats: &SpoolStats) {
         }
         let commits = shared.commits.load(Ordering::Relaxed);
         if commits != seen {
-            if shared.finish.load(Ordering::Acquire) != IDLE {
-                // The writer's turn (see `Shared::finish`).
-                continue;
-            }
             seen = commits;
-            shared.passed_at.store(commits, Ordering::Relaxed);
-            shared.nudged.store(false, Ordering::Release);
             last_write = Instant::now();
             dirty = true;
+            if shared.finish.load(Ordering::Acquire) != IDLE {
+                // The writer's turn (see `Shared::finish`); once writes
+                // stop, the idle TRUNCATE below ends it.
+                continue;
+            }
+            shared.passed_at.store(commits, Ordering::Relaxed);
+            shared.nudged.store(false, Ordering::Release);
             let started = Instant::now();
             match pass(&conn, shared, stats, page) {
                 Ok(()) => {

@@ -93,6 +93,13 @@ pub(super) const META_CLEAN_BYTES: &str = "clean_close_bytes";
 pub(super) const META_CLEAN_SEQ: &str = "clean_close_seq";
 /// See [`META_CLEAN_DEPTH`].
 pub(super) const META_CLEAN_FIRST_ID: &str = "clean_close_first_id";
+/// The `opened_ms` of the run that wrote the record. Every daemon's write
+/// probe rewrites `opened_ms` at open, including versions that do not know
+/// the record (and would not delete it): a record from before another run
+/// is not trusted.
+pub(super) const META_CLEAN_OPENED_MS: &str = "clean_close_opened_ms";
+/// When this run opened the file (written by every version's write probe).
+pub(super) const META_OPENED_MS: &str = "opened_ms";
 
 /// The `AUTOINCREMENT` high-water mark of `events` (0 for a new table).
 pub(super) fn events_seq(conn: &Connection) -> Result<i64, rusqlite::Error> {
@@ -189,12 +196,13 @@ impl Writer {
                 // From now on this run may change the events: the counts a
                 // clean stop left no longer hold after a crash.
                 self.conn.execute(
-                    "DELETE FROM meta WHERE key IN (?1, ?2, ?3, ?4)",
+                    "DELETE FROM meta WHERE key IN (?1, ?2, ?3, ?4, ?5)",
                     params![
                         META_CLEAN_DEPTH,
                         META_CLEAN_BYTES,
                         META_CLEAN_SEQ,
-                        META_CLEAN_FIRST_ID
+                        META_CLEAN_FIRST_ID,
+                        META_CLEAN_OPENED_MS
                     ],
                 )
             })
@@ -341,15 +349,21 @@ fn recover(conn: &Connection, stats: &SpoolStats) -> Result<Recovered, rusqlite:
 /// Depth and bytes as the last clean stop left them, if it left them and
 /// the events are still the ones it counted (see [`META_CLEAN_DEPTH`]).
 fn clean_close(conn: &Connection) -> Result<Option<(i64, i64)>, rusqlite::Error> {
-    let (Some(depth), Some(bytes), Some(seq), Some(first)) = (
+    let (Some(depth), Some(bytes), Some(seq), Some(first), Some(opened)) = (
         get_meta(conn, META_CLEAN_DEPTH)?,
         get_meta(conn, META_CLEAN_BYTES)?,
         get_meta(conn, META_CLEAN_SEQ)?,
         get_meta(conn, META_CLEAN_FIRST_ID)?,
+        get_meta(conn, META_CLEAN_OPENED_MS)?,
     ) else {
         return Ok(None);
     };
-    if depth < 0 || bytes < 0 || events_seq(conn)? != seq || first_id(conn)? != first {
+    if depth < 0
+        || bytes < 0
+        || get_meta(conn, META_OPENED_MS)? != Some(opened)
+        || events_seq(conn)? != seq
+        || first_id(conn)? != first
+    {
         return Ok(None);
     }
     Ok(Some((depth, bytes)))

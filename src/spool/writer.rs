@@ -16,7 +16,8 @@ use super::handle::Op;
 use super::lock::SpoolLock;
 use super::schema::{
     events_seq, first_id, set_meta, META_BRAIN_LINE, META_CLEAN_BYTES, META_CLEAN_DEPTH,
-    META_CLEAN_FIRST_ID, META_CLEAN_SEQ, META_UNDELIVERABLE_TOTAL, WAL_AUTOCHECKPOINT_PAGES,
+    META_CLEAN_FIRST_ID, META_CLEAN_OPENED_MS, META_CLEAN_SEQ, META_OPENED_MS,
+    META_UNDELIVERABLE_TOTAL, WAL_AUTOCHECKPOINT_PAGES,
 };
 use super::{unix_ms_now, AppendOutcome, Overflow, SpoolConfig, SpoolError, SpoolStats};
 
@@ -109,7 +110,13 @@ impl Writer {
             set_meta(&self.conn, META_CLEAN_DEPTH, self.depth as i64)?;
             set_meta(&self.conn, META_CLEAN_BYTES, self.bytes as i64)?;
             set_meta(&self.conn, META_CLEAN_SEQ, seq)?;
-            set_meta(&self.conn, META_CLEAN_FIRST_ID, first)
+            set_meta(&self.conn, META_CLEAN_FIRST_ID, first)?;
+            let opened: i64 = self.conn.query_row(
+                "SELECT value FROM meta WHERE key = ?1",
+                [META_OPENED_MS],
+                |r| r.get(0),
+            )?;
+            set_meta(&self.conn, META_CLEAN_OPENED_MS, opened)
         })();
         match r.and_then(|()| self.conn.execute_batch("COMMIT")) {
             Ok(()) => Ok(()),

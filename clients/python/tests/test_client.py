@@ -225,6 +225,14 @@ def test_emit_does_not_wait_for_the_sender(standin, make_client):
     assert stats["accepted"] == 101 and stats["sent"] == 101 and stats["queued"] == 0, stats
 
 
+def test_event_ids_do_not_follow_the_applications_random_seed():
+    import random
+    random.seed(1234)
+    first = [client_module._new_event_id() for _ in range(5)]
+    random.seed(1234)
+    assert [client_module._new_event_id() for _ in range(5)] != first
+
+
 def test_event_ids_are_uuid4_and_a_forked_child_draws_others():
     ids = {client_module._new_event_id() for _ in range(2000)}
     assert len(ids) == 2000

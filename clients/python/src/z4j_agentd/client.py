@@ -33,7 +33,7 @@ import os
 import sys
 import threading
 import time
-from random import getrandbits as _getrandbits
+import random
 import weakref
 from collections import OrderedDict, deque
 from datetime import datetime, timezone
@@ -116,12 +116,19 @@ def utc_now_iso() -> str:
     return f"{cached[1]}.{fraction:06d}+00:00"
 
 
+#: The client's own generator for event ids, seeded from the OS: an
+#: application that seeds the `random` module (tests, ML training) must not
+#: make two runs or two workers draw the same ids, which the brain would
+#: take for one event. Seeded again from the OS in a forked child.
+_ids = random.Random()
+os.register_at_fork(after_in_child=_ids.seed)
+
+
 def _new_event_id() -> str:
-    """A random UUID (version 4) as text, from the `random` module: an
-    event id must be unique, not secret, and `uuid.uuid4()` (a system call
-    for 16 bytes) costs four times as much. CPython seeds `random` again
-    in a forked child, so processes forked from one parent differ."""
-    n = (_getrandbits(128) & ~(0xF000 << 64) & ~(0xC << 60)) | (0x4000 << 64) | (0x8 << 60)
+    """A random UUID (version 4) as text: an event id must be unique, not
+    secret, and `uuid.uuid4()` (a system call for 16 bytes) costs four
+    times as much."""
+    n = (_ids.getrandbits(128) & ~(0xF000 << 64) & ~(0xC << 60)) | (0x4000 << 64) | (0x8 << 60)
     h = "%032x" % n
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
@@ -479,7 +486,7 @@ class Client:
         with self._lock:
             return {
                 "queued": self._queued(),
-                "accepted": self._queue.taken + len(self._queue),
+                "accepted": self._queued() + self._settled,
                 "sent": self._sent,
                 "dropped": self._dropped_queue_full + self._dropped_unavailable + self._refused,
                 "dropped_queue_full": self._dropped_queue_full,
@@ -704,7 +711,10 @@ class Client:
 
     def _queued(self) -> int:
         """Accepted events not yet settled: in the queue or with the sender."""
-        return self._queue.taken + len(self._queue) - self._settled
+        # The length first: an item the sender takes between the two reads
+        # is then counted twice (flush waits a little longer), never missed.
+        queued = len(self._queue)
+        return self._queue.taken + queued - self._settled
 
     def _bump_code(self, code: str, n: int) -> None:
         self._refused_by_code[code] = self._refused_by_code.get(code, 0) + n
