@@ -50,12 +50,10 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 sys.path.insert(0, str(HERE))
 
+from common import emit, percentile, wait_go  # noqa: E402  the compare scripts' own helpers
+
 DATA = {"task_name": "proj.tasks.add", "queue": "default", "worker": "celery@bench-1",
         "args": [1, 2], "kwargs": {}}
-
-
-def say(obj: dict) -> None:
-    print(json.dumps(obj), flush=True)
 
 
 def paced(n: int, rate: float, call) -> dict:
@@ -81,12 +79,12 @@ def agentd_main(socket_path: str, n: int, rate: float, prefix: str) -> None:
     c.emit("celery", "task.received", f"{prefix}-warm", DATA)
     if not c.flush(30):
         raise SystemExit(f"the warm-up event was not taken: {c.stats()}")
-    say({"ready": True})
-    sys.stdin.readline()
+    emit({"ready": True})
+    wait_go()
     times = paced(n, rate, lambda i: c.emit("celery", "task.received", f"{prefix}-{i}", DATA))
     ok = c.flush(60)
     c.close()
-    say({"times": times, "flushed": ok})
+    emit({"times": times, "flushed": ok})
 
 
 def bare_main(n: int, rate: float, prefix: str) -> None:
@@ -99,14 +97,14 @@ def bare_main(n: int, rate: float, prefix: str) -> None:
         rt.record_event(to_event({"id": str(uuid.uuid4()), "engine": "celery", "task_id": f"{prefix}-{i}",
                                   "kind": "task.received", "data": DATA,
                                   "occurred_at": datetime.now(timezone.utc).isoformat()}))
-    say({"ready": True})
-    sys.stdin.readline()
+    emit({"ready": True})
+    wait_go()
     times = paced(n, rate, record)
     deadline = time.monotonic() + 120
     while rt.buffer_size() > 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     rt.stop(timeout=10)
-    say({"times": times, "flushed": rt.buffer_size() == 0})
+    emit({"times": times, "flushed": rt.buffer_size() == 0})
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["_agentd"]:
@@ -124,11 +122,6 @@ from compare import Daemon, fresh_dir, git_commit, host, kill_tree, loadavg, spa
 
 def log(msg: str) -> None:
     print(f"[freshness {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def pct(values: list, p: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(p * len(s)))]
 
 
 def watch(db_path: Path, agent_hex: str, prefix: str, n: int, proc, timeout: float) -> dict:
@@ -218,8 +211,10 @@ def run_mode(mode: str, args, brain, work: Path) -> dict:
             daemon.stop()
     times = {int(k): v for k, v in result["times"].items()}
     fresh_ms = [1000 * (seen[i] - times[i]) for i in range(args.events)]
-    out = {"events": args.events, "rate": args.rate, "p50_ms": pct(fresh_ms, 0.50), "p90_ms": pct(fresh_ms, 0.90),
-           "p99_ms": pct(fresh_ms, 0.99), "max_ms": max(fresh_ms), "mean_ms": statistics.mean(fresh_ms)}
+    fresh_ms.sort()
+    out = {"events": args.events, "rate": args.rate, "p50_ms": percentile(fresh_ms, 0.50),
+           "p90_ms": percentile(fresh_ms, 0.90), "p99_ms": percentile(fresh_ms, 0.99), "max_ms": fresh_ms[-1],
+           "mean_ms": statistics.mean(fresh_ms)}
     if daemon:
         frames = h1["count"] - h0["count"]
         out.update({"brain_frames": frames,

@@ -132,7 +132,7 @@ pub(super) fn set_meta(conn: &Connection, key: &str, value: i64) -> Result<(), r
     .map(|_| ())
 }
 
-fn get_meta(conn: &Connection, key: &str) -> Result<Option<i64>, rusqlite::Error> {
+pub(super) fn get_meta(conn: &Connection, key: &str) -> Result<Option<i64>, rusqlite::Error> {
     conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
         .optional()
 }
@@ -188,9 +188,9 @@ impl Writer {
         let r = self
             .conn
             .execute(
-                "INSERT INTO meta(key, value) VALUES ('opened_ms', ?1)
+                "INSERT INTO meta(key, value) VALUES (?1, ?2)
                  ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                params![unix_ms_now()],
+                params![META_OPENED_MS, unix_ms_now()],
             )
             .and_then(|_| {
                 // From now on this run may change the events: the counts a

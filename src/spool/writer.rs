@@ -15,7 +15,7 @@ use super::checkpoint::Checkpointer;
 use super::handle::Op;
 use super::lock::SpoolLock;
 use super::schema::{
-    events_seq, first_id, set_meta, META_BRAIN_LINE, META_CLEAN_BYTES, META_CLEAN_DEPTH,
+    events_seq, first_id, get_meta, set_meta, META_BRAIN_LINE, META_CLEAN_BYTES, META_CLEAN_DEPTH,
     META_CLEAN_FIRST_ID, META_CLEAN_OPENED_MS, META_CLEAN_SEQ, META_OPENED_MS,
     META_UNDELIVERABLE_TOTAL, WAL_AUTOCHECKPOINT_PAGES,
 };
@@ -111,11 +111,7 @@ impl Writer {
             set_meta(&self.conn, META_CLEAN_BYTES, self.bytes as i64)?;
             set_meta(&self.conn, META_CLEAN_SEQ, seq)?;
             set_meta(&self.conn, META_CLEAN_FIRST_ID, first)?;
-            let opened: i64 = self.conn.query_row(
-                "SELECT value FROM meta WHERE key = ?1",
-                [META_OPENED_MS],
-                |r| r.get(0),
-            )?;
+            let opened = get_meta(&self.conn, META_OPENED_MS)?.unwrap_or(0);
             set_meta(&self.conn, META_CLEAN_OPENED_MS, opened)
         })();
         match r.and_then(|()| self.conn.execute_batch("COMMIT")) {
@@ -171,7 +167,7 @@ impl Writer {
     /// that outgrew its bound, or SQLite's automatic checkpoint while the
     /// checkpointer cannot work.
     fn after_commit(&mut self) {
-        let Some(shared) = self.checkpointer.as_ref().map(|c| c.shared().clone()) else {
+        let Some(shared) = self.checkpointer.as_ref().map(Checkpointer::shared) else {
             return;
         };
         shared.committed();

@@ -372,7 +372,7 @@ class Client:
         try:
             event = build_event(engine, kind, task_id, data, occurred_at, id)
         except Exception:  # pragma: no cover - build_event is total
-            return self._count_unbuildable()
+            return self._refuse_here("unbuildable")
         return self._enqueue(event)
 
     def record(self, event: Mapping[str, Any]) -> bool:
@@ -381,14 +381,16 @@ class Client:
         try:
             built = _event_from_dict(event)
         except Exception:
-            return self._count_unbuildable()
+            return self._refuse_here("unbuildable")
         return self._enqueue(built)
 
-    def _count_unbuildable(self) -> bool:
+    def _refuse_here(self, code: str) -> bool:
+        """Counts one event this process could not hand over (`refused`, by
+        `code`); returns False for `emit` to return."""
         try:
             with self._lock:
                 self._refused += 1
-                self._bump_code("unbuildable", 1)
+                self._bump_code(code, 1)
         except Exception:  # pragma: no cover
             pass
         return False
@@ -408,10 +410,7 @@ class Client:
             # not hundreds.
             data = self._encode(event)
             if data is None:
-                with self._lock:
-                    self._refused += 1
-                    self._bump_code("unencodable", 1)
-                return False
+                return self._refuse_here("unencodable")
             if self._queue.put(data):
                 return True
             with self._lock:
