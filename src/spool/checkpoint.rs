@@ -46,7 +46,7 @@ use super::SpoolStats;
 /// Between two passes while writes come.
 pub(super) const PASS_INTERVAL: Duration = Duration::from_millis(200);
 /// Commits that bring the next pass forward: each one writes at least a
-/// page (16 KiB) to the log, so a fast stream of small commits does not
+/// page (4 KiB, or 16 in a spool made by an earlier version) to the log, so a fast stream of small commits does not
 /// grow it by more than about this many pages between passes.
 pub(super) const PASS_COMMITS: u64 = 1_024;
 /// Without a write for this long, the log file is emptied.

@@ -9,9 +9,10 @@
 //!   answered only after that commit, so "stored" always means "on disk"
 //!   (to the `synchronous` level configured).
 //! * Rows are the canonical JSON of one normalised event (rendered once at
-//!   ingest), keyed by an `AUTOINCREMENT` id, so ids only grow: the uplink
-//!   reads "everything after id X" and an in-flight frame always covers a
-//!   contiguous id range.
+//!   ingest), keyed by an id the writer gives, one more than the highest
+//!   ever given (kept across restarts in the tally, see `schema`), so ids
+//!   only grow: the uplink reads "everything after id X" and an in-flight
+//!   frame always covers a contiguous id range.
 //! * Events leave only on the brain's ack ([`SpoolHandle::ack`]) or by the
 //!   overflow policy, and every such drop is counted (lifetime counter kept
 //!   in the `meta` table, so restarts do not reset it).

@@ -3,11 +3,16 @@
 //! tables, and the counters recovered from what a previous run left.
 //!
 //! The schema version is SQLite's `user_version`. A spool this build
-//! creates, or opens with version 0 (made before the version was kept, the
-//! same tables), is stamped [`SCHEMA_VERSION`] by the write probe at open.
-//! A spool stamped with a later version was written by a newer daemon whose
-//! rows this one may not understand: it is refused, untouched, with
-//! [`PrepareError::Newer`].
+//! creates, or opens with an earlier version, is stamped [`SCHEMA_VERSION`]
+//! by the write probe at open. A spool stamped with a later version was
+//! written by a newer daemon whose rows this one may not understand: it is
+//! refused, untouched, with [`PrepareError::Newer`].
+//!
+//! Version 2 gives the events' ids from the writer (no `AUTOINCREMENT`, so
+//! a commit writes no `sqlite_sequence` page) and keeps the tally (see
+//! [`META_TALLY_DEPTH`]). A version 0 or 1 file's table is rebuilt at open
+//! while it holds at most [`REBUILD_MAX_EVENTS`] events; a larger one keeps
+//! its table, which the writer uses the same way, until a later start.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,11 +23,11 @@ use rusqlite::{params, Connection, OptionalExtension};
 use thiserror::Error;
 
 use super::writable::diagnose_not_writable;
-use super::writer::Writer;
+use super::writer::{Tally, Writer};
 use super::{unix_ms_now, SpoolConfig, SpoolError, SpoolStats, Synchronous};
 
 /// The spool schema this build reads and writes (`PRAGMA user_version`).
-pub(super) const SCHEMA_VERSION: i64 = 1;
+pub(super) const SCHEMA_VERSION: i64 = 2;
 
 /// Why a spool file could not be prepared.
 #[derive(Debug, Error)]
@@ -62,6 +67,7 @@ pub(super) fn prepare_failed(path: &Path, e: PrepareError) -> SpoolError {
 struct Recovered {
     depth: u64,
     bytes: u64,
+    last_id: i64,
     dropped_oldest: u64,
     undeliverable: u64,
 }
@@ -79,30 +85,48 @@ pub(super) const META_BRAIN_LINE: &str = "brain_line";
 /// Events discarded as undeliverable over the file's lifetime.
 pub(super) const META_UNDELIVERABLE_TOTAL: &str = "undeliverable_total";
 
-/// What the spool held when its last daemon stopped cleanly, so the next
-/// start does not count a large spool row by row: depth, bytes, and the
-/// two ids that tell whether anything changed since (the `AUTOINCREMENT`
-/// high-water mark, which any append moves, and the first id, which any
-/// acknowledgement or eviction moves). Written by the writer's last
-/// transaction, deleted by the write probe at open: a run that ends
-/// without writing it leaves none, and the next start counts.
-pub(super) const META_CLEAN_DEPTH: &str = "clean_close_depth";
-/// See [`META_CLEAN_DEPTH`].
-pub(super) const META_CLEAN_BYTES: &str = "clean_close_bytes";
-/// See [`META_CLEAN_DEPTH`].
-pub(super) const META_CLEAN_SEQ: &str = "clean_close_seq";
-/// See [`META_CLEAN_DEPTH`].
-pub(super) const META_CLEAN_FIRST_ID: &str = "clean_close_first_id";
-/// The `opened_ms` of the run that wrote the record. Every daemon's write
+/// The tally: the depth and bytes of the events whose id is at most
+/// [`META_TALLY_LAST_ID`], so a start counts only the rows after it instead
+/// of the whole spool. Only a deletion changes those rows, and every
+/// transaction that deletes events rewrites the tally; appends rewrite it
+/// now and then (see `writer::TALLY_EVERY`), and the last transaction of a
+/// clean stop. `tally_last_id` is also the highest id ever given, so ids
+/// keep growing after the spool empties, across restarts too.
+pub(super) const META_TALLY_DEPTH: &str = "tally_depth";
+/// See [`META_TALLY_DEPTH`].
+pub(super) const META_TALLY_BYTES: &str = "tally_bytes";
+/// See [`META_TALLY_DEPTH`].
+pub(super) const META_TALLY_LAST_ID: &str = "tally_last_id";
+/// The `opened_ms` of the run that keeps the tally. Every daemon's write
 /// probe rewrites `opened_ms` at open, including versions that do not know
-/// the record (and would not delete it): a record from before another run
-/// is not trusted.
-pub(super) const META_CLEAN_OPENED_MS: &str = "clean_close_opened_ms";
+/// the tally (and would not keep it): a tally from before another run is
+/// not trusted, and the start counts every row.
+pub(super) const META_TALLY_OPENED_MS: &str = "tally_opened_ms";
+/// Keys a version 1 daemon kept; removed at open.
+const META_V1_LEFTOVERS: [&str; 5] = [
+    "clean_close_depth",
+    "clean_close_bytes",
+    "clean_close_seq",
+    "clean_close_first_id",
+    "clean_close_opened_ms",
+];
 /// When this run opened the file (written by every version's write probe).
 pub(super) const META_OPENED_MS: &str = "opened_ms";
 
-/// The `AUTOINCREMENT` high-water mark of `events` (0 for a new table).
-pub(super) fn events_seq(conn: &Connection) -> Result<i64, rusqlite::Error> {
+/// The `AUTOINCREMENT` high-water mark of a version 0 or 1 `events` table
+/// (0 when there is none).
+fn events_seq(conn: &Connection) -> Result<i64, rusqlite::Error> {
+    let has_sequence = conn
+        .query_row(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'sqlite_sequence'",
+            [],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some();
+    if !has_sequence {
+        return Ok(0);
+    }
     Ok(conn
         .query_row(
             "SELECT seq FROM sqlite_sequence WHERE name = 'events'",
@@ -113,13 +137,35 @@ pub(super) fn events_seq(conn: &Connection) -> Result<i64, rusqlite::Error> {
         .unwrap_or(0))
 }
 
-/// The id of the oldest event kept (0 when empty).
-pub(super) fn first_id(conn: &Connection) -> Result<i64, rusqlite::Error> {
+/// The highest id the events hold (0 when empty).
+fn max_id(conn: &Connection) -> Result<i64, rusqlite::Error> {
     Ok(conn
-        .query_row("SELECT min(id) FROM events", [], |r| {
+        .query_row("SELECT max(id) FROM events", [], |r| {
             r.get::<_, Option<i64>>(0)
         })?
         .unwrap_or(0))
+}
+
+/// Writes the tally (inside the caller's transaction).
+pub(super) fn write_tally(
+    conn: &Connection,
+    depth: u64,
+    bytes: u64,
+    last_id: i64,
+) -> Result<(), rusqlite::Error> {
+    conn.prepare_cached(
+        "INSERT INTO meta(key, value) VALUES (?1, ?2), (?3, ?4), (?5, ?6)
+         ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+    )?
+    .execute(params![
+        META_TALLY_DEPTH,
+        depth.min(i64::MAX as u64) as i64,
+        META_TALLY_BYTES,
+        bytes.min(i64::MAX as u64) as i64,
+        META_TALLY_LAST_ID,
+        last_id
+    ])
+    .map(|_| ())
 }
 
 /// Sets a `meta` value (inside the caller's transaction).
@@ -142,11 +188,17 @@ fn buffer_id(high: i64, low: i64) -> String {
     format!("{:016x}{:016x}", high as u64, low as u64)
 }
 
+/// Most events, and bytes, an older spool's table may hold to be rebuilt
+/// at start (a copy of at most this much, once).
+const REBUILD_MAX_EVENTS: u64 = 10_000;
+/// See [`REBUILD_MAX_EVENTS`].
+const REBUILD_MAX_BYTES: u64 = 16 * 1024 * 1024;
+
 /// Page size of a newly created spool file.
-const PAGE_SIZE: u32 = 16 * 1024;
+const PAGE_SIZE: u32 = 4 * 1024;
 /// WAL pages between SQLite's automatic checkpoints, used only while the
-/// checkpointer thread cannot work (see `checkpoint`): about 40 MB at
-/// 16 KiB pages (10 MB in a spool created with 4 KiB pages).
+/// checkpointer thread cannot work (see `checkpoint`): about 10 MB at
+/// 4 KiB pages (40 MB in a spool created with 16 KiB pages).
 pub(super) const WAL_AUTOCHECKPOINT_PAGES: u32 = 2_500;
 /// Size the WAL file is truncated to after a checkpoint.
 pub(super) const WAL_SIZE_LIMIT_BYTES: u64 = 64 * 1024 * 1024;
@@ -167,6 +219,8 @@ impl Writer {
             stats,
             depth: recovered.depth,
             bytes: recovered.bytes,
+            last_id: recovered.last_id,
+            tally: Tally::new(),
             dropped_oldest: recovered.dropped_oldest,
             undeliverable: recovered.undeliverable,
             last_eviction_warn: None,
@@ -181,32 +235,24 @@ impl Writer {
     }
 
     /// One small write transaction, at open; it also stamps the schema
-    /// version on a new (or not yet versioned) spool and gives a new one
-    /// its identity ([`SpoolStats::buffer_id`]), kept from then on.
+    /// version on a new (or older) spool, rebuilds an older spool's table
+    /// while it is small, gives a new spool its identity
+    /// ([`SpoolStats::buffer_id`], kept from then on) and writes the tally
+    /// this run keeps.
     pub(super) fn write_probe(&mut self) -> Result<(), rusqlite::Error> {
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
-        let r = self
-            .conn
-            .execute(
-                "INSERT INTO meta(key, value) VALUES (?1, ?2)
-                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                params![META_OPENED_MS, unix_ms_now()],
-            )
-            .and_then(|_| {
-                // From now on this run may change the events: the counts a
-                // clean stop left no longer hold after a crash.
-                self.conn.execute(
-                    "DELETE FROM meta WHERE key IN (?1, ?2, ?3, ?4, ?5)",
-                    params![
-                        META_CLEAN_DEPTH,
-                        META_CLEAN_BYTES,
-                        META_CLEAN_SEQ,
-                        META_CLEAN_FIRST_ID,
-                        META_CLEAN_OPENED_MS
-                    ],
-                )
+        let opened = unix_ms_now();
+        let r = set_meta(&self.conn, META_OPENED_MS, opened)
+            .and_then(|()| {
+                for key in META_V1_LEFTOVERS {
+                    self.conn
+                        .execute("DELETE FROM meta WHERE key = ?1", [key])?;
+                }
+                self.rebuild_older_table();
+                stamp_version(&self.conn)?;
+                write_tally(&self.conn, self.depth, self.bytes, self.last_id)?;
+                set_meta(&self.conn, META_TALLY_OPENED_MS, opened)
             })
-            .and_then(|_| stamp_version(&self.conn))
             .and_then(|()| ensure_buffer_id(&self.conn));
         let id = match r.and_then(|id| self.conn.execute_batch("COMMIT").map(|()| id)) {
             Ok(id) => id,
@@ -217,6 +263,52 @@ impl Writer {
         };
         let _ = self.stats.buffer_id.set(id);
         Ok(())
+    }
+
+    /// Rebuilds a version 0 or 1 `events` table (`AUTOINCREMENT`) without
+    /// it, keeping every row and id, when it holds at most
+    /// [`REBUILD_MAX_EVENTS`] events and [`REBUILD_MAX_BYTES`]: a larger one
+    /// is kept (ids come from the writer either way) until a later start
+    /// finds it small. A rebuild that fails is undone and logged; the start
+    /// goes on with the table as it was.
+    fn rebuild_older_table(&mut self) {
+        let autoincrement = self
+            .conn
+            .query_row(
+                "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'events'",
+                [],
+                |r| r.get::<_, String>(0),
+            )
+            .map(|sql| sql.to_ascii_uppercase().contains("AUTOINCREMENT"));
+        if !matches!(autoincrement, Ok(true)) {
+            return;
+        }
+        if self.depth > REBUILD_MAX_EVENTS || self.bytes > REBUILD_MAX_BYTES {
+            tracing::info!(
+                events = self.depth,
+                bytes = self.bytes,
+                "the spool's table is from an earlier version and too large to rebuild at start; it is kept and rebuilt at a start that finds it holding at most {REBUILD_MAX_EVENTS} events"
+            );
+            return;
+        }
+        let rebuilt = self.conn.execute_batch(
+            "SAVEPOINT rebuild;
+             CREATE TABLE events_v2 (
+                 id INTEGER PRIMARY KEY,
+                 stored_ms INTEGER NOT NULL,
+                 body BLOB NOT NULL
+             );
+             INSERT INTO events_v2(id, stored_ms, body) SELECT id, stored_ms, body FROM events;
+             DROP TABLE events;
+             ALTER TABLE events_v2 RENAME TO events;
+             RELEASE rebuild;",
+        );
+        if let Err(e) = rebuilt {
+            let _ = self
+                .conn
+                .execute_batch("ROLLBACK TO rebuild; RELEASE rebuild;");
+            tracing::warn!(error = %e, "could not rebuild the spool's table from an earlier version; it is kept as it is (its events are safe) and the rebuild is tried at the next start");
+        }
     }
 }
 
@@ -255,10 +347,12 @@ fn ensure_buffer_id(conn: &Connection) -> Result<String, rusqlite::Error> {
 
 /// Page size, WAL, `synchronous` and the checkpoint window.
 fn apply_settings(conn: &Connection, config: &SpoolConfig) -> Result<(), rusqlite::Error> {
-    // 16 KiB pages for a new spool (an existing file keeps its size):
-    // about 35 events per page instead of 8, so fewer page splits, WAL
-    // frames and checksums per event; ingest with 8 clients went from
-    // about 280,000 to 470,000 events/s (BENCHMARKS.md).
+    // 4 KiB pages for a new spool (an existing file keeps its size, 16 KiB
+    // for one created by an earlier version): a commit writes at least the
+    // page its last event went to, so a commit of one small event writes
+    // 4 KiB of log instead of 16. The durable ack's p99 at a steady 20,000
+    // events/s went from about 0.5 to 0.4 ms; batched ingest lost about 7%
+    // (BENCHMARKS.md).
     conn.execute_batch(&format!("PRAGMA page_size={PAGE_SIZE};"))?;
     let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
@@ -279,11 +373,12 @@ fn apply_settings(conn: &Connection, config: &SpoolConfig) -> Result<(), rusqlit
     conn.execute_batch("PRAGMA temp_store=MEMORY;")
 }
 
-/// The events (ids only grow: `AUTOINCREMENT`) and the lifetime counters.
+/// The events (ids given by the writer, which only grow) and the
+/// lifetime counters.
 fn create_tables(conn: &Connection) -> Result<(), rusqlite::Error> {
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS events (
-             id INTEGER PRIMARY KEY AUTOINCREMENT,
+             id INTEGER PRIMARY KEY,
              stored_ms INTEGER NOT NULL,
              body BLOB NOT NULL
          );
@@ -293,14 +388,17 @@ fn create_tables(conn: &Connection) -> Result<(), rusqlite::Error> {
 
 /// Reads what a previous run left into `stats` and the writer's counters.
 fn recover(conn: &Connection, stats: &SpoolStats) -> Result<Recovered, rusqlite::Error> {
-    let (depth, bytes): (i64, i64) = match clean_close(conn)? {
-        Some(counted) => counted,
-        None => conn.query_row(
-            "SELECT count(*), coalesce(sum(length(body)), 0) FROM events",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?,
-    };
+    let tally_last_id = get_meta(conn, META_TALLY_LAST_ID)?.unwrap_or(0);
+    // Only the rows after the tally's last id are counted, or all of them
+    // when the tally is not this file's.
+    let (base_depth, base_bytes, count_after) = trusted_tally(conn)?.unwrap_or((0, 0, 0));
+    let (after_depth, after_bytes): (i64, i64) = conn.query_row(
+        "SELECT count(*), coalesce(sum(length(body)), 0) FROM events WHERE id > ?1",
+        [count_after],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    let (depth, bytes) = (base_depth + after_depth, base_bytes + after_bytes);
+    let last_id = max_id(conn)?.max(tally_last_id).max(events_seq(conn)?);
     let dropped_oldest: i64 = conn
         .query_row(
             "SELECT value FROM meta WHERE key = 'dropped_oldest_total'",
@@ -316,13 +414,7 @@ fn recover(conn: &Connection, stats: &SpoolStats) -> Result<Recovered, rusqlite:
             |r| r.get(0),
         )
         .optional()?;
-    let max_id: Option<i64> = conn
-        .query_row("SELECT max(id) FROM events", [], |r| r.get(0))
-        .optional()?
-        .flatten();
-    stats
-        .max_id_at_open
-        .store(max_id.unwrap_or(0), Ordering::Relaxed);
+    stats.max_id_at_open.store(max_id(conn)?, Ordering::Relaxed);
     stats
         .oldest_stored_ms
         .store(oldest.unwrap_or(0), Ordering::Relaxed);
@@ -341,30 +433,25 @@ fn recover(conn: &Connection, stats: &SpoolStats) -> Result<Recovered, rusqlite:
     Ok(Recovered {
         depth: depth as u64,
         bytes: bytes as u64,
+        last_id,
         dropped_oldest: dropped_oldest as u64,
         undeliverable,
     })
 }
 
-/// Depth and bytes as the last clean stop left them, if it left them and
-/// the events are still the ones it counted (see [`META_CLEAN_DEPTH`]).
-fn clean_close(conn: &Connection) -> Result<Option<(i64, i64)>, rusqlite::Error> {
-    let (Some(depth), Some(bytes), Some(seq), Some(first), Some(opened)) = (
-        get_meta(conn, META_CLEAN_DEPTH)?,
-        get_meta(conn, META_CLEAN_BYTES)?,
-        get_meta(conn, META_CLEAN_SEQ)?,
-        get_meta(conn, META_CLEAN_FIRST_ID)?,
-        get_meta(conn, META_CLEAN_OPENED_MS)?,
+/// The tally's depth, bytes and last id, if the run that last opened the
+/// file kept it (see [`META_TALLY_DEPTH`]).
+fn trusted_tally(conn: &Connection) -> Result<Option<(i64, i64, i64)>, rusqlite::Error> {
+    let (Some(depth), Some(bytes), Some(last_id), Some(opened)) = (
+        get_meta(conn, META_TALLY_DEPTH)?,
+        get_meta(conn, META_TALLY_BYTES)?,
+        get_meta(conn, META_TALLY_LAST_ID)?,
+        get_meta(conn, META_TALLY_OPENED_MS)?,
     ) else {
         return Ok(None);
     };
-    if depth < 0
-        || bytes < 0
-        || get_meta(conn, META_OPENED_MS)? != Some(opened)
-        || events_seq(conn)? != seq
-        || first_id(conn)? != first
-    {
+    if depth < 0 || bytes < 0 || get_meta(conn, META_OPENED_MS)? != Some(opened) {
         return Ok(None);
     }
-    Ok(Some((depth, bytes)))
+    Ok(Some((depth, bytes, last_id)))
 }

@@ -493,7 +493,7 @@ async fn a_truncated_file_gets_the_fix_and_is_left_as_it_is() {
         let spool = Spool::open(config(dir.path())).unwrap();
         let h = spool.handle();
         for i in 0..10 {
-            h.append_durable((0..100).map(|j| ev(i * 100 + j)).collect())
+            h.append_durable((0..100).map(|j| body(i * 100 + j)).collect())
                 .await
                 .unwrap();
         }
@@ -723,7 +723,7 @@ async fn steady_commits_keep_the_wal_bounded() {
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::open(big_config(dir.path())).unwrap();
     let h = spool.handle();
-    // One event per commit writes a whole 16 KiB page to the log each time:
+    // One event per commit writes a whole page to the log each time:
     // the log grows fast and never pauses, so only the writer's finishing
     // pass lets it start over.
     let mut largest = 0u64;
@@ -844,10 +844,10 @@ fn opened_ms(path: &Path) -> i64 {
         .unwrap()
 }
 
-fn clean_close_record(path: &Path) -> Vec<(String, i64)> {
+fn tally(path: &Path) -> Vec<(String, i64)> {
     let conn = rusqlite::Connection::open(path).unwrap();
     let mut stmt = conn
-        .prepare("SELECT key, value FROM meta WHERE key LIKE 'clean_close_%' ORDER BY key")
+        .prepare("SELECT key, value FROM meta WHERE key LIKE 'tally_%' ORDER BY key")
         .unwrap();
     let rows = stmt
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
@@ -857,8 +857,32 @@ fn clean_close_record(path: &Path) -> Vec<(String, i64)> {
     rows
 }
 
+/// The files as a crash would leave them: copied while the spool is open.
+fn crash_copy(dir: &Path) -> tempfile::TempDir {
+    let crash = tempfile::tempdir().unwrap();
+    for suffix in ["", "-wal", "-shm"] {
+        let src = dir.join(format!("spool.sqlite{suffix}"));
+        if src.exists() {
+            std::fs::copy(&src, crash.path().join(format!("spool.sqlite{suffix}"))).unwrap();
+        }
+    }
+    crash
+}
+
+fn counted(path: &Path) -> (u64, u64) {
+    let (n, b): (i64, i64) = rusqlite::Connection::open(path)
+        .unwrap()
+        .query_row(
+            "SELECT count(*), coalesce(sum(length(body)), 0) FROM events",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    (n as u64, b as u64)
+}
+
 #[tokio::test]
-async fn a_clean_stop_leaves_the_counts_for_the_next_start_which_takes_them_once() {
+async fn a_clean_stop_leaves_the_tally_and_the_next_start_counts_no_row() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = big_config(dir.path());
     let spool = Spool::open(cfg.clone()).unwrap();
@@ -866,52 +890,107 @@ async fn a_clean_stop_leaves_the_counts_for_the_next_start_which_takes_them_once
     h.append_durable((0..50).map(body).collect()).await.unwrap();
     let first = h.read_after(0, 10, usize::MAX).await.unwrap();
     h.ack(first[0].id, first[9].id).await.unwrap();
+    h.append_durable((50..55).map(body).collect())
+        .await
+        .unwrap();
     let bytes = h.stats().bytes.load(Ordering::Relaxed);
     spool.close().await;
-    let record = clean_close_record(&cfg.path);
     assert_eq!(
-        record,
+        tally(&cfg.path),
         vec![
-            ("clean_close_bytes".to_string(), bytes as i64),
-            ("clean_close_depth".to_string(), 40),
-            ("clean_close_first_id".to_string(), first[9].id + 1),
-            ("clean_close_opened_ms".to_string(), opened_ms(&cfg.path)),
-            ("clean_close_seq".to_string(), first[0].id + 49),
+            ("tally_bytes".to_string(), bytes as i64),
+            ("tally_depth".to_string(), 45),
+            ("tally_last_id".to_string(), first[0].id + 54),
+            ("tally_opened_ms".to_string(), opened_ms(&cfg.path)),
         ]
     );
+    // Rows at or below the tally's last id are not counted again: one
+    // removed behind the daemon's back (never done by a daemon, which
+    // rewrites the tally with every deletion) does not change the counts.
+    rusqlite::Connection::open(&cfg.path)
+        .unwrap()
+        .execute("DELETE FROM events WHERE id = ?1", [first[0].id + 20])
+        .unwrap();
     let spool = Spool::open(cfg.clone()).unwrap();
     let h = spool.handle();
-    assert_eq!(h.stats().depth.load(Ordering::Relaxed), 40);
+    assert_eq!(h.stats().depth.load(Ordering::Relaxed), 45);
     assert_eq!(h.stats().bytes.load(Ordering::Relaxed), bytes);
-    // Taken once: from now on this run may change the events.
-    assert!(clean_close_record(&cfg.path).is_empty());
-    h.append_durable(vec![body(99)]).await.unwrap();
-    // A crash now (the files copied as they are) leaves no counts: the
-    // next start counts, and finds the appended event.
-    let crash = tempfile::tempdir().unwrap();
-    for suffix in ["", "-wal", "-shm"] {
-        let src = dir.path().join(format!("spool.sqlite{suffix}"));
-        if src.exists() {
-            std::fs::copy(&src, crash.path().join(format!("spool.sqlite{suffix}"))).unwrap();
-        }
-    }
+    spool.close().await;
+}
+
+#[tokio::test]
+async fn after_a_crash_the_start_counts_the_rows_appended_since_the_tally() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = big_config(dir.path());
+    let spool = Spool::open(cfg.clone()).unwrap();
+    let h = spool.handle();
+    h.append_durable((0..50).map(body).collect()).await.unwrap();
+    let first = h.read_after(0, 10, usize::MAX).await.unwrap();
+    // The deletion rewrites the tally in its commit...
+    h.ack(first[0].id, first[9].id).await.unwrap();
+    let at_ack = tally(&cfg.path);
+    assert!(
+        at_ack.contains(&("tally_depth".to_string(), 40)),
+        "{at_ack:?}"
+    );
+    // ...appends within a second of it do not.
+    h.append_durable((50..57).map(body).collect())
+        .await
+        .unwrap();
+    assert_eq!(tally(&cfg.path), at_ack);
+    let crash = crash_copy(dir.path());
+    let path = crash.path().join("spool.sqlite");
+    let expected = counted(&path);
+    assert_eq!(expected.0, 47);
     let recovered = Spool::open(big_config(crash.path())).unwrap();
-    assert_eq!(recovered.handle().stats().depth.load(Ordering::Relaxed), 41);
+    let rh = recovered.handle();
+    assert_eq!(rh.stats().depth.load(Ordering::Relaxed), expected.0);
+    assert_eq!(rh.stats().bytes.load(Ordering::Relaxed), expected.1);
+    // Every later deletion and eviction keeps it exact.
+    let all = rh.read_after(0, 100, usize::MAX).await.unwrap();
+    rh.ack(all[3].id, all[5].id).await.unwrap();
+    let again = crash_copy(crash.path());
+    let expected = counted(&again.path().join("spool.sqlite"));
+    assert_eq!(expected.0, 44);
+    let reopened = Spool::open(big_config(again.path())).unwrap();
+    assert_eq!(
+        (
+            reopened.handle().stats().depth.load(Ordering::Relaxed),
+            reopened.handle().stats().bytes.load(Ordering::Relaxed)
+        ),
+        expected
+    );
+    reopened.close().await;
     recovered.close().await;
     spool.close().await;
 }
 
 #[tokio::test]
-async fn counts_left_by_a_clean_stop_are_not_trusted_once_the_events_changed() {
-    // A daemon that does not know the record (an older version) ran on
-    // the file in between and changed the events without removing it.
+async fn appends_alone_rewrite_the_tally_a_second_after_the_last() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = big_config(dir.path());
+    let spool = Spool::open(cfg.clone()).unwrap();
+    let h = spool.handle();
+    h.append_durable(vec![body(0)]).await.unwrap();
+    assert!(tally(&cfg.path).contains(&("tally_depth".to_string(), 0)));
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    h.append_durable(vec![body(1)]).await.unwrap();
+    assert!(
+        tally(&cfg.path).contains(&("tally_depth".to_string(), 2)),
+        "{:?}",
+        tally(&cfg.path)
+    );
+    spool.close().await;
+}
+
+#[tokio::test]
+async fn a_tally_another_run_did_not_keep_is_not_trusted() {
+    // A daemon that does not know the tally (an older version) ran on the
+    // file in between: it rewrote `opened_ms`, as every version's start
+    // does, and changed the events without touching the tally.
     for change in [
         "INSERT INTO events(stored_ms, body) VALUES (1, x'7b7d')",
         "DELETE FROM events WHERE id = (SELECT min(id) FROM events)",
-        // Acks of a middle range move neither id; that daemon's start did
-        // rewrite `opened_ms`, as every version's does.
-        "UPDATE meta SET value = value + 1 WHERE key = 'opened_ms';
-         DELETE FROM events WHERE id = (SELECT min(id) + 2 FROM events)",
     ] {
         let dir = tempfile::tempdir().unwrap();
         let cfg = big_config(dir.path());
@@ -922,20 +1001,152 @@ async fn counts_left_by_a_clean_stop_are_not_trusted_once_the_events_changed() {
             .await
             .unwrap();
         spool.close().await;
-        assert_eq!(clean_close_record(&cfg.path).len(), 5);
+        assert_eq!(tally(&cfg.path).len(), 4);
         let conn = rusqlite::Connection::open(&cfg.path).unwrap();
-        conn.execute_batch(change).unwrap();
-        let (depth, bytes): (i64, i64) = conn
-            .query_row("SELECT count(*), sum(length(body)) FROM events", [], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
-            .unwrap();
+        conn.execute_batch(&format!(
+            "UPDATE meta SET value = value + 1 WHERE key = 'opened_ms'; {change}"
+        ))
+        .unwrap();
         drop(conn);
+        let expected = counted(&cfg.path);
         let spool = Spool::open(cfg.clone()).unwrap();
         let h = spool.handle();
         let st = h.stats();
-        assert_eq!(st.depth.load(Ordering::Relaxed), depth as u64, "{change}");
-        assert_eq!(st.bytes.load(Ordering::Relaxed), bytes as u64, "{change}");
+        assert_eq!(st.depth.load(Ordering::Relaxed), expected.0, "{change}");
+        assert_eq!(st.bytes.load(Ordering::Relaxed), expected.1, "{change}");
         spool.close().await;
     }
+}
+
+#[tokio::test]
+async fn ids_keep_growing_across_restarts_after_the_spool_empties() {
+    for crash in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(config(dir.path())).unwrap();
+        let h = spool.handle();
+        h.append_durable((0..3).map(ev).collect()).await.unwrap();
+        let all = h.read_after(0, 10, usize::MAX).await.unwrap();
+        h.ack(all[0].id, all[2].id).await.unwrap();
+        assert_eq!(h.stats().depth.load(Ordering::Relaxed), 0);
+        let (copy, next) = if crash {
+            let copy = crash_copy(dir.path());
+            let next = Spool::open(config(copy.path())).unwrap();
+            (Some(copy), next)
+        } else {
+            spool.close().await;
+            (None, Spool::open(config(dir.path())).unwrap())
+        };
+        let nh = next.handle();
+        nh.append_durable(vec![ev(9)]).await.unwrap();
+        let new = nh.read_after(0, 10, usize::MAX).await.unwrap();
+        assert_eq!(new.len(), 1);
+        assert!(new[0].id > all[2].id, "crash={crash}: {} reused", new[0].id);
+        next.close().await;
+        drop(copy);
+    }
+}
+
+/// A spool as a version 1 daemon left it: `AUTOINCREMENT` ids, `n` events
+/// of which the last `deleted` were acknowledged (so the high-water mark is
+/// above the highest id kept), and its clean-stop record.
+fn version_1_spool(path: &Path, n: i64, deleted: i64) {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    conn.execute_batch(
+        "PRAGMA page_size=16384; PRAGMA journal_mode=WAL;
+         CREATE TABLE events (
+             id INTEGER PRIMARY KEY AUTOINCREMENT,
+             stored_ms INTEGER NOT NULL,
+             body BLOB NOT NULL
+         );
+         CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+         INSERT INTO meta VALUES ('clean_close_depth', 1), ('opened_ms', 5);
+         PRAGMA user_version=1;",
+    )
+    .unwrap();
+    let tx = conn.unchecked_transaction().unwrap();
+    for i in 0..n {
+        tx.execute(
+            "INSERT INTO events(stored_ms, body) VALUES (?1, ?2)",
+            rusqlite::params![i, body(i as usize)],
+        )
+        .unwrap();
+    }
+    tx.execute("DELETE FROM events WHERE id > ?1", [n - deleted])
+        .unwrap();
+    tx.commit().unwrap();
+}
+
+fn table_sql(path: &Path) -> String {
+    rusqlite::Connection::open(path)
+        .unwrap()
+        .query_row(
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'events'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_version_1_spool_is_rebuilt_keeping_its_events_and_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = big_config(dir.path());
+    version_1_spool(&cfg.path, 5, 2);
+    let spool = Spool::open(cfg.clone()).unwrap();
+    let h = spool.handle();
+    let kept = h.read_after(0, 10, usize::MAX).await.unwrap();
+    assert_eq!(kept.iter().map(|e| e.id).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert_eq!(kept[2].body, body(2));
+    assert_eq!(h.stats().depth.load(Ordering::Relaxed), 3);
+    h.append_durable(vec![body(9)]).await.unwrap();
+    let new = h.read_after(3, 10, usize::MAX).await.unwrap();
+    assert_eq!(new[0].id, 6, "ids 4 and 5 were given before: not again");
+    spool.close().await;
+    assert!(
+        !table_sql(&cfg.path)
+            .to_ascii_uppercase()
+            .contains("AUTOINCREMENT"),
+        "{}",
+        table_sql(&cfg.path)
+    );
+    assert_eq!(user_version(&cfg.path), SCHEMA_VERSION);
+    let leftovers: i64 = rusqlite::Connection::open(&cfg.path)
+        .unwrap()
+        .query_row(
+            "SELECT count(*) FROM meta WHERE key LIKE 'clean_close_%'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(leftovers, 0);
+}
+
+#[tokio::test]
+async fn a_large_version_1_spool_keeps_its_table_until_a_start_finds_it_small() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = big_config(dir.path());
+    version_1_spool(&cfg.path, 10_003, 1);
+    let spool = Spool::open(cfg.clone()).unwrap();
+    let h = spool.handle();
+    assert_eq!(h.stats().depth.load(Ordering::Relaxed), 10_002);
+    h.append_durable(vec![body(1)]).await.unwrap();
+    let new = h.read_after(10_002, 10, usize::MAX).await.unwrap();
+    assert_eq!(new[0].id, 10_004);
+    h.ack(1, 10_000).await.unwrap();
+    spool.close().await;
+    assert!(table_sql(&cfg.path)
+        .to_ascii_uppercase()
+        .contains("AUTOINCREMENT"));
+    let spool = Spool::open(cfg.clone()).unwrap();
+    let h = spool.handle();
+    assert_eq!(h.stats().depth.load(Ordering::Relaxed), 3);
+    let kept = h.read_after(0, 10, usize::MAX).await.unwrap();
+    assert_eq!(
+        kept.iter().map(|e| e.id).collect::<Vec<_>>(),
+        vec![10_001, 10_002, 10_004]
+    );
+    spool.close().await;
+    assert!(!table_sql(&cfg.path)
+        .to_ascii_uppercase()
+        .contains("AUTOINCREMENT"));
 }

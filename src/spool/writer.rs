@@ -15,9 +15,7 @@ use super::checkpoint::Checkpointer;
 use super::handle::Op;
 use super::lock::SpoolLock;
 use super::schema::{
-    events_seq, first_id, get_meta, set_meta, META_BRAIN_LINE, META_CLEAN_BYTES, META_CLEAN_DEPTH,
-    META_CLEAN_FIRST_ID, META_CLEAN_OPENED_MS, META_CLEAN_SEQ, META_OPENED_MS,
-    META_UNDELIVERABLE_TOTAL, WAL_AUTOCHECKPOINT_PAGES,
+    set_meta, write_tally, META_BRAIN_LINE, META_UNDELIVERABLE_TOTAL, WAL_AUTOCHECKPOINT_PAGES,
 };
 use super::{unix_ms_now, AppendOutcome, Overflow, SpoolConfig, SpoolError, SpoolStats};
 
@@ -25,6 +23,33 @@ use super::{unix_ms_now, AppendOutcome, Overflow, SpoolConfig, SpoolError, Spool
 const MAX_EVENTS_PER_COMMIT: usize = 32_768;
 /// At most one eviction WARNING per this interval.
 const EVICTION_WARN_EVERY: Duration = Duration::from_secs(10);
+/// Appends rewrite the tally (`schema::META_TALLY_DEPTH`) once this long
+/// has passed since it was last written, or once this many events were
+/// appended since: a start after a crash counts at most that many rows.
+const TALLY_EVERY: Duration = Duration::from_secs(1);
+/// See [`TALLY_EVERY`].
+const TALLY_EVERY_EVENTS: u64 = 65_536;
+
+/// When the tally was last written, and the events appended since.
+#[derive(Clone, Copy)]
+pub(super) struct Tally {
+    written_at: Instant,
+    appended_since: u64,
+}
+
+impl Tally {
+    pub(super) fn new() -> Tally {
+        Tally {
+            written_at: Instant::now(),
+            appended_since: 0,
+        }
+    }
+
+    fn due(&self) -> bool {
+        self.appended_since >= TALLY_EVERY_EVENTS
+            || (self.appended_since > 0 && self.written_at.elapsed() >= TALLY_EVERY)
+    }
+}
 
 /// State owned by the writer thread.
 pub(super) struct Writer {
@@ -33,6 +58,11 @@ pub(super) struct Writer {
     pub(super) stats: Arc<SpoolStats>,
     pub(super) depth: u64,
     pub(super) bytes: u64,
+    /// The highest id given (the next append's is one more): ids only
+    /// grow, also after the spool empties and across restarts.
+    pub(super) last_id: i64,
+    /// See [`Tally`].
+    pub(super) tally: Tally,
     pub(super) dropped_oldest: u64,
     /// Lifetime count of events discarded as undeliverable (kept in `meta`).
     pub(super) undeliverable: u64,
@@ -91,8 +121,8 @@ impl Writer {
         if let Some(c) = self.checkpointer.take() {
             c.stop();
         }
-        if let Err(e) = self.record_clean_close() {
-            tracing::warn!(error = %e, "could not record the spool's counts at stop; the next start counts the events");
+        if let Err(e) = self.record_tally() {
+            tracing::warn!(error = %e, "could not record the spool's counts at stop; the next start counts the events appended since they were last recorded");
         }
         // Fold the WAL back so the next start opens quickly; failure is harmless.
         let _ = self
@@ -100,21 +130,13 @@ impl Writer {
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
     }
 
-    /// Keeps what the spool holds for the next start (see
-    /// `schema::META_CLEAN_DEPTH`), in this run's last transaction.
-    fn record_clean_close(&mut self) -> Result<(), rusqlite::Error> {
+    /// Writes the tally in a transaction of its own, at stop, so the next
+    /// start counts no row.
+    fn record_tally(&mut self) -> Result<(), rusqlite::Error> {
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
-        let r = (|| {
-            let seq = events_seq(&self.conn)?;
-            let first = first_id(&self.conn)?;
-            set_meta(&self.conn, META_CLEAN_DEPTH, self.depth as i64)?;
-            set_meta(&self.conn, META_CLEAN_BYTES, self.bytes as i64)?;
-            set_meta(&self.conn, META_CLEAN_SEQ, seq)?;
-            set_meta(&self.conn, META_CLEAN_FIRST_ID, first)?;
-            let opened = get_meta(&self.conn, META_OPENED_MS)?.unwrap_or(0);
-            set_meta(&self.conn, META_CLEAN_OPENED_MS, opened)
-        })();
-        match r.and_then(|()| self.conn.execute_batch("COMMIT")) {
+        match write_tally(&self.conn, self.depth, self.bytes, self.last_id)
+            .and_then(|()| self.conn.execute_batch("COMMIT"))
+        {
             Ok(()) => Ok(()),
             Err(e) => {
                 let _ = self.conn.execute_batch("ROLLBACK");
@@ -128,7 +150,7 @@ impl Writer {
     /// this commit). Returns whether anything was stored and whether
     /// anything was deleted.
     fn apply(&mut self, ops: &mut Vec<Op>) -> (bool, bool) {
-        let before = (self.depth, self.bytes, self.dropped_oldest);
+        let before = (self.depth, self.bytes, self.dropped_oldest, self.last_id);
         let undeliverable_before = self.undeliverable;
         self.freed = false;
         let mut outcomes: Vec<AppendOutcome> = Vec::new();
@@ -137,7 +159,7 @@ impl Writer {
         let wrote = ops.iter().any(is_write);
         if result.is_err() {
             // Nothing of this transaction is on disk.
-            (self.depth, self.bytes, self.dropped_oldest) = before;
+            (self.depth, self.bytes, self.dropped_oldest, self.last_id) = before;
             self.undeliverable = undeliverable_before;
             self.freed = false;
             outcomes.clear();
@@ -312,6 +334,8 @@ impl Writer {
         let undeliverable_before = self.undeliverable;
         self.refusing =
             self.config.overflow == Overflow::Block && self.release.load(Ordering::SeqCst);
+        let last_id_before = self.last_id;
+        let mut tally = self.tally;
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
         let r = (|| {
             let now = unix_ms_now();
@@ -357,12 +381,21 @@ impl Writer {
                     self.undeliverable.min(i64::MAX as u64) as i64,
                 )?;
             }
+            // Rows at or below the tally's last id changed only if some
+            // were deleted: then the tally must change in the same commit.
+            tally.appended_since += (self.last_id - last_id_before) as u64;
+            let write = self.freed || tally.due();
+            if write {
+                write_tally(&self.conn, self.depth, self.bytes, self.last_id)?;
+                tally = Tally::new();
+            }
             Ok(())
         })();
         if let Err(e) = r.and_then(|()| self.conn.execute_batch("COMMIT")) {
             let _ = self.conn.execute_batch("ROLLBACK");
             return Err(e);
         }
+        self.tally = tally;
         let evicted = self.dropped_oldest - dropped_before;
         if evicted > 0 {
             self.warn_eviction(evicted);
@@ -465,9 +498,10 @@ impl Writer {
         }
         let mut stmt = self
             .conn
-            .prepare_cached("INSERT INTO events(stored_ms, body) VALUES (?1, ?2)")?;
+            .prepare_cached("INSERT INTO events(id, stored_ms, body) VALUES (?1, ?2, ?3)")?;
         for body in accept {
-            stmt.execute(params![now, body])?;
+            stmt.execute(params![self.last_id + 1, now, body])?;
+            self.last_id += 1;
             self.depth += 1;
             self.bytes += body.len() as u64;
         }
