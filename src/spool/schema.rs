@@ -248,7 +248,7 @@ impl Writer {
                     self.conn
                         .execute("DELETE FROM meta WHERE key = ?1", [key])?;
                 }
-                self.rebuild_older_table();
+                self.rebuild_older_table()?;
                 stamp_version(&self.conn)?;
                 write_tally(&self.conn, self.depth, self.bytes, self.last_id)?;
                 set_meta(&self.conn, META_TALLY_OPENED_MS, opened)
@@ -270,8 +270,9 @@ impl Writer {
     /// [`REBUILD_MAX_EVENTS`] events and [`REBUILD_MAX_BYTES`]: a larger one
     /// is kept (ids come from the writer either way) until a later start
     /// finds it small. A rebuild that fails is undone and logged; the start
-    /// goes on with the table as it was.
-    fn rebuild_older_table(&mut self) {
+    /// goes on with the table as it was, unless SQLite rolled back the
+    /// whole transaction (an I/O error): then the start fails with it.
+    fn rebuild_older_table(&mut self) -> Result<(), rusqlite::Error> {
         let autoincrement = self
             .conn
             .query_row(
@@ -281,7 +282,7 @@ impl Writer {
             )
             .map(|sql| sql.to_ascii_uppercase().contains("AUTOINCREMENT"));
         if !matches!(autoincrement, Ok(true)) {
-            return;
+            return Ok(());
         }
         if self.depth > REBUILD_MAX_EVENTS || self.bytes > REBUILD_MAX_BYTES {
             tracing::info!(
@@ -289,7 +290,7 @@ impl Writer {
                 bytes = self.bytes,
                 "the spool's table is from an earlier version and too large to rebuild at start; it is kept and rebuilt at a start that finds it holding at most {REBUILD_MAX_EVENTS} events"
             );
-            return;
+            return Ok(());
         }
         let rebuilt = self.conn.execute_batch(
             "SAVEPOINT rebuild;
@@ -304,11 +305,15 @@ impl Writer {
              RELEASE rebuild;",
         );
         if let Err(e) = rebuilt {
-            let _ = self
-                .conn
-                .execute_batch("ROLLBACK TO rebuild; RELEASE rebuild;");
+            if self.conn.is_autocommit() {
+                // SQLite undid the whole transaction itself.
+                return Err(e);
+            }
+            self.conn
+                .execute_batch("ROLLBACK TO rebuild; RELEASE rebuild;")?;
             tracing::warn!(error = %e, "could not rebuild the spool's table from an earlier version; it is kept as it is (its events are safe) and the rebuild is tried at the next start");
         }
+        Ok(())
     }
 }
 
@@ -391,13 +396,18 @@ fn recover(conn: &Connection, stats: &SpoolStats) -> Result<Recovered, rusqlite:
     let tally_last_id = get_meta(conn, META_TALLY_LAST_ID)?.unwrap_or(0);
     // Only the rows after the tally's last id are counted, or all of them
     // when the tally is not this file's.
-    let (base_depth, base_bytes, count_after) = trusted_tally(conn)?.unwrap_or((0, 0, 0));
+    let (base_depth, base_bytes, count_after) = trusted_tally(conn)?.unwrap_or((0, 0, i64::MIN));
     let (after_depth, after_bytes): (i64, i64) = conn.query_row(
         "SELECT count(*), coalesce(sum(length(body)), 0) FROM events WHERE id > ?1",
         [count_after],
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
-    let (depth, bytes) = (base_depth + after_depth, base_bytes + after_bytes);
+    let (mut depth, mut bytes) = (base_depth + after_depth, base_bytes + after_bytes);
+    if depth > 0 && max_id(conn)? == 0 {
+        // A tally that says events are left in an empty table was not kept
+        // by every run since (see `writer::Writer::refresh_oldest`).
+        (depth, bytes) = (0, 0);
+    }
     let last_id = max_id(conn)?.max(tally_last_id).max(events_seq(conn)?);
     let dropped_oldest: i64 = conn
         .query_row(

@@ -405,6 +405,11 @@ impl Writer {
 
     /// Keeps [`SpoolStats::oldest_stored_ms`] current after a commit: a
     /// lookup by primary key, only when the head of the queue may have moved.
+    ///
+    /// An empty table with a depth left over means the counts came from a
+    /// tally some run did not keep (a build from before the tally changed
+    /// the events): the depth is set right, and the next deletion's tally
+    /// with it.
     fn refresh_oldest(&mut self) {
         if self.depth == 0 {
             self.stats.oldest_stored_ms.store(0, Ordering::Relaxed);
@@ -413,7 +418,7 @@ impl Writer {
         if !self.freed && self.stats.oldest_stored_ms.load(Ordering::Relaxed) != 0 {
             return;
         }
-        if let Ok(Some(ms)) = self
+        match self
             .conn
             .query_row(
                 "SELECT stored_ms FROM events ORDER BY id LIMIT 1",
@@ -422,7 +427,19 @@ impl Writer {
             )
             .optional()
         {
-            self.stats.oldest_stored_ms.store(ms, Ordering::Relaxed);
+            Ok(Some(ms)) => self.stats.oldest_stored_ms.store(ms, Ordering::Relaxed),
+            Ok(None) => {
+                tracing::warn!(
+                    counted = self.depth,
+                    "the spool is empty but its counts said {} events were left; they are set to 0 (a run that did not keep the spool's tally changed it)",
+                    self.depth
+                );
+                (self.depth, self.bytes) = (0, 0);
+                self.stats.depth.store(0, Ordering::Relaxed);
+                self.stats.bytes.store(0, Ordering::Relaxed);
+                self.stats.oldest_stored_ms.store(0, Ordering::Relaxed);
+            }
+            Err(_) => {}
         }
     }
 

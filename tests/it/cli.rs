@@ -618,6 +618,12 @@ fn acked_events_survive_sigkill_during_a_checkpoint() {
             v["task_id"].as_str().unwrap().to_string()
         })
         .collect();
+    // The depth the restarted daemon found (from its tally and the rows
+    // appended since) is the spool's exact row count.
+    let rows: i64 = conn
+        .query_row("SELECT count(*) FROM events", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(stats["spool_depth"].as_i64().unwrap(), rows, "{stats}");
     let lost: Vec<&String> = acked.iter().filter(|id| !stored.contains(*id)).collect();
     assert!(
         lost.is_empty(),
