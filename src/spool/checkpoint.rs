@@ -7,7 +7,7 @@
 //! connection now has `wal_autocheckpoint=0`, and this thread does the work:
 //!
 //! * **While writes come**, a `PASSIVE` checkpoint every [`PASS_INTERVAL`],
-//!   or sooner after [`PASS_COMMITS`] commits: it copies what the log holds
+//!   or sooner after [`PASS_LOG_BYTES`] of commits: it copies what the log holds
 //!   without taking the write lock, so the writer goes on committing
 //!   meanwhile.
 //! * **Bounding the log under steady writes.** SQLite starts the log over
@@ -45,10 +45,11 @@ use super::SpoolStats;
 
 /// Between two passes while writes come.
 pub(super) const PASS_INTERVAL: Duration = Duration::from_millis(200);
-/// Commits that bring the next pass forward: each one writes at least a
-/// page (4 KiB, or 16 in a spool made by an earlier version) to the log, so a fast stream of small commits does not
-/// grow it by more than about this many pages between passes.
-pub(super) const PASS_COMMITS: u64 = 1_024;
+/// Log that brings the next pass forward, counted as a page per commit:
+/// each commit writes at least a page (4 KiB, or 16 in a spool made by an
+/// earlier version), so a fast stream of small commits does not grow the
+/// log by much more than this between passes (4,096 commits of 4 KiB).
+pub(super) const PASS_LOG_BYTES: u64 = 16 * 1024 * 1024;
 /// Without a write for this long, the log file is emptied.
 pub(super) const IDLE_TRUNCATE: Duration = Duration::from_secs(1);
 /// Log size past which the writer is asked to finish a pass. Each time
@@ -83,6 +84,9 @@ pub(super) struct Shared {
     passed_at: AtomicU64,
     /// Whether the writer has woken the checkpointer since that pass.
     nudged: AtomicBool,
+    /// Commits that bring the next pass forward: [`PASS_LOG_BYTES`] in
+    /// pages of the spool's size (set once the checkpointer knows it).
+    pass_commits: AtomicU64,
     /// The writer's turn to bound the log: [`ASKED`] by the checkpointer,
     /// [`RESTARTED`] once the writer's checkpoint is done (the next commit
     /// starts the log over), or [`IDLE`]. No pass starts meanwhile: a pass
@@ -111,6 +115,7 @@ impl Shared {
             commits: AtomicU64::new(0),
             passed_at: AtomicU64::new(0),
             nudged: AtomicBool::new(false),
+            pass_commits: AtomicU64::new(PASS_LOG_BYTES / 4096),
             finish: AtomicU8::new(IDLE),
             failing: AtomicBool::new(false),
             beat_ms: AtomicU64::new(0),
@@ -128,10 +133,11 @@ impl Shared {
     }
 
     /// Called by the writer after each committed write transaction: wakes
-    /// the checkpointer early once [`PASS_COMMITS`] came since its last pass.
+    /// the checkpointer early once `pass_commits` came since its last pass.
     pub(super) fn committed(&self) {
         let n = self.commits.fetch_add(1, Ordering::Relaxed) + 1;
-        if n.saturating_sub(self.passed_at.load(Ordering::Relaxed)) >= PASS_COMMITS
+        if n.saturating_sub(self.passed_at.load(Ordering::Relaxed))
+            >= self.pass_commits.load(Ordering::Relaxed)
             && !self.nudged.swap(true, Ordering::AcqRel)
         {
             self.cond.notify_one();
@@ -337,6 +343,9 @@ fn run(path: &PathBuf, shared: &Shared, stats: &SpoolStats) {
             return;
         }
     };
+    shared
+        .pass_commits
+        .store(PASS_LOG_BYTES / page, Ordering::Relaxed);
     let mut seen = shared.commits.load(Ordering::Relaxed);
     let mut last_write = Instant::now();
     // Whether the log file may hold anything (emptied by TRUNCATE).
