@@ -883,15 +883,23 @@ fn counted(path: &Path) -> (u64, u64) {
     (n as u64, b as u64)
 }
 
-#[tokio::test]
-async fn a_clean_stop_leaves_the_tally_and_the_next_start_counts_no_row() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = big_config(dir.path());
+/// A spool that stored 50 events and deleted the first 10 after their ack;
+/// returns those 10.
+async fn fifty_with_ten_acked(cfg: &SpoolConfig) -> (Spool, Vec<StoredEvent>) {
     let spool = Spool::open(cfg.clone()).unwrap();
     let h = spool.handle();
     h.append_durable((0..50).map(body).collect()).await.unwrap();
     let first = h.read_after(0, 10, usize::MAX).await.unwrap();
     h.ack(first[0].id, first[9].id).await.unwrap();
+    (spool, first)
+}
+
+#[tokio::test]
+async fn a_clean_stop_leaves_the_tally_and_the_next_start_counts_no_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = big_config(dir.path());
+    let (spool, first) = fifty_with_ten_acked(&cfg).await;
+    let h = spool.handle();
     h.append_durable((50..55).map(body).collect())
         .await
         .unwrap();
@@ -924,12 +932,9 @@ async fn a_clean_stop_leaves_the_tally_and_the_next_start_counts_no_row() {
 async fn after_a_crash_the_start_counts_the_rows_appended_since_the_tally() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = big_config(dir.path());
-    let spool = Spool::open(cfg.clone()).unwrap();
-    let h = spool.handle();
-    h.append_durable((0..50).map(body).collect()).await.unwrap();
-    let first = h.read_after(0, 10, usize::MAX).await.unwrap();
     // The deletion rewrites the tally in its commit...
-    h.ack(first[0].id, first[9].id).await.unwrap();
+    let (spool, _) = fifty_with_ten_acked(&cfg).await;
+    let h = spool.handle();
     let at_ack = tally(&cfg.path);
     assert!(
         at_ack.contains(&("tally_depth".to_string(), 40)),
@@ -985,6 +990,17 @@ async fn appends_alone_rewrite_the_tally_a_second_after_the_last() {
     spool.close().await;
 }
 
+/// A spool that stored 5 events and stopped cleanly.
+async fn five_stored_and_closed(cfg: &SpoolConfig) {
+    let spool = Spool::open(cfg.clone()).unwrap();
+    spool
+        .handle()
+        .append_durable((0..5).map(body).collect())
+        .await
+        .unwrap();
+    spool.close().await;
+}
+
 #[tokio::test]
 async fn a_tally_another_run_did_not_keep_is_not_trusted() {
     // A daemon that does not know the tally (an older version) ran on the
@@ -998,13 +1014,7 @@ async fn a_tally_another_run_did_not_keep_is_not_trusted() {
     ] {
         let dir = tempfile::tempdir().unwrap();
         let cfg = big_config(dir.path());
-        let spool = Spool::open(cfg.clone()).unwrap();
-        spool
-            .handle()
-            .append_durable((0..5).map(body).collect())
-            .await
-            .unwrap();
-        spool.close().await;
+        five_stored_and_closed(&cfg).await;
         assert_eq!(tally(&cfg.path).len(), 4);
         let conn = rusqlite::Connection::open(&cfg.path).unwrap();
         conn.execute_batch(&format!(
@@ -1029,13 +1039,7 @@ async fn counts_a_tally_overstated_are_set_right_once_the_spool_empties() {
     // spool empties, then right, and stays right across a restart.
     let dir = tempfile::tempdir().unwrap();
     let cfg = big_config(dir.path());
-    let spool = Spool::open(cfg.clone()).unwrap();
-    spool
-        .handle()
-        .append_durable((0..5).map(body).collect())
-        .await
-        .unwrap();
-    spool.close().await;
+    five_stored_and_closed(&cfg).await;
     rusqlite::Connection::open(&cfg.path)
         .unwrap()
         .execute_batch("DELETE FROM events WHERE id = (SELECT min(id) + 2 FROM events)")
