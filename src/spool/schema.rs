@@ -288,7 +288,7 @@ impl Writer {
             tracing::info!(
                 events = self.depth,
                 bytes = self.bytes,
-                "the spool's table is from an earlier version and too large to rebuild at start; it is kept and rebuilt at a start that finds it holding at most {REBUILD_MAX_EVENTS} events"
+                "the spool's table is from an earlier version and too large to rebuild at start; it is kept and rebuilt at a start that finds it holding at most {REBUILD_MAX_EVENTS} events and {REBUILD_MAX_BYTES} bytes"
             );
             return Ok(());
         }
@@ -356,7 +356,7 @@ fn apply_settings(conn: &Connection, config: &SpoolConfig) -> Result<(), rusqlit
     // for one created by an earlier version): a commit writes at least the
     // page its last event went to, so a commit of one small event writes
     // 4 KiB of log instead of 16. The durable ack's p99 at a steady 20,000
-    // events/s went from about 0.5 to 0.4 ms; batched ingest lost about 7%
+    // events/s went from about 0.5 to 0.45 ms; batched ingest lost up to 11%
     // (BENCHMARKS.md).
     conn.execute_batch(&format!("PRAGMA page_size={PAGE_SIZE};"))?;
     let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;

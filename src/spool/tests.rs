@@ -538,6 +538,14 @@ async fn a_new_spool_is_stamped_with_its_schema_version() {
         user_version(&dir.path().join("spool.sqlite")),
         SCHEMA_VERSION
     );
+    assert_eq!(page_size(&dir.path().join("spool.sqlite")), 4096);
+}
+
+fn page_size(path: &Path) -> i64 {
+    Connection::open(path)
+        .unwrap()
+        .query_row("PRAGMA page_size", [], |r| r.get(0))
+        .unwrap()
 }
 
 #[tokio::test]
@@ -945,6 +953,23 @@ async fn after_a_crash_the_start_counts_the_rows_appended_since_the_tally() {
         .await
         .unwrap();
     assert_eq!(tally(&cfg.path), at_ack);
+    // Only the rows above the tally are counted: in one copy of what the
+    // crash left, a row below it removed behind the daemon's back (never
+    // done by a daemon) goes unseen.
+    let probe = crash_copy(dir.path());
+    rusqlite::Connection::open(probe.path().join("spool.sqlite"))
+        .unwrap()
+        .execute(
+            "DELETE FROM events WHERE id = (SELECT min(id) FROM events)",
+            [],
+        )
+        .unwrap();
+    let counted_above = Spool::open(big_config(probe.path())).unwrap();
+    assert_eq!(
+        counted_above.handle().stats().depth.load(Ordering::Relaxed),
+        47
+    );
+    counted_above.close().await;
     let crash = crash_copy(dir.path());
     let path = crash.path().join("spool.sqlite");
     let expected = counted(&path);
@@ -1096,6 +1121,11 @@ async fn ids_keep_growing_across_restarts_after_the_spool_empties() {
 /// of which the last `deleted` were acknowledged (so the high-water mark is
 /// above the highest id kept), and its clean-stop record.
 fn version_1_spool(path: &Path, n: i64, deleted: i64) {
+    version_1_spool_of(path, n, deleted, body)
+}
+
+/// [`version_1_spool`] with the bodies `body_of` gives.
+fn version_1_spool_of(path: &Path, n: i64, deleted: i64, body_of: fn(usize) -> Vec<u8>) {
     let conn = rusqlite::Connection::open(path).unwrap();
     conn.execute_batch(
         "PRAGMA page_size=16384; PRAGMA journal_mode=WAL;
@@ -1113,7 +1143,7 @@ fn version_1_spool(path: &Path, n: i64, deleted: i64) {
     for i in 0..n {
         tx.execute(
             "INSERT INTO events(stored_ms, body) VALUES (?1, ?2)",
-            rusqlite::params![i, body(i as usize)],
+            rusqlite::params![i, body_of(i as usize)],
         )
         .unwrap();
     }
@@ -1148,6 +1178,11 @@ async fn a_version_1_spool_is_rebuilt_keeping_its_events_and_ids() {
     let new = h.read_after(3, 10, usize::MAX).await.unwrap();
     assert_eq!(new[0].id, 6, "ids 4 and 5 were given before: not again");
     spool.close().await;
+    assert_eq!(
+        page_size(&cfg.path),
+        16_384,
+        "an existing spool keeps its pages"
+    );
     assert!(
         !table_sql(&cfg.path)
             .to_ascii_uppercase()
@@ -1193,6 +1228,22 @@ async fn a_large_version_1_spool_keeps_its_table_until_a_start_finds_it_small() 
     );
     spool.close().await;
     assert!(!table_sql(&cfg.path)
+        .to_ascii_uppercase()
+        .contains("AUTOINCREMENT"));
+}
+
+#[tokio::test]
+async fn a_version_1_spool_over_16_mib_keeps_its_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = big_config(dir.path());
+    // 20 events of 1 MiB: few events, but more bytes than a start copies.
+    version_1_spool_of(&cfg.path, 20, 0, |i| vec![b'a' + (i % 26) as u8; 1 << 20]);
+    let spool = Spool::open(cfg.clone()).unwrap();
+    let h = spool.handle();
+    assert_eq!(h.stats().depth.load(Ordering::Relaxed), 20);
+    assert_eq!(h.stats().bytes.load(Ordering::Relaxed), 20 << 20);
+    spool.close().await;
+    assert!(table_sql(&cfg.path)
         .to_ascii_uppercase()
         .contains("AUTOINCREMENT"));
 }

@@ -25,7 +25,8 @@ const MAX_EVENTS_PER_COMMIT: usize = 32_768;
 const EVICTION_WARN_EVERY: Duration = Duration::from_secs(10);
 /// Appends rewrite the tally (`schema::META_TALLY_DEPTH`) once this long
 /// has passed since it was last written, or once this many events were
-/// appended since: a start after a crash counts at most that many rows.
+/// appended since: a start after a crash counts about that many rows at
+/// most (plus those of the commit that crossed the mark).
 const TALLY_EVERY: Duration = Duration::from_secs(1);
 /// See [`TALLY_EVERY`].
 const TALLY_EVERY_EVENTS: u64 = 65_536;
