@@ -403,12 +403,13 @@ fn recover(conn: &Connection, stats: &SpoolStats) -> Result<Recovered, rusqlite:
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
     let (mut depth, mut bytes) = (base_depth + after_depth, base_bytes + after_bytes);
-    if depth > 0 && max_id(conn)? == 0 {
+    let max_id = max_id(conn)?;
+    if depth > 0 && max_id == 0 {
         // A tally that says events are left in an empty table was not kept
         // by every run since (see `writer::Writer::refresh_oldest`).
         (depth, bytes) = (0, 0);
     }
-    let last_id = max_id(conn)?.max(tally_last_id).max(events_seq(conn)?);
+    let last_id = max_id.max(tally_last_id).max(events_seq(conn)?);
     let dropped_oldest: i64 = conn
         .query_row(
             "SELECT value FROM meta WHERE key = 'dropped_oldest_total'",
@@ -424,7 +425,7 @@ fn recover(conn: &Connection, stats: &SpoolStats) -> Result<Recovered, rusqlite:
             |r| r.get(0),
         )
         .optional()?;
-    stats.max_id_at_open.store(max_id(conn)?, Ordering::Relaxed);
+    stats.max_id_at_open.store(max_id, Ordering::Relaxed);
     stats
         .oldest_stored_ms
         .store(oldest.unwrap_or(0), Ordering::Relaxed);

@@ -255,13 +255,7 @@ async fn committed_events_survive_an_unclean_stop() {
     for i in 0..20 {
         h.append_durable(vec![ev(i)]).await.unwrap();
     }
-    let crash = tempfile::tempdir().unwrap();
-    for suffix in ["", "-wal", "-shm"] {
-        let src = dir.path().join(format!("spool.sqlite{suffix}"));
-        if src.exists() {
-            std::fs::copy(&src, crash.path().join(format!("spool.sqlite{suffix}"))).unwrap();
-        }
-    }
+    let crash = crash_copy(dir.path());
     let recovered = Spool::open(config(crash.path())).unwrap();
     let rh = recovered.handle();
     assert_eq!(rh.stats().depth.load(Ordering::Relaxed), 20);
@@ -1152,6 +1146,12 @@ fn version_1_spool_of(path: &Path, n: i64, deleted: i64, body_of: fn(usize) -> V
     tx.commit().unwrap();
 }
 
+fn has_autoincrement(path: &Path) -> bool {
+    table_sql(path)
+        .to_ascii_uppercase()
+        .contains("AUTOINCREMENT")
+}
+
 fn table_sql(path: &Path) -> String {
     rusqlite::Connection::open(path)
         .unwrap()
@@ -1183,13 +1183,7 @@ async fn a_version_1_spool_is_rebuilt_keeping_its_events_and_ids() {
         16_384,
         "an existing spool keeps its pages"
     );
-    assert!(
-        !table_sql(&cfg.path)
-            .to_ascii_uppercase()
-            .contains("AUTOINCREMENT"),
-        "{}",
-        table_sql(&cfg.path)
-    );
+    assert!(!has_autoincrement(&cfg.path), "{}", table_sql(&cfg.path));
     assert_eq!(user_version(&cfg.path), SCHEMA_VERSION);
     let leftovers: i64 = rusqlite::Connection::open(&cfg.path)
         .unwrap()
@@ -1215,9 +1209,7 @@ async fn a_large_version_1_spool_keeps_its_table_until_a_start_finds_it_small() 
     assert_eq!(new[0].id, 10_004);
     h.ack(1, 10_000).await.unwrap();
     spool.close().await;
-    assert!(table_sql(&cfg.path)
-        .to_ascii_uppercase()
-        .contains("AUTOINCREMENT"));
+    assert!(has_autoincrement(&cfg.path));
     let spool = Spool::open(cfg.clone()).unwrap();
     let h = spool.handle();
     assert_eq!(h.stats().depth.load(Ordering::Relaxed), 3);
@@ -1227,9 +1219,7 @@ async fn a_large_version_1_spool_keeps_its_table_until_a_start_finds_it_small() 
         vec![10_001, 10_002, 10_004]
     );
     spool.close().await;
-    assert!(!table_sql(&cfg.path)
-        .to_ascii_uppercase()
-        .contains("AUTOINCREMENT"));
+    assert!(!has_autoincrement(&cfg.path));
 }
 
 #[tokio::test]
@@ -1243,7 +1233,5 @@ async fn a_version_1_spool_over_16_mib_keeps_its_table() {
     assert_eq!(h.stats().depth.load(Ordering::Relaxed), 20);
     assert_eq!(h.stats().bytes.load(Ordering::Relaxed), 20 << 20);
     spool.close().await;
-    assert!(table_sql(&cfg.path)
-        .to_ascii_uppercase()
-        .contains("AUTOINCREMENT"));
+    assert!(has_autoincrement(&cfg.path));
 }

@@ -409,8 +409,8 @@ impl Writer {
     ///
     /// An empty table with a depth left over means the counts came from a
     /// tally some run did not keep (a build from before the tally changed
-    /// the events): the depth is set right, and the next deletion's tally
-    /// with it.
+    /// the events): the depth is set right (published with the commit's
+    /// counters), and the next deletion's tally with it.
     fn refresh_oldest(&mut self) {
         if self.depth == 0 {
             self.stats.oldest_stored_ms.store(0, Ordering::Relaxed);
@@ -432,12 +432,9 @@ impl Writer {
             Ok(None) => {
                 tracing::warn!(
                     counted = self.depth,
-                    "the spool is empty but its counts said {} events were left; they are set to 0 (a run that did not keep the spool's tally changed it)",
-                    self.depth
+                    "the spool is empty but its counts said events were left; they are set to 0 (a run that did not keep the spool's tally changed it)"
                 );
                 (self.depth, self.bytes) = (0, 0);
-                self.stats.depth.store(0, Ordering::Relaxed);
-                self.stats.bytes.store(0, Ordering::Relaxed);
                 self.stats.oldest_stored_ms.store(0, Ordering::Relaxed);
             }
             Err(_) => {}
