@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use time::OffsetDateTime;
 
+use z4j_agentd::ingest::fast::handle_msgpack;
 use z4j_agentd::ingest::framing::{Decoded, Decoder, Framing};
 use z4j_agentd::ingest::{handle, Limits, DEFAULT_MAX_MESSAGE_BYTES, FRAME_ENVELOPE_RESERVE};
 use z4j_agentd::protocol::{
@@ -93,15 +94,23 @@ fn wire(framing: Framing, msg: &serde_json::Value) -> Vec<u8> {
 }
 
 /// What the ingest path does with the bytes of one `events` message before
-/// it hands the records to the spool: `Decoder::next_item`, then [`handle`],
-/// the same function the connection loop calls. Applying its decision (the
-/// counters, the reply queue, the append) is left out.
-fn ingest_one(decoder: &mut Decoder, bytes: &[u8]) -> (Vec<Vec<u8>>, Option<Value>) {
+/// it hands the records to the spool: `Decoder::next_item_with` the fast
+/// path (`fast`), as the connection loop calls it, or `Decoder::next_item`
+/// and [`handle`] (the value path). Applying the decision (the counters,
+/// the reply queue, the append) is left out.
+fn ingest_one(decoder: &mut Decoder, bytes: &[u8], fast: bool) -> (Vec<Vec<u8>>, Option<Value>) {
     decoder.feed(bytes);
-    let Some(Decoded::Message(msg)) = decoder.next_item().expect("framing") else {
-        panic!("the message did not decode");
+    let now = OffsetDateTime::now_utc();
+    let item = if fast {
+        decoder.next_item_with(|body| handle_msgpack(body, &LIMITS, now))
+    } else {
+        decoder.next_item()
     };
-    let handled = handle(msg, &LIMITS, OffsetDateTime::now_utc());
+    let handled = match item.expect("framing") {
+        Some(Decoded::Message(msg)) => handle(msg, &LIMITS, now),
+        Some(Decoded::Handled(h)) => *h,
+        _ => panic!("the message did not decode"),
+    };
     assert!(handled.replies.is_empty(), "{:?}", handled.replies);
     let store = handled.store.expect("events are stored");
     (store.records, store.ack_id)
@@ -111,7 +120,7 @@ fn ingest_one(decoder: &mut Decoder, bytes: &[u8]) -> (Vec<Vec<u8>>, Option<Valu
 fn records(n: usize) -> Vec<Vec<u8>> {
     let bytes = wire(Framing::MsgPack, &events_message(n));
     let mut decoder = Decoder::new(Framing::MsgPack, DEFAULT_MAX_MESSAGE_BYTES);
-    ingest_one(&mut decoder, &bytes).0
+    ingest_one(&mut decoder, &bytes, true).0
 }
 
 fn bench_ingest(c: &mut Criterion) {
@@ -127,7 +136,11 @@ fn bench_ingest(c: &mut Criterion) {
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3))
         .sample_size(30);
-    for (name, framing) in [("msgpack", Framing::MsgPack), ("jsonl", Framing::JsonLines)] {
+    for (name, framing, fast) in [
+        ("msgpack", Framing::MsgPack, true),
+        ("msgpack-values", Framing::MsgPack, false),
+        ("jsonl", Framing::JsonLines, true),
+    ] {
         let bytes = wire(framing, &msg);
         eprintln!(
             "ingest/{name}: message of {N} events is {} bytes",
@@ -136,10 +149,10 @@ fn bench_ingest(c: &mut Criterion) {
         // One decoder for the whole run, like one connection; it reuses its
         // buffer once a message is consumed.
         let mut decoder = Decoder::new(framing, DEFAULT_MAX_MESSAGE_BYTES);
-        let (r, _) = ingest_one(&mut decoder, &bytes);
+        let (r, _) = ingest_one(&mut decoder, &bytes, fast);
         assert_eq!(r.len(), N);
         group.bench_function(BenchmarkId::new(name, N), |b| {
-            b.iter(|| ingest_one(&mut decoder, black_box(&bytes)))
+            b.iter(|| ingest_one(&mut decoder, black_box(&bytes), fast))
         });
     }
     group.finish();

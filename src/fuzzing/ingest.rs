@@ -10,6 +10,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, OnceLock};
 
 use super::{fixed_now, normalized, strict_eq};
+use crate::ingest::fast;
 use crate::ingest::framing::{Decoded, Decoder, FrameError, Framing};
 use crate::ingest::handler::{error_reply, handle, Handled, Limits, Relay, Reply};
 use crate::ingest::DEFAULT_MAX_MESSAGE_BYTES;
@@ -128,6 +129,7 @@ fn decode(framing: Framing, stream: &[u8], max: usize, reads: Option<&mut Reads>
         loop {
             match d.next_item() {
                 Ok(Some(Decoded::Message(v))) => items.push(Item::Message(v)),
+                Ok(Some(Decoded::Handled(_))) => unreachable!("next_item has no fast path"),
                 Ok(Some(Decoded::Invalid(e))) => {
                     assert!(!e.fatal, "a skipped message is not fatal: {e:?}");
                     items.push(Item::Invalid(e));
@@ -165,6 +167,16 @@ fn connection(framing: Framing, stream: &[u8], limits: Limits, control: u8) {
     // How the bytes were split into reads never changes what is decoded.
     let whole = decode(framing, stream, limits.max_message_bytes, None);
     assert_eq!(chunked, whole, "decoding depends on read sizes");
+    if framing == Framing::MsgPack {
+        // What the fast path handles, it handles as the value path does.
+        let mut d = Decoder::new(framing, limits.max_message_bytes);
+        d.feed(stream);
+        let check = |body: &[u8]| {
+            fast::assert_same_as_value_path(body, &limits, fixed_now());
+            None
+        };
+        while let Ok(Some(_)) = d.next_item_with(check) {}
+    }
 
     for item in chunked.items {
         match item {

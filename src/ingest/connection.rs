@@ -30,6 +30,7 @@ use tracing::{Instrument, Span};
 use super::admission::{linger, Peer};
 use super::appends::Pending;
 use super::budget::Reservation;
+use super::fast;
 use super::framing::{Decoded, Decoder, Framing};
 use super::handler::handle;
 use super::replies::{write_replies, Replies, ReplyQueue};
@@ -271,11 +272,14 @@ impl Connection<'_> {
     /// the stream cannot go on (the error is sent, and counted).
     async fn handle_buffered(&mut self, decoder: &mut Decoder) -> bool {
         loop {
-            match decoder.next_item() {
+            let limits = self.ingest.limits();
+            let fast = |body: &[u8]| fast::handle_msgpack(body, &limits, OffsetDateTime::now_utc());
+            match decoder.next_item_with(fast) {
                 Ok(Some(Decoded::Message(v))) => {
-                    let handled = handle(v, &self.ingest.limits(), OffsetDateTime::now_utc());
+                    let handled = handle(v, &limits, OffsetDateTime::now_utc());
                     self.apply(handled).await;
                 }
+                Ok(Some(Decoded::Handled(handled))) => self.apply(*handled).await,
                 Ok(Some(Decoded::Invalid(e))) => {
                     self.ingest.stats.refuse(e.code, 1);
                     self.replies.error(e.code, &e.message, None, None);

@@ -13,6 +13,7 @@
 //! * finding where a message ends costs time linear in the bytes received,
 //!   however they are split into reads.
 
+use super::decision::Handled;
 use crate::protocol::Value;
 use crate::refusal::RefusalCode;
 
@@ -88,6 +89,9 @@ pub enum Decoded {
     Message(Value),
     /// A complete message that could not be decoded; the stream goes on.
     Invalid(FrameError),
+    /// A message the fast path given to [`Decoder::next_item_with`]
+    /// handled without decoding it into a value.
+    Handled(Box<Handled>),
 }
 
 /// Incremental decoder over a connection's byte stream.
@@ -225,13 +229,26 @@ impl Decoder {
     /// The next complete item, `Ok(None)` when more bytes are needed, or a
     /// fatal error.
     pub fn next_item(&mut self) -> Result<Option<Decoded>, FrameError> {
+        self.next_item_with(|_| None)
+    }
+
+    /// [`Decoder::next_item`], but a MessagePack body goes to `fast` first:
+    /// what it handles comes back as [`Decoded::Handled`], and a body it
+    /// returns `None` for is decoded as usual.
+    pub fn next_item_with(
+        &mut self,
+        fast: impl FnOnce(&[u8]) -> Option<Handled>,
+    ) -> Result<Option<Decoded>, FrameError> {
         match self.framing {
-            Framing::MsgPack => self.next_msgpack(),
+            Framing::MsgPack => self.next_msgpack(fast),
             Framing::JsonLines => Ok(self.next_json()),
         }
     }
 
-    fn next_msgpack(&mut self) -> Result<Option<Decoded>, FrameError> {
+    fn next_msgpack(
+        &mut self,
+        fast: impl FnOnce(&[u8]) -> Option<Handled>,
+    ) -> Result<Option<Decoded>, FrameError> {
         let avail = &self.buf[self.start..];
         if avail.len() < 4 {
             return Ok(None);
@@ -251,6 +268,10 @@ impl Decoder {
             return Ok(None);
         }
         let body = &avail[4..4 + len];
+        if let Some(h) = fast(body) {
+            self.start += 4 + len;
+            return Ok(Some(Decoded::Handled(Box::new(h))));
+        }
         let mut de = rmp_serde::Deserializer::from_read_ref(body);
         de.set_max_depth(MAX_MSGPACK_DEPTH);
         let item = match <Value as serde::Deserialize>::deserialize(&mut de) {

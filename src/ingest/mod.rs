@@ -10,6 +10,7 @@
 //! * [`handler`]: the decision for one message, with no I/O ([`decision`]:
 //!   what it returns);
 //! * [`framing`], [`validate`]: decoding the byte stream, normalising events;
+//!   [`fast`]: the same for the common `events` message, read in place;
 //! * back-pressure: [`budget`] (the daemon-wide budget for large messages)
 //!   and [`replies`] (each connection's bounded reply queue).
 //!
@@ -34,6 +35,7 @@ mod apply;
 pub mod budget;
 mod connection;
 pub mod decision;
+pub mod fast;
 pub mod framing;
 pub mod gateway;
 pub mod handler;

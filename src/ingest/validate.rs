@@ -65,21 +65,28 @@ pub fn format_occurred_at(t: OffsetDateTime) -> String {
     String::from_utf8(out).expect("digits and punctuation")
 }
 
-/// Appends [`format_occurred_at`]'s text to `out`, without allocating.
+/// Appends [`format_occurred_at`]'s text to `out`, without allocating
+/// (digits by hand: this runs for every event).
 fn write_occurred_at(t: OffsetDateTime, out: &mut Vec<u8>) {
-    use std::io::Write;
     let t = t.to_offset(time::UtcOffset::UTC);
-    let _ = write!(
-        out,
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}+00:00",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second(),
-        t.microsecond()
-    );
+    // Years before 1 or after 9999 cannot reach here: `occurred_at` is
+    // within a year of the daemon's clock, or the receive time itself.
+    let year = t.year().clamp(0, 9999) as u32;
+    let mut text = *b"0000-00-00T00:00:00.000000+00:00";
+    let mut put = |at: usize, width: usize, mut v: u32| {
+        for i in (at..at + width).rev() {
+            text[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    put(0, 4, year);
+    put(5, 2, u32::from(u8::from(t.month())));
+    put(8, 2, u32::from(t.day()));
+    put(11, 2, u32::from(t.hour()));
+    put(14, 2, u32::from(t.minute()));
+    put(17, 2, u32::from(t.second()));
+    put(20, 6, t.microsecond());
+    out.extend_from_slice(&text);
 }
 
 fn string_field(value: Option<Value>, key: &str) -> Result<Option<String>, Refusal> {
@@ -194,7 +201,7 @@ pub fn normalize_event_noting(
         received_at
     };
     let record = Record {
-        data: &data,
+        data: Data::Value(&data),
         engine: &engine,
         id,
         kind: &kind,
@@ -205,7 +212,7 @@ pub fn normalize_event_noting(
 }
 
 /// `engine`: a string, trimmed, not empty, at most [`MAX_ENGINE_CHARS`].
-fn engine(v: Option<Value>) -> Result<String, Refusal> {
+pub(super) fn engine(v: Option<Value>) -> Result<String, Refusal> {
     let engine = string_field(v, "engine")?
         .map(trimmed)
         .filter(|s| !s.is_empty())
@@ -226,7 +233,7 @@ fn engine(v: Option<Value>) -> Result<String, Refusal> {
 
 /// `kind`: one the brain knows (whether a schedule kind is a legacy event
 /// depends on its `data`: [`legacy_schedule`]).
-fn kind(v: Option<Value>) -> Result<String, Refusal> {
+pub(super) fn kind(v: Option<Value>) -> Result<String, Refusal> {
     let kind = string_field(v, "kind")?
         .map(trimmed)
         .filter(|s| !s.is_empty())
@@ -255,7 +262,7 @@ fn kind(v: Option<Value>) -> Result<String, Refusal> {
 }
 
 /// `task_id`: required for `task.*` kinds, at most [`MAX_TASK_ID_CHARS`].
-fn task_id(v: Option<Value>, kind: &str) -> Result<String, Refusal> {
+pub(super) fn task_id(v: Option<Value>, kind: &str) -> Result<String, Refusal> {
     let task_id = string_field(v, "task_id")?.unwrap_or_default();
     if kind.starts_with("task.") && task_id.trim().is_empty() {
         return Err(Refusal::new(
@@ -274,7 +281,10 @@ fn task_id(v: Option<Value>, kind: &str) -> Result<String, Refusal> {
 
 /// `occurred_at` as sent: an ISO-8601 string (UTC when naive), a unix time
 /// in seconds, or `received_at` when absent.
-fn occurred_at(v: Option<&Value>, received_at: OffsetDateTime) -> Result<OffsetDateTime, Refusal> {
+pub(super) fn occurred_at(
+    v: Option<&Value>,
+    received_at: OffsetDateTime,
+) -> Result<OffsetDateTime, Refusal> {
     match v {
         None | Some(Value::Null) => Ok(received_at),
         Some(Value::Str(s)) => replay::parse_iso8601_assume_utc(s.trim()).ok_or_else(|| {
@@ -308,7 +318,10 @@ fn occurred_at(v: Option<&Value>, received_at: OffsetDateTime) -> Result<OffsetD
 }
 
 /// `id`: a UUID (not nil, not max), or a new UUIDv7 when absent.
-fn event_id(v: Option<Value>, received_at: OffsetDateTime) -> Result<uuid::Uuid, Refusal> {
+pub(super) fn event_id(
+    v: Option<Value>,
+    received_at: OffsetDateTime,
+) -> Result<uuid::Uuid, Refusal> {
     match string_field(v, "id")? {
         None => Ok(new_event_id(received_at)),
         Some(s) => match uuid::Uuid::parse_str(s.trim()) {
@@ -442,45 +455,66 @@ fn schedule_protocol(kind: &str, engine: &str, data: &Value) -> Result<bool, Ref
 
 /// Whether the brain keeps `t` as sent: at most [`MAX_FUTURE_SECONDS`]
 /// ahead of `received_at` and [`MAX_PAST_DAYS`] behind it.
-fn in_brain_window(t: OffsetDateTime, received_at: OffsetDateTime) -> bool {
+pub(super) fn in_brain_window(t: OffsetDateTime, received_at: OffsetDateTime) -> bool {
     let window = (received_at - time::Duration::days(MAX_PAST_DAYS))
         ..=(received_at + time::Duration::seconds(MAX_FUTURE_SECONDS));
     window.contains(&t)
 }
 
+/// Where a record's `data` comes from.
+pub(super) enum Data<'a> {
+    /// A decoded value.
+    Value(&'a Value),
+    /// The record's start, `{"data":` and the data, already written (the
+    /// fast path: `ingest::fast`).
+    Written(Vec<u8>),
+}
+
 /// A normalised event, ready to be written as its canonical record.
-struct Record<'a> {
-    data: &'a Value,
-    engine: &'a str,
-    id: uuid::Uuid,
-    kind: &'a str,
-    occurred_at: OffsetDateTime,
-    task_id: &'a str,
+pub(super) struct Record<'a> {
+    pub(super) data: Data<'a>,
+    pub(super) engine: &'a str,
+    pub(super) id: uuid::Uuid,
+    pub(super) kind: &'a str,
+    pub(super) occurred_at: OffsetDateTime,
+    pub(super) task_id: &'a str,
+}
+
+/// The start of a record, `{"data":`, in a buffer with room for a typical
+/// Celery event (about 460 bytes) without regrowing.
+pub(super) fn record_start() -> Vec<u8> {
+    let mut out = Vec::with_capacity(640);
+    out.extend_from_slice(b"{\"data\":");
+    out
 }
 
 impl Record<'_> {
     /// The canonical JSON, keys in sorted order, or `event_too_large`.
-    fn render(&self, max_event_bytes: usize) -> Result<Vec<u8>, Refusal> {
-        // Room for a typical Celery event (about 460 bytes) without regrowing.
-        let mut out = Vec::with_capacity(640);
-        out.extend_from_slice(b"{\"data\":");
-        // Stops as soon as the event cannot fit: a 12 MB `data` is refused
-        // without being copied out first.
-        match canonical::write_value_within(self.data, &mut out, max_event_bytes) {
-            Ok(()) => {}
-            Err(canonical::CanonicalError::TooLong) => {
-                return Err(too_large(
-                    &format!("more than {max_event_bytes}"),
-                    max_event_bytes,
-                ));
+    pub(super) fn render(self, max_event_bytes: usize) -> Result<Vec<u8>, Refusal> {
+        let mut out = match self.data {
+            Data::Written(out) => out,
+            Data::Value(data) => {
+                let mut out = record_start();
+                // Stops as soon as the event cannot fit: a 12 MB `data` is
+                // refused without being copied out first.
+                match canonical::write_value_within(data, &mut out, max_event_bytes) {
+                    Ok(()) => {}
+                    Err(canonical::CanonicalError::TooLong) => {
+                        return Err(too_large(
+                            &format!("more than {max_event_bytes}"),
+                            max_event_bytes,
+                        ));
+                    }
+                    Err(e) => {
+                        return Err(Refusal::new(
+                            RefusalCode::InvalidEvent,
+                            format!("`data`: {e}"),
+                        ))
+                    }
+                }
+                out
             }
-            Err(e) => {
-                return Err(Refusal::new(
-                    RefusalCode::InvalidEvent,
-                    format!("`data`: {e}"),
-                ))
-            }
-        }
+        };
         out.extend_from_slice(b",\"engine\":");
         canonical::write_str(self.engine, &mut out);
         out.extend_from_slice(b",\"id\":\"");
@@ -530,6 +564,30 @@ mod tests {
 
     fn norm(s: &str) -> Result<String, Refusal> {
         normalize_event(json(s), now(), 1 << 20).map(|b| String::from_utf8(b).unwrap())
+    }
+
+    #[test]
+    fn occurred_at_is_written_like_the_python_agent_writes_it() {
+        let mut nanos: i128 = 1_795_390_199_500_000_000;
+        for _ in 0..2_000 {
+            // Steps of a prime number of nanoseconds, over about 4 years.
+            nanos += 63_113_904_000_000_007;
+            nanos %= 2_000_000_000_000_000_000;
+            let t = OffsetDateTime::from_unix_timestamp_nanos(nanos).unwrap();
+            let expected = format!(
+                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}+00:00",
+                t.year(),
+                u8::from(t.month()),
+                t.day(),
+                t.hour(),
+                t.minute(),
+                t.second(),
+                t.microsecond()
+            );
+            assert_eq!(format_occurred_at(t), expected);
+        }
+        let offset = now().to_offset(time::UtcOffset::from_hms(5, 30, 0).unwrap());
+        assert_eq!(format_occurred_at(offset), format_occurred_at(now()));
     }
 
     #[test]

@@ -51,6 +51,7 @@ pub mod canonical;
 pub mod frames;
 pub mod json;
 pub mod limits;
+pub mod msgpack;
 pub mod replay;
 pub mod sign;
 pub mod value;
