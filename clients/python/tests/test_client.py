@@ -76,6 +76,18 @@ def test_events_are_batched_and_acknowledged(standin, make_client, framing):
     assert stats["accepted"] == 250 and stats["connected"] is True and stats["reconnects"] == 0
 
 
+def test_a_batch_over_the_byte_bound_goes_as_several_messages_in_order(standin, make_client, monkeypatch):
+    monkeypatch.setattr(client_module, "BATCH_MAX_BYTES", 2000)
+    c = make_client(framing="json")
+    for i in range(30):
+        assert c.emit("celery", "task.received", f"t-{i}", {"blob": "x" * 300})
+    assert c.flush(5)
+    assert [e["task_id"] for e in standin.events()] == [f"t-{i}" for i in range(30)]
+    batches = [m for _, m in standin.all("events")]
+    # Each event takes over 400 bytes encoded: at most 4 fit in 2,000.
+    assert all(1 <= len(m["events"]) <= 4 for m in batches) and len(batches) >= 8
+
+
 def test_explicit_fields_and_record(standin, make_client):
     c = make_client()
     when = datetime(2026, 11, 22, 23, 29, 59, 500000, tzinfo=timezone.utc)

@@ -36,6 +36,7 @@ import time
 import random
 import weakref
 from collections import OrderedDict, deque
+from itertools import repeat
 from datetime import datetime, timezone
 from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Tuple
 
@@ -233,15 +234,16 @@ class _EventQueue:
                 self._wake.wait(wait)
             self._sleeping = False
             self._wake.clear()
-        out: List[Any] = []
-        while len(out) < most:
-            self.taken += 1
-            try:
-                out.append(items.popleft())
-            except IndexError:
-                self.taken -= 1
-                break
-        return out
+        n = min(most, len(items))
+        if n <= 0:
+            return []
+        # Only this consumer pops, so the n items are there. Counted
+        # before they leave the queue, and popped in C (no bytecode runs
+        # in between, so no thread sees the count without the items): the
+        # sender's time with the GIL, which an emitting thread may have to
+        # wait out, holds no Python step per event.
+        self.taken += n
+        return list(map(deque.popleft, repeat(items, n)))
 
     def wake(self) -> None:
         """Ends the sender's wait at once (close)."""
@@ -630,6 +632,8 @@ class Client:
         events = self._queue.take(BATCH_MAX_EVENTS, wait)
         if not events:
             return None
+        if sum(map(len, events)) <= BATCH_MAX_BYTES:  # the usual case, in C
+            return _Batch(events)
         batches: List[List[bytes]] = []
         current: List[bytes] = []
         size = 0
