@@ -565,21 +565,29 @@ impl Writer {
         Ok(())
     }
 
+    /// Deletes the events with ids `first..=last`; returns how many there
+    /// were. They are counted (and their bytes summed, from the record
+    /// headers) first, so the delete itself needs no `RETURNING`, which
+    /// would make SQLite collect the ids and look each row up again.
     fn delete_range(&mut self, first: i64, last: i64) -> Result<u64, rusqlite::Error> {
-        let mut stmt = self.conn.prepare_cached(
-            "DELETE FROM events WHERE id BETWEEN ?1 AND ?2 RETURNING length(body)",
-        )?;
-        let mut rows = stmt.query(params![first, last])?;
-        let mut n = 0u64;
-        let mut b = 0u64;
-        while let Some(row) = rows.next()? {
-            let len: i64 = row.get(0)?;
-            n += 1;
-            b += len as u64;
+        let (n, b) = self
+            .conn
+            .prepare_cached(
+                "SELECT count(*), coalesce(sum(length(body)), 0) FROM events
+                 WHERE id BETWEEN ?1 AND ?2",
+            )?
+            .query_row(params![first, last], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+            })?;
+        if n == 0 {
+            return Ok(0);
         }
+        self.conn
+            .prepare_cached("DELETE FROM events WHERE id BETWEEN ?1 AND ?2")?
+            .execute(params![first, last])?;
         self.depth -= n.min(self.depth);
         self.bytes -= b.min(self.bytes);
-        self.freed |= n > 0;
+        self.freed = true;
         Ok(n)
     }
 }
