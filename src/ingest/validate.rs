@@ -570,7 +570,8 @@ mod tests {
     fn occurred_at_is_written_like_the_python_agent_writes_it() {
         let mut nanos: i128 = 1_795_390_199_500_000_000;
         for _ in 0..2_000 {
-            // Steps of a prime number of nanoseconds, over about 4 years.
+            // Steps of about two years (an odd number of nanoseconds),
+            // wrapping around within the 63 years after 1970.
             nanos += 63_113_904_000_000_007;
             nanos %= 2_000_000_000_000_000_000;
             let t = OffsetDateTime::from_unix_timestamp_nanos(nanos).unwrap();

@@ -237,9 +237,9 @@ class _EventQueue:
         n = min(most, len(items))
         if n <= 0:
             return []
-        # Only this consumer pops, so the n items are there. Counted
-        # before they leave the queue, and popped in C (no bytecode runs
-        # in between, so no thread sees the count without the items): the
+        # Only this consumer pops, so the n items are there. Counted before
+        # they leave the queue, so `taken + len(queue)` may count them twice
+        # for a moment, never miss them. Popped in one call in C: the
         # sender's time with the GIL, which an emitting thread may have to
         # wait out, holds no Python step per event.
         self.taken += n
