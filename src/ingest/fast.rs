@@ -51,8 +51,8 @@ fn message(body: &[u8], limits: &Limits, now: OffsetDateTime) -> Result<Handled,
     let mut events = None;
     let mut own = Fields::default();
     for _ in 0..n {
-        match r.key()? {
-            "type" => match string(&mut r)? {
+        match r.string()? {
+            "type" => match r.string()? {
                 // Other messages are the value path's: no more work here.
                 t @ ("event" | "events") => once(&mut kind, t)?,
                 _ => return Err(Unusual),
@@ -110,7 +110,7 @@ fn list(
         };
         let mut fields = Fields::default();
         for _ in 0..m {
-            let key = r.key()?;
+            let key = r.string()?;
             fields.read(key, r, limits, 3)?;
         }
         let (record, engine) = fields.record(limits, now)?;
@@ -121,23 +121,13 @@ fn list(
     Ok((records, engines))
 }
 
-/// A string value, or `Unusual`.
-fn string<'a>(r: &mut Reader<'a>) -> Result<&'a str, Unusual> {
-    match r.token()? {
-        Token::Str(s) => Ok(s),
-        _ => Err(Unusual),
-    }
-}
-
 /// An `ack_id` this path echoes as the value decoder would have decoded it.
 fn ack(r: &mut Reader<'_>) -> Result<Value, Unusual> {
-    Ok(match r.token()? {
-        Token::Nil => Value::Null,
-        Token::Int(i) => Value::Int(i),
-        Token::UInt(u) => Value::from(u),
-        Token::Str(s) if s.chars().count() <= MAX_FAST_ACK_ID_CHARS => Value::Str(s.to_owned()),
-        _ => return Err(Unusual),
-    })
+    match scalar(r)? {
+        v @ (Value::Null | Value::Int(_) | Value::UInt(_)) => Ok(v),
+        Value::Str(s) if s.chars().count() <= MAX_FAST_ACK_ID_CHARS => Ok(Value::Str(s)),
+        _ => Err(Unusual),
+    }
 }
 
 /// A scalar field as the value decoder would have decoded it.
@@ -157,6 +147,13 @@ fn scalar(r: &mut Reader<'_>) -> Result<Value, Unusual> {
 /// registry, and a schedule kind depends on its `data`.
 fn leaves_the_fast_path(kind: &str) -> bool {
     kind.starts_with("worker.") || LEGACY_SCHEDULE_KINDS.contains(&kind)
+}
+
+/// The record's start for an event without `data` (or `data: nil`).
+fn without_data() -> Vec<u8> {
+    let mut out = validate::record_start();
+    out.extend_from_slice(b"{}");
+    out
 }
 
 /// The fields of one event as read so far.
@@ -182,9 +179,9 @@ impl<'a> Fields<'a> {
         depth: usize,
     ) -> Result<(), Unusual> {
         match key {
-            "engine" => once(&mut self.engine, string(r)?),
+            "engine" => once(&mut self.engine, r.string()?),
             "kind" => {
-                let kind = string(r)?;
+                let kind = r.string()?;
                 // Known before `data` is written, when it comes first.
                 if leaves_the_fast_path(kind.trim()) {
                     return Err(Unusual);
@@ -195,11 +192,11 @@ impl<'a> Fields<'a> {
             "occurred_at" => once(&mut self.occurred_at, scalar(r)?),
             "id" => once(&mut self.id, scalar(r)?),
             "data" => {
-                let mut out = validate::record_start();
-                if r.clone().token()? == Token::Nil {
+                let out = if r.clone().token()? == Token::Nil {
                     r.token()?;
-                    out.extend_from_slice(b"{}");
+                    without_data()
                 } else {
+                    let mut out = validate::record_start();
                     // The brain's external schedule protocol is the value
                     // path's to check (or refuse).
                     r.write_map_without(
@@ -208,7 +205,8 @@ impl<'a> Fields<'a> {
                         depth + 1,
                         &[EXTERNAL_PROJECTION, EXTERNAL_SNAPSHOT_FRAME],
                     )?;
-                }
+                    out
+                };
                 once(&mut self.written, out)
             }
             _ => r.skip(depth + 1),
@@ -231,16 +229,8 @@ impl<'a> Fields<'a> {
             return Err(Unusual);
         }
         let id = validate::event_id(self.id, now).map_err(refused)?;
-        let written = match self.written {
-            Some(w) => w,
-            None => {
-                let mut out = validate::record_start();
-                out.extend_from_slice(b"{}");
-                out
-            }
-        };
         let record = Record {
-            data: Data::Written(written),
+            data: Data::Written(self.written.unwrap_or_else(without_data)),
             engine: &engine,
             id,
             kind: &kind,

@@ -130,8 +130,9 @@ impl<'a> Reader<'a> {
         })
     }
 
-    /// The next item, which must be a string (a map key).
-    pub fn key(&mut self) -> Result<&'a str, Unusual> {
+    /// The next item, which must be a string (a map key, or a value that
+    /// must be one).
+    pub fn string(&mut self) -> Result<&'a str, Unusual> {
         match self.token()? {
             Token::Str(s) => Ok(s),
             _ => Err(Unusual),
@@ -152,7 +153,7 @@ impl<'a> Reader<'a> {
             }
             Token::Map(n) => {
                 for _ in 0..n {
-                    self.key()?;
+                    self.string()?;
                     self.skip(depth + 1)?;
                 }
             }
@@ -240,7 +241,7 @@ impl<'a> Reader<'a> {
         out.push(b'{');
         let base = out.len();
         for i in 0..n as usize {
-            let key = self.key()?;
+            let key = self.string()?;
             if refused.contains(&key) {
                 return Err(Unusual);
             }

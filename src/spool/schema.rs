@@ -292,18 +292,14 @@ impl Writer {
             );
             return Ok(());
         }
-        let rebuilt = self.conn.execute_batch(
+        let rebuilt = self.conn.execute_batch(&format!(
             "SAVEPOINT rebuild;
-             CREATE TABLE events_v2 (
-                 id INTEGER PRIMARY KEY,
-                 stored_ms INTEGER NOT NULL,
-                 body BLOB NOT NULL
-             );
+             CREATE TABLE events_v2 {EVENTS_COLUMNS};
              INSERT INTO events_v2(id, stored_ms, body) SELECT id, stored_ms, body FROM events;
              DROP TABLE events;
              ALTER TABLE events_v2 RENAME TO events;
-             RELEASE rebuild;",
-        );
+             RELEASE rebuild;"
+        ));
         if let Err(e) = rebuilt {
             if self.conn.is_autocommit() {
                 // SQLite undid the whole transaction itself.
@@ -378,17 +374,18 @@ fn apply_settings(conn: &Connection, config: &SpoolConfig) -> Result<(), rusqlit
     conn.execute_batch("PRAGMA temp_store=MEMORY;")
 }
 
+/// The `events` table's columns since version 2 (a new spool's, and an
+/// older one's once rebuilt).
+const EVENTS_COLUMNS: &str =
+    "(id INTEGER PRIMARY KEY, stored_ms INTEGER NOT NULL, body BLOB NOT NULL)";
+
 /// The events (ids given by the writer, which only grow) and the
 /// lifetime counters.
 fn create_tables(conn: &Connection) -> Result<(), rusqlite::Error> {
-    conn.execute_batch(
-        "CREATE TABLE IF NOT EXISTS events (
-             id INTEGER PRIMARY KEY,
-             stored_ms INTEGER NOT NULL,
-             body BLOB NOT NULL
-         );
-         CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);",
-    )
+    conn.execute_batch(&format!(
+        "CREATE TABLE IF NOT EXISTS events {EVENTS_COLUMNS};
+             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);"
+    ))
 }
 
 /// Reads what a previous run left into `stats` and the writer's counters.
