@@ -10,16 +10,26 @@
 //!   or sooner after [`PASS_LOG_BYTES`] of commits: it copies what the log holds
 //!   without taking the write lock, so the writer goes on committing
 //!   meanwhile.
+//! * **The copy is synced here.** SQLite syncs the database file after a
+//!   pass only when no commit came during it, which steady writes never
+//!   allow: everything copied would then wait for the writer's `RESTART`
+//!   below, whose sync took up to 455 ms on the 2-core VM beside a flood. So
+//!   after a pass that commits overlapped, this thread syncs the database
+//!   file itself, through a descriptor of its own ([`Database`]).
 //! * **Bounding the log under steady writes.** SQLite starts the log over
 //!   from its beginning only when a write transaction starts with every
 //!   frame already copied, which a pass running beside steady commits never
 //!   achieves. When a pass leaves the log past [`FINISH_BYTES`], a second
 //!   few passes catch up with what came in during the first (each shorter
-//!   than the one before), and the writer is asked to copy the last
-//!   milliseconds' frames itself between two
+//!   than the one before) while the writer pauses after each commit for as
+//!   long as the commit took (so a flood cannot outrun the copy, and a
+//!   probe's commit waits at most that long more), and the writer is asked
+//!   to copy the last milliseconds' frames itself between two
 //!   transactions ([`Shared::finish_asked`]; no pass starts meanwhile), with
-//!   a `RESTART` checkpoint: its next transaction starts the log over, and
-//!   `journal_size_limit` cuts the file back.
+//!   a `RESTART` checkpoint: its next transaction writes the log from the
+//!   file's start again. The file keeps its size while writes go on (cutting
+//!   a few hundred MB off it cost that transaction 76-145 ms); the idle
+//!   `TRUNCATE` below empties it.
 //! * **When writes stop** for [`IDLE_TRUNCATE`], a `TRUNCATE` checkpoint
 //!   empties the log file.
 //!
@@ -34,6 +44,7 @@
 //! the writer turns SQLite's own automatic checkpoint back on until passes
 //! succeed again, so the log stays bounded and ingest goes on.
 
+use std::fs::File;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -52,11 +63,12 @@ pub(super) const PASS_INTERVAL: Duration = Duration::from_millis(200);
 pub(super) const PASS_LOG_BYTES: u64 = 16 * 1024 * 1024;
 /// Without a write for this long, the log file is emptied.
 pub(super) const IDLE_TRUNCATE: Duration = Duration::from_secs(1);
-/// Log size past which the writer is asked to finish a pass. Each time
-/// costs the commits behind it about 3 ms on the 2-core VM whatever is left
-/// to copy (BENCHMARKS.md), so it comes once per 256 MiB of log rather than
-/// per 64 MiB; a restarted log is cut back to `journal_size_limit` (64 MiB).
-pub(super) const FINISH_BYTES: u64 = 4 * super::schema::WAL_SIZE_LIMIT_BYTES;
+/// Log size past which the checkpointer catches up and the writer is asked
+/// to finish a pass. The commits behind its `RESTART` wait for it (2-7 ms
+/// on the 2-core VM beside a flood, BENCHMARKS.md); what comes in while the
+/// checkpointer catches up takes the log past this mark (to 280-480 MB
+/// beside that flood).
+pub(super) const FINISH_BYTES: u64 = 128 * 1024 * 1024;
 /// Passes at most, one after another, to catch up with the writer before
 /// it is asked to copy the rest.
 const CATCH_UP_PASSES: usize = 8;
@@ -92,6 +104,9 @@ pub(super) struct Shared {
     /// starts the log over), or [`IDLE`]. No pass starts meanwhile: a pass
     /// beside that commit would keep the log from starting over.
     finish: AtomicU8,
+    /// Set while the checkpointer catches up with a log past
+    /// [`FINISH_BYTES`]: the writer pauses after each commit.
+    catching_up: AtomicBool,
     /// Set while the checkpointer cannot do its work (see the module
     /// documentation): the writer's automatic checkpoint is on.
     failing: AtomicBool,
@@ -105,6 +120,9 @@ pub(super) struct Shared {
     /// Ends the thread with a panic at its next wake-up (tests).
     #[cfg(test)]
     pub(super) panic_next: AtomicBool,
+    /// Syncs of the database file after a pass (tests).
+    #[cfg(test)]
+    pub(super) database_syncs: AtomicU64,
 }
 
 impl Shared {
@@ -117,6 +135,7 @@ impl Shared {
             nudged: AtomicBool::new(false),
             pass_commits: AtomicU64::new(PASS_LOG_BYTES / 4096),
             finish: AtomicU8::new(IDLE),
+            catching_up: AtomicBool::new(false),
             failing: AtomicBool::new(false),
             beat_ms: AtomicU64::new(0),
             start: Instant::now(),
@@ -124,6 +143,8 @@ impl Shared {
             fail_passes: Default::default(),
             #[cfg(test)]
             panic_next: AtomicBool::new(false),
+            #[cfg(test)]
+            database_syncs: AtomicU64::new(0),
         }
     }
 
@@ -142,6 +163,11 @@ impl Shared {
         {
             self.cond.notify_one();
         }
+    }
+
+    /// Whether the checkpointer is catching up with a log past its bound.
+    pub(super) fn catching_up(&self) -> bool {
+        self.catching_up.load(Ordering::Acquire)
     }
 
     /// Whether the checkpointer asked the writer to finish a pass.
@@ -200,6 +226,16 @@ impl Shared {
     }
 }
 
+/// The spool's database file, opened once more so that the checkpointer
+/// can sync what its passes copied (SQLite lends no descriptor of its own).
+///
+/// Closing any descriptor of a file releases every POSIX lock the process
+/// holds on it, SQLite's included. So this one is closed only after the
+/// connections: the writer keeps it in a field dropped after its
+/// connection, and the checkpointer's clone ends with its thread, after the
+/// thread's connection.
+pub(super) type Database = Arc<File>;
+
 /// The running checkpointer; [`Checkpointer::stop`] ends it.
 pub(super) struct Checkpointer {
     shared: Arc<Shared>,
@@ -207,10 +243,15 @@ pub(super) struct Checkpointer {
 }
 
 impl Checkpointer {
-    /// Starts the thread on its own connection to `path`. A failure to
-    /// start is reported like a failing pass: the writer keeps the log
-    /// bounded on its own.
-    pub(super) fn start(path: PathBuf, stats: Arc<SpoolStats>) -> Checkpointer {
+    /// Starts the thread on its own connection to `path`, syncing the
+    /// copies through `database` (without it, the writer's finishing
+    /// checkpoints sync them). A failure to start is reported like a
+    /// failing pass: the writer keeps the log bounded on its own.
+    pub(super) fn start(
+        path: PathBuf,
+        database: Option<Database>,
+        stats: Arc<SpoolStats>,
+    ) -> Checkpointer {
         let shared = Arc::new(Shared::new());
         let s = shared.clone();
         let st = stats.clone();
@@ -221,8 +262,10 @@ impl Checkpointer {
                     shared: s.clone(),
                     stats: st.clone(),
                 };
-                run(&path, &s, &st);
+                run(&path, database.as_deref(), &s, &st);
                 drop(guard);
+                // Only now, after `run` closed its connection (see `Database`).
+                drop(database);
             });
         let thread = match spawned {
             Ok(t) => Some(t),
@@ -299,6 +342,15 @@ struct Pass {
     log: i64,
 }
 
+/// Why a pass failed.
+#[derive(Debug, thiserror::Error)]
+enum PassError {
+    #[error("checkpoint failed: {0}")]
+    Checkpoint(#[from] rusqlite::Error),
+    #[error("cannot sync the spool's database file: {0}")]
+    Sync(std::io::Error),
+}
+
 fn checkpoint(conn: &Connection, mode: &str, shared: &Shared) -> rusqlite::Result<Pass> {
     #[cfg(test)]
     if shared
@@ -330,7 +382,7 @@ fn open(path: &PathBuf) -> rusqlite::Result<(Connection, u64)> {
     Ok((conn, page.max(512) as u64))
 }
 
-fn run(path: &PathBuf, shared: &Shared, stats: &SpoolStats) {
+fn run(path: &PathBuf, database: Option<&File>, shared: &Shared, stats: &SpoolStats) {
     // Below the writer and the runtime (nice 10, this thread only): on a
     // busy host the copy waits for a core, the commits do not.
     if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 10) {
@@ -372,7 +424,7 @@ fn run(path: &PathBuf, shared: &Shared, stats: &SpoolStats) {
             shared.passed_at.store(commits, Ordering::Relaxed);
             shared.nudged.store(false, Ordering::Release);
             let started = Instant::now();
-            match pass(&conn, shared, stats, page) {
+            match pass(&conn, database, shared, stats, page) {
                 Ok(()) => {
                     report_success(shared, stats);
                     stats.checkpoints_total.fetch_add(1, Ordering::Relaxed);
@@ -380,7 +432,7 @@ fn run(path: &PathBuf, shared: &Shared, stats: &SpoolStats) {
                         .checkpoint_last_us
                         .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
                 }
-                Err(e) => report_failure(shared, stats, &format!("checkpoint failed: {e}")),
+                Err(e) => report_failure(shared, stats, &e.to_string()),
             }
         } else if dirty && last_write.elapsed() >= IDLE_TRUNCATE {
             match checkpoint(&conn, "TRUNCATE", shared) {
@@ -398,10 +450,19 @@ fn run(path: &PathBuf, shared: &Shared, stats: &SpoolStats) {
     }
 }
 
-/// One `PASSIVE` pass; past [`FINISH_BYTES`], a second one and the
-/// request to the writer.
-fn pass(conn: &Connection, shared: &Shared, stats: &SpoolStats, page: u64) -> rusqlite::Result<()> {
-    let mut p = checkpoint(conn, "PASSIVE", shared)?;
+/// One `PASSIVE` pass; past [`FINISH_BYTES`], a few more and the request
+/// to the writer.
+fn pass(
+    conn: &Connection,
+    database: Option<&File>,
+    shared: &Shared,
+    stats: &SpoolStats,
+    page: u64,
+) -> Result<(), PassError> {
+    let (mut p, overlapped) = copy(conn, shared)?;
+    if overlapped {
+        sync(database, shared)?;
+    }
     let bytes = |p: &Pass| p.log.max(0) as u64 * page;
     if bytes(&p) > FINISH_BYTES {
         // A pass copies the log as it was when it began; the commits made
@@ -409,15 +470,57 @@ fn pass(conn: &Connection, shared: &Shared, stats: &SpoolStats, page: u64) -> ru
         // copies what came in during the one before, so they get shorter:
         // the writer is asked once one was short, and copies only the
         // frames of that moment.
-        for _ in 0..CATCH_UP_PASSES {
-            let started = Instant::now();
-            p = checkpoint(conn, "PASSIVE", shared)?;
-            if started.elapsed() < CAUGHT_UP {
-                break;
-            }
-        }
+        shared.catching_up.store(true, Ordering::Release);
+        let caught_up = catch_up(conn, database, shared);
+        shared.catching_up.store(false, Ordering::Release);
+        p = caught_up?;
         shared.finish.store(ASKED, Ordering::Release);
     }
     stats.wal_bytes.store(bytes(&p), Ordering::Relaxed);
+    Ok(())
+}
+
+/// The passes after one that left the log past [`FINISH_BYTES`] (see
+/// `pass`), while the writer pauses after each commit; returns the last.
+/// Each copy is synced but that of the short pass (or the last one
+/// allowed): syncing it would let more frames in for the writer to copy,
+/// and the writer's checkpoint syncs it.
+fn catch_up(
+    conn: &Connection,
+    database: Option<&File>,
+    shared: &Shared,
+) -> Result<Pass, PassError> {
+    let mut passes = 0;
+    loop {
+        let started = Instant::now();
+        let (p, overlapped) = copy(conn, shared)?;
+        passes += 1;
+        if started.elapsed() < CAUGHT_UP || passes >= CATCH_UP_PASSES {
+            return Ok(p);
+        }
+        if overlapped {
+            sync(database, shared)?;
+        }
+    }
+}
+
+/// A `PASSIVE` checkpoint, and whether commits came during it: SQLite then
+/// left the database file unsynced (see the module documentation).
+fn copy(conn: &Connection, shared: &Shared) -> Result<(Pass, bool), PassError> {
+    let commits = shared.commits.load(Ordering::Relaxed);
+    let p = checkpoint(conn, "PASSIVE", shared)?;
+    Ok((p, shared.commits.load(Ordering::Relaxed) != commits))
+}
+
+/// Syncs the database file (nothing without one: the writer's finishing
+/// checkpoint syncs it then).
+fn sync(database: Option<&File>, shared: &Shared) -> Result<(), PassError> {
+    if let Some(file) = database {
+        file.sync_data().map_err(PassError::Sync)?;
+        #[cfg(test)]
+        shared.database_syncs.fetch_add(1, Ordering::Relaxed);
+    }
+    #[cfg(not(test))]
+    let _ = shared;
     Ok(())
 }

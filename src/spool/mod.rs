@@ -312,7 +312,18 @@ impl Spool {
         })?;
         lock.still_at(&config.path)?;
         state.lock = Some(lock);
-        let checkpointer = Checkpointer::start(config.path.clone(), state.stats.clone());
+        state.database = match std::fs::File::open(&config.path) {
+            Ok(f) => Some(Arc::new(f)),
+            Err(e) => {
+                tracing::warn!(error = %e, path = %config.path.display(), "the checkpointer cannot open the spool's database file to sync its copies; the writer's checkpoints under steady writes sync them and take longer");
+                None
+            }
+        };
+        let checkpointer = Checkpointer::start(
+            config.path.clone(),
+            state.database.clone(),
+            state.stats.clone(),
+        );
         #[cfg(test)]
         let checkpoint = checkpointer.shared().clone();
         state.checkpointer = Some(checkpointer);

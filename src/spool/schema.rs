@@ -200,8 +200,6 @@ const PAGE_SIZE: u32 = 4 * 1024;
 /// checkpointer thread cannot work (see `checkpoint`): about 10 MB at
 /// 4 KiB pages (40 MB in a spool created with 16 KiB pages).
 pub(super) const WAL_AUTOCHECKPOINT_PAGES: u32 = 2_500;
-/// Size the WAL file is truncated to after a checkpoint.
-pub(super) const WAL_SIZE_LIMIT_BYTES: u64 = 64 * 1024 * 1024;
 
 impl Writer {
     /// Checks the schema version, applies the settings, creates the tables
@@ -230,6 +228,7 @@ impl Writer {
             refusing: false,
             checkpointer: None,
             auto_checkpoint: false,
+            database: None,
             lock: None,
         })
     }
@@ -366,11 +365,9 @@ fn apply_settings(conn: &Connection, config: &SpoolConfig) -> Result<(), rusqlit
         Synchronous::Full => "PRAGMA synchronous=FULL;",
     })?;
     // No checkpoint inside a commit: the checkpointer thread does them
-    // (see `checkpoint`). The file is cut back to 64 MB when the log
-    // starts over.
-    conn.execute_batch(&format!(
-        "PRAGMA wal_autocheckpoint=0; PRAGMA journal_size_limit={WAL_SIZE_LIMIT_BYTES};"
-    ))?;
+    // (see `checkpoint`). The log file is not cut when the log starts over
+    // (that commit would wait for the cut); it is emptied once writes stop.
+    conn.execute_batch("PRAGMA wal_autocheckpoint=0; PRAGMA journal_size_limit=-1;")?;
     conn.execute_batch("PRAGMA temp_store=MEMORY;")
 }
 

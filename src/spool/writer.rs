@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{mpsc, Notify};
 
-use super::checkpoint::Checkpointer;
+use super::checkpoint::{Checkpointer, Database};
 use super::handle::Op;
 use super::lock::SpoolLock;
 use super::schema::{
@@ -21,6 +21,9 @@ use super::{unix_ms_now, AppendOutcome, Overflow, SpoolConfig, SpoolError, Spool
 
 /// Most events applied in one transaction (bounds commit latency).
 const MAX_EVENTS_PER_COMMIT: usize = 32_768;
+/// The longest pause after a commit while the checkpointer catches up
+/// (see `Writer::after_commit`).
+const MAX_PAUSE: Duration = Duration::from_millis(5);
 /// At most one eviction WARNING per this interval.
 const EVICTION_WARN_EVERY: Duration = Duration::from_secs(10);
 /// Appends rewrite the tally (`schema::META_TALLY_DEPTH`) once this long
@@ -82,6 +85,10 @@ pub(super) struct Writer {
     /// Whether SQLite's automatic checkpoint is on for this connection
     /// (only while the checkpointer fails).
     pub(super) auto_checkpoint: bool,
+    /// The database file for the checkpointer's syncs. Declared after
+    /// `conn`, so it is closed only after the connection is (see
+    /// [`Database`]).
+    pub(super) database: Option<Database>,
     /// The spool's lock. Declared last, so it is released only after the
     /// connection above is closed.
     pub(super) lock: Option<SpoolLock>,
@@ -156,7 +163,9 @@ impl Writer {
         self.freed = false;
         let mut outcomes: Vec<AppendOutcome> = Vec::new();
         let mut ack_counts: Vec<u64> = Vec::new();
+        let started = Instant::now();
         let result = self.write_all(ops, &mut outcomes, &mut ack_counts);
+        let took = started.elapsed();
         let wrote = ops.iter().any(is_write);
         if result.is_err() {
             // Nothing of this transaction is on disk.
@@ -180,16 +189,17 @@ impl Writer {
             Err(e) => self.reply_failed(ops, SpoolError::from_sqlite(e)),
         }
         if committed {
-            self.after_commit();
+            self.after_commit(took);
         }
         (stored > 0, self.freed)
     }
 
     /// The writer's part in keeping the WAL bounded, after the replies of
-    /// a commit went out (see `checkpoint`): the last frames of a log
-    /// that outgrew its bound, or SQLite's automatic checkpoint while the
-    /// checkpointer cannot work.
-    fn after_commit(&mut self) {
+    /// a commit went out (see `checkpoint`): a pause as long as the commit
+    /// (at most [`MAX_PAUSE`]) while the checkpointer catches up with a log
+    /// that outgrew its bound, then the last frames of that log, or
+    /// SQLite's automatic checkpoint while the checkpointer cannot work.
+    fn after_commit(&mut self, took: Duration) {
         let Some(shared) = self.checkpointer.as_ref().map(Checkpointer::shared) else {
             return;
         };
@@ -213,6 +223,9 @@ impl Writer {
             }
         }
         shared.restarted();
+        if shared.catching_up() {
+            std::thread::sleep(took.min(MAX_PAUSE));
+        }
         if shared.finish_asked() {
             // Busy (a pass still under way): tried again after the next commit.
             let busy = self
