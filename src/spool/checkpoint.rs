@@ -22,8 +22,8 @@
 //!   achieves. When a pass leaves the log past [`FINISH_BYTES`], a second
 //!   few passes catch up with what came in during the first (each shorter
 //!   than the one before) while the writer pauses after each commit for as
-//!   long as the commit took (so a flood cannot outrun the copy, and a
-//!   probe's commit waits at most that long more), and the writer is asked
+//!   long as the commit took (so the copy gains on a flood, and a probe's
+//!   commit waits at most that long more), and the writer is asked
 //!   to copy the last milliseconds' frames itself between two
 //!   transactions ([`Shared::finish_asked`]; no pass starts meanwhile), with
 //!   a `RESTART` checkpoint: its next transaction writes the log from the
@@ -66,8 +66,8 @@ pub(super) const IDLE_TRUNCATE: Duration = Duration::from_secs(1);
 /// Log size past which the checkpointer catches up and the writer is asked
 /// to finish a pass. The commits behind its `RESTART` wait for it (2-7 ms
 /// on the 2-core VM beside a flood, BENCHMARKS.md); what comes in while the
-/// checkpointer catches up takes the log past this mark (to 280-480 MB
-/// beside that flood).
+/// checkpointer catches up takes the log past this mark (the file reached
+/// 395-419 MB beside that flood).
 pub(super) const FINISH_BYTES: u64 = 128 * 1024 * 1024;
 /// Passes at most, one after another, to catch up with the writer before
 /// it is asked to copy the rest.
@@ -153,7 +153,8 @@ impl Shared {
             .store(self.start.elapsed().as_millis() as u64, Ordering::Release);
     }
 
-    /// Called by the writer after each committed write transaction: wakes
+    /// Called by the writer right after each committed write transaction
+    /// (before its replies, so a pass that overlapped it sees it): wakes
     /// the checkpointer early once `pass_commits` came since its last pass.
     pub(super) fn committed(&self) {
         let n = self.commits.fetch_add(1, Ordering::Relaxed) + 1;
@@ -226,8 +227,9 @@ impl Shared {
     }
 }
 
-/// The spool's database file, opened once more so that the checkpointer
-/// can sync what its passes copied (SQLite lends no descriptor of its own).
+/// A descriptor of the spool's database file (a clone of the lock's, so
+/// never one opened through a symlink), with which the checkpointer syncs
+/// what its passes copied (SQLite lends no descriptor of its own).
 ///
 /// Closing any descriptor of a file releases every POSIX lock the process
 /// holds on it, SQLite's included. So this one is closed only after the
@@ -308,6 +310,8 @@ struct Ended {
 
 impl Drop for Ended {
     fn drop(&mut self) {
+        // A catch-up cut short (a panic) does not leave the writer pausing.
+        self.shared.catching_up.store(false, Ordering::Release);
         if !self.shared.stopping() && !self.shared.failing.load(Ordering::Acquire) {
             report_failure(&self.shared, &self.stats, "its thread ended");
         }
@@ -460,21 +464,29 @@ fn pass(
     page: u64,
 ) -> Result<(), PassError> {
     let (mut p, overlapped) = copy(conn, shared)?;
-    if overlapped {
-        sync(database, shared)?;
-    }
     let bytes = |p: &Pass| p.log.max(0) as u64 * page;
-    if bytes(&p) > FINISH_BYTES {
+    let past = bytes(&p) > FINISH_BYTES;
+    if past {
+        // The writer pauses from here on: this sync is the longest.
+        shared.catching_up.store(true, Ordering::Release);
+    }
+    let synced = if overlapped {
+        sync(database, shared)
+    } else {
+        Ok(())
+    };
+    if past {
         // A pass copies the log as it was when it began; the commits made
         // meanwhile are what keeps it from starting over. Each further pass
         // copies what came in during the one before, so they get shorter:
         // the writer is asked once one was short, and copies only the
         // frames of that moment.
-        shared.catching_up.store(true, Ordering::Release);
-        let caught_up = catch_up(conn, database, shared);
+        let caught_up = synced.and_then(|()| catch_up(conn, database, shared));
         shared.catching_up.store(false, Ordering::Release);
         p = caught_up?;
         shared.finish.store(ASKED, Ordering::Release);
+    } else {
+        synced?;
     }
     stats.wal_bytes.store(bytes(&p), Ordering::Relaxed);
     Ok(())

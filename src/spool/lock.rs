@@ -86,6 +86,13 @@ impl SpoolLock {
     pub(super) fn still_at(&self, path: &Path) -> Result<(), SpoolError> {
         same_file(&self.db, path, path)
     }
+
+    /// Another descriptor of the locked database file (for the
+    /// checkpointer's syncs: see `checkpoint::Database` on when it may be
+    /// closed).
+    pub(super) fn database(&self) -> std::io::Result<File> {
+        self.db.try_clone()
+    }
 }
 
 /// Opens `file` (the spool, or its lock file when `note`) read-write,

@@ -311,14 +311,14 @@ impl Spool {
             })
         })?;
         lock.still_at(&config.path)?;
-        state.lock = Some(lock);
-        state.database = match std::fs::File::open(&config.path) {
+        state.database = match lock.database() {
             Ok(f) => Some(Arc::new(f)),
             Err(e) => {
-                tracing::warn!(error = %e, path = %config.path.display(), "the checkpointer cannot open the spool's database file to sync its copies; the writer's checkpoints under steady writes sync them and take longer");
+                tracing::warn!(error = %e, path = %config.path.display(), "the checkpointer has no descriptor of the spool's database file to sync its copies; the writer's checkpoints under steady writes sync them and take longer");
                 None
             }
         };
+        state.lock = Some(lock);
         let checkpointer = Checkpointer::start(
             config.path.clone(),
             state.database.clone(),

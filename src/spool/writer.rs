@@ -203,7 +203,6 @@ impl Writer {
         let Some(shared) = self.checkpointer.as_ref().map(Checkpointer::shared) else {
             return;
         };
-        shared.committed();
         let fallback = shared.writer_must_checkpoint();
         if fallback != self.auto_checkpoint {
             let pages = if fallback {
@@ -223,7 +222,7 @@ impl Writer {
             }
         }
         shared.restarted();
-        if shared.catching_up() {
+        if shared.catching_up() && !fallback {
             std::thread::sleep(took.min(MAX_PAUSE));
         }
         if shared.finish_asked() {
@@ -408,6 +407,9 @@ impl Writer {
         if let Err(e) = r.and_then(|()| self.conn.execute_batch("COMMIT")) {
             let _ = self.conn.execute_batch("ROLLBACK");
             return Err(e);
+        }
+        if let Some(c) = &self.checkpointer {
+            c.shared().committed();
         }
         self.tally = tally;
         let evicted = self.dropped_oldest - dropped_before;
