@@ -228,6 +228,7 @@ impl Writer {
             refusing: false,
             checkpointer: None,
             auto_checkpoint: false,
+            pause: None,
             database: None,
             lock: None,
         })

@@ -1268,3 +1268,53 @@ async fn a_version_1_spool_over_16_mib_keeps_its_table() {
     spool.close().await;
     assert!(has_autoincrement(&cfg.path));
 }
+
+fn append_op(n: usize) -> handle::Op {
+    let (reply, _) = tokio::sync::oneshot::channel();
+    handle::Op::Append {
+        events: (0..n).map(ev).collect(),
+        reply,
+    }
+}
+
+/// The writer's pause while the checkpointer catches up holds back large
+/// appends only: a small one, or any other request, ends it at once, and
+/// what came meanwhile is kept for the next transaction.
+#[test]
+fn the_writers_pause_gives_way_to_a_small_append_not_to_a_large_one() {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+    let mut ops = Vec::new();
+    // Large appends only: the pause is waited out, and they are kept.
+    tx.try_send(append_op(1_000)).ok().unwrap();
+    tx.try_send(append_op(65)).ok().unwrap();
+    let started = std::time::Instant::now();
+    writer::pause(&mut rx, &mut ops, Duration::from_millis(50));
+    assert!(started.elapsed() >= Duration::from_millis(50));
+    assert_eq!(ops.len(), 2);
+    // A small append behind a large one: it ends a pause of a minute.
+    ops.clear();
+    tx.try_send(append_op(1_000)).ok().unwrap();
+    tx.try_send(append_op(1)).ok().unwrap();
+    tx.try_send(append_op(1_000)).ok().unwrap();
+    let started = std::time::Instant::now();
+    writer::pause(&mut rx, &mut ops, Duration::from_secs(60));
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the pause was waited out"
+    );
+    assert_eq!(ops.len(), 2, "received up to the small append");
+    // So does any other request: the stop.
+    ops.clear();
+    tx.try_send(handle::Op::Close).ok().unwrap();
+    let started = std::time::Instant::now();
+    writer::pause(&mut rx, &mut ops, Duration::from_secs(60));
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the pause was waited out"
+    );
+    assert_eq!(
+        ops.len(),
+        2,
+        "the large append left in the channel, then the stop"
+    );
+}

@@ -24,6 +24,10 @@ const MAX_EVENTS_PER_COMMIT: usize = 32_768;
 /// The longest pause after a commit while the checkpointer catches up
 /// (see `Writer::after_commit`).
 const MAX_PAUSE: Duration = Duration::from_millis(5);
+/// An append of at most this many events ends a pause (see [`pause`]).
+const SMALL_APPEND: usize = 64;
+/// How often a pause looks for requests.
+const PAUSE_POLL: Duration = Duration::from_micros(250);
 /// At most one eviction WARNING per this interval.
 const EVICTION_WARN_EVERY: Duration = Duration::from_secs(10);
 /// Appends rewrite the tally (`schema::META_TALLY_DEPTH`) once this long
@@ -85,6 +89,9 @@ pub(super) struct Writer {
     /// Whether SQLite's automatic checkpoint is on for this connection
     /// (only while the checkpointer fails).
     pub(super) auto_checkpoint: bool,
+    /// The pause the run loop takes before the next transaction (see
+    /// [`pause`]).
+    pub(super) pause: Option<Duration>,
     /// The database file for the checkpointer's syncs. Declared after
     /// `conn`, so it is closed only after the connection is (see
     /// [`Database`]).
@@ -102,8 +109,14 @@ impl Writer {
         space_freed: Arc<Notify>,
     ) {
         let mut ops = Vec::new();
-        'outer: while let Some(first) = rx.blocking_recv() {
-            ops.push(first);
+        loop {
+            // Requests received during a pause are already in `ops`.
+            if ops.is_empty() {
+                match rx.blocking_recv() {
+                    Some(first) => ops.push(first),
+                    None => break,
+                }
+            }
             let mut events_in_batch = ops_event_count(&ops);
             while events_in_batch < MAX_EVENTS_PER_COMMIT {
                 match rx.try_recv() {
@@ -123,7 +136,10 @@ impl Writer {
                 space_freed.notify_waiters();
             }
             if closing {
-                break 'outer;
+                break;
+            }
+            if let Some(d) = self.pause.take() {
+                pause(&mut rx, &mut ops, d);
             }
         }
         if let Some(c) = self.checkpointer.take() {
@@ -196,9 +212,9 @@ impl Writer {
 
     /// The writer's part in keeping the WAL bounded, after the replies of
     /// a commit went out (see `checkpoint`): a pause as long as the commit
-    /// (at most [`MAX_PAUSE`]) while the checkpointer catches up with a log
-    /// that outgrew its bound, then the last frames of that log, or
-    /// SQLite's automatic checkpoint while the checkpointer cannot work.
+    /// (at most [`MAX_PAUSE`], see [`pause`]) while the checkpointer catches
+    /// up with a log that outgrew its bound, the last frames of that log,
+    /// or SQLite's automatic checkpoint while the checkpointer cannot work.
     fn after_commit(&mut self, took: Duration) {
         let Some(shared) = self.checkpointer.as_ref().map(Checkpointer::shared) else {
             return;
@@ -223,7 +239,7 @@ impl Writer {
         }
         shared.restarted();
         if shared.catching_up() && !fallback {
-            std::thread::sleep(took.min(MAX_PAUSE));
+            self.pause = Some(took.min(MAX_PAUSE));
         }
         if shared.finish_asked() {
             // Busy (a pass still under way): tried again after the next commit.
@@ -604,6 +620,29 @@ impl Writer {
         self.bytes -= b.min(self.bytes);
         self.freed = true;
         Ok(n)
+    }
+}
+
+/// Waits up to `d` before the next transaction, so that the checkpointer
+/// catches up with a flood, keeping the requests that come meanwhile in
+/// `ops`. Only large appends wait it out: any other request (a small
+/// append, an acknowledgement, a read, the stop) ends it, so a client
+/// sending a few events at a time beside a flood does not pay for it.
+pub(super) fn pause(rx: &mut mpsc::Receiver<Op>, ops: &mut Vec<Op>, d: Duration) {
+    let until = Instant::now() + d;
+    loop {
+        while let Ok(op) = rx.try_recv() {
+            let large = matches!(&op, Op::Append { events, .. } if events.len() > SMALL_APPEND);
+            ops.push(op);
+            if !large {
+                return;
+            }
+        }
+        let now = Instant::now();
+        if now >= until {
+            return;
+        }
+        std::thread::sleep((until - now).min(PAUSE_POLL));
     }
 }
 
