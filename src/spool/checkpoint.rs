@@ -22,8 +22,9 @@
 //!   achieves. When a pass leaves the log past [`FINISH_BYTES`], a second
 //!   few passes catch up with what came in during the first (each shorter
 //!   than the one before) while the writer pauses after each commit for as
-//!   long as the commit took (so the copy gains on a flood; a small append
-//!   ends the pause, see `writer::pause`), and the writer is asked
+//!   long as the commit took (so the copy gains on a flood; any request
+//!   but a large append ends the pause, see `writer::pause`), and the
+//!   writer is asked
 //!   to copy the last milliseconds' frames itself between two
 //!   transactions ([`Shared::finish_asked`]; no pass starts meanwhile), with
 //!   a `RESTART` checkpoint: its next transaction writes the log from the

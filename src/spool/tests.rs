@@ -1278,8 +1278,9 @@ fn append_op(n: usize) -> handle::Op {
 }
 
 /// The writer's pause while the checkpointer catches up holds back large
-/// appends only: a small one, or any other request, ends it at once, and
-/// what came meanwhile is kept for the next transaction.
+/// appends only: a small one, or any other request, ends it within a poll,
+/// and what came meanwhile is kept for the next transaction, up to one
+/// commit's worth of events.
 #[test]
 fn the_writers_pause_gives_way_to_a_small_append_not_to_a_large_one() {
     let (tx, mut rx) = tokio::sync::mpsc::channel(16);
@@ -1317,4 +1318,18 @@ fn the_writers_pause_gives_way_to_a_small_append_not_to_a_large_one() {
         2,
         "the large append left in the channel, then the stop"
     );
+    // A backlog of large appends: one commit's worth is taken, the rest
+    // stay in the channel.
+    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+    for _ in 0..40 {
+        tx.try_send(append_op(1_000)).ok().unwrap();
+    }
+    let mut ops = Vec::new();
+    writer::pause(&mut rx, &mut ops, Duration::from_millis(20));
+    assert_eq!(ops.len(), 33, "32,768 events, rounded up to whole appends");
+    let mut left = 0;
+    while rx.try_recv().is_ok() {
+        left += 1;
+    }
+    assert_eq!(left, 7);
 }

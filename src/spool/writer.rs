@@ -22,7 +22,7 @@ use super::{unix_ms_now, AppendOutcome, Overflow, SpoolConfig, SpoolError, Spool
 /// Most events applied in one transaction (bounds commit latency).
 const MAX_EVENTS_PER_COMMIT: usize = 32_768;
 /// The longest pause after a commit while the checkpointer catches up
-/// (see `Writer::after_commit`).
+/// (see [`pause`]).
 const MAX_PAUSE: Duration = Duration::from_millis(5);
 /// An append of at most this many events ends a pause (see [`pause`]).
 const SMALL_APPEND: usize = 64;
@@ -211,10 +211,11 @@ impl Writer {
     }
 
     /// The writer's part in keeping the WAL bounded, after the replies of
-    /// a commit went out (see `checkpoint`): a pause as long as the commit
-    /// (at most [`MAX_PAUSE`], see [`pause`]) while the checkpointer catches
-    /// up with a log that outgrew its bound, the last frames of that log,
-    /// or SQLite's automatic checkpoint while the checkpointer cannot work.
+    /// a commit went out (see `checkpoint`): the pause the run loop takes
+    /// next, as long as the commit (at most [`MAX_PAUSE`], see [`pause`]),
+    /// while the checkpointer catches up with a log that outgrew its bound;
+    /// the last frames of that log; or SQLite's automatic checkpoint while
+    /// the checkpointer cannot work.
     fn after_commit(&mut self, took: Duration) {
         let Some(shared) = self.checkpointer.as_ref().map(Checkpointer::shared) else {
             return;
@@ -625,17 +626,28 @@ impl Writer {
 
 /// Waits up to `d` before the next transaction, so that the checkpointer
 /// catches up with a flood, keeping the requests that come meanwhile in
-/// `ops`. Only large appends wait it out: any other request (a small
-/// append, an acknowledgement, a read, the stop) ends it, so a client
-/// sending a few events at a time beside a flood does not pay for it.
+/// `ops` (no more than [`MAX_EVENTS_PER_COMMIT`] events: the rest wait in
+/// the channel). Only large appends wait it out: any other request (a
+/// small append, an acknowledgement, a read, the stop) ends it within a
+/// poll, so a client sending a few events at a time beside a flood does
+/// not pay for it.
 pub(super) fn pause(rx: &mut mpsc::Receiver<Op>, ops: &mut Vec<Op>, d: Duration) {
     let until = Instant::now() + d;
+    let mut events = ops_event_count(ops);
     loop {
-        while let Ok(op) = rx.try_recv() {
-            let large = matches!(&op, Op::Append { events, .. } if events.len() > SMALL_APPEND);
-            ops.push(op);
-            if !large {
-                return;
+        while events < MAX_EVENTS_PER_COMMIT {
+            match rx.try_recv() {
+                Ok(op) => {
+                    events += ops_event_count(std::slice::from_ref(&op));
+                    let large =
+                        matches!(&op, Op::Append { events, .. } if events.len() > SMALL_APPEND);
+                    ops.push(op);
+                    if !large {
+                        return;
+                    }
+                }
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => return,
             }
         }
         let now = Instant::now();
