@@ -68,7 +68,7 @@ pub(super) const IDLE_TRUNCATE: Duration = Duration::from_secs(1);
 /// to finish a pass. The commits behind its `RESTART` wait for it (2-7 ms
 /// on the 2-core VM beside a flood, BENCHMARKS.md); what comes in while the
 /// checkpointer catches up takes the log past this mark (the file reached
-/// 395-419 MB beside that flood).
+/// 357-485 MB beside that flood).
 pub(super) const FINISH_BYTES: u64 = 128 * 1024 * 1024;
 /// Passes at most, one after another, to catch up with the writer before
 /// it is asked to copy the rest.
@@ -466,53 +466,48 @@ fn pass(
 ) -> Result<(), PassError> {
     let (mut p, overlapped) = copy(conn, shared)?;
     let bytes = |p: &Pass| p.log.max(0) as u64 * page;
-    let past = bytes(&p) > FINISH_BYTES;
-    if past {
-        // The writer pauses from here on: this sync is the longest.
-        shared.catching_up.store(true, Ordering::Release);
-    }
-    let synced = if overlapped {
-        sync(database, shared)
-    } else {
-        Ok(())
-    };
-    if past {
+    if bytes(&p) > FINISH_BYTES {
         // A pass copies the log as it was when it began; the commits made
         // meanwhile are what keeps it from starting over. Each further pass
         // copies what came in during the one before, so they get shorter:
         // the writer is asked once one was short, and copies only the
-        // frames of that moment.
-        let caught_up = synced.and_then(|()| catch_up(conn, database, shared));
+        // frames of that moment. The writer pauses from here on, this
+        // pass's sync (the longest) included.
+        shared.catching_up.store(true, Ordering::Release);
+        let caught_up = catch_up(conn, database, shared, overlapped);
         shared.catching_up.store(false, Ordering::Release);
         p = caught_up?;
         shared.finish.store(ASKED, Ordering::Release);
-    } else {
-        synced?;
+    } else if overlapped {
+        sync(database, shared)?;
     }
     stats.wal_bytes.store(bytes(&p), Ordering::Relaxed);
     Ok(())
 }
 
 /// The passes after one that left the log past [`FINISH_BYTES`] (see
-/// `pass`), while the writer pauses after each commit; returns the last.
-/// Each copy is synced but that of the short pass (or the last one
-/// allowed): syncing it would let more frames in for the writer to copy,
-/// and the writer's checkpoint syncs it.
+/// `pass`; `overlapped` is whether commits came during that one), while
+/// the writer pauses after each commit; returns the last. Each copy is
+/// synced but that of the short pass (or the last one allowed): syncing it
+/// would let more frames in for the writer to copy, and the writer's
+/// checkpoint syncs it.
 fn catch_up(
     conn: &Connection,
     database: Option<&File>,
     shared: &Shared,
+    mut overlapped: bool,
 ) -> Result<Pass, PassError> {
     let mut passes = 0;
     loop {
+        if overlapped {
+            sync(database, shared)?;
+        }
         let started = Instant::now();
-        let (p, overlapped) = copy(conn, shared)?;
+        let p;
+        (p, overlapped) = copy(conn, shared)?;
         passes += 1;
         if started.elapsed() < CAUGHT_UP || passes >= CATCH_UP_PASSES {
             return Ok(p);
-        }
-        if overlapped {
-            sync(database, shared)?;
         }
     }
 }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection, OptionalExtension};
+use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, Notify};
 
 use super::checkpoint::{Checkpointer, Database};
@@ -118,15 +119,7 @@ impl Writer {
                 }
             }
             let mut events_in_batch = ops_event_count(&ops);
-            while events_in_batch < MAX_EVENTS_PER_COMMIT {
-                match rx.try_recv() {
-                    Ok(op) => {
-                        events_in_batch += ops_event_count(std::slice::from_ref(&op));
-                        ops.push(op);
-                    }
-                    Err(_) => break,
-                }
-            }
+            while receive(&mut rx, &mut ops, &mut events_in_batch).is_ok() {}
             let closing = ops.iter().any(|o| matches!(o, Op::Close));
             let (stored_any, freed_any) = self.apply(&mut ops);
             if stored_any {
@@ -635,27 +628,43 @@ pub(super) fn pause(rx: &mut mpsc::Receiver<Op>, ops: &mut Vec<Op>, d: Duration)
     let until = Instant::now() + d;
     let mut events = ops_event_count(ops);
     loop {
-        while events < MAX_EVENTS_PER_COMMIT {
-            match rx.try_recv() {
-                Ok(op) => {
-                    events += ops_event_count(std::slice::from_ref(&op));
-                    let large =
-                        matches!(&op, Op::Append { events, .. } if events.len() > SMALL_APPEND);
-                    ops.push(op);
-                    if !large {
-                        return;
-                    }
+        match receive(rx, ops, &mut events) {
+            Ok(()) => {
+                let large = matches!(
+                    ops.last(),
+                    Some(Op::Append { events, .. }) if events.len() > SMALL_APPEND
+                );
+                if !large {
+                    return;
                 }
-                Err(mpsc::error::TryRecvError::Empty) => break,
-                Err(mpsc::error::TryRecvError::Disconnected) => return,
+            }
+            Err(TryRecvError::Disconnected) => return,
+            Err(TryRecvError::Empty) => {
+                let now = Instant::now();
+                if now >= until {
+                    return;
+                }
+                std::thread::sleep((until - now).min(PAUSE_POLL));
             }
         }
-        let now = Instant::now();
-        if now >= until {
-            return;
-        }
-        std::thread::sleep((until - now).min(PAUSE_POLL));
     }
+}
+
+/// Moves the next queued request into `ops` while they hold fewer than
+/// [`MAX_EVENTS_PER_COMMIT`] events (counted in `events`); at that many,
+/// the rest wait in the channel (`Empty`).
+fn receive(
+    rx: &mut mpsc::Receiver<Op>,
+    ops: &mut Vec<Op>,
+    events: &mut usize,
+) -> Result<(), TryRecvError> {
+    if *events >= MAX_EVENTS_PER_COMMIT {
+        return Err(TryRecvError::Empty);
+    }
+    let op = rx.try_recv()?;
+    *events += op_event_count(&op);
+    ops.push(op);
+    Ok(())
 }
 
 fn is_write(op: &Op) -> bool {
@@ -670,10 +679,12 @@ fn is_write(op: &Op) -> bool {
 }
 
 fn ops_event_count(ops: &[Op]) -> usize {
-    ops.iter()
-        .map(|o| match o {
-            Op::Append { events, .. } => events.len(),
-            _ => 1,
-        })
-        .sum()
+    ops.iter().map(op_event_count).sum()
+}
+
+fn op_event_count(op: &Op) -> usize {
+    match op {
+        Op::Append { events, .. } => events.len(),
+        _ => 1,
+    }
 }
