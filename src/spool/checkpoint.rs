@@ -13,9 +13,9 @@
 //! * **The copy is synced here.** SQLite syncs the database file after a
 //!   pass only when no commit came during it, which steady writes never
 //!   allow: everything copied would then wait for the writer's `RESTART`
-//!   below, whose sync took up to 455 ms on the 2-core VM beside a flood. So
-//!   after a pass that commits overlapped, this thread syncs the database
-//!   file itself, through a descriptor of its own ([`Database`]).
+//!   below, which that sync made take up to 455 ms on the 2-core VM beside
+//!   a flood. So after a pass that commits overlapped, this thread syncs the
+//!   database file itself, through a descriptor of its own ([`Database`]).
 //! * **Bounding the log under steady writes.** SQLite starts the log over
 //!   from its beginning only when a write transaction starts with every
 //!   frame already copied, which a pass running beside steady commits never
